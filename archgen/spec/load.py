@@ -1,0 +1,212 @@
+"""Load a spec: YAML text -> presets and --set overrides applied -> migrated -> validated `Spec`, or located errors.
+
+`load_spec` is the stage's one public function. Every problem becomes a `Diagnostic` with the file, line and column,
+the dotted spec path and a fix; all of them are collected and raised together as one `CompileError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
+from archgen.spec import models
+from archgen.spec.checks import check_spec
+from archgen.spec.migrate import migrate
+from archgen.spec.yaml_source import SourceMap, load_yaml
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    spec: models.Spec
+    source_map: SourceMap
+    preset: str | None
+    overrides: tuple[str, ...]
+    source_text: str
+    warnings: tuple[Diagnostic, ...] = ()
+
+
+def load_spec(path: str | Path, preset: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> LoadedSpec:
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CompileError([Diagnostic("", f"cannot read spec: {error}", "pass the path of a readable UTF-8 YAML file", SourceLocation(file))]) from None
+    return load_spec_text(text, file, preset, overrides)
+
+
+def load_spec_text(text: str, file: str, preset: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> LoadedSpec:
+    data, source_map = load_yaml(text, file)
+    if not isinstance(data, dict):
+        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        raise CompileError([Diagnostic("", f"a spec must be a mapping of keys to values, got {got}",
+                                       "start from an example in specs/, e.g. specs/hspmn.yaml", SourceLocation(file, 1, 1))])
+    data = migrate(data, source_map)
+    data = copy.deepcopy(data)
+    if preset is not None:
+        data = _apply_preset(data, preset, source_map)
+    for override in overrides:
+        data = _apply_override(data, override, source_map)
+
+    try:
+        spec = models.Spec.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise CompileError([_diagnostic_from_pydantic(item, data, source_map) for item in error.errors()]) from None
+
+    problems = check_spec(spec)
+    located = [_locate(problem, source_map) for problem in problems]
+    errors = [d for d in located if d.severity == "error"]
+    if errors:
+        raise CompileError(errors)
+    warnings = tuple(d for d in located if d.severity == "warning")
+    return LoadedSpec(spec, source_map, preset, tuple(overrides), text, warnings)
+
+
+# ------------------------------------------------------------------------------------------- presets, overrides
+def _apply_preset(data: dict, preset: str, source_map: SourceMap) -> dict:
+    presets = data.get("presets") or {}
+    if not isinstance(presets, dict) or preset not in presets:
+        names = sorted(presets) if isinstance(presets, dict) else []
+        fix = f"use one of: {', '.join(names)}" if names else "define it under 'presets:' in the spec"
+        close = difflib.get_close_matches(preset, names, n=1)
+        if close:
+            fix = f"did you mean '{close[0]}'? ({fix})"
+        raise CompileError([Diagnostic("presets", f"preset '{preset}' is not defined", fix, source_map.locate(("presets",)))])
+    body = presets[preset]
+    if not isinstance(body, dict):
+        raise CompileError([Diagnostic(f"presets.{preset}", "a preset must be a mapping of spec fields to override",
+                                       "write it like the spec itself, e.g. {model: {d_model: 64}}", source_map.locate(("presets", preset)))])
+    for forbidden in ("presets", "schema_version", "name"):
+        if forbidden in body:
+            raise CompileError([Diagnostic(f"presets.{preset}.{forbidden}", f"a preset cannot change '{forbidden}'",
+                                           f"remove '{forbidden}' from the preset", source_map.locate(("presets", preset, forbidden)))])
+    _deep_merge(data, body, (), ("presets", preset), source_map)
+    return data
+
+
+def _deep_merge(target: dict, patch: dict, path: tuple, patch_path: tuple, source_map: SourceMap) -> None:
+    """Merge `patch` into `target`; merged values take the position they have inside the preset."""
+    for key, value in patch.items():
+        here = path + (key,)
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _deep_merge(target[key], value, here, patch_path + (key,), source_map)
+            continue
+        target[key] = copy.deepcopy(value)
+        for table in (source_map.positions, source_map.text_starts):
+            for known in list(table):
+                if known[: len(patch_path) + 1] == patch_path + (key,):
+                    table[here + known[len(patch_path) + 1 :]] = table[known]
+
+
+def _apply_override(data: dict, override: str, source_map: SourceMap) -> dict:
+    origin = f"--set {override}"
+    key_text, sep, value_text = override.partition("=")
+    keys = key_text.strip().split(".")
+    if not sep or not all(keys):
+        raise CompileError([Diagnostic("", f"cannot read override {override!r}",
+                                       "write --set dotted.path=value, e.g. --set model.d_model=512", SourceLocation(origin))])
+    try:
+        value = yaml.safe_load(value_text)
+    except yaml.YAMLError:
+        value = value_text
+    node = data
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key) if isinstance(node, dict) else None
+        if child is None:
+            child = {}
+            node[key] = child
+        if not isinstance(child, dict):
+            raise CompileError([Diagnostic(".".join(keys[: i + 1]), f"cannot set '{key_text}': '{'.'.join(keys[: i + 1])}' is not a mapping",
+                                           "override a leaf field, e.g. --set mixers.attn.n_heads=8", SourceLocation(origin))])
+        node = child
+    node[keys[-1]] = value
+    source_map.origins[tuple(keys)] = origin
+    return data
+
+
+# ------------------------------------------------------------------------------------------ pydantic -> located
+_UNION_TAGS = {"pattern", "list", "ratio"}
+
+
+def _spec_path(loc: tuple, data: Any, error_type: str) -> tuple:
+    """Turn pydantic's loc into a path through the data: drop discriminator tags and union member names."""
+    path: list = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            path.append(part)
+            node = node[part]
+        elif last and error_type == "missing":
+            path.append(part)
+        elif isinstance(part, str) and (part in _UNION_TAGS or (isinstance(node, dict) and node.get("kind") == part)):
+            continue  # a discriminator tag, not a key of the document
+        elif last and isinstance(node, dict):
+            path.append(part)
+    return tuple(path)
+
+
+def _all_field_names() -> set[str]:
+    names: set[str] = set()
+    for obj in vars(models).values():
+        if isinstance(obj, type) and issubclass(obj, pydantic.BaseModel):
+            names.update(obj.model_fields)
+    return names
+
+
+_FIELD_NAMES = _all_field_names()
+
+
+def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> Diagnostic:
+    kind = item["type"]
+    path = _spec_path(tuple(item["loc"]), data, kind)
+    message = item["msg"]
+    value = item.get("input")
+    fix: str | None = None
+    if kind == "extra_forbidden":
+        key = path[-1] if path else "?"
+        message = f"unknown key '{key}'"
+        close = difflib.get_close_matches(str(key), sorted(_FIELD_NAMES), n=1)
+        fix = f"did you mean '{close[0]}'?" if close else f"remove '{key}' (see `archgen schema` for the allowed keys)"
+    elif kind == "missing":
+        message = f"required key '{path[-1]}' is missing"
+        fix = f"add '{path[-1]}: ...' here"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        expected = item.get("ctx", {}).get("expected_tags", "")
+        if kind == "union_tag_not_found":
+            message = "missing 'kind'"
+        else:
+            message = f"unknown kind {item.get('ctx', {}).get('tag')!r}"
+        fix = f"set kind to one of: {expected}"
+    elif kind == "literal_error":
+        message = f"{value!r} is not allowed"
+        fix = f"use {item.get('ctx', {}).get('expected', 'one of the listed values')}"
+    elif kind == "string_pattern_mismatch":
+        message = f"{value!r} is not a valid name"
+        fix = "use lower-case letters, digits and underscores, starting with a letter or underscore (at most 63 characters)"
+    elif kind.startswith(("greater_than", "less_than")):
+        message = f"{value!r}: {message[0].lower()}{message[1:]}"
+        fix = "change the value"
+    elif kind in ("int_parsing", "int_type", "float_parsing", "float_type", "bool_parsing", "bool_type", "int_from_float",
+                  "dict_type", "list_type", "string_type", "model_type", "model_attributes_type"):
+        message = f"{value!r}: {message[0].lower()}{message[1:]}"
+    elif kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    return Diagnostic(dotted(path), message, fix, source_map.locate(path))
+
+
+def _locate(problem: Diagnostic, source_map: SourceMap) -> Diagnostic:
+    if problem.location is not None:
+        return problem
+    path = tuple(int(p) if p.isdigit() else p for p in problem.path.replace("[", ".").replace("]", "").split(".") if p)
+    return Diagnostic(problem.path, problem.message, problem.fix, source_map.locate(path), problem.severity)

@@ -1,0 +1,323 @@
+"""The spec language: pydantic models of a hybrid architecture, one model per component kind.
+
+Every component family is a discriminated union on `kind`, so only the tagged branch is validated and an error names
+it. Models are frozen and forbid unknown keys: a typo is an error with a path, never a silently ignored field.
+Only shapes and hyper-parameters live here; cross-field rules that need the whole spec (d_model against heads, names
+used by the layout) are checked in `archgen.spec.checks`, which reports all of them at once.
+"""
+
+from __future__ import annotations
+
+import keyword
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
+
+SCHEMA_VERSION = 1
+
+# Names from a spec become Python identifiers and file names in generated code: keep them to a safe alphabet.
+Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+LossWeight = Annotated[float, Field(ge=0)]
+
+RESERVED_NAMES = frozenset({"none"})
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------------------- norms
+class RMSNormSpec(SpecModel):
+    kind: Literal["rmsnorm"]
+    eps: PositiveFloat = 1e-5
+
+
+class LayerNormSpec(SpecModel):
+    kind: Literal["layernorm"]
+    eps: PositiveFloat = 1e-5
+    bias: bool = True
+
+
+NormSpec = Annotated[Union[RMSNormSpec, LayerNormSpec], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------------------- mixers
+class MambaSpec(SpecModel):
+    """Mamba-1 selective SSM (Gu & Dao, 2023)."""
+
+    kind: Literal["mamba"]
+    d_state: PositiveInt = 16
+    d_conv: PositiveInt = 4
+    expand: PositiveInt = 2
+    dt_rank: PositiveInt | Literal["auto"] = "auto"  # auto: ceil(d_model / 16), as in the paper
+    conv_bias: bool = True
+    bias: bool = False  # in/out projection biases
+    dt_min: PositiveFloat = 1e-3  # range of the initial step size (initialisation only)
+    dt_max: PositiveFloat = 1e-1
+
+
+class Mamba2Spec(SpecModel):
+    """Mamba-2 SSD (Dao & Gu, 2024): scalar decay per head, B/C shared within groups, chunked scan."""
+
+    kind: Literal["mamba2"]
+    head_dim: PositiveInt = 64
+    n_heads: PositiveInt | None = None  # default: expand * d_model / head_dim
+    n_groups: PositiveInt = 1
+    d_state: PositiveInt = 128
+    d_conv: PositiveInt = 4
+    expand: PositiveInt = 2
+    chunk_size: PositiveInt = 256
+    conv_bias: bool = True
+    bias: bool = False
+
+
+class RopeSpec(SpecModel):
+    theta: PositiveFloat = 10000.0
+    scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    factor: PositiveFloat = 1.0
+    original_max_position: PositiveInt | None = None  # required by yarn
+    rotary_dim: PositiveInt | None = None  # default: the whole head_dim
+
+
+class AttentionFields(SpecModel):
+    n_heads: PositiveInt
+    n_kv_heads: PositiveInt | None = None  # default n_heads (plain multi-head); fewer for grouped-query attention
+    head_dim: PositiveInt | None = None  # default d_model / n_heads
+    rope: RopeSpec | None = RopeSpec()
+    window: PositiveInt | None = None  # sliding window length in tokens; None = full causal
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    out_bias: bool = False
+
+
+class AttentionSpec(AttentionFields):
+    """Causal grouped-query attention with rotary positions."""
+
+    kind: Literal["attention"]
+
+
+class SparseAttentionSpec(AttentionFields):
+    """HSPMN's contextual stream: a per-token router picks a fraction of tokens whose queries attend to all causal keys."""
+
+    kind: Literal["sparse_attention"]
+    fraction: Annotated[float, Field(gt=0, le=1)] = 0.2
+    entropy_weight: LossWeight = 0.01
+    fraction_weight: LossWeight = 0.1
+
+
+class ConvSpec(SpecModel):
+    """HSPMN's reflexive stream mixer: depthwise causal convolution over d_model, then an activation."""
+
+    kind: Literal["conv"]
+    d_conv: PositiveInt = 4
+    bias: bool = True
+    activation: Literal["silu", "none"] = "silu"
+
+
+class NoMixerSpec(SpecModel):
+    kind: Literal["none"]
+
+
+MixerSpec = Annotated[
+    Union[MambaSpec, Mamba2Spec, AttentionSpec, SparseAttentionSpec, ConvSpec, NoMixerSpec],
+    Field(discriminator="kind"),
+]
+
+
+# --------------------------------------------------------------------------------------------------- feed-forwards
+Activation = Literal["swiglu", "geglu", "gelu", "relu", "silu", "relu2"]
+GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
+
+
+class FeedForwardShape(SpecModel):
+    activation: Activation = "swiglu"
+    hidden: PositiveInt | None = None  # give hidden, or multiplier × d_model rounded up to multiple_of
+    multiplier: PositiveFloat | None = None
+    multiple_of: PositiveInt = 1
+    bias: bool = False
+
+
+class MLPSpec(FeedForwardShape):
+    kind: Literal["mlp"]
+
+
+class MoESpec(SpecModel):
+    kind: Literal["moe"]
+    n_experts: PositiveInt
+    top_k: PositiveInt = 2
+    expert: FeedForwardShape
+    shared_experts: Annotated[int, Field(ge=0)] = 0  # always-on experts of the same shape (DeepSeek-style)
+    normalize_top_k: bool = True  # renormalise the k routing weights to sum to one
+    load_balancing_weight: LossWeight = 0.01
+    z_loss_weight: LossWeight = 0.001
+    capacity_factor: PositiveFloat | None = None  # None: dropless
+
+
+class NoFeedForwardSpec(SpecModel):
+    kind: Literal["none"]
+
+
+FeedForwardSpec = Annotated[Union[MLPSpec, MoESpec, NoFeedForwardSpec], Field(discriminator="kind")]
+
+
+# ------------------------------------------------------------------------------------------------------- layout
+class RatioLayout(SpecModel):
+    """Jamba-style placement: names fill each period of sum(ratio) layers in order, starting at `offset`."""
+
+    ratio: dict[Identifier, PositiveInt]
+    offset: Annotated[int, Field(ge=0)] = 0
+
+
+def _layout_form(value: object) -> str | None:
+    if isinstance(value, str):
+        return "pattern"
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, (dict, RatioLayout)):
+        return "ratio"
+    return None
+
+
+# A layout is a pattern expression ("(ssm*3, attn)*8"), an explicit list (one pattern item per layer), or a ratio.
+LayoutForm = Annotated[
+    Union[Annotated[str, Tag("pattern")], Annotated[list[str], Tag("list")], Annotated[RatioLayout, Tag("ratio")]],
+    Discriminator(
+        _layout_form,
+        custom_error_type="layout_form",
+        custom_error_message="expected a pattern string like '(ssm*3, attn)*8', a list with one item per layer, "
+        "or a mapping {ratio: {attn: 1, ssm: 7}, offset: 4}",
+    ),
+]
+
+
+class LayoutSpec(SpecModel):
+    n_layers: PositiveInt | None = None  # required by ratio layouts; otherwise the mixer pattern's length
+    mixers: LayoutForm
+    ffns: LayoutForm = "none"
+    # How the branches of a parallel layer `(a|b)` combine: Hymba normalises each branch and mixes with learned scales.
+    parallel_combine: Literal["normalized_mean", "sum"] = "normalized_mean"
+
+
+# ---------------------------------------------------------------------------------------- model-level extras
+class MetaTokensSpec(SpecModel):
+    """Hymba's learnable prefix, prepended on the first forward of a sequence."""
+
+    count: PositiveInt
+
+
+class TitansMemorySpec(SpecModel):
+    """Titans-style neural memory written at test time by gradient steps on an associative loss."""
+
+    kind: Literal["titans"]
+    after_layer: int = -1  # read the memory after this layer (negative counts from the end)
+    depth: PositiveInt = 2  # layers of the memory MLP
+    hidden: PositiveInt | None = None  # default d_model
+    chunk_size: PositiveInt = 64
+    learning_rate: PositiveFloat = 0.01
+    momentum: Probability = 0.9
+    forget: Probability = 0.01  # weight decay applied at every write
+
+
+class SymbolicRule(SpecModel):
+    premises: list[Identifier] = Field(min_length=1)
+    conclusion: Identifier
+
+
+class SymbolicSpec(SpecModel):
+    """Differentiable forward chaining over soft predicates extracted from hidden states."""
+
+    after_layer: int = -1
+    predicates: list[Identifier] = Field(min_length=1)
+    rules: list[SymbolicRule] = []
+    learned_rules: Annotated[int, Field(ge=0)] = 0
+    steps: PositiveInt = 2
+
+
+class LMHeadSpec(SpecModel):
+    kind: Literal["lm"]
+    loss_weight: LossWeight = 1.0
+
+
+class MedusaHeadSpec(SpecModel):
+    """K extra heads predicting tokens t+2 … t+K+1 for draft-and-verify decoding."""
+
+    kind: Literal["medusa"]
+    n_heads: PositiveInt = 4
+    hidden_layers: Annotated[int, Field(ge=0)] = 1  # residual SiLU blocks before each head's projection
+    loss_weight: LossWeight = 0.2
+
+
+class JEPAHeadSpec(SpecModel):
+    """Latent prediction against an EMA target encoder, with an L2 and/or VICReg objective."""
+
+    kind: Literal["jepa"]
+    predictor_layers: PositiveInt = 2
+    predictor_hidden: PositiveInt | None = None  # default d_model
+    latent_dim: PositiveInt | None = None  # default d_model
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    ema_momentum: Annotated[float, Field(gt=0, lt=1)] = 0.996
+    l2_weight: LossWeight = 1.0
+    vicreg_invariance_weight: LossWeight = 25.0
+    vicreg_variance_weight: LossWeight = 25.0
+    vicreg_covariance_weight: LossWeight = 1.0
+    loss_weight: LossWeight = 1.0
+
+
+class ForecasterHeadSpec(SpecModel):
+    """Time-series forecasting over mean-scaled, uniformly binned values."""
+
+    kind: Literal["forecaster"]
+    n_bins: PositiveInt = 256
+    value_range: tuple[float, float] = (-15.0, 15.0)  # after mean scaling
+    loss_weight: LossWeight = 1.0
+
+
+HeadSpec = Annotated[
+    Union[LMHeadSpec, MedusaHeadSpec, JEPAHeadSpec, ForecasterHeadSpec], Field(discriminator="kind")
+]
+
+
+# -------------------------------------------------------------------------------------------------------- model
+class ModelDims(SpecModel):
+    d_model: PositiveInt
+    vocab_size: PositiveInt
+    tie_embeddings: bool = False
+    norm: NormSpec = RMSNormSpec(kind="rmsnorm")
+    max_seq_len: PositiveInt = 2048
+    init_std: PositiveFloat = 0.02
+
+
+class Spec(SpecModel):
+    """A whole architecture as written by a person (presets not yet applied)."""
+
+    schema_version: int
+    name: Identifier
+    description: str = ""
+    nominal_params: PositiveFloat | None = None  # the size the architecture is advertised at; inspect warns when off by >10%
+    model: ModelDims
+    mixers: dict[Identifier, MixerSpec]
+    ffns: dict[Identifier, FeedForwardSpec] = {}
+    layout: LayoutSpec
+    meta_tokens: MetaTokensSpec | None = None
+    memory: TitansMemorySpec | None = None
+    symbolic: SymbolicSpec | None = None
+    heads: dict[Identifier, HeadSpec] = {}
+    presets: dict[Identifier, dict] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_keyword(cls, name: str) -> str:
+        if keyword.iskeyword(name):
+            raise ValueError(f"'{name}' is a Python keyword; pick another name (e.g. '{name}_model')")
+        return name
+
+    @field_validator("mixers", "ffns", "heads")
+    @classmethod
+    def _component_names(cls, components: dict) -> dict:
+        for name in components:
+            if name in RESERVED_NAMES or keyword.iskeyword(name):
+                raise ValueError(f"'{name}' is reserved and cannot name a component; rename it")
+        return components
