@@ -115,6 +115,9 @@ class _Parser:
         found = "the end of the pattern" if token.kind == "end" else repr(_shorten(token.text))
         return self.stop(f"expected {expected} at column {token.column}, found {found}", fix, token.column)
 
+    def unclosed(self, paren: _Token) -> _SyntaxStop:
+        return self.stop(f"'(' at column {paren.column} is never closed", "add the matching ')'", paren.column)
+
     def parse(self) -> Slot | _Repeat:
         tree = self.sequence()
         if self.peek().kind == ")":
@@ -208,6 +211,8 @@ class _Parser:
         if self.peek().kind == ")":
             fix = "put at least one layer inside the parentheses, or remove them"
             raise self.stop(f"empty group '()' at column {token.column}", fix, token.column)
+        if self.peek().kind == "end":
+            raise self.unclosed(token)
         if self.nesting == MAX_NESTING:
             message = f"parentheses nested over {MAX_NESTING} deep at column {token.column}"
             raise self.stop(message, "flatten the pattern", token.column)
@@ -215,7 +220,7 @@ class _Parser:
         inner = self.sequence()
         self.nesting -= 1
         if self.peek().kind == "end":
-            raise self.stop(f"'(' at column {token.column} is never closed", "add the matching ')'", token.column)
+            raise self.unclosed(token)
         if self.peek().kind != ")":
             raise self.unexpected("',' or ')'", _GRAMMAR_FIX)
         self.take()
@@ -256,7 +261,8 @@ def expand_pattern(
         return [], problems + layer_count_problems
     if tokens[0].kind == "end":
         example = ", ".join(sorted(known_names)[:2]) or "attn"
-        return [], [LayoutProblem("layout pattern is empty", f"write at least one layer, e.g. '{example}'", 0)]
+        empty = LayoutProblem("layout pattern is empty", f"write at least one layer, e.g. '{example}'", 0)
+        return [], [empty] + layer_count_problems
     parser = _Parser(text, tokens, frozenset(known_names), allow_parallel)
     try:
         tree = parser.parse()

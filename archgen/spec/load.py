@@ -51,7 +51,9 @@ def load_spec_text(text: str, file: str, preset: str | None = None, overrides: t
     data = migrate(data, source_map)
     data = copy.deepcopy(data)
     if preset is not None:
-        data = _apply_preset(data, preset, source_map)
+        # "tiny,interleaved" applies presets left to right, so size and layout variants compose.
+        for name in preset.split(","):
+            data = _apply_preset(data, name.strip(), source_map)
     for override in overrides:
         data = _apply_override(data, override, source_map)
 
@@ -149,6 +151,8 @@ def _spec_path(loc: tuple, data: Any, error_type: str) -> tuple:
             node = node[part]
         elif last and error_type == "missing":
             path.append(part)
+        elif part == "[key]":
+            continue  # pydantic's marker for "the key itself", which the path already ends at
         elif isinstance(part, str) and (part in _UNION_TAGS or (isinstance(node, dict) and node.get("kind") == part)):
             continue  # a discriminator tag, not a key of the document
         elif last and isinstance(node, dict):

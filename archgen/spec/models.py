@@ -17,6 +17,7 @@ SCHEMA_VERSION = 1
 
 # Names from a spec become Python identifiers and file names in generated code: keep them to a safe alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
+PresetName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")]  # "7b" is a fine preset name
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -305,7 +306,7 @@ class Spec(SpecModel):
     memory: TitansMemorySpec | None = None
     symbolic: SymbolicSpec | None = None
     heads: dict[Identifier, HeadSpec] = {}
-    presets: dict[Identifier, dict] = {}
+    presets: dict[PresetName, dict] = {}
 
     @field_validator("name")
     @classmethod

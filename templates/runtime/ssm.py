@@ -129,8 +129,8 @@ def selective_scan(
 
     Algorithm. The decay exp(Δ_t A) differs per (d, n), so the Mamba-2 trick of one L×L decay
     matrix per head would need an (L, L, D, N) tensor per chunk, and the classic rescaling
-    h_t = e^{S_t} Σ_{s≤t} e^{-S_s} x_s (S = cumsum ΔA) overflows once |S| passes ~88, which one
-    step with Δ = 5, A = -16 already does. Instead:
+    h_t = e^{S_t} Σ_{s≤t} e^{-S_s} x_s (S = cumsum ΔA) overflows once |S| passes ~88, which two
+    steps with Δ = 5, A = -16 already do. Instead:
       1. Within each chunk of L positions (all chunks at once), a log-depth Hillis–Steele scan over
          (decay, input) pairs gives every state from a zero start and the decay since the chunk
          start. It only ever multiplies numbers in [0, 1], so it is stable for any Δ·A (underflow
@@ -237,7 +237,9 @@ class MambaCache:
         """The state at the start of a sequence (all zeros). d_conv is the conv width K."""
         return cls(
             conv_state=torch.zeros(batch, d_inner, d_conv - 1, device=device, dtype=dtype),
-            ssm_state=torch.zeros(batch, d_inner, d_state, device=device, dtype=torch.promote_types(dtype, torch.float32)),
+            ssm_state=torch.zeros(
+                batch, d_inner, d_state, device=device, dtype=torch.promote_types(dtype, torch.float32)
+            ),
         )
 
 

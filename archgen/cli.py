@@ -1,0 +1,172 @@
+"""The `archgen` command line. Diagnostics travel as values through the pipeline and are printed here, once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from archgen.errors import CompileError, Diagnostic
+
+stdout = Console()
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_SPEC_ERROR = 2
+
+spec_argument = click.argument("spec", type=click.Path(path_type=Path))
+preset_option = click.option("--preset", default=None, help="Apply presets from the spec's `presets:` (comma-separated ones apply left to right, e.g. tiny,interleaved).")
+set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
+                          help="Override one field, e.g. --set mixers.attn.n_heads=8 (repeatable).")
+
+
+def print_diagnostics(diagnostics: list[Diagnostic]) -> None:
+    for diagnostic in diagnostics:
+        style = "red" if diagnostic.severity == "error" else "yellow"
+        head, _, fix = diagnostic.render().partition("\n")
+        stderr.print(head, style=style, markup=False)
+        if fix:
+            stderr.print(fix, markup=False)
+
+
+def fail(error: CompileError) -> None:
+    print_diagnostics(error.diagnostics)
+    n = sum(d.severity == "error" for d in error.diagnostics)
+    stderr.print(f"{n} error{'s' if n != 1 else ''}", style="bold red")
+    sys.exit(EXIT_SPEC_ERROR)
+
+
+@click.group()
+@click.version_option(package_name="archgen")
+def main() -> None:
+    """archgen: compile declarative specs of hybrid SSM / attention / MoE networks into PyTorch packages."""
+
+
+@main.command()
+@spec_argument
+@preset_option
+@set_option
+def check(spec: Path, preset: str | None, overrides: tuple[str, ...]) -> None:
+    """Validate SPEC (and, without --preset, every preset it defines). Exit 0 when valid, 2 otherwise."""
+    from archgen.pipeline import compile_spec
+    from archgen.spec.load import load_spec
+
+    try:
+        presets = [preset] if preset else [None] + sorted(load_spec(spec, None, overrides).spec.presets)
+    except CompileError as error:
+        fail(error)
+    problems: list[Diagnostic] = []
+    for name in presets:
+        try:
+            compiled = compile_spec(spec, name, overrides)
+            print_diagnostics(list(compiled.loaded.warnings))
+        except CompileError as error:
+            label = f" (preset {name})" if name else ""
+            problems += [Diagnostic(d.path, d.message + label, d.fix, d.location, d.severity) for d in error.diagnostics]
+    if problems:
+        fail(CompileError(problems))
+    checked = ", ".join("base" if name is None else f"preset {name}" for name in presets)
+    stdout.print(f"ok: {spec} ({checked})")
+
+
+@main.command()
+@spec_argument
+@preset_option
+@set_option
+@click.option("--json", "as_json", is_flag=True, help="Print the cost report as JSON.")
+@click.option("--diagram", type=click.Path(path_type=Path), default=None, help="Write the layer pattern as an SVG file.")
+@click.option("--seq-len", default=2048, show_default=True, help="Sequence length for FLOPs and activations.")
+@click.option("--context", default=None, type=int, help="Context length for the per-layer cache column (default: seq-len).")
+def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], as_json: bool, diagram: Path | None,
+            seq_len: int, context: int | None) -> None:
+    """Print SPEC's per-layer table and totals: parameters, FLOPs, weight, cache and activation bytes."""
+    from archgen.passes.cost import cost_report
+    from archgen.pipeline import compile_spec
+    from archgen.report.diagram import layout_svg
+    from archgen.report.tables import layer_table, report_json, totals_table
+
+    try:
+        compiled = compile_spec(spec, preset, overrides)
+    except CompileError as error:
+        fail(error)
+    resolved = compiled.resolved
+    report = cost_report(compiled.ir, seq_len=seq_len, context=context)
+    warnings = list(compiled.loaded.warnings)
+    mismatch = report.nominal_mismatch(resolved.nominal_params)
+    if mismatch is not None:
+        warnings.append(Diagnostic("nominal_params", f"the spec says {resolved.nominal_params:,.0f} parameters, the model has "
+                                   f"{report.total_params:,} ({mismatch:+.0%})", "trust the count, or fix the spec's sizes",
+                                   severity="warning"))
+    print_diagnostics(warnings)
+    if diagram is not None:
+        diagram.write_text(layout_svg(resolved), encoding="utf-8")
+    if as_json:
+        click.echo(json.dumps(report_json(resolved, report), indent=2))
+        return
+    stdout.print(layer_table(resolved, report))
+    stdout.print(totals_table(resolved, report))
+    if diagram is not None:
+        stdout.print(f"diagram written to {diagram}")
+
+
+@main.command()
+@click.argument("specs", nargs=-1, type=click.Path(path_type=Path))
+@preset_option
+@set_option
+@click.option("-o", "--output", "output_root", type=click.Path(path_type=Path), default=Path("generated"), show_default=True,
+              help="Directory that receives <name>/ for each spec.")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the output differs from what the specs produce (prints the diff).")
+@click.option("--quiet", is_flag=True, help="Print errors only.")
+def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool, quiet: bool) -> None:
+    """Compile SPECS (default: every specs/*.yaml) into importable PyTorch packages under OUTPUT/<name>/."""
+    import time
+
+    from archgen.emit import diff_package, emit, write_package
+    from archgen.pipeline import compile_spec
+    from archgen.report.tables import human_bytes, human_count
+
+    specs = specs or tuple(sorted(Path("specs").glob("*.yaml")))
+    if not specs:
+        stderr.print("no specs given and none found in specs/", style="red")
+        sys.exit(EXIT_SPEC_ERROR)
+    stale = []
+    for spec in specs:
+        started = time.perf_counter()
+        try:
+            compiled = compile_spec(spec, preset, overrides)
+            emitted = emit(compiled, spec.as_posix())
+        except CompileError as error:
+            fail(error)
+        target = output_root / compiled.resolved.name
+        if check:
+            diffs = diff_package(emitted.files, target)
+            if diffs:
+                stale.append(target)
+                for diff in diffs:
+                    click.echo(diff)
+            elif not quiet:
+                stdout.print(f"up to date: {target}")
+            continue
+        write_package(emitted.files, target)
+        if not quiet:
+            size = sum(len(text.encode()) for text in emitted.files.values())
+            report = emitted.plan.report
+            stdout.print(f"built {target}/ from {spec} in {time.perf_counter() - started:.2f}s: {len(emitted.files)} files "
+                         f"({human_bytes(size)}), {len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
+    if stale:
+        stderr.print(f"stale: {', '.join(map(str, stale))}: run `archgen build` and commit the result", style="bold red")
+        sys.exit(1)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the spec language (for editor completion)."""
+    from archgen.spec.models import Spec
+
+    click.echo(json.dumps(Spec.model_json_schema(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

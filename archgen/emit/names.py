@@ -1,0 +1,39 @@
+"""Names in generated code: one namespace per emitted module, as torch.fx does it.
+
+A spec name is already restricted to [a-z_][a-z0-9_]* by the spec language; this module turns it into a class name,
+and resolves clashes with keywords, builtins, names the templates use, and names already taken, by adding _1, _2, …
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+import re
+
+# Names the model template defines or imports itself; a generated class must never shadow them.
+TEMPLATE_NAMES = frozenset({
+    "Model", "ModelOutput", "Cache", "RMSNorm", "LayerNorm", "KVCache", "MambaCache", "Mamba2Cache", "ConvCache",
+    "RouterOutput", "F", "nn", "torch", "math", "json", "dataclass", "field", "Path", "checkpoint", "Tensor",
+    "CONFIG", "SPEC_HASH", "SPEC_NAME",
+})
+
+
+class Namespace:
+    def __init__(self, reserved: frozenset[str] = TEMPLATE_NAMES):
+        self._used: set[str] = set(reserved)
+
+    def create(self, candidate: str) -> str:
+        name = re.sub(r"[^0-9A-Za-z_]", "_", candidate) or "_"
+        if name[0].isdigit():
+            name = f"_{name}"
+        base, suffix = name, 0
+        while name in self._used or keyword.iskeyword(name) or hasattr(builtins, name):
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self._used.add(name)
+        return name
+
+
+def camel(name: str) -> str:
+    """'global_attn' -> 'GlobalAttn'."""
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part) or "Component"

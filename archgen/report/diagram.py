@@ -1,0 +1,59 @@
+"""Draw the layer pattern as an SVG: one column per layer, mixers on top (parallel branches stacked side by side),
+the feed-forward below, model-level pieces at the ends. Colours are fixed per kind so two diagrams compare at a glance.
+"""
+
+from __future__ import annotations
+
+from html import escape
+
+from archgen.resolve.resolve import ResolvedSpec
+
+COLOURS = {
+    "attention": "#e4572e", "sparse_attention": "#f3a712", "mamba": "#29335c", "mamba2": "#4062bb", "conv": "#669bbc",
+    "mlp": "#a8c686", "moe": "#2a9d8f", "extra": "#8d99ae", "head": "#6d597a",
+}
+CELL, GAP, TOP = 26, 4, 56
+
+
+def layout_svg(resolved: ResolvedSpec) -> str:
+    n = resolved.n_layers
+    max_branches = max((len(layer.mixers) for layer in resolved.layers), default=1) or 1
+    mixer_height = CELL * max_branches + GAP * (max_branches - 1)
+    width = 140 + n * (CELL + GAP) + 160
+    height = TOP + mixer_height + GAP + CELL + 90
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+             f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(resolved.name)}: {n} layers</text>',
+             f'<text x="10" y="{TOP + mixer_height / 2 + 4}">mixers</text>',
+             f'<text x="10" y="{TOP + mixer_height + GAP + CELL / 2 + 4}">feed-forward</text>']
+    x0 = 110
+    if resolved.meta_tokens:
+        parts.append(_box(x0 - 6 - CELL, TOP, CELL, mixer_height, COLOURS["extra"], f"{resolved.meta_tokens.count} meta tokens"))
+    for layer in resolved.layers:
+        x = x0 + layer.index * (CELL + GAP)
+        for b, name in enumerate(layer.mixers):
+            kind = resolved.mixers[name].kind
+            parts.append(_box(x, TOP + b * (CELL + GAP), CELL, CELL, COLOURS[kind], f"layer {layer.index}: {name} ({kind})"))
+        if layer.ffn:
+            kind = resolved.ffns[layer.ffn].kind
+            parts.append(_box(x, TOP + mixer_height + GAP, CELL, CELL, COLOURS[kind], f"layer {layer.index}: {layer.ffn} ({kind})"))
+        if layer.index % 4 == 0:
+            parts.append(f'<text x="{x + 2}" y="{TOP - 6}" font-size="9">{layer.index}</text>')
+        for extra, spec in (("memory", resolved.memory), ("symbolic", resolved.symbolic)):
+            if spec is not None and spec.after_layer == layer.index:
+                parts.append(f'<line x1="{x + CELL + GAP / 2}" y1="{TOP - 4}" x2="{x + CELL + GAP / 2}" y2="{TOP + mixer_height + CELL + 8}" stroke="{COLOURS["extra"]}" stroke-width="3"><title>{extra} after layer {layer.index}</title></line>')
+    x_end = x0 + n * (CELL + GAP) + 10
+    heads = ["lm"] + [f"{name} ({h.kind})" for name, h in resolved.heads.items() if h.kind != "lm"]
+    for i, head in enumerate(heads):
+        parts.append(_box(x_end, TOP + i * (CELL / 1.3 + GAP), 140, CELL / 1.3, COLOURS["head"], head, label=head))
+    legend_y = TOP + mixer_height + GAP + CELL + 30
+    kinds = sorted({resolved.mixers[n].kind for n in resolved.mixers} | {f.kind for f in resolved.ffns.values()})
+    for i, kind in enumerate(kinds):
+        parts.append(_box(10 + i * 120, legend_y, 14, 14, COLOURS[kind], kind))
+        parts.append(f'<text x="{28 + i * 120}" y="{legend_y + 11}">{kind}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def _box(x: float, y: float, w: float, h: float, colour: str, title: str, label: str | None = None) -> str:
+    text = f'<text x="{x + 4}" y="{y + h / 2 + 4}" fill="white">{escape(label)}</text>' if label else ""
+    return f'<g><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{colour}"><title>{escape(title)}</title></rect>{text}</g>'

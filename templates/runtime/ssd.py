@@ -1,0 +1,261 @@
+"""Mamba-2 state space duality (SSD): pure-PyTorch reference ops.
+
+This file is copied verbatim into every generated model package as ``ops/ssd.py``. It is the
+numerical reference that the Triton kernels are tested against, so it is written for clarity and
+stability first, imports nothing but ``torch`` and the standard library, and traces cleanly under
+``torch.export`` (no Python branching on tensor values).
+
+The SSD recurrence (Dao & Gu, 2024), per head, with a scalar decay and a (P, N) state::
+
+    h_t = exp(dt_t A) · h_{t-1} + dt_t · x_t ⊗ B_t        h_t[p, n], h_{-1} = initial_state or 0
+    y_t = h_t C_t + D · x_t                               (h_t C_t)[p] = Σ_n h_t[p, n] C_t[n]
+
+Heads are grouped as in multi-value attention: H = G·R, and the R heads of group g share
+B[..., g, :] and C[..., g, :] (head h reads group h // R, as in mamba_ssm).
+
+Contents:
+    ssd_scan     a whole sequence at once (training, prefill): chunked, no loop over time
+    ssd_step     one position (decoding)
+    Mamba2Cache  the decode-time state of one layer
+
+Shapes are written with B batch, T time, H heads, P head dim, G groups, R = H/G heads per group,
+N state size, c chunks, L chunk length; the arguments named B, C, D are the SSM parameters.
+
+Numerics: computed in float32 (float64 when the inputs are float64, so gradcheck works); y comes
+back in x's dtype and the state always stays in float32 (float64). Every exponent is a sum of
+dt·A ≤ 0 over a segment, summed directly rather than as a difference of prefix sums, so nothing
+overflows or cancels for any magnitude of dt·A.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """SSD over a whole sequence (training and prefill), by the chunked algorithm.
+
+        h_t = exp(dt_t A) · h_{t-1} + dt_t · x_t ⊗ B_t,    y_t = h_t C_t + D · x_t
+
+    Args:
+        x: (B, T, H, P) input.
+        dt: (B, T, H) step size, already positive (the caller applies softplus(dt + dt_bias)).
+        A: (H,) decay rate per head, negative: pass -exp(A_log).
+        B: (B, T, G, N) input projection of each group, H % G == 0.
+        C: (B, T, G, N) output projection of each group.
+        chunk_size: chunk length L; the result does not depend on it beyond rounding.
+        D: (H,) skip connection, or None.
+        initial_state: (B, H, P, N) state before the first position, or None for zeros.
+
+    Returns:
+        y: (B, T, H, P) in x.dtype.
+        final_state: (B, H, P, N) h_{T-1}, float32 (float64 for float64 inputs).
+
+    Algorithm. Split time into chunks of L positions. For t, s in one chunk let
+    seg[t, s] = Σ_{s<i≤t} dt_i A (the log of the decay from s to t), and cum[t] = Σ_{i≤t} dt_i A
+    (from the chunk start through t). Then, all chunks at once except step 3:
+      1. Diagonal blocks, the outputs from inputs of the same chunk, in quadratic (attention) form:
+             y_t = Σ_{s≤t} (C_t · B_s) exp(seg[t, s]) dt_s x_s
+      2. Each chunk's final state from a zero start:    S_c = Σ_s exp(seg[L-1, s]) dt_s x_s ⊗ B_s
+      3. State passing, sequentially over the T/L chunks: h_c = exp(cum[L-1]) h_{c-1} + S_c
+      4. Off-diagonal blocks, the outputs from the state entering the chunk:
+             y_t += exp(cum[t]) h_{c-1} C_t
+    T need not be a multiple of L: the tail is padded with dt = 0 (decay 1, no input), which
+    leaves the state unchanged, and the padded outputs are dropped.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    _check_scan_shapes(x, dt, A, B, C, D, initial_state)
+    heads_per_group = nheads // ngroups
+    acc = _acc_dtype(x, dt, A, B, C)
+
+    chunk = min(chunk_size, seqlen)
+    nchunks = -(-seqlen // chunk)
+    pad = nchunks * chunk - seqlen
+
+    def to_chunks(t: Tensor) -> Tensor:
+        """(B, T, ...) -> (B, c, L, ...), zero-padded at the end of time, in the accumulation dtype."""
+        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad))
+        return t.reshape(batch, nchunks, chunk, *t.shape[2:])
+
+    # Heads are viewed as (G, R) so that B and C are shared, not copied, across a group's heads.
+    xdt = to_chunks(x.to(acc) * dt.to(acc).unsqueeze(-1))  # (B, c, L, H, P)
+    xdt = xdt.view(batch, nchunks, chunk, ngroups, heads_per_group, headdim)  # (B, c, L, G, R, P)
+    B_c, C_c = to_chunks(B), to_chunks(C)  # (B, c, L, G, N)
+    log_decay = to_chunks(dt) * A.to(acc)  # (B, c, L, H), dt·A ≤ 0
+    log_decay = log_decay.permute(0, 1, 3, 2).reshape(batch, nchunks, ngroups, heads_per_group, chunk)
+    cum = torch.cumsum(log_decay, dim=-1)  # (B, c, G, R, L)
+    decay = torch.exp(_segment_sum(log_decay))  # (B, c, G, R, L, L), [t, s] = decay from s to t, 0 for s > t
+
+    # 1. Diagonal blocks.
+    CB = torch.einsum("bclgn,bcsgn->bcgls", C_c, B_c)  # (B, c, G, L, L)
+    y_diag = torch.einsum("bcgls,bcgrls,bcsgrp->bclgrp", CB, decay, xdt)  # (B, c, L, G, R, P)
+
+    # 2. Chunk states from a zero start.
+    decay_to_end = decay[..., -1, :]  # (B, c, G, R, L), exp(seg[L-1, s])
+    chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", B_c, decay_to_end, xdt)  # (B, c, G, R, P, N)
+
+    # 3. State passing.
+    chunk_decay = torch.exp(cum[..., -1])  # (B, c, G, R)
+    if initial_state is None:
+        state = x.new_zeros(batch, ngroups, heads_per_group, headdim, dstate, dtype=acc)
+    else:
+        state = initial_state.to(acc).reshape(batch, ngroups, heads_per_group, headdim, dstate)
+    entering = []
+    for c in range(nchunks):
+        entering.append(state)
+        state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]  # (B, G, R, P, N)
+    h_enter = torch.stack(entering, dim=1)  # (B, c, G, R, P, N)
+
+    # 4. Off-diagonal blocks.
+    y_off = torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C_c, h_enter, torch.exp(cum))  # (B, c, L, G, R, P)
+
+    y = (y_diag + y_off).reshape(batch, nchunks * chunk, nheads, headdim)[:, :seqlen]  # (B, T, H, P)
+    if D is not None:
+        y = y + D.to(acc)[:, None] * x.to(acc)
+    return y.to(x.dtype), state.reshape(batch, nheads, headdim, dstate)
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One decoding step of `ssd_scan`: the same recurrence at a single position.
+
+        h = exp(dt A) · state + dt · x ⊗ B,    y = h C + D · x
+
+    Args:
+        state: (B, H, P, N) the previous state h_{t-1}, float32.
+        x: (B, H, P); dt: (B, H), already positive; A: (H,); B, C: (B, G, N); D: (H,) or None.
+
+    Returns:
+        y: (B, H, P) in x.dtype.
+        new_state: (B, H, P, N) h_t, float32 (float64 for float64 inputs). `state` is left untouched;
+            copy the result into the cache (``cache.ssm_state.copy_(new_state)``) to decode in place.
+    """
+    batch, nheads, headdim = x.shape
+    ngroups = B.shape[1]
+    if nheads % ngroups != 0:
+        raise ValueError(f"the number of heads H = {nheads} must be a multiple of the number of groups G = {ngroups}")
+    acc = _acc_dtype(x, dt, A, B, C)
+    B_h = B.to(acc).repeat_interleave(nheads // ngroups, dim=1)  # (B, H, N), head h reads group h // R
+    C_h = C.to(acc).repeat_interleave(nheads // ngroups, dim=1)  # (B, H, N)
+    dt = dt.to(acc)
+
+    decay = torch.exp(dt * A.to(acc))  # (B, H)
+    xdt = x.to(acc) * dt.unsqueeze(-1)  # (B, H, P)
+    new_state = decay[:, :, None, None] * state.to(acc) + xdt.unsqueeze(-1) * B_h.unsqueeze(2)  # (B, H, P, N)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C_h)  # (B, H, P)
+    if D is not None:
+        y = y + D.to(acc)[:, None] * x.to(acc)
+    return y.to(x.dtype), new_state
+
+
+@dataclass
+class Mamba2Cache:
+    """Decode-time state of one Mamba-2 layer.
+
+    conv_state: (B, H·P + 2·G·N, K-1) the last K-1 inputs of the causal conv, which runs over the
+        channels of x, B and C concatenated in that order; in the model dtype.
+    ssm_state: (B, H, P, N) the SSD state h, float32.
+    """
+
+    conv_state: Tensor
+    ssm_state: Tensor
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        nheads: int,
+        headdim: int,
+        ngroups: int,
+        d_state: int,
+        d_conv: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> "Mamba2Cache":
+        """The state at the start of a sequence (all zeros). d_conv is the conv width K."""
+        conv_channels = nheads * headdim + 2 * ngroups * d_state
+        return cls(
+            conv_state=torch.zeros(batch, conv_channels, d_conv - 1, device=device, dtype=dtype),
+            ssm_state=torch.zeros(
+                batch, nheads, headdim, d_state, device=device, dtype=torch.promote_types(dtype, torch.float32)
+            ),
+        )
+
+
+def _segment_sum(a: Tensor) -> Tensor:
+    """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t.
+
+    exp(seg) is the lower-triangular decay matrix: 1 on the diagonal, Π_{s<i≤t} exp(a_i) below it,
+    exactly 0 above. The sums are a masked cumulative sum down each column, not the difference
+    cumsum[t] - cumsum[s] of two prefix sums: with large |a| (dt·A ≈ -80 a step) the prefix sums
+    reach thousands and their difference loses the digits of the short segments. Masking with
+    -inf before the exp keeps every exponent ≤ 0 and the backward pass free of inf·0.
+
+    Args:
+        a: (..., L).
+
+    Returns:
+        (..., L, L).
+    """
+    length = a.shape[-1]
+    ones = torch.ones(length, length, dtype=torch.bool, device=a.device)
+    below_diagonal = torch.tril(ones, diagonal=-1)  # [i, s]: i > s
+    terms = a.unsqueeze(-1).expand(*a.shape, length).masked_fill(~below_diagonal, 0.0)  # [..., i, s] = a_i if i > s
+    seg = torch.cumsum(terms, dim=-2)  # [..., t, s] = Σ_{s<i≤t} a_i
+    return seg.masked_fill(~torch.tril(ones), -torch.inf)
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_scan_shapes(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+) -> None:
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    if nheads % ngroups != 0:
+        raise ValueError(f"the number of heads H = {nheads} must be a multiple of the number of groups G = {ngroups}")
+    expected = {
+        "dt": (dt, (batch, seqlen, nheads)),
+        "A": (A, (nheads,)),
+        "B": (B, (batch, seqlen, ngroups, dstate)),
+        "C": (C, (batch, seqlen, ngroups, dstate)),
+        "D": (D, (nheads,)),
+        "initial_state": (initial_state, (batch, nheads, headdim, dstate)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is not None and t.shape != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for x of shape (B, T, H, P) = {(batch, seqlen, nheads, headdim)} "
+                f"and B of shape (B, T, G, N), got {tuple(t.shape)}"
+            )

@@ -1,0 +1,462 @@
+"""
+Tests for templates/runtime/attention.py, the attention reference ops copied into every generated package.
+
+Every reference here is written independently of the module under test: plain loops over queries for the mask
+rule, complex numbers for RoPE, the scaling formulas spelled out per frequency.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from templates.runtime import attention as ops
+
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max relative error, per dtype
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "output") -> None:
+    """Max abs error relative to the largest expected magnitude; on failure name the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.isnan().any(), f"{what}: contains NaN"
+    err = (actual.double() - expected.double()).abs()
+    rel = err.max().item() / max(expected.abs().max().item(), 1e-30)
+    if rel > tol:
+        worst = tuple(i.item() for i in torch.unravel_index(err.argmax(), err.shape))
+        raise AssertionError(
+            f"{what}: relative error {rel:.2e} > {tol:.0e}; worst at {worst}: "
+            f"{actual[worst].item():.8g} vs {expected[worst].item():.8g}"
+        )
+
+
+def case_ids(fmt, cases):
+    """Readable parametrize ids: case_ids("B{}-T{}", [(2, 63)]) == ["B2-T63"]."""
+    return [fmt.format(*case) for case in cases]
+
+
+def dtype_id(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def qkv(B, Hq, Hkv, Tq, Tk, D, dtype=torch.float32, seed=0):
+    q = randn(B, Hq, Tq, D, dtype=dtype, seed=seed)  # (B, Hq, Tq, D)
+    k = randn(B, Hkv, Tk, D, dtype=dtype, seed=seed + 1)  # (B, Hkv, Tk, D)
+    v = randn(B, Hkv, Tk, D, dtype=dtype, seed=seed + 2)  # (B, Hkv, Tk, D)
+    return q, k, v
+
+
+def attention_by_loop(q, k, v, q_pos, k_pos, window=None, k_valid_len=None):
+    """One query at a time: a softmax over exactly the keys the visibility rule allows. Positions (B, T)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.size(1), k.size(2)
+    group = Hq // Hkv
+    out = torch.zeros(B, Hq, Tq, v.size(-1), dtype=q.dtype)
+    for b in range(B):
+        for i in range(Tq):
+            qi = int(q_pos[b][i])
+            allowed = [
+                j
+                for j in range(Tk)
+                if int(k_pos[b][j]) <= qi
+                and (window is None or qi - int(k_pos[b][j]) < window)
+                and (k_valid_len is None or j < k_valid_len)
+            ]
+            if not allowed:
+                continue  # nothing visible: the output is defined as zero
+            for h in range(Hq):
+                keys, values = k[b, h // group, allowed], v[b, h // group, allowed]  # (n, D), (n, Dv)
+                weights = torch.softmax(keys @ q[b, h, i] / math.sqrt(D), dim=0)  # (n,)
+                out[b, h, i] = weights @ values
+    return out
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+CAUSAL_CASES = [
+    (B, Hq, Hq // ratio, T, D)
+    for B, T, D in [(1, 1, 16), (2, 7, 8), (2, 63, 16), (3, 63, 12)]
+    for Hq, ratio in [(4, 1), (8, 2), (8, 4)]
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("B,Hq,Hkv,T,D", CAUSAL_CASES, ids=case_ids("B{}-Hq{}-Hkv{}-T{}-D{}", CAUSAL_CASES))
+def test_attention_matches_sdpa_causal(B, Hq, Hkv, T, D, dtype):
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, dtype)
+    positions = torch.arange(T)
+    y = ops.attention(q, k, v, q_positions=positions, k_positions=positions)
+    group = Hq // Hkv
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True
+    )
+    assert y.dtype == dtype
+    assert_close(y, expected, TOL[dtype])
+
+
+WINDOW_CASES = [  # B, Hq, Hkv, T, D, window
+    (1, 2, 1, 7, 8, 1),
+    (2, 4, 2, 7, 8, 3),
+    (2, 8, 2, 63, 16, 16),
+    (1, 4, 4, 63, 8, 62),
+    (2, 4, 1, 20, 8, 100),  # window longer than the sequence: plain causal
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,window", WINDOW_CASES, ids=case_ids("B{}-Hq{}-Hkv{}-T{}-D{}-W{}", WINDOW_CASES))
+def test_sliding_window_matches_loop(B, Hq, Hkv, T, D, window):
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, torch.float64)
+    positions = torch.arange(T) + 5  # absolute positions need not start at 0
+    y = ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
+    expected = attention_by_loop(q, k, v, positions.expand(B, T), positions.expand(B, T), window)
+    assert_close(y, expected, TOL[torch.float64])
+
+
+def test_per_batch_positions_match_loop():
+    # (B, T) positions: each sequence at its own offset, queries a chunk after a prefix of keys
+    B, Hq, Hkv, Tq, Tk, D = 3, 4, 2, 5, 12, 8
+    q, k, v = qkv(B, Hq, Hkv, Tq, Tk, D, torch.float64)
+    k_pos = torch.arange(Tk) + torch.tensor([[0], [3], [10]])  # (B, Tk)
+    q_pos = k_pos[:, -Tq:]  # (B, Tq)
+    y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, window=4)
+    assert_close(y, attention_by_loop(q, k, v, q_pos, k_pos, window=4), TOL[torch.float64])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    B=st.integers(1, 3),
+    Tq=st.integers(1, 6),
+    Tk=st.integers(1, 9),
+    window=st.none() | st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    valid=st.booleans(),
+)
+def test_attention_mask_rule(B, Tq, Tk, window, seed, valid):
+    g = torch.Generator().manual_seed(seed)
+    q_pos = torch.randint(0, 12, (B, Tq), generator=g)  # unsorted, repeated: the rule must not care
+    k_pos = torch.randint(0, 12, (B, Tk), generator=g)
+    k_valid_len = torch.randint(0, Tk + 1, (B,), generator=g) if valid else None
+    mask = ops.attention_mask(q_pos, k_pos, window, k_valid_len)
+    assert mask.shape == (B, 1, Tq, Tk)
+    for b in range(B):
+        for i in range(Tq):
+            for j in range(Tk):
+                qi, kj = int(q_pos[b, i]), int(k_pos[b, j])
+                rule = kj <= qi and (window is None or qi - kj < window)
+                rule = rule and (k_valid_len is None or j < int(k_valid_len[b]))
+                assert bool(mask[b, 0, i, j]) == rule, (b, i, j, qi, kj)
+
+
+def test_k_valid_len_hides_the_tail():
+    B, Hq, Hkv, T, D = 2, 4, 2, 10, 8
+    q, k, v = qkv(B, Hq, Hkv, 3, T, D)
+    q_pos, k_pos = torch.full((3,), 100), torch.arange(T)  # every key is in the past
+    for n in [1, 4, T]:
+        y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, k_valid_len=n)
+        expected = ops.attention(q, k[:, :, :n], v[:, :, :n], q_positions=q_pos, k_positions=k_pos[:n])
+        assert_close(y, expected, TOL[torch.float32], f"k_valid_len={n}")
+    # per-sequence lengths
+    y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, k_valid_len=torch.tensor([2, 7]))
+    for b, n in enumerate([2, 7]):
+        q_b, k_b, v_b = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
+        expected = ops.attention(q_b, k_b, v_b, q_positions=q_pos, k_positions=k_pos[:n])
+        assert_close(y[b : b + 1], expected, TOL[torch.float32], f"batch {b}")
+
+
+def test_query_that_sees_no_key_is_zero_and_finite():
+    q, k, v = qkv(1, 2, 1, 3, 4, 8, torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    # query at position 0 sees nothing (keys start at 1); the others see some keys
+    y = ops.attention(q, k, v, q_positions=torch.tensor([0, 2, 5]), k_positions=torch.tensor([1, 2, 3, 4]))
+    assert torch.equal(y[:, :, 0], torch.zeros_like(y[:, :, 0]))
+    assert_close(y, attention_by_loop(q, k, v, [[0, 2, 5]], [[1, 2, 3, 4]]), TOL[torch.float64])
+    y.sum().backward()
+    assert all(t.grad.isfinite().all() for t in (q, k, v))
+    assert torch.equal(q.grad[:, :, 0], torch.zeros_like(q.grad[:, :, 0]))
+    # k_valid_len=0 hides every key
+    y = ops.attention(q, k, v, q_positions=torch.tensor([9, 9, 9]), k_positions=torch.arange(4), k_valid_len=0)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+def test_attention_gradcheck():
+    q, k, v = qkv(1, 4, 2, 5, 5, 3, torch.float64)
+    positions = torch.arange(5)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=3)
+
+    assert torch.autograd.gradcheck(f, tuple(t.requires_grad_() for t in (q, k, v)))
+
+
+# -----------------------------------------------------------------------------
+# KV cache and incremental decode
+
+
+DECODE_CASES = [  # prefill, chunk, window
+    (1, 1, None),
+    (5, 1, None),
+    (5, 3, None),
+    (3, 1, 4),  # crosses the window boundary while decoding
+    (12, 1, 8),  # prefill already longer than the window
+    (6, 5, 4),  # chunks wider than the window
+]
+
+
+@pytest.mark.parametrize("start_as", ["int", "tensor"])
+@pytest.mark.parametrize("prefill,chunk,window", DECODE_CASES, ids=case_ids("P{}-C{}-W{}", DECODE_CASES))
+def test_incremental_decode_matches_full_attention(prefill, chunk, window, start_as):
+    B, Hq, Hkv, T, D = 2, 8, 2, 21, 16
+    q, k, v = qkv(B, Hq, Hkv, T, T, D)
+    positions = torch.arange(T)
+    full = ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=window)  # (B, Hq, T, D)
+
+    cache = ops.KVCache.empty(B, Hkv, max_len=T + 4, head_dim=D)  # 4 slots are never written
+    slots = torch.arange(cache.max_len)
+    steps = [(0, prefill)] + [(t, min(t + chunk, T)) for t in range(prefill, T, chunk)]
+    for t0, t1 in steps:
+        start = torch.tensor(t0) if start_as == "tensor" else t0
+        k_all, v_all = cache.write(k[:, :, t0:t1], v[:, :, t0:t1], start)  # (B, Hkv, L, D)
+        q_t, q_pos = q[:, :, t0:t1], positions[t0:t1]
+        valid = start + t1 - t0
+        y = ops.attention(q_t, k_all, v_all, q_positions=q_pos, k_positions=slots, window=window, k_valid_len=valid)
+        assert_close(y, full[:, :, t0:t1], 1e-5, f"tokens {t0}..{t1 - 1}")
+    assert torch.equal(cache.k[:, :, :T], k) and torch.equal(cache.v[:, :, :T], v)
+    assert not cache.k[:, :, T:].any(), "slots past the last write must be untouched"
+
+
+def test_kv_cache_write_is_in_place_and_casts():
+    cache = ops.KVCache.empty(1, 2, max_len=6, head_dim=4, dtype=torch.float64)
+    k_ptr = cache.k.data_ptr()
+    k_new, v_new = randn(1, 2, 2, 4), randn(1, 2, 2, 4, seed=1)
+    k_all, v_all = cache.write(k_new, v_new, start=3)
+    assert k_all is cache.k and v_all is cache.v and cache.k.data_ptr() == k_ptr
+    assert cache.k.dtype == torch.float64
+    assert torch.equal(cache.k[:, :, 3:5], k_new.double()) and torch.equal(cache.v[:, :, 3:5], v_new.double())
+    assert not cache.k[:, :, :3].any() and not cache.k[:, :, 5:].any()
+
+
+def test_cached_decode_exports():
+    """A decode step (cache write at a tensor offset, then attention) traces with torch.export, no guards on start."""
+
+    class DecodeStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(1, 2, 8, 4))
+            self.register_buffer("v_cache", torch.zeros(1, 2, 8, 4))
+
+        def forward(self, q, k, v, start):
+            cache = ops.KVCache(self.k_cache, self.v_cache)
+            k_all, v_all = cache.write(k, v, start)
+            slots = torch.arange(cache.max_len)
+            q_pos = start + torch.arange(q.size(2))
+            return ops.attention(q, k_all, v_all, q_positions=q_pos, k_positions=slots, window=3, k_valid_len=start + 1)
+
+    q, k, v = qkv(1, 4, 2, 1, 1, 4)
+    program = torch.export.export(DecodeStep(), (q, k, v, torch.tensor(0)))
+    eager, exported = DecodeStep(), program.module()
+    for t in range(5):
+        q, k, v = qkv(1, 4, 2, 1, 1, 4, seed=3 * t)
+        assert_close(exported(q, k, v, torch.tensor(t)), eager(q, k, v, torch.tensor(t)), 1e-6, f"step {t}")
+
+
+# -----------------------------------------------------------------------------
+# RoPE
+
+
+def rope_by_complex(x, positions, inv_freq):
+    """Rotate-half RoPE as complex multiplication: (x[i] + i x[i + R/2]) * exp(i * position * inv_freq[i])."""
+    half = len(inv_freq)
+    z = torch.complex(x[..., :half].double(), x[..., half : 2 * half].double())  # (B, H, T, R/2)
+    angles = positions.double()[:, None] * torch.tensor(inv_freq, dtype=torch.float64)  # (T, R/2)
+    z = z * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat([z.real, z.imag, x[..., 2 * half :].double()], dim=-1)
+
+
+def plain_inv_freq(R, theta):
+    return [theta ** (-2 * i / R) for i in range(R // 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("D,theta", [(8, 10_000.0), (64, 500_000.0)], ids=["D8-theta1e4", "D64-theta5e5"])
+def test_rope_matches_complex_rotation(D, theta, dtype):
+    x = randn(2, 3, 40, D, dtype=dtype)
+    positions = torch.arange(40) + 3
+    inv_freq, mscale = ops.rope_inv_freq(D, theta)
+    assert mscale == 1.0 and inv_freq.shape == (D // 2,) and inv_freq.dtype == torch.float32
+    y = ops.apply_rope(x, *ops.rope_cos_sin(inv_freq, positions))
+    assert y.dtype == dtype
+    assert_close(y, rope_by_complex(x, positions, plain_inv_freq(D, theta)), 1e-5)
+
+
+def test_rope_per_batch_positions():
+    x = randn(2, 3, 5, 8)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])  # (B, T)
+    inv_freq, _ = ops.rope_inv_freq(8, 10_000.0)
+    cos, sin = ops.rope_cos_sin(inv_freq, positions)
+    assert cos.shape == (2, 5, 4) and cos.dtype == torch.float32
+    y = ops.apply_rope(x, cos, sin)
+    for b in range(2):
+        assert_close(y[b : b + 1], ops.apply_rope(x[b : b + 1], *ops.rope_cos_sin(inv_freq, positions[b])), 1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(0, 300), n=st.integers(0, 300), shift=st.integers(-300, 300), seed=st.integers(0, 2**16))
+def test_rope_scores_depend_only_on_relative_position(m, n, shift, seed):
+    D = 16
+    q, k = randn(1, 1, 1, D, dtype=torch.float64, seed=seed), randn(1, 1, 1, D, dtype=torch.float64, seed=seed + 1)
+    inv_freq, _ = ops.rope_inv_freq(D, 10_000.0)
+
+    def score(m, n):
+        rq = ops.apply_rope(q, *ops.rope_cos_sin(inv_freq, torch.tensor([m])))
+        rk = ops.apply_rope(k, *ops.rope_cos_sin(inv_freq, torch.tensor([n])))
+        return (rq * rk).sum().item()
+
+    shifted = score(m + shift, n + shift) if min(m, n) + shift >= 0 else score(m - shift, n - shift)
+    assert math.isclose(score(m, n), shifted, rel_tol=1e-4, abs_tol=1e-4 * D)
+
+
+def test_linear_scaling_is_position_interpolation():
+    D, theta, factor = 16, 10_000.0, 2.5
+    x = randn(1, 2, 50, D)
+    positions = torch.arange(50)
+    scaled, mscale = ops.rope_inv_freq(D, theta, "linear", factor)
+    plain, _ = ops.rope_inv_freq(D, theta)
+    assert mscale == 1.0
+    y = ops.apply_rope(x, *ops.rope_cos_sin(scaled, positions))
+    expected = ops.apply_rope(x, *ops.rope_cos_sin(plain, positions / factor))
+    assert_close(y, expected, 1e-5)
+
+
+def test_ntk_scaling_frequencies():
+    R, theta, factor = 8, 10_000.0, 4.0
+    inv_freq, mscale = ops.rope_inv_freq(R, theta, "ntk", factor)
+    base = theta * factor ** (R / (R - 2))  # NTK-aware: stretch the base so the slowest pair slows by `factor`
+    expected = torch.tensor([base ** (-2 * i / R) for i in range(R // 2)], dtype=torch.float64)
+    assert mscale == 1.0
+    assert_close(inv_freq, expected, 1e-7)
+    assert inv_freq[0] == 1.0  # the fastest pair is untouched
+    assert math.isclose(inv_freq[-1].item(), plain_inv_freq(R, theta)[-1] / factor, rel_tol=1e-6)
+
+
+def yarn_inv_freq_by_formula(R, theta, factor, L, beta_fast, beta_slow):
+    """YaRN, one pair at a time: pair d's index where it makes b turns over L is R ln(L / 2πb) / (2 ln θ)."""
+
+    def index_at_turns(b):
+        return R * math.log(L / (2 * math.pi * b)) / (2 * math.log(theta))
+
+    low = max(math.floor(index_at_turns(beta_fast)), 0)
+    high = min(math.ceil(index_at_turns(beta_slow)), R - 1)  # R - 1 as in the YaRN code, though pairs stop at R/2 - 1
+    out = []
+    for d in range(R // 2):
+        freq = theta ** (-2 * d / R)
+        gamma = min(max((d - low) / (high - low), 0.0), 1.0)  # 0: extrapolate (keep), 1: interpolate
+        out.append((1 - gamma) * freq + gamma * freq / factor)
+    return out
+
+
+YARN_CASES = [  # R, theta, factor, original_max_position
+    (16, 10_000.0, 4.0, 2048),
+    (64, 10_000.0, 8.0, 4096),
+    (32, 1_000_000.0, 2.0, 512),
+    (16, 10_000.0, 16.0, 131_072),  # the ramp's upper end passes R/2 - 1 and is clamped at R - 1 only
+]
+
+
+@pytest.mark.parametrize("R,theta,factor,L", YARN_CASES, ids=case_ids("R{}-theta{:.0f}-f{:g}-L{}", YARN_CASES))
+def test_yarn_scaling_frequencies(R, theta, factor, L):
+    inv_freq, mscale = ops.rope_inv_freq(R, theta, "yarn", factor, original_max_position=L)
+    expected = torch.tensor(yarn_inv_freq_by_formula(R, theta, factor, L, 32.0, 1.0), dtype=torch.float64)
+    assert_close(inv_freq, expected, 1e-7)
+    assert math.isclose(mscale, 0.1 * math.log(factor) + 1)
+    # what the blend means: fast pairs (> 32 turns over L) are kept, slow ones (< 1 turn) are interpolated
+    for d, f in enumerate(plain_inv_freq(R, theta)):
+        turns = L * f / (2 * math.pi)
+        if turns > 32 * theta ** (2 / R):  # one pair of margin for the rounding of the ramp ends
+            assert math.isclose(inv_freq[d].item(), f, rel_tol=1e-6), d
+        if turns < 1 / theta ** (2 / R):
+            assert math.isclose(inv_freq[d].item(), f / factor, rel_tol=1e-6), d
+
+
+def test_yarn_mscale_scales_cos_sin():
+    inv_freq, mscale = ops.rope_inv_freq(8, 10_000.0, "yarn", 4.0, original_max_position=64)
+    cos, sin = ops.rope_cos_sin(inv_freq, torch.arange(5))
+    cos_m, sin_m = ops.rope_cos_sin(inv_freq, torch.arange(5), mscale)
+    assert_close(cos_m, cos * mscale, 1e-7)
+    assert_close(sin_m, sin * mscale, 1e-7)
+    assert ops.rope_inv_freq(8, 10_000.0, "yarn", 1.0, original_max_position=64)[1] == 1.0
+
+
+def test_partial_rotary_leaves_the_tail_untouched():
+    D, R = 12, 8
+    x = randn(2, 3, 9, D)
+    inv_freq, _ = ops.rope_inv_freq(R, 10_000.0)
+    cos, sin = ops.rope_cos_sin(inv_freq, torch.arange(9))
+    y = ops.apply_rope(x, cos, sin)
+    assert torch.equal(y[..., R:], x[..., R:])
+    assert torch.equal(y[..., :R], ops.apply_rope(x[..., :R].contiguous(), cos, sin))
+    assert_close(y, rope_by_complex(x, torch.arange(9), plain_inv_freq(R, 10_000.0)), 1e-5)
+
+
+def test_apply_rope_keeps_low_precision_dtype():
+    x = randn(1, 2, 6, 8).bfloat16()
+    inv_freq, _ = ops.rope_inv_freq(8, 10_000.0)
+    y = ops.apply_rope(x, *ops.rope_cos_sin(inv_freq, torch.arange(6)))
+    assert y.dtype == torch.bfloat16
+    assert_close(y.float(), rope_by_complex(x.float(), torch.arange(6), plain_inv_freq(8, 10_000.0)).float(), 1e-2)
+
+
+# -----------------------------------------------------------------------------
+# qk-norm
+
+
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "no-weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=dtype_id)
+def test_qk_norm_matches_formula(dtype, with_weight):
+    x = (randn(2, 3, 7, 16, dtype=torch.float64) * 3).to(dtype)
+    weight = randn(16, dtype=torch.float64, seed=1).to(dtype) if with_weight else None
+    eps = 1e-6
+    y = ops.qk_norm(x, weight, eps)
+    xd = x.double()
+    expected = xd / torch.sqrt((xd**2).mean(-1, keepdim=True) + eps)
+    if with_weight:
+        expected = expected * weight.double()
+    assert y.dtype == dtype
+    assert_close(y, expected, {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype])
+
+
+# -----------------------------------------------------------------------------
+# errors carry the values and the fix
+
+
+def test_errors_name_the_values():
+    q, k, v = qkv(1, 6, 4, 3, 3, 8)
+    pos = torch.arange(3)
+    with pytest.raises(ValueError, match=r"n_heads \(6\) must be a multiple of n_kv_heads \(4\)"):
+        ops.attention(q, k, v, q_positions=pos, k_positions=pos)
+    q, k, v = qkv(1, 4, 2, 3, 3, 8)
+    with pytest.raises(ValueError, match=r"k_positions \(5,\) for Tk=3"):
+        ops.attention(q, k, v, q_positions=pos, k_positions=torch.arange(5))
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        ops.attention(q, k, v, q_positions=pos, k_positions=pos, window=0)
+    with pytest.raises(ValueError, match="rotary_dim must be a positive even number, got 7"):
+        ops.rope_inv_freq(7, 10_000.0)
+    with pytest.raises(ValueError, match="unknown rope scaling 'dynamic'"):
+        ops.rope_inv_freq(8, 10_000.0, "dynamic")
+    with pytest.raises(ValueError, match="needs original_max_position"):
+        ops.rope_inv_freq(8, 10_000.0, "yarn", 4.0)
+    inv_freq, _ = ops.rope_inv_freq(16, 10_000.0)
+    with pytest.raises(ValueError, match="rotary_dim 16 .* exceeds head_dim 8"):
+        ops.apply_rope(q, *ops.rope_cos_sin(inv_freq, pos))
+    cache = ops.KVCache.empty(1, 2, max_len=4, head_dim=8)
+    with pytest.raises(ValueError, match="cannot write 3 tokens at start=2 into a cache of max_len=4"):
+        cache.write(k, v, start=2)
+    with pytest.raises(ValueError, match="B, Hkv and D must match"):
+        cache.write(k[:, :1], v[:, :1], start=0)
