@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from archgen import __version__
@@ -16,6 +17,8 @@ from archgen.ir.graph import IR
 from archgen.ir.kinds import mamba2
 from archgen.passes.cost import CostReport
 from archgen.spec import models
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 # Which runtime file each kind needs (templates/runtime/<file>.py is copied to generated/<name>/ops/<file>.py).
 RUNTIME_FILES = {
@@ -27,6 +30,10 @@ RUNTIME_FILES = {
     "mlp": [],
     "moe": ["moe"],
 }
+# Heads and model-level extras: templates/components/{heads,extras}/<kind>.py.j2 holds the module class and an optional
+# <kind>_model.py.j2 holds methods added to Model (generation with drafts, EMA updates, forecasting); each may need
+# a runtime file of the same name. A declared kind without its template is a build error.
+EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["forecast"], "titans": ["memory"], "symbolic": ["symbolic"]}
 EMITTED_KINDS = set(RUNTIME_FILES)
 MIXER_KINDS = {"attention", "sparse_attention", "mamba", "mamba2", "conv"}
 
@@ -85,6 +92,27 @@ class BlockPlan:
 
 
 @dataclass
+class ExtraPlan:
+    """A head (`heads.<name>`) or a model-level extra (`memory`, `symbolic`)."""
+
+    name: str
+    class_name: str
+    kind: str
+    cfg: Any
+    dims: dict[str, Any]
+    group: str  # "heads" | "extras"
+
+    @property
+    def template(self) -> str:
+        return f"components/{self.group}/{self.kind}.py.j2"
+
+    @property
+    def model_template(self) -> str | None:
+        path = f"components/{self.group}/{self.kind}_model.py.j2"
+        return path if (TEMPLATES / path).exists() else None
+
+
+@dataclass
 class EmitPlan:
     name: str
     description: str
@@ -112,6 +140,9 @@ class EmitPlan:
     layout_text: str
     any_aux: bool
     any_cache_positions: bool
+    heads: list[ExtraPlan] = field(default_factory=list)
+    memory: ExtraPlan | None = None
+    symbolic: ExtraPlan | None = None
 
 
 def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
@@ -149,7 +180,14 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         blocks[key].layers.append(layer.index)
         layer_blocks.append(blocks[key].class_name)
 
-    used = sorted({f for c in components.values() for f in RUNTIME_FILES[c.kind]})
+    dims = {"d_model": d, "vocab_size": resolved.model.vocab_size, "n_layers": resolved.n_layers}
+    heads = [ExtraPlan(name, namespace.create(camel(name) + "Head"), head.kind, head, dict(dims), "heads")
+             for name, head in resolved.heads.items() if head.kind != "lm"]
+    memory = ExtraPlan("memory", namespace.create("TitansMemory"), "titans", resolved.memory, dict(dims), "extras") if resolved.memory else None
+    symbolic = ExtraPlan("symbolic", namespace.create("SymbolicReasoner"), "symbolic", resolved.symbolic, dict(dims), "extras") if resolved.symbolic else None
+    extras = heads + [e for e in (memory, symbolic) if e is not None]
+    used = sorted({f for c in components.values() for f in RUNTIME_FILES[c.kind]}
+                  | {f for e in extras for f in EXTRA_RUNTIME_FILES[e.kind]})
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     norm = resolved.model.norm
@@ -165,21 +203,21 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         runtime_files=used, report=report, layout_text=layout_text,
         any_aux=any(c.produces_aux for c in components.values()),
         any_cache_positions=any(c.uses_positions for c in components.values()),
+        heads=heads, memory=memory, symbolic=symbolic,
     )
 
 
 def _reject_unemitted(ir: IR) -> None:
-    """A declared kind the emitter cannot write yet is an error, never a silent stand-in."""
+    """A declared kind the emitter has no template for is an error, never a silent stand-in."""
     problems = []
     resolved = ir.spec
-    for name, head in resolved.heads.items():
-        if head.kind != "lm":
-            problems.append(Diagnostic(f"heads.{name}", f"head kind '{head.kind}' is declared but archgen {__version__} cannot emit it yet",
-                                       f"remove heads.{name} to build now (its cost still shows in `archgen inspect`)"))
-    for field_name in ("memory", "symbolic"):
-        if getattr(resolved, field_name) is not None:
-            problems.append(Diagnostic(field_name, f"'{field_name}' is declared but archgen {__version__} cannot emit it yet",
-                                       f"remove '{field_name}' to build now (its cost still shows in `archgen inspect`)"))
+    declared = [(f"heads.{name}", "heads", head.kind) for name, head in resolved.heads.items() if head.kind != "lm"]
+    declared += [(field_name, "extras", kind) for field_name, kind in (("memory", "titans"), ("symbolic", "symbolic"))
+                 if getattr(resolved, field_name) is not None]
+    for path, group, kind in declared:
+        if not (TEMPLATES / "components" / group / f"{kind}.py.j2").exists():
+            problems.append(Diagnostic(path, f"'{kind}' is declared but archgen {__version__} cannot emit it yet",
+                                       f"remove {path} to build now (its cost still shows in `archgen inspect`)"))
     if problems:
         raise CompileError(problems)
 

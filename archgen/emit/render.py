@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import math
 import pprint
-from pathlib import Path
 
 import jinja2
 import yaml
 
-from archgen.emit.plan import EmitPlan
+from archgen.emit.plan import TEMPLATES, EmitPlan
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.passes.cost import count
 from archgen.report.diagram import layout_svg
 from archgen.report.tables import human_bytes, human_count
 from archgen.resolve.resolve import lock_document
-
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 
 ACTIVATIONS = {
     "swiglu": "F.silu({})", "silu": "F.silu({})", "geglu": "F.gelu({})", "gelu": "F.gelu({})",

@@ -12,7 +12,7 @@ from typing import Any
 import networkx as nx
 
 from archgen.ir.kinds import KINDS, Dims
-from archgen.ir.kinds.extras import ParallelCombine
+from archgen.ir.kinds.parallel_combine import ParallelCombine
 from archgen.resolve.resolve import ResolvedSpec
 
 Shape = tuple[int | str, ...]

@@ -1,6 +1,7 @@
 """Mixture-of-experts routing and expert computation: the pure-PyTorch reference.
 
-Copied verbatim into every generated package as ``ops/moe.py``; it imports nothing but torch.
+Copied verbatim into every generated package as ``ops/moe.py``; it imports only torch and the standard
+library.
 
 - ``route_top_k``: softmax over experts, keep the k most probable, optionally renormalise their weights.
 - ``moe_forward``: experts as two ``torch.bmm`` over a fixed-shape (E, C, d) buffer. The N*k (token, expert)
@@ -59,7 +60,9 @@ def route_top_k(logits: Tensor, top_k: int, normalize: bool = True) -> RouterOut
     output; use normalize=False there.
     """
     if logits.dim() != 2:
-        raise ValueError(f"expected router logits of shape (N, E), got {tuple(logits.shape)}; flatten batch and time first")
+        raise ValueError(
+            f"expected router logits of shape (N, E), got {tuple(logits.shape)}; flatten batch and time first"
+        )
     n_experts = logits.shape[1]
     if not 1 <= top_k <= n_experts:
         raise ValueError(f"top_k must be in [1, {n_experts}] for {n_experts} experts, got {top_k}")
@@ -146,7 +149,7 @@ def moe_forward(
 
     # Sort the assignments by expert; `first[e]` is where expert e's run starts in sorted order.
     flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
-    order = torch.argsort(flat_expert, stable=False)  # (N*k,) sorted position -> assignment
+    order = torch.argsort(flat_expert, stable=True)  # (N*k,) sorted position -> assignment
     sorted_expert = flat_expert[order]  # (N*k,)
     tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device)
     tokens_per_expert = tokens_per_expert.scatter_add(0, flat_expert, torch.ones_like(flat_expert))  # (E,)

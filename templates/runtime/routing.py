@@ -1,6 +1,6 @@
 """HSPMN contextual-stream token selection: the pure-PyTorch reference.
 
-Copied verbatim into every generated package as ``ops/routing.py``; it imports nothing but torch.
+Copied verbatim into every generated package as ``ops/routing.py``; it imports only torch.
 
 An HSPMN v2.1 block splits into two streams: the reflexive stream processes every token, the contextual stream
 only the tokens a router selects. Selected queries attend to all causal keys (every token keeps its key and

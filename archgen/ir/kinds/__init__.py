@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from archgen.ir.kinds import (attention, conv, embedding, extras, heads, mamba, mamba2, mlp, moe, norm,
-                              residual, sparse_attention)
+from archgen.ir.kinds import (attention, conv, embedding, forecaster, jepa, lm, mamba, mamba2, medusa, meta_tokens, mlp,
+                              moe, norm, parallel_combine, residual, sparse_attention, symbolic, titans)
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,13 @@ KINDS: dict[str, ModuleType] = {
     "conv": conv,
     "mlp": mlp,
     "moe": moe,
-    "parallel_combine": extras,
-    "meta_tokens": extras,
-    "titans": extras,
-    "symbolic": extras,
-    "medusa": heads,
-    "jepa": heads,
-    "forecaster": heads,
-    "lm": heads,
+    "parallel_combine": parallel_combine,
+    "meta_tokens": meta_tokens,
+    "titans": titans,
+    "symbolic": symbolic,
+    "medusa": medusa,
+    "jepa": jepa,
+    "forecaster": forecaster,
+    "lm": lm,
     "add": residual,
 }

@@ -53,8 +53,10 @@ def expert_by_hand(x, w_in, w_out, activation):
     h = x @ w_in
     if activation in ("swiglu", "geglu"):
         gate, up = h[:HIDDEN], h[HIDDEN:]
-        act = gate * torch.sigmoid(gate) if activation == "swiglu" else 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))
-        h = act * up
+        if activation == "swiglu":
+            h = gate * torch.sigmoid(gate) * up
+        else:
+            h = 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2))) * up
     elif activation == "gelu":
         h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     elif activation == "silu":
