@@ -35,6 +35,7 @@ def environment(plan: EmitPlan) -> jinja2.Environment:
         autoescape=False,  # Python source, not HTML: values are escaped with repr() where they are strings
     )
     env.filters["pyrepr"] = repr
+    env.filters["doc"] = docstring_text
     env.filters["format_branch"] = lambda name: f"self.{name}_scale * self.{name}_norm({name})"
     kinds = {c.kind for c in plan.components}
 
@@ -74,6 +75,11 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
                 raise CompileError([Diagnostic("", f"archgen emitted invalid Python in {path}:{error.lineno}: {error.msg}: {line.strip()!r}",
                                                "this is an archgen bug: please report it with the spec")]) from None
     return files
+
+
+def docstring_text(text: str) -> str:
+    """Make free text from a spec (description, paths, --set overrides) safe inside a triple-quoted docstring."""
+    return str(text).replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
 
 
 def _block_params(plan: EmitPlan, ir: IR) -> dict[str, int]:
