@@ -226,7 +226,7 @@ class Model(nn.Module):
         """Initialise every parameter (call after `to_empty` when the model was built on the meta device).
 
         embed.weight, input projections  normal(0, 0.02)
-        output projections (o_proj, out_proj, down_proj, w_out)  normal(0, 0.02 / sqrt(2·24)), so the residual stream does not grow with depth
+        output projections (o_proj, out_proj, down_proj, w_out)  normal(0, 0.02 / sqrt(2 · 24 layers)), so the residual stream does not grow with depth
         biases  0;  norm weights and branch scales  1
         conv1d.weight  uniform(±1/sqrt(width))
         """
@@ -267,7 +267,6 @@ class Model(nn.Module):
                       inputs_embeds=None):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
-        B = x.size(0)
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + x.size(1), device=x.device)
         for i, layer in enumerate(self.layers):
@@ -292,7 +291,7 @@ class Model(nn.Module):
                  top_p: float | None = None, generator: torch.Generator | None = None):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
         B, T = input_ids.size()
-        cache = self.empty_cache(B, 0 + T + max_new_tokens)
+        cache = self.empty_cache(B, T + max_new_tokens)
         logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 32000)
         tokens = [input_ids]
         for step in range(max_new_tokens):
