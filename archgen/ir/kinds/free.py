@@ -1,4 +1,5 @@
-"""An explicit `lm` head entry: the model's LM head itself (embedding.py counts it); nothing extra."""
+"""Ops that own nothing and cost nothing in the model: residual additions, and an explicit `lm` head entry (the
+unembedding itself is counted by embedding.py)."""
 
 
 def parameters(cfg, dims) -> dict[str, tuple[int, ...]]:
