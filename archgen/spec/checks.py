@@ -36,6 +36,9 @@ def check_spec(spec: models.Spec) -> list[Diagnostic]:
             problems += _check_ffn_shape(ffn, path)
         elif isinstance(ffn, models.MoESpec):
             problems += _check_ffn_shape(ffn.expert, f"{path}.expert")
+            if ffn.expert.bias:
+                problems.append(Diagnostic(f"{path}.expert.bias", "biases in routed experts are not supported (the experts run as stacked weight matmuls)",
+                                           "remove expert.bias, or set it to false"))
             if ffn.top_k > ffn.n_experts:
                 problems.append(Diagnostic(f"{path}.top_k", f"top_k={ffn.top_k} exceeds n_experts={ffn.n_experts}",
                                            f"use top_k between 1 and {ffn.n_experts}"))
