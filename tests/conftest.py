@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -14,12 +14,11 @@ from archgen.pipeline import compile_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))
-_counter = itertools.count()
 
 
 def import_package(directory: Path):
     """Import a generated package from `directory` under a fresh module name, so builds never shadow each other."""
-    name = f"_archgen_built_{next(_counter)}"
+    name = f"_archgen_built_{uuid.uuid4().hex}"  # unique, so a stale `<name>.model` in sys.modules is never reused
     spec = importlib.util.spec_from_file_location(name, directory / "__init__.py", submodule_search_locations=[str(directory)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

@@ -36,7 +36,8 @@ def environment(plan: EmitPlan) -> jinja2.Environment:
     )
     env.filters["pyrepr"] = repr
     env.filters["doc"] = docstring_text
-    env.filters["format_branch"] = lambda name: f"self.{name}_scale * self.{name}_norm({name})"
+    env.filters["branch_output"] = lambda name: f"{name}_out"
+    env.filters["format_branch"] = lambda name: f"self.{name}_scale * self.{name}_norm({name}_out)"
     kinds = {c.kind for c in plan.components}
 
     def norm_call(size: int) -> str:

@@ -25,6 +25,7 @@ class LayoutProblem:
     message: str  # what is wrong, with the actual values
     fix: str | None  # what to change, concretely
     column: int | None  # 0-based character offset into the pattern text where the problem is, or None
+    field: str | None = None  # for a ratio layout: "offset", "ratio.<name>" or "n_layers", the key to point at
 
 
 def unknown_name_problem(name: str, known_names: Collection[str], column: int | None, where: str) -> LayoutProblem:

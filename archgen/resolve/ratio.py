@@ -26,14 +26,15 @@ def expand_ratio(
         problems.append(LayoutProblem("ratio is empty", "give each component a count, e.g. {attn: 1, ssm: 7}", None))
     for name, count in ratio.items():
         if name not in known_names:
-            problems.append(unknown_name_problem(str(name), known_names, None, "in the ratio"))
+            unknown = unknown_name_problem(str(name), known_names, None, "in the ratio")
+            problems.append(LayoutProblem(unknown.message, unknown.fix, None, f"ratio.{name}"))
         if not _is_whole(count) or count < 1:
             fix = f"use a whole number >= 1, or drop '{name}' from the ratio"
             message = f"ratio count for '{name}' must be a whole number >= 1, got {count!r}"
-            problems.append(LayoutProblem(message, fix, None))
+            problems.append(LayoutProblem(message, fix, None, f"ratio.{name}"))
     if not _is_whole(n_layers) or not 1 <= n_layers <= MAX_LAYERS:
         fix = "set n_layers to the model's depth, e.g. 32"
-        problems.append(LayoutProblem(f"n_layers must be 1 to {MAX_LAYERS}, got {n_layers!r}", fix, None))
+        problems.append(LayoutProblem(f"n_layers must be 1 to {MAX_LAYERS}, got {n_layers!r}", fix, None, "n_layers"))
     if problems:  # the period and the checks below depend on the counts and n_layers being sound
         return [], problems
 
@@ -41,12 +42,12 @@ def expand_ratio(
     shape = " + ".join(f"{name}:{count}" for name, count in ratio.items())
     if not _is_whole(offset) or not 0 <= offset < period:
         message = f"offset={offset!r} is not a position in the ratio period of {period} layers ({shape})"
-        problems.append(LayoutProblem(message, f"use an offset from 0 to {period - 1}", None))
+        problems.append(LayoutProblem(message, f"use an offset from 0 to {period - 1}", None, "offset"))
     if n_layers % period:
         lower = n_layers // period * period
         near = f"{lower} or {lower + period}" if lower else str(period)
         message = f"n_layers={n_layers} is not a multiple of the ratio period {period} ({shape})"
-        problems.append(LayoutProblem(message, f"use n_layers={near}, or change the counts", None))
+        problems.append(LayoutProblem(message, f"use n_layers={near}, or change the counts", None, "n_layers"))
     if problems:
         return [], problems
 

@@ -183,6 +183,10 @@ def _expand(form: Any, path: tuple, names: set[str], n_layers: int | None, allow
         problems += [_layout_diagnostic(p, path, None, source_map) for p in found]
         return slots
     if isinstance(form, list):
+        if not form:
+            problems.append(Diagnostic(field, f"the {what} list is empty", f"list one item per layer, e.g. [ssm, ssm, attn], or write a pattern",
+                                       source_map.locate(path)))
+            return []
         slots: list[Slot] = []
         for i, item in enumerate(form):
             item_slots, found = expand_pattern(item, names, None, allow_parallel=allow_parallel)
@@ -204,6 +208,11 @@ def _expand(form: Any, path: tuple, names: set[str], n_layers: int | None, allow
 
 
 def _layout_diagnostic(problem: LayoutProblem, path: tuple, index: int | None, source_map: SourceMap) -> Diagnostic:
+    if problem.field == "n_layers":
+        return Diagnostic("layout.n_layers", problem.message, problem.fix, source_map.locate(("layout", "n_layers")))
+    if problem.field is not None:
+        where = path + tuple(problem.field.split("."))
+        return Diagnostic(".".join(map(str, where)), problem.message, problem.fix, source_map.locate(where))
     field = ".".join(str(p) for p in path[:2]) + (f"[{index}]" if index is not None else "")
     return Diagnostic(field, problem.message, problem.fix, source_map.locate_in_text(path, problem.column))
 

@@ -4,12 +4,15 @@ its spec path and a fix that names acceptable values; all rules run, so a person
 
 from __future__ import annotations
 
+import keyword
+
 from archgen.errors import Diagnostic
 from archgen.spec import models
 
 
 def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
 
 
 def _near_multiples(value: int, base: int) -> str:
@@ -21,6 +24,11 @@ def _near_multiples(value: int, base: int) -> str:
 def check_spec(spec: models.Spec) -> list[Diagnostic]:
     problems: list[Diagnostic] = []
     d_model = spec.model.d_model
+    for family in ("mixers", "ffns", "heads"):
+        for name in getattr(spec, family):
+            if name in models.RESERVED_NAMES or keyword.iskeyword(name) or name.startswith("_"):
+                problems.append(Diagnostic(f"{family}.{name}", f"'{name}' is reserved and cannot name a component",
+                                           f"rename it, e.g. '{name}_{family[:-1]}'"))
     for name, mixer in spec.mixers.items():
         path = f"mixers.{name}"
         if isinstance(mixer, (models.AttentionSpec, models.SparseAttentionSpec)):

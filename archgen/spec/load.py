@@ -101,6 +101,7 @@ def _deep_merge(target: dict, patch: dict, path: tuple, patch_path: tuple, sourc
             _deep_merge(target[key], value, here, patch_path + (key,), source_map)
             continue
         target[key] = copy.deepcopy(value)
+        source_map.forget_below(here)  # the base value's positions no longer describe what is there
         for table in (source_map.positions, source_map.text_starts):
             for known in list(table):
                 if known[: len(patch_path) + 1] == patch_path + (key,):
@@ -129,6 +130,7 @@ def _apply_override(data: dict, override: str, source_map: SourceMap) -> dict:
                                            "override a leaf field, e.g. --set mixers.attn.n_heads=8", SourceLocation(origin))])
         node = child
     node[keys[-1]] = value
+    source_map.forget_below(tuple(keys))
     source_map.origins[tuple(keys)] = origin
     return data
 

@@ -18,12 +18,26 @@ SCHEMA_VERSION = 1
 # Names from a spec become Python identifiers and file names in generated code: keep them to a safe alphabet.
 Identifier = Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_]{0,62}$")]
 PresetName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9_]{1,63}$")]  # "7b" is a fine preset name
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
-LossWeight = Annotated[float, Field(ge=0)]
+# Integers are strict (YAML's `yes` must not become 1) and bounded far above any real model, so a typo such as
+# d_model: 1e9 is an error rather than an hour of arithmetic; floats must be finite.
+MAX_SIZE = 2**24
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_SIZE, strict=True)]
+Count = Annotated[int, Field(ge=0, le=MAX_SIZE, strict=True)]
+Depth = Annotated[int, Field(gt=0, le=256, strict=True)]  # layers inside one head or module
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Probability = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+LossWeight = Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)]
 
-RESERVED_NAMES = frozenset({"none"})
+# "none" means an empty slot in layouts; the others are attributes every torch module (or ModuleDict) already has,
+# which a component of that name would overwrite in the generated code.
+RESERVED_NAMES = frozenset({
+    "none", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "clear", "compile", "cpu",
+    "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
+    "get_parameter", "get_submodule", "half", "ipu", "items", "keys", "load_state_dict", "modules", "mtia",
+    "named_buffers", "named_children", "named_modules", "named_parameters", "parameters", "pop", "register_buffer",
+    "register_module", "register_parameter", "requires_grad_", "set_extra_state", "set_submodule", "share_memory",
+    "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
+})
 
 
 class SpecModel(BaseModel):
@@ -136,7 +150,7 @@ GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
 class FeedForwardShape(SpecModel):
     activation: Activation = "swiglu"
     hidden: PositiveInt | None = None  # give hidden, or multiplier × d_model rounded up to multiple_of
-    multiplier: PositiveFloat | None = None
+    multiplier: Annotated[float, Field(gt=0, le=1024, allow_inf_nan=False)] | None = None
     multiple_of: PositiveInt = 1
     bias: bool = False
 
@@ -150,7 +164,7 @@ class MoESpec(SpecModel):
     n_experts: PositiveInt
     top_k: PositiveInt = 2
     expert: FeedForwardShape
-    shared_experts: Annotated[int, Field(ge=0)] = 0  # always-on experts of the same shape (DeepSeek-style)
+    shared_experts: Count = 0  # always-on experts of the same shape (DeepSeek-style)
     normalize_top_k: bool = True  # renormalise the k routing weights to sum to one
     load_balancing_weight: LossWeight = 0.01
     z_loss_weight: LossWeight = 0.001
@@ -169,7 +183,7 @@ class RatioLayout(SpecModel):
     """Jamba-style placement: names fill each period of sum(ratio) layers in order, starting at `offset`."""
 
     ratio: dict[Identifier, PositiveInt]
-    offset: Annotated[int, Field(ge=0)] = 0
+    offset: Count = 0
 
 
 def _layout_form(value: object) -> str | None:
@@ -213,8 +227,8 @@ class TitansMemorySpec(SpecModel):
     """Titans-style neural memory written at test time by gradient steps on an associative loss."""
 
     kind: Literal["titans"]
-    after_layer: int = -1  # read the memory after this layer (negative counts from the end)
-    depth: PositiveInt = 2  # layers of the memory MLP
+    after_layer: Annotated[int, Field(strict=True)] = -1  # read the memory after this layer (negative counts from the end)
+    depth: Depth = 2  # layers of the memory MLP
     hidden: PositiveInt | None = None  # default d_model
     chunk_size: PositiveInt = 64
     learning_rate: PositiveFloat = 0.01
@@ -230,11 +244,11 @@ class SymbolicRule(SpecModel):
 class SymbolicSpec(SpecModel):
     """Differentiable forward chaining over soft predicates extracted from hidden states."""
 
-    after_layer: int = -1
+    after_layer: Annotated[int, Field(strict=True)] = -1
     predicates: list[Identifier] = Field(min_length=1)
     rules: list[SymbolicRule] = []
-    learned_rules: Annotated[int, Field(ge=0)] = 0
-    steps: PositiveInt = 2
+    learned_rules: Count = 0
+    steps: Depth = 2
 
 
 class LMHeadSpec(SpecModel):
@@ -246,8 +260,8 @@ class MedusaHeadSpec(SpecModel):
     """K extra heads predicting tokens t+2 … t+K+1 for draft-and-verify decoding."""
 
     kind: Literal["medusa"]
-    n_heads: PositiveInt = 4
-    hidden_layers: Annotated[int, Field(ge=0)] = 1  # residual SiLU blocks before each head's projection
+    n_heads: Depth = 4
+    hidden_layers: Annotated[int, Field(ge=0, le=256, strict=True)] = 1  # residual SiLU blocks before each head's projection
     loss_weight: LossWeight = 0.2
 
 
@@ -255,7 +269,7 @@ class JEPAHeadSpec(SpecModel):
     """Latent prediction against an EMA target encoder, with an L2 and/or VICReg objective."""
 
     kind: Literal["jepa"]
-    predictor_layers: PositiveInt = 2
+    predictor_layers: Depth = 2
     predictor_hidden: PositiveInt | None = None  # default d_model
     latent_dim: PositiveInt | None = None  # default d_model
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
@@ -272,7 +286,7 @@ class ForecasterHeadSpec(SpecModel):
 
     kind: Literal["forecaster"]
     n_bins: PositiveInt = 256
-    value_range: tuple[float, float] = (-15.0, 15.0)  # after mean scaling
+    value_range: tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(allow_inf_nan=False)]] = (-15.0, 15.0)  # after mean scaling
     loss_weight: LossWeight = 1.0
 
 
@@ -297,7 +311,7 @@ class Spec(SpecModel):
     schema_version: int
     name: Identifier
     description: str = ""
-    nominal_params: PositiveFloat | None = None  # the size the architecture is advertised at; inspect warns when off by >10%
+    nominal_params: Annotated[float, Field(gt=0, le=1e15, allow_inf_nan=False)] | None = None  # the size the architecture is advertised at; inspect warns when off by >10%
     model: ModelDims
     mixers: dict[Identifier, MixerSpec]
     ffns: dict[Identifier, FeedForwardSpec] = {}
@@ -315,10 +329,3 @@ class Spec(SpecModel):
             raise ValueError(f"'{name}' is a Python keyword; pick another name (e.g. '{name}_model')")
         return name
 
-    @field_validator("mixers", "ffns", "heads")
-    @classmethod
-    def _component_names(cls, components: dict) -> dict:
-        for name in components:
-            if name in RESERVED_NAMES or keyword.iskeyword(name):
-                raise ValueError(f"'{name}' is reserved and cannot name a component; rename it")
-        return components

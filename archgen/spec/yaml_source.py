@@ -34,8 +34,18 @@ class SourceMap:
             return SourceLocation(self.file, line, column + offset)
         return self.locate(path)
 
+    def forget_below(self, path: Path) -> None:
+        """Drop the positions of `path` and everything under it (its value was replaced by a preset or --set)."""
+        for table in (self.positions, self.text_starts, self.origins):
+            for known in [k for k in table if k[: len(path)] == path]:
+                del table[known]
+
     def locate(self, path: Path) -> SourceLocation:
         probe = tuple(path)
+        # A problem with a value that an override replaced part of (an unknown kind set by --set) belongs to the override.
+        overridden = [key for key in self.origins if probe and key[: len(probe)] == probe]
+        if overridden:
+            return SourceLocation(self.origins[min(overridden)])
         while True:
             if probe in self.origins:
                 return SourceLocation(self.origins[probe])
@@ -56,7 +66,11 @@ def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         mark = error.problem_mark or error.context_mark
         location = SourceLocation(file, mark.line + 1, mark.column + 1) if mark else SourceLocation(file)
         problem = error.problem or str(error)
-        raise CompileError([Diagnostic("", f"invalid YAML: {problem}", "fix the YAML syntax at this position", location)]) from None
+        fix = "fix the YAML syntax at this position"
+        if error.context and error.context_mark is not None:
+            # PyYAML says where the construct it could not finish began ("while parsing a flow mapping ... line 11").
+            fix = f"{error.context} that starts at line {error.context_mark.line + 1}, column {error.context_mark.column + 1}: check it is closed"
+        raise CompileError([Diagnostic("", f"invalid YAML: {problem}", fix, location)]) from None
     except yaml.YAMLError as error:
         raise CompileError([Diagnostic("", f"invalid YAML: {error}", None, SourceLocation(file))]) from None
     if node is None:
@@ -73,13 +87,20 @@ _scalar_loader = yaml.SafeLoader("")
 
 def _to_python(node: yaml.Node, path: Path, source_map: SourceMap, problems: list[Diagnostic]) -> Any:
     source_map.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    if node.tag not in _PLAIN_TAGS:
+        problems.append(_problem(node, path, f"tag {node.tag!r} is not allowed in a spec", source_map, "remove the tag"))
+        return None
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
-                problems.append(_problem(key_node, path, "mapping keys must be plain names (no merge keys or complex keys)", source_map))
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _PLAIN_TAGS:
+                problems.append(_problem(key_node, path, "mapping keys must be plain names (no tags, merge keys or complex keys)",
+                                         source_map, "write the key as a plain name"))
                 continue
-            key = str(_scalar_loader.construct_object(key_node))
+            key = _scalar(key_node, path, source_map, problems)
+            if key is None:
+                continue
+            key = str(key)
             if key in result:
                 problems.append(_problem(key_node, path + (key,), f"key '{key}' appears twice", source_map, "keep one of them"))
                 continue
@@ -89,16 +110,25 @@ def _to_python(node: yaml.Node, path: Path, source_map: SourceMap, problems: lis
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(item, path + (i,), source_map, problems) for i, item in enumerate(node.value)]
-    if node.tag not in _PLAIN_TAGS:
-        problems.append(_problem(node, path, f"tag {node.tag!r} is not allowed in a spec", source_map, "remove the tag"))
-        return None
     if node.start_mark.line == node.end_mark.line:
         quote = 1 if node.style in ("'", '"') else 0
         source_map.text_starts[path] = (node.start_mark.line + 1, node.start_mark.column + 1 + quote)
-    return _scalar_loader.construct_object(node)
+    return _scalar(node, path, source_map, problems)
+
+
+def _scalar(node: yaml.ScalarNode, path: Path, source_map: SourceMap, problems: list[Diagnostic]) -> Any:
+    """Build a plain scalar; an explicit tag that does not fit its text (`!!int sixty-four`) is a located problem."""
+    try:
+        return _scalar_loader.construct_object(node)
+    except (yaml.YAMLError, ValueError, KeyError, TypeError) as error:
+        problems.append(_problem(node, path, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {error}",
+                                 source_map, "remove the explicit tag or fix the value"))
+        return None
 
 
 _PLAIN_TAGS = {
+    "tag:yaml.org,2002:map",
+    "tag:yaml.org,2002:seq",
     "tag:yaml.org,2002:str",
     "tag:yaml.org,2002:int",
     "tag:yaml.org,2002:float",

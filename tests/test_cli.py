@@ -1,0 +1,196 @@
+"""The command line: `check` exits 0 or 2 with located messages and never a traceback; `inspect` prints the totals,
+JSON and an SVG diagram; `schema` prints the JSON Schema of the spec language.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from archgen.cli import main
+from tests.spec.test_bad_specs import CORPUS, read_case
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+LLAMA = ROOT / "tests" / "specs" / "published" / "llama3_8b.yaml"
+HYMBA = ROOT / "specs" / "hymba_plus.yaml"
+BAD = ROOT / "tests" / "specs" / "bad"
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- check
+@pytest.mark.parametrize("spec", SPECS, ids=[s.stem for s in SPECS])
+def test_check_exits_0_on_every_shipped_spec_and_lists_what_it_checked(spec):
+    result = run("check", spec)
+    assert result.exit_code == 0, result.output
+    presets = yaml.safe_load(spec.read_text(encoding="utf-8"))["presets"]
+    checked = " ".join(result.stdout.split())  # rich may wrap the line
+    assert checked.startswith("ok: ") and "base" in checked
+    assert all(f"preset {name}" in checked for name in presets)
+
+
+def test_check_exits_2_with_the_located_message_and_fix_on_stderr():
+    spec = BAD / "gqa_not_divisible.yaml"
+    result = run("check", spec)
+    assert result.exit_code == 2
+    assert f"{spec}:13:5: error: mixers.attn.n_kv_heads: n_heads=32 is not divisible by n_kv_heads=6" in result.stderr
+    assert "fix: use one of 1, 2, 4, 8, 16, 32" in result.stderr
+    assert result.stderr.rstrip().endswith("1 error")
+    assert result.stdout == ""
+
+
+def cli_corpus():
+    for path in CORPUS:
+        case = read_case(path)
+        if not case.xfail:
+            yield pytest.param(case, id=path.stem)
+
+
+@pytest.mark.parametrize("case", list(cli_corpus()))
+def test_check_exits_2_on_every_bad_spec_with_its_messages_and_no_traceback(case):
+    args = ["check", case.path] + (["--preset", case.preset] if case.preset else [])
+    for override in case.overrides:
+        args += ["--set", override]
+    result = run(*args)
+    assert result.exit_code == 2, result.output
+    for expected in case.expects:
+        assert expected.split("\n")[0] in result.stderr, result.stderr
+
+
+def test_check_in_a_real_process_exits_2_without_a_traceback():
+    """The same through the installed entry point's module, so nothing the test runner catches can hide a crash."""
+    spec = BAD / "pattern_unbalanced_paren.yaml"
+    result = subprocess.run([sys.executable, "-m", "archgen.cli", "check", str(spec)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"{spec}:13:11: error: layout.mixers: '(' at column 0 is never closed" in result.stderr
+
+
+def test_check_reports_a_broken_preset_and_names_it(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    base = LLAMA.read_text(encoding="utf-8")
+    spec.write_text(base + "presets:\n  narrow:\n    mixers:\n      attn: {n_kv_heads: 7}\n", encoding="utf-8")
+    result = run("check", spec)
+    assert result.exit_code == 2
+    assert "n_heads=32 is not divisible by n_kv_heads=7 (preset narrow)" in result.stderr
+    preset_line = len(base.splitlines()) + 4
+    assert f"{spec}:{preset_line}:14: error: mixers.attn.n_kv_heads" in result.stderr  # the preset's line, not the base's
+
+
+def test_check_of_a_missing_file_exits_2_with_a_message(tmp_path):
+    result = run("check", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert "cannot read spec" in result.stderr
+
+
+def test_check_with_a_bad_override_names_the_override():
+    result = run("check", LLAMA, "--set", "mixers.attn.n_kv_heads=5")
+    assert result.exit_code == 2
+    assert "--set mixers.attn.n_kv_heads=5: error: mixers.attn.n_kv_heads: n_heads=32 is not divisible" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------- inspect
+def test_inspect_prints_the_per_layer_table_and_the_totals():
+    result = run("inspect", LLAMA)
+    assert result.exit_code == 0, result.output
+    assert "llama3_8b: 32 layers, d_model 4096" in result.stdout
+    assert "8,030,261,248 (8.03B)" in result.stdout
+    for row in ("parameters", "active parameters per token", "embedding parameters", "weights in bfloat16",
+                "cache per sequence @ 2,048 tokens (bfloat16)"):
+        assert row in result.stdout
+
+
+def test_inspect_json_parses_and_carries_the_totals():
+    result = run("inspect", LLAMA, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["total_params"] == 8_030_261_248
+    assert report["name"] == "llama3_8b"
+    assert report["n_layers"] == 32 == len(report["layout"])
+    assert len(report["spec_hash"]) == 64
+
+
+def test_inspect_json_follows_preset_and_overrides():
+    report = json.loads(run("inspect", HYMBA, "--preset", "tiny", "--set", "layout.n_layers=8", "--json").stdout)
+    assert report["preset"] == "tiny"
+    assert report["n_layers"] == 8
+
+
+def test_inspect_exits_2_on_a_bad_spec_without_a_traceback():
+    result = run("inspect", BAD / "pattern_unknown_name.yaml", "--json")
+    assert result.exit_code == 2
+    assert "replace 'atn' with 'attn'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_diagram_is_an_svg_with_one_box_per_mixer_branch_and_feed_forward(tmp_path):
+    out = tmp_path / "hymba.svg"
+    result = run("inspect", HYMBA, "--preset", "tiny", "--diagram", out)
+    assert result.exit_code == 0, result.output
+    assert f"diagram written to {out}" in " ".join(result.stdout.split())
+    root = ET.parse(out).getroot()
+    assert root.tag == f"{SVG}svg"
+    titles = [t.text for t in root.iter(f"{SVG}title")]
+    layer_boxes = [t for t in titles if t.startswith("layer ")]
+    assert len(layer_boxes) == 4 * 2 + 4  # 4 layers of attention|mamba, each with an mlp
+    assert "layer 0: global_attn (attention)" in titles
+    assert "4 meta tokens" in titles
+
+
+def test_diagram_is_written_with_json_output_too(tmp_path):
+    out = tmp_path / "llama.svg"
+    result = run("inspect", LLAMA, "--json", "--diagram", out)
+    json.loads(result.stdout)
+    ET.parse(out)
+
+
+# -------------------------------------------------------------------------------------------------------- schema
+MIXER_KINDS = {"mamba", "mamba2", "attention", "sparse_attention", "conv", "none"}
+
+
+def schema() -> dict:
+    result = run("schema")
+    assert result.exit_code == 0
+    return json.loads(result.stdout)
+
+
+def test_schema_is_json_schema_that_names_every_mixer_kind():
+    document = schema()
+    assert document["title"] == "Spec"
+    (mixer,) = document["properties"]["mixers"]["patternProperties"].values()
+    assert set(mixer["discriminator"]["mapping"]) == MIXER_KINDS
+    kinds = {definition["properties"]["kind"].get("const") for definition in document["$defs"].values()
+             if "kind" in definition.get("properties", {})}
+    assert MIXER_KINDS | {"mlp", "moe", "rmsnorm", "layernorm", "titans", "lm", "medusa", "jepa", "forecaster"} <= kinds
+
+
+class Yaml12Loader(yaml.SafeLoader):
+    """Reads floats as YAML 1.2 does (and so editors do): '1.5e9' is a number, not the string PyYAML's 1.1 makes it."""
+
+
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
+                                   list("-+0123456789."))
+
+
+@pytest.mark.parametrize("spec", SPECS + [LLAMA], ids=[s.stem for s in SPECS + [LLAMA]])
+def test_every_shipped_spec_validates_against_the_printed_schema(spec):
+    """An editor using `archgen schema` accepts every shipped spec."""
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(yaml.load(spec.read_text(encoding="utf-8"), Loader=Yaml12Loader), schema())
