@@ -119,7 +119,10 @@ def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], as_json:
               help="Directory that receives <name>/ for each spec.")
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the output differs from what the specs produce (prints the diff).")
 @click.option("--quiet", is_flag=True, help="Print errors only.")
-def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool, quiet: bool) -> None:
+@click.option("--export", "export_formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
+              help="Also export each built package, as `archgen export` does with its defaults, into exports/<name>/ (repeatable).")
+def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool, quiet: bool,
+          export_formats: tuple[str, ...]) -> None:
     """Compile SPECS (default: every specs/*.yaml) into importable PyTorch packages under OUTPUT/<name>/."""
     import time
 
@@ -155,9 +158,69 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
             report = emitted.plan.report
             stdout.print(f"built {target}/ from {spec} in {time.perf_counter() - started:.2f}s: {len(emitted.files)} files "
                          f"({human_bytes(size)}), {len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
+        if export_formats:
+            run_export(target, formats=export_formats, quiet=quiet)
     if stale:
         stderr.print(f"stale: {', '.join(map(str, stale))}: run `archgen build` and commit the result", style="bold red")
         sys.exit(1)
+
+
+def run_export(package: Path, quiet: bool = False, show_traceback: bool = False, **options) -> None:
+    """Export one generated package; an ExportError is printed (layer, op, spec component) and exits 1."""
+    import time
+    import traceback
+
+    from archgen.export import ExportError, export_package
+    from archgen.report.tables import human_bytes
+
+    started = time.perf_counter()
+    try:
+        result = export_package(package, **options)
+    except (ExportError, ValueError, FileNotFoundError) as error:
+        if show_traceback:
+            traceback.print_exception(error)
+        stderr.print(f"error: {error}", style="red", markup=False)
+        sys.exit(1)
+    if quiet:
+        return
+    files = ", ".join(f"{path.name} ({human_bytes(path.stat().st_size)})" for by_format in result.files.values()
+                      for path in by_format.values())
+    stdout.print(f"exported {package}/ to {result.directory}/ in {time.perf_counter() - started:.1f}s: {files}, manifest.json",
+                 markup=False)
+    checks = result.manifest["checks"]
+    if checks:
+        worst = {graph: max(checks[graph].values(), default=0.0) for graph in ("prefill", "decode")}
+        stdout.print(f"checked against eager at batch {checks['batch']}, prompt {checks['seq']}: relative error "
+                     f"prefill {worst['prefill']:.1e}, decode {worst['decode']:.1e}", markup=False)
+
+
+@main.command("export")
+@click.argument("package", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--format", "formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
+              help="What to write (repeatable); default both. ONNX is converted from the torch.export program.")
+@click.option("--weights", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="A save_pretrained directory; default: a seeded initialisation (the manifest records the seed).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the initialisation when no --weights are given.")
+@click.option("--dynamic", default="batch,seq", show_default=True,
+              help="Dims left dynamic: batch, seq, both, or '' for none (a static dim takes --batch / --seq).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--max-batch", default=64, show_default=True, help="Upper bound of the dynamic batch.")
+@click.option("--max-len", type=int, default=None, help="Positions a cache holds, meta tokens included (default: the spec's max_seq_len).")
+@click.option("--batch", default=1, show_default=True, help="The batch size when batch is static.")
+@click.option("--seq", default=16, show_default=True, help="The prompt length when seq is static.")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (18 or newer).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output directory (default: exports/<name>/).")
+@click.option("--no-check", is_flag=True, help="Skip running the exported graphs against eager.")
+@click.option("--traceback", "show_traceback", is_flag=True, help="On failure, also print the exporter's own stack trace.")
+def export_command(package: Path, formats: tuple[str, ...], weights: Path | None, seed: int, dynamic: str, dtype: str,
+                   max_batch: int, max_len: int | None, batch: int, seq: int, opset: int, output: Path | None,
+                   no_check: bool, show_traceback: bool) -> None:
+    """Export the generated PACKAGE (e.g. generated/hspmn) as prefill and decode-step graphs (.pt2, .onnx) with a manifest."""
+    if opset < 18:
+        raise click.BadParameter(f"ONNX export needs opset 18 or newer, got {opset}", param_hint="--opset")
+    run_export(package, show_traceback=show_traceback, formats=formats or ("pt2", "onnx"), weights=weights, seed=seed,
+               dtype=dtype, dynamic=[d.strip() for d in dynamic.split(",") if d.strip()], max_batch=max_batch,
+               max_len=max_len, batch=batch, seq=seq, opset=opset, output=output, check=not no_check)
 
 
 @main.command()

@@ -149,7 +149,9 @@ def moe_forward(
 
     # Sort the assignments by expert; `first[e]` is where expert e's run starts in sorted order.
     flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
-    order = torch.argsort(flat_expert, stable=True)  # (N*k,) sorted position -> assignment
+    # The key (expert, assignment) is unique, so any sort keeps token order within an expert: no stable sort, which
+    # ONNX does not have.
+    order = torch.argsort(flat_expert * n_assign + torch.arange(n_assign, device=x.device))  # (N*k,) sorted position -> assignment
     sorted_expert = flat_expert[order]  # (N*k,)
     tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device)
     tokens_per_expert = tokens_per_expert.scatter_add(0, flat_expert, torch.ones_like(flat_expert))  # (E,)

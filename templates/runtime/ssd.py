@@ -68,11 +68,17 @@ def ssd_scan(
       1. Diagonal blocks, the outputs from inputs of the same chunk, in quadratic (attention) form:
              y_t = Σ_{s≤t} (C_t · B_s) exp(seg[t, s]) dt_s x_s
       2. Each chunk's final state from a zero start:    S_c = Σ_s exp(seg[L-1, s]) dt_s x_s ⊗ B_s
-      3. State passing, sequentially over the T/L chunks: h_c = exp(cum[L-1]) h_{c-1} + S_c
+      3. State passing, h_c = exp(A_c) h_{c-1} + S_c with A_c = cum[L-1] of chunk c, solved in
+         the same quadratic form one level up, over chunks instead of positions: with the initial
+         state as chunk -1 (S_{-1} = h_{-1}),
+             h_c = Σ_{c' ≤ c} exp(Σ_{c' < i ≤ c} A_i) S_{c'}        (one einsum, no loop)
+         which costs (c+1)² per head and keeps the graph free of a loop whose count depends on T,
+         so torch.export records one graph for every T.
       4. Off-diagonal blocks, the outputs from the state entering the chunk:
              y_t += exp(cum[t]) h_{c-1} C_t
     T need not be a multiple of L: the tail is padded with dt = 0 (decay 1, no input), which
-    leaves the state unchanged, and the padded outputs are dropped.
+    leaves the state unchanged, and the padded outputs are dropped. L is min(chunk_size, T) for a
+    concrete T, and chunk_size itself for a symbolic one (the chunk length must not depend on T).
     """
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
@@ -80,14 +86,12 @@ def ssd_scan(
     heads_per_group = nheads // ngroups
     acc = _acc_dtype(x, dt, A, B, C)
 
-    chunk = min(chunk_size, seqlen)
-    nchunks = -(-seqlen // chunk)
-    pad = nchunks * chunk - seqlen
+    chunk = min(chunk_size, seqlen) if isinstance(seqlen, int) else chunk_size
+    nchunks = (seqlen + chunk - 1) // chunk
 
     def to_chunks(t: Tensor) -> Tensor:
         """(B, T, ...) -> (B, c, L, ...), zero-padded at the end of time, in the accumulation dtype."""
-        t = F.pad(t.to(acc), (0, 0) * (t.dim() - 2) + (0, pad))
-        return t.reshape(batch, nchunks, chunk, *t.shape[2:])
+        return _pad_time(t.to(acc), nchunks * chunk).view(batch, nchunks, chunk, *t.shape[2:])
 
     # Heads are viewed as (G, R) so that B and C are shared, not copied, across a group's heads.
     xdt = to_chunks(x.to(acc) * dt.to(acc).unsqueeze(-1))  # (B, c, L, H, P)
@@ -106,22 +110,21 @@ def ssd_scan(
     decay_to_end = decay[..., -1, :]  # (B, c, G, R, L), exp(seg[L-1, s])
     chunk_states = torch.einsum("bcsgn,bcgrs,bcsgrp->bcgrpn", B_c, decay_to_end, xdt)  # (B, c, G, R, P, N)
 
-    # 3. State passing.
-    chunk_decay = torch.exp(cum[..., -1])  # (B, c, G, R)
+    # 3. State passing, with the initial state as chunk -1.
     if initial_state is None:
         state = x.new_zeros(batch, ngroups, heads_per_group, headdim, dstate, dtype=acc)
     else:
         state = initial_state.to(acc).reshape(batch, ngroups, heads_per_group, headdim, dstate)
-    entering = []
-    for c in range(nchunks):
-        entering.append(state)
-        state = chunk_decay[:, c, :, :, None, None] * state + chunk_states[:, c]  # (B, G, R, P, N)
-    h_enter = torch.stack(entering, dim=1)  # (B, c, G, R, P, N)
+    states = torch.cat([state.unsqueeze(1), chunk_states], dim=1)  # (B, 1+c, G, R, P, N)
+    chunk_log_decay = F.pad(cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (B, G, R, 1+c), A_c; chunk -1 gets 0
+    chunk_decay = torch.exp(_segment_sum(chunk_log_decay))  # (B, G, R, 1+c, 1+c), [c, c'] = decay from c' to c
+    h_after = torch.einsum("bgrcd,bdgrpn->bcgrpn", chunk_decay, states)  # (B, 1+c, G, R, P, N) after chunk c-1
+    h_enter, state = h_after[:, :-1], h_after[:, -1]  # (B, c, G, R, P, N) entering each chunk, (B, G, R, P, N) final
 
     # 4. Off-diagonal blocks.
     y_off = torch.einsum("bclgn,bcgrpn,bcgrl->bclgrp", C_c, h_enter, torch.exp(cum))  # (B, c, L, G, R, P)
 
-    y = (y_diag + y_off).reshape(batch, nchunks * chunk, nheads, headdim)[:, :seqlen]  # (B, T, H, P)
+    y = _unpad_time((y_diag + y_off).reshape(batch, nchunks * chunk, nheads, headdim), seqlen)  # (B, T, H, P)
     if D is not None:
         y = y + D.to(acc)[:, None] * x.to(acc)
     return y.to(x.dtype), state.reshape(batch, nheads, headdim, dstate)
@@ -201,6 +204,26 @@ class Mamba2Cache:
         )
 
 
+def _pad_time(t: Tensor, length: int, value: float = 0.0) -> Tensor:
+    """t (B, T, ...) -> (B, length, ...) for length >= T: the first T positions are t, the rest `value`.
+
+    A gather of `length` rows and a mask rather than F.pad and a reshape: under torch.export with a
+    symbolic T, the size arithmetic of a pad by (-T mod L) leaves guards (is T + pad >= T? a
+    multiple of L?) that the shape solver cannot discharge, while a gather has its size by
+    construction. `_unpad_time` is the inverse, for the same reason a gather rather than a slice.
+    """
+    seqlen = t.shape[1]
+    index = torch.arange(length, device=t.device)  # (length,)
+    rows = t.index_select(1, index.clamp(max=seqlen - 1))  # (B, length, ...)
+    inside = (index < seqlen).view(1, length, *[1] * (t.dim() - 2))
+    return torch.where(inside, rows, value)
+
+
+def _unpad_time(t: Tensor, seqlen: int) -> Tensor:
+    """The first `seqlen` positions of t (B, length, ...) along dim 1."""
+    return t.index_select(1, torch.arange(seqlen, device=t.device))
+
+
 def _segment_sum(a: Tensor) -> Tensor:
     """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t.
 
@@ -225,11 +248,10 @@ def _segment_sum(a: Tensor) -> Tensor:
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision).
+
+    Decided in Python from the dtypes (not with torch.promote_types, which torch.export records as a graph node)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_scan_shapes(

@@ -43,15 +43,19 @@ def test_loss_falls_when_memorising_one_batch(spec_path, build):
     tokens = torch.randint(0, 256, (2, 33))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
+    losses, lm_losses = [], []
     for _ in range(25):
         out = model(inputs, targets=targets)
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
         losses.append(out.loss.item())
+        lm_losses.append(torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), targets.flatten()).item())
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    # The total includes the heads' and routers' auxiliary losses (VICReg starts large and falls slowly), so the
+    # next-token loss must halve and the total must fall.
+    assert lm_losses[-1] < 0.5 * lm_losses[0], f"next-token loss went {lm_losses[0]:.3f} -> {lm_losses[-1]:.3f}"
+    assert losses[-1] < losses[0], f"total loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
 @pytest.mark.parametrize("prefill", [1, 7])

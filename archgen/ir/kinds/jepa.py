@@ -1,7 +1,8 @@
 """JEPA world-model head: a mask embedding and an MLP predictor from context latents to target latents.
 
 The target encoder is an exponential-moving-average copy of the backbone kept as buffers (no gradients), so it is
-not counted as parameters here.
+not counted as parameters here. The target projection (latent_dim != d_model) is a parameter that never trains: it
+sits on the no-grad target side.
 """
 
 
@@ -14,7 +15,7 @@ def predictor_widths(cfg, dims) -> list[int]:
 def parameters(cfg, dims) -> dict[str, tuple[int, ...]]:
     d = dims.d_model
     widths = predictor_widths(cfg, dims)
-    table = {"mask_token": (d,)}
+    table = {"mask_token.weight": (1, d)}  # an nn.Embedding of one row, so Model.init_weights covers it
     for i in range(cfg.predictor_layers):
         table[f"predictor.{i}.weight"] = (widths[i + 1], widths[i])
         table[f"predictor.{i}.bias"] = (widths[i + 1],)

@@ -1,12 +1,17 @@
-"""Neuro-symbolic module: predicate extractor, learned rule weights, projection of conclusions back to d_model."""
+"""Neuro-symbolic module: predicate extractor, learned rule weights, projection of conclusions back to d_model.
+
+The learned rules' logits are the weights of two Linear modules that are never called (`rule_premises.weight`,
+`rule_conclusions.weight`, each (learned_rules, P)): being Linear weights, Model.init_weights draws them, also for
+a model built on the meta device. Declared rules are constants of the generated code, not parameters.
+"""
 
 
 def parameters(cfg, dims) -> dict[str, tuple[int, ...]]:
     p = len(cfg.predicates)
     table = {"extract.weight": (p, dims.d_model), "extract.bias": (p,)}
     if cfg.learned_rules:
-        table["rule_premises"] = (cfg.learned_rules, p)
-        table["rule_conclusions"] = (cfg.learned_rules, p)
+        table["rule_premises.weight"] = (cfg.learned_rules, p)
+        table["rule_conclusions.weight"] = (cfg.learned_rules, p)
     table["project.weight"] = (dims.d_model, p)
     return table
 

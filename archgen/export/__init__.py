@@ -1,0 +1,164 @@
+"""Export a generated package for deployment runtimes: a prefill graph and a decode-step graph, as torch.export
+programs (.pt2) and ONNX, with a manifest.json that says how to drive them.
+
+    generated/<name>/ --load--> Model (weights or a seeded init) --steps--> Prefill, DecodeStep
+        --torch.export--> <graph>.pt2 --torch.onnx--> <graph>.onnx --check--> manifest.json
+
+One public function, `export_package`; `archgen export` and `archgen build --export` call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from archgen.export.failures import ExportError
+from archgen.export.manifest import build_manifest, write_manifest
+from archgen.export.onnx_export import export_onnx, onnx_session, run_onnx
+from archgen.export.package import Package, load_package
+from archgen.export.torch_export import Bounds, Graph, export_program, make_bounds, make_graphs
+
+FORMATS = ("pt2", "onnx")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # relative, for the export checks
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    manifest: dict
+    files: dict[str, dict[str, Path]]  # graph -> format -> file
+
+
+def export_package(package: str | Path | ModuleType, output: str | Path | None = None, *,
+                   formats: Collection[str] = FORMATS, weights: str | Path | None = None, seed: int = 0,
+                   dtype: str = "float32", dynamic: Collection[str] = ("batch", "seq"), max_batch: int = 64,
+                   max_len: int | None = None, batch: int = 1, seq: int = 16, opset: int = DEFAULT_OPSET,
+                   check: bool = True) -> ExportResult:
+    """Export the prefill and decode-step graphs of a generated package into `output` (default exports/<name>/).
+
+    package: the generated directory, or the imported package.
+    weights: a `save_pretrained` directory; without one the model is initialised from `seed` (recorded).
+    dynamic: which of batch and seq stay dynamic, batch in [1, max_batch] and the prompt length in [2, max_len -
+        meta tokens] (from 1 with meta tokens); a static dim takes `batch` / `seq`.
+    max_len: positions a cache holds, meta tokens included (default: the spec's max_seq_len).
+    check: run both graphs (the reloaded .pt2 and onnxruntime) at sizes other than the traced ones and compare with
+        eager; a relative error above TOLERANCE[dtype] is an ExportError.
+    The output directory is replaced only when everything succeeded. Failures raise ExportError, whose message names
+    the graph, the layer, the op and the spec component.
+    """
+    unknown = set(formats) - set(FORMATS)
+    if unknown or not formats:
+        raise ValueError(f"formats are {', '.join(FORMATS)}; got {', '.join(sorted(unknown)) or 'none'}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    pkg = load_package(package)
+    model, weights_info = _load_model(pkg, weights, seed, DTYPES[dtype])
+    bounds = make_bounds(pkg, set(dynamic), max_batch, max_len, batch, seq)
+    graphs = make_graphs(model, bounds, pkg.module.config.VOCAB_SIZE)
+    target = Path(output) if output is not None else Path("exports") / pkg.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.exporting-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
+    try:
+        files: dict[str, dict[str, str]] = {}
+        programs = {}
+        for graph in graphs:
+            program = export_program(graph, model, pkg)
+            programs[graph.name] = program
+            files[graph.name] = {}
+            if "pt2" in formats:
+                torch.export.save(program, staging / f"{graph.name}.pt2")
+                files[graph.name]["pt2"] = f"{graph.name}.pt2"
+            if "onnx" in formats:
+                export_onnx(program, graph, staging / f"{graph.name}.onnx", opset, pkg, model)
+                files[graph.name]["onnx"] = f"{graph.name}.onnx"
+        checks = _check(model, graphs, bounds, staging, files, DTYPES[dtype]) if check else None
+        manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
+                                  opset=opset if "onnx" in formats else None, checks=checks)
+        write_manifest(manifest, staging)
+        _replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    paths = {graph: {fmt: target / name for fmt, name in by_format.items()} for graph, by_format in files.items()}
+    return ExportResult(target, manifest, paths)
+
+
+def _load_model(pkg: Package, weights: str | Path | None, seed: int, dtype: torch.dtype):
+    Model = pkg.module.Model
+    if weights is not None:
+        model = Model.from_pretrained(weights)
+        digest = hashlib.sha256((Path(weights) / "model.safetensors").read_bytes()).hexdigest()
+        info = {"source": str(weights), "sha256": digest}
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Model()
+        info = {"source": "seeded initialisation (Model.init_weights after torch.manual_seed)", "seed": seed}
+    return model.to(dtype).eval(), info
+
+
+def _check(model, graphs: list[Graph], bounds: Bounds, directory: Path, files: dict, dtype: torch.dtype) -> dict:
+    """Run each exported file at sizes other than the traced ones, against eager; relative max error per file."""
+    B = bounds.batch[1] if bounds.batch[0] == bounds.batch[1] else min(3, bounds.batch[1])
+    low, high = bounds.seq
+    T = min(max(23, low), high)  # the traced example is 16
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.lm_head.weight.size(0)
+    prompt = torch.randint(0, vocab, (B, T), generator=generator)
+    prefill, decode = graphs
+    with torch.no_grad():
+        eager_prefill = list(prefill.module(prompt))
+        token = eager_prefill[0][:, -1:].argmax(-1)
+        decode_args = (token, torch.tensor(T + bounds.meta_tokens), *eager_prefill[1:])
+        eager_decode = list(decode.module(*decode_args))
+    result = {"batch": B, "seq": T, "tolerance": TOLERANCE[dtype]}
+    for graph, args, expected in ((prefill, (prompt,), eager_prefill), (decode, decode_args, eager_decode)):
+        errors = {}
+        if "pt2" in files[graph.name]:
+            program = torch.export.load(directory / files[graph.name]["pt2"])
+            with torch.no_grad():
+                errors["pt2"] = relative_error(list(program.module()(*args)), expected)
+        if "onnx" in files[graph.name] and dtype != torch.bfloat16:  # numpy, hence onnxruntime's Python API, has no bfloat16
+            session = onnx_session(directory / files[graph.name]["onnx"])
+            errors["onnx"] = relative_error(run_onnx(session, graph, args), expected)
+        result[graph.name] = errors
+        bad = {fmt: err for fmt, err in errors.items() if not err <= TOLERANCE[dtype]}
+        if bad:
+            raise ExportError(f"the exported {graph.name} graph does not match eager at batch {B}, prompt {T}: relative "
+                              f"error {', '.join(f'{fmt} {err:.2e}' for fmt, err in bad.items())} > {TOLERANCE[dtype]:.0e}")
+    return result
+
+
+def relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """max over outputs of max|actual - expected| / max|expected| (float32 arithmetic)."""
+    worst = 0.0
+    for a, e in zip(actual, expected, strict=True):
+        a, e = a.float(), e.float()
+        if a.shape != e.shape:
+            return float("inf")
+        scale = e.abs().max().item() or 1.0
+        worst = max(worst, (a - e).abs().max().item() / scale)
+    return worst
+
+
+def _replace(staging: Path, target: Path) -> None:
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{staging.name}"
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
+__all__ = ["export_package", "ExportError", "ExportResult"]

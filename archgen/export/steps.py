@@ -1,0 +1,102 @@
+"""The two graphs a deployment runtime needs, as modules around a generated `Model`: prefill and one decode step.
+
+A generated package keeps its decoding state in a `Cache(layers, length)` whose layers hold small dataclasses
+(`KVCache(k, v)`, `MambaCache(conv_state, ssm_state)`, `Mamba2Cache`, `ConvCache`), dicts of them for parallel layers,
+or None. Exported graphs take and return plain tensors, so the wrappers flatten that structure into a tuple in a fixed
+order and rebuild it, by walking it generically: they know no layer kind, and a kind added later exports unchanged as
+long as its state is tensors inside dataclasses, dicts and lists.
+
+    Prefill     input_ids (B, T)                                   -> logits (B, T, V), *present
+    DecodeStep  input_ids (B, 1), position () int64, *past        -> logits (B, 1, V), *present
+
+`position` is the number of positions already in the cache (meta tokens included), i.e. the position of the new token.
+The step clones every cache tensor it receives before the model writes into it, so the graph is functional: its
+inputs are never mutated and its outputs are new tensors a runtime feeds back as the next step's inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class CacheLeaf:
+    """One tensor of the decoding state: where it lives in the Cache and what it looks like."""
+
+    name: str  # the path inside the Cache, e.g. "layers.3.k" or "layers.1.ssm.ssm_state"
+    shape: tuple[int, ...]  # for a cache of batch 1; dim 0 is the batch
+    dtype: torch.dtype
+
+
+def cache_leaves(cache: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
+    """Every tensor inside `cache` with its dotted path, in a fixed order (fields, dict keys and list items in order).
+
+    Non-tensor leaves (the Cache's int `length`, None for a layer without state) are skipped: they are either rebuilt
+    from the template or carried as the explicit `position` input.
+    """
+    if isinstance(cache, Tensor):
+        return [(prefix, cache)]
+    join = (lambda key: f"{prefix}.{key}") if prefix else str
+    if dataclasses.is_dataclass(cache) and not isinstance(cache, type):
+        return [leaf for f in dataclasses.fields(cache) for leaf in cache_leaves(getattr(cache, f.name), join(f.name))]
+    if isinstance(cache, dict):
+        return [leaf for key, value in cache.items() for leaf in cache_leaves(value, join(key))]
+    if isinstance(cache, (list, tuple)):
+        return [leaf for i, value in enumerate(cache) for leaf in cache_leaves(value, join(i))]
+    return []
+
+
+def rebuild_cache(template: Any, tensors: list[Tensor]) -> Any:
+    """A structure like `template` with its tensors replaced, in `cache_leaves` order, by `tensors` (consumed)."""
+    if isinstance(template, Tensor):
+        return tensors.pop(0)
+    if dataclasses.is_dataclass(template) and not isinstance(template, type):
+        values = {f.name: rebuild_cache(getattr(template, f.name), tensors) for f in dataclasses.fields(template)}
+        return dataclasses.replace(template, **{f.name: values[f.name] for f in dataclasses.fields(template) if f.init})
+    if isinstance(template, dict):
+        return {key: rebuild_cache(value, tensors) for key, value in template.items()}
+    if isinstance(template, (list, tuple)):
+        return type(template)(rebuild_cache(value, tensors) for value in template)
+    return template
+
+
+def describe_cache(model: nn.Module, max_len: int) -> list[CacheLeaf]:
+    """The cache layout of `model` for caches of max_len positions, read off a batch-1 cache."""
+    cache = model.empty_cache(1, max_len)
+    return [CacheLeaf(name, tuple(t.shape), t.dtype) for name, t in cache_leaves(cache)]
+
+
+class Prefill(nn.Module):
+    """input_ids (B, T) -> (logits (B, T, V), *present): the prompt's logits and the caches it fills."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model = model
+        self.max_len = max_len
+
+    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
+        cache = self.model.empty_cache(input_ids.size(0), self.max_len)
+        logits = self.model(input_ids, cache=cache).logits  # (B, T, V)
+        return (logits, *(t for _, t in cache_leaves(cache)))
+
+
+class DecodeStep(nn.Module):
+    """(input_ids (B, 1), position () int64, *past) -> (logits (B, 1, V), *present): one token against the caches."""
+
+    def __init__(self, model: nn.Module, max_len: int):
+        super().__init__()
+        self.model = model
+        self.template = model.empty_cache(1, max_len)  # structure only: its tensors are replaced by the inputs
+        self.names = [name for name, _ in cache_leaves(self.template)]
+
+    def forward(self, input_ids: Tensor, position: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
+        cache = rebuild_cache(self.template, [t.clone() for t in past])
+        cache.length = position
+        logits = self.model(input_ids, cache=cache).logits  # (B, 1, V)
+        present = dict(cache_leaves(cache))  # also holds the advanced length, now a tensor: not a cache tensor
+        return (logits, *(present[name] for name in self.names))
