@@ -60,7 +60,7 @@ def explain(error: BaseException, *, package: Package, model: nn.Module, graph: 
             lines.append(f"  op:    `{site.code}`  ({site.where})")
         if guard:
             lines.append(f"  guard: {guard}")
-    lines.append(f"  error: {type(error).__name__}: {reason}")
+    lines.append(f"  error: {reason}")
     lines.append(f"  fix:   {_fix(error, reason)}")
     return ExportError("\n".join(lines))
 
@@ -124,12 +124,33 @@ def _site_from_frames(frames, names: dict[int, str]) -> Site:
 
 
 def _site_from_graph_node(error: BaseException, program: torch.export.ExportedProgram) -> Site | None:
-    """The node of the exported graph an ONNX conversion error names (`node %sort`)."""
+    """The node an ONNX conversion error names (`node %sort ... target=torch.ops.aten.sort.stable`).
+
+    The converter works on the decomposed program, whose node names differ from the exported one's, so the lookup
+    decomposes it again (only on this failure path); nodes keep their module stack and source line through that.
+    """
     text = "\n".join(str(exc) for exc in _chain(error))
+    names = re.findall(r"%(\w+)", text)
+    if not names:
+        return None
+    targets = set(re.findall(r"target=torch\.ops\.([\w.]+)", text))
+    site = _find_node(program, names, targets)
+    if site is None:
+        import torch.fx.experimental._config as fx_config
+
+        try:
+            with fx_config.patch(backed_size_oblivious=True):
+                site = _find_node(program.run_decompositions(), names, targets)
+        except Exception:  # noqa: BLE001 - locating is best effort
+            site = None
+    return site
+
+
+def _find_node(program: torch.export.ExportedProgram, names: list[str], targets: set[str]) -> Site | None:
     nodes = {node.name: node for node in program.graph.nodes}
-    for name in re.findall(r"%(\w+)", text):
+    for name in names:
         node = nodes.get(name)
-        if node is None or node.op != "call_function":
+        if node is None or node.op != "call_function" or (targets and str(node.target) not in targets):
             continue
         stack = node.meta.get("nn_module_stack") or {}
         module_path = None
@@ -164,11 +185,12 @@ def _source_line(filename: str, lineno: int) -> str | None:
 
 
 def _first_line(error: BaseException) -> str:
-    for exc in _chain(error):
-        for line in str(exc).splitlines():
+    """The first informative line of the root cause (the converter wraps its reason in generic exceptions)."""
+    for exc in reversed(list(_chain(error))):
+        for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines():
             line = line.strip()
             if line and not line.startswith(("For more information", "The error above", "For C++ stack trace")):
-                return line[:400]
+                return f"{type(exc).__name__}: {line[:400]}"
     return type(error).__name__
 
 

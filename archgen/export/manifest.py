@@ -24,7 +24,8 @@ GENERATION = (
 
 
 def build_manifest(package: Package, bounds: Bounds, graphs: list[Graph], files: dict[str, dict[str, str]], *,
-                   dtype: torch.dtype, weights: dict, opset: int | None, checks: dict | None) -> dict:
+                   dtype: torch.dtype, weights: dict, opset: int | None, checks: dict | None,
+                   notes: list[str] = ()) -> dict:
     decode = next(g for g in graphs if g.name == "decode")
     cache = [{"name": name.removeprefix("past."), "shape": shape, "dtype": _dtype(dt)}
              for name, shape, dt in zip(decode.inputs.names, decode.inputs.shapes, decode.inputs.dtypes)
@@ -49,6 +50,7 @@ def build_manifest(package: Package, bounds: Bounds, graphs: list[Graph], files:
         "graphs": {g.name: {"files": files.get(g.name, {}), "inputs": _tensors(g.inputs), "outputs": _tensors(g.outputs)}
                    for g in graphs},
         "generation": GENERATION,
+        "notes": list(notes),
         "checks": checks,
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,9 @@ def export_onnx(program: ExportedProgram, graph: Graph, path: Path, opset: int, 
     import onnx
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the converter reports its progress on stdout
+        # The converter reports its progress on stdout and warns about its own deprecated internals.
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
             converted = torch.onnx.export(program, (), dynamo=True, opset_version=opset, input_names=graph.inputs.names,
                                           output_names=graph.outputs.names, optimize=True, verbose=False)
     except Exception as error:  # noqa: BLE001 - explained and re-raised

@@ -11,11 +11,13 @@ Two settings make one graph hold for every size in the bounds:
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx.experimental._config as fx_config
-from torch import Tensor, nn
+from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from archgen.export.failures import explain, guard_sites
@@ -72,7 +74,11 @@ def make_bounds(package: Package, dynamic: set[str], max_batch: int, max_len: in
                 batch: int = 1, seq: int = EXAMPLE_SEQ) -> Bounds:
     """Bounds from the package's limits: seq up to max_len minus the meta tokens; static dims at `batch` / `seq`."""
     meta = package.module.config.META_TOKENS
-    max_len = max_len or package.module.config.MAX_SEQ_LEN
+    spec_max = package.module.config.MAX_SEQ_LEN
+    max_len = max_len or spec_max
+    if max_len > spec_max:
+        raise ValueError(f"max_len {max_len} exceeds the spec's model.max_seq_len {spec_max}, the most positions the "
+                         f"generated scans are built for; raise model.max_seq_len in the spec and rebuild")
     unknown = dynamic - {"batch", "seq"}
     if unknown:
         raise ValueError(f"--dynamic takes batch and/or seq, got {', '.join(sorted(unknown))}")
@@ -138,10 +144,6 @@ def export_program(graph: Graph, model: nn.Module, package: Package) -> Exported
 
 
 def _export(graph: Graph) -> ExportedProgram:
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad():
+    # On failure torch.export prints the partial graph to stderr; the ExportError says what matters instead.
+    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         return torch.export.export(graph.module, graph.args, dynamic_shapes=graph.dynamic_shapes)
-
-
-def run_program(program: ExportedProgram, args: tuple) -> list[Tensor]:
-    with torch.no_grad():
-        return list(program.module()(*args))

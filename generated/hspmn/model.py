@@ -134,10 +134,10 @@ class ReflexContextParallel(nn.Module):
 
     def forward(self, x, positions, cache: dict | None = None):
         aux = {}
-        reflex = self.reflex(x, positions, cache["reflex"] if cache is not None else None)
-        context, context_aux = self.context(x, positions, cache["context"] if cache is not None else None)
+        reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None)
+        context_out, context_aux = self.context(x, positions, cache["context"] if cache is not None else None)
         aux.update(context_aux)
-        y = reflex + context
+        y = reflex_out + context_out
         return y, aux
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
@@ -268,7 +268,7 @@ class Model(nn.Module):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
         start = cache.length if cache is not None else 0
-        positions = torch.arange(start, start + x.size(1), device=x.device)
+        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:

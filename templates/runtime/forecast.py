@@ -38,7 +38,9 @@ def bin_centres(bins: Tensor, n_bins: int, low: float, high: float) -> Tensor:
     return low + (bins.float() + 0.5) * width
 
 
-def tokenize(series: Tensor, n_bins: int, low: float, high: float, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def tokenize(
+    series: Tensor, n_bins: int, low: float, high: float, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """series (B, T) → (bins (B, T), scale (B, 1)). The scale is the series' own mean |x| unless one is given (pass
     the context's scale to bin values that follow the context on the context's grid)."""
     series = series.float()

@@ -33,7 +33,8 @@ def random_mask(batch: int, length: int, ratio: float, generator: torch.Generato
     if not 0 < ratio < 1:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
     n = min(length, max(1, int(ratio * length + 0.5)))  # rounded half up, at least one
-    noise = torch.rand(batch, length, generator=generator, device=generator.device if generator is not None else device)
+    draw_on = generator.device if generator is not None else device
+    noise = torch.rand(batch, length, generator=generator, device=draw_on)
     chosen = noise.topk(n, dim=1).indices  # (batch, n): a uniformly random n-subset of each row
     mask = torch.zeros(batch, length, dtype=torch.bool, device=noise.device).scatter_(1, chosen, True)
     return mask.to(device) if device is not None else mask
@@ -47,8 +48,9 @@ def vicreg_terms(predictions: Tensor, targets: Tensor, eps: float = 1e-4) -> tup
         covariance  = q(P) + q(Z),         q(X) = Σ_{i≠j} Cov(X)[i, j]² / D
 
     Var and Cov are over the N rows with N − 1 in the denominator (1 when N = 1, whose spread is zero). The variance
-    hinge keeps every dimension's standard deviation near 1 and the covariance term decorrelates dimensions, which is
-    what stops the latents collapsing to a constant. Returns the three terms unweighted.
+    hinge keeps every dimension's standard deviation near 1 and the covariance term decorrelates dimensions, against
+    latents collapsing to a constant. In the JEPA head Z comes from the no-grad target encoder, so its halves only
+    report the targets' spread and the gradient acts through P. Returns the three terms unweighted.
     """
     p, z = _upcast(predictions), _upcast(targets)
     invariance = F.mse_loss(p, z)

@@ -35,7 +35,9 @@ def accepted_length(draft: Tensor, verified: Tensor) -> int:
     token after each draft position. Guess d_k stands only if every earlier guess stood, hence the cumulative product.
     """
     if draft.shape != verified.shape or draft.dim() != 1:
-        raise ValueError(f"draft and verified must be 1-D and the same length, got {tuple(draft.shape)} and {tuple(verified.shape)}")
+        raise ValueError(
+            f"draft and verified must be 1-D and the same length, got {tuple(draft.shape)} and {tuple(verified.shape)}"
+        )
     matches = (draft[1:] == verified[:-1]).long()  # (L - 1,)
     return 1 + int(matches.cumprod(0).sum())
 

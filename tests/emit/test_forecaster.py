@@ -19,6 +19,16 @@ HYMBA = "specs/hymba_plus.yaml"
 N_BINS, OFFSET, LOW, HIGH = 64, 192, -15.0, 15.0
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one thread: a tiny model's ops are too small to gain from more, and on shared CPUs the threads wait on
+    each other (the CO2 test took 36 s on one thread and 195 s on two, on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model(build):
     torch.manual_seed(0)
@@ -55,7 +65,8 @@ def test_forecast_through_the_cache_equals_forecasting_by_full_forwards(model):
     tokens, scale = model.tokenize_series(series)
     with torch.no_grad():
         for _ in range(6):
-            next_bin = model.heads["forecaster"](model.hidden_states(tokens), model.lm_head)[:, -1].argmax(-1, keepdim=True)
+            bin_logits = model.heads["forecaster"](model.hidden_states(tokens), model.lm_head)  # (2, T, 64), no cache
+            next_bin = bin_logits[:, -1].argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, next_bin + OFFSET], dim=1)
     expected = forecast.detokenize(tokens[:, 11:] - OFFSET, scale, N_BINS, LOW, HIGH)
     assert values.shape == (2, 6)
@@ -65,8 +76,8 @@ def test_forecast_through_the_cache_equals_forecasting_by_full_forwards(model):
 def test_sampled_paths_are_reproducible_and_lie_on_bin_centres(model):
     model.eval()
     series = torch.rand(3, 9, generator=torch.Generator().manual_seed(3)) + 1.0
-    paths = model.forecast(series, horizon=4, num_samples=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
-    again = model.forecast(series, horizon=4, num_samples=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    paths = model.forecast(series, horizon=4, num_samples=5, generator=torch.Generator().manual_seed(0))
+    again = model.forecast(series, horizon=4, num_samples=5, generator=torch.Generator().manual_seed(0))
     assert paths.shape == (3, 5, 4) and torch.equal(paths, again)
     scale = forecast.mean_scale(series)  # (3, 1)
     bins = (paths / scale[:, :, None] - LOW) / ((HIGH - LOW) / N_BINS) - 0.5
@@ -76,8 +87,8 @@ def test_sampled_paths_are_reproducible_and_lie_on_bin_centres(model):
 def monthly_co2() -> torch.Tensor:
     """Mauna Loa CO2 (ppm), the weekly series that ships inside statsmodels, as 526 monthly means (1958-03 … 2001-12);
     the few missing weeks are filled by interpolation."""
-    datasets = pytest.importorskip("statsmodels.api", reason="statsmodels (in the test extra) ships the CO2 series").datasets
-    weekly = datasets.co2.load_pandas().data["co2"]
+    statsmodels = pytest.importorskip("statsmodels.api", reason="statsmodels (in the test extra) ships the CO2 series")
+    weekly = statsmodels.datasets.co2.load_pandas().data["co2"]
     return torch.tensor(weekly.resample("MS").mean().interpolate().to_numpy(), dtype=torch.float32)
 
 
@@ -113,5 +124,6 @@ def test_trained_forecaster_beats_seasonal_naive_on_co2(build):
     model_mae = (model.forecast(contexts, horizon) - truth).abs().mean().item()
     naive_mae = (seasonal_naive - truth).abs().mean().item()
     elapsed = time.perf_counter() - start
-    print(f"CO2 12-month MAE over {len(origins)} origins: model {model_mae:.3f} ppm, seasonal naive {naive_mae:.3f} ppm ({elapsed:.0f} s)")
+    print(f"CO2 12-month MAE over {len(origins)} origins: model {model_mae:.3f} ppm, "
+          f"seasonal naive {naive_mae:.3f} ppm ({elapsed:.0f} s)")
     assert model_mae < naive_mae, f"model MAE {model_mae:.3f} ppm is not below seasonal-naive MAE {naive_mae:.3f} ppm"

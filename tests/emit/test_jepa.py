@@ -17,12 +17,13 @@ import torch.nn.functional as F
 from archgen.emit.plan import TEMPLATES
 from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
+from tests.conftest import ROOT
 
-HNS = "specs/hns_ss_jepa_moe.yaml"
-NEXUS = "specs/nexus.yaml"
+HNS = str(ROOT / "specs" / "hns_ss_jepa_moe.yaml")
+NEXUS = str(ROOT / "specs" / "nexus.yaml")
 # Nexus without the model-level extras whose templates (other parts of issue 4) have not landed yet, if any.
 NEXUS_BUILDABLE = [f"{field}=null" for field, kind in (("memory", "titans"), ("symbolic", "symbolic"))
-               if not (TEMPLATES / "components" / "extras" / f"{kind}.py.j2").exists()]
+                   if not (TEMPLATES / "components" / "extras" / f"{kind}.py.j2").exists()]
 
 
 def jepa_ops(package):

@@ -1,4 +1,5 @@
-"""Medusa heads: K residual SiLU blocks stacks drafting tokens t+2 … t+K+1 through the model's shared unembedding."""
+"""Medusa heads: K stacks of residual SiLU blocks (h + SiLU(W h + b)) that draft tokens t+2 … t+K+1 through the
+model's shared unembedding, so the vocabulary projection adds compute but no parameters."""
 
 
 def parameters(cfg, dims) -> dict[str, tuple[int, ...]]:

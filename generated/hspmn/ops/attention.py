@@ -274,5 +274,6 @@ def attention(
     if Hkv != Hq:
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, Dv)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale)  # (B, Hq, Tq, Dv)
-    return y.masked_fill(~sees_any, 0.0)
+    # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.expand(B, 1, Tq, Tk), scale=scale)  # (B, Hq, Tq, Dv)
+    return torch.where(sees_any, y, 0.0)  # where, not masked_fill: it keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view

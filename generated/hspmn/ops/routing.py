@@ -124,6 +124,8 @@ def sparse_query_attention(
     # then zero it along with the unselected rows.
     sees_any = visible.any(dim=-1, keepdim=True)  # (1 or B, 1, T, 1)
     visible = visible | ~sees_any
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=H != Hkv)  # (B, H, T, Dv)
+    # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
+    mask = visible.expand(B, 1, T, Tk)  # (B, 1, T, Tk)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=H != Hkv)  # (B, H, T, Dv)
     keep = selected[:, None, :, None] & sees_any  # (B, 1, T, 1)
-    return out.masked_fill(~keep, 0.0)  # (B, H, T, Dv)
+    return torch.where(keep, out, 0.0)  # (B, H, T, Dv); where, not masked_fill: it keeps SDPA's output layout

@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK_SIZE = 64
-"""Default chunk length L of `selective_scan`. Within a chunk the scan is log2(L) parallel steps;
-across chunks it is a loop of ceil(T / L) small steps. Any value gives the same result up to
-rounding: it trades the memory of the in-chunk scan against the length of the chunk loop."""
+"""Default chunk length L of `selective_scan`. Within a chunk the scan is log2(L) parallel steps
+over (B, c, L, D, N) tensors; across chunks it is log2(c) parallel steps over (B, c, D, N). Any
+value gives the same result up to rounding: it trades the memory of the in-chunk scan against the
+number of chunks."""
 
 
 def causal_conv1d(
@@ -102,6 +103,7 @@ def selective_scan(
     delta_softplus: bool = True,
     initial_state: Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Selective scan over a whole sequence (training and prefill).
 
@@ -122,6 +124,9 @@ def selective_scan(
         initial_state: (B, D, N) state before the first position, or None for zeros.
         chunk_size: chunk length L of the algorithm (see below); the result does not depend on it
             beyond rounding.
+        max_seqlen: an upper bound on T, used only when T is symbolic (torch.export with a dynamic
+            sequence length): it fixes the number of doubling rounds across chunks, so one graph
+            serves every T up to the bound. A concrete T uses exactly the rounds it needs.
 
     Returns:
         y: (B, T, D) in u.dtype.
@@ -136,12 +141,16 @@ def selective_scan(
          start. It only ever multiplies numbers in [0, 1], so it is stable for any Δ·A (underflow
          to 0 is the exact limit), and chunking bounds its depth, and so the full-size tensors
          autograd keeps, at log2(L) instead of log2(T).
-      2. A loop over the ceil(T/L) chunks carries the (B, D, N) state across chunk boundaries, as
-         the fused kernel carries it from one block of the sequence to the next.
+      2. The same scan over the chunk axis, on each chunk's (total decay, final state) pair with
+         the initial state as step zero, gives the state entering every chunk, as the fused kernel
+         carries it from one block of the sequence to the next. Its number of rounds is fixed by a
+         bound on the number of chunks, never by a Python loop over them, so the graph that
+         torch.export records holds for every T up to max_seqlen.
       3. Each state is its in-chunk part plus the entering state times the in-chunk decay; y
          contracts it with C.
     T need not be a multiple of L: the tail is padded with identity steps (decay 1, input 0),
-    which leave the state unchanged.
+    which leave the state unchanged. L is min(chunk_size, T) for a concrete T, and chunk_size
+    itself for a symbolic one (the in-chunk depth must not depend on T).
     """
     batch, seqlen, dim = u.shape
     dstate = A.shape[-1]
@@ -152,27 +161,26 @@ def selective_scan(
     decay = torch.exp(dt.unsqueeze(-1) * A.to(acc))  # (B, T, D, N) in [0, 1]
     inp = (dt * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(2)  # (B, T, D, N)
 
-    chunk = min(chunk_size, seqlen)
-    nchunks = -(-seqlen // chunk)
-    pad = nchunks * chunk - seqlen
-    decay = F.pad(decay, (0, 0, 0, 0, 0, pad), value=1.0).view(batch, nchunks, chunk, dim, dstate)
-    inp = F.pad(inp, (0, 0, 0, 0, 0, pad)).view(batch, nchunks, chunk, dim, dstate)  # (B, c, L, D, N)
+    chunk = min(chunk_size, seqlen) if isinstance(seqlen, int) else chunk_size
+    nchunks = (seqlen + chunk - 1) // chunk
+    decay = _pad_time(decay, nchunks * chunk, 1.0).view(batch, nchunks, chunk, dim, dstate)  # (B, c, L, D, N)
+    inp = _pad_time(inp, nchunks * chunk).view(batch, nchunks, chunk, dim, dstate)  # (B, c, L, D, N)
 
     # 1. In-chunk: decay since the chunk start, and the state from a zero start.
-    decay_in, h_in = _scan_within_chunks(decay, inp)  # (B, c, L, D, N) each
+    decay_in, h_in = _affine_scan(decay, inp, dim=2, rounds=(chunk - 1).bit_length())  # (B, c, L, D, N) each
 
-    # 2. Across chunks: the state entering each chunk, sequentially over the chunks.
+    # 2. Across chunks: the states after each chunk, with the initial state as the step before chunk 0.
     state = u.new_zeros(batch, dim, dstate, dtype=acc) if initial_state is None else initial_state.to(acc)
-    entering = []
-    for c in range(nchunks):
-        entering.append(state)
-        state = decay_in[:, c, -1] * state + h_in[:, c, -1]  # (B, D, N)
-    h_enter = torch.stack(entering, dim=1)  # (B, c, D, N)
+    steps_decay = F.pad(decay_in[:, :, -1], (0, 0, 0, 0, 1, 0), value=0.0)  # (B, 1+c, D, N), step 0 forgets
+    steps_inp = torch.cat([state.unsqueeze(1), h_in[:, :, -1]], dim=1)  # (B, 1+c, D, N), step 0 sets the state
+    _, h_after = _affine_scan(steps_decay, steps_inp, dim=1, rounds=_doubling_rounds(seqlen, chunk, max_seqlen))
+    h_enter, state = h_after[:, :-1], h_after[:, -1]  # (B, c, D, N) entering each chunk, (B, D, N) final
 
-    # 3. Every state, then the output.
+    # 3. Every state, then the output (padded positions are dropped last).
     h = h_in + decay_in * h_enter.unsqueeze(2)  # (B, c, L, D, N)
-    h = h.view(batch, nchunks * chunk, dim, dstate)[:, :seqlen]  # (B, T, D, N)
-    y = torch.einsum("btdn,btn->btd", h, C.to(acc))  # (B, T, D)
+    C_chunks = _pad_time(C.to(acc), nchunks * chunk).view(batch, nchunks, chunk, dstate)  # (B, c, L, N)
+    y = torch.einsum("bcldn,bcln->bcld", h, C_chunks).reshape(batch, nchunks * chunk, dim)  # (B, c·L, D)
+    y = _unpad_time(y, seqlen)  # (B, T, D)
     y = _skip_and_gate(y, u, D, z, acc)
     return y.to(u.dtype), state
 
@@ -208,7 +216,7 @@ def selective_state_step(
     dt = _step_size(delta, delta_bias, delta_softplus, acc)  # (B, D)
     decay = torch.exp(dt.unsqueeze(-1) * A.to(acc))  # (B, D, N)
     new_state = decay * state.to(acc) + (dt * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(1)  # (B, D, N)
-    y = torch.einsum("bdn,bn->bd", new_state, C.to(acc))  # (B, D)
+    y = (new_state * C.to(acc).unsqueeze(1)).sum(-1)  # (B, D); elementwise, not einsum: no reshape to pin B under torch.export
     y = _skip_and_gate(y, u, D, z, acc)
     return y.to(u.dtype), new_state
 
@@ -243,31 +251,74 @@ class MambaCache:
         )
 
 
-def _scan_within_chunks(decay: Tensor, inp: Tensor) -> tuple[Tensor, Tensor]:
-    """Inclusive scan of h_t = decay_t ⊙ h_{t-1} + inp_t along dim 2 (the position in a chunk), h_{-1} = 0.
+def _affine_scan(decay: Tensor, inp: Tensor, dim: int, rounds: int) -> tuple[Tensor, Tensor]:
+    """Inclusive scan of h_t = decay_t ⊙ h_{t-1} + inp_t along `dim`, h_{-1} = 0.
 
     A step is the affine map h ↦ a ⊙ h + b, and steps compose associatively:
 
         (a₂, b₂) ∘ (a₁, b₁) = (a₂ a₁,  a₂ b₁ + b₂)              (step 1, then step 2)
 
     Hillis–Steele: after the round with stride s, position t holds the composition of the steps
-    in (t - 2s, t], clipped at the chunk start; log2(L) rounds, each elementwise over everything.
+    in (t - 2s, t], clipped at the start; each round is elementwise over everything. The shift by
+    the stride is a pad with the identity step (decay 1, input 0) and a cut back to the length, so
+    it is valid for any stride, and a round whose stride reaches past the start changes nothing:
+    `rounds` need only be at least ceil(log2(length)), and the length may be symbolic.
 
     Args:
-        decay, inp: (B, c, L, D, N), decay in [0, 1].
+        decay, inp: the same shape, decay in [0, 1].
+        dim: the axis to scan.
+        rounds: the number of doubling rounds.
 
     Returns:
-        (Π_{s≤t} decay_s, h_t) for every position t of every chunk, both (B, c, L, D, N).
+        (Π_{s≤t} decay_s, h_t) for every position t, both of the input shape.
     """
-    length = decay.shape[2]
-    stride = 1
-    while stride < length:
-        # Position t absorbs the result ending at t - stride; the first `stride` are complete.
-        # inp is updated first: it needs the decay of the current round.
-        inp = torch.cat([inp[:, :, :stride], inp[:, :, stride:] + decay[:, :, stride:] * inp[:, :, :-stride]], dim=2)
-        decay = torch.cat([decay[:, :, :stride], decay[:, :, stride:] * decay[:, :, :-stride]], dim=2)
-        stride *= 2
+    length = decay.shape[dim]
+    front = (0, 0) * (decay.dim() - dim - 1)  # F.pad counts from the last dim
+    for r in range(rounds):
+        stride = 2**r
+        prev_decay = F.pad(decay, front + (stride, 0), value=1.0).narrow(dim, 0, length)  # step t - stride
+        prev_inp = F.pad(inp, front + (stride, 0)).narrow(dim, 0, length)
+        inp = inp + decay * prev_inp
+        decay = decay * prev_decay
     return decay, inp
+
+
+def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None) -> int:
+    """Rounds of `_affine_scan` across chunks for the 1 + ceil(T / L) steps of a sequence of T positions.
+
+    A concrete T needs ceil(log2(steps)). A symbolic T (torch.export with a dynamic sequence length)
+    takes the rounds of the bound max_seqlen, and T <= max_seqlen becomes a check of the graph.
+    """
+    if not isinstance(seqlen, int):
+        if max_seqlen is None:
+            raise ValueError(
+                "selective_scan needs max_seqlen when the sequence length is symbolic (torch.export with a "
+                "dynamic sequence length): the number of doubling rounds across chunks is fixed by it"
+            )
+        torch._check(seqlen <= max_seqlen, lambda: f"sequence length {seqlen} exceeds max_seqlen={max_seqlen}")
+        seqlen = max_seqlen
+    steps = 1 + -(-seqlen // chunk)
+    return (steps - 1).bit_length()
+
+
+def _pad_time(t: Tensor, length: int, value: float = 0.0) -> Tensor:
+    """t (B, T, ...) -> (B, length, ...) for length >= T: the first T positions are t, the rest `value`.
+
+    A gather of `length` rows and a mask rather than F.pad and a reshape: under torch.export with a
+    symbolic T, the size arithmetic of a pad by (-T mod L) leaves guards (is T + pad >= T? a
+    multiple of L?) that the shape solver cannot discharge, while a gather has its size by
+    construction. `_unpad_time` is the inverse, for the same reason a gather rather than a slice.
+    """
+    seqlen = t.shape[1]
+    index = torch.arange(length, device=t.device)  # (length,)
+    rows = t.index_select(1, index.clamp(max=seqlen - 1))  # (B, length, ...)
+    inside = (index < seqlen).view(1, length, *[1] * (t.dim() - 2))
+    return torch.where(inside, rows, value)
+
+
+def _unpad_time(t: Tensor, seqlen: int) -> Tensor:
+    """The first `seqlen` positions of t (B, length, ...) along dim 1."""
+    return t.index_select(1, torch.arange(seqlen, device=t.device))
 
 
 def _step_size(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, acc: torch.dtype) -> Tensor:
@@ -288,11 +339,10 @@ def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, acc
 
 
 def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision).
+
+    Decided in Python from the dtypes (not with torch.promote_types, which torch.export records as a graph node)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_scan_shapes(

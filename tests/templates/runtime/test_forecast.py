@@ -27,7 +27,8 @@ def test_round_trip_error_is_at_most_half_a_bin_width_times_the_scale(n_bins, lo
     error = (values - series).abs() / scale  # in bins' units: the scaled error
     half_width = (high - low) / n_bins / 2
     assert torch.equal(returned_scale, scale)
-    assert error.max().item() <= half_width * (1 + 1e-4), f"worst scaled error {error.max().item():.3g} > half a bin {half_width:.3g}"
+    worst = error.max().item()
+    assert worst <= half_width * (1 + 1e-4), f"worst scaled error {worst:.3g} > half a bin {half_width:.3g}"
 
 
 @settings(max_examples=200, deadline=None)

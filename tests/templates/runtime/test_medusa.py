@@ -75,7 +75,10 @@ class Cache:
 
 def make_cache() -> Cache:
     return Cache(
-        layers=[KV(torch.zeros(1, 8)), {"attn": KV(torch.zeros(1, 8)), "ssm": Recurrent(torch.ones(1, 3), torch.ones(1, 4))}],
+        layers=[
+            KV(torch.zeros(1, 8)),
+            {"attn": KV(torch.zeros(1, 8)), "ssm": Recurrent(torch.ones(1, 3), torch.ones(1, 4))},
+        ],
         length=5,
         memory=(torch.full((2,), 7.0), torch.full((3,), 9.0)),
     )

@@ -317,3 +317,27 @@ def test_torch_export_with_dynamic_batch():
     y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=16)
     assert_close(y, y_ref, "y", TOL[torch.float64])
     assert_close(h, h_ref, "final_state", TOL[torch.float64])
+
+
+def test_torch_export_with_dynamic_batch_and_length():
+    """One program for every batch size and length: a symbolic T is cut into chunks of the full chunk_size, and the
+    state passes between chunks in one quadratic-in-chunks einsum, with no loop whose count depends on T."""
+
+    class Mixer(torch.nn.Module):
+        def forward(self, x, dt, A, B, C, D, initial_state):
+            return ssd.ssd_scan(x, dt, A, B, C, 16, D, initial_state)
+
+    names = ("x", "dt", "A", "B", "C", "D", "initial_state")
+    per_time = {"x", "dt", "B", "C"}
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=1, max=200)
+    dynamic = tuple({0: batch, 1: length} if k in per_time else {0: batch} if k == "initial_state" else None for k in names)
+    args = make_inputs(2, 40, 4, 8, 2, 4, features=FEATURES)
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as archgen export traces: sizes >= 2
+        program = torch.export.export(Mixer(), tuple(args[k] for k in names), dynamic_shapes=dynamic)
+
+    for b, t in ((1, 1), (3, 15), (1, 48), (2, 200)):
+        args = make_inputs(b, t, 4, 8, 2, 4, features=FEATURES, seed=t)
+        y, h = program.module()(*(args[k] for k in names))
+        y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=16)
+        assert_close(y, y_ref, f"y, B={b} T={t}", TOL[torch.float32])
+        assert_close(h, h_ref, f"final_state, B={b} T={t}", TOL[torch.float32])

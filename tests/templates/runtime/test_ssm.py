@@ -432,3 +432,40 @@ def test_torch_export_with_dynamic_batch():
     y_ref, h_ref = ssm.selective_scan(**args, chunk_size=16)
     assert_close(y, y_ref, "y", TOL[torch.float64])
     assert_close(h, h_ref, "final_state", TOL[torch.float64])
+
+
+def test_torch_export_with_dynamic_batch_and_length():
+    """One program for every batch size and every length up to max_seqlen: a symbolic T is cut into chunks of the full
+    chunk_size (the last one padded with identity steps) and the scan across chunks runs the doubling rounds of the
+    bound. A single position, less than a chunk, an exact multiple and the bound itself all match the eager scan."""
+
+    class Mixer(torch.nn.Module):
+        def forward(self, u, delta, A, B, C, D, z, delta_bias, initial_state):
+            return ssm.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, initial_state, chunk_size=16, max_seqlen=100)
+
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+    per_time = {"u", "delta", "B", "C", "z"}
+    batch, length = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("length", min=1, max=100)
+    dynamic = tuple({0: batch, 1: length} if k in per_time else {0: batch} if k == "initial_state" else None for k in names)
+    args = make_inputs(2, 40, 8, 4, features=FEATURES)
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as archgen export traces: sizes >= 2
+        program = torch.export.export(Mixer(), tuple(args[k] for k in names), dynamic_shapes=dynamic)
+
+    for b, t in ((1, 1), (3, 15), (1, 48), (2, 100)):
+        args = make_inputs(b, t, 8, 4, features=FEATURES, seed=t)
+        y, h = program.module()(*(args[k] for k in names))
+        y_ref, h_ref = ssm.selective_scan(**args, chunk_size=16)
+        assert_close(y, y_ref, f"y, B={b} T={t}", TOL[torch.float32])
+        assert_close(h, h_ref, f"final_state, B={b} T={t}", TOL[torch.float32])
+
+
+def test_symbolic_length_without_max_seqlen_is_an_error():
+    class Mixer(torch.nn.Module):
+        def forward(self, u, delta, A, B, C):
+            return ssm.selective_scan(u, delta, A, B, C, chunk_size=16)
+
+    args = make_inputs(2, 40, 8, 4)
+    length = torch.export.Dim("length", min=2, max=100)
+    with pytest.raises(Exception, match="needs max_seqlen when the sequence length is symbolic"):
+        torch.export.export(Mixer(), tuple(args[k] for k in ("u", "delta", "A", "B", "C")),
+                            dynamic_shapes=({1: length}, {1: length}, None, {1: length}, {1: length}))

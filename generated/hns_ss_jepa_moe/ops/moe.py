@@ -1,0 +1,243 @@
+"""Mixture-of-experts routing and expert computation: the pure-PyTorch reference.
+
+Copied verbatim into every generated package as ``ops/moe.py``; it imports only torch and the standard
+library.
+
+- ``route_top_k``: softmax over experts, keep the k most probable, optionally renormalise their weights.
+- ``moe_forward``: experts as two ``torch.bmm`` over a fixed-shape (E, C, d) buffer. The N*k (token, expert)
+  assignments are stably sorted by expert and gathered into the buffer, so every shape is known from N alone:
+  no loop over tokens or experts, no data-dependent Python control flow, and ``torch.export`` traces it as is.
+- capacity: dropless by default; with a capacity factor each expert keeps its first C assignments in token order
+  and the rest contribute zero.
+- auxiliary terms: Switch/GShard load balancing, ST-MoE router z-loss, routing entropy.
+
+Shapes: N tokens (batch and time flattened), d = d_model, E experts, k = top_k, h = expert hidden size,
+C = slots per expert. Routing, the weighted combine and the losses run in float32 (float64 stays float64); the
+expert matmuls run in the dtype of x and the weights, as nn.Linear would.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _relu2(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+# name -> (nonlinearity, gated). A gated expert's w_in is (E, d, 2h) laid out [gate | up]: act(x@gate) * (x@up).
+ACTIVATIONS: dict[str, tuple[Callable[[Tensor], Tensor], bool]] = {
+    "swiglu": (F.silu, True),
+    "geglu": (F.gelu, True),
+    "gelu": (F.gelu, False),
+    "silu": (F.silu, False),
+    "relu2": (_relu2, False),
+}
+
+
+@dataclass
+class RouterOutput:
+    """The top-k routing decision for N tokens over E experts."""
+
+    expert_index: Tensor  # (N, k) long, chosen experts, most probable first
+    expert_weight: Tensor  # (N, k) float32 or wider, their combine weights
+    router_probs: Tensor  # (N, E) softmax over experts, same dtype
+    router_logits: Tensor  # (N, E) same dtype
+
+
+def route_top_k(logits: Tensor, top_k: int, normalize: bool = True) -> RouterOutput:
+    """Softmax over experts, then keep the k most probable.
+
+        p = softmax(logits),   (w, i) = topk(p, k),   w <- w / sum(w)  if normalize
+
+    logits: (N, E), any float dtype; routing is computed in float32 or wider.
+    normalize=True makes the k weights sum to one (Mixtral); False keeps the raw probabilities (Switch, DeepSeek).
+    With top_k=1 and normalize=True every weight is exactly 1, so the router gets no gradient through the
+    output; use normalize=False there.
+    """
+    if logits.dim() != 2:
+        raise ValueError(
+            f"expected router logits of shape (N, E), got {tuple(logits.shape)}; flatten batch and time first"
+        )
+    n_experts = logits.shape[1]
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be in [1, {n_experts}] for {n_experts} experts, got {top_k}")
+    logits = _upcast(logits)
+    probs = logits.softmax(dim=-1)  # (N, E)
+    weight, index = probs.topk(top_k, dim=-1)  # (N, k)
+    if normalize:
+        weight = weight / weight.sum(dim=-1, keepdim=True)
+    return RouterOutput(expert_index=index, expert_weight=weight, router_probs=probs, router_logits=logits)
+
+
+def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float | None = None) -> int:
+    """Slots per expert, C.
+
+    Dropless (capacity_factor None): C = n_tokens. A token's k experts are distinct, so no expert can receive more
+    than n_tokens assignments; this bound is k times smaller than N*k and still static given N.
+    Otherwise C = ceil(capacity_factor * n_tokens * top_k / n_experts), capped at n_tokens (more is never used).
+    Exporting with a dynamic N: give the Dim a minimum that keeps C >= 2, or export specialises on C = 1.
+    """
+    if capacity_factor is None:
+        return n_tokens
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be positive or None (dropless), got {capacity_factor}")
+    return min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+def expert_mlp(x: Tensor, w_in: Tensor, w_out: Tensor, activation: str = "swiglu") -> Tensor:
+    """Every expert's MLP on its own rows, as two batched matmuls.
+
+        gated:  y = (act(x @ w_gate) * (x @ w_up)) @ w_out,   w_in = [w_gate | w_up]
+        plain:  y = act(x @ w_in) @ w_out
+
+    x (E, C, d), w_in (E, d, h) or (E, d, 2h) when gated, w_out (E, h, d) -> (E, C, d). No biases, so rows of
+    zeros stay zero.
+    """
+    act, gated = _activation(activation)
+    h = torch.bmm(x, w_in)  # (E, C, h) or (E, C, 2h)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)  # (E, C, h) each
+        h = act(gate) * up
+    else:
+        h = act(h)
+    return torch.bmm(h, w_out)  # (E, C, d)
+
+
+def moe_forward(
+    x: Tensor,
+    router_logits: Tensor,
+    w_in: Tensor,
+    w_out: Tensor,
+    *,
+    top_k: int,
+    activation: str = "swiglu",
+    capacity_factor: float | None = None,
+    normalize: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Route each token to its top-k experts and sum their outputs, weighted by the router.
+
+        y[n] = sum_j  w[n, j] * expert_{i[n, j]}(x[n])      over the assignments (n, j) that fit in capacity
+
+    x (N, d); router_logits (N, E); w_in (E, d, 2h) gated or (E, d, h); w_out (E, h, d). Returns y (N, d) in the
+    dtype of x and stats:
+        tokens_per_expert  (E,) long   assignments routed to each expert, before capacity
+        dropped            ()   long   assignments over capacity (they contribute zero)
+        expert_index       (N, k) long the routing decision, for load_balancing_loss
+
+    Dispatch: assignment a = n*k + j is numbered token-major and the N*k assignments are stably sorted by
+    expert, so within an expert they stay in token order; an expert's slot c holds its c-th assignment, and
+    with capacity C the lower token indices win. Dispatch is a gather (empty slots read a zero row) and the
+    combine reads each assignment's slot back and sums over its k, so neither writes one place twice: the
+    result is deterministic. The dropless buffer is sized for the worst case (all N tokens on one expert), so it
+    spends E/k times the necessary FLOPs; this is the exact, exportable reference, not the fast path.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
+    N, d = x.shape
+    E = w_in.shape[0]
+    _check_expert_weights(w_in, w_out, d, activation)
+    if router_logits.shape != (N, E):
+        raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
+    routing = route_top_k(router_logits, top_k, normalize)
+    C = expert_capacity(N, E, top_k, capacity_factor)
+    n_assign = N * top_k
+
+    # Sort the assignments by expert; `first[e]` is where expert e's run starts in sorted order.
+    flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
+    # The key (expert, assignment) is unique, so any sort keeps token order within an expert: no stable sort, which
+    # ONNX does not have.
+    order = torch.argsort(flat_expert * n_assign + torch.arange(n_assign, device=x.device))  # (N*k,) sorted position -> assignment
+    sorted_expert = flat_expert[order]  # (N*k,)
+    tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device)
+    tokens_per_expert = tokens_per_expert.scatter_add(0, flat_expert, torch.ones_like(flat_expert))  # (E,)
+    first = tokens_per_expert.cumsum(0) - tokens_per_expert  # (E,)
+
+    # Dispatch: slot (e, c) holds sorted position first[e] + c if expert e has more than c assignments,
+    # else it reads the zero row N.
+    slots = torch.arange(C, device=x.device)  # (C,)
+    filled = slots < tokens_per_expert[:, None]  # (E, C)
+    sorted_pos = (first[:, None] + slots).clamp(max=n_assign - 1)  # (E, C)
+    slot_token = torch.where(filled, order[sorted_pos] // top_k, N)  # (E, C)
+    x_padded = F.pad(x, (0, 0, 0, 1))  # (N+1, d)
+    out = expert_mlp(x_padded[slot_token], w_in, w_out, activation)  # (E, C, d)
+
+    # Combine: each assignment reads back slot (e, rank); those over capacity read the zero slot (e, C).
+    rank = torch.arange(n_assign, device=x.device) - first[sorted_expert]  # (N*k,) position within its expert
+    kept = rank < C  # (N*k,)
+    sorted_rank = torch.where(kept, rank, C)  # (N*k,)
+    slot_rank = torch.empty_like(sorted_rank).scatter(0, order, sorted_rank)  # (N*k,) in assignment order
+    out_padded = F.pad(out, (0, 0, 0, 1))  # (E, C+1, d)
+    y = out_padded[flat_expert, slot_rank].view(N, top_k, d).to(routing.expert_weight.dtype)  # (N, k, d)
+    y = (y * routing.expert_weight[..., None]).sum(dim=1)  # (N, d)
+
+    stats = {
+        "tokens_per_expert": tokens_per_expert,
+        "dropped": (~kept).sum(),
+        "expert_index": routing.expert_index,
+    }
+    return y.to(x.dtype), stats
+
+
+def load_balancing_loss(router_logits: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
+    """Switch Transformer / GShard auxiliary loss; 1.0 for perfectly uniform routing, E for total collapse.
+
+        loss = E * sum_e f_e * P_e
+        f_e  = fraction of the routed assignments that chose expert e   (counts, no gradient)
+        P_e  = mean over tokens of softmax(router_logits)[:, e]          (carries the gradient)
+
+    router_logits (..., E); expert_index (..., k) long, e.g. RouterOutput.expert_index or stats["expert_index"].
+    """
+    if router_logits.shape[-1] != n_experts:
+        raise ValueError(f"router_logits has {router_logits.shape[-1]} experts in its last dim, expected {n_experts}")
+    flat_index = expert_index.reshape(-1)
+    counts = torch.zeros(n_experts, dtype=torch.float32, device=router_logits.device)
+    counts = counts.scatter_add(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))  # (E,)
+    f = counts / flat_index.numel()  # (E,)
+    p = _upcast(router_logits).reshape(-1, n_experts).softmax(dim=-1).mean(dim=0)  # (E,)
+    return n_experts * (f * p).sum()
+
+
+def router_z_loss(router_logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss, mean over tokens of logsumexp(logits)^2: keeps router logits small.
+
+    router_logits (..., E).
+    """
+    return torch.logsumexp(_upcast(router_logits), dim=-1).square().mean()
+
+
+def router_entropy(router_logits: Tensor) -> Tensor:
+    """Mean over tokens of the entropy of softmax(logits), in nats; log(E) is uniform, 0 is one-hot.
+
+    A reported statistic. router_logits (..., E); -inf logits (masked experts) contribute 0.
+    """
+    probs = _upcast(router_logits).softmax(dim=-1)
+    return torch.special.entr(probs).sum(dim=-1).mean()
+
+
+def _upcast(t: Tensor) -> Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _activation(name: str) -> tuple[Callable[[Tensor], Tensor], bool]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def _check_expert_weights(w_in: Tensor, w_out: Tensor, d: int, activation: str) -> None:
+    _, gated = _activation(activation)
+    if w_in.dim() != 3 or w_out.dim() != 3:
+        raise ValueError(f"expected stacked expert weights w_in (E, d, h_in), w_out (E, h, d); "
+                         f"got {tuple(w_in.shape)} and {tuple(w_out.shape)}")
+    E, d_in, h_in = w_in.shape
+    E_out, h, d_out = w_out.shape
+    h_expected = 2 * h if gated else h
+    if E_out != E or d_in != d or d_out != d or h_in != h_expected:
+        layout = "(E, d, 2h) = [gate | up]" if gated else "(E, d, h)"
+        raise ValueError(f"expert weights do not match d={d} and {activation!r}: w_in {tuple(w_in.shape)} should be "
+                         f"{layout} and w_out {tuple(w_out.shape)} should be (E, h, d)")

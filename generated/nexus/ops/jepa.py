@@ -1,0 +1,159 @@
+"""JEPA (joint-embedding predictive architecture) world-model head: the pure-PyTorch pieces it is built from.
+
+Copied verbatim into every generated package with a `jepa` head as ``ops/jepa.py``; it imports only torch.
+
+The head hides some positions of the input from the backbone and predicts, from what is left, the latents that a
+slowly moving copy of the backbone (the target encoder) computes on the whole input (I-JEPA, Assran et al. 2023):
+
+    context = backbone_θ(embed(x) with masked positions replaced by a learned mask token)
+    target  = layer_norm(backbone_θ̄(embed(x)))         no gradient
+    loss    = L(predictor(context[mask]), target[mask])
+    θ̄ ← m·θ̄ + (1 − m)·θ                                after each optimizer step
+
+Contents:
+    random_mask        which positions the context encoder does not see
+    vicreg_terms       VICReg's invariance, variance and covariance terms between predictions and targets
+    backbone_weights   the online parameters the target encoder mirrors
+    EMATarget          the target encoder's weights, as buffers, and the no-grad pass that uses them
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_mask(batch: int, length: int, ratio: float, generator: torch.Generator | None = None,
+                device: torch.device | str | None = None) -> Tensor:
+    """(batch, length) bool, True at the positions to hide: n = max(1, round(ratio · length)) per row, uniformly.
+
+    Every row hides exactly n positions, so the ratio holds per sequence, not only on average. The noise is drawn on
+    the generator's device and then moved, so a CPU generator gives the same masks on every device.
+    """
+    if not 0 < ratio < 1:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    n = min(length, max(1, int(ratio * length + 0.5)))  # rounded half up, at least one
+    draw_on = generator.device if generator is not None else device
+    noise = torch.rand(batch, length, generator=generator, device=draw_on)
+    chosen = noise.topk(n, dim=1).indices  # (batch, n): a uniformly random n-subset of each row
+    mask = torch.zeros(batch, length, dtype=torch.bool, device=noise.device).scatter_(1, chosen, True)
+    return mask.to(device) if device is not None else mask
+
+
+def vicreg_terms(predictions: Tensor, targets: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+    """VICReg (Bardes et al. 2022) between predictions P and targets Z, both (N, D), computed in float32 or wider.
+
+        invariance  = mean((P − Z)²)
+        variance    = ½ (h(P) + h(Z)),     h(X) = mean_j relu(1 − sqrt(Var(X[:, j]) + eps))
+        covariance  = q(P) + q(Z),         q(X) = Σ_{i≠j} Cov(X)[i, j]² / D
+
+    Var and Cov are over the N rows with N − 1 in the denominator (1 when N = 1, whose spread is zero). The variance
+    hinge keeps every dimension's standard deviation near 1 and the covariance term decorrelates dimensions, against
+    latents collapsing to a constant. In the JEPA head Z comes from the no-grad target encoder, so its halves only
+    report the targets' spread and the gradient acts through P. Returns the three terms unweighted.
+    """
+    p, z = _upcast(predictions), _upcast(targets)
+    invariance = F.mse_loss(p, z)
+    p_hinge, p_off = _spread_terms(p, eps)
+    z_hinge, z_off = _spread_terms(z, eps)
+    return invariance, (p_hinge + z_hinge) / 2, p_off + z_off
+
+
+def _spread_terms(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """h(x) and q(x) of `vicreg_terms` for x (N, D), from one covariance matrix."""
+    n, dim = x.shape
+    centred = x - x.mean(dim=0)
+    covariance = centred.T @ centred / max(n - 1, 1)  # (D, D)
+    variance = covariance.diagonal()  # (D,)
+    hinge = F.relu(1 - torch.sqrt(variance + eps)).mean()
+    off_diagonal = covariance - torch.diag(variance)
+    return hinge, off_diagonal.square().sum() / dim
+
+
+def _upcast(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def backbone_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The parameters `model.hidden_states` reads: all but the heads' and the unembedding's (when not tied).
+
+    A tied unembedding is the embedding's tensor, which named_parameters lists once, as `embed.weight`.
+    """
+    return {name: p for name, p in model.named_parameters() if not name.startswith(("heads.", "lm_head."))}
+
+
+class EMATarget(nn.Module):
+    """The target encoder: an exponential moving average of the backbone's parameters, held as buffers.
+
+        θ̄ ← m·θ̄ + (1 − m)·θ          for every backbone parameter θ (`update_`)
+
+    The copy of `layers.0.mixer.in_proj.weight` is the buffer `layers.0.mixer.in_proj.weight` under this module (one
+    plain nn.Module per dotted prefix), so it takes no gradient, is not in model.parameters(), moves with `.to()` and
+    is saved and loaded with the model's state dict under the same name.
+
+    The copies are made from the online weights the first time they are needed (the first target pass or update), so
+    the target starts equal to the online backbone. A checkpoint saved before then holds none; loading it empties the
+    target, which is then made afresh from the loaded weights.
+    """
+
+    @torch.no_grad()
+    def update_(self, model: nn.Module, momentum: float) -> None:
+        """θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor; the first call only copies θ."""
+        first = self._empty()
+        for target, online in self._pairs(model).values():
+            if not first:
+                target.mul_(momentum).add_(online, alpha=1 - momentum)
+
+    @torch.no_grad()
+    def hidden_states(self, model: nn.Module, input_ids: Tensor) -> Tensor:
+        """model.hidden_states(input_ids) (B, T, d_model) run with the target weights in place of the online ones."""
+        weights = {f"model.{name}": target for name, (target, _) in self._pairs(model).items()}
+        return torch.func.functional_call(_HiddenStates(model), weights, (input_ids,))
+
+    def _pairs(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+        """{name: (target copy, online parameter)}, making the copies on first use."""
+        online = backbone_weights(model)
+        if self._empty():
+            for name, p in online.items():
+                self._store(name, p.detach().clone())
+        pairs = {}
+        for name, p in online.items():
+            target = self.get_buffer(name)
+            if target.dtype != p.dtype or target.device != p.device:  # loaded as saved; follow the backbone
+                target = target.to(p)
+                self._store(name, target)
+            pairs[name] = (target, p.detach())
+        return pairs
+
+    def _empty(self) -> bool:
+        return not self._buffers and not self._modules
+
+    def _store(self, name: str, tensor: Tensor) -> None:
+        *path, leaf = name.split(".")
+        module = self
+        for part in path:
+            if part not in module._modules:
+                module.add_module(part, nn.Module())
+            module = module._modules[part]
+        module.register_buffer(leaf, tensor)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Mirror the checkpoint before loading into it: a fresh model has no copies yet, and one saved before its
+        # first training step has none to restore.
+        self._buffers.clear()
+        self._modules.clear()
+        for key, value in state_dict.items():
+            if key.startswith(prefix):
+                self._store(key[len(prefix):], torch.empty_like(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _HiddenStates(nn.Module):
+    """model.hidden_states as a forward, the one method torch.func.functional_call runs with substituted weights."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model.hidden_states(*args, **kwargs)

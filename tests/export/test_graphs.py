@@ -1,0 +1,130 @@
+"""The exported graphs of every spec, reloaded from disk, against the eager model with the same weights.
+
+The graphs were traced at batch 2 and a 16-token prompt; they are checked at other sizes (batch 1 and 3, prompts of
+9 and 23 tokens, a single decode token), in both formats: the reloaded .pt2 program and onnxruntime on the CPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from archgen.export.steps import cache_leaves
+from tests.conftest import SPECS
+
+NAMES = [p.stem for p in SPECS]
+FORMATS = ["pt2", "onnx"]
+SIZES = [pytest.param(1, 9, id="B1-T9"), pytest.param(3, 23, id="B3-T23")]
+TOLERANCE = 1e-4  # relative to the largest magnitude of each output, float32
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    if expected.numel() == 0:  # e.g. an empty buffer of pending memory writes
+        return 0.0
+    scale = expected.abs().max().item() or 1.0
+    return (actual.float() - expected.float()).abs().max().item() / scale
+
+
+def assert_outputs_close(actual: list[torch.Tensor], expected: list[torch.Tensor], names: list[str], label: str):
+    assert len(actual) == len(expected) == len(names), f"{label}: {len(actual)} outputs, expected {len(expected)}"
+    errors = {name: relative_error(a, e) for name, a, e in zip(names, actual, expected)}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < TOLERANCE, f"{label}: relative error {errors[worst]:.2e} in {worst}"
+
+
+def eager_prefill(exp, prompt: torch.Tensor):
+    """Logits and every cache tensor in manifest order, from the eager model with a max_len cache; and the cache."""
+    cache = exp.model.empty_cache(prompt.size(0), exp.manifest["max_len"])
+    with torch.no_grad():
+        logits = exp.model(prompt, cache=cache).logits
+    return [logits, *cache_tensors(exp, cache)], cache
+
+
+def cache_tensors(exp, cache) -> list[torch.Tensor]:
+    leaves = dict(cache_leaves(cache))
+    return [leaves[c["name"]] for c in exp.manifest["cache"]]
+
+
+def read_only_memory(exp) -> dict:
+    """The exported graphs read a test-time memory without writing it (see the manifest's notes): so must generate."""
+    return {"update_memory": False} if "update_memory" in inspect.signature(exp.model.generate).parameters else {}
+
+
+def output_names(exp, graph: str) -> list[str]:
+    return [o["name"] for o in exp.manifest["graphs"][graph]["outputs"]]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch,seq", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_prefill_matches_eager(exported, name, batch, seq, fmt):
+    exp = exported(name)
+    prompt = torch.randint(0, exp.manifest["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seq))
+    expected, _ = eager_prefill(exp, prompt)
+    assert_outputs_close(exp.run("prefill", fmt, prompt), expected, output_names(exp, "prefill"), f"{name} prefill {fmt}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("batch,seq", SIZES)
+@pytest.mark.parametrize("name", NAMES)
+def test_decode_step_matches_eager(exported, name, batch, seq, fmt):
+    """One token against caches filled by an eager prefill, at position prompt + meta tokens; the inputs stay as
+    they were (the graph is functional)."""
+    exp = exported(name)
+    generator = torch.Generator().manual_seed(100 + seq)
+    prompt = torch.randint(0, exp.manifest["vocab_size"], (batch, seq), generator=generator)
+    token = torch.randint(0, exp.manifest["vocab_size"], (batch, 1), generator=generator)
+    (_, *filled), cache = eager_prefill(exp, prompt)
+    past, snapshot = [t.clone() for t in filled], [t.clone() for t in filled]
+    position = torch.tensor(seq + exp.manifest["meta_tokens"])
+    actual = exp.run("decode", fmt, token, position, *past)
+    with torch.no_grad():
+        expected = [exp.model(token, cache=cache).logits, *cache_tensors(exp, cache)]
+    assert_outputs_close(actual, expected, output_names(exp, "decode"), f"{name} decode {fmt}")
+    assert all(torch.equal(p, s) for p, s in zip(past, snapshot)), "the decode graph wrote into its inputs"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_greedy_generation_through_onnx_decode_steps(exported, name):
+    """20 tokens generated only by onnxruntime (prefill graph, then decode steps fed their own caches) are the
+    tokens of model.generate at temperature 0."""
+    exp = exported(name)
+    prompt = torch.randint(0, exp.manifest["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(7))
+    expected = exp.model.generate(prompt, max_new_tokens=20, temperature=0, **read_only_memory(exp))
+
+    logits, *caches = exp.run("prefill", "onnx", prompt)
+    position = prompt.size(1) + exp.manifest["meta_tokens"]
+    tokens = [prompt]
+    for step in range(20):
+        token = logits[:, -1:].argmax(-1)  # (B, 1)
+        tokens.append(token)
+        if step < 19:
+            logits, *caches = exp.run("decode", "onnx", token, torch.tensor(position), *caches)
+            position += 1
+    assert torch.equal(torch.cat(tokens, dim=1), expected)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_manifest_describes_the_graphs(exported, name):
+    exp = exported(name)
+    manifest = exp.manifest
+    assert manifest["spec_hash"] == exp.package.SPEC_HASH
+    assert manifest["weights"]["source"].endswith("weights") and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["dtype"] == "float32" and manifest["onnx_opset"] >= 18
+    meta = manifest["meta_tokens"]
+    assert manifest["dynamic_dims"] == {"batch": {"min": 1, "max": 64},
+                                        "seq": {"min": 1 if meta else 2, "max": manifest["max_len"] - meta}}
+    # The cache layout is the model's own cache, with the batch dim symbolic.
+    layout = [(name, ["batch", *t.shape[1:]], str(t.dtype).removeprefix("torch."))
+              for name, t in cache_leaves(exp.model.empty_cache(1, manifest["max_len"]))]
+    assert [(c["name"], c["shape"], c["dtype"]) for c in manifest["cache"]] == layout
+    # The ONNX files have exactly the manifest's inputs and outputs, with its dim names.
+    for graph in ("prefill", "decode"):
+        session = exp.session(graph)
+        for declared, actual in ((manifest["graphs"][graph]["inputs"], session.get_inputs()),
+                                 (manifest["graphs"][graph]["outputs"], session.get_outputs())):
+            assert [(v["name"], v["shape"]) for v in declared] == [(v.name, v.shape) for v in actual]
+    assert manifest["graphs"]["prefill"]["files"] == {"pt2": "prefill.pt2", "onnx": "prefill.onnx"}
