@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import re
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,8 @@ def _site_from_graph_node(error: BaseException, program: torch.export.ExportedPr
         import torch.fx.experimental._config as fx_config
 
         try:
-            with fx_config.patch(backed_size_oblivious=True):
+            with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecated internals
                 site = _find_node(program.run_decompositions(), names, targets)
         except Exception:  # noqa: BLE001 - locating is best effort
             site = None

@@ -11,6 +11,7 @@ from archgen.export.onnx_export import onnx_session
 from templates.runtime import moe, routing
 
 TOLERANCE = 1e-5
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")  # torch.onnx's own deprecated internals
 
 
 class MoE(torch.nn.Module):
