@@ -22,16 +22,21 @@ def write_package(files: dict[str, str], target: Path) -> None:
             path = staging / relative
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        if target.exists():
-            retired = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move a completed `staging` directory to `target`, retiring what was there only once the new one is in place."""
+    if target.exists():
+        retired = target.parent / f".{target.name}.old-{os.getpid()}-{staging.name}"
+        target.rename(retired)
+        staging.rename(target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(target)
 
 
 def diff_package(files: dict[str, str], target: Path) -> list[str]:

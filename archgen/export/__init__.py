@@ -20,6 +20,7 @@ from types import ModuleType
 
 import torch
 
+from archgen.emit.write import replace_directory
 from archgen.export.failures import ExportError
 from archgen.export.manifest import build_manifest, write_manifest
 from archgen.export.onnx_export import export_onnx, onnx_session, run_onnx
@@ -86,7 +87,7 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
         manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
                                   opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model))
         write_manifest(manifest, staging)
-        _replace(staging, target)
+        replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -162,16 +163,6 @@ def _relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) ->
         scale = e.abs().max().item() or 1.0
         worst = max(worst, (a - e).abs().max().item() / scale)
     return worst
-
-
-def _replace(staging: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.parent / f".{target.name}.old-{staging.name}"
-        target.rename(retired)
-        staging.rename(target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(target)
 
 
 __all__ = ["export_package", "ExportError", "ExportResult"]

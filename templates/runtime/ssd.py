@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Mamba-2 packages always ship ssm.py too (its causal_conv1d runs over x, B and C), so the shared helpers live there.
+from .ssm import _acc_dtype, _pad_time, _unpad_time
+
 
 def ssd_scan(
     x: Tensor,
@@ -204,26 +207,6 @@ class Mamba2Cache:
         )
 
 
-def _pad_time(t: Tensor, length: int, value: float = 0.0) -> Tensor:
-    """t (B, T, ...) -> (B, length, ...) for length >= T: the first T positions are t, the rest `value`.
-
-    A gather of `length` rows and a mask rather than F.pad and a reshape: under torch.export with a
-    symbolic T, the size arithmetic of a pad by (-T mod L) leaves guards (is T + pad >= T? a
-    multiple of L?) that the shape solver cannot discharge, while a gather has its size by
-    construction. `_unpad_time` is the inverse, for the same reason a gather rather than a slice.
-    """
-    seqlen = t.shape[1]
-    index = torch.arange(length, device=t.device)  # (length,)
-    rows = t.index_select(1, index.clamp(max=seqlen - 1))  # (B, length, ...)
-    inside = (index < seqlen).view(1, length, *[1] * (t.dim() - 2))
-    return torch.where(inside, rows, value)
-
-
-def _unpad_time(t: Tensor, seqlen: int) -> Tensor:
-    """The first `seqlen` positions of t (B, length, ...) along dim 1."""
-    return t.index_select(1, torch.arange(seqlen, device=t.device))
-
-
 def _segment_sum(a: Tensor) -> Tensor:
     """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t.
 
@@ -245,13 +228,6 @@ def _segment_sum(a: Tensor) -> Tensor:
     terms = a.unsqueeze(-1).expand(*a.shape, length).masked_fill(~below_diagonal, 0.0)  # [..., i, s] = a_i if i > s
     seg = torch.cumsum(terms, dim=-2)  # [..., t, s] = Σ_{s<i≤t} a_i
     return seg.masked_fill(~torch.tril(ones), -torch.inf)
-
-
-def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64 (so that gradcheck runs in double precision).
-
-    Decided in Python from the dtypes (not with torch.promote_types, which torch.export records as a graph node)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_scan_shapes(

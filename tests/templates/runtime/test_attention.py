@@ -14,22 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templates.runtime import attention as ops
+from tests.numerics import assert_close
 
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max relative error, per dtype
 
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "output") -> None:
-    """Max abs error relative to the largest expected magnitude; on failure name the worst element."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not actual.isnan().any(), f"{what}: contains NaN"
-    err = (actual.double() - expected.double()).abs()
-    rel = err.max().item() / max(expected.abs().max().item(), 1e-30)
-    if rel > tol:
-        worst = tuple(i.item() for i in torch.unravel_index(err.argmax(), err.shape))
-        raise AssertionError(
-            f"{what}: relative error {rel:.2e} > {tol:.0e}; worst at {worst}: "
-            f"{actual[worst].item():.8g} vs {expected[worst].item():.8g}"
-        )
 
 
 def case_ids(fmt, cases):
