@@ -180,7 +180,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         blocks[key].layers.append(layer.index)
         layer_blocks.append(blocks[key].class_name)
 
-    dims = {"d_model": d, "vocab_size": resolved.model.vocab_size, "n_layers": resolved.n_layers}
+    dims = {"d_model": d, "vocab_size": resolved.model.vocab_size, "n_layers": resolved.n_layers,
+            "max_seq_len": resolved.model.max_seq_len}
     heads = [ExtraPlan(name, namespace.create(camel(name) + "Head"), head.kind, head, dict(dims), "heads")
              for name, head in resolved.heads.items() if head.kind != "lm"]
     memory = ExtraPlan("memory", namespace.create("TitansMemory"), "titans", resolved.memory, dict(dims), "extras") if resolved.memory else None

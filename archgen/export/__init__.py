@@ -23,7 +23,7 @@ import torch
 from archgen.emit.write import replace_directory
 from archgen.export.failures import ExportError
 from archgen.export.manifest import build_manifest, write_manifest
-from archgen.export.onnx_export import export_onnx, onnx_session, run_onnx
+from archgen.export.onnx_export import WEIGHTS_FILE, export_onnx, onnx_session, run_onnx, save_onnx
 from archgen.export.package import Package, load_package
 from archgen.export.torch_export import Bounds, Graph, export_program, make_bounds, make_graphs
 
@@ -71,21 +71,22 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.exporting-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
-        files: dict[str, dict[str, str]] = {}
-        programs = {}
+        files: dict[str, dict[str, str]] = {graph.name: {} for graph in graphs}
+        protos = {}
         for graph in graphs:
             program = export_program(graph, model, pkg)
-            programs[graph.name] = program
-            files[graph.name] = {}
             if "pt2" in formats:
                 torch.export.save(program, staging / f"{graph.name}.pt2")
                 files[graph.name]["pt2"] = f"{graph.name}.pt2"
             if "onnx" in formats:
-                export_onnx(program, graph, staging / f"{graph.name}.onnx", opset, pkg, model)
-                files[graph.name]["onnx"] = f"{graph.name}.onnx"
+                protos[graph.name] = export_onnx(program, graph, opset, pkg, model)
+        if protos:
+            for name, file in save_onnx(protos, staging).items():
+                files[name]["onnx"] = file
         checks = _check(model, graphs, bounds, staging, files, DTYPES[dtype]) if check else None
         manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
-                                  opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model))
+                                  opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model),
+                                  onnx_weights=WEIGHTS_FILE if protos else None)
         write_manifest(manifest, staging)
         replace_directory(staging, target)
     except BaseException:
@@ -110,12 +111,13 @@ def _load_model(pkg: Package, weights: str | Path | None, seed: int, dtype: torc
 
 
 def _notes(model) -> list[str]:
-    """What the graphs do differently from the package's own generate()."""
+    """What a runtime driving the graphs should know beyond their inputs and outputs."""
     notes = []
     if "update_memory" in inspect.signature(model.forward).parameters:
-        notes.append("The test-time memory is read but not written (Model.forward with update_memory=False): its state "
-                     "passes through the cache unchanged. model.generate writes it by default; writing in a graph needs "
-                     "a fixed-shape buffer for the keys of an unfinished chunk.")
+        notes.append("The test-time memory is written in both graphs, as model.generate does: a chunk's keys wait in "
+                     "fixed-size pending buffers of the cache, and each graph runs a fixed number of masked chunk "
+                     "writes (one per decode step; enough for the longest prompt in prefill, so a short prompt costs "
+                     "as much memory compute as the longest).")
     return notes
 
 

@@ -25,7 +25,7 @@ GENERATION = (
 
 def build_manifest(package: Package, bounds: Bounds, graphs: list[Graph], files: dict[str, dict[str, str]], *,
                    dtype: torch.dtype, weights: dict, opset: int | None, checks: dict | None,
-                   notes: list[str] = ()) -> dict:
+                   notes: list[str] = (), onnx_weights: str | None = None) -> dict:
     decode = next(g for g in graphs if g.name == "decode")
     cache = [{"name": name.removeprefix("past."), "shape": shape, "dtype": _dtype(dt)}
              for name, shape, dt in zip(decode.inputs.names, decode.inputs.shapes, decode.inputs.dtypes)
@@ -46,6 +46,7 @@ def build_manifest(package: Package, bounds: Bounds, graphs: list[Graph], files:
         "static_dims": {name: span[0] for name, span in (("batch", bounds.batch), ("seq", bounds.seq))
                         if name not in bounds.dynamic},
         "onnx_opset": opset,
+        "onnx_weights": onnx_weights,  # external data shared by the .onnx graphs (keep it beside them)
         "cache": cache,
         "graphs": {g.name: {"files": files.get(g.name, {}), "inputs": _tensors(g.inputs), "outputs": _tensors(g.outputs)}
                    for g in graphs},

@@ -1,13 +1,18 @@
 """ONNX from the torch.export program: converted by torch.onnx's dynamo exporter, dims renamed, checked, runnable.
 
 The exporter names dynamic dims after its own symbols (s25); they are renamed to the manifest's names ("batch",
-"seq") in the inputs, outputs and intermediate shapes, so the file documents itself. Weights are stored inside the
-file below 1 GiB and as external data (<file>.data) above.
+"seq") in the inputs, outputs and intermediate shapes, so the file documents itself.
+
+Weights. The prefill and decode graphs use the same weights, so they are written once, as ONNX external data in
+one file (`weights.onnx.data`) that both graphs point into; the .onnx files hold only the graphs and small
+constants. Each tensor starts at a multiple of 4096 bytes (64 for small ones), so a runtime can map the file
+instead of copying it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -20,13 +25,12 @@ from archgen.export.failures import explain
 from archgen.export.package import Package
 from archgen.export.torch_export import Graph
 
-INLINE_WEIGHTS_LIMIT = 1 << 30
+WEIGHTS_FILE = "weights.onnx.data"
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors (shapes, scalars) stay inside the graph file
 
 
-def export_onnx(program: ExportedProgram, graph: Graph, path: Path, opset: int, package: Package, model) -> Path:
-    """Convert, rename dims, save to `path`, and check with onnx.checker (full check). Returns the path."""
-    import onnx
-
+def export_onnx(program: ExportedProgram, graph: Graph, opset: int, package: Package, model):
+    """Convert the program to an ONNX ModelProto with the manifest's input, output and dim names (not yet saved)."""
     try:
         # The converter reports its progress on stdout and warns about its own deprecated internals.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -37,13 +41,41 @@ def export_onnx(program: ExportedProgram, graph: Graph, path: Path, opset: int, 
         raise explain(error, package=package, model=model, graph=graph.name, stage="ONNX", program=program) from error
     proto = converted.model_proto
     _rename_dims(proto, graph)
-    weight_bytes = sum(t.nbytes for t in program.state_dict.values()) + sum(
-        t.nbytes for t in program.constants.values() if isinstance(t, torch.Tensor))
-    external = weight_bytes > INLINE_WEIGHTS_LIMIT
-    onnx.save_model(proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=f"{path.name}.data" if external else None)
-    onnx.checker.check_model(str(path), full_check=True)
-    return path
+    return proto
+
+
+def save_onnx(protos: dict[str, "onnx.ModelProto"], directory: Path) -> dict[str, str]:
+    """Write each graph to directory/<name>.onnx with its weights in the shared WEIGHTS_FILE, then check every file
+    with onnx.checker (full check). Tensors with the same bytes are stored once, whatever their names: the
+    exporter's constant folding gives a weight's transposed or sliced copies a different name in each graph.
+    Returns graph name -> file name."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    stored: dict[bytes, tuple[int, int]] = {}  # sha256 of the bytes -> (offset, length)
+    with open(directory / WEIGHTS_FILE, "wb") as data:
+        for proto in protos.values():
+            for tensor in proto.graph.initializer:
+                if len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+                    continue
+                raw = tensor.raw_data
+                key = hashlib.sha256(raw).digest()
+                if key not in stored:
+                    align = 4096 if len(raw) >= 65536 else 64
+                    data.write(b"\0" * (-data.tell() % align))
+                    stored[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                offset, length = stored[key]
+                set_external_data(tensor, location=WEIGHTS_FILE, offset=offset, length=length)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+    files = {}
+    for name, proto in protos.items():
+        path = directory / f"{name}.onnx"
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+        files[name] = path.name
+    return files
 
 
 def _rename_dims(proto, graph: Graph) -> None:

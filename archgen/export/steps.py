@@ -10,6 +10,7 @@ long as its state is tensors inside dataclasses, dicts and lists.
     DecodeStep  input_ids (B, 1), position () int64, *past        -> logits (B, 1, V), *present
 
 `position` is the number of positions already in the cache (meta tokens included), i.e. the position of the new token.
+A model with a test-time memory writes it in both graphs, as its `generate` does by default.
 The step clones every cache tensor it receives before the model writes into it, so the graph is functional: its
 inputs are never mutated and its outputs are new tensors a runtime feeds back as the next step's inputs.
 """
@@ -17,6 +18,7 @@ inputs are never mutated and its outputs are new tensors a runtime feeds back as
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,11 @@ def describe_cache(model: nn.Module, max_len: int) -> list[CacheLeaf]:
     return [CacheLeaf(name, tuple(t.shape), t.dtype) for name, t in cache_leaves(cache)]
 
 
+def writing_kwargs(model: nn.Module) -> dict:
+    """The forward arguments that make a model with a test-time memory write it (as its generate() does)."""
+    return {"update_memory": True} if "update_memory" in inspect.signature(model.forward).parameters else {}
+
+
 class Prefill(nn.Module):
     """input_ids (B, T) -> (logits (B, T, V), *present): the prompt's logits and the caches it fills."""
 
@@ -81,7 +88,7 @@ class Prefill(nn.Module):
 
     def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
         cache = self.model.empty_cache(input_ids.size(0), self.max_len)
-        logits = self.model(input_ids, cache=cache).logits  # (B, T, V)
+        logits = self.model(input_ids, cache=cache, **writing_kwargs(self.model)).logits  # (B, T, V)
         return (logits, *(t for _, t in cache_leaves(cache)))
 
 
@@ -97,6 +104,6 @@ class DecodeStep(nn.Module):
     def forward(self, input_ids: Tensor, position: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         cache = rebuild_cache(self.template, [t.clone() for t in past])
         cache.length = position
-        logits = self.model(input_ids, cache=cache).logits  # (B, 1, V)
+        logits = self.model(input_ids, cache=cache, **writing_kwargs(self.model)).logits  # (B, 1, V)
         present = dict(cache_leaves(cache))  # also holds the advanced length, now a tensor: not a cache tensor
         return (logits, *(present[name] for name in self.names))

@@ -242,7 +242,7 @@ class TitansMemory(nn.Module):
     the same writes as one prefill. Queries and keys are L2-normalised, as in Titans, so the size of a write does
     not depend on the scale of the residual stream.
     `mlp` holds the learned weights W₀ each sequence starts from; the written weights and momentum live in the
-    MemoryState (Cache.memory), never in the module. Writes happen only with update=True, and they are
+    MemoryState (Cache.memory, fixed shapes, so exported graphs write it too), never in the module. Writes happen only with update=True, and they are
     differentiable (ops/memory.py writes ∇ℓ out in closed form), so training with update_memory=True learns W_k
     and W_v through them.
     """
@@ -258,8 +258,11 @@ class TitansMemory(nn.Module):
         ])
         self.gate = nn.Linear(512, 512)
 
-    def forward(self, x, state: MemoryState | None = None, update: bool = False):
-        """x (B, T, 512) → (gated read (B, T, 512), state). Without update the state comes back as it went in."""
+    def forward(self, x, state: MemoryState | None = None, update: bool = False, position=0):
+        """x (B, T, 512) at positions position … position + T - 1 → (gated read (B, T, 512), state).
+
+        Without update the state comes back as it went in (a sequence should write all its tokens or none: a chunk
+        that skipped some is written with zeros in their slots)."""
         if state is None:
             state = self.empty_state(x.size(0), x.device)
         q = F.normalize(self.q_proj(x).float(), dim=-1)  # (B, T, 512)
@@ -267,14 +270,15 @@ class TitansMemory(nn.Module):
             k = F.normalize(self.k_proj(x).float(), dim=-1)  # (B, T, 512)
             v = self.v_proj(x).float()  # (B, T, 512)
             read, state = memory_read_write(q, k, v, state, chunk_size=64, learning_rate=0.01,
-                                            momentum=0.9, forget=0.01)
+                                            momentum=0.9, forget=0.01, position=position,
+                                            max_seqlen=4096)
         else:
             read = memory_mlp(q, state.weights)  # (B, T, 512)
         return torch.sigmoid(self.gate(x)) * read.to(x.dtype), state
 
     def empty_state(self, batch: int, device=None) -> MemoryState:
         """The learned initial weights for every sequence, zero momentum, nothing pending."""
-        return MemoryState.initial([layer.weight for layer in self.mlp], batch, device)
+        return MemoryState.initial([layer.weight for layer in self.mlp], batch, chunk_size=64, device=device)
 
 
 class SymbolicReasoner(nn.Module):
@@ -464,7 +468,7 @@ class Model(nn.Module):
             else:
                 x = layer(x, positions, layer_cache, aux)
             if i == 47:
-                read, memory_state = self.memory(x, cache.memory if cache is not None else None, update=update_memory)
+                read, memory_state = self.memory(x, cache.memory if cache is not None else None, update=update_memory, position=start)
                 if cache is not None:
                     cache.memory = memory_state
                 x = x + read

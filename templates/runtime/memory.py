@@ -18,16 +18,23 @@ The tokens of chunk j read M_{W_j}: the weights from before their own chunk is w
 pair from its own position or later (causal), and all reads of a chunk are one batched matmul.
 
 Streaming. A chunk is written only once all C of its tokens have arrived. Until then its keys and values wait
-in the state (`pending_keys`, `pending_values`), so feeding a sequence in pieces of any length, down to one
-token at a time, performs the same writes at the same positions and reads the same weights as one call over the
-whole sequence.
+in a fixed buffer of C slots in the state (`pending_keys`, `pending_values`); which slots are filled follows from
+the position of the first new token (position mod C), which the caller passes. Feeding a sequence in pieces of any
+length, down to one token at a time, therefore performs the same writes at the same positions and reads the same
+weights as one call over the whole sequence.
+
+Shapes that do not change. Every tensor of the state has a fixed shape, and a call runs a fixed number of chunk
+steps whose writes are kept or discarded with `torch.where` (a chunk is kept when its last slot holds a token). So
+the same code is a graph torch.export can record for a symbolic position and length: a decode step (one token at
+any position) is one masked write, and a prefill of up to `max_seqlen` tokens is ceil(max_seqlen / C) of them.
+Eager calls with a concrete position and length run exactly the chunks they touch.
 
 Gradients. ∇_W ℓ is written out in closed form (the backward of an MLP is a few matmuls, `associative_grad`),
 not taken with autograd. The write is therefore ordinary differentiable tensor code: training backpropagates
 through every write into the key and value projections and the initial weights (second order, as in Titans'
 outer loop) without `create_graph`, and decoding under `torch.no_grad()` still writes.
 
-Shapes: B batch, T new tokens, C chunk length, n pending tokens (0 ≤ n < C), d_k key/query width, d_v value
+Shapes: B batch, T new tokens, C chunk length, n waiting tokens (0 ≤ n < C), d_k key/query width, d_v value
 width, W_i (B, out_i, in_i) per sequence, or (out_i, in_i) shared by the batch. Memory math runs in float32
 (float64 inputs stay float64).
 """
@@ -41,27 +48,28 @@ from torch import Tensor
 
 @dataclass
 class MemoryState:
-    """One batch of sequences' memory: fast weights, their surprise momentum, the keys of the unfinished chunk."""
+    """One batch of sequences' memory: fast weights, their surprise momentum, the pairs of the unfinished chunk."""
 
     weights: list[Tensor]  # W_i (B, out_i, in_i) float32
     momentum: list[Tensor]  # S_i (B, out_i, in_i) float32, same shapes as weights
-    pending_keys: Tensor  # (B, n, d_k): keys of the chunk being filled, n < chunk_size
-    pending_values: Tensor  # (B, n, d_v)
+    pending_keys: Tensor  # (B, C, d_k): slot s holds the key at chunk offset s once it has arrived, zeros before
+    pending_values: Tensor  # (B, C, d_v)
 
     @classmethod
-    def initial(cls, weights: list[Tensor], batch: int, device=None) -> "MemoryState":
+    def initial(cls, weights: list[Tensor], batch: int, chunk_size: int, device=None) -> "MemoryState":
         """The state at the start of a sequence: the learned initial weights for every row, zero momentum.
 
-        weights: W_i (out_i, in_i), the module's parameters. Float32 parameters are broadcast, not copied, so an
-        untouched state costs no memory and gradients flow back to the parameters; lower precision is upcast.
+        weights: W_i (out_i, in_i), the module's parameters, copied for every row (gradients flow back to them) and
+        upcast to float32. Copied, not broadcast: a batched matmul with a stride-0 batch makes torch.export ask
+        whether the batch is 1, and every row's weights diverge at its first write anyway.
         """
         device = device or weights[0].device
         dtype = torch.promote_types(weights[0].dtype, torch.float32)
-        fast = [w.to(device=device, dtype=dtype).expand(batch, -1, -1) for w in weights]
-        zero = torch.zeros((), device=device, dtype=dtype)
-        momentum = [zero.expand(batch, *w.shape) for w in weights]
-        empty = torch.zeros(batch, 0, weights[0].size(1), device=device, dtype=dtype)
-        return cls(fast, momentum, empty, empty.new_zeros(batch, 0, weights[-1].size(0)))
+        fast = [w.to(device=device, dtype=dtype).unsqueeze(0).repeat(batch, 1, 1) for w in weights]
+        momentum = [torch.zeros(batch, *w.shape, device=device, dtype=dtype) for w in weights]
+        keys = torch.zeros(batch, chunk_size, weights[0].size(1), device=device, dtype=dtype)
+        values = torch.zeros(batch, chunk_size, weights[-1].size(0), device=device, dtype=dtype)
+        return cls(fast, momentum, keys, values)
 
 
 def memory_mlp(u: Tensor, weights: list[Tensor]) -> Tensor:
@@ -115,25 +123,78 @@ def write_chunk(state_weights: list[Tensor], momentum: list[Tensor], keys: Tenso
 
 
 def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: MemoryState, chunk_size: int,
-                      learning_rate: float, momentum: float, forget: float) -> tuple[Tensor, MemoryState]:
+                      learning_rate: float, momentum: float, forget: float, *, position: int | Tensor = 0,
+                      max_seqlen: int | None = None) -> tuple[Tensor, MemoryState]:
     """Read the memory at every new token and write every chunk that the new tokens complete.
 
-    queries, keys (B, T, d_k), values (B, T, d_v): the T tokens that follow the n pending ones in `state`.
-    Returns reads M_{W_j}(q_t) (B, T, d_v), each with the weights from before its chunk's write, and the new
-    state. The tokens are placed after the pending ones, so chunk boundaries stay at multiples of chunk_size
-    in the whole sequence however it is split into calls.
+    queries, keys (B, T, d_k), values (B, T, d_v): the T tokens at positions position … position + T - 1 of the
+    sequence. position (an int, or a 0-dim tensor in an exported decode step) fixes the chunk boundaries, which stay at
+    multiples of chunk_size however the sequence is split into calls; the n = position mod C tokens before it in
+    their chunk wait in `state`. Returns the reads M_{W_j}(q_t) (B, T, d_v), each with the weights from before its
+    chunk's write, and the new state.
+
+    max_seqlen bounds T when it is symbolic (torch.export with a dynamic prompt length): it fixes the number of chunk
+    steps, so one graph serves every T up to the bound (see `_chunk_steps`).
+
+    Layout: the new tokens are placed on `span` slots counted from the start of the unfinished chunk, after the n
+    waiting ones; slot s is in chunk s // C of this call. Chunk j is read with W_j and written when its last slot is
+    filled; the slots after the last complete chunk become the new pending buffer.
     """
-    n = state.pending_keys.size(1)
-    keys = torch.cat([state.pending_keys, keys], dim=1)  # (B, n + T, d_k)
-    values = torch.cat([state.pending_values, values], dim=1)  # (B, n + T, d_v)
-    total = keys.size(1)
+    chunk = chunk_size
+    seqlen = queries.size(1)
+    waiting = position % chunk  # n: tokens of the unfinished chunk already in the state
+    steps = _chunk_steps(waiting, seqlen, chunk, max_seqlen)
+    span = steps * chunk
+    slot = torch.arange(span, device=queries.device)  # (span,)
+    new_index = slot - waiting  # which new token each slot holds, where 0 <= new_index < T
+    is_new = (new_index >= 0) & (new_index < seqlen)  # (span,)
+    is_waiting = slot < waiting  # slots of the tokens from earlier calls
+    filled = is_new | is_waiting
+
+    def lay_out(new: Tensor, pending: Tensor | None) -> Tensor:
+        """(B, T, d) new tokens (and the (B, C, d) waiting ones) on the span slots, zeros elsewhere: (B, span, d)."""
+        laid = torch.where(is_new.unsqueeze(-1), new.index_select(1, new_index.clamp(0, seqlen - 1)), 0.0)
+        if pending is not None:
+            old = pending.index_select(1, slot.clamp(max=chunk - 1))  # (B, span, d)
+            laid = torch.where(is_waiting.unsqueeze(-1), old, laid)
+        return laid
+
+    slot_keys, slot_values = lay_out(keys, state.pending_keys), lay_out(values, state.pending_values)
+    slot_queries = lay_out(queries, None)
     weights, surprise = state.weights, state.momentum
     reads = []
-    for start in range(0, total, chunk_size):
-        end = start + chunk_size
-        reads.append(memory_mlp(queries[:, max(start - n, 0) : end - n], weights))  # the new tokens of this chunk
-        if end <= total:  # complete: write it; a partial last chunk waits in the state
-            weights, surprise = write_chunk(weights, surprise, keys[:, start:end], values[:, start:end],
-                                            learning_rate, momentum, forget)
-    written = total // chunk_size * chunk_size
-    return torch.cat(reads, dim=1), MemoryState(weights, surprise, keys[:, written:], values[:, written:])
+    for j in range(steps):
+        # A gather, not a slice: a batched matmul on a strided slice makes torch.export ask whether the batch is 1,
+        # which a dynamic batch cannot answer; index_select returns a fresh contiguous (B, C, d) tensor.
+        part = torch.arange(j * chunk, (j + 1) * chunk, device=queries.device)
+        chunk_queries, chunk_keys, chunk_values = (t.index_select(1, part) for t in (slot_queries, slot_keys, slot_values))
+        reads.append(memory_mlp(chunk_queries, weights))  # (B, C, d_v)
+        written, written_surprise = write_chunk(weights, surprise, chunk_keys, chunk_values,
+                                                learning_rate, momentum, forget)
+        complete = filled[(j + 1) * chunk - 1]  # 0-dim bool: a partial chunk waits in the state
+        weights = [torch.where(complete, w_new, w) for w_new, w in zip(written, weights)]
+        surprise = [torch.where(complete, s_new, s) for s_new, s in zip(written_surprise, surprise)]
+    reads = torch.cat(reads, dim=1).index_select(1, waiting + torch.arange(seqlen, device=queries.device))  # (B, T, d_v)
+
+    done = filled.view(steps, chunk)[:, -1].sum() * chunk  # slots in complete chunks (a 0-dim tensor)
+    carry = done + torch.arange(chunk, device=queries.device)  # (C,): the unfinished chunk's slots
+    keep = (carry < span) & filled.index_select(0, carry.clamp(max=span - 1))
+    pending = [torch.where(keep.unsqueeze(-1), t.index_select(1, carry.clamp(max=span - 1)), 0.0)
+               for t in (slot_keys, slot_values)]
+    return reads, MemoryState(weights, surprise, *pending)
+
+
+def _chunk_steps(waiting: int | Tensor, seqlen: int, chunk: int, max_seqlen: int | None) -> int:
+    """How many chunks the n waiting and T new tokens can touch: ceil((n + T) / C), with bounds where they are symbolic.
+
+    A waiting count from a tensor position is at most C - 1; a symbolic T takes max_seqlen, and T <= max_seqlen
+    becomes a check of the exported graph.
+    """
+    if not isinstance(seqlen, int):
+        if max_seqlen is None:
+            raise ValueError("memory_read_write needs max_seqlen when the sequence length is symbolic (torch.export "
+                             "with a dynamic prompt length): the number of chunk steps is fixed by it")
+        torch._check(seqlen <= max_seqlen, lambda: f"sequence length {seqlen} exceeds max_seqlen={max_seqlen}")
+        seqlen = max_seqlen
+    most_waiting = waiting if isinstance(waiting, int) else chunk - 1
+    return max(1, -(-(most_waiting + seqlen) // chunk))

@@ -47,7 +47,7 @@ def exported(export_jobs):
     def get(name: str) -> Exported:
         if name not in cache:
             info = export_jobs[name].get()
-            cache[name] = Exported(name, Path(info["package"]), Path(info["export"]), info["overrides"])
+            cache[name] = Exported(name, Path(info["package"]), Path(info["export"]))
         return cache[name]
 
     return get

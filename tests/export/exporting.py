@@ -12,12 +12,9 @@ from pathlib import Path
 
 import torch
 
-from archgen.errors import CompileError
 from tests.conftest import build_package, import_package
 
 WEIGHTS_SEED = 1234
-# Overrides for specs whose heads or extras archgen cannot emit yet: the backbone is what gets exported.
-FALLBACK_OVERRIDES = ("heads={}", "memory=null", "symbolic=null")
 
 
 def export_spec(spec_path: str, root: str) -> dict:
@@ -26,16 +23,11 @@ def export_spec(spec_path: str, root: str) -> dict:
     from archgen.export import export_package
 
     root = Path(root)
-    overrides: tuple[str, ...] = ()
-    try:
-        package = build_package(spec_path, root / "package")
-    except CompileError:
-        overrides = FALLBACK_OVERRIDES
-        package = build_package(spec_path, root / "package", overrides=overrides)
+    package = build_package(spec_path, root / "package")
     torch.manual_seed(WEIGHTS_SEED)
     package.Model().save_pretrained(root / "weights")
     result = export_package(package, root / "export", weights=root / "weights", check=False)
-    return {"package": str(Path(package.__path__[0])), "export": str(result.directory), "overrides": list(overrides)}
+    return {"package": str(Path(package.__path__[0])), "export": str(result.directory)}
 
 
 @dataclass
@@ -45,7 +37,6 @@ class Exported:
     name: str
     package_dir: Path
     directory: Path
-    overrides: list[str]
     _sessions: dict = field(default_factory=dict)
     _programs: dict = field(default_factory=dict)
 

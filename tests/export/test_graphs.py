@@ -6,12 +6,10 @@ The graphs were traced at batch 2 and a 16-token prompt; they are checked at oth
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
-from archgen.export.steps import cache_leaves
+from archgen.export.steps import cache_leaves, writing_kwargs
 from tests.conftest import SPECS
 
 NAMES = [p.stem for p in SPECS]
@@ -22,8 +20,6 @@ TOLERANCE = 1e-4  # relative to the largest magnitude of each output, float32
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    if expected.numel() == 0:  # e.g. an empty buffer of pending memory writes
-        return 0.0
     scale = expected.abs().max().item() or 1.0
     return (actual.float() - expected.float()).abs().max().item() / scale
 
@@ -39,18 +35,13 @@ def eager_prefill(exp, prompt: torch.Tensor):
     """Logits and every cache tensor in manifest order, from the eager model with a max_len cache; and the cache."""
     cache = exp.model.empty_cache(prompt.size(0), exp.manifest["max_len"])
     with torch.no_grad():
-        logits = exp.model(prompt, cache=cache).logits
+        logits = exp.model(prompt, cache=cache, **writing_kwargs(exp.model)).logits  # a memory is written, as in the graphs
     return [logits, *cache_tensors(exp, cache)], cache
 
 
 def cache_tensors(exp, cache) -> list[torch.Tensor]:
     leaves = dict(cache_leaves(cache))
     return [leaves[c["name"]] for c in exp.manifest["cache"]]
-
-
-def read_only_memory(exp) -> dict:
-    """The exported graphs read a test-time memory without writing it (see the manifest's notes): so must generate."""
-    return {"update_memory": False} if "update_memory" in inspect.signature(exp.model.generate).parameters else {}
 
 
 def output_names(exp, graph: str) -> list[str]:
@@ -82,7 +73,7 @@ def test_decode_step_matches_eager(exported, name, batch, seq, fmt):
     position = torch.tensor(seq + exp.manifest["meta_tokens"])
     actual = exp.run("decode", fmt, token, position, *past)
     with torch.no_grad():
-        expected = [exp.model(token, cache=cache).logits, *cache_tensors(exp, cache)]
+        expected = [exp.model(token, cache=cache, **writing_kwargs(exp.model)).logits, *cache_tensors(exp, cache)]
     assert_outputs_close(actual, expected, output_names(exp, "decode"), f"{name} decode {fmt}")
     assert all(torch.equal(p, s) for p, s in zip(past, snapshot)), "the decode graph wrote into its inputs"
 
@@ -93,7 +84,7 @@ def test_greedy_generation_through_onnx_decode_steps(exported, name):
     tokens of model.generate at temperature 0."""
     exp = exported(name)
     prompt = torch.randint(0, exp.manifest["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(7))
-    expected = exp.model.generate(prompt, max_new_tokens=20, temperature=0, **read_only_memory(exp))
+    expected = exp.model.generate(prompt, max_new_tokens=20, temperature=0)  # writes the test-time memory, as the graphs do
 
     logits, *caches = exp.run("prefill", "onnx", prompt)
     position = prompt.size(1) + exp.manifest["meta_tokens"]
@@ -128,3 +119,20 @@ def test_manifest_describes_the_graphs(exported, name):
                                  (manifest["graphs"][graph]["outputs"], session.get_outputs())):
             assert [(v["name"], v["shape"]) for v in declared] == [(v.name, v.shape) for v in actual]
     assert manifest["graphs"]["prefill"]["files"] == {"pt2": "prefill.pt2", "onnx": "prefill.onnx"}
+    assert manifest["onnx_weights"] == "weights.onnx.data"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_graphs_share_one_copy_of_the_weights(exported, name):
+    """Both .onnx files point into weights.onnx.data, which holds every weight once (plus alignment padding)."""
+    import onnx
+
+    exp = exported(name)
+    weight_bytes = sum(t.numel() * t.element_size() for t in exp.model.state_dict().values())
+    shared = (exp.directory / "weights.onnx.data").stat().st_size
+    assert shared <= 1.1 * weight_bytes + 4096 * 64, f"weights.onnx.data holds {shared} bytes for {weight_bytes} bytes of weights"
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(exp.directory / f"{graph}.onnx"), load_external_data=False)
+        inline = [t.name for t in proto.graph.initializer if len(t.raw_data) >= 1024]
+        assert not inline, f"{graph}.onnx stores {len(inline)} tensors of 1 KiB or more inline, e.g. {inline[:3]}"
+        assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)

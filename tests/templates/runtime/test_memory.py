@@ -105,15 +105,17 @@ def test_closed_form_gradient_with_weights_shared_by_the_batch():
 def test_read_write_matches_the_autograd_reference(batch, seqlen, chunk, widths):
     weights = make_weights(widths)
     q, k, v = make_sequence(batch, seqlen, widths[0], widths[-1])
-    reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, batch), chunk, **HYPER)
+    reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, batch, chunk), chunk, **HYPER)
     expected_reads, W, S = reference_read_write(q, k, v, weights, chunk, *HYPER.values())
     assert_close(reads, expected_reads, "reads", TOL[torch.float64])
     for i in range(len(weights)):
         assert_close(state.weights[i], W[i], f"W_{i}", TOL[torch.float64])
         assert_close(state.momentum[i], S[i], f"S_{i}", TOL[torch.float64])
     pending = seqlen % chunk
-    assert torch.equal(state.pending_keys, k[:, seqlen - pending :]), "pending keys are not the unwritten chunk's keys"
-    assert torch.equal(state.pending_values, v[:, seqlen - pending :]), "pending values are not the unwritten chunk's values"
+    assert state.pending_keys.shape == (batch, chunk, widths[0]), "the pending buffer must keep its shape"
+    assert torch.equal(state.pending_keys[:, :pending], k[:, seqlen - pending :]), "pending keys are not the unwritten chunk's keys"
+    assert torch.equal(state.pending_values[:, :pending], v[:, seqlen - pending :]), "pending values are not the unwritten chunk's values"
+    assert not state.pending_keys[:, pending:].any() and not state.pending_values[:, pending:].any(), "slots not yet reached must be empty"
 
 
 def test_one_write_follows_the_momentum_and_forget_formulas():
@@ -122,7 +124,7 @@ def test_one_write_follows_the_momentum_and_forget_formulas():
     weights = make_weights((5, 7, 5))
     _, k, v = make_sequence(2, 4, 5, 5)
     momentum = [randn(2, *w.shape, seed=50 + i, scale=0.1) for i, w in enumerate(weights)]
-    state = memory.MemoryState([w.expand(2, -1, -1) for w in weights], momentum, k[:, :0], v[:, :0])
+    state = memory.MemoryState([w.expand(2, -1, -1) for w in weights], momentum, torch.zeros_like(k), torch.zeros_like(v))
     _, written = memory.memory_read_write(k, k, v, state, 4, learning_rate=lr, momentum=beta, forget=forget)
     grads = autograd_grad([w.expand(2, -1, -1) for w in weights], k, v)
     for i, (w, s, g) in enumerate(zip(weights, momentum, grads)):
@@ -135,7 +137,7 @@ def test_forget_alone_decays_the_weights_when_the_memory_is_already_right():
     weights = make_weights((6, 6, 6))
     _, k, _ = make_sequence(2, 8, 6, 6)
     values = memory.memory_mlp(k, weights)
-    _, written = memory.memory_read_write(k, k, values, memory.MemoryState.initial(weights, 2), 8,
+    _, written = memory.memory_read_write(k, k, values, memory.MemoryState.initial(weights, 2, 8), 8,
                                           learning_rate=1.0, momentum=0.9, forget=0.25)
     for i, w in enumerate(weights):
         assert_close(written.weights[i], 0.75 * w.expand(2, -1, -1), f"W_{i}", TOL[torch.float64])
@@ -146,7 +148,7 @@ def test_writing_pairs_makes_reading_their_keys_recover_the_values():
     weights = make_weights((16, 32, 16))
     _, k, v = make_sequence(2, 16, 16, 16)
     error_before = (memory.memory_mlp(k, weights) - v).square().mean().item()
-    state = memory.MemoryState.initial(weights, 2)
+    state = memory.MemoryState.initial(weights, 2, 16)
     _, state = memory.memory_read_write(k.repeat(1, 20, 1), k.repeat(1, 20, 1), v.repeat(1, 20, 1), state, 16,
                                         learning_rate=0.5, momentum=0.5, forget=0.0)
     error_after = (memory.memory_mlp(k, state.weights) - v).square().mean().item()
@@ -157,7 +159,7 @@ def test_a_read_never_sees_its_own_chunk_or_later():
     """Changing the pair at position 13 (chunk 1 of 8) leaves every read up to position 15 unchanged and changes later ones."""
     weights = make_weights((6, 6, 6))
     q, k, v = make_sequence(1, 30, 6, 6)
-    state = memory.MemoryState.initial(weights, 1)
+    state = memory.MemoryState.initial(weights, 1, 8)
     reads, _ = memory.memory_read_write(q, k, v, state, 8, **HYPER)
     v_changed = v.clone()
     v_changed[:, 13] += 1.0
@@ -177,18 +179,51 @@ def test_streaming_in_pieces_equals_one_call(pieces):
     """Decoding contract: pending keys carry across calls, so writes land at the same positions."""
     weights = make_weights((6, 10, 6))
     q, k, v = make_sequence(2, sum(pieces), 6, 6)
-    reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, 2), 8, **HYPER)
+    reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, 2, 8), 8, **HYPER)
     streamed, start = [], 0
-    streamed_state = memory.MemoryState.initial(weights, 2)
+    streamed_state = memory.MemoryState.initial(weights, 2, 8)
     for n in pieces:
         piece, streamed_state = memory.memory_read_write(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n],
-                                                         streamed_state, 8, **HYPER)
+                                                         streamed_state, 8, **HYPER, position=start)
         streamed.append(piece)
         start += n
     assert_close(torch.cat(streamed, dim=1), reads, "reads", TOL[torch.float64])
     for i in range(len(weights)):
         assert_close(streamed_state.weights[i], state.weights[i], f"W_{i}", TOL[torch.float64])
-    assert streamed_state.pending_keys.size(1) == sum(pieces) % 8
+    assert torch.equal(streamed_state.pending_keys, state.pending_keys), "the pending buffers differ"
+
+
+def test_a_tensor_position_streams_like_an_int_position():
+    """The exported decode step passes the position as a 0-dim tensor: one masked chunk step per token, same writes."""
+    weights = make_weights((6, 10, 6))
+    q, k, v = make_sequence(2, 19, 6, 6)
+    reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, 2, 8), 8, **HYPER)
+    prefill = 5
+    streamed, streamed_state = memory.memory_read_write(q[:, :prefill], k[:, :prefill], v[:, :prefill],
+                                                        memory.MemoryState.initial(weights, 2, 8), 8, **HYPER)
+    pieces = [streamed]
+    for t in range(prefill, 19):
+        piece, streamed_state = memory.memory_read_write(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], streamed_state, 8,
+                                                         **HYPER, position=torch.tensor(t))
+        pieces.append(piece)
+    assert_close(torch.cat(pieces, dim=1), reads, "reads", TOL[torch.float64])
+    for i in range(len(weights)):
+        assert_close(streamed_state.weights[i], state.weights[i], f"W_{i}", TOL[torch.float64])
+        assert_close(streamed_state.momentum[i], state.momentum[i], f"S_{i}", TOL[torch.float64])
+    assert torch.equal(streamed_state.pending_keys, state.pending_keys)
+
+
+def test_a_symbolic_length_needs_a_bound():
+    weights = make_weights((4, 4))
+    q, k, v = make_sequence(1, 3, 4, 4)
+
+    class Write(torch.nn.Module):
+        def forward(self, q, k, v):
+            return memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, 1, 2), 2, **HYPER)[0]
+
+    length = torch.export.Dim("length", min=2, max=8)
+    with pytest.raises(ValueError, match="needs max_seqlen"):
+        torch.export.export(Write(), (q, k, v), dynamic_shapes=({1: length},) * 3)
 
 
 def test_writes_are_differentiable():
@@ -197,25 +232,26 @@ def test_writes_are_differentiable():
     q, k, v = (t.requires_grad_() for t in make_sequence(1, 7, 3, 3))
 
     def run(q, k, v, w0, w1):
-        reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial([w0, w1], 1), 3, **HYPER)
+        reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial([w0, w1], 1, 3), 3, **HYPER)
         return reads, state.weights[0], state.weights[1]
 
     assert torch.autograd.gradcheck(run, (q, k, v, *weights))
 
 
-def test_initial_state_broadcasts_the_weights_and_starts_empty():
+def test_initial_state_holds_the_weights_for_every_row_and_starts_empty():
     weights = make_weights((6, 8, 4), dtype=torch.float32)
-    state = memory.MemoryState.initial(weights, 3)
+    state = memory.MemoryState.initial(weights, 3, 5)
     assert [tuple(w.shape) for w in state.weights] == [(3, 8, 6), (3, 4, 8)]
-    assert all(w.data_ptr() == p.data_ptr() for w, p in zip(state.weights, weights)), "the initial weights must be views, not copies"
+    assert all(torch.equal(w, p.expand_as(w)) for w, p in zip(state.weights, weights)), "every row must start from the learned weights"
     assert all(tuple(s.shape) == tuple(w.shape) and not s.any() for s, w in zip(state.momentum, state.weights))
-    assert state.pending_keys.shape == (3, 0, 6) and state.pending_values.shape == (3, 0, 4)
+    assert state.pending_keys.shape == (3, 5, 6) and state.pending_values.shape == (3, 5, 4)
+    assert not state.pending_keys.any() and not state.pending_values.any()
 
 
 def test_float32_matches_the_float64_reference():
     weights = make_weights((16, 32, 16))
     q, k, v = make_sequence(2, 50, 16, 16)
-    reads, state = memory.memory_read_write(q.float(), k.float(), v.float(), memory.MemoryState.initial([w.float() for w in weights], 2), 16, **HYPER)
+    reads, state = memory.memory_read_write(q.float(), k.float(), v.float(), memory.MemoryState.initial([w.float() for w in weights], 2, 16), 16, **HYPER)
     expected_reads, W, _ = reference_read_write(q, k, v, weights, 16, *HYPER.values())
     assert reads.dtype == torch.float32
     assert_close(reads, expected_reads, "reads", TOL[torch.float32])
