@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import uuid
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Generated packages import their Triton kernels; without a GPU they can only run in Triton's interpreter, which
+    # must be chosen before triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from archgen.emit import emit, write_package
 from archgen.pipeline import compile_spec

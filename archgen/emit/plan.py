@@ -19,6 +19,7 @@ from archgen.passes.cost import CostReport
 from archgen.spec import models
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 # Which runtime file each kind needs (templates/runtime/<file>.py is copied to generated/<name>/ops/<file>.py).
 RUNTIME_FILES = {
@@ -34,6 +35,9 @@ RUNTIME_FILES = {
 # <kind>_model.py.j2 holds methods added to Model (generation with drafts, EMA updates, forecasting); each may need
 # a runtime file of the same name. A declared kind without its template is a build error.
 EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["forecast"], "titans": ["memory"], "symbolic": ["symbolic"]}
+# Which Triton kernel each kind runs on CUDA tensors (kernels/<file>.py is copied to generated/<name>/kernels/<file>.py).
+# The reference op of the same name in ops/ stays the fallback everywhere else.
+KERNEL_FILES = {"mamba": ["selective_scan"]}
 EMITTED_KINDS = set(RUNTIME_FILES)
 MIXER_KINDS = {"attention", "sparse_attention", "mamba", "mamba2", "conv"}
 
@@ -136,6 +140,7 @@ class EmitPlan:
     blocks: list[BlockPlan]
     layer_blocks: list[str]  # block class name of each layer, in order
     runtime_files: list[str]
+    kernel_files: list[str]
     report: CostReport
     layout_text: str
     any_aux: bool
@@ -202,6 +207,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         meta_tokens=resolved.meta_tokens.count if resolved.meta_tokens else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         runtime_files=used, report=report, layout_text=layout_text,
+        kernel_files=sorted({f for c in components.values() for f in KERNEL_FILES.get(c.kind, [])}),
         any_aux=any(c.produces_aux for c in components.values()),
         any_cache_positions=any(c.uses_positions for c in components.values()),
         heads=heads, memory=memory, symbolic=symbolic,

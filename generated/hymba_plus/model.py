@@ -28,6 +28,15 @@ from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
 from .ops.forecast import detokenize, tokenize
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
+from . import kernels
+
+USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. to compare them with the kernels
+
+
+def use_kernel(kernel, x: torch.Tensor) -> bool:
+    """Run a Triton kernel (kernels/) rather than its reference op (ops/): on CUDA tensors when triton imported, and
+    never while torch.export traces, so that exported graphs hold ops every runtime has."""
+    return USE_KERNELS and kernel is not None and x.is_cuda and not torch.compiler.is_exporting()
 
 
 class RMSNorm(nn.Module):
@@ -148,7 +157,10 @@ class Ssm(nn.Module):
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 3200); its bias is added inside the scan, before softplus
             initial_state = cache.ssm_state if cache is not None else None
-            y, ssm_state = selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192)
+            if use_kernel(kernels.selective_scan, x):
+                y, ssm_state = kernels.selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state)
+            else:
+                y, ssm_state = selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192)
         if cache is not None:
             cache.conv_state.copy_(conv_state)
             cache.ssm_state.copy_(ssm_state)

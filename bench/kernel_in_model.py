@@ -1,0 +1,171 @@
+"""Does the Triton selective scan speed up a generated model, and does it change what the model computes?
+
+A Mamba-1-heavy seed (specs/nexus.yaml at its full preset: 48 layers, 40 of them Mamba-1 with d_inner 1024,
+d_state 16), built by archgen, run in bfloat16 on one GPU twice with the same weights and inputs: once with the
+generated package's Triton kernel (model.USE_KERNELS = True, what a user gets) and once with its reference ops
+(USE_KERNELS = False, the pure-PyTorch chunked scan). The peer is therefore the package's own reference path,
+measured in the same run:
+  forward    no grad, batch 4 x 2048: tokens/s each way, the ratio, and max |Δ logits| / max |logits|
+  training   forward + backward of the next-token loss, batch 2 x 2048, with gradient checkpointing on both sides
+             (the reference path keeps (B, T, D, N) float32 tensors per layer for autograd, which without
+             checkpointing does not fit): tokens/s each way, the ratio, the losses, and the relative difference
+             of every parameter's gradient (worst and median); --dtype float32 separates the kernel's agreement
+             from bfloat16 rounding
+The Titans memory and the symbolic module are dropped (memory=null, symbolic=null) and the JEPA head too
+(heads={}): this measures the backbone the kernel serves.
+
+    python bench/kernel_in_model.py --out bench/results/kernel_in_model.h100.json
+    TRITON_INTERPRET=1 python bench/kernel_in_model.py --smoke --out /tmp/m.json      # the script itself, on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+OVERRIDES = ("heads={}", "memory=null", "symbolic=null")
+SIZES = {"device": "cuda", "preset": None, "forward": (4, 2048), "train": (2, 2048), "warmup": 1, "iters": 3}
+SMOKE = {"device": "cpu", "preset": "tiny", "forward": (1, 16), "train": (1, 16), "warmup": 0, "iters": 1}
+
+
+def build(preset: str | None, out_root: Path):
+    from archgen.emit import emit, write_package
+    from archgen.pipeline import compile_spec
+    from tests.conftest import import_package
+
+    compiled = compile_spec(ROOT / "specs/nexus.yaml", preset, OVERRIDES)
+    emitted = emit(compiled, "specs/nexus.yaml")
+    target = out_root / compiled.resolved.name
+    write_package(emitted.files, target)
+    return import_package(target)
+
+
+def timed_ms(fn, sizes) -> float:
+    """Median wall time of fn in ms (synchronised), after warm-up calls (the first one also autotunes)."""
+    for _ in range(sizes["warmup"]):
+        fn()
+    times = []
+    for _ in range(sizes["iters"]):
+        if sizes["device"] == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if sizes["device"] == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - started) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def compare_forward(package, model, sizes) -> dict:
+    batch, length = sizes["forward"]
+    tokens = torch.randint(0, 32000 if sizes["preset"] is None else 256, (batch, length), device=sizes["device"])
+    entry = {"batch": batch, "length": length}
+    logits = {}
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        with torch.no_grad():
+            logits[use] = model(tokens).logits
+            ms = timed_ms(lambda: model(tokens), sizes)
+        entry["kernel" if use else "reference"] = {"ms": ms, "tokens_per_s": batch * length / (ms / 1e3)}
+    entry["speedup_kernel_over_reference"] = entry["reference"]["ms"] / entry["kernel"]["ms"]
+    entry["logits_relative_difference"] = relative(logits[True], logits[False])
+    return entry
+
+
+def compare_training(package, model, sizes) -> dict:
+    batch, length = sizes["train"]
+    vocab = 32000 if sizes["preset"] is None else 256
+    tokens = torch.randint(0, vocab, (batch, length + 1), device=sizes["device"])
+    model.train()
+    model.gradient_checkpointing = True
+    entry = {"batch": batch, "length": length, "gradient_checkpointing": True}
+    losses, grads = {}, {}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+        loss.backward()
+        return loss
+
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        losses[use] = step().item()
+        grads[use] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        ms = timed_ms(step, sizes)
+        entry["kernel" if use else "reference"] = {"ms": ms, "tokens_per_s": batch * length / (ms / 1e3),
+                                                   "loss": losses[use]}
+        if sizes["device"] == "cuda":
+            entry["kernel" if use else "reference"]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+    entry["speedup_kernel_over_reference"] = entry["reference"]["ms"] / entry["kernel"]["ms"]
+    entry["loss_difference"] = abs(losses[True] - losses[False])
+    differences = {n: relative(grads[True][n], grads[False][n]) for n in grads[True]}
+    worst = max(differences, key=differences.get)
+    entry["worst_gradient_relative_difference"] = {"parameter": worst, "value": differences[worst]}
+    entry["median_gradient_relative_difference"] = sorted(differences.values())[len(differences) // 2]
+    model.eval()
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (set TRITON_INTERPRET=1)")
+    parser.add_argument("--only", choices=("forward", "training"), help="run one section")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="model dtype on the GPU")
+    parser.add_argument("--batch", type=int, help="batch of both sections (default: 4 forward, 2 training)")
+    args = parser.parse_args()
+    sizes = dict(SMOKE if args.smoke else SIZES)
+    if args.batch:
+        sizes["forward"], sizes["train"] = (args.batch, sizes["forward"][1]), (args.batch, sizes["train"][1])
+    dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    results = {
+        "command": "python bench/kernel_in_model.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu",
+        "torch": torch.__version__, "python": platform.python_version(),
+        "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "") + "".join(f" --set {o}" for o in OVERRIDES),
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        package = build(sizes["preset"], Path(tmp))
+        if package.kernels.selective_scan is None:
+            raise SystemExit("triton could not be imported: the generated package has no kernel to compare")
+        results["triton"] = sys.modules["triton"].__version__
+        with torch.device(sizes["device"]):
+            model = package.Model()
+        model = model.to(dtype).eval()
+        if sizes["device"] == "cpu":  # the kernel runs on CPU tensors only in Triton's interpreter
+            package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
+        for name, section in (("forward", compare_forward), ("training", compare_training)):
+            if args.only not in (None, name):
+                continue
+            try:
+                results[name] = section(package, model, sizes)
+            except Exception as error:  # one section failing keeps the other's figures
+                results[name] = {"error": f"{type(error).__name__}: {error}"[:2000],
+                                 "trace": traceback.format_exc()[-3000:]}
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            print(json.dumps({name: results[name]}, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()

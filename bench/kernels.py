@@ -1,0 +1,426 @@
+"""The Triton selective scan (kernels/selective_scan.py) on one GPU, in one run, written to one JSON file.
+
+  1. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
+     realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
+     in float32; max abs and max relative (to the reference's largest magnitude) errors, and a verdict per tensor.
+  2. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
+     specs/*.yaml; N = d_state = 16) plus the anchor's, bf16; the winning configs and the autotuner's timings.
+  3. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
+     Mamba block has it): forward (inference, and training with checkpoints) and forward+backward, each against its
+     floor — the bytes it must move (u, Δ, z, B, C read and y written; the backward's inputs and gradients) over
+     the device copy bandwidth measured here (a 2 GiB copy_).
+  4. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
+     L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
+  5. mamba_ssm's selective_scan_fn, when importable (it is not installed on the lent machines; skipped then).
+
+Every section records its own error and the run goes on; the JSON is rewritten after each section, so a run cut
+short keeps what it measured. The sections stop starting once --budget-s seconds have passed (default 330: the run
+must end within 6 minutes on an H100).
+
+Run from the repository root on a GPU machine:   python bench/kernels.py --out bench/results/kernels.json
+Exercise the code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless):
+                                                python bench/kernels.py --dry-run --out /tmp/k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yaml")
+# Mamba-1 widths of the seed specs, used when archgen cannot be imported: {spec: {preset: (d_inner, d_state)}}.
+KNOWN_WIDTHS = {
+    "specs/hns_ss_jepa_moe.yaml": {"tiny": (128, 16), "default": (8192, 16)},
+    "specs/hymba_plus.yaml": {"tiny": (128, 16), "default": (3200, 16)},
+    "specs/nexus.yaml": {"tiny": (256, 16), "default": (1024, 16)},
+}
+
+
+def load_module(name: str, relative_path: str):
+    """Import a file by path (`kernels` is also a PyPI package's name, which a plain import could find first)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Bench:
+    """Shared state of one run: the modules, the device, the timer, the deadline, the results being written."""
+
+    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+        import torch
+
+        self.torch = torch
+        self.out = out
+        self.dry_run = dry_run
+        self.started = time.perf_counter()
+        self.budget_s = budget_s
+        self.device = "cpu" if dry_run else "cuda"
+        self.ss = load_module("archgen_kernels_selective_scan", "kernels/selective_scan.py")
+        self.ssm = load_module("archgen_runtime_ssm", "templates/runtime/ssm.py")
+        self.results: dict = {}
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write(self) -> None:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+
+    def section(self, name: str, fn, *, needs_s: float = 0.0) -> None:
+        """Run one section; its result or its error goes under results[name]; the JSON is rewritten after it."""
+        if self.elapsed() + needs_s > self.budget_s:
+            self.results[name] = {"skipped": f"time budget: {self.elapsed():.0f} s of {self.budget_s:.0f} s used"}
+        else:
+            started = time.perf_counter()
+            try:
+                self.results[name] = fn()
+            except Exception as error:  # a section's failure is a result; the others still run
+                self.results[name] = {"error": f"{type(error).__name__}: {error}",
+                                      "traceback": traceback.format_exc().splitlines()[-12:]}
+            if isinstance(self.results[name], dict):
+                self.results[name]["section_s"] = round(time.perf_counter() - started, 2)
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
+        self.results["elapsed_s"] = round(self.elapsed(), 1)
+        self.write()
+        print(f"[{self.elapsed():6.1f} s] {name}: {json.dumps(self.results[name], default=str)[:400]}", flush=True)
+
+    # -- measuring ----------------------------------------------------------------------------------------------
+
+    def time_ms(self, fn, grad_to_none=None) -> float:
+        """Median milliseconds of fn: triton.testing.do_bench on the GPU, a few wall-clock runs in the dry run."""
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+        runs = []
+        for _ in range(2):
+            started = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(runs)
+
+    def inputs(self, batch, seqlen, dim, dstate, dtype, *, seed=0, initial_state=False):
+        """Mamba-like inputs (Δ = softplus(delta + bias) around 0.3, A = -exp(·) in [-16, -1]): u, Δ, z, B, C in
+        `dtype`, A, D, delta_bias (and the initial state) in float32, as the Mamba block passes them."""
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(seed)
+
+        def randn(*shape, scale=1.0, mean=0.0, dt=torch.float32):
+            return (torch.randn(*shape, generator=g, device=self.device) * scale + mean).to(dt)
+
+        args = dict(
+            u=randn(batch, seqlen, dim, dt=dtype),
+            delta=randn(batch, seqlen, dim, scale=0.5, mean=-1.0, dt=dtype),
+            A=-torch.exp(torch.rand(dim, dstate, generator=g, device=self.device) * 2.772588722239781),
+            B=randn(batch, seqlen, dstate, dt=dtype),
+            C=randn(batch, seqlen, dstate, dt=dtype),
+            D=randn(dim),
+            z=randn(batch, seqlen, dim, dt=dtype),
+            delta_bias=randn(dim, scale=0.5),
+        )
+        if initial_state:
+            args["initial_state"] = randn(batch, dim, dstate)
+        return args
+
+    # -- sections -------------------------------------------------------------------------------------------------
+
+    def copy_bandwidth(self) -> dict:
+        """Bytes read + written per second by a device copy of 2 GiB (64 MiB in the dry run)."""
+        torch = self.torch
+        numel = 2**30 if self.device == "cuda" else 2**25
+        src = torch.empty(numel, dtype=torch.bfloat16, device=self.device)
+        dst = torch.empty_like(src)
+        ms = self.time_ms(lambda: dst.copy_(src))
+        moved = 2 * numel * src.element_size()
+        self.bandwidth = moved / (ms / 1e3)
+        return {"bytes_moved": moved, "ms": ms, "bytes_per_s": self.bandwidth}
+
+    def correctness(self) -> dict:
+        torch = self.torch
+        ss = self.ss
+        shapes = [(1, 21, 6, 4)] if self.dry_run else [(2, 1000, 1000, 16), (1, 2048, 3200, 16)]
+        tolerance = {"float32": {"forward": 1e-4, "gradients": 1e-3}, "bfloat16": {"forward": 3e-2, "gradients": 3e-2}}
+        report = {"tolerance_relative_to_max": tolerance, "reference": "selective_scan_reference in float32 on the "
+                  "bf16-rounded inputs; both kernels get those same values", "shapes": {}}
+        all_ok = True
+        for batch, seqlen, dim, dstate in shapes:
+            key = f"B{batch}-T{seqlen}-D{dim}-N{dstate}"
+            base = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=1, initial_state=True)
+            as_f32 = {k: v.float() for k, v in base.items()}
+            g = torch.Generator(device=self.device).manual_seed(2)
+            grad_y = torch.randn(batch, seqlen, dim, generator=g, device=self.device)
+            grad_state = torch.randn(batch, dim, dstate, generator=g, device=self.device)
+            ref = _forward_backward(ss.selective_scan_reference, as_f32, grad_y, grad_state)
+            entry = {}
+            for label, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+                self.pin_unless_tuned(dim, dstate, dtype)
+                kernel_args = {k: (v.to(dtype) if k in ("u", "delta", "z", "B", "C") else v) for k, v in as_f32.items()}
+                got = _forward_backward(ss.selective_scan, kernel_args, grad_y, grad_state)
+                errors = {}
+                for name, value in got.items():
+                    kind = "forward" if name in ("y", "final_state") else "gradients"
+                    err = _errors(value, ref[name])
+                    err["ok"] = err["max_rel"] <= tolerance[label][kind]
+                    all_ok &= err["ok"]
+                    errors[name] = err
+                entry[label] = errors
+            report["shapes"][key] = entry
+            del ref, got, base, as_f32
+        report["ok"] = all_ok
+        report["configs"] = self.ss.tuned_configs()
+        return report
+
+    def pin_unless_tuned(self, dim, dstate, dtype) -> None:
+        """Compiling every candidate config takes a second or two each: only bf16 at a width that is a multiple of
+        16 (the specialisation every seed width shares) is tuned here; other checks run one fixed config."""
+        torch = self.torch
+        if dtype == torch.bfloat16 and dim % 16 == 0:
+            return
+        key = self.ss.Autotuner.key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
+        fixed = {"BLOCK_D": 32, "num_warps": 4}
+        self.ss.pin_configs({"forward": {key: fixed}, "backward": {key: fixed}})
+
+    def seed_widths(self) -> dict:
+        """{spec: {preset: (d_inner, d_state)}} of every Mamba-1 mixer, from the specs themselves when archgen loads."""
+        try:
+            sys.path.insert(0, str(ROOT))
+            from archgen.pipeline import compile_spec
+
+            widths = {}
+            for spec in SPECS:
+                widths[spec] = {}
+                for preset in ("tiny", None):
+                    resolved = compile_spec(ROOT / spec, preset).resolved
+                    for mixer in resolved.mixers.values():
+                        if getattr(mixer, "kind", None) == "mamba":
+                            widths[spec][preset or "default"] = (mixer.expand * resolved.d_model, mixer.d_state)
+            return {"source": "specs via archgen", "widths": widths}
+        except Exception as error:
+            return {"source": f"built-in table ({type(error).__name__}: {error})", "widths": KNOWN_WIDTHS}
+
+    def autotune(self) -> dict:
+        ss = self.ss
+        found = self.seed_widths()
+        shapes = sorted({w for presets in found["widths"].values() for w in presets.values()} | {(4096, 16)})
+        report = {"widths_from": found["source"], "seed_widths": found["widths"], "by_width": {}}
+        if self.dry_run:  # the interpreter tunes nothing: one tiny width walks the code path
+            report["note"] = f"dry run: the interpreter runs INTERPRETER_CONFIG {ss.INTERPRETER_CONFIG}, widths not tuned"
+            shapes, batch, seqlen = [(8, 4)], 1, 20
+        else:
+            batch, seqlen = 8, 2048
+        for dim, dstate in shapes:
+            report["by_width"][f"D{dim}-N{dstate}"] = self.tune_width(dim, dstate, batch=batch, seqlen=seqlen)
+        report["tuned_configs"] = ss.tuned_configs()
+        return report
+
+    def tune_width(self, dim: int, dstate: int, batch: int, seqlen: int) -> dict:
+        """One training step at this width tunes both kernels (unless an earlier section did); then the forward's
+        time at the tuning shape."""
+        torch = self.torch
+        ss = self.ss
+        # With an initial state, like the correctness checks: the same compiled variant, so nothing new to compile.
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=3, initial_state=True)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+        started = time.perf_counter()
+        y, _ = ss.selective_scan(**leaves)  # the training forward: tunes the forward kernel
+        y.backward(torch.ones_like(y))  # tunes the backward kernel
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        key = ss.Autotuner.key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16)
+        entry = {"tuning_s": round(time.perf_counter() - started, 2), "key": key,
+                 "forward": _tuner_report(ss.FORWARD_TUNER, key), "backward": _tuner_report(ss.BACKWARD_TUNER, key)}
+        with torch.no_grad():
+            entry[f"forward_ms_at_B{batch}_T{seqlen}"] = self.time_ms(lambda: ss.selective_scan(**args))
+        return entry
+
+    def anchor(self) -> dict:
+        torch = self.torch
+        ss = self.ss
+        batch, seqlen, dim, dstate = (1, 40, 8, 4) if self.dry_run else (8, 4096, 4096, 16)
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=4)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+        grad_y = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
+        elem = 2  # bytes of a bf16 element
+        tokens = batch * seqlen
+        forward_bytes = elem * tokens * (3 * dim + 2 * dstate) + elem * tokens * dim  # u, Δ, z, B, C in; y out
+        backward_bytes = elem * tokens * (4 * dim + 2 * dstate) + elem * tokens * (3 * dim + 2 * dstate)  # + dy; grads out
+        with torch.no_grad():
+            ss.selective_scan(**args)  # warm-up (and autotune, if the width was not tuned yet)
+            infer_ms = self.time_ms(lambda: ss.selective_scan(**args))
+        train_forward_ms = self.time_ms(lambda: ss.selective_scan(**leaves))
+
+        def forward_backward():
+            y, _ = ss.selective_scan(**leaves)
+            y.backward(grad_y)
+
+        forward_backward()
+        fwd_bwd_ms = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
+        forward_floor_ms = forward_bytes / self.bandwidth * 1e3
+        fwd_bwd_floor_ms = (forward_bytes + backward_bytes) / self.bandwidth * 1e3
+        return {
+            "shape": {"batch": batch, "seqlen": seqlen, "dim": dim, "dstate": dstate, "dtype": "bfloat16",
+                      "features": ["z gate", "delta_bias + softplus", "D skip"], "chunk_size": ss.CHUNK_SIZE},
+            "forward_inference_ms": infer_ms,
+            "forward_training_ms": train_forward_ms,
+            "forward_backward_ms": fwd_bwd_ms,
+            "forward_floor_bytes": forward_bytes,
+            "forward_floor_ms": forward_floor_ms,
+            "forward_backward_floor_bytes": forward_bytes + backward_bytes,
+            "forward_backward_floor_ms": fwd_bwd_floor_ms,
+            "checkpoint_bytes": 4 * batch * -(-seqlen // ss.CHUNK_SIZE) * dim * dstate,
+            "exp2_evaluations_forward": batch * seqlen * dim * dstate,
+            "ratio_forward_inference_over_floor": infer_ms / forward_floor_ms,
+            "ratio_forward_training_over_floor": train_forward_ms / forward_floor_ms,
+            "ratio_forward_backward_over_floor": fwd_bwd_ms / fwd_bwd_floor_ms,
+            "tokens_per_s_forward_inference": tokens / (infer_ms / 1e3),
+            "configs": ss.tuned_configs(),
+            "note": "floors count only the bytes of the inputs and outputs over the measured copy bandwidth; the "
+                    "kernels also evaluate one exp2 per (token, channel, state) forward and again backward, which the "
+                    "special-function units bound too (16 per clock per SM on H100)",
+        }
+
+    def reference_path(self) -> dict:
+        torch = self.torch
+        ss, ssm = self.ss, self.ssm
+        batch, seqlen, dim, dstate = (1, 20, 8, 4) if self.dry_run else (1, 2048, 4096, 16)
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=5)
+        grad_y = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
+        report = {"shape": {"batch": batch, "seqlen": seqlen, "dim": dim, "dstate": dstate, "dtype": "bfloat16"}}
+        for label, fn in (("kernel", ss.selective_scan), ("reference", ssm.selective_scan)):
+            try:
+                report.update({f"{label}_{k}": v for k, v in self.time_scan(fn, args, grad_y).items()})
+            except Exception as error:  # the reference may not fit; say so and keep the kernel's numbers
+                report[f"{label}_error"] = f"{type(error).__name__}: {error}"
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
+        for phase in ("forward", "forward_backward"):
+            if f"reference_{phase}_ms" in report and f"kernel_{phase}_ms" in report:
+                report[f"speedup_{phase}_kernel_over_reference"] = report[f"reference_{phase}_ms"] / report[f"kernel_{phase}_ms"]
+        return report
+
+    def time_scan(self, fn, args: dict, grad_y) -> dict:
+        """fn(**args) -> (y, final_state): forward ms (no grad), forward+backward ms, and that step's peak memory."""
+        torch = self.torch
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+
+        def forward_backward():
+            y, _ = fn(**leaves)
+            y.backward(grad_y)
+
+        with torch.no_grad():
+            result = {"forward_ms": self.time_ms(lambda: fn(**args))}
+        result["forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            forward_backward()
+            result["forward_backward_peak_bytes"] = torch.cuda.max_memory_allocated()
+        return result
+
+    def mamba_ssm(self) -> dict:
+        wheels = sorted(p.name for p in (ROOT / ".whl").glob("mamba_ssm*")) if (ROOT / ".whl").is_dir() else []
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+        except Exception as error:
+            return {"skipped": f"mamba_ssm not importable ({type(error).__name__}: {error}); in .whl/: {wheels or 'none'}"}
+        if self.dry_run:
+            return {"skipped": "dry run"}
+        torch = self.torch
+        ss = self.ss
+        batch, seqlen, dim, dstate = 8, 4096, 4096, 16
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=6)
+        # mamba_ssm takes channels-first u, delta, z (B, D, L) and B, C (B, N, L); the transposes are not timed.
+        cf = {k: args[k].transpose(1, 2).contiguous() for k in ("u", "delta", "z", "B", "C")}
+        with torch.no_grad():
+            ours = self.time_ms(lambda: ss.selective_scan(**args))
+            theirs = self.time_ms(lambda: selective_scan_fn(cf["u"], cf["delta"], args["A"], cf["B"], cf["C"], args["D"],
+                                                            z=cf["z"], delta_bias=args["delta_bias"], delta_softplus=True))
+        return {"shape": [batch, seqlen, dim, dstate], "kernel_forward_ms": ours, "mamba_ssm_forward_ms": theirs,
+                "ratio_kernel_over_mamba_ssm": ours / theirs}
+
+
+def _forward_backward(fn, args, grad_y, grad_state) -> dict:
+    """fn(**args) -> (y, final_state); the backward of Σ y·grad_y + Σ final·grad_state; every result in float32."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+    y, state = fn(**leaves)
+    ((y.float() * grad_y).sum() + (state.float() * grad_state).sum()).backward()
+    out = {"y": y.detach().float(), "final_state": state.detach().float()}
+    out.update({f"d{k}": v.grad.float() for k, v in leaves.items()})
+    return out
+
+
+def _errors(actual, expected) -> dict:
+    """Max abs error, and max abs error relative to the largest reference magnitude."""
+    diff = (actual.double() - expected.double()).abs()
+    scale = expected.double().abs().max().item()
+    max_abs = diff.max().item() if diff.numel() else 0.0
+    finite = bool(actual.isfinite().all())
+    return {"max_abs": max_abs, "max_rel": max_abs / max(scale, 1e-30) if finite else float("inf"),
+            "reference_max": scale, "finite": finite}
+
+
+def _tuner_report(tuner, key: str) -> dict:
+    """The tuner's choice for key and the median ms (or the error) of every config it tried."""
+    return {"best": tuner.chosen.get(key), "timings_ms": tuner.timings.get(key, {})}
+
+
+SECTIONS = {"correctness": 30, "autotune": 60, "anchor": 20, "reference_path": 20, "mamba_ssm": 10}
+"""The sections after the copy bandwidth, in order, with the seconds each needs to be worth starting."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="start no section after this many seconds")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (of {', '.join(SECTIONS)})")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    if only - set(SECTIONS):
+        raise SystemExit(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by the kernel module)
+
+    import torch
+    import triton
+
+    if not args.dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or pass --dry-run to exercise the code on the CPU")
+    bench = Bench(args.out, args.dry_run, args.budget_s)
+    bench.results.update({
+        "device": "cpu (dry run, Triton interpreter)" if args.dry_run else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "dry_run": args.dry_run,
+        "chunk_size": bench.ss.CHUNK_SIZE,
+    })
+    torch.manual_seed(0)
+    bench.section("copy_bandwidth", bench.copy_bandwidth)
+    if "bytes_per_s" not in bench.results["copy_bandwidth"]:
+        bench.bandwidth = float("nan")
+    for name, needs_s in SECTIONS.items():
+        if name in only:
+            bench.section(name, getattr(bench, name), needs_s=needs_s)
+    bench.results["tuned_configs"] = bench.ss.tuned_configs()
+    bench.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,895 @@
+"""Mamba-1 selective scan as fused Triton kernels: forward, backward, the custom op, and the reference.
+
+For every batch b, channel d (of D = d_inner) and state index n (of N = d_state)::
+
+    Δ_t  = softplus(delta_t + delta_bias)             (delta_t + delta_bias if not delta_softplus)
+    h_t  = exp(Δ_t A) ⊙ h_{t-1}  +  (Δ_t u_t) ⊗ B_t   h_t[d, n], h_{-1} = initial_state or 0
+    y_t  = h_t C_t  +  D ⊙ u_t                        (h_t C_t)[d] = Σ_n h_t[d, n] C_t[n]
+    y_t  = y_t ⊙ silu(z_t)                            if a gate z is given
+
+Shapes are channels-last, as in templates/runtime/ssm.py (the reference every generated package runs): u, delta,
+z (B, T, D); A (D, N); B, C (B, T, N); D, delta_bias (D,); initial_state and the final state (B, D, N). Inputs may
+be float32, float16 or bfloat16 and may be strided (the Mamba block hands over slices of its projections); the
+recurrence and every accumulation run in float32, y comes back in u's dtype and the final state in float32.
+
+Why a kernel: the reference materialises (B, T, D, N) tensors (decays, inputs, states) and keeps them for autograd;
+at batch 8, T = D = 4096, N = 16 that is 8 GiB per tensor in float32. Here the states never reach memory.
+
+How the forward works. The grid is (batch, blocks of BLOCK_D channels). A program walks its sequence in chunks of
+CHUNK time steps. Per chunk it loads (CHUNK, BLOCK_D) tiles of u, delta, z and (CHUNK, N) tiles of B, C, forms the
+(CHUNK, BLOCK_D, N) decays a_t = exp(Δ_t A) and inputs x_t = Δ_t u_t B_t, and turns them into the chunk's states
+with a log-depth `tl.associative_scan` along time over (decay, input) pairs — composing two steps h ↦ a·h + x
+multiplies decays in [0, 1], so it is stable for any Δ·A — then adds the state carried in from the previous chunk
+times the decay since the chunk start. y contracts the states with C. Loading whole tiles rather than one time
+step at a time keeps many loads in flight, which a step-by-step loop (one dependent load per step) cannot.
+
+Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
+h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
+N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
+
+How the backward works. Same grid; chunks in reverse order. Per chunk it recomputes the chunk's states from its
+checkpoint (the same scan as the forward, in registers), then runs the adjoint recurrence backwards in time. With
+ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its gradient (dȳ_t = dy_t without z):
+
+    g_t = dL/dh_t = dȳ_t C_t + a_{t+1} g_{t+1}
+
+as a reverse `tl.associative_scan`. Its coefficient is the *next* step's decay, which a scan over per-step
+elements cannot see, so each segment of steps carries (first decay, link, gradient): for steps s..e,
+g_s = gradient + link · w with w = a_{e+1} g_{e+1} the adjoint flowing in from after the segment and
+link = Π_{s<t≤e} a_t; joining an earlier segment E to a later one L gives link_E · first_L · link_L and
+gradient_E + link_E · first_L · gradient_L (see `_adjoint_combine`). The adjoint entering the chunk from later
+chunks is carried across chunks like the state is in the forward (it starts as dL/d final_state), and
+a_{t0} g_{t0} of the chunk's first step is what flows into the previous chunk — at t0 = 0 it is dL/d initial_state.
+Then, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed):
+
+    dΔ_t = Σ_n g_t (a_t h_{t-1}) A  +  u_t Σ_n g_t B_t        d delta_t = dΔ_t · sigmoid(delta_t + delta_bias)
+    du_t = Δ_t Σ_n g_t B_t  +  D dȳ_t                           dz_t = dy_t · ȳ_t · silu'(z_t)
+    dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
+    dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
+
+Reductions are deterministic, without atomics: dA, dD and d delta_bias are summed per program over time and
+written per batch row ((B, D, N), (B, D)), dB and dC per block of channels ((B, T, blocks, N)); torch sums those.
+
+Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen::selective_scan` and
+`archgen::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
+implementations and autograd), the launchers `selective_scan_forward` / `selective_scan_backward` (autotuned on
+first use per width and dtype, or with an explicit config), `tuned_configs` / `pin_configs` (read the tuner's choices,
+or set them from a tuning file), and `selective_scan_reference`, a plain loop over time with the same signature and
+return values: the ground truth of the tests.
+
+This file needs triton; nothing else outside torch. Under TRITON_INTERPRET=1 (set before triton is imported) the
+kernels run on CPU tensors through Triton's interpreter, slowly: that is how the tests run without a GPU.
+"""
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a triton without the interpreter: never interpreting
+    InterpretedFunction = ()
+
+CHUNK_SIZE = 16
+"""Time steps per chunk (a power of two). The forward's tiles are (CHUNK, BLOCK_D, N) and it checkpoints one
+state per chunk; larger chunks halve the checkpoint bytes but double the registers the backward's tiles take."""
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
+
+# Autotune spaces. BLOCK_D is the number of channels per program; the tiles hold CHUNK · BLOCK_D · N float32 values,
+# several of them live at once in the backward, hence its smaller blocks and more warps.
+FORWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block in (16, 32, 64, 128) for warps in (2, 4, 8)]
+BACKWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block in (16, 32, 64) for warps in (4, 8)]
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _affine_combine(decay_early, state_early, decay_late, state_late):
+    """Two consecutive steps h ↦ a·h + x as one step: the early one, then the late one."""
+    return decay_early * decay_late, decay_late * state_early + state_late
+
+
+@triton.jit
+def _adjoint_combine(first_late, link_late, grad_late, first_early, link_early, grad_early):
+    """Join two consecutive segments of the adjoint recurrence g_t = q_t + a_{t+1} g_{t+1} (module docstring).
+
+    A reverse scan hands over the accumulated later segment first, then the earlier one.
+    """
+    bridge = link_early * first_late  # Π of the decays after the early segment's first step, up to the late one's first
+    return first_early, bridge * link_late, grad_early + bridge * grad_late
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing; log1p(w) = log(1 + w) · w / ((1 + w) - 1) keeps
+    w where 1 + w rounds to 1 (Goldberg's trick; triton.language has no log1p)."""
+    w = tl.exp(-tl.abs(x))
+    one_plus_w = 1.0 + w
+    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_w
+
+
+@triton.jit
+def _tile_offsets(batch, t0, stride_b, stride_t, stride_col, rows, cols):
+    """Element offsets of the (rows, cols) tile at time t0 of one batch row of a (B, T, cols) tensor.
+
+    The batch and chunk starts are int64 (B·T·D passes 2**31 at long contexts); the in-tile offsets stay int32.
+    """
+    base = tl.cast(batch, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t
+    return base + rows[:, None] * stride_t + cols[None, :] * stride_col
+
+
+@triton.jit
+def _state_offsets(batch, stride_b, stride_d, stride_n, d_offs, n_offs):
+    """Element offsets of a (BLOCK_D, BLOCK_N) block of a (B, D, N) state."""
+    return tl.cast(batch, tl.int64) * stride_b + d_offs[:, None] * stride_d + n_offs[None, :] * stride_n
+
+
+@triton.jit
+def _chunk_states(decay, inp, entering_state):
+    """States of one chunk: a log-depth scan of h_t = a_t h_{t-1} + x_t along time from a zero start, plus the
+    entering state times the decay since the chunk start. decay, inp: (CHUNK, BLOCK_D, BLOCK_N)."""
+    decay_since_start, states = tl.associative_scan((decay, inp), 0, _affine_combine)
+    return states + decay_since_start * entering_state[None, :, :]
+
+
+@triton.jit
+def _row(tile, rows, index):
+    """tile[index] of a (CHUNK, ...) register tile, as a masked sum (registers cannot be indexed)."""
+    return tl.sum(tl.where(rows[:, None, None] == index, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    init_ptr, init_stride_b, init_stride_d, init_stride_n,
+    y_ptr, y_stride_b, y_stride_t, y_stride_d,
+    final_ptr, final_stride_b, final_stride_d, final_stride_n,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    seqlen, n_chunks, dim, dstate,
+    HAS_D: tl.constexpr,  # add D ⊙ u
+    HAS_Z: tl.constexpr,  # gate with silu(z)
+    HAS_DELTA_BIAS: tl.constexpr,  # add delta_bias before the softplus
+    HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
+    DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
+    SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
+    CHUNK: tl.constexpr,  # time steps per tile
+    BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # channels per program
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_in = d_offs < dim
+    dn_in = d_in[:, None] & (n_offs < dstate)[None, :]
+
+    # Channels past `dim` and state indices past `dstate` load A = 0, u = 0, B = C = 0: their decay is 1 and their
+    # input 0, so they hold a zero state and every store masks them out.
+    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
+    A_log2 = A.to(tl.float32) * _LOG2E
+    if HAS_D:
+        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if HAS_INITIAL_STATE:
+        init_offs = _state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, d_offs, n_offs)
+        state = tl.load(init_ptr + init_offs, mask=dn_in, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+
+    for chunk in range(n_chunks):
+        t0 = chunk * CHUNK
+        if SAVE_CHECKPOINTS:
+            ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
+            tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
+        t_in = (t0 + rows) < seqlen
+        td_in = t_in[:, None] & d_in[None, :]
+        tn_in = t_in[:, None] & (n_offs < dstate)[None, :]
+
+        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
+                    mask=td_in, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
+                     mask=td_in, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt += bias[None, :]
+        if DELTA_SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
+        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
+
+        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
+        inp = (dt * u)[:, :, None] * B[:, None, :]
+        states = _chunk_states(decay, inp, state)
+        y = tl.sum(states * C[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
+        if HAS_D:
+            y += skip[None, :] * u
+        if HAS_Z:
+            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
+                        mask=td_in, other=0.0).to(tl.float32)
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
+                 y.to(y_ptr.dtype.element_ty), mask=td_in)
+        state = _row(states, rows, CHUNK - 1)  # padded steps keep the state, so the last row is h_{T-1} at the end
+
+    final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, d_offs, n_offs)
+    tl.store(final_ptr + final_offs, state, mask=dn_in)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    dfinal_ptr, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n,
+    du_ptr, du_stride_b, du_stride_t, du_stride_d,
+    ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
+    dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
+    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
+    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
+    dA_part_ptr, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n,
+    dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
+    dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
+    dinit_ptr, dinit_stride_b, dinit_stride_d, dinit_stride_n,
+    seqlen, n_chunks, dim, dstate,
+    HAS_D: tl.constexpr,  # as in the forward
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,  # write dL/d initial_state
+    DELTA_SOFTPLUS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
+    CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_in = d_offs < dim
+    n_in = n_offs < dstate
+    dn_in = d_in[:, None] & n_in[None, :]
+
+    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
+    A = A.to(tl.float32)
+    A_log2 = A * _LOG2E
+    if HAS_D:
+        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    # The adjoint flowing into the last state of the current chunk from everything after it.
+    if HAS_DFINAL:
+        dfinal_offs = _state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, d_offs, n_offs)
+        adjoint_in = tl.load(dfinal_ptr + dfinal_offs, mask=dn_in, other=0.0).to(tl.float32)
+    else:
+        adjoint_in = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ones = tl.full((CHUNK, BLOCK_D, BLOCK_N), 1.0, tl.float32)
+
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        t0 = chunk * CHUNK
+        t_in = (t0 + rows) < seqlen
+        td_in = t_in[:, None] & d_in[None, :]
+        tn_in = t_in[:, None] & n_in[None, :]
+
+        # Recompute the chunk's forward from its checkpoint.
+        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
+                    mask=td_in, other=0.0).to(tl.float32)
+        dt_raw = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
+                         mask=td_in, other=0.0).to(tl.float32)
+        if HAS_DELTA_BIAS:
+            dt_raw += bias[None, :]
+        if DELTA_SOFTPLUS:
+            dt = _softplus(dt_raw)
+        else:
+            dt = dt_raw
+        dt = tl.where(td_in, dt, 0.0)
+        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
+        ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
+        entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
+
+        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])
+        dtu = dt * u
+        inp = dtu[:, :, None] * B[:, None, :]
+        states = _chunk_states(decay, inp, entering)
+
+        # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero at padded steps).
+        dy = tl.load(dy_ptr + _tile_offsets(pid_b, t0, dy_stride_b, dy_stride_t, dy_stride_d, rows, d_offs),
+                     mask=td_in, other=0.0).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
+                        mask=td_in, other=0.0).to(tl.float32)
+            y = tl.sum(states * C[:, None, :], axis=2)
+            if HAS_D:
+                y += skip[None, :] * u
+            gate = tl.sigmoid(z)
+            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
+                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
+            dy_ssm = dy * z * gate
+        else:
+            dy_ssm = dy
+        if HAS_D:
+            du = dy_ssm * skip[None, :]
+            dD_acc += tl.sum(dy_ssm * u, axis=0)
+        else:
+            du = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+
+        # The adjoint g_t of every state of the chunk (module docstring).
+        q = dy_ssm[:, :, None] * C[:, None, :]
+        _, link, grad = tl.associative_scan((decay, ones, q), 0, _adjoint_combine, reverse=True)
+        g = grad + link * adjoint_in[None, :, :]
+
+        # dB, dC: this block's share of the sum over channels.
+        dC_part = tl.sum(dy_ssm[:, :, None] * states, axis=1)  # (CHUNK, BLOCK_N)
+        dB_part = tl.sum(g * dtu[:, :, None], axis=1)
+        tl.store(dC_part_ptr + pid_d * dC_part_stride_blk
+                 + _tile_offsets(pid_b, t0, dC_part_stride_b, dC_part_stride_t, dC_part_stride_n, rows, n_offs),
+                 dC_part, mask=tn_in)
+        tl.store(dB_part_ptr + pid_d * dB_part_stride_blk
+                 + _tile_offsets(pid_b, t0, dB_part_stride_b, dB_part_stride_t, dB_part_stride_n, rows, n_offs),
+                 dB_part, mask=tn_in)
+
+        # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
+        g_dot_B = tl.sum(g * B[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
+        g_decayed = g * (states - inp)
+        ddt = tl.sum(g_decayed * A[None, :, :], axis=2) + u * g_dot_B
+        du += dt * g_dot_B
+        dA_acc += tl.sum(g_decayed * dt[:, :, None], axis=0)
+        if DELTA_SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(td_in, ddt, 0.0)  # padded steps have a state but no delta
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
+                 du.to(du_ptr.dtype.element_ty), mask=td_in)
+        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
+                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
+
+        adjoint_in = _row(decay * g, rows, 0)  # a_{t0} g_{t0}: into the previous chunk's last state
+
+    if HAS_INITIAL_STATE:
+        dinit_offs = _state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, d_offs, n_offs)
+        tl.store(dinit_ptr + dinit_offs, adjoint_in.to(dinit_ptr.dtype.element_ty), mask=dn_in)
+    dA_offs = _state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, d_offs, n_offs)
+    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=dn_in)
+    if HAS_D:
+        tl.store(dD_part_ptr + pid_b.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
+    if HAS_DELTA_BIAS:
+        tl.store(dbias_part_ptr + pid_b.to(tl.int64) * dbias_part_stride_b + d_offs * dbias_part_stride_d,
+                 dbias_acc, mask=d_in)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
+    return isinstance(_selective_scan_fwd_kernel, InterpretedFunction)
+
+
+def _fix_interpreter_scalars() -> None:
+    """Let Triton's interpreter run loops with runtime bounds under numpy >= 2.4.
+
+    The interpreter holds a scalar as a numpy array of shape (1,) and converts it with int(array), which numpy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so `for i in range(n)` fails for a
+    runtime n. Its launch-time patch of tl.tensor.__index__ is wrapped to convert with .item() instead; the
+    interpreter restores patched attributes last-in first-out, so both are undone after each launch.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "archgen_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.archgen_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_scalars()
+
+
+def _strided(t: Tensor | None, ndim: int) -> tuple:
+    """(tensor or None, *strides): a kernel's pointer and stride arguments; an absent tensor gets zero strides."""
+    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
+
+
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+class Autotuner:
+    """Chooses BLOCK_D and num_warps of one kernel per (dim, dstate, chunk, dtype of u): on the first call with a
+    key it times every candidate config on that call's own tensors (triton.testing.do_bench) and keeps the fastest.
+
+    Not triton.autotune: that keys on the dtype of every tensor argument, and an absent optional input (None), like
+    the checkpoints inference does not write, has none — so each combination of present inputs would be tuned, and
+    all its configs compiled, anew. Here those variants share one choice and compile only the winner. `pin` sets
+    choices without timing (from a tuning file); `chosen` and `timings` record what was chosen and why.
+    Tuning launches the kernel many times: do it before a CUDA graph capture, or pin the configs.
+    """
+
+    def __init__(self, name: str, configs: list[dict]):
+        self.name = name
+        self.configs = configs
+        self.chosen: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
+
+    @staticmethod
+    def key(dim: int, dstate: int, chunk: int, dtype: torch.dtype) -> str:
+        return f"D{dim}-N{dstate}-L{chunk}-{str(dtype).replace('torch.', '')}"
+
+    def candidates(self, dim: int) -> list[dict]:
+        """The configs whose block is no wider than the channels need (the narrowest always stays)."""
+        widest = max(triton.next_power_of_2(dim), min(c["BLOCK_D"] for c in self.configs))
+        return [c for c in self.configs if c["BLOCK_D"] <= widest]
+
+    def tune(self, key: str, dim: int, launch) -> dict:
+        """Time launch(config) for every candidate and keep the fastest; a config that fails to compile or run (out
+        of registers, shared memory) is recorded with its error and skipped."""
+        from triton.testing import do_bench
+
+        timings = {}
+        for config in self.candidates(dim):
+            try:
+                timings[_config_name(config)] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=25,
+                                                               return_mode="median"))
+            except Exception as error:  # one config failing must not fail the op: the others may run
+                timings[_config_name(config)] = f"{type(error).__name__}: {error}"[:300]
+        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
+        if not ran:
+            raise RuntimeError(f"no config of the {self.name} kernel ran for {key}: {timings}")
+        best = next(c for c in self.candidates(dim) if _config_name(c) == min(ran, key=ran.get))
+        self.chosen[key] = best
+        self.timings[key] = timings
+        return best
+
+    def pin(self, choices: dict) -> None:
+        """Use these {key: {"BLOCK_D", "num_warps"}} choices (e.g. `tuned_configs()` of an earlier run) untimed."""
+        self.chosen.update({key: {"BLOCK_D": int(c["BLOCK_D"]), "num_warps": int(c["num_warps"])}
+                            for key, c in choices.items()})
+
+    def known(self, key: str, explicit: dict | None) -> dict | None:
+        """The config to run without tuning: the explicit one, the interpreter's, or the chosen one; else None."""
+        if explicit is not None:
+            return {"BLOCK_D": explicit["BLOCK_D"], "num_warps": explicit.get("num_warps", 4)}
+        if interpreting():
+            return INTERPRETER_CONFIG
+        return self.chosen.get(key)
+
+
+def _config_name(config: dict) -> str:
+    return f"BLOCK_D={config['BLOCK_D']},num_warps={config['num_warps']}"
+
+
+FORWARD_TUNER = Autotuner("forward", FORWARD_CONFIGS)
+BACKWARD_TUNER = Autotuner("backward", BACKWARD_CONFIGS)
+
+
+def tuned_configs() -> dict:
+    """The choices so far: {"forward"|"backward": {key: {"BLOCK_D", "num_warps"}}}, keys like D4096-N16-L16-bfloat16.
+    JSON-ready; `pin_configs` takes it back."""
+    return {tuner.name: {key: dict(c) for key, c in tuner.chosen.items()} for tuner in (FORWARD_TUNER, BACKWARD_TUNER)}
+
+
+def pin_configs(choices: dict) -> None:
+    """Pin {"forward"|"backward": {key: config}} (what `tuned_configs` returns), so those keys are never timed."""
+    FORWARD_TUNER.pin(choices.get("forward", {}))
+    BACKWARD_TUNER.pin(choices.get("backward", {}))
+
+
+def selective_scan_forward(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    *,
+    save_checkpoints: bool = False,
+    chunk_size: int = CHUNK_SIZE,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the forward kernel. Returns y (B, T, D) in u.dtype, the final state (B, D, N) float32, and the
+    checkpoints (B, ceil(T / chunk_size), D, N) float32 — (B, 0, D, N) unless save_checkpoints.
+
+    config: {"BLOCK_D": …, "num_warps": …} to bypass the autotuner."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size)
+    batch, seqlen, dim = u.shape
+    dstate = A.shape[1]
+    y = torch.empty((batch, seqlen, dim), dtype=u.dtype, device=u.device)
+    final_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
+    n_chunks = triton.cdiv(seqlen, chunk_size) if save_checkpoints else 0
+    checkpoints = torch.empty((batch, n_chunks, dim, dstate), dtype=torch.float32, device=u.device)
+    if batch == 0 or dim == 0 or dstate == 0:
+        return y, final_state, checkpoints
+    if seqlen == 0:  # nothing to scan: the state passes through
+        final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
+        return y, final_state, checkpoints
+
+    args = (
+        *_strided(u, 3), *_strided(delta, 3), *_strided(A, 2), *_strided(B, 3), *_strided(C, 3),
+        *_strided(D, 1), *_strided(z, 3), *_strided(delta_bias, 1), *_strided(initial_state, 3),
+        *_strided(y, 3), *_strided(final_state, 3), *_strided(checkpoints if save_checkpoints else None, 4),
+        seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
+    )
+    constexprs = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
+        SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
+    )
+
+    def launch(cfg):
+        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+
+    key = Autotuner.key(dim, dstate, chunk_size, u.dtype)
+    with _on_device(u):
+        launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, dim, launch))
+    return y, final_state, checkpoints
+
+
+def selective_scan_backward(
+    dy: Tensor,
+    dfinal_state: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    checkpoints: Tensor,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+    config: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Run the backward kernel: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state), each in its
+    input's dtype, None for an absent input. checkpoints: the forward's, saved with the same chunk_size; when
+    it has no chunks (the forward did not save them) the forward runs again to write them."""
+    batch, seqlen, dim = u.shape
+    dstate = A.shape[1]
+    n_chunks = triton.cdiv(seqlen, chunk_size)
+    if checkpoints.shape[1] != n_chunks and n_chunks > 0:
+        if checkpoints.shape[1] != 0:
+            raise ValueError(
+                f"checkpoints have {checkpoints.shape[1]} chunks, expected ceil(T / chunk_size) = {n_chunks} for "
+                f"T = {seqlen}, chunk_size = {chunk_size}: pass the chunk_size the forward ran with"
+            )
+        _, _, checkpoints = selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                                   save_checkpoints=True, chunk_size=chunk_size)
+    if batch == 0 or seqlen == 0 or dim == 0 or dstate == 0:
+        return _empty_backward(dfinal_state, u, delta, A, B, C, D, z, delta_bias, initial_state)
+    device = u.device
+    du = torch.empty((batch, seqlen, dim), dtype=u.dtype, device=device)
+    ddelta = torch.empty((batch, seqlen, dim), dtype=delta.dtype, device=device)
+    dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=device) if z is not None else None
+    dinit = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
+
+    # Per-program partial sums, reduced below: dB/dC over channel blocks, dA/dD/d delta_bias over batch rows.
+    # While the block width is still being tuned, the buffers are sized for the narrowest candidate.
+    key = Autotuner.key(dim, dstate, chunk_size, u.dtype)
+    config = BACKWARD_TUNER.known(key, config)
+    width = config["BLOCK_D"] if config is not None else min(c["BLOCK_D"] for c in BACKWARD_TUNER.candidates(dim))
+    max_blocks = triton.cdiv(dim, width)
+    dB_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
+    dC_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
+    dA_part = torch.empty((batch, dim, dstate), dtype=torch.float32, device=device)
+    dD_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if D is not None else None
+    dbias_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if delta_bias is not None else None
+
+    args = (
+        *_strided(u, 3), *_strided(delta, 3), *_strided(A, 2), *_strided(B, 3), *_strided(C, 3),
+        *_strided(D, 1), *_strided(z, 3), *_strided(delta_bias, 1), *_strided(checkpoints, 4),
+        *_strided(dy, 3), *_strided(dfinal_state, 3),
+        *_strided(du, 3), *_strided(ddelta, 3), *_strided(dz, 3),
+        *_strided(dB_part, 4), *_strided(dC_part, 4), *_strided(dA_part, 3), *_strided(dD_part, 2),
+        *_strided(dbias_part, 2), *_strided(dinit, 3),
+        seqlen, n_chunks, dim, dstate,
+    )
+    constexprs = dict(
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+        HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
+        HAS_DFINAL=dfinal_state is not None, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
+    )
+
+    def launch(cfg):
+        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+        _selective_scan_bwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+
+    with _on_device(u):
+        config = config or BACKWARD_TUNER.tune(key, dim, launch)
+        launch(config)
+    used_blocks = triton.cdiv(dim, config["BLOCK_D"])
+    dB = dB_part[:, :, :used_blocks].sum(2).to(B.dtype)
+    dC = dC_part[:, :, :used_blocks].sum(2).to(C.dtype)
+    dA = dA_part.sum(0).to(A.dtype)
+    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
+
+
+def _empty_backward(dfinal_state, u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """Gradients when there is nothing to scan (a zero-sized dim): zeros, and dL/d h_{-1} = dL/d final state."""
+
+    def zeros(t):
+        return torch.zeros_like(t, memory_format=torch.contiguous_format) if t is not None else None
+
+    dinit = None
+    if initial_state is not None:
+        dinit = dfinal_state.to(initial_state.dtype).clone() if dfinal_state is not None else zeros(initial_state)
+    return zeros(u), zeros(delta), zeros(A), zeros(B), zeros(C), zeros(D), zeros(z), zeros(delta_bias), dinit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: one graph node each for torch.compile / torch.export, with autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+
+OP_NAMESPACE = "archgen"
+
+
+def _forward_impl(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    save_checkpoints: bool,
+    chunk_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen::selective_scan -> (y, final_state, checkpoints): `selective_scan_forward` as an operator. The
+    checkpoints output is internal (for the backward), non-differentiable, and has no chunks unless save_checkpoints."""
+    return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                  save_checkpoints=save_checkpoints, chunk_size=chunk_size)
+
+
+def _forward_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_checkpoints, chunk_size):
+    batch, seqlen, dim = u.shape
+    dstate = A.shape[1]
+    n_chunks = (seqlen + chunk_size - 1) // chunk_size if save_checkpoints else 0
+    return (
+        u.new_empty((batch, seqlen, dim)),
+        u.new_empty((batch, dim, dstate), dtype=torch.float32),
+        u.new_empty((batch, n_chunks, dim, dstate), dtype=torch.float32),
+    )
+
+
+def _backward_impl(
+    dy: Tensor,
+    dfinal_state: Tensor | None,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    checkpoints: Tensor,
+    chunk_size: int,
+) -> list[Tensor]:
+    """archgen::selective_scan_backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state]:
+    `selective_scan_backward` as an operator; the gradient of an absent optional input is an empty (0,) tensor
+    (an operator cannot return None)."""
+    grads = selective_scan_backward(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                    initial_state, checkpoints, chunk_size=chunk_size)
+    return [g if g is not None else u.new_empty((0,)) for g in grads]
+
+
+def _backward_fake(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, checkpoints,
+                   chunk_size):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else u.new_empty((0,))
+
+    return [like(u), like(delta), like(A), like(B), like(C), like(D), like(z), like(delta_bias), like(initial_state)]
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, _save_checkpoints, chunk_size = inputs
+    _, _, checkpoints = output
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints)
+    ctx.delta_softplus = delta_softplus
+    ctx.chunk_size = chunk_size
+    ctx.mark_non_differentiable(checkpoints)
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zero tensor of its size
+
+
+def _backward(ctx, dy, dfinal_state, _dcheckpoints):
+    u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dinit = selective_scan_backward_op(
+        dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, initial_state, checkpoints,
+        ctx.chunk_size,
+    )
+
+    def present(grad, t):
+        return grad if t is not None else None
+
+    return (du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None,
+            present(dinit, initial_state), None, None)
+
+
+def _define_ops():
+    """Register archgen::selective_scan (with fake and autograd) and archgen::selective_scan_backward (with fake).
+
+    Once per process: when a copy of this file was imported before (a generated package's kernels/ next to this
+    checkout's), the ops it registered are reused — registering a name twice corrupts the dispatcher."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    if hasattr(namespace, "selective_scan") and hasattr(namespace, "selective_scan_backward"):
+        return namespace.selective_scan, namespace.selective_scan_backward
+    forward = torch.library.custom_op(f"{OP_NAMESPACE}::selective_scan", _forward_impl, mutates_args=())
+    forward.register_fake(_forward_fake)
+    backward = torch.library.custom_op(f"{OP_NAMESPACE}::selective_scan_backward", _backward_impl, mutates_args=())
+    backward.register_fake(_backward_fake)
+    forward.register_autograd(_backward, setup_context=_setup_context)
+    return forward, backward
+
+
+selective_scan_op, selective_scan_backward_op = _define_ops()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    *,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[Tensor, Tensor]:
+    """The fused selective scan, differentiable: (y (B, T, D) in u.dtype, final_state (B, D, N) float32).
+
+    Same arguments and results as templates/runtime/ssm.py's `selective_scan` (ops/ssm.py in a generated package)
+    without its chunk_size / max_seqlen, which belong to that algorithm; chunk_size here is this kernel's tile.
+    Needs CUDA tensors (or TRITON_INTERPRET=1): on anything else it raises, and the caller runs the reference.
+    Checkpoints for the backward are written only when autograd will need them.
+    """
+    if not (u.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"the Triton selective_scan kernel needs CUDA tensors, got u on {u.device}: call the reference "
+            "(ops/ssm.py selective_scan) instead, or set TRITON_INTERPRET=1 before importing triton to run the "
+            "kernel in Triton's CPU interpreter (slow; for tests)"
+        )
+    tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
+    save_checkpoints = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    y, final_state, _ = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                          save_checkpoints, chunk_size)
+    return y, final_state
+
+
+def selective_scan_reference(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The formula as written, one time step at a time, in float32 (float64 for float64 inputs).
+
+    Same signature and results as `selective_scan`: (y in u.dtype, final_state float32/float64). Slow (a Python
+    loop over T) and independent of both the kernel and the chunked scan of templates/runtime/ssm.py."""
+    acc = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in (u, delta, A, B, C)) else torch.float32
+    dt = delta.to(acc) + (delta_bias.to(acc) if delta_bias is not None else 0.0)
+    dt = F.softplus(dt) if delta_softplus else dt  # (B, T, D)
+    u_, A_, B_, C_ = u.to(acc), A.to(acc), B.to(acc), C.to(acc)
+    batch, seqlen, dim = u.shape
+    h = initial_state.to(acc) if initial_state is not None else u_.new_zeros(batch, dim, A.shape[1])  # (B, D, N)
+    ys = []
+    for t in range(seqlen):
+        h = torch.exp(dt[:, t, :, None] * A_) * h + (dt[:, t] * u_[:, t])[:, :, None] * B_[:, t, None, :]
+        ys.append((h * C_[:, t, None, :]).sum(-1))  # (B, D)
+    y = torch.stack(ys, dim=1) if ys else u_.new_zeros(batch, 0, dim)  # (B, T, D)
+    if D is not None:
+        y = y + D.to(acc) * u_
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype), h
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size) -> None:
+    """Shapes, dtypes, devices and the chunk size, each error naming what was expected and what came."""
+    if u.dim() != 3 or A.dim() != 2:
+        raise ValueError(f"u must be (B, T, D) and A (D, N), got u {tuple(u.shape)} and A {tuple(A.shape)}")
+    batch, seqlen, dim = u.shape
+    dstate = A.shape[1]
+    expected = {
+        "delta": (delta, (batch, seqlen, dim)), "A": (A, (dim, dstate)), "B": (B, (batch, seqlen, dstate)),
+        "C": (C, (batch, seqlen, dstate)), "D": (D, (dim,)), "z": (z, (batch, seqlen, dim)),
+        "delta_bias": (delta_bias, (dim,)), "initial_state": (initial_state, (batch, dim, dstate)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for u (B, T, D) = {(batch, seqlen, dim)} and A (D, N) = "
+                             f"{(dim, dstate)}, got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} is {t.dtype}; the kernel takes {', '.join(map(str, SUPPORTED_DTYPES))} "
+                            "(it computes in float32): use selective_scan_reference for float64")
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device}, u on {u.device}: all inputs must be on one device")
+    if u.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"u is {u.dtype}; the kernel takes {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if chunk_size < 1 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two, got {chunk_size}")
+    if dstate > 256:
+        raise ValueError(f"d_state {dstate} is too large for register tiles (at most 256; Mamba-1 uses 16)")
+    if u.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {u.device} (or set TRITON_INTERPRET=1 before "
+                           "importing triton)")
+

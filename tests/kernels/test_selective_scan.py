@@ -1,0 +1,389 @@
+"""kernels/selective_scan.py against a plain loop over time: the output, the final state and every gradient.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
+which is slow, so shapes are small — but ragged: T not a multiple of the chunk, D not a multiple of BLOCK_D, N not a
+power of two. The reference runs in float64 on the very values the kernel got (half-precision inputs included),
+so every difference is the kernel's.
+"""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from templates.runtime import ssm
+from tests.numerics import assert_close
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_kernel_module():
+    """kernels/selective_scan.py by path: `kernels` is also a PyPI package's name (Hugging Face's), which a plain
+    import could find first."""
+    name = "archgen_kernels_selective_scan"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "selective_scan.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+ss = _load_kernel_module()
+
+# Worst relative error, max|kernel - reference| / max|reference|, per dtype of the inputs. Half-precision outputs
+# and input gradients are rounded once to their dtype; everything inside runs in float32.
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+OPTIONAL = ("D", "z", "delta_bias", "initial_state")
+GRADIENTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make_inputs(batch, seqlen, dim, dstate, *, features=OPTIONAL, dtype=torch.float32, delta_mean=-1.0, a_max=16.0,
+                seed=0):
+    """Mamba-like inputs: Δ = softplus(delta) around 0.3 by default, A = -exp(.) in [-a_max, -1]; u, delta, z, B, C in
+    `dtype`, the parameters (A, D, delta_bias) and the initial state in float32 as the Mamba block passes them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, mean=0.0, dt=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale + mean).to(dt).to(DEVICE)
+
+    args = dict(
+        u=randn(batch, seqlen, dim, dt=dtype),
+        delta=randn(batch, seqlen, dim, scale=0.5, mean=delta_mean, dt=dtype),
+        A=-torch.exp(torch.rand(dim, dstate, generator=g) * math.log(a_max)).to(DEVICE),
+        B=randn(batch, seqlen, dstate, dt=dtype),
+        C=randn(batch, seqlen, dstate, dt=dtype),
+    )
+    optional = dict(
+        D=randn(dim),
+        z=randn(batch, seqlen, dim, dt=dtype),
+        delta_bias=randn(dim, scale=0.5),
+        initial_state=randn(batch, dim, dstate),
+    )
+    args.update({k: v for k, v in optional.items() if k in features})
+    return args
+
+
+def run_and_differentiate(fn, args, grad_y, grad_state, **kwargs):
+    """fn(**args) -> (y, final_state); backward of Σ y·grad_y + Σ final·grad_state. Returns y, final, {name: grad}."""
+    leaves = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    y, state = fn(**leaves, **kwargs)
+    loss = 0.0
+    if grad_y is not None:
+        loss = loss + (y.double() * grad_y).sum()
+    if grad_state is not None:
+        loss = loss + (state.double() * grad_state).sum()
+    loss.backward()
+    return y, state, {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor)}
+
+
+def check_against_reference(args, chunk, tol, *, grad_y=True, grad_state=True, seed=1, **flags):
+    """Kernel (through the custom op and its autograd) against the float64 loop: y, final state, every gradient."""
+    g = torch.Generator().manual_seed(seed)
+    batch, seqlen, dim = args["u"].shape
+    gy = torch.randn(batch, seqlen, dim, generator=g, dtype=torch.float64).to(DEVICE) if grad_y else None
+    gh = torch.randn(batch, dim, args["A"].shape[1], generator=g, dtype=torch.float64).to(DEVICE) if grad_state else None
+
+    y, state, grads = run_and_differentiate(ss.selective_scan, args, gy, gh, chunk_size=chunk, **flags)
+    as_double = {k: v.double() for k, v in args.items()}
+    y_ref, state_ref, grads_ref = run_and_differentiate(ss.selective_scan_reference, as_double, gy, gh, **flags)
+
+    assert y.dtype == args["u"].dtype and state.dtype == torch.float32
+    assert_close(y, y_ref, tol, "y")
+    assert_close(state, state_ref, tol, "final_state")
+    for name in GRADIENTS:
+        if name in args:
+            assert grads[name].dtype == args[name].dtype, f"d{name} is {grads[name].dtype}, its input {args[name].dtype}"
+            expected = grads_ref[name] if grads_ref[name] is not None else torch.zeros_like(args[name])  # unused input
+            assert_close(grads[name], expected, tol, f"d{name}")
+
+
+# (batch, seqlen, dim, dstate, chunk, BLOCK_D, optional inputs)
+CASES = [
+    pytest.param(2, 11, 6, 4, 4, 4, OPTIONAL, id="B2-T11-D6-N4-L4-BD4-all"),
+    pytest.param(1, 9, 5, 16, 4, 4, (), id="B1-T9-D5-N16-L4-BD4-plain"),
+    pytest.param(2, 5, 3, 4, 8, 4, ("z",), id="B2-T5-D3-N4-L8-BD4-z"),  # T < chunk: one partial chunk
+    pytest.param(1, 8, 8, 4, 4, 8, ("D", "delta_bias"), id="B1-T8-D8-N4-L4-BD8-D-bias"),  # exact multiples
+    pytest.param(2, 7, 6, 5, 4, 4, ("initial_state",), id="B2-T7-D6-N5-L4-BD4-h0"),  # N padded to 8
+    pytest.param(1, 1, 4, 4, 4, 4, OPTIONAL, id="B1-T1-D4-N4-L4-BD4-all"),  # one position
+    pytest.param(1, 37, 5, 4, ss.CHUNK_SIZE, 4, OPTIONAL, id=f"B1-T37-D5-N4-L{ss.CHUNK_SIZE}-BD4-all"),  # default chunk
+]
+
+
+@pytest.fixture
+def block_d(monkeypatch):
+    """Set the interpreter's BLOCK_D (on a GPU the autotuner chooses)."""
+
+    def set_block(width):
+        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4})
+
+    return set_block
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
+def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    block_d(width)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_matches_reference_half(dtype, block_d):
+    """u, delta, z, B, C in half precision (as in a bf16 model); the reference gets the same rounded values."""
+    block_d(4)
+    args = make_inputs(2, 9, 6, 4, dtype=dtype, seed=7)
+    check_against_reference(args, 4, TOL[dtype])
+
+
+def test_without_softplus(block_d):
+    block_d(4)
+    args = make_inputs(1, 10, 5, 4, delta_mean=0.5, seed=3)  # Δ = delta + bias used as is: keep it positive
+    args["delta"], args["delta_bias"] = args["delta"].abs(), args["delta_bias"].abs()
+    check_against_reference(args, 4, TOL[torch.float32], delta_softplus=False)
+
+
+def test_extreme_decays(block_d):
+    """Δ·A down to about -1000: decays underflow to 0, the softplus takes its linear branch; nothing may turn NaN."""
+    block_d(4)
+    args = make_inputs(2, 9, 5, 4, delta_mean=6.0, a_max=200.0, seed=5)
+    check_against_reference(args, 4, TOL[torch.float32])
+
+
+def test_strided_inputs(block_d):
+    """Views as the Mamba block hands them over: u, z from one projection, B, C from another, delta transposed
+    (time contiguous), A, D, the initial state with non-unit strides."""
+    block_d(4)
+    batch, seqlen, dim, dstate = 2, 10, 6, 4
+    g = torch.Generator().manual_seed(11)
+    xz = torch.randn(batch, seqlen, 2 * dim, generator=g).to(DEVICE)
+    x_dbl = torch.randn(batch, seqlen, 3 + 2 * dstate, generator=g).to(DEVICE)
+    args = dict(
+        u=xz[..., :dim],
+        delta=(torch.randn(batch, dim, seqlen, generator=g) * 0.5 - 1).to(DEVICE).transpose(1, 2),
+        A=-torch.exp(torch.rand(dstate, dim, generator=g) * 2.7).to(DEVICE).t(),
+        B=x_dbl[..., 3 : 3 + dstate],
+        C=x_dbl[..., 3 + dstate :],
+        D=torch.randn(2 * dim, generator=g).to(DEVICE)[::2],
+        z=xz[..., dim:],
+        delta_bias=torch.randn(dim, generator=g).to(DEVICE) * 0.5,
+        initial_state=torch.randn(batch, dstate, dim, generator=g).to(DEVICE).transpose(1, 2),
+    )
+    assert not any(args[k].is_contiguous() for k in ("u", "delta", "A", "B", "C", "D", "z", "initial_state"))
+    check_against_reference(args, 4, TOL[torch.float32])
+
+
+def test_gradient_of_final_state_only(block_d):
+    """y unused: its gradient reaches the backward as None."""
+    block_d(4)
+    args = make_inputs(2, 6, 5, 4, seed=13)
+    check_against_reference(args, 4, TOL[torch.float32], grad_y=False)
+
+
+def test_backward_without_saved_checkpoints(block_d):
+    """Inference writes no checkpoints; a backward through such an output writes them by running the forward again."""
+    block_d(4)
+    args = make_inputs(1, 7, 5, 4, seed=17)
+    positional = [args.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    y, _, checkpoints = ss.selective_scan_op(*positional, True, args["initial_state"], False, 4)
+    assert checkpoints.shape == (1, 0, 5, 4)
+
+    def op_without_checkpoints(**kw):
+        y, state, _ = ss.selective_scan_op(*[kw.get(k) for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")],
+                                           True, kw["initial_state"], False, 4)
+        return y, state
+
+    gy = torch.randn_like(y, dtype=torch.float64)
+    _, _, grads = run_and_differentiate(op_without_checkpoints, args, gy, None)
+    _, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
+                                            gy, None)
+    for name in GRADIENTS:
+        assert_close(grads[name], grads_ref[name], TOL[torch.float32], f"d{name}")
+
+
+def test_empty_sequence():
+    """T = 0: no output, the initial state passes through, and so does its gradient."""
+    args = make_inputs(2, 0, 3, 4, seed=19)
+    ones = torch.ones(2, 3, 4, dtype=torch.float64, device=DEVICE)
+    y, state, grads = run_and_differentiate(ss.selective_scan, args, None, ones)
+    assert y.shape == (2, 0, 3)
+    assert torch.equal(state, args["initial_state"])
+    assert torch.equal(grads["initial_state"], ones.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference, tied to the product's reference path
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("features", [(), OPTIONAL], ids=["plain", "all"])
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "linear"])
+def test_reference_matches_runtime_selective_scan(features, softplus):
+    """selective_scan_reference (a loop over time) against templates/runtime/ssm.py's chunked scan, which every
+    generated package runs: same outputs and gradients, in float64."""
+    args = make_inputs(2, 37, 6, 4, features=features, dtype=torch.float64, seed=23)
+    args = {k: v.double() for k, v in args.items()}
+    if not softplus:
+        args["delta"] = args["delta"].abs()
+        if "delta_bias" in args:
+            args["delta_bias"] = args["delta_bias"].abs()
+    g = torch.Generator().manual_seed(29)
+    gy = torch.randn(2, 37, 6, generator=g, dtype=torch.float64).to(DEVICE)
+    gh = torch.randn(2, 6, 4, generator=g, dtype=torch.float64).to(DEVICE)
+    y, state, grads = run_and_differentiate(ss.selective_scan_reference, args, gy, gh, delta_softplus=softplus)
+    y_rt, state_rt, grads_rt = run_and_differentiate(ssm.selective_scan, args, gy, gh, delta_softplus=softplus,
+                                                     chunk_size=8)
+    assert_close(y, y_rt, 1e-10, "y")
+    assert_close(state, state_rt, 1e-10, "final_state")
+    for name, grad in grads.items():
+        assert_close(grad, grads_rt[name], 1e-10, f"d{name}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The operator: fake implementation, autograd registration, export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_opcheck(block_d):
+    """torch.library.opcheck: schema, fake implementation against the real one, autograd registration, and
+    AOTAutograd (what torch.compile runs: the backward traced on fake tensors through the backward op)."""
+    block_d(4)
+    args = make_inputs(1, 5, 3, 4, seed=31)
+    leaves = {k: v.requires_grad_() for k, v in args.items()}
+    forward_args = (leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"], leaves["D"], leaves["z"],
+                    leaves["delta_bias"], True, leaves["initial_state"], True, 4)
+    torch.library.opcheck(ss.selective_scan_op, forward_args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
+
+    _, _, checkpoints = ss.selective_scan_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in forward_args])
+    plain = {k: v.detach() for k, v in args.items()}
+    backward_args = (torch.randn(1, 5, 3, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE), plain["u"], plain["delta"], plain["A"], plain["B"],
+                     plain["C"], plain["D"], plain["z"], plain["delta_bias"], True, plain["initial_state"], checkpoints, 4)
+    torch.library.opcheck(ss.selective_scan_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_export_is_one_node_with_dynamic_length():
+    """torch.export sees one archgen.selective_scan node (traced on fake tensors: no kernel runs)."""
+
+    class Scan(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(-torch.rand(6, 4, device=DEVICE) - 0.5)
+            self.D = torch.nn.Parameter(torch.ones(6, device=DEVICE))
+
+        def forward(self, u, delta, B, C, z):
+            return ss.selective_scan(u, delta, self.A, B, C, self.D, z)
+
+    batch, seqlen = 2, 9
+    inputs = tuple(torch.randn(batch, seqlen, width, device=DEVICE) for width in (6, 6, 4, 4, 6))
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(Scan(), inputs, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, {1: seq}, {1: seq}))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert [t for t in targets if "selective_scan" in t] == ["archgen.selective_scan.default"], targets
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guards and the autotune space
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(ss, "interpreting", lambda: False)
+    args = {k: v.cpu() for k, v in make_inputs(1, 3, 2, 4).items()}
+    with pytest.raises(RuntimeError, match="needs CUDA tensors.*ops/ssm.py"):
+        ss.selective_scan(**args)
+
+
+def test_input_errors_name_the_argument():
+    args = make_inputs(1, 3, 2, 4, features=())
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 3, 4\)"):
+        ss.selective_scan_forward(**{**args, "B": args["B"][:, :, :3]})
+    with pytest.raises(TypeError, match="delta is torch.float64"):
+        ss.selective_scan_forward(**{**args, "delta": args["delta"].double()})
+    with pytest.raises(ValueError, match="chunk_size must be a power of two, got 12"):
+        ss.selective_scan_forward(**args, chunk_size=12)
+
+
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 128), (4096, 128)])
+def test_autotune_space_is_pruned_to_the_width(dim, widest):
+    kept = ss.FORWARD_TUNER.candidates(dim)
+    assert max(c["BLOCK_D"] for c in kept) == widest
+    assert {c["num_warps"] for c in kept} == {2, 4, 8}
+
+
+def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
+    """The tuning logic with a stand-in for triton.testing.do_bench (which needs a GPU)."""
+    import triton.testing
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        return 1.0 / launched[-1]["BLOCK_D"] + launched[-1]["num_warps"] * 1e-3  # wider and fewer warps is faster
+
+    def launch(config):
+        launched.append(config)
+        if config["BLOCK_D"] == 128:
+            raise RuntimeError("out of resources: registers")
+
+    launched = []
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    tuner = ss.Autotuner("forward", ss.FORWARD_CONFIGS)
+    key = ss.Autotuner.key(4096, 16, 16, torch.bfloat16)
+    assert key == "D4096-N16-L16-bfloat16"
+    assert tuner.tune(key, 4096, launch) == {"BLOCK_D": 64, "num_warps": 2}
+    assert tuner.timings[key]["BLOCK_D=128,num_warps=4"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: {"BLOCK_D": 64, "num_warps": 2}}
+
+    pinned = ss.Autotuner("forward", ss.FORWARD_CONFIGS)
+    pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
+    assert pinned.chosen == {key: {"BLOCK_D": 32, "num_warps": 8}}
+
+
+def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
+    """The launchers' tuning path, run in the interpreter with a stand-in timer: every candidate runs on the call's
+    own tensors, the backward on partial-sum buffers sized for the narrowest block while the choice is open, and the
+    result with the chosen (wider) block still matches the reference."""
+    import triton.testing
+
+    monkeypatch.setattr(ss, "interpreting", lambda: False)  # as on a GPU: tune instead of INTERPRETER_CONFIG
+    monkeypatch.setattr(ss, "_check_inputs", lambda *args: None)  # which would refuse CPU tensors outside it
+    monkeypatch.setattr(ss, "FORWARD_TUNER", ss.Autotuner("forward", ss.FORWARD_CONFIGS))
+    monkeypatch.setattr(ss, "BACKWARD_TUNER", ss.Autotuner("backward", ss.BACKWARD_CONFIGS))
+    fake_ms = iter(range(1000, 0, -1))  # each later candidate is faster: the last (widest, most warps) wins
+
+    def fake_do_bench(fn, **kwargs):
+        fn()
+        return float(next(fake_ms))
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    args = make_inputs(1, 6, 20, 4, seed=37)
+    names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+    def op(**kw):
+        y, state, _ = ss.selective_scan_op(*[kw[k] for k in names], True, kw["initial_state"], True, 4)
+        return y, state
+
+    gy = torch.randn(1, 6, 20, dtype=torch.float64, device=DEVICE)
+    y, _, grads = run_and_differentiate(op, args, gy, None)
+    y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
+                                                gy, None)
+    key = ss.Autotuner.key(20, 4, 4, torch.float32)
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8}},
+                                  "backward": {key: {"BLOCK_D": 32, "num_warps": 8}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+    assert_close(y, y_ref, TOL[torch.float32], "y")
+    for name in GRADIENTS:
+        assert_close(grads[name], grads_ref[name], TOL[torch.float32], f"d{name}")
+
+    # A second call reuses the choice: no candidate is timed again.
+    op(**args)
+    assert len(ss.FORWARD_TUNER.timings[key]) == 6
