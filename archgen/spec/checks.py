@@ -62,6 +62,11 @@ def check_spec(spec: models.Spec) -> list[Diagnostic]:
         if isinstance(head, models.ForecasterHeadSpec) and head.value_range[0] >= head.value_range[1]:
             problems.append(Diagnostic(f"heads.{name}.value_range", f"value_range {list(head.value_range)} is empty",
                                        "write [low, high] with low < high, e.g. [-15, 15]"))
+        if isinstance(head, models.ForecasterHeadSpec) and head.n_bins > spec.model.vocab_size:
+            # The series are fed back as the last n_bins token ids of the vocabulary.
+            problems.append(Diagnostic(f"heads.{name}.n_bins", f"n_bins={head.n_bins} exceeds model.vocab_size={spec.model.vocab_size}: "
+                                       "each bin is read back as one of the vocabulary's token ids",
+                                       f"use n_bins of at most {spec.model.vocab_size}, or a larger vocabulary"))
     kinds = [head.kind for head in spec.heads.values()]
     for kind in sorted(set(kinds)):
         if kinds.count(kind) > 1:
