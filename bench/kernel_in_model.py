@@ -38,15 +38,16 @@ sys.path.insert(0, str(ROOT))
 
 OVERRIDES = ("heads={}", "memory=null", "symbolic=null")
 SIZES = {"device": "cuda", "preset": None, "forward": (4, 2048), "train": (2, 2048), "warmup": 1, "iters": 3}
-SMOKE = {"device": "cpu", "preset": "tiny", "forward": (1, 16), "train": (1, 16), "warmup": 0, "iters": 1}
+SMOKE = {"device": "cpu", "preset": "tiny", "forward": (1, 16), "train": (1, 16), "warmup": 0, "iters": 1,
+         "overrides": ("model.d_model=32", "layout.n_layers=8")}  # the interpreter runs ~5 s per scan at width 256
 
 
-def build(preset: str | None, out_root: Path):
+def build(preset: str | None, out_root: Path, extra_overrides: tuple[str, ...] = ()):
     from archgen.emit import emit, write_package
     from archgen.pipeline import compile_spec
     from tests.conftest import import_package
 
-    compiled = compile_spec(ROOT / "specs/nexus.yaml", preset, OVERRIDES)
+    compiled = compile_spec(ROOT / "specs/nexus.yaml", preset, OVERRIDES + extra_overrides)
     emitted = emit(compiled, "specs/nexus.yaml")
     target = out_root / compiled.resolved.name
     write_package(emitted.files, target)
@@ -142,11 +143,11 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
-        "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "") + "".join(f" --set {o}" for o in OVERRIDES),
+        "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "") + "".join(f" --set {o}" for o in OVERRIDES + sizes.get("overrides", ())),
         "dtype": str(dtype).removeprefix("torch."),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        package = build(sizes["preset"], Path(tmp))
+        package = build(sizes["preset"], Path(tmp), sizes.get("overrides", ()))
         if package.kernels.selective_scan is None:
             raise SystemExit("triton could not be imported: the generated package has no kernel to compare")
         results["triton"] = sys.modules["triton"].__version__
