@@ -334,10 +334,15 @@ class Bench:
 
     def mamba_ssm(self) -> dict:
         wheels = sorted(p.name for p in (ROOT / ".whl").glob("mamba_ssm*")) if (ROOT / ".whl").is_dir() else []
+        build = {}
         try:
+            sdists = sorted((ROOT / ".whl").glob("mamba_ssm-*.tar.gz"))
+            if sdists and not self.dry_run:
+                build = _load_mamba_ssm_from_sdist(sdists[-1])
             from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
         except Exception as error:
-            return {"skipped": f"mamba_ssm not importable ({type(error).__name__}: {error}); in .whl/: {wheels or 'none'}"}
+            return {"skipped": f"mamba_ssm not importable ({type(error).__name__}: {error}); in .whl/: {wheels or 'none'}",
+                    "build": build}
         if self.dry_run:
             return {"skipped": "dry run"}
         torch = self.torch
@@ -346,12 +351,65 @@ class Bench:
         args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=6)
         # mamba_ssm takes channels-first u, delta, z (B, D, L) and B, C (B, N, L); the transposes are not timed.
         cf = {k: args[k].transpose(1, 2).contiguous() for k in ("u", "delta", "z", "B", "C")}
+        def theirs_fn(u, delta, B, C, z):
+            return selective_scan_fn(u, delta, args["A"], B, C, args["D"], z=z, delta_bias=args["delta_bias"],
+                                     delta_softplus=True)
+
         with torch.no_grad():
+            ss.selective_scan(**args)  # autotunes this width if it was not tuned yet
             ours = self.time_ms(lambda: ss.selective_scan(**args))
-            theirs = self.time_ms(lambda: selective_scan_fn(cf["u"], cf["delta"], args["A"], cf["B"], cf["C"], args["D"],
-                                                            z=cf["z"], delta_bias=args["delta_bias"], delta_softplus=True))
-        return {"shape": [batch, seqlen, dim, dstate], "kernel_forward_ms": ours, "mamba_ssm_forward_ms": theirs,
-                "ratio_kernel_over_mamba_ssm": ours / theirs}
+            theirs = self.time_ms(lambda: theirs_fn(**cf))
+            y_ours, _ = ss.selective_scan(**args)
+            y_theirs = theirs_fn(**cf).transpose(1, 2)
+        result = {"shape": [batch, seqlen, dim, dstate], "dtype": "bfloat16", "build": build,
+                  "kernel_forward_ms": ours, "mamba_ssm_forward_ms": theirs, "ratio_kernel_over_mamba_ssm_forward": ours / theirs,
+                  "outputs_relative_difference": _errors(y_ours.float(), y_theirs.float())["max_rel"]}
+        grad_y = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
+        ours_leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+        theirs_leaves = {k: v.detach().clone().requires_grad_() for k, v in cf.items()}
+        grad_y_cf = grad_y.transpose(1, 2).contiguous()
+
+        def ours_fwd_bwd():
+            ss.selective_scan(**ours_leaves)[0].backward(grad_y)
+
+        def theirs_fwd_bwd():
+            theirs_fn(**theirs_leaves).backward(grad_y_cf)
+
+        ours_fwd_bwd()
+        result["kernel_forward_backward_ms"] = self.time_ms(ours_fwd_bwd, grad_to_none=list(ours_leaves.values()))
+        result["mamba_ssm_forward_backward_ms"] = self.time_ms(theirs_fwd_bwd, grad_to_none=list(theirs_leaves.values()))
+        result["ratio_kernel_over_mamba_ssm_forward_backward"] = (result["kernel_forward_backward_ms"]
+                                                                  / result["mamba_ssm_forward_backward_ms"])
+        return result
+
+
+def _load_mamba_ssm_from_sdist(sdist: Path) -> dict:
+    """Build mamba_ssm's Mamba-1 CUDA extension from its source distribution (sm_90 only) and make
+    `mamba_ssm.ops.selective_scan_interface` importable without running the package's __init__ (which needs more
+    extensions than the selective scan). The peer's code is used as published; nothing of it is copied here."""
+    import tarfile
+    import types
+
+    from torch.utils.cpp_extension import load
+
+    started = time.perf_counter()
+    target = Path("/tmp/mamba_ssm_sdist")
+    with tarfile.open(sdist) as archive:
+        archive.extractall(target)
+    source = next(target.glob("mamba_ssm-*"))
+    csrc = source / "csrc" / "selective_scan"
+    flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+             "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "-gencode", "arch=compute_90,code=sm_90"]
+    extension = load("selective_scan_cuda", [str(p) for p in sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))],
+                     extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=flags, extra_include_paths=[str(csrc)],
+                     verbose=False)
+    sys.modules["selective_scan_cuda"] = extension
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = [str(source / "mamba_ssm")]
+    sys.modules["mamba_ssm"] = package
+    return {"sdist": sdist.name, "build_s": round(time.perf_counter() - started, 1)}
 
 
 def _forward_backward(fn, args, grad_y, grad_state) -> dict:
