@@ -15,7 +15,7 @@ The Titans memory and the symbolic module are dropped (memory=null, symbolic=nul
 (heads={}): this measures the backbone the kernel serves.
 
     python bench/kernel_in_model.py --out bench/results/kernel_in_model.h100.json
-    TRITON_INTERPRET=1 python bench/kernel_in_model.py --smoke --out /tmp/m.json      # the script itself, on a CPU
+    TRITON_INTERPRET=1 ARCHGEN_TRITON_ON_CPU=1 python bench/kernel_in_model.py --smoke --out /tmp/m.json   # on a CPU
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def compare_training(package, model, sizes) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (set TRITON_INTERPRET=1)")
+    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (set TRITON_INTERPRET=1 ARCHGEN_TRITON_ON_CPU=1)")
     parser.add_argument("--only", choices=("forward", "training"), help="run one section")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="model dtype on the GPU")
     parser.add_argument("--batch", type=int, help="batch of both sections (default: 4 forward, 2 training)")

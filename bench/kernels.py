@@ -453,6 +453,7 @@ def main() -> None:
         raise SystemExit(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported (by the kernel module)
+        os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"  # CPU tensors through the kernels, not the operator's reference
 
     import torch
     import triton

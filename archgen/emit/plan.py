@@ -38,6 +38,7 @@ EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["f
 # Which Triton kernel each kind runs on CUDA tensors (kernels/<file>.py is copied to generated/<name>/kernels/<file>.py).
 # The reference op of the same name in ops/ stays the fallback everywhere else.
 KERNEL_FILES = {"mamba": ["selective_scan"]}
+KERNEL_REFERENCES = {"selective_scan": "ssm"}  # kernel -> the runtime file (ops/) whose function of the same name it replaces
 EMITTED_KINDS = set(RUNTIME_FILES)
 MIXER_KINDS = {"attention", "sparse_attention", "mamba", "mamba2", "conv"}
 

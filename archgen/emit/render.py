@@ -13,7 +13,7 @@ import pprint
 import jinja2
 import yaml
 
-from archgen.emit.plan import KERNELS, TEMPLATES, EmitPlan
+from archgen.emit.plan import KERNEL_REFERENCES, KERNELS, TEMPLATES, EmitPlan
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.passes.cost import count
@@ -68,7 +68,7 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
     for name in plan.runtime_files:
         files[f"ops/{name}.py"] = (TEMPLATES / "runtime" / f"{name}.py").read_text(encoding="utf-8")
     if plan.kernel_files:
-        files["kernels/__init__.py"] = env.get_template("package/kernels_init.py.j2").render()
+        files["kernels/__init__.py"] = env.get_template("package/kernels_init.py.j2").render(kernel_references=KERNEL_REFERENCES)
         for name in plan.kernel_files:
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")
     for path, text in files.items():

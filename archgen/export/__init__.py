@@ -72,9 +72,10 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
     staging.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary output directory
     try:
         files: dict[str, dict[str, str]] = {graph.name: {} for graph in graphs}
-        protos = {}
+        protos, programs = {}, []
         for graph in graphs:
             program = export_program(graph, model, pkg)
+            programs.append(program)
             if "pt2" in formats:
                 torch.export.save(program, staging / f"{graph.name}.pt2")
                 files[graph.name]["pt2"] = f"{graph.name}.pt2"
@@ -85,7 +86,7 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
                 files[name]["onnx"] = file
         checks = _check(model, graphs, bounds, staging, files, DTYPES[dtype]) if check else None
         manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
-                                  opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model),
+                                  opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model, programs),
                                   onnx_weights=WEIGHTS_FILE if protos else None)
         write_manifest(manifest, staging)
         replace_directory(staging, target)
@@ -110,7 +111,7 @@ def _load_model(pkg: Package, weights: str | Path | None, seed: int, dtype: torc
     return model.to(dtype).eval(), info
 
 
-def _notes(model) -> list[str]:
+def _notes(model, programs: list) -> list[str]:
     """What a runtime driving the graphs should know beyond their inputs and outputs."""
     notes = []
     if "update_memory" in inspect.signature(model.forward).parameters:
@@ -118,6 +119,12 @@ def _notes(model) -> list[str]:
                      "fixed-size pending buffers of the cache, and each graph runs a fixed number of masked chunk "
                      "writes (one per decode step; enough for the longest prompt in prefill, so a short prompt costs "
                      "as much memory compute as the longest).")
+    kernels = sorted({str(node.target) for program in programs for node in program.graph.nodes
+                      if str(node.target).startswith("archgen.")})
+    if kernels:
+        notes.append(f"The .pt2 programs hold the Triton kernels {', '.join(kernels)} as single nodes: import the generated "
+                     "package before torch.export.load so that they are registered (they run Triton on CUDA tensors and "
+                     "the reference on CPU tensors). The ONNX graphs hold their reference ops instead.")
     return notes
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import warnings
 from pathlib import Path
@@ -31,6 +32,7 @@ EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors (shapes, scalars) stay insid
 
 def export_onnx(program: ExportedProgram, graph: Graph, opset: int, package: Package, model):
     """Convert the program to an ONNX ModelProto with the manifest's input, output and dim names (not yet saved)."""
+    program = lower_kernels(program, package)
     try:
         # The converter reports its progress on stdout and warns about its own deprecated internals.
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -42,6 +44,18 @@ def export_onnx(program: ExportedProgram, graph: Graph, opset: int, package: Pac
     proto = converted.model_proto
     _rename_dims(proto, graph)
     return proto
+
+
+def lower_kernels(program: ExportedProgram, package: Package) -> ExportedProgram:
+    """The program with the package's Triton custom ops (one node each in the .pt2) replaced by their reference ops,
+    as the package's kernels.decompositions() writes them: an ONNX runtime has no Triton."""
+    if not (Path(package.module.__path__[0]) / "kernels").is_dir():
+        return program
+    kernels = importlib.import_module(f"{package.module.__name__}.kernels")
+    table = kernels.decompositions()
+    if not any(node.target in table for node in program.graph.nodes):
+        return program
+    return program.run_decompositions(table)
 
 
 def save_onnx(protos: dict[str, "onnx.ModelProto"], directory: Path) -> dict[str, str]:

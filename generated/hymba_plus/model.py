@@ -35,8 +35,9 @@ USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. 
 
 def use_kernel(kernel, x: torch.Tensor) -> bool:
     """Run a Triton kernel (kernels/) rather than its reference op (ops/): on CUDA tensors when triton imported, and
-    never while torch.export traces, so that exported graphs hold ops every runtime has."""
-    return USE_KERNELS and kernel is not None and x.is_cuda and not torch.compiler.is_exporting()
+    while torch.export traces, so that an exported program holds the kernel's custom op as one node (ONNX export
+    lowers it back to the reference op: kernels.decompositions())."""
+    return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
 
 
 class RMSNorm(nn.Module):

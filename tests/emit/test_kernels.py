@@ -67,8 +67,9 @@ def test_the_package_runs_without_triton(tmp_path):
 
 
 @pytest.fixture
-def small_mamba(tmp_path):
+def small_mamba(tmp_path, monkeypatch):
     pytest.importorskip("triton")
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # the kernel, in Triton's interpreter, not the op's CPU reference
     spec = tmp_path / "small_mamba.yaml"
     spec.write_text(SMALL_MAMBA)
     package = build_package(spec, tmp_path / "out", preset=None)

@@ -54,6 +54,7 @@ class Exported:
 
     def program(self, graph: str):
         if graph not in self._programs:
+            self.package  # noqa: B018 - importing it registers the custom ops (Triton kernels) the program may hold
             self._programs[graph] = torch.export.load(self.directory / f"{graph}.pt2").module()
         return self._programs[graph]
 

@@ -136,3 +136,20 @@ def test_onnx_graphs_share_one_copy_of_the_weights(exported, name):
         inline = [t.name for t in proto.graph.initializer if len(t.raw_data) >= 1024]
         assert not inline, f"{graph}.onnx stores {len(inline)} tensors of 1 KiB or more inline, e.g. {inline[:3]}"
         assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kernels_stay_single_nodes_in_pt2_and_reference_ops_in_onnx(exported, name):
+    """Each Mamba-1 layer's scan is one archgen::selective_scan node of the .pt2 (its Triton kernel on a GPU); the ONNX
+    graphs hold standard ops only (the op lowered to the reference scan)."""
+    import onnx
+
+    exp = exported(name)
+    mamba1_layers = sum(1 for m in exp.model.modules() if hasattr(m, "x_proj") and hasattr(m, "A_log"))
+    kernels_available = getattr(exp.package.model, "kernels", None) is not None and exp.package.model.kernels.selective_scan is not None
+    program = torch.export.load(exp.directory / "prefill.pt2")  # after exp.package: the op is registered
+    scans = [n for n in program.graph.nodes if str(n.target) == "archgen.selective_scan.default"]
+    assert len(scans) == (mamba1_layers if kernels_available else 0)
+    for graph in ("prefill", "decode"):
+        proto = onnx.load(str(exp.directory / f"{graph}.onnx"), load_external_data=False)
+        assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}, f"{graph}.onnx has non-standard ops"

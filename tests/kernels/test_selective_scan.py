@@ -23,6 +23,12 @@ from templates.runtime import ssm
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -355,6 +361,7 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     import triton.testing
 
     monkeypatch.setattr(ss, "interpreting", lambda: False)  # as on a GPU: tune instead of INTERPRETER_CONFIG
+    monkeypatch.setattr(ss, "triton_on_cpu", lambda: True)  # ...and still launch the kernels on these CPU tensors
     monkeypatch.setattr(ss, "_check_inputs", lambda *args: None)  # which would refuse CPU tensors outside it
     monkeypatch.setattr(ss, "FORWARD_TUNER", ss.Autotuner("forward", ss.FORWARD_CONFIGS))
     monkeypatch.setattr(ss, "BACKWARD_TUNER", ss.Autotuner("backward", ss.BACKWARD_CONFIGS))

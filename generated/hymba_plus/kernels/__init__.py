@@ -1,10 +1,22 @@
 """Triton kernels hymba_plus runs on CUDA tensors, copied from archgen's kernels/. Do not edit.
 
 Where triton cannot be imported (a CPU-only install) each name is None, and the model runs the reference op of the
-same name in ops/, which is also what exported graphs hold.
+same name in ops/. Each kernel is a torch.library custom op, so an exported program keeps it as one node;
+`decompositions()` writes those ops with the reference ops, for exporters that cannot run Triton (ONNX).
 """
 
 try:
+    from . import selective_scan as selective_scan_module
     from .selective_scan import selective_scan
 except ImportError:  # no triton
-    selective_scan = None
+    selective_scan_module = selective_scan = None
+
+
+def decompositions() -> dict:
+    """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
+    table = {}
+    if selective_scan_module is not None:
+        from ..ops.ssm import selective_scan as reference
+
+        table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
+    return table

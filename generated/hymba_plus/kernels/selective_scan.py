@@ -54,14 +54,16 @@ Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `arch
 `archgen::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
 implementations and autograd), the launchers `selective_scan_forward` / `selective_scan_backward` (autotuned on
 first use per width and dtype, or with an explicit config), `tuned_configs` / `pin_configs` (read the tuner's choices,
-or set them from a tuning file), and `selective_scan_reference`, a plain loop over time with the same signature and
-return values: the ground truth of the tests.
+or set them from a tuning file), `selective_scan_reference`, a plain loop over time with the same signature and
+return values: the ground truth of the tests, and what the operator computes for CPU tensors (an exported program
+holding it runs anywhere), and `decomposition`, the operator written with a traceable reference, for ONNX.
 
 This file needs triton; nothing else outside torch. Under TRITON_INTERPRET=1 (set before triton is imported) the
 kernels run on CPU tensors through Triton's interpreter, slowly: that is how the tests run without a GPU.
 """
 
 import contextlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -406,6 +408,15 @@ def interpreting() -> bool:
     return isinstance(_selective_scan_fwd_kernel, InterpretedFunction)
 
 
+def triton_on_cpu() -> bool:
+    """Whether CPU tensors run the Triton kernels (in the interpreter) rather than the reference.
+
+    Only when interpreting and ARCHGEN_TRITON_ON_CPU=1, read at every call: the kernel tests ask for it. Otherwise
+    the operator computes CPU tensors with `selective_scan_reference`, which is what an exported program that holds
+    archgen::selective_scan does when it runs on a CPU (the interpreter would take seconds per call)."""
+    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
+
+
 def _fix_interpreter_scalars() -> None:
     """Let Triton's interpreter run loops with runtime bounds under numpy >= 2.4.
 
@@ -695,7 +706,15 @@ def _forward_impl(
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """archgen::selective_scan -> (y, final_state, checkpoints): `selective_scan_forward` as an operator. The
-    checkpoints output is internal (for the backward), non-differentiable, and has no chunks unless save_checkpoints."""
+    checkpoints output is internal (for the backward), non-differentiable, and has no chunks unless save_checkpoints.
+    CPU tensors take the reference (see `triton_on_cpu`), without checkpoints: an exported graph runs anywhere."""
+    if not (u.is_cuda or triton_on_cpu()):
+        if save_checkpoints:
+            raise RuntimeError("archgen::selective_scan has no backward for CPU tensors: train on a GPU, or with the "
+                               "reference op (ops/ssm.py)")
+        y, final_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+        batch, _, dim = u.shape
+        return y, final_state.float(), u.new_empty((batch, 0, dim, A.shape[1]), dtype=torch.float32)
     return selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                   save_checkpoints=save_checkpoints, chunk_size=chunk_size)
 
@@ -814,14 +833,16 @@ def selective_scan(
     Needs CUDA tensors (or TRITON_INTERPRET=1): on anything else it raises, and the caller runs the reference.
     Checkpoints for the backward are written only when autograd will need them.
     """
-    if not (u.is_cuda or interpreting()):
+    exporting = torch.compiler.is_exporting()  # tracing: the op becomes one node of the exported graph
+    if not (u.is_cuda or triton_on_cpu() or exporting):
         raise RuntimeError(
             f"the Triton selective_scan kernel needs CUDA tensors, got u on {u.device}: call the reference "
             "(ops/ssm.py selective_scan) instead, or set TRITON_INTERPRET=1 before importing triton to run the "
             "kernel in Triton's CPU interpreter (slow; for tests)"
         )
     tensors = (u, delta, A, B, C, D, z, delta_bias, initial_state)
-    save_checkpoints = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    save_checkpoints = (not exporting and torch.is_grad_enabled()
+                        and any(t is not None and t.requires_grad for t in tensors))
     y, final_state, _ = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                           save_checkpoints, chunk_size)
     return y, final_state
@@ -859,6 +880,21 @@ def selective_scan_reference(
     if z is not None:
         y = y * F.silu(z.to(acc))
     return y.to(u.dtype), h
+
+
+def decomposition(reference, **reference_kwargs) -> dict:
+    """{archgen::selective_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
+
+    reference: a scan with `selective_scan_reference`'s signature that traces with a symbolic length (a generated
+    package's ops/ssm.py `selective_scan`, given its max_seqlen in reference_kwargs). Exported graphs never save
+    checkpoints, so the third output is empty."""
+
+    def selective_scan_decomposed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_checkpoints,
+                                  chunk_size):
+        y, final_state = reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, **reference_kwargs)
+        return y, final_state, u.new_empty((u.size(0), 0, u.size(2), A.size(1)), dtype=torch.float32)
+
+    return {getattr(torch.ops, OP_NAMESPACE).selective_scan.default: selective_scan_decomposed}
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size) -> None:
