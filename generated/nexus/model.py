@@ -485,7 +485,6 @@ class Model(nn.Module):
                 if cache is not None:
                     cache.memory = memory_state
                 x = x + read
-            if i == 47:
                 conclusions, truth = self.symbolic(x)
                 if heads is not None:
                     heads["symbolic"] = truth  # (B, T, 4) soft truth values after chaining
