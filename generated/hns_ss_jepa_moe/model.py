@@ -271,6 +271,15 @@ class MedusaHead(nn.Module):
             nn.ModuleList([nn.Linear(4096, 4096) for _ in range(1)]) for _ in range(4)
         ])
 
+    @torch.no_grad()
+    def init_weights(self):
+        """Zero blocks, as Medusa initialises them: every head starts as the model's own next-token head, so its
+        drafts are usable before the heads are trained."""
+        for blocks in self.blocks:
+            for block in blocks:
+                nn.init.zeros_(block.weight)
+                nn.init.zeros_(block.bias)
+
     def forward(self, x, lm_head):
         """x (B, T, 4096) final-norm hidden states → logits (4, B, T, 128000), head k's guess for token t+k+2."""
         logits = []
@@ -367,6 +376,7 @@ class Model(nn.Module):
         A_log  log of 1..d_state per channel (S4D-real) for Mamba-1, log of uniform(1, 16) per head for Mamba-2;  D  1
         Δ bias  softplus⁻¹ of a step size drawn log-uniformly from [dt_min, dt_max]
         conv1d.weight  uniform(±1/sqrt(width))
+        Medusa blocks  0, so every head starts as the model's own next-token head (its init_weights)
         """
         std, out_std = 0.02, 0.02 / (2 * 32) ** 0.5
         for module in self.modules():
@@ -395,6 +405,9 @@ class Model(nn.Module):
                 dt = torch.exp(torch.rand(8192) * (-2.3025850929940455 - -6.907755278982137) + -6.907755278982137)
                 module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
                 nn.init.uniform_(module.dt_proj.weight, -256 ** -0.5, 256 ** -0.5)
+        for head in self.heads.values():
+            if hasattr(head, "init_weights"):
+                head.init_weights()  # a head's own starting values, over the defaults above
 
     def forward(self, input_ids, targets=None, cache: Cache | None = None) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""

@@ -86,6 +86,24 @@ def test_heads_give_k_logits_per_position_and_a_weighted_loss(packages, name):
     assert torch.isfinite(out.aux_losses["medusa"])
 
 
+@pytest.mark.parametrize("name", ["hns_ss_jepa_moe", "hspmn"])
+def test_heads_start_as_the_next_token_head(packages, name):
+    """Zero-initialised blocks (Medusa's initialisation): every head's logits equal the model's own at init, also
+    when the model is built on the meta device and initialised after to_empty."""
+    torch.manual_seed(0)
+    Model = packages(name).Model
+    with torch.device("meta"):
+        meta = Model()
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    tokens = torch.randint(0, VOCAB, (1, 9))
+    for model in (Model(), meta):
+        with torch.no_grad():
+            out = model(tokens)
+        for k in range(SPECS[name][2]):
+            assert torch.equal(out.heads["medusa"][k], out.logits), f"head {k} differs from the next-token head at init"
+
+
 def test_head_k_is_scored_against_the_token_k_plus_2_ahead(packages):
     head = packages("hspmn").Model().heads["medusa"]
     K, B, T = 3, 2, 9
