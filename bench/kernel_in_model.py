@@ -43,15 +43,9 @@ SMOKE = {"device": "cpu", "preset": "tiny", "forward": (1, 16), "train": (1, 16)
 
 
 def build(preset: str | None, out_root: Path, extra_overrides: tuple[str, ...] = ()):
-    from archgen.emit import emit, write_package
-    from archgen.pipeline import compile_spec
-    from tests.conftest import import_package
+    from tests.conftest import build_package
 
-    compiled = compile_spec(ROOT / "specs/nexus.yaml", preset, OVERRIDES + extra_overrides)
-    emitted = emit(compiled, "specs/nexus.yaml")
-    target = out_root / compiled.resolved.name
-    write_package(emitted.files, target)
-    return import_package(target)
+    return build_package(ROOT / "specs/nexus.yaml", out_root, preset, OVERRIDES + extra_overrides)
 
 
 def timed_ms(fn, sizes) -> float:

@@ -37,12 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yaml")
-# Mamba-1 widths of the seed specs, used when archgen cannot be imported: {spec: {preset: (d_inner, d_state)}}.
-KNOWN_WIDTHS = {
-    "specs/hns_ss_jepa_moe.yaml": {"tiny": (128, 16), "default": (8192, 16)},
-    "specs/hymba_plus.yaml": {"tiny": (128, 16), "default": (3200, 16)},
-    "specs/nexus.yaml": {"tiny": (256, 16), "default": (1024, 16)},
-}
 
 
 def load_module(name: str, relative_path: str):
@@ -197,28 +191,23 @@ class Bench:
         self.ss.pin_configs({"forward": {key: fixed}, "backward": {key: fixed}})
 
     def seed_widths(self) -> dict:
-        """{spec: {preset: (d_inner, d_state)}} of every Mamba-1 mixer, from the specs themselves when archgen loads."""
-        try:
-            sys.path.insert(0, str(ROOT))
-            from archgen.pipeline import compile_spec
+        """{spec: {preset: (d_inner, d_state)}}: the A_log shape of the Mamba-1 mixers in each seed spec's IR."""
+        sys.path.insert(0, str(ROOT))
+        from archgen.pipeline import compile_spec
 
-            widths = {}
-            for spec in SPECS:
-                widths[spec] = {}
-                for preset in ("tiny", None):
-                    resolved = compile_spec(ROOT / spec, preset).resolved
-                    for mixer in resolved.mixers.values():
-                        if getattr(mixer, "kind", None) == "mamba":
-                            widths[spec][preset or "default"] = (mixer.expand * resolved.d_model, mixer.d_state)
-            return {"source": "specs via archgen", "widths": widths}
-        except Exception as error:
-            return {"source": f"built-in table ({type(error).__name__}: {error})", "widths": KNOWN_WIDTHS}
+        widths = {}
+        for spec in SPECS:
+            for preset in ("tiny", None):
+                for op in compile_spec(ROOT / spec, preset).ir.ops():
+                    if op.kind == "mamba":
+                        widths.setdefault(spec, {})[preset or "default"] = op.params["A_log"]
+        return widths
 
     def autotune(self) -> dict:
         ss = self.ss
-        found = self.seed_widths()
-        shapes = sorted({w for presets in found["widths"].values() for w in presets.values()} | {(4096, 16)})
-        report = {"widths_from": found["source"], "seed_widths": found["widths"], "by_width": {}}
+        widths = self.seed_widths()
+        shapes = sorted({w for presets in widths.values() for w in presets.values()} | {(4096, 16)})
+        report = {"seed_widths": widths, "by_width": {}}
         if self.dry_run:  # the interpreter tunes nothing: one tiny width walks the code path
             report["note"] = f"dry run: the interpreter runs INTERPRETER_CONFIG {ss.INTERPRETER_CONFIG}, widths not tuned"
             shapes, batch, seqlen = [(8, 4)], 1, 20

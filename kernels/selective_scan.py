@@ -882,16 +882,16 @@ def selective_scan_reference(
     return y.to(u.dtype), h
 
 
-def decomposition(reference, **reference_kwargs) -> dict:
+def decomposition(reference, max_seqlen: int) -> dict:
     """{archgen::selective_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
 
-    reference: a scan with `selective_scan_reference`'s signature that traces with a symbolic length (a generated
-    package's ops/ssm.py `selective_scan`, given its max_seqlen in reference_kwargs). Exported graphs never save
-    checkpoints, so the third output is empty."""
+    reference: a generated package's ops/ssm.py `selective_scan` (this function's signature plus max_seqlen, the bound
+    that lets it trace a symbolic length). Exported graphs never save checkpoints, so the third output is empty."""
 
     def selective_scan_decomposed(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, save_checkpoints,
                                   chunk_size):
-        y, final_state = reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, **reference_kwargs)
+        y, final_state = reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                   max_seqlen=max_seqlen)
         return y, final_state, u.new_empty((u.size(0), 0, u.size(2), A.size(1)), dtype=torch.float32)
 
     return {getattr(torch.ops, OP_NAMESPACE).selective_scan.default: selective_scan_decomposed}

@@ -27,7 +27,7 @@ Shapes that do not change. Every tensor of the state has a fixed shape, and a ca
 steps whose writes are kept or discarded with `torch.where` (a chunk is kept when its last slot holds a token). So
 the same code is a graph torch.export can record for a symbolic position and length: a decode step (one token at
 any position) is one masked write, and a prefill of up to `max_seqlen` tokens is ceil(max_seqlen / C) of them.
-Eager calls with a concrete position and length run exactly the chunks they touch.
+Eager calls with a concrete position and length run exactly the chunks they touch and write only complete ones.
 
 Gradients. ∇_W ℓ is written out in closed form (the backward of an MLP is a few matmuls, `associative_grad`),
 not taken with autograd. The write is therefore ordinary differentiable tensor code: training backpropagates
@@ -162,6 +162,7 @@ def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: Memo
     slot_keys, slot_values = lay_out(keys, state.pending_keys), lay_out(values, state.pending_values)
     slot_queries = lay_out(queries, None)
     weights, surprise = state.weights, state.momentum
+    concrete = isinstance(waiting, int) and isinstance(seqlen, int)  # eager: whether a chunk completes is known here
     reads = []
     for j in range(steps):
         # A gather, not a slice: a batched matmul on a strided slice makes torch.export ask whether the batch is 1,
@@ -169,11 +170,17 @@ def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: Memo
         part = torch.arange(j * chunk, (j + 1) * chunk, device=queries.device)
         chunk_queries, chunk_keys, chunk_values = (t.index_select(1, part) for t in (slot_queries, slot_keys, slot_values))
         reads.append(memory_mlp(chunk_queries, weights))  # (B, C, d_v)
+        end = (j + 1) * chunk
+        if concrete and end > waiting + seqlen:
+            continue  # a partial chunk waits in the state: no write to compute and discard (decoding's common case)
         written, written_surprise = write_chunk(weights, surprise, chunk_keys, chunk_values,
                                                 learning_rate, momentum, forget)
-        complete = filled[(j + 1) * chunk - 1]  # 0-dim bool: a partial chunk waits in the state
-        weights = [torch.where(complete, w_new, w) for w_new, w in zip(written, weights)]
-        surprise = [torch.where(complete, s_new, s) for s_new, s in zip(written_surprise, surprise)]
+        if concrete:
+            weights, surprise = written, written_surprise
+        else:  # traced with a tensor position or a symbolic length: keep the write only if the chunk's last slot is filled
+            complete = filled[end - 1]  # 0-dim bool
+            weights = [torch.where(complete, w_new, w) for w_new, w in zip(written, weights)]
+            surprise = [torch.where(complete, s_new, s) for s_new, s in zip(written_surprise, surprise)]
     reads = torch.cat(reads, dim=1).index_select(1, waiting + torch.arange(seqlen, device=queries.device))  # (B, T, d_v)
 
     done = filled.view(steps, chunk)[:, -1].sum() * chunk  # slots in complete chunks (a 0-dim tensor)
