@@ -1,0 +1,214 @@
+"""Batch-1 (and batch-32) decoding of generated models against the memory floor and transformers, in one GPU run.
+
+For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), after a 128-token prompt:
+  - `generate` with its CUDA-graph decode step (the default on CUDA) and without it (cuda_graph=False), ms/token;
+  - the floor: bytes a decode step must read (weights + the caches at that length) over the device copy bandwidth
+    measured in the same run;
+  - exactness: greedy tokens and per-step logits with the graph against the eager step;
+  - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token.
+
+Run on a GPU from the repository root:  python bench/decode.py --out $OUT
+`--dry-run` runs every step on the CPU at toy sizes (no graphs) to check the script; its figures mean nothing.
+The JSON is rewritten after every section, so a run that is stopped keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
+# --dry-run: the same specs at toy widths (Bamba has no tiny preset).
+DRY_SPECS = {
+    "bamba_1b": ("bench/specs/bamba_1b.yaml", None, ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2",
+                                                      "mixers.ssm.d_state=16", "mixers.attn.n_heads=4", "mixers.attn.head_dim=16",
+                                                      "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=16", "ffns.mlp.hidden=128")),
+    "hymba_plus": ("specs/hymba_plus.yaml", "tiny", ()),
+}
+
+
+def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: Path):
+    import importlib.util
+
+    from archgen.emit import emit, write_package
+    from archgen.pipeline import compile_spec
+
+    compiled = compile_spec(ROOT / spec, preset, overrides)
+    target = out_root / compiled.resolved.name
+    write_package(emit(compiled, spec).files, target)
+    module_spec = importlib.util.spec_from_file_location(compiled.resolved.name, target / "__init__.py",
+                                                         submodule_search_locations=[str(target)])
+    package = importlib.util.module_from_spec(module_spec)
+    sys.modules[compiled.resolved.name] = package
+    module_spec.loader.exec_module(package)
+    return package
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, elements: int) -> float:
+    """Bytes read + written per second by one large device copy (median of 10)."""
+    a = torch.empty(elements, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(13):
+        sync(device)
+        started = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - started)
+    return 2 * a.numel() * a.element_size() / sorted(times)[len(times) // 2]
+
+
+def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float:
+    """(time to generate new_tokens − time to generate 1) / (new_tokens − 1): decoding steps only, prefill excluded."""
+    def run(n):
+        sync(device)
+        started = time.perf_counter()
+        generate(prompt, n)
+        sync(device)
+        return time.perf_counter() - started
+
+    run(4)
+    run(new_tokens)  # the first call of a batch size and length captures its graph
+    one = min(run(1) for _ in range(3))
+    many = min(run(new_tokens) for _ in range(3))
+    return (many - one) / (new_tokens - 1) * 1e3
+
+
+def cache_bytes(model, batch: int, length: int, device: str) -> int:
+    cache = model.empty_cache(batch, length, device=device)
+    leaves = []
+
+    def walk(state):
+        if isinstance(state, torch.Tensor):
+            leaves.append(state)
+        elif hasattr(state, "__dataclass_fields__"):
+            for name in state.__dataclass_fields__:
+                walk(getattr(state, name))
+        elif isinstance(state, dict):
+            for value in state.values():
+                walk(value)
+        elif isinstance(state, (list, tuple)):
+            for value in state:
+                walk(value)
+
+    walk(cache.layers)
+    return sum(t.numel() * t.element_size() for t in leaves)
+
+
+def attempt(entry: dict, key: str, fn) -> None:
+    try:
+        entry[key] = fn()
+    except Exception as error:  # noqa: BLE001 — a failed part is a finding; the others still run
+        frames = traceback.extract_tb(error.__traceback__)[-5:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+        entry[key + "_error"] = f"{type(error).__name__}: {str(error)[:1500]} [at {where}]"
+        print(f"{key}: {entry[key + '_error']}", flush=True)
+
+
+def exactness(model, prompt, steps: int) -> dict:
+    """Whether greedy generation gives the same tokens with and without the graph."""
+    with_graph = model.generate(prompt, max_new_tokens=steps, cuda_graph=True)
+    without = model.generate(prompt, max_new_tokens=steps, cuda_graph=False)
+    return {"steps": steps, "same_tokens": bool(torch.equal(with_graph, without))}
+
+
+def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, ...], args, results: dict, bandwidth: float,
+                out_root: Path) -> None:
+    device = args.device
+    entry = results["models"][name] = {"spec": spec, "preset": preset, "overrides": list(overrides)}
+    package = build(spec, preset, overrides, out_root)
+    with torch.device(device):
+        model = package.Model().to(torch.bfloat16).eval()
+    vocab = model.lm_head.weight.size(0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    entry["weight_bytes"] = weight_bytes
+    for batch in args.batches:
+        row = entry[f"batch_{batch}"] = {}
+        prompt = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
+        meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
+        length = args.prompt_len + args.new_tokens + meta_tokens
+        state_bytes = cache_bytes(model, batch, length, device)
+        row["floor_ms_per_token"] = (weight_bytes + state_bytes) / bandwidth * 1e3
+        row["cache_bytes"] = state_bytes
+        with torch.no_grad():
+            for variant, graph in (("graph", True), ("eager", False)):
+                attempt(row, f"{variant}_ms_per_token", lambda: decode_ms_per_token(
+                    lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=graph), prompt, args.new_tokens, device))
+            if batch == 1:
+                attempt(row, "exactness", lambda: exactness(model, prompt, 16))
+        for variant in ("graph", "eager"):
+            if f"{variant}_ms_per_token" in row:
+                row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
+        save(args, results)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    if name == "bamba_1b" and not args.dry_run:
+        attempt(entry, "transformers", lambda: transformers_decode(args, bandwidth))
+
+
+def transformers_decode(args, bandwidth: float) -> dict:
+    from transformers import BambaConfig, BambaForCausalLM
+    import transformers
+
+    config = BambaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                         num_attention_heads=16, num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15],
+                         mamba_n_heads=64, mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1, mamba_expand=2,
+                         mamba_chunk_size=256, mamba_d_conv=4, tie_word_embeddings=False)
+    with torch.device(args.device):
+        peer = BambaForCausalLM(config).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 32000, (1, args.prompt_len), device=args.device)
+    ms = decode_ms_per_token(lambda p, n: peer.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+                             prompt, args.new_tokens, args.device)
+    return {"version": transformers.__version__, "ms_per_token": ms}
+
+
+def save(args, results: dict) -> None:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "decode.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="out")
+    parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
+    parser.add_argument("--only", default=None, help="comma-separated model names")
+    args = parser.parse_args()
+    args.device = "cpu" if args.dry_run else "cuda"
+    args.batches = (1, 32) if not args.dry_run else (1, 2)
+    args.prompt_len, args.new_tokens = (128, 64) if not args.dry_run else (8, 4)
+    results = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
+               "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "models": {}}
+    bandwidth = copy_bandwidth(args.device, 2**30 if not args.dry_run else 2**20)
+    results["copy_bandwidth_bytes_per_s"] = bandwidth
+    save(args, results)
+    specs = DRY_SPECS if args.dry_run else SPECS
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (spec, preset, overrides) in specs.items():
+            if args.only and name not in args.only.split(","):
+                continue
+            attempt(results, f"{name}_run", lambda: bench_model(name, spec, preset, overrides, args, results, bandwidth, Path(tmp)))
+            save(args, results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
