@@ -11,7 +11,8 @@ from rich.console import Console
 
 from archgen.errors import CompileError, Diagnostic
 
-stdout = Console()
+# soft_wrap: a sentence stays one line when the output is piped (rich would otherwise wrap it at 80 columns).
+stdout = Console(soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_SPEC_ERROR = 2
@@ -57,18 +58,30 @@ def check(spec: Path, preset: str | None, overrides: tuple[str, ...]) -> None:
         presets = [preset] if preset else [None] + sorted(load_spec(spec, None, overrides).spec.presets)
     except CompileError as error:
         fail(error)
-    problems: list[Diagnostic] = []
+    # A problem in the base spec recurs under every preset: report it once, naming where it applies.
+    found: dict[Diagnostic, list[str]] = {}
     for name in presets:
         try:
             compiled = compile_spec(spec, name, overrides)
             print_diagnostics(list(compiled.loaded.warnings))
         except CompileError as error:
-            label = f" (preset {name})" if name else ""
-            problems += [Diagnostic(d.path, d.message + label, d.fix, d.location, d.severity) for d in error.diagnostics]
-    if problems:
-        fail(CompileError(problems))
+            for diagnostic in error.diagnostics:
+                found.setdefault(diagnostic, []).append("base" if name is None else name)
+    if found:
+        fail(CompileError([Diagnostic(d.path, d.message + _where_it_applies(where, len(presets)), d.fix, d.location, d.severity)
+                           for d, where in found.items()]))
     checked = ", ".join("base" if name is None else f"preset {name}" for name in presets)
     stdout.print(f"ok: {spec} ({checked})")
+
+
+def _where_it_applies(where: list[str], n_checked: int) -> str:
+    if n_checked == 1 or (where == ["base"]):
+        return ""
+    if len(where) == n_checked:
+        return " (base and every preset)"
+    names = [w for w in where if w != "base"]
+    label = f"preset{'s' if len(names) > 1 else ''} {', '.join(names)}"
+    return f" (base and {label})" if "base" in where else f" ({label})"
 
 
 @main.command()
@@ -170,12 +183,17 @@ def run_export(package: Path, quiet: bool = False, show_traceback: bool = False,
     import time
     import traceback
 
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
     from archgen.export import ExportError, export_package
     from archgen.report.tables import human_bytes
 
     started = time.perf_counter()
+    columns = (SpinnerColumn(), TextColumn("exporting {task.fields[package]}: {task.description}"), TimeElapsedColumn())
     try:
-        result = export_package(package, **options)
+        with Progress(*columns, console=stderr, transient=True, disable=quiet) as progress:
+            task = progress.add_task("loading the package", package=str(package))
+            result = export_package(package, progress=lambda step: progress.update(task, description=step), **options)
     except (ExportError, ValueError, FileNotFoundError) as error:
         if show_traceback:
             traceback.print_exception(error)
@@ -194,6 +212,23 @@ def run_export(package: Path, quiet: bool = False, show_traceback: bool = False,
                      f"prefill {worst['prefill']:.1e}, decode {worst['decode']:.1e}", markup=False)
 
 
+DYNAMIC_DIMS = ("batch", "seq")
+
+
+def dynamic_dims(text: str) -> list[str]:
+    """--dynamic: 'batch', 'seq', 'batch,seq' or 'both', and '' or 'none' for a fully static graph."""
+    words = [word.strip() for word in text.split(",") if word.strip()]
+    if words in (["both"], ["all"]):
+        return list(DYNAMIC_DIMS)
+    if words in ([], ["none"]):
+        return []
+    unknown = [word for word in words if word not in DYNAMIC_DIMS]
+    if unknown:
+        raise click.BadParameter(f"unknown dim {', '.join(map(repr, unknown))}: use batch, seq, both, or none",
+                                 param_hint="--dynamic")
+    return words
+
+
 @main.command("export")
 @click.argument("package", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--format", "formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
@@ -202,7 +237,7 @@ def run_export(package: Path, quiet: bool = False, show_traceback: bool = False,
               help="A save_pretrained directory; default: a seeded initialisation (the manifest records the seed).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initialisation when no --weights are given.")
 @click.option("--dynamic", default="batch,seq", show_default=True,
-              help="Dims left dynamic: batch, seq, both, or '' for none (a static dim takes --batch / --seq).")
+              help="Dims left dynamic: batch, seq, both (= batch,seq), or none (a static dim takes --batch / --seq).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Upper bound of the dynamic batch.")
 @click.option("--max-len", type=int, default=None, help="Positions a cache holds, meta tokens included (default: the spec's max_seq_len).")
@@ -219,16 +254,81 @@ def export_command(package: Path, formats: tuple[str, ...], weights: Path | None
     if opset < 18:
         raise click.BadParameter(f"ONNX export needs opset 18 or newer, got {opset}", param_hint="--opset")
     run_export(package, show_traceback=show_traceback, formats=formats or ("pt2", "onnx"), weights=weights, seed=seed,
-               dtype=dtype, dynamic=[d.strip() for d in dynamic.split(",") if d.strip()], max_batch=max_batch,
+               dtype=dtype, dynamic=dynamic_dims(dynamic), max_batch=max_batch,
                max_len=max_len, batch=batch, seq=seq, opset=opset, output=output, check=not no_check)
 
 
-@main.command()
-def schema() -> None:
-    """Print the JSON Schema of the spec language (for editor completion)."""
+SCHEMA_ID = "urn:archgen:spec-schema:1"  # a name, not a place: editors get the file itself through `schema --install`
+
+
+def spec_schema() -> dict:
+    """The spec language as a JSON Schema (draft 2020-12, which pydantic writes) with its dialect and identity."""
     from archgen.spec.models import Spec
 
-    click.echo(json.dumps(Spec.model_json_schema(), indent=2))
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID, **Spec.model_json_schema()}
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Write the schema to this file instead of printing it.")
+@click.option("--install", is_flag=True,
+              help="Write the schema to .archgen/spec.schema.json and map specs/*.yaml to it in .vscode/settings.json "
+                   "(the YAML extension's `yaml.schemas`); other settings are kept.")
+def schema(output: Path | None, install: bool) -> None:
+    """Print the JSON Schema of the spec language (for editor completion and validation).
+
+    Editors that read `# yaml-language-server: $schema=PATH` modelines (VS Code's YAML extension, Neovim's yamlls,
+    JetBrains IDEs) validate a spec that starts with one; every spec in specs/ does.
+    """
+    text = json.dumps(spec_schema(), indent=2) + "\n"
+    if install:
+        output = output or Path(".archgen/spec.schema.json")
+        install_schema(output, text)
+        return
+    if output is not None:
+        write_text_atomically(output, text)
+        stdout.print(f"schema written to {output}", markup=False)
+        return
+    click.echo(text, nl=False)
+
+
+def install_schema(schema_path: Path, text: str) -> None:
+    """Write the schema and point VS Code's YAML extension at it for specs/*.yaml, keeping every other setting."""
+    settings_path = Path(".vscode/settings.json")
+    settings = {}
+    if settings_path.exists():
+        try:
+            settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:  # VS Code allows comments there; we will not rewrite what we cannot read
+            stderr.print(f"error: {settings_path}:{error.lineno}:{error.colno}: not plain JSON ({error.msg}); nothing was written",
+                         style="red", markup=False)
+            stderr.print(f"fix: add \"yaml.schemas\": {{\"{schema_path}\": [\"specs/*.yaml\"]}} to it by hand, "
+                         "or remove its comments and run this again", markup=False)
+            sys.exit(EXIT_SPEC_ERROR)
+        if not isinstance(settings, dict):
+            stderr.print(f"error: {settings_path} is not a JSON object; nothing was written", style="red", markup=False)
+            sys.exit(EXIT_SPEC_ERROR)
+    schemas = settings.get("yaml.schemas") if isinstance(settings.get("yaml.schemas"), dict) else {}
+    settings["yaml.schemas"] = {**schemas, schema_path.as_posix(): ["specs/*.yaml"]}
+    write_text_atomically(schema_path, text)
+    write_text_atomically(settings_path, json.dumps(settings, indent=2) + "\n")
+    stdout.print(f"schema written to {schema_path}; {settings_path} maps specs/*.yaml to it", markup=False)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary sibling renamed over the target."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

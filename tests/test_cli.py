@@ -5,7 +5,6 @@ JSON and an SVG diagram; `schema` prints the JSON Schema of the spec language.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -181,16 +180,83 @@ def test_schema_is_json_schema_that_names_every_mixer_kind():
     assert MIXER_KINDS | {"mlp", "moe", "rmsnorm", "layernorm", "titans", "lm", "medusa", "jepa", "forecaster"} <= kinds
 
 
-class Yaml12Loader(yaml.SafeLoader):
-    """Reads floats as YAML 1.2 does (and so editors do): '1.5e9' is a number, not the string PyYAML's 1.1 makes it."""
-
-
-Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"),
-                                   list("-+0123456789."))
-
-
 @pytest.mark.parametrize("spec", SPECS + [LLAMA], ids=[s.stem for s in SPECS + [LLAMA]])
 def test_every_shipped_spec_validates_against_the_printed_schema(spec):
-    """An editor using `archgen schema` accepts every shipped spec."""
+    """An editor using `archgen schema` accepts every shipped spec, read by a plain YAML 1.1 loader (PyYAML's, where
+    1.5e9 is a string and 1.5e+9 a number)."""
     jsonschema = pytest.importorskip("jsonschema")
-    jsonschema.validate(yaml.load(spec.read_text(encoding="utf-8"), Loader=Yaml12Loader), schema())
+    jsonschema.validate(yaml.safe_load(spec.read_text(encoding="utf-8")), schema())
+
+
+def test_schema_names_its_dialect_and_identity():
+    document = schema()
+    assert document["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert document["$id"].startswith("urn:archgen:")
+
+
+def test_committed_schema_is_current():
+    """docs/spec.schema.json is what the specs' modelines point editors at."""
+    committed = json.loads((ROOT / "docs" / "spec.schema.json").read_text(encoding="utf-8"))
+    assert committed == schema(), "docs/spec.schema.json is stale: run `archgen schema -o docs/spec.schema.json`"
+
+
+@pytest.mark.parametrize("spec", SPECS + [ROOT / "bench/specs/bamba_1b.yaml"], ids=lambda s: s.stem)
+def test_every_shipped_spec_names_the_schema_for_editors(spec):
+    first = spec.read_text(encoding="utf-8").splitlines()[0]
+    assert first.startswith("# yaml-language-server: $schema=")
+    assert (spec.parent / first.split("=", 1)[1]).resolve() == (ROOT / "docs" / "spec.schema.json").resolve()
+
+
+def test_schema_install_maps_specs_and_keeps_other_settings(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".vscode").mkdir()
+    (tmp_path / ".vscode/settings.json").write_text('{"editor.tabSize": 2}')
+    result = run("schema", "--install")
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / ".vscode/settings.json").read_text())
+    assert settings["editor.tabSize"] == 2
+    assert settings["yaml.schemas"] == {".archgen/spec.schema.json": ["specs/*.yaml"]}
+    assert json.loads((tmp_path / ".archgen/spec.schema.json").read_text()) == schema()
+
+
+def test_schema_install_refuses_settings_it_cannot_read_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".vscode").mkdir()
+    original = '{\n  // a comment VS Code allows\n  "editor.tabSize": 2\n}\n'
+    (tmp_path / ".vscode/settings.json").write_text(original)
+    result = run("schema", "--install")
+    assert result.exit_code == 2
+    assert "nothing was written" in result.output and "yaml.schemas" in result.output
+    assert (tmp_path / ".vscode/settings.json").read_text() == original
+    assert not (tmp_path / ".archgen").exists()
+
+
+def test_check_reports_a_base_spec_problem_once_for_all_presets(tmp_path):
+    spec = tmp_path / "typo.yaml"
+    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\nmixers:\n  attn: {kind: attention, n_heads: 4}\n"
+                    "layout:\n  mixers: (atn*2)\npresets:\n  tiny: {model: {d_model: 32}}\n  small: {model: {d_model: 48}}\n", encoding="utf-8")
+    result = run("check", spec)
+    assert result.exit_code == 2
+    assert result.stderr.count("unknown component 'atn'") == 1
+    assert "(base and every preset)" in result.stderr and "1 error" in result.stderr
+
+
+@pytest.mark.parametrize("text, dims", [("both", ["batch", "seq"]), ("batch,seq", ["batch", "seq"]), ("seq", ["seq"]),
+                                        ("none", []), ("", [])])
+def test_export_dynamic_accepts_what_its_help_offers(text, dims):
+    from archgen.cli import dynamic_dims
+
+    assert dynamic_dims(text) == dims
+
+
+def test_export_dynamic_names_an_unknown_dim(tmp_path):
+    result = run("export", tmp_path, "--dynamic", "batch,time")
+    assert result.exit_code == 2 and "unknown dim 'time'" in result.output
+
+
+def test_piped_output_does_not_wrap_mid_sentence(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "archgen", "build", SPECS[0], "-o", tmp_path], capture_output=True, text=True,
+                            check=False, cwd=ROOT, env={**__import__("os").environ, "COLUMNS": "40"})
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.strip()]
+    assert line.startswith("built ") and line.endswith("parameters")

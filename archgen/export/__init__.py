@@ -9,11 +9,14 @@ One public function, `export_package`; `archgen export` and `archgen build --exp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import logging
 import shutil
 import tempfile
-from collections.abc import Collection
+import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -44,7 +47,7 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
                    formats: Collection[str] = FORMATS, weights: str | Path | None = None, seed: int = 0,
                    dtype: str = "float32", dynamic: Collection[str] = ("batch", "seq"), max_batch: int = 64,
                    max_len: int | None = None, batch: int = 1, seq: int = 16, opset: int = DEFAULT_OPSET,
-                   check: bool = True) -> ExportResult:
+                   check: bool = True, progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export the prefill and decode-step graphs of a generated package into `output` (default exports/<name>/).
 
     package: the generated directory, or the imported package.
@@ -54,9 +57,35 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
     max_len: positions a cache holds, meta tokens included (default: the spec's max_seq_len).
     check: run both graphs (the reloaded .pt2 and onnxruntime) at sizes other than the traced ones and compare with
         eager; a relative error above TOLERANCE[dtype] is an ExportError.
+    progress: called with the name of each step as it starts (the CLI shows them; a tiny spec takes tens of seconds).
     The output directory is replaced only when everything succeeded. Failures raise ExportError, whose message names
     the graph, the layer, the op and the spec component.
     """
+    with quiet_exporters():
+        return _export_package(package, output, formats, weights, seed, dtype, dynamic, max_batch, max_len, batch, seq,
+                               opset, check, progress or (lambda step: None))
+
+
+@contextlib.contextmanager
+def quiet_exporters():
+    """Silence what torch.export, torch.onnx and onnxscript print that says nothing to the user (a line per torchvision
+    op they skip, deprecations inside torch): archgen reports its own steps and every real failure."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxscript|onnx_ir|onnx)(\.|$)")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _export_package(package, output, formats, weights, seed, dtype, dynamic, max_batch, max_len, batch, seq, opset, check,
+                    progress) -> ExportResult:
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats are {', '.join(FORMATS)}; got {', '.join(sorted(unknown)) or 'none'}")
@@ -74,16 +103,21 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
         files: dict[str, dict[str, str]] = {graph.name: {} for graph in graphs}
         protos, programs = {}, []
         for graph in graphs:
+            progress(f"tracing {graph.name} with torch.export")
             program = export_program(graph, model, pkg)
             programs.append(program)
             if "pt2" in formats:
                 torch.export.save(program, staging / f"{graph.name}.pt2")
                 files[graph.name]["pt2"] = f"{graph.name}.pt2"
             if "onnx" in formats:
+                progress(f"converting {graph.name} to ONNX")
                 protos[graph.name] = export_onnx(program, graph, opset, pkg, model)
         if protos:
+            progress("writing the ONNX files")
             for name, file in save_onnx(protos, staging).items():
                 files[name]["onnx"] = file
+        if check:
+            progress("running the exported graphs against eager")
         checks = _check(model, graphs, bounds, staging, files, DTYPES[dtype]) if check else None
         manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
                                   opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model, programs),

@@ -242,7 +242,7 @@ def _tile(slots: list[Slot], n_layers: int | None) -> tuple[list[Slot], list[Lay
     multiples = [m for m in (n_layers // length * length, (n_layers // length + 1) * length) if m > 0]
     message = f"pattern expands to {length} layers, which does not divide n_layers={n_layers}"
     fix = (
-        f"make the pattern {_either(divisors)} layers long, "
+        f"make the pattern {_either(divisors)} layer{'s' if divisors != [1] else ''} long, "
         f"or set n_layers to a multiple of {length} ({_either(multiples)})"
     )
     return [], [LayoutProblem(message, fix, None)]
