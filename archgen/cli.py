@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -23,8 +24,49 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VAL
                           help="Override one field, e.g. --set mixers.attn.n_heads=8 (repeatable).")
 
 
+@dataclass
+class OutputMode:
+    """How the running command reports: plain text (default), errors only (--quiet), or one JSON document on stdout
+    (--json), which then carries the diagnostics too, so a script reads one place."""
+
+    quiet: bool = False
+    json: bool = False
+    warnings: list[Diagnostic] = field(default_factory=list)
+
+
+Output = OutputMode()
+
+
+def output_options(command):
+    """--quiet and --json, for every command that prints."""
+    def configure(ctx, param, value):
+        setattr(Output, param.name, value)
+        return value
+
+    command = click.option("--quiet", is_flag=True, expose_value=False, callback=configure, is_eager=True,
+                           help="Print errors only.")(command)
+    return click.option("--json", is_flag=True, expose_value=False, callback=configure, is_eager=True,
+                        help="Print one JSON document on stdout (diagnostics included) instead of text.")(command)
+
+
+def diagnostic_json(diagnostic: Diagnostic) -> dict:
+    location = diagnostic.location
+    return {"severity": diagnostic.severity, "path": diagnostic.path, "message": diagnostic.message, "fix": diagnostic.fix,
+            "file": location.file if location else None, "line": location.line if location else None,
+            "column": location.column if location else None}
+
+
+def print_json(document: dict) -> None:
+    click.echo(json.dumps({**document, "warnings": [diagnostic_json(d) for d in Output.warnings]}, indent=2))
+
+
 def print_diagnostics(diagnostics: list[Diagnostic]) -> None:
     for diagnostic in diagnostics:
+        if Output.json:
+            Output.warnings.append(diagnostic)  # errors end the command through fail(); warnings ride along
+            continue
+        if Output.quiet and diagnostic.severity != "error":
+            continue
         style = "red" if diagnostic.severity == "error" else "yellow"
         head, _, fix = diagnostic.render().partition("\n")
         stderr.print(head, style=style, markup=False)
@@ -32,7 +74,18 @@ def print_diagnostics(diagnostics: list[Diagnostic]) -> None:
             stderr.print(fix, markup=False)
 
 
+def say(text: str) -> None:
+    """A line of progress or result for a person: not printed with --quiet or --json."""
+    if not (Output.quiet or Output.json):
+        stdout.print(text, markup=False)
+
+
 def fail(error: CompileError) -> None:
+    if Output.json:
+        click.echo(json.dumps({"ok": False, "errors": [diagnostic_json(d) for d in error.diagnostics if d.severity == "error"],
+                               "warnings": [diagnostic_json(d) for d in Output.warnings + [d for d in error.diagnostics if d.severity != "error"]]},
+                              indent=2))
+        sys.exit(EXIT_SPEC_ERROR)
     print_diagnostics(error.diagnostics)
     n = sum(d.severity == "error" for d in error.diagnostics)
     stderr.print(f"{n} error{'s' if n != 1 else ''}", style="bold red")
@@ -43,12 +96,14 @@ def fail(error: CompileError) -> None:
 @click.version_option(package_name="archgen")
 def main() -> None:
     """archgen: compile declarative specs of hybrid SSM / attention / MoE networks into PyTorch packages."""
+    Output.quiet, Output.json, Output.warnings = False, False, []
 
 
 @main.command()
 @spec_argument
 @preset_option
 @set_option
+@output_options
 def check(spec: Path, preset: str | None, overrides: tuple[str, ...]) -> None:
     """Validate SPEC (and, without --preset, every preset it defines). Exit 0 when valid, 2 otherwise."""
     from archgen.pipeline import compile_spec
@@ -70,8 +125,11 @@ def check(spec: Path, preset: str | None, overrides: tuple[str, ...]) -> None:
     if found:
         fail(CompileError([Diagnostic(d.path, d.message + _where_it_applies(where, len(presets)), d.fix, d.location, d.severity)
                            for d, where in found.items()]))
+    if Output.json:
+        print_json({"ok": True, "spec": str(spec), "checked": ["base" if name is None else name for name in presets]})
+        return
     checked = ", ".join("base" if name is None else f"preset {name}" for name in presets)
-    stdout.print(f"ok: {spec} ({checked})")
+    say(f"ok: {spec} ({checked})")
 
 
 def _where_it_applies(where: list[str], n_checked: int) -> str:
@@ -88,12 +146,12 @@ def _where_it_applies(where: list[str], n_checked: int) -> str:
 @spec_argument
 @preset_option
 @set_option
-@click.option("--json", "as_json", is_flag=True, help="Print the cost report as JSON.")
+@output_options
 @click.option("--diagram", type=click.Path(path_type=Path), default=None, help="Write the layer pattern as an SVG file.")
 @click.option("--seq-len", default=2048, show_default=True, help="Sequence length for FLOPs and activations.")
 @click.option("--context", default=None, type=int, help="Context length for the per-layer cache column (default: seq-len).")
-def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], as_json: bool, diagram: Path | None,
-            seq_len: int, context: int | None) -> None:
+def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], diagram: Path | None, seq_len: int,
+            context: int | None) -> None:
     """Print SPEC's per-layer table and totals: parameters, FLOPs, weight, cache and activation bytes."""
     from archgen.passes.cost import cost_report
     from archgen.pipeline import compile_spec
@@ -115,12 +173,12 @@ def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], as_json:
     print_diagnostics(warnings)
     if diagram is not None:
         diagram.write_text(layout_svg(resolved), encoding="utf-8")
-    if as_json:
-        click.echo(json.dumps(report_json(resolved, report), indent=2))
+    if Output.json:
+        print_json(report_json(resolved, report))
         return
     stdout.print(layer_table(resolved, report))
     stdout.print(totals_table(resolved, report))
-    if diagram is not None:
+    if diagram is not None and not Output.quiet:
         stdout.print(f"diagram written to {diagram}")
 
 
@@ -131,10 +189,10 @@ def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], as_json:
 @click.option("-o", "--output", "output_root", type=click.Path(path_type=Path), default=Path("generated"), show_default=True,
               help="Directory that receives <name>/ for each spec.")
 @click.option("--check", is_flag=True, help="Write nothing; exit 1 if the output differs from what the specs produce (prints the diff).")
-@click.option("--quiet", is_flag=True, help="Print errors only.")
+@output_options
 @click.option("--export", "export_formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
               help="Also export each built package, as `archgen export` does with its defaults, into exports/<name>/ (repeatable).")
-def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool, quiet: bool,
+def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool,
           export_formats: tuple[str, ...]) -> None:
     """Compile SPECS (default: every specs/*.yaml) into importable PyTorch packages under OUTPUT/<name>/."""
     import time
@@ -147,7 +205,7 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
     if not specs:
         stderr.print("no specs given and none found in specs/", style="red")
         sys.exit(EXIT_SPEC_ERROR)
-    stale = []
+    stale, built = [], []
     for spec in specs:
         started = time.perf_counter()
         try:
@@ -160,26 +218,33 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
             diffs = diff_package(emitted.files, target)
             if diffs:
                 stale.append(target)
-                for diff in diffs:
-                    click.echo(diff)
-            elif not quiet:
-                stdout.print(f"up to date: {target}")
+                if not Output.json:
+                    for diff in diffs:
+                        click.echo(diff)
+            else:
+                say(f"up to date: {target}")
             continue
         write_package(emitted.files, target)
-        if not quiet:
-            size = sum(len(text.encode()) for text in emitted.files.values())
-            report = emitted.plan.report
-            stdout.print(f"built {target}/ from {spec} in {time.perf_counter() - started:.2f}s: {len(emitted.files)} files "
-                         f"({human_bytes(size)}), {len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
+        size = sum(len(text.encode()) for text in emitted.files.values())
+        report = emitted.plan.report
+        seconds = time.perf_counter() - started
+        built.append({"spec": str(spec), "package": str(target), "spec_hash": compiled.resolved.spec_hash,
+                      "files": len(emitted.files), "bytes": size, "parameters": report.total_params, "seconds": round(seconds, 3)})
+        say(f"built {target}/ from {spec} in {seconds:.2f}s: {len(emitted.files)} files ({human_bytes(size)}), "
+            f"{len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
         if export_formats:
-            run_export(target, formats=export_formats, quiet=quiet)
+            built[-1]["export"] = run_export(target, formats=export_formats)
+    if Output.json:
+        print_json({"ok": not stale, "built": built} if not check else {"ok": not stale, "stale": [str(t) for t in stale]})
     if stale:
-        stderr.print(f"stale: {', '.join(map(str, stale))}: run `archgen build` and commit the result", style="bold red")
+        if not Output.json:
+            stderr.print(f"stale: {', '.join(map(str, stale))}: run `archgen build` and commit the result", style="bold red")
         sys.exit(1)
 
 
-def run_export(package: Path, quiet: bool = False, show_traceback: bool = False, **options) -> None:
-    """Export one generated package; an ExportError is printed (layer, op, spec component) and exits 1."""
+def run_export(package: Path, show_traceback: bool = False, **options) -> dict:
+    """Export one generated package and report it; an ExportError is printed (layer, op, spec component) and exits 1.
+    Returns what --json prints: the output files and the checks against eager."""
     import time
     import traceback
 
@@ -191,25 +256,29 @@ def run_export(package: Path, quiet: bool = False, show_traceback: bool = False,
     started = time.perf_counter()
     columns = (SpinnerColumn(), TextColumn("exporting {task.fields[package]}: {task.description}"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=stderr, transient=True, disable=quiet) as progress:
+        with Progress(*columns, console=stderr, transient=True, disable=Output.quiet or Output.json) as progress:
             task = progress.add_task("loading the package", package=str(package))
             result = export_package(package, progress=lambda step: progress.update(task, description=step), **options)
     except (ExportError, ValueError, FileNotFoundError) as error:
         if show_traceback:
             traceback.print_exception(error)
-        stderr.print(f"error: {error}", style="red", markup=False)
+        if Output.json:
+            click.echo(json.dumps({"ok": False, "package": str(package), "error": str(error)}, indent=2))
+        else:
+            stderr.print(f"error: {error}", style="red", markup=False)
         sys.exit(1)
-    if quiet:
-        return
+    summary = {"package": str(package), "directory": str(result.directory), "seconds": round(time.perf_counter() - started, 1),
+               "files": {graph: {fmt: str(path) for fmt, path in by_format.items()} for graph, by_format in result.files.items()},
+               "checks": result.manifest["checks"]}
     files = ", ".join(f"{path.name} ({human_bytes(path.stat().st_size)})" for by_format in result.files.values()
                       for path in by_format.values())
-    stdout.print(f"exported {package}/ to {result.directory}/ in {time.perf_counter() - started:.1f}s: {files}, manifest.json",
-                 markup=False)
+    say(f"exported {package}/ to {result.directory}/ in {summary['seconds']:.1f}s: {files}, manifest.json")
     checks = result.manifest["checks"]
     if checks:
         worst = {graph: max(checks[graph].values(), default=0.0) for graph in ("prefill", "decode")}
-        stdout.print(f"checked against eager at batch {checks['batch']}, prompt {checks['seq']}: relative error "
-                     f"prefill {worst['prefill']:.1e}, decode {worst['decode']:.1e}", markup=False)
+        say(f"checked against eager at batch {checks['batch']}, prompt {checks['seq']}: relative error "
+            f"prefill {worst['prefill']:.1e}, decode {worst['decode']:.1e}")
+    return summary
 
 
 DYNAMIC_DIMS = ("batch", "seq")
@@ -247,15 +316,18 @@ def dynamic_dims(text: str) -> list[str]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output directory (default: exports/<name>/).")
 @click.option("--no-check", is_flag=True, help="Skip running the exported graphs against eager.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="On failure, also print the exporter's own stack trace.")
+@output_options
 def export_command(package: Path, formats: tuple[str, ...], weights: Path | None, seed: int, dynamic: str, dtype: str,
                    max_batch: int, max_len: int | None, batch: int, seq: int, opset: int, output: Path | None,
                    no_check: bool, show_traceback: bool) -> None:
     """Export the generated PACKAGE (e.g. generated/hspmn) as prefill and decode-step graphs (.pt2, .onnx) with a manifest."""
     if opset < 18:
         raise click.BadParameter(f"ONNX export needs opset 18 or newer, got {opset}", param_hint="--opset")
-    run_export(package, show_traceback=show_traceback, formats=formats or ("pt2", "onnx"), weights=weights, seed=seed,
-               dtype=dtype, dynamic=dynamic_dims(dynamic), max_batch=max_batch,
-               max_len=max_len, batch=batch, seq=seq, opset=opset, output=output, check=not no_check)
+    summary = run_export(package, show_traceback=show_traceback, formats=formats or ("pt2", "onnx"), weights=weights,
+                         seed=seed, dtype=dtype, dynamic=dynamic_dims(dynamic), max_batch=max_batch, max_len=max_len,
+                         batch=batch, seq=seq, opset=opset, output=output, check=not no_check)
+    if Output.json:
+        print_json({"ok": True, **summary})
 
 
 SCHEMA_ID = "urn:archgen:spec-schema:1"  # a name, not a place: editors get the file itself through `schema --install`
@@ -274,6 +346,8 @@ def spec_schema() -> dict:
 @click.option("--install", is_flag=True,
               help="Write the schema to .archgen/spec.schema.json and map specs/*.yaml to it in .vscode/settings.json "
                    "(the YAML extension's `yaml.schemas`); other settings are kept.")
+@click.option("--quiet", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, param, value: setattr(Output, "quiet", value),
+              help="Print errors only (the schema itself is still printed when neither -o nor --install is given).")
 def schema(output: Path | None, install: bool) -> None:
     """Print the JSON Schema of the spec language (for editor completion and validation).
 
@@ -287,7 +361,7 @@ def schema(output: Path | None, install: bool) -> None:
         return
     if output is not None:
         write_text_atomically(output, text)
-        stdout.print(f"schema written to {output}", markup=False)
+        say(f"schema written to {output}")
         return
     click.echo(text, nl=False)
 
@@ -312,7 +386,7 @@ def install_schema(schema_path: Path, text: str) -> None:
     settings["yaml.schemas"] = {**schemas, schema_path.as_posix(): ["specs/*.yaml"]}
     write_text_atomically(schema_path, text)
     write_text_atomically(settings_path, json.dumps(settings, indent=2) + "\n")
-    stdout.print(f"schema written to {schema_path}; {settings_path} maps specs/*.yaml to it", markup=False)
+    say(f"schema written to {schema_path}; {settings_path} maps specs/*.yaml to it")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

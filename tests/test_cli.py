@@ -133,10 +133,13 @@ def test_inspect_json_follows_preset_and_overrides():
 
 
 def test_inspect_exits_2_on_a_bad_spec_without_a_traceback():
-    result = run("inspect", BAD / "pattern_unknown_name.yaml", "--json")
+    result = run("inspect", BAD / "pattern_unknown_name.yaml")
     assert result.exit_code == 2
     assert "replace 'atn' with 'attn'" in result.stderr
     assert result.stdout == ""
+    as_json = run("inspect", BAD / "pattern_unknown_name.yaml", "--json")
+    assert as_json.exit_code == 2 and as_json.stderr == ""
+    assert json.loads(as_json.stdout)["errors"][0]["fix"] == "replace 'atn' with 'attn'"
 
 
 def test_diagram_is_an_svg_with_one_box_per_mixer_branch_and_feed_forward(tmp_path):
@@ -260,3 +263,29 @@ def test_piped_output_does_not_wrap_mid_sentence(tmp_path):
     assert result.returncode == 0, result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.strip()]
     assert line.startswith("built ") and line.endswith("parameters")
+
+
+# ------------------------------------------------------------------------------------------------- --quiet / --json
+def test_check_json_carries_located_errors_and_exits_2(tmp_path):
+    spec = tmp_path / "typo.yaml"
+    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\nmixers:\n  attn: {kind: attention, n_heads: 4}\n"
+                    "layout:\n  mixers: (atn*2)\n", encoding="utf-8")
+    result = run("check", spec, "--json")
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    (error,) = document["errors"]
+    assert document["ok"] is False and error["line"] == 7 and error["path"] == "layout.mixers" and error["fix"]
+
+
+def test_check_json_and_quiet_on_a_valid_spec():
+    document = json.loads(run("check", SPECS[0], "--json").stdout)
+    assert document["ok"] is True and document["checked"][0] == "base"
+    quiet = run("check", SPECS[0], "--quiet")
+    assert quiet.exit_code == 0 and quiet.stdout == ""
+
+
+def test_build_json_lists_what_it_built(tmp_path):
+    result = run("build", SPECS[0], "--preset", "tiny", "-o", tmp_path, "--json")
+    (built,) = json.loads(result.stdout)["built"]
+    assert built["package"] == str(tmp_path / built["package"].split("/")[-1]) and built["parameters"] > 0
+    assert len(built["spec_hash"]) == 64
