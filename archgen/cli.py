@@ -330,6 +330,74 @@ def export_command(package: Path, formats: tuple[str, ...], weights: Path | None
         print_json({"ok": True, **summary})
 
 
+@main.command()
+@spec_argument
+@preset_option
+@set_option
+@output_options
+@click.option("--device", default=None, help="cuda (default when a GPU is present) or cpu (figures only check the command).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--batch", default=4, show_default=True, help="Batch of the training step and the prefill.")
+@click.option("--seq-len", default=2048, show_default=True, help="Tokens per sequence in the training step and the prefill.")
+@click.option("--decode-batch", "decode_batches", multiple=True, type=int, default=(1, 32), show_default=True,
+              help="Batch sizes of the decode measurement (repeatable).")
+@click.option("--prompt-len", default=128, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--variant", "variants", multiple=True, type=click.Choice(["kernels", "reference", "compiled"]),
+              help="What to measure (repeatable; default all): the package as generated, its reference ops, those compiled.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"), show_default=True,
+              help="Directory for <name>.json and <name>.png.")
+def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: str | None, dtype: str, batch: int, seq_len: int,
+          decode_batches: tuple[int, ...], prompt_len: int, new_tokens: int, variants: tuple[str, ...], output: Path) -> None:
+    """Measure SPEC's generated model on this machine: training tokens/s and MFU, prefill tokens/s, decode ms/token
+    against the memory floor, peak memory; for the package as generated, its reference ops, and those compiled."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from archgen.benchmark import VARIANTS, BenchConfig, plot, run_bench
+
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter("no CUDA device is visible to torch; use --device cpu to check the command", param_hint="--device")
+    config = BenchConfig(spec, preset, overrides, device, dtype, batch, seq_len, decode_batches, prompt_len, new_tokens,
+                         variants=variants or VARIANTS)
+    columns = (SpinnerColumn(), TextColumn("bench {task.fields[spec]}: {task.description}"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=stderr, transient=True, disable=Output.quiet or Output.json) as progress:
+            task = progress.add_task("starting", spec=spec.name)
+            result = run_bench(config, progress=lambda step: progress.update(task, description=step))
+    except CompileError as error:
+        fail(error)
+    output.mkdir(parents=True, exist_ok=True)
+    name = spec.stem + (f"-{preset}" if preset else "")
+    write_text_atomically(output / f"{name}.json", json.dumps(result.to_json(), indent=2) + "\n")
+    plot(result, output / f"{name}.png")
+    if Output.json:
+        print_json({"ok": True, **result.to_json()})
+        return
+    if Output.quiet:
+        return
+    table = Table(title=f"{spec.name} on {result.device}, {dtype}: train/prefill at {batch} × {seq_len}")
+    for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *(f"decode b{b} ms/tok (× floor)" for b in decode_batches), "peak GiB"):
+        table.add_column(column, justify="right")
+    for variant, figures in result.variants.items():
+        def cell(part: str, key: str, form: str) -> str:
+            return format(figures[part][key], form) if part in figures else "failed"
+        decode = [f"{figures[f'decode_batch_{b}']['ms_per_token']:.2f} ({figures[f'decode_batch_{b}']['times_floor']:.1f}×)"
+                  if f"decode_batch_{b}" in figures else "failed" for b in decode_batches]
+        peak = max((f.get("peak_memory_gib", 0.0) for f in figures.values() if isinstance(f, dict)), default=0.0)
+        table.add_row(variant, cell("train", "tokens_per_s", ",.0f"), cell("train", "mfu", ".1%"), cell("prefill", "tokens_per_s", ",.0f"),
+                      *decode, f"{peak:.1f}")
+    stdout.print(table)
+    for variant, figures in result.variants.items():
+        for key, message in figures.items():
+            if key.endswith("_error"):
+                stderr.print(f"{variant} {key[:-6]} failed: {message}", style="yellow", markup=False)
+    say(f"wrote {output / (name + '.json')} and {output / (name + '.png')}")
+
+
 SCHEMA_ID = "urn:archgen:spec-schema:1"  # a name, not a place: editors get the file itself through `schema --install`
 
 

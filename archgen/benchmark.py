@@ -1,0 +1,296 @@
+"""`archgen bench SPEC`: how fast a spec's generated model runs on this machine, against this machine's own floors.
+
+Builds the spec into a temporary package, then measures, for each variant of the model:
+  training step   tokens/s of forward + backward + fused AdamW at batch × seq_len, and MFU: the cost model's training
+                  FLOPs (3 × forward) over the bf16 matmul rate measured in the same run
+  prefill         tokens/s of a no-grad forward at batch × seq_len
+  decode          ms/token of `generate` after a prompt, at each decode batch (prefill excluded), against its floor:
+                  the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
+  peak memory     of each part
+Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding), `reference` (the
+pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile). A part that fails records its error;
+the others still run. Everything is plain data (`BenchResult` -> JSON); `plot` draws it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import importlib.util
+import inspect
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("kernels", "reference", "compiled")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    spec: Path
+    preset: str | None = None
+    overrides: tuple[str, ...] = ()
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    batch: int = 4  # training and prefill
+    seq_len: int = 2048
+    decode_batches: tuple[int, ...] = (1, 32)
+    prompt_len: int = 128
+    new_tokens: int = 64
+    train_steps: int = 5  # timed, after two untimed
+    variants: tuple[str, ...] = VARIANTS
+
+
+@dataclass
+class BenchResult:
+    spec: str
+    preset: str | None
+    device: str
+    torch_version: str
+    date: str
+    parameters: int
+    copy_bytes_per_s: float
+    matmul_flops_per_s: float
+    train_flops_per_token: float
+    config: dict
+    variants: dict[str, dict] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step: None) -> BenchResult:
+    """Measure every variant of the spec's generated model on config.device (see the module docstring)."""
+    from archgen.emit import emit, write_package
+    from archgen.passes.cost import cost_report
+    from archgen.pipeline import compile_spec
+
+    unknown = set(config.variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    dtype = getattr(torch, config.dtype)
+    progress("building the package")
+    compiled = compile_spec(config.spec, config.preset, config.overrides)
+    report = cost_report(compiled.ir, seq_len=config.seq_len)
+    progress("measuring the device's copy bandwidth and matmul rate")
+    result = BenchResult(spec=str(config.spec), preset=config.preset, device=device_name(config.device),
+                         torch_version=torch.__version__, date=datetime.date.today().isoformat(),
+                         parameters=report.total_params, copy_bytes_per_s=copy_bandwidth(config.device),
+                         matmul_flops_per_s=matmul_rate(config.device, dtype),
+                         train_flops_per_token=3 * report.forward_flops_per_token,
+                         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / compiled.resolved.name
+        write_package(emit(compiled, config.spec.as_posix()).files, target)
+        package = import_package(target)
+        for variant in config.variants:
+            progress(f"{variant}: building the model")
+            result.variants[variant] = measure_variant(package, variant, config, dtype, result, progress)
+            free_memory(config.device)
+    return result
+
+
+def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dtype, result: BenchResult,
+                    progress: Callable[[str], None]) -> dict:
+    figures: dict = {}
+    model_module = package.model
+    if hasattr(model_module, "USE_KERNELS"):
+        model_module.USE_KERNELS = variant == "kernels"
+    with torch.device(config.device):
+        model = package.Model().to(dtype)
+    vocab = model.lm_head.weight.size(0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    runnable = torch.compile(model) if variant == "compiled" else model
+    tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
+
+    progress(f"{variant}: training step")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
+
+    def train_step():
+        loss = next_token_loss(runnable, tokens)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    attempt(figures, "train", config.device, lambda: {
+        "tokens_per_s": config.batch * config.seq_len / timed(train_step, config.device, config.train_steps),
+    })
+    if "train" in figures:
+        figures["train"]["mfu"] = figures["train"]["tokens_per_s"] * result.train_flops_per_token / result.matmul_flops_per_s
+    del optimizer
+    free_memory(config.device)
+
+    model.eval()
+    progress(f"{variant}: prefill")
+    with torch.no_grad():
+        attempt(figures, "prefill", config.device, lambda: {
+            "tokens_per_s": config.batch * config.seq_len / timed(lambda: runnable(tokens[:, :-1]), config.device, config.train_steps),
+        })
+    for batch in config.decode_batches:
+        progress(f"{variant}: decoding at batch {batch}")
+        prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
+        graphs = variant == "kernels"
+        attempt(figures, f"decode_batch_{batch}", config.device, lambda: decode_figures(
+            runnable if variant == "compiled" else model, prompt, config, graphs, weight_bytes, result.copy_bytes_per_s))
+    return figures
+
+
+def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each next token (plus the model's weighted auxiliary losses), whatever the package calls it."""
+    forward = model.forward if hasattr(model, "forward") else model
+    if "labels" in inspect.signature(forward).parameters:
+        return model(tokens, labels=tokens).loss
+    return model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+
+
+def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: bool, weight_bytes: int, bandwidth: float) -> dict:
+    base = getattr(model, "_orig_mod", model)
+    kwargs = {"cuda_graph": graphs} if "cuda_graph" in inspect.signature(base.generate).parameters else {}
+
+    def generate(n: int):
+        with torch.no_grad():
+            base.generate(prompt, max_new_tokens=n, temperature=0, **kwargs)
+
+    generate(config.new_tokens)  # warm-up: compiles, captures graphs
+    one = min(timed_once(lambda: generate(1), config.device) for _ in range(2))
+    many = min(timed_once(lambda: generate(config.new_tokens), config.device) for _ in range(2))
+    ms = (many - one) / (config.new_tokens - 1) * 1e3
+    meta = base.meta_tokens.size(0) if hasattr(base, "meta_tokens") else 0
+    cache = base.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
+    floor_ms = (weight_bytes + tensor_bytes(cache)) / bandwidth * 1e3
+    return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms, "cuda_graph": bool(kwargs.get("cuda_graph"))}
+
+
+def tensor_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if hasattr(state, "__dataclass_fields__"):
+        return sum(tensor_bytes(getattr(state, name)) for name in state.__dataclass_fields__)
+    if isinstance(state, dict):
+        return sum(tensor_bytes(value) for value in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(tensor_bytes(value) for value in state)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_once(fn: Callable[[], object], device: str) -> float:
+    sync(device)
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def timed(fn: Callable[[], object], device: str, iterations: int, warmup: int = 2) -> float:
+    """Median seconds of one call, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = sorted(timed_once(fn, device) for _ in range(iterations))
+    return times[len(times) // 2]
+
+
+def copy_bandwidth(device: str) -> float:
+    """Bytes read + written per second by a device copy of 2 GiB (16 MiB on a CPU)."""
+    elements = 2**30 if device == "cuda" else 2**23
+    source = torch.empty(elements, dtype=torch.bfloat16, device=device)
+    target = torch.empty_like(source)
+    return 2 * source.numel() * source.element_size() / timed(lambda: target.copy_(source), device, 10)
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of one square matmul in the benchmark's dtype (8192 on a GPU, 512 on a CPU)."""
+    n = 8192 if device == "cuda" else 512
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    return 2 * n**3 / timed(lambda: a @ b, device, 10)
+
+
+def attempt(figures: dict, key: str, device: str, fn: Callable[[], dict]) -> None:
+    """figures[key] = fn() plus its peak memory; on failure figures[key + '_error'] says what and where."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        figures[key] = fn()
+    except Exception as error:  # noqa: BLE001 — a failed part is a finding; the others still run
+        frames = traceback.extract_tb(error.__traceback__)[-4:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+        figures[key + "_error"] = f"{type(error).__name__}: {str(error)[:800]} [at {where}]"
+        return
+    if device == "cuda":
+        figures[key]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def free_memory(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def import_package(directory: Path):
+    """Import a generated package from `directory` under a fresh module name."""
+    name = f"_archgen_bench_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(name, directory / "__init__.py", submodule_search_locations=[str(directory)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------- plotting
+def plot(result: BenchResult, path: Path) -> None:
+    """Decode ms/token of each variant at each batch against its floor, and training/prefill tokens/s (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (decode_axis, throughput_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
+    batches = result.config["decode_batches"]
+    width = 0.8 / (len(result.variants) + 1)
+    for i, (variant, figures) in enumerate(result.variants.items()):
+        values = [figures.get(f"decode_batch_{b}", {}).get("ms_per_token", float("nan")) for b in batches]
+        decode_axis.bar([j + i * width for j in range(len(batches))], values, width, label=variant)
+    floors = [next((f[f"decode_batch_{b}"]["floor_ms_per_token"] for f in result.variants.values() if f"decode_batch_{b}" in f),
+                   float("nan")) for b in batches]
+    decode_axis.bar([j + len(result.variants) * width for j in range(len(batches))], floors, width, label="memory floor", color="grey")
+    decode_axis.set_xticks([j + width * len(result.variants) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    decode_axis.set_yscale("log")  # the floor and an eager step can be two orders of magnitude apart
+    decode_axis.set_ylabel("ms / token")
+    decode_axis.set_title("decoding")
+    decode_axis.legend()
+    parts = ("train", "prefill")
+    for i, (variant, figures) in enumerate(result.variants.items()):
+        values = [figures.get(part, {}).get("tokens_per_s", float("nan")) for part in parts]
+        throughput_axis.bar([j + i * width for j in range(len(parts))], values, width, label=variant)
+    throughput_axis.set_xticks([j + width * (len(result.variants) - 1) / 2 for j in range(len(parts))], list(parts))
+    throughput_axis.set_ylabel("tokens / s")
+    throughput_axis.set_title(f"batch {result.config['batch']} × {result.config['seq_len']}")
+    figure.suptitle(f"{Path(result.spec).stem} on {result.device} ({result.config['dtype']})")
+    figure.tight_layout()
+    with contextlib.suppress(FileNotFoundError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)

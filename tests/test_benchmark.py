@@ -1,0 +1,38 @@
+"""archgen.benchmark (`archgen bench`) on the CPU at toy sizes: every part of every variant asked for is measured or
+names its error, the floors are positive, and the plot is a PNG. The figures themselves mean nothing here."""
+
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from archgen.benchmark import BenchConfig, plot, run_bench
+from archgen.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1, 2), prompt_len=4, new_tokens=3, train_steps=1)
+
+
+def test_every_part_is_measured_against_floors_of_the_same_run(tmp_path):
+    result = run_bench(BenchConfig(ROOT / "specs/hspmn.yaml", "tiny", variants=("reference",), **TOY))
+    figures = result.variants["reference"]
+    assert not [key for key in figures if key.endswith("_error")], figures
+    assert figures["train"]["tokens_per_s"] > 0 and 0 < figures["train"]["mfu"]
+    assert figures["prefill"]["tokens_per_s"] > 0
+    for batch in (1, 2):
+        decode = figures[f"decode_batch_{batch}"]
+        assert decode["ms_per_token"] > 0 and decode["floor_ms_per_token"] > 0
+        assert decode["times_floor"] == decode["ms_per_token"] / decode["floor_ms_per_token"]
+    assert result.copy_bytes_per_s > 0 and result.matmul_flops_per_s > 0 and result.parameters > 0
+    plot(result, tmp_path / "bench.png")
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_command_writes_json_and_png(tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu", "--dtype", "float32",
+                                       "--batch", "1", "--seq-len", "8", "--decode-batch", "1", "--prompt-len", "4", "--new-tokens", "2",
+                                       "--variant", "reference", "-o", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["ok"] and "reference" in document["variants"]
+    assert (tmp_path / "hspmn-tiny.json").exists() and (tmp_path / "hspmn-tiny.png").exists()
