@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import importlib.util
 import inspect
@@ -112,22 +113,11 @@ def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dty
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
 
     progress(f"{variant}: training step")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
-
-    def train_step():
-        loss = next_token_loss(runnable, tokens)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     model.train()
-    attempt(figures, "train", config.device, lambda: {
-        "tokens_per_s": config.batch * config.seq_len / timed(train_step, config.device, config.train_steps),
-    })
+    attempt(figures, "train", config.device, lambda: {"tokens_per_s": train_tokens_per_s(model, runnable, tokens, config)})
     if "train" in figures:
         figures["train"]["mfu"] = figures["train"]["tokens_per_s"] * result.train_flops_per_token / result.matmul_flops_per_s
-    del optimizer
-    free_memory(config.device)
+    free_memory(config.device)  # the optimizer's state
 
     model.eval()
     progress(f"{variant}: prefill")
@@ -135,13 +125,24 @@ def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dty
         attempt(figures, "prefill", config.device, lambda: {
             "tokens_per_s": config.batch * config.seq_len / timed(lambda: runnable(tokens[:, :-1]), config.device, config.train_steps),
         })
+    decoder = runnable if variant == "compiled" else model
     for batch in config.decode_batches:
         progress(f"{variant}: decoding at batch {batch}")
         prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
-        graphs = variant == "kernels"
-        attempt(figures, f"decode_batch_{batch}", config.device, lambda: decode_figures(
-            runnable if variant == "compiled" else model, prompt, config, graphs, weight_bytes, result.copy_bytes_per_s))
+        attempt(figures, f"decode_batch_{batch}", config.device, functools.partial(
+            decode_figures, decoder, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s))
     return figures
+
+
+def train_tokens_per_s(model, runnable, tokens: torch.Tensor, config: BenchConfig) -> float:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
+
+    def step():
+        next_token_loss(runnable, tokens).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return config.batch * config.seq_len / timed(step, config.device, config.train_steps)
 
 
 def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -351,12 +351,11 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
           decode_batches: tuple[int, ...], prompt_len: int, new_tokens: int, variants: tuple[str, ...], output: Path) -> None:
     """Measure SPEC's generated model on this machine: training tokens/s and MFU, prefill tokens/s, decode ms/token
     against the memory floor, peak memory; for the package as generated, its reference ops, and those compiled."""
+    import torch
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
     from archgen.benchmark import VARIANTS, BenchConfig, plot, run_bench
-
-    import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -382,13 +381,15 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     table = Table(title=f"{spec.name} on {result.device}, {dtype}: train/prefill at {batch} × {seq_len}")
     for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *(f"decode b{b} ms/tok (× floor)" for b in decode_batches), "peak GiB"):
         table.add_column(column, justify="right")
+    def cell(figures: dict, part: str, key: str, form: str) -> str:
+        return format(figures[part][key], form) if part in figures else "failed"
+
     for variant, figures in result.variants.items():
-        def cell(part: str, key: str, form: str) -> str:
-            return format(figures[part][key], form) if part in figures else "failed"
         decode = [f"{figures[f'decode_batch_{b}']['ms_per_token']:.2f} ({figures[f'decode_batch_{b}']['times_floor']:.1f}×)"
                   if f"decode_batch_{b}" in figures else "failed" for b in decode_batches]
         peak = max((f.get("peak_memory_gib", 0.0) for f in figures.values() if isinstance(f, dict)), default=0.0)
-        table.add_row(variant, cell("train", "tokens_per_s", ",.0f"), cell("train", "mfu", ".1%"), cell("prefill", "tokens_per_s", ",.0f"),
+        table.add_row(variant, cell(figures, "train", "tokens_per_s", ",.0f"), cell(figures, "train", "mfu", ".1%"),
+                      cell(figures, "prefill", "tokens_per_s", ",.0f"),
                       *decode, f"{peak:.1f}")
     stdout.print(table)
     for variant, figures in result.variants.items():

@@ -10,7 +10,8 @@ from archgen.benchmark import BenchConfig, plot, run_bench
 from archgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1, 2), prompt_len=4, new_tokens=3, train_steps=1)
+TOY = {"device": "cpu", "dtype": "float32", "batch": 1, "seq_len": 16, "decode_batches": (1, 2), "prompt_len": 4, "new_tokens": 3,
+       "train_steps": 1}
 
 
 def test_every_part_is_measured_against_floors_of_the_same_run(tmp_path):
