@@ -19,7 +19,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_SPEC_ERROR = 2
 
 spec_argument = click.argument("spec", type=click.Path(path_type=Path))
-preset_option = click.option("--preset", default=None, help="Apply presets from the spec's `presets:` (comma-separated ones apply left to right, e.g. tiny,interleaved).")
+preset_option = click.option("--preset", default=None, help="Apply presets from the spec's `presets:` (comma-separated ones "
+                             "apply left to right, e.g. tiny,interleaved).")
 set_option = click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE",
                           help="Override one field, e.g. --set mixers.attn.n_heads=8 (repeatable).")
 
@@ -309,11 +310,13 @@ def dynamic_dims(text: str) -> list[str]:
               help="Dims left dynamic: batch, seq, both (= batch,seq), or none (a static dim takes --batch / --seq).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--max-batch", default=64, show_default=True, help="Upper bound of the dynamic batch.")
-@click.option("--max-len", type=int, default=None, help="Positions a cache holds, meta tokens included (default: the spec's max_seq_len).")
+@click.option("--max-len", type=int, default=None,
+              help="Positions a cache holds, meta tokens included (default: the spec's max_seq_len).")
 @click.option("--batch", default=1, show_default=True, help="The batch size when batch is static.")
 @click.option("--seq", default=16, show_default=True, help="The prompt length when seq is static.")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (18 or newer).")
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="Output directory (default: exports/<name>/).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default: exports/<name>/).")
 @click.option("--no-check", is_flag=True, help="Skip running the exported graphs against eager.")
 @click.option("--traceback", "show_traceback", is_flag=True, help="On failure, also print the exporter's own stack trace.")
 @output_options

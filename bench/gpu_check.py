@@ -26,7 +26,6 @@ stops the others.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -38,6 +37,7 @@ import tempfile
 import time
 import traceback
 import uuid
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from archgen.testing import build_generated, relative_error  # noqa: E402  (archgen from this checkout)
 
 DECODE_TOL = 1e-3  # float32, relative to max |logit|
 BF16_DECODE_TOL = 3e-2  # bfloat16 (8 significant bits: one rounding is 2**-8 = 3.9e-3), relative to max |logit|
@@ -56,20 +58,8 @@ TITANS_WRITING = ("memory.chunk_size=8", "memory.learning_rate=1.0")  # as tests
 # ------------------------------------------------------------------------------------------------------ plumbing
 def build(spec_path: Path, out_root: Path, preset: str = "tiny", overrides: tuple[str, ...] = ()):
     """Compile and emit spec_path into a fresh directory and import it under a unique name: (package, compiled)."""
-    from archgen.emit import emit, write_package
-    from archgen.pipeline import compile_spec
-
-    compiled = compile_spec(spec_path, preset, overrides)
-    emitted = emit(compiled, spec_path.relative_to(ROOT).as_posix())
-    target = out_root / uuid.uuid4().hex / compiled.resolved.name
-    write_package(emitted.files, target)
-    name = f"_gpu_check_{compiled.resolved.name}_{uuid.uuid4().hex[:8]}"
-    module_spec = importlib.util.spec_from_file_location(name, target / "__init__.py",
-                                                         submodule_search_locations=[str(target)])
-    package = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = package
-    module_spec.loader.exec_module(package)
-    return package, compiled
+    return build_generated(spec_path, out_root / uuid.uuid4().hex, preset, overrides,
+                           source=spec_path.relative_to(ROOT).as_posix())
 
 
 def describe(error: BaseException) -> dict:
@@ -81,11 +71,6 @@ def describe(error: BaseException) -> dict:
                         for f in frames[-8:]],
         "frames_files": [f"{f.filename}:{f.lineno}" for f in frames[-8:]],
     }
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def finite(t: torch.Tensor) -> bool:
@@ -423,12 +408,12 @@ def main() -> None:
                 continue
             package, compiled = built["package"], built["compiled"]
             packages[name] = package
-            runner.check(name, "f32_train", lambda r: check_train(package, device, r))
-            runner.check(name, "f32_decode", lambda r: check_decode(package, device, r))
-            runner.check(name, "f32_generate", lambda r: check_generate(package, device, r))
+            runner.check(name, "f32_train", partial(check_train, package, device))
+            runner.check(name, "f32_decode", partial(check_decode, package, device))
+            runner.check(name, "f32_generate", partial(check_generate, package, device))
             heads = set(compiled.ir.spec.heads or {})  # which extras the spec declares, read from the spec
             if "medusa" in heads:
-                runner.check(name, "f32_medusa", lambda r: check_medusa(package, device, r))
+                runner.check(name, "f32_medusa", partial(check_medusa, package, device))
             else:
                 def medusa_override(record, spec_path=spec_path):
                     extra, _ = build(spec_path, out_root, overrides=(MEDUSA_OVERRIDE,))
@@ -437,9 +422,9 @@ def main() -> None:
 
                 runner.check(name, "f32_medusa_override", medusa_override)
             if "jepa" in heads:
-                runner.check(name, "f32_jepa", lambda r: check_jepa(package, device, r))
+                runner.check(name, "f32_jepa", partial(check_jepa, package, device))
             if "forecaster" in heads:
-                runner.check(name, "f32_forecaster", lambda r: check_forecaster(package, compiled, device, r))
+                runner.check(name, "f32_forecaster", partial(check_forecaster, package, compiled, device))
             if getattr(compiled.ir.spec, "memory", None) is not None:
                 def titans(record, spec_path=spec_path):
                     writing, _ = build(spec_path, out_root, overrides=TITANS_WRITING)
@@ -448,9 +433,9 @@ def main() -> None:
 
                 runner.check(name, "f32_titans_memory", titans)
             if getattr(compiled.ir.spec, "symbolic", None) is not None:
-                runner.check(name, "f32_symbolic", lambda r: check_symbolic(package, device, r))
-            runner.check(name, "bf16_train_step", lambda r: check_bf16_train(package, device, r))
-            runner.check(name, "bf16_decode", lambda r: check_decode(package, device, r, torch.bfloat16, BF16_DECODE_TOL))
+                runner.check(name, "f32_symbolic", partial(check_symbolic, package, device))
+            runner.check(name, "bf16_train_step", partial(check_bf16_train, package, device))
+            runner.check(name, "bf16_decode", partial(check_decode, package, device, dtype=torch.bfloat16, tol=BF16_DECODE_TOL))
 
         if do_compile:
             for name, package in packages.items():
@@ -459,7 +444,7 @@ def main() -> None:
                         "passed": False, "skipped": f"compile deadline of {args.compile_deadline:.0f} s reached"}
                     runner.save()
                     continue
-                runner.check(name, "compile_forward", lambda r: check_compile(package, device, r))
+                runner.check(name, "compile_forward", partial(check_compile, package, device))
         runner.results["compile_checks_run"] = do_compile
 
     summary = {name: {check: record.get("passed") for check, record in checks.items()}

@@ -31,10 +31,11 @@ import traceback
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from archgen.testing import relative_error  # noqa: E402  (archgen from this checkout)
 
 OVERRIDES = ("heads={}", "memory=null", "symbolic=null")
 SIZES = {"device": "cuda", "preset": None, "forward": (4, 2048), "train": (2, 2048), "warmup": 1, "iters": 3}
@@ -43,9 +44,9 @@ SMOKE = {"device": "cpu", "preset": "tiny", "forward": (1, 16), "train": (1, 16)
 
 
 def build(preset: str | None, out_root: Path, extra_overrides: tuple[str, ...] = ()):
-    from tests.conftest import build_package
+    from archgen.testing import build_generated
 
-    return build_package(ROOT / "specs/nexus.yaml", out_root, preset, OVERRIDES + extra_overrides)
+    return build_generated(ROOT / "specs/nexus.yaml", out_root, preset, OVERRIDES + extra_overrides)[0]
 
 
 def timed_ms(fn, sizes) -> float:
@@ -64,10 +65,6 @@ def timed_ms(fn, sizes) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
-
-
 def compare_forward(package, model, sizes) -> dict:
     batch, length = sizes["forward"]
     tokens = torch.randint(0, 32000 if sizes["preset"] is None else 256, (batch, length), device=sizes["device"])
@@ -80,7 +77,7 @@ def compare_forward(package, model, sizes) -> dict:
             ms = timed_ms(lambda: model(tokens), sizes)
         entry["kernel" if use else "reference"] = {"ms": ms, "tokens_per_s": batch * length / (ms / 1e3)}
     entry["speedup_kernel_over_reference"] = entry["reference"]["ms"] / entry["kernel"]["ms"]
-    entry["logits_relative_difference"] = relative(logits[True], logits[False])
+    entry["logits_relative_difference"] = relative_error(logits[True], logits[False])
     return entry
 
 
@@ -111,7 +108,7 @@ def compare_training(package, model, sizes) -> dict:
             torch.cuda.reset_peak_memory_stats()
     entry["speedup_kernel_over_reference"] = entry["reference"]["ms"] / entry["kernel"]["ms"]
     entry["loss_difference"] = abs(losses[True] - losses[False])
-    differences = {n: relative(grads[True][n], grads[False][n]) for n in grads[True]}
+    differences = {n: relative_error(grads[True][n], grads[False][n]) for n in grads[True]}
     worst = max(differences, key=differences.get)
     entry["worst_gradient_relative_difference"] = {"parameter": worst, "value": differences[worst]}
     entry["median_gradient_relative_difference"] = sorted(differences.values())[len(differences) // 2]
@@ -122,7 +119,8 @@ def compare_training(package, model, sizes) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (set TRITON_INTERPRET=1 ARCHGEN_TRITON_ON_CPU=1)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny preset on the CPU (set TRITON_INTERPRET=1 ARCHGEN_TRITON_ON_CPU=1)")
     parser.add_argument("--only", choices=("forward", "training"), help="run one section")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="model dtype on the GPU")
     parser.add_argument("--batch", type=int, help="batch of both sections (default: 4 forward, 2 training)")
@@ -137,7 +135,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
-        "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "") + "".join(f" --set {o}" for o in OVERRIDES + sizes.get("overrides", ())),
+        "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "")
+                + "".join(f" --set {o}" for o in OVERRIDES + sizes.get("overrides", ())),
         "dtype": str(dtype).removeprefix("torch."),
     }
     with tempfile.TemporaryDirectory() as tmp:

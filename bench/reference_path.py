@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import importlib.util
 import json
 import os
 import platform
@@ -41,19 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def build(spec: Path, preset: str | None, out_root: Path):
-    from archgen.emit import emit, write_package
     from archgen.passes.cost import cost_report
-    from archgen.pipeline import compile_spec
+    from archgen.testing import build_generated
 
-    compiled = compile_spec(spec, preset)
-    emitted = emit(compiled, spec.relative_to(ROOT).as_posix())
-    target = out_root / compiled.resolved.name
-    write_package(emitted.files, target)
-    module_spec = importlib.util.spec_from_file_location(compiled.resolved.name, target / "__init__.py",
-                                                         submodule_search_locations=[str(target)])
-    package = importlib.util.module_from_spec(module_spec)
-    sys.modules[compiled.resolved.name] = package
-    module_spec.loader.exec_module(package)
+    package, compiled = build_generated(spec, out_root, preset, source=spec.relative_to(ROOT).as_posix())
     return package, cost_report(compiled.ir, seq_len=4096)
 
 
@@ -176,7 +166,7 @@ def bench_bamba(results: dict, out_root: Path, bandwidth: float) -> None:
 
     def measure_forward(who: str, model) -> None:
         for shape, tokens in token_sets.items():
-            attempt(forward[shape], f"{who}_tokens_per_s", lambda: forward_tokens_per_s(model, tokens))
+            attempt(forward[shape], f"{who}_tokens_per_s", lambda tokens=tokens: forward_tokens_per_s(model, tokens))
             free_memory()
         if f"{who}_tokens_per_s" in forward[headline]:
             entry[f"{who}_forward_tokens_per_s"] = forward[headline][f"{who}_tokens_per_s"]
@@ -184,7 +174,7 @@ def bench_bamba(results: dict, out_root: Path, bandwidth: float) -> None:
     measure_forward("archgen", ours)
     attempt(entry, "archgen_decode_ms_per_token", lambda: decode_ms_per_token(
         lambda p, n: ours.generate(p, max_new_tokens=n, temperature=0), prompt, new_tokens))
-    del ours
+    ours = None  # free its memory before the peer loads
     free_memory()
 
     try:
@@ -202,18 +192,22 @@ def bench_bamba(results: dict, out_root: Path, bandwidth: float) -> None:
         measure_forward("transformers", peer)
         attempt(entry, "transformers_decode_ms_per_token", lambda: decode_ms_per_token(
             lambda p, n: peer.generate(p, max_new_tokens=n, min_new_tokens=n, do_sample=False), prompt, new_tokens))
-        del peer
+        peer = None
     except Exception as error:  # the peer is optional; record why it did not run
         entry["transformers_error"] = describe(error)
     free_memory()
     for figures in forward.values():
         if "archgen_tokens_per_s" in figures and "transformers_tokens_per_s" in figures:
-            figures["speed_ratio_archgen_over_transformers"] = figures["archgen_tokens_per_s"] / figures["transformers_tokens_per_s"]
+            figures["speed_ratio_archgen_over_transformers"] = (figures["archgen_tokens_per_s"]
+                                                                / figures["transformers_tokens_per_s"])
     if "archgen_forward_tokens_per_s" in entry and "transformers_forward_tokens_per_s" in entry:
-        entry["forward_speed_ratio_archgen_over_transformers"] = entry["archgen_forward_tokens_per_s"] / entry["transformers_forward_tokens_per_s"]
+        entry["forward_speed_ratio_archgen_over_transformers"] = (entry["archgen_forward_tokens_per_s"]
+                                                                  / entry["transformers_forward_tokens_per_s"])
     if "archgen_decode_ms_per_token" in entry and "transformers_decode_ms_per_token" in entry:
-        entry["decode_time_ratio_archgen_over_transformers"] = entry["archgen_decode_ms_per_token"] / entry["transformers_decode_ms_per_token"]
-        entry["decode_ratio_transformers_over_floor"] = entry["transformers_decode_ms_per_token"] / entry["decode_floor_ms_per_token"]
+        entry["decode_time_ratio_archgen_over_transformers"] = (entry["archgen_decode_ms_per_token"]
+                                                                / entry["transformers_decode_ms_per_token"])
+        entry["decode_ratio_transformers_over_floor"] = (entry["transformers_decode_ms_per_token"]
+                                                         / entry["decode_floor_ms_per_token"])
     if "archgen_decode_ms_per_token" in entry:
         entry["decode_ratio_archgen_over_floor"] = entry["archgen_decode_ms_per_token"] / entry["decode_floor_ms_per_token"]
 
@@ -236,7 +230,7 @@ def bench_hspmn_block(results: dict, out_root: Path, peak: float) -> None:
     for batch in SIZES["hspmn_batches"]:
         tokens = torch.randint(0, 32000, (batch, length), device=device)
 
-        def measure():
+        def measure(tokens=tokens, batch=batch):
             with torch.no_grad():
                 ms = gpu_time_ms(lambda: model.hidden_states(tokens))
             flops = flops_per_sequence * batch

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from archgen.emit.plan import EmitPlan, make_plan
 from archgen.emit.render import render_package

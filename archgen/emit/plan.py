@@ -5,7 +5,6 @@ The plan is plain data with every dimension already a number, so templates only 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,12 @@ RUNTIME_FILES = {
 # Heads and model-level extras: templates/components/{heads,extras}/<kind>.py.j2 holds the module class and an optional
 # <kind>_model.py.j2 holds methods added to Model (generation with drafts, EMA updates, forecasting); each may need
 # a runtime file of the same name. A declared kind without its template is a build error.
-EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["forecast"], "titans": ["memory"], "symbolic": ["symbolic"]}
+EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["forecast"], "titans": ["memory"],
+                       "symbolic": ["symbolic"]}
 # Which Triton kernel each kind runs on CUDA tensors (kernels/<file>.py is copied to generated/<name>/kernels/<file>.py).
 # The reference op of the same name in ops/ stays the fallback everywhere else.
 KERNEL_FILES = {"mamba": ["selective_scan"]}
 KERNEL_REFERENCES = {"selective_scan": "ssm"}  # kernel -> the runtime file (ops/) whose function of the same name it replaces
-EMITTED_KINDS = set(RUNTIME_FILES)
 MIXER_KINDS = {"attention", "sparse_attention", "mamba", "mamba2", "conv"}
 
 
@@ -52,7 +51,6 @@ class ComponentPlan:
     dims: dict[str, Any]  # every literal the template prints
     produces_aux: bool = False
     has_cache: bool = False
-    uses_positions: bool = False
 
     @property
     def template(self) -> str:
@@ -144,8 +142,6 @@ class EmitPlan:
     kernel_files: list[str]
     report: CostReport
     layout_text: str
-    any_aux: bool
-    any_cache_positions: bool
     heads: list[ExtraPlan] = field(default_factory=list)
     memory: ExtraPlan | None = None
     symbolic: ExtraPlan | None = None
@@ -190,8 +186,10 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
             "max_seq_len": resolved.model.max_seq_len}
     heads = [ExtraPlan(name, namespace.create(camel(name) + "Head"), head.kind, head, dict(dims), "heads")
              for name, head in resolved.heads.items() if head.kind != "lm"]
-    memory = ExtraPlan("memory", namespace.create("TitansMemory"), "titans", resolved.memory, dict(dims), "extras") if resolved.memory else None
-    symbolic = ExtraPlan("symbolic", namespace.create("SymbolicReasoner"), "symbolic", resolved.symbolic, dict(dims), "extras") if resolved.symbolic else None
+    memory = (ExtraPlan("memory", namespace.create("TitansMemory"), "titans", resolved.memory, dict(dims), "extras")
+              if resolved.memory else None)
+    symbolic = (ExtraPlan("symbolic", namespace.create("SymbolicReasoner"), "symbolic", resolved.symbolic, dict(dims), "extras")
+                if resolved.symbolic else None)
     extras = heads + [e for e in (memory, symbolic) if e is not None]
     used = sorted({f for c in components.values() for f in RUNTIME_FILES[c.kind]}
                   | {f for e in extras for f in EXTRA_RUNTIME_FILES[e.kind]})
@@ -209,8 +207,6 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         runtime_files=used, report=report, layout_text=layout_text,
         kernel_files=sorted({f for c in components.values() for f in KERNEL_FILES.get(c.kind, [])}),
-        any_aux=any(c.produces_aux for c in components.values()),
-        any_cache_positions=any(c.uses_positions for c in components.values()),
         heads=heads, memory=memory, symbolic=symbolic,
     )
 
@@ -242,7 +238,7 @@ def _component(name: str, cfg: Any, d: int, namespace: Namespace) -> ComponentPl
                     rope_theta=rope.theta if rope else None, rope_scaling=rope.scaling if rope else None,
                     rope_factor=rope.factor if rope else None,
                     rope_original=rope.original_max_position if rope else None)
-        plan.has_cache = plan.uses_positions = True
+        plan.has_cache = True
         plan.produces_aux = kind == "sparse_attention"
     elif kind == "mamba":
         d_inner = cfg.expand * d
@@ -277,7 +273,3 @@ def _layout_text(resolved) -> str:
     mixers = describe_slots([Slot(layer.mixers or ("none",)) for layer in resolved.layers])
     ffns = describe_slots([Slot((layer.ffn or "none",)) for layer in resolved.layers])
     return f"mixers {mixers}; feed-forwards {ffns}"
-
-
-def inverse_softplus(x: float) -> float:
-    return x + math.log(-math.expm1(-x))

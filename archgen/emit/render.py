@@ -58,7 +58,8 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
     block_params = _block_params(plan, ir)
     files = {
         "__init__.py": env.get_template("package/__init__.py.j2").render(),
-        "config.py": env.get_template("package/config.py.j2").render(config_literal=pprint.pformat(ir.spec.document, width=110, sort_dicts=True)),
+        "config.py": env.get_template("package/config.py.j2").render(
+            config_literal=pprint.pformat(ir.spec.document, width=110, sort_dicts=True)),
         "model.py": _tidy(env.get_template("package/model.py.j2").render()),
         "README.md": env.get_template("package/README.md.j2").render(block_params=block_params),
         "diagram.svg": layout_svg(ir.spec),
@@ -77,8 +78,8 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
                 compile(text, f"generated/{plan.name}/{path}", "exec")
             except SyntaxError as error:
                 line = text.splitlines()[error.lineno - 1] if error.lineno else ""
-                raise CompileError([Diagnostic("", f"archgen emitted invalid Python in {path}:{error.lineno}: {error.msg}: {line.strip()!r}",
-                                               "this is an archgen bug: please report it with the spec")]) from None
+                message = f"archgen emitted invalid Python in {path}:{error.lineno}: {error.msg}: {line.strip()!r}"
+                raise CompileError([Diagnostic("", message, "this is an archgen bug: please report it with the spec")]) from None
     return files
 
 

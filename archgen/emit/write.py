@@ -43,7 +43,8 @@ def diff_package(files: dict[str, str], target: Path) -> list[str]:
     """Unified diffs (one string per differing file) between the rendered files and the directory on disk."""
     target = Path(target)
     diffs = []
-    on_disk = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts} if target.exists() else set()
+    on_disk = ({str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+               if target.exists() else set())
     for relative in sorted(set(files) | on_disk):
         expected = files.get(relative)
         path = target / relative

@@ -29,6 +29,7 @@ from archgen.export.manifest import build_manifest, write_manifest
 from archgen.export.onnx_export import WEIGHTS_FILE, export_onnx, onnx_session, run_onnx, save_onnx
 from archgen.export.package import Package, load_package
 from archgen.export.torch_export import Bounds, Graph, export_program, make_bounds, make_graphs
+from archgen.testing import relative_error
 
 FORMATS = ("pt2", "onnx")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -195,17 +196,10 @@ def _check(model, graphs: list[Graph], bounds: Bounds, directory: Path, files: d
 
 
 def _relative_error(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    """max over outputs of max|actual - expected| / max|expected| (float32 arithmetic)."""
-    worst = 0.0
-    for a, e in zip(actual, expected, strict=True):
-        a, e = a.float(), e.float()
-        if a.shape != e.shape:
-            return float("inf")
-        if e.numel() == 0:
-            continue
-        scale = e.abs().max().item() or 1.0
-        worst = max(worst, (a - e).abs().max().item() / scale)
-    return worst
+    """The worst relative_error over the outputs (inf when their number or a shape differs)."""
+    if len(actual) != len(expected):
+        return float("inf")
+    return max((relative_error(a, e) for a, e in zip(actual, expected, strict=True)), default=0.0)
 
 
 __all__ = ["export_package", "ExportError", "ExportResult"]

@@ -28,7 +28,7 @@ def build_manifest(package: Package, bounds: Bounds, graphs: list[Graph], files:
                    notes: list[str] = (), onnx_weights: str | None = None) -> dict:
     decode = next(g for g in graphs if g.name == "decode")
     cache = [{"name": name.removeprefix("past."), "shape": shape, "dtype": _dtype(dt)}
-             for name, shape, dt in zip(decode.inputs.names, decode.inputs.shapes, decode.inputs.dtypes)
+             for name, shape, dt in zip(decode.inputs.names, decode.inputs.shapes, decode.inputs.dtypes, strict=True)
              if name.startswith("past.")]
     return {
         "manifest_version": MANIFEST_VERSION,
@@ -63,7 +63,8 @@ def write_manifest(manifest: dict, directory: Path) -> Path:
 
 
 def _tensors(tensors: Tensors) -> list[dict]:
-    return [{"name": n, "shape": s, "dtype": _dtype(d)} for n, s, d in zip(tensors.names, tensors.shapes, tensors.dtypes)]
+    return [{"name": n, "shape": s, "dtype": _dtype(d)}
+            for n, s, d in zip(tensors.names, tensors.shapes, tensors.dtypes, strict=True)]
 
 
 def _dtype(dtype: torch.dtype) -> str:

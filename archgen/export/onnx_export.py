@@ -17,6 +17,7 @@ import importlib
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.export import ExportedProgram
 from archgen.export.failures import explain
 from archgen.export.package import Package
 from archgen.export.torch_export import Graph
+
+if TYPE_CHECKING:
+    import onnx
 
 WEIGHTS_FILE = "weights.onnx.data"
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors (shapes, scalars) stay inside the graph file
@@ -58,7 +62,7 @@ def lower_kernels(program: ExportedProgram, package: Package) -> ExportedProgram
     return program.run_decompositions(table)
 
 
-def save_onnx(protos: dict[str, "onnx.ModelProto"], directory: Path) -> dict[str, str]:
+def save_onnx(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str, str]:
     """Write each graph to directory/<name>.onnx with its weights in the shared WEIGHTS_FILE, then check every file
     with onnx.checker (full check). Tensors with the same bytes are stored once, whatever their names: the
     exporter's constant folding gives a weight's transposed or sliced copies a different name in each graph.
@@ -96,8 +100,8 @@ def _rename_dims(proto, graph: Graph) -> None:
     """Give the exporter's symbolic dims the names of the manifest, everywhere they appear."""
     renames: dict[str, str] = {}
     for values, tensors in ((proto.graph.input, graph.inputs), (proto.graph.output, graph.outputs)):
-        for value, shape in zip(values, tensors.shapes):
-            for dim, ours in zip(value.type.tensor_type.shape.dim, shape):
+        for value, shape in zip(values, tensors.shapes, strict=True):
+            for dim, ours in zip(value.type.tensor_type.shape.dim, shape, strict=True):
                 if isinstance(ours, str) and dim.dim_param:
                     renames.setdefault(dim.dim_param, ours)
     for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
@@ -117,5 +121,5 @@ def onnx_session(path: Path):
 
 def run_onnx(session, graph: Graph, args: tuple) -> list[torch.Tensor]:
     """Run a session on the flat inputs of `graph` (tensors), returning torch tensors."""
-    feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(graph.inputs.names, args)}
+    feeds = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(graph.inputs.names, args, strict=True)}
     return [torch.from_numpy(array) for array in session.run(None, feeds)]

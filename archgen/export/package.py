@@ -3,16 +3,13 @@ component each module path of the model comes from (for error messages)."""
 
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import yaml
 
-_counter = itertools.count()
+from archgen.testing import import_generated
 
 
 @dataclass(frozen=True)
@@ -68,17 +65,7 @@ def load_package(package: str | Path | ModuleType) -> Package:
         if not (directory / "__init__.py").exists() or not (directory / "spec.lock.yaml").exists():
             raise FileNotFoundError(f"{directory} is not a generated package (no __init__.py and spec.lock.yaml); "
                                     "build one with `archgen build SPEC`")
-        module = _import(directory)
+        module = import_generated(directory)
     lock = yaml.safe_load((directory / "spec.lock.yaml").read_text(encoding="utf-8"))
     return Package(module=module, directory=directory, name=lock["resolved"]["name"], source=lock.get("source", "?"),
                    preset=lock.get("preset"), spec_hash=lock["spec_hash"], config=module.config.CONFIG)
-
-
-def _import(directory: Path) -> ModuleType:
-    """Import under a fresh module name, so two packages of the same name never shadow each other."""
-    name = f"_archgen_export_{directory.name}_{next(_counter)}"
-    spec = importlib.util.spec_from_file_location(name, directory / "__init__.py", submodule_search_locations=[str(directory)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module

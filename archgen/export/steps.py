@@ -19,20 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-
-
-@dataclass(frozen=True)
-class CacheLeaf:
-    """One tensor of the decoding state: where it lives in the Cache and what it looks like."""
-
-    name: str  # the path inside the Cache, e.g. "layers.3.k" or "layers.1.ssm.ssm_state"
-    shape: tuple[int, ...]  # for a cache of batch 1; dim 0 is the batch
-    dtype: torch.dtype
 
 
 def cache_leaves(cache: Any, prefix: str = "") -> list[tuple[str, Tensor]]:
@@ -65,12 +54,6 @@ def rebuild_cache(template: Any, tensors: list[Tensor]) -> Any:
     if isinstance(template, (list, tuple)):
         return type(template)(rebuild_cache(value, tensors) for value in template)
     return template
-
-
-def describe_cache(model: nn.Module, max_len: int) -> list[CacheLeaf]:
-    """The cache layout of `model` for caches of max_len positions, read off a batch-1 cache."""
-    cache = model.empty_cache(1, max_len)
-    return [CacheLeaf(name, tuple(t.shape), t.dtype) for name, t in cache_leaves(cache)]
 
 
 def writing_kwargs(model: nn.Module) -> dict:

@@ -50,7 +50,8 @@ class _Builder:
         self.order: list[str] = []
         self.dims = dims
 
-    def add(self, name: str, kind: str, cfg: Any, inputs: list[str], layer: int | None = None, component: str | None = None) -> str:
+    def add(self, name: str, kind: str, cfg: Any, inputs: list[str], layer: int | None = None,
+            component: str | None = None) -> str:
         params = KINDS[kind].parameters(cfg, self.dims)
         self.graph.add_node(name, op=Op(name, kind, cfg, layer, component, params))
         for source in inputs:
@@ -76,7 +77,8 @@ def lower(resolved: ResolvedSpec) -> IR:
                 cfg = resolved.mixers[name]
                 h = b.add(f"layers.{i}.mixer", cfg.kind, cfg, [h], i, name)
             else:
-                branches = [b.add(f"layers.{i}.mixer.{n}", resolved.mixers[n].kind, resolved.mixers[n], [h], i, n) for n in layer.mixers]
+                branches = [b.add(f"layers.{i}.mixer.{n}", resolved.mixers[n].kind, resolved.mixers[n], [h], i, n)
+                            for n in layer.mixers]
                 combine = ParallelCombine("parallel_combine", layer.mixers, resolved.parallel_combine, norm)
                 h = b.add(f"layers.{i}.mixer", "parallel_combine", combine, branches, i)
             x = b.add(f"layers.{i}.mixer_residual", "add", None, [x, h], i)

@@ -94,7 +94,8 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     layers = []
     for key, row in rows.items():
         index = key if isinstance(key, int) else None
-        label = (" | ".join(row["labels"][:-1]) + " + " + row["labels"][-1]) if len(row["labels"]) > 1 else (row["labels"][0] if row["labels"] else str(key))
+        labels = row["labels"]
+        label = (" | ".join(labels[:-1]) + " + " + labels[-1]) if len(labels) > 1 else (labels[0] if labels else str(key))
         layers.append(LayerCost(index, label, row["params"], row["active"], row["flops"] / seq_len, row["cache"]))
     table = parameter_table(ir)
     total = sum(count(s) for s in table.values())

@@ -21,7 +21,8 @@ def layout_svg(resolved: ResolvedSpec) -> str:
     mixer_height = CELL * max_branches + GAP * (max_branches - 1)
     width = 140 + n * (CELL + GAP) + 160
     height = TOP + mixer_height + GAP + CELL + 90
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             'font-size="11">',
              f'<text x="10" y="20" font-size="14" font-weight="bold">{escape(resolved.name)}: {n} layers</text>',
              f'<text x="10" y="{TOP + mixer_height / 2 + 4}">mixers</text>',
              f'<text x="10" y="{TOP + mixer_height + GAP + CELL / 2 + 4}">feed-forward</text>']
@@ -35,12 +36,16 @@ def layout_svg(resolved: ResolvedSpec) -> str:
             parts.append(_box(x, TOP + b * (CELL + GAP), CELL, CELL, COLOURS[kind], f"layer {layer.index}: {name} ({kind})"))
         if layer.ffn:
             kind = resolved.ffns[layer.ffn].kind
-            parts.append(_box(x, TOP + mixer_height + GAP, CELL, CELL, COLOURS[kind], f"layer {layer.index}: {layer.ffn} ({kind})"))
+            title = f"layer {layer.index}: {layer.ffn} ({kind})"
+            parts.append(_box(x, TOP + mixer_height + GAP, CELL, CELL, COLOURS[kind], title))
         if layer.index % 4 == 0:
             parts.append(f'<text x="{x + 2}" y="{TOP - 6}" font-size="9">{layer.index}</text>')
         for extra, spec in (("memory", resolved.memory), ("symbolic", resolved.symbolic)):
             if spec is not None and spec.after_layer == layer.index:
-                parts.append(f'<line x1="{x + CELL + GAP / 2}" y1="{TOP - 4}" x2="{x + CELL + GAP / 2}" y2="{TOP + mixer_height + CELL + 8}" stroke="{COLOURS["extra"]}" stroke-width="3"><title>{extra} after layer {layer.index}</title></line>')
+                x_line = x + CELL + GAP / 2
+                parts.append(f'<line x1="{x_line}" y1="{TOP - 4}" x2="{x_line}" y2="{TOP + mixer_height + CELL + 8}" '
+                             f'stroke="{COLOURS["extra"]}" stroke-width="3">'
+                             f"<title>{extra} after layer {layer.index}</title></line>")
     x_end = x0 + n * (CELL + GAP) + 10
     heads = ["lm"] + [f"{name} ({h.kind})" for name, h in resolved.heads.items() if h.kind != "lm"]
     for i, head in enumerate(heads):
@@ -56,4 +61,5 @@ def layout_svg(resolved: ResolvedSpec) -> str:
 
 def _box(x: float, y: float, w: float, h: float, colour: str, title: str, label: str | None = None) -> str:
     text = f'<text x="{x + 4}" y="{y + h / 2 + 4}" fill="white">{escape(label)}</text>' if label else ""
-    return f'<g><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{colour}"><title>{escape(title)}</title></rect>{text}</g>'
+    rect = f'<rect x="{x}" y="{y}" width="{w}" height="{h}" rx="3" fill="{colour}"><title>{escape(title)}</title></rect>'
+    return f"<g>{rect}{text}</g>"

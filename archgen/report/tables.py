@@ -42,7 +42,8 @@ def _runs(rows):
     runs = []
     for row in rows:
         same = (row.label, row.params, row.active_params, row.flops_per_token, row.cache_bytes)
-        if runs and row.index is not None and runs[-1][2].index is not None and runs[-1][3] == same and runs[-1][1] == row.index - 1:
+        if (runs and row.index is not None and runs[-1][2].index is not None and runs[-1][3] == same
+                and runs[-1][1] == row.index - 1):
             runs[-1][1] = row.index
         else:
             runs.append([row.index, row.index, row, same])

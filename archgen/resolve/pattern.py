@@ -180,7 +180,7 @@ class _Parser:
             return Slot(())
         ends = [bar.column for bar in bars] + [self.peek().column]
         names: list[str] = []
-        for branch, start, end in zip(branches, starts, ends):
+        for branch, start, end in zip(branches, starts, ends, strict=True):
             if _length(branch) == 1:
                 names.extend(_expand(branch)[0].names)
                 continue

@@ -64,14 +64,15 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
     problems: list[Diagnostic] = []
     layout = spec.layout
 
-    mixer_slots = _expand(layout.mixers, ("layout", "mixers"), set(spec.mixers) | {"none"}, layout.n_layers, True, source_map, problems)
+    mixer_slots = _expand(layout.mixers, ("layout", "mixers"), set(spec.mixers) | {"none"}, layout.n_layers, True, source_map,
+                          problems)
     n_layers = layout.n_layers or (len(mixer_slots) if mixer_slots else None)
     ffn_slots = _expand(layout.ffns, ("layout", "ffns"), set(spec.ffns) | {"none"}, n_layers, False, source_map, problems)
     if problems:
         raise CompileError(problems)
 
     layers = []
-    for index, (mixer_slot, ffn_slot) in enumerate(zip(mixer_slots, ffn_slots)):
+    for index, (mixer_slot, ffn_slot) in enumerate(zip(mixer_slots, ffn_slots, strict=True)):
         names = tuple(n for n in mixer_slot.names if n != "none")
         if len(mixer_slot.names) > 1 and len(names) != len(mixer_slot.names):
             problems.append(Diagnostic("layout.mixers", f"layer {index}: 'none' cannot be a parallel branch",
@@ -184,7 +185,8 @@ def _expand(form: Any, path: tuple, names: set[str], n_layers: int | None, allow
         return slots
     if isinstance(form, list):
         if not form:
-            problems.append(Diagnostic(field, f"the {what} list is empty", f"list one item per layer, e.g. [ssm, ssm, attn], or write a pattern",
+            problems.append(Diagnostic(field, f"the {what} list is empty",
+                                       "list one item per layer, e.g. [ssm, ssm, attn], or write a pattern",
                                        source_map.locate(path)))
             return []
         slots: list[Slot] = []
@@ -192,13 +194,15 @@ def _expand(form: Any, path: tuple, names: set[str], n_layers: int | None, allow
             item_slots, found = expand_pattern(item, names, None, allow_parallel=allow_parallel)
             problems += [_layout_diagnostic(p, path + (i,), i, source_map) for p in found]
             if not found and len(item_slots) != 1:
-                problems.append(Diagnostic(f"{field}[{i}]", f"each list item is one layer, but {item!r} expands to {len(item_slots)}",
+                problems.append(Diagnostic(f"{field}[{i}]",
+                                           f"each list item is one layer, but {item!r} expands to {len(item_slots)}",
                                            "write one name (or one parallel group a|b) per item", source_map.locate(path + (i,))))
             slots += item_slots
         if n_layers is not None and slots and len(slots) != n_layers and not problems:
             if n_layers % len(slots):
                 problems.append(Diagnostic(field, f"the list has {len(slots)} layers but n_layers={n_layers}",
-                                           f"list exactly {n_layers} {what}, or set n_layers: {len(slots)}", source_map.locate(path)))
+                                           f"list exactly {n_layers} {what}, or set n_layers: {len(slots)}",
+                                           source_map.locate(path)))
                 return []
             slots = slots * (n_layers // len(slots))
         return slots
@@ -221,6 +225,7 @@ def _layer_index(value: int, n_layers: int, field: str, source_map: SourceMap, p
     index = value + n_layers if value < 0 else value
     if not 0 <= index < n_layers:
         problems.append(Diagnostic(field, f"{field.split('.')[-1]}={value} is outside the {n_layers} layers",
-                                   f"use 0..{n_layers - 1}, or -1 for the last layer", source_map.locate(tuple(field.split(".")))))
+                                   f"use 0..{n_layers - 1}, or -1 for the last layer",
+                                   source_map.locate(tuple(field.split(".")))))
         return 0
     return index

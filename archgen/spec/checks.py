@@ -15,12 +15,6 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
-def _near_multiples(value: int, base: int) -> str:
-    low = max(base, (value // base) * base)
-    high = low + base if low >= value else low
-    return f"{low}" if low == high else f"{low} or {high}"
-
-
 def check_spec(spec: models.Spec) -> list[Diagnostic]:
     problems: list[Diagnostic] = []
     d_model = spec.model.d_model
@@ -45,7 +39,9 @@ def check_spec(spec: models.Spec) -> list[Diagnostic]:
         elif isinstance(ffn, models.MoESpec):
             problems += _check_ffn_shape(ffn.expert, f"{path}.expert")
             if ffn.expert.bias:
-                problems.append(Diagnostic(f"{path}.expert.bias", "biases in routed experts are not supported (the experts run as stacked weight matmuls)",
+                problems.append(Diagnostic(f"{path}.expert.bias",
+                                           "biases in routed experts are not supported "
+                                           "(the experts run as stacked weight matmuls)",
                                            "remove expert.bias, or set it to false"))
             if ffn.top_k > ffn.n_experts:
                 problems.append(Diagnostic(f"{path}.top_k", f"top_k={ffn.top_k} exceeds n_experts={ffn.n_experts}",
@@ -64,7 +60,8 @@ def check_spec(spec: models.Spec) -> list[Diagnostic]:
                                        "write [low, high] with low < high, e.g. [-15, 15]"))
         if isinstance(head, models.ForecasterHeadSpec) and head.n_bins > spec.model.vocab_size:
             # The series are fed back as the last n_bins token ids of the vocabulary.
-            problems.append(Diagnostic(f"heads.{name}.n_bins", f"n_bins={head.n_bins} exceeds model.vocab_size={spec.model.vocab_size}: "
+            problems.append(Diagnostic(f"heads.{name}.n_bins",
+                                       f"n_bins={head.n_bins} exceeds model.vocab_size={spec.model.vocab_size}: "
                                        "each bin is read back as one of the vocabulary's token ids",
                                        f"use n_bins of at most {spec.model.vocab_size}, or a larger vocabulary"))
     kinds = [head.kind for head in spec.heads.values()]
@@ -85,7 +82,9 @@ def _check_attention(mixer: models.AttentionFields, path: str, d_model: int) -> 
     if head_dim is None:
         if d_model % mixer.n_heads:
             options = ", ".join(str(d) for d in divisors(d_model) if d <= 256)
-            problems.append(Diagnostic(f"{path}.n_heads", f"d_model={d_model} is not divisible by n_heads={mixer.n_heads}, so head_dim cannot be derived",
+            problems.append(Diagnostic(f"{path}.n_heads",
+                                       f"d_model={d_model} is not divisible by n_heads={mixer.n_heads}, "
+                                       "so head_dim cannot be derived",
                                        f"set head_dim explicitly, or use n_heads in {options}"))
             return problems
         head_dim = d_model // mixer.n_heads
@@ -96,13 +95,16 @@ def _check_attention(mixer: models.AttentionFields, path: str, d_model: int) -> 
                                        f"use an even rotary_dim <= {head_dim}"))
         if rotary % 2:
             field = "rope.rotary_dim" if mixer.rope.rotary_dim else "head_dim"
-            problems.append(Diagnostic(f"{path}.{field}", f"RoPE rotates pairs of dimensions, so {field.split('.')[-1]}={rotary} must be even",
+            problems.append(Diagnostic(f"{path}.{field}",
+                                       f"RoPE rotates pairs of dimensions, so {field.split('.')[-1]}={rotary} must be even",
                                        f"use {rotary - 1} or {rotary + 1}"))
         if mixer.rope.scaling == "yarn" and mixer.rope.original_max_position is None:
-            problems.append(Diagnostic(f"{path}.rope.original_max_position", "YaRN scaling needs the context length the model was trained at",
+            problems.append(Diagnostic(f"{path}.rope.original_max_position",
+                                       "YaRN scaling needs the context length the model was trained at",
                                        "set rope.original_max_position, e.g. 4096"))
         if mixer.rope.scaling != "none" and mixer.rope.factor == 1.0:
-            problems.append(Diagnostic(f"{path}.rope.factor", f"rope scaling '{mixer.rope.scaling}' with factor 1.0 changes nothing",
+            problems.append(Diagnostic(f"{path}.rope.factor",
+                                       f"rope scaling '{mixer.rope.scaling}' with factor 1.0 changes nothing",
                                        "set factor > 1 or scaling: none", severity="warning"))
     return problems
 
@@ -113,15 +115,19 @@ def _check_mamba2(mixer: models.Mamba2Spec, path: str, d_model: int) -> list[Dia
     if mixer.n_heads is None:
         if d_inner % mixer.head_dim:
             options = ", ".join(str(d) for d in divisors(d_inner) if 8 <= d <= 256)
-            problems.append(Diagnostic(f"{path}.head_dim", f"d_inner = expand·d_model = {d_inner} is not divisible by head_dim={mixer.head_dim}",
+            problems.append(Diagnostic(f"{path}.head_dim",
+                                       f"d_inner = expand·d_model = {d_inner} is not divisible by head_dim={mixer.head_dim}",
                                        f"use head_dim in {options}"))
             return problems
         n_heads = d_inner // mixer.head_dim
     else:
         n_heads = mixer.n_heads
         if n_heads * mixer.head_dim != d_inner:
-            problems.append(Diagnostic(f"{path}.n_heads", f"n_heads·head_dim = {n_heads}·{mixer.head_dim} = {n_heads * mixer.head_dim} != d_inner = expand·d_model = {d_inner}",
-                                       f"use n_heads={d_inner // mixer.head_dim}" if d_inner % mixer.head_dim == 0 else "omit n_heads to derive it"))
+            problems.append(Diagnostic(f"{path}.n_heads",
+                                       f"n_heads·head_dim = {n_heads}·{mixer.head_dim} = {n_heads * mixer.head_dim} "
+                                       f"!= d_inner = expand·d_model = {d_inner}",
+                                       f"use n_heads={d_inner // mixer.head_dim}" if d_inner % mixer.head_dim == 0
+                                       else "omit n_heads to derive it"))
     if n_heads % mixer.n_groups:
         options = ", ".join(map(str, divisors(n_heads)))
         problems.append(Diagnostic(f"{path}.n_groups", f"n_heads={n_heads} is not divisible by n_groups={mixer.n_groups}",
@@ -132,5 +138,6 @@ def _check_mamba2(mixer: models.Mamba2Spec, path: str, d_model: int) -> list[Dia
 def _check_ffn_shape(shape: models.FeedForwardShape, path: str) -> list[Diagnostic]:
     if (shape.hidden is None) == (shape.multiplier is None):
         given = "both" if shape.hidden is not None else "neither"
-        return [Diagnostic(path, f"{given} of 'hidden' and 'multiplier' given", "give exactly one: hidden: 14336, or multiplier: 4")]
+        return [Diagnostic(path, f"{given} of 'hidden' and 'multiplier' given",
+                           "give exactly one: hidden: 14336, or multiplier: 4")]
     return []

@@ -28,7 +28,6 @@ class LoadedSpec:
     source_map: SourceMap
     preset: str | None
     overrides: tuple[str, ...]
-    source_text: str
     warnings: tuple[Diagnostic, ...] = ()
 
 
@@ -38,7 +37,8 @@ def load_spec(path: str | Path, preset: str | None = None, overrides: tuple[str,
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise CompileError([Diagnostic("", f"cannot read spec: {error}", "pass the path of a readable UTF-8 YAML file", SourceLocation(file))]) from None
+        raise CompileError([Diagnostic("", f"cannot read spec: {error}", "pass the path of a readable UTF-8 YAML file",
+                                       SourceLocation(file))]) from None
     return load_spec_text(text, file, preset, overrides)
 
 
@@ -68,7 +68,7 @@ def load_spec_text(text: str, file: str, preset: str | None = None, overrides: t
     if errors:
         raise CompileError(errors)
     warnings = tuple(d for d in located if d.severity == "warning")
-    return LoadedSpec(spec, source_map, preset, tuple(overrides), text, warnings)
+    return LoadedSpec(spec, source_map, preset, tuple(overrides), warnings)
 
 
 # ------------------------------------------------------------------------------------------- presets, overrides
@@ -84,11 +84,13 @@ def _apply_preset(data: dict, preset: str, source_map: SourceMap) -> dict:
     body = presets[preset]
     if not isinstance(body, dict):
         raise CompileError([Diagnostic(f"presets.{preset}", "a preset must be a mapping of spec fields to override",
-                                       "write it like the spec itself, e.g. {model: {d_model: 64}}", source_map.locate(("presets", preset)))])
+                                       "write it like the spec itself, e.g. {model: {d_model: 64}}",
+                                       source_map.locate(("presets", preset)))])
     for forbidden in ("presets", "schema_version", "name"):
         if forbidden in body:
             raise CompileError([Diagnostic(f"presets.{preset}.{forbidden}", f"a preset cannot change '{forbidden}'",
-                                           f"remove '{forbidden}' from the preset", source_map.locate(("presets", preset, forbidden)))])
+                                           f"remove '{forbidden}' from the preset",
+                                           source_map.locate(("presets", preset, forbidden)))])
     _deep_merge(data, body, (), ("presets", preset), source_map)
     return data
 
@@ -126,7 +128,8 @@ def _apply_override(data: dict, override: str, source_map: SourceMap) -> dict:
             child = {}
             node[key] = child
         if not isinstance(child, dict):
-            raise CompileError([Diagnostic(".".join(keys[: i + 1]), f"cannot set '{key_text}': '{'.'.join(keys[: i + 1])}' is not a mapping",
+            raise CompileError([Diagnostic(".".join(keys[: i + 1]),
+                                           f"cannot set '{key_text}': '{'.'.join(keys[: i + 1])}' is not a mapping",
                                            "override a leaf field, e.g. --set mixers.attn.n_heads=8", SourceLocation(origin))])
         node = child
     node[keys[-1]] = value

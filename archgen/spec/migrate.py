@@ -6,7 +6,7 @@ language that renames or moves a field adds one `_STEPS[n]` that rewrites versio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from archgen.errors import CompileError, Diagnostic
 from archgen.spec.models import SCHEMA_VERSION
@@ -21,7 +21,8 @@ def migrate(data: dict, source_map: SourceMap) -> dict:
         raise CompileError([Diagnostic("schema_version", "required key 'schema_version' is missing",
                                        f"add 'schema_version: {SCHEMA_VERSION}' as the first line", source_map.locate(()))])
     if not isinstance(version, int) or isinstance(version, bool) or version < 1 or version > SCHEMA_VERSION:
-        raise CompileError([Diagnostic("schema_version", f"schema_version {version!r} is not known to this archgen (it reads 1..{SCHEMA_VERSION})",
+        raise CompileError([Diagnostic("schema_version",
+                                       f"schema_version {version!r} is not known to this archgen (it reads 1..{SCHEMA_VERSION})",
                                        f"write schema_version: {SCHEMA_VERSION}, or upgrade archgen if the spec is newer",
                                        source_map.locate(("schema_version",)))])
     while version < SCHEMA_VERSION:

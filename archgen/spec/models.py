@@ -9,7 +9,7 @@ used by the layout) are checked in `archgen.spec.checks`, which reports all of t
 from __future__ import annotations
 
 import keyword
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
 
@@ -56,7 +56,7 @@ class LayerNormSpec(SpecModel):
     bias: bool = True
 
 
-NormSpec = Annotated[Union[RMSNormSpec, LayerNormSpec], Field(discriminator="kind")]
+NormSpec = Annotated[RMSNormSpec | LayerNormSpec, Field(discriminator="kind")]
 
 
 # --------------------------------------------------------------------------------------------------------- mixers
@@ -137,14 +137,13 @@ class NoMixerSpec(SpecModel):
 
 
 MixerSpec = Annotated[
-    Union[MambaSpec, Mamba2Spec, AttentionSpec, SparseAttentionSpec, ConvSpec, NoMixerSpec],
+    MambaSpec | Mamba2Spec | AttentionSpec | SparseAttentionSpec | ConvSpec | NoMixerSpec,
     Field(discriminator="kind"),
 ]
 
 
 # --------------------------------------------------------------------------------------------------- feed-forwards
 Activation = Literal["swiglu", "geglu", "gelu", "relu", "silu", "relu2"]
-GATED_ACTIVATIONS = frozenset({"swiglu", "geglu"})
 
 
 class FeedForwardShape(SpecModel):
@@ -175,7 +174,7 @@ class NoFeedForwardSpec(SpecModel):
     kind: Literal["none"]
 
 
-FeedForwardSpec = Annotated[Union[MLPSpec, MoESpec, NoFeedForwardSpec], Field(discriminator="kind")]
+FeedForwardSpec = Annotated[MLPSpec | MoESpec | NoFeedForwardSpec, Field(discriminator="kind")]
 
 
 # ------------------------------------------------------------------------------------------------------- layout
@@ -198,7 +197,7 @@ def _layout_form(value: object) -> str | None:
 
 # A layout is a pattern expression ("(ssm*3, attn)*8"), an explicit list (one pattern item per layer), or a ratio.
 LayoutForm = Annotated[
-    Union[Annotated[str, Tag("pattern")], Annotated[list[str], Tag("list")], Annotated[RatioLayout, Tag("ratio")]],
+    Annotated[str, Tag("pattern")] | Annotated[list[str], Tag("list")] | Annotated[RatioLayout, Tag("ratio")],
     Discriminator(
         _layout_form,
         custom_error_type="layout_form",
@@ -286,12 +285,13 @@ class ForecasterHeadSpec(SpecModel):
 
     kind: Literal["forecaster"]
     n_bins: PositiveInt = 256
-    value_range: tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(allow_inf_nan=False)]] = (-15.0, 15.0)  # after mean scaling
+    # after mean scaling
+    value_range: tuple[Annotated[float, Field(allow_inf_nan=False)], Annotated[float, Field(allow_inf_nan=False)]] = (-15.0, 15.0)
     loss_weight: LossWeight = 1.0
 
 
 HeadSpec = Annotated[
-    Union[LMHeadSpec, MedusaHeadSpec, JEPAHeadSpec, ForecasterHeadSpec], Field(discriminator="kind")
+    LMHeadSpec | MedusaHeadSpec | JEPAHeadSpec | ForecasterHeadSpec, Field(discriminator="kind")
 ]
 
 
@@ -311,7 +311,8 @@ class Spec(SpecModel):
     schema_version: int
     name: Identifier
     description: str = ""
-    nominal_params: Annotated[float, Field(gt=0, le=1e15, allow_inf_nan=False)] | None = None  # the size the architecture is advertised at; inspect warns when off by >10%
+    # the size the architecture is advertised at; inspect warns when off by >10%
+    nominal_params: Annotated[float, Field(gt=0, le=1e15, allow_inf_nan=False)] | None = None
     model: ModelDims
     mixers: dict[Identifier, MixerSpec]
     ffns: dict[Identifier, FeedForwardSpec] = {}

@@ -69,7 +69,8 @@ def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
         fix = "fix the YAML syntax at this position"
         if error.context and error.context_mark is not None:
             # PyYAML says where the construct it could not finish began ("while parsing a flow mapping ... line 11").
-            fix = f"{error.context} that starts at line {error.context_mark.line + 1}, column {error.context_mark.column + 1}: check it is closed"
+            mark = error.context_mark
+            fix = f"{error.context} that starts at line {mark.line + 1}, column {mark.column + 1}: check it is closed"
         raise CompileError([Diagnostic("", f"invalid YAML: {problem}", fix, location)]) from None
     except yaml.YAMLError as error:
         raise CompileError([Diagnostic("", f"invalid YAML: {error}", None, SourceLocation(file))]) from None

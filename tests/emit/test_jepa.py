@@ -112,7 +112,7 @@ def test_losses_are_the_spec_terms_with_the_spec_weights(build):
     }
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], msg=lambda detail: f"{name}: {detail}")
+        torch.testing.assert_close(got[name], expected[name], msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_jepa_losses_are_computed_in_training_mode_only(build):
@@ -185,7 +185,7 @@ def test_update_target_is_the_ema_of_the_backbone_tensor_by_tensor(build):
         online = dict(model.named_parameters())
         for name, t in target_of(model).items():
             expected = m * before[name] + (1 - m) * online[name].detach()
-            torch.testing.assert_close(t, expected, msg=lambda detail: f"{name}, m={m}: {detail}")
+            torch.testing.assert_close(t, expected, msg=lambda detail, name=name, m=m: f"{name}, m={m}: {detail}")
 
 
 def test_the_target_takes_no_gradient(build):

@@ -10,16 +10,14 @@ are accepted. The acceptance rule and the snapshot are unit-tested in tests/temp
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from archgen.emit import emit, write_package
 from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
+from archgen.testing import build_generated
 
 WITH_MEDUSA = ("heads.medusa={kind: medusa, n_heads: 3}",)
 SPECS = {  # name: (spec, overrides, K)
@@ -43,25 +41,13 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory):
-    """packages(name) → the generated package, built once per module (the `build` fixture builds once per test).
-
-    Imported under a name of this module's own: tests.conftest imported as a module has a counter of its own, so
-    its build_package can hand out a name that the `build` fixture already used in this process.
-    """
+    """packages(name) → the generated package, built once per module (the `build` fixture builds once per test)."""
     built = {}
 
     def get(name):
         if name not in built:
             spec, overrides, _ = SPECS[name]
-            compiled = compile_spec(spec, "tiny", overrides)
-            directory = tmp_path_factory.mktemp(name) / name
-            write_package(emit(compiled, spec).files, directory)
-            module_name = f"_medusa_test_{name}"
-            module_spec = importlib.util.spec_from_file_location(module_name, directory / "__init__.py",
-                                                                 submodule_search_locations=[str(directory)])
-            built[name] = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_name] = built[name]
-            module_spec.loader.exec_module(built[name])
+            built[name] = build_generated(spec, tmp_path_factory.mktemp(name), "tiny", overrides)[0]
         return built[name]
 
     return get

@@ -13,15 +13,12 @@ import torch
 
 from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
+from tests.numerics import relative_error
 
 NEXUS = "specs/nexus.yaml"
 NO_HEADS = ("heads={}",)
 # Chunks of 8 tokens, so a 40-token sequence writes 5 times; lr 1 so that the writes move the logits visibly.
 WRITING = NO_HEADS + ("memory.chunk_size=8", "memory.learning_rate=1.0")
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.fixture
@@ -56,7 +53,7 @@ def test_the_cache_carries_the_memory_state(writing_model):
     tokens = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(3))
     cache = model.empty_cache(2, 64)
     assert isinstance(cache.memory, package.model.MemoryState)
-    for layer, weight in zip(model.memory.mlp, cache.memory.weights):
+    for layer, weight in zip(model.memory.mlp, cache.memory.weights, strict=True):
         assert torch.equal(weight, layer.weight.expand(2, -1, -1)), "a fresh cache must start from the learned memory weights"
     with torch.no_grad():
         model(tokens, cache=cache, update_memory=True)
@@ -78,7 +75,8 @@ def test_reading_without_update_keeps_the_state_and_equals_a_fresh_state(writing
         read, returned = model.memory(x, state, update=False)
         fresh, _ = model.memory(x, None, update=False)
     assert returned is state
-    assert all(torch.equal(w, layer.weight.expand(2, -1, -1)) for w, layer in zip(returned.weights, model.memory.mlp))
+    assert all(torch.equal(w, layer.weight.expand(2, -1, -1))
+               for w, layer in zip(returned.weights, model.memory.mlp, strict=True))
     assert torch.equal(read, fresh)
 
 
@@ -147,7 +145,8 @@ def test_nexus_trains_and_decodes_like_a_full_forward(build):
     with torch.no_grad():
         full = model(tokens).logits
         cache = model.empty_cache(2, 64)
-        steps = [model(tokens[:, :7], cache=cache).logits] + [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 33)]
+        steps = [model(tokens[:, :7], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 33)]
     assert relative_error(torch.cat(steps, dim=1), full) < 1e-4
 
     with torch.device("meta"):

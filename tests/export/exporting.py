@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import build_package, import_package
+from archgen.testing import import_generated
+from tests.conftest import build_package
 
 WEIGHTS_SEED = 1234
 
@@ -42,7 +43,7 @@ class Exported:
 
     @cached_property
     def package(self):
-        return import_package(self.package_dir)
+        return import_generated(self.package_dir)
 
     @cached_property
     def model(self):

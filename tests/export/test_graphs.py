@@ -9,24 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
+from archgen.export import TOLERANCE as EXPORT_TOLERANCE
 from archgen.export.steps import cache_leaves, writing_kwargs
 from tests.conftest import SPECS
+from tests.numerics import relative_error
 
 NAMES = [p.stem for p in SPECS]
 FORMATS = ["pt2", "onnx"]
 SIZES = [pytest.param(1, 9, id="B1-T9"), pytest.param(3, 23, id="B3-T23")]
-TOLERANCE = 1e-4  # relative to the largest magnitude of each output, float32
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
-    scale = expected.abs().max().item() or 1.0
-    return (actual.float() - expected.float()).abs().max().item() / scale
+TOLERANCE = EXPORT_TOLERANCE[torch.float32]  # what `archgen export` promises, float32
 
 
 def assert_outputs_close(actual: list[torch.Tensor], expected: list[torch.Tensor], names: list[str], label: str):
     assert len(actual) == len(expected) == len(names), f"{label}: {len(actual)} outputs, expected {len(expected)}"
-    errors = {name: relative_error(a, e) for name, a, e in zip(names, actual, expected)}
+    errors = {name: relative_error(a, e) for name, a, e in zip(names, actual, expected, strict=True)}
     worst = max(errors, key=errors.get)
     assert errors[worst] < TOLERANCE, f"{label}: relative error {errors[worst]:.2e} in {worst}"
 
@@ -75,7 +71,7 @@ def test_decode_step_matches_eager(exported, name, batch, seq, fmt):
     with torch.no_grad():
         expected = [exp.model(token, cache=cache, **writing_kwargs(exp.model)).logits, *cache_tensors(exp, cache)]
     assert_outputs_close(actual, expected, output_names(exp, "decode"), f"{name} decode {fmt}")
-    assert all(torch.equal(p, s) for p, s in zip(past, snapshot)), "the decode graph wrote into its inputs"
+    assert all(torch.equal(p, s) for p, s in zip(past, snapshot, strict=True)), "the decode graph wrote into its inputs"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -146,7 +142,8 @@ def test_kernels_stay_single_nodes_in_pt2_and_reference_ops_in_onnx(exported, na
 
     exp = exported(name)
     mamba1_layers = sum(1 for m in exp.model.modules() if hasattr(m, "x_proj") and hasattr(m, "A_log"))
-    kernels_available = getattr(exp.package.model, "kernels", None) is not None and exp.package.model.kernels.selective_scan is not None
+    kernels = getattr(exp.package.model, "kernels", None)
+    kernels_available = kernels is not None and kernels.selective_scan is not None
     program = torch.export.load(exp.directory / "prefill.pt2")  # after exp.package: the op is registered
     scans = [n for n in program.graph.nodes if str(n.target) == "archgen.selective_scan.default"]
     assert len(scans) == (mamba1_layers if kernels_available else 0)

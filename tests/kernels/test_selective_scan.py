@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from templates.runtime import ssm
-from tests.numerics import assert_close
+from tests.numerics import TOLERANCE, assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,9 +46,10 @@ def _load_kernel_module():
 
 ss = _load_kernel_module()
 
-# Worst relative error, max|kernel - reference| / max|reference|, per dtype of the inputs. Half-precision outputs
-# and input gradients are rounded once to their dtype; everything inside runs in float32.
-TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# Half-precision outputs and input gradients are rounded once to their dtype (TOLERANCE[dtype]); everything inside
+# runs in float32, where the kernel sums the parameter gradients over chunks and batch in another order than the
+# reference, so float32 results get ten times the table's float32 tolerance.
+FLOAT32_TOL = 10 * TOLERANCE[torch.float32]
 OPTIONAL = ("D", "z", "delta_bias", "initial_state")
 GRADIENTS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 
@@ -139,7 +140,7 @@ def block_d(monkeypatch):
 def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, features, block_d):
     block_d(width)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
-    check_against_reference(args, chunk, TOL[torch.float32])
+    check_against_reference(args, chunk, FLOAT32_TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -147,21 +148,21 @@ def test_matches_reference_half(dtype, block_d):
     """u, delta, z, B, C in half precision (as in a bf16 model); the reference gets the same rounded values."""
     block_d(4)
     args = make_inputs(2, 9, 6, 4, dtype=dtype, seed=7)
-    check_against_reference(args, 4, TOL[dtype])
+    check_against_reference(args, 4, TOLERANCE[dtype])
 
 
 def test_without_softplus(block_d):
     block_d(4)
     args = make_inputs(1, 10, 5, 4, delta_mean=0.5, seed=3)  # Δ = delta + bias used as is: keep it positive
     args["delta"], args["delta_bias"] = args["delta"].abs(), args["delta_bias"].abs()
-    check_against_reference(args, 4, TOL[torch.float32], delta_softplus=False)
+    check_against_reference(args, 4, FLOAT32_TOL, delta_softplus=False)
 
 
 def test_extreme_decays(block_d):
     """Δ·A down to about -1000: decays underflow to 0, the softplus takes its linear branch; nothing may turn NaN."""
     block_d(4)
     args = make_inputs(2, 9, 5, 4, delta_mean=6.0, a_max=200.0, seed=5)
-    check_against_reference(args, 4, TOL[torch.float32])
+    check_against_reference(args, 4, FLOAT32_TOL)
 
 
 def test_strided_inputs(block_d):
@@ -184,14 +185,14 @@ def test_strided_inputs(block_d):
         initial_state=torch.randn(batch, dstate, dim, generator=g).to(DEVICE).transpose(1, 2),
     )
     assert not any(args[k].is_contiguous() for k in ("u", "delta", "A", "B", "C", "D", "z", "initial_state"))
-    check_against_reference(args, 4, TOL[torch.float32])
+    check_against_reference(args, 4, FLOAT32_TOL)
 
 
 def test_gradient_of_final_state_only(block_d):
     """y unused: its gradient reaches the backward as None."""
     block_d(4)
     args = make_inputs(2, 6, 5, 4, seed=13)
-    check_against_reference(args, 4, TOL[torch.float32], grad_y=False)
+    check_against_reference(args, 4, FLOAT32_TOL, grad_y=False)
 
 
 def test_backward_without_saved_checkpoints(block_d):
@@ -212,7 +213,7 @@ def test_backward_without_saved_checkpoints(block_d):
     _, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                             gy, None)
     for name in GRADIENTS:
-        assert_close(grads[name], grads_ref[name], TOL[torch.float32], f"d{name}")
+        assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
 
 def test_empty_sequence():
@@ -272,8 +273,9 @@ def test_opcheck(block_d):
 
     _, _, checkpoints = ss.selective_scan_op(*[a.detach() if isinstance(a, torch.Tensor) else a for a in forward_args])
     plain = {k: v.detach() for k, v in args.items()}
-    backward_args = (torch.randn(1, 5, 3, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE), plain["u"], plain["delta"], plain["A"], plain["B"],
-                     plain["C"], plain["D"], plain["z"], plain["delta_bias"], True, plain["initial_state"], checkpoints, 4)
+    backward_args = (torch.randn(1, 5, 3, device=DEVICE), torch.randn(1, 3, 4, device=DEVICE), plain["u"], plain["delta"],
+                     plain["A"], plain["B"], plain["C"], plain["D"], plain["z"], plain["delta_bias"], True,
+                     plain["initial_state"], checkpoints, 4)
     torch.library.opcheck(ss.selective_scan_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -387,9 +389,9 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8}},
                                   "backward": {key: {"BLOCK_D": 32, "num_warps": 8}}}
     assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 4
-    assert_close(y, y_ref, TOL[torch.float32], "y")
+    assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
-        assert_close(grads[name], grads_ref[name], TOL[torch.float32], f"d{name}")
+        assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)

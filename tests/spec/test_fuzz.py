@@ -41,7 +41,7 @@ class TooSlow(Exception):
 
 @contextmanager
 def time_limit(seconds: float):
-    def expire(signum, frame):
+    def expire(_signum, _frame):
         raise TooSlow(f"compiling took over {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
@@ -74,7 +74,8 @@ def dump(data) -> str:
 
 
 # ------------------------------------------------------------------------------------------ random text, bytes
-YAML_ALPHABET = st.sampled_from(list("abcdkmnst_0123456789 :-,[]{}()|*#&!?'\"\n\t.%@`>")) | st.characters(exclude_categories=["Cs"])
+YAML_ALPHABET = (st.sampled_from(list("abcdkmnst_0123456789 :-,[]{}()|*#&!?'\"\n\t.%@`>"))
+                 | st.characters(exclude_categories=["Cs"]))
 
 
 @FUZZ

@@ -75,7 +75,8 @@ def test_set_overrides_a_field_after_presets():
 
 
 def test_set_value_is_read_as_yaml():
-    compiled = compile_spec(LLAMA, None, ["mixers.attn.window=1024", "model.tie_embeddings=true", "mixers.attn.rope.theta=1.0e+4"])
+    overrides = ["mixers.attn.window=1024", "model.tie_embeddings=true", "mixers.attn.rope.theta=1.0e+4"]
+    compiled = compile_spec(LLAMA, None, overrides)
     assert compiled.resolved.mixers["attn"].window == 1024
     assert compiled.resolved.model.tie_embeddings is True
     assert compiled.resolved.mixers["attn"].rope.theta == 10000.0

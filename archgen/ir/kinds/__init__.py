@@ -13,8 +13,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from archgen.ir.kinds import (attention, conv, embedding, forecaster, free, jepa, mamba, mamba2, medusa, meta_tokens, mlp,
-                              moe, norm, parallel_combine, sparse_attention, symbolic, titans)
+from archgen.ir.kinds import (
+    attention,
+    conv,
+    embedding,
+    forecaster,
+    free,
+    jepa,
+    mamba,
+    mamba2,
+    medusa,
+    meta_tokens,
+    mlp,
+    moe,
+    norm,
+    parallel_combine,
+    sparse_attention,
+    symbolic,
+    titans,
+)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,8 @@ SCAN_FLOPS_PER_STATE = 7
 
 def forward_flops(cfg, dims, seq_len: int) -> int:
     d, di, n, r = dims.d_model, d_inner(cfg, dims), cfg.d_state, cfg.dt_rank
-    per_token = 2 * d * 2 * di + 2 * di * cfg.d_conv + 2 * di * (r + 2 * n) + 2 * r * di + SCAN_FLOPS_PER_STATE * di * n + 2 * di * d
+    per_token = (2 * d * 2 * di + 2 * di * cfg.d_conv + 2 * di * (r + 2 * n) + 2 * r * di + SCAN_FLOPS_PER_STATE * di * n
+                 + 2 * di * d)
     return seq_len * per_token
 
 

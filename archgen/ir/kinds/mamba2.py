@@ -29,7 +29,8 @@ SCAN_FLOPS_PER_STATE = 5
 def forward_flops(cfg, dims, seq_len: int) -> int:
     d = dims.d_model
     di, conv_channels, h = sizes(cfg, dims)
-    per_token = 2 * d * (di + conv_channels + h) + 2 * conv_channels * cfg.d_conv + SCAN_FLOPS_PER_STATE * di * cfg.d_state + 2 * di * d
+    per_token = (2 * d * (di + conv_channels + h) + 2 * conv_channels * cfg.d_conv + SCAN_FLOPS_PER_STATE * di * cfg.d_state
+                 + 2 * di * d)
     return seq_len * per_token
 
 

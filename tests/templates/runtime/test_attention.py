@@ -14,10 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templates.runtime import attention as ops
-from tests.numerics import assert_close
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max relative error, per dtype
-
+from tests.numerics import TOLERANCE, assert_close
 
 
 def case_ids(fmt, cases):
@@ -87,7 +84,7 @@ def test_attention_matches_sdpa_causal(B, Hq, Hkv, T, D, dtype):
         q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), is_causal=True
     )
     assert y.dtype == dtype
-    assert_close(y, expected, TOL[dtype])
+    assert_close(y, expected, TOLERANCE[dtype])
 
 
 WINDOW_CASES = [  # B, Hq, Hkv, T, D, window
@@ -105,7 +102,7 @@ def test_sliding_window_matches_loop(B, Hq, Hkv, T, D, window):
     positions = torch.arange(T) + 5  # absolute positions need not start at 0
     y = ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
     expected = attention_by_loop(q, k, v, positions.expand(B, T), positions.expand(B, T), window)
-    assert_close(y, expected, TOL[torch.float64])
+    assert_close(y, expected, TOLERANCE[torch.float64])
 
 
 def test_per_batch_positions_match_loop():
@@ -115,7 +112,7 @@ def test_per_batch_positions_match_loop():
     k_pos = torch.arange(Tk) + torch.tensor([[0], [3], [10]])  # (B, Tk)
     q_pos = k_pos[:, -Tq:]  # (B, Tq)
     y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, window=4)
-    assert_close(y, attention_by_loop(q, k, v, q_pos, k_pos, window=4), TOL[torch.float64])
+    assert_close(y, attention_by_loop(q, k, v, q_pos, k_pos, window=4), TOLERANCE[torch.float64])
 
 
 @settings(max_examples=60, deadline=None)
@@ -150,13 +147,13 @@ def test_k_valid_len_hides_the_tail():
     for n in [1, 4, T]:
         y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, k_valid_len=n)
         expected = ops.attention(q, k[:, :, :n], v[:, :, :n], q_positions=q_pos, k_positions=k_pos[:n])
-        assert_close(y, expected, TOL[torch.float32], f"k_valid_len={n}")
+        assert_close(y, expected, TOLERANCE[torch.float32], f"k_valid_len={n}")
     # per-sequence lengths
     y = ops.attention(q, k, v, q_positions=q_pos, k_positions=k_pos, k_valid_len=torch.tensor([2, 7]))
     for b, n in enumerate([2, 7]):
         q_b, k_b, v_b = q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n]
         expected = ops.attention(q_b, k_b, v_b, q_positions=q_pos, k_positions=k_pos[:n])
-        assert_close(y[b : b + 1], expected, TOL[torch.float32], f"batch {b}")
+        assert_close(y[b : b + 1], expected, TOLERANCE[torch.float32], f"batch {b}")
 
 
 def test_query_that_sees_no_key_is_zero_and_finite():
@@ -165,7 +162,7 @@ def test_query_that_sees_no_key_is_zero_and_finite():
     # query at position 0 sees nothing (keys start at 1); the others see some keys
     y = ops.attention(q, k, v, q_positions=torch.tensor([0, 2, 5]), k_positions=torch.tensor([1, 2, 3, 4]))
     assert torch.equal(y[:, :, 0], torch.zeros_like(y[:, :, 0]))
-    assert_close(y, attention_by_loop(q, k, v, [[0, 2, 5]], [[1, 2, 3, 4]]), TOL[torch.float64])
+    assert_close(y, attention_by_loop(q, k, v, [[0, 2, 5]], [[1, 2, 3, 4]]), TOLERANCE[torch.float64])
     y.sum().backward()
     assert all(t.grad.isfinite().all() for t in (q, k, v))
     assert torch.equal(q.grad[:, :, 0], torch.zeros_like(q.grad[:, :, 0]))

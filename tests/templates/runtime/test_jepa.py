@@ -184,7 +184,7 @@ def test_update_follows_the_ema_formula_tensor_by_tensor():
         for name in BACKBONE:
             expected = momentum * before[name] + (1 - momentum) * online[name].detach()
             torch.testing.assert_close(after[name], expected, rtol=1e-6, atol=1e-7,
-                                       msg=lambda detail: f"{name}, m={momentum}: {detail}")
+                                       msg=lambda detail, name=name, momentum=momentum: f"{name}, m={momentum}: {detail}")
 
 
 def test_target_pass_is_the_model_run_with_the_target_weights():

@@ -10,18 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from templates.runtime import memory
-
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5}  # worst relative error, max|actual - expected| / max|expected|
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float) -> None:
-    """Fail with the worst relative error and the element where it happens."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: {(~torch.isfinite(actual)).sum().item()} non-finite values"
-    diff = (actual.double() - expected.double()).abs()
-    err = (diff.max() / expected.double().abs().max().clamp_min(1e-30)).item()
-    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    assert err <= tol, f"{name}: worst relative error {err:.2e} > {tol:.0e} at {worst}: got {actual[worst].item():.8g}, expected {expected[worst].item():.8g}"
+from tests.numerics import TOLERANCE, assert_close
 
 
 def randn(*shape, seed, scale=1.0, dtype=torch.float64):
@@ -67,8 +56,8 @@ def reference_read_write(q, k, v, weights, chunk, lr, beta, forget):
         reads.append(mlp_by_hand(q[:, start:end], W))
         if end - start == chunk:
             grads = autograd_grad(W, k[:, start:end], v[:, start:end])
-            S = [beta * s - lr * g for s, g in zip(S, grads)]
-            W = [(1 - forget) * w + s for w, s in zip(W, S)]
+            S = [beta * s - lr * g for s, g in zip(S, grads, strict=True)]
+            W = [(1 - forget) * w + s for w, s in zip(W, S, strict=True)]
     return torch.cat(reads, dim=1), W, S
 
 
@@ -86,19 +75,22 @@ SHAPES = [
 
 @pytest.mark.parametrize("batch,seqlen,chunk,widths", SHAPES)
 def test_closed_form_gradient_equals_autograd(batch, seqlen, chunk, widths):
-    weights = [w.expand(batch, -1, -1) + randn(batch, *w.shape, seed=7 + i, scale=0.1) for i, w in enumerate(make_weights(widths))]
+    weights = [w.expand(batch, -1, -1) + randn(batch, *w.shape, seed=7 + i, scale=0.1)
+               for i, w in enumerate(make_weights(widths))]
     _, k, v = make_sequence(batch, seqlen, widths[0], widths[-1])
-    for got, expected, i in zip(memory.associative_grad(weights, k, v), autograd_grad(weights, k, v), range(len(weights))):
-        assert_close(got, expected, f"∇W_{i}", TOL[torch.float64])
+    pairs = zip(memory.associative_grad(weights, k, v), autograd_grad(weights, k, v), strict=True)
+    for i, (got, expected) in enumerate(pairs):
+        assert_close(got, expected, TOLERANCE[torch.float64], f"∇W_{i}")
 
 
 def test_closed_form_gradient_with_weights_shared_by_the_batch():
     """Unwritten state: W_i (out, in) broadcast over the batch; each row still gets its own gradient."""
     weights = make_weights((6, 8, 6))
     _, k, v = make_sequence(3, 8, 6, 6)
-    for i, (got, expected) in enumerate(zip(memory.associative_grad(weights, k, v), autograd_grad([w.expand(3, -1, -1) for w in weights], k, v))):
+    expected_grads = autograd_grad([w.expand(3, -1, -1) for w in weights], k, v)
+    for i, (got, expected) in enumerate(zip(memory.associative_grad(weights, k, v), expected_grads, strict=True)):
         assert got.shape == (3, *weights[i].shape)
-        assert_close(got, expected, f"∇W_{i}", TOL[torch.float64])
+        assert_close(got, expected, TOLERANCE[torch.float64], f"∇W_{i}")
 
 
 @pytest.mark.parametrize("batch,seqlen,chunk,widths", SHAPES)
@@ -107,15 +99,18 @@ def test_read_write_matches_the_autograd_reference(batch, seqlen, chunk, widths)
     q, k, v = make_sequence(batch, seqlen, widths[0], widths[-1])
     reads, state = memory.memory_read_write(q, k, v, memory.MemoryState.initial(weights, batch, chunk), chunk, **HYPER)
     expected_reads, W, S = reference_read_write(q, k, v, weights, chunk, *HYPER.values())
-    assert_close(reads, expected_reads, "reads", TOL[torch.float64])
+    assert_close(reads, expected_reads, TOLERANCE[torch.float64], "reads")
     for i in range(len(weights)):
-        assert_close(state.weights[i], W[i], f"W_{i}", TOL[torch.float64])
-        assert_close(state.momentum[i], S[i], f"S_{i}", TOL[torch.float64])
+        assert_close(state.weights[i], W[i], TOLERANCE[torch.float64], f"W_{i}")
+        assert_close(state.momentum[i], S[i], TOLERANCE[torch.float64], f"S_{i}")
     pending = seqlen % chunk
     assert state.pending_keys.shape == (batch, chunk, widths[0]), "the pending buffer must keep its shape"
-    assert torch.equal(state.pending_keys[:, :pending], k[:, seqlen - pending :]), "pending keys are not the unwritten chunk's keys"
-    assert torch.equal(state.pending_values[:, :pending], v[:, seqlen - pending :]), "pending values are not the unwritten chunk's values"
-    assert not state.pending_keys[:, pending:].any() and not state.pending_values[:, pending:].any(), "slots not yet reached must be empty"
+    assert torch.equal(state.pending_keys[:, :pending], k[:, seqlen - pending :]), \
+        "pending keys are not the unwritten chunk's keys"
+    assert torch.equal(state.pending_values[:, :pending], v[:, seqlen - pending :]), \
+        "pending values are not the unwritten chunk's values"
+    assert not state.pending_keys[:, pending:].any() and not state.pending_values[:, pending:].any(), \
+        "slots not yet reached must be empty"
 
 
 def test_one_write_follows_the_momentum_and_forget_formulas():
@@ -127,9 +122,9 @@ def test_one_write_follows_the_momentum_and_forget_formulas():
     state = memory.MemoryState([w.expand(2, -1, -1) for w in weights], momentum, torch.zeros_like(k), torch.zeros_like(v))
     _, written = memory.memory_read_write(k, k, v, state, 4, learning_rate=lr, momentum=beta, forget=forget)
     grads = autograd_grad([w.expand(2, -1, -1) for w in weights], k, v)
-    for i, (w, s, g) in enumerate(zip(weights, momentum, grads)):
-        assert_close(written.momentum[i], beta * s - lr * g, f"S_{i}", TOL[torch.float64])
-        assert_close(written.weights[i], (1 - forget) * w + beta * s - lr * g, f"W_{i}", TOL[torch.float64])
+    for i, (w, s, g) in enumerate(zip(weights, momentum, grads, strict=True)):
+        assert_close(written.momentum[i], beta * s - lr * g, TOLERANCE[torch.float64], f"S_{i}")
+        assert_close(written.weights[i], (1 - forget) * w + beta * s - lr * g, TOLERANCE[torch.float64], f"W_{i}")
 
 
 def test_forget_alone_decays_the_weights_when_the_memory_is_already_right():
@@ -140,7 +135,7 @@ def test_forget_alone_decays_the_weights_when_the_memory_is_already_right():
     _, written = memory.memory_read_write(k, k, values, memory.MemoryState.initial(weights, 2, 8), 8,
                                           learning_rate=1.0, momentum=0.9, forget=0.25)
     for i, w in enumerate(weights):
-        assert_close(written.weights[i], 0.75 * w.expand(2, -1, -1), f"W_{i}", TOL[torch.float64])
+        assert_close(written.weights[i], 0.75 * w.expand(2, -1, -1), TOLERANCE[torch.float64], f"W_{i}")
 
 
 def test_writing_pairs_makes_reading_their_keys_recover_the_values():
@@ -183,13 +178,14 @@ def test_streaming_in_pieces_equals_one_call(pieces):
     streamed, start = [], 0
     streamed_state = memory.MemoryState.initial(weights, 2, 8)
     for n in pieces:
-        piece, streamed_state = memory.memory_read_write(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n],
-                                                         streamed_state, 8, **HYPER, position=start)
+        window = slice(start, start + n)
+        piece, streamed_state = memory.memory_read_write(q[:, window], k[:, window], v[:, window], streamed_state, 8, **HYPER,
+                                                         position=start)
         streamed.append(piece)
         start += n
-    assert_close(torch.cat(streamed, dim=1), reads, "reads", TOL[torch.float64])
+    assert_close(torch.cat(streamed, dim=1), reads, TOLERANCE[torch.float64], "reads")
     for i in range(len(weights)):
-        assert_close(streamed_state.weights[i], state.weights[i], f"W_{i}", TOL[torch.float64])
+        assert_close(streamed_state.weights[i], state.weights[i], TOLERANCE[torch.float64], f"W_{i}")
     assert torch.equal(streamed_state.pending_keys, state.pending_keys), "the pending buffers differ"
 
 
@@ -206,10 +202,10 @@ def test_a_tensor_position_streams_like_an_int_position():
         piece, streamed_state = memory.memory_read_write(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], streamed_state, 8,
                                                          **HYPER, position=torch.tensor(t))
         pieces.append(piece)
-    assert_close(torch.cat(pieces, dim=1), reads, "reads", TOL[torch.float64])
+    assert_close(torch.cat(pieces, dim=1), reads, TOLERANCE[torch.float64], "reads")
     for i in range(len(weights)):
-        assert_close(streamed_state.weights[i], state.weights[i], f"W_{i}", TOL[torch.float64])
-        assert_close(streamed_state.momentum[i], state.momentum[i], f"S_{i}", TOL[torch.float64])
+        assert_close(streamed_state.weights[i], state.weights[i], TOLERANCE[torch.float64], f"W_{i}")
+        assert_close(streamed_state.momentum[i], state.momentum[i], TOLERANCE[torch.float64], f"S_{i}")
     assert torch.equal(streamed_state.pending_keys, state.pending_keys)
 
 
@@ -242,8 +238,9 @@ def test_initial_state_holds_the_weights_for_every_row_and_starts_empty():
     weights = make_weights((6, 8, 4), dtype=torch.float32)
     state = memory.MemoryState.initial(weights, 3, 5)
     assert [tuple(w.shape) for w in state.weights] == [(3, 8, 6), (3, 4, 8)]
-    assert all(torch.equal(w, p.expand_as(w)) for w, p in zip(state.weights, weights)), "every row must start from the learned weights"
-    assert all(tuple(s.shape) == tuple(w.shape) and not s.any() for s, w in zip(state.momentum, state.weights))
+    assert all(torch.equal(w, p.expand_as(w)) for w, p in zip(state.weights, weights, strict=True)), \
+        "every row must start from the learned weights"
+    assert all(tuple(s.shape) == tuple(w.shape) and not s.any() for s, w in zip(state.momentum, state.weights, strict=True))
     assert state.pending_keys.shape == (3, 5, 6) and state.pending_values.shape == (3, 5, 4)
     assert not state.pending_keys.any() and not state.pending_values.any()
 
@@ -251,8 +248,9 @@ def test_initial_state_holds_the_weights_for_every_row_and_starts_empty():
 def test_float32_matches_the_float64_reference():
     weights = make_weights((16, 32, 16))
     q, k, v = make_sequence(2, 50, 16, 16)
-    reads, state = memory.memory_read_write(q.float(), k.float(), v.float(), memory.MemoryState.initial([w.float() for w in weights], 2, 16), 16, **HYPER)
+    initial = memory.MemoryState.initial([w.float() for w in weights], 2, 16)
+    reads, state = memory.memory_read_write(q.float(), k.float(), v.float(), initial, 16, **HYPER)
     expected_reads, W, _ = reference_read_write(q, k, v, weights, 16, *HYPER.values())
     assert reads.dtype == torch.float32
-    assert_close(reads, expected_reads, "reads", TOL[torch.float32])
-    assert_close(state.weights[1], W[1], "W_1", TOL[torch.float32])
+    assert_close(reads, expected_reads, TOLERANCE[torch.float32], "reads")
+    assert_close(state.weights[1], W[1], TOLERANCE[torch.float32], "W_1")

@@ -10,14 +10,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from templates.runtime import moe
-from tests.numerics import assert_close
+from tests.numerics import TOLERANCE, assert_close
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max relative error, per dtype
 D_MODEL, HIDDEN = 12, 10
 
 
@@ -96,10 +94,10 @@ def test_route_top_k_picks_most_probable_and_renormalises():
     probs = torch.softmax(logits, dim=-1)
     for n, token_choices in enumerate(routing_by_hand(logits, 3)):
         assert out.expert_index[n].tolist() == [e for e, _ in token_choices]
-    assert_close(out.expert_weight.sum(-1), torch.ones(9), TOL[torch.float32], "sum of weights")
-    assert_close(out.router_probs, probs, TOL[torch.float32], "router_probs")
+    assert_close(out.expert_weight.sum(-1), torch.ones(9), TOLERANCE[torch.float32], "sum of weights")
+    assert_close(out.router_probs, probs, TOLERANCE[torch.float32], "router_probs")
     raw = moe.route_top_k(logits, top_k=3, normalize=False)
-    assert_close(raw.expert_weight, probs.gather(1, out.expert_index), TOL[torch.float32], "raw weights")
+    assert_close(raw.expert_weight, probs.gather(1, out.expert_index), TOLERANCE[torch.float32], "raw weights")
 
 
 def test_route_top_k_routes_in_float32():
@@ -124,7 +122,7 @@ DROPLESS = [(N, E, k, act) for N in (1, 7, 63) for E in (4, 8) for k in (1, 2) f
 def test_moe_forward_matches_loop(N, E, top_k, activation):
     x, logits, w_in, w_out = make_inputs(N, E, activation)
     y, stats = moe.moe_forward(x, logits, w_in, w_out, top_k=top_k, activation=activation)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, top_k, activation), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, top_k, activation), TOLERANCE[torch.float32])
 
     routed = torch.zeros(E, dtype=torch.long)
     for token_choices in routing_by_hand(logits, top_k):
@@ -139,13 +137,13 @@ def test_moe_forward_matches_loop(N, E, top_k, activation):
 def test_every_activation_matches_loop(activation):
     x, logits, w_in, w_out = make_inputs(11, 4, activation, seed=5)
     y, _ = moe.moe_forward(x, logits, w_in, w_out, top_k=2, activation=activation)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, activation), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, activation), TOLERANCE[torch.float32])
 
 
 def test_unnormalised_weights_match_loop():
     x, logits, w_in, w_out = make_inputs(13, 8, "swiglu", seed=7)
     y, _ = moe.moe_forward(x, logits, w_in, w_out, top_k=2, normalize=False)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, "swiglu", normalize=False), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, "swiglu", normalize=False), TOLERANCE[torch.float32])
 
 
 def test_bfloat16_returns_input_dtype():
@@ -178,7 +176,7 @@ def test_capacity_drops_later_tokens_top1():
     assert moe.expert_capacity(8, 2, 1, 0.5) == 2
 
     y, stats = moe.moe_forward(x, logits, w_in, w_out, top_k=1, capacity_factor=0.5, normalize=False)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 1, "swiglu", normalize=False, kept=kept), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 1, "swiglu", normalize=False, kept=kept), TOLERANCE[torch.float32])
     assert y[[3, 5, 6, 7]].abs().max().item() == 0.0
     assert stats["dropped"].item() == 4
     assert stats["tokens_per_expert"].tolist() == [4, 4]
@@ -195,7 +193,7 @@ def test_capacity_drops_single_assignments_top2():
     assert moe.expert_capacity(5, 3, 2, 0.5) == 2
 
     y, stats = moe.moe_forward(x, logits, w_in, w_out, top_k=2, activation="gelu", capacity_factor=0.5)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, "gelu", kept=kept), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, 2, "gelu", kept=kept), TOLERANCE[torch.float32])
     assert y[4].abs().max().item() == 0.0
     assert stats["dropped"].item() == 4
     assert stats["tokens_per_expert"].tolist() == [4, 4, 2]
@@ -224,7 +222,7 @@ def test_capacity_matches_drop_rule(N, E, top_k, capacity_factor, seed):
     kept = kept_by_hand(routing_by_hand(logits, top_k), E, C)
 
     y, stats = moe.moe_forward(x, logits, w_in, w_out, top_k=top_k, capacity_factor=capacity_factor)
-    assert_close(y, moe_by_loop(x, logits, w_in, w_out, top_k, "swiglu", kept=kept), TOL[torch.float32])
+    assert_close(y, moe_by_loop(x, logits, w_in, w_out, top_k, "swiglu", kept=kept), TOLERANCE[torch.float32])
     assert stats["dropped"].item() == N * top_k - len(kept)
 
 
@@ -260,7 +258,7 @@ def test_gradients_match_loop(N, E, top_k, activation, capacity_factor):
     actual = grads(lambda *a: moe.moe_forward(
         *a, top_k=top_k, activation=activation, capacity_factor=capacity_factor, normalize=normalize)[0])
     expected = grads(lambda *a: moe_by_loop(*a, top_k, activation, normalize=normalize, kept=kept))
-    for name, a, e in zip(["x", "router_logits", "w_in", "w_out"], actual, expected):
+    for name, a, e in zip(["x", "router_logits", "w_in", "w_out"], actual, expected, strict=True):
         assert_close(a, e, 1e-10, f"grad {name}")
         assert a.abs().max() > 0, f"grad {name} is zero"
 
@@ -292,7 +290,7 @@ def test_load_balancing_loss_on_moe_stats():
     _, stats = moe.moe_forward(x, logits, w_in, w_out, top_k=2)
     f = stats["tokens_per_expert"].float() / 40
     expected = 4 * (f * torch.softmax(logits, -1).mean(0)).sum()
-    assert_close(moe.load_balancing_loss(logits, stats["expert_index"], 4), expected, TOL[torch.float32])
+    assert_close(moe.load_balancing_loss(logits, stats["expert_index"], 4), expected, TOLERANCE[torch.float32])
 
 
 def test_load_balancing_loss_checks_expert_count():
@@ -352,5 +350,5 @@ def test_exports_with_dynamic_token_count(capacity_factor):
     for N in (9, 20, 57):
         x, logits, _, _ = make_inputs(N, 4, "swiglu", seed=N)
         (y, dropped), (y_ref, dropped_ref) = exported.module()(x, logits), model(x, logits)
-        assert_close(y, y_ref, TOL[torch.float32], f"exported output, N={N}")
+        assert_close(y, y_ref, TOLERANCE[torch.float32], f"exported output, N={N}")
         assert dropped.item() == dropped_ref.item()

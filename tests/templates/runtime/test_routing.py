@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from templates.runtime import routing
-from tests.numerics import assert_close
-
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}  # max relative error, per dtype
-
+from tests.numerics import TOLERANCE, assert_close
 
 
 def randn(*shape, dtype=torch.float32, seed=0):
@@ -109,7 +106,7 @@ def test_straight_through_gradient_reaches_the_router(temperature):
     # The same noise drawn by hand: the gradient is that of sigmoid((l + noise) / T).
     u = torch.rand(logits.shape, generator=seeded(4)).clamp(min=torch.finfo(torch.float32).tiny)
     soft = torch.sigmoid((logits.detach() + torch.log(u) - torch.log1p(-u)) / temperature)
-    assert_close(logits.grad, soft * (1 - soft) / temperature, TOL[torch.float32], "straight-through gradient")
+    assert_close(logits.grad, soft * (1 - soft) / temperature, TOLERANCE[torch.float32], "straight-through gradient")
 
 
 def test_rejects_nonpositive_temperature():
@@ -126,8 +123,8 @@ def test_selection_losses_by_formula():
     p = torch.sigmoid(logits.double())
     entropy = -(p * p.log() + (1 - p) * (1 - p).log()).mean()
     losses = routing.selection_losses(logits, target_fraction=0.25)
-    assert_close(losses["router_entropy"], entropy.float(), TOL[torch.float32], "router_entropy")
-    assert_close(losses["router_fraction"], ((p.mean() - 0.25) ** 2).float(), TOL[torch.float32], "router_fraction")
+    assert_close(losses["router_entropy"], entropy.float(), TOLERANCE[torch.float32], "router_entropy")
+    assert_close(losses["router_fraction"], ((p.mean() - 0.25) ** 2).float(), TOLERANCE[torch.float32], "router_fraction")
 
 
 def test_selection_entropy_limits():
@@ -187,7 +184,7 @@ def test_sparse_query_attention_matches_loop(B, H, Hkv, T, D):
     q, k, v, selected = attention_inputs(B, H, Hkv, T, D)
     pos = torch.arange(T)
     out = routing.sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
-    assert_close(out, attention_by_loop(q, k, v, selected, pos.tolist(), pos.tolist()), TOL[torch.float32])
+    assert_close(out, attention_by_loop(q, k, v, selected, pos.tolist(), pos.tolist()), TOLERANCE[torch.float32])
 
 
 def test_selected_rows_equal_full_causal_attention():
@@ -197,7 +194,7 @@ def test_selected_rows_equal_full_causal_attention():
     out = routing.sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
     full = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
     rows = selected[:, None, :, None].expand_as(out)
-    assert_close(out[rows], full[rows], TOL[torch.float32], "selected rows")
+    assert_close(out[rows], full[rows], TOLERANCE[torch.float32], "selected rows")
     assert out[~rows].abs().max().item() == 0.0, "unselected rows must be exactly zero"
 
 
@@ -205,7 +202,7 @@ def test_value_head_dim_may_differ():
     q, k, v, selected = attention_inputs(2, 4, 2, 9, 16, Dv=24, seed=5)
     pos = torch.arange(9)
     out = routing.sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
-    assert_close(out, attention_by_loop(q, k, v, selected, pos.tolist(), pos.tolist()), TOL[torch.float32])
+    assert_close(out, attention_by_loop(q, k, v, selected, pos.tolist(), pos.tolist()), TOLERANCE[torch.float32])
 
 
 def test_rows_do_not_see_later_tokens():
@@ -217,7 +214,7 @@ def test_rows_do_not_see_later_tokens():
     pos = torch.arange(T)
     out = routing.sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
     out2 = routing.sparse_query_attention(q2, k2, v2, selected2, q_positions=pos, k_positions=pos)
-    assert_close(out2[:, :, :t0], out[:, :, :t0], TOL[torch.float32], "rows before the change")
+    assert_close(out2[:, :, :t0], out[:, :, :t0], TOLERANCE[torch.float32], "rows before the change")
 
 
 def test_decode_step_equals_prefill_row():
@@ -235,7 +232,7 @@ def test_decode_step_equals_prefill_row():
     step = routing.sparse_query_attention(
         q[:, :, t:], k_cache, v_cache, selected[:, t:], q_positions=pos[t:], k_positions=cache_pos
     )
-    assert_close(step, prefill[:, :, t:], TOL[torch.float32], "decode step")
+    assert_close(step, prefill[:, :, t:], TOLERANCE[torch.float32], "decode step")
 
 
 def test_per_batch_positions():
@@ -244,7 +241,7 @@ def test_per_batch_positions():
     pos = torch.stack([torch.arange(11), torch.arange(11) + 100])
     out = routing.sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
     same = routing.sparse_query_attention(q, k, v, selected, q_positions=torch.arange(11), k_positions=torch.arange(11))
-    assert_close(out, same, TOL[torch.float32])
+    assert_close(out, same, TOLERANCE[torch.float32])
 
 
 def test_query_with_no_visible_key_gives_zeros_and_finite_gradients():
@@ -305,4 +302,4 @@ def test_contextual_stream_exports_with_dynamic_length():
     for length in (3, 16, 41):
         q, k, v, _ = attention_inputs(2, 4, 2, length, 8, seed=length)
         logits = randn(2, length, seed=length + 100)
-        assert_close(exported.module()(logits, q, k, v), ContextualStream()(logits, q, k, v), TOL[torch.float32])
+        assert_close(exported.module()(logits, q, k, v), ContextualStream()(logits, q, k, v), TOLERANCE[torch.float32])

@@ -9,24 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from templates.runtime import ssd
-
-# Worst relative error allowed, max|actual - expected| / max|expected|, per dtype of the inputs.
-# The loop reference always runs in float64.
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float) -> None:
-    """Fail with the worst relative error and the element where it happens."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: {(~torch.isfinite(actual)).sum().item()} non-finite values"
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp_min(1e-30)
-    err = (diff.max() / scale).item()
-    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    assert err <= tol, (
-        f"{name}: worst relative error {err:.2e} > {tol:.0e} at {worst}: "
-        f"got {actual[worst].item():.8g}, expected {expected[worst].item():.8g}"
-    )
+from tests.numerics import TOLERANCE, assert_close
 
 
 def loop_ssd(x, dt, A, B, C, D=None, initial_state=None):
@@ -113,8 +96,8 @@ def test_ssd_scan_matches_loop(batch, seqlen, nheads, headdim, ngroups, dstate, 
     y, h = ssd.ssd_scan(**args, chunk_size=chunk)
     y_ref, h_ref = loop_ssd(**double(args))
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 @pytest.mark.parametrize("batch,seqlen,nheads,headdim,ngroups,dstate,chunk", SHAPES)
@@ -123,8 +106,8 @@ def test_ssd_scan_float64(batch, seqlen, nheads, headdim, ngroups, dstate, chunk
     y, h = ssd.ssd_scan(**args, chunk_size=chunk)
     y_ref, h_ref = loop_ssd(**args)
     assert y.dtype == torch.float64 and h.dtype == torch.float64
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 def test_ssd_scan_bfloat16_inputs():
@@ -134,8 +117,8 @@ def test_ssd_scan_bfloat16_inputs():
     y, h = ssd.ssd_scan(**args, chunk_size=16)
     y_ref, h_ref = loop_ssd(**double(args))
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
-    assert_close(y, y_ref, "y", TOL[torch.bfloat16])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.bfloat16], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16, 64, 1000])
@@ -143,8 +126,8 @@ def test_ssd_scan_does_not_depend_on_chunk_size(chunk):
     args = make_inputs(2, 50, 4, 4, 2, 4, features=FEATURES, dtype=torch.float64)
     y, h = ssd.ssd_scan(**args, chunk_size=chunk)
     y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=50)
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 @pytest.mark.parametrize(
@@ -159,8 +142,8 @@ def test_ssd_scan_extreme_decay_is_finite_and_exact(dt_mean, a_max):
     args = make_inputs(2, 130, 4, 8, 2, 4, features=FEATURES, dt_mean=dt_mean, a_max=a_max)
     y, h = ssd.ssd_scan(**args, chunk_size=64)
     y_ref, h_ref = loop_ssd(**double(args))
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
     leaves = {k: v.requires_grad_() for k, v in args.items()}
     y, h = ssd.ssd_scan(**leaves, chunk_size=64)
@@ -181,8 +164,8 @@ def test_ssd_scan_mixed_decay_within_a_chunk():
     args["dt"] = dt
     y, h = ssd.ssd_scan(**args, chunk_size=64)
     y_ref, h_ref = loop_ssd(**double(args))
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 def test_ssd_scan_accepts_channel_slices():
@@ -201,8 +184,8 @@ def test_ssd_scan_accepts_channel_slices():
     assert not sliced["x"].is_contiguous() and not sliced["initial_state"].is_contiguous()
     y, h = ssd.ssd_scan(**sliced, chunk_size=16)
     y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=16)
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 def test_ssd_scan_rejects_heads_not_multiple_of_groups():
@@ -230,7 +213,7 @@ def test_ssd_scan_gradients_match_loop(dtype):
     got = grads(lambda **a: ssd.ssd_scan(**a, chunk_size=8), args)
     expected = grads(loop_ssd, double(args))
     for name in args:
-        assert_close(got[name], expected[name], f"grad of {name}", 10 * TOL[dtype])
+        assert_close(got[name], expected[name], 10 * TOLERANCE[dtype], f"grad of {name}")
 
 
 def test_ssd_scan_gradcheck():
@@ -262,8 +245,8 @@ def test_prefill_then_steps_equals_full_scan(prefill):
     for t in range(prefill, seqlen):
         y_t, state = ssd.ssd_step(state, **{k: args[k][:, t] for k in per_time}, A=args["A"], D=args["D"])
         ys.append(y_t[:, None])
-    assert_close(torch.cat(ys, dim=1), y_full, "y", TOL[torch.float32])
-    assert_close(state, h_full, "final_state", TOL[torch.float32])
+    assert_close(torch.cat(ys, dim=1), y_full, TOLERANCE[torch.float32], "y")
+    assert_close(state, h_full, TOLERANCE[torch.float32], "final_state")
 
 
 def test_ssd_step_matches_loop_from_any_state():
@@ -271,8 +254,8 @@ def test_ssd_step_matches_loop_from_any_state():
     step = {k: args[k][:, 0] for k in ("x", "dt", "B", "C")}
     y, h = ssd.ssd_step(args["initial_state"], **step, A=args["A"], D=args["D"])
     y_ref, h_ref = loop_ssd(**double(args))
-    assert_close(y, y_ref[:, 0], "y", TOL[torch.float32])
-    assert_close(h, h_ref, "new_state", TOL[torch.float32])
+    assert_close(y, y_ref[:, 0], TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "new_state")
 
 
 def test_mamba2_cache_empty():
@@ -317,8 +300,8 @@ def test_torch_export_with_dynamic_batch():
     args = make_inputs(3, 40, 4, 8, 2, 4, features=FEATURES, seed=1)  # another batch size
     y, h = program.module()(*(args[k] for k in names))
     y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=16)
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 def test_torch_export_with_dynamic_batch_and_length():
@@ -341,5 +324,5 @@ def test_torch_export_with_dynamic_batch_and_length():
         args = make_inputs(b, t, 4, 8, 2, 4, features=FEATURES, seed=t)
         y, h = program.module()(*(args[k] for k in names))
         y_ref, h_ref = ssd.ssd_scan(**args, chunk_size=16)
-        assert_close(y, y_ref, f"y, B={b} T={t}", TOL[torch.float32])
-        assert_close(h, h_ref, f"final_state, B={b} T={t}", TOL[torch.float32])
+        assert_close(y, y_ref, TOLERANCE[torch.float32], f"y, B={b} T={t}")
+        assert_close(h, h_ref, TOLERANCE[torch.float32], f"final_state, B={b} T={t}")

@@ -9,25 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from templates.runtime import ssm
-
-# Worst relative error allowed, max|actual - expected| / max|expected|, per dtype of the inputs.
-# The loop reference always runs in float64.
-TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, tol: float) -> None:
-    """Fail with the worst relative error and the element where it happens."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: {(~torch.isfinite(actual)).sum().item()} non-finite values"
-    diff = (actual.double() - expected.double()).abs()
-    scale = expected.double().abs().max().clamp_min(1e-30)
-    err = (diff.max() / scale).item()
-    worst = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-    assert err <= tol, (
-        f"{name}: worst relative error {err:.2e} > {tol:.0e} at {worst}: "
-        f"got {actual[worst].item():.8g}, expected {expected[worst].item():.8g}"
-    )
-
+from tests.numerics import TOLERANCE, assert_close
 
 # ---------------------------------------------------------------------------------------------
 # Sequential references
@@ -126,8 +108,8 @@ def test_selective_scan_matches_loop(batch, seqlen, dim, dstate, chunk, features
     y, h = ssm.selective_scan(**args, chunk_size=chunk)
     y_ref, h_ref = loop_selective_scan(**double(args))
     assert y.dtype == torch.float32 and h.dtype == torch.float32
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk", SHAPES)
@@ -136,8 +118,8 @@ def test_selective_scan_float64(batch, seqlen, dim, dstate, chunk):
     y, h = ssm.selective_scan(**args, chunk_size=chunk)
     y_ref, h_ref = loop_selective_scan(**args)
     assert y.dtype == torch.float64 and h.dtype == torch.float64
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 def test_selective_scan_without_softplus():
@@ -146,8 +128,8 @@ def test_selective_scan_without_softplus():
     args["delta_bias"] = args["delta_bias"].abs() * 0.1
     y, h = ssm.selective_scan(**args, delta_softplus=False, chunk_size=16)
     y_ref, h_ref = loop_selective_scan(**double(args), delta_softplus=False)
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 def test_selective_scan_bfloat16_inputs():
@@ -157,8 +139,8 @@ def test_selective_scan_bfloat16_inputs():
     y, h = ssm.selective_scan(**args, chunk_size=16)
     y_ref, h_ref = loop_selective_scan(**double(args))
     assert y.dtype == torch.bfloat16 and h.dtype == torch.float32
-    assert_close(y, y_ref, "y", TOL[torch.bfloat16])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.bfloat16], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 16, 64, 1000])
@@ -166,8 +148,8 @@ def test_selective_scan_does_not_depend_on_chunk_size(chunk):
     args = make_inputs(2, 50, 6, 4, features=FEATURES, dtype=torch.float64)
     y, h = ssm.selective_scan(**args, chunk_size=chunk)
     y_ref, h_ref = ssm.selective_scan(**args, chunk_size=50)
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 @pytest.mark.parametrize(
@@ -182,8 +164,8 @@ def test_selective_scan_extreme_decay_is_finite_and_exact(delta_mean, a_max):
     args = make_inputs(2, 130, 8, 4, features=FEATURES, delta_mean=delta_mean, a_max=a_max)
     y, h = ssm.selective_scan(**args, chunk_size=32)
     y_ref, h_ref = loop_selective_scan(**double(args))
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
     leaves = {k: v.requires_grad_() for k, v in args.items()}
     y, h = ssm.selective_scan(**leaves, chunk_size=32)
@@ -202,8 +184,8 @@ def test_selective_scan_accepts_channel_slices():
     assert not sliced["u"].is_contiguous() and not sliced["initial_state"].is_contiguous()
     y, h = ssm.selective_scan(**sliced, chunk_size=16)
     y_ref, h_ref = ssm.selective_scan(**args, chunk_size=16)
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 def test_selective_scan_mixed_decay_within_a_chunk():
@@ -218,8 +200,8 @@ def test_selective_scan_mixed_decay_within_a_chunk():
     args["delta"] = delta
     y, h = ssm.selective_scan(**args, chunk_size=64)
     y_ref, h_ref = loop_selective_scan(**double(args))
-    assert_close(y, y_ref, "y", TOL[torch.float32])
-    assert_close(h, h_ref, "final_state", TOL[torch.float32])
+    assert_close(y, y_ref, TOLERANCE[torch.float32], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float32], "final_state")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +223,7 @@ def test_selective_scan_gradients_match_loop(dtype):
     got = grads(lambda **a: ssm.selective_scan(**a, chunk_size=8), args)
     expected = grads(loop_selective_scan, double(args))
     for name in args:
-        assert_close(got[name], expected[name], f"grad of {name}", 10 * TOL[dtype])
+        assert_close(got[name], expected[name], 10 * TOLERANCE[dtype], f"grad of {name}")
 
 
 def test_selective_scan_gradcheck():
@@ -274,8 +256,8 @@ def test_prefill_then_steps_equals_full_scan(prefill):
         step = {k: v[:, t] for k, v in args.items() if k in per_time}
         y_t, state = ssm.selective_state_step(state, **step, A=args["A"], D=args["D"], delta_bias=args["delta_bias"])
         ys.append(y_t[:, None])
-    assert_close(torch.cat(ys, dim=1), y_full, "y", TOL[torch.float32])
-    assert_close(state, h_full, "final_state", TOL[torch.float32])
+    assert_close(torch.cat(ys, dim=1), y_full, TOLERANCE[torch.float32], "y")
+    assert_close(state, h_full, TOLERANCE[torch.float32], "final_state")
 
 
 def test_decode_with_cache_equals_full_sequence():
@@ -309,8 +291,8 @@ def test_decode_with_cache_equals_full_sequence():
     cache = ssm.MambaCache.empty(batch, dim, width, dstate, dtype=x.dtype)
     ys = [mixer(x[:, :prefill], cache, slice(0, prefill))]
     ys += [mixer(x[:, t : t + 1], cache, slice(t, t + 1)) for t in range(prefill, seqlen)]
-    assert_close(torch.cat(ys, dim=1), y_full, "y", TOL[torch.float32])
-    assert_close(cache.ssm_state, full_cache.ssm_state, "ssm_state", TOL[torch.float32])
+    assert_close(torch.cat(ys, dim=1), y_full, TOLERANCE[torch.float32], "y")
+    assert_close(cache.ssm_state, full_cache.ssm_state, TOLERANCE[torch.float32], "ssm_state")
     assert torch.equal(cache.conv_state, full_cache.conv_state)
 
 
@@ -349,7 +331,7 @@ def test_causal_conv1d_matches_torch_conv1d(batch, seqlen, dim, width, with_bias
     x, weight, bias, _ = make_conv_inputs(batch, seqlen, dim, width)
     bias = bias if with_bias else None
     y, state = ssm.causal_conv1d(x, weight, bias)
-    assert_close(y, conv1d_reference(x, weight, bias), "y", TOL[torch.float32])
+    assert_close(y, conv1d_reference(x, weight, bias), TOLERANCE[torch.float32], "y")
     x_ext = torch.cat([x.new_zeros(batch, width - 1, dim), x], dim=1)
     assert torch.equal(state, x_ext[:, x_ext.shape[1] - (width - 1) :].transpose(1, 2))
 
@@ -358,7 +340,7 @@ def test_causal_conv1d_matches_torch_conv1d(batch, seqlen, dim, width, with_bias
 def test_causal_conv1d_with_state_matches_torch_conv1d(batch, seqlen, dim, width):
     x, weight, bias, conv_state = make_conv_inputs(batch, seqlen, dim, width)
     y, _ = ssm.causal_conv1d(x, weight, bias, conv_state)
-    assert_close(y, conv1d_reference(x, weight, bias, conv_state), "y", TOL[torch.float32])
+    assert_close(y, conv1d_reference(x, weight, bias, conv_state), TOLERANCE[torch.float32], "y")
 
 
 @pytest.mark.parametrize("width", [1, 2, 4])
@@ -370,14 +352,14 @@ def test_causal_conv1d_streams(split, width):
 
     y1, state = ssm.causal_conv1d(x[:, :split], weight, bias, conv_state)
     y2, state = ssm.causal_conv1d(x[:, split:], weight, bias, state)
-    assert_close(torch.cat([y1, y2], dim=1), y_full, "y", TOL[torch.float32])
+    assert_close(torch.cat([y1, y2], dim=1), y_full, TOLERANCE[torch.float32], "y")
     assert torch.equal(state, state_full)
 
     ys, state = [], conv_state
     for t in range(x.shape[1]):
         y_t, state = ssm.causal_conv1d(x[:, t : t + 1], weight, bias, state)
         ys.append(y_t)
-    assert_close(torch.cat(ys, dim=1), y_full, "y (one position at a time)", TOL[torch.float32])
+    assert_close(torch.cat(ys, dim=1), y_full, TOLERANCE[torch.float32], "y (one position at a time)")
     assert torch.equal(state, state_full)
 
 
@@ -430,8 +412,8 @@ def test_torch_export_with_dynamic_batch():
     args = make_inputs(3, 40, 8, 4, features=FEATURES, seed=1)  # another batch size
     y, h = program.module()(*(args[k] for k in names))
     y_ref, h_ref = ssm.selective_scan(**args, chunk_size=16)
-    assert_close(y, y_ref, "y", TOL[torch.float64])
-    assert_close(h, h_ref, "final_state", TOL[torch.float64])
+    assert_close(y, y_ref, TOLERANCE[torch.float64], "y")
+    assert_close(h, h_ref, TOLERANCE[torch.float64], "final_state")
 
 
 def test_torch_export_with_dynamic_batch_and_length():
@@ -455,8 +437,8 @@ def test_torch_export_with_dynamic_batch_and_length():
         args = make_inputs(b, t, 8, 4, features=FEATURES, seed=t)
         y, h = program.module()(*(args[k] for k in names))
         y_ref, h_ref = ssm.selective_scan(**args, chunk_size=16)
-        assert_close(y, y_ref, f"y, B={b} T={t}", TOL[torch.float32])
-        assert_close(h, h_ref, f"final_state, B={b} T={t}", TOL[torch.float32])
+        assert_close(y, y_ref, TOLERANCE[torch.float32], f"y, B={b} T={t}")
+        assert_close(h, h_ref, TOLERANCE[torch.float32], f"final_state, B={b} T={t}")
 
 
 def test_symbolic_length_without_max_seqlen_is_an_error():
