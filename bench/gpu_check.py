@@ -52,7 +52,7 @@ DECODE_TOL = 1e-3  # float32, relative to max |logit|
 BF16_DECODE_TOL = 3e-2  # bfloat16 (8 significant bits: one rounding is 2**-8 = 3.9e-3), relative to max |logit|
 COMPILE_TOL = 1e-4
 MEDUSA_OVERRIDE = "heads.medusa={kind: medusa, n_heads: 3}"
-TITANS_WRITING = ("memory.chunk_size=8", "memory.learning_rate=1.0")  # as tests/emit/test_titans.py
+TITANS_WRITING = ("memory.chunk_size=8", "memory.learning_rate=1.0")  # as tests/generated/test_titans.py
 
 
 # ------------------------------------------------------------------------------------------------------ plumbing
@@ -154,7 +154,7 @@ def decode_error(model, tokens, prefill: int, **kwargs) -> tuple[float, torch.Te
 
 
 def check_decode(package, device, record, dtype=None, tol=DECODE_TOL) -> bool:
-    """As tests/emit/test_build_specs.py: 40 tokens cross the tiny presets' 16-token windows."""
+    """As tests/generated/test_build_specs.py: 40 tokens cross the tiny presets' 16-token windows."""
     model = make_model(package, device, 1, dtype).eval()
     torch.manual_seed(1)
     tokens = torch.randint(0, 256, (2, 40), device=device)
@@ -233,7 +233,7 @@ def check_jepa(package, device, record) -> bool:
 
 
 def check_forecaster(package, compiled, device, record) -> bool:
-    """As tests/emit/test_forecaster.py: forecasting through the cache equals forecasting by full forwards."""
+    """As tests/generated/test_forecaster.py: forecasting through the cache equals forecasting by full forwards."""
     spec = compiled.ir.spec.heads["forecaster"]
     n_bins, (low, high) = spec.n_bins, spec.value_range
     ops = importlib.import_module(f"{package.__name__}.ops.forecast")
@@ -268,7 +268,7 @@ def check_forecaster(package, compiled, device, record) -> bool:
 
 
 def check_titans(package, device, record) -> bool:
-    """Built with chunks of 8 and lr 1 (tests/emit/test_titans.py): decoding with writes equals a prefill with writes."""
+    """Built with chunks of 8 and lr 1 (tests/generated/test_titans.py): decoding with writes equals a prefill with writes."""
     torch.manual_seed(1)
     model = package.Model().to(device).eval()
     with torch.no_grad():
