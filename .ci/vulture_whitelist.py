@@ -39,3 +39,7 @@ _.mamba_ssm
 decomposition
 # pytest reads it.
 pytestmark
+# Dataclass fields written out whole (asdict -> JSON).
+torch_version
+# Overrides of methods the base class calls (tests/templates/runtime/test_decoding.py's EagerDecoder.capture).
+_.capture

@@ -18,13 +18,10 @@ import contextlib
 import datetime
 import functools
 import gc
-import importlib.util
 import inspect
-import sys
 import tempfile
 import time
 import traceback
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,6 +70,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step
     from archgen.emit import emit, write_package
     from archgen.passes.cost import cost_report
     from archgen.pipeline import compile_spec
+    from archgen.testing import import_generated
 
     unknown = set(config.variants) - set(VARIANTS)
     if unknown:
@@ -91,7 +89,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / compiled.resolved.name
         write_package(emit(compiled, config.spec.as_posix()).files, target)
-        package = import_package(target)
+        package = import_generated(target)
         for variant in config.variants:
             progress(f"{variant}: building the model")
             result.variants[variant] = measure_variant(package, variant, config, dtype, result, progress)
@@ -123,7 +121,8 @@ def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dty
     progress(f"{variant}: prefill")
     with torch.no_grad():
         attempt(figures, "prefill", config.device, lambda: {
-            "tokens_per_s": config.batch * config.seq_len / timed(lambda: runnable(tokens[:, :-1]), config.device, config.train_steps),
+            "tokens_per_s": config.batch * config.seq_len
+                            / timed(lambda: runnable(tokens[:, :-1]), config.device, config.train_steps),
         })
     decoder = runnable if variant == "compiled" else model
     for batch in config.decode_batches:
@@ -168,7 +167,8 @@ def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: boo
     meta = base.meta_tokens.size(0) if hasattr(base, "meta_tokens") else 0
     cache = base.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
     floor_ms = (weight_bytes + tensor_bytes(cache)) / bandwidth * 1e3
-    return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms, "cuda_graph": bool(kwargs.get("cuda_graph"))}
+    return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms,
+            "cuda_graph": bool(kwargs.get("cuda_graph"))}
 
 
 def tensor_bytes(state) -> int:
@@ -250,16 +250,6 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
-def import_package(directory: Path):
-    """Import a generated package from `directory` under a fresh module name."""
-    name = f"_archgen_bench_{uuid.uuid4().hex}"
-    spec = importlib.util.spec_from_file_location(name, directory / "__init__.py", submodule_search_locations=[str(directory)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 # ------------------------------------------------------------------------------------------------------- plotting
 def plot(result: BenchResult, path: Path) -> None:
     """Decode ms/token of each variant at each batch against its floor, and training/prefill tokens/s (PNG)."""
@@ -276,7 +266,8 @@ def plot(result: BenchResult, path: Path) -> None:
         decode_axis.bar([j + i * width for j in range(len(batches))], values, width, label=variant)
     floors = [next((f[f"decode_batch_{b}"]["floor_ms_per_token"] for f in result.variants.values() if f"decode_batch_{b}" in f),
                    float("nan")) for b in batches]
-    decode_axis.bar([j + len(result.variants) * width for j in range(len(batches))], floors, width, label="memory floor", color="grey")
+    decode_axis.bar([j + len(result.variants) * width for j in range(len(batches))], floors, width, label="memory floor",
+                    color="grey")
     decode_axis.set_xticks([j + width * len(result.variants) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
     decode_axis.set_yscale("log")  # the floor and an eager step can be two orders of magnitude apart
     decode_axis.set_ylabel("ms / token")

@@ -83,9 +83,9 @@ def say(text: str) -> None:
 
 def fail(error: CompileError) -> None:
     if Output.json:
+        warnings = Output.warnings + [d for d in error.diagnostics if d.severity != "error"]
         click.echo(json.dumps({"ok": False, "errors": [diagnostic_json(d) for d in error.diagnostics if d.severity == "error"],
-                               "warnings": [diagnostic_json(d) for d in Output.warnings + [d for d in error.diagnostics if d.severity != "error"]]},
-                              indent=2))
+                               "warnings": [diagnostic_json(d) for d in warnings]}, indent=2))
         sys.exit(EXIT_SPEC_ERROR)
     print_diagnostics(error.diagnostics)
     n = sum(d.severity == "error" for d in error.diagnostics)
@@ -189,10 +189,12 @@ def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], diagram:
 @set_option
 @click.option("-o", "--output", "output_root", type=click.Path(path_type=Path), default=Path("generated"), show_default=True,
               help="Directory that receives <name>/ for each spec.")
-@click.option("--check", is_flag=True, help="Write nothing; exit 1 if the output differs from what the specs produce (prints the diff).")
+@click.option("--check", is_flag=True,
+              help="Write nothing; exit 1 if the output differs from what the specs produce (prints the diff).")
 @output_options
 @click.option("--export", "export_formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
-              help="Also export each built package, as `archgen export` does with its defaults, into exports/<name>/ (repeatable).")
+              help="Also export each built package, as `archgen export` does with its defaults, into exports/<name>/ "
+                   "(repeatable).")
 def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool,
           export_formats: tuple[str, ...]) -> None:
     """Compile SPECS (default: every specs/*.yaml) into importable PyTorch packages under OUTPUT/<name>/."""
@@ -230,7 +232,8 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
         report = emitted.plan.report
         seconds = time.perf_counter() - started
         built.append({"spec": str(spec), "package": str(target), "spec_hash": compiled.resolved.spec_hash,
-                      "files": len(emitted.files), "bytes": size, "parameters": report.total_params, "seconds": round(seconds, 3)})
+                      "files": len(emitted.files), "bytes": size, "parameters": report.total_params,
+                      "seconds": round(seconds, 3)})
         say(f"built {target}/ from {spec} in {seconds:.2f}s: {len(emitted.files)} files ({human_bytes(size)}), "
             f"{len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
         if export_formats:
@@ -348,7 +351,8 @@ def export_command(package: Path, formats: tuple[str, ...], weights: Path | None
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--variant", "variants", multiple=True, type=click.Choice(["kernels", "reference", "compiled"]),
               help="What to measure (repeatable; default all): the package as generated, its reference ops, those compiled.")
-@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"), show_default=True,
+@click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
+              show_default=True,
               help="Directory for <name>.json and <name>.png.")
 def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: str | None, dtype: str, batch: int, seq_len: int,
           decode_batches: tuple[int, ...], prompt_len: int, new_tokens: int, variants: tuple[str, ...], output: Path) -> None:
@@ -362,7 +366,8 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA device is visible to torch; use --device cpu to check the command", param_hint="--device")
+        raise click.BadParameter("no CUDA device is visible to torch; use --device cpu to check the command",
+                                 param_hint="--device")
     config = BenchConfig(spec, preset, overrides, device, dtype, batch, seq_len, decode_batches, prompt_len, new_tokens,
                          variants=variants or VARIANTS)
     columns = (SpinnerColumn(), TextColumn("bench {task.fields[spec]}: {task.description}"), TimeElapsedColumn())
@@ -382,7 +387,8 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     if Output.quiet:
         return
     table = Table(title=f"{spec.name} on {result.device}, {dtype}: train/prefill at {batch} × {seq_len}")
-    for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *(f"decode b{b} ms/tok (× floor)" for b in decode_batches), "peak GiB"):
+    decode_columns = [f"decode b{b} ms/tok (× floor)" for b in decode_batches]
+    for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *decode_columns, "peak GiB"):
         table.add_column(column, justify="right")
     def cell(figures: dict, part: str, key: str, form: str) -> str:
         return format(figures[part][key], form) if part in figures else "failed"
@@ -418,7 +424,8 @@ def spec_schema() -> dict:
 @click.option("--install", is_flag=True,
               help="Write the schema to .archgen/spec.schema.json and map specs/*.yaml to it in .vscode/settings.json "
                    "(the YAML extension's `yaml.schemas`); other settings are kept.")
-@click.option("--quiet", is_flag=True, expose_value=False, is_eager=True, callback=lambda ctx, param, value: setattr(Output, "quiet", value),
+@click.option("--quiet", is_flag=True, expose_value=False, is_eager=True,
+              callback=lambda ctx, param, value: setattr(Output, "quiet", value),
               help="Print errors only (the schema itself is still printed when neither -o nor --install is given).")
 def schema(output: Path | None, install: bool) -> None:
     """Print the JSON Schema of the spec language (for editor completion and validation).
@@ -446,7 +453,8 @@ def install_schema(schema_path: Path, text: str) -> None:
         try:
             settings = json.loads(settings_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:  # VS Code allows comments there; we will not rewrite what we cannot read
-            stderr.print(f"error: {settings_path}:{error.lineno}:{error.colno}: not plain JSON ({error.msg}); nothing was written",
+            stderr.print(f"error: {settings_path}:{error.lineno}:{error.colno}: not plain JSON ({error.msg}); "
+                         "nothing was written",
                          style="red", markup=False)
             stderr.print(f"fix: add \"yaml.schemas\": {{\"{schema_path}\": [\"specs/*.yaml\"]}} to it by hand, "
                          "or remove its comments and run this again", markup=False)

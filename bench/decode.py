@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,26 +34,16 @@ SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("sp
 DRY_SPECS = {
     "bamba_1b": ("bench/specs/bamba_1b.yaml", None, ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2",
                                                       "mixers.ssm.d_state=16", "mixers.attn.n_heads=4", "mixers.attn.head_dim=16",
-                                                      "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=16", "ffns.mlp.hidden=128")),
+                                                      "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=16",
+                                                      "ffns.mlp.hidden=128")),
     "hymba_plus": ("specs/hymba_plus.yaml", "tiny", ()),
 }
 
 
 def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: Path):
-    import importlib.util
+    from archgen.testing import build_generated
 
-    from archgen.emit import emit, write_package
-    from archgen.pipeline import compile_spec
-
-    compiled = compile_spec(ROOT / spec, preset, overrides)
-    target = out_root / compiled.resolved.name
-    write_package(emit(compiled, spec).files, target)
-    module_spec = importlib.util.spec_from_file_location(compiled.resolved.name, target / "__init__.py",
-                                                         submodule_search_locations=[str(target)])
-    package = importlib.util.module_from_spec(module_spec)
-    sys.modules[compiled.resolved.name] = package
-    module_spec.loader.exec_module(package)
-    return package
+    return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)[0]
 
 
 def sync(device: str) -> None:
@@ -149,15 +140,18 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         row["cache_bytes"] = state_bytes
         with torch.no_grad():
             for variant, graph in (("graph", True), ("eager", False)):
-                attempt(row, f"{variant}_ms_per_token", lambda: decode_ms_per_token(
-                    lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=graph), prompt, args.new_tokens, device))
+                def generate(p, n, graph=graph):
+                    return model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=graph)
+
+                attempt(row, f"{variant}_ms_per_token",
+                        lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device))
             if batch == 1:
-                attempt(row, "exactness", lambda: exactness(model, prompt, 16))
+                attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16))
         for variant in ("graph", "eager"):
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
         save(args, results)
-    del model
+    model = None  # free it before the next spec
     if device == "cuda":
         torch.cuda.empty_cache()
 
@@ -166,8 +160,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
 
 
 def transformers_decode(args, bandwidth: float) -> dict:
-    from transformers import BambaConfig, BambaForCausalLM
     import transformers
+    from transformers import BambaConfig, BambaForCausalLM
 
     config = BambaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
                          num_attention_heads=16, num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15],
@@ -205,7 +199,8 @@ def main() -> None:
         for name, (spec, preset, overrides) in specs.items():
             if args.only and name not in args.only.split(","):
                 continue
-            attempt(results, f"{name}_run", lambda: bench_model(name, spec, preset, overrides, args, results, bandwidth, Path(tmp)))
+            run = partial(bench_model, name, spec, preset, overrides, args, results, bandwidth, Path(tmp))
+            attempt(results, f"{name}_run", run)
             save(args, results)
     print(json.dumps(results, indent=2))
 

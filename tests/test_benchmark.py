@@ -30,8 +30,9 @@ def test_every_part_is_measured_against_floors_of_the_same_run(tmp_path):
 
 
 def test_bench_command_writes_json_and_png(tmp_path):
-    result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu", "--dtype", "float32",
-                                       "--batch", "1", "--seq-len", "8", "--decode-batch", "1", "--prompt-len", "4", "--new-tokens", "2",
+    result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu",
+                                       "--dtype", "float32", "--batch", "1", "--seq-len", "8", "--decode-batch", "1",
+                                       "--prompt-len", "4", "--new-tokens", "2",
                                        "--variant", "reference", "-o", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)

@@ -236,8 +236,10 @@ def test_schema_install_refuses_settings_it_cannot_read_and_writes_nothing(tmp_p
 
 def test_check_reports_a_base_spec_problem_once_for_all_presets(tmp_path):
     spec = tmp_path / "typo.yaml"
-    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\nmixers:\n  attn: {kind: attention, n_heads: 4}\n"
-                    "layout:\n  mixers: (atn*2)\npresets:\n  tiny: {model: {d_model: 32}}\n  small: {model: {d_model: 48}}\n", encoding="utf-8")
+    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\n"
+                    "mixers:\n  attn: {kind: attention, n_heads: 4}\n"
+                    "layout:\n  mixers: (atn*2)\npresets:\n  tiny: {model: {d_model: 32}}\n  small: {model: {d_model: 48}}\n",
+                    encoding="utf-8")
     result = run("check", spec)
     assert result.exit_code == 2
     assert result.stderr.count("unknown component 'atn'") == 1
@@ -268,7 +270,8 @@ def test_piped_output_does_not_wrap_mid_sentence(tmp_path):
 # ------------------------------------------------------------------------------------------------- --quiet / --json
 def test_check_json_carries_located_errors_and_exits_2(tmp_path):
     spec = tmp_path / "typo.yaml"
-    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\nmixers:\n  attn: {kind: attention, n_heads: 4}\n"
+    spec.write_text("schema_version: 1\nname: typo\nmodel: {d_model: 64, vocab_size: 256}\n"
+                    "mixers:\n  attn: {kind: attention, n_heads: 4}\n"
                     "layout:\n  mixers: (atn*2)\n", encoding="utf-8")
     result = run("check", spec, "--json")
     assert result.exit_code == 2

@@ -81,7 +81,7 @@ def quiet_exporters():
                 warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxscript|onnx_ir|onnx)(\.|$)")
             yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
