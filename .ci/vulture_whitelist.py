@@ -35,6 +35,9 @@ _.autotune
 _.anchor
 _.reference_path
 _.mamba_ssm
+# bench/gdn_check.py likewise.
+_.speed
+_.decode_step
 # Called by the generated kernels/__init__.py (templates/package/kernels_init.py.j2) for ONNX export.
 decomposition
 # pytest reads it.
