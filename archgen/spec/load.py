@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import yaml
 
 from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
 from archgen.spec import models
 from archgen.spec.checks import check_spec
+from archgen.spec.text import printable, unencodable as _unencodable
 from archgen.spec.migrate import migrate
-from archgen.spec.yaml_source import SourceMap, load_yaml
+from archgen.spec.yaml_source import SourceMap, check_bounds, decode_spec_bytes, load_yaml, max_spec_bytes
 
 
 @dataclass(frozen=True)
@@ -34,12 +34,15 @@ class LoadedSpec:
 def load_spec(path: str | Path, preset: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> LoadedSpec:
     path = Path(path)
     file = str(path)
+    limit = max_spec_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CompileError([Diagnostic("", f"cannot read spec: {error}", "pass the path of a readable UTF-8 YAML file",
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)  # never more than the bound: a huge file is refused without reading it all
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise CompileError([Diagnostic("", f"cannot read spec: {reason}", "pass the path of a readable UTF-8 YAML file",
                                        SourceLocation(file))]) from None
-    return load_spec_text(text, file, preset, overrides)
+    return load_spec_text(decode_spec_bytes(data, file, limit), file, preset, overrides)
 
 
 def load_spec_text(text: str, file: str, preset: str | None = None, overrides: tuple[str, ...] | list[str] = ()) -> LoadedSpec:
@@ -111,16 +114,21 @@ def _deep_merge(target: dict, patch: dict, path: tuple, patch_path: tuple, sourc
 
 
 def _apply_override(data: dict, override: str, source_map: SourceMap) -> dict:
-    origin = f"--set {override}"
+    origin = printable(f"--set {override}")
     key_text, sep, value_text = override.partition("=")
     keys = key_text.strip().split(".")
     if not sep or not all(keys):
         raise CompileError([Diagnostic("", f"cannot read override {override!r}",
                                        "write --set dotted.path=value, e.g. --set model.d_model=512", SourceLocation(origin))])
+    unreadable = _unencodable(override)
+    if unreadable is not None:
+        raise CompileError([Diagnostic(".".join(keys), f"the override holds {unreadable}, which is not text",
+                                       "pass the override as UTF-8 text", SourceLocation(printable(origin)))])
+    check_bounds(value_text, origin)  # a value is YAML too, and could hold an alias bomb
     try:
-        value = yaml.safe_load(value_text)
-    except yaml.YAMLError:
-        value = value_text
+        value, _ = load_yaml(value_text, origin)
+    except CompileError:
+        value = value_text  # not YAML: the text itself (validated as whatever the field wants)
     node = data
     for i, key in enumerate(keys[:-1]):
         child = node.get(key) if isinstance(node, dict) else None
@@ -181,8 +189,12 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
     path = _spec_path(tuple(item["loc"]), data, kind)
     message = item["msg"]
     value = item.get("input")
-    fix: str | None = None
-    if kind == "extra_forbidden":
+    context = item.get("ctx") or {}
+    field = str(path[-1]) if path else "the value"
+    fix = f"see `archgen schema` for what '{field}' accepts"
+    if kind == "spec_rule":
+        message, fix = context["message"], context["fix"]
+    elif kind == "extra_forbidden":
         key = path[-1] if path else "?"
         message = f"unknown key '{key}'"
         close = difflib.get_close_matches(str(key), sorted(_FIELD_NAMES), n=1)
@@ -191,27 +203,72 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
         message = f"required key '{path[-1]}' is missing"
         fix = f"add '{path[-1]}: ...' here"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        expected = item.get("ctx", {}).get("expected_tags", "")
+        expected = context.get("expected_tags", "")
         if kind == "union_tag_not_found":
             message = "missing 'kind'"
         else:
-            message = f"unknown kind {item.get('ctx', {}).get('tag')!r}"
+            message = f"unknown kind {context.get('tag')!r}"
         fix = f"set kind to one of: {expected}"
     elif kind == "literal_error":
         message = f"{value!r} is not allowed"
-        fix = f"use {item.get('ctx', {}).get('expected', 'one of the listed values')}"
+        fix = f"use {context.get('expected', 'one of the listed values')}"
     elif kind == "string_pattern_mismatch":
         message = f"{value!r} is not a valid name"
         fix = "use lower-case letters, digits and underscores, starting with a letter or underscore (at most 63 characters)"
     elif kind.startswith(("greater_than", "less_than")):
         message = f"{value!r}: {message[0].lower()}{message[1:]}"
-        fix = "change the value"
-    elif kind in ("int_parsing", "int_type", "float_parsing", "float_type", "bool_parsing", "bool_type", "int_from_float",
-                  "dict_type", "list_type", "string_type", "model_type", "model_attributes_type"):
-        message = f"{value!r}: {message[0].lower()}{message[1:]}"
+        bound = next(iter(context.values()), None)
+        fix = f"use a value {_BOUND_WORDS.get(kind, 'within the bound')} {bound}" if bound is not None else "change the value"
     elif kind == "value_error":
         message = message.removeprefix("Value error, ")
+    else:
+        message = f"{_shown(value)}: {message[0].lower()}{message[1:]}" if "input" in item else message
+        fix = _type_fix(kind, value, field, context)
     return Diagnostic(dotted(path), message, fix, source_map.locate(path))
+
+
+_BOUND_WORDS = {"greater_than": "above", "greater_than_equal": "of at least", "less_than": "below", "less_than_equal": "of at most"}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def _type_fix(kind: str, value: Any, field: str, context: dict) -> str:
+    """What to write instead of a value of the wrong type, from pydantic's error type and the value given."""
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            return f"remove the quotes: {field}: {int(value)}"
+        if isinstance(value, float) and value == value and abs(value) < 1e18:
+            low, high = int(value // 1), int(value // 1) + 1
+            return f"use a whole number, e.g. {field}: {low}" if low == value else f"use a whole number, e.g. {field}: {low} or {high}"
+        if isinstance(value, bool):
+            return f"write a whole number (true/false are booleans), e.g. {field}: 64"
+        return f"write a whole number without quotes, e.g. {field}: 64"
+    if kind in ("float_parsing", "float_type", "finite_number"):
+        if isinstance(value, str):
+            try:
+                return f"remove the quotes: {field}: {float(value)!r}"
+            except ValueError:
+                pass
+        if kind == "finite_number":
+            return f"use a finite number, e.g. {field}: 1.0e-5"
+        return f"write a number without quotes, e.g. {field}: 0.01"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"write true or false, e.g. {field}: true"
+    if kind in ("string_type", "string_too_long", "string_too_short"):
+        return f"write text, e.g. {field}: example (quote it if it starts with a digit or holds ': ')"
+    if kind in ("dict_type", "model_type", "model_attributes_type", "mapping_type"):
+        return f"write a mapping of keys to values under '{field}', e.g. {{key: value}}"
+    if kind in ("too_short", "too_long"):
+        bound = context.get("min_length") if kind == "too_short" else context.get("max_length")
+        return f"give {'at least' if kind == 'too_short' else 'at most'} {bound} item{'s' if bound != 1 else ''} under '{field}'"
+    if kind in ("list_type", "tuple_type"):
+        return f"write a list under '{field}', e.g. [a, b]"
+    if kind == "layout_form":
+        return "write a pattern string like '(ssm*3, attn)*8', a list with one item per layer, or {ratio: {attn: 1, ssm: 7}}"
+    return f"see `archgen schema` for what '{field}' accepts"
 
 
 def _locate(problem: Diagnostic, source_map: SourceMap) -> Diagnostic:

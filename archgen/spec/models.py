@@ -9,9 +9,13 @@ used by the layout) are checked in `archgen.spec.checks`, which reports all of t
 from __future__ import annotations
 
 import keyword
+import sys
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, field_validator
+from pydantic_core import PydanticCustomError
+
+from archgen.spec.text import text_problem
 
 SCHEMA_VERSION = 1
 
@@ -38,6 +42,34 @@ RESERVED_NAMES = frozenset({
     "register_module", "register_parameter", "requires_grad_", "set_extra_state", "set_submodule", "share_memory",
     "state_dict", "to", "to_empty", "train", "training", "type", "update", "values", "xpu", "zero_grad",
 })
+
+
+# A model's name is the name of its generated package, imported from the folder that holds it: that folder comes first
+# on sys.path, so a package named like a module the generated code (or torch, which it imports) imports would shadow it.
+# The list is fixed rather than read from the environment, so a spec is accepted or refused the same way everywhere.
+GENERATED_IMPORTS = frozenset({"torch", "triton", "safetensors", "numpy", "onnx", "onnxruntime", "onnxscript", "archgen", "generated"})
+TORCH_DEPENDENCIES = frozenset({"filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy", "typing_extensions",
+                                "setuptools", "pkg_resources", "functorch", "torchgen", "yaml", "opt_einsum", "optree"})
+SHADOWED_MODULES = frozenset(sys.stdlib_module_names) | GENERATED_IMPORTS | TORCH_DEPENDENCIES
+
+
+def spec_rule_error(message: str, fix: str) -> PydanticCustomError:
+    """A validation error that carries its fix to the diagnostic (pydantic's own errors carry only a message)."""
+    return PydanticCustomError("spec_rule", "{message}", {"message": message, "fix": fix})
+
+
+def package_name_problem(name: str) -> tuple[str, str] | None:
+    """(message, fix) when `name` cannot be the name of an importable generated package, else None."""
+    suggestion = (name.strip("_") or "model")[:56] + "_model"
+    if keyword.iskeyword(name):
+        return f"'{name}' is a Python keyword, so the package could not be imported", f"pick another name, e.g. '{suggestion}'"
+    if name.startswith("__") or name.endswith("__"):
+        return f"'{name}' is a dunder name, which Python reserves for its own use", f"pick another name, e.g. '{suggestion}'"
+    if name in SHADOWED_MODULES:
+        what = "the standard library's" if name in sys.stdlib_module_names else "a"
+        return (f"'{name}' is the name of {what} module '{name}', which the generated package (or torch) imports: "
+                f"the package would shadow it", f"pick another name, e.g. '{suggestion}'")
+    return None
 
 
 class SpecModel(BaseModel):
@@ -325,8 +357,18 @@ class Spec(SpecModel):
 
     @field_validator("name")
     @classmethod
-    def _not_a_keyword(cls, name: str) -> str:
-        if keyword.iskeyword(name):
-            raise ValueError(f"'{name}' is a Python keyword; pick another name (e.g. '{name}_model')")
+    def _importable_package_name(cls, name: str) -> str:
+        problem = package_name_problem(name)
+        if problem is not None:
+            raise spec_rule_error(*problem)
         return name
+
+    @field_validator("description")
+    @classmethod
+    def _writable_text(cls, text: str) -> str:
+        problem = text_problem(text)
+        if problem is not None:
+            raise spec_rule_error(f"the description holds {problem}, which a generated file cannot carry",
+                                  "delete the character (the description is copied into docstrings and the README)")
+        return text
 
