@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from archgen.errors import CompileError, Diagnostic
+from archgen.spec.text import printable
 
 # soft_wrap: a sentence stays one line when the output is piped (rich would otherwise wrap it at 80 columns).
 stdout = Console(soft_wrap=True)
@@ -213,7 +214,7 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
         started = time.perf_counter()
         try:
             compiled = compile_spec(spec, preset, overrides)
-            emitted = emit(compiled, spec.as_posix())
+            emitted = emit(compiled, printable(spec.as_posix()))  # a file name may hold bytes that are not UTF-8
         except CompileError as error:
             fail(error)
         target = output_root / compiled.resolved.name

@@ -122,7 +122,7 @@ def _apply_override(data: dict, override: str, source_map: SourceMap) -> dict:
                                        "write --set dotted.path=value, e.g. --set model.d_model=512", SourceLocation(origin))])
     unreadable = _unencodable(override)
     if unreadable is not None:
-        raise CompileError([Diagnostic(".".join(keys), f"the override holds {unreadable}, which is not text",
+        raise CompileError([Diagnostic(printable(".".join(keys)), f"the override holds {unreadable}, which is not text",
                                        "pass the override as UTF-8 text", SourceLocation(printable(origin)))])
     check_bounds(value_text, origin)  # a value is YAML too, and could hold an alias bomb
     try:

@@ -65,6 +65,7 @@ def compile_or_report(text: str | bytes, preset: str | None = None, seconds: flo
             for diagnostic in error.diagnostics:
                 assert diagnostic.location is not None and diagnostic.location.file, f"unlocated: {diagnostic.render()}"
                 assert diagnostic.message
+                assert diagnostic.fix, f"no fix: {diagnostic.render()}"
             return
         cost_report(compiled.ir, seq_len=64)
 
