@@ -228,7 +228,8 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
             else:
                 say(f"up to date: {target}")
             continue
-        write_package(emitted.files, target)
+        for note in write_package(emitted.files, target):  # what a killed build left behind, and what was done about it
+            stderr.print(f"note: {note}", style="yellow", markup=False)
         size = sum(len(text.encode()) for text in emitted.files.values())
         report = emitted.plan.report
         seconds = time.perf_counter() - started
