@@ -17,8 +17,9 @@ import pydantic
 from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
 from archgen.spec import models
 from archgen.spec.checks import check_spec
-from archgen.spec.text import printable, unencodable as _unencodable
 from archgen.spec.migrate import migrate
+from archgen.spec.text import printable
+from archgen.spec.text import unencodable as _unencodable
 from archgen.spec.yaml_source import SourceMap, check_bounds, decode_spec_bytes, load_yaml, max_spec_bytes
 
 
@@ -227,7 +228,8 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
     return Diagnostic(dotted(path), message, fix, source_map.locate(path))
 
 
-_BOUND_WORDS = {"greater_than": "above", "greater_than_equal": "of at least", "less_than": "below", "less_than_equal": "of at most"}
+_BOUND_WORDS = {"greater_than": "above", "greater_than_equal": "of at least", "less_than": "below",
+                "less_than_equal": "of at most"}
 
 
 def _shown(value: Any) -> str:
@@ -242,7 +244,8 @@ def _type_fix(kind: str, value: Any, field: str, context: dict) -> str:
             return f"remove the quotes: {field}: {int(value)}"
         if isinstance(value, float) and value == value and abs(value) < 1e18:
             low, high = int(value // 1), int(value // 1) + 1
-            return f"use a whole number, e.g. {field}: {low}" if low == value else f"use a whole number, e.g. {field}: {low} or {high}"
+            nearest = f"{low}" if low == value else f"{low} or {high}"
+            return f"use a whole number, e.g. {field}: {nearest}"
         if isinstance(value, bool):
             return f"write a whole number (true/false are booleans), e.g. {field}: 64"
         return f"write a whole number without quotes, e.g. {field}: 64"

@@ -47,7 +47,8 @@ RESERVED_NAMES = frozenset({
 # A model's name is the name of its generated package, imported from the folder that holds it: that folder comes first
 # on sys.path, so a package named like a module the generated code (or torch, which it imports) imports would shadow it.
 # The list is fixed rather than read from the environment, so a spec is accepted or refused the same way everywhere.
-GENERATED_IMPORTS = frozenset({"torch", "triton", "safetensors", "numpy", "onnx", "onnxruntime", "onnxscript", "archgen", "generated"})
+GENERATED_IMPORTS = frozenset({"torch", "triton", "safetensors", "numpy", "onnx", "onnxruntime", "onnxscript", "archgen",
+                               "generated"})
 TORCH_DEPENDENCIES = frozenset({"filelock", "fsspec", "jinja2", "markupsafe", "mpmath", "networkx", "sympy", "typing_extensions",
                                 "setuptools", "pkg_resources", "functorch", "torchgen", "yaml", "opt_einsum", "optree"})
 SHADOWED_MODULES = frozenset(sys.stdlib_module_names) | GENERATED_IMPORTS | TORCH_DEPENDENCIES

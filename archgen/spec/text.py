@@ -44,8 +44,8 @@ def printable(text: str) -> str:
     """`text` with characters that cannot be written as UTF-8 or that break lines shown as backslash escapes."""
     text = str(text).encode("utf-8", "surrogateescape" if _only_escaped_bytes(text) else "backslashreplace")
     text = text.decode("utf-8", "backslashreplace")
-    return "".join(char if char == " " or not unicodedata.category(char).startswith("C") else char.encode("unicode_escape").decode("ascii")
-                   for char in text)
+    return "".join(char if char == " " or not unicodedata.category(char).startswith("C")
+                   else char.encode("unicode_escape").decode("ascii") for char in text)
 
 
 def _only_escaped_bytes(text: str) -> bool:

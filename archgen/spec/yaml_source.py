@@ -13,8 +13,8 @@ keeps aliases unexpanded, so a hostile document is refused in time linear in its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -81,7 +81,8 @@ def decode_spec_bytes(data: bytes, file: str, limit: int | None = None) -> str:
     if len(data) > limit:
         shown = f"{len(data):,} bytes" if len(data) <= limit + 1 else f"more than {limit:,} bytes"
         raise CompileError([Diagnostic("", f"the spec file is {shown}, above the limit of {limit:,} bytes",
-                                       "a spec describes an architecture in a few kilobytes: check that this is the right file, or "
+                                       "a spec describes an architecture in a few kilobytes: check that this is the right file, "
+                                       "or "
                                        f"raise the limit with ARCHGEN_MAX_SPEC_BYTES={max(limit * 2, len(data))}",
                                        SourceLocation(file, 1, 1))])
     try:
@@ -120,7 +121,8 @@ def load_yaml(text: str, file: str) -> tuple[Any, SourceMap]:
     except yaml.reader.ReaderError as error:
         # A character YAML does not allow in a document (a control character, a lone surrogate escape's code point).
         line, column = _text_line_column(text, error.position)
-        raise CompileError([Diagnostic("", f"invalid YAML: character {chr(error.character)!r} (U+{error.character:04X}) is not allowed",
+        shown = f"{chr(error.character)!r} (U+{error.character:04X})"
+        raise CompileError([Diagnostic("", f"invalid YAML: character {shown} is not allowed",
                                        "delete the character; inside a double-quoted string it can be written as an escape",
                                        SourceLocation(file, line, column))]) from None
     except yaml.YAMLError as error:
@@ -206,7 +208,8 @@ class _BoundedWalk:
             self.heights[-1] = max(self.heights[-1], height + 1)
         if self.total > MAX_VALUES:
             raise self.refuse(event, f"the document expands to more than {MAX_VALUES:,} values (through aliases or sheer length)",
-                              "write the values out plainly: a spec needs neither aliases that repeat large parts nor this many values")
+                              "write the values out plainly: a spec needs neither aliases that repeat large parts "
+                              "nor this many values")
         if len(self.sizes) + height > MAX_DEPTH:
             raise self.refuse(event, f"values are nested more than {MAX_DEPTH} levels deep", _FLATTEN)
 
