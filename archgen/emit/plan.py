@@ -6,7 +6,6 @@ The plan is plain data with every dimension already a number, so templates only 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from archgen import __version__
@@ -15,10 +14,8 @@ from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.ir.kinds import mamba2
 from archgen.passes.cost import CostReport
+from archgen.resources import TEMPLATES
 from archgen.spec import models
-
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
-KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 
 # Which runtime file each kind needs (templates/runtime/<file>.py is copied to generated/<name>/ops/<file>.py).
 RUNTIME_FILES = {

@@ -13,13 +13,14 @@ import pprint
 import jinja2
 import yaml
 
-from archgen.emit.plan import KERNEL_REFERENCES, KERNELS, TEMPLATES, EmitPlan
+from archgen.emit.plan import KERNEL_REFERENCES, EmitPlan
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.passes.cost import count
 from archgen.report.diagram import layout_svg
 from archgen.report.tables import human_bytes, human_count
 from archgen.resolve.resolve import lock_document
+from archgen.resources import KERNELS, TEMPLATES
 
 ACTIVATIONS = {
     "swiglu": "F.silu({})", "silu": "F.silu({})", "geglu": "F.gelu({})", "gelu": "F.gelu({})",
