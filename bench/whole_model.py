@@ -35,8 +35,9 @@ MODELS = {  # name: (spec, preset, overrides)
     "hns_ss_jepa_moe_1b": ("specs/hns_ss_jepa_moe.yaml", "1b", ()),
 }
 BAMBA_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
-                    num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15], mamba_n_heads=64, mamba_d_head=64, mamba_d_state=128,
-                    mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=256, mamba_d_conv=4, tie_word_embeddings=False)
+                    num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15], mamba_n_heads=64, mamba_d_head=64,
+                    mamba_d_state=128, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=256, mamba_d_conv=4,
+                    tie_word_embeddings=False)
 
 
 def transformers_bamba(device: str, batch: int, seq_len: int, prompt_len: int, new_tokens: int) -> dict:
@@ -71,15 +72,17 @@ def bar_rows(name: str, result: dict, peer: dict | None, command: str) -> list[d
     kernels = result["variants"].get("kernels", {})
 
     def row(figure, archgen, unit, reference, reference_value, ratio, bar):
-        rows.append({"figure": figure, "archgen": archgen, "unit": unit, "reference": reference, "reference_value": reference_value,
-                     "ratio": ratio, "bar": bar, "device": result["device"], "date": date, "command": command})
+        rows.append({"figure": figure, "archgen": archgen, "unit": unit, "reference": reference,
+                     "reference_value": reference_value, "ratio": ratio, "bar": bar, "device": result["device"], "date": date,
+                     "command": command})
 
     decode = kernels.get("decode_batch_1")
     if decode:
         row(f"{name} batch-1 decode vs HBM floor", decode["ms_per_token"], "ms/token", "weight + cache bytes / copy bandwidth",
             decode["floor_ms_per_token"], decode["floor_ms_per_token"] / decode["ms_per_token"], 0.5)
         if peer and "decode_batch_1_ms_per_token" in peer:
-            row(f"{name} batch-1 decode vs transformers", decode["ms_per_token"], "ms/token", f"transformers {peer['version']} generate",
+            row(f"{name} batch-1 decode vs transformers", decode["ms_per_token"], "ms/token",
+                f"transformers {peer['version']} generate",
                 peer["decode_batch_1_ms_per_token"], peer["decode_batch_1_ms_per_token"] / decode["ms_per_token"], 20.0)
     train = kernels.get("train")
     if train:
@@ -106,7 +109,8 @@ def main() -> None:
     command = "python bench/whole_model.py " + " ".join(sys.argv[1:])
     sizes = dict(device="cuda", dtype="bfloat16", batch=4, seq_len=2048, decode_batches=(1, 32), prompt_len=128, new_tokens=64)
     if args.dry_run:
-        sizes = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1,), prompt_len=4, new_tokens=3, train_steps=1)
+        sizes = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1,), prompt_len=4, new_tokens=3,
+                     train_steps=1)
     results, bars = {"date": datetime.date.today().isoformat(), "command": command, "models": {}}, []
     for name, (spec, preset, overrides) in MODELS.items():
         if args.only and name not in args.only.split(","):
@@ -121,7 +125,10 @@ def main() -> None:
                          "mixers.attn.rope.rotary_dim=16", "ffns.mlp.hidden=128") if name == "bamba_1b" else ()
         try:
             config = BenchConfig(ROOT / spec, preset, overrides, variants=tuple(args.variants.split(",")), **sizes)
-            result = run_bench(config, progress=lambda step, name=name: print(f"[{time.perf_counter() - started:6.0f}s] {name}: {step}", flush=True))
+            def progress(step, name=name):
+                print(f"[{time.perf_counter() - started:6.0f}s] {name}: {step}", flush=True)
+
+            result = run_bench(config, progress=progress)
             plot(result, out / f"{name}.png")
             entry = result.to_json()
         except Exception as error:  # noqa: BLE001 — one model failing must not lose the others
