@@ -445,3 +445,150 @@ def test_errors_name_the_values():
         cache.write(k, v, start=2)
     with pytest.raises(ValueError, match="B, Hkv and D must match"):
         cache.write(k[:, :1], v[:, :1], start=0)
+
+
+# -----------------------------------------------------------------------------
+# maskless paths: the same function as the masked reference, without a (T, T) mask
+
+
+def _grads(fn, q, k, v, seed=7):
+    """Output and the gradients of <output, fixed random cotangent> w.r.t. q, k, v."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    y = fn(q, k, v)
+    y.backward(randn(*y.shape, dtype=y.dtype, seed=seed))
+    return [y.detach(), q.grad, k.grad, v.grad]
+
+
+def _no_mask_allowed(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("built a dense visibility mask on a maskless path")
+
+    monkeypatch.setattr(ops, "attention_mask", refuse)
+
+
+FAST_CASES = [  # B, Hq, Hkv, T, D, window
+    (2, 8, 2, 63, 16, None),
+    (1, 4, 4, 200, 8, None),
+    (2, 4, 1, 300, 8, 1),
+    (2, 8, 2, 300, 16, 37),
+    (1, 4, 2, 257, 8, 128),  # window == chunk: the band spans exactly two chunks
+    (1, 4, 2, 260, 8, 259),
+]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,D,window", FAST_CASES, ids=case_ids("B{}-Hq{}-Hkv{}-T{}-D{}-W{}", FAST_CASES))
+def test_maskless_paths_match_the_masked_reference_with_gradients(B, Hq, Hkv, T, D, window, monkeypatch):
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, seed=T)
+    positions = torch.arange(T) + 3
+    expected = _grads(lambda q, k, v: ops.masked_attention(
+        q, k, v, q_positions=positions, k_positions=positions, window=window), q, k, v)
+    _no_mask_allowed(monkeypatch)
+    actual = _grads(lambda q, k, v: ops.attention(
+        q, k, v, q_positions=positions, k_positions=positions, window=window), q, k, v)
+    for name, a, e in zip(["y", "dq", "dk", "dv"], actual, expected, strict=True):
+        assert_close(a, e, TOL[torch.float32], name)
+
+
+@pytest.mark.parametrize("window", [1, 5, 64])
+def test_flex_sliding_window_matches_the_masked_reference(window):
+    if not ops.flex_attention_available():
+        pytest.skip("this torch has no FlexAttention")
+    # forward only: FlexAttention has no backward on the CPU (bench/attn_moe_kernels.py checks gradients on a GPU)
+    q, k, v = qkv(1, 4, 2, 130, 130, 16, seed=window)
+    positions = torch.arange(130)
+    expected = ops.masked_attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
+    assert_close(ops.flex_sliding_window_attention(q, k, v, window), expected, TOL[torch.float32])
+
+
+def test_exporting_takes_the_masked_form(monkeypatch):
+    calls = []
+    real = ops.attention_mask
+    monkeypatch.setattr(ops, "attention_mask", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(ops, "is_exporting", lambda: True)
+    q, k, v = qkv(1, 4, 2, 9, 9, 8)
+    positions = torch.arange(9)
+    y = ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=4)
+    assert calls, "while exporting, attention must use the explicit-mask form"
+    assert_close(y, attention_by_loop(q, k, v, positions.expand(1, 9), positions.expand(1, 9), 4), 1e-5)
+
+
+def test_causal_prefill_exports_and_matches_eager():
+    class Prefill(torch.nn.Module):
+        def forward(self, q, k, v):
+            positions = torch.arange(q.size(2))
+            return ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=3)
+
+    q, k, v = qkv(1, 4, 2, 7, 7, 8)
+    program = torch.export.export(Prefill(), (q, k, v))
+    assert_close(program.module()(q, k, v), Prefill()(q, k, v), 1e-6)
+
+
+# -----------------------------------------------------------------------------
+# ring-buffer cache of sliding-window layers
+
+
+RING_CASES = [  # window, prefill, chunk
+    (4, 1, 1),
+    (4, 3, 1),
+    (4, 6, 1),  # prefill longer than the ring
+    (5, 2, 3),  # multi-token chunks that wrap around the ring
+    (3, 4, 7),  # chunks wider than the window
+]
+
+
+@pytest.mark.parametrize("start_as", ["int", "tensor"])
+@pytest.mark.parametrize("window,prefill,chunk", RING_CASES, ids=case_ids("W{}-P{}-C{}", RING_CASES))
+def test_ring_cache_decoding_three_windows_matches_the_full_forward(window, prefill, chunk, start_as):
+    B, Hq, Hkv, D = 2, 4, 2, 8
+    T = 3 * window + prefill  # decode past the window three times over
+    q, k, v = qkv(B, Hq, Hkv, T, T, D, seed=window)
+    positions = torch.arange(T)
+    full = ops.attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
+
+    cache = ops.RingKVCache.empty(B, Hkv, window, D)
+    assert cache.k.shape == (B, Hkv, window, D), "the ring holds exactly `window` slots"
+    buffers = (cache.k.data_ptr(), cache.v.data_ptr())
+    steps = [(0, prefill)] + [(t, min(t + chunk, T)) for t in range(prefill, T, chunk)]
+    for t0, t1 in steps:
+        start = torch.tensor(t0) if start_as == "tensor" else t0
+        k_all, v_all, k_pos = cache.update(k[:, :, t0:t1], v[:, :, t0:t1], start)
+        y = ops.attention(q[:, :, t0:t1], k_all, v_all, q_positions=positions[t0:t1], k_positions=k_pos, window=window)
+        assert_close(y, full[:, :, t0:t1], 1e-5, f"tokens {t0}..{t1 - 1}")
+    assert (cache.k.data_ptr(), cache.v.data_ptr()) == buffers, "the ring is written in place"
+    for p in range(T - window, T):  # the ring ends holding the newest window positions
+        assert torch.equal(cache.k[:, :, p % window], k[:, :, p]) and torch.equal(cache.v[:, :, p % window], v[:, :, p])
+
+
+def test_ring_slot_positions():
+    cache = ops.RingKVCache.empty(1, 1, 4, 2)
+    never = ops.NEVER_WRITTEN
+    assert cache.slot_positions(0).tolist() == [never] * 4
+    assert cache.slot_positions(2).tolist() == [0, 1, never, never]
+    assert cache.slot_positions(6).tolist() == [4, 5, 2, 3]
+    assert cache.slot_positions(torch.tensor(9)).tolist() == [8, 5, 6, 7]
+
+
+def test_full_cache_update_returns_slot_positions():
+    cache = ops.KVCache.empty(1, 2, max_len=6, head_dim=4)
+    k_all, v_all, k_pos = cache.update(randn(1, 2, 2, 4), randn(1, 2, 2, 4, seed=1), 3)
+    assert k_all is cache.k and v_all is cache.v and k_pos.tolist() == list(range(6))
+
+
+def test_ring_decode_step_exports():
+    class DecodeStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_ring", torch.zeros(1, 2, 3, 4))
+            self.register_buffer("v_ring", torch.zeros(1, 2, 3, 4))
+
+        def forward(self, q, k, v, start):
+            k_all, v_all, k_pos = ops.RingKVCache(self.k_ring, self.v_ring).update(k, v, start)
+            q_pos = start + torch.arange(q.size(2))
+            return ops.attention(q, k_all, v_all, q_positions=q_pos, k_positions=k_pos, window=3)
+
+    q, k, v = qkv(1, 4, 2, 1, 1, 4)
+    program = torch.export.export(DecodeStep(), (q, k, v, torch.tensor(0)))
+    eager, exported = DecodeStep(), program.module()
+    for t in range(7):
+        q, k, v = qkv(1, 4, 2, 1, 1, 4, seed=3 * t)
+        assert_close(exported(q, k, v, torch.tensor(t)), eager(q, k, v, torch.tensor(t)), 1e-6, f"step {t}")
