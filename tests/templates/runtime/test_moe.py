@@ -352,3 +352,76 @@ def test_exports_with_dynamic_token_count(capacity_factor):
         (y, dropped), (y_ref, dropped_ref) = exported.module()(x, logits), model(x, logits)
         assert_close(y, y_ref, TOLERANCE[torch.float32], f"exported output, N={N}")
         assert dropped.item() == dropped_ref.item()
+
+
+# -----------------------------------------------------------------------------
+# The two forms of moe_forward: grouped (eager) against fixed buffer (export), outputs and every gradient
+
+FORM_CASES = [  # N, E, top_k, activation, capacity_factor
+    (37, 6, 2, "swiglu", None),
+    (37, 6, 2, "swiglu", 0.7),
+    (64, 8, 1, "relu2", 1.0),
+    (5, 8, 3, "geglu", None),  # fewer tokens than experts: empty experts
+]
+
+
+def _form_grads(form, inputs, top_k, activation, capacity_factor, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    x, logits, w_in, w_out = leaves
+    routing = moe.route_top_k(logits, top_k)
+    capacity = moe.expert_capacity(x.shape[0], w_in.shape[0], top_k, capacity_factor)
+    y, stats = form(x, routing, w_in, w_out, activation=activation, capacity=capacity)
+    (y.float() * grad_out).sum().backward()
+    return [y.detach()] + [t.grad for t in leaves], stats
+
+
+@pytest.mark.parametrize("N, E, top_k, activation, capacity_factor", FORM_CASES,
+                         ids=[f"N{N}-E{E}-k{k}-{a}-cf{cf}" for N, E, k, a, cf in FORM_CASES])
+def test_grouped_form_matches_fixed_buffer(N, E, top_k, activation, capacity_factor):
+    inputs = make_inputs(N, E, activation, seed=N)
+    grad_out = randn(N, D_MODEL, seed=11)
+    expected, expected_stats = _form_grads(moe.moe_fixed_buffer, inputs, top_k, activation, capacity_factor, grad_out)
+    actual, stats = _form_grads(moe.moe_grouped, inputs, top_k, activation, capacity_factor, grad_out)
+    for name, a, e in zip(["y", "x", "router_logits", "w_in", "w_out"], actual, expected, strict=True):
+        assert_close(a, e, TOL[torch.float32], name)
+    for key in ("tokens_per_expert", "dropped", "expert_index"):
+        assert torch.equal(stats[key], expected_stats[key]), key
+    if capacity_factor is not None and capacity_factor < 1:
+        assert stats["dropped"] > 0, "the case must drop something to test dropping"
+
+
+def test_grouped_mm_branch_matches_the_expert_loop(monkeypatch):
+    """torch._grouped_mm (bf16, forced on where torch runs it off the GPU) against one matmul per expert."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    N, E, d, h = 40, 4, 16, 24
+    x = randn(N, d, seed=1).bfloat16()
+    logits = randn(N, E, seed=2)
+    w_in = (randn(E, d, 2 * h, seed=3) / 4).bfloat16()
+    w_out = (randn(E, h, d, seed=4) / 5).bfloat16()
+    grad_out = randn(N, d, seed=5)
+    inputs = (x, logits, w_in, w_out)
+    expected, _ = _form_grads(moe.moe_grouped, inputs, 2, "swiglu", None, grad_out)
+    monkeypatch.setattr(moe, "FORCE_GROUPED_MM", True)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    try:
+        actual, _ = _form_grads(moe.moe_grouped, inputs, 2, "swiglu", None, grad_out)
+    except RuntimeError as error:  # some CPU builds have no _grouped_mm kernel
+        pytest.skip(f"torch._grouped_mm does not run here: {error}")
+    assert calls, "the grouped_mm branch was not taken"
+    for name, a, e in zip(["y", "x", "router_logits", "w_in", "w_out"], actual, expected, strict=True):
+        if name == "router_logits":
+            continue  # float32 leaf whose grad is a sum of bf16 products: compared through y and x
+        assert_close(a, e, 2e-2, name)
+
+
+def test_grouped_form_computes_only_assigned_rows(monkeypatch):
+    """Dropless, the experts see exactly N*k rows in total (the fixed buffer would give them E*N)."""
+    seen = []
+    real = moe.grouped_expert_mlp
+    monkeypatch.setattr(moe, "grouped_expert_mlp", lambda x_sorted, *a: seen.append(x_sorted.shape[0]) or real(x_sorted, *a))
+    x, logits, w_in, w_out = make_inputs(30, 8, "swiglu")
+    moe.moe_forward(x, logits, w_in, w_out, top_k=2)
+    assert seen == [60]
