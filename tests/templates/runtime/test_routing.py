@@ -303,3 +303,84 @@ def test_contextual_stream_exports_with_dynamic_length():
         q, k, v, _ = attention_inputs(2, 4, 2, length, 8, seed=length)
         logits = randn(2, length, seed=length + 100)
         assert_close(exported.module()(logits, q, k, v), ContextualStream()(logits, q, k, v), TOLERANCE[torch.float32])
+
+
+# -----------------------------------------------------------------------------
+# the packed path: only the selected queries are computed
+
+
+def _packed_and_masked(B, H, Hkv, T, D, fraction, seed, monkeypatch=None):
+    q = randn(B, H, T, D, seed=seed)
+    k = randn(B, Hkv, T, D, seed=seed + 1)
+    v = randn(B, Hkv, T, D, seed=seed + 2)
+    selected = torch.rand(B, T, generator=seeded(seed + 3)) < fraction
+    positions = torch.arange(T) + 2
+    cotangent = randn(B, H, T, D, seed=seed + 4)
+    results = []
+    for form in (routing.sparse_query_attention, routing.masked_sparse_query_attention):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        y = form(*leaves, selected, q_positions=positions, k_positions=positions)
+        (y * cotangent).sum().backward()
+        results.append([y.detach()] + [t.grad for t in leaves])
+    return results, selected
+
+
+PACKED_CASES = [  # B, H, Hkv, T, D, fraction, chunk
+    (2, 4, 2, 70, 8, 0.2, 16),
+    (3, 4, 4, 33, 8, 0.5, 4),
+    (2, 8, 2, 65, 16, 1.0, 16),
+    (2, 4, 1, 40, 8, 0.05, 256),
+]
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,fraction,chunk", PACKED_CASES,
+                         ids=[f"B{c[0]}-H{c[1]}-Hkv{c[2]}-T{c[3]}-f{c[5]}-c{c[6]}" for c in PACKED_CASES])
+def test_packed_path_matches_masked_form_with_gradients(B, H, Hkv, T, D, fraction, chunk, monkeypatch):
+    monkeypatch.setattr(routing, "PACKED_QUERY_CHUNK", chunk)
+    (actual, expected), selected = _packed_and_masked(B, H, Hkv, T, D, fraction, seed=T)
+    counts = selected.sum(dim=1)
+    assert counts.max() > 0 and (fraction == 1.0 or counts.min() < T)
+    for name, a, e in zip(["y", "dq", "dk", "dv"], actual, expected, strict=True):
+        assert_close(a, e, TOLERANCE[torch.float32], name)
+
+
+def test_packed_path_with_nothing_selected_is_zero():
+    q, k, v = randn(2, 4, 9, 8), randn(2, 2, 9, 8, seed=1), randn(2, 2, 9, 8, seed=2)
+    positions = torch.arange(9)
+    y = routing.sparse_query_attention(q, k, v, torch.zeros(2, 9, dtype=torch.bool), q_positions=positions,
+                                       k_positions=positions)
+    assert y.shape == (2, 4, 9, 8) and not y.any()
+
+
+def test_packed_path_computes_only_selected_rows(monkeypatch):
+    rows = []
+    real = routing._sdpa
+    monkeypatch.setattr(routing, "_sdpa", lambda q, *a, **kw: rows.append(q.shape[2]) or real(q, *a, **kw))
+    T = 100
+    selected = torch.zeros(1, T, dtype=torch.bool)
+    selected[0, ::5] = True  # 20%
+    q, k, v = randn(1, 2, T, 8), randn(1, 2, T, 8, seed=1), randn(1, 2, T, 8, seed=2)
+    positions = torch.arange(T)
+    routing.sparse_query_attention(q, k, v, selected, q_positions=positions, k_positions=positions)
+    assert sum(rows) == 20
+
+
+def test_pack_gather_scatter_round_trip():
+    selected = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    index, valid = routing.pack_selected(selected)
+    assert index[0].tolist() == [0, 2, 3] and index[1, :1].tolist() == [2]
+    assert valid.tolist() == [[True, True, True], [True, False, False]]
+    x = randn(2, 4, 5)
+    back = routing.scatter_tokens(routing.gather_tokens(x, index, dim=1), index, valid, 4, dim=1)
+    assert torch.equal(back, torch.where(selected[..., None], x, 0.0))
+
+
+def test_flex_packed_attention_forward_matches_chunked(monkeypatch):
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
+    # eager flex: compiled flex needs a GPU (bench/attn_moe_kernels.py checks it there, gradients too)
+    monkeypatch.setattr(routing, "_compiled_flex_attention", lambda: flex_attention)
+    B, H, S, T, D = 2, 4, 24, 64, 16
+    q, k, v = randn(B, H, S, D), randn(B, 2, T, D, seed=1), randn(B, 2, T, D, seed=2)
+    positions = torch.stack([torch.sort(torch.randperm(T, generator=seeded(b))[:S]).values for b in range(B)])
+    actual = routing._flex_packed_attention(q, k, v, positions, None)
+    assert_close(actual, routing._chunked_packed_attention(q, k, v, positions, None), TOLERANCE[torch.float32])
