@@ -7,11 +7,21 @@ exports) on when no kernel is available, so it favours plain, obviously-correct 
 
 Notable features:
 - RoPE with rotate-half pairing (Llama / HF layout), partial rotary, and linear, NTK-aware and YaRN scaling
-- one attention code path for training, prefill, chunked prefill, cached decode and sliding windows: the mask
-  is built from absolute positions, never from "which phase are we in"
-- grouped-query attention: n_kv_heads divides n_heads (MQA and MHA are the two ends)
+- one visibility rule for training, prefill, chunked prefill, cached decode and sliding windows, stated on
+  absolute positions (attention_mask); `attention` picks how to compute it from the call's structure, never from
+  "which phase are we in":
+    keys are the queries' own tokens (k_positions is q_positions, 1-D)  -> SDPA's causal fast path, no mask built
+                                                                           (flash / cuDNN on a GPU)
+    ... with a sliding window shorter than the sequence                 -> FlexAttention with a block mask on CUDA,
+                                                                           else banded SDPA over query chunks: O(T·W)
+    anything else (decode against a cache, per-sequence positions)      -> SDPA with an explicit (Tq, Tk) mask; a
+                                                                           decode step's mask is one row per query
+  while torch.export traces, always the explicit-mask form (masked_attention), which every exporter lowers
+- grouped-query attention: n_kv_heads divides n_heads (MQA and MHA are the two ends), through SDPA's enable_gqa
+  (no copy of K/V) where torch has it
 - a static KV cache written in place at a start offset that may be a tensor: no reallocation and no
   data-dependent Python branches, so decode can be captured by CUDA graphs and traced by torch.export
+- a ring-buffer KV cache of `window` slots for sliding-window layers: memory bounded by the window
 - a query that can see no key returns zeros, never NaN
 
 Shape letters: B batch, Hq query heads, Hkv key/value heads, T / Tq / Tk sequence lengths, D head_dim,
@@ -20,12 +30,24 @@ R rotary_dim (even, R <= D), L max_len of a cache.
 
 import math
 from dataclasses import dataclass
+from functools import cache, lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+
+# SDPA reads grouped K/V heads in place from torch 2.5 on; before, K/V are expanded to every query head.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+# Sliding windows on CUDA run through FlexAttention with a block mask (only the blocks the band touches are
+# computed); set False to use the banded-SDPA path there too.
+USE_FLEX_ATTENTION = True
+# Query rows per SDPA call of the banded sliding-window path (at least the window): each call reads
+# chunk + window - 1 keys, so larger chunks waste less on the band's edges but build a larger mask.
+BANDED_MIN_CHUNK = 128
+# Head dims FlexAttention's generated kernels are known to take; others use the banded path.
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # -----------------------------------------------------------------------------
 # Rotary position embeddings
@@ -159,9 +181,8 @@ class KVCache:
 
     The buffers are written in place and never reallocated, so their addresses are stable (CUDA graphs) and they
     stay plain tensors (torch.export). Decode writes T new tokens at `start` = the current length and attends over
-    the whole buffer with k_positions = arange(L) and k_valid_len = start + T, which masks the unwritten tail.
-    A sliding-window layer keeps it simple too: a full-length buffer masked by the window. A ring buffer of
-    `window` slots would save memory and is a later optimisation.
+    the whole buffer with k_positions = arange(L): slots not yet written hold positions past every query, so
+    causality hides them. A sliding-window layer's cache is RingKVCache: `window` slots instead of L.
     """
 
     k: Tensor  # (B, Hkv, L, D)
@@ -206,6 +227,98 @@ class KVCache:
         self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
         return self.k, self.v
 
+    def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        Write the new tokens (see write) and return what to attend over: keys (B, Hkv, L, D), values and the
+        position of every slot (L,) = arange(L). The same call as RingKVCache.update.
+        """
+        k, v = self.write(k_new, v_new, start)
+        return k, v, torch.arange(self.max_len, device=k.device)
+
+
+# A position no query reaches: a ring slot not yet written carries it, so causality hides the slot.
+NEVER_WRITTEN = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class RingKVCache:
+    """
+    A sliding-window layer's keys and values in a ring of `window` slots: position p lives in slot p % window.
+
+    A query at position t sees keys t - window + 1 .. t, so no older key is ever read again and the cache's memory
+    is bounded by the window, not by the sequence (decoding 3 windows' worth of tokens keeps `window` slots).
+    The slots' positions follow from `start` alone (the ring is filled in order), so nothing but the two buffers
+    is stored, addresses are stable (CUDA graphs), and a tensor `start` traces under torch.export.
+    Rewinding (Medusa's rejected drafts) cannot be done by resetting a length, since newer tokens overwrote older
+    ones in place: snapshot the buffers instead (they are window-sized).
+    """
+
+    k: Tensor  # (B, Hkv, W, D)
+    v: Tensor  # (B, Hkv, W, D)
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "RingKVCache":
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        shape = (batch, n_kv_heads, window, head_dim)  # zeros: see KVCache.empty
+        return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def window(self) -> int:
+        return self.k.size(2)
+
+    def slot_positions(self, length: int | Tensor) -> Tensor:
+        """(W,) the position held by each slot once positions 0 .. length-1 were written; NEVER_WRITTEN if none."""
+        W = self.window
+        slots = torch.arange(W, device=self.k.device)  # (W,)
+        positions = length - W + torch.remainder(slots - length, W)  # (W,) the newest p < length with p % W == slot
+        return torch.where(positions >= 0, positions, NEVER_WRITTEN)
+
+    def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        Attend-and-write for T new tokens at positions start .. start+T-1: returns the keys (B, Hkv, S, D), values
+        and key positions (S,) the new queries must attend over, and leaves the newest W tokens in the ring.
+
+        T == 1 (a decode step): the new token overwrites position start - W, which its window no longer covers,
+        so the ring itself is returned (S = W). T > 1: the new tokens would overwrite keys their own earlier
+        queries still see, so the returned keys are the ring before the write followed by the new tokens
+        (S = W + T), and only then is the ring written.
+        """
+        B, Hkv, T, D = k_new.shape
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"k_new and v_new differ in shape: {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if (B, Hkv, D) != (self.k.size(0), self.k.size(1), self.k.size(3)):
+            raise ValueError(
+                f"cannot write (B, Hkv, T, D) = {tuple(k_new.shape)} into a ring cache of shape {tuple(self.k.shape)}: "
+                f"B, Hkv and D must match"
+            )
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start must be a position (>= 0), got {start}")
+        W = self.window
+        new_positions = torch.arange(T, device=self.k.device) + start  # (T,)
+        if T == 1:
+            self._write(k_new, v_new, new_positions)
+            return self.k, self.v, self.slot_positions(start + 1)
+        k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
+        v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
+        positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
+        kept = min(T, W)  # only the newest W tokens stay
+        self._write(k_new[:, :, T - kept :], v_new[:, :, T - kept :], new_positions[T - kept :])
+        return k, v, positions
+
+    def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
+        slots = torch.remainder(positions, self.window)  # (T,) distinct: T <= W
+        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
+
 
 # -----------------------------------------------------------------------------
 # Attention
@@ -237,6 +350,12 @@ def attention_mask(
     return visible.reshape(-1, 1, Tq, Tk)  # (1 or B, 1, Tq, Tk)
 
 
+def is_exporting() -> bool:
+    """True while torch.export (and the ONNX exporter built on it) traces: take the explicit-mask forms then."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check is not None and check())
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -249,13 +368,17 @@ def attention(
     k_valid_len: int | Tensor | None = None,
 ) -> Tensor:
     """
-    Grouped-query causal attention with the mask built from absolute positions (see attention_mask):
+    Grouped-query causal attention with visibility from absolute positions (see attention_mask):
         y[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h // G, j]  over visible j) * v[b, h // G, j]
     with G = Hq / Hkv and scale defaulting to 1 / sqrt(D). A query with no visible key gets y = 0.
     q (B, Hq, Tq, D); k (B, Hkv, Tk, D); v (B, Hkv, Tk, Dv); positions (Tq,) / (Tk,) or (B, Tq) / (B, Tk).
     Returns (B, Hq, Tq, Dv) in q.dtype; F.scaled_dot_product_attention accumulates in float32.
+
+    Passing the same 1-D tensor as q_positions and k_positions says "the keys are these queries' own tokens, at
+    increasing positions" (a model's start + arange(T)): query i then sees keys 0..i, the causal triangle, and the
+    call takes the maskless causal / sliding-window paths. Any other call is computed with an explicit mask.
     """
-    B, Hq, Tq, D = q.shape
+    Hq, Tq, D = q.shape[1:]
     Hkv, Tk = k.size(1), k.size(2)
     if Hq % Hkv != 0:
         raise ValueError(f"n_heads ({Hq}) must be a multiple of n_kv_heads ({Hkv})")
@@ -264,6 +387,116 @@ def attention(
             f"positions must match the sequence lengths: q_positions {tuple(q_positions.shape)} for Tq={Tq}, "
             f"k_positions {tuple(k_positions.shape)} for Tk={Tk}"
         )
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 (the query itself), got {window}")
+    self_attention = k_positions is q_positions and q_positions.dim() == 1 and k_valid_len is None
+    if is_exporting() or not self_attention:
+        return masked_attention(q, k, v, q_positions=q_positions, k_positions=k_positions, window=window,
+                                scale=scale, k_valid_len=k_valid_len)
+    if window is None or window >= Tq:
+        return causal_attention(q, k, v, scale=scale)
+    if USE_FLEX_ATTENTION and q.is_cuda and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
+        return flex_sliding_window_attention(q, k, v, window, scale=scale)
+    return banded_sliding_window_attention(q, k, v, window, scale=scale)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """SDPA with grouped K/V heads read in place where torch can, else expanded to every query head."""
+    Hq, Hkv = q.size(1), k.size(1)
+    if Hq == Hkv:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """
+    Query i sees keys 0..i (Tq == Tk): SDPA's is_causal path, which never materialises the mask and runs on the
+    flash / cuDNN backends on a GPU. q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    return _sdpa(q, k, v, is_causal=True, scale=scale)
+
+
+def banded_sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None
+) -> Tensor:
+    """
+    Query i sees keys i-window+1 .. i (Tq == Tk), computed in query chunks of c >= window rows: a chunk starting
+    at s reads only keys s-window+1 .. s+c-1, with a (c, c+window-1) band mask. Memory and work are O(T·(c+W))
+    instead of O(T²). q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    T = q.size(2)
+    chunk = max(window, BANDED_MIN_CHUNK)
+    outputs = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        lo = max(s - window + 1, 0)
+        q_pos = torch.arange(s, e, device=q.device)[:, None]  # (c, 1)
+        k_pos = torch.arange(lo, e, device=q.device)[None, :]  # (1, e - lo)
+        band = (k_pos <= q_pos) & (q_pos - k_pos < window)  # (c, e - lo): every row sees itself
+        outputs.append(_sdpa(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=band, scale=scale))
+    return torch.cat(outputs, dim=2)  # (B, Hq, T, Dv)
+
+
+def flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@cache
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex_attention runs its fused kernel only when compiled; eager it computes densely (fine for tests on CPU).
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+@lru_cache(maxsize=32)
+def _sliding_window_block_mask(T: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def flex_sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None
+) -> Tensor:
+    """
+    Query i sees keys i-window+1 .. i (Tq == Tk) through FlexAttention: the block mask lists only the key blocks
+    each query block's band touches, so work is O(T·W). The mask is built once per (T, window, device).
+    q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    block_mask = _sliding_window_block_mask(q.size(2), window, str(q.device))
+    flex = _flex_attention(compiled=q.is_cuda)
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    k_valid_len: int | Tensor | None = None,
+) -> Tensor:
+    """
+    `attention` with the (Tq, Tk) visibility mask built from positions: the exact form for any positions, and the
+    one torch.export and ONNX get. Same arguments and result as `attention`.
+    """
+    B, Hq, Tq = q.shape[:3]
+    Hkv, Tk = k.size(1), k.size(2)
 
     visible = attention_mask(q_positions, k_positions, window, k_valid_len)  # (1 or B, 1, Tq, Tk)
     # A row with no visible key would be a softmax over nothing (NaN). Let it see every key instead, then zero
@@ -271,9 +504,11 @@ def attention(
     sees_any = visible.any(dim=-1, keepdim=True)  # (1 or B, 1, Tq, 1)
     visible = visible | ~sees_any
 
-    if Hkv != Hq:
+    # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
+    mask = visible.expand(B, 1, Tq, Tk)  # (B, 1, Tq, Tk)
+    if Hkv != Hq and is_exporting():
+        # expanded K/V: the form every exporter lowers (a decode step eager reads the cache in place instead)
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, Dv)
-    # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=visible.expand(B, 1, Tq, Tk), scale=scale)  # (B, Hq, Tq, Dv)
+    y = _sdpa(q, k, v, attn_mask=mask, scale=scale)  # (B, Hq, Tq, Dv)
     return torch.where(sees_any, y, 0.0)  # where, not masked_fill: it keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view

@@ -4,9 +4,14 @@ Copied verbatim into every generated package as ``ops/moe.py``; it imports only 
 library.
 
 - ``route_top_k``: softmax over experts, keep the k most probable, optionally renormalise their weights.
-- ``moe_forward``: experts as two ``torch.bmm`` over a fixed-shape (E, C, d) buffer. The N*k (token, expert)
-  assignments are stably sorted by expert and gathered into the buffer, so every shape is known from N alone:
-  no loop over tokens or experts, no data-dependent Python control flow, and ``torch.export`` traces it as is.
+- ``moe_forward``: route, then run the experts on exactly the N*k assignments. Two forms of one function:
+  - ``moe_grouped`` (eager, training and inference): the assignments sorted by expert, each expert's rows a
+    contiguous range; the experts run as grouped GEMMs (``torch._grouped_mm`` on a CUDA GPU with sm90+ and bf16
+    operands, else one matmul per expert over its range), then the rows go back to token order and combine.
+    Permutations are gathers both ways (backward too): no scatter-add, deterministic.
+  - ``moe_fixed_buffer`` (what torch.export / ONNX trace): two ``torch.bmm`` over a fixed-shape (E, C, d)
+    buffer, so every shape is known from N alone and there is no data-dependent control flow; dropless, it
+    computes E/k times the useful rows.
 - capacity: dropless by default; with a capacity factor each expert keeps its first C assignments in token order
   and the rest contribute zero.
 - auxiliary terms: Switch/GShard load balancing, ST-MoE router z-loss, routing entropy.
@@ -17,8 +22,9 @@ expert matmuls run in the dtype of x and the weights, as nn.Linear would.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -129,12 +135,10 @@ def moe_forward(
         dropped            ()   long   assignments over capacity (they contribute zero)
         expert_index       (N, k) long the routing decision, for load_balancing_loss
 
-    Dispatch: assignment a = n*k + j is numbered token-major and the N*k assignments are stably sorted by
-    expert, so within an expert they stay in token order; an expert's slot c holds its c-th assignment, and
-    with capacity C the lower token indices win. Dispatch is a gather (empty slots read a zero row) and the
-    combine reads each assignment's slot back and sums over its k, so neither writes one place twice: the
-    result is deterministic. The dropless buffer is sized for the worst case (all N tokens on one expert), so it
-    spends E/k times the necessary FLOPs; this is the exact, exportable reference, not the fast path.
+    Assignment a = n*k + j is numbered token-major and the N*k assignments are stably sorted by expert, so within
+    an expert they stay in token order; with capacity C an expert keeps its first C assignments (lower token
+    indices win). Eager it runs moe_grouped (only the N*k useful rows); while torch.export traces it runs
+    moe_fixed_buffer (static shapes). Both compute the same function.
     """
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
@@ -144,7 +148,135 @@ def moe_forward(
     if router_logits.shape != (N, E):
         raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
     routing = route_top_k(router_logits, top_k, normalize)
-    C = expert_capacity(N, E, top_k, capacity_factor)
+    capacity = expert_capacity(N, E, top_k, capacity_factor)
+    form = moe_fixed_buffer if _is_exporting() else moe_grouped
+    return form(x, routing, w_in, w_out, activation=activation, capacity=capacity)
+
+
+def moe_grouped(
+    x: Tensor, routing: RouterOutput, w_in: Tensor, w_out: Tensor, *, activation: str, capacity: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """moe_forward's eager form: the experts compute exactly the N*k assigned rows.
+
+    Sorted by expert, expert e's assignments are rows first[e] .. first[e] + count[e] - 1 of x_sorted; each
+    expert's MLP is one matmul pair over its range (grouped_expert_mlp). Assignments past capacity are computed
+    and weighted by zero (with capacity they are few; dropless there are none), so every shape is N*k.
+    """
+    N, d = x.shape
+    E = w_in.shape[0]
+    top_k = routing.expert_index.shape[1]
+    n_assign = N * top_k
+    flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
+    sorted_expert, order = torch.sort(flat_expert, stable=True)  # order: sorted position -> assignment
+    positions = torch.arange(n_assign, device=x.device)
+    inverse = torch.empty_like(order).scatter_(0, order, positions)  # assignment -> sorted position
+    tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device)
+    tokens_per_expert = tokens_per_expert.scatter_add(0, flat_expert, torch.ones_like(flat_expert))  # (E,)
+    first = tokens_per_expert.cumsum(0) - tokens_per_expert  # (E,)
+    kept_sorted = positions - first[sorted_expert] < capacity  # (N*k,) rank within its expert < C
+    kept = kept_sorted.index_select(0, inverse)  # (N*k,) in assignment order
+
+    x_sorted = DispatchRows.apply(x, order, inverse, top_k)  # (N*k, d) row r is token order[r] // k
+    out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation)  # (N*k, d)
+    out = PermuteRows.apply(out_sorted, inverse, order)  # (N*k, d) back in assignment order
+    weight = torch.where(kept.view(N, top_k), routing.expert_weight, 0.0)  # (N, k) dropped assignments weigh 0
+    y = out.view(N, top_k, d).to(weight.dtype)  # (N, k, d)
+    y = (y * weight[..., None]).sum(dim=1)  # (N, d)
+    stats = {"tokens_per_expert": tokens_per_expert, "dropped": (~kept).sum(), "expert_index": routing.expert_index}
+    return y.to(x.dtype), stats
+
+
+def grouped_expert_mlp(x_sorted: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor,
+                       activation: str) -> Tensor:
+    """Every expert's MLP on its contiguous range of rows of x_sorted (N*k, d) -> (N*k, d).
+
+    torch._grouped_mm where the GPU runs it (CUDA sm90+, bf16, 16-byte aligned rows); otherwise one matmul pair
+    per expert, which needs the counts on the host (one sync).
+    """
+    if grouped_mm_available(x_sorted, w_in, w_out):
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
+        h = torch._grouped_mm(x_sorted, w_in, offs=offsets)  # (N*k, h) or (N*k, 2h)
+        return torch._grouped_mm(_activate(h, activation), w_out, offs=offsets)  # (N*k, d)
+    outputs = []
+    for e, rows in enumerate(x_sorted.split(tokens_per_expert.tolist())):
+        outputs.append(_activate(rows @ w_in[e], activation) @ w_out[e])  # (n_e, d)
+    return torch.cat(outputs)
+
+
+# Set by tests to run the torch._grouped_mm branch where it is not the default (e.g. bf16 on a CPU).
+FORCE_GROUPED_MM = False
+
+
+def grouped_mm_available(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
+    if not hasattr(torch, "_grouped_mm") or not (x.dtype == w_in.dtype == w_out.dtype == torch.bfloat16):
+        return False
+    aligned = all(n % 8 == 0 for n in (*x.shape[1:], *w_in.shape[1:], *w_out.shape[1:]))  # 16-byte rows
+    if FORCE_GROUPED_MM:
+        return aligned
+    return aligned and x.is_cuda and _cuda_capability(x.device.index) >= (9, 0)
+
+
+@cache
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _activate(h: Tensor, activation: str) -> Tensor:
+    act, gated = _activation(activation)
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+class DispatchRows(torch.autograd.Function):
+    """x_sorted[r] = x[order[r] // k]: each token copied to its k sorted rows.
+
+    Backward gathers each token's k row gradients (inverse[n*k + j] is the sorted row of assignment (n, j)) and
+    sums them: a gather and a sum, where autograd's indexing backward would scatter-add.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, torch.div(order, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        per_assignment = grad.index_select(0, inverse)  # (N*k, d) in assignment order
+        return per_assignment.view(-1, ctx.top_k, grad.shape[-1]).sum(dim=1), None, None, None
+
+
+class PermuteRows(torch.autograd.Function):
+    """y = x[index] for a permutation `index`; backward is the gather by its inverse."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def moe_fixed_buffer(
+    x: Tensor, routing: RouterOutput, w_in: Tensor, w_out: Tensor, *, activation: str, capacity: int
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """moe_forward's static-shape form, the one torch.export and ONNX get.
+
+    Dispatch is a gather into an (E, C, d) buffer (empty slots read a zero row), the experts are two bmm, and the
+    combine reads each assignment's slot back and sums over its k, so neither writes one place twice: the result
+    is deterministic. The dropless buffer is sized for the worst case (all N tokens on one expert), so it
+    spends E/k times the necessary FLOPs.
+    """
+    N, d = x.shape
+    E = w_in.shape[0]
+    top_k = routing.expert_index.shape[1]
+    C = capacity
     n_assign = N * top_k
 
     # Sort the assignments by expert; `first[e]` is where expert e's run starts in sorted order.
@@ -217,6 +349,11 @@ def router_entropy(router_logits: Tensor) -> Tensor:
     """
     probs = _upcast(router_logits).softmax(dim=-1)
     return torch.special.entr(probs).sum(dim=-1).mean()
+
+
+def _is_exporting() -> bool:
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check is not None and check())
 
 
 def _upcast(t: Tensor) -> Tensor:

@@ -18,12 +18,26 @@ positive, so:
 
 - ``select_tokens``: the decision, with a binary Gumbel-softmax straight-through gate in training.
 - ``selection_losses``: binary entropy (crisp decisions) and fraction (keep near the target) regularisers.
-- ``sparse_query_attention``: causal attention for the selected queries, masked dense form (exact, exportable).
+- ``sparse_query_attention``: causal attention for the selected queries. Prefill / training (the keys are the
+  queries' own tokens) packs the selected queries, attends only them and scatters the rows back: work and
+  memory scale with the selected fraction and no (T, T) mask exists. A decode step and torch.export take the
+  masked dense form (exact, exportable), which over a handful of queries is cheap.
+- ``pack_selected`` / ``gather_tokens`` / ``scatter_tokens`` / ``packed_query_attention``: the pieces, for a
+  caller that also projects only the selected tokens.
 """
+
+import math
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+# Packed queries per attention call: each call reads the keys up to its last query, so smaller chunks skip more of
+# the causal triangle's empty half but launch more calls.
+PACKED_QUERY_CHUNK = 256
+# FlexAttention (compiled, CUDA only) for the packed queries instead of chunked SDPA; off until measured on a GPU.
+USE_FLEX_ATTENTION = False
 
 
 def select_tokens(
@@ -100,16 +114,17 @@ def sparse_query_attention(
         out[b, h, t] = sum_s softmax_s(scale * q[b, h, t] . k[b, h // G, s]  over k_pos[s] <= q_pos[t]) v[b, h // G, s]
                        if selected[b, t], else 0
 
-    Masked dense form: SDPA computes every row and the unselected rows are zeroed. It is exact and exportable; a
-    path that gathers and computes only the selected rows belongs to a kernel.
-
     q (B, H, T, D); k (B, Hkv, Tk, D) and v (B, Hkv, Tk, Dv) with G = H / Hkv (grouped-query attention); selected
     (B, T) bool; q_positions (T,) or (B, T) and k_positions (Tk,) or (B, Tk) are absolute positions, so a decode
     step (T = 1) against a cache is the same call as prefill. A cache slot not yet written should carry a position
     larger than any query's. A query that sees no key gets zeros, never NaN. scale defaults to 1 / sqrt(D).
     Returns (B, H, T, Dv) in the dtype of q.
+
+    Passing the same 1-D tensor as q_positions and k_positions says "the keys are these queries' own tokens, at
+    increasing positions": query t then sees keys 0..t, and only the selected queries are computed (packed, see
+    packed_query_attention; one host sync for their count). Other calls, and torch.export, use the masked form.
     """
-    B, H, T, D = q.shape
+    B, H, T = q.shape[:3]
     Hkv, Tk = k.shape[1], k.shape[2]
     if H % Hkv != 0:
         raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({Hkv}) for grouped-query attention")
@@ -118,6 +133,127 @@ def sparse_query_attention(
     if q_positions.shape[-1] != T or k_positions.shape[-1] != Tk:
         raise ValueError(f"positions must match the sequence lengths: q_positions {tuple(q_positions.shape)} for "
                          f"T={T}, k_positions {tuple(k_positions.shape)} for Tk={Tk}")
+    self_attention = k_positions is q_positions and q_positions.dim() == 1
+    if _is_exporting() or not self_attention:
+        return masked_sparse_query_attention(q, k, v, selected, q_positions=q_positions, k_positions=k_positions,
+                                             scale=scale)
+    index, valid = pack_selected(selected)  # (B, S), (B, S)
+    q_packed = gather_tokens(q, index, dim=2)  # (B, H, S, D)
+    y_packed = packed_query_attention(q_packed, k, v, index, valid, scale=scale)  # (B, H, S, Dv)
+    return scatter_tokens(y_packed, index, valid, T, dim=2)  # (B, H, T, Dv)
+
+
+def pack_selected(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """The selected tokens of each sequence, in order, padded to the largest count S (one host sync).
+
+    selected (B, T) bool -> index (B, S) long, token t of each packed row, and valid (B, S) bool. Padding rows
+    hold unselected tokens (the indices of a row are distinct, so scattering back writes each token once); valid
+    marks the real ones.
+    """
+    S = int(selected.sum(dim=1).max()) if selected.numel() else 0
+    # selected tokens first, each group in token order: a stable sort of "not selected"
+    index = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :S]  # (B, S)
+    valid = torch.arange(S, device=selected.device) < selected.sum(dim=1, keepdim=True)  # (B, S)
+    return index, valid
+
+
+def gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
+    """x[b, ..., index[b, s], ...] along `dim` (the token axis): (B, .., T, ..) -> (B, .., S, ..)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    return x.gather(dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :]))
+
+
+def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int, dim: int) -> Tensor:
+    """The inverse of gather_tokens for the valid rows, zeros elsewhere: (B, .., S, ..) -> (B, .., length, ..)."""
+    shape = [1] * y.dim()
+    shape[0], shape[dim] = index.shape
+    y = torch.where(valid.view(shape), y, 0.0)
+    out_shape = list(y.shape)
+    out_shape[dim] = length
+    return y.new_zeros(out_shape).scatter(dim, index.view(shape).expand_as(y), y)
+
+
+def packed_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, valid: Tensor, *, scale: float | None = None
+) -> Tensor:
+    """Causal attention of packed queries: row s of sequence b is the token q_index[b, s] and sees keys 0..that.
+
+    q (B, H, S, D) packed queries; k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) every token's key and value; q_index
+    (B, S); valid (B, S) (invalid rows are computed against key 0 only and returned as zeros).
+    Returns (B, H, S, Dv). The packed rows are sorted by token within each sequence, so a chunk of rows needs
+    the keys up to its last row only: chunked SDPA with a (chunk, keys) mask skips most of the causal triangle's
+    empty half; FlexAttention (USE_FLEX_ATTENTION, CUDA) skips it block by block.
+    """
+    B, H, S, D = q.shape
+    if S == 0:
+        return q.new_zeros(B, H, 0, v.shape[-1])
+    positions = torch.where(valid, q_index, 0)  # (B, S) padding rows see key 0 only
+    if USE_FLEX_ATTENTION and q.is_cuda and D in (16, 32, 64, 128, 256) and v.shape[-1] == D:
+        y = _flex_packed_attention(q, k, v, positions, scale)
+    else:
+        y = _chunked_packed_attention(q, k, v, positions, scale)
+    return torch.where(valid[:, None, :, None], y, 0.0)
+
+
+def _chunked_packed_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float | None) -> Tensor:
+    B, S = positions.shape
+    n_chunks = math.ceil(S / PACKED_QUERY_CHUNK)
+    padded = F.pad(positions, (0, n_chunks * PACKED_QUERY_CHUNK - S))  # (B, n * chunk)
+    key_ends = (padded.view(B, n_chunks, PACKED_QUERY_CHUNK).amax(dim=(0, 2)) + 1).tolist()  # keys each chunk reads
+    outputs = []
+    for i, key_end in enumerate(key_ends):
+        rows = slice(i * PACKED_QUERY_CHUNK, min((i + 1) * PACKED_QUERY_CHUNK, S))
+        visible = torch.arange(key_end, device=q.device) <= positions[:, rows, None]  # (B, c, key_end)
+        outputs.append(_sdpa(q[:, :, rows], k[:, :, :key_end], v[:, :, :key_end], attn_mask=visible[:, None],
+                             scale=scale))
+    return torch.cat(outputs, dim=2)  # (B, H, S, Dv)
+
+
+@cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_packed_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float | None) -> Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, H, S, _ = q.shape
+    Tk = k.shape[2]
+
+    def visible(b, h, q_idx, kv_idx):
+        return kv_idx <= positions[b, q_idx]
+
+    block_mask = create_block_mask(visible, B=B, H=None, Q_LEN=S, KV_LEN=Tk, device=q.device)
+    flex = _compiled_flex_attention()
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
+
+
+def _is_exporting() -> bool:
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check is not None and check())
+
+
+def masked_sparse_query_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    selected: Tensor,
+    *,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    scale: float | None = None,
+) -> Tensor:
+    """sparse_query_attention's masked dense form: SDPA computes every row and the unselected rows are zeroed. It is
+    exact for any positions, and the form torch.export and ONNX get. Same arguments and result."""
+    B, H, T = q.shape[:3]
+    Hkv, Tk = k.shape[1], k.shape[2]
     visible = k_positions.unsqueeze(-2) <= q_positions.unsqueeze(-1)  # (T, Tk) or (B, T, Tk)
     visible = visible.reshape(-1, 1, T, Tk)  # (1 or B, 1, T, Tk)
     # A row with no visible key would be a softmax over nothing (NaN, also in its gradients): let it see every key,
