@@ -1,0 +1,164 @@
+"""kernels/rmsnorm.py against its reference: y (and s), and every gradient (x, residual, weight), on fresh random
+inputs of odd widths, float32 and half precision; poisoned outputs; the custom ops under torch.export and their
+decomposition. Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is
+imported), so shapes are small.
+"""
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from tests.numerics import assert_close
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# max |kernel - reference| / max |reference|; the reference runs in float64 on the kernel's input values
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SHAPES = [(1, 5), (3, 7), (5, 33), (2, 3, 100), (17, 64)]
+
+
+def _load():
+    name = "archgen_kernels_rmsnorm"
+    if name not in sys.modules:  # by path: `kernels` is also a PyPI package's name
+        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "rmsnorm.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+rn = _load()
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+def randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def reference_grads(fn, inputs, cotangents):
+    leaves = [t.detach().double().requires_grad_() for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, [c.double() for c in cotangents])
+    return [o.detach() for o in outputs], [t.grad for t in leaves]
+
+
+def kernel_grads(fn, inputs, cotangents):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outputs = fn(*leaves)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    torch.autograd.backward(outputs, list(cotangents))
+    return [o.detach() for o in outputs], [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_rms_norm_matches_reference_with_gradients(shape, dtype):
+    N = shape[-1]
+    x = randn(*shape, dtype=dtype, seed=N, scale=3.0)
+    w = randn(N, seed=N + 1) * 0.5 + 1  # float32 weight, as a model keeps it
+    dy = randn(*shape, dtype=dtype, seed=N + 2)
+    eps = 1e-6
+    (y,), (dx, dw) = kernel_grads(lambda x, w: rn.rms_norm(x, w, eps), [x, w], [dy])
+    (y_ref,), (dx_ref, dw_ref) = reference_grads(lambda x, w: rn.rms_norm_reference(x, w, eps), [x, w], [dy])
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == torch.float32
+    for name, a, e in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert_close(a, e, TOL[dtype], name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_add_rms_norm_matches_reference_with_gradients(shape, dtype):
+    N = shape[-1]
+    x, res = randn(*shape, dtype=dtype, seed=N), randn(*shape, dtype=dtype, seed=N + 1, scale=2.0)
+    w = (randn(N, seed=N + 2) * 0.5 + 1).to(dtype)
+    dy, ds = randn(*shape, dtype=dtype, seed=N + 3), randn(*shape, dtype=dtype, seed=N + 4)
+    eps = 1e-5
+
+    (y, s), grads = kernel_grads(lambda x, r, w: rn.add_rms_norm(x, r, w, eps), [x, res, w], [dy, ds])
+
+    def reference(x, res, w):
+        # normalises the very s the kernel produced (its rounding of x + res), with the gradient of x + res
+        s64 = x + res
+        s64 = s64 + (s.double() - s64).detach()
+        return rn.rms_norm_reference(s64, w, eps), s64
+
+    (y_ref, _), grads_ref = reference_grads(reference, [x, res, w], [dy, ds])
+    if DEVICE == "cuda":
+        assert torch.equal(s, x + res), "s must be exactly the unfused x + residual"
+    else:  # Triton's interpreter truncates float32 -> half casts instead of rounding to nearest: one ulp apart
+        assert_close(s, x + res, {torch.float32: 0.0, torch.bfloat16: 2**-7}[dtype], "s")
+    assert_close(y, y_ref, TOL[dtype], "y")
+    for name, a, e in zip(("dx", "dresidual", "dw"), grads, grads_ref, strict=True):
+        assert_close(a, e, TOL[dtype], name)
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    """Poisoned output buffers: every element must be overwritten by the kernels."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(rn.torch, "empty", poisoned)
+    x, res = randn(6, 45, seed=1), randn(6, 45, seed=2)
+    w = randn(45, seed=3)
+    y, s, rstd = rn.rms_norm_forward(x, res, w, 1e-6)
+    ds, dw = rn.rms_norm_backward(randn(6, 45, seed=4), randn(6, 45, seed=5), s, w, rstd)
+    for name, t in (("y", y), ("s", s), ("rstd", rstd), ("ds", ds), ("dw", dw)):
+        assert t.isfinite().all(), f"{name} has unwritten (NaN) elements"
+
+
+def test_backward_config_with_partial_last_program():
+    """ROWS that does not divide the row count: the last program's missing rows are skipped, dw still complete."""
+    x, w, dy = randn(10, 24, seed=1), randn(24, seed=2), randn(10, 24, seed=3)
+    _, s, rstd = rn.rms_norm_forward(x, None, w, 1e-6)
+    ds, dw = rn.rms_norm_backward(dy, None, s, w, rstd, config={"ROWS": 4, "num_warps": 4})
+    ds_ref, dw_ref = rn._backward_reference(dy, None, s, w, rstd)
+    assert_close(ds, ds_ref, 1e-5, "ds")
+    assert_close(dw, dw_ref, 1e-5, "dw")
+
+
+def test_ops_export_as_single_nodes_and_decompose():
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x, res):
+            y, s = rn.add_rms_norm(x, res, self.weight, 1e-6)
+            return rn.rms_norm(y, self.weight, 1e-6), s
+
+    x, res = randn(3, 16, seed=1), randn(3, 16, seed=2)
+    program = torch.export.export(Norm(), (x, res))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert {"archgen.add_rms_norm.default", "archgen.rms_norm.default"} <= targets
+    lowered = program.run_decompositions(rn.decomposition())
+    lowered_targets = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"}
+    assert not any(t.startswith("archgen.") for t in lowered_targets)
+    for a, e in zip(lowered.module()(x, res), Norm()(x, res), strict=True):
+        assert_close(a, e, 1e-5)
+
+
+def test_rejects_bad_inputs():
+    x = randn(2, 8)
+    with pytest.raises(ValueError, match="weight"):
+        rn.rms_norm(x, randn(7), 1e-6)
+    with pytest.raises(ValueError, match="residual"):
+        rn.add_rms_norm(x, randn(2, 8).double(), randn(8), 1e-6)
+    with pytest.raises(ValueError, match="takes"):
+        rn.rms_norm(x.double(), randn(8).double(), 1e-6)
