@@ -84,12 +84,12 @@ def load_module(name: str, relative_path: str):
 
 def rel_err(actual, expected) -> float:
     """max |a - e| / max |e| (the repository's assert_close measure)."""
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
 
 
 def rel_norm(actual, expected) -> float:
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
 
