@@ -357,7 +357,8 @@ class Bench:
         record["archgen"] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_TFLOPs": flops / fwd / 1e9,
                              "fwd_bwd_TFLOPs": 3.5 * flops / both / 1e9}
         # what the generated packages ran before (explicit (B, 1, T, T) mask)
-        old = lambda q, k, v: A.masked_attention(q, k, v, q_positions=pos, k_positions=pos)
+        def old(q, k, v):
+            return A.masked_attention(q, k, v, q_positions=pos, k_positions=pos)
         record["masked_reference_fwd_ms"] = self.time_ms(lambda: old(q, k, v), reps=3)
         ok = {n: p for n, p in peers.items() if "fwd_ms" in p}
         if ok:
@@ -379,8 +380,10 @@ class Bench:
         q, k, v = (self.randn(B, h, T, D, dtype=dt, requires_grad=True) for h in (Hq, Hkv, Hkv))
         pos = torch.arange(T, device=self.device)
         record["shape"] = {"B": B, "Hq": Hq, "Hkv": Hkv, "T": T, "D": D, "window": W, "dtype": "bf16"}
-        ours = lambda q, k, v: A.attention(q, k, v, q_positions=pos, k_positions=pos, window=W)
-        banded = lambda q, k, v: A.banded_sliding_window_attention(q, k, v, W)
+        def ours(q, k, v):
+            return A.attention(q, k, v, q_positions=pos, k_positions=pos, window=W)
+        def banded(q, k, v):
+            return A.banded_sliding_window_attention(q, k, v, W)
         variants = {"archgen": ours, "archgen_banded_sdpa": banded}
         if self.device == "cuda":
             from torch.nn.attention.flex_attention import (

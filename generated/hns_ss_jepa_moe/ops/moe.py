@@ -283,7 +283,8 @@ def moe_fixed_buffer(
     flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
     # The key (expert, assignment) is unique, so any sort keeps token order within an expert: no stable sort, which
     # ONNX does not have.
-    order = torch.argsort(flat_expert * n_assign + torch.arange(n_assign, device=x.device))  # (N*k,) sorted position -> assignment
+    key = flat_expert * n_assign + torch.arange(n_assign, device=x.device)  # (N*k,) unique (expert, assignment)
+    order = torch.argsort(key)  # (N*k,) sorted position -> assignment
     sorted_expert = flat_expert[order]  # (N*k,)
     tokens_per_expert = torch.zeros(E, dtype=torch.long, device=x.device)
     tokens_per_expert = tokens_per_expert.scatter_add(0, flat_expert, torch.ones_like(flat_expert))  # (E,)

@@ -486,7 +486,7 @@ def test_maskless_paths_match_the_masked_reference_with_gradients(B, Hq, Hkv, T,
     actual = _grads(lambda q, k, v: ops.attention(
         q, k, v, q_positions=positions, k_positions=positions, window=window), q, k, v)
     for name, a, e in zip(["y", "dq", "dk", "dv"], actual, expected, strict=True):
-        assert_close(a, e, TOL[torch.float32], name)
+        assert_close(a, e, TOLERANCE[torch.float32], name)
 
 
 @pytest.mark.parametrize("window", [1, 5, 64])
@@ -497,7 +497,7 @@ def test_flex_sliding_window_matches_the_masked_reference(window):
     q, k, v = qkv(1, 4, 2, 130, 130, 16, seed=window)
     positions = torch.arange(130)
     expected = ops.masked_attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
-    assert_close(ops.flex_sliding_window_attention(q, k, v, window), expected, TOL[torch.float32])
+    assert_close(ops.flex_sliding_window_attention(q, k, v, window), expected, TOLERANCE[torch.float32])
 
 
 def test_exporting_takes_the_masked_form(monkeypatch):

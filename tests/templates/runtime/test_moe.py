@@ -383,7 +383,7 @@ def test_grouped_form_matches_fixed_buffer(N, E, top_k, activation, capacity_fac
     expected, expected_stats = _form_grads(moe.moe_fixed_buffer, inputs, top_k, activation, capacity_factor, grad_out)
     actual, stats = _form_grads(moe.moe_grouped, inputs, top_k, activation, capacity_factor, grad_out)
     for name, a, e in zip(["y", "x", "router_logits", "w_in", "w_out"], actual, expected, strict=True):
-        assert_close(a, e, TOL[torch.float32], name)
+        assert_close(a, e, TOLERANCE[torch.float32], name)
     for key in ("tokens_per_expert", "dropped", "expert_index"):
         assert torch.equal(stats[key], expected_stats[key]), key
     if capacity_factor is not None and capacity_factor < 1:
