@@ -13,6 +13,9 @@ if not torch.cuda.is_available():
     # must be chosen before triton is first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every compile in the tests checks the IR after lowering and after each pass (archgen/passes/verify.py).
+os.environ.setdefault("ARCHGEN_VERIFY_IR", "1")
+
 from archgen.testing import build_generated
 
 ROOT = Path(__file__).resolve().parents[1]

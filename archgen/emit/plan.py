@@ -1,6 +1,9 @@
 """What to emit, read off the IR: one class per component, one block class per distinct layer kind, the layer list.
 
-The plan is plain data with every dimension already a number, so templates only print; they never compute sizes.
+The plan is built from the IR's ops only (their kinds, configs, shapes and chosen kernels); the resolved spec is read
+for provenance (name, hash, preset). It is plain data with every dimension already a number, so templates only
+print; they never compute sizes. Each kind says what its template prints (`template_dims`) and which runtime files
+it needs (archgen/kinds/<kind>.py).
 """
 
 from __future__ import annotations
@@ -11,32 +14,10 @@ from typing import Any
 from archgen import __version__
 from archgen.emit.names import Namespace, camel
 from archgen.errors import CompileError, Diagnostic
-from archgen.ir.graph import IR
-from archgen.ir.kinds import mamba2
+from archgen.ir.graph import IR, KernelChoice, Op
+from archgen.kinds import Dims, kind_of
 from archgen.passes.cost import CostReport
 from archgen.resources import TEMPLATES
-from archgen.spec import models
-
-# Which runtime file each kind needs (templates/runtime/<file>.py is copied to generated/<name>/ops/<file>.py).
-RUNTIME_FILES = {
-    "attention": ["attention"],
-    "sparse_attention": ["attention", "routing"],
-    "mamba": ["ssm"],
-    "mamba2": ["ssm", "ssd"],
-    "conv": ["ssm"],
-    "mlp": [],
-    "moe": ["moe"],
-}
-# Heads and model-level extras: templates/components/{heads,extras}/<kind>.py.j2 holds the module class and an optional
-# <kind>_model.py.j2 holds methods added to Model (generation with drafts, EMA updates, forecasting); each may need
-# a runtime file of the same name. A declared kind without its template is a build error.
-EXTRA_RUNTIME_FILES = {"medusa": ["medusa"], "jepa": ["jepa"], "forecaster": ["forecast"], "titans": ["memory"],
-                       "symbolic": ["symbolic"]}
-# Which Triton kernel each kind runs on CUDA tensors (kernels/<file>.py is copied to generated/<name>/kernels/<file>.py).
-# The reference op of the same name in ops/ stays the fallback everywhere else.
-KERNEL_FILES = {"mamba": ["selective_scan"]}
-KERNEL_REFERENCES = {"selective_scan": "ssm"}  # kernel -> the runtime file (ops/) whose function of the same name it replaces
-MIXER_KINDS = {"attention", "sparse_attention", "mamba", "mamba2", "conv"}
 
 
 @dataclass
@@ -44,15 +25,12 @@ class ComponentPlan:
     name: str  # the spec's name for it
     class_name: str
     kind: str
-    cfg: Any  # the resolved spec of the component
+    cfg: Any  # the kind's resolved config
     dims: dict[str, Any]  # every literal the template prints
+    template: str  # templates/components/<template>.py.j2
     produces_aux: bool = False
     has_cache: bool = False
-
-    @property
-    def template(self) -> str:
-        # HSPMN's contextual stream is attention with a router in front: one template serves both.
-        return "attention" if self.kind == "sparse_attention" else self.kind
+    kernel: KernelChoice | None = None  # the Triton kernel the kernel-selection pass gave its ops
 
 
 @dataclass
@@ -101,14 +79,15 @@ class ExtraPlan:
     cfg: Any
     dims: dict[str, Any]
     group: str  # "heads" | "extras"
+    kind_template: str  # "<group>/<kind>"
 
     @property
     def template(self) -> str:
-        return f"components/{self.group}/{self.kind}.py.j2"
+        return f"components/{self.kind_template}.py.j2"
 
     @property
     def model_template(self) -> str | None:
-        path = f"components/{self.group}/{self.kind}_model.py.j2"
+        path = f"components/{self.kind_template}_model.py.j2"
         return path if (TEMPLATES / path).exists() else None
 
 
@@ -144,129 +123,144 @@ class EmitPlan:
     symbolic: ExtraPlan | None = None
 
 
+# Class names of model-level extras (the op's name is the Model attribute); heads are named <Name>Head.
+EXTRA_CLASS_NAMES = {"memory": "TitansMemory", "symbolic": "SymbolicReasoner"}
+ROLE_ORDER = {"mixer": 0, "ffn": 1}  # component classes: mixers, then feed-forwards, each by name
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One layer as the IR holds it: its mixer op(s) (parallel branches, in order) and its feed-forward op."""
+
+    index: int
+    mixers: tuple[Op, ...]
+    ffn: Op | None
+    combine: Op | None  # the parallel_combine op of a parallel layer
+
+
+def _layers(ir: IR) -> list[_Layer]:
+    by_layer: dict[int, dict[str, Any]] = {i: {"mixers": [], "ffn": None, "combine": None} for i in range(ir.dims.n_layers)}
+    for op in ir.ops():
+        role = kind_of(op.kind).role
+        if op.layer is None or role not in ("mixer", "ffn", "combine"):
+            continue
+        entry = by_layer[op.layer]
+        if role == "mixer":
+            entry["mixers"].append(op)
+        elif role == "ffn":
+            entry["ffn"] = op
+        else:
+            entry["combine"] = op
+    return [_Layer(i, tuple(e["mixers"]), e["ffn"], e["combine"]) for i, e in by_layer.items()]
+
+
 def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
-    resolved = ir.spec
+    resolved = ir.spec  # provenance only: name, description, hash, preset, overrides
     _reject_unemitted(ir)
     namespace = Namespace()
-    d = resolved.d_model
+    dims = ir.dims
+    d = dims.d_model
+    layers = _layers(ir)
+
+    component_ops: dict[str, Op] = {}
+    for layer in layers:
+        for op in layer.mixers + ((layer.ffn,) if layer.ffn else ()):
+            component_ops.setdefault(op.component, op)
     components: dict[str, ComponentPlan] = {}
-    for name, cfg in list(resolved.mixers.items()) + list(resolved.ffns.items()):
-        if cfg.kind == "moe" and cfg.shared_experts:
-            # The always-on experts are one wider MLP (their outputs sum, so one MLP of shared·hidden computes the same).
-            shared = models.MLPSpec(kind="mlp", activation=cfg.expert.activation, hidden=cfg.expert.hidden * cfg.shared_experts)
-            components[f"{name}_shared"] = _component(f"{name}_shared", shared, d, namespace)
-        components[name] = _component(name, cfg, d, namespace)
-        if cfg.kind == "moe" and cfg.shared_experts:
-            components[name].dims["shared_class"] = components[f"{name}_shared"].class_name
+    for name, op in sorted(component_ops.items(), key=lambda item: (ROLE_ORDER[kind_of(item[1].kind).role], item[0])):
+        kind = kind_of(op.kind)
+        parts = {suffix: _component(f"{name}_{suffix}", sub_kind, sub_config, dims, namespace, None)
+                 for suffix, sub_kind, sub_config in kind.subcomponents(op.config)}
+        for part in parts.values():
+            components[part.name] = part
+        components[name] = _component(name, op.kind, op.config, dims, namespace, op.kernel)
+        for suffix, part in parts.items():
+            components[name].dims[f"{suffix}_class"] = part.class_name
 
     parallels: dict[tuple[str, ...], ParallelPlan] = {}
     blocks: dict[tuple, BlockPlan] = {}
     layer_blocks = []
-    for layer in resolved.layers:
-        key = (layer.mixers, layer.ffn)
+    for layer in layers:
+        mixer_names = tuple(op.component for op in layer.mixers)
+        ffn_name = layer.ffn.component if layer.ffn else None
+        key = (mixer_names, ffn_name)
         if key not in blocks:
-            if len(layer.mixers) > 1:
-                if layer.mixers not in parallels:
-                    branches = [components[n] for n in layer.mixers]
-                    parallels[layer.mixers] = ParallelPlan(namespace.create("".join(camel(n) for n in layer.mixers) + "Parallel"),
-                                                           branches, resolved.parallel_combine)
-                mixer = parallels[layer.mixers]
+            if layer.combine is not None:
+                if mixer_names not in parallels:
+                    branches = [components[n] for n in mixer_names]
+                    parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
+                                                          branches, layer.combine.config.mode)
+                mixer = parallels[mixer_names]
             else:
-                mixer = components[layer.mixers[0]] if layer.mixers else None
-            ffn = components[layer.ffn] if layer.ffn else None
-            parts = [camel(n) for n in layer.mixers] + ([camel(layer.ffn)] if layer.ffn else [])
+                mixer = components[mixer_names[0]] if mixer_names else None
+            ffn = components[ffn_name] if ffn_name else None
+            parts = [camel(n) for n in mixer_names] + ([camel(ffn_name)] if ffn_name else [])
             blocks[key] = BlockPlan(namespace.create("".join(parts or ["Identity"]) + "Block"), mixer, ffn)
         blocks[key].layers.append(layer.index)
         layer_blocks.append(blocks[key].class_name)
 
-    dims = {"d_model": d, "vocab_size": resolved.model.vocab_size, "n_layers": resolved.n_layers,
-            "max_seq_len": resolved.model.max_seq_len}
-    heads = [ExtraPlan(name, namespace.create(camel(name) + "Head"), head.kind, head, dict(dims), "heads")
-             for name, head in resolved.heads.items() if head.kind != "lm"]
-    memory = (ExtraPlan("memory", namespace.create("TitansMemory"), "titans", resolved.memory, dict(dims), "extras")
-              if resolved.memory else None)
-    symbolic = (ExtraPlan("symbolic", namespace.create("SymbolicReasoner"), "symbolic", resolved.symbolic, dict(dims), "extras")
-                if resolved.symbolic else None)
-    extras = heads + [e for e in (memory, symbolic) if e is not None]
-    used = sorted({f for c in components.values() for f in RUNTIME_FILES[c.kind]}
-                  | {f for e in extras for f in EXTRA_RUNTIME_FILES[e.kind]})
+    extra_dims = {"d_model": d, "vocab_size": dims.vocab_size, "n_layers": dims.n_layers, "max_seq_len": dims.max_seq_len}
+    heads, extras = [], {}
+    for op in ir.ops():
+        kind = kind_of(op.kind)
+        if kind.role == "head":
+            heads.append(ExtraPlan(op.component, namespace.create(camel(op.component) + "Head"), op.kind, op.config,
+                                   dict(extra_dims), "heads", kind.template))
+    for op in ir.ops():
+        kind = kind_of(op.kind)
+        if kind.role == "extra":
+            extras[op.name] = ExtraPlan(op.name, namespace.create(EXTRA_CLASS_NAMES.get(op.name, camel(op.name))), op.kind,
+                                        op.config, dict(extra_dims), "extras", kind.template)
+    used = sorted({f for op in ir.ops() for f in kind_of(op.kind).runtime_files(op.config)}
+                  | {f for c in components.values() for f in kind_of(c.kind).runtime_files(c.cfg)})
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
-    norm = resolved.model.norm
-    layout_text = _layout_text(resolved)
+    norm_op = ir.op("norm_f")
+    meta = [op for op in ir.ops() if op.kind == "meta_tokens"]
     return EmitPlan(
         name=resolved.name, description=resolved.description.strip(), version=__version__, source=spec_path,
         preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}", spec_hash=resolved.spec_hash,
-        d_model=d, vocab_size=resolved.model.vocab_size, tie_embeddings=resolved.model.tie_embeddings,
-        norm_kind=norm.kind, norm_eps=norm.eps, norm_bias=getattr(norm, "bias", False),
-        max_seq_len=resolved.model.max_seq_len, init_std=resolved.model.init_std, n_layers=resolved.n_layers,
-        meta_tokens=resolved.meta_tokens.count if resolved.meta_tokens else 0, components=list(components.values()),
+        d_model=d, vocab_size=dims.vocab_size, tie_embeddings=ir.op("lm_head").config.tied,
+        norm_kind=norm_op.kind, norm_eps=norm_op.config.eps, norm_bias=norm_op.config.bias,
+        max_seq_len=dims.max_seq_len, init_std=resolved.model.init_std, n_layers=dims.n_layers,
+        meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
-        runtime_files=used, report=report, layout_text=layout_text,
-        kernel_files=sorted({f for c in components.values() for f in KERNEL_FILES.get(c.kind, [])}),
-        heads=heads, memory=memory, symbolic=symbolic,
+        runtime_files=used, report=report, layout_text=_layout_text(layers),
+        kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
+        heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
     )
+
+
+def kernel_references(plan: EmitPlan, ir: IR) -> dict[str, str]:
+    """{kernel file: the runtime file holding its reference}, for the kernels the plan ships."""
+    return {op.kernel.file: op.kernel.reference for op in ir.ops() if op.kernel is not None}
 
 
 def _reject_unemitted(ir: IR) -> None:
     """A declared kind the emitter has no template for is an error, never a silent stand-in."""
     problems = []
-    resolved = ir.spec
-    declared = [(f"heads.{name}", "heads", head.kind) for name, head in resolved.heads.items() if head.kind != "lm"]
-    declared += [(field_name, "extras", kind) for field_name, kind in (("memory", "titans"), ("symbolic", "symbolic"))
-                 if getattr(resolved, field_name) is not None]
-    for path, group, kind in declared:
-        if not (TEMPLATES / "components" / group / f"{kind}.py.j2").exists():
-            problems.append(Diagnostic(path, f"'{kind}' is declared but archgen {__version__} cannot emit it yet",
-                                       f"remove {path} to build now (its cost still shows in `archgen inspect`)"))
+    for op in ir.ops():
+        kind = kind_of(op.kind)
+        if kind.role in ("head", "extra") and not (TEMPLATES / "components" / f"{kind.template}.py.j2").exists():
+            problems.append(Diagnostic(op.spec_path, f"'{op.kind}' is declared but archgen {__version__} cannot emit it yet",
+                                       f"remove {op.spec_path} to build now (its cost still shows in `archgen inspect`)"))
     if problems:
         raise CompileError(problems)
 
 
-def _component(name: str, cfg: Any, d: int, namespace: Namespace) -> ComponentPlan:
-    kind = cfg.kind
-    plan = ComponentPlan(name, namespace.create(camel(name)), kind, cfg, {"d_model": d})
-    dims = plan.dims
-    if kind in ("attention", "sparse_attention"):
-        rope = cfg.rope
-        dims.update(n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                    q_out=cfg.n_heads * cfg.head_dim, kv_out=cfg.n_kv_heads * cfg.head_dim, window=cfg.window,
-                    rope=rope is not None, rotary_dim=rope.rotary_dim if rope else None,
-                    rope_theta=rope.theta if rope else None, rope_scaling=rope.scaling if rope else None,
-                    rope_factor=rope.factor if rope else None,
-                    rope_original=rope.original_max_position if rope else None)
-        plan.has_cache = True
-        plan.produces_aux = kind == "sparse_attention"
-    elif kind == "mamba":
-        d_inner = cfg.expand * d
-        dims.update(d_inner=d_inner, d_state=cfg.d_state, d_conv=cfg.d_conv, dt_rank=cfg.dt_rank,
-                    xproj_out=cfg.dt_rank + 2 * cfg.d_state)
-        plan.has_cache = True
-    elif kind == "mamba2":
-        d_inner, conv_channels, n_heads = mamba2.sizes(cfg, type("D", (), {"d_model": d})())
-        dims.update(d_inner=d_inner, conv_channels=conv_channels, n_heads=n_heads, head_dim=cfg.head_dim,
-                    n_groups=cfg.n_groups, d_state=cfg.d_state, d_conv=cfg.d_conv, chunk_size=cfg.chunk_size,
-                    in_proj_out=d_inner + conv_channels + n_heads, bc_width=cfg.n_groups * cfg.d_state)
-        plan.has_cache = True
-    elif kind == "conv":
-        dims.update(d_conv=cfg.d_conv)
-        plan.has_cache = True
-    elif kind == "mlp":
-        dims.update(hidden=cfg.hidden, gated=cfg.activation in ("swiglu", "geglu"))
-    elif kind == "moe":
-        hidden = cfg.expert.hidden
-        gated = cfg.expert.activation in ("swiglu", "geglu")
-        dims.update(hidden=hidden, gated=gated, in_width=2 * hidden if gated else hidden, n_experts=cfg.n_experts,
-                    top_k=cfg.top_k, shared_hidden=hidden * cfg.shared_experts)
-        plan.produces_aux = True
-    dims["kind"] = kind
-    return plan
+def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Namespace,
+               kernel: KernelChoice | None) -> ComponentPlan:
+    kind = kind_of(kind_name)
+    template_dims = kind.template_dims(config, dims)
+    template_dims["kind"] = kind_name
+    return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
+                         produces_aux=kind.produces_aux, has_cache=kind.has_cache, kernel=kernel)
 
 
-def _layout_text(resolved) -> str:
+def _layout_text(layers: list[_Layer]) -> str:
     from archgen.resolve.layout_types import Slot
     from archgen.resolve.pattern import describe_slots
 
-    mixers = describe_slots([Slot(layer.mixers or ("none",)) for layer in resolved.layers])
-    ffns = describe_slots([Slot((layer.ffn or "none",)) for layer in resolved.layers])
+    mixers = describe_slots([Slot(tuple(op.component for op in layer.mixers) or ("none",)) for layer in layers])
+    ffns = describe_slots([Slot((layer.ffn.component if layer.ffn else "none",)) for layer in layers])
     return f"mixers {mixers}; feed-forwards {ffns}"

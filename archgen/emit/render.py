@@ -13,9 +13,10 @@ import pprint
 import jinja2
 import yaml
 
-from archgen.emit.plan import KERNEL_REFERENCES, EmitPlan
+from archgen.emit.plan import EmitPlan, kernel_references
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
+from archgen.kinds import kind_of
 from archgen.passes.cost import count
 from archgen.report.diagram import layout_svg
 from archgen.report.tables import human_bytes, human_count
@@ -70,7 +71,8 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
     for name in plan.runtime_files:
         files[f"ops/{name}.py"] = (TEMPLATES / "runtime" / f"{name}.py").read_text(encoding="utf-8")
     if plan.kernel_files:
-        files["kernels/__init__.py"] = env.get_template("package/kernels_init.py.j2").render(kernel_references=KERNEL_REFERENCES)
+        kernels_init = env.get_template("package/kernels_init.py.j2")
+        files["kernels/__init__.py"] = kernels_init.render(kernel_references=kernel_references(plan, ir))
         for name in plan.kernel_files:
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")
     for path, text in files.items():
@@ -93,7 +95,7 @@ def _block_params(plan: EmitPlan, ir: IR) -> dict[str, int]:
     table = {}
     for blk in plan.blocks:
         first = blk.layers[0]
-        table[blk.class_name] = sum(count(shape) for op in ir.ops() if op.layer == first and op.kind not in ("titans", "symbolic")
+        table[blk.class_name] = sum(count(shape) for op in ir.ops() if op.layer == first and kind_of(op.kind).role != "extra"
                                     for shape in op.params.values())
     return table
 

@@ -1,6 +1,6 @@
 """The cost model: exact parameter counts and FLOPs, weight, cache and activation bytes, read off the IR.
 
-Everything here is arithmetic over the per-kind formulas in `archgen.ir.kinds`; nothing is measured or estimated
+Everything here is arithmetic over the per-kind formulas in `archgen.kinds`; nothing is measured or estimated
 from the seeds. `CostReport` is plain data: the CLI renders it, the model card prints it, tests compare it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from archgen.ir.graph import IR
-from archgen.ir.kinds import KINDS, moe
+from archgen.kinds import kind_of
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1}
 
@@ -61,12 +61,6 @@ def parameter_table(ir: IR) -> dict[str, tuple[int, ...]]:
             for op in ir.ops() for name, shape in op.params.items()}
 
 
-def _inactive_expert_params(op, dims) -> int:
-    if op.kind != "moe":
-        return 0
-    return (op.cfg.n_experts - op.cfg.top_k) * moe.expert_parameter_count(op.cfg, dims)
-
-
 def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_dtype: str = "bfloat16",
                 contexts: tuple[int, ...] = (2048, 32768, 131072)) -> CostReport:
     context = context or seq_len
@@ -76,21 +70,19 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     total_flops = 0
     peak_elements = 0
     for op in ir.ops():
-        kind = KINDS[op.kind]
-        key = op.layer if op.layer is not None and op.kind not in ("titans", "symbolic") else op.name
+        kind = kind_of(op.kind)
+        key = op.layer if op.layer is not None and kind.role != "extra" else op.name  # extras get rows of their own
         row = rows.setdefault(key, {"params": 0, "active": 0, "flops": 0, "cache": 0, "labels": []})
         params = sum(count(s) for s in op.params.values())
         row["params"] += params
-        row["active"] += params - _inactive_expert_params(op, dims)
-        flops = kind.forward_flops(op.cfg, dims, seq_len)
+        row["active"] += params - kind.inactive_params(op.config, dims)
+        flops = kind.forward_flops(op.config, dims, seq_len)
         row["flops"] += flops
         total_flops += flops
-        row["cache"] += kind.cache_bytes(op.cfg, dims, context, itemsize)
+        row["cache"] += kind.cache_bytes(op.config, dims, context, itemsize)
         if op.component and op.component not in row["labels"]:
             row["labels"].append(op.component)
-        activation = getattr(kind, "activation_elements", None)
-        if activation is not None:
-            peak_elements = max(peak_elements, activation(op.cfg, dims, seq_len))
+        peak_elements = max(peak_elements, kind.activation_elements(op.config, dims, seq_len))
     layers = []
     for key, row in rows.items():
         index = key if isinstance(key, int) else None
@@ -100,7 +92,7 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     table = parameter_table(ir)
     total = sum(count(s) for s in table.values())
     active = sum(layer.active_params for layer in layers)
-    by_context = {c: sum(KINDS[op.kind].cache_bytes(op.cfg, dims, c, itemsize) for op in ir.ops()) for c in contexts}
+    by_context = {c: sum(kind_of(op.kind).cache_bytes(op.config, dims, c, itemsize) for op in ir.ops()) for c in contexts}
     residual_stream = 2 * seq_len * dims.d_model  # input and output of the op holding the peak
     return CostReport(
         seq_len=seq_len, context=context, cache_dtype=cache_dtype, total_params=total, active_params=active,

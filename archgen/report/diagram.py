@@ -1,17 +1,16 @@
 """Draw the layer pattern as an SVG: one column per layer, mixers on top (parallel branches stacked side by side),
-the feed-forward below, model-level pieces at the ends. Colours are fixed per kind so two diagrams compare at a glance.
+the feed-forward below, model-level pieces at the ends. Each kind has its fixed colour (its `colour` in
+archgen/kinds/<kind>.py), so two diagrams compare at a glance.
 """
 
 from __future__ import annotations
 
 from html import escape
 
+from archgen.kinds import kind_of
 from archgen.resolve.resolve import ResolvedSpec
 
-COLOURS = {
-    "attention": "#e4572e", "sparse_attention": "#f3a712", "mamba": "#29335c", "mamba2": "#4062bb", "conv": "#669bbc",
-    "mlp": "#a8c686", "moe": "#2a9d8f", "extra": "#8d99ae", "head": "#6d597a",
-}
+EXTRA_COLOUR, HEAD_COLOUR = "#8d99ae", "#6d597a"  # meta tokens and model-level extras; the heads column
 CELL, GAP, TOP = 26, 4, 56
 
 
@@ -28,32 +27,34 @@ def layout_svg(resolved: ResolvedSpec) -> str:
              f'<text x="10" y="{TOP + mixer_height + GAP + CELL / 2 + 4}">feed-forward</text>']
     x0 = 110
     if resolved.meta_tokens:
-        parts.append(_box(x0 - 6 - CELL, TOP, CELL, mixer_height, COLOURS["extra"], f"{resolved.meta_tokens.count} meta tokens"))
+        count = resolved.meta_tokens.config.count
+        parts.append(_box(x0 - 6 - CELL, TOP, CELL, mixer_height, EXTRA_COLOUR, f"{count} meta tokens"))
     for layer in resolved.layers:
         x = x0 + layer.index * (CELL + GAP)
         for b, name in enumerate(layer.mixers):
             kind = resolved.mixers[name].kind
-            parts.append(_box(x, TOP + b * (CELL + GAP), CELL, CELL, COLOURS[kind], f"layer {layer.index}: {name} ({kind})"))
+            title = f"layer {layer.index}: {name} ({kind})"
+            parts.append(_box(x, TOP + b * (CELL + GAP), CELL, CELL, kind_of(kind).colour, title))
         if layer.ffn:
             kind = resolved.ffns[layer.ffn].kind
             title = f"layer {layer.index}: {layer.ffn} ({kind})"
-            parts.append(_box(x, TOP + mixer_height + GAP, CELL, CELL, COLOURS[kind], title))
+            parts.append(_box(x, TOP + mixer_height + GAP, CELL, CELL, kind_of(kind).colour, title))
         if layer.index % 4 == 0:
             parts.append(f'<text x="{x + 2}" y="{TOP - 6}" font-size="9">{layer.index}</text>')
         for extra, spec in (("memory", resolved.memory), ("symbolic", resolved.symbolic)):
-            if spec is not None and spec.after_layer == layer.index:
+            if spec is not None and spec.config.after_layer == layer.index:
                 x_line = x + CELL + GAP / 2
                 parts.append(f'<line x1="{x_line}" y1="{TOP - 4}" x2="{x_line}" y2="{TOP + mixer_height + CELL + 8}" '
-                             f'stroke="{COLOURS["extra"]}" stroke-width="3">'
+                             f'stroke="{EXTRA_COLOUR}" stroke-width="3">'
                              f"<title>{extra} after layer {layer.index}</title></line>")
     x_end = x0 + n * (CELL + GAP) + 10
     heads = ["lm"] + [f"{name} ({h.kind})" for name, h in resolved.heads.items() if h.kind != "lm"]
     for i, head in enumerate(heads):
-        parts.append(_box(x_end, TOP + i * (CELL / 1.3 + GAP), 140, CELL / 1.3, COLOURS["head"], head, label=head))
+        parts.append(_box(x_end, TOP + i * (CELL / 1.3 + GAP), 140, CELL / 1.3, HEAD_COLOUR, head, label=head))
     legend_y = TOP + mixer_height + GAP + CELL + 30
     kinds = sorted({resolved.mixers[n].kind for n in resolved.mixers} | {f.kind for f in resolved.ffns.values()})
     for i, kind in enumerate(kinds):
-        parts.append(_box(10 + i * 120, legend_y, 14, 14, COLOURS[kind], kind))
+        parts.append(_box(10 + i * 120, legend_y, 14, 14, kind_of(kind).colour, kind))
         parts.append(f'<text x="{28 + i * 120}" y="{legend_y + 11}">{kind}</text>')
     parts.append("</svg>")
     return "\n".join(parts) + "\n"

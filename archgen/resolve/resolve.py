@@ -1,26 +1,42 @@
 """Resolve: a validated Spec -> ResolvedSpec, where every derived size is a number and the layout is one entry per layer.
 
-Nothing downstream re-derives a default: head_dim, n_kv_heads, dt_rank, Mamba-2 head counts, feed-forward hidden sizes
-and rotary dims are filled in here, once. The resolved document (plain data) is what `spec.lock.yaml` records and what
-the spec hash is computed over.
+Nothing downstream re-derives a default: each component's kind (archgen.kinds) turns its spec into a typed config with
+every size filled in (head_dim, n_kv_heads, dt_rank, Mamba-2 head counts, feed-forward hidden sizes, rotary dims, ...),
+once. The resolved document (plain data) is what `spec.lock.yaml` records and what the spec hash is computed over.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from archgen import __version__
 from archgen.errors import CompileError, Diagnostic
+from archgen.kinds import kind_of
 from archgen.resolve.layout_types import LayoutProblem, Slot
 from archgen.resolve.pattern import expand_pattern
 from archgen.resolve.ratio import expand_ratio
 from archgen.spec import models
 from archgen.spec.load import LoadedSpec
 from archgen.spec.yaml_source import SourceMap
+
+
+@dataclass(frozen=True)
+class Component:
+    """One resolved spec entry: its kind (a key of archgen.kinds.KINDS) and the typed config that kind resolved."""
+
+    kind: str
+    config: Any  # the kind's frozen config dataclass (e.g. archgen.kinds.attention.AttentionConfig)
+    document: dict  # how spec.lock.yaml records it
+
+
+def resolve_component(spec: Any, model: models.ModelDims, kind: str | None = None) -> Component:
+    kind = kind or spec.kind
+    handler = kind_of(kind)
+    config = handler.resolve(spec, model)
+    return Component(kind, config, handler.lock(spec, config))
 
 
 @dataclass(frozen=True)
@@ -39,14 +55,15 @@ class ResolvedSpec:
     overrides: tuple[str, ...]
     nominal_params: float | None
     model: models.ModelDims
-    mixers: dict[str, Any]  # name -> mixer spec with derived fields filled in (only the ones the layout uses)
-    ffns: dict[str, Any]
+    norm: Component  # the model's norm (every pre-norm, the final norm, parallel branches' norms)
+    mixers: dict[str, Component]  # only the ones the layout uses
+    ffns: dict[str, Component]
     layers: tuple[ResolvedLayer, ...]
     parallel_combine: str
-    meta_tokens: models.MetaTokensSpec | None
-    memory: models.TitansMemorySpec | None  # after_layer made non-negative
-    symbolic: models.SymbolicSpec | None
-    heads: dict[str, Any]
+    meta_tokens: Component | None
+    memory: Component | None  # after_layer made non-negative
+    symbolic: Component | None
+    heads: dict[str, Component]
     document: dict  # the resolved spec as plain data (spec.lock.yaml)
     spec_hash: str  # sha256 of the canonical JSON of `document`
 
@@ -77,12 +94,12 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
         if len(mixer_slot.names) > 1 and len(names) != len(mixer_slot.names):
             problems.append(Diagnostic("layout.mixers", f"layer {index}: 'none' cannot be a parallel branch",
                                        "drop it from the parallel group", source_map.locate(("layout", "mixers"))))
-        if len(names) > 1 and any(isinstance(spec.mixers[n], models.NoMixerSpec) for n in names):
+        if len(names) > 1 and any(spec.mixers[n].kind == "none" for n in names):
             problems.append(Diagnostic("layout.mixers", f"layer {index}: a mixer of kind 'none' cannot be a parallel branch",
                                        "drop it from the parallel group", source_map.locate(("layout", "mixers"))))
-        names = tuple(n for n in names if not isinstance(spec.mixers[n], models.NoMixerSpec))
+        names = tuple(n for n in names if spec.mixers[n].kind != "none")  # kind none is an empty slot
         ffn = ffn_slot.names[0]
-        ffn = None if ffn == "none" or isinstance(spec.ffns[ffn], models.NoFeedForwardSpec) else ffn
+        ffn = None if ffn == "none" or spec.ffns[ffn].kind == "none" else ffn
         layers.append(ResolvedLayer(index, names, ffn))
 
     memory = spec.memory
@@ -96,32 +113,36 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
     if problems:
         raise CompileError(problems)
 
-    d_model = spec.model.d_model
+    model = spec.model
     used_mixers = sorted({n for layer in layers for n in layer.mixers})
     used_ffns = sorted({layer.ffn for layer in layers if layer.ffn})
-    mixers = {n: resolve_mixer(spec.mixers[n], d_model) for n in used_mixers}
-    ffns = {n: resolve_ffn(spec.ffns[n], d_model) for n in used_ffns}
-    heads = dict(spec.heads)
+    mixers = {n: resolve_component(spec.mixers[n], model) for n in used_mixers}
+    ffns = {n: resolve_component(spec.ffns[n], model) for n in used_ffns}
+    heads = {n: resolve_component(h, model) for n, h in spec.heads.items()}
+    meta_tokens = resolve_component(spec.meta_tokens, model, "meta_tokens") if spec.meta_tokens else None
+    memory = resolve_component(memory, model) if memory else None
+    symbolic = resolve_component(symbolic, model, "symbolic") if symbolic else None
 
     document = {
         "schema_version": models.SCHEMA_VERSION,
         "name": spec.name,
-        "model": spec.model.model_dump(mode="json"),
-        "mixers": {n: m.model_dump(mode="json") for n, m in mixers.items()},
-        "ffns": {n: f.model_dump(mode="json") for n, f in ffns.items()},
+        "model": model.model_dump(mode="json"),
+        "mixers": {n: m.document for n, m in mixers.items()},
+        "ffns": {n: f.document for n, f in ffns.items()},
         "layers": [{"mixers": list(layer.mixers), "ffn": layer.ffn} for layer in layers],
         "parallel_combine": layout.parallel_combine,
-        "meta_tokens": spec.meta_tokens.model_dump(mode="json") if spec.meta_tokens else None,
-        "memory": memory.model_dump(mode="json") if memory else None,
-        "symbolic": symbolic.model_dump(mode="json") if symbolic else None,
-        "heads": {n: h.model_dump(mode="json") for n, h in heads.items()},
+        "meta_tokens": meta_tokens.document if meta_tokens else None,
+        "memory": memory.document if memory else None,
+        "symbolic": symbolic.document if symbolic else None,
+        "heads": {n: h.document for n, h in heads.items()},
     }
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
     spec_hash = hashlib.sha256(canonical.encode()).hexdigest()
     return ResolvedSpec(
         name=spec.name, description=spec.description, source_file=source_map.file, preset=loaded.preset,
-        overrides=loaded.overrides, nominal_params=spec.nominal_params, model=spec.model, mixers=mixers, ffns=ffns,
-        layers=tuple(layers), parallel_combine=layout.parallel_combine, meta_tokens=spec.meta_tokens, memory=memory,
+        overrides=loaded.overrides, nominal_params=spec.nominal_params, model=model,
+        norm=resolve_component(model.norm, model), mixers=mixers, ffns=ffns,
+        layers=tuple(layers), parallel_combine=layout.parallel_combine, meta_tokens=meta_tokens, memory=memory,
         symbolic=symbolic, heads=heads, document=document, spec_hash=spec_hash,
     )
 
@@ -136,38 +157,6 @@ def lock_document(resolved: ResolvedSpec) -> dict:
         "spec_hash": resolved.spec_hash,
         "resolved": resolved.document,
     }
-
-
-# ------------------------------------------------------------------------------------------------ derived sizes
-def resolve_mixer(mixer: Any, d_model: int) -> Any:
-    if isinstance(mixer, (models.AttentionSpec, models.SparseAttentionSpec)):
-        head_dim = mixer.head_dim or d_model // mixer.n_heads
-        rope = mixer.rope
-        if rope is not None:
-            rope = rope.model_copy(update={"rotary_dim": rope.rotary_dim or head_dim})
-        return mixer.model_copy(update={"head_dim": head_dim, "n_kv_heads": mixer.n_kv_heads or mixer.n_heads, "rope": rope})
-    if isinstance(mixer, models.MambaSpec):
-        dt_rank = math.ceil(d_model / 16) if mixer.dt_rank == "auto" else mixer.dt_rank
-        return mixer.model_copy(update={"dt_rank": dt_rank})
-    if isinstance(mixer, models.Mamba2Spec):
-        return mixer.model_copy(update={"n_heads": mixer.n_heads or mixer.expand * d_model // mixer.head_dim})
-    return mixer
-
-
-def ffn_hidden(shape: models.FeedForwardShape, d_model: int) -> int:
-    if shape.hidden is not None:
-        return shape.hidden
-    raw = int(shape.multiplier * d_model)
-    return -(-raw // shape.multiple_of) * shape.multiple_of
-
-
-def resolve_ffn(ffn: Any, d_model: int) -> Any:
-    if isinstance(ffn, models.MLPSpec):
-        return ffn.model_copy(update={"hidden": ffn_hidden(ffn, d_model), "multiplier": None})
-    if isinstance(ffn, models.MoESpec):
-        expert = ffn.expert.model_copy(update={"hidden": ffn_hidden(ffn.expert, d_model), "multiplier": None})
-        return ffn.model_copy(update={"expert": expert})
-    return ffn
 
 
 # ------------------------------------------------------------------------------------------------------ layout

@@ -41,8 +41,8 @@ def test_tiny_then_interleaved_takes_sizes_from_tiny_and_the_layout_from_interle
     compiled = compile_spec(HYMBA, "tiny,interleaved")
     assert compiled.resolved.d_model == 64
     assert compiled.resolved.model.vocab_size == 256
-    assert compiled.resolved.meta_tokens.count == 4
-    assert compiled.resolved.mixers["attn"].n_heads == 4
+    assert compiled.resolved.meta_tokens.config.count == 4
+    assert compiled.resolved.mixers["attn"].config.n_heads == 4
     assert layer_mixers(compiled) == [("global_attn",), ("ssm",), ("attn",), ("ssm",)]
 
 
@@ -77,14 +77,14 @@ def test_set_overrides_a_field_after_presets():
 def test_set_value_is_read_as_yaml():
     overrides = ["mixers.attn.window=1024", "model.tie_embeddings=true", "mixers.attn.rope.theta=1.0e+4"]
     compiled = compile_spec(LLAMA, None, overrides)
-    assert compiled.resolved.mixers["attn"].window == 1024
+    assert compiled.resolved.mixers["attn"].config.window == 1024
     assert compiled.resolved.model.tie_embeddings is True
-    assert compiled.resolved.mixers["attn"].rope.theta == 10000.0
+    assert compiled.resolved.mixers["attn"].config.rope.theta == 10000.0
 
 
 def test_set_can_create_a_missing_block():
     compiled = compile_spec(LLAMA, None, ["meta_tokens.count=8"])
-    assert compiled.resolved.meta_tokens.count == 8
+    assert compiled.resolved.meta_tokens.config.count == 8
 
 
 BAD_OVERRIDES = [

@@ -1,0 +1,138 @@
+"""Causal grouped-query attention: q/k/v/o projections, optional qk-norm, RoPE (no parameters), sliding window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archgen.errors import Diagnostic
+from archgen.kinds.base import Dims, Kind, divisors
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    scaling: str  # "none" | "linear" | "ntk" | "yarn"
+    factor: float
+    original_max_position: int | None  # the trained context; yarn needs it, the others ignore it
+    rotary_dim: int
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope: RopeConfig | None  # None: no positional rotation
+    window: int | None  # sliding window length in tokens; None: full causal
+    qk_norm: bool
+    qkv_bias: bool
+    out_bias: bool
+
+
+def visible_keys(seq_len: int, window: int | None) -> int:
+    """Σ over query positions i of the keys it sees: min(i + 1, window)."""
+    if window is None or window >= seq_len:
+        return seq_len * (seq_len + 1) // 2
+    return window * (window + 1) // 2 + (seq_len - window) * window
+
+
+class Attention(Kind[models.AttentionSpec, AttentionConfig]):
+    name = "attention"
+    role = "mixer"
+    template = "attention"
+    runtime = ("attention",)
+    colour = "#e4572e"
+    has_cache = True
+
+    def check(self, spec, path: str, model) -> list[Diagnostic]:
+        problems: list[Diagnostic] = []
+        d_model = model.d_model
+        n_kv = spec.n_kv_heads or spec.n_heads
+        if spec.n_heads % n_kv:
+            options = ", ".join(map(str, divisors(spec.n_heads)))
+            problems.append(Diagnostic(f"{path}.n_kv_heads", f"n_heads={spec.n_heads} is not divisible by n_kv_heads={n_kv}",
+                                       f"use one of {options}"))
+        head_dim = spec.head_dim
+        if head_dim is None:
+            if d_model % spec.n_heads:
+                options = ", ".join(str(d) for d in divisors(d_model) if d <= 256)
+                problems.append(Diagnostic(f"{path}.n_heads",
+                                           f"d_model={d_model} is not divisible by n_heads={spec.n_heads}, "
+                                           "so head_dim cannot be derived",
+                                           f"set head_dim explicitly, or use n_heads in {options}"))
+                return problems
+            head_dim = d_model // spec.n_heads
+        if spec.rope is not None:
+            rotary = spec.rope.rotary_dim or head_dim
+            if rotary > head_dim:
+                problems.append(Diagnostic(f"{path}.rope.rotary_dim", f"rotary_dim={rotary} exceeds head_dim={head_dim}",
+                                           f"use an even rotary_dim <= {head_dim}"))
+            if rotary % 2:
+                field = "rope.rotary_dim" if spec.rope.rotary_dim else "head_dim"
+                problems.append(Diagnostic(f"{path}.{field}",
+                                           f"RoPE rotates pairs of dimensions, so {field.split('.')[-1]}={rotary} must be even",
+                                           f"use {rotary - 1} or {rotary + 1}"))
+            if spec.rope.scaling == "yarn" and spec.rope.original_max_position is None:
+                problems.append(Diagnostic(f"{path}.rope.original_max_position",
+                                           "YaRN scaling needs the context length the model was trained at",
+                                           "set rope.original_max_position, e.g. 4096"))
+            if spec.rope.scaling != "none" and spec.rope.factor == 1.0:
+                problems.append(Diagnostic(f"{path}.rope.factor",
+                                           f"rope scaling '{spec.rope.scaling}' with factor 1.0 changes nothing",
+                                           "set factor > 1 or scaling: none", severity="warning"))
+        return problems
+
+    def resolve(self, spec, model) -> AttentionConfig:
+        head_dim = spec.head_dim or model.d_model // spec.n_heads
+        rope = spec.rope
+        if rope is not None:
+            rope = RopeConfig(rope.theta, rope.scaling, rope.factor, rope.original_max_position, rope.rotary_dim or head_dim)
+        return AttentionConfig(spec.n_heads, spec.n_kv_heads or spec.n_heads, head_dim, rope, spec.window, spec.qk_norm,
+                               spec.qkv_bias, spec.out_bias)
+
+    def lock(self, spec, config: AttentionConfig) -> dict:
+        rope = spec.rope.model_copy(update={"rotary_dim": config.rope.rotary_dim}) if spec.rope is not None else None
+        filled = {"head_dim": config.head_dim, "n_kv_heads": config.n_kv_heads, "rope": rope}
+        return spec.model_copy(update=filled).model_dump(mode="json")
+
+    def parameters(self, config: AttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        d, hd = dims.d_model, config.head_dim
+        q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
+        table = {"q_proj.weight": (q_out, d), "k_proj.weight": (kv_out, d), "v_proj.weight": (kv_out, d)}
+        if config.qkv_bias:
+            table.update({"q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)})
+        table["o_proj.weight"] = (d, q_out)
+        if config.out_bias:
+            table["o_proj.bias"] = (d,)
+        if config.qk_norm:
+            table.update({"q_norm.weight": (hd,), "k_norm.weight": (hd,)})
+        return table
+
+    def projection_flops(self, config: AttentionConfig, dims: Dims, q_rows: float, kv_rows: float) -> float:
+        return 2 * dims.d_model * config.head_dim * (q_rows * config.n_heads * 2 + kv_rows * config.n_kv_heads * 2)
+
+    def forward_flops(self, config: AttentionConfig, dims: Dims, seq_len: int) -> int:
+        scores_and_values = 4 * config.n_heads * config.head_dim * visible_keys(seq_len, config.window)
+        return self.projection_flops(config, dims, seq_len, seq_len) + scores_and_values
+
+    def cache_bytes(self, config: AttentionConfig, dims: Dims, context: int, itemsize: int) -> int:
+        kept = context if config.window is None else min(context, config.window)
+        return 2 * config.n_kv_heads * config.head_dim * kept * itemsize
+
+    def activation_elements(self, config: AttentionConfig, dims: Dims, seq_len: int) -> int:
+        """q, k, v and the output, plus one head's score matrix (fused kernels never hold all)."""
+        kept = seq_len if config.window is None else min(seq_len, config.window)
+        return seq_len * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads) + seq_len * kept
+
+    def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
+        rope = config.rope
+        return {"d_model": dims.d_model, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
+                    "q_out": config.n_heads * config.head_dim, "kv_out": config.n_kv_heads * config.head_dim,
+                    "window": config.window,
+                    "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
+                    "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
+                    "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None}
+
+
+KIND = Attention()

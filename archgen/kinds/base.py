@@ -1,0 +1,112 @@
+"""The protocol every layer kind implements, and the model-wide sizes its formulas read.
+
+A kind is one class in one module of `archgen.kinds` (an instance named `KIND`, or a tuple `KINDS` when one module
+holds two closely related kinds). Each stage of the compiler asks the registry (`archgen.kinds.KINDS`) for the kind
+of a spec entry or an op and calls the method it needs; no stage branches on kind names:
+
+    spec/checks.py      check(spec, path, model)            cross-field rules, as located Diagnostics
+    resolve/resolve.py  resolve(spec, model) -> config      every derived size filled: a frozen dataclass, no Nones
+                        lock(spec, config) -> dict          what spec.lock.yaml records (and the hash covers)
+    ir/graph.py         parameters(config, dims)            names exactly as the generated module registers them
+    passes/shapes.py    output_shape(config, dims, inputs)
+    passes/cost.py      forward_flops, cache_bytes, activation_elements, inactive_params
+    passes/kernels.py   (a rule names the kind: see archgen.passes.kernels.KERNEL_RULES)
+    emit/plan.py        template, template_dims(config, dims), runtime_files(config), flags (has_cache,
+                        produces_aux), subcomponents(config)
+    report/diagram.py   colour
+
+FLOPs count a multiply-add as 2 and include the SSM recurrences; element-wise work (norms, activations, RoPE,
+softmax) is not counted, as in the usual 2·N·D accounting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, Literal, TypeVar
+
+from archgen.errors import Diagnostic
+
+Shape = tuple[int | str, ...]
+Role = Literal["mixer", "ffn", "norm", "combine", "head", "extra", "model", "empty"]
+
+SpecT = TypeVar("SpecT")
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Model-wide sizes an op's formulas and templates need."""
+
+    d_model: int
+    vocab_size: int
+    n_layers: int = 0
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-5
+
+
+def divisors(n: int) -> list[int]:
+    """For fixes that name acceptable values: the divisors of n, ascending."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+class Kind(Generic[SpecT, ConfigT]):
+    """One layer kind. Defaults describe a kind that owns nothing, costs nothing and keeps no cache."""
+
+    name: ClassVar[str]  # the spec's `kind` tag, and the op kind in the IR
+    role: ClassVar[Role]
+    template: ClassVar[str | None] = None  # templates/components/<template>.py.j2 (heads and extras: <group>/<kind>)
+    runtime: ClassVar[tuple[str, ...]] = ()  # templates/runtime/<file>.py the generated code imports from
+    colour: ClassVar[str] = "#8d99ae"  # its boxes in diagram.svg
+    has_cache: ClassVar[bool] = False  # keeps decoding state (its module has empty_cache)
+    produces_aux: ClassVar[bool] = False  # forward returns (y, {name: weighted auxiliary loss})
+    builds_op: ClassVar[bool] = True  # False for a spec entry that is already part of the backbone (the `lm` head)
+
+    # -------------------------------------------------------------------------------- spec -> resolved config
+    def check(self, spec: SpecT, path: str, model: Any) -> list[Diagnostic]:
+        """Rules across this entry's fields (and the model's sizes); `path` is the entry's dotted spec path."""
+        return []
+
+    def resolve(self, spec: SpecT, model: Any) -> ConfigT:
+        """The config the later stages read: every derived size a number. `model` is the spec's ModelDims."""
+        raise NotImplementedError(f"kind '{self.name}' does not resolve a spec entry")
+
+    def lock(self, spec: SpecT, config: ConfigT) -> dict:
+        """The entry as spec.lock.yaml records it: the spec as written, with the sizes resolve derived filled in."""
+        return spec.model_dump(mode="json")
+
+    # ------------------------------------------------------------------------------------------ IR and cost
+    def parameters(self, config: ConfigT, dims: Dims) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def output_shape(self, config: ConfigT, dims: Dims, inputs: list[Shape]) -> Shape:
+        return tuple(inputs[0])
+
+    def forward_flops(self, config: ConfigT, dims: Dims, seq_len: int) -> int:
+        """One sequence of seq_len tokens, batch 1."""
+        return 0
+
+    def cache_bytes(self, config: ConfigT, dims: Dims, context: int, itemsize: int) -> int:
+        """Decode-time state for one sequence at `context` tokens."""
+        return 0
+
+    def activation_elements(self, config: ConfigT, dims: Dims, seq_len: int) -> int:
+        """The largest intermediate the op holds at once, in elements (batch 1)."""
+        return 0
+
+    def inactive_params(self, config: ConfigT, dims: Dims) -> int:
+        """Parameters a token does not use (routed experts it is not sent to)."""
+        return 0
+
+    # ---------------------------------------------------------------------------------------------- emission
+    def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
+        """Every literal the kind's template prints."""
+        return {"d_model": dims.d_model}
+
+    def runtime_files(self, config: ConfigT) -> tuple[str, ...]:
+        return self.runtime
+
+    def subcomponents(self, config: ConfigT) -> list[tuple[str, str, Any]]:
+        """(suffix, kind, config) of modules the emitted class builds from other kinds' classes (MoE's shared
+        experts are one MLP); each becomes a class `<Name><Suffix>` the template finds as dims['<suffix>_class']."""
+        return []

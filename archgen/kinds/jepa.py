@@ -1,0 +1,65 @@
+"""JEPA world-model head: a mask embedding and an MLP predictor from context latents to target latents.
+
+The target encoder is an exponential-moving-average copy of the backbone kept as buffers (no gradients), so it is
+not counted as parameters here. The target projection (latent_dim != d_model) is a parameter that never trains: it
+sits on the no-grad target side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archgen.kinds.base import Dims, Kind, Shape
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class JEPAConfig:
+    predictor_layers: int
+    predictor_hidden: int
+    latent_dim: int
+    mask_ratio: float
+    ema_momentum: float
+    l2_weight: float
+    vicreg_invariance_weight: float
+    vicreg_variance_weight: float
+    vicreg_covariance_weight: float
+    loss_weight: float
+
+    def predictor_widths(self, dims: Dims) -> list[int]:
+        return [dims.d_model] + [self.predictor_hidden] * (self.predictor_layers - 1) + [self.latent_dim]
+
+
+class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
+    name = "jepa"
+    role = "head"
+    template = "heads/jepa"
+    runtime = ("jepa",)
+    colour = "#6d597a"
+
+    def resolve(self, spec, model) -> JEPAConfig:
+        d = model.d_model
+        return JEPAConfig(spec.predictor_layers, spec.predictor_hidden or d, spec.latent_dim or d, spec.mask_ratio,
+                          spec.ema_momentum, spec.l2_weight, spec.vicreg_invariance_weight, spec.vicreg_variance_weight,
+                          spec.vicreg_covariance_weight, spec.loss_weight)
+
+    def parameters(self, config: JEPAConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        d = dims.d_model
+        widths = config.predictor_widths(dims)
+        table = {"mask_token.weight": (1, d)}  # an nn.Embedding of one row, so Model.init_weights covers it
+        for i in range(config.predictor_layers):
+            table[f"predictor.{i}.weight"] = (widths[i + 1], widths[i])
+            table[f"predictor.{i}.bias"] = (widths[i + 1],)
+        if config.latent_dim != d:
+            table["target_projection.weight"] = (config.latent_dim, d)
+        return table
+
+    def output_shape(self, config: JEPAConfig, dims: Dims, inputs: list[Shape]) -> Shape:
+        return ("B", inputs[0][1], config.latent_dim)
+
+    def forward_flops(self, config: JEPAConfig, dims: Dims, seq_len: int) -> int:
+        widths = config.predictor_widths(dims)
+        return seq_len * sum(2 * widths[i] * widths[i + 1] for i in range(config.predictor_layers))
+
+
+KIND = JEPA()

@@ -1,0 +1,92 @@
+"""Mamba-1 selective SSM: in_proj → causal depthwise conv + SiLU → x_proj (Δ, B, C) → dt_proj → scan → gate → out_proj."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from archgen.errors import Diagnostic
+from archgen.kinds.base import Dims, Kind
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    d_state: int
+    d_conv: int
+    expand: int
+    dt_rank: int
+    conv_bias: bool
+    bias: bool  # in/out projection biases
+    dt_min: float  # range of the initial step size
+    dt_max: float
+
+    def d_inner(self, dims: Dims) -> int:
+        return self.expand * dims.d_model
+
+
+# Per channel and state element and token: exp(Δ·A) (1), Δ·B·x (2), a·h + b (2), C·h accumulated (2).
+SCAN_FLOPS_PER_STATE = 7
+
+
+class Mamba(Kind[models.MambaSpec, MambaConfig]):
+    name = "mamba"
+    role = "mixer"
+    template = "mamba"
+    runtime = ("ssm",)
+    colour = "#29335c"
+    has_cache = True
+
+    def check(self, spec, path: str, model) -> list[Diagnostic]:
+        if spec.dt_min >= spec.dt_max:
+            return [Diagnostic(f"{path}.dt_min", f"dt_min={spec.dt_min} must be below dt_max={spec.dt_max}",
+                               "swap them, or use the defaults 0.001 and 0.1")]
+        return []
+
+    def resolve(self, spec, model) -> MambaConfig:
+        dt_rank = math.ceil(model.d_model / 16) if spec.dt_rank == "auto" else spec.dt_rank  # the paper's "auto"
+        return MambaConfig(spec.d_state, spec.d_conv, spec.expand, dt_rank, spec.conv_bias, spec.bias, spec.dt_min, spec.dt_max)
+
+    def lock(self, spec, config: MambaConfig) -> dict:
+        return spec.model_copy(update={"dt_rank": config.dt_rank}).model_dump(mode="json")
+
+    def parameters(self, config: MambaConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        d, di, n, r = dims.d_model, config.d_inner(dims), config.d_state, config.dt_rank
+        table = {"in_proj.weight": (2 * di, d)}
+        if config.bias:
+            table["in_proj.bias"] = (2 * di,)
+        table["conv1d.weight"] = (di, 1, config.d_conv)
+        if config.conv_bias:
+            table["conv1d.bias"] = (di,)
+        table.update({
+            "x_proj.weight": (r + 2 * n, di),
+            "dt_proj.weight": (di, r),
+            "dt_proj.bias": (di,),
+            "A_log": (di, n),
+            "D": (di,),
+            "out_proj.weight": (d, di),
+        })
+        if config.bias:
+            table["out_proj.bias"] = (d,)
+        return table
+
+    def forward_flops(self, config: MambaConfig, dims: Dims, seq_len: int) -> int:
+        d, di, n, r = dims.d_model, config.d_inner(dims), config.d_state, config.dt_rank
+        per_token = (2 * d * 2 * di + 2 * di * config.d_conv + 2 * di * (r + 2 * n) + 2 * r * di
+                     + SCAN_FLOPS_PER_STATE * di * n + 2 * di * d)
+        return seq_len * per_token
+
+    def cache_bytes(self, config: MambaConfig, dims: Dims, context: int, itemsize: int) -> int:
+        di = config.d_inner(dims)
+        return di * (config.d_conv - 1) * itemsize + di * config.d_state * 4  # the SSM state is kept in float32
+
+    def activation_elements(self, config: MambaConfig, dims: Dims, seq_len: int) -> int:
+        """x and z, the conv output, Δ, B, C and the output (the state lives in chunks, not over the whole sequence)."""
+        return seq_len * (5 * config.d_inner(dims) + 2 * config.d_state)
+
+    def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
+        return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
+                    "dt_rank": config.dt_rank, "xproj_out": config.dt_rank + 2 * config.d_state}
+
+
+KIND = Mamba()

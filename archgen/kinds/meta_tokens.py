@@ -1,0 +1,30 @@
+"""Hymba's meta tokens: a learnable (count, d_model) prefix, prepended on the first forward of a sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archgen.kinds.base import Dims, Kind, Shape
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class MetaTokensConfig:
+    count: int
+
+
+class MetaTokens(Kind[models.MetaTokensSpec, MetaTokensConfig]):
+    name = "meta_tokens"
+    role = "model"
+
+    def resolve(self, spec, model) -> MetaTokensConfig:
+        return MetaTokensConfig(spec.count)
+
+    def parameters(self, config: MetaTokensConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        return {"meta_tokens": (config.count, dims.d_model)}
+
+    def output_shape(self, config: MetaTokensConfig, dims: Dims, inputs: list[Shape]) -> Shape:
+        return ("B", f"L+{config.count}", dims.d_model)
+
+
+KIND = MetaTokens()

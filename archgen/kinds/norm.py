@@ -1,0 +1,36 @@
+"""RMSNorm and LayerNorm over d_model: the pre-norms of every layer, the final norm, parallel branches' norms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archgen.kinds.base import Dims, Kind
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    eps: float
+    bias: bool  # LayerNorm's bias; RMSNorm has none
+
+
+class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
+    name = "rmsnorm"
+    role = "norm"
+
+    def resolve(self, spec, model) -> NormConfig:
+        return NormConfig(spec.eps, False)
+
+    def parameters(self, config: NormConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        d = dims.d_model
+        return {"weight": (d,), "bias": (d,)} if config.bias else {"weight": (d,)}
+
+
+class LayerNorm(RMSNorm):
+    name = "layernorm"
+
+    def resolve(self, spec, model) -> NormConfig:
+        return NormConfig(spec.eps, spec.bias)
+
+
+KINDS = (RMSNorm(), LayerNorm())

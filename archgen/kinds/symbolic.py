@@ -1,0 +1,61 @@
+"""Neuro-symbolic module: predicate extractor, learned rule weights, projection of conclusions back to d_model.
+
+The learned rules' logits are the weights of two Linear modules that are never called (`rule_premises.weight`,
+`rule_conclusions.weight`, each (learned_rules, P)): being Linear weights, Model.init_weights draws them, also for
+a model built on the meta device. Declared rules are constants of the generated code, not parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from archgen.errors import Diagnostic
+from archgen.kinds.base import Dims, Kind
+from archgen.spec import models
+
+
+@dataclass(frozen=True)
+class SymbolicConfig:
+    after_layer: int  # applied after this layer (non-negative)
+    predicates: tuple[str, ...]
+    rules: tuple[models.SymbolicRule, ...]
+    learned_rules: int
+    steps: int
+
+
+class Symbolic(Kind[models.SymbolicSpec, SymbolicConfig]):
+    name = "symbolic"
+    role = "extra"
+    template = "extras/symbolic"
+    runtime = ("symbolic",)
+
+    def check(self, spec, path: str, model) -> list[Diagnostic]:
+        problems = []
+        declared = set(spec.predicates)
+        for i, rule in enumerate(spec.rules):
+            for field, names in (("premises", rule.premises), ("conclusion", [rule.conclusion])):
+                for predicate in names:
+                    if predicate not in declared:
+                        problems.append(Diagnostic(f"{path}.rules[{i}].{field}", f"predicate '{predicate}' is not declared",
+                                                   f"add it to {path}.predicates ({', '.join(sorted(declared))})"))
+        return problems
+
+    def resolve(self, spec, model) -> SymbolicConfig:
+        return SymbolicConfig(spec.after_layer, tuple(spec.predicates), tuple(spec.rules), spec.learned_rules, spec.steps)
+
+    def parameters(self, config: SymbolicConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
+        p = len(config.predicates)
+        table = {"extract.weight": (p, dims.d_model), "extract.bias": (p,)}
+        if config.learned_rules:
+            table["rule_premises.weight"] = (config.learned_rules, p)
+            table["rule_conclusions.weight"] = (config.learned_rules, p)
+        table["project.weight"] = (dims.d_model, p)
+        return table
+
+    def forward_flops(self, config: SymbolicConfig, dims: Dims, seq_len: int) -> int:
+        p = len(config.predicates)
+        rules = len(config.rules) + config.learned_rules
+        return seq_len * (2 * dims.d_model * p * 2 + config.steps * rules * p * 2)
+
+
+KIND = Symbolic()

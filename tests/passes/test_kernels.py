@@ -1,0 +1,51 @@
+"""Kernel selection: the pass gives each op the kernel of the first matching rule, and the emitter ships and calls
+exactly the kernels the ops were given."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from archgen.emit import emit
+from archgen.passes.kernels import KERNEL_RULES, KernelRule, select_kernels
+from archgen.pipeline import compile_spec
+from tests.conftest import ROOT
+
+NEXUS = ROOT / "specs" / "nexus.yaml"  # Mamba-1 and attention
+HSPMN = ROOT / "specs" / "hspmn.yaml"  # convolution and sparse attention: no kernel yet
+
+
+def test_every_mamba_op_gets_the_selective_scan_and_nothing_else_gets_a_kernel():
+    ir = compile_spec(NEXUS, "tiny").ir
+    chosen = {op.name: op.kernel.file for op in ir.ops() if op.kernel is not None}
+    mamba = {op.name for op in ir.ops() if op.kind == "mamba"}
+    assert mamba and set(chosen) == mamba
+    assert set(chosen.values()) == {"selective_scan"}
+
+
+def test_a_rule_with_a_condition_applies_only_where_it_holds():
+    ir = compile_spec(NEXUS, "tiny").ir
+    windowed = KernelRule("attention", "windowed_attention", "attention", "attention", "test rule",
+                          when=lambda config: config.window is not None)
+    full = KernelRule("attention", "full_attention", "attention", "attention", "test rule")
+    select_kernels(ir, [windowed, full, *KERNEL_RULES])
+    for op in ir.ops():
+        if op.kind == "attention":
+            assert op.kernel.file == ("windowed_attention" if op.config.window else "full_attention")
+
+
+def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
+    compiled = compile_spec(NEXUS, "tiny")
+    files = emit(compiled, Path(NEXUS).relative_to(ROOT).as_posix()).files
+    assert "kernels/selective_scan.py" in files
+    assert "kernels.selective_scan(" in files["model.py"]
+
+    for op in compiled.ir.ops():
+        op.kernel = None  # as if no rule matched
+    files = emit(compiled, Path(NEXUS).relative_to(ROOT).as_posix()).files
+    assert not any(path.startswith("kernels/") for path in files)
+    assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]
+
+
+def test_a_model_without_a_kernel_kind_has_no_kernels_package():
+    files = emit(compile_spec(HSPMN, "tiny"), "specs/hspmn.yaml").files
+    assert not any(path.startswith("kernels/") for path in files)
