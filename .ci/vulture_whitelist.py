@@ -5,6 +5,11 @@ _ = object()
 
 # Read by the Jinja templates (templates/package/model.py.j2 includes each extra's model template).
 _.model_template
+# EmitPlan fields only the templates read.
+_.n_branches
+_.import_lines
+_.layout_text
+_.preludes
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight

@@ -40,6 +40,10 @@ class ParallelPlan:
     mode: str  # "normalized_mean" | "sum"
 
     @property
+    def n_branches(self) -> int:
+        return len(self.branches)
+
+    @property
     def produces_aux(self) -> bool:
         return any(b.produces_aux for b in self.branches)
 
@@ -115,6 +119,7 @@ class EmitPlan:
     blocks: list[BlockPlan]
     layer_blocks: list[str]  # block class name of each layer, in order
     runtime_files: list[str]
+    import_lines: list[str]  # `from .ops.<file> import <names>`, one per runtime file, from the ops' import tables
     kernel_files: list[str]
     report: CostReport
     layout_text: str
@@ -205,14 +210,13 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         kind = kind_of(op.kind)
         if kind.role == "head":
             heads.append(ExtraPlan(op.component, namespace.create(camel(op.component) + "Head"), op.kind, op.config,
-                                   dict(extra_dims), "heads", kind.template))
+                                   extra_dims | kind.template_dims(op.config, dims), "heads", kind.template))
     for op in ir.ops():
         kind = kind_of(op.kind)
         if kind.role == "extra":
             extras[op.name] = ExtraPlan(op.name, namespace.create(EXTRA_CLASS_NAMES.get(op.name, camel(op.name))), op.kind,
-                                        op.config, dict(extra_dims), "extras", kind.template)
-    used = sorted({f for op in ir.ops() for f in kind_of(op.kind).runtime_files(op.config)}
-                  | {f for c in components.values() for f in kind_of(c.kind).runtime_files(c.cfg)})
+                                        op.config, extra_dims | kind.template_dims(op.config, dims), "extras", kind.template)
+    imports = _import_table([(op.kind, op.config) for op in ir.ops()] + [(c.kind, c.cfg) for c in components.values()])
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     norm_op = ir.op("norm_f")
@@ -225,10 +229,21 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         max_seq_len=dims.max_seq_len, init_std=resolved.model.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
-        runtime_files=used, report=report, layout_text=_layout_text(layers),
+        runtime_files=sorted(imports), import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}"
+                                                     for file, names in sorted(imports.items())],
+        report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
     )
+
+
+def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
+    """{runtime file: every name some op's template uses from it}: the one table the import lines are written from."""
+    table: dict[str, set[str]] = {}
+    for kind, config in configs:
+        for file, names in kind_of(kind).imports(config).items():
+            table.setdefault(file, set()).update(names)
+    return table
 
 
 def kernel_references(plan: EmitPlan, ir: IR) -> dict[str, str]:

@@ -41,7 +41,6 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     name = "attention"
     role = "mixer"
     template = "attention"
-    runtime = ("attention",)
     colour = "#e4572e"
     has_cache = True
 
@@ -125,11 +124,17 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         kept = seq_len if config.window is None else min(seq_len, config.window)
         return seq_len * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads) + seq_len * kept
 
+    def imports(self, config: AttentionConfig) -> dict[str, tuple[str, ...]]:
+        rope = ("apply_rope", "rope_cos_sin", "rope_inv_freq") if config.rope else ()
+        return {"attention": ("KVCache", "attention", *rope)}
+
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope
-        return {"d_model": dims.d_model, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim,
-                    "q_out": config.n_heads * config.head_dim, "kv_out": config.n_kv_heads * config.head_dim,
-                    "window": config.window,
+        return {"router": False, "qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias, "out_bias": config.out_bias,
+                "norm_eps": dims.norm_eps, "inv_freq_size": rope.rotary_dim // 2 if rope else None,
+                "d_model": dims.d_model, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
+                "head_dim": config.head_dim, "q_out": config.n_heads * config.head_dim,
+                "kv_out": config.n_kv_heads * config.head_dim, "window": config.window,
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
                     "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None}

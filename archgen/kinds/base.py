@@ -11,8 +11,8 @@ of a spec entry or an op and calls the method it needs; no stage branches on kin
     passes/shapes.py    output_shape(config, dims, inputs)
     passes/cost.py      forward_flops, cache_bytes, activation_elements, inactive_params
     passes/kernels.py   (a rule names the kind: see archgen.passes.kernels.KERNEL_RULES)
-    emit/plan.py        template, template_dims(config, dims), runtime_files(config), flags (has_cache,
-                        produces_aux), subcomponents(config)
+    emit/plan.py        template, template_dims(config, dims), imports(config) (runtime files and the names used from
+                        them), flags (has_cache, produces_aux), subcomponents(config)
     report/diagram.py   colour
 
 FLOPs count a multiply-add as 2 and include the SSM recurrences; element-wise work (norms, activations, RoPE,
@@ -56,7 +56,6 @@ class Kind(Generic[SpecT, ConfigT]):
     name: ClassVar[str]  # the spec's `kind` tag, and the op kind in the IR
     role: ClassVar[Role]
     template: ClassVar[str | None] = None  # templates/components/<template>.py.j2 (heads and extras: <group>/<kind>)
-    runtime: ClassVar[tuple[str, ...]] = ()  # templates/runtime/<file>.py the generated code imports from
     colour: ClassVar[str] = "#8d99ae"  # its boxes in diagram.svg
     has_cache: ClassVar[bool] = False  # keeps decoding state (its module has empty_cache)
     produces_aux: ClassVar[bool] = False  # forward returns (y, {name: weighted auxiliary loss})
@@ -103,8 +102,13 @@ class Kind(Generic[SpecT, ConfigT]):
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}
 
+    def imports(self, config: ConfigT) -> dict[str, tuple[str, ...]]:
+        """{runtime file: the names its template uses from it}: templates/runtime/<file>.py is copied to the
+        package's ops/<file>.py, and the model's import lines are written from these tables (emit/plan.py)."""
+        return {}
+
     def runtime_files(self, config: ConfigT) -> tuple[str, ...]:
-        return self.runtime
+        return tuple(self.imports(config))
 
     def subcomponents(self, config: ConfigT) -> list[tuple[str, str, Any]]:
         """(suffix, kind, config) of modules the emitted class builds from other kinds' classes (MoE's shared

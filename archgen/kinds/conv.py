@@ -19,7 +19,6 @@ class Conv(Kind[models.ConvSpec, ConvConfig]):
     name = "conv"
     role = "mixer"
     template = "conv"
-    runtime = ("ssm",)  # causal_conv1d
     colour = "#669bbc"
     has_cache = True
 
@@ -38,8 +37,12 @@ class Conv(Kind[models.ConvSpec, ConvConfig]):
     def cache_bytes(self, config: ConvConfig, dims: Dims, context: int, itemsize: int) -> int:
         return dims.d_model * (config.d_conv - 1) * itemsize
 
+    def imports(self, config: ConvConfig) -> dict[str, tuple[str, ...]]:
+        return {"ssm": ("causal_conv1d",)}
+
     def template_dims(self, config: ConvConfig, dims: Dims) -> dict:
-        return {"d_model": dims.d_model, "d_conv": config.d_conv}
+        return {"d_model": dims.d_model, "d_conv": config.d_conv, "bias": config.bias, "silu": config.activation == "silu",
+                "conv_state_width": config.d_conv - 1}
 
 
 KIND = Conv()

@@ -20,7 +20,6 @@ class Forecaster(Kind[models.ForecasterHeadSpec, ForecasterConfig]):
     name = "forecaster"
     role = "head"
     template = "heads/forecaster"
-    runtime = ("forecast",)
     colour = "#6d597a"
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
@@ -37,6 +36,14 @@ class Forecaster(Kind[models.ForecasterHeadSpec, ForecasterConfig]):
 
     def resolve(self, spec, model) -> ForecasterConfig:
         return ForecasterConfig(spec.n_bins, tuple(spec.value_range), spec.loss_weight)
+
+    def imports(self, config: ForecasterConfig) -> dict[str, tuple[str, ...]]:
+        return {"forecast": ("detokenize", "tokenize")}
+
+    def template_dims(self, config: ForecasterConfig, dims: Dims) -> dict:
+        return {"n_bins": config.n_bins, "low": config.value_range[0], "high": config.value_range[1],
+                "first_series_id": dims.vocab_size - config.n_bins, "last_token_id": dims.vocab_size - 1,
+                "loss_weight": config.loss_weight}
 
     def parameters(self, config: ForecasterConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         return {"proj.weight": (config.n_bins, dims.d_model), "proj.bias": (config.n_bins,)}

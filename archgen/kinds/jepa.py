@@ -26,6 +26,10 @@ class JEPAConfig:
     vicreg_covariance_weight: float
     loss_weight: float
 
+    @property
+    def vicreg(self) -> bool:
+        return self.vicreg_invariance_weight + self.vicreg_variance_weight + self.vicreg_covariance_weight > 0
+
     def predictor_widths(self, dims: Dims) -> list[int]:
         return [dims.d_model] + [self.predictor_hidden] * (self.predictor_layers - 1) + [self.latent_dim]
 
@@ -34,7 +38,6 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
     name = "jepa"
     role = "head"
     template = "heads/jepa"
-    runtime = ("jepa",)
     colour = "#6d597a"
 
     def resolve(self, spec, model) -> JEPAConfig:
@@ -42,6 +45,18 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
         return JEPAConfig(spec.predictor_layers, spec.predictor_hidden or d, spec.latent_dim or d, spec.mask_ratio,
                           spec.ema_momentum, spec.l2_weight, spec.vicreg_invariance_weight, spec.vicreg_variance_weight,
                           spec.vicreg_covariance_weight, spec.loss_weight)
+
+    def imports(self, config: JEPAConfig) -> dict[str, tuple[str, ...]]:
+        return {"jepa": ("EMATarget", "random_mask", *(("vicreg_terms",) if config.vicreg else ()))}
+
+    def template_dims(self, config: JEPAConfig, dims: Dims) -> dict:
+        widths = config.predictor_widths(dims)
+        return {"widths": widths, "layers": [(widths[i], widths[i + 1]) for i in range(config.predictor_layers)],
+                "latent_dim": config.latent_dim, "projected": config.latent_dim != dims.d_model,
+                "mask_ratio": config.mask_ratio, "mask_percent": config.mask_ratio * 100, "vicreg": config.vicreg, **{
+                    name: getattr(config, name) for name in ("ema_momentum", "l2_weight", "vicreg_invariance_weight",
+                                                             "vicreg_variance_weight", "vicreg_covariance_weight",
+                                                             "loss_weight")}}
 
     def parameters(self, config: JEPAConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model

@@ -33,7 +33,6 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
     name = "mamba"
     role = "mixer"
     template = "mamba"
-    runtime = ("ssm",)
     colour = "#29335c"
     has_cache = True
 
@@ -84,9 +83,14 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
         """x and z, the conv output, Δ, B, C and the output (the state lives in chunks, not over the whole sequence)."""
         return seq_len * (5 * config.d_inner(dims) + 2 * config.d_state)
 
+    def imports(self, config: MambaConfig) -> dict[str, tuple[str, ...]]:
+        return {"ssm": ("MambaCache", "causal_conv1d", "selective_scan", "selective_state_step")}
+
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
-                    "dt_rank": config.dt_rank, "xproj_out": config.dt_rank + 2 * config.d_state}
+                "dt_rank": config.dt_rank, "xproj_out": config.dt_rank + 2 * config.d_state,
+                "in_proj_out": 2 * config.d_inner(dims), "bias": config.bias, "conv_bias": config.conv_bias,
+                "dt_min": config.dt_min, "dt_max": config.dt_max, "max_seqlen": dims.max_seq_len}
 
 
 KIND = Mamba()

@@ -35,7 +35,6 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
     name = "mamba2"
     role = "mixer"
     template = "mamba2"
-    runtime = ("ssm", "ssd")
     colour = "#4062bb"
     has_cache = True
 
@@ -101,12 +100,16 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
         di, conv_channels, h = config.sizes(dims)
         return seq_len * (di + conv_channels + h) * 2 + seq_len * di
 
+    def imports(self, config: Mamba2Config) -> dict[str, tuple[str, ...]]:
+        return {"ssd": ("Mamba2Cache", "ssd_scan", "ssd_step"), "ssm": ("causal_conv1d",)}
+
     def template_dims(self, config: Mamba2Config, dims: Dims) -> dict:
         d_inner, conv_channels, n_heads = config.sizes(dims)
         return {"d_model": dims.d_model, "d_inner": d_inner, "conv_channels": conv_channels, "n_heads": n_heads,
-                    "head_dim": config.head_dim, "n_groups": config.n_groups, "d_state": config.d_state, "d_conv": config.d_conv,
-                    "chunk_size": config.chunk_size, "in_proj_out": d_inner + conv_channels + n_heads,
-                    "bc_width": config.n_groups * config.d_state}
+                "head_dim": config.head_dim, "n_groups": config.n_groups, "d_state": config.d_state, "d_conv": config.d_conv,
+                "chunk_size": config.chunk_size, "in_proj_out": d_inner + conv_channels + n_heads,
+                "bc_width": config.n_groups * config.d_state, "bias": config.bias, "conv_bias": config.conv_bias,
+                "norm_eps": dims.norm_eps}
 
 
 KIND = Mamba2()

@@ -20,11 +20,17 @@ class Medusa(Kind[models.MedusaHeadSpec, MedusaConfig]):
     name = "medusa"
     role = "head"
     template = "heads/medusa"
-    runtime = ("medusa",)
     colour = "#6d597a"
 
     def resolve(self, spec, model) -> MedusaConfig:
         return MedusaConfig(spec.n_heads, spec.hidden_layers, spec.loss_weight)
+
+    def imports(self, config: MedusaConfig) -> dict[str, tuple[str, ...]]:
+        return {"medusa": ("MedusaStats", "accepted_length", "snapshot_states")}
+
+    def template_dims(self, config: MedusaConfig, dims: Dims) -> dict:
+        return {"n_heads": config.n_heads, "last_head": config.n_heads - 1, "draft_length": config.n_heads + 1,
+                "hidden_layers": config.hidden_layers, "loss_weight": config.loss_weight}
 
     def parameters(self, config: MedusaConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model

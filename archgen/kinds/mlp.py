@@ -8,6 +8,8 @@ from archgen.errors import Diagnostic
 from archgen.kinds.base import Dims, Kind
 from archgen.spec import models
 
+GATED = frozenset({"swiglu", "geglu"})  # activation(gate_proj x) * up_proj x
+
 
 @dataclass(frozen=True)
 class MLPConfig:
@@ -17,7 +19,7 @@ class MLPConfig:
 
     @property
     def gated(self) -> bool:
-        return self.activation in models.GATED_ACTIVATIONS
+        return self.activation in GATED
 
 
 def check_shape(shape: models.FeedForwardShape, path: str) -> list[Diagnostic]:
@@ -78,7 +80,8 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
         return seq_len * config.hidden * (3 if config.gated else 2)
 
     def template_dims(self, config: MLPConfig, dims: Dims) -> dict:
-        return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated}
+        return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated, "activation": config.activation,
+                "bias": config.bias}
 
 
 KIND = MLP()

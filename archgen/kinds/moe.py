@@ -38,7 +38,6 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
     name = "moe"
     role = "ffn"
     template = "moe"
-    runtime = ("moe",)
     colour = "#2a9d8f"
     produces_aux = True
 
@@ -82,10 +81,16 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
         rows = seq_len * config.top_k
         return rows * (2 * dims.d_model + config.in_width + config.expert.hidden) + seq_len * config.n_experts
 
+    def imports(self, config: MoEConfig) -> dict[str, tuple[str, ...]]:
+        return {"moe": ("load_balancing_loss", "moe_forward", "router_z_loss")}
+
     def template_dims(self, config: MoEConfig, dims: Dims) -> dict:
         hidden = config.expert.hidden
         return {"d_model": dims.d_model, "hidden": hidden, "gated": config.expert.gated, "in_width": config.in_width,
-                    "n_experts": config.n_experts, "top_k": config.top_k, "shared_hidden": hidden * config.shared_experts}
+                "n_experts": config.n_experts, "top_k": config.top_k, "shared_hidden": hidden * config.shared_experts,
+                "activation": config.expert.activation, "shared_experts": config.shared_experts,
+                "capacity_factor": config.capacity_factor, "normalize_top_k": config.normalize_top_k,
+                "load_balancing_weight": config.load_balancing_weight, "z_loss_weight": config.z_loss_weight}
 
     def subcomponents(self, config: MoEConfig) -> list[tuple[str, str, MLPConfig]]:
         return [("shared", "mlp", config.shared)] if config.shared_experts else []

@@ -23,7 +23,6 @@ class SparseAttentionConfig(AttentionConfig):
 class SparseAttention(Attention):
     name = "sparse_attention"
     template = "attention"  # attention with a router in front: one template serves both
-    runtime = ("attention", "routing")
     colour = "#f3a712"
     produces_aux = True
 
@@ -31,6 +30,16 @@ class SparseAttention(Attention):
         base = super().resolve(spec, model)
         return SparseAttentionConfig(**vars(base), fraction=spec.fraction, entropy_weight=spec.entropy_weight,
                                      fraction_weight=spec.fraction_weight)
+
+    def imports(self, config: SparseAttentionConfig) -> dict[str, tuple[str, ...]]:
+        imports = super().imports(config)
+        imports["attention"] = tuple(name for name in imports["attention"] if name != "attention")  # its own attention
+        return imports | {"routing": ("select_tokens", "selection_losses", "sparse_query_attention")}
+
+    def template_dims(self, config: SparseAttentionConfig, dims: Dims) -> dict:
+        return super().template_dims(config, dims) | {
+            "router": True, "fraction": config.fraction, "fraction_percent": round(config.fraction * 100, 1),
+            "entropy_weight": config.entropy_weight, "fraction_weight": config.fraction_weight}
 
     def parameters(self, config: SparseAttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         table = super().parameters(config, dims)

@@ -27,7 +27,6 @@ class Symbolic(Kind[models.SymbolicSpec, SymbolicConfig]):
     name = "symbolic"
     role = "extra"
     template = "extras/symbolic"
-    runtime = ("symbolic",)
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems = []
@@ -42,6 +41,18 @@ class Symbolic(Kind[models.SymbolicSpec, SymbolicConfig]):
 
     def resolve(self, spec, model) -> SymbolicConfig:
         return SymbolicConfig(spec.after_layer, tuple(spec.predicates), tuple(spec.rules), spec.learned_rules, spec.steps)
+
+    def imports(self, config: SymbolicConfig) -> dict[str, tuple[str, ...]]:
+        return {"symbolic": ("forward_chain", *(("rule_masks",) if config.rules else ()))}
+
+    def template_dims(self, config: SymbolicConfig, dims: Dims) -> dict:
+        index = {name: i for i, name in enumerate(config.predicates)}
+        return {"after_layer": config.after_layer, "predicates": list(config.predicates),
+                "n_predicates": len(config.predicates), "n_declared": len(config.rules),
+                "n_learned": config.learned_rules, "n_rules": len(config.rules) + config.learned_rules,
+                "steps": config.steps,
+                "rules": [{"premises": tuple(index[p] for p in rule.premises), "conclusion": index[rule.conclusion],
+                           "text": f"{' ∧ '.join(rule.premises)} → {rule.conclusion}"} for rule in config.rules]}
 
     def parameters(self, config: SymbolicConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         p = len(config.predicates)

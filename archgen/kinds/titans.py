@@ -34,11 +34,19 @@ class Titans(Kind[models.TitansMemorySpec, TitansConfig]):
     name = "titans"
     role = "extra"
     template = "extras/titans"
-    runtime = ("memory",)
 
     def resolve(self, spec, model) -> TitansConfig:
         return TitansConfig(spec.after_layer, spec.depth, spec.hidden or model.d_model, spec.chunk_size,
                             spec.learning_rate, spec.momentum, spec.forget)
+
+    def imports(self, config: TitansConfig) -> dict[str, tuple[str, ...]]:
+        return {"memory": ("MemoryState", "memory_mlp", "memory_read_write")}
+
+    def template_dims(self, config: TitansConfig, dims: Dims) -> dict:
+        widths = config.widths(dims)
+        return {"widths": widths, "layers": [(widths[i], widths[i + 1]) for i in range(config.depth)],
+                "after_layer": config.after_layer, "chunk_size": config.chunk_size,
+                "learning_rate": config.learning_rate, "momentum": config.momentum, "forget": config.forget}
 
     def parameters(self, config: TitansConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model
