@@ -1,0 +1,98 @@
+"""Pieces every model type shares: the model dims, rotary embeddings, attention, and name mapping helpers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from archgen.importers.config import HFConfig
+
+NO_DROPOUT = "archgen's generated models have no dropout"
+
+
+def model_dims(cfg: HFConfig, *, eps_key: str = "rms_norm_eps", d_model_key: str = "hidden_size",
+               default_max_len: int = 2048, tie_default: bool = False) -> dict[str, Any]:
+    dims = {
+        "d_model": cfg.need(d_model_key),
+        "vocab_size": cfg.need("vocab_size"),
+        "tie_embeddings": bool(cfg.take("tie_word_embeddings", tie_default)),
+        "norm": {"kind": "rmsnorm", "eps": float(cfg.need(eps_key))},
+        "max_seq_len": min(int(cfg.take("max_position_embeddings", default_max_len)), 2**24),
+    }
+    if cfg.has("initializer_range"):
+        dims["init_std"] = float(cfg.take("initializer_range"))
+    return dims
+
+
+def rope(cfg: HFConfig, head_dim: int) -> dict[str, Any]:
+    """RoPE settings from either spelling: transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling` +
+    `partial_rotary_factor`."""
+    if cfg.has("rope_parameters"):
+        params = dict(cfg.take("rope_parameters"))
+        field = "rope_parameters"
+        cfg.accept("rope_theta", "rope_scaling", "partial_rotary_factor")  # older spellings transformers may also keep
+    else:
+        params = dict(cfg.take("rope_scaling") or {})
+        field = "rope_scaling"
+        params.setdefault("rope_theta", cfg.take("rope_theta", 10000.0))
+        if cfg.has("partial_rotary_factor"):
+            params["partial_rotary_factor"] = cfg.take("partial_rotary_factor")
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    out: dict[str, Any] = {"theta": float(params.pop("rope_theta", 10000.0))}
+    factor = params.pop("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        rotary = head_dim * factor
+        if rotary != int(rotary) or int(rotary) % 2:
+            cfg.error(f"{field}.partial_rotary_factor", f"partial_rotary_factor={factor} gives {rotary} rotary dims of "
+                      f"a {head_dim}-dim head", "use a factor that gives an even number of dims")
+        out["rotary_dim"] = int(rotary)
+    if kind == "linear":
+        out["scaling"] = "linear"
+        out["factor"] = float(params.pop("factor"))
+    elif kind != "default":
+        cfg.error(f"{field}.rope_type", f"RoPE scaling '{kind}' is not one archgen reproduces exactly",
+                  "import a checkpoint with default or linear RoPE scaling, or add the scaling to ops/attention.py")
+        params.clear()
+    for key in sorted(params):
+        cfg.error(f"{field}.{key}", f"the RoPE setting {key}={params[key]!r} is outside the spec language",
+                  "remove it if it has no effect, or extend archgen's rope")
+    return out
+
+
+def attention(cfg: HFConfig, *, qkv_bias: bool, out_bias: bool, qk_norm: bool = False, window: int | None = None,
+              heads_key: str = "num_attention_heads", kv_key: str = "num_key_value_heads") -> dict[str, Any]:
+    d_model = cfg.fields.get("hidden_size")
+    n_heads = cfg.need(heads_key)
+    head_dim = cfg.take("head_dim") or (d_model // n_heads if d_model and n_heads else None)
+    cfg.expect("attention_dropout", (0, 0.0), 0.0, NO_DROPOUT)
+    mixer: dict[str, Any] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": cfg.take(kv_key, n_heads)}
+    if head_dim and (not d_model or head_dim * n_heads != d_model):  # written only where it is not d_model / n_heads
+        mixer["head_dim"] = head_dim
+    mixer["rope"] = rope(cfg, head_dim or 1)
+    if window is not None:
+        mixer["window"] = window
+    if qk_norm:
+        mixer["qk_norm"] = True
+    if qkv_bias:
+        mixer["qkv_bias"] = True
+    if out_bias:
+        mixer["out_bias"] = True
+    return mixer
+
+
+def expect_silu(cfg: HFConfig, key: str = "hidden_act") -> None:
+    cfg.expect(key, ("silu", "swish"), "silu", "the gated feed-forward of this model type is SwiGLU in archgen")
+
+
+class Renamer:
+    """archgen parameter names -> checkpoint names, by an ordered list of (regex, replacement)."""
+
+    def __init__(self, rules: list[tuple[str, str]]):
+        self.rules = [(re.compile(pattern), replacement) for pattern, replacement in rules]
+
+    def __call__(self, target: str) -> str:
+        for pattern, replacement in self.rules:
+            if pattern.fullmatch(target):
+                return pattern.sub(replacement, target)
+        return target

@@ -1,0 +1,59 @@
+"""What every export to a Hugging Face config needs to hold of a resolved spec, and the fields shared by the
+attention model types. Each check returns the reasons a spec is not exactly the target model type."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def common_reasons(resolved: Any) -> list[str]:
+    reasons = []
+    if resolved.model.norm.kind != "rmsnorm":
+        reasons.append(f"the model's norm is {resolved.model.norm.kind}; these model types use RMSNorm")
+    for what in ("meta_tokens", "memory", "symbolic"):
+        if getattr(resolved, what) is not None:
+            reasons.append(f"the spec has {what}, which no transformers model type has")
+    if resolved.heads:
+        reasons.append(f"the spec has heads ({', '.join(resolved.heads)}), which the exported causal LM does not carry")
+    if any(len(layer.mixers) > 1 for layer in resolved.layers):
+        reasons.append("the spec has parallel mixers in one layer")
+    return reasons
+
+
+def single_kind(resolved: Any, family: str, kinds: str | tuple[str, ...]) -> tuple[Any, list[str]]:
+    """The one component of `family` ('mixers' or 'ffns') every layer uses, if it is of one of `kinds`."""
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
+    components = getattr(resolved, family)
+    per_layer = [layer.mixers[0] if family == "mixers" and layer.mixers else (layer.ffn if family == "ffns" else None)
+                 for layer in resolved.layers]
+    if len(components) != 1 or any(name is None for name in per_layer):
+        used = sorted({str(n) for n in per_layer})
+        return None, [f"every layer must use the same one of {family} (of kind {' or '.join(kinds)}); the layers use {used}"]
+    component = next(iter(components.values()))
+    if component.kind not in kinds:
+        return None, [f"the {family[:-1]} is of kind {component.kind}, not {' or '.join(kinds)}"]
+    return component, []
+
+
+def attention_config(resolved: Any, attn: Any) -> tuple[dict[str, Any], list[str]]:
+    """The model-wide and attention fields shared by llama, mistral, mixtral and bamba."""
+    model = resolved.model
+    reasons = []
+    fields: dict[str, Any] = {
+        "hidden_size": model.d_model, "num_hidden_layers": resolved.n_layers, "vocab_size": model.vocab_size,
+        "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.n_kv_heads, "head_dim": attn.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": model.max_seq_len, "initializer_range": model.init_std,
+        "rms_norm_eps": model.norm.eps, "tie_word_embeddings": model.tie_embeddings, "attention_dropout": 0.0,
+    }
+    rope = attn.rope
+    if rope is None:
+        reasons.append("the attention has no RoPE; these model types always rotate")
+        return fields, reasons
+    fields["rope_theta"] = rope.theta
+    if rope.scaling == "linear":
+        fields["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
+    elif rope.scaling != "none":
+        reasons.append(f"RoPE scaling '{rope.scaling}' is not exported (only none and linear match transformers exactly)")
+    if rope.rotary_dim != attn.head_dim:
+        fields["partial_rotary_factor"] = rope.rotary_dim / attn.head_dim
+    return fields, reasons
