@@ -32,6 +32,7 @@ def expect_no_dt_limit(cfg: HFConfig, key: str = "time_step_limit") -> None:
 def mamba_to_spec(cfg: HFConfig) -> Imported:
     model = model_dims(cfg, eps_key="layer_norm_epsilon", tie_default=True)
     n_layers = cfg.need("num_hidden_layers")
+    cfg.expect("n_layer", (n_layers,), n_layers, "the original mamba configs' n_layer must agree with num_hidden_layers")
     cfg.expect("hidden_act", ("silu",), "silu", "archgen's Mamba gates with SiLU")
     d_model, expand = model["d_model"], cfg.need("expand")
     inner = cfg.take("intermediate_size", expand * d_model)

@@ -1,0 +1,45 @@
+"""Tiny random Hugging Face models of every importable model type, built offline on the CPU with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+ATTENTION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=VOCAB)
+# Windows and chunks shorter than the prompts, so the masks and the chunked scans are exercised.
+TINY = {
+    "llama": dict(ATTENTION, attention_bias=True, mlp_bias=True),
+    "mistral": dict(ATTENTION, sliding_window=8),
+    "qwen2": dict(ATTENTION, num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1),
+    "qwen3": dict(ATTENTION, head_dim=32, rope_theta=1000.0),
+    "mixtral": dict(ATTENTION, num_local_experts=4, num_experts_per_tok=2),
+    "mamba": dict(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8),
+    "mamba2": dict(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, num_heads=8, head_dim=16, n_groups=1, chunk_size=8),
+    "bamba": dict(ATTENTION, num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
+                  mamba_d_state=8, mamba_chunk_size=8),
+}
+
+
+def tiny_model(model_type: str, **overrides):
+    """A random model of `model_type` (float32, eval mode), its norm weights moved away from 1 so they matter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like the generated package
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def save_tiny(model_type: str, directory: Path, **overrides):
+    model = tiny_model(model_type, **overrides)
+    model.save_pretrained(directory)
+    return model

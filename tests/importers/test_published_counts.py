@@ -1,0 +1,40 @@
+"""At the published sizes, the imported spec has exactly the parameters transformers builds (on the meta device).
+
+The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B,
+Mixtral-8x7B-v0.1, mamba-2.8b-hf, a mamba2-2.7b in transformers' format and Bamba-9B, written from their published
+numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from archgen.importers.config import HFConfig
+from archgen.importers.hf_import import dump_spec, spec_document
+from archgen.passes.cost import cost_report
+from archgen.pipeline import compile_spec
+
+pytest.importorskip("transformers")
+
+PUBLISHED = sorted((Path(__file__).parent / "published").glob("*.json"))
+KNOWN = {"llama3_8b": 8_030_261_248, "mamba_2p8b": 2_768_345_600, "mistral_7b_v0_1": 7_241_732_096}
+
+
+@pytest.mark.parametrize("path", PUBLISHED, ids=[p.stem for p in PUBLISHED])
+def test_inspect_count_equals_transformers_num_parameters(path, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(path.read_text())
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(dump_spec(spec_document(HFConfig(fields, str(path)), path.stem, str(path))))
+    archgen_count = cost_report(compile_spec(spec).ir).total_params
+
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(**fields))
+    assert archgen_count == hf.num_parameters()
+    if path.stem in KNOWN:
+        assert archgen_count == KNOWN[path.stem]
