@@ -49,11 +49,16 @@ def attention_config(resolved: Any, attn: Any) -> tuple[dict[str, Any], list[str
     if rope is None:
         reasons.append("the attention has no RoPE; these model types always rotate")
         return fields, reasons
+    # transformers 5 reads `rope_parameters`; 4.x read the flat keys, which 5 ignores where they disagree (Bamba's
+    # partial_rotary_factor): write both, the same values.
+    parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": rope.theta}
     fields["rope_theta"] = rope.theta
     if rope.scaling == "linear":
+        parameters.update(rope_type="linear", factor=rope.factor)
         fields["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
     elif rope.scaling != "none":
         reasons.append(f"RoPE scaling '{rope.scaling}' is not exported (only none and linear match transformers exactly)")
     if rope.rotary_dim != attn.head_dim:
-        fields["partial_rotary_factor"] = rope.rotary_dim / attn.head_dim
+        parameters["partial_rotary_factor"] = fields["partial_rotary_factor"] = rope.rotary_dim / attn.head_dim
+    fields["rope_parameters"] = parameters
     return fields, reasons

@@ -37,7 +37,7 @@ def hf_config(resolved) -> tuple[str, dict]:
     for name in EXPORTABLE:
         result = types[name].to_hf(resolved)
         if isinstance(result, dict):
-            return name, result
+            return result["model_type"], result
         reasons[name] = result
     # Report the families whose mixer kinds match first; the rest say only that the kinds differ.
     lines = [f"{name}: {'; '.join(dict.fromkeys(why))}" for name, why in reasons.items() if name in ("llama", "mamba", "mamba2", "bamba")]

@@ -1,0 +1,133 @@
+"""Inputs an import must refuse, each with an error that names the field, tensor or file to fix, and nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from archgen.errors import CompileError
+from archgen.importers import import_hf
+from tests.importers.hf_models import save_tiny
+
+pytest.importorskip("transformers")
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 128, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+
+
+def import_config(tmp_path, fields):
+    (tmp_path / "m").mkdir(exist_ok=True)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(fields))
+    return import_hf(tmp_path / "m", tmp_path / "out")
+
+
+def messages(error: CompileError) -> str:
+    return "\n".join(d.render() for d in error.diagnostics)
+
+
+def test_a_plain_llama_config_imports(tmp_path):
+    assert import_config(tmp_path, LLAMA).n_params == 2 * 128 * 64 + 2 * (4 * 64 * 64 - 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64
+
+
+def test_unknown_model_type_names_the_types_that_import(tmp_path):
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**LLAMA, "model_type": "gpt_neox"})
+    assert "unknown model_type 'gpt_neox'" in messages(error.value) and "mixtral" in messages(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_type_the_spec_language_cannot_express_yet_says_what_blocks_it(tmp_path):
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**LLAMA, "model_type": "jamba"})
+    assert "dt_layernorm" in messages(error.value)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling.rope_type"),
+    ("hidden_act", "gelu", "hidden_act='gelu' is outside the spec language"),
+    ("attention_dropout", 0.1, "no dropout"),
+    ("some_new_switch", True, "'some_new_switch'"),
+])
+def test_a_field_outside_the_spec_language_is_an_error_naming_it(tmp_path, field, value, expected):
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**LLAMA, field: value})
+    assert expected in messages(error.value)
+    assert error.value.diagnostics[0].path.startswith(field)
+
+
+def test_grouped_mamba2_norm_is_refused_not_approximated(tmp_path):
+    fields = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "state_size": 8,
+              "num_heads": 8, "head_dim": 16, "n_groups": 2, "expand": 2, "layer_norm_epsilon": 1e-5}
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, fields)
+    assert error.value.diagnostics[0].path == "n_groups"
+
+
+@pytest.fixture
+def sharded_llama(tmp_path):
+    """A tiny llama saved as three shards with an index."""
+    model = save_tiny("llama", tmp_path / "hf")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[:5], names[5:12], names[12:])):
+        shard = f"model-{i + 1:05d}-of-00003.safetensors"
+        save_file({n: state[n] for n in part}, str(tmp_path / "hf" / shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return model, tmp_path / "hf"
+
+
+def test_sharded_checkpoints_convert(sharded_llama, tmp_path):
+    from safetensors import safe_open
+
+    model, source = sharded_llama
+    result = import_hf(source, tmp_path / "out", weights=True)
+    with safe_open(str(result.weights / "model.safetensors"), "pt") as converted:
+        assert torch.equal(converted.get_tensor("layers.1.ffn.up_proj.weight"), model.model.layers[1].mlp.up_proj.weight)
+
+
+def test_missing_shard_is_named(sharded_llama, tmp_path):
+    _, source = sharded_llama
+    (source / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(CompileError) as error:
+        import_hf(source, tmp_path / "out", weights=True)
+    assert "model-00002-of-00003.safetensors listed in the index is missing" in messages(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_shard_is_named(sharded_llama, tmp_path):
+    _, source = sharded_llama
+    shard = source / "model-00003-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(CompileError) as error:
+        import_hf(source, tmp_path / "out", weights=True)
+    assert "truncated" in messages(error.value) and "model-00003-of-00003" in messages(error.value)
+
+
+def test_dtype_mismatch_with_the_config_is_an_error_unless_a_dtype_is_chosen(tmp_path):
+    from safetensors import safe_open
+
+    save_tiny("llama", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    with pytest.raises(CompileError) as error:
+        import_hf(tmp_path / "hf", tmp_path / "out", weights=True)
+    assert "is float32, but the config declares dtype bfloat16" in messages(error.value)
+    result = import_hf(tmp_path / "hf", tmp_path / "out", weights=True, dtype="bfloat16")
+    with safe_open(str(result.weights / "model.safetensors"), "pt") as converted:
+        assert converted.get_tensor("embed.weight").dtype == torch.bfloat16
+
+
+def test_shape_mismatch_names_both_sides(tmp_path):
+    save_tiny("llama", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(CompileError) as error:
+        import_hf(tmp_path / "hf", tmp_path / "out", weights=True)
+    text = messages(error.value)
+    assert "model.layers.0.mlp.down_proj.weight (64, 128)" in text and "archgen's layers.0.ffn.down_proj.weight is (64, 96)" in text
