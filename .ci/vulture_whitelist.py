@@ -51,3 +51,6 @@ pytestmark
 torch_version
 # Overrides of methods the base class calls (tests/templates/runtime/test_decoding.py's EagerDecoder.capture).
 _.capture
+# transformers reads these generation settings, which tests/importers/hf_models.py sets on a model's generation_config.
+_.eos_token_id
+_.pad_token_id

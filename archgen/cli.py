@@ -345,11 +345,14 @@ def import_group() -> None:
 
 @import_group.command("hf")
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory that receives spec.yaml (and weights/).")
-@click.option("--weights", is_flag=True, help="Also convert the safetensors checkpoint in SOURCE into OUTPUT/weights/ (a save_pretrained directory).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Directory that receives spec.yaml (and weights/).")
+@click.option("--weights", is_flag=True,
+              help="Also convert the safetensors checkpoint in SOURCE into OUTPUT/weights/ (a save_pretrained directory).")
 @click.option("--name", default=None, help="The spec's name (default: from the model directory's name).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Convert every tensor to this dtype (default: keep the checkpoint's, which must match the config's).")
+@output_options
 def import_hf_command(source: Path, output: Path, weights: bool, name: str | None, dtype: str | None) -> None:
     """Import a Hugging Face config.json (or a model directory) as OUTPUT/spec.yaml."""
     from archgen.importers import import_hf
@@ -358,17 +361,24 @@ def import_hf_command(source: Path, output: Path, weights: bool, name: str | Non
         result = import_hf(source, output, weights=weights, name=name, dtype=dtype)
     except CompileError as error:
         fail(error)
-    stdout.print(f"imported {source} (model_type {result.model_type}) to {result.spec_path}: {result.n_params:,} parameters, "
-                 f"spec sha256 {result.spec_hash[:12]}" + (f"; weights in {result.weights}/" if result.weights else ""), markup=False)
+    if Output.json:
+        print_json({"ok": True, "model_type": result.model_type, "spec": str(result.spec_path), "spec_hash": result.spec_hash,
+                    "params": result.n_params, "weights": str(result.weights) if result.weights else None})
+        return
+    weights_note = f"; weights in {result.weights}/" if result.weights else ""
+    say(f"imported {source} (model_type {result.model_type}) to {result.spec_path}: {result.n_params:,} parameters, "
+        f"spec sha256 {result.spec_hash[:12]}{weights_note}")
 
 
 @main.command("export-spec")
 @spec_argument
 @preset_option
 @set_option
-@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Directory that receives config.json (and model.safetensors).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
+              help="Directory that receives config.json (and model.safetensors).")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="A save_pretrained directory of the generated package, converted to the transformers checkpoint layout.")
+@output_options
 def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ...], output: Path, weights: Path | None) -> None:
     """Write SPEC as a Hugging Face config.json (llama, mistral, mixtral, mamba, mamba2, bamba) where it is exactly one."""
     from archgen.importers import export_spec
@@ -377,7 +387,10 @@ def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ..
         result = export_spec(spec, output, weights=weights, preset=preset, overrides=overrides)
     except CompileError as error:
         fail(error)
-    stdout.print(f"exported {spec} as model_type {result.model_type} to {result.directory}/", markup=False)
+    if Output.json:
+        print_json({"ok": True, "model_type": result.model_type, "directory": str(result.directory)})
+        return
+    say(f"exported {spec} as model_type {result.model_type} to {result.directory}/")
 
 
 @main.command()

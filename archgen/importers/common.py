@@ -10,8 +10,14 @@ from archgen.importers.config import HFConfig
 NO_DROPOUT = "archgen's generated models have no dropout"
 
 
-def model_dims(cfg: HFConfig, *, eps_key: str = "rms_norm_eps", d_model_key: str = "hidden_size",
-               default_max_len: int = 2048, tie_default: bool = False) -> dict[str, Any]:
+def model_dims(
+    cfg: HFConfig,
+    *,
+    eps_key: str = "rms_norm_eps",
+    d_model_key: str = "hidden_size",
+    default_max_len: int = 2048,
+    tie_default: bool = False,
+) -> dict[str, Any]:
     dims = {
         "d_model": cfg.need(d_model_key),
         "vocab_size": cfg.need("vocab_size"),
@@ -44,24 +50,41 @@ def rope(cfg: HFConfig, head_dim: int) -> dict[str, Any]:
     if factor != 1.0:
         rotary = head_dim * factor
         if rotary != int(rotary) or int(rotary) % 2:
-            cfg.error(f"{field}.partial_rotary_factor", f"partial_rotary_factor={factor} gives {rotary} rotary dims of "
-                      f"a {head_dim}-dim head", "use a factor that gives an even number of dims")
+            cfg.error(
+                f"{field}.partial_rotary_factor",
+                f"partial_rotary_factor={factor} gives {rotary} rotary dims of a {head_dim}-dim head",
+                "use a factor that gives an even number of dims",
+            )
         out["rotary_dim"] = int(rotary)
     if kind == "linear":
         out["scaling"] = "linear"
         out["factor"] = float(params.pop("factor"))
     elif kind != "default":
-        cfg.error(f"{field}.rope_type", f"RoPE scaling '{kind}' is not one archgen reproduces exactly",
-                  "import a checkpoint with default or linear RoPE scaling, or add the scaling to ops/attention.py")
+        cfg.error(
+            f"{field}.rope_type",
+            f"RoPE scaling '{kind}' is not one archgen reproduces exactly",
+            "import a checkpoint with default or linear RoPE scaling, or add the scaling to ops/attention.py",
+        )
         params.clear()
     for key in sorted(params):
-        cfg.error(f"{field}.{key}", f"the RoPE setting {key}={params[key]!r} is outside the spec language",
-                  "remove it if it has no effect, or extend archgen's rope")
+        cfg.error(
+            f"{field}.{key}",
+            f"the RoPE setting {key}={params[key]!r} is outside the spec language",
+            "remove it if it has no effect, or extend archgen's rope",
+        )
     return out
 
 
-def attention(cfg: HFConfig, *, qkv_bias: bool, out_bias: bool, qk_norm: bool = False, window: int | None = None,
-              heads_key: str = "num_attention_heads", kv_key: str = "num_key_value_heads") -> dict[str, Any]:
+def attention(
+    cfg: HFConfig,
+    *,
+    qkv_bias: bool,
+    out_bias: bool,
+    qk_norm: bool = False,
+    window: int | None = None,
+    heads_key: str = "num_attention_heads",
+    kv_key: str = "num_key_value_heads",
+) -> dict[str, Any]:
     d_model = cfg.fields.get("hidden_size")
     n_heads = cfg.need(heads_key)
     head_dim = cfg.take("head_dim") or (d_model // n_heads if d_model and n_heads else None)

@@ -16,26 +16,66 @@ from typing import Any
 from archgen.errors import CompileError, Diagnostic, SourceLocation
 
 # Fields that describe the file, the tokenizer or the runtime, not the function the network computes.
-METADATA_FIELDS = frozenset({
-    "architectures", "model_type", "transformers_version", "_name_or_path", "name_or_path", "torch_dtype", "dtype",
-    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "use_cache", "return_dict",
-    "output_hidden_states", "output_attentions", "id2label", "label2id", "num_logits_to_keep", "logits_to_keep",
-    "output_router_logits", "use_return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "tokenizer_class",
-    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "_commit_hash", "problem_type",
-})
+METADATA_FIELDS = frozenset(
+    {
+        "architectures",
+        "model_type",
+        "transformers_version",
+        "_name_or_path",
+        "name_or_path",
+        "torch_dtype",
+        "dtype",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sep_token_id",
+        "unk_token_id",
+        "use_cache",
+        "return_dict",
+        "output_hidden_states",
+        "output_attentions",
+        "id2label",
+        "label2id",
+        "num_logits_to_keep",
+        "logits_to_keep",
+        "output_router_logits",
+        "use_return_dict",
+        "chunk_size_feed_forward",
+        "is_encoder_decoder",
+        "tokenizer_class",
+        "_attn_implementation",
+        "_attn_implementation_autoset",
+        "attn_implementation",
+        "_commit_hash",
+        "problem_type",
+    }
+)
 
 # Fields that only choose how weights start before training; an import replaces the weights, so they do not change
 # what the imported model computes. The generated package's own init_weights uses its own defaults for them.
-INIT_ONLY_FIELDS = frozenset({
-    "initializer_range", "rescale_prenorm_residual", "time_step_floor", "time_step_init_scheme", "time_step_scale",
-    "time_step_min", "time_step_max",
-})
+INIT_ONLY_FIELDS = frozenset(
+    {
+        "initializer_range",
+        "rescale_prenorm_residual",
+        "time_step_floor",
+        "time_step_init_scheme",
+        "time_step_scale",
+        "time_step_min",
+        "time_step_max",
+    }
+)
 
 # Implementation choices of the reference code that compute the same function (float32 residuals only change the
 # rounding in half precision; the scan variants are the same recurrence).
-IMPLEMENTATION_FIELDS = frozenset({
-    "residual_in_fp32", "use_mambapy", "use_associative_scan", "pretraining_tp", "use_kernels",
-})
+IMPLEMENTATION_FIELDS = frozenset(
+    {
+        "residual_in_fp32",
+        "use_mambapy",
+        "use_associative_scan",
+        "pretraining_tp",
+        "use_kernels",
+    }
+)
 
 
 class HFConfig:
@@ -53,8 +93,16 @@ class HFConfig:
         try:
             fields = json.loads(path.read_text(encoding="utf-8"), parse_constant=_json_constant)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CompileError([Diagnostic("", f"cannot read the Hugging Face config: {error}",
-                                           "pass a config.json file or a model directory that holds one", SourceLocation(file))]) from None
+            raise CompileError(
+                [
+                    Diagnostic(
+                        "",
+                        f"cannot read the Hugging Face config: {error}",
+                        "pass a config.json file or a model directory that holds one",
+                        SourceLocation(file),
+                    )
+                ]
+            ) from None
         if not isinstance(fields, dict):
             raise CompileError([Diagnostic("", "a config.json must hold a JSON object", None, SourceLocation(file))])
         return cls(fields, file)
@@ -98,9 +146,12 @@ class HFConfig:
         """Raise every problem found, plus one per field that no mapping read."""
         ignorable = METADATA_FIELDS | INIT_ONLY_FIELDS | IMPLEMENTATION_FIELDS
         for key in sorted(set(self.fields) - self.read - ignorable):
-            self.error(key, f"the config field '{key}' (= {_shorten(self.fields[key])}) of model_type "
-                       f"'{self.model_type}' is not something archgen's importer can map to the spec language",
-                       "remove it if it does not change the model, or extend archgen/importers for it")
+            self.error(
+                key,
+                f"the config field '{key}' (= {_shorten(self.fields[key])}) of model_type "
+                f"'{self.model_type}' is not something archgen's importer can map to the spec language",
+                "remove it if it does not change the model, or extend archgen/importers for it",
+            )
         if self.problems:
             raise CompileError(self.problems)
 

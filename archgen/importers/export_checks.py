@@ -24,8 +24,10 @@ def single_kind(resolved: Any, family: str, kinds: str | tuple[str, ...]) -> tup
     """The one component of `family` ('mixers' or 'ffns') every layer uses, if it is of one of `kinds`."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     components = getattr(resolved, family)
-    per_layer = [layer.mixers[0] if family == "mixers" and layer.mixers else (layer.ffn if family == "ffns" else None)
-                 for layer in resolved.layers]
+    per_layer = [
+        layer.mixers[0] if family == "mixers" and layer.mixers else (layer.ffn if family == "ffns" else None)
+        for layer in resolved.layers
+    ]
     if len(components) != 1 or any(name is None for name in per_layer):
         used = sorted({str(n) for n in per_layer})
         return None, [f"every layer must use the same one of {family} (of kind {' or '.join(kinds)}); the layers use {used}"]
@@ -40,10 +42,18 @@ def attention_config(resolved: Any, attn: Any) -> tuple[dict[str, Any], list[str
     model = resolved.model
     reasons = []
     fields: dict[str, Any] = {
-        "hidden_size": model.d_model, "num_hidden_layers": resolved.n_layers, "vocab_size": model.vocab_size,
-        "num_attention_heads": attn.n_heads, "num_key_value_heads": attn.n_kv_heads, "head_dim": attn.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": model.max_seq_len, "initializer_range": model.init_std,
-        "rms_norm_eps": model.norm.eps, "tie_word_embeddings": model.tie_embeddings, "attention_dropout": 0.0,
+        "hidden_size": model.d_model,
+        "num_hidden_layers": resolved.n_layers,
+        "vocab_size": model.vocab_size,
+        "num_attention_heads": attn.n_heads,
+        "num_key_value_heads": attn.n_kv_heads,
+        "head_dim": attn.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "initializer_range": model.init_std,
+        "rms_norm_eps": model.norm.eps,
+        "tie_word_embeddings": model.tie_embeddings,
+        "attention_dropout": 0.0,
     }
     rope = attn.rope
     if rope is None:

@@ -40,15 +40,29 @@ def hf_config(resolved) -> tuple[str, dict]:
             return result["model_type"], result
         reasons[name] = result
     # Report the families whose mixer kinds match first; the rest say only that the kinds differ.
-    lines = [f"{name}: {'; '.join(dict.fromkeys(why))}" for name, why in reasons.items() if name in ("llama", "mamba", "mamba2", "bamba")]
-    raise CompileError([Diagnostic("", "the spec is not exactly one of the model types export-spec writes ("
-                                   + ", ".join(EXPORTABLE) + "):\n    " + "\n    ".join(lines),
-                                   "export-spec writes only what transformers computes identically",
-                                   SourceLocation(resolved.source_file))])
+    lines = [
+        f"{name}: {'; '.join(dict.fromkeys(why))}"
+        for name, why in reasons.items()
+        if name in ("llama", "mamba", "mamba2", "bamba")
+    ]
+    raise CompileError(
+        [
+            Diagnostic(
+                "",
+                "the spec is not exactly one of the model types export-spec writes ("
+                + ", ".join(EXPORTABLE)
+                + "):\n    "
+                + "\n    ".join(lines),
+                "export-spec writes only what transformers computes identically",
+                SourceLocation(resolved.source_file),
+            )
+        ]
+    )
 
 
-def export_spec(spec: Path, output: Path, weights: Path | None = None, preset: str | None = None,
-                overrides: tuple[str, ...] = ()) -> ExportResult:
+def export_spec(
+    spec: Path, output: Path, weights: Path | None = None, preset: str | None = None, overrides: tuple[str, ...] = ()
+) -> ExportResult:
     from archgen.passes.cost import parameter_table
     from archgen.pipeline import compile_spec
 
@@ -73,16 +87,24 @@ def export_spec(spec: Path, output: Path, weights: Path | None = None, preset: s
 def _write_checkpoint(weights: Path, staging: Path, model_type, expected: dict, resolved) -> str:
     saved = json.loads((weights / "config.json").read_text(encoding="utf-8")) if (weights / "config.json").exists() else {}
     if saved.get("spec_hash") != resolved.spec_hash:
-        raise CompileError([Diagnostic("--weights", f"{weights} holds weights for spec {saved.get('spec_hash')}, not for this spec "
-                                       f"({resolved.spec_hash})", "pass the save_pretrained directory of the package built from this spec",
-                                       SourceLocation(str(weights)))])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "--weights",
+                    f"{weights} holds weights for spec {saved.get('spec_hash')}, not for this spec ({resolved.spec_hash})",
+                    "pass the save_pretrained directory of the package built from this spec",
+                    SourceLocation(str(weights)),
+                )
+            ]
+        )
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(weights / "model.safetensors"), framework="pt") as archgen_weights:
         for plan in model_type.weight_plans(expected, resolved):
             tensor = archgen_weights.get_tensor(plan.target)
             rows = list(tensor) if plan.stacked else [tensor]
-            for row, pieces in zip(rows, plan.rows):
-                for part, piece in zip(row.chunk(len(pieces), dim=-1), pieces):  # pieces of one row have equal widths
+            for row, pieces in zip(rows, plan.rows, strict=True):
+                # the pieces of one row have equal widths
+                for part, piece in zip(row.chunk(len(pieces), dim=-1), pieces, strict=True):
                     tensors[piece.source] = (part.t() if piece.transpose else part).contiguous()
     dtypes = {str(t.dtype).removeprefix("torch.") for t in tensors.values()}
     save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

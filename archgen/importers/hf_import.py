@@ -49,8 +49,16 @@ def read_config(source: Path) -> tuple[HFConfig, Path]:
     source = Path(source)
     path = source / "config.json" if source.is_dir() else source
     if not path.exists():
-        raise CompileError([Diagnostic("", f"{path} does not exist", "pass a config.json or a model directory that holds one",
-                                       SourceLocation(str(source)))])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "",
+                    f"{path} does not exist",
+                    "pass a config.json or a model directory that holds one",
+                    SourceLocation(str(source)),
+                )
+            ]
+        )
     return HFConfig.load(path), path
 
 
@@ -60,11 +68,27 @@ def spec_document(cfg: HFConfig, name: str, source: str) -> dict:
     model_type = cfg.model_type
     cfg.read.add("model_type")
     if model_type in blocked():
-        raise CompileError([Diagnostic("model_type", f"model_type '{model_type}' cannot be imported exactly yet: {blocked()[model_type]}",
-                                       "extend the spec language for it (see docs/design.md, Importing)", SourceLocation(cfg.file))])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "model_type",
+                    f"model_type '{model_type}' cannot be imported exactly yet: {blocked()[model_type]}",
+                    "extend the spec language for it (see docs/design.md, Importing)",
+                    SourceLocation(cfg.file),
+                )
+            ]
+        )
     if model_type not in types:
-        raise CompileError([Diagnostic("model_type", f"unknown model_type {model_type!r}",
-                                       f"archgen imports: {', '.join(sorted(types))}", SourceLocation(cfg.file))])
+        raise CompileError(
+            [
+                Diagnostic(
+                    "model_type",
+                    f"unknown model_type {model_type!r}",
+                    f"archgen imports: {', '.join(sorted(types))}",
+                    SourceLocation(cfg.file),
+                )
+            ]
+        )
     imported: Imported = types[model_type].to_spec(cfg)
     cfg.finish()
     n_layers = len(imported.mixer_layers)
@@ -79,8 +103,11 @@ def spec_document(cfg: HFConfig, name: str, source: str) -> dict:
         "model": imported.model,
         "mixers": imported.mixers,
         **({"ffns": imported.ffns} if imported.ffns else {}),
-        "layout": {"n_layers": n_layers, "mixers": layout_text(imported.mixer_layers),
-                   **({"ffns": layout_text(imported.ffn_layers)} if set(imported.ffn_layers) != {"none"} else {})},
+        "layout": {
+            "n_layers": n_layers,
+            "mixers": layout_text(imported.mixer_layers),
+            **({"ffns": layout_text(imported.ffn_layers)} if set(imported.ffn_layers) != {"none"} else {}),
+        },
     }
 
 
@@ -96,7 +123,9 @@ def dump_spec(document: dict) -> str:
     return yaml.dump(document, Dumper=Dumper, sort_keys=False, width=120, allow_unicode=True)
 
 
-def import_hf(source: Path, output: Path, weights: bool = False, name: str | None = None, dtype: str | None = None) -> ImportResult:
+def import_hf(
+    source: Path, output: Path, weights: bool = False, name: str | None = None, dtype: str | None = None
+) -> ImportResult:
     from archgen.passes.cost import cost_report, parameter_table
     from archgen.pipeline import compile_spec
 
@@ -114,29 +143,56 @@ def import_hf(source: Path, output: Path, weights: bool = False, name: str | Non
         n_params = cost_report(compiled.ir).total_params
         if weights:
             model_dir = config_path.parent
-            write_weights(model_dir, staging / "weights", registry()[cfg.model_type], parameter_table(compiled.ir), resolved,
-                          declared_dtype=cfg.fields.get("torch_dtype") or cfg.fields.get("dtype"), dtype=dtype)
+            write_weights(
+                model_dir,
+                staging / "weights",
+                registry()[cfg.model_type],
+                parameter_table(compiled.ir),
+                resolved,
+                declared_dtype=cfg.fields.get("torch_dtype") or cfg.fields.get("dtype"),
+                dtype=dtype,
+            )
         replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return ImportResult(output / "spec.yaml", resolved.spec_hash, cfg.model_type, n_params, output / "weights" if weights else None)
+    return ImportResult(
+        output / "spec.yaml", resolved.spec_hash, cfg.model_type, n_params, output / "weights" if weights else None
+    )
 
 
-def write_weights(model_dir: Path, target: Path, model_type, expected: dict, resolved, declared_dtype: str | None,
-                  dtype: str | None) -> None:
+def write_weights(
+    model_dir: Path, target: Path, model_type, expected: dict, resolved, declared_dtype: str | None, dtype: str | None
+) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise CompileError([Diagnostic("--dtype", f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")])
     checkpoint = Checkpoint.open(model_dir)
     plans = model_type.weight_plans(expected, resolved)
     tied_head = resolved.model.tie_embeddings and "lm_head.weight" in checkpoint.shapes
     embed_source = next((p.sources()[0] for p in plans if p.target == "embed.weight"), None)
-    out_dtypes = check_plan(plans, expected, checkpoint, declared_dtype, dtype,
-                            lambda name: model_type.ignorable(name) or (tied_head and name == "lm_head.weight"))
-    if tied_head and embed_source in checkpoint.shapes and not torch.equal(checkpoint.load("lm_head.weight"), checkpoint.load(embed_source)):
-        raise CompileError([Diagnostic("tie_word_embeddings", "the config ties the embeddings, but the checkpoint's lm_head.weight "
-                                       f"differs from {embed_source}", "set tie_word_embeddings: false in the config",
-                                       SourceLocation(str(model_dir)))])
+    out_dtypes = check_plan(
+        plans,
+        expected,
+        checkpoint,
+        declared_dtype,
+        dtype,
+        lambda name: model_type.ignorable(name) or (tied_head and name == "lm_head.weight"),
+    )
+    if (
+        tied_head
+        and embed_source in checkpoint.shapes
+        and not torch.equal(checkpoint.load("lm_head.weight"), checkpoint.load(embed_source))
+    ):
+        raise CompileError(
+            [
+                Diagnostic(
+                    "tie_word_embeddings",
+                    f"the config ties the embeddings, but the checkpoint's lm_head.weight differs from {embed_source}",
+                    "set tie_word_embeddings: false in the config",
+                    SourceLocation(str(model_dir)),
+                )
+            ]
+        )
     target.mkdir(parents=True)
     write_safetensors(target / "model.safetensors", plans, expected, out_dtypes, checkpoint)
     (target / "config.json").write_text(json.dumps({"model": resolved.name, "spec_hash": resolved.spec_hash}, indent=2) + "\n")

@@ -65,15 +65,28 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as error:
-                raise _error(str(index), f"cannot read the shard index: {error}", "re-download the checkpoint's index file") from None
+                raise _error(
+                    str(index), f"cannot read the shard index: {error}", "re-download the checkpoint's index file"
+                ) from None
             shards = sorted(set(weight_map.values()))
         elif single.exists():
             weight_map, shards = None, ["model.safetensors"]
         else:
-            raise _error(str(directory), "no safetensors checkpoint: neither model.safetensors nor model.safetensors.index.json",
-                         "pass the model directory that holds the checkpoint (pytorch_model.bin checkpoints are not read)")
-        problems = [Diagnostic("", f"shard {shard} listed in the index is missing", "download every shard the index names",
-                               SourceLocation(str(directory / shard))) for shard in shards if not (directory / shard).exists()]
+            raise _error(
+                str(directory),
+                "no safetensors checkpoint: neither model.safetensors nor model.safetensors.index.json",
+                "pass the model directory that holds the checkpoint (pytorch_model.bin checkpoints are not read)",
+            )
+        problems = [
+            Diagnostic(
+                "",
+                f"shard {shard} listed in the index is missing",
+                "download every shard the index names",
+                SourceLocation(str(directory / shard)),
+            )
+            for shard in shards
+            if not (directory / shard).exists()
+        ]
         if problems:
             raise CompileError(problems)
         shard_of, shapes, dtypes = {}, {}, {}
@@ -88,8 +101,12 @@ class Checkpoint:
         if weight_map is not None:
             missing = sorted(name for name, shard in weight_map.items() if shard_of.get(name) != shard)
             if missing:
-                raise _error(str(index), f"{len(missing)} tensors the index places in a shard are not in it, e.g. "
-                             f"{missing[0]} in {weight_map[missing[0]]}", "re-download the checkpoint")
+                raise _error(
+                    str(index),
+                    f"{len(missing)} tensors the index places in a shard are not in it, e.g. "
+                    f"{missing[0]} in {weight_map[missing[0]]}",
+                    "re-download the checkpoint",
+                )
         return cls(directory, shard_of, shapes, dtypes)
 
     def load(self, name: str) -> torch.Tensor:
@@ -107,15 +124,22 @@ def _read_header(path: Path) -> dict:
             raise _error(str(path), f"the shard is truncated ({size} bytes, not even a header)", "re-download this shard")
         (length,) = struct.unpack("<Q", raw)
         if length > size - 8:
-            raise _error(str(path), f"the shard is truncated: its header claims {length} bytes, the file has {size}", "re-download this shard")
+            raise _error(
+                str(path),
+                f"the shard is truncated: its header claims {length} bytes, the file has {size}",
+                "re-download this shard",
+            )
         try:
             header = json.loads(handle.read(length))
         except ValueError as error:
             raise _error(str(path), f"the shard's header is not valid JSON ({error})", "re-download this shard") from None
     end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
     if 8 + length + end > size:
-        raise _error(str(path), f"the shard is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
-                     "re-download this shard")
+        raise _error(
+            str(path),
+            f"the shard is truncated: its tensors need {8 + length + end} bytes, the file has {size}",
+            "re-download this shard",
+        )
     return header
 
 
@@ -130,8 +154,14 @@ def _shape_of(row: tuple[Piece, ...], checkpoint: Checkpoint) -> tuple[int, ...]
     return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
 
 
-def check_plan(plans: list[TensorPlan], expected: dict[str, tuple[int, ...]], checkpoint: Checkpoint,
-               declared_dtype: str | None, dtype: str | None, ignorable: Callable[[str], bool]) -> dict[str, torch.dtype]:
+def check_plan(
+    plans: list[TensorPlan],
+    expected: dict[str, tuple[int, ...]],
+    checkpoint: Checkpoint,
+    declared_dtype: str | None,
+    dtype: str | None,
+    ignorable: Callable[[str], bool],
+) -> dict[str, torch.dtype]:
     """Every problem of converting `checkpoint` by `plans` into parameters of the shapes `expected`, at once.
 
     Returns the dtype each target will be written in.
@@ -141,45 +171,91 @@ def check_plan(plans: list[TensorPlan], expected: dict[str, tuple[int, ...]], ch
     where = SourceLocation(str(checkpoint.directory))
     planned = {plan.target for plan in plans}
     for target in sorted(set(expected) - planned):
-        problems.append(Diagnostic(target, f"archgen's parameter {target} {expected[target]} has no checkpoint tensor mapped to it",
-                                   "extend the model type's name mapping in archgen/importers", where))
+        problems.append(
+            Diagnostic(
+                target,
+                f"archgen's parameter {target} {expected[target]} has no checkpoint tensor mapped to it",
+                "extend the model type's name mapping in archgen/importers",
+                where,
+            )
+        )
     used: set[str] = set()
     for plan in plans:
         missing = [s for s in plan.sources() if s not in checkpoint.shapes]
         used.update(plan.sources())
         if missing:
-            problems.append(Diagnostic(plan.target, f"the checkpoint has no tensor {missing[0]}, which archgen's {plan.target} "
-                                       f"{expected.get(plan.target)} is made from", "check that the checkpoint matches its config.json", where))
+            problems.append(
+                Diagnostic(
+                    plan.target,
+                    f"the checkpoint has no tensor {missing[0]}, which archgen's {plan.target} "
+                    f"{expected.get(plan.target)} is made from",
+                    "check that the checkpoint matches its config.json",
+                    where,
+                )
+            )
             continue
         row_shapes = [_shape_of(row, checkpoint) for row in plan.rows]
         shape = None
         if all(s is not None and s == row_shapes[0] for s in row_shapes):
             shape = (len(plan.rows),) + row_shapes[0] if plan.stacked else row_shapes[0]
         if shape != expected.get(plan.target):
-            got = ", ".join(f"{s} {checkpoint.shapes[s]}" for s in plan.sources()[:3]) + (" ..." if len(plan.sources()) > 3 else "")
-            problems.append(Diagnostic(plan.target, f"checkpoint {got} gives shape {shape}, but archgen's {plan.target} is "
-                                       f"{expected.get(plan.target)}", "check the config against the checkpoint", where))
+            got = ", ".join(f"{s} {checkpoint.shapes[s]}" for s in plan.sources()[:3]) + (
+                " ..." if len(plan.sources()) > 3 else ""
+            )
+            problems.append(
+                Diagnostic(
+                    plan.target,
+                    f"checkpoint {got} gives shape {shape}, but archgen's {plan.target} is {expected.get(plan.target)}",
+                    "check the config against the checkpoint",
+                    where,
+                )
+            )
             continue
         source_dtypes = {checkpoint.dtypes[s] for s in plan.sources()}
         if len(source_dtypes) > 1:
-            problems.append(Diagnostic(plan.target, f"the tensors making {plan.target} mix dtypes {sorted(source_dtypes)}",
-                                       "pass --dtype to convert every tensor to one dtype", where))
+            problems.append(
+                Diagnostic(
+                    plan.target,
+                    f"the tensors making {plan.target} mix dtypes {sorted(source_dtypes)}",
+                    "pass --dtype to convert every tensor to one dtype",
+                    where,
+                )
+            )
             continue
         source_dtype = _from_safetensors(source_dtypes.pop())
         if dtype is None and declared_dtype is not None and source_dtype != DTYPES.get(declared_dtype):
-            problems.append(Diagnostic(plan.target, f"checkpoint tensor {plan.sources()[0]} is {_DTYPE_NAME.get(source_dtype, source_dtype)}, "
-                                       f"but the config declares dtype {declared_dtype}",
-                                       "pass --dtype float32 (or bfloat16, float16) to convert every tensor to one dtype", where))
+            problems.append(
+                Diagnostic(
+                    plan.target,
+                    f"checkpoint tensor {plan.sources()[0]} is {_DTYPE_NAME.get(source_dtype, source_dtype)}, "
+                    f"but the config declares dtype {declared_dtype}",
+                    "pass --dtype float32 (or bfloat16, float16) to convert every tensor to one dtype",
+                    where,
+                )
+            )
             continue
         if source_dtype is None:
-            problems.append(Diagnostic(plan.target, f"checkpoint tensor {plan.sources()[0]} has dtype {checkpoint.dtypes[plan.sources()[0]]}, "
-                                       "which is not a floating point type archgen loads", "pass --dtype to convert", where))
+            problems.append(
+                Diagnostic(
+                    plan.target,
+                    f"checkpoint tensor {plan.sources()[0]} has dtype {checkpoint.dtypes[plan.sources()[0]]}, "
+                    "which is not a floating point type archgen loads",
+                    "pass --dtype to convert",
+                    where,
+                )
+            )
             continue
         out_dtypes[plan.target] = DTYPES[dtype] if dtype else source_dtype
     for name in sorted(set(checkpoint.shapes) - used):
         if not ignorable(name):
-            problems.append(Diagnostic(name, f"checkpoint tensor {name} {checkpoint.shapes[name]} has no place in the imported spec",
-                                       "check the config against the checkpoint, or extend the name mapping", where))
+            problems.append(
+                Diagnostic(
+                    name,
+                    f"checkpoint tensor {name} {checkpoint.shapes[name]} has no place in the imported spec",
+                    "check the config against the checkpoint, or extend the name mapping",
+                    where,
+                )
+            )
     if problems:
         raise CompileError(problems)
     return out_dtypes
@@ -192,20 +268,28 @@ def _from_safetensors(code: str) -> torch.dtype | None:
 def _rows(plan: TensorPlan, checkpoint: Checkpoint, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     for row in plan.rows:
         parts = [checkpoint.load(p.source) for p in row]
-        parts = [part.t() if p.transpose else part for part, p in zip(parts, row)]
+        parts = [part.t() if p.transpose else part for part, p in zip(parts, row, strict=True)]
         yield (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype).contiguous()
 
 
-def write_safetensors(path: Path, plans: list[TensorPlan], shapes: dict[str, tuple[int, ...]],
-                      dtypes: dict[str, torch.dtype], checkpoint: Checkpoint) -> None:
+def write_safetensors(
+    path: Path,
+    plans: list[TensorPlan],
+    shapes: dict[str, tuple[int, ...]],
+    dtypes: dict[str, torch.dtype],
+    checkpoint: Checkpoint,
+) -> None:
     """Write `plans` as one safetensors file (the format save_model writes), streaming one row at a time."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for plan in plans:
         dtype = dtypes[plan.target]
         size = torch.Size(shapes[plan.target]).numel() * dtype.itemsize
-        header[plan.target] = {"dtype": _SAFETENSORS_DTYPE[dtype], "shape": list(shapes[plan.target]),
-                               "data_offsets": [offset, offset + size]}
+        header[plan.target] = {
+            "dtype": _SAFETENSORS_DTYPE[dtype],
+            "shape": list(shapes[plan.target]),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it

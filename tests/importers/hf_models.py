@@ -7,8 +7,14 @@ from pathlib import Path
 import torch
 
 VOCAB = 128
-ATTENTION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "vocab_size": VOCAB}
+ATTENTION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": VOCAB,
+}
 # Windows and chunks shorter than the prompts, so the masks and the chunked scans are exercised.
 TINY = {
     "llama": dict(ATTENTION, attention_bias=True, mlp_bias=True),
@@ -17,9 +23,26 @@ TINY = {
     "qwen3": dict(ATTENTION, head_dim=32, rope_theta=1000.0),
     "mixtral": dict(ATTENTION, num_local_experts=4, num_experts_per_tok=2),
     "mamba": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": VOCAB, "state_size": 8},
-    "mamba2": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": VOCAB, "state_size": 8, "num_heads": 8, "head_dim": 16, "n_groups": 1, "chunk_size": 8},
-    "bamba": dict(ATTENTION, num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1,
-                  mamba_d_state=8, mamba_chunk_size=8),
+    "mamba2": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "vocab_size": VOCAB,
+        "state_size": 8,
+        "num_heads": 8,
+        "head_dim": 16,
+        "n_groups": 1,
+        "chunk_size": 8,
+    },
+    "bamba": dict(
+        ATTENTION,
+        num_hidden_layers=4,
+        attn_layer_indices=[1, 3],
+        mamba_n_heads=8,
+        mamba_d_head=16,
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+    ),
 }
 
 

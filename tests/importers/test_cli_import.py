@@ -9,16 +9,27 @@ from click.testing import CliRunner
 
 from archgen.cli import main
 
-LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 128, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+}
 
 
 def test_import_then_inspect_then_export_spec(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     runner = CliRunner()
-    result = runner.invoke(main, ["import", "hf", str(tmp_path / "config.json"), "-o", str(tmp_path / "out"), "--name", "tiny_llama"])
+    result = runner.invoke(
+        main, ["import", "hf", str(tmp_path / "config.json"), "-o", str(tmp_path / "out"), "--name", "tiny_llama"]
+    )
     assert result.exit_code == 0, result.output
-    assert "model_type llama" in result.output 
+    assert "model_type llama" in result.output
     spec = yaml.safe_load((tmp_path / "out" / "spec.yaml").read_text())
     assert spec["name"] == "tiny_llama" and spec["layout"] == {"n_layers": 4, "mixers": "attn", "ffns": "mlp"}
     result = runner.invoke(main, ["export-spec", str(tmp_path / "out" / "spec.yaml"), "-o", str(tmp_path / "hf")])

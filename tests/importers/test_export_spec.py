@@ -21,7 +21,9 @@ EXPORTABLE = ["llama", "mistral", "mixtral", "mamba", "mamba2", "bamba"]
 def test_exported_checkpoint_loads_in_transformers_and_reimports_to_the_same_hash(model_type, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    original = save_tiny(model_type, tmp_path / "hf", **({"attention_bias": False, "mlp_bias": False} if model_type == "llama" else {}))
+    original = save_tiny(
+        model_type, tmp_path / "hf", **({"attention_bias": False, "mlp_bias": False} if model_type == "llama" else {})
+    )
     imported = import_hf(tmp_path / "hf", tmp_path / "imported", weights=True, name="roundtrip")
     exported = export_spec(imported.spec_path, tmp_path / "exported", weights=imported.weights)
     assert exported.model_type == model_type

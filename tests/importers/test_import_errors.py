@@ -14,8 +14,17 @@ from tests.importers.hf_models import save_tiny
 
 pytest.importorskip("transformers")
 
-LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 128, "rms_norm_eps": 1e-5, "hidden_act": "silu"}
+LLAMA = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "rms_norm_eps": 1e-5,
+    "hidden_act": "silu",
+}
 
 
 def import_config(tmp_path, fields):
@@ -45,12 +54,15 @@ def test_a_model_type_the_spec_language_cannot_express_yet_says_what_blocks_it(t
     assert "dt_layernorm" in messages(error.value)
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling.rope_type"),
-    ("hidden_act", "gelu", "hidden_act='gelu' is outside the spec language"),
-    ("attention_dropout", 0.1, "no dropout"),
-    ("some_new_switch", True, "'some_new_switch'"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling.rope_type"),
+        ("hidden_act", "gelu", "hidden_act='gelu' is outside the spec language"),
+        ("attention_dropout", 0.1, "no dropout"),
+        ("some_new_switch", True, "'some_new_switch'"),
+    ],
+)
 def test_a_field_outside_the_spec_language_is_an_error_naming_it(tmp_path, field, value, expected):
     with pytest.raises(CompileError) as error:
         import_config(tmp_path, {**LLAMA, field: value})
@@ -59,8 +71,18 @@ def test_a_field_outside_the_spec_language_is_an_error_naming_it(tmp_path, field
 
 
 def test_grouped_mamba2_norm_is_refused_not_approximated(tmp_path):
-    fields = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "state_size": 8,
-              "num_heads": 8, "head_dim": 16, "n_groups": 2, "expand": 2, "layer_norm_epsilon": 1e-5}
+    fields = {
+        "model_type": "mamba2",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "vocab_size": 128,
+        "state_size": 8,
+        "num_heads": 8,
+        "head_dim": 16,
+        "n_groups": 2,
+        "expand": 2,
+        "layer_norm_epsilon": 1e-5,
+    }
     with pytest.raises(CompileError) as error:
         import_config(tmp_path, fields)
     assert error.value.diagnostics[0].path == "n_groups"
@@ -130,4 +152,6 @@ def test_shape_mismatch_names_both_sides(tmp_path):
     with pytest.raises(CompileError) as error:
         import_hf(tmp_path / "hf", tmp_path / "out", weights=True)
     text = messages(error.value)
-    assert "model.layers.0.mlp.down_proj.weight (64, 128)" in text and "archgen's layers.0.ffn.down_proj.weight is (64, 96)" in text
+    assert (
+        "model.layers.0.mlp.down_proj.weight (64, 128)" in text and "archgen's layers.0.ffn.down_proj.weight is (64, 96)" in text
+    )

@@ -10,7 +10,10 @@ from archgen.resolve.pattern import expand_pattern
 CASES = [
     (["attn"] * 32, "attn"),
     ((["ssm"] * 3 + ["attn"]) * 8, "(ssm*3, attn)*8"),
-    (["ssm"] * 9 + ["attn"] + ["ssm"] * 8 + ["attn"] + ["ssm"] * 8 + ["attn"] + ["ssm"] * 4, "ssm*9, attn, ssm*8, attn, ssm*8, attn, ssm*4"),
+    (
+        ["ssm"] * 9 + ["attn"] + ["ssm"] * 8 + ["attn"] + ["ssm"] * 8 + ["attn"] + ["ssm"] * 4,
+        "ssm*9, attn, ssm*8, attn, ssm*8, attn, ssm*4",
+    ),
     (["mlp", "moe"] * 16, "(mlp, moe)*16"),
     (["attn", "local", "local"], "attn, local*2"),
 ]

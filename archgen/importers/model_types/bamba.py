@@ -14,10 +14,23 @@ from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.model_types.mamba import mamba2_mixer
 from archgen.importers.weights import TensorPlan
 
-BAMBA_KEYS = {"n_groups": "mamba_n_groups", "act": "hidden_act", "head_dim": "mamba_d_head", "n_heads": "mamba_n_heads",
-              "d_state": "mamba_d_state", "d_conv": "mamba_d_conv", "expand": "mamba_expand", "chunk_size": "mamba_chunk_size",
-              "conv_bias": "mamba_conv_bias", "bias": "mamba_proj_bias"}
-_FIXED = {"embed.weight": "model.embed_tokens.weight", "norm_f.weight": "model.final_layernorm.weight", "lm_head.weight": "lm_head.weight"}
+BAMBA_KEYS = {
+    "n_groups": "mamba_n_groups",
+    "act": "hidden_act",
+    "head_dim": "mamba_d_head",
+    "n_heads": "mamba_n_heads",
+    "d_state": "mamba_d_state",
+    "d_conv": "mamba_d_conv",
+    "expand": "mamba_expand",
+    "chunk_size": "mamba_chunk_size",
+    "conv_bias": "mamba_conv_bias",
+    "bias": "mamba_proj_bias",
+}
+_FIXED = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm_f.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 
 
@@ -30,8 +43,12 @@ def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[Te
             continue
         layer, module, rest = match.groups()
         mixer = resolved.mixers[resolved.layers[int(layer)].mixers[0]] if module == "mixer" else None
-        hf_module = {"mixer_norm": "input_layernorm", "ffn_norm": "pre_ff_layernorm", "ffn": "feed_forward",
-                     "mixer": "self_attn" if mixer is not None and mixer.kind == "attention" else "mamba"}[module]
+        hf_module = {
+            "mixer_norm": "input_layernorm",
+            "ffn_norm": "pre_ff_layernorm",
+            "ffn": "feed_forward",
+            "mixer": "self_attn" if mixer is not None and mixer.kind == "attention" else "mamba",
+        }[module]
         plans.append(TensorPlan.copy(target, f"model.layers.{layer}.{hf_module}.{rest}"))
     return plans
 
@@ -98,16 +115,30 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
         fields["attention_bias"] = attn.qkv_bias
     else:
         model = resolved.model
-        fields = {"hidden_size": model.d_model, "num_hidden_layers": resolved.n_layers, "vocab_size": model.vocab_size,
-                  "rms_norm_eps": model.norm.eps, "tie_word_embeddings": model.tie_embeddings, "initializer_range": model.init_std,
-                  "max_position_embeddings": model.max_seq_len, "hidden_act": "silu"}
+        fields = {
+            "hidden_size": model.d_model,
+            "num_hidden_layers": resolved.n_layers,
+            "vocab_size": model.vocab_size,
+            "rms_norm_eps": model.norm.eps,
+            "tie_word_embeddings": model.tie_embeddings,
+            "initializer_range": model.init_std,
+            "max_position_embeddings": model.max_seq_len,
+            "hidden_act": "silu",
+        }
     if reasons:
         return reasons
     fields.update(
-        intermediate_size=mlp.hidden, mlp_bias=mlp.bias,
+        intermediate_size=mlp.hidden,
+        mlp_bias=mlp.bias,
         attn_layer_indices=[layer.index for layer in resolved.layers if resolved.mixers[layer.mixers[0]].kind == "attention"],
-        mamba_n_heads=ssm.n_heads, mamba_d_head=ssm.head_dim, mamba_n_groups=ssm.n_groups, mamba_d_state=ssm.d_state,
-        mamba_d_conv=ssm.d_conv, mamba_expand=ssm.expand, mamba_chunk_size=ssm.chunk_size, mamba_conv_bias=ssm.conv_bias,
+        mamba_n_heads=ssm.n_heads,
+        mamba_d_head=ssm.head_dim,
+        mamba_n_groups=ssm.n_groups,
+        mamba_d_state=ssm.d_state,
+        mamba_d_conv=ssm.d_conv,
+        mamba_expand=ssm.expand,
+        mamba_chunk_size=ssm.chunk_size,
+        mamba_conv_bias=ssm.conv_bias,
         mamba_proj_bias=ssm.bias,
     )
     return {"architectures": ["BambaForCausalLM"], "model_type": "bamba", **fields}

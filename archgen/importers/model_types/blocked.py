@@ -5,14 +5,14 @@ An import of one of these is an error that names what is missing, never an appro
 
 BLOCKED = {
     "jamba": "JambaMambaMixer applies RMSNorms to Δ, B and C inside every Mamba layer (dt_layernorm, b_layernorm, "
-             "c_layernorm), which the mamba kind has no field for",
+    "c_layernorm), which the mamba kind has no field for",
     "falcon_h1": "Falcon-H1 scales embeddings, attention, SSM and MLP by per-block multipliers (embedding_multiplier, "
-                 "key_multiplier, ssm_multipliers, mlp_multipliers, lm_head_multiplier, ...) and runs attention and "
-                 "Mamba-2 in parallel with its own combination, none of which the spec language has",
+    "key_multiplier, ssm_multipliers, mlp_multipliers, lm_head_multiplier, ...) and runs attention and "
+    "Mamba-2 in parallel with its own combination, none of which the spec language has",
     "nemotron_h": "Nemotron-H's Mamba-2 normalises its gated output per group (n_groups > 1) and its MoE layers use "
-                  "sigmoid routing with a correction bias and latent projections, which the mamba2 and moe kinds lack",
+    "sigmoid routing with a correction bias and latent projections, which the mamba2 and moe kinds lack",
     "granitemoehybrid": "GraniteMoeHybrid scales embeddings, residuals, attention and logits (embedding_multiplier, "
-                        "residual_multiplier, attention_multiplier, logits_scaling), which the spec language has no fields for",
+    "residual_multiplier, attention_multiplier, logits_scaling), which the spec language has no fields for",
     "qwen3_next": "Qwen3-Next's linear-attention layers are Gated DeltaNet, and its attention has an output gate; "
-                  "the spec language has neither kind",
+    "the spec language has neither kind",
 }

@@ -19,15 +19,17 @@ from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.weights import Piece, TensorPlan
 
-RENAME = Renamer([
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm_f\.weight", "model.norm.weight"),
-    (r"layers\.(\d+)\.mixer_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.mixer\.(.*)", r"model.layers.\1.self_attn.\2"),
-    (r"layers\.(\d+)\.ffn\.router\.weight", r"model.layers.\1.block_sparse_moe.gate.weight"),
-    (r"layers\.(\d+)\.ffn\.(.*)", r"model.layers.\1.mlp.\2"),
-])
+RENAME = Renamer(
+    [
+        (r"embed\.weight", "model.embed_tokens.weight"),
+        (r"norm_f\.weight", "model.norm.weight"),
+        (r"layers\.(\d+)\.mixer_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+        (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+        (r"layers\.(\d+)\.mixer\.(.*)", r"model.layers.\1.self_attn.\2"),
+        (r"layers\.(\d+)\.ffn\.router\.weight", r"model.layers.\1.block_sparse_moe.gate.weight"),
+        (r"layers\.(\d+)\.ffn\.(.*)", r"model.layers.\1.mlp.\2"),
+    ]
+)
 _EXPERTS = re.compile(r"layers\.(\d+)\.ffn\.(w_in|w_out)")
 
 
@@ -38,7 +40,9 @@ def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[Te
             layer, which = match.groups()
             prefix = f"model.layers.{layer}.block_sparse_moe.experts"
             if which == "w_in":  # (E, d, 2h) = [w1ᵀ | w3ᵀ] per expert: gate, then up
-                rows = tuple((Piece(f"{prefix}.{e}.w1.weight", True), Piece(f"{prefix}.{e}.w3.weight", True)) for e in range(shape[0]))
+                rows = tuple(
+                    (Piece(f"{prefix}.{e}.w1.weight", True), Piece(f"{prefix}.{e}.w3.weight", True)) for e in range(shape[0])
+                )
             else:  # (E, h, d) = w2ᵀ per expert
                 rows = tuple((Piece(f"{prefix}.{e}.w2.weight", True),) for e in range(shape[0]))
             plans.append(TensorPlan(target, rows, stacked=True))
@@ -59,7 +63,9 @@ def _layer_windows(cfg: HFConfig, n_layers: int) -> list[int | None]:
     if types is None:
         types = ["sliding_attention" if use and window and i >= first_windowed else "full_attention" for i in range(n_layers)]
     if len(types) != n_layers:
-        cfg.error("layer_types", f"layer_types lists {len(types)} layers, num_hidden_layers is {n_layers}", "list one type per layer")
+        cfg.error(
+            "layer_types", f"layer_types lists {len(types)} layers, num_hidden_layers is {n_layers}", "list one type per layer"
+        )
         return [None] * n_layers
     windows = []
     for i, kind in enumerate(types):
@@ -67,7 +73,9 @@ def _layer_windows(cfg: HFConfig, n_layers: int) -> list[int | None]:
             cfg.error(f"layer_types[{i}]", f"layer type '{kind}' is not an attention layer this model type has", None)
         windows.append(window if kind == "sliding_attention" else None)
     if any(w is not None for w in windows) and not window:
-        cfg.error("sliding_window", "layer_types names sliding-attention layers but sliding_window is not set", "set sliding_window")
+        cfg.error(
+            "sliding_window", "layer_types names sliding-attention layers but sliding_window is not set", "set sliding_window"
+        )
     return windows
 
 
@@ -95,9 +103,16 @@ def to_spec(cfg: HFConfig) -> Imported:
     ffn_bias = bool(cfg.take("mlp_bias", False))
     if model_type == "mixtral":
         cfg.expect("router_jitter_noise", (0, 0.0), 0.0, "the generated MoE router has no jitter noise")
-        ffns = {"moe": {"kind": "moe", "n_experts": cfg.need("num_local_experts"), "top_k": cfg.need("num_experts_per_tok"),
-                        "expert": {"activation": "swiglu", "hidden": hidden},
-                        "load_balancing_weight": float(cfg.take("router_aux_loss_coef", 0.001)), "z_loss_weight": 0.0}}
+        ffns = {
+            "moe": {
+                "kind": "moe",
+                "n_experts": cfg.need("num_local_experts"),
+                "top_k": cfg.need("num_experts_per_tok"),
+                "expert": {"activation": "swiglu", "hidden": hidden},
+                "load_balancing_weight": float(cfg.take("router_aux_loss_coef", 0.001)),
+                "z_loss_weight": 0.0,
+            }
+        }
     else:
         ffns = {"mlp": {"kind": "mlp", "activation": "swiglu", "hidden": hidden, **({"bias": True} if ffn_bias else {})}}
     return Imported(model, mixers, ffns, mixer_layers, [next(iter(ffns))] * len(mixer_layers))
@@ -141,8 +156,13 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
             reasons.append("mixtral routes dropless top-k with renormalised weights and no shared experts")
         if ffn.z_loss_weight:
             reasons.append(f"mixtral has no router z-loss (z_loss_weight={ffn.z_loss_weight}); set it to 0")
-        fields.update(intermediate_size=expert.hidden, num_local_experts=ffn.n_experts, num_experts_per_tok=ffn.top_k,
-                      router_aux_loss_coef=ffn.load_balancing_weight, router_jitter_noise=0.0)
+        fields.update(
+            intermediate_size=expert.hidden,
+            num_local_experts=ffn.n_experts,
+            num_experts_per_tok=ffn.top_k,
+            router_aux_loss_coef=ffn.load_balancing_weight,
+            router_jitter_noise=0.0,
+        )
     if model_type == "llama":
         fields["attention_bias"] = attn.qkv_bias
     else:
@@ -155,5 +175,7 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
     return {"architectures": [architecture], "model_type": model_type, **fields}
 
 
-MODEL_TYPES = [ModelType(name, to_spec, weight_plans, to_hf=to_hf if name in ("llama", "mistral", "mixtral") else None)
-               for name in ("llama", "mistral", "qwen2", "qwen3", "mixtral")]
+MODEL_TYPES = [
+    ModelType(name, to_spec, weight_plans, to_hf=to_hf if name in ("llama", "mistral", "mixtral") else None)
+    for name in ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+]

@@ -11,12 +11,14 @@ from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.weights import TensorPlan
 
-RENAME = Renamer([
-    (r"embed\.weight", "backbone.embeddings.weight"),
-    (r"norm_f\.weight", "backbone.norm_f.weight"),
-    (r"layers\.(\d+)\.mixer_norm\.weight", r"backbone.layers.\1.norm.weight"),
-    (r"layers\.(\d+)\.mixer\.(.*)", r"backbone.layers.\1.mixer.\2"),
-])
+RENAME = Renamer(
+    [
+        (r"embed\.weight", "backbone.embeddings.weight"),
+        (r"norm_f\.weight", "backbone.norm_f.weight"),
+        (r"layers\.(\d+)\.mixer_norm\.weight", r"backbone.layers.\1.norm.weight"),
+        (r"layers\.(\d+)\.mixer\.(.*)", r"backbone.layers.\1.mixer.\2"),
+    ]
+)
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
@@ -37,14 +39,22 @@ def mamba_to_spec(cfg: HFConfig) -> Imported:
     d_model, expand = model["d_model"], cfg.need("expand")
     inner = cfg.take("intermediate_size", expand * d_model)
     if inner != expand * d_model:
-        cfg.error("intermediate_size", f"intermediate_size={inner} is not expand × hidden_size = {expand * d_model}",
-                  "archgen's mamba sizes d_inner as expand × d_model")
+        cfg.error(
+            "intermediate_size",
+            f"intermediate_size={inner} is not expand × hidden_size = {expand * d_model}",
+            "archgen's mamba sizes d_inner as expand × d_model",
+        )
     rank = cfg.take("time_step_rank", "auto")
     ssm: dict[str, Any] = {
-        "kind": "mamba", "d_state": cfg.need("state_size"), "d_conv": cfg.take("conv_kernel", 4), "expand": expand,
+        "kind": "mamba",
+        "d_state": cfg.need("state_size"),
+        "d_conv": cfg.take("conv_kernel", 4),
+        "expand": expand,
         "dt_rank": "auto" if rank == "auto" or rank == math.ceil(d_model / 16) else rank,
-        "conv_bias": bool(cfg.take("use_conv_bias", True)), "bias": bool(cfg.take("use_bias", False)),
-        "dt_min": float(cfg.take("time_step_min", 0.001)), "dt_max": float(cfg.take("time_step_max", 0.1)),
+        "conv_bias": bool(cfg.take("use_conv_bias", True)),
+        "bias": bool(cfg.take("use_bias", False)),
+        "dt_min": float(cfg.take("time_step_min", 0.001)),
+        "dt_max": float(cfg.take("time_step_max", 0.1)),
     }
     return Imported(model, {"ssm": ssm}, {}, ["ssm"] * n_layers, ["none"] * n_layers)
 
@@ -53,21 +63,40 @@ def mamba2_mixer(cfg: HFConfig, keys: dict[str, str]) -> dict[str, Any]:
     """A Mamba-2 mixer from the fields named by `keys` (mamba2 and bamba spell them differently)."""
     n_groups = cfg.take(keys["n_groups"], 1)
     if n_groups != 1:
-        cfg.error(keys["n_groups"], f"{keys['n_groups']}={n_groups}: the gated RMSNorm then normalises each of the "
-                  f"{n_groups} groups separately, and archgen's mamba2 normalises all channels together",
-                  "only n_groups 1 imports until the mamba2 kind has a grouped norm")
+        cfg.error(
+            keys["n_groups"],
+            f"{keys['n_groups']}={n_groups}: the gated RMSNorm then normalises each of the "
+            f"{n_groups} groups separately, and archgen's mamba2 normalises all channels together",
+            "only n_groups 1 imports until the mamba2 kind has a grouped norm",
+        )
     cfg.expect(keys["act"], ("silu",), "silu", "archgen's Mamba-2 gates with SiLU")
     expect_no_dt_limit(cfg)
     return {
-        "kind": "mamba2", "head_dim": cfg.need(keys["head_dim"]), "n_heads": cfg.need(keys["n_heads"]), "n_groups": n_groups,
-        "d_state": cfg.need(keys["d_state"]), "d_conv": cfg.take(keys["d_conv"], 4), "expand": cfg.need(keys["expand"]),
-        "chunk_size": cfg.take(keys["chunk_size"], 256), "conv_bias": bool(cfg.take(keys["conv_bias"], True)),
+        "kind": "mamba2",
+        "head_dim": cfg.need(keys["head_dim"]),
+        "n_heads": cfg.need(keys["n_heads"]),
+        "n_groups": n_groups,
+        "d_state": cfg.need(keys["d_state"]),
+        "d_conv": cfg.take(keys["d_conv"], 4),
+        "expand": cfg.need(keys["expand"]),
+        "chunk_size": cfg.take(keys["chunk_size"], 256),
+        "conv_bias": bool(cfg.take(keys["conv_bias"], True)),
         "bias": bool(cfg.take(keys["bias"], False)),
     }
 
 
-MAMBA2_KEYS = {"n_groups": "n_groups", "act": "hidden_act", "head_dim": "head_dim", "n_heads": "num_heads", "d_state": "state_size",
-               "d_conv": "conv_kernel", "expand": "expand", "chunk_size": "chunk_size", "conv_bias": "use_conv_bias", "bias": "use_bias"}
+MAMBA2_KEYS = {
+    "n_groups": "n_groups",
+    "act": "hidden_act",
+    "head_dim": "head_dim",
+    "n_heads": "num_heads",
+    "d_state": "state_size",
+    "d_conv": "conv_kernel",
+    "expand": "expand",
+    "chunk_size": "chunk_size",
+    "conv_bias": "use_conv_bias",
+    "bias": "use_bias",
+}
 
 
 def mamba2_to_spec(cfg: HFConfig) -> Imported:
@@ -93,18 +122,34 @@ def _export(kind: str):
         if reasons:
             return reasons
         model = resolved.model
-        fields = {"hidden_size": model.d_model, "num_hidden_layers": resolved.n_layers, "vocab_size": model.vocab_size,
-                  "layer_norm_epsilon": model.norm.eps, "tie_word_embeddings": model.tie_embeddings,
-                  "initializer_range": model.init_std, "max_position_embeddings": model.max_seq_len, "hidden_act": "silu",
-                  "expand": ssm.expand, "conv_kernel": ssm.d_conv, "use_conv_bias": ssm.conv_bias, "use_bias": ssm.bias}
+        fields = {
+            "hidden_size": model.d_model,
+            "num_hidden_layers": resolved.n_layers,
+            "vocab_size": model.vocab_size,
+            "layer_norm_epsilon": model.norm.eps,
+            "tie_word_embeddings": model.tie_embeddings,
+            "initializer_range": model.init_std,
+            "max_position_embeddings": model.max_seq_len,
+            "hidden_act": "silu",
+            "expand": ssm.expand,
+            "conv_kernel": ssm.d_conv,
+            "use_conv_bias": ssm.conv_bias,
+            "use_bias": ssm.bias,
+        }
         if kind == "mamba":
-            fields.update(state_size=ssm.d_state, intermediate_size=ssm.expand * model.d_model, time_step_rank=ssm.dt_rank,
-                          time_step_min=ssm.dt_min, time_step_max=ssm.dt_max)
+            fields.update(
+                state_size=ssm.d_state,
+                intermediate_size=ssm.expand * model.d_model,
+                time_step_rank=ssm.dt_rank,
+                time_step_min=ssm.dt_min,
+                time_step_max=ssm.dt_max,
+            )
             return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **fields}
         if ssm.n_groups != 1:
             return ["mamba2 with n_groups > 1 normalises per group in transformers; archgen's does not"]
-        fields.update(state_size=ssm.d_state, num_heads=ssm.n_heads, head_dim=ssm.head_dim, n_groups=ssm.n_groups,
-                      chunk_size=ssm.chunk_size)
+        fields.update(
+            state_size=ssm.d_state, num_heads=ssm.n_heads, head_dim=ssm.head_dim, n_groups=ssm.n_groups, chunk_size=ssm.chunk_size
+        )
         return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", **fields}
 
     return to_hf
