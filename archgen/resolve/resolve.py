@@ -16,6 +16,7 @@ from archgen import __version__
 from archgen.errors import CompileError, Diagnostic
 from archgen.kinds import kind_of
 from archgen.resolve.layout_types import LayoutProblem, Slot
+from archgen.resolve.megatron import expand_megatron
 from archgen.resolve.pattern import expand_pattern
 from archgen.resolve.ratio import expand_ratio
 from archgen.spec import models
@@ -171,6 +172,10 @@ def _expand(form: Any, path: tuple, names: set[str], n_layers: int | None, allow
             return []
         slots, found = expand_ratio(form.ratio, form.offset, n_layers, names)
         problems += [_layout_diagnostic(p, path, None, source_map) for p in found]
+        return slots
+    if isinstance(form, models.MegatronLayout):
+        slots, found = expand_megatron(form.megatron, form.symbols, what, names, n_layers)
+        problems += [_layout_diagnostic(p, path + (("megatron",) if p.field is None else ()), None, source_map) for p in found]
         return slots
     if isinstance(form, list):
         if not form:

@@ -218,24 +218,40 @@ class RatioLayout(SpecModel):
     offset: Count = 0
 
 
+MegatronSymbol = Literal["M", "*", "-", "E"]
+
+
+class MegatronLayout(SpecModel):
+    """Megatron-Core's hybrid layer pattern ("M-M-M*-", one symbol per layer: M Mamba, * attention, - MLP, E MoE;
+    '|' marks pipeline stages and changes nothing), with the spec component each symbol stands for. Under
+    layout.mixers only M and * name components (the other layers have no mixer); under layout.ffns only - and E."""
+
+    megatron: str
+    symbols: dict[MegatronSymbol, Identifier]
+
+
 def _layout_form(value: object) -> str | None:
     if isinstance(value, str):
         return "pattern"
     if isinstance(value, list):
         return "list"
+    if isinstance(value, MegatronLayout) or isinstance(value, dict) and "megatron" in value:
+        return "megatron"
     if isinstance(value, (dict, RatioLayout)):
         return "ratio"
     return None
 
 
-# A layout is a pattern expression ("(ssm*3, attn)*8"), an explicit list (one pattern item per layer), or a ratio.
+# A layout is a pattern expression ("(ssm*3, attn)*8"), an explicit list (one pattern item per layer), a ratio, or a
+# Megatron-Core hybrid pattern.
 LayoutForm = Annotated[
-    Annotated[str, Tag("pattern")] | Annotated[list[str], Tag("list")] | Annotated[RatioLayout, Tag("ratio")],
+    Annotated[str, Tag("pattern")] | Annotated[list[str], Tag("list")] | Annotated[RatioLayout, Tag("ratio")]
+    | Annotated[MegatronLayout, Tag("megatron")],
     Discriminator(
         _layout_form,
         custom_error_type="layout_form",
         custom_error_message="expected a pattern string like '(ssm*3, attn)*8', a list with one item per layer, "
-        "or a mapping {ratio: {attn: 1, ssm: 7}, offset: 4}",
+        "a mapping {ratio: {attn: 1, ssm: 7}, offset: 4}, or {megatron: 'M-M*-', symbols: {M: ssm, '*': attn}}",
     ),
 ]
 
