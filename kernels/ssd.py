@@ -1,0 +1,1162 @@
+"""Mamba-2 SSD (state space duality) chunked scan as Triton kernels: forward, backward, the custom ops, the reference.
+
+Per batch b and head h (of H = G·R heads in G groups of R; head h reads B and C of group h // R)::
+
+    Δ_t = softplus(dt_t + dt_bias)            (dt_t + dt_bias without dt_softplus; dt_t alone without a bias)
+    h_t = exp(Δ_t A) · h_{t-1} + Δ_t · x_t ⊗ B_t          h_t (P, N), h_{-1} = initial_state or 0
+    y_t = h_t C_t + D · x_t
+
+Shapes as in templates/runtime/ssd.py (ops/ssd.py of a generated package, which applies the softplus itself and
+passes Δ): x (B, T, H, P), dt (B, T, H), A (H,), B and C (B, T, G, N), D and dt_bias (H,), initial_state and the final
+state (B, H, P, N). x, B and C may be float32, float16 or bfloat16 and strided (the Mamba-2 block hands over views of
+its projection); y comes back in x's dtype, the final state in float32.
+
+The algorithm is the SSD paper's chunked form (Dao & Gu, 2024, section 6). Split time into chunks of L positions;
+within a chunk let cum_t = Σ_{i≤t} Δ_i A (a prefix sum, ≤ 0 and decreasing) so that the decay from s to t is
+exp(cum_t - cum_s) ≤ 1. With H_c the state entering chunk c:
+
+    y_t = Σ_{s≤t} (C_t·B_s) exp(cum_t - cum_s) Δ_s x_s  +  exp(cum_t) H_c C_t  +  D x_t        (intra + from state)
+    H_{c+1} = exp(cum_{L-1}) H_c  +  Σ_s exp(cum_{L-1} - cum_s) Δ_s x_s ⊗ B_s                  (state passing)
+
+Every product of x, B, C and the states runs as a matrix product on the tensor cores (tl.dot, operands in x's dtype,
+float32 accumulation; full float32 for float32 inputs), every decay and sum in float32. Forward, four launches:
+
+  1. `_dt_cumsum_kernel`: Δ (bias, softplus) and the in-chunk prefix sums cum, (B, H, c·L) float32 each.
+  2. `_chunk_cb_kernel`: C_c B_c^T per group and chunk (B, c, G, L, L), lower blocks only; it is shared by the R heads
+     of a group (a group of 64 heads computes it once, not 64 times), and the backward reuses it.
+  3. `_state_fwd_kernel`: per (batch, head, tile of the (P, N) state), a loop over the chunks that stores H_c and
+     adds the chunk's x^T (B ⊙ decay·Δ) product: the inter-chunk recurrence and the chunk states in one pass, so the
+     chunk states never reach memory. H_c is stored in x's dtype (it is a matmul operand next).
+  4. `_output_fwd_kernel`: per (head, chunk, block of rows): exp(cum) C H_c^T, then the causal blocks of
+     (CB ⊙ decay ⊙ Δ) x, plus D x.
+
+Backward, with dy the output's gradient and G_c = dL/dH_{c+1} (the gradient of the state after chunk c):
+
+  1. `_state_bwd_kernel`: the adjoint of state passing, chunks in reverse: stores G_c and advances
+     G_{c-1} = exp(cum_{L-1}) G_c + Σ_t exp(cum_t) dy_t ⊗ C_t; what leaves chunk 0 is dL/d initial_state.
+  2. `_dx_bwd_kernel` (rows s of a chunk, the R heads of a group in a loop): dx_s = Δ_s·inner_s + D dy_s with
+     inner_s = Σ_{t≥s} (C_t·B_s) exp(cum_t - cum_s) dy_t + exp(cum_{L-1} - cum_s) G_c B_s, the direct part of dΔ_s
+     (x_s·inner_s), and dB_s summed over the group's heads.
+  3. `_dc_bwd_kernel` (rows t): dC_t summed over the group's heads, and the gradient of the log decays.
+  4. `_dt_bwd_kernel`: assembles d(Δ_i A) and from it dΔ (through the softplus), dA and d dt_bias.
+
+The log-decay gradient is summed the stable way: cum_t - cum_s = Σ_{s<i≤t} Δ_i A, so d(Δ_i A) collects, for every
+pair s < i ≤ t, Q[t, s] = dy_t·(the (t, s) term of y), as a running prefix sum over s of each row of Q (kernel 3),
+never as a difference of large row and column sums that would cancel; likewise exclusive / reverse prefix sums
+for the state terms. Reductions are deterministic (no atomics): per-program partial sums that torch adds up.
+
+T need not be a multiple of the chunk: positions past T get Δ = 0 (decay 1, no input) and every load past T is
+masked. L (chunk_size) must be a power of two ≥ 16; the result does not depend on it beyond rounding.
+
+Contents: `ssd_scan` (the entry point, CUDA tensors), the custom ops `archgen::ssd_scan` and
+`archgen::ssd_scan_backward` (one graph node each under torch.compile / torch.export, with fake implementations and
+autograd), the launchers `ssd_scan_forward` / `ssd_scan_backward`, the autotune spaces and `tuned_configs` /
+`pin_configs`, `ssd_scan_reference` (a plain loop over time with the same signature: the tests' ground truth and the
+op's CPU path), and `decomposition` (the op written with ops/ssd.py's `ssd_scan`, for ONNX).
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a triton without the interpreter: never interpreting
+    InterpretedFunction = ()
+
+CHUNK_SIZE = 256
+"""The default chunk length L: the intra-chunk products are (L, L) per head, the states are stored once per chunk."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Autotune spaces, kept small: every config of every kernel is compiled once per process on the first call of a key.
+# BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
+# splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
+STATE_CONFIGS = [
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_P": 32, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
+]
+CB_CONFIGS = [{"BLOCK_T": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2}]
+OUTPUT_CONFIGS = [
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
+]
+GROUP_BWD_CONFIGS = [
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+]
+INTERPRETER_CONFIGS = {
+    "state": {"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16, "num_warps": 4, "num_stages": 1},
+    "cb": {"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+    "output": {"BLOCK_T": 16, "num_warps": 4, "num_stages": 1},
+    "group_bwd": {"BLOCK_T": 16, "HEAD_SPLIT": 2, "num_warps": 4, "num_stages": 1},
+}
+"""The configs under TRITON_INTERPRET=1: small blocks, so the tests' small chunks still hold several blocks."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|) without overflow (log1p by Goldberg's trick: tl has no log1p)."""
+    w = tl.exp(-tl.abs(x))
+    one_plus_w = 1.0 + w
+    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_w
+
+
+@triton.jit
+def _dt_cumsum_kernel(
+    dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
+    A_ptr, bias_ptr,
+    dtp_ptr, cum_ptr,  # (B, H, c·L) float32, contiguous
+    seqlen, nheads, padded_len,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    pos = chunk * CHUNK + tl.arange(0, CHUNK)
+    t_in = pos < seqlen
+    dt = tl.load(dt_ptr + b.to(tl.int64) * dt_stride_b + pos * dt_stride_t + h * dt_stride_h, mask=t_in,
+                 other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(t_in, dt, 0.0)  # positions past T: decay 1, no input
+    cum = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), axis=0)
+    base = pid_bh.to(tl.int64) * padded_len
+    tl.store(dtp_ptr + base + pos, dt)
+    tl.store(cum_ptr + base + pos, cum)
+
+
+@triton.jit
+def _chunk_cb_kernel(
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
+    cb_ptr,  # (B, c, G, L, L) float32, contiguous
+    seqlen, ngroups, nchunks, dstate,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    tile = tl.program_id(0)
+    chunk_group = tl.program_id(1)
+    b = tl.program_id(2)
+    tb = tile // n_blocks
+    sb = tile % n_blocks
+    if sb > tb:  # above the diagonal: never read (the decay mask is zero there)
+        return
+    chunk = chunk_group // ngroups
+    g = chunk_group % ngroups
+    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    n = tl.arange(0, BLOCK_N)
+    n_in = n < dstate
+    pos_t = chunk * CHUNK + t_loc
+    pos_s = chunk * CHUNK + s_loc
+    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
+                  + n[None, :] * C_stride_n, mask=(pos_t < seqlen)[:, None] & n_in[None, :], other=0.0)
+    B_sT = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[None, :] * B_stride_t + g * B_stride_g
+                   + n[:, None] * B_stride_n, mask=(pos_s < seqlen)[None, :] & n_in[:, None], other=0.0)
+    cb = tl.dot(C_t, B_sT, input_precision=DOT_PRECISION)
+    base = (b.to(tl.int64) * nchunks + chunk) * ngroups + g
+    tl.store(cb_ptr + base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :], cb)
+
+
+@triton.jit
+def _state_fwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
+    dtp_ptr, cum_ptr,
+    init_ptr, init_stride_b, init_stride_h, init_stride_p, init_stride_n,
+    enter_ptr,  # (B, c, H, P, N) in x's dtype (float32 for float32 x), contiguous: the state entering each chunk
+    final_ptr,  # (B, H, P, N) float32, contiguous
+    seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
+    HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    pn_in = p_in[:, None] & n_in[None, :]
+    dot_ty = x_ptr.dtype.element_ty
+    if HAS_INIT:
+        state = tl.load(init_ptr + b.to(tl.int64) * init_stride_b + h * init_stride_h + p[:, None] * init_stride_p
+                        + n[None, :] * init_stride_n, mask=pn_in, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dt_base = pid_bh.to(tl.int64) * padded_len
+    x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
+    B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
+    state_offs = p[:, None] * dstate + n[None, :]
+    for chunk in range(nchunks):
+        enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+        tl.store(enter_ptr + enter_base + state_offs, state.to(enter_ptr.dtype.element_ty), mask=pn_in)
+        cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
+        chunk_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for l0 in range(0, CHUNK, BLOCK_L):
+            pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
+            t_in = pos < seqlen
+            x_T = tl.load(x_base + pos[None, :] * x_stride_t + p[:, None] * x_stride_p,
+                          mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
+            B_l = tl.load(B_base + pos[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                          mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
+            weight = tl.exp(cum_last - tl.load(cum_ptr + dt_base + pos)) * tl.load(dtp_ptr + dt_base + pos)
+            B_w = (B_l.to(tl.float32) * weight[:, None]).to(dot_ty)
+            chunk_state = tl.dot(x_T.to(dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
+        state = state * tl.exp(cum_last) + chunk_state
+    tl.store(final_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, state, mask=pn_in)
+
+
+@triton.jit
+def _output_fwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    D_ptr,
+    dtp_ptr, cum_ptr, cb_ptr, enter_ptr,
+    y_ptr, y_stride_b, y_stride_t, y_stride_h, y_stride_p,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    h = tl.program_id(0)  # heads vary fastest: the programs of one group share the CB and C tiles in L2
+    chunk = tl.program_id(1) // n_blocks
+    tb = tl.program_id(1) % n_blocks
+    b = tl.program_id(2)
+    g = h // heads_per_group
+    dot_ty = x_ptr.dtype.element_ty
+    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_t = chunk * CHUNK + t_loc
+    t_in = pos_t < seqlen
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+    cum_t = tl.load(cum_ptr + dt_base + pos_t)
+
+    # From the state entering the chunk: exp(cum_t) C_t H_c^T.
+    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
+                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0)
+    enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+    enter_T = tl.load(enter_ptr + enter_base + n[:, None] + p[None, :] * dstate, mask=n_in[:, None] & p_in[None, :],
+                      other=0.0)  # (N, P)
+    acc = tl.dot(C_t.to(dot_ty), enter_T.to(dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
+
+    # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x.
+    x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
+    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+    for sb in range(0, tb + 1):
+        s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+        pos_s = chunk * CHUNK + s_loc
+        cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
+        cum_s = tl.load(cum_ptr + dt_base + pos_s)
+        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+        causal = s_loc[None, :] <= t_loc[:, None]
+        decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
+        x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
+                      mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
+        acc = tl.dot((cb * decay * dt_s[None, :]).to(dot_ty), x_s.to(dot_ty), acc, input_precision=DOT_PRECISION)
+
+    tp_in = t_in[:, None] & p_in[None, :]
+    if HAS_D:
+        x_t = tl.load(x_base + pos_t[:, None] * x_stride_t + p[None, :] * x_stride_p, mask=tp_in, other=0.0)
+        acc += tl.load(D_ptr + h).to(tl.float32) * x_t.to(tl.float32)
+    tl.store(y_ptr + b.to(tl.int64) * y_stride_b + pos_t[:, None] * y_stride_t + h * y_stride_h
+             + p[None, :] * y_stride_p, acc.to(y_ptr.dtype.element_ty), mask=tp_in)
+
+
+@triton.jit
+def _state_bwd_kernel(
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    cum_ptr, enter_ptr,
+    dfinal_ptr, dfinal_stride_b, dfinal_stride_h, dfinal_stride_p, dfinal_stride_n,
+    grad_after_ptr,  # (B, c, H, P, N) like enter: G_c = dL/d(state after chunk c)
+    k_part_ptr,  # (B, H, c, tiles) float32: exp(cum_{L-1}) Σ H_c ⊙ G_c per tile of the state
+    dinit_ptr,  # (B, H, P, N) float32
+    seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
+    HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    p_in = p < headdim
+    n_in = n < dstate
+    pn_in = p_in[:, None] & n_in[None, :]
+    dot_ty = C_ptr.dtype.element_ty
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + b.to(tl.int64) * dfinal_stride_b + h * dfinal_stride_h
+                       + p[:, None] * dfinal_stride_p + n[None, :] * dfinal_stride_n, mask=pn_in, other=0.0)
+        grad = grad.to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dt_base = pid_bh.to(tl.int64) * padded_len
+    dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
+    C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
+    state_offs = p[:, None] * dstate + n[None, :]
+    for step in range(nchunks):
+        chunk = nchunks - 1 - step
+        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+        tl.store(grad_after_ptr + state_base + state_offs, grad.to(grad_after_ptr.dtype.element_ty), mask=pn_in)
+        cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
+        decay_chunk = tl.exp(cum_last)
+        enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0).to(tl.float32)
+        tl.store(k_part_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * n_tiles + tile,
+                 decay_chunk * tl.sum(tl.sum(enter * grad, axis=1), axis=0))
+        from_outputs = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for l0 in range(0, CHUNK, BLOCK_L):
+            pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
+            t_in = pos < seqlen
+            dy_T = tl.load(dy_base + pos[None, :] * dy_stride_t + p[:, None] * dy_stride_p,
+                           mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
+            C_l = tl.load(C_base + pos[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                          mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
+            dy_w = (dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :]).to(dot_ty)
+            from_outputs = tl.dot(dy_w, C_l.to(dot_ty), from_outputs, input_precision=DOT_PRECISION)
+        grad = grad * decay_chunk + from_outputs
+    if HAS_INIT:
+        tl.store(dinit_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, grad, mask=pn_in)
+
+
+@triton.jit
+def _dx_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    D_ptr,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    dtp_ptr, cum_ptr, cb_ptr, grad_after_ptr,
+    dx_ptr, dx_stride_b, dx_stride_t, dx_stride_h, dx_stride_p,
+    ddt_direct_ptr,  # (B, H, c·L) float32: Σ_p x_s ⊙ inner_s, the part of dΔ_s not through the decays
+    state_term_ptr,  # (B, H, c·L) float32: R_s = Δ_s x_s·(exp(cum_{L-1} - cum_s) G_c B_s), for the decay gradient
+    dD_part_ptr,  # (B, c·blocks, H) float32
+    dB_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
+):
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    chunk = tl.program_id(0) // n_blocks
+    sb = tl.program_id(0) % n_blocks
+    g = tl.program_id(1) // HEAD_SPLIT
+    split = tl.program_id(1) % HEAD_SPLIT
+    b = tl.program_id(2)
+    dot_ty = x_ptr.dtype.element_ty
+    s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_s = chunk * CHUNK + s_loc
+    s_in = pos_s < seqlen
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    sp_in = s_in[:, None] & p_in[None, :]
+    B_s = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
+                  + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+    C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
+    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+    dB_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
+    first = split * per_split
+    for j in range(first, tl.minimum(first + per_split, heads_per_group)):
+        h = g * heads_per_group + j
+        dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+        cum_s = tl.load(cum_ptr + dt_base + pos_s)
+        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+        cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
+        x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                      + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
+        dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
+        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+        grad_T = tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
+                         mask=n_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)  # (N, P)
+
+        # Through the chunk's contribution to the state after it.
+        decay_to_end = tl.exp(cum_last - cum_s)
+        inner = tl.dot(B_s, grad_T, input_precision=DOT_PRECISION) * decay_to_end[:, None]  # (T, P)
+        x_f = x_s.to(tl.float32)
+        tl.store(state_term_ptr + dt_base + pos_s, dt_s * tl.sum(x_f * inner, axis=1))
+        x_G = tl.dot(x_s.to(dot_ty), tl.trans(grad_T), input_precision=DOT_PRECISION)  # (T, N)
+        dB_acc += x_G * (decay_to_end * dt_s)[:, None]
+
+        # Through the outputs of this chunk at t ≥ s.
+        for tb in range(sb, n_blocks):
+            t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+            pos_t = chunk * CHUNK + t_loc
+            t_in = pos_t < seqlen
+            cum_t = tl.load(cum_ptr + dt_base + pos_t)
+            dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
+                           mask=t_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
+            C_t = tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                          mask=t_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+            cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
+            causal = t_loc[None, :] >= s_loc[:, None]
+            decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
+            inner = tl.dot((cb_T * decay).to(dot_ty), dy_t, inner, input_precision=DOT_PRECISION)
+            x_dy = tl.dot(x_s.to(dot_ty), tl.trans(dy_t), input_precision=DOT_PRECISION)  # (s, t) = x_s·dy_t
+            m_T = (x_dy * decay * dt_s[:, None]).to(dot_ty)
+            dB_acc = tl.dot(m_T, C_t, dB_acc, input_precision=DOT_PRECISION)
+
+        dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
+                       other=0.0).to(tl.float32)
+        dx = dt_s[:, None] * inner
+        if HAS_D:
+            dx += tl.load(D_ptr + h).to(tl.float32) * dy_s
+            tl.store(dD_part_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * nheads + h,
+                     tl.sum(tl.sum(x_f * dy_s, axis=1), axis=0))
+        tl.store(dx_ptr + b.to(tl.int64) * dx_stride_b + pos_s[:, None] * dx_stride_t + h * dx_stride_h
+                 + p[None, :] * dx_stride_p, dx.to(dx_ptr.dtype.element_ty), mask=sp_in)
+        tl.store(ddt_direct_ptr + dt_base + pos_s, tl.sum(x_f * inner, axis=1))
+
+    dB_offs = (((b.to(tl.int64) * seqlen + pos_s[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
+    tl.store(dB_part_ptr + dB_offs, dB_acc, mask=s_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def _dc_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    dtp_ptr, cum_ptr, cb_ptr, enter_ptr,
+    off_term_ptr,  # (B, H, c·L) float32: v_t = dy_t·(exp(cum_t) H_c C_t), the from-state output's decay term
+    cross_ptr,  # (B, H, blocks, c·L) float32, zeroed: per row block t, Σ over pairs s < i ≤ t of Q[t, s] at i
+    dC_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
+):
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    chunk = tl.program_id(0) // n_blocks
+    tb = tl.program_id(0) % n_blocks
+    g = tl.program_id(1) // HEAD_SPLIT
+    split = tl.program_id(1) % HEAD_SPLIT
+    b = tl.program_id(2)
+    dot_ty = x_ptr.dtype.element_ty
+    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_t = chunk * CHUNK + t_loc
+    t_in = pos_t < seqlen
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
+                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
+    B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
+    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+    dC_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
+    first = split * per_split
+    for j in range(first, tl.minimum(first + per_split, heads_per_group)):
+        h = g * heads_per_group + j
+        dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+        cum_t = tl.load(cum_ptr + dt_base + pos_t)
+        dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                       + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
+        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+        enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
+                        other=0.0).to(dot_ty)  # (P, N)
+        from_state = tl.dot(dy_t, enter, input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]  # (T, N)
+        tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
+        dC_acc += from_state
+
+        x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
+        cross_base = cross_ptr + ((b.to(tl.int64) * nheads + h) * n_blocks + tb) * padded_len
+        row_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ over the earlier blocks' s of Q[t, s]
+        for sb in range(0, tb + 1):
+            s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+            pos_s = chunk * CHUNK + s_loc
+            s_in = pos_s < seqlen
+            x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
+                          mask=s_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
+            B_s = tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                          mask=s_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+            cum_s = tl.load(cum_ptr + dt_base + pos_s)
+            dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+            cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
+            causal = s_loc[None, :] <= t_loc[:, None]
+            decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
+            m = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PRECISION) * decay * dt_s[None, :]  # (t, s)
+            dC_acc = tl.dot(m.to(dot_ty), B_s, dC_acc, input_precision=DOT_PRECISION)
+            q = m * cb  # Q[t, s] = dy_t·(the term of y_t from s)
+            before = tl.cumsum(q, axis=1) - q + row_sum[:, None]  # Σ_{s' < i} Q[t, s'] at column i
+            tl.store(cross_base + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
+            row_sum += tl.sum(q, axis=1)
+
+    dC_offs = (((b.to(tl.int64) * seqlen + pos_t[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
+    tl.store(dC_part_ptr + dC_offs, dC_acc, mask=t_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def _dt_bwd_kernel(
+    dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
+    A_ptr, bias_ptr,
+    dtp_ptr, ddt_direct_ptr, state_term_ptr, off_term_ptr, cross_ptr, k_ptr,
+    ddt_ptr, ddt_stride_b, ddt_stride_t, ddt_stride_h,
+    dA_part_ptr, dbias_part_ptr,  # (B, H, c) float32 each
+    seqlen, nheads, nchunks, padded_len,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CHUNK: tl.constexpr, CROSS_BLOCKS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid_bh // nheads
+    h = pid_bh % nheads
+    pos = chunk * CHUNK + tl.arange(0, CHUNK)
+    t_in = pos < seqlen
+    base = pid_bh.to(tl.int64) * padded_len
+    cross = tl.zeros((CHUNK,), dtype=tl.float32)
+    for blk in range(CROSS_BLOCKS):
+        cross += tl.load(cross_ptr + (pid_bh.to(tl.int64) * CROSS_BLOCKS + blk) * padded_len + pos)
+    off_term = tl.load(off_term_ptr + base + pos)
+    state_term = tl.load(state_term_ptr + base + pos)
+    # d(Δ_i A): the pairs s < i ≤ t, the from-state outputs at t ≥ i, the chunk state's inputs at s < i, and the
+    # decay of the whole chunk (every i).
+    later_off = tl.sum(off_term, axis=0) - tl.cumsum(off_term, axis=0) + off_term
+    earlier_state = tl.cumsum(state_term, axis=0) - state_term
+    dlog = cross + later_off + earlier_state + tl.load(k_ptr + pid_bh.to(tl.int64) * nchunks + chunk)
+    dtp = tl.load(dtp_ptr + base + pos)
+    ddt = tl.load(ddt_direct_ptr + base + pos) + tl.load(A_ptr + h).to(tl.float32) * dlog
+    tl.store(dA_part_ptr + pid_bh.to(tl.int64) * nchunks + chunk, tl.sum(dtp * dlog, axis=0))
+    if SOFTPLUS:
+        raw = tl.load(dt_ptr + b.to(tl.int64) * dt_stride_b + pos * dt_stride_t + h * dt_stride_h, mask=t_in,
+                      other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            raw += tl.load(bias_ptr + h).to(tl.float32)
+        ddt = ddt * tl.sigmoid(raw)
+    ddt = tl.where(t_in, ddt, 0.0)
+    if HAS_BIAS:
+        tl.store(dbias_part_ptr + pid_bh.to(tl.int64) * nchunks + chunk, tl.sum(ddt, axis=0))
+    tl.store(ddt_ptr + b.to(tl.int64) * ddt_stride_b + pos * ddt_stride_t + h * ddt_stride_h,
+             ddt.to(ddt_ptr.dtype.element_ty), mask=t_in)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
+    return isinstance(_output_fwd_kernel, InterpretedFunction)
+
+
+def triton_on_cpu() -> bool:
+    """Whether CPU tensors run the kernels (in the interpreter) rather than the reference: only when interpreting
+    and ARCHGEN_TRITON_ON_CPU=1, which the kernel tests set. Otherwise the op computes CPU tensors with
+    `ssd_scan_reference`, as an exported program holding archgen::ssd_scan does on a CPU."""
+    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
+
+
+def _fix_interpreter_scalars() -> None:
+    """Let the interpreter run loops with runtime bounds under numpy >= 2.4 (see kernels/selective_scan.py)."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "archgen_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.archgen_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_scalars()
+
+
+def _strided(t: Tensor | None, ndim: int) -> tuple:
+    """(tensor or None, *strides): a kernel's pointer and stride arguments; an absent tensor gets zero strides."""
+    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
+
+
+def _on_device(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _launch_options(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+
+
+def _meta(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+
+
+class Autotuner:
+    """Chooses one kernel's config per key (shapes and dtype): on the first call with a key it times every candidate
+    on that call's tensors (triton.testing.do_bench, median) and keeps the fastest; `pin` sets choices untimed.
+
+    Not triton.autotune, for the reason kernels/selective_scan.py gives (absent optional inputs would each be tuned
+    anew). A candidate that fails to compile or run (registers, shared memory) is recorded and skipped.
+    """
+
+    def __init__(self, name: str, configs: list[dict], interpreter_config: dict):
+        self.name = name
+        self.configs = configs
+        self.interpreter_config = interpreter_config
+        self.chosen: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
+
+    def config(self, key: str, launch, explicit: dict | None = None, fits=lambda c: True) -> dict:
+        """The config to launch: explicit, the interpreter's, pinned/chosen, or else tuned now."""
+        if explicit is not None:
+            return explicit
+        if interpreting():
+            return self.interpreter_config
+        if key in self.chosen:
+            return self.chosen[key]
+        from triton.testing import do_bench
+
+        timings = {}
+        candidates = [c for c in self.configs if fits(c)] or [self.configs[0]]
+        for config in candidates:
+            name = _config_name(config)
+            try:
+                timings[name] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=20,
+                                               return_mode="median"))
+            except Exception as error:  # one config failing must not fail the op: the others may run
+                timings[name] = f"{type(error).__name__}: {error}"[:300]
+        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
+        if not ran:
+            raise RuntimeError(f"no config of the SSD {self.name} kernel ran for {key}: {timings}")
+        best = next(c for c in candidates if _config_name(c) == min(ran, key=ran.get))
+        self.chosen[key] = best
+        self.timings[key] = timings
+        return best
+
+    def pin(self, choices: dict) -> None:
+        self.chosen.update({key: dict(config) for key, config in choices.items()})
+
+
+def _config_name(config: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in config.items())
+
+
+TUNERS = {
+    "state_fwd": Autotuner("state_fwd", STATE_CONFIGS, INTERPRETER_CONFIGS["state"]),
+    "cb": Autotuner("cb", CB_CONFIGS, INTERPRETER_CONFIGS["cb"]),
+    "output_fwd": Autotuner("output_fwd", OUTPUT_CONFIGS, INTERPRETER_CONFIGS["output"]),
+    "state_bwd": Autotuner("state_bwd", STATE_CONFIGS, INTERPRETER_CONFIGS["state"]),
+    "dx_bwd": Autotuner("dx_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
+    "dc_bwd": Autotuner("dc_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
+}
+
+
+def tuned_configs() -> dict:
+    """{kernel: {key: config}} chosen so far, JSON-ready; `pin_configs` takes it back."""
+    return {name: {key: dict(c) for key, c in tuner.chosen.items()} for name, tuner in TUNERS.items()}
+
+
+def pin_configs(choices: dict) -> None:
+    """Pin {kernel: {key: config}} (what `tuned_configs` returns), so those keys are never timed."""
+    for name, table in choices.items():
+        TUNERS[name].pin(table)
+
+
+def _key(*parts) -> str:
+    return "-".join(str(p).replace("torch.", "") for p in parts)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get full float32 products (tf32 would cost them ~1e-3 relative error); half inputs take
+    the tensor cores' native half × half -> float32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    """Stored chunk states (a matmul operand next) are in x's dtype; float32 stays float32."""
+    return x.dtype
+
+
+def _fits_chunk(chunk: int, *names: str):
+    return lambda c: all(c[name] <= chunk and chunk % c[name] == 0 for name in names)
+
+
+def ssd_scan_forward(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = CHUNK_SIZE,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    configs: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Run the forward kernels: (y, final_state, dt_processed, cum, cb, enter_states).
+
+    The last four are what the backward reuses: Δ and the in-chunk prefix sums (B, H, c·L) float32, C B^T per chunk
+    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) in x's dtype.
+    configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
+    _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias)
+    configs = configs or {}
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    device = x.device
+    chunk = chunk_size
+    nchunks = max(triton.cdiv(seqlen, chunk), 1)
+    padded = nchunks * chunk
+    block_p, block_n = max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
+    precision = _dot_precision(x.dtype)
+
+    y = torch.empty((batch, seqlen, nheads, headdim), dtype=x.dtype, device=device)
+    final_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=device)
+    dtp = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
+    cum = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
+    cb = torch.empty((batch, nchunks, ngroups, chunk, chunk), dtype=torch.float32, device=device)
+    enter = torch.empty((batch, nchunks, nheads, headdim, dstate), dtype=_state_dtype(x), device=device)
+    if batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:
+        final_state.zero_()
+        return y, final_state, dtp, cum, cb, enter
+    dtype_name = str(x.dtype)
+
+    with _on_device(x):
+        _dt_cumsum_kernel[(batch * nheads, nchunks)](
+            *_strided(dt, 3), A, dt_bias, dtp, cum, seqlen, nheads, padded,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk,
+        )
+
+        def launch_cb(cfg):
+            tiles = (chunk // cfg["BLOCK_T"]) ** 2
+            _chunk_cb_kernel[(tiles, nchunks * ngroups, batch)](
+                *_strided(C, 4), *_strided(B, 4), cb, seqlen, ngroups, nchunks, dstate,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
+            )
+
+        launch_cb(TUNERS["cb"].config(_key("cb", chunk, dstate, dtype_name), launch_cb, configs.get("cb"),
+                                      _fits_chunk(chunk, "BLOCK_T")))
+
+        def launch_state(cfg):
+            grid = (batch * nheads, triton.cdiv(headdim, cfg["BLOCK_P"]), triton.cdiv(dstate, cfg["BLOCK_N"]))
+            _state_fwd_kernel[grid](
+                *_strided(x, 4), *_strided(B, 4), dtp, cum, *_strided(initial_state, 4), enter, final_state,
+                seqlen, nheads, nheads // ngroups, headdim, dstate, nchunks, padded,
+                HAS_INIT=initial_state is not None, DOT_PRECISION=precision, CHUNK=chunk,
+                BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], **_launch_options(cfg),
+            )
+
+        launch_state(TUNERS["state_fwd"].config(_key("state_fwd", chunk, headdim, dstate, dtype_name), launch_state,
+                                                configs.get("state_fwd"), _fits_chunk(chunk, "BLOCK_L")))
+
+        def launch_output(cfg):
+            grid = (nheads, nchunks * (chunk // cfg["BLOCK_T"]), batch)
+            _output_fwd_kernel[grid](
+                *_strided(x, 4), *_strided(C, 4), D, dtp, cum, cb, enter, *_strided(y, 4),
+                seqlen, nheads, nheads // ngroups, ngroups, headdim, dstate, nchunks, padded,
+                HAS_D=D is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
+                BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
+            )
+
+        launch_output(TUNERS["output_fwd"].config(_key("output_fwd", chunk, headdim, dstate, dtype_name),
+                                                  launch_output, configs.get("output_fwd"),
+                                                  _fits_chunk(chunk, "BLOCK_T")))
+    return y, final_state, dtp, cum, cb, enter
+
+
+def ssd_scan_backward(
+    dy: Tensor,
+    dfinal_state: Tensor | None,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dtp: Tensor,
+    cum: Tensor,
+    cb: Tensor,
+    enter: Tensor,
+    *,
+    configs: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Run the backward kernels: (dx, ddt, dA, dB, dC, dD, dinitial_state, ddt_bias), each in its input's dtype,
+    None for an absent input. dtp, cum, cb, enter: the forward's (`ssd_scan_forward`'s last four results)."""
+    configs = configs or {}
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    heads_per_group = nheads // ngroups
+    device = x.device
+    chunk = chunk_size
+    nchunks = cum.shape[-1] // chunk
+    padded = nchunks * chunk
+    block_p, block_n = max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
+    precision = _dot_precision(x.dtype)
+    dtype_name = str(x.dtype)
+    f32 = dict(dtype=torch.float32, device=device)
+
+    dx = torch.empty((batch, seqlen, nheads, headdim), dtype=x.dtype, device=device)
+    ddt = torch.empty((batch, seqlen, nheads), dtype=dt.dtype, device=device)
+    grad_after = torch.empty_like(enter)
+    dinit = torch.empty((batch, nheads, headdim, dstate), **f32) if initial_state is not None else None
+    ddt_direct = torch.empty((batch, nheads, padded), **f32)
+    state_term = torch.empty((batch, nheads, padded), **f32)
+    off_term = torch.empty((batch, nheads, padded), **f32)
+    dA_part = torch.empty((batch, nheads, nchunks), **f32)
+    dbias_part = torch.empty((batch, nheads, nchunks), **f32) if dt_bias is not None else None
+
+    with _on_device(x):
+        state_cfg = TUNERS["state_bwd"].config(
+            _key("state_bwd", chunk, headdim, dstate, dtype_name),
+            lambda cfg: _launch_state_bwd(cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, seqlen, nheads,
+                                          heads_per_group, headdim, dstate, nchunks, padded, precision, chunk),
+            configs.get("state_bwd"), _fits_chunk(chunk, "BLOCK_L"))
+        k_part = _launch_state_bwd(state_cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, seqlen, nheads,
+                                   heads_per_group, headdim, dstate, nchunks, padded, precision, chunk)
+        k_sum = k_part.sum(-1)  # (B, H, c)
+
+        def launch_dx(cfg):
+            n_blocks = chunk // cfg["BLOCK_T"]
+            split = min(cfg["HEAD_SPLIT"], heads_per_group)
+            dD_part = torch.empty((batch, nchunks * n_blocks, nheads), **f32) if D is not None else None
+            dB_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
+            _dx_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
+                *_strided(x, 4), *_strided(B, 4), *_strided(C, 4), D, *_strided(dy, 4), dtp, cum, cb, grad_after,
+                *_strided(dx, 4), ddt_direct, state_term, dD_part, dB_part,
+                seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded,
+                HAS_D=D is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
+                BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split, **_launch_options(cfg),
+            )
+            return dD_part, dB_part
+
+        dx_cfg = TUNERS["dx_bwd"].config(_key("dx_bwd", chunk, headdim, dstate, heads_per_group, dtype_name),
+                                         launch_dx, configs.get("dx_bwd"), _fits_chunk(chunk, "BLOCK_T"))
+        dD_part, dB_part = launch_dx(dx_cfg)
+
+        def launch_dc(cfg):
+            n_blocks = chunk // cfg["BLOCK_T"]
+            split = min(cfg["HEAD_SPLIT"], heads_per_group)
+            cross = torch.zeros((batch, nheads, n_blocks, padded), **f32)  # blocks above the diagonal stay 0
+            dC_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
+            _dc_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
+                *_strided(x, 4), *_strided(B, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, cb, enter,
+                off_term, cross, dC_part,
+                seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
+                BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split, **_launch_options(cfg),
+            )
+            return cross, dC_part
+
+        dc_cfg = TUNERS["dc_bwd"].config(_key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name),
+                                         launch_dc, configs.get("dc_bwd"), _fits_chunk(chunk, "BLOCK_T"))
+        cross, dC_part = launch_dc(dc_cfg)
+
+        _dt_bwd_kernel[(batch * nheads, nchunks)](
+            *_strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
+            *_strided(ddt, 3), dA_part, dbias_part, seqlen, nheads, nchunks, padded,
+            HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk, CROSS_BLOCKS=cross.shape[2],
+        )
+
+    dA = dA_part.sum((0, 2)).to(A.dtype)
+    dB = dB_part.sum(2).to(B.dtype)
+    dC = dC_part.sum(2).to(C.dtype)
+    dD = dD_part.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbias_part.sum((0, 2)).to(dt_bias.dtype) if dt_bias is not None else None
+    if dinit is not None:
+        dinit = dinit.to(initial_state.dtype)
+    return dx, ddt, dA, dB, dC, dD, dinit, dbias
+
+
+def _launch_state_bwd(cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, seqlen, nheads, heads_per_group,
+                      headdim, dstate, nchunks, padded, precision, chunk) -> Tensor:
+    batch = dy.shape[0]
+    tiles_p, tiles_n = triton.cdiv(headdim, cfg["BLOCK_P"]), triton.cdiv(dstate, cfg["BLOCK_N"])
+    k_part = torch.empty((batch, nheads, nchunks, tiles_p * tiles_n), dtype=torch.float32, device=dy.device)
+    _state_bwd_kernel[(batch * nheads, tiles_p, tiles_n)](
+        *_strided(dy, 4), *_strided(C, 4), cum, enter, *_strided(dfinal_state, 4), grad_after, k_part, dinit,
+        seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded,
+        HAS_DFINAL=dfinal_state is not None, HAS_INIT=dinit is not None, DOT_PRECISION=precision, CHUNK=chunk,
+        BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], **_launch_options(cfg),
+    )
+    return k_part
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: one graph node each for torch.compile / torch.export, with autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+
+OP_NAMESPACE = "archgen"
+
+
+def _forward_impl(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """archgen::ssd_scan -> (y, final_state, dtp, cum, cb, enter): `ssd_scan_forward` as an operator; the last four
+    are internal (for the backward) and non-differentiable. CPU tensors take the reference (see `triton_on_cpu`),
+    with empty internals: an exported graph runs anywhere, but trains only on a GPU."""
+    if not (x.is_cuda or triton_on_cpu()):
+        y, final_state = ssd_scan_reference(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias=dt_bias,
+                                            dt_softplus=dt_softplus)
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return y, final_state.float(), empty, empty.clone(), empty.clone(), x.new_empty((0,))
+    return ssd_scan_forward(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus)
+
+
+def _forward_fake(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus):
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    nchunks = max((seqlen + chunk_size - 1) // chunk_size, 1)
+    f32 = dict(dtype=torch.float32)
+    return (
+        x.new_empty((batch, seqlen, nheads, headdim)),
+        x.new_empty((batch, nheads, headdim, dstate), **f32),
+        x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
+        x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
+        x.new_empty((batch, nchunks, ngroups, chunk_size, chunk_size), **f32),
+        x.new_empty((batch, nchunks, nheads, headdim, dstate)),
+    )
+
+
+def _backward_impl(
+    dy: Tensor,
+    dfinal_state: Tensor | None,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None,
+    initial_state: Tensor | None,
+    dt_bias: Tensor | None,
+    dt_softplus: bool,
+    dtp: Tensor,
+    cum: Tensor,
+    cb: Tensor,
+    enter: Tensor,
+) -> list[Tensor]:
+    """archgen::ssd_scan_backward -> [dx, ddt, dA, dB, dC, dD, dinitial_state, ddt_bias]; an absent input's gradient
+    is an empty (0,) tensor (an operator cannot return None)."""
+    if dtp.numel() == 0 and x.numel() > 0:
+        raise RuntimeError("archgen::ssd_scan has no backward for CPU tensors: train on a GPU, or with the reference "
+                           "op (ops/ssd.py)")
+    grads = ssd_scan_backward(dy, dfinal_state, x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus,
+                              dtp, cum, cb, enter)
+    return [g if g is not None else x.new_empty((0,)) for g in grads]
+
+
+def _backward_fake(dy, dfinal_state, x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus, dtp, cum, cb,
+                   enter):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if t is not None else x.new_empty((0,))
+
+    return [like(x), like(dt), like(A), like(B), like(C), like(D), like(initial_state), like(dt_bias)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus = inputs
+    _, _, dtp, cum, cb, enter = output
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_state, dt_bias, dtp, cum, cb, enter)
+    ctx.chunk_size = chunk_size
+    ctx.dt_softplus = dt_softplus
+    ctx.mark_non_differentiable(dtp, cum, cb, enter)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, dfinal_state, *_internal_grads):
+    x, dt, A, B, C, D, initial_state, dt_bias, dtp, cum, cb, enter = ctx.saved_tensors
+    if dy is None:  # only the final state was used
+        dy = torch.zeros_like(x)
+    dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd_scan_backward_op(
+        dy, dfinal_state, x, dt, A, B, C, ctx.chunk_size, D, initial_state, dt_bias, ctx.dt_softplus, dtp, cum, cb,
+        enter,
+    )
+
+    def present(grad, t):
+        return grad if t is not None else None
+
+    return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dinit, initial_state), present(dbias, dt_bias), None)
+
+
+def _define_ops():
+    """Register archgen::ssd_scan (with fake and autograd) and archgen::ssd_scan_backward (with fake), once per
+    process: a second copy of this file (a generated package's kernels/) reuses what the first registered."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    if hasattr(namespace, "ssd_scan") and hasattr(namespace, "ssd_scan_backward"):
+        return namespace.ssd_scan, namespace.ssd_scan_backward
+    forward = torch.library.custom_op(f"{OP_NAMESPACE}::ssd_scan", _forward_impl, mutates_args=())
+    forward.register_fake(_forward_fake)
+    backward = torch.library.custom_op(f"{OP_NAMESPACE}::ssd_scan_backward", _backward_impl, mutates_args=())
+    backward.register_fake(_backward_fake)
+    forward.register_autograd(_backward, setup_context=_setup_context)
+    return forward, backward
+
+
+ssd_scan_op, ssd_scan_backward_op = _define_ops()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = CHUNK_SIZE,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The SSD chunked scan, differentiable: (y (B, T, H, P) in x.dtype, final_state (B, H, P, N) float32).
+
+    The arguments of templates/runtime/ssd.py's `ssd_scan`, plus dt_bias / dt_softplus to fuse the step size's
+    Δ = softplus(dt + dt_bias) (the runtime's caller applies it and passes Δ: leave both at their defaults then).
+    chunk_size: a power of two ≥ 16 (the kernel's L; the result does not depend on it beyond rounding).
+    Needs CUDA tensors (or TRITON_INTERPRET=1); on anything else it raises, and the caller runs the reference.
+    """
+    exporting = torch.compiler.is_exporting()
+    if not (x.is_cuda or triton_on_cpu() or exporting):
+        raise RuntimeError(
+            f"the Triton ssd_scan kernel needs CUDA tensors, got x on {x.device}: call the reference (ops/ssd.py "
+            "ssd_scan) instead, or set TRITON_INTERPRET=1 before importing triton to run the kernel in Triton's "
+            "CPU interpreter (slow; for tests)"
+        )
+    y, final_state, *_ = ssd_scan_op(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus)
+    return y, final_state
+
+
+def ssd_scan_reference(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int = CHUNK_SIZE,
+    D: Tensor | None = None,
+    initial_state: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence as written, one position at a time, in float32 (float64 for float64 inputs).
+
+    Same signature and results as `ssd_scan` (chunk_size is unused: there are no chunks). Slow (a Python loop over T)
+    and independent of both the kernels and the chunked algorithm of templates/runtime/ssd.py."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (x, dt, A, B, C)) else torch.float32
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    step = F.softplus(step) if dt_softplus else step  # (B, T, H)
+    x_, A_ = x.to(acc), A.to(acc)
+    B_h = B.to(acc).repeat_interleave(nheads // ngroups, dim=2)  # (B, T, H, N): head h reads group h // R
+    C_h = C.to(acc).repeat_interleave(nheads // ngroups, dim=2)
+    if initial_state is not None:
+        h = initial_state.to(acc)
+    else:
+        h = x_.new_zeros(batch, nheads, headdim, dstate)  # (B, H, P, N)
+    ys = []
+    for t in range(seqlen):
+        decay = torch.exp(step[:, t] * A_)  # (B, H)
+        h = decay[:, :, None, None] * h + (step[:, t, :, None] * x_[:, t])[..., None] * B_h[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C_h[:, t]))
+    y = torch.stack(ys, dim=1) if ys else x_.new_zeros(batch, 0, nheads, headdim)  # (B, T, H, P)
+    if D is not None:
+        y = y + D.to(acc)[:, None] * x_
+    return y.to(x.dtype), h
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """{archgen::ssd_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
+
+    reference: a generated package's ops/ssd.py `ssd_scan` (Δ already positive; the bias and softplus are applied
+    here). max_seqlen is unused (the chunked reference traces any length); kept for the shared contract."""
+
+    def ssd_scan_decomposed(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus):
+        step = dt.float() + dt_bias.float() if dt_bias is not None else dt
+        step = F.softplus(step) if dt_softplus else step
+        y, final_state = reference(x, step, A, B, C, chunk_size, D=D, initial_state=initial_state)
+        empty = x.new_empty((0,), dtype=torch.float32)
+        return y, final_state.float(), empty, empty.clone(), empty.clone(), x.new_empty((0,))
+
+    return {getattr(torch.ops, OP_NAMESPACE).ssd_scan.default: ssd_scan_decomposed}
+
+
+def _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias) -> None:
+    """Shapes, dtypes, devices and the chunk size, each error naming what was expected and what came."""
+    if x.dim() != 4 or B.dim() != 4:
+        raise ValueError(f"x must be (B, T, H, P) and B (B, T, G, N), got x {tuple(x.shape)} and B {tuple(B.shape)}")
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    if ngroups == 0 or nheads % ngroups:
+        raise ValueError(f"the number of heads H = {nheads} must be a multiple of the number of groups G = {ngroups}")
+    expected = {
+        "dt": (dt, (batch, seqlen, nheads)), "A": (A, (nheads,)), "B": (B, (batch, seqlen, ngroups, dstate)),
+        "C": (C, (batch, seqlen, ngroups, dstate)), "D": (D, (nheads,)), "dt_bias": (dt_bias, (nheads,)),
+        "initial_state": (initial_state, (batch, nheads, headdim, dstate)),
+    }
+    for name, (t, shape) in expected.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for x (B, T, H, P) = {tuple(x.shape)} and B (B, T, G, N) "
+                             f"= {tuple(B.shape)}, got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} is {t.dtype}; the kernels take {', '.join(map(str, SUPPORTED_DTYPES))}: use "
+                            "ssd_scan_reference for float64")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: all inputs must be on one device")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x is {x.dtype}; the kernels take {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two of at least 16, got {chunk_size}")
+    if headdim > 256 or dstate > 256:
+        raise ValueError(f"head_dim {headdim} and d_state {dstate} must each be at most 256 (one register tile)")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1 before "
+                           "importing triton)")
+
+
+__all__ = ["ssd_scan", "ssd_scan_reference", "ssd_scan_forward", "ssd_scan_backward", "tuned_configs", "pin_configs",
+           "decomposition"]
