@@ -110,6 +110,21 @@ INTERPRETER_CONFIGS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_EMULATE_HALF_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+"""Triton's interpreter computes tl.dot on bfloat16 operands as integers (it stores them as uint16): there the
+operands are rounded to their half dtype and multiplied in float32, which is what the tensor cores compute."""
+
+
+@triton.jit
+def _operand(value, dot_ty: tl.constexpr):
+    """value as a tl.dot operand of type dot_ty (see _EMULATE_HALF_DOT)."""
+    if _EMULATE_HALF_DOT:
+        operand = value.to(dot_ty).to(tl.float32)
+    else:
+        operand = value.to(dot_ty)
+    return operand
+
+
 @triton.jit
 def _softplus(x):
     """log(1 + e^x) = max(x, 0) + log1p(e^-|x|) without overflow (log1p by Goldberg's trick: tl has no log1p)."""
@@ -174,7 +189,8 @@ def _chunk_cb_kernel(
                   + n[None, :] * C_stride_n, mask=(pos_t < seqlen)[:, None] & n_in[None, :], other=0.0)
     B_sT = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[None, :] * B_stride_t + g * B_stride_g
                    + n[:, None] * B_stride_n, mask=(pos_s < seqlen)[None, :] & n_in[:, None], other=0.0)
-    cb = tl.dot(C_t, B_sT, input_precision=DOT_PRECISION)
+    dot_ty = C_ptr.dtype.element_ty
+    cb = tl.dot(_operand(C_t, dot_ty), _operand(B_sT, dot_ty), input_precision=DOT_PRECISION)
     base = (b.to(tl.int64) * nchunks + chunk) * ngroups + g
     tl.store(cb_ptr + base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :], cb)
 
@@ -223,8 +239,8 @@ def _state_fwd_kernel(
             B_l = tl.load(B_base + pos[:, None] * B_stride_t + n[None, :] * B_stride_n,
                           mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
             weight = tl.exp(cum_last - tl.load(cum_ptr + dt_base + pos)) * tl.load(dtp_ptr + dt_base + pos)
-            B_w = (B_l.to(tl.float32) * weight[:, None]).to(dot_ty)
-            chunk_state = tl.dot(x_T.to(dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
+            B_w = _operand(B_l.to(tl.float32) * weight[:, None], dot_ty)
+            chunk_state = tl.dot(_operand(x_T, dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
         state = state * tl.exp(cum_last) + chunk_state
     tl.store(final_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, state, mask=pn_in)
 
@@ -263,12 +279,12 @@ def _output_fwd_kernel(
     enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
     enter_T = tl.load(enter_ptr + enter_base + n[:, None] + p[None, :] * dstate, mask=n_in[:, None] & p_in[None, :],
                       other=0.0)  # (N, P)
-    acc = tl.dot(C_t.to(dot_ty), enter_T.to(dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
+    acc = tl.dot(_operand(C_t, dot_ty), _operand(enter_T, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
 
     # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x.
     x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
     cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
-    for sb in range(0, tb + 1):
+    for sb in range(tb + 1):
         s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_s = chunk * CHUNK + s_loc
         cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
@@ -278,7 +294,7 @@ def _output_fwd_kernel(
         decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
         x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
                       mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
-        acc = tl.dot((cb * decay * dt_s[None, :]).to(dot_ty), x_s.to(dot_ty), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_operand(cb * decay * dt_s[None, :], dot_ty), _operand(x_s, dot_ty), acc, input_precision=DOT_PRECISION)
 
     tp_in = t_in[:, None] & p_in[None, :]
     if HAS_D:
@@ -340,8 +356,8 @@ def _state_bwd_kernel(
                            mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
             C_l = tl.load(C_base + pos[:, None] * C_stride_t + n[None, :] * C_stride_n,
                           mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
-            dy_w = (dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :]).to(dot_ty)
-            from_outputs = tl.dot(dy_w, C_l.to(dot_ty), from_outputs, input_precision=DOT_PRECISION)
+            dy_w = _operand(dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :], dot_ty)
+            from_outputs = tl.dot(dy_w, _operand(C_l, dot_ty), from_outputs, input_precision=DOT_PRECISION)
         grad = grad * decay_chunk + from_outputs
     if HAS_INIT:
         tl.store(dinit_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, grad, mask=pn_in)
@@ -379,8 +395,8 @@ def _dx_bwd_kernel(
     p_in = p < headdim
     n_in = n < dstate
     sp_in = s_in[:, None] & p_in[None, :]
-    B_s = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
-                  + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+    B_s = _operand(tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
+                  + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0), dot_ty)
     C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
     cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
     dB_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
@@ -396,15 +412,15 @@ def _dx_bwd_kernel(
                       + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
         dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        grad_T = tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
-                         mask=n_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)  # (N, P)
+        grad_T = _operand(tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
+                         mask=n_in[:, None] & p_in[None, :], other=0.0), dot_ty)  # (N, P)
 
         # Through the chunk's contribution to the state after it.
         decay_to_end = tl.exp(cum_last - cum_s)
         inner = tl.dot(B_s, grad_T, input_precision=DOT_PRECISION) * decay_to_end[:, None]  # (T, P)
         x_f = x_s.to(tl.float32)
         tl.store(state_term_ptr + dt_base + pos_s, dt_s * tl.sum(x_f * inner, axis=1))
-        x_G = tl.dot(x_s.to(dot_ty), tl.trans(grad_T), input_precision=DOT_PRECISION)  # (T, N)
+        x_G = tl.dot(_operand(x_s, dot_ty), tl.trans(grad_T), input_precision=DOT_PRECISION)  # (T, N)
         dB_acc += x_G * (decay_to_end * dt_s)[:, None]
 
         # Through the outputs of this chunk at t ≥ s.
@@ -413,16 +429,16 @@ def _dx_bwd_kernel(
             pos_t = chunk * CHUNK + t_loc
             t_in = pos_t < seqlen
             cum_t = tl.load(cum_ptr + dt_base + pos_t)
-            dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
-                           mask=t_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
-            C_t = tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
-                          mask=t_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+            dy_t = _operand(tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
+                           mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
+            C_t = _operand(tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                          mask=t_in[:, None] & n_in[None, :], other=0.0), dot_ty)
             cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
             causal = t_loc[None, :] >= s_loc[:, None]
             decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-            inner = tl.dot((cb_T * decay).to(dot_ty), dy_t, inner, input_precision=DOT_PRECISION)
-            x_dy = tl.dot(x_s.to(dot_ty), tl.trans(dy_t), input_precision=DOT_PRECISION)  # (s, t) = x_s·dy_t
-            m_T = (x_dy * decay * dt_s[:, None]).to(dot_ty)
+            inner = tl.dot(_operand(cb_T * decay, dot_ty), dy_t, inner, input_precision=DOT_PRECISION)
+            x_dy = tl.dot(_operand(x_s, dot_ty), tl.trans(dy_t), input_precision=DOT_PRECISION)  # (s, t) = x_s·dy_t
+            m_T = _operand(x_dy * decay * dt_s[:, None], dot_ty)
             dB_acc = tl.dot(m_T, C_t, dB_acc, input_precision=DOT_PRECISION)
 
         dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
@@ -479,11 +495,11 @@ def _dc_bwd_kernel(
         h = g * heads_per_group + j
         dt_base = (b.to(tl.int64) * nheads + h) * padded_len
         cum_t = tl.load(cum_ptr + dt_base + pos_t)
-        dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
-                       + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
+        dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                       + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
-                        other=0.0).to(dot_ty)  # (P, N)
+        enter = _operand(tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
+                        other=0.0), dot_ty)  # (P, N)
         from_state = tl.dot(dy_t, enter, input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]  # (T, N)
         tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
         dC_acc += from_state
@@ -491,21 +507,21 @@ def _dc_bwd_kernel(
         x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
         cross_base = cross_ptr + ((b.to(tl.int64) * nheads + h) * n_blocks + tb) * padded_len
         row_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ over the earlier blocks' s of Q[t, s]
-        for sb in range(0, tb + 1):
+        for sb in range(tb + 1):
             s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
             pos_s = chunk * CHUNK + s_loc
             s_in = pos_s < seqlen
-            x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
-                          mask=s_in[:, None] & p_in[None, :], other=0.0).to(dot_ty)
-            B_s = tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
-                          mask=s_in[:, None] & n_in[None, :], other=0.0).to(dot_ty)
+            x_s = _operand(tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
+                          mask=s_in[:, None] & p_in[None, :], other=0.0), dot_ty)
+            B_s = _operand(tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                          mask=s_in[:, None] & n_in[None, :], other=0.0), dot_ty)
             cum_s = tl.load(cum_ptr + dt_base + pos_s)
             dt_s = tl.load(dtp_ptr + dt_base + pos_s)
             cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
             causal = s_loc[None, :] <= t_loc[:, None]
             decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
             m = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PRECISION) * decay * dt_s[None, :]  # (t, s)
-            dC_acc = tl.dot(m.to(dot_ty), B_s, dC_acc, input_precision=DOT_PRECISION)
+            dC_acc = tl.dot(_operand(m, dot_ty), B_s, dC_acc, input_precision=DOT_PRECISION)
             q = m * cb  # Q[t, s] = dy_t·(the term of y_t from s)
             before = tl.cumsum(q, axis=1) - q + row_sum[:, None]  # Σ_{s' < i} Q[t, s'] at column i
             tl.store(cross_base + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
@@ -644,7 +660,7 @@ class Autotuner:
             try:
                 timings[name] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=20,
                                                return_mode="median"))
-            except Exception as error:  # one config failing must not fail the op: the others may run
+            except Exception as error:  # noqa: BLE001 -- one config failing must not fail the op: the others may run
                 timings[name] = f"{type(error).__name__}: {error}"[:300]
         ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
         if not ran:
@@ -819,7 +835,7 @@ def ssd_scan_backward(
     block_p, block_n = max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
     precision = _dot_precision(x.dtype)
     dtype_name = str(x.dtype)
-    f32 = dict(dtype=torch.float32, device=device)
+    f32 = {"dtype": torch.float32, "device": device}
 
     dx = torch.empty((batch, seqlen, nheads, headdim), dtype=x.dtype, device=device)
     ddt = torch.empty((batch, seqlen, nheads), dtype=dt.dtype, device=device)
@@ -942,7 +958,7 @@ def _forward_fake(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_soft
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
     nchunks = max((seqlen + chunk_size - 1) // chunk_size, 1)
-    f32 = dict(dtype=torch.float32)
+    f32 = {"dtype": torch.float32}
     return (
         x.new_empty((batch, seqlen, nheads, headdim)),
         x.new_empty((batch, nheads, headdim, dstate), **f32),
@@ -1158,5 +1174,5 @@ def _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias) -> None
                            "importing triton)")
 
 
-__all__ = ["ssd_scan", "ssd_scan_reference", "ssd_scan_forward", "ssd_scan_backward", "tuned_configs", "pin_configs",
-           "decomposition"]
+__all__ = ["decomposition", "pin_configs", "ssd_scan", "ssd_scan_backward", "ssd_scan_forward", "ssd_scan_reference",
+           "tuned_configs"]
