@@ -735,7 +735,8 @@ def ssd_scan_forward(
     """Run the forward kernels: (y, final_state, dt_processed, cum, cb, enter_states).
 
     The last four are what the backward reuses: Δ and the in-chunk prefix sums (B, H, c·L) float32, C B^T per chunk
-    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) in x's dtype.
+    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) in x's dtype, the last two
+    flattened after the batch dimension.
     configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
     _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias)
     configs = configs or {}
@@ -743,7 +744,7 @@ def ssd_scan_forward(
     ngroups, dstate = B.shape[-2:]
     device = x.device
     chunk = chunk_size
-    nchunks = max(triton.cdiv(seqlen, chunk), 1)
+    nchunks = triton.cdiv(seqlen, chunk)
     padded = nchunks * chunk
     block_p, block_n = max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
     precision = _dot_precision(x.dtype)
@@ -752,10 +753,11 @@ def ssd_scan_forward(
     final_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=device)
     dtp = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
     cum = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
-    cb = torch.empty((batch, nchunks, ngroups, chunk, chunk), dtype=torch.float32, device=device)
-    enter = torch.empty((batch, nchunks, nheads, headdim, dstate), dtype=_state_dtype(x), device=device)
-    if batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:
-        final_state.zero_()
+    # Flat per batch row: a lone chunk-count dimension would make torch.export guard on it being 1.
+    cb = torch.empty((batch, nchunks * ngroups * chunk * chunk), dtype=torch.float32, device=device)
+    enter = torch.empty((batch, nchunks * nheads * headdim * dstate), dtype=_state_dtype(x), device=device)
+    if seqlen == 0 or batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:  # nothing to scan
+        final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state, dtp, cum, cb, enter
     dtype_name = str(x.dtype)
 
@@ -846,6 +848,14 @@ def ssd_scan_backward(
     off_term = torch.empty((batch, nheads, padded), **f32)
     dA_part = torch.empty((batch, nheads, nchunks), **f32)
     dbias_part = torch.empty((batch, nheads, nchunks), **f32) if dt_bias is not None else None
+
+    if nchunks == 0 or batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:  # nothing was scanned
+        def zeros(t):
+            return torch.zeros_like(t, memory_format=torch.contiguous_format) if t is not None else None
+
+        if initial_state is not None:
+            dinit = dfinal_state.to(initial_state.dtype).clone() if dfinal_state is not None else zeros(initial_state)
+        return zeros(x), zeros(dt), zeros(A), zeros(B), zeros(C), zeros(D), dinit, zeros(dt_bias)
 
     with _on_device(x):
         state_cfg = TUNERS["state_bwd"].config(
@@ -957,15 +967,15 @@ def _forward_impl(
 def _forward_fake(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus):
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
-    nchunks = max((seqlen + chunk_size - 1) // chunk_size, 1)
+    nchunks = (seqlen + chunk_size - 1) // chunk_size
     f32 = {"dtype": torch.float32}
     return (
         x.new_empty((batch, seqlen, nheads, headdim)),
         x.new_empty((batch, nheads, headdim, dstate), **f32),
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
-        x.new_empty((batch, nchunks, ngroups, chunk_size, chunk_size), **f32),
-        x.new_empty((batch, nchunks, nheads, headdim, dstate)),
+        x.new_empty((batch, nchunks * ngroups * chunk_size * chunk_size), **f32),
+        x.new_empty((batch, nchunks * nheads * headdim * dstate)),
     )
 
 

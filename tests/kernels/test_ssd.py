@@ -1,0 +1,213 @@
+"""kernels/ssd.py against a plain loop over time: the output, the final state and every gradient.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
+slowly, so shapes are small but ragged: T not a multiple of the chunk and T = 1, heads not a power of two, head_dim
+and d_state below the 16-wide tiles, several groups. Every buffer the kernels write starts as NaN (torch.empty is
+poisoned), so an element a kernel forgets shows up. The reference runs in float64 on the very values the kernel got.
+"""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from templates.runtime import ssd as runtime_ssd
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load_kernel_module():
+    """kernels/ssd.py by path (`kernels` is also a PyPI package's name)."""
+    name = "archgen_kernels_ssd"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "ssd.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+ssd = _load_kernel_module()
+
+# Relative error ‖kernel - reference‖ / ‖reference‖ per input dtype (the issue's bars: float32 1e-5, bf16 1e-2).
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+GRADIENTS = ("x", "dt", "A", "B", "C", "D", "initial_state", "dt_bias")
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """Every floating torch.empty / empty_like starts as NaN while a test runs."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.float32, seed=0, optional=True):
+    """Mamba-2-like inputs: raw dt around -1 (Δ = softplus(dt + bias) ≈ 0.3), A = -exp(.) in [-8, -0.5]; x, B, C in
+    `dtype`, dt and the parameters in float32 as the Mamba-2 block passes them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0, mean=0.0, dt=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale + mean).to(dt).to(DEVICE)
+
+    args = {
+        "x": randn(batch, seqlen, nheads, headdim, dt=dtype),
+        "dt": randn(batch, seqlen, nheads, scale=0.5, mean=-1.0),
+        "A": -torch.exp(torch.rand(nheads, generator=g) * math.log(16.0)).mul(0.5).to(DEVICE),
+        "B": randn(batch, seqlen, ngroups, dstate, dt=dtype),
+        "C": randn(batch, seqlen, ngroups, dstate, dt=dtype),
+    }
+    if optional:
+        args.update(D=randn(nheads), initial_state=randn(batch, nheads, headdim, dstate), dt_bias=randn(nheads, scale=0.3))
+    return args
+
+
+def rel_error(actual, expected):
+    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.isnan().any(), "NaN"
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+def run_both(args, chunk, softplus=True, grad_final=True, seed=1):
+    """(kernel, reference) results: y, final state and the gradients of a random loss of both, by name."""
+    leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in args.items()}
+
+    def call(fn, t):
+        return fn(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, t.get("D"), t.get("initial_state"),
+                  dt_bias=t.get("dt_bias"), dt_softplus=softplus)
+
+    y, final = call(ssd.ssd_scan, leaves)
+    y_ref, final_ref = call(ssd.ssd_scan_reference, ref_leaves)
+    g = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dfinal = torch.randn(final_ref.shape, generator=g, dtype=torch.float64).to(DEVICE) if grad_final else None
+    loss = (y.double() * dy).sum() + ((final.double() * dfinal).sum() if grad_final else 0.0)
+    loss_ref = (y_ref * dy).sum() + ((final_ref * dfinal).sum() if grad_final else 0.0)
+    grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    grads_ref = dict(zip(ref_leaves, torch.autograd.grad(loss_ref, list(ref_leaves.values())), strict=True))
+    return (y, final, grads), (y_ref, final_ref, grads_ref)
+
+
+def check(args, chunk, dtype, **kwargs):
+    (y, final, grads), (y_ref, final_ref, grads_ref) = run_both(args, chunk, **kwargs)
+    tol = TOL[dtype]
+    errors = {"y": rel_error(y, y_ref), "final_state": rel_error(final, final_ref)}
+    errors.update({f"d{name}": rel_error(grads[name], grads_ref[name]) for name in grads})
+    assert y.dtype == args["x"].dtype and final.dtype == torch.float32
+    bad = {name: err for name, err in errors.items() if not err <= tol}
+    assert not bad, f"relative errors above {tol:.0e}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "nheads", "headdim", "ngroups", "dstate", "chunk"),
+    [
+        (2, 37, 3, 8, 1, 5, 32),  # T = one chunk and a ragged tail; 3 heads share one group
+        (1, 70, 6, 16, 3, 16, 16),  # several chunks of one block each, 3 groups of 2 heads
+    ],
+)
+def test_matches_reference_float32(batch, seqlen, nheads, headdim, ngroups, dstate, chunk):
+    check(make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, seed=seqlen), chunk, torch.float32)
+
+
+def test_length_one_without_optional_inputs():
+    """T = 1 (a decode-sized prefill), no D, no initial state, Δ passed as is (no bias, no softplus), only y used."""
+    args = make_inputs(2, 1, 5, 8, 1, 4, seed=3, optional=False)
+    args["dt"] = torch.nn.functional.softplus(args["dt"])
+    check(args, 16, torch.float32, softplus=False, grad_final=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference_half(dtype):
+    check(make_inputs(2, 45, 3, 8, 1, 5, dtype=dtype, seed=5), 32, dtype)
+
+
+def test_reference_matches_runtime_ssd_scan():
+    """The loop reference computes what templates/runtime/ssd.py's chunked ssd_scan (ops/ssd.py) computes."""
+    args = make_inputs(2, 23, 4, 3, 2, 5, dtype=torch.float64, seed=7)
+    args = {k: v.double() for k, v in args.items()}
+    step = torch.nn.functional.softplus(args["dt"] + args["dt_bias"])
+    y, final = ssd.ssd_scan_reference(args["x"], args["dt"], args["A"], args["B"], args["C"], 8, args["D"],
+                                      args["initial_state"], dt_bias=args["dt_bias"], dt_softplus=True)
+    y_rt, final_rt = runtime_ssd.ssd_scan(args["x"], step, args["A"], args["B"], args["C"], 8, D=args["D"],
+                                          initial_state=args["initial_state"])
+    assert rel_error(y, y_rt) < 1e-12 and rel_error(final, final_rt) < 1e-12
+
+
+def test_empty_sequence_passes_the_state_through():
+    args = make_inputs(1, 0, 2, 4, 1, 3, seed=9)
+    y, final = ssd.ssd_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], 16, args["D"],
+                            args["initial_state"], dt_bias=args["dt_bias"], dt_softplus=True)
+    assert y.shape == (1, 0, 2, 4) and torch.equal(final, args["initial_state"])
+
+
+def test_opcheck():
+    """Schema, fake implementation against the real one, autograd registration and AOTAutograd (torch.compile)."""
+    args = make_inputs(1, 5, 2, 4, 1, 3, seed=11)
+    leaves = {k: v.requires_grad_() for k, v in args.items()}
+    forward_args = (leaves["x"], leaves["dt"], leaves["A"], leaves["B"], leaves["C"], 16, leaves["D"],
+                    leaves["initial_state"], leaves["dt_bias"], True)
+    torch.library.opcheck(ssd.ssd_scan_op, forward_args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_export_is_one_node_with_dynamic_length():
+    """torch.export sees one archgen.ssd_scan node (traced on fake tensors: no kernel runs)."""
+
+    class Scan(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A = torch.nn.Parameter(-torch.rand(4, device=DEVICE) - 0.5)
+            self.D = torch.nn.Parameter(torch.ones(4, device=DEVICE))
+
+        def forward(self, x, dt, B, C):
+            return ssd.ssd_scan(x, dt, self.A, B, C, 16, self.D)
+
+    inputs = (torch.randn(2, 9, 4, 8, device=DEVICE), torch.rand(2, 9, 4, device=DEVICE),
+              torch.randn(2, 9, 1, 5, device=DEVICE), torch.randn(2, 9, 1, 5, device=DEVICE))
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(Scan(), inputs, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, {1: seq}))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert [t for t in targets if "ssd_scan" in t] == ["archgen.ssd_scan.default"], targets
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "0")
+    args = make_inputs(1, 3, 2, 4, 1, 3)
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="reference"):
+            ssd.ssd_scan(args["x"], args["dt"], args["A"], args["B"], args["C"], 16)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"chunk": 24}, "power of two"), ({"A": torch.ones(3)}, "A must have shape"), ({"groups": 2}, "multiple")],
+)
+def test_input_errors_name_the_problem(change, message):
+    args = make_inputs(1, 4, 3, 4, 1, 3, optional=False)
+    if "groups" in change:
+        args["B"] = args["C"] = torch.randn(1, 4, 2, 3)
+    args.update({k: v for k, v in change.items() if k == "A"})
+    with pytest.raises((ValueError, TypeError), match=message):
+        ssd.ssd_scan_forward(args["x"], args["dt"], args["A"], args["B"], args["C"], change.get("chunk", 16))
