@@ -202,7 +202,7 @@ def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
 
 @pytest.mark.parametrize(
     ("change", "message"),
-    [({"chunk": 24}, "power of two"), ({"A": torch.ones(3)}, "A must have shape"), ({"groups": 2}, "multiple")],
+    [({"chunk": 24}, "power of two"), ({"A": torch.ones(2)}, "A must have shape"), ({"groups": 2}, "multiple")],
 )
 def test_input_errors_name_the_problem(change, message):
     args = make_inputs(1, 4, 3, 4, 1, 3, optional=False)

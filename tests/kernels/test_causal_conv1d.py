@@ -1,0 +1,125 @@
+"""kernels/causal_conv1d.py against torch's grouped conv1d: y, the new state and every gradient.
+
+Runs in Triton's interpreter without CUDA, at small ragged shapes (T not a multiple of the time block, T = 1, channels
+not a multiple of the channel block, widths 2 to 4). Kernel-written buffers start as NaN (torch.empty is poisoned).
+"""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from templates.runtime import ssm
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+
+def _load_kernel_module():
+    name = "archgen_kernels_causal_conv1d"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "causal_conv1d.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+conv = _load_kernel_module()
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def rel_error(actual, expected):
+    assert actual.shape == expected.shape and not actual.isnan().any()
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "dim", "width", "dtype", "with_state", "with_bias", "activation"),
+    [
+        (2, 19, 37, 4, torch.float32, True, True, "silu"),
+        (1, 1, 20, 4, torch.float32, True, False, None),  # a decoding step
+        (2, 3, 17, 2, torch.float32, False, True, None),  # T shorter than the width
+        (2, 11, 17, 3, torch.bfloat16, True, True, "silu"),
+    ],
+)
+def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
+    g = torch.Generator().manual_seed(seqlen * 7 + width)
+
+    def randn(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=g).to(dt).to(DEVICE)
+
+    args = [randn(batch, seqlen, dim, dt=dtype), randn(dim, width) * 0.5, randn(dim) if with_bias else None,
+            randn(batch, dim, width - 1, dt=dtype) if with_state else None]
+    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    ref_leaves = [a.detach().double().requires_grad_() if a is not None else None for a in args]
+    y, new_state = conv.causal_conv1d(*leaves, activation=activation)
+    y_ref, new_state_ref = conv.causal_conv1d_reference(*ref_leaves, activation=activation)
+    dy = torch.randn(y_ref.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    dstate = torch.randn(new_state_ref.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    present = [a for a in leaves if a is not None]
+    grads = torch.autograd.grad((y.double() * dy).sum() + (new_state.double() * dstate).sum(), present)
+    grads_ref = torch.autograd.grad((y_ref * dy).sum() + (new_state_ref * dstate).sum(),
+                                    [a for a in ref_leaves if a is not None])
+    assert y.dtype == dtype and new_state.dtype == dtype
+    errors = {"y": rel_error(y, y_ref), "new_state": rel_error(new_state, new_state_ref)}
+    errors.update({f"grad{i}": rel_error(a, b) for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True))})
+    assert all(err <= TOL[dtype] for err in errors.values()), errors
+
+
+def test_reference_matches_runtime_causal_conv1d():
+    """The reference computes templates/runtime/ssm.py's causal_conv1d (ops/ssm.py), then the activation."""
+    x, weight, bias, state = torch.randn(2, 9, 6), torch.randn(6, 4), torch.randn(6), torch.randn(2, 6, 3)
+    y, new_state = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
+    y_rt, new_state_rt = ssm.causal_conv1d(x, weight, bias, state)
+    assert torch.allclose(y, F.silu(y_rt), atol=1e-6) and torch.equal(new_state, new_state_rt)
+
+
+def test_update_threads_the_state_like_one_call():
+    """Prefill then decoding steps with causal_conv1d_update give the outputs of one call over the whole sequence."""
+    x, weight, bias = torch.randn(2, 7, 18), torch.randn(18, 4), torch.randn(18)
+    y_full, state_full = conv.causal_conv1d(x, weight, bias, None, "silu")
+    y, state = conv.causal_conv1d(x[:, :5], weight, bias, None, "silu")
+    steps = [y]
+    for t in range(5, 7):
+        y_t, state = conv.causal_conv1d_update(x[:, t], state, weight, bias, "silu")
+        steps.append(y_t.unsqueeze(1))
+    assert torch.allclose(torch.cat(steps, 1), y_full, atol=1e-6) and torch.equal(state, state_full)
+
+
+def test_opcheck():
+    args = (torch.randn(1, 5, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True),
+            torch.randn(6, requires_grad=True), torch.randn(1, 6, 3, requires_grad=True), True)
+    torch.library.opcheck(conv.causal_conv1d_op, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                      "test_aot_dispatch_dynamic"))
+
+
+def test_bad_activation_is_named():
+    with pytest.raises(ValueError, match="activation"):
+        conv.causal_conv1d(torch.randn(1, 2, 3), torch.randn(3, 4), activation="gelu")
