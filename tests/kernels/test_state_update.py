@@ -1,0 +1,115 @@
+"""kernels/state_update.py: the one-token Mamba-2 and Mamba-1 steps against their references and the runtime's.
+
+Runs in Triton's interpreter without CUDA, at small odd shapes (P and N below the tile, heads not a power of two,
+several groups). Kernel-written buffers start as NaN (torch.empty is poisoned).
+"""
+
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from templates.runtime import ssd as runtime_ssd
+from templates.runtime import ssm as runtime_ssm
+
+ROOT = Path(__file__).resolve().parents[2]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _load_kernel_module():
+    name = "archgen_kernels_state_update"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "state_update.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+su = _load_kernel_module()
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def rel_error(actual, expected):
+    assert actual.shape == expected.shape and not actual.isnan().any()
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(("dtype", "nheads", "ngroups", "fused_step"),
+                         [(torch.float32, 6, 3, True), (torch.float32, 5, 1, False), (torch.bfloat16, 3, 1, True)])
+def test_ssd_step_matches_reference(dtype, nheads, ngroups, fused_step):
+    batch, headdim, dstate = 2, 20, 5
+    g = torch.Generator().manual_seed(nheads)
+    state = torch.randn(batch, nheads, headdim, dstate, generator=g)
+    x = torch.randn(batch, nheads, headdim, generator=g).to(dtype)
+    dt = torch.randn(batch, nheads, generator=g) * 0.5 - 1.0
+    A = -torch.rand(nheads, generator=g) * 4 - 0.5
+    B = torch.randn(batch, ngroups, dstate, generator=g).to(dtype)
+    C = torch.randn(batch, ngroups, dstate, generator=g).to(dtype)
+    D, bias = torch.randn(nheads, generator=g), torch.randn(nheads, generator=g) * 0.3
+    kwargs = {"dt_bias": bias, "dt_softplus": True} if fused_step else {}
+    if not fused_step:
+        dt = torch.nn.functional.softplus(dt)
+    y, new_state = su.ssd_step(state, x, dt, A, B, C, D, **kwargs)
+    as64 = [t.double() for t in (state, x, dt, A, B, C, D)]
+    y_ref, state_ref = su.ssd_step_reference(*as64, **{k: (v.double() if torch.is_tensor(v) else v)
+                                                       for k, v in kwargs.items()})
+    assert y.dtype == dtype and new_state.dtype == torch.float32
+    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
+    if fused_step:  # the runtime's step, given the Δ it expects
+        step = torch.nn.functional.softplus(as64[2] + bias.double())
+        y_rt, state_rt = runtime_ssd.ssd_step(as64[0], as64[1], step, *as64[3:])
+        assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+
+
+@pytest.mark.parametrize(("dtype", "with_optional"), [(torch.float32, True), (torch.float32, False),
+                                                      (torch.bfloat16, True)])
+def test_selective_state_step_matches_reference(dtype, with_optional):
+    batch, dim, dstate = 3, 70, 5
+    g = torch.Generator().manual_seed(dim)
+    state = torch.randn(batch, dim, dstate, generator=g)
+    u = torch.randn(batch, dim, generator=g).to(dtype)
+    delta = (torch.randn(batch, dim, generator=g) * 0.5 - 1.0).to(dtype)
+    A = -torch.exp(torch.rand(dim, dstate, generator=g) * 2)
+    B = torch.randn(batch, dstate, generator=g).to(dtype)
+    C = torch.randn(batch, dstate, generator=g).to(dtype)
+    optional = [torch.randn(dim, generator=g), torch.randn(batch, dim, generator=g).to(dtype),
+                torch.randn(dim, generator=g) * 0.3] if with_optional else [None, None, None]
+    y, new_state = su.selective_state_step(state, u, delta, A, B, C, *optional)
+    as64 = [t.double() if t is not None else None for t in (state, u, delta, A, B, C, *optional)]
+    y_ref, state_ref = su.selective_state_step_reference(*as64)
+    y_rt, state_rt = runtime_ssm.selective_state_step(*as64)
+    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
+    assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+
+
+def test_ops_have_fake_implementations():
+    g = torch.Generator().manual_seed(0)
+    args = (torch.randn(1, 2, 4, 3, generator=g), torch.randn(1, 2, 4, generator=g), torch.rand(1, 2, generator=g),
+            -torch.rand(2, generator=g), torch.randn(1, 1, 3, generator=g), torch.randn(1, 1, 3, generator=g), None,
+            None, False)
+    torch.library.opcheck(su.ssd_step_op, args, test_utils=("test_schema", "test_faketensor"))
