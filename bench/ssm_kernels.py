@@ -1,0 +1,624 @@
+"""The state-space kernels (kernels/ssd.py, causal_conv1d.py, state_update.py) on one GPU, in one run, against their
+references and their peers measured in the same process. Results as JSON; the bar figures also in the bars.json
+row format of issue 10.
+
+Sections (each in try/except: one failing section is recorded and the others still run; the JSON is rewritten after
+each, so a run cut short keeps what it measured; sections stop starting once --budget-s has passed):
+
+  env           device, versions, the copy floor (a 2 GiB copy_, bytes read + written) and the bf16 matmul rate.
+  ssd_numerics  the SSD kernels against templates/runtime/ssd.py's ssd_scan (what generated packages run) at the
+                issue's shape (batch 8, L 4096, 64 heads × 64, d_state 128, 1 group, chunk 256): bf16 kernels vs the
+                reference in float32 on the same bf16-rounded values, and a float32 run at batch 2; then a ragged
+                shape (L 4000 = 15.6 chunks, 24 heads in 2 groups, initial state). y, the final state and every
+                gradient (x, dt, A, B, C, D, dt_bias, initial_state): relative norm error against the bars
+                (bf16 1e-2, float32 1e-5).
+  ssd_timing    forward (inference) and forward+backward at the issue's shape, x/B/C bf16, dt fp32, D, dt_bias,
+                softplus; the autotuner's per-config timings of every kernel (a per-kernel breakdown).
+  ssd_peer      mamba_ssm's Triton `mamba_chunk_scan_combined` on the same inputs (from the sdist in .whl/, only its
+                Triton SSD modules imported), forward and forward+backward; its first calls autotune (~85 s).
+  conv          causal conv1d + SiLU at (8, 4096, 4096), width 4, bf16: numerics (bf16 and float32, every gradient)
+                against the reference, forward GB/s against the copy floor, forward+backward, the one-step update.
+  decode        one decoding step at batch 1: the Mamba-2 SSM step (64 heads × 64, d_state 128) against mamba_ssm's
+                `selective_state_update`; one whole Bamba-1B Mamba-2 layer step (in_proj, conv update, SSM step,
+                gate, RMSNorm, out_proj) with the kernels against the same layer with the PyTorch conv update and
+                mamba_ssm's `selective_state_update`, eager and replayed from a CUDA graph; the Mamba-1 step (4096
+                channels, d_state 16) against `selective_state_update` too.
+
+Run from the repository root on the GPU machine (mamba_ssm's sdist in .whl/, as the lead carries it):
+    python bench/ssm_kernels.py --out "$OUT"
+    python bench/ssm_kernels.py --out "$OUT" --only ssd_numerics,ssd_timing --budget-s 300
+Exercise every code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless, peers skipped unless
+their import is all that is tested):
+    python bench/ssm_kernels.py --dry-run --out /tmp/ssm_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib.util
+import json
+import os
+import platform
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
+BAR_SSD = "bench/ssm_kernels.py"
+
+# The issue's shapes, and the dry run's stand-ins (small, ragged, fast in the interpreter).
+FULL = {
+    "ssd": {"batch": 8, "seqlen": 4096, "nheads": 64, "headdim": 64, "ngroups": 1, "dstate": 128, "chunk": 256},
+    "ssd_fp32_batch": 2,
+    "ssd_ragged": {"batch": 2, "seqlen": 4000, "nheads": 24, "headdim": 64, "ngroups": 2, "dstate": 128, "chunk": 256},
+    "conv": {"batch": 8, "seqlen": 4096, "dim": 4096, "width": 4},
+    "layer": {"d_model": 2048, "nheads": 64, "headdim": 64, "ngroups": 1, "dstate": 128, "width": 4},
+    "mamba1_step": {"dim": 4096, "dstate": 16},
+}
+DRY = {
+    "ssd": {"batch": 1, "seqlen": 40, "nheads": 3, "headdim": 8, "ngroups": 1, "dstate": 16, "chunk": 32},
+    "ssd_fp32_batch": 1,
+    "ssd_ragged": {"batch": 1, "seqlen": 19, "nheads": 4, "headdim": 8, "ngroups": 2, "dstate": 5, "chunk": 16},
+    "conv": {"batch": 1, "seqlen": 12, "dim": 20, "width": 4},
+    "layer": {"d_model": 16, "nheads": 2, "headdim": 8, "ngroups": 1, "dstate": 16, "width": 4},
+    "mamba1_step": {"dim": 20, "dstate": 16},
+}
+TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-5}
+
+
+def load_module(name: str, relative_path: str):
+    """Import a repository file by path (`kernels` is also a PyPI package's name, which a plain import could find)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_runtime(name: str):
+    """templates/runtime/<name>.py as the package `archgen_runtime` (ssd.py imports its helpers from .ssm)."""
+    package = sys.modules.get("archgen_runtime")
+    if package is None:
+        package = types.ModuleType("archgen_runtime")
+        package.__path__ = [str(ROOT / "templates" / "runtime")]
+        sys.modules["archgen_runtime"] = package
+    return importlib.import_module(f"archgen_runtime.{name}")
+
+
+def import_mamba_ssm_triton(sdist: str | None):
+    """mamba_ssm's Triton SSD and state-update modules from its sdist, without its package __init__ (which imports
+    the CUDA extensions): a bare `mamba_ssm` package whose __path__ is the unpacked folder. Returns the modules."""
+    if "mamba_ssm" not in sys.modules:
+        candidates = [sdist] if sdist else sorted(glob.glob(str(ROOT / ".whl" / "mamba_ssm-*.tar.gz")))
+        if not candidates or not candidates[-1] or not Path(candidates[-1]).exists():
+            raise FileNotFoundError(f"no mamba_ssm sdist (looked for {sdist or ROOT / '.whl' / 'mamba_ssm-*.tar.gz'})")
+        target = Path(tempfile.mkdtemp(prefix="mamba_ssm_"))
+        with tarfile.open(candidates[-1]) as archive:
+            members = [m for m in archive.getmembers() if "/mamba_ssm/" in m.name and m.isfile()]
+            archive.extractall(target, members=members)  # our own carried sdist
+        folder = next(target.glob("*/mamba_ssm"))
+        for name, path in (("mamba_ssm", folder), ("mamba_ssm.ops", folder / "ops"),
+                           ("mamba_ssm.ops.triton", folder / "ops" / "triton")):
+            package = types.ModuleType(name)
+            package.__path__ = [str(path)]
+            sys.modules[name] = package
+    combined = importlib.import_module("mamba_ssm.ops.triton.ssd_combined")
+    update = importlib.import_module("mamba_ssm.ops.triton.selective_state_update")
+    return combined, update
+
+
+class Bench:
+    """One run: modules, device, timer, deadline, results and bar rows, written after every section."""
+
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, sdist: str | None, command: str):
+        import torch
+
+        self.torch = torch
+        self.out = out
+        self.dry_run = dry_run
+        self.budget_s = budget_s
+        self.sdist = sdist
+        self.command = command
+        self.started = time.perf_counter()
+        self.device = "cpu" if dry_run else "cuda"
+        self.shapes = DRY if dry_run else FULL
+        self.ssd = load_module("archgen_kernels_ssd", "kernels/ssd.py")
+        self.conv_kernels = load_module("archgen_kernels_causal_conv1d", "kernels/causal_conv1d.py")
+        self.step = load_module("archgen_kernels_state_update", "kernels/state_update.py")
+        self.runtime_ssd = load_runtime("ssd")
+        self.results: dict = {"command": command, "dry_run": dry_run}
+        self.bars: list[dict] = []
+        self.device_name = "cpu (dry run)" if dry_run else torch.cuda.get_device_name()
+
+    # -- bookkeeping ------------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "ssm_kernels.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        (self.out / "bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
+
+    def section(self, name: str, fn, *, needs_s: float = 0.0) -> None:
+        if self.elapsed() + needs_s > self.budget_s:
+            self.results[name] = {"skipped": f"time budget: {self.elapsed():.0f} s of {self.budget_s:.0f} s used, "
+                                             f"the section needs ~{needs_s:.0f} s"}
+        else:
+            started = time.perf_counter()
+            try:
+                self.results[name] = fn()
+            except Exception as error:  # noqa: BLE001 -- a section's failure is a result; the others still run
+                self.results[name] = {"error": f"{type(error).__name__}: {error}"[:2000],
+                                      "traceback": traceback.format_exc().splitlines()[-15:]}
+            if isinstance(self.results[name], dict):
+                self.results[name]["section_s"] = round(time.perf_counter() - started, 2)
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.empty_cache()
+        self.results["elapsed_s"] = round(self.elapsed(), 1)
+        self.write()
+        print(f"[{self.elapsed():6.1f} s] {name}: {json.dumps(self.results[name], default=str)[:600]}", flush=True)
+
+    def guarded(self, record: dict, key: str, fn):
+        """record[key] = fn(), or the error: a sub-measurement failing keeps the rest of its section."""
+        try:
+            record[key] = fn()
+        except Exception as error:  # noqa: BLE001
+            record[key] = {"error": f"{type(error).__name__}: {error}"[:1000],
+                           "traceback": traceback.format_exc().splitlines()[-8:]}
+        return record[key]
+
+    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
+            bar: float) -> None:
+        self.bars.append({
+            "figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
+            "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
+            "device": self.device_name, "date": datetime.date.today().isoformat(), "command": self.command,
+        })
+
+    # -- measuring ----------------------------------------------------------------------------------------------
+
+    def time_ms(self, fn, grad_to_none=None) -> float:
+        if self.device == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
+        started = time.perf_counter()
+        fn()
+        return (time.perf_counter() - started) * 1e3
+
+    def graph_ms(self, fn) -> float:
+        """Median ms of fn replayed from a CUDA graph (launch gaps removed); fn is warmed up first."""
+        torch = self.torch
+        if self.device != "cuda":
+            return self.time_ms(fn)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.time_ms(graph.replay)
+
+    def randn(self, g, *shape, scale=1.0, mean=0.0, dtype=None):
+        torch = self.torch
+        return (torch.randn(*shape, generator=g, device=self.device) * scale + mean).to(dtype or torch.float32)
+
+    @staticmethod
+    def rel(actual, expected) -> float:
+        a, e = actual.detach().double(), expected.detach().double()
+        if a.isnan().any():
+            return float("nan")
+        return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+    def verdicts(self, errors: dict, tol: float) -> dict:
+        return {"errors": {k: f"{v:.2e}" for k, v in errors.items()}, "tolerance": tol,
+                "pass": all(v <= tol for v in errors.values()),
+                "failing": [k for k, v in errors.items() if not v <= tol]}
+
+    # -- SSD ----------------------------------------------------------------------------------------------------
+
+    def ssd_inputs(self, batch, seqlen, nheads, headdim, ngroups, dstate, chunk, dtype, *, seed=0, init=False):
+        """Mamba-2-like: raw dt around -1 (Δ = softplus(dt + bias) ≈ 0.3), A = -exp(.) in [-8, -0.5]; x, B, C in
+        dtype, dt and the parameters in float32, as the Mamba-2 block passes them."""
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        args = {
+            "x": self.randn(g, batch, seqlen, nheads, headdim, dtype=dtype),
+            "dt": self.randn(g, batch, seqlen, nheads, scale=0.5, mean=-1.0),
+            "A": -torch.exp(torch.rand(nheads, generator=g, device=self.device) * 2.77) * 0.5,
+            "B": self.randn(g, batch, seqlen, ngroups, dstate, dtype=dtype),
+            "C": self.randn(g, batch, seqlen, ngroups, dstate, dtype=dtype),
+            "D": self.randn(g, nheads),
+            "dt_bias": self.randn(g, nheads, scale=0.3),
+        }
+        if init:
+            args["initial_state"] = self.randn(g, batch, nheads, headdim, dstate, scale=0.5)
+        return args
+
+    def ssd_kernel(self, t, chunk):
+        return self.ssd.ssd_scan(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, t["D"], t.get("initial_state"),
+                                 dt_bias=t["dt_bias"], dt_softplus=True)
+
+    def ssd_runtime(self, t, chunk):
+        """templates/runtime/ssd.py's ssd_scan, the step size applied as the Mamba-2 block applies it."""
+        step = self.torch.nn.functional.softplus(t["dt"].float() + t["dt_bias"])
+        return self.runtime_ssd.ssd_scan(t["x"], step, t["A"], t["B"], t["C"], chunk, D=t["D"],
+                                         initial_state=t.get("initial_state"))
+
+    def ssd_compare(self, shape: dict, dtype, *, seed: int, init: bool) -> dict:
+        """Kernel in `dtype` vs the runtime reference in float32 on the same values; every output and gradient."""
+        torch = self.torch
+        chunk = shape["chunk"]
+        dims = {k: v for k, v in shape.items() if k != "chunk"}
+        args = self.ssd_inputs(**dims, chunk=chunk, dtype=dtype, seed=seed, init=init)
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        y, final = self.ssd_kernel(leaves, chunk)
+        g = torch.Generator(device=self.device).manual_seed(seed + 1)
+        dy = self.randn(g, *y.shape)
+        dfinal = self.randn(g, *final.shape)
+        grads = torch.autograd.grad((y.float() * dy).sum() + (final * dfinal).sum(), list(leaves.values()))
+        kernel = {"y": y.detach(), "final_state": final.detach()}
+        kernel.update({f"d{k}": grad for k, grad in zip(leaves, grads, strict=True)})
+        del y, final, grads, leaves
+        ref_leaves = {k: v.detach().float().requires_grad_() for k, v in args.items()}
+        y_ref, final_ref = self.ssd_runtime(ref_leaves, chunk)
+        grads_ref = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), list(ref_leaves.values()))
+        reference = {"y": y_ref.detach(), "final_state": final_ref.detach()}
+        reference.update({f"d{k}": grad for k, grad in zip(ref_leaves, grads_ref, strict=True)})
+        errors = {k: self.rel(kernel[k], reference[k]) for k in reference}
+        name = str(dtype).replace("torch.", "")
+        return {"shape": shape, "dtype": name, **self.verdicts(errors, TOLERANCE[name])}
+
+    def ssd_numerics(self) -> dict:
+        torch = self.torch
+        shape = self.shapes["ssd"]
+        out = {}
+        self.guarded(out, "bf16_full_shape", lambda: self.ssd_compare(shape, torch.bfloat16, seed=1, init=True))
+        fp32_shape = dict(shape, batch=self.shapes["ssd_fp32_batch"])
+        self.guarded(out, "fp32", lambda: self.ssd_compare(fp32_shape, torch.float32, seed=2, init=True))
+        ragged = self.shapes["ssd_ragged"]
+        self.guarded(out, "bf16_ragged", lambda: self.ssd_compare(ragged, torch.bfloat16, seed=3, init=True))
+        self.guarded(out, "fp32_ragged", lambda: self.ssd_compare(ragged, torch.float32, seed=4, init=True))
+        one = dict(ragged, seqlen=1)
+        self.guarded(out, "fp32_length_1", lambda: self.ssd_compare(one, torch.float32, seed=5, init=True))
+        return out
+
+    def ssd_timing(self) -> dict:
+        torch = self.torch
+        shape = self.shapes["ssd"]
+        chunk = shape["chunk"]
+        dims = {k: v for k, v in shape.items() if k != "chunk"}
+        args = self.ssd_inputs(**dims, chunk=chunk, dtype=torch.bfloat16, seed=10)
+        out = {"shape": shape}
+        with torch.no_grad():
+            out["forward_ms"] = self.time_ms(lambda: self.ssd_kernel(args, chunk))
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        dy = torch.randn_like(args["x"])
+
+        def forward_backward():
+            y, _ = self.ssd_kernel(leaves, chunk)
+            y.backward(dy)
+
+        out["forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
+        out["tuner_ms_per_config"] = {name: tuner.timings for name, tuner in self.ssd.TUNERS.items()}
+        out["chosen"] = self.ssd.tuned_configs()
+        # The floor: x, B, C read and y written once (bf16), the states stored and read back once (bf16).
+        b, t, h, p, n = shape["batch"], shape["seqlen"], shape["nheads"], shape["headdim"], shape["dstate"]
+        out["forward_min_bytes"] = 2 * (2 * b * t * h * p + 2 * b * t * shape["ngroups"] * n
+                                        + 2 * b * (t // chunk) * h * p * n)
+        return out
+
+    def ssd_peer(self) -> dict:
+        torch = self.torch
+        combined, _ = import_mamba_ssm_triton(self.sdist)
+        if self.dry_run:
+            return {"imported": combined.__name__, "timed": "skipped in the dry run (its kernels would run in the "
+                                                             "interpreter)"}
+        shape = self.shapes["ssd"]
+        chunk = shape["chunk"]
+        dims = {k: v for k, v in shape.items() if k != "chunk"}
+        args = self.ssd_inputs(**dims, chunk=chunk, dtype=torch.bfloat16, seed=10)
+
+        def peer(t):
+            return combined.mamba_chunk_scan_combined(t["x"], t["dt"], t["A"], t["B"], t["C"], chunk, D=t["D"],
+                                                      dt_bias=t["dt_bias"], dt_softplus=True)
+
+        out = {"shape": shape}
+        started = time.perf_counter()
+        with torch.no_grad():
+            y_peer = peer(args)
+            y_ours, _ = self.ssd_kernel(args, chunk)
+        out["first_forward_s (autotune)"] = round(time.perf_counter() - started, 1)
+        out["ours_vs_peer_rel_error_bf16"] = f"{self.rel(y_ours, y_peer):.2e}"
+        del y_peer, y_ours
+        with torch.no_grad():
+            out["peer_forward_ms"] = self.time_ms(lambda: peer(args))
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
+        dy = torch.randn_like(args["x"])
+
+        def forward_backward():
+            peer(leaves).backward(dy)
+
+        started = time.perf_counter()
+        forward_backward()
+        out["first_backward_s (autotune)"] = round(time.perf_counter() - started, 1)
+        out["peer_forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
+        ours = self.results.get("ssd_timing", {})
+        label = (f"SSD B{shape['batch']} L{shape['seqlen']} H{shape['nheads']}x{shape['headdim']} N{shape['dstate']} "
+                 f"G{shape['ngroups']} chunk {chunk}, bf16")
+        peer_name = "mamba_ssm mamba_chunk_scan_combined (Triton)"
+        for key, peer_key, what in (("forward_ms", "peer_forward_ms", "forward"),
+                                    ("forward_backward_ms", "peer_forward_backward_ms", "forward+backward")):
+            if isinstance(ours.get(key), float):
+                out[f"ratio_{what}"] = out[peer_key] / ours[key]
+                self.bar(f"{label}: {what}", ours[key], "ms", peer_name, out[peer_key], out[f"ratio_{what}"], 1.0)
+        return out
+
+    # -- conv1d -------------------------------------------------------------------------------------------------
+
+    def conv(self) -> dict:
+        torch = self.torch
+        s = self.shapes["conv"]
+        batch, seqlen, dim, width = s["batch"], s["seqlen"], s["dim"], s["width"]
+        out = {"shape": s}
+        g = torch.Generator(device=self.device).manual_seed(20)
+
+        def compare(dtype, length):
+            args = [self.randn(g, batch, length, dim, dtype=dtype), self.randn(g, dim, width, scale=0.5),
+                    self.randn(g, dim), self.randn(g, batch, dim, width - 1, dtype=dtype)]
+            leaves = [a.clone().requires_grad_() for a in args]
+            y, state = self.conv_kernels.causal_conv1d(*leaves, activation="silu")
+            dy, dstate = torch.randn_like(y, dtype=torch.float32), torch.randn_like(state, dtype=torch.float32)
+            grads = torch.autograd.grad((y.float() * dy).sum() + (state.float() * dstate).sum(), leaves)
+            ref_leaves = [a.detach().float().requires_grad_() for a in args]
+            y_ref, state_ref = self.conv_kernels.causal_conv1d_reference(*ref_leaves, activation="silu")
+            grads_ref = torch.autograd.grad((y_ref * dy).sum() + (state_ref * dstate).sum(), ref_leaves)
+            errors = {"y": self.rel(y, y_ref), "new_state": self.rel(state, state_ref)}
+            errors.update({f"d{name}": self.rel(a, b) for name, a, b in
+                           zip(("x", "weight", "bias", "conv_state"), grads, grads_ref, strict=True)})
+            name = str(dtype).replace("torch.", "")
+            return self.verdicts(errors, TOLERANCE[name])
+
+        self.guarded(out, "numerics_bf16", lambda: compare(torch.bfloat16, seqlen))
+        self.guarded(out, "numerics_fp32_ragged", lambda: compare(torch.float32, seqlen - 3))
+
+        def timing():
+            x = self.randn(g, batch, seqlen, dim, dtype=torch.bfloat16)
+            weight, bias = self.randn(g, dim, width, scale=0.5), self.randn(g, dim)
+            result = {}
+            with torch.no_grad():
+                result["forward_ms"] = self.time_ms(lambda: self.conv_kernels.causal_conv1d(x, weight, bias, None, "silu"))
+            moved = 2 * x.numel() * x.element_size()
+            result["forward_GBps"] = moved / result["forward_ms"] / 1e6
+            leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_(), bias.clone().requires_grad_()]
+            dy = torch.randn_like(x)
+
+            def forward_backward():
+                self.conv_kernels.causal_conv1d(*leaves, None, "silu")[0].backward(dy)
+
+            result["forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=leaves)
+            result["backward_min_bytes_GB"] = 4 * x.numel() * x.element_size() / 1e9  # x, dy read; dx written; y
+            copy = self.results.get("env", {}).get("copy_GBps")
+            if isinstance(copy, float):
+                result["fraction_of_copy"] = result["forward_GBps"] / copy
+                self.bar(f"causal conv1d + SiLU forward ({batch}, {seqlen}, {dim}) width {width}, bf16",
+                         result["forward_GBps"], "GB/s", "copy_ of 2 GiB (bytes read + written)", copy,
+                         result["fraction_of_copy"], 0.8)
+            result["tuned"] = self.conv_kernels.tuned_configs()
+            result["tuner_ms_per_config"] = {"forward": self.conv_kernels.FORWARD_TUNER.timings,
+                                             "backward": self.conv_kernels.BACKWARD_TUNER.timings}
+            return result
+
+        self.guarded(out, "timing", timing)
+
+        def update_step():
+            x = self.randn(g, 1, dim, dtype=torch.bfloat16)
+            state = self.randn(g, 1, dim, width - 1, dtype=torch.bfloat16)
+            weight, bias = self.randn(g, dim, width, scale=0.5), self.randn(g, dim)
+            y, new_state = self.conv_kernels.causal_conv1d_update(x, state, weight, bias, "silu")
+            y_ref, state_ref = self.conv_kernels.causal_conv1d_reference(x.unsqueeze(1), weight, bias, state, "silu")
+            return {"rel_error_y": f"{self.rel(y, y_ref.squeeze(1)):.2e}",
+                    "state_equal": bool(torch.equal(new_state, state_ref)),
+                    "step_us": 1e3 * self.time_ms(lambda: self.conv_kernels.causal_conv1d_update(x, state, weight, bias,
+                                                                                         "silu"))}
+
+        self.guarded(out, "update_step_batch1", update_step)
+        return out
+
+    # -- decoding -----------------------------------------------------------------------------------------------
+
+    def decode(self) -> dict:
+        torch = self.torch
+        F = torch.nn.functional
+        out = {}
+        try:
+            _, update = import_mamba_ssm_triton(self.sdist)
+            peer_update = None if self.dry_run else update.selective_state_update
+        except Exception as error:  # noqa: BLE001 -- the peer is optional; ours is still measured
+            out["peer_import_error"] = f"{type(error).__name__}: {error}"
+            peer_update = None
+        s = self.shapes["layer"]
+        nheads, headdim, ngroups, dstate, width = s["nheads"], s["headdim"], s["ngroups"], s["dstate"], s["width"]
+        d_inner = nheads * headdim
+        conv_dim = d_inner + 2 * ngroups * dstate
+        g = torch.Generator(device=self.device).manual_seed(30)
+        bf16 = torch.bfloat16
+
+        # The SSM step alone: ours against selective_state_update on the same inputs.
+        state = self.randn(g, 1, nheads, headdim, dstate, scale=0.5)
+        x = self.randn(g, 1, nheads, headdim, dtype=bf16)
+        dt = self.randn(g, 1, nheads, scale=0.5, mean=-1.0)
+        A = -torch.exp(torch.rand(nheads, generator=g, device=self.device))
+        B, C = self.randn(g, 1, ngroups, dstate, dtype=bf16), self.randn(g, 1, ngroups, dstate, dtype=bf16)
+        D, dt_bias = self.randn(g, nheads), self.randn(g, nheads, scale=0.3)
+        y, new_state = self.step.ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
+        y_ref, state_ref = self.step.ssd_step_reference(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
+        ssm = {"rel_error_y": f"{self.rel(y, y_ref):.2e}", "rel_error_state": f"{self.rel(new_state, state_ref):.2e}"}
+        ssm["ours_us"] = 1e3 * self.time_ms(lambda: self.step.ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias,
+                                                                       dt_softplus=True))
+        if peer_update is not None:
+            # mamba_ssm's Mamba-2 layout: per-dim views with stride 0 (its TIE_HDIM path), the state updated in place.
+            A_p = A[:, None, None].expand(nheads, headdim, dstate)
+            dt_p = dt[:, :, None].expand(1, nheads, headdim)
+            D_p, bias_p = D[:, None].expand(nheads, headdim), dt_bias[:, None].expand(nheads, headdim)
+            peer_state = state.clone()
+            y_peer = peer_update(peer_state, x, dt_p, A_p, B, C, D_p, dt_bias=bias_p, dt_softplus=True)
+            ssm["peer_rel_error_y"] = f"{self.rel(y_peer, y_ref):.2e}"
+            ssm["peer_us"] = 1e3 * self.time_ms(lambda: peer_update(peer_state, x, dt_p, A_p, B, C, D_p,
+                                                                    dt_bias=bias_p, dt_softplus=True))
+        out["mamba2_ssm_step_batch1"] = ssm
+
+        # One whole Mamba-2 layer step (Bamba-1B sizes), batch 1.
+        def layer_step():
+            d_model = s["d_model"]
+            in_proj = torch.nn.Linear(d_model, 2 * d_inner + 2 * ngroups * dstate + nheads, bias=False,
+                                      device=self.device, dtype=bf16)
+            out_proj = torch.nn.Linear(d_inner, d_model, bias=False, device=self.device, dtype=bf16)
+            conv_w, conv_b = self.randn(g, conv_dim, width, scale=0.5, dtype=bf16), self.randn(g, conv_dim, dtype=bf16)
+            norm_w = torch.ones(d_inner, device=self.device, dtype=bf16)
+            hidden = self.randn(g, 1, d_model, dtype=bf16)
+            conv_state = self.randn(g, 1, conv_dim, width - 1, dtype=bf16)
+            ssm_state = self.randn(g, 1, nheads, headdim, dstate, scale=0.5)
+
+            def split(h):
+                z, xbc, dt_raw = in_proj(h).split([d_inner, conv_dim, nheads], dim=-1)
+                return z, xbc, dt_raw
+
+            def finish(y, z):
+                y = y.reshape(1, d_inner) * F.silu(z)
+                return out_proj(F.rms_norm(y, (d_inner,), norm_w, 1e-5))
+
+            def ours():
+                z, xbc, dt_raw = split(hidden)
+                xbc, new_conv = self.conv_kernels.causal_conv1d_update(xbc, conv_state, conv_w, conv_b, "silu")
+                xs, Bs, Cs = xbc.split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
+                y, new_ssm = self.step.ssd_step(ssm_state, xs.view(1, nheads, headdim), dt_raw, A,
+                                                Bs.view(1, ngroups, dstate), Cs.view(1, ngroups, dstate), D,
+                                                dt_bias=dt_bias, dt_softplus=True)
+                conv_state.copy_(new_conv)
+                ssm_state.copy_(new_ssm)
+                return finish(y, z)
+
+            def peer():  # mamba_ssm's Mamba2.step without causal_conv1d: torch's conv update, then its SSM update
+                z, xbc, dt_raw = split(hidden)
+                conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+                conv_state[:, :, -1] = xbc
+                xbc = F.silu((conv_state * conv_w).sum(-1) + conv_b)
+                xs, Bs, Cs = xbc.split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
+                y = peer_update(ssm_state, xs.view(1, nheads, headdim), dt_raw[:, :, None].expand(1, nheads, headdim),
+                                A[:, None, None].expand(nheads, headdim, dstate), Bs.view(1, ngroups, dstate),
+                                Cs.view(1, ngroups, dstate), D[:, None].expand(nheads, headdim),
+                                dt_bias=dt_bias[:, None].expand(nheads, headdim), dt_softplus=True)
+                return finish(y, z)
+
+            result = {}
+            with torch.no_grad():
+                result["ours_eager_us"] = 1e3 * self.time_ms(ours)
+                result["ours_graph_us"] = 1e3 * self.graph_ms(ours)
+                if peer_update is not None:
+                    result["peer_eager_us"] = 1e3 * self.time_ms(peer)
+                    result["peer_graph_us"] = 1e3 * self.graph_ms(peer)
+                    result["ratio_graph"] = result["peer_graph_us"] / result["ours_graph_us"]
+                    self.bar("one decode step of a Bamba-1B Mamba-2 layer, batch 1, bf16 (CUDA graph)",
+                             result["ours_graph_us"], "us", "the same layer with mamba_ssm selective_state_update "
+                             "and the PyTorch conv update", result["peer_graph_us"], result["ratio_graph"], 1.0)
+            return result
+
+        self.guarded(out, "bamba_layer_step_batch1", layer_step)
+
+        def mamba1_step():
+            m = self.shapes["mamba1_step"]
+            dim, n1 = m["dim"], m["dstate"]
+            state1 = self.randn(g, 1, dim, n1, scale=0.5)
+            u, delta, z = (self.randn(g, 1, dim, dtype=bf16) for _ in range(3))
+            A1 = -torch.exp(torch.rand(dim, n1, generator=g, device=self.device) * 2)
+            B1, C1 = self.randn(g, 1, n1, dtype=bf16), self.randn(g, 1, n1, dtype=bf16)
+            D1, bias1 = self.randn(g, dim), self.randn(g, dim, scale=0.3)
+            y1, s1 = self.step.selective_state_step(state1, u, delta, A1, B1, C1, D1, z, bias1, True)
+            y1_ref, s1_ref = self.step.selective_state_step_reference(state1, u, delta, A1, B1, C1, D1, z, bias1, True)
+            result = {"rel_error_y": f"{self.rel(y1, y1_ref):.2e}", "rel_error_state": f"{self.rel(s1, s1_ref):.2e}",
+                      "ours_us": 1e3 * self.time_ms(lambda: self.step.selective_state_step(
+                          state1, u, delta, A1, B1, C1, D1, z, bias1, True))}
+            if peer_update is not None:
+                peer_state = state1.clone()
+                result["peer_us"] = 1e3 * self.time_ms(lambda: peer_update(peer_state, u, delta, A1, B1, C1, D1, z,
+                                                                           dt_bias=bias1, dt_softplus=True))
+            return result
+
+        self.guarded(out, "mamba1_step_batch1", mamba1_step)
+        return out
+
+    # -- environment --------------------------------------------------------------------------------------------
+
+    def env(self) -> dict:
+        torch = self.torch
+        import triton
+
+        info = {"device": self.device_name, "torch": torch.__version__, "triton": triton.__version__,
+                "python": platform.python_version(), "interpreting": self.ssd.interpreting()}
+        if self.device == "cuda":
+            src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
+            dst = torch.empty_like(src)
+            ms = self.time_ms(lambda: dst.copy_(src))
+            info["copy_GBps"] = 2 * src.numel() * src.element_size() / ms / 1e6
+            del src, dst
+            a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+            b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+            info["bf16_matmul_TFLOPs"] = 2 * 8192**3 / self.time_ms(lambda: a @ b) / 1e9
+        else:
+            info["copy_GBps"] = 1.0  # a stand-in so the dry run exercises the bar rows
+        return info
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/ssm_kernels"),
+                        help="directory for ssm_kernels.json and bars.json (default: $OUT)")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this many seconds")
+    parser.add_argument("--mamba-sdist", default=None, help="mamba_ssm sdist (default: .whl/mamba_ssm-*.tar.gz)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
+        os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+    only = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix() if sys.argv else "bench/ssm_kernels.py",
+                                    *(argv if argv is not None else sys.argv[1:])])
+    bench = Bench(Path(args.out), args.dry_run, args.budget_s, args.mamba_sdist, command)
+    # Rough needs, so a section that cannot finish is not started: the peer autotunes for ~85 s on its first calls.
+    needs = {"env": 5, "ssd_numerics": 60, "ssd_timing": 60, "ssd_peer": 150, "conv": 40, "decode": 30}
+    if "env" not in only:
+        only = ["env", *only]  # the copy floor and the device name are needed by the bar rows
+    for name in SECTIONS:
+        if name in only:
+            bench.section(name, getattr(bench, name), needs_s=0 if args.dry_run else needs[name])
+    print("\nbars:")
+    for row in bench.bars:
+        print(f"  {row['figure']}: {row['archgen']:.4g} {row['unit']} vs {row['reference_value']:.4g} "
+              f"({row['reference']}) ratio {row['ratio']:.3g}, bar {row['bar']}")
+    failing = {name: result.get("failing") for name, result in bench.results.get("ssd_numerics", {}).items()
+               if isinstance(result, dict) and result.get("failing")}
+    print(f"ssd numerics failing: {failing or 'none'}; wrote {bench.out / 'ssm_kernels.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
