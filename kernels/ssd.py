@@ -90,6 +90,17 @@ OUTPUT_CONFIGS = [
     {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
 ]
+STATE_BWD_CONFIGS = [
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_P": 32, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
+]
+ROW_BWD_CONFIGS = [
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
+]
 GROUP_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 4, "num_stages": 2},
@@ -367,7 +378,6 @@ def _state_bwd_kernel(
 def _dx_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
     B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
-    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
     D_ptr,
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
     dtp_ptr, cum_ptr, cb_ptr, grad_after_ptr,
@@ -375,11 +385,83 @@ def _dx_bwd_kernel(
     ddt_direct_ptr,  # (B, H, c·L) float32: Σ_p x_s ⊙ inner_s, the part of dΔ_s not through the decays
     state_term_ptr,  # (B, H, c·L) float32: R_s = Δ_s x_s·(exp(cum_{L-1} - cum_s) G_c B_s), for the decay gradient
     dD_part_ptr,  # (B, c·blocks, H) float32
-    dB_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
     seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
     HAS_D: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Rows s of one chunk and head: dx, the direct part of dΔ, the state term R and D's partial gradient."""
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    chunk = tl.program_id(0) // n_blocks
+    sb = tl.program_id(0) % n_blocks
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    g = h // heads_per_group
+    dot_ty = x_ptr.dtype.element_ty
+    s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_s = chunk * CHUNK + s_loc
+    s_in = pos_s < seqlen
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    sp_in = s_in[:, None] & p_in[None, :]
+    dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+    cum_s = tl.load(cum_ptr + dt_base + pos_s)
+    dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+    cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
+    dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
+    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+
+    # Through the chunk's contribution to the state after it: exp(cum_{L-1} - cum_s) B_s G_c^T.
+    B_s = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
+                  + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0)
+    state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+    grad_T = tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
+                     mask=n_in[:, None] & p_in[None, :], other=0.0)  # (N, P)
+    inner = tl.dot(_operand(B_s, dot_ty), _operand(grad_T, dot_ty), input_precision=DOT_PRECISION)
+    inner = inner * tl.exp(cum_last - cum_s)[:, None]  # (T, P)
+    x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                  + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
+    tl.store(state_term_ptr + dt_base + pos_s, dt_s * tl.sum(x_s.to(tl.float32) * inner, axis=1))
+
+    # Through the outputs of this chunk at t ≥ s: Σ_t (C_t·B_s) exp(cum_t - cum_s) dy_t.
+    for tb in range(sb, n_blocks):
+        t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        pos_t = chunk * CHUNK + t_loc
+        cum_t = tl.load(cum_ptr + dt_base + pos_t)
+        dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
+                       mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
+        cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
+        causal = t_loc[None, :] >= s_loc[:, None]
+        decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
+        inner = tl.dot(_operand(cb_T * decay, dot_ty), _operand(dy_t, dot_ty), inner, input_precision=DOT_PRECISION)
+
+    x_f = x_s.to(tl.float32)
+    dx = dt_s[:, None] * inner
+    if HAS_D:
+        dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
+                       other=0.0).to(tl.float32)
+        dx += tl.load(D_ptr + h).to(tl.float32) * dy_s
+        tl.store(dD_part_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * nheads + h,
+                 tl.sum(tl.sum(x_f * dy_s, axis=1), axis=0))
+    tl.store(dx_ptr + b.to(tl.int64) * dx_stride_b + pos_s[:, None] * dx_stride_t + h * dx_stride_h
+             + p[None, :] * dx_stride_p, dx.to(dx_ptr.dtype.element_ty), mask=sp_in)
+    tl.store(ddt_direct_ptr + dt_base + pos_s, tl.sum(x_f * inner, axis=1))
+
+
+@triton.jit
+def _db_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    dtp_ptr, cum_ptr, grad_after_ptr,
+    dB_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
 ):
+    """Rows s of one chunk, summed over (a split of) the group's heads: dB_s = Σ_h [Σ_{t≥s} M[t, s] C_t
+    + exp(cum_{L-1} - cum_s) Δ_s x_s G_c] with M[t, s] = (dy_t·x_s) Δ_s exp(cum_t - cum_s)."""
     n_blocks: tl.constexpr = CHUNK // BLOCK_T
     chunk = tl.program_id(0) // n_blocks
     sb = tl.program_id(0) % n_blocks
@@ -394,11 +476,7 @@ def _dx_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     p_in = p < headdim
     n_in = n < dstate
-    sp_in = s_in[:, None] & p_in[None, :]
-    B_s = _operand(tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
-                  + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0), dot_ty)
     C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
-    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
     dB_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
@@ -408,50 +486,28 @@ def _dx_bwd_kernel(
         cum_s = tl.load(cum_ptr + dt_base + pos_s)
         dt_s = tl.load(dtp_ptr + dt_base + pos_s)
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
-        x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
-                      + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
-        dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
+        x_s = _operand(tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                               + p[None, :] * x_stride_p, mask=s_in[:, None] & p_in[None, :], other=0.0), dot_ty)
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        grad_T = _operand(tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
-                         mask=n_in[:, None] & p_in[None, :], other=0.0), dot_ty)  # (N, P)
-
-        # Through the chunk's contribution to the state after it.
-        decay_to_end = tl.exp(cum_last - cum_s)
-        inner = tl.dot(B_s, grad_T, input_precision=DOT_PRECISION) * decay_to_end[:, None]  # (T, P)
-        x_f = x_s.to(tl.float32)
-        tl.store(state_term_ptr + dt_base + pos_s, dt_s * tl.sum(x_f * inner, axis=1))
-        x_G = tl.dot(_operand(x_s, dot_ty), tl.trans(grad_T), input_precision=DOT_PRECISION)  # (T, N)
-        dB_acc += x_G * (decay_to_end * dt_s)[:, None]
-
-        # Through the outputs of this chunk at t ≥ s.
+        grad = tl.load(grad_after_ptr + state_base + p[:, None] * dstate + n[None, :],
+                       mask=p_in[:, None] & n_in[None, :], other=0.0)  # (P, N)
+        x_G = tl.dot(x_s, _operand(grad, dot_ty), input_precision=DOT_PRECISION)  # (T, N)
+        dB_acc += x_G * (tl.exp(cum_last - cum_s) * dt_s)[:, None]
+        dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
         for tb in range(sb, n_blocks):
             t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
             pos_t = chunk * CHUNK + t_loc
             t_in = pos_t < seqlen
             cum_t = tl.load(cum_ptr + dt_base + pos_t)
-            dy_t = _operand(tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
-                           mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
-            C_t = _operand(tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
-                          mask=t_in[:, None] & n_in[None, :], other=0.0), dot_ty)
-            cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
+            dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
+                           mask=t_in[:, None] & p_in[None, :], other=0.0)
             causal = t_loc[None, :] >= s_loc[:, None]
             decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-            inner = tl.dot(_operand(cb_T * decay, dot_ty), dy_t, inner, input_precision=DOT_PRECISION)
-            x_dy = tl.dot(_operand(x_s, dot_ty), tl.trans(dy_t), input_precision=DOT_PRECISION)  # (s, t) = x_s·dy_t
-            m_T = _operand(x_dy * decay * dt_s[:, None], dot_ty)
-            dB_acc = tl.dot(m_T, C_t, dB_acc, input_precision=DOT_PRECISION)
-
-        dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
-                       other=0.0).to(tl.float32)
-        dx = dt_s[:, None] * inner
-        if HAS_D:
-            dx += tl.load(D_ptr + h).to(tl.float32) * dy_s
-            tl.store(dD_part_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * nheads + h,
-                     tl.sum(tl.sum(x_f * dy_s, axis=1), axis=0))
-        tl.store(dx_ptr + b.to(tl.int64) * dx_stride_b + pos_s[:, None] * dx_stride_t + h * dx_stride_h
-                 + p[None, :] * dx_stride_p, dx.to(dx_ptr.dtype.element_ty), mask=sp_in)
-        tl.store(ddt_direct_ptr + dt_base + pos_s, tl.sum(x_f * inner, axis=1))
-
+            x_dy = tl.dot(x_s, tl.trans(_operand(dy_t, dot_ty)), input_precision=DOT_PRECISION)  # (s, t)
+            C_t = tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                          mask=t_in[:, None] & n_in[None, :], other=0.0)
+            dB_acc = tl.dot(_operand(x_dy * decay * dt_s[:, None], dot_ty), _operand(C_t, dot_ty), dB_acc,
+                            input_precision=DOT_PRECISION)
     dB_offs = (((b.to(tl.int64) * seqlen + pos_s[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
     tl.store(dB_part_ptr + dB_offs, dB_acc, mask=s_in[:, None] & n_in[None, :])
 
@@ -460,16 +516,15 @@ def _dx_bwd_kernel(
 def _dc_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
     B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
-    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
-    dtp_ptr, cum_ptr, cb_ptr, enter_ptr,
-    off_term_ptr,  # (B, H, c·L) float32: v_t = dy_t·(exp(cum_t) H_c C_t), the from-state output's decay term
-    cross_ptr,  # (B, H, blocks, c·L) float32, zeroed: per row block t, Σ over pairs s < i ≤ t of Q[t, s] at i
+    dtp_ptr, cum_ptr, enter_ptr,
     dC_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
     seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
 ):
+    """Rows t of one chunk, summed over (a split of) the group's heads: dC_t = Σ_h [exp(cum_t) dy_t H_c
+    + Σ_{s≤t} M[t, s] B_s]."""
     n_blocks: tl.constexpr = CHUNK // BLOCK_T
     chunk = tl.program_id(0) // n_blocks
     tb = tl.program_id(0) % n_blocks
@@ -484,10 +539,7 @@ def _dc_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     p_in = p < headdim
     n_in = n < dstate
-    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
-                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
     B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
-    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
     dC_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
@@ -495,40 +547,90 @@ def _dc_bwd_kernel(
         h = g * heads_per_group + j
         dt_base = (b.to(tl.int64) * nheads + h) * padded_len
         cum_t = tl.load(cum_ptr + dt_base + pos_t)
-        dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
-                       + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
+        dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t
+                                + h * dy_stride_h + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :],
+                                other=0.0), dot_ty)
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        enter = _operand(tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
-                        other=0.0), dot_ty)  # (P, N)
-        from_state = tl.dot(dy_t, enter, input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]  # (T, N)
-        tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
-        dC_acc += from_state
-
+        enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
+                        other=0.0)  # (P, N)
+        dC_acc += tl.dot(dy_t, _operand(enter, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
         x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
-        cross_base = cross_ptr + ((b.to(tl.int64) * nheads + h) * n_blocks + tb) * padded_len
-        row_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ over the earlier blocks' s of Q[t, s]
         for sb in range(tb + 1):
             s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
             pos_s = chunk * CHUNK + s_loc
             s_in = pos_s < seqlen
-            x_s = _operand(tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
-                          mask=s_in[:, None] & p_in[None, :], other=0.0), dot_ty)
-            B_s = _operand(tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
-                          mask=s_in[:, None] & n_in[None, :], other=0.0), dot_ty)
+            x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
+                          mask=s_in[:, None] & p_in[None, :], other=0.0)
             cum_s = tl.load(cum_ptr + dt_base + pos_s)
             dt_s = tl.load(dtp_ptr + dt_base + pos_s)
-            cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
             causal = s_loc[None, :] <= t_loc[:, None]
             decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            m = tl.dot(dy_t, tl.trans(x_s), input_precision=DOT_PRECISION) * decay * dt_s[None, :]  # (t, s)
-            dC_acc = tl.dot(_operand(m, dot_ty), B_s, dC_acc, input_precision=DOT_PRECISION)
-            q = m * cb  # Q[t, s] = dy_t·(the term of y_t from s)
-            before = tl.cumsum(q, axis=1) - q + row_sum[:, None]  # Σ_{s' < i} Q[t, s'] at column i
-            tl.store(cross_base + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
-            row_sum += tl.sum(q, axis=1)
-
+            m = tl.dot(dy_t, tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION) * decay * dt_s[None, :]
+            B_s = tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                          mask=s_in[:, None] & n_in[None, :], other=0.0)
+            dC_acc = tl.dot(_operand(m, dot_ty), _operand(B_s, dot_ty), dC_acc, input_precision=DOT_PRECISION)
     dC_offs = (((b.to(tl.int64) * seqlen + pos_t[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
     tl.store(dC_part_ptr + dC_offs, dC_acc, mask=t_in[:, None] & n_in[None, :])
+
+
+@triton.jit
+def _dlog_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    dtp_ptr, cum_ptr, cb_ptr, enter_ptr,
+    off_term_ptr,  # (B, H, c·L) float32: v_t = dy_t·(exp(cum_t) H_c C_t), the from-state output's decay term
+    cross_ptr,  # (B, H, blocks, c·L) float32, zeroed: per row block t, Σ over pairs s < i ≤ t of Q[t, s] at i
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Rows t of one chunk and head: the terms of the log-decay gradient that the outputs at t carry."""
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    chunk = tl.program_id(0) // n_blocks
+    tb = tl.program_id(0) % n_blocks
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    g = h // heads_per_group
+    dot_ty = x_ptr.dtype.element_ty
+    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_t = chunk * CHUNK + t_loc
+    t_in = pos_t < seqlen
+    p = tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+    cum_t = tl.load(cum_ptr + dt_base + pos_t)
+    dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                            + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
+    state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+    enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
+                    other=0.0)  # (P, N)
+    from_state = tl.dot(dy_t, _operand(enter, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
+    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
+                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
+    tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
+
+    x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
+    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+    cross_base = cross_ptr + ((b.to(tl.int64) * nheads + h) * n_blocks + tb) * padded_len
+    row_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ over the earlier blocks' s of Q[t, s]
+    for sb in range(tb + 1):
+        s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+        pos_s = chunk * CHUNK + s_loc
+        x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
+                      mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
+        cum_s = tl.load(cum_ptr + dt_base + pos_s)
+        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+        cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
+        causal = s_loc[None, :] <= t_loc[:, None]
+        decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
+        dy_x = tl.dot(dy_t, tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)  # (t, s)
+        q = dy_x * decay * (cb * dt_s[None, :])  # Q[t, s] = dy_t·(the term of y_t from s)
+        before = tl.cumsum(q, axis=1) - q + row_sum[:, None]  # Σ_{s' < i} Q[t, s'] at column i
+        tl.store(cross_base + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
+        row_sum += tl.sum(q, axis=1)
 
 
 @triton.jit
@@ -682,9 +784,11 @@ TUNERS = {
     "state_fwd": Autotuner("state_fwd", STATE_CONFIGS, INTERPRETER_CONFIGS["state"]),
     "cb": Autotuner("cb", CB_CONFIGS, INTERPRETER_CONFIGS["cb"]),
     "output_fwd": Autotuner("output_fwd", OUTPUT_CONFIGS, INTERPRETER_CONFIGS["output"]),
-    "state_bwd": Autotuner("state_bwd", STATE_CONFIGS, INTERPRETER_CONFIGS["state"]),
-    "dx_bwd": Autotuner("dx_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
+    "state_bwd": Autotuner("state_bwd", STATE_BWD_CONFIGS, INTERPRETER_CONFIGS["state"]),
+    "dx_bwd": Autotuner("dx_bwd", ROW_BWD_CONFIGS, INTERPRETER_CONFIGS["output"]),
+    "db_bwd": Autotuner("db_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
     "dc_bwd": Autotuner("dc_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
+    "dlog_bwd": Autotuner("dlog_bwd", ROW_BWD_CONFIGS, INTERPRETER_CONFIGS["output"]),
 }
 
 
@@ -867,41 +971,65 @@ def ssd_scan_backward(
                                    heads_per_group, headdim, dstate, nchunks, padded, precision, chunk)
         k_sum = k_part.sum(-1)  # (B, H, c)
 
+        dims = (seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded)
+
         def launch_dx(cfg):
             n_blocks = chunk // cfg["BLOCK_T"]
-            split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dD_part = torch.empty((batch, nchunks * n_blocks, nheads), **f32) if D is not None else None
-            dB_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
-            _dx_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *_strided(x, 4), *_strided(B, 4), *_strided(C, 4), D, *_strided(dy, 4), dtp, cum, cb, grad_after,
-                *_strided(dx, 4), ddt_direct, state_term, dD_part, dB_part,
-                seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded,
+            _dx_bwd_kernel[(nchunks * n_blocks, nheads, batch)](
+                *_strided(x, 4), *_strided(B, 4), D, *_strided(dy, 4), dtp, cum, cb, grad_after, *_strided(dx, 4),
+                ddt_direct, state_term, dD_part, *dims,
                 HAS_D=D is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
-                BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split, **_launch_options(cfg),
+                BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
             )
-            return dD_part, dB_part
+            return dD_part
 
-        dx_cfg = TUNERS["dx_bwd"].config(_key("dx_bwd", chunk, headdim, dstate, heads_per_group, dtype_name),
-                                         launch_dx, configs.get("dx_bwd"), _fits_chunk(chunk, "BLOCK_T"))
-        dD_part, dB_part = launch_dx(dx_cfg)
+        dD_part = launch_dx(TUNERS["dx_bwd"].config(_key("dx_bwd", chunk, headdim, dstate, dtype_name), launch_dx,
+                                                    configs.get("dx_bwd"), _fits_chunk(chunk, "BLOCK_T")))
+
+        def launch_db(cfg):
+            n_blocks = chunk // cfg["BLOCK_T"]
+            split = min(cfg["HEAD_SPLIT"], heads_per_group)
+            dB_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
+            _db_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
+                *_strided(x, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, grad_after, dB_part, *dims,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
+                HEAD_SPLIT=split, **_launch_options(cfg),
+            )
+            return dB_part
+
+        dB_part = launch_db(TUNERS["db_bwd"].config(
+            _key("db_bwd", chunk, headdim, dstate, heads_per_group, dtype_name), launch_db, configs.get("db_bwd"),
+            _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_dc(cfg):
             n_blocks = chunk // cfg["BLOCK_T"]
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
-            cross = torch.zeros((batch, nheads, n_blocks, padded), **f32)  # blocks above the diagonal stay 0
             dC_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
             _dc_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *_strided(x, 4), *_strided(B, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, cb, enter,
-                off_term, cross, dC_part,
-                seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded,
-                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
-                BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split, **_launch_options(cfg),
+                *_strided(x, 4), *_strided(B, 4), *_strided(dy, 4), dtp, cum, enter, dC_part, *dims,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
+                HEAD_SPLIT=split, **_launch_options(cfg),
             )
-            return cross, dC_part
+            return dC_part
 
-        dc_cfg = TUNERS["dc_bwd"].config(_key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name),
-                                         launch_dc, configs.get("dc_bwd"), _fits_chunk(chunk, "BLOCK_T"))
-        cross, dC_part = launch_dc(dc_cfg)
+        dC_part = launch_dc(TUNERS["dc_bwd"].config(
+            _key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name), launch_dc, configs.get("dc_bwd"),
+            _fits_chunk(chunk, "BLOCK_T")))
+
+        def launch_dlog(cfg):
+            n_blocks = chunk // cfg["BLOCK_T"]
+            cross = torch.zeros((batch, nheads, n_blocks, padded), **f32)  # blocks above the diagonal stay 0
+            _dlog_bwd_kernel[(nchunks * n_blocks, nheads, batch)](
+                *_strided(x, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, cb, enter, off_term, cross, *dims,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
+                **_launch_options(cfg),
+            )
+            return cross
+
+        cross = launch_dlog(TUNERS["dlog_bwd"].config(_key("dlog_bwd", chunk, headdim, dstate, dtype_name),
+                                                      launch_dlog, configs.get("dlog_bwd"),
+                                                      _fits_chunk(chunk, "BLOCK_T")))
 
         _dt_bwd_kernel[(batch * nheads, nchunks)](
             *_strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
