@@ -34,11 +34,14 @@ Backward, with dy the output's gradient and G_c = dL/dH_{c+1} (the gradient of t
 
   1. `_state_bwd_kernel`: the adjoint of state passing, chunks in reverse: stores G_c and advances
      G_{c-1} = exp(cum_{L-1}) G_c + Σ_t exp(cum_t) dy_t ⊗ C_t; what leaves chunk 0 is dL/d initial_state.
-  2. `_dx_bwd_kernel` (rows s of a chunk, the R heads of a group in a loop): dx_s = Δ_s·inner_s + D dy_s with
-     inner_s = Σ_{t≥s} (C_t·B_s) exp(cum_t - cum_s) dy_t + exp(cum_{L-1} - cum_s) G_c B_s, the direct part of dΔ_s
-     (x_s·inner_s), and dB_s summed over the group's heads.
-  3. `_dc_bwd_kernel` (rows t): dC_t summed over the group's heads, and the gradient of the log decays.
-  4. `_dt_bwd_kernel`: assembles d(Δ_i A) and from it dΔ (through the softplus), dA and d dt_bias.
+  2. `_dx_bwd_kernel` (rows s of a chunk, one head): dx_s = Δ_s·inner_s + D dy_s with
+     inner_s = Σ_{t≥s} (C_t·B_s) exp(cum_t - cum_s) dy_t + exp(cum_{L-1} - cum_s) G_c B_s, and the direct part of
+     dΔ_s (x_s·inner_s).
+  3. `_db_bwd_kernel` (rows s) and `_dc_bwd_kernel` (rows t): dB and dC, summed in registers over the heads of a
+     group (a split of them per program; the splits are added after).
+  4. `_dlog_bwd_kernel` (rows t, one head) and `_dt_bwd_kernel`: the gradient of the log decays Δ_i A, and from it
+     dΔ (through the softplus), dA and d dt_bias.
+One accumulator per kernel: fused into two kernels, the same work spilled registers on sm_90.
 
 The log-decay gradient is summed the stable way: cum_t - cum_s = Σ_{s<i≤t} Δ_i A, so d(Δ_i A) collects, for every
 pair s < i ≤ t, Q[t, s] = dy_t·(the (t, s) term of y), as a running prefix sum over s of each row of Q (kernel 3),
@@ -75,37 +78,34 @@ CHUNK_SIZE = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Autotune spaces, kept small: every config of every kernel is compiled once per process on the first call of a key.
+# Each holds configs that compile for sm_90 at P = 64, N = 128 without register spills, or with few (checked ahead of
+# time with triton.compile for GPUTarget("cuda", 90, 32) and cuobjdump -res-usage; no GPU needed).
 # BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
 # splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
 STATE_CONFIGS = [
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_P": 32, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
 ]
 CB_CONFIGS = [{"BLOCK_T": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2}]
 OUTPUT_CONFIGS = [
-    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
 ]
 STATE_BWD_CONFIGS = [
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_P": 32, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
 ]
 ROW_BWD_CONFIGS = [
-    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
 ]
 GROUP_BWD_CONFIGS = [
-    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
     "state": {"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16, "num_warps": 4, "num_stages": 1},
