@@ -43,6 +43,10 @@ _.mamba_ssm
 # bench/gdn_check.py likewise.
 _.speed
 _.decode_step
+# bench/ssm_kernels.py likewise.
+_.ssd_numerics
+_.ssd_timing
+_.ssd_peer
 # Called by the generated kernels/__init__.py (templates/package/kernels_init.py.j2) for ONNX export.
 decomposition
 # pytest reads it.

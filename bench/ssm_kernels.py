@@ -51,7 +51,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
-BAR_SSD = "bench/ssm_kernels.py"
 
 # The shapes, and the dry run's stand-ins (small, ragged, fast in the interpreter).
 FULL = {

@@ -726,10 +726,6 @@ def _launch_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
 
 
-def _meta(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
-
-
 class Autotuner:
     """Chooses one kernel's config per key (shapes and dtype): on the first call with a key it times every candidate
     on that call's tensors (triton.testing.do_bench, median) and keeps the fastest; `pin` sets choices untimed.

@@ -330,7 +330,7 @@ def selective_state_step(
 
 def decomposition(reference, max_seqlen: int) -> dict:
     """{archgen::ssd_step: ops/ssd.py's ssd_step with the step size applied}, for ONNX; `reference` is that function.
-    (archgen::selective_state_step lowers through ops/ssm.py's function of the same name: see `selective_decomposition`.)"""
+    (archgen::selective_state_step has ops/ssm.py's `selective_state_step` signature: it lowers to that function.)"""
 
     def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
         step = dt.float() + dt_bias.float() if dt_bias is not None else dt
@@ -338,8 +338,3 @@ def decomposition(reference, max_seqlen: int) -> dict:
         return reference(state, x, step, A, B, C, D)
 
     return {getattr(torch.ops, OP_NAMESPACE).ssd_step.default: ssd_step_decomposed}
-
-
-def selective_decomposition(reference) -> dict:
-    """{archgen::selective_state_step: ops/ssm.py's selective_state_step (`reference`), same arguments}."""
-    return {getattr(torch.ops, OP_NAMESPACE).selective_state_step.default: reference}
