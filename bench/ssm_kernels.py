@@ -24,6 +24,18 @@ each, so a run cut short keeps what it measured; sections stop starting once --b
                 mamba_ssm's `selective_state_update`, eager and replayed from a CUDA graph; the Mamba-1 step (4096
                 channels, d_state 16) against `selective_state_update` too.
 
+The two numbers (METHOD.md), at the SSD shape in bf16: the forward must read x (268 MB), write y (268 MB) and store and
+reread the chunk states (2 × 134 MB), about 0.8 GB, 0.2 ms at 4.1 TB/s, and do about 0.1 TFLOP on the tensor cores
+(0.13 ms at 780 TFLOP/s): a floor near 0.25 ms against mamba_ssm's 1.30 ms. The backward moves about twice the bytes
+and three times the FLOPs: forward+backward near 0.8 ms against 5.5 ms. The conv1d forward at (8, 4096, 4096) moves
+537 MB (x read, y written): 0.13 ms at the copy rate. A Bamba-1B Mamba-2 layer's decode step at batch 1 reads about
+36 MB of weights and 2 MB of state (twice): ~10 µs at the copy rate, so launches (a dozen) dominate unless replayed
+from a CUDA graph.
+
+The kernels' register use for sm_90 can be checked without a GPU: triton.compile(ASTSource(kernel, signature,
+constexprs), target=GPUTarget("cuda", 90, 32)), then cuobjdump -res-usage on the cubin; the autotune spaces hold
+configs that compiled without spills (or with few) that way.
+
 Run from the repository root on the GPU machine (mamba_ssm's sdist in .whl/, as the lead carries it):
     python bench/ssm_kernels.py --out "$OUT"
     python bench/ssm_kernels.py --out "$OUT" --only ssd_numerics,ssd_timing --budget-s 300
