@@ -29,8 +29,8 @@ reread the chunk states (2 × 134 MB), about 0.8 GB, 0.2 ms at 4.1 TB/s, and do 
 (0.13 ms at 780 TFLOP/s): a floor near 0.25 ms against mamba_ssm's 1.30 ms. The backward moves about twice the bytes
 and three times the FLOPs: forward+backward near 0.8 ms against 5.5 ms. The conv1d forward at (8, 4096, 4096) moves
 537 MB (x read, y written): 0.13 ms at the copy rate. A Bamba-1B Mamba-2 layer's decode step at batch 1 reads about
-52 MB of weights (in_proj 35 MB, out_proj 17 MB) and 2 MB of state (twice): ~14 µs at the copy rate, so launches (a dozen) dominate unless replayed
-from a CUDA graph.
+52 MB of weights (in_proj 35 MB, out_proj 17 MB) and 2 MB of state (twice): ~14 µs at the copy rate, so launches (a
+dozen) dominate unless replayed from a CUDA graph.
 
 The kernels' register use for sm_90 can be checked without a GPU: triton.compile(ASTSource(kernel, signature,
 constexprs), target=GPUTarget("cuda", 90, 32)), then cuobjdump -res-usage on the cubin; the autotune spaces hold
