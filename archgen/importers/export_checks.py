@@ -21,7 +21,8 @@ def common_reasons(resolved: Any) -> list[str]:
 
 
 def single_kind(resolved: Any, family: str, kinds: str | tuple[str, ...]) -> tuple[Any, list[str]]:
-    """The one component of `family` ('mixers' or 'ffns') every layer uses, if it is of one of `kinds`."""
+    """The one component of `family` ('mixers' or 'ffns') every layer uses, if it is of one of `kinds`: its resolved
+    Component (kind and typed config)."""
     kinds = (kinds,) if isinstance(kinds, str) else kinds
     components = getattr(resolved, family)
     per_layer = [

@@ -91,18 +91,18 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
     from archgen.importers.export_checks import attention_config, common_reasons
 
     reasons = common_reasons(resolved)
-    kinds = {name: cfg.kind for name, cfg in resolved.mixers.items()}
-    ssm = next((cfg for cfg in resolved.mixers.values() if cfg.kind == "mamba2"), None)
-    attn = next((cfg for cfg in resolved.mixers.values() if cfg.kind == "attention"), None)
+    kinds = {name: component.kind for name, component in resolved.mixers.items()}
+    ssm = next((c.config for c in resolved.mixers.values() if c.kind == "mamba2"), None)
+    attn = next((c.config for c in resolved.mixers.values() if c.kind == "attention"), None)
     if ssm is None or sorted(kinds.values()) not in (["mamba2"], ["attention", "mamba2"]):
         reasons.append(f"bamba is one mamba2 mixer plus at most one attention mixer; this spec has {kinds}")
-    ffns = set(resolved.ffns.values())
+    ffns = list(resolved.ffns.values())
     if len(ffns) != 1 or any(layer.ffn is None or len(layer.mixers) != 1 for layer in resolved.layers):
         reasons.append("bamba has one mixer and the same MLP in every layer")
     if reasons:
         return reasons
-    mlp = next(iter(ffns))
-    if mlp.kind != "mlp" or mlp.activation != "swiglu":
+    mlp = ffns[0].config
+    if ffns[0].kind != "mlp" or mlp.activation != "swiglu":
         reasons.append("bamba's feed-forward is a SwiGLU MLP")
     if ssm.n_groups != 1:
         reasons.append("mamba2 with n_groups > 1 normalises per group in transformers; archgen's does not")

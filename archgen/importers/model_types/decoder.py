@@ -133,12 +133,13 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
     reasons += why
     if reasons:
         return reasons
+    attn, ffn_kind, ffn = attn.config, ffn.kind, ffn.config
     fields, reasons = attention_config(resolved, attn)
     if attn.qk_norm:
         reasons.append("qk-norm attention exports as qwen3, which export-spec does not write")
     if attn.qkv_bias != attn.out_bias:
         reasons.append("llama/mistral/mixtral bias q, k, v and o together (attention_bias); this spec biases only some")
-    if ffn.kind == "mlp":
+    if ffn_kind == "mlp":
         if ffn.activation != "swiglu":
             reasons.append(f"the feed-forward is {ffn.activation}; llama/mistral use SwiGLU")
         model_type = "mistral" if attn.window else "llama"

@@ -121,6 +121,7 @@ def _export(kind: str):
             reasons.append(f"a pure {kind} model has no feed-forward layers")
         if reasons:
             return reasons
+        ssm = ssm.config
         model = resolved.model
         fields = {
             "hidden_size": model.d_model,
