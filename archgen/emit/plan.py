@@ -107,9 +107,7 @@ class EmitPlan:
     d_model: int
     vocab_size: int
     tie_embeddings: bool
-    norm_kind: str
-    norm_eps: float
-    norm_bias: bool
+    norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)"
     max_seq_len: int
     init_std: float
     n_layers: int
@@ -120,6 +118,7 @@ class EmitPlan:
     layer_blocks: list[str]  # block class name of each layer, in order
     runtime_files: list[str]
     import_lines: list[str]  # `from .ops.<file> import <names>`, one per runtime file, from the ops' import tables
+    preludes: list[str]  # components/<template>_prelude.py.j2 of the component templates used: written once each
     kernel_files: list[str]
     report: CostReport
     layout_text: str
@@ -225,16 +224,22 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         name=resolved.name, description=resolved.description.strip(), version=__version__, source=spec_path,
         preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}", spec_hash=resolved.spec_hash,
         d_model=d, vocab_size=dims.vocab_size, tie_embeddings=ir.op("lm_head").config.tied,
-        norm_kind=norm_op.kind, norm_eps=norm_op.config.eps, norm_bias=norm_op.config.bias,
+        norm_module=kind_of(norm_op.kind).template_dims(norm_op.config, dims)["module"],
         max_seq_len=dims.max_seq_len, init_std=resolved.model.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         runtime_files=sorted(imports), import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}"
                                                      for file, names in sorted(imports.items())],
-        report=report, layout_text=_layout_text(layers),
+        preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
     )
+
+
+def _preludes(components) -> list[str]:
+    """Definitions a component template shares between its classes (a cache dataclass), written once per model."""
+    paths = [f"components/{t}_prelude.py.j2" for t in sorted({c.template for c in components})]
+    return [path for path in paths if (TEMPLATES / path).exists()]
 
 
 def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:

@@ -7,7 +7,6 @@ compiled before it is returned, so a template bug fails the build instead of pro
 
 from __future__ import annotations
 
-import math
 import pprint
 
 import jinja2
@@ -40,16 +39,9 @@ def environment(plan: EmitPlan) -> jinja2.Environment:
     env.filters["doc"] = docstring_text
     env.filters["branch_output"] = lambda name: f"{name}_out"
     env.filters["format_branch"] = lambda name: f"self.{name}_scale * self.{name}_norm({name}_out)"
-    kinds = {c.kind for c in plan.components}
-
-    def norm_call(size: int) -> str:
-        if plan.norm_kind == "rmsnorm":
-            return f"RMSNorm({size}, eps={plan.norm_eps!r})"
-        return f"nn.LayerNorm({size}, eps={plan.norm_eps!r}, bias={plan.norm_bias!r})"
-
     env.globals.update(
-        plan=plan, has_kind=lambda kind: kind in kinds, norm_call=norm_call, log=lambda x: repr(math.log(x)),
-        activation_call=lambda name, arg: ACTIVATIONS[name].format(arg), human_count=human_count, human_bytes=human_bytes,
+        plan=plan, activation_call=lambda name, arg: ACTIVATIONS[name].format(arg), human_count=human_count,
+        human_bytes=human_bytes,
     )
     return env
 

@@ -25,12 +25,18 @@ class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
         d = dims.d_model
         return {"weight": (d,), "bias": (d,)} if config.bias else {"weight": (d,)}
 
+    def template_dims(self, config: NormConfig, dims: Dims) -> dict:
+        return {"module": f"RMSNorm({dims.d_model}, eps={config.eps!r})"}  # the generated model defines RMSNorm
+
 
 class LayerNorm(RMSNorm):
     name = "layernorm"
 
     def resolve(self, spec, model) -> NormConfig:
         return NormConfig(spec.eps, spec.bias)
+
+    def template_dims(self, config: NormConfig, dims: Dims) -> dict:
+        return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})"}
 
 
 KINDS = (RMSNorm(), LayerNorm())

@@ -14,6 +14,7 @@ layers) and the vocabulary (32,000) are archgen's choices, since the seed does n
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +24,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
-from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
 from .ops.routing import select_tokens, selection_losses, sparse_query_attention
 from .ops.ssm import causal_conv1d
+
+INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
+OUTPUT_STD = INIT_STD / math.sqrt(2 * 24)  # output projections: the residual stream does not grow with depth
 
 
 class RMSNorm(nn.Module):
@@ -65,6 +69,11 @@ class Context(nn.Module):
         self.v_proj = nn.Linear(2048, 2048, bias=False)
         self.o_proj = nn.Linear(2048, 2048, bias=False)
         self.register_buffer("inv_freq", torch.empty(64), persistent=False)
+        self.reset_rope()
+
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.normal_(self.o_proj.weight, 0.0, OUTPUT_STD)
         self.reset_rope()
 
     def reset_rope(self):
@@ -119,6 +128,10 @@ class Swiglu(nn.Module):
         self.gate_proj = nn.Linear(2048, 5632, bias=False)
         self.up_proj = nn.Linear(2048, 5632, bias=False)
         self.down_proj = nn.Linear(5632, 2048, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -225,31 +238,22 @@ class Model(nn.Module):
     def init_weights(self):
         """Initialise every parameter (call after `to_empty` when the model was built on the meta device).
 
-        embed.weight, input projections  normal(0, 0.02)
-        output projections (o_proj, out_proj, down_proj, w_out)  normal(0, 0.02 / sqrt(2 · 24 layers)), so the residual stream does not grow with depth
-        biases  0;  norm weights and branch scales  1
-        conv1d.weight  uniform(±1/sqrt(width))
+        Linear and embedding weights  normal(0, INIT_STD);  conv1d weights  uniform(±1/sqrt(width));  biases  0;
+        norm weights  1.
+        Then every module's own init_weights sets what differs (output projections, SSM parameters, RoPE tables, ...).
         """
-        std, out_std = 0.02, 0.02 / (2 * 24) ** 0.5
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
+                nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
                 nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "w_out")):
-                nn.init.normal_(param, 0.0, out_std)
-            elif name.endswith("w_in"):
-                nn.init.normal_(param, 0.0, std)
-            elif name.endswith("_scale"):
-                nn.init.ones_(param)
         for module in self.modules():
-            if isinstance(module, Context):
-                module.reset_rope()
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
 
     def forward(self, input_ids, targets=None, cache: Cache | None = None) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""

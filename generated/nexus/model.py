@@ -14,6 +14,7 @@ layer, a neuro-symbolic module, and a JEPA world-model head trained with VICReg.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def use_kernel(kernel, x: torch.Tensor) -> bool:
     while torch.export traces, so that an exported program holds the kernel's custom op as one node (ONNX export
     lowers it back to the reference op: kernels.decompositions())."""
     return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
+
+INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
+OUTPUT_STD = INIT_STD / math.sqrt(2 * 48)  # output projections: the residual stream does not grow with depth
 
 
 class RMSNorm(nn.Module):
@@ -70,6 +74,11 @@ class Attn(nn.Module):
         self.register_buffer("inv_freq", torch.empty(32), persistent=False)
         self.reset_rope()
 
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.normal_(self.o_proj.weight, 0.0, OUTPUT_STD)
+        self.reset_rope()
+
     def reset_rope(self):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
@@ -99,6 +108,8 @@ class Ssm(nn.Module):
     one O(1) state update per token when decoding.
     """
 
+    DT_MIN, DT_MAX = 0.001, 0.1  # initial step sizes Δ are log-uniform in [DT_MIN, DT_MAX]
+
     def __init__(self):
         super().__init__()
         self.in_proj = nn.Linear(512, 2048, bias=False)
@@ -108,6 +119,17 @@ class Ssm(nn.Module):
         self.A_log = nn.Parameter(torch.empty(1024, 16))
         self.D = nn.Parameter(torch.empty(1024))
         self.out_proj = nn.Linear(1024, 512, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """A = −(1 … 16) per channel (S4D-real), D = 1, Δ bias = softplus⁻¹(Δ) for Δ log-uniform in
+        [DT_MIN, DT_MAX], dt_proj uniform(±1/sqrt(rank)), out_proj normal(0, OUTPUT_STD)."""
+        self.A_log.copy_(torch.log(torch.arange(16, dtype=torch.float32) + 1).expand(1024, -1))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(1024) * (math.log(self.DT_MAX) - math.log(self.DT_MIN)) + math.log(self.DT_MIN))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
+        nn.init.uniform_(self.dt_proj.weight, -32 ** -0.5, 32 ** -0.5)
+        nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x, positions=None, cache: MambaCache | None = None):
         B, T, C = x.size()
@@ -144,6 +166,10 @@ class Mlp(nn.Module):
         self.gate_proj = nn.Linear(512, 1408, bias=False)
         self.up_proj = nn.Linear(512, 1408, bias=False)
         self.down_proj = nn.Linear(1408, 512, bias=False)
+
+    @torch.no_grad()
+    def init_weights(self):
+        nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -419,40 +445,22 @@ class Model(nn.Module):
     def init_weights(self):
         """Initialise every parameter (call after `to_empty` when the model was built on the meta device).
 
-        embed.weight, input projections  normal(0, 0.02)
-        output projections (o_proj, out_proj, down_proj, w_out)  normal(0, 0.02 / sqrt(2 · 48 layers)), so the residual stream does not grow with depth
-        biases  0;  norm weights and branch scales  1
-        A_log  log of 1..d_state per channel (S4D-real) for Mamba-1, log of uniform(1, 16) per head for Mamba-2;  D  1
-        Δ bias  softplus⁻¹ of a step size drawn log-uniformly from [dt_min, dt_max]
-        conv1d.weight  uniform(±1/sqrt(width))
+        Linear and embedding weights  normal(0, INIT_STD);  conv1d weights  uniform(±1/sqrt(width));  biases  0;
+        norm weights  1.
+        Then every module's own init_weights sets what differs (output projections, SSM parameters, RoPE tables, ...).
         """
-        std, out_std = 0.02, 0.02 / (2 * 48) ** 0.5
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, 0.0, std)
+                nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
                 nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        for name, param in self.named_parameters():
-            if name.endswith(("o_proj.weight", "out_proj.weight", "down_proj.weight", "w_out")):
-                nn.init.normal_(param, 0.0, out_std)
-            elif name.endswith("w_in"):
-                nn.init.normal_(param, 0.0, std)
-            elif name.endswith("_scale"):
-                nn.init.ones_(param)
         for module in self.modules():
-            if isinstance(module, Attn):
-                module.reset_rope()
-        for module in self.modules():
-            if isinstance(module, Ssm):
-                module.A_log.copy_(torch.log(torch.arange(1, 17, dtype=torch.float32)).expand(1024, -1))
-                module.D.fill_(1.0)
-                dt = torch.exp(torch.rand(1024) * (-2.3025850929940455 - -6.907755278982137) + -6.907755278982137)
-                module.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
-                nn.init.uniform_(module.dt_proj.weight, -32 ** -0.5, 32 ** -0.5)
+            if module is not self and hasattr(module, "init_weights"):
+                module.init_weights()
 
     def forward(self, input_ids, targets=None, cache: Cache | None = None, update_memory: bool = False) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""
