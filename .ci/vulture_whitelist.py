@@ -10,6 +10,7 @@ _.n_branches
 _.import_lines
 _.layout_text
 _.preludes
+_.norm_module
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight
