@@ -30,9 +30,9 @@ def model_dims(
     return dims
 
 
-def rope(cfg: HFConfig, head_dim: int) -> dict[str, Any]:
+def rope(cfg: HFConfig, head_dim: int, default_partial: float = 1.0) -> dict[str, Any]:
     """RoPE settings from either spelling: transformers 5's `rope_parameters`, or `rope_theta` + `rope_scaling` +
-    `partial_rotary_factor`."""
+    `partial_rotary_factor` (`default_partial` where the model type fixes it without a field, as Bamba's 0.5)."""
     if cfg.has("rope_parameters"):
         params = dict(cfg.take("rope_parameters"))
         field = "rope_parameters"
@@ -46,7 +46,7 @@ def rope(cfg: HFConfig, head_dim: int) -> dict[str, Any]:
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     out: dict[str, Any] = {"theta": float(params.pop("rope_theta", 10000.0))}
-    factor = params.pop("partial_rotary_factor", 1.0)
+    factor = params.pop("partial_rotary_factor", default_partial)
     if factor != 1.0:
         rotary = head_dim * factor
         if rotary != int(rotary) or int(rotary) % 2:
@@ -78,6 +78,7 @@ def rope(cfg: HFConfig, head_dim: int) -> dict[str, Any]:
 def attention(
     cfg: HFConfig,
     *,
+    default_partial: float = 1.0,
     qkv_bias: bool,
     out_bias: bool,
     qk_norm: bool = False,
@@ -92,7 +93,7 @@ def attention(
     mixer: dict[str, Any] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": cfg.take(kv_key, n_heads)}
     if head_dim and (not d_model or head_dim * n_heads != d_model):  # written only where it is not d_model / n_heads
         mixer["head_dim"] = head_dim
-    mixer["rope"] = rope(cfg, head_dim or 1)
+    mixer["rope"] = rope(cfg, head_dim or 1, default_partial)
     if window is not None:
         mixer["window"] = window
     if qk_norm:

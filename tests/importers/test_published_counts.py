@@ -38,3 +38,10 @@ def test_inspect_count_equals_transformers_num_parameters(path, tmp_path):
     assert archgen_count == hf.num_parameters()
     if path.stem in KNOWN:
         assert archgen_count == KNOWN[path.stem]
+
+
+def test_bamba_rotates_half_of_each_head_without_a_field_saying_so():
+    """BambaConfig fixes partial_rotary_factor at 0.5; the published config does not carry it."""
+    path = Path(__file__).parent / "published" / "bamba_9b.json"
+    document = spec_document(HFConfig(json.loads(path.read_text()), str(path)), "bamba_9b", str(path))
+    assert document["mixers"]["attn"]["rope"] == {"theta": 10000.0, "rotary_dim": 64}

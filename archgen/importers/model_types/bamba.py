@@ -77,7 +77,7 @@ def to_spec(cfg: HFConfig) -> Imported:
     expect_silu(cfg)
     cfg.expect("z_loss_coefficient", (0, 0.0), 0.0, "archgen's language-model loss has no logit z-loss")
     bias = bool(cfg.take("attention_bias", False))
-    attn = attention(cfg, qkv_bias=bias, out_bias=bias)
+    attn = attention(cfg, qkv_bias=bias, out_bias=bias, default_partial=0.5)  # BambaConfig fixes 0.5 without a field
     ssm = mamba2_mixer(cfg, BAMBA_KEYS)
     kinds = layer_kinds(cfg, n_layers)
     mlp = {"kind": "mlp", "activation": "swiglu", "hidden": cfg.need("intermediate_size")}
