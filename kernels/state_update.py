@@ -132,6 +132,93 @@ def _selective_step_kernel(
     tl.store(y_ptr + b64 * y_stride_b + d * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=d_in)
 
 
+@triton.jit
+def _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, state_ptr, state_stride_b, state_stride_c, state_stride_k,
+                    weight_ptr, weight_stride_c, weight_stride_k, bias_ptr, new_state_ptr, b64, channels, valid,
+                    store_mask, conv_channels, HAS_CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    """silu(bias + Σ_k w[c, k] x̃[c, k]) of one token at `channels` (x̃ = the K-1 stored inputs, then the new one), in
+    float32; where store_mask, writes those channels' new conv state (B, channels, K-1) contiguous: shifted by one."""
+    new_base = new_state_ptr + (b64 * conv_channels + channels) * (WIDTH - 1)
+    x_new = tl.load(xbc_ptr + b64 * xbc_stride_b + channels * xbc_stride_c, mask=valid, other=0.0)
+    acc = tl.load(weight_ptr + channels * weight_stride_c + (WIDTH - 1) * weight_stride_k, mask=valid,
+                  other=0.0).to(tl.float32) * x_new.to(tl.float32)
+    for k in tl.static_range(WIDTH - 1):
+        old = tl.load(state_ptr + b64 * state_stride_b + channels * state_stride_c + k * state_stride_k, mask=valid,
+                      other=0.0)
+        acc += tl.load(weight_ptr + channels * weight_stride_c + k * weight_stride_k, mask=valid,
+                       other=0.0).to(tl.float32) * old.to(tl.float32)
+        if k > 0:
+            tl.store(new_base + (k - 1), old.to(new_state_ptr.dtype.element_ty), mask=store_mask)
+    if WIDTH > 1:
+        tl.store(new_base + (WIDTH - 2), x_new.to(new_state_ptr.dtype.element_ty), mask=store_mask)
+    if HAS_CONV_BIAS:
+        acc += tl.load(bias_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _mamba2_decode_kernel(
+    xbc_ptr, xbc_stride_b, xbc_stride_c,
+    conv_state_ptr, conv_state_stride_b, conv_state_stride_c, conv_state_stride_k,
+    conv_weight_ptr, conv_weight_stride_c, conv_weight_stride_k, conv_bias_ptr,
+    state_ptr, state_stride_b, state_stride_h, state_stride_p, state_stride_n,
+    dt_ptr, dt_stride_b, dt_stride_h,
+    A_ptr, D_ptr, bias_ptr,
+    y_ptr, y_stride_b, y_stride_h, y_stride_p,
+    new_conv_state_ptr,  # (B, conv channels, K-1) contiguous, in the conv state's dtype
+    new_state_ptr,  # (B, H, P, N) contiguous, float32
+    nheads, heads_per_group, ngroups, headdim, dstate,
+    HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    b64 = b.to(tl.int64)
+    d_inner = nheads * headdim
+    conv_channels = d_inner + 2 * ngroups * dstate
+    # B and C of a group are convolved by every head of the group; the group's first head, first block of rows,
+    # writes their new conv state.
+    writes_group = (n * 0 + h % heads_per_group + tl.program_id(2)) == 0  # a (BLOCK_N,) mask
+    x = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64, h * headdim + p, p_in, p_in,
+                        conv_channels, HAS_CONV_BIAS, WIDTH)
+    B = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64, d_inner + g * dstate + n, n_in,
+                        n_in & writes_group, conv_channels, HAS_CONV_BIAS, WIDTH)
+    C = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64,
+                        d_inner + (ngroups + g) * dstate + n, n_in, n_in & writes_group, conv_channels,
+                        HAS_CONV_BIAS, WIDTH)
+    # B and C are rounded to the input dtype as the unfused path stores them between its two ops.
+    B = B.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+    C = C.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+    x = x.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+
+    dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    pn_in = p_in[:, None] & n_in[None, :]
+    state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
+                    + n[None, :] * state_stride_n, mask=pn_in, other=0.0).to(tl.float32)
+    state = decay * state + (dt * x)[:, None] * B[None, :]
+    y = tl.sum(state * C[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
+    tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
+
+
 def interpreting() -> bool:
     return isinstance(_ssd_step_kernel, InterpretedFunction)
 
@@ -210,6 +297,72 @@ def ssd_step_reference(
     return y.to(x.dtype), new_state
 
 
+def _mamba2_decode_impl(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                        state: Tensor, dt: Tensor, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+                        dt_softplus: bool, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen::mamba2_decode_step -> (y (B, H, P) in xbc.dtype, new_conv_state like conv_state, new_state
+    (B, H, P, N) float32)."""
+    if not (xbc.is_cuda or triton_on_cpu()):
+        return mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias=dt_bias,
+                                            dt_softplus=dt_softplus, ngroups=ngroups)
+    batch, nheads, headdim, dstate = state.shape
+    width = conv_weight.shape[1]
+    conv_channels = nheads * headdim + 2 * ngroups * dstate
+    if xbc.shape != (batch, conv_channels) or conv_state.shape != (batch, conv_channels, width - 1):
+        raise ValueError(f"mamba2_decode_step: xbc must be (B, H·P + 2·G·N) = {(batch, conv_channels)} and conv_state "
+                         f"(B, channels, K-1), got {tuple(xbc.shape)} and {tuple(conv_state.shape)}")
+    y = torch.empty((batch, nheads, headdim), dtype=xbc.dtype, device=xbc.device)
+    new_conv_state = torch.empty((batch, conv_channels, width - 1), dtype=conv_state.dtype, device=xbc.device)
+    new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=xbc.device)
+    block_p = SSD_STEP_CONFIG["BLOCK_P"]
+    with _on_device(xbc):
+        _mamba2_decode_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
+            *_strided(xbc, 2), *_strided(conv_state, 3), *_strided(conv_weight, 2), conv_bias, *_strided(state, 4),
+            *_strided(dt, 2), A, D, dt_bias, *_strided(y, 3), new_conv_state, new_state,
+            nheads, nheads // ngroups, ngroups, headdim, dstate,
+            HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=bool(dt_softplus), WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            num_warps=SSD_STEP_CONFIG["num_warps"],
+        )
+    return y, new_conv_state, new_state
+
+
+def _mamba2_decode_fake(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus, ngroups):
+    batch, nheads, headdim, _ = state.shape
+    return (xbc.new_empty((batch, nheads, headdim)), torch.empty_like(conv_state),
+            state.new_empty(state.shape, dtype=torch.float32))
+
+
+def mamba2_decode_step_reference(
+    xbc: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    state: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Mamba-2 block's decoding step after its input projection, unfused: the conv update of the x, B, C channels
+    (ops/ssm.py's causal_conv1d at T = 1), SiLU, then `ssd_step_reference`. Returns (y, new_conv_state, new_state)."""
+    batch, nheads, headdim, dstate = state.shape
+    width = conv_weight.shape[1]
+    acc = torch.float64 if xbc.dtype == torch.float64 else torch.float32
+    extended = torch.cat([conv_state, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, channels, K)
+    conv = (extended.to(acc) * conv_weight.to(acc)).sum(-1)
+    if conv_bias is not None:
+        conv = conv + conv_bias.to(acc)
+    xbc_act = F.silu(conv).to(xbc.dtype)
+    x, B, C = xbc_act.split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
+    y, new_state = ssd_step_reference(state, x.reshape(batch, nheads, headdim), dt, A, B.reshape(batch, ngroups, dstate),
+                                      C.reshape(batch, ngroups, dstate), D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return y, extended[:, :, 1:].contiguous() if width > 1 else extended[:, :, :0], new_state
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Mamba-1
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,19 +433,23 @@ OP_NAMESPACE = "archgen"
 
 
 def _define_ops():
-    """Register archgen::ssd_step and archgen::selective_state_step (with fakes) once per process."""
+    """Register archgen::ssd_step, archgen::selective_state_step and archgen::mamba2_decode_step (with fakes) once
+    per process."""
     namespace = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(namespace, "ssd_step") and hasattr(namespace, "selective_state_step"):
-        return namespace.ssd_step, namespace.selective_state_step
-    ssd = torch.library.custom_op(f"{OP_NAMESPACE}::ssd_step", _ssd_step_impl, mutates_args=())
-    ssd.register_fake(_ssd_step_fake)
-    selective = torch.library.custom_op(f"{OP_NAMESPACE}::selective_state_step", _selective_step_impl,
-                                        mutates_args=())
-    selective.register_fake(_selective_step_fake)
-    return ssd, selective
+    names = ("ssd_step", "selective_state_step", "mamba2_decode_step")
+    if all(hasattr(namespace, name) for name in names):
+        return tuple(getattr(namespace, name) for name in names)
+    ops = []
+    for name, impl, fake in ((names[0], _ssd_step_impl, _ssd_step_fake),
+                             (names[1], _selective_step_impl, _selective_step_fake),
+                             (names[2], _mamba2_decode_impl, _mamba2_decode_fake)):
+        op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+        ops.append(op)
+    return tuple(ops)
 
 
-ssd_step_op, selective_state_step_op = _define_ops()
+ssd_step_op, selective_state_step_op, mamba2_decode_step_op = _define_ops()
 
 
 def ssd_step(
@@ -326,6 +483,28 @@ def selective_state_step(
 ) -> tuple[Tensor, Tensor]:
     """One Mamba-1 decoding step, as ops/ssm.py's `selective_state_step`: (y (B, D), new_state (B, D, N) float32)."""
     return selective_state_step_op(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def mamba2_decode_step(
+    xbc: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    state: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-2 block's decoding step after its input projection, in one launch: the conv update of the x, B and C
+    channels, SiLU, and the SSM step. xbc (B, H·P + 2·G·N) this token's conv input (x, B, C concatenated, as the
+    block's in_proj splits it); conv_state (B, channels, K-1); conv_weight (channels, K); state (B, H, P, N);
+    dt (B, H). Returns (y (B, H, P), new_conv_state, new_state float32); the inputs are left untouched."""
+    return mamba2_decode_step_op(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus,
+                                 ngroups)
 
 
 def decomposition(reference, max_seqlen: int) -> dict:

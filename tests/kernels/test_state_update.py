@@ -113,3 +113,35 @@ def test_ops_have_fake_implementations():
             -torch.rand(2, generator=g), torch.randn(1, 1, 3, generator=g), torch.randn(1, 1, 3, generator=g), None,
             None, False)
     torch.library.opcheck(su.ssd_step_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(("dtype", "ngroups"), [(torch.float32, 2), (torch.bfloat16, 1)])
+def test_fused_mamba2_decode_step_matches_the_unfused_reference(dtype, ngroups):
+    """Conv update + SiLU + SSM step in one launch, against ops/ssm.py's causal_conv1d and ops/ssd.py's ssd_step."""
+    batch, nheads, headdim, dstate, width = 2, 4, 20, 5, 4
+    channels = nheads * headdim + 2 * ngroups * dstate
+    g = torch.Generator().manual_seed(ngroups)
+    xbc = torch.randn(batch, channels, generator=g).to(dtype)
+    conv_state = torch.randn(batch, channels, width - 1, generator=g).to(dtype)
+    conv_weight, conv_bias = torch.randn(channels, width, generator=g) * 0.5, torch.randn(channels, generator=g)
+    state = torch.randn(batch, nheads, headdim, dstate, generator=g)
+    dt = torch.randn(batch, nheads, generator=g) * 0.5 - 1.0
+    A, D = -torch.rand(nheads, generator=g) * 4 - 0.5, torch.randn(nheads, generator=g)
+    bias = torch.randn(nheads, generator=g) * 0.3
+    y, new_conv, new_state = su.mamba2_decode_step(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D,
+                                                   dt_bias=bias, dt_softplus=True, ngroups=ngroups)
+    y_ref, conv_ref, state_ref = su.mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A,
+                                                                 D, dt_bias=bias, dt_softplus=True, ngroups=ngroups)
+    assert torch.equal(new_conv, conv_ref)
+    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
+    # The reference is the runtime's two steps.
+    conv_y, conv_rt = runtime_ssm.causal_conv1d(xbc.unsqueeze(1).double(), conv_weight.double(), conv_bias.double(),
+                                                conv_state.double())
+    x, B, C = torch.nn.functional.silu(conv_y[:, 0]).split([nheads * headdim, ngroups * dstate, ngroups * dstate], -1)
+    step = torch.nn.functional.softplus(dt.double() + bias.double())
+    y_rt, state_rt = runtime_ssd.ssd_step(state.double(), x.reshape(batch, nheads, headdim), step, A.double(),
+                                          B.reshape(batch, ngroups, dstate), C.reshape(batch, ngroups, dstate),
+                                          D.double())
+    assert torch.equal(conv_rt.to(dtype), conv_ref)
+    if dtype == torch.float32:
+        assert rel_error(y_ref, y_rt) < 1e-5 and rel_error(state_ref, state_rt) < 1e-5
