@@ -196,12 +196,14 @@ def _conv_bwd_kernel(
             j = tl.arange(0, BLOCK_K)
             dstate = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
             for k in tl.static_range(WIDTH):
-                dpre = _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b,
-                                state_stride_d, state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias,
-                                dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, b, j - k, d, d_in, seqlen, HAS_STATE,
-                                SILU, WIDTH)
-                w = tl.load(weight_ptr + d * weight_stride_d + k * weight_stride_k, mask=d_in, other=0.0)
-                dstate += w.to(tl.float32)[None, :] * dpre
+                # Names of their own: inside a runtime branch the compiler will not let `dpre` and `w` change
+                # type (BLOCK_K rows here, BLOCK_T above; bf16 here, float32 above).
+                dpre_state = _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b,
+                                      state_stride_d, state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias,
+                                      dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, b, j - k, d, d_in, seqlen, HAS_STATE,
+                                      SILU, WIDTH)
+                w_state = tl.load(weight_ptr + d * weight_stride_d + k * weight_stride_k, mask=d_in, other=0.0)
+                dstate += w_state.to(tl.float32)[None, :] * dpre_state
             tl.store(dstate_ptr + (b.to(tl.int64) * dim + d[None, :]) * (WIDTH - 1) + j[:, None], dstate,
                      mask=(j < WIDTH - 1)[:, None] & d_in[None, :])
 
