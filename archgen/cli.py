@@ -484,12 +484,23 @@ def spec_schema() -> dict:
 @click.option("--quiet", is_flag=True, expose_value=False, is_eager=True,
               callback=lambda ctx, param, value: setattr(Output, "quiet", value),
               help="Print errors only (the schema itself is still printed when neither -o nor --install is given).")
-def schema(output: Path | None, install: bool) -> None:
+@click.option("--recipe", "for_recipe", is_flag=True, help="The schema of training recipes (`archgen train`) instead of specs.")
+def schema(output: Path | None, install: bool, for_recipe: bool) -> None:
     """Print the JSON Schema of the spec language (for editor completion and validation).
 
     Editors that read `# yaml-language-server: $schema=PATH` modelines (VS Code's YAML extension, Neovim's yamlls,
     JetBrains IDEs) validate a spec that starts with one; every spec in specs/ does.
     """
+    if for_recipe:
+        from archgen.train.recipe import Recipe
+
+        recipe_schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **Recipe.model_json_schema()}
+        text = json.dumps(recipe_schema, indent=2) + "\n"
+        if output is not None:
+            write_text_atomically(output, text)
+        else:
+            click.echo(text, nl=False)
+        return
     text = json.dumps(spec_schema(), indent=2) + "\n"
     if install:
         output = output or Path(".archgen/spec.schema.json")
@@ -540,6 +551,99 @@ def write_text_atomically(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+@main.command("train")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run's output directory.")
+@click.option("--resume-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Continue from this checkpoint directory.")
+@click.option("--stop-after", type=int, default=None, help="Save and stop after this many steps (the schedule still spans the recipe's steps).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: this process's GPU when there is one).")
+@click.option("--no-progress", is_flag=True, help="Print a line per log interval instead of a progress bar.")
+def train_command(recipe: Path, resume: bool, resume_from: Path | None, stop_after: int | None, device: str | None,
+                  no_progress: bool) -> None:
+    """Train the spec a RECIPE names on its data; checkpoints, metrics.jsonl and curves.png go to its output directory.
+
+    Under `torchrun --nproc-per-node N -m archgen train RECIPE` the model is sharded with FSDP2. Ctrl-C or SIGTERM
+    saves a checkpoint and exits with 128 + the signal number."""
+    import os
+
+    from archgen.train.loop import train
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    try:
+        result = train(recipe, resume=resume_from or resume, stop_after=stop_after, device=device, console=stderr,
+                       show_progress=not no_progress)
+    except CompileError as error:
+        if main_process:
+            fail(error)
+        sys.exit(EXIT_SPEC_ERROR)
+    if not main_process:
+        return
+    from archgen.train.metrics import perplexity
+
+    if result.eval_loss is not None:
+        stdout.print(f"held-out loss {result.eval_loss:.4f} (perplexity {perplexity(result.eval_loss):.2f}); unigram baseline "
+                     f"{result.unigram_loss:.4f} (perplexity {perplexity(result.unigram_loss):.2f})", markup=False)
+    stdout.print(f"checkpoint: {result.checkpoint}", markup=False)
+    if result.curves:
+        stdout.print(f"curves: {result.curves}", markup=False)
+    if result.interrupted is not None:
+        sys.exit(128 + result.interrupted)
+
+
+@main.command("generate")
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--max-new-tokens", default=200, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True, help="0 decodes greedily.")
+@click.option("--top-k", type=int, default=50, show_default=True)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+def generate_command(checkpoint: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int | None,
+                     top_p: float | None, seed: int, device: str) -> None:
+    """Continue --prompt with a trained CHECKPOINT (a checkpoint directory, or a run directory: its newest), printing
+    the text as it is generated."""
+    from archgen.train.generate import generate_text
+
+    try:
+        sys.stdout.write(prompt)
+        generate_text(checkpoint, prompt, max_new_tokens, temperature, top_k, top_p, seed, device,
+                      write=lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        sys.stdout.write("\n")
+    except (FileNotFoundError, ValueError) as error:
+        stderr.print(f"error: {error}", style="red", markup=False)
+        sys.exit(1)
+
+
+@main.group("tokenizer")
+def tokenizer_group() -> None:
+    """Tokenizers for training."""
+
+
+@tokenizer_group.command("train")
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path, exists=True))
+@click.option("--vocab-size", default=8192, show_default=True)
+@click.option("--field", default="text", show_default=True, help="The text column of JSONL / Parquet files.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("tokenizer.json"), show_default=True)
+def tokenizer_train(files: tuple[Path, ...], vocab_size: int, field: str, output: Path) -> None:
+    """Train a byte-level BPE tokenizer (Hugging Face `tokenizers`) on FILES; <|endoftext|> separates documents."""
+    from archgen.train.data import check_source
+    from archgen.train.tokenizer import TokenizerError, train_bpe
+
+    for file in files:
+        why = check_source(file, field)
+        if why:
+            stderr.print(f"error: {file}: {why}", style="red", markup=False)
+            sys.exit(EXIT_SPEC_ERROR)
+    try:
+        result = train_bpe(list(files), vocab_size, output, field)
+    except TokenizerError as error:
+        stderr.print(f"error: {error}", style="red", markup=False)
+        sys.exit(1)
+    stdout.print(f"wrote {result['file']}: {result['vocab_size']:,} tokens from {result['documents']:,} documents", markup=False)
 
 
 if __name__ == "__main__":

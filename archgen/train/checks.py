@@ -1,0 +1,131 @@
+"""Check a recipe against its spec, its data, its tokenizer and the processes it runs on, before any compute.
+
+Every problem is a located Diagnostic (the recipe's file:line:col, the dotted recipe path, a fix); all of them are
+raised together. What passes becomes a `TrainingPlan`: every number the loop needs, decided.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from archgen.errors import CompileError, Diagnostic
+from archgen.pipeline import Compiled, compile_spec
+from archgen.train.data import check_source
+from archgen.train.recipe import LoadedRecipe
+from archgen.train.tokenizer import TokenizerError, make_tokenizer
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    loaded: LoadedRecipe
+    compiled: Compiled
+    spec_path: Path
+    tokenizer: object
+    train_files: list[Path]
+    validation: list[Path] | float
+    world_size: int
+    accumulation: int  # micro-batches per optimizer step on each process
+    head_kinds: dict[str, str]
+    meta_tokens: int
+
+    @property
+    def recipe(self):
+        return self.loaded.recipe
+
+
+def plan_training(loaded: LoadedRecipe, world_size: int = 1) -> TrainingPlan:
+    recipe = loaded.recipe
+    problems: list[Diagnostic] = []
+
+    spec_path = loaded.resolve(recipe.spec.path)
+    compiled = None
+    if not spec_path.exists():
+        problems.append(loaded.problem(("spec", "path"), f"spec file {spec_path} does not exist",
+                                       "give the spec's path relative to this recipe, e.g. ../specs/hspmn.yaml"))
+    else:
+        try:
+            compiled = compile_spec(spec_path, recipe.spec.preset, recipe.spec.set)
+        except CompileError as error:  # the spec's own located errors, plus where the recipe names it
+            problems += error.diagnostics
+            problems.append(loaded.problem(("spec",), "the spec this recipe trains has errors (above)",
+                                           "fix the spec, or the preset / set overrides named here"))
+
+    train_files = [loaded.resolve(p) for p in recipe.data.train]
+    validation = ([loaded.resolve(p) for p in recipe.data.validation] if isinstance(recipe.data.validation, list)
+                  else recipe.data.validation.fraction)
+    named = [(("data", "train", i), p) for i, p in enumerate(train_files)]
+    if isinstance(validation, list):
+        named += [(("data", "validation", i), p) for i, p in enumerate(validation)]
+    for where, path in named:
+        why = check_source(path, recipe.data.field)
+        if why is not None:
+            fix = ("give an existing .txt, .jsonl, .parquet file or a `datasets` save_to_disk directory, relative to "
+                   "this recipe") if "exist" in why else "set data.field to the text column, or give another file"
+            problems.append(loaded.problem(where, f"{path}: {why}", fix))
+
+    tokenizer = None
+    try:
+        tokenizer = make_tokenizer(recipe.tokenizer, loaded.resolve)
+    except TokenizerError as error:
+        problems.append(loaded.problem(("tokenizer",), str(error), "fix the tokenizer file or name, or use {kind: bytes}"))
+
+    head_kinds: dict[str, str] = {}
+    meta_tokens = 0
+    if compiled is not None:
+        spec = compiled.resolved
+        vocab = spec.model.vocab_size
+        head_kinds = {name: head.kind for name, head in spec.heads.items()}
+        meta_tokens = spec.meta_tokens.count if spec.meta_tokens else 0
+        if tokenizer is not None and tokenizer.vocab_size != vocab:
+            problems.append(loaded.problem(("tokenizer",), f"the tokenizer has {tokenizer.vocab_size:,} tokens but the spec's "
+                                           f"vocabulary is {vocab:,}",
+                                           f"use a tokenizer of {vocab:,} tokens, or set the spec's model.vocab_size to "
+                                           f"{tokenizer.vocab_size} (spec.set: [model.vocab_size={tokenizer.vocab_size}])"))
+        room = spec.model.max_seq_len - meta_tokens
+        if recipe.data.seq_len > room:
+            problems.append(loaded.problem(("data", "seq_len"), f"sequences of {recipe.data.seq_len} tokens do not fit the "
+                                           f"model's max_seq_len {spec.model.max_seq_len}"
+                                           + (f" less its {meta_tokens} meta tokens" if meta_tokens else ""),
+                                           f"use seq_len ≤ {room}, or raise the spec's model.max_seq_len"))
+        for i, name in enumerate(recipe.objectives.heads):
+            if name not in head_kinds:
+                known = ", ".join(head_kinds) or "none"
+                problems.append(loaded.problem(("objectives", "heads", name), f"the spec has no head '{name}' (its heads: {known})",
+                                               "name one of the spec's heads, or remove this weight"))
+        if recipe.objectives.jepa.momentum is not None and "jepa" not in head_kinds.values():
+            problems.append(loaded.problem(("objectives", "jepa"), "a JEPA momentum schedule, but the spec has no JEPA head",
+                                           "remove objectives.jepa"))
+        if world_size > 1 and "jepa" in head_kinds.values() and recipe.distributed.fsdp:
+            problems.append(loaded.problem(("distributed", "fsdp"), "the JEPA head's EMA target is not supported with FSDP yet "
+                                           "(its copies of sharded weights would be full tensors)",
+                                           "train JEPA specs on one process, or set distributed.fsdp: false (replicated)"))
+
+    per_step = recipe.data.seq_len * recipe.batch.micro_batch * world_size
+    if recipe.batch.tokens % per_step:
+        lower = max(per_step, recipe.batch.tokens // per_step * per_step)
+        problems.append(loaded.problem(("batch", "tokens"), f"{recipe.batch.tokens:,} tokens per step is not a multiple of "
+                                       f"seq_len {recipe.data.seq_len} × micro_batch {recipe.batch.micro_batch} × "
+                                       f"{world_size} process{'es' if world_size > 1 else ''} = {per_step:,}",
+                                       f"use {lower:,} or {lower + per_step:,}, or change micro_batch"))
+    if problems:
+        raise CompileError(problems)
+    return TrainingPlan(loaded, compiled, spec_path, tokenizer, train_files, validation, world_size,
+                        recipe.batch.tokens // per_step, head_kinds, meta_tokens)
+
+
+def check_token_counts(plan: TrainingPlan, train_sequences: int, validation_sequences: int) -> None:
+    """After tokenizing (before training): both splits must hold at least one full sequence per process."""
+    loaded, problems = plan.loaded, []
+    need = plan.world_size
+    seq_len = plan.recipe.data.seq_len
+    if train_sequences < need * plan.recipe.batch.micro_batch:
+        problems.append(loaded.problem(("data", "train"), f"the training data gives {train_sequences} sequences of "
+                                       f"{seq_len + 1} tokens, fewer than one micro-batch per process",
+                                       "add data, or lower data.seq_len or batch.micro_batch"))
+    if validation_sequences < need:
+        problems.append(loaded.problem(("data", "validation"), f"the validation data gives {validation_sequences} sequences "
+                                       f"of {seq_len + 1} tokens ({need} needed: one per process)",
+                                       "hold out a larger fraction, give validation files, or lower data.seq_len"))
+    if problems:
+        raise CompileError(problems)
