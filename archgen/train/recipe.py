@@ -9,6 +9,7 @@ Paths in a recipe are relative to the recipe file. `load_recipe` is the one publ
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -168,7 +169,7 @@ class LoadedRecipe:
     def resolve(self, relative: str) -> Path:
         """A path from the recipe, relative to the recipe file."""
         path = Path(relative).expanduser()
-        return path if path.is_absolute() else self.path.parent / path
+        return Path(os.path.normpath(path if path.is_absolute() else self.path.parent / path))
 
     @property
     def output_dir(self) -> Path:
