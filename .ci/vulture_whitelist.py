@@ -59,3 +59,5 @@ _.capture
 # transformers reads these generation settings, which tests/importers/hf_models.py sets on a model's generation_config.
 _.eos_token_id
 _.pad_token_id
+# Set on a `tokenizers.Tokenizer` (archgen/train/tokenizer.py, train_bpe): the library reads it when it trains and encodes.
+_.pre_tokenizer

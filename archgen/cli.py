@@ -558,7 +558,8 @@ def write_text_atomically(path: Path, text: str) -> None:
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in the run's output directory.")
 @click.option("--resume-from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Continue from this checkpoint directory.")
-@click.option("--stop-after", type=int, default=None, help="Save and stop after this many steps (the schedule still spans the recipe's steps).")
+@click.option("--stop-after", type=int, default=None,
+              help="Save and stop after this many steps (the schedule still spans the recipe's steps).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: this process's GPU when there is one).")
 @click.option("--no-progress", is_flag=True, help="Print a line per log interval instead of a progress bar.")
 def train_command(recipe: Path, resume: bool, resume_from: Path | None, stop_after: int | None, device: str | None,

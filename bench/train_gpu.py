@@ -53,7 +53,8 @@ def recipe(work: Path, name: str, config: dict, data: Path, steps: int, micro: i
     body = {
         "schema_version": 1,
         "spec": {"path": config["spec"], "preset": config["preset"], "set": config["set"]},
-        "data": {"train": [str(data)], "validation": {"fraction": 0.05}, "seq_len": config["seq_len"], "cache_dir": str(work / "cache")},
+        "data": {"train": [str(data)], "validation": {"fraction": 0.05}, "seq_len": config["seq_len"],
+                 "cache_dir": str(work / "cache")},
         "tokenizer": {"kind": "bytes"},
         "optimizer": {"lr": 1.0e-3, "weight_decay": 0.1},
         "schedule": {"kind": "cosine", "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1},
@@ -83,8 +84,8 @@ def run(command: list[str], env: dict | None = None, timeout: float = 540) -> fl
 def train_command(recipe_path: Path, processes: int, extra: list[str] = ()) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "archgen", "train", str(recipe_path), "--no-progress", *extra]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", "-m", "archgen", "train",
-            str(recipe_path), "--no-progress", *extra]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+            "-m", "archgen", "train", str(recipe_path), "--no-progress", *extra]
 
 
 def metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:

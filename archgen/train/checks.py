@@ -88,10 +88,11 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1) -> TrainingPlan:
                                            f"model's max_seq_len {spec.model.max_seq_len}"
                                            + (f" less its {meta_tokens} meta tokens" if meta_tokens else ""),
                                            f"use seq_len ≤ {room}, or raise the spec's model.max_seq_len"))
-        for i, name in enumerate(recipe.objectives.heads):
+        for name in recipe.objectives.heads:
             if name not in head_kinds:
                 known = ", ".join(head_kinds) or "none"
-                problems.append(loaded.problem(("objectives", "heads", name), f"the spec has no head '{name}' (its heads: {known})",
+                problems.append(loaded.problem(("objectives", "heads", name),
+                                               f"the spec has no head '{name}' (its heads: {known})",
                                                "name one of the spec's heads, or remove this weight"))
         if recipe.objectives.jepa.momentum is not None and "jepa" not in head_kinds.values():
             problems.append(loaded.problem(("objectives", "jepa"), "a JEPA momentum schedule, but the spec has no JEPA head",

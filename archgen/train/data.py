@@ -157,7 +157,8 @@ def _tokenize_into(directory: Path, train_files, validation, tokenizer, field, h
         files_manifest = []
         with open(staging / "train.bin", "wb") as train_out, open(staging / "validation.bin", "wb") as validation_out:
             outputs = {"train": train_out, "validation": validation_out}
-            sources = [(p, "train") for p in train_files] + [(p, "validation") for p in (validation if isinstance(validation, list) else [])]
+            validation_files = validation if isinstance(validation, list) else []
+            sources = [(p, "train") for p in train_files] + [(p, "validation") for p in validation_files]
             index = 0  # over training documents, for the held-out fraction
             for path, split in sources:
                 file_tokens, file_documents = 0, 0

@@ -68,7 +68,8 @@ def learning_rate(schedule, base_lr: float, step: int, total: int) -> float:
         return base_lr * (step + 1) / warmup
     if schedule.kind == "cosine":
         progress = (step - warmup) / max(1, total - 1 - warmup)
-        return base_lr * (schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return base_lr * (schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * cosine)
     decay_steps = max(1, round(total * schedule.decay_fraction))  # warmup-stable-decay
     decay_start = total - decay_steps
     if step < decay_start:
@@ -107,7 +108,7 @@ class MasterWeights:
         self.names = [n for n, _ in named]
 
     def named_masters(self):
-        return [(n, m) for n, (_, m) in zip(self.names, self.pairs)]
+        return [(n, m) for n, (_, m) in zip(self.names, self.pairs, strict=True)]
 
     def grads_up(self):
         for p, m in self.pairs:
@@ -120,11 +121,11 @@ class MasterWeights:
             p.copy_(m)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: m.detach().contiguous() for n, (_, m) in zip(self.names, self.pairs)}
+        return {n: m.detach().contiguous() for n, (_, m) in zip(self.names, self.pairs, strict=True)}
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]):
-        for n, (_, m) in zip(self.names, self.pairs):
+        for n, (_, m) in zip(self.names, self.pairs, strict=True):
             m.copy_(state[n])
         self.weights_down()
 
@@ -195,7 +196,8 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     if fsdp:
         shard_model(model, torch.bfloat16 if precision != "float32" else None, recipe.distributed.reshard_after_forward)
     elif processes.distributed:
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[processes.device] if processes.device.type == "cuda" else None)
+        device_ids = [processes.device] if processes.device.type == "cuda" else None
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     master = MasterWeights(list(model.named_parameters())) if precision == "bf16" and not fsdp else None
     named = master.named_masters() if master else list(model.named_parameters())
     groups = [{"params": [p for n, p in named if _decays(n, p)], "weight_decay": recipe.optimizer.weight_decay},
@@ -204,8 +206,10 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     optimizer = torch.optim.AdamW(groups, lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
                                   fused=fused or None)
     forward_module = torch.compile(wrapped) if recipe.compile else wrapped
-    autocast = (lambda: torch.autocast(processes.device.type, dtype=torch.bfloat16)) if precision == "bf16-autocast" and not fsdp \
-        else contextlib.nullcontext
+    def autocast():
+        if precision == "bf16-autocast" and not fsdp:
+            return torch.autocast(processes.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     checkpoints = output / "checkpoints"
     metrics_path = output / "metrics.jsonl"
@@ -237,6 +241,10 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
         f"({micro} × {recipe.data.seq_len} × {plan.accumulation} accumulation × {processes.world_size} process"
         f"{'es' if processes.world_size > 1 else ''}) on {processes.device}, {precision}"
         + (", FSDP" if fsdp else "") + (", torch.compile" if recipe.compile else ""))
+
+    def save(at_step: int) -> Path:
+        return _save(at_step, plan, data, package_dir, model, optimizer, master, processes, fsdp, checkpoints,
+                     at_step * samples_per_step)
 
     eval_loss = None
     last_saved = None
@@ -301,12 +309,13 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             stop = processes.any(interrupt.signal is not None)
             if (recipe.checkpoint.interval and step % recipe.checkpoint.interval == 0) or stop:
-                last_saved = _save(step, plan, data, package_dir, model, optimizer, master, processes, fsdp, checkpoints, step * samples_per_step)
+                last_saved = save(step)
             if stop:
-                say(f"interrupted by {signal.Signals(interrupt.signal or signal.SIGTERM).name} at step {step}: saved {last_saved}")
+                name = signal.Signals(interrupt.signal or signal.SIGTERM).name
+                say(f"interrupted by {name} at step {step}: saved {last_saved}")
                 break
         if last_saved is None or not last_saved.name.endswith(ckpt.checkpoint_name(step)):
-            last_saved = _save(step, plan, data, package_dir, model, optimizer, master, processes, fsdp, checkpoints, step * samples_per_step)
+            last_saved = save(step)
     curves = plot_curves(metrics_path, output / "curves.png") if processes.main else None
     return TrainResult(output, step, last_saved, eval_loss, unigram, interrupt.signal, curves)
 
@@ -434,7 +443,8 @@ def _load(source: Path, package, model, optimizer, master, processes: Processes,
             master.load({n: p.detach().float() for n, p in model.named_parameters()})
     elif fsdp:
         raise CompileError([Diagnostic("", f"{source} was written by one process; resuming it sharded is not supported yet",
-                                       "resume it without torchrun, or start the sharded run afresh", SourceLocation(str(source)))])
+                                       "resume it without torchrun, or start the sharded run afresh",
+                                       SourceLocation(str(source)))])
     else:
         load_model(model, str(source / "model.safetensors"), strict=True, device=str(processes.device))
         ckpt.load_optimizer(optimizer, source)

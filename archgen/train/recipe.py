@@ -21,8 +21,6 @@ from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
 from archgen.spec.load import _spec_path
 from archgen.spec.yaml_source import SourceMap, load_yaml
 
-RECIPE_SCHEMA_VERSION = 1
-
 PositiveInt = Annotated[int, Field(gt=0, le=2**40, strict=True)]
 Count = Annotated[int, Field(ge=0, le=2**40, strict=True)]
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -229,7 +227,8 @@ def _diagnostic(item: dict, data: dict, source_map: SourceMap) -> Diagnostic:
         message = f"{value!r} is not allowed"
         fix = f"use {item.get('ctx', {}).get('expected', 'one of the listed values')}"
     else:
-        message = f"{value!r}: {message[0].lower()}{message[1:]}" if value is not None and not isinstance(value, dict) else message
+        if value is not None and not isinstance(value, dict):
+            message = f"{value!r}: {message[0].lower()}{message[1:]}"
         expected = {"int": "a whole number", "float": "a number", "bool": "true or false", "string": "a quoted string",
                     "list": "a list, e.g. [a, b]", "dict": "a mapping"}
         for prefix, what in expected.items():

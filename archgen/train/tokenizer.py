@@ -56,7 +56,7 @@ class HFTokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         names = [self.eos] if self.eos else list(EOS_CANDIDATES)
         ids = [self._tokenizer.token_to_id(name) for name in names]
-        found = [(n, i) for n, i in zip(names, ids) if i is not None]
+        found = [(n, i) for n, i in zip(names, ids, strict=True) if i is not None]
         if not found:
             raise TokenizerError(f"tokenizer {self.file} has none of the end-of-document tokens {', '.join(names)}")
         self.eos_token, self.eos_id = found[0]
@@ -76,6 +76,10 @@ class HFTokenizer:
         return {"kind": "huggingface", "file": "tokenizer.json", "eos": self.eos_token}
 
 
+# How text is split before byte-pair merges for a .tiktoken file (GPT-2's pattern; the file holds only the ranks).
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
 @dataclass
 class TiktokenTokenizer:
     """A tiktoken encoding by name (from tiktoken's cache) or a local .tiktoken file (base64 token, rank per line)."""
@@ -93,8 +97,8 @@ class TiktokenTokenizer:
                 from tiktoken.load import load_tiktoken_bpe
 
                 ranks = load_tiktoken_bpe(str(path))
-                self._encoding = tiktoken.Encoding(name=path.stem, pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
-                                                   mergeable_ranks=ranks, special_tokens={"<|endoftext|>": len(ranks)})
+                self._encoding = tiktoken.Encoding(name=path.stem, pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
+                                                   special_tokens={"<|endoftext|>": len(ranks)})
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
             else:
                 self._encoding = tiktoken.get_encoding(self.encoding)
@@ -119,7 +123,8 @@ class TiktokenTokenizer:
 def make_tokenizer(config, resolve=lambda p: Path(p)):
     """The tokenizer a recipe's `tokenizer:` section (or a checkpoint's tokenizer.json description) names."""
     kind = config["kind"] if isinstance(config, dict) else config.kind
-    get = (lambda key, default=None: config.get(key, default)) if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    def get(key, default=None):
+        return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
     if kind == "bytes":
         return BytesTokenizer()
     if kind == "huggingface":

@@ -47,12 +47,14 @@ def test_missing_data_file(tmp_path, corpus):
 def test_vocabulary_mismatch(tmp_path, corpus):
     recipe = recipe_dict(corpus, spec__set=["model.vocab_size=512"])
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    assert_located_failure(run_train(path), path, "tokenizer", "tokenizer", "the tokenizer has 256 tokens but the spec's vocabulary is 512", tmp_path)
+    assert_located_failure(run_train(path), path, "tokenizer", "tokenizer",
+                           "the tokenizer has 256 tokens but the spec's vocabulary is 512", tmp_path)
 
 
 def test_batch_that_does_not_divide(tmp_path, corpus):
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, batch__tokens=100))
-    assert_located_failure(run_train(path), path, "tokens", "batch.tokens", "is not a multiple of seq_len 16 × micro_batch 2", tmp_path)
+    assert_located_failure(run_train(path), path, "tokens", "batch.tokens",
+                           "is not a multiple of seq_len 16 × micro_batch 2", tmp_path)
 
 
 def test_sequence_longer_than_the_model(tmp_path, corpus):

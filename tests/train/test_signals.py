@@ -47,8 +47,9 @@ def assert_every_checkpoint_complete(root):
 
 def test_sigkill_never_leaves_a_half_written_checkpoint_and_sigterm_saves(tmp_path):
     corpus = write_corpus(tmp_path / "data")
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, steps=10_000, batch__tokens=32, checkpoint={"interval": 1, "keep": 3},
-                                                           log_interval=1000, eval={"interval": 10_000, "batches": 1}))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, steps=10_000, batch__tokens=32, log_interval=1000,
+                                                           checkpoint={"interval": 1, "keep": 3},
+                                                           eval={"interval": 10_000, "batches": 1}))
     root = tmp_path / "data" / "run" / "checkpoints"
 
     run = start(recipe)

@@ -87,7 +87,9 @@ def test_resume_continues_bit_for_bit(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
-    losses = lambda run: [(r["step"], r["loss"]) for r in read_metrics(run.output_dir / "metrics.jsonl") if "loss" in r]
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_metrics(run.output_dir / "metrics.jsonl") if "loss" in r]
+
     assert losses(straight) == losses(resumed)
     assert straight.eval_loss == resumed.eval_loss
 
