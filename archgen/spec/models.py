@@ -122,6 +122,22 @@ class Mamba2Spec(SpecModel):
     bias: bool = False
 
 
+class GatedDeltaNetSpec(SpecModel):
+    """Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025): the gated delta rule with a (head_dim × head_v_dim) state per
+    value head, short causal convolutions on q, k and v, and a gated RMSNorm on the output (Qwen3-Next's linear layer)."""
+
+    kind: Literal["gated_deltanet"]
+    n_heads: PositiveInt  # query/key heads
+    head_dim: PositiveInt = 128  # query/key head dim K
+    n_v_heads: PositiveInt | None = None  # value heads, a multiple of n_heads (grouped values); default n_heads
+    head_v_dim: PositiveInt | None = None  # value head dim V; default head_dim
+    d_conv: PositiveInt = 4  # width of the causal depthwise convolution on q, k and v
+    conv_bias: bool = False
+    output_gate: bool = True  # RMSNorm(o) ⊙ SiLU(x W_g); False: RMSNorm(o) alone
+    allow_neg_eigval: bool = False  # β = 2·sigmoid(.) ∈ (0, 2) instead of sigmoid(.): state-tracking (Grazzi et al.)
+    chunk_size: PositiveInt = 64  # chunk length of the chunked algorithm; the result does not depend on it
+
+
 class RopeSpec(SpecModel):
     theta: PositiveFloat = 10000.0
     scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
@@ -170,7 +186,7 @@ class NoMixerSpec(SpecModel):
 
 
 MixerSpec = Annotated[
-    MambaSpec | Mamba2Spec | AttentionSpec | SparseAttentionSpec | ConvSpec | NoMixerSpec,
+    MambaSpec | Mamba2Spec | AttentionSpec | SparseAttentionSpec | ConvSpec | GatedDeltaNetSpec | NoMixerSpec,
     Field(discriminator="kind"),
 ]
 
