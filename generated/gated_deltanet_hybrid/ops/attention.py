@@ -1,0 +1,514 @@
+"""
+Attention reference ops: rotary embeddings, qk-norm, a preallocated KV cache and masked grouped-query attention.
+
+This file is copied verbatim into every generated package as `ops/attention.py` and imports only torch and the
+standard library. It is the definition the Triton kernels are tested against, and the path a model runs (and
+exports) on when no kernel is available, so it favours plain, obviously-correct tensor code.
+
+Notable features:
+- RoPE with rotate-half pairing (Llama / HF layout), partial rotary, and linear, NTK-aware and YaRN scaling
+- one visibility rule for training, prefill, chunked prefill, cached decode and sliding windows, stated on
+  absolute positions (attention_mask); `attention` picks how to compute it from the call's structure, never from
+  "which phase are we in":
+    keys are the queries' own tokens (k_positions is q_positions, 1-D)  -> SDPA's causal fast path, no mask built
+                                                                           (flash / cuDNN on a GPU)
+    ... with a sliding window shorter than the sequence                 -> FlexAttention with a block mask on CUDA,
+                                                                           else banded SDPA over query chunks: O(T·W)
+    anything else (decode against a cache, per-sequence positions)      -> SDPA with an explicit (Tq, Tk) mask; a
+                                                                           decode step's mask is one row per query
+  while torch.export traces, always the explicit-mask form (masked_attention), which every exporter lowers
+- grouped-query attention: n_kv_heads divides n_heads (MQA and MHA are the two ends), through SDPA's enable_gqa
+  (no copy of K/V) where torch has it
+- a static KV cache written in place at a start offset that may be a tensor: no reallocation and no
+  data-dependent Python branches, so decode can be captured by CUDA graphs and traced by torch.export
+- a ring-buffer KV cache of `window` slots for sliding-window layers: memory bounded by the window
+- a query that can see no key returns zeros, never NaN
+
+Shape letters: B batch, Hq query heads, Hkv key/value heads, T / Tq / Tk sequence lengths, D head_dim,
+R rotary_dim (even, R <= D), L max_len of a cache.
+"""
+
+import math
+from dataclasses import dataclass
+from functools import cache, lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+
+# SDPA reads grouped K/V heads in place from torch 2.5 on; before, K/V are expanded to every query head.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+# Sliding windows on CUDA run through FlexAttention with a block mask (only the blocks the band touches are
+# computed); set False to use the banded-SDPA path there too.
+USE_FLEX_ATTENTION = True
+# Query rows per SDPA call of the banded sliding-window path (at least the window): each call reads
+# chunk + window - 1 keys, so larger chunks waste less on the band's edges but build a larger mask.
+BANDED_MIN_CHUNK = 128
+# Head dims FlexAttention's generated kernels are known to take; others use the banded path.
+FLEX_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# -----------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rope_inv_freq(
+    rotary_dim: int,
+    theta: float,
+    scaling: str = "none",
+    factor: float = 1.0,
+    original_max_position: int | None = None,
+    beta_fast: float = 32.0,
+    beta_slow: float = 1.0,
+) -> tuple[Tensor, float]:
+    """
+    Inverse frequencies of the rotary embedding, and YaRN's magnitude correction `mscale`.
+
+        inv_freq[i] = theta ** (-2i / R)        i = 0 .. R/2 - 1   (pair i rotates by position * inv_freq[i])
+
+    scaling:
+      "none"    as above
+      "linear"  inv_freq / factor: position interpolation, position p rotates like p / factor
+      "ntk"     NTK-aware: theta becomes theta * factor ** (R / (R - 2)), so the lowest frequency is
+                interpolated by exactly `factor` and the highest is left alone
+      "yarn"    each frequency is blended between interpolated (inv_freq / factor) and kept (inv_freq)
+                according to how many turns it makes over original_max_position: more than beta_fast turns ->
+                kept, fewer than beta_slow -> interpolated, a linear ramp in between. The ramp ends are rounded
+                to whole pair indices, as in the YaRN reference code and HF transformers, so checkpoints match.
+
+    Returns (inv_freq (R/2,) float32 on the CPU, mscale). mscale = 0.1 * ln(factor) + 1 for YaRN with factor > 1,
+    else 1.0. Pass it to rope_cos_sin: it scales cos and sin, hence both q and k, so the attention logits of the
+    rotated dims grow by mscale**2 (the paper's 1/t). Computed in float64 and rounded once to float32.
+    """
+    if rotary_dim <= 0 or rotary_dim % 2 != 0:
+        raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+    if scaling not in ROPE_SCALINGS:
+        raise ValueError(f"unknown rope scaling {scaling!r}; expected one of {ROPE_SCALINGS}")
+    if scaling != "none" and factor <= 0:
+        raise ValueError(f"rope scaling factor must be positive, got {factor} for scaling={scaling!r}")
+    R = rotary_dim
+    exponents = torch.arange(0, R, 2, dtype=torch.float64) / R  # (R/2,) = 2i / R
+
+    if scaling == "ntk":
+        if R == 2:
+            raise ValueError("rope scaling 'ntk' needs rotary_dim > 2: its exponent R / (R - 2) is undefined for R = 2")
+        theta = theta * factor ** (R / (R - 2))
+    inv_freq = theta**-exponents  # (R/2,)
+
+    mscale = 1.0
+    if scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif scaling == "yarn":
+        if original_max_position is None:
+            raise ValueError("rope scaling 'yarn' needs original_max_position (the context length it was trained on)")
+
+        def pair_index(turns: float) -> float:
+            # the (fractional) pair index whose frequency makes `turns` full turns over original_max_position
+            return R * math.log(original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(pair_index(beta_fast)), 0)
+        high = min(math.ceil(pair_index(beta_slow)), R - 1)  # R - 1, not R/2 - 1: as in the reference code
+        if low == high:
+            high += 0.001  # avoid 0/0 in the ramp
+        pair = torch.arange(R // 2, dtype=torch.float64)  # (R/2,)
+        ramp = ((pair - low) / (high - low)).clamp(0, 1)  # (R/2,) 0: keep .. 1: interpolate
+        inv_freq = inv_freq * (1 - ramp) + inv_freq / factor * ramp
+        if factor > 1:
+            mscale = 0.1 * math.log(factor) + 1.0
+    return inv_freq.float(), mscale
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """
+    cos and sin of the rotation angles positions * inv_freq, times mscale (see rope_inv_freq), in float32.
+    positions (T,) or (B, T), integer (or float, for interpolated positions); returns cos, sin each (T, R/2) or
+    (B, T, R/2) on positions.device. Angles are float32 products, as in HF transformers.
+    """
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T, R/2)
+    return angles.cos() * mscale, angles.sin() * mscale
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """
+    Rotate the first R = 2 * cos.size(-1) channels of x; channels R .. D-1 pass through (partial rotary).
+    Rotate-half pairing (Llama / HF): channel i pairs with channel i + R/2 and (a, b) becomes
+    (a cos - b sin, b cos + a sin), i.e. the complex number a + ib multiplied by e^(i * angle).
+    x (B, H, T, D); cos, sin (T, R/2) or (B, T, R/2). Computed in at least float32, returned in x.dtype.
+    """
+    D = x.size(-1)
+    R = 2 * cos.size(-1)
+    if R > D:
+        raise ValueError(f"rotary_dim {R} (2 * cos.size(-1)) exceeds head_dim {D}")
+    cos, sin = cos.unsqueeze(-3), sin.unsqueeze(-3)  # (1, T, R/2) or (B, 1, T, R/2): broadcast over heads
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    a = x[..., : R // 2].to(dtype)  # (B, H, T, R/2)
+    b = x[..., R // 2 : R].to(dtype)  # (B, H, T, R/2)
+    rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)  # (B, H, T, R)
+    if R == D:
+        return rotated
+    return torch.cat([rotated, x[..., R:]], dim=-1)  # (B, H, T, D)
+
+
+# -----------------------------------------------------------------------------
+# QK-norm
+
+
+def qk_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """
+    RMSNorm over the head dim, applied to q and k before RoPE by models with qk-norm:
+        y = x / sqrt(mean(x**2, -1) + eps) * weight
+    x (..., D), weight (D,) or None. Computed in float32 (float64 stays float64) with a single cast back to
+    x.dtype at the end.
+    """
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(dtype)
+    y = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., D)
+    if weight is not None:
+        y = y * weight.to(dtype)
+    return y.to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+@dataclass
+class KVCache:
+    """
+    One attention layer's keys and values, preallocated for L positions; slot t holds position t.
+
+    The buffers are written in place and never reallocated, so their addresses are stable (CUDA graphs) and they
+    stay plain tensors (torch.export). Decode writes T new tokens at `start` = the current length and attends over
+    the whole buffer with k_positions = arange(L): slots not yet written hold positions past every query, so
+    causality hides them. A sliding-window layer's cache is RingKVCache: `window` slots instead of L.
+    """
+
+    k: Tensor  # (B, Hkv, L, D)
+    v: Tensor  # (B, Hkv, L, D)
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "KVCache":
+        # zeros, not torch.empty: masked keys get probability 0, but 0 * NaN garbage in v would still be NaN
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    def write(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Copy k_new, v_new (B, Hkv, T, D) into slots start .. start+T-1, in place, cast to the cache dtype.
+        start is an int or a 0-dim integer tensor (no host sync either way; a tensor start is only range-checked
+        by the device). Returns the full buffers (B, Hkv, L, D) to attend over.
+        """
+        B, Hkv, T, D = k_new.shape
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"k_new and v_new differ in shape: {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if (B, Hkv, D) != (self.k.size(0), self.k.size(1), self.k.size(3)):
+            raise ValueError(
+                f"cannot write (B, Hkv, T, D) = {tuple(k_new.shape)} into a cache of shape {tuple(self.k.shape)}: "
+                f"B, Hkv and D must match"
+            )
+        if isinstance(start, int) and not 0 <= start <= self.max_len - T:
+            raise ValueError(f"cannot write {T} tokens at start={start} into a cache of max_len={self.max_len}")
+        slots = torch.arange(T, device=self.k.device) + start  # (T,)
+        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
+        return self.k, self.v
+
+    def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        Write the new tokens (see write) and return what to attend over: keys (B, Hkv, L, D), values and the
+        position of every slot (L,) = arange(L). The same call as RingKVCache.update.
+        """
+        k, v = self.write(k_new, v_new, start)
+        return k, v, torch.arange(self.max_len, device=k.device)
+
+
+# A position no query reaches: a ring slot not yet written carries it, so causality hides the slot.
+NEVER_WRITTEN = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class RingKVCache:
+    """
+    A sliding-window layer's keys and values in a ring of `window` slots: position p lives in slot p % window.
+
+    A query at position t sees keys t - window + 1 .. t, so no older key is ever read again and the cache's memory
+    is bounded by the window, not by the sequence (decoding 3 windows' worth of tokens keeps `window` slots).
+    The slots' positions follow from `start` alone (the ring is filled in order), so nothing but the two buffers
+    is stored, addresses are stable (CUDA graphs), and a tensor `start` traces under torch.export.
+    Rewinding (Medusa's rejected drafts) cannot be done by resetting a length, since newer tokens overwrote older
+    ones in place: snapshot the buffers instead (they are window-sized).
+    """
+
+    k: Tensor  # (B, Hkv, W, D)
+    v: Tensor  # (B, Hkv, W, D)
+
+    @classmethod
+    def empty(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "RingKVCache":
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        shape = (batch, n_kv_heads, window, head_dim)  # zeros: see KVCache.empty
+        return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def window(self) -> int:
+        return self.k.size(2)
+
+    def slot_positions(self, length: int | Tensor) -> Tensor:
+        """(W,) the position held by each slot once positions 0 .. length-1 were written; NEVER_WRITTEN if none."""
+        W = self.window
+        slots = torch.arange(W, device=self.k.device)  # (W,)
+        positions = length - W + torch.remainder(slots - length, W)  # (W,) the newest p < length with p % W == slot
+        return torch.where(positions >= 0, positions, NEVER_WRITTEN)
+
+    def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """
+        Attend-and-write for T new tokens at positions start .. start+T-1: returns the keys (B, Hkv, S, D), values
+        and key positions (S,) the new queries must attend over, and leaves the newest W tokens in the ring.
+
+        T == 1 (a decode step): the new token overwrites position start - W, which its window no longer covers,
+        so the ring itself is returned (S = W). T > 1: the new tokens would overwrite keys their own earlier
+        queries still see, so the returned keys are the ring before the write followed by the new tokens
+        (S = W + T), and only then is the ring written.
+        """
+        B, Hkv, T, D = k_new.shape
+        if v_new.shape != k_new.shape:
+            raise ValueError(f"k_new and v_new differ in shape: {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        if (B, Hkv, D) != (self.k.size(0), self.k.size(1), self.k.size(3)):
+            raise ValueError(
+                f"cannot write (B, Hkv, T, D) = {tuple(k_new.shape)} into a ring cache of shape {tuple(self.k.shape)}: "
+                f"B, Hkv and D must match"
+            )
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start must be a position (>= 0), got {start}")
+        W = self.window
+        new_positions = torch.arange(T, device=self.k.device) + start  # (T,)
+        if T == 1:
+            self._write(k_new, v_new, new_positions)
+            return self.k, self.v, self.slot_positions(start + 1)
+        k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
+        v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
+        positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
+        kept = min(T, W)  # only the newest W tokens stay
+        self._write(k_new[:, :, T - kept :], v_new[:, :, T - kept :], new_positions[T - kept :])
+        return k, v, positions
+
+    def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
+        slots = torch.remainder(positions, self.window)  # (T,) distinct: T <= W
+        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
+        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
+
+
+# -----------------------------------------------------------------------------
+# Attention
+
+
+def attention_mask(
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    k_valid_len: int | Tensor | None = None,
+) -> Tensor:
+    """
+    Boolean visibility, True where query i may attend to key j:
+        k_pos[j] <= q_pos[i]  and  (window is None or q_pos[i] - k_pos[j] < window)  and  j < k_valid_len
+    q_positions (Tq,) or (B, Tq); k_positions (Tk,) or (B, Tk); k_valid_len an int, a 0-dim tensor or (B,).
+    Returns (1, 1, Tq, Tk) or (B, 1, Tq, Tk), ready to broadcast over heads.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 (the query itself), got {window}")
+    Tq, Tk = q_positions.size(-1), k_positions.size(-1)
+    qp = q_positions.unsqueeze(-1)  # (..., Tq, 1)
+    kp = k_positions.to(q_positions.device).unsqueeze(-2)  # (..., 1, Tk)
+    visible = kp <= qp  # (..., Tq, Tk)
+    if window is not None:
+        visible = visible & (qp - kp < window)
+    if k_valid_len is not None:
+        valid_len = torch.as_tensor(k_valid_len, device=q_positions.device).reshape(-1, 1, 1)  # (1 or B, 1, 1)
+        visible = visible & (torch.arange(Tk, device=q_positions.device) < valid_len)  # (1 or B, Tq, Tk)
+    return visible.reshape(-1, 1, Tq, Tk)  # (1 or B, 1, Tq, Tk)
+
+
+def is_exporting() -> bool:
+    """True while torch.export (and the ONNX exporter built on it) traces: take the explicit-mask forms then."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check is not None and check())
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    k_valid_len: int | Tensor | None = None,
+) -> Tensor:
+    """
+    Grouped-query causal attention with visibility from absolute positions (see attention_mask):
+        y[b, h, i] = sum_j softmax_j(scale * q[b, h, i] . k[b, h // G, j]  over visible j) * v[b, h // G, j]
+    with G = Hq / Hkv and scale defaulting to 1 / sqrt(D). A query with no visible key gets y = 0.
+    q (B, Hq, Tq, D); k (B, Hkv, Tk, D); v (B, Hkv, Tk, Dv); positions (Tq,) / (Tk,) or (B, Tq) / (B, Tk).
+    Returns (B, Hq, Tq, Dv) in q.dtype; F.scaled_dot_product_attention accumulates in float32.
+
+    Passing the same 1-D tensor as q_positions and k_positions says "the keys are these queries' own tokens, at
+    increasing positions" (a model's start + arange(T)): query i then sees keys 0..i, the causal triangle, and the
+    call takes the maskless causal / sliding-window paths. Any other call is computed with an explicit mask.
+    """
+    Hq, Tq, D = q.shape[1:]
+    Hkv, Tk = k.size(1), k.size(2)
+    if Hq % Hkv != 0:
+        raise ValueError(f"n_heads ({Hq}) must be a multiple of n_kv_heads ({Hkv})")
+    if q_positions.size(-1) != Tq or k_positions.size(-1) != Tk:
+        raise ValueError(
+            f"positions must match the sequence lengths: q_positions {tuple(q_positions.shape)} for Tq={Tq}, "
+            f"k_positions {tuple(k_positions.shape)} for Tk={Tk}"
+        )
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 (the query itself), got {window}")
+    self_attention = k_positions is q_positions and q_positions.dim() == 1 and k_valid_len is None
+    if is_exporting() or not self_attention:
+        return masked_attention(q, k, v, q_positions=q_positions, k_positions=k_positions, window=window,
+                                scale=scale, k_valid_len=k_valid_len)
+    if window is None or window >= Tq:
+        return causal_attention(q, k, v, scale=scale)
+    if USE_FLEX_ATTENTION and q.is_cuda and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
+        return flex_sliding_window_attention(q, k, v, window, scale=scale)
+    return banded_sliding_window_attention(q, k, v, window, scale=scale)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
+    """SDPA with grouped K/V heads read in place where torch can, else expanded to every query head."""
+    Hq, Hkv = q.size(1), k.size(1)
+    if Hq == Hkv:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if SDPA_HAS_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kwargs)
+    k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
+    v = v.repeat_interleave(Hq // Hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None) -> Tensor:
+    """
+    Query i sees keys 0..i (Tq == Tk): SDPA's is_causal path, which never materialises the mask and runs on the
+    flash / cuDNN backends on a GPU. q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    return _sdpa(q, k, v, is_causal=True, scale=scale)
+
+
+def banded_sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None
+) -> Tensor:
+    """
+    Query i sees keys i-window+1 .. i (Tq == Tk), computed in query chunks of c >= window rows: a chunk starting
+    at s reads only keys s-window+1 .. s+c-1, with a (c, c+window-1) band mask. Memory and work are O(T·(c+W))
+    instead of O(T²). q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    T = q.size(2)
+    chunk = max(window, BANDED_MIN_CHUNK)
+    outputs = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        lo = max(s - window + 1, 0)
+        q_pos = torch.arange(s, e, device=q.device)[:, None]  # (c, 1)
+        k_pos = torch.arange(lo, e, device=q.device)[None, :]  # (1, e - lo)
+        band = (k_pos <= q_pos) & (q_pos - k_pos < window)  # (c, e - lo): every row sees itself
+        outputs.append(_sdpa(q[:, :, s:e], k[:, :, lo:e], v[:, :, lo:e], attn_mask=band, scale=scale))
+    return torch.cat(outputs, dim=2)  # (B, Hq, T, Dv)
+
+
+def flex_attention_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@cache
+def _flex_attention(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # flex_attention runs its fused kernel only when compiled; eager it computes densely (fine for tests on CPU).
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+@lru_cache(maxsize=32)
+def _sliding_window_block_mask(T: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def flex_sliding_window_attention(
+    q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None
+) -> Tensor:
+    """
+    Query i sees keys i-window+1 .. i (Tq == Tk) through FlexAttention: the block mask lists only the key blocks
+    each query block's band touches, so work is O(T·W). The mask is built once per (T, window, device).
+    q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    """
+    block_mask = _sliding_window_block_mask(q.size(2), window, str(q.device))
+    flex = _flex_attention(compiled=q.is_cuda)
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    k_valid_len: int | Tensor | None = None,
+) -> Tensor:
+    """
+    `attention` with the (Tq, Tk) visibility mask built from positions: the exact form for any positions, and the
+    one torch.export and ONNX get. Same arguments and result as `attention`.
+    """
+    B, Hq, Tq = q.shape[:3]
+    Hkv, Tk = k.size(1), k.size(2)
+
+    visible = attention_mask(q_positions, k_positions, window, k_valid_len)  # (1 or B, 1, Tq, Tk)
+    # A row with no visible key would be a softmax over nothing (NaN). Let it see every key instead, then zero
+    # its output, so the result is finite and its gradients are zero.
+    sees_any = visible.any(dim=-1, keepdim=True)  # (1 or B, 1, Tq, 1)
+    visible = visible | ~sees_any
+
+    # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
+    mask = visible.expand(B, 1, Tq, Tk)  # (B, 1, Tq, Tk)
+    if Hkv != Hq and is_exporting():
+        # expanded K/V: the form every exporter lowers (a decode step eager reads the cache in place instead)
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
+        v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, Dv)
+    y = _sdpa(q, k, v, attn_mask=mask, scale=scale)  # (B, Hq, Tq, Dv)
+    return torch.where(sees_any, y, 0.0)  # where, not masked_fill: it keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view
