@@ -20,6 +20,7 @@ class Mamba2Config:
     chunk_size: int
     conv_bias: bool
     bias: bool
+    grouped_norm: bool  # the gated RMSNorm normalises each of the n_groups channel groups on its own
 
     def sizes(self, dims: Dims) -> tuple[int, int, int]:
         """(d_inner, conv channels: x, B and C, heads)."""
@@ -66,10 +67,10 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
     def resolve(self, spec, model) -> Mamba2Config:
         n_heads = spec.n_heads or spec.expand * model.d_model // spec.head_dim
         return Mamba2Config(spec.head_dim, n_heads, spec.n_groups, spec.d_state, spec.d_conv, spec.expand, spec.chunk_size,
-                            spec.conv_bias, spec.bias)
+                            spec.conv_bias, spec.bias, spec.grouped_norm and spec.n_groups > 1)  # one group: the same norm
 
     def lock(self, spec, config: Mamba2Config) -> dict:
-        return spec.model_copy(update={"n_heads": config.n_heads}).model_dump(mode="json")
+        return spec.model_copy(update={"n_heads": config.n_heads, "grouped_norm": config.grouped_norm}).model_dump(mode="json")
 
     def parameters(self, config: Mamba2Config, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model
@@ -109,7 +110,8 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
                 "head_dim": config.head_dim, "n_groups": config.n_groups, "d_state": config.d_state, "d_conv": config.d_conv,
                 "chunk_size": config.chunk_size, "in_proj_out": d_inner + conv_channels + n_heads,
                 "bc_width": config.n_groups * config.d_state, "bias": config.bias, "conv_bias": config.conv_bias,
-                "norm_eps": dims.norm_eps}
+                "norm_eps": dims.norm_eps,
+                "norm_group": d_inner // config.n_groups if config.grouped_norm else None}
 
 
 KIND = Mamba2()

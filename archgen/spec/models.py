@@ -120,6 +120,9 @@ class Mamba2Spec(SpecModel):
     chunk_size: PositiveInt = 256
     conv_bias: bool = True
     bias: bool = False
+    # The gated RMSNorm before out_proj: over all d_inner channels (False), or over each of the n_groups channel groups
+    # on its own (True), as mamba_ssm's and transformers' Mamba-2 normalise when n_groups > 1.
+    grouped_norm: bool = False
 
 
 class GatedDeltaNetSpec(SpecModel):
