@@ -30,7 +30,7 @@ TINY = {
         "state_size": 8,
         "num_heads": 8,
         "head_dim": 16,
-        "n_groups": 1,
+        "n_groups": 2,
         "chunk_size": 8,
     },
     "bamba": dict(

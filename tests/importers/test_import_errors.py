@@ -70,22 +70,13 @@ def test_a_field_outside_the_spec_language_is_an_error_naming_it(tmp_path, field
     assert error.value.diagnostics[0].path.startswith(field)
 
 
-def test_grouped_mamba2_norm_is_refused_not_approximated(tmp_path):
-    fields = {
-        "model_type": "mamba2",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "vocab_size": 128,
-        "state_size": 8,
-        "num_heads": 8,
-        "head_dim": 16,
-        "n_groups": 2,
-        "expand": 2,
-        "layer_norm_epsilon": 1e-5,
-    }
+def test_a_clamped_mamba2_step_is_refused_not_approximated(tmp_path):
+    fields = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "state_size": 8,
+              "num_heads": 8, "head_dim": 16, "n_groups": 2, "expand": 2, "layer_norm_epsilon": 1e-5,
+              "time_step_limit": [0.001, 0.1]}
     with pytest.raises(CompileError) as error:
         import_config(tmp_path, fields)
-    assert error.value.diagnostics[0].path == "n_groups"
+    assert [d.path for d in error.value.diagnostics] == ["time_step_limit"]
 
 
 @pytest.fixture

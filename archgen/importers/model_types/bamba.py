@@ -104,8 +104,8 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
     mlp = ffns[0].config
     if ffns[0].kind != "mlp" or mlp.activation != "swiglu":
         reasons.append("bamba's feed-forward is a SwiGLU MLP")
-    if ssm.n_groups != 1:
-        reasons.append("mamba2 with n_groups > 1 normalises per group in transformers; archgen's does not")
+    if ssm.n_groups > 1 and not ssm.grouped_norm:
+        reasons.append("transformers' Bamba normalises per group when n_groups > 1; set grouped_norm: true (or n_groups: 1)")
     fields: dict[str, Any] = {}
     if attn is not None:
         fields, why = attention_config(resolved, attn)

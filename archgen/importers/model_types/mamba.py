@@ -62,13 +62,6 @@ def mamba_to_spec(cfg: HFConfig) -> Imported:
 def mamba2_mixer(cfg: HFConfig, keys: dict[str, str]) -> dict[str, Any]:
     """A Mamba-2 mixer from the fields named by `keys` (mamba2 and bamba spell them differently)."""
     n_groups = cfg.take(keys["n_groups"], 1)
-    if n_groups != 1:
-        cfg.error(
-            keys["n_groups"],
-            f"{keys['n_groups']}={n_groups}: the gated RMSNorm then normalises each of the "
-            f"{n_groups} groups separately, and archgen's mamba2 normalises all channels together",
-            "only n_groups 1 imports until the mamba2 kind has a grouped norm",
-        )
     cfg.expect(keys["act"], ("silu",), "silu", "archgen's Mamba-2 gates with SiLU")
     expect_no_dt_limit(cfg)
     return {
@@ -82,6 +75,8 @@ def mamba2_mixer(cfg: HFConfig, keys: dict[str, str]) -> dict[str, Any]:
         "chunk_size": cfg.take(keys["chunk_size"], 256),
         "conv_bias": bool(cfg.take(keys["conv_bias"], True)),
         "bias": bool(cfg.take(keys["bias"], False)),
+        # transformers normalises the gated output per group (group_size = d_inner / n_groups)
+        **({"grouped_norm": True} if n_groups > 1 else {}),
     }
 
 
@@ -146,8 +141,8 @@ def _export(kind: str):
                 time_step_max=ssm.dt_max,
             )
             return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", **fields}
-        if ssm.n_groups != 1:
-            return ["mamba2 with n_groups > 1 normalises per group in transformers; archgen's does not"]
+        if ssm.n_groups > 1 and not ssm.grouped_norm:
+            return ["transformers' mamba2 normalises per group when n_groups > 1; set grouped_norm: true (or n_groups: 1)"]
         fields.update(
             state_size=ssm.d_state, num_heads=ssm.n_heads, head_dim=ssm.head_dim, n_groups=ssm.n_groups, chunk_size=ssm.chunk_size
         )
