@@ -34,7 +34,8 @@ class TrainingPlan:
         return self.loaded.recipe
 
 
-def plan_training(loaded: LoadedRecipe, world_size: int = 1) -> TrainingPlan:
+def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int | None = None) -> TrainingPlan:
+    """`device_memory`: bytes of one accelerator, when training on one; the recipe must fit it (see memory_floor)."""
     recipe = loaded.recipe
     problems: list[Diagnostic] = []
 
@@ -102,6 +103,16 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1) -> TrainingPlan:
                                            "(its copies of sharded weights would be full tensors)",
                                            "train JEPA specs on one process, or set distributed.fsdp: false (replicated)"))
 
+    if compiled is not None and device_memory is not None:
+        need = memory_floor(compiled, recipe, world_size)
+        if need > device_memory:
+            problems.append(loaded.problem(("batch", "micro_batch"), f"training needs at least {need / 2**30:.1f} GiB per device "
+                                           f"(weights, gradients and AdamW state at 16 bytes per parameter"
+                                           f"{' over ' + str(world_size) + ' shards' if world_size > 1 else ''}, plus the "
+                                           f"residual stream of every layer for micro-batch {recipe.batch.micro_batch} × "
+                                           f"{recipe.data.seq_len}); the device has {device_memory / 2**30:.1f} GiB",
+                                           "lower micro_batch (batch.tokens stays: accumulation grows), turn on "
+                                           "gradient_checkpointing, or train on more GPUs"))
     per_step = recipe.data.seq_len * recipe.batch.micro_batch * world_size
     if recipe.batch.tokens % per_step:
         lower = max(per_step, recipe.batch.tokens // per_step * per_step)
@@ -113,6 +124,20 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1) -> TrainingPlan:
         raise CompileError(problems)
     return TrainingPlan(loaded, compiled, spec_path, tokenizer, train_files, validation, world_size,
                         recipe.batch.tokens // per_step, head_kinds, meta_tokens)
+
+
+def memory_floor(compiled: Compiled, recipe, world_size: int) -> int:
+    """A lower bound on one device's training memory: float32 weights, gradients and AdamW's two moments (16 bytes
+    per parameter, sharded over the processes under FSDP), plus the one activation autograd keeps per layer at the
+    least, the layer's input (B, T, d_model), in the compute dtype. Real use is higher; above this, nothing fits."""
+    from archgen.passes.cost import cost_report
+
+    params = cost_report(compiled.ir, seq_len=recipe.data.seq_len).total_params
+    shards = world_size if recipe.distributed.fsdp else 1
+    activation_bytes = 4 if recipe.precision == "float32" else 2
+    dims = compiled.resolved.model
+    residual = compiled.resolved.n_layers * recipe.batch.micro_batch * recipe.data.seq_len * dims.d_model * activation_bytes
+    return 16 * params // shards + residual
 
 
 def check_token_counts(plan: TrainingPlan, train_sequences: int, validation_sequences: int) -> None:

@@ -158,7 +158,8 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     console = console or Console(stderr=True)
     say = console.print if processes.main else (lambda *a, **k: None)
     loaded = load_recipe(recipe_path)
-    plan = plan_training(loaded, processes.world_size)
+    device_memory = torch.cuda.get_device_properties(processes.device).total_memory if processes.device.type == "cuda" else None
+    plan = plan_training(loaded, processes.world_size, device_memory)
     recipe = plan.recipe
     output = loaded.output_dir
     name = plan.compiled.resolved.name

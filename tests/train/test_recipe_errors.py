@@ -90,3 +90,22 @@ def test_recipe_schema_is_printed():
     result = CliRunner().invoke(main, ["schema", "--recipe"])
     assert result.exit_code == 0
     assert '"steps"' in result.output and '"additionalProperties": false' in result.output
+
+
+def test_a_batch_that_does_not_fit_the_device(tmp_path, corpus):
+    """The floor (weights, gradients, AdamW state, one activation per layer) against a device's memory: checked when
+    training on an accelerator; here against a pretend 1 MiB device."""
+    from archgen.errors import CompileError
+    from archgen.train.checks import memory_floor, plan_training
+    from archgen.train.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus))
+    loaded = load_recipe(path)
+    floor = memory_floor(plan_training(loaded).compiled, loaded.recipe, 1)
+    assert floor > 16 * 99_000  # hspmn tiny: 99.4k parameters at 16 bytes, plus activations
+    with pytest.raises(CompileError) as caught:
+        plan_training(loaded, device_memory=2**20)
+    (problem,) = caught.value.diagnostics
+    assert problem.path == "batch.micro_batch" and "the device has 0.0 GiB" in problem.message
+    assert problem.location.line == line_of(path.read_text(), "micro_batch") and "gradient_checkpointing" in problem.fix
+    plan_training(loaded, device_memory=2**30)  # fits
