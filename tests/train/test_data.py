@@ -91,3 +91,17 @@ def test_datasets_directory_without_the_package_is_a_clear_error(tmp_path, monke
 
     monkeypatch.setattr(builtins, "__import__", without_datasets)
     assert "the `datasets` package is not installed" in data_module.check_source(saved, "text")
+
+
+def test_tiktoken_file(tmp_path):
+    """A local .tiktoken file (base64 token, rank per line): here the 256 single bytes, so <|endoftext|> is id 256."""
+    import base64
+
+    from archgen.train.tokenizer import TiktokenTokenizer
+
+    path = tmp_path / "bytes.tiktoken"
+    path.write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
+    tokenizer = TiktokenTokenizer(str(path))
+    assert tokenizer.vocab_size == 257 and tokenizer.eos_id == 256
+    text = "Déjà vu: the same tokens."
+    assert tokenizer.encode(text) == list(text.encode()) and tokenizer.decode(tokenizer.encode(text)) == text
