@@ -40,7 +40,7 @@ SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yam
 
 
 def load_module(name: str, relative_path: str):
-    """Import a file by path (`kernels` is also a PyPI package's name, which a plain import could find first)."""
+    """Import a file of this checkout by path (templates/runtime/ is no package)."""
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
@@ -62,7 +62,13 @@ class Bench:
         self.started = time.perf_counter()
         self.budget_s = budget_s
         self.device = "cpu" if dry_run else "cuda"
-        self.ss = load_module("archgen_kernels_selective_scan", "kernels/selective_scan.py")
+        sys.path.insert(0, str(ROOT))
+        from archgen.resources import kernels_package
+
+        kernels_package()  # this checkout's kernels/ as archgen_kernels
+        from archgen_kernels import selective_scan
+
+        self.ss = selective_scan
         self.ssm = load_module("archgen_runtime_ssm", "templates/runtime/ssm.py")
         self.results: dict = {}
 
@@ -186,7 +192,7 @@ class Bench:
         torch = self.torch
         if dtype == torch.bfloat16 and dim % 16 == 0:
             return
-        key = self.ss.Autotuner.key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
+        key = self.ss.shape_key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
         fixed = {"BLOCK_D": 32, "num_warps": 4}
         self.ss.pin_configs({"forward": {key: fixed}, "backward": {key: fixed}})
 
@@ -231,7 +237,7 @@ class Bench:
         y.backward(torch.ones_like(y))  # tunes the backward kernel
         if self.device == "cuda":
             torch.cuda.synchronize()
-        key = ss.Autotuner.key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16)
+        key = ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16)
         entry = {"tuning_s": round(time.perf_counter() - started, 2), "key": key,
                  "forward": _tuner_report(ss.FORWARD_TUNER, key), "backward": _tuner_report(ss.BACKWARD_TUNER, key)}
         with torch.no_grad():

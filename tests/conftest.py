@@ -16,7 +16,10 @@ if not torch.cuda.is_available():
 # Every compile in the tests checks the IR after lowering and after each pass (archgen/passes/verify.py).
 os.environ.setdefault("ARCHGEN_VERIFY_IR", "1")
 
+from archgen.resources import kernels_package
 from archgen.testing import build_generated
+
+kernels_package()  # `import archgen_kernels` finds this checkout's kernels/ (it imports no triton)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = sorted((ROOT / "specs").glob("*.yaml"))

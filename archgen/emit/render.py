@@ -20,7 +20,7 @@ from archgen.passes.cost import count
 from archgen.report.diagram import layout_svg
 from archgen.report.tables import human_bytes, human_count
 from archgen.resolve.resolve import lock_document
-from archgen.resources import KERNELS, TEMPLATES
+from archgen.resources import KERNEL_SUPPORT_FILES, KERNELS, TEMPLATES
 
 ACTIVATIONS = {
     "swiglu": "F.silu({})", "silu": "F.silu({})", "geglu": "F.gelu({})", "gelu": "F.gelu({})",
@@ -65,7 +65,7 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
     if plan.kernel_files:
         kernels_init = env.get_template("package/kernels_init.py.j2")
         files["kernels/__init__.py"] = kernels_init.render(kernel_references=kernel_references(plan, ir))
-        for name in plan.kernel_files:
+        for name in (*KERNEL_SUPPORT_FILES, *plan.kernel_files):
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")
     for path, text in files.items():
         if path.endswith(".py"):

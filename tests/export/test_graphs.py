@@ -136,7 +136,7 @@ def test_onnx_graphs_share_one_copy_of_the_weights(exported, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_kernels_stay_single_nodes_in_pt2_and_reference_ops_in_onnx(exported, name):
-    """Each Mamba-1 layer's scan is one archgen::selective_scan node of the .pt2 (its Triton kernel on a GPU); the ONNX
+    """Each Mamba-1 layer's scan is one archgen_v1::selective_scan node of the .pt2 (its Triton kernel on a GPU); the ONNX
     graphs hold standard ops only (the op lowered to the reference scan)."""
     import onnx
 
@@ -145,7 +145,7 @@ def test_kernels_stay_single_nodes_in_pt2_and_reference_ops_in_onnx(exported, na
     kernels = getattr(exp.package.model, "kernels", None)
     kernels_available = kernels is not None and kernels.selective_scan is not None
     program = torch.export.load(exp.directory / "prefill.pt2")  # after exp.package: the op is registered
-    scans = [n for n in program.graph.nodes if str(n.target) == "archgen.selective_scan.default"]
+    scans = [n for n in program.graph.nodes if str(n.target) == "archgen_v1.selective_scan.default"]
     assert len(scans) == (mamba1_layers if kernels_available else 0)
     for graph in ("prefill", "decode"):
         proto = onnx.load(str(exp.directory / f"{graph}.onnx"), load_external_data=False)

@@ -1,4 +1,5 @@
-"""kernels/selective_scan.py against a plain loop over time: the output, the final state and every gradient.
+"""archgen_kernels.selective_scan (kernels/selective_scan.py) against a plain loop over time: the output, the final
+state and every gradient.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
 which is slow, so shapes are small — but ragged: T not a multiple of the chunk, D not a multiple of BLOCK_D, N not a
@@ -6,11 +7,8 @@ power of two. The reference runs in float64 on the very values the kernel got (h
 so every difference is the kernel's.
 """
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +17,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from archgen_kernels import selective_scan as ss
+from archgen_kernels import triton_support
 from templates.runtime import ssm
 from tests.numerics import TOLERANCE, assert_close
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -32,19 +30,6 @@ def triton_on_cpu(monkeypatch):
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_kernel_module():
-    """kernels/selective_scan.py by path: `kernels` is also a PyPI package's name (Hugging Face's), which a plain
-    import could find first."""
-    name = "archgen_kernels_selective_scan"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "selective_scan.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ss = _load_kernel_module()
 
 # Half-precision outputs and input gradients are rounded once to their dtype (TOLERANCE[dtype]); everything inside
 # runs in float32, where the kernel sums the parameter gradients over chunks and batch in another order than the
@@ -280,7 +265,7 @@ def test_opcheck(block_d):
 
 
 def test_export_is_one_node_with_dynamic_length():
-    """torch.export sees one archgen.selective_scan node (traced on fake tensors: no kernel runs)."""
+    """torch.export sees one archgen_v1.selective_scan node (traced on fake tensors: no kernel runs)."""
 
     class Scan(torch.nn.Module):
         def __init__(self):
@@ -297,7 +282,7 @@ def test_export_is_one_node_with_dynamic_length():
     with torch.no_grad():
         program = torch.export.export(Scan(), inputs, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, {1: seq}, {1: seq}))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
-    assert [t for t in targets if "selective_scan" in t] == ["archgen.selective_scan.default"], targets
+    assert [t for t in targets if "selective_scan" in t] == ["archgen_v1.selective_scan.default"], targets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,7 +291,8 @@ def test_export_is_one_node_with_dynamic_length():
 
 
 def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setattr(ss, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # what triton_on_cpu() asks
+    monkeypatch.setattr(ss, "interpreting", lambda: False)  # what the input checks ask
     args = {k: v.cpu() for k, v in make_inputs(1, 3, 2, 4).items()}
     with pytest.raises(RuntimeError, match="needs CUDA tensors.*ops/ssm.py"):
         ss.selective_scan(**args)
@@ -324,7 +310,7 @@ def test_input_errors_name_the_argument():
 
 @pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 128), (4096, 128)])
 def test_autotune_space_is_pruned_to_the_width(dim, widest):
-    kept = ss.FORWARD_TUNER.candidates(dim)
+    kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
     assert {c["num_warps"] for c in kept} == {2, 4, 8}
 
@@ -344,14 +330,14 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     launched = []
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
-    tuner = ss.Autotuner("forward", ss.FORWARD_CONFIGS)
-    key = ss.Autotuner.key(4096, 16, 16, torch.bfloat16)
+    tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
+    key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    assert tuner.tune(key, 4096, launch) == {"BLOCK_D": 64, "num_warps": 2}
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 64, "num_warps": 2}
     assert tuner.timings[key]["BLOCK_D=128,num_warps=4"].startswith("RuntimeError: out of resources")
     assert tuner.chosen == {key: {"BLOCK_D": 64, "num_warps": 2}}
 
-    pinned = ss.Autotuner("forward", ss.FORWARD_CONFIGS)
+    pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
     assert pinned.chosen == {key: {"BLOCK_D": 32, "num_warps": 8}}
 
@@ -362,11 +348,11 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     result with the chosen (wider) block still matches the reference."""
     import triton.testing
 
-    monkeypatch.setattr(ss, "interpreting", lambda: False)  # as on a GPU: tune instead of INTERPRETER_CONFIG
+    monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # as on a GPU: tune, not INTERPRETER_CONFIG
     monkeypatch.setattr(ss, "triton_on_cpu", lambda: True)  # ...and still launch the kernels on these CPU tensors
     monkeypatch.setattr(ss, "_check_inputs", lambda *args: None)  # which would refuse CPU tensors outside it
-    monkeypatch.setattr(ss, "FORWARD_TUNER", ss.Autotuner("forward", ss.FORWARD_CONFIGS))
-    monkeypatch.setattr(ss, "BACKWARD_TUNER", ss.Autotuner("backward", ss.BACKWARD_CONFIGS))
+    monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, {}))
+    monkeypatch.setattr(ss, "BACKWARD_TUNER", triton_support.Autotuner("test.backward", ss.BACKWARD_CONFIGS, {}))
     fake_ms = iter(range(1000, 0, -1))  # each later candidate is faster: the last (widest, most warps) wins
 
     def fake_do_bench(fn, **kwargs):
@@ -385,7 +371,7 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.Autotuner.key(20, 4, 4, torch.float32)
+    key = ss.shape_key(20, 4, 4, torch.float32)
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8}},
                                   "backward": {key: {"BLOCK_D": 32, "num_warps": 8}}}
     assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 4

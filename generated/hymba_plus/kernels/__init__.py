@@ -1,4 +1,5 @@
-"""Triton kernels hymba_plus runs on CUDA tensors, copied from archgen's kernels/. Do not edit.
+"""Triton kernels hymba_plus runs on CUDA tensors, copied from archgen's kernels/ (the package archgen_kernels)
+with triton_support.py, the autotuning and op registration they share. Do not edit.
 
 Where triton cannot be imported (a CPU-only install) each name is None, and the model runs the reference op of the
 same name in ops/. Each kernel is a torch.library custom op, so an exported program keeps it as one node;

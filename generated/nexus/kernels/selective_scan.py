@@ -50,20 +50,18 @@ Then, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed
 Reductions are deterministic, without atomics: dA, dD and d delta_bias are summed per program over time and
 written per batch row ((B, D, N), (B, D)), dB and dC per block of channels ((B, T, blocks, N)); torch sums those.
 
-Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen::selective_scan` and
-`archgen::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
+Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
+`archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
 implementations and autograd), the launchers `selective_scan_forward` / `selective_scan_backward` (autotuned on
-first use per width and dtype, or with an explicit config), `tuned_configs` / `pin_configs` (read the tuner's choices,
-or set them from a tuning file), `selective_scan_reference`, a plain loop over time with the same signature and
-return values: the ground truth of the tests, and what the operator computes for CPU tensors (an exported program
-holding it runs anywhere), and `decomposition`, the operator written with a traceable reference, for ONNX.
+first use per shape bucket, see `shape_key`, or with an explicit config), their autotune spaces `FORWARD_CONFIGS` /
+`BACKWARD_CONFIGS`, `tuned_configs` / `pin_configs` (read the tuners' choices, or set them),
+`selective_scan_reference`, a plain loop over time with the same signature and return values: the ground truth of
+the tests, and what the operator computes for CPU tensors (an exported program holding it runs anywhere), and
+`decomposition`, the operator written with a traceable reference, for ONNX.
 
-This file needs triton; nothing else outside torch. Under TRITON_INTERPRET=1 (set before triton is imported) the
-kernels run on CPU tensors through Triton's interpreter, slowly: that is how the tests run without a GPU.
+This file needs triton and triton_support.py next to it (the interpreter, the autotuner, op registration); nothing
+else outside torch.
 """
-
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +69,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a triton without the interpreter: never interpreting
-    InterpretedFunction = ()
+from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
 
 CHUNK_SIZE = 16
 """Time steps per chunk (a power of two). The forward's tiles are (CHUNK, BLOCK_D, N) and it checkpoints one
@@ -403,128 +398,30 @@ def _selective_scan_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
-    return isinstance(_selective_scan_fwd_kernel, InterpretedFunction)
+def shape_key(dim: int, dstate: int, chunk: int, dtype: torch.dtype) -> str:
+    """The autotuners' shape bucket: one config per width, state size, chunk and dtype of u."""
+    return f"D{dim}-N{dstate}-L{chunk}-{dtype_name(dtype)}"
 
 
-def triton_on_cpu() -> bool:
-    """Whether CPU tensors run the Triton kernels (in the interpreter) rather than the reference.
-
-    Only when interpreting and ARCHGEN_TRITON_ON_CPU=1, read at every call: the kernel tests ask for it. Otherwise
-    the operator computes CPU tensors with `selective_scan_reference`, which is what an exported program that holds
-    archgen::selective_scan does when it runs on a CPU (the interpreter would take seconds per call)."""
-    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
+def candidates(tuner: Autotuner, dim: int) -> list[dict]:
+    """The configs whose block is no wider than the channels need (the narrowest always stays)."""
+    widest = max(triton.next_power_of_2(dim), min(c["BLOCK_D"] for c in tuner.configs))
+    return [c for c in tuner.configs if c["BLOCK_D"] <= widest]
 
 
-def _fix_interpreter_scalars() -> None:
-    """Let Triton's interpreter run loops with runtime bounds under numpy >= 2.4.
-
-    The interpreter holds a scalar as a numpy array of shape (1,) and converts it with int(array), which numpy 2.4
-    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so `for i in range(n)` fails for a
-    runtime n. Its launch-time patch of tl.tensor.__index__ is wrapped to convert with .item() instead; the
-    interpreter restores patched attributes last-in first-out, so both are undone after each launch.
-    """
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "archgen_fixed", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patch_lang_tensor.archgen_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
+def _explicit(config: dict | None) -> dict | None:
+    return None if config is None else {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4)}
 
 
-if interpreting():
-    _fix_interpreter_scalars()
-
-
-def _strided(t: Tensor | None, ndim: int) -> tuple:
-    """(tensor or None, *strides): a kernel's pointer and stride arguments; an absent tensor gets zero strides."""
-    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
-
-
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it t's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-class Autotuner:
-    """Chooses BLOCK_D and num_warps of one kernel per (dim, dstate, chunk, dtype of u): on the first call with a
-    key it times every candidate config on that call's own tensors (triton.testing.do_bench) and keeps the fastest.
-
-    Not triton.autotune: that keys on the dtype of every tensor argument, and an absent optional input (None), like
-    the checkpoints inference does not write, has none — so each combination of present inputs would be tuned, and
-    all its configs compiled, anew. Here those variants share one choice and compile only the winner. `pin` sets
-    choices without timing (from a tuning file); `chosen` and `timings` record what was chosen and why.
-    Tuning launches the kernel many times: do it before a CUDA graph capture, or pin the configs.
-    """
-
-    def __init__(self, name: str, configs: list[dict]):
-        self.name = name
-        self.configs = configs
-        self.chosen: dict[str, dict] = {}
-        self.timings: dict[str, dict] = {}
-
-    @staticmethod
-    def key(dim: int, dstate: int, chunk: int, dtype: torch.dtype) -> str:
-        return f"D{dim}-N{dstate}-L{chunk}-{str(dtype).replace('torch.', '')}"
-
-    def candidates(self, dim: int) -> list[dict]:
-        """The configs whose block is no wider than the channels need (the narrowest always stays)."""
-        widest = max(triton.next_power_of_2(dim), min(c["BLOCK_D"] for c in self.configs))
-        return [c for c in self.configs if c["BLOCK_D"] <= widest]
-
-    def tune(self, key: str, dim: int, launch) -> dict:
-        """Time launch(config) for every candidate and keep the fastest; a config that fails to compile or run (out
-        of registers, shared memory) is recorded with its error and skipped."""
-        from triton.testing import do_bench
-
-        timings = {}
-        for config in self.candidates(dim):
-            try:
-                timings[_config_name(config)] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=25,
-                                                               return_mode="median"))
-            except Exception as error:  # one config failing must not fail the op: the others may run
-                timings[_config_name(config)] = f"{type(error).__name__}: {error}"[:300]
-        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
-        if not ran:
-            raise RuntimeError(f"no config of the {self.name} kernel ran for {key}: {timings}")
-        best = next(c for c in self.candidates(dim) if _config_name(c) == min(ran, key=ran.get))
-        self.chosen[key] = best
-        self.timings[key] = timings
-        return best
-
-    def pin(self, choices: dict) -> None:
-        """Use these {key: {"BLOCK_D", "num_warps"}} choices (e.g. `tuned_configs()` of an earlier run) untimed."""
-        self.chosen.update({key: {"BLOCK_D": int(c["BLOCK_D"]), "num_warps": int(c["num_warps"])}
-                            for key, c in choices.items()})
-
-    def known(self, key: str, explicit: dict | None) -> dict | None:
-        """The config to run without tuning: the explicit one, the interpreter's, or the chosen one; else None."""
-        if explicit is not None:
-            return {"BLOCK_D": explicit["BLOCK_D"], "num_warps": explicit.get("num_warps", 4)}
-        if interpreting():
-            return INTERPRETER_CONFIG
-        return self.chosen.get(key)
-
-
-def _config_name(config: dict) -> str:
-    return f"BLOCK_D={config['BLOCK_D']},num_warps={config['num_warps']}"
-
-
-FORWARD_TUNER = Autotuner("forward", FORWARD_CONFIGS)
-BACKWARD_TUNER = Autotuner("backward", BACKWARD_CONFIGS)
+FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
+BACKWARD_TUNER = Autotuner("selective_scan.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 
 
 def tuned_configs() -> dict:
     """The choices so far: {"forward"|"backward": {key: {"BLOCK_D", "num_warps"}}}, keys like D4096-N16-L16-bfloat16.
-    JSON-ready; `pin_configs` takes it back."""
-    return {tuner.name: {key: dict(c) for key, c in tuner.chosen.items()} for tuner in (FORWARD_TUNER, BACKWARD_TUNER)}
+    JSON-ready; `pin_configs` takes it back. (triton_support.tuning_table() has every op's, with the GPU and versions.)"""
+    return {kernel: {key: dict(c) for key, c in tuner.chosen.items()}
+            for kernel, tuner in (("forward", FORWARD_TUNER), ("backward", BACKWARD_TUNER))}
 
 
 def pin_configs(choices: dict) -> None:
@@ -567,9 +464,9 @@ def selective_scan_forward(
         return y, final_state, checkpoints
 
     args = (
-        *_strided(u, 3), *_strided(delta, 3), *_strided(A, 2), *_strided(B, 3), *_strided(C, 3),
-        *_strided(D, 1), *_strided(z, 3), *_strided(delta_bias, 1), *_strided(initial_state, 3),
-        *_strided(y, 3), *_strided(final_state, 3), *_strided(checkpoints if save_checkpoints else None, 4),
+        *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
+        *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(initial_state, 3),
+        *strided(y, 3), *strided(final_state, 3), *strided(checkpoints if save_checkpoints else None, 4),
         seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
     )
     constexprs = dict(
@@ -582,9 +479,9 @@ def selective_scan_forward(
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
         _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
-    key = Autotuner.key(dim, dstate, chunk_size, u.dtype)
-    with _on_device(u):
-        launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, dim, launch))
+    key = shape_key(dim, dstate, chunk_size, u.dtype)
+    with on_device(u):
+        launch(FORWARD_TUNER.known(key, _explicit(config)) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, dim)))
     return y, final_state, checkpoints
 
 
@@ -630,9 +527,9 @@ def selective_scan_backward(
 
     # Per-program partial sums, reduced below: dB/dC over channel blocks, dA/dD/d delta_bias over batch rows.
     # While the block width is still being tuned, the buffers are sized for the narrowest candidate.
-    key = Autotuner.key(dim, dstate, chunk_size, u.dtype)
-    config = BACKWARD_TUNER.known(key, config)
-    width = config["BLOCK_D"] if config is not None else min(c["BLOCK_D"] for c in BACKWARD_TUNER.candidates(dim))
+    key = shape_key(dim, dstate, chunk_size, u.dtype)
+    config = BACKWARD_TUNER.known(key, _explicit(config))
+    width = config["BLOCK_D"] if config is not None else min(c["BLOCK_D"] for c in candidates(BACKWARD_TUNER, dim))
     max_blocks = triton.cdiv(dim, width)
     dB_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
     dC_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
@@ -641,12 +538,12 @@ def selective_scan_backward(
     dbias_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if delta_bias is not None else None
 
     args = (
-        *_strided(u, 3), *_strided(delta, 3), *_strided(A, 2), *_strided(B, 3), *_strided(C, 3),
-        *_strided(D, 1), *_strided(z, 3), *_strided(delta_bias, 1), *_strided(checkpoints, 4),
-        *_strided(dy, 3), *_strided(dfinal_state, 3),
-        *_strided(du, 3), *_strided(ddelta, 3), *_strided(dz, 3),
-        *_strided(dB_part, 4), *_strided(dC_part, 4), *_strided(dA_part, 3), *_strided(dD_part, 2),
-        *_strided(dbias_part, 2), *_strided(dinit, 3),
+        *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
+        *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(checkpoints, 4),
+        *strided(dy, 3), *strided(dfinal_state, 3),
+        *strided(du, 3), *strided(ddelta, 3), *strided(dz, 3),
+        *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
+        *strided(dbias_part, 2), *strided(dinit, 3),
         seqlen, n_chunks, dim, dstate,
     )
     constexprs = dict(
@@ -659,8 +556,8 @@ def selective_scan_backward(
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
         _selective_scan_bwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
-    with _on_device(u):
-        config = config or BACKWARD_TUNER.tune(key, dim, launch)
+    with on_device(u):
+        config = config or BACKWARD_TUNER.tune(key, launch, candidates(BACKWARD_TUNER, dim))
         launch(config)
     used_blocks = triton.cdiv(dim, config["BLOCK_D"])
     dB = dB_part[:, :, :used_blocks].sum(2).to(B.dtype)
@@ -688,9 +585,6 @@ def _empty_backward(dfinal_state, u, delta, A, B, C, D, z, delta_bias, initial_s
 # ---------------------------------------------------------------------------------------------------------------
 
 
-OP_NAMESPACE = "archgen"
-
-
 def _forward_impl(
     u: Tensor,
     delta: Tensor,
@@ -705,12 +599,12 @@ def _forward_impl(
     save_checkpoints: bool,
     chunk_size: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """archgen::selective_scan -> (y, final_state, checkpoints): `selective_scan_forward` as an operator. The
+    """archgen_v1::selective_scan -> (y, final_state, checkpoints): `selective_scan_forward` as an operator. The
     checkpoints output is internal (for the backward), non-differentiable, and has no chunks unless save_checkpoints.
     CPU tensors take the reference (see `triton_on_cpu`), without checkpoints: an exported graph runs anywhere."""
     if not (u.is_cuda or triton_on_cpu()):
         if save_checkpoints:
-            raise RuntimeError("archgen::selective_scan has no backward for CPU tensors: train on a GPU, or with the "
+            raise RuntimeError("archgen_v1::selective_scan has no backward for CPU tensors: train on a GPU, or with the "
                                "reference op (ops/ssm.py)")
         y, final_state = selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
         batch, _, dim = u.shape
@@ -746,7 +640,7 @@ def _backward_impl(
     checkpoints: Tensor,
     chunk_size: int,
 ) -> list[Tensor]:
-    """archgen::selective_scan_backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state]:
+    """archgen_v1::selective_scan_backward -> [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state]:
     `selective_scan_backward` as an operator; the gradient of an absent optional input is an empty (0,) tensor
     (an operator cannot return None)."""
     grads = selective_scan_backward(dy, dfinal_state, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
@@ -788,23 +682,9 @@ def _backward(ctx, dy, dfinal_state, _dcheckpoints):
             present(dinit, initial_state), None, None)
 
 
-def _define_ops():
-    """Register archgen::selective_scan (with fake and autograd) and archgen::selective_scan_backward (with fake).
-
-    Once per process: when a copy of this file was imported before (a generated package's kernels/ next to this
-    checkout's), the ops it registered are reused — registering a name twice corrupts the dispatcher."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(namespace, "selective_scan") and hasattr(namespace, "selective_scan_backward"):
-        return namespace.selective_scan, namespace.selective_scan_backward
-    forward = torch.library.custom_op(f"{OP_NAMESPACE}::selective_scan", _forward_impl, mutates_args=())
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op(f"{OP_NAMESPACE}::selective_scan_backward", _backward_impl, mutates_args=())
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_backward, setup_context=_setup_context)
-    return forward, backward
-
-
-selective_scan_op, selective_scan_backward_op = _define_ops()
+selective_scan_backward_op = register_op("selective_scan_backward", _backward_impl, _backward_fake)
+selective_scan_op = register_op("selective_scan", _forward_impl, _forward_fake, backward=_backward,
+                                setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -883,7 +763,7 @@ def selective_scan_reference(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen::selective_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
+    """{archgen_v1::selective_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
 
     reference: a generated package's ops/ssm.py `selective_scan` (this function's signature plus max_seqlen, the bound
     that lets it trace a symbolic length). Exported graphs never save checkpoints, so the third output is empty."""
@@ -894,7 +774,7 @@ def decomposition(reference, max_seqlen: int) -> dict:
                                    max_seqlen=max_seqlen)
         return y, final_state, u.new_empty((u.size(0), 0, u.size(2), A.size(1)), dtype=torch.float32)
 
-    return {getattr(torch.ops, OP_NAMESPACE).selective_scan.default: selective_scan_decomposed}
+    return {op_overload("selective_scan"): selective_scan_decomposed}
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size) -> None:

@@ -1,0 +1,65 @@
+"""archgen_kernels.triton_support: tuning tables pin winners only for the GPU and versions they were measured on,
+and ops register once per process under the versioned namespace."""
+
+import json
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import selective_scan as ss
+from archgen_kernels import triton_support
+
+
+@pytest.fixture
+def fresh_tables(monkeypatch):
+    """Tuners and pinned entries of this test only."""
+    monkeypatch.setattr(triton_support, "TUNERS", {})
+    monkeypatch.setattr(triton_support, "_PINNED", {})
+
+
+def entry(key, block, **changes):
+    return {**triton_support.environment(), "kernel": "op.forward", "key": key, "config": {"BLOCK_D": block, "num_warps": 4},
+            **changes}
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_a_table_pins_only_what_was_measured_here():
+    tuner = triton_support.Autotuner("op.forward", [{"BLOCK_D": 16, "num_warps": 4}], {"BLOCK_D": 16, "num_warps": 4})
+    table = {"format": 1, "entries": [
+        entry("D64-bfloat16", 32),
+        entry("D128-bfloat16", 64, gpu="Some Other GPU"),
+        entry("D256-bfloat16", 64, torch="0.0.1"),
+        entry("D512-bfloat16", 64, triton="0.0.1"),
+    ]}
+    assert triton_support.load_tuning_table(table) == 1
+    assert tuner.chosen == {"D64-bfloat16": {"BLOCK_D": 32, "num_warps": 4}}
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_a_table_pins_tuners_created_after_it_and_reads_back(tmp_path):
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"format": 1, "entries": [entry("D64-float32", 32)]}))
+    assert triton_support.load_tuning_table(path) == 1
+    tuner = triton_support.Autotuner("op.forward", [], {})
+    assert tuner.chosen == {"D64-float32": {"BLOCK_D": 32, "num_warps": 4}}
+    assert triton_support.tuning_table() == {"format": 1, "entries": [entry("D64-float32", 32)]}
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_a_table_of_another_format_is_refused():
+    with pytest.raises(ValueError, match="tuning table format 2; this archgen reads format 1"):
+        triton_support.load_tuning_table({"format": 2, "entries": []})
+
+
+def test_ops_live_in_the_versioned_namespace_and_register_once():
+    assert triton_support.OP_NAMESPACE == "archgen_v1"
+    assert triton_support.op_overload("selective_scan") is torch.ops.archgen_v1.selective_scan.default
+    # A second copy of the op file (a generated package's) gets the registered op back and registers nothing.
+    again = triton_support.register_op("selective_scan", lambda *args: None, lambda *args: None)
+    assert again is torch.ops.archgen_v1.selective_scan
+    assert ss.decomposition(lambda *args, **kwargs: None, 8).keys() == {torch.ops.archgen_v1.selective_scan.default}
