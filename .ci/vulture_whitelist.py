@@ -61,3 +61,11 @@ _.eos_token_id
 _.pad_token_id
 # Set on a `tokenizers.Tokenizer` (archgen/train/tokenizer.py, train_bpe): the library reads it when it trains and encodes.
 _.pre_tokenizer
+# bench/attn_moe_kernels.py runs its sections by name; USE_FLEX_ATTENTION is a switch of ops/routing.py it sets.
+_.attn_num
+_.moe_num
+_.sparse_num
+_.sparse
+_.hspmn_262k
+_.rmsnorm
+_.USE_FLEX_ATTENTION
