@@ -4,11 +4,8 @@ Runs in Triton's interpreter without CUDA, at small ragged shapes (T not a multi
 not a multiple of the channel block, widths 2 to 4). Kernel-written buffers start as NaN (torch.empty is poisoned).
 """
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,24 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from archgen_kernels import causal_conv1d as conv
 from templates.runtime import ssm
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
-
-
-def _load_kernel_module():
-    name = "archgen_kernels_causal_conv1d"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "causal_conv1d.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-conv = _load_kernel_module()
 
 
 @pytest.fixture(autouse=True)

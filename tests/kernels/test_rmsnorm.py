@@ -4,10 +4,7 @@ decomposition. Without CUDA the kernels run in Triton's CPU interpreter (TRITON_
 imported), so shapes are small.
 """
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,26 +13,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from archgen_kernels import rmsnorm as rn
 from tests.numerics import assert_close
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # max |kernel - reference| / max |reference|; the reference runs in float64 on the kernel's input values
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SHAPES = [(1, 5), (3, 7), (5, 33), (2, 3, 100), (17, 64)]
-
-
-def _load():
-    name = "archgen_kernels_rmsnorm"
-    if name not in sys.modules:  # by path: `kernels` is also a PyPI package's name
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "rmsnorm.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-rn = _load()
 
 
 @pytest.fixture(autouse=True)

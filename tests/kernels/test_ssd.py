@@ -6,11 +6,8 @@ and d_state below the 16-wide tiles, several groups. Every buffer the kernels wr
 poisoned), so an element a kernel forgets shows up. The reference runs in float64 on the very values the kernel got.
 """
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,24 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from archgen_kernels import ssd
 from templates.runtime import ssd as runtime_ssd
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def _load_kernel_module():
-    """kernels/ssd.py by path (`kernels` is also a PyPI package's name)."""
-    name = "archgen_kernels_ssd"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "ssd.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ssd = _load_kernel_module()
 
 # Relative error ‖kernel - reference‖ / ‖reference‖ per input dtype (the issue's bars: float32 1e-5, bf16 1e-2).
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}

@@ -4,11 +4,8 @@ Runs in Triton's interpreter without CUDA, at small odd shapes (P and N below th
 several groups). Kernel-written buffers start as NaN (torch.empty is poisoned).
 """
 
-import importlib.util
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +14,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+from archgen_kernels import state_update as su
 from templates.runtime import ssd as runtime_ssd
 from templates.runtime import ssm as runtime_ssm
 
-ROOT = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def _load_kernel_module():
-    name = "archgen_kernels_state_update"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "kernels" / "state_update.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-su = _load_kernel_module()
 
 
 @pytest.fixture(autouse=True)
