@@ -473,6 +473,10 @@ def main() -> None:
         if name in only:
             bench.section(name, getattr(bench, name), needs_s=needs_s)
     bench.results["tuned_configs"] = bench.ss.tuned_configs()
+    from archgen_kernels import triton_support
+
+    # The same choices with the GPU name and torch / triton versions: load_tuning_table() pins them on a like machine.
+    bench.results["tuning_table"] = triton_support.tuning_table()
     bench.write()
 
 
