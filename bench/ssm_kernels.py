@@ -63,6 +63,7 @@ import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
 SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
 
 # The issue's shapes, and the dry run's stand-ins (small, ragged, fast in the interpreter).
@@ -83,17 +84,6 @@ DRY = {
     "mamba1_step": {"dim": 20, "dstate": 16},
 }
 TOLERANCE = {"bfloat16": 1e-2, "float32": 1e-5}
-
-
-def load_module(name: str, relative_path: str):
-    """Import a repository file by path (`kernels` is also a PyPI package's name, which a plain import could find)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def load_runtime(name: str):
@@ -143,9 +133,13 @@ class Bench:
         self.started = time.perf_counter()
         self.device = "cpu" if dry_run else "cuda"
         self.shapes = DRY if dry_run else FULL
-        self.ssd = load_module("archgen_kernels_ssd", "kernels/ssd.py")
-        self.conv_kernels = load_module("archgen_kernels_causal_conv1d", "kernels/causal_conv1d.py")
-        self.step = load_module("archgen_kernels_state_update", "kernels/state_update.py")
+        sys.path.insert(0, str(ROOT))
+        from archgen.resources import kernels_package
+
+        kernels_package()  # this checkout's kernels/ as archgen_kernels
+        self.ssd = importlib.import_module("archgen_kernels.ssd")
+        self.conv_kernels = importlib.import_module("archgen_kernels.causal_conv1d")
+        self.step = importlib.import_module("archgen_kernels.state_update")
         self.runtime_ssd = load_runtime("ssd")
         self.results: dict = {"command": command, "dry_run": dry_run}
         self.bars: list[dict] = []

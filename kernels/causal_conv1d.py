@@ -20,13 +20,10 @@ d bias per time block (deterministic; torch adds the blocks up). A decoding step
 (`causal_conv1d_update`).
 
 Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step), the custom
-ops `archgen::causal_conv1d` and `archgen::causal_conv1d_backward` (fake implementations, autograd), the launchers
+ops `archgen_v1::causal_conv1d` and `archgen_v1::causal_conv1d_backward` (fake implementations, autograd), the launchers
 `causal_conv1d_forward` / `causal_conv1d_backward` with their autotune spaces, `causal_conv1d_reference` (the same
-signature over ops/ssm.py's loop) and `decomposition` (for ONNX).
+signature over ops/ssm.py's loop) and `decomposition` (for ONNX). Needs triton and triton_support.py next to it.
 """
-
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a triton without the interpreter: never interpreting
-    InterpretedFunction = ()
+from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = (None, "silu")
@@ -216,74 +210,18 @@ def _conv_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
-    return isinstance(_conv_fwd_kernel, InterpretedFunction)
+FORWARD_TUNER = Autotuner("causal_conv1d.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
+BACKWARD_TUNER = Autotuner("causal_conv1d.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 
 
-def triton_on_cpu() -> bool:
-    """Whether CPU tensors run the kernels (in the interpreter) rather than the reference: only when interpreting and
-    ARCHGEN_TRITON_ON_CPU=1 (the kernel tests set it)."""
-    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
-
-
-def _strided(t: Tensor | None, ndim: int) -> tuple:
-    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-class Autotuner:
-    """One choice of (BLOCK_T, BLOCK_D, num_warps) per key, timed on the first call (as kernels/selective_scan.py)."""
-
-    def __init__(self, name: str, configs: list[dict]):
-        self.name = name
-        self.configs = configs
-        self.chosen: dict[str, dict] = {}
-        self.timings: dict[str, dict] = {}
-
-    def config(self, key: str, launch, explicit: dict | None = None) -> dict:
-        if explicit is not None:
-            return explicit
-        if interpreting():
-            return INTERPRETER_CONFIG
-        if key in self.chosen:
-            return self.chosen[key]
-        from triton.testing import do_bench
-
-        timings = {}
-        for config in self.configs:
-            name = ",".join(f"{k}={v}" for k, v in config.items())
-            try:
-                timings[name] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=20,
-                                               return_mode="median"))
-            except Exception as error:  # noqa: BLE001 -- one config failing must not fail the op
-                timings[name] = f"{type(error).__name__}: {error}"[:300]
-        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
-        if not ran:
-            raise RuntimeError(f"no config of the conv1d {self.name} kernel ran for {key}: {timings}")
-        best = self.configs[list(timings).index(min(ran, key=ran.get))]
-        self.chosen[key] = best
-        self.timings[key] = timings
-        return best
-
-    def pin(self, choices: dict) -> None:
-        self.chosen.update({key: dict(config) for key, config in choices.items()})
-
-
-FORWARD_TUNER = Autotuner("forward", FORWARD_CONFIGS)
-BACKWARD_TUNER = Autotuner("backward", BACKWARD_CONFIGS)
+def _config(tuner: Autotuner, key: str, launch, explicit: dict | None) -> dict:
+    known = tuner.known(key, explicit)
+    return known if known is not None else tuner.tune(key, launch)
 
 
 def tuned_configs() -> dict:
-    return {tuner.name: {key: dict(c) for key, c in tuner.chosen.items()} for tuner in (FORWARD_TUNER, BACKWARD_TUNER)}
-
-
-def pin_configs(choices: dict) -> None:
-    FORWARD_TUNER.pin(choices.get("forward", {}))
-    BACKWARD_TUNER.pin(choices.get("backward", {}))
+    """{"forward"|"backward": {key: config}} chosen so far (triton_support.tuning_table() has them too)."""
+    return {"forward": dict(FORWARD_TUNER.chosen), "backward": dict(BACKWARD_TUNER.chosen)}
 
 
 def _launch_options(config: dict) -> dict:
@@ -307,8 +245,8 @@ def causal_conv1d_forward(
     new_state = torch.empty((batch, dim, width - 1), dtype=x.dtype, device=x.device)
     if batch == 0 or dim == 0:
         return y, new_state
-    args = (*_strided(x, 3), *_strided(weight, 2), bias, *_strided(conv_state, 3), *_strided(y, 3),
-            *_strided(new_state, 3), seqlen, dim)
+    args = (*strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(y, 3),
+            *strided(new_state, 3), seqlen, dim)
     constexprs = {"HAS_BIAS": bias is not None, "HAS_STATE": conv_state is not None, "SILU": bool(silu),
                   "WIDTH": width, "BLOCK_K": max(1, triton.next_power_of_2(width - 1))}
 
@@ -316,9 +254,9 @@ def causal_conv1d_forward(
         grid = (batch, max(1, triton.cdiv(seqlen, cfg["BLOCK_T"])), triton.cdiv(dim, cfg["BLOCK_D"]))
         _conv_fwd_kernel[grid](*args, **constexprs, **_launch_options(cfg))
 
-    key = f"D{dim}-K{width}-T{'1' if seqlen == 1 else 'n'}-{str(x.dtype).replace('torch.', '')}"
-    with _on_device(x):
-        launch(FORWARD_TUNER.config(key, launch, config))
+    key = f"D{dim}-K{width}-T{'1' if seqlen == 1 else 'n'}-{dtype_name(x.dtype)}"
+    with on_device(x):
+        launch(_config(FORWARD_TUNER, key, launch, config))
     return y, new_state
 
 
@@ -339,7 +277,7 @@ def causal_conv1d_backward(
     device = x.device
     dx = torch.empty((batch, seqlen, dim), dtype=x.dtype, device=device)
     dstate = torch.zeros((batch, dim, width - 1), dtype=torch.float32, device=device) if conv_state is not None else None
-    key = f"D{dim}-K{width}-{str(x.dtype).replace('torch.', '')}"
+    key = f"D{dim}-K{width}-{dtype_name(x.dtype)}"
     parts = {}
 
     def launch(cfg):
@@ -347,15 +285,15 @@ def causal_conv1d_backward(
         parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=device)
         parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=device)
         _conv_bwd_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
-            *_strided(x, 3), *_strided(weight, 2), bias, *_strided(conv_state, 3), *_strided(dy, 3),
-            *_strided(dx, 3), dstate, parts["dweight"], parts["dbias"], seqlen, dim,
+            *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3),
+            *strided(dx, 3), dstate, parts["dweight"], parts["dbias"], seqlen, dim,
             HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=bool(silu), WIDTH=width,
             BLOCK_K=max(1, triton.next_power_of_2(width - 1)), **_launch_options(cfg),
         )
 
     if batch > 0 and dim > 0 and seqlen > 0:
-        with _on_device(x):
-            launch(BACKWARD_TUNER.config(key, launch, config))
+        with on_device(x):
+            launch(_config(BACKWARD_TUNER, key, launch, config))
         dweight = parts["dweight"].sum((0, 1)).t()
         dbias = parts["dbias"].sum((0, 1))
     else:
@@ -378,12 +316,9 @@ def causal_conv1d_backward(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-OP_NAMESPACE = "archgen"
-
-
 def _forward_impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None,
                   silu: bool) -> tuple[Tensor, Tensor]:
-    """archgen::causal_conv1d -> (y, new_conv_state). CPU tensors take the reference (outside the kernel tests)."""
+    """archgen_v1::causal_conv1d -> (y, new_conv_state). CPU tensors take the reference (outside the kernel tests)."""
     if not (x.is_cuda or triton_on_cpu()):
         return causal_conv1d_reference(x, weight, bias, conv_state, "silu" if silu else None)
     return causal_conv1d_forward(x, weight, bias, conv_state, silu)
@@ -396,7 +331,7 @@ def _forward_fake(x, weight, bias, conv_state, silu):
 
 def _backward_impl(dy: Tensor, dnew_state: Tensor | None, x: Tensor, weight: Tensor, bias: Tensor | None,
                    conv_state: Tensor | None, silu: bool) -> list[Tensor]:
-    """archgen::causal_conv1d_backward -> [dx, dweight, dbias, dconv_state]; absent inputs get empty (0,) tensors."""
+    """archgen_v1::causal_conv1d_backward -> [dx, dweight, dbias, dconv_state]; absent inputs get empty (0,) tensors."""
     grads = causal_conv1d_backward(dy, dnew_state, x, weight, bias, conv_state, silu)
     return [g if g is not None else x.new_empty((0,)) for g in grads]
 
@@ -423,20 +358,9 @@ def _backward(ctx, dy, dnew_state):
     return (dx, dweight, dbias if bias is not None else None, dstate if conv_state is not None else None, None)
 
 
-def _define_ops():
-    """Register archgen::causal_conv1d (fake, autograd) and archgen::causal_conv1d_backward (fake) once per process."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(namespace, "causal_conv1d") and hasattr(namespace, "causal_conv1d_backward"):
-        return namespace.causal_conv1d, namespace.causal_conv1d_backward
-    forward = torch.library.custom_op(f"{OP_NAMESPACE}::causal_conv1d", _forward_impl, mutates_args=())
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op(f"{OP_NAMESPACE}::causal_conv1d_backward", _backward_impl, mutates_args=())
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_backward, setup_context=_setup_context)
-    return forward, backward
-
-
-causal_conv1d_op, causal_conv1d_backward_op = _define_ops()
+causal_conv1d_backward_op = register_op("causal_conv1d_backward", _backward_impl, _backward_fake)
+causal_conv1d_op = register_op("causal_conv1d", _forward_impl, _forward_fake, backward=_backward,
+                               setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -498,13 +422,13 @@ def causal_conv1d_reference(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen::causal_conv1d: the op written with `reference`} (ops/ssm.py's causal_conv1d), for ONNX."""
+    """{archgen_v1::causal_conv1d: the op written with `reference`} (ops/ssm.py's causal_conv1d), for ONNX."""
 
     def causal_conv1d_decomposed(x, weight, bias, conv_state, silu):
         y, new_state = reference(x, weight, bias, conv_state)
         return (F.silu(y) if silu else y), new_state
 
-    return {getattr(torch.ops, OP_NAMESPACE).causal_conv1d.default: causal_conv1d_decomposed}
+    return {op_overload("causal_conv1d"): causal_conv1d_decomposed}
 
 
 def _check_inputs(x, weight, bias, conv_state) -> None:

@@ -51,15 +51,13 @@ for the state terms. Reductions are deterministic (no atomics): per-program part
 T need not be a multiple of the chunk: positions past T get Δ = 0 (decay 1, no input) and every load past T is
 masked. L (chunk_size) must be a power of two ≥ 16; the result does not depend on it beyond rounding.
 
-Contents: `ssd_scan` (the entry point, CUDA tensors), the custom ops `archgen::ssd_scan` and
-`archgen::ssd_scan_backward` (one graph node each under torch.compile / torch.export, with fake implementations and
-autograd), the launchers `ssd_scan_forward` / `ssd_scan_backward`, the autotune spaces and `tuned_configs` /
-`pin_configs`, `ssd_scan_reference` (a plain loop over time with the same signature: the tests' ground truth and the
-op's CPU path), and `decomposition` (the op written with ops/ssd.py's `ssd_scan`, for ONNX).
+Contents: `ssd_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::ssd_scan` and
+`archgen_v1::ssd_scan_backward` (one graph node each under torch.compile / torch.export, with fake implementations and
+autograd), the launchers `ssd_scan_forward` / `ssd_scan_backward`, the autotune spaces and their tuners (TUNERS, named
+ssd.<kernel> in triton_support's tuning tables), `ssd_scan_reference` (a plain loop over time with the same signature:
+the tests' ground truth and the op's CPU path), and `decomposition` (the op written with ops/ssd.py's `ssd_scan`, for
+ONNX). Needs triton and triton_support.py next to it.
 """
-
-import contextlib
-import os
 
 import torch
 import torch.nn.functional as F
@@ -67,10 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a triton without the interpreter: never interpreting
-    InterpretedFunction = ()
+from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
 
 CHUNK_SIZE = 256
 """The default chunk length L: the intra-chunk products are (L, L) per head, the states are stored once per chunk."""
@@ -121,7 +116,7 @@ INTERPRETER_CONFIGS = {
 # ---------------------------------------------------------------------------------------------------------------
 
 
-_EMULATE_HALF_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+_EMULATE_HALF_DOT = tl.constexpr(interpreting())
 """Triton's interpreter computes tl.dot on bfloat16 operands as integers (it stores them as uint16): there the
 operands are rounded to their half dtype and multiplied in float32, which is what the tensor cores compute."""
 
@@ -681,122 +676,35 @@ def _dt_bwd_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
-    return isinstance(_output_fwd_kernel, InterpretedFunction)
-
-
-def triton_on_cpu() -> bool:
-    """Whether CPU tensors run the kernels (in the interpreter) rather than the reference: only when interpreting
-    and ARCHGEN_TRITON_ON_CPU=1, which the kernel tests set. Otherwise the op computes CPU tensors with
-    `ssd_scan_reference`, as an exported program holding archgen::ssd_scan does on a CPU."""
-    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
-
-
-def _fix_interpreter_scalars() -> None:
-    """Let the interpreter run loops with runtime bounds under numpy >= 2.4 (see kernels/selective_scan.py)."""
-    from triton.runtime import interpreter
-
-    original = getattr(interpreter, "_patch_lang_tensor", None)
-    if original is None or getattr(original, "archgen_fixed", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    patch_lang_tensor.archgen_fixed = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if interpreting():
-    _fix_interpreter_scalars()
-
-
-def _strided(t: Tensor | None, ndim: int) -> tuple:
-    """(tensor or None, *strides): a kernel's pointer and stride arguments; an absent tensor gets zero strides."""
-    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _launch_options(config: dict) -> dict:
     return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
 
 
-class Autotuner:
-    """Chooses one kernel's config per key (shapes and dtype): on the first call with a key it times every candidate
-    on that call's tensors (triton.testing.do_bench, median) and keeps the fastest; `pin` sets choices untimed.
-
-    Not triton.autotune, for the reason kernels/selective_scan.py gives (absent optional inputs would each be tuned
-    anew). A candidate that fails to compile or run (registers, shared memory) is recorded and skipped.
-    """
-
-    def __init__(self, name: str, configs: list[dict], interpreter_config: dict):
-        self.name = name
-        self.configs = configs
-        self.interpreter_config = interpreter_config
-        self.chosen: dict[str, dict] = {}
-        self.timings: dict[str, dict] = {}
-
-    def config(self, key: str, launch, explicit: dict | None = None, fits=lambda c: True) -> dict:
-        """The config to launch: explicit, the interpreter's, pinned/chosen, or else tuned now."""
-        if explicit is not None:
-            return explicit
-        if interpreting():
-            return self.interpreter_config
-        if key in self.chosen:
-            return self.chosen[key]
-        from triton.testing import do_bench
-
-        timings = {}
-        candidates = [c for c in self.configs if fits(c)] or [self.configs[0]]
-        for config in candidates:
-            name = _config_name(config)
-            try:
-                timings[name] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=20,
-                                               return_mode="median"))
-            except Exception as error:  # noqa: BLE001 -- one config failing must not fail the op: the others may run
-                timings[name] = f"{type(error).__name__}: {error}"[:300]
-        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
-        if not ran:
-            raise RuntimeError(f"no config of the SSD {self.name} kernel ran for {key}: {timings}")
-        best = next(c for c in candidates if _config_name(c) == min(ran, key=ran.get))
-        self.chosen[key] = best
-        self.timings[key] = timings
-        return best
-
-    def pin(self, choices: dict) -> None:
-        self.chosen.update({key: dict(config) for key, config in choices.items()})
-
-
-def _config_name(config: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in config.items())
-
-
 TUNERS = {
-    "state_fwd": Autotuner("state_fwd", STATE_CONFIGS, INTERPRETER_CONFIGS["state"]),
-    "cb": Autotuner("cb", CB_CONFIGS, INTERPRETER_CONFIGS["cb"]),
-    "output_fwd": Autotuner("output_fwd", OUTPUT_CONFIGS, INTERPRETER_CONFIGS["output"]),
-    "state_bwd": Autotuner("state_bwd", STATE_BWD_CONFIGS, INTERPRETER_CONFIGS["state"]),
-    "dx_bwd": Autotuner("dx_bwd", ROW_BWD_CONFIGS, INTERPRETER_CONFIGS["output"]),
-    "db_bwd": Autotuner("db_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
-    "dc_bwd": Autotuner("dc_bwd", GROUP_BWD_CONFIGS, INTERPRETER_CONFIGS["group_bwd"]),
-    "dlog_bwd": Autotuner("dlog_bwd", ROW_BWD_CONFIGS, INTERPRETER_CONFIGS["output"]),
+    name: Autotuner(f"ssd.{name}", configs, INTERPRETER_CONFIGS[interpreter])
+    for name, configs, interpreter in (
+        ("state_fwd", STATE_CONFIGS, "state"), ("cb", CB_CONFIGS, "cb"), ("output_fwd", OUTPUT_CONFIGS, "output"),
+        ("state_bwd", STATE_BWD_CONFIGS, "state"), ("dx_bwd", ROW_BWD_CONFIGS, "output"),
+        ("db_bwd", GROUP_BWD_CONFIGS, "group_bwd"), ("dc_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
+        ("dlog_bwd", ROW_BWD_CONFIGS, "output"),
+    )
 }
+"""The kernels' autotuners (triton_support.Autotuner, named ssd.<kernel>: tuning tables pin their winners)."""
+
+
+def _config(name: str, key: str, launch, explicit: dict | None, fits) -> dict:
+    """The config to launch: explicit, the interpreter's or a pinned/earlier choice; else tune now among the
+    candidates that fit (the chunk must hold whole blocks)."""
+    tuner = TUNERS[name]
+    known = tuner.known(key, explicit)
+    if known is not None:
+        return known
+    return tuner.tune(key, launch, [c for c in tuner.configs if fits(c)] or tuner.configs[:1])
 
 
 def tuned_configs() -> dict:
-    """{kernel: {key: config}} chosen so far, JSON-ready; `pin_configs` takes it back."""
+    """{kernel: {key: config}} chosen so far, JSON-ready (triton_support.tuning_table() has them too)."""
     return {name: {key: dict(c) for key, c in tuner.chosen.items()} for name, tuner in TUNERS.items()}
-
-
-def pin_configs(choices: dict) -> None:
-    """Pin {kernel: {key: config}} (what `tuned_configs` returns), so those keys are never timed."""
-    for name, table in choices.items():
-        TUNERS[name].pin(table)
 
 
 def _key(*parts) -> str:
@@ -859,46 +767,46 @@ def ssd_scan_forward(
     if seqlen == 0 or batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:  # nothing to scan
         final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state, dtp, cum, cb, enter
-    dtype_name = str(x.dtype)
+    dtype_name_ = dtype_name(x.dtype)
 
-    with _on_device(x):
+    with on_device(x):
         _dt_cumsum_kernel[(batch * nheads, nchunks)](
-            *_strided(dt, 3), A, dt_bias, dtp, cum, seqlen, nheads, padded,
+            *strided(dt, 3), A, dt_bias, dtp, cum, seqlen, nheads, padded,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk,
         )
 
         def launch_cb(cfg):
             tiles = (chunk // cfg["BLOCK_T"]) ** 2
             _chunk_cb_kernel[(tiles, nchunks * ngroups, batch)](
-                *_strided(C, 4), *_strided(B, 4), cb, seqlen, ngroups, nchunks, dstate,
+                *strided(C, 4), *strided(B, 4), cb, seqlen, ngroups, nchunks, dstate,
                 DOT_PRECISION=precision, CHUNK=chunk, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
             )
 
-        launch_cb(TUNERS["cb"].config(_key("cb", chunk, dstate, dtype_name), launch_cb, configs.get("cb"),
+        launch_cb(_config("cb", _key("cb", chunk, dstate, dtype_name_), launch_cb, configs.get("cb"),
                                       _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_state(cfg):
             grid = (batch * nheads, triton.cdiv(headdim, cfg["BLOCK_P"]), triton.cdiv(dstate, cfg["BLOCK_N"]))
             _state_fwd_kernel[grid](
-                *_strided(x, 4), *_strided(B, 4), dtp, cum, *_strided(initial_state, 4), enter, final_state,
+                *strided(x, 4), *strided(B, 4), dtp, cum, *strided(initial_state, 4), enter, final_state,
                 seqlen, nheads, nheads // ngroups, headdim, dstate, nchunks, padded,
                 HAS_INIT=initial_state is not None, DOT_PRECISION=precision, CHUNK=chunk,
                 BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], **_launch_options(cfg),
             )
 
-        launch_state(TUNERS["state_fwd"].config(_key("state_fwd", chunk, headdim, dstate, dtype_name), launch_state,
+        launch_state(_config("state_fwd", _key("state_fwd", chunk, headdim, dstate, dtype_name_), launch_state,
                                                 configs.get("state_fwd"), _fits_chunk(chunk, "BLOCK_L")))
 
         def launch_output(cfg):
             grid = (nheads, nchunks * (chunk // cfg["BLOCK_T"]), batch)
             _output_fwd_kernel[grid](
-                *_strided(x, 4), *_strided(C, 4), D, dtp, cum, cb, enter, *_strided(y, 4),
+                *strided(x, 4), *strided(C, 4), D, dtp, cum, cb, enter, *strided(y, 4),
                 seqlen, nheads, nheads // ngroups, ngroups, headdim, dstate, nchunks, padded,
                 HAS_D=D is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
                 BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
             )
 
-        launch_output(TUNERS["output_fwd"].config(_key("output_fwd", chunk, headdim, dstate, dtype_name),
+        launch_output(_config("output_fwd", _key("output_fwd", chunk, headdim, dstate, dtype_name_),
                                                   launch_output, configs.get("output_fwd"),
                                                   _fits_chunk(chunk, "BLOCK_T")))
     return y, final_state, dtp, cum, cb, enter
@@ -936,7 +844,7 @@ def ssd_scan_backward(
     padded = nchunks * chunk
     block_p, block_n = max(16, triton.next_power_of_2(headdim)), max(16, triton.next_power_of_2(dstate))
     precision = _dot_precision(x.dtype)
-    dtype_name = str(x.dtype)
+    dtype_name_ = dtype_name(x.dtype)
     f32 = {"dtype": torch.float32, "device": device}
 
     dx = torch.empty((batch, seqlen, nheads, headdim), dtype=x.dtype, device=device)
@@ -957,9 +865,9 @@ def ssd_scan_backward(
             dinit = dfinal_state.to(initial_state.dtype).clone() if dfinal_state is not None else zeros(initial_state)
         return zeros(x), zeros(dt), zeros(A), zeros(B), zeros(C), zeros(D), dinit, zeros(dt_bias)
 
-    with _on_device(x):
-        state_cfg = TUNERS["state_bwd"].config(
-            _key("state_bwd", chunk, headdim, dstate, dtype_name),
+    with on_device(x):
+        state_cfg = _config(
+            "state_bwd", _key("state_bwd", chunk, headdim, dstate, dtype_name_),
             lambda cfg: _launch_state_bwd(cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, seqlen, nheads,
                                           heads_per_group, headdim, dstate, nchunks, padded, precision, chunk),
             configs.get("state_bwd"), _fits_chunk(chunk, "BLOCK_L"))
@@ -973,14 +881,14 @@ def ssd_scan_backward(
             n_blocks = chunk // cfg["BLOCK_T"]
             dD_part = torch.empty((batch, nchunks * n_blocks, nheads), **f32) if D is not None else None
             _dx_bwd_kernel[(nchunks * n_blocks, nheads, batch)](
-                *_strided(x, 4), *_strided(B, 4), D, *_strided(dy, 4), dtp, cum, cb, grad_after, *_strided(dx, 4),
+                *strided(x, 4), *strided(B, 4), D, *strided(dy, 4), dtp, cum, cb, grad_after, *strided(dx, 4),
                 ddt_direct, state_term, dD_part, *dims,
                 HAS_D=D is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
                 BLOCK_T=cfg["BLOCK_T"], **_launch_options(cfg),
             )
             return dD_part
 
-        dD_part = launch_dx(TUNERS["dx_bwd"].config(_key("dx_bwd", chunk, headdim, dstate, dtype_name), launch_dx,
+        dD_part = launch_dx(_config("dx_bwd", _key("dx_bwd", chunk, headdim, dstate, dtype_name_), launch_dx,
                                                     configs.get("dx_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_db(cfg):
@@ -988,14 +896,14 @@ def ssd_scan_backward(
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dB_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
             _db_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *_strided(x, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, grad_after, dB_part, *dims,
+                *strided(x, 4), *strided(C, 4), *strided(dy, 4), dtp, cum, grad_after, dB_part, *dims,
                 DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
                 HEAD_SPLIT=split, **_launch_options(cfg),
             )
             return dB_part
 
-        dB_part = launch_db(TUNERS["db_bwd"].config(
-            _key("db_bwd", chunk, headdim, dstate, heads_per_group, dtype_name), launch_db, configs.get("db_bwd"),
+        dB_part = launch_db(_config("db_bwd",
+            _key("db_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_db, configs.get("db_bwd"),
             _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_dc(cfg):
@@ -1003,33 +911,33 @@ def ssd_scan_backward(
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dC_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
             _dc_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *_strided(x, 4), *_strided(B, 4), *_strided(dy, 4), dtp, cum, enter, dC_part, *dims,
+                *strided(x, 4), *strided(B, 4), *strided(dy, 4), dtp, cum, enter, dC_part, *dims,
                 DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
                 HEAD_SPLIT=split, **_launch_options(cfg),
             )
             return dC_part
 
-        dC_part = launch_dc(TUNERS["dc_bwd"].config(
-            _key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name), launch_dc, configs.get("dc_bwd"),
+        dC_part = launch_dc(_config("dc_bwd",
+            _key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_dc, configs.get("dc_bwd"),
             _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_dlog(cfg):
             n_blocks = chunk // cfg["BLOCK_T"]
             cross = torch.zeros((batch, nheads, n_blocks, padded), **f32)  # blocks above the diagonal stay 0
             _dlog_bwd_kernel[(nchunks * n_blocks, nheads, batch)](
-                *_strided(x, 4), *_strided(C, 4), *_strided(dy, 4), dtp, cum, cb, enter, off_term, cross, *dims,
+                *strided(x, 4), *strided(C, 4), *strided(dy, 4), dtp, cum, cb, enter, off_term, cross, *dims,
                 DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
                 **_launch_options(cfg),
             )
             return cross
 
-        cross = launch_dlog(TUNERS["dlog_bwd"].config(_key("dlog_bwd", chunk, headdim, dstate, dtype_name),
+        cross = launch_dlog(_config("dlog_bwd", _key("dlog_bwd", chunk, headdim, dstate, dtype_name_),
                                                       launch_dlog, configs.get("dlog_bwd"),
                                                       _fits_chunk(chunk, "BLOCK_T")))
 
         _dt_bwd_kernel[(batch * nheads, nchunks)](
-            *_strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
-            *_strided(ddt, 3), dA_part, dbias_part, seqlen, nheads, nchunks, padded,
+            *strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
+            *strided(ddt, 3), dA_part, dbias_part, seqlen, nheads, nchunks, padded,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk, CROSS_BLOCKS=cross.shape[2],
         )
 
@@ -1049,7 +957,7 @@ def _launch_state_bwd(cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, s
     tiles_p, tiles_n = triton.cdiv(headdim, cfg["BLOCK_P"]), triton.cdiv(dstate, cfg["BLOCK_N"])
     k_part = torch.empty((batch, nheads, nchunks, tiles_p * tiles_n), dtype=torch.float32, device=dy.device)
     _state_bwd_kernel[(batch * nheads, tiles_p, tiles_n)](
-        *_strided(dy, 4), *_strided(C, 4), cum, enter, *_strided(dfinal_state, 4), grad_after, k_part, dinit,
+        *strided(dy, 4), *strided(C, 4), cum, enter, *strided(dfinal_state, 4), grad_after, k_part, dinit,
         seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded,
         HAS_DFINAL=dfinal_state is not None, HAS_INIT=dinit is not None, DOT_PRECISION=precision, CHUNK=chunk,
         BLOCK_P=cfg["BLOCK_P"], BLOCK_N=cfg["BLOCK_N"], BLOCK_L=cfg["BLOCK_L"], **_launch_options(cfg),
@@ -1060,9 +968,6 @@ def _launch_state_bwd(cfg, dy, dfinal_state, C, cum, enter, grad_after, dinit, s
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops: one graph node each for torch.compile / torch.export, with autograd
 # ---------------------------------------------------------------------------------------------------------------
-
-
-OP_NAMESPACE = "archgen"
 
 
 def _forward_impl(
@@ -1077,7 +982,7 @@ def _forward_impl(
     dt_bias: Tensor | None,
     dt_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """archgen::ssd_scan -> (y, final_state, dtp, cum, cb, enter): `ssd_scan_forward` as an operator; the last four
+    """archgen_v1::ssd_scan -> (y, final_state, dtp, cum, cb, enter): `ssd_scan_forward` as an operator; the last four
     are internal (for the backward) and non-differentiable. CPU tensors take the reference (see `triton_on_cpu`),
     with empty internals: an exported graph runs anywhere, but trains only on a GPU."""
     if not (x.is_cuda or triton_on_cpu()):
@@ -1121,10 +1026,10 @@ def _backward_impl(
     cb: Tensor,
     enter: Tensor,
 ) -> list[Tensor]:
-    """archgen::ssd_scan_backward -> [dx, ddt, dA, dB, dC, dD, dinitial_state, ddt_bias]; an absent input's gradient
+    """archgen_v1::ssd_scan_backward -> [dx, ddt, dA, dB, dC, dD, dinitial_state, ddt_bias]; an absent input's gradient
     is an empty (0,) tensor (an operator cannot return None)."""
     if dtp.numel() == 0 and x.numel() > 0:
-        raise RuntimeError("archgen::ssd_scan has no backward for CPU tensors: train on a GPU, or with the reference "
+        raise RuntimeError("archgen_v1::ssd_scan has no backward for CPU tensors: train on a GPU, or with the reference "
                            "op (ops/ssd.py)")
     grads = ssd_scan_backward(dy, dfinal_state, x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus,
                               dtp, cum, cb, enter)
@@ -1164,21 +1069,9 @@ def _backward(ctx, dy, dfinal_state, *_internal_grads):
     return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dinit, initial_state), present(dbias, dt_bias), None)
 
 
-def _define_ops():
-    """Register archgen::ssd_scan (with fake and autograd) and archgen::ssd_scan_backward (with fake), once per
-    process: a second copy of this file (a generated package's kernels/) reuses what the first registered."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(namespace, "ssd_scan") and hasattr(namespace, "ssd_scan_backward"):
-        return namespace.ssd_scan, namespace.ssd_scan_backward
-    forward = torch.library.custom_op(f"{OP_NAMESPACE}::ssd_scan", _forward_impl, mutates_args=())
-    forward.register_fake(_forward_fake)
-    backward = torch.library.custom_op(f"{OP_NAMESPACE}::ssd_scan_backward", _backward_impl, mutates_args=())
-    backward.register_fake(_backward_fake)
-    forward.register_autograd(_backward, setup_context=_setup_context)
-    return forward, backward
-
-
-ssd_scan_op, ssd_scan_backward_op = _define_ops()
+# The backward op first: the forward's autograd formula calls it.
+ssd_scan_backward_op = register_op("ssd_scan_backward", _backward_impl, _backward_fake)
+ssd_scan_op = register_op("ssd_scan", _forward_impl, _forward_fake, backward=_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1258,7 +1151,7 @@ def ssd_scan_reference(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen::ssd_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
+    """{archgen_v1::ssd_scan: the op written with `reference`}: how exporters that cannot run Triton (ONNX) lower it.
 
     reference: a generated package's ops/ssd.py `ssd_scan` (Δ already positive; the bias and softplus are applied
     here). max_seqlen is unused (the chunked reference traces any length); kept for the shared contract."""
@@ -1270,7 +1163,7 @@ def decomposition(reference, max_seqlen: int) -> dict:
         empty = x.new_empty((0,), dtype=torch.float32)
         return y, final_state.float(), empty, empty.clone(), empty.clone(), x.new_empty((0,))
 
-    return {getattr(torch.ops, OP_NAMESPACE).ssd_scan.default: ssd_scan_decomposed}
+    return {op_overload("ssd_scan"): ssd_scan_decomposed}
 
 
 def _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias) -> None:
@@ -1308,5 +1201,5 @@ def _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias) -> None
                            "importing triton)")
 
 
-__all__ = ["decomposition", "pin_configs", "ssd_scan", "ssd_scan_backward", "ssd_scan_forward", "ssd_scan_reference",
+__all__ = ["decomposition", "ssd_scan", "ssd_scan_backward", "ssd_scan_forward", "ssd_scan_reference",
            "tuned_configs"]

@@ -17,19 +17,13 @@ Both ops are inference-only (no autograd: decoding does not train). Under TRITON
 in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
 """
 
-import contextlib
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a triton without the interpreter: never interpreting
-    InterpretedFunction = ()
+from .triton_support import on_device, op_overload, register_op, strided, triton_on_cpu
 
 SSD_STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}
 """Rows of the (P, N) head state per program. The step is launch- and memory-bound; more rows per program than 16
@@ -219,23 +213,6 @@ def _mamba2_decode_kernel(
     tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
 
 
-def interpreting() -> bool:
-    return isinstance(_ssd_step_kernel, InterpretedFunction)
-
-
-def triton_on_cpu() -> bool:
-    """CPU tensors run the kernels only in the interpreter with ARCHGEN_TRITON_ON_CPU=1 (the kernel tests)."""
-    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
-
-
-def _strided(t: Tensor | None, ndim: int) -> tuple:
-    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Mamba-2
 # ---------------------------------------------------------------------------------------------------------------
@@ -243,7 +220,7 @@ def _on_device(t: Tensor):
 
 def _ssd_step_impl(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                    dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
-    """archgen::ssd_step -> (y (B, H, P) in x.dtype, new_state (B, H, P, N) float32)."""
+    """archgen_v1::ssd_step -> (y (B, H, P) in x.dtype, new_state (B, H, P, N) float32)."""
     if not (x.is_cuda or triton_on_cpu()):
         return ssd_step_reference(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus)
     batch, nheads, headdim = x.shape
@@ -256,10 +233,10 @@ def _ssd_step_impl(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C
     if y.numel() == 0 or dstate == 0:
         return y.zero_(), new_state.zero_()
     block_p = SSD_STEP_CONFIG["BLOCK_P"]
-    with _on_device(x):
+    with on_device(x):
         _ssd_step_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
-            *_strided(state, 4), *_strided(x, 3), *_strided(dt, 2), A, *_strided(B, 3), *_strided(C, 3), D, dt_bias,
-            *_strided(y, 3), new_state, nheads, nheads // ngroups, headdim, dstate,
+            *strided(state, 4), *strided(x, 3), *strided(dt, 2), A, *strided(B, 3), *strided(C, 3), D, dt_bias,
+            *strided(y, 3), new_state, nheads, nheads // ngroups, headdim, dstate,
             HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p,
             BLOCK_N=triton.next_power_of_2(dstate), num_warps=SSD_STEP_CONFIG["num_warps"],
         )
@@ -300,7 +277,7 @@ def ssd_step_reference(
 def _mamba2_decode_impl(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
                         state: Tensor, dt: Tensor, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                         dt_softplus: bool, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """archgen::mamba2_decode_step -> (y (B, H, P) in xbc.dtype, new_conv_state like conv_state, new_state
+    """archgen_v1::mamba2_decode_step -> (y (B, H, P) in xbc.dtype, new_conv_state like conv_state, new_state
     (B, H, P, N) float32)."""
     if not (xbc.is_cuda or triton_on_cpu()):
         return mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias=dt_bias,
@@ -315,10 +292,10 @@ def _mamba2_decode_impl(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, co
     new_conv_state = torch.empty((batch, conv_channels, width - 1), dtype=conv_state.dtype, device=xbc.device)
     new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=xbc.device)
     block_p = SSD_STEP_CONFIG["BLOCK_P"]
-    with _on_device(xbc):
+    with on_device(xbc):
         _mamba2_decode_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
-            *_strided(xbc, 2), *_strided(conv_state, 3), *_strided(conv_weight, 2), conv_bias, *_strided(state, 4),
-            *_strided(dt, 2), A, D, dt_bias, *_strided(y, 3), new_conv_state, new_state,
+            *strided(xbc, 2), *strided(conv_state, 3), *strided(conv_weight, 2), conv_bias, *strided(state, 4),
+            *strided(dt, 2), A, D, dt_bias, *strided(y, 3), new_conv_state, new_state,
             nheads, nheads // ngroups, ngroups, headdim, dstate,
             HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
             SOFTPLUS=bool(dt_softplus), WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
@@ -370,7 +347,7 @@ def mamba2_decode_step_reference(
 
 def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                          z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """archgen::selective_state_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
+    """archgen_v1::selective_state_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
     if not (u.is_cuda or triton_on_cpu()):
         return selective_state_step_reference(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     batch, dim = u.shape
@@ -383,10 +360,10 @@ def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
     if y.numel() == 0 or dstate == 0:
         return y.zero_(), new_state.zero_()
     block_d = SELECTIVE_STEP_CONFIG["BLOCK_D"]
-    with _on_device(u):
+    with on_device(u):
         _selective_step_kernel[(batch, triton.cdiv(dim, block_d))](
-            *_strided(state, 3), *_strided(u, 2), *_strided(delta, 2), *_strided(A, 2), *_strided(B, 2),
-            *_strided(C, 2), D, *_strided(z, 2), delta_bias, *_strided(y, 2), new_state, dim, dstate,
+            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A, 2), *strided(B, 2),
+            *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), new_state, dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
             num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
@@ -429,27 +406,9 @@ def selective_state_step_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-OP_NAMESPACE = "archgen"
-
-
-def _define_ops():
-    """Register archgen::ssd_step, archgen::selective_state_step and archgen::mamba2_decode_step (with fakes) once
-    per process."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    names = ("ssd_step", "selective_state_step", "mamba2_decode_step")
-    if all(hasattr(namespace, name) for name in names):
-        return tuple(getattr(namespace, name) for name in names)
-    ops = []
-    for name, impl, fake in ((names[0], _ssd_step_impl, _ssd_step_fake),
-                             (names[1], _selective_step_impl, _selective_step_fake),
-                             (names[2], _mamba2_decode_impl, _mamba2_decode_fake)):
-        op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=())
-        op.register_fake(fake)
-        ops.append(op)
-    return tuple(ops)
-
-
-ssd_step_op, selective_state_step_op, mamba2_decode_step_op = _define_ops()
+ssd_step_op = register_op("ssd_step", _ssd_step_impl, _ssd_step_fake)
+selective_state_step_op = register_op("selective_state_step", _selective_step_impl, _selective_step_fake)
+mamba2_decode_step_op = register_op("mamba2_decode_step", _mamba2_decode_impl, _mamba2_decode_fake)
 
 
 def ssd_step(
@@ -508,12 +467,12 @@ def mamba2_decode_step(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen::ssd_step: ops/ssd.py's ssd_step with the step size applied}, for ONNX; `reference` is that function.
-    (archgen::selective_state_step has ops/ssm.py's `selective_state_step` signature: it lowers to that function.)"""
+    """{archgen_v1::ssd_step: ops/ssd.py's ssd_step with the step size applied}, for ONNX; `reference` is that function.
+    (archgen_v1::selective_state_step has ops/ssm.py's `selective_state_step` signature: it lowers to that function.)"""
 
     def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
         step = dt.float() + dt_bias.float() if dt_bias is not None else dt
         step = F.softplus(step) if dt_softplus else step
         return reference(state, x, step, A, B, C, D)
 
-    return {getattr(torch.ops, OP_NAMESPACE).ssd_step.default: ssd_step_decomposed}
+    return {op_overload("ssd_step"): ssd_step_decomposed}

@@ -156,7 +156,7 @@ def test_opcheck():
 
 
 def test_export_is_one_node_with_dynamic_length():
-    """torch.export sees one archgen.ssd_scan node (traced on fake tensors: no kernel runs)."""
+    """torch.export sees one archgen_v1.ssd_scan node (traced on fake tensors: no kernel runs)."""
 
     class Scan(torch.nn.Module):
         def __init__(self):
@@ -173,7 +173,7 @@ def test_export_is_one_node_with_dynamic_length():
     with torch.no_grad():
         program = torch.export.export(Scan(), inputs, dynamic_shapes=({1: seq}, {1: seq}, {1: seq}, {1: seq}))
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
-    assert [t for t in targets if "ssd_scan" in t] == ["archgen.ssd_scan.default"], targets
+    assert [t for t in targets if "ssd_scan" in t] == ["archgen_v1.ssd_scan.default"], targets
 
 
 def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
