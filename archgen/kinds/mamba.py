@@ -20,6 +20,7 @@ class MambaConfig:
     bias: bool  # in/out projection biases
     dt_min: float  # range of the initial step size
     dt_max: float
+    inner_norms: bool  # Jamba: RMSNorms on Δ, B and C before the scan
 
     def d_inner(self, dims: Dims) -> int:
         return self.expand * dims.d_model
@@ -44,10 +45,13 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
 
     def resolve(self, spec, model) -> MambaConfig:
         dt_rank = math.ceil(model.d_model / 16) if spec.dt_rank == "auto" else spec.dt_rank  # the paper's "auto"
-        return MambaConfig(spec.d_state, spec.d_conv, spec.expand, dt_rank, spec.conv_bias, spec.bias, spec.dt_min, spec.dt_max)
+        return MambaConfig(spec.d_state, spec.d_conv, spec.expand, dt_rank, spec.conv_bias, spec.bias, spec.dt_min, spec.dt_max,
+                           spec.inner_norms)
 
     def lock(self, spec, config: MambaConfig) -> dict:
-        return spec.model_copy(update={"dt_rank": config.dt_rank}).model_dump(mode="json")
+        # Absent means false: specs written before the field existed keep their hash.
+        unset = None if spec.inner_norms else {"inner_norms"}
+        return spec.model_copy(update={"dt_rank": config.dt_rank}).model_dump(mode="json", exclude=unset)
 
     def parameters(self, config: MambaConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, di, n, r = dims.d_model, config.d_inner(dims), config.d_state, config.dt_rank
@@ -67,6 +71,8 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
         })
         if config.bias:
             table["out_proj.bias"] = (d,)
+        if config.inner_norms:
+            table.update({"dt_norm.weight": (r,), "b_norm.weight": (n,), "c_norm.weight": (n,)})
         return table
 
     def forward_flops(self, config: MambaConfig, dims: Dims, seq_len: int) -> int:
@@ -90,7 +96,8 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
                 "dt_rank": config.dt_rank, "xproj_out": config.dt_rank + 2 * config.d_state,
                 "in_proj_out": 2 * config.d_inner(dims), "bias": config.bias, "conv_bias": config.conv_bias,
-                "dt_min": config.dt_min, "dt_max": config.dt_max, "max_seqlen": dims.max_seq_len}
+                "dt_min": config.dt_min, "dt_max": config.dt_max, "max_seqlen": dims.max_seq_len,
+                "inner_norms": config.inner_norms, "norm_eps": dims.norm_eps}
 
 
 KIND = Mamba()

@@ -105,6 +105,8 @@ class MambaSpec(SpecModel):
     bias: bool = False  # in/out projection biases
     dt_min: PositiveFloat = 1e-3  # range of the initial step size (initialisation only)
     dt_max: PositiveFloat = 1e-1
+    # Jamba's mixer: RMSNorms on Δ (dt_rank wide), B and C (d_state wide) between x_proj and the scan, eps as the model's.
+    inner_norms: bool = False
 
 
 class Mamba2Spec(SpecModel):
