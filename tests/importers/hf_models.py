@@ -33,6 +33,18 @@ TINY = {
         "n_groups": 2,
         "chunk_size": 8,
     },
+    "jamba": {
+        **ATTENTION,
+        "num_hidden_layers": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "expert_layer_period": 2,
+        "expert_layer_offset": 1,
+        "attn_layer_period": 4,
+        "attn_layer_offset": 2,
+        "mamba_d_state": 8,
+        "mamba_dt_rank": 8,
+    },
     "bamba": dict(
         ATTENTION,
         num_hidden_layers=4,

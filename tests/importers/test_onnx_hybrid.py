@@ -1,5 +1,6 @@
-"""An imported Bamba (Mamba-2 + attention hybrid) exports to ONNX prefill and decode-step graphs, and onnxruntime's
-greedy decoding, driven only by those graphs and their SSM, convolution and KV caches, gives transformers' 20 tokens.
+"""An imported Bamba (Mamba-2 + attention) or Jamba (Mamba-1 + attention + MoE) hybrid exports to ONNX prefill and
+decode-step graphs, and onnxruntime's greedy decoding, driven only by those graphs and their SSM, convolution and KV
+caches, gives transformers' 20 tokens.
 """
 
 from __future__ import annotations
@@ -17,16 +18,18 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 
-def test_imported_bamba_generates_transformers_tokens_through_onnxruntime(tmp_path):
+@pytest.mark.parametrize("model_type", ["bamba", "jamba"])
+def test_imported_hybrid_generates_transformers_tokens_through_onnxruntime(model_type, tmp_path):
     from archgen.export import export_package
     from archgen.export.onnx_export import onnx_session
 
     torch.set_num_threads(1)
-    hf = save_tiny("bamba", tmp_path / "hf")
+    hf = save_tiny(model_type, tmp_path / "hf")
     imported = import_hf(tmp_path / "hf", tmp_path / "imported", weights=True)
     package = build_package(imported.spec_path, tmp_path / "generated", preset=None)
-    result = export_package(package, tmp_path / "export", formats=("onnx",), weights=imported.weights, max_len=48,
-                            max_batch=4, check=False)
+    result = export_package(
+        package, tmp_path / "export", formats=("onnx",), weights=imported.weights, max_len=48, max_batch=4, check=False
+    )
     manifest = json.loads((result.directory / "manifest.json").read_text())
     sessions = {graph: onnx_session(result.directory / f"{graph}.onnx") for graph in ("prefill", "decode")}
 

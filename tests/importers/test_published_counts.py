@@ -1,7 +1,7 @@
 """At the published sizes, the imported spec has exactly the parameters transformers builds (on the meta device).
 
 The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B,
-Mixtral-8x7B-v0.1, mamba-2.8b-hf, a mamba2-2.7b in transformers' format and Bamba-9B, written from their published
+Mixtral-8x7B-v0.1, Jamba-v0.1, mamba-2.8b-hf, a mamba2-2.7b in transformers' format and Bamba-9B, written from their published
 numbers.
 """
 

@@ -35,9 +35,9 @@ class ModelType:
 
 
 def registry() -> dict[str, ModelType]:
-    from archgen.importers.model_types import bamba, decoder, mamba
+    from archgen.importers.model_types import bamba, decoder, jamba, mamba
 
-    types = [*decoder.MODEL_TYPES, *mamba.MODEL_TYPES, *bamba.MODEL_TYPES]
+    types = [*decoder.MODEL_TYPES, *mamba.MODEL_TYPES, *bamba.MODEL_TYPES, *jamba.MODEL_TYPES]
     return {t.name: t for t in types}
 
 

@@ -4,8 +4,6 @@ An import of one of these is an error that names what is missing, never an appro
 """
 
 BLOCKED = {
-    "jamba": "JambaMambaMixer applies RMSNorms to Δ, B and C inside every Mamba layer (dt_layernorm, b_layernorm, "
-    "c_layernorm), which the mamba kind has no field for",
     "falcon_h1": "Falcon-H1 scales embeddings, attention, SSM and MLP by per-block multipliers (embedding_multiplier, "
     "key_multiplier, ssm_multipliers, mlp_multipliers, lm_head_multiplier, ...) and runs attention and "
     "Mamba-2 in parallel with its own combination, none of which the spec language has",

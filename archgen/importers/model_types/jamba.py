@@ -1,0 +1,122 @@
+"""jamba: Mamba-1 layers with RMSNorms on Δ, B and C (the mamba kind's `inner_norms`), attention without positions
+every `attn_layer_period` layers from `attn_layer_offset`, and an MoE (softmax top-k, weights not renormalised)
+every `expert_layer_period` layers from `expert_layer_offset`, a SwiGLU MLP elsewhere.
+
+Layer i is `input_layernorm -> (mamba | self_attn) -> residual, pre_ff_layernorm -> feed_forward -> residual`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from archgen.importers.common import NO_DROPOUT, expect_silu, model_dims
+from archgen.importers.config import HFConfig
+from archgen.importers.model_types import Imported, ModelType
+from archgen.importers.weights import Piece, TensorPlan
+
+_FIXED = {
+    "embed.weight": "model.embed_tokens.weight",
+    "norm_f.weight": "model.final_layernorm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
+_MAMBA_NORMS = {
+    "dt_norm.weight": "dt_layernorm.weight",
+    "b_norm.weight": "b_layernorm.weight",
+    "c_norm.weight": "c_layernorm.weight",
+}
+
+
+def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
+    plans = []
+    for target, shape in expected.items():
+        match = _LAYER.fullmatch(target)
+        if match is None:
+            plans.append(TensorPlan.copy(target, _FIXED.get(target, target)))
+            continue
+        layer, module, rest = match.groups()
+        prefix = f"model.layers.{layer}"
+        if module in ("mixer_norm", "ffn_norm"):
+            plans.append(
+                TensorPlan.copy(target, f"{prefix}.{'input_layernorm' if module == 'mixer_norm' else 'pre_ff_layernorm'}.{rest}")
+            )
+        elif module == "mixer":
+            attention = resolved.mixers[resolved.layers[int(layer)].mixers[0]].kind == "attention"
+            plans.append(
+                TensorPlan.copy(target, f"{prefix}.{'self_attn' if attention else 'mamba'}.{_MAMBA_NORMS.get(rest, rest)}")
+            )
+        elif rest == "w_in":  # (E, d, 2h) = [gateᵀ | upᵀ] per expert
+            experts = f"{prefix}.feed_forward.experts"
+            rows = tuple(
+                (Piece(f"{experts}.{e}.gate_proj.weight", True), Piece(f"{experts}.{e}.up_proj.weight", True))
+                for e in range(shape[0])
+            )
+            plans.append(TensorPlan(target, rows, stacked=True))
+        elif rest == "w_out":  # (E, h, d) = downᵀ per expert
+            rows = tuple((Piece(f"{prefix}.feed_forward.experts.{e}.down_proj.weight", True),) for e in range(shape[0]))
+            plans.append(TensorPlan(target, rows, stacked=True))
+        else:  # router.weight, or the dense MLP's projections
+            plans.append(TensorPlan.copy(target, f"{prefix}.feed_forward.{rest}"))
+    return plans
+
+
+def _every(cfg: HFConfig, period_key: str, offset_key: str, n_layers: int) -> list[bool]:
+    period, offset = cfg.need(period_key), cfg.need(offset_key)
+    if not period or offset is None or not 0 <= offset < period:
+        cfg.error(offset_key, f"{offset_key}={offset} must be in [0, {period_key}={period})", None)
+        return [False] * n_layers
+    return [i % period == offset for i in range(n_layers)]
+
+
+def to_spec(cfg: HFConfig) -> Imported:
+    model = model_dims(cfg, default_max_len=262144)
+    n_layers = cfg.need("num_hidden_layers")
+    d_model = model["d_model"]
+    expect_silu(cfg)
+    cfg.expect("attention_dropout", (0, 0.0), 0.0, NO_DROPOUT)
+    cfg.expect("sliding_window", (None,), None, "Jamba's attention is full causal in archgen's import")
+    cfg.accept("use_mamba_kernels")  # a kernel switch (deprecated in transformers 5)
+    n_heads = cfg.need("num_attention_heads")
+    attn: dict[str, Any] = {
+        "kind": "attention",
+        "n_heads": n_heads,
+        "n_kv_heads": cfg.take("num_key_value_heads", n_heads),
+        "rope": None,
+    }  # Jamba's attention has no positional encoding
+    rank = cfg.take("mamba_dt_rank", "auto")
+    ssm: dict[str, Any] = {
+        "kind": "mamba",
+        "d_state": cfg.need("mamba_d_state"),
+        "d_conv": cfg.take("mamba_d_conv", 4),
+        "expand": cfg.need("mamba_expand"),
+        "dt_rank": "auto" if rank == "auto" or rank == math.ceil(d_model / 16) else rank,
+        "conv_bias": bool(cfg.take("mamba_conv_bias", True)),
+        "bias": bool(cfg.take("mamba_proj_bias", False)),
+        "inner_norms": True,
+    }
+    hidden = cfg.need("intermediate_size")
+    n_experts = cfg.take("num_experts", 1)
+    is_attention = _every(cfg, "attn_layer_period", "attn_layer_offset", n_layers)
+    is_moe = _every(cfg, "expert_layer_period", "expert_layer_offset", n_layers) if n_experts > 1 else [False] * n_layers
+    ffns: dict[str, dict] = {"mlp": {"kind": "mlp", "activation": "swiglu", "hidden": hidden}}
+    if any(is_moe):
+        ffns["moe"] = {
+            "kind": "moe",
+            "n_experts": n_experts,
+            "top_k": cfg.need("num_experts_per_tok"),
+            "expert": {"activation": "swiglu", "hidden": hidden},
+            "normalize_top_k": False,
+            "load_balancing_weight": float(cfg.take("router_aux_loss_coef", 0.001)),
+            "z_loss_weight": 0.0,
+        }
+    else:
+        cfg.accept("num_experts_per_tok", "router_aux_loss_coef")
+    if all(is_moe):
+        del ffns["mlp"]
+    mixers = {"ssm": ssm, **({"attn": attn} if any(is_attention) else {})}
+    return Imported(model, mixers, ffns, ["attn" if a else "ssm" for a in is_attention], ["moe" if m else "mlp" for m in is_moe])
+
+
+MODEL_TYPES = [ModelType("jamba", to_spec, weight_plans)]
