@@ -380,7 +380,7 @@ def import_hf_command(source: Path, output: Path, weights: bool, name: str | Non
               help="A save_pretrained directory of the generated package, converted to the transformers checkpoint layout.")
 @output_options
 def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ...], output: Path, weights: Path | None) -> None:
-    """Write SPEC as a Hugging Face config.json (llama, mistral, mixtral, mamba, mamba2, bamba) where it is exactly one."""
+    """Write SPEC as a Hugging Face config.json (llama, mistral, mixtral, mamba, mamba2, bamba, jamba) where it is exactly one."""
     from archgen.importers import export_spec
 
     try:

@@ -21,7 +21,7 @@ from archgen.emit.write import replace_directory
 from archgen.errors import CompileError, Diagnostic, SourceLocation
 from archgen.importers.model_types import registry
 
-EXPORTABLE = ("llama", "mistral", "mixtral", "mamba", "mamba2", "bamba")
+EXPORTABLE = ("llama", "mistral", "mixtral", "mamba", "mamba2", "bamba", "jamba")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from tests.importers.hf_models import VOCAB, save_tiny
 
 pytest.importorskip("transformers")
 
-EXPORTABLE = ["llama", "mistral", "mixtral", "mamba", "mamba2", "bamba"]
+EXPORTABLE = ["llama", "mistral", "mixtral", "mamba", "mamba2", "bamba", "jamba"]
 
 
 @pytest.mark.parametrize("model_type", EXPORTABLE)

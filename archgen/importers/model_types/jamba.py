@@ -119,4 +119,80 @@ def to_spec(cfg: HFConfig) -> Imported:
     return Imported(model, mixers, ffns, ["attn" if a else "ssm" for a in is_attention], ["moe" if m else "mlp" for m in is_moe])
 
 
-MODEL_TYPES = [ModelType("jamba", to_spec, weight_plans)]
+# ---------------------------------------------------------------------------------------------------- export
+def _period(flags: list[bool]) -> tuple[int, int] | None:
+    """(period, offset) with flags[i] == (i % period == offset) for every layer, the shortest period first."""
+    n = len(flags)
+    for period in range(1, n + 1):
+        for offset in range(period):
+            if flags == [i % period == offset for i in range(n)]:
+                return period, offset
+    return None
+
+
+def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
+    from archgen.importers.export_checks import common_reasons
+
+    reasons = common_reasons(resolved)
+    by_kind = {c.kind: c.config for c in resolved.mixers.values()}
+    ssm, attn = by_kind.get("mamba"), by_kind.get("attention")
+    if ssm is None or set(by_kind) - {"mamba", "attention"} or len(resolved.mixers) != len(by_kind):
+        return reasons + [f"jamba is one mamba mixer plus at most one attention mixer; this spec has {sorted(by_kind)}"]
+    if not ssm.inner_norms:
+        reasons.append("Jamba's Mamba mixer normalises Δ, B and C: set inner_norms: true")
+    if (ssm.dt_min, ssm.dt_max) != (0.001, 0.1):
+        reasons.append("a jamba config has no Δ initialisation range; keep dt_min 0.001 and dt_max 0.1")
+    if attn is not None and (attn.rope is not None or attn.window or attn.qk_norm or attn.qkv_bias or attn.out_bias):
+        reasons.append("Jamba's attention has no RoPE, window, qk-norm or biases")
+    ffn_kinds = {c.kind: c.config for c in resolved.ffns.values()}
+    if any(layer.ffn is None or len(layer.mixers) != 1 for layer in resolved.layers) or set(ffn_kinds) - {"mlp", "moe"}:
+        return reasons + ["jamba has one mixer and an MLP or MoE in every layer"]
+    mlp, moe = ffn_kinds.get("mlp"), ffn_kinds.get("moe")
+    shapes = [f.expert if k == "moe" else f for k, f in ffn_kinds.items()]
+    if any(s.activation != "swiglu" or s.bias for s in shapes) or len({s.hidden for s in shapes}) != 1:
+        reasons.append("Jamba's MLP and experts are SwiGLU of one hidden size without biases")
+    if moe is not None and (moe.normalize_top_k or moe.shared_experts or moe.capacity_factor is not None or moe.z_loss_weight):
+        reasons.append("Jamba routes dropless top-k with unnormalised weights, no shared experts and no z-loss")
+    layer_kinds = [resolved.mixers[layer.mixers[0]].kind for layer in resolved.layers]
+    attention_at = (
+        _period([k == "attention" for k in layer_kinds]) if attn is not None else (len(layer_kinds) + 1, len(layer_kinds))
+    )
+    experts_at = _period([resolved.ffns[layer.ffn].kind == "moe" for layer in resolved.layers]) if moe is not None else (1, 0)
+    if attention_at is None or experts_at is None:
+        reasons.append("Jamba places attention and experts every period layers from an offset; this layout is not periodic")
+    if reasons:
+        return reasons
+    model = resolved.model
+    fields: dict[str, Any] = {
+        "hidden_size": model.d_model,
+        "num_hidden_layers": resolved.n_layers,
+        "vocab_size": model.vocab_size,
+        "rms_norm_eps": model.norm.eps,
+        "tie_word_embeddings": model.tie_embeddings,
+        "initializer_range": model.init_std,
+        "max_position_embeddings": model.max_seq_len,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "intermediate_size": shapes[0].hidden,
+        "attn_layer_period": attention_at[0],
+        "attn_layer_offset": attention_at[1],
+        "expert_layer_period": experts_at[0],
+        "expert_layer_offset": experts_at[1],
+        "num_experts": moe.n_experts if moe else 1,
+        "num_experts_per_tok": moe.top_k if moe else 1,
+        "router_aux_loss_coef": moe.load_balancing_weight if moe else 0.001,
+        "mamba_d_state": ssm.d_state,
+        "mamba_d_conv": ssm.d_conv,
+        "mamba_expand": ssm.expand,
+        "mamba_dt_rank": ssm.dt_rank,
+        "mamba_conv_bias": ssm.conv_bias,
+        "mamba_proj_bias": ssm.bias,
+    }
+    if attn is not None:
+        fields.update(num_attention_heads=attn.n_heads, num_key_value_heads=attn.n_kv_heads)
+        if attn.head_dim * attn.n_heads != model.d_model:
+            return ["Jamba's heads are d_model / num_attention_heads wide"]
+    return {"architectures": ["JambaForCausalLM"], "model_type": "jamba", **fields}
+
+
+MODEL_TYPES = [ModelType("jamba", to_spec, weight_plans, to_hf=to_hf)]
