@@ -147,7 +147,7 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
     ffn_kinds = {c.kind: c.config for c in resolved.ffns.values()}
     if any(layer.ffn is None or len(layer.mixers) != 1 for layer in resolved.layers) or set(ffn_kinds) - {"mlp", "moe"}:
         return reasons + ["jamba has one mixer and an MLP or MoE in every layer"]
-    mlp, moe = ffn_kinds.get("mlp"), ffn_kinds.get("moe")
+    moe = ffn_kinds.get("moe")
     shapes = [f.expert if k == "moe" else f for k, f in ffn_kinds.items()]
     if any(s.activation != "swiglu" or s.bias for s in shapes) or len({s.hidden for s in shapes}) != 1:
         reasons.append("Jamba's MLP and experts are SwiGLU of one hidden size without biases")
