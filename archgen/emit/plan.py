@@ -57,6 +57,7 @@ class BlockPlan:
     class_name: str
     mixer: ComponentPlan | ParallelPlan | None
     ffn: ComponentPlan | None
+    shape: str | None  # the residual stream's shape from shape inference, e.g. "(B, T+4, 64)"; None: an empty layer
     layers: list[int] = field(default_factory=list)
 
     @property
@@ -84,6 +85,7 @@ class ExtraPlan:
     dims: dict[str, Any]
     group: str  # "heads" | "extras"
     kind_template: str  # "<group>/<kind>"
+    out_shape: str  # from shape inference
 
     @property
     def template(self) -> str:
@@ -106,6 +108,7 @@ class EmitPlan:
     spec_hash: str
     d_model: int
     vocab_size: int
+    shapes: dict[str, str]  # from shape inference: "embed", "backbone" (with meta tokens), "final" (after the norm), "logits"
     tie_embeddings: bool
     norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)"
     max_seq_len: int
@@ -199,7 +202,9 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
                 mixer = components[mixer_names[0]] if mixer_names else None
             ffn = components[ffn_name] if ffn_name else None
             parts = [camel(n) for n in mixer_names] + ([camel(ffn_name)] if ffn_name else [])
-            blocks[key] = BlockPlan(namespace.create("".join(parts or ["Identity"]) + "Block"), mixer, ffn)
+            last = layer.ffn or layer.combine or (layer.mixers[0] if layer.mixers else None)
+            shape = shape_text(last.out_shape) if last is not None else None
+            blocks[key] = BlockPlan(namespace.create("".join(parts or ["Identity"]) + "Block"), mixer, ffn, shape)
         blocks[key].layers.append(layer.index)
         layer_blocks.append(blocks[key].class_name)
 
@@ -209,21 +214,26 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         kind = kind_of(op.kind)
         if kind.role == "head":
             heads.append(ExtraPlan(op.component, namespace.create(camel(op.component) + "Head"), op.kind, op.config,
-                                   extra_dims | kind.template_dims(op.config, dims), "heads", kind.template))
+                                   extra_dims | kind.template_dims(op.config, dims), "heads", kind.template,
+                                   shape_text(op.out_shape)))
     for op in ir.ops():
         kind = kind_of(op.kind)
         if kind.role == "extra":
             extras[op.name] = ExtraPlan(op.name, namespace.create(EXTRA_CLASS_NAMES.get(op.name, camel(op.name))), op.kind,
-                                        op.config, extra_dims | kind.template_dims(op.config, dims), "extras", kind.template)
+                                        op.config, extra_dims | kind.template_dims(op.config, dims), "extras", kind.template,
+                                        shape_text(op.out_shape))
     imports = _import_table([(op.kind, op.config) for op in ir.ops()] + [(c.kind, c.cfg) for c in components.values()])
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     norm_op = ir.op("norm_f")
     meta = [op for op in ir.ops() if op.kind == "meta_tokens"]
+    shapes = {"embed": ir.op("embed").out_shape, "backbone": (meta[0] if meta else ir.op("embed")).out_shape,
+              "final": norm_op.out_shape, "logits": ir.op("lm_head").out_shape}
     return EmitPlan(
         name=resolved.name, description=resolved.description.strip(), version=__version__, source=spec_path,
         preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}", spec_hash=resolved.spec_hash,
-        d_model=d, vocab_size=dims.vocab_size, tie_embeddings=ir.op("lm_head").config.tied,
+        d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
+        tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=kind_of(norm_op.kind).template_dims(norm_op.config, dims)["module"],
         max_seq_len=dims.max_seq_len, init_std=resolved.model.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
@@ -234,6 +244,11 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
     )
+
+
+def shape_text(shape: tuple) -> str:
+    """("B", "T+4", 64) -> "(B, T+4, 64)", as the generated code's comments write shapes."""
+    return "(" + ", ".join(str(size) for size in shape) + ")"
 
 
 def _preludes(components) -> list[str]:

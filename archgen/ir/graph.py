@@ -111,6 +111,8 @@ def lower(resolved: ResolvedSpec) -> IR:
                 h = b.add_component(extra, entry, [x], i, None, extra)
                 x = b.add(f"{extra}_residual", "add", None, [x, h], i)
 
+    if resolved.meta_tokens is not None:
+        x = b.add("drop_meta", "drop_meta", resolved.meta_tokens.config, [x], spec_path="meta_tokens")
     x = b.add_component("norm_f", norm, [x], None, None, "model.norm")
     b.add("lm_head", "lm_head", LMHeadConfig(model.tie_embeddings), [x])
     for name, head in resolved.heads.items():

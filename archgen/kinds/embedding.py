@@ -20,7 +20,7 @@ class Embedding(Kind[None, None]):
         return {"weight": (dims.vocab_size, dims.d_model)}
 
     def output_shape(self, config, dims: Dims, inputs: list[Shape]) -> Shape:
-        return ("B", "L", dims.d_model)
+        return ("B", "T", dims.d_model)
 
     def forward_flops(self, config, dims: Dims, seq_len: int) -> int:
         return 0  # a lookup

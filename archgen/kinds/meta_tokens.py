@@ -24,7 +24,17 @@ class MetaTokens(Kind[models.MetaTokensSpec, MetaTokensConfig]):
         return {"meta_tokens": (config.count, dims.d_model)}
 
     def output_shape(self, config: MetaTokensConfig, dims: Dims, inputs: list[Shape]) -> Shape:
-        return ("B", f"L+{config.count}", dims.d_model)
+        return ("B", f"T+{config.count}", dims.d_model)
 
 
-KIND = MetaTokens()
+class DropMetaTokens(Kind[None, MetaTokensConfig]):
+    """Before the final norm: the outputs at the meta tokens' positions are dropped (no logits there)."""
+
+    name = "drop_meta"
+    role = "model"
+
+    def output_shape(self, config: MetaTokensConfig, dims: Dims, inputs: list[Shape]) -> Shape:
+        return ("B", "T", dims.d_model)
+
+
+KINDS = (MetaTokens(), DropMetaTokens())

@@ -85,6 +85,8 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
         peak_elements = max(peak_elements, kind.activation_elements(op.config, dims, seq_len))
     layers = []
     for key, row in rows.items():
+        if not isinstance(key, int) and not any(row[k] for k in ("params", "flops", "cache")):
+            continue  # a model-level op that owns and costs nothing (dropping the meta tokens' positions)
         index = key if isinstance(key, int) else None
         labels = row["labels"]
         label = (" | ".join(labels[:-1]) + " + " + labels[-1]) if len(labels) > 1 else (labels[0] if labels else str(key))

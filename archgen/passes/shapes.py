@@ -1,8 +1,9 @@
-"""Shape inference over the IR: every op gets its input and output shapes, symbolic in batch B and length L.
+"""Shape inference over the IR: every op gets its input and output shapes, symbolic in batch B and length T (the
+generated code's names). The emitter prints them as the shape comments of the blocks and the model.
 
 Each kind says what it outputs (`output_shape`, the input shape by default). With meta tokens the sequence inside the
-backbone is "L+M" (M literal). An op with several inputs (a residual addition, a parallel combine) needs them to
-agree; a disagreement is an error naming the op.
+backbone is "T+M" (M literal) until `drop_meta` removes their positions. An op with several inputs (a residual
+addition, a parallel combine) needs them to agree; a disagreement is an error naming the op.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.kinds import kind_of
 
-INPUT_SHAPE = ("B", "L")  # token ids
+INPUT_SHAPE = ("B", "T")  # token ids
 
 
 def infer_shapes(ir: IR) -> IR:

@@ -198,10 +198,10 @@ class SsmMoeBlock(nn.Module):
         self.ffn = Moe()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 4096)
         y, losses = self.ffn(self.ffn_norm(x))
         add_losses(aux, losses)
-        x = x + y
+        x = x + y  # (B, T, 4096)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -219,10 +219,10 @@ class AttnMoeBlock(nn.Module):
         self.ffn = Moe()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 4096)
         y, losses = self.ffn(self.ffn_norm(x))
         add_losses(aux, losses)
-        x = x + y
+        x = x + y  # (B, T, 4096)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -420,8 +420,8 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 4096)
         logits = self.lm_head(x)  # (B, T, 128000)
-        heads['jepa'] = self.heads['jepa'](x, self.lm_head)
-        heads['medusa'] = self.heads['medusa'](x, self.lm_head)
+        heads['jepa'] = self.heads['jepa'](x, self.lm_head)  # (B, T, 4096)
+        heads['medusa'] = self.heads['medusa'](x, self.lm_head)  # (4, B, T, 128000)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 128000), targets.reshape(-1), ignore_index=-100)
@@ -444,7 +444,7 @@ class Model(nn.Module):
                 x = layer(x, positions, layer_cache, aux)
         if cache is not None:
             cache.length = start + x.size(1)
-        x = self.norm_f(x)
+        x = self.norm_f(x)  # (B, T, 4096)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:

@@ -173,8 +173,8 @@ class ReflexContextSwigluBlock(nn.Module):
     def forward(self, x, positions, cache=None, aux: dict | None = None):
         y, losses = self.mixer(self.mixer_norm(x), positions, cache)
         add_losses(aux, losses)
-        x = x + y
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + y  # (B, T, 2048)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -281,7 +281,7 @@ class Model(nn.Module):
                 x = layer(x, positions, layer_cache, aux)
         if cache is not None:
             cache.length = start + x.size(1)
-        x = self.norm_f(x)
+        x = self.norm_f(x)  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:

@@ -286,8 +286,8 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T+128, 1600)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T+128, 1600)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -305,8 +305,8 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T+128, 1600)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T+128, 1600)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -436,7 +436,7 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 1600)
         logits = self.lm_head(x)  # (B, T, 32001)
-        heads['forecaster'] = self.heads['forecaster'](x, self.lm_head)
+        heads['forecaster'] = self.heads['forecaster'](x, self.lm_head)  # (B, T, 1024)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 32001), targets.reshape(-1), ignore_index=-100)
@@ -451,7 +451,7 @@ class Model(nn.Module):
         start = cache.length if cache is not None else 0
         prefix = 128 if isinstance(start, int) and start == 0 else 0  # meta tokens enter once, at the start of a sequence (a tensor start is a decode step)
         if prefix:
-            x = torch.cat([self.meta_tokens.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)  # (B, 128 + T, 1600)
+            x = torch.cat([self.meta_tokens.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)  # (B, T+128, 1600)
         positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None

@@ -186,8 +186,8 @@ class SsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 512)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -205,8 +205,8 @@ class AttnMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 512)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -468,7 +468,7 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, update_memory=update_memory)  # (B, T, 512)
         logits = self.lm_head(x)  # (B, T, 32000)
-        heads['jepa'] = self.heads['jepa'](x, self.lm_head)
+        heads['jepa'] = self.heads['jepa'](x, self.lm_head)  # (B, T, 512)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 32000), targets.reshape(-1), ignore_index=-100)
@@ -499,7 +499,7 @@ class Model(nn.Module):
                 x = x + conclusions
         if cache is not None:
             cache.length = start + x.size(1)
-        x = self.norm_f(x)
+        x = self.norm_f(x)  # (B, T, 512)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:

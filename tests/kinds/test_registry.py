@@ -65,7 +65,7 @@ def test_a_mixer_with_the_default_protocol_needs_only_its_own_methods():
     assert bare.parameters(None, dims) == {}
     assert bare.forward_flops(None, dims, 10) == 0
     assert bare.cache_bytes(None, dims, 10, 2) == 0
-    assert bare.output_shape(None, dims, [("B", "L", 8)]) == ("B", "L", 8)
+    assert bare.output_shape(None, dims, [("B", "T", 8)]) == ("B", "T", 8)
     assert bare.runtime_files(None) == ()
 
 

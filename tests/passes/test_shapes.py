@@ -14,16 +14,18 @@ def test_every_op_gets_shapes_and_the_graph_is_a_dag():
     assert list(nx.topological_sort(ir.graph))[0] == "embed"
     for op in ir.ops():
         assert op.out_shape is not None, op.name
-    assert ir.op("embed").in_shapes == [("B", "L")]
-    assert ir.op("layers.3.mixer").out_shape == ("B", "L", 64)
-    assert ir.op("lm_head").out_shape == ("B", "L", 256)
-    assert ir.op("heads.medusa").out_shape == (2, "B", "L", 256)
+    assert ir.op("embed").in_shapes == [("B", "T")]
+    assert ir.op("layers.3.mixer").out_shape == ("B", "T", 64)
+    assert ir.op("lm_head").out_shape == ("B", "T", 256)
+    assert ir.op("heads.medusa").out_shape == (2, "B", "T", 256)
 
 
-def test_meta_tokens_lengthen_the_backbone_sequence():
+def test_meta_tokens_lengthen_the_backbone_sequence_and_no_logits_are_made_at_their_positions():
     ir = compile_spec(ROOT / "specs" / "hymba_plus.yaml", "tiny").ir
-    assert ir.op("meta").out_shape == ("B", "L+4", 64)
-    assert ir.op("layers.0.mixer").out_shape == ("B", "L+4", 64)
+    assert ir.op("meta").out_shape == ("B", "T+4", 64)
+    assert ir.op("layers.0.mixer").out_shape == ("B", "T+4", 64)
+    assert ir.op("drop_meta").out_shape == ir.op("norm_f").out_shape == ("B", "T", 64)
+    assert ir.op("lm_head").out_shape == ("B", "T", 256)
 
 
 def test_parallel_branches_feed_one_combine_node():
@@ -31,7 +33,7 @@ def test_parallel_branches_feed_one_combine_node():
     combine = ir.op("layers.1.mixer")
     assert combine.kind == "parallel_combine"
     assert sorted(ir.graph.predecessors("layers.1.mixer")) == ["layers.1.mixer.attn", "layers.1.mixer.ssm"]
-    assert combine.in_shapes == [("B", "L+4", 64)] * 2
+    assert combine.in_shapes == [("B", "T+4", 64)] * 2
 
 
 def test_ops_follow_the_resolved_layout():
