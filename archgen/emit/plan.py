@@ -130,8 +130,6 @@ class EmitPlan:
     symbolic: ExtraPlan | None = None
 
 
-# Class names of model-level extras (the op's name is the Model attribute); heads are named <Name>Head.
-EXTRA_CLASS_NAMES = {"memory": "TitansMemory", "symbolic": "SymbolicReasoner"}
 ROLE_ORDER = {"mixer": 0, "ffn": 1}  # component classes: mixers, then feed-forwards, each by name
 
 
@@ -219,7 +217,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
     for op in ir.ops():
         kind = kind_of(op.kind)
         if kind.role == "extra":
-            extras[op.name] = ExtraPlan(op.name, namespace.create(EXTRA_CLASS_NAMES.get(op.name, camel(op.name))), op.kind,
+            extras[op.name] = ExtraPlan(op.name, namespace.create(kind.class_name or camel(op.name)), op.kind,
                                         op.config, extra_dims | kind.template_dims(op.config, dims), "extras", kind.template,
                                         shape_text(op.out_shape))
     imports = _import_table([(op.kind, op.config) for op in ir.ops()] + [(c.kind, c.cfg) for c in components.values()])

@@ -56,6 +56,7 @@ class Kind(Generic[SpecT, ConfigT]):
     name: ClassVar[str]  # the spec's `kind` tag, and the op kind in the IR
     role: ClassVar[Role]
     template: ClassVar[str | None] = None  # templates/components/<template>.py.j2 (heads and extras: <group>/<kind>)
+    class_name: ClassVar[str | None] = None  # a model-level extra's class (components are named after the spec)
     colour: ClassVar[str] = "#8d99ae"  # its boxes in diagram.svg
     has_cache: ClassVar[bool] = False  # keeps decoding state (its module has empty_cache)
     produces_aux: ClassVar[bool] = False  # forward returns (y, {name: weighted auxiliary loss})

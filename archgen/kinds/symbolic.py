@@ -27,6 +27,7 @@ class Symbolic(Kind[models.SymbolicSpec, SymbolicConfig]):
     name = "symbolic"
     role = "extra"
     template = "extras/symbolic"
+    class_name = "SymbolicReasoner"
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems = []

@@ -34,6 +34,7 @@ class Titans(Kind[models.TitansMemorySpec, TitansConfig]):
     name = "titans"
     role = "extra"
     template = "extras/titans"
+    class_name = "TitansMemory"
 
     def resolve(self, spec, model) -> TitansConfig:
         return TitansConfig(spec.after_layer, spec.depth, spec.hidden or model.d_model, spec.chunk_size,
