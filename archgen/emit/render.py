@@ -12,6 +12,7 @@ import pprint
 import jinja2
 import yaml
 
+from archgen.emit.format import format_python
 from archgen.emit.plan import EmitPlan, kernel_references
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
@@ -60,11 +61,13 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
         "spec.lock.yaml": yaml.safe_dump(lock, sort_keys=False, width=110),
         "ops/__init__.py": '"""Reference operators this model uses, copied from archgen\'s templates/runtime. Do not edit."""\n',
     }
+    rendered = [path for path in files if path.endswith(".py")]  # not the verbatim copies below
     for name in plan.runtime_files:
         files[f"ops/{name}.py"] = (TEMPLATES / "runtime" / f"{name}.py").read_text(encoding="utf-8")
     if plan.kernel_files:
         kernels_init = env.get_template("package/kernels_init.py.j2")
         files["kernels/__init__.py"] = kernels_init.render(kernel_references=kernel_references(plan, ir))
+        rendered.append("kernels/__init__.py")
         for name in (*KERNEL_SUPPORT_FILES, *plan.kernel_files):
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")
     for path, text in files.items():
@@ -75,6 +78,8 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
                 line = text.splitlines()[error.lineno - 1] if error.lineno else ""
                 message = f"archgen emitted invalid Python in {path}:{error.lineno}: {error.msg}: {line.strip()!r}"
                 raise CompileError([Diagnostic("", message, "this is an archgen bug: please report it with the spec")]) from None
+    for path in rendered:
+        files[path] = format_python(files[path], f"generated/{plan.name}/{path}")
     return files
 
 

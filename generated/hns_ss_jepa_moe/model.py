@@ -40,6 +40,7 @@ def use_kernel(kernel, x: torch.Tensor) -> bool:
     lowers it back to the reference op: kernels.decompositions())."""
     return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
 
+
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 32)  # output projections: the residual stream does not grow with depth
 
@@ -62,8 +63,7 @@ def add_losses(total: dict | None, losses: dict) -> None:
 
 
 class Attn(nn.Module):
-    """Grouped-query attention 'attn': 32 query heads, 8 key/value heads of 128 dims, RoPE θ=10000.0, sliding window 4096.
-    """
+    """Grouped-query attention 'attn': 32 query heads, 8 key/value heads of 128 dims, RoPE θ=10000.0, sliding window 4096."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +80,7 @@ class Attn(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -128,27 +128,35 @@ class Ssm(nn.Module):
         self.D.fill_(1.0)
         dt = torch.exp(torch.rand(8192) * (math.log(self.DT_MAX) - math.log(self.DT_MIN)) + math.log(self.DT_MIN))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
-        nn.init.uniform_(self.dt_proj.weight, -256 ** -0.5, 256 ** -0.5)
+        nn.init.uniform_(self.dt_proj.weight, -(256**-0.5), 256**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x, positions=None, cache: MambaCache | None = None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([8192, 8192], dim=-1)  # (B, T, 8192) each
-        x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None)
+        x, conv_state = causal_conv1d(
+            x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
+        )
         x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([256, 16, 16], dim=-1)  # (B, T, 256), (B, T, 16) × 2
         A = -torch.exp(self.A_log.float())  # (8192, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 8192), on rows: torch.export traces it for any batch size
-            y, ssm_state = selective_state_step(cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias)
+            y, ssm_state = selective_state_step(
+                cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
+            )
             y = y.unsqueeze(1)  # (B, 1, 8192)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 8192); its bias is added inside the scan, before softplus
             initial_state = cache.ssm_state if cache is not None else None
             if use_kernel(kernels.selective_scan, x):
-                y, ssm_state = kernels.selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state)
+                y, ssm_state = kernels.selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state
+                )
             else:
-                y, ssm_state = selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192)
+                y, ssm_state = selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192
+                )
         if cache is not None:
             cache.conv_state.copy_(conv_state)
             cache.ssm_state.copy_(ssm_state)
@@ -179,7 +187,9 @@ class Moe(nn.Module):
         B, T, C = x.size()
         tokens = x.reshape(B * T, C)  # (B*T, 4096)
         router_logits = self.router(tokens).float()  # (B*T, 16)
-        y, stats = moe_forward(tokens, router_logits, self.w_in, self.w_out, top_k=2, activation='swiglu', capacity_factor=None, normalize=True)
+        y, stats = moe_forward(
+            tokens, router_logits, self.w_in, self.w_out, top_k=2, activation="swiglu", capacity_factor=None, normalize=True
+        )
         aux = {
             "moe_load_balancing": 0.01 * load_balancing_loss(router_logits, stats["expert_index"], 16),
             "moe_z_loss": 0.001 * router_z_loss(router_logits),
@@ -247,10 +257,12 @@ class JepaHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.mask_token = nn.Embedding(1, 4096)  # the input at hidden positions; an embedding, so it starts like one
-        self.predictor = nn.ModuleList([
-            nn.Linear(4096, 4096),
-            nn.Linear(4096, 4096),
-        ])
+        self.predictor = nn.ModuleList(
+            [
+                nn.Linear(4096, 4096),
+                nn.Linear(4096, 4096),
+            ]
+        )
         self.target = EMATarget()  # θ̄: copied from the backbone the first time it is needed
         self.mask_generator: torch.Generator | None = None  # for training masks; None: torch's global RNG
 
@@ -278,7 +290,7 @@ class JepaHead(nn.Module):
         target_latents = self.target.hidden_states(model, input_ids)[mask]  # (N, 4096), target weights
         target_latents = F.layer_norm(target_latents.float(), (4096,))  # standardised per position, as in I-JEPA
         return {
-            'jepa_l2': 1.0 * F.mse_loss(predictions, target_latents),
+            "jepa_l2": 1.0 * F.mse_loss(predictions, target_latents),
         }
 
 
@@ -294,9 +306,7 @@ class MedusaHead(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.blocks = nn.ModuleList([
-            nn.ModuleList([nn.Linear(4096, 4096) for _ in range(1)]) for _ in range(4)
-        ])
+        self.blocks = nn.ModuleList([nn.ModuleList([nn.Linear(4096, 4096) for _ in range(1)]) for _ in range(4)])
 
     @torch.no_grad()
     def init_weights(self):
@@ -349,46 +359,50 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(128000, 4096)
-        self.layers = nn.ModuleList([
-            SsmMoeBlock(),  # 0
-            SsmMoeBlock(),  # 1
-            SsmMoeBlock(),  # 2
-            AttnMoeBlock(),  # 3
-            SsmMoeBlock(),  # 4
-            SsmMoeBlock(),  # 5
-            SsmMoeBlock(),  # 6
-            AttnMoeBlock(),  # 7
-            SsmMoeBlock(),  # 8
-            SsmMoeBlock(),  # 9
-            SsmMoeBlock(),  # 10
-            AttnMoeBlock(),  # 11
-            SsmMoeBlock(),  # 12
-            SsmMoeBlock(),  # 13
-            SsmMoeBlock(),  # 14
-            AttnMoeBlock(),  # 15
-            SsmMoeBlock(),  # 16
-            SsmMoeBlock(),  # 17
-            SsmMoeBlock(),  # 18
-            AttnMoeBlock(),  # 19
-            SsmMoeBlock(),  # 20
-            SsmMoeBlock(),  # 21
-            SsmMoeBlock(),  # 22
-            AttnMoeBlock(),  # 23
-            SsmMoeBlock(),  # 24
-            SsmMoeBlock(),  # 25
-            SsmMoeBlock(),  # 26
-            AttnMoeBlock(),  # 27
-            SsmMoeBlock(),  # 28
-            SsmMoeBlock(),  # 29
-            SsmMoeBlock(),  # 30
-            AttnMoeBlock(),  # 31
-        ])
+        self.layers = nn.ModuleList(
+            [
+                SsmMoeBlock(),  # 0
+                SsmMoeBlock(),  # 1
+                SsmMoeBlock(),  # 2
+                AttnMoeBlock(),  # 3
+                SsmMoeBlock(),  # 4
+                SsmMoeBlock(),  # 5
+                SsmMoeBlock(),  # 6
+                AttnMoeBlock(),  # 7
+                SsmMoeBlock(),  # 8
+                SsmMoeBlock(),  # 9
+                SsmMoeBlock(),  # 10
+                AttnMoeBlock(),  # 11
+                SsmMoeBlock(),  # 12
+                SsmMoeBlock(),  # 13
+                SsmMoeBlock(),  # 14
+                AttnMoeBlock(),  # 15
+                SsmMoeBlock(),  # 16
+                SsmMoeBlock(),  # 17
+                SsmMoeBlock(),  # 18
+                AttnMoeBlock(),  # 19
+                SsmMoeBlock(),  # 20
+                SsmMoeBlock(),  # 21
+                SsmMoeBlock(),  # 22
+                AttnMoeBlock(),  # 23
+                SsmMoeBlock(),  # 24
+                SsmMoeBlock(),  # 25
+                SsmMoeBlock(),  # 26
+                AttnMoeBlock(),  # 27
+                SsmMoeBlock(),  # 28
+                SsmMoeBlock(),  # 29
+                SsmMoeBlock(),  # 30
+                AttnMoeBlock(),  # 31
+            ]
+        )
         self.norm_f = RMSNorm(4096, eps=1e-05)
         self.lm_head = nn.Linear(4096, 128000, bias=False)
-        self.heads = nn.ModuleDict({
-            'jepa': JepaHead(),
-            'medusa': MedusaHead(),
-        })
+        self.heads = nn.ModuleDict(
+            {
+                "jepa": JepaHead(),
+                "medusa": MedusaHead(),
+            }
+        )
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -405,7 +419,7 @@ class Model(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
-                nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
+                nn.init.uniform_(module.weight, -(module.kernel_size[0] ** -0.5), module.kernel_size[0] ** -0.5)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -420,22 +434,25 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 4096)
         logits = self.lm_head(x)  # (B, T, 128000)
-        heads['jepa'] = self.heads['jepa'](x, self.lm_head)  # (B, T, 4096)
-        heads['medusa'] = self.heads['medusa'](x, self.lm_head)  # (4, B, T, 128000)
+        heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 4096)
+        heads["medusa"] = self.heads["medusa"](x, self.lm_head)  # (4, B, T, 128000)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 128000), targets.reshape(-1), ignore_index=-100)
-            add_losses(aux, self.heads['jepa'].losses(heads['jepa'], input_ids=input_ids, targets=targets, model=self))
-            add_losses(aux, self.heads['medusa'].losses(heads['medusa'], input_ids=input_ids, targets=targets, model=self))
+            add_losses(aux, self.heads["jepa"].losses(heads["jepa"], input_ids=input_ids, targets=targets, model=self))
+            add_losses(aux, self.heads["medusa"].losses(heads["medusa"], input_ids=input_ids, targets=targets, model=self))
             loss = loss + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
-    def hidden_states(self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None,
-                      inputs_embeds=None):
+    def hidden_states(
+        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+    ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 4096)) → final-norm hidden states (B, T, 4096)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 4096)
         start = cache.length if cache is not None else 0
-        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        positions = start + torch.arange(
+            x.size(1), device=x.device
+        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -454,8 +471,15 @@ class Model(nn.Module):
         return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
         B, T = input_ids.size()
         cache = self.empty_cache(B, T + max_new_tokens)
@@ -471,7 +495,7 @@ class Model(nn.Module):
     def update_target(self, momentum: float | None = None) -> None:
         """Move the JEPA target encoder toward the backbone, θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor; call it after
         every optimizer step. m is 0.996 unless given. The target starts equal to the backbone."""
-        self.heads['jepa'].target.update_(self, 0.996 if momentum is None else momentum)
+        self.heads["jepa"].target.update_(self, 0.996 if momentum is None else momentum)
 
     @torch.no_grad()
     def generate_medusa(self, input_ids, max_new_tokens: int) -> tuple[torch.Tensor, MedusaStats]:
@@ -488,8 +512,10 @@ class Model(nn.Module):
         """
         B, T = input_ids.size()
         if B != 1:
-            raise ValueError(f"generate_medusa decodes one sequence at a time, got a batch of {B}: call it once per row "
-                             "(rows accept different numbers of draft tokens, so their caches would fall out of step)")
+            raise ValueError(
+                f"generate_medusa decodes one sequence at a time, got a batch of {B}: call it once per row "
+                "(rows accept different numbers of draft tokens, so their caches would fall out of step)"
+            )
         cache = self.empty_cache(1, 0 + T + max_new_tokens)
         h = self.hidden_states(input_ids, cache=cache)[0, -1]  # (4096,) the hidden state after the prompt
         stats = MedusaStats()
@@ -497,7 +523,7 @@ class Model(nn.Module):
         remaining = max_new_tokens
         while remaining > 0:
             base_token = self.lm_head(h).argmax(-1, keepdim=True)  # (1,)
-            guesses = self.heads['medusa'](h.view(1, 1, -1), self.lm_head).argmax(-1).view(4)  # (4,)
+            guesses = self.heads["medusa"](h.view(1, 1, -1), self.lm_head).argmax(-1).view(4)  # (4,)
             draft = torch.cat([base_token, guesses])[:remaining]  # (L,) L ≤ 5
             if draft.numel() == 1:  # the model's own token needs no verifying
                 generated.append(draft)
@@ -525,7 +551,7 @@ class Model(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"model": 'hns_ss_jepa_moe', "spec_hash": SPEC_HASH}, indent=2) + "\n")
+        (directory / "config.json").write_text(json.dumps({"model": "hns_ss_jepa_moe", "spec_hash": SPEC_HASH}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
@@ -534,8 +560,10 @@ class Model(nn.Module):
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
         if saved.get("spec_hash") != SPEC_HASH:
-            raise ValueError(f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                             "load them with the package generated from the same spec")
+            raise ValueError(
+                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
+                "load them with the package generated from the same spec"
+            )
         model = cls()
         load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
         return model

@@ -77,7 +77,7 @@ class Context(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -111,7 +111,9 @@ class Reflex(nn.Module):
         self.conv1d = nn.Conv1d(2048, 2048, kernel_size=4, groups=2048, bias=True)
 
     def forward(self, x, positions=None, cache: ConvCache | None = None):
-        y, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None)  # (B, T, 2048)
+        y, conv_state = causal_conv1d(
+            x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
+        )  # (B, T, 2048)
         if cache is not None:
             cache.conv_state.copy_(conv_state)
         return F.silu(y)
@@ -201,32 +203,34 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(32000, 2048)
-        self.layers = nn.ModuleList([
-            ReflexContextSwigluBlock(),  # 0
-            ReflexContextSwigluBlock(),  # 1
-            ReflexContextSwigluBlock(),  # 2
-            ReflexContextSwigluBlock(),  # 3
-            ReflexContextSwigluBlock(),  # 4
-            ReflexContextSwigluBlock(),  # 5
-            ReflexContextSwigluBlock(),  # 6
-            ReflexContextSwigluBlock(),  # 7
-            ReflexContextSwigluBlock(),  # 8
-            ReflexContextSwigluBlock(),  # 9
-            ReflexContextSwigluBlock(),  # 10
-            ReflexContextSwigluBlock(),  # 11
-            ReflexContextSwigluBlock(),  # 12
-            ReflexContextSwigluBlock(),  # 13
-            ReflexContextSwigluBlock(),  # 14
-            ReflexContextSwigluBlock(),  # 15
-            ReflexContextSwigluBlock(),  # 16
-            ReflexContextSwigluBlock(),  # 17
-            ReflexContextSwigluBlock(),  # 18
-            ReflexContextSwigluBlock(),  # 19
-            ReflexContextSwigluBlock(),  # 20
-            ReflexContextSwigluBlock(),  # 21
-            ReflexContextSwigluBlock(),  # 22
-            ReflexContextSwigluBlock(),  # 23
-        ])
+        self.layers = nn.ModuleList(
+            [
+                ReflexContextSwigluBlock(),  # 0
+                ReflexContextSwigluBlock(),  # 1
+                ReflexContextSwigluBlock(),  # 2
+                ReflexContextSwigluBlock(),  # 3
+                ReflexContextSwigluBlock(),  # 4
+                ReflexContextSwigluBlock(),  # 5
+                ReflexContextSwigluBlock(),  # 6
+                ReflexContextSwigluBlock(),  # 7
+                ReflexContextSwigluBlock(),  # 8
+                ReflexContextSwigluBlock(),  # 9
+                ReflexContextSwigluBlock(),  # 10
+                ReflexContextSwigluBlock(),  # 11
+                ReflexContextSwigluBlock(),  # 12
+                ReflexContextSwigluBlock(),  # 13
+                ReflexContextSwigluBlock(),  # 14
+                ReflexContextSwigluBlock(),  # 15
+                ReflexContextSwigluBlock(),  # 16
+                ReflexContextSwigluBlock(),  # 17
+                ReflexContextSwigluBlock(),  # 18
+                ReflexContextSwigluBlock(),  # 19
+                ReflexContextSwigluBlock(),  # 20
+                ReflexContextSwigluBlock(),  # 21
+                ReflexContextSwigluBlock(),  # 22
+                ReflexContextSwigluBlock(),  # 23
+            ]
+        )
         self.norm_f = RMSNorm(2048, eps=1e-06)
         self.lm_head = nn.Linear(2048, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
@@ -246,7 +250,7 @@ class Model(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
-                nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
+                nn.init.uniform_(module.weight, -(module.kernel_size[0] ** -0.5), module.kernel_size[0] ** -0.5)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -267,12 +271,15 @@ class Model(nn.Module):
             loss = loss + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
-    def hidden_states(self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None,
-                      inputs_embeds=None):
+    def hidden_states(
+        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+    ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
         start = cache.length if cache is not None else 0
-        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        positions = start + torch.arange(
+            x.size(1), device=x.device
+        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -291,8 +298,15 @@ class Model(nn.Module):
         return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
         B, T = input_ids.size()
         cache = self.empty_cache(B, T + max_new_tokens)
@@ -312,7 +326,7 @@ class Model(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"model": 'hspmn', "spec_hash": SPEC_HASH}, indent=2) + "\n")
+        (directory / "config.json").write_text(json.dumps({"model": "hspmn", "spec_hash": SPEC_HASH}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
@@ -321,8 +335,10 @@ class Model(nn.Module):
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
         if saved.get("spec_hash") != SPEC_HASH:
-            raise ValueError(f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                             "load them with the package generated from the same spec")
+            raise ValueError(
+                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
+                "load them with the package generated from the same spec"
+            )
         model = cls()
         load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
         return model

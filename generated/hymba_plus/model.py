@@ -40,6 +40,7 @@ def use_kernel(kernel, x: torch.Tensor) -> bool:
     lowers it back to the reference op: kernels.decompositions())."""
     return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
 
+
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 32)  # output projections: the residual stream does not grow with depth
 
@@ -62,8 +63,7 @@ def add_losses(total: dict | None, losses: dict) -> None:
 
 
 class Attn(nn.Module):
-    """Grouped-query attention 'attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0, sliding window 1024.
-    """
+    """Grouped-query attention 'attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0, sliding window 1024."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +80,7 @@ class Attn(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -102,8 +102,7 @@ class Attn(nn.Module):
 
 
 class GlobalAttn(nn.Module):
-    """Grouped-query attention 'global_attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0.
-    """
+    """Grouped-query attention 'global_attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0."""
 
     def __init__(self):
         super().__init__()
@@ -120,7 +119,7 @@ class GlobalAttn(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -168,27 +167,35 @@ class Ssm(nn.Module):
         self.D.fill_(1.0)
         dt = torch.exp(torch.rand(3200) * (math.log(self.DT_MAX) - math.log(self.DT_MIN)) + math.log(self.DT_MIN))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
-        nn.init.uniform_(self.dt_proj.weight, -100 ** -0.5, 100 ** -0.5)
+        nn.init.uniform_(self.dt_proj.weight, -(100**-0.5), 100**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x, positions=None, cache: MambaCache | None = None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([3200, 3200], dim=-1)  # (B, T, 3200) each
-        x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None)
+        x, conv_state = causal_conv1d(
+            x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
+        )
         x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, T, 100), (B, T, 16) × 2
         A = -torch.exp(self.A_log.float())  # (3200, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 3200), on rows: torch.export traces it for any batch size
-            y, ssm_state = selective_state_step(cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias)
+            y, ssm_state = selective_state_step(
+                cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
+            )
             y = y.unsqueeze(1)  # (B, 1, 3200)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 3200); its bias is added inside the scan, before softplus
             initial_state = cache.ssm_state if cache is not None else None
             if use_kernel(kernels.selective_scan, x):
-                y, ssm_state = kernels.selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state)
+                y, ssm_state = kernels.selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state
+                )
             else:
-                y, ssm_state = selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192)
+                y, ssm_state = selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192
+                )
         if cache is not None:
             cache.conv_state.copy_(conv_state)
             cache.ssm_state.copy_(ssm_state)
@@ -364,46 +371,50 @@ class Model(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(32001, 1600)
         self.meta_tokens = nn.Parameter(torch.empty(128, 1600))
-        self.layers = nn.ModuleList([
-            GlobalAttnSsmMlpBlock(),  # 0
-            AttnSsmMlpBlock(),  # 1
-            AttnSsmMlpBlock(),  # 2
-            AttnSsmMlpBlock(),  # 3
-            AttnSsmMlpBlock(),  # 4
-            AttnSsmMlpBlock(),  # 5
-            AttnSsmMlpBlock(),  # 6
-            AttnSsmMlpBlock(),  # 7
-            AttnSsmMlpBlock(),  # 8
-            AttnSsmMlpBlock(),  # 9
-            AttnSsmMlpBlock(),  # 10
-            AttnSsmMlpBlock(),  # 11
-            AttnSsmMlpBlock(),  # 12
-            AttnSsmMlpBlock(),  # 13
-            AttnSsmMlpBlock(),  # 14
-            GlobalAttnSsmMlpBlock(),  # 15
-            AttnSsmMlpBlock(),  # 16
-            AttnSsmMlpBlock(),  # 17
-            AttnSsmMlpBlock(),  # 18
-            AttnSsmMlpBlock(),  # 19
-            AttnSsmMlpBlock(),  # 20
-            AttnSsmMlpBlock(),  # 21
-            AttnSsmMlpBlock(),  # 22
-            AttnSsmMlpBlock(),  # 23
-            AttnSsmMlpBlock(),  # 24
-            AttnSsmMlpBlock(),  # 25
-            AttnSsmMlpBlock(),  # 26
-            AttnSsmMlpBlock(),  # 27
-            AttnSsmMlpBlock(),  # 28
-            AttnSsmMlpBlock(),  # 29
-            AttnSsmMlpBlock(),  # 30
-            GlobalAttnSsmMlpBlock(),  # 31
-        ])
+        self.layers = nn.ModuleList(
+            [
+                GlobalAttnSsmMlpBlock(),  # 0
+                AttnSsmMlpBlock(),  # 1
+                AttnSsmMlpBlock(),  # 2
+                AttnSsmMlpBlock(),  # 3
+                AttnSsmMlpBlock(),  # 4
+                AttnSsmMlpBlock(),  # 5
+                AttnSsmMlpBlock(),  # 6
+                AttnSsmMlpBlock(),  # 7
+                AttnSsmMlpBlock(),  # 8
+                AttnSsmMlpBlock(),  # 9
+                AttnSsmMlpBlock(),  # 10
+                AttnSsmMlpBlock(),  # 11
+                AttnSsmMlpBlock(),  # 12
+                AttnSsmMlpBlock(),  # 13
+                AttnSsmMlpBlock(),  # 14
+                GlobalAttnSsmMlpBlock(),  # 15
+                AttnSsmMlpBlock(),  # 16
+                AttnSsmMlpBlock(),  # 17
+                AttnSsmMlpBlock(),  # 18
+                AttnSsmMlpBlock(),  # 19
+                AttnSsmMlpBlock(),  # 20
+                AttnSsmMlpBlock(),  # 21
+                AttnSsmMlpBlock(),  # 22
+                AttnSsmMlpBlock(),  # 23
+                AttnSsmMlpBlock(),  # 24
+                AttnSsmMlpBlock(),  # 25
+                AttnSsmMlpBlock(),  # 26
+                AttnSsmMlpBlock(),  # 27
+                AttnSsmMlpBlock(),  # 28
+                AttnSsmMlpBlock(),  # 29
+                AttnSsmMlpBlock(),  # 30
+                GlobalAttnSsmMlpBlock(),  # 31
+            ]
+        )
         self.norm_f = RMSNorm(1600, eps=1e-06)
         self.lm_head = nn.Linear(1600, 32001, bias=False)
         self.lm_head.weight = self.embed.weight
-        self.heads = nn.ModuleDict({
-            'forecaster': ForecasterHead(),
-        })
+        self.heads = nn.ModuleDict(
+            {
+                "forecaster": ForecasterHead(),
+            }
+        )
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -420,7 +431,7 @@ class Model(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
-                nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
+                nn.init.uniform_(module.weight, -(module.kernel_size[0] ** -0.5), module.kernel_size[0] ** -0.5)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -436,23 +447,30 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 1600)
         logits = self.lm_head(x)  # (B, T, 32001)
-        heads['forecaster'] = self.heads['forecaster'](x, self.lm_head)  # (B, T, 1024)
+        heads["forecaster"] = self.heads["forecaster"](x, self.lm_head)  # (B, T, 1024)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 32001), targets.reshape(-1), ignore_index=-100)
-            add_losses(aux, self.heads['forecaster'].losses(heads['forecaster'], input_ids=input_ids, targets=targets, model=self))
+            add_losses(
+                aux, self.heads["forecaster"].losses(heads["forecaster"], input_ids=input_ids, targets=targets, model=self)
+            )
             loss = loss + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
-    def hidden_states(self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None,
-                      inputs_embeds=None):
+    def hidden_states(
+        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+    ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 1600)) → final-norm hidden states (B, T, 1600)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 1600)
         start = cache.length if cache is not None else 0
-        prefix = 128 if isinstance(start, int) and start == 0 else 0  # meta tokens enter once, at the start of a sequence (a tensor start is a decode step)
+        prefix = (
+            128 if isinstance(start, int) and start == 0 else 0
+        )  # meta tokens enter once, at the start of a sequence (a tensor start is a decode step)
         if prefix:
             x = torch.cat([self.meta_tokens.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)  # (B, T+128, 1600)
-        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        positions = start + torch.arange(
+            x.size(1), device=x.device
+        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -471,8 +489,15 @@ class Model(nn.Module):
         return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
         B, T = input_ids.size()
         cache = self.empty_cache(B, 128 + T + max_new_tokens)
@@ -495,8 +520,9 @@ class Model(nn.Module):
         return bins + 30977, scale
 
     @torch.no_grad()
-    def forecast(self, series, horizon: int, num_samples: int = 0, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def forecast(
+        self, series, horizon: int, num_samples: int = 0, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Continue each series of a context (B, T) by `horizon` values, in the series' units.
 
         The context is scaled by its mean |x| and turned into series tokens; then, horizon times, the forecaster head
@@ -515,7 +541,7 @@ class Model(nn.Module):
         x = self.hidden_states(tokens, cache=cache)[:, -1:]  # (B·paths, 1, 1600)
         bins = []
         for step in range(horizon):
-            bin_logits = self.heads['forecaster'](x, self.lm_head)[:, -1]  # (B·paths, 1024)
+            bin_logits = self.heads["forecaster"](x, self.lm_head)[:, -1]  # (B·paths, 1024)
             bins.append(sample(bin_logits, temperature if num_samples else 0, None, None, generator))  # (B·paths, 1)
             if step + 1 < horizon:
                 x = self.hidden_states(bins[-1] + 30977, cache=cache)  # (B·paths, 1, 1600)
@@ -530,7 +556,7 @@ class Model(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"model": 'hymba_plus', "spec_hash": SPEC_HASH}, indent=2) + "\n")
+        (directory / "config.json").write_text(json.dumps({"model": "hymba_plus", "spec_hash": SPEC_HASH}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
@@ -539,8 +565,10 @@ class Model(nn.Module):
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
         if saved.get("spec_hash") != SPEC_HASH:
-            raise ValueError(f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                             "load them with the package generated from the same spec")
+            raise ValueError(
+                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
+                "load them with the package generated from the same spec"
+            )
         model = cls()
         load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
         return model

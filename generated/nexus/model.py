@@ -40,6 +40,7 @@ def use_kernel(kernel, x: torch.Tensor) -> bool:
     lowers it back to the reference op: kernels.decompositions())."""
     return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
 
+
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 48)  # output projections: the residual stream does not grow with depth
 
@@ -62,8 +63,7 @@ def add_losses(total: dict | None, losses: dict) -> None:
 
 
 class Attn(nn.Module):
-    """Grouped-query attention 'attn': 8 query heads, 8 key/value heads of 64 dims, RoPE θ=10000.0.
-    """
+    """Grouped-query attention 'attn': 8 query heads, 8 key/value heads of 64 dims, RoPE θ=10000.0."""
 
     def __init__(self):
         super().__init__()
@@ -80,7 +80,7 @@ class Attn(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -128,27 +128,35 @@ class Ssm(nn.Module):
         self.D.fill_(1.0)
         dt = torch.exp(torch.rand(1024) * (math.log(self.DT_MAX) - math.log(self.DT_MIN)) + math.log(self.DT_MIN))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
-        nn.init.uniform_(self.dt_proj.weight, -32 ** -0.5, 32 ** -0.5)
+        nn.init.uniform_(self.dt_proj.weight, -(32**-0.5), 32**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x, positions=None, cache: MambaCache | None = None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([1024, 1024], dim=-1)  # (B, T, 1024) each
-        x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None)
+        x, conv_state = causal_conv1d(
+            x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
+        )
         x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([32, 16, 16], dim=-1)  # (B, T, 32), (B, T, 16) × 2
         A = -torch.exp(self.A_log.float())  # (1024, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 1024), on rows: torch.export traces it for any batch size
-            y, ssm_state = selective_state_step(cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias)
+            y, ssm_state = selective_state_step(
+                cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
+            )
             y = y.unsqueeze(1)  # (B, 1, 1024)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 1024); its bias is added inside the scan, before softplus
             initial_state = cache.ssm_state if cache is not None else None
             if use_kernel(kernels.selective_scan, x):
-                y, ssm_state = kernels.selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state)
+                y, ssm_state = kernels.selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state
+                )
             else:
-                y, ssm_state = selective_scan(x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=4096)
+                y, ssm_state = selective_scan(
+                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=4096
+                )
         if cache is not None:
             cache.conv_state.copy_(conv_state)
             cache.ssm_state.copy_(ssm_state)
@@ -231,10 +239,12 @@ class JepaHead(nn.Module):
     def __init__(self):
         super().__init__()
         self.mask_token = nn.Embedding(1, 512)  # the input at hidden positions; an embedding, so it starts like one
-        self.predictor = nn.ModuleList([
-            nn.Linear(512, 512),
-            nn.Linear(512, 512),
-        ])
+        self.predictor = nn.ModuleList(
+            [
+                nn.Linear(512, 512),
+                nn.Linear(512, 512),
+            ]
+        )
         self.target = EMATarget()  # θ̄: copied from the backbone the first time it is needed
         self.mask_generator: torch.Generator | None = None  # for training masks; None: torch's global RNG
 
@@ -263,9 +273,9 @@ class JepaHead(nn.Module):
         target_latents = F.layer_norm(target_latents.float(), (512,))  # standardised per position, as in I-JEPA
         invariance, variance, covariance = vicreg_terms(predictions, target_latents)
         return {
-            'jepa_vicreg_invariance': 25.0 * invariance,
-            'jepa_vicreg_variance': 25.0 * variance,
-            'jepa_vicreg_covariance': 1.0 * covariance,
+            "jepa_vicreg_invariance": 25.0 * invariance,
+            "jepa_vicreg_variance": 25.0 * variance,
+            "jepa_vicreg_covariance": 1.0 * covariance,
         }
 
 
@@ -291,10 +301,12 @@ class TitansMemory(nn.Module):
         self.q_proj = nn.Linear(512, 512, bias=False)
         self.k_proj = nn.Linear(512, 512, bias=False)
         self.v_proj = nn.Linear(512, 512, bias=False)
-        self.mlp = nn.ModuleList([
-            nn.Linear(512, 512, bias=False),
-            nn.Linear(512, 512, bias=False),
-        ])
+        self.mlp = nn.ModuleList(
+            [
+                nn.Linear(512, 512, bias=False),
+                nn.Linear(512, 512, bias=False),
+            ]
+        )
         self.gate = nn.Linear(512, 512)
 
     def forward(self, x, state: MemoryState | None = None, update: bool = False, position=0):
@@ -308,9 +320,9 @@ class TitansMemory(nn.Module):
         if update:
             k = F.normalize(self.k_proj(x).float(), dim=-1)  # (B, T, 512)
             v = self.v_proj(x).float()  # (B, T, 512)
-            read, state = memory_read_write(q, k, v, state, chunk_size=64, learning_rate=0.01,
-                                            momentum=0.9, forget=0.01, position=position,
-                                            max_seqlen=4096)
+            read, state = memory_read_write(
+                q, k, v, state, chunk_size=64, learning_rate=0.01, momentum=0.9, forget=0.01, position=position, max_seqlen=4096
+            )
         else:
             read = memory_mlp(q, state.weights)  # (B, T, 512)
         return torch.sigmoid(self.gate(x)) * read.to(x.dtype), state
@@ -379,64 +391,68 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(32000, 512)
-        self.layers = nn.ModuleList([
-            SsmMlpBlock(),  # 0
-            SsmMlpBlock(),  # 1
-            SsmMlpBlock(),  # 2
-            SsmMlpBlock(),  # 3
-            AttnMlpBlock(),  # 4
-            SsmMlpBlock(),  # 5
-            SsmMlpBlock(),  # 6
-            SsmMlpBlock(),  # 7
-            SsmMlpBlock(),  # 8
-            SsmMlpBlock(),  # 9
-            SsmMlpBlock(),  # 10
-            SsmMlpBlock(),  # 11
-            AttnMlpBlock(),  # 12
-            SsmMlpBlock(),  # 13
-            SsmMlpBlock(),  # 14
-            SsmMlpBlock(),  # 15
-            SsmMlpBlock(),  # 16
-            SsmMlpBlock(),  # 17
-            SsmMlpBlock(),  # 18
-            SsmMlpBlock(),  # 19
-            AttnMlpBlock(),  # 20
-            SsmMlpBlock(),  # 21
-            SsmMlpBlock(),  # 22
-            SsmMlpBlock(),  # 23
-            SsmMlpBlock(),  # 24
-            SsmMlpBlock(),  # 25
-            SsmMlpBlock(),  # 26
-            SsmMlpBlock(),  # 27
-            AttnMlpBlock(),  # 28
-            SsmMlpBlock(),  # 29
-            SsmMlpBlock(),  # 30
-            SsmMlpBlock(),  # 31
-            SsmMlpBlock(),  # 32
-            SsmMlpBlock(),  # 33
-            SsmMlpBlock(),  # 34
-            SsmMlpBlock(),  # 35
-            AttnMlpBlock(),  # 36
-            SsmMlpBlock(),  # 37
-            SsmMlpBlock(),  # 38
-            SsmMlpBlock(),  # 39
-            SsmMlpBlock(),  # 40
-            SsmMlpBlock(),  # 41
-            SsmMlpBlock(),  # 42
-            SsmMlpBlock(),  # 43
-            AttnMlpBlock(),  # 44
-            SsmMlpBlock(),  # 45
-            SsmMlpBlock(),  # 46
-            SsmMlpBlock(),  # 47
-        ])
+        self.layers = nn.ModuleList(
+            [
+                SsmMlpBlock(),  # 0
+                SsmMlpBlock(),  # 1
+                SsmMlpBlock(),  # 2
+                SsmMlpBlock(),  # 3
+                AttnMlpBlock(),  # 4
+                SsmMlpBlock(),  # 5
+                SsmMlpBlock(),  # 6
+                SsmMlpBlock(),  # 7
+                SsmMlpBlock(),  # 8
+                SsmMlpBlock(),  # 9
+                SsmMlpBlock(),  # 10
+                SsmMlpBlock(),  # 11
+                AttnMlpBlock(),  # 12
+                SsmMlpBlock(),  # 13
+                SsmMlpBlock(),  # 14
+                SsmMlpBlock(),  # 15
+                SsmMlpBlock(),  # 16
+                SsmMlpBlock(),  # 17
+                SsmMlpBlock(),  # 18
+                SsmMlpBlock(),  # 19
+                AttnMlpBlock(),  # 20
+                SsmMlpBlock(),  # 21
+                SsmMlpBlock(),  # 22
+                SsmMlpBlock(),  # 23
+                SsmMlpBlock(),  # 24
+                SsmMlpBlock(),  # 25
+                SsmMlpBlock(),  # 26
+                SsmMlpBlock(),  # 27
+                AttnMlpBlock(),  # 28
+                SsmMlpBlock(),  # 29
+                SsmMlpBlock(),  # 30
+                SsmMlpBlock(),  # 31
+                SsmMlpBlock(),  # 32
+                SsmMlpBlock(),  # 33
+                SsmMlpBlock(),  # 34
+                SsmMlpBlock(),  # 35
+                AttnMlpBlock(),  # 36
+                SsmMlpBlock(),  # 37
+                SsmMlpBlock(),  # 38
+                SsmMlpBlock(),  # 39
+                SsmMlpBlock(),  # 40
+                SsmMlpBlock(),  # 41
+                SsmMlpBlock(),  # 42
+                SsmMlpBlock(),  # 43
+                AttnMlpBlock(),  # 44
+                SsmMlpBlock(),  # 45
+                SsmMlpBlock(),  # 46
+                SsmMlpBlock(),  # 47
+            ]
+        )
         self.memory = TitansMemory()  # read after layer 47
         self.symbolic = SymbolicReasoner()  # applied after layer 47
         self.norm_f = RMSNorm(512, eps=1e-05)
         self.lm_head = nn.Linear(512, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
-        self.heads = nn.ModuleDict({
-            'jepa': JepaHead(),
-        })
+        self.heads = nn.ModuleDict(
+            {
+                "jepa": JepaHead(),
+            }
+        )
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
@@ -453,7 +469,7 @@ class Model(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
-                nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
+                nn.init.uniform_(module.weight, -(module.kernel_size[0] ** -0.5), module.kernel_size[0] ** -0.5)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -468,20 +484,29 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, update_memory=update_memory)  # (B, T, 512)
         logits = self.lm_head(x)  # (B, T, 32000)
-        heads['jepa'] = self.heads['jepa'](x, self.lm_head)  # (B, T, 512)
+        heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 512)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, 32000), targets.reshape(-1), ignore_index=-100)
-            add_losses(aux, self.heads['jepa'].losses(heads['jepa'], input_ids=input_ids, targets=targets, model=self))
+            add_losses(aux, self.heads["jepa"].losses(heads["jepa"], input_ids=input_ids, targets=targets, model=self))
             loss = loss + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
-    def hidden_states(self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None,
-                      inputs_embeds=None, update_memory: bool = False):
+    def hidden_states(
+        self,
+        input_ids=None,
+        cache: Cache | None = None,
+        aux: dict | None = None,
+        heads: dict | None = None,
+        inputs_embeds=None,
+        update_memory: bool = False,
+    ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 512)) → final-norm hidden states (B, T, 512)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 512)
         start = cache.length if cache is not None else 0
-        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        positions = start + torch.arange(
+            x.size(1), device=x.device
+        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -489,7 +514,9 @@ class Model(nn.Module):
             else:
                 x = layer(x, positions, layer_cache, aux)
             if i == 47:
-                read, memory_state = self.memory(x, cache.memory if cache is not None else None, update=update_memory, position=start)
+                read, memory_state = self.memory(
+                    x, cache.memory if cache is not None else None, update=update_memory, position=start
+                )
                 if cache is not None:
                     cache.memory = memory_state
                 x = x + read
@@ -506,12 +533,22 @@ class Model(nn.Module):
         """A cache for `batch` sequences of up to `max_len` positions."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
-                     memory=self.memory.empty_state(batch, device))
+        return Cache(
+            [layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
+            memory=self.memory.empty_state(batch, device),
+        )
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, update_memory: bool = True):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        update_memory: bool = True,
+    ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
 
         With update_memory (the default) the test-time memory is written as the prompt and the generated tokens are read.
@@ -530,7 +567,7 @@ class Model(nn.Module):
     def update_target(self, momentum: float | None = None) -> None:
         """Move the JEPA target encoder toward the backbone, θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor; call it after
         every optimizer step. m is 0.996 unless given. The target starts equal to the backbone."""
-        self.heads['jepa'].target.update_(self, 0.996 if momentum is None else momentum)
+        self.heads["jepa"].target.update_(self, 0.996 if momentum is None else momentum)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors and config.json (with the spec hash that from_pretrained checks)."""
@@ -539,7 +576,7 @@ class Model(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"model": 'nexus', "spec_hash": SPEC_HASH}, indent=2) + "\n")
+        (directory / "config.json").write_text(json.dumps({"model": "nexus", "spec_hash": SPEC_HASH}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
@@ -548,8 +585,10 @@ class Model(nn.Module):
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
         if saved.get("spec_hash") != SPEC_HASH:
-            raise ValueError(f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                             "load them with the package generated from the same spec")
+            raise ValueError(
+                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
+                "load them with the package generated from the same spec"
+            )
         model = cls()
         load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
         return model
