@@ -17,9 +17,13 @@ LINE_LENGTH = 130  # the project's own (pyproject.toml [tool.ruff])
 
 @cache
 def ruff_binary() -> str:
-    from ruff.__main__ import find_ruff_bin
+    try:
+        from ruff.__main__ import find_ruff_bin
 
-    return str(find_ruff_bin())
+        return str(find_ruff_bin())
+    except Exception as error:  # not installed, or its binary missing (RuffNotFound)
+        fix = "install archgen's dependencies again (pip install ruff==0.17.6)"
+        raise CompileError([Diagnostic("", f"cannot format the emitted code: ruff is missing ({error})", fix)]) from None
 
 
 def format_python(text: str, path: str) -> str:
