@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from archgen import __version__
-from archgen.emit.names import Namespace, camel
+from archgen.emit.names import TEMPLATE_NAMES, Namespace, camel
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR, KernelChoice, Op
 from archgen.kinds import Dims, kind_of
@@ -162,7 +162,11 @@ def _layers(ir: IR) -> list[_Layer]:
 def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
     resolved = ir.spec  # provenance only: name, description, hash, preset, overrides
     _reject_unemitted(ir)
-    namespace = Namespace()
+    configs = [(op.kind, op.config) for op in ir.ops()]
+    configs += [(sub_kind, sub_config) for op in ir.ops()
+                for _, sub_kind, sub_config in kind_of(op.kind).subcomponents(op.config)]
+    imports = _import_table(configs)
+    namespace = Namespace(TEMPLATE_NAMES | {name for names in imports.values() for name in names})
     dims = ir.dims
     d = dims.d_model
     layers = _layers(ir)
@@ -220,7 +224,6 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
             extras[op.name] = ExtraPlan(op.name, namespace.create(kind.class_name or camel(op.name)), op.kind,
                                         op.config, extra_dims | kind.template_dims(op.config, dims), "extras", kind.template,
                                         shape_text(op.out_shape))
-    imports = _import_table([(op.kind, op.config) for op in ir.ops()] + [(c.kind, c.cfg) for c in components.values()])
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     norm_op = ir.op("norm_f")
@@ -233,7 +236,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=kind_of(norm_op.kind).template_dims(norm_op.config, dims)["module"],
-        max_seq_len=dims.max_seq_len, init_std=resolved.model.init_std, n_layers=dims.n_layers,
+        max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         runtime_files=sorted(imports), import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}"

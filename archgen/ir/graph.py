@@ -81,7 +81,7 @@ class _Builder:
 
 def lower(resolved: ResolvedSpec) -> IR:
     model = resolved.model
-    dims = Dims(resolved.d_model, model.vocab_size, resolved.n_layers, model.max_seq_len, model.norm.eps)
+    dims = Dims(resolved.d_model, model.vocab_size, resolved.n_layers, model.max_seq_len, model.norm.eps, model.init_std)
     b = _Builder(dims)
     norm = resolved.norm
     x = b.add("embed", "embedding", None, [])

@@ -42,6 +42,7 @@ class Dims:
     n_layers: int = 0
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
+    init_std: float = 0.02  # the spread Linear and embedding weights start with
 
 
 def divisors(n: int) -> list[int]:
