@@ -50,8 +50,7 @@ def add_losses(total: dict | None, losses: dict) -> None:
 
 
 class Attn(nn.Module):
-    """Grouped-query attention 'attn': 16 query heads, 2 key/value heads of 128 dims, RoPE θ=1000000.0, qk-norm.
-    """
+    """Grouped-query attention 'attn': 16 query heads, 2 key/value heads of 128 dims, RoPE θ=1000000.0, qk-norm."""
 
     def __init__(self):
         super().__init__()
@@ -70,7 +69,7 @@ class Attn(nn.Module):
         self.reset_rope()
 
     def reset_rope(self):
-        inv_freq, self.rope_scale = rope_inv_freq(128, theta=1000000.0, scaling='none', factor=1.0, original_max_position=None)
+        inv_freq, self.rope_scale = rope_inv_freq(128, theta=1000000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
     def forward(self, x, positions, cache: KVCache | None = None):
@@ -131,7 +130,9 @@ class Gdn(nn.Module):
     def forward(self, x, positions=None, cache: GatedDeltaCache | None = None):
         B, T, C = x.size()
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 8192)
-        qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None)
+        qkv, conv_state = causal_conv1d(
+            qkv, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
+        )
         q, k, v = F.silu(qkv).split([2048, 2048, 4096], dim=-1)
         q = l2_normalize(q.view(B, T, 16, 128))  # (B, T, 16, 128)
         k = l2_normalize(k.view(B, T, 16, 128))
@@ -182,8 +183,8 @@ class GdnMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 2048)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -201,8 +202,8 @@ class AttnMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 2048)
+        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -229,32 +230,34 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed = nn.Embedding(151936, 2048)
-        self.layers = nn.ModuleList([
-            GdnMlpBlock(),  # 0
-            GdnMlpBlock(),  # 1
-            GdnMlpBlock(),  # 2
-            AttnMlpBlock(),  # 3
-            GdnMlpBlock(),  # 4
-            GdnMlpBlock(),  # 5
-            GdnMlpBlock(),  # 6
-            AttnMlpBlock(),  # 7
-            GdnMlpBlock(),  # 8
-            GdnMlpBlock(),  # 9
-            GdnMlpBlock(),  # 10
-            AttnMlpBlock(),  # 11
-            GdnMlpBlock(),  # 12
-            GdnMlpBlock(),  # 13
-            GdnMlpBlock(),  # 14
-            AttnMlpBlock(),  # 15
-            GdnMlpBlock(),  # 16
-            GdnMlpBlock(),  # 17
-            GdnMlpBlock(),  # 18
-            AttnMlpBlock(),  # 19
-            GdnMlpBlock(),  # 20
-            GdnMlpBlock(),  # 21
-            GdnMlpBlock(),  # 22
-            AttnMlpBlock(),  # 23
-        ])
+        self.layers = nn.ModuleList(
+            [
+                GdnMlpBlock(),  # 0
+                GdnMlpBlock(),  # 1
+                GdnMlpBlock(),  # 2
+                AttnMlpBlock(),  # 3
+                GdnMlpBlock(),  # 4
+                GdnMlpBlock(),  # 5
+                GdnMlpBlock(),  # 6
+                AttnMlpBlock(),  # 7
+                GdnMlpBlock(),  # 8
+                GdnMlpBlock(),  # 9
+                GdnMlpBlock(),  # 10
+                AttnMlpBlock(),  # 11
+                GdnMlpBlock(),  # 12
+                GdnMlpBlock(),  # 13
+                GdnMlpBlock(),  # 14
+                AttnMlpBlock(),  # 15
+                GdnMlpBlock(),  # 16
+                GdnMlpBlock(),  # 17
+                GdnMlpBlock(),  # 18
+                AttnMlpBlock(),  # 19
+                GdnMlpBlock(),  # 20
+                GdnMlpBlock(),  # 21
+                GdnMlpBlock(),  # 22
+                AttnMlpBlock(),  # 23
+            ]
+        )
         self.norm_f = RMSNorm(2048, eps=1e-06)
         self.lm_head = nn.Linear(2048, 151936, bias=False)
         self.lm_head.weight = self.embed.weight
@@ -274,7 +277,7 @@ class Model(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, 0.0, INIT_STD)
             elif isinstance(module, nn.Conv1d):
-                nn.init.uniform_(module.weight, -module.kernel_size[0] ** -0.5, module.kernel_size[0] ** -0.5)
+                nn.init.uniform_(module.weight, -(module.kernel_size[0] ** -0.5), module.kernel_size[0] ** -0.5)
             elif isinstance(module, (RMSNorm, nn.LayerNorm)) and module.weight is not None:
                 nn.init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
@@ -295,12 +298,15 @@ class Model(nn.Module):
             loss = loss + sum(aux.values())
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
-    def hidden_states(self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None,
-                      inputs_embeds=None):
+    def hidden_states(
+        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+    ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
         start = cache.length if cache is not None else 0
-        positions = start + torch.arange(x.size(1), device=x.device)  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        positions = start + torch.arange(
+            x.size(1), device=x.device
+        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
@@ -309,7 +315,7 @@ class Model(nn.Module):
                 x = layer(x, positions, layer_cache, aux)
         if cache is not None:
             cache.length = start + x.size(1)
-        x = self.norm_f(x)
+        x = self.norm_f(x)  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
@@ -319,8 +325,15 @@ class Model(nn.Module):
         return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
         B, T = input_ids.size()
         cache = self.empty_cache(B, T + max_new_tokens)
@@ -340,7 +353,9 @@ class Model(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(json.dumps({"model": 'gated_deltanet_hybrid', "spec_hash": SPEC_HASH}, indent=2) + "\n")
+        (directory / "config.json").write_text(
+            json.dumps({"model": "gated_deltanet_hybrid", "spec_hash": SPEC_HASH}, indent=2) + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
@@ -349,8 +364,10 @@ class Model(nn.Module):
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
         if saved.get("spec_hash") != SPEC_HASH:
-            raise ValueError(f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                             "load them with the package generated from the same spec")
+            raise ValueError(
+                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
+                "load them with the package generated from the same spec"
+            )
         model = cls()
         load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
         return model
