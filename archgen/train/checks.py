@@ -74,7 +74,7 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
     head_kinds: dict[str, str] = {}
     meta_tokens = 0
     if compiled is not None:
-        spec = compiled.resolved
+        spec = compiled.loaded.spec  # the validated spec with presets and overrides applied
         vocab = spec.model.vocab_size
         head_kinds = {name: head.kind for name, head in spec.heads.items()}
         meta_tokens = spec.meta_tokens.count if spec.meta_tokens else 0
