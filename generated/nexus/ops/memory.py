@@ -74,6 +74,7 @@ class MemoryState:
 
 def memory_mlp(u: Tensor, weights: list[Tensor]) -> Tensor:
     """M_W(u): u (B, T, in_0) → (B, T, out_{L-1}), SiLU between layers. W_i is (B, out, in) or shared (out, in)."""
+    u = u.to(weights[0].dtype)  # the memory's own precision: float32, or float64 in a float64 model
     for i, w in enumerate(weights):
         u = u @ w.mT  # (B, T, out_i)
         if i < len(weights) - 1:
@@ -140,6 +141,8 @@ def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: Memo
     waiting ones; slot s is in chunk s // C of this call. Chunk j is read with W_j and written when its last slot is
     filled; the slots after the last complete chunk become the new pending buffer.
     """
+    dtype = state.weights[0].dtype  # float32, or float64 in a float64 model: the callers' float32 inputs follow it
+    queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
     chunk = chunk_size
     seqlen = queries.size(1)
     waiting = position % chunk  # n: tokens of the unfinished chunk already in the state
