@@ -7,7 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 # Far above any real model, low enough that a typo such as 'ssm*999999999' is an error, not an out-of-memory.
-MAX_LAYERS = 100_000
+MAX_LAYERS = 512  # deeper than any trained model of this kind; bounds the time `archgen check` takes (archgen.spec.limits)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import pydantic
 from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
 from archgen.spec import models
 from archgen.spec.checks import check_spec
+from archgen.spec.limits import check_model_limits
 from archgen.spec.migrate import migrate
 from archgen.spec.text import printable
 from archgen.spec.text import unencodable as _unencodable
@@ -66,7 +67,7 @@ def load_spec_text(text: str, file: str, preset: str | None = None, overrides: t
     except pydantic.ValidationError as error:
         raise CompileError([_diagnostic_from_pydantic(item, data, source_map) for item in error.errors()]) from None
 
-    problems = check_spec(spec)
+    problems = check_spec(spec) + check_model_limits(spec)
     located = [_locate(problem, source_map) for problem in problems]
     errors = [d for d in located if d.severity == "error"]
     if errors:

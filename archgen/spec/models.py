@@ -297,7 +297,7 @@ class TitansMemorySpec(SpecModel):
 
     kind: Literal["titans"]
     after_layer: Annotated[int, Field(strict=True)] = -1  # read the memory after this layer (negative counts from the end)
-    depth: Depth = 2  # layers of the memory MLP
+    depth: Annotated[int, Field(gt=0, le=16, strict=True)] = 2  # layers of the memory MLP (Titans uses 1 to 4)
     hidden: PositiveInt | None = None  # default d_model
     chunk_size: PositiveInt = 64
     learning_rate: PositiveFloat = 0.01
@@ -329,8 +329,9 @@ class MedusaHeadSpec(SpecModel):
     """K extra heads predicting tokens t+2 … t+K+1 for draft-and-verify decoding."""
 
     kind: Literal["medusa"]
-    n_heads: Depth = 4
-    hidden_layers: Annotated[int, Field(ge=0, le=256, strict=True)] = 1  # residual SiLU blocks before each head's projection
+    # Bounded near the paper's sizes (4-5 heads, 1 block), which also bounds the n_heads x hidden_layers parameter table.
+    n_heads: Annotated[int, Field(gt=0, le=16, strict=True)] = 4
+    hidden_layers: Annotated[int, Field(ge=0, le=16, strict=True)] = 1  # residual SiLU blocks before each head's projection
     loss_weight: LossWeight = 0.2
 
 

@@ -134,8 +134,8 @@ ERRORS = [
     ("c|(a*2)", "parallel branch '(a*2)' at column 2 is 2 layers", 2),
     ("ssm, attn|attn", "'attn' appears 2 times in the parallel layer at column 5", 5),
     ("(a|b)|a", "'a' appears 2 times in the parallel layer at column 0", 0),
-    ("ssm*999999999", "repeat count 999999999 at column 4 is above the limit of 100000", 4),
-    ("(ssm*1000)*1000", "pattern expands to 1000000 layers, above the limit of 100000", 0),
+    ("ssm*999999999", "repeat count 999999999 at column 4 is above the limit of 512", 4),
+    ("(ssm*500)*500", "pattern expands to 250000 layers, above the limit of 512", 0),
 ]
 
 

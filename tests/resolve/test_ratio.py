@@ -77,7 +77,7 @@ def test_offset_outside_the_period(offset):
 
 @pytest.mark.parametrize("n_layers", [0, -8])
 def test_n_layers_below_one(n_layers):
-    assert f"n_layers must be 1 to 100000, got {n_layers}" in only_problem({"attn": 1, "ssm": 7}, 4, n_layers).message
+    assert f"n_layers must be 1 to 512, got {n_layers}" in only_problem({"attn": 1, "ssm": 7}, 4, n_layers).message
 
 
 @pytest.mark.parametrize(("n_layers", "suggestion"), [(30, "use n_layers=24 or 32"), (5, "use n_layers=8")])
