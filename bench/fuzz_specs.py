@@ -176,7 +176,7 @@ def classify(text: bytes, workdir: Path, run, seconds: float) -> tuple[str, str]
     if not run():
         return "valid_not_run", ""
     try:
-        with time_limit(seconds * 6):
+        with time_limit(seconds * 3):
             build_and_run(compiled, workdir / "out")
     except TooSlow as error:
         return "slow", f"build and run {error}"

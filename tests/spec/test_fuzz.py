@@ -225,3 +225,28 @@ FORMER_CRASHES = [
 @pytest.mark.parametrize("text", FORMER_CRASHES)
 def test_known_crash_input_compiles_or_reports_located_errors(text):
     compile_or_report(text, seconds=2)
+
+
+# ------------------------------------------------------------------------- anything check accepts also builds
+TEXT_FIELDS = st.text(st.characters(), max_size=40) | st.sampled_from(["\x00", "\ud800", '"""', "\\", "\u202e", "\x1b[0m"])
+
+
+@settings(max_examples=int(_HUNT or 25), deadline=None, derandomize=not _HUNT, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(TEXT_FIELDS, st.sampled_from(SPECS[:4]))
+def test_any_description_check_accepts_also_renders_as_valid_python(text, spec):
+    """Free text is validated at load, so a spec that checks never makes `build` fail (NUL, surrogates, controls)."""
+    from archgen.emit import emit
+
+    data = yaml.safe_load(spec.read_text(encoding="utf-8"))
+    data["description"] = text
+    path = Path(_WORKDIR.name) / "described.yaml"
+    path.write_bytes(dump(data).encode("utf-8", "surrogatepass"))
+    try:
+        compiled = compile_spec(path, "tiny")
+    except CompileError as error:
+        assert all(d.fix and d.location for d in error.diagnostics)
+        return
+    files = emit(compiled, "described.yaml").files  # compiles every generated .py; raises on invalid Python
+    for name, body in files.items():
+        body.encode("utf-8")  # every file can be written as UTF-8
