@@ -234,7 +234,8 @@ class Bench:
         y.backward(cotangent.to(y.dtype))
         return y.detach(), [t.grad for t in leaves if t.is_floating_point()]
 
-    def compare(self, record: dict, name: str, fn, reference, inputs, fp32_tol=1e-5, bf16_tol=1e-2) -> None:
+    def compare(self, record: dict, name: str, fn, reference, inputs, fp32_tol=1e-5, bf16_tol=1e-2,
+                dtypes=("fp32", "bf16")) -> None:
         """fn against reference: fp32 against fp32 (max relative 1e-5), bf16 against the fp32 reference (relative
         norm 1e-2), output and every gradient; NaN fails; the verdict goes into record[name]."""
         torch = self.torch
@@ -242,16 +243,22 @@ class Bench:
             shape = reference(*[t.detach() if t.is_floating_point() else t for t in inputs]).shape
         cot = torch.randn(shape, device=self.device, dtype=torch.float32)
         y_ref, g_ref = self.grads_of(reference, inputs, cot, torch.float32)
-        out = {}
-        y32, g32 = self.grads_of(fn, inputs, cot, torch.float32)
-        y16, g16 = self.grads_of(fn, inputs, cot, torch.bfloat16)
+        expected = [y_ref, *g_ref]
         names = ["out"] + [f"d{i}" for i in range(len(g_ref))]
-        for label, a32, a16, e in zip(names, [y32, *g32], [y16, *g16], [y_ref, *g_ref], strict=True):
-            finite = bool(torch.isfinite(a32).all() and torch.isfinite(a16).all())
-            e32, e16 = rel_err(a32, e), rel_norm(a16, e)
-            out[label] = {"fp32_rel_max": e32, "bf16_rel_norm": e16, "finite": finite,
-                          "ok": finite and e32 <= fp32_tol and e16 <= bf16_tol}
-        out["ok"] = all(v["ok"] for k, v in out.items() if k != "ok")
+        out = {label: {} for label in names}
+        for dtype_name in dtypes:
+            y, g = self.grads_of(fn, inputs, cot, torch.float32 if dtype_name == "fp32" else torch.bfloat16)
+            for label, a, e in zip(names, [y, *g], expected, strict=True):
+                finite = bool(torch.isfinite(a).all())
+                if dtype_name == "fp32":
+                    err, tol, measure = rel_err(a, e), fp32_tol, "fp32_rel_max"
+                else:
+                    err, tol, measure = rel_norm(a, e), bf16_tol, "bf16_rel_norm"
+                out[label][measure] = err
+                out[label][f"{dtype_name}_ok"] = finite and err <= tol
+        for label in names:
+            out[label]["ok"] = all(v for k, v in out[label].items() if k.endswith("_ok"))
+        out["ok"] = all(out[label]["ok"] for label in names)
         record[name] = out
 
     # -- sections -------------------------------------------------------------------------------------------------
@@ -291,8 +298,17 @@ class Bench:
         self.compare(record, "window_banded", lambda q, k, v: A.banded_sliding_window_attention(q, k, v, W),
                      masked(W), [q, k, v])
         if self.device == "cuda" and A.flex_attention_available():
-            self.compare(record, "window_flex", lambda q, k, v: A.flex_sliding_window_attention(q, k, v, W),
-                         masked(W), [q, k, v])
+            self.compare(record, "window_flex_fp32", lambda q, k, v: A.flex_sliding_window_attention(q, k, v, W),
+                         masked(W), [q, k, v], dtypes=("fp32",))
+            # bf16 at the timing shape: the window section then reuses these compiled kernels
+            Bt, Hqt, Hkvt, Tt, Dt = self._attention_shape()
+            Wt = self.s["window"]
+            qt, kt, vt = self.randn(Bt, Hqt, Tt, Dt), self.randn(Bt, Hkvt, Tt, Dt), self.randn(Bt, Hkvt, Tt, Dt)
+            post = torch.arange(Tt, device=self.device)
+            self.compare(record, "window_flex_bf16_timing_shape",
+                         lambda q, k, v: A.flex_sliding_window_attention(q, k, v, Wt),
+                         lambda q, k, v: A.masked_attention(q, k, v, q_positions=post, k_positions=post, window=Wt),
+                         [qt, kt, vt], dtypes=("bf16",))
         # ring cache: decode 3 windows past a prefill, one token at a time, against the full forward
         Wr = 16
         Tr = 3 * Wr + 5
@@ -459,29 +475,28 @@ class Bench:
                              "tokens_per_expert": counts, "max_over_mean": max(counts) / (sum(counts) / E)}
         useful = 6 * N * k * d * h
         inputs = (x, w_router, w_in, w_out)
-        self.peak_reset()
-        fwd = self.time_ms(lambda: layer(*inputs))
-        peak_fwd = self.peak_gib()
-        self.peak_reset()
-        both = self.time_ms(self.fwd_bwd(layer, inputs))
-        peak_both = self.peak_gib()
         record["shape"] = c | {"activation": "swiglu", "dtype": "bf16"}
         record["grouped_mm_taken"] = M.grouped_mm_available(x, w_in, w_out)
-        record["archgen"] = {"fwd_ms": fwd, "fwd_bwd_ms": both, "fwd_TFLOPs": useful / fwd / 1e9,
-                             "fwd_bwd_TFLOPs": 3 * useful / both / 1e9, "peak_fwd_GiB": peak_fwd,
-                             "peak_fwd_bwd_GiB": peak_both}
         record["dense_matmul_TFLOPs"] = rate
-        with torch.no_grad():
-            def fixed(x, logits, w_in, w_out, top_k):
-                routing = M.route_top_k(logits, top_k)
-                return M.moe_fixed_buffer(x, routing, w_in, w_out, activation="swiglu", capacity=N)
-
-            record["fixed_buffer_fwd_ms"] = self.time_ms(
-                lambda: layer(x, w_router, w_in, w_out, form=fixed), reps=3)
-        for key, label, mult in (("fwd_ms", "fwd", 1), ("fwd_bwd_ms", "fwd+bwd", 3)):
-            tf = mult * useful / record["archgen"][key] / 1e9
+        ours = record["archgen"] = {}
+        for key, label, mult, run in (("fwd", "fwd", 1, lambda: layer(*inputs)),
+                                      ("fwd_bwd", "fwd+bwd", 3, self.fwd_bwd(layer, inputs))):
+            self.peak_reset()
+            ms = self.time_ms(run)
+            tf = mult * useful / ms / 1e9
+            ours.update({f"{key}_ms": ms, f"{key}_TFLOPs": tf, f"peak_{key}_GiB": self.peak_gib()})
+            self.write()  # a failure in the backward keeps the forward's figures
             self.bar(f"MoE layer {label}, 16 experts top-2 SwiGLU d2048 h8192, 32768 tokens, Zipf-like routing, "
                      "useful FLOPs", tf, "TFLOP/s", "dense bf16 8192^3 matmul rate in the run", rate, tf / rate, 0.6)
+
+        def fixed(x, logits, w_in, w_out, top_k):
+            routing = M.route_top_k(logits, top_k)
+            return M.moe_fixed_buffer(x, routing, w_in, w_out, activation="swiglu", capacity=N)
+
+        with torch.no_grad():  # what the generated packages ran before, forward only (its backward needs ~50 GiB)
+            self.peak_reset()
+            record["fixed_buffer_fwd_ms"] = self.time_ms(lambda: layer(x, w_router, w_in, w_out, form=fixed), reps=3)
+            record["fixed_buffer_peak_fwd_GiB"] = self.peak_gib()
 
     def sparse_num(self, record):
         torch, R = self.torch, self.routing_ops
@@ -498,12 +513,27 @@ class Bench:
             return R.masked_sparse_query_attention(q, k, v, selected, q_positions=pos, k_positions=pos)
 
         self.compare(record, "packed_chunked_sdpa", packed, masked, [q, k, v])
-        if self.device == "cuda":
+        if self.device == "cuda":  # FlexAttention (opt-in): bf16 at the timing shape, whose compile `sparse` reuses
+            c = self.s["sparse"]
+            B, H, T, D = c["B"], c["H"], c["T"], c["D"]
+            q, k, v = self.randn(B, H, T, D), self.randn(B, H, T, D), self.randn(B, H, T, D)
+            selected_t = self.sparse_selection(B, T)
+            pos_t = torch.arange(T, device=self.device)
             R.USE_FLEX_ATTENTION = True
             try:
-                self.compare(record, "packed_flex", packed, masked, [q, k, v])
+                self.compare(record, "packed_flex_bf16_timing_shape",
+                             lambda q, k, v: R.sparse_query_attention(q, k, v, selected_t, q_positions=pos_t,
+                                                                      k_positions=pos_t),
+                             lambda q, k, v: R.masked_sparse_query_attention(q, k, v, selected_t, q_positions=pos_t,
+                                                                             k_positions=pos_t),
+                             [q, k, v], dtypes=("bf16",))
             finally:
                 R.USE_FLEX_ATTENTION = False
+
+    def sparse_selection(self, B: int, T: int):
+        """Bernoulli(0.2) per token, the same draw every call (so packed shapes, and compiled kernels, repeat)."""
+        g = self.torch.Generator(device=self.device).manual_seed(20)
+        return self.torch.rand(B, T, device=self.device, generator=g) < 0.2
 
     def sparse(self, record):
         torch, R = self.torch, self.routing_ops
@@ -513,7 +543,7 @@ class Bench:
         B, H, T, D = c["B"], c["H"], c["T"], c["D"]
         dt = torch.bfloat16
         q, k, v = (self.randn(B, H, T, D, dtype=dt, requires_grad=True) for _ in range(3))
-        selected = torch.rand(B, T, device=self.device) < 0.2
+        selected = self.sparse_selection(B, T)
         pos = torch.arange(T, device=self.device)
         record["shape"] = c | {"selected_fraction": float(selected.float().mean()), "dtype": "bf16"}
 
@@ -587,17 +617,35 @@ class Bench:
         copy_TBps, _ = self._floors()
         R, C = self.s["rms"]
         dt = torch.bfloat16
+        eps = 1e-6
+        kernel = None
+        if (ROOT / "kernels/rmsnorm.py").exists():
+            try:
+                kernel = load_module("amk_rmsnorm", "kernels/rmsnorm.py")
+            except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
+                record["kernel_import"] = f"{type(error).__name__}: {error}"
+        if kernel is not None:  # numerics: odd sizes, fp32 (1e-5) and bf16 (1e-2), output and every gradient
+            xs, rs, ws = self.randn(777, 1000, scale=3.0), self.randn(777, 1000), 1 + 0.1 * self.randn(1000)
+            self.compare(record, "numerics_rms_norm", lambda x, w: kernel.rms_norm(x, w, eps),
+                         lambda x, w: kernel.rms_norm_reference(x, w, eps), [xs, ws])
+
+            def fused(x, r, w):
+                return torch.cat(kernel.add_rms_norm(x, r, w, eps), dim=-1)
+
+            def fused_reference(x, r, w):
+                return torch.cat(kernel.add_rms_norm_reference(x, r, w, eps), dim=-1)
+
+            self.compare(record, "numerics_add_rms_norm", fused, fused_reference, [xs, rs, ws])
+
         x = self.randn(R, C, dtype=dt, requires_grad=True)
         res = self.randn(R, C, dtype=dt, requires_grad=True)
         w = (1 + 0.1 * self.randn(C)).to(dt).requires_grad_()
-        eps = 1e-6
-        variants = {}
 
         def plain(x, w):
             x32 = x.float()
             return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
 
-        variants["F.rms_norm"] = lambda x, w: F.rms_norm(x, (C,), w, eps)
+        variants = {"F.rms_norm": lambda x, w: F.rms_norm(x, (C,), w, eps)}
         if self.device == "cuda":
             variants["torch.compile(plain)"] = torch.compile(plain)
         try:
@@ -606,62 +654,57 @@ class Bench:
             variants["liger"] = lambda x, w: LigerRMSNormFunction.apply(x, w, eps, 0.0, "llama", False)
         except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
             record["liger_import"] = f"{type(error).__name__}: {error}"
-        kernel = None
-        if (ROOT / "kernels/rmsnorm.py").exists():
-            try:
-                kernel = load_module("amk_rmsnorm", "kernels/rmsnorm.py")
-                variants["archgen"] = lambda x, w: kernel.rms_norm(x, w, eps)
-            except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
-                record["kernel_import"] = f"{type(error).__name__}: {error}"
-        # bytes: forward reads x, writes y; backward reads dy, x (and w, rstd: negligible), writes dx
+        if kernel is not None:
+            variants["archgen"] = lambda x, w: kernel.rms_norm(x, w, eps)
+        # bytes: forward reads x, writes y; backward reads dy and x, writes dx (w, rstd, dw: negligible)
         fwd_bytes, bwd_bytes = 2 * R * C * 2, 3 * R * C * 2
         for name, fn in variants.items():
             try:
-                if name != "F.rms_norm" and name != "torch.compile(plain)":
-                    y = fn(x, w)
-                    y_ref = plain(x.detach().float(), w.detach().float())
-                    record.setdefault("numerics", {})[name] = rel_norm(y, y_ref)
                 f = self.time_ms(lambda fn=fn: fn(x, w))
                 b = self.time_ms(self.fwd_bwd(fn, (x, w)))
                 record[name] = {"fwd_ms": f, "fwd_bwd_ms": b, "fwd_TBps": fwd_bytes / (f * 1e-3) / 1e12,
                                 "fwd_bwd_TBps": (fwd_bytes + bwd_bytes) / (b * 1e-3) / 1e12}
             except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
                 record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        # fused residual: s = x + res; y = rmsnorm(s); returns (y, s)
-        if kernel is not None and hasattr(kernel, "add_rms_norm"):
-            fused = {"archgen": lambda x, r, w: kernel.add_rms_norm(x, r, w, eps)}
+        # fused residual add: (y, s) = (rmsnorm(x + res), x + res). Bytes: forward reads x, res, writes y, s;
+        # backward reads dy, ds_out, s, writes dx (= dres, one tensor)
+        fused_variants = {}
+        if kernel is not None:
+            fused_variants["archgen"] = lambda x, r, w: kernel.add_rms_norm(x, r, w, eps)
+        try:
+            from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
+
+            fused_variants["liger"] = lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, eps, 0.0, "llama",
+                                                                                         False)
+        except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
+            record["liger_fused_import"] = f"{type(error).__name__}: {error}"
+        fused_variants["eager (x + res, F.rms_norm)"] = lambda x, r, w: (F.rms_norm(x + r, (C,), w, eps), x + r)
+        cot = [torch.randn_like(x), torch.randn_like(x)]
+        for name, fn in fused_variants.items():
+            def run(fn=fn):
+                torch.autograd.backward(list(fn(x, res, w)), cot)
+
             try:
-                from liger_kernel.ops.fused_add_rms_norm import (
-                    LigerFusedAddRMSNormFunction,
-                )
-
-                fused["liger"] = lambda x, r, w: LigerFusedAddRMSNormFunction.apply(x, r, w, eps, 0.0, "llama", False)
+                f = self.time_ms(lambda fn=fn: fn(x, res, w))
+                b = self.time_ms(run)
+                record[f"add_{name}"] = {"fwd_ms": f, "fwd_bwd_ms": b,
+                                         "fwd_TBps": 4 * R * C * 2 / (f * 1e-3) / 1e12,
+                                         "fwd_bwd_TBps": (4 + 4) * R * C * 2 / (b * 1e-3) / 1e12}
             except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
-                record["liger_fused_import"] = f"{type(error).__name__}: {error}"
-            # bytes: forward reads x, res, writes y, s; backward reads dy, ds, s, writes dx (= dres)
-            for name, fn in fused.items():
-                try:
-                    def both_out(x, r, w, fn=fn):
-                        y, s = fn(x, r, w)
-                        return torch.cat([y, s], dim=-1)
-
-                    f = self.time_ms(lambda fn=fn: fn(x, res, w))
-                    b = self.time_ms(self.fwd_bwd(both_out, (x, res, w)))
-                    record[f"add_{name}"] = {"fwd_ms": f, "fwd_bwd_ms": b,
-                                             "fwd_TBps": 4 * R * C * 2 / (f * 1e-3) / 1e12}
-                except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
-                    record[f"add_{name}"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                record[f"add_{name}"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         record["copy_TBps"] = copy_TBps
-        ours = record.get("archgen", {})
-        if "fwd_ms" in ours:
+        liger_version = self.results["meta"].get("liger_kernel")
+        for prefix, what in (("", "RMSNorm"), ("add_", "RMSNorm + residual add")):
+            ours, liger = record.get(f"{prefix}archgen", {}), record.get(f"{prefix}liger", {})
             for key, label in (("fwd_TBps", "fwd"), ("fwd_bwd_TBps", "fwd+bwd")):
-                self.bar(f"RMSNorm {label} 32768x4096 bf16", ours[key], "TB/s", "copy bandwidth in the run", copy_TBps,
-                         ours[key] / copy_TBps, 0.9)
-                liger = record.get("liger", {})
+                if key not in ours:
+                    continue
+                self.bar(f"{what} {label} 32768x4096 bf16", ours[key], "TB/s", "copy bandwidth in the run",
+                         copy_TBps, ours[key] / copy_TBps, 0.9)
                 if key in liger:
-                    self.bar(f"RMSNorm {label} 32768x4096 bf16 vs Liger", ours[key], "TB/s",
-                             f"Liger-Kernel {self.results['meta'].get('liger_kernel')} LigerRMSNormFunction",
-                             liger[key], ours[key] / liger[key], 1.0)
+                    self.bar(f"{what} {label} 32768x4096 bf16 vs Liger", ours[key], "TB/s",
+                             f"Liger-Kernel {liger_version} ({'fused add ' if prefix else ''}RMSNorm)", liger[key],
+                             ours[key] / liger[key], 1.0)
 
     def summary(self) -> str:
         lines = [f"{'figure':90s} {'archgen':>10s} {'ref':>10s} {'ratio':>6s} {'bar':>5s}"]

@@ -592,3 +592,18 @@ def test_ring_decode_step_exports():
     for t in range(7):
         q, k, v = qkv(1, 4, 2, 1, 1, 4, seed=3 * t)
         assert_close(exported(q, k, v, torch.tensor(t)), eager(q, k, v, torch.tensor(t)), 1e-6, f"step {t}")
+
+
+@pytest.mark.parametrize("T,window", [(700, 300), (1024, 128), (1000, 1), (256, 1000)])
+def test_sliding_window_block_mask_lists_the_band_blocks(T, window):
+    """Built from block indices, it names the blocks create_block_mask finds from the dense (T, T) rule; forward
+    through eager FlexAttention equals the masked reference."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    ours = ops._sliding_window_block_mask(T, window, "cpu")
+    dense = flex.create_block_mask(lambda b, h, q, k: (k <= q) & (q - k < window), B=None, H=None, Q_LEN=T,
+                                   KV_LEN=T, device="cpu")
+    assert torch.equal(ours.to_dense(), dense.to_dense()), "the same blocks are visited"
+    q, k, v = qkv(1, 2, 1, T, T, 16, seed=T)
+    positions = torch.arange(T)
+    expected = ops.masked_attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
+    assert_close(ops.flex_sliding_window_attention(q, k, v, window), expected, TOLERANCE[torch.float32])
