@@ -90,14 +90,15 @@ class Attn(nn.Module):
         v = self.v_proj(x).view(B, T, 8, 128).transpose(1, 2)  # (B, 8, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions
+        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
-            k, v = cache.write(k, v, positions[0])  # (B, 8, max_len, 128) each
-            k_positions = torch.arange(k.size(2), device=x.device)
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 128) each, the slots' positions (S,)
         y = attention(q, k, v, q_positions=positions, k_positions=k_positions, window=4096)  # (B, 32, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 4096))  # (B, T, 4096)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        if max_len > 4096:  # the window binds: a ring of 4096 slots holds every key a query can see
+            return KVCache.ring_buffer(batch, 8, 4096, 128, device=device, dtype=dtype)
         return KVCache.empty(batch, 8, max_len, 128, device=device, dtype=dtype)
 
 

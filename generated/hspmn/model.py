@@ -89,10 +89,9 @@ class Context(nn.Module):
         v = self.v_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions
+        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
-            k, v = cache.write(k, v, positions[0])  # (B, 16, max_len, 128) each
-            k_positions = torch.arange(k.size(2), device=x.device)
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 16, S, 128) each, the slots' positions (S,)
         y = sparse_query_attention(q, k, v, selected, q_positions=positions, k_positions=k_positions)  # (B, 16, T, 128)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, 2048)) * gate.unsqueeze(-1).to(x.dtype)  # (B, T, 2048)
         losses = selection_losses(router_logits, target_fraction=0.2)

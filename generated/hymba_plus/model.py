@@ -90,14 +90,15 @@ class Attn(nn.Module):
         v = self.v_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions
+        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
-            k, v = cache.write(k, v, positions[0])  # (B, 5, max_len, 64) each
-            k_positions = torch.arange(k.size(2), device=x.device)
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
         y = attention(q, k, v, q_positions=positions, k_positions=k_positions, window=1024)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 1600))  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        if max_len > 1024:  # the window binds: a ring of 1024 slots holds every key a query can see
+            return KVCache.ring_buffer(batch, 5, 1024, 64, device=device, dtype=dtype)
         return KVCache.empty(batch, 5, max_len, 64, device=device, dtype=dtype)
 
 
@@ -129,10 +130,9 @@ class GlobalAttn(nn.Module):
         v = self.v_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions
+        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
-            k, v = cache.write(k, v, positions[0])  # (B, 5, max_len, 64) each
-            k_positions = torch.arange(k.size(2), device=x.device)
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
         y = attention(q, k, v, q_positions=positions, k_positions=k_positions)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 1600))  # (B, T, 1600)
 

@@ -202,6 +202,19 @@ class KVCache:
         shape = (batch, n_kv_heads, max_len, head_dim)
         return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
 
+    @classmethod
+    def ring_buffer(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "RingKVCache":
+        """The cache of a sliding-window layer: a RingKVCache of `window` slots (same update() call)."""
+        return RingKVCache.empty(batch, n_kv_heads, window, head_dim, device=device, dtype=dtype)
+
     @property
     def max_len(self) -> int:
         return self.k.size(2)
@@ -310,8 +323,8 @@ class RingKVCache:
         k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
         v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
         positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
-        kept = min(T, W)  # only the newest W tokens stay
-        self._write(k_new[:, :, T - kept :], v_new[:, :, T - kept :], new_positions[T - kept :])
+        # only the newest W tokens stay; slicing from -W (not min(T, W)) keeps a symbolic T free of guards
+        self._write(k_new[:, :, -W:], v_new[:, :, -W:], new_positions[-W:])
         return k, v, positions
 
     def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:

@@ -200,7 +200,9 @@ def _chunked_packed_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor
     B, S = positions.shape
     n_chunks = math.ceil(S / PACKED_QUERY_CHUNK)
     padded = F.pad(positions, (0, n_chunks * PACKED_QUERY_CHUNK - S))  # (B, n * chunk)
-    key_ends = (padded.view(B, n_chunks, PACKED_QUERY_CHUNK).amax(dim=(0, 2)) + 1).tolist()  # keys each chunk reads
+    key_ends = padded.view(B, n_chunks, PACKED_QUERY_CHUNK).amax(dim=(0, 2)) + 1  # (n,) keys each chunk reads
+    # rounded up to 16 keys (GPU attention kernels want a mask row aligned to 16 elements); the mask hides the extra
+    key_ends = (torch.div(key_ends + 15, 16, rounding_mode="floor") * 16).clamp(max=k.shape[2]).tolist()
     outputs = []
     for i, key_end in enumerate(key_ends):
         rows = slice(i * PACKED_QUERY_CHUNK, min((i + 1) * PACKED_QUERY_CHUNK, S))
@@ -217,8 +219,14 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block (query and key)
+
+
 def _flex_packed_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float | None) -> Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The packed queries through FlexAttention. The BlockMask comes from block indices: a block of packed rows
+    spans positions p_min..p_max (rows are sorted), so key block [k_lo, k_hi] is skipped when k_lo > p_max and
+    needs no mask when k_hi <= p_min; O(S/128 · Tk/128) booleans, never the (S, Tk) mask."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     B, H, S, _ = q.shape
     Tk = k.shape[2]
@@ -226,9 +234,29 @@ def _flex_packed_attention(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, s
     def visible(b, h, q_idx, kv_idx):
         return kv_idx <= positions[b, q_idx]
 
-    block_mask = create_block_mask(visible, B=B, H=None, Q_LEN=S, KV_LEN=Tk, device=q.device)
+    nq, nk = -(-S // FLEX_BLOCK), -(-Tk // FLEX_BLOCK)
+    padded = F.pad(positions, (0, nq * FLEX_BLOCK - S), value=-1).view(B, nq, FLEX_BLOCK)  # -1: sees nothing
+    p_max = padded.amax(dim=-1)[:, :, None]  # (B, nq, 1)
+    p_min = torch.where(padded >= 0, padded, Tk).amin(dim=-1)[:, :, None]  # (B, nq, 1)
+    k_lo = torch.arange(nk, device=q.device) * FLEX_BLOCK  # (nk,)
+    k_hi = (k_lo + FLEX_BLOCK - 1).clamp(max=Tk - 1)
+    full = k_hi <= p_min  # (B, nq, nk)
+    if S % FLEX_BLOCK:  # rows of the short last block beyond S: through mask_mod
+        full[:, -1] = False
+    if Tk % FLEX_BLOCK:
+        full[:, :, -1] = False
+    partial = (k_lo <= p_max) & ~full
+    block_mask = BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
+                                          mask_mod=visible, seq_lengths=(S, Tk))
     flex = _compiled_flex_attention()
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=H != k.shape[1])
+
+
+def _kv_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, nq, nk) bool -> BlockMask's (B, 1, nq) counts and (B, 1, nq, nk) indices, each row's blocks first."""
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    indices = torch.sort((~blocks).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return counts[:, None], indices[:, None]
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
