@@ -34,7 +34,8 @@ class SparseAttention(Attention):
     def imports(self, config: SparseAttentionConfig) -> dict[str, tuple[str, ...]]:
         imports = super().imports(config)
         imports["attention"] = tuple(name for name in imports["attention"] if name != "attention")  # its own attention
-        return imports | {"routing": ("select_tokens", "selection_losses", "sparse_query_attention")}
+        return imports | {"routing": ("gather_tokens", "pack_selected", "packed_query_attention", "scatter_tokens",
+                                      "select_tokens", "selection_losses")}
 
     def template_dims(self, config: SparseAttentionConfig, dims: Dims) -> dict:
         return super().template_dims(config, dims) | {

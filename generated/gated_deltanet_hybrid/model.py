@@ -80,10 +80,9 @@ class Attn(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions
+        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
-            k, v = cache.write(k, v, positions[0])  # (B, 2, max_len, 128) each
-            k_positions = torch.arange(k.size(2), device=x.device)
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 2, S, 128) each, the slots' positions (S,)
         y = attention(q, k, v, q_positions=positions, k_positions=k_positions)  # (B, 16, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 2048))  # (B, T, 2048)
 

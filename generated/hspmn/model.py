@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
-from .ops.routing import select_tokens, selection_losses, sparse_query_attention
+from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
 from .ops.ssm import causal_conv1d
 
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
@@ -84,16 +84,18 @@ class Context(nn.Module):
         B, T, C = x.size()
         router_logits = self.router(x).squeeze(-1).float()  # (B, T)
         gate, selected = select_tokens(router_logits, training=self.training)  # (B, T), (B, T)
-        q = self.q_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
+        index, valid = pack_selected(selected)  # (B, S): the selected tokens, padded to the most any sequence has
+        q_positions = positions[index]  # (B, S)
+        q = self.q_proj(gather_tokens(x, index, dim=1)).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128): selected queries only
         k = self.k_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         v = self.v_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
+        q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 16, S, 128) each, the slots' positions (S,)
-        y = sparse_query_attention(q, k, v, selected, q_positions=positions, k_positions=k_positions)  # (B, 16, T, 128)
-        y = self.o_proj(y.transpose(1, 2).reshape(B, T, 2048)) * gate.unsqueeze(-1).to(x.dtype)  # (B, T, 2048)
+            k, v, _ = cache.update(k, v, positions[0])  # (B, 16, max_len, 128) each: slot j holds position j
+        y = packed_query_attention(q, k, v, q_positions, valid)  # (B, 16, S, 128)
+        y = self.o_proj(y.transpose(1, 2).reshape(B, -1, 2048))  # (B, S, 2048)
+        y = scatter_tokens(y, index, valid, T, dim=1) * gate.unsqueeze(-1).to(x.dtype)  # (B, T, 2048)
         losses = selection_losses(router_logits, target_fraction=0.2)
         aux = {"router_entropy": 0.01 * losses["router_entropy"], "router_fraction": 0.1 * losses["router_fraction"]}
         return y, aux

@@ -139,21 +139,26 @@ def sparse_query_attention(
                                              scale=scale)
     index, valid = pack_selected(selected)  # (B, S), (B, S)
     q_packed = gather_tokens(q, index, dim=2)  # (B, H, S, D)
+    # keys are these tokens, at increasing positions: in key-index space a query's position is its token index
     y_packed = packed_query_attention(q_packed, k, v, index, valid, scale=scale)  # (B, H, S, Dv)
     return scatter_tokens(y_packed, index, valid, T, dim=2)  # (B, H, T, Dv)
 
 
 def pack_selected(selected: Tensor) -> tuple[Tensor, Tensor]:
-    """The selected tokens of each sequence, in order, padded to the largest count S (one host sync).
+    """The selected tokens of each sequence, in order, padded to the largest count S.
 
-    selected (B, T) bool -> index (B, S) long, token t of each packed row, and valid (B, S) bool. Padding rows
-    hold unselected tokens (the indices of a row are distinct, so scattering back writes each token once); valid
-    marks the real ones.
+    selected (B, T) bool -> index (B, S) long, the token of each packed row, and valid (B, S) bool. Padding rows
+    hold unselected tokens (a row's indices are distinct, so scattering back writes each token once); valid marks
+    the real ones. S needs one host sync; while torch.export traces, S = T (every token, static shapes).
     """
-    S = int(selected.sum(dim=1).max()) if selected.numel() else 0
-    # selected tokens first, each group in token order: a stable sort of "not selected"
-    index = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :S]  # (B, S)
-    valid = torch.arange(S, device=selected.device) < selected.sum(dim=1, keepdim=True)  # (B, S)
+    B, T = selected.shape
+    counts = selected.sum(dim=1, keepdim=True)  # (B, 1)
+    # selected tokens first, each group in token order; unique sort keys, so no stable sort (ONNX has none)
+    key = (~selected).long() * T + torch.arange(T, device=selected.device)  # (B, T)
+    index = torch.argsort(key, dim=1)  # (B, T)
+    if not _is_exporting():
+        index = index[:, : int(counts.max()) if B else 0]  # (B, S)
+    valid = torch.arange(index.shape[1], device=selected.device) < counts  # (B, S)
     return index, valid
 
 
@@ -164,32 +169,41 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int) -> Tensor:
     return x.gather(dim, index.view(shape).expand(*x.shape[:dim], index.shape[1], *x.shape[dim + 1 :]))
 
 
-def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int, dim: int) -> Tensor:
-    """The inverse of gather_tokens for the valid rows, zeros elsewhere: (B, .., S, ..) -> (B, .., length, ..)."""
+def scatter_tokens(y: Tensor, index: Tensor, valid: Tensor, length: int, dim: int, fill: Tensor | None = None
+                   ) -> Tensor:
+    """The inverse of gather_tokens for the valid rows: (B, .., S, ..) -> (B, .., length, ..); the other tokens
+    get zeros, or `fill` (broadcast to a row, e.g. an output projection's bias: what a zero row projects to)."""
     shape = [1] * y.dim()
     shape[0], shape[dim] = index.shape
-    y = torch.where(valid.view(shape), y, 0.0)
     out_shape = list(y.shape)
     out_shape[dim] = length
-    return y.new_zeros(out_shape).scatter(dim, index.view(shape).expand_as(y), y)
+    rest = y.new_zeros(()) if fill is None else fill.to(y.dtype)
+    y = torch.where(valid.view(shape), y, rest)
+    return rest.expand(out_shape).scatter(dim, index.view(shape).expand_as(y), y)
 
 
 def packed_query_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_index: Tensor, valid: Tensor, *, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, *, scale: float | None = None
 ) -> Tensor:
-    """Causal attention of packed queries: row s of sequence b is the token q_index[b, s] and sees keys 0..that.
+    """Causal attention of packed queries against keys at positions 0, 1, .., Tk-1 (a sequence from its start, or
+    a KVCache's slots, whose unwritten tail lies past every query).
 
-    q (B, H, S, D) packed queries; k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv) every token's key and value; q_index
-    (B, S); valid (B, S) (invalid rows are computed against key 0 only and returned as zeros).
-    Returns (B, H, S, Dv). The packed rows are sorted by token within each sequence, so a chunk of rows needs
-    the keys up to its last row only: chunked SDPA with a (chunk, keys) mask skips most of the causal triangle's
-    empty half; FlexAttention (USE_FLEX_ATTENTION, CUDA) skips it block by block.
+        out[b, h, s] = sum_{j <= q_positions[b, s]} softmax_j(scale * q[b, h, s] . k[b, h // G, j]) v[b, h // G, j]
+
+    q (B, H, S, D) packed queries; k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv); q_positions (B, S); valid (B, S) (other
+    rows come back as zeros). Returns (B, H, S, Dv). The packed rows are sorted by position within each sequence,
+    so a chunk of rows needs the keys up to its last row only: chunked SDPA with a (chunk, keys) mask skips most
+    of the causal triangle's empty half; FlexAttention (USE_FLEX_ATTENTION, CUDA) skips it block by block. While
+    torch.export traces: one SDPA call with the (S, Tk) mask.
     """
     B, H, S, D = q.shape
     if S == 0:
         return q.new_zeros(B, H, 0, v.shape[-1])
-    positions = torch.where(valid, q_index, 0)  # (B, S) padding rows see key 0 only
-    if USE_FLEX_ATTENTION and q.is_cuda and D in (16, 32, 64, 128, 256) and v.shape[-1] == D:
+    positions = torch.where(valid, q_positions, 0)  # (B, S) padding rows see key 0 only
+    if _is_exporting():
+        visible = torch.arange(k.shape[2], device=q.device) <= positions[..., None]  # (B, S, Tk)
+        y = _sdpa(q, k, v, attn_mask=visible[:, None], scale=scale)
+    elif USE_FLEX_ATTENTION and q.is_cuda and D in (16, 32, 64, 128, 256) and v.shape[-1] == D:
         y = _flex_packed_attention(q, k, v, positions, scale)
     else:
         y = _chunked_packed_attention(q, k, v, positions, scale)

@@ -202,6 +202,19 @@ class KVCache:
         shape = (batch, n_kv_heads, max_len, head_dim)
         return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
 
+    @classmethod
+    def ring_buffer(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        window: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "RingKVCache":
+        """The cache of a sliding-window layer: a RingKVCache of `window` slots (same update() call)."""
+        return RingKVCache.empty(batch, n_kv_heads, window, head_dim, device=device, dtype=dtype)
+
     @property
     def max_len(self) -> int:
         return self.k.size(2)
@@ -310,8 +323,8 @@ class RingKVCache:
         k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
         v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
         positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
-        kept = min(T, W)  # only the newest W tokens stay
-        self._write(k_new[:, :, T - kept :], v_new[:, :, T - kept :], new_positions[T - kept :])
+        # only the newest W tokens stay; slicing from -W (not min(T, W)) keeps a symbolic T free of guards
+        self._write(k_new[:, :, -W:], v_new[:, :, -W:], new_positions[-W:])
         return k, v, positions
 
     def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
@@ -457,14 +470,36 @@ def _flex_attention(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
+FLEX_BLOCK = 128  # FlexAttention's default sparse block (query and key)
+
+
 @lru_cache(maxsize=32)
 def _sliding_window_block_mask(T: int, window: int, device: str):
-    from torch.nn.attention.flex_attention import create_block_mask
+    """The sliding window's BlockMask, built from block indices: O((T / 128)²) booleans, never the (T, T) mask."""
+    from torch.nn.attention.flex_attention import BlockMask
 
     def sliding_window(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(sliding_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    n = -(-T // FLEX_BLOCK)
+    block = torch.arange(n, device=device)
+    lo, hi = block * FLEX_BLOCK, (block * FLEX_BLOCK + FLEX_BLOCK - 1).clamp(max=T - 1)  # first / last index
+    q_lo, q_hi, k_lo, k_hi = lo[:, None], hi[:, None], lo[None, :], hi[None, :]
+    touched = (k_lo <= q_hi) & (q_lo - k_hi < window)  # (n, n) some (query, key) pair of the blocks is visible
+    full = (k_hi <= q_lo) & (q_hi - k_lo < window)  # every pair is visible: no mask_mod needed
+    if T % FLEX_BLOCK:  # the short last blocks always go through mask_mod
+        full[-1, :] = False
+        full[:, -1] = False
+    partial = touched & ~full
+    return BlockMask.from_kv_blocks(*_kv_blocks(partial), *_kv_blocks(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=sliding_window, seq_lengths=(T, T))
+
+
+def _kv_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    """(nq, nk) bool -> BlockMask's (1, 1, nq) counts and (1, 1, nq, nk) indices, each row's blocks first."""
+    counts = blocks.sum(dim=-1, dtype=torch.int32)
+    indices = torch.sort((~blocks).to(torch.uint8), dim=-1, stable=True).indices.to(torch.int32)
+    return counts[None, None], indices[None, None]
 
 
 def flex_sliding_window_attention(
@@ -472,7 +507,8 @@ def flex_sliding_window_attention(
 ) -> Tensor:
     """
     Query i sees keys i-window+1 .. i (Tq == Tk) through FlexAttention: the block mask lists only the key blocks
-    each query block's band touches, so work is O(T·W). The mask is built once per (T, window, device).
+    each query block's band touches (those wholly inside the band skip the mask), so work is O(T·W). The block
+    mask is built once per (T, window, device).
     q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
     """
     block_mask = _sliding_window_block_mask(q.size(2), window, str(q.device))

@@ -385,3 +385,28 @@ def test_flex_packed_attention_forward_matches_chunked(S, T, monkeypatch):
     positions = torch.stack([torch.sort(torch.randperm(T, generator=seeded(b))[:S]).values for b in range(B)])
     actual = routing._flex_packed_attention(q, k, v, positions, None)
     assert_close(actual, routing._chunked_packed_attention(q, k, v, positions, None), TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("exporting", [False, True], ids=["eager", "export-form"])
+def test_packed_queries_against_cache_slots_match_masked_form(exporting, monkeypatch):
+    """The generated layer's decode call: packed selected queries at positions start.. against a cache's L slots
+    (slot j holds position j; the unwritten tail, filled with garbage here, lies past every query)."""
+    monkeypatch.setattr(routing, "_is_exporting", lambda: exporting)
+    B, H, Hkv, T, L, D, start = 2, 4, 2, 5, 16, 8, 6
+    q, k, v = randn(B, H, T, D), randn(B, Hkv, L, D, seed=1), randn(B, Hkv, L, D, seed=2)
+    selected = torch.tensor([[True, False, True, True, False], [False, False, False, True, False]])
+    positions = start + torch.arange(T)
+    expected = routing.masked_sparse_query_attention(q, k, v, selected, q_positions=positions,
+                                                     k_positions=torch.arange(L))
+    index, valid = routing.pack_selected(selected)
+    assert index.shape[1] == (T if exporting else 3)
+    y = routing.packed_query_attention(routing.gather_tokens(q, index, dim=2), k, v, positions[index], valid)
+    assert_close(routing.scatter_tokens(y, index, valid, T, dim=2), expected, TOLERANCE[torch.float32])
+
+
+def test_scatter_tokens_fills_the_other_rows():
+    selected = torch.tensor([[False, True, False]])
+    index, valid = routing.pack_selected(selected)
+    fill = torch.tensor([1.0, 2.0])
+    out = routing.scatter_tokens(torch.full((1, 1, 2), 7.0), index, valid, 3, dim=1, fill=fill)
+    assert out.tolist() == [[[1.0, 2.0], [7.0, 7.0], [1.0, 2.0]]]
