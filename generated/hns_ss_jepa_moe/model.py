@@ -170,7 +170,8 @@ class Ssm(nn.Module):
 class Moe(nn.Module):
     """Mixture of experts 'moe': 16 swiglu experts (4096 → 16384 → 4096), top-2, dropless.
 
-    Tokens are grouped by expert into an (experts, slots, d_model) buffer and run as two batched matmuls.
+    Each token's top-2 assignments are sorted by expert and every expert runs on exactly its rows (grouped matmuls);
+    an exported graph computes the same through a fixed (experts, slots, d_model) buffer.
     """
 
     def __init__(self):
