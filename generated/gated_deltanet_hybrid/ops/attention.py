@@ -12,8 +12,9 @@ Notable features:
   "which phase are we in":
     keys are the queries' own tokens (k_positions is q_positions, 1-D)  -> SDPA's causal fast path, no mask built
                                                                            (flash / cuDNN on a GPU)
-    ... with a sliding window shorter than the sequence                 -> FlexAttention with a block mask on CUDA,
-                                                                           else banded SDPA over query chunks: O(T·W)
+    ... with a sliding window shorter than the sequence                 -> banded SDPA over query chunks, O(T·W)
+                                                                           (FlexAttention with a block mask on CUDA
+                                                                           when USE_FLEX_ATTENTION)
     anything else (decode against a cache, per-sequence positions)      -> SDPA with an explicit (Tq, Tk) mask; a
                                                                            decode step's mask is one row per query
   while torch.export traces, always the explicit-mask form (masked_attention), which every exporter lowers
@@ -40,9 +41,9 @@ ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 
 # SDPA reads grouped K/V heads in place from torch 2.5 on; before, K/V are expanded to every query head.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
-# Sliding windows on CUDA run through FlexAttention with a block mask (only the blocks the band touches are
-# computed); set False to use the banded-SDPA path there too.
-USE_FLEX_ATTENTION = True
+# Sliding windows on CUDA through FlexAttention with a block mask (only the blocks the band touches are computed)
+# instead of banded SDPA: off until bench/attn_moe_kernels.py has checked and timed it on the GPU.
+USE_FLEX_ATTENTION = False
 # Query rows per SDPA call of the banded sliding-window path (at least the window): each call reads
 # chunk + window - 1 keys, so larger chunks waste less on the band's edges but build a larger mask.
 BANDED_MIN_CHUNK = 128
