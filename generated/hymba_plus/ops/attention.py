@@ -316,7 +316,6 @@ class RingKVCache:
             )
         if isinstance(start, int) and start < 0:
             raise ValueError(f"start must be a position (>= 0), got {start}")
-        W = self.window
         new_positions = torch.arange(T, device=self.k.device) + start  # (T,)
         if T == 1:
             self._write(k_new, v_new, new_positions)
@@ -324,8 +323,14 @@ class RingKVCache:
         k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
         v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
         positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
-        # only the newest W tokens stay; slicing from -W (not min(T, W)) keeps a symbolic T free of guards
-        self._write(k_new[:, :, -W:], v_new[:, :, -W:], new_positions[-W:])
+        # The ring keeps the newest W positions: slot s now holds the newest p < start + T with p % W == s, a new
+        # token when p >= start. Gathered with a (W,) index, so shapes stay static for any T (export, ONNX).
+        newest = self.slot_positions(start + T)  # (W,) NEVER_WRITTEN where nothing was ever written
+        from_new = (newest >= start) & (newest != NEVER_WRITTEN)  # (W,)
+        index = (newest - start).clamp(0, T - 1)  # (W,) which new token, where from_new
+        keep = from_new[:, None]  # (W, 1) broadcasts over (B, Hkv, W, D)
+        self.k.copy_(torch.where(keep, k_new.to(self.k.dtype).index_select(2, index), self.k))
+        self.v.copy_(torch.where(keep, v_new.to(self.v.dtype).index_select(2, index), self.v))
         return k, v, positions
 
     def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:

@@ -607,3 +607,4 @@ def test_sliding_window_block_mask_lists_the_band_blocks(T, window):
     positions = torch.arange(T)
     expected = ops.masked_attention(q, k, v, q_positions=positions, k_positions=positions, window=window)
     assert_close(ops.flex_sliding_window_attention(q, k, v, window), expected, TOLERANCE[torch.float32])
+
