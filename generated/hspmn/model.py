@@ -86,7 +86,8 @@ class Context(nn.Module):
         gate, selected = select_tokens(router_logits, training=self.training)  # (B, T), (B, T)
         index, valid = pack_selected(selected)  # (B, S): the selected tokens, padded to the most any sequence has
         q_positions = positions[index]  # (B, S)
-        q = self.q_proj(gather_tokens(x, index, dim=1)).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128): selected queries only
+        x_selected = gather_tokens(x, index, dim=1)  # (B, S, 2048): only these tokens get queries
+        q = self.q_proj(x_selected).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128)
         k = self.k_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         v = self.v_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
