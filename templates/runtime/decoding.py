@@ -33,11 +33,12 @@ WARMUP_STEPS = 2
 
 
 def state_tensors(state) -> list[Tensor]:
-    """Every tensor inside a decoding state (dataclasses, dicts, lists), in a fixed order."""
+    """Every tensor of a decoding state (dataclasses, dicts, lists), in a fixed order; a Cache's `length` (the
+    position, which the decoder keeps itself) is not part of it."""
     if isinstance(state, Tensor):
         return [state]
     if dataclasses.is_dataclass(state) and not isinstance(state, type):
-        return [t for f in dataclasses.fields(state) for t in state_tensors(getattr(state, f.name))]
+        return [t for f in dataclasses.fields(state) if f.name != "length" for t in state_tensors(getattr(state, f.name))]
     if isinstance(state, dict):
         return [t for value in state.values() for t in state_tensors(value)]
     if isinstance(state, (list, tuple)):
@@ -61,33 +62,51 @@ def copy_structure(state):
 
 class CUDAGraphDecoder:
     """
-    One decode step of `step(token, cache) -> logits (B, V)` for a fixed batch, cache and device, replayed from a
-    CUDA graph. Build it after the prompt has filled `cache` (cache.length is then the prompt's length in positions);
-    call it with each new token (B, 1) to get that token's logits. `reset(length)` reuses the graph for another
-    prompt written into the same cache.
+    Decoding for a fixed batch size, cache length and device, with the one-token step replayed from a CUDA graph.
 
-    The step must not synchronise with the host (no .item(), no data-dependent shapes); generated models keep their
-    decode step free of both, which is what lets torch.export trace it too.
+        decoder = CUDAGraphDecoder(step, empty_cache, batch, device)
+        logits = decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])   # (B, V)
+        logits = decoder(next_token)                                                         # each new token (B, 1)
+
+    `step(token, cache) -> logits (B, V)` is the model's decode step; `empty_cache()` makes a fresh cache. The first
+    prefill records the graph; later prefills (a new prompt of the same batch size) copy their state into the cache
+    the graph reads and replay the same graph. The step must not synchronise with the host (no .item(), no
+    data-dependent shapes); generated models keep their decode step free of both, which also lets torch.export
+    trace it.
     """
 
-    def __init__(self, step: Callable[[Tensor, object], Tensor], cache, batch: int, device: torch.device):
+    def __init__(self, step: Callable[[Tensor, object], Tensor], empty_cache: Callable[[], object], batch: int,
+                 device: torch.device):
         self.step_fn = step
-        self.cache = cache
+        self.empty_cache = empty_cache
+        self.cache = None  # the cache the graph reads and writes, from the first prefill on
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: Tensor | None = None
-        self.capture()
+
+    def prefill(self, run_prompt: Callable[[object], Tensor]) -> Tensor:
+        """Run the prompt into a fresh cache (run_prompt(cache) -> its last logits) and make it the graph's state."""
+        cache = self.empty_cache()
+        logits = run_prompt(cache)
+        length = int(cache.length)
+        if self.cache is None:
+            self.cache = cache
+            self.capture()
+        else:
+            for target, value in zip(state_tensors(self.cache), state_tensors(cache), strict=True):
+                target.copy_(value)
+        self.position.fill_(length)
+        self.cache.length = self.position
+        return logits
 
     def _step(self) -> Tensor:
         cache = self.cache
         cache.length = self.position
         started_from = copy_structure(cache)
         logits = self.step_fn(self.token, cache)
-        for read, written in zip(state_tensors(started_from), state_tensors(cache)):
-            # A layer that returned new tensors: the next step must find them where it reads. The position is
-            # advanced below, not copied from the model's `cache.length = start + T`.
-            if written is not read and read is not self.position:
+        for read, written in zip(state_tensors(started_from), state_tensors(cache), strict=True):
+            if written is not read:  # the layer returned new tensors: the next step must find them where it reads
                 read.copy_(written)
         for f in dataclasses.fields(cache):
             setattr(cache, f.name, getattr(started_from, f.name))
@@ -106,18 +125,13 @@ class CUDAGraphDecoder:
             for _ in range(WARMUP_STEPS):
                 self._step()
         torch.cuda.current_stream(self.token.device).wait_stream(side)
-        for tensor, value in zip(state_tensors(self.cache), saved):
+        for tensor, value in zip(state_tensors(self.cache), saved, strict=True):
             tensor.copy_(value)
         self.position.fill_(length)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._step()
-        # Recording ran no kernel, but it did advance the Python-side state: put the position back.
-        self.position.fill_(length)
-        self.cache.length = self.position
-
-    def reset(self, length: int) -> None:
-        """Continue from a cache the caller has just refilled with a prompt of `length` positions."""
+        # Recording ran no kernel, but the Python side advanced the position tensor's bookkeeping: put it back.
         self.position.fill_(length)
         self.cache.length = self.position
 
