@@ -258,9 +258,13 @@ def _preludes(components) -> list[str]:
     return [path for path in paths if (TEMPLATES / path).exists()]
 
 
+# What Model itself uses from the runtime ops, whatever its kinds: generate's CUDA-graph decoding.
+MODEL_IMPORTS = {"decoding": ("CUDAGraphDecoder",)}
+
+
 def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
     """{runtime file: every name some op's template uses from it}: the one table the import lines are written from."""
-    table: dict[str, set[str]] = {}
+    table: dict[str, set[str]] = {file: set(names) for file, names in MODEL_IMPORTS.items()}
     for kind, config in configs:
         for file, names in kind_of(kind).imports(config).items():
             table.setdefault(file, set()).update(names)

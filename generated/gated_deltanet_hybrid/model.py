@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .ops.decoding import CUDAGraphDecoder
 from .ops.gated_delta import GatedDeltaCache, gated_delta_rule, gated_delta_step, l2_normalize
 from .ops.ssm import causal_conv1d
 
@@ -332,18 +333,51 @@ class Model(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        cuda_graph: bool = True,
     ):
-        """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding."""
+        """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
+
+        On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
+        (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
+        """
         B, T = input_ids.size()
-        cache = self.empty_cache(B, T + max_new_tokens)
-        logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 151936)
+        max_len = T + max_new_tokens
+        if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
+            decoder = self.graph_decoder(B, max_len, input_ids.device)
+            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache).logits[:, -1])
+            step = decoder
+        else:
+            cache = self.empty_cache(B, max_len)
+            logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 151936)
+
+            def step(token):
+                return self(token, cache=cache).logits[:, -1]
+
         tokens = [input_ids]
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             next_token = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
             tokens.append(next_token)
-            if step + 1 < max_new_tokens:
-                logits = self(next_token, cache=cache).logits[:, -1]
+            if i + 1 < max_new_tokens:
+                logits = step(next_token)  # (B, 151936)
         return torch.cat(tokens, dim=1)
+
+    def graph_decoder(self, batch: int, max_len: int, device) -> CUDAGraphDecoder:
+        """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
+        lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
+        where they live: moving or converting the model records a new graph instead of replaying a stale one."""
+        max_len = max(64, 1 << (max_len - 1).bit_length())
+        dtype = self.embed.weight.dtype
+        weights_at = tuple(p.data_ptr() for p in self.parameters())
+        key = (batch, max_len, str(device), dtype, self.training, weights_at)
+        decoders = self.__dict__.setdefault("_graph_decoders", {})
+        if key not in decoders:
+            decoders[key] = CUDAGraphDecoder(
+                lambda token, cache: self(token, cache=cache).logits[:, -1],
+                lambda: self.empty_cache(batch, max_len, device, dtype),
+                batch,
+                device,
+            )
+        return decoders[key]
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write model.safetensors and config.json (with the spec hash that from_pretrained checks)."""

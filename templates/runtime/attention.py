@@ -414,7 +414,9 @@ def attention(
                                 scale=scale, k_valid_len=k_valid_len)
     if window is None or window >= Tq:
         return causal_attention(q, k, v, scale=scale)
-    if USE_FLEX_ATTENTION and q.is_cuda and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
+    # Flex's compiled kernel has no float32 lowering on the H200 (inductor: no valid choices): half precision only.
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if USE_FLEX_ATTENTION and q.is_cuda and half and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
         return flex_sliding_window_attention(q, k, v, window, scale=scale)
     return banded_sliding_window_attention(q, k, v, window, scale=scale)
 

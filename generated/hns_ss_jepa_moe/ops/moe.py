@@ -149,7 +149,10 @@ def moe_forward(
         raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
     routing = route_top_k(router_logits, top_k, normalize)
     capacity = expert_capacity(N, E, top_k, capacity_factor)
-    form = moe_fixed_buffer if _is_exporting() else moe_grouped
+    # A decode step's few tokens take the fixed-buffer form on a GPU: static shapes and no host sync, so the step can
+    # be recorded in a CUDA graph (ops/decoding.py); its E/k waste is a few rows.
+    small = x.is_cuda and N <= DECODE_TOKENS
+    form = moe_fixed_buffer if _is_exporting() or small or _capturing() else moe_grouped
     return form(x, routing, w_in, w_out, activation=activation, capacity=capacity)
 
 
@@ -201,6 +204,14 @@ def grouped_expert_mlp(x_sorted: Tensor, tokens_per_expert: Tensor, w_in: Tensor
     for e, rows in enumerate(x_sorted.split(tokens_per_expert.tolist())):
         outputs.append(_activate(rows @ w_in[e], activation) @ w_out[e])  # (n_e, d)
     return torch.cat(outputs)
+
+
+# At most this many tokens (a decode step, batch included) run moe_fixed_buffer on CUDA; see moe_forward.
+DECODE_TOKENS = 64
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 # Set by tests to run the torch._grouped_mm branch where it is not the default (e.g. bf16 on a CPU).
