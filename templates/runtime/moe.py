@@ -218,8 +218,16 @@ def _capturing() -> bool:
 FORCE_GROUPED_MM = False
 
 
+# torch._grouped_mm on CUDA: off until its bf16 results match the fixed-buffer form on a GPU (on an H200 with torch 2.11
+# they differed by a relative norm of 0.06-0.11 while float32, which takes the per-expert loop, agreed to 1e-6;
+# bench/results/README.md). The per-expert loop below is exact everywhere.
+USE_GROUPED_MM = False
+
+
 def grouped_mm_available(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
-    if not hasattr(torch, "_grouped_mm") or not (x.dtype == w_in.dtype == w_out.dtype == torch.bfloat16):
+    if not (USE_GROUPED_MM or FORCE_GROUPED_MM) or not hasattr(torch, "_grouped_mm"):
+        return False
+    if not (x.dtype == w_in.dtype == w_out.dtype == torch.bfloat16):
         return False
     aligned = all(n % 8 == 0 for n in (*x.shape[1:], *w_in.shape[1:], *w_out.shape[1:]))  # 16-byte rows
     if FORCE_GROUPED_MM:
