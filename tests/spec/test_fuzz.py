@@ -248,5 +248,5 @@ def test_any_description_check_accepts_also_renders_as_valid_python(text, spec):
         assert all(d.fix and d.location for d in error.diagnostics)
         return
     files = emit(compiled, "described.yaml").files  # compiles every generated .py; raises on invalid Python
-    for name, body in files.items():
+    for body in files.values():
         body.encode("utf-8")  # every file can be written as UTF-8

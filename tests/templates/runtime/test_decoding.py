@@ -46,7 +46,7 @@ def test_recorded_step_decodes_like_the_model(spec_path, build):
 
     assert int(decoder.position) == int(expected_cache.length)
     for actual in runs:
-        for step, (a, e) in enumerate(zip(actual, expected)):
+        for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
             err = ((a - e).abs().max() / e.abs().max()).item()
             assert err < 1e-5, f"step {step}: relative error {err:.2e}"
 
