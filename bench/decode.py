@@ -19,7 +19,6 @@ import datetime
 import json
 import sys
 import tempfile
-import time
 import traceback
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from archgen.benchmark import copy_bandwidth, tensor_bytes, timed_once  # noqa: E402
 
 SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
 # --dry-run: the same specs at toy widths (Bamba has no tiny preset).
@@ -46,34 +47,10 @@ def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: P
     return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)[0]
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device: str, elements: int) -> float:
-    """Bytes read + written per second by one large device copy (median of 10)."""
-    a = torch.empty(elements, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    times = []
-    for i in range(13):
-        sync(device)
-        started = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - started)
-    return 2 * a.numel() * a.element_size() / sorted(times)[len(times) // 2]
-
-
 def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float:
     """(time to generate new_tokens − time to generate 1) / (new_tokens − 1): decoding steps only, prefill excluded."""
     def run(n):
-        sync(device)
-        started = time.perf_counter()
-        generate(prompt, n)
-        sync(device)
-        return time.perf_counter() - started
+        return timed_once(lambda: generate(prompt, n), device)
 
     run(4)
     run(new_tokens)  # the first call of a batch size and length captures its graph
@@ -83,24 +60,7 @@ def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float
 
 
 def cache_bytes(model, batch: int, length: int, device: str) -> int:
-    cache = model.empty_cache(batch, length, device=device)
-    leaves = []
-
-    def walk(state):
-        if isinstance(state, torch.Tensor):
-            leaves.append(state)
-        elif hasattr(state, "__dataclass_fields__"):
-            for name in state.__dataclass_fields__:
-                walk(getattr(state, name))
-        elif isinstance(state, dict):
-            for value in state.values():
-                walk(value)
-        elif isinstance(state, (list, tuple)):
-            for value in state:
-                walk(value)
-
-    walk(cache.layers)
-    return sum(t.numel() * t.element_size() for t in leaves)
+    return tensor_bytes(model.empty_cache(batch, length, device=device).layers)
 
 
 def attempt(entry: dict, key: str, fn) -> None:
@@ -191,7 +151,7 @@ def main() -> None:
     args.prompt_len, args.new_tokens = (128, 64) if not args.dry_run else (8, 4)
     results = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "models": {}}
-    bandwidth = copy_bandwidth(args.device, 2**30 if not args.dry_run else 2**20)
+    bandwidth = copy_bandwidth(args.device)
     results["copy_bandwidth_bytes_per_s"] = bandwidth
     save(args, results)
     specs = DRY_SPECS if args.dry_run else SPECS
