@@ -64,10 +64,15 @@ class _Builder:
         self.graph = nx.DiGraph()
         self.order: list[str] = []
         self.dims = dims
+        # Layers share their component's config object, so a 512-layer model computes each parameter table once.
+        self._params: dict[tuple[str, int], dict[str, tuple[int, ...]]] = {}
 
     def add(self, name: str, kind: str, config: Any, inputs: list[str], layer: int | None = None,
             component: str | None = None, spec_path: str | None = None) -> str:
-        params = kind_of(kind).parameters(config, self.dims)
+        key = (kind, id(config))
+        if key not in self._params:
+            self._params[key] = kind_of(kind).parameters(config, self.dims)
+        params = dict(self._params[key])
         self.graph.add_node(name, op=Op(name, kind, config, layer, component, spec_path, params))
         for source in inputs:
             self.graph.add_edge(source, name)
