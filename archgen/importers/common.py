@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -59,11 +60,21 @@ def rope(cfg: HFConfig, head_dim: int, default_partial: float = 1.0) -> dict[str
     if kind == "linear":
         out["scaling"] = "linear"
         out["factor"] = float(params.pop("factor"))
+    elif kind == "llama3":  # transformers requires every one of these settings
+        out.update(scaling="llama3", factor=float(_required(cfg, field, params, "factor", 8.0)))
+        out["original_max_position"] = int(_required(cfg, field, params, "original_max_position_embeddings", 8192))
+        for key, default in (("low_freq_factor", 1.0), ("high_freq_factor", 4.0)):
+            value = float(_required(cfg, field, params, key, default))
+            if value != default:
+                out[key] = value
+    elif kind == "yarn":
+        _yarn(cfg, field, params, out)
     elif kind != "default":
         cfg.error(
             f"{field}.rope_type",
-            f"RoPE scaling '{kind}' is not one archgen reproduces exactly",
-            "import a checkpoint with default or linear RoPE scaling, or add the scaling to ops/attention.py",
+            f"RoPE scaling '{kind}' is not one archgen reproduces exactly"
+            + (" (its frequencies change with the length of each call)" if kind in ("dynamic", "longrope") else ""),
+            "import a checkpoint with default, linear, llama3 or yarn RoPE scaling, or add the scaling to ops/attention.py",
         )
         params.clear()
     for key in sorted(params):
@@ -73,6 +84,45 @@ def rope(cfg: HFConfig, head_dim: int, default_partial: float = 1.0) -> dict[str
             "remove it if it has no effect, or extend archgen's rope",
         )
     return out
+
+
+def _required(cfg: HFConfig, field: str, params: dict[str, Any], key: str, example: float) -> Any:
+    value = params.pop(key, None)
+    if value is None:
+        cfg.error(f"{field}.{key}", f"{field} has no '{key}', which its rope_type needs", f"add it (e.g. {example})")
+        return example
+    return value
+
+
+def _yarn(cfg: HFConfig, field: str, params: dict[str, Any], out: dict[str, Any]) -> None:
+    """transformers' `_compute_yarn_parameters`: the spec's yarn with its defaults (beta_fast 32, beta_slow 1,
+    truncated ramp ends, attention factor 0.1·ln(factor) + 1) written only where the config departs from them."""
+    original = params.pop("original_max_position_embeddings", None)
+    if original is None:
+        cfg.error(f"{field}.original_max_position_embeddings", "YaRN scaling needs original_max_position_embeddings",
+                  "add the context length the model was trained at")
+        original = 1
+    factor = params.pop("factor", None)
+    if factor is None:  # transformers: the ratio of the extended to the original context
+        factor = cfg.fields.get("max_position_embeddings", original) / original
+    out.update(scaling="yarn", factor=float(factor), original_max_position=int(original))
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        value = params.pop(key, None)
+        if value and float(value) != default:  # transformers reads 0 and null as the default
+            out[key] = float(value)
+    attention_factor = params.pop("attention_factor", None)
+    mscale, mscale_all_dim = params.pop("mscale", None), params.pop("mscale_all_dim", None)
+    if attention_factor is None and mscale and mscale_all_dim:
+
+        def magnitude(scale: float) -> float:
+            return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+
+        attention_factor = magnitude(mscale) / magnitude(mscale_all_dim)
+    if attention_factor is not None:
+        out["attention_factor"] = float(attention_factor)
+    if not params.pop("truncate", True):
+        cfg.error(f"{field}.truncate", "YaRN with truncate: false (unrounded ramp ends) is outside the spec language",
+                  "only the rounded ramp of the YaRN paper (truncate: true) can be imported")
 
 
 def attention(

@@ -14,8 +14,16 @@ class RopeConfig:
     theta: float
     scaling: str  # "none" | "linear" | "ntk" | "yarn"
     factor: float
-    original_max_position: int | None  # the trained context; yarn needs it, the others ignore it
+    original_max_position: int | None  # the trained context; yarn and llama3 need it, the others ignore it
     rotary_dim: int
+    # the scaling's own settings that differ from rope_inv_freq's defaults (yarn: beta_fast, beta_slow,
+    # attention_factor; llama3: low_freq_factor, high_freq_factor), as keyword arguments of rope_inv_freq
+    settings: tuple[tuple[str, float], ...] = ()
+
+
+# Which scaling reads each optional RopeSpec setting.
+ROPE_SETTINGS = {"beta_fast": "yarn", "beta_slow": "yarn", "attention_factor": "yarn", "low_freq_factor": "llama3",
+                 "high_freq_factor": "llama3"}
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,24 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                 problems.append(Diagnostic(f"{path}.{field}",
                                            f"RoPE rotates pairs of dimensions, so {field.split('.')[-1]}={rotary} must be even",
                                            f"use {rotary - 1} or {rotary + 1}"))
-            if spec.rope.scaling == "yarn" and spec.rope.original_max_position is None:
+            scaling = spec.rope.scaling
+            if scaling in ("yarn", "llama3") and spec.rope.original_max_position is None:
                 problems.append(Diagnostic(f"{path}.rope.original_max_position",
-                                           "YaRN scaling needs the context length the model was trained at",
-                                           "set rope.original_max_position, e.g. 4096"))
+                                           f"{'YaRN' if scaling == 'yarn' else 'Llama-3'} scaling needs the context "
+                                           "length the model was trained at",
+                                           "set rope.original_max_position, e.g. 4096" if scaling == "yarn" else
+                                           "set rope.original_max_position, e.g. 8192 (Llama 3.1's)"))
+            for setting, owner in ROPE_SETTINGS.items():
+                if getattr(spec.rope, setting) is not None and scaling != owner:
+                    problems.append(Diagnostic(f"{path}.rope.{setting}",
+                                               f"rope.{setting} belongs to scaling '{owner}', but scaling is '{scaling}'",
+                                               f"remove {setting}, or set scaling: {owner}"))
+            if scaling == "llama3":
+                low, high = spec.rope.low_freq_factor or 1.0, spec.rope.high_freq_factor or 4.0
+                if high <= low:
+                    problems.append(Diagnostic(f"{path}.rope.high_freq_factor",
+                                               f"high_freq_factor={high} must exceed low_freq_factor={low}",
+                                               "Llama 3.1 uses low_freq_factor: 1 and high_freq_factor: 4"))
             if spec.rope.scaling != "none" and spec.rope.factor == 1.0:
                 problems.append(Diagnostic(f"{path}.rope.factor",
                                            f"rope scaling '{spec.rope.scaling}' with factor 1.0 changes nothing",
@@ -86,14 +108,20 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         head_dim = spec.head_dim or model.d_model // spec.n_heads
         rope = spec.rope
         if rope is not None:
-            rope = RopeConfig(rope.theta, rope.scaling, rope.factor, rope.original_max_position, rope.rotary_dim or head_dim)
+            settings = tuple((k, float(getattr(rope, k))) for k in ROPE_SETTINGS if getattr(rope, k) is not None)
+            rope = RopeConfig(rope.theta, rope.scaling, rope.factor, rope.original_max_position, rope.rotary_dim or head_dim,
+                              settings)
         return AttentionConfig(spec.n_heads, spec.n_kv_heads or spec.n_heads, head_dim, rope, spec.window, spec.qk_norm,
                                spec.qkv_bias, spec.out_bias)
 
     def lock(self, spec, config: AttentionConfig) -> dict:
-        rope = spec.rope.model_copy(update={"rotary_dim": config.rope.rotary_dim}) if spec.rope is not None else None
-        filled = {"head_dim": config.head_dim, "n_kv_heads": config.n_kv_heads, "rope": rope}
-        return spec.model_copy(update=filled).model_dump(mode="json")
+        rope = None
+        if spec.rope is not None:
+            # Unset scaling settings are left out, so specs written before they existed keep their hash.
+            unset = {k for k in ROPE_SETTINGS if getattr(spec.rope, k) is None}
+            rope = spec.rope.model_copy(update={"rotary_dim": config.rope.rotary_dim}).model_dump(mode="json", exclude=unset)
+        filled = {"head_dim": config.head_dim, "n_kv_heads": config.n_kv_heads}
+        return {**spec.model_copy(update=filled).model_dump(mode="json"), "rope": rope}
 
     def parameters(self, config: AttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, hd = dims.d_model, config.head_dim
@@ -137,7 +165,8 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                 "kv_out": config.n_kv_heads * config.head_dim, "window": config.window,
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
-                    "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None}
+                    "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None,
+                    "rope_settings": dict(rope.settings) if rope else {}}
 
 
 KIND = Attention()

@@ -145,10 +145,19 @@ class GatedDeltaNetSpec(SpecModel):
 
 class RopeSpec(SpecModel):
     theta: PositiveFloat = 10000.0
-    scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+    scaling: Literal["none", "linear", "ntk", "yarn", "llama3"] = "none"
     factor: PositiveFloat = 1.0
-    original_max_position: PositiveInt | None = None  # required by yarn
+    original_max_position: PositiveInt | None = None  # required by yarn and llama3
     rotary_dim: PositiveInt | None = None  # default: the whole head_dim
+    # yarn: the ramp between kept and interpolated pairs ends at beta_fast and beta_slow turns over
+    # original_max_position (default 32 and 1); attention_factor scales cos and sin (default 0.1·ln(factor) + 1).
+    beta_fast: PositiveFloat | None = None
+    beta_slow: PositiveFloat | None = None
+    attention_factor: PositiveFloat | None = None
+    # llama3: wavelengths below original_max_position / high_freq_factor are kept, above / low_freq_factor
+    # interpolated, blended in between (default 1 and 4, Llama 3.1's).
+    low_freq_factor: PositiveFloat | None = None
+    high_freq_factor: PositiveFloat | None = None
 
 
 class AttentionFields(SpecModel):

@@ -6,7 +6,8 @@ standard library. It is the definition the Triton kernels are tested against, an
 exports) on when no kernel is available, so it favours plain, obviously-correct tensor code.
 
 Notable features:
-- RoPE with rotate-half pairing (Llama / HF layout), partial rotary, and linear, NTK-aware and YaRN scaling
+- RoPE with rotate-half pairing (Llama / HF layout), partial rotary, and linear, NTK-aware, YaRN and Llama-3.1
+  scaling
 - one visibility rule for training, prefill, chunked prefill, cached decode and sliding windows, stated on
   absolute positions (attention_mask); `attention` picks how to compute it from the call's structure, never from
   "which phase are we in":
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 
 # SDPA reads grouped K/V heads in place from torch 2.5 on; before, K/V are expanded to every query head.
 SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -62,6 +63,9 @@ def rope_inv_freq(
     original_max_position: int | None = None,
     beta_fast: float = 32.0,
     beta_slow: float = 1.0,
+    attention_factor: float | None = None,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
 ) -> tuple[Tensor, float]:
     """
     Inverse frequencies of the rotary embedding, and YaRN's magnitude correction `mscale`.
@@ -77,10 +81,15 @@ def rope_inv_freq(
                 according to how many turns it makes over original_max_position: more than beta_fast turns ->
                 kept, fewer than beta_slow -> interpolated, a linear ramp in between. The ramp ends are rounded
                 to whole pair indices, as in the YaRN reference code and HF transformers, so checkpoints match.
+      "llama3"  Llama 3.1's split by wavelength 2π / inv_freq against original_max_position L: wavelengths shorter
+                than L / high_freq_factor are kept, longer than L / low_freq_factor interpolated (inv_freq / factor),
+                and in between blended by s = (L / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+                as (1 - s) * inv_freq / factor + s * inv_freq.
 
-    Returns (inv_freq (R/2,) float32 on the CPU, mscale). mscale = 0.1 * ln(factor) + 1 for YaRN with factor > 1,
-    else 1.0. Pass it to rope_cos_sin: it scales cos and sin, hence both q and k, so the attention logits of the
-    rotated dims grow by mscale**2 (the paper's 1/t). Computed in float64 and rounded once to float32.
+    Returns (inv_freq (R/2,) float32 on the CPU, mscale). mscale = 0.1 * ln(factor) + 1 for YaRN with factor > 1
+    (or `attention_factor` where a checkpoint states its own), else 1.0. Pass it to rope_cos_sin: it scales cos and
+    sin, hence both q and k, so the attention logits of the rotated dims grow by mscale**2 (the paper's 1/t).
+    Computed in float64 and rounded once to float32.
     """
     if rotary_dim <= 0 or rotary_dim % 2 != 0:
         raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
@@ -115,8 +124,21 @@ def rope_inv_freq(
         pair = torch.arange(R // 2, dtype=torch.float64)  # (R/2,)
         ramp = ((pair - low) / (high - low)).clamp(0, 1)  # (R/2,) 0: keep .. 1: interpolate
         inv_freq = inv_freq * (1 - ramp) + inv_freq / factor * ramp
-        if factor > 1:
+        if attention_factor is not None:
+            mscale = attention_factor
+        elif factor > 1:
             mscale = 0.1 * math.log(factor) + 1.0
+    elif scaling == "llama3":
+        if original_max_position is None:
+            raise ValueError("rope scaling 'llama3' needs original_max_position (the context length it was trained on)")
+        if high_freq_factor <= low_freq_factor:
+            raise ValueError(f"rope scaling 'llama3' needs high_freq_factor > low_freq_factor, got {high_freq_factor} "
+                             f"and {low_freq_factor}")
+        wavelength = 2 * math.pi / inv_freq  # (R/2,) tokens per full turn
+        blend = (original_max_position / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - blend) * inv_freq / factor + blend * inv_freq  # (R/2,)
+        inv_freq = torch.where(wavelength > original_max_position / low_freq_factor, inv_freq / factor,
+                               torch.where(wavelength < original_max_position / high_freq_factor, inv_freq, blended))
     return inv_freq.float(), mscale
 
 

@@ -55,15 +55,33 @@ TINY = {
         mamba_d_state=8,
         mamba_chunk_size=8,
     ),
+    # RoPE scalings, with a trained context shorter than the prompts so every branch of the frequency rule is used
+    "llama-rope_llama3": dict(
+        ATTENTION,
+        model_type="llama",
+        head_dim=32,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        tie_word_embeddings=True,
+    ),
+    "qwen2-rope_yarn": dict(
+        ATTENTION,
+        model_type="qwen2",
+        head_dim=32,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 16.0,
+                         "original_max_position_embeddings": 16},
+    ),
 }
 
 
-def tiny_model(model_type: str, **overrides):
-    """A random model of `model_type` (float32, eval mode), its norm weights moved away from 1 so they matter."""
+def tiny_model(case: str, **overrides):
+    """A random model of TINY[case] (float32, eval mode), its norm weights moved away from 1 so they matter. A case is
+    named by its model_type, or carries its model_type where it is a variant."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    fields = {**TINY[case], **overrides}
+    config = AutoConfig.for_model(fields.pop("model_type", case), **fields)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -74,7 +92,7 @@ def tiny_model(model_type: str, **overrides):
     return model
 
 
-def save_tiny(model_type: str, directory: Path, **overrides):
-    model = tiny_model(model_type, **overrides)
+def save_tiny(case: str, directory: Path, **overrides):
+    model = tiny_model(case, **overrides)
     model.save_pretrained(directory)
     return model

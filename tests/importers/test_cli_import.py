@@ -39,8 +39,8 @@ def test_import_then_inspect_then_export_spec(tmp_path):
 
 
 def test_import_errors_exit_2_and_name_the_field(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}))
     result = CliRunner().invoke(main, ["import", "hf", str(tmp_path), "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert "rope_scaling.rope_type" in result.output and "yarn" in result.output
+    assert "rope_scaling.rope_type" in result.output and "longrope" in result.output
     assert not (tmp_path / "out").exists()

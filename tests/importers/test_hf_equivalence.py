@@ -21,9 +21,9 @@ def relative_error(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.parametrize("model_type", sorted(TINY))
-def test_imported_model_computes_what_transformers_computes(model_type, tmp_path):
-    hf = save_tiny(model_type, tmp_path / "hf")
+@pytest.mark.parametrize("case", sorted(TINY))
+def test_imported_model_computes_what_transformers_computes(case, tmp_path):
+    hf = save_tiny(case, tmp_path / "hf")
     result = import_hf(tmp_path / "hf", tmp_path / "imported", weights=True)
     assert result.n_params == hf.num_parameters()
     package = build_package(result.spec_path, tmp_path / "generated", preset=None)

@@ -57,7 +57,10 @@ def test_a_model_type_the_spec_language_cannot_express_yet_says_what_blocks_it(t
 @pytest.mark.parametrize(
     "field, value, expected",
     [
-        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling.rope_type"),
+        ("rope_scaling", {"rope_type": "dynamic", "factor": 8.0}, "its frequencies change with the length"),
+        ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling has no 'original_max_position_embeddings'"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "truncate": False},
+         "truncate: false"),
         ("hidden_act", "gelu", "hidden_act='gelu' is outside the spec language"),
         ("attention_dropout", 0.1, "no dropout"),
         ("some_new_switch", True, "'some_new_switch'"),

@@ -1,8 +1,8 @@
 """At the published sizes, the imported spec has exactly the parameters transformers builds (on the meta device).
 
-The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B,
-Mixtral-8x7B-v0.1, Jamba-v0.1, mamba-2.8b-hf, a mamba2-2.7b in transformers' format and Bamba-9B, written from their published
-numbers.
+The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Llama-3.1-8B and Llama-3.2-1B (llama3
+RoPE), Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B, Mixtral-8x7B-v0.1, Jamba-v0.1, mamba-2.8b-hf, a mamba2-2.7b in
+transformers' format and Bamba-9B, written from their published numbers.
 """
 
 from __future__ import annotations
@@ -21,7 +21,13 @@ from archgen.pipeline import compile_spec
 pytest.importorskip("transformers")
 
 PUBLISHED = sorted((Path(__file__).parent / "published").glob("*.json"))
-KNOWN = {"llama3_8b": 8_030_261_248, "mamba_2p8b": 2_768_345_600, "mistral_7b_v0_1": 7_241_732_096}
+KNOWN = {
+    "llama3_8b": 8_030_261_248,
+    "llama3_1_8b": 8_030_261_248,
+    "llama3_2_1b": 1_235_814_400,
+    "mamba_2p8b": 2_768_345_600,
+    "mistral_7b_v0_1": 7_241_732_096,
+}
 
 
 @pytest.mark.parametrize("path", PUBLISHED, ids=[p.stem for p in PUBLISHED])

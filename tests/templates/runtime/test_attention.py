@@ -379,6 +379,36 @@ def test_yarn_mscale_scales_cos_sin():
     assert ops.rope_inv_freq(8, 10_000.0, "yarn", 1.0, original_max_position=64)[1] == 1.0
 
 
+@pytest.mark.parametrize("factor,L,low,high", [(8.0, 8192, 1.0, 4.0), (32.0, 64, 1.0, 4.0), (4.0, 256, 2.0, 3.0)])
+def test_llama3_scaling_frequencies(factor, L, low, high):
+    R, theta = 64, 500_000.0
+    inv_freq, mscale = ops.rope_inv_freq(R, theta, "llama3", factor, original_max_position=L, low_freq_factor=low,
+                                         high_freq_factor=high)
+    assert mscale == 1.0
+    expected = []
+    for f in plain_inv_freq(R, theta):  # one pair at a time, by its wavelength in tokens
+        wavelength = 2 * math.pi / f
+        if wavelength < L / high:
+            expected.append(f)  # fast pairs are kept
+        elif wavelength > L / low:
+            expected.append(f / factor)  # slow pairs are interpolated
+        else:
+            s = (L / wavelength - low) / (high - low)
+            expected.append((1 - s) * f / factor + s * f)
+    assert_close(inv_freq, torch.tensor(expected, dtype=torch.float64), 1e-7)
+    assert inv_freq[0] == 1.0 and math.isclose(inv_freq[-1].item(), plain_inv_freq(R, theta)[-1] / factor, rel_tol=1e-6)
+
+
+def test_yarn_settings_move_the_ramp_and_the_magnitude():
+    plain, mscale = ops.rope_inv_freq(32, 10_000.0, "yarn", 4.0, original_max_position=256)
+    narrow, _ = ops.rope_inv_freq(32, 10_000.0, "yarn", 4.0, original_max_position=256, beta_fast=4.0)
+    expected = torch.tensor(yarn_inv_freq_by_formula(32, 10_000.0, 4.0, 256, 4.0, 1.0), dtype=torch.float64)
+    assert_close(narrow, expected, 1e-7)
+    assert not torch.equal(plain, narrow)
+    assert ops.rope_inv_freq(32, 10_000.0, "yarn", 4.0, original_max_position=256, attention_factor=1.5)[1] == 1.5
+    assert mscale == 0.1 * math.log(4.0) + 1
+
+
 def test_partial_rotary_leaves_the_tail_untouched():
     D, R = 12, 8
     x = randn(2, 3, 9, D)
@@ -437,6 +467,10 @@ def test_errors_name_the_values():
         ops.rope_inv_freq(8, 10_000.0, "dynamic")
     with pytest.raises(ValueError, match="needs original_max_position"):
         ops.rope_inv_freq(8, 10_000.0, "yarn", 4.0)
+    with pytest.raises(ValueError, match="'llama3' needs original_max_position"):
+        ops.rope_inv_freq(8, 10_000.0, "llama3", 8.0)
+    with pytest.raises(ValueError, match="high_freq_factor > low_freq_factor, got 1.0 and 2.0"):
+        ops.rope_inv_freq(8, 10_000.0, "llama3", 8.0, original_max_position=64, low_freq_factor=2.0, high_freq_factor=1.0)
     inv_freq, _ = ops.rope_inv_freq(16, 10_000.0)
     with pytest.raises(ValueError, match="rotary_dim 16 .* exceeds head_dim 8"):
         ops.apply_rope(q, *ops.rope_cos_sin(inv_freq, pos))
