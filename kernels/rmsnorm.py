@@ -1,5 +1,5 @@
 """RMSNorm, optionally fused with the residual add before it, as Triton kernels: forward, backward, the custom ops,
-and the reference.
+their autotune spaces, and the reference.
 
 For rows x (R, N) of any leading shape flattened, weight w (N,)::
 
@@ -14,41 +14,45 @@ x̂ = s · rstd, rstd = 1 / sqrt(mean(s²) + eps) and dx̂ = dy · w, the backwa
     dw = Σ_rows dy · x̂                    dx = dresidual = ds
 
 Why a kernel: unfused, the add, the square-mean, the scale and the weight are separate passes over the rows (eager
-PyTorch reads and writes the (R, N) tensor several times over, 0.27 TB/s of a 3 TB/s card for a plain RMSNorm in
-ANCHORS.md); here the forward reads x (and the residual) once and writes y (and s) once; the backward reads dy, s
-(and ds_out) once and writes ds once. rstd (R,) float32 is saved by the forward for the backward.
+PyTorch reads and writes the (R, N) tensor several times over); here the forward reads x (and the residual) once and
+writes y (and s) once; the backward reads dy, s (and ds_out) once and writes ds once. rstd (R,) float32 is saved by
+the forward for the backward. The op is memory-bound: its floor is the copy bandwidth of the bytes it moves.
 
-How: one program per row in the forward (the row, up to BLOCK_N = next_pow2(N) ≤ 65536 wide, sits in registers);
-the backward's programs take ROWS consecutive rows each, accumulate their part of dw in registers and write it to a
-(programs, N) float32 buffer that torch sums: deterministic, no atomics.
+How. Forward: each program normalises a (BLOCK_R, BLOCK_N) tile, BLOCK_R whole rows (BLOCK_N = next_pow2(N) ≤ 65536)
+held in registers: one row per program for wide rows, several for narrow ones, so every program moves enough bytes
+to keep loads in flight (a program of one 64-wide row would be all launch overhead), with num_warps sized to the
+tile; the weight is loaded once per program. Backward: programs take ROWS consecutive rows each, accumulate their
+part of dw in registers and write it to a (programs, N) float32 buffer that torch sums: deterministic, no atomics.
+When N is a power of two the column masks are compiled out (EVEN_N).
 
-Contents: `rms_norm` and `add_rms_norm` (entry points, differentiable), the custom ops `archgen::rms_norm`,
-`archgen::add_rms_norm` and `archgen::rms_norm_backward` (one graph node each under torch.compile / torch.export,
-with fake implementations and autograd), the launchers `rms_norm_forward` / `rms_norm_backward` (autotuned on first
-use per (N, dtype), or with an explicit config), `rms_norm_reference` / `add_rms_norm_reference`, and
-`decomposition` for ONNX. CPU tensors take the reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the
-tests), as in kernels/selective_scan.py.
+Tuning. The tuners `rms_norm.forward` and `rms_norm.backward` (triton_support.Autotuner) choose per shape bucket
+(`shape_key`: width, rows (a power-of-two bucket), dtype, with or without the residual), from candidates sized to the
+row (`forward_candidates` / `backward_candidates`, the untuned default first). `autotune(config, params, ...)` is the
+hook `archgen build --autotune` calls: it runs both kernels at a model's shapes inside a tuning session.
+
+Contents: `rms_norm` and `add_rms_norm` (entry points, differentiable), the custom ops `archgen_v1::rms_norm`,
+`archgen_v1::add_rms_norm` and `archgen_v1::rms_norm_backward` (one graph node each under torch.compile /
+torch.export, with fake implementations and autograd), the launchers `rms_norm_forward` / `rms_norm_backward`,
+`rms_norm_reference` / `add_rms_norm_reference`, and `decomposition` for ONNX. CPU tensors take the reference unless
+TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests), as in kernels/selective_scan.py.
 """
-
-import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # a triton without the interpreter: never interpreting
-    InterpretedFunction = ()
+from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
 
 MAX_BLOCK_N = 65536
 """Widest row a program holds in registers (elements); wider rows raise (call the reference)."""
 
-FORWARD_CONFIGS = [{"num_warps": warps} for warps in (2, 4, 8, 16)]
-BACKWARD_CONFIGS = [{"ROWS": rows, "num_warps": warps} for rows in (8, 32, 128) for warps in (4, 8, 16)]
-INTERPRETER_CONFIG = {"ROWS": 4, "num_warps": 4}
+MAX_TILE = 16384
+"""Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
+
+FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
+BACKWARD_CONFIGS = [{"ROWS": rows, "num_warps": warps} for rows in (8, 16, 32, 64, 128) for warps in (4, 8, 16)]
+INTERPRETER_CONFIG = {"BLOCK_R": 2, "ROWS": 4, "num_warps": 4}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -60,43 +64,56 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr,
-    N, stride_x, stride_res, stride_y, stride_s, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    R, N, stride_x, stride_res, stride_y, stride_s, eps,
+    HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
-    inside = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=inside, other=0.0)
+    row_inside = rows < R
+    if EVEN_N:
+        inside = row_inside[:, None]
+        w = tl.load(w_ptr + cols).to(tl.float32)
+    else:
+        inside = row_inside[:, None] & (cols < N)[None, :]
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_res + cols, mask=inside, other=0.0)
+        r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=inside, other=0.0)
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the unfused add
-        tl.store(s_ptr + row * stride_s + cols, s, mask=inside)
+        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=inside)
     else:
         s = x
     s = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + cols, (s * rstd * w).to(y_ptr.dtype.element_ty), mask=inside)
-    tl.store(rstd_ptr + row, rstd)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+    y = s * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(rstd_ptr + rows, rstd, mask=row_inside)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr, ds_out_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
     R, N, stride_dy, stride_ds_out, stride_s, stride_ds,
-    HAS_DS_OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     inside = cols < N
-    w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    if EVEN_N:
+        w = tl.load(w_ptr + cols).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
     first = program * ROWS
     for i in range(ROWS):
         row = (first + i).to(tl.int64)
         if row < R:
-            s = tl.load(s_ptr + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
-            dy = tl.load(dy_ptr + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
+            if EVEN_N:
+                s = tl.load(s_ptr + row * stride_s + cols).to(tl.float32)
+                dy = tl.load(dy_ptr + row * stride_dy + cols).to(tl.float32)
+            else:
+                s = tl.load(s_ptr + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_ptr + row)
             x_hat = s * rstd
             dx_hat = dy * w
@@ -109,64 +126,8 @@ def _rms_norm_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Launchers
+# Launchers and their tuning
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this file was imported)."""
-    return isinstance(_rms_norm_fwd_kernel, InterpretedFunction)
-
-
-def triton_on_cpu() -> bool:
-    """CPU tensors run the kernels (in the interpreter) only when interpreting and ARCHGEN_TRITON_ON_CPU=1."""
-    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
-
-
-def _on_device(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-class Autotuner:
-    """Times every config on the first call per key (N, dtype) on that call's tensors and keeps the fastest."""
-
-    def __init__(self, name: str, configs: list[dict]):
-        self.name = name
-        self.configs = configs
-        self.chosen: dict[str, dict] = {}
-        self.timings: dict[str, dict] = {}
-
-    def config(self, key: str, launch, explicit: dict | None) -> dict:
-        if explicit is not None:
-            return explicit
-        if interpreting():
-            return INTERPRETER_CONFIG
-        if key not in self.chosen:
-            from triton.testing import do_bench
-
-            timings = {}
-            for config in self.configs:
-                try:
-                    timings[str(config)] = float(do_bench(lambda config=config: launch(config), warmup=5, rep=25,
-                                                          return_mode="median"))
-                except Exception as error:  # noqa: BLE001 - a config that cannot run is skipped, recorded
-                    timings[str(config)] = f"{type(error).__name__}: {error}"[:300]
-            ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
-            if not ran:
-                raise RuntimeError(f"no config of the {self.name} kernel ran for {key}: {timings}")
-            self.chosen[key] = next(c for c in self.configs if str(c) == min(ran, key=ran.get))
-            self.timings[key] = timings
-        return self.chosen[key]
-
-
-FORWARD_TUNER = Autotuner("forward", FORWARD_CONFIGS)
-BACKWARD_TUNER = Autotuner("backward", BACKWARD_CONFIGS)
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(R, N) view with unit stride along N (a copy only when the last dim is strided)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _block_n(N: int) -> int:
@@ -176,9 +137,53 @@ def _block_n(N: int) -> int:
     return block
 
 
+def shape_key(N: int, R: int, dtype: torch.dtype, fused: bool) -> str:
+    """The tuners' shape bucket: width, rows as a power of two in [2^10, 2^17] (how many programs fill the GPU),
+    dtype, and whether the residual is fused in (forward) or its gradient added (backward)."""
+    rows = min(max(triton.next_power_of_2(max(R, 1)), 1 << 10), 1 << 17)
+    return f"N{N}-R{rows}-{dtype_name(dtype)}-{'fused' if fused else 'plain'}"
+
+
+def _warps_for(elements: int) -> int:
+    """Warps for a tile of this many elements: about 8 to 16 elements per thread, 2 to 16 warps."""
+    return min(max(elements // (32 * 16), 2), 16)
+
+
+def forward_candidates(N: int) -> list[dict]:
+    """The forward configs that suit rows of width N, the untuned default first: tiles of at most MAX_TILE elements
+    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with at least 2 elements
+    per thread."""
+    block = _block_n(N)
+    default_rows = min(max(4096 // block, 1), 32)
+    default = {"BLOCK_R": default_rows, "num_warps": _warps_for(default_rows * block)}
+    fitting = [c for c in FORWARD_CONFIGS
+               if c["BLOCK_R"] * block <= max(MAX_TILE, block) and c["num_warps"] * 32 * 2 <= max(c["BLOCK_R"] * block, 128)]
+    return [default, *(c for c in fitting if c != default)]
+
+
+def backward_candidates(N: int) -> list[dict]:
+    """The backward configs that suit rows of width N, the untuned default first (warps at most one per 64 columns)."""
+    block = _block_n(N)
+    default = {"ROWS": 32, "num_warps": min(max(block // 512, 4), 16)}
+    fitting = [c for c in BACKWARD_CONFIGS if c["num_warps"] * 64 <= max(block, 256)]
+    return [default, *(c for c in fitting if c != default)]
+
+
+FORWARD_TUNER = Autotuner("rms_norm.forward", FORWARD_CONFIGS, {"BLOCK_R": INTERPRETER_CONFIG["BLOCK_R"], "num_warps": 4})
+BACKWARD_TUNER = Autotuner("rms_norm.backward", BACKWARD_CONFIGS, {"ROWS": INTERPRETER_CONFIG["ROWS"], "num_warps": 4})
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(R, N) view with unit stride along N (a copy only when the last dim is strided)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                      config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, s, rstd): y like x; s = x + residual like x (x itself when residual is None); rstd (R,) float32."""
+    """(y, s, rstd): y like x; s = x + residual like x (x itself when residual is None); rstd (R,) float32.
+
+    config: {"BLOCK_R": …, "num_warps": …} to bypass the tuner."""
     shape = x.shape
     x2 = _rows(x)
     R, N = x2.shape
@@ -189,21 +194,25 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     block = _block_n(N)
 
     def launch(cfg):
-        _rms_norm_fwd_kernel[(R,)](
+        _rms_norm_fwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
             x2, res2 if res2 is not None else x2, weight, y, s, rstd,
-            N, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), s.stride(0), eps,
-            HAS_RESIDUAL=res2 is not None, BLOCK_N=block, num_warps=cfg["num_warps"],
+            R, N, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), s.stride(0), eps,
+            HAS_RESIDUAL=res2 is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            num_warps=cfg["num_warps"],
         )
 
-    with _on_device(x):
+    key = shape_key(N, R, x.dtype, residual is not None)
+    with on_device(x):
         if R:
-            launch(FORWARD_TUNER.config(f"N{N}-{x.dtype}-res{residual is not None}", launch, config))
+            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, forward_candidates(N)))
     return y.view(shape), s.view(shape), rstd
 
 
 def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor,
                       config: dict | None = None) -> tuple[Tensor, Tensor]:
-    """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's."""
+    """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's.
+
+    config: {"ROWS": …, "num_warps": …} to bypass the tuner."""
     shape = s.shape
     s2, dy2 = _rows(s), _rows(dy)
     ds_out2 = _rows(ds_out) if ds_out is not None else None
@@ -218,14 +227,31 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
         _rms_norm_bwd_kernel[(programs,)](
             dy2, ds_out2 if ds_out2 is not None else dy2, s2, weight, rstd, ds, partial["dw"],
             R, N, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0), ds.stride(0),
-            HAS_DS_OUT=ds_out2 is not None, ROWS=cfg["ROWS"], BLOCK_N=block, num_warps=cfg["num_warps"],
+            HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, ROWS=cfg["ROWS"], BLOCK_N=block,
+            num_warps=cfg["num_warps"],
         )
 
-    with _on_device(s):
+    key = shape_key(N, R, s.dtype, ds_out is not None)
+    with on_device(s):
         if not R:
             return ds.view(shape), torch.zeros_like(weight)
-        launch(BACKWARD_TUNER.config(f"N{N}-{s.dtype}-dsout{ds_out is not None}", launch, config))
+        launch(BACKWARD_TUNER.known(key, config) or BACKWARD_TUNER.tune(key, launch, backward_candidates(N)))
     return ds.view(shape), partial["dw"].sum(dim=0).to(weight.dtype)
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run every kernel a norm op of this resolved config
+    (eps) and these parameter shapes (weight (N,)) runs on batch × seqlen rows — forward and backward, plain and
+    with the residual fused — so that inside triton_support.tuning_session() each tuner tunes that shape bucket."""
+    (N,) = params["weight"]
+    rows = batch * seqlen
+    generator = torch.Generator(device=device).manual_seed(0)
+    x, residual, dy = (torch.randn((rows, N), generator=generator, device=device).to(dtype) for _ in range(3))
+    weight = torch.ones(N, device=device)
+    for fused in (None, residual):
+        _, s, rstd = rms_norm_forward(x, fused, weight, config["eps"])
+        rms_norm_backward(dy, dy if fused is not None else None, s, weight, rstd)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -233,15 +259,12 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
 # ---------------------------------------------------------------------------------------------------------------
 
 
-OP_NAMESPACE = "archgen"
-
-
 def _use_kernel(t: Tensor) -> bool:
     return t.is_cuda or triton_on_cpu()
 
 
 def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """archgen::rms_norm -> (y, rstd); CPU tensors take the reference (rstd then computed alongside)."""
+    """archgen_v1::rms_norm -> (y, rstd); CPU tensors take the reference (rstd then computed alongside)."""
     if not _use_kernel(x):
         return rms_norm_reference(x, weight, eps), _rstd(x, eps)
     y, _, rstd = rms_norm_forward(x, None, weight, eps)
@@ -253,7 +276,7 @@ def _rms_norm_fake(x, weight, eps):
 
 
 def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """archgen::add_rms_norm -> (y, s, rstd)."""
+    """archgen_v1::add_rms_norm -> (y, s, rstd)."""
     if not _use_kernel(x):
         y, s = add_rms_norm_reference(x, residual, weight, eps)
         return y, s, _rstd(s, eps)
@@ -265,7 +288,7 @@ def _add_rms_norm_fake(x, residual, weight, eps):
 
 
 def _backward_impl(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
-    """archgen::rms_norm_backward -> (ds, dw)."""
+    """archgen_v1::rms_norm_backward -> (ds, dw)."""
     if not _use_kernel(s):
         return _backward_reference(dy, ds_out, s, weight, rstd)
     return rms_norm_backward(dy, ds_out, s, weight, rstd)
@@ -320,24 +343,11 @@ def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
     return ds, ds, dw, None
 
 
-def _define_ops():
-    """Register the ops once per process (a second copy of this file reuses them: registering twice corrupts the
-    dispatcher)."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    if all(hasattr(namespace, n) for n in ("rms_norm", "add_rms_norm", "rms_norm_backward")):
-        return namespace.rms_norm, namespace.add_rms_norm, namespace.rms_norm_backward
-    backward = torch.library.custom_op(f"{OP_NAMESPACE}::rms_norm_backward", _backward_impl, mutates_args=())
-    backward.register_fake(_backward_fake)
-    plain = torch.library.custom_op(f"{OP_NAMESPACE}::rms_norm", _rms_norm_impl, mutates_args=())
-    plain.register_fake(_rms_norm_fake)
-    plain.register_autograd(_rms_norm_grad, setup_context=_setup_rms_norm)
-    fused = torch.library.custom_op(f"{OP_NAMESPACE}::add_rms_norm", _add_rms_norm_impl, mutates_args=())
-    fused.register_fake(_add_rms_norm_fake)
-    fused.register_autograd(_add_rms_norm_grad, setup_context=_setup_add_rms_norm)
-    return plain, fused, backward
-
-
-rms_norm_op, add_rms_norm_op, backward_op = _define_ops()
+backward_op = register_op("rms_norm_backward", _backward_impl, _backward_fake)
+rms_norm_op = register_op("rms_norm", _rms_norm_impl, _rms_norm_fake, backward=_rms_norm_grad,
+                          setup_context=_setup_rms_norm)
+add_rms_norm_op = register_op("add_rms_norm", _add_rms_norm_impl, _add_rms_norm_fake, backward=_add_rms_norm_grad,
+                              setup_context=_setup_add_rms_norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,16 +391,18 @@ def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: flo
     return rms_norm_reference(s, weight, eps), s
 
 
-def decomposition() -> dict:
-    """{archgen::rms_norm, archgen::add_rms_norm: the op written with the references}: how exporters that cannot run
-    Triton (ONNX) lower them (program.run_decompositions(table))."""
-    ops = getattr(torch.ops, OP_NAMESPACE)
+def decomposition(reference=None, max_seqlen: int | None = None) -> dict:
+    """{archgen_v1::rms_norm, archgen_v1::add_rms_norm: the op written with the references}: how exporters that
+    cannot run Triton (ONNX) lower them (program.run_decompositions(table)). reference: a generated package's
+    `rms_norm` reference op (x, weight, eps) -> y (default: this file's); max_seqlen is not needed (rows are
+    independent) and accepted for the common signature of kernels' decompositions."""
+    reference = rms_norm_reference if reference is None else reference
 
     def rms_norm_decomposed(x, weight, eps):
-        return rms_norm_reference(x, weight, eps), _rstd(x, eps)
+        return reference(x, weight, eps), _rstd(x, eps)
 
     def add_rms_norm_decomposed(x, residual, weight, eps):
-        y, s = add_rms_norm_reference(x, residual, weight, eps)
-        return y, s, _rstd(s, eps)
+        s = x + residual
+        return reference(s, weight, eps), s, _rstd(s, eps)
 
-    return {ops.rms_norm.default: rms_norm_decomposed, ops.add_rms_norm.default: add_rms_norm_decomposed}
+    return {op_overload("rms_norm"): rms_norm_decomposed, op_overload("add_rms_norm"): add_rms_norm_decomposed}

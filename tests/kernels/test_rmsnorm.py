@@ -130,10 +130,10 @@ def test_ops_export_as_single_nodes_and_decompose():
     x, res = randn(3, 16, seed=1), randn(3, 16, seed=2)
     program = torch.export.export(Norm(), (x, res))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
-    assert {"archgen.add_rms_norm.default", "archgen.rms_norm.default"} <= targets
+    assert {"archgen_v1.add_rms_norm.default", "archgen_v1.rms_norm.default"} <= targets
     lowered = program.run_decompositions(rn.decomposition())
     lowered_targets = {str(n.target) for n in lowered.graph.nodes if n.op == "call_function"}
-    assert not any(t.startswith("archgen.") for t in lowered_targets)
+    assert not any(t.startswith("archgen_v1.") for t in lowered_targets)
     for a, e in zip(lowered.module()(x, res), Norm()(x, res), strict=True):
         assert_close(a, e, 1e-5)
 
@@ -146,3 +146,32 @@ def test_rejects_bad_inputs():
         rn.add_rms_norm(x, randn(2, 8).double(), randn(8), 1e-6)
     with pytest.raises(ValueError, match="takes"):
         rn.rms_norm(x.double(), randn(8).double(), 1e-6)
+
+
+def test_forward_tiles_of_several_rows_with_a_partial_last_tile():
+    """BLOCK_R rows per program with R not a multiple of it, odd and power-of-two widths: every row right."""
+    for N in (24, 32):
+        x, res, w = randn(10, N, seed=N), randn(10, N, seed=N + 1), randn(N, seed=N + 2)
+        y, s, rstd = rn.rms_norm_forward(x, res, w, 1e-6, config={"BLOCK_R": 4, "num_warps": 2})
+        y_ref, s_ref = rn.add_rms_norm_reference(x, res, w, 1e-6)
+        assert_close(y, y_ref, 1e-5, "y")
+        assert_close(s, s_ref, 1e-6, "s")
+        assert_close(rstd, rn._rstd(s_ref, 1e-6), 1e-5, "rstd")
+
+
+@pytest.mark.parametrize("N", [1, 7, 64, 1000, 4096, 65536])
+def test_candidates_fit_the_row_and_put_the_default_first(N):
+    block = rn._block_n(N)
+    forward, backward = rn.forward_candidates(N), rn.backward_candidates(N)
+    assert len({str(c) for c in forward}) == len(forward) and len({str(c) for c in backward}) == len(backward)
+    assert all(c["BLOCK_R"] * block <= max(rn.MAX_TILE, block) for c in forward)
+    assert forward[0]["BLOCK_R"] * block >= min(4096, block), "the default tile holds ~4096 elements (or one row)"
+    assert forward[0]["BLOCK_R"] == 1 if N >= 4096 else forward[0]["BLOCK_R"] > 1
+    assert backward[0] in backward and all(c in rn.BACKWARD_CONFIGS for c in backward[1:])
+
+
+def test_shape_key_buckets_rows_and_names_the_variant():
+    assert rn.shape_key(4096, 32768, torch.bfloat16, True) == "N4096-R32768-bfloat16-fused"
+    assert rn.shape_key(4096, 3000, torch.float32, False) == "N4096-R4096-float32-plain"
+    assert rn.shape_key(64, 1, torch.float32, False) == rn.shape_key(64, 1024, torch.float32, False)
+    assert rn.shape_key(64, 10**7, torch.float32, False) == "N64-R131072-float32-plain"

@@ -63,3 +63,52 @@ def test_ops_live_in_the_versioned_namespace_and_register_once():
     again = triton_support.register_op("selective_scan", lambda *args: None, lambda *args: None)
     assert again is torch.ops.archgen_v1.selective_scan
     assert ss.decomposition(lambda *args, **kwargs: None, 8).keys() == {torch.ops.archgen_v1.selective_scan.default}
+
+
+CONFIGS = [{"BLOCK_D": 16, "num_warps": 4}, {"BLOCK_D": 32, "num_warps": 8}]
+INTERPRETER = {"BLOCK_D": 8, "num_warps": 1}
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_a_tuning_session_tunes_every_new_bucket_and_tables_only_those(monkeypatch):
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)  # a session tunes even where running never does
+    tuner = triton_support.Autotuner("op.forward", CONFIGS, INTERPRETER)
+    tuner.pin({"D64-float32": CONFIGS[1]})  # chosen before the session: neither reused nor tabled inside it
+    launched = []
+    with triton_support.tuning_session() as table:
+        for key in ("D64-float32", "D128-float32", "D64-float32"):
+            tuner.known(key) or tuner.tune(key, launched.append)
+        entries = table()["entries"]
+    expected = INTERPRETER if triton_support.interpreting() else None
+    assert [(e["kernel"], e["key"]) for e in entries] == [("op.forward", "D128-float32"), ("op.forward", "D64-float32")]
+    assert all(e["gpu"] == triton_support.environment()["gpu"] and isinstance(e["ms"], float) for e in entries)
+    if expected is not None:  # the interpreter times its one config: the plumbing, not a measurement
+        assert launched == [INTERPRETER, INTERPRETER] and all(e["config"] == INTERPRETER for e in entries)
+    assert tuner.chosen == {"D64-float32": CONFIGS[1]}, "the choices from before the session come back"
+    assert triton_support.load_tuning_table({"format": 1, "entries": entries}) == 2
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_without_runtime_tuning_an_untuned_bucket_runs_the_default_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+    monkeypatch.setattr(triton_support, "UNTUNED", {})
+    tuner = triton_support.Autotuner("op.forward", CONFIGS, INTERPRETER, default=CONFIGS[1])
+    launched = []
+    with pytest.warns(RuntimeWarning, match="no tuned config for op.forward at D64-float32") as caught:
+        for key in ("D64-float32", "D128-float32", "D64-float32"):
+            launched.append(tuner.known(key) or tuner.tune(key, lambda config: pytest.fail("timed at run time")))
+    assert len([w for w in caught if "no tuned config" in str(w.message)]) == 1, "said once per process"
+    default = INTERPRETER if triton_support.interpreting() else CONFIGS[1]
+    assert launched == [default] * 3
+    assert set(triton_support.UNTUNED) == {("op.forward", "D64-float32"), ("op.forward", "D128-float32")}
+    assert tuner.chosen == {} and triton_support.tuning_table()["entries"] == []
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_a_pinned_bucket_runs_its_config_without_tuning_or_warning(monkeypatch):
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+    monkeypatch.setattr(triton_support, "UNTUNED", {})
+    tuner = triton_support.Autotuner("op.forward", CONFIGS, INTERPRETER)
+    triton_support.load_tuning_table({"format": 1, "entries": [entry("D64-float32", 32)]})
+    assert tuner.known("D64-float32") == {"BLOCK_D": 32, "num_warps": 4}
+    assert triton_support.UNTUNED == {}
