@@ -196,8 +196,19 @@ def inspect(spec: Path, preset: str | None, overrides: tuple[str, ...], diagram:
 @click.option("--export", "export_formats", type=click.Choice(["pt2", "onnx"]), multiple=True,
               help="Also export each built package, as `archgen export` does with its defaults, into exports/<name>/ "
                    "(repeatable).")
+@click.option("--autotune", is_flag=True,
+              help="On this GPU, tune every Triton kernel the model uses at its shapes and pin the winners in the "
+                   "package (kernels/tuning.json). Without it the package runs default configs and never tunes.")
+@click.option("--tune-seq-len", "tune_seq_lens", type=click.IntRange(min=1), multiple=True, metavar="T",
+              help="With --autotune: also tune at this sequence length (repeatable; the spec's max_seq_len and the "
+                   "powers of two from 256 below it are always tuned).")
+@click.option("--tune-batch", "tune_batches", type=click.IntRange(min=1), multiple=True, default=(1,), show_default=True,
+              metavar="B", help="With --autotune: batch sizes to tune at (repeatable).")
+@click.option("--tune-dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16",
+              show_default=True, help="With --autotune: the activations' dtype the model will run in.")
 def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...], output_root: Path, check: bool,
-          export_formats: tuple[str, ...]) -> None:
+          export_formats: tuple[str, ...], autotune: bool, tune_seq_lens: tuple[int, ...], tune_batches: tuple[int, ...],
+          tune_dtype: str) -> None:
     """Compile SPECS (default: every specs/*.yaml) into importable PyTorch packages under OUTPUT/<name>/."""
     import time
 
@@ -209,6 +220,18 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
     if not specs:
         stderr.print("no specs given and none found in specs/", style="red")
         sys.exit(EXIT_SPEC_ERROR)
+    device = None
+    if autotune:
+        from archgen.emit.tune import tuning_device
+
+        try:
+            if check:
+                raise CompileError([Diagnostic("", "--autotune and --check do not go together: --check compares "
+                                                   "with what the specs produce, and tuned configs depend on the GPU",
+                                               "drop one of them")])
+            device = tuning_device()  # before anything is compiled or written: no GPU, no build
+        except CompileError as error:
+            fail(error)
     stale, built = [], []
     for spec in specs:
         started = time.perf_counter()
@@ -228,15 +251,20 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
             else:
                 say(f"up to date: {target}")
             continue
-        for note in write_package(emitted.files, target):  # what a killed build left behind, and what was done about it
+        files, tuning = emitted.files, None
+        if device is not None:
+            files, tuning = autotune_package(compiled, emitted, device, tune_seq_lens, tune_batches, tune_dtype)
+        for note in write_package(files, target):  # what a killed build left behind, and what was done about it
             stderr.print(f"note: {note}", style="yellow", markup=False)
-        size = sum(len(text.encode()) for text in emitted.files.values())
+        size = sum(len(text.encode()) for text in files.values())
         report = emitted.plan.report
         seconds = time.perf_counter() - started
         built.append({"spec": str(spec), "package": str(target), "spec_hash": compiled.resolved.spec_hash,
-                      "files": len(emitted.files), "bytes": size, "parameters": report.total_params,
+                      "files": len(files), "bytes": size, "parameters": report.total_params,
                       "seconds": round(seconds, 3)})
-        say(f"built {target}/ from {spec} in {seconds:.2f}s: {len(emitted.files)} files ({human_bytes(size)}), "
+        if tuning is not None:
+            built[-1]["tuning"] = tuning
+        say(f"built {target}/ from {spec} in {seconds:.2f}s: {len(files)} files ({human_bytes(size)}), "
             f"{len(emitted.plan.blocks)} block kinds, {human_count(report.total_params)} parameters")
         if export_formats:
             built[-1]["export"] = run_export(target, formats=export_formats)
@@ -246,6 +274,37 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
         if not Output.json:
             stderr.print(f"stale: {', '.join(map(str, stale))}: run `archgen build` and commit the result", style="bold red")
         sys.exit(1)
+
+
+def autotune_package(compiled, emitted, device: str, seq_lens: tuple[int, ...], batches: tuple[int, ...],
+                     dtype: str) -> tuple[dict[str, str], dict]:
+    """The package's files with kernels/tuning.json added (the winners of tuning its kernels here, with a progress
+    bar), and a summary of the tuning for the build's report."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from archgen.emit.tune import TUNING_FILE, seq_len_buckets, tune_kernels, tuning_cases, tuning_file
+
+    name = compiled.resolved.name
+    cases = tuning_cases(compiled.ir, seq_len_buckets(emitted.plan.max_seq_len, seq_lens), batches)
+    if not cases:
+        say(f"nothing to tune: {name} runs no Triton kernel")
+        return emitted.files, {"entries": 0, "seconds": 0.0, "file": None}
+    started = time.perf_counter()
+    columns = (TextColumn("tuning {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True, disable=Output.quiet or Output.json) as progress:
+        task = progress.add_task(name, total=len(cases))
+        table, warnings = tune_kernels(cases, dtype, device, lambda case: progress.update(
+            task, advance=1, description=f"{name}: {case.label}"))
+    print_diagnostics(warnings)
+    seconds = time.perf_counter() - started
+    say(f"tuned {len(table['entries'])} kernel configs of {name} in {seconds:.1f}s on {device} "
+        f"({', '.join(sorted({c.file for c in cases}))}; batch {sorted(set(batches))}, lengths "
+        f"{sorted({c.seqlen for c in cases})}, {dtype}): {TUNING_FILE}")
+    text = tuning_file(table, compiled.resolved.spec_hash, cases, dtype)
+    return {**emitted.files, TUNING_FILE: text}, {"entries": len(table["entries"]), "seconds": round(seconds, 3),
+                                                  "file": TUNING_FILE, "table": json.loads(text)}
 
 
 def run_export(package: Path, show_traceback: bool = False, **options) -> dict:

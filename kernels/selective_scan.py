@@ -430,6 +430,26 @@ def pin_configs(choices: dict) -> None:
     BACKWARD_TUNER.pin(choices.get("backward", {}))
 
 
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the forward and backward kernels a Mamba op with
+    these parameter shapes (A_log (D, N)) runs at batch × seqlen, as the generated block calls them (D, gate z,
+    delta_bias, softplus), so that inside triton_support.tuning_session() each tuner tunes its shape bucket."""
+    dim, dstate = params["A_log"]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=generator, device=device) * scale).to(dtype)
+
+    u, z, dy = randn(batch, seqlen, dim), randn(batch, seqlen, dim), randn(batch, seqlen, dim)
+    delta = randn(batch, seqlen, dim, scale=0.5)
+    B, C = randn(batch, seqlen, dstate), randn(batch, seqlen, dstate)
+    A = -torch.rand(dim, dstate, generator=generator, device=device)
+    D, delta_bias = torch.ones(dim, device=device), torch.zeros(dim, device=device)
+    _, _, checkpoints = selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, True, None, save_checkpoints=True)
+    selective_scan_backward(dy, None, u, delta, A, B, C, D, z, delta_bias, True, None, checkpoints)
+
+
 def selective_scan_forward(
     u: Tensor,
     delta: Tensor,

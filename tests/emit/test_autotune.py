@@ -1,0 +1,131 @@
+"""`archgen build --autotune`: the kernels a model uses are tuned at its shapes and the winners ship in the package
+(kernels/tuning.json), which loads them at import and never tunes while running; an untuned shape runs a default
+config and says so once; without a GPU the build refuses and writes nothing; without --autotune nothing changes.
+
+Without a GPU the flow runs in Triton's interpreter (TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1), where every
+shape bucket "tunes" its one interpreter config: the plumbing, end to end, on a Mamba of width 16. The GPU run of the
+same command is bench/rmsnorm_autotune.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from archgen.cli import main
+from archgen.emit.tune import seq_len_buckets, tuning_cases
+from archgen.pipeline import compile_spec
+
+SPEC = textwrap.dedent("""\
+    schema_version: 1
+    name: tuned_mamba
+    model: {d_model: 16, vocab_size: 64, max_seq_len: 8, norm: {kind: rmsnorm, eps: 1.0e-5}}
+    mixers:
+      ssm: {kind: mamba, d_state: 4, d_conv: 4, expand: 2}
+    ffns:
+      mlp: {kind: mlp, activation: swiglu, hidden: 32}
+    layout: {mixers: ssm*2, ffns: mlp}
+    """)
+
+
+@pytest.fixture
+def spec(tmp_path):
+    path = tmp_path / "tuned_mamba.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+def build(*args):
+    return CliRunner().invoke(main, ["build", *map(str, args)])
+
+
+def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
+    assert seq_len_buckets(4096) == [256, 512, 1024, 2048, 4096]
+    assert seq_len_buckets(3000, [1, 100]) == [1, 100, 256, 512, 1024, 2048, 3000]
+    assert seq_len_buckets(8) == [8]
+
+
+def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
+    cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
+    assert {c.file for c in cases} == {"selective_scan"}
+    assert len(cases) == 4, "the two Mamba layers share one config: tuned once per batch × length"
+    assert cases[0].params["A_log"] == (32, 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_autotune_is_an_error_and_writes_nothing(spec, tmp_path, monkeypatch):
+    monkeypatch.delenv("ARCHGEN_TRITON_ON_CPU", raising=False)
+    result = build(spec, "--autotune", "-o", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    assert "--autotune: no CUDA GPU here" in result.output and "without --autotune" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # interpreter: the plumbing runs on the CPU
+    plain = build(spec, "-o", tmp_path / "plain")
+    tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", tmp_path / "tuned")
+    assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
+    assert "tuned 2 kernel configs of tuned_mamba" in tuned.output
+
+    plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
+    tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
+    table_path = tmp_path / "tuned" / "tuned_mamba" / "kernels" / "tuning.json"
+    assert tuned_files - plain_files == {table_path.relative_to(tmp_path / "tuned")}
+    for path in plain_files:  # without --autotune the package is what it always was
+        assert (tmp_path / "plain" / path).read_bytes() == (tmp_path / "tuned" / path).read_bytes(), path
+
+    table = json.loads(table_path.read_text())
+    assert table["tuned_for"]["batches"] == [2] and table["tuned_for"]["seq_lens"] == [8]
+    assert {e["kernel"] for e in table["entries"]} == {"selective_scan.forward", "selective_scan.backward"}
+    assert {e["key"] for e in table["entries"]} == {"D32-N4-L16-float32"}
+    assert all(e["gpu"] == "cpu" for e in table["entries"])
+
+    # A fresh process, as a deployment imports it: the table is pinned at import; the tuned shape runs silently and
+    # untimed; an untuned one (bfloat16) runs the default config with one warning, however many times it runs.
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(tmp_path / "tuned")!r})
+        import torch
+        import tuned_mamba
+        kernels = tuned_mamba.model.kernels
+        support = kernels.triton_support
+        assert support.RUNTIME_TUNING is False
+        forward = support.TUNERS["selective_scan.forward"]
+        assert set(forward.chosen) == {{"D32-N4-L16-float32"}}, forward.chosen
+
+        def run(dtype):
+            g = torch.Generator().manual_seed(0)
+            u, dt, z = (torch.randn(1, 5, 32, generator=g).to(dtype) for _ in range(3))
+            B, C = (torch.randn(1, 5, 4, generator=g).to(dtype) for _ in range(2))
+            A = -torch.rand(32, 4, generator=g)
+            return kernels.selective_scan(u, dt, A, B, C, torch.ones(32), z)[0]
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(torch.float32)
+            assert not caught and not support.UNTUNED, [str(w.message) for w in caught]
+            run(torch.bfloat16)
+            run(torch.bfloat16)
+        messages = [str(w.message) for w in caught if "no tuned config" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert "selective_scan.forward at D32-N4-L16-bfloat16" in messages[0] and "--autotune" in messages[0]
+        assert list(support.UNTUNED) == [("selective_scan.forward", "D32-N4-L16-bfloat16")]
+        assert not forward.timings, "running never tunes"
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "TRITON_INTERPRET": "1", "ARCHGEN_TRITON_ON_CPU": "1"})
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_autotune_with_check_is_refused(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+    result = build(spec, "--autotune", "--check", "-o", tmp_path)
+    assert result.exit_code == 2 and "--autotune and --check do not go together" in result.output
