@@ -425,3 +425,25 @@ def test_grouped_form_computes_only_assigned_rows(monkeypatch):
     x, logits, w_in, w_out = make_inputs(30, 8, "swiglu")
     moe.moe_forward(x, logits, w_in, w_out, top_k=2)
     assert seen == [60]
+
+
+def test_fused_swiglu_replaces_the_activation_of_the_grouped_form():
+    """moe_forward hands the [gate | up] rows to fused_swiglu (kernels.swiglu in a generated model) for "swiglu"
+    only; what it returns is what the experts' down projection sees."""
+    x, logits, w_in, w_out = make_inputs(30, 4, "swiglu")
+    expected, _ = moe.moe_forward(x, logits, w_in, w_out, top_k=2)
+    seen = []
+
+    def fused(h):
+        seen.append(tuple(h.shape))
+        return moe.swiglu(h)
+
+    actual, _ = moe.moe_forward(x, logits, w_in, w_out, top_k=2, fused_swiglu=fused)
+    assert sum(rows for rows, _ in seen) == 60 and {width for _, width in seen} == {w_in.shape[-1]}
+    assert_close(actual, expected, TOLERANCE[torch.float32])
+    doubled, _ = moe.moe_forward(x, logits, w_in, w_out, top_k=2, fused_swiglu=lambda h: 2 * moe.swiglu(h))
+    assert_close(doubled, 2 * expected, TOLERANCE[torch.float32])
+    seen.clear()
+    x, logits, w_in, w_out = make_inputs(30, 4, "gelu")
+    moe.moe_forward(x, logits, w_in, w_out, top_k=2, activation="gelu", fused_swiglu=fused)
+    assert not seen, "a non-SwiGLU expert must not take the fused SwiGLU"
