@@ -69,3 +69,5 @@ _.sparse
 _.hspmn_262k
 _.rmsnorm
 _.USE_FLEX_ATTENTION
+# bench/moe_check.py sets ops/moe.py's switch FORCE_GROUPED_MM (torch's CPU _grouped_mm in its dry run).
+_.FORCE_GROUPED_MM
