@@ -37,6 +37,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elementwise and memory-bound: tiles of 2-8K elements per program keep enough loads in flight.
 CONFIGS = [{"BLOCK_R": rows, "BLOCK_H": cols, "num_warps": warps}
            for rows, cols in ((1, 2048), (4, 1024), (8, 512)) for warps in (4, 8)]
+DEFAULT_CONFIG = {"BLOCK_R": 4, "BLOCK_H": 1024, "num_warps": 4}  # untuned buckets (a generated package, no table)
 INTERPRETER_CONFIG = {"BLOCK_R": 4, "BLOCK_H": 16, "num_warps": 4}
 
 
@@ -81,8 +82,8 @@ def _swiglu_bwd_kernel(dy_ptr, h_ptr, dh_ptr, R, H, stride_dy, stride_h, stride_
 # ---------------------------------------------------------------------------------------------------------------
 
 
-FORWARD_TUNER = Autotuner("swiglu.forward", CONFIGS, INTERPRETER_CONFIG)
-BACKWARD_TUNER = Autotuner("swiglu.backward", CONFIGS, INTERPRETER_CONFIG)
+FORWARD_TUNER = Autotuner("swiglu.forward", CONFIGS, INTERPRETER_CONFIG, default=DEFAULT_CONFIG)
+BACKWARD_TUNER = Autotuner("swiglu.backward", CONFIGS, INTERPRETER_CONFIG, default=DEFAULT_CONFIG)
 
 
 def shape_key(H: int, dtype: torch.dtype) -> str:
@@ -93,6 +94,21 @@ def shape_key(H: int, dtype: torch.dtype) -> str:
 def _config(tuner: Autotuner, key: str, launch, explicit: dict | None) -> dict:
     known = tuner.known(key, explicit)
     return known if known is not None else tuner.tune(key, launch)
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the forward and backward kernels on the rows a
+    MoE op of this resolved config (top_k) and these parameter shapes (w_out (E, H, d)) activates at batch × seqlen
+    tokens, all its batch · seqlen · top_k expert rows at once, so that inside triton_support.tuning_session() each
+    tuner tunes that width's bucket."""
+    H = params["w_out"][1]
+    rows = batch * seqlen * config["top_k"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn((rows, 2 * H), generator=generator, device=device).to(dtype)
+    dy = torch.randn((rows, H), generator=generator, device=device).to(dtype)
+    swiglu_forward(h)
+    swiglu_backward(dy, h)
 
 
 def _grid(R: int, H: int, cfg: dict) -> tuple[int, int]:

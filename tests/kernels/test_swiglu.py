@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from archgen_kernels import swiglu as sg
+from archgen_kernels import triton_support
 from templates.runtime import moe as runtime_moe
 from tests.numerics import assert_close
 
@@ -88,3 +89,13 @@ def test_swiglu_with_no_rows():
 def test_swiglu_rejects_an_odd_width():
     with pytest.raises(ValueError, match="even last dim"):
         sg.swiglu(torch.randn(3, 7, device=DEVICE))
+
+
+def test_autotune_hook_tunes_the_width_a_moe_op_runs():
+    """`archgen build --autotune` calls autotune(config, params, batch, seqlen, dtype, device) for a MoE op: both
+    tuners get the bucket of the experts' hidden width (under the interpreter, its one config)."""
+    with triton_support.tuning_session() as table:
+        sg.autotune({"top_k": 2}, {"w_in": (3, 8, 2 * 20), "w_out": (3, 20, 8)}, 2, 3, torch.float32, DEVICE)
+        entries = table()["entries"]
+    key = sg.shape_key(20, torch.float32)
+    assert {(e["kernel"], e["key"]) for e in entries} == {("swiglu.forward", key), ("swiglu.backward", key)}
