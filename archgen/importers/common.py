@@ -99,8 +99,11 @@ def _yarn(cfg: HFConfig, field: str, params: dict[str, Any], out: dict[str, Any]
     truncated ramp ends, attention factor 0.1·ln(factor) + 1) written only where the config departs from them."""
     original = params.pop("original_max_position_embeddings", None)
     if original is None:
-        cfg.error(f"{field}.original_max_position_embeddings", "YaRN scaling needs original_max_position_embeddings",
-                  "add the context length the model was trained at")
+        cfg.error(
+            f"{field}.original_max_position_embeddings",
+            "YaRN scaling needs original_max_position_embeddings",
+            "add the context length the model was trained at",
+        )
         original = 1
     factor = params.pop("factor", None)
     if factor is None:  # transformers: the ratio of the extended to the original context
@@ -121,8 +124,11 @@ def _yarn(cfg: HFConfig, field: str, params: dict[str, Any], out: dict[str, Any]
     if attention_factor is not None:
         out["attention_factor"] = float(attention_factor)
     if not params.pop("truncate", True):
-        cfg.error(f"{field}.truncate", "YaRN with truncate: false (unrounded ramp ends) is outside the spec language",
-                  "only the rounded ramp of the YaRN paper (truncate: true) can be imported")
+        cfg.error(
+            f"{field}.truncate",
+            "YaRN with truncate: false (unrounded ramp ends) is outside the spec language",
+            "only the rounded ramp of the YaRN paper (truncate: true) can be imported",
+        )
 
 
 def attention(

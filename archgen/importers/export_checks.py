@@ -69,14 +69,22 @@ def attention_config(resolved: Any, attn: Any) -> tuple[dict[str, Any], list[str
         fields["rope_scaling"] = {"rope_type": "linear", "factor": rope.factor}
     elif rope.scaling == "llama3":
         settings = dict(rope.settings)
-        scaling = {"rope_type": "llama3", "factor": rope.factor, "original_max_position_embeddings": rope.original_max_position,
-                   "low_freq_factor": settings.get("low_freq_factor", 1.0),
-                   "high_freq_factor": settings.get("high_freq_factor", 4.0)}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": rope.factor,
+            "original_max_position_embeddings": rope.original_max_position,
+            "low_freq_factor": settings.get("low_freq_factor", 1.0),
+            "high_freq_factor": settings.get("high_freq_factor", 4.0),
+        }
         parameters.update(scaling)
         fields["rope_scaling"] = scaling
     elif rope.scaling == "yarn":
-        scaling = {"rope_type": "yarn", "factor": rope.factor, "original_max_position_embeddings": rope.original_max_position,
-                   **dict(rope.settings)}
+        scaling = {
+            "rope_type": "yarn",
+            "factor": rope.factor,
+            "original_max_position_embeddings": rope.original_max_position,
+            **dict(rope.settings),
+        }
         parameters.update(scaling)
         fields["rope_scaling"] = scaling
     elif rope.scaling != "none":

@@ -103,7 +103,8 @@ def spec_document(cfg: HFConfig, name: str, source: str) -> dict:
         "model": imported.model,
         "mixers": imported.mixers,
         **({"ffns": imported.ffns} if imported.ffns else {}),
-        "layout": {
+        "layout": imported.layout
+        or {
             "n_layers": n_layers,
             "mixers": layout_text(imported.mixer_layers),
             **({"ffns": layout_text(imported.ffn_layers)} if set(imported.ffn_layers) != {"none"} else {}),

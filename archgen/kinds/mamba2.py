@@ -21,6 +21,8 @@ class Mamba2Config:
     conv_bias: bool
     bias: bool
     grouped_norm: bool  # the gated RMSNorm normalises each of the n_groups channel groups on its own
+    dt_floor: float | None = None  # Δ clamped from below ...
+    dt_ceiling: float | None = None  # ... and from above; None: unbounded
 
     def sizes(self, dims: Dims) -> tuple[int, int, int]:
         """(d_inner, conv channels: x, B and C, heads)."""
@@ -58,6 +60,9 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
                                            f"!= d_inner = expand·d_model = {d_inner}",
                                            f"use n_heads={d_inner // spec.head_dim}" if d_inner % spec.head_dim == 0
                                            else "omit n_heads to derive it"))
+        if spec.dt_floor is not None and spec.dt_ceiling is not None and spec.dt_floor >= spec.dt_ceiling:
+            problems.append(Diagnostic(f"{path}.dt_ceiling", f"dt_ceiling={spec.dt_ceiling} must exceed dt_floor={spec.dt_floor}",
+                                       "raise dt_ceiling, or remove one of the bounds"))
         if n_heads % spec.n_groups:
             options = ", ".join(map(str, divisors(n_heads)))
             problems.append(Diagnostic(f"{path}.n_groups", f"n_heads={n_heads} is not divisible by n_groups={spec.n_groups}",
@@ -67,10 +72,14 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
     def resolve(self, spec, model) -> Mamba2Config:
         n_heads = spec.n_heads or spec.expand * model.d_model // spec.head_dim
         return Mamba2Config(spec.head_dim, n_heads, spec.n_groups, spec.d_state, spec.d_conv, spec.expand, spec.chunk_size,
-                            spec.conv_bias, spec.bias, spec.grouped_norm and spec.n_groups > 1)  # one group: the same norm
+                            spec.conv_bias, spec.bias, spec.grouped_norm and spec.n_groups > 1,  # one group: the same norm
+                            spec.dt_floor, spec.dt_ceiling)
 
     def lock(self, spec, config: Mamba2Config) -> dict:
-        return spec.model_copy(update={"n_heads": config.n_heads, "grouped_norm": config.grouped_norm}).model_dump(mode="json")
+        # Unset Δ bounds are left out, so specs written before they existed keep their hash.
+        unset = {key for key in ("dt_floor", "dt_ceiling") if getattr(spec, key) is None} or None
+        return spec.model_copy(update={"n_heads": config.n_heads, "grouped_norm": config.grouped_norm}).model_dump(
+            mode="json", exclude=unset)
 
     def parameters(self, config: Mamba2Config, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model
@@ -111,7 +120,8 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
                 "chunk_size": config.chunk_size, "in_proj_out": d_inner + conv_channels + n_heads,
                 "bc_width": config.n_groups * config.d_state, "bias": config.bias, "conv_bias": config.conv_bias,
                 "norm_eps": dims.norm_eps,
-                "norm_group": d_inner // config.n_groups if config.grouped_norm else None}
+                "norm_group": d_inner // config.n_groups if config.grouped_norm else None,
+                "dt_floor": config.dt_floor, "dt_ceiling": config.dt_ceiling}
 
 
 KIND = Mamba2()

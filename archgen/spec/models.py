@@ -125,6 +125,10 @@ class Mamba2Spec(SpecModel):
     # The gated RMSNorm before out_proj: over all d_inner channels (False), or over each of the n_groups channel groups
     # on its own (True), as mamba_ssm's and transformers' Mamba-2 normalise when n_groups > 1.
     grouped_norm: bool = False
+    # Δ = softplus(dt + dt_bias) clamped to [dt_floor, dt_ceiling] in every step (mamba_ssm's dt_limit; Nemotron-H
+    # floors Δ at its time_step_min). None: no bound.
+    dt_floor: PositiveFloat | None = None
+    dt_ceiling: PositiveFloat | None = None
 
 
 class GatedDeltaNetSpec(SpecModel):

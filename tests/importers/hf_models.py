@@ -55,6 +55,22 @@ TINY = {
         mamba_d_state=8,
         mamba_chunk_size=8,
     ),
+    # Megatron's pattern; Δ floored at a time_step_min high enough to bind for some heads and tokens
+    "nemotron_h": {
+        "hidden_size": 64,
+        "vocab_size": VOCAB,
+        "layers_block_type": ["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "mlp"],
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "intermediate_size": 128,
+        "ssm_state_size": 8,
+        "mamba_num_heads": 8,
+        "mamba_head_dim": 16,
+        "n_groups": 2,
+        "chunk_size": 8,
+        "time_step_min": 0.3,
+    },
     # RoPE scalings, with a trained context shorter than the prompts so every branch of the frequency rule is used
     "llama-rope_llama3": dict(
         ATTENTION,
@@ -75,7 +91,8 @@ TINY = {
 
 
 def tiny_model(case: str, **overrides):
-    """A random model of TINY[case] (float32, eval mode), its norm weights moved away from 1 so they matter. A case is
+    """A random model of TINY[case] (float32, eval mode), its norm weights moved away from 1 so they matter
+    and its Mamba-2 Δ biases spread down. A case is
     named by its model_type, or carries its model_type where it is a variant."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -87,6 +104,10 @@ def tiny_model(case: str, **overrides):
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(0.1 * torch.randn_like(param))
+            if name.endswith("dt_bias"):  # some steps Δ below the initial range, where a Δ floor binds
+                param.sub_(2 * torch.rand_like(param))
+            if case == "nemotron_h" and name.endswith(("mixer.D", "mixer.in_proj.weight")):  # the scan, not the skip
+                param.mul_(0.05 if name.endswith("D") else 5)
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens, like the generated package
     model.generation_config.pad_token_id = 0
     return model

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from archgen.errors import CompileError
@@ -73,13 +74,25 @@ def test_a_field_outside_the_spec_language_is_an_error_naming_it(tmp_path, field
     assert error.value.diagnostics[0].path.startswith(field)
 
 
-def test_a_clamped_mamba2_step_is_refused_not_approximated(tmp_path):
+def test_a_clamped_mamba2_step_imports_as_bounds_on_delta(tmp_path):
     fields = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 128, "state_size": 8,
               "num_heads": 8, "head_dim": 16, "n_groups": 2, "expand": 2, "layer_norm_epsilon": 1e-5,
               "time_step_limit": [0.001, 0.1]}
+    spec = yaml.safe_load(import_config(tmp_path, fields).spec_path.read_text())
+    assert spec["mixers"]["ssm"]["dt_floor"] == 0.001 and spec["mixers"]["ssm"]["dt_ceiling"] == 0.1
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**fields, "time_step_limit": [0.1, 0.001]})
+    assert [d.path for d in error.value.diagnostics] == ["time_step_limit"]
+
+
+def test_nemotron_h_expert_layers_say_what_the_moe_kind_lacks(tmp_path):
+    fields = {"model_type": "nemotron_h", "hidden_size": 64, "vocab_size": 128, "layer_norm_epsilon": 1e-5,
+              "hybrid_override_pattern": "M*EM", "num_attention_heads": 4, "mamba_num_heads": 8, "mamba_head_dim": 16,
+              "ssm_state_size": 8, "n_groups": 1}
     with pytest.raises(CompileError) as error:
         import_config(tmp_path, fields)
-    assert [d.path for d in error.value.diagnostics] == ["time_step_limit"]
+    assert "sigmoid scores with a correction bias" in messages(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ class Imported:
     mixer_layers: list[str]  # 'none' for a layer without a mixer
     ffn_layers: list[str]  # 'none' for a layer without a feed-forward
     notes: list[str] = field(default_factory=list)  # lines for the spec's description
+    # the spec's layout where a form other than patterns of mixer_layers / ffn_layers reads better (Megatron's string)
+    layout: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,9 +37,9 @@ class ModelType:
 
 
 def registry() -> dict[str, ModelType]:
-    from archgen.importers.model_types import bamba, decoder, jamba, mamba
+    from archgen.importers.model_types import bamba, decoder, jamba, mamba, nemotron
 
-    types = [*decoder.MODEL_TYPES, *mamba.MODEL_TYPES, *bamba.MODEL_TYPES, *jamba.MODEL_TYPES]
+    types = [*decoder.MODEL_TYPES, *mamba.MODEL_TYPES, *bamba.MODEL_TYPES, *jamba.MODEL_TYPES, *nemotron.MODEL_TYPES]
     return {t.name: t for t in types}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from archgen.importers.common import attention, expect_silu, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
-from archgen.importers.model_types.mamba import mamba2_mixer
+from archgen.importers.model_types.mamba import mamba2_mixer, time_step_limit
 from archgen.importers.weights import TensorPlan
 
 BAMBA_KEYS = {
@@ -140,6 +140,7 @@ def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
         mamba_chunk_size=ssm.chunk_size,
         mamba_conv_bias=ssm.conv_bias,
         mamba_proj_bias=ssm.bias,
+        time_step_limit=time_step_limit(ssm),
     )
     return {"architectures": ["BambaForCausalLM"], "model_type": "bamba", **fields}
 

@@ -7,9 +7,6 @@ BLOCKED = {
     "falcon_h1": "Falcon-H1 scales embeddings, attention, SSM and MLP by per-block multipliers (embedding_multiplier, "
     "key_multiplier, ssm_multipliers, mlp_multipliers, lm_head_multiplier, ...) and runs attention and "
     "Mamba-2 in parallel with its own combination, none of which the spec language has",
-    "nemotron_h": "Nemotron-H's Mamba-2 clamps Δ from below at time_step_min and its MoE layers route by sigmoid "
-    "scores with a correction bias; the mamba2 and moe kinds have no fields for these (its grouped gated norm is "
-    "mamba2's grouped_norm, its M/*/- layer pattern a layout form)",
     "granitemoehybrid": "GraniteMoeHybrid scales embeddings, residuals, attention and logits (embedding_multiplier, "
     "residual_multiplier, attention_multiplier, logits_scaling), which the spec language has no fields for",
     "qwen3_next": "Qwen3-Next's linear-attention layers are Gated DeltaNet, and its attention has an output gate; "

@@ -25,10 +25,14 @@ def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[Te
     return [TensorPlan.copy(target, RENAME(target)) for target in expected]
 
 
-def expect_no_dt_limit(cfg: HFConfig, key: str = "time_step_limit") -> None:
+def dt_limit(cfg: HFConfig, key: str = "time_step_limit") -> dict[str, float]:
+    """transformers' (low, high) clamp of Δ as the mamba2 kind's dt_floor / dt_ceiling (each only where it binds)."""
     limit = cfg.take(key, [0.0, math.inf])
-    if list(limit) != [0.0, math.inf]:
-        cfg.error(key, f"{key}={limit} clamps Δ, which archgen's mamba2 does not", "only (0.0, inf) can be imported")
+    if not isinstance(limit, (list, tuple)) or len(limit) != 2 or not 0 <= limit[0] < limit[1]:
+        cfg.error(key, f"{key}={limit} is not a (low, high) bound on Δ", "write [low, high] with 0 <= low < high")
+        return {}
+    low, high = (float(x) for x in limit)
+    return {**({"dt_floor": low} if low > 0 else {}), **({"dt_ceiling": high} if high < math.inf else {})}
 
 
 def mamba_to_spec(cfg: HFConfig) -> Imported:
@@ -63,7 +67,6 @@ def mamba2_mixer(cfg: HFConfig, keys: dict[str, str]) -> dict[str, Any]:
     """A Mamba-2 mixer from the fields named by `keys` (mamba2 and bamba spell them differently)."""
     n_groups = cfg.take(keys["n_groups"], 1)
     cfg.expect(keys["act"], ("silu",), "silu", "archgen's Mamba-2 gates with SiLU")
-    expect_no_dt_limit(cfg)
     return {
         "kind": "mamba2",
         "head_dim": cfg.need(keys["head_dim"]),
@@ -77,6 +80,7 @@ def mamba2_mixer(cfg: HFConfig, keys: dict[str, str]) -> dict[str, Any]:
         "bias": bool(cfg.take(keys["bias"], False)),
         # transformers normalises the gated output per group (group_size = d_inner / n_groups)
         **({"grouped_norm": True} if n_groups > 1 else {}),
+        **dt_limit(cfg),
     }
 
 
@@ -105,6 +109,10 @@ def mamba2_to_spec(cfg: HFConfig) -> Imported:
 
 
 # ---------------------------------------------------------------------------------------------------- export
+def time_step_limit(ssm: Any) -> list[float]:
+    return [ssm.dt_floor or 0.0, ssm.dt_ceiling or math.inf]
+
+
 def _export(kind: str):
     def to_hf(resolved: Any) -> dict[str, Any] | list[str]:
         from archgen.importers.export_checks import common_reasons, single_kind
@@ -144,7 +152,12 @@ def _export(kind: str):
         if ssm.n_groups > 1 and not ssm.grouped_norm:
             return ["transformers' mamba2 normalises per group when n_groups > 1; set grouped_norm: true (or n_groups: 1)"]
         fields.update(
-            state_size=ssm.d_state, num_heads=ssm.n_heads, head_dim=ssm.head_dim, n_groups=ssm.n_groups, chunk_size=ssm.chunk_size
+            state_size=ssm.d_state,
+            num_heads=ssm.n_heads,
+            head_dim=ssm.head_dim,
+            n_groups=ssm.n_groups,
+            chunk_size=ssm.chunk_size,
+            time_step_limit=time_step_limit(ssm),
         )
         return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", **fields}
 
