@@ -124,6 +124,7 @@ def moe_forward(
     activation: str = "swiglu",
     capacity_factor: float | None = None,
     normalize: bool = True,
+    fused_swiglu: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Route each token to its top-k experts and sum their outputs, weighted by the router.
 
@@ -139,6 +140,9 @@ def moe_forward(
     an expert they stay in token order; with capacity C an expert keeps its first C assignments (lower token
     indices win). Eager it runs moe_grouped (only the N*k useful rows); while torch.export traces it runs
     moe_fixed_buffer (static shapes). Both compute the same function.
+
+    fused_swiglu: a drop-in for `swiglu` below (the generated model passes kernels.swiglu, one pass forward and
+    backward on CUDA); the grouped form uses it for activation="swiglu", the fixed-buffer form never.
     """
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
@@ -152,12 +156,15 @@ def moe_forward(
     # A decode step's few tokens take the fixed-buffer form on a GPU: static shapes and no host sync, so the step can
     # be recorded in a CUDA graph (ops/decoding.py); its E/k waste is a few rows.
     small = x.is_cuda and N <= DECODE_TOKENS
-    form = moe_fixed_buffer if _is_exporting() or small or _capturing() else moe_grouped
-    return form(x, routing, w_in, w_out, activation=activation, capacity=capacity)
+    if _is_exporting() or small or _capturing():
+        return moe_fixed_buffer(x, routing, w_in, w_out, activation=activation, capacity=capacity)
+    return moe_grouped(x, routing, w_in, w_out, activation=activation, capacity=capacity,
+                       fused_swiglu=fused_swiglu if activation == "swiglu" else None)
 
 
 def moe_grouped(
-    x: Tensor, routing: RouterOutput, w_in: Tensor, w_out: Tensor, *, activation: str, capacity: int
+    x: Tensor, routing: RouterOutput, w_in: Tensor, w_out: Tensor, *, activation: str, capacity: int,
+    fused_swiglu: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """moe_forward's eager form: the experts compute exactly the N*k assigned rows.
 
@@ -180,7 +187,7 @@ def moe_grouped(
     kept = kept_sorted.index_select(0, inverse)  # (N*k,) in assignment order
 
     x_sorted = DispatchRows.apply(x, order, inverse, top_k)  # (N*k, d) row r is token order[r] // k
-    out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation)  # (N*k, d)
+    out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation, fused_swiglu)  # (N*k, d)
     out = PermuteRows.apply(out_sorted, inverse, order)  # (N*k, d) back in assignment order
     weight = torch.where(kept.view(N, top_k), routing.expert_weight, 0.0)  # (N, k) dropped assignments weigh 0
     y = out.view(N, top_k, d).to(weight.dtype)  # (N, k, d)
@@ -190,19 +197,28 @@ def moe_grouped(
 
 
 def grouped_expert_mlp(x_sorted: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor,
-                       activation: str) -> Tensor:
+                       activation: str, fused_swiglu: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Every expert's MLP on its contiguous range of rows of x_sorted (N*k, d) -> (N*k, d).
 
     torch._grouped_mm where the GPU runs it (CUDA sm90+, bf16, 16-byte aligned rows); otherwise one matmul pair
-    per expert, which needs the counts on the host (one sync).
+    per expert, which needs the counts on the host (one sync). fused_swiglu, if given, replaces the activation.
+
+    torch._grouped_mm's contract (aten GroupMM.cu / GroupMMCommon.cuh, torch/_meta_registrations.py), as called
+    here: mat_a 2-D (M_total, K) with its rows split into groups by `offs`, mat_b 3-D (E, K, N); either operand
+    row- or column-major (all four combinations are compiled), its other stride a multiple of 16 bytes; offs int32,
+    the cumulative END of each group (the last = M_total; an empty group repeats the previous end); bf16 in and out
+    with float32 accumulation. Autograd gives d mat_a as a grouped mm against mat_b transposed (2-D x 3-D again)
+    and d mat_b as the 2-D x 2-D form, ragged along K, with mat_a transposed (column-major): the layout in which
+    an empty group is allowed and no group size needs aligning.
     """
+    activate = fused_swiglu or (lambda h: _activate(h, activation))
     if grouped_mm_available(x_sorted, w_in, w_out):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
-        h = torch._grouped_mm(x_sorted, w_in, offs=offsets)  # (N*k, h) or (N*k, 2h)
-        return torch._grouped_mm(_activate(h, activation), w_out, offs=offsets)  # (N*k, d)
+        h = torch._grouped_mm(x_sorted.contiguous(), w_in, offs=offsets)  # (N*k, h) or (N*k, 2h)
+        return torch._grouped_mm(activate(h).contiguous(), w_out, offs=offsets)  # (N*k, d)
     outputs = []
     for e, rows in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-        outputs.append(_activate(rows @ w_in[e], activation) @ w_out[e])  # (n_e, d)
+        outputs.append(activate(rows @ w_in[e]) @ w_out[e])  # (n_e, d)
     return torch.cat(outputs)
 
 
@@ -218,9 +234,11 @@ def _capturing() -> bool:
 FORCE_GROUPED_MM = False
 
 
-# torch._grouped_mm on CUDA: off until its bf16 results match the fixed-buffer form on a GPU (on an H200 with torch 2.11
-# they differed by a relative norm of 0.06-0.11 while float32, which takes the per-expert loop, agreed to 1e-6;
-# bench/results/README.md). The per-expert loop below is exact everywhere.
+# torch._grouped_mm on CUDA bf16. Off until a GPU run of bench/moe_check.py shows it within 1e-2 of float32 math.
+# The earlier failure (an H200, torch 2.11: bf16 against the float32 fixed buffer, relative norm 0.06-0.11) rounded
+# the router logits to bf16 too, which flips near-tied top-k choices: the per-expert loop shows the same error on a
+# CPU, and 0.006 when both sides route the same logits. Our call matches _grouped_mm's contract (see
+# grouped_expert_mlp). The per-expert loop is exact everywhere but launches 2E matmuls and syncs once.
 USE_GROUPED_MM = False
 
 
@@ -246,6 +264,13 @@ def _activate(h: Tensor, activation: str) -> Tensor:
         gate, up = h.chunk(2, dim=-1)
         return act(gate) * up
     return act(h)
+
+
+def swiglu(h: Tensor) -> Tensor:
+    """silu(gate) * up for h (..., 2h) = [gate | up] -> (..., h): the reference of kernels/swiglu.py (its ONNX
+    lowering), in the dtype of h as the experts' other element-wise ops."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class DispatchRows(torch.autograd.Function):
