@@ -51,6 +51,7 @@ from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_o
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
+_EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages.
 FORWARD_CONFIGS = [
@@ -78,6 +79,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in float32. The interpreter multiplies bfloat16 operands as the integers it stores them as, so
+    there the (already rounded) operands are widened to float32 first: the same products the tensor cores form."""
+    if _EMULATE_HALF_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -126,7 +137,7 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
         keys = n0 + offs_n
         k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                     mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
             qk = tl.where(_visible(p, keys, window, HAS_WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -135,7 +146,7 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
                     mask=(keys[:, None] < Tk) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
-        acc = tl.dot(probs.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        acc = _dot(probs.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -202,13 +213,13 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, st
                      mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
         vT = tl.load(v_base + keys[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
                      mask=(keys[None, :] < Tk) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION) * qk_scale
+        qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
         probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             probs = tl.where(_visible(p, keys, window, HAS_WINDOW), probs, 0.0)
-        dp = tl.dot(do, vT, input_precision=DOT_PRECISION)
+        dp = _dot(do, vT, None, DOT_PRECISION)
         ds = probs * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=DOT_PRECISION)
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
     return dq
 
 
@@ -316,15 +327,15 @@ def _backward_dkdv_kernel(
                 lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
                 delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows,
                                 other=0.0)
-                qkT = tl.dot(k, qT, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+                qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
                 visibleT = keys[:, None] <= p[None, :]
                 if HAS_WINDOW:
                     visibleT = visibleT & (p[None, :] - keys[:, None] < window)
                 probsT = tl.where(visibleT, tl.math.exp2(qkT - lse[None, :]), 0.0)
-                dv = tl.dot(probsT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
+                dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
                 dsT = probsT * (dpT - delta[None, :])
-                dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=DOT_PRECISION)
+                dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -584,7 +595,7 @@ def _check_inputs(q, k, v, q_positions, valid, window) -> None:
         raise ValueError(f"q, k, v must be (B, H, S, D), (B, Hkv, Tk, D), (B, Hkv, Tk, Dv); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     B, H, S, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"k must be (B, Hkv, Tk, D) = (B={B}, Hkv, Tk, D={D}) and v (B, Hkv, Tk, Dv) like it; got k "
                          f"{tuple(k.shape)}, v {tuple(v.shape)}")

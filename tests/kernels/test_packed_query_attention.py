@@ -1,0 +1,126 @@
+"""archgen_kernels.packed_query_attention (kernels/packed_query_attention.py) against its dense masked reference and
+against the runtime op it replaces (templates/runtime/routing.py): the output and the gradients of q, k and v.
+
+Without CUDA the kernels run in Triton's CPU interpreter (slow), with 16 x 16 blocks, so the shapes are small but
+cross several blocks and are ragged: lengths not a multiple of the block, head dims not a power of two, grouped
+query heads, padding rows (not valid), a key sequence longer than the queries reach (a cache's unwritten tail).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import packed_query_attention as pqa
+from templates.runtime import routing
+from tests.numerics import TOLERANCE, assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+def packed_inputs(B, H, Hkv, T, D, fraction, *, Dv=None, Tk=None, dtype=torch.float32, seed=0):
+    """Random q (packed rows of the selected tokens, as the HSPMN block builds them), k, v over Tk >= T keys."""
+    g = torch.Generator().manual_seed(seed)
+    selected = torch.rand(B, T, generator=g) < fraction
+    index, valid = routing.pack_selected(selected)  # (B, S): selected tokens first, in order, then padding
+    positions = torch.arange(T)[index]
+    S, Tk, Dv = index.shape[1], Tk or T, Dv or D
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(DEVICE).requires_grad_()
+
+    return randn(B, H, S, D), randn(B, Hkv, Tk, D), randn(B, Hkv, Tk, Dv), positions.to(DEVICE), valid.to(DEVICE)
+
+
+def output_and_grads(fn, q, k, v, positions, valid, cotangent, **kwargs):
+    y = fn(q, k, v, positions, valid, **kwargs)
+    grads = torch.autograd.grad(y, (q, k, v), cotangent.to(y.dtype)) if y.numel() else (None, None, None)
+    return [y, *grads]
+
+
+def compare(actual, expected, tol):
+    for name, a, e in zip(("out", "dq", "dk", "dv"), actual, expected, strict=True):
+        if e is None or e.numel() == 0:
+            continue
+        assert_close(a.float(), e.float(), tol, what=name)
+
+
+@pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
+def test_matches_reference_with_every_gradient(window):
+    # B2-H2/Hkv1-T41-D24-Dv20: GQA, odd sizes, ~40% selected, padding rows in the shorter sequence
+    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20)
+    cotangent = torch.randn(q.shape[:3] + (20,), device=DEVICE)
+    got = output_and_grads(pqa.packed_query_attention, q, k, v, positions, valid, cotangent, window=window)
+    want = output_and_grads(pqa.packed_query_attention_reference, q, k, v, positions, valid, cotangent, window=window)
+    compare(got, want, TOLERANCE[torch.float32])
+    assert (got[0][~valid[:, None, :].expand(q.shape[:3])] == 0).all(), "padding rows must come back as zeros"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0], ids=["none-selected", "all-selected"])
+def test_no_and_every_query_selected(fraction):
+    q, k, v, positions, valid = packed_inputs(1, 2, 1, 33, 16, fraction)
+    cotangent = torch.randn(q.shape, device=DEVICE)
+    got = output_and_grads(pqa.packed_query_attention, q, k, v, positions, valid, cotangent)
+    want = output_and_grads(pqa.packed_query_attention_reference, q, k, v, positions, valid, cotangent)
+    compare(got, want, TOLERANCE[torch.float32])
+    if fraction == 1.0:  # every query selected is plain causal attention
+        dense = torch.nn.functional.scaled_dot_product_attention(q, k.expand_as(q), v.expand_as(q), is_causal=True)
+        assert_close(got[0], dense, TOLERANCE[torch.float32])
+
+
+def test_replaces_the_runtime_op_also_against_a_cache():
+    """Same result as ops/routing.py's packed_query_attention, with keys past every query (a KVCache's tail), and
+    for a decode step (one query at the last written position)."""
+    q, k, v, positions, valid = packed_inputs(2, 4, 2, 30, 16, 0.5, Tk=41)
+    with torch.no_grad():
+        assert_close(pqa.packed_query_attention(q, k, v, positions, valid),
+                     routing.packed_query_attention(q, k, v, positions, valid), TOLERANCE[torch.float32])
+        step = (q[:, :, -1:], k, v, torch.full((2, 1), 29, device=DEVICE), torch.ones(2, 1, dtype=torch.bool,
+                                                                                     device=DEVICE))
+        assert_close(pqa.packed_query_attention(*step), routing.packed_query_attention(*step), TOLERANCE[torch.float32])
+
+
+def test_bfloat16_against_the_float32_reference():
+    q, k, v, positions, valid = packed_inputs(1, 2, 2, 40, 32, 0.5, dtype=torch.bfloat16, seed=1)
+    cotangent = torch.randn(q.shape, device=DEVICE)
+    got = output_and_grads(pqa.packed_query_attention, q, k, v, positions, valid, cotangent)
+    want = output_and_grads(pqa.packed_query_attention_reference, *(t.float().detach().requires_grad_()
+                                                                    for t in (q, k, v)), positions, valid, cotangent)
+    assert got[0].dtype == torch.bfloat16
+    compare(got, want, TOLERANCE[torch.bfloat16])
+
+
+def test_cpu_tensors_take_the_reference_without_the_interpreter(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "0")
+    if DEVICE != "cpu":
+        pytest.skip("CPU path")
+    q, k, v, positions, valid = packed_inputs(1, 2, 1, 20, 16, 0.5)
+    with torch.no_grad():
+        out, _ = pqa.packed_query_attention_op(q, k, v, positions, valid, 0.25, 0)
+        assert_close(out, pqa.packed_query_attention_reference(q, k, v, positions, valid, scale=0.25),
+                     TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(positions=torch.zeros(1, 3, dtype=torch.long)), "q_positions and valid must be"),
+    (dict(k=torch.zeros(1, 3, 8, 16), v=torch.zeros(1, 3, 8, 16)), "multiple of n_kv_heads"),
+    (dict(window=0), "window must be at least 1"),
+    (dict(positions=torch.zeros(1, 4)), "must be integer"),
+])
+def test_bad_inputs_say_what_to_change(bad, message):
+    args = dict(q=torch.zeros(1, 2, 4, 16), k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16),
+                positions=torch.zeros(1, 4, dtype=torch.long), valid=torch.ones(1, 4, dtype=torch.bool), window=None)
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        pqa.packed_query_attention(args["q"], args["k"], args["v"], args["positions"], args["valid"],
+                                   window=args["window"])
