@@ -385,6 +385,9 @@ def packed_query_attention_forward(
     """Run the forward kernel on kernel_positions(...) (B, S) int32. Returns out (B, H, S, Dv) in q.dtype, laid out
     as (B, S, H, Dv) (so out.transpose(1, 2).reshape(B, S, H * Dv) is a view), and the base-2 log-sum-exp of every
     row (B, H, S) float32. config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner."""
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
+                           "importing triton)")
     B, H, S, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = q.new_empty((B, S, H, Dv)).transpose(1, 2)
@@ -618,6 +621,3 @@ def _check_inputs(q, k, v, q_positions, valid, window) -> None:
         raise ValueError(f"head dims up to 256 fit the kernel's register tiles, got D={D}, Dv={v.shape[-1]}")
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 (the query itself), or None for none; got {window}")
-    if q.device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
-                           "importing triton)")

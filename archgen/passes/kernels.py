@@ -32,6 +32,9 @@ class KernelRule:
 KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "selective_scan", "selective_scan", "ssm",
                "Mamba-1 sequence scan (prefill and training); decoding keeps the one-step reference update"),
+    KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
+               "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
+               "(prefill, training and decode)"),
 ]
 
 

@@ -28,6 +28,17 @@ from .ops.attention import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
 from .ops.ssm import causal_conv1d
+from . import kernels
+
+USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. to compare them with the kernels
+
+
+def use_kernel(kernel, x: torch.Tensor) -> bool:
+    """Run a Triton kernel (kernels/) rather than its reference op (ops/): on CUDA tensors when triton imported, and
+    while torch.export traces, so that an exported program holds the kernel's custom op as one node (ONNX export
+    lowers it back to the reference op: kernels.decompositions())."""
+    return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
+
 
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 24)  # output projections: the residual stream does not grow with depth
@@ -95,7 +106,10 @@ class Context(nn.Module):
         q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
         if cache is not None:
             k, v, _ = cache.update(k, v, positions[0])  # (B, 16, max_len, 128) each: slot j holds position j
-        y = packed_query_attention(q, k, v, q_positions, valid)  # (B, 16, S, 128)
+        if use_kernel(kernels.packed_query_attention, q):
+            y = kernels.packed_query_attention(q, k, v, q_positions, valid)  # (B, 16, S, 128)
+        else:
+            y = packed_query_attention(q, k, v, q_positions, valid)
         y = self.o_proj(y.transpose(1, 2).reshape(B, -1, 2048))  # (B, S, 2048)
         y = scatter_tokens(y, index, valid, T, dim=1) * gate.unsqueeze(-1).to(x.dtype)  # (B, T, 2048)
         losses = selection_losses(router_logits, target_fraction=0.2)

@@ -29,6 +29,27 @@ SMALL_MAMBA = textwrap.dedent("""\
       mlp: {kind: mlp, activation: swiglu, hidden: 32}
     layout: {mixers: ssm*2, ffns: mlp}
     """)
+SMALL_HSPMN = textwrap.dedent("""\
+    schema_version: 1
+    name: small_hspmn
+    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: rmsnorm, eps: 1.0e-5}}
+    mixers:
+      reflex: {kind: conv, d_conv: 4}
+      context: {kind: sparse_attention, n_heads: 2, n_kv_heads: 1, fraction: 0.4, rope: {theta: 10000}}
+    ffns:
+      mlp: {kind: mlp, activation: swiglu, hidden: 48}
+    layout: {n_layers: 2, mixers: reflex|context, ffns: mlp, parallel_combine: sum}
+    """)
+ATTENTION_ONLY = textwrap.dedent("""\
+    schema_version: 1
+    name: attention_only
+    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: rmsnorm, eps: 1.0e-5}}
+    mixers:
+      attn: {kind: attention, n_heads: 2, n_kv_heads: 1}
+    ffns:
+      mlp: {kind: mlp, activation: swiglu, hidden: 64}
+    layout: {mixers: attn*2, ffns: mlp}
+    """)
 
 
 def emitted_files(spec: str) -> dict[str, str]:
@@ -42,8 +63,17 @@ def test_a_mamba_model_carries_the_selective_scan_kernel_verbatim():
     assert "kernels.selective_scan(" in files["model.py"]
 
 
-def test_a_model_without_mamba_has_no_kernels():
+def test_hspmn_carries_the_packed_query_attention_kernel_verbatim():
     files = emitted_files("hspmn.yaml")
+    assert files["kernels/packed_query_attention.py"] == (ROOT / "kernels" / "packed_query_attention.py").read_text()
+    assert "from .packed_query_attention import packed_query_attention" in files["kernels/__init__.py"]
+    assert "kernels.packed_query_attention(" in files["model.py"]
+
+
+def test_a_model_without_a_kernel_kind_has_no_kernels(tmp_path):
+    spec = tmp_path / "attention_only.yaml"
+    spec.write_text(ATTENTION_ONLY)
+    files = emit(compile_spec(spec, None), "attention_only.yaml").files
     assert not any(path.startswith("kernels/") for path in files)
     assert "kernels" not in files["model.py"].split("class ")[0], "model.py imports kernels it does not use"
 
@@ -66,18 +96,27 @@ def test_the_package_runs_without_triton(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-@pytest.fixture
-def small_mamba(tmp_path, monkeypatch):
+def small_package(tmp_path, monkeypatch, name: str, text: str, kernel: str):
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # the kernel, in Triton's interpreter, not the op's CPU reference
-    spec = tmp_path / "small_mamba.yaml"
-    spec.write_text(SMALL_MAMBA)
+    spec = tmp_path / f"{name}.yaml"
+    spec.write_text(text)
     package = build_package(spec, tmp_path / "out", preset=None)
-    if package.kernels.selective_scan is None:
+    if getattr(package.kernels, kernel) is None:
         pytest.skip("triton did not import")
     if not torch.cuda.is_available():  # the kernel takes CPU tensors only in Triton's interpreter
         package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
     return package
+
+
+@pytest.fixture
+def small_mamba(tmp_path, monkeypatch):
+    return small_package(tmp_path, monkeypatch, "small_mamba", SMALL_MAMBA, "selective_scan")
+
+
+@pytest.fixture
+def small_hspmn(tmp_path, monkeypatch):
+    return small_package(tmp_path, monkeypatch, "small_hspmn", SMALL_HSPMN, "packed_query_attention")
 
 
 def test_kernel_and_reference_give_the_same_model(small_mamba):
@@ -107,4 +146,38 @@ def test_a_kernel_prefill_continues_into_reference_decoding(small_mamba):
         cache = model.empty_cache(2, 12)
         steps = [model(tokens[:, :9], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(9, 12)]
+    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
+def test_hspmn_kernel_and_reference_give_the_same_model(small_hspmn):
+    """Training mode (the router samples its selection; the same seed picks the same tokens for both): logits, loss
+    and every gradient with the packed-query kernel and with ops/routing.py's packed_query_attention."""
+    torch.manual_seed(0)
+    model = small_hspmn.Model()
+    tokens = torch.randint(0, 64, (2, 15))
+    results = {}
+    for use in (True, False):
+        small_hspmn.model.USE_KERNELS = use
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.grad is not None})
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    assert results[True][1].keys() == results[False][1].keys()
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+
+
+def test_hspmn_kernel_decoding_equals_the_full_forward(small_hspmn):
+    """Prefill, then one token at a time through the cache, all with the kernel: the logits of one full forward."""
+    torch.manual_seed(2)
+    model = small_hspmn.Model().eval()
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = model.empty_cache(2, 10)
+        steps = [model(tokens[:, :7], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 10)]
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")

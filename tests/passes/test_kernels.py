@@ -11,7 +11,17 @@ from archgen.pipeline import compile_spec
 from tests.conftest import ROOT
 
 NEXUS = ROOT / "specs" / "nexus.yaml"  # Mamba-1 and attention
-HSPMN = ROOT / "specs" / "hspmn.yaml"  # convolution and sparse attention: no kernel yet
+HSPMN = ROOT / "specs" / "hspmn.yaml"  # convolution and sparse attention
+ATTENTION_ONLY = """\
+schema_version: 1
+name: attention_only
+model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: rmsnorm, eps: 1.0e-5}}
+mixers:
+  attn: {kind: attention, n_heads: 2, n_kv_heads: 1}
+ffns:
+  mlp: {kind: mlp, activation: swiglu, hidden: 64}
+layout: {mixers: attn*2, ffns: mlp}
+"""
 
 
 def test_every_mamba_op_gets_the_selective_scan_and_nothing_else_gets_a_kernel():
@@ -20,6 +30,14 @@ def test_every_mamba_op_gets_the_selective_scan_and_nothing_else_gets_a_kernel()
     mamba = {op.name for op in ir.ops() if op.kind == "mamba"}
     assert mamba and set(chosen) == mamba
     assert set(chosen.values()) == {"selective_scan"}
+
+
+def test_every_sparse_attention_op_gets_the_packed_query_kernel():
+    ir = compile_spec(HSPMN, "tiny").ir
+    chosen = {op.name: op.kernel.file for op in ir.ops() if op.kernel is not None}
+    sparse = {op.name for op in ir.ops() if op.kind == "sparse_attention"}
+    assert sparse and set(chosen) == sparse
+    assert set(chosen.values()) == {"packed_query_attention"}
 
 
 def test_a_rule_with_a_condition_applies_only_where_it_holds():
@@ -46,6 +64,8 @@ def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
     assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]
 
 
-def test_a_model_without_a_kernel_kind_has_no_kernels_package():
-    files = emit(compile_spec(HSPMN, "tiny"), "specs/hspmn.yaml").files
+def test_a_model_without_a_kernel_kind_has_no_kernels_package(tmp_path):
+    spec = tmp_path / "attention_only.yaml"
+    spec.write_text(ATTENTION_ONLY)
+    files = emit(compile_spec(spec, None), "attention_only.yaml").files
     assert not any(path.startswith("kernels/") for path in files)

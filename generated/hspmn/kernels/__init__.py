@@ -1,0 +1,23 @@
+"""Triton kernels hspmn runs on CUDA tensors, copied from archgen's kernels/ (the package archgen_kernels)
+with triton_support.py, the autotuning and op registration they share. Do not edit.
+
+Where triton cannot be imported (a CPU-only install) each name is None, and the model runs the reference op of the
+same name in ops/. Each kernel is a torch.library custom op, so an exported program keeps it as one node;
+`decompositions()` writes those ops with the reference ops, for exporters that cannot run Triton (ONNX).
+"""
+
+try:
+    from . import packed_query_attention as packed_query_attention_module
+    from .packed_query_attention import packed_query_attention
+except ImportError:  # no triton
+    packed_query_attention_module = packed_query_attention = None
+
+
+def decompositions() -> dict:
+    """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
+    table = {}
+    if packed_query_attention_module is not None:
+        from ..ops.routing import packed_query_attention as reference
+
+        table.update(packed_query_attention_module.decomposition(reference, max_seqlen=4096))
+    return table

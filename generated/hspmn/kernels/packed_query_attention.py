@@ -1,0 +1,623 @@
+"""Attention of packed queries at given positions against dense keys: Triton forward and backward, the custom op,
+and the reference. HSPMN's contextual stream runs it for the queries its router selected (the "sparse queries").
+
+For batch b, query head h (of H, reading key/value head h // G with G = H / Hkv: grouped-query attention by index,
+K and V are never copied) and packed query row s at position p = q_positions[b, s]::
+
+    visible(s, j) = j <= p  and  (window == 0 or p - j < window)  and  valid[b, s]
+    out[b, h, s]  = sum_j softmax_j(scale * q[b, h, s] . k[b, h // G, j]  over visible j) * v[b, h // G, j]
+
+Keys sit at positions 0, 1, .., Tk-1 (a sequence from its start, or a KVCache's slots, whose unwritten tail lies
+past every query). A row that sees no key (not valid) gets zeros, and zero gradients. Shapes: q (B, H, S, D),
+k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), q_positions (B, S) integer, valid (B, S) bool; out (B, H, S, Dv) in q's dtype.
+Inputs may be strided (the model hands over transposed views of its projections).
+
+Why a kernel: the reference packs the selected queries but still needs a per-row causal bound, which SDPA takes only
+as an explicit mask, off its flash path; on an H200 that ran at 0.67x of dense causal flash attention over ALL
+queries. Here the bound is the row's position, read from a vector, and whole key blocks are skipped.
+
+How the forward works (flash attention with online softmax). The grid is (blocks of BLOCK_M packed rows, B * H),
+the blocks of the latest rows first (they see the most keys, so they start first and the tail of the launch is
+short). A program loads its rows' positions, p_min .. p_max, and walks the keys in BLOCK_N steps over
+[lo, p_max], lo = 0 (or p_min - window + 1 with a window): the blocks every row sees entirely need no mask, the
+ones at the edges (the causal edge near p_min .. p_max, the window's far edge) are masked per element. Rows are
+sorted by position within a sequence (pack_selected's order), so a block's rows are close together and the masked
+edge is narrow; unsorted rows are still correct, only slower. The log-sum-exp of every row (base 2) is kept for the
+backward.
+
+How the backward works (two kernels, no atomics, as in flash-attention 2). With P the probabilities recomputed
+from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
+  dq   grid (query blocks, B * H): dQ = scale * dS K over the same key range as the forward;
+  dkdv grid (key blocks, B * Hkv): for each of the G query heads that read the kv head and each query block whose
+       positions reach the key block (the others are skipped after reading their positions), dV += P^T dO and
+       dK += scale * dS^T Q; a kv head's gradient is summed in one program, so nothing is written twice.
+
+Contents: `packed_query_attention` (the entry point; same signature as templates/runtime/routing.py's, plus an
+optional window), the custom ops `archgen_v1::packed_query_attention` and `..._backward` (one graph node each,
+with fake implementations and autograd), the launchers `packed_query_attention_forward` / `..._backward`
+(autotuned on first use per shape bucket, see `shape_key`), `packed_query_attention_reference` (a dense masked
+softmax in float32: the ground truth of the tests, and what the op computes for CPU tensors), and `decomposition`
+(the op written with the generated package's reference op, for ONNX).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+
+_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
+_NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
+_EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
+
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages.
+FORWARD_CONFIGS = [
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                       (128, 32, 4, 4), (64, 32, 4, 4))
+]
+BACKWARD_DQ_CONFIGS = [
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+    for m, n, w, s in ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 2))
+]
+BACKWARD_DKDV_CONFIGS = [
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
+    for m, n, w, s in ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2))
+]
+# float32 tiles are twice the bytes: the small ones only (the large ones would not fit in shared memory)
+FLOAT32_BLOCKS = 64
+INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+"""The config used under TRITON_INTERPRET=1: the interpreter has nothing to tune, and small blocks exercise the
+block edges at the tests' small shapes."""
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc) in float32. The interpreter multiplies bfloat16 operands as the integers it stores them as, so
+    there the (already rounded) operands are widened to float32 first: the same products the tensor cores form."""
+    if _EMULATE_HALF_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk):
+    """The positions of `rows` (-1: no row, or an invalid one), a position past the keys clamped to the last key."""
+    p = tl.load(pos_ptr + b * stride_pb + rows * stride_ps, mask=rows < S, other=-1)
+    return tl.minimum(p, Tk - 1).to(tl.int32)
+
+
+@triton.jit
+def _key_range(p, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """For rows at positions p (-1: sees nothing), the key blocks they read, as block-aligned bounds
+    lo <= full_lo <= full_hi <= hi: [full_lo, full_hi) is seen by every row (no mask), [lo, full_lo) and
+    [full_hi, hi) by some rows (masked)."""
+    p_max = tl.max(p, axis=0)
+    p_min = tl.min(p, axis=0)  # -1 when a row sees nothing: then no block is seen by every row
+    hi = p_max + 1
+    full_hi = ((p_min + 1) // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        lo = (tl.maximum(p_min - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_lo = ((tl.maximum(p_max - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    else:
+        lo = p_min * 0
+        full_lo = lo
+    no_full = full_hi <= full_lo
+    full_lo = tl.where(no_full, lo, full_lo)
+    full_hi = tl.where(no_full, lo, full_hi)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _visible(p, keys, window, HAS_WINDOW: tl.constexpr):
+    """(rows, keys) bool: key j is visible from a row at position p (p = -1 sees nothing)."""
+    visible = keys[None, :] <= p[:, None]
+    if HAS_WINDOW:
+        visible = visible & (p[:, None] - keys[None, :] < window)
+    return visible
+
+
+@triton.jit
+def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over the key blocks start, start + BLOCK_N, .. < end (MASKED: per element visibility)."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                    mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+        qk = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            qk = tl.where(_visible(p, keys, window, HAS_WINDOW), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        probs = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                    mask=(keys[:, None] < Tk) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
+        acc = _dot(probs.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _forward_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+    k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
+    v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
+    pos_ptr, stride_pb, stride_ps,
+    out_ptr, stride_ob, stride_oh, stride_os, stride_od,
+    lse_ptr, stride_lb, stride_lh, stride_ls,
+    H, S, Tk, D, Dv, group, qk_scale, window,
+    HAS_WINDOW: tl.constexpr,  # keys older than `window` positions are invisible too
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the latest rows, which read the most keys, start first
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv_h = h // group
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + _NEG_BIG
+    lo, full_lo, full_hi, hi = _key_range(p, window, BLOCK_N, HAS_WINDOW)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
+                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
+                                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
+                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+
+    sees_any = l_i > 0.0
+    out = acc / tl.where(sees_any, l_i, 1.0)[:, None]  # a row that sees nothing: acc is 0, out is 0
+    lse = tl.where(sees_any, m_i + tl.math.log2(tl.where(sees_any, l_i, 1.0)), 0.0)  # base 2
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S) & (offs_dv[None, :] < Dv))
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=rows < S)
+
+
+@triton.jit
+def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+              offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dq += dS K over the key blocks start .. < end (without the final scale)."""
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + offs_n
+        kT = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+        vT = tl.load(v_base + keys[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+                     mask=(keys[None, :] < Tk) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
+        qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
+        probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            probs = tl.where(_visible(p, keys, window, HAS_WINDOW), probs, 0.0)
+        dp = _dot(do, vT, None, DOT_PRECISION)
+        ds = probs * (dp - delta[:, None])
+        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _backward_dq_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+    k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
+    v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
+    pos_ptr, stride_pb, stride_ps,
+    do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
+    lse_ptr, stride_lb, stride_lh, stride_ls,
+    delta_ptr, stride_deb, stride_deh, stride_des,
+    dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
+    H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kv_h = h // group
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_rows = rows < S
+
+    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+                mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                 mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
+    delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows, other=0.0)
+    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
+    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    lo, full_lo, full_hi, hi = _key_range(p, window, BLOCK_N, HAS_WINDOW)
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
+                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
+                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION)
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
+                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _backward_dkdv_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
+    k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
+    v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
+    pos_ptr, stride_pb, stride_ps,
+    do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
+    lse_ptr, stride_lb, stride_lh, stride_ls,
+    delta_ptr, stride_deb, stride_deh, stride_des,
+    dk_ptr, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
+    dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // Hkv
+    kv_h = bh % Hkv
+    keys = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_keys = keys < Tk
+    last_key = n0 + BLOCK_N - 1
+
+    k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptr + b * stride_vb + kv_h * stride_vh + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                mask=in_keys[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
+
+    for g in range(0, group):
+        h = kv_h * group + g
+        q_base = q_ptr + b * stride_qb + h * stride_qh
+        do_base = do_ptr + b * stride_dob + h * stride_doh
+        for m0 in range(0, S, BLOCK_M):
+            rows = m0 + offs_m
+            p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
+            p_max = tl.max(p, axis=0)
+            reaches = p_max >= n0  # some row sees a key of this block
+            if HAS_WINDOW:
+                p_min_valid = tl.min(tl.where(p >= 0, p, Tk + window), axis=0)
+                reaches = reaches & (p_min_valid - last_key < window)
+            if reaches:
+                in_rows = rows < S
+                qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                             mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
+                do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                             mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
+                lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
+                delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows,
+                                other=0.0)
+                qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+                visibleT = keys[:, None] <= p[None, :]
+                if HAS_WINDOW:
+                    visibleT = visibleT & (p[None, :] - keys[:, None] < window)
+                probsT = tl.where(visibleT, tl.math.exp2(qkT - lse[None, :]), 0.0)
+                dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
+                dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+                dsT = probsT * (dpT - delta[None, :])
+                dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+
+    tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
+             (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
+    tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + keys[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
+             dv.to(dv_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_dv[None, :] < Dv))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def shape_key(head_dim: int, value_dim: int, group: int, windowed: bool, dtype: torch.dtype) -> str:
+    """The autotuners' shape bucket: head dims, query heads per kv head, window or not, and q's dtype."""
+    return f"D{head_dim}-Dv{value_dim}-G{group}-{'window' if windowed else 'causal'}-{dtype_name(dtype)}"
+
+
+def candidates(tuner: Autotuner, dtype: torch.dtype) -> list[dict]:
+    if dtype != torch.float32:
+        return tuner.configs
+    return [c for c in tuner.configs if c["BLOCK_M"] <= FLOAT32_BLOCKS and c["BLOCK_N"] <= FLOAT32_BLOCKS]
+
+
+FORWARD_TUNER = Autotuner("packed_query_attention.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
+BACKWARD_DQ_TUNER = Autotuner("packed_query_attention.backward_dq", BACKWARD_DQ_CONFIGS, INTERPRETER_CONFIG)
+BACKWARD_DKDV_TUNER = Autotuner("packed_query_attention.backward_dkdv", BACKWARD_DKDV_CONFIGS, INTERPRETER_CONFIG)
+
+
+def _launch_params(cfg: dict) -> dict:
+    return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"]}
+
+
+def _common_constexprs(q: Tensor, v: Tensor, window: int) -> dict:
+    return dict(HAS_WINDOW=window > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])))
+
+
+def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
+    """The positions the kernels read: int32, -1 for a row that is not valid (it sees no key)."""
+    return torch.where(valid, q_positions, -1).to(torch.int32)
+
+
+def packed_query_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, window: int = 0, *, config: dict | None = None
+) -> tuple[Tensor, Tensor]:
+    """Run the forward kernel on kernel_positions(...) (B, S) int32. Returns out (B, H, S, Dv) in q.dtype, laid out
+    as (B, S, H, Dv) (so out.transpose(1, 2).reshape(B, S, H * Dv) is a view), and the base-2 log-sum-exp of every
+    row (B, H, S) float32. config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner."""
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
+                           "importing triton)")
+    B, H, S, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = q.new_empty((B, S, H, Dv)).transpose(1, 2)
+    lse = q.new_empty((B, H, S), dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    if Tk == 0:  # nothing to see
+        return out.zero_(), lse.zero_()
+    args = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(out, 4),
+            *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv, scale * math.log2(math.e), window)
+    constexprs = _common_constexprs(q, v, window)
+
+    def launch(cfg):
+        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        _forward_kernel[grid](*args, **constexprs, **_launch_params(cfg))
+
+    key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
+    with on_device(q):
+        launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, q.dtype)))
+    return out, lse
+
+
+def packed_query_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, out: Tensor, lse: Tensor, scale: float,
+    window: int = 0, *, configs: dict | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the two backward kernels: (dq, dk, dv) in the dtypes of q, k, v. configs: {"dq": config, "dkdv": config}
+    to bypass the autotuners."""
+    B, H, S, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    configs = configs or {}
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if S == 0 or Tk == 0 or B * H == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (out.float() * dout.float()).sum(-1)  # (B, H, S) rowsum(dO * O)
+    qk_scale = scale * math.log2(math.e)
+    common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(dout, 4),
+              *strided(lse, 3), *strided(delta, 3))
+    constexprs = _common_constexprs(q, v, window)
+    group = H // Hkv
+
+    def launch_dq(cfg):
+        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        _backward_dq_kernel[grid](*common, *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window,
+                                  **constexprs, **_launch_params(cfg))
+
+    def launch_dkdv(cfg):
+        grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
+        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), Hkv, S, Tk, D, Dv, group, qk_scale,
+                                    scale, window, **constexprs, **_launch_params(cfg))
+
+    key = shape_key(D, Dv, group, window > 0, q.dtype)
+    with on_device(q):
+        for tuner, launch, name in ((BACKWARD_DQ_TUNER, launch_dq, "dq"), (BACKWARD_DKDV_TUNER, launch_dkdv, "dkdv")):
+            launch(tuner.known(key, configs.get(name)) or tuner.tune(key, launch, candidates(tuner, q.dtype)))
+    return dq, dk, dv
+
+
+def tuned_configs() -> dict:
+    """The choices so far, {"forward"|"backward_dq"|"backward_dkdv": {key: config}}; `pin_configs` takes it back."""
+    return {name: {key: dict(c) for key, c in tuner.chosen.items()} for name, tuner in _TUNERS.items()}
+
+
+def pin_configs(choices: dict) -> None:
+    """Pin {"forward"|"backward_dq"|"backward_dkdv": {key: config}} (what `tuned_configs` returns): never timed."""
+    for name, tuner in _TUNERS.items():
+        tuner.pin(choices.get(name, {}))
+
+
+_TUNERS = {"forward": FORWARD_TUNER, "backward_dq": BACKWARD_DQ_TUNER, "backward_dkdv": BACKWARD_DKDV_TUNER}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops: one graph node each for torch.compile / torch.export, with autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, scale: float, window: int
+                  ) -> tuple[Tensor, Tensor]:
+    """archgen_v1::packed_query_attention -> (out, lse): the forward kernel as an operator. CPU tensors take the
+    reference (see `triton_on_cpu`), whose log-sum-exp is computed alike: an exported program runs anywhere."""
+    if not (q.is_cuda or triton_on_cpu()):
+        return _reference_with_lse(q, k, v, q_positions, valid, scale, window)
+    return packed_query_attention_forward(q, k, v, kernel_positions(q_positions, valid), scale, window)
+
+
+def _forward_fake(q, k, v, q_positions, valid, scale, window):
+    B, H, S, _ = q.shape
+    return q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2), q.new_empty((B, H, S), dtype=torch.float32)
+
+
+def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, out: Tensor,
+                   lse: Tensor, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v1::packed_query_attention_backward -> (dq, dk, dv)."""
+    if not (q.is_cuda or triton_on_cpu()):
+        raise RuntimeError("archgen_v1::packed_query_attention has no backward for CPU tensors: train on a GPU, or "
+                           "with the reference op (ops/routing.py)")
+    return packed_query_attention_backward(dout, q, k, v, kernel_positions(q_positions, valid), out, lse, scale,
+                                           window)
+
+
+def _backward_fake(dout, q, k, v, q_positions, valid, out, lse, scale, window):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return like(q), like(k), like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_positions, valid, scale, window = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, q_positions, valid, out, lse)
+    ctx.scale, ctx.window = scale, window
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, q_positions, valid, out, lse = ctx.saved_tensors
+    dq, dk, dv = packed_query_attention_backward_op(dout, q, k, v, q_positions, valid, out, lse, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None, None
+
+
+packed_query_attention_backward_op = register_op("packed_query_attention_backward", _backward_impl, _backward_fake)
+packed_query_attention_op = register_op("packed_query_attention", _forward_impl, _forward_fake, backward=_backward,
+                                        setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def packed_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, *, scale: float | None = None,
+    window: int | None = None
+) -> Tensor:
+    """Causal attention of packed queries at positions q_positions against keys at positions 0 .. Tk-1, in Triton:
+    (B, H, S, Dv) in q's dtype, zeros for rows that are not valid. Same arguments and result as
+    templates/runtime/routing.py's `packed_query_attention` (ops/routing.py in a generated package), plus `window`
+    (keys older than `window` positions are invisible too). Differentiable in q, k and v. Needs CUDA tensors (or
+    TRITON_INTERPRET=1): on anything else it raises, and the caller runs the reference."""
+    exporting = torch.compiler.is_exporting()  # tracing: the op becomes one node of the exported graph
+    if not (q.is_cuda or triton_on_cpu() or exporting):
+        raise RuntimeError(
+            f"the Triton packed_query_attention kernel needs CUDA tensors, got q on {q.device}: call the reference "
+            "(ops/routing.py packed_query_attention) instead, or set TRITON_INTERPRET=1 before importing triton to "
+            "run the kernel in Triton's CPU interpreter (slow; for tests)")
+    _check_inputs(q, k, v, q_positions, valid, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = packed_query_attention_op(q, k, v, q_positions, valid, scale, int(window or 0))
+    return out
+
+
+def packed_query_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, *, scale: float | None = None,
+    window: int | None = None
+) -> Tensor:
+    """The formula with a dense (S, Tk) mask, in float32 (float64 for float64 inputs): the tests' ground truth.
+    Same signature and result as `packed_query_attention`."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _reference_with_lse(q, k, v, q_positions, valid, scale, int(window or 0))[0]
+
+
+def _reference_with_lse(q, k, v, q_positions, valid, scale: float, window: int) -> tuple[Tensor, Tensor]:
+    """(out in q.dtype, base-2 log-sum-exp float32, 0 for rows that see nothing), both as the forward kernel's."""
+    B, H, S, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = k.to(acc).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, D)
+    vv = v.to(acc).repeat_interleave(H // Hkv, dim=1)  # (B, H, Tk, Dv)
+    scores = torch.einsum("bhsd,bhtd->bhst", q.to(acc), kk) * scale  # (B, H, S, Tk)
+    keys = torch.arange(Tk, device=q.device)
+    p = q_positions[:, None, :, None]  # (B, 1, S, 1)
+    visible = (keys <= p) & valid[:, None, :, None]  # (B, 1, S, Tk)
+    if window:
+        visible = visible & (p - keys < window)
+    sees_any = visible.any(dim=-1)  # (B, 1, S)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, S), -inf where nothing is seen
+    probs = torch.exp(scores - torch.where(sees_any, lse, 0.0)[..., None])  # exp(-inf) = 0 where not visible
+    out = torch.einsum("bhst,bhtd->bhsd", probs, vv)  # (B, H, S, Dv)
+    lse2 = torch.where(sees_any, lse * math.log2(math.e), 0.0).float()
+    layout = q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)  # the kernel's output layout
+    return layout.copy_(out.to(q.dtype)), lse2
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """{archgen_v1::packed_query_attention: the op written with `reference`}: how exporters that cannot run Triton
+    (ONNX) lower it. reference: a generated package's ops/routing.py `packed_query_attention` (no window; the
+    models that call this op never pass one). max_seqlen is unused: the reference traces any length."""
+    del max_seqlen
+
+    def packed_query_attention_decomposed(q, k, v, q_positions, valid, scale, window):
+        if window:
+            raise NotImplementedError("the ONNX lowering of archgen_v1::packed_query_attention takes no window")
+        out = reference(q, k, v, q_positions, valid, scale=scale)
+        B, H, S, _ = q.shape
+        return out, q.new_zeros((B, H, S), dtype=torch.float32)  # the log-sum-exp serves the backward only
+
+    return {op_overload("packed_query_attention"): packed_query_attention_decomposed}
+
+
+def _check_inputs(q, k, v, q_positions, valid, window) -> None:
+    """Shapes, dtypes and devices, each error naming what was expected and what came."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, S, D), (B, Hkv, Tk, D), (B, Hkv, Tk, Dv); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[3] != D or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k must be (B, Hkv, Tk, D) = (B={B}, Hkv, Tk, D={D}) and v (B, Hkv, Tk, Dv) like it; got k "
+                         f"{tuple(k.shape)}, v {tuple(v.shape)}")
+    if Hkv == 0 or H % Hkv != 0:
+        raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({Hkv}) for grouped-query attention")
+    if tuple(q_positions.shape) != (B, S) or tuple(valid.shape) != (B, S):
+        raise ValueError(f"q_positions and valid must be (B, S) = ({B}, {S}), got {tuple(q_positions.shape)} and "
+                         f"{tuple(valid.shape)}")
+    if q_positions.is_floating_point() or valid.dtype != torch.bool:
+        raise TypeError(f"q_positions must be integer and valid bool, got {q_positions.dtype} and {valid.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} is {t.dtype}; the kernel takes {', '.join(map(str, SUPPORTED_DTYPES))}: use "
+                            "packed_query_attention_reference for float64")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if any(t.device != q.device for t in (k, v, q_positions, valid)):
+        raise ValueError("q, k, v, q_positions and valid must be on one device")
+    if D > 256 or v.shape[-1] > 256:
+        raise ValueError(f"head dims up to 256 fit the kernel's register tiles, got D={D}, Dv={v.shape[-1]}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be at least 1 (the query itself), or None for none; got {window}")
