@@ -79,8 +79,8 @@ def test_no_and_every_query_selected(fraction):
 
 
 def test_replaces_the_runtime_op_also_against_a_cache():
-    """Same result as ops/routing.py's packed_query_attention, with keys past every query (a KVCache's tail), and
-    for a decode step (one query at the last written position)."""
+    """Same result as ops/routing.py's packed_query_attention, with keys past every query (a KVCache's tail), for a
+    decode step (one query at the last written position), and with queries past the last key."""
     q, k, v, positions, valid = packed_inputs(2, 4, 2, 30, 16, 0.5, Tk=41)
     with torch.no_grad():
         assert_close(pqa.packed_query_attention(q, k, v, positions, valid),
@@ -88,6 +88,9 @@ def test_replaces_the_runtime_op_also_against_a_cache():
         step = (q[:, :, -1:], k, v, torch.full((2, 1), 29, device=DEVICE), torch.ones(2, 1, dtype=torch.bool,
                                                                                      device=DEVICE))
         assert_close(pqa.packed_query_attention(*step), routing.packed_query_attention(*step), TOLERANCE[torch.float32])
+        past_the_keys = (q, k[:, :, :20], v[:, :, :20], positions, valid)  # positions up to 29 see all 20 keys
+        assert_close(pqa.packed_query_attention(*past_the_keys), routing.packed_query_attention(*past_the_keys),
+                     TOLERANCE[torch.float32])
 
 
 def test_bfloat16_against_the_float32_reference():

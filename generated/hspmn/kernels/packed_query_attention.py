@@ -29,8 +29,9 @@ How the backward works (two kernels, no atomics, as in flash-attention 2). With 
 from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
   dq   grid (query blocks, B * H): dQ = scale * dS K over the same key range as the forward;
   dkdv grid (key blocks, B * Hkv): for each of the G query heads that read the kv head and each query block whose
-       positions reach the key block (the others are skipped after reading their positions), dV += P^T dO and
-       dK += scale * dS^T Q; a kv head's gradient is summed in one program, so nothing is written twice.
+       positions reach the key block (a range per key block, `query_block_ranges`, computed before the launch so
+       the loop has no branch and its loads pipeline), dV += P^T dO and dK += scale * dS^T Q; a kv head's gradient
+       is summed in one program, so nothing is written twice.
 
 Contents: `packed_query_attention` (the entry point; same signature as templates/runtime/routing.py's, plus an
 optional window), the custom ops `archgen_v1::packed_query_attention` and `..._backward` (one graph node each,
@@ -92,21 +93,20 @@ def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk):
-    """The positions of `rows` (-1: no row, or an invalid one), a position past the keys clamped to the last key."""
-    p = tl.load(pos_ptr + b * stride_pb + rows * stride_ps, mask=rows < S, other=-1)
-    return tl.minimum(p, Tk - 1).to(tl.int32)
+def _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S):
+    """The positions of `rows` (-1: no row, or an invalid one)."""
+    return tl.load(pos_ptr + b * stride_pb + rows * stride_ps, mask=rows < S, other=-1)
 
 
 @triton.jit
-def _key_range(p, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """For rows at positions p (-1: sees nothing), the key blocks they read, as block-aligned bounds
-    lo <= full_lo <= full_hi <= hi: [full_lo, full_hi) is seen by every row (no mask), [lo, full_lo) and
-    [full_hi, hi) by some rows (masked)."""
+def _key_range(p, Tk, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """For rows at positions p (-1: sees nothing), the keys they read, as bounds lo <= full_lo <= full_hi <= hi (all
+    but hi block-aligned): [full_lo, full_hi) is seen by every row (no mask), [lo, full_lo) and [full_hi, hi) by some
+    rows (masked). Keys stop at Tk (a position past the keys sees them all)."""
     p_max = tl.max(p, axis=0)
     p_min = tl.min(p, axis=0)  # -1 when a row sees nothing: then no block is seen by every row
-    hi = p_max + 1
-    full_hi = ((p_min + 1) // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(p_max + 1, Tk)
+    full_hi = tl.minimum((p_min + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
     if HAS_WINDOW:
         lo = (tl.maximum(p_min - window + 1, 0) // BLOCK_N) * BLOCK_N
         full_lo = ((tl.maximum(p_max - window + 1, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
@@ -120,9 +120,9 @@ def _key_range(p, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _visible(p, keys, window, HAS_WINDOW: tl.constexpr):
+def _visible(p, keys, Tk, window, HAS_WINDOW: tl.constexpr):
     """(rows, keys) bool: key j is visible from a row at position p (p = -1 sees nothing)."""
-    visible = keys[None, :] <= p[:, None]
+    visible = (keys[None, :] <= p[:, None]) & (keys[None, :] < Tk)
     if HAS_WINDOW:
         visible = visible & (p[:, None] - keys[None, :] < window)
     return visible
@@ -139,7 +139,7 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
                     mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            qk = tl.where(_visible(p, keys, window, HAS_WINDOW), qk, float("-inf"))
+            qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         probs = tl.math.exp2(qk - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -174,7 +174,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
+    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
@@ -183,7 +183,7 @@ def _forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + _NEG_BIG
-    lo, full_lo, full_hi, hi = _key_range(p, window, BLOCK_N, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
     acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                                    offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
                                    BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
@@ -216,7 +216,7 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, st
         qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
         probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            probs = tl.where(_visible(p, keys, window, HAS_WINDOW), probs, 0.0)
+            probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
         dp = _dot(do, vT, None, DOT_PRECISION)
         ds = probs * (dp - delta[:, None])
         dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
@@ -248,7 +248,7 @@ def _backward_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     in_rows = rows < S
 
-    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
+    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
@@ -259,7 +259,7 @@ def _backward_dq_kernel(
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_range(p, window, BLOCK_N, HAS_WINDOW)
+    lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
     dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
                    BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
@@ -284,6 +284,7 @@ def _backward_dkdv_kernel(
     delta_ptr, stride_deb, stride_deh, stride_des,
     dk_ptr, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
+    ranges_ptr,  # (B, key blocks, 2) int32: the query blocks [first, last) whose rows may see the key block
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -297,7 +298,6 @@ def _backward_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_keys = keys < Tk
-    last_key = n0 + BLOCK_N - 1
 
     k = tl.load(k_ptr + b * stride_kb + kv_h * stride_kh + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
                 mask=in_keys[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_N, BLOCK_D)
@@ -306,36 +306,32 @@ def _backward_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
 
+    block_range = ranges_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 2
+    m_start = tl.load(block_range) * BLOCK_M
+    m_end = tl.load(block_range + 1) * BLOCK_M
     for g in range(0, group):
         h = kv_h * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        for m0 in range(0, S, BLOCK_M):
+        for m0 in range(m_start, m_end, BLOCK_M):  # no branch inside: the loads pipeline
             rows = m0 + offs_m
-            p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S, Tk)
-            p_max = tl.max(p, axis=0)
-            reaches = p_max >= n0  # some row sees a key of this block
+            in_rows = rows < S
+            p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
+            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                         mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
+            do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                         mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
+            lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
+            delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows, other=0.0)
+            qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+            visibleT = (keys[:, None] <= p[None, :]) & in_keys[:, None]
             if HAS_WINDOW:
-                p_min_valid = tl.min(tl.where(p >= 0, p, Tk + window), axis=0)
-                reaches = reaches & (p_min_valid - last_key < window)
-            if reaches:
-                in_rows = rows < S
-                qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                             mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
-                do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                             mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
-                lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
-                delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows,
-                                other=0.0)
-                qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-                visibleT = keys[:, None] <= p[None, :]
-                if HAS_WINDOW:
-                    visibleT = visibleT & (p[None, :] - keys[:, None] < window)
-                probsT = tl.where(visibleT, tl.math.exp2(qkT - lse[None, :]), 0.0)
-                dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
-                dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-                dsT = probsT * (dpT - delta[None, :])
-                dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+                visibleT = visibleT & (p[None, :] - keys[:, None] < window)
+            probsT = tl.where(visibleT, tl.math.exp2(qkT - lse[None, :]), 0.0)
+            dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
+            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dsT = probsT * (dpT - delta[None, :])
+            dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -436,16 +432,39 @@ def packed_query_attention_backward(
         _backward_dq_kernel[grid](*common, *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window,
                                   **constexprs, **_launch_params(cfg))
 
+    ranges = {}
+
     def launch_dkdv(cfg):
+        blocks = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+        if blocks not in ranges:
+            ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
-        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), Hkv, S, Tk, D, Dv, group, qk_scale,
-                                    scale, window, **constexprs, **_launch_params(cfg))
+        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
+                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg))
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
         for tuner, launch, name in ((BACKWARD_DQ_TUNER, launch_dq, "dq"), (BACKWARD_DKDV_TUNER, launch_dkdv, "dkdv")):
             launch(tuner.known(key, configs.get(name)) or tuner.tune(key, launch, candidates(tuner, q.dtype)))
     return dq, dk, dv
+
+
+def query_block_ranges(positions: Tensor, Tk: int, window: int, block_m: int, block_n: int) -> Tensor:
+    """For each batch row and block of block_n keys, the blocks of block_m packed rows [first, last) outside which no
+    row sees a key of the block: (B, key blocks, 2) int32. Exact for rows in any order (a block reaches the keys when
+    its latest row does, and within the window when its earliest does); for sorted rows nothing inside is wasted."""
+    B, S = positions.shape
+    n_m, n_n = triton.cdiv(S, block_m), triton.cdiv(Tk, block_n)
+    padded = torch.nn.functional.pad(positions, (0, n_m * block_m - S), value=-1).view(B, n_m, block_m)
+    first_key = torch.arange(n_n, device=positions.device) * block_n  # (n_n,)
+    reach = padded.amax(dim=-1)[:, :, None] >= first_key  # (B, n_m, n_n)
+    if window:
+        earliest = torch.where(padded >= 0, padded, torch.iinfo(torch.int32).max).amin(dim=-1)  # (B, n_m)
+        reach &= earliest[:, :, None] - (first_key + block_n - 1) < window
+    block = torch.arange(n_m, device=positions.device)[None, :, None]  # (1, n_m, 1)
+    first = torch.where(reach, block, n_m).amin(dim=1)  # (B, n_n)
+    last = torch.where(reach, block + 1, 0).amax(dim=1)
+    return torch.stack([torch.minimum(first, last), last], dim=-1).to(torch.int32).contiguous()
 
 
 def tuned_configs() -> dict:

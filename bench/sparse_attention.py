@@ -1,0 +1,416 @@
+"""HSPMN sparse-query attention (kernels/packed_query_attention.py) on one GPU, in one run: numerics first, then
+timings against peers measured in the same run.
+
+Sections (each in its own try/except; results and errors go to one JSON file, rewritten after every section):
+  numerics  float32: the kernel against packed_query_attention_reference at small odd shapes (grouped-query heads,
+            padding rows, a window, keys past every query), output and dq, dk, dv, max relative error 1e-5;
+            bfloat16 at the timing shape against the float32 reference on the same values, relative norm 1e-2
+  sparse    B 8, 16 heads x 128, L 4096, bf16, Bernoulli(0.2) selection per token: the kernel on the packed queries
+            (what the generated HSPMN block runs: it projects only the selected tokens), forward and forward+backward;
+            the same plus packing, gather and scatter of a full-length q; ops/routing.py's packed path (chunked SDPA
+            with masks, what runs without the kernel) for context; against causal SDPA over ALL queries at the same
+            shape (default backend, flash, cuDNN: the fastest is the peer). Bar: >= 3x faster.
+  window    sliding window 1024, B 4, 32 q / 8 kv heads, L 4096, D 128, bf16: the same kernel with every token as a
+            query (positions 0..L-1, window 1024) against torch.compile(flex_attention) with a sliding-window block
+            mask (what issue 11 names as the bar: no slower); numerics of the two against each other
+
+Outputs under --out (default $OUT, else bench/results): sparse_attention.json (everything) and
+sparse_attention.bars.json (bar rows in bench/results/bars.json's format, to append there).
+
+Run from the repository root on the GPU machine (needs only torch and triton; ~60-90 s, mostly Triton compiles and
+autotuning):
+    python bench/sparse_attention.py --out $OUT --budget-s 90
+On a CPU, tiny shapes in Triton's interpreter, timings meaningless (exercises every code path):
+    python bench/sparse_attention.py --dry-run --out /tmp/sparse_attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("numerics", "sparse", "window")
+FULL = {"sparse": {"B": 8, "H": 16, "T": 4096, "D": 128}, "fraction": 0.2,
+        "window_shape": {"B": 4, "Hq": 32, "Hkv": 8, "T": 4096, "D": 128}, "window": 1024, "reps": 10}
+TINY = {"sparse": {"B": 2, "H": 2, "T": 64, "D": 16}, "fraction": 0.2,
+        "window_shape": {"B": 1, "Hq": 2, "Hkv": 1, "T": 48, "D": 16}, "window": 20, "reps": 1}
+NUMERICS_CASES = [  # (B, H, Hkv, T, Tk, D, Dv, fraction, window): odd sizes, GQA, padding rows, a cache's tail
+    (3, 6, 2, 301, 330, 40, 24, 0.3, None),
+    (2, 4, 1, 200, 200, 64, 64, 1.0, 37),
+]
+# float32 numerics run one pinned config (no autotuning: each float32 shape bucket would compile every candidate)
+NUMERICS_FP32_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+
+
+def rel_err(actual, expected) -> float:
+    """max |a - e| / max |e| (the repository's assert_close measure)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def rel_norm(actual, expected) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).norm() / e.norm().clamp_min(1e-30))
+
+
+def load_module(name: str, relative_path: str):
+    """Import a file by path (templates/runtime files are not a package on the GPU machine's path)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class Bench:
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, only: set[str]):
+        import torch
+
+        sys.path.insert(0, str(ROOT))
+        from kernels import packed_query_attention as pqa  # the repository's kernels/ folder, as a package
+
+        self.torch, self.pqa = torch, pqa
+        self.routing = load_module("sparse_bench_routing", "templates/runtime/routing.py")
+        self.out, self.dry_run, self.budget_s, self.only = out, dry_run, budget_s, only
+        self.device = "cpu" if dry_run else "cuda"
+        self.s = TINY if dry_run else FULL
+        self.started = time.perf_counter()
+        self.results: dict = {"meta": self.meta(), "sections": {}}
+        self.bars: list[dict] = []
+        self.command = "python bench/sparse_attention.py " + " ".join(sys.argv[1:])
+
+    def meta(self) -> dict:
+        import triton
+
+        torch = self.torch
+        meta = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                "dry_run": self.dry_run, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+        if torch.cuda.is_available():
+            meta["gpu"] = torch.cuda.get_device_name()
+        return meta
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def write(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results["tuned_configs"] = self.pqa.tuned_configs()
+        (self.out / "sparse_attention.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
+        (self.out / "sparse_attention.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
+
+    def section(self, name: str, fn, needs_s: float) -> None:
+        if self.only and name not in self.only:
+            return
+        if self.elapsed() + needs_s > self.budget_s:
+            self.results["sections"][name] = {"skipped": f"budget: {self.elapsed():.0f}s used, needs ~{needs_s}s"}
+            self.write()
+            return
+        t0 = time.perf_counter()
+        record: dict = {}
+        self.results["sections"][name] = record
+        try:
+            fn(record)
+        except Exception as error:  # noqa: BLE001 - a failing section is recorded, never fatal
+            record["error"] = f"{type(error).__name__}: {error}"[:2000]
+            record["traceback"] = traceback.format_exc()[-4000:]
+        finally:
+            record["seconds"] = round(time.perf_counter() - t0, 1)
+            if self.device == "cuda":
+                self.torch.cuda.empty_cache()
+            self.write()
+            print(f"[{self.elapsed():6.1f}s] {name}: {'ERROR ' + record['error'][:300] if 'error' in record else 'ok'}",
+                  flush=True)
+
+    def bar(self, figure: str, archgen: float, reference: str, reference_value: float, bar: float) -> None:
+        """A time figure: ratio = reference / archgen (above 1: archgen faster)."""
+        self.bars.append({
+            "figure": figure, "archgen": round(archgen, 4), "unit": "ms", "reference": reference,
+            "reference_value": round(reference_value, 4), "ratio": round(reference_value / archgen, 3), "bar": bar,
+            "device": self.results["meta"].get("gpu", "cpu (dry run)"), "date": self.results["meta"]["date"][:10],
+            "command": self.command,
+        })
+
+    # -- timing and inputs ----------------------------------------------------------------------------------------
+
+    def time_ms(self, fn, warmup: int = 3, groups: int = 5) -> float:
+        """Milliseconds per fn() call: the median over `groups` of (CUDA-event time of `reps` back-to-back calls) /
+        reps, after warm-ups (which autotune). Back to back, as in a model, the host enqueues ahead of the GPU, so
+        what is timed is the GPU's work, not the Python dispatch of one isolated call. Host clock on the CPU."""
+        torch = self.torch
+        for _ in range(1 if self.dry_run else warmup):
+            fn()
+        reps = self.s["reps"]
+        times = []
+        for _ in range(1 if self.dry_run else groups):
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(reps):
+                    fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / reps)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times.append((time.perf_counter() - t0) * 1e3 / reps)
+        return statistics.median(times)
+
+    def fwd_and_bwd_ms(self, fn, inputs) -> dict:
+        """{"fwd_ms", "fwd_bwd_ms"} of fn(*inputs), the backward with a fixed cotangent (grads accumulate; harmless)."""
+        torch = self.torch
+        with torch.no_grad():
+            fwd = self.time_ms(lambda: fn(*inputs))
+        cotangent = {}
+
+        def fwd_bwd():
+            y = fn(*inputs)
+            if "g" not in cotangent:
+                cotangent["g"] = torch.randn_like(y)
+            y.backward(cotangent["g"])
+
+        return {"fwd_ms": fwd, "fwd_bwd_ms": self.time_ms(fwd_bwd)}
+
+    def selection(self, B: int, T: int, fraction: float, seed: int = 20):
+        """Bernoulli(fraction) per token, and its packing: (selected (B, T), index (B, S), positions (B, S), valid)."""
+        torch = self.torch
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        selected = torch.rand(B, T, device=self.device, generator=g) < fraction
+        index, valid = self.routing.pack_selected(selected)
+        return selected, index, torch.arange(T, device=self.device)[index], valid
+
+    def randn(self, *shape, dtype=None):
+        torch = self.torch
+        t = torch.randn(*shape, device=self.device, dtype=torch.float32)
+        return t.to(dtype or torch.float32).requires_grad_()
+
+    def outputs_and_grads(self, fn, tensors, cotangent, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+        y = fn(*leaves)
+        grads = self.torch.autograd.grad(y, leaves, cotangent.to(y.dtype))
+        return [y.detach(), *grads]
+
+    # -- sections -------------------------------------------------------------------------------------------------
+
+    def numerics(self, record):
+        torch, pqa = self.torch, self.pqa
+        names = ("out", "dq", "dk", "dv")
+        ok = True
+        cases = NUMERICS_CASES if not self.dry_run else [(1, 2, 1, 30, 35, 16, 16, 0.3, None), (1, 2, 1, 30, 30, 16, 16, 1.0, 9)]
+        for B, H, Hkv, T, Tk, D, Dv, fraction, window in cases:
+            if not self.dry_run:
+                key = pqa.shape_key(D, Dv, H // Hkv, window is not None, torch.float32)
+                pqa.pin_configs({name: {key: NUMERICS_FP32_CONFIG} for name in ("forward", "backward_dq", "backward_dkdv")})
+            _, _, positions, valid = self.selection(B, T, fraction, seed=T)
+            S = positions.shape[1]
+            tensors = [self.randn(B, H, S, D), self.randn(B, Hkv, Tk, D), self.randn(B, Hkv, Tk, Dv)]
+            cotangent = torch.randn(B, H, S, Dv, device=self.device)
+
+            def kernel(q, k, v, positions=positions, valid=valid, window=window):
+                return pqa.packed_query_attention(q, k, v, positions, valid, window=window)
+
+            def reference(q, k, v, positions=positions, valid=valid, window=window):
+                return pqa.packed_query_attention_reference(q, k, v, positions, valid, window=window)
+
+            got = self.outputs_and_grads(kernel, tensors, cotangent, torch.float32)
+            want = self.outputs_and_grads(reference, tensors, cotangent, torch.float32)
+            errors = {n: rel_err(a, e) for n, a, e in zip(names, got, want, strict=True)}
+            case_ok = all(e <= 1e-5 for e in errors.values()) and all(bool(torch.isfinite(a).all()) for a in got)
+            ok &= case_ok
+            record[f"fp32 B{B}-H{H}/{Hkv}-T{T}-Tk{Tk}-D{D}-Dv{Dv}-f{fraction}-w{window}"] = errors | {"ok": case_ok}
+        # bfloat16 at the timing shape, against the float32 reference on the same (rounded) values
+        c = self.s["sparse"]
+        B, H, T, D = c["B"], c["H"], c["T"], c["D"]
+        _, _, positions, valid = self.selection(B, T, self.s["fraction"])
+        S = positions.shape[1]
+        tensors = [self.randn(B, H, S, D, dtype=torch.bfloat16), self.randn(B, H, T, D, dtype=torch.bfloat16),
+                   self.randn(B, H, T, D, dtype=torch.bfloat16)]
+        cotangent = torch.randn(B, H, S, D, device=self.device)
+        got = self.outputs_and_grads(lambda q, k, v: pqa.packed_query_attention(q, k, v, positions, valid),
+                                     tensors, cotangent, torch.bfloat16)
+        want = self.outputs_and_grads(lambda q, k, v: pqa.packed_query_attention_reference(q, k, v, positions, valid),
+                                      tensors, cotangent, torch.float32)
+        errors = {n: rel_norm(a, e) for n, a, e in zip(names, got, want, strict=True)}
+        bf16_ok = all(e <= 1e-2 for e in errors.values()) and all(bool(torch.isfinite(a).all()) for a in got)
+        record[f"bf16 timing shape B{B}-H{H}-T{T}-S{S}-D{D} (relative norm vs fp32)"] = errors | {"ok": bf16_ok}
+        record["ok"] = ok and bf16_ok
+
+    def _sdpa_peers(self, q, k, v, record) -> dict:
+        """Causal SDPA over all queries with each backend that runs; the names of the fastest, by figure."""
+        import torch.nn.functional as F
+
+        def dense(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+        variants = {"sdpa_default": dense}
+        if self.device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+                def with_backend(q, k, v, backend=backend):
+                    with sdpa_kernel(backend):
+                        return dense(q, k, v)
+
+                variants[name] = with_backend
+        for name, fn in variants.items():
+            try:
+                record[name] = self.fwd_and_bwd_ms(fn, (q, k, v))
+            except Exception as error:  # noqa: BLE001 - a backend that cannot run is recorded
+                record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        timed = {n: record[n] for n in variants if "fwd_ms" in record[n]}
+        return {key: min(timed, key=lambda n: timed[n][key]) for key in ("fwd_ms", "fwd_bwd_ms")}
+
+    def sparse(self, record):
+        torch, pqa, R = self.torch, self.pqa, self.routing
+        c = self.s["sparse"]
+        B, H, T, D = c["B"], c["H"], c["T"], c["D"]
+        dt = torch.bfloat16
+        selected, index, positions, valid = self.selection(B, T, self.s["fraction"])
+        S = index.shape[1]
+        record["shape"] = c | {"S": S, "selected_fraction": float(selected.float().mean()), "dtype": "bf16"}
+        q_full, k, v = (self.randn(B, H, T, D, dtype=dt) for _ in range(3))
+        q_packed = self.randn(B, H, S, D, dtype=dt)
+        self.peak_reset()
+
+        def kernel(q, k, v):  # what the HSPMN block runs: q projected from the selected tokens only
+            return pqa.packed_query_attention(q, k, v, positions, valid)
+
+        def kernel_end_to_end(q, k, v):  # from full-length q: pack, gather, attend, scatter
+            index, valid = R.pack_selected(selected)
+            pos = torch.arange(T, device=q.device)[index]
+            y = pqa.packed_query_attention(R.gather_tokens(q, index, dim=2), k, v, pos, valid)
+            return R.scatter_tokens(y, index, valid, T, dim=2)
+
+        def chunked_sdpa(q, k, v):  # ops/routing.py without the kernel
+            return R.packed_query_attention(q, k, v, positions, valid)
+
+        record["kernel_packed"] = self.fwd_and_bwd_ms(kernel, (q_packed, k, v))
+        record["kernel_packed"]["peak_GiB"] = self.peak_gib()
+        record["kernel_with_pack_gather_scatter"] = self.fwd_and_bwd_ms(kernel_end_to_end, (q_full, k, v))
+        try:
+            record["routing_chunked_sdpa_packed"] = self.fwd_and_bwd_ms(chunked_sdpa, (q_packed, k, v))
+        except Exception as error:  # noqa: BLE001 - context only
+            record["routing_chunked_sdpa_packed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        best = self._sdpa_peers(q_full, k, v, record)
+        record["peer"] = best
+        useful = 4 * B * H * D * float(positions.masked_fill(~valid, -1).add(1).sum())  # QK^T and PV over visible keys
+        record["kernel_packed"]["fwd_TFLOPs"] = useful / (record["kernel_packed"]["fwd_ms"] * 1e-3) / 1e12
+        record["kernel_packed"]["fwd_bwd_TFLOPs"] = 3.5 * useful / (record["kernel_packed"]["fwd_bwd_ms"] * 1e-3) / 1e12
+        for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
+            peer = record[best[key]][key]
+            reference = f"causal SDPA over all queries ({best[key]})"
+            self.bar(f"HSPMN sparse-query attention {label}, 20% selected (B8 16x128 L4096 bf16) [packed-query kernel]",
+                     record["kernel_packed"][key], reference, peer, 3.0)
+            self.bar(f"HSPMN sparse-query attention {label}, 20% selected (B8 16x128 L4096 bf16) [kernel + pack, "
+                     "gather, scatter of full-length q]", record["kernel_with_pack_gather_scatter"][key], reference,
+                     peer, 3.0)
+
+    def window(self, record):
+        torch, pqa = self.torch, self.pqa
+        c = self.s["window_shape"]
+        B, Hq, Hkv, T, D = c["B"], c["Hq"], c["Hkv"], c["T"], c["D"]
+        W = self.s["window"]
+        dt = torch.bfloat16
+        record["shape"] = c | {"window": W, "dtype": "bf16"}
+        q, k, v = self.randn(B, Hq, T, D, dtype=dt), self.randn(B, Hkv, T, D, dtype=dt), self.randn(B, Hkv, T, D, dtype=dt)
+        positions = torch.arange(T, device=self.device).expand(B, T)
+        valid = torch.ones(B, T, dtype=torch.bool, device=self.device)
+
+        def kernel(q, k, v):
+            return pqa.packed_query_attention(q, k, v, positions, valid, window=W)
+
+        variants = {"kernel": kernel}
+        if self.device == "cuda":
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def sliding(b, h, qi, ki):
+                return (ki <= qi) & (qi - ki < W)
+
+            mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=self.device)
+            compiled = torch.compile(flex_attention)
+            variants["peer_flex"] = lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=True)
+        for name, fn in variants.items():
+            try:
+                record[name] = self.fwd_and_bwd_ms(fn, (q, k, v))
+            except Exception as error:  # noqa: BLE001 - a failing peer is recorded
+                record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            self.write()
+        with torch.no_grad():
+            ours = kernel(q, k, v)
+            if "peer_flex" in variants:
+                record["kernel_vs_flex_rel_norm"] = rel_norm(ours, variants["peer_flex"](q, k, v))
+            else:  # dry run: against the reference
+                record["kernel_vs_reference_rel_norm"] = rel_norm(
+                    ours, pqa.packed_query_attention_reference(q, k, v, positions, valid, window=W))
+        peer = record.get("peer_flex", {})
+        for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
+            if key in peer and key in record["kernel"]:
+                self.bar(f"sliding window 1024 attention {label} (B4 32q/8kv L4096 D128 bf16) [packed-query kernel, "
+                         "all positions]", record["kernel"][key], "torch.compile(flex_attention), sliding-window block "
+                         "mask", peer[key], 1.0)
+
+    def peak_reset(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        if self.device == "cuda":
+            return round(self.torch.cuda.max_memory_allocated() / 2**30, 2)
+        return None
+
+    def summary(self) -> str:
+        lines = [f"{'figure':110s} {'archgen':>9s} {'ref':>9s} {'ratio':>6s} {'bar':>5s}"]
+        for b in self.bars:
+            lines.append(f"{b['figure'][:110]:110s} {b['archgen']:9.3f} {b['reference_value']:9.3f} {b['ratio']:6.2f} "
+                         f"{b['bar']:5.2f} {'PASS' if b['ratio'] >= b['bar'] else 'miss'}")
+        numerics = self.results["sections"].get("numerics", {})
+        if numerics.get("ok") is False:
+            lines.append("NUMERICS FAILED: " + ", ".join(k for k, v in numerics.items() if isinstance(v, dict)
+                                                         and not v.get("ok")))
+        for name, record in self.results["sections"].items():
+            if "error" in record:
+                lines.append(f"ERROR in {name}: {record['error'][:200]}")
+        return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton's interpreter")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="stop starting sections after this many seconds")
+    args = parser.parse_args()
+    only = {s for s in args.only.split(",") if s}
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    if args.dry_run:  # before triton is imported: the kernels run on CPU tensors in the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+    budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
+    bench = Bench(args.out, args.dry_run, budget_s, only)
+    needs = {"numerics": 30, "sparse": 15, "window": 40}  # seconds, compiles included: a late section is skipped
+    for name in SECTIONS:
+        bench.section(name, getattr(bench, name), 0 if args.dry_run else needs[name])
+    print(bench.summary())
+    print(f"wrote {args.out / 'sparse_attention.json'} and {args.out / 'sparse_attention.bars.json'} "
+          f"in {bench.elapsed():.0f}s")
+
+
+if __name__ == "__main__":
+    main()
