@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from archgen_kernels import packed_query_attention as pqa
+from archgen_kernels import triton_support
 from templates.runtime import routing
 from tests.numerics import TOLERANCE, assert_close
 
@@ -127,3 +128,14 @@ def test_bad_inputs_say_what_to_change(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         pqa.packed_query_attention(args["q"], args["k"], args["v"], args["positions"], args["valid"],
                                    window=args["window"])
+
+
+def test_the_build_time_tuning_hook_tunes_all_three_kernels():
+    """`archgen build --autotune` calls autotune(config, params, batch, seqlen, dtype, device) in a tuning session:
+    the forward, dq and dkdv tuners each get their shape bucket (under the interpreter, its one config)."""
+    config = {"n_heads": 2, "n_kv_heads": 1, "head_dim": 16, "fraction": 0.5, "window": None}
+    with triton_support.tuning_session() as table:
+        pqa.autotune(config, {}, batch=1, seqlen=20, dtype=torch.float32, device=DEVICE)
+        tuned = {(entry["kernel"], entry["key"]) for entry in table()["entries"]}
+    key = pqa.shape_key(16, 16, 2, False, torch.float32)
+    assert tuned == {(f"packed_query_attention.{name}", key) for name in ("forward", "backward_dq", "backward_dkdv")}

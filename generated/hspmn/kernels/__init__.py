@@ -4,13 +4,21 @@ with triton_support.py, the autotuning and op registration they share. Do not ed
 Where triton cannot be imported (a CPU-only install) each name is None, and the model runs the reference op of the
 same name in ops/. Each kernel is a torch.library custom op, so an exported program keeps it as one node;
 `decompositions()` writes those ops with the reference ops, for exporters that cannot run Triton (ONNX).
+
+Launch configs: importing or running this package never tunes. A kernel runs the config pinned for this GPU, torch,
+triton and shape in tuning.json (written here by `archgen build SPEC --autotune` on a GPU, loaded at import), or else
+its default config, with one warning per process (triton_support.UNTUNED lists the shapes that ran untuned).
 """
 
 try:
+    from . import triton_support
     from . import packed_query_attention as packed_query_attention_module
     from .packed_query_attention import packed_query_attention
 except ImportError:  # no triton
+    triton_support = None
     packed_query_attention_module = packed_query_attention = None
+else:
+    triton_support.RUNTIME_TUNING = False
 
 
 def decompositions() -> dict:

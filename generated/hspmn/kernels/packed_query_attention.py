@@ -54,7 +54,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages.
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages. The first config
+# that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
     for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
@@ -68,8 +69,10 @@ BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
     for m, n, w, s in ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2))
 ]
-# float32 tiles are twice the bytes: the small ones only (the large ones would not fit in shared memory)
-FLOAT32_BLOCKS = 64
+SHARED_MEMORY_BUDGET = 160 * 1024
+"""Bytes of tiles a config may stage (the one tile held, plus num_stages of the streamed ones): candidates above it
+are left out for that head dim and dtype, so the untuned default always launches (an H100 / H200 has 227 KiB)."""
+SMALLEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 """The config used under TRITON_INTERPRET=1: the interpreter has nothing to tune, and small blocks exercise the
 block edges at the tests' small shapes."""
@@ -349,13 +352,22 @@ def shape_key(head_dim: int, value_dim: int, group: int, windowed: bool, dtype: 
     return f"D{head_dim}-Dv{value_dim}-G{group}-{'window' if windowed else 'causal'}-{dtype_name(dtype)}"
 
 
-def candidates(tuner: Autotuner, dtype: torch.dtype) -> list[dict]:
-    if dtype != torch.float32:
-        return tuner.configs
-    return [c for c in tuner.configs if c["BLOCK_M"] <= FLOAT32_BLOCKS and c["BLOCK_N"] <= FLOAT32_BLOCKS]
+def candidates(tuner: Autotuner, dtype: torch.dtype, head_dim: int, value_dim: int) -> list[dict]:
+    """The tuner's configs whose tiles fit SHARED_MEMORY_BUDGET at these head dims and dtype, in order (the first is
+    the untuned default); SMALLEST_CONFIG when none does. The forward and dq kernels hold a block of rows and stream
+    key blocks; the dkdv kernel holds a key block and streams blocks of rows."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    width = triton.next_power_of_2(head_dim) + triton.next_power_of_2(value_dim)
+
+    def staged_bytes(c):
+        held, streamed = (c["BLOCK_N"], c["BLOCK_M"]) if tuner is BACKWARD_DKDV_TUNER else (c["BLOCK_M"], c["BLOCK_N"])
+        return elem * width * (held + c["num_stages"] * streamed)
+
+    fitting = [c for c in tuner.configs if staged_bytes(c) <= SHARED_MEMORY_BUDGET]
+    return fitting or [SMALLEST_CONFIG]
 
 
-FORWARD_TUNER = Autotuner("packed_query_attention.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
+FORWARD_TUNER = Autotuner("packed_query_attention.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)  # default: see candidates
 BACKWARD_DQ_TUNER = Autotuner("packed_query_attention.backward_dq", BACKWARD_DQ_CONFIGS, INTERPRETER_CONFIG)
 BACKWARD_DKDV_TUNER = Autotuner("packed_query_attention.backward_dkdv", BACKWARD_DKDV_CONFIGS, INTERPRETER_CONFIG)
 
@@ -402,7 +414,7 @@ def packed_query_attention_forward(
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
-        launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, q.dtype)))
+        launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, q.dtype, D, Dv)))
     return out, lse
 
 
@@ -445,7 +457,7 @@ def packed_query_attention_backward(
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
         for tuner, launch, name in ((BACKWARD_DQ_TUNER, launch_dq, "dq"), (BACKWARD_DKDV_TUNER, launch_dkdv, "dkdv")):
-            launch(tuner.known(key, configs.get(name)) or tuner.tune(key, launch, candidates(tuner, q.dtype)))
+            launch(tuner.known(key, configs.get(name)) or tuner.tune(key, launch, candidates(tuner, q.dtype, D, Dv)))
     return dq, dk, dv
 
 
@@ -465,6 +477,30 @@ def query_block_ranges(positions: Tensor, Tk: int, window: int, block_m: int, bl
     first = torch.where(reach, block, n_m).amin(dim=1)  # (B, n_n)
     last = torch.where(reach, block + 1, 0).amax(dim=1)
     return torch.stack([torch.minimum(first, last), last], dim=-1).to(torch.int32).contiguous()
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the forward and both backward kernels as a
+    sparse_attention op of this resolved config (heads, head_dim, the expected selected `fraction`) runs them at
+    batch x seqlen, so that inside triton_support.tuning_session() each tuner tunes its shape bucket."""
+    H, Hkv, D = config["n_heads"], config["n_kv_heads"], config["head_dim"]
+    generator = torch.Generator(device=device).manual_seed(0)
+    selected = torch.rand((batch, seqlen), generator=generator, device=device) < config.get("fraction", 1.0)
+    counts = selected.sum(dim=1, keepdim=True)
+    key = (~selected).long() * seqlen + torch.arange(seqlen, device=device)  # selected tokens first, in order
+    index = torch.argsort(key, dim=1)[:, : max(int(counts.max()), 1)]  # (B, S)
+    valid = torch.arange(index.shape[1], device=device) < counts
+    positions = kernel_positions(index, valid)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+    q, k, v = randn(batch, H, index.shape[1], D), randn(batch, Hkv, seqlen, D), randn(batch, Hkv, seqlen, D)
+    scale = 1.0 / math.sqrt(D)
+    window = int(config.get("window") or 0)
+    out, lse = packed_query_attention_forward(q, k, v, positions, scale, window)
+    packed_query_attention_backward(torch.randn_like(out), q, k, v, positions, out, lse, scale, window)
 
 
 def tuned_configs() -> dict:
