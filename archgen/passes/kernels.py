@@ -35,6 +35,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),
+    KernelRule("moe", "swiglu", "swiglu", "moe",
+               "SwiGLU experts: silu(gate) * up in one pass forward and backward on the experts' rows (the grouped "
+               "form; the fixed-buffer form of export and decoding keeps the reference)",
+               when=lambda config: config.expert.activation == "swiglu"),
 ]
 
 

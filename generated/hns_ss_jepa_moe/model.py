@@ -190,8 +190,17 @@ class Moe(nn.Module):
         B, T, C = x.size()
         tokens = x.reshape(B * T, C)  # (B*T, 4096)
         router_logits = self.router(tokens).float()  # (B*T, 16)
+        fused_swiglu = kernels.swiglu if use_kernel(kernels.swiglu, tokens) else None  # one pass, forward and backward
         y, stats = moe_forward(
-            tokens, router_logits, self.w_in, self.w_out, top_k=2, activation="swiglu", capacity_factor=None, normalize=True
+            tokens,
+            router_logits,
+            self.w_in,
+            self.w_out,
+            top_k=2,
+            activation="swiglu",
+            capacity_factor=None,
+            normalize=True,
+            fused_swiglu=fused_swiglu,
         )
         aux = {
             "moe_load_balancing": 0.01 * load_balancing_loss(router_logits, stats["expert_index"], 16),

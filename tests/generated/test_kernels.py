@@ -181,3 +181,50 @@ def test_hspmn_kernel_decoding_equals_the_full_forward(small_hspmn):
         steps = [model(tokens[:, :7], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 10)]
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
+SMALL_MOE = textwrap.dedent("""\
+    schema_version: 1
+    name: small_moe
+    model: {d_model: 16, vocab_size: 64, max_seq_len: 64, norm: {kind: rmsnorm, eps: 1.0e-5}}
+    mixers:
+      attn: {kind: attention, n_heads: 2}
+    ffns:
+      moe: {kind: moe, n_experts: 4, top_k: 2, expert: {activation: swiglu, hidden: 24}}
+    layout: {mixers: attn, ffns: moe}
+    """)
+
+
+def test_a_swiglu_moe_runs_the_fused_swiglu_kernel_and_computes_the_same(tmp_path, monkeypatch):
+    """The MoE kind's kernel (kernels/swiglu.py): shipped, called by the layer, and the model's logits and gradients
+    equal the reference's. A GELU MoE gets no kernel."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+    spec = tmp_path / "small_moe.yaml"
+    spec.write_text(SMALL_MOE)
+    package = build_package(spec, tmp_path / "out", preset=None)
+    if package.kernels.swiglu is None:
+        pytest.skip("triton did not import")
+    if not torch.cuda.is_available():
+        package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
+    calls = []
+    real = package.kernels.swiglu
+    monkeypatch.setattr(package.kernels, "swiglu", lambda h: calls.append(h.shape) or real(h))
+    torch.manual_seed(0)
+    model = package.Model()
+    tokens = torch.randint(0, 64, (2, 9))
+    results = {}
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert calls, "the MoE layer did not call kernels.swiglu"
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+    gelu_spec = tmp_path / "gelu_moe.yaml"
+    gelu_spec.write_text(SMALL_MOE.replace("swiglu", "gelu"))
+    gelu = emit(compile_spec(gelu_spec), "gelu_moe.yaml").files
+    assert "kernels/swiglu.py" not in gelu and "swiglu" not in gelu["model.py"]

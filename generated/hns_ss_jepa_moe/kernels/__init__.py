@@ -14,9 +14,12 @@ try:
     from . import triton_support
     from . import selective_scan as selective_scan_module
     from .selective_scan import selective_scan
+    from . import swiglu as swiglu_module
+    from .swiglu import swiglu
 except ImportError:  # no triton
     triton_support = None
     selective_scan_module = selective_scan = None
+    swiglu_module = swiglu = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -28,4 +31,8 @@ def decompositions() -> dict:
         from ..ops.ssm import selective_scan as reference
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
+    if swiglu_module is not None:
+        from ..ops.moe import swiglu as reference
+
+        table.update(swiglu_module.decomposition(reference, max_seqlen=8192))
     return table
