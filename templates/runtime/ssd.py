@@ -23,8 +23,9 @@ N state size, c chunks, L chunk length; the arguments named B, C, D are the SSM 
 
 Numerics: computed in float32 (float64 when the inputs are float64, so gradcheck works); y comes
 back in x's dtype and the state always stays in float32 (float64). Every exponent is a sum of
-dt·A ≤ 0 over a segment, summed directly rather than as a difference of prefix sums, so nothing
-overflows or cancels for any magnitude of dt·A.
+dt·A ≤ 0 over a segment (a difference of float64 prefix sums, masked to -inf above the diagonal before
+the exp), so nothing overflows or cancels for any magnitude of dt·A. The graph holds no scan op (cumsum):
+prefix sums are matmuls with a triangular matrix, so inductor compiles the training step on every torch.
 """
 
 from dataclasses import dataclass
@@ -102,8 +103,9 @@ def ssd_scan(
     B_c, C_c = to_chunks(B), to_chunks(C)  # (B, c, L, G, N)
     log_decay = to_chunks(dt) * A.to(acc)  # (B, c, L, H), dt·A ≤ 0
     log_decay = log_decay.permute(0, 1, 3, 2).reshape(batch, nchunks, ngroups, heads_per_group, chunk)
-    cum = torch.cumsum(log_decay, dim=-1)  # (B, c, G, R, L)
-    decay = torch.exp(_segment_sum(log_decay))  # (B, c, G, R, L, L), [t, s] = decay from s to t, 0 for s > t
+    prefix = _prefix_sum(log_decay)  # (B, c, G, R, L) float64, Σ_{i≤t} dt_i A within the chunk
+    cum = prefix.to(acc)  # (B, c, G, R, L)
+    decay = torch.exp(_segment_sum(prefix, acc))  # (B, c, G, R, L, L), [t, s] = decay from s to t, 0 for s > t
 
     # 1. Diagonal blocks.
     CB = torch.einsum("bclgn,bcsgn->bcgls", C_c, B_c)  # (B, c, G, L, L)
@@ -120,7 +122,7 @@ def ssd_scan(
         state = initial_state.to(acc).reshape(batch, ngroups, heads_per_group, headdim, dstate)
     states = torch.cat([state.unsqueeze(1), chunk_states], dim=1)  # (B, 1+c, G, R, P, N)
     chunk_log_decay = F.pad(cum[..., -1].permute(0, 2, 3, 1), (1, 0))  # (B, G, R, 1+c), A_c; chunk -1 gets 0
-    chunk_decay = torch.exp(_segment_sum(chunk_log_decay))  # (B, G, R, 1+c, 1+c), [c, c'] = decay from c' to c
+    chunk_decay = torch.exp(_segment_sum(_prefix_sum(chunk_log_decay), acc))  # (B, G, R, 1+c, 1+c), [c, c'] = decay from c' to c
     h_after = torch.einsum("bgrcd,bdgrpn->bcgrpn", chunk_decay, states)  # (B, 1+c, G, R, P, N) after chunk c-1
     h_enter, state = h_after[:, :-1], h_after[:, -1]  # (B, c, G, R, P, N) entering each chunk, (B, G, R, P, N) final
 
@@ -207,27 +209,46 @@ class Mamba2Cache:
         )
 
 
-def _segment_sum(a: Tensor) -> Tensor:
-    """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t.
+def _prefix_sum(a: Tensor) -> Tensor:
+    """prefix[..., t] = Σ_{i≤t} a[..., i], in float64.
 
-    exp(seg) is the lower-triangular decay matrix: 1 on the diagonal, Π_{s<i≤t} exp(a_i) below it,
-    exactly 0 above. The sums are a masked cumulative sum down each column, not the difference
-    cumsum[t] - cumsum[s] of two prefix sums: with large |a| (dt·A ≈ -80 a step) the prefix sums
-    reach thousands and their difference loses the digits of the short segments. Masking with
-    -inf before the exp keeps every exponent ≤ 0 and the backward pass free of inf·0.
+    A matmul with the upper-triangular ones matrix rather than torch.cumsum: a cumulative sum is a scan, which
+    inductor may split across thread blocks when there are few rows (on torch 2.11 that split crashed compiling the
+    training step), while a matmul compiles everywhere (torch.compile, torch.export, ONNX). Float64, so that the
+    difference of two prefix sums keeps every float32 digit of a short segment (see _segment_sum).
 
     Args:
         a: (..., L).
 
     Returns:
-        (..., L, L).
+        (..., L) float64.
     """
     length = a.shape[-1]
-    ones = torch.ones(length, length, dtype=torch.bool, device=a.device)
-    below_diagonal = torch.tril(ones, diagonal=-1)  # [i, s]: i > s
-    terms = a.unsqueeze(-1).expand(*a.shape, length).masked_fill(~below_diagonal, 0.0)  # [..., i, s] = a_i if i > s
-    seg = torch.cumsum(terms, dim=-2)  # [..., t, s] = Σ_{s<i≤t} a_i
-    return seg.masked_fill(~torch.tril(ones), -torch.inf)
+    at_or_before = torch.ones(length, length, dtype=torch.float64, device=a.device).triu()  # [i, t]: i ≤ t
+    return a.to(torch.float64) @ at_or_before
+
+
+def _segment_sum(prefix: Tensor, dtype: torch.dtype) -> Tensor:
+    """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t, from prefix = _prefix_sum(a).
+
+    exp(seg) is the lower-triangular decay matrix: 1 on the diagonal, Π_{s<i≤t} exp(a_i) below it,
+    exactly 0 above. The sums are differences prefix[t] - prefix[s] taken in float64: with large |a|
+    (dt·A ≈ -80 a step) the prefix sums reach thousands, and in float32 their difference would lose
+    the digits of the short segments; float64 keeps about 1e-12 of absolute error there, far below
+    float32's resolution. Masking with -inf before the exp keeps every exponent ≤ 0 and the backward
+    pass free of inf·0.
+
+    Args:
+        prefix: (..., L) float64.
+        dtype: the dtype of the result.
+
+    Returns:
+        (..., L, L) in dtype.
+    """
+    length = prefix.shape[-1]
+    seg = (prefix.unsqueeze(-1) - prefix.unsqueeze(-2)).to(dtype)  # [..., t, s] = Σ_{s<i≤t} a_i for s ≤ t
+    at_or_below_diagonal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=prefix.device))
+    return seg.masked_fill(~at_or_below_diagonal, -torch.inf)
 
 
 def _check_scan_shapes(
