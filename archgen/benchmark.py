@@ -8,8 +8,11 @@ Builds the spec into a temporary package, then measures, for each variant of the
                   the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
   peak memory     of each part
 Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding), `reference` (the
-pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile). A part that fails records its error;
-the others still run. Everything is plain data (`BenchResult` -> JSON); `plot` draws it.
+pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile: training and prefill, with its compile
+time and graph-break count; `generate` is not compiled, so its decoding would repeat `reference`'s and is not timed).
+A part that fails records its error; a part that would start after the deadline records `<part>_skipped`; the others
+still run. Everything is plain data (`BenchResult` -> JSON); `plot` draws it. `prepare_bench` + `measure_variant` let a
+script (bench/whole_model.py) order the variants of several specs under one time budget.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import datetime
 import functools
 import gc
 import inspect
+import math
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -65,8 +70,19 @@ class BenchResult:
         return asdict(self)
 
 
-def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step: None) -> BenchResult:
-    """Measure every variant of the spec's generated model on config.device (see the module docstring)."""
+@dataclass
+class PreparedBench:
+    """A spec built and imported, with the floors measured: what measure_variant needs for any of its variants."""
+
+    config: BenchConfig
+    package: ModuleType
+    result: BenchResult
+    dtype: torch.dtype
+
+
+def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str], None] = lambda step: None
+                  ) -> PreparedBench:
+    """Build config.spec into directory/<name>/, import it, and measure this device's copy bandwidth and matmul rate."""
     from archgen.emit import emit, write_package
     from archgen.passes.cost import cost_report
     from archgen.pipeline import compile_spec
@@ -86,33 +102,41 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step
                          matmul_flops_per_s=matmul_rate(config.device, dtype),
                          train_flops_per_token=3 * report.forward_flops_per_token,
                          config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})
+    target = Path(directory) / compiled.resolved.name
+    write_package(emit(compiled, config.spec.as_posix()).files, target)
+    return PreparedBench(config, import_generated(target), result, dtype)
+
+
+def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step: None) -> BenchResult:
+    """Measure every variant of the spec's generated model on config.device (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / compiled.resolved.name
-        write_package(emit(compiled, config.spec.as_posix()).files, target)
-        package = import_generated(target)
+        prepared = prepare_bench(config, Path(tmp), progress)
         for variant in config.variants:
             progress(f"{variant}: building the model")
-            result.variants[variant] = measure_variant(package, variant, config, dtype, result, progress)
+            prepared.result.variants[variant] = measure_variant(prepared, variant, progress)
             free_memory(config.device)
-    return result
+    return prepared.result
 
 
-def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dtype, result: BenchResult,
-                    progress: Callable[[str], None]) -> dict:
+def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[str], None] = lambda step: None,
+                    deadline: float = math.inf) -> dict:
+    """The figures of one variant; a part that would start after `deadline` (time.perf_counter()) is skipped."""
+    config, result, dtype = prepared.config, prepared.result, prepared.dtype
     figures: dict = {}
-    model_module = package.model
+    model_module = prepared.package.model
     if hasattr(model_module, "USE_KERNELS"):
         model_module.USE_KERNELS = variant == "kernels"
     with torch.device(config.device):
-        model = package.Model().to(dtype)
+        model = prepared.package.Model().to(dtype)
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     runnable = torch.compile(model) if variant == "compiled" else model
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
+    breaks_before = graph_break_count()
 
     progress(f"{variant}: training step")
     model.train()
-    attempt(figures, "train", config.device, lambda: {"tokens_per_s": train_tokens_per_s(model, runnable, tokens, config)})
+    attempt(figures, "train", config.device, lambda: train_figures(model, runnable, tokens, config), deadline)
     if "train" in figures:
         figures["train"]["mfu"] = figures["train"]["tokens_per_s"] * result.train_flops_per_token / result.matmul_flops_per_s
     free_memory(config.device)  # the optimizer's state
@@ -120,20 +144,21 @@ def measure_variant(package, variant: str, config: BenchConfig, dtype: torch.dty
     model.eval()
     progress(f"{variant}: prefill")
     with torch.no_grad():
-        attempt(figures, "prefill", config.device, lambda: {
-            "tokens_per_s": config.batch * config.seq_len
-                            / timed(lambda: runnable(tokens[:, :-1]), config.device, config.train_steps),
-        })
-    decoder = runnable if variant == "compiled" else model
+        attempt(figures, "prefill", config.device, lambda: throughput_figures(
+            lambda: runnable(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
+    if variant == "compiled":
+        figures["graph_breaks"] = graph_break_count() - breaks_before
+        return figures  # generate is not compiled: its decoding is the reference variant's
     for batch in config.decode_batches:
         progress(f"{variant}: decoding at batch {batch}")
         prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
         attempt(figures, f"decode_batch_{batch}", config.device, functools.partial(
-            decode_figures, decoder, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s))
+            decode_figures, model, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s), deadline)
     return figures
 
 
-def train_tokens_per_s(model, runnable, tokens: torch.Tensor, config: BenchConfig) -> float:
+def train_figures(model, runnable, tokens: torch.Tensor, config: BenchConfig) -> dict:
+    """Training-step tokens/s of forward + backward + AdamW, and how long the first step took (compiling, tuning)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
 
     def step():
@@ -141,7 +166,21 @@ def train_tokens_per_s(model, runnable, tokens: torch.Tensor, config: BenchConfi
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return config.batch * config.seq_len / timed(step, config.device, config.train_steps)
+    return throughput_figures(step, config.batch * config.seq_len, config)
+
+
+def throughput_figures(fn: Callable[[], object], tokens: int, config: BenchConfig) -> dict:
+    first_call_s = timed_once(fn, config.device)
+    return {"tokens_per_s": tokens / timed(fn, config.device, config.train_steps, warmup=1), "first_call_s": first_call_s}
+
+
+def graph_break_count() -> int:
+    """Graph breaks torch.compile has met so far in this process (dynamo's counters; 0 where they do not exist)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover - every torch archgen supports has them
+        return 0
+    return sum(counters["graph_break"].values())
 
 
 def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -221,19 +260,28 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / timed(lambda: a @ b, device, 10)
 
 
-def attempt(figures: dict, key: str, device: str, fn: Callable[[], dict]) -> None:
-    """figures[key] = fn() plus its peak memory; on failure figures[key + '_error'] says what and where."""
+def attempt(figures: dict, key: str, device: str, fn: Callable[[], dict], deadline: float = math.inf) -> None:
+    """figures[key] = fn() plus its peak memory; on failure figures[key + '_error'] says what and where; past the
+    deadline figures[key + '_skipped'] says so and fn does not run."""
+    if time.perf_counter() > deadline:
+        figures[key + "_skipped"] = "time budget spent"
+        return
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
         figures[key] = fn()
     except Exception as error:  # noqa: BLE001 — a failed part is a finding; the others still run
-        frames = traceback.extract_tb(error.__traceback__)[-4:]
-        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
-        figures[key + "_error"] = f"{type(error).__name__}: {str(error)[:800]} [at {where}]"
+        figures[key + "_error"] = describe_error(error)
         return
     if device == "cuda":
         figures[key]["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def describe_error(error: BaseException) -> str:
+    """The error's type and message with the last frames it passed through (file:line), for a JSON record."""
+    frames = traceback.extract_tb(error.__traceback__)[-4:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames))
+    return f"{type(error).__name__}: {str(error)[:800]} [at {where}]"
 
 
 def free_memory(device: str) -> None:
@@ -259,6 +307,17 @@ def plot(result: BenchResult, path: Path) -> None:
     from matplotlib import pyplot
 
     figure, (decode_axis, throughput_axis) = pyplot.subplots(1, 2, figsize=(11, 4))
+    plot_into(result, decode_axis, throughput_axis)
+    figure.suptitle(f"{Path(result.spec).stem} on {result.device} ({result.config['dtype']})")
+    figure.tight_layout()
+    with contextlib.suppress(FileNotFoundError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+
+
+def plot_into(result: BenchResult, decode_axis, throughput_axis) -> None:
+    """plot's two panels on the given matplotlib axes (bench/whole_model.py puts several specs in one figure)."""
     batches = result.config["decode_batches"]
     width = 0.8 / (len(result.variants) + 1)
     for i, (variant, figures) in enumerate(result.variants.items()):
@@ -280,9 +339,3 @@ def plot(result: BenchResult, path: Path) -> None:
     throughput_axis.set_xticks([j + width * (len(result.variants) - 1) / 2 for j in range(len(parts))], list(parts))
     throughput_axis.set_ylabel("tokens / s")
     throughput_axis.set_title(f"batch {result.config['batch']} × {result.config['seq_len']}")
-    figure.suptitle(f"{Path(result.spec).stem} on {result.device} ({result.config['dtype']})")
-    figure.tight_layout()
-    with contextlib.suppress(FileNotFoundError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    pyplot.close(figure)

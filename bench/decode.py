@@ -4,7 +4,9 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - `generate` with its CUDA-graph decode step (the default on CUDA) and without it (cuda_graph=False), ms/token;
   - the floor: bytes a decode step must read (weights + the caches at that length) over the device copy bandwidth
     measured in the same run;
-  - exactness: greedy tokens and per-step logits with the graph against the eager step;
+  - exactness: greedy tokens with the graph against the eager step, and per-step logits (bf16 and float32) of the
+    graph and of eager decoding with a tensor position, fed the same tokens, against eager decoding (is a greedy
+    difference near-tied random logits or a bug?);
   - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token.
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT
@@ -74,10 +76,59 @@ def attempt(entry: dict, key: str, fn) -> None:
 
 
 def exactness(model, prompt, steps: int) -> dict:
-    """Whether greedy generation gives the same tokens with and without the graph."""
-    with_graph = model.generate(prompt, max_new_tokens=steps, cuda_graph=True)
-    without = model.generate(prompt, max_new_tokens=steps, cuda_graph=False)
+    """Whether greedy generation gives the same tokens with and without the graph. (Until 2026-12-01 this called
+    generate at its default temperature 1.0, so it compared two samples, not greedy decodes.)"""
+    with_graph = model.generate(prompt, max_new_tokens=steps, temperature=0, cuda_graph=True)
+    without = model.generate(prompt, max_new_tokens=steps, temperature=0, cuda_graph=False)
     return {"steps": steps, "same_tokens": bool(torch.equal(with_graph, without))}
+
+
+def logit_parity(model, prompt, steps: int, device: str) -> dict:
+    """Per-step logits of three decoders fed the same tokens (eager greedy's), against eager decoding with an int
+    position: eager with a tensor position (the code path the graph records) and the CUDA graph (CPU: skipped).
+
+    Tells a real bug (large relative errors, argmax changes where the top two logits are far apart) from bf16
+    rounding on near-tied random logits (tiny errors; changes only where the top-two margin is within rounding)."""
+    batch, length = prompt.shape
+    max_len = length + steps + (model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0)
+
+    def eager(tensor_position: bool, tokens: list | None):
+        cache = model.empty_cache(batch, max_len)
+        logits = [model(prompt, cache=cache).logits[:, -1].float()]
+        if tensor_position:
+            cache.length = torch.tensor(cache.length, device=prompt.device)
+        fed = []
+        for i in range(steps):
+            token = tokens[i] if tokens is not None else logits[-1].argmax(-1, keepdim=True)
+            fed.append(token)
+            logits.append(model(token, cache=cache).logits[:, -1].float())
+        return logits, fed
+
+    def graph(tokens: list):
+        decoder = model.graph_decoder(batch, max_len, prompt.device)
+        logits = [decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1]).float()]
+        for token in tokens:
+            logits.append(decoder(token).float().clone())
+        return logits
+
+    def compare(logits: list, reference: list) -> dict:
+        errors, flips, flip_margins = [], 0, []
+        for got, want in zip(logits, reference, strict=True):
+            errors.append(((got - want).abs().amax() / want.abs().amax()).item())
+            top2 = want.topk(2, dim=-1).values  # (B, 2)
+            changed = got.argmax(-1) != want.argmax(-1)  # (B,)
+            flips += int(changed.sum())
+            flip_margins += ((top2[:, 0] - top2[:, 1]) / want.abs().amax(-1))[changed].tolist()
+        return {"max_relative_error": max(errors), "relative_error_per_step": errors, "argmax_changes": flips,
+                "largest_relative_margin_at_a_change": max(flip_margins, default=None)}
+
+    with torch.no_grad():
+        reference, tokens = eager(False, None)
+        result = {"steps": steps, "dtype": str(next(model.parameters()).dtype),
+                  "eager_tensor_position": compare(eager(True, tokens)[0], reference)}
+        if device == "cuda":
+            result["cuda_graph"] = compare(graph(tokens), reference)
+    return result
 
 
 def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, ...], args, results: dict, bandwidth: float,
@@ -107,6 +158,11 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                         lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device))
             if batch == 1:
                 attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16))
+                attempt(row, "logit_parity_bf16", lambda prompt=prompt: logit_parity(model, prompt, 16, device))
+                if not args.dry_run:  # the same in float32: rounding differences shrink ~65000-fold, a bug does not
+                    model.float()
+                    attempt(row, "logit_parity_fp32", lambda prompt=prompt: logit_parity(model, prompt, 16, device))
+                    model.to(torch.bfloat16)
         for variant in ("graph", "eager"):
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]

@@ -1,14 +1,25 @@
-"""Whole-model speed of generated packages on one GPU, each figure against a floor or peer measured in the same run.
+"""Whole-model speed of every seed on one GPU, in one run under a time budget, each figure against a floor or peer
+measured in the same run.
 
-For each model: (a) the package as generated (kernels, CUDA-graph decoding), (b) its reference ops eager, (c) (b) under
-torch.compile — all through `archgen.benchmark.run_bench`, the code behind `archgen bench` — and for Bamba-1B (d)
-transformers' BambaForCausalLM at the same configuration (its torch path): forward tokens/s and batch-1 decode
-ms/token. Training MFU is the cost model's training FLOPs over the bf16 matmul rate measured in the run.
+Models: bench/specs/bamba_1b.yaml, specs/hymba_plus.yaml, specs/nexus.yaml (base), specs/hns_ss_jepa_moe.yaml (`1b`).
+Variants, through `archgen.benchmark` (the code behind `archgen bench`): (a) `kernels`, the package as generated
+(Triton kernels on CUDA, CUDA-graph decoding); (b) `reference`, its pure-PyTorch ops eager; (c) `compiled`, (b) under
+torch.compile (training and prefill, with compile time and graph breaks); and for Bamba (d) transformers'
+BambaForCausalLM at the same configuration (its torch path): prefill tokens/s and batch-1 decode ms/token.
+Figures: training-step tokens/s and MFU (cost-model training FLOPs over the bf16 matmul rate measured in the run) at
+8 × 2048 = 16k tokens (HNS 1b: 2 × 2048), prefill tokens/s, batch-1 and batch-32 decode ms/token against the HBM
+floor, peak memory. Seed headlines: one HSPMN block at batch 64 × 4096, forward and forward + backward tokens/s
+(the seed: 1.41 M and ~980 k tokens/s on an RTX 5090), and HNS-SS-JEPA-MoE `1b` tokens/s and ms/token with its
+true parameter count.
+
+The work runs in priority order (every (a) and the peer first, then the headlines, (b), and last the compiles); a step
+starts only when its estimated cost fits in what is left of --budget-s, and inside a step no part starts after the
+budget's end: what did not run says `skipped`. JSON is rewritten after every step, so a stopped run keeps what it had.
 
 Run on the GPU from the repository root:
-    python bench/whole_model.py --out $OUT [--only bamba_1b,hymba_plus] [--budget-s 540]
-`--dry-run` runs the same code on the CPU at toy sizes (figures meaningless). Results go to $OUT/whole_model.json
-(rewritten after each model) with the PNG of each model; bars to $OUT/bars.jsonl in bench/results/bars.json's form.
+    python bench/whole_model.py --out $OUT --budget-s 330
+Writes $OUT/whole_model.json, $OUT/bars.jsonl (rows in bench/results/bars.json's form: ratio > 1 means archgen is
+better) and $OUT/whole_model.png. `--dry-run` runs every step on the CPU at toy sizes (figures meaningless).
 """
 
 from __future__ import annotations
@@ -17,8 +28,8 @@ import argparse
 import datetime
 import json
 import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -26,126 +37,289 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from archgen.benchmark import BenchConfig, plot, run_bench  # noqa: E402
+from archgen.benchmark import (  # noqa: E402
+    BenchConfig,
+    attempt,
+    describe_error,
+    free_memory,
+    measure_variant,
+    plot_into,
+    prepare_bench,
+    sync,
+    timed,
+    timed_once,
+)
 
-MODELS = {  # name: (spec, preset, overrides)
-    "bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()),
-    "hymba_plus": ("specs/hymba_plus.yaml", None, ()),
-    "nexus": ("specs/nexus.yaml", None, ()),
-    "hns_ss_jepa_moe_1b": ("specs/hns_ss_jepa_moe.yaml", "1b", ()),
+MODELS = {  # name: (spec, preset, size changes from SIZES)
+    "bamba_1b": ("bench/specs/bamba_1b.yaml", None, {}),
+    "hymba_plus": ("specs/hymba_plus.yaml", None, {}),
+    "nexus": ("specs/nexus.yaml", None, {}),
+    "hns_ss_jepa_moe_1b": ("specs/hns_ss_jepa_moe.yaml", "1b", {"batch": 2}),  # 10.8 B parameters: AdamW needs 86 GB
 }
+SIZES = dict(device="cuda", dtype="bfloat16", batch=8, seq_len=2048, decode_batches=(1, 32), prompt_len=128,
+             new_tokens=32, train_steps=4)
+DRY_SIZES = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1, 2), prompt_len=4, new_tokens=3,
+                 train_steps=1)
+DRY_BAMBA = ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2", "mixers.ssm.d_state=16",
+             "mixers.attn.n_heads=4", "mixers.attn.head_dim=16", "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=16",
+             "ffns.mlp.hidden=128")
+# Seconds each step takes on an H200 at SIZES (a guess from earlier runs, a compile included): a step starts only when
+# its estimate fits in what is left of the budget.
+ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 150, "transformers": 40, "hspmn_block": 25}
+HNS_ESTIMATE_S = {"kernels": 80, "reference": 90, "compiled": 300}
+PLAN = [  # (model, step) in priority order: the bars' figures first, compiles last
+    ("bamba_1b", "kernels"), ("bamba_1b", "transformers"), ("hymba_plus", "kernels"), ("hspmn_block", "hspmn_block"),
+    ("hns_ss_jepa_moe_1b", "kernels"), ("nexus", "kernels"),
+    ("bamba_1b", "reference"), ("hymba_plus", "reference"), ("nexus", "reference"), ("hns_ss_jepa_moe_1b", "reference"),
+    ("bamba_1b", "compiled"), ("hymba_plus", "compiled"), ("nexus", "compiled"), ("hns_ss_jepa_moe_1b", "compiled"),
+]
 BAMBA_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15], mamba_n_heads=64, mamba_d_head=64,
                     mamba_d_state=128, mamba_n_groups=1, mamba_expand=2, mamba_chunk_size=256, mamba_d_conv=4,
                     tie_word_embeddings=False)
+DRY_BAMBA_CONFIG = dict(BAMBA_CONFIG, vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                        num_key_value_heads=2, mamba_n_heads=2, mamba_d_head=64, mamba_d_state=16, mamba_chunk_size=16)
+HSPMN_SEED = {"forward_tokens_per_s": 1.41e6, "train_tokens_per_s": 0.98e6, "device": "RTX 5090"}
 
 
-def transformers_bamba(device: str, batch: int, seq_len: int, prompt_len: int, new_tokens: int) -> dict:
-    """Peer (d): forward tokens/s at batch × seq_len and batch-1 greedy decode ms/token after the same prompt length."""
+def bench_config(name: str, dry_run: bool, variants: tuple[str, ...]) -> BenchConfig:
+    spec, preset, changes = MODELS[name]
+    if dry_run:
+        preset, overrides, sizes = (None, DRY_BAMBA, DRY_SIZES) if name == "bamba_1b" else ("tiny", (), DRY_SIZES)
+    else:
+        overrides, sizes = (), {**SIZES, **changes}
+    return BenchConfig(ROOT / spec, preset, overrides, variants=variants, **sizes)
+
+
+def transformers_bamba(config: BenchConfig, peer_config: dict, batch: int, deadline: float) -> dict:
+    """Peer (d): prefill tokens/s at batch × seq_len (its torch path materialises a 64 GiB scan tensor at 4 × 2048,
+    so it runs at 4 where archgen runs at 8: its tokens/s hardly depends on the batch) and batch-1 greedy decode
+    ms/token after the same prompt, both as archgen.benchmark measures the package."""
     import transformers
     from transformers import BambaConfig, BambaForCausalLM
 
-    from archgen.benchmark import timed, timed_once
-
-    with torch.device(device):
-        peer = BambaForCausalLM(BambaConfig(**BAMBA_CONFIG)).to(torch.bfloat16).eval()
-    tokens = torch.randint(0, 32000, (batch, seq_len), device=device)
+    with torch.device(config.device):
+        peer = BambaForCausalLM(BambaConfig(**peer_config)).to(getattr(torch, config.dtype)).eval()
+    figures: dict = {"version": transformers.__version__, "parameters": sum(p.numel() for p in peer.parameters())}
+    vocab = peer_config["vocab_size"]
+    tokens = torch.randint(0, vocab, (batch, config.seq_len), device=config.device)
     with torch.no_grad():
-        forward_s = timed(lambda: peer(tokens), device, 3)
-        prompt = tokens[:1, :prompt_len]
+        attempt(figures, "prefill", config.device, lambda: {
+            "tokens_per_s": batch * config.seq_len / timed(lambda: peer(tokens), config.device, 2, warmup=1),
+            "batch": batch}, deadline)
+        prompt = tokens[:1, : config.prompt_len]
 
-        def generate(n):
+        def generate(n: int):
             peer.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
 
-        generate(4)
-        one = min(timed_once(lambda: generate(1), device) for _ in range(2))
-        many = min(timed_once(lambda: generate(new_tokens), device) for _ in range(2))
-    return {"version": transformers.__version__, "prefill_tokens_per_s": batch * seq_len / forward_s,
-            "decode_batch_1_ms_per_token": (many - one) / (new_tokens - 1) * 1e3,
-            "parameters": sum(p.numel() for p in peer.parameters())}
+        def decode() -> dict:
+            generate(4)
+            one = min(timed_once(lambda: generate(1), config.device) for _ in range(2))
+            many = min(timed_once(lambda: generate(config.new_tokens), config.device) for _ in range(2))
+            return {"ms_per_token": (many - one) / (config.new_tokens - 1) * 1e3}
+
+        attempt(figures, "decode_batch_1", config.device, decode, deadline)
+    return figures
 
 
-def bar_rows(name: str, result: dict, peer: dict | None, command: str) -> list[dict]:
+def hspmn_block(dry_run: bool, directory: Path, deadline: float) -> dict:
+    """One HSPMN block (`--preset block`: d_model 2048, 16 heads) as generated, forward and forward + backward
+    tokens/s at batch 64 × 4096, the seed's benchmark shape; the lm_head is not part of it."""
+    from archgen.testing import build_generated
+
+    device, dtype = ("cpu", torch.float32) if dry_run else ("cuda", torch.bfloat16)
+    batch, seq_len, steps = (2, 16, 1) if dry_run else (64, 4096, 3)
+    package, compiled = build_generated(ROOT / "specs/hspmn.yaml", directory, "tiny" if dry_run else "block")
+    with torch.device(device):
+        block = package.Model().layers[0].to(dtype)
+    figures: dict = {"batch": batch, "seq_len": seq_len, "block_parameters": sum(p.numel() for p in block.parameters()),
+                     "seed": HSPMN_SEED}
+    x = torch.randn(batch, seq_len, block.mixer_norm.weight.numel(), device=device, dtype=dtype)
+    positions = torch.arange(seq_len, device=device)
+
+    def forward():
+        with torch.no_grad():
+            block(x, positions)
+
+    def train_step():
+        aux: dict = {}
+        y = block(x, positions, None, aux)
+        (y.float().square().mean() + sum(aux.values())).backward()
+
+    block.eval()
+    attempt(figures, "forward", device, lambda: {
+        "tokens_per_s": batch * seq_len / timed(forward, device, steps, warmup=1)}, deadline)
+    block.train()
+    attempt(figures, "forward_backward", device, lambda: {
+        "tokens_per_s": batch * seq_len / timed(train_step, device, steps, warmup=1)}, deadline)
+    for part, seed_key in (("forward", "forward_tokens_per_s"), ("forward_backward", "train_tokens_per_s")):
+        if part in figures:
+            figures[part]["of_seed_claim"] = figures[part]["tokens_per_s"] / HSPMN_SEED[seed_key]
+    return figures
+
+
+def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
     """The figures issue 12 sets bars for, in bench/results/bars.json's form (ratio > 1: archgen is better)."""
     rows = []
     date = datetime.date.today().isoformat()
-    kernels = result["variants"].get("kernels", {})
+    variants = entry.get("variants", {})
+    kernels = variants.get("kernels", {})
+    peer = entry.get("transformers", {})
 
     def row(figure, archgen, unit, reference, reference_value, ratio, bar):
         rows.append({"figure": figure, "archgen": archgen, "unit": unit, "reference": reference,
-                     "reference_value": reference_value, "ratio": ratio, "bar": bar, "device": result["device"], "date": date,
+                     "reference_value": reference_value, "ratio": ratio, "bar": bar, "device": entry["device"], "date": date,
                      "command": command})
 
     decode = kernels.get("decode_batch_1")
     if decode:
         row(f"{name} batch-1 decode vs HBM floor", decode["ms_per_token"], "ms/token", "weight + cache bytes / copy bandwidth",
             decode["floor_ms_per_token"], decode["floor_ms_per_token"] / decode["ms_per_token"], 0.5)
-        if peer and "decode_batch_1_ms_per_token" in peer:
+        if "decode_batch_1" in peer:
+            peer_ms = peer["decode_batch_1"]["ms_per_token"]
             row(f"{name} batch-1 decode vs transformers", decode["ms_per_token"], "ms/token",
-                f"transformers {peer['version']} generate",
-                peer["decode_batch_1_ms_per_token"], peer["decode_batch_1_ms_per_token"] / decode["ms_per_token"], 20.0)
+                f"transformers {peer['version']} generate", peer_ms, peer_ms / decode["ms_per_token"], 20.0)
     train = kernels.get("train")
     if train:
-        row(f"{name} training MFU", train["mfu"], "fraction of measured bf16 matmul rate", "bf16 matmul rate",
-            result["matmul_flops_per_s"], train["mfu"], 0.4)
+        row(f"{name} training MFU, {entry['config']['batch']} x {entry['config']['seq_len']} tokens", train["mfu"],
+            "fraction of measured bf16 matmul rate", "bf16 matmul rate", entry["matmul_flops_per_s"], train["mfu"], 0.4)
     prefill = kernels.get("prefill")
-    if prefill and peer and "prefill_tokens_per_s" in peer:
+    if prefill and "prefill" in peer:
+        peer_rate = peer["prefill"]["tokens_per_s"]
         row(f"{name} prefill vs transformers", prefill["tokens_per_s"], "tokens/s", f"transformers {peer['version']} forward",
-            peer["prefill_tokens_per_s"], prefill["tokens_per_s"] / peer["prefill_tokens_per_s"], 1.5)
+            peer_rate, prefill["tokens_per_s"] / peer_rate, 1.5)
+    # (a) at least as good as (b) and (c) on every figure both measured
+    for other in ("reference", "compiled"):
+        figures = variants.get(other, {})
+        for part in ("train", "prefill"):
+            if part in kernels and part in figures:
+                row(f"{name} {part} tokens/s, kernels vs {other}", kernels[part]["tokens_per_s"], "tokens/s",
+                    f"the same package, {other}", figures[part]["tokens_per_s"],
+                    kernels[part]["tokens_per_s"] / figures[part]["tokens_per_s"], 1.0)
+        for batch in entry["config"]["decode_batches"]:
+            part = f"decode_batch_{batch}"
+            if part in kernels and part in figures:
+                row(f"{name} batch-{batch} decode, kernels vs {other}", kernels[part]["ms_per_token"], "ms/token",
+                    f"the same package, {other}", figures[part]["ms_per_token"],
+                    figures[part]["ms_per_token"] / kernels[part]["ms_per_token"], 1.0)
     return rows
+
+
+def headlines(results: dict) -> dict:
+    """The seeds' claims beside what this run measured."""
+    out: dict = {}
+    if "figures" in results["models"].get("hspmn_block", {}):
+        out["hspmn_block"] = results["models"]["hspmn_block"]["figures"]
+    hns = results["models"].get("hns_ss_jepa_moe_1b", {})
+    kernels = hns.get("variants", {}).get("kernels", {})
+    if kernels:
+        out["hns_ss_jepa_moe_1b"] = {
+            "parameters": hns["parameters"], "seed": "7B: >100k tokens/s, <20 ms/token",
+            "train_tokens_per_s": kernels.get("train", {}).get("tokens_per_s"),
+            "prefill_tokens_per_s": kernels.get("prefill", {}).get("tokens_per_s"),
+            "decode_batch_1_ms_per_token": kernels.get("decode_batch_1", {}).get("ms_per_token")}
+    return out
+
+
+def plot_all(results: dict, prepared: dict, path: Path) -> None:
+    """One PNG, a row per model: decode ms/token per variant against the floor, and training / prefill tokens/s."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    names = [name for name in prepared if prepared[name].result.variants]
+    if not names:
+        return
+    figure, axes = pyplot.subplots(len(names), 2, figsize=(11, 3.6 * len(names)), squeeze=False)
+    for (decode_axis, throughput_axis), name in zip(axes, names, strict=True):
+        plot_into(prepared[name].result, decode_axis, throughput_axis)
+        decode_axis.set_title(f"{name}: decoding")
+    figure.suptitle(f"archgen whole-model benchmark, {results['device']}, {results['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out")
-    parser.add_argument("--only", default=None, help="comma-separated model names")
-    parser.add_argument("--variants", default="kernels,reference,compiled")
-    parser.add_argument("--budget-s", type=float, default=540.0, help="skip models that would start after this many seconds")
+    parser.add_argument("--only", default=None, help="comma-separated names: " + ", ".join([*MODELS, "hspmn_block"]))
+    parser.add_argument("--variants", default="kernels,reference,compiled,transformers")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="no step or part starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
+    started = time.perf_counter()
+    deadline = started + args.budget_s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     command = "python bench/whole_model.py " + " ".join(sys.argv[1:])
-    sizes = dict(device="cuda", dtype="bfloat16", batch=4, seq_len=2048, decode_batches=(1, 32), prompt_len=128, new_tokens=64)
-    if args.dry_run:
-        sizes = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1,), prompt_len=4, new_tokens=3,
-                     train_steps=1)
-    results, bars = {"date": datetime.date.today().isoformat(), "command": command, "models": {}}, []
-    for name, (spec, preset, overrides) in MODELS.items():
-        if args.only and name not in args.only.split(","):
-            continue
-        if time.perf_counter() - started > args.budget_s:
-            results["models"][name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
-            continue
-        if args.dry_run:
-            preset = "tiny" if name != "bamba_1b" else None
-            overrides = ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2", "mixers.ssm.d_state=16",
-                         "mixers.attn.n_heads=4", "mixers.attn.head_dim=16", "mixers.attn.n_kv_heads=2",
-                         "mixers.attn.rope.rotary_dim=16", "ffns.mlp.hidden=128") if name == "bamba_1b" else ()
-        try:
-            config = BenchConfig(ROOT / spec, preset, overrides, variants=tuple(args.variants.split(",")), **sizes)
-            def progress(step, name=name):
-                print(f"[{time.perf_counter() - started:6.0f}s] {name}: {step}", flush=True)
+    chosen_variants = tuple(args.variants.split(","))
+    model_variants = tuple(v for v in chosen_variants if v in ("kernels", "reference", "compiled"))
+    results: dict = {"date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
+                     "device": torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)",
+                     "budget_s": args.budget_s, "models": {}, "steps": []}
+    prepared: dict = {}
+    bars: list[dict] = []
 
-            result = run_bench(config, progress=progress)
-            plot(result, out / f"{name}.png")
-            entry = result.to_json()
-        except Exception as error:  # noqa: BLE001 — one model failing must not lose the others
-            entry = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
-        peer = None
-        if name == "bamba_1b" and not args.dry_run:
-            try:
-                peer = entry["transformers"] = transformers_bamba("cuda", 4, 2048, 128, 64)
-            except Exception as error:  # noqa: BLE001
-                entry["transformers_error"] = f"{type(error).__name__}: {error}"
-        results["models"][name] = entry
-        if "variants" in entry:
-            bars += bar_rows(name, entry, peer, command)
-        (out / "whole_model.json").write_text(json.dumps(results, indent=2) + "\n")
+    def progress(step: str, name: str = "") -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {name}: {step}", flush=True)
+
+    def save() -> None:
+        results["elapsed_s"] = time.perf_counter() - started
+        results["headlines"] = headlines(results)
+        (out / "whole_model.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (out / "bars.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bars))
-    print(json.dumps({name: {v: {k: f for k, f in figs.items()} for v, figs in m.get("variants", {}).items()}
-                      for name, m in results["models"].items()}, indent=1, default=str)[:6000])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, step in PLAN:
+            if (args.only and name not in args.only.split(",")) or (step in ESTIMATE_S and step != "hspmn_block"
+                                                                     and step not in chosen_variants):
+                continue
+            estimate = (HNS_ESTIMATE_S if name.startswith("hns") else ESTIMATE_S).get(step, ESTIMATE_S.get(step, 30))
+            left = deadline - time.perf_counter()
+            record = {"model": name, "step": step, "started_s": round(time.perf_counter() - started, 1)}
+            results["steps"].append(record)
+            if not args.dry_run and left < estimate:
+                record["skipped"] = f"{left:.0f} s left of the budget, the step takes about {estimate} s"
+                progress(record["skipped"], f"{name} {step}")
+                save()
+                continue
+            entry = results["models"].setdefault(name, {})
+            try:
+                if step == "hspmn_block":
+                    progress("one block at the seed's shape", name)
+                    entry["figures"] = hspmn_block(args.dry_run, Path(tmp) / "hspmn_block", deadline)
+                elif step == "transformers":
+                    config = prepared[name].config if name in prepared else bench_config(name, args.dry_run, model_variants)
+                    peer_config = DRY_BAMBA_CONFIG if args.dry_run else BAMBA_CONFIG
+                    progress("transformers BambaForCausalLM", name)
+                    entry["transformers"] = transformers_bamba(config, peer_config, 1 if args.dry_run else 4, deadline)
+                else:
+                    if name not in prepared:
+                        config = bench_config(name, args.dry_run, model_variants)
+                        prepared[name] = prepare_bench(config, Path(tmp) / name, lambda s, n=name: progress(s, n))
+                        entry.update({k: v for k, v in prepared[name].result.to_json().items() if k != "variants"})
+                        entry["variants"] = prepared[name].result.variants
+                    variant_config = prepared[name]
+                    variant_config.result.variants[step] = measure_variant(
+                        variant_config, step, lambda s, n=name: progress(s, n), deadline)
+            except Exception as error:  # noqa: BLE001 — one step failing must not lose the others
+                record["error"] = describe_error(error)
+                progress(record["error"], f"{name} {step}")
+            finally:
+                free_memory("cpu" if args.dry_run else "cuda")
+            record["seconds"] = round(time.perf_counter() - started - record["started_s"], 1)
+            bars = [row for model, e in results["models"].items() if "variants" in e for row in bar_rows(model, e, command)]
+            save()
+        try:
+            plot_all(results, prepared, out / "whole_model.png")
+        except Exception as error:  # noqa: BLE001
+            results["plot_error"] = describe_error(error)
+        save()
+    sync("cpu" if args.dry_run else "cuda")
+    print(json.dumps({"headlines": results["headlines"], "bars": [(r["figure"], round(r["ratio"], 3), r["bar"]) for r in bars],
+                      "steps": results["steps"]}, indent=1, default=str)[:8000])
 
 
 if __name__ == "__main__":
