@@ -191,9 +191,13 @@ class Check:
     def peak_gib(self) -> float | None:
         return round(self.torch.cuda.max_memory_allocated() / 2**30, 2) if self.device == "cuda" else None
 
+    def generator(self, seed: int):
+        return self.torch.Generator(device=self.device).manual_seed(seed)
+
     def randn(self, *shape, scale=1.0, generator=None):
+        """float32 normal samples on the device (drawn there: 2 GiB of expert weights would take seconds on a CPU)."""
         torch = self.torch
-        return torch.randn(*shape, generator=generator, dtype=torch.float32).mul_(scale).to(self.device)
+        return torch.randn(*shape, generator=generator, device=self.device, dtype=torch.float32).mul_(scale)
 
     # -- forms ----------------------------------------------------------------------------------------------------
 
@@ -258,7 +262,7 @@ class Check:
         """Every form at one shape against float32 math: {form: {bf16 relative norms, ok, ...}}."""
         torch, M = self.torch, self.moe
         N, E, k, d, h = case["N"], case["E"], case["k"], case["d"], case["h"]
-        g = torch.Generator().manual_seed(N + E)
+        g = self.generator(N + E)
         x, logits = self.randn(N, d, generator=g), self.randn(N, E, generator=g)
         if case["empty_expert"]:
             logits[:, E - 1] = -1e4  # expert E-1 receives no token
@@ -361,7 +365,7 @@ class Check:
         N, E, k, d, h = c["N"], c["E"], c["k"], c["d"], c["h"]
         rate = self.results["sections"].get("floors", {}).get("matmul_TFLOPs")
         bf = torch.bfloat16
-        g = torch.Generator().manual_seed(0)
+        g = self.generator(0)
         x = self.randn(N, d, generator=g).to(bf).requires_grad_()
         # small router weights: the imposed Zipf-like preference decides, the router matmul still runs
         w_router = self.randn(d, E, scale=0.01 * d**-0.5, generator=g).to(bf).requires_grad_()

@@ -36,7 +36,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Elementwise and memory-bound: tiles of 2-8K elements per program keep enough loads in flight.
 CONFIGS = [{"BLOCK_R": rows, "BLOCK_H": cols, "num_warps": warps}
-           for rows, cols in ((1, 2048), (4, 1024), (8, 512)) for warps in (4, 8)]
+           for rows, cols in ((2, 2048), (4, 1024), (8, 512)) for warps in (4, 8)]
 DEFAULT_CONFIG = {"BLOCK_R": 4, "BLOCK_H": 1024, "num_warps": 4}  # untuned buckets (a generated package, no table)
 INTERPRETER_CONFIG = {"BLOCK_R": 4, "BLOCK_H": 16, "num_warps": 4}
 
