@@ -11,8 +11,9 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             with masks, what runs without the kernel) for context; against causal SDPA over ALL queries at the same
             shape (default backend, flash, cuDNN: the fastest is the peer). Bar: >= 3x faster.
   window    sliding window 1024, B 4, 32 q / 8 kv heads, L 4096, D 128, bf16: the same kernel with every token as a
-            query (positions 0..L-1, window 1024) against torch.compile(flex_attention) with a sliding-window block
-            mask (what issue 11 names as the bar: no slower); numerics of the two against each other
+            query (positions 0..L-1, window 1024; the launch configs `sparse` tuned) against
+            torch.compile(flex_attention) with a sliding-window block mask (issue 11's bar: no slower); numerics of the
+            two against each other
 
 Outputs under --out (default $OUT, else bench/results): sparse_attention.json (everything) and
 sparse_attention.bars.json (bar rows in bench/results/bars.json's format, to append there).
@@ -334,6 +335,13 @@ class Bench:
         def kernel(q, k, v):
             return pqa.packed_query_attention(q, k, v, positions, valid, window=W)
 
+        # The window bucket runs the configs the `sparse` section tuned (same head dim and dtype): tuning it anew
+        # would compile every candidate again, a minute the budget does not have.
+        tuned, window_key = pqa.tuned_configs(), pqa.shape_key(D, D, Hq // Hkv, True, dt)
+        sparse_key = pqa.shape_key(D, D, 1, False, dt)
+        pqa.pin_configs({name: {window_key: chosen[sparse_key]} for name, chosen in tuned.items() if sparse_key in chosen})
+        record["configs"] = {name: chosen.get(sparse_key) for name, chosen in tuned.items()}
+
         variants = {"kernel": kernel}
         if self.device == "cuda":
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -404,7 +412,7 @@ def main() -> None:
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
     bench = Bench(args.out, args.dry_run, budget_s, only)
-    needs = {"numerics": 30, "sparse": 15, "window": 40}  # seconds, compiles included: a late section is skipped
+    needs = {"numerics": 45, "sparse": 10, "window": 15}  # seconds, compiles included: a late section is skipped
     for name in SECTIONS:
         bench.section(name, getattr(bench, name), 0 if args.dry_run else needs[name])
     print(bench.summary())

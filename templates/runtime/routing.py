@@ -149,14 +149,15 @@ def pack_selected(selected: Tensor) -> tuple[Tensor, Tensor]:
 
     selected (B, T) bool -> index (B, S) long, the token of each packed row, and valid (B, S) bool. Padding rows
     hold unselected tokens (a row's indices are distinct, so scattering back writes each token once); valid marks
-    the real ones. S needs one host sync; while torch.export traces, S = T (every token, static shapes).
+    the real ones. S needs one host sync; while torch.export traces, S = T (every token, static shapes), and a
+    decode step (T = 1) keeps S = 1 without a sync, so it can be recorded in a CUDA graph.
     """
     B, T = selected.shape
     counts = selected.sum(dim=1, keepdim=True)  # (B, 1)
     # selected tokens first, each group in token order; unique sort keys, so no stable sort (ONNX has none)
     key = (~selected).long() * T + torch.arange(T, device=selected.device)  # (B, T)
     index = torch.argsort(key, dim=1)  # (B, T)
-    if not _is_exporting():
+    if not _is_exporting() and T > 1:
         index = index[:, : int(counts.max()) if B else 0]  # (B, S)
     valid = torch.arange(index.shape[1], device=selected.device) < counts  # (B, S)
     return index, valid

@@ -410,3 +410,10 @@ def test_scatter_tokens_fills_the_other_rows():
     fill = torch.tensor([1.0, 2.0])
     out = routing.scatter_tokens(torch.full((1, 1, 2), 7.0), index, valid, 3, dim=1, fill=fill)
     assert out.tolist() == [[[1.0, 2.0], [7.0, 7.0], [1.0, 2.0]]]
+
+
+def test_a_decode_step_packs_without_a_host_sync():
+    """T = 1 keeps its one row (valid or not) instead of reading the count back: a CUDA graph can record the step."""
+    for selected in (torch.tensor([[True], [False]]), torch.tensor([[False], [False]])):
+        index, valid = routing.pack_selected(selected)
+        assert index.tolist() == [[0], [0]] and valid.tolist() == selected.tolist()
