@@ -63,7 +63,7 @@ TINY = {
     "moe": {"N": 32, "E": 4, "k": 2, "d": 16, "h": 32},
 }
 # seconds each section needs at the full shapes (compiles and autotuning included), to stay inside --budget-s
-NEEDS_S = {"floors": 3, "numerics": 15, "swiglu": 15, "moe": 30}
+NEEDS_S = {"floors": 3, "numerics": 15, "swiglu": 15, "moe": 35}
 
 
 def load_runtime_moe():
@@ -408,6 +408,7 @@ class Check:
             for t in (x, w_router, w_in, w_out):
                 t.grad = None
         self.router_share(record, noise, k)
+        self.profile(record, x, w_router, noise, w_in, w_out, k)
         if rate:
             for key, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
                 timed = {n: record[n] for n in self.forms() if f"{key}_TFLOPs" in record.get(n, {})}
@@ -419,6 +420,46 @@ class Check:
                          f"(exponent {ZIPF_EXPONENT:g}), useful FLOPs [{best}]", tf, "TFLOP/s",
                          "dense bf16 8192^3 matmul rate in the run", rate, tf / rate, RATE_BAR)
 
+
+    def profile(self, record: dict, x, w_router, noise, w_in, w_out, k: int) -> None:
+        """Where the time of one forward+backward goes, for the fastest form: torch.profiler's kernels by total device
+        time (the top 25), so a missed bar comes with the profile that shows why."""
+        torch = self.torch
+        timed = {n: record[n]["fwd_bwd_ms"] for n in self.forms() if "fwd_bwd_ms" in record.get(n, {})}
+        if not timed:
+            return
+        best = min(timed, key=timed.get)
+        form = self.forms()[best]
+        cot = torch.randn(x.shape, device=self.device, dtype=x.dtype)
+
+        def step():
+            logits = (x @ w_router).float() + noise
+            self.moe_forward(form, x, logits, w_in, w_out, top_k=k)[0].backward(cot)
+
+        step()  # warm (autotuning, allocator)
+        self.sync()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+            self.sync()
+        events = prof.key_averages()
+
+        names = ("self_device_time_total", "self_cuda_time_total") if self.device == "cuda" else ("self_cpu_time_total",)
+
+        def device_us(e) -> float:
+            return float(next((getattr(e, n) for n in names if hasattr(e, n)), 0.0))
+
+        rows = sorted(events, key=device_us, reverse=True)[:25]
+        total = sum(device_us(e) for e in events)
+        record["profile_fwd_bwd"] = {
+            "form": best, "total_self_ms": total / 1e3,
+            "top": [{"name": e.key[:120], "calls": e.count, "self_ms": round(device_us(e) / 1e3, 3),
+                     "share": round(device_us(e) / total, 4) if total else None} for e in rows],
+        }
+        for t in (x, w_router, w_in, w_out):
+            t.grad = None
 
     def router_share(self, record: dict, noise, k: int) -> None:
         """The router's softmax/top-k and its auxiliary losses (load balancing, z-loss), timed alone as the generated
