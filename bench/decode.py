@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from archgen.benchmark import copy_bandwidth, tensor_bytes, timed_once  # noqa: E402
+from archgen.benchmark import copy_bandwidth, logit_parity, tensor_bytes, timed_once  # noqa: E402
 
 SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
 # --dry-run: the same specs at toy widths (Bamba has no tiny preset).
@@ -81,54 +81,6 @@ def exactness(model, prompt, steps: int) -> dict:
     with_graph = model.generate(prompt, max_new_tokens=steps, temperature=0, cuda_graph=True)
     without = model.generate(prompt, max_new_tokens=steps, temperature=0, cuda_graph=False)
     return {"steps": steps, "same_tokens": bool(torch.equal(with_graph, without))}
-
-
-def logit_parity(model, prompt, steps: int, device: str) -> dict:
-    """Per-step logits of three decoders fed the same tokens (eager greedy's), against eager decoding with an int
-    position: eager with a tensor position (the code path the graph records) and the CUDA graph (CPU: skipped).
-
-    Tells a real bug (large relative errors, argmax changes where the top two logits are far apart) from bf16
-    rounding on near-tied random logits (tiny errors; changes only where the top-two margin is within rounding)."""
-    batch, length = prompt.shape
-    max_len = length + steps + (model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0)
-
-    def eager(tensor_position: bool, tokens: list | None):
-        cache = model.empty_cache(batch, max_len)
-        logits = [model(prompt, cache=cache).logits[:, -1].float()]
-        if tensor_position:
-            cache.length = torch.tensor(cache.length, device=prompt.device)
-        fed = []
-        for i in range(steps):
-            token = tokens[i] if tokens is not None else logits[-1].argmax(-1, keepdim=True)
-            fed.append(token)
-            logits.append(model(token, cache=cache).logits[:, -1].float())
-        return logits, fed
-
-    def graph(tokens: list):
-        decoder = model.graph_decoder(batch, max_len, prompt.device)
-        logits = [decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1]).float()]
-        for token in tokens:
-            logits.append(decoder(token).float().clone())
-        return logits
-
-    def compare(logits: list, reference: list) -> dict:
-        errors, flips, flip_margins = [], 0, []
-        for got, want in zip(logits, reference, strict=True):
-            errors.append(((got - want).abs().amax() / want.abs().amax()).item())
-            top2 = want.topk(2, dim=-1).values  # (B, 2)
-            changed = got.argmax(-1) != want.argmax(-1)  # (B,)
-            flips += int(changed.sum())
-            flip_margins += ((top2[:, 0] - top2[:, 1]) / want.abs().amax(-1))[changed].tolist()
-        return {"max_relative_error": max(errors), "relative_error_per_step": errors, "argmax_changes": flips,
-                "largest_relative_margin_at_a_change": max(flip_margins, default=None)}
-
-    with torch.no_grad():
-        reference, tokens = eager(False, None)
-        result = {"steps": steps, "dtype": str(next(model.parameters()).dtype),
-                  "eager_tensor_position": compare(eager(True, tokens)[0], reference)}
-        if device == "cuda":
-            result["cuda_graph"] = compare(graph(tokens), reference)
-    return result
 
 
 def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, ...], args, results: dict, bandwidth: float,

@@ -10,7 +10,8 @@ Figures: training-step tokens/s and MFU (cost-model training FLOPs over the bf16
 8 × 2048 = 16k tokens (HNS 1b: 2 × 2048), prefill tokens/s, batch-1 and batch-32 decode ms/token against the HBM
 floor, peak memory. Seed headlines: one HSPMN block at batch 64 × 4096, forward and forward + backward tokens/s
 (the seed: 1.41 M and ~980 k tokens/s on an RTX 5090), and HNS-SS-JEPA-MoE `1b` tokens/s and ms/token with its
-true parameter count.
+true parameter count. And for Bamba and Hymba+, bench/decode.py's logit check: per-step logits of the CUDA-graph
+decoder and of eager decoding with a tensor position, fed eager greedy's tokens, against eager decoding (bf16, float32).
 
 The work runs in priority order (every (a) and the peer first, then the headlines, (b), and last the compiles); a step
 starts only when its estimated cost fits in what is left of --budget-s, and inside a step no part starts after the
@@ -42,6 +43,7 @@ from archgen.benchmark import (  # noqa: E402
     attempt,
     describe_error,
     free_memory,
+    logit_parity,
     measure_variant,
     plot_into,
     prepare_bench,
@@ -65,10 +67,11 @@ DRY_BAMBA = ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2",
              "ffns.mlp.hidden=128")
 # Seconds each step takes on an H200 at SIZES (a guess from earlier runs, a compile included): a step starts only when
 # its estimate fits in what is left of the budget.
-ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 150, "transformers": 40, "hspmn_block": 25}
+ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 150, "transformers": 40, "hspmn_block": 25, "logit_parity": 15}
 HNS_ESTIMATE_S = {"kernels": 80, "reference": 90, "compiled": 300}
 PLAN = [  # (model, step) in priority order: the bars' figures first, compiles last
     ("bamba_1b", "kernels"), ("bamba_1b", "transformers"), ("hymba_plus", "kernels"), ("hspmn_block", "hspmn_block"),
+    ("bamba_1b", "logit_parity"), ("hymba_plus", "logit_parity"),
     ("hns_ss_jepa_moe_1b", "kernels"), ("nexus", "kernels"),
     ("bamba_1b", "reference"), ("hymba_plus", "reference"), ("nexus", "reference"), ("hns_ss_jepa_moe_1b", "reference"),
     ("bamba_1b", "compiled"), ("hymba_plus", "compiled"), ("nexus", "compiled"), ("hns_ss_jepa_moe_1b", "compiled"),
@@ -155,6 +158,24 @@ def hspmn_block(dry_run: bool, directory: Path, deadline: float) -> dict:
     for part, seed_key in (("forward", "forward_tokens_per_s"), ("forward_backward", "train_tokens_per_s")):
         if part in figures:
             figures[part]["of_seed_claim"] = figures[part]["tokens_per_s"] / HSPMN_SEED[seed_key]
+    return figures
+
+
+def parity(prepared, dry_run: bool) -> dict:
+    """bench/decode.py's logit check at batch 1 after a 128-token prompt, 16 greedy steps: bf16, then float32."""
+    config = prepared.config
+    model_module = prepared.package.model
+    if hasattr(model_module, "USE_KERNELS"):
+        model_module.USE_KERNELS = True
+    with torch.device(config.device):
+        model = prepared.package.Model().to(prepared.dtype).eval()
+    prompt = torch.randint(0, model.lm_head.weight.size(0), (1, config.prompt_len), device=config.device)
+    figures: dict = {}
+    attempt(figures, "bf16" if not dry_run else config.dtype, config.device,
+            lambda: logit_parity(model, prompt, 16, config.device))
+    if not dry_run:
+        model.float()
+        attempt(figures, "float32", config.device, lambda: logit_parity(model, prompt, 16, config.device))
     return figures
 
 
@@ -272,9 +293,17 @@ def main() -> None:
         (out / "bars.jsonl").write_text("".join(json.dumps(row) + "\n" for row in bars))
 
     with tempfile.TemporaryDirectory() as tmp:
+        def prepare(name: str, entry: dict):
+            """The model's package built and its floors measured, once per run."""
+            if name not in prepared:
+                config = bench_config(name, args.dry_run, model_variants)
+                prepared[name] = prepare_bench(config, Path(tmp) / name, lambda s, n=name: progress(s, n))
+                entry.update({k: v for k, v in prepared[name].result.to_json().items() if k != "variants"})
+                entry["variants"] = prepared[name].result.variants
+            return prepared[name]
+
         for name, step in PLAN:
-            if (args.only and name not in args.only.split(",")) or (step in ESTIMATE_S and step != "hspmn_block"
-                                                                     and step not in chosen_variants):
+            if (args.only and name not in args.only.split(",")) or step not in (*chosen_variants, "hspmn_block", "logit_parity"):
                 continue
             estimate = (HNS_ESTIMATE_S if name.startswith("hns") else ESTIMATE_S).get(step, ESTIMATE_S.get(step, 30))
             left = deadline - time.perf_counter()
@@ -290,20 +319,17 @@ def main() -> None:
                 if step == "hspmn_block":
                     progress("one block at the seed's shape", name)
                     entry["figures"] = hspmn_block(args.dry_run, Path(tmp) / "hspmn_block", deadline)
+                elif step == "logit_parity":
+                    progress("graph vs eager logits, fed the same tokens", name)
+                    entry["logit_parity"] = parity(prepare(name, entry), args.dry_run)
                 elif step == "transformers":
                     config = prepared[name].config if name in prepared else bench_config(name, args.dry_run, model_variants)
                     peer_config = DRY_BAMBA_CONFIG if args.dry_run else BAMBA_CONFIG
                     progress("transformers BambaForCausalLM", name)
                     entry["transformers"] = transformers_bamba(config, peer_config, 1 if args.dry_run else 4, deadline)
                 else:
-                    if name not in prepared:
-                        config = bench_config(name, args.dry_run, model_variants)
-                        prepared[name] = prepare_bench(config, Path(tmp) / name, lambda s, n=name: progress(s, n))
-                        entry.update({k: v for k, v in prepared[name].result.to_json().items() if k != "variants"})
-                        entry["variants"] = prepared[name].result.variants
-                    variant_config = prepared[name]
-                    variant_config.result.variants[step] = measure_variant(
-                        variant_config, step, lambda s, n=name: progress(s, n), deadline)
+                    bench = prepare(name, entry)
+                    bench.result.variants[step] = measure_variant(bench, step, lambda s, n=name: progress(s, n), deadline)
             except Exception as error:  # noqa: BLE001 — one step failing must not lose the others
                 record["error"] = describe_error(error)
                 progress(record["error"], f"{name} {step}")
