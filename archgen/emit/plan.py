@@ -128,6 +128,10 @@ class EmitPlan:
     heads: list[ExtraPlan] = field(default_factory=list)
     memory: ExtraPlan | None = None
     symbolic: ExtraPlan | None = None
+    # the model-level scalars (ModelDims): 1.0 writes nothing
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logit_divisor: float = 1.0
 
 
 ROLE_ORDER = {"mixer": 0, "ffn": 1}  # component classes: mixers, then feed-forwards, each by name
@@ -244,6 +248,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
+        embedding_multiplier=resolved.model.embedding_multiplier, residual_multiplier=resolved.model.residual_multiplier,
+        logit_divisor=resolved.model.logit_divisor,
     )
 
 

@@ -141,6 +141,7 @@ def attention(
     window: int | None = None,
     heads_key: str = "num_attention_heads",
     kv_key: str = "num_key_value_heads",
+    with_rope: bool = True,
 ) -> dict[str, Any]:
     d_model = cfg.fields.get("hidden_size")
     n_heads = cfg.need(heads_key)
@@ -149,7 +150,7 @@ def attention(
     mixer: dict[str, Any] = {"kind": "attention", "n_heads": n_heads, "n_kv_heads": cfg.take(kv_key, n_heads)}
     if head_dim and (not d_model or head_dim * n_heads != d_model):  # written only where it is not d_model / n_heads
         mixer["head_dim"] = head_dim
-    mixer["rope"] = rope(cfg, head_dim or 1, default_partial)
+    mixer["rope"] = rope(cfg, head_dim or 1, default_partial) if with_rope else None
     if window is not None:
         mixer["window"] = window
     if qk_norm:

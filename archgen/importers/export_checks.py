@@ -17,6 +17,9 @@ def common_reasons(resolved: Any) -> list[str]:
         reasons.append(f"the spec has heads ({', '.join(resolved.heads)}), which the exported causal LM does not carry")
     if any(len(layer.mixers) > 1 for layer in resolved.layers):
         reasons.append("the spec has parallel mixers in one layer")
+    for scalar in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
+        if getattr(resolved.model, scalar) != 1.0:
+            reasons.append(f"the spec's model.{scalar} is {getattr(resolved.model, scalar)}; these model types have none")
     return reasons
 
 
@@ -56,6 +59,8 @@ def attention_config(resolved: Any, attn: Any) -> tuple[dict[str, Any], list[str
         "tie_word_embeddings": model.tie_embeddings,
         "attention_dropout": 0.0,
     }
+    if attn.softmax_scale is not None:
+        reasons.append(f"the attention's softmax_scale is {attn.softmax_scale}; these model types scale by 1/sqrt(head_dim)")
     rope = attn.rope
     if rope is None:
         reasons.append("the attention has no RoPE; these model types always rotate")

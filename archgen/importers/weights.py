@@ -30,7 +30,24 @@ _DTYPE_NAME = {v: k for k, v in DTYPES.items()}
 @dataclass(frozen=True)
 class Piece:
     source: str  # the checkpoint tensor's name
-    transpose: bool = False
+    transpose: bool = False  # after selecting
+    select: int | None = None  # take this index of the first dim (one expert of a stacked tensor)
+    span: tuple[int, int] | None = None  # take these rows [start, stop) of the first dim (half of a fused projection)
+
+    def shape(self, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
+        shape = shapes[self.source]
+        if self.select is not None:
+            shape = shape[1:]
+        if self.span is not None:
+            shape = (self.span[1] - self.span[0],) + shape[1:]
+        return shape[::-1] if self.transpose else shape
+
+    def in_bounds(self, shapes: dict[str, tuple[int, ...]]) -> bool:
+        first = shapes[self.source][0] if shapes[self.source] else 0
+        rows = first if self.select is None else (shapes[self.source][1] if len(shapes[self.source]) > 1 else 0)
+        return (self.select is None or 0 <= self.select < first) and (
+            self.span is None or 0 <= self.span[0] < self.span[1] <= rows
+        )
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,19 @@ class Checkpoint:
         with safe_open(str(self.directory / self.shard_of[name]), framework="pt") as shard:
             return shard.get_tensor(name)
 
+    def load_piece(self, piece: Piece) -> torch.Tensor:
+        """The piece alone: a selected expert or span is read by itself, not the whole stacked tensor."""
+        with safe_open(str(self.directory / self.shard_of[piece.source]), framework="pt") as shard:
+            if piece.select is None and piece.span is None:
+                tensor = shard.get_tensor(piece.source)
+            elif piece.select is None:
+                tensor = shard.get_slice(piece.source)[piece.span[0] : piece.span[1]]
+            elif piece.span is None:
+                tensor = shard.get_slice(piece.source)[piece.select]
+            else:
+                tensor = shard.get_slice(piece.source)[piece.select, piece.span[0] : piece.span[1]]
+        return tensor.t() if piece.transpose else tensor
+
 
 def _read_header(path: Path) -> dict:
     """The JSON header of one safetensors file, checked against the file size (a truncated download is an error here,
@@ -148,7 +178,9 @@ def _error(file: str, message: str, fix: str) -> CompileError:
 
 
 def _shape_of(row: tuple[Piece, ...], checkpoint: Checkpoint) -> tuple[int, ...] | None:
-    shapes = [checkpoint.shapes[p.source][::-1] if p.transpose else checkpoint.shapes[p.source] for p in row]
+    if not all(p.in_bounds(checkpoint.shapes) for p in row):
+        return None
+    shapes = [p.shape(checkpoint.shapes) for p in row]
     if any(len(s) != len(shapes[0]) or s[:-1] != shapes[0][:-1] for s in shapes):
         return None
     return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
@@ -267,8 +299,7 @@ def _from_safetensors(code: str) -> torch.dtype | None:
 
 def _rows(plan: TensorPlan, checkpoint: Checkpoint, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     for row in plan.rows:
-        parts = [checkpoint.load(p.source) for p in row]
-        parts = [part.t() if p.transpose else part for part, p in zip(parts, row, strict=True)]
+        parts = [checkpoint.load_piece(p) for p in row]
         yield (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype).contiguous()
 
 

@@ -36,6 +36,7 @@ class AttentionConfig:
     qk_norm: bool
     qkv_bias: bool
     out_bias: bool
+    softmax_scale: float | None  # None: 1/sqrt(head_dim)
 
 
 def visible_keys(seq_len: int, window: int | None) -> int:
@@ -112,7 +113,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
             rope = RopeConfig(rope.theta, rope.scaling, rope.factor, rope.original_max_position, rope.rotary_dim or head_dim,
                               settings)
         return AttentionConfig(spec.n_heads, spec.n_kv_heads or spec.n_heads, head_dim, rope, spec.window, spec.qk_norm,
-                               spec.qkv_bias, spec.out_bias)
+                               spec.qkv_bias, spec.out_bias, getattr(spec, "softmax_scale", None))
 
     def lock(self, spec, config: AttentionConfig) -> dict:
         rope = None
@@ -121,7 +122,10 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
             unset = {k for k in ROPE_SETTINGS if getattr(spec.rope, k) is None}
             rope = spec.rope.model_copy(update={"rotary_dim": config.rope.rotary_dim}).model_dump(mode="json", exclude=unset)
         filled = {"head_dim": config.head_dim, "n_kv_heads": config.n_kv_heads}
-        return {**spec.model_copy(update=filled).model_dump(mode="json"), "rope": rope}
+        document = {**spec.model_copy(update=filled).model_dump(mode="json"), "rope": rope}
+        if document.get("softmax_scale", 0) is None:  # unset: left out, so older specs keep their hash
+            del document["softmax_scale"]
+        return document
 
     def parameters(self, config: AttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, hd = dims.d_model, config.head_dim
@@ -166,7 +170,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
                     "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None,
-                    "rope_settings": dict(rope.settings) if rope else {}}
+                    "rope_settings": dict(rope.settings) if rope else {}, "softmax_scale": config.softmax_scale}
 
 
 KIND = Attention()

@@ -23,6 +23,7 @@ class MoEConfig:
     load_balancing_weight: float
     z_loss_weight: float
     capacity_factor: float | None  # None: dropless
+    shared_hidden: int | None = None  # the shared experts' total hidden width; None: shared_experts × expert hidden
 
     @property
     def in_width(self) -> int:
@@ -31,7 +32,7 @@ class MoEConfig:
     @property
     def shared(self) -> MLPConfig:
         """The shared experts as one MLP: their outputs sum, so one MLP of shared·hidden computes the same."""
-        return MLPConfig(self.expert.activation, self.expert.hidden * self.shared_experts, False)
+        return MLPConfig(self.expert.activation, self.shared_hidden or self.expert.hidden * self.shared_experts, False)
 
 
 class MoE(Kind[models.MoESpec, MoEConfig]):
@@ -47,6 +48,9 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
             problems.append(Diagnostic(f"{path}.expert.bias",
                                        "biases in routed experts are not supported (the experts run as stacked weight matmuls)",
                                        "remove expert.bias, or set it to false"))
+        if spec.shared_hidden is not None and not spec.shared_experts:
+            problems.append(Diagnostic(f"{path}.shared_hidden", "shared_hidden is set but the layer has no shared experts",
+                                       "set shared_experts: 1, or remove shared_hidden"))
         if spec.top_k > spec.n_experts:
             problems.append(Diagnostic(f"{path}.top_k", f"top_k={spec.top_k} exceeds n_experts={spec.n_experts}",
                                        f"use top_k between 1 and {spec.n_experts}"))
@@ -55,10 +59,12 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
     def resolve(self, spec, model) -> MoEConfig:
         expert = MLPConfig(spec.expert.activation, hidden_size(spec.expert, model.d_model), spec.expert.bias)
         return MoEConfig(spec.n_experts, spec.top_k, expert, spec.shared_experts, spec.normalize_top_k,
-                         spec.load_balancing_weight, spec.z_loss_weight, spec.capacity_factor)
+                         spec.load_balancing_weight, spec.z_loss_weight, spec.capacity_factor, spec.shared_hidden)
 
     def lock(self, spec, config: MoEConfig) -> dict:
-        return spec.model_copy(update={"expert": lock_shape(spec.expert, config.expert.hidden)}).model_dump(mode="json")
+        unset = {"shared_hidden"} if spec.shared_hidden is None else None  # older specs keep their hash
+        return spec.model_copy(update={"expert": lock_shape(spec.expert, config.expert.hidden)}).model_dump(
+            mode="json", exclude=unset)
 
     def parameters(self, config: MoEConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, h, e = dims.d_model, config.expert.hidden, config.n_experts
@@ -87,7 +93,7 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
     def template_dims(self, config: MoEConfig, dims: Dims) -> dict:
         hidden = config.expert.hidden
         return {"d_model": dims.d_model, "hidden": hidden, "gated": config.expert.gated, "in_width": config.in_width,
-                "n_experts": config.n_experts, "top_k": config.top_k, "shared_hidden": hidden * config.shared_experts,
+                "n_experts": config.n_experts, "top_k": config.top_k, "shared_hidden": config.shared.hidden,
                 "activation": config.expert.activation, "shared_experts": config.shared_experts,
                 "capacity_factor": config.capacity_factor, "normalize_top_k": config.normalize_top_k,
                 "load_balancing_weight": config.load_balancing_weight, "z_loss_weight": config.z_loss_weight}

@@ -127,7 +127,7 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
     document = {
         "schema_version": models.SCHEMA_VERSION,
         "name": spec.name,
-        "model": model.model_dump(mode="json"),
+        "model": model.model_dump(mode="json", exclude={k for k in models.MODEL_MULTIPLIERS if getattr(model, k) == 1.0}),
         "mixers": {n: m.document for n, m in mixers.items()},
         "ffns": {n: f.document for n, f in ffns.items()},
         "layers": [{"mixers": list(layer.mixers), "ffn": layer.ffn} for layer in layers],

@@ -179,6 +179,7 @@ class AttentionSpec(AttentionFields):
     """Causal grouped-query attention with rotary positions."""
 
     kind: Literal["attention"]
+    softmax_scale: PositiveFloat | None = None  # the scores' factor; default 1/sqrt(head_dim) (Granite: 1/head_dim)
 
 
 class SparseAttentionSpec(AttentionFields):
@@ -231,6 +232,8 @@ class MoESpec(SpecModel):
     top_k: PositiveInt = 2
     expert: FeedForwardShape
     shared_experts: Count = 0  # always-on experts of the same shape (DeepSeek-style)
+    # the shared experts' total hidden width, where it is not shared_experts × the routed experts' (Granite's shared MLP)
+    shared_hidden: PositiveInt | None = None
     normalize_top_k: bool = True  # renormalise the k routing weights to sum to one
     load_balancing_weight: LossWeight = 0.01
     z_loss_weight: LossWeight = 0.001
@@ -387,6 +390,16 @@ class ModelDims(SpecModel):
     norm: NormSpec = RMSNormSpec(kind="rmsnorm")
     max_seq_len: PositiveInt = 2048
     init_std: PositiveFloat = 0.02
+    # Scalars some published models apply (Granite, muP-trained models): the embeddings are multiplied by
+    # embedding_multiplier, each layer's mixer and feed-forward outputs by residual_multiplier before their residual
+    # add, and the logits divided by logit_divisor. 1.0 is no scaling (left out of the lock, so older specs keep
+    # their hash).
+    embedding_multiplier: PositiveFloat = 1.0
+    residual_multiplier: PositiveFloat = 1.0
+    logit_divisor: PositiveFloat = 1.0
+
+
+MODEL_MULTIPLIERS = ("embedding_multiplier", "residual_multiplier", "logit_divisor")
 
 
 class Spec(SpecModel):

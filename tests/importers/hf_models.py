@@ -71,6 +71,24 @@ TINY = {
         "chunk_size": 8,
         "time_step_min": 0.3,
     },
+    # Granite's scalars far from 1 so each shows; a shared MLP wider than the experts
+    "granitemoehybrid": dict(
+        ATTENTION,
+        num_hidden_layers=3,
+        intermediate_size=32,
+        layer_types=["mamba", "attention", "mamba"],
+        shared_intermediate_size=48,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        mamba_n_heads=8,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+        position_embedding_type="rope",
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0078125,
+        logits_scaling=8.0,
+    ),
     # RoPE scalings, with a trained context shorter than the prompts so every branch of the frequency rule is used
     "llama-rope_llama3": dict(
         ATTENTION,

@@ -37,9 +37,10 @@ class ModelType:
 
 
 def registry() -> dict[str, ModelType]:
-    from archgen.importers.model_types import bamba, decoder, jamba, mamba, nemotron
+    from archgen.importers.model_types import bamba, decoder, granite, jamba, mamba, nemotron
 
-    types = [*decoder.MODEL_TYPES, *mamba.MODEL_TYPES, *bamba.MODEL_TYPES, *jamba.MODEL_TYPES, *nemotron.MODEL_TYPES]
+    families = (decoder, mamba, bamba, jamba, nemotron, granite)
+    types = [model_type for family in families for model_type in family.MODEL_TYPES]
     return {t.name: t for t in types}
 
 

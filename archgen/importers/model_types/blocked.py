@@ -4,11 +4,14 @@ An import of one of these is an error that names what is missing, never an appro
 """
 
 BLOCKED = {
-    "falcon_h1": "Falcon-H1 scales embeddings, attention, SSM and MLP by per-block multipliers (embedding_multiplier, "
-    "key_multiplier, ssm_multipliers, mlp_multipliers, lm_head_multiplier, ...) and runs attention and "
-    "Mamba-2 in parallel with its own combination, none of which the spec language has",
-    "granitemoehybrid": "GraniteMoeHybrid scales embeddings, residuals, attention and logits (embedding_multiplier, "
-    "residual_multiplier, attention_multiplier, logits_scaling), which the spec language has no fields for",
-    "qwen3_next": "Qwen3-Next's linear-attention layers are Gated DeltaNet, and its attention has an output gate; "
-    "the spec language has neither kind",
+    "falcon_h1": "Falcon-H1 runs attention and Mamba-2 side by side on one normed input in every layer and adds their "
+    "outputs after per-branch multipliers (attention_in_multiplier, attention_out_multiplier, ssm_out_multiplier); it "
+    "also scales the Mamba-2 input (ssm_in_multiplier) and five sections of its in_proj output (ssm_multipliers), the "
+    "keys (key_multiplier), the MLP's gate and output (mlp_multipliers) and the logits by a product "
+    "(lm_head_multiplier). The spec language has model.embedding_multiplier, but its parallel mixers combine by a "
+    "normalized mean or a plain sum without branch scales, and it has none of the other multipliers",
+    "qwen3_next": "Qwen3-Next's attention gates its output by the sigmoid of a second half of q_proj, its RMSNorms "
+    "scale by (1 + weight), and its MoE weights the shared expert by sigmoid(shared_expert_gate(x)); the attention, "
+    "norm and moe kinds have none of these (the gated_deltanet kind is its linear-attention layer, not yet checked "
+    "against Qwen3NextGatedDeltaNet's fused in_proj_qkvz / in_proj_ba layout)",
 }
