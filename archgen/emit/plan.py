@@ -30,6 +30,7 @@ class ComponentPlan:
     template: str  # templates/components/<template>.py.j2
     produces_aux: bool = False
     has_cache: bool = False
+    takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
     kernel: KernelChoice | None = None  # the Triton kernel the kernel-selection pass gave its ops
 
 
@@ -50,6 +51,10 @@ class ParallelPlan:
     @property
     def has_cache(self) -> bool:
         return any(b.has_cache for b in self.branches)
+
+    @property
+    def takes_pads(self) -> bool:
+        return any(b.takes_pads for b in self.branches)
 
 
 @dataclass
@@ -300,7 +305,8 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
     template_dims = kind.template_dims(config, dims)
     template_dims["kind"] = kind_name
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
-                         produces_aux=kind.produces_aux, has_cache=kind.has_cache, kernel=kernel)
+                         produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
+                         kernel=kernel)
 
 
 def _layout_text(layers: list[_Layer]) -> str:

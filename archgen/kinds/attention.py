@@ -52,6 +52,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     template = "attention"
     colour = "#e4572e"
     has_cache = True
+    takes_pads = True
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems: list[Diagnostic] = []
@@ -158,7 +159,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
 
     def imports(self, config: AttentionConfig) -> dict[str, tuple[str, ...]]:
         rope = ("apply_rope", "rope_cos_sin", "rope_inv_freq") if config.rope else ()
-        return {"attention": ("KVCache", "attention", *rope)}
+        return {"attention": ("KVCache", "attention", "hide_pads", *rope)}
 
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope

@@ -21,6 +21,7 @@ class Conv(Kind[models.ConvSpec, ConvConfig]):
     template = "conv"
     colour = "#669bbc"
     has_cache = True
+    takes_pads = True
 
     def resolve(self, spec, model) -> ConvConfig:
         return ConvConfig(spec.d_conv, spec.bias, spec.activation)

@@ -57,6 +57,7 @@ class GatedDeltaNet(Kind[models.GatedDeltaNetSpec, GatedDeltaNetConfig]):
     template = "gated_deltanet"
     colour = "#2a9d8f"
     has_cache = True
+    takes_pads = True
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         n_v_heads = spec.n_v_heads or spec.n_heads

@@ -36,6 +36,7 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
     template = "mamba"
     colour = "#29335c"
     has_cache = True
+    takes_pads = True
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         if spec.dt_min >= spec.dt_max:

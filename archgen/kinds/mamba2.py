@@ -40,6 +40,7 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
     template = "mamba2"
     colour = "#4062bb"
     has_cache = True
+    takes_pads = True
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems: list[Diagnostic] = []

@@ -41,6 +41,7 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
     template = "moe"
     colour = "#2a9d8f"
     produces_aux = True
+    takes_pads = True
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems = check_shape(spec.expert, f"{path}.expert")

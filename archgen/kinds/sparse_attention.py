@@ -32,10 +32,9 @@ class SparseAttention(Attention):
                                      fraction_weight=spec.fraction_weight)
 
     def imports(self, config: SparseAttentionConfig) -> dict[str, tuple[str, ...]]:
-        imports = super().imports(config)
-        imports["attention"] = tuple(name for name in imports["attention"] if name != "attention")  # its own attention
-        return imports | {"routing": ("gather_tokens", "pack_selected", "packed_query_attention", "scatter_tokens",
-                                      "select_tokens", "selection_losses")}
+        routing = ("gather_tokens", "pack_selected", "packed_query_attention", "scatter_tokens", "select_tokens",
+                   "selection_losses")
+        return super().imports(config) | {"routing": routing}
 
     def template_dims(self, config: SparseAttentionConfig, dims: Dims) -> dict:
         return super().template_dims(config, dims) | {
