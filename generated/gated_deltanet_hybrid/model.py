@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
-from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.gated_delta import GatedDeltaCache, gated_delta_rule, gated_delta_step, l2_normalize
 from .ops.ssm import causal_conv1d
@@ -50,6 +50,24 @@ def add_losses(total: dict | None, losses: dict) -> None:
             total[name] = total.get(name, 0.0) + value
 
 
+def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (B, T), 1 for a token and 0 for padding (Hugging Face's convention) → each row's pads (B,).
+
+    Rows must be left-padded (every pad before the row's first token), as decoding a batch needs: the new tokens
+    then follow every row's last token."""
+    mask = attention_mask.bool()
+    pads = mask.size(1) - mask.sum(dim=1)  # (B,)
+    if not torch.compiler.is_compiling():  # eager: say what is wrong (a traced graph takes the mask as given)
+        if not torch.equal(mask, torch.arange(mask.size(1), device=mask.device) >= pads[:, None]):
+            raise ValueError(
+                "attention_mask must be left-padded (each row's zeros before its ones): pad prompts on the "
+                "left (with a Hugging Face tokenizer, padding_side='left')"
+            )
+        if bool((pads == mask.size(1)).any()):
+            raise ValueError("attention_mask has a row without a token (all zeros): give every row at least one token")
+    return pads
+
+
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 16 query heads, 2 key/value heads of 128 dims, RoPE θ=1000000.0, qk-norm."""
 
@@ -73,18 +91,23 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=1000000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
         B, T, C = x.size()
+        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
+        # query sees a pad's key (hide_pads).
+        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
         q = self.q_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         k = self.k_proj(x).view(B, T, 2, 128).transpose(1, 2)  # (B, 2, T, 128)
         v = self.v_proj(x).view(B, T, 2, 128).transpose(1, 2)  # (B, 2, T, 128)
         q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 2, S, 128) each, the slots' positions (S,)
-        y = attention(q, k, v, q_positions=positions, k_positions=k_positions)  # (B, 16, T, 128)
+        if pads is not None:
+            k_positions = hide_pads(k_positions, pads)  # (B, S)
+        y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 16, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 2048))  # (B, T, 2048)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -127,9 +150,12 @@ class Gdn(nn.Module):
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹
         nn.init.normal_(self.o_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x, positions=None, cache: GatedDeltaCache | None = None):
+    def forward(self, x, positions=None, cache: GatedDeltaCache | None = None, pads=None):
         B, T, C = x.size()
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # (B, T, 8192)
+        if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
+            keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
+            qkv = torch.where(keep, qkv, 0.0)
         qkv, conv_state = causal_conv1d(
             qkv, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
         )
@@ -139,6 +165,8 @@ class Gdn(nn.Module):
         v = v.view(B, T, 32, 128)  # (B, T, 32, 128)
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias)  # (B, T, 32), log α ≤ 0
         beta = torch.sigmoid(self.b_proj(x))  # (B, T, 32)
+        if pads is not None:  # α = 1 and β = 0 at a pad: the state passes unchanged
+            g, beta = torch.where(keep, g, 0.0), torch.where(keep, beta, 0.0)
         if cache is not None and T == 1:
             o, state = gated_delta_step(cache.recurrent_state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
             o = o.unsqueeze(1)  # (B, 1, 32, 128)
@@ -182,8 +210,8 @@ class GdnMlpBlock(nn.Module):
         self.ffn_norm = RMSNorm(2048, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 2048)
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 2048)
         x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
         return x
 
@@ -201,8 +229,8 @@ class AttnMlpBlock(nn.Module):
         self.ffn_norm = RMSNorm(2048, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 2048)
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 2048)
         x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
         return x
 
@@ -224,6 +252,7 @@ class Cache:
 
     layers: list
     length: int = 0  # positions filled so far
+    pads: torch.Tensor | None = None  # (B,) each row's left padding (attention_mask's zeros), which its first slots hold
 
 
 class Model(nn.Module):
@@ -286,11 +315,16 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def forward(self, input_ids, targets=None, cache: Cache | None = None) -> ModelOutput:
-        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""
+    def forward(self, input_ids, targets=None, cache: Cache | None = None, attention_mask=None) -> ModelOutput:
+        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
+
+        attention_mask (B, T): 1 for a token, 0 for padding, rows left-padded (a batch of prompts of different
+        lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
+        reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
+        for the tokens that follow."""
         aux: dict[str, torch.Tensor] = {}
         heads: dict[str, torch.Tensor] = {}
-        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 2048)
+        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, attention_mask=attention_mask)  # (B, T, 2048)
         logits = self.lm_head(x)  # (B, T, 151936)
         loss = None
         if targets is not None:
@@ -299,30 +333,45 @@ class Model(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
     def hidden_states(
-        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+        self,
+        input_ids=None,
+        cache: Cache | None = None,
+        aux: dict | None = None,
+        heads: dict | None = None,
+        inputs_embeds=None,
+        attention_mask=None,
     ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
         start = cache.length if cache is not None else 0
+        pads = cache.pads if cache is not None else None  # (B,) or None: a ragged batch's left padding
+        if attention_mask is not None and isinstance(start, int) and start == 0:  # a prompt: later calls keep its pads
+            pads = left_pads(attention_mask)
+            if cache is not None:
+                cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
         positions = start + torch.arange(
             x.size(1), device=x.device
-        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, use_reentrant=False)
+                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux)
+                x = layer(x, positions, layer_cache, aux, pads)
         if cache is not None:
             cache.length = start + x.size(1)
         x = self.norm_f(x)  # (B, T, 2048)
         return x
 
-    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
-        """A cache for `batch` sequences of up to `max_len` positions."""
+    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None, padded: bool = False) -> Cache:
+        """A cache for `batch` sequences of up to `max_len` positions, pads included.
+        padded: with room for a ragged batch's pads (zeros until a prompt with an attention_mask fills it)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
+        return Cache(
+            [layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
+            pads=torch.zeros(batch, dtype=torch.long, device=device) if padded else None,
+        )
 
     @torch.no_grad()
     def generate(
@@ -334,8 +383,11 @@ class Model(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         cuda_graph: bool = True,
+        attention_mask=None,
     ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
+        attention_mask (B, T) (1 token, 0 pad) decodes a batch of left-padded prompts of different lengths: each row
+        gets the tokens it gets alone.
 
         On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
         (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
@@ -343,12 +395,12 @@ class Model(nn.Module):
         B, T = input_ids.size()
         max_len = T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
-            decoder = self.graph_decoder(B, max_len, input_ids.device)
-            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache).logits[:, -1])
+            decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None)
+            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1])
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 151936)
+            logits = self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]  # (B, 151936)
 
             def step(token):
                 return self(token, cache=cache).logits[:, -1]
@@ -361,19 +413,19 @@ class Model(nn.Module):
                 logits = step(next_token)  # (B, 151936)
         return torch.cat(tokens, dim=1)
 
-    def graph_decoder(self, batch: int, max_len: int, device) -> CUDAGraphDecoder:
+    def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
         lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
         where they live: moving or converting the model records a new graph instead of replaying a stale one."""
         max_len = max(64, 1 << (max_len - 1).bit_length())
         dtype = self.embed.weight.dtype
         weights_at = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, max_len, str(device), dtype, self.training, weights_at)
+        key = (batch, max_len, str(device), dtype, self.training, weights_at, padded)
         decoders = self.__dict__.setdefault("_graph_decoders", {})
         if key not in decoders:
             decoders[key] = CUDAGraphDecoder(
                 lambda token, cache: self(token, cache=cache).logits[:, -1],
-                lambda: self.empty_cache(batch, max_len, device, dtype),
+                lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,
             )

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
-from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.jepa import EMATarget, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
@@ -63,6 +63,24 @@ def add_losses(total: dict | None, losses: dict) -> None:
             total[name] = total.get(name, 0.0) + value
 
 
+def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (B, T), 1 for a token and 0 for padding (Hugging Face's convention) → each row's pads (B,).
+
+    Rows must be left-padded (every pad before the row's first token), as decoding a batch needs: the new tokens
+    then follow every row's last token."""
+    mask = attention_mask.bool()
+    pads = mask.size(1) - mask.sum(dim=1)  # (B,)
+    if not torch.compiler.is_compiling():  # eager: say what is wrong (a traced graph takes the mask as given)
+        if not torch.equal(mask, torch.arange(mask.size(1), device=mask.device) >= pads[:, None]):
+            raise ValueError(
+                "attention_mask must be left-padded (each row's zeros before its ones): pad prompts on the "
+                "left (with a Hugging Face tokenizer, padding_side='left')"
+            )
+        if bool((pads == mask.size(1)).any()):
+            raise ValueError("attention_mask has a row without a token (all zeros): give every row at least one token")
+    return pads
+
+
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 32 query heads, 8 key/value heads of 128 dims, RoPE θ=10000.0, sliding window 4096."""
 
@@ -84,17 +102,22 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
         B, T, C = x.size()
+        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
+        # query sees a pad's key (hide_pads).
+        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
         q = self.q_proj(x).view(B, T, 32, 128).transpose(1, 2)  # (B, 32, T, 128)
         k = self.k_proj(x).view(B, T, 8, 128).transpose(1, 2)  # (B, 8, T, 128)
         v = self.v_proj(x).view(B, T, 8, 128).transpose(1, 2)  # (B, 8, T, 128)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 128) each, the slots' positions (S,)
-        y = attention(q, k, v, q_positions=positions, k_positions=k_positions, window=4096)  # (B, 32, T, 128)
+        if pads is not None:
+            k_positions = hide_pads(k_positions, pads)  # (B, S)
+        y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions, window=4096)  # (B, 32, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 4096))  # (B, T, 4096)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -133,9 +156,12 @@ class Ssm(nn.Module):
         nn.init.uniform_(self.dt_proj.weight, -(256**-0.5), 256**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None):
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([8192, 8192], dim=-1)  # (B, T, 8192) each
+        if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
+            keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
+            x = torch.where(keep, x, 0.0)
         x, conv_state = causal_conv1d(
             x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
         )
@@ -150,6 +176,8 @@ class Ssm(nn.Module):
             y = y.unsqueeze(1)  # (B, 1, 8192)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 8192); its bias is added inside the scan, before softplus
+            if pads is not None:
+                dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged
             initial_state = cache.ssm_state if cache is not None else None
             if use_kernel(kernels.selective_scan, x):
                 y, ssm_state = kernels.selective_scan(
@@ -186,10 +214,13 @@ class Moe(nn.Module):
         nn.init.normal_(self.w_in, 0.0, INIT_STD)
         nn.init.normal_(self.w_out, 0.0, OUTPUT_STD)
 
-    def forward(self, x):
+    def forward(self, x, positions=None, pads=None):
         B, T, C = x.size()
         tokens = x.reshape(B * T, C)  # (B*T, 4096)
         router_logits = self.router(tokens).float()  # (B*T, 16)
+        valid = (
+            None if pads is None else (positions >= pads[:, None]).reshape(B * T)
+        )  # a ragged batch's pads take no expert slot and no loss
         fused_swiglu = kernels.swiglu if use_kernel(kernels.swiglu, tokens) else None  # one pass, forward and backward
         y, stats = moe_forward(
             tokens,
@@ -201,10 +232,11 @@ class Moe(nn.Module):
             capacity_factor=None,
             normalize=True,
             fused_swiglu=fused_swiglu,
+            valid=valid,
         )
         aux = {
-            "moe_load_balancing": 0.01 * load_balancing_loss(router_logits, stats["expert_index"], 16),
-            "moe_z_loss": 0.001 * router_z_loss(router_logits),
+            "moe_load_balancing": 0.01 * load_balancing_loss(router_logits, stats["expert_index"], 16, valid=valid),
+            "moe_z_loss": 0.001 * router_z_loss(router_logits, valid=valid),
         }
         return y.view(B, T, C), aux
 
@@ -219,9 +251,9 @@ class SsmMoeBlock(nn.Module):
         self.ffn_norm = RMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 4096)
-        y, losses = self.ffn(self.ffn_norm(x))
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 4096)
+        y, losses = self.ffn(self.ffn_norm(x), positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
         return x
@@ -240,9 +272,9 @@ class AttnMoeBlock(nn.Module):
         self.ffn_norm = RMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 4096)
-        y, losses = self.ffn(self.ffn_norm(x))
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 4096)
+        y, losses = self.ffn(self.ffn_norm(x), positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
         return x
@@ -365,6 +397,7 @@ class Cache:
 
     layers: list
     length: int = 0  # positions filled so far
+    pads: torch.Tensor | None = None  # (B,) each row's left padding (attention_mask's zeros), which its first slots hold
 
 
 class Model(nn.Module):
@@ -440,11 +473,16 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def forward(self, input_ids, targets=None, cache: Cache | None = None) -> ModelOutput:
-        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""
+    def forward(self, input_ids, targets=None, cache: Cache | None = None, attention_mask=None) -> ModelOutput:
+        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
+
+        attention_mask (B, T): 1 for a token, 0 for padding, rows left-padded (a batch of prompts of different
+        lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
+        reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
+        for the tokens that follow."""
         aux: dict[str, torch.Tensor] = {}
         heads: dict[str, torch.Tensor] = {}
-        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 4096)
+        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, attention_mask=attention_mask)  # (B, T, 4096)
         logits = self.lm_head(x)  # (B, T, 128000)
         heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 4096)
         heads["medusa"] = self.heads["medusa"](x, self.lm_head)  # (4, B, T, 128000)
@@ -457,30 +495,45 @@ class Model(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
     def hidden_states(
-        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+        self,
+        input_ids=None,
+        cache: Cache | None = None,
+        aux: dict | None = None,
+        heads: dict | None = None,
+        inputs_embeds=None,
+        attention_mask=None,
     ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 4096)) → final-norm hidden states (B, T, 4096)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 4096)
         start = cache.length if cache is not None else 0
+        pads = cache.pads if cache is not None else None  # (B,) or None: a ragged batch's left padding
+        if attention_mask is not None and isinstance(start, int) and start == 0:  # a prompt: later calls keep its pads
+            pads = left_pads(attention_mask)
+            if cache is not None:
+                cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
         positions = start + torch.arange(
             x.size(1), device=x.device
-        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, use_reentrant=False)
+                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux)
+                x = layer(x, positions, layer_cache, aux, pads)
         if cache is not None:
             cache.length = start + x.size(1)
         x = self.norm_f(x)  # (B, T, 4096)
         return x
 
-    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
-        """A cache for `batch` sequences of up to `max_len` positions."""
+    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None, padded: bool = False) -> Cache:
+        """A cache for `batch` sequences of up to `max_len` positions, pads included.
+        padded: with room for a ragged batch's pads (zeros until a prompt with an attention_mask fills it)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
+        return Cache(
+            [layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
+            pads=torch.zeros(batch, dtype=torch.long, device=device) if padded else None,
+        )
 
     @torch.no_grad()
     def generate(
@@ -492,8 +545,11 @@ class Model(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         cuda_graph: bool = True,
+        attention_mask=None,
     ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
+        attention_mask (B, T) (1 token, 0 pad) decodes a batch of left-padded prompts of different lengths: each row
+        gets the tokens it gets alone.
 
         On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
         (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
@@ -501,12 +557,12 @@ class Model(nn.Module):
         B, T = input_ids.size()
         max_len = T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
-            decoder = self.graph_decoder(B, max_len, input_ids.device)
-            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache).logits[:, -1])
+            decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None)
+            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1])
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 128000)
+            logits = self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]  # (B, 128000)
 
             def step(token):
                 return self(token, cache=cache).logits[:, -1]
@@ -519,19 +575,19 @@ class Model(nn.Module):
                 logits = step(next_token)  # (B, 128000)
         return torch.cat(tokens, dim=1)
 
-    def graph_decoder(self, batch: int, max_len: int, device) -> CUDAGraphDecoder:
+    def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
         lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
         where they live: moving or converting the model records a new graph instead of replaying a stale one."""
         max_len = max(64, 1 << (max_len - 1).bit_length())
         dtype = self.embed.weight.dtype
         weights_at = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, max_len, str(device), dtype, self.training, weights_at)
+        key = (batch, max_len, str(device), dtype, self.training, weights_at, padded)
         decoders = self.__dict__.setdefault("_graph_decoders", {})
         if key not in decoders:
             decoders[key] = CUDAGraphDecoder(
                 lambda token, cache: self(token, cache=cache).logits[:, -1],
-                lambda: self.empty_cache(batch, max_len, device, dtype),
+                lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,
             )
@@ -543,7 +599,7 @@ class Model(nn.Module):
         self.heads["jepa"].target.update_(self, 0.996 if momentum is None else momentum)
 
     @torch.no_grad()
-    def generate_medusa(self, input_ids, max_new_tokens: int) -> tuple[torch.Tensor, MedusaStats]:
+    def generate_medusa(self, input_ids, max_new_tokens: int, attention_mask=None) -> tuple[torch.Tensor, MedusaStats]:
         """Greedy decoding that drafts 5 tokens per forward with the Medusa heads 'medusa': input_ids (1, T) →
         (tokens (1, T + max_new_tokens), MedusaStats with the mean accepted length).
 
@@ -554,6 +610,7 @@ class Model(nn.Module):
         are snapshotted before the verify forward and, after a rejection, restored and advanced over the accepted
         tokens by a second, shorter forward.
         One sequence at a time: rows of a batch would accept different numbers of tokens and their caches would part.
+        attention_mask (1, T) (1 token, 0 pad; left padding) leaves the row's pads out; they stay in the output.
         """
         B, T = input_ids.size()
         if B != 1:
@@ -561,8 +618,9 @@ class Model(nn.Module):
                 f"generate_medusa decodes one sequence at a time, got a batch of {B}: call it once per row "
                 "(rows accept different numbers of draft tokens, so their caches would fall out of step)"
             )
-        cache = self.empty_cache(1, 0 + T + max_new_tokens)
-        h = self.hidden_states(input_ids, cache=cache)[0, -1]  # (4096,) the hidden state after the prompt
+        prompt = input_ids if attention_mask is None else input_ids[:, int(left_pads(attention_mask)[0]) :]  # (1, T - pads)
+        cache = self.empty_cache(1, 0 + prompt.size(1) + max_new_tokens)
+        h = self.hidden_states(prompt, cache=cache)[0, -1]  # (4096,) the hidden state after the prompt
         stats = MedusaStats()
         generated = []  # (accepted,) tensors
         remaining = max_new_tokens

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
-from .ops.attention import KVCache, apply_rope, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
 from .ops.ssm import causal_conv1d
@@ -66,6 +66,24 @@ def add_losses(total: dict | None, losses: dict) -> None:
             total[name] = total.get(name, 0.0) + value
 
 
+def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (B, T), 1 for a token and 0 for padding (Hugging Face's convention) → each row's pads (B,).
+
+    Rows must be left-padded (every pad before the row's first token), as decoding a batch needs: the new tokens
+    then follow every row's last token."""
+    mask = attention_mask.bool()
+    pads = mask.size(1) - mask.sum(dim=1)  # (B,)
+    if not torch.compiler.is_compiling():  # eager: say what is wrong (a traced graph takes the mask as given)
+        if not torch.equal(mask, torch.arange(mask.size(1), device=mask.device) >= pads[:, None]):
+            raise ValueError(
+                "attention_mask must be left-padded (each row's zeros before its ones): pad prompts on the "
+                "left (with a Hugging Face tokenizer, padding_side='left')"
+            )
+        if bool((pads == mask.size(1)).any()):
+            raise ValueError("attention_mask has a row without a token (all zeros): give every row at least one token")
+    return pads
+
+
 class Context(nn.Module):
     """HSPMN contextual stream 'context': 16 query heads, 16 key/value heads of 128 dims, RoPE θ=10000.0.
 
@@ -92,27 +110,35 @@ class Context(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
         B, T, C = x.size()
+        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
+        # query sees a pad's key (hide_pads).
+        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
         router_logits = self.router(x).squeeze(-1).float()  # (B, T)
         gate, selected = select_tokens(router_logits, training=self.training)  # (B, T), (B, T)
+        if pads is not None:
+            selected = selected & (token_positions >= 0)  # a pad never gets a query
         index, valid = pack_selected(selected)  # (B, S): the selected tokens, padded to the most any sequence has
-        q_positions = positions[index]  # (B, S)
+        q_positions = positions[index] if pads is None else token_positions.gather(1, index)  # (B, S)
         x_selected = gather_tokens(x, index, dim=1)  # (B, S, 2048): only these tokens get queries
         q = self.q_proj(x_selected).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128)
         k = self.k_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
         v = self.v_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
+        k_positions = positions
         if cache is not None:
-            k, v, _ = cache.update(k, v, positions[0])  # (B, 16, max_len, 128) each: slot j holds position j
-        if use_kernel(kernels.packed_query_attention, q):
+            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 16, max_len, 128) each: slot j holds position j
+        if pads is not None:  # the masked form, with each row's positions
+            y = attention(q, k, v, q_positions=q_positions, k_positions=hide_pads(k_positions, pads))  # (B, 16, S, 128)
+        elif use_kernel(kernels.packed_query_attention, q):
             y = kernels.packed_query_attention(q, k, v, q_positions, valid)  # (B, 16, S, 128)
         else:
-            y = packed_query_attention(q, k, v, q_positions, valid)
+            y = packed_query_attention(q, k, v, q_positions, valid)  # (B, 16, S, 128)
         y = self.o_proj(y.transpose(1, 2).reshape(B, -1, 2048))  # (B, S, 2048)
         y = scatter_tokens(y, index, valid, T, dim=1) * gate.unsqueeze(-1).to(x.dtype)  # (B, T, 2048)
-        losses = selection_losses(router_logits, target_fraction=0.2)
+        losses = selection_losses(router_logits, target_fraction=0.2, valid=None if pads is None else token_positions >= 0)
         aux = {"router_entropy": 0.01 * losses["router_entropy"], "router_fraction": 0.1 * losses["router_fraction"]}
         return y, aux
 
@@ -127,7 +153,9 @@ class Reflex(nn.Module):
         super().__init__()
         self.conv1d = nn.Conv1d(2048, 2048, kernel_size=4, groups=2048, bias=True)
 
-    def forward(self, x, positions=None, cache: ConvCache | None = None):
+    def forward(self, x, positions=None, cache: ConvCache | None = None, pads=None):
+        if pads is not None:  # a ragged batch's left pads: zeros, the history before a sequence starts
+            x = torch.where((positions >= pads[:, None]).unsqueeze(-1), x, 0.0)
         y, conv_state = causal_conv1d(
             x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
         )  # (B, T, 2048)
@@ -164,10 +192,10 @@ class ReflexContextParallel(nn.Module):
         self.reflex = Reflex()
         self.context = Context()
 
-    def forward(self, x, positions, cache: dict | None = None):
+    def forward(self, x, positions, cache: dict | None = None, pads=None):
         aux = {}
-        reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None)
-        context_out, context_aux = self.context(x, positions, cache["context"] if cache is not None else None)
+        reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None, pads=pads)
+        context_out, context_aux = self.context(x, positions, cache["context"] if cache is not None else None, pads=pads)
         aux.update(context_aux)
         y = reflex_out + context_out
         return y, aux
@@ -189,8 +217,8 @@ class ReflexContextSwigluBlock(nn.Module):
         self.ffn_norm = RMSNorm(2048, eps=1e-06)
         self.ffn = Swiglu()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        y, losses = self.mixer(self.mixer_norm(x), positions, cache)
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        y, losses = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 2048)
         x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
@@ -214,6 +242,7 @@ class Cache:
 
     layers: list
     length: int = 0  # positions filled so far
+    pads: torch.Tensor | None = None  # (B,) each row's left padding (attention_mask's zeros), which its first slots hold
 
 
 class Model(nn.Module):
@@ -276,11 +305,16 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def forward(self, input_ids, targets=None, cache: Cache | None = None) -> ModelOutput:
-        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""
+    def forward(self, input_ids, targets=None, cache: Cache | None = None, attention_mask=None) -> ModelOutput:
+        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
+
+        attention_mask (B, T): 1 for a token, 0 for padding, rows left-padded (a batch of prompts of different
+        lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
+        reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
+        for the tokens that follow."""
         aux: dict[str, torch.Tensor] = {}
         heads: dict[str, torch.Tensor] = {}
-        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads)  # (B, T, 2048)
+        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, attention_mask=attention_mask)  # (B, T, 2048)
         logits = self.lm_head(x)  # (B, T, 32000)
         loss = None
         if targets is not None:
@@ -289,30 +323,45 @@ class Model(nn.Module):
         return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
 
     def hidden_states(
-        self, input_ids=None, cache: Cache | None = None, aux: dict | None = None, heads: dict | None = None, inputs_embeds=None
+        self,
+        input_ids=None,
+        cache: Cache | None = None,
+        aux: dict | None = None,
+        heads: dict | None = None,
+        inputs_embeds=None,
+        attention_mask=None,
     ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 2048)) → final-norm hidden states (B, T, 2048)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 2048)
         start = cache.length if cache is not None else 0
+        pads = cache.pads if cache is not None else None  # (B,) or None: a ragged batch's left padding
+        if attention_mask is not None and isinstance(start, int) and start == 0:  # a prompt: later calls keep its pads
+            pads = left_pads(attention_mask)
+            if cache is not None:
+                cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
         positions = start + torch.arange(
             x.size(1), device=x.device
-        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, use_reentrant=False)
+                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux)
+                x = layer(x, positions, layer_cache, aux, pads)
         if cache is not None:
             cache.length = start + x.size(1)
         x = self.norm_f(x)  # (B, T, 2048)
         return x
 
-    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
-        """A cache for `batch` sequences of up to `max_len` positions."""
+    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None, padded: bool = False) -> Cache:
+        """A cache for `batch` sequences of up to `max_len` positions, pads included.
+        padded: with room for a ragged batch's pads (zeros until a prompt with an attention_mask fills it)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return Cache([layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers])
+        return Cache(
+            [layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
+            pads=torch.zeros(batch, dtype=torch.long, device=device) if padded else None,
+        )
 
     @torch.no_grad()
     def generate(
@@ -324,8 +373,11 @@ class Model(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         cuda_graph: bool = True,
+        attention_mask=None,
     ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
+        attention_mask (B, T) (1 token, 0 pad) decodes a batch of left-padded prompts of different lengths: each row
+        gets the tokens it gets alone.
 
         On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
         (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
@@ -333,12 +385,12 @@ class Model(nn.Module):
         B, T = input_ids.size()
         max_len = T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
-            decoder = self.graph_decoder(B, max_len, input_ids.device)
-            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache).logits[:, -1])
+            decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None)
+            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1])
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache).logits[:, -1]  # (B, 32000)
+            logits = self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]  # (B, 32000)
 
             def step(token):
                 return self(token, cache=cache).logits[:, -1]
@@ -351,19 +403,19 @@ class Model(nn.Module):
                 logits = step(next_token)  # (B, 32000)
         return torch.cat(tokens, dim=1)
 
-    def graph_decoder(self, batch: int, max_len: int, device) -> CUDAGraphDecoder:
+    def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
         lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
         where they live: moving or converting the model records a new graph instead of replaying a stale one."""
         max_len = max(64, 1 << (max_len - 1).bit_length())
         dtype = self.embed.weight.dtype
         weights_at = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, max_len, str(device), dtype, self.training, weights_at)
+        key = (batch, max_len, str(device), dtype, self.training, weights_at, padded)
         decoders = self.__dict__.setdefault("_graph_decoders", {})
         if key not in decoders:
             decoders[key] = CUDAGraphDecoder(
                 lambda token, cache: self(token, cache=cache).logits[:, -1],
-                lambda: self.empty_cache(batch, max_len, device, dtype),
+                lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,
             )

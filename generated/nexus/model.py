@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import SPEC_HASH
-from .ops.attention import KVCache, apply_rope, attention, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.jepa import EMATarget, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
@@ -63,6 +63,24 @@ def add_losses(total: dict | None, losses: dict) -> None:
             total[name] = total.get(name, 0.0) + value
 
 
+def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask (B, T), 1 for a token and 0 for padding (Hugging Face's convention) → each row's pads (B,).
+
+    Rows must be left-padded (every pad before the row's first token), as decoding a batch needs: the new tokens
+    then follow every row's last token."""
+    mask = attention_mask.bool()
+    pads = mask.size(1) - mask.sum(dim=1)  # (B,)
+    if not torch.compiler.is_compiling():  # eager: say what is wrong (a traced graph takes the mask as given)
+        if not torch.equal(mask, torch.arange(mask.size(1), device=mask.device) >= pads[:, None]):
+            raise ValueError(
+                "attention_mask must be left-padded (each row's zeros before its ones): pad prompts on the "
+                "left (with a Hugging Face tokenizer, padding_side='left')"
+            )
+        if bool((pads == mask.size(1)).any()):
+            raise ValueError("attention_mask has a row without a token (all zeros): give every row at least one token")
+    return pads
+
+
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 8 query heads, 8 key/value heads of 64 dims, RoPE θ=10000.0."""
 
@@ -84,17 +102,22 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
         B, T, C = x.size()
+        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
+        # query sees a pad's key (hide_pads).
+        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
         q = self.q_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
         k = self.k_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
         v = self.v_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale)
+        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 64) each, the slots' positions (S,)
-        y = attention(q, k, v, q_positions=positions, k_positions=k_positions)  # (B, 8, T, 64)
+        if pads is not None:
+            k_positions = hide_pads(k_positions, pads)  # (B, S)
+        y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 8, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, 512))  # (B, T, 512)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -131,9 +154,12 @@ class Ssm(nn.Module):
         nn.init.uniform_(self.dt_proj.weight, -(32**-0.5), 32**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None):
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([1024, 1024], dim=-1)  # (B, T, 1024) each
+        if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
+            keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
+            x = torch.where(keep, x, 0.0)
         x, conv_state = causal_conv1d(
             x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
         )
@@ -148,6 +174,8 @@ class Ssm(nn.Module):
             y = y.unsqueeze(1)  # (B, 1, 1024)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 1024); its bias is added inside the scan, before softplus
+            if pads is not None:
+                dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged
             initial_state = cache.ssm_state if cache is not None else None
             if use_kernel(kernels.selective_scan, x):
                 y, ssm_state = kernels.selective_scan(
@@ -193,8 +221,8 @@ class SsmMlpBlock(nn.Module):
         self.ffn_norm = RMSNorm(512, eps=1e-05)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 512)
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 512)
         x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
         return x
 
@@ -212,8 +240,8 @@ class AttnMlpBlock(nn.Module):
         self.ffn_norm = RMSNorm(512, eps=1e-05)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache)  # (B, T, 512)
+    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 512)
         x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
         return x
 
@@ -385,6 +413,7 @@ class Cache:
     layers: list
     length: int = 0  # positions filled so far
     memory: object = None  # the test-time memory's fast weights, written as the sequence is read
+    pads: torch.Tensor | None = None  # (B,) each row's left padding (attention_mask's zeros), which its first slots hold
 
 
 class Model(nn.Module):
@@ -478,11 +507,20 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def forward(self, input_ids, targets=None, cache: Cache | None = None, update_memory: bool = False) -> ModelOutput:
-        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence."""
+    def forward(
+        self, input_ids, targets=None, cache: Cache | None = None, update_memory: bool = False, attention_mask=None
+    ) -> ModelOutput:
+        """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
+
+        attention_mask (B, T): 1 for a token, 0 for padding, rows left-padded (a batch of prompts of different
+        lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
+        reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
+        for the tokens that follow."""
         aux: dict[str, torch.Tensor] = {}
         heads: dict[str, torch.Tensor] = {}
-        x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, update_memory=update_memory)  # (B, T, 512)
+        x = self.hidden_states(
+            input_ids, cache=cache, aux=aux, heads=heads, update_memory=update_memory, attention_mask=attention_mask
+        )  # (B, T, 512)
         logits = self.lm_head(x)  # (B, T, 32000)
         heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 512)
         loss = None
@@ -500,23 +538,32 @@ class Model(nn.Module):
         heads: dict | None = None,
         inputs_embeds=None,
         update_memory: bool = False,
+        attention_mask=None,
     ):
         """The backbone: token ids (B, T) (or their embeddings (B, T, 512)) → final-norm hidden states (B, T, 512)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, 512)
         start = cache.length if cache is not None else 0
+        pads = cache.pads if cache is not None else None  # (B,) or None: a ragged batch's left padding
+        if attention_mask is not None and isinstance(start, int) and start == 0:  # a prompt: later calls keep its pads
+            pads = left_pads(attention_mask)
+            if cache is not None:
+                cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
         positions = start + torch.arange(
             x.size(1), device=x.device
-        )  # (T,); start is an int, or a 0-dim tensor in an exported decode step
+        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, use_reentrant=False)
+                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux)
+                x = layer(x, positions, layer_cache, aux, pads)
             if i == 47:
                 read, memory_state = self.memory(
-                    x, cache.memory if cache is not None else None, update=update_memory, position=start
-                )
+                    x,
+                    cache.memory if cache is not None else None,
+                    update=update_memory,
+                    position=start if pads is None else start - pads,
+                )  # each row's position
                 if cache is not None:
                     cache.memory = memory_state
                 x = x + read
@@ -529,13 +576,15 @@ class Model(nn.Module):
         x = self.norm_f(x)  # (B, T, 512)
         return x
 
-    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
-        """A cache for `batch` sequences of up to `max_len` positions."""
+    def empty_cache(self, batch: int, max_len: int, device=None, dtype=None, padded: bool = False) -> Cache:
+        """A cache for `batch` sequences of up to `max_len` positions, pads included.
+        padded: with room for a ragged batch's pads (zeros until a prompt with an attention_mask fills it)."""
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
         return Cache(
             [layer.empty_cache(batch, max_len, device, dtype) for layer in self.layers],
             memory=self.memory.empty_state(batch, device),
+            pads=torch.zeros(batch, dtype=torch.long, device=device) if padded else None,
         )
 
     @torch.no_grad()
@@ -549,8 +598,11 @@ class Model(nn.Module):
         generator: torch.Generator | None = None,
         update_memory: bool = True,
         cuda_graph: bool = True,
+        attention_mask=None,
     ):
         """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
+        attention_mask (B, T) (1 token, 0 pad) decodes a batch of left-padded prompts of different lengths: each row
+        gets the tokens it gets alone.
 
         With update_memory (the default) the test-time memory is written as the prompt and the generated tokens are read.
 
@@ -560,12 +612,18 @@ class Model(nn.Module):
         B, T = input_ids.size()
         max_len = T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
-            decoder = self.graph_decoder(B, max_len, input_ids.device, update_memory)
-            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, update_memory=update_memory).logits[:, -1])
+            decoder = self.graph_decoder(B, max_len, input_ids.device, update_memory, padded=attention_mask is not None)
+            logits = decoder.prefill(
+                lambda cache: self(input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask).logits[
+                    :, -1
+                ]
+            )
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache, update_memory=update_memory).logits[:, -1]  # (B, 32000)
+            logits = self(input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask).logits[
+                :, -1
+            ]  # (B, 32000)
 
             def step(token):
                 return self(token, cache=cache, update_memory=update_memory).logits[:, -1]
@@ -578,19 +636,21 @@ class Model(nn.Module):
                 logits = step(next_token)  # (B, 32000)
         return torch.cat(tokens, dim=1)
 
-    def graph_decoder(self, batch: int, max_len: int, device, update_memory: bool = True) -> CUDAGraphDecoder:
+    def graph_decoder(
+        self, batch: int, max_len: int, device, update_memory: bool = True, padded: bool = False
+    ) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
         lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
         where they live: moving or converting the model records a new graph instead of replaying a stale one."""
         max_len = max(64, 1 << (max_len - 1).bit_length())
         dtype = self.embed.weight.dtype
         weights_at = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, max_len, str(device), dtype, self.training, weights_at, update_memory)
+        key = (batch, max_len, str(device), dtype, self.training, weights_at, update_memory, padded)
         decoders = self.__dict__.setdefault("_graph_decoders", {})
         if key not in decoders:
             decoders[key] = CUDAGraphDecoder(
                 lambda token, cache: self(token, cache=cache, update_memory=update_memory).logits[:, -1],
-                lambda: self.empty_cache(batch, max_len, device, dtype),
+                lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,
             )

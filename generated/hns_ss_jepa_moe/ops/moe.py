@@ -125,6 +125,7 @@ def moe_forward(
     capacity_factor: float | None = None,
     normalize: bool = True,
     fused_swiglu: Callable[[Tensor], Tensor] | None = None,
+    valid: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Route each token to its top-k experts and sum their outputs, weighted by the router.
 
@@ -143,6 +144,9 @@ def moe_forward(
 
     fused_swiglu: a drop-in for `swiglu` below (the generated model passes kernels.swiglu, one pass forward and
     backward on CUDA); the grouped form uses it for activation="swiglu", the fixed-buffer form never.
+    valid (N,) bool marks a ragged batch's real tokens (False: padding). With a capacity, the pads are routed after
+    every real token, so they never take a slot a real token would get; dropless, each token is computed on its own
+    and the pads change nothing.
     """
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
@@ -151,6 +155,14 @@ def moe_forward(
     _check_expert_weights(w_in, w_out, d, activation)
     if router_logits.shape != (N, E):
         raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
+    if valid is not None and capacity_factor is not None:
+        # The real tokens first (in token order), then the pads: capacity is given out in that order.
+        order = torch.argsort((~valid).long() * N + torch.arange(N, device=x.device))  # (N,) unique keys: no stable sort
+        inverse = torch.argsort(order)
+        y, stats = moe_forward(x.index_select(0, order), router_logits.index_select(0, order), w_in, w_out, top_k=top_k,
+                               activation=activation, capacity_factor=capacity_factor, normalize=normalize,
+                               fused_swiglu=fused_swiglu)
+        return y.index_select(0, inverse), stats | {"expert_index": stats["expert_index"].index_select(0, inverse)}
     routing = route_top_k(router_logits, top_k, normalize)
     capacity = expert_capacity(N, E, top_k, capacity_factor)
     # A decode step's few tokens take the fixed-buffer form on a GPU: static shapes and no host sync, so the step can
@@ -360,7 +372,7 @@ def moe_fixed_buffer(
     return y.to(x.dtype), stats
 
 
-def load_balancing_loss(router_logits: Tensor, expert_index: Tensor, n_experts: int) -> Tensor:
+def load_balancing_loss(router_logits: Tensor, expert_index: Tensor, n_experts: int, valid: Tensor | None = None) -> Tensor:
     """Switch Transformer / GShard auxiliary loss; 1.0 for perfectly uniform routing, E for total collapse.
 
         loss = E * sum_e f_e * P_e
@@ -368,23 +380,36 @@ def load_balancing_loss(router_logits: Tensor, expert_index: Tensor, n_experts: 
         P_e  = mean over tokens of softmax(router_logits)[:, e]          (carries the gradient)
 
     router_logits (..., E); expert_index (..., k) long, e.g. RouterOutput.expert_index or stats["expert_index"].
+    valid (...) bool, if given, counts only those tokens (a ragged batch's pads left out).
     """
     if router_logits.shape[-1] != n_experts:
         raise ValueError(f"router_logits has {router_logits.shape[-1]} experts in its last dim, expected {n_experts}")
+    probs = _upcast(router_logits).reshape(-1, n_experts).softmax(dim=-1)  # (N, E)
     flat_index = expert_index.reshape(-1)
-    counts = torch.zeros(n_experts, dtype=torch.float32, device=router_logits.device)
-    counts = counts.scatter_add(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))  # (E,)
-    f = counts / flat_index.numel()  # (E,)
-    p = _upcast(router_logits).reshape(-1, n_experts).softmax(dim=-1).mean(dim=0)  # (E,)
+    if valid is None:
+        counts = torch.zeros(n_experts, dtype=torch.float32, device=router_logits.device)
+        counts = counts.scatter_add(0, flat_index, torch.ones_like(flat_index, dtype=torch.float32))  # (E,)
+        f = counts / flat_index.numel()  # (E,)
+        p = probs.mean(dim=0)  # (E,)
+        return n_experts * (f * p).sum()
+    weight = valid.reshape(-1, 1).to(probs.dtype)  # (N, 1)
+    counts = torch.zeros(n_experts, dtype=probs.dtype, device=router_logits.device)
+    counts = counts.scatter_add(0, flat_index, weight.expand(-1, expert_index.shape[-1]).reshape(-1))  # (E,)
+    tokens = weight.sum().clamp(min=1)
+    f = counts / (tokens * expert_index.shape[-1])  # (E,)
+    p = (probs * weight).sum(dim=0) / tokens  # (E,)
     return n_experts * (f * p).sum()
 
 
-def router_z_loss(router_logits: Tensor) -> Tensor:
+def router_z_loss(router_logits: Tensor, valid: Tensor | None = None) -> Tensor:
     """ST-MoE router z-loss, mean over tokens of logsumexp(logits)^2: keeps router logits small.
 
-    router_logits (..., E).
+    router_logits (..., E); valid (...) bool, if given, averages over those tokens only (a ragged batch's pads left out).
     """
-    return torch.logsumexp(_upcast(router_logits), dim=-1).square().mean()
+    z = torch.logsumexp(_upcast(router_logits), dim=-1).square()  # (...)
+    if valid is None:
+        return z.mean()
+    return torch.where(valid, z, 0.0).sum() / valid.sum().clamp(min=1)
 
 
 def router_entropy(router_logits: Tensor) -> Tensor:

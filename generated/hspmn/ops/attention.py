@@ -25,6 +25,8 @@ Notable features:
   data-dependent Python branches, so decode can be captured by CUDA graphs and traced by torch.export
 - a ring-buffer KV cache of `window` slots for sliding-window layers: memory bounded by the window
 - a query that can see no key returns zeros, never NaN
+- left-padded (ragged) batches: hide_pads turns a cache's slot positions into each row's own positions with its
+  pad slots hidden, so a padded row attends exactly as it would alone
 
 Shape letters: B batch, Hq query heads, Hkv key/value heads, T / Tq / Tk sequence lengths, D head_dim,
 R rotary_dim (even, R <= D), L max_len of a cache.
@@ -361,6 +363,19 @@ class RingKVCache:
         self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
 
 
+def hide_pads(k_positions: Tensor, pads: Tensor) -> Tensor:
+    """
+    The keys' positions in a left-padded (ragged) batch, where row b's first pads[b] slots hold padding.
+    k_positions (S,) slot positions (a cache's, or the sequence's own) -> (B, S): each row's positions counted from
+    its first real token, and NEVER_WRITTEN for its pad slots (and for slots never written), which lies past every
+    query, so causality hides them. The queries' positions are `positions - pads[:, None]` (negative at pads: a
+    pad query sees no key and comes out as zeros). Distances between real tokens are those of the unpadded row, so
+    windows, RoPE and causality give each row exactly what it gets alone.
+    """
+    positions = k_positions - pads[:, None]  # (B, S)
+    return torch.where((positions >= 0) & (k_positions != NEVER_WRITTEN), positions, NEVER_WRITTEN)
+
+
 # -----------------------------------------------------------------------------
 # Attention
 
@@ -379,7 +394,7 @@ def attention_mask(
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be at least 1 (the query itself), got {window}")
-    Tq, Tk = q_positions.size(-1), k_positions.size(-1)
+    Tk = k_positions.size(-1)
     qp = q_positions.unsqueeze(-1)  # (..., Tq, 1)
     kp = k_positions.to(q_positions.device).unsqueeze(-2)  # (..., 1, Tk)
     visible = kp <= qp  # (..., Tq, Tk)
@@ -388,7 +403,9 @@ def attention_mask(
     if k_valid_len is not None:
         valid_len = torch.as_tensor(k_valid_len, device=q_positions.device).reshape(-1, 1, 1)  # (1 or B, 1, 1)
         visible = visible & (torch.arange(Tk, device=q_positions.device) < valid_len)  # (1 or B, Tq, Tk)
-    return visible.reshape(-1, 1, Tq, Tk)  # (1 or B, 1, Tq, Tk)
+    if visible.dim() == 2:
+        visible = visible.unsqueeze(0)
+    return visible.unsqueeze(1)  # (1 or B, 1, Tq, Tk); not a reshape(-1, ...), which Tq = 0 (no query) leaves ambiguous
 
 
 def is_exporting() -> bool:

@@ -78,7 +78,7 @@ def select_tokens(
     return gate.to(router_logits.dtype), selected
 
 
-def selection_losses(router_logits: Tensor, target_fraction: float) -> dict[str, Tensor]:
+def selection_losses(router_logits: Tensor, target_fraction: float, valid: Tensor | None = None) -> dict[str, Tensor]:
     """Regularisers for the token router, p = sigmoid(l) over all tokens.
 
         router_entropy   = mean H(p),  H(p) = -p log p - (1 - p) log(1 - p)   minimised: crisp 0/1 decisions,
@@ -86,16 +86,22 @@ def selection_losses(router_logits: Tensor, target_fraction: float) -> dict[str,
         router_fraction  = (mean p - target_fraction)^2                      expected selected fraction on target
 
     H is computed from the logits, p * softplus(-l) + (1 - p) * softplus(l), so it is finite for any l.
-    router_logits (B, T); both terms are float32 scalars, to be weighted by the caller.
+    router_logits (B, T); both terms are float32 scalars, to be weighted by the caller. valid (B, T) bool, if given,
+    leaves out a ragged batch's pads: the means run over the valid tokens only.
     """
     if not 0.0 <= target_fraction <= 1.0:
         raise ValueError(f"target_fraction must be in [0, 1], got {target_fraction}")
     logits = router_logits.float()
     p = torch.sigmoid(logits)
     entropy = p * F.softplus(-logits) + (1 - p) * F.softplus(logits)
+    if valid is None:
+        mean_entropy, mean_p = entropy.mean(), p.mean()
+    else:
+        count = valid.sum().clamp(min=1)
+        mean_entropy, mean_p = torch.where(valid, entropy, 0.0).sum() / count, torch.where(valid, p, 0.0).sum() / count
     return {
-        "router_entropy": entropy.mean(),
-        "router_fraction": (p.mean() - target_fraction).square(),
+        "router_entropy": mean_entropy,
+        "router_fraction": (mean_p - target_fraction).square(),
     }
 
 

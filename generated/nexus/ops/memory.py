@@ -140,7 +140,12 @@ def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: Memo
     Layout: the new tokens are placed on `span` slots counted from the start of the unfinished chunk, after the n
     waiting ones; slot s is in chunk s // C of this call. Chunk j is read with W_j and written when its last slot is
     filled; the slots after the last complete chunk become the new pending buffer.
+
+    position (B,), a tensor: each row at its own position (a ragged batch), see `memory_read_write_rows`.
     """
+    if isinstance(position, Tensor) and position.dim() == 1:
+        return memory_read_write_rows(queries, keys, values, state, chunk_size, learning_rate, momentum, forget,
+                                      position=position, max_seqlen=max_seqlen)
     dtype = state.weights[0].dtype  # float32, or float64 in a float64 model: the callers' float32 inputs follow it
     queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
     chunk = chunk_size
@@ -190,6 +195,65 @@ def memory_read_write(queries: Tensor, keys: Tensor, values: Tensor, state: Memo
     carry = done + torch.arange(chunk, device=queries.device)  # (C,): the unfinished chunk's slots
     keep = (carry < span) & filled.index_select(0, carry.clamp(max=span - 1))
     pending = [torch.where(keep.unsqueeze(-1), t.index_select(1, carry.clamp(max=span - 1)), 0.0)
+               for t in (slot_keys, slot_values)]
+    return reads, MemoryState(weights, surprise, *pending)
+
+
+def memory_read_write_rows(queries: Tensor, keys: Tensor, values: Tensor, state: MemoryState, chunk_size: int,
+                           learning_rate: float, momentum: float, forget: float, *, position: Tensor,
+                           max_seqlen: int | None = None) -> tuple[Tensor, MemoryState]:
+    """memory_read_write with a position per row, position (B,): row b's new tokens are at positions position[b] …
+    position[b] + T - 1, and those at negative positions are a left-padded batch's pads, which are neither written nor
+    counted (their reads are meaningless). Each row's chunks stay at multiples of chunk_size of its own positions,
+    so a padded row writes exactly what it writes alone.
+
+    The same layout as memory_read_write, one row of slots per sequence: every call runs ceil((C - 1 + T) / C) chunk
+    steps (enough for any row's waiting count) and keeps a chunk's write in the rows whose chunk is complete.
+    """
+    dtype = state.weights[0].dtype
+    queries, keys, values = queries.to(dtype), keys.to(dtype), values.to(dtype)
+    chunk = chunk_size
+    B, seqlen = queries.shape[:2]
+    first = position.clamp(min=0)  # (B,) the position of each row's first real token among the new ones
+    waiting = first % chunk  # (B,) tokens of each row's unfinished chunk already in the state
+    offset = waiting + position - first  # (B,) the slot of new token 0 (negative past a row's pads)
+    steps = _chunk_steps(waiting, seqlen, chunk, max_seqlen)
+    span = steps * chunk
+    slot = torch.arange(span, device=queries.device)  # (span,)
+    new_index = slot - offset[:, None]  # (B, span) which new token each slot holds
+    is_waiting = slot < waiting[:, None]  # (B, span)
+    is_new = ~is_waiting & (new_index < seqlen)  # (B, span); past the waiting slots new_index is a real token's
+    filled = is_new | is_waiting
+    source = new_index.clamp(0, seqlen - 1)  # (B, span)
+
+    def lay_out(new: Tensor, pending: Tensor | None) -> Tensor:
+        laid = torch.where(is_new.unsqueeze(-1), new.gather(1, source.unsqueeze(-1).expand(-1, -1, new.size(-1))), 0.0)
+        if pending is not None:
+            old = pending.index_select(1, slot.clamp(max=chunk - 1))  # (B, span, d)
+            laid = torch.where(is_waiting.unsqueeze(-1), old, laid)
+        return laid
+
+    slot_keys, slot_values = lay_out(keys, state.pending_keys), lay_out(values, state.pending_values)
+    slot_queries = lay_out(queries, None)
+    weights, surprise = state.weights, state.momentum
+    reads = []
+    for j in range(steps):
+        part = torch.arange(j * chunk, (j + 1) * chunk, device=queries.device)
+        chunk_queries, chunk_keys, chunk_values = (t.index_select(1, part) for t in (slot_queries, slot_keys, slot_values))
+        reads.append(memory_mlp(chunk_queries, weights))  # (B, C, d_v)
+        written, written_surprise = write_chunk(weights, surprise, chunk_keys, chunk_values,
+                                                learning_rate, momentum, forget)
+        complete = filled[:, (j + 1) * chunk - 1].view(-1, 1, 1)  # (B, 1, 1): the rows whose chunk j is complete
+        weights = [torch.where(complete, w_new, w) for w_new, w in zip(written, weights, strict=True)]
+        surprise = [torch.where(complete, s_new, s) for s_new, s in zip(written_surprise, surprise, strict=True)]
+    reads = torch.cat(reads, dim=1)  # (B, span, d_v)
+    read_slot = (offset[:, None] + torch.arange(seqlen, device=queries.device)).clamp(0, span - 1)  # (B, T)
+    reads = reads.gather(1, read_slot.unsqueeze(-1).expand(-1, -1, reads.size(-1)))  # (B, T, d_v)
+
+    done = filled.view(B, steps, chunk)[:, :, -1].sum(dim=1) * chunk  # (B,) slots in complete chunks
+    carry = (done[:, None] + torch.arange(chunk, device=queries.device)).clamp(max=span - 1)  # (B, C)
+    keep = (done[:, None] + torch.arange(chunk, device=queries.device) < span) & filled.gather(1, carry)  # (B, C)
+    pending = [torch.where(keep.unsqueeze(-1), t.gather(1, carry.unsqueeze(-1).expand(-1, -1, t.size(-1))), 0.0)
                for t in (slot_keys, slot_values)]
     return reads, MemoryState(weights, surprise, *pending)
 
