@@ -529,7 +529,7 @@ class Model(nn.Module):
         if prefix:
             x = torch.cat([self.meta_tokens.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)  # (B, T+128, 1600)
             if pads is not None:
-                x = after_pads(x, pads, 128)  # (B, 128 + T, 1600)
+                x = after_pads(x, pads, 128)  # (B, T+128, 1600)
         positions = start + torch.arange(
             x.size(1), device=x.device
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
