@@ -85,7 +85,7 @@ def test_a_left_padded_batch_gives_each_row_its_own_logits(models, name):
         unmasked = model(input_ids, **writing(model)).logits
         for row, prompt in enumerate(prompts):
             alone = model(prompt[None], **writing(model)).logits[0]
-            assert_close(batched[row, T - len(prompt):], alone, what=f"{name} row {row} ({len(prompt)} tokens) in the padded batch")
+            assert_close(batched[row, T - len(prompt):], alone, what=f"{name} row {row} ({len(prompt)} tokens), padded")
     shortest = LENGTHS.index(min(LENGTHS))
     assert relative_error(unmasked[shortest, -LENGTHS[shortest]:], batched[shortest, -LENGTHS[shortest]:]) > 1e-3, \
         "without the mask the pads should change the row: otherwise this test could not see a mask that does nothing"
@@ -100,7 +100,7 @@ def test_a_left_padded_batch_decodes_each_row_like_the_row_alone(models, name):
         batched = model.generate(input_ids, NEW_TOKENS, temperature=0, attention_mask=attention_mask)
         for row, prompt in enumerate(prompts):
             alone = model.generate(prompt[None], NEW_TOKENS, temperature=0)[0, len(prompt):]
-            assert torch.equal(batched[row, T:], alone), f"{name} row {row}: {batched[row, T:].tolist()} != {alone.tolist()} alone"
+            assert torch.equal(batched[row, T:], alone), f"{name} row {row}: {batched[row, T:].tolist()} != {alone.tolist()}"
     assert torch.equal(batched[:, :T], input_ids)
 
 
