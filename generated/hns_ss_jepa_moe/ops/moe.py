@@ -202,8 +202,12 @@ def moe_grouped(
     out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation, fused_swiglu)  # (N*k, d)
     out = PermuteRows.apply(out_sorted, inverse, order)  # (N*k, d) back in assignment order
     weight = torch.where(kept.view(N, top_k), routing.expert_weight, 0.0)  # (N, k) dropped assignments weigh 0
-    y = out.view(N, top_k, d).to(weight.dtype)  # (N, k, d)
-    y = (y * weight[..., None]).sum(dim=1)  # (N, d)
+    # y = sum_j w[:, j] * out[:, j] in float32, one (N, d) pass per j: each product promotes a row of x's dtype on the
+    # fly, where converting the (N, k, d) rows first would write and read them again in float32.
+    parts = out.view(N, top_k, d).unbind(dim=1)  # k x (N, d)
+    y = parts[0] * weight[:, :1]  # (N, d) float32 (or wider)
+    for j in range(1, top_k):
+        y = torch.addcmul(y, parts[j], weight[:, j : j + 1])  # (N, d)
     stats = {"tokens_per_expert": tokens_per_expert, "dropped": (~kept).sum(), "expert_index": routing.expert_index}
     return y.to(x.dtype), stats
 
