@@ -58,20 +58,20 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
-                       (128, 32, 4, 4), (64, 32, 4, 4))
+    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2))
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 2))
+    for m, n, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2))
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4), (64, 128, 4, 2))
+    for m, n, w, s in ((64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2))
 ]
+"""Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
 SHARED_MEMORY_BUDGET = 160 * 1024
-"""Bytes of tiles a config may stage (the one tile held, plus num_stages of the streamed ones): candidates above it
-are left out for that head dim and dtype, so the untuned default always launches (an H100 / H200 has 227 KiB)."""
+"""Bytes of streamed tiles a config may stage (num_stages of them; the held tile lives in registers): candidates above
+it are left out for that head dim and dtype, so the untuned default always launches (an H100 / H200 has 227 KiB)."""
 SMALLEST_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
 INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
 """The config used under TRITON_INTERPRET=1: the interpreter has nothing to tune, and small blocks exercise the
@@ -353,15 +353,15 @@ def shape_key(head_dim: int, value_dim: int, group: int, windowed: bool, dtype: 
 
 
 def candidates(tuner: Autotuner, dtype: torch.dtype, head_dim: int, value_dim: int) -> list[dict]:
-    """The tuner's configs whose tiles fit SHARED_MEMORY_BUDGET at these head dims and dtype, in order (the first is
-    the untuned default); SMALLEST_CONFIG when none does. The forward and dq kernels hold a block of rows and stream
-    key blocks; the dkdv kernel holds a key block and streams blocks of rows."""
+    """The tuner's configs whose streamed tiles fit SHARED_MEMORY_BUDGET at these head dims and dtype, in order (the
+    first is the untuned default); SMALLEST_CONFIG when none does. The forward and dq kernels hold a block of rows and
+    stream key blocks; the dkdv kernel holds a key block and streams blocks of rows."""
     elem = torch.empty((), dtype=dtype).element_size()
     width = triton.next_power_of_2(head_dim) + triton.next_power_of_2(value_dim)
 
     def staged_bytes(c):
-        held, streamed = (c["BLOCK_N"], c["BLOCK_M"]) if tuner is BACKWARD_DKDV_TUNER else (c["BLOCK_M"], c["BLOCK_N"])
-        return elem * width * (held + c["num_stages"] * streamed)
+        streamed = c["BLOCK_M"] if tuner is BACKWARD_DKDV_TUNER else c["BLOCK_N"]
+        return elem * width * c["num_stages"] * streamed
 
     fitting = [c for c in tuner.configs if staged_bytes(c) <= SHARED_MEMORY_BUDGET]
     return fitting or [SMALLEST_CONFIG]
