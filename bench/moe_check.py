@@ -12,14 +12,16 @@ Sections (each records its own error and the run goes on; the JSON is rewritten 
      gradients must be exactly 0: torch._grouped_mm's weight gradient is the 2-D x 2-D form with an empty group).
      Diagnostic, not a bar: the same forms with the router logits rounded to bf16 (what the first GPU run compared,
      relative norm 0.06-0.11): the routing decision flips for near-tied tokens, for the loop as for grouped_mm.
-  3. swiglu: the fused kernel against eager silu(gate) * up at (65,536 rows, 2 x 8,192) bf16, forward and
-     forward+backward, ms and GB/s against the copy bandwidth.
-  4. moe: the layer end to end (router matmul, softmax/top-k, permute, experts, combine) at 16 experts top-2 SwiGLU,
+  3. moe: the layer end to end (router matmul, softmax/top-k, permute, experts, combine) at 16 experts top-2 SwiGLU,
      d_model 2048, expert hidden 8192, 32,768 tokens, bf16, Zipf-like routing: logits = router(x) + N(0, 1) -
      s * log(e + 1) for expert e = 0..15 with exponent s = 1 (expected load falls like 1/(e+1), max/mean ~5.6).
      Forms: USE_GROUPED_MM on and off x fused SwiGLU on and off. Forward and forward+backward ms, useful TFLOP/s
      (6 N k d h forward, 3x that forward+backward: only the k assigned experts' matmuls) and that over the dense
-     rate (bar 0.6), peak memory.
+     rate (bar 0.6), peak memory; the router's share of the time (what fusing softmax/top-k/aux losses could save);
+     a torch.profiler breakdown of the fastest form's forward+backward; and the bf16 forms at this shape against
+     the float32 per-expert loop with the same routing (output and every gradient, bar 1e-2).
+  4. swiglu: the fused kernel against eager silu(gate) * up at (65,536 rows, 2 x 8,192) bf16, forward and
+     forward+backward, ms and GB/s against the copy bandwidth.
 
 Outputs under --out (default $OUT, else bench/results): moe_check.json and moe_check.bars.json (bench/results/
 bars.json's row format). The JSON's "verdict" says whether USE_GROUPED_MM (templates/runtime/moe.py) can be turned on.
@@ -63,7 +65,7 @@ TINY = {
     "moe": {"N": 32, "E": 4, "k": 2, "d": 16, "h": 32},
 }
 # seconds each section needs at the full shapes (compiles and autotuning included), to stay inside --budget-s
-NEEDS_S = {"floors": 3, "numerics": 15, "swiglu": 15, "moe": 35}
+NEEDS_S = {"floors": 3, "numerics": 15, "moe": 45, "swiglu": 15}
 
 
 def load_runtime_moe():
@@ -409,6 +411,7 @@ class Check:
                 t.grad = None
         self.router_share(record, noise, k)
         self.profile(record, x, w_router, noise, w_in, w_out, k)
+        self.numerics_at_timing_shape(record, x, w_router, noise, w_in, w_out, k)
         if rate:
             for key, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):
                 timed = {n: record[n] for n in self.forms() if f"{key}_TFLOPs" in record.get(n, {})}
@@ -420,6 +423,44 @@ class Check:
                          f"(exponent {ZIPF_EXPONENT:g}), useful FLOPs [{best}]", tf, "TFLOP/s",
                          "dense bf16 8192^3 matmul rate in the run", rate, tf / rate, RATE_BAR)
 
+
+    def numerics_at_timing_shape(self, record: dict, x, w_router, noise, w_in, w_out, k: int) -> None:
+        """The bf16 forms at the timed shape against the float32 per-expert loop on float32 copies, with the same
+        (float32) router logits: relative norms of the output and every gradient, bar 1e-2. Large, unbalanced groups
+        are where the numerics section's small shapes could miss a tiling problem."""
+        torch = self.torch
+        logits = ((x @ w_router).float() + noise).detach()
+        cot = torch.randn(x.shape, device=self.device, generator=self.generator(1))
+        labels = ["out", "d_x", "d_logits", "d_w_in", "d_w_out"]
+
+        def run(form, dtype):
+            leaves = [t.detach().to(dtype).requires_grad_() for t in (x, logits, w_in, w_out)]
+            leaves[1] = logits.clone().requires_grad_()  # the router logits stay float32, as the model passes them
+            y = self.moe_forward(form, *leaves, top_k=k)[0]
+            y.backward(cot.to(y.dtype))
+            result = [y.detach(), *(t.grad for t in leaves)]
+            del leaves, y
+            return result
+
+        reference = run({"grouped_mm": False, "fused": False}, torch.float32)
+        entry = record["numerics_at_timing_shape"] = {}
+        for form_name, form in self.forms().items():
+            try:
+                got = run(form, torch.bfloat16)
+                errors = {lab: rel_norm(a, e) for lab, a, e in zip(labels, got, reference, strict=True)}
+                finite = all(bool(torch.isfinite(t).all()) for t in got)
+                entry[form_name] = {"bf16_rel_norm": errors, "finite": finite,
+                                    "ok": finite and max(errors.values()) <= BF16_BAR}
+                del got
+            except Exception as error:  # noqa: BLE001 - one failing form must not hide the others
+                entry[form_name] = {"error": f"{type(error).__name__}: {str(error)[:500]}", "ok": False}
+            self.write()
+        del reference
+        verdict = self.results.get("verdict")
+        if verdict is not None and "grouped_mm" in entry:
+            verdict["grouped_mm_exact_at_timing_shape"] = entry["grouped_mm"]["ok"]
+            if not entry["grouped_mm"]["ok"]:
+                verdict["USE_GROUPED_MM"] = "leave off"
 
     def profile(self, record: dict, x, w_router, noise, w_in, w_out, k: int) -> None:
         """Where the time of one forward+backward goes, for the fastest form: torch.profiler's kernels by total device
@@ -502,8 +543,8 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --dry-run on a CPU")
     check.section("floors", check.floors)
     check.section("numerics", check.numerics)
+    check.section("moe", check.moe_layer)  # before the kernel alone: the layer is what the bar is about
     check.section("swiglu", check.swiglu)
-    check.section("moe", check.moe_layer)
     print(json.dumps({"verdict": check.results.get("verdict"), "bars": check.bars}, indent=1))
     print(f"wrote {out / 'moe_check.json'} and {out / 'moe_check.bars.json'} in {check.elapsed():.0f} s")
 
