@@ -16,6 +16,8 @@ Why a kernel: the reference packs the selected queries but still needs a per-row
 as an explicit mask, off its flash path; on an H200 that ran at 0.67x of dense causal flash attention over ALL
 queries. Here the bound is the row's position, read from a vector, and whole key blocks are skipped.
 
+Scores are kept in base 2 (the scale is multiplied by log2 e once, so each exponential is one exp2 instruction).
+
 How the forward works (flash attention with online softmax). The grid is (blocks of BLOCK_M packed rows, B * H),
 the blocks of the latest rows first (they see the most keys, so they start first and the tail of the launch is
 short). A program loads its rows' positions, p_min .. p_max, and walks the keys in BLOCK_N steps over
@@ -50,7 +52,6 @@ from torch import Tensor
 
 from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
 
-_LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
