@@ -22,7 +22,8 @@ How. Forward: each program normalises a (BLOCK_R, BLOCK_N) tile, BLOCK_R whole r
 held in registers: one row per program for wide rows, several for narrow ones, so every program moves enough bytes
 to keep loads in flight (a program of one 64-wide row would be all launch overhead), with num_warps sized to the
 tile; the weight is loaded once per program. Backward: programs take ROWS consecutive rows each, accumulate their
-part of dw in registers and write it to a (programs, N) float32 buffer that torch sums: deterministic, no atomics.
+part of dw in registers, a (BLOCK_R, BLOCK_N) tile of rows at a time, and write it to a (programs, N) float32
+buffer that torch sums: deterministic, no atomics.
 When N is a power of two the column masks are compiled out (EVEN_N).
 
 Tuning. The tuners `rms_norm.forward` and `rms_norm.backward` (triton_support.Autotuner) choose per shape bucket
@@ -51,7 +52,10 @@ MAX_TILE = 16384
 """Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
 
 FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
-BACKWARD_CONFIGS = [{"ROWS": rows, "num_warps": warps} for rows in (8, 16, 32, 64, 128) for warps in (4, 8, 16)]
+BACKWARD_CONFIGS = [{"ROWS": rows, "BLOCK_R": tile_rows, "num_warps": warps} for rows in (32, 128)
+                    for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16) if tile_rows <= rows]
+MAX_BACKWARD_TILE = 8192
+"""Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
 INTERPRETER_CONFIG = {"BLOCK_R": 2, "ROWS": 4, "num_warps": 4}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -76,9 +80,10 @@ def _rms_norm_fwd_kernel(
     else:
         inside = row_inside[:, None] & (cols < N)[None, :]
         w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0, eviction_policy="evict_first")
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=inside, other=0.0)
+        r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=inside, other=0.0,
+                    eviction_policy="evict_first")
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the unfused add
         tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=inside)
     else:
@@ -94,35 +99,38 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     dy_ptr, ds_out_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
     R, N, stride_dy, stride_ds_out, stride_s, stride_ds,
-    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    inside = cols < N
+    col_inside = cols < N
     if EVEN_N:
         w = tl.load(w_ptr + cols).to(tl.float32)
     else:
-        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    first = program * ROWS
-    for i in range(ROWS):
-        row = (first + i).to(tl.int64)
-        if row < R:
-            if EVEN_N:
-                s = tl.load(s_ptr + row * stride_s + cols).to(tl.float32)
-                dy = tl.load(dy_ptr + row * stride_dy + cols).to(tl.float32)
-            else:
-                s = tl.load(s_ptr + row * stride_s + cols, mask=inside, other=0.0).to(tl.float32)
-                dy = tl.load(dy_ptr + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
-            x_hat = s * rstd
-            dx_hat = dy * w
-            ds = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / N))
-            if HAS_DS_OUT:
-                ds += tl.load(ds_out_ptr + row * stride_ds_out + cols, mask=inside, other=0.0).to(tl.float32)
-            tl.store(ds_ptr + row * stride_ds + cols, ds.to(ds_ptr.dtype.element_ty), mask=inside)
-            dw += dy * x_hat
-    tl.store(dw_partial_ptr + program * N + cols, dw, mask=inside)
+        w = tl.load(w_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    first = program.to(tl.int64) * ROWS
+    for start in range(0, ROWS, BLOCK_R):  # tiles of BLOCK_R rows: rows past R load zeros and add nothing to dw
+        rows = first + start + tl.arange(0, BLOCK_R)
+        row_inside = rows < R
+        if EVEN_N:
+            inside = row_inside[:, None]
+        else:
+            inside = row_inside[:, None] & col_inside[None, :]
+        s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=inside, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=inside, other=0.0,
+                     eviction_policy="evict_first").to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_inside, other=0.0)
+        x_hat = s * rstd[:, None]
+        dx_hat = dy * w[None, :]
+        ds = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / N)[:, None])
+        if HAS_DS_OUT:
+            ds += tl.load(ds_out_ptr + rows[:, None] * stride_ds_out + cols[None, :], mask=inside, other=0.0,
+                          eviction_policy="evict_first").to(tl.float32)
+        tl.store(ds_ptr + rows[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
+        dw += dy * x_hat
+    tl.store(dw_partial_ptr + program * N + cols, tl.sum(dw, axis=0), mask=col_inside)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,26 +159,30 @@ def _warps_for(elements: int) -> int:
 
 def forward_candidates(N: int) -> list[dict]:
     """The forward configs that suit rows of width N, the untuned default first: tiles of at most MAX_TILE elements
-    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with at least 2 elements
-    per thread."""
+    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with 2 to 64 elements per
+    thread."""
     block = _block_n(N)
     default_rows = min(max(4096 // block, 1), 32)
     default = {"BLOCK_R": default_rows, "num_warps": _warps_for(default_rows * block)}
-    fitting = [c for c in FORWARD_CONFIGS
-               if c["BLOCK_R"] * block <= max(MAX_TILE, block) and c["num_warps"] * 32 * 2 <= max(c["BLOCK_R"] * block, 128)]
+    fitting = [c for c in FORWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_TILE, block)
+               and 2 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 64]
     return [default, *(c for c in fitting if c != default)]
 
 
 def backward_candidates(N: int) -> list[dict]:
-    """The backward configs that suit rows of width N, the untuned default first (warps at most one per 64 columns)."""
+    """The backward configs that suit rows of width N, the untuned default first: tiles of BLOCK_R rows of at most
+    MAX_BACKWARD_TILE elements (or one row), ROWS rows per program (the dw partials torch sums shrink as ROWS
+    grows; the programs that fill the GPU shrink too), warps with 2 to 32 elements per thread."""
     block = _block_n(N)
-    default = {"ROWS": 32, "num_warps": min(max(block // 512, 4), 16)}
-    fitting = [c for c in BACKWARD_CONFIGS if c["num_warps"] * 64 <= max(block, 256)]
+    tile_rows = min(max(2048 // block, 1), 16)
+    default = {"ROWS": 64, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block)}
+    fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
+               and 2 <= c["BLOCK_R"] * block // (c["num_warps"] * 32) <= 32]
     return [default, *(c for c in fitting if c != default)]
 
 
 FORWARD_TUNER = Autotuner("rms_norm.forward", FORWARD_CONFIGS, {"BLOCK_R": INTERPRETER_CONFIG["BLOCK_R"], "num_warps": 4})
-BACKWARD_TUNER = Autotuner("rms_norm.backward", BACKWARD_CONFIGS, {"ROWS": INTERPRETER_CONFIG["ROWS"], "num_warps": 4})
+BACKWARD_TUNER = Autotuner("rms_norm.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -212,7 +224,7 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
                       config: dict | None = None) -> tuple[Tensor, Tensor]:
     """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's.
 
-    config: {"ROWS": …, "num_warps": …} to bypass the tuner."""
+    config: {"ROWS": …, "BLOCK_R": …, "num_warps": …} to bypass the tuner (BLOCK_R divides ROWS)."""
     shape = s.shape
     s2, dy2 = _rows(s), _rows(dy)
     ds_out2 = _rows(ds_out) if ds_out is not None else None
@@ -227,7 +239,7 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
         _rms_norm_bwd_kernel[(programs,)](
             dy2, ds_out2 if ds_out2 is not None else dy2, s2, weight, rstd, ds, partial["dw"],
             R, N, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0), ds.stride(0),
-            HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, ROWS=cfg["ROWS"], BLOCK_N=block,
+            HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, ROWS=cfg["ROWS"], BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             num_warps=cfg["num_warps"],
         )
 
