@@ -71,3 +71,5 @@ _.rmsnorm
 _.USE_FLEX_ATTENTION
 # bench/moe_check.py sets ops/moe.py's switch FORCE_GROUPED_MM (torch's CPU _grouped_mm in its dry run).
 _.FORCE_GROUPED_MM
+# EmitPlan.norm_kernel is read by templates (model.py.j2's RMSNorm, block.py.j2's fused residual add).
+_.norm_kernel

@@ -31,7 +31,8 @@ Tuning. The tuners `rms_norm.forward` and `rms_norm.backward` (triton_support.Au
 row (`forward_candidates` / `backward_candidates`, the untuned default first). `autotune(config, params, ...)` is the
 hook `archgen build --autotune` calls: it runs both kernels at a model's shapes inside a tuning session.
 
-Contents: `rms_norm` and `add_rms_norm` (entry points, differentiable), the custom ops `archgen_v1::rms_norm`,
+Contents: `rms_norm` (with an optional residual: the generated model's call) and `add_rms_norm` (entry points,
+differentiable), the custom ops `archgen_v1::rms_norm`,
 `archgen_v1::add_rms_norm` and `archgen_v1::rms_norm_backward` (one graph node each under torch.compile /
 torch.export, with fake implementations and autograd), the launchers `rms_norm_forward` / `rms_norm_backward`,
 `rms_norm_reference` / `add_rms_norm_reference`, and `decomposition` for ONNX. CPU tensors take the reference unless
@@ -377,8 +378,12 @@ def _check(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> None:
                          f"{tuple(x.shape)} {x.dtype}")
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """y = x / sqrt(mean(x², -1) + eps) * weight, differentiable; x (..., N), weight (N,); y like x."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+    """y = x / sqrt(mean(x², -1) + eps) * weight, differentiable; x (..., N), weight (N,); y like x. Given the
+    residual stream: `add_rms_norm(x, residual, weight, eps)`, (y, s) with s = x + residual, in one kernel. The
+    signature of the generated package's reference (ops/norm.py `rms_norm`)."""
+    if residual is not None:
+        return add_rms_norm(x, residual, weight, eps)
     _check(x, weight)
     y, _ = rms_norm_op(x, weight, eps)
     return y

@@ -115,7 +115,8 @@ class EmitPlan:
     vocab_size: int
     shapes: dict[str, str]  # from shape inference: "embed", "backbone" (with meta tokens), "final" (after the norm), "logits"
     tie_embeddings: bool
-    norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)"
+    norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)", "FusedRMSNorm(...)"
+    norm_kernel: KernelChoice | None  # the norms' kernel: FusedRMSNorm runs it, blocks fuse the residual add into it
     max_seq_len: int
     init_std: float
     n_layers: int
@@ -236,6 +237,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     norm_op = ir.op("norm_f")
+    norm_dims = kind_of(norm_op.kind).template_dims(norm_op.config, dims)  # "kernel_module": its constructor with a kernel
     meta = [op for op in ir.ops() if op.kind == "meta_tokens"]
     shapes = {"embed": ir.op("embed").out_shape, "backbone": (meta[0] if meta else ir.op("embed")).out_shape,
               "final": norm_op.out_shape, "logits": ir.op("lm_head").out_shape}
@@ -244,7 +246,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}", spec_hash=resolved.spec_hash,
         d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
-        norm_module=kind_of(norm_op.kind).template_dims(norm_op.config, dims)["module"],
+        norm_module=norm_dims["kernel_module" if norm_op.kernel else "module"], norm_kernel=norm_op.kernel,
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
@@ -282,9 +284,9 @@ def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
     return table
 
 
-def kernel_references(plan: EmitPlan, ir: IR) -> dict[str, str]:
-    """{kernel file: the runtime file holding its reference}, for the kernels the plan ships."""
-    return {op.kernel.file: op.kernel.reference for op in ir.ops() if op.kernel is not None}
+def kernel_choices(ir: IR) -> dict[str, KernelChoice]:
+    """{kernel file: its choice (the function the model calls, the runtime file of its reference)}, sorted by file."""
+    return dict(sorted({op.kernel.file: op.kernel for op in ir.ops() if op.kernel is not None}.items()))
 
 
 def _reject_unemitted(ir: IR) -> None:

@@ -26,7 +26,12 @@ class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
         return {"weight": (d,), "bias": (d,)} if config.bias else {"weight": (d,)}
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
-        return {"module": f"RMSNorm({dims.d_model}, eps={config.eps!r})"}  # the generated model defines RMSNorm
+        # the generated model defines RMSNorm, and FusedRMSNorm where the norms run their kernel (kernels/rmsnorm.py)
+        return {"module": f"RMSNorm({dims.d_model}, eps={config.eps!r})",
+                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})"}
+
+    def imports(self, config: NormConfig) -> dict[str, tuple[str, ...]]:
+        return {"norm": ("rms_norm",)}  # the generated RMSNorm's reference, beside its kernel (kernels/rmsnorm.py)
 
 
 class LayerNorm(RMSNorm):
@@ -34,6 +39,9 @@ class LayerNorm(RMSNorm):
 
     def resolve(self, spec, model) -> NormConfig:
         return NormConfig(spec.eps, spec.bias)
+
+    def imports(self, config: NormConfig) -> dict[str, tuple[str, ...]]:
+        return {}
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
         return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})"}

@@ -27,7 +27,19 @@ from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.gated_delta import GatedDeltaCache, gated_delta_rule, gated_delta_step, l2_normalize
+from .ops.norm import rms_norm
 from .ops.ssm import causal_conv1d
+from . import kernels
+
+USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. to compare them with the kernels
+
+
+def use_kernel(kernel, x: torch.Tensor) -> bool:
+    """Run a Triton kernel (kernels/) rather than its reference op (ops/): on CUDA tensors when triton imported, and
+    while torch.export traces, so that an exported program holds the kernel's custom op as one node (ONNX export
+    lowers it back to the reference op: kernels.decompositions())."""
+    return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
+
 
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 24)  # output projections: the residual stream does not grow with depth
@@ -41,6 +53,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
+
+    def forward(self, x, residual=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+        if use_kernel(kernels.rms_norm, x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def add_losses(total: dict | None, losses: dict) -> None:
@@ -205,14 +227,15 @@ class GdnMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(2048, eps=1e-06)
+        self.mixer_norm = FusedRMSNorm(2048, eps=1e-06)
         self.mixer = Gdn()
-        self.ffn_norm = RMSNorm(2048, eps=1e-06)
+        self.ffn_norm = FusedRMSNorm(2048, eps=1e-06)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 2048)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 2048): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -224,14 +247,15 @@ class AttnMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(2048, eps=1e-06)
+        self.mixer_norm = FusedRMSNorm(2048, eps=1e-06)
         self.mixer = Attn()
-        self.ffn_norm = RMSNorm(2048, eps=1e-06)
+        self.ffn_norm = FusedRMSNorm(2048, eps=1e-06)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 2048)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 2048): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -287,7 +311,7 @@ class Model(nn.Module):
                 AttnMlpBlock(),  # 23
             ]
         )
-        self.norm_f = RMSNorm(2048, eps=1e-06)
+        self.norm_f = FusedRMSNorm(2048, eps=1e-06)
         self.lm_head = nn.Linear(2048, 151936, bias=False)
         self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False

@@ -29,6 +29,7 @@ from .ops.decoding import CUDAGraphDecoder
 from .ops.jepa import EMATarget, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
 from .ops.moe import load_balancing_loss, moe_forward, router_z_loss
+from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
 from . import kernels
 
@@ -54,6 +55,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
+
+    def forward(self, x, residual=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+        if use_kernel(kernels.rms_norm, x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def add_losses(total: dict | None, losses: dict) -> None:
@@ -246,14 +257,15 @@ class SsmMoeBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(4096, eps=1e-05)
+        self.mixer_norm = FusedRMSNorm(4096, eps=1e-05)
         self.mixer = Ssm()
-        self.ffn_norm = RMSNorm(4096, eps=1e-05)
+        self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 4096)
-        y, losses = self.ffn(self.ffn_norm(x), positions, pads=pads)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
+        y, losses = self.ffn(h, positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
         return x
@@ -267,14 +279,15 @@ class AttnMoeBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(4096, eps=1e-05)
+        self.mixer_norm = FusedRMSNorm(4096, eps=1e-05)
         self.mixer = Attn()
-        self.ffn_norm = RMSNorm(4096, eps=1e-05)
+        self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 4096)
-        y, losses = self.ffn(self.ffn_norm(x), positions, pads=pads)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
+        y, losses = self.ffn(h, positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
         return x
@@ -440,7 +453,7 @@ class Model(nn.Module):
                 AttnMoeBlock(),  # 31
             ]
         )
-        self.norm_f = RMSNorm(4096, eps=1e-05)
+        self.norm_f = FusedRMSNorm(4096, eps=1e-05)
         self.lm_head = nn.Linear(4096, 128000, bias=False)
         self.heads = nn.ModuleDict(
             {

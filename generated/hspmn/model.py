@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
+from .ops.norm import rms_norm
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
 from .ops.ssm import causal_conv1d
 from . import kernels
@@ -52,6 +53,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
+
+    def forward(self, x, residual=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+        if use_kernel(kernels.rms_norm, x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 @dataclass
@@ -212,16 +223,16 @@ class ReflexContextSwigluBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(2048, eps=1e-06)
+        self.mixer_norm = FusedRMSNorm(2048, eps=1e-06)
         self.mixer = ReflexContextParallel()
-        self.ffn_norm = RMSNorm(2048, eps=1e-06)
+        self.ffn_norm = FusedRMSNorm(2048, eps=1e-06)
         self.ffn = Swiglu()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
         y, losses = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         add_losses(aux, losses)
-        x = x + y  # (B, T, 2048)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 2048)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 2048): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T, 2048)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -277,7 +288,7 @@ class Model(nn.Module):
                 ReflexContextSwigluBlock(),  # 23
             ]
         )
-        self.norm_f = RMSNorm(2048, eps=1e-06)
+        self.norm_f = FusedRMSNorm(2048, eps=1e-06)
         self.lm_head = nn.Linear(2048, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False

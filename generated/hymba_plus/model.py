@@ -29,6 +29,7 @@ from .config import SPEC_HASH
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder
 from .ops.forecast import detokenize, tokenize
+from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
 from . import kernels
 
@@ -54,6 +55,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
+
+    def forward(self, x, residual=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+        if use_kernel(kernels.rms_norm, x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def add_losses(total: dict | None, losses: dict) -> None:
@@ -272,9 +283,9 @@ class GlobalAttnSsmParallel(nn.Module):
         super().__init__()
         self.global_attn = GlobalAttn()
         self.ssm = Ssm()
-        self.global_attn_norm = RMSNorm(1600, eps=1e-06)
+        self.global_attn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.global_attn_scale = nn.Parameter(torch.ones(1600))
-        self.ssm_norm = RMSNorm(1600, eps=1e-06)
+        self.ssm_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ssm_scale = nn.Parameter(torch.ones(1600))
 
     @torch.no_grad()
@@ -302,9 +313,9 @@ class AttnSsmParallel(nn.Module):
         super().__init__()
         self.attn = Attn()
         self.ssm = Ssm()
-        self.attn_norm = RMSNorm(1600, eps=1e-06)
+        self.attn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.attn_scale = nn.Parameter(torch.ones(1600))
-        self.ssm_norm = RMSNorm(1600, eps=1e-06)
+        self.ssm_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ssm_scale = nn.Parameter(torch.ones(1600))
 
     @torch.no_grad()
@@ -330,14 +341,15 @@ class GlobalAttnSsmMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(1600, eps=1e-06)
+        self.mixer_norm = FusedRMSNorm(1600, eps=1e-06)
         self.mixer = GlobalAttnSsmParallel()
-        self.ffn_norm = RMSNorm(1600, eps=1e-06)
+        self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T+128, 1600)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T+128, 1600)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T+128, 1600)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -349,14 +361,15 @@ class AttnSsmMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(1600, eps=1e-06)
+        self.mixer_norm = FusedRMSNorm(1600, eps=1e-06)
         self.mixer = AttnSsmParallel()
-        self.ffn_norm = RMSNorm(1600, eps=1e-06)
+        self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T+128, 1600)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T+128, 1600)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T+128, 1600)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -451,7 +464,7 @@ class Model(nn.Module):
                 GlobalAttnSsmMlpBlock(),  # 31
             ]
         )
-        self.norm_f = RMSNorm(1600, eps=1e-06)
+        self.norm_f = FusedRMSNorm(1600, eps=1e-06)
         self.lm_head = nn.Linear(1600, 32001, bias=False)
         self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleDict(

@@ -28,6 +28,7 @@ from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_s
 from .ops.decoding import CUDAGraphDecoder
 from .ops.jepa import EMATarget, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
+from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
 from .ops.symbolic import forward_chain, rule_masks
 from . import kernels
@@ -54,6 +55,16 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class FusedRMSNorm(RMSNorm):
+    """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
+
+    def forward(self, x, residual=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+        if use_kernel(kernels.rms_norm, x):
+            return kernels.rms_norm(x, self.weight, self.eps, residual)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 def add_losses(total: dict | None, losses: dict) -> None:
@@ -216,14 +227,15 @@ class SsmMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(512, eps=1e-05)
+        self.mixer_norm = FusedRMSNorm(512, eps=1e-05)
         self.mixer = Ssm()
-        self.ffn_norm = RMSNorm(512, eps=1e-05)
+        self.ffn_norm = FusedRMSNorm(512, eps=1e-05)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 512)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T, 512)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -235,14 +247,15 @@ class AttnMlpBlock(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.mixer_norm = RMSNorm(512, eps=1e-05)
+        self.mixer_norm = FusedRMSNorm(512, eps=1e-05)
         self.mixer = Attn()
-        self.ffn_norm = RMSNorm(512, eps=1e-05)
+        self.ffn_norm = FusedRMSNorm(512, eps=1e-05)
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
-        x = x + self.mixer(self.mixer_norm(x), positions, cache, pads=pads)  # (B, T, 512)
-        x = x + self.ffn(self.ffn_norm(x))  # (B, T, 512)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
+        x = x + self.ffn(h)  # (B, T, 512)
         return x
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -474,7 +487,7 @@ class Model(nn.Module):
         )
         self.memory = TitansMemory()  # read after layer 47
         self.symbolic = SymbolicReasoner()  # applied after layer 47
-        self.norm_f = RMSNorm(512, eps=1e-05)
+        self.norm_f = FusedRMSNorm(512, eps=1e-05)
         self.lm_head = nn.Linear(512, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleDict(

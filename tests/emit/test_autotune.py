@@ -53,9 +53,9 @@ def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
 
 def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
     cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
-    assert {c.file for c in cases} == {"selective_scan"}
-    assert len(cases) == 4, "the two Mamba layers share one config: tuned once per batch × length"
-    assert cases[0].params["A_log"] == (32, 4)
+    assert {c.file for c in cases} == {"selective_scan", "rmsnorm"}
+    assert len(cases) == 8, "the Mamba layers share one config, the norms another: each tuned once per batch × length"
+    assert next(c for c in cases if c.file == "selective_scan").params["A_log"] == (32, 4)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -72,7 +72,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     plain = build(spec, "-o", tmp_path / "plain")
     tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", tmp_path / "tuned")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
-    assert "tuned 2 kernel configs of tuned_mamba" in tuned.output
+    assert "tuned 6 kernel configs of tuned_mamba" in tuned.output
 
     plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
     tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
@@ -83,8 +83,10 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
 
     table = json.loads(table_path.read_text())
     assert table["tuned_for"]["batches"] == [2] and table["tuned_for"]["seq_lens"] == [8]
-    assert {e["kernel"] for e in table["entries"]} == {"selective_scan.forward", "selective_scan.backward"}
-    assert {e["key"] for e in table["entries"]} == {"D32-N4-L16-float32"}
+    keys = {(e["kernel"], e["key"]) for e in table["entries"]}
+    assert keys == {("selective_scan.forward", "D32-N4-L16-float32"), ("selective_scan.backward", "D32-N4-L16-float32"),
+                    *(("rms_norm." + kernel, f"N16-R1024-float32-{variant}") for kernel in ("forward", "backward")
+                      for variant in ("plain", "fused"))}
     assert all(e["gpu"] == "cpu" for e in table["entries"])
 
     # A fresh process, as a deployment imports it: the table is pinned at import; the tuned shape runs silently and

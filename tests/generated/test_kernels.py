@@ -43,7 +43,7 @@ SMALL_HSPMN = textwrap.dedent("""\
 ATTENTION_ONLY = textwrap.dedent("""\
     schema_version: 1
     name: attention_only
-    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: rmsnorm, eps: 1.0e-5}}
+    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, eps: 1.0e-5}}
     mixers:
       attn: {kind: attention, n_heads: 2, n_kv_heads: 1}
     ffns:

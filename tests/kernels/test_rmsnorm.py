@@ -178,3 +178,12 @@ def test_shape_key_buckets_rows_and_names_the_variant():
     assert rn.shape_key(4096, 3000, torch.float32, False) == "N4096-R4096-float32-plain"
     assert rn.shape_key(64, 1, torch.float32, False) == rn.shape_key(64, 1024, torch.float32, False)
     assert rn.shape_key(64, 10**7, torch.float32, False) == "N64-R131072-float32-plain"
+
+
+def test_the_generated_models_call_with_a_residual_is_the_fused_op():
+    """kernels.rms_norm(x, w, eps, residual): the signature of the package's reference (ops/norm.py), fused."""
+    x, res, w = randn(4, 24, seed=1), randn(4, 24, seed=2), randn(24, seed=3)
+    y, s = rn.rms_norm(x, w, 1e-6, res)
+    y_ref, s_ref = rn.add_rms_norm_reference(x, res, w, 1e-6)
+    assert_close(y, y_ref, 1e-5, "y")
+    assert_close(s, s_ref, 1e-6, "s")

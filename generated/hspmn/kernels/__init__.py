@@ -14,9 +14,12 @@ try:
     from . import triton_support
     from . import packed_query_attention as packed_query_attention_module
     from .packed_query_attention import packed_query_attention
+    from . import rmsnorm as rmsnorm_module
+    from .rmsnorm import rms_norm
 except ImportError:  # no triton
     triton_support = None
     packed_query_attention_module = packed_query_attention = None
+    rmsnorm_module = rms_norm = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -28,4 +31,8 @@ def decompositions() -> dict:
         from ..ops.routing import packed_query_attention as reference
 
         table.update(packed_query_attention_module.decomposition(reference, max_seqlen=4096))
+    if rmsnorm_module is not None:
+        from ..ops.norm import rms_norm as reference
+
+        table.update(rmsnorm_module.decomposition(reference, max_seqlen=4096))
     return table

@@ -12,10 +12,13 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 
 try:
     from . import triton_support
+    from . import rmsnorm as rmsnorm_module
+    from .rmsnorm import rms_norm
     from . import selective_scan as selective_scan_module
     from .selective_scan import selective_scan
 except ImportError:  # no triton
     triton_support = None
+    rmsnorm_module = rms_norm = None
     selective_scan_module = selective_scan = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -24,6 +27,10 @@ else:
 def decompositions() -> dict:
     """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
     table = {}
+    if rmsnorm_module is not None:
+        from ..ops.norm import rms_norm as reference
+
+        table.update(rmsnorm_module.decomposition(reference, max_seqlen=8192))
     if selective_scan_module is not None:
         from ..ops.ssm import selective_scan as reference
 

@@ -1,0 +1,31 @@
+"""Triton kernels gated_deltanet_hybrid runs on CUDA tensors, copied from archgen's kernels/ (the package archgen_kernels)
+with triton_support.py, the autotuning and op registration they share. Do not edit.
+
+Where triton cannot be imported (a CPU-only install) each name is None, and the model runs the reference op of the
+same name in ops/. Each kernel is a torch.library custom op, so an exported program keeps it as one node;
+`decompositions()` writes those ops with the reference ops, for exporters that cannot run Triton (ONNX).
+
+Launch configs: importing or running this package never tunes. A kernel runs the config pinned for this GPU, torch,
+triton and shape in tuning.json (written here by `archgen build SPEC --autotune` on a GPU, loaded at import), or else
+its default config, with one warning per process (triton_support.UNTUNED lists the shapes that ran untuned).
+"""
+
+try:
+    from . import triton_support
+    from . import rmsnorm as rmsnorm_module
+    from .rmsnorm import rms_norm
+except ImportError:  # no triton
+    triton_support = None
+    rmsnorm_module = rms_norm = None
+else:
+    triton_support.RUNTIME_TUNING = False
+
+
+def decompositions() -> dict:
+    """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
+    table = {}
+    if rmsnorm_module is not None:
+        from ..ops.norm import rms_norm as reference
+
+        table.update(rmsnorm_module.decomposition(reference, max_seqlen=8192))
+    return table

@@ -1,0 +1,337 @@
+"""What every Triton kernel file of archgen_kernels shares: the interpreter, autotuning with pinned winners, and the
+registration of custom ops. Op files import it relatively (`from .triton_support import ...`), so the same files
+work as the package archgen_kernels and as the kernels/ folder copied into a generated package.
+
+Interpreter. Under TRITON_INTERPRET=1 (set before triton is imported) kernels run on CPU tensors in Triton's
+interpreter, slowly: that is how the tests run without a GPU. `interpreting()` says whether that is the case,
+`triton_on_cpu()` whether CPU tensors should take the kernels at all (the kernel tests ask for it), and importing
+this module under the interpreter patches it to run loops with runtime bounds under numpy >= 2.4.
+
+Autotuning. An `Autotuner` chooses one launch config per shape bucket (a key string the op builds from the sizes
+that matter and the dtype). A choice is pinned (`pin`, or a tuning table: `tuning_table` / `load_tuning_table`, and a
+`tuning.json` next to this file, read at import, with the winners recorded for this GPU, torch and triton; an entry
+for another GPU or other versions is ignored, never applied) or made on the first call with a key. What that first
+call does is `RUNTIME_TUNING`'s choice: time every candidate on the call's own tensors and keep the fastest (True,
+archgen_kernels' default: the benches and tests), or run the tuner's default config and say so once per process
+(False: a generated package sets it, so that importing or running it never tunes). Inside `tuning_session()` (what
+`archgen build --autotune` runs each kernel's `autotune` hook in) every new key is timed, even under the interpreter
+(with its one config), and the session's `table()` is what was tuned there.
+
+Op registration. `register_op` defines `archgen_v1::<name>` with torch.library once per process: a second copy of
+an op file (a generated package's kernels/ next to archgen_kernels) reuses the ops the first registered, since
+registering a name twice corrupts the dispatcher. The namespace is versioned: a change of an op's signature or
+semantics moves it to archgen_v2, so packages generated before and after can run in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import triton
+from torch import Tensor
+
+try:
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # a triton without the interpreter: never interpreting
+    InterpretedFunction = ()
+
+OP_NAMESPACE = "archgen_v1"
+TUNING_TABLE_FORMAT = 1
+TUNING_FILE = Path(__file__).with_name("tuning.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interpreter
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def interpreting() -> bool:
+    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
+    return isinstance(_probe, InterpretedFunction)
+
+
+def triton_on_cpu() -> bool:
+    """Whether CPU tensors run the Triton kernels (in the interpreter) rather than the op's reference.
+
+    Only when interpreting and ARCHGEN_TRITON_ON_CPU=1, read at every call: the kernel tests ask for it. Otherwise
+    an op computes CPU tensors with its reference, which is what an exported program holding the op does when it
+    runs on a CPU (the interpreter would take seconds per call)."""
+    return interpreting() and os.environ.get("ARCHGEN_TRITON_ON_CPU") == "1"
+
+
+def _fix_interpreter_scalars() -> None:
+    """Let Triton's interpreter run loops with runtime bounds under numpy >= 2.4.
+
+    The interpreter holds a scalar as a numpy array of shape (1,) and converts it with int(array), which numpy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so `for i in range(n)` fails for a
+    runtime n. Its launch-time patch of tl.tensor.__index__ is wrapped to convert with .item() instead; the
+    interpreter restores patched attributes last-in first-out, so both are undone after each launch.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "archgen_fixed", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    patch_lang_tensor.archgen_fixed = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting():
+    _fix_interpreter_scalars()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launch helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def strided(t: Tensor | None, ndim: int) -> tuple:
+    """(tensor or None, *strides): a kernel's pointer and stride arguments; an absent tensor gets zero strides."""
+    return (t, *t.stride()) if t is not None else (None, *(0,) * ndim)
+
+
+def on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autotuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def config_name(config: dict) -> str:
+    return ",".join(f"{name}={value}" for name, value in config.items())
+
+
+RUNTIME_TUNING = True
+"""True: a shape bucket without a pinned config is tuned on its first call. False: it runs the tuner's default
+config, with a warning once per process (generated packages: kernels/__init__.py sets it)."""
+
+
+class Autotuner:
+    """Chooses the launch config (e.g. {"BLOCK_D": 32, "num_warps": 4}) of one kernel per shape bucket.
+
+    `name` is "<op>.<kernel>" (e.g. "selective_scan.forward"): tuning tables are keyed by it, and the last tuner
+    created under a name is the one `tuning_table` reads and `load_tuning_table` pins.
+    Not triton.autotune: that keys on the dtype of every tensor argument, and an absent optional input (None) has
+    none, so each combination of present inputs would be tuned, and all its configs compiled, anew; here those
+    variants share one choice and compile only the winner. `chosen` and `timings` record what was chosen and why;
+    `defaulted` the buckets that ran the default config untuned (RUNTIME_TUNING off).
+    Tuning launches the kernel many times: do it before a CUDA graph capture, or pin the configs.
+    `default`: the config an untuned bucket runs when RUNTIME_TUNING is off (when it is among the candidates of that
+    call; otherwise the first candidate, so a launcher orders its candidates with the soundest first).
+    """
+
+    def __init__(self, name: str, configs: list[dict], interpreter_config: dict, default: dict | None = None):
+        self.name = name
+        self.configs = configs
+        self.interpreter_config = interpreter_config  # used when interpreting: the interpreter has nothing to tune
+        self.default = default
+        self.chosen: dict[str, dict] = {}
+        self.timings: dict[str, dict] = {}
+        self.defaulted: dict[str, dict] = {}
+        TUNERS[name] = self
+        self.pin(_PINNED.get(name, {}))
+
+    def tune(self, key: str, launch: Callable[[dict], None], candidates: list[dict] | None = None) -> dict:
+        """Time launch(config) for every candidate (default: all configs) and keep the fastest; a config that fails
+        to compile or run (out of registers, shared memory) is recorded with its error and skipped. With
+        RUNTIME_TUNING off and no tuning session, times nothing: returns the default config (see the class)."""
+        candidates = self.configs if candidates is None else candidates
+        if not (RUNTIME_TUNING or _SESSION.active):
+            return self._untuned(key, candidates)
+        if interpreting():  # a session under the interpreter: the plumbing runs, with the one config it can run
+            candidates = [self.interpreter_config]
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config_name(config)] = _time_ms(lambda config=config: launch(config))
+            except Exception as error:  # one config failing must not fail the op: the others may run
+                timings[config_name(config)] = f"{type(error).__name__}: {error}"[:300]
+        ran = {name: ms for name, ms in timings.items() if isinstance(ms, float)}
+        if not ran:
+            raise RuntimeError(f"no config of the {self.name} kernel ran for {key}: {timings}")
+        best = next(c for c in candidates if config_name(c) == min(ran, key=ran.get))
+        self.chosen[key] = best
+        self.timings[key] = timings
+        if _SESSION.active:
+            _SESSION.tuned.append((self.name, key, dict(best), ran[config_name(best)]))
+        return best
+
+    def _untuned(self, key: str, candidates: list[dict]) -> dict:
+        if interpreting():
+            config = self.interpreter_config
+        else:
+            config = self.default if self.default in candidates else candidates[0]
+        self.defaulted[key] = dict(config)
+        _warn_untuned(self.name, key, config)
+        return config
+
+    def pin(self, choices: dict[str, dict]) -> None:
+        """Use these {key: config} choices untimed (config values are ints)."""
+        self.chosen.update({key: {name: int(value) for name, value in config.items()} for key, config in choices.items()})
+
+    def known(self, key: str, explicit: dict | None = None) -> dict | None:
+        """The config to run without tuning: the explicit one, the chosen (pinned or tuned) one, the default one an
+        earlier call of this bucket ran, or, interpreting outside a session, the interpreter's; else None."""
+        if explicit is not None:
+            return dict(explicit)
+        if key in self.chosen:
+            return self.chosen[key]
+        if key in self.defaulted:
+            return self.defaulted[key]
+        if interpreting() and RUNTIME_TUNING and not _SESSION.active:
+            return self.interpreter_config
+        return None
+
+
+def _time_ms(run: Callable[[], None]) -> float:
+    """Median milliseconds of run() on the GPU; under the interpreter one timed run (the plumbing, not a measurement)."""
+    if interpreting():
+        started = time.perf_counter()
+        run()
+        return (time.perf_counter() - started) * 1e3
+    from triton.testing import do_bench
+
+    return float(do_bench(run, warmup=5, rep=25, return_mode="median"))
+
+
+UNTUNED: dict[tuple[str, str], dict] = {}
+"""{(tuner name, key): default config} of every bucket that ran untuned in this process (RUNTIME_TUNING off)."""
+
+
+def _warn_untuned(name: str, key: str, config: dict) -> None:
+    """Say once per process that kernels run untuned defaults (UNTUNED lists every bucket that did)."""
+    first = not UNTUNED
+    UNTUNED[(name, key)] = dict(config)
+    if first:
+        here = environment()
+        warnings.warn(
+            f"archgen kernels: no tuned config for {name} at {key} on {here['gpu']} (torch {here['torch']}, triton "
+            f"{here['triton']}): running the default {config_name(config)}. This package's kernels/tuning.json has "
+            f"no entry for this GPU and shape; rebuild it with `archgen build SPEC --autotune` on this GPU (with "
+            f"--tune-seq-len / --tune-batch for these shapes) to pin tuned configs. Said once per process; "
+            f"kernels.triton_support.UNTUNED lists every untuned shape.", RuntimeWarning, stacklevel=3)
+
+
+class _Session:
+    active = False
+    tuned: list[tuple[str, str, dict, float]] = []  # (tuner, key, winner, its milliseconds)
+
+
+_SESSION = _Session()
+
+
+@contextlib.contextmanager
+def tuning_session():
+    """Within it, every shape bucket the kernels meet is timed and chosen (RUNTIME_TUNING and earlier choices
+    aside: the tuners start empty); yields a function returning the table of the choices made inside. The tuners'
+    earlier choices come back afterwards. Under the interpreter each bucket "tunes" its interpreter config: the
+    plumbing, testable on a CPU."""
+    saved = {name: (tuner.chosen, tuner.timings, tuner.defaulted) for name, tuner in TUNERS.items()}
+    for tuner in TUNERS.values():
+        tuner.chosen, tuner.timings, tuner.defaulted = {}, {}, {}
+    _SESSION.active, _SESSION.tuned = True, []
+    tuned = _SESSION.tuned
+
+    def table() -> dict:
+        here = environment()
+        winners = {(name, key): (config, ms) for name, key, config, ms in tuned}  # a bucket tuned twice: the last
+        entries = [{**here, "kernel": name, "key": key, "config": config, "ms": round(ms, 4)}
+                   for (name, key), (config, ms) in sorted(winners.items())]
+        return {"format": TUNING_TABLE_FORMAT, "entries": entries}
+
+    try:
+        yield table
+    finally:
+        _SESSION.active = False
+        for name, (chosen, timings, defaulted) in saved.items():
+            TUNERS[name].chosen, TUNERS[name].timings, TUNERS[name].defaulted = chosen, timings, defaulted
+
+
+TUNERS: dict[str, Autotuner] = {}
+_PINNED: dict[str, dict[str, dict]] = {}  # {tuner name: {key: config}} from tables loaded so far, for this machine
+
+
+def environment() -> dict:
+    """What a tuning table's winners depend on: the GPU (the current device's name), torch and triton versions."""
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__.split("+")[0], "triton": triton.__version__}
+
+
+def tuning_table() -> dict:
+    """Every choice made or pinned so far in this process, as a JSON-ready table for this GPU and these versions."""
+    entries = [{**environment(), "kernel": tuner.name, "key": key, "config": dict(config)}
+               for tuner in TUNERS.values() for key, config in sorted(tuner.chosen.items())]
+    return {"format": TUNING_TABLE_FORMAT, "entries": entries}
+
+
+def load_tuning_table(table: dict | str | Path) -> int:
+    """Pin the winners of `table` (a `tuning_table()` result, or a JSON file of one) that were measured on this GPU
+    with these torch and triton versions, in the autotuners that exist and in those created later. Returns how many
+    entries applied; entries for another GPU or other versions are skipped, never applied."""
+    if not isinstance(table, dict):
+        table = json.loads(Path(table).read_text(encoding="utf-8"))
+    if table.get("format") != TUNING_TABLE_FORMAT:
+        raise ValueError(f"tuning table format {table.get('format')!r}; this archgen reads format {TUNING_TABLE_FORMAT}")
+    here = environment()
+    applied = 0
+    for entry in table.get("entries", []):
+        if any(entry.get(field) != value for field, value in here.items()):
+            continue
+        _PINNED.setdefault(entry["kernel"], {})[entry["key"]] = entry["config"]
+        if entry["kernel"] in TUNERS:
+            TUNERS[entry["kernel"]].pin({entry["key"]: entry["config"]})
+        applied += 1
+    return applied
+
+
+if TUNING_FILE.is_file():
+    load_tuning_table(TUNING_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Op registration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def register_op(name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
+                setup_context: Callable | None = None):
+    """torch.library.custom_op `archgen_v1::<name>` with its fake implementation (and autograd when `backward` is
+    given), once per process: when the op exists already (another copy of the op file registered it), that op is
+    returned and nothing is registered."""
+    namespace = getattr(torch.ops, OP_NAMESPACE)
+    if hasattr(namespace, name):
+        return getattr(namespace, name)
+    op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=())
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+def op_overload(name: str):
+    """The registered `archgen_v1::<name>` overload (the key of decomposition tables)."""
+    return getattr(getattr(torch.ops, OP_NAMESPACE), name).default

@@ -1,0 +1,425 @@
+"""RMSNorm, optionally fused with the residual add before it, as Triton kernels: forward, backward, the custom ops,
+their autotune spaces, and the reference.
+
+For rows x (R, N) of any leading shape flattened, weight w (N,)::
+
+    rms_norm:      y = x / sqrt(mean(x², -1) + eps) * w
+    add_rms_norm:  s = x + residual   (rounded to x's dtype, as the unfused `x + residual` would be)
+                   y = rms_norm(s),   returns (y, s): s is the new residual stream
+
+Everything inside runs in float32; y and s come back in x's dtype; the weight may be float32 or x's dtype. With
+x̂ = s · rstd, rstd = 1 / sqrt(mean(s²) + eps) and dx̂ = dy · w, the backward is::
+
+    ds = rstd · (dx̂ - x̂ · mean(dx̂ · x̂))  (+ ds_out, the gradient reaching s directly, for add_rms_norm)
+    dw = Σ_rows dy · x̂                    dx = dresidual = ds
+
+Why a kernel: unfused, the add, the square-mean, the scale and the weight are separate passes over the rows (eager
+PyTorch reads and writes the (R, N) tensor several times over); here the forward reads x (and the residual) once and
+writes y (and s) once; the backward reads dy, s (and ds_out) once and writes ds once. rstd (R,) float32 is saved by
+the forward for the backward. The op is memory-bound: its floor is the copy bandwidth of the bytes it moves.
+
+How. Forward: each program normalises a (BLOCK_R, BLOCK_N) tile, BLOCK_R whole rows (BLOCK_N = next_pow2(N) ≤ 65536)
+held in registers: one row per program for wide rows, several for narrow ones, so every program moves enough bytes
+to keep loads in flight (a program of one 64-wide row would be all launch overhead), with num_warps sized to the
+tile; the weight is loaded once per program. Backward: programs take ROWS consecutive rows each, accumulate their
+part of dw in registers, a (BLOCK_R, BLOCK_N) tile of rows at a time, and write it to a (programs, N) float32
+buffer that torch sums: deterministic, no atomics.
+When N is a power of two the column masks are compiled out (EVEN_N).
+
+Tuning. The tuners `rms_norm.forward` and `rms_norm.backward` (triton_support.Autotuner) choose per shape bucket
+(`shape_key`: width, rows (a power-of-two bucket), dtype, with or without the residual), from candidates sized to the
+row (`forward_candidates` / `backward_candidates`, the untuned default first). `autotune(config, params, ...)` is the
+hook `archgen build --autotune` calls: it runs both kernels at a model's shapes inside a tuning session.
+
+Contents: `rms_norm` (with an optional residual: the generated model's call) and `add_rms_norm` (entry points,
+differentiable), the custom ops `archgen_v1::rms_norm`,
+`archgen_v1::add_rms_norm` and `archgen_v1::rms_norm_backward` (one graph node each under torch.compile /
+torch.export, with fake implementations and autograd), the launchers `rms_norm_forward` / `rms_norm_backward`,
+`rms_norm_reference` / `add_rms_norm_reference`, and `decomposition` for ONNX. CPU tensors take the reference unless
+TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests), as in kernels/selective_scan.py.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+
+MAX_BLOCK_N = 65536
+"""Widest row a program holds in registers (elements); wider rows raise (call the reference)."""
+
+MAX_TILE = 16384
+"""Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
+
+FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
+BACKWARD_CONFIGS = [{"ROWS": rows, "BLOCK_R": tile_rows, "num_warps": warps} for rows in (32, 128)
+                    for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16) if tile_rows <= rows]
+MAX_BACKWARD_TILE = 8192
+"""Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
+INTERPRETER_CONFIG = {"BLOCK_R": 2, "ROWS": 4, "num_warps": 4}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr,
+    R, N, stride_x, stride_res, stride_y, stride_s, eps,
+    HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    row_inside = rows < R
+    if EVEN_N:
+        inside = row_inside[:, None]
+        w = tl.load(w_ptr + cols).to(tl.float32)
+    else:
+        inside = row_inside[:, None] & (cols < N)[None, :]
+        w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=inside, other=0.0, eviction_policy="evict_first")
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=inside, other=0.0,
+                    eviction_policy="evict_first")
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the unfused add
+        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=inside)
+    else:
+        s = x
+    s = s.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
+    y = s * rstd[:, None] * w[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(rstd_ptr + rows, rstd, mask=row_inside)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr, ds_out_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
+    R, N, stride_dy, stride_ds_out, stride_s, stride_ds,
+    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_inside = cols < N
+    if EVEN_N:
+        w = tl.load(w_ptr + cols).to(tl.float32)
+    else:
+        w = tl.load(w_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    first = program.to(tl.int64) * ROWS
+    for start in range(0, ROWS, BLOCK_R):  # tiles of BLOCK_R rows: rows past R load zeros and add nothing to dw
+        rows = first + start + tl.arange(0, BLOCK_R)
+        row_inside = rows < R
+        if EVEN_N:
+            inside = row_inside[:, None]
+        else:
+            inside = row_inside[:, None] & col_inside[None, :]
+        s = tl.load(s_ptr + rows[:, None] * stride_s + cols[None, :], mask=inside, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=inside, other=0.0,
+                     eviction_policy="evict_first").to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_inside, other=0.0)
+        x_hat = s * rstd[:, None]
+        dx_hat = dy * w[None, :]
+        ds = rstd[:, None] * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / N)[:, None])
+        if HAS_DS_OUT:
+            ds += tl.load(ds_out_ptr + rows[:, None] * stride_ds_out + cols[None, :], mask=inside, other=0.0,
+                          eviction_policy="evict_first").to(tl.float32)
+        tl.store(ds_ptr + rows[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
+        dw += dy * x_hat
+    tl.store(dw_partial_ptr + program * N + cols, tl.sum(dw, axis=0), mask=col_inside)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers and their tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _block_n(N: int) -> int:
+    block = triton.next_power_of_2(N)
+    if block > MAX_BLOCK_N:
+        raise ValueError(f"rms_norm kernel holds rows of up to {MAX_BLOCK_N} elements, got {N}: use the reference")
+    return block
+
+
+def shape_key(N: int, R: int, dtype: torch.dtype, fused: bool) -> str:
+    """The tuners' shape bucket: width, rows as a power of two in [2^10, 2^17] (how many programs fill the GPU),
+    dtype, and whether the residual is fused in (forward) or its gradient added (backward)."""
+    rows = min(max(triton.next_power_of_2(max(R, 1)), 1 << 10), 1 << 17)
+    return f"N{N}-R{rows}-{dtype_name(dtype)}-{'fused' if fused else 'plain'}"
+
+
+def _warps_for(elements: int) -> int:
+    """Warps for a tile of this many elements: about 8 to 16 elements per thread, 2 to 16 warps."""
+    return min(max(elements // (32 * 16), 2), 16)
+
+
+def forward_candidates(N: int) -> list[dict]:
+    """The forward configs that suit rows of width N, the untuned default first: tiles of at most MAX_TILE elements
+    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with 2 to 64 elements per
+    thread."""
+    block = _block_n(N)
+    default_rows = min(max(4096 // block, 1), 32)
+    default = {"BLOCK_R": default_rows, "num_warps": _warps_for(default_rows * block)}
+    fitting = [c for c in FORWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_TILE, block)
+               and 2 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 64]
+    return [default, *(c for c in fitting if c != default)]
+
+
+def backward_candidates(N: int) -> list[dict]:
+    """The backward configs that suit rows of width N, the untuned default first: tiles of BLOCK_R rows of at most
+    MAX_BACKWARD_TILE elements (or one row), ROWS rows per program (the dw partials torch sums shrink as ROWS
+    grows; the programs that fill the GPU shrink too), warps with 2 to 32 elements per thread."""
+    block = _block_n(N)
+    tile_rows = min(max(2048 // block, 1), 16)
+    default = {"ROWS": 64, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block)}
+    fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
+               and 2 <= c["BLOCK_R"] * block // (c["num_warps"] * 32) <= 32]
+    return [default, *(c for c in fitting if c != default)]
+
+
+FORWARD_TUNER = Autotuner("rms_norm.forward", FORWARD_CONFIGS, {"BLOCK_R": INTERPRETER_CONFIG["BLOCK_R"], "num_warps": 4})
+BACKWARD_TUNER = Autotuner("rms_norm.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(R, N) view with unit stride along N (a copy only when the last dim is strided)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
+                     config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, s, rstd): y like x; s = x + residual like x (x itself when residual is None); rstd (R,) float32.
+
+    config: {"BLOCK_R": …, "num_warps": …} to bypass the tuner."""
+    shape = x.shape
+    x2 = _rows(x)
+    R, N = x2.shape
+    res2 = _rows(residual) if residual is not None else None
+    y = torch.empty((R, N), device=x.device, dtype=x.dtype)
+    s = torch.empty((R, N), device=x.device, dtype=x.dtype) if residual is not None else x2
+    rstd = torch.empty((R,), device=x.device, dtype=torch.float32)
+    block = _block_n(N)
+
+    def launch(cfg):
+        _rms_norm_fwd_kernel[(triton.cdiv(R, cfg["BLOCK_R"]),)](
+            x2, res2 if res2 is not None else x2, weight, y, s, rstd,
+            R, N, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), s.stride(0), eps,
+            HAS_RESIDUAL=res2 is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            num_warps=cfg["num_warps"],
+        )
+
+    key = shape_key(N, R, x.dtype, residual is not None)
+    with on_device(x):
+        if R:
+            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, forward_candidates(N)))
+    return y.view(shape), s.view(shape), rstd
+
+
+def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor,
+                      config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's.
+
+    config: {"ROWS": …, "BLOCK_R": …, "num_warps": …} to bypass the tuner (BLOCK_R divides ROWS)."""
+    shape = s.shape
+    s2, dy2 = _rows(s), _rows(dy)
+    ds_out2 = _rows(ds_out) if ds_out is not None else None
+    R, N = s2.shape
+    ds = torch.empty((R, N), device=s.device, dtype=s.dtype)
+    block = _block_n(N)
+    partial = {}
+
+    def launch(cfg):
+        programs = triton.cdiv(R, cfg["ROWS"])
+        partial["dw"] = torch.empty((programs, N), device=s.device, dtype=torch.float32)
+        _rms_norm_bwd_kernel[(programs,)](
+            dy2, ds_out2 if ds_out2 is not None else dy2, s2, weight, rstd, ds, partial["dw"],
+            R, N, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0), ds.stride(0),
+            HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, ROWS=cfg["ROWS"], BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            num_warps=cfg["num_warps"],
+        )
+
+    key = shape_key(N, R, s.dtype, ds_out is not None)
+    with on_device(s):
+        if not R:
+            return ds.view(shape), torch.zeros_like(weight)
+        launch(BACKWARD_TUNER.known(key, config) or BACKWARD_TUNER.tune(key, launch, backward_candidates(N)))
+    return ds.view(shape), partial["dw"].sum(dim=0).to(weight.dtype)
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run every kernel a norm op of this resolved config
+    (eps) and these parameter shapes (weight (N,)) runs on batch × seqlen rows — forward and backward, plain and
+    with the residual fused — so that inside triton_support.tuning_session() each tuner tunes that shape bucket."""
+    (N,) = params["weight"]
+    rows = batch * seqlen
+    generator = torch.Generator(device=device).manual_seed(0)
+    x, residual, dy = (torch.randn((rows, N), generator=generator, device=device).to(dtype) for _ in range(3))
+    weight = torch.ones(N, device=device)
+    for fused in (None, residual):
+        _, s, rstd = rms_norm_forward(x, fused, weight, config["eps"])
+        rms_norm_backward(dy, dy if fused is not None else None, s, weight, rstd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _use_kernel(t: Tensor) -> bool:
+    return t.is_cuda or triton_on_cpu()
+
+
+def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """archgen_v1::rms_norm -> (y, rstd); CPU tensors take the reference (rstd then computed alongside)."""
+    if not _use_kernel(x):
+        return rms_norm_reference(x, weight, eps), _rstd(x, eps)
+    y, _, rstd = rms_norm_forward(x, None, weight, eps)
+    return y, rstd
+
+
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v1::add_rms_norm -> (y, s, rstd)."""
+    if not _use_kernel(x):
+        y, s = add_rms_norm_reference(x, residual, weight, eps)
+        return y, s, _rstd(s, eps)
+    return rms_norm_forward(x, residual, weight, eps)
+
+
+def _add_rms_norm_fake(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+
+
+def _backward_impl(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """archgen_v1::rms_norm_backward -> (ds, dw)."""
+    if not _use_kernel(s):
+        return _backward_reference(dy, ds_out, s, weight, rstd)
+    return rms_norm_backward(dy, ds_out, s, weight, rstd)
+
+
+def _backward_fake(dy, ds_out, s, weight, rstd):
+    return torch.empty_like(s), torch.empty_like(weight)
+
+
+def _rstd(s: Tensor, eps: float) -> Tensor:
+    s32 = s.reshape(-1, s.shape[-1]).float()
+    return torch.rsqrt(s32.pow(2).mean(dim=-1) + eps)
+
+
+def _backward_reference(dy, ds_out, s, weight, rstd):
+    shape = s.shape
+    s32, dy32 = s.reshape(-1, shape[-1]).float(), dy.reshape(-1, shape[-1]).float()
+    x_hat = s32 * rstd[:, None]
+    dx_hat = dy32 * weight.float()
+    ds = rstd[:, None] * (dx_hat - x_hat * (dx_hat * x_hat).mean(dim=-1, keepdim=True))
+    if ds_out is not None:
+        ds = ds + ds_out.reshape(-1, shape[-1]).float()
+    return ds.to(s.dtype).view(shape), (dy32 * x_hat).sum(dim=0).to(weight.dtype)
+
+
+def _setup_rms_norm(ctx, inputs, output):
+    x, weight, _eps = inputs
+    _, rstd = output
+    ctx.save_for_backward(x, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+
+
+def _rms_norm_grad(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = backward_op(dy, None, x, weight, rstd)
+    return dx, dw, None
+
+
+def _setup_add_rms_norm(ctx, inputs, output):
+    _x, _residual, weight, _eps = inputs
+    _, s, rstd = output
+    ctx.save_for_backward(s, weight, rstd)
+    ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)
+
+
+def _add_rms_norm_grad(ctx, dy, ds_out, _drstd):
+    s, weight, rstd = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(s)
+    ds, dw = backward_op(dy, ds_out, s, weight, rstd)
+    return ds, ds, dw, None
+
+
+backward_op = register_op("rms_norm_backward", _backward_impl, _backward_fake)
+rms_norm_op = register_op("rms_norm", _rms_norm_impl, _rms_norm_fake, backward=_rms_norm_grad,
+                          setup_context=_setup_rms_norm)
+add_rms_norm_op = register_op("add_rms_norm", _add_rms_norm_impl, _add_rms_norm_fake, backward=_add_rms_norm_grad,
+                              setup_context=_setup_add_rms_norm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry points and references
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check(x: Tensor, weight: Tensor, residual: Tensor | None = None) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"rms_norm takes {SUPPORTED_DTYPES}, got x of {x.dtype}")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(f"weight must be ({x.shape[-1]},) for x of shape {tuple(x.shape)}, got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual must match x: {tuple(residual.shape)} {residual.dtype} vs "
+                         f"{tuple(x.shape)} {x.dtype}")
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+    """y = x / sqrt(mean(x², -1) + eps) * weight, differentiable; x (..., N), weight (N,); y like x. Given the
+    residual stream: `add_rms_norm(x, residual, weight, eps)`, (y, s) with s = x + residual, in one kernel. The
+    signature of the generated package's reference (ops/norm.py `rms_norm`)."""
+    if residual is not None:
+        return add_rms_norm(x, residual, weight, eps)
+    _check(x, weight)
+    y, _ = rms_norm_op(x, weight, eps)
+    return y
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(s), s) with s = x + residual, differentiable in x, residual and weight; all like x."""
+    _check(x, weight, residual)
+    y, s, _ = add_rms_norm_op(x, residual, weight, eps)
+    return y, s
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The definition, in float32 (float64 stays float64), one cast back to x's dtype."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x32 = x.to(dtype)
+    return (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(dtype)).to(x.dtype)
+
+
+def add_rms_norm_reference(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    s = x + residual
+    return rms_norm_reference(s, weight, eps), s
+
+
+def decomposition(reference=None, max_seqlen: int | None = None) -> dict:
+    """{archgen_v1::rms_norm, archgen_v1::add_rms_norm: the op written with the references}: how exporters that
+    cannot run Triton (ONNX) lower them (program.run_decompositions(table)). reference: a generated package's
+    `rms_norm` reference op (x, weight, eps) -> y (default: this file's); max_seqlen is not needed (rows are
+    independent) and accepted for the common signature of kernels' decompositions."""
+    reference = rms_norm_reference if reference is None else reference
+
+    def rms_norm_decomposed(x, weight, eps):
+        return reference(x, weight, eps), _rstd(x, eps)
+
+    def add_rms_norm_decomposed(x, residual, weight, eps):
+        s = x + residual
+        return reference(s, weight, eps), s, _rstd(s, eps)
+
+    return {op_overload("rms_norm"): rms_norm_decomposed, op_overload("add_rms_norm"): add_rms_norm_decomposed}
