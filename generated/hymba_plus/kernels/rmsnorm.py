@@ -55,7 +55,7 @@ MAX_TILE = 16384
 FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
 BACKWARD_CONFIGS = [{"ROWS": rows, "BLOCK_R": tile_rows, "num_warps": warps} for rows in (32, 128)
                     for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16) if tile_rows <= rows]
-MAX_BACKWARD_TILE = 8192
+MAX_BACKWARD_TILE = 4096
 """Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
 INTERPRETER_CONFIG = {"BLOCK_R": 2, "ROWS": 4, "num_warps": 4}
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -160,25 +160,25 @@ def _warps_for(elements: int) -> int:
 
 def forward_candidates(N: int) -> list[dict]:
     """The forward configs that suit rows of width N, the untuned default first: tiles of at most MAX_TILE elements
-    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with 2 to 64 elements per
-    thread."""
+    (or one row), the default with enough rows that its tile holds ~4096 elements, warps with 4 to 32 elements per
+    thread (each candidate is one more compile when tuning: the space stays small)."""
     block = _block_n(N)
     default_rows = min(max(4096 // block, 1), 32)
     default = {"BLOCK_R": default_rows, "num_warps": _warps_for(default_rows * block)}
     fitting = [c for c in FORWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_TILE, block)
-               and 2 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 64]
+               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 32]
     return [default, *(c for c in fitting if c != default)]
 
 
 def backward_candidates(N: int) -> list[dict]:
     """The backward configs that suit rows of width N, the untuned default first: tiles of BLOCK_R rows of at most
     MAX_BACKWARD_TILE elements (or one row), ROWS rows per program (the dw partials torch sums shrink as ROWS
-    grows; the programs that fill the GPU shrink too), warps with 2 to 32 elements per thread."""
+    grows; the programs that fill the GPU shrink too), warps with 4 to 16 elements per thread."""
     block = _block_n(N)
     tile_rows = min(max(2048 // block, 1), 16)
     default = {"ROWS": 64, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block)}
     fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
-               and 2 <= c["BLOCK_R"] * block // (c["num_warps"] * 32) <= 32]
+               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16]
     return [default, *(c for c in fitting if c != default)]
 
 
