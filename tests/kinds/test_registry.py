@@ -43,7 +43,8 @@ def test_kinds_are_registered_under_their_own_names():
 @pytest.mark.parametrize("spec_path", SPECS, ids=[s.stem for s in SPECS])
 def test_resolved_configs_are_typed_and_have_no_unfilled_sizes(spec_path):
     """Every op's config is its kind's frozen dataclass; a None left in it is a documented choice, not a default."""
-    allowed_none = {"rope", "window", "capacity_factor", "original_max_position"}
+    allowed_none = {"rope", "window", "capacity_factor", "original_max_position", "softmax_scale", "dt_floor", "dt_ceiling",
+                    "shared_hidden"}
     for op in compile_spec(spec_path, "tiny").ir.ops():
         if op.config is None:
             continue
