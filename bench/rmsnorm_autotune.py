@@ -116,7 +116,7 @@ class Bench:
             record["command"] = " ".join(command[1:]).replace(tmp, "TMP")
             started = time.perf_counter()
             # leave time for the kernel's own sections; the interpreter on a shared CPU takes what it takes
-            timeout = 900.0 if self.dry_run else max(20.0, self.budget_s - self.elapsed() - 25)
+            timeout = 900.0 if self.dry_run else max(20.0, min(40.0, self.budget_s - self.elapsed() - 30))
             try:
                 done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -168,7 +168,11 @@ class Bench:
             print(json.dumps(result))
         """)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+        try:
+            done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                                  timeout=600 if self.dry_run else 30)
+        except subprocess.TimeoutExpired:
+            return {"error": "importing the package and one forward took over 30 s"}
         if done.returncode != 0:
             return {"error": (done.stdout + done.stderr)[-3000:]}
         result = json.loads(done.stdout.strip().splitlines()[-1])
