@@ -162,3 +162,23 @@ def test_shape_mismatch_names_both_sides(tmp_path):
     assert (
         "model.layers.0.mlp.down_proj.weight (64, 128)" in text and "archgen's layers.0.ffn.down_proj.weight is (64, 96)" in text
     )
+
+
+def test_granite_experts_are_converted_one_at_a_time_and_a_missing_expert_is_named(tmp_path):
+    """Stacked experts are read by index and the shared MLP's halves by row span; a checkpoint with fewer experts
+    than the config is an error naming the checkpoint tensor and archgen's parameter."""
+    from safetensors import safe_open
+
+    model = save_tiny("granitemoehybrid", tmp_path / "hf")
+    result = import_hf(tmp_path / "hf", tmp_path / "out", weights=True)
+    moe, shared = model.model.layers[1].block_sparse_moe, model.model.layers[1].shared_mlp
+    with safe_open(str(result.weights / "model.safetensors"), "pt") as converted:
+        assert torch.equal(converted.get_tensor("layers.1.ffn.w_in")[2], moe.experts.gate_up_proj[2].t())
+        assert torch.equal(converted.get_tensor("layers.1.ffn.shared_expert.up_proj.weight"), shared.input_linear.weight[48:])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_local_experts": 5}))
+    with pytest.raises(CompileError) as error:
+        import_hf(tmp_path / "hf", tmp_path / "again", weights=True)
+    assert "model.layers.0.block_sparse_moe.input_linear.weight (4, 64, 64)" in messages(error.value)
+    assert "archgen's layers.0.ffn.w_in is (5, 64, 64)" in messages(error.value)
+    assert not (tmp_path / "again").exists()
