@@ -382,17 +382,20 @@ def dynamic_dims(text: str) -> list[str]:
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Output directory (default: exports/<name>/).")
 @click.option("--no-check", is_flag=True, help="Skip running the exported graphs against eager.")
+@click.option("--attention-mask", "ragged", is_flag=True,
+              help="The prefill graph also takes attention_mask (left-padded prompts of different lengths; the caches "
+                   "carry each row's pads).")
 @click.option("--traceback", "show_traceback", is_flag=True, help="On failure, also print the exporter's own stack trace.")
 @output_options
 def export_command(package: Path, formats: tuple[str, ...], weights: Path | None, seed: int, dynamic: str, dtype: str,
                    max_batch: int, max_len: int | None, batch: int, seq: int, opset: int, output: Path | None,
-                   no_check: bool, show_traceback: bool) -> None:
+                   no_check: bool, ragged: bool, show_traceback: bool) -> None:
     """Export the generated PACKAGE (e.g. generated/hspmn) as prefill and decode-step graphs (.pt2, .onnx) with a manifest."""
     if opset < 18:
         raise click.BadParameter(f"ONNX export needs opset 18 or newer, got {opset}", param_hint="--opset")
     summary = run_export(package, show_traceback=show_traceback, formats=formats or ("pt2", "onnx"), weights=weights,
                          seed=seed, dtype=dtype, dynamic=dynamic_dims(dynamic), max_batch=max_batch, max_len=max_len,
-                         batch=batch, seq=seq, opset=opset, output=output, check=not no_check)
+                         batch=batch, seq=seq, opset=opset, output=output, check=not no_check, ragged=ragged)
     if Output.json:
         print_json({"ok": True, **summary})
 

@@ -48,7 +48,7 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
                    formats: Collection[str] = FORMATS, weights: str | Path | None = None, seed: int = 0,
                    dtype: str = "float32", dynamic: Collection[str] = ("batch", "seq"), max_batch: int = 64,
                    max_len: int | None = None, batch: int = 1, seq: int = 16, opset: int = DEFAULT_OPSET,
-                   check: bool = True, progress: Callable[[str], None] | None = None) -> ExportResult:
+                   check: bool = True, progress: Callable[[str], None] | None = None, ragged: bool = False) -> ExportResult:
     """Export the prefill and decode-step graphs of a generated package into `output` (default exports/<name>/).
 
     package: the generated directory, or the imported package.
@@ -59,12 +59,14 @@ def export_package(package: str | Path | ModuleType, output: str | Path | None =
     check: run both graphs (the reloaded .pt2 and onnxruntime) at sizes other than the traced ones and compare with
         eager; a relative error above TOLERANCE[dtype] is an ExportError.
     progress: called with the name of each step as it starts (the CLI shows them; a tiny spec takes tens of seconds).
+    ragged: the prefill graph also takes `attention_mask` (B, T) of left-padded prompts (1 token, 0 pad) and the
+        caches carry each row's pads, so a batch of prompts of different lengths decodes each row as it would alone.
     The output directory is replaced only when everything succeeded. Failures raise ExportError, whose message names
     the graph, the layer, the op and the spec component.
     """
     with quiet_exporters():
         return _export_package(package, output, formats, weights, seed, dtype, dynamic, max_batch, max_len, batch, seq,
-                               opset, check, progress or (lambda step: None))
+                               opset, check, progress or (lambda step: None), ragged)
 
 
 @contextlib.contextmanager
@@ -86,7 +88,7 @@ def quiet_exporters():
 
 
 def _export_package(package, output, formats, weights, seed, dtype, dynamic, max_batch, max_len, batch, seq, opset, check,
-                    progress) -> ExportResult:
+                    progress, ragged) -> ExportResult:
     unknown = set(formats) - set(FORMATS)
     if unknown or not formats:
         raise ValueError(f"formats are {', '.join(FORMATS)}; got {', '.join(sorted(unknown)) or 'none'}")
@@ -95,7 +97,7 @@ def _export_package(package, output, formats, weights, seed, dtype, dynamic, max
     pkg = load_package(package)
     model, weights_info = _load_model(pkg, weights, seed, DTYPES[dtype])
     bounds = make_bounds(pkg, set(dynamic), max_batch, max_len, batch, seq)
-    graphs = make_graphs(model, bounds, pkg.module.config.VOCAB_SIZE)
+    graphs = make_graphs(model, bounds, pkg.module.config.VOCAB_SIZE, ragged)
     target = Path(output) if output is not None else Path("exports") / pkg.name
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.exporting-", dir=target.parent))
@@ -121,8 +123,8 @@ def _export_package(package, output, formats, weights, seed, dtype, dynamic, max
             progress("running the exported graphs against eager")
         checks = _check(model, graphs, bounds, staging, files, DTYPES[dtype]) if check else None
         manifest = build_manifest(pkg, bounds, graphs, files, dtype=DTYPES[dtype], weights=weights_info,
-                                  opset=opset if "onnx" in formats else None, checks=checks, notes=_notes(model, programs),
-                                  onnx_weights=WEIGHTS_FILE if protos else None)
+                                  opset=opset if "onnx" in formats else None, checks=checks,
+                                  notes=_notes(model, programs, ragged), onnx_weights=WEIGHTS_FILE if protos else None)
         write_manifest(manifest, staging)
         replace_directory(staging, target)
     except BaseException:
@@ -146,9 +148,14 @@ def _load_model(pkg: Package, weights: str | Path | None, seed: int, dtype: torc
     return model.to(dtype).eval(), info
 
 
-def _notes(model, programs: list) -> list[str]:
+def _notes(model, programs: list, ragged: bool = False) -> list[str]:
     """What a runtime driving the graphs should know beyond their inputs and outputs."""
     notes = []
+    if ragged:
+        notes.append("Prompts of different lengths: left-pad them and pass `attention_mask` (B, T) to prefill, 1 for a "
+                     "token and 0 for a pad. `position` still counts every slot (pads included: the prompt's padded "
+                     "length + meta_tokens), and the caches carry each row's pads (`pads`), so every row decodes as "
+                     "it would alone; the logits at pads are meaningless.")
     if "update_memory" in inspect.signature(model.forward).parameters:
         notes.append("The test-time memory is written in both graphs, as model.generate does: a chunk's keys wait in "
                      "fixed-size pending buffers of the cache, and each graph runs a fixed number of masked chunk "
@@ -170,15 +177,17 @@ def _check(model, graphs: list[Graph], bounds: Bounds, directory: Path, files: d
     T = min(max(23, low), high)  # the traced example is 16
     generator = torch.Generator().manual_seed(0)
     vocab = model.lm_head.weight.size(0)
-    prompt = torch.randint(0, vocab, (B, T), generator=generator)
+    prompt = (torch.randint(0, vocab, (B, T), generator=generator),)
     prefill, decode = graphs
+    if "attention_mask" in prefill.inputs.names:  # the first row left-padded to half its length
+        prompt = (*prompt, (torch.arange(T) >= torch.tensor([T // 2] + [0] * (B - 1))[:, None]).long())
     with torch.no_grad():
-        eager_prefill = list(prefill.module(prompt))
+        eager_prefill = list(prefill.module(*prompt))
         token = eager_prefill[0][:, -1:].argmax(-1)
         decode_args = (token, torch.tensor(T + bounds.meta_tokens), *eager_prefill[1:])
         eager_decode = list(decode.module(*decode_args))
     result = {"batch": B, "seq": T, "tolerance": TOLERANCE[dtype]}
-    for graph, args, expected in ((prefill, (prompt,), eager_prefill), (decode, decode_args, eager_decode)):
+    for graph, args, expected in ((prefill, prompt, eager_prefill), (decode, decode_args, eager_decode)):
         errors = {}
         if "pt2" in files[graph.name]:
             program = torch.export.load(directory / files[graph.name]["pt2"])

@@ -6,8 +6,11 @@ or None. Exported graphs take and return plain tensors, so the wrappers flatten 
 order and rebuild it, by walking it generically: they know no layer kind, and a kind added later exports unchanged as
 long as its state is tensors inside dataclasses, dicts and lists.
 
-    Prefill     input_ids (B, T)                                   -> logits (B, T, V), *present
+    Prefill     input_ids (B, T)[, attention_mask (B, T)]           -> logits (B, T, V), *present
     DecodeStep  input_ids (B, 1), position () int64, *past        -> logits (B, 1, V), *present
+
+With `ragged` the prefill also takes the attention_mask of left-padded prompts (1 token, 0 pad) and the cache carries
+each row's pads (`present.pads` / `past.pads`, a tensor like any other), so every row decodes as it would alone.
 
 `position` is the number of positions already in the cache (meta tokens included), i.e. the position of the new token.
 A model with a test-time memory writes it in both graphs, as its `generate` does by default.
@@ -61,27 +64,35 @@ def writing_kwargs(model: nn.Module) -> dict:
     return {"update_memory": True} if "update_memory" in inspect.signature(model.forward).parameters else {}
 
 
-class Prefill(nn.Module):
-    """input_ids (B, T) -> (logits (B, T, V), *present): the prompt's logits and the caches it fills."""
+def padded(ragged: bool) -> dict:
+    """empty_cache's arguments for a cache with room for the pads of a ragged batch."""
+    return {"padded": True} if ragged else {}
 
-    def __init__(self, model: nn.Module, max_len: int):
+
+class Prefill(nn.Module):
+    """input_ids (B, T) [, attention_mask (B, T) when ragged] -> (logits (B, T, V), *present): the prompt's logits
+    and the caches it fills."""
+
+    def __init__(self, model: nn.Module, max_len: int, ragged: bool = False):
         super().__init__()
         self.model = model
         self.max_len = max_len
+        self.ragged = ragged
 
-    def forward(self, input_ids: Tensor) -> tuple[Tensor, ...]:
-        cache = self.model.empty_cache(input_ids.size(0), self.max_len)
-        logits = self.model(input_ids, cache=cache, **writing_kwargs(self.model)).logits  # (B, T, V)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, ...]:
+        cache = self.model.empty_cache(input_ids.size(0), self.max_len, **padded(self.ragged))
+        masked = {"attention_mask": attention_mask} if self.ragged else {}
+        logits = self.model(input_ids, cache=cache, **masked, **writing_kwargs(self.model)).logits  # (B, T, V)
         return (logits, *(t for _, t in cache_leaves(cache)))
 
 
 class DecodeStep(nn.Module):
     """(input_ids (B, 1), position () int64, *past) -> (logits (B, 1, V), *present): one token against the caches."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, ragged: bool = False):
         super().__init__()
         self.model = model
-        self.template = model.empty_cache(1, max_len)  # structure only: its tensors are replaced by the inputs
+        self.template = model.empty_cache(1, max_len, **padded(ragged))  # structure only: its tensors are replaced by the inputs
         self.names = [name for name, _ in cache_leaves(self.template)]
 
     def forward(self, input_ids: Tensor, position: Tensor, *past: Tensor) -> tuple[Tensor, ...]:

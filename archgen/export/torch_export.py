@@ -22,7 +22,7 @@ from torch.export import Dim, ExportedProgram
 
 from archgen.export.failures import explain, guard_sites
 from archgen.export.package import Package
-from archgen.export.steps import DecodeStep, Prefill, cache_leaves
+from archgen.export.steps import DecodeStep, Prefill, cache_leaves, padded
 
 EXAMPLE_BATCH = 2  # example sizes for tracing dynamic dims; the checks then run other sizes
 EXAMPLE_SEQ = 16
@@ -91,13 +91,13 @@ def make_bounds(package: Package, dynamic: set[str], max_batch: int, max_len: in
     return Bounds(batch_span, seq_span, max_len, meta)
 
 
-def make_graphs(model: nn.Module, bounds: Bounds, vocab_size: int) -> list[Graph]:
+def make_graphs(model: nn.Module, bounds: Bounds, vocab_size: int, ragged: bool = False) -> list[Graph]:
     dims = {name: Dim(name, min=low, max=high) for name, (low, high) in bounds.dynamic.items()}
     batch_dim = "batch" if "batch" in dims else bounds.batch[0]
     seq_dim = "seq" if "seq" in dims else bounds.seq[0]
     B, T = bounds.example("batch"), bounds.example("seq")
     logits_dtype = model.lm_head.weight.dtype
-    template = cache_leaves(model.empty_cache(B, bounds.max_len))
+    template = cache_leaves(model.empty_cache(B, bounds.max_len, **padded(ragged)))
 
     def dim0(shape: tuple[int, ...]) -> list[int | str]:
         return [batch_dim, *shape[1:]]
@@ -108,11 +108,14 @@ def make_graphs(model: nn.Module, bounds: Bounds, vocab_size: int) -> list[Graph
 
     prefill_in, prefill_out = Tensors(), Tensors()
     prefill_in.add("input_ids", [batch_dim, seq_dim], torch.int64)
+    prefill_args, prefill_dims = (torch.randint(0, vocab_size, (B, T)),), (spec((0, "batch"), (1, "seq")),)
+    if ragged:
+        prefill_in.add("attention_mask", [batch_dim, seq_dim], torch.int64)
+        prefill_args, prefill_dims = (*prefill_args, torch.ones(B, T, dtype=torch.int64)), prefill_dims * 2
     prefill_out.add("logits", [batch_dim, seq_dim, vocab_size], logits_dtype)
     for name, t in template:
         prefill_out.add(f"present.{name}", dim0(tuple(t.shape)), t.dtype)
-    prefill = Graph("prefill", Prefill(model, bounds.max_len), (torch.randint(0, vocab_size, (B, T)),),
-                    (spec((0, "batch"), (1, "seq")),), prefill_in, prefill_out)
+    prefill = Graph("prefill", Prefill(model, bounds.max_len, ragged), prefill_args, prefill_dims, prefill_in, prefill_out)
 
     decode_in, decode_out = Tensors(), Tensors()
     decode_in.add("input_ids", [batch_dim, 1], torch.int64)
@@ -122,7 +125,7 @@ def make_graphs(model: nn.Module, bounds: Bounds, vocab_size: int) -> list[Graph
         decode_in.add(f"past.{name}", dim0(tuple(t.shape)), t.dtype)
         decode_out.add(f"present.{name}", dim0(tuple(t.shape)), t.dtype)
     past = tuple(t for _, t in template)
-    decode = Graph("decode", DecodeStep(model, bounds.max_len),
+    decode = Graph("decode", DecodeStep(model, bounds.max_len, ragged),
                    (torch.randint(0, vocab_size, (B, 1)), torch.tensor(min(T, bounds.max_len - 1)), *past),
                    (spec((0, "batch")), None, tuple(spec((0, "batch")) for _ in past)), decode_in, decode_out)
     return [prefill, decode]
