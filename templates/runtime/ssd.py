@@ -212,10 +212,12 @@ class Mamba2Cache:
 def _prefix_sum(a: Tensor) -> Tensor:
     """prefix[..., t] = Σ_{i≤t} a[..., i], in float64.
 
-    A matmul with the upper-triangular ones matrix rather than torch.cumsum: a cumulative sum is a scan, which
-    inductor may split across thread blocks when there are few rows (on torch 2.11 that split crashed compiling the
-    training step), while a matmul compiles everywhere (torch.compile, torch.export, ONNX). Float64, so that the
-    difference of two prefix sums keeps every float32 digit of a short segment (see _segment_sum).
+    A masked sum rather than torch.cumsum: a cumulative sum is a scan, which inductor may split across thread blocks
+    when there are few rows (on torch 2.11 that split crashed compiling the training step), while a broadcast
+    product and a reduction compile everywhere (torch.compile, torch.export, ONNX). Not a matmul with the triangle:
+    over the dynamic number of chunks, matmul's folding guards on that size (torch.export then refuses a dynamic
+    sequence length). Float64, so that the difference of two prefix sums keeps every float32 digit of a short
+    segment (see _segment_sum).
 
     Args:
         a: (..., L).
@@ -224,8 +226,8 @@ def _prefix_sum(a: Tensor) -> Tensor:
         (..., L) float64.
     """
     length = a.shape[-1]
-    at_or_before = torch.ones(length, length, dtype=torch.float64, device=a.device).triu()  # [i, t]: i ≤ t
-    return a.to(torch.float64) @ at_or_before
+    at_or_before = torch.ones(length, length, dtype=torch.float64, device=a.device).tril()  # [t, i]: i ≤ t
+    return (a.to(torch.float64).unsqueeze(-2) * at_or_before).sum(-1)
 
 
 def _segment_sum(prefix: Tensor, dtype: torch.dtype) -> Tensor:
