@@ -11,6 +11,7 @@ _.import_lines
 _.layout_text
 _.preludes
 _.norm_module
+_.step_hooks
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight

@@ -237,7 +237,8 @@ def build(specs: tuple[Path, ...], preset: str | None, overrides: tuple[str, ...
         started = time.perf_counter()
         try:
             compiled = compile_spec(spec, preset, overrides)
-            emitted = emit(compiled, printable(spec.as_posix()))  # a file name may hold bytes that are not UTF-8
+            # A file name may hold bytes that are not UTF-8.
+            emitted = emit(compiled, printable(spec.as_posix()), printable(output_root.as_posix()))
         except CompileError as error:
             fail(error)
         target = output_root / compiled.resolved.name

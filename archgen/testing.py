@@ -34,7 +34,7 @@ def build_generated(spec_path: str | Path, out_root: str | Path, preset: str | N
     from archgen.pipeline import compile_spec
 
     compiled = compile_spec(spec_path, preset, tuple(overrides))
-    emitted = emit(compiled, source if source is not None else Path(spec_path).as_posix())
+    emitted = emit(compiled, source if source is not None else Path(spec_path).as_posix(), Path(out_root).as_posix())
     target = Path(out_root) / compiled.resolved.name
     write_package(emitted.files, target)
     return import_generated(target), compiled

@@ -176,7 +176,7 @@ def check_generate(package, device, record) -> bool:
     prompt = torch.randint(0, 256, (2, 5), device=device)
     first = model.generate(prompt, max_new_tokens=6, temperature=0)
     again = model.generate(prompt, max_new_tokens=6, temperature=0)
-    sampled = model.generate(prompt, max_new_tokens=6, temperature=1.0, top_k=1)
+    sampled = model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.0, top_k=1)
     record.update(shape=list(first.shape), deterministic=bool(torch.equal(first, again)),
                   top_k1_equals_greedy=bool(torch.equal(sampled, first)), device=str(first.device),
                   prompt_kept=bool(torch.equal(first[:, :5], prompt)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from archgen.emit.plan import EmitPlan, make_plan
+from archgen.emit.plan import DEFAULT_OUTPUT, EmitPlan, make_plan
 from archgen.emit.render import render_package
 from archgen.emit.write import diff_package, write_package
 from archgen.passes.cost import cost_report
@@ -17,9 +17,11 @@ class Emitted:
     files: dict[str, str]
 
 
-def emit(compiled: Compiled, spec_path: str) -> Emitted:
+def emit(compiled: Compiled, spec_path: str, output_root: str = DEFAULT_OUTPUT) -> Emitted:
+    """The package's files; `output_root` is the directory it goes into, as the user named it (its README's commands
+    use it)."""
     report = cost_report(compiled.ir)
-    plan = make_plan(compiled.ir, report, spec_path)
+    plan = make_plan(compiled.ir, report, spec_path, output_root)
     return Emitted(plan, render_package(plan, compiled.ir))
 
 

@@ -15,7 +15,7 @@ import re
 TEMPLATE_NAMES = frozenset({
     "Model", "ModelOutput", "Cache", "RMSNorm", "FusedRMSNorm", "LayerNorm", "ConvCache", "F", "nn", "torch", "math", "json",
     "dataclass", "field", "Path", "checkpoint", "Tensor", "CONFIG", "SPEC_HASH", "SPEC_NAME", "INIT_STD", "OUTPUT_STD",
-    "USE_KERNELS", "use_kernel", "kernels", "add_losses", "sample",
+    "USE_KERNELS", "use_kernel", "kernels", "add_losses", "fields", "SPEC",
 })
 
 

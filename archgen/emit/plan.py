@@ -109,7 +109,8 @@ class EmitPlan:
     version: str
     source: str
     preset: str | None
-    command: str
+    command: str  # the archgen build command that regenerates the package, -o included when it was given
+    package_dir: str  # where the package was written, as the build was told (generated/<name>)
     spec_hash: str
     d_model: int
     vocab_size: int
@@ -138,7 +139,10 @@ class EmitPlan:
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
     logit_divisor: float = 1.0
+    step_hooks: list[str] = field(default_factory=list)  # Model methods to call after every optimizer step (JEPA's update_target)
 
+
+DEFAULT_OUTPUT = "generated"  # archgen build's -o default
 
 ROLE_ORDER = {"mixer": 0, "ffn": 1}  # component classes: mixers, then feed-forwards, each by name
 
@@ -169,7 +173,7 @@ def _layers(ir: IR) -> list[_Layer]:
     return [_Layer(i, tuple(e["mixers"]), e["ffn"], e["combine"]) for i, e in by_layer.items()]
 
 
-def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
+def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEFAULT_OUTPUT) -> EmitPlan:
     resolved = ir.spec  # provenance only: name, description, hash, preset, overrides
     _reject_unemitted(ir)
     configs = [(op.kind, op.config) for op in ir.ops()]
@@ -236,6 +240,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
                                         shape_text(op.out_shape))
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
+    output = "" if output_root == DEFAULT_OUTPUT else f" -o {output_root}"
     norm_op = ir.op("norm_f")
     norm_dims = kind_of(norm_op.kind).template_dims(norm_op.config, dims)  # "kernel_module": its constructor with a kernel
     meta = [op for op in ir.ops() if op.kind == "meta_tokens"]
@@ -243,7 +248,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
               "final": norm_op.out_shape, "logits": ir.op("lm_head").out_shape}
     return EmitPlan(
         name=resolved.name, description=resolved.description.strip(), version=__version__, source=spec_path,
-        preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}", spec_hash=resolved.spec_hash,
+        preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}{output}", spec_hash=resolved.spec_hash,
+        package_dir=f"{output_root}/{resolved.name}",
         d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=norm_dims["kernel_module" if norm_op.kernel else "module"], norm_kernel=norm_op.kernel,
@@ -257,6 +263,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str) -> EmitPlan:
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
         embedding_multiplier=resolved.model.embedding_multiplier, residual_multiplier=resolved.model.residual_multiplier,
         logit_divisor=resolved.model.logit_divisor,
+        step_hooks=sorted({hook for h in heads if (hook := kind_of(h.kind).after_optimizer_step)}),
     )
 
 
@@ -271,8 +278,9 @@ def _preludes(components) -> list[str]:
     return [path for path in paths if (TEMPLATES / path).exists()]
 
 
-# What Model itself uses from the runtime ops, whatever its kinds: generate's CUDA-graph decoding.
-MODEL_IMPORTS = {"decoding": ("CUDAGraphDecoder",)}
+# What Model itself uses from the runtime ops, whatever its kinds: generate's CUDA-graph decoding and token choice.
+MODEL_IMPORTS = {"decoding": ("CUDAGraphDecoder", "EndOfSequence", "as_streamer", "new_token_count", "penalize_repeats",
+                              "sample")}
 
 
 def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:

@@ -57,6 +57,7 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
             config_literal=pprint.pformat(ir.spec.document, width=110, sort_dicts=True)),
         "model.py": _tidy(env.get_template("package/model.py.j2").render()),
         "README.md": env.get_template("package/README.md.j2").render(block_params=block_params),
+        "pyproject.toml": env.get_template("package/pyproject.toml.j2").render(),
         "diagram.svg": layout_svg(ir.spec),
         "spec.lock.yaml": yaml.safe_dump(lock, sort_keys=False, width=110),
         "ops/__init__.py": '"""Reference operators this model uses, copied from archgen\'s templates/runtime. Do not edit."""\n',

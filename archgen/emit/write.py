@@ -140,7 +140,7 @@ def diff_package(files: dict[str, str], target: Path) -> list[str]:
     """Unified diffs (one string per differing file) between the rendered files and the directory on disk."""
     target = Path(target)
     diffs = []
-    on_disk = ({str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    on_disk = ({str(p.relative_to(target)) for p in target.rglob("*") if p.is_file() and not _installed_byproduct(p, target)}
                if target.exists() else set())
     for relative in sorted(set(files) | on_disk):
         expected = files.get(relative)
@@ -153,3 +153,10 @@ def diff_package(files: dict[str, str], target: Path) -> list[str]:
                                     tofile=f"{path} (from spec{'' if expected is not None else ': should not exist'})")
         diffs.append("".join(diff))
     return diffs
+
+
+def _installed_byproduct(path: Path, package: Path) -> bool:
+    """Files that running or installing the package writes into it (bytecode, `pip install -e`'s egg-info), not
+    part of what archgen generates."""
+    parts = path.relative_to(package).parts
+    return "__pycache__" in parts or parts[0].endswith(".egg-info")

@@ -63,6 +63,7 @@ class Kind(Generic[SpecT, ConfigT]):
     produces_aux: ClassVar[bool] = False  # forward returns (y, {name: weighted auxiliary loss})
     takes_pads: ClassVar[bool] = False  # forward takes `pads`, each row's left padding in a ragged batch (attention_mask)
     builds_op: ClassVar[bool] = True  # False for a spec entry that is already part of the backbone (the `lm` head)
+    after_optimizer_step: ClassVar[str | None] = None  # a head's Model method training calls after every optimizer step
 
     # -------------------------------------------------------------------------------- spec -> resolved config
     def check(self, spec: SpecT, path: str, model: Any) -> list[Diagnostic]:

@@ -38,6 +38,7 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
     name = "jepa"
     role = "head"
     template = "heads/jepa"
+    after_optimizer_step = "update_target"  # its _model template's method: the EMA target follows the backbone
     colour = "#6d597a"
 
     def resolve(self, spec, model) -> JEPAConfig:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +177,45 @@ def _spec_path(loc: tuple, data: Any, error_type: str) -> tuple:
     return tuple(path)
 
 
+def _siblings(data: Any, path: tuple) -> list[str]:
+    """The other keys of the mapping that holds `path`'s last key."""
+    node = data
+    for part in path[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return [str(key) for key in node if key != path[-1]] if isinstance(node, dict) and path else []
+
+
+def _kind_tags(path: tuple) -> list[str]:
+    """The `kind` values the spec language accepts at `path` (e.g. every mixer kind at mixers.<name>), read from the
+    models' annotations: pydantic's error for a missing tag does not list them."""
+    annotation: Any = models.Spec
+    for part in path:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            field = annotation.model_fields.get(str(part))
+            annotation = field.annotation if field is not None else None
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+        else:
+            return []
+    tags = []
+    for member in typing.get_args(_unwrap(annotation)) or (_unwrap(annotation),):
+        kind = getattr(member, "model_fields", {}).get("kind")
+        if kind is not None:
+            tags.extend(typing.get_args(kind.annotation))
+    return tags
+
+
+def _unwrap(annotation: Any) -> Any:
+    """Strip Annotated[...] and Optional from an annotation."""
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(members) == 1:
+        return _unwrap(members[0])
+    return annotation
+
+
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for obj in vars(models).values():
@@ -205,12 +246,17 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
         message = f"required key '{path[-1]}' is missing"
         fix = f"add '{path[-1]}: ...' here"
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
-        expected = context.get("expected_tags", "")
+        expected = context.get("expected_tags") or ", ".join(f"'{tag}'" for tag in _kind_tags(path))
         if kind == "union_tag_not_found":
             message = "missing 'kind'"
         else:
             message = f"unknown kind {context.get('tag')!r}"
         fix = f"set kind to one of: {expected}"
+        siblings = _siblings(data, path)
+        close = difflib.get_close_matches(str(path[-1]), siblings, n=1) if kind == "union_tag_not_found" and path else []
+        if close:  # most often a misspelled name in --set, which made a new entry instead of changing one
+            message = f"'{path[-1]}' is not one of {dotted(path[:-1])} ({', '.join(siblings)}), and as a new entry it has no kind"
+            fix = f"did you mean '{close[0]}'? (a new entry needs a kind: one of {expected})"
     elif kind == "literal_error":
         message = f"{value!r} is not allowed"
         fix = f"use {context.get('expected', 'one of the listed values')}"

@@ -1,8 +1,9 @@
 """The one place the training loop meets a generated package's calling convention.
 
-Today `Model()(input_ids, targets=None, cache=None)` does not shift: the caller passes targets aligned with the
-inputs (tokens[:, 1:] for inputs tokens[:, :-1]), and `loss` is the next-token cross-entropy plus every auxiliary loss
-(already weighted by the spec). Should packages take HF-style `labels=` (shifted inside), only `forward` changes.
+A package's forward takes `labels=` (Hugging Face's convention, shifted inside) or `targets=` (already shifted,
+nanoGPT's); the loop passes targets (tokens[:, 1:] for inputs tokens[:, :-1]), which scores every input position.
+Its output holds `lm_loss` (the next-token cross-entropy) and `aux_losses` (already weighted by the spec) apart;
+the loop reweights them with the recipe rather than taking the package's `loss` (their spec-weighted sum).
 
 The optional hooks a package may have are found here too: `update_target` (JEPA's EMA target, called after every
 optimizer step) and the `update_memory` keyword (Titans writes during training).
@@ -56,7 +57,7 @@ class ModelAdapter:
         kwargs = {"update_memory": True} if self.writes_memory else {}
         out = module(inputs, targets=targets, **kwargs)
         aux = dict(out.aux_losses)
-        next_token = out.loss - sum(aux.values()) if aux else out.loss  # the package adds the aux losses into loss
+        next_token = out.lm_loss
         total = self.objectives.next_token * next_token
         for name, value in aux.items():
             total = total + self.aux_weight(name) * value

@@ -69,8 +69,12 @@ def test_without_a_gpu_autotune_is_an_error_and_writes_nothing(spec, tmp_path, m
 
 def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spec, tmp_path, monkeypatch):
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # interpreter: the plumbing runs on the CPU
-    plain = build(spec, "-o", tmp_path / "plain")
-    tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", tmp_path / "tuned")
+    for name in ("plain", "tuned"):  # built with the same -o (the package's README and header name it), from two places
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "plain")
+    plain = build(spec, "-o", ".")
+    monkeypatch.chdir(tmp_path / "tuned")
+    tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", ".")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
     assert "tuned 6 kernel configs of tuned_mamba" in tuned.output
 

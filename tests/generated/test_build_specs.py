@@ -81,7 +81,7 @@ def test_generate_greedy_is_deterministic_and_sampling_respects_top_k(spec_path,
     first = model.generate(prompt, max_new_tokens=6, temperature=0)
     assert first.shape == (2, 11) and torch.equal(first[:, :5], prompt)
     assert torch.equal(first, model.generate(prompt, max_new_tokens=6, temperature=0))
-    sampled = model.generate(prompt, max_new_tokens=6, temperature=1.0, top_k=1)
+    sampled = model.generate(prompt, max_new_tokens=6, do_sample=True, temperature=1.0, top_k=1)
     assert torch.equal(sampled, first), "top_k=1 sampling must equal greedy decoding"
 
 

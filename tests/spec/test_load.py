@@ -97,6 +97,10 @@ BAD_OVERRIDES = [
     pytest.param("layout.mixers=(attn, atn)", "layout.mixers", "replace 'atn' with 'attn'", id="layout"),
     pytest.param("mixers.attn={kind: attention, n_heads: 48}", "mixers.attn.n_heads", "not divisible by n_heads=48",
                  id="whole-mapping"),
+    pytest.param("mixers.atn.n_heads=8", "mixers.atn", "did you mean 'attn'?", id="misspelled-component"),
+    pytest.param("mixers.fresh.n_heads=8", "mixers.fresh", "set kind to one of: 'mamba', 'mamba2', 'attention'",
+                 id="new-component-without-kind"),
+    pytest.param("model.norm={eps: 0.1}", "model.norm", "set kind to one of: 'rmsnorm', 'layernorm'", id="norm-kind"),
 ]
 
 

@@ -69,3 +69,59 @@ def test_state_a_layer_rebinds_is_copied_back_where_the_step_reads_it():
     assert decoder.cache.layers[0] is state, "the cache must keep the tensors the graph reads"
     assert torch.equal(state, torch.full((3,), 5.0)) and torch.equal(out, torch.full((1, 3), 5.0))
     assert int(decoder.position) == 2
+
+
+def test_new_token_count_follows_transformers():
+    assert decoding.new_token_count(5, 8, None) == 8
+    assert decoding.new_token_count(5, 8, 100) == 8, "max_new_tokens wins over max_length"
+    assert decoding.new_token_count(5, None, 12) == 7, "max_length counts the prompt"
+    assert decoding.new_token_count(5, None, None) == decoding.DEFAULT_MAX_LENGTH - 5
+    with pytest.raises(ValueError, match="pass max_new_tokens"):
+        decoding.new_token_count(12, None, 12)
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
+    logits = torch.tensor([[2.0, -2.0, 4.0, 1.0]])
+    penalized = decoding.penalize_repeats(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert torch.equal(penalized, torch.tensor([[1.0, -4.0, 4.0, 1.0]]))
+    assert decoding.penalize_repeats(logits, torch.tensor([[0]]), 1.0) is logits
+    with pytest.raises(ValueError, match="positive"):
+        decoding.penalize_repeats(logits, torch.tensor([[0]]), 0.0)
+
+
+def test_end_of_sequence_stops_rows_one_by_one_and_pads_after():
+    end = decoding.EndOfSequence([7, 9], pad_token_id=0, batch=3, device=torch.device("cpu"))
+    assert torch.equal(end(torch.tensor([[7], [1], [2]])), torch.tensor([[7], [1], [2]]))
+    assert not end.all_finished()
+    assert torch.equal(end(torch.tensor([[5], [9], [3]])), torch.tensor([[0], [9], [3]])), "row 0 ended: padded"
+    assert torch.equal(end(torch.tensor([[5], [5], [7]])), torch.tensor([[0], [0], [7]]))
+    assert end.all_finished()
+    never = decoding.EndOfSequence(None, None, 2, torch.device("cpu"))
+    assert torch.equal(never(torch.tensor([[7], [9]])), torch.tensor([[7], [9]])) and not never.all_finished()
+    assert decoding.EndOfSequence(4, None, 1, torch.device("cpu")).pad == 4, "pad defaults to the first eos id"
+
+
+def test_streamer_is_an_object_with_put_and_end_or_a_callback():
+    class Streamer:
+        def put(self, tokens):
+            pass
+
+        def end(self):
+            pass
+
+    streamer = Streamer()
+    assert decoding.as_streamer(streamer) is streamer and decoding.as_streamer(None) is None
+    seen = []
+    wrapped = decoding.as_streamer(seen.append)
+    wrapped.put(torch.tensor([3]))
+    wrapped.end()
+    assert seen == [torch.tensor([3])]
+    with pytest.raises(TypeError, match="put"):
+        decoding.as_streamer(42)
+
+
+def test_sample_is_greedy_at_temperature_zero_and_keeps_top_k():
+    logits = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 2.0]])
+    assert torch.equal(decoding.sample(logits, 0, None, None), torch.tensor([[1], [0]]))
+    drawn = torch.cat([decoding.sample(logits, 1.0, 2, None, torch.Generator().manual_seed(i)) for i in range(30)], dim=1)
+    assert set(drawn[0].tolist()) <= {1, 2} and set(drawn[1].tolist()) <= {0, 2}
