@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -23,9 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import SPEC_HASH
+from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
-from .ops.decoding import CUDAGraphDecoder
+from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.gated_delta import GatedDeltaCache, gated_delta_rule, gated_delta_step, l2_normalize
 from .ops.norm import rms_norm
 from .ops.ssm import causal_conv1d
@@ -40,6 +40,8 @@ def use_kernel(kernel, x: torch.Tensor) -> bool:
     lowers it back to the reference op: kernels.decompositions())."""
     return USE_KERNELS and kernel is not None and (x.is_cuda or torch.compiler.is_exporting())
 
+
+SPEC = json.loads(json.dumps(CONFIG))  # the resolved spec as config.json holds it
 
 INIT_STD = 0.02  # Linear and embedding weights start as normal(0, INIT_STD)
 OUTPUT_STD = INIT_STD / math.sqrt(2 * 24)  # output projections: the residual stream does not grow with depth
@@ -102,14 +104,15 @@ class Attn(nn.Module):
         self.q_norm = RMSNorm(128, eps=1e-06)
         self.k_norm = RMSNorm(128, eps=1e-06)
         self.register_buffer("inv_freq", torch.empty(64), persistent=False)
-        self.reset_rope()
+        self.init_buffers()
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.o_proj.weight, 0.0, OUTPUT_STD)
-        self.reset_rope()
+        self.init_buffers()
 
-    def reset_rope(self):
+    def init_buffers(self):
+        """The RoPE frequencies: derived, not saved (Model.from_pretrained calls this after loading)."""
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=1000000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
@@ -264,10 +267,30 @@ class AttnMlpBlock(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, 151936)
-    loss: torch.Tensor | None = None  # next-token cross-entropy plus every weighted auxiliary loss
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # already weighted as the spec says
+    """What forward returns. Read it by attribute (out.loss) or, as Hugging Face's ModelOutput, by key (out["loss"])
+    or position (out[0]: the first field that is set, so the loss when there is one, else the logits)."""
+
+    loss: torch.Tensor | None = None  # what the optimizer minimises: lm_loss plus every auxiliary loss
+    logits: torch.Tensor | None = None  # (B, T, 151936)
+    lm_loss: torch.Tensor | None = None  # next-token cross-entropy alone (perplexity is its exp)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # each already weighted as the spec says
     heads: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.keys())
+
+    def __getitem__(self, key: str | int | slice):
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.keys()
 
 
 @dataclass
@@ -339,22 +362,43 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def forward(self, input_ids, targets=None, cache: Cache | None = None, attention_mask=None) -> ModelOutput:
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations during backward instead of keeping them: less memory, about one more
+        forward of compute per training step. Training mode only; it changes no result."""
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
+
+    def after_optimizer_step(self) -> None:
+        """Call after every optimizer step (or once: optimizer.register_step_post_hook(lambda *_: model.after_optimizer_step())).
+        This model has nothing to update between steps; the call keeps one training loop right for every model."""
+
+    def forward(self, input_ids, cache: Cache | None = None, *, attention_mask=None, labels=None, targets=None) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
+
+        labels (B, T), Hugging Face's convention: the sequence itself, shifted here, so position t is scored against
+        labels[:, t + 1] (the last position against nothing); -100 marks a label to ignore. model(x, labels=x) trains
+        next-token prediction. targets (B, T), nanoGPT's convention: already shifted, targets[:, t] is the token that
+        follows input_ids[:, t] (model(x[:, :-1], targets=x[:, 1:]) is the same loss). Give one or neither.
 
         attention_mask (B, T): 1 for a token, 0 for padding, rows left-padded (a batch of prompts of different
         lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
         reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
-        for the tokens that follow."""
+        for the tokens that follow.
+        """
+        if labels is not None:
+            if targets is not None:
+                raise ValueError("give labels (the sequence, shifted by the model) or targets (already shifted), not both")
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the token after each position, none after the last
         aux: dict[str, torch.Tensor] = {}
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, attention_mask=attention_mask)  # (B, T, 2048)
         logits = self.lm_head(x)  # (B, T, 151936)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, 151936), targets.reshape(-1), ignore_index=-100)
-            loss = loss + sum(aux.values())
-        return ModelOutput(logits=logits, loss=loss, aux_losses=aux, heads=heads)
+        if targets is None:
+            return ModelOutput(logits=logits, aux_losses=aux, heads=heads)
+        lm_loss = F.cross_entropy(logits.float().view(-1, 151936), targets.reshape(-1), ignore_index=-100)
+        return ModelOutput(loss=lm_loss + sum(aux.values()), logits=logits, lm_loss=lm_loss, aux_losses=aux, heads=heads)
 
     def hidden_states(
         self,
@@ -401,22 +445,40 @@ class Model(nn.Module):
     def generate(
         self,
         input_ids,
-        max_new_tokens: int,
+        max_new_tokens: int | None = None,
+        *,
+        max_length: int | None = None,
+        do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer=None,
         generator: torch.Generator | None = None,
-        cuda_graph: bool = True,
         attention_mask=None,
+        cuda_graph: bool = True,
     ):
-        """Continue each row of input_ids (B, T) by max_new_tokens tokens; temperature 0 is greedy decoding.
-        attention_mask (B, T) (1 token, 0 pad) decodes a batch of left-padded prompts of different lengths: each row
-        gets the tokens it gets alone.
+        """Continue each row of input_ids (B, T), with Hugging Face's arguments and defaults → (B, T + new tokens).
+
+        How many: max_new_tokens, or max_length tokens in all (the prompt counts); max_new_tokens wins when both are
+        given, and neither means 20 tokens in all. Which: greedy unless do_sample=True, which samples at temperature
+        from the top_k most likely tokens and the smallest set holding top_p of the mass; repetition_penalty > 1 makes
+        the tokens a row already holds less likely. When to stop: a row ends with its first eos_token_id (an id or a
+        list), pad_token_id (default: the first eos id) fills it after that, and decoding stops once every row has
+        ended, so the result can be shorter. streamer: an object with put()/end() (transformers' TextStreamer) or a
+        callable; it gets the prompt, then each step's tokens (B,). attention_mask (B, T) (1 token, 0 pad) decodes a
+        batch of left-padded prompts of different lengths: each row gets the tokens it gets alone.
 
         On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
         (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
         """
         B, T = input_ids.size()
+        max_new_tokens = new_token_count(T, max_new_tokens, max_length)
+        temperature = temperature if do_sample else 0  # 0: greedy
+        streamer = as_streamer(streamer)
+        end_of_sequence = EndOfSequence(eos_token_id, pad_token_id, B, input_ids.device)
         max_len = T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
             decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None)
@@ -429,13 +491,23 @@ class Model(nn.Module):
             def step(token):
                 return self(token, cache=cache).logits[:, -1]
 
-        tokens = [input_ids]
-        for i in range(max_new_tokens):
-            next_token = sample(logits, temperature, top_k, top_p, generator)  # (B, 1)
-            tokens.append(next_token)
-            if i + 1 < max_new_tokens:
-                logits = step(next_token)  # (B, 151936)
-        return torch.cat(tokens, dim=1)
+        tokens = torch.cat([input_ids, input_ids.new_empty(B, max_new_tokens)], dim=1)  # (B, T + max_new_tokens)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        length = T
+        while length < T + max_new_tokens:
+            logits = penalize_repeats(logits, tokens[:, :length], repetition_penalty)  # (B, 151936)
+            next_token = end_of_sequence(sample(logits, temperature, top_k, top_p, generator))  # (B, 1)
+            tokens[:, length] = next_token[:, 0]
+            length += 1
+            if streamer is not None:
+                streamer.put(next_token[:, 0].cpu())
+            if length == T + max_new_tokens or end_of_sequence.all_finished():
+                break
+            logits = step(next_token)  # (B, 151936)
+        if streamer is not None:
+            streamer.end()
+        return tokens[:, :length]
 
     def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
@@ -456,43 +528,60 @@ class Model(nn.Module):
         return decoders[key]
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write model.safetensors and config.json (with the spec hash that from_pretrained checks)."""
+        """Write model.safetensors and config.json: the model's name, its spec hash and the whole resolved spec, so a
+        checkpoint says what it is (from_pretrained checks it)."""
         from safetensors.torch import save_model
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self, str(directory / "model.safetensors"))
-        (directory / "config.json").write_text(
-            json.dumps({"model": "gated_deltanet_hybrid", "spec_hash": SPEC_HASH}, indent=2) + "\n"
-        )
+        config = {"model": "gated_deltanet_hybrid", "spec_hash": SPEC_HASH, "generated_by": "archgen 0.1.0", "spec": CONFIG}
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device=None) -> "Model":
-        from safetensors.torch import load_model
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype | None = None, device=None, *, torch_dtype=None
+    ) -> "Model":
+        """Load a save_pretrained directory onto `device` (default cpu) in `dtype` (default float32; torch_dtype is
+        transformers' older name for it). The model is built on the meta device (no memory, no initialisation) and each
+        saved tensor is read straight onto the device and converted, one at a time, so no second copy of the weights
+        is ever held. device="meta" gives the structure alone and reads no weights. config.json must describe the spec
+        this package was generated from."""
+        from safetensors import safe_open
 
         directory = Path(directory)
         saved = json.loads((directory / "config.json").read_text())
-        if saved.get("spec_hash") != SPEC_HASH:
+        if saved.get("spec_hash") != SPEC_HASH or saved.get("spec", SPEC) != SPEC:
             raise ValueError(
-                f"{directory} holds weights for spec {saved.get('spec_hash')}, but this package was generated from spec {SPEC_HASH}; "
-                "load them with the package generated from the same spec"
+                f"{directory} holds weights for {saved.get('model')!r}, spec {saved.get('spec_hash')}, but this package was generated "
+                f"from {SPEC_NAME!r}, spec {SPEC_HASH}: load them with the package generated from the spec in their config.json"
             )
-        model = cls()
-        load_model(model, str(directory / "model.safetensors"), device=str(device or "cpu"))
+        device = torch.device(device if device is not None else "cpu")
+        with torch.device("meta"):
+            model = cls().to(dtype or torch_dtype or torch.float32)
+        if device.type == "meta":
+            return model
+        expected = model.state_dict()  # names and dtypes; tensors a module makes on loading (JEPA's target) come as saved
+        state = {}
+        with safe_open(str(directory / "model.safetensors"), framework="pt", device=str(device)) as checkpoint:
+            for name in checkpoint.keys():
+                tensor = checkpoint.get_tensor(name)
+                floating = model.embed.weight.dtype if tensor.is_floating_point() else tensor.dtype
+                state[name] = tensor.to(expected[name].dtype if name in expected else floating)
+        if "embed.weight" not in state and "lm_head.weight" in state:  # saved once, under either name: the two are one tensor
+            state["embed.weight"] = state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
+        loaded = model.load_state_dict(state, strict=False, assign=True)
+        missing = [name for name in loaded.missing_keys if name != "lm_head.weight"]
+        if missing or loaded.unexpected_keys:
+            raise ValueError(
+                f"{directory}/model.safetensors does not fit {SPEC_NAME!r}: missing {missing}, unexpected {loaded.unexpected_keys}"
+            )
+        model.lm_head.weight = model.embed.weight
+        for module in model.modules():  # buffers derived rather than saved (RoPE frequencies): made here, on the device
+            meta_buffers = [name for name, buffer in module.named_buffers(recurse=False) if buffer.is_meta]
+            for name in meta_buffers:
+                module.register_buffer(name, torch.empty_like(module.get_buffer(name), device=device), persistent=False)
+            if meta_buffers:
+                module.init_buffers()
         return model
-
-
-def sample(logits, temperature: float, top_k: int | None, top_p: float | None, generator=None):
-    """Pick the next token from logits (B, V): greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)

@@ -2,10 +2,10 @@
 
 Do not edit: regenerate with `archgen build specs/hspmn.yaml`.
 
-    from generated.hspmn import Model
+    from hspmn import Model                 # after `pip install -e generated/hspmn`
     model = Model()
-    out = model(input_ids, targets=targets)   # out.logits, out.loss, out.aux_losses
-    tokens = model.generate(input_ids, max_new_tokens=32, temperature=0)
+    out = model(input_ids, labels=input_ids)   # shifted inside; out.loss, out.lm_loss, out.aux_losses, out.logits
+    tokens = model.generate(input_ids, max_new_tokens=32)  # greedy unless do_sample=True
 """
 
 from .config import CONFIG, SPEC_HASH

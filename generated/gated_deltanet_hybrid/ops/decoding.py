@@ -19,10 +19,17 @@ What a captured step reads and writes must live at fixed addresses:
 
 Sampling stays outside the graph (it runs on one (B, V) row of logits, a handful of kernels), so every sampling
 option of `generate` works unchanged.
+
+The rest of this file is what `generate` does between two steps, with Hugging Face's names and meanings:
+    new_token_count     max_new_tokens / max_length → how many tokens to add
+    penalize_repeats    repetition_penalty (CTRL's rule) on the tokens a row already holds
+    sample              greedy, or temperature → top-k → top-p sampling
+    EndOfSequence       per-row stopping at eos_token_id, pad_token_id after it
+    as_streamer         a streamer (put/end, as transformers' TextStreamer) or a plain callback
 """
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -140,3 +147,98 @@ class CUDAGraphDecoder:
         self.token.copy_(token)
         self.graph.replay()
         return self.logits
+
+
+DEFAULT_MAX_LENGTH = 20  # transformers' default total length when neither max_new_tokens nor max_length is given
+
+
+def new_token_count(prompt_length: int, max_new_tokens: int | None, max_length: int | None) -> int:
+    """How many tokens generate adds: max_new_tokens when given (it wins over max_length, as in transformers), else
+    max_length minus the prompt's length (max_length counts the prompt), else up to DEFAULT_MAX_LENGTH in all."""
+    if max_new_tokens is not None:
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+        return max_new_tokens
+    total = DEFAULT_MAX_LENGTH if max_length is None else max_length
+    if total <= prompt_length:
+        given = f"max_length={max_length}" if max_length is not None else f"the default max_length ({DEFAULT_MAX_LENGTH})"
+        raise ValueError(f"the prompt already has {prompt_length} tokens, {given} leaves no room for new ones: "
+                         "pass max_new_tokens (the number of tokens to add) or a larger max_length")
+    return total - prompt_length
+
+
+def penalize_repeats(logits: Tensor, tokens: Tensor, penalty: float) -> Tensor:
+    """Repetition penalty (Keskar et al. 2019, as transformers applies it): for every token id a row already holds
+    (prompt included), its logit is divided by `penalty` when positive and multiplied by it when negative, so
+    penalty > 1 makes repeats less likely. logits (B, V), tokens (B, T) → (B, V)."""
+    if penalty <= 0:
+        raise ValueError(f"repetition_penalty must be positive, got {penalty}")
+    if penalty == 1.0:
+        return logits
+    seen = logits.gather(1, tokens)  # (B, T)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(1, tokens, seen)
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token from logits (B, V) → (B, 1): greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    if temperature < 0:
+        raise ValueError(f"temperature must be positive (or 0 for greedy decoding), got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+
+
+class EndOfSequence:
+    """Per-row stopping: a row ends with its first end-of-sequence token; every token chosen for it afterwards is
+    replaced by pad_token_id (default: the first eos id), as transformers does. Without eos ids no row ever ends."""
+
+    def __init__(self, eos_token_id: int | Sequence[int] | None, pad_token_id: int | None, batch: int,
+                 device: torch.device):
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(ids, dtype=torch.long, device=device)  # (E,)
+        self.pad = pad_token_id if pad_token_id is not None else (ids[0] if ids else None)
+        self.finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)  # (B, 1)
+
+    def __call__(self, next_token: Tensor) -> Tensor:
+        """next_token (B, 1) → the same with finished rows padded; marks the rows that end here."""
+        if self.eos.numel() == 0:
+            return next_token
+        next_token = next_token.masked_fill(self.finished, self.pad)
+        self.finished |= torch.isin(next_token, self.eos)
+        return next_token
+
+    def all_finished(self) -> bool:
+        """Whether every row has ended (one host synchronisation; only asked when there are eos ids)."""
+        return self.eos.numel() > 0 and bool(self.finished.all())
+
+
+class _CallbackStreamer:
+    def __init__(self, callback: Callable[[Tensor], object]):
+        self.callback = callback
+
+    def put(self, tokens: Tensor) -> None:
+        self.callback(tokens)
+
+    def end(self) -> None:
+        pass
+
+
+def as_streamer(streamer):
+    """None, an object with put(tokens) and end() (transformers' TextStreamer and friends), or a callable that gets
+    the same tokens as put: the prompt (B, T) first, then each step's new tokens (B,) as they are chosen."""
+    if streamer is None or hasattr(streamer, "put"):
+        return streamer
+    if callable(streamer):
+        return _CallbackStreamer(streamer)
+    raise TypeError(f"streamer must have put() and end() (as transformers' TextStreamer) or be callable, got {type(streamer).__name__}")
