@@ -467,12 +467,18 @@ def mamba2_decode_step(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v1::ssd_step: ops/ssd.py's ssd_step with the step size applied}, for ONNX; `reference` is that function.
-    (archgen_v1::selective_state_step has ops/ssm.py's `selective_state_step` signature: it lowers to that function.)"""
+    """{the custom op `reference` is the reference of: that op written with it}, for ONNX. This file holds several ops,
+    and a generated package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's
+    `ssd_step` (the step size is applied here first) or ops/ssm.py's `selective_state_step` (the same signature as
+    archgen_v1::selective_state_step, so it is the decomposition as it stands). max_seqlen is unused (one position)."""
 
     def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
         step = dt.float() + dt_bias.float() if dt_bias is not None else dt
         step = F.softplus(step) if dt_softplus else step
         return reference(state, x, step, A, B, C, D)
 
-    return {op_overload("ssd_step"): ssd_step_decomposed}
+    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference}
+    if reference.__name__ not in lowerings:
+        raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
+                         f"{', '.join(lowerings)}")
+    return {op_overload(reference.__name__): lowerings[reference.__name__]}

@@ -31,7 +31,7 @@ class ComponentPlan:
     produces_aux: bool = False
     has_cache: bool = False
     takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
-    kernel: KernelChoice | None = None  # the Triton kernel the kernel-selection pass gave its ops
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
 
 @dataclass
@@ -196,7 +196,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                  for suffix, sub_kind, sub_config in kind.subcomponents(op.config)}
         for part in parts.values():
             components[part.name] = part
-        components[name] = _component(name, op.kind, op.config, dims, namespace, op.kernel)
+        components[name] = _component(name, op.kind, op.config, dims, namespace, op.kernels)
         for suffix, part in parts.items():
             components[name].dims[f"{suffix}_class"] = part.class_name
 
@@ -252,14 +252,14 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         package_dir=f"{output_root}/{resolved.name}",
         d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
-        norm_module=norm_dims["kernel_module" if norm_op.kernel else "module"], norm_kernel=norm_op.kernel,
+        norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         runtime_files=sorted(imports), import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}"
                                                      for file, names in sorted(imports.items())],
         preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
-        kernel_files=sorted({op.kernel.file for op in ir.ops() if op.kernel is not None}),
+        kernel_files=sorted({kernel.file for op in ir.ops() for kernel in op.kernels.values()}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),
         embedding_multiplier=resolved.model.embedding_multiplier, residual_multiplier=resolved.model.residual_multiplier,
         logit_divisor=resolved.model.logit_divisor,
@@ -292,9 +292,11 @@ def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
     return table
 
 
-def kernel_choices(ir: IR) -> dict[str, KernelChoice]:
-    """{kernel file: its choice (the function the model calls, the runtime file of its reference)}, sorted by file."""
-    return dict(sorted({op.kernel.file: op.kernel for op in ir.ops() if op.kernel is not None}.items()))
+def kernel_functions(ir: IR) -> list[KernelChoice]:
+    """Every kernel function some op runs, once each, by file then function (rule descriptions dropped: they vary
+    by kind while the function and its reference do not)."""
+    chosen = {(k.file, k.function): k.reference for op in ir.ops() for k in op.kernels.values()}
+    return [KernelChoice(file, function, reference, "") for (file, function), reference in sorted(chosen.items())]
 
 
 def _reject_unemitted(ir: IR) -> None:
@@ -310,13 +312,13 @@ def _reject_unemitted(ir: IR) -> None:
 
 
 def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Namespace,
-               kernel: KernelChoice | None) -> ComponentPlan:
+               kernels: dict[str, KernelChoice]) -> ComponentPlan:
     kind = kind_of(kind_name)
     template_dims = kind.template_dims(config, dims)
     template_dims["kind"] = kind_name
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
-                         kernel=kernel)
+                         kernels=dict(kernels))
 
 
 def _layout_text(layers: list[_Layer]) -> str:

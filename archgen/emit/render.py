@@ -13,7 +13,7 @@ import jinja2
 import yaml
 
 from archgen.emit.format import format_python
-from archgen.emit.plan import EmitPlan, kernel_choices
+from archgen.emit.plan import EmitPlan, kernel_functions
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR
 from archgen.kinds import kind_of
@@ -67,7 +67,7 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
         files[f"ops/{name}.py"] = (TEMPLATES / "runtime" / f"{name}.py").read_text(encoding="utf-8")
     if plan.kernel_files:
         kernels_init = env.get_template("package/kernels_init.py.j2")
-        files["kernels/__init__.py"] = kernels_init.render(kernel_choices=kernel_choices(ir))
+        files["kernels/__init__.py"] = kernels_init.render(kernel_functions=kernel_functions(ir))
         rendered.append("kernels/__init__.py")
         for name in (*KERNEL_SUPPORT_FILES, *plan.kernel_files):
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")

@@ -66,12 +66,13 @@ def tuning_cases(ir: IR, seq_lens: Iterable[int], batches: Iterable[int]) -> lis
     """Every (kernel file, distinct op config and parameter shapes) the IR runs, at every batch × length."""
     distinct: dict[tuple, TuneCase] = {}
     for op in ir.ops():
-        if op.kernel is None:
+        if not op.kernels:
             continue
         config = dataclasses.asdict(op.config) if dataclasses.is_dataclass(op.config) else dict(op.config)
         params = {name: tuple(shape) for name, shape in sorted(op.params.items())}
-        key = (op.kernel.file, repr(sorted(config.items())), repr(params))
-        distinct.setdefault(key, TuneCase(op.kernel.file, op.name, config, params, 0, 0))
+        for file in sorted({kernel.file for kernel in op.kernels.values()}):  # an op may run several kernel files
+            key = (file, repr(sorted(config.items())), repr(params))
+            distinct.setdefault(key, TuneCase(file, op.name, config, params, 0, 0))
     return [dataclasses.replace(case, batch=batch, seqlen=seqlen)
             for case in distinct.values() for batch in sorted(set(batches)) for seqlen in sorted(set(seq_lens))]
 

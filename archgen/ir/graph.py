@@ -20,7 +20,7 @@ from archgen.resolve.resolve import Component, ResolvedSpec
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """A Triton kernel an op runs on CUDA tensors instead of the reference function of the same name."""
+    """A Triton kernel function an op runs on CUDA tensors instead of the reference function of the same name."""
 
     file: str  # kernels/<file>.py, copied to generated/<name>/kernels/
     function: str  # the name the generated code calls (kernels.<function>)
@@ -39,7 +39,7 @@ class Op:
     params: dict[str, tuple[int, ...]] = field(default_factory=dict)
     in_shapes: list[Shape] = field(default_factory=list)
     out_shape: Shape | None = None
-    kernel: KernelChoice | None = None  # set by the kernel-selection pass
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: its kernel}, by the kernel-selection pass
 
 
 @dataclass

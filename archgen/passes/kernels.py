@@ -1,13 +1,16 @@
-"""Kernel selection: which op runs which Triton kernel (on CUDA tensors), decided once over the IR.
+"""Kernel selection: which functions of an op run Triton kernels (on CUDA tensors), decided once over the IR.
 
-A rule names a kind, a condition on the op's resolved config, and the kernel: `kernels/<file>.py` defines the
-custom op `<function>`, which replaces the reference function of the same name in `templates/runtime/<reference>.py`.
-The first rule whose kind and condition match an op wins. The emitter copies the chosen kernel files into the
-generated package, and an op's template calls its kernel only when `op.kernel` is set; the reference op stays the
-fallback everywhere else (CPU tensors, no triton).
+A rule names a kind, a condition on the op's resolved config, and one kernel function: `kernels/<file>.py` defines
+the custom op `<function>`, which replaces the reference function of the same name in
+`templates/runtime/<reference>.py`. An op may run several kernels (a Mamba-2 block: the causal conv, the SSD scan and
+the decode step), one per function, so every matching rule applies; where two rules name the same function, the first
+match wins (a rule with a narrower condition goes before the general one). The result is `op.kernels`,
+{function: KernelChoice}. The emitter copies the chosen kernel files into the generated package, and an op's template
+calls `kernels.<function>` only where `"<function>" in c.kernels`; the reference op stays the fallback everywhere else
+(CPU tensors, no triton, float64) and is what an ONNX export lowers each kernel to.
 
-To add a kernel: write kernels/<file>.py (kernel, launcher, custom op, reference side by side), add a rule here,
-and call it from the kind's template under `{% if c.kernel %}`.
+To add a kernel: write kernels/<file>.py (kernel, launcher, custom op, reference and `decomposition` side by side),
+add a rule here, and call it from the kind's template under `{% if "<function>" in c.kernels %}`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,36 @@ class KernelRule:
     when: Callable[[Any], bool] = lambda config: True  # a condition on the op's resolved config
 
 
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _ssd_fits(config: Any) -> bool:
+    """The SSD kernel's limits: the chunk is its tile length (a power of two ≥ 16), and a head's (P, N) state is one
+    register tile (each at most 256)."""
+    return _power_of_two(config.chunk_size) and config.chunk_size >= 16 and max(config.head_dim, config.d_state) <= 256
+
+
+def _conv_fits(config: Any) -> bool:
+    return 1 <= config.d_conv <= 16  # the conv kernel unrolls at most 16 taps
+
+
 KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "selective_scan", "selective_scan", "ssm",
-               "Mamba-1 sequence scan (prefill and training); decoding keeps the one-step reference update"),
+               "Mamba-1 sequence scan (prefill and training)"),
+    KernelRule("mamba", "causal_conv1d", "causal_conv1d", "ssm",
+               "Mamba-1 depthwise causal conv + SiLU, fused (a sequence, or one decoding step at T = 1)",
+               when=_conv_fits),
+    KernelRule("mamba", "state_update", "selective_state_step", "ssm",
+               "Mamba-1 one-token state update (decoding)"),
+    KernelRule("mamba2", "causal_conv1d", "causal_conv1d", "ssm",
+               "Mamba-2 depthwise causal conv + SiLU over x, B and C, fused (a sequence, or one decoding step)",
+               when=_conv_fits),
+    KernelRule("mamba2", "ssd", "ssd_scan", "ssd",
+               "Mamba-2 chunked SSD scan (prefill and training); the chunk must be a power of two >= 16",
+               when=_ssd_fits),
+    KernelRule("mamba2", "state_update", "ssd_step", "ssd",
+               "Mamba-2 one-token SSD state update (decoding)"),
     KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),
@@ -46,9 +76,8 @@ KERNEL_RULES: list[KernelRule] = [
 
 def select_kernels(ir: IR, rules: list[KernelRule] = KERNEL_RULES) -> IR:
     for op in ir.ops():
-        op.kernel = None
+        op.kernels = {}
         for rule in rules:
-            if rule.kind == op.kind and rule.when(op.config):
-                op.kernel = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
-                break
+            if rule.kind == op.kind and rule.function not in op.kernels and rule.when(op.config):
+                op.kernels[rule.function] = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
     return ir

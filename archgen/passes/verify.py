@@ -41,11 +41,12 @@ def verify_ir(ir: IR, after: str) -> IR:
                 problems.append(f"{name}: no output shape after shape inference")
             elif [ir.op(s).out_shape for s in graph.predecessors(name)] not in ([], op.in_shapes):
                 problems.append(f"{name}: its input shapes are not its producers' output shapes")
-        if op.kernel is not None:
+        for function, kernel in op.kernels.items():
             from archgen.passes.kernels import KERNEL_RULES
 
-            if not any(r.kind == op.kind and r.file == op.kernel.file for r in KERNEL_RULES):
-                problems.append(f"{name}: kernel {op.kernel.file} has no rule for kind '{op.kind}'")
+            if function != kernel.function or not any(
+                    r.kind == op.kind and r.file == kernel.file and r.function == function for r in KERNEL_RULES):
+                problems.append(f"{name}: kernel {kernel.file}.{function} has no rule for kind '{op.kind}'")
     if problems:
         fix = "this is an archgen bug: please report it with the spec"
         raise CompileError([Diagnostic("", f"invalid IR after {after}: {problem}", fix)

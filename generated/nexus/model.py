@@ -174,17 +174,24 @@ class Ssm(nn.Module):
         if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
             keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
             x = torch.where(keep, x, 0.0)
-        x, conv_state = causal_conv1d(
-            x, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
-        )
-        x = F.silu(x)
+        conv_state = cache.conv_state if cache is not None else None  # (B, 1024, 3), the inputs before x
+        if use_kernel(kernels.causal_conv1d, x):  # conv and SiLU in one pass
+            x, conv_state = kernels.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
+        else:
+            x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+            x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([32, 16, 16], dim=-1)  # (B, T, 32), (B, T, 16) × 2
         A = -torch.exp(self.A_log.float())  # (1024, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 1024), on rows: torch.export traces it for any batch size
-            y, ssm_state = selective_state_step(
-                cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
-            )
+            if use_kernel(kernels.selective_state_step, x):
+                y, ssm_state = kernels.selective_state_step(
+                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
+                )
+            else:
+                y, ssm_state = selective_state_step(
+                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
+                )
             y = y.unsqueeze(1)  # (B, 1, 1024)
         else:
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 1024); its bias is added inside the scan, before softplus

@@ -46,7 +46,7 @@ def test_a_cycle_and_a_lost_shape_are_caught():
 
 def test_a_kernel_without_a_rule_for_the_kind_is_caught():
     ir = compiled_ir()
-    ir.op("layers.0.mixer").kernel = KernelChoice("selective_scan", "selective_scan", "ssm", "hand-set")
+    ir.op("layers.0.mixer").kernels = {"selective_scan": KernelChoice("selective_scan", "selective_scan", "ssm", "hand-set")}
     kind = ir.op("layers.0.mixer").kind
     assert kind != "mamba"
     with pytest.raises(CompileError, match="has no rule for kind"):

@@ -1,5 +1,5 @@
-"""Kernel selection: the pass gives each op the kernel of the first matching rule, and the emitter ships and calls
-exactly the kernels the ops were given."""
+"""Kernel selection: the pass gives each op one kernel per function, from the first matching rule naming it, and the
+emitter ships and calls exactly the kernels the ops were given."""
 
 from __future__ import annotations
 
@@ -22,25 +22,51 @@ ffns:
   mlp: {kind: mlp, activation: swiglu, hidden: 64}
 layout: {mixers: attn*2, ffns: mlp}
 """
+BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
+
+MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d",
+                 "selective_state_step": "state_update"}
+MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "ssd_step": "state_update"}
+RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 
 
-def test_every_mamba_op_gets_the_selective_scan_every_rmsnorm_its_kernel_and_nothing_else_a_kernel():
+def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
+    """{op: {function: kernel file}} for the ops (of `kind`, or of every kind) that got any kernel."""
+    return {op.name: {f: k.file for f, k in op.kernels.items()} for op in ir.ops()
+            if op.kernels and kind in (None, op.kind)}
+
+
+def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
-    chosen = {op.name: op.kernel.file for op in ir.ops() if op.kernel is not None}
-    expected = {op.name: {"mamba": "selective_scan", "rmsnorm": "rmsnorm"}[op.kind] for op in ir.ops()
+    expected = {op.name: {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS}[op.kind] for op in ir.ops()
                 if op.kind in ("mamba", "rmsnorm")}
-    assert {"selective_scan", "rmsnorm"} <= set(expected.values()) and chosen == expected
+    assert {"mamba", "rmsnorm"} <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():
     ir = compile_spec(HSPMN, "tiny").ir
-    chosen = {op.name: op.kernel.file for op in ir.ops() if op.kernel is not None}
     sparse = {op.name for op in ir.ops() if op.kind == "sparse_attention"}
-    assert sparse and {name for name, file in chosen.items() if file != "rmsnorm"} == sparse
-    assert set(chosen.values()) == {"packed_query_attention", "rmsnorm"}
+    assert sparse and chosen_kernels(ir, "sparse_attention") == dict.fromkeys(
+        sparse, {"packed_query_attention": "packed_query_attention"})
 
 
-def test_a_rule_with_a_condition_applies_only_where_it_holds():
+def test_every_mamba2_op_gets_the_ssd_conv_and_step_kernels():
+    ir = compile_spec(BAMBA).ir
+    mamba2 = {op.name for op in ir.ops() if op.kind == "mamba2"}
+    assert mamba2 and chosen_kernels(ir, "mamba2") == dict.fromkeys(mamba2, MAMBA2_KERNELS)
+
+
+def test_an_ssd_chunk_the_kernel_cannot_tile_keeps_the_reference_scan_and_only_that():
+    ir = compile_spec(BAMBA).ir
+    for op in ir.ops():
+        if op.kind == "mamba2":
+            op.config = type(op.config)(**{**vars(op.config), "chunk_size": 48})  # not a power of two
+    select_kernels(ir)
+    for functions in chosen_kernels(ir, "mamba2").values():
+        assert set(functions) == {"causal_conv1d", "ssd_step"}
+
+
+def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_per_function_wins():
     ir = compile_spec(NEXUS, "tiny").ir
     windowed = KernelRule("attention", "windowed_attention", "attention", "attention", "test rule",
                           when=lambda config: config.window is not None)
@@ -48,17 +74,27 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds():
     select_kernels(ir, [windowed, full, *KERNEL_RULES])
     for op in ir.ops():
         if op.kind == "attention":
-            assert op.kernel.file == ("windowed_attention" if op.config.window else "full_attention")
+            assert set(op.kernels) == {"attention"}
+            assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
 
 
 def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
     compiled = compile_spec(NEXUS, "tiny")
     files = emit(compiled, Path(NEXUS).relative_to(ROOT).as_posix()).files
-    assert "kernels/selective_scan.py" in files
-    assert "kernels.selective_scan(" in files["model.py"]
+    for function, file in MAMBA_KERNELS.items():
+        assert f"kernels/{file}.py" in files
+        assert f"kernels.{function}(" in files["model.py"]
+        assert f"from .{file} import {function}" in files["kernels/__init__.py"]
 
     for op in compiled.ir.ops():
-        op.kernel = None  # as if no rule matched
+        op.kernels = {f: k for f, k in op.kernels.items() if f == "causal_conv1d"}  # as if only the conv rule matched
+    files = emit(compiled, Path(NEXUS).relative_to(ROOT).as_posix()).files
+    assert {path for path in files if path.startswith("kernels/")} == {
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/causal_conv1d.py"}
+    assert "kernels.causal_conv1d(" in files["model.py"] and "kernels.selective_scan" not in files["model.py"]
+
+    for op in compiled.ir.ops():
+        op.kernels = {}  # as if no rule matched
     files = emit(compiled, Path(NEXUS).relative_to(ROOT).as_posix()).files
     assert not any(path.startswith("kernels/") for path in files)
     assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]

@@ -16,7 +16,8 @@ try:
     from .rmsnorm import rms_norm
 except ImportError:  # no triton
     triton_support = None
-    rmsnorm_module = rms_norm = None
+    rmsnorm_module = None
+    rms_norm = None
 else:
     triton_support.RUNTIME_TUNING = False
 

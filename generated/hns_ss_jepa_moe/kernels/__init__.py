@@ -12,17 +12,28 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 
 try:
     from . import triton_support
+    from . import causal_conv1d as causal_conv1d_module
     from . import rmsnorm as rmsnorm_module
-    from .rmsnorm import rms_norm
     from . import selective_scan as selective_scan_module
-    from .selective_scan import selective_scan
+    from . import state_update as state_update_module
     from . import swiglu as swiglu_module
+    from .causal_conv1d import causal_conv1d
+    from .rmsnorm import rms_norm
+    from .selective_scan import selective_scan
+    from .state_update import selective_state_step
     from .swiglu import swiglu
 except ImportError:  # no triton
     triton_support = None
-    rmsnorm_module = rms_norm = None
-    selective_scan_module = selective_scan = None
-    swiglu_module = swiglu = None
+    causal_conv1d_module = None
+    rmsnorm_module = None
+    selective_scan_module = None
+    state_update_module = None
+    swiglu_module = None
+    causal_conv1d = None
+    rms_norm = None
+    selective_scan = None
+    selective_state_step = None
+    swiglu = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -30,6 +41,10 @@ else:
 def decompositions() -> dict:
     """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
     table = {}
+    if causal_conv1d_module is not None:
+        from ..ops.ssm import causal_conv1d as reference
+
+        table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 
@@ -38,6 +53,10 @@ def decompositions() -> dict:
         from ..ops.ssm import selective_scan as reference
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
+    if state_update_module is not None:
+        from ..ops.ssm import selective_state_step as reference
+
+        table.update(state_update_module.decomposition(reference, max_seqlen=8192))
     if swiglu_module is not None:
         from ..ops.moe import swiglu as reference
 

@@ -13,13 +13,15 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import packed_query_attention as packed_query_attention_module
-    from .packed_query_attention import packed_query_attention
     from . import rmsnorm as rmsnorm_module
+    from .packed_query_attention import packed_query_attention
     from .rmsnorm import rms_norm
 except ImportError:  # no triton
     triton_support = None
-    packed_query_attention_module = packed_query_attention = None
-    rmsnorm_module = rms_norm = None
+    packed_query_attention_module = None
+    rmsnorm_module = None
+    packed_query_attention = None
+    rms_norm = None
 else:
     triton_support.RUNTIME_TUNING = False
 

@@ -12,14 +12,24 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 
 try:
     from . import triton_support
+    from . import causal_conv1d as causal_conv1d_module
     from . import rmsnorm as rmsnorm_module
-    from .rmsnorm import rms_norm
     from . import selective_scan as selective_scan_module
+    from . import state_update as state_update_module
+    from .causal_conv1d import causal_conv1d
+    from .rmsnorm import rms_norm
     from .selective_scan import selective_scan
+    from .state_update import selective_state_step
 except ImportError:  # no triton
     triton_support = None
-    rmsnorm_module = rms_norm = None
-    selective_scan_module = selective_scan = None
+    causal_conv1d_module = None
+    rmsnorm_module = None
+    selective_scan_module = None
+    state_update_module = None
+    causal_conv1d = None
+    rms_norm = None
+    selective_scan = None
+    selective_state_step = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -27,6 +37,10 @@ else:
 def decompositions() -> dict:
     """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
     table = {}
+    if causal_conv1d_module is not None:
+        from ..ops.ssm import causal_conv1d as reference
+
+        table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 
@@ -35,4 +49,8 @@ def decompositions() -> dict:
         from ..ops.ssm import selective_scan as reference
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=4096))
+    if state_update_module is not None:
+        from ..ops.ssm import selective_state_step as reference
+
+        table.update(state_update_module.decomposition(reference, max_seqlen=4096))
     return table

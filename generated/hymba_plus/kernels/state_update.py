@@ -1,0 +1,484 @@
+"""One-token state updates for decoding, as Triton kernels: Mamba-2's `ssd_step` and Mamba-1's `selective_state_step`.
+
+Each is the recurrence of its scan at a single position, with the same arguments and results as the reference step in
+templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
+
+    Mamba-2 (per head, scalar decay):  h = exp(Δ A_h) · state + Δ · x ⊗ B_g,   y = h C_g + D_h x        h (P, N)
+    Mamba-1 (per channel):            h = exp(Δ A_d) ⊙ state + Δ u · B,       y = (h C + D u) · silu(z)  h (N,)
+
+with Δ = softplus(dt + dt_bias) where asked (the Mamba-2 block applies it before the call; the Mamba-1 block passes
+the bias in). Decoding reads the whole state and writes it back once per token; with everything fused into one
+launch per layer, that is the step's floor: the state's bytes at the copy rate (2 × 2 MiB for one Bamba-1B layer at
+batch 1), against a chain of a dozen small PyTorch ops and launches for the reference. The new state is a new
+tensor, as in the references (`state` is left untouched): the caller copies it into its cache, and the op stays
+functional (exportable, capturable in a CUDA graph).
+
+Both ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
+in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import on_device, op_overload, register_op, strided, triton_on_cpu
+
+SSD_STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}
+"""Rows of the (P, N) head state per program. The step is launch- and memory-bound; more rows per program than 16
+leave too few programs at batch 1 (64 heads × P/16 = 256 programs fill the 132 SMs of an H100/H200 twice)."""
+SELECTIVE_STEP_CONFIG = {"BLOCK_D": 64, "num_warps": 4}
+
+
+@triton.jit
+def _softplus(x):
+    """log(1 + e^x) without overflow (see kernels/selective_scan.py)."""
+    w = tl.exp(-tl.abs(x))
+    one_plus_w = 1.0 + w
+    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_w
+
+
+@triton.jit
+def _ssd_step_kernel(
+    state_ptr, state_stride_b, state_stride_h, state_stride_p, state_stride_n,
+    x_ptr, x_stride_b, x_stride_h, x_stride_p,
+    dt_ptr, dt_stride_b, dt_stride_h,
+    A_ptr, B_ptr, B_stride_b, B_stride_g, B_stride_n,
+    C_ptr, C_stride_b, C_stride_g, C_stride_n,
+    D_ptr, bias_ptr,
+    y_ptr, y_stride_b, y_stride_h, y_stride_p,
+    new_state_ptr,  # (B, H, P, N) contiguous, float32
+    nheads, heads_per_group, headdim, dstate,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    pn_in = p_in[:, None] & n_in[None, :]
+    b64 = b.to(tl.int64)
+    dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    x = tl.load(x_ptr + b64 * x_stride_b + h * x_stride_h + p * x_stride_p, mask=p_in, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + b64 * B_stride_b + g * B_stride_g + n * B_stride_n, mask=n_in, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + b64 * C_stride_b + g * C_stride_g + n * C_stride_n, mask=n_in, other=0.0).to(tl.float32)
+    state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
+                    + n[None, :] * state_stride_n, mask=pn_in, other=0.0).to(tl.float32)
+    state = decay * state + (dt * x)[:, None] * B[None, :]
+    y = tl.sum(state * C[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
+    tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
+
+
+@triton.jit
+def _selective_step_kernel(
+    state_ptr, state_stride_b, state_stride_d, state_stride_n,
+    u_ptr, u_stride_b, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_n,
+    C_ptr, C_stride_b, C_stride_n,
+    D_ptr, z_ptr, z_stride_b, z_stride_d, bias_ptr,
+    y_ptr, y_stride_b, y_stride_d,
+    new_state_ptr,  # (B, D, N) contiguous, float32
+    dim, dstate,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, BLOCK_N)
+    d_in = d < dim
+    n_in = n < dstate
+    dn_in = d_in[:, None] & n_in[None, :]
+    b64 = b.to(tl.int64)
+    dt = tl.load(delta_ptr + b64 * delta_stride_b + d * delta_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    u = tl.load(u_ptr + b64 * u_stride_b + d * u_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d[:, None] * A_stride_d + n[None, :] * A_stride_n, mask=dn_in, other=0.0).to(tl.float32)
+    B = tl.load(B_ptr + b64 * B_stride_b + n * B_stride_n, mask=n_in, other=0.0).to(tl.float32)
+    C = tl.load(C_ptr + b64 * C_stride_b + n * C_stride_n, mask=n_in, other=0.0).to(tl.float32)
+    state = tl.load(state_ptr + b64 * state_stride_b + d[:, None] * state_stride_d + n[None, :] * state_stride_n,
+                    mask=dn_in, other=0.0).to(tl.float32)
+    state = tl.exp(dt[:, None] * A) * state + (dt * u)[:, None] * B[None, :]
+    y = tl.sum(state * C[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + d, mask=d_in, other=0.0).to(tl.float32) * u
+    if HAS_Z:
+        z = tl.load(z_ptr + b64 * z_stride_b + d * z_stride_d, mask=d_in, other=0.0).to(tl.float32)
+        y *= z * tl.sigmoid(z)
+    tl.store(new_state_ptr + (b64 * dim + d[:, None]) * dstate + n[None, :], state, mask=dn_in)
+    tl.store(y_ptr + b64 * y_stride_b + d * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=d_in)
+
+
+@triton.jit
+def _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, state_ptr, state_stride_b, state_stride_c, state_stride_k,
+                    weight_ptr, weight_stride_c, weight_stride_k, bias_ptr, new_state_ptr, b64, channels, valid,
+                    store_mask, conv_channels, HAS_CONV_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    """silu(bias + Σ_k w[c, k] x̃[c, k]) of one token at `channels` (x̃ = the K-1 stored inputs, then the new one), in
+    float32; where store_mask, writes those channels' new conv state (B, channels, K-1) contiguous: shifted by one."""
+    new_base = new_state_ptr + (b64 * conv_channels + channels) * (WIDTH - 1)
+    x_new = tl.load(xbc_ptr + b64 * xbc_stride_b + channels * xbc_stride_c, mask=valid, other=0.0)
+    acc = tl.load(weight_ptr + channels * weight_stride_c + (WIDTH - 1) * weight_stride_k, mask=valid,
+                  other=0.0).to(tl.float32) * x_new.to(tl.float32)
+    for k in tl.static_range(WIDTH - 1):
+        old = tl.load(state_ptr + b64 * state_stride_b + channels * state_stride_c + k * state_stride_k, mask=valid,
+                      other=0.0)
+        acc += tl.load(weight_ptr + channels * weight_stride_c + k * weight_stride_k, mask=valid,
+                       other=0.0).to(tl.float32) * old.to(tl.float32)
+        if k > 0:
+            tl.store(new_base + (k - 1), old.to(new_state_ptr.dtype.element_ty), mask=store_mask)
+    if WIDTH > 1:
+        tl.store(new_base + (WIDTH - 2), x_new.to(new_state_ptr.dtype.element_ty), mask=store_mask)
+    if HAS_CONV_BIAS:
+        acc += tl.load(bias_ptr + channels, mask=valid, other=0.0).to(tl.float32)
+    return acc * tl.sigmoid(acc)
+
+
+@triton.jit
+def _mamba2_decode_kernel(
+    xbc_ptr, xbc_stride_b, xbc_stride_c,
+    conv_state_ptr, conv_state_stride_b, conv_state_stride_c, conv_state_stride_k,
+    conv_weight_ptr, conv_weight_stride_c, conv_weight_stride_k, conv_bias_ptr,
+    state_ptr, state_stride_b, state_stride_h, state_stride_p, state_stride_n,
+    dt_ptr, dt_stride_b, dt_stride_h,
+    A_ptr, D_ptr, bias_ptr,
+    y_ptr, y_stride_b, y_stride_h, y_stride_p,
+    new_conv_state_ptr,  # (B, conv channels, K-1) contiguous, in the conv state's dtype
+    new_state_ptr,  # (B, H, P, N) contiguous, float32
+    nheads, heads_per_group, ngroups, headdim, dstate,
+    HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // heads_per_group
+    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    p_in = p < headdim
+    n_in = n < dstate
+    b64 = b.to(tl.int64)
+    d_inner = nheads * headdim
+    conv_channels = d_inner + 2 * ngroups * dstate
+    # B and C of a group are convolved by every head of the group; the group's first head, first block of rows,
+    # writes their new conv state.
+    writes_group = (n * 0 + h % heads_per_group + tl.program_id(2)) == 0  # a (BLOCK_N,) mask
+    x = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64, h * headdim + p, p_in, p_in,
+                        conv_channels, HAS_CONV_BIAS, WIDTH)
+    B = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64, d_inner + g * dstate + n, n_in,
+                        n_in & writes_group, conv_channels, HAS_CONV_BIAS, WIDTH)
+    C = _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, conv_state_ptr, conv_state_stride_b,
+                        conv_state_stride_c, conv_state_stride_k, conv_weight_ptr, conv_weight_stride_c,
+                        conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64,
+                        d_inner + (ngroups + g) * dstate + n, n_in, n_in & writes_group, conv_channels,
+                        HAS_CONV_BIAS, WIDTH)
+    # B and C are rounded to the input dtype as the unfused path stores them between its two ops.
+    B = B.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+    C = C.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+    x = x.to(xbc_ptr.dtype.element_ty).to(tl.float32)
+
+    dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    pn_in = p_in[:, None] & n_in[None, :]
+    state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
+                    + n[None, :] * state_stride_n, mask=pn_in, other=0.0).to(tl.float32)
+    state = decay * state + (dt * x)[:, None] * B[None, :]
+    y = tl.sum(state * C[None, :], axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + h).to(tl.float32) * x
+    tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
+    tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mamba-2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _ssd_step_impl(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                   dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
+    """archgen_v1::ssd_step -> (y (B, H, P) in x.dtype, new_state (B, H, P, N) float32)."""
+    if not (x.is_cuda or triton_on_cpu()):
+        return ssd_step_reference(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    batch, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[1:]
+    if nheads % ngroups or state.shape != (batch, nheads, headdim, dstate):
+        raise ValueError(f"ssd_step: state must be (B, H, P, N) = {(batch, nheads, headdim, dstate)} and H a multiple "
+                         f"of G = {ngroups}, got state {tuple(state.shape)}")
+    y = torch.empty((batch, nheads, headdim), dtype=x.dtype, device=x.device)
+    new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=x.device)
+    if y.numel() == 0 or dstate == 0:
+        return y.zero_(), new_state.zero_()
+    block_p = SSD_STEP_CONFIG["BLOCK_P"]
+    with on_device(x):
+        _ssd_step_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
+            *strided(state, 4), *strided(x, 3), *strided(dt, 2), A, *strided(B, 3), *strided(C, 3), D, dt_bias,
+            *strided(y, 3), new_state, nheads, nheads // ngroups, headdim, dstate,
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p,
+            BLOCK_N=triton.next_power_of_2(dstate), num_warps=SSD_STEP_CONFIG["num_warps"],
+        )
+    return y, new_state
+
+
+def _ssd_step_fake(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
+    return x.new_empty(x.shape), x.new_empty((*x.shape, B.shape[-1]), dtype=torch.float32)
+
+
+def ssd_step_reference(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """ops/ssd.py's `ssd_step` with the optional fused step size, in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C)) else torch.float32
+    step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    step = F.softplus(step) if dt_softplus else step  # (B, H)
+    repeats = x.shape[1] // B.shape[1]
+    B_h = B.to(acc).repeat_interleave(repeats, dim=1)  # (B, H, N): head h reads group h // R
+    C_h = C.to(acc).repeat_interleave(repeats, dim=1)
+    decay = torch.exp(step * A.to(acc))  # (B, H)
+    new_state = decay[:, :, None, None] * state.to(acc) + (step[:, :, None] * x.to(acc))[..., None] * B_h[:, :, None]
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C_h)
+    if D is not None:
+        y = y + D.to(acc)[:, None] * x.to(acc)
+    return y.to(x.dtype), new_state
+
+
+def _mamba2_decode_impl(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
+                        state: Tensor, dt: Tensor, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+                        dt_softplus: bool, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v1::mamba2_decode_step -> (y (B, H, P) in xbc.dtype, new_conv_state like conv_state, new_state
+    (B, H, P, N) float32)."""
+    if not (xbc.is_cuda or triton_on_cpu()):
+        return mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias=dt_bias,
+                                            dt_softplus=dt_softplus, ngroups=ngroups)
+    batch, nheads, headdim, dstate = state.shape
+    width = conv_weight.shape[1]
+    conv_channels = nheads * headdim + 2 * ngroups * dstate
+    if xbc.shape != (batch, conv_channels) or conv_state.shape != (batch, conv_channels, width - 1):
+        raise ValueError(f"mamba2_decode_step: xbc must be (B, H·P + 2·G·N) = {(batch, conv_channels)} and conv_state "
+                         f"(B, channels, K-1), got {tuple(xbc.shape)} and {tuple(conv_state.shape)}")
+    y = torch.empty((batch, nheads, headdim), dtype=xbc.dtype, device=xbc.device)
+    new_conv_state = torch.empty((batch, conv_channels, width - 1), dtype=conv_state.dtype, device=xbc.device)
+    new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=xbc.device)
+    block_p = SSD_STEP_CONFIG["BLOCK_P"]
+    with on_device(xbc):
+        _mamba2_decode_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
+            *strided(xbc, 2), *strided(conv_state, 3), *strided(conv_weight, 2), conv_bias, *strided(state, 4),
+            *strided(dt, 2), A, D, dt_bias, *strided(y, 3), new_conv_state, new_state,
+            nheads, nheads // ngroups, ngroups, headdim, dstate,
+            HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
+            SOFTPLUS=bool(dt_softplus), WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            num_warps=SSD_STEP_CONFIG["num_warps"],
+        )
+    return y, new_conv_state, new_state
+
+
+def _mamba2_decode_fake(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus, ngroups):
+    batch, nheads, headdim, _ = state.shape
+    return (xbc.new_empty((batch, nheads, headdim)), torch.empty_like(conv_state),
+            state.new_empty(state.shape, dtype=torch.float32))
+
+
+def mamba2_decode_step_reference(
+    xbc: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    state: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Mamba-2 block's decoding step after its input projection, unfused: the conv update of the x, B, C channels
+    (ops/ssm.py's causal_conv1d at T = 1), SiLU, then `ssd_step_reference`. Returns (y, new_conv_state, new_state)."""
+    batch, nheads, headdim, dstate = state.shape
+    width = conv_weight.shape[1]
+    acc = torch.float64 if xbc.dtype == torch.float64 else torch.float32
+    extended = torch.cat([conv_state, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, channels, K)
+    conv = (extended.to(acc) * conv_weight.to(acc)).sum(-1)
+    if conv_bias is not None:
+        conv = conv + conv_bias.to(acc)
+    xbc_act = F.silu(conv).to(xbc.dtype)
+    x, B, C = xbc_act.split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
+    y, new_state = ssd_step_reference(state, x.reshape(batch, nheads, headdim), dt, A, B.reshape(batch, ngroups, dstate),
+                                      C.reshape(batch, ngroups, dstate), D, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return y, extended[:, :, 1:].contiguous() if width > 1 else extended[:, :, :0], new_state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mamba-1
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                         z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
+    """archgen_v1::selective_state_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
+    if not (u.is_cuda or triton_on_cpu()):
+        return selective_state_step_reference(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    batch, dim = u.shape
+    dstate = A.shape[1]
+    if state.shape != (batch, dim, dstate):
+        raise ValueError(f"selective_state_step: state must be (B, D, N) = {(batch, dim, dstate)}, got "
+                         f"{tuple(state.shape)}")
+    y = torch.empty((batch, dim), dtype=u.dtype, device=u.device)
+    new_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
+    if y.numel() == 0 or dstate == 0:
+        return y.zero_(), new_state.zero_()
+    block_d = SELECTIVE_STEP_CONFIG["BLOCK_D"]
+    with on_device(u):
+        _selective_step_kernel[(batch, triton.cdiv(dim, block_d))](
+            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A, 2), *strided(B, 2),
+            *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), new_state, dim, dstate,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
+            num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
+        )
+    return y, new_state
+
+
+def _selective_step_fake(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return u.new_empty(u.shape), u.new_empty((*u.shape, A.shape[1]), dtype=torch.float32)
+
+
+def selective_state_step_reference(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """ops/ssm.py's `selective_state_step`, in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (state, u, delta, A, B, C)) else torch.float32
+    step = delta.to(acc) + (delta_bias.to(acc) if delta_bias is not None else 0.0)
+    step = F.softplus(step) if delta_softplus else step  # (B, D)
+    new_state = (torch.exp(step.unsqueeze(-1) * A.to(acc)) * state.to(acc)
+                 + (step * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(1))  # (B, D, N)
+    y = (new_state * C.to(acc).unsqueeze(1)).sum(-1)
+    if D is not None:
+        y = y + D.to(acc) * u.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype), new_state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops and entry points
+# ---------------------------------------------------------------------------------------------------------------
+
+
+ssd_step_op = register_op("ssd_step", _ssd_step_impl, _ssd_step_fake)
+selective_state_step_op = register_op("selective_state_step", _selective_step_impl, _selective_step_fake)
+mamba2_decode_step_op = register_op("mamba2_decode_step", _mamba2_decode_impl, _mamba2_decode_fake)
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One Mamba-2 decoding step, as ops/ssd.py's `ssd_step`: (y (B, H, P), new_state (B, H, P, N) float32).
+    state (B, H, P, N); x (B, H, P); dt (B, H) (raw with dt_bias / dt_softplus, else Δ); A (H,); B, C (B, G, N)."""
+    return ssd_step_op(state, x, dt, A, B, C, D, dt_bias, dt_softplus)
+
+
+def selective_state_step(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One Mamba-1 decoding step, as ops/ssm.py's `selective_state_step`: (y (B, D), new_state (B, D, N) float32)."""
+    return selective_state_step_op(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def mamba2_decode_step(
+    xbc: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    state: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    D: Tensor | None = None,
+    *,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-2 block's decoding step after its input projection, in one launch: the conv update of the x, B and C
+    channels, SiLU, and the SSM step. xbc (B, H·P + 2·G·N) this token's conv input (x, B, C concatenated, as the
+    block's in_proj splits it); conv_state (B, channels, K-1); conv_weight (channels, K); state (B, H, P, N);
+    dt (B, H). Returns (y (B, H, P), new_conv_state, new_state float32); the inputs are left untouched."""
+    return mamba2_decode_step_op(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus,
+                                 ngroups)
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """{the custom op `reference` is the reference of: that op written with it}, for ONNX. This file holds several ops,
+    and a generated package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's
+    `ssd_step` (the step size is applied here first) or ops/ssm.py's `selective_state_step` (the same signature as
+    archgen_v1::selective_state_step, so it is the decomposition as it stands). max_seqlen is unused (one position)."""
+
+    def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
+        step = dt.float() + dt_bias.float() if dt_bias is not None else dt
+        step = F.softplus(step) if dt_softplus else step
+        return reference(state, x, step, A, B, C, D)
+
+    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference}
+    if reference.__name__ not in lowerings:
+        raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
+                         f"{', '.join(lowerings)}")
+    return {op_overload(reference.__name__): lowerings[reference.__name__]}
