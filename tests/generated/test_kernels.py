@@ -120,7 +120,8 @@ def small_hspmn(tmp_path, monkeypatch):
 
 
 def test_kernel_and_reference_give_the_same_model(small_mamba):
-    """Logits, loss and every gradient of one model, with the Triton kernel and with the reference scan."""
+    """Logits, loss and every gradient of one model, with the Triton kernels (conv1d + SiLU, scan) and with the
+    reference ops."""
     torch.manual_seed(0)
     model = small_mamba.Model()
     tokens = torch.randint(0, 64, (2, 23))
@@ -136,8 +137,9 @@ def test_kernel_and_reference_give_the_same_model(small_mamba):
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
-def test_a_kernel_prefill_continues_into_reference_decoding(small_mamba):
-    """The kernel's final state is the cache the decode steps (always the reference step) continue from."""
+def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba):
+    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and
+    selective_state_step) continue from: the same logits as one full pass."""
     torch.manual_seed(1)
     model = small_mamba.Model().eval()
     tokens = torch.randint(0, 64, (2, 12))
