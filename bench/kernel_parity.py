@@ -1,0 +1,257 @@
+"""Do the generated models compute the same thing with their Triton kernels as with their reference ops (issue 10)?
+
+For each spec: bench/specs/bamba_1b.yaml first (its Mamba-2 layers run the SSD, conv1d and
+decode-step kernels), then the seeds specs/nexus, hymba_plus and hns_ss_jepa_moe (Mamba-1: scan, conv1d and step
+kernels) and specs/hspmn (no kernel: the control), at the spec's real widths with fewer layers (the overrides
+below), in bfloat16 on the GPU:
+
+  parity   one model, the same weights and tokens, forward + backward of the next-token loss twice: with the kernels
+           (model.USE_KERNELS = True, what a user gets on CUDA) and with the reference ops (False). Reported: the
+           relative norm error ||kernels - references|| / ||references|| of the logits and of every parameter's
+           gradient (worst, median, and every one above the tolerance), the losses, and how often each kernel ran
+           (a spy: a model that fell back to its references silently would show zero calls).
+  decode   with the kernels: prefill a prompt into a cache, then greedy decoding one token at a time; the step logits
+           against one full forward over prompt + generated tokens (relative norm error), and whether the greedy
+           tokens are the full forward's argmax at every step.
+
+Tolerance: 1e-2 relative norm in bfloat16 (issue 10), 1e-4 in float32 (the dry run). `pass` is per check and overall.
+MoE specs can route a token differently when bf16 rounding moves a router score across a tie, which shows as one
+expert's gradient off while the rest agree; the JSON lists every gradient over tolerance by name to tell that apart.
+
+    python bench/kernel_parity.py --out OUT_DIR --budget-s 90          # on the GPU; writes OUT_DIR/kernel_parity.json
+    python bench/kernel_parity.py --out /tmp/parity --dry-run          # on a CPU: tiny dims, Triton's interpreter
+
+--budget-s bounds the wall time: a spec is started only while the budget lasts (the first call of each kernel
+autotunes, which dominates a spec's time); the ones left are listed as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "selective_state_step", "ssd_scan", "ssd_step")
+
+# (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
+BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",
+              "mixers.ssm.n_heads=4", "mixers.ssm.head_dim=16", "mixers.ssm.d_state=16", "mixers.ssm.chunk_size=16",
+              "mixers.attn.n_heads=2", "mixers.attn.n_kv_heads=1", "mixers.attn.head_dim=16",
+              "mixers.attn.rope.rotary_dim=8", "ffns.mlp.hidden=64")
+SPECS = [
+    ("bench/specs/bamba_1b.yaml", ("layout.mixers=(ssm*3, attn)",), (None, BAMBA_TINY + ("layout.mixers=(ssm, attn)",))),
+    ("specs/nexus.yaml", ("layout.n_layers=8",),
+     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn"))),
+    ("specs/hymba_plus.yaml", ("layout.n_layers=2", "layout.mixers=global_attn|ssm, attn|ssm"),
+     ("tiny", ("model.d_model=32", "layout.n_layers=1", "layout.mixers=global_attn|ssm"))),
+    ("specs/hns_ss_jepa_moe.yaml", ("layout.n_layers=4",),
+     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn"))),
+    ("specs/hspmn.yaml", ("layout.n_layers=2",), ("tiny", ("model.d_model=32", "layout.n_layers=1"))),
+]
+GPU = {"device": "cuda", "dtype": "bfloat16", "batch": 2, "length": 600, "prompt": 64, "new_tokens": 16,
+       "tolerance": 1e-2}  # 600 = 2 chunks of 256 and a partial one for Bamba's SSD
+DRY = {"device": "cpu", "dtype": "float32", "batch": 1, "length": 12, "prompt": 5, "new_tokens": 3,
+       "tolerance": 1e-4}
+
+
+CACHE_MARGIN = 512  # cache positions beyond the tokens: a model's meta tokens take some (Hymba's 128)
+
+
+def relative_norm_error(actual, expected) -> float:
+    """||actual - expected|| / ||expected|| in float64; 0 when both are zero, inf when the shapes differ."""
+    if actual.shape != expected.shape:
+        return float("inf")
+    actual, expected = actual.detach().double(), expected.detach().double()
+    difference, scale = (actual - expected).norm().item(), expected.norm().item()
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
+
+
+def spy_on_kernels(package) -> Counter:
+    """Wrap every kernel function the package imported so that each call is counted."""
+    calls: Counter = Counter()
+    for name in KERNEL_FUNCTIONS:
+        function = getattr(package.kernels, name, None) if hasattr(package, "kernels") else None
+        if function is None:
+            continue
+
+        def counted(*args, _function=function, _name=name, **kwargs):
+            calls[_name] += 1
+            return _function(*args, **kwargs)
+
+        setattr(package.kernels, name, counted)
+    return calls
+
+
+def parity(package, model, sizes, calls: Counter) -> dict:
+    import torch
+
+    vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else model.embed.weight.shape[0]
+    tokens = torch.randint(0, vocab, (sizes["batch"], sizes["length"] + 1), device=sizes["device"])
+    results = {}
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = {"logits": out.logits.detach().float(), "loss": out.loss.item(), "calls": dict(calls),
+                        "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}}
+    package.model.USE_KERNELS = True
+    tolerance = sizes["tolerance"]
+    kernels, references = results[True], results[False]
+    errors = {name: relative_norm_error(grad, references["grads"][name]) if name in references["grads"] else float("inf")
+              for name, grad in kernels["grads"].items()}
+    missing = sorted(set(references["grads"]) - set(kernels["grads"]))
+    worst = max(errors, key=errors.get) if errors else None
+    logits_error = relative_norm_error(kernels["logits"], references["logits"])
+    over = {name: error for name, error in sorted(errors.items(), key=lambda item: -item[1]) if error > tolerance}
+    return {
+        "batch": sizes["batch"], "length": sizes["length"],
+        "kernel_calls_with_kernels": kernels["calls"], "kernel_calls_with_references": references["calls"],
+        "loss_kernels": kernels["loss"], "loss_references": references["loss"],
+        "logits_relative_norm_error": logits_error,
+        "gradients_compared": len(errors), "gradients_missing_with_kernels": missing,
+        "worst_gradient": {"parameter": worst, "relative_norm_error": errors[worst]} if worst else None,
+        "median_gradient_relative_norm_error": sorted(errors.values())[len(errors) // 2] if errors else None,
+        "gradients_over_tolerance": over,
+        "pass": logits_error <= tolerance and not over and not missing and not references["calls"],
+    }
+
+
+def cached_decode(package, model, sizes, calls: Counter) -> dict:
+    import torch
+
+    package.model.USE_KERNELS = True
+    batch, prompt_length, new_tokens = sizes["batch"], sizes["prompt"], sizes["new_tokens"]
+    vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else model.embed.weight.shape[0]
+    prompt = torch.randint(0, vocab, (batch, prompt_length), device=sizes["device"])
+    calls.clear()
+    with torch.no_grad():
+        cache = model.empty_cache(batch, CACHE_MARGIN + prompt_length + new_tokens)
+        step_logits = [model(prompt, cache=cache).logits[:, -1:].float()]
+        generated = [step_logits[-1].argmax(-1)]  # (B, 1)
+        for _ in range(new_tokens - 1):
+            step_logits.append(model(generated[-1], cache=cache).logits.float())
+            generated.append(step_logits[-1].argmax(-1))
+        decode_calls = dict(calls)
+        sequence = torch.cat([prompt, *generated], dim=1)  # (B, prompt + new)
+        full = model(sequence[:, :-1]).logits[:, prompt_length - 1:].float()  # the logits that chose each new token
+    stepped = torch.cat(step_logits, dim=1)
+    greedy_full = full.argmax(-1)
+    greedy_cached = torch.cat(generated, dim=1)
+    agree = (greedy_full == greedy_cached).float().mean().item()
+    error = relative_norm_error(stepped, full)
+    return {
+        "batch": batch, "prompt": prompt_length, "new_tokens": new_tokens, "kernel_calls": decode_calls,
+        "logits_relative_norm_error": error, "greedy_tokens_agree": agree,
+        "pass": error <= sizes["tolerance"] and agree == 1.0,
+    }
+
+
+def run_spec(spec: str, overrides: tuple[str, ...], preset: str | None, sizes: dict, out_root: Path) -> dict:
+    import torch
+
+    from archgen.testing import build_generated
+
+    started = time.perf_counter()
+    package = build_generated(ROOT / spec, out_root, preset, overrides)[0]
+    entry: dict = {"spec": spec, "preset": preset, "overrides": list(overrides)}
+    kernels_module = getattr(package, "kernels", None)
+    entry["kernels"] = [name for name in KERNEL_FUNCTIONS if getattr(kernels_module, name, None) is not None]
+    torch.manual_seed(0)
+    with torch.device(sizes["device"]):
+        model = package.Model()
+    model = model.to(getattr(torch, sizes["dtype"]))
+    if sizes["device"] == "cpu":  # kernels take CPU tensors only in Triton's interpreter (the dry run)
+        package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
+    calls = spy_on_kernels(package)
+    entry["parameters"] = sum(p.numel() for p in model.parameters())
+    for name, check in (("parity", parity), ("decode", cached_decode)):
+        try:
+            model.train(name == "parity")
+            entry[name] = check(package, model, sizes, calls)
+        except Exception as error:  # one check failing keeps the other's figures
+            entry[name] = {"error": f"{type(error).__name__}: {error}"[:2000], "trace": traceback.format_exc()[-3000:],
+                           "pass": False}
+    entry["pass"] = entry["parity"]["pass"] and entry["decode"]["pass"]
+    entry["seconds"] = time.perf_counter() - started
+    return entry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="directory for kernel_parity.json")
+    parser.add_argument("--dry-run", action="store_true", help="tiny dims on the CPU in Triton's interpreter")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="start no spec after this many seconds")
+    parser.add_argument("--only", help="run the specs whose path contains this text")
+    args = parser.parse_args()
+    if args.out is None:
+        parser.error("--out DIR (or $OUT) is required")
+    if args.dry_run:  # before triton is imported (by the generated package's kernels)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+    import torch
+
+    sizes = DRY if args.dry_run else GPU
+    if sizes["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run on a CPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "kernel_parity.json"
+    started = time.perf_counter()
+    results = {
+        "command": "python bench/kernel_parity.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__, "python": platform.python_version(), "sizes": sizes, "budget_s": args.budget_s,
+        "specs": [], "skipped": [],
+    }
+    try:
+        import triton
+
+        results["triton"] = triton.__version__
+    except ImportError:
+        results["triton"] = None
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (spec, gpu_overrides, (dry_preset, dry_overrides)) in enumerate(SPECS):
+            if args.only and args.only not in spec:
+                continue
+            if time.perf_counter() - started > args.budget_s:
+                results["skipped"].append(spec)
+                continue
+            preset, overrides = (dry_preset, dry_overrides) if args.dry_run else (None, gpu_overrides)
+            try:
+                entry = run_spec(spec, overrides, preset, sizes, Path(tmp) / str(index))
+            except Exception as error:
+                entry = {"spec": spec, "error": f"{type(error).__name__}: {error}"[:2000],
+                         "trace": traceback.format_exc()[-3000:], "pass": False}
+            results["specs"].append(entry)
+            if sizes["device"] == "cuda":
+                torch.cuda.empty_cache()
+            results["pass"] = all(e["pass"] for e in results["specs"]) and not results["skipped"]
+            results["seconds"] = time.perf_counter() - started
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            summary = {k: entry.get(k) for k in ("spec", "pass", "seconds", "kernels", "error")}
+            for check in ("parity", "decode"):
+                if isinstance(entry.get(check), dict):
+                    summary[check] = {k: v for k, v in entry[check].items() if k not in ("trace",)}
+            print(json.dumps(summary, indent=1, default=str), flush=True)
+    results["pass"] = all(e["pass"] for e in results["specs"]) and not results["skipped"]
+    results["seconds"] = time.perf_counter() - started
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}: pass={results['pass']}, {len(results['specs'])} specs in {results['seconds']:.0f} s, "
+          f"skipped {results['skipped']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
