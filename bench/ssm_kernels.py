@@ -497,7 +497,8 @@ class Bench:
             conv_w, conv_b = self.randn(g, conv_dim, width, scale=0.5, dtype=bf16), self.randn(g, conv_dim, dtype=bf16)
             norm_w = torch.ones(d_inner, device=self.device, dtype=bf16)
             hidden = self.randn(g, 1, d_model, dtype=bf16)
-            conv_state = self.randn(g, 1, conv_dim, width - 1, dtype=bf16)
+            conv_state = self.randn(g, 1, conv_dim, width - 1, dtype=bf16)  # ours: the K-1 inputs before this one
+            peer_conv_state = self.randn(g, 1, conv_dim, width, dtype=bf16)  # mamba_ssm's: a window of all K inputs
             ssm_state = self.randn(g, 1, nheads, headdim, dstate, scale=0.5)
 
             def split(h):
@@ -530,9 +531,9 @@ class Bench:
 
             def peer():  # mamba_ssm's Mamba2.step without causal_conv1d: torch's conv update, then its SSM update
                 z, xbc, dt_raw = split(hidden)
-                conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
-                conv_state[:, :, -1] = xbc
-                xbc = F.silu((conv_state * conv_w).sum(-1) + conv_b)
+                peer_conv_state.copy_(torch.roll(peer_conv_state, shifts=-1, dims=-1))
+                peer_conv_state[:, :, -1] = xbc
+                xbc = F.silu((peer_conv_state * conv_w).sum(-1) + conv_b)
                 xs, Bs, Cs = xbc.split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
                 y = peer_update(ssm_state, xs.view(1, nheads, headdim), dt_raw[:, :, None].expand(1, nheads, headdim),
                                 A[:, None, None].expand(nheads, headdim, dstate), Bs.view(1, ngroups, dstate),
