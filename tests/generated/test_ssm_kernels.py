@@ -90,3 +90,18 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(17, 20)]
     assert package.calls["ssd_step"] == package.calls["causal_conv1d"] - 1 == 3, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
+def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
+    """kernels.decompositions() covers each custom op the model can put in an exported graph, and the decode step's
+    lowering (ops/ssd.py's ssd_step after the fused softplus) computes what its kernel computes."""
+    table = package.kernels.decompositions()
+    assert {str(op) for op in table} == {f"archgen_v1.{name}.default" for name in KERNEL_FUNCTIONS}
+    torch.manual_seed(2)
+    state, x, dt = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 4)
+    A, B, C, D, dt_bias = -torch.rand(4), torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(4), torch.randn(4)
+    step = torch.ops.archgen_v1.ssd_step.default
+    lowered = table[step](state, x, dt, A, B, C, D, dt_bias, True)
+    expected = step(state, x, dt, A, B, C, D, dt_bias, True)  # the kernel, in the interpreter
+    for got, want, name in zip(lowered, expected, ("y", "state"), strict=True):
+        assert_close(got, want, 1e-6, name)
