@@ -1,9 +1,9 @@
 """Do the generated models compute the same thing with their Triton kernels as with their reference ops (issue 10)?
 
-For each spec: bench/specs/bamba_1b.yaml first (its Mamba-2 layers run the SSD, conv1d and
-decode-step kernels), then the seeds specs/nexus, hymba_plus and hns_ss_jepa_moe (Mamba-1: scan, conv1d and step
-kernels) and specs/hspmn (no kernel: the control), at the spec's real widths with fewer layers (the overrides
-below), in bfloat16 on the GPU:
+For each spec: bench/specs/bamba_1b.yaml first (its Mamba-2 layers run the SSD, conv1d and decode-step kernels),
+then the seeds specs/nexus, hymba_plus and hns_ss_jepa_moe (Mamba-1: scan, conv1d and step kernels; HNS also its
+MoE's SwiGLU kernel) and specs/hspmn (no SSM: its sparse attention's packed-query kernel), at the spec's real widths
+with fewer layers (the overrides below), in bfloat16 on the GPU:
 
   parity   one model, the same weights and tokens, forward + backward of the next-token loss twice: with the kernels
            (model.USE_KERNELS = True, what a user gets on CUDA) and with the reference ops (False). Reported: the
@@ -42,7 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "selective_state_step", "ssd_scan", "ssd_step")
+KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "selective_state_step", "ssd_scan", "ssd_step",
+                    "packed_query_attention", "swiglu")  # every kernel function a generated package may import
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
 BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",
