@@ -104,6 +104,7 @@ def parity(package, model, sizes, calls: Counter) -> dict:
         package.model.USE_KERNELS = use
         calls.clear()
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same random draws both ways (a JEPA head masks at random in training)
         out = model(tokens[:, :-1], targets=tokens[:, 1:])
         out.loss.backward()
         results[use] = {"logits": out.logits.detach().float(), "loss": out.loss.item(), "calls": dict(calls),
