@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "selective_state_step", "ssd_scan", "ssd_step",
-                    "packed_query_attention", "swiglu")  # every kernel function a generated package may import
+                    "packed_query_attention", "swiglu", "rms_norm")  # every kernel function a package may import
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
 BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",
