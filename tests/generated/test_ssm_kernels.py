@@ -96,7 +96,7 @@ def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
     """kernels.decompositions() covers each custom op the model can put in an exported graph, and the decode step's
     lowering (ops/ssd.py's ssd_step after the fused softplus) computes what its kernel computes."""
     table = package.kernels.decompositions()
-    assert {str(op) for op in table} == {f"archgen_v1.{name}.default" for name in KERNEL_FUNCTIONS}
+    assert {f"archgen_v1.{name}.default" for name in KERNEL_FUNCTIONS} <= {str(op) for op in table}  # (+ RMSNorm's)
     torch.manual_seed(2)
     state, x, dt = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 4)
     A, B, C, D, dt_bias = -torch.rand(4), torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(4), torch.randn(4)
