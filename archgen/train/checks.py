@@ -113,12 +113,26 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
                                            f"{recipe.data.seq_len}); the device has {device_memory / 2**30:.1f} GiB",
                                            "lower micro_batch (batch.tokens stays: accumulation grows), turn on "
                                            "gradient_checkpointing, or train on more GPUs"))
-    per_step = recipe.data.seq_len * recipe.batch.micro_batch * world_size
+    tensor_parallel = recipe.distributed.tensor_parallel if world_size > 1 else 1
+    if tensor_parallel > 1 and world_size % tensor_parallel:
+        problems.append(loaded.problem(("distributed", "tensor_parallel"), f"{world_size} processes do not split into "
+                                       f"tensor-parallel groups of {tensor_parallel}",
+                                       f"start a multiple of {tensor_parallel} processes, or change tensor_parallel"))
+        tensor_parallel = 1
+    if tensor_parallel > 1 and world_size > tensor_parallel and not recipe.distributed.fsdp:
+        problems.append(loaded.problem(("distributed", "fsdp"), "tensor parallelism across several data-parallel groups "
+                                       "needs FSDP (replicated DDP over split modules is not supported)",
+                                       "set distributed.fsdp: true, or run exactly tensor_parallel processes"))
+    if tensor_parallel > 1 and "jepa" in head_kinds.values():
+        problems.append(loaded.problem(("distributed", "tensor_parallel"), "the JEPA head's EMA target is not supported "
+                                       "with tensor parallelism yet", "set tensor_parallel: 1"))
+    data_parallel = world_size // tensor_parallel  # processes of one tensor group read the same micro-batch
+    per_step = recipe.data.seq_len * recipe.batch.micro_batch * data_parallel
     if recipe.batch.tokens % per_step:
         lower = max(per_step, recipe.batch.tokens // per_step * per_step)
         problems.append(loaded.problem(("batch", "tokens"), f"{recipe.batch.tokens:,} tokens per step is not a multiple of "
                                        f"seq_len {recipe.data.seq_len} × micro_batch {recipe.batch.micro_batch} × "
-                                       f"{world_size} process{'es' if world_size > 1 else ''} = {per_step:,}",
+                                       f"{data_parallel} data-parallel process{'es' if data_parallel > 1 else ''} = {per_step:,}",
                                        f"use {lower:,} or {lower + per_step:,}, or change micro_batch"))
     if problems:
         raise CompileError(problems)

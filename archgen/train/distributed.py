@@ -4,12 +4,19 @@
 into a process group (NCCL on GPUs, gloo on CPUs), shards the model with `fully_shard` (each layer, then the root)
 and a MixedPrecisionPolicy, and saves / loads sharded state with torch.distributed.checkpoint, which reshards on
 load: a checkpoint written by N processes resumes on M, or on one process without torchrun.
+
+Tensor parallelism (`distributed.tensor_parallel: N`): the processes form a (world / N) × N mesh, ("data", "tensor").
+A generated module class that can be split says how in a `tp_plan` class attribute, {projection: (style, units)}:
+"colwise" splits a Linear's outputs, "rowwise" its inputs (partial sums all-reduced), and `units` is what the split
+dimension is made of (heads, hidden features), which N must divide. Attention (q/k/v colwise, o rowwise) and MLP
+(gate/up colwise, down rowwise) templates have one; every other module (SSMs, MoE, norms, embeddings, heads) stays
+replicated within a tensor group. The N processes of a group read the same data; FSDP then shards over "data".
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +30,20 @@ class Processes:
     world_size: int
     local_rank: int
     device: torch.device
+    tensor_parallel: int = 1  # processes per tensor-parallel group, which read the same data
+
+    @property
+    def data_size(self) -> int:
+        """Data-parallel groups: how many different micro-batches one micro-step reads."""
+        return self.world_size // self.tensor_parallel
+
+    @property
+    def data_rank(self) -> int:
+        """This process's data-parallel group (groups are consecutive ranks, the mesh's inner dimension)."""
+        return self.rank // self.tensor_parallel
+
+    def with_tensor_parallel(self, size: int) -> Processes:
+        return replace(self, tensor_parallel=size if self.distributed else 1)
 
     @property
     def distributed(self) -> bool:
@@ -71,18 +92,81 @@ def stop_processes(processes: Processes) -> None:
         dist.destroy_process_group()
 
 
-def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_after_forward: bool) -> nn.Module:
+def device_mesh(processes: Processes):
+    """The (data, tensor) mesh over every process."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(processes.device.type, (processes.data_size, processes.tensor_parallel),
+                            mesh_dim_names=("data", "tensor"))
+
+
+def tensor_parallel_plans(model: nn.Module) -> dict[str, dict[str, tuple[str, int]]]:
+    """{module path: its class's tp_plan} for every module of the model that has one."""
+    return {name: type(module).tp_plan for name, module in model.named_modules() if getattr(type(module), "tp_plan", None)}
+
+
+def tensor_parallel_problems(model: nn.Module, size: int) -> list[str]:
+    """Why the model cannot be split `size` ways (empty when it can): every planned split must divide evenly."""
+    problems = []
+    for path, plan in tensor_parallel_plans(model).items():
+        for projection, (_, units) in plan.items():
+            if units % size:
+                problems.append(f"{path}.{projection} ({type(model.get_submodule(path)).__name__}) splits into {units} "
+                                f"units (heads or hidden features), not divisible by {size}")
+    return problems
+
+
+def split_tensor_parallel(model: nn.Module, mesh) -> int:
+    """Apply every module's tp_plan over the mesh's tensor dimension; returns how many modules were split."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plans = tensor_parallel_plans(model)
+    for path, plan in plans.items():
+        module = model.get_submodule(path)
+        parallelize_module(module, mesh, {projection: styles[style]() for projection, (style, _) in plan.items()})
+        for name, parameter in module.named_parameters():
+            if name.split(".")[0] not in plan:
+                _sum_gradient_over(parameter, mesh.get_group())
+    return len(plans)
+
+
+def _sum_gradient_over(parameter: nn.Parameter, group) -> None:
+    """A replicated parameter inside a split module (a qk-norm's weight) sees only this rank's heads: its gradient
+    is a partial sum, completed over the tensor-parallel group."""
+    from torch.distributed import _functional_collectives as collectives
+
+    parameter.register_hook(lambda grad: collectives.all_reduce(grad, "sum", group))
+
+
+def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_after_forward: bool, mesh=None) -> nn.Module:
     """FSDP2: every layer is one unit (its parameters gathered just before it runs), the root holds the rest. The
     sharded parameters stay float32 (the master copy); with a compute dtype, layers gather and run in it and
-    gradients are reduced in float32."""
+    gradients are reduced in float32. `mesh`: the data dimension of a (data, tensor) mesh (default: every process)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype
               else MixedPrecisionPolicy())
     for layer in model.layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_ for parameters that are DTensors on different meshes (tensor-parallel splits,
+    FSDP shards) or plain tensors: each gradient's norm is a full (reduced) one, then all are scaled together."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    squares = []
+    for grad in grads:
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).square())
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+    for grad in grads:
+        grad.mul_(scale)
+    return total.item()
 
 
 def save_sharded(model: nn.Module, optimizer, directory: Path) -> None:

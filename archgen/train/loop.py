@@ -29,12 +29,16 @@ from archgen.train.checks import TrainingPlan, check_token_counts, plan_training
 from archgen.train.data import ShuffledOrder, prepare_tokens
 from archgen.train.distributed import (
     Processes,
+    clip_grad_norm,
+    device_mesh,
     full_model_state,
     load_sharded,
     save_sharded,
     shard_model,
+    split_tensor_parallel,
     start_processes,
     stop_processes,
+    tensor_parallel_problems,
 )
 from archgen.train.metrics import (
     MetricsLog,
@@ -158,6 +162,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     console = console or Console(stderr=True)
     say = console.print if processes.main else (lambda *a, **k: None)
     loaded = load_recipe(recipe_path)
+    processes = processes.with_tensor_parallel(loaded.recipe.distributed.tensor_parallel)
     device_memory = torch.cuda.get_device_properties(processes.device).total_memory if processes.device.type == "cuda" else None
     plan = plan_training(loaded, processes.world_size, device_memory)
     recipe = plan.recipe
@@ -185,7 +190,9 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     precision = recipe.precision
     if precision == "auto":
         precision = "bf16-autocast" if processes.device.type == "cuda" else "float32"
-    fsdp = processes.distributed and recipe.distributed.fsdp
+    tensor_parallel = processes.tensor_parallel > 1
+    fsdp = processes.data_size > 1 and recipe.distributed.fsdp
+    sharded = fsdp or tensor_parallel  # the state is saved and loaded as torch.distributed.checkpoint shards
     torch.manual_seed(recipe.seed)  # the same initial weights on every process and every process count
     model = package.Model()
     if precision == "bf16" and not fsdp:
@@ -194,9 +201,19 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     model.gradient_checkpointing = recipe.gradient_checkpointing
     adapter = ModelAdapter(model, plan.head_kinds, recipe.objectives)
     wrapped = model
+    mesh = device_mesh(processes) if tensor_parallel else None
+    if tensor_parallel:
+        problems = tensor_parallel_problems(model, processes.tensor_parallel)
+        if problems:
+            raise CompileError([loaded.problem(("distributed", "tensor_parallel"), problem,
+                                               "choose a tensor_parallel size that divides every head count and hidden "
+                                               "size, or 1") for problem in problems])
+        split = split_tensor_parallel(model, mesh["tensor"])
+        say(f"tensor parallel: {split} modules split {processes.tensor_parallel} ways, the rest replicated")
     if fsdp:
-        shard_model(model, torch.bfloat16 if precision != "float32" else None, recipe.distributed.reshard_after_forward)
-    elif processes.distributed:
+        shard_model(model, torch.bfloat16 if precision != "float32" else None, recipe.distributed.reshard_after_forward,
+                    mesh["data"] if mesh is not None else None)
+    elif processes.distributed and not tensor_parallel:
         device_ids = [processes.device] if processes.device.type == "cuda" else None
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     master = MasterWeights(list(model.named_parameters())) if precision == "bf16" and not fsdp else None
@@ -205,7 +222,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
               {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0}]
     fused = recipe.optimizer.fused if recipe.optimizer.fused is not None else processes.device.type == "cuda"
     optimizer = torch.optim.AdamW(groups, lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
-                                  fused=fused or None)
+                                  fused=fused or None, foreach=False if tensor_parallel else None)
     forward_module = torch.compile(wrapped) if recipe.compile else wrapped
     def autocast():
         if precision == "bf16-autocast" and not fsdp:
@@ -221,7 +238,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
             raise CompileError([Diagnostic("", f"no checkpoint to resume from in {checkpoints}",
                                            "train without --resume first, or pass --resume-from a checkpoint directory",
                                            SourceLocation(str(recipe_path)))])
-        step = _load(source, package, model, optimizer, master, processes, fsdp)
+        step = _load(source, package, model, optimizer, master, processes, sharded)
         if processes.main:
             truncate_metrics(metrics_path, step)
         say(f"resumed from {source} at step {step}")
@@ -229,7 +246,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
         metrics_path.unlink()  # a fresh run starts a fresh log
 
     total = recipe.steps
-    samples_per_step = recipe.batch.micro_batch * plan.accumulation * processes.world_size
+    samples_per_step = recipe.batch.micro_batch * plan.accumulation * processes.data_size
     order = ShuffledOrder(train_seqs.count, recipe.seed)
     micro = recipe.batch.micro_batch
     eval_batches = _eval_batches(eval_seqs, recipe.eval.batches, micro, processes)
@@ -241,10 +258,11 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     say(f"training {name} ({format_count(params)} parameters) for {total} steps of {recipe.batch.tokens:,} tokens "
         f"({micro} × {recipe.data.seq_len} × {plan.accumulation} accumulation × {processes.world_size} process"
         f"{'es' if processes.world_size > 1 else ''}) on {processes.device}, {precision}"
-        + (", FSDP" if fsdp else "") + (", torch.compile" if recipe.compile else ""))
+        + (", FSDP" if fsdp else "") + (f", tensor parallel {processes.tensor_parallel}" if tensor_parallel else "")
+        + (", torch.compile" if recipe.compile else ""))
 
     def save(at_step: int) -> Path:
-        return _save(at_step, plan, data, package_dir, model, optimizer, master, processes, fsdp, checkpoints,
+        return _save(at_step, plan, data, package_dir, model, optimizer, master, processes, sharded, checkpoints,
                      at_step * samples_per_step)
 
     eval_loss = None
@@ -259,12 +277,12 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
             wrapped.train()
             sums: dict[str, float] = {}
             for m in range(plan.accumulation):
-                start = step * samples_per_step + (m * processes.world_size + processes.rank) * micro
+                start = step * samples_per_step + (m * processes.data_size + processes.data_rank) * micro
                 tokens = train_seqs.get(order.indices(start, micro)).to(processes.device, non_blocking=True)
                 last = m == plan.accumulation - 1
                 if fsdp:
                     model.set_requires_gradient_sync(last)
-                sync = wrapped.no_sync() if processes.distributed and not fsdp and not last else contextlib.nullcontext()
+                sync = wrapped.no_sync() if processes.distributed and not sharded and not last else contextlib.nullcontext()
                 with sync, autocast():
                     losses = adapter.forward(forward_module, tokens)
                 with sync:
@@ -275,8 +293,11 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                 master.grads_up()
             grad_norm = None
             if recipe.clip_grad_norm:
-                norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], recipe.clip_grad_norm)
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if tensor_parallel:
+                    grad_norm = clip_grad_norm([p for _, p in named], recipe.clip_grad_norm)
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], recipe.clip_grad_norm)
+                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if master:
@@ -330,9 +351,9 @@ def _forward_flops_per_token(plan: TrainingPlan) -> float:
 
 def _eval_batches(eval_seqs, batches: int, micro: int, processes: Processes) -> list[torch.Tensor]:
     """The first held-out sequences in order (the same every evaluation), this process's share of them."""
-    wanted = min(eval_seqs.count, batches * micro * processes.world_size)
-    per_process = wanted // processes.world_size
-    mine = list(range(processes.rank * per_process, (processes.rank + 1) * per_process))
+    wanted = min(eval_seqs.count, batches * micro * processes.data_size)
+    per_process = wanted // processes.data_size
+    mine = list(range(processes.data_rank * per_process, (processes.data_rank + 1) * per_process))
     return [eval_seqs.get(mine[i : i + micro]) for i in range(0, len(mine), micro)]
 
 
@@ -411,7 +432,8 @@ def _save(step, plan, data, package_dir, model, optimizer, master, processes: Pr
     if processes.main:
         recipe_text = plan.loaded.text
         trainer = {"step": step, "samples": samples, "total_steps": plan.recipe.steps, "world_size": processes.world_size,
-                   "schedule": plan.recipe.schedule.model_dump(), "format": 1, "sharded": fsdp}
+                   "schedule": plan.recipe.schedule.model_dump(), "format": 1, "sharded": fsdp,
+                   "tensor_parallel": processes.tensor_parallel}
         (staging / "trainer.json.tmp").write_text(json.dumps(trainer, indent=2) + "\n")
         (staging / "recipe.yaml").write_text(recipe_text)
         (staging / "spec.lock.yaml").write_bytes((package_dir / "spec.lock.yaml").read_bytes())

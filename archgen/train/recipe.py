@@ -133,6 +133,9 @@ Precision = Literal["auto", "float32", "bf16-autocast", "bf16"]  # auto: bf16-au
 class DistributedSpec(RecipeModel):
     fsdp: bool = True  # under torchrun: shard parameters, gradients and optimizer state (FSDP2)
     reshard_after_forward: bool = True
+    # under torchrun: processes per tensor-parallel group (1: none). The world is a (world / N) × N mesh: FSDP shards
+    # over the first dimension, attention heads and MLP hidden features are split over the second.
+    tensor_parallel: PositiveInt = 1
 
 
 class Recipe(RecipeModel):

@@ -95,6 +95,10 @@ def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 16 query heads, 2 key/value heads of 128 dims, RoPE θ=1000000.0, qk-norm."""
 
+    # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
+    # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
+    tp_plan = {"q_proj": ("colwise", 16), "k_proj": ("colwise", 2), "v_proj": ("colwise", 2), "o_proj": ("rowwise", 16)}
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(2048, 2048, bias=False)
@@ -121,9 +125,10 @@ class Attn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
-        q = self.q_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
-        k = self.k_proj(x).view(B, T, 2, 128).transpose(1, 2)  # (B, 2, T, 128)
-        v = self.v_proj(x).view(B, T, 2, 128).transpose(1, 2)  # (B, 2, T, 128)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = self.q_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
+        k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 2, T, 128)
+        v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 2, T, 128)
         q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -133,7 +138,7 @@ class Attn(nn.Module):
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
         y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 16, T, 128)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, 2048))  # (B, T, 2048)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 2048)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.empty(batch, 2, max_len, 128, device=device, dtype=dtype)
@@ -210,6 +215,9 @@ class Gdn(nn.Module):
 
 class Mlp(nn.Module):
     """Feed-forward 'mlp': swiglu, 2048 → 5632 → 2048."""
+
+    # Tensor parallelism: each rank computes a 1/N share of the hidden features; down_proj's partial sums are reduced.
+    tp_plan = {"gate_proj": ("colwise", 5632), "up_proj": ("colwise", 5632), "down_proj": ("rowwise", 5632)}
 
     def __init__(self):
         super().__init__()

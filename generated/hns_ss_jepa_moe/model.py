@@ -97,6 +97,10 @@ def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 32 query heads, 8 key/value heads of 128 dims, RoPE θ=10000.0, sliding window 4096."""
 
+    # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
+    # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
+    tp_plan = {"q_proj": ("colwise", 32), "k_proj": ("colwise", 8), "v_proj": ("colwise", 8), "o_proj": ("rowwise", 32)}
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(4096, 4096, bias=False)
@@ -121,9 +125,10 @@ class Attn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
-        q = self.q_proj(x).view(B, T, 32, 128).transpose(1, 2)  # (B, 32, T, 128)
-        k = self.k_proj(x).view(B, T, 8, 128).transpose(1, 2)  # (B, 8, T, 128)
-        v = self.v_proj(x).view(B, T, 8, 128).transpose(1, 2)  # (B, 8, T, 128)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = self.q_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 32, T, 128)
+        k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
+        v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
@@ -132,7 +137,7 @@ class Attn(nn.Module):
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
         y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions, window=4096)  # (B, 32, T, 128)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, 4096))  # (B, T, 4096)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 4096)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         if max_len > 4096:  # the window binds: a ring of 4096 slots holds every key a query can see

@@ -137,8 +137,8 @@ class Context(nn.Module):
         q_positions = positions[index] if pads is None else token_positions.gather(1, index)  # (B, S)
         x_selected = gather_tokens(x, index, dim=1)  # (B, S, 2048): only these tokens get queries
         q = self.q_proj(x_selected).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128)
-        k = self.k_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
-        v = self.v_proj(x).view(B, T, 16, 128).transpose(1, 2)  # (B, 16, T, 128)
+        k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
+        v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
         k_positions = positions
@@ -183,6 +183,9 @@ class Reflex(nn.Module):
 
 class Swiglu(nn.Module):
     """Feed-forward 'swiglu': swiglu, 2048 → 5632 → 2048."""
+
+    # Tensor parallelism: each rank computes a 1/N share of the hidden features; down_proj's partial sums are reduced.
+    tp_plan = {"gate_proj": ("colwise", 5632), "up_proj": ("colwise", 5632), "down_proj": ("rowwise", 5632)}
 
     def __init__(self):
         super().__init__()

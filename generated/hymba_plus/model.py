@@ -106,6 +106,10 @@ def after_pads(x: torch.Tensor, pads: torch.Tensor, n_meta: int) -> torch.Tensor
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0, sliding window 1024."""
 
+    # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
+    # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
+    tp_plan = {"q_proj": ("colwise", 25), "k_proj": ("colwise", 5), "v_proj": ("colwise", 5), "o_proj": ("rowwise", 25)}
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(1600, 1600, bias=False)
@@ -130,9 +134,10 @@ class Attn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
-        q = self.q_proj(x).view(B, T, 25, 64).transpose(1, 2)  # (B, 25, T, 64)
-        k = self.k_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
-        v = self.v_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = self.q_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
+        k = self.k_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
+        v = self.v_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
@@ -141,7 +146,7 @@ class Attn(nn.Module):
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
         y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions, window=1024)  # (B, 25, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, 1600))  # (B, T, 1600)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         if max_len > 1024:  # the window binds: a ring of 1024 slots holds every key a query can see
@@ -152,6 +157,10 @@ class Attn(nn.Module):
 class GlobalAttn(nn.Module):
     """Grouped-query attention 'global_attn': 25 query heads, 5 key/value heads of 64 dims, RoPE θ=10000.0."""
 
+    # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
+    # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
+    tp_plan = {"q_proj": ("colwise", 25), "k_proj": ("colwise", 5), "v_proj": ("colwise", 5), "o_proj": ("rowwise", 25)}
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(1600, 1600, bias=False)
@@ -176,9 +185,10 @@ class GlobalAttn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
-        q = self.q_proj(x).view(B, T, 25, 64).transpose(1, 2)  # (B, 25, T, 64)
-        k = self.k_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
-        v = self.v_proj(x).view(B, T, 5, 64).transpose(1, 2)  # (B, 5, T, 64)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = self.q_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
+        k = self.k_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
+        v = self.v_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
@@ -187,7 +197,7 @@ class GlobalAttn(nn.Module):
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
         y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 25, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, 1600))  # (B, T, 1600)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.empty(batch, 5, max_len, 64, device=device, dtype=dtype)
@@ -272,6 +282,9 @@ class Ssm(nn.Module):
 
 class Mlp(nn.Module):
     """Feed-forward 'mlp': swiglu, 1600 → 5504 → 1600."""
+
+    # Tensor parallelism: each rank computes a 1/N share of the hidden features; down_proj's partial sums are reduced.
+    tp_plan = {"gate_proj": ("colwise", 5504), "up_proj": ("colwise", 5504), "down_proj": ("rowwise", 5504)}
 
     def __init__(self):
         super().__init__()

@@ -97,6 +97,10 @@ def left_pads(attention_mask: torch.Tensor) -> torch.Tensor:
 class Attn(nn.Module):
     """Grouped-query attention 'attn': 8 query heads, 8 key/value heads of 64 dims, RoPE θ=10000.0."""
 
+    # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
+    # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
+    tp_plan = {"q_proj": ("colwise", 8), "k_proj": ("colwise", 8), "v_proj": ("colwise", 8), "o_proj": ("rowwise", 8)}
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(512, 512, bias=False)
@@ -121,9 +125,10 @@ class Attn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
-        q = self.q_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
-        k = self.k_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
-        v = self.v_proj(x).view(B, T, 8, 64).transpose(1, 2)  # (B, 8, T, 64)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = self.q_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        k = self.k_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        v = self.v_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
@@ -132,7 +137,7 @@ class Attn(nn.Module):
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
         y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 8, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, 512))  # (B, T, 512)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 512)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.empty(batch, 8, max_len, 64, device=device, dtype=dtype)
@@ -217,6 +222,9 @@ class Ssm(nn.Module):
 
 class Mlp(nn.Module):
     """Feed-forward 'mlp': swiglu, 512 → 1408 → 512."""
+
+    # Tensor parallelism: each rank computes a 1/N share of the hidden features; down_proj's partial sums are reduced.
+    tp_plan = {"gate_proj": ("colwise", 1408), "up_proj": ("colwise", 1408), "down_proj": ("rowwise", 1408)}
 
     def __init__(self):
         super().__init__()
