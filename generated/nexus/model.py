@@ -418,11 +418,26 @@ class SymbolicReasoner(nn.Module):
         self.rule_premises = nn.Linear(4, 4, bias=False)
         self.rule_conclusions = nn.Linear(4, 4, bias=False)
         self.project = nn.Linear(4, 512, bias=False)
+        self.register_buffer("rule_premise_mask", torch.empty(2, 4), persistent=False)
+        self.register_buffer("rule_conclusion_mask", torch.empty(2, 4), persistent=False)
+        self.init_buffers()
+
+    def init_weights(self):
+        self.init_buffers()  # after `to_empty` the masks hold whatever memory held
+
+    @torch.no_grad()
+    def init_buffers(self):
+        """The declared rules as 0/1 masks: derived from RULES, not saved (Model.from_pretrained calls this after
+        loading), and made once here rather than in forward, where a host-to-device copy cannot be recorded in a CUDA
+        graph."""
+        premises, conclusions = rule_masks(self.RULES, 4)
+        self.rule_premise_mask.copy_(premises)
+        self.rule_conclusion_mask.copy_(conclusions)
 
     def forward(self, x):
         """x (B, T, 512) → (conclusions (B, T, 512), truth values after chaining (B, T, 4))."""
         initial = torch.sigmoid(self.extract(x).float())  # (B, T, 4)
-        premises, conclusions = rule_masks(self.RULES, 4, device=x.device)  # (2, 4) each
+        premises, conclusions = self.rule_premise_mask.float(), self.rule_conclusion_mask.float()  # (2, 4) each
         premises = torch.cat([premises, torch.sigmoid(self.rule_premises.weight.float())])  # (6, 4)
         conclusions = torch.cat([conclusions, torch.softmax(self.rule_conclusions.weight.float(), dim=-1)])  # (6, 4)
         truth = forward_chain(initial, premises, conclusions, steps=2)  # (B, T, 4)

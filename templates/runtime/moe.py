@@ -250,12 +250,12 @@ def _capturing() -> bool:
 FORCE_GROUPED_MM = False
 
 
-# torch._grouped_mm on CUDA bf16. Off until a GPU run of bench/moe_check.py shows it within 1e-2 of float32 math.
-# The earlier failure (an H200, torch 2.11: bf16 against the float32 fixed buffer, relative norm 0.06-0.11) rounded
-# the router logits to bf16 too, which flips near-tied top-k choices: the per-expert loop shows the same error on a
-# CPU, and 0.006 when both sides route the same logits. Our call matches _grouped_mm's contract (see
-# grouped_expert_mlp). The per-expert loop is exact everywhere but launches 2E matmuls and syncs once.
-USE_GROUPED_MM = False
+# torch._grouped_mm on CUDA bf16: on since bench/moe_check.py on an H200 (torch 2.11, 2026-12-01) found every bf16
+# form, this one included, within 1e-2 of float32 math with the same routing, outputs and every gradient, at odd
+# sizes and at 32,768 tokens. (An earlier check had rounded only one side's router logits to bf16, which flips
+# near-tied top-k choices: that, not _grouped_mm, was its 0.06 error.) The per-expert loop stays the fallback where
+# _grouped_mm is missing; it is exact everywhere but launches 2E matmuls and syncs once.
+USE_GROUPED_MM = True
 
 
 def grouped_mm_available(x: Tensor, w_in: Tensor, w_out: Tensor) -> bool:
