@@ -3,7 +3,8 @@
 The examples import the generated package by its name (`from hspmn import Model`), as after `pip install -e
 generated/hspmn`; here the package is built at its `tiny` preset into a scratch directory whose generated/ is put on
 the import path instead of installing it (tests/test_install.py installs one for real). Each README's blocks run in
-order, in one fresh process, from that scratch directory. A block fenced as ```python gpu or ```python network is
+order as one function (its own names), in a fresh process started from that scratch directory; README.md's examples
+share the HSPMN build and process with the HSPMN package's README. A block fenced as ```python gpu or ```python network is
 skipped by name.
 """
 
@@ -13,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,16 +31,25 @@ def python_blocks(markdown: str) -> list[tuple[str, str]]:
     return [(marks.strip(), code) for marks, code in FENCE.findall(markdown)]
 
 
-def run_blocks(markdown: str, workdir: Path, name: str) -> None:
+def runnable(markdown: str, name: str) -> str:
+    """The README's python blocks as one script, the blocks marked gpu or network left out (and said so)."""
     blocks = python_blocks(markdown)
     assert blocks, f"{name} has no python examples"
-    runnable = [code for marks, code in blocks if not set(marks.split()) & set(SKIPPED_MARKS)]
+    for marks, _ in blocks:
+        for mark in set(marks.split()) & set(SKIPPED_MARKS):
+            print(f"skipping a {name} block: {SKIPPED_MARKS[mark]}")
+    return "\n".join(code for marks, code in blocks if not set(marks.split()) & set(SKIPPED_MARKS))
+
+
+def run_scripts(scripts: dict[str, str], workdir: Path) -> None:
+    """Run each README's examples in order, in one fresh process (one torch import), from `workdir`."""
     script = workdir / "examples.py"
-    script.write_text("\n".join(runnable))
+    script.write_text("\n".join(f"def {name}():\n" + textwrap.indent(code, "    ") + f"\n\n{name}()\n"
+                                for name, code in scripts.items()))
     # One thread: tiny models gain nothing from more, and on a shared CPU the threads wait on each other (9 s, not 60).
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(workdir / "generated"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(script)], cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{name}'s examples failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, f"examples of {', '.join(scripts)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
 def test_python_blocks_are_found_with_their_marks():
@@ -46,18 +57,13 @@ def test_python_blocks_are_found_with_their_marks():
     assert python_blocks(text) == [("", "x = 1\n"), ("gpu", "y = 2\n")]
 
 
-def test_readme_examples_run(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    for marks, _ in python_blocks(readme):
-        for mark in set(marks.split()) & set(SKIPPED_MARKS):
-            print(f"skipping a README block: {SKIPPED_MARKS[mark]}")
-    build_generated(ROOT / "specs" / "hspmn.yaml", tmp_path / "generated", "tiny")
-    run_blocks(readme, tmp_path, "README.md")
-
-
 @pytest.mark.parametrize("spec", ["hspmn", "nexus"])  # no training hook; JEPA's hook, memory and symbolic module
-def test_generated_readme_examples_run(tmp_path, spec):
+def test_readme_examples_run(tmp_path, spec):
+    """README.md's examples (they use HSPMN) and the generated README's, at the tiny preset."""
     package = build_generated(ROOT / "specs" / f"{spec}.yaml", tmp_path / "generated", "tiny")[0]
-    readme = (Path(package.__path__[0]) / "README.md").read_text()
-    assert f"pip install -e {(tmp_path / 'generated').as_posix()}/{spec}" in readme, "the install line names where it was built"
-    run_blocks(readme, tmp_path, f"generated/{spec}/README.md")
+    generated = (Path(package.__path__[0]) / "README.md").read_text()
+    install = f"pip install -e {(tmp_path / 'generated').as_posix()}/{spec}"
+    assert install in generated, "the install line names where it was built"
+    scripts = {"readme": runnable((ROOT / "README.md").read_text(), "README.md")} if spec == "hspmn" else {}
+    scripts[f"generated_{spec}_readme"] = runnable(generated, f"generated/{spec}/README.md")
+    run_scripts(scripts, tmp_path)

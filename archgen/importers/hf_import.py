@@ -196,4 +196,5 @@ def write_weights(
         )
     target.mkdir(parents=True)
     write_safetensors(target / "model.safetensors", plans, expected, out_dtypes, checkpoint)
-    (target / "config.json").write_text(json.dumps({"model": resolved.name, "spec_hash": resolved.spec_hash}, indent=2) + "\n")
+    config = {"model": resolved.name, "spec_hash": resolved.spec_hash, "spec": resolved.document}  # as save_pretrained writes it
+    (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")

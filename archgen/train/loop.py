@@ -419,8 +419,9 @@ def _save(step, plan, data, package_dir, model, optimizer, master, processes: Pr
         full = full_model_state(model)
         if processes.main:
             save_file(full, str(staging / "model.safetensors"), metadata={"format": "pt"})
-            (staging / "config.json").write_text(json.dumps({"model": plan.compiled.resolved.name,
-                                                             "spec_hash": plan.compiled.resolved.spec_hash}, indent=2) + "\n")
+            resolved = plan.compiled.resolved  # as save_pretrained writes it: the checkpoint says what model it is
+            (staging / "config.json").write_text(json.dumps({"model": resolved.name, "spec_hash": resolved.spec_hash,
+                                                             "spec": resolved.document}, indent=2) + "\n")
     elif processes.main:
         model.save_pretrained(staging)
         ckpt.save_optimizer(optimizer, staging)
