@@ -25,8 +25,8 @@ def hspmn(tmp_path):
 def test_data_dependent_control_flow_is_located(hspmn, tmp_path, monkeypatch):
     original = hspmn.model.Context.forward
 
-    def forward(self, x, positions, cache=None):
-        y, aux = original(self, x, positions, cache)
+    def forward(self, x, positions, cache=None, pads=None):
+        y, aux = original(self, x, positions, cache, pads=pads)
         if y.sum() > 0:  # a Python branch on a tensor's value
             y = 2 * y
         return y, aux
@@ -62,8 +62,8 @@ def test_shape_guard_on_a_dynamic_dim_is_located(hspmn, tmp_path, monkeypatch):
 def test_op_without_onnx_lowering_is_located(hspmn, tmp_path, monkeypatch):
     original = hspmn.model.Reflex.forward
 
-    def forward(self, x, positions=None, cache=None):
-        y = original(self, x, positions, cache)
+    def forward(self, x, positions=None, cache=None, pads=None):
+        y = original(self, x, positions, cache, pads=pads)
         order = torch.argsort(y, dim=-1, stable=True)  # ONNX has no stable sort
         return y + 0 * order.to(y.dtype)
 
