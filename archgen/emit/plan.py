@@ -70,6 +70,12 @@ class BlockPlan:
         return self.mixer is not None and self.mixer.has_cache
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The kinds of the components in this block (parallel branches included), for gradient checkpointing by kind."""
+        mixers = self.mixer.branches if isinstance(self.mixer, ParallelPlan) else [self.mixer] if self.mixer else []
+        return tuple(dict.fromkeys(c.kind for c in [*mixers, *([self.ffn] if self.ffn else [])]))
+
+    @property
     def description(self) -> str:
         if isinstance(self.mixer, ParallelPlan):
             mixer = " ∥ ".join(f"{b.name} ({b.kind})" for b in self.mixer.branches)
