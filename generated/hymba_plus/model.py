@@ -363,6 +363,9 @@ class AttnSsmParallel(nn.Module):
 class GlobalAttnSsmMlpBlock(nn.Module):
     """global_attn (attention) ∥ ssm (mamba), then mlp (mlp) (layers 0, 15, 31)."""
 
+    KINDS = ("attention", "mamba", "mlp")  # its components' kinds: Model.gradient_checkpointing_enable(kinds=...) selects by them
+    gradient_checkpointing = False  # recompute this layer in the backward (Model.gradient_checkpointing_enable sets it)
+
     def __init__(self):
         super().__init__()
         self.mixer_norm = FusedRMSNorm(1600, eps=1e-06)
@@ -382,6 +385,9 @@ class GlobalAttnSsmMlpBlock(nn.Module):
 
 class AttnSsmMlpBlock(nn.Module):
     """attn (attention) ∥ ssm (mamba), then mlp (mlp) (layers 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30)."""
+
+    KINDS = ("attention", "mamba", "mlp")  # its components' kinds: Model.gradient_checkpointing_enable(kinds=...) selects by them
+    gradient_checkpointing = False  # recompute this layer in the backward (Model.gradient_checkpointing_enable sets it)
 
     def __init__(self):
         super().__init__()
@@ -542,13 +548,27 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer's activations during backward instead of keeping them: less memory, about one more
-        forward of compute per training step. Training mode only; it changes no result."""
-        self.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, kinds: tuple[str, ...] | None = None) -> None:
+        """Recompute layers' activations in the backward instead of keeping them: less memory, about one more forward
+        of compute for those layers; training mode only; it changes no result. kinds: only the layers holding a
+        component of one of these kinds, e.g. ("mamba2",) (each block class's KINDS); None: every layer."""
+        if kinds is None:
+            self.gradient_checkpointing = True
+            return
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        known = {kind for layer in self.layers for kind in layer.KINDS}
+        unknown = sorted(set(kinds) - known)
+        if unknown:
+            raise ValueError(
+                f"no layer of this model has a component of kind {', '.join(unknown)}: choose among {', '.join(sorted(known))}"
+            )
+        for layer in self.layers:
+            layer.gradient_checkpointing = any(kind in kinds for kind in layer.KINDS)
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
 
     def after_optimizer_step(self) -> None:
         """Call after every optimizer step (or once: optimizer.register_step_post_hook(lambda *_: model.after_optimizer_step())).
@@ -611,7 +631,7 @@ class Model(nn.Module):
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
+            if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
                 x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
                 x = layer(x, positions, layer_cache, aux, pads)

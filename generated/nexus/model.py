@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
-from .ops.jepa import EMATarget, random_mask, vicreg_terms
+from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
 from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
@@ -243,6 +243,9 @@ class Mlp(nn.Module):
 class SsmMlpBlock(nn.Module):
     """ssm (mamba), then mlp (mlp) (layers 0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 21, 22, 23, 24, 25, 26, 27, 29, 30, 31, 32, 33, 34, 35, 37, 38, 39, 40, 41, 42, 43, 45, 46, 47)."""
 
+    KINDS = ("mamba", "mlp")  # its components' kinds: Model.gradient_checkpointing_enable(kinds=...) selects by them
+    gradient_checkpointing = False  # recompute this layer in the backward (Model.gradient_checkpointing_enable sets it)
+
     def __init__(self):
         super().__init__()
         self.mixer_norm = FusedRMSNorm(512, eps=1e-05)
@@ -262,6 +265,9 @@ class SsmMlpBlock(nn.Module):
 
 class AttnMlpBlock(nn.Module):
     """attn (attention), then mlp (mlp) (layers 4, 12, 20, 28, 36, 44)."""
+
+    KINDS = ("attention", "mlp")  # its components' kinds: Model.gradient_checkpointing_enable(kinds=...) selects by them
+    gradient_checkpointing = False  # recompute this layer in the backward (Model.gradient_checkpointing_enable sets it)
 
     def __init__(self):
         super().__init__()
@@ -327,8 +333,9 @@ class JepaHead(nn.Module):
         mask = random_mask(B, T, mask_ratio, generator, input_ids.device)  # (B, T), True where hidden
         embeddings = torch.where(mask[..., None], self.mask_token.weight, model.embed(input_ids))  # (B, T, 512)
         context = model.hidden_states(inputs_embeds=embeddings)  # (B, T, 512), online weights
-        predictions = self(context[mask]).float()  # (N, 512), N = B · hidden per row
-        target_latents = self.target.hidden_states(model, input_ids)[mask]  # (N, 512), target weights
+        hidden = hidden_count(T, mask_ratio)  # per row
+        predictions = self(hidden_rows(context, mask, hidden)).float()  # (N, 512), N = B · hidden
+        target_latents = hidden_rows(self.target.hidden_states(model, input_ids), mask, hidden)  # (N, 512), target weights
         target_latents = F.layer_norm(target_latents.float(), (512,))  # standardised per position, as in I-JEPA
         invariance, variance, covariance = vicreg_terms(predictions, target_latents)
         return {
@@ -573,13 +580,27 @@ class Model(nn.Module):
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute each layer's activations during backward instead of keeping them: less memory, about one more
-        forward of compute per training step. Training mode only; it changes no result."""
-        self.gradient_checkpointing = True
+    def gradient_checkpointing_enable(self, kinds: tuple[str, ...] | None = None) -> None:
+        """Recompute layers' activations in the backward instead of keeping them: less memory, about one more forward
+        of compute for those layers; training mode only; it changes no result. kinds: only the layers holding a
+        component of one of these kinds, e.g. ("mamba2",) (each block class's KINDS); None: every layer."""
+        if kinds is None:
+            self.gradient_checkpointing = True
+            return
+        kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+        known = {kind for layer in self.layers for kind in layer.KINDS}
+        unknown = sorted(set(kinds) - known)
+        if unknown:
+            raise ValueError(
+                f"no layer of this model has a component of kind {', '.join(unknown)}: choose among {', '.join(sorted(known))}"
+            )
+        for layer in self.layers:
+            layer.gradient_checkpointing = any(kind in kinds for kind in layer.KINDS)
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+        for layer in self.layers:
+            layer.gradient_checkpointing = False
 
     def after_optimizer_step(self) -> None:
         """Call after every optimizer step (or once: optimizer.register_step_post_hook(lambda *_: model.after_optimizer_step())).
@@ -648,7 +669,7 @@ class Model(nn.Module):
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
+            if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
                 x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
             else:
                 x = layer(x, positions, layer_cache, aux, pads)

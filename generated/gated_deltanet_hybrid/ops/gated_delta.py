@@ -140,8 +140,9 @@ def gated_delta_rule(
     v_c = to_chunks(v)  # (B, HV, c, L, V)
     g_c, beta_c = to_chunks(g), to_chunks(beta)  # (B, HV, c, L) each; padding: g = 0, β = 0
 
-    gamma = torch.exp(torch.cumsum(g_c, dim=-1))  # (B, HV, c, L), γ_t
-    decay = torch.exp(_segment_sum(g_c))  # (B, HV, c, L, L), D[t, s]; 0 for s > t
+    prefix = _prefix_sum(g_c)  # (B, HV, c, L) float64, Σ_{i≤t} g_i within the chunk
+    gamma = torch.exp(prefix.to(acc))  # (B, HV, c, L), γ_t
+    decay = torch.exp(_segment_sum(prefix, acc))  # (B, HV, c, L, L), D[t, s]; 0 for s > t
     strictly_lower = torch.tril(torch.ones(chunk, chunk, dtype=torch.bool, device=q.device), diagonal=-1)
 
     # The UT transform: T⁻¹ = (I + A)⁻¹, then U and W.
@@ -321,19 +322,30 @@ def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None) -> int:
     return (steps - 1).bit_length()
 
 
-def _segment_sum(a: Tensor) -> Tensor:
-    """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t.
+def _prefix_sum(a: Tensor) -> Tensor:
+    """prefix[..., t] = Σ_{i≤t} a[..., i], in float64, as a matmul with the upper-triangular ones matrix.
 
-    exp(seg) is the lower-triangular decay matrix: 1 on the diagonal, Π_{s<i≤t} exp(a_i) below it,
-    exactly 0 above. The sums are a masked cumulative sum down each column, not the difference of
-    two prefix sums, which loses the digits of short segments once the prefix sums are large.
-    Masking with -inf before the exp keeps every exponent ≤ 0 and the backward pass free of inf·0.
+    Not torch.cumsum: inductor may split a scan over few rows across thread blocks, which crashed compiling on
+    torch 2.11; a matmul compiles everywhere. Float64, so that differences of prefix sums keep a short segment's
+    float32 digits (_segment_sum). The same helper as ops/ssd.py's, which a Gated DeltaNet package does not ship.
     """
     length = a.shape[-1]
-    ones = torch.ones(length, length, dtype=torch.bool, device=a.device)
-    terms = a.unsqueeze(-1).expand(*a.shape, length).masked_fill(~torch.tril(ones, diagonal=-1), 0.0)
-    seg = torch.cumsum(terms, dim=-2)  # [..., t, s] = Σ_{s<i≤t} a_i
-    return seg.masked_fill(~torch.tril(ones), -torch.inf)
+    at_or_before = torch.ones(length, length, dtype=torch.float64, device=a.device).triu()  # [i, t]: i ≤ t
+    return a.to(torch.float64) @ at_or_before
+
+
+def _segment_sum(prefix: Tensor, dtype: torch.dtype) -> Tensor:
+    """seg[..., t, s] = Σ_{s<i≤t} a[..., i] for s ≤ t, and -inf for s > t, from prefix = _prefix_sum(a), in dtype.
+
+    exp(seg) is the lower-triangular decay matrix: 1 on the diagonal, Π_{s<i≤t} exp(a_i) below it,
+    exactly 0 above. Differences of float64 prefix sums lose nothing a float32 result keeps, however large
+    the prefix sums grow. Masking with -inf before the exp keeps every exponent ≤ 0 and the backward pass
+    free of inf·0.
+    """
+    length = prefix.shape[-1]
+    seg = (prefix.unsqueeze(-1) - prefix.unsqueeze(-2)).to(dtype)  # [..., t, s] = Σ_{s<i≤t} a_i for s ≤ t
+    at_or_below_diagonal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=prefix.device))
+    return seg.masked_fill(~at_or_below_diagonal, -torch.inf)
 
 
 def _per_value_head(x: Tensor, nv_heads: int) -> Tensor:

@@ -168,7 +168,10 @@ def moe_forward(
     # A decode step's few tokens take the fixed-buffer form on a GPU: static shapes and no host sync, so the step can
     # be recorded in a CUDA graph (ops/decoding.py); its E/k waste is a few rows.
     small = x.is_cuda and N <= DECODE_TOKENS
-    if _is_exporting() or small or _capturing():
+    # Under torch.compile the grouped form needs torch._grouped_mm: its per-expert matmul loop reads the counts on the
+    # host (a graph break), so compiled graphs without it take the fixed-buffer form (static shapes, E/k× the rows).
+    static = _is_exporting() or (torch.compiler.is_compiling() and not grouped_mm_available(x, w_in, w_out))
+    if static or small or _capturing():
         return moe_fixed_buffer(x, routing, w_in, w_out, activation=activation, capacity=capacity)
     return moe_grouped(x, routing, w_in, w_out, activation=activation, capacity=capacity,
                        fused_swiglu=fused_swiglu if activation == "swiglu" else None)

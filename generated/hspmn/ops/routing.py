@@ -285,8 +285,9 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
 
 
 def _is_exporting() -> bool:
-    check = getattr(torch.compiler, "is_exporting", None)
-    return bool(check is not None and check())
+    """True while torch.export or torch.compile traces (export runs dynamo too): take the static-shape forms, since a
+    packed count S read on the host would be a graph break under torch.compile(fullgraph=True)."""
+    return torch.compiler.is_compiling()
 
 
 def masked_sparse_query_attention(

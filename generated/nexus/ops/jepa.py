@@ -12,6 +12,7 @@ slowly moving copy of the backbone (the target encoder) computes on the whole in
 
 Contents:
     random_mask        which positions the context encoder does not see
+    hidden_rows        x[mask] for such a mask, with a shape torch.compile knows
     vicreg_terms       VICReg's invariance, variance and covariance terms between predictions and targets
     backbone_weights   the online parameters the target encoder mirrors
     EMATarget          the target encoder's weights, as buffers, and the no-grad pass that uses them
@@ -32,12 +33,29 @@ def random_mask(batch: int, length: int, ratio: float, generator: torch.Generato
     """
     if not 0 < ratio < 1:
         raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
-    n = min(length, max(1, int(ratio * length + 0.5)))  # rounded half up, at least one
+    n = hidden_count(length, ratio)
     draw_on = generator.device if generator is not None else device
     noise = torch.rand(batch, length, generator=generator, device=draw_on)
     chosen = noise.topk(n, dim=1).indices  # (batch, n): a uniformly random n-subset of each row
     mask = torch.zeros(batch, length, dtype=torch.bool, device=noise.device).scatter_(1, chosen, True)
     return mask.to(device) if device is not None else mask
+
+
+def hidden_rows(x: Tensor, mask: Tensor, count: int) -> Tensor:
+    """x[mask] for a mask that hides exactly `count` positions in every row (random_mask's): x (B, T, ...) ->
+    (B · count, ...), rows in the same (sequence, position) order.
+
+    A gather at the hidden positions rather than boolean indexing, whose output size depends on the mask's values:
+    torch.compile would have to stop its graph there (a graph break).
+    """
+    positions = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :count]  # (B, count) hidden, in order
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2))).expand(*positions.shape, *x.shape[2:])
+    return x.gather(1, index).flatten(0, 1)
+
+
+def hidden_count(length: int, ratio: float) -> int:
+    """How many of `length` positions random_mask hides: max(1, round(ratio · length)), rounded half up."""
+    return min(length, max(1, int(ratio * length + 0.5)))
 
 
 def vicreg_terms(predictions: Tensor, targets: Tensor, eps: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
