@@ -57,18 +57,23 @@ def test_whole_model_compiles_in_one_graph_forward_and_backward(build, name):
     loss, grads = _loss_and_grads(model, compiled, tokens)
     expected_loss, expected_grads = _loss_and_grads(model, model, tokens)
     assert_close(loss, expected_loss, what=f"{name} loss")
-    assert grads.keys() == expected_grads.keys()
+    assert expected_grads.keys() <= grads.keys()
     for key, grad in grads.items():
-        assert_close(grad, expected_grads[key], what=f"{name} gradient of {key}")
+        if key in expected_grads:
+            assert_close(grad, expected_grads[key], what=f"{name} gradient of {key}")
+        else:  # a head the loss does not read (JEPA's predictor in eval mode): AOT autograd gives zeros, eager None
+            assert not grad.any(), key
     if name == "hspmn":
         model.train()  # noisy router with a straight-through gate: one graph too
         loss, grads = _loss_and_grads(model, compiled, tokens)
-        assert torch.isfinite(loss) and grads.keys() == expected_grads.keys()
+        assert torch.isfinite(loss) and expected_grads.keys() <= grads.keys()
 
 
 def test_mamba2_model_trains_under_inductor(build):
     """The SSD reference inside a whole model through inductor's code generation, the backend that crashed."""
-    model = _model(build, "bamba")
+    spec, preset, overrides = SPECS["bamba"]
+    torch.manual_seed(0)
+    model = build(ROOT / spec, preset, (*overrides, "layout.mixers=ssm,attn")).Model()  # two layers: inductor is slow
     tokens = torch.randint(0, model.lm_head.weight.size(0), (2, 21))  # 20 positions: two chunks of 8 and a tail
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)
@@ -108,13 +113,11 @@ def test_gradient_checkpointing_by_kind_recomputes_only_those_layers(build):
 
     model.gradient_checkpointing_enable(kinds=("mamba2",))
     assert [layer.gradient_checkpointing for layer in model.layers] == [True, True, True, False]
-    recomputed = []
-    hooks = [layer.register_forward_hook(lambda module, args, out, i=i: recomputed.append(i))
-             for i, layer in enumerate(model.layers)]
+    runs = []
+    for i, layer in enumerate(model.layers):  # (forward hooks do not fire when checkpoint recomputes)
+        layer.forward = lambda *args, i=i, forward=layer.forward: runs.append(i) or forward(*args)
     _, grads = _loss_and_grads(model, model, tokens)
-    for hook in hooks:
-        hook.remove()
-    assert sorted(recomputed) == [0, 0, 1, 1, 2, 2, 3]  # the checkpointed layers ran again in the backward
+    assert sorted(runs) == [0, 0, 1, 1, 2, 2, 3]  # the checkpointed layers ran again in the backward
     for key, grad in grads.items():
         assert_close(grad, expected[key], what=f"gradient of {key}")
 
