@@ -48,7 +48,8 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
                           spec.vicreg_covariance_weight, spec.loss_weight)
 
     def imports(self, config: JEPAConfig) -> dict[str, tuple[str, ...]]:
-        return {"jepa": ("EMATarget", "hidden_count", "hidden_rows", "random_mask", *(("vicreg_terms",) if config.vicreg else ()))}
+        names = ("EMATarget", "hidden_count", "hidden_rows", "random_mask")
+        return {"jepa": (*names, *(("vicreg_terms",) if config.vicreg else ()))}
 
     def template_dims(self, config: JEPAConfig, dims: Dims) -> dict:
         widths = config.predictor_widths(dims)
