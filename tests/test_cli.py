@@ -154,7 +154,7 @@ def test_diagram_is_an_svg_with_one_box_per_mixer_branch_and_feed_forward(tmp_pa
     layer_boxes = [t for t in titles if t.startswith("layer ")]
     assert len(layer_boxes) == 4 * 2 + 4  # 4 layers of attention|mamba, each with an mlp
     assert "layer 0: global_attn (attention)" in titles
-    assert "4 meta tokens" in titles
+    assert "4 learnable meta tokens, prepended to every sequence" in titles
 
 
 def test_diagram_is_written_with_json_output_too(tmp_path):
