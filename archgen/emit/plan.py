@@ -318,13 +318,13 @@ def _reject_unemitted(ir: IR) -> None:
 
 
 def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Namespace,
-               kernels: dict[str, KernelChoice]) -> ComponentPlan:
+               kernels: dict[str, KernelChoice] | None) -> ComponentPlan:
     kind = kind_of(kind_name)
     template_dims = kind.template_dims(config, dims)
     template_dims["kind"] = kind_name
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
-                         kernels=dict(kernels))
+                         kernels=dict(kernels or {}))
 
 
 def _layout_text(layers: list[_Layer]) -> str:
