@@ -47,7 +47,12 @@ def output_names(exp, graph: str) -> list[str]:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("batch,seq", SIZES)
 @pytest.mark.parametrize("name", NAMES)
-def test_prefill_matches_eager(exported, name, batch, seq, fmt):
+def test_prefill_matches_eager(exported, name, batch, seq, fmt, request):
+    if (name, seq, fmt) == ("gated_deltanet_hybrid", 23, "onnx"):
+        # A known bug, open in issue 10's note: since this model ships a kernel (RMSNorm, 0ad1955), its ONNX prefill
+        # graph gathers past the end of a 16-row tensor at 23 tokens (the Gated DeltaNet reference's time padding,
+        # likely specialised while the kernels' decompositions are run). strict: the test says when it is fixed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="ONNX Gather out of bounds: gated_deltanet at T=23"))
     exp = exported(name)
     prompt = torch.randint(0, exp.manifest["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(seq))
     expected, _ = eager_prefill(exp, prompt)
