@@ -308,11 +308,18 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 128), (4096, 128)])
-def test_autotune_space_is_pruned_to_the_width(dim, widest):
+@pytest.mark.parametrize("dim,widest", [(3, 32), (24, 32), (100, 128), (4096, 256)])
+def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    assert {c["num_warps"] for c in kept} == {2, 4, 8}
+    assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in kept)  # one channel per lane
+
+
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 64), (4096, 64)])
+def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
+    kept = ss.candidates(ss.BACKWARD_TUNER, dim)
+    assert max(c["BLOCK_D"] for c in kept) == widest
+    assert {c["num_warps"] for c in kept} == {4, 8}
 
 
 def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
@@ -325,7 +332,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     def launch(config):
         launched.append(config)
-        if config["BLOCK_D"] == 128:
+        if config["BLOCK_D"] == 256:
             raise RuntimeError("out of resources: registers")
 
     launched = []
@@ -334,9 +341,9 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 64, "num_warps": 2}
-    assert tuner.timings[key]["BLOCK_D=128,num_warps=4"].startswith("RuntimeError: out of resources")
-    assert tuner.chosen == {key: {"BLOCK_D": 64, "num_warps": 2}}
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 128, "num_warps": 4}
+    assert tuner.timings[key]["BLOCK_D=256,num_warps=8"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: {"BLOCK_D": 128, "num_warps": 4}}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
@@ -373,13 +380,13 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
     key = ss.shape_key(20, 4, 4, torch.float32)
-    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8}},
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 1}},
                                   "backward": {key: {"BLOCK_D": 32, "num_warps": 8}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+    assert len(ss.FORWARD_TUNER.timings[key]) == 1 and len(ss.BACKWARD_TUNER.timings[key]) == 4
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 6
+    assert len(ss.FORWARD_TUNER.timings[key]) == 1 and len(ss.BACKWARD_TUNER.timings[key]) == 4
