@@ -18,6 +18,9 @@ short keeps what it measured. The sections stop starting once --budget-s seconds
 must end within 6 minutes on an H100).
 
 Run from the repository root on a GPU machine:   python bench/kernels.py --out bench/results/kernels.json
+The peer's build takes minutes; start it early in the background (it fills torch's extension cache, which the
+mamba_ssm section then loads in seconds):        python bench/kernels.py --build-peer --out /tmp/peer_build.json &
+archgen's kernel alone at the anchor shape:     python bench/kernels.py --only anchor --out $OUT
 Exercise the code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless):
                                                 python bench/kernels.py --dry-run --out /tmp/k.json
 """
@@ -389,8 +392,9 @@ def _load_mamba_ssm_from_sdist(sdist: Path) -> dict:
 
     started = time.perf_counter()
     target = Path("/tmp/mamba_ssm_sdist")
-    with tarfile.open(sdist) as archive:
-        archive.extractall(target)
+    if not any(target.glob("mamba_ssm-*")):  # a build running in the background may be reading these sources
+        with tarfile.open(sdist) as archive:
+            archive.extractall(target)
     source = next(target.glob("mamba_ssm-*"))
     csrc = source / "csrc" / "selective_scan"
     flags = ["-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
@@ -405,6 +409,21 @@ def _load_mamba_ssm_from_sdist(sdist: Path) -> dict:
     package.__path__ = [str(source / "mamba_ssm")]
     sys.modules["mamba_ssm"] = package
     return {"sdist": sdist.name, "build_s": round(time.perf_counter() - started, 1)}
+
+
+def build_peer(out: Path) -> None:
+    """--build-peer: build mamba_ssm's extension and write what happened (build seconds, or the error) to `out`."""
+    sdists = sorted((ROOT / ".whl").glob("mamba_ssm-*.tar.gz")) if (ROOT / ".whl").is_dir() else []
+    try:
+        if not sdists:
+            raise FileNotFoundError(f"no mamba_ssm-*.tar.gz in {ROOT / '.whl'}")
+        result = _load_mamba_ssm_from_sdist(sdists[-1])
+    except Exception as error:  # the JSON says why, for the run that reads it
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc().splitlines()[-12:]}
+    result["command"] = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result)[:400], flush=True)
 
 
 def _forward_backward(fn, args, grad_y, grad_state) -> dict:
@@ -438,11 +457,22 @@ SECTIONS = {"correctness": 30, "autotune": 60, "anchor": 20, "reference_path": 2
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
+    parser.add_argument("--out", type=Path, default=os.environ.get("OUT"),
+                        help="the JSON file to write, or a folder to write kernels.json into (default: $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     parser.add_argument("--budget-s", type=float, default=330.0, help="start no section after this many seconds")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections (of {', '.join(SECTIONS)})")
+    parser.add_argument("--build-peer", action="store_true",
+                        help="only build mamba_ssm's CUDA extension from .whl/ (minutes, CPU) into torch's extension "
+                             "cache, where a later run's mamba_ssm section finds it: start it in the background early")
     args = parser.parse_args()
+    if args.out is None:
+        raise SystemExit("pass --out (a .json file or a folder), or set $OUT")
+    if args.out.suffix != ".json":
+        args.out = args.out / "kernels.json"
+    if args.build_peer:
+        build_peer(args.out)
+        return
     only = set(args.only.split(","))
     if only - set(SECTIONS):
         raise SystemExit(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {', '.join(SECTIONS)}")
