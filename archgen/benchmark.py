@@ -23,15 +23,19 @@ import functools
 import gc
 import inspect
 import math
+import os
+import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 VARIANTS = ("kernels", "reference", "compiled")
 
@@ -256,6 +260,76 @@ def logit_parity(model, prompt, steps: int, device: str) -> dict:
         if device == "cuda":
             result["cuda_graph"] = compare(graph(tokens), reference)
     return result
+
+
+# What a decode step dispatches: ops that launch a kernel on a GPU (not views, not allocations).
+NOT_LAUNCHES = frozenset({"empty", "empty_strided", "empty_like", "detach", "lift_fresh", "alias", "_unsafe_view",
+                          "promote_types"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen and custom ops dispatched while active, each against the innermost module of the generated
+    package that runs it (a Linear's matmul counts for the Mamba block holding it); `owner` is that stack."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.by_op: Counter[str] = Counter()
+        self.by_module: Counter[str] = Counter()
+        self.owner = ["Model"]
+        package = type(model).__module__
+        self.hooks = [handle for module in model.modules() if module is not model and type(module).__module__ == package
+                      for handle in (module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._leave))]
+
+    def _enter(self, module, args):
+        self.owner.append(type(module).__name__)
+
+    def _leave(self, module, args, output):
+        self.owner.pop()
+
+    def remove_hooks(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func._schema.name.split("::")[-1] in NOT_LAUNCHES):
+            self.by_op[str(func)] += 1
+            self.by_module[self.owner[-1]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_step_ops(model: torch.nn.Module, batch: int = 1, context: int = 256) -> dict:
+    """The ops one decode step of a generated package's `model` dispatches on its kernel path, the cache holding
+    `context` positions and the position a tensor, as in a recorded CUDA graph: {"total", "by_module": {class: ops},
+    "instances": {class: modules of that class}, "by_op": {op: count}}. A custom op counts once, like the one kernel
+    it launches.
+
+    On CUDA this is what the step launches (a matmul may launch two kernels). On the meta device nothing is computed,
+    so a billion-parameter model is counted on any machine at its real sizes: the package's `use_kernel` then takes
+    every kernel its build selected, as on a GPU (the kernels' custom ops need Triton's interpreter for that:
+    TRITON_INTERPRET=1 before triton is imported, as the tests set it; ARCHGEN_TRITON_ON_CPU=1 is set here while
+    counting). Composite ops whose CUDA form is one kernel (F.rms_norm, SDPA) count on the meta device as the ops
+    they decompose into."""
+    device = next(model.parameters()).device
+    package = sys.modules[type(model).__module__]
+    cache = model.empty_cache(batch, context, device=device)
+    cache.length = torch.tensor(context - 1, device=device)
+    token = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    counter = OpCounter(model)
+    with contextlib.ExitStack() as stack:
+        stack.callback(counter.remove_hooks)
+        if device.type == "meta":
+            use_kernel, on_cpu = package.use_kernel, os.environ.get("ARCHGEN_TRITON_ON_CPU")
+            package.use_kernel = lambda kernel, x: package.USE_KERNELS and kernel is not None
+            os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+            stack.callback(setattr, package, "use_kernel", use_kernel)
+            stack.callback(os.environ.__setitem__ if on_cpu is not None else os.environ.pop, "ARCHGEN_TRITON_ON_CPU",
+                           *((on_cpu,) if on_cpu is not None else ()))
+        with torch.no_grad(), counter:
+            model(token, cache=cache)
+    instances = Counter(type(module).__name__ for module in model.modules())
+    return {"total": sum(counter.by_op.values()), "by_module": dict(counter.by_module.most_common()),
+            "instances": {name: instances[name] for name in counter.by_module},
+            "by_op": dict(counter.by_op.most_common())}
 
 
 def tensor_bytes(state) -> int:

@@ -1,0 +1,38 @@
+"""How many ops one batch-1 decode step dispatches, at the real sizes of bench/specs/bamba_1b.yaml and
+specs/hymba_plus.yaml (on the meta device: nothing is computed). Inside a CUDA graph a step costs a few microseconds
+per kernel on top of reading the weights, so these counts are tracked: a change that adds ops to a step fails here
+and must say why, or lower the bound when it removes some (bench/decode.py counts the CUDA kernels on the GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from archgen.benchmark import decode_step_ops
+from tests.conftest import build_package
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def step_ops(tmp_path, spec: str) -> dict:
+    pytest.importorskip("triton")
+    package = build_package(ROOT / spec, tmp_path, preset=None)
+    with torch.device("meta"):
+        model = package.Model().to(torch.bfloat16).eval()
+    return decode_step_ops(model)
+
+
+def test_a_mamba2_layer_decodes_in_five_ops_and_bamba_in_at_most_446(tmp_path):
+    """A Mamba-2 mixer's step: in_proj, the fused mamba2_step (conv, SiLU, Δ, state update, D, z gate), the copies
+    of its two new states into the cache, out_proj; its gated norm is one FusedRMSNorm op."""
+    ops = step_ops(tmp_path, "bench/specs/bamba_1b.yaml")
+    assert ops["by_op"]["archgen_v1.mamba2_step.default"] == ops["instances"]["Ssm"] == 12
+    assert ops["by_module"]["Ssm"] == 5 * 12, ops["by_module"]
+    assert ops["total"] <= 446, ops["by_module"]
+
+
+def test_hymba_plus_decodes_in_at_most_2750_ops(tmp_path):
+    ops = step_ops(tmp_path, "specs/hymba_plus.yaml")
+    assert ops["total"] <= 2750, ops["by_module"]
