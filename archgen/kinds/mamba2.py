@@ -112,7 +112,7 @@ class Mamba2(Kind[models.Mamba2Spec, Mamba2Config]):
         return seq_len * (di + conv_channels + h) * 2 + seq_len * di
 
     def imports(self, config: Mamba2Config) -> dict[str, tuple[str, ...]]:
-        return {"ssd": ("Mamba2Cache", "ssd_scan", "ssd_step"), "ssm": ("causal_conv1d",)}
+        return {"ssd": ("Mamba2Cache", "mamba2_step", "ssd_scan"), "ssm": ("causal_conv1d",)}
 
     def template_dims(self, config: Mamba2Config, dims: Dims) -> dict:
         d_inner, conv_channels, n_heads = config.sizes(dims)

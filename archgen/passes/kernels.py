@@ -60,8 +60,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba2", "ssd", "ssd_scan", "ssd",
                "Mamba-2 chunked SSD scan (prefill and training); the chunk must be a power of two >= 16",
                when=_ssd_fits),
-    KernelRule("mamba2", "state_update", "ssd_step", "ssd",
-               "Mamba-2 one-token SSD state update (decoding)"),
+    KernelRule("mamba2", "state_update", "mamba2_step", "ssd",
+               "Mamba-2 decoding step between the projections in one launch: conv update, SiLU, softplus Δ, SSD state "
+               "update, D skip, z gate", when=_conv_fits),
     KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),

@@ -16,6 +16,7 @@ B[..., g, :] and C[..., g, :] (head h reads group h // R, as in mamba_ssm).
 Contents:
     ssd_scan     a whole sequence at once (training, prefill): chunked, no loop over time
     ssd_step     one position (decoding)
+    mamba2_step  a Mamba-2 block's whole decoding step between its projections: conv, SiLU, Δ, ssd_step, z gate
     Mamba2Cache  the decode-time state of one layer
 
 Shapes are written with B batch, T time, H heads, P head dim, G groups, R = H/G heads per group,
@@ -28,6 +29,7 @@ the exp), so nothing overflows or cancels for any magnitude of dt·A. The graph 
 prefix sums are matmuls with a triangular matrix, so inductor compiles the training step on every torch.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # Mamba-2 packages always ship ssm.py too (its causal_conv1d runs over x, B and C), so the shared helpers live there.
-from .ssm import _acc_dtype, _pad_time, _unpad_time
+from .ssm import _acc_dtype, _pad_time, _unpad_time, causal_conv1d
 
 
 def ssd_scan(
@@ -173,6 +175,50 @@ def ssd_step(
     if D is not None:
         y = y + D.to(acc)[:, None] * x.to(acc)
     return y.to(x.dtype), new_state
+
+
+def mamba2_step(
+    z: Tensor,
+    xbc: Tensor,
+    dt: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    ssm_state: Tensor,
+    A_log: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_min: float = 0.0,
+    dt_max: float = math.inf,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One decoding step of a Mamba-2 block between its in- and out-projections (all but the gated norm):
+
+        x, B, C = split(silu(causal_conv1d(xbc; conv_state)))      the conv at T = 1
+        Δ = clamp(softplus(dt + dt_bias), dt_min, dt_max),  A = -exp(A_log)
+        y, h = ssd_step(ssm_state, x, Δ, A, B, C, D),       y = y · silu(z)
+
+    Args:
+        z: (B, H·P) the gate; xbc: (B, H·P + 2·G·N) the conv's input (x, B, C concatenated); dt: (B, H) raw step
+            sizes: this token's slices of the in-projection.
+        conv_state: (B, H·P + 2·G·N, K-1); conv_weight: (H·P + 2·G·N, K); conv_bias: (H·P + 2·G·N,) or None.
+        ssm_state: (B, H, P, N) float32; A_log, D, dt_bias: (H,) (D and dt_bias may be None).
+
+    Returns:
+        y: (B, H·P) in xbc.dtype; new_conv_state like conv_state; new_ssm_state (B, H, P, N) float32. The states
+        passed in are left untouched: copy the new ones into the cache. The Triton kernel of the same name
+        (kernels/state_update.py) computes this in one launch.
+    """
+    batch, nheads, headdim, dstate = ssm_state.shape
+    d_inner = nheads * headdim
+    conv, new_conv_state = causal_conv1d(xbc.unsqueeze(1), conv_weight, conv_bias, conv_state)  # (B, 1, channels)
+    x, B, C = F.silu(conv[:, 0]).split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
+    acc = _acc_dtype(xbc, dt)
+    step = dt.to(acc) + dt_bias if dt_bias is not None else dt.to(acc)
+    step = F.softplus(step).clamp(dt_min, dt_max)  # (B, H)
+    y, new_ssm_state = ssd_step(ssm_state, x.reshape(batch, nheads, headdim), step, -torch.exp(A_log.to(acc)),
+                                B.reshape(batch, ngroups, dstate), C.reshape(batch, ngroups, dstate), D)
+    return y.reshape(batch, d_inner) * F.silu(z), new_conv_state, new_ssm_state
 
 
 @dataclass

@@ -8,6 +8,7 @@ that silently fell back to its references fails here.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections import Counter
 
@@ -28,7 +29,7 @@ SMALL_MAMBA2 = textwrap.dedent("""\
       mlp: {kind: mlp, activation: swiglu, hidden: 32}
     layout: {mixers: ssm, ffns: mlp}
     """)
-KERNEL_FUNCTIONS = ("causal_conv1d", "ssd_scan", "ssd_step")
+KERNEL_FUNCTIONS = ("causal_conv1d", "ssd_scan", "mamba2_step")
 
 
 @pytest.fixture
@@ -88,20 +89,22 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         cache = model.empty_cache(2, 20)
         steps = [model(tokens[:, :17], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(17, 20)]
-    assert package.calls["ssd_step"] == package.calls["causal_conv1d"] - 1 == 3, package.calls
+    assert package.calls["mamba2_step"] == 3 and package.calls["causal_conv1d"] == 1, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 
 def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
     """kernels.decompositions() covers each custom op the model can put in an exported graph, and the decode step's
-    lowering (ops/ssd.py's ssd_step after the fused softplus) computes what its kernel computes."""
+    lowering (ops/ssd.py's mamba2_step) computes what its kernel computes."""
     table = package.kernels.decompositions()
     assert {f"archgen_v1.{name}.default" for name in KERNEL_FUNCTIONS} <= {str(op) for op in table}  # (+ RMSNorm's)
     torch.manual_seed(2)
-    state, x, dt = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8), torch.randn(2, 4)
-    A, B, C, D, dt_bias = -torch.rand(4), torch.randn(2, 2, 8), torch.randn(2, 2, 8), torch.randn(4), torch.randn(4)
-    step = torch.ops.archgen_v1.ssd_step.default
-    lowered = table[step](state, x, dt, A, B, C, D, dt_bias, True)
-    expected = step(state, x, dt, A, B, C, D, dt_bias, True)  # the kernel, in the interpreter
-    for got, want, name in zip(lowered, expected, ("y", "state"), strict=True):
-        assert_close(got, want, 1e-6, name)
+    channels = 4 * 8 + 2 * 2 * 8
+    args = (torch.randn(2, 32), torch.randn(2, channels), torch.randn(2, 4), torch.randn(2, channels, 3),
+            torch.randn(channels, 4), torch.randn(channels), torch.randn(2, 4, 8, 8), torch.randn(4), torch.randn(4),
+            torch.randn(4), 0.0, math.inf, 2)
+    step = torch.ops.archgen_v1.mamba2_step.default
+    lowered = table[step](*args)
+    expected = step(*args)  # the kernel, in the interpreter
+    for got, want, name in zip(lowered, expected, ("y", "conv_state", "ssm_state"), strict=True):
+        assert_close(got, want, 1e-5, name)

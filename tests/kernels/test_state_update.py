@@ -97,35 +97,50 @@ def test_ops_have_fake_implementations():
             -torch.rand(2, generator=g), torch.randn(1, 1, 3, generator=g), torch.randn(1, 1, 3, generator=g), None,
             None, False)
     torch.library.opcheck(su.ssd_step_op, args, test_utils=("test_schema", "test_faketensor"))
+    step_args = (torch.randn(1, 8, generator=g), torch.randn(1, 14, generator=g), torch.randn(1, 2, generator=g),
+                 torch.randn(1, 14, 3, generator=g), torch.randn(14, 4, generator=g), None,
+                 torch.randn(1, 2, 4, 3, generator=g), torch.randn(2, generator=g), None, None, 0.0, math.inf, 1)
+    torch.library.opcheck(su.mamba2_step_op, step_args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize(("dtype", "ngroups"), [(torch.float32, 2), (torch.bfloat16, 1)])
-def test_fused_mamba2_decode_step_matches_the_unfused_reference(dtype, ngroups):
-    """Conv update + SiLU + SSM step in one launch, against ops/ssm.py's causal_conv1d and ops/ssd.py's ssd_step."""
-    batch, nheads, headdim, dstate, width = 2, 4, 20, 5, 4
-    channels = nheads * headdim + 2 * ngroups * dstate
-    g = torch.Generator().manual_seed(ngroups)
-    xbc = torch.randn(batch, channels, generator=g).to(dtype)
+@pytest.mark.parametrize(("dtype", "nheads", "ngroups", "headdim", "dstate", "width", "bounds"), [
+    (torch.float32, 4, 2, 20, 5, 4, (0.0, math.inf)),  # P and N below their tiles, two groups
+    (torch.float32, 6, 3, 37, 17, 3, (0.05, 0.4)),  # odd P (three row blocks) and N, Δ clamped at both ends
+    (torch.bfloat16, 3, 1, 20, 5, 4, (0.0, math.inf)),
+    (torch.bfloat16, 5, 1, 16, 8, 2, (0.0, math.inf)),
+], ids=["fp32-H4-G2-P20-N5-K4", "fp32-H6-G3-P37-N17-K3-clamped", "bf16-H3-G1-P20-N5-K4", "bf16-H5-G1-P16-N8-K2"])
+def test_mamba2_step_matches_the_runtime_step(dtype, nheads, ngroups, headdim, dstate, width, bounds):
+    """The whole step (conv update, SiLU, Δ, SSM update, D skip, z gate) in one launch, against the kernel file's
+    reference and ops/ssd.py's mamba2_step (ops/ssm.py's conv, then ssd_step) in float64; z, xbc and dt are strided
+    views of one in-projection row, as the block passes them."""
+    batch = 2
+    d_inner = nheads * headdim
+    channels = d_inner + 2 * ngroups * dstate
+    g = torch.Generator().manual_seed(nheads * headdim)
+    projected = torch.randn(batch, 1, d_inner + channels + nheads, generator=g).to(dtype)
+    z, xbc, dt = projected.split([d_inner, channels, nheads], dim=-1)
+    z, xbc, dt = z[:, 0], xbc[:, 0], dt[:, 0] * 0.5 - 1.0
     conv_state = torch.randn(batch, channels, width - 1, generator=g).to(dtype)
     conv_weight, conv_bias = torch.randn(channels, width, generator=g) * 0.5, torch.randn(channels, generator=g)
-    state = torch.randn(batch, nheads, headdim, dstate, generator=g)
-    dt = torch.randn(batch, nheads, generator=g) * 0.5 - 1.0
-    A, D = -torch.rand(nheads, generator=g) * 4 - 0.5, torch.randn(nheads, generator=g)
-    bias = torch.randn(nheads, generator=g) * 0.3
-    y, new_conv, new_state = su.mamba2_decode_step(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D,
-                                                   dt_bias=bias, dt_softplus=True, ngroups=ngroups)
-    y_ref, conv_ref, state_ref = su.mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A,
-                                                                 D, dt_bias=bias, dt_softplus=True, ngroups=ngroups)
-    assert torch.equal(new_conv, conv_ref)
-    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
-    # The reference is the runtime's two steps.
-    conv_y, conv_rt = runtime_ssm.causal_conv1d(xbc.unsqueeze(1).double(), conv_weight.double(), conv_bias.double(),
-                                                conv_state.double())
-    x, B, C = torch.nn.functional.silu(conv_y[:, 0]).split([nheads * headdim, ngroups * dstate, ngroups * dstate], -1)
-    step = torch.nn.functional.softplus(dt.double() + bias.double())
-    y_rt, state_rt = runtime_ssd.ssd_step(state.double(), x.reshape(batch, nheads, headdim), step, A.double(),
-                                          B.reshape(batch, ngroups, dstate), C.reshape(batch, ngroups, dstate),
-                                          D.double())
-    assert torch.equal(conv_rt.to(dtype), conv_ref)
-    if dtype == torch.float32:
-        assert rel_error(y_ref, y_rt) < 1e-5 and rel_error(state_ref, state_rt) < 1e-5
+    ssm_state = torch.randn(batch, nheads, headdim, dstate, generator=g)
+    A_log, D = torch.rand(nheads, generator=g) * 2 - 0.5, torch.randn(nheads, generator=g)
+    dt_bias = torch.randn(nheads, generator=g) * 0.3
+    args = (z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, *bounds, ngroups)
+    before = [t.clone() for t in (conv_state, ssm_state)]
+    y, new_conv, new_state = su.mamba2_step(*args)
+    assert torch.equal(conv_state, before[0]) and torch.equal(ssm_state, before[1])  # the inputs are left untouched
+    y_ref, conv_ref, state_ref = su.mamba2_step_reference(*args)
+    as64 = [t.double() if torch.is_tensor(t) else t for t in args]
+    y_rt, conv_rt, state_rt = runtime_ssd.mamba2_step(*as64)
+    assert y.dtype == dtype and new_conv.dtype == dtype and new_state.dtype == torch.float32
+    assert torch.equal(new_conv, conv_ref) and torch.equal(conv_rt.to(dtype), conv_ref)
+    assert rel_error(y, y_rt) <= TOL[dtype] and rel_error(new_state, state_rt) <= TOL[dtype]
+    assert rel_error(y_ref, y_rt) <= TOL[dtype] and rel_error(state_ref, state_rt) <= TOL[dtype]
+
+
+def test_mamba2_step_says_which_argument_has_the_wrong_shape():
+    state = torch.zeros(1, 2, 4, 3)
+    channels = 2 * 4 + 2 * 3
+    with pytest.raises(ValueError, match=r"conv_state must be \(1, 14, 3\)"):
+        su.mamba2_step(torch.zeros(1, 8), torch.zeros(1, channels), torch.zeros(1, 2), torch.zeros(1, channels, 2),
+                       torch.zeros(channels, 4), None, state, torch.zeros(2))

@@ -26,7 +26,7 @@ BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
 
 MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d",
                  "selective_state_step": "state_update"}
-MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "ssd_step": "state_update"}
+MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 
 
@@ -63,7 +63,7 @@ def test_an_ssd_chunk_the_kernel_cannot_tile_keeps_the_reference_scan_and_only_t
             op.config = type(op.config)(**{**vars(op.config), "chunk_size": 48})  # not a power of two
     select_kernels(ir)
     for functions in chosen_kernels(ir, "mamba2").values():
-        assert set(functions) == {"causal_conv1d", "ssd_step"}
+        assert set(functions) == {"causal_conv1d", "mamba2_step"}
 
 
 def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_per_function_wins():
