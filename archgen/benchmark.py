@@ -214,9 +214,10 @@ def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: boo
             "cuda_graph": bool(kwargs.get("cuda_graph"))}
 
 
-def logit_parity(model, prompt, steps: int, device: str) -> dict:
+def logit_parity(model, prompt, steps: int, device: str, compile: bool = False) -> dict:
     """Per-step logits of three decoders fed the same tokens (eager greedy's), against eager decoding with an int
-    position: eager with a tensor position (the code path the graph records) and the CUDA graph (CPU: skipped).
+    position: eager with a tensor position (the code path the graph records) and the CUDA graph (CPU: skipped), and
+    with compile=True the graph of the torch.compile'd step too (`generate(compile=True)`'s decoder).
 
     Tells a real bug (large relative errors, argmax changes where the top two logits are far apart) from bf16
     rounding on near-tied random logits (tiny errors; changes only where the top-two margin is within rounding)."""
@@ -235,8 +236,8 @@ def logit_parity(model, prompt, steps: int, device: str) -> dict:
             logits.append(model(token, cache=cache).logits[:, -1].float())
         return logits, fed
 
-    def graph(tokens: list):
-        decoder = model.graph_decoder(batch, max_len, prompt.device)
+    def graph(tokens: list, compiled: bool = False):
+        decoder = model.graph_decoder(batch, max_len, prompt.device, **({"compile": True} if compiled else {}))
         logits = [decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1]).float()]
         for token in tokens:
             logits.append(decoder(token).float().clone())
@@ -259,6 +260,8 @@ def logit_parity(model, prompt, steps: int, device: str) -> dict:
                   "eager_tensor_position": compare(eager(True, tokens)[0], reference)}
         if device == "cuda":
             result["cuda_graph"] = compare(graph(tokens), reference)
+            if compile:
+                result["cuda_graph_compiled"] = compare(graph(tokens, compiled=True), reference)
     return result
 
 

@@ -1,17 +1,23 @@
 """Batch-1 (and batch-32) decoding of generated models against the memory floor and transformers, in one GPU run.
 
 For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), after a 128-token prompt:
-  - `generate` with its CUDA-graph decode step (the default on CUDA) and without it (cuda_graph=False), ms/token;
+  - the ops one decode step dispatches on CUDA (archgen.benchmark.decode_step_ops: per module of the package; each
+    launches at least one kernel), the number a CUDA graph replays;
+  - `generate` with its CUDA-graph decode step (the default on CUDA), with the step compiled by torch.compile and
+    then recorded (compile=True, its compile time beside it), and with --eager also without a graph
+    (cuda_graph=False), ms/token;
   - the floor: bytes a decode step must read (weights + the caches at that length) over the device copy bandwidth
     measured in the same run;
   - exactness: greedy tokens with the graph against the eager step, and per-step logits (bf16 and float32) of the
-    graph and of eager decoding with a tensor position, fed the same tokens, against eager decoding (is a greedy
-    difference near-tied random logits or a bug?);
+    graph, the compiled graph and eager decoding with a tensor position, fed the same tokens, against eager decoding
+    (is a greedy difference near-tied random logits or a bug?);
   - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token.
 
-Run on a GPU from the repository root:  python bench/decode.py --out $OUT
-`--dry-run` runs every step on the CPU at toy sizes (no graphs) to check the script; its figures mean nothing.
-The JSON is rewritten after every section, so a run that is stopped keeps what it measured.
+Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
+`--dry-run` runs every step on the CPU at toy sizes (no graphs; torch.compile with its "eager" backend, which checks
+the step has no graph break without inductor's minutes of CPU compiling) to check the script; its figures mean
+nothing. The JSON is rewritten after every section, so a run that is stopped keeps what it measured; a section that
+would start after --budget-s records that it was skipped.
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
+import time
 import traceback
 from functools import partial
 from pathlib import Path
@@ -30,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from archgen.benchmark import copy_bandwidth, logit_parity, tensor_bytes, timed_once  # noqa: E402
+from archgen.benchmark import copy_bandwidth, decode_step_ops, logit_parity, tensor_bytes, timed_once  # noqa: E402
 
 SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
 # --dry-run: the same specs at toy widths (Bamba has no tiny preset).
@@ -41,6 +49,12 @@ DRY_SPECS = {
                                                       "ffns.mlp.hidden=128")),
     "hymba_plus": ("specs/hymba_plus.yaml", "tiny", ()),
 }
+
+
+# generate's decoding variants: the eager step recorded in a CUDA graph (the default), the torch.compile'd step recorded
+# in one, and (with --eager) the eager step launched op by op.
+VARIANTS = {"graph": {"cuda_graph": True}, "graph_compiled": {"cuda_graph": True, "compile": True},
+            "eager": {"cuda_graph": False}}
 
 
 def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: Path):
@@ -65,7 +79,10 @@ def cache_bytes(model, batch: int, length: int, device: str) -> int:
     return tensor_bytes(model.empty_cache(batch, length, device=device).layers)
 
 
-def attempt(entry: dict, key: str, fn) -> None:
+def attempt(entry: dict, key: str, fn, args=None) -> None:
+    if args is not None and time.monotonic() > args.deadline:
+        entry[key + "_skipped"] = f"past --budget-s {args.budget_s}"
+        return
     try:
         entry[key] = fn()
     except Exception as error:  # noqa: BLE001 — a failed part is a finding; the others still run
@@ -93,6 +110,7 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     entry["weight_bytes"] = weight_bytes
+    attempt(entry, "step_ops", lambda: {key: value for key, value in decode_step_ops(model).items() if key != "by_op"})
     for batch in args.batches:
         row = entry[f"batch_{batch}"] = {}
         prompt = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
@@ -102,20 +120,29 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         row["floor_ms_per_token"] = (weight_bytes + state_bytes) / bandwidth * 1e3
         row["cache_bytes"] = state_bytes
         with torch.no_grad():
-            for variant, graph in (("graph", True), ("eager", False)):
-                def generate(p, n, graph=graph):
-                    return model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=graph)
+            for variant, options in VARIANTS.items():
+                if variant == "eager" and not args.eager:
+                    continue
 
+                def generate(p, n, options=options):
+                    return model.generate(p, max_new_tokens=n, temperature=0, **options)
+
+                if options.get("compile"):  # the first call compiles: timed on its own
+                    attempt(row, f"{variant}_compile_s", lambda generate=generate, prompt=prompt: timed_once(
+                        lambda: generate(prompt, 4), device), args)
                 attempt(row, f"{variant}_ms_per_token",
-                        lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device))
+                        lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device),
+                        args)
+                save(args, results)
             if batch == 1:
-                attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16))
-                attempt(row, "logit_parity_bf16", lambda prompt=prompt: logit_parity(model, prompt, 16, device))
+                attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16), args)
+                attempt(row, "logit_parity_bf16", lambda prompt=prompt: logit_parity(model, prompt, 16, device, compile=True),
+                        args)
                 if not args.dry_run:  # the same in float32: rounding differences shrink ~65000-fold, a bug does not
                     model.float()
-                    attempt(row, "logit_parity_fp32", lambda prompt=prompt: logit_parity(model, prompt, 16, device))
+                    attempt(row, "logit_parity_fp32", lambda prompt=prompt: logit_parity(model, prompt, 16, device), args)
                     model.to(torch.bfloat16)
-        for variant in ("graph", "eager"):
+        for variant in VARIANTS:
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
         save(args, results)
@@ -124,7 +151,7 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         torch.cuda.empty_cache()
 
     if name == "bamba_1b" and not args.dry_run:
-        attempt(entry, "transformers", lambda: transformers_decode(args, bandwidth))
+        attempt(entry, "transformers", lambda: transformers_decode(args, bandwidth), args)
 
 
 def transformers_decode(args, bandwidth: float) -> dict:
@@ -143,6 +170,14 @@ def transformers_decode(args, bandwidth: float) -> dict:
     return {"version": transformers.__version__, "ms_per_token": ms}
 
 
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
 def save(args, results: dict) -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "decode.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -150,14 +185,21 @@ def save(args, results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="out")
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     parser.add_argument("--only", default=None, help="comma-separated model names")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="start no section after this many seconds")
+    parser.add_argument("--batches", default="1", help="comma-separated decode batch sizes (the bar is batch 1)")
+    parser.add_argument("--eager", action="store_true", help="also time decoding without a CUDA graph (slow)")
     args = parser.parse_args()
+    args.deadline = time.monotonic() + args.budget_s
     args.device = "cpu" if args.dry_run else "cuda"
-    args.batches = (1, 32) if not args.dry_run else (1, 2)
+    args.batches = tuple(int(b) for b in args.batches.split(","))
     args.prompt_len, args.new_tokens = (128, 64) if not args.dry_run else (8, 4)
+    if args.dry_run:  # inductor would compile each toy model for minutes on a CPU; the eager backend still traces it
+        torch.compile = partial(torch.compile, backend="eager")
     results = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "torch": torch.__version__,
+               "triton": triton_version(),
                "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "models": {}}
     bandwidth = copy_bandwidth(args.device)
     results["copy_bandwidth_bytes_per_s"] = bandwidth

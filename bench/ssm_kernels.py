@@ -20,7 +20,7 @@ each, so a run cut short keeps what it measured; sections stop starting once --b
                 against the reference, forward GB/s against the copy floor, forward+backward, the one-step update.
   decode        one decoding step at batch 1: the Mamba-2 SSM step (64 heads × 64, d_state 128) against mamba_ssm's
                 `selective_state_update`; one whole Bamba-1B Mamba-2 layer step (in_proj, conv update, SSM step,
-                gate, RMSNorm, out_proj) with the kernels (two launches, or the fused mamba2_decode_step) against
+                gate, RMSNorm, out_proj) with the kernels (two launches, or the fused mamba2_step) against
                 the same layer with the PyTorch conv update and mamba_ssm's `selective_state_update`, eager and
                 replayed from a CUDA graph; the Mamba-1 step (4096 channels, d_state 16) against
                 `selective_state_update` too.
@@ -52,6 +52,7 @@ import datetime
 import glob
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -520,14 +521,15 @@ class Bench:
                 ssm_state.copy_(new_ssm)
                 return finish(y, z)
 
-            def ours_fused():  # the conv update, SiLU and SSM step in one launch
+            A_log = torch.log(-A)
+
+            def ours_fused():  # the conv update, SiLU, Δ, SSM step, D skip and z gate in one launch (mamba2_step)
                 z, xbc, dt_raw = split(hidden)
-                y, new_conv, new_ssm = self.step.mamba2_decode_step(xbc, conv_state, conv_w, conv_b, ssm_state, dt_raw,
-                                                                    A, D, dt_bias=dt_bias, dt_softplus=True,
-                                                                    ngroups=ngroups)
+                y, new_conv, new_ssm = self.step.mamba2_step(z, xbc, dt_raw, conv_state, conv_w, conv_b,
+                                                             ssm_state, A_log, D, dt_bias, 0.0, math.inf, ngroups)
                 conv_state.copy_(new_conv)
                 ssm_state.copy_(new_ssm)
-                return finish(y, z)
+                return out_proj(F.rms_norm(y, (d_inner,), norm_w, 1e-5))
 
             def peer():  # mamba_ssm's Mamba2.step without causal_conv1d: torch's conv update, then its SSM update
                 z, xbc, dt_raw = split(hidden)
