@@ -668,6 +668,7 @@ class Model(nn.Module):
         generator: torch.Generator | None = None,
         attention_mask=None,
         cuda_graph: bool = True,
+        compile: bool = False,
     ):
         """Continue each row of input_ids (B, T), with Hugging Face's arguments and defaults → (B, T + new tokens).
 
@@ -682,6 +683,9 @@ class Model(nn.Module):
 
         On CUDA tensors each decoding step is replayed from a CUDA graph recorded once per batch size and cache length
         (ops/decoding.py): the step's few hundred small kernels launch as one. cuda_graph=False runs the steps eagerly.
+        compile=True first compiles the step with torch.compile (inductor fuses its small elementwise ops into fewer
+        kernels; one graph, no recompiles across steps; each new batch size and cache length compiles once, seconds to
+        a minute), then records that in the graph (or runs it as is, without one).
         """
         B, T = input_ids.size()
         max_new_tokens = new_token_count(T, max_new_tokens, max_length)
@@ -690,15 +694,18 @@ class Model(nn.Module):
         end_of_sequence = EndOfSequence(eos_token_id, pad_token_id, B, input_ids.device)
         max_len = 128 + T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
-            decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None)
+            decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None, compile=compile)
             logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1])
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
             logits = self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]  # (B, 32001)
+            if compile:  # a tensor position: the compiled step does not specialise on it (no recompile per token)
+                cache.length = torch.tensor(cache.length, device=input_ids.device)
+            decode_step = self.decode_step(compile)
 
             def step(token):
-                return self(token, cache=cache).logits[:, -1]
+                return decode_step(token, cache)
 
         tokens = torch.cat([input_ids, input_ids.new_empty(B, max_new_tokens)], dim=1)  # (B, T + max_new_tokens)
         if streamer is not None:
@@ -718,18 +725,35 @@ class Model(nn.Module):
             streamer.end()
         return tokens[:, :length]
 
-    def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False) -> CUDAGraphDecoder:
+    def decode_step(self, compile: bool = False):
+        """step(token (B, 1), cache) -> the next token's logits (B, 32001), the cache advanced by one position.
+        compile=True: the step under torch.compile(fullgraph=True), made once per model: a graph break is an error, and
+        a step at the next position (a tensor, as `generate` passes it) reuses the compiled graph."""
+
+        def step(token, cache):
+            return self(token, cache=cache).logits[:, -1]
+
+        if not compile:
+            return step
+        compiled = self.__dict__.setdefault("_compiled_decode_steps", {})  # not a module attribute: not in the state dict
+        key = None
+        if key not in compiled:
+            compiled[key] = torch.compile(step, fullgraph=True, dynamic=False)
+        return compiled[key]
+
+    def graph_decoder(self, batch: int, max_len: int, device, padded: bool = False, compile: bool = False) -> CUDAGraphDecoder:
         """The CUDA-graph decoder for this batch size, on a cache of max_len rounded up to a power of two (so nearby
         lengths share one graph). A graph reads the weights at the addresses it was recorded with, so the key holds
-        where they live: moving or converting the model records a new graph instead of replaying a stale one."""
+        where they live: moving or converting the model records a new graph instead of replaying a stale one.
+        compile=True records the torch.compile'd step (decode_step)."""
         max_len = max(64, 1 << (max_len - 1).bit_length())
         dtype = self.embed.weight.dtype
         weights_at = tuple(p.data_ptr() for p in self.parameters())
-        key = (batch, max_len, str(device), dtype, self.training, weights_at, padded)
+        key = (batch, max_len, str(device), dtype, self.training, weights_at, padded, compile)
         decoders = self.__dict__.setdefault("_graph_decoders", {})
         if key not in decoders:
             decoders[key] = CUDAGraphDecoder(
-                lambda token, cache: self(token, cache=cache).logits[:, -1],
+                self.decode_step(compile),
                 lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,

@@ -1,4 +1,5 @@
-"""One-token state updates for decoding, as Triton kernels: Mamba-2's `ssd_step` and Mamba-1's `selective_state_step`.
+"""One-token state updates for decoding, as Triton kernels: Mamba-2's `ssd_step` and whole `mamba2_step`, and
+Mamba-1's `selective_state_step`.
 
 Each is the recurrence of its scan at a single position, with the same arguments and results as the reference step in
 templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
@@ -6,16 +7,20 @@ templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
     Mamba-2 (per head, scalar decay):  h = exp(Δ A_h) · state + Δ · x ⊗ B_g,   y = h C_g + D_h x        h (P, N)
     Mamba-1 (per channel):            h = exp(Δ A_d) ⊙ state + Δ u · B,       y = (h C + D u) · silu(z)  h (N,)
 
-with Δ = softplus(dt + dt_bias) where asked (the Mamba-2 block applies it before the call; the Mamba-1 block passes
-the bias in). Decoding reads the whole state and writes it back once per token; with everything fused into one
-launch per layer, that is the step's floor: the state's bytes at the copy rate (2 × 2 MiB for one Bamba-1B layer at
-batch 1), against a chain of a dozen small PyTorch ops and launches for the reference. The new state is a new
-tensor, as in the references (`state` is left untouched): the caller copies it into its cache, and the op stays
-functional (exportable, capturable in a CUDA graph).
+with Δ = softplus(dt + dt_bias) where asked. `mamba2_step` is everything a Mamba-2 block does to one token between
+its in- and out-projections but the norm: the conv update of the x, B and C channels, SiLU, Δ (clamped to the block's
+bounds), A = -exp(A_log), the state update, the D skip and the z gate, in one launch where the unfused step took a
+dozen (the norm needs every head's output, so it stays a launch of its own: kernels/rmsnorm.py). Decoding reads the
+whole state and writes it back once per token: the step's floor is the state's bytes at the copy rate (2 × 2 MiB for
+one Bamba-1B layer at batch 1). The new states are new tensors, as in the references (the states passed in are left
+untouched): the caller copies them into its cache, and the op stays functional (exportable, capturable in a CUDA
+graph).
 
-Both ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
+The ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
 in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -151,18 +156,19 @@ def _conv_silu_step(xbc_ptr, xbc_stride_b, xbc_stride_c, state_ptr, state_stride
 
 
 @triton.jit
-def _mamba2_decode_kernel(
+def _mamba2_step_kernel(
+    z_ptr, z_stride_b, z_stride_c,
     xbc_ptr, xbc_stride_b, xbc_stride_c,
+    dt_ptr, dt_stride_b, dt_stride_h,
     conv_state_ptr, conv_state_stride_b, conv_state_stride_c, conv_state_stride_k,
     conv_weight_ptr, conv_weight_stride_c, conv_weight_stride_k, conv_bias_ptr,
     state_ptr, state_stride_b, state_stride_h, state_stride_p, state_stride_n,
-    dt_ptr, dt_stride_b, dt_stride_h,
-    A_ptr, D_ptr, bias_ptr,
-    y_ptr, y_stride_b, y_stride_h, y_stride_p,
+    A_log_ptr, D_ptr, dt_bias_ptr, dt_min, dt_max,
+    y_ptr,  # (B, H·P) contiguous, in xbc's dtype
     new_conv_state_ptr,  # (B, conv channels, K-1) contiguous, in the conv state's dtype
     new_state_ptr,  # (B, H, P, N) contiguous, float32
     nheads, heads_per_group, ngroups, headdim, dstate,
-    HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -191,17 +197,16 @@ def _mamba2_decode_kernel(
                         conv_weight_stride_k, conv_bias_ptr, new_conv_state_ptr, b64,
                         d_inner + (ngroups + g) * dstate + n, n_in, n_in & writes_group, conv_channels,
                         HAS_CONV_BIAS, WIDTH)
-    # B and C are rounded to the input dtype as the unfused path stores them between its two ops.
+    # x, B and C are rounded to the input dtype, as the unfused path stores them between its ops.
+    x = x.to(xbc_ptr.dtype.element_ty).to(tl.float32)
     B = B.to(xbc_ptr.dtype.element_ty).to(tl.float32)
     C = C.to(xbc_ptr.dtype.element_ty).to(tl.float32)
-    x = x.to(xbc_ptr.dtype.element_ty).to(tl.float32)
 
     dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
+    if HAS_DT_BIAS:
+        dt += tl.load(dt_bias_ptr + h).to(tl.float32)
+    dt = tl.minimum(tl.maximum(_softplus(dt), dt_min), dt_max)
+    decay = tl.exp(-dt * tl.exp(tl.load(A_log_ptr + h).to(tl.float32)))  # exp(Δ·A), A = -exp(A_log)
     pn_in = p_in[:, None] & n_in[None, :]
     state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
                     + n[None, :] * state_stride_n, mask=pn_in, other=0.0).to(tl.float32)
@@ -209,8 +214,10 @@ def _mamba2_decode_kernel(
     y = tl.sum(state * C[None, :], axis=1)
     if HAS_D:
         y += tl.load(D_ptr + h).to(tl.float32) * x
+    z = tl.load(z_ptr + b64 * z_stride_b + (h * headdim + p) * z_stride_c, mask=p_in, other=0.0).to(tl.float32)
+    y *= z * tl.sigmoid(z)
     tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
-    tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
+    tl.store(y_ptr + b64 * d_inner + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=p_in)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,70 +281,81 @@ def ssd_step_reference(
     return y.to(x.dtype), new_state
 
 
-def _mamba2_decode_impl(xbc: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None,
-                        state: Tensor, dt: Tensor, A: Tensor, D: Tensor | None, dt_bias: Tensor | None,
-                        dt_softplus: bool, ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """archgen_v1::mamba2_decode_step -> (y (B, H, P) in xbc.dtype, new_conv_state like conv_state, new_state
+def _mamba2_step_impl(z: Tensor, xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                      conv_bias: Tensor | None, ssm_state: Tensor, A_log: Tensor, D: Tensor | None,
+                      dt_bias: Tensor | None, dt_min: float, dt_max: float,
+                      ngroups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v1::mamba2_step -> (y (B, H·P) in xbc.dtype, new_conv_state like conv_state, new_ssm_state
     (B, H, P, N) float32)."""
     if not (xbc.is_cuda or triton_on_cpu()):
-        return mamba2_decode_step_reference(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias=dt_bias,
-                                            dt_softplus=dt_softplus, ngroups=ngroups)
-    batch, nheads, headdim, dstate = state.shape
+        return mamba2_step_reference(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias,
+                                     dt_min, dt_max, ngroups)
+    batch, nheads, headdim, dstate = ssm_state.shape
     width = conv_weight.shape[1]
-    conv_channels = nheads * headdim + 2 * ngroups * dstate
-    if xbc.shape != (batch, conv_channels) or conv_state.shape != (batch, conv_channels, width - 1):
-        raise ValueError(f"mamba2_decode_step: xbc must be (B, H·P + 2·G·N) = {(batch, conv_channels)} and conv_state "
-                         f"(B, channels, K-1), got {tuple(xbc.shape)} and {tuple(conv_state.shape)}")
-    y = torch.empty((batch, nheads, headdim), dtype=xbc.dtype, device=xbc.device)
+    d_inner = nheads * headdim
+    conv_channels = d_inner + 2 * ngroups * dstate
+    expected = {"z": (z, (batch, d_inner)), "xbc": (xbc, (batch, conv_channels)), "dt": (dt, (batch, nheads)),
+                "conv_state": (conv_state, (batch, conv_channels, width - 1)), "A_log": (A_log, (nheads,))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"mamba2_step: {name} must be {shape} for ssm_state (B, H, P, N) = "
+                             f"{tuple(ssm_state.shape)}, {ngroups} group(s) and conv width {width}, got "
+                             f"{tuple(t.shape)}")
+    if nheads % ngroups:
+        raise ValueError(f"mamba2_step: the heads H = {nheads} must be a multiple of the groups G = {ngroups}")
+    y = torch.empty((batch, d_inner), dtype=xbc.dtype, device=xbc.device)
     new_conv_state = torch.empty((batch, conv_channels, width - 1), dtype=conv_state.dtype, device=xbc.device)
     new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=xbc.device)
     block_p = SSD_STEP_CONFIG["BLOCK_P"]
     with on_device(xbc):
-        _mamba2_decode_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
-            *strided(xbc, 2), *strided(conv_state, 3), *strided(conv_weight, 2), conv_bias, *strided(state, 4),
-            *strided(dt, 2), A, D, dt_bias, *strided(y, 3), new_conv_state, new_state,
+        _mamba2_step_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
+            *strided(z, 2), *strided(xbc, 2), *strided(dt, 2), *strided(conv_state, 3), *strided(conv_weight, 2),
+            conv_bias, *strided(ssm_state, 4), A_log, D, dt_bias, dt_min, dt_max, y, new_conv_state, new_state,
             nheads, nheads // ngroups, ngroups, headdim, dstate,
-            HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_BIAS=dt_bias is not None,
-            SOFTPLUS=bool(dt_softplus), WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
+            WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
             num_warps=SSD_STEP_CONFIG["num_warps"],
         )
     return y, new_conv_state, new_state
 
 
-def _mamba2_decode_fake(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus, ngroups):
-    batch, nheads, headdim, _ = state.shape
-    return (xbc.new_empty((batch, nheads, headdim)), torch.empty_like(conv_state),
-            state.new_empty(state.shape, dtype=torch.float32))
+def _mamba2_step_fake(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min, dt_max,
+                      ngroups):
+    return (xbc.new_empty(z.shape), torch.empty_like(conv_state),
+            ssm_state.new_empty(ssm_state.shape, dtype=torch.float32))
 
 
-def mamba2_decode_step_reference(
+def mamba2_step_reference(
+    z: Tensor,
     xbc: Tensor,
+    dt: Tensor,
     conv_state: Tensor,
     conv_weight: Tensor,
     conv_bias: Tensor | None,
-    state: Tensor,
-    dt: Tensor,
-    A: Tensor,
+    ssm_state: Tensor,
+    A_log: Tensor,
     D: Tensor | None = None,
-    *,
     dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
+    dt_min: float = 0.0,
+    dt_max: float = math.inf,
     ngroups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Mamba-2 block's decoding step after its input projection, unfused: the conv update of the x, B, C channels
-    (ops/ssm.py's causal_conv1d at T = 1), SiLU, then `ssd_step_reference`. Returns (y, new_conv_state, new_state)."""
-    batch, nheads, headdim, dstate = state.shape
-    width = conv_weight.shape[1]
+    """ops/ssd.py's `mamba2_step`, plainly: the conv update of the x, B, C channels and SiLU, Δ = clamp(softplus(dt +
+    dt_bias)), `ssd_step_reference` with A = -exp(A_log), then the z gate; in float32 (float64 for float64 inputs).
+    Returns (y, new_conv_state, new_ssm_state)."""
+    batch, nheads, headdim, dstate = ssm_state.shape
     acc = torch.float64 if xbc.dtype == torch.float64 else torch.float32
     extended = torch.cat([conv_state, xbc.unsqueeze(-1).to(conv_state.dtype)], dim=-1)  # (B, channels, K)
     conv = (extended.to(acc) * conv_weight.to(acc)).sum(-1)
     if conv_bias is not None:
         conv = conv + conv_bias.to(acc)
-    xbc_act = F.silu(conv).to(xbc.dtype)
-    x, B, C = xbc_act.split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
-    y, new_state = ssd_step_reference(state, x.reshape(batch, nheads, headdim), dt, A, B.reshape(batch, ngroups, dstate),
-                                      C.reshape(batch, ngroups, dstate), D, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    return y, extended[:, :, 1:].contiguous() if width > 1 else extended[:, :, :0], new_state
+    x, B, C = F.silu(conv).to(xbc.dtype).split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
+    step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
+    step = F.softplus(step).clamp(dt_min, dt_max)  # (B, H)
+    y, new_state = ssd_step_reference(ssm_state, x.reshape(batch, nheads, headdim), step, -torch.exp(A_log.to(acc)),
+                                      B.reshape(batch, ngroups, dstate), C.reshape(batch, ngroups, dstate), D)
+    y = y.reshape(batch, nheads * headdim).to(acc) * F.silu(z.to(acc))
+    return y.to(xbc.dtype), extended[:, :, 1:].contiguous(), new_state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -408,7 +426,7 @@ def selective_state_step_reference(
 
 ssd_step_op = register_op("ssd_step", _ssd_step_impl, _ssd_step_fake)
 selective_state_step_op = register_op("selective_state_step", _selective_step_impl, _selective_step_fake)
-mamba2_decode_step_op = register_op("mamba2_decode_step", _mamba2_decode_impl, _mamba2_decode_fake)
+mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
 
 
 def ssd_step(
@@ -444,40 +462,44 @@ def selective_state_step(
     return selective_state_step_op(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def mamba2_decode_step(
+def mamba2_step(
+    z: Tensor,
     xbc: Tensor,
+    dt: Tensor,
     conv_state: Tensor,
     conv_weight: Tensor,
     conv_bias: Tensor | None,
-    state: Tensor,
-    dt: Tensor,
-    A: Tensor,
+    ssm_state: Tensor,
+    A_log: Tensor,
     D: Tensor | None = None,
-    *,
     dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
+    dt_min: float = 0.0,
+    dt_max: float = math.inf,
     ngroups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A Mamba-2 block's decoding step after its input projection, in one launch: the conv update of the x, B and C
-    channels, SiLU, and the SSM step. xbc (B, H·P + 2·G·N) this token's conv input (x, B, C concatenated, as the
-    block's in_proj splits it); conv_state (B, channels, K-1); conv_weight (channels, K); state (B, H, P, N);
-    dt (B, H). Returns (y (B, H, P), new_conv_state, new_state float32); the inputs are left untouched."""
-    return mamba2_decode_step_op(xbc, conv_state, conv_weight, conv_bias, state, dt, A, D, dt_bias, dt_softplus,
-                                 ngroups)
+    """A Mamba-2 block's decoding step between its two projections, in one launch, as ops/ssd.py's `mamba2_step`:
+    the conv update of the x, B and C channels, SiLU, Δ = clamp(softplus(dt + dt_bias), dt_min, dt_max), the SSD
+    state update with A = -exp(A_log), the D skip and the z gate: y = (h C + D x) · silu(z). z (B, H·P), xbc
+    (B, H·P + 2·G·N) and dt (B, H) are this token's slices of the in-projection (views, any strides); conv_state
+    (B, channels, K-1); conv_weight (channels, K); ssm_state (B, H, P, N). Returns (y (B, H·P), new_conv_state,
+    new_ssm_state float32); the states passed in are left untouched."""
+    return mamba2_step_op(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min,
+                          dt_max, ngroups)
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
     """{the custom op `reference` is the reference of: that op written with it}, for ONNX. This file holds several ops,
     and a generated package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's
-    `ssd_step` (the step size is applied here first) or ops/ssm.py's `selective_state_step` (the same signature as
-    archgen_v1::selective_state_step, so it is the decomposition as it stands). max_seqlen is unused (one position)."""
+    `ssd_step` (the step size is applied here first), ops/ssd.py's `mamba2_step` or ops/ssm.py's
+    `selective_state_step` (both with their op's signature, so they are the decomposition as they stand). max_seqlen
+    is unused (one position)."""
 
     def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
         step = dt.float() + dt_bias.float() if dt_bias is not None else dt
         step = F.softplus(step) if dt_softplus else step
         return reference(state, x, step, A, B, C, D)
 
-    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference}
+    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference, "mamba2_step": reference}
     if reference.__name__ not in lowerings:
         raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
                          f"{', '.join(lowerings)}")
