@@ -37,16 +37,23 @@ Backward, with dy the output's gradient and G_c = dL/dH_{c+1} (the gradient of t
   2. `_dx_bwd_kernel` (rows s of a chunk, one head): dx_s = Δ_s·inner_s + D dy_s with
      inner_s = Σ_{t≥s} (C_t·B_s) exp(cum_t - cum_s) dy_t + exp(cum_{L-1} - cum_s) G_c B_s, and the direct part of
      dΔ_s (x_s·inner_s).
-  3. `_db_bwd_kernel` (rows s) and `_dc_bwd_kernel` (rows t): dB and dC, summed in registers over the heads of a
-     group (a split of them per program; the splits are added after).
-  4. `_dlog_bwd_kernel` (rows t, one head) and `_dt_bwd_kernel`: the gradient of the log decays Δ_i A, and from it
-     dΔ (through the softplus), dA and d dt_bias.
-One accumulator per kernel: fused into two kernels, the same work spilled registers on sm_90.
+  3. `_dcb_bwd_kernel` (one (t, s) tile of a chunk, looping over the heads of a group): dCB[t, s] = Σ_h M_h[t, s],
+     M[t, s] = (dy_t·x_s) Δ_s exp(cum_t - cum_s), the gradient of C_t·B_s summed over the group's heads; from the same
+     dy·x products each head's pair terms of the log-decay gradient (below).
+  4. `_db_bwd_kernel` (rows s) and `_dc_bwd_kernel` (rows t): dB and dC, per group: the state terms summed over the
+     heads in registers (x_s G_c, dy_t H_c, one product per head), the intra-chunk terms once per group (dCB^T C,
+     dCB B), not once per head as the forward's structure would have it. A split of the heads and of the blocks per
+     program; the splits are added after.
+  5. `_dt_bwd_kernel`: the gradient of the log decays Δ_i A, and from it dΔ (through the softplus), dA, d dt_bias.
+One accumulator per kernel: fused further, the same work spilled registers on sm_90.
 
 The log-decay gradient is summed the stable way: cum_t - cum_s = Σ_{s<i≤t} Δ_i A, so d(Δ_i A) collects, for every
-pair s < i ≤ t, Q[t, s] = dy_t·(the (t, s) term of y), as a running prefix sum over s of each row of Q (kernel 3),
-never as a difference of large row and column sums that would cancel; likewise exclusive / reverse prefix sums
-for the state terms. Reductions are deterministic (no atomics): per-program partial sums that torch adds up.
+pair s < i ≤ t, Q[t, s] = dy_t·(the (t, s) term of y) = M[t, s] CB[t, s], never as a difference of large row and
+column sums that would cancel. Kernel 3 sums the pairs of each tile apart: a diagonal tile's as a running prefix
+sum along its rows, an off-diagonal tile's by prefix sums of its column sums (i in the s block), suffix sums of its
+row sums (i in the t block) and its total (the blocks strictly between); likewise exclusive / reverse prefix sums
+for the state terms. Reductions are deterministic (no atomics): per-program partial sums that torch or the next
+kernel adds up.
 
 T need not be a multiple of the chunk: positions past T get Δ = 0 (decay 1, no input) and every load past T is
 masked. L (chunk_size) must be a power of two ≥ 16; the result does not depend on it beyond rounding.
@@ -101,6 +108,12 @@ GROUP_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
+]
+DCB_BWD_CONFIGS = [
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 128, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
     "state": {"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16, "num_warps": 4, "num_stages": 1},
@@ -287,24 +300,31 @@ def _output_fwd_kernel(
                       other=0.0)  # (N, P)
     acc = tl.dot(_operand(C_t, dot_ty), _operand(enter_T, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
 
-    # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x.
+    # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x. The earlier blocks' decay factors through r, the
+    # last position before this block (s ≤ r < t, so both factors are ≤ 1): exp(cum_t - cum_r) · Σ_s CB[t, s]
+    # exp(cum_r - cum_s) Δ_s x_s, with no exp per pair; this block's own pairs take theirs.
     x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
     cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
-    for sb in range(tb + 1):
+    cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + tl.maximum(tb * BLOCK_T - 1, 0))
+    earlier = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    for sb in range(tb):
         s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_s = chunk * CHUNK + s_loc
         cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
-        cum_s = tl.load(cum_ptr + dt_base + pos_s)
-        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
-        causal = s_loc[None, :] <= t_loc[:, None]
-        decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
+        weight = tl.exp(cum_r - tl.load(cum_ptr + dt_base + pos_s)) * tl.load(dtp_ptr + dt_base + pos_s)
         x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
                       mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
-        acc = tl.dot(_operand(cb * decay * dt_s[None, :], dot_ty), _operand(x_s, dot_ty), acc, input_precision=DOT_PRECISION)
-
+        x_w = x_s.to(tl.float32) * weight[:, None]
+        earlier = tl.dot(_operand(cb, dot_ty), _operand(x_w, dot_ty), earlier, input_precision=DOT_PRECISION)
+    acc += earlier * tl.exp(cum_t - cum_r)[:, None]
     tp_in = t_in[:, None] & p_in[None, :]
+    cb = tl.load(cb_base + t_loc[:, None] * CHUNK + t_loc[None, :])
+    causal = t_loc[None, :] <= t_loc[:, None]
+    decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_t[None, :], float("-inf")))
+    x_t = tl.load(x_base + pos_t[:, None] * x_stride_t + p[None, :] * x_stride_p, mask=tp_in, other=0.0)
+    dt_t = tl.load(dtp_ptr + dt_base + pos_t)
+    acc = tl.dot(_operand(cb * decay * dt_t[None, :], dot_ty), _operand(x_t, dot_ty), acc, input_precision=DOT_PRECISION)
     if HAS_D:
-        x_t = tl.load(x_base + pos_t[:, None] * x_stride_t + p[None, :] * x_stride_p, mask=tp_in, other=0.0)
         acc += tl.load(D_ptr + h).to(tl.float32) * x_t.to(tl.float32)
     tl.store(y_ptr + b.to(tl.int64) * y_stride_b + pos_t[:, None] * y_stride_t + h * y_stride_h
              + p[None, :] * y_stride_p, acc.to(y_ptr.dtype.element_ty), mask=tp_in)
@@ -419,23 +439,31 @@ def _dx_bwd_kernel(
                   + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
     tl.store(state_term_ptr + dt_base + pos_s, dt_s * tl.sum(x_s.to(tl.float32) * inner, axis=1))
 
-    # Through the outputs of this chunk at t ≥ s: Σ_t (C_t·B_s) exp(cum_t - cum_s) dy_t.
-    for tb in range(sb, n_blocks):
+    # Through the outputs of this chunk at t ≥ s: Σ_t (C_t·B_s) exp(cum_t - cum_s) dy_t. In this block, t ≥ s pair
+    # by pair; in the later blocks the decay factors through r, the block's last position (s ≤ r < t, so both
+    # factors are ≤ 1): exp(cum_r - cum_s) · Σ_t CB[t, s] exp(cum_t - cum_r) dy_t, with no exp per pair.
+    dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in, other=0.0)
+    cb_T = tl.load(cb_base + s_loc[:, None] + s_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
+    causal = s_loc[None, :] >= s_loc[:, None]
+    decay = tl.exp(tl.where(causal, cum_s[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
+    inner = tl.dot(_operand(cb_T * decay, dot_ty), _operand(dy_s, dot_ty), inner, input_precision=DOT_PRECISION)
+    cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
+    later = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    for tb in range(sb + 1, n_blocks):
         t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_t = chunk * CHUNK + t_loc
         cum_t = tl.load(cum_ptr + dt_base + pos_t)
         dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
                        mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
-        cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
-        causal = t_loc[None, :] >= s_loc[:, None]
-        decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-        inner = tl.dot(_operand(cb_T * decay, dot_ty), _operand(dy_t, dot_ty), inner, input_precision=DOT_PRECISION)
+        cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)
+        dy_w = dy_t.to(tl.float32) * tl.exp(cum_t - cum_r)[:, None]
+        later = tl.dot(_operand(cb_T, dot_ty), _operand(dy_w, dot_ty), later, input_precision=DOT_PRECISION)
+    inner += later * tl.exp(cum_r - cum_s)[:, None]
 
     x_f = x_s.to(tl.float32)
     dx = dt_s[:, None] * inner
     if HAS_D:
-        dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
-                       other=0.0).to(tl.float32)
+        dy_s = dy_s.to(tl.float32)
         dx += tl.load(D_ptr + h).to(tl.float32) * dy_s
         tl.store(dD_part_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * nheads + h,
                  tl.sum(tl.sum(x_f * dy_s, axis=1), axis=0))
@@ -445,18 +473,108 @@ def _dx_bwd_kernel(
 
 
 @triton.jit
+def _dcb_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
+    dtp_ptr, cum_ptr, cb_ptr,
+    dcb_part_ptr,  # (B, c, HEAD_SPLIT, G, L, L) float32
+    cross_ptr,  # (B, H, blocks, c·L) float32: the log-decay gradient's pair terms, one slot per tile (see below)
+    between_ptr,  # (B, H, c, blocks, blocks) float32: the sum of Q over tile (t, s), for the blocks strictly between
+    seqlen, nheads, heads_per_group, ngroups, headdim, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
+):
+    """One (t, s) tile of a chunk, summed over (a split of) the group's heads: dCB[t, s] = Σ_h M_h[t, s] with
+    M[t, s] = (dy_t·x_s) Δ_s exp(cum_t - cum_s), the gradient of C_t·B_s, which dB and dC then multiply by C and B
+    once per group instead of once per head. The same dy·x products give each head's Q = M ⊙ CB, whose pair sums
+    d(Δ_i A) += Σ_{s < i ≤ t} Q[t, s] split by tile: a diagonal tile's own pairs at i in its block; an off-diagonal
+    tile's pairs with i in the s block (column sums, exclusive prefix), with i in the t block (row sums, inclusive
+    suffix) and, for the blocks strictly between, its total. Positions of block k take the tile (k, j) in slot j < k,
+    the diagonal in slot k and the tile (j, k) in slot j > k: every slot is written once, no atomics."""
+    n_blocks: tl.constexpr = CHUNK // BLOCK_T
+    chunk = tl.program_id(0) // (n_blocks * n_blocks)
+    tile = tl.program_id(0) % (n_blocks * n_blocks)
+    tb = tile // n_blocks
+    sb = tile % n_blocks
+    g = tl.program_id(1) // HEAD_SPLIT
+    split = tl.program_id(1) % HEAD_SPLIT
+    b = tl.program_id(2)
+    dot_ty = x_ptr.dtype.element_ty
+    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    dcb_base = ((b.to(tl.int64) * nchunks + chunk) * HEAD_SPLIT + split) * ngroups + g
+    dcb_ptrs = dcb_part_ptr + dcb_base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :]
+    if sb > tb:  # above the diagonal the decay mask is zero: zeros, for dB and dC tiling the chunk otherwise
+        tl.store(dcb_ptrs, tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32))
+        return
+    pos_t = chunk * CHUNK + t_loc
+    pos_s = chunk * CHUNK + s_loc
+    p = tl.arange(0, BLOCK_P)
+    p_in = p < headdim
+    causal = s_loc[None, :] <= t_loc[:, None]
+    group_base = (b.to(tl.int64) * nchunks + chunk) * ngroups + g
+    cb = tl.load(cb_ptr + group_base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :])
+    dcb = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
+    first = split * per_split
+    for j in range(first, tl.minimum(first + per_split, heads_per_group)):
+        h = g * heads_per_group + j
+        dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+        cum_t = tl.load(cum_ptr + dt_base + pos_t)
+        cum_s = tl.load(cum_ptr + dt_base + pos_s)
+        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
+        dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                       + p[None, :] * dy_stride_p, mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
+        x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                      + p[None, :] * x_stride_p, mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
+        dy_x = tl.dot(_operand(dy_t, dot_ty), tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)
+        cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
+        if tb == sb:
+            decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
+            m = dy_x * decay * dt_s[None, :]
+            dcb += m
+            q = m * cb
+            before = tl.cumsum(q, axis=1) - q  # Σ_{s < i} Q[t, s] at column i
+            tl.store(cross_base + tb * padded_len + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
+        else:
+            # The decay factors through r, the s block's last position (s ≤ r < t): both factors are ≤ 1.
+            cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
+            m = dy_x * tl.exp(cum_t - cum_r)[:, None] * (tl.exp(cum_r - cum_s) * dt_s)[None, :]
+            dcb += m
+            q = m * cb
+            col = tl.sum(q, axis=0)
+            row = tl.sum(q, axis=1)
+            total = tl.sum(row, axis=0)
+            tl.store(cross_base + tb * padded_len + pos_s, tl.cumsum(col, axis=0) - col)
+            tl.store(cross_base + sb * padded_len + pos_t, total - tl.cumsum(row, axis=0) + row)
+            tl.store(between_ptr + (((b.to(tl.int64) * nheads + h) * nchunks + chunk) * n_blocks + tb) * n_blocks
+                     + sb, total)
+    tl.store(dcb_ptrs, dcb)
+
+
+@triton.jit
+def _load_dcb(dcb_part_ptr, b, chunk, g, t_loc, s_loc, ngroups, nchunks, dcb_splits, CHUNK: tl.constexpr):
+    """dCB[t, s] (t_loc rows, s_loc columns) of one chunk and group: the dcb kernel's head splits added up."""
+    dcb = tl.zeros((t_loc.shape[0], s_loc.shape[0]), dtype=tl.float32)
+    offs = t_loc[:, None] * CHUNK + s_loc[None, :]
+    for k in range(dcb_splits):
+        dcb += tl.load(dcb_part_ptr + (((b.to(tl.int64) * nchunks + chunk) * dcb_splits + k) * ngroups + g)
+                       * CHUNK * CHUNK + offs)
+    return dcb
+
+
+@triton.jit
 def _db_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
     C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
-    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
-    dtp_ptr, cum_ptr, grad_after_ptr,
+    dtp_ptr, cum_ptr, grad_after_ptr, dcb_part_ptr,
     dB_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len, dcb_splits,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
 ):
-    """Rows s of one chunk, summed over (a split of) the group's heads: dB_s = Σ_h [Σ_{t≥s} M[t, s] C_t
-    + exp(cum_{L-1} - cum_s) Δ_s x_s G_c] with M[t, s] = (dy_t·x_s) Δ_s exp(cum_t - cum_s)."""
+    """Rows s of one chunk and group, one split of the work: dB_s = Σ_h exp(cum_{L-1} - cum_s) Δ_s x_s G_c (this
+    split's heads) + Σ_{t≥s} dCB[t, s] C_t (this split's share of the t blocks)."""
     n_blocks: tl.constexpr = CHUNK // BLOCK_T
     chunk = tl.program_id(0) // n_blocks
     sb = tl.program_id(0) % n_blocks
@@ -471,7 +589,6 @@ def _db_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     p_in = p < headdim
     n_in = n < dstate
-    C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
     dB_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
@@ -481,52 +598,46 @@ def _db_bwd_kernel(
         cum_s = tl.load(cum_ptr + dt_base + pos_s)
         dt_s = tl.load(dtp_ptr + dt_base + pos_s)
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
-        x_s = _operand(tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
-                               + p[None, :] * x_stride_p, mask=s_in[:, None] & p_in[None, :], other=0.0), dot_ty)
+        x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                      + p[None, :] * x_stride_p, mask=s_in[:, None] & p_in[None, :], other=0.0)
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
         grad = tl.load(grad_after_ptr + state_base + p[:, None] * dstate + n[None, :],
                        mask=p_in[:, None] & n_in[None, :], other=0.0)  # (P, N)
-        x_G = tl.dot(x_s, _operand(grad, dot_ty), input_precision=DOT_PRECISION)  # (T, N)
-        dB_acc += x_G * (tl.exp(cum_last - cum_s) * dt_s)[:, None]
-        dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
-        for tb in range(sb, n_blocks):
-            t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-            pos_t = chunk * CHUNK + t_loc
-            t_in = pos_t < seqlen
-            cum_t = tl.load(cum_ptr + dt_base + pos_t)
-            dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
-                           mask=t_in[:, None] & p_in[None, :], other=0.0)
-            causal = t_loc[None, :] >= s_loc[:, None]
-            decay = tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-            x_dy = tl.dot(x_s, tl.trans(_operand(dy_t, dot_ty)), input_precision=DOT_PRECISION)  # (s, t)
-            C_t = tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
-                          mask=t_in[:, None] & n_in[None, :], other=0.0)
-            dB_acc = tl.dot(_operand(x_dy * decay * dt_s[:, None], dot_ty), _operand(C_t, dot_ty), dB_acc,
-                            input_precision=DOT_PRECISION)
+        x_w = x_s.to(tl.float32) * (tl.exp(cum_last - cum_s) * dt_s)[:, None]
+        dB_acc = tl.dot(_operand(x_w, dot_ty), _operand(grad, dot_ty), dB_acc, input_precision=DOT_PRECISION)
+    C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
+    for tb in range(sb + split, n_blocks, HEAD_SPLIT):
+        t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+        pos_t = chunk * CHUNK + t_loc
+        dcb = _load_dcb(dcb_part_ptr, b, chunk, g, t_loc, s_loc, ngroups, nchunks, dcb_splits, CHUNK)
+        C_t = tl.load(C_base + pos_t[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                      mask=(pos_t < seqlen)[:, None] & n_in[None, :], other=0.0)
+        dB_acc = tl.dot(_operand(tl.trans(dcb), dot_ty), _operand(C_t, dot_ty), dB_acc, input_precision=DOT_PRECISION)
     dB_offs = (((b.to(tl.int64) * seqlen + pos_s[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
     tl.store(dB_part_ptr + dB_offs, dB_acc, mask=s_in[:, None] & n_in[None, :])
 
 
 @triton.jit
 def _dc_bwd_kernel(
-    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
+    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
     B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
-    dtp_ptr, cum_ptr, enter_ptr,
+    cum_ptr, enter_ptr, dcb_part_ptr,
     dC_part_ptr,  # (B, T, HEAD_SPLIT, G, N) float32
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
+    off_term_ptr,  # (B, H, c·L) float32: v_t = dy_t·(exp(cum_t) H_c C_t), the from-state output's decay term
+    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len, dcb_splits,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
 ):
-    """Rows t of one chunk, summed over (a split of) the group's heads: dC_t = Σ_h [exp(cum_t) dy_t H_c
-    + Σ_{s≤t} M[t, s] B_s]."""
+    """Rows t of one chunk and group, one split of the work: dC_t = Σ_h exp(cum_t) dy_t H_c (this split's heads,
+    each also giving its v_t) + Σ_{s≤t} dCB[t, s] B_s (this split's share of the s blocks)."""
     n_blocks: tl.constexpr = CHUNK // BLOCK_T
     chunk = tl.program_id(0) // n_blocks
     tb = tl.program_id(0) % n_blocks
     g = tl.program_id(1) // HEAD_SPLIT
     split = tl.program_id(1) % HEAD_SPLIT
     b = tl.program_id(2)
-    dot_ty = x_ptr.dtype.element_ty
+    dot_ty = dy_ptr.dtype.element_ty
     t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     pos_t = chunk * CHUNK + t_loc
     t_in = pos_t < seqlen
@@ -534,7 +645,8 @@ def _dc_bwd_kernel(
     n = tl.arange(0, BLOCK_N)
     p_in = p < headdim
     n_in = n < dstate
-    B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
+    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
+                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
     dC_acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
@@ -542,97 +654,32 @@ def _dc_bwd_kernel(
         h = g * heads_per_group + j
         dt_base = (b.to(tl.int64) * nheads + h) * padded_len
         cum_t = tl.load(cum_ptr + dt_base + pos_t)
-        dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t
-                                + h * dy_stride_h + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :],
-                                other=0.0), dot_ty)
+        dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                       + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0)
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
         enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
                         other=0.0)  # (P, N)
-        dC_acc += tl.dot(dy_t, _operand(enter, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
-        x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
-        for sb in range(tb + 1):
-            s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
-            pos_s = chunk * CHUNK + s_loc
-            s_in = pos_s < seqlen
-            x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
-                          mask=s_in[:, None] & p_in[None, :], other=0.0)
-            cum_s = tl.load(cum_ptr + dt_base + pos_s)
-            dt_s = tl.load(dtp_ptr + dt_base + pos_s)
-            causal = s_loc[None, :] <= t_loc[:, None]
-            decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            m = tl.dot(dy_t, tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION) * decay * dt_s[None, :]
-            B_s = tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
-                          mask=s_in[:, None] & n_in[None, :], other=0.0)
-            dC_acc = tl.dot(_operand(m, dot_ty), _operand(B_s, dot_ty), dC_acc, input_precision=DOT_PRECISION)
-    dC_offs = (((b.to(tl.int64) * seqlen + pos_t[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
-    tl.store(dC_part_ptr + dC_offs, dC_acc, mask=t_in[:, None] & n_in[None, :])
-
-
-@triton.jit
-def _dlog_bwd_kernel(
-    x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
-    C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
-    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
-    dtp_ptr, cum_ptr, cb_ptr, enter_ptr,
-    off_term_ptr,  # (B, H, c·L) float32: v_t = dy_t·(exp(cum_t) H_c C_t), the from-state output's decay term
-    cross_ptr,  # (B, H, blocks, c·L) float32, zeroed: per row block t, Σ over pairs s < i ≤ t of Q[t, s] at i
-    seqlen, nheads, heads_per_group, ngroups, headdim, dstate, nchunks, padded_len,
-    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Rows t of one chunk and head: the terms of the log-decay gradient that the outputs at t carry."""
-    n_blocks: tl.constexpr = CHUNK // BLOCK_T
-    chunk = tl.program_id(0) // n_blocks
-    tb = tl.program_id(0) % n_blocks
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    g = h // heads_per_group
-    dot_ty = x_ptr.dtype.element_ty
-    t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    pos_t = chunk * CHUNK + t_loc
-    t_in = pos_t < seqlen
-    p = tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    p_in = p < headdim
-    n_in = n < dstate
-    dt_base = (b.to(tl.int64) * nheads + h) * padded_len
-    cum_t = tl.load(cum_ptr + dt_base + pos_t)
-    dy_t = _operand(tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
-                            + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0), dot_ty)
-    state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-    enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
-                    other=0.0)  # (P, N)
-    from_state = tl.dot(dy_t, _operand(enter, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
-    C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
-                  + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0).to(tl.float32)
-    tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
-
-    x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
-    cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
-    cross_base = cross_ptr + ((b.to(tl.int64) * nheads + h) * n_blocks + tb) * padded_len
-    row_sum = tl.zeros((BLOCK_T,), dtype=tl.float32)  # Σ over the earlier blocks' s of Q[t, s]
-    for sb in range(tb + 1):
+        from_state = tl.dot(_operand(dy_t, dot_ty), _operand(enter, dot_ty), input_precision=DOT_PRECISION)
+        from_state = from_state * tl.exp(cum_t)[:, None]
+        tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
+        dC_acc += from_state
+    B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
+    for sb in range(split, tb + 1, HEAD_SPLIT):
         s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_s = chunk * CHUNK + s_loc
-        x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
-                      mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
-        cum_s = tl.load(cum_ptr + dt_base + pos_s)
-        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
-        cb = tl.load(cb_base + t_loc[:, None] * CHUNK + s_loc[None, :])
-        causal = s_loc[None, :] <= t_loc[:, None]
-        decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
-        dy_x = tl.dot(dy_t, tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)  # (t, s)
-        q = dy_x * decay * (cb * dt_s[None, :])  # Q[t, s] = dy_t·(the term of y_t from s)
-        before = tl.cumsum(q, axis=1) - q + row_sum[:, None]  # Σ_{s' < i} Q[t, s'] at column i
-        tl.store(cross_base + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
-        row_sum += tl.sum(q, axis=1)
+        dcb = _load_dcb(dcb_part_ptr, b, chunk, g, t_loc, s_loc, ngroups, nchunks, dcb_splits, CHUNK)
+        B_s = tl.load(B_base + pos_s[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                      mask=(pos_s < seqlen)[:, None] & n_in[None, :], other=0.0)
+        dC_acc = tl.dot(_operand(dcb, dot_ty), _operand(B_s, dot_ty), dC_acc, input_precision=DOT_PRECISION)
+    dC_offs = (((b.to(tl.int64) * seqlen + pos_t[:, None]) * HEAD_SPLIT + split) * ngroups + g) * dstate + n[None, :]
+    tl.store(dC_part_ptr + dC_offs, dC_acc, mask=t_in[:, None] & n_in[None, :])
 
 
 @triton.jit
 def _dt_bwd_kernel(
     dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
     A_ptr, bias_ptr,
-    dtp_ptr, ddt_direct_ptr, state_term_ptr, off_term_ptr, cross_ptr, k_ptr,
+    dtp_ptr, ddt_direct_ptr, state_term_ptr, off_term_ptr, cross_ptr, between_ptr, k_ptr,
     ddt_ptr, ddt_stride_b, ddt_stride_t, ddt_stride_h,
     dA_part_ptr, dbias_part_ptr,  # (B, H, c) float32 each
     seqlen, nheads, nchunks, padded_len,
@@ -648,6 +695,12 @@ def _dt_bwd_kernel(
     cross = tl.zeros((CHUNK,), dtype=tl.float32)
     for blk in range(CROSS_BLOCKS):
         cross += tl.load(cross_ptr + (pid_bh.to(tl.int64) * CROSS_BLOCKS + blk) * padded_len + pos)
+    block = tl.arange(0, CHUNK) // (CHUNK // CROSS_BLOCKS)
+    for tb in tl.static_range(2, CROSS_BLOCKS):  # tile (tb, sb) adds its total to the blocks strictly between
+        for sb in tl.static_range(tb - 1):
+            total = tl.load(between_ptr + ((pid_bh.to(tl.int64) * nchunks + chunk) * CROSS_BLOCKS + tb) * CROSS_BLOCKS
+                            + sb)
+            cross += tl.where((block > sb) & (block < tb), total, 0.0)
     off_term = tl.load(off_term_ptr + base + pos)
     state_term = tl.load(state_term_ptr + base + pos)
     # d(Δ_i A): the pairs s < i ≤ t, the from-state outputs at t ≥ i, the chunk state's inputs at s < i, and the
@@ -685,8 +738,8 @@ TUNERS = {
     for name, configs, interpreter in (
         ("state_fwd", STATE_CONFIGS, "state"), ("cb", CB_CONFIGS, "cb"), ("output_fwd", OUTPUT_CONFIGS, "output"),
         ("state_bwd", STATE_BWD_CONFIGS, "state"), ("dx_bwd", ROW_BWD_CONFIGS, "output"),
-        ("db_bwd", GROUP_BWD_CONFIGS, "group_bwd"), ("dc_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
-        ("dlog_bwd", ROW_BWD_CONFIGS, "output"),
+        ("dcb_bwd", DCB_BWD_CONFIGS, "group_bwd"), ("db_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
+        ("dc_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
     )
 }
 """The kernels' autotuners (triton_support.Autotuner, named ssd.<kernel>: tuning tables pin their winners)."""
@@ -891,52 +944,56 @@ def ssd_scan_backward(
         dD_part = launch_dx(_config("dx_bwd", _key("dx_bwd", chunk, headdim, dstate, dtype_name_), launch_dx,
                                                     configs.get("dx_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
+        def launch_dcb(cfg):
+            n_blocks = chunk // cfg["BLOCK_T"]
+            split = min(cfg["HEAD_SPLIT"], heads_per_group)
+            dcb_part = torch.empty((batch, nchunks * split * ngroups * chunk * chunk), **f32)
+            cross = torch.empty((batch, nheads, n_blocks, padded), **f32)
+            between = torch.empty((batch, nheads, nchunks, n_blocks, n_blocks), **f32)
+            _dcb_bwd_kernel[(nchunks * n_blocks * n_blocks, ngroups * split, batch)](
+                *strided(x, 4), *strided(dy, 4), dtp, cum, cb, dcb_part, cross, between,
+                seqlen, nheads, heads_per_group, ngroups, headdim, nchunks, padded,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split,
+                **_launch_options(cfg),
+            )
+            return dcb_part, split, cross, between
+
+        dcb_part, dcb_splits, cross, between = launch_dcb(_config(
+            "dcb_bwd", _key("dcb_bwd", chunk, headdim, heads_per_group, dtype_name_), launch_dcb,
+            configs.get("dcb_bwd"), _fits_chunk(chunk, "BLOCK_T")))
+
         def launch_db(cfg):
             n_blocks = chunk // cfg["BLOCK_T"]
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dB_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
             _db_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *strided(x, 4), *strided(C, 4), *strided(dy, 4), dtp, cum, grad_after, dB_part, *dims,
+                *strided(x, 4), *strided(C, 4), dtp, cum, grad_after, dcb_part, dB_part, *dims, dcb_splits,
                 DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
                 HEAD_SPLIT=split, **_launch_options(cfg),
             )
             return dB_part
 
-        dB_part = launch_db(_config("db_bwd",
-            _key("db_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_db, configs.get("db_bwd"),
-            _fits_chunk(chunk, "BLOCK_T")))
+        dB_part = launch_db(_config(
+            "db_bwd", _key("db_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_db,
+            configs.get("db_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
         def launch_dc(cfg):
             n_blocks = chunk // cfg["BLOCK_T"]
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dC_part = torch.empty((batch, seqlen, split, ngroups, dstate), **f32)
             _dc_bwd_kernel[(nchunks * n_blocks, ngroups * split, batch)](
-                *strided(x, 4), *strided(B, 4), *strided(dy, 4), dtp, cum, enter, dC_part, *dims,
-                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
-                HEAD_SPLIT=split, **_launch_options(cfg),
+                *strided(C, 4), *strided(B, 4), *strided(dy, 4), cum, enter, dcb_part, dC_part, off_term, *dims,
+                dcb_splits, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n,
+                BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split, **_launch_options(cfg),
             )
             return dC_part
 
-        dC_part = launch_dc(_config("dc_bwd",
-            _key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_dc, configs.get("dc_bwd"),
-            _fits_chunk(chunk, "BLOCK_T")))
-
-        def launch_dlog(cfg):
-            n_blocks = chunk // cfg["BLOCK_T"]
-            cross = torch.zeros((batch, nheads, n_blocks, padded), **f32)  # blocks above the diagonal stay 0
-            _dlog_bwd_kernel[(nchunks * n_blocks, nheads, batch)](
-                *strided(x, 4), *strided(C, 4), *strided(dy, 4), dtp, cum, cb, enter, off_term, cross, *dims,
-                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_N=block_n, BLOCK_T=cfg["BLOCK_T"],
-                **_launch_options(cfg),
-            )
-            return cross
-
-        cross = launch_dlog(_config("dlog_bwd", _key("dlog_bwd", chunk, headdim, dstate, dtype_name_),
-                                                      launch_dlog, configs.get("dlog_bwd"),
-                                                      _fits_chunk(chunk, "BLOCK_T")))
+        dC_part = launch_dc(_config(
+            "dc_bwd", _key("dc_bwd", chunk, headdim, dstate, heads_per_group, dtype_name_), launch_dc,
+            configs.get("dc_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
         _dt_bwd_kernel[(batch * nheads, nchunks)](
-            *strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
+            *strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, between, k_sum,
             *strided(ddt, 3), dA_part, dbias_part, seqlen, nheads, nchunks, padded,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk, CROSS_BLOCKS=cross.shape[2],
         )

@@ -107,6 +107,7 @@ def check(args, chunk, dtype, **kwargs):
     [
         (2, 37, 3, 8, 1, 5, 32),  # T = one chunk and a ragged tail; 3 heads share one group
         (1, 70, 6, 16, 3, 16, 16),  # several chunks of one block each, 3 groups of 2 heads
+        (1, 150, 5, 8, 1, 5, 64),  # chunks of 4 blocks (pairs spanning blocks between), heads split unevenly
     ],
 )
 def test_matches_reference_float32(batch, seqlen, nheads, headdim, ngroups, dstate, chunk):
