@@ -301,12 +301,12 @@ def _output_fwd_kernel(
     acc = tl.dot(_operand(C_t, dot_ty), _operand(enter_T, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
 
     # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x. The earlier blocks' decay factors through r, the
-    # last position before this block (s ≤ r < t, so both factors are ≤ 1): exp(cum_t - cum_r) · Σ_s CB[t, s]
-    # exp(cum_r - cum_s) Δ_s x_s, with no exp per pair; this block's own pairs take theirs.
+    # last position before this block (s ≤ r < t, so both factors are ≤ 1): (CB[t, s] exp(cum_t - cum_r)) ·
+    # (exp(cum_r - cum_s) Δ_s x_s), with no exp per pair; this block's own pairs take theirs.
     x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
     cb_base = cb_ptr + ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
     cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + tl.maximum(tb * BLOCK_T - 1, 0))
-    earlier = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    decay_t = tl.exp(cum_t - cum_r)
     for sb in range(tb):
         s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_s = chunk * CHUNK + s_loc
@@ -315,8 +315,7 @@ def _output_fwd_kernel(
         x_s = tl.load(x_base + pos_s[:, None] * x_stride_t + p[None, :] * x_stride_p,
                       mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
         x_w = x_s.to(tl.float32) * weight[:, None]
-        earlier = tl.dot(_operand(cb, dot_ty), _operand(x_w, dot_ty), earlier, input_precision=DOT_PRECISION)
-    acc += earlier * tl.exp(cum_t - cum_r)[:, None]
+        acc = tl.dot(_operand(cb * decay_t[:, None], dot_ty), _operand(x_w, dot_ty), acc, input_precision=DOT_PRECISION)
     tp_in = t_in[:, None] & p_in[None, :]
     cb = tl.load(cb_base + t_loc[:, None] * CHUNK + t_loc[None, :])
     causal = t_loc[None, :] <= t_loc[:, None]
@@ -441,14 +440,14 @@ def _dx_bwd_kernel(
 
     # Through the outputs of this chunk at t ≥ s: Σ_t (C_t·B_s) exp(cum_t - cum_s) dy_t. In this block, t ≥ s pair
     # by pair; in the later blocks the decay factors through r, the block's last position (s ≤ r < t, so both
-    # factors are ≤ 1): exp(cum_r - cum_s) · Σ_t CB[t, s] exp(cum_t - cum_r) dy_t, with no exp per pair.
+    # factors are ≤ 1): Σ_t (CB[t, s] exp(cum_r - cum_s)) (exp(cum_t - cum_r) dy_t), with no exp per pair.
     dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in, other=0.0)
     cb_T = tl.load(cb_base + s_loc[:, None] + s_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
     causal = s_loc[None, :] >= s_loc[:, None]
     decay = tl.exp(tl.where(causal, cum_s[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
     inner = tl.dot(_operand(cb_T * decay, dot_ty), _operand(dy_s, dot_ty), inner, input_precision=DOT_PRECISION)
     cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
-    later = tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32)
+    decay_s = tl.exp(cum_r - cum_s)
     for tb in range(sb + 1, n_blocks):
         t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
         pos_t = chunk * CHUNK + t_loc
@@ -457,8 +456,8 @@ def _dx_bwd_kernel(
                        mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
         cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)
         dy_w = dy_t.to(tl.float32) * tl.exp(cum_t - cum_r)[:, None]
-        later = tl.dot(_operand(cb_T, dot_ty), _operand(dy_w, dot_ty), later, input_precision=DOT_PRECISION)
-    inner += later * tl.exp(cum_r - cum_s)[:, None]
+        inner = tl.dot(_operand(cb_T * decay_s[:, None], dot_ty), _operand(dy_w, dot_ty), inner,
+                       input_precision=DOT_PRECISION)
 
     x_f = x_s.to(tl.float32)
     dx = dt_s[:, None] * inner
