@@ -94,6 +94,7 @@ OUTPUT_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
 ]
 STATE_BWD_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
@@ -103,17 +104,19 @@ ROW_BWD_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
 ]
 GROUP_BWD_CONFIGS = [
-    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 16, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
 ]
 DCB_BWD_CONFIGS = [
-    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 128, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 32, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
     "state": {"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_L": 16, "num_warps": 4, "num_stages": 1},
