@@ -14,10 +14,11 @@ pass reads x once from memory (the K shifted tiles of one program overlap and hi
 op is memory-bound, its floor the bytes of x and y at the copy rate.
 
 The forward's grid is (batch, blocks of BLOCK_T steps, blocks of BLOCK_D channels); the program holding the last
-step also writes the new state. The backward recomputes the pre-activation where it needs it (the SiLU's gradient at
-the K positions each input feeds: K² shifted loads, all from cache) rather than storing it, and sums d weight and
-d bias per time block (deterministic; torch adds the blocks up). A decoding step is the same forward at T = 1
-(`causal_conv1d_update`).
+step also writes the new state. The backward, with the SiLU, first writes dL/d pre-activation (the pre-activation
+recomputed, once per output, in dy's dtype); then one pass sums it over the taps into dx and, per time block, d weight
+and d bias (deterministic; torch adds the blocks up). Recomputing the SiLU's gradient inside that pass instead, at the
+K positions each input feeds, took K² shifted loads per input and ran at a fifth of the copy rate on an H200. A
+decoding step is the same forward at T = 1 (`causal_conv1d_update`).
 
 Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step), the custom
 ops `archgen_v1::causal_conv1d` and `archgen_v1::causal_conv1d_backward` (fake implementations, autograd), the launchers
@@ -45,10 +46,11 @@ FORWARD_CONFIGS = [
     {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
 ]
 BACKWARD_CONFIGS = [
-    # The backward recomputes K pre-activations of K taps each per tile: even 16 values per thread spill ~160 bytes
-    # (to be measured; storing dL/d pre-activation in a first pass would trade the recompute for 2 × 4 bytes/element).
-    {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4},
-    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 8},
+    # The tap sums of dL/d pre-activation: K + 2 tiles live, as in the forward.
+    {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4},
+    {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4},
+    {"BLOCK_T": 32, "BLOCK_D": 256, "num_warps": 8},
+    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 
@@ -88,20 +90,44 @@ def _conv_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_
 
 
 @triton.jit
-def _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d, state_stride_k,
-             weight_ptr, weight_stride_d, weight_stride_k, bias, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-             b, t, d, d_in, seqlen, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr):
-    """dL/d pre-activation at output times t (0 outside [0, T)): dy, through the SiLU's derivative (recomputed)."""
+def _silu_bwd_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_d,
+    weight_ptr, weight_stride_d, weight_stride_k,
+    bias_ptr,
+    state_ptr, state_stride_b, state_stride_d, state_stride_k,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    dpre_ptr,  # (B, T, D) in dy's dtype, contiguous: dL/d pre-activation
+    seqlen, dim,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, WIDTH: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dL/d pre-activation = dy · SiLU'(pre), the pre-activation recomputed as the forward computes it."""
+    b = tl.program_id(0)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < dim
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    pre = _conv_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
+                   state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, b, t, d, d_in, seqlen,
+                   HAS_STATE, WIDTH)
+    td_in = (t < seqlen)[:, None] & d_in[None, :]
+    dy = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + t[:, None] * dy_stride_t + d[None, :] * dy_stride_d,
+                 mask=td_in, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dpre_ptr + (b.to(tl.int64) * seqlen + t[:, None]) * dim + d[None, :], dpre.to(dpre_ptr.dtype.element_ty),
+             mask=td_in)
+
+
+@triton.jit
+def _dpre_at(dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d, b, t, d, d_in, seqlen):
+    """dL/d pre-activation at output times t, float32, 0 outside [0, T)."""
     valid = ((t >= 0) & (t < seqlen))[:, None] & d_in[None, :]
-    dpre = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + t[:, None] * dy_stride_t + d[None, :] * dy_stride_d,
+    return tl.load(dpre_ptr + b.to(tl.int64) * dpre_stride_b + t[:, None] * dpre_stride_t + d[None, :] * dpre_stride_d,
                    mask=valid, other=0.0).to(tl.float32)
-    if SILU:
-        pre = _conv_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
-                       state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, b, t, d, d_in, seqlen,
-                       HAS_STATE, WIDTH)
-        sig = tl.sigmoid(pre)
-        dpre = dpre * sig * (1.0 + pre * (1.0 - sig))
-    return dpre
 
 
 @triton.jit
@@ -146,15 +172,14 @@ def _conv_fwd_kernel(
 def _conv_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_d,
     weight_ptr, weight_stride_d, weight_stride_k,
-    bias_ptr,
     state_ptr, state_stride_b, state_stride_d, state_stride_k,
-    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d,  # dL/d pre-activation (dy, or _silu_bwd_kernel's)
     dx_ptr, dx_stride_b, dx_stride_t, dx_stride_d,
     dstate_ptr,  # (B, D, K-1) float32: dL/d conv_state through y (the new state's gradient is added by the caller)
     dweight_part_ptr,  # (B, time blocks, K, D) float32
     dbias_part_ptr,  # (B, time blocks, D) float32
     seqlen, dim,
-    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_STATE: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -162,15 +187,9 @@ def _conv_bwd_kernel(
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d < dim
     s = tb * BLOCK_T + tl.arange(0, BLOCK_T)  # input times whose gradient this program writes
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     part_base = b.to(tl.int64) * tl.num_programs(1) + tb
     # d pre-activation at this block's own output times: d weight and d bias sum it against the taps' inputs.
-    dpre_own = _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
-                        state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, dy_ptr, dy_stride_b,
-                        dy_stride_t, dy_stride_d, b, s, d, d_in, seqlen, HAS_STATE, SILU, WIDTH)
+    dpre_own = _dpre_at(dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d, b, s, d, d_in, seqlen)
     tl.store(dbias_part_ptr + part_base * dim + d, tl.sum(dpre_own, axis=0), mask=d_in)
     dx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
@@ -181,9 +200,8 @@ def _conv_bwd_kernel(
         if k == WIDTH - 1:
             dpre = dpre_own
         else:
-            dpre = _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
-                            state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, dy_ptr, dy_stride_b,
-                            dy_stride_t, dy_stride_d, b, s + (WIDTH - 1 - k), d, d_in, seqlen, HAS_STATE, SILU, WIDTH)
+            dpre = _dpre_at(dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d, b, s + (WIDTH - 1 - k), d, d_in,
+                            seqlen)
         w = tl.load(weight_ptr + d * weight_stride_d + k * weight_stride_k, mask=d_in, other=0.0).to(tl.float32)
         dx += w[None, :] * dpre
     tl.store(dx_ptr + b.to(tl.int64) * dx_stride_b + s[:, None] * dx_stride_t + d[None, :] * dx_stride_d,
@@ -195,10 +213,7 @@ def _conv_bwd_kernel(
             for k in tl.static_range(WIDTH):
                 # Names of their own: inside a runtime branch the compiler will not let `dpre` and `w` change
                 # type (BLOCK_K rows here, BLOCK_T above; bf16 here, float32 above).
-                dpre_state = _dpre_at(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b,
-                                      state_stride_d, state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias,
-                                      dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, b, j - k, d, d_in, seqlen, HAS_STATE,
-                                      SILU, WIDTH)
+                dpre_state = _dpre_at(dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d, b, j - k, d, d_in, seqlen)
                 w_state = tl.load(weight_ptr + d * weight_stride_d + k * weight_stride_k, mask=d_in, other=0.0)
                 dstate += w_state.to(tl.float32)[None, :] * dpre_state
             tl.store(dstate_ptr + (b.to(tl.int64) * dim + d[None, :]) * (WIDTH - 1) + j[:, None], dstate,
@@ -212,6 +227,7 @@ def _conv_bwd_kernel(
 
 FORWARD_TUNER = Autotuner("causal_conv1d.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
 BACKWARD_TUNER = Autotuner("causal_conv1d.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
+SILU_BACKWARD_TUNER = Autotuner("causal_conv1d.silu_backward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
 
 
 def _config(tuner: Autotuner, key: str, launch, explicit: dict | None) -> dict:
@@ -220,8 +236,10 @@ def _config(tuner: Autotuner, key: str, launch, explicit: dict | None) -> dict:
 
 
 def tuned_configs() -> dict:
-    """{"forward"|"backward": {key: config}} chosen so far (triton_support.tuning_table() has them too)."""
-    return {"forward": dict(FORWARD_TUNER.chosen), "backward": dict(BACKWARD_TUNER.chosen)}
+    """{"forward"|"silu_backward"|"backward": {key: config}} chosen so far (triton_support.tuning_table() has them
+    too)."""
+    return {"forward": dict(FORWARD_TUNER.chosen), "silu_backward": dict(SILU_BACKWARD_TUNER.chosen),
+            "backward": dict(BACKWARD_TUNER.chosen)}
 
 
 def _launch_options(config: dict) -> dict:
@@ -260,6 +278,45 @@ def causal_conv1d_forward(
     return y, new_state
 
 
+def _silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None) -> Tensor:
+    """dL/d pre-activation = dy · SiLU'(pre), (B, T, D) in dy's dtype."""
+    batch, seqlen, dim = x.shape
+    width = weight.shape[1]
+    dpre = torch.empty((batch, seqlen, dim), dtype=dy.dtype, device=x.device)
+
+    def launch(cfg):
+        grid = (batch, triton.cdiv(seqlen, cfg["BLOCK_T"]), triton.cdiv(dim, cfg["BLOCK_D"]))
+        _silu_bwd_kernel[grid](
+            *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), dpre, seqlen, dim,
+            HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, WIDTH=width, **_launch_options(cfg),
+        )
+
+    launch(_config(SILU_BACKWARD_TUNER, f"D{dim}-K{width}-{dtype_name(x.dtype)}", launch, None))
+    return dpre
+
+
+def _linear_backward(dpre: Tensor, x: Tensor, weight: Tensor, conv_state: Tensor | None, dx: Tensor,
+                     dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor]:
+    """Fill dx (and dstate's part through y) from dL/d pre-activation; return (dweight, dbias) in float32."""
+    batch, seqlen, dim = x.shape
+    width = weight.shape[1]
+    parts = {}
+
+    def launch(cfg):
+        blocks = triton.cdiv(seqlen, cfg["BLOCK_T"])
+        parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=x.device)
+        parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=x.device)
+        _conv_bwd_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            *strided(x, 3), *strided(weight, 2), *strided(conv_state, 3), *strided(dpre, 3), *strided(dx, 3), dstate,
+            parts["dweight"], parts["dbias"], seqlen, dim,
+            HAS_STATE=conv_state is not None, WIDTH=width, BLOCK_K=max(1, triton.next_power_of_2(width - 1)),
+            **_launch_options(cfg),
+        )
+
+    launch(_config(BACKWARD_TUNER, f"D{dim}-K{width}-{dtype_name(x.dtype)}", launch, config))
+    return parts["dweight"].sum((0, 1)).t(), parts["dbias"].sum((0, 1))
+
+
 def causal_conv1d_backward(
     dy: Tensor,
     dnew_state: Tensor | None,
@@ -271,35 +328,22 @@ def causal_conv1d_backward(
     *,
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Run the backward kernel: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent."""
+    """Run the backward kernels: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent.
+    With the SiLU, a first pass writes dL/d pre-activation (the pre-activation recomputed once per output); the
+    second sums it over the taps (config: that pass's, to bypass its autotuner)."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     device = x.device
     dx = torch.empty((batch, seqlen, dim), dtype=x.dtype, device=device)
     dstate = torch.zeros((batch, dim, width - 1), dtype=torch.float32, device=device) if conv_state is not None else None
-    key = f"D{dim}-K{width}-{dtype_name(x.dtype)}"
-    parts = {}
-
-    def launch(cfg):
-        blocks = max(1, triton.cdiv(seqlen, cfg["BLOCK_T"]))
-        parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=device)
-        parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=device)
-        _conv_bwd_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
-            *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3),
-            *strided(dx, 3), dstate, parts["dweight"], parts["dbias"], seqlen, dim,
-            HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=bool(silu), WIDTH=width,
-            BLOCK_K=max(1, triton.next_power_of_2(width - 1)), **_launch_options(cfg),
-        )
-
-    if batch > 0 and dim > 0 and seqlen > 0:
-        with on_device(x):
-            launch(_config(BACKWARD_TUNER, key, launch, config))
-        dweight = parts["dweight"].sum((0, 1)).t()
-        dbias = parts["dbias"].sum((0, 1))
-    else:
+    dweight = torch.zeros((dim, width), dtype=torch.float32, device=device)
+    dbias = torch.zeros((dim,), dtype=torch.float32, device=device)
+    if batch == 0 or dim == 0 or seqlen == 0:
         dx.zero_()
-        dweight = torch.zeros((dim, width), dtype=torch.float32, device=device)
-        dbias = torch.zeros((dim,), dtype=torch.float32, device=device)
+    else:
+        with on_device(x):
+            dpre = _silu_backward(dy, x, weight, bias, conv_state) if silu else dy
+            dweight, dbias = _linear_backward(dpre, x, weight, conv_state, dx, dstate, config)
     if dnew_state is not None:  # the new state is x̃[T + j]: from x where T-(K-1)+j ≥ 0, else from the old state
         for j in range(width - 1):
             src = seqlen - (width - 1) + j
