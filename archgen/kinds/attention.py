@@ -1,11 +1,12 @@
-"""Causal grouped-query attention: q/k/v/o projections, optional qk-norm, RoPE (no parameters), sliding window."""
+"""Causal grouped-query attention: q/k/v/o projections, optional qk-norm, RoPE (no parameters), sliding window, and
+muP multipliers on the input and output (Falcon-H1; element-wise, not counted as FLOPs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from archgen.errors import Diagnostic
-from archgen.kinds.base import Dims, Kind, divisors
+from archgen.kinds.base import Dims, Kind, divisors, multipliers_text
 from archgen.spec import models
 
 
@@ -37,6 +38,8 @@ class AttentionConfig:
     qkv_bias: bool
     out_bias: bool
     softmax_scale: float | None  # None: 1/sqrt(head_dim)
+    input_multiplier: float  # muP: the projections' input is scaled by this ...
+    output_multiplier: float  # ... and o_proj's output by this (sparse_attention: 1)
 
 
 def visible_keys(seq_len: int, window: int | None) -> int:
@@ -114,7 +117,8 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
             rope = RopeConfig(rope.theta, rope.scaling, rope.factor, rope.original_max_position, rope.rotary_dim or head_dim,
                               settings)
         return AttentionConfig(spec.n_heads, spec.n_kv_heads or spec.n_heads, head_dim, rope, spec.window, spec.qk_norm,
-                               spec.qkv_bias, spec.out_bias, getattr(spec, "softmax_scale", None))
+                               spec.qkv_bias, spec.out_bias, getattr(spec, "softmax_scale", None),
+                               getattr(spec, "input_multiplier", 1.0), getattr(spec, "output_multiplier", 1.0))
 
     def lock(self, spec, config: AttentionConfig) -> dict:
         rope = None
@@ -126,6 +130,9 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         document = {**spec.model_copy(update=filled).model_dump(mode="json"), "rope": rope}
         if document.get("softmax_scale", 0) is None:  # unset: left out, so older specs keep their hash
             del document["softmax_scale"]
+        for multiplier in ("input_multiplier", "output_multiplier"):  # likewise at 1
+            if document.get(multiplier) == 1.0:
+                del document[multiplier]
         return document
 
     def parameters(self, config: AttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
@@ -171,7 +178,9 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
                     "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None,
-                    "rope_settings": dict(rope.settings) if rope else {}, "softmax_scale": config.softmax_scale}
+                    "rope_settings": dict(rope.settings) if rope else {}, "softmax_scale": config.softmax_scale,
+                "input_multiplier": config.input_multiplier, "output_multiplier": config.output_multiplier,
+                "multipliers": multipliers_text(config.input_multiplier, config.output_multiplier)}
 
 
 KIND = Attention()

@@ -51,6 +51,13 @@ def divisors(n: int) -> list[int]:
     return sorted(set(small + [n // d for d in small]))
 
 
+def multipliers_text(input_multiplier: float, output_multiplier: float, *inner: tuple[str, tuple[float, ...]]) -> list[str]:
+    """The docstring's list of a component's multipliers that are not 1: 'input × 1.25', "in_proj's (z, x) × (0.5, 2.0)"."""
+    text = [f"input × {input_multiplier}"] if input_multiplier != 1 else []
+    text += [f"{what} × {values[0] if len(values) == 1 else values}" for what, values in inner if set(values) != {1.0}]
+    return text + ([f"output × {output_multiplier}"] if output_multiplier != 1 else [])
+
+
 class Kind(Generic[SpecT, ConfigT]):
     """One layer kind. Defaults describe a kind that owns nothing, costs nothing and keeps no cache."""
 

@@ -1,11 +1,12 @@
-"""Feed-forward: gated (SwiGLU/GeGLU: gate_proj, up_proj, down_proj) or plain (up_proj, down_proj)."""
+"""Feed-forward: gated (SwiGLU/GeGLU: gate_proj, up_proj, down_proj) or plain (up_proj, down_proj), with optional muP
+multipliers on the gate and the output (Falcon-H1; element-wise, not counted as FLOPs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from archgen.errors import Diagnostic
-from archgen.kinds.base import Dims, Kind
+from archgen.kinds.base import Dims, Kind, multipliers_text
 from archgen.spec import models
 
 GATED = frozenset({"swiglu", "geglu"})  # activation(gate_proj x) * up_proj x
@@ -16,6 +17,8 @@ class MLPConfig:
     activation: str
     hidden: int
     bias: bool
+    gate_multiplier: float = 1.0  # muP: gate_proj's output is scaled by this before the activation ...
+    output_multiplier: float = 1.0  # ... and down_proj's output by this (an MoE's experts: 1)
 
     @property
     def gated(self) -> bool:
@@ -49,13 +52,21 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
     colour = "#a8c686"
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
-        return check_shape(spec, path)
+        problems = check_shape(spec, path)
+        if spec.gate_multiplier != 1 and spec.activation not in GATED:
+            problems.append(Diagnostic(f"{path}.gate_multiplier", "gate_multiplier scales the gate of a gated activation, "
+                                       f"but activation is {spec.activation}",
+                                       f"remove gate_multiplier, or use one of {', '.join(sorted(GATED))}"))
+        return problems
 
     def resolve(self, spec, model) -> MLPConfig:
-        return MLPConfig(spec.activation, hidden_size(spec, model.d_model), spec.bias)
+        return MLPConfig(spec.activation, hidden_size(spec, model.d_model), spec.bias, spec.gate_multiplier,
+                         spec.output_multiplier)
 
     def lock(self, spec, config: MLPConfig) -> dict:
-        return lock_shape(spec, config.hidden).model_dump(mode="json")
+        # Multipliers at 1 are left out, so specs written before they existed keep their hash.
+        unset = {key for key in ("gate_multiplier", "output_multiplier") if getattr(spec, key) == 1.0}
+        return lock_shape(spec, config.hidden).model_dump(mode="json", exclude=unset or None)
 
     def parameters(self, config: MLPConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, h = dims.d_model, config.hidden
@@ -81,7 +92,8 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
 
     def template_dims(self, config: MLPConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated, "activation": config.activation,
-                "bias": config.bias}
+                "bias": config.bias, "gate_multiplier": config.gate_multiplier, "output_multiplier": config.output_multiplier,
+                "multipliers": multipliers_text(1.0, config.output_multiplier, ("gate", (config.gate_multiplier,)))}
 
 
 KIND = MLP()

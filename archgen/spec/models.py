@@ -109,6 +109,16 @@ class MambaSpec(SpecModel):
     inner_norms: bool = False
 
 
+class InProjMultipliers(SpecModel):
+    """A factor for each section of a Mamba-2 in_proj output: the gate z, the SSM input x, B, C and the step Δ."""
+
+    z: PositiveFloat = 1.0
+    x: PositiveFloat = 1.0
+    B: PositiveFloat = 1.0
+    C: PositiveFloat = 1.0
+    dt: PositiveFloat = 1.0
+
+
 class Mamba2Spec(SpecModel):
     """Mamba-2 SSD (Dao & Gu, 2024): scalar decay per head, B/C shared within groups, chunked scan."""
 
@@ -129,6 +139,14 @@ class Mamba2Spec(SpecModel):
     # floors Δ at its time_step_min). None: no bound.
     dt_floor: PositiveFloat | None = None
     dt_ceiling: PositiveFloat | None = None
+    # The SSM's inner width (x, z and y channels) where it is not expand·d_model (Falcon-H1's mamba_d_ssm): expand unused.
+    d_inner: PositiveInt | None = None
+    # The gated output RMSNorm(y·SiLU(z)) before out_proj (Mamba-2's); false: y·SiLU(z) with no norm (Falcon-H1's).
+    output_norm: bool = True
+    # muP multipliers (Falcon-H1): the input of in_proj, each section of its output, and the output of out_proj.
+    input_multiplier: PositiveFloat = 1.0
+    in_proj_multipliers: InProjMultipliers = InProjMultipliers()
+    output_multiplier: PositiveFloat = 1.0
 
 
 class GatedDeltaNetSpec(SpecModel):
@@ -180,6 +198,9 @@ class AttentionSpec(AttentionFields):
 
     kind: Literal["attention"]
     softmax_scale: PositiveFloat | None = None  # the scores' factor; default 1/sqrt(head_dim) (Granite: 1/head_dim)
+    # muP multipliers (Falcon-H1): the input of the q, k and v projections and the output of o_proj.
+    input_multiplier: PositiveFloat = 1.0
+    output_multiplier: PositiveFloat = 1.0
 
 
 class SparseAttentionSpec(AttentionFields):
@@ -224,6 +245,9 @@ class FeedForwardShape(SpecModel):
 
 class MLPSpec(FeedForwardShape):
     kind: Literal["mlp"]
+    # muP multipliers (Falcon-H1): gate_proj's output before the activation (gated activations only), down_proj's output.
+    gate_multiplier: PositiveFloat = 1.0
+    output_multiplier: PositiveFloat = 1.0
 
 
 class MoESpec(SpecModel):
