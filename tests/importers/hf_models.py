@@ -89,6 +89,32 @@ TINY = {
         attention_multiplier=0.0078125,
         logits_scaling=8.0,
     ),
+    # Every muP multiplier away from 1 and each distinct, a Mamba-2 narrower than expand·hidden_size (mamba_d_ssm) with
+    # two groups, and Falcon-H1-0.5B's norm choice (none); the variant below normalises the gated output in two groups
+    "falcon_h1": dict(
+        ATTENTION,
+        head_dim=32,
+        intermediate_size=96,
+        mamba_d_ssm=96,
+        mamba_n_heads=6,
+        mamba_n_groups=2,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+        embedding_multiplier=5.5,
+        lm_head_multiplier=0.04,
+        key_multiplier=0.4,
+        attention_in_multiplier=1.3,
+        attention_out_multiplier=0.9,
+        ssm_in_multiplier=1.25,
+        ssm_out_multiplier=0.24,
+        ssm_multipliers=[0.35, 0.25, 0.45, 0.5, 0.3],
+        mlp_multipliers=[0.88, 0.59],
+    ),
+    "falcon_h1-gated_norm": dict(
+        ATTENTION, model_type="falcon_h1", mamba_d_ssm=128, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8,
+        mamba_chunk_size=8, mamba_rms_norm=True, mamba_norm_before_gate=False, ssm_multipliers=[1.5, 0.5, 1.0, 1.0, 0.7],
+        tie_word_embeddings=True,
+    ),
     # RoPE scalings, with a trained context shorter than the prompts so every branch of the frequency rule is used
     "llama-rope_llama3": dict(
         ATTENTION,

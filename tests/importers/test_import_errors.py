@@ -51,8 +51,35 @@ def test_unknown_model_type_names_the_types_that_import(tmp_path):
 
 def test_a_model_type_the_spec_language_cannot_express_yet_says_what_blocks_it(tmp_path):
     with pytest.raises(CompileError) as error:
-        import_config(tmp_path, {**LLAMA, "model_type": "falcon_h1"})
-    assert "multipliers" in messages(error.value)
+        import_config(tmp_path, {**LLAMA, "model_type": "qwen3_next"})
+    assert "shared_expert_gate" in messages(error.value)
+
+
+FALCON_H1 = {**LLAMA, "model_type": "falcon_h1", "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_expand": 2}
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("projectors_bias", True, "biases in_proj and out_proj together"),
+        ("mamba_n_heads", 3, "is not mamba_d_ssm = 64"),
+        ("ssm_multipliers", [1.0, 2.0], "not a list of 5 multipliers (z, x, B, C, dt)"),
+        ("key_multiplier", 0.0, "key_multiplier=0.0 is outside the spec language"),
+    ],
+)
+def test_a_falcon_h1_setting_the_kinds_cannot_express_is_an_error_naming_it(tmp_path, field, value, expected):
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**FALCON_H1, field: value})
+    assert expected in messages(error.value)
+    assert error.value.diagnostics[0].path == field
+
+
+def test_falcon_h1_s_norm_before_the_gate_is_refused_naming_it(tmp_path):
+    """FalconH1Config's default once mamba_rms_norm is on: RMSNorm(y)·SiLU(z), which the mamba2 kind does not compute."""
+    with pytest.raises(CompileError) as error:
+        import_config(tmp_path, {**FALCON_H1, "mamba_rms_norm": True})
+    assert [d.path for d in error.value.diagnostics] == ["mamba_norm_before_gate"]
+    assert "not RMSNorm(y)·SiLU(z)" in messages(error.value)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Llama-3.1-8B and Llama-3.2-1B (llama3
 RoPE), Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B, Mixtral-8x7B-v0.1, Jamba-v0.1, mamba-2.8b-hf, a mamba2-2.7b in
-transformers' format, Bamba-9B and Nemotron-H-8B (older config spellings: hybrid_override_pattern,
-attention_head_dim), written from their published numbers; and Granite-4.0-H-Tiny (MoE) and -Micro (dense), whose
+transformers' format, Bamba-9B, Nemotron-H-8B (older config spellings: hybrid_override_pattern,
+attention_head_dim) and Falcon-H1-0.5B (with the fields transformers 5 no longer reads, attn_layer_indices and
+mamba_use_mlp), written from their published numbers; and Granite-4.0-H-Tiny (MoE) and -Micro (dense), whose
 shapes follow the published model cards (not compared with the hub files here, so no known count is asserted).
 """
 
