@@ -137,10 +137,10 @@ def _site_from_graph_node(error: BaseException, program: torch.export.ExportedPr
     targets = set(re.findall(r"target=torch\.ops\.([\w.]+)", text))
     site = _find_node(program, names, targets)
     if site is None:
-        import torch.fx.experimental._config as fx_config
+        from archgen.export.torch_export import shape_semantics  # imports this module
 
         try:
-            with fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+            with shape_semantics(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecated internals
                 site = _find_node(program.run_decompositions(), names, targets)
         except Exception:  # noqa: BLE001 - locating is best effort

@@ -25,7 +25,7 @@ from torch.export import ExportedProgram
 
 from archgen.export.failures import explain
 from archgen.export.package import Package
-from archgen.export.torch_export import Graph
+from archgen.export.torch_export import Graph, shape_semantics
 
 if TYPE_CHECKING:
     import onnx
@@ -52,14 +52,17 @@ def export_onnx(program: ExportedProgram, graph: Graph, opset: int, package: Pac
 
 def lower_kernels(program: ExportedProgram, package: Package) -> ExportedProgram:
     """The program with the package's Triton custom ops (one node each in the .pt2) replaced by their reference ops,
-    as the package's kernels.decompositions() writes them: an ONNX runtime has no Triton."""
+    as the package's kernels.decompositions() writes them: an ONNX runtime has no Triton. This re-traces the program,
+    under the export's shape semantics: without them the re-trace fixes sizes the export left symbolic at their
+    example values (a prefill traced at one chunk of a chunked scan then gathers past its tensors' end at two)."""
     if not (Path(package.module.__path__[0]) / "kernels").is_dir():
         return program
     kernels = importlib.import_module(f"{package.module.__name__}.kernels")
     table = kernels.decompositions()
     if not any(node.target in table for node in program.graph.nodes):
         return program
-    return program.run_decompositions(table)
+    with shape_semantics():
+        return program.run_decompositions(table)
 
 
 def save_onnx(protos: dict[str, onnx.ModelProto], directory: Path) -> dict[str, str]:

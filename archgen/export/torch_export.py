@@ -7,6 +7,9 @@ Two settings make one graph hold for every size in the bounds:
   (reshapes of non-contiguous tensors), and the tests check batch 1 and a 1-token decode against eager.
 - the prefill sequence dim starts at 2 (at 1 with meta tokens, which are always prepended): a prompt of one token is
   a decode step at position 0.
+A later re-trace of a program (lowering its kernels for ONNX, locating a failed node) runs under the same setting
+(`shape_semantics`): a re-trace without it answers "is it 1?" from the example sizes and writes them
+into the graph's shapes, so that, say, a prefill traced at one chunk gathers past the end of its tensors at two.
 """
 
 from __future__ import annotations
@@ -146,7 +149,12 @@ def export_program(graph: Graph, model: nn.Module, package: Package) -> Exported
         raise explain(error, package=package, model=model, graph=graph.name, stage="torch.export", sites=sites) from error
 
 
+def shape_semantics():
+    """The setting every trace of an exported graph runs under, its export and each re-trace (see the module docstring)."""
+    return fx_config.patch(backed_size_oblivious=True)
+
+
 def _export(graph: Graph) -> ExportedProgram:
     # On failure torch.export prints the partial graph to stderr; the ExportError says what matters instead.
-    with fx_config.patch(backed_size_oblivious=True), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+    with shape_semantics(), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         return torch.export.export(graph.module, graph.args, dynamic_shapes=graph.dynamic_shapes)
