@@ -76,6 +76,18 @@ def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bi
     assert all(err <= TOL[dtype] for err in errors.values()), errors
 
 
+@pytest.mark.parametrize("with_state", [True, False])
+def test_gathering_forward_matches_reference(with_state):
+    """The forward's gathering variant (overlapping time tiles, taps by tl.gather), across several tiles."""
+    g = torch.Generator().manual_seed(5)
+    x, weight, bias = torch.randn(2, 29, 21, generator=g), torch.randn(21, 4, generator=g), torch.randn(21, generator=g)
+    state = torch.randn(2, 21, 3, generator=g) if with_state else None
+    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4, "GATHER": True}
+    y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
+    y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
+    assert rel_error(y, y_ref) <= TOL[torch.float32] and torch.equal(new_state, new_state_ref)
+
+
 def test_reference_matches_runtime_causal_conv1d():
     """The reference computes templates/runtime/ssm.py's causal_conv1d (ops/ssm.py), then the activation."""
     x, weight, bias, state = torch.randn(2, 9, 6), torch.randn(6, 4), torch.randn(6), torch.randn(2, 6, 3)
