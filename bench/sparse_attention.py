@@ -6,7 +6,8 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             relative norm 1e-2, output and dq, dk, dv (its first calls autotune the three kernels)
   sparse    B 8, 16 heads x 128, L 4096, bf16, Bernoulli(0.2) selection per token: the kernel on the packed queries
             (what the generated HSPMN block runs: it projects only the selected tokens), forward and forward+backward;
-            the same plus packing, gather and scatter of a full-length q; ops/routing.py's packed path (chunked SDPA
+            the same plus packing (one host sync for the count), gather and scatter of a full-length q; the backward
+            kernels alone (kernel_backward_alone_ms); ops/routing.py's packed path (chunked SDPA
             with masks, what runs without the kernel) for context; against causal SDPA over ALL queries at the same
             shape (default backend, flash, cuDNN: the fastest is the peer). Bar: >= 3x faster.
   window    sliding window 1024, B 4, 32 q / 8 kv heads, L 4096, D 128, bf16: the same kernel with every token as a
@@ -302,7 +303,8 @@ class Bench:
             record["routing_chunked_sdpa_packed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         best = self._sdpa_peers(q_full, k, v, record)
         record["peer"] = best
-        useful = 4 * B * H * D * float(positions.masked_fill(~valid, -1).add(1).sum())  # QK^T and PV over visible keys
+        useful = 4 * H * D * float(positions.masked_fill(~valid, -1).add(1).sum())  # QK^T and PV over visible keys
+        record["kernel_backward_alone_ms"] = self.backward_alone_ms(q_packed, k, v, positions, valid, window=0)
         record["kernel_packed"]["fwd_TFLOPs"] = useful / (record["kernel_packed"]["fwd_ms"] * 1e-3) / 1e12
         record["kernel_packed"]["fwd_bwd_TFLOPs"] = 3.5 * useful / (record["kernel_packed"]["fwd_bwd_ms"] * 1e-3) / 1e12
         for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
@@ -351,6 +353,7 @@ class Bench:
             except Exception as error:  # noqa: BLE001 - a failing peer is recorded
                 record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             self.write()
+        record["kernel_backward_alone_ms"] = self.backward_alone_ms(q, k, v, positions, valid, window=W)
         with torch.no_grad():
             ours = kernel(q, k, v)
             if "peer_flex" in variants:
@@ -364,6 +367,18 @@ class Bench:
                 self.bar(f"sliding window 1024 attention {label} (B4 32q/8kv L4096 D128 bf16) [packed-query kernel, "
                          "all positions]", record["kernel"][key], "torch.compile(flex_attention), sliding-window block "
                          "mask", peer[key], 1.0)
+
+    def backward_alone_ms(self, q, k, v, positions, valid, window: int) -> float:
+        """The two backward kernels (and delta) alone, from a forward that kept its float32 output."""
+        torch, pqa = self.torch, self.pqa
+        kernel_positions, scale = pqa.kernel_positions(positions, valid), 1.0 / math.sqrt(q.shape[-1])
+        with torch.no_grad():
+            q, k, v = q.detach(), k.detach(), v.detach()
+            out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
+                                                                 keep_float32_out=True)
+            dout = torch.randn_like(out)
+            return self.time_ms(lambda: pqa.packed_query_attention_backward(dout, q, k, v, kernel_positions, out32,
+                                                                            lse, scale, window))
 
     def peak_reset(self):
         if self.device == "cuda":
