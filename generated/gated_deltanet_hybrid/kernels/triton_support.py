@@ -318,20 +318,21 @@ if TUNING_FILE.is_file():
 
 
 def register_op(name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
-                setup_context: Callable | None = None):
+                setup_context: Callable | None = None, namespace: str = OP_NAMESPACE):
     """torch.library.custom_op `archgen_v1::<name>` with its fake implementation (and autograd when `backward` is
     given), once per process: when the op exists already (another copy of the op file registered it), that op is
-    returned and nothing is registered."""
-    namespace = getattr(torch.ops, OP_NAMESPACE)
-    if hasattr(namespace, name):
-        return getattr(namespace, name)
-    op = torch.library.custom_op(f"{OP_NAMESPACE}::{name}", impl, mutates_args=())
+    returned and nothing is registered. An op whose signature or meaning changed passes the next namespace
+    (archgen_v2), so that a package generated before the change keeps its own op in the same process."""
+    registered = getattr(torch.ops, namespace)
+    if hasattr(registered, name):
+        return getattr(registered, name)
+    op = torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=())
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     return op
 
 
-def op_overload(name: str):
+def op_overload(name: str, namespace: str = OP_NAMESPACE):
     """The registered `archgen_v1::<name>` overload (the key of decomposition tables)."""
-    return getattr(getattr(torch.ops, OP_NAMESPACE), name).default
+    return getattr(getattr(torch.ops, namespace), name).default

@@ -18,9 +18,9 @@ queries. Here the bound is the row's position, read from a vector, and whole key
 
 Scores are kept in base 2 (the scale is multiplied by log2 e once, so each exponential is one exp2 instruction).
 
-How the forward works (flash attention with online softmax). The grid is (blocks of BLOCK_M packed rows, B * H),
-the blocks of the latest rows first (they see the most keys, so they start first and the tail of the launch is
-short). A program loads its rows' positions, p_min .. p_max, and walks the keys in BLOCK_N steps over
+How the forward works (flash attention with online softmax). The grid is (B * H, blocks of BLOCK_M packed rows),
+heads varying fastest and the blocks of the latest rows first (they see the most keys, so every head's longest
+programs start in the first wave and the tail of the launch is short). A program loads its rows' positions, p_min .. p_max, and walks the keys in BLOCK_N steps over
 [lo, p_max], lo = 0 (or p_min - window + 1 with a window): the blocks every row sees entirely need no mask, the
 ones at the edges (the causal edge near p_min .. p_max, the window's far edge) are masked per element. Rows are
 sorted by position within a sequence (pack_selected's order), so a block's rows are close together and the masked
@@ -29,14 +29,18 @@ backward.
 
 How the backward works (two kernels, no atomics, as in flash-attention 2). With P the probabilities recomputed
 from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
-  dq   grid (query blocks, B * H): dQ = scale * dS K over the same key range as the forward;
-  dkdv grid (key blocks, B * Hkv): for each of the G query heads that read the kv head and each query block whose
-       positions reach the key block (a range per key block, `query_block_ranges`, computed before the launch so
-       the loop has no branch and its loads pipeline), dV += P^T dO and dK += scale * dS^T Q; a kv head's gradient
-       is summed in one program, so nothing is written twice.
+  dq   grid (B * H, query blocks): dQ = scale * dS K over the same key range as the forward;
+  dkdv grid (B * Hkv, key blocks): for each of the G query heads that read the kv head and each query block whose
+       positions reach the key block, dV += P^T dO and dK += scale * dS^T Q; a kv head's gradient is summed in one
+       program, so nothing is written twice. The query blocks come as ranges per key block (`query_block_ranges`,
+       computed before the launch so the loops have no branch and their loads pipeline): the blocks every row of
+       which sees the whole key block run without a mask, the rest (the causal edge, a window's far edge) masked.
+delta is the one quantity the backward cannot take from bf16 values: where a row's softmax is peaked, dP_j and delta
+nearly cancel, so O's rounding to bf16 would come back amplified (dq and dk 4x less precise); the forward keeps its
+float32 output when a backward will follow (archgen_v2: the op returns it as a third output).
 
 Contents: `packed_query_attention` (the entry point; same signature as templates/runtime/routing.py's, plus an
-optional window), the custom ops `archgen_v1::packed_query_attention` and `..._backward` (one graph node each,
+optional window), the custom ops `archgen_v2::packed_query_attention` and `..._backward` (one graph node each,
 with fake implementations and autograd), the launchers `packed_query_attention_forward` / `..._backward`
 (autotuned on first use per shape bucket, see `shape_key`), `packed_query_attention_reference` (a dense masked
 softmax in float32: the ground truth of the tests, and what the op computes for CPU tensors), and `decomposition`
@@ -59,15 +63,15 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4))
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3))
+    for m, n, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2))
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2))
+    for m, n, w, s in ((64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3))
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -163,14 +167,18 @@ def _forward_kernel(
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     pos_ptr, stride_pb, stride_ps,
     out_ptr, stride_ob, stride_oh, stride_os, stride_od,
+    out32_ptr, stride_o32b, stride_o32h, stride_o32s, stride_o32d,  # unused unless KEEP_FLOAT32_OUT
     lse_ptr, stride_lb, stride_lh, stride_ls,
     H, S, Tk, D, Dv, group, qk_scale, window,
     HAS_WINDOW: tl.constexpr,  # keys older than `window` positions are invisible too
+    KEEP_FLOAT32_OUT: tl.constexpr,  # also write the output unrounded, for the backward's delta
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the latest rows, which read the most keys, start first
-    bh = tl.program_id(1)
+    # The grid is (B * H, row blocks), heads varying fastest and the latest row blocks (which read the most keys)
+    # first: the longest programs of every head start in the first wave, and the launch ends on short ones.
+    bh = tl.program_id(0)
+    block_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -202,8 +210,12 @@ def _forward_kernel(
     sees_any = l_i > 0.0
     out = acc / tl.where(sees_any, l_i, 1.0)[:, None]  # a row that sees nothing: acc is 0, out is 0
     lse = tl.where(sees_any, m_i + tl.math.log2(tl.where(sees_any, l_i, 1.0)), 0.0)  # base 2
+    out_mask = (rows[:, None] < S) & (offs_dv[None, :] < Dv)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S) & (offs_dv[None, :] < Dv))
+             out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if KEEP_FLOAT32_OUT:
+        tl.store(out32_ptr + b * stride_o32b + h * stride_o32h + rows[:, None] * stride_o32s
+                 + offs_dv[None, :] * stride_o32d, out, mask=out_mask)
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=rows < S)
 
 
@@ -242,8 +254,8 @@ def _backward_dq_kernel(
     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # grid (B * H, row blocks), as the forward's
+    block_m = tl.num_programs(1) - 1 - tl.program_id(1)
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -279,6 +291,37 @@ def _backward_dq_kernel(
 
 
 @triton.jit
+def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base, stride_qs, stride_qd,
+                stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m, offs_d, offs_dv, S, D, Dv, start,
+                end, qk_scale, window,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
+    of one query head (MASKED: per element visibility; otherwise every row sees every key of the block)."""
+    for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
+        rows = m0 + offs_m
+        in_rows = rows < S
+        qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                     mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
+        do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                     mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
+        lse = tl.load(lse_base + rows * stride_ls, mask=in_rows, other=0.0)
+        delta = tl.load(delta_base + rows * stride_des, mask=in_rows, other=0.0)
+        qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        probsT = tl.math.exp2(qkT - lse[None, :])
+        if MASKED:
+            p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
+            visibleT = (keys[:, None] <= p[None, :]) & in_keys[:, None]
+            if HAS_WINDOW:
+                visibleT = visibleT & (p[None, :] - keys[:, None] < window)
+            probsT = tl.where(visibleT, probsT, 0.0)
+        dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
+        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        dsT = probsT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _backward_dkdv_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
@@ -289,16 +332,16 @@ def _backward_dkdv_kernel(
     delta_ptr, stride_deb, stride_deh, stride_des,
     dk_ptr, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    ranges_ptr,  # (B, key blocks, 2) int32: the query blocks [first, last) whose rows may see the key block
+    ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    n0 = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # grid (B * Hkv, key blocks), heads varying fastest: the first keys (most rows) first
+    key_block = tl.program_id(1)
     b = bh // Hkv
     kv_h = bh % Hkv
-    keys = n0 + tl.arange(0, BLOCK_N)
+    keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -311,32 +354,30 @@ def _backward_dkdv_kernel(
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
 
-    block_range = ranges_ptr + (b * tl.num_programs(0) + tl.program_id(0)) * 2
-    m_start = tl.load(block_range) * BLOCK_M
-    m_end = tl.load(block_range + 1) * BLOCK_M
+    block_range = ranges_ptr + (b * tl.num_programs(1) + key_block) * 4
+    first = tl.load(block_range) * BLOCK_M
+    full_first = tl.load(block_range + 1) * BLOCK_M
+    full_last = tl.load(block_range + 2) * BLOCK_M
+    last = tl.load(block_range + 3) * BLOCK_M
+    pos_base = pos_ptr + b * stride_pb
     for g in range(0, group):
         h = kv_h * group + g
         q_base = q_ptr + b * stride_qb + h * stride_qh
         do_base = do_ptr + b * stride_dob + h * stride_doh
-        for m0 in range(m_start, m_end, BLOCK_M):  # no branch inside: the loads pipeline
-            rows = m0 + offs_m
-            in_rows = rows < S
-            p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
-            qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                         mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
-            do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                         mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
-            lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
-            delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows, other=0.0)
-            qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-            visibleT = (keys[:, None] <= p[None, :]) & in_keys[:, None]
-            if HAS_WINDOW:
-                visibleT = visibleT & (p[None, :] - keys[:, None] < window)
-            probsT = tl.where(visibleT, tl.math.exp2(qkT - lse[None, :]), 0.0)
-            dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
-            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-            dsT = probsT * (dpT - delta[None, :])
-            dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        lse_base = lse_ptr + b * stride_lb + h * stride_lh
+        delta_base = delta_ptr + b * stride_deb + h * stride_deh
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
+                             BLOCK_M, True, HAS_WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
+                             BLOCK_M, False, HAS_WINDOW, DOT_PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
+                             BLOCK_M, True, HAS_WINDOW, DOT_PRECISION)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -390,11 +431,14 @@ def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
 
 
 def packed_query_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, window: int = 0, *, config: dict | None = None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, window: int = 0, *,
+    keep_float32_out: bool = False, config: dict | None = None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run the forward kernel on kernel_positions(...) (B, S) int32. Returns out (B, H, S, Dv) in q.dtype, laid out
-    as (B, S, H, Dv) (so out.transpose(1, 2).reshape(B, S, H * Dv) is a view), and the base-2 log-sum-exp of every
-    row (B, H, S) float32. config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner."""
+    as (B, S, H, Dv) (so out.transpose(1, 2).reshape(B, S, H * Dv) is a view), the base-2 log-sum-exp of every row
+    (B, H, S) float32, and with keep_float32_out the output before its rounding to q.dtype, (B, H, S, Dv) float32
+    (else None): what the backward's delta needs (see packed_query_attention_backward). config: {"BLOCK_M",
+    "BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner."""
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
                            "importing triton)")
@@ -402,30 +446,33 @@ def packed_query_attention_forward(
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     out = q.new_empty((B, S, H, Dv)).transpose(1, 2)
     lse = q.new_empty((B, H, S), dtype=torch.float32)
+    out32 = q.new_empty((B, H, S, Dv), dtype=torch.float32) if keep_float32_out else None
     if out.numel() == 0:
-        return out, lse
+        return out, lse, out32
     if Tk == 0:  # nothing to see
-        return out.zero_(), lse.zero_()
+        return out.zero_(), lse.zero_(), None if out32 is None else out32.zero_()
     args = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(out, 4),
-            *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv, scale * math.log2(math.e), window)
-    constexprs = _common_constexprs(q, v, window)
+            *strided(out32, 4), *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv, scale * math.log2(math.e), window)
+    constexprs = _common_constexprs(q, v, window) | {"KEEP_FLOAT32_OUT": keep_float32_out}
 
     def launch(cfg):
-        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        grid = (B * H, triton.cdiv(S, cfg["BLOCK_M"]))
         _forward_kernel[grid](*args, **constexprs, **_launch_params(cfg))
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
         launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, q.dtype, D, Dv)))
-    return out, lse
+    return out, lse, out32
 
 
 def packed_query_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, out: Tensor, lse: Tensor, scale: float,
     window: int = 0, *, configs: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run the two backward kernels: (dq, dk, dv) in the dtypes of q, k, v. configs: {"dq": config, "dkdv": config}
-    to bypass the autotuners."""
+    """Run the two backward kernels: (dq, dk, dv) in the dtypes of q, k, v. out: the forward's output, best its
+    float32 form (keep_float32_out): delta = rowsum(dO * O) is subtracted from dP = dO . v_j in dS = P * (dP - delta),
+    two nearly equal terms where a row's softmax is peaked, so O's bf16 rounding comes back amplified (dq and dk
+    4x less precise in the interpreter's test). configs: {"dq": config, "dkdv": config} to bypass the autotuners."""
     B, H, S, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     configs = configs or {}
@@ -434,7 +481,7 @@ def packed_query_attention_backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if S == 0 or Tk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (out.float() * dout.float()).sum(-1)  # (B, H, S) rowsum(dO * O)
+    delta = (out.float() * dout.float()).sum(-1)  # (B, H, S) rowsum(dO * O), float32
     qk_scale = scale * math.log2(math.e)
     common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(dout, 4),
               *strided(lse, 3), *strided(delta, 3))
@@ -442,7 +489,7 @@ def packed_query_attention_backward(
     group = H // Hkv
 
     def launch_dq(cfg):
-        grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
+        grid = (B * H, triton.cdiv(S, cfg["BLOCK_M"]))
         _backward_dq_kernel[grid](*common, *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window,
                                   **constexprs, **_launch_params(cfg))
 
@@ -452,7 +499,7 @@ def packed_query_attention_backward(
         blocks = (cfg["BLOCK_M"], cfg["BLOCK_N"])
         if blocks not in ranges:
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
-        grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
+        grid = (B * Hkv, triton.cdiv(Tk, cfg["BLOCK_N"]))
         _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
                                     group, qk_scale, scale, window, **constexprs, **_launch_params(cfg))
 
@@ -464,21 +511,34 @@ def packed_query_attention_backward(
 
 
 def query_block_ranges(positions: Tensor, Tk: int, window: int, block_m: int, block_n: int) -> Tensor:
-    """For each batch row and block of block_n keys, the blocks of block_m packed rows [first, last) outside which no
-    row sees a key of the block: (B, key blocks, 2) int32. Exact for rows in any order (a block reaches the keys when
-    its latest row does, and within the window when its earliest does); for sorted rows nothing inside is wasted."""
+    """For each batch row and block of block_n keys, which blocks of block_m packed rows the dkdv kernel visits:
+    (B, key blocks, 4) int32 [first, full_first, full_last, last]. No row outside [first, last) sees a key of the
+    block; every row of [full_first, full_last) sees all of them (no mask there); the rest is masked per element.
+    Exact for rows in any order (a block reaches the keys when its latest row does, and within the window when its
+    earliest does); for sorted rows nothing inside is wasted."""
     B, S = positions.shape
     n_m, n_n = triton.cdiv(S, block_m), triton.cdiv(Tk, block_n)
     padded = torch.nn.functional.pad(positions, (0, n_m * block_m - S), value=-1).view(B, n_m, block_m)
+    never = torch.iinfo(torch.int32).max
+    latest = padded.amax(dim=-1)[:, :, None]  # (B, n_m, 1)
+    earliest_valid = torch.where(padded >= 0, padded, never).amin(dim=-1)[:, :, None]
+    # every row in S, an invalid one (-1) included; rows past S load zeros and add nothing, so they do not count
+    in_s = (torch.arange(n_m * block_m, device=positions.device) < S).view(1, n_m, block_m)
+    earliest = torch.where(in_s, padded, never).amin(dim=-1)[:, :, None]
     first_key = torch.arange(n_n, device=positions.device) * block_n  # (n_n,)
-    reach = padded.amax(dim=-1)[:, :, None] >= first_key  # (B, n_m, n_n)
+    last_key = first_key + block_n - 1
+    reach = latest >= first_key  # (B, n_m, n_n)
+    full = earliest >= last_key
     if window:
-        earliest = torch.where(padded >= 0, padded, torch.iinfo(torch.int32).max).amin(dim=-1)  # (B, n_m)
-        reach &= earliest[:, :, None] - (first_key + block_n - 1) < window
+        reach &= earliest_valid - last_key < window
+        full &= latest - first_key < window
     block = torch.arange(n_m, device=positions.device)[None, :, None]  # (1, n_m, 1)
-    first = torch.where(reach, block, n_m).amin(dim=1)  # (B, n_n)
-    last = torch.where(reach, block + 1, 0).amax(dim=1)
-    return torch.stack([torch.minimum(first, last), last], dim=-1).to(torch.int32).contiguous()
+    last = torch.where(reach, block + 1, 0).amax(dim=1)  # (B, n_n)
+    first = torch.minimum(torch.where(reach, block, n_m).amin(dim=1), last)
+    full_first = torch.minimum(torch.where(full, block, n_m).amin(dim=1), last)  # the first full block, its run:
+    full_last = torch.where(~full & (block > full_first[:, None]), block, n_m).amin(dim=1).clamp(max=last)
+    full_last = torch.maximum(full_last, full_first)
+    return torch.stack([first, full_first, full_last, last], dim=-1).to(torch.int32).contiguous()
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
@@ -501,8 +561,8 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     q, k, v = randn(batch, H, index.shape[1], D), randn(batch, Hkv, seqlen, D), randn(batch, Hkv, seqlen, D)
     scale = 1.0 / math.sqrt(D)
     window = int(config.get("window") or 0)
-    out, lse = packed_query_attention_forward(q, k, v, positions, scale, window)
-    packed_query_attention_backward(torch.randn_like(out), q, k, v, positions, out, lse, scale, window)
+    out, lse, out32 = packed_query_attention_forward(q, k, v, positions, scale, window, keep_float32_out=True)
+    packed_query_attention_backward(torch.randn_like(out), q, k, v, positions, out32, lse, scale, window)
 
 
 def tuned_configs() -> dict:
@@ -524,25 +584,36 @@ _TUNERS = {"forward": FORWARD_TUNER, "backward_dq": BACKWARD_DQ_TUNER, "backward
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _forward_impl(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, scale: float, window: int
-                  ) -> tuple[Tensor, Tensor]:
-    """archgen_v1::packed_query_attention -> (out, lse): the forward kernel as an operator. CPU tensors take the
-    reference (see `triton_on_cpu`), whose log-sum-exp is computed alike: an exported program runs anywhere."""
+OP_NAMESPACE = "archgen_v2"
+"""v2: the forward takes keep_float32_out and returns the float32 output beside (out, lse), for the backward."""
+
+
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, scale: float, window: int,
+                  keep_float32_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v2::packed_query_attention -> (out, lse, out32): the forward kernel as an operator; out32 is the
+    output in float32 with keep_float32_out (a backward will follow), else empty. CPU tensors take the reference (see
+    `triton_on_cpu`), whose log-sum-exp is computed alike: an exported program runs anywhere."""
     if not (q.is_cuda or triton_on_cpu()):
-        return _reference_with_lse(q, k, v, q_positions, valid, scale, window)
-    return packed_query_attention_forward(q, k, v, kernel_positions(q_positions, valid), scale, window)
+        out, lse, out32 = _reference_with_lse(q, k, v, q_positions, valid, scale, window)
+    else:
+        out, lse, out32 = packed_query_attention_forward(q, k, v, kernel_positions(q_positions, valid), scale, window,
+                                                         keep_float32_out=keep_float32_out)
+    return out, lse, out32 if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
 
 
-def _forward_fake(q, k, v, q_positions, valid, scale, window):
+def _forward_fake(q, k, v, q_positions, valid, scale, window, keep_float32_out):
     B, H, S, _ = q.shape
-    return q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2), q.new_empty((B, H, S), dtype=torch.float32)
+    Dv = v.shape[-1]
+    out32 = q.new_empty((B, H, S, Dv) if keep_float32_out else (0,), dtype=torch.float32)
+    return q.new_empty((B, S, H, Dv)).transpose(1, 2), q.new_empty((B, H, S), dtype=torch.float32), out32
 
 
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, out: Tensor,
                    lse: Tensor, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """archgen_v1::packed_query_attention_backward -> (dq, dk, dv)."""
+    """archgen_v2::packed_query_attention_backward -> (dq, dk, dv); out: the forward's float32 output if it kept
+    one, else its output."""
     if not (q.is_cuda or triton_on_cpu()):
-        raise RuntimeError("archgen_v1::packed_query_attention has no backward for CPU tensors: train on a GPU, or "
+        raise RuntimeError("archgen_v2::packed_query_attention has no backward for CPU tensors: train on a GPU, or "
                            "with the reference op (ops/routing.py)")
     return packed_query_attention_backward(dout, q, k, v, kernel_positions(q_positions, valid), out, lse, scale,
                                            window)
@@ -556,22 +627,23 @@ def _backward_fake(dout, q, k, v, q_positions, valid, out, lse, scale, window):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, q_positions, valid, scale, window = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, q_positions, valid, out, lse)
+    q, k, v, q_positions, valid, scale, window, keep_float32_out = inputs
+    out, lse, out32 = output
+    ctx.save_for_backward(q, k, v, q_positions, valid, out32 if keep_float32_out else out, lse)
     ctx.scale, ctx.window = scale, window
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, out32)
 
 
-def _backward(ctx, dout, _dlse):
+def _backward(ctx, dout, _dlse, _dout32):
     q, k, v, q_positions, valid, out, lse = ctx.saved_tensors
     dq, dk, dv = packed_query_attention_backward_op(dout, q, k, v, q_positions, valid, out, lse, ctx.scale, ctx.window)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
-packed_query_attention_backward_op = register_op("packed_query_attention_backward", _backward_impl, _backward_fake)
+packed_query_attention_backward_op = register_op("packed_query_attention_backward", _backward_impl, _backward_fake,
+                                                 namespace=OP_NAMESPACE)
 packed_query_attention_op = register_op("packed_query_attention", _forward_impl, _forward_fake, backward=_backward,
-                                        setup_context=_setup_context)
+                                        setup_context=_setup_context, namespace=OP_NAMESPACE)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -596,7 +668,8 @@ def packed_query_attention(
             "run the kernel in Triton's CPU interpreter (slow; for tests)")
     _check_inputs(q, k, v, q_positions, valid, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = packed_query_attention_op(q, k, v, q_positions, valid, scale, int(window or 0))
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, _, _ = packed_query_attention_op(q, k, v, q_positions, valid, scale, int(window or 0), backward_follows)
     return out
 
 
@@ -610,8 +683,9 @@ def packed_query_attention_reference(
     return _reference_with_lse(q, k, v, q_positions, valid, scale, int(window or 0))[0]
 
 
-def _reference_with_lse(q, k, v, q_positions, valid, scale: float, window: int) -> tuple[Tensor, Tensor]:
-    """(out in q.dtype, base-2 log-sum-exp float32, 0 for rows that see nothing), both as the forward kernel's."""
+def _reference_with_lse(q, k, v, q_positions, valid, scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out in q.dtype, base-2 log-sum-exp float32, 0 for rows that see nothing, out in float32), as the forward
+    kernel's."""
     B, H, S, _ = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -630,23 +704,25 @@ def _reference_with_lse(q, k, v, q_positions, valid, scale: float, window: int) 
     out = torch.einsum("bhst,bhtd->bhsd", probs, vv)  # (B, H, S, Dv)
     lse2 = torch.where(sees_any, lse * math.log2(math.e), 0.0).float()
     layout = q.new_empty((B, S, H, v.shape[-1])).transpose(1, 2)  # the kernel's output layout
-    return layout.copy_(out.to(q.dtype)), lse2
+    return layout.copy_(out.to(q.dtype)), lse2, out.float()
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v1::packed_query_attention: the op written with `reference`}: how exporters that cannot run Triton
+    """{archgen_v2::packed_query_attention: the op written with `reference`}: how exporters that cannot run Triton
     (ONNX) lower it. reference: a generated package's ops/routing.py `packed_query_attention` (no window; the
     models that call this op never pass one). max_seqlen is unused: the reference traces any length."""
     del max_seqlen
 
-    def packed_query_attention_decomposed(q, k, v, q_positions, valid, scale, window):
+    def packed_query_attention_decomposed(q, k, v, q_positions, valid, scale, window, keep_float32_out):
         if window:
-            raise NotImplementedError("the ONNX lowering of archgen_v1::packed_query_attention takes no window")
+            raise NotImplementedError("the ONNX lowering of archgen_v2::packed_query_attention takes no window")
         out = reference(q, k, v, q_positions, valid, scale=scale)
         B, H, S, _ = q.shape
-        return out, q.new_zeros((B, H, S), dtype=torch.float32)  # the log-sum-exp serves the backward only
+        # the log-sum-exp and the float32 output serve the backward only
+        out32 = out.float() if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
+        return out, q.new_zeros((B, H, S), dtype=torch.float32), out32
 
-    return {op_overload("packed_query_attention"): packed_query_attention_decomposed}
+    return {op_overload("packed_query_attention", OP_NAMESPACE): packed_query_attention_decomposed}
 
 
 def _check_inputs(q, k, v, q_positions, valid, window) -> None:
