@@ -148,6 +148,43 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
                 assert (ranges[..., 2] > ranges[..., 1]).any(), "sorted rows: some row blocks see all of a key block"
 
 
+@pytest.mark.parametrize("fraction, window", [(0.3, None), (0.3, 9), (0.0, None), (1.0, None)],
+                         ids=["causal", "window9", "none-selected", "all-selected"])
+def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fraction, window):
+    """The full-length form against ops/routing.py's sparse_query_attention (pack, gather, attend, scatter) and its
+    masked dense form: every gradient, grouped heads, odd sizes (B2-H4/2-T45-D24-Dv20), and rows not selected come
+    back as zeros in the output and in dq."""
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, T, D, Dv = 2, 4, 2, 45, 24, 20
+    selected = (torch.rand(B, T, generator=g) < fraction).to(DEVICE)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+
+    q, k, v = randn(B, H, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, Dv)
+    cotangent = torch.randn(B, H, T, Dv, generator=g).to(DEVICE)
+    positions = torch.arange(T, device=DEVICE)
+
+    def reference(q, k, v):  # the runtime op has no window, and with nothing selected nothing to differentiate
+        if window is None and selected.any():
+            return routing.sparse_query_attention(q, k, v, selected, q_positions=positions, k_positions=positions)
+        return pqa.packed_query_attention_reference(q, k, v, positions.expand(B, T), selected, window=window)
+
+    got = output_and_grads(lambda q, k, v, *_: pqa.sparse_query_attention(q, k, v, selected, window=window),
+                           q, k, v, None, None, cotangent)
+    want = output_and_grads(lambda q, k, v, *_: reference(q, k, v), q, k, v, None, None, cotangent)
+    compare(got, want, TOLERANCE[torch.float32])
+    unselected = ~selected[:, None, :].expand(B, H, T)
+    assert (got[0][unselected] == 0).all() and (got[1][unselected] == 0).all()
+
+
+def test_selected_rows_put_the_selected_tokens_first_in_order():
+    selected = torch.tensor([[False, True, False, True, True], [False, False, False, False, False]])
+    rows, positions = pqa.selected_rows(selected)
+    assert rows.tolist() == [[1, 3, 4, 0, 2], [0, 1, 2, 3, 4]]
+    assert positions.tolist() == [[1, 3, 4, -1, -1], [-1, -1, -1, -1, -1]]
+
+
 def test_cpu_tensors_take_the_reference_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "0")
     if DEVICE != "cpu":
