@@ -20,12 +20,18 @@ Scores are kept in base 2 (the scale is multiplied by log2 e once, so each expon
 
 How the forward works (flash attention with online softmax). The grid is (B * H, blocks of BLOCK_M packed rows),
 heads varying fastest and the blocks of the latest rows first (they see the most keys, so every head's longest
-programs start in the first wave and the tail of the launch is short). A program loads its rows' positions, p_min .. p_max, and walks the keys in BLOCK_N steps over
-[lo, p_max], lo = 0 (or p_min - window + 1 with a window): the blocks every row sees entirely need no mask, the
-ones at the edges (the causal edge near p_min .. p_max, the window's far edge) are masked per element. Rows are
-sorted by position within a sequence (pack_selected's order), so a block's rows are close together and the masked
-edge is narrow; unsorted rows are still correct, only slower. The log-sum-exp of every row (base 2) is kept for the
-backward.
+programs start in the first wave and the tail of the launch is short). A program loads its rows' positions,
+p_min .. p_max, and walks the keys in BLOCK_N steps over [lo, p_max], lo = 0 (or p_min - window + 1 with a window):
+the blocks every row sees entirely need no mask, the ones at the edges (the causal edge near p_min .. p_max, the
+window's far edge) are masked per element. Rows are sorted by position within a sequence (pack_selected's order), so
+a block's rows are close together and the masked edge is narrow; unsorted rows are still correct, only slower. The
+log-sum-exp of every row (base 2) is kept for the backward.
+
+Full-length tensors (`sparse_query_attention`: q (B, H, T, D) of every token and a (B, T) selection, as the reference
+ops/routing.py sparse_query_attention takes them): the same kernels, with packed row s living at token row
+rows[b, s] of q, dO and every result (INDEXED_ROWS). rows lists the selected tokens first (`selected_rows`), so the
+blocks of selected rows are dense; the grid covers all T rows, and the programs past a sequence's selected count see
+nothing and write zeros, so no count is read back to the host and no gather, scatter or zero fill runs around them.
 
 How the backward works (two kernels, no atomics, as in flash-attention 2). With P the probabilities recomputed
 from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
@@ -40,8 +46,9 @@ nearly cancel, so O's rounding to bf16 would come back amplified (dq and dk 4x l
 float32 output when a backward will follow (archgen_v2: the op returns it as a third output).
 
 Contents: `packed_query_attention` (the entry point; same signature as templates/runtime/routing.py's, plus an
-optional window), the custom ops `archgen_v2::packed_query_attention` and `..._backward` (one graph node each,
-with fake implementations and autograd), the launchers `packed_query_attention_forward` / `..._backward`
+optional window) and `sparse_query_attention` (full-length tensors), the custom ops
+`archgen_v2::packed_query_attention`, `archgen_v2::sparse_query_attention` and their `..._backward` (one graph node
+each, with fake implementations and autograd), the launchers `packed_query_attention_forward` / `..._backward`
 (autotuned on first use per shape bucket, see `shape_key`), `packed_query_attention_reference` (a dense masked
 softmax in float32: the ground truth of the tests, and what the op computes for CPU tensors), and `decomposition`
 (the op written with the generated package's reference op, for ONNX).
@@ -108,6 +115,16 @@ def _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S):
 
 
 @triton.jit
+def _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS: tl.constexpr):
+    """Where packed rows `rows` live in q, the output and the per-row tensors: at those rows, or with INDEXED_ROWS at
+    the tokens rows_ptr[b, rows] of full-length tensors (sparse_query_attention)."""
+    token_rows = rows
+    if INDEXED_ROWS:
+        token_rows = tl.load(rows_ptr + b * stride_rb + rows * stride_rs, mask=rows < S, other=0)
+    return token_rows
+
+
+@triton.jit
 def _key_range(p, Tk, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """For rows at positions p (-1: sees nothing), the keys they read, as bounds lo <= full_lo <= full_hi <= hi (all
     but hi block-aligned): [full_lo, full_hi) is seen by every row (no mask), [lo, full_lo) and [full_hi, hi) by some
@@ -166,11 +183,13 @@ def _forward_kernel(
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     pos_ptr, stride_pb, stride_ps,
+    rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     out_ptr, stride_ob, stride_oh, stride_os, stride_od,
     out32_ptr, stride_o32b, stride_o32h, stride_o32s, stride_o32d,  # unused unless KEEP_FLOAT32_OUT
     lse_ptr, stride_lb, stride_lh, stride_ls,
     H, S, Tk, D, Dv, group, qk_scale, window,
     HAS_WINDOW: tl.constexpr,  # keys older than `window` positions are invisible too
+    INDEXED_ROWS: tl.constexpr,  # packed row s is token rows_ptr[b, s] of full-length q, out, out32 and lse
     KEEP_FLOAT32_OUT: tl.constexpr,  # also write the output unrounded, for the backward's delta
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -188,7 +207,8 @@ def _forward_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
 
     p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
@@ -211,12 +231,12 @@ def _forward_kernel(
     out = acc / tl.where(sees_any, l_i, 1.0)[:, None]  # a row that sees nothing: acc is 0, out is 0
     lse = tl.where(sees_any, m_i + tl.math.log2(tl.where(sees_any, l_i, 1.0)), 0.0)  # base 2
     out_mask = (rows[:, None] < S) & (offs_dv[None, :] < Dv)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=out_mask)
     if KEEP_FLOAT32_OUT:
-        tl.store(out32_ptr + b * stride_o32b + h * stride_o32h + rows[:, None] * stride_o32s
+        tl.store(out32_ptr + b * stride_o32b + h * stride_o32h + t_rows[:, None] * stride_o32s
                  + offs_dv[None, :] * stride_o32d, out, mask=out_mask)
-    tl.store(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, lse, mask=rows < S)
+    tl.store(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, lse, mask=rows < S)
 
 
 @triton.jit
@@ -246,12 +266,13 @@ def _backward_dq_kernel(
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     pos_ptr, stride_pb, stride_ps,
+    rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
     lse_ptr, stride_lb, stride_lh, stride_ls,
     delta_ptr, stride_deb, stride_deh, stride_des,
     dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)  # grid (B * H, row blocks), as the forward's
@@ -266,12 +287,13 @@ def _backward_dq_kernel(
     in_rows = rows < S
 
     p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
+    t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                 mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + rows * stride_ls, mask=in_rows, other=0.0)
-    delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + rows * stride_des, mask=in_rows, other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + t_rows[:, None] * stride_dos
+                 + offs_dv[None, :] * stride_dod, mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, mask=in_rows, other=0.0)
+    delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, mask=in_rows, other=0.0)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -286,26 +308,27 @@ def _backward_dq_kernel(
     dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
                    BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
-    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+    tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + t_rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base, stride_qs, stride_qd,
-                stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m, offs_d, offs_dv, S, D, Dv, start,
-                end, qk_scale, window,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base, rows_ptr, stride_rb,
+                stride_rs, b, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
+                offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
     of one query head (MASKED: per element visibility; otherwise every row sees every key of the block)."""
     for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
         rows = m0 + offs_m
         in_rows = rows < S
-        qT = tl.load(q_base + rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+        t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
+        qT = tl.load(q_base + t_rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
                      mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
-        do = tl.load(do_base + rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+        do = tl.load(do_base + t_rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
                      mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
-        lse = tl.load(lse_base + rows * stride_ls, mask=in_rows, other=0.0)
-        delta = tl.load(delta_base + rows * stride_des, mask=in_rows, other=0.0)
+        lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
+        delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
         qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
@@ -327,6 +350,7 @@ def _backward_dkdv_kernel(
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
     v_ptr, stride_vb, stride_vh, stride_vt, stride_vd,
     pos_ptr, stride_pb, stride_ps,
+    rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
     lse_ptr, stride_lb, stride_lh, stride_ls,
     delta_ptr, stride_deb, stride_deh, stride_des,
@@ -334,7 +358,7 @@ def _backward_dkdv_kernel(
     dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     bh = tl.program_id(0)  # grid (B * Hkv, key blocks), heads varying fastest: the first keys (most rows) first
@@ -367,17 +391,20 @@ def _backward_dkdv_kernel(
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
         delta_base = delta_ptr + b * stride_deb + h * stride_deh
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, DOT_PRECISION)
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
-                             BLOCK_M, False, HAS_WINDOW, DOT_PRECISION)
+                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, DOT_PRECISION)
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -420,8 +447,9 @@ def _launch_params(cfg: dict) -> dict:
             "num_stages": cfg["num_stages"]}
 
 
-def _common_constexprs(q: Tensor, v: Tensor, window: int) -> dict:
-    return dict(HAS_WINDOW=window > 0, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -> dict:
+    return dict(HAS_WINDOW=window > 0, INDEXED_ROWS=rows is not None,
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])))
 
 
@@ -431,14 +459,16 @@ def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
 
 
 def packed_query_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, window: int = 0, *,
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, scale: float, window: int = 0, *, rows: Tensor | None = None,
     keep_float32_out: bool = False, config: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run the forward kernel on kernel_positions(...) (B, S) int32. Returns out (B, H, S, Dv) in q.dtype, laid out
     as (B, S, H, Dv) (so out.transpose(1, 2).reshape(B, S, H * Dv) is a view), the base-2 log-sum-exp of every row
     (B, H, S) float32, and with keep_float32_out the output before its rounding to q.dtype, (B, H, S, Dv) float32
-    (else None): what the backward's delta needs (see packed_query_attention_backward). config: {"BLOCK_M",
-    "BLOCK_N", "num_warps", "num_stages"} to bypass the autotuner."""
+    (else None): what the backward's delta needs (see packed_query_attention_backward). rows (B, S) int32, a
+    permutation of 0..S-1 per sequence: packed row s is row rows[b, s] of q and of every result (full-length
+    tensors, selected_rows), else row s. config: {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"} to bypass the
+    autotuner."""
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
                            "importing triton)")
@@ -451,9 +481,10 @@ def packed_query_attention_forward(
         return out, lse, out32
     if Tk == 0:  # nothing to see
         return out.zero_(), lse.zero_(), None if out32 is None else out32.zero_()
-    args = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(out, 4),
-            *strided(out32, 4), *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv, scale * math.log2(math.e), window)
-    constexprs = _common_constexprs(q, v, window) | {"KEEP_FLOAT32_OUT": keep_float32_out}
+    args = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(rows, 2),
+            *strided(out, 4), *strided(out32, 4), *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv,
+            scale * math.log2(math.e), window)
+    constexprs = _common_constexprs(q, v, window, rows) | {"KEEP_FLOAT32_OUT": keep_float32_out}
 
     def launch(cfg):
         grid = (B * H, triton.cdiv(S, cfg["BLOCK_M"]))
@@ -467,12 +498,13 @@ def packed_query_attention_forward(
 
 def packed_query_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, out: Tensor, lse: Tensor, scale: float,
-    window: int = 0, *, configs: dict | None = None
+    window: int = 0, *, rows: Tensor | None = None, configs: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Run the two backward kernels: (dq, dk, dv) in the dtypes of q, k, v. out: the forward's output, best its
     float32 form (keep_float32_out): delta = rowsum(dO * O) is subtracted from dP = dO . v_j in dS = P * (dP - delta),
     two nearly equal terms where a row's softmax is peaked, so O's bf16 rounding comes back amplified (dq and dk
-    4x less precise in the interpreter's test). configs: {"dq": config, "dkdv": config} to bypass the autotuners."""
+    4x less precise in the interpreter's test). rows: as the forward's. configs: {"dq": config, "dkdv": config} to
+    bypass the autotuners."""
     B, H, S, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     configs = configs or {}
@@ -483,9 +515,9 @@ def packed_query_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = (out.float() * dout.float()).sum(-1)  # (B, H, S) rowsum(dO * O), float32
     qk_scale = scale * math.log2(math.e)
-    common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(dout, 4),
-              *strided(lse, 3), *strided(delta, 3))
-    constexprs = _common_constexprs(q, v, window)
+    common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(rows, 2),
+              *strided(dout, 4), *strided(lse, 3), *strided(delta, 3))
+    constexprs = _common_constexprs(q, v, window, rows)
     group = H // Hkv
 
     def launch_dq(cfg):
@@ -646,6 +678,70 @@ packed_query_attention_op = register_op("packed_query_attention", _forward_impl,
                                         setup_context=_setup_context, namespace=OP_NAMESPACE)
 
 
+def selected_rows(selected: Tensor) -> tuple[Tensor, Tensor]:
+    """How the kernels walk full-length tensors for sparse_query_attention: (rows, positions), each (B, T) int32.
+    rows: the selected tokens of each sequence in order, then the others (pack_selected's order, not cut to the
+    largest count, so nothing is read back to the host); positions: the token for a selected row (the keys are the
+    queries' own tokens), -1 for the others, which see nothing and are written zeros by the same launch."""
+    B, T = selected.shape
+    tokens = torch.arange(T, device=selected.device, dtype=torch.int32)
+    rows = torch.argsort((~selected).to(torch.int32) * T + tokens, dim=1).to(torch.int32)  # unique keys: stable
+    positions = torch.where(tokens < selected.sum(dim=1, keepdim=True), rows, -1).to(torch.int32)
+    return rows, positions
+
+
+def _sparse_forward_impl(q: Tensor, k: Tensor, v: Tensor, selected: Tensor, scale: float, window: int,
+                         keep_float32_out: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v2::sparse_query_attention -> (out, lse, out32), all in token order (full length)."""
+    if not (q.is_cuda or triton_on_cpu()):
+        positions = torch.arange(q.shape[2], device=q.device).expand(selected.shape)
+        out, lse, out32 = _reference_with_lse(q, k, v, positions, selected, scale, window)
+    else:
+        rows, positions = selected_rows(selected)
+        out, lse, out32 = packed_query_attention_forward(q, k, v, positions, scale, window, rows=rows,
+                                                         keep_float32_out=keep_float32_out)
+    return out, lse, out32 if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
+
+
+def _sparse_forward_fake(q, k, v, selected, scale, window, keep_float32_out):
+    return _forward_fake(q, k, v, None, None, scale, window, keep_float32_out)
+
+
+def _sparse_backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, selected: Tensor, out: Tensor, lse: Tensor,
+                          scale: float, window: int) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v2::sparse_query_attention_backward -> (dq, dk, dv); dq is zero on the rows not selected."""
+    if not (q.is_cuda or triton_on_cpu()):
+        raise RuntimeError("archgen_v2::sparse_query_attention has no backward for CPU tensors: train on a GPU, or "
+                           "with the reference op (ops/routing.py sparse_query_attention)")
+    rows, positions = selected_rows(selected)
+    return packed_query_attention_backward(dout, q, k, v, positions, out, lse, scale, window, rows=rows)
+
+
+def _sparse_backward_fake(dout, q, k, v, selected, out, lse, scale, window):
+    return _backward_fake(dout, q, k, v, None, None, out, lse, scale, window)
+
+
+def _sparse_setup_context(ctx, inputs, output):
+    q, k, v, selected, scale, window, keep_float32_out = inputs
+    out, lse, out32 = output
+    ctx.save_for_backward(q, k, v, selected, out32 if keep_float32_out else out, lse)
+    ctx.scale, ctx.window = scale, window
+    ctx.mark_non_differentiable(lse, out32)
+
+
+def _sparse_backward(ctx, dout, _dlse, _dout32):
+    q, k, v, selected, out, lse = ctx.saved_tensors
+    dq, dk, dv = sparse_query_attention_backward_op(dout, q, k, v, selected, out, lse, ctx.scale, ctx.window)
+    return dq, dk, dv, None, None, None, None
+
+
+sparse_query_attention_backward_op = register_op("sparse_query_attention_backward", _sparse_backward_impl,
+                                                 _sparse_backward_fake, namespace=OP_NAMESPACE)
+sparse_query_attention_op = register_op("sparse_query_attention", _sparse_forward_impl, _sparse_forward_fake,
+                                        backward=_sparse_backward, setup_context=_sparse_setup_context,
+                                        namespace=OP_NAMESPACE)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point and reference
 # ---------------------------------------------------------------------------------------------------------------
@@ -670,6 +766,31 @@ def packed_query_attention(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     out, _, _ = packed_query_attention_op(q, k, v, q_positions, valid, scale, int(window or 0), backward_follows)
+    return out
+
+
+def sparse_query_attention(
+    q: Tensor, k: Tensor, v: Tensor, selected: Tensor, *, scale: float | None = None, window: int | None = None
+) -> Tensor:
+    """Causal self-attention of the selected tokens' queries over full-length tensors, in Triton: (B, H, T, Dv) in
+    q's dtype, zeros for the tokens not selected. q (B, H, T, D); k (B, Hkv, T, D) and v (B, Hkv, T, Dv), the keys of
+    the same tokens; selected (B, T) bool. What templates/runtime/routing.py's `sparse_query_attention` computes when
+    its q_positions is its k_positions (a 1-D arange), without its pack, gather and scatter: the kernels read the
+    selected rows of q (and of dO) by index and write every row of the result in place (selected_rows), and nothing
+    is read back to the host. Differentiable in q, k and v; dq is zero where a token is not selected."""
+    exporting = torch.compiler.is_exporting()
+    if not (q.is_cuda or triton_on_cpu() or exporting):
+        raise RuntimeError(f"the Triton sparse_query_attention kernel needs CUDA tensors, got q on {q.device}: call "
+                           "the reference (ops/routing.py sparse_query_attention) instead, or set TRITON_INTERPRET=1")
+    B, _, T, _ = q.shape
+    if selected.dtype != torch.bool or tuple(selected.shape) != (B, T):
+        raise ValueError(f"selected must be (B, T) = ({B}, {T}) bool, got {tuple(selected.shape)} {selected.dtype}")
+    if k.dim() == 4 and k.shape[2] != T:
+        raise ValueError(f"the keys are the queries' own tokens: k and v need T = {T} rows, got {k.shape[2]}")
+    _check_tensors(q, k, v, window)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, _, _ = sparse_query_attention_op(q, k, v, selected, scale, int(window or 0), backward_follows)
     return out
 
 
@@ -727,6 +848,19 @@ def decomposition(reference, max_seqlen: int) -> dict:
 
 def _check_inputs(q, k, v, q_positions, valid, window) -> None:
     """Shapes, dtypes and devices, each error naming what was expected and what came."""
+    _check_tensors(q, k, v, window)
+    B, _, S, _ = q.shape
+    if tuple(q_positions.shape) != (B, S) or tuple(valid.shape) != (B, S):
+        raise ValueError(f"q_positions and valid must be (B, S) = ({B}, {S}), got {tuple(q_positions.shape)} and "
+                         f"{tuple(valid.shape)}")
+    if q_positions.is_floating_point() or valid.dtype != torch.bool:
+        raise TypeError(f"q_positions must be integer and valid bool, got {q_positions.dtype} and {valid.dtype}")
+    if any(t.device != q.device for t in (q_positions, valid)):
+        raise ValueError("q, k, v, q_positions and valid must be on one device")
+
+
+def _check_tensors(q, k, v, window) -> None:
+    """q, k and v: shapes, dtypes and devices; and the window."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, H, S, D), (B, Hkv, Tk, D), (B, Hkv, Tk, Dv); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -737,19 +871,14 @@ def _check_inputs(q, k, v, q_positions, valid, window) -> None:
                          f"{tuple(k.shape)}, v {tuple(v.shape)}")
     if Hkv == 0 or H % Hkv != 0:
         raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({Hkv}) for grouped-query attention")
-    if tuple(q_positions.shape) != (B, S) or tuple(valid.shape) != (B, S):
-        raise ValueError(f"q_positions and valid must be (B, S) = ({B}, {S}), got {tuple(q_positions.shape)} and "
-                         f"{tuple(valid.shape)}")
-    if q_positions.is_floating_point() or valid.dtype != torch.bool:
-        raise TypeError(f"q_positions must be integer and valid bool, got {q_positions.dtype} and {valid.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} is {t.dtype}; the kernel takes {', '.join(map(str, SUPPORTED_DTYPES))}: use "
                             "packed_query_attention_reference for float64")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if any(t.device != q.device for t in (k, v, q_positions, valid)):
-        raise ValueError("q, k, v, q_positions and valid must be on one device")
+    if any(t.device != q.device for t in (k, v)):
+        raise ValueError("q, k and v must be on one device")
     if D > 256 or v.shape[-1] > 256:
         raise ValueError(f"head dims up to 256 fit the kernel's register tiles, got D={D}, Dv={v.shape[-1]}")
     if window is not None and window < 1:
