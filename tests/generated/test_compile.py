@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from templates.runtime import gated_delta, ssd
@@ -125,3 +126,21 @@ def test_gradient_checkpointing_by_kind_recomputes_only_those_layers(build):
     assert not any(layer.gradient_checkpointing for layer in model.layers) and not model.gradient_checkpointing
     with pytest.raises(ValueError, match="no layer of this model has a component of kind mamba\\b.*choose among attention"):
         model.gradient_checkpointing_enable(kinds=("mamba",))
+
+
+@pytest.mark.parametrize("name", ["bamba", "hymba_plus"])
+def test_generate_compiles_the_decode_step_once_and_decodes_the_same_tokens(build, name, monkeypatch):
+    """generate(compile=True): one graph (fullgraph) for every step of two prompts (the position is a tensor, so no
+    step recompiles), and the greedy tokens of the eager step. Dynamo's CompileCounter as the backend counts the
+    graphs and runs them as traced (inductor's code generation is what the GPU run times, bench/decode.py)."""
+    model = _model(build, name).eval()
+    graphs = CompileCounter()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile_(fn, **options, backend=graphs))
+    torch._dynamo.reset()
+    vocab = model.lm_head.weight.size(0)
+    for seed in (1, 2):
+        prompt = torch.randint(0, vocab, (1, 5), generator=torch.Generator().manual_seed(seed))
+        expected = model.generate(prompt, max_new_tokens=6)
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, compile=True), expected)
+    assert graphs.frame_count == 1, f"{graphs.frame_count} graphs for 10 decode steps of one shape"
