@@ -383,6 +383,12 @@ def test_grouped_form_matches_fixed_buffer(N, E, top_k, activation, capacity_fac
     expected, expected_stats = _form_grads(moe.moe_fixed_buffer, inputs, top_k, activation, capacity_factor, grad_out)
     actual, stats = _form_grads(moe.moe_grouped, inputs, top_k, activation, capacity_factor, grad_out)
     for name, a, e in zip(["y", "x", "router_logits", "w_in", "w_out"], actual, expected, strict=True):
+        if name == "router_logits" and top_k == 1:
+            # One expert per token: its renormalised weight is identically 1, so the logits get no gradient, and
+            # what either form returns is rounding noise: both must be ~0 on the scale of the input's gradient.
+            scale = expected[1].abs().max()
+            assert a.abs().max() <= 1e-5 * scale and e.abs().max() <= 1e-5 * scale, name
+            continue
         assert_close(a, e, TOLERANCE[torch.float32], name)
     for key in ("tokens_per_expert", "dropped", "expert_index"):
         assert torch.equal(stats[key], expected_stats[key]), key
