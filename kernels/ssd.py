@@ -22,8 +22,8 @@ Every product of x, B, C and the states runs as a matrix product on the tensor c
 float32 accumulation; full float32 for float32 inputs), every decay and sum in float32. Forward, four launches:
 
   1. `_dt_cumsum_kernel`: Δ (bias, softplus) and the in-chunk prefix sums cum, (B, H, c·L) float32 each.
-  2. `_chunk_cb_kernel`: C_c B_c^T per group and chunk (B, c, G, L, L), lower blocks only; it is shared by the R heads
-     of a group (a group of 64 heads computes it once, not 64 times), and the backward reuses it.
+  2. `_chunk_cb_kernel`: C_c B_c^T per group and chunk (B, c, G, L, L), zeros above the diagonal; it is shared by the
+     R heads of a group (a group of 64 heads computes it once, not 64 times), and the backward reuses it.
   3. `_state_fwd_kernel`: per (batch, head, tile of the (P, N) state), a loop over the chunks that stores H_c and
      adds the chunk's x^T (B ⊙ decay·Δ) product: the inter-chunk recurrence and the chunk states in one pass, so the
      chunk states never reach memory. H_c is stored in x's dtype (it is a matmul operand next).
@@ -197,12 +197,15 @@ def _chunk_cb_kernel(
     b = tl.program_id(2)
     tb = tile // n_blocks
     sb = tile % n_blocks
-    if sb > tb:  # above the diagonal: never read (the decay mask is zero there)
-        return
     chunk = chunk_group // ngroups
     g = chunk_group % ngroups
     t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
+    cb_base = ((b.to(tl.int64) * nchunks + chunk) * ngroups + g) * CHUNK * CHUNK
+    cb_ptrs = cb_ptr + cb_base + t_loc[:, None] * CHUNK + s_loc[None, :]
+    if sb > tb:  # above the diagonal the decay mask is zero: zeros, for the kernels tiling the chunk at other sizes
+        tl.store(cb_ptrs, tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32))
+        return
     n = tl.arange(0, BLOCK_N)
     n_in = n < dstate
     pos_t = chunk * CHUNK + t_loc
@@ -213,8 +216,7 @@ def _chunk_cb_kernel(
                    + n[:, None] * B_stride_n, mask=(pos_s < seqlen)[None, :] & n_in[:, None], other=0.0)
     dot_ty = C_ptr.dtype.element_ty
     cb = tl.dot(_operand(C_t, dot_ty), _operand(B_sT, dot_ty), input_precision=DOT_PRECISION)
-    base = (b.to(tl.int64) * nchunks + chunk) * ngroups + g
-    tl.store(cb_ptr + base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :], cb)
+    tl.store(cb_ptrs, cb)
 
 
 @triton.jit

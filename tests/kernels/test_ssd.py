@@ -114,6 +114,15 @@ def test_matches_reference_float32(batch, seqlen, nheads, headdim, ngroups, dsta
     check(make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, seed=seqlen), chunk, torch.float32)
 
 
+def test_kernels_tile_the_chunk_independently(monkeypatch):
+    """Each kernel's tuner picks its own block size on the GPU: dB and dC read the dCB kernel's tiles at another."""
+    configs = {"output_fwd": {"BLOCK_T": 32}, "dx_bwd": {"BLOCK_T": 32}, "db_bwd": {"BLOCK_T": 32, "HEAD_SPLIT": 2},
+               "dcb_bwd": {"BLOCK_T": 16, "HEAD_SPLIT": 3}, "dc_bwd": {"BLOCK_T": 64, "HEAD_SPLIT": 1}}
+    for name, config in configs.items():
+        monkeypatch.setattr(ssd.TUNERS[name], "interpreter_config", {**config, "num_warps": 4, "num_stages": 1})
+    check(make_inputs(1, 140, 4, 8, 2, 5, seed=13), 64, torch.float32)
+
+
 def test_length_one_without_optional_inputs():
     """T = 1 (a decode-sized prefill), no D, no initial state, Δ passed as is (no bias, no softplus), only y used."""
     args = make_inputs(2, 1, 5, 8, 1, 4, seed=3, optional=False)
