@@ -141,6 +141,7 @@ class Bench:
         self.ssd = importlib.import_module("archgen_kernels.ssd")
         self.conv_kernels = importlib.import_module("archgen_kernels.causal_conv1d")
         self.step = importlib.import_module("archgen_kernels.state_update")
+        self.triton_support = importlib.import_module("archgen_kernels.triton_support")
         self.runtime_ssd = load_runtime("ssd")
         self.results: dict = {"command": command, "dry_run": dry_run}
         self.bars: list[dict] = []
@@ -323,6 +324,13 @@ class Bench:
         out["forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
         out["tuner_ms_per_config"] = {name: tuner.timings for name, tuner in self.ssd.TUNERS.items()}
         out["chosen"] = self.ssd.tuned_configs()
+        # Per kernel, the tuner's median time of the config it chose (the launches between them, the cumsum and
+        # the torch sums of partial results are not in it): where the forward+backward's time goes.
+        out["breakdown_ms"] = {
+            f"{name} {key}": timings.get(self.triton_support.config_name(out["chosen"][name][key]))
+            for name, tuner in self.ssd.TUNERS.items() for key, timings in tuner.timings.items()
+            if key in out["chosen"][name]
+        }
         # The floor: x, B, C read and y written once (bf16), the states stored and read back once (bf16).
         b, t, h, p, n = shape["batch"], shape["seqlen"], shape["nheads"], shape["headdim"], shape["dstate"]
         out["forward_min_bytes"] = 2 * (2 * b * t * h * p + 2 * b * t * shape["ngroups"] * n
