@@ -108,12 +108,15 @@ def test_outputs_are_fully_written(monkeypatch):
 
 
 def test_backward_config_with_partial_last_program():
-    """ROWS that does not divide the row count: the last program's missing rows are skipped, dw still complete;
-    tiles of several rows, at an odd and a power-of-two width."""
+    """Programs whose runs of rows do not divide the row count: the last program's missing rows are skipped, dw
+    still complete; tiles of several rows, at an odd and a power-of-two width."""
     for N, tile_rows in ((24, 1), (32, 2), (24, 4)):
-        x, w, dy = randn(10, N, seed=1), randn(N, seed=2), randn(10, N, seed=3)
+        x, w, dy = randn(11, N, seed=1), randn(N, seed=2), randn(11, N, seed=3)
         _, s, rstd = rn.rms_norm_forward(x, None, w, 1e-6)
-        ds, dw = rn.rms_norm_backward(dy, None, s, w, rstd, config={"ROWS": 4, "BLOCK_R": tile_rows, "num_warps": 4})
+        config = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": 4, "num_stages": 2}
+        programs, rows_per_program = rn.backward_grid(11, s.device, config)
+        assert programs > 1 and rows_per_program % tile_rows == 0 and programs * rows_per_program >= 11
+        ds, dw = rn.rms_norm_backward(dy, None, s, w, rstd, config=config)
         ds_ref, dw_ref = rn._backward_reference(dy, None, s, w, rstd)
         assert_close(ds, ds_ref, 1e-5, f"ds (BLOCK_R {tile_rows})")
         assert_close(dw, dw_ref, 1e-5, f"dw (BLOCK_R {tile_rows})")
@@ -169,7 +172,7 @@ def test_candidates_fit_the_row_and_put_the_default_first(N):
     assert all(c["BLOCK_R"] * block <= max(rn.MAX_TILE, block) for c in forward)
     assert forward[0]["BLOCK_R"] * block >= min(4096, block), "the default tile holds ~4096 elements (or one row)"
     assert forward[0]["BLOCK_R"] == 1 if N >= 4096 else forward[0]["BLOCK_R"] > 1
-    assert all(c in rn.BACKWARD_CONFIGS for c in backward[1:]) and backward[0]["ROWS"] % backward[0]["BLOCK_R"] == 0
+    assert all(c in rn.BACKWARD_CONFIGS and c.keys() == backward[0].keys() for c in backward[1:])
     assert all(c["BLOCK_R"] * block <= max(rn.MAX_BACKWARD_TILE, block) for c in backward)
 
 
