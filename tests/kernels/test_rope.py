@@ -1,0 +1,137 @@
+"""kernels/rope.py against the runtime op it replaces (templates/runtime/attention.py apply_rope on q and on k): every
+RoPE scaling, partial rotary, per-sequence angles, grouped heads, odd sizes, float32 and half precision; q's and k's
+gradients; the in-place path (inference) on a projection's strided view; poisoned outputs; torch.export and the
+decomposition. Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1), so shapes are small.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import rope
+from templates.runtime import attention as runtime
+from tests.numerics import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SCALINGS = {  # rope_inv_freq's keyword arguments for each scaling the spec language has
+    "none": {},
+    "linear": {"factor": 4.0},
+    "ntk": {"factor": 4.0},
+    "yarn": {"factor": 8.0, "original_max_position": 64},
+    "llama3": {"factor": 8.0, "original_max_position": 64, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
+}
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+def angles(rotary_dim: int, positions, scaling: str = "none"):
+    inv_freq, mscale = runtime.rope_inv_freq(rotary_dim, theta=10000.0, scaling=scaling, **SCALINGS[scaling])
+    return runtime.rope_cos_sin(inv_freq, torch.as_tensor(positions, device=DEVICE), mscale)
+
+
+def projected(B, H, T, D, dtype, seed):
+    """(B, H, T, D) as attention gets it: a view of a (B, T, H·D) projection, transposed (strides not contiguous)."""
+    return randn(B, T, H * D, dtype=dtype, seed=seed).view(B, T, H, D).transpose(1, 2)
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("B", "HQ", "HK", "T", "D", "R"), [(2, 4, 2, 7, 16, 16), (1, 3, 1, 5, 24, 16),
+                                                          (2, 2, 2, 9, 20, 12)], ids=lambda v: str(v))
+def test_matches_runtime_rope_with_gradients(scaling, dtype, B, HQ, HK, T, D, R):
+    q, k = projected(B, HQ, T, D, dtype, seed=1), projected(B, HK, T, D, dtype, seed=2)
+    cos, sin = angles(R, torch.arange(T) + 3, scaling)
+    dq_out, dk_out = randn(B, HQ, T, D, dtype=dtype, seed=3), randn(B, HK, T, D, dtype=dtype, seed=4)
+
+    leaves = [q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()]
+    q_rot, k_rot = rope.apply_rope_qk(*leaves, cos, sin)
+    torch.autograd.backward([q_rot, k_rot], [dq_out, dk_out])
+
+    ref_leaves = [q.detach().double().requires_grad_(), k.detach().double().requires_grad_()]
+    q_ref, k_ref = (runtime.apply_rope(t, cos.double(), sin.double()) for t in ref_leaves)
+    torch.autograd.backward([q_ref, k_ref], [dq_out.double(), dk_out.double()])
+
+    assert q_rot.dtype == dtype and leaves[0].grad.dtype == dtype
+    for name, got, want in (("q", q_rot, q_ref), ("k", k_rot, k_ref), ("dq", leaves[0].grad, ref_leaves[0].grad),
+                            ("dk", leaves[1].grad, ref_leaves[1].grad)):
+        assert_close(got.detach(), want.detach().to(dtype), TOL[dtype], name)
+    # the pass-through channels are copied exactly, and so is their gradient
+    assert torch.equal(q_rot[..., R:], q[..., R:]) and torch.equal(leaves[1].grad[..., R:], dk_out[..., R:])
+
+
+def test_in_place_without_gradients_rotates_the_projection_where_it_lies():
+    B, HQ, HK, T, D, R = 2, 4, 2, 6, 16, 8
+    q, k = projected(B, HQ, T, D, torch.float32, seed=1), projected(B, HK, T, D, torch.float32, seed=2)
+    cos, sin = angles(R, [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9]], "yarn")  # (B, T, R/2): each row its positions
+    q_ref, k_ref = runtime.apply_rope(q, cos, sin), runtime.apply_rope(k, cos, sin)
+    q_storage = q.data_ptr()
+    with torch.no_grad():
+        q_rot, k_rot = rope.apply_rope_qk(q, k, cos, sin)
+    assert q_rot is q and k_rot is k and q.data_ptr() == q_storage, "without gradients q and k rotate in place"
+    assert_close(q, q_ref, 1e-5, "q")
+    assert_close(k, k_ref, 1e-5, "k")
+
+
+def test_the_inverse_undoes_the_rotation():
+    q, k = randn(1, 2, 5, 8, seed=1), randn(1, 1, 5, 8, seed=2)
+    cos, sin = angles(8, torch.arange(5), "none")
+    q_rot, k_rot = rope.rope_forward(q, k, cos, sin)
+    q_back, k_back = rope.rope_forward(q_rot, k_rot, cos, sin, inverse=True)
+    assert_close(q_back, q, 1e-5, "q")
+    assert_close(k_back, k, 1e-5, "k")
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    real_empty_like = torch.empty_like
+    monkeypatch.setattr(rope.torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    q, k = projected(2, 3, 5, 12, torch.float32, seed=1), projected(2, 1, 5, 12, torch.float32, seed=2)
+    cos, sin = angles(8, torch.arange(5))
+    for t in rope.rope_forward(q, k, cos, sin, config=rope.INTERPRETER_CONFIG):
+        assert t.isfinite().all(), "unwritten (NaN) elements"
+
+
+def test_exports_as_one_node_and_decomposes():
+    class Rotate(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return rope.apply_rope_qk(q, k, cos, sin)
+
+    q, k = randn(1, 2, 4, 8, seed=1), randn(1, 1, 4, 8, seed=2)
+    cos, sin = angles(4, torch.arange(4))
+    program = torch.export.export(Rotate(), (q, k, cos, sin))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "archgen_v1.apply_rope_qk.default" in targets
+    lowered = program.run_decompositions(rope.decomposition(runtime_apply_rope_qk))
+    assert not any(str(n.target).startswith("archgen_v1.") for n in lowered.graph.nodes if n.op == "call_function")
+    for got, want in zip(lowered.module()(q, k, cos, sin), runtime_apply_rope_qk(q, k, cos, sin), strict=True):
+        assert_close(got, want, 1e-6)
+
+
+def runtime_apply_rope_qk(q, k, cos, sin):
+    return runtime.apply_rope_qk(q, k, cos, sin)
+
+
+def test_rejects_bad_inputs():
+    q, k = randn(1, 2, 4, 8), randn(1, 1, 4, 8)
+    cos, sin = angles(8, torch.arange(4))
+    with pytest.raises(ValueError, match="exceeds head_dim"):
+        rope.apply_rope_qk(q[..., :6], k[..., :6], cos, sin)
+    with pytest.raises(ValueError, match=r"\(T, R/2\)"):
+        rope.apply_rope_qk(q, k, cos[:3], sin[:3])
+    with pytest.raises(ValueError, match="one dtype"):
+        rope.apply_rope_qk(q, k.double(), cos, sin)
+    with pytest.raises(ValueError, match="must be"):
+        rope.apply_rope_qk(q, randn(1, 1, 5, 8), cos, sin)
