@@ -56,6 +56,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     colour = "#e4572e"
     has_cache = True
     takes_pads = True
+    rope_function = "apply_rope_qk"  # the runtime op the template rotates q and k with (the kernel's reference)
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems: list[Diagnostic] = []
@@ -165,7 +166,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         return seq_len * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads) + seq_len * kept
 
     def imports(self, config: AttentionConfig) -> dict[str, tuple[str, ...]]:
-        rope = ("apply_rope", "rope_cos_sin", "rope_inv_freq") if config.rope else ()
+        rope = (self.rope_function, "rope_cos_sin", "rope_inv_freq") if config.rope else ()
         return {"attention": ("KVCache", "attention", "hide_pads", *rope)}
 
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:

@@ -23,6 +23,7 @@ class SparseAttentionConfig(AttentionConfig):
 class SparseAttention(Attention):
     name = "sparse_attention"
     template = "attention"  # attention with a router in front: one template serves both
+    rope_function = "apply_rope"  # q (selected tokens) and k rotate at different positions: one call each
     colour = "#f3a712"
     produces_aux = True
 

@@ -70,6 +70,9 @@ KERNEL_RULES: list[KernelRule] = [
                "SwiGLU experts: silu(gate) * up in one pass forward and backward on the experts' rows (the grouped "
                "form; the fixed-buffer form of export and decoding keeps the reference)",
                when=lambda config: config.expert.activation == "swiglu"),
+    KernelRule("attention", "rope", "apply_rope_qk", "attention",
+               "RoPE on q and k in one pass (every scaling, partial rotary), in place when no gradient is needed",
+               when=lambda config: config.rope is not None),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it"),
 ]

@@ -45,7 +45,7 @@ ATTENTION_ONLY = textwrap.dedent("""\
     name: attention_only
     model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, eps: 1.0e-5}}
     mixers:
-      attn: {kind: attention, n_heads: 2, n_kv_heads: 1}
+      attn: {kind: attention, n_heads: 2, n_kv_heads: 1, rope: null}
     ffns:
       mlp: {kind: mlp, activation: swiglu, hidden: 64}
     layout: {mixers: attn*2, ffns: mlp}
@@ -182,6 +182,65 @@ def test_hspmn_kernel_decoding_equals_the_full_forward(small_hspmn):
         cache = model.empty_cache(2, 10)
         steps = [model(tokens[:, :7], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 10)]
+    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
+SMALL_ROPE = textwrap.dedent("""\
+    schema_version: 1
+    name: small_rope
+    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, eps: 1.0e-5}}
+    mixers:
+      attn:
+        kind: attention
+        n_heads: 4
+        n_kv_heads: 2
+        rope: {theta: 10000, scaling: yarn, factor: 4, original_max_position: 16, rotary_dim: 4}
+    ffns:
+      mlp: {kind: mlp, activation: swiglu, hidden: 48}
+    layout: {mixers: attn*2, ffns: mlp}
+    """)
+
+
+@pytest.fixture
+def small_rope(tmp_path, monkeypatch):
+    package = small_package(tmp_path, monkeypatch, "small_rope", SMALL_ROPE, "apply_rope_qk")
+    calls = []
+    real = package.kernels.apply_rope_qk
+    monkeypatch.setattr(package.kernels, "apply_rope_qk", lambda *args: calls.append(args[0].shape) or real(*args))
+    package.rope_calls = calls
+    return package
+
+
+def test_rope_kernel_and_reference_give_the_same_model(small_rope):
+    """YaRN on 4 of 8 head dims, grouped heads: logits, loss and every gradient with kernels/rope.py (one pass over q
+    and k) and with ops/attention.py's apply_rope_qk."""
+    torch.manual_seed(0)
+    model = small_rope.Model()
+    tokens = torch.randint(0, 64, (2, 13))
+    results = {}
+    for use in (True, False):
+        small_rope.model.USE_KERNELS = use
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert small_rope.rope_calls, "the attention layers did not call kernels.apply_rope_qk"
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+
+
+def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
+    """Without gradients the kernel rotates q and k in place: prefill and cached steps give the full pass's logits."""
+    torch.manual_seed(1)
+    model = small_rope.Model().eval()
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = model.empty_cache(2, 10)
+        steps = [model(tokens[:, :6], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(6, 10)]
+    assert small_rope.rope_calls, "the attention layers did not call kernels.apply_rope_qk"
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 

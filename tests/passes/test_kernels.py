@@ -17,7 +17,7 @@ schema_version: 1
 name: attention_only
 model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, eps: 1.0e-5}}
 mixers:
-  attn: {kind: attention, n_heads: 2, n_kv_heads: 1}
+  attn: {kind: attention, n_heads: 2, n_kv_heads: 1, rope: null}
 ffns:
   mlp: {kind: mlp, activation: swiglu, hidden: 64}
 layout: {mixers: attn*2, ffns: mlp}
@@ -28,6 +28,7 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
                  "selective_state_step": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
+ROPE_KERNELS = {"apply_rope_qk": "rope"}
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
@@ -38,9 +39,19 @@ def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
 
 def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
-    expected = {op.name: {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS}[op.kind] for op in ir.ops()
-                if op.kind in ("mamba", "rmsnorm")}
-    assert {"mamba", "rmsnorm"} <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
+    kinds = {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS}
+    expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
+    assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
+
+
+def test_attention_with_rope_gets_the_rope_kernel_and_without_rope_none(tmp_path):
+    spec = tmp_path / "attention_only.yaml"
+    spec.write_text(ATTENTION_ONLY.replace("rope: null", "rope: {theta: 10000}"))
+    ir = compile_spec(spec, None).ir
+    attention = {op.name for op in ir.ops() if op.kind == "attention"}
+    assert attention and chosen_kernels(ir) == dict.fromkeys(attention, ROPE_KERNELS)
+    spec.write_text(ATTENTION_ONLY)
+    assert chosen_kernels(compile_spec(spec, None).ir) == {}
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():
@@ -74,7 +85,7 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_
     select_kernels(ir, [windowed, full, *KERNEL_RULES])
     for op in ir.ops():
         if op.kind == "attention":
-            assert set(op.kernels) == {"attention"}
+            assert set(op.kernels) == {"attention", *ROPE_KERNELS}  # the test rules', and the real RoPE rule's
             assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
 
 
