@@ -1,0 +1,109 @@
+"""kernels/moe_router.py against the runtime ops it replaces (templates/runtime/moe.py: route_top_k,
+load_balancing_loss, router_z_loss): the chosen experts, their weights, both losses and the gradient reaching the
+logits through all three, normalised or not, with and without a ragged batch's pads, odd expert counts; poisoned
+outputs; torch.export and the decomposition. Without CUDA the kernels run in Triton's CPU interpreter.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import moe_router as mr
+from templates.runtime import moe as runtime
+from tests.numerics import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+def randn(*shape, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+
+def runtime_router(logits, top_k, normalize, valid):
+    routing = runtime.route_top_k(logits, top_k, normalize)
+    E = logits.shape[1]
+    return (routing.expert_index, routing.expert_weight,
+            runtime.load_balancing_loss(logits, routing.expert_index, E, valid=valid),
+            runtime.router_z_loss(logits, valid=valid))
+
+
+def run(router, logits, top_k, normalize, valid, d_weight):
+    leaf = logits.detach().clone().requires_grad_()
+    index, weight, balance, z = router(leaf, top_k, normalize, valid)
+    ((weight * d_weight).sum() + 0.7 * balance + 0.3 * z).backward()
+    return index, weight.detach(), balance.detach(), z.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("ragged", [False, True], ids=["all-tokens", "ragged"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "raw"])
+@pytest.mark.parametrize(("N", "E", "top_k"), [(37, 8, 2), (5, 3, 1), (70, 13, 3), (16, 16, 16)],
+                         ids=lambda v: str(v))
+def test_matches_the_runtime_router_and_losses_with_gradients(N, E, top_k, normalize, ragged):
+    logits = randn(N, E, seed=N + E, scale=2.0)
+    valid = (torch.arange(N, device=DEVICE) % 4 != 1) if ragged else None
+    d_weight = randn(N, top_k, seed=1)
+    got = run(mr.moe_router, logits, top_k, normalize, valid, d_weight)
+    want = run(runtime_router, logits.double(), top_k, normalize, valid, d_weight.double())
+    assert torch.equal(got[0], want[0]), "different experts chosen"
+    for name, a, e in zip(("weight", "load_balancing", "z_loss", "d_logits"), got[1:], want[1:], strict=True):
+        assert a.dtype == torch.float32
+        assert_close(a, e.float(), 1e-5, name)
+
+
+def test_the_reference_is_the_runtime_router():
+    logits, valid = randn(9, 5, seed=2), torch.arange(9, device=DEVICE) < 7
+    for got, want in zip(mr.moe_router_reference(logits, 2, True, valid), runtime_router(logits, 2, True, valid),
+                         strict=True):
+        assert_close(got.double(), want.double(), 1e-6)
+
+
+def test_outputs_are_fully_written(monkeypatch):
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(mr.torch, "empty", poisoned)
+    logits = randn(21, 6, seed=3)
+    outputs = mr.moe_router_forward(logits, None, 2, True, config=mr.INTERPRETER_CONFIG)
+    index = outputs[0]
+    assert ((index >= 0) & (index < 6)).all(), "unwritten expert indices"
+    for t in outputs[1:]:
+        assert t.isfinite().all(), "unwritten (NaN) elements"
+
+
+def test_exports_as_one_node_and_decomposes():
+    class Router(torch.nn.Module):
+        def forward(self, logits):
+            return mr.moe_router(logits, 2, True)
+
+    logits = randn(6, 4, seed=4)
+    program = torch.export.export(Router(), (logits,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "archgen_v1.moe_router.default" in targets
+    lowered = program.run_decompositions(mr.decomposition())
+    assert not any(str(n.target).startswith("archgen_v1.") for n in lowered.graph.nodes if n.op == "call_function")
+    for got, want in zip(lowered.module()(logits), runtime_router(logits, 2, True, None), strict=True):
+        assert_close(got.double(), want.double(), 1e-6)
+
+
+def test_rejects_bad_inputs():
+    logits = randn(4, 5)
+    with pytest.raises(ValueError, match="top_k must be in"):
+        mr.moe_router(logits, 6)
+    with pytest.raises(ValueError, match=r"\(N, E\)"):
+        mr.moe_router(logits[None], 2)
+    with pytest.raises(ValueError, match="valid must be"):
+        mr.moe_router(logits, 2, True, torch.ones(3, dtype=torch.bool, device=DEVICE))
