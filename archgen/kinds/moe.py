@@ -89,7 +89,7 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
         return rows * (2 * dims.d_model + config.in_width + config.expert.hidden) + seq_len * config.n_experts
 
     def imports(self, config: MoEConfig) -> dict[str, tuple[str, ...]]:
-        return {"moe": ("load_balancing_loss", "moe_forward", "router_z_loss")}
+        return {"moe": ("moe_forward", "moe_router")}
 
     def template_dims(self, config: MoEConfig, dims: Dims) -> dict:
         hidden = config.expert.hidden

@@ -73,6 +73,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("attention", "rope", "apply_rope_qk", "attention",
                "RoPE on q and k in one pass (every scaling, partial rotary), in place when no gradient is needed",
                when=lambda config: config.rope is not None),
+    KernelRule("moe", "moe_router", "moe_router", "moe",
+               "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
+               "backward"),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it"),
 ]

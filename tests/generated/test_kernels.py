@@ -256,9 +256,10 @@ SMALL_MOE = textwrap.dedent("""\
     """)
 
 
-def test_a_swiglu_moe_runs_the_fused_swiglu_kernel_and_computes_the_same(tmp_path, monkeypatch):
-    """The MoE kind's kernel (kernels/swiglu.py): shipped, called by the layer, and the model's logits and gradients
-    equal the reference's. A GELU MoE gets no kernel."""
+def test_a_swiglu_moe_runs_the_swiglu_and_router_kernels_and_computes_the_same(tmp_path, monkeypatch):
+    """The MoE kind's kernels (kernels/swiglu.py, kernels/moe_router.py): shipped, called by the layer, and the
+    model's logits and gradients (the router's through both auxiliary losses) equal the reference's. A GELU MoE gets
+    no SwiGLU kernel."""
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
     spec = tmp_path / "small_moe.yaml"
@@ -268,9 +269,10 @@ def test_a_swiglu_moe_runs_the_fused_swiglu_kernel_and_computes_the_same(tmp_pat
         pytest.skip("triton did not import")
     if not torch.cuda.is_available():
         package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
-    calls = []
-    real = package.kernels.swiglu
+    calls, router_calls = [], []
+    real, real_router = package.kernels.swiglu, package.kernels.moe_router
     monkeypatch.setattr(package.kernels, "swiglu", lambda h: calls.append(h.shape) or real(h))
+    monkeypatch.setattr(package.kernels, "moe_router", lambda *args: router_calls.append(args[0].shape) or real_router(*args))
     torch.manual_seed(0)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 9))
@@ -282,6 +284,7 @@ def test_a_swiglu_moe_runs_the_fused_swiglu_kernel_and_computes_the_same(tmp_pat
         out.loss.backward()
         results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert calls, "the MoE layer did not call kernels.swiglu"
+    assert router_calls, "the MoE layer did not call kernels.moe_router"
     assert_close(results[True][0], results[False][0], 1e-5, "logits")
     for name, grad in results[True][1].items():
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
