@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
-from .ops.moe import load_balancing_loss, moe_forward, router_z_loss
+from .ops.moe import moe_forward, moe_router
 from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
 from . import kernels
@@ -130,7 +130,8 @@ class Attn(nn.Module):
         k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+        q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 128) each, the slots' positions (S,)
@@ -247,6 +248,10 @@ class Moe(nn.Module):
         valid = (
             None if pads is None else (positions >= pads[:, None]).reshape(B * T)
         )  # a ragged batch's pads take no expert slot and no loss
+        router = kernels.moe_router if use_kernel(kernels.moe_router, router_logits) else moe_router
+        expert_index, expert_weight, balance, z_loss = router(
+            router_logits, 2, True, valid
+        )  # routing and both losses in one pass
         fused_swiglu = kernels.swiglu if use_kernel(kernels.swiglu, tokens) else None  # one pass, forward and backward
         y, stats = moe_forward(
             tokens,
@@ -259,11 +264,9 @@ class Moe(nn.Module):
             normalize=True,
             fused_swiglu=fused_swiglu,
             valid=valid,
+            routing=(expert_index, expert_weight),
         )
-        aux = {
-            "moe_load_balancing": 0.01 * load_balancing_loss(router_logits, stats["expert_index"], 16, valid=valid),
-            "moe_z_loss": 0.001 * router_z_loss(router_logits, valid=valid),
-        }
+        aux = {"moe_load_balancing": 0.01 * balance, "moe_z_loss": 0.001 * z_loss}
         return y.view(B, T, C), aux
 
 

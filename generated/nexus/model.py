@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
@@ -130,7 +130,8 @@ class Attn(nn.Module):
         k = self.k_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         v = self.v_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+        q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
         if cache is not None:
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 64) each, the slots' positions (S,)

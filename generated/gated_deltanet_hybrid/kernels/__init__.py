@@ -13,11 +13,15 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import rmsnorm as rmsnorm_module
+    from . import rope as rope_module
     from .rmsnorm import rms_norm
+    from .rope import apply_rope_qk
 except ImportError:  # no triton
     triton_support = None
     rmsnorm_module = None
+    rope_module = None
     rms_norm = None
+    apply_rope_qk = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -29,4 +33,8 @@ def decompositions() -> dict:
         from ..ops.norm import rms_norm as reference
 
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=8192))
+    if rope_module is not None:
+        from ..ops.attention import apply_rope_qk as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=8192))
     return table

@@ -39,6 +39,8 @@ torch.export, with fake implementations and autograd), the launchers `rms_norm_f
 TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests), as in kernels/selective_scan.py.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -53,11 +55,14 @@ MAX_TILE = 16384
 """Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
 
 FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
-BACKWARD_CONFIGS = [{"ROWS": rows, "BLOCK_R": tile_rows, "num_warps": warps} for rows in (32, 128)
-                    for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16) if tile_rows <= rows]
-MAX_BACKWARD_TILE = 4096
+BACKWARD_CONFIGS = [{"PER_SM": per_sm, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": stages}
+                    for per_sm in (1, 2, 4) for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16)
+                    for stages in (1, 2, 3)]
+MAX_BACKWARD_TILE = 8192
 """Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
-INTERPRETER_CONFIG = {"BLOCK_R": 2, "ROWS": 4, "num_warps": 4}
+INTERPRETER_CONFIG = {"BLOCK_R": 2, "PER_SM": 1, "num_warps": 4, "num_stages": 1}
+INTERPRETER_MULTIPROCESSORS = 2
+"""The SM count backward grids are sized for under the interpreter: small, so that programs take several rows."""
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -99,8 +104,8 @@ def _rms_norm_fwd_kernel(
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr, ds_out_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
-    R, N, stride_dy, stride_ds_out, stride_s, stride_ds,
-    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    R, N, rows_per_program, stride_dy, stride_ds_out, stride_s, stride_ds,
+    HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -110,8 +115,10 @@ def _rms_norm_bwd_kernel(
     else:
         w = tl.load(w_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    first = program.to(tl.int64) * ROWS
-    for start in range(0, ROWS, BLOCK_R):  # tiles of BLOCK_R rows: rows past R load zeros and add nothing to dw
+    first = program.to(tl.int64) * rows_per_program
+    # tiles of BLOCK_R rows (rows_per_program is a multiple of BLOCK_R): rows past R load zeros and add nothing to
+    # dw; the loop's loads are software-pipelined (num_stages), so the next tile streams in while this one reduces
+    for start in range(0, rows_per_program, BLOCK_R):
         rows = first + start + tl.arange(0, BLOCK_R)
         row_inside = rows < R
         if EVEN_N:
@@ -171,15 +178,32 @@ def forward_candidates(N: int) -> list[dict]:
 
 
 def backward_candidates(N: int) -> list[dict]:
-    """The backward configs that suit rows of width N, the untuned default first: tiles of BLOCK_R rows of at most
-    MAX_BACKWARD_TILE elements (or one row), ROWS rows per program (the dw partials torch sums shrink as ROWS
-    grows; the programs that fill the GPU shrink too), warps with 4 to 16 elements per thread."""
+    """The backward configs that suit rows of width N, the untuned default first: PER_SM programs per
+    multiprocessor, each taking an equal run of rows (the dw partials torch sums are PER_SM × SMs rows, whatever R),
+    in tiles of BLOCK_R rows of at most MAX_BACKWARD_TILE elements (or one row), warps with 4 to 16 elements per
+    thread, num_stages tiles in flight (software pipelining of the row loop)."""
     block = _block_n(N)
     tile_rows = min(max(2048 // block, 1), 16)
-    default = {"ROWS": 64, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block)}
+    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block), "num_stages": 2}
     fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
                and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16]
     return [default, *(c for c in fitting if c != default)]
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_MULTIPROCESSORS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def backward_grid(R: int, device: torch.device, config: dict) -> tuple[int, int]:
+    """(programs, rows_per_program) of a backward launch: at most PER_SM programs per multiprocessor, each taking
+    an equal run of whole tiles (rows_per_program is a multiple of BLOCK_R), the last one possibly shorter."""
+    tile_rows = config["BLOCK_R"]
+    programs = max(min(triton.cdiv(R, tile_rows), _multiprocessors(device) * config["PER_SM"]), 1)
+    rows_per_program = triton.cdiv(triton.cdiv(R, programs), tile_rows) * tile_rows
+    return triton.cdiv(R, rows_per_program), rows_per_program
 
 
 FORWARD_TUNER = Autotuner("rms_norm.forward", FORWARD_CONFIGS, {"BLOCK_R": INTERPRETER_CONFIG["BLOCK_R"], "num_warps": 4})
@@ -225,7 +249,7 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
                       config: dict | None = None) -> tuple[Tensor, Tensor]:
     """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's.
 
-    config: {"ROWS": …, "BLOCK_R": …, "num_warps": …} to bypass the tuner (BLOCK_R divides ROWS)."""
+    config: {"PER_SM": …, "BLOCK_R": …, "num_warps": …, "num_stages": …} to bypass the tuner."""
     shape = s.shape
     s2, dy2 = _rows(s), _rows(dy)
     ds_out2 = _rows(ds_out) if ds_out is not None else None
@@ -235,13 +259,13 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
     partial = {}
 
     def launch(cfg):
-        programs = triton.cdiv(R, cfg["ROWS"])
+        programs, rows_per_program = backward_grid(R, s.device, cfg)
         partial["dw"] = torch.empty((programs, N), device=s.device, dtype=torch.float32)
         _rms_norm_bwd_kernel[(programs,)](
             dy2, ds_out2 if ds_out2 is not None else dy2, s2, weight, rstd, ds, partial["dw"],
-            R, N, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0), ds.stride(0),
-            HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, ROWS=cfg["ROWS"], BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
-            num_warps=cfg["num_warps"],
+            R, N, rows_per_program, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0),
+            ds.stride(0), HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
     key = shape_key(N, R, s.dtype, ds_out is not None)

@@ -318,15 +318,17 @@ if TUNING_FILE.is_file():
 
 
 def register_op(name: str, impl: Callable, fake: Callable, *, backward: Callable | None = None,
-                setup_context: Callable | None = None, namespace: str = OP_NAMESPACE):
+                setup_context: Callable | None = None, namespace: str = OP_NAMESPACE,
+                mutates_args: tuple[str, ...] = ()):
     """torch.library.custom_op `archgen_v1::<name>` with its fake implementation (and autograd when `backward` is
-    given), once per process: when the op exists already (another copy of the op file registered it), that op is
-    returned and nothing is registered. An op whose signature or meaning changed passes the next namespace
-    (archgen_v2), so that a package generated before the change keeps its own op in the same process."""
+    given; torch allows none for an op that mutates its inputs, `mutates_args`), once per process: when the op exists
+    already (another copy of the op file registered it), that op is returned and nothing is registered. An op whose
+    signature or meaning changed passes the next namespace (archgen_v2), so that a package generated before the
+    change keeps its own op in the same process."""
     registered = getattr(torch.ops, namespace)
     if hasattr(registered, name):
         return getattr(registered, name)
-    op = torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=())
+    op = torch.library.custom_op(f"{namespace}::{name}", impl, mutates_args=mutates_args)
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)

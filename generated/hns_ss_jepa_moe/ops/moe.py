@@ -51,7 +51,7 @@ class RouterOutput:
 
     expert_index: Tensor  # (N, k) long, chosen experts, most probable first
     expert_weight: Tensor  # (N, k) float32 or wider, their combine weights
-    router_probs: Tensor  # (N, E) softmax over experts, same dtype
+    router_probs: Tensor | None  # (N, E) softmax over experts, same dtype; None when the caller routed (moe_router)
     router_logits: Tensor  # (N, E) same dtype
 
 
@@ -78,6 +78,25 @@ def route_top_k(logits: Tensor, top_k: int, normalize: bool = True) -> RouterOut
     if normalize:
         weight = weight / weight.sum(dim=-1, keepdim=True)
     return RouterOutput(expert_index=index, expert_weight=weight, router_probs=probs, router_logits=logits)
+
+
+def moe_router(
+    router_logits: Tensor, top_k: int, normalize: bool = True, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The routing and both auxiliary losses of a MoE layer: (expert_index (N, k), expert_weight (N, k),
+    load_balancing_loss, router_z_loss), as route_top_k and the two loss functions below define them.
+
+    The Triton kernel of the same name (kernels/moe_router.py) computes all four from one softmax, in one pass;
+    this is its reference. valid (N,) bool marks the tokens the losses count (a ragged batch's pads left out).
+    """
+    routing = route_top_k(router_logits, top_k, normalize)
+    n_experts = router_logits.shape[-1]
+    return (
+        routing.expert_index,
+        routing.expert_weight,
+        load_balancing_loss(router_logits, routing.expert_index, n_experts, valid=valid),
+        router_z_loss(router_logits, valid=valid),
+    )
 
 
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float | None = None) -> int:
@@ -126,6 +145,7 @@ def moe_forward(
     normalize: bool = True,
     fused_swiglu: Callable[[Tensor], Tensor] | None = None,
     valid: Tensor | None = None,
+    routing: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Route each token to its top-k experts and sum their outputs, weighted by the router.
 
@@ -147,6 +167,8 @@ def moe_forward(
     valid (N,) bool marks a ragged batch's real tokens (False: padding). With a capacity, the pads are routed after
     every real token, so they never take a slot a real token would get; dropless, each token is computed on its own
     and the pads change nothing.
+    routing: (expert_index, expert_weight) (N, k) each, already decided from router_logits (the generated layer's
+    moe_router, which computes the losses in the same pass); None routes here with route_top_k.
     """
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
@@ -159,11 +181,17 @@ def moe_forward(
         # The real tokens first (in token order), then the pads: capacity is given out in that order.
         order = torch.argsort((~valid).long() * N + torch.arange(N, device=x.device))  # (N,) unique keys: no stable sort
         inverse = torch.argsort(order)
+        if routing is not None:
+            routing = (routing[0].index_select(0, order), routing[1].index_select(0, order))
         y, stats = moe_forward(x.index_select(0, order), router_logits.index_select(0, order), w_in, w_out, top_k=top_k,
                                activation=activation, capacity_factor=capacity_factor, normalize=normalize,
-                               fused_swiglu=fused_swiglu)
+                               fused_swiglu=fused_swiglu, routing=routing)
         return y.index_select(0, inverse), stats | {"expert_index": stats["expert_index"].index_select(0, inverse)}
-    routing = route_top_k(router_logits, top_k, normalize)
+    if routing is None:
+        routing = route_top_k(router_logits, top_k, normalize)
+    else:
+        routing = RouterOutput(expert_index=routing[0], expert_weight=routing[1], router_probs=None,
+                               router_logits=router_logits)
     capacity = expert_capacity(N, E, top_k, capacity_factor)
     # A decode step's few tokens take the fixed-buffer form on a GPU: static shapes and no host sync, so the step can
     # be recorded in a CUDA graph (ops/decoding.py); its E/k waste is a few rows.

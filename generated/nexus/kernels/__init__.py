@@ -14,20 +14,24 @@ try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
     from . import rmsnorm as rmsnorm_module
+    from . import rope as rope_module
     from . import selective_scan as selective_scan_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .rmsnorm import rms_norm
+    from .rope import apply_rope_qk
     from .selective_scan import selective_scan
     from .state_update import selective_state_step
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
     rmsnorm_module = None
+    rope_module = None
     selective_scan_module = None
     state_update_module = None
     causal_conv1d = None
     rms_norm = None
+    apply_rope_qk = None
     selective_scan = None
     selective_state_step = None
 else:
@@ -45,6 +49,10 @@ def decompositions() -> dict:
         from ..ops.norm import rms_norm as reference
 
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=4096))
+    if rope_module is not None:
+        from ..ops.attention import apply_rope_qk as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=4096))
     if selective_scan_module is not None:
         from ..ops.ssm import selective_scan as reference
 

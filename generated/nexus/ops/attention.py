@@ -176,6 +176,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([rotated, x[..., R:]], dim=-1)  # (B, H, T, D)
 
 
+def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """
+    apply_rope on q (B, Hq, T, D) and k (B, Hk, T, D) with the same angles: what the Triton kernel kernels/rope.py
+    computes in one pass (in place when no gradient is needed).
+    """
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
 # -----------------------------------------------------------------------------
 # QK-norm
 

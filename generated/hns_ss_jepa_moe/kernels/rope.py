@@ -1,0 +1,271 @@
+"""Rotary position embedding of q and k in one Triton kernel, in place when no gradient is needed: the kernel, its
+launcher and autotune space, the custom ops (fake implementations, autograd) and the reference.
+
+For q (B, Hq, T, D), k (B, Hk, T, D) and the angles' cos, sin (T, R/2) or (B, T, R/2) in float32 (rope_cos_sin's,
+YaRN's mscale already in them), rotate-half pairing (Llama / Hugging Face): channel i < R/2 pairs with i + R/2 and::
+
+    (a, b)  ->  (a · cos - b · sin,  b · cos + a · sin)         channels R .. D-1 pass through (partial rotary)
+
+computed in float32, stored in q's and k's dtype. Every scaling the spec language has (none, linear, NTK, YaRN,
+Llama 3) lives in the inverse frequencies and mscale, hence in cos and sin: the kernel is the same for all. The
+rotation is orthogonal, so the backward is the rotation by the opposite angle (sin negated): dq = rope⁻¹(dq_out).
+
+Why a kernel: the reference slices each of q and k into halves, upcasts them, multiplies and concatenates (and
+concatenates again for partial rotary): several passes over (B, H, T, D) tensors and their float32 copies, twice. Here
+one launch reads q and k once and writes them once (in place under inference, where only the R rotated channels
+are touched), with each token's cos and sin loaded once for all heads.
+
+How: a program takes BLOCK_T tokens of one sequence, loads their cos and sin (BLOCK_T, R/2) once, then rotates
+those rows of every q head and every k head in a loop. Any strides with a unit last one (q from a projection's
+view-and-transpose is rotated where it lies).
+
+Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
+ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
+`rope_forward` with its autotune space, `apply_rope_qk_reference`, and `decomposition` for ONNX. CPU tensors take the
+reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Memory-bound and light: a program moves BLOCK_T × D elements per head, over all heads.
+CONFIGS = [{"BLOCK_T": tokens, "num_warps": warps} for tokens in (4, 8, 16, 32) for warps in (1, 2, 4, 8)]
+DEFAULT_CONFIG = {"BLOCK_T": 16, "num_warps": 4}
+INTERPRETER_CONFIG = {"BLOCK_T": 4, "num_warps": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate_head(src_ptr, dst_ptr, tokens, stride_src_t, stride_dst_t, token_inside, cos, sin, HALF, PASS,
+                 COPY_PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """One head's BLOCK_T rows: the R = 2·HALF rotated channels, and the PASS channels after them when src is not
+    dst (COPY_PASS)."""
+    pairs = tl.arange(0, BLOCK_HALF)
+    inside = token_inside[:, None] & (pairs < HALF)[None, :]
+    src = src_ptr + tokens[:, None] * stride_src_t + pairs[None, :]
+    dst = dst_ptr + tokens[:, None] * stride_dst_t + pairs[None, :]
+    a = tl.load(src, mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
+    tl.store(dst, (a * cos - b * sin).to(dst_ptr.dtype.element_ty), mask=inside)
+    tl.store(dst + HALF, (b * cos + a * sin).to(dst_ptr.dtype.element_ty), mask=inside)
+    if COPY_PASS:
+        rest = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        inside = token_inside[:, None] & (rest < 2 * HALF + PASS)[None, :]
+        values = tl.load(src_ptr + tokens[:, None] * stride_src_t + rest[None, :], mask=inside)
+        tl.store(dst_ptr + tokens[:, None] * stride_dst_t + rest[None, :], values, mask=inside)
+
+
+@triton.jit
+def _rope_kernel(
+    q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
+    T, HQ, HK, HALF, PASS,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_qob, stride_qoh, stride_qot, stride_kob, stride_koh, stride_kot,
+    stride_cb, stride_ct,
+    INVERSE: tl.constexpr,  # rotate by the opposite angle (the backward)
+    COPY_PASS: tl.constexpr,  # out of place with channels past R: copy them
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    batch = tl.program_id(1).to(tl.int64)
+    token_inside = tokens < T
+    tokens = tokens.to(tl.int64)
+    pairs = tl.arange(0, BLOCK_HALF)
+    angle_at = batch * stride_cb + tokens[:, None] * stride_ct + pairs[None, :]
+    angle_inside = token_inside[:, None] & (pairs < HALF)[None, :]
+    cos = tl.load(cos_ptr + angle_at, mask=angle_inside, other=0.0)
+    sin = tl.load(sin_ptr + angle_at, mask=angle_inside, other=0.0)
+    if INVERSE:
+        sin = -sin
+    q_src, q_dst = q_ptr + batch * stride_qb, q_out_ptr + batch * stride_qob
+    for _ in range(HQ):  # heads advance the pointers: 64-bit, where head × stride could overflow 32 bits
+        _rotate_head(q_src, q_dst, tokens, stride_qt, stride_qot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
+                     BLOCK_HALF, BLOCK_PASS)
+        q_src += stride_qh
+        q_dst += stride_qoh
+    k_src, k_dst = k_ptr + batch * stride_kb, k_out_ptr + batch * stride_kob
+    for _ in range(HK):
+        _rotate_head(k_src, k_dst, tokens, stride_kt, stride_kot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
+                     BLOCK_HALF, BLOCK_PASS)
+        k_src += stride_kh
+        k_dst += stride_koh
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher and tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+TUNER = Autotuner("rope.forward", CONFIGS, INTERPRETER_CONFIG, default=DEFAULT_CONFIG)
+
+
+def shape_key(D: int, R: int, dtype: torch.dtype) -> str:
+    """The tuning bucket: head and rotary widths and dtype; batch, heads and length only scale the work."""
+    return f"D{D}-R{R}-{dtype_name(dtype)}"
+
+
+def rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: bool = False, in_place: bool = False,
+                 config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Run the kernel: (q, k) rotated by the angles (by their opposites when `inverse`), written into q and k
+    themselves when `in_place`, else into new tensors of their layout. config {"BLOCK_T", "num_warps"} bypasses the
+    tuner."""
+    _check(q, k, cos, sin)
+    if in_place and (q.stride(-1) != 1 or k.stride(-1) != 1):
+        raise ValueError(f"rope in place needs q and k with a unit last stride, got {q.stride()} and {k.stride()}")
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    q_out, k_out = (q, k) if in_place else (torch.empty_like(q), torch.empty_like(k))
+    B, HQ, T, D = q.shape
+    HK = k.shape[1]
+    half = cos.shape[-1]
+    cos, sin = (a.to(torch.float32).contiguous() for a in (cos, sin))
+    stride_cb = cos.stride(0) if cos.dim() == 3 else 0
+    pass_through = D - 2 * half
+
+    def launch(cfg):
+        _rope_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B)](
+            q, k, q_out, k_out, cos, sin, T, HQ, HK, half, pass_through,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            stride_cb, cos.stride(-2), INVERSE=inverse, COPY_PASS=not in_place and pass_through > 0,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=triton.next_power_of_2(max(pass_through, 1)), num_warps=cfg["num_warps"],
+        )
+
+    if B and T:
+        key = shape_key(D, 2 * half, q.dtype)
+        with on_device(q):
+            known = TUNER.known(key, config)
+            launch(known if known is not None else TUNER.tune(key, launch))
+    return q_out, k_out
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): rotate the q and k of an attention op of this resolved
+    config (heads, head_dim, rope.rotary_dim) at batch × seqlen tokens, in place and not, so that inside
+    triton_support.tuning_session() the tuner tunes that bucket."""
+    del params
+    D, half = config["head_dim"], config["rope"]["rotary_dim"] // 2
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn((batch, seqlen, config["n_heads"], D), generator=generator, device=device).to(dtype)
+    k = torch.randn((batch, seqlen, config["n_kv_heads"], D), generator=generator, device=device).to(dtype)
+    angles = torch.rand((seqlen, half), generator=generator, device=device)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D) views, as a projection's output is rotated
+    rope_forward(q, k, angles.cos(), angles.sin())
+    rope_forward(q, k, angles.cos(), angles.sin(), in_place=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _use_kernel(t: Tensor) -> bool:
+    return t.is_cuda or triton_on_cpu()
+
+
+def _rope_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+    """archgen_v1::apply_rope_qk -> (q rotated, k rotated), new tensors."""
+    if not _use_kernel(q):
+        return apply_rope_qk_reference(q, k, cos, -sin if inverse else sin)
+    return rope_forward(q, k, cos, sin, inverse=inverse)
+
+
+def _rope_fake(q, k, cos, sin, inverse):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _rope_in_place_impl(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """archgen_v1::apply_rope_qk_: q and k rotated where they lie."""
+    if not _use_kernel(q):
+        q_rotated, k_rotated = apply_rope_qk_reference(q, k, cos, sin)
+        q.copy_(q_rotated)
+        k.copy_(k_rotated)
+        return
+    rope_forward(q, k, cos, sin, in_place=True)
+
+
+def _rope_in_place_fake(q, k, cos, sin):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    _q, _k, cos, sin, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.inverse = inverse
+
+
+def _backward(ctx, dq_out, dk_out):
+    cos, sin = ctx.saved_tensors
+    dq, dk = rope_op(dq_out, dk_out, cos, sin, not ctx.inverse)  # the rotation's inverse is its transpose
+    return dq, dk, None, None, None
+
+
+rope_op = register_op("apply_rope_qk", _rope_impl, _rope_fake, backward=_backward, setup_context=_setup_context)
+rope_in_place_op = register_op("apply_rope_qk_", _rope_in_place_impl, _rope_in_place_fake, mutates_args=("q", "k"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must be (B, Hq, T, D) and (B, Hk, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype:
+        raise ValueError(f"rope takes q and k of one dtype among {SUPPORTED_DTYPES}, got {q.dtype} and {k.dtype}")
+    B, _, T, D = q.shape
+    if cos.shape != sin.shape or cos.shape[-2] != T or cos.dim() not in (2, 3) or (cos.dim() == 3 and cos.shape[0] != B):
+        raise ValueError(f"cos and sin must both be (T, R/2) or (B, T, R/2) with T={T}, B={B}, got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    if 2 * cos.shape[-1] > D:
+        raise ValueError(f"rotary_dim {2 * cos.shape[-1]} (2 * cos.size(-1)) exceeds head_dim {D}")
+
+
+def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """(q, k) each rotated by the angles; ops/attention.py's `apply_rope_qk`. In place (q and k are returned) when
+    no gradient is needed, so inference and decoding allocate nothing; differentiable (new tensors) otherwise and
+    while torch.export traces."""
+    _check(q, k, cos, sin)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if needs_grad or torch.compiler.is_exporting() or q.stride(-1) != 1 or k.stride(-1) != 1:
+        return rope_op(q, k, cos, sin, False)
+    rope_in_place_op(q, k, cos, sin)
+    return q, k
+
+
+def apply_rope_qk_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """The definition (ops/attention.py's apply_rope on each): float32 (float64 stays float64), one cast back."""
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    R = 2 * cos.size(-1)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos, sin = cos.unsqueeze(-3).to(dtype), sin.unsqueeze(-3).to(dtype)  # broadcast over heads
+    a, b = x[..., : R // 2].to(dtype), x[..., R // 2 : R].to(dtype)
+    rotated = torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1).to(x.dtype)
+    return torch.cat([rotated, x[..., R:]], dim=-1)
+
+
+def decomposition(reference=None, max_seqlen: int | None = None) -> dict:
+    """{archgen_v1::apply_rope_qk: the op written with `reference`}: how exporters that cannot run Triton (ONNX)
+    lower it (the in-place op is never traced: the entry point takes the functional one while exporting).
+    reference: a generated package's ops/attention.py `apply_rope_qk` (default: this file's); max_seqlen is not
+    needed (tokens are independent) and accepted for the common signature of kernels' decompositions."""
+    reference = apply_rope_qk_reference if reference is None else reference
+
+    def apply_rope_qk_decomposed(q, k, cos, sin, inverse):
+        return reference(q, k, cos, -sin if inverse else sin)
+
+    return {op_overload("apply_rope_qk"): apply_rope_qk_decomposed}
