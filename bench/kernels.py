@@ -196,7 +196,7 @@ class Bench:
         if dtype == torch.bfloat16 and dim % 16 == 0:
             return
         key = self.ss.shape_key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
-        fixed = {"BLOCK_D": 32, "num_warps": 4}
+        fixed = self.ss.DEFAULT_CONFIG
         self.ss.pin_configs({"forward": {key: fixed}, "backward": {key: fixed}})
 
     def seed_widths(self) -> dict:
