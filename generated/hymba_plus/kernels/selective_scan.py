@@ -29,21 +29,19 @@ Checkpoints, for the backward. When gradients are needed the forward also writes
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
 N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
 
-How the backward works. Same grid; chunks in reverse order. Per chunk it recomputes the chunk's states from its
-checkpoint, as a log-depth `tl.associative_scan` along time over (decay, input) pairs of (CHUNK, BLOCK_D, N) tiles
-(composing two steps h ↦ a·h + x multiplies decays in [0, 1], so it is stable for any Δ·A), then runs the adjoint
-recurrence backwards in time. With
-ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its gradient (dȳ_t = dy_t without z):
+How the backward works. Same grid, same layout (one channel per lane, states in registers); chunks in reverse
+order. With ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its gradient (dȳ_t = dy_t
+without z), the adjoint runs backwards in time, one step after the other:
 
-    g_t = dL/dh_t = dȳ_t C_t + a_{t+1} g_{t+1}
+    g_t = dL/dh_t = dȳ_t C_t + a_{t+1} g_{t+1}        starting from dL/d final_state; a_0 g_0 is dL/d initial_state
 
-as a reverse `tl.associative_scan`. Its coefficient is the *next* step's decay, which a scan over per-step
-elements cannot see, so each segment of steps carries (first decay, link, gradient): for steps s..e,
-g_s = gradient + link · w with w = a_{e+1} g_{e+1} the adjoint flowing in from after the segment and
-link = Π_{s<t≤e} a_t; joining an earlier segment E to a later one L gives link_E · first_L · link_L and
-gradient_E + link_E · first_L · gradient_L (see `_adjoint_combine`). The adjoint entering the chunk from later
-chunks is carried across chunks like the state is in the forward (it starts as dL/d final_state), and
-a_{t0} g_{t0} of the chunk's first step is what flows into the previous chunk — at t0 = 0 it is dL/d initial_state.
+It needs h_t at every step, in reverse order, and the forward keeps only a checkpoint per chunk. A lane cannot hold
+CHUNK · N states, so the chunk is cut into pieces of SUB steps (BACKWARD_SUB_CHUNK), last piece first: for each, the
+forward runs again from the chunk's checkpoint up to the piece's end, holding the piece's SUB states in a
+(SUB, N, BLOCK_D) register tile (its time axis lies within the lane, so writing and reading a row are moves), then
+the adjoint runs back over the piece. That costs (CHUNK / SUB + 1) / 2 exp2 per step and state for the states, and
+one for a_{t+1}: exp2s are cheap next to the sums over channels below, which cross lanes.
+
 Then, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed):
 
     dΔ_t = Σ_n g_t (a_t h_{t-1}) A  +  u_t Σ_n g_t B_t        d delta_t = dΔ_t · sigmoid(delta_t + delta_bias)
@@ -51,8 +49,9 @@ Then, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed
     dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
     dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
 
-Reductions are deterministic, without atomics: dA, dD and d delta_bias are summed per program over time and
-written per batch row ((B, D, N), (B, D)), dB and dC per block of channels ((B, T, blocks, N)); torch sums those.
+Reductions are deterministic, without atomics: dA, dD and d delta_bias are summed per lane over time and written
+per batch row ((B, D, N), (B, D)), dB and dC across the lanes of a block of channels, per block ((B, T, blocks, N));
+torch sums those. The sums over n stay within a lane; the sums over channels (dB_t, dC_t) are what crosses lanes.
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -76,16 +75,21 @@ from torch import Tensor
 from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
 
 CHUNK_SIZE = 16
-"""Time steps per chunk (a power of two). The forward's tiles are (CHUNK, BLOCK_D, N) and it checkpoints one
-state per chunk; larger chunks halve the checkpoint bytes but double the registers the backward's tiles take."""
+"""Time steps per chunk (a power of two): the forward unrolls a chunk and checkpoints the state entering it; larger
+chunks halve the checkpoint bytes but make the backward recompute more steps (see the module docstring)."""
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
+_LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-# Autotune spaces. BLOCK_D is the number of channels per program. The forward puts one channel on each lane (its N
-# states in registers), so its block is 32 lanes per warp; the backward's tiles hold CHUNK · BLOCK_D · N float32
-# values, several of them live at once, hence its small blocks and more warps.
-FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (2, 1, 4, 8)]
-BACKWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block in (16, 32, 64) for warps in (4, 8)]
+BACKWARD_SUB_CHUNK = 4
+"""Steps whose states the backward holds at once, per lane: SUB · N float32 registers."""
+
+# Autotune spaces. BLOCK_D is the number of channels per program; both kernels put one channel on each lane (its N
+# states in registers), so a block is 32 channels per warp.
+FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (1, 2, 4, 8)]
+BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (1, 2, 4, 8)]
+DEFAULT_CONFIG = {"BLOCK_D": 64, "num_warps": 2}
+"""What an untuned shape runs when the package does not tune at run time (a generated package)."""
 INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune."""
 
@@ -95,22 +99,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _affine_combine(decay_early, state_early, decay_late, state_late):
-    """Two consecutive steps h ↦ a·h + x as one step: the early one, then the late one."""
-    return decay_early * decay_late, decay_late * state_early + state_late
-
-
-@triton.jit
-def _adjoint_combine(first_late, link_late, grad_late, first_early, link_early, grad_early):
-    """Join two consecutive segments of the adjoint recurrence g_t = q_t + a_{t+1} g_{t+1} (module docstring).
-
-    A reverse scan hands over the accumulated later segment first, then the earlier one.
-    """
-    bridge = link_early * first_late  # Π of the decays after the early segment's first step, up to the late one's first
-    return first_early, bridge * link_late, grad_early + bridge * grad_late
 
 
 @triton.jit
@@ -124,50 +112,55 @@ def _softplus(x):
 
 
 @triton.jit
-def _tile_offsets(batch, t0, stride_b, stride_t, stride_col, rows, cols):
-    """Element offsets of the (rows, cols) tile at time t0 of one batch row of a (B, T, cols) tensor.
-
-    The batch and chunk starts are int64 (B·T·D passes 2**31 at long contexts); the in-tile offsets stay int32.
-    """
-    base = tl.cast(batch, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t
-    return base + rows[:, None] * stride_t + cols[None, :] * stride_col
-
-
-@triton.jit
-def _state_offsets(batch, stride_b, stride_d, stride_n, d_offs, n_offs):
-    """Element offsets of a (BLOCK_D, BLOCK_N) block of a (B, D, N) state."""
-    return tl.cast(batch, tl.int64) * stride_b + d_offs[:, None] * stride_d + n_offs[None, :] * stride_n
-
-
-@triton.jit
-def _chunk_states(decay, inp, entering_state):
-    """States of one chunk: a log-depth scan of h_t = a_t h_{t-1} + x_t along time from a zero start, plus the
-    entering state times the decay since the chunk start. decay, inp: (CHUNK, BLOCK_D, BLOCK_N)."""
-    decay_since_start, states = tl.associative_scan((decay, inp), 0, _affine_combine)
-    return states + decay_since_start * entering_state[None, :, :]
-
-
-@triton.jit
-def _row(tile, rows, index):
-    """tile[index] of a (CHUNK, ...) register tile, as a masked sum (registers cannot be indexed)."""
-    return tl.sum(tl.where(rows[:, None, None] == index, tile, 0.0), axis=0)
-
-
-@triton.jit
 def _step_offsets(batch, t, stride_b, stride_t, stride_col, cols):
     """Element offsets of row t of one batch row of a (B, T, cols) tensor (int64 base: B·T·D passes 2**31)."""
     return tl.cast(batch, tl.int64) * stride_b + tl.cast(t, tl.int64) * stride_t + cols * stride_col
 
 
 @triton.jit
-def _state_offsets_by_state(batch, stride_b, stride_d, stride_n, n_offs, d_offs):
-    """Element offsets of a (BLOCK_N, BLOCK_D) block of a (B, D, N) state: the forward's transposed state."""
+def _state_offsets(batch, stride_b, stride_d, stride_n, n_offs, d_offs):
+    """Element offsets of a (BLOCK_N, BLOCK_D) block of a (B, D, N) state: the kernels hold states transposed."""
     return tl.cast(batch, tl.int64) * stride_b + n_offs[:, None] * stride_n + d_offs[None, :] * stride_d
 
 
-# Stride 1 along the state (A, and the (B, D, N) states are contiguous in n) would make Triton vectorise those loads
-# and stores along n and lay the forward's whole (N, BLOCK_D) state out with several lanes per channel, so that every
-# y_t would need shuffles across lanes; unspecialised, each lane holds one channel with all N states in registers.
+@triton.jit
+def _step_row(ptr, stride_b, stride_t, stride_col, pid_b, t, cols, mask):
+    """Row t of one batch row of a (B, T, cols) tensor, in float32 (0 where masked)."""
+    return tl.load(ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_col, cols), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _step_delta(delta_ptr, stride_b, stride_t, stride_d, pid_b, t, d_offs, td_in, bias,
+                HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """(delta_t + bias, Δ_t) of one step for a row of channels; Δ = 0 past the end (an identity step)."""
+    raw = tl.load(delta_ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_d, d_offs),
+                  mask=td_in, other=0.0).to(tl.float32)
+    if HAS_DELTA_BIAS:
+        raw += bias
+    dt = _softplus(raw) if DELTA_SOFTPLUS else raw
+    return raw, tl.where(td_in, dt, 0.0)
+
+
+@triton.jit
+def _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
+                  u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                  delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                  B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                  HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t for the (BLOCK_N, BLOCK_D) state of a row of channels."""
+    td_in = tl.where(t < seqlen, d_in, False)
+    tn_in = tl.where(t < seqlen, n_in, False)
+    u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
+    _, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs, td_in, bias,
+                        HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+    B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
+    return tl.exp2(dt[None, :] * A_log2) * state + (dt * u)[None, :] * B[:, None]
+
+
+# Both kernels: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
+# those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
+# sum over n (y_t, and the backward's) would need shuffles across lanes; unspecialised, each lane holds one channel
+# with all N states in registers.
 @triton.jit(do_not_specialize=["A_stride_n", "init_stride_n", "final_stride_n", "ckpt_stride_n"])
 def _selective_scan_fwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
@@ -207,17 +200,18 @@ def _selective_scan_fwd_kernel(
     A_log2 = A.to(tl.float32) * _LOG2E
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_INITIAL_STATE:
-        init_offs = _state_offsets_by_state(pid_b, init_stride_b, init_stride_d, init_stride_n, n_offs, d_offs)
+        init_offs = _state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, n_offs, d_offs)
         state = tl.load(init_ptr + init_offs, mask=nd_in, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
     for chunk in range(n_chunks):
         if SAVE_CHECKPOINTS:
-            ckpt_offs = _state_offsets_by_state(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
+            ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
             tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=nd_in)
         # One step at a time, unrolled: a step's loads do not depend on the state, so the compiler issues them
         # ahead of the exp2s of the steps before; each lane runs the recurrence of its channel in registers.
@@ -225,36 +219,27 @@ def _selective_scan_fwd_kernel(
             t = chunk * CHUNK + step
             td_in = tl.where(t < seqlen, d_in, False)  # not d_in & (t < seqlen): Triton's interpreter refuses that mask
             tn_in = tl.where(t < seqlen, n_in, False)
-            u = tl.load(u_ptr + _step_offsets(pid_b, t, u_stride_b, u_stride_t, u_stride_d, d_offs),
-                        mask=td_in, other=0.0).to(tl.float32)
-            dt = tl.load(delta_ptr + _step_offsets(pid_b, t, delta_stride_b, delta_stride_t, delta_stride_d, d_offs),
-                         mask=td_in, other=0.0).to(tl.float32)
-            if HAS_DELTA_BIAS:
-                dt += bias
-            if DELTA_SOFTPLUS:
-                dt = _softplus(dt)
-            dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-            B = tl.load(B_ptr + _step_offsets(pid_b, t, B_stride_b, B_stride_t, B_stride_n, n_offs),
-                        mask=tn_in, other=0.0).to(tl.float32)
-            C = tl.load(C_ptr + _step_offsets(pid_b, t, C_stride_b, C_stride_t, C_stride_n, n_offs),
-                        mask=tn_in, other=0.0).to(tl.float32)
+            u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
+            _, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs, td_in,
+                                bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
+            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
 
             state = tl.exp2(dt[None, :] * A_log2) * state + (dt * u)[None, :] * B[:, None]
             y = tl.sum(state * C[:, None], axis=0)  # (BLOCK_D,): a sum within each lane
             if HAS_D:
                 y += skip * u
             if HAS_Z:
-                z = tl.load(z_ptr + _step_offsets(pid_b, t, z_stride_b, z_stride_t, z_stride_d, d_offs),
-                            mask=td_in, other=0.0).to(tl.float32)
+                z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in)
                 y *= z * tl.sigmoid(z)
             tl.store(y_ptr + _step_offsets(pid_b, t, y_stride_b, y_stride_t, y_stride_d, d_offs),
                      y.to(y_ptr.dtype.element_ty), mask=td_in)
 
-    final_offs = _state_offsets_by_state(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
+    final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
     tl.store(final_ptr + final_offs, state, mask=nd_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["A_stride_n", "ckpt_stride_n", "dfinal_stride_n", "dA_part_stride_n", "dinit_stride_n"])
 def _selective_scan_bwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
     delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
@@ -277,133 +262,129 @@ def _selective_scan_bwd_kernel(
     dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
     dinit_ptr, dinit_stride_b, dinit_stride_d, dinit_stride_n,
     seqlen, n_chunks, dim, dstate,
-    HAS_D: tl.constexpr,  # as in the forward
+    HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr,
     HAS_INITIAL_STATE: tl.constexpr,  # write dL/d initial_state
     DELTA_SOFTPLUS: tl.constexpr,
     HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
+    SUB: tl.constexpr,  # steps whose states are held at once (divides CHUNK)
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
+    sub_rows = tl.arange(0, SUB)[:, None, None]
     d_in = d_offs < dim
     n_in = n_offs < dstate
-    dn_in = d_in[:, None] & n_in[None, :]
+    nd_in = n_in[:, None] & d_in[None, :]
 
-    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
-    A = A.to(tl.float32)
-    A_log2 = A * _LOG2E
+    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
+    A_log2 = A.to(tl.float32) * _LOG2E  # (BLOCK_N, BLOCK_D), like the forward's state; A itself is not kept
+    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    # The adjoint flowing into the last state of the current chunk from everything after it.
+    # a_{t+1} g_{t+1}: the adjoint flowing into the state of the step being processed from everything after it.
     if HAS_DFINAL:
-        dfinal_offs = _state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, d_offs, n_offs)
-        adjoint_in = tl.load(dfinal_ptr + dfinal_offs, mask=dn_in, other=0.0).to(tl.float32)
+        dfinal_offs = _state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, n_offs, d_offs)
+        adjoint = tl.load(dfinal_ptr + dfinal_offs, mask=nd_in, other=0.0).to(tl.float32)
     else:
-        adjoint_in = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        adjoint = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    ones = tl.full((CHUNK, BLOCK_D, BLOCK_N), 1.0, tl.float32)
 
+    ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
-        t0 = chunk * CHUNK
-        t_in = (t0 + rows) < seqlen
-        td_in = t_in[:, None] & d_in[None, :]
-        tn_in = t_in[:, None] & n_in[None, :]
+        # The chunk's pieces of SUB steps, last first. For each, the forward runs again from the chunk's checkpoint
+        # to the piece's end, holding the piece's SUB states (in registers: the time axis lies within each lane),
+        # then the adjoint runs back over the piece. Recomputing the steps before the piece costs exp2s (on
+        # average (CHUNK / SUB + 1) / 2 per step and state), which are cheaper than holding CHUNK states per lane.
+        for piece_from_end in range(CHUNK // SUB):
+            t_piece = chunk * CHUNK + (CHUNK // SUB - 1 - piece_from_end) * SUB
+            state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
+            for t in range(chunk * CHUNK, t_piece):
+                state = _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
+                                      u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                                      delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                                      B_ptr, B_stride_b, B_stride_t, B_stride_n, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            states = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=tl.float32)
+            for i in tl.static_range(SUB):
+                state = _forward_step(state, t_piece + i, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
+                                      u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                                      delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                                      B_ptr, B_stride_b, B_stride_t, B_stride_n, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+                states = tl.where(sub_rows == i, state[None, :, :], states)
 
-        # Recompute the chunk's forward from its checkpoint.
-        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
-                    mask=td_in, other=0.0).to(tl.float32)
-        dt_raw = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
-                         mask=td_in, other=0.0).to(tl.float32)
-        if HAS_DELTA_BIAS:
-            dt_raw += bias[None, :]
-        if DELTA_SOFTPLUS:
-            dt = _softplus(dt_raw)
-        else:
-            dt = dt_raw
-        dt = tl.where(td_in, dt, 0.0)
-        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
-        entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
+            for i in tl.static_range(SUB - 1, -1, -1):
+                t = t_piece + i
+                td_in = tl.where(t < seqlen, d_in, False)
+                tn_in = tl.where(t < seqlen, n_in, False)
+                # h_t, read out of the held states: a sum whose other terms are -0.0, which the compiler drops
+                h = tl.sum(tl.where(sub_rows == i, states, -0.0), axis=0)
+                u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
+                dt_raw, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs,
+                                         td_in, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+                B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
+                C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
+                dy = _step_row(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t, d_offs, td_in)
+                decay = tl.exp2(dt[None, :] * A_log2)
+                dtu = dt * u
+                inp = dtu[None, :] * B[:, None]
 
-        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])
-        dtu = dt * u
-        inp = dtu[:, :, None] * B[:, None, :]
-        states = _chunk_states(decay, inp, entering)
+                # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero past the end).
+                if HAS_Z:
+                    z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in)
+                    y = tl.sum(h * C[:, None], axis=0) + skip * u
+                    gate = tl.sigmoid(z)
+                    dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+                    tl.store(dz_ptr + _step_offsets(pid_b, t, dz_stride_b, dz_stride_t, dz_stride_d, d_offs),
+                             dz.to(dz_ptr.dtype.element_ty), mask=td_in)
+                    dy_ssm = dy * z * gate
+                else:
+                    dy_ssm = dy
+                du = dy_ssm * skip
+                dD_acc += dy_ssm * u
 
-        # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero at padded steps).
-        dy = tl.load(dy_ptr + _tile_offsets(pid_b, t0, dy_stride_b, dy_stride_t, dy_stride_d, rows, d_offs),
-                     mask=td_in, other=0.0).to(tl.float32)
-        if HAS_Z:
-            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
-                        mask=td_in, other=0.0).to(tl.float32)
-            y = tl.sum(states * C[:, None, :], axis=2)
-            if HAS_D:
-                y += skip[None, :] * u
-            gate = tl.sigmoid(z)
-            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
-                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
-            dy_ssm = dy * z * gate
-        else:
-            dy_ssm = dy
-        if HAS_D:
-            du = dy_ssm * skip[None, :]
-            dD_acc += tl.sum(dy_ssm * u, axis=0)
-        else:
-            du = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+                g = dy_ssm[None, :] * C[:, None] + adjoint  # dL/dh_t
+                # dB, dC: this block's share of the sum over channels (a sum across lanes).
+                dC_part = tl.sum(dy_ssm[None, :] * h, axis=1)  # (BLOCK_N,)
+                dB_part = tl.sum(g * dtu[None, :], axis=1)
+                part_offs = pid_d * dC_part_stride_blk + _step_offsets(pid_b, t, dC_part_stride_b, dC_part_stride_t,
+                                                                        dC_part_stride_n, n_offs)
+                tl.store(dC_part_ptr + part_offs, dC_part, mask=tn_in)
+                part_offs = pid_d * dB_part_stride_blk + _step_offsets(pid_b, t, dB_part_stride_b, dB_part_stride_t,
+                                                                        dB_part_stride_n, n_offs)
+                tl.store(dB_part_ptr + part_offs, dB_part, mask=tn_in)
 
-        # The adjoint g_t of every state of the chunk (module docstring).
-        q = dy_ssm[:, :, None] * C[:, None, :]
-        _, link, grad = tl.associative_scan((decay, ones, q), 0, _adjoint_combine, reverse=True)
-        g = grad + link * adjoint_in[None, :, :]
-
-        # dB, dC: this block's share of the sum over channels.
-        dC_part = tl.sum(dy_ssm[:, :, None] * states, axis=1)  # (CHUNK, BLOCK_N)
-        dB_part = tl.sum(g * dtu[:, :, None], axis=1)
-        tl.store(dC_part_ptr + pid_d * dC_part_stride_blk
-                 + _tile_offsets(pid_b, t0, dC_part_stride_b, dC_part_stride_t, dC_part_stride_n, rows, n_offs),
-                 dC_part, mask=tn_in)
-        tl.store(dB_part_ptr + pid_d * dB_part_stride_blk
-                 + _tile_offsets(pid_b, t0, dB_part_stride_b, dB_part_stride_t, dB_part_stride_n, rows, n_offs),
-                 dB_part, mask=tn_in)
-
-        # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
-        g_dot_B = tl.sum(g * B[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
-        g_decayed = g * (states - inp)
-        ddt = tl.sum(g_decayed * A[None, :, :], axis=2) + u * g_dot_B
-        du += dt * g_dot_B
-        dA_acc += tl.sum(g_decayed * dt[:, :, None], axis=0)
-        if DELTA_SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_raw)
-        ddt = tl.where(td_in, ddt, 0.0)  # padded steps have a state but no delta
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
-                 du.to(du_ptr.dtype.element_ty), mask=td_in)
-        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
-                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
-
-        adjoint_in = _row(decay * g, rows, 0)  # a_{t0} g_{t0}: into the previous chunk's last state
+                # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
+                g_dot_B = tl.sum(g * B[:, None], axis=0)  # (BLOCK_D,)
+                g_decayed = g * (h - inp)
+                ddt = tl.sum(g_decayed * A_log2, axis=0) * _LN2 + u * g_dot_B
+                du += dt * g_dot_B
+                dA_acc += g_decayed * dt[None, :]
+                if DELTA_SOFTPLUS:
+                    ddt = ddt * tl.sigmoid(dt_raw)
+                ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
+                dbias_acc += ddt
+                tl.store(du_ptr + _step_offsets(pid_b, t, du_stride_b, du_stride_t, du_stride_d, d_offs),
+                         du.to(du_ptr.dtype.element_ty), mask=td_in)
+                tl.store(ddelta_ptr + _step_offsets(pid_b, t, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, d_offs),
+                         ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
+                adjoint = decay * g  # into the state of step t - 1
 
     if HAS_INITIAL_STATE:
-        dinit_offs = _state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, d_offs, n_offs)
-        tl.store(dinit_ptr + dinit_offs, adjoint_in.to(dinit_ptr.dtype.element_ty), mask=dn_in)
-    dA_offs = _state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, d_offs, n_offs)
-    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=dn_in)
+        dinit_offs = _state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, n_offs, d_offs)
+        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=nd_in)
+    dA_offs = _state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, n_offs, d_offs)
+    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=nd_in)
     if HAS_D:
         tl.store(dD_part_ptr + pid_b.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
     if HAS_DELTA_BIAS:
@@ -431,8 +412,8 @@ def _explicit(config: dict | None) -> dict | None:
     return None if config is None else {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4)}
 
 
-FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
-BACKWARD_TUNER = Autotuner("selective_scan.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
+FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, DEFAULT_CONFIG)
+BACKWARD_TUNER = Autotuner("selective_scan.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG, DEFAULT_CONFIG)
 
 
 def tuned_configs() -> dict:
@@ -587,7 +568,8 @@ def selective_scan_backward(
     constexprs = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
-        HAS_DFINAL=dfinal_state is not None, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
+        HAS_DFINAL=dfinal_state is not None, CHUNK=chunk_size, SUB=min(chunk_size, BACKWARD_SUB_CHUNK),
+        BLOCK_N=triton.next_power_of_2(dstate),
     )
 
     def launch(cfg):
