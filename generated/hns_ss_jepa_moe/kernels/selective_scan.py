@@ -310,6 +310,7 @@ def _selective_scan_bwd_kernel(
         for piece_from_end in range(CHUNK // SUB):
             t_piece = chunk * CHUNK + (CHUNK // SUB - 1 - piece_from_end) * SUB
             state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
+            state = state.to(tl.float32)
             for t in range(chunk * CHUNK, t_piece):
                 state = _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
                                       u_ptr, u_stride_b, u_stride_t, u_stride_d,
