@@ -95,6 +95,7 @@ OUTPUT_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
 ]
 STATE_BWD_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
@@ -105,6 +106,7 @@ ROW_BWD_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
 ]
 GROUP_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 8, "num_stages": 2},
