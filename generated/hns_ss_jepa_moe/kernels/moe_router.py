@@ -41,7 +41,7 @@ from .triton_support import Autotuner, dtype_name, on_device, op_overload, regis
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_EXPERTS = 1024
 """Most experts one tile holds (a program keeps BLOCK_N × next_pow2(E) float32 values in registers)."""
-CONFIGS = [{"BLOCK_N": rows, "num_warps": warps} for rows in (16, 32, 64, 128) for warps in (1, 2, 4, 8)]
+CONFIGS = [{"BLOCK_N": rows, "num_warps": warps} for rows in (32, 64, 128) for warps in (2, 4)]
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4}
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1}
 
