@@ -348,10 +348,11 @@ class Bench:
         batch, seqlen, dim, dstate = 8, 4096, 4096, 16
         args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=6)
         # mamba_ssm takes channels-first u, delta, z (B, D, L) and B, C (B, N, L); the transposes are not timed.
-        cf = {k: args[k].transpose(1, 2).contiguous() for k in ("u", "delta", "z", "B", "C")}
-        def theirs_fn(u, delta, B, C, z):
-            return selective_scan_fn(u, delta, args["A"], B, C, args["D"], z=z, delta_bias=args["delta_bias"],
-                                     delta_softplus=True)
+        channels_first = ("u", "delta", "z", "B", "C")
+        cf = {k: (v.transpose(1, 2).contiguous() if k in channels_first else v) for k, v in args.items()}
+
+        def theirs_fn(u, delta, A, B, C, D, z, delta_bias):
+            return selective_scan_fn(u, delta, A, B, C, D, z=z, delta_bias=delta_bias, delta_softplus=True)
 
         with torch.no_grad():
             ss.selective_scan(**args)  # autotunes this width if it was not tuned yet
@@ -378,7 +379,33 @@ class Bench:
         result["mamba_ssm_forward_backward_ms"] = self.time_ms(theirs_fwd_bwd, grad_to_none=list(theirs_leaves.values()))
         result["ratio_kernel_over_mamba_ssm_forward_backward"] = (result["kernel_forward_backward_ms"]
                                                                   / result["mamba_ssm_forward_backward_ms"])
+
+        # Every gradient of one step against mamba_ssm's (an independent implementation) at this shape.
+        for leaf in (*ours_leaves.values(), *theirs_leaves.values()):
+            leaf.grad = None
+        ours_fwd_bwd()
+        theirs_fwd_bwd()
+        gradients = {}
+        for name in args:
+            theirs_grad = theirs_leaves[name].grad
+            theirs_grad = theirs_grad.transpose(1, 2) if name in channels_first else theirs_grad
+            gradients[f"d{name}"] = _errors(ours_leaves[name].grad.float(), theirs_grad.float())["max_rel"]
+        result["gradients_relative_difference"] = gradients
+        result["numerics_ok"] = (result["outputs_relative_difference"] <= 3e-2
+                                 and all(err <= 3e-2 for err in gradients.values()))
+        result["bars"] = [self.bar_entry(f"Mamba-1 selective scan {phase} (B8 L4096 D4096 N16 bf16)",
+                                         result[f"kernel_{phase.replace('+', '_')}_ms"],
+                                         result[f"mamba_ssm_{phase.replace('+', '_')}_ms"])
+                          for phase in ("forward", "forward+backward")]
         return result
+
+    def bar_entry(self, figure: str, archgen_ms: float, reference_ms: float) -> dict:
+        """One figure in bench/results/bars.json's format: ratio = mamba_ssm's time / archgen's (above 1: archgen
+        faster), bar 1.0 (issue 10: at least as fast as selective_scan_fn)."""
+        return {"figure": figure, "archgen": archgen_ms, "unit": "ms", "reference": "mamba_ssm selective_scan_fn (CUDA)",
+                "reference_value": reference_ms, "ratio": reference_ms / archgen_ms, "bar": 1.0,
+                "device": self.torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                "command": self.results.get("command")}
 
 
 def _load_mamba_ssm_from_sdist(sdist: Path) -> dict:
