@@ -45,6 +45,10 @@ FORWARD_CONFIGS = [
     {"BLOCK_T": 32, "BLOCK_D": 256, "num_warps": 8},
     {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
     {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4},
+    # Narrow channel blocks, many threads: more loads in flight per register (flash-linear-attention's conv tunes
+    # BLOCK_D 16-128 with 4-32 warps at 64 steps).
+    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8},
+    {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4},
 ]
 # The K shifted loads of a tile come from L1/L2, not memory, but still move K times the tile's bytes: at (8, 4096, 4096)
 # bf16 the forward ran at 0.6 of the copy rate. The gathering variant loads each input once (one tile, overlapping
@@ -61,6 +65,8 @@ BACKWARD_CONFIGS = [
     {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4},
     {"BLOCK_T": 32, "BLOCK_D": 256, "num_warps": 8},
     {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
+    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8},
+    {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 
