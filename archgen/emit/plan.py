@@ -124,6 +124,7 @@ class EmitPlan:
     tie_embeddings: bool
     norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)", "FusedRMSNorm(...)"
     norm_kernel: KernelChoice | None  # the norms' kernel: FusedRMSNorm runs it, blocks fuse the residual add into it
+    norm_zero_centered: bool  # the model's RMSNorms scale by 1 + weight: ZeroCenteredRMSNorm
     max_seq_len: int
     init_std: float
     n_layers: int
@@ -259,6 +260,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
+        norm_zero_centered=norm_dims["zero_centered"],
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,

@@ -86,7 +86,8 @@ class _Builder:
 
 def lower(resolved: ResolvedSpec) -> IR:
     model = resolved.model
-    dims = Dims(resolved.d_model, model.vocab_size, resolved.n_layers, model.max_seq_len, model.norm.eps, model.init_std)
+    dims = Dims(resolved.d_model, model.vocab_size, resolved.n_layers, model.max_seq_len, model.norm.eps, model.init_std,
+                resolved.norm.config.zero_centered)
     b = _Builder(dims)
     norm = resolved.norm
     x = b.add("embed", "embedding", None, [])

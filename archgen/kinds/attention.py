@@ -27,6 +27,10 @@ ROPE_SETTINGS = {"beta_fast": "yarn", "beta_slow": "yarn", "attention_factor": "
                  "high_freq_factor": "llama3"}
 
 
+# Optional settings of the attention kind, left out of the lock at these values.
+LOCK_DEFAULTS = {"softmax_scale": None, "input_multiplier": 1.0, "output_multiplier": 1.0, "output_gate": False}
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
     n_heads: int
@@ -40,6 +44,7 @@ class AttentionConfig:
     softmax_scale: float | None  # None: 1/sqrt(head_dim)
     input_multiplier: float  # muP: the projections' input is scaled by this ...
     output_multiplier: float  # ... and o_proj's output by this (sparse_attention: 1)
+    output_gate: bool  # q_proj gives each head's query and its output gate, interleaved per head (sparse_attention: no)
 
 
 def visible_keys(seq_len: int, window: int | None) -> int:
@@ -119,7 +124,8 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                               settings)
         return AttentionConfig(spec.n_heads, spec.n_kv_heads or spec.n_heads, head_dim, rope, spec.window, spec.qk_norm,
                                spec.qkv_bias, spec.out_bias, getattr(spec, "softmax_scale", None),
-                               getattr(spec, "input_multiplier", 1.0), getattr(spec, "output_multiplier", 1.0))
+                               getattr(spec, "input_multiplier", 1.0), getattr(spec, "output_multiplier", 1.0),
+                               getattr(spec, "output_gate", False))
 
     def lock(self, spec, config: AttentionConfig) -> dict:
         rope = None
@@ -129,19 +135,19 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
             rope = spec.rope.model_copy(update={"rotary_dim": config.rope.rotary_dim}).model_dump(mode="json", exclude=unset)
         filled = {"head_dim": config.head_dim, "n_kv_heads": config.n_kv_heads}
         document = {**spec.model_copy(update=filled).model_dump(mode="json"), "rope": rope}
-        if document.get("softmax_scale", 0) is None:  # unset: left out, so older specs keep their hash
-            del document["softmax_scale"]
-        for multiplier in ("input_multiplier", "output_multiplier"):  # likewise at 1
-            if document.get(multiplier) == 1.0:
-                del document[multiplier]
+        # Settings at their defaults are left out, so specs written before they existed keep their hash.
+        for setting, default in LOCK_DEFAULTS.items():
+            if setting in document and document[setting] == default:
+                del document[setting]
         return document
 
     def parameters(self, config: AttentionConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, hd = dims.d_model, config.head_dim
         q_out, kv_out = config.n_heads * hd, config.n_kv_heads * hd
-        table = {"q_proj.weight": (q_out, d), "k_proj.weight": (kv_out, d), "v_proj.weight": (kv_out, d)}
+        q_rows = 2 * q_out if config.output_gate else q_out  # each head's query, then its gate
+        table = {"q_proj.weight": (q_rows, d), "k_proj.weight": (kv_out, d), "v_proj.weight": (kv_out, d)}
         if config.qkv_bias:
-            table.update({"q_proj.bias": (q_out,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)})
+            table.update({"q_proj.bias": (q_rows,), "k_proj.bias": (kv_out,), "v_proj.bias": (kv_out,)})
         table["o_proj.weight"] = (d, q_out)
         if config.out_bias:
             table["o_proj.bias"] = (d,)
@@ -150,7 +156,8 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         return table
 
     def projection_flops(self, config: AttentionConfig, dims: Dims, q_rows: float, kv_rows: float) -> float:
-        return 2 * dims.d_model * config.head_dim * (q_rows * config.n_heads * 2 + kv_rows * config.n_kv_heads * 2)
+        q_side = 3 if config.output_gate else 2  # q_proj (twice as wide with the gate) and o_proj
+        return 2 * dims.d_model * config.head_dim * (q_rows * config.n_heads * q_side + kv_rows * config.n_kv_heads * 2)
 
     def forward_flops(self, config: AttentionConfig, dims: Dims, seq_len: int) -> int:
         scores_and_values = 4 * config.n_heads * config.head_dim * visible_keys(seq_len, config.window)
@@ -181,7 +188,9 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                     "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None,
                     "rope_settings": dict(rope.settings) if rope else {}, "softmax_scale": config.softmax_scale,
                 "input_multiplier": config.input_multiplier, "output_multiplier": config.output_multiplier,
-                "multipliers": multipliers_text(config.input_multiplier, config.output_multiplier)}
+                "multipliers": multipliers_text(config.input_multiplier, config.output_multiplier),
+                "output_gate": config.output_gate,
+                "qk_norm_class": "ZeroCenteredRMSNorm" if dims.norm_zero_centered else "RMSNorm"}
 
 
 KIND = Attention()

@@ -43,6 +43,7 @@ class Dims:
     max_seq_len: int = 2048
     norm_eps: float = 1e-5
     init_std: float = 0.02  # the spread Linear and embedding weights start with
+    norm_zero_centered: bool = False  # the model's RMSNorm scales by 1 + weight (attention's qk-norm follows it)
 
 
 def divisors(n: int) -> list[int]:

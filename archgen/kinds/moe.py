@@ -24,6 +24,7 @@ class MoEConfig:
     z_loss_weight: float
     capacity_factor: float | None  # None: dropless
     shared_hidden: int | None = None  # the shared experts' total hidden width; None: shared_experts × expert hidden
+    shared_gate: bool = False  # the shared experts' output scaled per token by sigmoid(shared_expert_gate(x))
 
     @property
     def in_width(self) -> int:
@@ -52,6 +53,9 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
         if spec.shared_hidden is not None and not spec.shared_experts:
             problems.append(Diagnostic(f"{path}.shared_hidden", "shared_hidden is set but the layer has no shared experts",
                                        "set shared_experts: 1, or remove shared_hidden"))
+        if spec.shared_gate and not spec.shared_experts:
+            problems.append(Diagnostic(f"{path}.shared_gate", "shared_gate gates the shared experts, but the layer has none",
+                                       "set shared_experts: 1, or remove shared_gate"))
         if spec.top_k > spec.n_experts:
             problems.append(Diagnostic(f"{path}.top_k", f"top_k={spec.top_k} exceeds n_experts={spec.n_experts}",
                                        f"use top_k between 1 and {spec.n_experts}"))
@@ -60,18 +64,22 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
     def resolve(self, spec, model) -> MoEConfig:
         expert = MLPConfig(spec.expert.activation, hidden_size(spec.expert, model.d_model), spec.expert.bias)
         return MoEConfig(spec.n_experts, spec.top_k, expert, spec.shared_experts, spec.normalize_top_k,
-                         spec.load_balancing_weight, spec.z_loss_weight, spec.capacity_factor, spec.shared_hidden)
+                         spec.load_balancing_weight, spec.z_loss_weight, spec.capacity_factor, spec.shared_hidden,
+                         spec.shared_gate)
 
     def lock(self, spec, config: MoEConfig) -> dict:
-        unset = {"shared_hidden"} if spec.shared_hidden is None else None  # older specs keep their hash
+        # Settings at their defaults are left out, so older specs keep their hash.
+        unset = {key for key, default in (("shared_hidden", None), ("shared_gate", False)) if getattr(spec, key) == default}
         return spec.model_copy(update={"expert": lock_shape(spec.expert, config.expert.hidden)}).model_dump(
-            mode="json", exclude=unset)
+            mode="json", exclude=unset or None)
 
     def parameters(self, config: MoEConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d, h, e = dims.d_model, config.expert.hidden, config.n_experts
         table = {"router.weight": (e, d), "w_in": (e, d, config.in_width), "w_out": (e, h, d)}
         if config.shared_experts:
             table.update({f"shared_expert.{k}": v for k, v in MLP_KIND.parameters(config.shared, dims).items()})
+        if config.shared_gate:
+            table["shared_expert_gate.weight"] = (1, d)
         return table
 
     def inactive_params(self, config: MoEConfig, dims: Dims) -> int:
@@ -82,7 +90,8 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
         router = 2 * seq_len * dims.d_model * config.n_experts
         routed = config.top_k * MLP_KIND.forward_flops(config.expert, dims, seq_len)
         shared = MLP_KIND.forward_flops(config.shared, dims, seq_len) if config.shared_experts else 0
-        return router + routed + shared
+        shared_gate = 2 * seq_len * dims.d_model if config.shared_gate else 0
+        return router + routed + shared + shared_gate
 
     def activation_elements(self, config: MoEConfig, dims: Dims, seq_len: int) -> int:
         rows = seq_len * config.top_k
@@ -97,7 +106,8 @@ class MoE(Kind[models.MoESpec, MoEConfig]):
                 "n_experts": config.n_experts, "top_k": config.top_k, "shared_hidden": config.shared.hidden,
                 "activation": config.expert.activation, "shared_experts": config.shared_experts,
                 "capacity_factor": config.capacity_factor, "normalize_top_k": config.normalize_top_k,
-                "load_balancing_weight": config.load_balancing_weight, "z_loss_weight": config.z_loss_weight}
+                "load_balancing_weight": config.load_balancing_weight, "z_loss_weight": config.z_loss_weight,
+                "shared_gate": config.shared_gate}
 
     def subcomponents(self, config: MoEConfig) -> list[tuple[str, str, MLPConfig]]:
         return [("shared", "mlp", config.shared)] if config.shared_experts else []

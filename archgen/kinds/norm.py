@@ -12,6 +12,7 @@ from archgen.spec import models
 class NormConfig:
     eps: float
     bias: bool  # LayerNorm's bias; RMSNorm has none
+    zero_centered: bool = False  # RMSNorm scaled by 1 + weight (LayerNorm: never)
 
 
 class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
@@ -19,16 +20,18 @@ class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
     role = "norm"
 
     def resolve(self, spec, model) -> NormConfig:
-        return NormConfig(spec.eps, False)
+        return NormConfig(spec.eps, False, spec.zero_centered)
 
     def parameters(self, config: NormConfig, dims: Dims) -> dict[str, tuple[int, ...]]:
         d = dims.d_model
         return {"weight": (d,), "bias": (d,)} if config.bias else {"weight": (d,)}
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
-        # the generated model defines RMSNorm, and FusedRMSNorm where the norms run their kernel (kernels/rmsnorm.py)
-        return {"module": f"RMSNorm({dims.d_model}, eps={config.eps!r})",
-                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})"}
+        # the generated model defines RMSNorm, FusedRMSNorm where the norms run their kernel (kernels/rmsnorm.py), and
+        # ZeroCenteredRMSNorm for a zero-centred norm (which the kernel selection leaves on the reference)
+        plain = "ZeroCenteredRMSNorm" if config.zero_centered else "RMSNorm"
+        return {"module": f"{plain}({dims.d_model}, eps={config.eps!r})",
+                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})", "zero_centered": config.zero_centered}
 
     def imports(self, config: NormConfig) -> dict[str, tuple[str, ...]]:
         return {"norm": ("rms_norm",)}  # the generated RMSNorm's reference, beside its kernel (kernels/rmsnorm.py)
@@ -44,7 +47,7 @@ class LayerNorm(RMSNorm):
         return {}
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
-        return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})"}
+        return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})", "zero_centered": False}
 
 
 KINDS = (RMSNorm(), LayerNorm())

@@ -77,7 +77,8 @@ KERNEL_RULES: list[KernelRule] = [
                "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
                "backward"),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
-               "RMSNorm, with the residual add before a block's feed-forward norm fused into it"),
+               "RMSNorm, with the residual add before a block's feed-forward norm fused into it (not a zero-centred "
+               "norm: the kernel scales by its weight as given)", when=lambda config: not config.zero_centered),
 ]
 
 

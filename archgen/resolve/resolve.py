@@ -127,7 +127,7 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
     document = {
         "schema_version": models.SCHEMA_VERSION,
         "name": spec.name,
-        "model": model.model_dump(mode="json", exclude={k for k in models.MODEL_MULTIPLIERS if getattr(model, k) == 1.0}),
+        "model": model.model_dump(mode="json", exclude=_model_defaults(model)),
         "mixers": {n: m.document for n, m in mixers.items()},
         "ffns": {n: f.document for n, f in ffns.items()},
         "layers": [{"mixers": list(layer.mixers), "ffn": layer.ffn} for layer in layers],
@@ -146,6 +146,15 @@ def resolve(loaded: LoadedSpec) -> ResolvedSpec:
         layers=tuple(layers), parallel_combine=layout.parallel_combine, meta_tokens=meta_tokens, memory=memory,
         symbolic=symbolic, heads=heads, document=document, spec_hash=spec_hash,
     )
+
+
+def _model_defaults(model: models.ModelDims) -> dict:
+    """The model settings left out of the lock at their defaults (no multiplier, a plain RMSNorm), so specs written
+    before they existed keep their hash."""
+    unset: dict = {key: True for key in models.MODEL_MULTIPLIERS if getattr(model, key) == 1.0}
+    if not getattr(model.norm, "zero_centered", True):
+        unset["norm"] = {"zero_centered"}
+    return unset
 
 
 def lock_document(resolved: ResolvedSpec) -> dict:

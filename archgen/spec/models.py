@@ -81,6 +81,8 @@ class SpecModel(BaseModel):
 class RMSNormSpec(SpecModel):
     kind: Literal["rmsnorm"]
     eps: PositiveFloat = 1e-5
+    # Scale by 1 + weight, the weights starting at 0 (Qwen3-Next's norms); attention's qk-norm follows the model's norm.
+    zero_centered: bool = False
 
 
 class LayerNormSpec(SpecModel):
@@ -201,6 +203,8 @@ class AttentionSpec(AttentionFields):
     # muP multipliers (Falcon-H1): the input of the q, k and v projections and the output of o_proj.
     input_multiplier: PositiveFloat = 1.0
     output_multiplier: PositiveFloat = 1.0
+    # Gated attention (Qwen3-Next): each head's output scaled by sigmoid of a gate that q_proj computes beside its query.
+    output_gate: bool = False
 
 
 class SparseAttentionSpec(AttentionFields):
@@ -258,6 +262,8 @@ class MoESpec(SpecModel):
     shared_experts: Count = 0  # always-on experts of the same shape (DeepSeek-style)
     # the shared experts' total hidden width, where it is not shared_experts × the routed experts' (Granite's shared MLP)
     shared_hidden: PositiveInt | None = None
+    # each token's shared-expert output scaled by sigmoid(x·w), a learned gate (Qwen3-Next's shared_expert_gate)
+    shared_gate: bool = False
     normalize_top_k: bool = True  # renormalise the k routing weights to sum to one
     load_balancing_weight: LossWeight = 0.01
     z_loss_weight: LossWeight = 0.001
