@@ -2,7 +2,8 @@
 time.
 
 A `TensorPlan` says how one parameter of the generated model is made from checkpoint tensors: rows of pieces, each
-row the concatenation of its (optionally transposed) pieces along the last dim; one row is the tensor itself, several
+row the concatenation of its (optionally transposed) pieces along the last dim (or the first: spans of a fused
+projection gathered back, Qwen3-Next's per-head interleaved in_proj_qkvz); one row is the tensor itself, several
 rows are stacked along a new first dim (Mixtral's experts into `w_in` / `w_out`). Everything is checked against the
 shard headers before a byte is written (names, shapes, dtypes, shards present and complete); then the output file's
 header is written from the planned shapes and each tensor is read, converted and appended on its own, so at most one
@@ -55,6 +56,7 @@ class TensorPlan:
     target: str  # the generated model's parameter name
     rows: tuple[tuple[Piece, ...], ...]
     stacked: bool = False  # rows stacked along a new first dim; otherwise exactly one row
+    axis: int = -1  # the dim a row's pieces are concatenated along: -1 or 0
 
     @classmethod
     def copy(cls, target: str, source: str) -> TensorPlan:
@@ -177,13 +179,17 @@ def _error(file: str, message: str, fix: str) -> CompileError:
     return CompileError([Diagnostic("", message, fix, SourceLocation(file))])
 
 
-def _shape_of(row: tuple[Piece, ...], checkpoint: Checkpoint) -> tuple[int, ...] | None:
+def _shape_of(row: tuple[Piece, ...], checkpoint: Checkpoint, axis: int) -> tuple[int, ...] | None:
     if not all(p.in_bounds(checkpoint.shapes) for p in row):
         return None
-    shapes = [p.shape(checkpoint.shapes) for p in row]
-    if any(len(s) != len(shapes[0]) or s[:-1] != shapes[0][:-1] for s in shapes):
+    shapes = [list(p.shape(checkpoint.shapes)) for p in row]
+    if not shapes[0]:
         return None
-    return shapes[0][:-1] + (sum(s[-1] for s in shapes),)
+    lengths = [s.pop(axis) for s in shapes]
+    if any(s != shapes[0] for s in shapes):
+        return None
+    shapes[0].insert(axis if axis >= 0 else len(shapes[0]) + 1 + axis, sum(lengths))
+    return tuple(shapes[0])
 
 
 def check_plan(
@@ -226,7 +232,7 @@ def check_plan(
                 )
             )
             continue
-        row_shapes = [_shape_of(row, checkpoint) for row in plan.rows]
+        row_shapes = [_shape_of(row, checkpoint, plan.axis) for row in plan.rows]
         shape = None
         if all(s is not None and s == row_shapes[0] for s in row_shapes):
             shape = (len(plan.rows),) + row_shapes[0] if plan.stacked else row_shapes[0]
@@ -300,7 +306,7 @@ def _from_safetensors(code: str) -> torch.dtype | None:
 def _rows(plan: TensorPlan, checkpoint: Checkpoint, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     for row in plan.rows:
         parts = [checkpoint.load_piece(p) for p in row]
-        yield (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(dtype).contiguous()
+        yield (parts[0] if len(parts) == 1 else torch.cat(parts, dim=plan.axis)).to(dtype).contiguous()
 
 
 def write_safetensors(

@@ -3,8 +3,9 @@
 The fixtures in published/ are the config.json fields of Meta-Llama-3-8B, Llama-3.1-8B and Llama-3.2-1B (llama3
 RoPE), Mistral-7B-v0.1, Qwen2-7B, Qwen3-8B, Mixtral-8x7B-v0.1, Jamba-v0.1, mamba-2.8b-hf, a mamba2-2.7b in
 transformers' format, Bamba-9B, Nemotron-H-8B (older config spellings: hybrid_override_pattern,
-attention_head_dim) and Falcon-H1-0.5B (with the fields transformers 5 no longer reads, attn_layer_indices and
-mamba_use_mlp), written from their published numbers; and Granite-4.0-H-Tiny (MoE) and -Micro (dense), whose
+attention_head_dim), Falcon-H1-0.5B (with the fields transformers 5 no longer reads, attn_layer_indices and
+mamba_use_mlp) and Qwen3-Next-80B-A3B (full_attention_interval rather than layer_types), written from their published
+numbers; and Granite-4.0-H-Tiny (MoE) and -Micro (dense), whose
 shapes follow the published model cards (not compared with the hub files here, so no known count is asserted).
 """
 
@@ -31,6 +32,7 @@ KNOWN = {
     "mamba_2p8b": 2_768_345_600,
     "mistral_7b_v0_1": 7_241_732_096,
     "nemotron_h_8b": 8_100_852_736,
+    "qwen3_next_80b_a3b": 79_674_391_296,  # its safetensors total (Qwen3-Coder-Next has the same shapes)
 }
 
 

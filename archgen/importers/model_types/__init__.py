@@ -37,9 +37,9 @@ class ModelType:
 
 
 def registry() -> dict[str, ModelType]:
-    from archgen.importers.model_types import bamba, decoder, falcon_h1, granite, jamba, mamba, nemotron
+    from archgen.importers.model_types import bamba, decoder, falcon_h1, granite, jamba, mamba, nemotron, qwen3_next
 
-    families = (decoder, mamba, bamba, jamba, nemotron, granite, falcon_h1)
+    families = (decoder, mamba, bamba, jamba, nemotron, granite, falcon_h1, qwen3_next)
     types = [model_type for family in families for model_type in family.MODEL_TYPES]
     return {t.name: t for t in types}
 

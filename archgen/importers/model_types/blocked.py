@@ -4,8 +4,7 @@ An import of one of these is an error that names what is missing, never an appro
 """
 
 BLOCKED = {
-    "qwen3_next": "Qwen3-Next's attention gates its output by the sigmoid of a second half of q_proj, its RMSNorms "
-    "scale by (1 + weight), and its MoE weights the shared expert by sigmoid(shared_expert_gate(x)); the attention, "
-    "norm and moe kinds have none of these (the gated_deltanet kind is its linear-attention layer, not yet checked "
-    "against Qwen3NextGatedDeltaNet's fused in_proj_qkvz / in_proj_ba layout)",
+    "zamba2": "Zamba2 runs one or two shared attention+MLP blocks at many depths (hybrid_layer_ids), the same weights at "
+    "each, with per-use LoRA adapters on their projections (use_shared_attention_adapter), on the hidden states "
+    "concatenated with the original embeddings; the spec language has no weights shared between layers",
 }
