@@ -20,6 +20,28 @@ def common_reasons(resolved: Any) -> list[str]:
     for scalar in ("embedding_multiplier", "residual_multiplier", "logit_divisor"):
         if getattr(resolved.model, scalar) != 1.0:
             reasons.append(f"the spec's model.{scalar} is {getattr(resolved.model, scalar)}; these model types have none")
+    if getattr(resolved.model.norm, "zero_centered", False):
+        reasons.append("the model's norm is zero-centred (1 + weight); these model types scale by the weight")
+    for family in ("mixers", "ffns"):
+        for name, component in getattr(resolved, family).items():
+            reasons += [f"{family}.{name}: {reason}" for reason in _unexported_settings(component, resolved.model.d_model)]
+    return reasons
+
+
+# Settings of the kinds (Falcon-H1's and Qwen3-Next's) that no exported model type has, with their neutral values.
+_NEUTRAL = {"input_multiplier": 1.0, "output_multiplier": 1.0, "gate_multiplier": 1.0, "in_proj_multipliers": (1.0,) * 5,
+            "output_norm": True, "output_gate": False, "shared_gate": False}  # fmt: skip
+
+
+def _unexported_settings(component: Any, d_model: int) -> list[str]:
+    config = component.config
+    reasons = [
+        f"{key} is {getattr(config, key)!r}; these model types have no such setting"
+        for key, neutral in _NEUTRAL.items()
+        if getattr(config, key, neutral) != neutral
+    ]
+    if component.kind == "mamba2" and config.d_inner != config.expand * d_model:
+        reasons.append(f"d_inner is {config.d_inner}, not expand·d_model = {config.expand * d_model} (mamba_expand)")
     return reasons
 
 

@@ -74,3 +74,21 @@ def test_a_spec_that_is_no_transformers_model_type_gets_the_reasons(tmp_path):
         export_spec(spec, tmp_path / "hf")
     assert "bamba's feed-forward is a SwiGLU MLP" in str(error.value)
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        (("ssm: {kind: mamba2,", "ssm: {kind: mamba2, output_norm: false,"), "mixers.ssm: output_norm is False"),
+        (("ssm: {kind: mamba2,", "ssm: {kind: mamba2, d_inner: 96,"), "mixers.ssm: d_inner is 96, not expand·d_model = 128"),
+        (("attn: {kind: attention,", "attn: {kind: attention, output_gate: true,"), "mixers.attn: output_gate is True"),
+        (("activation: swiglu,", "activation: swiglu, output_multiplier: 0.5,"), "ffns.mlp: output_multiplier is 0.5"),
+        (("eps: 1.0e-6}", "eps: 1.0e-6, zero_centered: true}"), "the model's norm is zero-centred"),
+    ],
+)
+def test_falcon_h1_and_qwen3_next_settings_are_not_exported_as_a_model_type_without_them(tmp_path, change, reason):
+    spec = tmp_path / "hybrid.yaml"
+    spec.write_text(HAND_WRITTEN.replace(*change))
+    with pytest.raises(CompileError) as error:
+        export_spec(spec, tmp_path / "hf")
+    assert reason in str(error.value)
