@@ -1,0 +1,198 @@
+"""kernels/gated_delta_rule.py against a plain loop over time: the output and the final state.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
+slowly, so shapes are small but ragged: T not a multiple of the chunk and T = 1, value heads not a power of two and
+grouped over fewer key heads, head dims below or between the 16-wide tiles. Every buffer the kernels write starts as
+NaN (torch.empty is poisoned), so an element a kernel forgets shows up. The reference runs in float64 on the very
+values the kernel got.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import gated_delta_rule as gdr
+from templates.runtime import gated_delta as runtime_gated_delta
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative error ‖kernel − reference‖ / ‖reference‖ per input dtype (issue 10's bars: float32 1e-5, bf16 1e-2).
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def relative_error(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ in float64 (the issue's relative norm, as tests/kernels/test_ssd.py's)."""
+    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """Every floating torch.empty / empty_like starts as NaN while a test runs."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+def make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, *, dtype=torch.float32, seed=0, initial_state=True,
+                decay_scale=1.0):
+    """The layer's operands: unit q and k, g = log α = −decay_scale·softplus(.) ≤ 0 (float32, as the layer passes
+    it), β = sigmoid(.); q, k, v and β in `dtype`."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    args = {
+        "q": F.normalize(randn(batch, seqlen, nheads, dk), dim=-1).to(dtype),
+        "k": F.normalize(randn(batch, seqlen, nheads, dk), dim=-1).to(dtype),
+        "v": randn(batch, seqlen, nv_heads, dv).to(dtype),
+        "g": -decay_scale * F.softplus(randn(batch, seqlen, nv_heads) - 1.0),
+        "beta": torch.sigmoid(randn(batch, seqlen, nv_heads)).to(dtype),
+        "initial_state": randn(batch, nv_heads, dk, dv) if initial_state else None,
+    }
+    return {name: t.to(DEVICE) if t is not None else None for name, t in args.items()}
+
+
+def check(args, chunk, dtype):
+    o, final = gdr.gated_delta_rule(**args, chunk_size=chunk)
+    wide = {name: t.double() if t is not None else None for name, t in args.items()}
+    o_ref, final_ref = gdr.gated_delta_rule_reference(**wide)
+    assert o.dtype == args["v"].dtype and final.dtype == torch.float32
+    assert not o.isnan().any() and not final.isnan().any(), "NaN: an element the kernels did not write"
+    errors = {"o": relative_error(o, o_ref), "final_state": relative_error(final, final_ref)}
+    bad = {name: err for name, err in errors.items() if not err <= TOL[dtype]}
+    assert not bad, f"relative errors above {TOL[dtype]:.0e}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "nheads", "nv_heads", "dk", "dv", "chunk"),
+    [
+        # 3 chunks, a ragged tail; 3 value heads read 1 key head
+        pytest.param(2, 37, 1, 3, 16, 16, 16, id="B2-T37-H1-HV3-K16-V16-L16"),
+        pytest.param(1, 70, 2, 6, 20, 12, 32, id="B1-T70-H2-HV6-K20-V12-L32"),  # head dims between the 16-wide tiles
+        pytest.param(1, 150, 3, 3, 8, 40, 64, id="B1-T150-H3-HV3-K8-V40-L64"),  # K below a tile, V over 2 blocks
+    ],
+)
+def test_matches_reference_float32(batch, seqlen, nheads, nv_heads, dk, dv, chunk):
+    check(make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, seed=seqlen), chunk, torch.float32)
+
+
+def test_length_one_without_initial_state():
+    check(make_inputs(2, 1, 2, 2, 16, 16, seed=3, initial_state=False), 16, torch.float32)
+
+
+def test_strong_decay_stays_finite():
+    """log α down to about −40 per step: within a chunk exp(c_t − c_s) spans e^−1000, and nothing overflows."""
+    check(make_inputs(1, 40, 1, 2, 16, 16, seed=4, decay_scale=30.0), 32, torch.float32)
+
+
+def test_matches_reference_bfloat16():
+    check(make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5), 16, torch.bfloat16)
+
+
+def test_strided_values_as_the_layer_passes_them():
+    """v a view into the convolution's output (q, k, v concatenated), as the generated layer hands it over."""
+    args = make_inputs(1, 20, 1, 2, 16, 16, seed=6)
+    qkv = torch.cat([args["q"].flatten(2), args["k"].flatten(2), args["v"].flatten(2)], dim=-1)
+    args["v"] = qkv[..., 32:].view(1, 20, 2, 16)
+    assert not args["v"].is_contiguous()
+    check(args, 16, torch.float32)
+
+
+def test_reference_matches_runtime_gated_delta_rule():
+    """The loop reference computes what templates/runtime/gated_delta.py's chunked gated_delta_rule computes."""
+    args = {name: t.double() for name, t in make_inputs(2, 23, 2, 4, 5, 3, seed=7).items()}
+    o, final = gdr.gated_delta_rule_reference(**args)
+    o_rt, final_rt = runtime_gated_delta.gated_delta_rule(**args, chunk_size=8)
+    assert relative_error(o, o_rt) < 1e-12 and relative_error(final, final_rt) < 1e-12
+
+
+def test_empty_sequence_passes_the_state_through():
+    args = make_inputs(1, 0, 1, 2, 16, 16, seed=9)
+    o, final = gdr.gated_delta_rule(**args, chunk_size=16)
+    assert o.shape == (1, 0, 2, 16) and torch.equal(final, args["initial_state"])
+
+
+def test_opcheck():
+    """Schema and the fake implementation against the real one, eager and under AOT dispatch (torch.compile)."""
+    args = make_inputs(1, 5, 1, 2, 16, 16, seed=11)
+    forward_args = (args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
+    torch.library.opcheck(gdr.gated_delta_rule_op, forward_args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_inputs_that_need_a_gradient_are_refused():
+    """The kernels have no backward: a call that would train names the reference instead of giving wrong gradients."""
+    args = make_inputs(1, 4, 1, 1, 16, 16, seed=12)
+    args["v"].requires_grad_()
+    with pytest.raises(RuntimeError, match="forward-only"):
+        gdr.gated_delta_rule(**args, chunk_size=16)
+    with torch.no_grad():
+        gdr.gated_delta_rule(**args, chunk_size=16)
+
+
+def test_export_is_one_node_with_dynamic_length():
+    """torch.export sees one archgen_v1.gated_delta_rule node (traced on fake tensors: no kernel runs)."""
+
+    class Rule(torch.nn.Module):
+        def forward(self, q, k, v, g, beta):
+            return gdr.gated_delta_rule(q, k, v, g, beta, chunk_size=16)
+
+    args = make_inputs(2, 9, 1, 2, 16, 16, initial_state=False)
+    inputs = tuple(args[name] for name in ("q", "k", "v", "g", "beta"))
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(Rule(), inputs, dynamic_shapes=tuple({1: seq} for _ in inputs))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert [t for t in targets if "gated_delta" in t] == ["archgen_v1.gated_delta_rule.default"], targets
+
+
+def test_decomposition_is_the_runtime_reference():
+    """What ONNX export lowers the op to: the chunked runtime reference, with the same results as the kernels."""
+    args = make_inputs(1, 21, 1, 2, 16, 16, seed=13)
+    (decomposed,) = gdr.decomposition(runtime_gated_delta.gated_delta_rule, max_seqlen=64).values()
+    o, final = decomposed(args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
+    o_kernel, final_kernel = gdr.gated_delta_rule(**args, scale=0.25, chunk_size=16)
+    assert relative_error(o_kernel, o) < TOL[torch.float32] and relative_error(final_kernel, final) < TOL[torch.float32]
+
+
+def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "0")
+    args = make_inputs(1, 3, 1, 1, 16, 16)
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="reference"):
+            gdr.gated_delta_rule(**args)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"chunk_size": 24}, "power of two"), ({"chunk_size": 128}, "from 16 to 64"),
+     ({"g": torch.zeros(1, 4, 3)}, "g must have shape"), ({"v": torch.zeros(1, 4, 3, 16)}, "multiple"),
+     ({"q": torch.zeros(1, 4, 2, 16, dtype=torch.float64)}, "float64")],
+)
+def test_input_errors_name_the_problem(change, message):
+    args = make_inputs(1, 4, 2, 2, 16, 16, initial_state=False)
+    args.update({name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in change.items()})
+    if "q" in change:
+        args["k"] = args["k"].double()
+    with pytest.raises((ValueError, TypeError), match=message):
+        gdr.gated_delta_rule_forward(args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25,
+                                     chunk_size=args.get("chunk_size", 16))
