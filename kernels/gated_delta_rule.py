@@ -71,13 +71,11 @@ WY_CONFIGS = [
 ]
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},
 ]
 OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},

@@ -42,6 +42,13 @@ def _ssd_fits(config: Any) -> bool:
     return _power_of_two(config.chunk_size) and config.chunk_size >= 16 and max(config.head_dim, config.d_state) <= 256
 
 
+def _gated_delta_fits(config: Any) -> bool:
+    """The Gated DeltaNet kernels' limits: the chunk is their (L, L) tile (a power of two from 16 to 64), and all K
+    rows of a head's state are one register tile (K and V each at most 256)."""
+    return (_power_of_two(config.chunk_size) and 16 <= config.chunk_size <= 64
+            and max(config.head_dim, config.head_v_dim) <= 256)
+
+
 def _conv_fits(config: Any) -> bool:
     return 1 <= config.d_conv <= 16  # the conv kernel unrolls at most 16 taps
 
@@ -63,6 +70,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba2", "state_update", "mamba2_step", "ssd",
                "Mamba-2 decoding step between the projections in one launch: conv update, SiLU, softplus Δ, SSD state "
                "update, D skip, z gate", when=_conv_fits),
+    KernelRule("gated_deltanet", "gated_delta_rule", "gated_delta_rule", "gated_delta",
+               "Gated DeltaNet chunked forward (prefill, inference, generate, export); forward-only, so the layer calls "
+               "it only with grad mode off and trains on the reference",
+               when=_gated_delta_fits),
     KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),
