@@ -12,14 +12,18 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 
 try:
     from . import triton_support
+    from . import gated_delta_rule as gated_delta_rule_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
+    from .gated_delta_rule import gated_delta_rule
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
 except ImportError:  # no triton
     triton_support = None
+    gated_delta_rule_module = None
     rmsnorm_module = None
     rope_module = None
+    gated_delta_rule = None
     rms_norm = None
     apply_rope_qk = None
 else:
@@ -29,6 +33,10 @@ else:
 def decompositions() -> dict:
     """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
     table = {}
+    if gated_delta_rule_module is not None:
+        from ..ops.gated_delta import gated_delta_rule as reference
+
+        table.update(gated_delta_rule_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

@@ -1,0 +1,541 @@
+"""Gated DeltaNet (the gated delta rule) as a chunked Triton forward: the kernels, the launcher, the custom op, the
+reference.
+
+Per batch b and value head h (of HV = H·R, reading key head h // R), with a (K, V) state S::
+
+    S_t = exp(g_t) (I − β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ        S_{-1} = initial_state, or 0
+    o_t = scale · S_tᵀ q_t
+
+Shapes and arguments as templates/runtime/gated_delta.py's `gated_delta_rule` (ops/gated_delta.py of a generated
+package): q and k (B, T, H, K), L2-normalised; v (B, T, HV, V); g = log α ≤ 0 and β (B, T, HV); initial_state and
+the final state (B, HV, K, V), float32. q, k, v and β may be float32, float16 or bfloat16 and strided (the layer
+hands over views of its convolution's output); o comes back in v's dtype.
+
+The algorithm is the reference's chunked WY form (its docstring derives it). Split time into chunks of L positions;
+within a chunk let c_t = Σ_{i≤t} g_i (≤ 0, decreasing), so the decay from s to t is exp(c_t − c_s) ≤ 1. With S_c the
+state entering chunk c and T⁻¹ = (I + A)⁻¹ for A[t, s] = β_t exp(c_t − c_s) k_t·k_s (s < t):
+
+    W = T⁻¹ (β exp(c) ⊙ k),   U = T⁻¹ (β ⊙ v)                               per chunk, no state needed
+    u = U − W S_c                                                          the chunk's pseudo-values
+    S_{c+1} = exp(c_{L-1}) S_c + (exp(c_{L-1} − c) ⊙ k)ᵀ u                  state passing
+    o = scale · (exp(c) ⊙ (q S_c) + ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t]) u)     outputs
+
+Three launches:
+  1. `_chunk_wy_kernel`, per (chunk, batch × value head): the prefix sums c, A, T⁻¹ by block doubling (log2 L rounds
+     of two (L, L) products, exact: the reference's `_unit_lower_inverse`), then W and U.
+  2. `_state_kernel`, per (batch × value head, block of V columns): a loop over the chunks that stores S_c, computes
+     and stores u, and advances the state, float32 in registers; the last state is the final state.
+  3. `_output_kernel`, per (block of V columns, chunk, batch × value head): the outputs.
+Every product runs on the tensor cores with float32 accumulation: k kᵀ and q kᵀ on the inputs' own dtype (exact
+products), every product with a computed factor (T⁻¹, W, U, u, the states, the decayed P) on float32 operands, at tf32
+for half inputs and in full float32 for float32 ones. The intermediates W, U, u and the chunk states are stored in
+float32: rounded to bfloat16 as operands, they took the output's error against float32 math from 3e-3 to 1e-2 (at
+B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2. Every exponent is
+masked to ≤ 0 before its exp. T need not be a multiple of L: positions past T load β = 0 and g = 0 (the identity
+step) and are never stored.
+
+Forward only. Training runs the reference (ops/gated_delta.py), whose autograd differentiates the chunked algorithm;
+the generated layer calls this kernel where no gradient is needed (inference, prefill, generate, export: the
+kernel-selection pass's rule says so), and `gated_delta_rule` refuses inputs that require grad with grad mode on.
+
+Contents: `gated_delta_rule` (the entry point, CUDA tensors), the custom op `archgen_v1::gated_delta_rule` (one graph
+node under torch.compile / torch.export, with a fake implementation), the launcher `gated_delta_rule_forward`, the
+autotune spaces and their tuners (named gated_delta_rule.<kernel> in triton_support's tuning tables) with the build-time
+hook `autotune`, `gated_delta_rule_reference` (the recurrence one position at a time with the same signature: the
+tests' ground truth and the op's CPU path), and `decomposition` (the op written with ops/gated_delta.py's chunked
+`gated_delta_rule`, for ONNX). Needs triton and triton_support.py next to it.
+"""
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+
+CHUNK_SIZE = 64
+"""The default chunk length L (the reference's and flash-linear-attention's): the (L, L) products per chunk against
+the states stored once per chunk."""
+MAX_CHUNK = 64
+"""The longest chunk the kernels take: A, T⁻¹ and the output's (L, L) decays live in registers."""
+MAX_HEAD_DIM = 256
+"""K and V at most: the state loop holds all K rows of a (K, BLOCK_V) state block in registers."""
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Autotune spaces, kept small: every config of a kernel is compiled once per process on the first call of a key.
+# BLOCK_K tiles K in the loops over it (the WY and output kernels), BLOCK_V tiles V (every kernel); the state kernel
+# holds all K rows of its state block.
+WY_CONFIGS = [
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
+]
+STATE_CONFIGS = [
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},
+]
+OUTPUT_CONFIGS = [
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
+]
+INTERPRETER_CONFIGS = {
+    "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "state": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+}
+"""The configs under TRITON_INTERPRET=1: blocks of 16, so the tests' small heads still span several blocks."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+_EMULATE_HALF_DOT = tl.constexpr(interpreting())
+"""Triton's interpreter computes tl.dot on bfloat16 operands as integers (it stores them as uint16): there the
+operands are rounded to their half dtype and multiplied in float32, which is what the tensor cores compute."""
+
+
+@triton.jit
+def _operand(value, dot_ty: tl.constexpr):
+    """value as a tl.dot operand of type dot_ty (see _EMULATE_HALF_DOT)."""
+    if _EMULATE_HALF_DOT:
+        operand = value.to(dot_ty).to(tl.float32)
+    else:
+        operand = value.to(dot_ty)
+    return operand
+
+
+@triton.jit
+def _chunk_wy_kernel(
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    v_ptr, v_stride_b, v_stride_t, v_stride_h, v_stride_v,
+    g_ptr, g_stride_b, g_stride_t, g_stride_h,
+    beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
+    w_ptr,  # (B, HV, c·L, K) float32, contiguous: W
+    u_ptr,  # (B, HV, c·L, V) float32, contiguous: U
+    cum_ptr,  # (B, HV, c·L) float32, contiguous: the in-chunk prefix sums c
+    seqlen, nv_heads, value_heads_per_key, dk, dv, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    dot_ty = k_ptr.dtype.element_ty
+    t = tl.arange(0, CHUNK)
+    pos = chunk * CHUNK + t
+    t_in = pos < seqlen
+    g = tl.load(g_ptr + b * g_stride_b + pos * g_stride_t + h * g_stride_h, mask=t_in, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
+                   other=0.0).to(tl.float32)
+    cum = tl.cumsum(g, axis=0)
+    row = pid_bh.to(tl.int64) * padded_len + pos  # this chunk's rows of the (B, HV, c·L) buffers
+    tl.store(cum_ptr + row, cum)
+
+    # A[t, s] = β_t exp(c_t − c_s) k_t·k_s for s < t.
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t
+    kk = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    for k0 in range(0, dk, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_blk = _operand(tl.load(k_base + cols[None, :] * k_stride_k, mask=t_in[:, None] & (cols < dk)[None, :],
+                                 other=0.0), dot_ty)
+        kk = tl.dot(k_blk, tl.trans(k_blk), kk, input_precision=DOT_PRECISION)
+    strictly_lower = t[:, None] > t[None, :]
+    A = kk * tl.exp(tl.where(strictly_lower, cum[:, None] - cum[None, :], float("-inf"))) * beta[:, None]
+
+    # T⁻¹ = (I + A)⁻¹ by block doubling: X holds the inverses of the diagonal blocks of size `block`; the inverse
+    # over blocks of twice the size is X − X E X, E the lower-left quarters of A in them.
+    inverse = (t[:, None] == t[None, :]).to(tl.float32)
+    for level in tl.static_range(LOG2_CHUNK):
+        block = 1 << level
+        same_pair = (t[:, None] // (2 * block)) == (t[None, :] // (2 * block))
+        other_half = (t[:, None] // block) != (t[None, :] // block)
+        lower_left = tl.where(same_pair & other_half, A, 0.0)
+        inverse -= tl.dot(tl.dot(inverse, lower_left, input_precision=DOT_PRECISION), inverse,
+                          input_precision=DOT_PRECISION)
+
+    # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v), a block of columns at a time.
+    k_weight = (beta * tl.exp(cum))[:, None]
+    for k0 in range(0, dk, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        k_blk = tl.load(k_base + cols[None, :] * k_stride_k, mask=t_in[:, None] & (cols < dk)[None, :], other=0.0)
+        w = tl.dot(inverse, k_blk.to(tl.float32) * k_weight, input_precision=DOT_PRECISION)
+        tl.store(w_ptr + row[:, None] * dk + cols[None, :], w, mask=(cols < dk)[None, :])
+    v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
+    for v0 in range(0, dv, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=t_in[:, None] & (cols < dv)[None, :], other=0.0)
+        u = tl.dot(inverse, v_blk.to(tl.float32) * beta[:, None], input_precision=DOT_PRECISION)
+        tl.store(u_ptr + row[:, None] * dv + cols[None, :], u, mask=(cols < dv)[None, :])
+
+
+@triton.jit
+def _state_kernel(
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    w_ptr, u_ptr, cum_ptr,
+    init_ptr, init_stride_b, init_stride_h, init_stride_k, init_stride_v,
+    enter_ptr,  # (B, HV, c, K, V) float32, contiguous: the state entering each chunk
+    pseudo_ptr,  # (B, HV, c·L, V) float32, contiguous: u = U − W S_c
+    final_ptr,  # (B, HV, K, V) float32, contiguous
+    seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
+    HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # BLOCK_K: all K rows of the state, a power of two
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    rows_k = tl.arange(0, BLOCK_K)
+    cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_in = rows_k < dk
+    v_in = cols_v < dv
+    kv_in = k_in[:, None] & v_in[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + b * init_stride_b + h * init_stride_h + rows_k[:, None] * init_stride_k
+                        + cols_v[None, :] * init_stride_v, mask=kv_in, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
+    t = tl.arange(0, CHUNK)
+    head_rows = pid_bh.to(tl.int64) * padded_len
+    state_offs = rows_k[:, None] * dv + cols_v[None, :]
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[:, None] * k_stride_k
+    for chunk in range(nchunks):
+        tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs, state, mask=kv_in)
+        row = head_rows + chunk * CHUNK + t
+        W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
+        U = tl.load(u_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
+        pseudo = U - tl.dot(W, state, input_precision=DOT_PRECISION)
+        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], pseudo, mask=v_in[None, :])
+        cum = tl.load(cum_ptr + row)
+        cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
+        pos = chunk * CHUNK + t
+        k_T = tl.load(k_base + pos[None, :] * k_stride_t, mask=k_in[:, None] & (pos < seqlen)[None, :],
+                      other=0.0)  # (K, L)
+        k_T = k_T.to(tl.float32) * tl.exp(cum_last - cum)[None, :]
+        state = state * tl.exp(cum_last) + tl.dot(k_T, pseudo, input_precision=DOT_PRECISION)
+    tl.store(final_ptr + pid_bh.to(tl.int64) * dk * dv + state_offs, state, mask=kv_in)
+
+
+@triton.jit
+def _output_kernel(
+    q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    pseudo_ptr, cum_ptr, enter_ptr,
+    o_ptr, o_stride_b, o_stride_t, o_stride_h, o_stride_v,
+    scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    cols_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    chunk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    dot_ty = q_ptr.dtype.element_ty
+    t = tl.arange(0, CHUNK)
+    pos = chunk * CHUNK + t
+    t_in = pos < seqlen
+    v_in = cols_v < dv
+    row = pid_bh.to(tl.int64) * padded_len + pos
+    cum = tl.load(cum_ptr + row)
+
+    # q S_c and q kᵀ, a block of K at a time.
+    q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t
+    enter_base = enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
+    from_state = tl.zeros((CHUNK, BLOCK_V), dtype=tl.float32)
+    qk = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    for k0 in range(0, dk, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        tk_in = t_in[:, None] & (cols_k < dk)[None, :]
+        q_blk = _operand(tl.load(q_base + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0), dot_ty)
+        k_blk = _operand(tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0), dot_ty)
+        enter = tl.load(enter_base + cols_k[:, None] * dv + cols_v[None, :],
+                        mask=(cols_k < dk)[:, None] & v_in[None, :], other=0.0)  # (BK, BV)
+        from_state = tl.dot(q_blk.to(tl.float32), enter, from_state, input_precision=DOT_PRECISION)
+        qk = tl.dot(q_blk, tl.trans(k_blk), qk, input_precision=DOT_PRECISION)
+
+    causal = t[:, None] >= t[None, :]
+    P = qk * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    pseudo = tl.load(pseudo_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
+    o = from_state * tl.exp(cum)[:, None]
+    o = tl.dot(P, pseudo, o, input_precision=DOT_PRECISION) * scale
+    tl.store(o_ptr + b * o_stride_b + pos[:, None] * o_stride_t + h * o_stride_h + cols_v[None, :] * o_stride_v,
+             o.to(o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launcher and tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+TUNERS = {
+    name: Autotuner(f"gated_delta_rule.{name}", configs, INTERPRETER_CONFIGS[name])
+    for name, configs in (("wy", WY_CONFIGS), ("state", STATE_CONFIGS), ("output", OUTPUT_CONFIGS))
+}
+"""The kernels' autotuners (triton_support.Autotuner, named gated_delta_rule.<kernel>: tuning tables pin their winners)."""
+
+
+def _launch_options(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
+
+
+def _config(name: str, key: str, launch, explicit: dict | None) -> dict:
+    """The config to launch: explicit, the interpreter's or a pinned / earlier choice; else tune now."""
+    tuner = TUNERS[name]
+    known = tuner.known(key, explicit)
+    return known if known is not None else tuner.tune(key, launch)
+
+
+def tuned_configs() -> dict:
+    """{kernel: {key: config}} chosen so far, JSON-ready (triton_support.tuning_table() has them too)."""
+    return {name: {key: dict(c) for key, c in tuner.chosen.items()} for name, tuner in TUNERS.items()}
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs get full float32 products (tf32 would cost them ~1e-3 relative error); half inputs take
+    the tensor cores' native half × half -> float32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gated_delta_rule_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    *,
+    configs: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Run the three kernels: (o (B, T, HV, V) in v's dtype, final_state (B, HV, K, V) float32).
+
+    configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
+    _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+    configs = configs or {}
+    batch, seqlen, nheads, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    chunk = chunk_size
+    nchunks = triton.cdiv(seqlen, chunk)
+    padded = nchunks * chunk
+    f32 = {"dtype": torch.float32, "device": q.device}
+    o = torch.empty((batch, seqlen, nv_heads, dv), dtype=v.dtype, device=q.device)
+    final_state = torch.empty((batch, nv_heads, dk, dv), **f32)
+    if seqlen == 0 or batch == 0:
+        final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
+        return o, final_state
+    cum = torch.empty((batch, nv_heads, padded), **f32)
+    W = torch.empty((batch, nv_heads, padded, dk), **f32)
+    U = torch.empty((batch, nv_heads, padded, dv), **f32)
+    pseudo = torch.empty((batch, nv_heads, padded, dv), **f32)
+    enter = torch.empty((batch, nv_heads, nchunks, dk, dv), **f32)
+    shared = (nv_heads, nv_heads // nheads, dk, dv)
+    precision = _dot_precision(q.dtype)
+    key = "-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype))))
+    block_k_state = max(16, triton.next_power_of_2(dk))
+
+    with on_device(q):
+        def launch_wy(cfg):
+            _chunk_wy_kernel[(nchunks, batch * nv_heads)](
+                *strided(k, 4), *strided(v, 4), *strided(g, 3), *strided(beta, 3), W, U, cum, seqlen, *shared, padded,
+                DOT_PRECISION=precision, CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_K=cfg["BLOCK_K"],
+                BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+            )
+
+        launch_wy(_config("wy", key, launch_wy, configs.get("wy")))
+
+        def launch_state(cfg):
+            _state_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
+                *strided(k, 4), W, U, cum, *strided(initial_state, 4), enter, pseudo, final_state,
+                seqlen, *shared, nchunks, padded,
+                HAS_INIT=initial_state is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_K=block_k_state,
+                BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+            )
+
+        launch_state(_config("state", key, launch_state, configs.get("state")))
+
+        def launch_output(cfg):
+            _output_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), nchunks, batch * nv_heads)](
+                *strided(q, 4), *strided(k, 4), pseudo, cum, enter, *strided(o, 4),
+                scale, seqlen, *shared, nchunks, padded,
+                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
+                **_launch_options(cfg),
+            )
+
+        launch_output(_config("output", key, launch_output, configs.get("output")))
+    return o, final_state
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the three kernels a gated_deltanet op of this
+    resolved config (heads, head dims, chunk) runs at batch × seqlen, with an initial state as after a cached
+    prefix, so that inside triton_support.tuning_session() each tuner tunes its shape bucket."""
+    H, K = config["n_heads"], config["head_dim"]
+    HV, V = config["n_v_heads"], config["head_v_dim"]
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device)
+
+    q, k = (torch.nn.functional.normalize(randn(batch, seqlen, H, K), dim=-1).to(dtype) for _ in range(2))
+    v = randn(batch, seqlen, HV, V).to(dtype)
+    g = -torch.nn.functional.softplus(randn(batch, seqlen, HV))
+    beta = torch.sigmoid(randn(batch, seqlen, HV)).to(dtype)
+    gated_delta_rule_forward(q, k, v, g, beta, K**-0.5, randn(batch, HV, K, V), config["chunk_size"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom op: one graph node for torch.compile / torch.export
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _forward_impl(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+                  initial_state: Tensor | None, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """archgen_v1::gated_delta_rule -> (o, final_state). CPU tensors take the reference (see `triton_on_cpu`): an
+    exported graph runs anywhere."""
+    if not (q.is_cuda or triton_on_cpu()):
+        o, final_state = gated_delta_rule_reference(q, k, v, g, beta, scale, initial_state)
+        return o, final_state.float()
+    return gated_delta_rule_forward(q, k, v, g, beta, scale, initial_state, chunk_size)
+
+
+def _forward_fake(q, k, v, g, beta, scale, initial_state, chunk_size):
+    batch, seqlen, _, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    return v.new_empty((batch, seqlen, nv_heads, dv)), v.new_empty((batch, nv_heads, dk, dv), dtype=torch.float32)
+
+
+gated_delta_rule_op = register_op("gated_delta_rule", _forward_impl, _forward_fake)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gated_delta_rule(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    max_seqlen: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule over a whole sequence, forward only: (o (B, T, HV, V) in v.dtype, final_state (B, HV, K, V)
+    float32).
+
+    The signature of ops/gated_delta.py's `gated_delta_rule` (max_seqlen is unused: the kernels take any T).
+    chunk_size: a power of two from 16 to 64 (the kernels' L; the result does not depend on it beyond rounding).
+    Needs CUDA tensors (or TRITON_INTERPRET=1); on anything else it raises, and the caller runs the reference. With
+    grad mode on, inputs that require grad are refused: the kernels have no backward, train with the reference.
+    """
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
+        raise RuntimeError(
+            "the Triton gated_delta_rule kernel is forward-only and these inputs require grad: call the reference "
+            "(ops/gated_delta.py gated_delta_rule) to train, or run under torch.no_grad() / torch.inference_mode()"
+        )
+    if not (q.is_cuda or triton_on_cpu() or torch.compiler.is_exporting()):
+        raise RuntimeError(
+            f"the Triton gated_delta_rule kernel needs CUDA tensors, got q on {q.device}: call the reference "
+            "(ops/gated_delta.py gated_delta_rule) instead, or set TRITON_INTERPRET=1 before importing triton to run "
+            "the kernels in Triton's CPU interpreter (slow; for tests)"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return gated_delta_rule_op(q, k, v, g, beta, float(scale), initial_state, chunk_size)
+
+
+def gated_delta_rule_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    max_seqlen: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The recurrence as written, one position at a time, in float32 (float64 for float64 inputs).
+
+    Same signature and results as `gated_delta_rule` (chunk_size and max_seqlen are unused: there are no chunks).
+    Slow (a Python loop over T) and independent of both the kernels and the chunked algorithm of
+    templates/runtime/gated_delta.py."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (q, k, v, g, beta)) else torch.float32
+    batch, seqlen, nheads, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    scale = dk**-0.5 if scale is None else scale
+    q_, k_ = (t.to(acc).repeat_interleave(nv_heads // nheads, dim=2) for t in (q, k))  # (B, T, HV, K)
+    v_, g_, beta_ = v.to(acc), g.to(acc), beta.to(acc)
+    if initial_state is not None:
+        state = initial_state.to(acc)
+    else:
+        state = v_.new_zeros(batch, nv_heads, dk, dv)  # (B, HV, K, V)
+    outputs = []
+    for t in range(seqlen):
+        state = torch.exp(g_[:, t])[..., None, None] * state
+        pseudo = beta_[:, t, :, None] * (v_[:, t] - torch.einsum("bhkv,bhk->bhv", state, k_[:, t]))  # (B, HV, V)
+        state = state + k_[:, t, :, :, None] * pseudo[:, :, None, :]
+        outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q_[:, t]))
+    o = torch.stack(outputs, dim=1) if outputs else v_.new_zeros(batch, 0, nv_heads, dv)  # (B, T, HV, V)
+    return o.to(v.dtype), state
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """{archgen_v1::gated_delta_rule: the op written with `reference`}: how exporters that cannot run Triton (ONNX)
+    lower it. reference: a generated package's ops/gated_delta.py `gated_delta_rule` (chunked, no loop over time);
+    max_seqlen bounds its rounds of state passing when T is symbolic (see its docstring)."""
+
+    def gated_delta_rule_decomposed(q, k, v, g, beta, scale, initial_state, chunk_size):
+        o, final_state = reference(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+                                   max_seqlen=max_seqlen)
+        return o, final_state.float()
+
+    return {op_overload("gated_delta_rule"): gated_delta_rule_decomposed}
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> None:
+    """Shapes, dtypes, devices and the chunk size, each error naming what was expected and what came."""
+    if q.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, K) and v (B, T, HV, V), got q {tuple(q.shape)} and v {tuple(v.shape)}")
+    batch, seqlen, nheads, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    if nheads == 0 or nv_heads % nheads:
+        raise ValueError(f"the value heads HV = {nv_heads} must be a multiple of the key heads H = {nheads}")
+    expected = {
+        "k": (k, (batch, seqlen, nheads, dk)), "v": (v, (batch, seqlen, nv_heads, dv)),
+        "g": (g, (batch, seqlen, nv_heads)), "beta": (beta, (batch, seqlen, nv_heads)),
+        "initial_state": (initial_state, (batch, nv_heads, dk, dv)),
+    }
+    for name, (t, shape) in {"q": (q, tuple(q.shape)), **expected}.items():
+        if t is None:
+            continue
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for q (B, T, H, K) = {tuple(q.shape)} and v (B, T, HV, V) "
+                             f"= {tuple(v.shape)}, got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} is {t.dtype}; the kernels take {', '.join(map(str, SUPPORTED_DTYPES))}: use "
+                            "gated_delta_rule_reference for float64")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: all inputs must be on one device")
+    if k.dtype != q.dtype:
+        raise TypeError(f"q and k must have one dtype (the products' operands), got {q.dtype} and {k.dtype}")
+    if not (16 <= chunk_size <= MAX_CHUNK and chunk_size & (chunk_size - 1) == 0):
+        raise ValueError(f"chunk_size must be a power of two from 16 to {MAX_CHUNK}, got {chunk_size}")
+    if dk > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
+        raise ValueError(f"head dims K = {dk} and V = {dv} must each be at most {MAX_HEAD_DIM} (the state's rows are "
+                         "one register tile)")
+    if q.device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"the Triton kernels need CUDA tensors, got {q.device} (or set TRITON_INTERPRET=1 before "
+                           "importing triton)")
+
+
+__all__ = ["decomposition", "gated_delta_rule", "gated_delta_rule_forward", "gated_delta_rule_reference",
+           "tuned_configs"]
