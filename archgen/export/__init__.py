@@ -162,7 +162,7 @@ def _notes(model, programs: list, ragged: bool = False) -> list[str]:
                      "writes (one per decode step; enough for the longest prompt in prefill, so a short prompt costs "
                      "as much memory compute as the longest).")
     kernels = sorted({str(node.target) for program in programs for node in program.graph.nodes
-                      if str(node.target).startswith("archgen.")})
+                      if str(node.target).startswith("archgen_v")})
     if kernels:
         notes.append(f"The .pt2 programs hold the Triton kernels {', '.join(kernels)} as single nodes: import the generated "
                      "package before torch.export.load so that they are registered (they run Triton on CUDA tensors and "
