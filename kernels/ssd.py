@@ -252,22 +252,29 @@ def _state_fwd_kernel(
     x_base = x_ptr + b.to(tl.int64) * x_stride_b + h * x_stride_h
     B_base = B_ptr + b.to(tl.int64) * B_stride_b + g * B_stride_g
     state_offs = p[:, None] * dstate + n[None, :]
-    for chunk in range(nchunks):
-        enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        tl.store(enter_ptr + enter_base + state_offs, state.to(enter_ptr.dtype.element_ty), mask=pn_in)
+    # One loop over the pieces of every chunk, not a loop over the pieces inside a loop over the chunks: the loads
+    # stream through the software pipeline without draining it at each chunk boundary.
+    steps: tl.constexpr = CHUNK // BLOCK_L
+    chunk_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for i in range(nchunks * steps):
+        chunk = i // steps
+        l0 = (i % steps) * BLOCK_L
+        if l0 == 0:
+            enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+            tl.store(enter_ptr + enter_base + state_offs, state.to(enter_ptr.dtype.element_ty), mask=pn_in)
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
-        chunk_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        for l0 in range(0, CHUNK, BLOCK_L):
-            pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
-            t_in = pos < seqlen
-            x_T = tl.load(x_base + pos[None, :] * x_stride_t + p[:, None] * x_stride_p,
-                          mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
-            B_l = tl.load(B_base + pos[:, None] * B_stride_t + n[None, :] * B_stride_n,
-                          mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
-            weight = tl.exp(cum_last - tl.load(cum_ptr + dt_base + pos)) * tl.load(dtp_ptr + dt_base + pos)
-            B_w = _operand(B_l.to(tl.float32) * weight[:, None], dot_ty)
-            chunk_state = tl.dot(_operand(x_T, dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
-        state = state * tl.exp(cum_last) + chunk_state
+        pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
+        t_in = pos < seqlen
+        x_T = tl.load(x_base + pos[None, :] * x_stride_t + p[:, None] * x_stride_p,
+                      mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
+        B_l = tl.load(B_base + pos[:, None] * B_stride_t + n[None, :] * B_stride_n,
+                      mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
+        weight = tl.exp(cum_last - tl.load(cum_ptr + dt_base + pos)) * tl.load(dtp_ptr + dt_base + pos)
+        B_w = _operand(B_l.to(tl.float32) * weight[:, None], dot_ty)
+        chunk_state = tl.dot(_operand(x_T, dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
+        if l0 == CHUNK - BLOCK_L:
+            state = state * tl.exp(cum_last) + chunk_state
+            chunk_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     tl.store(final_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, state, mask=pn_in)
 
 
@@ -371,26 +378,30 @@ def _state_bwd_kernel(
     dy_base = dy_ptr + b.to(tl.int64) * dy_stride_b + h * dy_stride_h
     C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
     state_offs = p[:, None] * dstate + n[None, :]
-    for step in range(nchunks):
-        chunk = nchunks - 1 - step
-        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        tl.store(grad_after_ptr + state_base + state_offs, grad.to(grad_after_ptr.dtype.element_ty), mask=pn_in)
+    # One loop over the pieces of every chunk (last chunk first), as in the forward's state kernel.
+    steps: tl.constexpr = CHUNK // BLOCK_L
+    from_outputs = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    for i in range(nchunks * steps):
+        chunk = nchunks - 1 - i // steps
+        l0 = (i % steps) * BLOCK_L
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
-        decay_chunk = tl.exp(cum_last)
-        enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0).to(tl.float32)
-        tl.store(k_part_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * n_tiles + tile,
-                 decay_chunk * tl.sum(tl.sum(enter * grad, axis=1), axis=0))
-        from_outputs = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-        for l0 in range(0, CHUNK, BLOCK_L):
-            pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
-            t_in = pos < seqlen
-            dy_T = tl.load(dy_base + pos[None, :] * dy_stride_t + p[:, None] * dy_stride_p,
-                           mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
-            C_l = tl.load(C_base + pos[:, None] * C_stride_t + n[None, :] * C_stride_n,
-                          mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
-            dy_w = _operand(dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :], dot_ty)
-            from_outputs = tl.dot(dy_w, _operand(C_l, dot_ty), from_outputs, input_precision=DOT_PRECISION)
-        grad = grad * decay_chunk + from_outputs
+        if l0 == 0:
+            state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
+            tl.store(grad_after_ptr + state_base + state_offs, grad.to(grad_after_ptr.dtype.element_ty), mask=pn_in)
+            enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0).to(tl.float32)
+            tl.store(k_part_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * n_tiles + tile,
+                     tl.exp(cum_last) * tl.sum(tl.sum(enter * grad, axis=1), axis=0))
+        pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
+        t_in = pos < seqlen
+        dy_T = tl.load(dy_base + pos[None, :] * dy_stride_t + p[:, None] * dy_stride_p,
+                       mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
+        C_l = tl.load(C_base + pos[:, None] * C_stride_t + n[None, :] * C_stride_n,
+                      mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
+        dy_w = _operand(dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :], dot_ty)
+        from_outputs = tl.dot(dy_w, _operand(C_l, dot_ty), from_outputs, input_precision=DOT_PRECISION)
+        if l0 == CHUNK - BLOCK_L:
+            grad = grad * tl.exp(cum_last) + from_outputs
+            from_outputs = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
     if HAS_INIT:
         tl.store(dinit_ptr + pid_bh.to(tl.int64) * headdim * dstate + state_offs, grad, mask=pn_in)
 
