@@ -99,6 +99,28 @@ def test_exports_as_one_node_and_decomposes():
         assert_close(got.double(), want.double(), 1e-6)
 
 
+def test_the_lowered_op_runs_in_onnxruntime_at_other_token_counts(tmp_path):
+    """The decomposition is standard ops only, with no shape fixed at the traced token count."""
+    from archgen.export.onnx_export import onnx_session
+
+    class Router(torch.nn.Module):
+        def forward(self, logits, valid):
+            return mr.moe_router(logits, 2, True, valid)
+
+    tokens = torch.export.Dim("tokens", min=2, max=1024)
+    logits, valid = randn(12, 5, seed=5).cpu(), torch.arange(12) % 3 != 0
+    program = torch.export.export(Router(), (logits, valid), dynamic_shapes=({0: tokens}, {0: tokens}))
+    onnx_program = torch.onnx.export(program.run_decompositions(mr.decomposition()), (), dynamo=True, opset_version=18,
+                                     verbose=False)
+    onnx_program.save(str(tmp_path / "router.onnx"))
+    session = onnx_session(tmp_path / "router.onnx")
+    for n in (7, 40):
+        logits, valid = randn(n, 5, seed=n).cpu(), torch.arange(n) % 3 != 0
+        got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), (logits, valid), strict=True)})
+        for a, e in zip(got, runtime_router(logits, 2, True, valid), strict=True):
+            assert_close(torch.from_numpy(a).double(), e.double(), 1e-6, f"{n} tokens")
+
+
 def test_rejects_bad_inputs():
     logits = randn(4, 5)
     with pytest.raises(ValueError, match="top_k must be in"):

@@ -120,6 +120,32 @@ def test_exports_as_one_node_and_decomposes():
         assert_close(got, want, 1e-6)
 
 
+def test_the_lowered_op_runs_in_onnxruntime_at_other_lengths(tmp_path):
+    """The decomposition is standard ops only, with no shape fixed at the traced length."""
+    from archgen.export.onnx_export import onnx_session
+
+    class Rotate(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return rope.apply_rope_qk(q, k, cos, sin)
+
+    def inputs(T):
+        cos, sin = angles(4, torch.arange(T) + 2)
+        return randn(2, 4, T, 8, seed=T).cpu(), randn(2, 2, T, 8, seed=T + 1).cpu(), cos.cpu(), sin.cpu()
+
+    length = torch.export.Dim("length", min=2, max=1024)
+    program = torch.export.export(Rotate(), inputs(6), dynamic_shapes=({2: length}, {2: length}, {0: length},
+                                                                       {0: length}))
+    onnx_program = torch.onnx.export(program.run_decompositions(rope.decomposition(runtime_apply_rope_qk)), (),
+                                     dynamo=True, opset_version=18, verbose=False)
+    onnx_program.save(str(tmp_path / "rope.onnx"))
+    session = onnx_session(tmp_path / "rope.onnx")
+    for T in (3, 11):
+        args = inputs(T)
+        got = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), args, strict=True)})
+        for a, e in zip(got, runtime_apply_rope_qk(*args), strict=True):
+            assert_close(torch.from_numpy(a), e, 1e-6, f"{T} tokens")
+
+
 def runtime_apply_rope_qk(q, k, cos, sin):
     return runtime.apply_rope_qk(q, k, cos, sin)
 
