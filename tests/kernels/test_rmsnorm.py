@@ -90,6 +90,25 @@ def test_add_rms_norm_matches_reference_with_gradients(shape, dtype):
         assert_close(a, e, TOL[dtype], name)
 
 
+def test_the_custom_ops_autograd_matches_the_eager_path():
+    """torch.compile and torch.export run the custom ops and their registered autograd; eager mode runs the same
+    implementations through autograd.Functions: the same outputs and gradients."""
+    x, res, w = randn(5, 33, seed=1), randn(5, 33, seed=2), randn(33, seed=3)
+    dy, ds = randn(5, 33, seed=4), randn(5, 33, seed=5)
+    for fused in (False, True):
+        results = []
+        for run in ((lambda x, r, w: rn.add_rms_norm_op(x, r, w, 1e-6)[:2]) if fused else
+                    (lambda x, r, w: rn.rms_norm_op(x, w, 1e-6)[:1]),
+                    (lambda x, r, w: rn.add_rms_norm(x, r, w, 1e-6)) if fused else
+                    (lambda x, r, w: (rn.rms_norm(x, w, 1e-6),))):
+            leaves = [t.detach().clone().requires_grad_() for t in (x, res, w)]
+            out = run(*leaves)
+            torch.autograd.backward(list(out), [dy, ds][:len(out)])
+            results.append([*out, *(t.grad if t.grad is not None else torch.zeros_like(t) for t in leaves)])
+        for got, want in zip(*results, strict=True):
+            assert_close(got.detach(), want.detach(), 1e-6)
+
+
 def test_outputs_are_fully_written(monkeypatch):
     """Poisoned output buffers: every element must be overwritten by the kernels."""
     real_empty = torch.empty
