@@ -5,8 +5,9 @@
              kernels alone      forward and backward launchers, each against the copy bandwidth of its bytes
              fwd+bwd autograd   the differentiable op, as a model runs it, against Liger-Kernel and F.rms_norm
              fwd+bwd graphed    the same replayed from a CUDA graph: GPU time without the host's launch overhead
-             fwd+bwd Function   the same launchers behind a plain torch.autograd.Function: what the custom op's
-                                dispatch costs on the host
+             fwd+bwd custom op  the same through the custom op archgen_v1::rms_norm, as torch.compile and
+                                torch.export see it (eager mode takes an autograd.Function): what the custom
+                                op's dispatch costs the host
              profile            each variant's kernels and their GPU times (torch.profiler)
            Bytes the ideal fused op must move, R·N elements each: forward reads x and writes y (2; fused: x, residual,
            y, s: 4); backward reads x and dy and writes dx (3; fused: s, dy, ds_out, ds: 4); rstd (R floats) and
@@ -194,7 +195,7 @@ class Bench:
             record["kernels_alone"][name] = {"ms": ms, "of_copy": tensors * elements / (ms * 1e-3) / copy}
 
         variants = {"archgen": lambda x, w: rn.rms_norm(x, w, EPS),
-                    "archgen (autograd.Function)": lambda x, w: _RMSNormFunction.apply(rn, x, w),
+                    "archgen (through the custom op)": lambda x, w: rn.rms_norm_op(x, w, EPS)[0],
                     "F.rms_norm": lambda x, w: F.rms_norm(x, (N,), w, EPS)}
         fused_variants = {"archgen": lambda x, r, w: rn.add_rms_norm(x, r, w, EPS),
                           "eager (x + res, F.rms_norm)": lambda x, r, w: (F.rms_norm(x + r, (N,), w, EPS), x + r)}
@@ -451,24 +452,6 @@ class Bench:
             if isinstance(numerics, dict) and numerics.get("ok") is False:
                 lines.append(f"NUMERICS FAILED in {name}: {json.dumps(numerics)[:400]}")
         return "\n".join(lines)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """The same forward and backward launchers behind a plain autograd.Function (no custom-op dispatch): the bench's
-    measure of what the dispatcher costs on the host."""
-
-    @staticmethod
-    def forward(ctx, rn, x, weight):
-        y, _, rstd = rn.rms_norm_forward(x, None, weight, EPS)
-        ctx.save_for_backward(x, weight, rstd)
-        ctx.rn = rn
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, rstd = ctx.saved_tensors
-        dx, dw = ctx.rn.rms_norm_backward(dy, None, x, weight, rstd)
-        return None, dx, dw
 
 
 def _fwd_bwd(fn, args, cotangents):
