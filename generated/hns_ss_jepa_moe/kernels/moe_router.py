@@ -344,7 +344,7 @@ def _reference_parts(logits: Tensor, valid: Tensor | None, top_k: int, normalize
     lse = torch.logsumexp(z, dim=-1)
     counted = torch.ones_like(lse) if valid is None else valid.to(lse.dtype)
     counts = torch.zeros(z.shape[1], dtype=lse.dtype, device=z.device)
-    counts = counts.index_add(0, index.reshape(-1), counted.repeat_interleave(top_k))
+    counts = counts.scatter_add(0, index.reshape(-1), counted[:, None].expand(-1, top_k).reshape(-1))
     return index, weight, lse, counts, (p * counted[:, None]).sum(dim=0), (lse.square() * counted).sum()
 
 
