@@ -136,3 +136,40 @@ def test_autotune_with_check_is_refused(spec, tmp_path, monkeypatch):
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
     result = build(spec, "--autotune", "--check", "-o", tmp_path)
     assert result.exit_code == 2 and "--autotune and --check do not go together" in result.output
+
+
+ATTENTION_MOE = textwrap.dedent("""\
+    schema_version: 1
+    name: tuned_attention_moe
+    model: {d_model: 16, vocab_size: 64, max_seq_len: 8, norm: {kind: layernorm, eps: 1.0e-5}}
+    mixers:
+      attn: {kind: attention, n_heads: 4, n_kv_heads: 2, rope: {theta: 10000, rotary_dim: 2}}
+    ffns:
+      moe: {kind: moe, n_experts: 5, top_k: 2, expert: {activation: gelu, hidden: 8}}
+    layout: {mixers: attn*2, ffns: moe}
+    """)
+
+
+def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monkeypatch):
+    """kernels/rope.py's and kernels/moe_router.py's `autotune` read the op's resolved config and parameter shapes
+    (heads, head_dim and rotary_dim; experts and top_k) and tune exactly the buckets the model's calls will look up."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+    from archgen.resources import kernels_package
+
+    kernels_package()
+    import importlib
+
+    from archgen_kernels import triton_support
+
+    path = tmp_path / "tuned_attention_moe.yaml"
+    path.write_text(ATTENTION_MOE)
+    cases = tuning_cases(compile_spec(path).ir, [3], [2])
+    assert {c.file for c in cases} == {"rope", "moe_router"}
+    with triton_support.tuning_session() as table:
+        for case in cases:
+            module = importlib.import_module(f"archgen_kernels.{case.file}")
+            module.autotune(case.config, case.params, case.batch, case.seqlen, torch.float32, "cpu")
+        keys = {(e["kernel"], e["key"]) for e in table()["entries"]}
+    assert keys == {("rope.forward", "D4-R2-float32"), ("moe_router.forward", "E8-k2-float32"),
+                    ("moe_router.backward", "E8-k2-float32")}
