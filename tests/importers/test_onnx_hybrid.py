@@ -1,4 +1,5 @@
-"""An imported Bamba (Mamba-2 + attention) or Jamba (Mamba-1 + attention + MoE) hybrid exports to ONNX prefill and
+"""An imported Bamba (Mamba-2 + attention), Jamba (Mamba-1 + attention + MoE), Falcon-H1 (Mamba-2 beside attention in
+every layer, muP multipliers) or Qwen3-Next (Gated DeltaNet + gated attention + MoE) hybrid exports to ONNX prefill and
 decode-step graphs, and onnxruntime's greedy decoding, driven only by those graphs and their SSM, convolution and KV
 caches, gives transformers' 20 tokens.
 """
@@ -18,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 
 
-@pytest.mark.parametrize("model_type", ["bamba", "jamba"])
+@pytest.mark.parametrize("model_type", ["bamba", "jamba", "falcon_h1", "qwen3_next"])
 def test_imported_hybrid_generates_transformers_tokens_through_onnxruntime(model_type, tmp_path):
     from archgen.export import export_package
     from archgen.export.onnx_export import onnx_session
