@@ -281,6 +281,7 @@ class OpCounter(TorchDispatchMode):
         self.by_op: Counter[str] = Counter()
         self.by_module: Counter[str] = Counter()
         self.owner = ["Model"]
+        self.device = next(model.parameters()).device
         package = type(model).__module__
         self.hooks = [handle for module in model.modules() if module is not model and type(module).__module__ == package
                       for handle in (module.register_forward_pre_hook(self._enter), module.register_forward_hook(self._leave))]
@@ -300,9 +301,11 @@ class OpCounter(TorchDispatchMode):
         self.by_module[self.owner[-1]] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (self.inside_one_kernel or func.is_view or func._schema.name.split("::")[-1] in NOT_LAUNCHES):
+        out = func(*args, **(kwargs or {}))
+        on_host = isinstance(out, torch.Tensor) and out.device.type == "cpu" != self.device.type  # a wrapped number
+        if not (self.inside_one_kernel or on_host or func.is_view or func._schema.name.split("::")[-1] in NOT_LAUNCHES):
             self.record(str(func))
-        return func(*args, **(kwargs or {}))
+        return out
 
     inside_one_kernel = False  # within a composite op that CUDA runs as one kernel (OneKernelOnCUDA): not counted
 
