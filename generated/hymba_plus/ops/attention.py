@@ -152,6 +152,8 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tu
     """
     inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
     angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T, R/2)
+    if mscale == 1.0:  # no product to launch (a decode step runs this in every attention layer)
+        return angles.cos(), angles.sin()
     return angles.cos() * mscale, angles.sin() * mscale
 
 
@@ -205,6 +207,14 @@ def qk_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 
 # -----------------------------------------------------------------------------
 # KV cache
+
+
+def new_token_positions(start: int | Tensor, T: int, device: torch.device) -> Tensor:
+    """(T,) the positions start .. start+T-1 of new tokens. One token at a tensor start (a decode step) is a view of
+    it: nothing to launch."""
+    if isinstance(start, Tensor) and T == 1:
+        return start.reshape(1)
+    return torch.arange(T, device=device) + start
 
 
 @dataclass
@@ -268,7 +278,7 @@ class KVCache:
             )
         if isinstance(start, int) and not 0 <= start <= self.max_len - T:
             raise ValueError(f"cannot write {T} tokens at start={start} into a cache of max_len={self.max_len}")
-        slots = torch.arange(T, device=self.k.device) + start  # (T,)
+        slots = new_token_positions(start, T, self.k.device)  # (T,)
         self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
         self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
         return self.k, self.v
@@ -348,7 +358,7 @@ class RingKVCache:
             )
         if isinstance(start, int) and start < 0:
             raise ValueError(f"start must be a position (>= 0), got {start}")
-        new_positions = torch.arange(T, device=self.k.device) + start  # (T,)
+        new_positions = new_token_positions(start, T, self.k.device)  # (T,)
         if T == 1:
             self._write(k_new, v_new, new_positions)
             return self.k, self.v, self.slot_positions(start + 1)
@@ -602,4 +612,5 @@ def masked_attention(
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, Dv)
     y = _sdpa(q, k, v, attn_mask=mask, scale=scale)  # (B, Hq, Tq, Dv)
-    return torch.where(sees_any, y, 0.0)  # where, not masked_fill: it keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view
+    # zeros where a row sees no key (y is finite there); keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view
+    return y * sees_any
