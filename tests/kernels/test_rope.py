@@ -86,6 +86,18 @@ def test_in_place_without_gradients_rotates_the_projection_where_it_lies():
     assert_close(k, k_ref, 1e-5, "k")
 
 
+@pytest.mark.parametrize("programs_to_fill", [1, 6, 512])
+def test_heads_split_over_programs_or_looped_in_one(programs_to_fill, monkeypatch):
+    """Training shapes loop every head in one program per token block; decoding splits the heads over programs (an
+    uneven split too: 5 q heads, 2 k heads over 3 programs): the same rotation."""
+    monkeypatch.setattr(rope, "PROGRAMS_TO_FILL", programs_to_fill)
+    q, k = projected(2, 5, 3, 16, torch.float32, seed=1), projected(2, 2, 3, 16, torch.float32, seed=2)
+    cos, sin = angles(12, torch.arange(3) + 7, "llama3")
+    q_rot, k_rot = rope.rope_forward(q, k, cos, sin)
+    assert_close(q_rot, runtime.apply_rope(q, cos, sin), 1e-5, "q")
+    assert_close(k_rot, runtime.apply_rope(k, cos, sin), 1e-5, "k")
+
+
 def test_the_inverse_undoes_the_rotation():
     q, k = randn(1, 2, 5, 8, seed=1), randn(1, 1, 5, 8, seed=2)
     cos, sin = angles(8, torch.arange(5), "none")
