@@ -16,7 +16,8 @@ one launch reads q and k once and writes them once (in place under inference, wh
 are touched), with each token's cos and sin loaded once for all heads.
 
 How: a program takes BLOCK_T tokens of one sequence, loads their cos and sin (BLOCK_T, R/2) once, then rotates
-those rows of every q head and every k head in a loop. Any strides with a unit last one (q from a projection's
+those rows of every q head and every k head in a loop; where token blocks × batch are too few programs to fill the
+GPU (decoding, T = 1), the heads are split over programs too (PROGRAMS_TO_FILL). Any strides with a unit last one (q from a projection's
 view-and-transpose is rotated where it lies).
 
 Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
@@ -37,6 +38,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # at head_dim 128 (each candidate is a compile when tuning: the space stays small).
 CONFIGS = [{"BLOCK_T": tokens, "num_warps": warps} for tokens, warps in ((8, 2), (16, 4), (32, 4), (32, 8), (64, 8))]
 DEFAULT_CONFIG = {"BLOCK_T": 16, "num_warps": 4}
+PROGRAMS_TO_FILL = 512
+"""Programs a launch aims for (about four per SM of an H100/H200): below it the heads are split over programs."""
 INTERPRETER_CONFIG = {"BLOCK_T": 4, "num_warps": 1}
 
 
@@ -87,18 +90,23 @@ def _rope_kernel(
     sin = tl.load(sin_ptr + angle_at, mask=angle_inside, other=0.0)
     if INVERSE:
         sin = -sin
-    q_src, q_dst = q_ptr + batch * stride_qb, q_out_ptr + batch * stride_qob
-    for _ in range(HQ):  # heads advance the pointers: 64-bit, where head × stride could overflow 32 bits
+    # heads split, split + splits, ...: the pointers advance (64-bit, where head × stride could overflow 32 bits)
+    split = tl.program_id(2).to(tl.int64)
+    splits = tl.num_programs(2).to(tl.int64)
+    q_src = q_ptr + batch * stride_qb + split * stride_qh
+    q_dst = q_out_ptr + batch * stride_qob + split * stride_qoh
+    for _ in range(tl.program_id(2), HQ, tl.num_programs(2)):
         _rotate_head(q_src, q_dst, tokens, stride_qt, stride_qot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
                      BLOCK_HALF, BLOCK_PASS)
-        q_src += stride_qh
-        q_dst += stride_qoh
-    k_src, k_dst = k_ptr + batch * stride_kb, k_out_ptr + batch * stride_kob
-    for _ in range(HK):
+        q_src += splits * stride_qh
+        q_dst += splits * stride_qoh
+    k_src = k_ptr + batch * stride_kb + split * stride_kh
+    k_dst = k_out_ptr + batch * stride_kob + split * stride_koh
+    for _ in range(tl.program_id(2), HK, tl.num_programs(2)):
         _rotate_head(k_src, k_dst, tokens, stride_kt, stride_kot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
                      BLOCK_HALF, BLOCK_PASS)
-        k_src += stride_kh
-        k_dst += stride_koh
+        k_src += splits * stride_kh
+        k_dst += splits * stride_koh
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,7 +140,10 @@ def rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
     pass_through = D - 2 * half
 
     def launch(cfg):
-        _rope_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B)](
+        token_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+        # heads split over programs only where (token blocks × batch) alone would leave the GPU idle (decoding: T=1)
+        splits = min(max(HQ, HK), triton.cdiv(PROGRAMS_TO_FILL, token_blocks * B))
+        _rope_kernel[(token_blocks, B, splits)](
             q, k, q_out, k_out, cos, sin, T, HQ, HK, half, pass_through,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
