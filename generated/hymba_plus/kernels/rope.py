@@ -17,8 +17,8 @@ are touched), with each token's cos and sin loaded once for all heads.
 
 How: a program takes BLOCK_T tokens of one sequence, loads their cos and sin (BLOCK_T, R/2) once, then rotates
 those rows of every q head and every k head in a loop; where token blocks × batch are too few programs to fill the
-GPU (decoding, T = 1), the heads are split over programs too (PROGRAMS_TO_FILL). Any strides with a unit last one (q from a projection's
-view-and-transpose is rotated where it lies).
+GPU (decoding, T = 1), the heads are split over programs too (PROGRAMS_TO_FILL). Any strides with a unit last one
+(q from a projection's view-and-transpose is rotated where it lies).
 
 Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
 ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
