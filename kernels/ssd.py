@@ -490,6 +490,18 @@ def _dx_bwd_kernel(
 
 
 @triton.jit
+def _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h,
+               dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION: tl.constexpr):
+    """dy_t·x_s of one head, (t, s) float32."""
+    dot_ty = x_ptr.dtype.element_ty
+    dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                   + p[None, :] * dy_stride_p, mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
+    x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                  + p[None, :] * x_stride_p, mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
+    return tl.dot(_operand(dy_t, dot_ty), tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _dcb_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p,
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h, dy_stride_p,
@@ -516,7 +528,6 @@ def _dcb_bwd_kernel(
     g = tl.program_id(1) // HEAD_SPLIT
     split = tl.program_id(1) % HEAD_SPLIT
     b = tl.program_id(2)
-    dot_ty = x_ptr.dtype.element_ty
     t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
     dcb_base = ((b.to(tl.int64) * nchunks + chunk) * HEAD_SPLIT + split) * ngroups + g
@@ -534,34 +545,41 @@ def _dcb_bwd_kernel(
     dcb = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
-    for j in range(first, tl.minimum(first + per_split, heads_per_group)):
-        h = g * heads_per_group + j
-        dt_base = (b.to(tl.int64) * nheads + h) * padded_len
-        cum_t = tl.load(cum_ptr + dt_base + pos_t)
-        cum_s = tl.load(cum_ptr + dt_base + pos_s)
-        dt_s = tl.load(dtp_ptr + dt_base + pos_s)
-        dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
-                       + p[None, :] * dy_stride_p, mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
-        x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
-                      + p[None, :] * x_stride_p, mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
-        dy_x = tl.dot(_operand(dy_t, dot_ty), tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)
-        cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
-        if tb == sb:
+    last = tl.minimum(first + per_split, heads_per_group)
+    # The diagonal and off-diagonal tiles loop apart (a branch inside the loop over heads fails Triton 3.6's
+    # software pipeliner at 64-row tiles).
+    if tb == sb:
+        for j in range(first, last):
+            h = g * heads_per_group + j
+            dt_base = (b.to(tl.int64) * nheads + h) * padded_len
+            cum_t = tl.load(cum_ptr + dt_base + pos_t)
+            cum_s = tl.load(cum_ptr + dt_base + pos_s)
+            dy_x = _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
+                              dy_stride_h, dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION)
             decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            m = dy_x * decay * dt_s[None, :]
+            m = dy_x * decay * tl.load(dtp_ptr + dt_base + pos_s)[None, :]
             dcb += m
             q = m * cb
             before = tl.cumsum(q, axis=1) - q  # Σ_{s < i} Q[t, s] at column i
+            cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
             tl.store(cross_base + tb * padded_len + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
-        else:
+    else:
+        for j in range(first, last):
+            h = g * heads_per_group + j
+            dt_base = (b.to(tl.int64) * nheads + h) * padded_len
             # The decay factors through r, the s block's last position (s ≤ r < t): both factors are ≤ 1.
             cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
-            m = dy_x * tl.exp(cum_t - cum_r)[:, None] * (tl.exp(cum_r - cum_s) * dt_s)[None, :]
+            decay_t = tl.exp(tl.load(cum_ptr + dt_base + pos_t) - cum_r)
+            weight_s = tl.exp(cum_r - tl.load(cum_ptr + dt_base + pos_s)) * tl.load(dtp_ptr + dt_base + pos_s)
+            dy_x = _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
+                              dy_stride_h, dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION)
+            m = dy_x * decay_t[:, None] * weight_s[None, :]
             dcb += m
             q = m * cb
             col = tl.sum(q, axis=0)
             row = tl.sum(q, axis=1)
             total = tl.sum(row, axis=0)
+            cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
             tl.store(cross_base + tb * padded_len + pos_s, tl.cumsum(col, axis=0) - col)
             tl.store(cross_base + sb * padded_len + pos_t, total - tl.cumsum(row, axis=0) + row)
             tl.store(between_ptr + (((b.to(tl.int64) * nheads + h) * nchunks + chunk) * n_blocks + tb) * n_blocks
