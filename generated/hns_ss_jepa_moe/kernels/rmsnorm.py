@@ -357,6 +357,7 @@ def _setup_rms_norm(ctx, inputs, output):
     _, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(rstd)
+    ctx.set_materialize_grads(False)  # rstd's gradient would be a zero-filled (R,) tensor the backward never reads
     ctx.backward = backward_op
 
 
