@@ -70,6 +70,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba2", "state_update", "mamba2_step", "ssd",
                "Mamba-2 decoding step between the projections in one launch: conv update, SiLU, softplus Δ, SSD state "
                "update, D skip, z gate", when=_conv_fits),
+    KernelRule("gated_deltanet", "causal_conv1d", "causal_conv1d", "ssm",
+               "Gated DeltaNet depthwise causal conv + SiLU over q, k and v, fused (a sequence, or one decoding step)",
+               when=_conv_fits),
     KernelRule("gated_deltanet", "gated_delta_rule", "gated_delta_rule", "gated_delta",
                "Gated DeltaNet chunked forward (prefill, inference, generate, export); forward-only, so the layer calls "
                "it only with grad mode off and trains on the reference",

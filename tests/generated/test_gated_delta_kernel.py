@@ -1,9 +1,10 @@
-"""The Gated DeltaNet kernel a generated model selects (kernels/gated_delta_rule.py) gives the model the logits and the
-cached decoding of its reference op, runs wherever no gradient is needed, and never while training.
+"""The kernels a generated Gated DeltaNet model selects give it the logits, gradients and cached decoding of its
+reference ops: the fused causal conv1d + SiLU everywhere (it has a backward), the chunked gated delta rule
+(kernels/gated_delta_rule.py) wherever no gradient is needed and never while training (it is forward-only).
 
 The kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), so the model is
-one tiny layer; the kernels' own numerics at odd sizes are in tests/kernels/test_gated_delta_rule.py. A spy counts
-the kernel calls, so a model that silently fell back to its reference fails here.
+one tiny layer; the kernels' own numerics at odd sizes are in tests/kernels/. A spy counts the kernel calls, so a
+model that silently fell back to its references fails here.
 """
 
 from __future__ import annotations
@@ -28,30 +29,34 @@ SMALL_GATED_DELTANET = textwrap.dedent("""\
       mlp: {kind: mlp, activation: swiglu, hidden: 64}
     layout: {mixers: gdn, ffns: mlp}
     """)
+KERNEL_FUNCTIONS = ("causal_conv1d", "gated_delta_rule")
 
 
 @pytest.fixture
 def package(tmp_path, monkeypatch):
-    """The built package, its Gated DeltaNet kernel spied on: package.calls counts its calls."""
+    """The built package, its kernels spied on: package.calls counts each kernel function's calls."""
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # the kernels in Triton's interpreter, not their CPU fallbacks
     spec = tmp_path / "spec.yaml"
     spec.write_text(SMALL_GATED_DELTANET)
     package = build_package(spec, tmp_path / "out", preset=None)
-    if package.kernels.gated_delta_rule is None:
+    if any(getattr(package.kernels, name) is None for name in KERNEL_FUNCTIONS):
         pytest.skip("triton did not import")
     if not torch.cuda.is_available():  # the kernels take CPU tensors only in Triton's interpreter
         monkeypatch.setattr(package.model, "use_kernel",
                             lambda kernel, x: package.model.USE_KERNELS and kernel is not None)
     package.calls = Counter()
-    kernel = package.kernels.gated_delta_rule
-
-    def counted(*args, **kwargs):
-        package.calls["gated_delta_rule"] += 1
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(package.kernels, "gated_delta_rule", counted)
+    for name in KERNEL_FUNCTIONS:
+        monkeypatch.setattr(package.kernels, name, _spy(getattr(package.kernels, name), name, package.calls))
     return package
+
+
+def _spy(function, name, calls):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return counted
 
 
 def test_inference_with_the_kernel_gives_the_reference_logits(package):
@@ -63,18 +68,28 @@ def test_inference_with_the_kernel_gives_the_reference_logits(package):
         expected = model(tokens).logits
         package.model.USE_KERNELS = True
         actual = model(tokens).logits
-    assert package.calls["gated_delta_rule"] == 1, package.calls
+    assert package.calls["gated_delta_rule"] == package.calls["causal_conv1d"] == 1, package.calls
     assert_close(actual, expected, 1e-5, "logits")
 
 
-def test_training_runs_the_reference_so_gradients_exist(package):
-    """With grad mode on the layer takes the reference (the kernels are forward-only): the loss backpropagates."""
+def test_training_takes_the_conv_kernel_and_the_reference_rule_with_the_references_gradients(package):
+    """With grad mode on the layer runs the conv kernel (it has a backward) and the reference gated delta rule (its
+    kernel is forward-only): logits and every gradient as with the references alone."""
     torch.manual_seed(1)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 20))
-    model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
-    assert package.calls["gated_delta_rule"] == 0, package.calls
-    assert model.layers[0].mixer.A_log.grad is not None
+    results = {}
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    package.model.USE_KERNELS = True
+    assert package.calls["causal_conv1d"] == 1 and package.calls["gated_delta_rule"] == 0, package.calls
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package):
@@ -89,9 +104,10 @@ def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package)
         cache = model.empty_cache(2, 20)
         steps = [model(tokens[:, :17], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(17, 20)]
-    assert package.calls["gated_delta_rule"] == 1, package.calls
+    assert package.calls["gated_delta_rule"] == 1 and package.calls["causal_conv1d"] == 4, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 
-def test_the_kernel_lowers_to_the_reference_op_for_onnx(package):
-    assert "archgen_v1.gated_delta_rule.default" in {str(op) for op in package.kernels.decompositions()}
+def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
+    table = {str(op) for op in package.kernels.decompositions()}
+    assert {"archgen_v1.gated_delta_rule.default", "archgen_v1.causal_conv1d.default"} <= table
