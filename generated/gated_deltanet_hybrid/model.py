@@ -187,10 +187,15 @@ class Gdn(nn.Module):
         if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
             keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
             qkv = torch.where(keep, qkv, 0.0)
-        qkv, conv_state = causal_conv1d(
-            qkv, self.conv1d.weight[:, 0], self.conv1d.bias, cache.conv_state if cache is not None else None
-        )
-        q, k, v = F.silu(qkv).split([2048, 2048, 4096], dim=-1)
+        conv_state = cache.conv_state if cache is not None else None  # (B, 8192, 3), the inputs before x
+        if use_kernel(kernels.causal_conv1d, qkv):  # conv and SiLU in one pass
+            qkv, conv_state = kernels.causal_conv1d(
+                qkv, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu"
+            )
+        else:
+            qkv, conv_state = causal_conv1d(qkv, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+            qkv = F.silu(qkv)
+        q, k, v = qkv.split([2048, 2048, 4096], dim=-1)
         q = l2_normalize(q.view(B, T, 16, 128))  # (B, T, 16, 128)
         k = l2_normalize(k.view(B, T, 16, 128))
         v = v.view(B, T, 32, 128)  # (B, T, 32, 128)

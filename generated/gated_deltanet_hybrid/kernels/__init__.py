@@ -12,17 +12,21 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 
 try:
     from . import triton_support
+    from . import causal_conv1d as causal_conv1d_module
     from . import gated_delta_rule as gated_delta_rule_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
+    from .causal_conv1d import causal_conv1d
     from .gated_delta_rule import gated_delta_rule
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
 except ImportError:  # no triton
     triton_support = None
+    causal_conv1d_module = None
     gated_delta_rule_module = None
     rmsnorm_module = None
     rope_module = None
+    causal_conv1d = None
     gated_delta_rule = None
     rms_norm = None
     apply_rope_qk = None
@@ -33,6 +37,10 @@ else:
 def decompositions() -> dict:
     """{custom op: the same computation with the reference ops in ops/}, for every kernel that imported."""
     table = {}
+    if causal_conv1d_module is not None:
+        from ..ops.ssm import causal_conv1d as reference
+
+        table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if gated_delta_rule_module is not None:
         from ..ops.gated_delta import gated_delta_rule as reference
 

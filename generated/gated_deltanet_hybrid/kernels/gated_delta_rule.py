@@ -72,10 +72,12 @@ WY_CONFIGS = [
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},
     {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # half the programs re-reading W, twice the registers
 ]
 OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # q kᵀ once per chunk at V = 128
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
