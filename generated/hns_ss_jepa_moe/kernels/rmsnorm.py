@@ -61,6 +61,8 @@ BACKWARD_CONFIGS = [{"PER_SM": per_sm, "BLOCK_R": tile_rows, "num_warps": warps,
                     for stages in (1, 2, 3)]
 MAX_BACKWARD_TILE = 8192
 """Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
+MAX_STAGED_BYTES = 160 * 1024
+"""Most shared memory the backward's software pipelining may stage (an H100/H200 SM has 228 KB)."""
 INTERPRETER_CONFIG = {"BLOCK_R": 2, "PER_SM": 1, "num_warps": 4, "num_stages": 1}
 INTERPRETER_MULTIPROCESSORS = 2
 """The SM count backward grids are sized for under the interpreter: small, so that programs take several rows."""
@@ -178,17 +180,25 @@ def forward_candidates(N: int) -> list[dict]:
     return [default, *(c for c in fitting if c != default)]
 
 
-def backward_candidates(N: int) -> list[dict]:
-    """The backward configs that suit rows of width N, the untuned default first: PER_SM programs per
-    multiprocessor, each taking an equal run of rows (the dw partials torch sums are PER_SM × SMs rows, whatever R),
-    in tiles of BLOCK_R rows of at most MAX_BACKWARD_TILE elements (or one row), warps with 4 to 16 elements per
-    thread, num_stages tiles in flight (software pipelining of the row loop)."""
+def backward_candidates(N: int, itemsize: int = 4) -> list[dict]:
+    """The backward configs that suit rows of width N and elements of `itemsize` bytes, the untuned default first:
+    PER_SM programs per multiprocessor, each taking an equal run of rows (the dw partials torch sums are PER_SM × SMs
+    rows, whatever R), in tiles of BLOCK_R rows of at most MAX_BACKWARD_TILE elements (or one row), warps with 4 to
+    16 elements per thread, num_stages tiles in flight (software pipelining of the row loop) as far as the staged
+    tiles fit in shared memory (MAX_STAGED_BYTES)."""
     block = _block_n(N)
     tile_rows = min(max(2048 // block, 1), 16)
-    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block), "num_stages": 2}
+    stages = 2 if _staged_bytes(tile_rows * block, itemsize, 2) <= MAX_STAGED_BYTES else 1
+    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block), "num_stages": stages}
     fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
-               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16]
+               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16
+               and _staged_bytes(c["BLOCK_R"] * block, itemsize, c["num_stages"]) <= MAX_STAGED_BYTES]
     return [default, *(c for c in fitting if c != default)]
+
+
+def _staged_bytes(tile: int, itemsize: int, stages: int) -> int:
+    """Shared memory a pipelined backward may stage: `stages` tiles of each streamed input (s, dy and ds_out)."""
+    return 3 * tile * itemsize * stages if stages > 1 else 0
 
 
 @functools.cache
@@ -273,7 +283,8 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
     with on_device(s):
         if not R:
             return ds.view(shape), torch.zeros_like(weight)
-        launch(BACKWARD_TUNER.known(key, config) or BACKWARD_TUNER.tune(key, launch, backward_candidates(N)))
+        launch(BACKWARD_TUNER.known(key, config)
+               or BACKWARD_TUNER.tune(key, launch, backward_candidates(N, s.element_size())))
     return ds.view(shape), partial["dw"].sum(dim=0).to(weight.dtype)
 
 
