@@ -196,8 +196,7 @@ class Bench:
         if dtype == torch.bfloat16 and dim % 16 == 0:
             return
         key = self.ss.shape_key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
-        fixed = self.ss.DEFAULT_CONFIG
-        self.ss.pin_configs({"forward": {key: fixed}, "backward": {key: fixed}})
+        self.ss.pin_configs({"forward": {key: self.ss.FORWARD_DEFAULT}, "backward": {key: self.ss.BACKWARD_DEFAULT}})
 
     def seed_widths(self) -> dict:
         """{spec: {preset: (d_inner, d_state)}}: the A_log shape of the Mamba-1 mixers in each seed spec's IR."""

@@ -113,10 +113,10 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's BLOCK_D (on a GPU the autotuner chooses)."""
+    """Set the interpreter's BLOCK_D, and whether the forward prefetches (on a GPU the autotuner chooses)."""
 
-    def set_block(width):
-        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4})
+    def set_block(width, prefetch=True):
+        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch})
 
     return set_block
 
@@ -124,6 +124,14 @@ def block_d(monkeypatch):
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
 def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, features, block_d):
     block_d(width)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
+def test_forward_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The forward's other staging (each chunk's inputs loaded at its start), which the autotuner may choose."""
+    block_d(width, prefetch=False)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -335,9 +343,10 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 128, "num_warps": 4}
-    assert tuner.timings[key]["BLOCK_D=256,num_warps=8"].startswith("RuntimeError: out of resources")
-    assert tuner.chosen == {key: {"BLOCK_D": 128, "num_warps": 4}}
+    best = {"BLOCK_D": 128, "num_warps": 4, "PREFETCH": True}  # the first of the two equally fast
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == best
+    assert tuner.timings[key]["BLOCK_D=256,num_warps=8,PREFETCH=False"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: best}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
@@ -373,14 +382,14 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.shape_key(40, 4, 4, torch.float32)  # candidates: 32 and 64 channels per program
-    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 2}},
+    key = ss.shape_key(40, 4, 4, torch.float32)  # candidates: 32 and 64 channels per program (forward: prefetching or not)
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": False}},
                                   "backward": {key: {"BLOCK_D": 64, "num_warps": 2}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 2
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 2
