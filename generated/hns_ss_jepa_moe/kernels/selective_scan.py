@@ -18,12 +18,14 @@ at batch 8, T = D = 4096, N = 16 that is 8 GiB per tensor in float32. Here the s
 How the forward works. The grid is (batch, blocks of BLOCK_D channels), one channel per lane: a lane keeps the N
 states of its channel in registers, as a (N, BLOCK_D) tile of which it holds one column, and runs the recurrence one
 time step after the other, CHUNK steps unrolled per loop iteration. So y_t = Σ_n h_t[n] C_t[n] is a sum within the
-lane (no shuffles, no shared memory), Δ_t (softplus) and the gate are computed once per channel, and the only work
-per (step, channel, state) is one exp2 (log2 e is folded into A) and three multiply-adds: the special-function
-units' exp2 bounds it. The loads of an unrolled step do not depend on the state, so they are issued ahead of the
-steps before; u, Δ, z and y are rows of BLOCK_D contiguous channels (channels-last), B_t and C_t are the same N
-values for every lane. (The first kernel scanned (CHUNK, BLOCK_D, N) tiles with `tl.associative_scan`; Triton laid
-the states out across 16 lanes, and y cost four rounds of shuffles per element: 2.4x slower than mamba_ssm.)
+lane (no shuffles, no shared memory), and the only work per (step, channel, state) is one exp2 (log2 e is folded
+into A) and three multiply-adds: the special-function units' exp2 bounds it. u, Δ, z and y move as (CHUNK, BLOCK_D)
+tiles whose time axis lies within each lane (rows of BLOCK_D contiguous channels: channels-last), so Δ (softplus) and
+the gate are computed once per chunk and channel, reading a step's row out of a tile costs nothing, and no store
+falls inside the unrolled steps, which lets the compiler issue their loads of B_t and C_t (the same N values for every
+lane) early. With PREFETCH (an autotuned choice) the next chunk's tiles are loaded while this one runs. (The first
+kernel scanned (CHUNK, BLOCK_D, N) tiles with `tl.associative_scan`; Triton laid the states out across 16 lanes, and y
+cost four rounds of shuffles per element: 2.4x slower than mamba_ssm.)
 
 Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
@@ -85,13 +87,18 @@ BACKWARD_SUB_CHUNK = 4
 """Steps whose states the backward holds at once, per lane: SUB · N float32 registers."""
 
 # Autotune spaces. BLOCK_D is the number of channels per program; both kernels put one channel on each lane (its N
-# states in registers), so a block is 32 channels per warp.
-FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (1, 2, 4, 8)]
+# states in registers), so a block is 32 channels per warp. The forward also tries loading the next chunk's inputs
+# ahead (PREFETCH: more registers, the loads' latency hidden behind a whole chunk) or at each chunk's start.
+FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "PREFETCH": prefetch}
+                   for prefetch in (True, False) for warps in (1, 2, 4, 8)]
 BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (1, 2, 4, 8)]
-DEFAULT_CONFIG = {"BLOCK_D": 64, "num_warps": 2}
-"""What an untuned shape runs when the package does not tune at run time (a generated package)."""
-INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4}
-"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune."""
+FORWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": True}
+BACKWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2}
+"""FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
+generated package)."""
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": True}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the backward
+ignores PREFETCH)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -157,11 +164,28 @@ def _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, b
     return tl.exp2(dt[None, :] * A_log2) * state + (dt * u)[None, :] * B[:, None]
 
 
+@triton.jit
+def _chunk_tile(ptr, stride_b, stride_t, stride_d, pid_b, t0, rows, d_offs, d_in, seqlen):
+    """The (CHUNK, BLOCK_D) tile of steps t0 .. t0 + CHUNK - 1 of one batch row of a (B, T, D) tensor, in its dtype
+    (0 past the end)."""
+    offs = tl.cast(pid_b, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t + rows * stride_t + d_offs * stride_d
+    return tl.load(ptr + offs, mask=((t0 + rows) < seqlen) & d_in, other=0.0)
+
+
+@triton.jit
+def _tile_row(tile, rows, index):
+    """tile[index] of a (CHUNK, BLOCK_D) register tile whose rows lie within each lane. Registers cannot be indexed;
+    this sum's other terms are -0.0 at indices known when compiling, which the compiler drops (x + -0.0 = x)."""
+    return tl.sum(tl.where(rows == index, tile, -0.0), axis=0)
+
+
 # Both kernels: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
 # those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
 # sum over n (y_t, and the backward's) would need shuffles across lanes; unspecialised, each lane holds one channel
-# with all N states in registers.
-@triton.jit(do_not_specialize=["A_stride_n", "init_stride_n", "final_stride_n", "ckpt_stride_n"])
+# with all N states in registers. Likewise stride 1 along the channels of the forward's (CHUNK, BLOCK_D) tiles would
+# vectorise them along d, putting several time steps of a channel in different lanes.
+@triton.jit(do_not_specialize=["A_stride_n", "init_stride_n", "final_stride_n", "ckpt_stride_n", "u_stride_d",
+                               "delta_stride_d", "z_stride_d", "y_stride_d"])
 def _selective_scan_fwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
     delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
@@ -182,12 +206,14 @@ def _selective_scan_fwd_kernel(
     HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
     DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
     SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
+    PREFETCH: tl.constexpr,  # load the next chunk's u, delta, z while this one runs (else at the chunk's start)
     CHUNK: tl.constexpr,  # time steps per unrolled chunk, and the checkpoint interval
     BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
     BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)[:, None]
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
@@ -200,7 +226,6 @@ def _selective_scan_fwd_kernel(
     A_log2 = A.to(tl.float32) * _LOG2E
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_INITIAL_STATE:
@@ -209,31 +234,62 @@ def _selective_scan_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
 
+    # Per chunk, u, delta and z come as (CHUNK, BLOCK_D) tiles (each lane holds its channel's column) and y leaves as
+    # one: no store inside the unrolled steps, so the compiler may issue the steps' loads of B and C early.
+    if PREFETCH:
+        u_next = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+        delta_next = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, 0, rows, d_offs,
+                                 d_in, seqlen)
+        if HAS_Z:
+            z_next = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
     for chunk in range(n_chunks):
+        t0 = chunk * CHUNK
         if SAVE_CHECKPOINTS:
             ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
             tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=nd_in)
-        # One step at a time, unrolled: a step's loads do not depend on the state, so the compiler issues them
-        # ahead of the exp2s of the steps before; each lane runs the recurrence of its channel in registers.
-        for step in tl.static_range(CHUNK):
-            t = chunk * CHUNK + step
-            td_in = tl.where(t < seqlen, d_in, False)  # not d_in & (t < seqlen): Triton's interpreter refuses that mask
-            tn_in = tl.where(t < seqlen, n_in, False)
-            u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
-            _, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs, td_in,
-                                bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-            B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
-            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
-
-            state = tl.exp2(dt[None, :] * A_log2) * state + (dt * u)[None, :] * B[:, None]
-            y = tl.sum(state * C[:, None], axis=0)  # (BLOCK_D,): a sum within each lane
-            if HAS_D:
-                y += skip * u
+        if PREFETCH:
+            u = u_next.to(tl.float32)
+            dt = delta_next.to(tl.float32)
+            u_next = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0 + CHUNK, rows, d_offs, d_in,
+                                 seqlen)
+            delta_next = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0 + CHUNK,
+                                     rows, d_offs, d_in, seqlen)
             if HAS_Z:
-                z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in)
-                y *= z * tl.sigmoid(z)
-            tl.store(y_ptr + _step_offsets(pid_b, t, y_stride_b, y_stride_t, y_stride_d, d_offs),
-                     y.to(y_ptr.dtype.element_ty), mask=td_in)
+                z = z_next.to(tl.float32)
+                z_next = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0 + CHUNK, rows, d_offs, d_in,
+                                     seqlen)
+        else:
+            u = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in,
+                            seqlen).to(tl.float32)
+            dt = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in,
+                             seqlen).to(tl.float32)
+            if HAS_Z:
+                z = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in,
+                                seqlen).to(tl.float32)
+        td_in = ((t0 + rows) < seqlen) & d_in
+        if HAS_DELTA_BIAS:
+            dt += bias
+        if DELTA_SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
+        dtu = dt * u
+
+        # One step at a time, unrolled; each lane runs the recurrence of its channel in registers.
+        y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+        for step in tl.static_range(CHUNK):
+            tn_in = tl.where(t0 + step < seqlen, n_in, False)  # not n_in & (...): Triton's interpreter refuses that
+            B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0 + step, n_offs, tn_in)
+            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0 + step, n_offs, tn_in)
+            dt_step = _tile_row(dt, rows, step)
+            state = tl.exp2(dt_step[None, :] * A_log2) * state + _tile_row(dtu, rows, step)[None, :] * B[:, None]
+            y_step = tl.sum(state * C[:, None], axis=0)  # (BLOCK_D,): a sum within each lane
+            y = tl.where(rows == step, y_step[None, :], y)
+        if HAS_D:
+            y += skip * u
+        if HAS_Z:
+            y *= z * tl.sigmoid(z)
+        y_offs = tl.cast(pid_b, tl.int64) * y_stride_b + tl.cast(t0, tl.int64) * y_stride_t + rows * y_stride_t
+        tl.store(y_ptr + y_offs + d_offs * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=td_in)
 
     final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
     tl.store(final_ptr + final_offs, state, mask=nd_in)
@@ -410,11 +466,13 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 
 
 def _explicit(config: dict | None) -> dict | None:
-    return None if config is None else {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4)}
+    if config is None:
+        return None
+    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", True)}
 
 
-FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, DEFAULT_CONFIG)
-BACKWARD_TUNER = Autotuner("selective_scan.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG, DEFAULT_CONFIG)
+FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
+BACKWARD_TUNER = Autotuner("selective_scan.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG, BACKWARD_DEFAULT)
 
 
 def tuned_configs() -> dict:
@@ -497,7 +555,9 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        # A config without PREFETCH (pinned before it existed) prefetches.
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=cfg.get("PREFETCH", True),
+                                         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
