@@ -355,8 +355,8 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
 def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     """The launchers' tuning path, run in the interpreter with a stand-in timer: every candidate runs on the call's
-    own tensors, the backward on partial-sum buffers sized for the narrowest block while the choice is open, and the
-    result with the chosen (wider) block still matches the reference."""
+    own tensors (the backward's partial sums sized by each launch for its block), and the result with the chosen
+    (wider) block still matches the reference."""
     import triton.testing
 
     monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # as on a GPU: tune, not INTERPRETER_CONFIG
@@ -393,3 +393,17 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
     assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+
+
+def test_backward_untuned_without_runtime_tuning(monkeypatch):
+    """As in a generated package (no tuning at run time): an untuned bucket runs the tuner's default config, under
+    the interpreter its interpreter config, narrower here than every candidate; the backward's per-block partial sums
+    must be sized for the block that runs (they were once sized for the narrowest candidate, and overflowed)."""
+    narrow = {"BLOCK_D": 8, "num_warps": 4, "PREFETCH": True}
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+    monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, narrow))
+    monkeypatch.setattr(ss, "BACKWARD_TUNER", triton_support.Autotuner("test.backward", ss.BACKWARD_CONFIGS, narrow))
+    args = make_inputs(1, 5, 40, 4, seed=41)
+    with pytest.warns(RuntimeWarning, match="no tuned config"):
+        check_against_reference(args, 4, FLOAT32_TOL)
+    assert ss.BACKWARD_TUNER.defaulted == {ss.shape_key(40, 4, 4, torch.float32): narrow}
