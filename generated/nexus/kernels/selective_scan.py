@@ -605,26 +605,16 @@ def selective_scan_backward(
     dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=device) if z is not None else None
     dinit = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
 
-    # Per-program partial sums, reduced below: dB/dC over channel blocks, dA/dD/d delta_bias over batch rows.
-    # While the block width is still being tuned, the buffers are sized for the narrowest candidate.
-    key = shape_key(dim, dstate, chunk_size, u.dtype)
-    config = BACKWARD_TUNER.known(key, _explicit(config))
-    width = config["BLOCK_D"] if config is not None else min(c["BLOCK_D"] for c in candidates(BACKWARD_TUNER, dim))
-    max_blocks = triton.cdiv(dim, width)
-    dB_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
-    dC_part = torch.empty((batch, seqlen, max_blocks, dstate), dtype=torch.float32, device=device)
+    # Per-program partial sums, reduced below: dA/dD/d delta_bias over batch rows, dB/dC over channel blocks (those
+    # have one slice per block, so each launch sizes them for its own block width: tuning tries several).
     dA_part = torch.empty((batch, dim, dstate), dtype=torch.float32, device=device)
     dD_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if D is not None else None
     dbias_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if delta_bias is not None else None
-
-    args = (
+    inputs = (
         *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
         *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(checkpoints, 4),
         *strided(dy, 3), *strided(dfinal_state, 3),
         *strided(du, 3), *strided(ddelta, 3), *strided(dz, 3),
-        *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
-        *strided(dbias_part, 2), *strided(dinit, 3),
-        seqlen, n_chunks, dim, dstate,
     )
     constexprs = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
@@ -634,15 +624,23 @@ def selective_scan_backward(
     )
 
     def launch(cfg):
-        grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_bwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+        dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
+        dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
+        _selective_scan_bwd_kernel[(batch, blocks)](
+            *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
+            *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
+            **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+        return dB_part, dC_part
 
+    key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
-        config = config or BACKWARD_TUNER.tune(key, launch, candidates(BACKWARD_TUNER, dim))
-        launch(config)
-    used_blocks = triton.cdiv(dim, config["BLOCK_D"])
-    dB = dB_part[:, :, :used_blocks].sum(2).to(B.dtype)
-    dC = dC_part[:, :, :used_blocks].sum(2).to(C.dtype)
+        config = BACKWARD_TUNER.known(key, _explicit(config)) or BACKWARD_TUNER.tune(key, launch,
+                                                                                    candidates(BACKWARD_TUNER, dim))
+        dB_part, dC_part = launch(config)
+    dB = dB_part.sum(2).to(B.dtype)
+    dC = dC_part.sum(2).to(C.dtype)
     dA = dA_part.sum(0).to(A.dtype)
     dD = dD_part.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
