@@ -367,7 +367,8 @@ def _selective_scan_bwd_kernel(
             t_piece = chunk * CHUNK + (CHUNK // SUB - 1 - piece_from_end) * SUB
             state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
             state = state.to(tl.float32)
-            for t in range(chunk * CHUNK, t_piece):
+            # Unrolled SUB times (the trip count is a multiple of SUB), so that several steps' loads are in flight.
+            for t in tl.range(chunk * CHUNK, t_piece, loop_unroll_factor=SUB):
                 state = _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
                                       u_ptr, u_stride_b, u_stride_t, u_stride_d,
                                       delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
