@@ -101,8 +101,10 @@ def device_mesh(processes: Processes):
 
 
 def tensor_parallel_plans(model: nn.Module) -> dict[str, dict[str, tuple[str, int]]]:
-    """{module path: its class's tp_plan} for every module of the model that has one."""
-    return {name: type(module).tp_plan for name, module in model.named_modules() if getattr(type(module), "tp_plan", None)}
+    """{module path: its class's tp_plan} for every module of the model that has one and has parameters (a copy whose
+    weights are buffers, JEPA's target encoder, stays whole on every process)."""
+    return {name: type(module).tp_plan for name, module in model.named_modules()
+            if getattr(type(module), "tp_plan", None) and next(module.parameters(), None) is not None}
 
 
 def tensor_parallel_problems(model: nn.Module, size: int) -> list[str]:
@@ -116,27 +118,38 @@ def tensor_parallel_problems(model: nn.Module, size: int) -> list[str]:
     return problems
 
 
-def split_tensor_parallel(model: nn.Module, mesh) -> int:
-    """Apply every module's tp_plan over the mesh's tensor dimension; returns how many modules were split."""
+@dataclass(frozen=True)
+class TensorParallelSplit:
+    modules: int  # how many modules were split
+    # Parameters inside a split module but outside its plan (a qk-norm's weight): replicated, yet each rank's gradient
+    # of them covers only its own heads, a partial sum that `sum_partial_gradients` completes after the backward.
+    partial_gradients: tuple[str, ...]
+
+
+def split_tensor_parallel(model: nn.Module, mesh) -> TensorParallelSplit:
+    """Apply every module's tp_plan over the mesh's tensor dimension."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
     plans = tensor_parallel_plans(model)
+    partial = []
     for path, plan in plans.items():
         module = model.get_submodule(path)
         parallelize_module(module, mesh, {projection: styles[style]() for projection, (style, _) in plan.items()})
-        for name, parameter in module.named_parameters():
-            if name.split(".")[0] not in plan:
-                _sum_gradient_over(parameter, mesh.get_group())
-    return len(plans)
+        partial += [f"{path}.{name}" for name, _ in module.named_parameters() if name.split(".")[0] not in plan]
+    return TensorParallelSplit(len(plans), tuple(partial))
 
 
-def _sum_gradient_over(parameter: nn.Parameter, group) -> None:
-    """A replicated parameter inside a split module (a qk-norm's weight) sees only this rank's heads: its gradient
-    is a partial sum, completed over the tensor-parallel group."""
-    from torch.distributed import _functional_collectives as collectives
-
-    parameter.register_hook(lambda grad: collectives.all_reduce(grad, "sum", group))
+@torch.no_grad()
+def sum_partial_gradients(parameters: list[torch.Tensor], group) -> None:
+    """Sum each parameter's gradient over the tensor-parallel group, in place (on this process's FSDP shard of it,
+    when FSDP shards it: its reduce-scatter over the data dimension is linear, so the order does not matter). Done
+    on the gradients once the backward is over, not in a hook: FSDP2 hands the sharded parameter its gradient
+    outside autograd, where a hook on it never runs."""
+    for parameter in parameters:
+        grad = parameter.grad
+        if grad is not None:
+            dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
 
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_after_forward: bool, mesh=None) -> nn.Module:

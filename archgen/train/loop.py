@@ -38,6 +38,7 @@ from archgen.train.distributed import (
     split_tensor_parallel,
     start_processes,
     stop_processes,
+    sum_partial_gradients,
     tensor_parallel_problems,
 )
 from archgen.train.metrics import (
@@ -209,14 +210,18 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                                                "choose a tensor_parallel size that divides every head count and hidden "
                                                "size, or 1") for problem in problems])
         split = split_tensor_parallel(model, mesh["tensor"])
-        say(f"tensor parallel: {split} modules split {processes.tensor_parallel} ways, the rest replicated")
+        say(f"tensor parallel: {split.modules} modules split {processes.tensor_parallel} ways, the rest replicated")
     if fsdp:
         shard_model(model, torch.bfloat16 if precision != "float32" else None, recipe.distributed.reshard_after_forward,
                     mesh["data"] if mesh is not None else None)
     elif processes.distributed and not tensor_parallel:
         device_ids = [processes.device] if processes.device.type == "cuda" else None
-        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # broadcast_buffers off: every buffer is the same on every process (derived tables; JEPA's target, which each
+        # process updates from the same averaged weights), so broadcasting them before each forward is wasted traffic
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     master = MasterWeights(list(model.named_parameters())) if precision == "bf16" and not fsdp else None
+    parameters = dict(model.named_parameters())  # read after sharding: FSDP2 replaces the parameter objects
+    partial_gradients = [parameters[name] for name in split.partial_gradients] if tensor_parallel else []
     named = master.named_masters() if master else list(model.named_parameters())
     groups = [{"params": [p for n, p in named if _decays(n, p)], "weight_decay": recipe.optimizer.weight_decay},
               {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0}]
@@ -289,6 +294,8 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                     (losses.total / plan.accumulation).backward()
                 for key, value in [("loss", losses.total), ("next_token_loss", losses.next_token), *losses.aux.items()]:
                     sums[key] = sums.get(key, 0.0) + value.detach().float().item() / plan.accumulation
+            if partial_gradients:
+                sum_partial_gradients(partial_gradients, mesh["tensor"].get_group())
             if master:
                 master.grads_up()
             grad_norm = None

@@ -1,5 +1,6 @@
 """Tensor parallelism under torchrun on CPU: 2 gloo processes split attention heads and MLP hidden features
-(`distributed.tensor_parallel: 2`), train exactly as one process does, and their checkpoint resumes on one process."""
+(`distributed.tensor_parallel: 2`), alone or as a 2 × 2 (data × tensor) mesh of 4 with FSDP2 over the data dimension;
+they train exactly as one process does, and their checkpoint resumes on one process."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def losses(run_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-def test_two_way_tensor_parallel_matches_one_process_and_resumes_on_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [2, 4], ids=["tp2", "dp2-x-tp2"])
+def test_two_way_tensor_parallel_matches_one_process_and_resumes_on_one(tmp_path, monkeypatch, processes):
+    """2 processes: one tensor-parallel group; 4: a 2 × 2 mesh, FSDP2 over 2 data-parallel groups of 2 split ranks."""
     corpus = write_corpus(tmp_path / "data")
     common = dict(spec="gated_deltanet_hybrid", steps=3, batch__tokens=64, spec__set=ATTENTION_ONLY)
     alone = write_recipe(tmp_path / "alone.yaml", recipe_dict(corpus, output=str(tmp_path / "alone"), **common))
@@ -39,14 +42,15 @@ def test_two_way_tensor_parallel_matches_one_process_and_resumes_on_one(tmp_path
         monkeypatch.delenv(name, raising=False)
     train(alone, device="cpu", show_progress=False)
 
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                           "archgen", "train", str(split), "--no-progress", "--device", "cpu", "--stop-after", "2"],
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+                           "-m", "archgen", "train", str(split), "--no-progress", "--device", "cpu", "--stop-after", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy(), check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tensor parallel: 4 modules split 2 ways" in done.stderr
+    assert (", FSDP" in done.stderr) == (processes == 4), "FSDP2 shards over the data dimension when it has 2 groups"
     checkpoint = tmp_path / "split" / "checkpoints" / "step-00000002"
     trainer = json.loads((checkpoint / "trainer.json").read_text())
-    assert trainer["tensor_parallel"] == 2 and trainer["sharded"]
+    assert trainer["tensor_parallel"] == 2 and trainer["world_size"] == processes and trainer["sharded"]
     assert (checkpoint / "distributed" / ".metadata").exists()
 
     train(split, device="cpu", show_progress=False, resume=True)  # step 3 on one process, from the split shards
@@ -59,6 +63,10 @@ def test_two_way_tensor_parallel_matches_one_process_and_resumes_on_one(tmp_path
 class _Heads(nn.Module):
     tp_plan = {"q_proj": ("colwise", 4), "k_proj": ("colwise", 3), "o_proj": ("rowwise", 4)}
 
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(4, 4)
+
 
 def test_a_split_that_does_not_divide_is_named():
     model = nn.Module()
@@ -66,6 +74,10 @@ def test_a_split_that_does_not_divide_is_named():
     assert tensor_parallel_problems(model, 2) == [
         "block.k_proj (_Heads) splits into 3 units (heads or hidden features), not divisible by 2"]
     assert tensor_parallel_problems(model, 1) == []
+    model.copy = _Heads()
+    model.copy.q_proj = nn.Module()  # its weight a buffer, as in JEPA's target encoder: such a copy is never split
+    model.copy.q_proj.register_buffer("weight", torch.ones(4, 4))
+    assert len(tensor_parallel_problems(model, 2)) == 1, "a module without parameters is not split"
 
 
 def test_processes_that_do_not_form_tensor_groups_are_a_located_error(tmp_path):
