@@ -147,6 +147,7 @@ class EmitPlan:
     residual_multiplier: float = 1.0
     logit_divisor: float = 1.0
     step_hooks: list[str] = field(default_factory=list)  # Model methods to call after every optimizer step (JEPA's update_target)
+    init_hooks: list[str] = field(default_factory=list)  # Model methods init_weights calls last (JEPA's reset_target)
 
 
 DEFAULT_OUTPUT = "generated"  # archgen build's -o default
@@ -272,6 +273,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         embedding_multiplier=resolved.model.embedding_multiplier, residual_multiplier=resolved.model.residual_multiplier,
         logit_divisor=resolved.model.logit_divisor,
         step_hooks=sorted({hook for h in heads if (hook := kind_of(h.kind).after_optimizer_step)}),
+        init_hooks=sorted({hook for h in heads if (hook := kind_of(h.kind).after_init_weights)}),
     )
 
 

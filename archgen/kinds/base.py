@@ -72,6 +72,8 @@ class Kind(Generic[SpecT, ConfigT]):
     takes_pads: ClassVar[bool] = False  # forward takes `pads`, each row's left padding in a ragged batch (attention_mask)
     builds_op: ClassVar[bool] = True  # False for a spec entry that is already part of the backbone (the `lm` head)
     after_optimizer_step: ClassVar[str | None] = None  # a head's Model method training calls after every optimizer step
+    # a head's Model method that init_weights calls last, and __init__ on the meta device (where it makes no weights)
+    after_init_weights: ClassVar[str | None] = None
 
     # -------------------------------------------------------------------------------- spec -> resolved config
     def check(self, spec: SpecT, path: str, model: Any) -> list[Diagnostic]:

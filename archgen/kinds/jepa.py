@@ -1,8 +1,8 @@
 """JEPA world-model head: a mask embedding and an MLP predictor from context latents to target latents.
 
-The target encoder is an exponential-moving-average copy of the backbone kept as buffers (no gradients), so it is
-not counted as parameters here. The target projection (latent_dim != d_model) is a parameter that never trains: it
-sits on the no-grad target side.
+The target encoder is an exponential-moving-average copy of the backbone's modules whose weights are buffers (no
+gradients), so it is not counted as parameters here. The target projection (latent_dim != d_model) is a parameter
+that never trains: it sits on the no-grad target side.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
     role = "head"
     template = "heads/jepa"
     after_optimizer_step = "update_target"  # its _model template's method: the EMA target follows the backbone
+    after_init_weights = "reset_target"  # and this one: the target starts as a copy of the initialised backbone
     colour = "#6d597a"
 
     def resolve(self, spec, model) -> JEPAConfig:

@@ -98,10 +98,6 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
         if recipe.objectives.jepa.momentum is not None and "jepa" not in head_kinds.values():
             problems.append(loaded.problem(("objectives", "jepa"), "a JEPA momentum schedule, but the spec has no JEPA head",
                                            "remove objectives.jepa"))
-        if world_size > 1 and "jepa" in head_kinds.values() and recipe.distributed.fsdp:
-            problems.append(loaded.problem(("distributed", "fsdp"), "the JEPA head's EMA target is not supported with FSDP yet "
-                                           "(its copies of sharded weights would be full tensors)",
-                                           "train JEPA specs on one process, or set distributed.fsdp: false (replicated)"))
 
     if compiled is not None and device_memory is not None:
         need = memory_floor(compiled, recipe, world_size)
@@ -123,9 +119,6 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
         problems.append(loaded.problem(("distributed", "fsdp"), "tensor parallelism across several data-parallel groups "
                                        "needs FSDP (replicated DDP over split modules is not supported)",
                                        "set distributed.fsdp: true, or run exactly tensor_parallel processes"))
-    if tensor_parallel > 1 and "jepa" in head_kinds.values():
-        problems.append(loaded.problem(("distributed", "tensor_parallel"), "the JEPA head's EMA target is not supported "
-                                       "with tensor parallelism yet", "set tensor_parallel: 1"))
     data_parallel = world_size // tensor_parallel  # processes of one tensor group read the same micro-batch
     per_step = recipe.data.seq_len * recipe.batch.micro_batch * data_parallel
     if recipe.batch.tokens % per_step:

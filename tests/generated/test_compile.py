@@ -1,5 +1,5 @@
-"""torch.compile of whole generated models, forward and backward, with fullgraph=True (a graph break is an error), and
-gradient checkpointing chosen by layer kind.
+"""torch.compile of whole generated models, forward and backward, with fullgraph=True (a graph break is an error), in
+eval mode and, for HSPMN and the JEPA specs, in training mode; and gradient checkpointing chosen by layer kind.
 
 Every spec of specs/ and bench/specs/bamba_1b.yaml (the Mamba-2 SSD reference) at toy sizes. The backend is
 "aot_eager" (dynamo's whole graph plus AOT autograd's joint forward/backward, without inductor's code generation),
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.testing import CompileCounter
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -30,9 +31,10 @@ SPECS = {
     "nexus": ("specs/nexus.yaml", "tiny", ("layout.n_layers=8",)),
     "bamba": ("bench/specs/bamba_1b.yaml", None, BAMBA_TOY),
 }
-# Compiled in eval mode, where compiled and eager compute the same (no router noise, no JEPA masks) and can be compared;
-# training mode differs only by that noise and the JEPA pass, and is compiled for HSPMN (its straight-through router).
-# JEPA's target pass (torch.func.functional_call) still breaks the graph in training mode (docs/design.md, Training).
+# Every spec is compiled in eval mode, where there is no router noise and no JEPA pass. Training mode adds those, and
+# is compiled for HSPMN (its straight-through router) and for the JEPA specs (the masked pass and the target encoder's
+# pass), which draw from torch's global generator in the same order compiled and eager, so the two are compared.
+JEPA_SPECS = ("hns_ss_jepa_moe", "nexus")
 
 
 def _model(build, name):
@@ -68,6 +70,39 @@ def test_whole_model_compiles_in_one_graph_forward_and_backward(build, name):
         model.train()  # noisy router with a straight-through gate: one graph too
         loss, grads = _loss_and_grads(model, compiled, tokens)
         assert torch.isfinite(loss) and expected_grads.keys() <= grads.keys()
+
+
+@pytest.mark.parametrize("name", JEPA_SPECS)
+def test_jepa_model_compiles_in_one_graph_in_training_mode(build, name):
+    """The training forward and backward: LM loss, the masked context pass, the target encoder's pass on its copy of
+    the backbone, the JEPA loss; then the EMA update moves the target, and the compiled model follows it."""
+    model = _model(build, name)
+    model.train()
+    tokens = torch.randint(0, model.lm_head.weight.size(0), (2, 13))
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_aot_eager(graph, inputs):
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, inputs)
+
+    compiled = torch.compile(model, fullgraph=True, backend=counting_aot_eager)
+    for step in range(2):
+        torch.manual_seed(step)  # the same masks (and router draws) compiled and eager
+        loss, grads = _loss_and_grads(model, compiled, tokens)
+        torch.manual_seed(step)
+        expected_loss, expected_grads = _loss_and_grads(model, model, tokens)
+        assert_close(loss, expected_loss, what=f"{name} loss, step {step}")
+        assert grads.keys() == expected_grads.keys()
+        assert any(key.startswith("heads.jepa.predictor") for key in grads), "the JEPA loss trains the predictor"
+        for key, grad in grads.items():
+            assert_close(grad, expected_grads[key], what=f"{name} gradient of {key}, step {step}")
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.sub_(1e-2 * p.grad)
+        model.update_target(0.5)  # in place on the target's buffers: the compiled graph reads them as they are
+    assert len(graphs) == 1, "the second step reuses the graph (no recompilation after the updates)"
 
 
 def test_mamba2_model_trains_under_inductor(build):

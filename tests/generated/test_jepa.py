@@ -2,7 +2,8 @@
 
 Its parameters are the IR's table; its losses are the spec's terms with the spec's weights, computed only in training
 mode on a context with the configured share of positions hidden; the target encoder is an exponential moving average
-of the backbone, outside model.parameters(), saved and loaded with the model; and on a counting task the JEPA loss
+of the backbone (a copy of its modules made with the model, weights as buffers), outside model.parameters(), saved
+and loaded with the model, also after a meta-device build and init_weights; and on a counting task the JEPA loss
 falls over 100 steps while the target latents keep their spread.
 """
 
@@ -35,7 +36,8 @@ def backbone_names(model) -> set[str]:
 
 
 def target_of(model) -> dict[str, torch.Tensor]:
-    return {name: t.detach().clone() for name, t in model.heads["jepa"].target.named_buffers()}
+    """The target's weights (its copies' derived buffers, RoPE tables, are not saved and not listed)."""
+    return {name: t.detach().clone() for name, t in model.heads["jepa"].target.state_dict().items()}
 
 
 def count_sequences(batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
@@ -72,8 +74,7 @@ def test_parameters_are_the_ir_table_and_the_target_is_not_among_them(spec, over
         actual.pop("lm_head.weight")
     assert actual == parameter_table(ir)
     assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
-    model(torch.randint(0, 256, (2, 9)), targets=torch.randint(0, 256, (2, 9)))  # makes the target copies
-    assert set(target_of(model)) == backbone_names(model)
+    assert set(target_of(model)) == backbone_names(model), "the Model makes the target's copies when it is built"
     assert not any(name.startswith("heads.jepa.target.") for name, _ in model.named_parameters())
 
 
@@ -174,8 +175,8 @@ def test_update_target_is_the_ema_of_the_backbone_tensor_by_tensor(build):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     tokens = torch.randint(0, 256, (2, 12))
     start = {name: p.detach().clone() for name, p in model.named_parameters()}
-    out = model(tokens, targets=tokens)  # the first training loss copies the backbone
-    assert all(torch.equal(t, start[name]) for name, t in target_of(model).items())
+    assert all(torch.equal(t, start[name]) for name, t in target_of(model).items()), "the target starts as the backbone"
+    out = model(tokens, targets=tokens)
     out.loss.backward()
     optimizer.step()
     for momentum in (None, 0.5):
@@ -187,6 +188,17 @@ def test_update_target_is_the_ema_of_the_backbone_tensor_by_tensor(build):
         for name, t in target_of(model).items():
             expected = m * before[name] + (1 - m) * online[name].detach()
             torch.testing.assert_close(t, expected, msg=lambda detail, name=name, m=m: f"{name}, m={m}: {detail}")
+
+
+def test_after_a_meta_device_build_init_weights_makes_the_target_the_backbone(build):
+    with torch.device("meta"):
+        model = build(HNS).Model()
+    assert set(target_of(model)) == backbone_names(model), "the structure, without values"
+    model.to_empty(device="cpu")
+    model.init_weights()
+    online = dict(model.named_parameters())
+    for name, t in target_of(model).items():
+        assert torch.equal(t, online[name]), name
 
 
 def test_the_target_takes_no_gradient(build):

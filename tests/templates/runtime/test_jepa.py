@@ -118,7 +118,8 @@ class ToyHead(nn.Module):
 
 
 class ToyModel(nn.Module):
-    """The generated Model's layout in miniature: a backbone (embed, meta_tokens, layers, norm_f), lm_head, heads."""
+    """The generated Model's layout in miniature: a backbone (embed, meta_tokens, layers, norm_f), lm_head, heads;
+    like the generated Model, it makes its JEPA target (reset_target) once its weights are set."""
 
     def __init__(self, tied: bool = False):
         super().__init__()
@@ -130,6 +131,7 @@ class ToyModel(nn.Module):
         if tied:
             self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleDict({"jepa": ToyHead()})
+        self.heads["jepa"].target.reset_(self)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
@@ -163,19 +165,33 @@ def perturb_(model, seed):
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_target_mirrors_the_backbone_and_starts_equal_to_it(tied):
     model = make_toy(tied=tied)
-    assert len(target_of(model)) == 0, "the copies are made on first use, not at construction"
-    model.heads["jepa"].target.update_(model, 0.9)
     target = target_of(model)
     assert sorted(target) == sorted(BACKBONE), "embedding, layers and final norm; never heads or the unembedding"
     for name, p in model.named_parameters():
         if name in target:
             assert torch.equal(target[name], p), name
+            assert target[name].data_ptr() != p.data_ptr(), f"{name}: a copy, not the online tensor"
+
+
+def test_the_target_is_a_copy_of_the_backbone_modules_with_weights_as_buffers():
+    model = make_toy()
+    ema = model.heads["jepa"].target
+    assert [name for name, _ in ema.named_children()] == ["embed", "layers", "norm_f"]
+    assert type(ema.layers[0]) is nn.Linear and not list(ema.parameters())
+
+
+def test_reset_makes_the_target_equal_to_the_backbone_again():
+    model = make_toy()
+    perturb_(model, seed=0)
+    model.heads["jepa"].target.reset_(model)
+    for name, p in model.named_parameters():
+        if name in BACKBONE:
+            assert torch.equal(target_of(model)[name], p), name
 
 
 def test_update_follows_the_ema_formula_tensor_by_tensor():
     model = make_toy()
     ema = model.heads["jepa"].target
-    ema.update_(model, 0.9)
     for step, momentum in enumerate([0.9, 0.5, 0.996]):
         perturb_(model, seed=step)
         before, online = target_of(model), dict(model.named_parameters())
@@ -187,10 +203,15 @@ def test_update_follows_the_ema_formula_tensor_by_tensor():
                                        msg=lambda detail, name=name, momentum=momentum: f"{name}, m={momentum}: {detail}")
 
 
+def test_an_update_before_the_copy_exists_says_what_to_call():
+    model = make_toy()
+    with pytest.raises(RuntimeError, match=r"no copy of the backbone yet: call reset_\(model\) first"):
+        jepa.EMATarget().update_(model, 0.5)
+
+
 def test_target_pass_is_the_model_run_with_the_target_weights():
     model = make_toy()
     ema = model.heads["jepa"].target
-    ema.update_(model, 0.5)
     perturb_(model, seed=0)
     ema.update_(model, 0.5)  # now the target is halfway between two weight sets
     ids = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -214,32 +235,19 @@ def test_target_takes_no_gradient_and_is_not_a_parameter():
 
 def test_target_is_saved_and_loaded_with_the_state_dict():
     model = make_toy(seed=0)
-    model.heads["jepa"].target.update_(model, 0.5)
     perturb_(model, seed=1)
     model.heads["jepa"].target.update_(model, 0.5)
     saved = model.state_dict()
     assert {f"heads.jepa.target.{name}" for name in BACKBONE} <= set(saved)
 
     fresh = make_toy(seed=1)
-    fresh.load_state_dict(saved)  # strict: the fresh model has no copies yet, so loading must make room for them
+    fresh.load_state_dict(saved)
     for name, t in target_of(model).items():
         assert torch.equal(target_of(fresh)[name], t), name
 
 
-def test_loading_a_checkpoint_without_a_target_empties_it():
-    """A checkpoint saved before the first training step has no target; a stale one must not survive the load."""
-    untrained = make_toy(seed=0).state_dict()
-    model = make_toy(seed=1)
-    model.heads["jepa"].target.update_(model, 0.5)
-    model.load_state_dict(untrained)
-    assert len(target_of(model)) == 0
-    model.heads["jepa"].target.update_(model, 0.5)  # made afresh from the loaded weights
-    assert torch.equal(target_of(model)["embed.weight"], untrained["embed.weight"])
-
-
 def test_a_target_loaded_in_another_dtype_follows_the_backbone():
     model = make_toy().double()
-    model.heads["jepa"].target.update_(model, 0.5)
     fresh = make_toy()
     fresh.load_state_dict(model.state_dict())  # float64 checkpoint into a float32 model
     latents = fresh.heads["jepa"].target.hidden_states(fresh, torch.tensor([[1, 2]]))
