@@ -296,10 +296,11 @@ class JepaHead(nn.Module):
         loss       = 25.0 · invariance + 25.0 · variance + 1.0 · covariance (VICReg) over the hidden positions
         θ̄ ← 0.996·θ̄ + (1 − 0.996)·θ   after each optimizer step (Model.update_target)
 
-    θ̄, the target encoder, is a moving average of every backbone parameter (all but the heads and the unembedding),
-    kept as buffers: saved with the model, never trained, never in parameters(). The targets are standardised per
-    position (I-JEPA), so the loss cannot fall by shrinking their scale. forward applies the predictor to the unmasked
-    hidden states; losses() runs the masked and the target pass, in training mode only.
+    θ̄, the target encoder, is a copy of the backbone's modules (all but the heads and the unembedding) whose weights
+    are buffers, a moving average of the backbone's: saved with the model, never trained, never in parameters().
+    The targets are standardised per position (I-JEPA), so the loss cannot fall by shrinking their scale. forward
+    applies the predictor to the unmasked hidden states; losses() runs the masked and the target pass, in training
+    mode only.
     """
 
     def __init__(self):
@@ -311,7 +312,7 @@ class JepaHead(nn.Module):
                 nn.Linear(512, 512),
             ]
         )
-        self.target = EMATarget()  # θ̄: copied from the backbone the first time it is needed
+        self.target = EMATarget()  # θ̄: the Model copies its backbone into it (reset_target)
         self.mask_generator: torch.Generator | None = None  # for training masks; None: torch's global RNG
 
     def forward(self, x, lm_head=None):
@@ -559,6 +560,8 @@ class Model(nn.Module):
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+        else:  # the structure of what init_weights makes last, without values
+            self.reset_target()
 
     @torch.no_grad()
     def init_weights(self):
@@ -566,7 +569,8 @@ class Model(nn.Module):
 
         Linear and embedding weights  normal(0, INIT_STD);  conv1d weights  uniform(±1/sqrt(width));  biases  0;
         norm weights  1.
-        Then every module's own init_weights sets what differs (output projections, SSM parameters, RoPE tables, ...).
+        Then every module's own init_weights sets what differs (output projections, SSM parameters, RoPE tables, ...),
+        and last reset_target() copies the initialised backbone.
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -580,6 +584,7 @@ class Model(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "init_weights"):
                 module.init_weights()
+        self.reset_target()
 
     def gradient_checkpointing_enable(self, kinds: tuple[str, ...] | None = None) -> None:
         """Recompute layers' activations in the backward instead of keeping them: less memory, about one more forward
@@ -826,6 +831,11 @@ class Model(nn.Module):
                 device,
             )
         return decoders[key]
+
+    def reset_target(self) -> None:
+        """Make the JEPA target encoder equal to the backbone, θ̄ ← θ (init_weights does, last). The first call makes
+        the target's copy of the backbone's modules."""
+        self.heads["jepa"].target.reset_(self)
 
     def update_target(self, momentum: float | None = None) -> None:
         """Move the JEPA target encoder toward the backbone, θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor; call it after

@@ -15,8 +15,10 @@ Contents:
     hidden_rows        x[mask] for such a mask, with a shape torch.compile knows
     vicreg_terms       VICReg's invariance, variance and covariance terms between predictions and targets
     backbone_weights   the online parameters the target encoder mirrors
-    EMATarget          the target encoder's weights, as buffers, and the no-grad pass that uses them
+    EMATarget          the target encoder: the backbone's modules copied with their weights as buffers
 """
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -101,77 +103,62 @@ def backbone_weights(model: nn.Module) -> dict[str, Tensor]:
 
 
 class EMATarget(nn.Module):
-    """The target encoder: an exponential moving average of the backbone's parameters, held as buffers.
+    """The target encoder: a copy of the backbone's modules with their weights as buffers, moved as an exponential
+    moving average of the online parameters.
 
         θ̄ ← m·θ̄ + (1 − m)·θ          for every backbone parameter θ (`update_`)
 
-    The copy of `layers.0.mixer.in_proj.weight` is the buffer `layers.0.mixer.in_proj.weight` under this module (one
-    plain nn.Module per dotted prefix), so it takes no gradient, is not in model.parameters(), moves with `.to()` and
-    is saved and loaded with the model's state dict under the same name.
+    `reset_(model)` makes the copy (every child of the model but its heads and unembedding, and its own parameters
+    such as meta tokens), each parameter turned into a buffer of the same name: the copy of
+    `layers.0.mixer.in_proj.weight` is the buffer `layers.0.mixer.in_proj.weight` under this module, so it takes no
+    gradient, is not in model.parameters(), moves with `.to()` and is saved and loaded with the model's state dict.
+    The target pass runs the model's own `hidden_states` on the copy: nothing is made or swapped while it runs, so
+    torch.compile traces it in the model's one graph.
 
-    The copies are made from the online weights the first time they are needed (the first target pass or update), so
-    the target starts equal to the online backbone. A checkpoint saved before then holds none; loading it empties the
-    target, which is then made afresh from the loaded weights.
+    Under FSDP or tensor parallelism the online parameters are DTensors (shards); the copy is whole on every process
+    (no module of it is sharded or split) and each update gathers one online tensor at a time.
     """
+
+    def __init__(self):
+        super().__init__()
+        self.gradient_checkpointing = False  # read by hidden_states: the no-grad target pass keeps nothing to recompute
+
+    @torch.no_grad()
+    def reset_(self, model: nn.Module) -> None:
+        """θ̄ ← θ. The first call makes the copy of the backbone (on the model's device, the meta device included)."""
+        if not self._modules and not self._buffers:
+            for name, child in model.named_children():
+                if name not in ("heads", "lm_head"):
+                    self.add_module(name, _weights_as_buffers(copy.deepcopy(child)))
+            for name, p in model.named_parameters(recurse=False):
+                self.register_buffer(name, p.detach().clone())
+        for target, online in self._pairs(model):
+            target.copy_(online)
 
     @torch.no_grad()
     def update_(self, model: nn.Module, momentum: float) -> None:
-        """θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor; the first call only copies θ."""
-        first = self._empty()
-        for target, online in self._pairs(model).values():
-            if not first:
-                target.mul_(momentum).add_(online, alpha=1 - momentum)
+        """θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor."""
+        for target, online in self._pairs(model):
+            target.mul_(momentum).add_(online, alpha=1 - momentum)
 
     @torch.no_grad()
     def hidden_states(self, model: nn.Module, input_ids: Tensor) -> Tensor:
-        """model.hidden_states(input_ids) (B, T, d_model) run with the target weights in place of the online ones."""
-        weights = {f"model.{name}": target for name, (target, _) in self._pairs(model).items()}
-        return torch.func.functional_call(_HiddenStates(model), weights, (input_ids,))
+        """model.hidden_states(input_ids) (B, T, d_model) computed by the copy, with the target weights."""
+        return type(model).hidden_states(self, input_ids)
 
-    def _pairs(self, model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
-        """{name: (target copy, online parameter)}, making the copies on first use."""
-        online = backbone_weights(model)
-        if self._empty():
-            for name, p in online.items():
-                self._store(name, p.detach().clone())
-        pairs = {}
-        for name, p in online.items():
-            target = self.get_buffer(name)
-            if target.dtype != p.dtype or target.device != p.device:  # loaded as saved; follow the backbone
-                target = target.to(p)
-                self._store(name, target)
-            pairs[name] = (target, p.detach())
-        return pairs
-
-    def _empty(self) -> bool:
-        return not self._buffers and not self._modules
-
-    def _store(self, name: str, tensor: Tensor) -> None:
-        *path, leaf = name.split(".")
-        module = self
-        for part in path:
-            if part not in module._modules:
-                module.add_module(part, nn.Module())
-            module = module._modules[part]
-        module.register_buffer(leaf, tensor)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Mirror the checkpoint before loading into it: a fresh model has no copies yet, and one saved before its
-        # first training step has none to restore.
-        self._buffers.clear()
-        self._modules.clear()
-        for key, value in state_dict.items():
-            if key.startswith(prefix):
-                self._store(key[len(prefix):], torch.empty_like(value))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _pairs(self, model: nn.Module):
+        """(target copy, whole online tensor) for every backbone parameter."""
+        if not self._modules and not self._buffers:
+            raise RuntimeError("the JEPA target encoder has no copy of the backbone yet: call reset_(model) first "
+                               "(the generated Model's __init__ does)")
+        for name, p in backbone_weights(model).items():
+            yield self.get_buffer(name), p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
-class _HiddenStates(nn.Module):
-    """model.hidden_states as a forward, the one method torch.func.functional_call runs with substituted weights."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, *args, **kwargs):
-        return self.model.hidden_states(*args, **kwargs)
+def _weights_as_buffers(module: nn.Module) -> nn.Module:
+    """Turn every parameter of `module` and its children into a buffer of the same name (same tensor, no gradient)."""
+    for child in module.modules():
+        for name, p in list(child._parameters.items()):
+            del child._parameters[name]
+            child.register_buffer(name, None if p is None else p.detach())
+    return module
