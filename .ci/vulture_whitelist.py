@@ -12,6 +12,7 @@ _.layout_text
 _.preludes
 _.norm_module
 _.step_hooks
+_.init_hooks
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight
