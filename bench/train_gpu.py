@@ -17,6 +17,7 @@ Each figure is a ratio against a peer or a floor measured in the same run:
                  straight 2-GPU run's
 
     python bench/train_gpu.py --out $OUT                 # a machine with 2 GPUs (nvidia-h200-x2), about 300 s
+    python bench/train_gpu.py --out $OUT --budget-s 200  # one GPU: the compiled and eager runs (2-GPU parts skipped)
     python bench/train_gpu.py --dry-run --out /tmp/bench # a CPU: tiny HSPMN, gloo, a few steps (checks the plumbing)
 
 A run that reaches its share of --budget-s is stopped and reported with the steps it logged. Writes
@@ -189,6 +190,12 @@ def figure(name: str, value: float, unit: str, peer: str, peer_value: float, rat
     return {"figure": name, "value": value, "unit": unit, "peer": peer, "peer_value": peer_value, "ratio": ratio}
 
 
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def headroom(tolerance: float, delta: float) -> float | None:
     """tolerance ÷ difference: above 1 is within the tolerance; None when the runs agree exactly."""
     return tolerance / delta if delta else None
@@ -270,29 +277,34 @@ def main() -> None:
                                                 "the same model and batch eager, 1 GPU", one["tokens_per_s"],
                                                 compiled["tokens_per_s"] / one["tokens_per_s"]))
             save()
-            path = write_recipe(work, "two_gpus", setup, data, steps, setup.micro_batch // 2, False, half)
-            ran = run(train_command(path, 2, setup), left() / 2)
-            rows_two = step_rows(work / "two_gpus")
-            two = result["two_gpus"] = {"wall_s": ran.seconds, "timed_out": ran.timed_out, **throughput(rows_two, flops)}
-            efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
-            result["figures"].append(figure("training tokens/s, 2 GPUs FSDP2", two["tokens_per_s"], "tokens/s",
-                                            "2 × one GPU's tokens/s at the same global batch", 2 * one["tokens_per_s"],
-                                            efficiency))
-            losses = result["loss_1_vs_2"] = compare_losses(rows_one, rows_two)
-            result["figures"].append(figure("next-token loss, 2 GPUs against 1: largest relative difference",
-                                            losses["max_relative_delta"], "fraction", "bf16 tolerance",
-                                            setup.loss_tolerance, headroom(setup.loss_tolerance, losses["max_relative_delta"])))
-            save()
-            checkpoint = work / "two_gpus" / "checkpoints" / f"step-{half:08d}"
-            trainer = json.loads((checkpoint / "trainer.json").read_text())
-            resumed = result["resume_2_to_1"] = {"checkpoint": str(checkpoint), "saved_by": trainer["world_size"],
-                                                 "distributed_checkpoint": (checkpoint / "distributed").is_dir()}
-            ran = run(train_command(path, 1, setup, ("--resume-from", str(checkpoint))), left(), one_gpu)
-            after = [r for r in step_rows(work / "two_gpus") if r["step"] > half]
-            resumed.update({"wall_s": ran.seconds, "timed_out": ran.timed_out, **compare_losses(rows_two, after)})
-            result["figures"].append(figure("next-token loss resumed on 1 GPU from 2 GPUs' checkpoint: largest relative "
-                                            "difference", resumed["max_relative_delta"], "fraction", "bf16 tolerance",
-                                            setup.loss_tolerance, headroom(setup.loss_tolerance, resumed["max_relative_delta"])))
+            if not args.dry_run and visible_gpus() < 2:
+                result["two_gpus"] = {"skipped": f"{visible_gpus()} GPU visible: the 2-GPU parts need 2"}
+            else:
+                path = write_recipe(work, "two_gpus", setup, data, steps, setup.micro_batch // 2, False, half)
+                ran = run(train_command(path, 2, setup), left() / 2)
+                rows_two = step_rows(work / "two_gpus")
+                two = result["two_gpus"] = {"wall_s": ran.seconds, "timed_out": ran.timed_out, **throughput(rows_two, flops)}
+                efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
+                result["figures"].append(figure("training tokens/s, 2 GPUs FSDP2", two["tokens_per_s"], "tokens/s",
+                                                "2 × one GPU's tokens/s at the same global batch", 2 * one["tokens_per_s"],
+                                                efficiency))
+                losses = result["loss_1_vs_2"] = compare_losses(rows_one, rows_two)
+                delta = losses["max_relative_delta"]
+                result["figures"].append(figure("next-token loss, 2 GPUs against 1: largest relative difference", delta,
+                                                "fraction", "bf16 tolerance", setup.loss_tolerance,
+                                                headroom(setup.loss_tolerance, delta)))
+                save()
+                checkpoint = work / "two_gpus" / "checkpoints" / f"step-{half:08d}"
+                trainer = json.loads((checkpoint / "trainer.json").read_text())
+                resumed = result["resume_2_to_1"] = {"checkpoint": str(checkpoint), "saved_by": trainer["world_size"],
+                                                     "distributed_checkpoint": (checkpoint / "distributed").is_dir()}
+                ran = run(train_command(path, 1, setup, ("--resume-from", str(checkpoint))), left(), one_gpu)
+                after = [r for r in step_rows(work / "two_gpus") if r["step"] > half]
+                resumed.update({"wall_s": ran.seconds, "timed_out": ran.timed_out, **compare_losses(rows_two, after)})
+                delta = resumed["max_relative_delta"]
+                result["figures"].append(figure("next-token loss resumed on 1 GPU from 2 GPUs' checkpoint: largest relative "
+                                                "difference", delta, "fraction", "bf16 tolerance", setup.loss_tolerance,
+                                                headroom(setup.loss_tolerance, delta)))
         except Exception:  # noqa: BLE001
             result["scaling_error"] = traceback.format_exc()
         save()
