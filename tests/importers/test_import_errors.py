@@ -209,3 +209,26 @@ def test_granite_experts_are_converted_one_at_a_time_and_a_missing_expert_is_nam
     assert "model.layers.0.block_sparse_moe.input_linear.weight (4, 64, 64)" in messages(error.value)
     assert "archgen's layers.0.ffn.w_in is (5, 64, 64)" in messages(error.value)
     assert not (tmp_path / "again").exists()
+
+
+def test_qwen3_next_s_fused_projections_are_gathered_per_key_head_and_its_mtp_layers_skipped(tmp_path):
+    """q, k, v and the gate z of Gated DeltaNet layer 0 come from the per-key-head blocks of in_proj_qkvz; a published
+    checkpoint's multi-token-prediction tensors (mtp.*), which transformers does not load either, are skipped; a
+    config whose value heads do not fit the checkpoint is an error naming the fused tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = save_tiny("qwen3_next", tmp_path / "hf")
+    checkpoint = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(checkpoint))
+    save_file({**state, "mtp.fc.weight": torch.zeros(64, 128)}, str(checkpoint), metadata={"format": "pt"})
+    result = import_hf(tmp_path / "hf", tmp_path / "out", weights=True)
+    fused = model.model.layers[0].linear_attn.in_proj_qkvz.weight.view(2, 16 + 16 + 16 + 16, 64)  # 2 key heads
+    with safe_open(str(result.weights / "model.safetensors"), "pt") as converted:
+        assert torch.equal(converted.get_tensor("layers.0.mixer.k_proj.weight"), fused[:, 16:32].reshape(32, 64))
+        assert torch.equal(converted.get_tensor("layers.0.mixer.g_proj.weight"), fused[:, 48:].reshape(32, 64))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "linear_value_head_dim": 16}))
+    with pytest.raises(CompileError) as error:
+        import_hf(tmp_path / "hf", tmp_path / "again", weights=True)
+    assert "model.layers.0.linear_attn.in_proj_qkvz.weight (128, 64)" in messages(error.value)

@@ -172,4 +172,9 @@ def to_spec(cfg: HFConfig) -> Imported:
     return Imported(model, mixers, ffns, kinds, ffn_layers)
 
 
-MODEL_TYPES = [ModelType("qwen3_next", to_spec, weight_plans)]
+def ignorable(name: str) -> bool:
+    """The published checkpoints' multi-token-prediction layers (mtp.*), which transformers' causal LM does not load."""
+    return name.startswith("mtp.") or name.endswith("rotary_emb.inv_freq")
+
+
+MODEL_TYPES = [ModelType("qwen3_next", to_spec, weight_plans, ignorable=ignorable)]
