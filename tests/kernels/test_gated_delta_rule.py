@@ -196,3 +196,14 @@ def test_input_errors_name_the_problem(change, message):
     with pytest.raises((ValueError, TypeError), match=message):
         gdr.gated_delta_rule_forward(args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25,
                                      chunk_size=args.get("chunk_size", 16))
+
+
+def test_build_time_tuning_hook_tunes_every_kernel():
+    """autotune(...) as `archgen build --autotune` calls it: inside a tuning session each kernel tunes its bucket."""
+    from archgen_kernels import triton_support
+
+    config = {"n_heads": 1, "head_dim": 16, "n_v_heads": 2, "head_v_dim": 16, "chunk_size": 16}
+    with triton_support.tuning_session() as table:
+        gdr.autotune(config, {}, 1, 20, torch.bfloat16, DEVICE)
+        tuned = {entry["kernel"] for entry in table()["entries"]}
+    assert tuned == {"gated_delta_rule.wy", "gated_delta_rule.state", "gated_delta_rule.output"}
