@@ -47,7 +47,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "selective_state_step", "ssd_scan", "ssd_step",
+KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "mamba_step", "ssd_scan", "mamba2_step", "apply_rope_qk",
                     "packed_query_attention", "swiglu", "rms_norm")  # every kernel function a package may import
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)

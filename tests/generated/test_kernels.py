@@ -137,17 +137,23 @@ def test_kernel_and_reference_give_the_same_model(small_mamba):
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
-def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba):
-    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and
-    selective_state_step) continue from: the same logits as one full pass."""
+def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba, monkeypatch):
+    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and mamba_step)
+    continue from: the same logits as one full pass of the reference ops."""
     torch.manual_seed(1)
     model = small_mamba.Model().eval()
     tokens = torch.randint(0, 64, (2, 12))
+    steps_run = []
+    step = small_mamba.kernels.mamba_step
+    monkeypatch.setattr(small_mamba.kernels, "mamba_step", lambda *args: steps_run.append(1) or step(*args))
     with torch.no_grad():
+        small_mamba.model.USE_KERNELS = False
         full = model(tokens).logits
+        small_mamba.model.USE_KERNELS = True
         cache = model.empty_cache(2, 12)
         steps = [model(tokens[:, :9], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(9, 12)]
+    assert len(steps_run) == 3 * 2  # three tokens, two layers
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 

@@ -91,6 +91,27 @@ def test_selective_state_step_matches_reference(dtype, with_optional):
     assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype):
+    """mamba_step = selective_state_step with A = -exp(A_log) and a softplus step, against ops/ssm.py's mamba_step in
+    float64; odd width (several programs, the last one partial) and state size."""
+    batch, dim, dstate = 2, 83, 7
+    g = torch.Generator().manual_seed(dim)
+    state = torch.randn(batch, dim, dstate, generator=g)
+    u, z = torch.randn(batch, dim, generator=g).to(dtype), torch.randn(batch, dim, generator=g).to(dtype)
+    delta = (torch.randn(batch, dim, generator=g) * 0.5 - 1.0).to(dtype)
+    A_log = torch.log(torch.rand(dim, dstate, generator=g) * 8 + 0.5)
+    B, C = torch.randn(batch, dstate, generator=g).to(dtype), torch.randn(batch, dstate, generator=g).to(dtype)
+    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.3
+    y, new_state = su.mamba_step(state, u, delta, A_log, B, C, D, z, bias)
+    as64 = [t.double() for t in (state, u, delta, A_log, B, C, D, z, bias)]
+    y_rt, state_rt = runtime_ssm.mamba_step(*as64)
+    y_ref, state_ref = su.mamba_step_reference(*as64)
+    assert y.dtype == dtype and new_state.dtype == torch.float32
+    assert rel_error(y, y_rt) <= TOL[dtype] and rel_error(new_state, state_rt) <= TOL[dtype]
+    assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+
+
 def test_ops_have_fake_implementations():
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(1, 2, 4, 3, generator=g), torch.randn(1, 2, 4, generator=g), torch.rand(1, 2, generator=g),
@@ -101,6 +122,10 @@ def test_ops_have_fake_implementations():
                  torch.randn(1, 14, 3, generator=g), torch.randn(14, 4, generator=g), None,
                  torch.randn(1, 2, 4, 3, generator=g), torch.randn(2, generator=g), None, None, 0.0, math.inf, 1)
     torch.library.opcheck(su.mamba2_step_op, step_args, test_utils=("test_schema", "test_faketensor"))
+    mamba_args = (torch.randn(1, 6, 3, generator=g), torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g),
+                  torch.randn(6, 3, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g),
+                  None, None, None)
+    torch.library.opcheck(su.mamba_step_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(("dtype", "nheads", "ngroups", "headdim", "dstate", "width", "bounds"), [
