@@ -30,7 +30,7 @@ from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_co
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.forecast import detokenize, tokenize
 from .ops.norm import rms_norm
-from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
+from .ops.ssm import MambaCache, causal_conv1d, mamba_step, selective_scan
 from . import kernels
 
 USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. to compare them with the kernels
@@ -248,19 +248,16 @@ class Ssm(nn.Module):
             x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, T, 100), (B, T, 16) × 2
-        A = -torch.exp(self.A_log.float())  # (3200, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 3200), on rows: torch.export traces it for any batch size
-            if use_kernel(kernels.selective_state_step, x):
-                y, ssm_state = kernels.selective_state_step(
-                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
-                )
+            step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
+            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
+                y, ssm_state = kernels.mamba_step(*step_args)
             else:
-                y, ssm_state = selective_state_step(
-                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
-                )
+                y, ssm_state = mamba_step(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 3200)
         else:
+            A = -torch.exp(self.A_log.float())  # (3200, 16)
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 3200); its bias is added inside the scan, before softplus
             if pads is not None:
                 dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged

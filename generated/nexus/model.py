@@ -29,7 +29,7 @@ from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_toke
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
 from .ops.norm import rms_norm
-from .ops.ssm import MambaCache, causal_conv1d, selective_scan, selective_state_step
+from .ops.ssm import MambaCache, causal_conv1d, mamba_step, selective_scan
 from .ops.symbolic import forward_chain, rule_masks
 from . import kernels
 
@@ -187,19 +187,16 @@ class Ssm(nn.Module):
             x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([32, 16, 16], dim=-1)  # (B, T, 32), (B, T, 16) × 2
-        A = -torch.exp(self.A_log.float())  # (1024, 16)
         if cache is not None and T == 1:
             dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 1024), on rows: torch.export traces it for any batch size
-            if use_kernel(kernels.selective_state_step, x):
-                y, ssm_state = kernels.selective_state_step(
-                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
-                )
+            step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
+            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
+                y, ssm_state = kernels.mamba_step(*step_args)
             else:
-                y, ssm_state = selective_state_step(
-                    cache.ssm_state, x[:, 0], dt, A, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], delta_bias=self.dt_proj.bias
-                )
+                y, ssm_state = mamba_step(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 1024)
         else:
+            A = -torch.exp(self.A_log.float())  # (1024, 16)
             dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 1024); its bias is added inside the scan, before softplus
             if pads is not None:
                 dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged

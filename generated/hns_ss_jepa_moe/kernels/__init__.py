@@ -24,7 +24,7 @@ try:
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
-    from .state_update import selective_state_step
+    from .state_update import mamba_step
     from .swiglu import swiglu
 except ImportError:  # no triton
     triton_support = None
@@ -40,7 +40,7 @@ except ImportError:  # no triton
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
-    selective_state_step = None
+    mamba_step = None
     swiglu = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -70,7 +70,7 @@ def decompositions() -> dict:
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
     if state_update_module is not None:
-        from ..ops.ssm import selective_state_step as reference
+        from ..ops.ssm import mamba_step as reference
 
         table.update(state_update_module.decomposition(reference, max_seqlen=8192))
     if swiglu_module is not None:

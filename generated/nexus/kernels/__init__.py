@@ -21,7 +21,7 @@ try:
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
-    from .state_update import selective_state_step
+    from .state_update import mamba_step
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
@@ -33,7 +33,7 @@ except ImportError:  # no triton
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
-    selective_state_step = None
+    mamba_step = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -58,7 +58,7 @@ def decompositions() -> dict:
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=4096))
     if state_update_module is not None:
-        from ..ops.ssm import selective_state_step as reference
+        from ..ops.ssm import mamba_step as reference
 
         table.update(state_update_module.decomposition(reference, max_seqlen=4096))
     return table

@@ -1,5 +1,5 @@
 """One-token state updates for decoding, as Triton kernels: Mamba-2's `ssd_step` and whole `mamba2_step`, and
-Mamba-1's `selective_state_step`.
+Mamba-1's `selective_state_step` and `mamba_step` (the same with A = -exp(A_log) computed in the kernel).
 
 Each is the recurrence of its scan at a single position, with the same arguments and results as the reference step in
 templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
@@ -100,6 +100,7 @@ def _selective_step_kernel(
     new_state_ptr,  # (B, D, N) contiguous, float32
     dim, dstate,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    A_IS_LOG: tl.constexpr,  # A_ptr holds A_log: A = -exp(A_log), as a Mamba block keeps it
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -116,6 +117,8 @@ def _selective_step_kernel(
         dt = _softplus(dt)
     u = tl.load(u_ptr + b64 * u_stride_b + d * u_stride_d, mask=d_in, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + d[:, None] * A_stride_d + n[None, :] * A_stride_n, mask=dn_in, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     B = tl.load(B_ptr + b64 * B_stride_b + n * B_stride_n, mask=n_in, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + b64 * C_stride_b + n * C_stride_n, mask=n_in, other=0.0).to(tl.float32)
     state = tl.load(state_ptr + b64 * state_stride_b + d[:, None] * state_stride_d + n[None, :] * state_stride_n,
@@ -368,6 +371,18 @@ def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
     """archgen_v1::selective_state_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
     if not (u.is_cuda or triton_on_cpu()):
         return selective_state_step_reference(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return _launch_selective_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, A_is_log=False)
+
+
+def _mamba_step_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                     z: Tensor | None, delta_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """archgen_v1::mamba_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
+    if not (u.is_cuda or triton_on_cpu()):
+        return mamba_step_reference(state, u, delta, A_log, B, C, D, z, delta_bias)
+    return _launch_selective_step(state, u, delta, A_log, B, C, D, z, delta_bias, True, A_is_log=True)
+
+
+def _launch_selective_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, A_is_log):
     batch, dim = u.shape
     dstate = A.shape[1]
     if state.shape != (batch, dim, dstate):
@@ -383,8 +398,8 @@ def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: 
             *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A, 2), *strided(B, 2),
             *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), new_state, dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate),
-            num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
+            SOFTPLUS=bool(delta_softplus), A_IS_LOG=A_is_log, BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(dstate), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
         )
     return y, new_state
 
@@ -419,6 +434,26 @@ def selective_state_step_reference(
     return y.to(u.dtype), new_state
 
 
+def _mamba_step_fake(state, u, delta, A_log, B, C, D, z, delta_bias):
+    return u.new_empty(u.shape), u.new_empty((*u.shape, A_log.shape[1]), dtype=torch.float32)
+
+
+def mamba_step_reference(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A_log: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ops/ssm.py's `mamba_step`: `selective_state_step_reference` with A = -exp(A_log) and a softplus step."""
+    acc = torch.float64 if A_log.dtype == torch.float64 else torch.float32
+    return selective_state_step_reference(state, u, delta, -torch.exp(A_log.to(acc)), B, C, D, z, delta_bias, True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops and entry points
 # ---------------------------------------------------------------------------------------------------------------
@@ -426,6 +461,7 @@ def selective_state_step_reference(
 
 ssd_step_op = register_op("ssd_step", _ssd_step_impl, _ssd_step_fake)
 selective_state_step_op = register_op("selective_state_step", _selective_step_impl, _selective_step_fake)
+mamba_step_op = register_op("mamba_step", _mamba_step_impl, _mamba_step_fake)
 mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
 
 
@@ -462,6 +498,23 @@ def selective_state_step(
     return selective_state_step_op(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
+def mamba_step(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A_log: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A Mamba-1 block's SSM step as its parameters hold it, in one launch, as ops/ssm.py's `mamba_step`: the
+    selective state step with A = -exp(A_log) (D, N) computed in the kernel and Δ = softplus(delta + delta_bias).
+    Returns (y (B, D) gated by silu(z), new_state (B, D, N) float32)."""
+    return mamba_step_op(state, u, delta, A_log, B, C, D, z, delta_bias)
+
+
 def mamba2_step(
     z: Tensor,
     xbc: Tensor,
@@ -490,16 +543,17 @@ def mamba2_step(
 def decomposition(reference, max_seqlen: int) -> dict:
     """{the custom op `reference` is the reference of: that op written with it}, for ONNX. This file holds several ops,
     and a generated package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's
-    `ssd_step` (the step size is applied here first), ops/ssd.py's `mamba2_step` or ops/ssm.py's
-    `selective_state_step` (both with their op's signature, so they are the decomposition as they stand). max_seqlen
-    is unused (one position)."""
+    `ssd_step` (the step size is applied here first), ops/ssd.py's `mamba2_step`, or ops/ssm.py's
+    `selective_state_step` or `mamba_step` (these three with their op's signature, so they are the decomposition as
+    they stand). max_seqlen is unused (one position)."""
 
     def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
         step = dt.float() + dt_bias.float() if dt_bias is not None else dt
         step = F.softplus(step) if dt_softplus else step
         return reference(state, x, step, A, B, C, D)
 
-    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference, "mamba2_step": reference}
+    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference, "mamba_step": reference,
+                 "mamba2_step": reference}
     if reference.__name__ not in lowerings:
         raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
                          f"{', '.join(lowerings)}")

@@ -221,6 +221,24 @@ def selective_state_step(
     return y.to(u.dtype), new_state
 
 
+def mamba_step(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A_log: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """A Mamba block's decoding step as its parameters hold it: `selective_state_step` with A = -exp(A_log) (D, N) and
+    Δ = softplus(delta + delta_bias). The Triton kernel of the same name (kernels/state_update.py) computes A in its one
+    launch, where this is three ops more."""
+    A = -torch.exp(A_log.to(_acc_dtype(u, A_log)))
+    return selective_state_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
+
+
 @dataclass
 class MambaCache:
     """Decode-time state of one Mamba layer.
