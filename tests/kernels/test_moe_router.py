@@ -121,6 +121,14 @@ def test_the_lowered_op_runs_in_onnxruntime_at_other_token_counts(tmp_path):
             assert_close(torch.from_numpy(a).double(), e.double(), 1e-6, f"{n} tokens")
 
 
+@pytest.mark.parametrize("E", [2, 16, 100, 256, 1024])
+def test_candidates_keep_the_tile_in_registers_and_put_the_default_first(E):
+    width = 1 << (E - 1).bit_length()
+    candidates = mr.candidates(E)
+    assert candidates and all(c["BLOCK_N"] * width <= mr.MAX_TILE for c in candidates)
+    assert candidates[0] == mr.DEFAULT_CONFIG or mr.DEFAULT_CONFIG not in candidates
+
+
 def test_rejects_bad_inputs():
     logits = randn(4, 5)
     with pytest.raises(ValueError, match="top_k must be in"):
