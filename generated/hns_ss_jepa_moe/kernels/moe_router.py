@@ -41,6 +41,8 @@ from .triton_support import Autotuner, dtype_name, on_device, op_overload, regis
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_EXPERTS = 1024
 """Most experts one tile holds (a program keeps BLOCK_N × next_pow2(E) float32 values in registers)."""
+MAX_TILE = 8192
+"""Most elements of a program's (BLOCK_N, next_pow2(E)) tile: a few float32 copies of it stay live in registers."""
 CONFIGS = [{"BLOCK_N": rows, "num_warps": warps} for rows in (32, 64, 128) for warps in (2, 4)]
 DEFAULT_CONFIG = {"BLOCK_N": 64, "num_warps": 4}
 INTERPRETER_CONFIG = {"BLOCK_N": 16, "num_warps": 1}
@@ -166,9 +168,19 @@ def shape_key(E: int, top_k: int, dtype: torch.dtype) -> str:
     return f"E{triton.next_power_of_2(E)}-k{top_k}-{dtype_name(dtype)}"
 
 
-def _config(tuner: Autotuner, key: str, launch, explicit: dict | None) -> dict:
+def candidates(E: int) -> list[dict]:
+    """The configs whose (BLOCK_N, next_pow2(E)) float32 tile stays within MAX_TILE elements (registers), the
+    default first; for very many experts, one config of as many rows as fit."""
+    width = triton.next_power_of_2(E)
+    fitting = [c for c in CONFIGS if c["BLOCK_N"] * width <= MAX_TILE]
+    if not fitting:
+        return [{"BLOCK_N": max(MAX_TILE // width, 1), "num_warps": 4}]
+    return sorted(fitting, key=lambda c: c != DEFAULT_CONFIG)
+
+
+def _config(tuner: Autotuner, key: str, launch, explicit: dict | None, E: int) -> dict:
     known = tuner.known(key, explicit)
-    return known if known is not None else tuner.tune(key, launch)
+    return known if known is not None else tuner.tune(key, launch, candidates(E))
 
 
 def moe_router_forward(logits: Tensor, valid: Tensor | None, top_k: int, normalize: bool, *,
@@ -197,7 +209,7 @@ def moe_router_forward(logits: Tensor, valid: Tensor | None, top_k: int, normali
         zeros = torch.zeros((E,), dtype=torch.float32, device=device)
         return index, weight, lse, zeros, zeros.clone(), zeros.new_zeros(())
     with on_device(logits):
-        launch(_config(FORWARD_TUNER, shape_key(E, top_k, logits.dtype), launch, config))
+        launch(_config(FORWARD_TUNER, shape_key(E, top_k, logits.dtype), launch, config, E))
     return (index, weight, lse, partial["counts"].sum(dim=0), partial["prob_sums"].sum(dim=0),
             partial["z_sums"].sum())
 
@@ -222,7 +234,7 @@ def moe_router_backward(d_weight: Tensor, d_prob_sums: Tensor, d_z_sum: Tensor, 
 
     if N:
         with on_device(logits):
-            launch(_config(BACKWARD_TUNER, shape_key(E, top_k, logits.dtype), launch, config))
+            launch(_config(BACKWARD_TUNER, shape_key(E, top_k, logits.dtype), launch, config, E))
     return d_logits
 
 
