@@ -287,6 +287,8 @@ class Bench:
             "ratio_forward_backward_over_floor": fwd_bwd_ms / fwd_bwd_floor_ms,
             "tokens_per_s_forward_inference": tokens / (infer_ms / 1e3),
             "configs": ss.tuned_configs(),
+            "tuner_timings_ms": {kernel: tuner.timings.get(ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16))
+                                 for kernel, tuner in (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
             "note": "floors count only the bytes of the inputs and outputs over the measured copy bandwidth; the "
                     "kernels also evaluate one exp2 per (token, channel, state) forward and again backward, which the "
                     "special-function units bound too (16 per clock per SM on H100)",
