@@ -250,6 +250,59 @@ def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 
+SMALL_WINDOWED = textwrap.dedent("""\
+    schema_version: 1
+    name: small_windowed
+    model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, eps: 1.0e-5}}
+    mixers:
+      local: {kind: attention, n_heads: 4, n_kv_heads: 2, window: 5, rope: {theta: 10000}}
+    ffns:
+      mlp: {kind: mlp, activation: swiglu, hidden: 48}
+    layout: {mixers: local*2, ffns: mlp}
+    """)
+
+
+@pytest.fixture
+def small_windowed(tmp_path, monkeypatch):
+    return small_package(tmp_path, monkeypatch, "small_windowed", SMALL_WINDOWED, "sliding_window_attention")
+
+
+def test_windowed_attention_kernel_and_reference_give_the_same_model(small_windowed, monkeypatch):
+    """Logits of a forward without a cache or a backward with the sliding-window kernel and with ops/attention.py's
+    banded SDPA; a forward that will be differentiated keeps the reference (the kernel's backward does not beat it)."""
+    torch.manual_seed(0)
+    model = small_windowed.Model().eval()
+    tokens = torch.randint(0, 64, (2, 20))
+    calls = []
+    kernel = small_windowed.kernels.sliding_window_attention
+    monkeypatch.setattr(small_windowed.kernels, "sliding_window_attention", lambda *a, **kw: calls.append(1) or
+                        kernel(*a, **kw))
+    logits = {}
+    for use in (True, False):
+        small_windowed.model.USE_KERNELS = use
+        with torch.no_grad():
+            logits[use] = model(tokens).logits
+    assert len(calls) == 2, "both layers ran the kernel"
+    assert_close(logits[True], logits[False], 1e-5, "logits")
+    small_windowed.model.USE_KERNELS = True
+    model(tokens).logits.sum().backward()
+    assert len(calls) == 2, "a forward with a backward to follow keeps the reference"
+
+
+def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(small_windowed):
+    """The full forward (the kernel) against a prefill and one token at a time through the ring-buffer cache of 5
+    slots, for 3x the window: the same logits."""
+    torch.manual_seed(3)
+    model = small_windowed.Model().eval()
+    tokens = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        full = model(tokens).logits
+        cache = model.empty_cache(2, 17)
+        steps = [model(tokens[:, :2], cache=cache).logits]
+        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(2, 17)]
+    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
 SMALL_MOE = textwrap.dedent("""\
     schema_version: 1
     name: small_moe

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import packed_query_attention as pqa
 from archgen_kernels import triton_support
-from templates.runtime import routing
+from templates.runtime import attention, routing
 from tests.numerics import TOLERANCE, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -176,6 +176,25 @@ def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fract
     compare(got, want, TOLERANCE[torch.float32])
     unselected = ~selected[:, None, :].expand(B, H, T)
     assert (got[0][unselected] == 0).all() and (got[1][unselected] == 0).all()
+
+
+@pytest.mark.parametrize("T, window", [(45, 9), (20, 32)], ids=["T45-window9", "T20-window-past-T"])
+def test_sliding_window_attention_replaces_the_runtime_op(T, window):
+    """Every token a query within the window, against ops/attention.py's sliding_window_attention (banded SDPA):
+    the output and every gradient, grouped heads, odd sizes (B2-H4/2-D24-Dv20)."""
+    g = torch.Generator().manual_seed(5)
+    B, H, Hkv, D, Dv = 2, 4, 2, 24, 20
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(DEVICE).requires_grad_()
+
+    q, k, v = randn(B, H, T, D), randn(B, Hkv, T, D), randn(B, Hkv, T, Dv)
+    cotangent = torch.randn(B, H, T, Dv, generator=g).to(DEVICE)
+    got = output_and_grads(lambda q, k, v, *_: pqa.sliding_window_attention(q, k, v, window), q, k, v, None, None,
+                           cotangent)
+    want = output_and_grads(lambda q, k, v, *_: attention.sliding_window_attention(q, k, v, window), q, k, v, None,
+                            None, cotangent)
+    compare(got, want, TOLERANCE[torch.float32])
 
 
 def test_selected_rows_put_the_selected_tokens_first_in_order():

@@ -61,6 +61,16 @@ def test_every_sparse_attention_op_gets_the_packed_query_kernel():
         sparse, {"packed_query_attention": "packed_query_attention"})
 
 
+def test_attention_with_a_window_gets_the_sliding_window_kernel_and_full_attention_none(tmp_path):
+    spec = tmp_path / "windowed.yaml"
+    spec.write_text(ATTENTION_ONLY.replace("n_kv_heads: 1}", "n_kv_heads: 1}\n  local: {kind: attention, n_heads: 2, "
+                                           "window: 8}").replace("attn*2", "attn|local"))
+    ir = compile_spec(spec, None).ir
+    assert {op.kind: chosen_kernels(ir).get(op.name) for op in ir.ops() if op.kind == "attention" and op.config.window} \
+        == {"attention": {"sliding_window_attention": "packed_query_attention"}}
+    assert all(op.name not in chosen_kernels(ir) for op in ir.ops() if op.kind == "attention" and not op.config.window)
+
+
 def test_every_mamba2_op_gets_the_ssd_conv_and_step_kernels():
     ir = compile_spec(BAMBA).ir
     mamba2 = {op.name for op in ir.ops() if op.kind == "mamba2"}
