@@ -14,6 +14,7 @@ try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
     from . import moe_router as moe_router_module
+    from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
@@ -21,6 +22,7 @@ try:
     from . import swiglu as swiglu_module
     from .causal_conv1d import causal_conv1d
     from .moe_router import moe_router
+    from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
@@ -30,6 +32,7 @@ except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
     moe_router_module = None
+    packed_query_attention_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
@@ -37,6 +40,7 @@ except ImportError:  # no triton
     swiglu_module = None
     causal_conv1d = None
     moe_router = None
+    sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
@@ -57,6 +61,10 @@ def decompositions() -> dict:
         from ..ops.moe import moe_router as reference
 
         table.update(moe_router_module.decomposition(reference, max_seqlen=8192))
+    if packed_query_attention_module is not None:
+        from ..ops.attention import sliding_window_attention as reference
+
+        table.update(packed_query_attention_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

@@ -46,12 +46,14 @@ nearly cancel, so O's rounding to bf16 would come back amplified (dq and dk 4x l
 float32 output when a backward will follow (archgen_v2: the op returns it as a third output).
 
 Contents: `packed_query_attention` (the entry point; same signature as templates/runtime/routing.py's, plus an
-optional window) and `sparse_query_attention` (full-length tensors), the custom ops
-`archgen_v2::packed_query_attention`, `archgen_v2::sparse_query_attention` and their `..._backward` (one graph node
-each, with fake implementations and autograd), the launchers `packed_query_attention_forward` / `..._backward`
-(autotuned on first use per shape bucket, see `shape_key`), `packed_query_attention_reference` (a dense masked
-softmax in float32: the ground truth of the tests, and what the op computes for CPU tensors), and `decomposition`
-(the op written with the generated package's reference op, for ONNX).
+optional window), `sparse_query_attention` (full-length tensors) and `sliding_window_attention` (every token a query
+within a window: what attention layers with a window run in training and cache-free forwards), the custom ops
+`archgen_v2::packed_query_attention`, `..::sparse_query_attention`, `..::sliding_window_attention` and their
+`..._backward` (one graph node each, with fake implementations and autograd), the launchers
+`packed_query_attention_forward` / `..._backward` (autotuned on first use per shape bucket, see `shape_key`),
+`packed_query_attention_reference` (a dense masked softmax in float32: the ground truth of the tests, and what the
+ops compute for CPU tensors), and `decomposition` (each op written with the generated package's reference op, for
+ONNX).
 """
 
 import math
@@ -742,6 +744,63 @@ sparse_query_attention_op = register_op("sparse_query_attention", _sparse_forwar
                                         namespace=OP_NAMESPACE)
 
 
+def _every_position(q: Tensor) -> Tensor:
+    """(B, T) int32: every token of q a query at its own position (sliding_window_attention)."""
+    B, _, T, _ = q.shape
+    return torch.arange(T, device=q.device, dtype=torch.int32).expand(B, T)
+
+
+def _window_forward_impl(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float, keep_float32_out: bool
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v2::sliding_window_attention -> (out, lse, out32), as packed_query_attention's."""
+    positions = _every_position(q)
+    if not (q.is_cuda or triton_on_cpu()):
+        every = torch.ones(positions.shape, dtype=torch.bool, device=q.device)
+        out, lse, out32 = _reference_with_lse(q, k, v, positions, every, scale, window)
+    else:
+        out, lse, out32 = packed_query_attention_forward(q, k, v, positions, scale, window,
+                                                         keep_float32_out=keep_float32_out)
+    return out, lse, out32 if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
+
+
+def _window_forward_fake(q, k, v, window, scale, keep_float32_out):
+    return _forward_fake(q, k, v, None, None, scale, window, keep_float32_out)
+
+
+def _window_backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, window: int,
+                          scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """archgen_v2::sliding_window_attention_backward -> (dq, dk, dv)."""
+    if not (q.is_cuda or triton_on_cpu()):
+        raise RuntimeError("archgen_v2::sliding_window_attention has no backward for CPU tensors: train on a GPU, or "
+                           "with the reference op (ops/attention.py sliding_window_attention)")
+    return packed_query_attention_backward(dout, q, k, v, _every_position(q), out, lse, scale, window)
+
+
+def _window_backward_fake(dout, q, k, v, out, lse, window, scale):
+    return _backward_fake(dout, q, k, v, None, None, out, lse, scale, window)
+
+
+def _window_setup_context(ctx, inputs, output):
+    q, k, v, window, scale, keep_float32_out = inputs
+    out, lse, out32 = output
+    ctx.save_for_backward(q, k, v, out32 if keep_float32_out else out, lse)
+    ctx.window, ctx.scale = window, scale
+    ctx.mark_non_differentiable(lse, out32)
+
+
+def _window_backward(ctx, dout, _dlse, _dout32):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = sliding_window_attention_backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+sliding_window_attention_backward_op = register_op("sliding_window_attention_backward", _window_backward_impl,
+                                                   _window_backward_fake, namespace=OP_NAMESPACE)
+sliding_window_attention_op = register_op("sliding_window_attention", _window_forward_impl, _window_forward_fake,
+                                          backward=_window_backward, setup_context=_window_setup_context,
+                                          namespace=OP_NAMESPACE)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point and reference
 # ---------------------------------------------------------------------------------------------------------------
@@ -794,6 +853,26 @@ def sparse_query_attention(
     return out
 
 
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None) -> Tensor:
+    """Causal self-attention within a sliding window, in Triton: query i sees keys i-window+1 .. i, the keys being
+    the queries' own tokens. Same arguments and result as templates/runtime/attention.py's `sliding_window_attention`
+    (ops/attention.py in a generated package): the packed-query kernels with every token a query at its own
+    position, so forward and backward read only the key blocks inside the band (and skip the mask inside it).
+    q (B, H, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, H, T, Dv) in q's dtype. Differentiable in q, k, v."""
+    exporting = torch.compiler.is_exporting()
+    if not (q.is_cuda or triton_on_cpu() or exporting):
+        raise RuntimeError(f"the Triton sliding_window_attention kernel needs CUDA tensors, got q on {q.device}: call "
+                           "the reference (ops/attention.py sliding_window_attention) instead, or set "
+                           "TRITON_INTERPRET=1")
+    _check_tensors(q, k, v, window)
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"the keys are the queries' own tokens: k and v need T = {q.shape[2]} rows, got {k.shape[2]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    out, _, _ = sliding_window_attention_op(q, k, v, int(window), scale, backward_follows)
+    return out
+
+
 def packed_query_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, valid: Tensor, *, scale: float | None = None,
     window: int | None = None
@@ -829,21 +908,34 @@ def _reference_with_lse(q, k, v, q_positions, valid, scale: float, window: int) 
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v2::packed_query_attention: the op written with `reference`}: how exporters that cannot run Triton
-    (ONNX) lower it. reference: a generated package's ops/routing.py `packed_query_attention` (no window; the
-    models that call this op never pass one). max_seqlen is unused: the reference traces any length."""
+    """{the custom op `reference` is the reference of: that op written with it}, for exporters that cannot run
+    Triton (ONNX). This file holds several ops, and a generated package calls this once per op it uses, with the
+    ops/ function of the op's name: ops/routing.py's `packed_query_attention` (no window; the models that call this
+    op never pass one) or ops/attention.py's `sliding_window_attention`. max_seqlen is unused: the references trace
+    any length. The log-sum-exp and the float32 output serve the backward only."""
     del max_seqlen
+
+    def backward_outputs(q, out, keep_float32_out):
+        B, H, S, _ = q.shape
+        out32 = out.float() if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
+        return q.new_zeros((B, H, S), dtype=torch.float32), out32
 
     def packed_query_attention_decomposed(q, k, v, q_positions, valid, scale, window, keep_float32_out):
         if window:
             raise NotImplementedError("the ONNX lowering of archgen_v2::packed_query_attention takes no window")
         out = reference(q, k, v, q_positions, valid, scale=scale)
-        B, H, S, _ = q.shape
-        # the log-sum-exp and the float32 output serve the backward only
-        out32 = out.float() if keep_float32_out else q.new_empty((0,), dtype=torch.float32)
-        return out, q.new_zeros((B, H, S), dtype=torch.float32), out32
+        return out, *backward_outputs(q, out, keep_float32_out)
 
-    return {op_overload("packed_query_attention", OP_NAMESPACE): packed_query_attention_decomposed}
+    def sliding_window_attention_decomposed(q, k, v, window, scale, keep_float32_out):
+        out = reference(q, k, v, window, scale=scale)
+        return out, *backward_outputs(q, out, keep_float32_out)
+
+    lowerings = {"packed_query_attention": packed_query_attention_decomposed,
+                 "sliding_window_attention": sliding_window_attention_decomposed}
+    if reference.__name__ not in lowerings:
+        raise ValueError(f"packed_query_attention.py has no op whose reference is {reference.__name__!r}; it lowers "
+                         f"{', '.join(lowerings)}")
+    return {op_overload(reference.__name__, OP_NAMESPACE): lowerings[reference.__name__]}
 
 
 def _check_inputs(q, k, v, q_positions, valid, window) -> None:

@@ -13,11 +13,13 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
@@ -25,11 +27,13 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    packed_query_attention_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
     state_update_module = None
     causal_conv1d = None
+    sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
@@ -45,6 +49,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if packed_query_attention_module is not None:
+        from ..ops.attention import sliding_window_attention as reference
+
+        table.update(packed_query_attention_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

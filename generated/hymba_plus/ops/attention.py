@@ -13,9 +13,11 @@ Notable features:
   "which phase are we in":
     keys are the queries' own tokens (k_positions is q_positions, 1-D)  -> SDPA's causal fast path, no mask built
                                                                            (flash / cuDNN on a GPU)
-    ... with a sliding window shorter than the sequence                 -> banded SDPA over query chunks, O(T·W)
-                                                                           (FlexAttention with a block mask on CUDA
-                                                                           when USE_FLEX_ATTENTION)
+    ... with a sliding window shorter than the sequence                 -> sliding_window_attention: banded SDPA
+                                                                           over query chunks, O(T·W) (FlexAttention
+                                                                           with a block mask on CUDA when
+                                                                           USE_FLEX_ATTENTION; the Triton kernel of
+                                                                           that name where the kernel pass chose it)
     anything else (decode against a cache, per-sequence positions)      -> SDPA with an explicit (Tq, Tk) mask; a
                                                                            decode step's mask is one row per query
   while torch.export traces, always the explicit-mask form (masked_attention), which every exporter lowers
@@ -454,7 +456,7 @@ def attention(
     increasing positions" (a model's start + arange(T)): query i then sees keys 0..i, the causal triangle, and the
     call takes the maskless causal / sliding-window paths. Any other call is computed with an explicit mask.
     """
-    Hq, Tq, D = q.shape[1:]
+    Hq, Tq = q.shape[1:3]
     Hkv, Tk = k.size(1), k.size(2)
     if Hq % Hkv != 0:
         raise ValueError(f"n_heads ({Hq}) must be a multiple of n_kv_heads ({Hkv})")
@@ -471,11 +473,7 @@ def attention(
                                 scale=scale, k_valid_len=k_valid_len)
     if window is None or window >= Tq:
         return causal_attention(q, k, v, scale=scale)
-    # Flex's compiled kernel has no float32 lowering on the H200 (inductor: no valid choices): half precision only.
-    half = q.dtype in (torch.bfloat16, torch.float16)
-    if USE_FLEX_ATTENTION and q.is_cuda and half and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
-        return flex_sliding_window_attention(q, k, v, window, scale=scale)
-    return banded_sliding_window_attention(q, k, v, window, scale=scale)
+    return sliding_window_attention(q, k, v, window, scale=scale)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -496,6 +494,21 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = N
     flash / cuDNN backends on a GPU. q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
     """
     return _sdpa(q, k, v, is_causal=True, scale=scale)
+
+
+def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, *, scale: float | None = None) -> Tensor:
+    """
+    Query i sees keys i-window+1 .. i (Tq == Tk, the keys are the queries' own tokens): FlexAttention's block-sparse
+    kernel where USE_FLEX_ATTENTION and it applies, else banded SDPA. The reference a Triton kernel of the same name
+    replaces (kernels/packed_query_attention.py). q (B, Hq, T, D), k (B, Hkv, T, D), v (B, Hkv, T, Dv) ->
+    (B, Hq, T, Dv).
+    """
+    D = q.size(-1)
+    # Flex's compiled kernel has no float32 lowering on the H200 (inductor: no valid choices): half precision only.
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if USE_FLEX_ATTENTION and q.is_cuda and half and D in FLEX_HEAD_DIMS and v.size(-1) == D and flex_attention_available():
+        return flex_sliding_window_attention(q, k, v, window, scale=scale)
+    return banded_sliding_window_attention(q, k, v, window, scale=scale)
 
 
 def banded_sliding_window_attention(
