@@ -35,7 +35,8 @@ nothing and write zeros, so no count is read back to the host and no gather, sca
 
 How the backward works (two kernels, no atomics, as in flash-attention 2). With P the probabilities recomputed
 from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
-  dq   grid (B * H, query blocks): dQ = scale * dS K over the same key range as the forward;
+  dq   grid (B * H, query blocks): delta of its rows (written for the dkdv kernel, which runs after it), then
+       dQ = scale * dS K over the same key range as the forward;
   dkdv grid (B * Hkv, key blocks): for each of the G query heads that read the kv head and each query block whose
        positions reach the key block, dV += P^T dO and dK += scale * dS^T Q; a kv head's gradient is summed in one
        program, so nothing is written twice. The query blocks come as ranges per key block (`query_block_ranges`,
@@ -235,9 +236,9 @@ def _forward_kernel(
     out_mask = (rows[:, None] < S) & (offs_dv[None, :] < Dv)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
              out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    if KEEP_FLOAT32_OUT:
+    if KEEP_FLOAT32_OUT:  # rows that see nothing are left unwritten: the backward reads out32 where p >= 0 only
         tl.store(out32_ptr + b * stride_o32b + h * stride_o32h + t_rows[:, None] * stride_o32s
-                 + offs_dv[None, :] * stride_o32d, out, mask=out_mask)
+                 + offs_dv[None, :] * stride_o32d, out, mask=out_mask & (p >= 0)[:, None])
     tl.store(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, lse, mask=rows < S)
 
 
@@ -271,7 +272,8 @@ def _backward_dq_kernel(
     rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
     lse_ptr, stride_lb, stride_lh, stride_ls,
-    delta_ptr, stride_deb, stride_deh, stride_des,
+    delta_ptr, stride_deb, stride_deh, stride_des,  # written here, read by the dkdv kernel after
+    out_ptr, stride_ob, stride_oh, stride_os, stride_od,  # the forward's output (float32, or q's dtype)
     dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -295,7 +297,11 @@ def _backward_dq_kernel(
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + t_rows[:, None] * stride_dos
                  + offs_dv[None, :] * stride_dod, mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, mask=in_rows, other=0.0)
-    delta = tl.load(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, mask=in_rows, other=0.0)
+    sees = in_rows & (p >= 0)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+                mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dO * O); 0 for a row that sees nothing
+    tl.store(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, delta, mask=in_rows)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -505,8 +511,9 @@ def packed_query_attention_backward(
     """Run the two backward kernels: (dq, dk, dv) in the dtypes of q, k, v. out: the forward's output, best its
     float32 form (keep_float32_out): delta = rowsum(dO * O) is subtracted from dP = dO . v_j in dS = P * (dP - delta),
     two nearly equal terms where a row's softmax is peaked, so O's bf16 rounding comes back amplified (dq and dk
-    4x less precise in the interpreter's test). rows: as the forward's. configs: {"dq": config, "dkdv": config} to
-    bypass the autotuners."""
+    4x less precise in the interpreter's test). The dq kernel computes delta from its rows of dO and O (reading O
+    only where a row sees a key) and leaves it for the dkdv kernel. rows: as the forward's. configs: {"dq": config,
+    "dkdv": config} to bypass the autotuners."""
     B, H, S, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     configs = configs or {}
@@ -515,7 +522,7 @@ def packed_query_attention_backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if S == 0 or Tk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = (out.float() * dout.float()).sum(-1)  # (B, H, S) rowsum(dO * O), float32
+    delta = q.new_empty((B, H, S), dtype=torch.float32)  # rowsum(dO * O), written by the dq kernel
     qk_scale = scale * math.log2(math.e)
     common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(rows, 2),
               *strided(dout, 4), *strided(lse, 3), *strided(delta, 3))
@@ -524,8 +531,8 @@ def packed_query_attention_backward(
 
     def launch_dq(cfg):
         grid = (B * H, triton.cdiv(S, cfg["BLOCK_M"]))
-        _backward_dq_kernel[grid](*common, *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window,
-                                  **constexprs, **_launch_params(cfg))
+        _backward_dq_kernel[grid](*common, *strided(out, 4), *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale,
+                                  window, **constexprs, **_launch_params(cfg))
 
     ranges = {}
 
