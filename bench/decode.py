@@ -2,7 +2,8 @@
 
 For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), after a 128-token prompt:
   - the ops one decode step dispatches on CUDA (archgen.benchmark.decode_step_ops: per module of the package; each
-    launches at least one kernel), the number a CUDA graph replays;
+    launches at least one kernel), and the kernels it launches with their summed GPU time (torch.profiler over one
+    eager step: cuBLAS's split-K reductions included), what a CUDA graph replays;
   - `generate` with its CUDA-graph decode step (the default on CUDA), with the step compiled by torch.compile and
     then recorded (compile=True, its compile time beside it), and with --eager also without a graph
     (cuda_graph=False), ms/token;
@@ -75,6 +76,31 @@ def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float
     return (many - one) / (new_tokens - 1) * 1e3
 
 
+def step_kernels(model, vocab: int, device: str, top: int = 12) -> dict:
+    """The CUDA kernels one eager batch-1 decode step launches (tensor position, as the graph records it), their
+    summed time, and the `top` kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.empty_cache(1, 512, device=device)  # room for the meta tokens, the prompt and three steps
+    with torch.no_grad():
+        model(torch.randint(0, vocab, (1, 128), device=device), cache=cache)
+        cache.length = torch.tensor(cache.length, device=device)
+        token = torch.randint(0, vocab, (1, 1), device=device)
+        for _ in range(2):  # warm: Triton compiles, cuBLAS picks its kernels
+            model(token, cache=cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(token, cache=cache)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        by_name.setdefault(event.name[:90], []).append(event.device_time_total)
+    busiest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    return {"kernels": len(kernels), "kernel_time_ms": sum(e.device_time_total for e in kernels) / 1e3,
+            "top": [{"name": name, "count": len(times), "total_us": sum(times)} for name, times in busiest]}
+
+
 def cache_bytes(model, batch: int, length: int, device: str) -> int:
     return tensor_bytes(model.empty_cache(batch, length, device=device).layers)
 
@@ -111,6 +137,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     entry["weight_bytes"] = weight_bytes
     attempt(entry, "step_ops", lambda: {key: value for key, value in decode_step_ops(model).items() if key != "by_op"})
+    if device == "cuda":
+        attempt(entry, "step_kernels", lambda: step_kernels(model, vocab, device), args)
     for batch in args.batches:
         row = entry[f"batch_{batch}"] = {}
         prompt = torch.randint(0, vocab, (batch, args.prompt_len), device=device)
