@@ -3,12 +3,13 @@
 
 archgen's side is what a generated package runs: the chunked PyTorch reference (templates/runtime/gated_delta.py,
 ops/gated_delta.py of a package), and the Triton forward kernel (kernels/gated_delta_rule.py) where this checkout
-has it. The shape is gated_deltanet_hybrid's layer (Qwen3-Next's sizes): B = 4, T = 4096, H = 16 query/key heads
-read by HV = 32 value heads, K = V = 128, chunk 64, bf16 q/k/v/β, float32 g and states, an initial state given and
-the final state returned, as prefill after a cached prefix runs it.
+has it, as the op runs it (float32 intermediates) and with its intermediates in bf16 (half the bytes, more error: the
+measurement that decides between them). The shape is gated_deltanet_hybrid's layer (Qwen3-Next's sizes): B = 4,
+T = 4096, H = 16 query/key heads read by HV = 32 value heads, K = V = 128, chunk 64, bf16 q/k/v/β, float32 g and
+states, an initial state given and the final state returned, as prefill after a cached prefix runs it.
 
 Sections, most important first. Each records its own error and the run goes on; the JSON is rewritten after each; a
-section whose estimate exceeds the budget left is skipped and says so (--budget-s, default 110 s).
+section whose estimate exceeds the budget left is skipped and says so (--budget-s, default 140 s).
 
   environment  device, torch / triton / fla versions, and whether fla's backward can run here: fla 0.6.0 raises
                "Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated chunk_bwd_dqkwg"
@@ -33,7 +34,7 @@ it pays for it, and its estimate says so.
 
 On the GPU machine, from the repository root (fla_core and einops wheels in .whl/, installed with --no-deps
 --no-index when `fla` is not importable):
-    python bench/gdn_check.py --out "$OUT" --budget-s 110
+    python bench/gdn_check.py --out "$OUT" --budget-s 140
 On a CPU, to exercise the script (tiny shapes, the kernel in Triton's interpreter; without fla the peer is a
 stand-in, the op's own decode step run token by token, so the comparison code runs):
     python bench/gdn_check.py --dry-run --out /tmp/gdn_check
@@ -62,7 +63,7 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-ESTIMATE_S = {"numerics": 60, "speed": 15, "numerics_odd_lengths": 10, "decode": 10, "kernel_float32": 20}
+ESTIMATE_S = {"numerics": 70, "speed": 15, "numerics_odd_lengths": 10, "decode": 10, "kernel_float32": 20}
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
 """Seconds each section may take on the H200 (numerics compiles and autotunes fla's forward first)."""
 
@@ -225,6 +226,7 @@ class Check:
         sides = {"archgen_reference": self._reference}
         if self.kernel is not None:
             sides["archgen_kernel"] = self._kernel
+            sides["archgen_kernel_half_intermediates"] = self._kernel_half_intermediates
         sides[self.peer] = self._fla if self.fla is not None else self._stand_in
         return sides
 
@@ -233,6 +235,11 @@ class Check:
 
     def _kernel(self, q, k, v, g, beta, initial_state):
         return self.kernel.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, chunk_size=CHUNK)
+
+    def _kernel_half_intermediates(self, q, k, v, g, beta, initial_state):
+        """The kernel with W, U, u and the chunk states in q's dtype: half the bytes, about three times the error."""
+        return self.kernel.gated_delta_rule_forward(q, k, v, g, beta, q.shape[-1] ** -0.5, initial_state, CHUNK,
+                                                    intermediates=q.dtype)
 
     def _fla(self, q, k, v, g, beta, initial_state):
         return self.fla.chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
@@ -313,8 +320,8 @@ class Check:
             del outputs
             if gradients:
                 entry["gradients"] = self._gradients(args, truth)
-            entry["passed"] = "errors" not in entry and all(e <= BF16_BAR for side in entry["vs_float32"].values()
-                                                            for e in side.values())
+            judged = [errors for side, errors in entry["vs_float32"].items() if side != "archgen_kernel_half_intermediates"]
+            entry["passed"] = "errors" not in entry and all(e <= BF16_BAR for errors in judged for e in errors.values())
             report["shapes"][label] = entry
             if self.device == "cuda":
                 torch.cuda.empty_cache()
@@ -370,7 +377,7 @@ class Check:
         if "fla" not in backward:
             report["fla_forward_backward"] = self.fla_backward_refused or "not run (no fla)"
         label = "B{}-T{}-H{}-HV{}-K{}-V{}".format(*shape)
-        for side in ("archgen_reference", "archgen_kernel"):
+        for side in ("archgen_reference", "archgen_kernel", "archgen_kernel_half_intermediates"):
             if side in forward:
                 self.figure(f"Gated DeltaNet forward, {side.replace('_', ' ')} ({label}, bf16)", forward[side],
                             forward.get(self.peer))
@@ -441,7 +448,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None,
                         help="folder for gdn_check.json (default: $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the kernel interpreted, fla not needed")
-    parser.add_argument("--budget-s", type=float, default=110.0, help="sections stop starting when it would be passed")
+    parser.add_argument("--budget-s", type=float, default=140.0, help="sections stop starting when it would be passed")
     args = parser.parse_args()
     if args.out is None:
         parser.error("--out is required when $OUT is not set")
@@ -450,7 +457,7 @@ def main() -> None:
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
     check = Check(args.out, args.dry_run, args.budget_s)
     sections = {"numerics": check.numerics, "speed": check.speed, "numerics_odd_lengths": check.numerics_odd_lengths,
-                "decode": check.decode, "kernel_float32": check.kernel_float32}
+                "kernel_float32": check.kernel_float32, "decode": check.decode}
     for name, run in sections.items():
         check.section(name, run)
     print(f"wrote {args.out / 'gdn_check.json'}")
