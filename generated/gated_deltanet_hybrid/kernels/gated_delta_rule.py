@@ -30,7 +30,8 @@ Every product runs on the tensor cores with float32 accumulation: k kᵀ and q k
 products), every product with a computed factor (T⁻¹, W, U, u, the states, the decayed P) on float32 operands, at tf32
 for half inputs and in full float32 for float32 ones. The intermediates W, U, u and the chunk states are stored in
 float32: rounded to bfloat16 as operands, they took the output's error against float32 math from 3e-3 to 1e-2 (at
-B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2. Every exponent is
+B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2. (The launcher's
+`intermediates` can store them in the half dtype instead, for the benches to weigh bytes against error.) Every exponent is
 masked to ≤ 0 before its exp. T need not be a multiple of L: positions past T load β = 0 and g = 0 (the identity
 step) and are never stored.
 
@@ -114,8 +115,8 @@ def _chunk_wy_kernel(
     v_ptr, v_stride_b, v_stride_t, v_stride_h, v_stride_v,
     g_ptr, g_stride_b, g_stride_t, g_stride_h,
     beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
-    w_ptr,  # (B, HV, c·L, K) float32, contiguous: W
-    u_ptr,  # (B, HV, c·L, V) float32, contiguous: U
+    w_ptr,  # (B, HV, c·L, K) in the intermediates' dtype, contiguous: W
+    u_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: U
     cum_ptr,  # (B, HV, c·L) float32, contiguous: the in-chunk prefix sums c
     seqlen, nv_heads, value_heads_per_key, dk, dv, padded_len,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
@@ -160,18 +161,21 @@ def _chunk_wy_kernel(
                           input_precision=DOT_PRECISION)
 
     # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v), a block of columns at a time.
+    inter_ty = w_ptr.dtype.element_ty
     k_weight = (beta * tl.exp(cum))[:, None]
     for k0 in range(0, dk, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_blk = tl.load(k_base + cols[None, :] * k_stride_k, mask=t_in[:, None] & (cols < dk)[None, :], other=0.0)
-        w = tl.dot(inverse, k_blk.to(tl.float32) * k_weight, input_precision=DOT_PRECISION)
-        tl.store(w_ptr + row[:, None] * dk + cols[None, :], w, mask=(cols < dk)[None, :])
+        w = tl.dot(_operand(inverse, inter_ty), _operand(k_blk.to(tl.float32) * k_weight, inter_ty),
+                   input_precision=DOT_PRECISION)
+        tl.store(w_ptr + row[:, None] * dk + cols[None, :], w.to(inter_ty), mask=(cols < dk)[None, :])
     v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
     for v0 in range(0, dv, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=t_in[:, None] & (cols < dv)[None, :], other=0.0)
-        u = tl.dot(inverse, v_blk.to(tl.float32) * beta[:, None], input_precision=DOT_PRECISION)
-        tl.store(u_ptr + row[:, None] * dv + cols[None, :], u, mask=(cols < dv)[None, :])
+        u = tl.dot(_operand(inverse, inter_ty), _operand(v_blk.to(tl.float32) * beta[:, None], inter_ty),
+                   input_precision=DOT_PRECISION)
+        tl.store(u_ptr + row[:, None] * dv + cols[None, :], u.to(inter_ty), mask=(cols < dv)[None, :])
 
 
 @triton.jit
@@ -179,8 +183,8 @@ def _state_kernel(
     k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
     w_ptr, u_ptr, cum_ptr,
     init_ptr, init_stride_b, init_stride_h, init_stride_k, init_stride_v,
-    enter_ptr,  # (B, HV, c, K, V) float32, contiguous: the state entering each chunk
-    pseudo_ptr,  # (B, HV, c·L, V) float32, contiguous: u = U − W S_c
+    enter_ptr,  # (B, HV, c, K, V) in the intermediates' dtype, contiguous: the state entering each chunk
+    pseudo_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: u = U − W S_c
     final_ptr,  # (B, HV, K, V) float32, contiguous
     seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
     HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
@@ -190,6 +194,7 @@ def _state_kernel(
     b = (pid_bh // nv_heads).to(tl.int64)
     h = pid_bh % nv_heads
     h_key = h // value_heads_per_key
+    inter_ty = w_ptr.dtype.element_ty
     rows_k = tl.arange(0, BLOCK_K)
     cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_in = rows_k < dk
@@ -205,19 +210,22 @@ def _state_kernel(
     state_offs = rows_k[:, None] * dv + cols_v[None, :]
     k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[:, None] * k_stride_k
     for chunk in range(nchunks):
-        tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs, state, mask=kv_in)
+        tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs, state.to(inter_ty),
+                 mask=kv_in)
         row = head_rows + chunk * CHUNK + t
         W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
         U = tl.load(u_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
-        pseudo = U - tl.dot(W, state, input_precision=DOT_PRECISION)
-        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], pseudo, mask=v_in[None, :])
+        pseudo = U.to(tl.float32) - tl.dot(_operand(W, inter_ty), _operand(state, inter_ty),
+                                           input_precision=DOT_PRECISION)
+        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], pseudo.to(inter_ty), mask=v_in[None, :])
         cum = tl.load(cum_ptr + row)
         cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + t
         k_T = tl.load(k_base + pos[None, :] * k_stride_t, mask=k_in[:, None] & (pos < seqlen)[None, :],
                       other=0.0)  # (K, L)
         k_T = k_T.to(tl.float32) * tl.exp(cum_last - cum)[None, :]
-        state = state * tl.exp(cum_last) + tl.dot(k_T, pseudo, input_precision=DOT_PRECISION)
+        state = state * tl.exp(cum_last) + tl.dot(_operand(k_T, inter_ty), _operand(pseudo, inter_ty),
+                                                  input_precision=DOT_PRECISION)
     tl.store(final_ptr + pid_bh.to(tl.int64) * dk * dv + state_offs, state, mask=kv_in)
 
 
@@ -237,6 +245,7 @@ def _output_kernel(
     h = pid_bh % nv_heads
     h_key = h // value_heads_per_key
     dot_ty = q_ptr.dtype.element_ty
+    inter_ty = enter_ptr.dtype.element_ty
     t = tl.arange(0, CHUNK)
     pos = chunk * CHUNK + t
     t_in = pos < seqlen
@@ -257,14 +266,15 @@ def _output_kernel(
         k_blk = _operand(tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0), dot_ty)
         enter = tl.load(enter_base + cols_k[:, None] * dv + cols_v[None, :],
                         mask=(cols_k < dk)[:, None] & v_in[None, :], other=0.0)  # (BK, BV)
-        from_state = tl.dot(q_blk.to(tl.float32), enter, from_state, input_precision=DOT_PRECISION)
+        from_state = tl.dot(_operand(q_blk, inter_ty), _operand(enter, inter_ty), from_state,
+                            input_precision=DOT_PRECISION)
         qk = tl.dot(q_blk, tl.trans(k_blk), qk, input_precision=DOT_PRECISION)
 
     causal = t[:, None] >= t[None, :]
     P = qk * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
     pseudo = tl.load(pseudo_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
     o = from_state * tl.exp(cum)[:, None]
-    o = tl.dot(P, pseudo, o, input_precision=DOT_PRECISION) * scale
+    o = tl.dot(_operand(P, inter_ty), _operand(pseudo, inter_ty), o, input_precision=DOT_PRECISION) * scale
     tl.store(o_ptr + b * o_stride_b + pos[:, None] * o_stride_t + h * o_stride_h + cols_v[None, :] * o_stride_v,
              o.to(o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
 
@@ -314,10 +324,14 @@ def gated_delta_rule_forward(
     chunk_size: int = CHUNK_SIZE,
     *,
     configs: dict | None = None,
+    intermediates: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor]:
     """Run the three kernels: (o (B, T, HV, V) in v's dtype, final_state (B, HV, K, V) float32).
 
-    configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
+    configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS).
+    intermediates: the dtype W, U, u and the chunk states are stored in and multiplied as: float32 (the op's choice,
+    see the module docstring), or q's half dtype, which moves half the bytes at about three times the error (the
+    benches measure both)."""
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
     configs = configs or {}
     batch, seqlen, nheads, dk = q.shape
@@ -331,14 +345,17 @@ def gated_delta_rule_forward(
     if seqlen == 0 or batch == 0:
         final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return o, final_state
+    if intermediates not in (torch.float32, q.dtype):
+        raise ValueError(f"intermediates must be torch.float32 or q's dtype {q.dtype}, got {intermediates}")
     cum = torch.empty((batch, nv_heads, padded), **f32)
-    W = torch.empty((batch, nv_heads, padded, dk), **f32)
-    U = torch.empty((batch, nv_heads, padded, dv), **f32)
-    pseudo = torch.empty((batch, nv_heads, padded, dv), **f32)
-    enter = torch.empty((batch, nv_heads, nchunks, dk, dv), **f32)
+    inter = {"dtype": intermediates, "device": q.device}
+    W = torch.empty((batch, nv_heads, padded, dk), **inter)
+    U = torch.empty((batch, nv_heads, padded, dv), **inter)
+    pseudo = torch.empty((batch, nv_heads, padded, dv), **inter)
+    enter = torch.empty((batch, nv_heads, nchunks, dk, dv), **inter)
     shared = (nv_heads, nv_heads // nheads, dk, dv)
     precision = _dot_precision(q.dtype)
-    key = "-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype))))
+    key = "-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype), dtype_name(intermediates))))
     block_k_state = max(16, triton.next_power_of_2(dk))
 
     with on_device(q):
