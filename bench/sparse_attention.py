@@ -20,6 +20,8 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             query), on the configs `numerics` tuned
 
 A section that would not finish inside --budget-s is skipped (recorded as such); run it alone with --only.
+tuner_ms_per_config in the JSON is the time of each kernel alone (forward, backward_dq with delta, backward_dkdv) under
+every candidate config, per shape bucket (G1-causal: `sparse`; G4-window: `window`): the per-kernel breakdown.
 
 Outputs under --out (default $OUT, else bench/results): sparse_attention.json (everything) and
 sparse_attention.bars.json (bar rows in bench/results/bars.json's format, to append there).
@@ -106,6 +108,7 @@ class Bench:
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         self.results["tuned_configs"] = self.pqa.tuned_configs()
+        self.results["tuner_ms_per_config"] = self.pqa.tuning_times()  # each kernel alone: the per-kernel breakdown
         (self.out / "sparse_attention.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
         (self.out / "sparse_attention.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
 
