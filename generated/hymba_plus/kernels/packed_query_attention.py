@@ -611,6 +611,12 @@ def tuned_configs() -> dict:
     return {name: {key: dict(c) for key, c in tuner.chosen.items()} for name, tuner in _TUNERS.items()}
 
 
+def tuning_times() -> dict:
+    """What tuning measured so far, {"forward"|"backward_dq"|"backward_dkdv": {key: {config: ms or its error}}}: the
+    time of each kernel alone under every candidate config (the benches' per-kernel breakdown)."""
+    return {name: {key: dict(times) for key, times in tuner.timings.items()} for name, tuner in _TUNERS.items()}
+
+
 def pin_configs(choices: dict) -> None:
     """Pin {"forward"|"backward_dq"|"backward_dkdv": {key: config}} (what `tuned_configs` returns): never timed."""
     for name, tuner in _TUNERS.items():
