@@ -113,10 +113,11 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's BLOCK_D, and whether the forward prefetches (on a GPU the autotuner chooses)."""
+    """Set the interpreter's BLOCK_D, whether the forward prefetches and how many steps' states the backward holds
+    (on a GPU the autotuner chooses)."""
 
-    def set_block(width, prefetch=True):
-        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch})
+    def set_block(width, prefetch=True, sub=4):
+        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub})
 
     return set_block
 
@@ -129,9 +130,10 @@ def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, fea
 
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
-def test_forward_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The forward's other staging (each chunk's inputs loaded at its start), which the autotuner may choose."""
-    block_d(width, prefetch=False)
+def test_other_autotuned_variants_match_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The variants the autotuner may choose besides the interpreter's: the forward loading each chunk's inputs at its
+    start, the backward holding 2 steps' states (recomputing more)."""
+    block_d(width, prefetch=False, sub=2)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -382,17 +384,17 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.shape_key(40, 4, 4, torch.float32)  # candidates: 32 and 64 channels per program (forward: prefetching or not)
+    key = ss.shape_key(40, 4, 4, torch.float32)  # candidates: 32 and 64 channels per program, each in two variants
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": False}},
-                                  "backward": {key: {"BLOCK_D": 64, "num_warps": 2}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+                                  "backward": {key: {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 4
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 4
 
 
 def test_backward_untuned_without_runtime_tuning(monkeypatch):
