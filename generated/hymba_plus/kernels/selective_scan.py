@@ -38,7 +38,7 @@ without z), the adjoint runs backwards in time, one step after the other:
     g_t = dL/dh_t = dȳ_t C_t + a_{t+1} g_{t+1}        starting from dL/d final_state; a_0 g_0 is dL/d initial_state
 
 It needs h_t at every step, in reverse order, and the forward keeps only a checkpoint per chunk. A lane cannot hold
-CHUNK · N states, so the chunk is cut into pieces of SUB steps (BACKWARD_SUB_CHUNK), last piece first: for each, the
+CHUNK · N states, so the chunk is cut into pieces of SUB steps (autotuned: 4 or 2), last piece first: for each, the
 forward runs again from the chunk's checkpoint up to the piece's end, holding the piece's SUB states in a
 (SUB, N, BLOCK_D) register tile (its time axis lies within the lane, so writing and reading a row are moves), then
 the adjoint runs back over the piece. That costs (CHUNK / SUB + 1) / 2 exp2 per step and state for the states, and
@@ -83,22 +83,20 @@ chunks halve the checkpoint bytes but make the backward recompute more steps (se
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-BACKWARD_SUB_CHUNK = 4
-"""Steps whose states the backward holds at once, per lane: SUB · N float32 registers."""
-
 # Autotune spaces. BLOCK_D is the number of channels per program; both kernels put one channel on each lane (its N
 # states in registers), so a block is 32 channels per warp. The forward also tries loading the next chunk's inputs
-# ahead (PREFETCH: more registers, the loads' latency hidden behind a whole chunk) or at each chunk's start.
+# ahead (PREFETCH: more registers, the loads' latency hidden behind a whole chunk) or at each chunk's start; the
+# backward, holding SUB steps' states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds).
 FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "PREFETCH": prefetch}
                    for prefetch in (True, False) for warps in (1, 2, 4, 8)]
-BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps} for warps in (1, 2, 4, 8)]
+BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "SUB": sub} for sub in (4, 2) for warps in (1, 2, 4, 8)]
 FORWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": True}
-BACKWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2}
+BACKWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2, "SUB": 4}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package)."""
-INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": True}
-"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the backward
-ignores PREFETCH)."""
+generated package). A config pinned without PREFETCH or SUB runs these defaults' values."""
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": True, "SUB": 4}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (each kernel
+ignores the other's keys)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -469,7 +467,8 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", True)}
+    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
+            "PREFETCH": config.get("PREFETCH", FORWARD_DEFAULT["PREFETCH"]), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -556,8 +555,7 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        # A config without PREFETCH (pinned before it existed) prefetches.
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=cfg.get("PREFETCH", True),
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=cfg.get("PREFETCH", FORWARD_DEFAULT["PREFETCH"]),
                                          BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
@@ -620,8 +618,7 @@ def selective_scan_backward(
     constexprs = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
-        HAS_DFINAL=dfinal_state is not None, CHUNK=chunk_size, SUB=min(chunk_size, BACKWARD_SUB_CHUNK),
-        BLOCK_N=triton.next_power_of_2(dstate),
+        HAS_DFINAL=dfinal_state is not None, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
     )
 
     def launch(cfg):
@@ -631,7 +628,8 @@ def selective_scan_backward(
         _selective_scan_bwd_kernel[(batch, blocks)](
             *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
             *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
-            **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
         )
         return dB_part, dC_part
 
