@@ -195,9 +195,12 @@ DECODE_CASES = [  # prefill, chunk, window
 ]
 
 
+@pytest.mark.parametrize("see_themselves", [False, True], ids=["guarded", "queries_see_themselves"])
 @pytest.mark.parametrize("start_as", ["int", "tensor"])
 @pytest.mark.parametrize("prefill,chunk,window", DECODE_CASES, ids=case_ids("P{}-C{}-W{}", DECODE_CASES))
-def test_incremental_decode_matches_full_attention(prefill, chunk, window, start_as):
+def test_incremental_decode_matches_full_attention(prefill, chunk, window, start_as, see_themselves):
+    """Decoding against a cache just written with the queries' tokens, with and without the empty-row guard (every
+    query sees itself here, so skipping it changes nothing)."""
     B, Hq, Hkv, T, D = 2, 8, 2, 21, 16
     q, k, v = qkv(B, Hq, Hkv, T, T, D)
     positions = torch.arange(T)
@@ -211,7 +214,8 @@ def test_incremental_decode_matches_full_attention(prefill, chunk, window, start
         k_all, v_all = cache.write(k[:, :, t0:t1], v[:, :, t0:t1], start)  # (B, Hkv, L, D)
         q_t, q_pos = q[:, :, t0:t1], positions[t0:t1]
         valid = start + t1 - t0
-        y = ops.attention(q_t, k_all, v_all, q_positions=q_pos, k_positions=slots, window=window, k_valid_len=valid)
+        y = ops.attention(q_t, k_all, v_all, q_positions=q_pos, k_positions=slots, window=window, k_valid_len=valid,
+                          queries_see_themselves=see_themselves)
         assert_close(y, full[:, :, t0:t1], 1e-5, f"tokens {t0}..{t1 - 1}")
     assert torch.equal(cache.k[:, :, :T], k) and torch.equal(cache.v[:, :, :T], v)
     assert not cache.k[:, :, T:].any(), "slots past the last write must be untouched"
