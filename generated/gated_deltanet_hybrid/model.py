@@ -138,7 +138,10 @@ class Attn(nn.Module):
             k, v, k_positions = cache.update(k, v, positions[0])  # (B, 2, S, 128) each, the slots' positions (S,)
         if pads is not None:
             k_positions = hide_pads(k_positions, pads)  # (B, S)
-        y = attention(q, k, v, q_positions=token_positions, k_positions=k_positions)  # (B, 16, T, 128)
+        # Without pads every query's own key was just written to the cache: it sees at least itself.
+        y = attention(
+            q, k, v, q_positions=token_positions, k_positions=k_positions, queries_see_themselves=pads is None
+        )  # (B, 16, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 2048)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
