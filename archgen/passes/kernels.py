@@ -81,9 +81,9 @@ KERNEL_RULES: list[KernelRule] = [
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),
     KernelRule("attention", "packed_query_attention", "sliding_window_attention", "attention",
-               "Sliding-window attention in forwards without a cache or a backward: the packed-query kernels with "
-               "every token a query, reading only the key blocks inside the band (training keeps banded SDPA until "
-               "the kernel's backward beats it; cached decoding keeps the ring buffer's masked SDPA)",
+               "Sliding-window attention in training and forwards without a cache: the packed-query kernels with "
+               "every token a query, reading only the key blocks inside the band (H200: 3.7x banded SDPA forward, "
+               "2.1x forward + backward; cached decoding keeps the ring buffer's masked SDPA)",
                when=lambda config: config.window is not None and config.head_dim <= 256),
     KernelRule("moe", "swiglu", "swiglu", "moe",
                "SwiGLU experts: silu(gate) * up in one pass forward and backward on the experts' rows (the grouped "

@@ -268,25 +268,25 @@ def small_windowed(tmp_path, monkeypatch):
 
 
 def test_windowed_attention_kernel_and_reference_give_the_same_model(small_windowed, monkeypatch):
-    """Logits of a forward without a cache or a backward with the sliding-window kernel and with ops/attention.py's
-    banded SDPA; a forward that will be differentiated keeps the reference (the kernel's backward does not beat it)."""
+    """Logits, loss and every gradient with the sliding-window kernel and with ops/attention.py's banded SDPA."""
     torch.manual_seed(0)
-    model = small_windowed.Model().eval()
+    model = small_windowed.Model()
     tokens = torch.randint(0, 64, (2, 20))
     calls = []
     kernel = small_windowed.kernels.sliding_window_attention
     monkeypatch.setattr(small_windowed.kernels, "sliding_window_attention", lambda *a, **kw: calls.append(1) or
                         kernel(*a, **kw))
-    logits = {}
+    results = {}
     for use in (True, False):
         small_windowed.model.USE_KERNELS = use
-        with torch.no_grad():
-            logits[use] = model(tokens).logits
+        model.zero_grad(set_to_none=True)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     assert len(calls) == 2, "both layers ran the kernel"
-    assert_close(logits[True], logits[False], 1e-5, "logits")
-    small_windowed.model.USE_KERNELS = True
-    model(tokens).logits.sum().backward()
-    assert len(calls) == 2, "a forward with a backward to follow keeps the reference"
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(small_windowed):
