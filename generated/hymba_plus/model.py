@@ -141,9 +141,9 @@ class Attn(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
         q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
-        # A forward without a cache and without a backward (prefill-free scoring, evaluation) takes the window's
-        # kernel: its forward beat banded SDPA on the H200, its backward did not yet, so training keeps the reference.
-        if cache is None and pads is None and not q.requires_grad and use_kernel(kernels.sliding_window_attention, q):
+        # Training and forwards without a cache take the window's kernel once the window binds (shorter sequences:
+        # SDPA's causal flash path below); decoding goes through the cache below.
+        if cache is None and pads is None and T > 1024 and use_kernel(kernels.sliding_window_attention, q):
             y = kernels.sliding_window_attention(q, k, v, 1024)  # (B, 25, T, 64)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
         k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
