@@ -220,3 +220,41 @@ def test_half_intermediates_cost_accuracy_not_correctness():
         errors[intermediates] = {"o": relative_error(o, o_ref), "final_state": relative_error(final, final_ref)}
     assert max(errors[torch.bfloat16].values()) <= 1.5e-2, errors
     assert max(errors[torch.float32].values()) <= 5e-3, errors
+
+
+def step_inputs(batch, nheads, nv_heads, dk, dv, *, dtype=torch.float32, seed=0):
+    """One position of make_inputs, and a state to start from."""
+    args = make_inputs(batch, 1, nheads, nv_heads, dk, dv, dtype=dtype, seed=seed)
+    step = {name: t[:, 0] for name, t in args.items() if name != "initial_state"}
+    return {"state": args["initial_state"], **step}
+
+
+@pytest.mark.parametrize(("nheads", "nv_heads", "dk", "dv", "dtype"), [
+    pytest.param(1, 3, 20, 40, torch.float32, id="H1-HV3-K20-V40-float32"),  # head dims off the tiles, V over 2 blocks
+    pytest.param(2, 4, 16, 16, torch.bfloat16, id="H2-HV4-K16-V16-bfloat16"),
+])
+def test_decode_step_matches_the_runtime_step(nheads, nv_heads, dk, dv, dtype):
+    args = step_inputs(2, nheads, nv_heads, dk, dv, dtype=dtype, seed=dk)
+    before = args["state"].clone()
+    o, new_state = gdr.gated_delta_step(**args)
+    o_ref, state_ref = runtime_gated_delta.gated_delta_step(**{name: t.double() for name, t in args.items()})
+    assert torch.equal(args["state"], before), "the step wrote into its input state"
+    assert o.dtype == args["v"].dtype and new_state.dtype == torch.float32
+    errors = {"o": relative_error(o, o_ref), "new_state": relative_error(new_state, state_ref)}
+    assert max(errors.values()) <= TOL[dtype], errors
+
+
+def test_decode_step_reference_and_lowering_are_the_runtime_step():
+    args = step_inputs(2, 1, 2, 16, 16, seed=14)
+    o_rt, state_rt = runtime_gated_delta.gated_delta_step(**args, scale=0.25)
+    o_ref, state_ref = gdr.gated_delta_step_reference(**args, scale=0.25)
+    (lowered,) = gdr.decomposition(runtime_gated_delta.gated_delta_step, max_seqlen=64).values()
+    o_low, state_low = lowered(args["state"], args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25)
+    for o, state in ((o_ref, state_ref), (o_low, state_low)):
+        assert relative_error(o, o_rt) < 1e-6 and relative_error(state, state_rt) < 1e-6
+
+
+def test_decode_step_opcheck():
+    args = step_inputs(1, 1, 2, 16, 16, seed=15)
+    torch.library.opcheck(gdr.gated_delta_step_op, (*args.values(), 0.25),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
