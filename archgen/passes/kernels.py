@@ -77,6 +77,9 @@ KERNEL_RULES: list[KernelRule] = [
                "Gated DeltaNet chunked forward (prefill, inference, generate, export); forward-only, so the layer calls "
                "it only with grad mode off and trains on the reference",
                when=_gated_delta_fits),
+    KernelRule("gated_deltanet", "gated_delta_rule", "gated_delta_step", "gated_delta",
+               "Gated DeltaNet one-token state update (decoding)",
+               when=lambda config: max(config.head_dim, config.head_v_dim) <= 256),
     KernelRule("sparse_attention", "packed_query_attention", "packed_query_attention", "routing",
                "HSPMN's selected (packed) queries against every causal key, flash-style with a per-row causal bound "
                "(prefill, training and decode)"),

@@ -1,6 +1,7 @@
 """The kernels a generated Gated DeltaNet model selects give it the logits, gradients and cached decoding of its
 reference ops: the fused causal conv1d + SiLU everywhere (it has a backward), the chunked gated delta rule
-(kernels/gated_delta_rule.py) wherever no gradient is needed and never while training (it is forward-only).
+(kernels/gated_delta_rule.py) wherever no gradient is needed and never while training (it is forward-only), and the
+one-token decode step.
 
 The kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), so the model is
 one tiny layer; the kernels' own numerics at odd sizes are in tests/kernels/. A spy counts the kernel calls, so a
@@ -29,7 +30,7 @@ SMALL_GATED_DELTANET = textwrap.dedent("""\
       mlp: {kind: mlp, activation: swiglu, hidden: 64}
     layout: {mixers: gdn, ffns: mlp}
     """)
-KERNEL_FUNCTIONS = ("causal_conv1d", "gated_delta_rule")
+KERNEL_FUNCTIONS = ("causal_conv1d", "gated_delta_rule", "gated_delta_step")
 
 
 @pytest.fixture
@@ -93,7 +94,7 @@ def test_training_takes_the_conv_kernel_and_the_reference_rule_with_the_referenc
 
 
 def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package):
-    """The kernel's prefill hands its final state to the decode steps; the logits match one full pass."""
+    """The kernel's prefill hands its final state to the kernel's decode steps; the logits match one full pass."""
     torch.manual_seed(2)
     model = package.Model().eval()
     tokens = torch.randint(0, 64, (2, 20))
@@ -104,10 +105,11 @@ def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package)
         cache = model.empty_cache(2, 20)
         steps = [model(tokens[:, :17], cache=cache).logits]
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(17, 20)]
-    assert package.calls["gated_delta_rule"] == 1 and package.calls["causal_conv1d"] == 4, package.calls
+    assert package.calls["gated_delta_rule"] == 1 and package.calls["gated_delta_step"] == 3, package.calls
+    assert package.calls["causal_conv1d"] == 4, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
 
 
 def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
     table = {str(op) for op in package.kernels.decompositions()}
-    assert {"archgen_v1.gated_delta_rule.default", "archgen_v1.causal_conv1d.default"} <= table
+    assert {f"archgen_v1.{name}.default" for name in KERNEL_FUNCTIONS} <= table

@@ -128,13 +128,15 @@ def test_a_model_without_a_kernel_kind_has_no_kernels_package(tmp_path):
     assert not any(path.startswith("kernels/") for path in files)
 
 
-def test_every_gated_deltanet_op_gets_the_conv_kernel_and_its_forward_kernel_where_its_chunk_fits():
+def test_every_gated_deltanet_op_gets_the_conv_and_step_kernels_and_its_forward_kernel_where_its_chunk_fits():
     ir = compile_spec(ROOT / "specs" / "gated_deltanet_hybrid.yaml").ir
     gdn = {op.name for op in ir.ops() if op.kind == "gated_deltanet"}
-    expected = {"causal_conv1d": "causal_conv1d", "gated_delta_rule": "gated_delta_rule"}
+    expected = {"causal_conv1d": "causal_conv1d", "gated_delta_rule": "gated_delta_rule",
+                "gated_delta_step": "gated_delta_rule"}
     assert gdn and chosen_kernels(ir, "gated_deltanet") == dict.fromkeys(gdn, expected)
     for op in ir.ops():
         if op.kind == "gated_deltanet":
             op.config = type(op.config)(**{**vars(op.config), "chunk_size": 128})  # (L, L) tiles too large
     select_kernels(ir)
-    assert chosen_kernels(ir, "gated_deltanet") == dict.fromkeys(gdn, {"causal_conv1d": "causal_conv1d"})
+    assert chosen_kernels(ir, "gated_deltanet") == dict.fromkeys(
+        gdn, {"causal_conv1d": "causal_conv1d", "gated_delta_step": "gated_delta_rule"})
