@@ -24,8 +24,8 @@ section whose estimate exceeds the budget left is skipped and says so (--budget-
   speed        forward (no grad) ms of each side, archgen's reference forward+backward, fla's forward+backward where
                it runs; `figures` pairs each archgen figure with fla's from the same run (ratio = fla ms / archgen
                ms: above 1 means archgen is faster).
-  decode       one token at B = 4: the reference's `gated_delta_step` against fla's `fused_recurrent_gated_delta_rule`
-               at T = 1 (outputs and new state compared, then timed).
+  decode       one token at B = 4: the reference's `gated_delta_step` and the kernel's against fla's
+               `fused_recurrent_gated_delta_rule` at T = 1 (outputs and new state compared, then timed).
   kernel_float32  archgen's kernel on float32 inputs against the reference in float32 (full float32 products on both
                sides; bar 1e-5) at T = 1000, not a multiple of the chunk; its first call tunes the float32 configs.
 
@@ -413,6 +413,21 @@ class Check:
             }
         report["passed"] = report["o_relative_norm"] <= BF16_BAR and report["state_relative_norm"] <= BF16_BAR
         report["ratio"] = report["fla_ms"] / report["archgen_reference_ms"]
+        if self.kernel is not None:
+            def kernel_step():
+                return self.kernel.gated_delta_step(step["initial_state"], step["q"], step["k"], step["v"], step["g"],
+                                                    step["beta"])
+
+            with torch.no_grad():
+                o_kernel, S_kernel = kernel_step()
+                report.update({
+                    "kernel_o_relative_norm_vs_reference": _relative_norm(o_kernel.float(), o.float()),
+                    "kernel_state_relative_norm_vs_reference": _relative_norm(S_kernel.float(), S.float()),
+                    "archgen_kernel_ms": self.time_ms(kernel_step),
+                })
+            report["kernel_ratio"] = report["fla_ms"] / report["archgen_kernel_ms"]
+            self.figure(f"Gated DeltaNet decode step, archgen kernel (B{batch}-HV{nv_heads}-K{dk}-V{dv}, bf16)",
+                        report["archgen_kernel_ms"], report["fla_ms"])
         return report
 
 
