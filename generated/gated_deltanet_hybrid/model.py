@@ -207,7 +207,10 @@ class Gdn(nn.Module):
         if pads is not None:  # α = 1 and β = 0 at a pad: the state passes unchanged
             g, beta = torch.where(keep, g, 0.0), torch.where(keep, beta, 0.0)
         if cache is not None and T == 1:
-            o, state = gated_delta_step(cache.recurrent_state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
+            if use_kernel(kernels.gated_delta_step, q):
+                o, state = kernels.gated_delta_step(cache.recurrent_state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
+            else:
+                o, state = gated_delta_step(cache.recurrent_state, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
             o = o.unsqueeze(1)  # (B, 1, 32, 128)
         else:
             initial_state = cache.recurrent_state if cache is not None else None

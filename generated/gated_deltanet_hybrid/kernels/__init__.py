@@ -18,6 +18,7 @@ try:
     from . import rope as rope_module
     from .causal_conv1d import causal_conv1d
     from .gated_delta_rule import gated_delta_rule
+    from .gated_delta_rule import gated_delta_step
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
 except ImportError:  # no triton
@@ -28,6 +29,7 @@ except ImportError:  # no triton
     rope_module = None
     causal_conv1d = None
     gated_delta_rule = None
+    gated_delta_step = None
     rms_norm = None
     apply_rope_qk = None
 else:
@@ -43,6 +45,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if gated_delta_rule_module is not None:
         from ..ops.gated_delta import gated_delta_rule as reference
+
+        table.update(gated_delta_rule_module.decomposition(reference, max_seqlen=8192))
+    if gated_delta_rule_module is not None:
+        from ..ops.gated_delta import gated_delta_step as reference
 
         table.update(gated_delta_rule_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:

@@ -39,12 +39,16 @@ Forward only. Training runs the reference (ops/gated_delta.py), whose autograd d
 the generated layer calls this kernel where no gradient is needed (inference, prefill, generate, export: the
 kernel-selection pass's rule says so), and `gated_delta_rule` refuses inputs that require grad with grad mode on.
 
+Decoding has its own kernel, `gated_delta_step`: one position for one (batch, value head, block of V columns) per
+program, the state read once and written once (the reference's is a chain of small ops over the whole state).
+
 Contents: `gated_delta_rule` (the entry point, CUDA tensors), the custom op `archgen_v1::gated_delta_rule` (one graph
 node under torch.compile / torch.export, with a fake implementation), the launcher `gated_delta_rule_forward`, the
 autotune spaces and their tuners (named gated_delta_rule.<kernel> in triton_support's tuning tables) with the build-time
 hook `autotune`, `gated_delta_rule_reference` (the recurrence one position at a time with the same signature: the
-tests' ground truth and the op's CPU path), and `decomposition` (the op written with ops/gated_delta.py's chunked
-`gated_delta_rule`, for ONNX). Needs triton and triton_support.py next to it.
+tests' ground truth and the op's CPU path), the decode step's `gated_delta_step` (op `archgen_v1::gated_delta_step`,
+launcher `gated_delta_step_forward`, reference `gated_delta_step_reference`), and `decomposition` (each op written with
+ops/gated_delta.py's function of its name, for ONNX). Needs triton and triton_support.py next to it.
 """
 
 import torch
@@ -279,6 +283,45 @@ def _output_kernel(
              o.to(o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
 
 
+@triton.jit
+def _step_kernel(
+    state_ptr, state_stride_b, state_stride_h, state_stride_k, state_stride_v,
+    q_ptr, q_stride_b, q_stride_h, q_stride_k,
+    k_ptr, k_stride_b, k_stride_h, k_stride_k,
+    v_ptr, v_stride_b, v_stride_h, v_stride_v,
+    g_ptr, g_stride_b, g_stride_h,
+    beta_ptr, beta_stride_b, beta_stride_h,
+    o_ptr, o_stride_b, o_stride_h, o_stride_v,
+    new_state_ptr,  # (B, HV, K, V) float32, contiguous
+    scale, nv_heads, value_heads_per_key, dk, dv,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # BLOCK_K: all K rows of the state, a power of two
+):
+    """One position of the recurrence for one (batch, value head, block of V columns): the state read once, written
+    once."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    rows_k = tl.arange(0, BLOCK_K)
+    cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_in = rows_k < dk
+    v_in = cols_v < dv
+    kv_in = k_in[:, None] & v_in[None, :]
+    state = tl.load(state_ptr + b * state_stride_b + h * state_stride_h + rows_k[:, None] * state_stride_k
+                    + cols_v[None, :] * state_stride_v, mask=kv_in, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * q_stride_b + h_key * q_stride_h + rows_k * q_stride_k, mask=k_in, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k * k_stride_k, mask=k_in, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + cols_v * v_stride_v, mask=v_in, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * g_stride_b + h * g_stride_h).to(tl.float32)
+    beta = tl.load(beta_ptr + b * beta_stride_b + h * beta_stride_h).to(tl.float32)
+    state = tl.exp(g) * state
+    pseudo = beta * (v - tl.sum(state * k[:, None], axis=0))  # (BV,)
+    state += k[:, None] * pseudo[None, :]
+    o = scale * tl.sum(state * q[:, None], axis=0)
+    tl.store(o_ptr + b * o_stride_b + h * o_stride_h + cols_v * o_stride_v, o.to(o_ptr.dtype.element_ty), mask=v_in)
+    tl.store(new_state_ptr + pid_bh.to(tl.int64) * dk * dv + rows_k[:, None] * dv + cols_v[None, :], state, mask=kv_in)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher and tuning
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,6 +433,41 @@ def gated_delta_rule_forward(
     return o, final_state
 
 
+STEP_CONFIG = {"BLOCK_V": 32, "num_warps": 4}
+"""Columns of a head's state per program of the decode step. The step reads the state once and writes it once; blocks
+of 32 keep a (128, 32) state block in registers and give B·HV·V/32 programs (128 at batch 1 for 32 heads of 128)."""
+
+
+def gated_delta_step_forward(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                             scale: float) -> tuple[Tensor, Tensor]:
+    """Run the decode-step kernel: (o (B, HV, V) in v's dtype, new_state (B, HV, K, V) float32)."""
+    if q.dim() != 3 or v.dim() != 3:
+        raise ValueError(f"one position: q must be (B, H, K) and v (B, HV, V), got {tuple(q.shape)} and {tuple(v.shape)}")
+    batch, nheads, dk = q.shape
+    nv_heads, dv = v.shape[1:]
+    expected = {"k": (k, (batch, nheads, dk)), "g": (g, (batch, nv_heads)), "beta": (beta, (batch, nv_heads)),
+                "state": (state, (batch, nv_heads, dk, dv))}
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} for q (B, H, K) = {tuple(q.shape)} and v (B, HV, V) = "
+                             f"{tuple(v.shape)}, got {tuple(t.shape)}")
+    if nheads == 0 or nv_heads % nheads or max(dk, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"the value heads HV = {nv_heads} must be a multiple of the key heads H = {nheads}, and K = {dk}"
+                         f", V = {dv} at most {MAX_HEAD_DIM}")
+    o = torch.empty((batch, nv_heads, dv), dtype=v.dtype, device=v.device)
+    new_state = torch.empty((batch, nv_heads, dk, dv), dtype=torch.float32, device=v.device)
+    if batch == 0:
+        return o, new_state
+    block_v = min(STEP_CONFIG["BLOCK_V"], max(16, triton.next_power_of_2(dv)))
+    with on_device(q):
+        _step_kernel[(batch * nv_heads, triton.cdiv(dv, block_v))](
+            *strided(state, 4), *strided(q, 3), *strided(k, 3), *strided(v, 3), *strided(g, 2), *strided(beta, 2),
+            *strided(o, 3), new_state, scale, nv_heads, nv_heads // nheads, dk, dv,
+            BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=block_v, num_warps=STEP_CONFIG["num_warps"],
+        )
+    return o, new_state
+
+
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
              device: torch.device | str) -> None:
     """The build-time tuning hook (`archgen build --autotune`): run the three kernels a gated_deltanet op of this
@@ -431,6 +509,22 @@ def _forward_fake(q, k, v, g, beta, scale, initial_state, chunk_size):
 
 
 gated_delta_rule_op = register_op("gated_delta_rule", _forward_impl, _forward_fake)
+
+
+def _step_impl(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+               scale: float) -> tuple[Tensor, Tensor]:
+    """archgen_v1::gated_delta_step -> (o, new_state); CPU tensors take the reference."""
+    if not (q.is_cuda or triton_on_cpu()):
+        o, new_state = gated_delta_step_reference(state, q, k, v, g, beta, scale)
+        return o, new_state.float()
+    return gated_delta_step_forward(state, q, k, v, g, beta, scale)
+
+
+def _step_fake(state, q, k, v, g, beta, scale):
+    return torch.empty_like(v), state.new_empty(state.shape, dtype=torch.float32)
+
+
+gated_delta_step_op = register_op("gated_delta_step", _step_impl, _step_fake)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,17 +602,50 @@ def gated_delta_rule_reference(
     return o.to(v.dtype), state
 
 
+def gated_delta_step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                     scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """One decoding step, in one launch: (o (B, HV, V) in v.dtype, new_state (B, HV, K, V) float32).
+
+    The signature of ops/gated_delta.py's `gated_delta_step`: state (B, HV, K, V), q and k (B, H, K), v (B, HV, V),
+    g and beta (B, HV). `state` is left untouched (copy the result into the cache). Needs CUDA tensors (or
+    TRITON_INTERPRET=1); decoding does not train, so there is no backward."""
+    if not (q.is_cuda or triton_on_cpu() or torch.compiler.is_exporting()):
+        raise RuntimeError(
+            f"the Triton gated_delta_step kernel needs CUDA tensors, got q on {q.device}: call the reference "
+            "(ops/gated_delta.py gated_delta_step) instead, or set TRITON_INTERPRET=1 before importing triton"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return gated_delta_step_op(state, q, k, v, g, beta, float(scale))
+
+
+def gated_delta_step_reference(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                               scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """One position of `gated_delta_rule_reference`, with the signature and results of `gated_delta_step`."""
+    o, new_state = gated_delta_rule_reference(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], scale,
+                                              state)
+    return o[:, 0], new_state
+
+
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v1::gated_delta_rule: the op written with `reference`}: how exporters that cannot run Triton (ONNX)
-    lower it. reference: a generated package's ops/gated_delta.py `gated_delta_rule` (chunked, no loop over time);
-    max_seqlen bounds its rounds of state passing when T is symbolic (see its docstring)."""
+    """{the custom op `reference` is the reference of: that op written with it}: how exporters that cannot run Triton
+    (ONNX) lower it. This file holds two ops, and a generated package calls this once per op it uses, with the
+    ops/gated_delta.py function of the op's name: `gated_delta_rule` (chunked, no loop over time; max_seqlen bounds
+    its rounds of state passing when T is symbolic, see its docstring) or `gated_delta_step`."""
 
     def gated_delta_rule_decomposed(q, k, v, g, beta, scale, initial_state, chunk_size):
         o, final_state = reference(q, k, v, g, beta, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
                                    max_seqlen=max_seqlen)
         return o, final_state.float()
 
-    return {op_overload("gated_delta_rule"): gated_delta_rule_decomposed}
+    def gated_delta_step_decomposed(state, q, k, v, g, beta, scale):
+        o, new_state = reference(state, q, k, v, g, beta, scale=scale)
+        return o, new_state.float()
+
+    lowerings = {"gated_delta_rule": gated_delta_rule_decomposed, "gated_delta_step": gated_delta_step_decomposed}
+    if reference.__name__ not in lowerings:
+        raise ValueError(f"gated_delta_rule.py has no op whose reference is {reference.__name__!r}; it lowers "
+                         f"{', '.join(lowerings)}")
+    return {op_overload(reference.__name__): lowerings[reference.__name__]}
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> None:
@@ -558,4 +685,4 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> None:
 
 
 __all__ = ["decomposition", "gated_delta_rule", "gated_delta_rule_forward", "gated_delta_rule_reference",
-           "tuned_configs"]
+           "gated_delta_step", "gated_delta_step_forward", "gated_delta_step_reference", "tuned_configs"]
