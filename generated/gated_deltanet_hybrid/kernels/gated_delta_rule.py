@@ -30,10 +30,10 @@ Every product runs on the tensor cores with float32 accumulation: k kᵀ and q k
 products), every product with a computed factor (T⁻¹, W, U, u, the states, the decayed P) on float32 operands, at tf32
 for half inputs and in full float32 for float32 ones. The intermediates W, U, u and the chunk states are stored in
 float32: rounded to bfloat16 as operands, they took the output's error against float32 math from 3e-3 to 1e-2 (at
-B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2. (The launcher's
-`intermediates` can store them in the half dtype instead, for the benches to weigh bytes against error.) Every exponent is
-masked to ≤ 0 before its exp. T need not be a multiple of L: positions past T load β = 0 and g = 0 (the identity
-step) and are never stored.
+B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2; the launcher's
+`intermediates` can still store them in the half dtype, for the benches to weigh the bytes against the error. Every
+exponent is masked to ≤ 0 before its exp. T need not be a multiple of L: positions past T load β = 0 and g = 0 (the
+identity step) and are never stored.
 
 Forward only. Training runs the reference (ops/gated_delta.py), whose autograd differentiates the chunked algorithm;
 the generated layer calls this kernel where no gradient is needed (inference, prefill, generate, export: the
