@@ -104,6 +104,13 @@ def test_strong_decay_stays_finite():
     check(make_inputs(1, 40, 1, 2, 16, 16, seed=4, decay_scale=30.0), 32, torch.float32)
 
 
+def test_write_strengths_up_to_two():
+    """β = 2·sigmoid(.) (allow_neg_eigval): I − β k kᵀ may reflect, and T⁻¹ is still exact."""
+    args = make_inputs(1, 40, 1, 2, 16, 16, seed=8)
+    args["beta"] = 2 * args["beta"]
+    check(args, 32, torch.float32)
+
+
 def test_matches_reference_bfloat16():
     check(make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5), 16, torch.bfloat16)
 
