@@ -269,7 +269,8 @@ def main() -> None:
         steps, half = setup.scaling_steps, setup.scaling_steps // 2
         try:
             path = write_recipe(work, "one_gpu", setup, data, steps, setup.micro_batch, False)
-            ran = run(train_command(path, 1, setup), left() / 3, one_gpu)
+            two_gpu_parts = args.dry_run or visible_gpus() >= 2
+            ran = run(train_command(path, 1, setup), left() / 3 if two_gpu_parts else left(), one_gpu)
             rows_one = step_rows(work / "one_gpu")
             one = result["one_gpu"] = {"wall_s": ran.seconds, "timed_out": ran.timed_out, **throughput(rows_one, flops)}
             if compiled and "tokens_per_s" in compiled:
@@ -277,7 +278,7 @@ def main() -> None:
                                                 "the same model and batch eager, 1 GPU", one["tokens_per_s"],
                                                 compiled["tokens_per_s"] / one["tokens_per_s"]))
             save()
-            if not args.dry_run and visible_gpus() < 2:
+            if not two_gpu_parts:
                 result["two_gpus"] = {"skipped": f"{visible_gpus()} GPU visible: the 2-GPU parts need 2"}
             else:
                 path = write_recipe(work, "two_gpus", setup, data, steps, setup.micro_batch // 2, False, half)
