@@ -36,6 +36,7 @@ _.log_severity_level
 _.gradient_checkpointing
 _.use_kernel
 _.mask_generator
+_.expert_group
 _.predictor
 # bench/kernels.py runs its sections by name (SECTIONS -> getattr(bench, name)).
 _.correctness

@@ -115,6 +115,10 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
                                        f"tensor-parallel groups of {tensor_parallel}",
                                        f"start a multiple of {tensor_parallel} processes, or change tensor_parallel"))
         tensor_parallel = 1
+    if tensor_parallel > 1 and recipe.distributed.expert_parallel:
+        problems.append(loaded.problem(("distributed", "expert_parallel"), "expert parallelism together with tensor "
+                                       "parallelism is not supported (the experts spread over every process)",
+                                       "set tensor_parallel: 1, or expert_parallel: false"))
     if tensor_parallel > 1 and world_size > tensor_parallel and not recipe.distributed.fsdp:
         problems.append(loaded.problem(("distributed", "fsdp"), "tensor parallelism across several data-parallel groups "
                                        "needs FSDP (replicated DDP over split modules is not supported)",

@@ -152,17 +152,22 @@ def sum_partial_gradients(parameters: list[torch.Tensor], group) -> None:
             dist.all_reduce(grad.to_local() if hasattr(grad, "to_local") else grad, group=group)
 
 
-def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_after_forward: bool, mesh=None) -> nn.Module:
+def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_after_forward: bool, mesh=None,
+                ignored: set[nn.Parameter] | None = None) -> nn.Module:
     """FSDP2: every layer is one unit (its parameters gathered just before it runs), the root holds the rest. The
     sharded parameters stay float32 (the master copy); with a compute dtype, layers gather and run in it and
-    gradients are reduced in float32. `mesh`: the data dimension of a (data, tensor) mesh (default: every process)."""
+    gradients are reduced in float32. `mesh`: the data dimension of a (data, tensor) mesh (default: every process).
+    `ignored`: parameters FSDP leaves as they are (experts already spread over the processes)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype
               else MixedPrecisionPolicy())
+    ignored = ignored or set()
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params=ignored & set(layer.parameters()) or None)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                ignored_params=ignored or None)
     return model
 
 
@@ -212,3 +217,44 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     return {name: tensor.contiguous() for name, tensor in state.items() if name in names}
+
+
+def expert_plans(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{module path: its class's expert_plan, {parameter: experts stacked along its dim 0}} for every module of the
+    model that has one and has parameters (JEPA's target copy of an MoE holds buffers and is never spread)."""
+    return {name: type(module).expert_plan for name, module in model.named_modules()
+            if getattr(type(module), "expert_plan", None) and next(module.parameters(), None) is not None}
+
+
+def expert_parallel_problems(model: nn.Module, size: int) -> list[str]:
+    """Why the experts cannot be spread over `size` processes (empty when they can): each process holds E / size."""
+    return [f"{path} ({type(model.get_submodule(path)).__name__}) has {experts} experts, not divisible by {size} processes"
+            for path, plan in expert_plans(model).items() for experts in sorted(set(plan.values())) if experts % size]
+
+
+def spread_experts(model: nn.Module, mesh) -> list[str]:
+    """Expert parallelism over a 1-D mesh of P processes: every module with an expert_plan keeps the rank-th E / P
+    block of its expert-stacked parameters, as DTensors sharded along dim 0 (so checkpoints and gradient clipping see
+    the whole tensors), and its forward exchanges rows with the other processes (its `expert_group`). Returns the
+    names of those parameters: data parallelism must leave them alone, and `average_expert_gradients` finishes them."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    names = []
+    for path, plan in expert_plans(model).items():
+        module = model.get_submodule(path)
+        for name in plan:
+            whole = module.get_parameter(name)
+            module.register_parameter(name, nn.Parameter(distribute_tensor(whole.detach(), mesh, [Shard(0)])))
+            names.append(f"{path}.{name}")
+        module.expert_group = mesh.get_group()
+    return names
+
+
+@torch.no_grad()
+def average_expert_gradients(parameters: list[torch.Tensor], processes: int) -> None:
+    """Each process's experts are trained by every process's tokens (the backward's all_to_all brings their
+    gradients home), so their gradient is the sum over processes of each one's mean loss; the other parameters'
+    gradients are averaged over processes (DDP, FSDP). Divide, so that both are the gradient of the mean loss."""
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.div_(processes)

@@ -29,13 +29,16 @@ from archgen.train.checks import TrainingPlan, check_token_counts, plan_training
 from archgen.train.data import ShuffledOrder, prepare_tokens
 from archgen.train.distributed import (
     Processes,
+    average_expert_gradients,
     clip_grad_norm,
     device_mesh,
+    expert_parallel_problems,
     full_model_state,
     load_sharded,
     save_sharded,
     shard_model,
     split_tensor_parallel,
+    spread_experts,
     start_processes,
     stop_processes,
     sum_partial_gradients,
@@ -192,8 +195,10 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     if precision == "auto":
         precision = "bf16-autocast" if processes.device.type == "cuda" else "float32"
     tensor_parallel = processes.tensor_parallel > 1
+    expert_parallel = processes.distributed and recipe.distributed.expert_parallel
     fsdp = processes.data_size > 1 and recipe.distributed.fsdp
-    sharded = fsdp or tensor_parallel  # the state is saved and loaded as torch.distributed.checkpoint shards
+    # the state is saved and loaded as torch.distributed.checkpoint shards
+    sharded = fsdp or tensor_parallel or expert_parallel
     torch.manual_seed(recipe.seed)  # the same initial weights on every process and every process count
     model = package.Model()
     if precision == "bf16" and not fsdp:
@@ -202,7 +207,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     model.gradient_checkpointing = recipe.gradient_checkpointing
     adapter = ModelAdapter(model, plan.head_kinds, recipe.objectives)
     wrapped = model
-    mesh = device_mesh(processes) if tensor_parallel else None
+    mesh = device_mesh(processes) if tensor_parallel or expert_parallel else None
     if tensor_parallel:
         problems = tensor_parallel_problems(model, processes.tensor_parallel)
         if problems:
@@ -211,23 +216,36 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                                                "size, or 1") for problem in problems])
         split = split_tensor_parallel(model, mesh["tensor"])
         say(f"tensor parallel: {split.modules} modules split {processes.tensor_parallel} ways, the rest replicated")
+    experts = []  # names of the parameters spread over the processes
+    if expert_parallel:
+        problems = expert_parallel_problems(model, processes.world_size)
+        if problems:
+            raise CompileError([loaded.problem(("distributed", "expert_parallel"), problem,
+                                               "start a number of processes that divides every expert count, or set "
+                                               "expert_parallel: false") for problem in problems])
+        experts = spread_experts(model, mesh["data"])
+        layers = len({name.rsplit(".", 1)[0] for name in experts})
+        say(f"expert parallel: {layers} MoE layers' experts spread over {processes.world_size} processes")
     if fsdp:
         shard_model(model, torch.bfloat16 if precision != "float32" else None, recipe.distributed.reshard_after_forward,
-                    mesh["data"] if mesh is not None else None)
+                    mesh["data"] if mesh is not None else None, {model.get_parameter(name) for name in experts})
     elif processes.distributed and not tensor_parallel:
         device_ids = [processes.device] if processes.device.type == "cuda" else None
+        # DDP must not average the spread experts' gradients (each process holds different experts)
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, experts)
         # broadcast_buffers off: every buffer is the same on every process (derived tables; JEPA's target, which each
         # process updates from the same averaged weights), so broadcasting them before each forward is wasted traffic
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     master = MasterWeights(list(model.named_parameters())) if precision == "bf16" and not fsdp else None
     parameters = dict(model.named_parameters())  # read after sharding: FSDP2 replaces the parameter objects
     partial_gradients = [parameters[name] for name in split.partial_gradients] if tensor_parallel else []
+    expert_parameters = [parameters[name] for name in experts]
     named = master.named_masters() if master else list(model.named_parameters())
     groups = [{"params": [p for n, p in named if _decays(n, p)], "weight_decay": recipe.optimizer.weight_decay},
               {"params": [p for n, p in named if not _decays(n, p)], "weight_decay": 0.0}]
     fused = recipe.optimizer.fused if recipe.optimizer.fused is not None else processes.device.type == "cuda"
     optimizer = torch.optim.AdamW(groups, lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
-                                  fused=fused or None, foreach=False if tensor_parallel else None)
+                                  fused=fused or None, foreach=False if tensor_parallel or expert_parallel else None)
     forward_module = torch.compile(wrapped) if recipe.compile else wrapped
     def autocast():
         if precision == "bf16-autocast" and not fsdp:
@@ -264,6 +282,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
         f"({micro} × {recipe.data.seq_len} × {plan.accumulation} accumulation × {processes.world_size} process"
         f"{'es' if processes.world_size > 1 else ''}) on {processes.device}, {precision}"
         + (", FSDP" if fsdp else "") + (f", tensor parallel {processes.tensor_parallel}" if tensor_parallel else "")
+        + (", expert parallel" if expert_parallel else "")
         + (", torch.compile" if recipe.compile else ""))
 
     def save(at_step: int) -> Path:
@@ -296,11 +315,13 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                     sums[key] = sums.get(key, 0.0) + value.detach().float().item() / plan.accumulation
             if partial_gradients:
                 sum_partial_gradients(partial_gradients, mesh["tensor"].get_group())
+            if expert_parameters:
+                average_expert_gradients(expert_parameters, processes.world_size)
             if master:
                 master.grads_up()
             grad_norm = None
             if recipe.clip_grad_norm:
-                if tensor_parallel:
+                if tensor_parallel or expert_parallel:
                     grad_norm = clip_grad_norm([p for _, p in named], recipe.clip_grad_norm)
                 else:
                     norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], recipe.clip_grad_norm)

@@ -136,6 +136,9 @@ class DistributedSpec(RecipeModel):
     # under torchrun: processes per tensor-parallel group (1: none). The world is a (world / N) × N mesh: FSDP shards
     # over the first dimension, attention heads and MLP hidden features are split over the second.
     tensor_parallel: PositiveInt = 1
+    # under torchrun: spread each MoE layer's experts over the processes, E / world each, tokens exchanged with
+    # all_to_all (every process still reads its own data); not together with tensor_parallel
+    expert_parallel: bool = False
 
 
 class Recipe(RecipeModel):
