@@ -235,6 +235,9 @@ class Moe(nn.Module):
     an exported graph computes the same through a fixed (experts, slots, d_model) buffer.
     """
 
+    expert_plan = {"w_in": 16, "w_out": 16}  # expert-stacked parameters: experts along dim 0
+    expert_group = None  # expert parallelism (set by training): the process group whose processes share the experts
+
     def __init__(self):
         super().__init__()
         self.router = nn.Linear(4096, 16, bias=False)
@@ -257,12 +260,15 @@ class Moe(nn.Module):
         expert_index, expert_weight, balance, z_loss = router(
             router_logits, 2, True, valid
         )  # routing and both losses in one pass
+        w_in, w_out = self.w_in, self.w_out
+        if self.expert_group is not None:  # DTensors sharded over the group: compute with this process's experts
+            w_in, w_out = w_in.to_local(), w_out.to_local()
         fused_swiglu = kernels.swiglu if use_kernel(kernels.swiglu, tokens) else None  # one pass, forward and backward
         y, stats = moe_forward(
             tokens,
             router_logits,
-            self.w_in,
-            self.w_out,
+            w_in,
+            w_out,
             top_k=2,
             activation="swiglu",
             capacity_factor=None,
@@ -270,6 +276,7 @@ class Moe(nn.Module):
             fused_swiglu=fused_swiglu,
             valid=valid,
             routing=(expert_index, expert_weight),
+            expert_group=self.expert_group,
         )
         aux = {"moe_load_balancing": 0.01 * balance, "moe_z_loss": 0.001 * z_loss}
         return y.view(B, T, C), aux

@@ -9,6 +9,8 @@ library.
     contiguous range; the experts run as grouped GEMMs (``torch._grouped_mm`` on a CUDA GPU with sm90+ and bf16
     operands, else one matmul per expert over its range), then the rows go back to token order and combine.
     Permutations are gathers both ways (backward too): no scatter-add, deterministic.
+    With the experts spread over processes (expert parallelism), ``experts_on_processes`` sends the rows to the
+    process holding their expert and the outputs back (all_to_all).
   - ``moe_fixed_buffer`` (what torch.export / ONNX trace): two ``torch.bmm`` over a fixed-shape (E, C, d)
     buffer, so every shape is known from N alone and there is no data-dependent control flow; dropless, it
     computes E/k times the useful rows.
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -146,6 +149,7 @@ def moe_forward(
     fused_swiglu: Callable[[Tensor], Tensor] | None = None,
     valid: Tensor | None = None,
     routing: tuple[Tensor, Tensor] | None = None,
+    expert_group=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Route each token to its top-k experts and sum their outputs, weighted by the router.
 
@@ -169,11 +173,15 @@ def moe_forward(
     and the pads change nothing.
     routing: (expert_index, expert_weight) (N, k) each, already decided from router_logits (the generated layer's
     moe_router, which computes the losses in the same pass); None routes here with route_top_k.
+    expert_group: a torch.distributed process group over which the E experts are spread (expert parallelism, set up
+    by training): w_in and w_out are then this process's E / P experts, the rank-th block of them, and the rows of
+    x are this process's own tokens, routed over all E experts (moe_grouped with experts_on_processes); the same
+    function as with every expert on one process.
     """
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
     N, d = x.shape
-    E = w_in.shape[0]
+    E = w_in.shape[0] * (1 if expert_group is None else dist.get_world_size(expert_group))
     _check_expert_weights(w_in, w_out, d, activation)
     if router_logits.shape != (N, E):
         raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
@@ -185,7 +193,7 @@ def moe_forward(
             routing = (routing[0].index_select(0, order), routing[1].index_select(0, order))
         y, stats = moe_forward(x.index_select(0, order), router_logits.index_select(0, order), w_in, w_out, top_k=top_k,
                                activation=activation, capacity_factor=capacity_factor, normalize=normalize,
-                               fused_swiglu=fused_swiglu, routing=routing)
+                               fused_swiglu=fused_swiglu, routing=routing, expert_group=expert_group)
         return y.index_select(0, inverse), stats | {"expert_index": stats["expert_index"].index_select(0, inverse)}
     if routing is None:
         routing = route_top_k(router_logits, top_k, normalize)
@@ -199,24 +207,25 @@ def moe_forward(
     # Under torch.compile the grouped form needs torch._grouped_mm: its per-expert matmul loop reads the counts on the
     # host (a graph break), so compiled graphs without it take the fixed-buffer form (static shapes, E/k× the rows).
     static = _is_exporting() or (torch.compiler.is_compiling() and not grouped_mm_available(x, w_in, w_out))
-    if static or small or _capturing():
+    if expert_group is None and (static or small or _capturing()):
         return moe_fixed_buffer(x, routing, w_in, w_out, activation=activation, capacity=capacity)
     return moe_grouped(x, routing, w_in, w_out, activation=activation, capacity=capacity,
-                       fused_swiglu=fused_swiglu if activation == "swiglu" else None)
+                       fused_swiglu=fused_swiglu if activation == "swiglu" else None, expert_group=expert_group)
 
 
 def moe_grouped(
     x: Tensor, routing: RouterOutput, w_in: Tensor, w_out: Tensor, *, activation: str, capacity: int,
-    fused_swiglu: Callable[[Tensor], Tensor] | None = None,
+    fused_swiglu: Callable[[Tensor], Tensor] | None = None, expert_group=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """moe_forward's eager form: the experts compute exactly the N*k assigned rows.
 
     Sorted by expert, expert e's assignments are rows first[e] .. first[e] + count[e] - 1 of x_sorted; each
     expert's MLP is one matmul pair over its range (grouped_expert_mlp). Assignments past capacity are computed
-    and weighted by zero (with capacity they are few; dropless there are none), so every shape is N*k.
+    and weighted by zero (with capacity they are few; dropless there are none), so every shape is N*k. With an
+    expert_group the rows travel to the processes that hold their experts and back (experts_on_processes).
     """
     N, d = x.shape
-    E = w_in.shape[0]
+    E = w_in.shape[0] * (1 if expert_group is None else dist.get_world_size(expert_group))
     top_k = routing.expert_index.shape[1]
     n_assign = N * top_k
     flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
@@ -230,7 +239,10 @@ def moe_grouped(
     kept = kept_sorted.index_select(0, inverse)  # (N*k,) in assignment order
 
     x_sorted = DispatchRows.apply(x, order, inverse, top_k)  # (N*k, d) row r is token order[r] // k
-    out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation, fused_swiglu)  # (N*k, d)
+    if expert_group is None:
+        out_sorted = grouped_expert_mlp(x_sorted, tokens_per_expert, w_in, w_out, activation, fused_swiglu)  # (N*k, d)
+    else:
+        out_sorted = experts_on_processes(x_sorted, tokens_per_expert, w_in, w_out, activation, fused_swiglu, expert_group)
     out = PermuteRows.apply(out_sorted, inverse, order)  # (N*k, d) back in assignment order
     weight = torch.where(kept.view(N, top_k), routing.expert_weight, 0.0)  # (N, k) dropped assignments weigh 0
     # y = sum_j w[:, j] * out[:, j] in float32, one (N, d) pass per j: each product promotes a row of x's dtype on the
@@ -267,6 +279,33 @@ def grouped_expert_mlp(x_sorted: Tensor, tokens_per_expert: Tensor, w_in: Tensor
     for e, rows in enumerate(x_sorted.split(tokens_per_expert.tolist())):
         outputs.append(activate(rows @ w_in[e]) @ w_out[e])  # (n_e, d)
     return torch.cat(outputs)
+
+
+def experts_on_processes(x_sorted: Tensor, tokens_per_expert: Tensor, w_in: Tensor, w_out: Tensor, activation: str,
+                         fused_swiglu: Callable[[Tensor], Tensor] | None, group) -> Tensor:
+    """grouped_expert_mlp with the E experts spread over the P processes of `group`, E / P each (process r holds
+    experts r·E/P … (r+1)·E/P − 1 as w_in, w_out): x_sorted (N*k, d), this process's rows sorted by expert, and
+    tokens_per_expert (E,) -> the experts' outputs (N*k, d) in the same order.
+
+    Sorted by expert, the rows for each process are contiguous. Two all_to_all exchanges (autograd through
+    torch.distributed.nn, so the backward sends the gradients the other way): the rows to the processes that hold
+    their experts, which run their experts on the rows from every process, and the outputs back. The row counts
+    travel first (one small all_to_all, and one host sync for the split sizes).
+    """
+    from torch.distributed.nn.functional import all_to_all_single
+
+    processes, local = dist.get_world_size(group), w_in.shape[0]
+    sending = tokens_per_expert.view(processes, local)  # (P, E/P) rows for each process's experts
+    receiving = torch.empty_like(sending)  # (P, E/P) rows from each process for my experts
+    dist.all_to_all_single(receiving, sending, group=group)
+    send_rows, receive_rows = sending.sum(dim=1).tolist(), receiving.sum(dim=1).tolist()
+    rows = all_to_all_single(x_sorted.new_empty(sum(receive_rows), x_sorted.shape[1]), x_sorted, receive_rows,
+                             send_rows, group=group)  # (R, d) by sending process, then by expert
+    expert = torch.arange(local, device=rows.device).repeat(processes).repeat_interleave(receiving.flatten())  # (R,)
+    by_expert = torch.sort(expert, stable=True).indices  # (R,) rows regrouped by my expert, senders in order
+    out = grouped_expert_mlp(rows.index_select(0, by_expert), receiving.sum(dim=0), w_in, w_out, activation, fused_swiglu)
+    out = out.index_select(0, torch.argsort(by_expert))  # (R, d) back in the order received
+    return all_to_all_single(x_sorted.new_empty(x_sorted.shape), out, send_rows, receive_rows, group=group)  # (N*k, d)
 
 
 # At most this many tokens (a decode step, batch included) run moe_fixed_buffer on CUDA; see moe_forward.
