@@ -211,8 +211,9 @@ def _forward_kernel(
 
     p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
     t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
+    sees = (rows < S) & (p >= 0)  # the other rows' q is never read (most of sparse_query_attention's rows)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=(rows[:, None] < S) & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+                mask=sees[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -292,12 +293,12 @@ def _backward_dq_kernel(
 
     p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
     t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
+    sees = in_rows & (p >= 0)  # a row that sees nothing has dq = 0: its q, dO and O are never read
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=in_rows[:, None] & (offs_d[None, :] < D), other=0.0)
+                mask=sees[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(do_ptr + b * stride_dob + h * stride_doh + t_rows[:, None] * stride_dos
-                 + offs_dv[None, :] * stride_dod, mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+                 + offs_dv[None, :] * stride_dod, mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, mask=in_rows, other=0.0)
-    sees = in_rows & (p >= 0)
     o = tl.load(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
                 mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dO * O); 0 for a row that sees nothing
