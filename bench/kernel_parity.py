@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "mamba_step", "ssd_scan", "mamba2_step", "apply_rope_qk",
-                    "packed_query_attention", "swiglu", "rms_norm")  # every kernel function a package may import
+                    "packed_query_attention", "swiglu", "silu_mul", "rms_norm")  # every kernel function a package may import
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
 BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",

@@ -25,6 +25,11 @@ class MLPConfig:
         return self.activation in GATED
 
 
+def fused_swiglu(config: MLPConfig) -> bool:
+    """silu(gate) · up computed by one op (ops/mlp.py silu_mul, a kernel on CUDA): SwiGLU without a muP gate scale."""
+    return config.activation == "swiglu" and config.gate_multiplier == 1
+
+
 def check_shape(shape: models.FeedForwardShape, path: str) -> list[Diagnostic]:
     if (shape.hidden is None) == (shape.multiplier is None):
         given = "both" if shape.hidden is not None else "neither"
@@ -90,10 +95,14 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
     def activation_elements(self, config: MLPConfig, dims: Dims, seq_len: int) -> int:
         return seq_len * config.hidden * (3 if config.gated else 2)
 
+    def imports(self, config: MLPConfig) -> dict[str, tuple[str, ...]]:
+        return {"mlp": ("silu_mul",)} if fused_swiglu(config) else {}
+
     def template_dims(self, config: MLPConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated, "activation": config.activation,
                 "bias": config.bias, "gate_multiplier": config.gate_multiplier, "output_multiplier": config.output_multiplier,
-                "multipliers": multipliers_text(1.0, config.output_multiplier, ("gate", (config.gate_multiplier,)))}
+                "multipliers": multipliers_text(1.0, config.output_multiplier, ("gate", (config.gate_multiplier,))),
+                "fused_swiglu": fused_swiglu(config)}
 
 
 KIND = MLP()

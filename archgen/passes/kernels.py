@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from archgen.ir.graph import IR, KernelChoice
+from archgen.kinds.mlp import fused_swiglu
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("moe", "moe_router", "moe_router", "moe",
                "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
                "backward"),
+    KernelRule("mlp", "silu_mul", "silu_mul", "mlp",
+               "SwiGLU feed-forward gate silu(gate) * up in one pass forward and backward", when=fused_swiglu),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it (not a zero-centred "
                "norm: the kernel scales by its weight as given)", when=lambda config: not config.zero_centered),

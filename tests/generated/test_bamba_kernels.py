@@ -1,6 +1,6 @@
 """Bamba (bench/specs/bamba_1b.yaml: Mamba-2 layers and RoPE attention) at toy sizes with every kernel it selects:
 the same logits and gradients as its reference ops, and cached decoding through the kernels (the fused Mamba-2 step,
-the RoPE kernel of kernels/rope.py, the RMSNorm kernel) equal to the full forward. The kernels run in Triton's
+the RoPE kernel of kernels/rope.py, the RMSNorm and SwiGLU-gate kernels) equal to the full forward. The kernels run in Triton's
 interpreter on CPU tensors; a spy counts their calls, so a model that fell back to its references fails here."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ BAMBA_TOY = ("model.d_model=36", "model.vocab_size=64", "mixers.ssm.n_heads=3", 
              "mixers.ssm.expand=2", "mixers.ssm.d_state=8", "mixers.ssm.chunk_size=16", "mixers.attn.n_heads=4",
              "mixers.attn.head_dim=12", "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=8",
              "ffns.mlp.hidden=48", "layout.mixers=ssm,attn", "model.max_seq_len=64")
-SPIED = ("mamba2_step", "apply_rope_qk", "rms_norm")
+SPIED = ("mamba2_step", "apply_rope_qk", "rms_norm", "silu_mul")
 
 
 @pytest.fixture
@@ -55,6 +55,7 @@ def test_kernels_and_references_give_the_same_logits_and_gradients(package):
         results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
     package.model.USE_KERNELS = True
     assert package.calls["apply_rope_qk"] == 1 and package.calls["mamba2_step"] == 0, package.calls
+    assert package.calls["silu_mul"] == 2, package.calls  # one per layer
     assert_close(results[True][0], results[False][0], 1e-5, "logits")
     for name, grad in results[True][1].items():
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
@@ -73,4 +74,5 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         cache.length = torch.tensor(cache.length)  # as generate's CUDA graph passes it
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(16, 20)]
     assert package.calls["mamba2_step"] == 4 and package.calls["apply_rope_qk"] == 5, package.calls
+    assert package.calls["silu_mul"] == 2 * 5, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")

@@ -47,7 +47,7 @@ ATTENTION_ONLY = textwrap.dedent("""\
     mixers:
       attn: {kind: attention, n_heads: 2, n_kv_heads: 1, rope: null}
     ffns:
-      mlp: {kind: mlp, activation: swiglu, hidden: 64}
+      mlp: {kind: mlp, activation: gelu, hidden: 64}  # no kernel (SwiGLU's: kernels/silu_mul.py)
     layout: {mixers: attn*2, ffns: mlp}
     """)
 

@@ -19,7 +19,7 @@ model: {d_model: 32, vocab_size: 64, max_seq_len: 64, norm: {kind: layernorm, ep
 mixers:
   attn: {kind: attention, n_heads: 2, n_kv_heads: 1, rope: null}
 ffns:
-  mlp: {kind: mlp, activation: swiglu, hidden: 64}
+  mlp: {kind: mlp, activation: gelu, hidden: 64}  # no kernel (SwiGLU's: kernels/silu_mul.py)
 layout: {mixers: attn*2, ffns: mlp}
 """
 BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
@@ -29,6 +29,7 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 ROPE_KERNELS = {"apply_rope_qk": "rope"}
+SWIGLU_KERNELS = {"silu_mul": "silu_mul"}
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
@@ -39,7 +40,7 @@ def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
 
 def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
-    kinds = {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS}
+    kinds = {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS, "mlp": SWIGLU_KERNELS}
     expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
     assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
 
