@@ -27,6 +27,7 @@ from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.gated_delta import GatedDeltaCache, gated_delta_rule, gated_delta_step, l2_normalize
+from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
 from .ops.ssm import causal_conv1d
 from . import kernels
@@ -245,7 +246,9 @@ class Mlp(nn.Module):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
+        return self.down_proj(hidden)
 
 
 class GdnMlpBlock(nn.Module):

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
+from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
 from .ops.ssm import causal_conv1d
@@ -198,7 +199,9 @@ class Swiglu(nn.Module):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
+        return self.down_proj(hidden)
 
 
 class ReflexContextParallel(nn.Module):

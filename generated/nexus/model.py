@@ -28,6 +28,7 @@ from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_co
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask, vicreg_terms
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
+from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, mamba_step, selective_scan
 from .ops.symbolic import forward_chain, rule_masks
@@ -238,7 +239,9 @@ class Mlp(nn.Module):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
+        return self.down_proj(hidden)
 
 
 class SsmMlpBlock(nn.Module):

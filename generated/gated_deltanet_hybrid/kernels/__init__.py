@@ -16,22 +16,26 @@ try:
     from . import gated_delta_rule as gated_delta_rule_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
+    from . import silu_mul as silu_mul_module
     from .causal_conv1d import causal_conv1d
     from .gated_delta_rule import gated_delta_rule
     from .gated_delta_rule import gated_delta_step
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
+    from .silu_mul import silu_mul
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
     gated_delta_rule_module = None
     rmsnorm_module = None
     rope_module = None
+    silu_mul_module = None
     causal_conv1d = None
     gated_delta_rule = None
     gated_delta_step = None
     rms_norm = None
     apply_rope_qk = None
+    silu_mul = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -59,4 +63,8 @@ def decompositions() -> dict:
         from ..ops.attention import apply_rope_qk as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=8192))
+    if silu_mul_module is not None:
+        from ..ops.mlp import silu_mul as reference
+
+        table.update(silu_mul_module.decomposition(reference, max_seqlen=8192))
     return table

@@ -14,14 +14,18 @@ try:
     from . import triton_support
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
+    from . import silu_mul as silu_mul_module
     from .packed_query_attention import packed_query_attention
     from .rmsnorm import rms_norm
+    from .silu_mul import silu_mul
 except ImportError:  # no triton
     triton_support = None
     packed_query_attention_module = None
     rmsnorm_module = None
+    silu_mul_module = None
     packed_query_attention = None
     rms_norm = None
+    silu_mul = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -37,4 +41,8 @@ def decompositions() -> dict:
         from ..ops.norm import rms_norm as reference
 
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=4096))
+    if silu_mul_module is not None:
+        from ..ops.mlp import silu_mul as reference
+
+        table.update(silu_mul_module.decomposition(reference, max_seqlen=4096))
     return table

@@ -17,12 +17,14 @@ try:
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
+    from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
+    from .silu_mul import silu_mul
     from .state_update import mamba_step
 except ImportError:  # no triton
     triton_support = None
@@ -31,12 +33,14 @@ except ImportError:  # no triton
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
+    silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
     sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
+    silu_mul = None
     mamba_step = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -65,6 +69,10 @@ def decompositions() -> dict:
         from ..ops.ssm import selective_scan as reference
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
+    if silu_mul_module is not None:
+        from ..ops.mlp import silu_mul as reference
+
+        table.update(silu_mul_module.decomposition(reference, max_seqlen=8192))
     if state_update_module is not None:
         from ..ops.ssm import mamba_step as reference
 
