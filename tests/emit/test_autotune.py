@@ -53,9 +53,9 @@ def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
 
 def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
     cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
-    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "rmsnorm"}
-    assert len(cases) == 4 * 4, "the Mamba layers share one config, the norms another: each kernel file tuned once " \
-                                "per batch × length"
+    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "rmsnorm", "silu_mul"}
+    assert len(cases) == 5 * 4, "the Mamba layers share one config, the norms another, the MLPs a third: each kernel " \
+                                "file tuned once per batch × length"
     assert next(c for c in cases if c.file == "selective_scan").params["A_log"] == (32, 4)
 
 
