@@ -58,9 +58,11 @@ def test_loss_falls_when_memorising_one_batch(spec_path, build):
     assert losses[-1] < losses[0], f"total loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
 
 
+@pytest.mark.parametrize("position", ["int", "tensor"])
 @pytest.mark.parametrize("prefill", [1, 7])
-def test_cached_decoding_equals_full_forward(spec_path, build, prefill):
-    """Crosses the tiny presets' 16-token sliding window, starts after meta tokens, and goes through the HSPMN router."""
+def test_cached_decoding_equals_full_forward(spec_path, build, prefill, position):
+    """Crosses the tiny presets' 16-token sliding window, starts after meta tokens, and goes through the HSPMN router;
+    the steps take the position as an int (eager generate) or as a tensor (the step a CUDA graph records)."""
     torch.manual_seed(1)
     model = build(spec_path).Model().eval()
     tokens = torch.randint(0, 256, (2, 40))
@@ -68,6 +70,8 @@ def test_cached_decoding_equals_full_forward(spec_path, build, prefill):
         full = model(tokens).logits
         cache = model.empty_cache(2, 64)
         steps = [model(tokens[:, :prefill], cache=cache).logits]
+        if position == "tensor":
+            cache.length = torch.tensor(cache.length)
         steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(prefill, tokens.size(1))]
     incremental = torch.cat(steps, dim=1)
     error = ((incremental - full).abs().max() / full.abs().max()).item()
