@@ -202,6 +202,32 @@ def transformers_decode(args, bandwidth: float) -> dict:
     return {"version": transformers.__version__, "ms_per_token": ms}
 
 
+def bar_rows(results: dict) -> list[dict]:
+    """Issue 12's decode bars in bench/results/bars.json's row format, from this run's figures: batch-1 ms/token
+    against the HBM floor (ratio floor ÷ archgen, bar 1/2: at most twice the floor) for each decoding variant, and
+    Bamba's against transformers' when it was measured (ratio transformers ÷ archgen, bar 20)."""
+    rows = []
+
+    def row(figure, archgen, reference, reference_value, bar):
+        rows.append({"figure": figure, "archgen": round(archgen, 4), "unit": "ms/token", "reference": reference,
+                     "reference_value": round(reference_value, 4), "ratio": round(reference_value / archgen, 3),
+                     "bar": bar, "device": results["device"], "date": results["date"], "command": results["command"]})
+
+    for name, entry in results["models"].items():
+        figures = entry.get("batch_1", {})
+        for variant in VARIANTS:
+            ms = figures.get(f"{variant}_ms_per_token")
+            if ms is None:
+                continue
+            row(f"{name} batch-1 decode ({variant}), bf16", ms, "HBM floor: weight + cache bytes over the copy bandwidth",
+                figures["floor_ms_per_token"], 0.5)
+            peer = entry.get("transformers", {}).get("ms_per_token")
+            if peer is not None:
+                row(f"{name} batch-1 decode ({variant}), bf16", ms, f"transformers {entry['transformers']['version']} "
+                    "BambaForCausalLM (its torch path)", peer, 20.0)
+    return rows
+
+
 def triton_version() -> str | None:
     try:
         import triton
@@ -245,6 +271,8 @@ def main() -> None:
             run = partial(bench_model, name, spec, preset, overrides, args, results, bandwidth, Path(tmp))
             attempt(results, f"{name}_run", run)
             save(args, results)
+    results["bars"] = bar_rows(results)
+    save(args, results)
     print(json.dumps(results, indent=2))
 
 
