@@ -153,7 +153,10 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tu
     (B, T, R/2) on positions.device. Angles are float32 products, as in HF transformers.
     """
     inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # (..., T, R/2)
+    # integer positions meet the float32 frequencies in the product itself (cast exactly: positions < 2**24), one
+    # launch fewer than casting them first
+    positions = positions.to(torch.float32) if positions.is_floating_point() else positions
+    angles = positions.unsqueeze(-1) * inv_freq  # (..., T, R/2) float32
     if mscale == 1.0:  # no product to launch (a decode step runs this in every attention layer)
         return angles.cos(), angles.sin()
     return angles.cos() * mscale, angles.sin() * mscale
