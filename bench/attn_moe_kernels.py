@@ -610,7 +610,7 @@ class Bench:
             record["d_model"], record["context"] = d, T
             self.peak_reset()
             with torch.no_grad():
-                ms = self.time_ms(lambda: block(x, positions, None, {}), reps=3, warmup=1)
+                ms = self.time_ms(lambda: block(x, positions), reps=3, warmup=1)
             record["peak_GiB"] = self.peak_gib()
             record["ms"] = ms
             record["tokens_per_s"] = T / (ms * 1e-3)

@@ -145,8 +145,7 @@ def hspmn_block(dry_run: bool, directory: Path, deadline: float) -> dict:
             block(x, positions)
 
     def train_step():
-        aux: dict = {}
-        y = block(x, positions, None, aux)
+        y, aux = block(x, positions)  # the layer's output and its auxiliary losses
         (y.float().square().mean() + sum(aux.values())).backward()
 
     block.eval()
