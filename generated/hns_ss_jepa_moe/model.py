@@ -295,13 +295,14 @@ class SsmMoeBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None):
+        aux = {}  # this layer's auxiliary losses by name, returned with x
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
         y, losses = self.ffn(h, positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
-        return x
+        return x, aux
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
         return self.mixer.empty_cache(batch, max_len, device, dtype)
@@ -320,13 +321,14 @@ class AttnMoeBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None):
+        aux = {}  # this layer's auxiliary losses by name, returned with x
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
         y, losses = self.ffn(h, positions, pads=pads)
         add_losses(aux, losses)
         x = x + y  # (B, T, 4096)
-        return x
+        return x, aux
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
         return self.mixer.empty_cache(batch, max_len, device, dtype)
@@ -627,10 +629,13 @@ class Model(nn.Module):
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            # A layer returns its auxiliary losses rather than writing them into a dict passed in: FSDP2 hands a
+            # sharded layer copies of the containers in its arguments, and the losses must leave it as outputs.
             if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
+                x, losses = checkpoint(layer, x, positions, layer_cache, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux, pads)
+                x, losses = layer(x, positions, layer_cache, pads)
+            add_losses(aux, losses)
         if cache is not None:
             cache.length = start + x.size(1)
         x = self.norm_f(x)  # (B, T, 4096)

@@ -386,11 +386,11 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None):
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
         x = x + self.ffn(h)  # (B, T+128, 1600)
-        return x
+        return x, {}
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
         return self.mixer.empty_cache(batch, max_len, device, dtype)
@@ -409,11 +409,11 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, aux: dict | None = None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None):
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
         x = x + self.ffn(h)  # (B, T+128, 1600)
-        return x
+        return x, {}
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
         return self.mixer.empty_cache(batch, max_len, device, dtype)
@@ -644,10 +644,13 @@ class Model(nn.Module):
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
+            # A layer returns its auxiliary losses rather than writing them into a dict passed in: FSDP2 hands a
+            # sharded layer copies of the containers in its arguments, and the losses must leave it as outputs.
             if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
-                x = checkpoint(layer, x, positions, layer_cache, aux, pads, use_reentrant=False)
+                x, losses = checkpoint(layer, x, positions, layer_cache, pads, use_reentrant=False)
             else:
-                x = layer(x, positions, layer_cache, aux, pads)
+                x, losses = layer(x, positions, layer_cache, pads)
+            add_losses(aux, losses)
         if cache is not None:
             cache.length = start + x.size(1)
         x = self.norm_f(x[:, prefix:])  # (B, T, 1600): no outputs at meta positions
