@@ -16,8 +16,9 @@ from archgen.train.loop import train
 from archgen.train.metrics import read_metrics
 from tests.train.recipes import ROOT, recipe_dict, write_corpus, write_recipe
 
-# Next-token losses of 1 and 2 processes once JEPA masks have differed (lr 1e-2): 6.5e-4 at step 2, 2.9e-3 at step 3.
-JEPA_MASK_TOLERANCE = 1e-2
+# Next-token losses of 1 and 2 processes once JEPA masks have differed (lr 1e-2, momentum 0.5): 5.9e-3 at step 2,
+# 4.0e-3 at step 3 (torch 2.13, CPU).
+JEPA_MASK_TOLERANCE = 2e-2
 
 
 def run(args, timeout=900):
