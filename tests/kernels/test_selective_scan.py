@@ -113,11 +113,10 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's BLOCK_D, whether the forward prefetches and how many steps' states the backward holds
-    (on a GPU the autotuner chooses)."""
+    """Set the interpreter's BLOCK_D and how many steps' states the backward holds (on a GPU the autotuner chooses)."""
 
-    def set_block(width, prefetch=True, sub=4):
-        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub})
+    def set_block(width, sub=4):
+        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "SUB": sub})
 
     return set_block
 
@@ -130,10 +129,9 @@ def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, fea
 
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
-def test_other_autotuned_variants_match_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The variants the autotuner may choose besides the interpreter's: the forward loading each chunk's inputs at its
-    start, the backward holding 2 steps' states (recomputing more)."""
-    block_d(width, prefetch=False, sub=2)
+def test_backward_holding_two_steps_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The backward's other variant in the autotune space: 2 steps' states held at once (more recomputed)."""
+    block_d(width, sub=2)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -318,10 +316,16 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("tuner", ["FORWARD_TUNER", "BACKWARD_TUNER"])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 128), (4096, 128)])
+def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
+    kept = ss.candidates(ss.FORWARD_TUNER, dim)
+    assert max(c["BLOCK_D"] for c in kept) == widest
+    assert {c["num_warps"] for c in kept} == {2, 4, 8}
+
+
 @pytest.mark.parametrize("dim,widest", [(3, 32), (24, 32), (100, 128), (4096, 256)])
-def test_autotune_space_is_pruned_to_the_width(tuner, dim, widest):
-    kept = ss.candidates(getattr(ss, tuner), dim)
+def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
+    kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
     assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in kept)  # one channel per lane
 
@@ -336,7 +340,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     def launch(config):
         launched.append(config)
-        if config["BLOCK_D"] == 256:
+        if config["BLOCK_D"] == 128:
             raise RuntimeError("out of resources: registers")
 
     launched = []
@@ -345,10 +349,9 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    best = {"BLOCK_D": 128, "num_warps": 4, "PREFETCH": True}  # the first of the two equally fast
-    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == best
-    assert tuner.timings[key]["BLOCK_D=256,num_warps=8,PREFETCH=False"].startswith("RuntimeError: out of resources")
-    assert tuner.chosen == {key: best}
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 64, "num_warps": 2}
+    assert tuner.timings[key]["BLOCK_D=128,num_warps=4"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: {"BLOCK_D": 64, "num_warps": 2}}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
@@ -384,24 +387,24 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.shape_key(40, 4, 4, torch.float32)  # candidates: 32 and 64 channels per program, each in two variants
-    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": False}},
+    key = ss.shape_key(40, 4, 4, torch.float32)  # forward: blocks of 16, 32, 64 × 3 warp counts; backward: 32, 64 × 2
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 8}},
                                   "backward": {key: {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+    assert len(ss.FORWARD_TUNER.timings[key]) == 9 and len(ss.BACKWARD_TUNER.timings[key]) == 4
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 4 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+    assert len(ss.FORWARD_TUNER.timings[key]) == 9 and len(ss.BACKWARD_TUNER.timings[key]) == 4
 
 
 def test_backward_untuned_without_runtime_tuning(monkeypatch):
     """As in a generated package (no tuning at run time): an untuned bucket runs the tuner's default config, under
     the interpreter its interpreter config, narrower here than every candidate; the backward's per-block partial sums
     must be sized for the block that runs (they were once sized for the narrowest candidate, and overflowed)."""
-    narrow = {"BLOCK_D": 8, "num_warps": 4, "PREFETCH": True}
+    narrow = {"BLOCK_D": 8, "num_warps": 4, "SUB": 4}
     monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
     monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, narrow))
     monkeypatch.setattr(ss, "BACKWARD_TUNER", triton_support.Autotuner("test.backward", ss.BACKWARD_CONFIGS, narrow))
