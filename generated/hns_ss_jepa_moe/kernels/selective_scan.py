@@ -15,24 +15,24 @@ recurrence and every accumulation run in float32, y comes back in u's dtype and 
 Why a kernel: the reference materialises (B, T, D, N) tensors (decays, inputs, states) and keeps them for autograd;
 at batch 8, T = D = 4096, N = 16 that is 8 GiB per tensor in float32. Here the states never reach memory.
 
-How the forward works. The grid is (batch, blocks of BLOCK_D channels), one channel per lane: a lane keeps the N
-states of its channel in registers, as a (N, BLOCK_D) tile of which it holds one column, and runs the recurrence one
-time step after the other, CHUNK steps unrolled per loop iteration. So y_t = Σ_n h_t[n] C_t[n] is a sum within the
-lane (no shuffles, no shared memory), and the only work per (step, channel, state) is one exp2 (log2 e is folded
-into A) and three multiply-adds: the special-function units' exp2 bounds it. u, Δ, z and y move as (CHUNK, BLOCK_D)
-tiles whose time axis lies within each lane (rows of BLOCK_D contiguous channels: channels-last), so Δ (softplus) and
-the gate are computed once per chunk and channel, reading a step's row out of a tile costs nothing, and no store
-falls inside the unrolled steps, which lets the compiler issue their loads of B_t and C_t (the same N values for every
-lane) early. With PREFETCH (an autotuned choice) the next chunk's tiles are loaded while this one runs. (The first
-kernel scanned (CHUNK, BLOCK_D, N) tiles with `tl.associative_scan`; Triton laid the states out across 16 lanes, and y
-cost four rounds of shuffles per element: 2.4x slower than mamba_ssm.)
+How the forward works. The grid is (batch, blocks of BLOCK_D channels). A program walks its sequence in chunks of
+CHUNK time steps. Per chunk it loads (CHUNK, BLOCK_D) tiles of u, delta, z and (CHUNK, N) tiles of B, C, forms the
+(CHUNK, BLOCK_D, N) decays a_t = exp(Δ_t A) and inputs x_t = Δ_t u_t B_t, and turns them into the chunk's states
+with a log-depth `tl.associative_scan` along time over (decay, input) pairs — composing two steps h ↦ a·h + x
+multiplies decays in [0, 1], so it is stable for any Δ·A — then adds the state carried in from the previous chunk
+times the decay since the chunk start. y contracts the states with C. Loading whole tiles rather than one time
+step at a time keeps many loads in flight, which a step-by-step loop (one dependent load per step) cannot.
+(Measured on an H200, bench/kernels.py, B 8, L 4096, D 4096, N 16, bf16: this forward 5.6 ms. A forward with the
+backward's layout, one channel per lane stepping through time, ran 8.4 ms at its best config, most likely for want
+of parallelism to hide its per-step latencies: B·D = 32768 lanes in all, under 8 warps per SM (not profiled).)
 
 Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
 N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
 
-How the backward works. Same grid, same layout (one channel per lane, states in registers); chunks in reverse
-order. With ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its gradient (dȳ_t = dy_t
+How the backward works. The grid is (batch, blocks of BLOCK_D = 32 · num_warps channels), one channel per lane: a
+lane holds the N states of its channel in registers, as a column of a (N, BLOCK_D) tile; chunks in reverse order.
+With ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its gradient (dȳ_t = dy_t
 without z), the adjoint runs backwards in time, one step after the other:
 
     g_t = dL/dh_t = dȳ_t C_t + a_{t+1} g_{t+1}        starting from dL/d final_state; a_0 g_0 is dL/d initial_state
@@ -83,20 +83,19 @@ chunks halve the checkpoint bytes but make the backward recompute more steps (se
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-# Autotune spaces. BLOCK_D is the number of channels per program; both kernels put one channel on each lane (its N
-# states in registers), so a block is 32 channels per warp. The forward also tries loading the next chunk's inputs
-# ahead (PREFETCH: more registers, the loads' latency hidden behind a whole chunk) or at each chunk's start; the
-# backward, holding SUB steps' states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds).
-FORWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "PREFETCH": prefetch}
-                   for prefetch in (True, False) for warps in (1, 2, 4, 8)]
+# Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
+# values. The backward puts one channel on each lane (its N states in registers), so its block is 32 channels per warp,
+# and it holds SUB steps' states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds).
+FORWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block in (16, 32, 64, 128) for warps in (2, 4, 8)]
 BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "SUB": sub} for sub in (4, 2) for warps in (1, 2, 4, 8)]
-FORWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2, "PREFETCH": True}
-BACKWARD_DEFAULT = {"BLOCK_D": 64, "num_warps": 2, "SUB": 4}
+FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4}
+BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package). A config pinned without PREFETCH or SUB runs these defaults' values."""
-INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": True, "SUB": 4}
-"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (each kernel
-ignores the other's keys)."""
+generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without SUB holds
+BACKWARD_DEFAULT's."""
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "SUB": 4}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
+ignores SUB)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -163,27 +162,42 @@ def _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, b
 
 
 @triton.jit
-def _chunk_tile(ptr, stride_b, stride_t, stride_d, pid_b, t0, rows, d_offs, d_in, seqlen):
-    """The (CHUNK, BLOCK_D) tile of steps t0 .. t0 + CHUNK - 1 of one batch row of a (B, T, D) tensor, in its dtype
-    (0 past the end)."""
-    offs = tl.cast(pid_b, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t + rows * stride_t + d_offs * stride_d
-    return tl.load(ptr + offs, mask=((t0 + rows) < seqlen) & d_in, other=0.0)
+def _affine_combine(decay_early, state_early, decay_late, state_late):
+    """Two consecutive steps h ↦ a·h + x as one step: the early one, then the late one."""
+    return decay_early * decay_late, decay_late * state_early + state_late
 
 
 @triton.jit
-def _tile_row(tile, rows, index):
-    """tile[index] of a (CHUNK, BLOCK_D) register tile whose rows lie within each lane. Registers cannot be indexed;
-    this sum's other terms are -0.0 at indices known when compiling, which the compiler drops (x + -0.0 = x)."""
-    return tl.sum(tl.where(rows == index, tile, -0.0), axis=0)
+def _tile_offsets(batch, t0, stride_b, stride_t, stride_col, rows, cols):
+    """Element offsets of the (rows, cols) tile at time t0 of one batch row of a (B, T, cols) tensor.
+
+    The batch and chunk starts are int64 (B·T·D passes 2**31 at long contexts); the in-tile offsets stay int32.
+    """
+    base = tl.cast(batch, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t
+    return base + rows[:, None] * stride_t + cols[None, :] * stride_col
 
 
-# Both kernels: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
-# those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
-# sum over n (y_t, and the backward's) would need shuffles across lanes; unspecialised, each lane holds one channel
-# with all N states in registers. Likewise stride 1 along the channels of the forward's (CHUNK, BLOCK_D) tiles would
-# vectorise them along d, putting several time steps of a channel in different lanes.
-@triton.jit(do_not_specialize=["A_stride_n", "init_stride_n", "final_stride_n", "ckpt_stride_n", "u_stride_d",
-                               "delta_stride_d", "z_stride_d", "y_stride_d"])
+@triton.jit
+def _channel_state_offsets(batch, stride_b, stride_d, stride_n, d_offs, n_offs):
+    """Element offsets of a (BLOCK_D, BLOCK_N) block of a (B, D, N) state: the forward's orientation."""
+    return tl.cast(batch, tl.int64) * stride_b + d_offs[:, None] * stride_d + n_offs[None, :] * stride_n
+
+
+@triton.jit
+def _chunk_states(decay, inp, entering_state):
+    """States of one chunk: a log-depth scan of h_t = a_t h_{t-1} + x_t along time from a zero start, plus the
+    entering state times the decay since the chunk start. decay, inp: (CHUNK, BLOCK_D, BLOCK_N)."""
+    decay_since_start, states = tl.associative_scan((decay, inp), 0, _affine_combine)
+    return states + decay_since_start * entering_state[None, :, :]
+
+
+@triton.jit
+def _row(tile, rows, index):
+    """tile[index] of a (CHUNK, ...) register tile, as a masked sum (registers cannot be indexed)."""
+    return tl.sum(tl.where(rows[:, None, None] == index, tile, 0.0), axis=0)
+
+
+@triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
     delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
@@ -204,95 +218,77 @@ def _selective_scan_fwd_kernel(
     HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
     DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
     SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
-    PREFETCH: tl.constexpr,  # load the next chunk's u, delta, z while this one runs (else at the chunk's start)
-    CHUNK: tl.constexpr,  # time steps per unrolled chunk, and the checkpoint interval
+    CHUNK: tl.constexpr,  # time steps per tile
     BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
-    BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
+    BLOCK_D: tl.constexpr,  # channels per program
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)[:, None]
+    rows = tl.arange(0, CHUNK)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
-    n_in = n_offs < dstate
-    nd_in = n_in[:, None] & d_in[None, :]
+    dn_in = d_in[:, None] & (n_offs < dstate)[None, :]
 
-    # The state is (BLOCK_N, BLOCK_D). Channels past `dim` and state indices past `dstate` load A = 0, u = 0,
-    # B = C = 0: their decay is 1 and their input 0, so they hold a zero state and every store masks them out.
-    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
+    # Channels past `dim` and state indices past `dstate` load A = 0, u = 0, B = C = 0: their decay is 1 and their
+    # input 0, so they hold a zero state and every store masks them out.
+    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
     A_log2 = A.to(tl.float32) * _LOG2E
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_INITIAL_STATE:
-        init_offs = _state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, n_offs, d_offs)
-        state = tl.load(init_ptr + init_offs, mask=nd_in, other=0.0).to(tl.float32)
+        init_offs = _channel_state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, d_offs, n_offs)
+        state = tl.load(init_ptr + init_offs, mask=dn_in, other=0.0).to(tl.float32)
     else:
-        state = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+        state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
 
-    # Per chunk, u, delta and z come as (CHUNK, BLOCK_D) tiles (each lane holds its channel's column) and y leaves as
-    # one: no store inside the unrolled steps, so the compiler may issue the steps' loads of B and C early.
-    if PREFETCH:
-        u_next = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
-        delta_next = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, 0, rows, d_offs,
-                                 d_in, seqlen)
-        if HAS_Z:
-            z_next = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
     for chunk in range(n_chunks):
         t0 = chunk * CHUNK
         if SAVE_CHECKPOINTS:
-            ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
-            tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=nd_in)
-        if PREFETCH:
-            u = u_next.to(tl.float32)
-            dt = delta_next.to(tl.float32)
-            u_next = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0 + CHUNK, rows, d_offs, d_in,
-                                 seqlen)
-            delta_next = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0 + CHUNK,
-                                     rows, d_offs, d_in, seqlen)
-            if HAS_Z:
-                z = z_next.to(tl.float32)
-                z_next = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0 + CHUNK, rows, d_offs, d_in,
-                                     seqlen)
-        else:
-            u = _chunk_tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in,
-                            seqlen).to(tl.float32)
-            dt = _chunk_tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in,
-                             seqlen).to(tl.float32)
-            if HAS_Z:
-                z = _chunk_tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in,
-                                seqlen).to(tl.float32)
-        td_in = ((t0 + rows) < seqlen) & d_in
+            ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
+            tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
+        t_in = (t0 + rows) < seqlen
+        td_in = t_in[:, None] & d_in[None, :]
+        tn_in = t_in[:, None] & (n_offs < dstate)[None, :]
+
+        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
+                    mask=td_in, other=0.0).to(tl.float32)
+        dt = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
+                     mask=td_in, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
-            dt += bias
+            dt += bias[None, :]
         if DELTA_SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-        dtu = dt * u
+        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
+        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
+                    mask=tn_in, other=0.0).to(tl.float32)
 
-        # One step at a time, unrolled; each lane runs the recurrence of its channel in registers.
-        y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-        for step in tl.static_range(CHUNK):
-            tn_in = tl.where(t0 + step < seqlen, n_in, False)  # not n_in & (...): Triton's interpreter refuses that
-            B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0 + step, n_offs, tn_in)
-            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0 + step, n_offs, tn_in)
-            dt_step = _tile_row(dt, rows, step)
-            state = tl.exp2(dt_step[None, :] * A_log2) * state + _tile_row(dtu, rows, step)[None, :] * B[:, None]
-            y_step = tl.sum(state * C[:, None], axis=0)  # (BLOCK_D,): a sum within each lane
-            y = tl.where(rows == step, y_step[None, :], y)
+        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
+        inp = (dt * u)[:, :, None] * B[:, None, :]
+        states = _chunk_states(decay, inp, state)
+        y = tl.sum(states * C[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
         if HAS_D:
-            y += skip * u
+            y += skip[None, :] * u
         if HAS_Z:
+            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
+                        mask=td_in, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
-        y_offs = tl.cast(pid_b, tl.int64) * y_stride_b + tl.cast(t0, tl.int64) * y_stride_t + rows * y_stride_t
-        tl.store(y_ptr + y_offs + d_offs * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=td_in)
+        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
+                 y.to(y_ptr.dtype.element_ty), mask=td_in)
+        state = _row(states, rows, CHUNK - 1)  # padded steps keep the state, so the last row is h_{T-1} at the end
 
-    final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
-    tl.store(final_ptr + final_offs, state, mask=nd_in)
+    final_offs = _channel_state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, d_offs, n_offs)
+    tl.store(final_ptr + final_offs, state, mask=dn_in)
 
 
+# The backward: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
+# those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
+# sum over n would need shuffles across lanes; unspecialised, each lane holds one channel with all N states in
+# registers.
 @triton.jit(do_not_specialize=["A_stride_n", "ckpt_stride_n", "dfinal_stride_n", "dA_part_stride_n", "dinit_stride_n"])
 def _selective_scan_bwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
@@ -468,7 +464,7 @@ def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
     return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
-            "PREFETCH": config.get("PREFETCH", FORWARD_DEFAULT["PREFETCH"]), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+            "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -555,8 +551,7 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=cfg.get("PREFETCH", FORWARD_DEFAULT["PREFETCH"]),
-                                         BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
