@@ -189,7 +189,10 @@ def backward_candidates(N: int, itemsize: int = 4) -> list[dict]:
     block = _block_n(N)
     tile_rows = min(max(2048 // block, 1), 16)
     stages = 2 if _staged_bytes(tile_rows * block, itemsize, 2) <= MAX_STAGED_BYTES else 1
-    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": _warps_for(tile_rows * block), "num_stages": stages}
+    # 8 elements per thread: at 32768 × 4096 bf16 on the H200 16 warps ran the fused backward in 0.313 ms, 8 warps in
+    # 0.350 (the plain one 0.241 either way; PER_SM 2, stages hardly mattered: GPU call 3)
+    warps = min(max(tile_rows * block // (32 * 8), 2), 16)
+    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": stages}
     fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
                and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16
                and _staged_bytes(c["BLOCK_R"] * block, itemsize, c["num_stages"]) <= MAX_STAGED_BYTES]
