@@ -61,6 +61,20 @@ def test_matches_the_runtime_router_and_losses_with_gradients(N, E, top_k, norma
         assert_close(a, e.float(), 1e-5, name)
 
 
+def test_the_custom_op_autograd_matches_the_eager_path():
+    """torch.compile and torch.export run the custom op and its registered autograd; eager mode the same
+    implementations through an autograd.Function: the same routing and logit gradient."""
+    logits, valid, d_weight = randn(19, 6, seed=7), torch.arange(19, device=DEVICE) % 5 != 0, randn(19, 2, seed=8)
+    results = []
+    for op in (mr.router_op, mr._EagerRouter.apply):
+        leaf = logits.detach().clone().requires_grad_()
+        index, weight, _, _, prob_sums, z_sum = op(leaf, valid, 2, True)
+        ((weight * d_weight).sum() + prob_sums.square().sum() + z_sum).backward()
+        results.append((index, weight.detach(), leaf.grad))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want) if got.dtype == torch.int64 else torch.allclose(got, want, rtol=0, atol=1e-7)
+
+
 def test_the_reference_is_the_runtime_router():
     logits, valid = randn(9, 5, seed=2), torch.arange(9, device=DEVICE) < 7
     for got, want in zip(mr.moe_router_reference(logits, 2, True, valid), runtime_router(logits, 2, True, valid),
