@@ -301,16 +301,38 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, valid, index, weight, lse)
     ctx.normalize = normalize
     ctx.mark_non_differentiable(index, lse, counts)
+    ctx.backward = backward_op
 
 
 def _backward(ctx, _d_index, d_weight, _d_lse, _d_counts, d_prob_sums, d_z_sum):
     logits, valid, index, weight, lse = ctx.saved_tensors
-    d_logits = backward_op(d_weight, d_prob_sums, d_z_sum, logits, valid, index, weight, lse, ctx.normalize)
+    d_logits = ctx.backward(d_weight, d_prob_sums, d_z_sum, logits, valid, index, weight, lse, ctx.normalize)
     return d_logits, None, None, None
 
 
 backward_op = register_op("moe_router_backward", _backward_impl, _backward_fake)
 router_op = register_op("moe_router", _forward_impl, _forward_fake, backward=_backward, setup_context=_setup_context)
+
+
+class _EagerRouter(torch.autograd.Function):
+    """archgen_v1::moe_router's implementation and autograd without the custom ops' dispatch, for eager mode, as
+    kernels/rmsnorm.py does (there the custom ops' dispatch cost the host 0.21 ms per forward+backward on the H200;
+    the router's kernels take a few microseconds, so its call is all host time). torch.compile and torch.export
+    take the custom ops."""
+
+    @staticmethod
+    def forward(ctx, logits, valid, top_k, normalize):
+        output = _forward_impl(logits, valid, top_k, normalize)
+        _setup_context(ctx, (logits, valid, top_k, normalize), output)
+        ctx.backward = _backward_impl
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _eager(logits: Tensor) -> bool:
+    """Not traced by torch.compile or torch.export (which must see the custom ops), and on a device with data."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or logits.is_meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -326,7 +348,8 @@ def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True,
     _check(router_logits, top_k, valid)
     N, E = router_logits.shape
     valid = valid.contiguous() if valid is not None else None
-    index, weight, _, counts, prob_sums, z_sum = router_op(router_logits.contiguous(), valid, top_k, normalize)
+    op = _EagerRouter.apply if _eager(router_logits) else router_op
+    index, weight, _, counts, prob_sums, z_sum = op(router_logits.contiguous(), valid, top_k, normalize)
     tokens = N if valid is None else valid.sum().clamp(min=1)
     load_balancing = E * (counts / (tokens * top_k) * prob_sums / tokens).sum()
     return index, weight, load_balancing, z_sum / tokens
