@@ -98,6 +98,25 @@ def test_heads_split_over_programs_or_looped_in_one(programs_to_fill, monkeypatc
     assert_close(k_rot, runtime.apply_rope(k, cos, sin), 1e-5, "k")
 
 
+def test_the_custom_ops_match_the_eager_path():
+    """torch.compile and torch.export run the custom ops (and the functional one's registered autograd); eager mode
+    the same implementations directly: the same rotations and gradients, in place too."""
+    q, k = projected(1, 3, 5, 12, torch.float32, seed=1), projected(1, 1, 5, 12, torch.float32, seed=2)
+    cos, sin = angles(8, torch.arange(5) + 1, "yarn")
+    dq, dk = randn(1, 3, 5, 12, seed=3), randn(1, 1, 5, 12, seed=4)
+    results = []
+    for op in (rope.rope_op, rope._EagerRope.apply):
+        leaves = [q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()]
+        out = op(*leaves, cos, sin, False)
+        torch.autograd.backward(list(out), [dq, dk])
+        results.append([*(t.detach() for t in out), *(t.grad for t in leaves)])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    q_op, k_op = q.clone(), k.clone()
+    rope.rope_in_place_op(q_op, k_op, cos, sin)
+    assert torch.equal(q_op, results[0][0]) and torch.equal(k_op, results[0][1])
+
+
 def test_the_inverse_undoes_the_rotation():
     q, k = randn(1, 2, 5, 8, seed=1), randn(1, 1, 5, 8, seed=2)
     cos, sin = angles(8, torch.arange(5), "none")
