@@ -214,16 +214,37 @@ def _setup_context(ctx, inputs, output):
     _q, _k, cos, sin, inverse = inputs
     ctx.save_for_backward(cos, sin)
     ctx.inverse = inverse
+    ctx.rotate = rope_op
 
 
 def _backward(ctx, dq_out, dk_out):
     cos, sin = ctx.saved_tensors
-    dq, dk = rope_op(dq_out, dk_out, cos, sin, not ctx.inverse)  # the rotation's inverse is its transpose
+    dq, dk = ctx.rotate(dq_out, dk_out, cos, sin, not ctx.inverse)  # the rotation's inverse is its transpose
     return dq, dk, None, None, None
 
 
 rope_op = register_op("apply_rope_qk", _rope_impl, _rope_fake, backward=_backward, setup_context=_setup_context)
 rope_in_place_op = register_op("apply_rope_qk_", _rope_in_place_impl, _rope_in_place_fake, mutates_args=("q", "k"))
+
+
+class _EagerRope(torch.autograd.Function):
+    """archgen_v1::apply_rope_qk's implementation and autograd without the custom ops' dispatch, for eager mode, as
+    kernels/rmsnorm.py does (there the dispatch cost the host 0.21 ms per forward+backward on the H200).
+    torch.compile and torch.export take the custom ops."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, inverse):
+        output = _rope_impl(q, k, cos, sin, inverse)
+        _setup_context(ctx, (q, k, cos, sin, inverse), output)
+        ctx.rotate = _rope_impl
+        return output
+
+    backward = staticmethod(_backward)
+
+
+def _eager(q: Tensor) -> bool:
+    """Not traced by torch.compile or torch.export (which must see the custom ops), and on a device with data."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or q.is_meta)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,10 +270,11 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     no gradient is needed, so inference and decoding allocate nothing; differentiable (new tensors) otherwise and
     while torch.export traces."""
     _check(q, k, cos, sin)
+    eager = _eager(q)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if needs_grad or torch.compiler.is_exporting() or q.stride(-1) != 1 or k.stride(-1) != 1:
-        return rope_op(q, k, cos, sin, False)
-    rope_in_place_op(q, k, cos, sin)
+        return _EagerRope.apply(q, k, cos, sin, False) if eager else rope_op(q, k, cos, sin, False)
+    (_rope_in_place_impl if eager else rope_in_place_op)(q, k, cos, sin)
     return q, k
 
 
