@@ -81,38 +81,35 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Autotune spaces, kept small: every config of every kernel is compiled once per process on the first call of a key.
 # Each holds configs that compile for sm_90 at P = 64, N = 128 without register spills, or with few (checked ahead of
-# time with triton.compile for GPUTarget("cuda", 90, 32) and cuobjdump -res-usage; no GPU needed).
+# time with triton.compile for GPUTarget("cuda", 90, 32) and cuobjdump -res-usage; no GPU needed). The first config of
+# each is the one the H200 chose at Bamba's shape (B8 L4096 H64x64 N128 chunk 256 bf16; bench/ssm_kernels.py
+# ssd_timing): a package that does not tune at run time launches it. A 64-row tile is one warpgroup's wgmma: at
+# 8 warps every kernel with 64-row tiles ran 1.2-1.9x slower there, and 128-row tiles at 8 warps 1.2-1.5x slower.
 # BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
 # splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
 STATE_CONFIGS = [
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 8, "num_stages": 3},
 ]
 CB_CONFIGS = [{"BLOCK_T": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2}]
-# A 64-row tile is one warpgroup's wgmma: at 8 warps the output and dx kernels ran 1.4-1.9x slower on the H200.
 OUTPUT_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2},
 ]
 STATE_BWD_CONFIGS = [
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 2},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
 ]
 ROW_BWD_CONFIGS = OUTPUT_CONFIGS
 GROUP_BWD_CONFIGS = [
-    {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
 ]
 DCB_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
-    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
     {"BLOCK_T": 32, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
