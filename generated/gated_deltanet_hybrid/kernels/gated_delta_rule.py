@@ -26,14 +26,13 @@ Three launches:
   2. `_state_kernel`, per (batch × value head, block of V columns): a loop over the chunks that stores S_c, computes
      and stores u, and advances the state, float32 in registers; the last state is the final state.
   3. `_output_kernel`, per (block of V columns, chunk, batch × value head): the outputs.
-Every product runs on the tensor cores with float32 accumulation: k kᵀ and q kᵀ on the inputs' own dtype (exact
-products), every product with a computed factor (T⁻¹, W, U, u, the states, the decayed P) on float32 operands, at tf32
-for half inputs and in full float32 for float32 ones. The intermediates W, U, u and the chunk states are stored in
-float32: rounded to bfloat16 as operands, they took the output's error against float32 math from 3e-3 to 1e-2 (at
-B2 T45 K32, against a bf16 rounding floor of 1.6e-3), and the final state's from 1e-7 to 1e-2; the launcher's
-`intermediates` can still store them in the half dtype, for the benches to weigh the bytes against the error. Every
-exponent is masked to ≤ 0 before its exp. T need not be a multiple of L: positions past T load β = 0 and g = 0 (the
-identity step) and are never stored.
+Every product runs on the tensor cores with float32 accumulation. The intermediates W, U, u and the chunk states are
+stored in, and multiplied as, the inputs' dtype (T⁻¹ is computed in float32 at tf32, then rounded likewise), as
+flash-linear-attention does: on the H200 at B4 T4096 H16 HV32 K128 V128 in bf16 that gave the output 3.4e-3 and the
+final state 2.7e-3 relative error against float32 math, fla's own figures to two digits, in 1.70 ms against 2.90 ms
+with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.py, GPU call 3. The launcher's
+`intermediates=torch.float32` keeps the more accurate form. Every exponent is masked to ≤ 0 before its exp. T need
+not be a multiple of L: positions past T load β = 0 and g = 0 (the identity step) and are never stored.
 
 Forward only. Training runs the reference (ops/gated_delta.py), whose autograd differentiates the chunked algorithm;
 the generated layer calls this kernel where no gradient is needed (inference, prefill, generate, export: the
@@ -70,8 +69,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Autotune spaces, kept small: every config of a kernel is compiled once per process on the first call of a key.
 # BLOCK_K tiles K in the loops over it (the WY and output kernels), BLOCK_V tiles V (every kernel); the state kernel
 # holds all K rows of its state block. Compiled ahead of time for sm_90 at K = V = 128, L = 64, bf16 (triton.compile
-# for GPUTarget("cuda", 90, 32), then cuobjdump -res-usage; no GPU needed), these spill least: at 4 warps every
-# kernel spilled 280-800 bytes a thread, at 16 (128 registers) 500-670; the state loop at BLOCK_V = 64 spilled 504.
+# for GPUTarget("cuda", 90, 32), then cuobjdump -res-usage; no GPU needed): with bf16 intermediates none of these
+# spills; the byte counts below are with float32 ones, where 4 warps spilled 280-800 bytes a thread and 16 (128
+# registers) 500-670.
 WY_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 64 bytes spilled
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 64
@@ -104,10 +104,22 @@ operands are rounded to their half dtype and multiplied in float32, which is wha
 
 
 @triton.jit
+def _rounded(value, ty: tl.constexpr):
+    """value.to(ty), rounded to nearest even. The interpreter's own float32 -> bfloat16 conversion is not (it
+    disagreed with torch's on half of random values, and tripled the kernels' bf16 error there): under it, the
+    rounding is done on the float32 bits first, so that the conversion is exact."""
+    if _EMULATE_HALF_DOT and ty == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(ty)
+
+
+@triton.jit
 def _operand(value, dot_ty: tl.constexpr):
     """value as a tl.dot operand of type dot_ty (see _EMULATE_HALF_DOT)."""
     if _EMULATE_HALF_DOT:
-        operand = value.to(dot_ty).to(tl.float32)
+        operand = _rounded(value, dot_ty).to(tl.float32)
     else:
         operand = value.to(dot_ty)
     return operand
@@ -172,14 +184,14 @@ def _chunk_wy_kernel(
         k_blk = tl.load(k_base + cols[None, :] * k_stride_k, mask=t_in[:, None] & (cols < dk)[None, :], other=0.0)
         w = tl.dot(_operand(inverse, inter_ty), _operand(k_blk.to(tl.float32) * k_weight, inter_ty),
                    input_precision=DOT_PRECISION)
-        tl.store(w_ptr + row[:, None] * dk + cols[None, :], w.to(inter_ty), mask=(cols < dk)[None, :])
+        tl.store(w_ptr + row[:, None] * dk + cols[None, :], _rounded(w, inter_ty), mask=(cols < dk)[None, :])
     v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
     for v0 in range(0, dv, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=t_in[:, None] & (cols < dv)[None, :], other=0.0)
         u = tl.dot(_operand(inverse, inter_ty), _operand(v_blk.to(tl.float32) * beta[:, None], inter_ty),
                    input_precision=DOT_PRECISION)
-        tl.store(u_ptr + row[:, None] * dv + cols[None, :], u.to(inter_ty), mask=(cols < dv)[None, :])
+        tl.store(u_ptr + row[:, None] * dv + cols[None, :], _rounded(u, inter_ty), mask=(cols < dv)[None, :])
 
 
 @triton.jit
@@ -214,14 +226,14 @@ def _state_kernel(
     state_offs = rows_k[:, None] * dv + cols_v[None, :]
     k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[:, None] * k_stride_k
     for chunk in range(nchunks):
-        tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs, state.to(inter_ty),
-                 mask=kv_in)
+        tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs,
+                 _rounded(state, inter_ty), mask=kv_in)
         row = head_rows + chunk * CHUNK + t
         W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
         U = tl.load(u_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
         pseudo = U.to(tl.float32) - tl.dot(_operand(W, inter_ty), _operand(state, inter_ty),
                                            input_precision=DOT_PRECISION)
-        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], pseudo.to(inter_ty), mask=v_in[None, :])
+        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], _rounded(pseudo, inter_ty), mask=v_in[None, :])
         cum = tl.load(cum_ptr + row)
         cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + t
@@ -280,7 +292,7 @@ def _output_kernel(
     o = from_state * tl.exp(cum)[:, None]
     o = tl.dot(_operand(P, inter_ty), _operand(pseudo, inter_ty), o, input_precision=DOT_PRECISION) * scale
     tl.store(o_ptr + b * o_stride_b + pos[:, None] * o_stride_t + h * o_stride_h + cols_v[None, :] * o_stride_v,
-             o.to(o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
+             _rounded(o, o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
 
 
 @triton.jit
@@ -318,7 +330,8 @@ def _step_kernel(
     pseudo = beta * (v - tl.sum(state * k[:, None], axis=0))  # (BV,)
     state += k[:, None] * pseudo[None, :]
     o = scale * tl.sum(state * q[:, None], axis=0)
-    tl.store(o_ptr + b * o_stride_b + h * o_stride_h + cols_v * o_stride_v, o.to(o_ptr.dtype.element_ty), mask=v_in)
+    tl.store(o_ptr + b * o_stride_b + h * o_stride_h + cols_v * o_stride_v, _rounded(o, o_ptr.dtype.element_ty),
+             mask=v_in)
     tl.store(new_state_ptr + pid_bh.to(tl.int64) * dk * dv + rows_k[:, None] * dv + cols_v[None, :], state, mask=kv_in)
 
 
@@ -367,14 +380,13 @@ def gated_delta_rule_forward(
     chunk_size: int = CHUNK_SIZE,
     *,
     configs: dict | None = None,
-    intermediates: torch.dtype = torch.float32,
+    intermediates: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the three kernels: (o (B, T, HV, V) in v's dtype, final_state (B, HV, K, V) float32).
 
     configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS).
-    intermediates: the dtype W, U, u and the chunk states are stored in and multiplied as: float32 (the op's choice,
-    see the module docstring), or q's half dtype, which moves half the bytes at about three times the error (the
-    benches measure both)."""
+    intermediates: the dtype W, U, u and the chunk states are stored in and multiplied as: q's dtype (None, the op's
+    choice, see the module docstring) or float32 (more accurate, 1.7x slower on the H200 in bf16)."""
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
     configs = configs or {}
     batch, seqlen, nheads, dk = q.shape
@@ -388,6 +400,7 @@ def gated_delta_rule_forward(
     if seqlen == 0 or batch == 0:
         final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return o, final_state
+    intermediates = q.dtype if intermediates is None else intermediates
     if intermediates not in (torch.float32, q.dtype):
         raise ValueError(f"intermediates must be torch.float32 or q's dtype {q.dtype}, got {intermediates}")
     cum = torch.empty((batch, nv_heads, padded), **f32)
