@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import causal_conv1d as conv
 from templates.runtime import ssm
+from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
@@ -37,10 +38,6 @@ def poisoned_empty(monkeypatch):
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
-
-def rel_error(actual, expected):
-    assert actual.shape == expected.shape and not actual.isnan().any()
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize(
@@ -71,8 +68,8 @@ def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bi
     grads_ref = torch.autograd.grad((y_ref * dy).sum() + (new_state_ref * dstate).sum(),
                                     [a for a in ref_leaves if a is not None])
     assert y.dtype == dtype and new_state.dtype == dtype
-    errors = {"y": rel_error(y, y_ref), "new_state": rel_error(new_state, new_state_ref)}
-    errors.update({f"grad{i}": rel_error(a, b) for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True))})
+    errors = {"y": relative_norm_error(y, y_ref), "new_state": relative_norm_error(new_state, new_state_ref)}
+    errors.update({f"grad{i}": relative_norm_error(a, b) for i, (a, b) in enumerate(zip(grads, grads_ref, strict=True))})
     assert all(err <= TOL[dtype] for err in errors.values()), errors
 
 
@@ -85,7 +82,7 @@ def test_gathering_forward_matches_reference(with_state):
     config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4, "GATHER": True}
     y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
     y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
-    assert rel_error(y, y_ref) <= TOL[torch.float32] and torch.equal(new_state, new_state_ref)
+    assert relative_norm_error(y, y_ref) <= TOL[torch.float32] and torch.equal(new_state, new_state_ref)
 
 
 def test_reference_matches_runtime_causal_conv1d():

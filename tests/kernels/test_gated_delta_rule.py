@@ -20,17 +20,13 @@ pytest.importorskip("triton")
 
 from archgen_kernels import gated_delta_rule as gdr
 from templates.runtime import gated_delta as runtime_gated_delta
+from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Relative error ‖kernel − reference‖ / ‖reference‖ per input dtype (issue 10's bars: float32 1e-5, bf16 1e-2).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
-
-def relative_error(actual, expected) -> float:
-    """‖actual − expected‖ / ‖expected‖ in float64 (the issue's relative norm, as tests/kernels/test_ssd.py's)."""
-    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +73,7 @@ def check(args, chunk, dtype):
     o_ref, final_ref = gdr.gated_delta_rule_reference(**wide)
     assert o.dtype == args["v"].dtype and final.dtype == torch.float32
     assert not o.isnan().any() and not final.isnan().any(), "NaN: an element the kernels did not write"
-    errors = {"o": relative_error(o, o_ref), "final_state": relative_error(final, final_ref)}
+    errors = {"o": relative_norm_error(o, o_ref), "final_state": relative_norm_error(final, final_ref)}
     bad = {name: err for name, err in errors.items() if not err <= TOL[dtype]}
     assert not bad, f"relative errors above {TOL[dtype]:.0e}: {bad} (all: {errors})"
 
@@ -129,7 +125,7 @@ def test_reference_matches_runtime_gated_delta_rule():
     args = {name: t.double() for name, t in make_inputs(2, 23, 2, 4, 5, 3, seed=7).items()}
     o, final = gdr.gated_delta_rule_reference(**args)
     o_rt, final_rt = runtime_gated_delta.gated_delta_rule(**args, chunk_size=8)
-    assert relative_error(o, o_rt) < 1e-12 and relative_error(final, final_rt) < 1e-12
+    assert relative_norm_error(o, o_rt) < 1e-12 and relative_norm_error(final, final_rt) < 1e-12
 
 
 def test_empty_sequence_passes_the_state_through():
@@ -178,7 +174,7 @@ def test_decomposition_is_the_runtime_reference():
     (decomposed,) = gdr.decomposition(runtime_gated_delta.gated_delta_rule, max_seqlen=64).values()
     o, final = decomposed(args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
     o_kernel, final_kernel = gdr.gated_delta_rule(**args, scale=0.25, chunk_size=16)
-    assert relative_error(o_kernel, o) < TOL[torch.float32] and relative_error(final_kernel, final) < TOL[torch.float32]
+    assert relative_norm_error(o_kernel, o) < TOL[torch.float32] and relative_norm_error(final_kernel, final) < TOL[torch.float32]
 
 
 def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
@@ -221,11 +217,11 @@ def test_float32_intermediates_are_the_more_accurate_form():
     launcher's option): both within the bar, float32 near the bf16 output's own rounding."""
     args = make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5)
     o_ref, final_ref = gdr.gated_delta_rule_reference(**{name: t.double() for name, t in args.items()})
-    rounding = relative_error(o_ref.to(torch.bfloat16), o_ref)
+    rounding = relative_norm_error(o_ref.to(torch.bfloat16), o_ref)
     errors = {}
     for intermediates in (None, torch.float32):
         o, final = gdr.gated_delta_rule_forward(**args, scale=32**-0.5, chunk_size=16, intermediates=intermediates)
-        errors[intermediates] = {"o": relative_error(o, o_ref), "final_state": relative_error(final, final_ref)}
+        errors[intermediates] = {"o": relative_norm_error(o, o_ref), "final_state": relative_norm_error(final, final_ref)}
     assert max(errors[None].values()) <= 5e-3, errors
     assert errors[torch.float32]["o"] <= 1.2 * rounding and errors[torch.float32]["final_state"] <= 1e-5, errors
 
@@ -248,7 +244,7 @@ def test_decode_step_matches_the_runtime_step(nheads, nv_heads, dk, dv, dtype):
     o_ref, state_ref = runtime_gated_delta.gated_delta_step(**{name: t.double() for name, t in args.items()})
     assert torch.equal(args["state"], before), "the step wrote into its input state"
     assert o.dtype == args["v"].dtype and new_state.dtype == torch.float32
-    errors = {"o": relative_error(o, o_ref), "new_state": relative_error(new_state, state_ref)}
+    errors = {"o": relative_norm_error(o, o_ref), "new_state": relative_norm_error(new_state, state_ref)}
     assert max(errors.values()) <= TOL[dtype], errors
 
 
@@ -259,7 +255,7 @@ def test_decode_step_reference_and_lowering_are_the_runtime_step():
     (lowered,) = gdr.decomposition(runtime_gated_delta.gated_delta_step, max_seqlen=64).values()
     o_low, state_low = lowered(args["state"], args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25)
     for o, state in ((o_ref, state_ref), (o_low, state_low)):
-        assert relative_error(o, o_rt) < 1e-6 and relative_error(state, state_rt) < 1e-6
+        assert relative_norm_error(o, o_rt) < 1e-6 and relative_norm_error(state, state_rt) < 1e-6
 
 
 def test_decode_step_opcheck():

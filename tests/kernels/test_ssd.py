@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import ssd
 from templates.runtime import ssd as runtime_ssd
+from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -65,11 +66,6 @@ def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.
     return args
 
 
-def rel_error(actual, expected):
-    assert actual.shape == expected.shape, f"{tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not actual.isnan().any(), "NaN"
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
-
 
 def run_both(args, chunk, softplus=True, grad_final=True, seed=1):
     """(kernel, reference) results: y, final state and the gradients of a random loss of both, by name."""
@@ -95,8 +91,8 @@ def run_both(args, chunk, softplus=True, grad_final=True, seed=1):
 def check(args, chunk, dtype, **kwargs):
     (y, final, grads), (y_ref, final_ref, grads_ref) = run_both(args, chunk, **kwargs)
     tol = TOL[dtype]
-    errors = {"y": rel_error(y, y_ref), "final_state": rel_error(final, final_ref)}
-    errors.update({f"d{name}": rel_error(grads[name], grads_ref[name]) for name in grads})
+    errors = {"y": relative_norm_error(y, y_ref), "final_state": relative_norm_error(final, final_ref)}
+    errors.update({f"d{name}": relative_norm_error(grads[name], grads_ref[name]) for name in grads})
     assert y.dtype == args["x"].dtype and final.dtype == torch.float32
     bad = {name: err for name, err in errors.items() if not err <= tol}
     assert not bad, f"relative errors above {tol:.0e}: {bad} (all: {errors})"
@@ -144,7 +140,7 @@ def test_reference_matches_runtime_ssd_scan():
                                       args["initial_state"], dt_bias=args["dt_bias"], dt_softplus=True)
     y_rt, final_rt = runtime_ssd.ssd_scan(args["x"], step, args["A"], args["B"], args["C"], 8, D=args["D"],
                                           initial_state=args["initial_state"])
-    assert rel_error(y, y_rt) < 1e-12 and rel_error(final, final_rt) < 1e-12
+    assert relative_norm_error(y, y_rt) < 1e-12 and relative_norm_error(final, final_rt) < 1e-12
 
 
 def test_empty_sequence_passes_the_state_through():

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from archgen_kernels import state_update as su
 from templates.runtime import ssd as runtime_ssd
 from templates.runtime import ssm as runtime_ssm
+from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
@@ -37,10 +38,6 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
 
-
-def rel_error(actual, expected):
-    assert actual.shape == expected.shape and not actual.isnan().any()
-    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize(("dtype", "nheads", "ngroups", "fused_step"),
@@ -63,11 +60,11 @@ def test_ssd_step_matches_reference(dtype, nheads, ngroups, fused_step):
     y_ref, state_ref = su.ssd_step_reference(*as64, **{k: (v.double() if torch.is_tensor(v) else v)
                                                        for k, v in kwargs.items()})
     assert y.dtype == dtype and new_state.dtype == torch.float32
-    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
+    assert relative_norm_error(y, y_ref) <= TOL[dtype] and relative_norm_error(new_state, state_ref) <= TOL[dtype]
     if fused_step:  # the runtime's step, given the Δ it expects
         step = torch.nn.functional.softplus(as64[2] + bias.double())
         y_rt, state_rt = runtime_ssd.ssd_step(as64[0], as64[1], step, *as64[3:])
-        assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+        assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
 
 
 @pytest.mark.parametrize(("dtype", "with_optional"), [(torch.float32, True), (torch.float32, False),
@@ -87,8 +84,8 @@ def test_selective_state_step_matches_reference(dtype, with_optional):
     as64 = [t.double() if t is not None else None for t in (state, u, delta, A, B, C, *optional)]
     y_ref, state_ref = su.selective_state_step_reference(*as64)
     y_rt, state_rt = runtime_ssm.selective_state_step(*as64)
-    assert rel_error(y, y_ref) <= TOL[dtype] and rel_error(new_state, state_ref) <= TOL[dtype]
-    assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+    assert relative_norm_error(y, y_ref) <= TOL[dtype] and relative_norm_error(new_state, state_ref) <= TOL[dtype]
+    assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -108,8 +105,8 @@ def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype):
     y_rt, state_rt = runtime_ssm.mamba_step(*as64)
     y_ref, state_ref = su.mamba_step_reference(*as64)
     assert y.dtype == dtype and new_state.dtype == torch.float32
-    assert rel_error(y, y_rt) <= TOL[dtype] and rel_error(new_state, state_rt) <= TOL[dtype]
-    assert rel_error(y_ref, y_rt) < 1e-12 and rel_error(state_ref, state_rt) < 1e-12
+    assert relative_norm_error(y, y_rt) <= TOL[dtype] and relative_norm_error(new_state, state_rt) <= TOL[dtype]
+    assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
 
 
 def test_ops_have_fake_implementations():
@@ -159,8 +156,8 @@ def test_mamba2_step_matches_the_runtime_step(dtype, nheads, ngroups, headdim, d
     y_rt, conv_rt, state_rt = runtime_ssd.mamba2_step(*as64)
     assert y.dtype == dtype and new_conv.dtype == dtype and new_state.dtype == torch.float32
     assert torch.equal(new_conv, conv_ref) and torch.equal(conv_rt.to(dtype), conv_ref)
-    assert rel_error(y, y_rt) <= TOL[dtype] and rel_error(new_state, state_rt) <= TOL[dtype]
-    assert rel_error(y_ref, y_rt) <= TOL[dtype] and rel_error(state_ref, state_rt) <= TOL[dtype]
+    assert relative_norm_error(y, y_rt) <= TOL[dtype] and relative_norm_error(new_state, state_rt) <= TOL[dtype]
+    assert relative_norm_error(y_ref, y_rt) <= TOL[dtype] and relative_norm_error(state_ref, state_rt) <= TOL[dtype]
 
 
 def test_mamba2_step_says_which_argument_has_the_wrong_shape():
