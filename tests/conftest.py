@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,31 @@ SPECS = sorted((ROOT / "specs").glob("*.yaml"))
 def build_package(spec_path: Path | str, out_root: Path, preset: str | None = "tiny", overrides: tuple[str, ...] = ()):
     """Compile and emit `spec_path` into out_root/<name>/ and import it; returns the imported package."""
     return build_generated(spec_path, out_root, preset, overrides)[0]
+
+
+def build_spied_package(spec_path: Path | str, out_root: Path, monkeypatch, kernel_functions: tuple[str, ...],
+                        overrides: tuple[str, ...] = ()):
+    """Build and import the package of `spec_path` (no preset) with the named kernel functions run in Triton's
+    interpreter (CPU tensors through the kernels, not their CPU fallbacks) and spied on: package.calls counts each
+    one's calls. Skips the test when triton does not import."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+    package = build_package(spec_path, out_root, preset=None, overrides=overrides)
+    if any(getattr(package.kernels, name) is None for name in kernel_functions):
+        pytest.skip("triton did not import")
+    if not torch.cuda.is_available():  # the kernels take CPU tensors only in Triton's interpreter
+        monkeypatch.setattr(package.model, "use_kernel",
+                            lambda kernel, x: package.model.USE_KERNELS and kernel is not None)
+    package.calls = Counter()
+    for name in kernel_functions:
+        kernel = getattr(package.kernels, name)
+
+        def counted(*args, kernel=kernel, name=name, **kwargs):
+            package.calls[name] += 1
+            return kernel(*args, **kwargs)
+
+        monkeypatch.setattr(package.kernels, name, counted)
+    return package
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ interpreter on CPU tensors; a spy counts their calls, so a model that fell back 
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import build_package
+from tests.conftest import build_spied_package
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,22 +23,8 @@ SPIED = ("mamba2_step", "apply_rope_qk", "rms_norm", "silu_mul")
 
 @pytest.fixture
 def package(tmp_path, monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-    package = build_package(ROOT / "bench/specs/bamba_1b.yaml", tmp_path, preset=None, overrides=BAMBA_TOY)
-    if not torch.cuda.is_available():
-        monkeypatch.setattr(package.model, "use_kernel",
-                            lambda kernel, x: package.model.USE_KERNELS and kernel is not None)
-    package.calls = Counter()
-    for name in SPIED:
-        kernel = getattr(package.kernels, name)
-
-        def counted(*args, kernel=kernel, name=name, **kwargs):
-            package.calls[name] += 1
-            return kernel(*args, **kwargs)
-
-        monkeypatch.setattr(package.kernels, name, counted)
-    return package
+    """The built package, its kernels spied on: package.calls counts each kernel function's calls."""
+    return build_spied_package(ROOT / "bench/specs/bamba_1b.yaml", tmp_path, monkeypatch, SPIED, overrides=BAMBA_TOY)
 
 
 def test_kernels_and_references_give_the_same_logits_and_gradients(package):

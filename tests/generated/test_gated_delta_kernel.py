@@ -11,12 +11,11 @@ model that silently fell back to its references fails here.
 from __future__ import annotations
 
 import textwrap
-from collections import Counter
 
 import pytest
 import torch
 
-from tests.conftest import build_package
+from tests.conftest import build_spied_package
 from tests.numerics import assert_close
 
 # 2 key heads read by 4 value heads of 16, chunks of 16 over 19 positions: a partial last chunk.
@@ -36,28 +35,9 @@ KERNEL_FUNCTIONS = ("causal_conv1d", "gated_delta_rule", "gated_delta_step")
 @pytest.fixture
 def package(tmp_path, monkeypatch):
     """The built package, its kernels spied on: package.calls counts each kernel function's calls."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")  # the kernels in Triton's interpreter, not their CPU fallbacks
     spec = tmp_path / "spec.yaml"
     spec.write_text(SMALL_GATED_DELTANET)
-    package = build_package(spec, tmp_path / "out", preset=None)
-    if any(getattr(package.kernels, name) is None for name in KERNEL_FUNCTIONS):
-        pytest.skip("triton did not import")
-    if not torch.cuda.is_available():  # the kernels take CPU tensors only in Triton's interpreter
-        monkeypatch.setattr(package.model, "use_kernel",
-                            lambda kernel, x: package.model.USE_KERNELS and kernel is not None)
-    package.calls = Counter()
-    for name in KERNEL_FUNCTIONS:
-        monkeypatch.setattr(package.kernels, name, _spy(getattr(package.kernels, name), name, package.calls))
-    return package
-
-
-def _spy(function, name, calls):
-    def counted(*args, **kwargs):
-        calls[name] += 1
-        return function(*args, **kwargs)
-
-    return counted
+    return build_spied_package(spec, tmp_path / "out", monkeypatch, KERNEL_FUNCTIONS)
 
 
 def test_inference_with_the_kernel_gives_the_reference_logits(package):
