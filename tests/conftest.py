@@ -19,6 +19,7 @@ os.environ.setdefault("ARCHGEN_VERIFY_IR", "1")
 
 from archgen.resources import kernels_package
 from archgen.testing import build_generated
+from tests.numerics import assert_close
 
 kernels_package()  # `import archgen_kernels` finds this checkout's kernels/ (it imports no triton)
 
@@ -54,6 +55,27 @@ def build_spied_package(spec_path: Path | str, out_root: Path, monkeypatch, kern
 
         monkeypatch.setattr(package.kernels, name, counted)
     return package
+
+
+def assert_kernels_match_references(package, model, tokens: torch.Tensor, *, reseed: int | None = None) -> None:
+    """One next-token loss and backward with the package's kernels, then one with its references (USE_KERNELS), from
+    the same weights: logits within 1e-5 and every parameter's gradient within 1e-4 (float32). `reseed` draws the same
+    random numbers in both passes for a model that samples. Leaves the kernels on."""
+    results = {}
+    for use in (True, False):
+        package.model.USE_KERNELS = use
+        model.zero_grad(set_to_none=True)
+        if reseed is not None:
+            torch.manual_seed(reseed)
+        out = model(tokens[:, :-1], targets=tokens[:, 1:])
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[use] = (out.logits.detach(), grads)
+    package.model.USE_KERNELS = True
+    assert_close(results[True][0], results[False][0], 1e-5, "logits")
+    assert results[True][1].keys() == results[False][1].keys(), "the same parameters get gradients"
+    for name, grad in results[True][1].items():
+        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 @pytest.fixture

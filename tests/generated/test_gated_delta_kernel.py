@@ -15,7 +15,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import build_spied_package
+from tests.conftest import assert_kernels_match_references, build_spied_package
 from tests.numerics import assert_close
 
 # 2 key heads read by 4 value heads of 16, chunks of 16 over 19 positions: a partial last chunk.
@@ -59,18 +59,8 @@ def test_training_takes_the_conv_kernel_and_the_reference_rule_with_the_referenc
     torch.manual_seed(1)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 20))
-    results = {}
-    for use in (True, False):
-        package.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    package.model.USE_KERNELS = True
+    assert_kernels_match_references(package, model, tokens)
     assert package.calls["causal_conv1d"] == 1 and package.calls["gated_delta_rule"] == 0, package.calls
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package):

@@ -16,7 +16,7 @@ import torch
 
 from archgen.emit import emit
 from archgen.pipeline import compile_spec
-from tests.conftest import ROOT, build_package
+from tests.conftest import ROOT, assert_kernels_match_references, build_package
 from tests.numerics import assert_close
 
 SMALL_MAMBA = textwrap.dedent("""\
@@ -125,16 +125,7 @@ def test_kernel_and_reference_give_the_same_model(small_mamba):
     torch.manual_seed(0)
     model = small_mamba.Model()
     tokens = torch.randint(0, 64, (2, 23))
-    results = {}
-    for use in (True, False):
-        small_mamba.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+    assert_kernels_match_references(small_mamba, model, tokens)
 
 
 def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba, monkeypatch):
@@ -163,19 +154,7 @@ def test_hspmn_kernel_and_reference_give_the_same_model(small_hspmn):
     torch.manual_seed(0)
     model = small_hspmn.Model()
     tokens = torch.randint(0, 64, (2, 15))
-    results = {}
-    for use in (True, False):
-        small_hspmn.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                              if p.grad is not None})
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    assert results[True][1].keys() == results[False][1].keys()
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+    assert_kernels_match_references(small_hspmn, model, tokens, reseed=1)
 
 
 def test_hspmn_kernel_decoding_equals_the_full_forward(small_hspmn):
@@ -223,17 +202,8 @@ def test_rope_kernel_and_reference_give_the_same_model(small_rope):
     torch.manual_seed(0)
     model = small_rope.Model()
     tokens = torch.randint(0, 64, (2, 13))
-    results = {}
-    for use in (True, False):
-        small_rope.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_kernels_match_references(small_rope, model, tokens)
     assert small_rope.rope_calls, "the attention layers did not call kernels.apply_rope_qk"
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
@@ -276,17 +246,8 @@ def test_windowed_attention_kernel_and_reference_give_the_same_model(small_windo
     kernel = small_windowed.kernels.sliding_window_attention
     monkeypatch.setattr(small_windowed.kernels, "sliding_window_attention", lambda *a, **kw: calls.append(1) or
                         kernel(*a, **kw))
-    results = {}
-    for use in (True, False):
-        small_windowed.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_kernels_match_references(small_windowed, model, tokens)
     assert len(calls) == 2, "both layers ran the kernel"
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(small_windowed):
@@ -335,18 +296,9 @@ def test_a_swiglu_moe_runs_the_swiglu_and_router_kernels_and_computes_the_same(t
     torch.manual_seed(0)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 9))
-    results = {}
-    for use in (True, False):
-        package.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert_kernels_match_references(package, model, tokens)
     assert calls, "the MoE layer did not call kernels.swiglu"
     assert router_calls, "the MoE layer did not call kernels.moe_router"
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
     gelu_spec = tmp_path / "gelu_moe.yaml"
     gelu_spec.write_text(SMALL_MOE.replace("swiglu", "gelu"))
     gelu = emit(compile_spec(gelu_spec), "gelu_moe.yaml").files

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import build_spied_package
+from tests.conftest import assert_kernels_match_references, build_spied_package
 from tests.numerics import assert_close
 
 # 4 heads of 8 in 2 B/C groups (2 heads per group), chunks of 16 over 19 positions: a partial last chunk.
@@ -43,18 +43,8 @@ def test_kernels_and_references_give_the_same_logits_and_gradients(package):
     torch.manual_seed(0)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 20))
-    results = {}
-    for use in (True, False):
-        package.model.USE_KERNELS = use
-        model.zero_grad(set_to_none=True)
-        out = model(tokens[:, :-1], targets=tokens[:, 1:])
-        out.loss.backward()
-        results[use] = (out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    package.model.USE_KERNELS = True
+    assert_kernels_match_references(package, model, tokens)
     assert package.calls["causal_conv1d"] == package.calls["ssd_scan"] == 1, package.calls
-    assert_close(results[True][0], results[False][0], 1e-5, "logits")
-    for name, grad in results[True][1].items():
-        assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
 def test_cached_decoding_with_kernels_equals_the_full_forward(package):
