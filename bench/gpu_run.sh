@@ -2,7 +2,7 @@
 # How the lent GPU machine runs a batch of bench scripts in one device call (see bench/results/README.md):
 #   run(command="bash bench/gpu_run.sh \"name:seconds:python bench/x.py --out \\$OUT\" ...", carry=[".whl"])
 # where .whl/ (gitignored) holds the wheels the GPU machine lacks (pydantic, ruff, liger_kernel, fla, the mamba_ssm sdist).
-# usage (repo root, on the GPU machine): bash .gpu/run.sh "name:seconds:command" ...
+# usage (repo root, on the GPU machine): bash bench/gpu_run.sh "name:seconds:command" ...
 # The device returns only a handful of files: after each job its folder is appended to $OUT/results.tar and removed,
 # so a call cut short still returns every finished job.
 set -u
