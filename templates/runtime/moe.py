@@ -102,6 +102,11 @@ def moe_router(
     )
 
 
+def total_experts(w_in: Tensor, expert_group=None) -> int:
+    """E, the experts of the layer: w_in's, or with expert parallelism this process's E / P times the P processes."""
+    return w_in.shape[0] * (1 if expert_group is None else dist.get_world_size(expert_group))
+
+
 def expert_capacity(n_tokens: int, n_experts: int, top_k: int, capacity_factor: float | None = None) -> int:
     """Slots per expert, C.
 
@@ -181,7 +186,7 @@ def moe_forward(
     if x.dim() != 2:
         raise ValueError(f"expected x of shape (N, d), got {tuple(x.shape)}; flatten batch and time first")
     N, d = x.shape
-    E = w_in.shape[0] * (1 if expert_group is None else dist.get_world_size(expert_group))
+    E = total_experts(w_in, expert_group)
     _check_expert_weights(w_in, w_out, d, activation)
     if router_logits.shape != (N, E):
         raise ValueError(f"expected router_logits of shape (N, E) = ({N}, {E}), got {tuple(router_logits.shape)}")
@@ -225,7 +230,7 @@ def moe_grouped(
     expert_group the rows travel to the processes that hold their experts and back (experts_on_processes).
     """
     N, d = x.shape
-    E = w_in.shape[0] * (1 if expert_group is None else dist.get_world_size(expert_group))
+    E = total_experts(w_in, expert_group)
     top_k = routing.expert_index.shape[1]
     n_assign = N * top_k
     flat_expert = routing.expert_index.reshape(n_assign)  # (N*k,)
