@@ -36,7 +36,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    calls_implementation_directly,
+    dtype_name,
+    on_device,
+    op_overload,
+    register_op,
+    triton_on_cpu,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_EXPERTS = 1024
@@ -330,10 +338,6 @@ class _EagerRouter(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _eager(logits: Tensor) -> bool:
-    """Not traced by torch.compile or torch.export (which must see the custom ops), and on a device with data."""
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or logits.is_meta)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point and reference
@@ -348,7 +352,7 @@ def moe_router(router_logits: Tensor, top_k: int, normalize: bool = True,
     _check(router_logits, top_k, valid)
     N, E = router_logits.shape
     valid = valid.contiguous() if valid is not None else None
-    op = _EagerRouter.apply if _eager(router_logits) else router_op
+    op = _EagerRouter.apply if calls_implementation_directly(router_logits) else router_op
     index, weight, _, counts, prob_sums, z_sum = op(router_logits.contiguous(), valid, top_k, normalize)
     tokens = N if valid is None else valid.sum().clamp(min=1)
     load_balancing = E * (counts / (tokens * top_k) * prob_sums / tokens).sum()

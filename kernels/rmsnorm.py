@@ -47,7 +47,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    calls_implementation_directly,
+    dtype_name,
+    on_device,
+    op_overload,
+    register_op,
+    triton_on_cpu,
+)
 
 MAX_BLOCK_N = 65536
 """Widest row a program holds in registers (elements); wider rows raise (call the reference)."""
@@ -435,12 +443,6 @@ class _EagerAddRMSNorm(torch.autograd.Function):
     backward = staticmethod(_add_rms_norm_grad)
 
 
-def _eager(x: Tensor) -> bool:
-    """Not being traced by torch.compile or torch.export (which must see the custom ops), and x has data to launch on
-    (on the meta device the op's fake implementation runs: archgen.benchmark.decode_step_ops counts the ops of a model
-    there)."""
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.is_meta)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry points and references
@@ -464,14 +466,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     if residual is not None:
         return add_rms_norm(x, residual, weight, eps)
     _check(x, weight)
-    y, _ = _EagerRMSNorm.apply(x, weight, eps) if _eager(x) else rms_norm_op(x, weight, eps)
+    y, _ = _EagerRMSNorm.apply(x, weight, eps) if calls_implementation_directly(x) else rms_norm_op(x, weight, eps)
     return y
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(rms_norm(s), s) with s = x + residual, differentiable in x, residual and weight; all like x."""
     _check(x, weight, residual)
-    op = _EagerAddRMSNorm.apply if _eager(x) else add_rms_norm_op
+    op = _EagerAddRMSNorm.apply if calls_implementation_directly(x) else add_rms_norm_op
     y, s, _ = op(x, residual, weight, eps)
     return y, s
 

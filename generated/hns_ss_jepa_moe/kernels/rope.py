@@ -31,7 +31,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    calls_implementation_directly,
+    dtype_name,
+    on_device,
+    op_overload,
+    register_op,
+    triton_on_cpu,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Memory-bound and light: a program moves BLOCK_T × D elements per head, over all heads; 8 to 32 elements per thread
@@ -242,10 +250,6 @@ class _EagerRope(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _eager(q: Tensor) -> bool:
-    """Not traced by torch.compile or torch.export (which must see the custom ops), and on a device with data."""
-    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or q.is_meta)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point and reference
@@ -270,7 +274,7 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     no gradient is needed, so inference and decoding allocate nothing; differentiable (new tensors) otherwise and
     while torch.export traces."""
     _check(q, k, cos, sin)
-    eager = _eager(q)
+    eager = calls_implementation_directly(q)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
     if needs_grad or torch.compiler.is_exporting() or q.stride(-1) != 1 or k.stride(-1) != 1:
         return _EagerRope.apply(q, k, cos, sin, False) if eager else rope_op(q, k, cos, sin, False)
