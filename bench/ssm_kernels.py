@@ -18,12 +18,11 @@ each, so a run cut short keeps what it measured; sections stop starting once --b
                 Triton SSD modules imported), forward and forward+backward; its first calls autotune (~85 s).
   conv          causal conv1d + SiLU at (8, 4096, 4096), width 4, bf16: numerics (bf16 and float32, every gradient)
                 against the reference, forward GB/s against the copy floor, forward+backward, the one-step update.
-  decode        one decoding step at batch 1: the Mamba-2 SSM step (64 heads × 64, d_state 128) against mamba_ssm's
-                `selective_state_update`; one whole Bamba-1B Mamba-2 layer step (in_proj, conv update, SSM step,
-                gate, RMSNorm, out_proj) with the kernels (two launches, or the fused mamba2_step) against
-                the same layer with the PyTorch conv update and mamba_ssm's `selective_state_update`, eager and
-                replayed from a CUDA graph; the Mamba-1 step (4096 channels, d_state 16) against
-                `selective_state_update` too.
+  decode        one decoding step at batch 1, as a generated model runs it: one whole Bamba-1B Mamba-2 layer step
+                (in_proj, conv update, SSM step, gate, RMSNorm, out_proj; 64 heads × 64, d_state 128) with the
+                fused mamba2_step against the same layer with the PyTorch conv update and mamba_ssm's
+                `selective_state_update`, eager and replayed from a CUDA graph; the Mamba-1 step (mamba_step, 4096
+                channels, d_state 16) against `selective_state_update` too.
 
 The two numbers (METHOD.md), at the SSD shape in bf16: the forward must read x (268 MB), write y (268 MB) and store and
 reread the chunk states (2 × 134 MB), about 0.8 GB, 0.2 ms at 4.1 TB/s, and do about 0.1 TFLOP on the tensor cores
@@ -479,29 +478,9 @@ class Bench:
         g = torch.Generator(device=self.device).manual_seed(30)
         bf16 = torch.bfloat16
 
-        # The SSM step alone: ours against selective_state_update on the same inputs.
-        state = self.randn(g, 1, nheads, headdim, dstate, scale=0.5)
-        x = self.randn(g, 1, nheads, headdim, dtype=bf16)
-        dt = self.randn(g, 1, nheads, scale=0.5, mean=-1.0)
-        A = -torch.exp(torch.rand(nheads, generator=g, device=self.device))
-        B, C = self.randn(g, 1, ngroups, dstate, dtype=bf16), self.randn(g, 1, ngroups, dstate, dtype=bf16)
+        A_log = torch.rand(nheads, generator=g, device=self.device)
+        A = -torch.exp(A_log)  # mamba_ssm's argument
         D, dt_bias = self.randn(g, nheads), self.randn(g, nheads, scale=0.3)
-        y, new_state = self.step.ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
-        y_ref, state_ref = self.step.ssd_step_reference(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=True)
-        ssm = {"rel_error_y": f"{self.rel(y, y_ref):.2e}", "rel_error_state": f"{self.rel(new_state, state_ref):.2e}"}
-        ssm["ours_us"] = 1e3 * self.time_ms(lambda: self.step.ssd_step(state, x, dt, A, B, C, D, dt_bias=dt_bias,
-                                                                       dt_softplus=True))
-        if peer_update is not None:
-            # mamba_ssm's Mamba-2 layout: per-dim views with stride 0 (its TIE_HDIM path), the state updated in place.
-            A_p = A[:, None, None].expand(nheads, headdim, dstate)
-            dt_p = dt[:, :, None].expand(1, nheads, headdim)
-            D_p, bias_p = D[:, None].expand(nheads, headdim), dt_bias[:, None].expand(nheads, headdim)
-            peer_state = state.clone()
-            y_peer = peer_update(peer_state, x, dt_p, A_p, B, C, D_p, dt_bias=bias_p, dt_softplus=True)
-            ssm["peer_rel_error_y"] = f"{self.rel(y_peer, y_ref):.2e}"
-            ssm["peer_us"] = 1e3 * self.time_ms(lambda: peer_update(peer_state, x, dt_p, A_p, B, C, D_p,
-                                                                    dt_bias=bias_p, dt_softplus=True))
-        out["mamba2_ssm_step_batch1"] = ssm
 
         # One whole Mamba-2 layer step (Bamba-1B sizes), batch 1.
         def layer_step():
@@ -520,24 +499,7 @@ class Bench:
                 z, xbc, dt_raw = in_proj(h).split([d_inner, conv_dim, nheads], dim=-1)
                 return z, xbc, dt_raw
 
-            def finish(y, z):
-                y = y.reshape(1, d_inner) * F.silu(z)
-                return out_proj(F.rms_norm(y, (d_inner,), norm_w, 1e-5))
-
-            def ours():
-                z, xbc, dt_raw = split(hidden)
-                xbc, new_conv = self.conv_kernels.causal_conv1d_update(xbc, conv_state, conv_w, conv_b, "silu")
-                xs, Bs, Cs = xbc.split([d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
-                y, new_ssm = self.step.ssd_step(ssm_state, xs.view(1, nheads, headdim), dt_raw, A,
-                                                Bs.view(1, ngroups, dstate), Cs.view(1, ngroups, dstate), D,
-                                                dt_bias=dt_bias, dt_softplus=True)
-                conv_state.copy_(new_conv)
-                ssm_state.copy_(new_ssm)
-                return finish(y, z)
-
-            A_log = torch.log(-A)
-
-            def ours_fused():  # the conv update, SiLU, Δ, SSM step, D skip and z gate in one launch (mamba2_step)
+            def ours():  # the conv update, SiLU, Δ, SSM step, D skip and z gate in one launch (mamba2_step)
                 z, xbc, dt_raw = split(hidden)
                 y, new_conv, new_ssm = self.step.mamba2_step(z, xbc, dt_raw, conv_state, conv_w, conv_b,
                                                              ssm_state, A_log, D, dt_bias, 0.0, math.inf, ngroups)
@@ -555,15 +517,20 @@ class Bench:
                                 A[:, None, None].expand(nheads, headdim, dstate), Bs.view(1, ngroups, dstate),
                                 Cs.view(1, ngroups, dstate), D[:, None].expand(nheads, headdim),
                                 dt_bias=dt_bias[:, None].expand(nheads, headdim), dt_softplus=True)
-                return finish(y, z)
+                y = y.reshape(1, d_inner) * F.silu(z)
+                return out_proj(F.rms_norm(y, (d_inner,), norm_w, 1e-5))
 
             result = {}
             with torch.no_grad():
+                step_args = (*split(hidden), conv_state, conv_w, conv_b, ssm_state, A_log, D, dt_bias, 0.0, math.inf,
+                             ngroups)
+                y, _, new_ssm = self.step.mamba2_step(*step_args)
+                y_ref, _, ssm_ref = self.step.mamba2_step_reference(*step_args)
+                result["rel_error_y"] = f"{self.rel(y, y_ref):.2e}"
+                result["rel_error_state"] = f"{self.rel(new_ssm, ssm_ref):.2e}"
                 result["ours_eager_us"] = 1e3 * self.time_ms(ours)
                 result["ours_graph_us"] = 1e3 * self.graph_ms(ours)
-                result["ours_fused_eager_us"] = 1e3 * self.time_ms(ours_fused)
-                result["ours_fused_graph_us"] = 1e3 * self.graph_ms(ours_fused)
-                best = min(result["ours_graph_us"], result["ours_fused_graph_us"])
+                best = result["ours_graph_us"]
                 if peer_update is not None:
                     result["peer_eager_us"] = 1e3 * self.time_ms(peer)
                     result["peer_graph_us"] = 1e3 * self.graph_ms(peer)
@@ -580,16 +547,16 @@ class Bench:
             dim, n1 = m["dim"], m["dstate"]
             state1 = self.randn(g, 1, dim, n1, scale=0.5)
             u, delta, z = (self.randn(g, 1, dim, dtype=bf16) for _ in range(3))
-            A1 = -torch.exp(torch.rand(dim, n1, generator=g, device=self.device) * 2)
+            A1_log = torch.rand(dim, n1, generator=g, device=self.device) * 2
             B1, C1 = self.randn(g, 1, n1, dtype=bf16), self.randn(g, 1, n1, dtype=bf16)
             D1, bias1 = self.randn(g, dim), self.randn(g, dim, scale=0.3)
-            y1, s1 = self.step.selective_state_step(state1, u, delta, A1, B1, C1, D1, z, bias1, True)
-            y1_ref, s1_ref = self.step.selective_state_step_reference(state1, u, delta, A1, B1, C1, D1, z, bias1, True)
+            step_args = (state1, u, delta, A1_log, B1, C1, D1, z, bias1)
+            y1, s1 = self.step.mamba_step(*step_args)
+            y1_ref, s1_ref = self.step.mamba_step_reference(*step_args)
             result = {"rel_error_y": f"{self.rel(y1, y1_ref):.2e}", "rel_error_state": f"{self.rel(s1, s1_ref):.2e}",
-                      "ours_us": 1e3 * self.time_ms(lambda: self.step.selective_state_step(
-                          state1, u, delta, A1, B1, C1, D1, z, bias1, True))}
+                      "ours_us": 1e3 * self.time_ms(lambda: self.step.mamba_step(*step_args))}
             if peer_update is not None:
-                peer_state = state1.clone()
+                peer_state, A1 = state1.clone(), -torch.exp(A1_log)
                 result["peer_us"] = 1e3 * self.time_ms(lambda: peer_update(peer_state, u, delta, A1, B1, C1, D1, z,
                                                                            dt_bias=bias1, dt_softplus=True))
             return result
