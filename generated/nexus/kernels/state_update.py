@@ -1,5 +1,5 @@
-"""One-token state updates for decoding, as Triton kernels: Mamba-2's `ssd_step` and whole `mamba2_step`, and
-Mamba-1's `selective_state_step` and `mamba_step` (the same with A = -exp(A_log) computed in the kernel).
+"""One-token state updates for decoding, as Triton kernels: a Mamba-2 block's `mamba2_step` and a Mamba-1 block's
+`mamba_step`, each the op a generated model's decoding step calls.
 
 Each is the recurrence of its scan at a single position, with the same arguments and results as the reference step in
 templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
@@ -7,14 +7,14 @@ templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
     Mamba-2 (per head, scalar decay):  h = exp(Δ A_h) · state + Δ · x ⊗ B_g,   y = h C_g + D_h x        h (P, N)
     Mamba-1 (per channel):            h = exp(Δ A_d) ⊙ state + Δ u · B,       y = (h C + D u) · silu(z)  h (N,)
 
-with Δ = softplus(dt + dt_bias) where asked. `mamba2_step` is everything a Mamba-2 block does to one token between
-its in- and out-projections but the norm: the conv update of the x, B and C channels, SiLU, Δ (clamped to the block's
-bounds), A = -exp(A_log), the state update, the D skip and the z gate, in one launch where the unfused step took a
-dozen (the norm needs every head's output, so it stays a launch of its own: kernels/rmsnorm.py). Decoding reads the
-whole state and writes it back once per token: the step's floor is the state's bytes at the copy rate (2 × 2 MiB for
-one Bamba-1B layer at batch 1). The new states are new tensors, as in the references (the states passed in are left
-untouched): the caller copies them into its cache, and the op stays functional (exportable, capturable in a CUDA
-graph).
+with Δ = softplus(dt + dt_bias) and A = -exp(A_log) computed in the kernel, from the parameters as a block holds
+them. `mamba2_step` is everything a Mamba-2 block does to one token between its in- and out-projections but the
+norm: the conv update of the x, B and C channels, SiLU, Δ (clamped to the block's bounds), A = -exp(A_log), the
+state update, the D skip and the z gate, in one launch where the unfused step took a dozen (the norm needs every
+head's output, so it stays a launch of its own: kernels/rmsnorm.py). Decoding reads the whole state and writes it
+back once per token: the step's floor is the state's bytes at the copy rate (2 × 2 MiB for one Bamba-1B layer at
+batch 1). The new states are new tensors, as in the references (the states passed in are left untouched): the caller
+copies them into its cache, and the op stays functional (exportable, capturable in a CUDA graph).
 
 The ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
 in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
@@ -46,61 +46,18 @@ def _softplus(x):
 
 
 @triton.jit
-def _ssd_step_kernel(
-    state_ptr, state_stride_b, state_stride_h, state_stride_p, state_stride_n,
-    x_ptr, x_stride_b, x_stride_h, x_stride_p,
-    dt_ptr, dt_stride_b, dt_stride_h,
-    A_ptr, B_ptr, B_stride_b, B_stride_g, B_stride_n,
-    C_ptr, C_stride_b, C_stride_g, C_stride_n,
-    D_ptr, bias_ptr,
-    y_ptr, y_stride_b, y_stride_h, y_stride_p,
-    new_state_ptr,  # (B, H, P, N) contiguous, float32
-    nheads, heads_per_group, headdim, dstate,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    g = h // heads_per_group
-    p = tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
-    p_in = p < headdim
-    n_in = n < dstate
-    pn_in = p_in[:, None] & n_in[None, :]
-    b64 = b.to(tl.int64)
-    dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
-    if HAS_BIAS:
-        dt += tl.load(bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
-    x = tl.load(x_ptr + b64 * x_stride_b + h * x_stride_h + p * x_stride_p, mask=p_in, other=0.0).to(tl.float32)
-    B = tl.load(B_ptr + b64 * B_stride_b + g * B_stride_g + n * B_stride_n, mask=n_in, other=0.0).to(tl.float32)
-    C = tl.load(C_ptr + b64 * C_stride_b + g * C_stride_g + n * C_stride_n, mask=n_in, other=0.0).to(tl.float32)
-    state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
-                    + n[None, :] * state_stride_n, mask=pn_in, other=0.0).to(tl.float32)
-    state = decay * state + (dt * x)[:, None] * B[None, :]
-    y = tl.sum(state * C[None, :], axis=1)
-    if HAS_D:
-        y += tl.load(D_ptr + h).to(tl.float32) * x
-    tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
-    tl.store(y_ptr + b64 * y_stride_b + h * y_stride_h + p * y_stride_p, y.to(y_ptr.dtype.element_ty), mask=p_in)
-
-
-@triton.jit
 def _selective_step_kernel(
     state_ptr, state_stride_b, state_stride_d, state_stride_n,
     u_ptr, u_stride_b, u_stride_d,
     delta_ptr, delta_stride_b, delta_stride_d,
-    A_ptr, A_stride_d, A_stride_n,
+    A_log_ptr, A_log_stride_d, A_log_stride_n,  # A = -exp(A_log), as a Mamba block keeps it
     B_ptr, B_stride_b, B_stride_n,
     C_ptr, C_stride_b, C_stride_n,
     D_ptr, z_ptr, z_stride_b, z_stride_d, bias_ptr,
     y_ptr, y_stride_b, y_stride_d,
     new_state_ptr,  # (B, D, N) contiguous, float32
     dim, dstate,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    A_IS_LOG: tl.constexpr,  # A_ptr holds A_log: A = -exp(A_log), as a Mamba block keeps it
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -113,12 +70,10 @@ def _selective_step_kernel(
     dt = tl.load(delta_ptr + b64 * delta_stride_b + d * delta_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    if SOFTPLUS:
-        dt = _softplus(dt)
+    dt = _softplus(dt)
     u = tl.load(u_ptr + b64 * u_stride_b + d * u_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    A = tl.load(A_ptr + d[:, None] * A_stride_d + n[None, :] * A_stride_n, mask=dn_in, other=0.0).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
+    A = -tl.exp(tl.load(A_log_ptr + d[:, None] * A_log_stride_d + n[None, :] * A_log_stride_n, mask=dn_in,
+                        other=0.0).to(tl.float32))
     B = tl.load(B_ptr + b64 * B_stride_b + n * B_stride_n, mask=n_in, other=0.0).to(tl.float32)
     C = tl.load(C_ptr + b64 * C_stride_b + n * C_stride_n, mask=n_in, other=0.0).to(tl.float32)
     state = tl.load(state_ptr + b64 * state_stride_b + d[:, None] * state_stride_d + n[None, :] * state_stride_n,
@@ -228,51 +183,10 @@ def _mamba2_step_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _ssd_step_impl(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                   dt_bias: Tensor | None, dt_softplus: bool) -> tuple[Tensor, Tensor]:
-    """archgen_v1::ssd_step -> (y (B, H, P) in x.dtype, new_state (B, H, P, N) float32)."""
-    if not (x.is_cuda or triton_on_cpu()):
-        return ssd_step_reference(state, x, dt, A, B, C, D, dt_bias=dt_bias, dt_softplus=dt_softplus)
-    batch, nheads, headdim = x.shape
-    ngroups, dstate = B.shape[1:]
-    if nheads % ngroups or state.shape != (batch, nheads, headdim, dstate):
-        raise ValueError(f"ssd_step: state must be (B, H, P, N) = {(batch, nheads, headdim, dstate)} and H a multiple "
-                         f"of G = {ngroups}, got state {tuple(state.shape)}")
-    y = torch.empty((batch, nheads, headdim), dtype=x.dtype, device=x.device)
-    new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=x.device)
-    if y.numel() == 0 or dstate == 0:
-        return y.zero_(), new_state.zero_()
-    block_p = SSD_STEP_CONFIG["BLOCK_P"]
-    with on_device(x):
-        _ssd_step_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
-            *strided(state, 4), *strided(x, 3), *strided(dt, 2), A, *strided(B, 3), *strided(C, 3), D, dt_bias,
-            *strided(y, 3), new_state, nheads, nheads // ngroups, headdim, dstate,
-            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), BLOCK_P=block_p,
-            BLOCK_N=triton.next_power_of_2(dstate), num_warps=SSD_STEP_CONFIG["num_warps"],
-        )
-    return y, new_state
-
-
-def _ssd_step_fake(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
-    return x.new_empty(x.shape), x.new_empty((*x.shape, B.shape[-1]), dtype=torch.float32)
-
-
-def ssd_step_reference(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    *,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """ops/ssd.py's `ssd_step` with the optional fused step size, in float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in (state, x, dt, A, B, C)) else torch.float32
-    step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
-    step = F.softplus(step) if dt_softplus else step  # (B, H)
+def _ssd_step_reference(state: Tensor, x: Tensor, step: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                        D: Tensor | None) -> tuple[Tensor, Tensor]:
+    """ops/ssd.py's `ssd_step` (step = Δ (B, H)), in `step`'s dtype."""
+    acc = step.dtype
     repeats = x.shape[1] // B.shape[1]
     B_h = B.to(acc).repeat_interleave(repeats, dim=1)  # (B, H, N): head h reads group h // R
     C_h = C.to(acc).repeat_interleave(repeats, dim=1)
@@ -344,7 +258,7 @@ def mamba2_step_reference(
     ngroups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """ops/ssd.py's `mamba2_step`, plainly: the conv update of the x, B, C channels and SiLU, Δ = clamp(softplus(dt +
-    dt_bias)), `ssd_step_reference` with A = -exp(A_log), then the z gate; in float32 (float64 for float64 inputs).
+    dt_bias)), ops/ssd.py's `ssd_step` with A = -exp(A_log), then the z gate; in float32 (float64 for float64 inputs).
     Returns (y, new_conv_state, new_ssm_state)."""
     batch, nheads, headdim, dstate = ssm_state.shape
     acc = torch.float64 if xbc.dtype == torch.float64 else torch.float32
@@ -355,7 +269,7 @@ def mamba2_step_reference(
     x, B, C = F.silu(conv).to(xbc.dtype).split([nheads * headdim, ngroups * dstate, ngroups * dstate], dim=-1)
     step = dt.to(acc) + (dt_bias.to(acc) if dt_bias is not None else 0.0)
     step = F.softplus(step).clamp(dt_min, dt_max)  # (B, H)
-    y, new_state = ssd_step_reference(ssm_state, x.reshape(batch, nheads, headdim), step, -torch.exp(A_log.to(acc)),
+    y, new_state = _ssd_step_reference(ssm_state, x.reshape(batch, nheads, headdim), step, -torch.exp(A_log.to(acc)),
                                       B.reshape(batch, ngroups, dstate), C.reshape(batch, ngroups, dstate), D)
     y = y.reshape(batch, nheads * headdim).to(acc) * F.silu(z.to(acc))
     return y.to(xbc.dtype), extended[:, :, 1:].contiguous(), new_state
@@ -366,27 +280,15 @@ def mamba2_step_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _selective_step_impl(state: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                         z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool) -> tuple[Tensor, Tensor]:
-    """archgen_v1::selective_state_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
-    if not (u.is_cuda or triton_on_cpu()):
-        return selective_state_step_reference(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return _launch_selective_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, A_is_log=False)
-
-
 def _mamba_step_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                      z: Tensor | None, delta_bias: Tensor | None) -> tuple[Tensor, Tensor]:
     """archgen_v1::mamba_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
     if not (u.is_cuda or triton_on_cpu()):
         return mamba_step_reference(state, u, delta, A_log, B, C, D, z, delta_bias)
-    return _launch_selective_step(state, u, delta, A_log, B, C, D, z, delta_bias, True, A_is_log=True)
-
-
-def _launch_selective_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus, A_is_log):
     batch, dim = u.shape
-    dstate = A.shape[1]
+    dstate = A_log.shape[1]
     if state.shape != (batch, dim, dstate):
-        raise ValueError(f"selective_state_step: state must be (B, D, N) = {(batch, dim, dstate)}, got "
+        raise ValueError(f"mamba_step: state must be (B, D, N) = {(batch, dim, dstate)}, got "
                          f"{tuple(state.shape)}")
     y = torch.empty((batch, dim), dtype=u.dtype, device=u.device)
     new_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
@@ -395,43 +297,12 @@ def _launch_selective_step(state, u, delta, A, B, C, D, z, delta_bias, delta_sof
     block_d = SELECTIVE_STEP_CONFIG["BLOCK_D"]
     with on_device(u):
         _selective_step_kernel[(batch, triton.cdiv(dim, block_d))](
-            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A, 2), *strided(B, 2),
+            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A_log, 2), *strided(B, 2),
             *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), new_state, dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), A_IS_LOG=A_is_log, BLOCK_D=block_d,
-            BLOCK_N=triton.next_power_of_2(dstate), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
+            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
         )
     return y, new_state
-
-
-def _selective_step_fake(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    return u.new_empty(u.shape), u.new_empty((*u.shape, A.shape[1]), dtype=torch.float32)
-
-
-def selective_state_step_reference(
-    state: Tensor,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """ops/ssm.py's `selective_state_step`, in float32 (float64 for float64 inputs)."""
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in (state, u, delta, A, B, C)) else torch.float32
-    step = delta.to(acc) + (delta_bias.to(acc) if delta_bias is not None else 0.0)
-    step = F.softplus(step) if delta_softplus else step  # (B, D)
-    new_state = (torch.exp(step.unsqueeze(-1) * A.to(acc)) * state.to(acc)
-                 + (step * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(1))  # (B, D, N)
-    y = (new_state * C.to(acc).unsqueeze(1)).sum(-1)
-    if D is not None:
-        y = y + D.to(acc) * u.to(acc)
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    return y.to(u.dtype), new_state
 
 
 def _mamba_step_fake(state, u, delta, A_log, B, C, D, z, delta_bias):
@@ -449,9 +320,18 @@ def mamba_step_reference(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """ops/ssm.py's `mamba_step`: `selective_state_step_reference` with A = -exp(A_log) and a softplus step."""
-    acc = torch.float64 if A_log.dtype == torch.float64 else torch.float32
-    return selective_state_step_reference(state, u, delta, -torch.exp(A_log.to(acc)), B, C, D, z, delta_bias, True)
+    """ops/ssm.py's `mamba_step`, plainly: ops/ssm.py's `selective_state_step` with A = -exp(A_log) and Δ =
+    softplus(delta + delta_bias), in float32 (float64 for float64 inputs)."""
+    acc = torch.float64 if any(t.dtype == torch.float64 for t in (state, u, delta, A_log, B, C)) else torch.float32
+    step = F.softplus(delta.to(acc) + (delta_bias.to(acc) if delta_bias is not None else 0.0))  # (B, D)
+    new_state = (torch.exp(step.unsqueeze(-1) * -torch.exp(A_log.to(acc))) * state.to(acc)
+                 + (step * u.to(acc)).unsqueeze(-1) * B.to(acc).unsqueeze(1))  # (B, D, N)
+    y = (new_state * C.to(acc).unsqueeze(1)).sum(-1)
+    if D is not None:
+        y = y + D.to(acc) * u.to(acc)
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(u.dtype), new_state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,43 +339,8 @@ def mamba_step_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-ssd_step_op = register_op("ssd_step", _ssd_step_impl, _ssd_step_fake)
-selective_state_step_op = register_op("selective_state_step", _selective_step_impl, _selective_step_fake)
 mamba_step_op = register_op("mamba_step", _mamba_step_impl, _mamba_step_fake)
 mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
-
-
-def ssd_step(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    *,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """One Mamba-2 decoding step, as ops/ssd.py's `ssd_step`: (y (B, H, P), new_state (B, H, P, N) float32).
-    state (B, H, P, N); x (B, H, P); dt (B, H) (raw with dt_bias / dt_softplus, else Δ); A (H,); B, C (B, G, N)."""
-    return ssd_step_op(state, x, dt, A, B, C, D, dt_bias, dt_softplus)
-
-
-def selective_state_step(
-    state: Tensor,
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = True,
-) -> tuple[Tensor, Tensor]:
-    """One Mamba-1 decoding step, as ops/ssm.py's `selective_state_step`: (y (B, D), new_state (B, D, N) float32)."""
-    return selective_state_step_op(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def mamba_step(
@@ -541,20 +386,12 @@ def mamba2_step(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{the custom op `reference` is the reference of: that op written with it}, for ONNX. This file holds several ops,
-    and a generated package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's
-    `ssd_step` (the step size is applied here first), ops/ssd.py's `mamba2_step`, or ops/ssm.py's
-    `selective_state_step` or `mamba_step` (these three with their op's signature, so they are the decomposition as
-    they stand). max_seqlen is unused (one position)."""
-
-    def ssd_step_decomposed(state, x, dt, A, B, C, D, dt_bias, dt_softplus):
-        step = dt.float() + dt_bias.float() if dt_bias is not None else dt
-        step = F.softplus(step) if dt_softplus else step
-        return reference(state, x, step, A, B, C, D)
-
-    lowerings = {"ssd_step": ssd_step_decomposed, "selective_state_step": reference, "mamba_step": reference,
-                 "mamba2_step": reference}
-    if reference.__name__ not in lowerings:
+    """{the custom op `reference` is the reference of: `reference`}, for ONNX. This file holds two ops, and a generated
+    package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's `mamba2_step` or
+    ops/ssm.py's `mamba_step`, each with its op's signature, so it is the decomposition as it stands. max_seqlen is
+    unused (one position)."""
+    ops = ("mamba2_step", "mamba_step")
+    if reference.__name__ not in ops:
         raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
-                         f"{', '.join(lowerings)}")
-    return {op_overload(reference.__name__): lowerings[reference.__name__]}
+                         f"{', '.join(ops)}")
+    return {op_overload(reference.__name__): reference}
