@@ -9,6 +9,9 @@
                                 torch.export see it (eager mode takes an autograd.Function): what the custom
                                 op's dispatch costs the host
              profile            each variant's kernels and their GPU times (torch.profiler)
+             host               each variant's host microseconds per call (queued without a wait: when it is
+                                above the GPU time the call is host-bound), and a profiler table of host and GPU
+                                time per op (rmsnorm_<variant>_fwd_bwd_profile.txt under --out)
            Bytes the ideal fused op must move, R·N elements each: forward reads x and writes y (2; fused: x, residual,
            y, s: 4); backward reads x and dy and writes dx (3; fused: s, dy, ds_out, ds: 4); rstd (R floats) and
            the weight (N) are left out (under 0.1%). fwd+bwd: 5 (fused 8).
@@ -35,6 +38,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -59,6 +63,9 @@ EPS = 1e-6
 NORM_SHAPE, DRY_NORM_SHAPE = (32768, 4096), (48, 64)
 ROPE_SHAPE, DRY_ROPE_SHAPE = (4, 32, 8, 4096, 128), (1, 2, 1, 8, 16)  # B, Hq, Hk, T, D
 ROUTER_SHAPE, DRY_ROUTER_SHAPE = (32768, 16, 2), (40, 6, 2)  # tokens, experts, top_k
+SECTIONS = {"rmsnorm": 30, "rope": 20, "router": 10}
+"""The sections in the order they run, with the seconds each needs at the least, so a late one is skipped rather
+than cut off."""
 LLAMA3 = {"scaling": "llama3", "factor": 8.0, "original_max_position": 8192}
 
 
@@ -130,6 +137,37 @@ class Bench:
         from triton.testing import do_bench_cudagraph
 
         return float(do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+    def host_us(self, fn) -> float:
+        """Host microseconds per call of fn, the calls queued back to back with no wait on the GPU (fn must be
+        warm): the time the GPU waits for when a call is host-bound."""
+        calls = 2 if self.dry_run else 20
+        if not self.dry_run:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - started) / calls * 1e6
+        if not self.dry_run:
+            torch.cuda.synchronize()
+        return host
+
+    def profile_table(self, fn, name: str, runs: int = 5) -> str | None:
+        """Write the host (CPU) and GPU time per op of `runs` calls of fn to <out>/<name>_profile.txt; its file name."""
+        if self.dry_run:
+            return None
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(runs):
+                fn()
+            torch.cuda.synchronize()
+        path = self.out / f"{name}_profile.txt"
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{runs} calls\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40))
+        return path.name
 
     def copy(self) -> float:
         """The device copy bandwidth measured in this run, bytes read + written per second."""
@@ -227,7 +265,12 @@ class Bench:
                     record[prefix + name] = {"error": f"{type(error).__name__}: {error}"[:300]}
                     continue
                 figures = record[prefix + name]
+                with torch.no_grad():
+                    figures["fwd_host_us"] = self.host_us(lambda fn=fn, args=args: fn(*args))
+                figures["fwd_bwd_host_us"] = self.host_us(run)
                 try:
+                    figures["profile_table"] = self.profile_table(
+                        run, f"rmsnorm_{prefix}{_slug(name)}_fwd_bwd")
                     graphed = self.graphed_ms(run)
                     if graphed is not None:
                         figures["fwd_bwd_graphed_ms"] = graphed
@@ -437,6 +480,14 @@ class Bench:
             lines.append(f"{b['figure'][:70]:70s} {b['archgen']:9.3f} {b['reference_value']:9.3f} {b['ratio']:6.2f} "
                          f"{b['bar']:5.2f} {'PASS' if b['ratio'] >= b['bar'] else 'miss'}")
         sections = self.results["sections"]
+        norm = sections.get("rmsnorm", {})
+        for name, figures in norm.items():
+            if isinstance(figures, dict) and "fwd_bwd_host_us" in figures:
+                graphed = figures.get("fwd_bwd_graphed_ms")
+                lines.append(f"rmsnorm {name}: fwd+bwd {figures['fwd_bwd_ms'] * 1e3:.0f} us, host "
+                             f"{figures['fwd_bwd_host_us']:.0f} us a call, graphed "
+                             f"{graphed * 1e3 if graphed else float('nan'):.0f} us; fwd {figures['fwd_ms'] * 1e3:.0f} us, "
+                             f"host {figures['fwd_host_us']:.0f} us")
         for name in ("R128", "R64", "R16", "R8"):
             figures = sections.get("rope", {}).get(name)
             if figures:
@@ -467,6 +518,11 @@ def _fwd_bwd(fn, args, cotangents):
     return run
 
 
+def _slug(name: str) -> str:
+    """A file-name part for a variant's name: "archgen (through the custom op)" -> "archgen_through_the_custom_op"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
 def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64; inf where actual has a non-finite element."""
     actual, expected = actual.detach().double(), expected.detach().double()
@@ -489,12 +545,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: timings meaningless")
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting sections after this many seconds")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
     args = parser.parse_args()
+    only = [name for name in args.only.split(",") if name]
+    unknown = sorted(set(only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {','.join(SECTIONS)}")
     bench = Bench(args.out, args.dry_run, args.budget_s)
-    # estimated seconds each section needs at the least, so a late one is skipped rather than cut off
-    bench.section("rmsnorm", bench.rmsnorm, 0 if args.dry_run else 40)
-    bench.section("rope", bench.rope, 0 if args.dry_run else 20)
-    bench.section("router", bench.router, 0 if args.dry_run else 10)
+    for name, needs_s in SECTIONS.items():
+        if name in only:
+            bench.section(name, getattr(bench, name), 0 if args.dry_run else needs_s)
     bench.save()
     print(bench.summary())
     print(f"wrote {args.out / 'norm_rope_router.json'} and {args.out / 'norm_rope_router.bars.json'} in "
