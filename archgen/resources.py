@@ -9,9 +9,11 @@ the installed copies are read.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from types import ModuleType
 
@@ -30,7 +32,35 @@ def _installed_package_dir(package: str) -> Path:
 TEMPLATES: Path = _CHECKOUT / "templates" if _IN_CHECKOUT else _installed_package_dir("archgen") / "templates"
 KERNELS: Path = _CHECKOUT / "kernels" if _IN_CHECKOUT else _installed_package_dir("archgen_kernels")
 KERNEL_SUPPORT_FILES = ("triton_support",)
-"""Modules of kernels/ that every op file imports: a generated package that uses any kernel carries them too."""
+"""Modules of kernels/ that a generated package's kernels/__init__.py imports itself, whichever kernels it runs."""
+
+
+def kernel_modules(names: Iterable[str]) -> list[str]:
+    """The modules of kernels/ that `names` need, sorted: themselves and every module they import from the package
+    (`from .silu_mul import launch_forward`, `from . import triton_support`), followed through those modules' own
+    imports. A generated package copies exactly these, so a kernel file may import another's launchers."""
+    needed: set[str] = set()
+    pending = list(names)
+    while pending:
+        name = pending.pop()
+        if name in needed:
+            continue
+        path = KERNELS / f"{name}.py"
+        if not path.is_file():
+            raise FileNotFoundError(f"kernels/{name}.py does not exist; a kernel rule or an import in kernels/ names "
+                                    f"it (archgen/passes/kernels.py KERNEL_RULES)")
+        needed.add(name)
+        pending.extend(_package_imports(path))
+    return sorted(needed)
+
+
+def _package_imports(path: Path) -> list[str]:
+    """The sibling modules a kernels/ file imports relatively (its only way to reach them as copied into a package)."""
+    imported = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            imported.extend([node.module] if node.module else [alias.name for alias in node.names])
+    return [name.split(".")[0] for name in imported]
 
 
 def kernels_package() -> ModuleType:

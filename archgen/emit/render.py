@@ -21,7 +21,7 @@ from archgen.passes.cost import count
 from archgen.report.diagram import layout_svg
 from archgen.report.tables import human_bytes, human_count
 from archgen.resolve.resolve import lock_document
-from archgen.resources import KERNEL_SUPPORT_FILES, KERNELS, TEMPLATES
+from archgen.resources import KERNEL_SUPPORT_FILES, KERNELS, TEMPLATES, kernel_modules
 
 ACTIVATIONS = {
     "swiglu": "F.silu({})", "silu": "F.silu({})", "geglu": "F.gelu({})", "gelu": "F.gelu({})",
@@ -69,7 +69,7 @@ def render_package(plan: EmitPlan, ir: IR) -> dict[str, str]:
         kernels_init = env.get_template("package/kernels_init.py.j2")
         files["kernels/__init__.py"] = kernels_init.render(kernel_functions=kernel_functions(ir))
         rendered.append("kernels/__init__.py")
-        for name in (*KERNEL_SUPPORT_FILES, *plan.kernel_files):
+        for name in kernel_modules((*KERNEL_SUPPORT_FILES, *plan.kernel_files)):
             files[f"kernels/{name}.py"] = (KERNELS / f"{name}.py").read_text(encoding="utf-8")
     for path, text in files.items():
         if path.endswith(".py"):

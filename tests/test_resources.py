@@ -1,0 +1,27 @@
+"""archgen/resources.py: which kernels/ modules a generated package must carry for the kernel files it runs."""
+
+import pytest
+
+from archgen import resources
+
+
+def test_kernel_modules_follow_relative_imports_transitively(tmp_path, monkeypatch):
+    (tmp_path / "support.py").write_text("import torch\n")
+    (tmp_path / "shared.py").write_text("from . import support\n")
+    (tmp_path / "op.py").write_text("import math\n\nfrom .shared import launch\nfrom .support import register_op\n")
+    (tmp_path / "unused.py").write_text("from .support import x\n")
+    monkeypatch.setattr(resources, "KERNELS", tmp_path)
+    assert resources.kernel_modules(["op"]) == ["op", "shared", "support"]
+    assert resources.kernel_modules(["shared", "op"]) == ["op", "shared", "support"]
+
+
+def test_swiglu_needs_the_silu_mul_kernels():
+    assert resources.kernel_modules(["swiglu"]) == ["silu_mul", "swiglu", "triton_support"]
+    assert resources.kernel_modules(["rmsnorm"]) == ["rmsnorm", "triton_support"]
+
+
+def test_a_missing_kernel_module_is_named(tmp_path, monkeypatch):
+    (tmp_path / "op.py").write_text("from .gone import f\n")
+    monkeypatch.setattr(resources, "KERNELS", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"kernels/gone\.py does not exist"):
+        resources.kernel_modules(["op"])
