@@ -70,6 +70,18 @@ def test_hspmn_carries_the_packed_query_attention_kernel_verbatim():
     assert "kernels.packed_query_attention(" in files["model.py"]
 
 
+def test_a_kernel_file_comes_with_the_kernel_files_it_imports(tmp_path):
+    """kernels/swiglu.py runs kernels/silu_mul.py's launchers: a MoE model without a gated MLP (so no silu_mul rule)
+    carries both, verbatim, and its kernels/__init__.py imports only the functions its ops call."""
+    spec = tmp_path / "small_moe.yaml"
+    spec.write_text(SMALL_MOE)
+    files = emit(compile_spec(spec, None), "small_moe.yaml").files
+    assert files["kernels/silu_mul.py"] == (ROOT / "kernels" / "silu_mul.py").read_text()
+    assert "from .silu_mul import" in files["kernels/swiglu.py"]
+    assert "from .swiglu import swiglu" in files["kernels/__init__.py"]
+    assert "silu_mul" not in files["kernels/__init__.py"]
+
+
 def test_a_model_without_a_kernel_kind_has_no_kernels(tmp_path):
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
