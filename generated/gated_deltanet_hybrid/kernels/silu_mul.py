@@ -1,22 +1,25 @@
-"""The SwiGLU feed-forward's gate, silu(gate) · up, in one pass forward and one pass backward: the kernels, the custom
-ops and the reference.
+"""The SwiGLU gate, silu(gate) · up, in one pass forward and one pass backward: the kernels, their launchers, the
+custom ops of the feed-forward's gate and the reference.
 
 For gate g and up u (..., H), the outputs of a gated MLP's two input projections::
 
     y  = silu(g) · u                                   silu(g) = g · σ(g)
     dg = dy · u · σ(g) · (1 + g · (1 − σ(g)))          du = dy · silu(g)
 
-computed in float32, stored in g's dtype. kernels/swiglu.py computes the same for the MoE experts, whose gate and up
-are the two halves of one (..., 2H) matmul output; here they are two tensors (gate_proj and up_proj stay separate
-parameters, as checkpoints hold them).
+computed in float32, stored in g's dtype. This file is the gate's one home: the kernels address gate, up and the
+gradients through their own row strides, so the same kernels serve the feed-forward, whose gate and up are two tensors
+(gate_proj and up_proj stay separate parameters, as checkpoints hold them), and the MoE experts (kernels/swiglu.py,
+which imports the launchers), whose gate and up are the two halves of one (..., 2H) matmul output and whose backward
+writes [dg | du] into one buffer.
 
 Why a kernel: eager PyTorch runs silu(g) and the product as two passes, and the backward as about five; in a batch-1
 decode step each is a launch of a few kilobytes of work (one per layer more than needed, inside a CUDA graph a few
 microseconds each). Here the forward reads g and u once and writes y once, the backward reads dy, g and u once and
 writes dg and du once.
 
-One fixed launch configuration (elementwise and memory-bound: tiles of 4 rows × 1024 columns keep enough loads in
-flight at any width; nothing to tune at build time). Rows need a contiguous last dimension (any row stride).
+The feed-forward's op runs one fixed launch configuration (elementwise and memory-bound: tiles of 4 rows × 1024
+columns keep enough loads in flight at any width; nothing to tune at build time); the launchers take the config, so
+kernels/swiglu.py tunes its own. Rows need a contiguous last dimension (any row stride).
 CPU tensors take the reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
 
@@ -63,10 +66,27 @@ def _silu_mul_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, R, H, stride_dy, 
     tl.store(du_ptr + row64 * stride_du + cols[None, :], du.to(du_ptr.dtype.element_ty), mask=inside)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """t as (R, H) rows with a contiguous last dim (a view when it can be)."""
+def as_rows(t: Tensor) -> Tensor:
+    """t as (R, width) rows with a contiguous last dim (a view when it can be)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch_forward(gate: Tensor, up: Tensor, y: Tensor, config: dict) -> None:
+    """y = silu(gate) · up for (R, H) rows, each with a contiguous last dim and any row stride; `config` holds BLOCK_R,
+    BLOCK_H and num_warps."""
+    R, H = gate.shape
+    _silu_mul_fwd_kernel[_grid(R, H, config)](gate, up, y, R, H, gate.stride(0), up.stride(0), y.stride(0),
+                                              BLOCK_R=config["BLOCK_R"], BLOCK_H=config["BLOCK_H"],
+                                              num_warps=config["num_warps"])
+
+
+def launch_backward(dy: Tensor, gate: Tensor, up: Tensor, dgate: Tensor, dup: Tensor, config: dict) -> None:
+    """dgate, dup = the gradients of silu(gate) · up for (R, H) rows, as launch_forward's."""
+    R, H = gate.shape
+    _silu_mul_bwd_kernel[_grid(R, H, config)](dy, gate, up, dgate, dup, R, H, dy.stride(0), gate.stride(0),
+                                              up.stride(0), dgate.stride(0), dup.stride(0), BLOCK_R=config["BLOCK_R"],
+                                              BLOCK_H=config["BLOCK_H"], num_warps=config["num_warps"])
 
 
 def _launch_config() -> dict:
@@ -90,15 +110,11 @@ def _forward_impl(gate: Tensor, up: Tensor) -> Tensor:
     if not (gate.is_cuda or triton_on_cpu()):
         return silu_mul_reference(gate, up)
     _check(gate, up)
-    g, u = _rows(gate), _rows(up)
-    R, H = g.shape
-    y = torch.empty((R, H), dtype=gate.dtype, device=gate.device)
+    g, u = as_rows(gate), as_rows(up)
+    y = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
     if y.numel():
-        cfg = _launch_config()
         with on_device(gate):
-            _silu_mul_fwd_kernel[_grid(R, H, cfg)](g, u, y, R, H, g.stride(0), u.stride(0), y.stride(0),
-                                                   BLOCK_R=cfg["BLOCK_R"], BLOCK_H=cfg["BLOCK_H"],
-                                                   num_warps=cfg["num_warps"])
+            launch_forward(g, u, y, _launch_config())
     return y.view(gate.shape)
 
 
@@ -108,16 +124,12 @@ def _backward_impl(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor
         sig = torch.sigmoid(gate.float())
         dyf, g, u = dy.float(), gate.float(), up.float()
         return ((dyf * u * sig * (1 + g * (1 - sig))).to(gate.dtype), (dyf * g * sig).to(up.dtype))
-    g, u, d = _rows(gate), _rows(up), _rows(dy)
-    R, H = g.shape
-    dg = torch.empty((R, H), dtype=gate.dtype, device=gate.device)
-    du = torch.empty((R, H), dtype=up.dtype, device=up.device)
+    g, u = as_rows(gate), as_rows(up)
+    dg = torch.empty(g.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(u.shape, dtype=up.dtype, device=up.device)
     if dg.numel():
-        cfg = _launch_config()
         with on_device(gate):
-            _silu_mul_bwd_kernel[_grid(R, H, cfg)](d, g, u, dg, du, R, H, d.stride(0), g.stride(0), u.stride(0),
-                                                   dg.stride(0), du.stride(0), BLOCK_R=cfg["BLOCK_R"],
-                                                   BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
+            launch_backward(as_rows(dy), g, u, dg, du, _launch_config())
     return dg.view(gate.shape), du.view(up.shape)
 
 

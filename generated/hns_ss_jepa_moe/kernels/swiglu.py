@@ -1,5 +1,5 @@
-"""SwiGLU, silu(gate) * up, fused into one pass forward and one pass backward: the kernels, the custom ops and the
-reference.
+"""SwiGLU of the MoE experts, silu(gate) * up on rows laid out [gate | up], fused into one pass forward and one pass
+backward: the custom ops, their autotune space and the reference, over kernels/silu_mul.py's kernels.
 
 For rows h (..., 2H) laid out [gate | up], as a gated expert's first matmul returns them (templates/runtime/moe.py)::
 
@@ -15,21 +15,24 @@ forward reads h once and writes y once (3 · R·H elements), the backward reads 
 1.5 of 2.5 GB forward and 2.5 of 7 GB backward: about 2.5 ms of the ~43 ms forward+backward at an H200's
 ~4.2 TB/s. The savings are measured by bench/moe_check.py (fused against torch in the same run).
 
-How: a 2-D grid of (BLOCK_R rows, BLOCK_H columns) tiles; each program loads the gate tile and the up tile H columns
-further along the row. Rows need a contiguous last dimension (any row stride).
+How: the SwiGLU gate's kernels live in kernels/silu_mul.py (the feed-forward's gate, where gate and up are two
+tensors): they take gate and up as two (R, H) views with their own row strides, here the two halves of each row of
+h, and write dg and du into the two halves of dh. A 2-D grid of (BLOCK_R rows, BLOCK_H columns) tiles; rows need a
+contiguous last dimension (any row stride). A generated package that runs this file carries silu_mul.py too (the
+emitter follows a kernel file's imports).
 
 Contents: `swiglu` (the entry point, differentiable), the custom ops `archgen_v1::swiglu` and
-`archgen_v1::swiglu_backward` (fake implementations, autograd), the launchers `swiglu_forward` / `swiglu_backward`
-with their autotune space, `swiglu_reference`, and `decomposition` (for ONNX). CPU tensors take the reference
+`archgen_v1::swiglu_backward` (fake implementations, autograd), `swiglu_forward` / `swiglu_backward` with their
+autotune space, `swiglu_reference`, and `decomposition` (for ONNX). CPU tensors take the reference
 unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
 
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 from torch import Tensor
 
+from .silu_mul import as_rows, launch_backward, launch_forward
 from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, triton_on_cpu
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -42,43 +45,7 @@ INTERPRETER_CONFIG = {"BLOCK_R": 4, "BLOCK_H": 16, "num_warps": 4}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _swiglu_fwd_kernel(h_ptr, y_ptr, R, H, stride_h, stride_y, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    inside = (rows < R)[:, None] & (cols < H)[None, :]
-    at = rows.to(tl.int64)[:, None] * stride_h + cols[None, :]
-    g = tl.load(h_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + at + H, mask=inside, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def _swiglu_bwd_kernel(dy_ptr, h_ptr, dh_ptr, R, H, stride_dy, stride_h, stride_dh,
-                       BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    inside = (rows < R)[:, None] & (cols < H)[None, :]
-    row64 = rows.to(tl.int64)[:, None]
-    at = row64 * stride_h + cols[None, :]
-    g = tl.load(h_ptr + at, mask=inside, other=0.0).to(tl.float32)
-    u = tl.load(h_ptr + at + H, mask=inside, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + row64 * stride_dy + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    dg = dy * u * sig * (1.0 + g * (1.0 - sig))
-    du = dy * g * sig
-    out = row64 * stride_dh + cols[None, :]
-    tl.store(dh_ptr + out, dg.to(dh_ptr.dtype.element_ty), mask=inside)
-    tl.store(dh_ptr + out + H, du.to(dh_ptr.dtype.element_ty), mask=inside)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Launchers and tuning
+# Tuning and launchers
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -111,27 +78,21 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     swiglu_backward(dy, h)
 
 
-def _grid(R: int, H: int, cfg: dict) -> tuple[int, int]:
-    return triton.cdiv(R, cfg["BLOCK_R"]), triton.cdiv(H, cfg["BLOCK_H"])
-
-
-def _rows(t: Tensor) -> Tensor:
-    """t as (R, width) rows with a contiguous last dim (a view when it can be)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _halves(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(R, 2H) rows -> their gate and up halves, (R, H) views with the rows' stride."""
+    H = rows.shape[-1] // 2
+    return rows[:, :H], rows[:, H:]
 
 
 def swiglu_forward(h: Tensor, *, config: dict | None = None) -> Tensor:
     """Run the forward kernel: h (..., 2H) -> y (..., H) in h's dtype."""
     _check_input(h)
     H = h.shape[-1] // 2
-    rows = _rows(h)
-    R = rows.shape[0]
-    y = torch.empty((R, H), dtype=h.dtype, device=h.device)
-    if R and H:
+    gate, up = _halves(as_rows(h))
+    y = torch.empty(gate.shape, dtype=h.dtype, device=h.device)
+    if y.numel():
         def launch(cfg):
-            _swiglu_fwd_kernel[_grid(R, H, cfg)](rows, y, R, H, rows.stride(0), y.stride(0), BLOCK_R=cfg["BLOCK_R"],
-                                                 BLOCK_H=cfg["BLOCK_H"], num_warps=cfg["num_warps"])
+            launch_forward(gate, up, y, cfg)
 
         with on_device(h):
             launch(_config(FORWARD_TUNER, shape_key(H, h.dtype), launch, config))
@@ -144,14 +105,13 @@ def swiglu_backward(dy: Tensor, h: Tensor, *, config: dict | None = None) -> Ten
     H = h.shape[-1] // 2
     if dy.shape != (*h.shape[:-1], H):
         raise ValueError(f"dy must have shape {(*h.shape[:-1], H)} for h {tuple(h.shape)}, got {tuple(dy.shape)}")
-    rows, dy_rows = _rows(h), _rows(dy)
-    R = rows.shape[0]
-    dh = torch.empty((R, 2 * H), dtype=h.dtype, device=h.device)
-    if R and H:
+    gate, up = _halves(as_rows(h))
+    dy_rows = as_rows(dy)
+    dh = torch.empty((gate.shape[0], 2 * H), dtype=h.dtype, device=h.device)
+    dgate, dup = _halves(dh)
+    if dh.numel():
         def launch(cfg):
-            _swiglu_bwd_kernel[_grid(R, H, cfg)](dy_rows, rows, dh, R, H, dy_rows.stride(0), rows.stride(0),
-                                                 dh.stride(0), BLOCK_R=cfg["BLOCK_R"], BLOCK_H=cfg["BLOCK_H"],
-                                                 num_warps=cfg["num_warps"])
+            launch_backward(dy_rows, gate, up, dgate, dup, cfg)
 
         with on_device(h):
             launch(_config(BACKWARD_TUNER, shape_key(H, h.dtype), launch, config))
