@@ -124,7 +124,7 @@ def test_bfloat16_gradients_where_the_softmax_is_peaked(window):
 def test_query_block_ranges_bound_what_each_key_block_sees():
     """For every key block: no row outside [first, last) sees one of its keys, and every row in [full_first,
     full_last) sees all of them (the dkdv kernel skips the mask there). Unsorted rows, invalid rows (-1), a window,
-    a ragged last block of rows and of keys."""
+    a ragged last block of rows and of keys; the kernel and its torch reference agree."""
     g = torch.Generator().manual_seed(3)
     Tk, block_m, block_n = 70, 4, 8
     sorted_rows = torch.sort(torch.randint(0, Tk, (2, 23), generator=g), dim=1).values
@@ -132,7 +132,8 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
     shuffled[1, 5] = -1
     for positions in (sorted_rows, shuffled):
         for window in (0, 13):
-            ranges = pqa.query_block_ranges(positions, Tk, window, block_m, block_n)
+            ranges = pqa.query_block_ranges(positions.to(torch.int32), Tk, window, block_m, block_n)
+            assert torch.equal(ranges, pqa.query_block_ranges_reference(positions, Tk, window, block_m, block_n))
             keys = torch.arange(Tk)
             visible = (keys <= positions[..., None]) & (positions[..., None] >= 0)  # (B, S, Tk)
             if window:
@@ -146,6 +147,12 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
                     assert visible[b, full_first * block_m: full_last * block_m, block_keys].all()
             if positions is sorted_rows and not window:
                 assert (ranges[..., 2] > ranges[..., 1]).any(), "sorted rows: some row blocks see all of a key block"
+    # more row blocks than the kernel reads in one step: the first run of full blocks is found across steps
+    long_rows = torch.sort(torch.randint(0, 3000, (2, 2600), generator=g), dim=1).values
+    long_rows[0, 1000:1100] = -1
+    for window in (0, 700):
+        ranges = pqa.query_block_ranges(long_rows.to(torch.int32), 3000, window, 16, 64)
+        assert torch.equal(ranges, pqa.query_block_ranges_reference(long_rows, 3000, window, 16, 64))
 
 
 @pytest.mark.parametrize("fraction, window", [(0.3, None), (0.3, 9), (0.0, None), (1.0, None)],
