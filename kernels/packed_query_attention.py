@@ -82,8 +82,9 @@ BACKWARD_DQ_CONFIGS = [
     for m, n, w, s in ((64, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4))
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((64, 128, 8, 2), (32, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (16, 128, 8, 3))
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
+    for m, n, w, s, e in ((64, 128, 8, 2, 1), (32, 128, 8, 2, 1), (64, 128, 8, 3, 1), (32, 128, 8, 3, 1),
+                          (16, 128, 8, 3, 1), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0))
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -371,6 +372,10 @@ def _backward_dkdv_kernel(
     ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # True: the row blocks that see the whole key block run in a loop without the mask, between two masked loops (the
+    # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
+    # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
+    MASK_EDGES_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     key_block = tl.program_id(0)  # grid (key blocks, B * Hkv): resident programs share their head's Q and dO in L2
@@ -395,6 +400,9 @@ def _backward_dkdv_kernel(
     full_first = tl.load(block_range + 1) * BLOCK_M
     full_last = tl.load(block_range + 2) * BLOCK_M
     last = tl.load(block_range + 3) * BLOCK_M
+    if not MASK_EDGES_ONLY:  # one loop, every block masked: the other two run no step
+        full_first = last
+        full_last = last
     pos_base = pos_ptr + b * stride_pb
     for g in range(0, group):
         h = kv_h * group + g
@@ -600,7 +608,8 @@ def packed_query_attention_backward(
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
         _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
-                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg))
+                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg),
+                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)))  # configs pinned before it: 1
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):

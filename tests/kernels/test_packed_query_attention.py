@@ -94,6 +94,27 @@ def test_replaces_the_runtime_op_also_against_a_cache():
                      TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
+def test_dkdv_in_one_masked_loop_gives_the_same_gradients(window):
+    """The dkdv kernel's other tuning choice (MASK_EDGES_ONLY=0: every row block masked, in one loop) against the
+    reference: grouped heads, odd sizes, padding rows."""
+    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, seed=4)
+    q, k, v = (t.detach() for t in (q, k, v))
+    scale, window = 24**-0.5, window or 0
+    kernel_positions = pqa.kernel_positions(positions, valid)
+    out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
+                                                         keep_float32_out=True)
+    cotangent = torch.randn(out.shape, device=DEVICE)
+    one_loop = pqa.INTERPRETER_CONFIG | {"MASK_EDGES_ONLY": 0}
+    _, dk, dv = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale, window,
+                                                    configs={"dkdv": one_loop})
+    leaves = [t.clone().requires_grad_() for t in (k, v)]
+    want = pqa.packed_query_attention_reference(q, *leaves, positions, valid, scale=scale, window=window)
+    want_dk, want_dv = torch.autograd.grad(want, leaves, cotangent)
+    assert_close(dk, want_dk, TOLERANCE[torch.float32], what="dk")
+    assert_close(dv, want_dv, TOLERANCE[torch.float32], what="dv")
+
+
 def test_bfloat16_against_the_float32_reference():
     q, k, v, positions, valid = packed_inputs(1, 2, 2, 40, 32, 0.5, dtype=torch.bfloat16, seed=1)
     cotangent = torch.randn(q.shape, device=DEVICE)
