@@ -70,18 +70,21 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages. The first config
-# that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune).
+# that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune): each list
+# starts with the H200's fastest at D 128 in bf16 (session 6, GPU call 1), then variants of it; configs that lost by
+# more than 1.5x in both buckets there were dropped.
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 64, 4, 4))
+    for m, n, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2))
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4), (128, 128, 8, 2))
+    for m, n, w, s in ((64, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4))
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((64, 64, 8, 3), (32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3))
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
+    for m, n, w, s, e in ((64, 128, 8, 2, 1), (32, 128, 8, 2, 1), (64, 128, 8, 3, 1), (32, 128, 8, 3, 1),
+                          (16, 128, 8, 3, 1), (64, 128, 8, 2, 0), (32, 128, 8, 2, 0))
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
 SHARED_MEMORY_BUDGET = 160 * 1024
@@ -166,11 +169,12 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
         keys = n0 + offs_n
         k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                     mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = _dot(q, k, None, DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        qk = _dot(q, k, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        probs = tl.math.exp2(qk - m_new[:, None])
+        # the max is taken unscaled (the scale is positive), so the scaling and the shift are one FMA per score
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # log2 units
+        probs = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
         v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
@@ -368,6 +372,10 @@ def _backward_dkdv_kernel(
     ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # True: the row blocks that see the whole key block run in a loop without the mask, between two masked loops (the
+    # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
+    # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
+    MASK_EDGES_ONLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     key_block = tl.program_id(0)  # grid (key blocks, B * Hkv): resident programs share their head's Q and dO in L2
@@ -392,6 +400,9 @@ def _backward_dkdv_kernel(
     full_first = tl.load(block_range + 1) * BLOCK_M
     full_last = tl.load(block_range + 2) * BLOCK_M
     last = tl.load(block_range + 3) * BLOCK_M
+    if not MASK_EDGES_ONLY:  # one loop, every block masked: the other two run no step
+        full_first = last
+        full_last = last
     pos_base = pos_ptr + b * stride_pb
     for g in range(0, group):
         h = kv_h * group + g
@@ -419,6 +430,60 @@ def _backward_dkdv_kernel(
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
     tl.store(dv_ptr + b * stride_dvb + kv_h * stride_dvh + keys[:, None] * stride_dvt + offs_dv[None, :] * stride_dvd,
              dv.to(dv_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_dv[None, :] < Dv))
+
+
+@triton.jit
+def _query_block_ranges_kernel(
+    pos_ptr, stride_pb, stride_ps,
+    ranges_ptr,  # (B, n_n, 4) int32, contiguous
+    S, window, n_m, n_n,
+    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_BLOCKS: tl.constexpr,  # blocks of rows read per step
+    KEY_BLOCKS: tl.constexpr,  # key blocks per program
+):
+    """query_block_ranges for KEY_BLOCKS key blocks of one sequence: a walk over its row blocks in ascending order,
+    so the first run of full blocks ends at the first block after it that is not full."""
+    b = tl.program_id(1)
+    key_blocks = tl.program_id(0) * KEY_BLOCKS + tl.arange(0, KEY_BLOCKS)
+    first_key = key_blocks * BLOCK_N
+    last_key = first_key + BLOCK_N - 1
+    never = 2147483647  # int32 max: the earliest position of a block without rows
+    first = tl.zeros((KEY_BLOCKS,), dtype=tl.int32) + n_m
+    full_first = tl.zeros((KEY_BLOCKS,), dtype=tl.int32) + n_m
+    full_last = tl.zeros((KEY_BLOCKS,), dtype=tl.int32) + n_m
+    last = tl.zeros((KEY_BLOCKS,), dtype=tl.int32)
+    for m0 in range(0, n_m, ROW_BLOCKS):
+        blocks = m0 + tl.arange(0, ROW_BLOCKS)
+        rows = blocks[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]  # (ROW_BLOCKS, BLOCK_M)
+        in_s = rows < S
+        p = tl.load(pos_ptr + b * stride_pb + rows * stride_ps, mask=in_s, other=-1)
+        latest = tl.max(p, axis=1)[:, None]  # (ROW_BLOCKS, 1)
+        # every row in S counts, an invalid one (-1) included; rows past S load nothing and add nothing
+        earliest = tl.min(tl.where(in_s, p, never), axis=1)[:, None]
+        reach = latest >= first_key[None, :]  # (ROW_BLOCKS, KEY_BLOCKS)
+        full = earliest >= last_key[None, :]
+        if HAS_WINDOW:
+            earliest_valid = tl.min(tl.where(p >= 0, p, never), axis=1)[:, None]
+            reach = reach & (earliest_valid - last_key[None, :] < window)
+            full = full & (latest - first_key[None, :] < window)
+        block = blocks[:, None]
+        in_m = block < n_m
+        reach = reach & in_m
+        full = full & in_m
+        first = tl.minimum(first, tl.min(tl.where(reach, block, n_m), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(reach, block + 1, 0), axis=0))
+        full_first = tl.minimum(full_first, tl.min(tl.where(full, block, n_m), axis=0))
+        ends_run = ~full & in_m & (block > full_first[None, :])
+        full_last = tl.minimum(full_last, tl.min(tl.where(ends_run, block, n_m), axis=0))
+    first = tl.minimum(first, last)
+    full_first = tl.minimum(full_first, last)
+    full_last = tl.maximum(tl.minimum(full_last, last), full_first)
+    out = ranges_ptr + (b * n_n + key_blocks) * 4
+    in_n = key_blocks < n_n
+    tl.store(out, first, mask=in_n)
+    tl.store(out + 1, full_first, mask=in_n)
+    tl.store(out + 2, full_last, mask=in_n)
+    tl.store(out + 3, last, mask=in_n)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,7 +608,8 @@ def packed_query_attention_backward(
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
         _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
-                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg))
+                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg),
+                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)))  # configs pinned before it: 1
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
@@ -552,12 +618,29 @@ def packed_query_attention_backward(
     return dq, dk, dv
 
 
+_RANGE_KEY_BLOCKS = 32  # key blocks per program of _query_block_ranges_kernel
+
+
 def query_block_ranges(positions: Tensor, Tk: int, window: int, block_m: int, block_n: int) -> Tensor:
     """For each batch row and block of block_n keys, which blocks of block_m packed rows the dkdv kernel visits:
     (B, key blocks, 4) int32 [first, full_first, full_last, last]. No row outside [first, last) sees a key of the
     block; every row of [full_first, full_last) sees all of them (no mask there); the rest is masked per element.
     Exact for rows in any order (a block reaches the keys when its latest row does, and within the window when its
-    earliest does); for sorted rows nothing inside is wasted."""
+    earliest does); for sorted rows nothing inside is wasted. One launch (`query_block_ranges_reference` is the same
+    in torch ops, some twenty launches: a tenth of a millisecond per backward on the H200)."""
+    B, S = positions.shape
+    n_m, n_n = triton.cdiv(S, block_m), triton.cdiv(Tk, block_n)
+    ranges = torch.empty((B, n_n, 4), dtype=torch.int32, device=positions.device)
+    grid = (triton.cdiv(n_n, _RANGE_KEY_BLOCKS), B)
+    with on_device(positions):
+        _query_block_ranges_kernel[grid](*strided(positions, 2), ranges, S, window, n_m, n_n, HAS_WINDOW=window > 0,
+                                         BLOCK_M=block_m, BLOCK_N=block_n, ROW_BLOCKS=max(1, 2048 // block_m),
+                                         KEY_BLOCKS=_RANGE_KEY_BLOCKS)
+    return ranges
+
+
+def query_block_ranges_reference(positions: Tensor, Tk: int, window: int, block_m: int, block_n: int) -> Tensor:
+    """`query_block_ranges` in torch ops (the tests' ground truth)."""
     B, S = positions.shape
     n_m, n_n = triton.cdiv(S, block_m), triton.cdiv(Tk, block_n)
     padded = torch.nn.functional.pad(positions, (0, n_m * block_m - S), value=-1).view(B, n_m, block_m)
