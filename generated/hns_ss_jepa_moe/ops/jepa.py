@@ -122,6 +122,8 @@ class EMATarget(nn.Module):
     def __init__(self):
         super().__init__()
         self.gradient_checkpointing = False  # read by hidden_states: the no-grad target pass keeps nothing to recompute
+        self.float32_target: dict[str, tuple[Tensor, int]] = {}  # update_'s float32 accumulators (and the version
+        # of the buffer each last wrote) of a half-precision target, by name
 
     @torch.no_grad()
     def reset_(self, model: nn.Module) -> None:
@@ -132,14 +134,29 @@ class EMATarget(nn.Module):
                     self.add_module(name, _weights_as_buffers(copy.deepcopy(child)))
             for name, p in model.named_parameters(recurse=False):
                 self.register_buffer(name, p.detach().clone())
-        for target, online in self._pairs(model):
+        for _, target, online in self._pairs(model):
             target.copy_(online)
 
     @torch.no_grad()
     def update_(self, model: nn.Module, momentum: float) -> None:
-        """θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor."""
-        for target, online in self._pairs(model):
-            target.mul_(momentum).add_(online, alpha=1 - momentum)
+        """θ̄ ← m·θ̄ + (1 − m)·θ, tensor by tensor, accumulated in float32.
+
+        In bfloat16 a step of (1 − m)·(θ − θ̄) with m = 0.996 is below half a unit in the last place of θ̄ for most
+        weights and would round away, freezing the target. So a half-precision target keeps a float32 copy of
+        itself (`float32_target`, outside the state dict) that takes the update, and the buffer the target pass
+        reads is that copy rounded. The copy is (re)made from the buffer whenever something else wrote the buffer
+        since the last update (a load_state_dict, a resume, .to()): the buffer's version counter says so.
+        """
+        for name, target, online in self._pairs(model):
+            if target.dtype in (torch.float32, torch.float64):
+                target.mul_(momentum).add_(online, alpha=1 - momentum)
+                continue
+            accumulator, version = self.float32_target.get(name, (None, None))
+            if accumulator is None or version != target._version or accumulator.device != target.device:
+                accumulator = target.float()
+            accumulator.mul_(momentum).add_(online.float(), alpha=1 - momentum)
+            target.copy_(accumulator)
+            self.float32_target[name] = (accumulator, target._version)
 
     @torch.no_grad()
     def hidden_states(self, model: nn.Module, input_ids: Tensor) -> Tensor:
@@ -147,12 +164,12 @@ class EMATarget(nn.Module):
         return type(model).hidden_states(self, input_ids)
 
     def _pairs(self, model: nn.Module):
-        """(target copy, whole online tensor) for every backbone parameter."""
+        """(name, target copy, whole online tensor) for every backbone parameter."""
         if not self._modules and not self._buffers:
             raise RuntimeError("the JEPA target encoder has no copy of the backbone yet: call reset_(model) first "
                                "(the generated Model's __init__ does)")
         for name, p in backbone_weights(model).items():
-            yield self.get_buffer(name), p.full_tensor() if hasattr(p, "full_tensor") else p
+            yield name, self.get_buffer(name), p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def _weights_as_buffers(module: nn.Module) -> nn.Module:

@@ -203,6 +203,42 @@ def test_update_follows_the_ema_formula_tensor_by_tensor():
                                        msg=lambda detail, name=name, momentum=momentum: f"{name}, m={momentum}: {detail}")
 
 
+def test_a_bfloat16_target_follows_small_steps_that_bfloat16_alone_would_round_away():
+    """m = 0.996 and online weights about 1% off the target: each step moves θ̄ by ~4e-5 relative, under bf16's
+    half-ulp (2e-3), so an update in bf16 leaves θ̄ where it was; the float32 accumulator moves it as float32 does."""
+    model = make_toy().to(torch.bfloat16)
+    reference = make_toy()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            q.copy_(p.float())
+    start = target_of(model)
+    with torch.no_grad():
+        for p in (*model.parameters(), *reference.parameters()):
+            p.add_(0.01 * p.abs() + 1e-3)
+    for _ in range(200):
+        model.heads["jepa"].target.update_(model, 0.996)
+        reference.heads["jepa"].target.update_(reference, 0.996)
+    moved, expected = target_of(model), target_of(reference)
+    for name in BACKBONE:
+        assert not torch.equal(moved[name], start[name]), f"{name}: the bf16 target did not move"
+        # within 2 bf16 ulps: the online bf16 weights are rounded too
+        torch.testing.assert_close(moved[name].float(), expected[name], rtol=2**-7, atol=1e-6, msg=name)
+
+
+def test_a_bfloat16_target_written_from_outside_restarts_its_accumulator():
+    """A load_state_dict between updates (a resume) must win over the accumulator of the earlier updates."""
+    model = make_toy().to(torch.bfloat16)
+    ema = model.heads["jepa"].target
+    perturb_(model, seed=0)
+    ema.update_(model, 0.5)
+    loaded = {f"heads.jepa.target.{name}": torch.zeros_like(t) for name, t in target_of(model).items()}
+    model.load_state_dict(loaded, strict=False)
+    ema.update_(model, 0.5)
+    for name, p in model.named_parameters():
+        if name in BACKBONE:
+            torch.testing.assert_close(target_of(model)[name], (0.5 * p.float()).to(torch.bfloat16), rtol=0, atol=0)
+
+
 def test_an_update_before_the_copy_exists_says_what_to_call():
     model = make_toy()
     with pytest.raises(RuntimeError, match=r"no copy of the backbone yet: call reset_\(model\) first"):
