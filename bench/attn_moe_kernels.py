@@ -39,18 +39,12 @@ On a CPU, tiny shapes, timings meaningless (exercises every code path):
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
-import json
+import importlib
 import os
-import platform
-import statistics
-import sys
-import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, Run, load_module, median_ms, package_version, relative_max, relative_norm
+
 SECTIONS = ("floors", "attn_num", "attn", "window", "moe_num", "moe", "sparse_num", "sparse", "hspmn_262k", "rmsnorm")
 
 FULL = {
@@ -71,133 +65,29 @@ TINY = {
 }
 
 
-def load_module(name: str, relative_path: str):
-    """Import a file by path (templates/runtime files are not a package on the GPU machine's path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def rel_err(actual, expected) -> float:
-    """max |a - e| / max |e| (the repository's assert_close measure)."""
-    a, e = actual.detach().double(), expected.detach().double()
-    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
-
-
-def rel_norm(actual, expected) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
-
-
-class Bench:
+class Bench(Run):
     def __init__(self, out: Path, dry_run: bool, budget_s: float, only: set[str]):
+        super().__init__("attn_moe_kernels", out, dry_run=dry_run, budget_s=budget_s)
         import torch
 
         self.torch = torch
-        self.out = out
-        self.dry_run = dry_run
-        self.budget_s = budget_s
         self.only = only
-        self.started = time.perf_counter()
-        self.device = "cpu" if dry_run else "cuda"
         self.s = TINY if dry_run else FULL
         self.attn_ops = load_module("amk_attention", "templates/runtime/attention.py")
         self.moe_ops = load_module("amk_moe", "templates/runtime/moe.py")
         self.routing_ops = load_module("amk_routing", "templates/runtime/routing.py")
-        self.results: dict = {"meta": self.meta(), "sections": {}}
-        self.bars: list[dict] = []
-        self.command = "python bench/attn_moe_kernels.py " + " ".join(sys.argv[1:])
+        self.meta["liger_kernel"] = package_version("liger-kernel")
+        self.meta["has_grouped_mm"] = hasattr(torch, "_grouped_mm")
 
-    def meta(self) -> dict:
-        torch = self.torch
-        meta = {"torch": torch.__version__, "python": platform.python_version(), "dry_run": self.dry_run,
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        try:
-            import triton
-
-            meta["triton"] = triton.__version__
-        except ImportError:
-            meta["triton"] = None
-        try:
-            from importlib.metadata import version
-
-            meta["liger_kernel"] = version("liger-kernel")
-        except Exception:  # noqa: BLE001
-            meta["liger_kernel"] = None
-        if torch.cuda.is_available():
-            meta["gpu"] = torch.cuda.get_device_name()
-            meta["capability"] = torch.cuda.get_device_capability()
-        meta["has_grouped_mm"] = hasattr(torch, "_grouped_mm")
-        return meta
-
-    # -- bookkeeping ----------------------------------------------------------------------------------------------
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "attn_moe_kernels.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-        (self.out / "attn_moe_kernels.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
-
-    def section(self, name: str, fn, needs_s: float) -> None:
-        if self.only and name not in self.only:
-            return
-        if self.elapsed() + needs_s > self.budget_s:
-            self.results["sections"][name] = {"skipped": f"budget: {self.elapsed():.0f}s used, needs ~{needs_s}s"}
-            self.write()
-            return
-        t0 = time.perf_counter()
-        record: dict = {}
-        self.results["sections"][name] = record
-        try:
-            fn(record)
-        except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal  # one failing section never stops the others
-            record["error"] = f"{type(error).__name__}: {error}"[:2000]
-            record["traceback"] = traceback.format_exc()[-4000:]
-        finally:
-            record["seconds"] = round(time.perf_counter() - t0, 1)
-            if self.device == "cuda":
-                self.torch.cuda.empty_cache()
-            self.write()
-            print(f"[{self.elapsed():6.1f}s] {name}: {'ERROR ' + record['error'][:200] if 'error' in record else 'ok'}",
-                  flush=True)
-
-    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
-            bar: float) -> None:
-        self.bars.append({
-            "figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-            "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
-            "device": self.results["meta"].get("gpu", "cpu (dry run)"),
-            "date": self.results["meta"]["date"][:10], "command": self.command,
-        })
+    def section(self, name: str, fn, needs_s: float = 0.0) -> None:
+        if not self.only or name in self.only:
+            super().section(name, fn, needs_s)
 
     # -- timing ---------------------------------------------------------------------------------------------------
 
     def time_ms(self, fn, reps: int | None = None, warmup: int = 2) -> float:
         """Median milliseconds of fn() over reps runs after warm-ups (CUDA events; host clock on the CPU)."""
-        torch = self.torch
-        reps = reps or self.s["reps"]
-        for _ in range(0 if self.dry_run else warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return median_ms(fn, self.device, reps or self.s["reps"], warmup)
 
     def fwd_bwd(self, fn, inputs):
         """A closure running fn(*inputs) forward and backward with a fixed cotangent (grads accumulate; harmless)."""
@@ -251,9 +141,9 @@ class Bench:
             for label, a, e in zip(names, [y, *g], expected, strict=True):
                 finite = bool(torch.isfinite(a).all())
                 if dtype_name == "fp32":
-                    err, tol, measure = rel_err(a, e), fp32_tol, "fp32_rel_max"
+                    err, tol, measure = relative_max(a, e), fp32_tol, "fp32_rel_max"
                 else:
-                    err, tol, measure = rel_norm(a, e), bf16_tol, "bf16_rel_norm"
+                    err, tol, measure = relative_norm(a, e), bf16_tol, "bf16_rel_norm"
                 out[label][measure] = err
                 out[label][f"{dtype_name}_ok"] = finite and err <= tol
         for label in names:
@@ -322,7 +212,7 @@ class Bench:
             k_all, v_all, kp = ring.update(k[:, :, t : t + 1], v[:, :, t : t + 1], t)
             outs.append(A.attention(q[:, :, t : t + 1], k_all, v_all, q_positions=pos[t : t + 1], k_positions=kp,
                                     window=Wr))
-        err = rel_err(torch.cat(outs, dim=2), full)
+        err = relative_max(torch.cat(outs, dim=2), full)
         record["ring_decode_3x_window"] = {"rel_max": err, "cache_slots": ring.k.shape[2], "ok": err <= 1e-5}
 
     def _attention_shape(self):
@@ -586,7 +476,6 @@ class Bench:
 
     def hspmn_262k(self, record):
         torch = self.torch
-        sys.path.insert(0, str(ROOT))
         import tempfile
 
         from tests.conftest import build_package
@@ -627,7 +516,10 @@ class Bench:
         kernel = None
         if (ROOT / "kernels/rmsnorm.py").exists():
             try:
-                kernel = load_module("amk_rmsnorm", "kernels/rmsnorm.py")
+                from archgen.resources import kernels_package
+
+                kernels_package()  # this checkout's kernels/ as archgen_kernels (rmsnorm.py imports .triton_support)
+                kernel = importlib.import_module("archgen_kernels.rmsnorm")
             except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
                 record["kernel_import"] = f"{type(error).__name__}: {error}"
         if kernel is not None:  # numerics: odd sizes, fp32 (1e-5) and bf16 (1e-2), output and every gradient
@@ -699,7 +591,7 @@ class Bench:
             except Exception as error:  # noqa: BLE001 - a failing peer or section is recorded, never fatal
                 record[f"add_{name}"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         record["copy_TBps"] = copy_TBps
-        liger_version = self.results["meta"].get("liger_kernel")
+        liger_version = self.meta.get("liger_kernel")
         for prefix, what in (("", "RMSNorm"), ("add_", "RMSNorm + residual add")):
             ours, liger = record.get(f"{prefix}archgen", {}), record.get(f"{prefix}liger", {})
             for key, label in (("fwd_TBps", "fwd"), ("fwd_bwd_TBps", "fwd+bwd")):
@@ -713,17 +605,11 @@ class Bench:
                              ours[key] / liger[key], 1.0)
 
     def summary(self) -> str:
-        lines = [f"{'figure':90s} {'archgen':>10s} {'ref':>10s} {'ratio':>6s} {'bar':>5s}"]
-        for b in self.bars:
-            lines.append(f"{b['figure'][:90]:90s} {b['archgen']:10.3f} {b['reference_value']:10.3f} "
-                         f"{b['ratio']:6.2f} {b['bar']:5.2f} {'PASS' if b['ratio'] >= b['bar'] else 'miss'}")
-        for name, record in self.results["sections"].items():
-            if isinstance(record, dict):
-                bad = [k for k, v in record.items() if isinstance(v, dict) and v.get("ok") is False]
-                if bad:
-                    lines.append(f"NUMERICS FAILED in {name}: {bad}")
-                if "error" in record:
-                    lines.append(f"ERROR in {name}: {record['error'][:150]}")
+        lines = [super().summary()]
+        for name, record in self.sections.items():
+            bad = [k for k, v in record.items() if isinstance(v, dict) and v.get("ok") is False]
+            if bad:
+                lines.append(f"NUMERICS FAILED in {name}: {bad}")
         return "\n".join(lines)
 
 

@@ -35,18 +35,13 @@ On a CPU, to exercise the script (tiny shapes, Triton's interpreter, torch's CPU
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
-import importlib.util
 import json
 import os
-import platform
-import sys
-import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, Run, load_module, median_ms, relative_norm
+
 BF16_BAR = 1e-2  # relative norm against float32 math (issue 11)
 RATE_BAR = 0.6  # useful expert FLOP/s over the dense bf16 matmul rate (issue 11)
 ZIPF_EXPONENT = 1.0
@@ -68,36 +63,17 @@ TINY = {
 NEEDS_S = {"floors": 3, "numerics": 15, "moe": 45, "swiglu": 15}
 
 
-def load_runtime_moe():
-    """templates/runtime/moe.py by path, as generated packages carry it (ops/moe.py; imports only torch)."""
-    spec = importlib.util.spec_from_file_location("archgen_runtime_moe", ROOT / "templates/runtime/moe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def rel_norm(actual, expected) -> float:
-    a, e = actual.detach().double(), expected.detach().double()
-    return float((a - e).norm() / e.norm().clamp_min(1e-30))
-
-
-class Check:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, command: str):
+class Check(Run):
+    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+        super().__init__("moe_check", out, dry_run=dry_run, budget_s=budget_s)
         import torch
 
         self.torch = torch
-        self.out = out
-        self.dry_run = dry_run
-        self.budget_s = budget_s
-        self.command = command
-        self.started = time.perf_counter()
-        self.device = "cpu" if dry_run else "cuda"
         self.s = TINY if dry_run else FULL
-        self.moe = load_runtime_moe()
+        # templates/runtime/moe.py by path, as generated packages carry it (ops/moe.py; imports only torch)
+        self.moe = load_module("archgen_runtime_moe", "templates/runtime/moe.py")
         self.default_use_grouped_mm = self.moe.USE_GROUPED_MM  # what generated models run; the forms below flip it
-        self.results: dict = {"meta": self.meta(), "sections": {}}
-        self.bars: list[dict] = []
-        sys.path.insert(0, str(ROOT))
+        self.meta.update(has_grouped_mm=hasattr(torch, "_grouped_mm"), zipf_exponent=ZIPF_EXPONENT)
         try:
             from archgen.resources import kernels_package
 
@@ -105,58 +81,10 @@ class Check:
             self.swiglu_kernel = importlib.import_module("archgen_kernels.swiglu")
         except Exception as error:  # noqa: BLE001 - without triton the torch forms still run
             self.swiglu_kernel = None
-            self.results["meta"]["swiglu_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
-
-    def meta(self) -> dict:
-        torch = self.torch
-        meta = {"torch": torch.__version__, "python": platform.python_version(), "dry_run": self.dry_run,
-                "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "command": self.command,
-                "has_grouped_mm": hasattr(torch, "_grouped_mm"), "zipf_exponent": ZIPF_EXPONENT}
-        try:
-            import triton
-
-            meta["triton"] = triton.__version__
-        except ImportError:
-            meta["triton"] = None
-        if torch.cuda.is_available() and not self.dry_run:
-            meta["gpu"] = torch.cuda.get_device_name()
-            meta["capability"] = list(torch.cuda.get_device_capability())
-        return meta
-
-    # -- bookkeeping ----------------------------------------------------------------------------------------------
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "moe_check.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-        (self.out / "moe_check.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
+            self.meta["swiglu_kernel_error"] = f"{type(error).__name__}: {error}"[:500]
 
     def section(self, name: str, fn) -> None:
-        record = self.results["sections"].setdefault(name, {})
-        needs = 0 if self.dry_run else NEEDS_S[name]
-        if self.elapsed() + needs > self.budget_s:
-            record["skipped"] = f"time budget: {self.elapsed():.0f} s of {self.budget_s:.0f} s used, needs ~{needs} s"
-            self.write()
-            return
-        started = time.perf_counter()
-        try:
-            fn(record)
-        except Exception as error:  # noqa: BLE001 - a failed section is a finding; the others still run
-            record["error"] = f"{type(error).__name__}: {str(error)[:800]}"
-            record["traceback"] = traceback.format_exc()[-3000:]
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        self.write()
-
-    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
-            bar: float) -> None:
-        self.bars.append({
-            "figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-            "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
-            "device": self.results["meta"].get("gpu", "cpu (dry run)"),
-            "date": self.results["meta"]["date"][:10], "command": self.command,
-        })
+        super().section(name, fn, NEEDS_S[name])
 
     # -- measuring ------------------------------------------------------------------------------------------------
 
@@ -166,24 +94,7 @@ class Check:
 
     def time_ms(self, fn, warmup: int = 2) -> float:
         """Median milliseconds of fn() (CUDA events on the GPU, the host clock on the CPU)."""
-        torch = self.torch
-        for _ in range(0 if self.dry_run else warmup):
-            fn()
-        times = []
-        for _ in range(self.s["reps"]):
-            self.sync()
-            if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - began) * 1e3)
-        return sorted(times)[len(times) // 2]
+        return median_ms(fn, self.device, self.s["reps"], warmup)
 
     def peak_reset(self) -> None:
         if self.device == "cuda":
@@ -257,7 +168,7 @@ class Check:
         self.results["verdict"] = {
             "grouped_mm_exact_in_bf16": grouped_ok,
             "USE_GROUPED_MM": "turn on (templates/runtime/moe.py)" if grouped_ok else "leave off",
-            "measured_on": self.results["meta"].get("gpu", "cpu (dry run: says nothing about the GPU)"),
+            "measured_on": self.meta.get("gpu", "cpu (dry run: says nothing about the GPU)"),
         }
 
     def numerics_case(self, case: dict) -> dict:
@@ -297,9 +208,9 @@ class Check:
                     entry["bf16_path"] = self.path(form, x.to(bf), w_in.to(bf), w_out.to(bf))
                 if "grouped_mm" not in form_name:  # float32 never takes _grouped_mm: one float32 check per form
                     got32 = run(fn, torch.float32)
-                    entry["fp32_rel_norm"] = max(rel_norm(a, e) for a, e in zip(got32, reference, strict=True))
+                    entry["fp32_rel_norm"] = max(relative_norm(a, e) for a, e in zip(got32, reference, strict=True))
                 got = run(fn, torch.bfloat16)
-                entry["bf16_rel_norm"] = {lab: rel_norm(a, e) for lab, a, e in zip(labels, got, reference, strict=True)}
+                entry["bf16_rel_norm"] = {lab: relative_norm(a, e) for lab, a, e in zip(labels, got, reference, strict=True)}
                 entry["finite"] = all(bool(torch.isfinite(t).all()) for t in got)
                 if case["empty_expert"]:
                     entry["empty_expert_grads_zero"] = bool((got[3][E - 1] == 0).all() and (got[4][E - 1] == 0).all())
@@ -307,7 +218,7 @@ class Check:
                 entry["ok"] = entry["finite"] and worst <= BF16_BAR and entry.get("empty_expert_grads_zero", True)
                 # the first GPU run's comparison: router logits rounded to bf16 as well (routing flips)
                 rounded = run(fn, torch.bfloat16, logits_dtype=torch.bfloat16)
-                entry["bf16_logits_diagnostic_rel_norm"] = {lab: rel_norm(a, e) for lab, a, e in
+                entry["bf16_logits_diagnostic_rel_norm"] = {lab: relative_norm(a, e) for lab, a, e in
                                                             zip(labels, rounded, reference, strict=True)}
             except Exception as error:  # noqa: BLE001 - one failing form must not hide the others
                 entry["error"] = f"{type(error).__name__}: {str(error)[:500]}"
@@ -330,7 +241,7 @@ class Check:
         rows, h = self.s["swiglu"]["rows"], self.s["swiglu"]["h"]
         x = torch.randn(rows, 2 * h, device=self.device, dtype=torch.bfloat16)
         dy = torch.randn(rows, h, device=self.device, dtype=torch.bfloat16)
-        copy = self.results["sections"].get("floors", {}).get("copy_GBps")
+        copy = self.sections.get("floors", {}).get("copy_GBps")
         record["shape"] = {"rows": rows, "h": h, "dtype": "bf16"}
         variants = {"eager": lambda t: self.moe._activate(t, "swiglu"), "fused": self.swiglu_kernel.swiglu}
         # forward reads 2h and writes h per row; forward+backward adds reading dy and h_in, writing dh
@@ -359,13 +270,13 @@ class Check:
         ref_leaf = x.detach().float().requires_grad_()
         y_ref = self.swiglu_kernel.swiglu_reference(ref_leaf)
         y_ref.backward(dy.float())
-        record["rel_norm_vs_fp32"] = {"y": rel_norm(y, y_ref), "dh": rel_norm(leaf.grad, ref_leaf.grad)}
+        record["rel_norm_vs_fp32"] = {"y": relative_norm(y, y_ref), "dh": relative_norm(leaf.grad, ref_leaf.grad)}
 
     def moe_layer(self, record: dict) -> None:
         torch = self.torch
         c = self.s["moe"]
         N, E, k, d, h = c["N"], c["E"], c["k"], c["d"], c["h"]
-        rate = self.results["sections"].get("floors", {}).get("matmul_TFLOPs")
+        rate = self.sections.get("floors", {}).get("matmul_TFLOPs")
         bf = torch.bfloat16
         g = self.generator(0)
         x = self.randn(N, d, generator=g).to(bf).requires_grad_()
@@ -447,7 +358,7 @@ class Check:
         for form_name, form in self.forms().items():
             try:
                 got = run(form, torch.bfloat16)
-                errors = {lab: rel_norm(a, e) for lab, a, e in zip(labels, got, reference, strict=True)}
+                errors = {lab: relative_norm(a, e) for lab, a, e in zip(labels, got, reference, strict=True)}
                 finite = all(bool(torch.isfinite(t).all()) for t in got)
                 entry[form_name] = {"bf16_rel_norm": errors, "finite": finite,
                                     "ok": finite and max(errors.values()) <= BF16_BAR}
@@ -535,8 +446,7 @@ def main() -> None:
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"  # CPU tensors take the kernel, in the interpreter
-    command = "python bench/moe_check.py " + " ".join(sys.argv[1:])
-    check = Check(out, args.dry_run, args.budget_s, command)
+    check = Check(out, args.dry_run, args.budget_s)
     import torch
 
     if not args.dry_run and not torch.cuda.is_available():

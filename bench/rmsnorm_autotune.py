@@ -22,7 +22,6 @@ Writes rmsnorm_autotune.json and rmsnorm_autotune.bars.json ({"figure", "archgen
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -30,15 +29,14 @@ import sys
 import tempfile
 import textwrap
 import time
-import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, Run, bench_ms
+
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
@@ -55,57 +53,15 @@ DRY_SHAPE = (48, 64)
 EPS = 1e-6
 
 
-class Bench:
+class Bench(Run):
     def __init__(self, out: Path, dry_run: bool, budget_s: float):
-        self.out, self.dry_run, self.budget_s = out, dry_run, budget_s
-        self.device = "cpu" if dry_run else "cuda"
-        self.started = time.perf_counter()
-        self.command = "python bench/rmsnorm_autotune.py " + " ".join(sys.argv[1:])
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "dry_run": dry_run, "command": self.command}
-        if not dry_run:
-            meta["gpu"] = torch.cuda.get_device_name()
-        self.results = {"meta": meta, "sections": {}}
-        self.bars: list[dict] = []
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def section(self, name: str, run, needs_s: float) -> None:
-        """Run one section into results["sections"][name]; a failure is recorded, never fatal; a section that would
-        not fit in the budget is skipped and says so."""
-        record = self.results["sections"].setdefault(name, {})
-        if not self.dry_run and self.elapsed() + needs_s > self.budget_s:  # a dry run checks every section
-            record["skipped"] = f"budget: {self.elapsed():.0f}s spent, ~{needs_s:.0f}s needed, --budget-s {self.budget_s:.0f}"
-            return
-        started = time.perf_counter()
-        try:
-            run(record)
-        except Exception as error:  # noqa: BLE001 - a failing section is recorded, the others still run
-            record["error"] = f"{type(error).__name__}: {error}"
-            record["traceback"] = traceback.format_exc()[-3000:]
-        record["seconds"] = round(time.perf_counter() - started, 1)
-        self.save()
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "rmsnorm_autotune.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
-        (self.out / "rmsnorm_autotune.bars.json").write_text(json.dumps(self.bars, indent=1) + "\n")
-
-    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
-            bar: float) -> None:
-        self.bars.append({"figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-                          "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
-                          "device": self.results["meta"].get("gpu", "cpu (dry run)"),
-                          "date": self.results["meta"]["date"][:10], "command": self.command})
+        super().__init__("rmsnorm_autotune", out, dry_run=dry_run, budget_s=budget_s)
 
     def time_ms(self, fn) -> float:
         """Median milliseconds (triton's do_bench, L2 flushed between runs, on the GPU; the host clock on the CPU)."""
         if self.dry_run:
             return timed(fn, "cpu", 2, warmup=1) * 1e3
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return bench_ms(fn, self.device)
 
     # -- build --autotune ----------------------------------------------------------------------------------------
 
@@ -330,19 +286,13 @@ class Bench:
                              f"Liger-Kernel {record.get('liger_version')}", liger[key], ours[key] / liger[key], 1.0)
 
     def summary(self) -> str:
-        lines = [f"{'figure':70s} {'archgen':>9s} {'ref':>9s} {'ratio':>6s} {'bar':>5s}"]
-        for b in self.bars:
-            lines.append(f"{b['figure'][:70]:70s} {b['archgen']:9.3f} {b['reference_value']:9.3f} {b['ratio']:6.2f} "
-                         f"{b['bar']:5.2f} {'PASS' if b['ratio'] >= b['bar'] else 'miss'}")
-        build = self.results["sections"].get("build", {})
+        lines = [super().summary()]
+        build = self.sections.get("build", {})
         if "build_s" in build:
             run = build.get("import_and_run", {})
             lines.append(f"build --autotune: {build['build_s']}s, {build.get('entries', 0)} table entries; package "
                          f"import+run ok={run.get('ok')} untuned={len(run.get('untuned', []))}")
-        for name, record in self.results["sections"].items():
-            for key in ("error", "skipped"):
-                if key in record:
-                    lines.append(f"{key.upper()} in {name}: {str(record[key])[:200]}")
+        for name, record in self.sections.items():
             if record.get("ok") is False:
                 failed = [k for k, v in record.items() if isinstance(v, dict) and not v.get("ok", True)]
                 lines.append(f"NUMERICS FAILED in {name}: {failed}")
@@ -360,7 +310,6 @@ def main() -> None:
     bench.section("build", bench.build, 0 if args.dry_run else 20)
     bench.section("numerics", bench.numerics, 0 if args.dry_run else 5)
     bench.section("speed", bench.speed, 0 if args.dry_run else 12)
-    bench.save()
     print(bench.summary())
     print(f"wrote {args.out / 'rmsnorm_autotune.json'} and {args.out / 'rmsnorm_autotune.bars.json'} in {bench.elapsed():.0f}s")
 

@@ -47,10 +47,8 @@ their import is all that is tested):
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import importlib.util
-import json
+import importlib
 import math
 import os
 import platform
@@ -58,11 +56,10 @@ import sys
 import tarfile
 import tempfile
 import time
-import traceback
 import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, Run, bench_ms, relative_norm
 
 SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
 
@@ -118,22 +115,16 @@ def import_mamba_ssm_triton(sdist: str | None):
     return combined, update
 
 
-class Bench:
-    """One run: modules, device, timer, deadline, results and bar rows, written after every section."""
+class Bench(Run):
+    """One run: the kernels, their references and peers, the shapes; sections return their record."""
 
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, sdist: str | None, command: str):
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, sdist: str | None):
+        super().__init__("ssm_kernels", out, dry_run=dry_run, budget_s=budget_s)
         import torch
 
         self.torch = torch
-        self.out = out
-        self.dry_run = dry_run
-        self.budget_s = budget_s
         self.sdist = sdist
-        self.command = command
-        self.started = time.perf_counter()
-        self.device = "cpu" if dry_run else "cuda"
         self.shapes = DRY if dry_run else FULL
-        sys.path.insert(0, str(ROOT))
         from archgen.resources import kernels_package
 
         kernels_package()  # this checkout's kernels/ as archgen_kernels
@@ -142,67 +133,14 @@ class Bench:
         self.step = importlib.import_module("archgen_kernels.state_update")
         self.triton_support = importlib.import_module("archgen_kernels.triton_support")
         self.runtime_ssd = load_runtime("ssd")
-        self.results: dict = {"command": command, "dry_run": dry_run}
-        self.bars: list[dict] = []
-        self.device_name = "cpu (dry run)" if dry_run else torch.cuda.get_device_name()
-
-    # -- bookkeeping ------------------------------------------------------------------------------------------
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def write(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "ssm_kernels.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-        (self.out / "bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
 
     def section(self, name: str, fn, *, needs_s: float = 0.0) -> None:
-        if self.elapsed() + needs_s > self.budget_s:
-            self.results[name] = {"skipped": f"time budget: {self.elapsed():.0f} s of {self.budget_s:.0f} s used, "
-                                             f"the section needs ~{needs_s:.0f} s"}
-        else:
-            started = time.perf_counter()
-            try:
-                self.results[name] = fn()
-            except Exception as error:  # noqa: BLE001 -- a section's failure is a result; the others still run
-                self.results[name] = {"error": f"{type(error).__name__}: {error}"[:2000],
-                                      "traceback": traceback.format_exc().splitlines()[-15:]}
-            if isinstance(self.results[name], dict):
-                self.results[name]["section_s"] = round(time.perf_counter() - started, 2)
-        if self.device == "cuda":
-            self.torch.cuda.synchronize()
-            self.torch.cuda.empty_cache()
-        self.results["elapsed_s"] = round(self.elapsed(), 1)
-        self.write()
-        print(f"[{self.elapsed():6.1f} s] {name}: {json.dumps(self.results[name], default=str)[:600]}", flush=True)
-
-    def guarded(self, record: dict, key: str, fn):
-        """record[key] = fn(), or the error: a sub-measurement failing keeps the rest of its section."""
-        try:
-            record[key] = fn()
-        except Exception as error:  # noqa: BLE001
-            record[key] = {"error": f"{type(error).__name__}: {error}"[:1000],
-                           "traceback": traceback.format_exc().splitlines()[-8:]}
-        return record[key]
-
-    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
-            bar: float) -> None:
-        self.bars.append({
-            "figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-            "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
-            "device": self.device_name, "date": datetime.date.today().isoformat(), "command": self.command,
-        })
+        super().section(name, lambda record: record.update(fn()), needs_s)
 
     # -- measuring ----------------------------------------------------------------------------------------------
 
     def time_ms(self, fn, grad_to_none=None) -> float:
-        if self.device == "cuda":
-            from triton.testing import do_bench
-
-            return float(do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"))
-        started = time.perf_counter()
-        fn()
-        return (time.perf_counter() - started) * 1e3
+        return bench_ms(fn, self.device, grad_to_none)
 
     def graph_ms(self, fn) -> float:
         """Median ms of fn replayed from a CUDA graph (launch gaps removed); fn is warmed up first."""
@@ -223,13 +161,6 @@ class Bench:
     def randn(self, g, *shape, scale=1.0, mean=0.0, dtype=None):
         torch = self.torch
         return (torch.randn(*shape, generator=g, device=self.device) * scale + mean).to(dtype or torch.float32)
-
-    @staticmethod
-    def rel(actual, expected) -> float:
-        a, e = actual.detach().double(), expected.detach().double()
-        if a.isnan().any():
-            return float("nan")
-        return float((a - e).norm() / e.norm().clamp_min(1e-30))
 
     def verdicts(self, errors: dict, tol: float) -> dict:
         return {"errors": {k: f"{v:.2e}" for k, v in errors.items()}, "tolerance": tol,
@@ -286,7 +217,7 @@ class Bench:
         grads_ref = torch.autograd.grad((y_ref * dy).sum() + (final_ref * dfinal).sum(), list(ref_leaves.values()))
         reference = {"y": y_ref.detach(), "final_state": final_ref.detach()}
         reference.update({f"d{k}": grad for k, grad in zip(ref_leaves, grads_ref, strict=True)})
-        errors = {k: self.rel(kernel[k], reference[k]) for k in reference}
+        errors = {k: relative_norm(kernel[k], reference[k]) for k in reference}
         name = str(dtype).replace("torch.", "")
         return {"shape": shape, "dtype": name, **self.verdicts(errors, TOLERANCE[name])}
 
@@ -357,7 +288,7 @@ class Bench:
             y_peer = peer(args)
             y_ours, _ = self.ssd_kernel(args, chunk)
         out["first_forward_s (autotune)"] = round(time.perf_counter() - started, 1)
-        out["ours_vs_peer_rel_error_bf16"] = f"{self.rel(y_ours, y_peer):.2e}"
+        out["ours_vs_peer_rel_error_bf16"] = f"{relative_norm(y_ours, y_peer):.2e}"
         del y_peer, y_ours
         with torch.no_grad():
             out["peer_forward_ms"] = self.time_ms(lambda: peer(args))
@@ -371,7 +302,7 @@ class Bench:
         forward_backward()
         out["first_backward_s (autotune)"] = round(time.perf_counter() - started, 1)
         out["peer_forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=list(leaves.values()))
-        ours = self.results.get("ssd_timing", {})
+        ours = self.sections.get("ssd_timing", {})
         label = (f"SSD B{shape['batch']} L{shape['seqlen']} H{shape['nheads']}x{shape['headdim']} N{shape['dstate']} "
                  f"G{shape['ngroups']} chunk {chunk}, bf16")
         peer_name = "mamba_ssm mamba_chunk_scan_combined (Triton)"
@@ -401,8 +332,8 @@ class Bench:
             ref_leaves = [a.detach().float().requires_grad_() for a in args]
             y_ref, state_ref = self.conv_kernels.causal_conv1d_reference(*ref_leaves, activation="silu")
             grads_ref = torch.autograd.grad((y_ref * dy).sum() + (state_ref * dstate).sum(), ref_leaves)
-            errors = {"y": self.rel(y, y_ref), "new_state": self.rel(state, state_ref)}
-            errors.update({f"d{name}": self.rel(a, b) for name, a, b in
+            errors = {"y": relative_norm(y, y_ref), "new_state": relative_norm(state, state_ref)}
+            errors.update({f"d{name}": relative_norm(a, b) for name, a, b in
                            zip(("x", "weight", "bias", "conv_state"), grads, grads_ref, strict=True)})
             name = str(dtype).replace("torch.", "")
             return self.verdicts(errors, TOLERANCE[name])
@@ -430,7 +361,7 @@ class Bench:
             # trip of one more such tensor).
             backward_ms = result["forward_backward_ms"] - result["forward_ms"]
             result["backward_GBps"] = 3 * x.numel() * x.element_size() / backward_ms / 1e6
-            copy = self.results.get("env", {}).get("copy_GBps")
+            copy = self.sections.get("env", {}).get("copy_GBps")
             if isinstance(copy, float):
                 result["backward_fraction_of_copy"] = result["backward_GBps"] / copy
                 result["fraction_of_copy"] = result["forward_GBps"] / copy
@@ -451,7 +382,7 @@ class Bench:
             weight, bias = self.randn(g, dim, width, scale=0.5), self.randn(g, dim)
             y, new_state = self.conv_kernels.causal_conv1d_update(x, state, weight, bias, "silu")
             y_ref, state_ref = self.conv_kernels.causal_conv1d_reference(x.unsqueeze(1), weight, bias, state, "silu")
-            return {"rel_error_y": f"{self.rel(y, y_ref.squeeze(1)):.2e}",
+            return {"rel_error_y": f"{relative_norm(y, y_ref.squeeze(1)):.2e}",
                     "state_equal": bool(torch.equal(new_state, state_ref)),
                     "step_us": 1e3 * self.time_ms(lambda: self.conv_kernels.causal_conv1d_update(x, state, weight, bias,
                                                                                          "silu"))}
@@ -526,8 +457,8 @@ class Bench:
                              ngroups)
                 y, _, new_ssm = self.step.mamba2_step(*step_args)
                 y_ref, _, ssm_ref = self.step.mamba2_step_reference(*step_args)
-                result["rel_error_y"] = f"{self.rel(y, y_ref):.2e}"
-                result["rel_error_state"] = f"{self.rel(new_ssm, ssm_ref):.2e}"
+                result["rel_error_y"] = f"{relative_norm(y, y_ref):.2e}"
+                result["rel_error_state"] = f"{relative_norm(new_ssm, ssm_ref):.2e}"
                 result["ours_eager_us"] = 1e3 * self.time_ms(ours)
                 result["ours_graph_us"] = 1e3 * self.graph_ms(ours)
                 best = result["ours_graph_us"]
@@ -553,7 +484,7 @@ class Bench:
             step_args = (state1, u, delta, A1_log, B1, C1, D1, z, bias1)
             y1, s1 = self.step.mamba_step(*step_args)
             y1_ref, s1_ref = self.step.mamba_step_reference(*step_args)
-            result = {"rel_error_y": f"{self.rel(y1, y1_ref):.2e}", "rel_error_state": f"{self.rel(s1, s1_ref):.2e}",
+            result = {"rel_error_y": f"{relative_norm(y1, y1_ref):.2e}", "rel_error_state": f"{relative_norm(s1, s1_ref):.2e}",
                       "ours_us": 1e3 * self.time_ms(lambda: self.step.mamba_step(*step_args))}
             if peer_update is not None:
                 peer_state, A1 = state1.clone(), -torch.exp(A1_log)
@@ -570,7 +501,7 @@ class Bench:
         torch = self.torch
         import triton
 
-        info = {"device": self.device_name, "torch": torch.__version__, "triton": triton.__version__,
+        info = {"device": self.meta.get("gpu", "cpu (dry run)"), "torch": torch.__version__, "triton": triton.__version__,
                 "python": platform.python_version(), "interpreting": self.ssd.interpreting()}
         if self.device == "cuda":
             src = torch.empty(2**30, dtype=torch.bfloat16, device="cuda").normal_()
@@ -589,7 +520,7 @@ class Bench:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/ssm_kernels"),
-                        help="directory for ssm_kernels.json and bars.json (default: $OUT)")
+                        help="directory for ssm_kernels.json and ssm_kernels.bars.json (default: $OUT)")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this many seconds")
     parser.add_argument("--mamba-sdist", default=None, help="mamba_ssm sdist (default: .whl/mamba_ssm-*.tar.gz)")
@@ -602,9 +533,7 @@ def main(argv=None) -> int:
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix() if sys.argv else "bench/ssm_kernels.py",
-                                    *(argv if argv is not None else sys.argv[1:])])
-    bench = Bench(Path(args.out), args.dry_run, args.budget_s, args.mamba_sdist, command)
+    bench = Bench(Path(args.out), args.dry_run, args.budget_s, args.mamba_sdist)
     # Rough needs, so a section that cannot finish is not started: the peer autotunes for ~85 s on its first calls.
     needs = {"env": 5, "ssd_numerics": 60, "ssd_timing": 60, "ssd_peer": 150, "conv": 40, "decode": 30}
     if "env" not in only:
@@ -616,9 +545,10 @@ def main(argv=None) -> int:
     for row in bench.bars:
         print(f"  {row['figure']}: {row['archgen']:.4g} {row['unit']} vs {row['reference_value']:.4g} "
               f"({row['reference']}) ratio {row['ratio']:.3g}, bar {row['bar']}")
-    failing = {name: result.get("failing") for name, result in bench.results.get("ssd_numerics", {}).items()
+    failing = {name: result.get("failing") for name, result in bench.sections.get("ssd_numerics", {}).items()
                if isinstance(result, dict) and result.get("failing")}
-    print(f"ssd numerics failing: {failing or 'none'}; wrote {bench.out / 'ssm_kernels.json'}")
+    print(f"ssd numerics failing: {failing or 'none'}; wrote {bench.out / 'ssm_kernels.json'} and "
+          f"{bench.out / 'ssm_kernels.bars.json'}")
     return 0
 
 
