@@ -2,10 +2,11 @@
 
 A script makes one `Run` (or a subclass holding its sections), calls `run.section(name, fn, needs_s)` for each part
 and `run.bar(...)` for each figure that has a bar. After every section the run rewrites <out>/<name>.json
-({"meta": ..., "sections": {name: record}}) and <out>/<name>.bars.json (the rows of bench/results/bars.json), so a
-call cut short keeps what it measured. A section is `fn(record)`, filling the dict it is given; one that raises is
-recorded (error and traceback) and the others still run; one that would not finish inside --budget-s (its estimate
-`needs_s`) is skipped and says so, except in a dry run, which exists to run every code path.
+({"meta": ..., "sections": {name: record}}) and, once it has any, <out>/<name>.bars.json (rows in the form of
+bench/results/bars.json), so a call cut short keeps what it measured. A section is `fn(record)`, filling the dict it
+is given; one that raises is recorded (error and traceback) and the others still run; one that would not finish
+inside --budget-s (its estimate `needs_s`) is skipped and says so, except in a dry run, which exists to run every
+code path.
 
 Timers: `median_ms` (CUDA events around each call, the median; the host clock on the CPU) and `bench_ms` (triton's
 do_bench: the L2 cache flushed between runs, for kernels whose inputs would otherwise stay in L2).
@@ -91,7 +92,8 @@ class Run:
     def write(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{self.name}.json").write_text(json.dumps(self.results, indent=2, default=str) + "\n")
-        (self.out / f"{self.name}.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
+        if self.bars:
+            (self.out / f"{self.name}.bars.json").write_text(json.dumps(self.bars, indent=2) + "\n")
 
     def section(self, name: str, fn: Callable[[dict], None], needs_s: float = 0.0) -> dict:
         """Run fn(record) into results["sections"][name] and write; returns the record."""

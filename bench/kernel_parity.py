@@ -33,19 +33,15 @@ autotunes, which dominates a spec's time); the ones left are listed as skipped.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 import traceback
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, Run
 
 KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "mamba_step", "ssd_scan", "mamba2_step", "apply_rope_qk",
                     "packed_query_attention", "swiglu", "silu_mul", "rms_norm")  # every kernel function a package may import
@@ -258,51 +254,28 @@ def main() -> None:
     sizes = DRY if args.dry_run else GPU
     if sizes["device"] == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --dry-run on a CPU")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "kernel_parity.json"
-    started = time.perf_counter()
-    results = {
-        "command": "python bench/kernel_parity.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu (Triton interpreter)",
-        "torch": torch.__version__, "python": platform.python_version(), "sizes": sizes, "budget_s": args.budget_s,
-        "specs": [], "skipped": [],
-    }
-    try:
-        import triton
-
-        results["triton"] = triton.__version__
-    except ImportError:
-        results["triton"] = None
+    run = Run("kernel_parity", args.out, dry_run=args.dry_run, budget_s=args.budget_s)
+    run.meta.update(device=run.meta.get("gpu", "cpu (Triton interpreter)"), sizes=sizes, budget_s=args.budget_s)
     with tempfile.TemporaryDirectory() as tmp:
         for index, (spec, gpu_overrides, (dry_preset, dry_overrides)) in enumerate(SPECS):
             if args.only and args.only not in spec:
                 continue
-            if time.perf_counter() - started > args.budget_s:
-                results["skipped"].append(spec)
-                continue
             preset, overrides = (dry_preset, dry_overrides) if args.dry_run else (None, gpu_overrides)
-            try:
-                entry = run_spec(spec, overrides, preset, sizes, Path(tmp) / str(index))
-            except Exception as error:
-                entry = {"spec": spec, "error": f"{type(error).__name__}: {error}"[:2000],
-                         "trace": traceback.format_exc()[-3000:], "pass": False}
-            results["specs"].append(entry)
-            if sizes["device"] == "cuda":
-                torch.cuda.empty_cache()
-            results["pass"] = all(e["pass"] for e in results["specs"]) and not results["skipped"]
-            results["seconds"] = time.perf_counter() - started
-            path.write_text(json.dumps(results, indent=2) + "\n")
-            summary = {k: entry.get(k) for k in ("spec", "pass", "seconds", "kernels", "error")}
-            for check in ("parity", "decode"):
-                if isinstance(entry.get(check), dict):
-                    summary[check] = {k: v for k, v in entry[check].items() if k not in ("trace",)}
+
+            def check(record, spec=spec, overrides=overrides, preset=preset, root=Path(tmp) / str(index)):
+                record.update(run_spec(spec, overrides, preset, sizes, root))
+
+            entry = run.section(spec, check)
+            entry.setdefault("pass", False)  # a spec whose build or run raised
+            run.results["pass"] = all(e["pass"] for e in run.sections.values())
+            run.write()
+            summary = {k: entry.get(k) for k in ("pass", "seconds", "kernels", "error", "skipped")}
+            for part in ("parity", "decode"):
+                if isinstance(entry.get(part), dict):
+                    summary[part] = {k: v for k, v in entry[part].items() if k not in ("trace",)}
             print(json.dumps(summary, indent=1, default=str), flush=True)
-    results["pass"] = all(e["pass"] for e in results["specs"]) and not results["skipped"]
-    results["seconds"] = time.perf_counter() - started
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {path}: pass={results['pass']}, {len(results['specs'])} specs in {results['seconds']:.0f} s, "
-          f"skipped {results['skipped']}", flush=True)
+    print(f"wrote {args.out / 'kernel_parity.json'}: pass={run.results.get('pass')}, {len(run.sections)} specs in "
+          f"{run.elapsed():.0f} s, skipped {[spec for spec, e in run.sections.items() if 'skipped' in e]}", flush=True)
 
 
 if __name__ == "__main__":

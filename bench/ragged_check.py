@@ -17,19 +17,14 @@ On a CPU, to exercise the script (eager decoding: CUDA graphs need a GPU):
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
+from harness import ROOT, Run
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from archgen.testing import build_generated, relative_error  # noqa: E402
+from archgen.testing import build_generated, relative_error
 
 SPECS = {
     "hspmn": ("specs/hspmn.yaml", ()),
@@ -80,25 +75,15 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, eager decoding")
     parser.add_argument("--budget-s", type=float, default=90.0, help="stop starting new specs after this many seconds")
     args = parser.parse_args()
-    device = "cpu" if args.dry_run or not torch.cuda.is_available() else "cuda"
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "cuda_graph": device == "cuda", "lengths": LENGTHS, "new_tokens": NEW_TOKENS, "logit_bar": LOGIT_BAR,
-              "specs": {}}
-    began = time.perf_counter()
+    run = Run("ragged_check", args.out, dry_run=args.dry_run or not torch.cuda.is_available(), budget_s=args.budget_s)
+    run.meta.update(device=run.meta.get("gpu", "cpu"), cuda_graph=run.device == "cuda", lengths=LENGTHS,
+                    new_tokens=NEW_TOKENS, logit_bar=LOGIT_BAR)
     with tempfile.TemporaryDirectory() as root:
         for name, (spec, overrides) in SPECS.items():
-            if time.perf_counter() - began > args.budget_s:
-                report["specs"][name] = {"skipped": f"over the {args.budget_s:.0f} s budget"}
-                continue
-            try:
-                report["specs"][name] = check_spec(name, spec, overrides, device, Path(root))
-            except Exception:  # noqa: BLE001 - recorded, and the next spec runs
-                report["specs"][name] = {"ok": False, "error": traceback.format_exc()}
-            (args.out / "ragged_check.json").write_text(json.dumps(report, indent=2) + "\n")
-            print(name, json.dumps(report["specs"][name])[:300], flush=True)
-    report["seconds"] = time.perf_counter() - began
-    (args.out / "ragged_check.json").write_text(json.dumps(report, indent=2) + "\n")
+            def check(record, name=name, spec=spec, overrides=overrides):
+                record.update(check_spec(name, spec, overrides, run.device, Path(root)))
+
+            run.section(name, check).setdefault("ok", False)  # a spec that raised or was skipped
 
 
 if __name__ == "__main__":
