@@ -4,13 +4,9 @@ logits through all three, normalised or not, with and without a ragged batch's p
 outputs; torch.export and the decomposition. Without CUDA the kernels run in Triton's CPU interpreter.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import moe_router as mr
@@ -18,11 +14,6 @@ from templates.runtime import moe as runtime
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
 
 
 def randn(*shape, seed=0, scale=1.0):

@@ -4,13 +4,9 @@ gradients; the in-place path (inference) on a projection's strided view; poisone
 decomposition. Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1), so shapes are small.
 """
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import rope
@@ -26,11 +22,6 @@ SCALINGS = {  # rope_inv_freq's keyword arguments for each scaling the spec lang
     "yarn": {"factor": 8.0, "original_max_position": 64},
     "llama3": {"factor": 8.0, "original_max_position": 64, "low_freq_factor": 1.0, "high_freq_factor": 4.0},
 }
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
 
 
 def randn(*shape, dtype=torch.float32, seed=0):

@@ -2,14 +2,9 @@
 silu_mul, at odd sizes (widths that are not a multiple of the tile, one row, rows with a stride), float32 and bfloat16.
 Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
 
-import math
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import silu_mul as kernel
@@ -17,22 +12,7 @@ from templates.runtime import mlp as runtime_mlp
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers start as NaN
 
 
 CASES = {"fp32-2x7x45": (torch.float32, (2, 7, 45), False), "fp32-1x1x100-strided": (torch.float32, (1, 1, 100), True),

@@ -1,19 +1,16 @@
 """kernels/ssd.py against a plain loop over time: the output, the final state and every gradient.
 
-Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py),
 slowly, so shapes are small but ragged: T not a multiple of the chunk and T = 1, heads not a power of two, head_dim
 and d_state below the 16-wide tiles, several groups. Every buffer the kernels write starts as NaN (torch.empty is
 poisoned), so an element a kernel forgets shows up. The reference runs in float64 on the very values the kernel got.
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import ssd
@@ -21,29 +18,12 @@ from templates.runtime import ssd as runtime_ssd
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers start as NaN
 
 
 # Relative error ‖kernel - reference‖ / ‖reference‖ per input dtype (the issue's bars: float32 1e-5, bf16 1e-2).
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 GRADIENTS = ("x", "dt", "A", "B", "C", "D", "initial_state", "dt_bias")
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every floating torch.empty / empty_like starts as NaN while a test runs."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.float32, seed=0, optional=True):
@@ -64,7 +44,6 @@ def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, dtype=torch.
     if optional:
         args.update(D=randn(nheads), initial_state=randn(batch, nheads, headdim, dstate), dt_bias=randn(nheads, scale=0.3))
     return args
-
 
 
 def run_both(args, chunk, softplus=True, grad_final=True, seed=1):

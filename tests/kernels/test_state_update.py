@@ -5,13 +5,10 @@ several groups). Kernel-written buffers start as NaN (torch.empty is poisoned).
 """
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import state_update as su
@@ -20,23 +17,8 @@ from templates.runtime import ssm as runtime_ssm
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers start as NaN
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
 
 
 @pytest.mark.parametrize(("dtype", "with_optional"), [(torch.float32, True), (torch.float32, False),

@@ -2,15 +2,10 @@
 the gradient, in Triton's interpreter without CUDA, at odd sizes (rows and width not multiples of the tile, a strided
 row view). Kernel-written buffers start as NaN (torch.empty is poisoned)."""
 
-import math
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
 from archgen_kernels import swiglu as sg
@@ -19,22 +14,7 @@ from templates.runtime import moe as runtime_moe
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty = torch.empty
-
-    def poisoned(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", poisoned)
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers start as NaN
 
 
 def eager_swiglu(h):
