@@ -94,25 +94,26 @@ def test_replaces_the_runtime_op_also_against_a_cache():
                      TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("choice", [{"MASK_EDGES_ONLY": 0}, {"ATOMIC_DQ": 1}, {"ATOMIC_DQ": 1, "MASK_EDGES_ONLY": 0}],
+                         ids=["one-masked-loop", "atomic-dq", "atomic-dq-one-masked-loop"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
-def test_dkdv_in_one_masked_loop_gives_the_same_gradients(window):
-    """The dkdv kernel's other tuning choice (MASK_EDGES_ONLY=0: every row block masked, in one loop) against the
-    reference: grouped heads, odd sizes, padding rows."""
-    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, seed=4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_the_backwards_other_tuning_choices_give_the_same_gradients(choice, window, dtype):
+    """The dkdv tuner's other choices (every row block masked in one loop; dq computed in the dkdv kernel with atomic
+    adds, after a delta kernel) against the reference: every gradient, grouped heads, odd sizes, padding rows."""
+    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
     kernel_positions = pqa.kernel_positions(positions, valid)
     out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
                                                          keep_float32_out=True)
-    cotangent = torch.randn(out.shape, device=DEVICE)
-    one_loop = pqa.INTERPRETER_CONFIG | {"MASK_EDGES_ONLY": 0}
-    _, dk, dv = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale, window,
-                                                    configs={"dkdv": one_loop})
-    leaves = [t.clone().requires_grad_() for t in (k, v)]
-    want = pqa.packed_query_attention_reference(q, *leaves, positions, valid, scale=scale, window=window)
-    want_dk, want_dv = torch.autograd.grad(want, leaves, cotangent)
-    assert_close(dk, want_dk, TOLERANCE[torch.float32], what="dk")
-    assert_close(dv, want_dv, TOLERANCE[torch.float32], what="dv")
+    cotangent = torch.randn(out.shape, device=DEVICE).to(dtype)
+    dq, dk, dv = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale, window,
+                                                     configs={"dkdv": pqa.INTERPRETER_CONFIG | choice})
+    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    want = pqa.packed_query_attention_reference(*leaves, positions, valid, scale=scale, window=window)
+    compare([out, dq, dk, dv], [want, *torch.autograd.grad(want, leaves, cotangent.float())], TOLERANCE[dtype])
+    assert dq.dtype == dtype and (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
 
 
 def test_bfloat16_against_the_float32_reference():
@@ -176,12 +177,14 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
         assert torch.equal(ranges, pqa.query_block_ranges_reference(long_rows, 3000, window, 16, 64))
 
 
-@pytest.mark.parametrize("fraction, window", [(0.3, None), (0.3, 9), (0.0, None), (1.0, None)],
-                         ids=["causal", "window9", "none-selected", "all-selected"])
-def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fraction, window):
+@pytest.mark.parametrize("fraction, window, atomic_dq", [(0.3, None, 0), (0.3, 9, 0), (0.0, None, 0), (1.0, None, 0),
+                                                       (0.3, 9, 1)],
+                         ids=["causal", "window9", "none-selected", "all-selected", "window9-atomic-dq"])
+def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fraction, window, atomic_dq, monkeypatch):
     """The full-length form against ops/routing.py's sparse_query_attention (pack, gather, attend, scatter) and its
     masked dense form: every gradient, grouped heads, odd sizes (B2-H4/2-T45-D24-Dv20), and rows not selected come
-    back as zeros in the output and in dq."""
+    back as zeros in the output and in dq (also when the dkdv kernel adds dq atomically at the token rows)."""
+    monkeypatch.setattr(pqa.BACKWARD_DKDV_TUNER, "interpreter_config", pqa.INTERPRETER_CONFIG | {"ATOMIC_DQ": atomic_dq})
     g = torch.Generator().manual_seed(4)
     B, H, Hkv, T, D, Dv = 2, 4, 2, 45, 24, 20
     selected = (torch.rand(B, T, generator=g) < fraction).to(DEVICE)
