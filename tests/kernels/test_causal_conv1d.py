@@ -47,6 +47,8 @@ def poisoned_empty(monkeypatch):
         (1, 1, 20, 4, torch.float32, True, False, None),  # a decoding step
         (2, 3, 17, 2, torch.float32, False, True, None),  # T shorter than the width
         (2, 11, 17, 3, torch.bfloat16, True, True, "silu"),
+        (2, 13, 17, 6, torch.float32, True, True, "silu"),  # wider than the sliding window: the two-pass backward
+        (1, 2, 9, 1, torch.float32, False, True, "silu"),  # width 1: no state at all
     ],
 )
 def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
@@ -83,6 +85,27 @@ def test_gathering_forward_matches_reference(with_state):
     y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
     y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
     assert relative_norm_error(y, y_ref) <= TOL[torch.float32] and torch.equal(new_state, new_state_ref)
+
+
+@pytest.mark.parametrize(
+    ("seqlen", "width", "with_state", "dtype"),
+    [(29, 4, True, torch.float32), (29, 4, False, torch.float32), (10, 3, True, torch.float32),
+     (2, 2, True, torch.float32), (9, 1, False, torch.float32), (19, 4, True, torch.bfloat16)],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_window_forward_matches_reference(seqlen, width, with_state, dtype):
+    """The forward's sliding-window variant (widths up to 4, four rows a step, three inputs carried): across several
+    time blocks, T not a multiple of the step or shorter than the width, channels not a multiple of the block, x a
+    strided slice as the Mamba blocks hand it over."""
+    g = torch.Generator().manual_seed(seqlen + width)
+    packed = torch.randn(2, seqlen, 45, generator=g).to(dtype)
+    x = packed[:, :, 3:24]  # 21 channels, rows 45 apart
+    weight, bias = torch.randn(21, width, generator=g), torch.randn(21, generator=g)
+    state = torch.randn(2, 21, width - 1, generator=g).to(dtype) if with_state else None
+    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "WINDOW": True}
+    y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
+    y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
+    assert relative_norm_error(y, y_ref) <= TOL[dtype] and torch.equal(new_state, new_state_ref)
 
 
 def test_reference_matches_runtime_causal_conv1d():
