@@ -357,8 +357,8 @@ class Bench(Run):
 
             result["forward_backward_ms"] = self.time_ms(forward_backward, grad_to_none=leaves)
             result["backward_min_bytes_GB"] = 4 * x.numel() * x.element_size() / 1e9  # x, dy read; dx written; y
-            # The backward alone: x and dy read, dx written, at the least (its dL/d pre-activation pass adds a round
-            # trip of one more such tensor).
+            # The backward alone: x and dy read, dx written, at the least (one pass for widths up to 4; the two-pass
+            # backward of wider kernels adds a round trip of dL/d pre-activation).
             backward_ms = result["forward_backward_ms"] - result["forward_ms"]
             result["backward_GBps"] = 3 * x.numel() * x.element_size() / backward_ms / 1e6
             copy = self.sections.get("env", {}).get("copy_GBps")
@@ -368,10 +368,14 @@ class Bench(Run):
                 self.bar(f"causal conv1d + SiLU forward ({batch}, {seqlen}, {dim}) width {width}, bf16",
                          result["forward_GBps"], "GB/s", "copy_ of 2 GiB (bytes read + written)", copy,
                          result["fraction_of_copy"], 0.8)
+                self.bar(f"causal conv1d + SiLU backward ({batch}, {seqlen}, {dim}) width {width}, bf16 (fwd+bwd - fwd)",
+                         result["backward_GBps"], "GB/s", "copy_ of 2 GiB (bytes read + written)", copy,
+                         result["backward_fraction_of_copy"], 0.8)
             result["tuned"] = self.conv_kernels.tuned_configs()
             result["tuner_ms_per_config"] = {"forward": self.conv_kernels.FORWARD_TUNER.timings,
                                              "silu_backward": self.conv_kernels.SILU_BACKWARD_TUNER.timings,
-                                             "backward": self.conv_kernels.BACKWARD_TUNER.timings}
+                                             "backward": self.conv_kernels.BACKWARD_TUNER.timings,
+                                             "window_backward": self.conv_kernels.WINDOW_BACKWARD_TUNER.timings}
             return result
 
         self.guarded(out, "timing", timing)
