@@ -14,11 +14,13 @@ pass reads x once from memory (the K shifted tiles of one program overlap and hi
 op is memory-bound, its floor the bytes of x and y at the copy rate.
 
 The forward's grid is (batch, blocks of BLOCK_T steps, blocks of BLOCK_D channels); the program holding the last
-step also writes the new state. The backward, with the SiLU, first writes dL/d pre-activation (the pre-activation
-recomputed, once per output, in dy's dtype); then one pass sums it over the taps into dx and, per time block, d weight
-and d bias (deterministic; torch adds the blocks up). Recomputing the SiLU's gradient inside that pass instead, at the
-K positions each input feeds, took K² shifted loads per input and ran at a fifth of the copy rate on an H200. A
-decoding step is the same forward at T = 1 (`causal_conv1d_update`).
+step also writes the new state. For widths up to 4 (WINDOW_WIDTH) a program walks its steps with a sliding window:
+four input rows loaded a step, the three before them carried in registers, every value a (BLOCK_D,) vector. Its
+backward is one pass of the same walk: it recomputes the pre-activation, forms dL/d pre-activation, and writes dx three
+steps behind (input s feeds outputs s..s+3), so it reads x and dy once and writes dx once; d weight and d bias are
+summed per time block in registers (deterministic; torch adds the blocks up). Wider kernels take tiles: K shifted loads
+per tile or a gathering variant in the forward, and two backward passes with the SiLU (dL/d pre-activation written,
+then summed over the taps). A decoding step is the same forward at T = 1 (`causal_conv1d_update`).
 
 Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step), the custom
 ops `archgen_v1::causal_conv1d` and `archgen_v1::causal_conv1d_backward` (fake implementations, autograd), the launchers
@@ -39,11 +41,11 @@ ACTIVATIONS = (None, "silu")
 
 # Configs that compile for sm_90 without register spills (triton.compile for GPUTarget("cuda", 90, 32), cuobjdump
 # -res-usage): the forward keeps K + 1 tiles of BLOCK_T · BLOCK_D / (32 · num_warps) values per thread.
+# (BLOCK_T 32 × BLOCK_D 256 and 64 × 128 at 8 warps were the slowest forward and SiLU-backward configs at
+# (8, 4096, 4096) bf16 on the H200, 0.65-0.74 ms against 0.47-0.55: dropped.)
 FORWARD_CONFIGS = [
     {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4},
     {"BLOCK_T": 16, "BLOCK_D": 256, "num_warps": 4},
-    {"BLOCK_T": 32, "BLOCK_D": 256, "num_warps": 8},
-    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
     {"BLOCK_T": 16, "BLOCK_D": 128, "num_warps": 4},
     # Narrow channel blocks, many threads: more loads in flight per register (flash-linear-attention's conv tunes
     # BLOCK_D 16-128 with 4-32 warps at 64 steps).
@@ -53,12 +55,27 @@ FORWARD_CONFIGS = [
 # The K shifted loads of a tile come from L1/L2, not memory, but still move K times the tile's bytes: at (8, 4096, 4096)
 # bf16 the forward ran at 0.6 of the copy rate. The gathering variant loads each input once (one tile, overlapping
 # the next by K-1 rows) and forms the taps with tl.gather, shuffles in registers; the tuner chooses between them.
+GATHERING_TILE = {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4, "GATHER": True}
+"""The fastest forward of session 5 on the H200 (0.51 of the copy rate at (8, 4096, 4096) bf16)."""
 FORWARD_CONFIGS += [
-    {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4, "GATHER": True},
+    GATHERING_TILE,
     {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 4, "GATHER": True},
     {"BLOCK_T": 64, "BLOCK_D": 256, "num_warps": 8, "GATHER": True},
 ]
-SILU_BACKWARD_CONFIGS = [c for c in FORWARD_CONFIGS if not c.get("GATHER")]
+# Widths up to 4 (Mamba's d_conv, Gated DeltaNet's short convolutions): a program walks BLOCK_T steps of BLOCK_D
+# channels, four rows a step, and carries the last three inputs in registers, so each input is loaded from memory once
+# and no tap crosses threads (the tiles above load K shifted tiles; the gathering ones move rows between threads).
+# 8 channels a thread is one 16-byte load of bf16 a row. sm_90 (triton 3.6): 96 registers at 8 channels a thread,
+# 48-64 at 4, no spills.
+WINDOW_WIDTH = 4
+FORWARD_CONFIGS += [
+    {"BLOCK_T": 64, "BLOCK_D": 256, "num_warps": 1, "WINDOW": True},
+    {"BLOCK_T": 64, "BLOCK_D": 512, "num_warps": 2, "WINDOW": True},
+    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "WINDOW": True},
+    {"BLOCK_T": 128, "BLOCK_D": 256, "num_warps": 2, "WINDOW": True},
+    {"BLOCK_T": 128, "BLOCK_D": 1024, "num_warps": 4, "WINDOW": True},
+]
+SILU_BACKWARD_CONFIGS = [c for c in FORWARD_CONFIGS if not (c.get("GATHER") or c.get("WINDOW"))]
 BACKWARD_CONFIGS = [
     # The tap sums of dL/d pre-activation: K + 2 tiles live, as in the forward.
     {"BLOCK_T": 32, "BLOCK_D": 128, "num_warps": 4},
@@ -67,6 +84,15 @@ BACKWARD_CONFIGS = [
     {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 8},
     {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 8},
     {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 4},
+]
+# The one-pass backward for widths up to 4 keeps twice the forward's vectors live (inputs, dL/d pre-activation, the
+# tap sums): 4 channels a thread and fewer, 64-128 registers on sm_90 without spills.
+WINDOW_BACKWARD_CONFIGS = [
+    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1},
+    {"BLOCK_T": 64, "BLOCK_D": 256, "num_warps": 2},
+    {"BLOCK_T": 128, "BLOCK_D": 512, "num_warps": 4},
+    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 1},
+    {"BLOCK_T": 128, "BLOCK_D": 128, "num_warps": 1},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 
@@ -211,6 +237,239 @@ def _conv_fwd_kernel(
 
 
 @triton.jit
+def _in_row(d_in, row_inside):
+    """The channel mask d_in where the scalar row_inside holds, else all False. (Not `d_in & row_inside`: Triton's
+    interpreter makes that int32, which its loads reject.)"""
+    return tl.where(row_inside, d_in, False)
+
+
+@triton.jit
+def _extended_row(x_row_ptr, x_stride_t, state_ptr, state_stride_k, src, d_in, seqlen,
+                  HAS_STATE: tl.constexpr, WIDTH: tl.constexpr):
+    """x̃ at one input time src (of x; negative = from the conv state) for a block of channels, float32, 0 elsewhere.
+    x_row_ptr and state_ptr point at the block's channels of batch row b."""
+    value = tl.load(x_row_ptr + src.to(tl.int64) * x_stride_t, mask=_in_row(d_in, (src >= 0) & (src < seqlen)),
+                    other=0.0).to(tl.float32)
+    if HAS_STATE:
+        value += tl.load(state_ptr + (src + WIDTH - 1) * state_stride_k, mask=_in_row(d_in, (src < 0) & (src >= 1 - WIDTH)),
+                         other=0.0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _window_tap_sum(acc, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH: tl.constexpr):
+    """acc + Σ_k w_k x_(t-3+k) over the taps a width-WIDTH kernel has (w3 · the current input x_0)."""
+    acc += w3 * x_0
+    if WIDTH >= 2:
+        acc += w2 * x_1
+    if WIDTH >= 3:
+        acc += w1 * x_2
+    if WIDTH >= 4:
+        acc += w0 * x_3
+    return acc
+
+
+@triton.jit
+def _window_tap(weight_ptr, weight_stride_k, d_in, back: tl.constexpr, WIDTH: tl.constexpr):
+    """The tap that multiplies the input `back` steps before the output (0: the current one), float32; zeros for a
+    tap past the kernel's width (the caller never adds it)."""
+    if back < WIDTH:
+        tap = tl.load(weight_ptr + (WIDTH - 1 - back) * weight_stride_k, mask=d_in, other=0.0).to(tl.float32)
+    else:
+        tap = tl.zeros(d_in.shape, dtype=tl.float32)
+    return tap
+
+
+@triton.jit
+def _conv_fwd_window_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_d,
+    weight_ptr, weight_stride_d, weight_stride_k,
+    bias_ptr,
+    state_ptr, state_stride_b, state_stride_d, state_stride_k,
+    y_ptr, y_stride_b, y_stride_t, y_stride_d,
+    new_state_ptr, new_state_stride_b, new_state_stride_d, new_state_stride_k,
+    seqlen, dim,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
+    BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
+):
+    """The forward for widths up to 4 over BLOCK_T steps of BLOCK_D channels: four input rows loaded per step, the
+    three before them carried in registers (a sliding window along time), every tensor a (BLOCK_D,) vector."""
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * BLOCK_T
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < dim
+    x_row = x_ptr + b * x_stride_b + d * x_stride_d
+    y_row = y_ptr + b * y_stride_b + d * y_stride_d
+    if HAS_STATE:
+        state_row = state_ptr + b * state_stride_b + d * state_stride_d
+    else:
+        state_row = state_ptr  # None: never read
+    w_row = weight_ptr + d * weight_stride_d
+    w0 = _window_tap(w_row, weight_stride_k, d_in, 3, WIDTH)
+    w1 = _window_tap(w_row, weight_stride_k, d_in, 2, WIDTH)
+    w2 = _window_tap(w_row, weight_stride_k, d_in, 1, WIDTH)
+    w3 = _window_tap(w_row, weight_stride_k, d_in, 0, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH)
+    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH)
+    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH)
+    x_at = x_row + start.to(tl.int64) * x_stride_t  # row t's channels, advanced four rows a step
+    y_at = y_row + start.to(tl.int64) * y_stride_t
+    for t in range(start, start + BLOCK_T, 4):
+        a = tl.load(x_at, mask=_in_row(d_in, t < seqlen), other=0.0).to(tl.float32)
+        b1 = tl.load(x_at + x_stride_t, mask=_in_row(d_in, t + 1 < seqlen), other=0.0).to(tl.float32)
+        b2 = tl.load(x_at + 2 * x_stride_t, mask=_in_row(d_in, t + 2 < seqlen), other=0.0).to(tl.float32)
+        b3 = tl.load(x_at + 3 * x_stride_t, mask=_in_row(d_in, t + 3 < seqlen), other=0.0).to(tl.float32)
+        y0 = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, a, WIDTH)
+        y1 = _window_tap_sum(bias, w0, w1, w2, w3, x_2, x_1, a, b1, WIDTH)
+        y2 = _window_tap_sum(bias, w0, w1, w2, w3, x_1, a, b1, b2, WIDTH)
+        y3 = _window_tap_sum(bias, w0, w1, w2, w3, a, b1, b2, b3, WIDTH)
+        if SILU:
+            y0, y1, y2, y3 = y0 * tl.sigmoid(y0), y1 * tl.sigmoid(y1), y2 * tl.sigmoid(y2), y3 * tl.sigmoid(y3)
+        dtype = y_ptr.dtype.element_ty
+        tl.store(y_at, y0.to(dtype), mask=_in_row(d_in, t < seqlen))
+        tl.store(y_at + y_stride_t, y1.to(dtype), mask=_in_row(d_in, t + 1 < seqlen))
+        tl.store(y_at + 2 * y_stride_t, y2.to(dtype), mask=_in_row(d_in, t + 2 < seqlen))
+        tl.store(y_at + 3 * y_stride_t, y3.to(dtype), mask=_in_row(d_in, t + 3 < seqlen))
+        x_3, x_2, x_1 = b1, b2, b3
+        x_at += 4 * x_stride_t
+        y_at += 4 * y_stride_t
+    if tl.program_id(1) == tl.num_programs(1) - 1:  # the last K-1 entries of x̃ become the new state
+        j = tl.arange(0, BLOCK_K)
+        tail = _extended_input(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
+                               state_stride_k, b, seqlen - (WIDTH - 1) + j, d, d_in, seqlen, HAS_STATE, WIDTH)
+        tl.store(new_state_ptr + b * new_state_stride_b + d[None, :] * new_state_stride_d
+                 + j[:, None] * new_state_stride_k, tail.to(new_state_ptr.dtype.element_ty),
+                 mask=(j < WIDTH - 1)[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias,
+                         SILU: tl.constexpr, WIDTH: tl.constexpr):
+    """One step of the sliding-window backward at output time t: with the inputs x_3..x_0 at t-3..t and dL/d
+    pre-activation p_3..p_1 at t-3..t-1, returns (p_0, dx at t-3, and the tap and bias sums with t added when `own`
+    (the output is this program's)). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
+    if SILU:
+        pre = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH)
+        sig = tl.sigmoid(pre)
+        p_0 = dy * sig * (1.0 + pre * (1.0 - sig))
+    else:
+        p_0 = dy
+    mine = tl.where(own, p_0, 0.0)
+    dbias += mine
+    dw3 += mine * x_0
+    if WIDTH >= 2:
+        dw2 += mine * x_1
+    if WIDTH >= 3:
+        dw1 += mine * x_2
+    if WIDTH >= 4:
+        dw0 += mine * x_3
+    # dx[t-3] = Σ_k w_k p[t-3 + K-1-k]: the taps against p in reverse time order
+    dx = _window_tap_sum(tl.zeros_like(p_0), w0, w1, w2, w3, p_0, p_1, p_2, p_3, WIDTH)
+    return p_0, dx, dw0, dw1, dw2, dw3, dbias
+
+
+@triton.jit
+def _conv_bwd_window_kernel(
+    x_ptr, x_stride_b, x_stride_t, x_stride_d,
+    weight_ptr, weight_stride_d, weight_stride_k,
+    bias_ptr,
+    state_ptr, state_stride_b, state_stride_d, state_stride_k,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    dx_ptr, dx_stride_b, dx_stride_t, dx_stride_d,
+    dstate_ptr,  # (B, D, K-1) float32: dL/d conv_state through y (the new state's gradient is added by the caller)
+    dweight_part_ptr,  # (B, time blocks, K, D) float32
+    dbias_part_ptr,  # (B, time blocks, D) float32
+    seqlen, dim,
+    HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
+):
+    """The whole backward for widths up to 4 in one pass over BLOCK_T steps of BLOCK_D channels: reads x and dy once,
+    recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when the four
+    outputs each input feeds are done; d weight and d bias are summed in registers for the block's own outputs.
+    The walk runs four steps past the block so its last inputs' gradients complete (the next block's first outputs,
+    read again there)."""
+    b = tl.program_id(0).to(tl.int64)
+    start = tl.program_id(1) * BLOCK_T
+    end = start + BLOCK_T
+    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < dim
+    x_row = x_ptr + b * x_stride_b + d * x_stride_d
+    if HAS_STATE:
+        state_row = state_ptr + b * state_stride_b + d * state_stride_d
+    else:
+        state_row = state_ptr  # None: never read
+    w_row = weight_ptr + d * weight_stride_d
+    w0 = _window_tap(w_row, weight_stride_k, d_in, 3, WIDTH)
+    w1 = _window_tap(w_row, weight_stride_k, d_in, 2, WIDTH)
+    w2 = _window_tap(w_row, weight_stride_k, d_in, 1, WIDTH)
+    w3 = _window_tap(w_row, weight_stride_k, d_in, 0, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH)
+    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH)
+    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH)
+    # dL/d pre-activation before the block: only inputs before it use it, whose gradients are not written here
+    # (except the state's, in the first block, where those outputs do not exist: 0 is right)
+    p_3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    p_2, p_1 = p_3, p_3
+    dw0, dw1, dw2, dw3, dbias = p_3, p_3, p_3, p_3, p_3
+    x_at = x_row + start.to(tl.int64) * x_stride_t
+    dy_at = dy_ptr + b * dy_stride_b + d * dy_stride_d + start.to(tl.int64) * dy_stride_t
+    dx_at = dx_ptr + b * dx_stride_b + d * dx_stride_d + (start - 3).to(tl.int64) * dx_stride_t  # dx trails by 3
+    if HAS_STATE:
+        dstate_row = dstate_ptr + (b * dim + d) * (WIDTH - 1) + (WIDTH - 1)  # + s: input s < 0 of x̃
+    for t in range(start, end + 4, 4):
+        a = tl.load(x_at, mask=_in_row(d_in, t < seqlen), other=0.0).to(tl.float32)
+        a1 = tl.load(x_at + x_stride_t, mask=_in_row(d_in, t + 1 < seqlen), other=0.0).to(tl.float32)
+        a2 = tl.load(x_at + 2 * x_stride_t, mask=_in_row(d_in, t + 2 < seqlen), other=0.0).to(tl.float32)
+        a3 = tl.load(x_at + 3 * x_stride_t, mask=_in_row(d_in, t + 3 < seqlen), other=0.0).to(tl.float32)
+        g = tl.load(dy_at, mask=_in_row(d_in, t < seqlen), other=0.0).to(tl.float32)
+        g1 = tl.load(dy_at + dy_stride_t, mask=_in_row(d_in, t + 1 < seqlen), other=0.0).to(tl.float32)
+        g2 = tl.load(dy_at + 2 * dy_stride_t, mask=_in_row(d_in, t + 2 < seqlen), other=0.0).to(tl.float32)
+        g3 = tl.load(dy_at + 3 * dy_stride_t, mask=_in_row(d_in, t + 3 < seqlen), other=0.0).to(tl.float32)
+        p_0, dx0, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
+            x_3, x_2, x_1, a, p_3, p_2, p_1, g, t < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
+        q_0, dx1, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
+            x_2, x_1, a, a1, p_2, p_1, p_0, g1, t + 1 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
+        r_0, dx2, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
+            x_1, a, a1, a2, p_1, p_0, q_0, g2, t + 2 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
+        u_0, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
+            a, a1, a2, a3, p_0, q_0, r_0, g3, t + 3 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
+        # input s = t-3+i: this block's when start <= s < end; the state's (first block) when 1-K <= s < 0
+        dtype = dx_ptr.dtype.element_ty
+        tl.store(dx_at, dx0.to(dtype), mask=_in_row(d_in, (t - 3 >= start) & (t - 3 < end) & (t - 3 < seqlen)))
+        tl.store(dx_at + dx_stride_t, dx1.to(dtype),
+                 mask=_in_row(d_in, (t - 2 >= start) & (t - 2 < end) & (t - 2 < seqlen)))
+        tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype),
+                 mask=_in_row(d_in, (t - 1 >= start) & (t - 1 < end) & (t - 1 < seqlen)))
+        tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=_in_row(d_in, (t >= start) & (t < end) & (t < seqlen)))
+        if HAS_STATE:
+            tl.store(dstate_row + (t - 3), dx0, mask=_in_row(d_in, (t - 3 < 0) & (t - 3 >= 1 - WIDTH)))
+            tl.store(dstate_row + (t - 2), dx1, mask=_in_row(d_in, (t - 2 < 0) & (t - 2 >= 1 - WIDTH)))
+            tl.store(dstate_row + (t - 1), dx2, mask=_in_row(d_in, (t - 1 < 0) & (t - 1 >= 1 - WIDTH)))
+        x_3, x_2, x_1 = a1, a2, a3
+        p_3, p_2, p_1 = q_0, r_0, u_0
+        x_at += 4 * x_stride_t
+        dy_at += 4 * dy_stride_t
+        dx_at += 4 * dx_stride_t
+    part = b * tl.num_programs(1) + tl.program_id(1)
+    tl.store(dbias_part_ptr + part * dim + d, dbias, mask=d_in)
+    tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 1) * dim + d, dw3, mask=d_in)
+    if WIDTH >= 2:
+        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 2) * dim + d, dw2, mask=d_in)
+    if WIDTH >= 3:
+        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 3) * dim + d, dw1, mask=d_in)
+    if WIDTH >= 4:
+        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 4) * dim + d, dw0, mask=d_in)
+
+
+@triton.jit
 def _conv_bwd_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_d,
     weight_ptr, weight_stride_d, weight_stride_k,
@@ -270,6 +529,8 @@ def _conv_bwd_kernel(
 FORWARD_TUNER = Autotuner("causal_conv1d.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG)
 BACKWARD_TUNER = Autotuner("causal_conv1d.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 SILU_BACKWARD_TUNER = Autotuner("causal_conv1d.silu_backward", SILU_BACKWARD_CONFIGS, INTERPRETER_CONFIG)
+WINDOW_BACKWARD_TUNER = Autotuner("causal_conv1d.window_backward", WINDOW_BACKWARD_CONFIGS,
+                                  {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1})
 
 
 def _config(tuner: Autotuner, key: str, launch, explicit: dict | None, candidates: list[dict] | None = None) -> dict:
@@ -281,7 +542,7 @@ def tuned_configs() -> dict:
     """{"forward"|"silu_backward"|"backward": {key: config}} chosen so far (triton_support.tuning_table() has them
     too)."""
     return {"forward": dict(FORWARD_TUNER.chosen), "silu_backward": dict(SILU_BACKWARD_TUNER.chosen),
-            "backward": dict(BACKWARD_TUNER.chosen)}
+            "backward": dict(BACKWARD_TUNER.chosen), "window_backward": dict(WINDOW_BACKWARD_TUNER.chosen)}
 
 
 def _key(dim: int, width: int, conv_state: Tensor | None, dtype: torch.dtype, length: str = "") -> str:
@@ -292,6 +553,16 @@ def _key(dim: int, width: int, conv_state: Tensor | None, dtype: torch.dtype, le
 
 def _launch_options(config: dict) -> dict:
     return {"BLOCK_T": config["BLOCK_T"], "BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4)}
+
+
+def forward_candidates(width: int) -> list[dict]:
+    """The forward configs for kernels of this width, the untuned default first. Up to WINDOW_WIDTH (the sliding
+    window holds three inputs): the window's, and GATHERING_TILE as a fallback; wider: the tiles, gathering ones
+    only where the K-1 rows they recompute are a small part of the tile."""
+    if width <= WINDOW_WIDTH:
+        return [c for c in FORWARD_CONFIGS if c.get("WINDOW")] + [GATHERING_TILE]
+    return [c for c in FORWARD_CONFIGS
+            if not c.get("WINDOW") and (not c.get("GATHER") or c["BLOCK_T"] >= 8 * (width - 1))]
 
 
 def causal_conv1d_forward(
@@ -320,11 +591,13 @@ def causal_conv1d_forward(
         gather = cfg.get("GATHER", False)
         rows = cfg["BLOCK_T"] - (width - 1) if gather else cfg["BLOCK_T"]  # new outputs per time tile
         grid = (batch, max(1, triton.cdiv(seqlen, rows)), triton.cdiv(dim, cfg["BLOCK_D"]))
-        _conv_fwd_kernel[grid](*args, **constexprs, GATHER=gather, **_launch_options(cfg))
+        if cfg.get("WINDOW"):
+            _conv_fwd_window_kernel[grid](*args, **constexprs, **_launch_options(cfg))
+        else:
+            _conv_fwd_kernel[grid](*args, **constexprs, GATHER=gather, **_launch_options(cfg))
 
     key = _key(dim, width, conv_state, x.dtype, f"-T{'1' if seqlen == 1 else 'n'}")
-    # A gathering tile recomputes K-1 of its rows: only worth it when that is a small part of the tile.
-    candidates = [c for c in FORWARD_CONFIGS if not c.get("GATHER") or c["BLOCK_T"] >= 8 * (width - 1)]
+    candidates = forward_candidates(width)
     with on_device(x):
         launch(_config(FORWARD_TUNER, key, launch, config, candidates))
     return y, new_state
@@ -369,6 +642,30 @@ def _linear_backward(dpre: Tensor, x: Tensor, weight: Tensor, conv_state: Tensor
     return parts["dweight"].sum((0, 1)).t(), parts["dbias"].sum((0, 1))
 
 
+def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None,
+                     silu: bool, dx: Tensor, dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor]:
+    """The one-pass backward (widths up to 4): fill dx (and dstate's part through y); return (dweight, dbias) in
+    float32."""
+    batch, seqlen, dim = x.shape
+    width = weight.shape[1]
+    parts = {}
+
+    def launch(cfg):
+        blocks = triton.cdiv(seqlen, cfg["BLOCK_T"])
+        parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=x.device)
+        parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=x.device)
+        _conv_bwd_window_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
+            dstate, parts["dweight"], parts["dbias"], seqlen, dim,
+            HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width,
+            **_launch_options(cfg),
+        )
+
+    key = _key(dim, width, conv_state, x.dtype, "-silu" if silu else "")
+    launch(_config(WINDOW_BACKWARD_TUNER, key, launch, config))
+    return parts["dweight"].sum((0, 1)).t(), parts["dbias"].sum((0, 1))
+
+
 def causal_conv1d_backward(
     dy: Tensor,
     dnew_state: Tensor | None,
@@ -381,8 +678,9 @@ def causal_conv1d_backward(
     config: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Run the backward kernels: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent.
-    With the SiLU, a first pass writes dL/d pre-activation (the pre-activation recomputed once per output); the
-    second sums it over the taps (config: that pass's, to bypass its autotuner)."""
+    Widths up to 4 take one pass (the sliding window). Wider kernels take two with the SiLU: the first writes dL/d
+    pre-activation (the pre-activation recomputed once per output), the second sums it over the taps. config: the
+    pass that sums the taps (BLOCK_T a multiple of 4 for the window), to bypass its autotuner."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     device = x.device
@@ -394,8 +692,11 @@ def causal_conv1d_backward(
         dx.zero_()
     else:
         with on_device(x):
-            dpre = _silu_backward(dy, x, weight, bias, conv_state) if silu else dy
-            dweight, dbias = _linear_backward(dpre, x, weight, conv_state, dx, dstate, config)
+            if width <= WINDOW_WIDTH:
+                dweight, dbias = _window_backward(dy, x, weight, bias, conv_state, silu, dx, dstate, config)
+            else:
+                dpre = _silu_backward(dy, x, weight, bias, conv_state) if silu else dy
+                dweight, dbias = _linear_backward(dpre, x, weight, conv_state, dx, dstate, config)
     if dnew_state is not None:  # the new state is x̃[T + j]: from x where T-(K-1)+j ≥ 0, else from the old state
         for j in range(width - 1):
             src = seqlen - (width - 1) + j
