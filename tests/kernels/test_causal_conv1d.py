@@ -90,13 +90,14 @@ def test_gathering_forward_matches_reference(with_state):
 @pytest.mark.parametrize(
     ("seqlen", "width", "with_state", "dtype"),
     [(29, 4, True, torch.float32), (29, 4, False, torch.float32), (10, 3, True, torch.float32),
-     (2, 2, True, torch.float32), (9, 1, False, torch.float32), (19, 4, True, torch.bfloat16)],
+     (2, 2, True, torch.float32), (9, 1, False, torch.float32), (19, 4, True, torch.bfloat16),
+     (1, 4, True, torch.float32)],  # a decoding step
     ids=lambda v: str(v).replace("torch.", ""),
 )
 def test_window_forward_matches_reference(seqlen, width, with_state, dtype):
     """The forward's sliding-window variant (widths up to 4, four rows a step, three inputs carried): across several
-    time blocks, T not a multiple of the step or shorter than the width, channels not a multiple of the block, x a
-    strided slice as the Mamba blocks hand it over."""
+    time blocks, T not a multiple of the step or shorter than the width or 1, channels not a multiple of the block,
+    x a strided slice as the Mamba blocks hand it over."""
     g = torch.Generator().manual_seed(seqlen + width)
     packed = torch.randn(2, seqlen, 45, generator=g).to(dtype)
     x = packed[:, :, 3:24]  # 21 channels, rows 45 apart
