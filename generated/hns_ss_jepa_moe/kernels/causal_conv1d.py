@@ -318,7 +318,7 @@ def _conv_fwd_window_kernel(
     x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH)
     x_at = x_row + start.to(tl.int64) * x_stride_t  # row t's channels, advanced four rows a step
     y_at = y_row + start.to(tl.int64) * y_stride_t
-    for t in range(start, start + BLOCK_T, 4):
+    for t in range(start, tl.minimum(start + BLOCK_T, seqlen), 4):  # a decoding step (T = 1) takes one
         a = tl.load(x_at, mask=_in_row(d_in, t < seqlen), other=0.0).to(tl.float32)
         b1 = tl.load(x_at + x_stride_t, mask=_in_row(d_in, t + 1 < seqlen), other=0.0).to(tl.float32)
         b2 = tl.load(x_at + 2 * x_stride_t, mask=_in_row(d_in, t + 2 < seqlen), other=0.0).to(tl.float32)
@@ -424,7 +424,7 @@ def _conv_bwd_window_kernel(
     dx_at = dx_ptr + b * dx_stride_b + d * dx_stride_d + (start - 3).to(tl.int64) * dx_stride_t  # dx trails by 3
     if HAS_STATE:
         dstate_row = dstate_ptr + (b * dim + d) * (WIDTH - 1) + (WIDTH - 1)  # + s: input s < 0 of x̃
-    for t in range(start, end + 4, 4):
+    for t in range(start, tl.minimum(end, seqlen) + 3, 4):  # through output min(end, T) + 2: dx of the last input
         a = tl.load(x_at, mask=_in_row(d_in, t < seqlen), other=0.0).to(tl.float32)
         a1 = tl.load(x_at + x_stride_t, mask=_in_row(d_in, t + 1 < seqlen), other=0.0).to(tl.float32)
         a2 = tl.load(x_at + 2 * x_stride_t, mask=_in_row(d_in, t + 2 < seqlen), other=0.0).to(tl.float32)
