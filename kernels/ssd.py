@@ -72,7 +72,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    dtype_name,
+    interpreting,
+    on_device,
+    op_overload,
+    register_op,
+    softplus,
+    strided,
+    triton_on_cpu,
+)
 
 CHUNK_SIZE = 256
 """The default chunk length L: the intra-chunk products are (L, L) per head, the states are stored once per chunk."""
@@ -142,15 +152,6 @@ def _operand(value, dot_ty: tl.constexpr):
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|) without overflow (log1p by Goldberg's trick: tl has no log1p)."""
-    w = tl.exp(-tl.abs(x))
-    one_plus_w = 1.0 + w
-    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
-    return tl.maximum(x, 0.0) + log1p_w
-
-
-@triton.jit
 def _dt_cumsum_kernel(
     dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
     A_ptr, bias_ptr,
@@ -169,7 +170,7 @@ def _dt_cumsum_kernel(
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     dt = tl.where(t_in, dt, 0.0)  # positions past T: decay 1, no input
     cum = tl.cumsum(dt * tl.load(A_ptr + h).to(tl.float32), axis=0)
     base = pid_bh.to(tl.int64) * padded_len
