@@ -1,6 +1,7 @@
-"""What every Triton kernel file of archgen_kernels shares: the interpreter, autotuning with pinned winners, and the
-registration of custom ops. Op files import it relatively (`from .triton_support import ...`), so the same files
-work as the package archgen_kernels and as the kernels/ folder copied into a generated package.
+"""What every Triton kernel file of archgen_kernels shares: the interpreter, autotuning with pinned winners, the
+registration of custom ops, and the jit helpers several kernels call (`softplus`). Op files import it relatively
+(`from .triton_support import ...`), so the same files work as the package archgen_kernels and as the kernels/ folder
+copied into a generated package.
 
 Interpreter. Under TRITON_INTERPRET=1 (set before triton is imported) kernels run on CPU tensors in Triton's
 interpreter, slowly: that is how the tests run without a GPU. `interpreting()` says whether that is the case,
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 try:
@@ -114,6 +116,21 @@ def on_device(t: Tensor):
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Math shared by kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing; log1p(w) = log(1 + w) · w / ((1 + w) - 1) keeps
+    w where 1 + w rounds to 1 (Goldberg's trick; triton.language has no log1p). For the SSM step sizes Δ."""
+    w = tl.exp(-tl.abs(x))
+    one_plus_w = 1.0 + w
+    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
+    return tl.maximum(x, 0.0) + log1p_w
 
 
 # ---------------------------------------------------------------------------------------------------------------
