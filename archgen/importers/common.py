@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from archgen.importers.config import HFConfig
+from archgen.importers.weights import TensorPlan
 
 NO_DROPOUT = "archgen's generated models have no dropout"
 
@@ -177,3 +179,29 @@ class Renamer:
             if pattern.fullmatch(target):
                 return pattern.sub(replacement, target)
         return target
+
+
+_BLOCK_PARAMETER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
+
+BlockPlan = Callable[[str, tuple[int, ...], int, str, str], TensorPlan]
+"""(target, shape, layer, module, rest) -> the plan of one block parameter `layers.<layer>.<module>.<rest>`, module
+one of mixer_norm, ffn_norm, mixer, ffn."""
+
+
+def block_weight_plans(expected: dict[str, tuple[int, ...]], model_level: dict[str, str], block_plan: BlockPlan
+                       ) -> list[TensorPlan]:
+    """A TensorPlan for every parameter the generated model expects: a block's from `block_plan`, any other copied
+    from the checkpoint tensor model_level names (the embedding, the final norm), else from the same name."""
+    plans = []
+    for target, shape in expected.items():
+        if match := _BLOCK_PARAMETER.fullmatch(target):
+            layer, module, rest = match.groups()
+            plans.append(block_plan(target, shape, int(layer), module, rest))
+        else:
+            plans.append(TensorPlan.copy(target, model_level.get(target, target)))
+    return plans
+
+
+def layer_mixer(resolved: Any, layer: int) -> Any:
+    """The resolved spec's mixer component of `layer` (its first, for the importers' one-mixer layers)."""
+    return resolved.mixers[resolved.layers[layer].mixers[0]]

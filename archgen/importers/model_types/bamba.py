@@ -5,10 +5,9 @@ Layer i is `input_layernorm -> (mamba | self_attn) -> residual, pre_ff_layernorm
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from archgen.importers.common import attention, expect_silu, model_dims
+from archgen.importers.common import attention, block_weight_plans, expect_silu, layer_mixer, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.model_types.mamba import mamba2_mixer, time_step_limit
@@ -31,26 +30,17 @@ _FIXED = {
     "norm_f.weight": "model.final_layernorm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
-    plans = []
-    for target in expected:
-        match = _LAYER.fullmatch(target)
-        if match is None:
-            plans.append(TensorPlan.copy(target, _FIXED.get(target, target)))
-            continue
-        layer, module, rest = match.groups()
-        mixer = resolved.mixers[resolved.layers[int(layer)].mixers[0]] if module == "mixer" else None
-        hf_module = {
-            "mixer_norm": "input_layernorm",
-            "ffn_norm": "pre_ff_layernorm",
-            "ffn": "feed_forward",
-            "mixer": "self_attn" if mixer is not None and mixer.kind == "attention" else "mamba",
-        }[module]
-        plans.append(TensorPlan.copy(target, f"model.layers.{layer}.{hf_module}.{rest}"))
-    return plans
+    def block_plan(target: str, shape: tuple[int, ...], layer: int, module: str, rest: str) -> TensorPlan:
+        if module == "mixer":
+            hf_module = "self_attn" if layer_mixer(resolved, layer).kind == "attention" else "mamba"
+        else:
+            hf_module = {"mixer_norm": "input_layernorm", "ffn_norm": "pre_ff_layernorm", "ffn": "feed_forward"}[module]
+        return TensorPlan.copy(target, f"model.layers.{layer}.{hf_module}.{rest}")
+
+    return block_weight_plans(expected, _FIXED, block_plan)
 
 
 def layer_kinds(cfg: HFConfig, n_layers: int) -> list[str]:

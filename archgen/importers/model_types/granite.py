@@ -11,10 +11,9 @@ feed-forward is the shared MLP alone.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from archgen.importers.common import attention, expect_silu, model_dims
+from archgen.importers.common import attention, block_weight_plans, expect_silu, layer_mixer, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.model_types.bamba import BAMBA_KEYS
@@ -22,28 +21,21 @@ from archgen.importers.model_types.mamba import mamba2_mixer
 from archgen.importers.weights import Piece, TensorPlan
 
 _FIXED = {"embed.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 LAYER_TYPES = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention", "attention": "attention"}
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
-    plans = []
-    for target, shape in expected.items():
-        match = _LAYER.fullmatch(target)
-        if match is None:
-            plans.append(TensorPlan.copy(target, _FIXED.get(target, target)))
-            continue
-        layer, module, rest = match.groups()
+    def block_plan(target: str, shape: tuple[int, ...], layer: int, module: str, rest: str) -> TensorPlan:
         prefix = f"model.layers.{layer}"
         if module in ("mixer_norm", "ffn_norm"):
             norm = "input_layernorm" if module == "mixer_norm" else "post_attention_layernorm"
-            plans.append(TensorPlan.copy(target, f"{prefix}.{norm}.{rest}"))
-        elif module == "mixer":
-            mixer = resolved.mixers[resolved.layers[int(layer)].mixers[0]]
-            plans.append(TensorPlan.copy(target, f"{prefix}.{'self_attn' if mixer.kind == 'attention' else 'mamba'}.{rest}"))
-        else:
-            plans.append(_ffn_plan(target, shape, prefix, rest))
-    return plans
+            return TensorPlan.copy(target, f"{prefix}.{norm}.{rest}")
+        if module == "mixer":
+            mixer = "self_attn" if layer_mixer(resolved, layer).kind == "attention" else "mamba"
+            return TensorPlan.copy(target, f"{prefix}.{mixer}.{rest}")
+        return _ffn_plan(target, shape, prefix, rest)
+
+    return block_weight_plans(expected, _FIXED, block_plan)
 
 
 def _ffn_plan(target: str, shape: tuple[int, ...], prefix: str, rest: str) -> TensorPlan:

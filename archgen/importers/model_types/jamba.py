@@ -8,10 +8,9 @@ Layer i is `input_layernorm -> (mamba | self_attn) -> residual, pre_ff_layernorm
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
-from archgen.importers.common import NO_DROPOUT, expect_silu, model_dims
+from archgen.importers.common import NO_DROPOUT, block_weight_plans, expect_silu, layer_mixer, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.weights import Piece, TensorPlan
@@ -21,7 +20,6 @@ _FIXED = {
     "norm_f.weight": "model.final_layernorm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 _MAMBA_NORMS = {
     "dt_norm.weight": "dt_layernorm.weight",
     "b_norm.weight": "b_layernorm.weight",
@@ -30,36 +28,27 @@ _MAMBA_NORMS = {
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
-    plans = []
-    for target, shape in expected.items():
-        match = _LAYER.fullmatch(target)
-        if match is None:
-            plans.append(TensorPlan.copy(target, _FIXED.get(target, target)))
-            continue
-        layer, module, rest = match.groups()
+    def block_plan(target: str, shape: tuple[int, ...], layer: int, module: str, rest: str) -> TensorPlan:
         prefix = f"model.layers.{layer}"
         if module in ("mixer_norm", "ffn_norm"):
-            plans.append(
-                TensorPlan.copy(target, f"{prefix}.{'input_layernorm' if module == 'mixer_norm' else 'pre_ff_layernorm'}.{rest}")
-            )
-        elif module == "mixer":
-            attention = resolved.mixers[resolved.layers[int(layer)].mixers[0]].kind == "attention"
-            plans.append(
-                TensorPlan.copy(target, f"{prefix}.{'self_attn' if attention else 'mamba'}.{_MAMBA_NORMS.get(rest, rest)}")
-            )
-        elif rest == "w_in":  # (E, d, 2h) = [gateᵀ | upᵀ] per expert
-            experts = f"{prefix}.feed_forward.experts"
+            norm = "input_layernorm" if module == "mixer_norm" else "pre_ff_layernorm"
+            return TensorPlan.copy(target, f"{prefix}.{norm}.{rest}")
+        if module == "mixer":
+            mixer = "self_attn" if layer_mixer(resolved, layer).kind == "attention" else "mamba"
+            return TensorPlan.copy(target, f"{prefix}.{mixer}.{_MAMBA_NORMS.get(rest, rest)}")
+        experts = f"{prefix}.feed_forward.experts"
+        if rest == "w_in":  # (E, d, 2h) = [gateᵀ | upᵀ] per expert
             rows = tuple(
                 (Piece(f"{experts}.{e}.gate_proj.weight", True), Piece(f"{experts}.{e}.up_proj.weight", True))
                 for e in range(shape[0])
             )
-            plans.append(TensorPlan(target, rows, stacked=True))
-        elif rest == "w_out":  # (E, h, d) = downᵀ per expert
-            rows = tuple((Piece(f"{prefix}.feed_forward.experts.{e}.down_proj.weight", True),) for e in range(shape[0]))
-            plans.append(TensorPlan(target, rows, stacked=True))
-        else:  # router.weight, or the dense MLP's projections
-            plans.append(TensorPlan.copy(target, f"{prefix}.feed_forward.{rest}"))
-    return plans
+            return TensorPlan(target, rows, stacked=True)
+        if rest == "w_out":  # (E, h, d) = downᵀ per expert
+            rows = tuple((Piece(f"{experts}.{e}.down_proj.weight", True),) for e in range(shape[0]))
+            return TensorPlan(target, rows, stacked=True)
+        return TensorPlan.copy(target, f"{prefix}.feed_forward.{rest}")  # router.weight, or the dense MLP's projections
+
+    return block_weight_plans(expected, _FIXED, block_plan)
 
 
 def _every(cfg: HFConfig, period_key: str, offset_key: str, n_layers: int) -> list[bool]:

@@ -11,10 +11,9 @@ The Mamba-2 step Δ is floored at `time_step_min` (transformers' and mamba_ssm's
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from archgen.importers.common import NO_DROPOUT, model_dims
+from archgen.importers.common import NO_DROPOUT, block_weight_plans, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.weights import TensorPlan
@@ -35,21 +34,15 @@ MOE_FIELDS = (
     "norm_topk_prob",
     "router_aux_loss_coef",
 )
-_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 _FIXED = {"embed.weight": "backbone.embeddings.weight", "norm_f.weight": "backbone.norm_f.weight"}
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
     """A layer's one norm is `norm` and its one module `mixer`, whichever archgen role (mixer or ffn) it has."""
-    plans = []
-    for target in expected:
-        if match := _LAYER.fullmatch(target):
-            layer, module, rest = match.groups()
-            source = f"backbone.layers.{layer}.{'norm' if module.endswith('norm') else 'mixer'}.{rest}"
-        else:
-            source = _FIXED.get(target, target)
-        plans.append(TensorPlan.copy(target, source))
-    return plans
+    def block_plan(target: str, shape: tuple[int, ...], layer: int, module: str, rest: str) -> TensorPlan:
+        return TensorPlan.copy(target, f"backbone.layers.{layer}.{'norm' if module.endswith('norm') else 'mixer'}.{rest}")
+
+    return block_weight_plans(expected, _FIXED, block_plan)
 
 
 def megatron_pattern(cfg: HFConfig) -> str:

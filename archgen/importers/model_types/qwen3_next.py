@@ -10,16 +10,14 @@ from the checkpoint's fused in_proj_qkvz and in_proj_ba (interleaved per key hea
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from archgen.importers.common import attention, expect_silu, model_dims
+from archgen.importers.common import attention, block_weight_plans, expect_silu, layer_mixer, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
 from archgen.importers.weights import Piece, TensorPlan
 
 _FIXED = {"embed.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
-_LAYER = re.compile(r"layers\.(\d+)\.(mixer_norm|ffn_norm|mixer|ffn)\.(.*)")
 LAYER_TYPES = {"linear_attention": "gdn", "full_attention": "attn"}
 # Gated DeltaNet parameters -> where the checkpoint keeps them (the fused projections are gathered per key head)
 _GDN = {"A_log": "A_log", "dt_bias": "dt_bias", "conv1d.weight": "conv1d.weight", "o_norm.weight": "norm.weight",
@@ -27,26 +25,19 @@ _GDN = {"A_log": "A_log", "dt_bias": "dt_bias", "conv1d.weight": "conv1d.weight"
 
 
 def weight_plans(expected: dict[str, tuple[int, ...]], resolved: Any) -> list[TensorPlan]:
-    plans = []
-    for target, shape in expected.items():
-        match = _LAYER.fullmatch(target)
-        if match is None:
-            plans.append(TensorPlan.copy(target, _FIXED.get(target, target)))
-            continue
-        layer, module, rest = match.groups()
+    def block_plan(target: str, shape: tuple[int, ...], layer: int, module: str, rest: str) -> TensorPlan:
         prefix = f"model.layers.{layer}"
         if module in ("mixer_norm", "ffn_norm"):
             norm = "input_layernorm" if module == "mixer_norm" else "post_attention_layernorm"
-            plans.append(TensorPlan.copy(target, f"{prefix}.{norm}.{rest}"))
-        elif module == "ffn":
-            plans.append(_ffn_plan(target, shape, f"{prefix}.mlp", rest))
-        else:
-            mixer = resolved.mixers[resolved.layers[int(layer)].mixers[0]]
-            if mixer.kind == "attention":
-                plans.append(TensorPlan.copy(target, f"{prefix}.self_attn.{rest}"))
-            else:
-                plans.append(_gdn_plan(target, f"{prefix}.linear_attn", rest, mixer.config))
-    return plans
+            return TensorPlan.copy(target, f"{prefix}.{norm}.{rest}")
+        if module == "ffn":
+            return _ffn_plan(target, shape, f"{prefix}.mlp", rest)
+        mixer = layer_mixer(resolved, layer)
+        if mixer.kind == "attention":
+            return TensorPlan.copy(target, f"{prefix}.self_attn.{rest}")
+        return _gdn_plan(target, f"{prefix}.linear_attn", rest, mixer.config)
+
+    return block_weight_plans(expected, _FIXED, block_plan)
 
 
 def _gdn_plan(target: str, prefix: str, rest: str, gdn: Any) -> TensorPlan:
