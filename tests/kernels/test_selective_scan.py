@@ -113,10 +113,13 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's BLOCK_D and how many steps' states the backward holds (on a GPU the autotuner chooses)."""
+    """Set the interpreter's config: BLOCK_D, the backward kernel and, for the lane kernel, how many steps' states it
+    holds (on a GPU the autotuner chooses). The tuners hold the config they were made with: patch theirs."""
 
-    def set_block(width, sub=4):
-        monkeypatch.setattr(ss, "INTERPRETER_CONFIG", {"BLOCK_D": width, "num_warps": 4, "SUB": sub})
+    def set_block(width, *, time_parallel=1, sub=4):
+        config = {"TIME_PARALLEL": time_parallel, "BLOCK_D": width, "num_warps": 4, "SUB": sub}
+        monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
+        monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
     return set_block
 
@@ -128,10 +131,11 @@ def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, fea
     check_against_reference(args, chunk, FLOAT32_TOL)
 
 
+@pytest.mark.parametrize("sub", [4, 2])
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
-def test_backward_holding_two_steps_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The backward's other variant in the autotune space: 2 steps' states held at once (more recomputed)."""
-    block_d(width, sub=2)
+def test_lane_per_channel_backward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, sub, block_d):
+    """The backward's other kernel in the autotune space (TIME_PARALLEL 0), holding 4 or 2 steps' states at once."""
+    block_d(width, time_parallel=0, sub=sub)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -316,18 +320,19 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 128), (4096, 128)])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 64), (4096, 64)])
 def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
     assert {c["num_warps"] for c in kept} == {2, 4, 8}
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 32), (24, 32), (100, 128), (4096, 256)])
+@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 128), (4096, 128)])
 def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in kept)  # one channel per lane
+    lane_per_channel = [c for c in kept if not c["TIME_PARALLEL"]]
+    assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in lane_per_channel)
 
 
 def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
@@ -340,7 +345,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     def launch(config):
         launched.append(config)
-        if config["BLOCK_D"] == 128:
+        if config["BLOCK_D"] == 64:
             raise RuntimeError("out of resources: registers")
 
     launched = []
@@ -349,9 +354,9 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 64, "num_warps": 2}
-    assert tuner.timings[key]["BLOCK_D=128,num_warps=4"].startswith("RuntimeError: out of resources")
-    assert tuner.chosen == {key: {"BLOCK_D": 64, "num_warps": 2}}
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 32, "num_warps": 4}
+    assert tuner.timings[key]["BLOCK_D=64,num_warps=8"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: {"BLOCK_D": 32, "num_warps": 4}}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
@@ -387,25 +392,27 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.shape_key(40, 4, 4, torch.float32)  # forward: blocks of 16, 32, 64 × 3 warp counts; backward: 32, 64 × 2
+    key = ss.shape_key(40, 4, 4, torch.float32)  # every forward config; the backward's up to 64 channels wide
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 8}},
-                                  "backward": {key: {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 9 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+                                  "backward": {key: {"TIME_PARALLEL": 1, "BLOCK_D": 32, "num_warps": 8}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 6
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 9 and len(ss.BACKWARD_TUNER.timings[key]) == 4
+    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 6
 
 
-def test_backward_untuned_without_runtime_tuning(monkeypatch):
+@pytest.mark.parametrize("time_parallel", [1, 0], ids=["time-parallel", "lane-per-channel"])
+def test_backward_untuned_without_runtime_tuning(monkeypatch, time_parallel):
     """As in a generated package (no tuning at run time): an untuned bucket runs the tuner's default config, under
     the interpreter its interpreter config, narrower here than every candidate; the backward's per-block partial sums
     must be sized for the block that runs (they were once sized for the narrowest candidate, and overflowed)."""
-    narrow = {"BLOCK_D": 8, "num_warps": 4, "SUB": 4}
+    narrow = {"TIME_PARALLEL": time_parallel, "BLOCK_D": 8, "num_warps": 4, "SUB": 4}
     monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+    monkeypatch.setattr(triton_support, "UNTUNED", {})  # the warning comes once per process: make this its first
     monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, narrow))
     monkeypatch.setattr(ss, "BACKWARD_TUNER", triton_support.Autotuner("test.backward", ss.BACKWARD_CONFIGS, narrow))
     args = make_inputs(1, 5, 40, 4, seed=41)
