@@ -84,26 +84,34 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
 # Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
-# values (the spread kept: every config the H200 ran within 40% of the best, bench/kernels.py). The backward has two
-# kernels, TIME_PARALLEL chooses: 1, the chunk-parallel one, whose tiles are the forward's; 0, one channel per lane
-# stepping through time, so 32 channels per warp, holding SUB steps' states at once (SUB · N registers per lane;
-# fewer recomputed exp2s the more it holds).
-FORWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block, warps in ((16, 2), (16, 4), (16, 8), (32, 4),
-                                                                               (32, 8), (64, 8))]
+# values: the configs the H200 ran within 10% of the best, with and without PREFETCH (a one-deep software pipeline of
+# the loads, which costs registers). The backward has two kernels, TIME_PARALLEL chooses: 1, the chunk-parallel one,
+# whose tiles are the forward's, at the blocks that keep 16 values of a tile per thread (more spill registers on
+# sm_90); 0, one channel per lane stepping through time, at its best config on the H200 (32 channels, 1 warp, holding
+# SUB = 2 steps' states at once).
+FORWARD_CONFIGS = [
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0},
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
+    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
+    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
+    {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
+]
 BACKWARD_CONFIGS = [
     {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
-    {"TIME_PARALLEL": 0, "BLOCK_D": 128, "num_warps": 4, "SUB": 4},
-    *({"TIME_PARALLEL": 1, "BLOCK_D": block, "num_warps": warps} for block, warps in ((8, 2), (8, 4), (16, 4), (16, 8),
-                                                                                      (32, 8))),
+    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 0},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 1},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
 ]
-FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4}
+FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}
 BACKWARD_DEFAULT = {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py). A backward config pinned without
-TIME_PARALLEL is the lane kernel's (older tuning tables), without SUB holds BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 4, "SUB": 4}
+generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without PREFETCH does
+not prefetch; a backward config without TIME_PARALLEL is the lane kernel's (older tuning tables), without SUB holds
+BACKWARD_DEFAULT's."""
+INTERPRETER_CONFIG = {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
-reads only BLOCK_D and num_warps)."""
+reads BLOCK_D, num_warps and PREFETCH)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -192,6 +200,34 @@ def _channel_state_offsets(batch, stride_b, stride_d, stride_n, d_offs, n_offs):
 
 
 @triton.jit
+def _tile(ptr, stride_b, stride_t, stride_col, pid_b, t0, rows, cols, cols_in, seqlen):
+    """The (CHUNK, cols) tile at time t0 of one batch row of a (B, T, cols) tensor, in float32; 0 past the end of the
+    sequence and past the columns."""
+    mask = ((t0 + rows) < seqlen)[:, None] & cols_in[None, :]
+    offsets = _tile_offsets(pid_b, t0, stride_b, stride_t, stride_col, rows, cols)
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_inputs(t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                  u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                  delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                  B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                  C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                  z_ptr, z_stride_b, z_stride_t, z_stride_d,
+                  HAS_Z: tl.constexpr):
+    """The tiles of u, delta, B, C and z (zeros without a gate) of the chunk starting at t0."""
+    u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    delta = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    B = _tile(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0, rows, n_offs, n_in, seqlen)
+    C = _tile(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0, rows, n_offs, n_in, seqlen)
+    z = tl.zeros_like(u)
+    if HAS_Z:
+        z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    return u, delta, B, C, z
+
+
+@triton.jit
 def _chunk_states(decay, inp, entering_state):
     """States of one chunk: a log-depth scan of h_t = a_t h_{t-1} + x_t along time from a zero start, plus the
     entering state times the decay since the chunk start. decay, inp: (CHUNK, BLOCK_D, BLOCK_N)."""
@@ -226,6 +262,7 @@ def _selective_scan_fwd_kernel(
     HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
     DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
     SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
+    PREFETCH: tl.constexpr,  # load the next chunk's inputs before this chunk's arithmetic
     CHUNK: tl.constexpr,  # time steps per tile
     BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
     BLOCK_D: tl.constexpr,  # channels per program
@@ -236,7 +273,8 @@ def _selective_scan_fwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
-    dn_in = d_in[:, None] & (n_offs < dstate)[None, :]
+    n_in = n_offs < dstate
+    dn_in = d_in[:, None] & n_in[None, :]
 
     # Channels past `dim` and state indices past `dstate` load A = 0, u = 0, B = C = 0: their decay is 1 and their
     # input 0, so they hold a zero state and every store masks them out.
@@ -252,28 +290,47 @@ def _selective_scan_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
 
+    # PREFETCH: each iteration loads the next chunk's inputs before its own arithmetic, so that their memory latency
+    # overlaps it instead of stalling the loop (a software pipeline of depth one; it costs the registers of the tiles).
+    if PREFETCH:
+        u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+            0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+            B_ptr, B_stride_b, B_stride_t, B_stride_n,
+            C_ptr, C_stride_b, C_stride_t, C_stride_n,
+            z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+        )
     for chunk in range(n_chunks):
         t0 = chunk * CHUNK
         if SAVE_CHECKPOINTS:
             ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
             tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
-        t_in = (t0 + rows) < seqlen
-        td_in = t_in[:, None] & d_in[None, :]
-        tn_in = t_in[:, None] & (n_offs < dstate)[None, :]
-
-        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
-                    mask=td_in, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
-                     mask=td_in, other=0.0).to(tl.float32)
+        if PREFETCH:
+            u, dt, B, C, z = u_next, dt_next, B_next, C_next, z_next
+            u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+                t0 + CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+        else:
+            u, dt, B, C, z = _chunk_inputs(
+                t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+        td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
         if HAS_DELTA_BIAS:
             dt += bias[None, :]
         if DELTA_SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
 
         decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
         inp = (dt * u)[:, :, None] * B[:, None, :]
@@ -282,8 +339,6 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             y += skip[None, :] * u
         if HAS_Z:
-            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
-                        mask=td_in, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
                  y.to(y_ptr.dtype.element_ty), mask=td_in)
@@ -492,6 +547,7 @@ def _selective_scan_bwd_chunked_kernel(
     HAS_INITIAL_STATE: tl.constexpr,  # write dL/d initial_state
     DELTA_SOFTPLUS: tl.constexpr,
     HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
+    PREFETCH: tl.constexpr,  # load the inputs of the chunk before this one ahead of this chunk's arithmetic
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # channels per program
@@ -526,39 +582,65 @@ def _selective_scan_bwd_chunked_kernel(
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
 
+    # PREFETCH as in the forward: each iteration loads the inputs of the chunk before it (the next one processed).
+    last = (n_chunks - 1) * CHUNK
+    if PREFETCH:
+        u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+            last, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+            B_ptr, B_stride_b, B_stride_t, B_stride_n,
+            C_ptr, C_stride_b, C_stride_t, C_stride_n,
+            z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+        )
+        dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, last, rows, d_offs, d_in, seqlen)
+        entering_next = tl.load(ckpt_ptr + tl.cast(n_chunks - 1, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
+                                other=0.0)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
         t0 = chunk * CHUNK
+        if PREFETCH:
+            u, dt_raw, B, C, z, dy, entering = u_next, dt_next, B_next, C_next, z_next, dy_next, entering_next
+            before = tl.maximum(chunk - 1, 0)  # the first chunk loads itself again, unused
+            u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+                before * CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+            dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, before * CHUNK, rows, d_offs, d_in,
+                            seqlen)
+            entering_next = tl.load(ckpt_ptr + tl.cast(before, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
+                                    other=0.0)
+        else:
+            u, dt_raw, B, C, z = _chunk_inputs(
+                t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+            dy = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
         t_in = (t0 + rows) < seqlen
         td_in = t_in[:, None] & d_in[None, :]
         tn_in = t_in[:, None] & n_in[None, :]
-
-        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
-                    mask=td_in, other=0.0).to(tl.float32)
-        dt_raw = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows,
-                                                   d_offs), mask=td_in, other=0.0).to(tl.float32)
         if HAS_DELTA_BIAS:
             dt_raw += bias[None, :]
         dt = _softplus(dt_raw) if DELTA_SOFTPLUS else dt_raw
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + _tile_offsets(pid_b, t0, dy_stride_b, dy_stride_t, dy_stride_d, rows, d_offs),
-                     mask=td_in, other=0.0).to(tl.float32)
 
         # The chunk's states again, from its checkpoint, as the forward computed them.
         decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N)
         dtu = dt * u
         inp = dtu[:, :, None] * B[:, None, :]
-        entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
         states = _chunk_states(decay, inp, entering)
 
         # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero past the end).
         if HAS_Z:
-            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
-                        mask=td_in, other=0.0).to(tl.float32)
             y = tl.sum(states * C[:, None, :], axis=2) + skip[None, :] * u
             gate = tl.sigmoid(z)
             dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
@@ -633,7 +715,8 @@ def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
     return {"TIME_PARALLEL": config.get("TIME_PARALLEL", 0), "BLOCK_D": config["BLOCK_D"],
-            "num_warps": config.get("num_warps", 4), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+            "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0),
+            "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -720,7 +803,8 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
+                                         num_warps=cfg["num_warps"])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
@@ -792,8 +876,8 @@ def selective_scan_backward(
         args = (*inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
                 *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate)
         if cfg.get("TIME_PARALLEL", 0):
-            _selective_scan_bwd_chunked_kernel[(batch, blocks)](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"],
-                                                                 num_warps=cfg["num_warps"])
+            _selective_scan_bwd_chunked_kernel[(batch, blocks)](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)),
+                                                                 BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
         else:
             _selective_scan_bwd_kernel[(batch, blocks)](
                 *args, **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])),

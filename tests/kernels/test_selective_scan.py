@@ -113,11 +113,12 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's config: BLOCK_D, the backward kernel and, for the lane kernel, how many steps' states it
-    holds (on a GPU the autotuner chooses). The tuners hold the config they were made with: patch theirs."""
+    """Set the interpreter's config: BLOCK_D, the backward kernel, whether the tiled kernels prefetch and, for the
+    lane kernel, how many steps' states it holds (on a GPU the autotuner chooses). The tuners hold the config they
+    were made with: patch theirs."""
 
-    def set_block(width, *, time_parallel=1, sub=4):
-        config = {"TIME_PARALLEL": time_parallel, "BLOCK_D": width, "num_warps": 4, "SUB": sub}
+    def set_block(width, *, time_parallel=1, prefetch=1, sub=4):
+        config = {"TIME_PARALLEL": time_parallel, "BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
         monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
         monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
@@ -127,6 +128,14 @@ def block_d(monkeypatch):
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
 def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, features, block_d):
     block_d(width)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[5], CASES[6]])
+def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The tiled kernels loading each chunk's inputs in its own iteration (PREFETCH 0)."""
+    block_d(width, prefetch=0)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -320,14 +329,15 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 64), (4096, 64)])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 32), (4096, 32)])
 def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    assert {c["num_warps"] for c in kept} == {2, 4, 8}
+    assert {c["num_warps"] for c in kept} == {4, 8}
+    assert {c["PREFETCH"] for c in kept} == {0, 1}
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 128), (4096, 128)])
+@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 32), (4096, 32)])
 def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
@@ -345,7 +355,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     def launch(config):
         launched.append(config)
-        if config["BLOCK_D"] == 64:
+        if config["BLOCK_D"] == 32:
             raise RuntimeError("out of resources: registers")
 
     launched = []
@@ -354,9 +364,10 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == {"BLOCK_D": 32, "num_warps": 4}
-    assert tuner.timings[key]["BLOCK_D=64,num_warps=8"].startswith("RuntimeError: out of resources")
-    assert tuner.chosen == {key: {"BLOCK_D": 32, "num_warps": 4}}
+    fastest = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}  # the first of two equally fast: ties keep the earlier
+    assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == fastest
+    assert tuner.timings[key]["BLOCK_D=32,num_warps=8,PREFETCH=1"].startswith("RuntimeError: out of resources")
+    assert tuner.chosen == {key: fastest}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     pinned.pin({key: {"BLOCK_D": 32, "num_warps": 8}})
@@ -392,17 +403,17 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y, _, grads = run_and_differentiate(op, args, gy, None)
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
-    key = ss.shape_key(40, 4, 4, torch.float32)  # every forward config; the backward's up to 64 channels wide
-    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 64, "num_warps": 8}},
-                                  "backward": {key: {"TIME_PARALLEL": 1, "BLOCK_D": 32, "num_warps": 8}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 6
+    key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}},
+                                  "backward": {key: {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 6 and len(ss.BACKWARD_TUNER.timings[key]) == 6
+    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
 
 
 @pytest.mark.parametrize("time_parallel", [1, 0], ids=["time-parallel", "lane-per-channel"])
