@@ -84,18 +84,34 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
 # Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
-# values. The backward puts one channel on each lane (its N states in registers), so its block is 32 channels per warp,
-# and it holds SUB steps' states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds).
-FORWARD_CONFIGS = [{"BLOCK_D": block, "num_warps": warps} for block in (16, 32, 64, 128) for warps in (2, 4, 8)]
-BACKWARD_CONFIGS = [{"BLOCK_D": 32 * warps, "num_warps": warps, "SUB": sub} for sub in (4, 2) for warps in (1, 2, 4, 8)]
-FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4}
-BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
+# values: the configs the H200 ran within 10% of the best, with and without PREFETCH (a one-deep software pipeline of
+# the loads, which costs registers). The backward has two kernels, TIME_PARALLEL chooses: 1, the chunk-parallel one,
+# whose tiles are the forward's, at the blocks that keep 16 values of a tile per thread (more spill registers on
+# sm_90); 0, one channel per lane stepping through time, at its best config on the H200 (32 channels, 1 warp, holding
+# SUB = 2 steps' states at once).
+FORWARD_CONFIGS = [
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0},
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
+    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
+    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
+    {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
+]
+BACKWARD_CONFIGS = [
+    {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 0},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 1},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
+    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
+]
+FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}
+BACKWARD_DEFAULT = {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without SUB holds
+generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without PREFETCH does
+not prefetch; a backward config without TIME_PARALLEL is the lane kernel's (older tuning tables), without SUB holds
 BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "SUB": 4}
+INTERPRETER_CONFIG = {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
-ignores SUB)."""
+reads BLOCK_D, num_warps and PREFETCH)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -184,6 +200,34 @@ def _channel_state_offsets(batch, stride_b, stride_d, stride_n, d_offs, n_offs):
 
 
 @triton.jit
+def _tile(ptr, stride_b, stride_t, stride_col, pid_b, t0, rows, cols, cols_in, seqlen):
+    """The (CHUNK, cols) tile at time t0 of one batch row of a (B, T, cols) tensor, in float32; 0 past the end of the
+    sequence and past the columns."""
+    mask = ((t0 + rows) < seqlen)[:, None] & cols_in[None, :]
+    offsets = _tile_offsets(pid_b, t0, stride_b, stride_t, stride_col, rows, cols)
+    return tl.load(ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk_inputs(t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                  u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                  delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                  B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                  C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                  z_ptr, z_stride_b, z_stride_t, z_stride_d,
+                  HAS_Z: tl.constexpr):
+    """The tiles of u, delta, B, C and z (zeros without a gate) of the chunk starting at t0."""
+    u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    delta = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    B = _tile(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0, rows, n_offs, n_in, seqlen)
+    C = _tile(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0, rows, n_offs, n_in, seqlen)
+    z = tl.zeros_like(u)
+    if HAS_Z:
+        z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    return u, delta, B, C, z
+
+
+@triton.jit
 def _chunk_states(decay, inp, entering_state):
     """States of one chunk: a log-depth scan of h_t = a_t h_{t-1} + x_t along time from a zero start, plus the
     entering state times the decay since the chunk start. decay, inp: (CHUNK, BLOCK_D, BLOCK_N)."""
@@ -218,6 +262,7 @@ def _selective_scan_fwd_kernel(
     HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
     DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
     SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
+    PREFETCH: tl.constexpr,  # load the next chunk's inputs before this chunk's arithmetic
     CHUNK: tl.constexpr,  # time steps per tile
     BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
     BLOCK_D: tl.constexpr,  # channels per program
@@ -228,7 +273,8 @@ def _selective_scan_fwd_kernel(
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
-    dn_in = d_in[:, None] & (n_offs < dstate)[None, :]
+    n_in = n_offs < dstate
+    dn_in = d_in[:, None] & n_in[None, :]
 
     # Channels past `dim` and state indices past `dstate` load A = 0, u = 0, B = C = 0: their decay is 1 and their
     # input 0, so they hold a zero state and every store masks them out.
@@ -244,28 +290,47 @@ def _selective_scan_fwd_kernel(
     else:
         state = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
 
+    # PREFETCH: each iteration loads the next chunk's inputs before its own arithmetic, so that their memory latency
+    # overlaps it instead of stalling the loop (a software pipeline of depth one; it costs the registers of the tiles).
+    if PREFETCH:
+        u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+            0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+            B_ptr, B_stride_b, B_stride_t, B_stride_n,
+            C_ptr, C_stride_b, C_stride_t, C_stride_n,
+            z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+        )
     for chunk in range(n_chunks):
         t0 = chunk * CHUNK
         if SAVE_CHECKPOINTS:
             ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
             tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
-        t_in = (t0 + rows) < seqlen
-        td_in = t_in[:, None] & d_in[None, :]
-        tn_in = t_in[:, None] & (n_offs < dstate)[None, :]
-
-        u = tl.load(u_ptr + _tile_offsets(pid_b, t0, u_stride_b, u_stride_t, u_stride_d, rows, d_offs),
-                    mask=td_in, other=0.0).to(tl.float32)
-        dt = tl.load(delta_ptr + _tile_offsets(pid_b, t0, delta_stride_b, delta_stride_t, delta_stride_d, rows, d_offs),
-                     mask=td_in, other=0.0).to(tl.float32)
+        if PREFETCH:
+            u, dt, B, C, z = u_next, dt_next, B_next, C_next, z_next
+            u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+                t0 + CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+        else:
+            u, dt, B, C, z = _chunk_inputs(
+                t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+        td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
         if HAS_DELTA_BIAS:
             dt += bias[None, :]
         if DELTA_SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-        B = tl.load(B_ptr + _tile_offsets(pid_b, t0, B_stride_b, B_stride_t, B_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
-        C = tl.load(C_ptr + _tile_offsets(pid_b, t0, C_stride_b, C_stride_t, C_stride_n, rows, n_offs),
-                    mask=tn_in, other=0.0).to(tl.float32)
 
         decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
         inp = (dt * u)[:, :, None] * B[:, None, :]
@@ -274,8 +339,6 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             y += skip[None, :] * u
         if HAS_Z:
-            z = tl.load(z_ptr + _tile_offsets(pid_b, t0, z_stride_b, z_stride_t, z_stride_d, rows, d_offs),
-                        mask=td_in, other=0.0).to(tl.float32)
             y *= z * tl.sigmoid(z)
         tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
                  y.to(y_ptr.dtype.element_ty), mask=td_in)
@@ -444,6 +507,194 @@ def _selective_scan_bwd_kernel(
                  dbias_acc, mask=d_in)
 
 
+@triton.jit
+def _adjoint_combine(first_late, rest_late, adjoint_late, first_early, rest_early, adjoint_early):
+    """Two consecutive segments of the adjoint recurrence g_t = c_t + a_{t+1} g_{t+1} as one.
+
+    A segment [i..j] is (a_i, a_{i+1}···a_j, its g_i with nothing flowing in from after j); a reverse scan passes
+    the later segment first. The early segment's first decay is not applied to its own g: g_i needs a_{i+1}, not a_i,
+    which is why the segment keeps it apart (a shifted copy of the decays would cost a second tile of exp2s)."""
+    carry = rest_early * first_late
+    return first_early, carry * rest_late, adjoint_early + carry * adjoint_late
+
+
+@triton.jit
+def _selective_scan_bwd_chunked_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    dfinal_ptr, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n,
+    du_ptr, du_stride_b, du_stride_t, du_stride_d,
+    ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
+    dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
+    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
+    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
+    dA_part_ptr, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n,
+    dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
+    dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
+    dinit_ptr, dinit_stride_b, dinit_stride_d, dinit_stride_n,
+    seqlen, n_chunks, dim, dstate,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,  # write dL/d initial_state
+    DELTA_SOFTPLUS: tl.constexpr,
+    HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
+    PREFETCH: tl.constexpr,  # load the inputs of the chunk before this one ahead of this chunk's arithmetic
+    CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # channels per program
+):
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_in = d_offs < dim
+    n_in = n_offs < dstate
+    dn_in = d_in[:, None] & n_in[None, :]
+
+    # As in the forward: padded channels and state indices have decay 1, input 0, and every store masks them out.
+    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
+    A = A.to(tl.float32)
+    A_log2 = A * _LOG2E
+    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    # a_{t+1} g_{t+1} for the last step of the chunk being processed: what flows back from everything after it.
+    if HAS_DFINAL:
+        dfinal_offs = _channel_state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, d_offs, n_offs)
+        adjoint = tl.load(dfinal_ptr + dfinal_offs, mask=dn_in, other=0.0).to(tl.float32)
+    else:
+        adjoint = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
+
+    # PREFETCH as in the forward: each iteration loads the inputs of the chunk before it (the next one processed).
+    last = (n_chunks - 1) * CHUNK
+    if PREFETCH:
+        u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+            last, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+            B_ptr, B_stride_b, B_stride_t, B_stride_n,
+            C_ptr, C_stride_b, C_stride_t, C_stride_n,
+            z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+        )
+        dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, last, rows, d_offs, d_in, seqlen)
+        entering_next = tl.load(ckpt_ptr + tl.cast(n_chunks - 1, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
+                                other=0.0)
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        t0 = chunk * CHUNK
+        if PREFETCH:
+            u, dt_raw, B, C, z, dy, entering = u_next, dt_next, B_next, C_next, z_next, dy_next, entering_next
+            before = tl.maximum(chunk - 1, 0)  # the first chunk loads itself again, unused
+            u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
+                before * CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+            dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, before * CHUNK, rows, d_offs, d_in,
+                            seqlen)
+            entering_next = tl.load(ckpt_ptr + tl.cast(before, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
+                                    other=0.0)
+        else:
+            u, dt_raw, B, C, z = _chunk_inputs(
+                t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                B_ptr, B_stride_b, B_stride_t, B_stride_n,
+                C_ptr, C_stride_b, C_stride_t, C_stride_n,
+                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
+            )
+            dy = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
+        t_in = (t0 + rows) < seqlen
+        td_in = t_in[:, None] & d_in[None, :]
+        tn_in = t_in[:, None] & n_in[None, :]
+        if HAS_DELTA_BIAS:
+            dt_raw += bias[None, :]
+        dt = _softplus(dt_raw) if DELTA_SOFTPLUS else dt_raw
+        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
+
+        # The chunk's states again, from its checkpoint, as the forward computed them.
+        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N)
+        dtu = dt * u
+        inp = dtu[:, :, None] * B[:, None, :]
+        states = _chunk_states(decay, inp, entering)
+
+        # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero past the end).
+        if HAS_Z:
+            y = tl.sum(states * C[:, None, :], axis=2) + skip[None, :] * u
+            gate = tl.sigmoid(z)
+            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
+                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
+            dy_ssm = dy * z * gate
+        else:
+            dy_ssm = dy
+
+        # The adjoint g_t = dL/dh_t of every step at once: a reverse scan, plus what flows in from later chunks
+        # through the decays since each step (rest).
+        _, rest, g = tl.associative_scan((decay, tl.full(decay.shape, 1.0, tl.float32), dy_ssm[:, :, None] * C[:, None, :]),
+                                         0, _adjoint_combine, reverse=True)
+        g += rest * adjoint[None, :, :]
+        adjoint = _row(decay * g, rows, 0)  # into the state entering the chunk
+
+        # dB, dC: this block's share of the sums over channels; the other sums run over n, within the tile.
+        dC_part = tl.sum(dy_ssm[:, :, None] * states, axis=1)  # (CHUNK, BLOCK_N)
+        dB_part = tl.sum(g * dtu[:, :, None], axis=1)
+        dC_offs = pid_d * dC_part_stride_blk + _tile_offsets(pid_b, t0, dC_part_stride_b, dC_part_stride_t,
+                                                             dC_part_stride_n, rows, n_offs)
+        tl.store(dC_part_ptr + dC_offs, dC_part, mask=tn_in)
+        dB_offs = pid_d * dB_part_stride_blk + _tile_offsets(pid_b, t0, dB_part_stride_b, dB_part_stride_t,
+                                                             dB_part_stride_n, rows, n_offs)
+        tl.store(dB_part_ptr + dB_offs, dB_part, mask=tn_in)
+
+        # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
+        g_dot_B = tl.sum(g * B[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
+        g_decayed = g * (states - inp)
+        ddt = tl.sum(g_decayed * A[None, :, :], axis=2) + u * g_dot_B
+        du = dt * g_dot_B + dy_ssm * skip[None, :]
+        dA_acc += tl.sum(g_decayed * dt[:, :, None], axis=0)
+        dD_acc += tl.sum(dy_ssm * u, axis=0)
+        if DELTA_SOFTPLUS:
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
+                 du.to(du_ptr.dtype.element_ty), mask=td_in)
+        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
+                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
+
+    if HAS_INITIAL_STATE:
+        dinit_offs = _channel_state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, d_offs, n_offs)
+        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=dn_in)
+    dA_offs = _channel_state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, d_offs, n_offs)
+    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=dn_in)
+    if HAS_D:
+        tl.store(dD_part_ptr + pid_b.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
+    if HAS_DELTA_BIAS:
+        tl.store(dbias_part_ptr + pid_b.to(tl.int64) * dbias_part_stride_b + d_offs * dbias_part_stride_d,
+                 dbias_acc, mask=d_in)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -463,7 +714,8 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
+    return {"TIME_PARALLEL": config.get("TIME_PARALLEL", 0), "BLOCK_D": config["BLOCK_D"],
+            "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0),
             "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
@@ -551,7 +803,8 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
+                                         num_warps=cfg["num_warps"])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
@@ -620,12 +873,16 @@ def selective_scan_backward(
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
         dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
         dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
-        _selective_scan_bwd_kernel[(batch, blocks)](
-            *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
-            *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
-            **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
+        args = (*inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
+                *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate)
+        if cfg.get("TIME_PARALLEL", 0):
+            _selective_scan_bwd_chunked_kernel[(batch, blocks)](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)),
+                                                                 BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+        else:
+            _selective_scan_bwd_kernel[(batch, blocks)](
+                *args, **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])),
+                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            )
         return dB_part, dC_part
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
