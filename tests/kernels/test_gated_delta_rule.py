@@ -1,4 +1,4 @@
-"""kernels/gated_delta_rule.py against a plain loop over time: the output and the final state.
+"""kernels/gated_delta_rule.py against a plain loop over time: the output, the final state and every gradient.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before triton is imported),
 slowly, so shapes are small but ragged: T not a multiple of the chunk and T = 1, value heads not a power of two and
@@ -142,14 +142,94 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_inputs_that_need_a_gradient_are_refused():
-    """The kernels have no backward: a call that would train names the reference instead of giving wrong gradients."""
-    args = make_inputs(1, 4, 1, 1, 16, 16, seed=12)
-    args["v"].requires_grad_()
-    with pytest.raises(RuntimeError, match="forward-only"):
-        gdr.gated_delta_rule(**args, chunk_size=16)
-    with torch.no_grad():
-        gdr.gated_delta_rule(**args, chunk_size=16)
+def check_gradients(args, chunk, dtype, *, with_final_state=True):
+    """Every gradient of `gated_delta_rule` (through the op's autograd: the backward kernels) against autograd through
+    the loop reference in float64 on the same values, for a random dO (and dS for the final state)."""
+    gen = torch.Generator().manual_seed(99)
+    inputs = {name: t.detach().requires_grad_() if t is not None else None for name, t in args.items()}
+    wide = {name: t.detach().double().requires_grad_() if t is not None else None for name, t in args.items()}
+    do = torch.randn(args["v"].shape, generator=gen).to(DEVICE)
+    dfinal = torch.randn(args["v"].shape[0], args["v"].shape[2], args["q"].shape[3], args["v"].shape[3],
+                         generator=gen).to(DEVICE)
+    o, final = gdr.gated_delta_rule(**inputs, chunk_size=chunk)
+    o_ref, final_ref = gdr.gated_delta_rule_reference(**wide)
+    loss = (o.float() * do).sum() + ((final * dfinal).sum() if with_final_state else 0)
+    loss_ref = (o_ref * do.double()).sum() + ((final_ref * dfinal.double()).sum() if with_final_state else 0)
+    loss.backward()
+    loss_ref.backward()
+    errors = {}
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        assert t.grad is not None and t.grad.dtype == t.dtype, f"d{name}: {t.grad}"
+        assert not t.grad.isnan().any(), f"d{name} has NaN: an element the kernels did not write"
+        errors[f"d{name}"] = relative_norm_error(t.grad, wide[name].grad)
+    bad = {name: err for name, err in errors.items() if not err <= TOL[dtype]}
+    assert not bad, f"relative errors above {TOL[dtype]:.0e}: {bad} (all: {errors})"
+
+
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "nheads", "nv_heads", "dk", "dv", "chunk"),
+    [
+        pytest.param(2, 37, 1, 3, 16, 16, 16, id="B2-T37-H1-HV3-K16-V16-L16"),
+        pytest.param(1, 70, 2, 6, 20, 12, 32, id="B1-T70-H2-HV6-K20-V12-L32"),
+        pytest.param(1, 150, 3, 3, 8, 40, 64, id="B1-T150-H3-HV3-K8-V40-L64"),
+    ],
+)
+def test_gradients_match_reference_float32(batch, seqlen, nheads, nv_heads, dk, dv, chunk):
+    check_gradients(make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, seed=seqlen), chunk, torch.float32)
+
+
+def test_gradients_at_length_one_without_final_state_gradient():
+    check_gradients(make_inputs(2, 1, 2, 2, 16, 16, seed=3), 16, torch.float32, with_final_state=False)
+
+
+def test_gradients_without_initial_state():
+    """Over 2 chunks (at T = 1 without a state, dg is exactly 0 and has no relative error to measure)."""
+    check_gradients(make_inputs(1, 23, 1, 2, 16, 16, seed=15, initial_state=False), 16, torch.float32)
+
+
+def test_gradients_under_strong_decay_and_write_strengths_up_to_two():
+    """exp(c_t − c_s) down to e^−1000 in a chunk, and β up to 2: the backward's exponents stay masked and finite."""
+    args = make_inputs(1, 40, 1, 2, 16, 16, seed=4, decay_scale=30.0)
+    args["beta"] = 2 * args["beta"]
+    check_gradients(args, 32, torch.float32)
+
+
+def test_gradients_bfloat16():
+    check_gradients(make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5), 16, torch.bfloat16)
+
+
+def test_backward_reference_is_autograd_through_the_reference():
+    """gated_delta_rule_backward_reference (the backward op's CPU path) against the kernels' backward."""
+    args = make_inputs(1, 19, 1, 2, 16, 16, seed=14)
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(args["v"].shape, generator=gen)
+    dfinal = torch.randn(args["initial_state"].shape, generator=gen)
+    positional = (args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
+    kernel = gdr.gated_delta_rule_backward(do, dfinal, *positional)
+    reference = gdr.gated_delta_rule_backward_reference(do, dfinal, *positional)
+    for name, got, want in zip(("dq", "dk", "dv", "dg", "dbeta", "dinitial_state"), kernel, reference, strict=True):
+        assert relative_norm_error(got, want) < TOL[torch.float32], name
+
+
+def test_backward_without_initial_state_has_no_state_gradient():
+    args = make_inputs(1, 5, 1, 1, 16, 16, seed=12, initial_state=False)
+    *_, dinit = gdr.gated_delta_rule_backward(torch.ones_like(args["v"]), None, args["q"], args["k"], args["v"],
+                                              args["g"], args["beta"], 0.25, None, 16)
+    assert dinit is None
+
+
+def test_backward_opcheck():
+    """The backward op's schema and fake against the real one, and the forward op's autograd registration."""
+    args = make_inputs(1, 5, 1, 2, 16, 16, seed=11)
+    gen = torch.Generator().manual_seed(2)
+    do = torch.randn(args["v"].shape, generator=gen)
+    backward_args = (do, None, args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
+    torch.library.opcheck(gdr.gated_delta_rule_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
+    inputs = [args[name].requires_grad_() for name in ("q", "k", "v", "g", "beta", "initial_state")]
+    torch.library.opcheck(gdr.gated_delta_rule_op, (*inputs[:5], 0.25, inputs[5], 16),
+                          test_utils=("test_schema", "test_autograd_registration"))
 
 
 def test_export_is_one_node_with_dynamic_length():
@@ -209,7 +289,7 @@ def test_build_time_tuning_hook_tunes_every_kernel():
     with triton_support.tuning_session() as table:
         gdr.autotune(config, {}, 1, 20, torch.bfloat16, DEVICE)
         tuned = {entry["kernel"] for entry in table()["entries"]}
-    assert tuned == {"gated_delta_rule.wy", "gated_delta_rule.state", "gated_delta_rule.output"}
+    assert tuned == {f"gated_delta_rule.{kernel}" for kernel in ("wy", "state", "output", "state_backward", "chunk_backward")}
 
 
 def test_float32_intermediates_are_the_more_accurate_form():
