@@ -75,8 +75,7 @@ KERNEL_RULES: list[KernelRule] = [
                "Gated DeltaNet depthwise causal conv + SiLU over q, k and v, fused (a sequence, or one decoding step)",
                when=_conv_fits),
     KernelRule("gated_deltanet", "gated_delta_rule", "gated_delta_rule", "gated_delta",
-               "Gated DeltaNet chunked forward (prefill, inference, generate, export); forward-only, so the layer calls "
-               "it only with grad mode off and trains on the reference",
+               "Gated DeltaNet chunked forward and backward (training, prefill, inference, generate, export)",
                when=_gated_delta_fits),
     KernelRule("gated_deltanet", "gated_delta_rule", "gated_delta_step", "gated_delta",
                "Gated DeltaNet one-token state update (decoding)",

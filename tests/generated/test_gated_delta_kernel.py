@@ -1,7 +1,6 @@
 """The kernels a generated Gated DeltaNet model selects give it the logits, gradients and cached decoding of its
-reference ops: the fused causal conv1d + SiLU everywhere (it has a backward), the chunked gated delta rule
-(kernels/gated_delta_rule.py) wherever no gradient is needed and never while training (it is forward-only), and the
-one-token decode step.
+reference ops: the fused causal conv1d + SiLU and the chunked gated delta rule (kernels/gated_delta_rule.py), both
+with backward kernels, in training and inference, and the one-token decode step.
 
 The kernels run in Triton's interpreter on CPU tensors (tests/conftest.py sets TRITON_INTERPRET=1), so the model is
 one tiny layer; the kernels' own numerics at odd sizes are in tests/kernels/. A spy counts the kernel calls, so a
@@ -53,14 +52,14 @@ def test_inference_with_the_kernel_gives_the_reference_logits(package):
     assert_close(actual, expected, 1e-5, "logits")
 
 
-def test_training_takes_the_conv_kernel_and_the_reference_rule_with_the_references_gradients(package):
-    """With grad mode on the layer runs the conv kernel (it has a backward) and the reference gated delta rule (its
-    kernel is forward-only): logits and every gradient as with the references alone."""
+def test_training_takes_both_kernels_with_the_references_gradients(package):
+    """With grad mode on the layer runs the conv kernel and the chunked rule's kernel, forward and backward: logits and
+    every gradient as with the references alone."""
     torch.manual_seed(1)
     model = package.Model()
     tokens = torch.randint(0, 64, (2, 20))
     assert_kernels_match_references(package, model, tokens)
-    assert package.calls["causal_conv1d"] == 1 and package.calls["gated_delta_rule"] == 0, package.calls
+    assert package.calls["causal_conv1d"] == 1 and package.calls["gated_delta_rule"] == 1, package.calls
 
 
 def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package):
