@@ -215,7 +215,7 @@ class Gdn(nn.Module):
             o = o.unsqueeze(1)  # (B, 1, 32, 128)
         else:
             initial_state = cache.recurrent_state if cache is not None else None
-            if use_kernel(kernels.gated_delta_rule, q) and not torch.is_grad_enabled():  # the kernels are forward-only
+            if use_kernel(kernels.gated_delta_rule, q):
                 o, state = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, chunk_size=64)
             else:
                 o, state = gated_delta_rule(q, k, v, g, beta, initial_state=initial_state, chunk_size=64, max_seqlen=8192)

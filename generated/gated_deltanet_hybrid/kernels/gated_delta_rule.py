@@ -1,5 +1,5 @@
-"""Gated DeltaNet (the gated delta rule) as a chunked Triton forward: the kernels, the launcher, the custom op, the
-reference.
+"""Gated DeltaNet (the gated delta rule) as chunked Triton kernels, forward and backward: the kernels, the launchers,
+the custom ops, the references.
 
 Per batch b and value head h (of HV = H·R, reading key head h // R), with a (K, V) state S::
 
@@ -34,21 +34,34 @@ with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.p
 `intermediates=torch.float32` keeps the more accurate form. Every exponent is masked to ≤ 0 before its exp. T need
 not be a multiple of L: positions past T load β = 0 and g = 0 (the identity step) and are never stored.
 
-Forward only. Training runs the reference (ops/gated_delta.py), whose autograd differentiates the chunked algorithm;
-the generated layer calls this kernel where no gradient is needed (inference, prefill, generate, export: the
-kernel-selection pass's rule says so), and `gated_delta_rule` refuses inputs that require grad with grad mode on.
+The backward (`gated_delta_rule_backward`, the op's autograd) runs the WY and state kernels again, storing T⁻¹
+as well (recomputing them costs less than keeping a state per chunk from the forward, as fla does), then two
+launches:
+  4. `_state_backward_kernel`, per (batch × value head, block of V columns): the state passing backwards, from the
+     last chunk to the first, dS (the gradient of the state leaving the chunk, float32 in registers) and
+     du = scale ((q kᵀ) ⊙ D)ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS; stores both per chunk; the last is the initial
+     state's gradient.
+  5. `_chunk_backward_kernel`, per (chunk, batch × value head): every input's gradient in the chunk. The adjoint of
+     T⁻¹ needs no (L, L) inverse of its own: with û = T⁻¹ᵀ du, the gradient of A is −û uᵀ below the diagonal
+     (since T⁻¹ (β v − β exp(c) ⊙ k S_c) = u), and dv = β ⊙ û. The prefix sums' gradient dc collects each exp(c)'s
+     share (q ⊙ dq, k ⊙ dk and β-weighted rows summed over K, as fla does), and dg is its reverse prefix sum.
+dq and dk come per value head in float32 and are summed over each key head's group afterwards.
 
 Decoding has its own kernel, `gated_delta_step`: one position for one (batch, value head, block of V columns) per
 program, the state read once and written once (the reference's is a chain of small ops over the whole state).
 
 Contents: `gated_delta_rule` (the entry point, CUDA tensors), the custom op `archgen_v1::gated_delta_rule` (one graph
-node under torch.compile / torch.export, with a fake implementation), the launcher `gated_delta_rule_forward`, the
+node under torch.compile / torch.export, with a fake implementation; its autograd calls the op
+`archgen_v1::gated_delta_rule_backward`), the launchers `gated_delta_rule_forward` and `gated_delta_rule_backward`, the
 autotune spaces and their tuners (named gated_delta_rule.<kernel> in triton_support's tuning tables) with the build-time
 hook `autotune`, `gated_delta_rule_reference` (the recurrence one position at a time with the same signature: the
-tests' ground truth and the op's CPU path), the decode step's `gated_delta_step` (op `archgen_v1::gated_delta_step`,
+tests' ground truth and the op's CPU path) and `gated_delta_rule_backward_reference` (autograd through it), the decode
+step's `gated_delta_step` (op `archgen_v1::gated_delta_step`,
 launcher `gated_delta_step_forward`, reference `gated_delta_step_reference`), and `decomposition` (each op written with
 ops/gated_delta.py's function of its name, for ONNX). Needs triton and triton_support.py next to it.
 """
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -85,10 +98,23 @@ OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # none
     {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # none; q kᵀ once per chunk at V = 128
 ]
+# The backward, compiled likewise (bf16 intermediates, unit last-dim strides): the state loop holds dS like the
+# forward's state and loads q, k and W whole per chunk; the chunk kernel holds four (L, L) and three (L, BLOCK_K)
+# float32 tiles. All spill some at 255 registers; 4 warps spilled 2-3x more.
+STATE_BACKWARD_CONFIGS = [
+    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 1},  # 176 bytes spilled
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 360
+]
+CHUNK_BACKWARD_CONFIGS = [
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 64
+    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 608
+]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "chunk_backward": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
 }
 """The configs under TRITON_INTERPRET=1: blocks of 16, so the tests' small heads still span several blocks."""
 
@@ -134,8 +160,9 @@ def _chunk_wy_kernel(
     w_ptr,  # (B, HV, c·L, K) in the intermediates' dtype, contiguous: W
     u_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: U
     cum_ptr,  # (B, HV, c·L) float32, contiguous: the in-chunk prefix sums c
+    inverse_ptr,  # (B, HV, c·L, L) in the intermediates' dtype, contiguous: T⁻¹, for the backward (STORE_INVERSE)
     seqlen, nv_heads, value_heads_per_key, dk, dv, padded_len,
-    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
+    STORE_INVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, LOG2_CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -178,6 +205,8 @@ def _chunk_wy_kernel(
 
     # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v), a block of columns at a time.
     inter_ty = w_ptr.dtype.element_ty
+    if STORE_INVERSE:
+        tl.store(inverse_ptr + row[:, None] * CHUNK + t[None, :], _rounded(inverse, inter_ty))
     k_weight = (beta * tl.exp(cum))[:, None]
     for k0 in range(0, dk, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -296,6 +325,216 @@ def _output_kernel(
 
 
 @triton.jit
+def _state_backward_kernel(
+    q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
+    w_ptr, cum_ptr,
+    dfinal_ptr, dfinal_stride_b, dfinal_stride_h, dfinal_stride_k, dfinal_stride_v,
+    dleave_ptr,  # (B, HV, c, K, V) in the intermediates' dtype, contiguous: the gradient of the state leaving each chunk
+    dpseudo_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: du, the gradient of u
+    dinit_ptr,  # (B, HV, K, V) float32, contiguous: the initial state's gradient
+    scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
+    HAS_DFINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # BLOCK_K: all K rows of the state, a power of two
+):
+    """The state passing backwards, per (batch × value head, block of V columns): from the last chunk to the first,
+    with dS the gradient of the state leaving the chunk,
+
+        du   = scale · ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t])ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS
+        dS_c = exp(c_{L-1}) dS + scale · (exp(c) ⊙ q)ᵀ dO − Wᵀ du
+
+    storing each dS and du; the last dS_c is the initial state's gradient."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    dot_ty = q_ptr.dtype.element_ty
+    inter_ty = w_ptr.dtype.element_ty
+    rows_k = tl.arange(0, BLOCK_K)
+    cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    k_in = rows_k < dk
+    v_in = cols_v < dv
+    kv_in = k_in[:, None] & v_in[None, :]
+    if HAS_DFINAL:
+        dstate = tl.load(dfinal_ptr + b * dfinal_stride_b + h * dfinal_stride_h + rows_k[:, None] * dfinal_stride_k
+                         + cols_v[None, :] * dfinal_stride_v, mask=kv_in, other=0.0).to(tl.float32)
+    else:
+        dstate = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
+    t = tl.arange(0, CHUNK)
+    causal = t[:, None] >= t[None, :]
+    head_rows = pid_bh.to(tl.int64) * padded_len
+    state_offs = rows_k[:, None] * dv + cols_v[None, :]
+    q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + rows_k[None, :] * q_stride_k
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[None, :] * k_stride_k
+    do_base = do_ptr + b * do_stride_b + h * do_stride_h + cols_v[None, :] * do_stride_v
+    for step in range(nchunks):
+        chunk = nchunks - 1 - step
+        tl.store(dleave_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs,
+                 _rounded(dstate, inter_ty), mask=kv_in)
+        pos = chunk * CHUNK + t
+        t_in = pos < seqlen
+        row = head_rows + pos
+        cum = tl.load(cum_ptr + row)
+        cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
+        tk_in = t_in[:, None] & k_in[None, :]
+        # The decays scale the (L, BV) rows of the products, not the (L, K) operands: no float32 copy of q or k.
+        q = _operand(tl.load(q_base + pos[:, None] * q_stride_t, mask=tk_in, other=0.0), dot_ty)  # (L, K)
+        k = _operand(tl.load(k_base + pos[:, None] * k_stride_t, mask=tk_in, other=0.0), dot_ty)  # (L, K)
+        do = tl.load(do_base + pos[:, None] * do_stride_t, mask=t_in[:, None] & v_in[None, :], other=0.0)  # (L, BV)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        P = qk * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))) * scale
+        dpseudo = tl.dot(_operand(k, inter_ty), _operand(dstate, inter_ty), input_precision=DOT_PRECISION)
+        dpseudo = dpseudo * tl.exp(cum_last - cum)[:, None]
+        dpseudo = tl.dot(tl.trans(_operand(P, inter_ty)), _operand(do, inter_ty), dpseudo,
+                         input_precision=DOT_PRECISION)
+        dpseudo = _rounded(dpseudo, inter_ty)
+        tl.store(dpseudo_ptr + row[:, None] * dv + cols_v[None, :], dpseudo, mask=v_in[None, :])
+        W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
+        do_decayed = do.to(tl.float32) * (scale * tl.exp(cum))[:, None]
+        dstate = dstate * tl.exp(cum_last) + tl.dot(tl.trans(_operand(q, inter_ty)), _operand(do_decayed, inter_ty),
+                                                    input_precision=DOT_PRECISION)
+        dstate -= tl.dot(tl.trans(_operand(W, inter_ty)), _operand(dpseudo, inter_ty), input_precision=DOT_PRECISION)
+    tl.store(dinit_ptr + pid_bh.to(tl.int64) * dk * dv + state_offs, dstate, mask=kv_in)
+
+
+@triton.jit
+def _chunk_backward_kernel(
+    q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    v_ptr, v_stride_b, v_stride_t, v_stride_h, v_stride_v,
+    beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
+    do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
+    cum_ptr, inverse_ptr, enter_ptr, pseudo_ptr, dleave_ptr, dpseudo_ptr,
+    dq_ptr, dk_ptr,  # (B, T, HV, K) float32, contiguous: per value head (the launcher sums a key head's group)
+    dv_ptr,  # (B, T, HV, V) in v's dtype, contiguous
+    dbeta_ptr, dg_ptr,  # (B, T, HV) float32, contiguous
+    scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """Every gradient of one chunk of one (batch, value head), given S_c, u, dS (of the state leaving it) and du.
+    With D[t, s] = exp(c_t − c_s) and û = T⁻¹ᵀ du (the reference derives the rest):
+
+        dv = β ⊙ û                 dA = −(û uᵀ) [s < t]            (the adjoint of T⁻¹ through W and U)
+        dq = scale · (exp(c) ⊙ dO S_cᵀ + (dO uᵀ ⊙ D [s ≤ t]) k)
+        dk = scale · (dO uᵀ ⊙ D [s ≤ t])ᵀ q + exp(c_{L-1} − c) ⊙ (u dSᵀ) − β exp(c) ⊙ T⁻¹ᵀ du S_cᵀ
+             + (β ⊙ dA ⊙ D) k + (β ⊙ dA ⊙ D)ᵀ k
+        dβ = Σ_v û ⊙ v − exp(c) Σ_k k ⊙ T⁻¹ᵀ du S_cᵀ + Σ_k k ⊙ (dA ⊙ D) k
+
+    and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    inter_ty = enter_ptr.dtype.element_ty
+    t = tl.arange(0, CHUNK)
+    pos = chunk * CHUNK + t
+    t_in = pos < seqlen
+    row = pid_bh.to(tl.int64) * padded_len + pos
+    cum = tl.load(cum_ptr + row)
+    cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
+    beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
+                   other=0.0).to(tl.float32)
+    inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
+    exponent = cum[:, None] - cum[None, :]
+    decay = tl.exp(tl.where(t[:, None] >= t[None, :], exponent, float("-inf")))
+    do_base = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
+    v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
+
+    # Over V: dO uᵀ, dA, dv and dβ's value term.
+    do_u = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    neg_dA = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
+    for v0 in range(0, dv, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v_in = cols < dv
+        tv_in = t_in[:, None] & v_in[None, :]
+        do = _operand(tl.load(do_base + cols[None, :] * do_stride_v, mask=tv_in, other=0.0), inter_ty)
+        u = _operand(tl.load(pseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0), inter_ty)
+        du = _operand(tl.load(dpseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
+                      inter_ty)
+        du_hat = tl.dot(tl.trans(inverse), du, input_precision=DOT_PRECISION)  # (L, BV)
+        do_u = tl.dot(do, tl.trans(u), do_u, input_precision=DOT_PRECISION)
+        neg_dA = tl.dot(_operand(du_hat, inter_ty), tl.trans(u), neg_dA, input_precision=DOT_PRECISION)
+        v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=tv_in, other=0.0).to(tl.float32)
+        dbeta += tl.sum(du_hat * v_blk, axis=1)
+        tl.store(dv_ptr + ((b * seqlen + pos[:, None]) * nv_heads + h) * dv + cols[None, :],
+                 _rounded(du_hat * beta[:, None], dv_ptr.dtype.element_ty), mask=tv_in)
+    # The gradient of q kᵀ. Its diagonal is kept apart: its shares of dc (via q ⊙ dq and k ⊙ dk) cancel exactly, and
+    # under strong decay they dwarf what remains.
+    diagonal = t[:, None] == t[None, :]
+    dPD = tl.where(diagonal, 0.0, do_u * decay * scale)
+    dPD_diagonal = tl.sum(tl.where(diagonal, do_u, 0.0), axis=1) * scale
+    dAD = -tl.where(t[:, None] > t[None, :], neg_dA * decay, 0.0)  # dA ⊙ D, the gradient of β ⊙ (k kᵀ)
+    dMD = dAD * beta[:, None]  # the gradient of k kᵀ through A
+
+    # Over K, a block of columns at a time (an inner loop over V for the products with the states).
+    dc = tl.zeros((CHUNK,), dtype=tl.float32)
+    state_dot = 0.0  # Σ S_c ⊙ dS: exp(c_{L-1}) S_c in the state passing
+    decayed_dot = 0.0  # Σ (exp(c_{L-1} − c) ⊙ k) ⊙ (u dSᵀ): the decayed keys of the state passing
+    q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t
+    states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
+    decay_to_end = tl.exp(cum_last - cum)
+    for k0 in range(0, dk, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        k_in = cols_k < dk
+        do_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        du_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        u_dS = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        for v0 in range(0, dv, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            v_in = cols < dv
+            kv_offs = states + cols_k[:, None] * dv + cols[None, :]
+            kv_in = k_in[:, None] & v_in[None, :]
+            enter = tl.load(enter_ptr + kv_offs, mask=kv_in, other=0.0)  # (BK, BV)
+            dleave = tl.load(dleave_ptr + kv_offs, mask=kv_in, other=0.0)
+            state_dot += tl.sum(enter.to(tl.float32) * dleave.to(tl.float32))
+            do = _operand(tl.load(do_base + cols[None, :] * do_stride_v, mask=t_in[:, None] & v_in[None, :],
+                                  other=0.0), inter_ty)
+            u = _operand(tl.load(pseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
+                         inter_ty)
+            du = _operand(tl.load(dpseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
+                          inter_ty)
+            enter_T = tl.trans(_operand(enter, inter_ty))
+            do_S = tl.dot(do, enter_T, do_S, input_precision=DOT_PRECISION)
+            du_S = tl.dot(du, enter_T, du_S, input_precision=DOT_PRECISION)
+            u_dS = tl.dot(u, tl.trans(_operand(dleave, inter_ty)), u_dS, input_precision=DOT_PRECISION)
+        tk_in = t_in[:, None] & k_in[None, :]
+        q_blk = tl.load(q_base + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0).to(tl.float32)
+        k_blk = tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0).to(tl.float32)
+        q_op = _operand(q_blk, inter_ty)
+        k_op = _operand(k_blk, inter_ty)
+        dq_blk = do_S * (scale * tl.exp(cum))[:, None] + tl.dot(_operand(dPD, inter_ty), k_op,
+                                                            input_precision=DOT_PRECISION)
+        dk_attend = tl.dot(tl.trans(_operand(dPD, inter_ty)), q_op, input_precision=DOT_PRECISION)
+        dk_weighted = -tl.dot(tl.trans(inverse), _operand(du_S, inter_ty), input_precision=DOT_PRECISION)  # of β e^c k
+        dAD_k = tl.dot(_operand(dAD, inter_ty), k_op, input_precision=DOT_PRECISION)
+        dk_pairs = tl.dot(tl.trans(_operand(dMD, inter_ty)), k_op, input_precision=DOT_PRECISION)
+        weight = beta * tl.exp(cum)
+        dk_blk = (dk_attend + dPD_diagonal[:, None] * q_blk + u_dS * decay_to_end[:, None] + dk_weighted * weight[:, None]
+                  + dAD_k * beta[:, None] + dk_pairs)
+        k_dk_weighted = tl.sum(k_blk * dk_weighted, axis=1)
+        k_dAD_k = tl.sum(k_blk * dAD_k, axis=1)
+        decayed = tl.sum(k_blk * u_dS, axis=1) * decay_to_end
+        dbeta += tl.exp(cum) * k_dk_weighted + k_dAD_k
+        dc += (tl.sum(q_blk * dq_blk, axis=1) - tl.sum(k_blk * dk_attend, axis=1) + weight * k_dk_weighted - decayed
+               + beta * k_dAD_k - tl.sum(k_blk * dk_pairs, axis=1))
+        decayed_dot += tl.sum(decayed)
+        dq_blk += dPD_diagonal[:, None] * k_blk
+        out = ((b * seqlen + pos[:, None]) * nv_heads + h) * dk + cols_k[None, :]
+        tl.store(dq_ptr + out, dq_blk, mask=tk_in)
+        tl.store(dk_ptr + out, dk_blk, mask=tk_in)
+
+    dc += tl.where(t == CHUNK - 1, tl.exp(cum_last) * state_dot + decayed_dot, 0.0)
+    dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
+    out = (b * seqlen + pos) * nv_heads + h
+    tl.store(dg_ptr + out, dg, mask=t_in)
+    tl.store(dbeta_ptr + out, dbeta, mask=t_in)
+
+
+@triton.jit
 def _step_kernel(
     state_ptr, state_stride_b, state_stride_h, state_stride_k, state_stride_v,
     q_ptr, q_stride_b, q_stride_h, q_stride_k,
@@ -342,7 +581,8 @@ def _step_kernel(
 
 TUNERS = {
     name: Autotuner(f"gated_delta_rule.{name}", configs, INTERPRETER_CONFIGS[name])
-    for name, configs in (("wy", WY_CONFIGS), ("state", STATE_CONFIGS), ("output", OUTPUT_CONFIGS))
+    for name, configs in (("wy", WY_CONFIGS), ("state", STATE_CONFIGS), ("output", OUTPUT_CONFIGS),
+                          ("state_backward", STATE_BACKWARD_CONFIGS), ("chunk_backward", CHUNK_BACKWARD_CONFIGS))
 }
 """The kernels' autotuners (triton_support.Autotuner, named gated_delta_rule.<kernel>: tuning tables pin their winners)."""
 
@@ -369,6 +609,75 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@dataclass
+class _Chunks:
+    """What the WY and state kernels leave behind, for the output kernel and the backward: the sizes, the tuning key,
+    and the buffers (the module docstring names them)."""
+
+    nchunks: int
+    padded: int
+    shared: tuple[int, int, int, int]  # nv_heads, value_heads_per_key, dk, dv: every kernel's arguments
+    precision: str
+    key: str
+    cum: Tensor
+    W: Tensor
+    inverse: Tensor | None
+    pseudo: Tensor
+    enter: Tensor
+    final_state: Tensor
+
+
+def _intermediates_dtype(q: Tensor, intermediates: torch.dtype | None) -> torch.dtype:
+    intermediates = q.dtype if intermediates is None else intermediates
+    if intermediates not in (torch.float32, q.dtype):
+        raise ValueError(f"intermediates must be torch.float32 or q's dtype {q.dtype}, got {intermediates}")
+    return intermediates
+
+
+def _chunk_states(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None,
+                  chunk: int, intermediates: torch.dtype, configs: dict, store_inverse: bool) -> _Chunks:
+    """Launch the WY and state kernels (T > 0, B > 0): each chunk's W, U, prefix sums (and T⁻¹ for the backward),
+    then the entering states, the pseudo-values and the final state."""
+    batch, seqlen, nheads, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    nchunks = triton.cdiv(seqlen, chunk)
+    padded = nchunks * chunk
+    f32 = {"dtype": torch.float32, "device": q.device}
+    inter = {"dtype": intermediates, "device": q.device}
+    chunks = _Chunks(
+        nchunks=nchunks, padded=padded, shared=(nv_heads, nv_heads // nheads, dk, dv), precision=_dot_precision(q.dtype),
+        key="-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype), dtype_name(intermediates)))),
+        cum=torch.empty((batch, nv_heads, padded), **f32),
+        W=torch.empty((batch, nv_heads, padded, dk), **inter),
+        inverse=torch.empty((batch, nv_heads, padded, chunk), **inter) if store_inverse else None,
+        pseudo=torch.empty((batch, nv_heads, padded, dv), **inter),
+        enter=torch.empty((batch, nv_heads, nchunks, dk, dv), **inter),
+        final_state=torch.empty((batch, nv_heads, dk, dv), **f32),
+    )
+    U = torch.empty((batch, nv_heads, padded, dv), **inter)
+
+    def launch_wy(cfg):
+        _chunk_wy_kernel[(nchunks, batch * nv_heads)](
+            *strided(k, 4), *strided(v, 4), *strided(g, 3), *strided(beta, 3), chunks.W, U, chunks.cum,
+            chunks.inverse, seqlen, *chunks.shared, padded,
+            STORE_INVERSE=store_inverse, DOT_PRECISION=chunks.precision, CHUNK=chunk,
+            LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+        )
+
+    launch_wy(_config("wy", chunks.key, launch_wy, configs.get("wy")))
+
+    def launch_state(cfg):
+        _state_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
+            *strided(k, 4), chunks.W, U, chunks.cum, *strided(initial_state, 4), chunks.enter, chunks.pseudo,
+            chunks.final_state, seqlen, *chunks.shared, nchunks, padded,
+            HAS_INIT=initial_state is not None, DOT_PRECISION=chunks.precision, CHUNK=chunk,
+            BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+        )
+
+    launch_state(_config("state", chunks.key, launch_state, configs.get("state")))
+    return chunks
+
+
 def gated_delta_rule_forward(
     q: Tensor,
     k: Tensor,
@@ -388,62 +697,104 @@ def gated_delta_rule_forward(
     intermediates: the dtype W, U, u and the chunk states are stored in and multiplied as: q's dtype (None, the op's
     choice, see the module docstring) or float32 (more accurate, 1.7x slower on the H200 in bf16)."""
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
-    configs = configs or {}
-    batch, seqlen, nheads, dk = q.shape
+    batch, seqlen, _, dk = q.shape
     nv_heads, dv = v.shape[-2:]
-    chunk = chunk_size
-    nchunks = triton.cdiv(seqlen, chunk)
-    padded = nchunks * chunk
-    f32 = {"dtype": torch.float32, "device": q.device}
     o = torch.empty((batch, seqlen, nv_heads, dv), dtype=v.dtype, device=q.device)
-    final_state = torch.empty((batch, nv_heads, dk, dv), **f32)
     if seqlen == 0 or batch == 0:
-        final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
-        return o, final_state
-    intermediates = q.dtype if intermediates is None else intermediates
-    if intermediates not in (torch.float32, q.dtype):
-        raise ValueError(f"intermediates must be torch.float32 or q's dtype {q.dtype}, got {intermediates}")
-    cum = torch.empty((batch, nv_heads, padded), **f32)
-    inter = {"dtype": intermediates, "device": q.device}
-    W = torch.empty((batch, nv_heads, padded, dk), **inter)
-    U = torch.empty((batch, nv_heads, padded, dv), **inter)
-    pseudo = torch.empty((batch, nv_heads, padded, dv), **inter)
-    enter = torch.empty((batch, nv_heads, nchunks, dk, dv), **inter)
-    shared = (nv_heads, nv_heads // nheads, dk, dv)
-    precision = _dot_precision(q.dtype)
-    key = "-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype), dtype_name(intermediates))))
-    block_k_state = max(16, triton.next_power_of_2(dk))
-
+        final_state = initial_state if initial_state is not None else q.new_zeros((batch, nv_heads, dk, dv))
+        return o, final_state.float().clone()
+    configs = configs or {}
     with on_device(q):
-        def launch_wy(cfg):
-            _chunk_wy_kernel[(nchunks, batch * nv_heads)](
-                *strided(k, 4), *strided(v, 4), *strided(g, 3), *strided(beta, 3), W, U, cum, seqlen, *shared, padded,
-                DOT_PRECISION=precision, CHUNK=chunk, LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_K=cfg["BLOCK_K"],
-                BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
-            )
-
-        launch_wy(_config("wy", key, launch_wy, configs.get("wy")))
-
-        def launch_state(cfg):
-            _state_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
-                *strided(k, 4), W, U, cum, *strided(initial_state, 4), enter, pseudo, final_state,
-                seqlen, *shared, nchunks, padded,
-                HAS_INIT=initial_state is not None, DOT_PRECISION=precision, CHUNK=chunk, BLOCK_K=block_k_state,
-                BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
-            )
-
-        launch_state(_config("state", key, launch_state, configs.get("state")))
+        chunks = _chunk_states(q, k, v, g, beta, initial_state, chunk_size, _intermediates_dtype(q, intermediates),
+                               configs, store_inverse=False)
 
         def launch_output(cfg):
-            _output_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), nchunks, batch * nv_heads)](
-                *strided(q, 4), *strided(k, 4), pseudo, cum, enter, *strided(o, 4),
-                scale, seqlen, *shared, nchunks, padded,
-                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
+            _output_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), chunks.nchunks, batch * nv_heads)](
+                *strided(q, 4), *strided(k, 4), chunks.pseudo, chunks.cum, chunks.enter, *strided(o, 4),
+                scale, seqlen, *chunks.shared, chunks.nchunks, chunks.padded,
+                DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
                 **_launch_options(cfg),
             )
 
-        launch_output(_config("output", key, launch_output, configs.get("output")))
-    return o, final_state
+        launch_output(_config("output", chunks.key, launch_output, configs.get("output")))
+    return o, chunks.final_state
+
+
+def gated_delta_rule_backward(
+    do: Tensor,
+    dfinal_state: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float,
+    initial_state: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    *,
+    configs: dict | None = None,
+    intermediates: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """The gradients of `gated_delta_rule_forward`'s inputs, given do (B, T, HV, V) and dfinal_state (B, HV, K, V) or
+    None: (dq, dk, dv, dg, dbeta, dinitial_state), each in its input's dtype (dinitial_state float32, None without an
+    initial state).
+
+    The forward's WY and state kernels run again (storing T⁻¹ too: recomputing beats keeping a (K, V) state per chunk
+    from the forward), then `_state_backward_kernel` passes dS back over the chunks and `_chunk_backward_kernel` takes
+    each chunk's gradients. configs and intermediates as for the forward; the backward kernels' configs are named
+    state_backward and chunk_backward."""
+    _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+    batch, seqlen, nheads, dk = q.shape
+    nv_heads, dv = v.shape[-2:]
+    if tuple(do.shape) != tuple(v.shape) or (dfinal_state is not None and dfinal_state.shape != (batch, nv_heads, dk, dv)):
+        raise ValueError(f"do must have v's shape {tuple(v.shape)} and dfinal_state (B, HV, K, V) = "
+                         f"{(batch, nv_heads, dk, dv)}, got {tuple(do.shape)} and "
+                         f"{None if dfinal_state is None else tuple(dfinal_state.shape)}")
+    f32 = {"dtype": torch.float32, "device": q.device}
+    dq_heads = torch.empty((batch, seqlen, nv_heads, dk), **f32)  # per value head; a key head's group is summed below
+    dk_heads = torch.empty((batch, seqlen, nv_heads, dk), **f32)
+    dv_ = torch.empty((batch, seqlen, nv_heads, dv), dtype=v.dtype, device=q.device)
+    dg = torch.empty((batch, seqlen, nv_heads), **f32)
+    dbeta = torch.empty((batch, seqlen, nv_heads), **f32)
+    dinit = torch.empty((batch, nv_heads, dk, dv), **f32)
+    if seqlen == 0 or batch == 0:
+        dinit.copy_(dfinal_state if dfinal_state is not None else torch.zeros_like(dinit))
+    else:
+        configs = configs or {}
+        with on_device(q):
+            chunks = _chunk_states(q, k, v, g, beta, initial_state, chunk_size, _intermediates_dtype(q, intermediates),
+                                   configs, store_inverse=True)
+            dleave = torch.empty_like(chunks.enter)
+            dpseudo = torch.empty_like(chunks.pseudo)
+            common = (scale, seqlen, *chunks.shared, chunks.nchunks, chunks.padded)
+
+            def launch_state_backward(cfg):
+                _state_backward_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
+                    *strided(q, 4), *strided(k, 4), *strided(do, 4), chunks.W, chunks.cum, *strided(dfinal_state, 4),
+                    dleave, dpseudo, dinit, *common,
+                    HAS_DFINAL=dfinal_state is not None, DOT_PRECISION=chunks.precision, CHUNK=chunk_size,
+                    BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+                )
+
+            launch_state_backward(_config("state_backward", chunks.key, launch_state_backward,
+                                          configs.get("state_backward")))
+
+            def launch_chunk_backward(cfg):
+                _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
+                    *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
+                    chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo,
+                    dq_heads, dk_heads, dv_, dbeta, dg, *common,
+                    DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
+                    **_launch_options(cfg),
+                )
+
+            launch_chunk_backward(_config("chunk_backward", chunks.key, launch_chunk_backward,
+                                          configs.get("chunk_backward")))
+    per_key_head = (batch, seqlen, nheads, nv_heads // nheads, dk)
+    dq = dq_heads.view(per_key_head).sum(3).to(q.dtype)
+    dk_ = dk_heads.view(per_key_head).sum(3).to(k.dtype)
+    return (dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype),
+            dinit if initial_state is not None else None)
 
 
 STEP_CONFIG = {"BLOCK_V": 32, "num_warps": 4}
@@ -483,9 +834,9 @@ def gated_delta_step_forward(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
              device: torch.device | str) -> None:
-    """The build-time tuning hook (`archgen build --autotune`): run the three kernels a gated_deltanet op of this
-    resolved config (heads, head dims, chunk) runs at batch × seqlen, with an initial state as after a cached
-    prefix, so that inside triton_support.tuning_session() each tuner tunes its shape bucket."""
+    """The build-time tuning hook (`archgen build --autotune`): run the five kernels a gated_deltanet op of this
+    resolved config (heads, head dims, chunk) runs at batch × seqlen, forward and backward, with an initial state as
+    after a cached prefix, so that inside triton_support.tuning_session() each tuner tunes its shape bucket."""
     H, K = config["n_heads"], config["head_dim"]
     HV, V = config["n_v_heads"], config["head_v_dim"]
     generator = torch.Generator(device=device).manual_seed(0)
@@ -497,7 +848,10 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     v = randn(batch, seqlen, HV, V).to(dtype)
     g = -torch.nn.functional.softplus(randn(batch, seqlen, HV))
     beta = torch.sigmoid(randn(batch, seqlen, HV)).to(dtype)
-    gated_delta_rule_forward(q, k, v, g, beta, K**-0.5, randn(batch, HV, K, V), config["chunk_size"])
+    initial_state = randn(batch, HV, K, V)
+    gated_delta_rule_forward(q, k, v, g, beta, K**-0.5, initial_state, config["chunk_size"])
+    gated_delta_rule_backward(torch.randn_like(v), torch.randn_like(initial_state), q, k, v, g, beta, K**-0.5,
+                              initial_state, config["chunk_size"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -521,7 +875,42 @@ def _forward_fake(q, k, v, g, beta, scale, initial_state, chunk_size):
     return v.new_empty((batch, seqlen, nv_heads, dv)), v.new_empty((batch, nv_heads, dk, dv), dtype=torch.float32)
 
 
-gated_delta_rule_op = register_op("gated_delta_rule", _forward_impl, _forward_fake)
+def _backward_impl(do: Tensor, dfinal_state: Tensor | None, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                   scale: float, initial_state: Tensor | None, chunk_size: int) -> list[Tensor]:
+    """archgen_v1::gated_delta_rule_backward -> [dq, dk, dv, dg, dbeta, dinitial_state] (an empty (0,) tensor without
+    an initial state); CPU tensors take the reference's autograd."""
+    backward = gated_delta_rule_backward if q.is_cuda or triton_on_cpu() else gated_delta_rule_backward_reference
+    grads = backward(do, dfinal_state, q, k, v, g, beta, scale, initial_state, chunk_size)
+    return [grad if grad is not None else q.new_empty((0,)) for grad in grads]
+
+
+def _backward_fake(do, dfinal_state, q, k, v, g, beta, scale, initial_state, chunk_size):
+    def like(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    dinit = initial_state.new_empty(initial_state.shape, dtype=torch.float32) if initial_state is not None else None
+    return [like(q), like(k), like(v), like(g), like(beta), dinit if dinit is not None else q.new_empty((0,))]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, g, beta, scale, initial_state, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, do, dfinal_state):
+    q, k, v, g, beta, initial_state = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(v)
+    dq, dk, dv, dg, dbeta, dinit = gated_delta_rule_backward_op(do, dfinal_state, q, k, v, g, beta, ctx.scale,
+                                                                initial_state, ctx.chunk_size)
+    return dq, dk, dv, dg, dbeta, None, dinit if initial_state is not None else None, None
+
+
+gated_delta_rule_backward_op = register_op("gated_delta_rule_backward", _backward_impl, _backward_fake)
+gated_delta_rule_op = register_op("gated_delta_rule", _forward_impl, _forward_fake, backward=_backward,
+                                  setup_context=_setup_context)
 
 
 def _step_impl(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -556,19 +945,14 @@ def gated_delta_rule(
     chunk_size: int = CHUNK_SIZE,
     max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The gated delta rule over a whole sequence, forward only: (o (B, T, HV, V) in v.dtype, final_state (B, HV, K, V)
+    """The gated delta rule over a whole sequence, differentiable: (o (B, T, HV, V) in v.dtype, final_state (B, HV, K, V)
     float32).
 
     The signature of ops/gated_delta.py's `gated_delta_rule` (max_seqlen is unused: the kernels take any T).
     chunk_size: a power of two from 16 to 64 (the kernels' L; the result does not depend on it beyond rounding).
-    Needs CUDA tensors (or TRITON_INTERPRET=1); on anything else it raises, and the caller runs the reference. With
-    grad mode on, inputs that require grad are refused: the kernels have no backward, train with the reference.
+    Needs CUDA tensors (or TRITON_INTERPRET=1); on anything else it raises, and the caller runs the reference.
+    Gradients flow to q, k, v, g, β and initial_state through `gated_delta_rule_backward`.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, g, beta, initial_state)):
-        raise RuntimeError(
-            "the Triton gated_delta_rule kernel is forward-only and these inputs require grad: call the reference "
-            "(ops/gated_delta.py gated_delta_rule) to train, or run under torch.no_grad() / torch.inference_mode()"
-        )
     if not (q.is_cuda or triton_on_cpu() or torch.compiler.is_exporting()):
         raise RuntimeError(
             f"the Triton gated_delta_rule kernel needs CUDA tensors, got q on {q.device}: call the reference "
@@ -613,6 +997,33 @@ def gated_delta_rule_reference(
         outputs.append(scale * torch.einsum("bhkv,bhk->bhv", state, q_[:, t]))
     o = torch.stack(outputs, dim=1) if outputs else v_.new_zeros(batch, 0, nv_heads, dv)  # (B, T, HV, V)
     return o.to(v.dtype), state
+
+
+def gated_delta_rule_backward_reference(
+    do: Tensor,
+    dfinal_state: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """`gated_delta_rule_backward`'s signature and results, by autograd through `gated_delta_rule_reference`."""
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, g, beta, initial_state)]
+        o, final_state = gated_delta_rule_reference(*inputs[:5], scale, inputs[5])
+        outputs = [(o, do), (final_state, dfinal_state if dfinal_state is not None else torch.zeros_like(final_state))]
+        connected = [(out, grad.to(out.dtype)) for out, grad in outputs if out.requires_grad]  # none at T = 0 from 0
+        present = [t for t in inputs if t is not None]
+        found = iter(torch.autograd.grad([out for out, _ in connected], present, [grad for _, grad in connected],
+                                         allow_unused=True) if connected else [None] * len(present))
+    grads = [(next(found), t) if t is not None else (None, None) for t in inputs]
+    dq, dk, dv, dg, dbeta, dinit = (grad if grad is not None or t is None else torch.zeros_like(t) for grad, t in grads)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype),
+            dinit.float() if dinit is not None else None)
 
 
 def gated_delta_step(state: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -697,5 +1108,6 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size) -> None:
                            "importing triton)")
 
 
-__all__ = ["decomposition", "gated_delta_rule", "gated_delta_rule_forward", "gated_delta_rule_reference",
+__all__ = ["decomposition", "gated_delta_rule", "gated_delta_rule_backward", "gated_delta_rule_backward_reference",
+           "gated_delta_rule_forward", "gated_delta_rule_reference",
            "gated_delta_step", "gated_delta_step_forward", "gated_delta_step_reference", "tuned_configs"]
