@@ -2,11 +2,12 @@
 `chunk_gated_delta_rule` on the same inputs, in one run, written to one JSON file.
 
 archgen's side is what a generated package runs: the chunked PyTorch reference (templates/runtime/gated_delta.py,
-ops/gated_delta.py of a package), and the Triton forward kernel (kernels/gated_delta_rule.py) where this checkout
-has it, as the op runs it (intermediates in the inputs' dtype) and with float32 intermediates (more accurate, more
-bytes: GPU call 3 measured both and chose). The shape is gated_deltanet_hybrid's layer (Qwen3-Next's sizes): B = 4,
-T = 4096, H = 16 query/key heads read by HV = 32 value heads, K = V = 128, chunk 64, bf16 q/k/v/β, float32 g and
-states, an initial state given and the final state returned, as prefill after a cached prefix runs it.
+ops/gated_delta.py of a package), and the Triton kernels (kernels/gated_delta_rule.py, forward and backward) where
+this checkout has them, as the op runs them (intermediates in the inputs' dtype) and the forward with float32
+intermediates (more accurate, more bytes: GPU call 3 of session 5 measured both and chose). The shape is
+gated_deltanet_hybrid's layer (Qwen3-Next's sizes): B = 4, T = 4096, H = 16 query/key heads read by HV = 32 value
+heads, K = V = 128, chunk 64, bf16 q/k/v/β, float32 g and states, an initial state given and the final state
+returned, as prefill after a cached prefix runs it.
 
 Sections, most important first. Each records its own error and the run goes on; the JSON is rewritten after each; a
 section whose estimate exceeds the budget left is skipped and says so (--budget-s, default 140 s).
@@ -20,10 +21,14 @@ section whose estimate exceeds the budget left is skipped and says so (--budget-
                the final state of every bf16 side (archgen's reference, archgen's kernel, fla) against a float32 run
                of archgen's reference on the same bf16-rounded values (relative norm ‖x − x₃₂‖ / ‖x₃₂‖; bar 1e-2),
                and each side against the others. Gradients (q, k, v, g, β, initial state of Σ o·do + Σ S·dS) of
-               archgen's reference in bf16 against float32, and fla's where its backward runs.
-  speed        forward (no grad) ms of each side, archgen's reference forward+backward, fla's forward+backward where
-               it runs; `figures` pairs each archgen figure with fla's from the same run (ratio = fla ms / archgen
-               ms: above 1 means archgen is faster).
+               archgen's reference and archgen's kernels in bf16 against float32, and fla's where its backward runs.
+  speed        forward (no grad) ms of each side, forward+backward ms of archgen's reference, archgen's kernels and
+               fla where its backward runs; `figures` pairs each archgen figure with its peer from the same run
+               (ratio = peer ms / archgen ms: above 1 means archgen is faster). The peer is fla's same measurement
+               where it runs; the kernels' forward+backward is also held against the reference's, and, where fla's
+               backward refuses, against fla's forward alone (a floor for fla's forward+backward, labelled so).
+  profile      CUDA time per kernel of the kernels' forward, their forward+backward and fla's forward (torch.profiler,
+               3 runs each; tables in gdn_profile_<run>.txt beside the JSON).
   decode       one token at B = 4: the reference's `gated_delta_step` and the kernel's against fla's
                `fused_recurrent_gated_delta_rule` at T = 1 (outputs and new state compared, then timed).
   kernel_float32  archgen's kernel on float32 inputs against the reference in float32 (full float32 products on both
@@ -63,7 +68,9 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-ESTIMATE_S = {"numerics": 70, "speed": 15, "numerics_odd_lengths": 10, "decode": 10, "kernel_float32": 20}
+ESTIMATE_S = {"numerics": 70, "speed": 20, "profile": 10, "numerics_odd_lengths": 10, "decode": 10,
+              "kernel_float32": 20}
+PROFILE_RUNS = 3
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
 """Seconds each section may take on the H200 (numerics compiles and autotunes fla's forward first)."""
 
@@ -199,13 +206,15 @@ class Check:
         print(f"[{self.results['elapsed_s']:6.1f} s] {name}: {json.dumps(self.results[name], default=str)[:600]}",
               flush=True)
 
-    def figure(self, name: str, archgen_ms: float, fla_ms: float | None) -> None:
-        """One archgen time beside fla's from this run; ratio = fla ms / archgen ms (above 1: archgen faster)."""
+    def figure(self, name: str, archgen_ms: float, peer_ms: float | None, peer: str | None = None,
+               bar: float | None = None) -> None:
+        """One archgen time beside its peer's from this run (fla's same measurement unless `peer` names another);
+        ratio = peer ms / archgen ms (above 1: archgen faster); bar: the ratio issue 10 asks for, where it asks."""
+        fla = "fla chunk_gated_delta_rule" if self.fla else "stand-in: the op's decode step token by token"
         self.results["figures"].append({
-            "figure": name, "archgen": round(archgen_ms, 4), "unit": "ms",
-            "reference": "fla chunk_gated_delta_rule" if self.fla else "stand-in: the op's decode step token by token",
-            "reference_value": round(fla_ms, 4) if fla_ms is not None else None,
-            "ratio": round(fla_ms / archgen_ms, 3) if fla_ms is not None else None,
+            "figure": name, "archgen": round(archgen_ms, 4), "unit": "ms", "reference": peer or fla,
+            "reference_value": round(peer_ms, 4) if peer_ms is not None else None,
+            "ratio": round(peer_ms / archgen_ms, 3) if peer_ms is not None else None, "bar": bar,
             "device": self.device_name, "date": datetime.date.today().isoformat(), "command": self.command,
         })
 
@@ -330,8 +339,8 @@ class Check:
         return report
 
     def _gradients(self, args: dict, truth) -> dict:
-        """Every input's gradient of Σ o·do + Σ S·dS: archgen's reference in bf16 and fla (where its backward runs),
-        each against archgen's reference in float32. The kernel's backward is the reference's (it recomputes)."""
+        """Every input's gradient of Σ o·do + Σ S·dS: archgen's reference and kernels in bf16 and fla (where its
+        backward runs), each against archgen's reference in float32."""
         torch = self.torch
         gen = torch.Generator(device=self.device).manual_seed(99)
         do = torch.randn(truth[0].shape, generator=gen, device=self.device).to(torch.bfloat16)
@@ -339,6 +348,9 @@ class Check:
         expected = _gradients(self._reference, {n: t.float() for n, t in args.items()}, do.float(), dS)
         report = {"archgen_reference": {n: _relative_norm(g, expected[n]) for n, g in
                                         _gradients(self._reference, args, do, dS).items()}}
+        if self.kernel is not None:
+            report["archgen_kernel"] = {n: _relative_norm(g, expected[n]) for n, g in
+                                        _gradients(self._kernel, args, do, dS).items()}
         if self.fla is None or self.fla_backward_refused:
             report["fla"] = {"not_compared": self.fla_backward_refused or "no fla here (the dry run's stand-in has "
                                                                           "the reference's own gradients)"}
@@ -360,6 +372,8 @@ class Check:
             except Exception as error:  # noqa: BLE001 — one side failing leaves the others' times
                 report[f"{side}_forward_error"] = f"{type(error).__name__}: {error}"[:1500]
         trainable = {"archgen_reference": self._reference}
+        if self.kernel is not None:
+            trainable["archgen_kernel"] = self._kernel
         if self.fla is not None and not self.fla_backward_refused:
             trainable["fla"] = self._fla
         backward = {}
@@ -382,9 +396,62 @@ class Check:
             if side in forward:
                 self.figure(f"Gated DeltaNet forward, {side.replace('_', ' ')} ({label}, bf16)", forward[side],
                             forward.get(self.peer))
-        self.figure(f"Gated DeltaNet forward+backward, archgen reference ({label}, bf16)", backward["archgen_reference"],
-                    backward.get("fla"))
+        for side in (side for side in backward if side != "fla"):
+            self.figure(f"Gated DeltaNet forward+backward, {side.replace('_', ' ')} ({label}, bf16)", backward[side],
+                        backward.get("fla"), bar=1.0 if side == "archgen_kernel" else None)
+        if "archgen_kernel" in backward:
+            self.figure(f"Gated DeltaNet forward+backward, archgen kernels vs archgen reference ({label}, bf16)",
+                        backward["archgen_kernel"], backward["archgen_reference"], "archgen reference forward+backward")
+            if "fla" not in backward and self.peer in forward:
+                self.figure(f"Gated DeltaNet forward+backward, archgen kernels vs {self.peer}'s forward alone ({label}, "
+                            "bf16; its backward cannot run here)", backward["archgen_kernel"], forward[self.peer],
+                            f"{self.peer} forward only (a floor for its forward+backward)")
         return report
+
+    def profile(self) -> dict:
+        """CUDA time per kernel name, ms per run, of the kernels' forward, their forward+backward and fla's forward."""
+        if self.kernel is None:
+            return {"skipped": self.results["environment"]["archgen_kernel"]}
+        torch = self.torch
+        shape = self.timing_shape
+        args = self.inputs(*shape, seed=7)
+        do = torch.randn(*shape[:2], shape[3], shape[5], device=self.device).to(torch.bfloat16)
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+
+        def kernel_forward():
+            with torch.no_grad():
+                self._kernel(**args)
+
+        def kernel_forward_backward():
+            self._kernel(**leaves)[0].backward(do)
+
+        runs = {"archgen_kernel_forward": kernel_forward, "archgen_kernel_forward_backward": kernel_forward_backward}
+        if self.fla is not None:
+            def fla_forward():
+                with torch.no_grad():
+                    self._fla(**args)
+
+            runs["fla_forward"] = fla_forward
+        return {name: self._profile(name, run) for name, run in runs.items()}
+
+    def _profile(self, name: str, run) -> dict:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        run()  # compiled and tuned already by `speed`; this settles the allocator
+        on_gpu = self.device == "cuda"
+        with profiler(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(PROFILE_RUNS):
+                run()
+            if on_gpu:
+                self.torch.cuda.synchronize()
+        time_of = (lambda e: e.device_time_total) if on_gpu else (lambda e: e.cpu_time_total)
+        events = sorted((e for e in prof.key_averages() if time_of(e) > 0), key=lambda e: -time_of(e))
+        sort_by = "device_time_total" if on_gpu else "cpu_time_total"
+        (self.out / f"gdn_profile_{name}.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=25))
+        return {"ms_per_run": round(sum(time_of(e) for e in events) / PROFILE_RUNS / 1e3, 4) if on_gpu else None,
+                "kernels": [{"kernel": e.key[:100], "calls_per_run": e.count / PROFILE_RUNS,
+                             "ms_per_run": round(time_of(e) / PROFILE_RUNS / 1e3, 4)} for e in events[:14]]}
 
     def decode(self) -> dict:
         torch = self.torch
@@ -472,8 +539,9 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
     check = Check(args.out, args.dry_run, args.budget_s)
-    sections = {"numerics": check.numerics, "speed": check.speed, "numerics_odd_lengths": check.numerics_odd_lengths,
-                "kernel_float32": check.kernel_float32, "decode": check.decode}
+    sections = {"numerics": check.numerics, "speed": check.speed, "profile": check.profile,
+                "numerics_odd_lengths": check.numerics_odd_lengths, "kernel_float32": check.kernel_float32,
+                "decode": check.decode}
     for name, run in sections.items():
         check.section(name, run)
     print(f"wrote {args.out / 'gdn_check.json'}")
