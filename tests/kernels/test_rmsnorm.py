@@ -126,13 +126,15 @@ def test_outputs_are_fully_written(monkeypatch):
         assert t.isfinite().all(), f"{name} has unwritten (NaN) elements"
 
 
-def test_backward_config_with_partial_last_program():
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_backward_config_with_partial_last_program(prefetch):
     """Programs whose runs of rows do not divide the row count: the last program's missing rows are skipped, dw
-    still complete; tiles of several rows, at an odd and a power-of-two width."""
+    still complete; tiles of several rows, at an odd and a power-of-two width; with the next tile prefetched (up to
+    each program's last row) and without."""
     for N, tile_rows in ((24, 1), (32, 2), (24, 4)):
         x, w, dy = randn(11, N, seed=1), randn(N, seed=2), randn(11, N, seed=3)
         _, s, rstd = rn.rms_norm_forward(x, None, w, 1e-6)
-        config = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": 4, "num_stages": 2}
+        config = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": 4, "num_stages": 2, "PREFETCH": prefetch}
         programs, rows_per_program = rn.backward_grid(11, s.device, config)
         assert programs > 1 and rows_per_program % tile_rows == 0 and programs * rows_per_program >= 11
         ds, dw = rn.rms_norm_backward(dy, None, s, w, rstd, config=config)
@@ -172,12 +174,16 @@ def test_rejects_bad_inputs():
         rn.rms_norm(x.double(), randn(8).double(), 1e-6)
 
 
-def test_forward_tiles_of_several_rows_with_a_partial_last_tile():
-    """BLOCK_R rows per program with R not a multiple of it, odd and power-of-two widths: every row right."""
+@pytest.mark.parametrize("tile_rows", [1, 4])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_forward_tiles_of_several_rows_with_a_partial_last_tile(tile_rows, fused):
+    """BLOCK_R rows per program with R not a multiple of it, odd and power-of-two widths: every row right; one row
+    per program takes its own (1-D) form."""
     for N in (24, 32):
         x, res, w = randn(10, N, seed=N), randn(10, N, seed=N + 1), randn(N, seed=N + 2)
-        y, s, rstd = rn.rms_norm_forward(x, res, w, 1e-6, config={"BLOCK_R": 4, "num_warps": 2})
-        y_ref, s_ref = rn.add_rms_norm_reference(x, res, w, 1e-6)
+        y, s, rstd = rn.rms_norm_forward(x, res if fused else None, w, 1e-6,
+                                         config={"BLOCK_R": tile_rows, "num_warps": 2})
+        y_ref, s_ref = rn.add_rms_norm_reference(x, res, w, 1e-6) if fused else (rn.rms_norm_reference(x, w, 1e-6), x)
         assert_close(y, y_ref, 1e-5, "y")
         assert_close(s, s_ref, 1e-6, "s")
         assert_close(rstd, rn._rstd(s_ref, 1e-6), 1e-5, "rstd")
