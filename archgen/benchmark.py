@@ -8,8 +8,12 @@ Builds the spec into a temporary package, then measures, for each variant of the
                   the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
   peak memory     of each part
 Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding), `reference` (the
-pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile: training and prefill, with its compile
-time and graph-break count; `generate` is not compiled, so its decoding would repeat `reference`'s and is not timed).
+pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile), and on request `kernels_compiled`
+(`kernels` under torch.compile: the kernels' custom ops stay single nodes, inductor fuses what lies between them). The
+compiled variants measure training and prefill, with the compile time and dynamo's graph-break count; their decoding
+is the uncompiled variant's (`generate(compile=True)` is bench/decode.py's), so it is not timed again. They compile
+each layer (`compile_layers`), not the whole model: layers of one class share one compiled graph, so the compile takes
+as long for 48 layers as for one of each kind.
 A part that fails records its error; a part that would start after the deadline records `<part>_skipped`; the others
 still run. Everything is plain data (`BenchResult` -> JSON); `plot` draws it. `prepare_bench` + `measure_variant` let a
 script (bench/whole_model.py) order the variants of several specs under one time budget.
@@ -39,7 +43,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-VARIANTS = ("kernels", "reference", "compiled")
+VARIANTS = ("kernels", "reference", "compiled", "kernels_compiled")
+DEFAULT_VARIANTS = VARIANTS[:3]  # kernels_compiled on request: another compile of every layer kind
+COMPILED_VARIANTS = {"compiled": "reference", "kernels_compiled": "kernels"}  # each compiles the ops of its peer
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,7 @@ class BenchConfig:
     prompt_len: int = 128
     new_tokens: int = 64
     train_steps: int = 5  # timed, after two untimed
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
 
 
 @dataclass
@@ -130,19 +136,21 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     config, result, dtype = prepared.config, prepared.result, prepared.dtype
     figures: dict = {}
     model_module = prepared.package.model
+    ops = COMPILED_VARIANTS.get(variant, variant)
     if hasattr(model_module, "USE_KERNELS"):
-        model_module.USE_KERNELS = variant == "kernels"
+        model_module.USE_KERNELS = ops == "kernels"
     with torch.device(config.device):
         model = prepared.package.Model().to(dtype)
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    runnable = torch.compile(model) if variant == "compiled" else model
+    if variant in COMPILED_VARIANTS:
+        compile_layers(model)
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
     breaks_before = graph_break_count()
 
     progress(f"{variant}: training step")
     model.train()
-    attempt(figures, "train", config.device, lambda: train_figures(model, runnable, tokens, config), deadline)
+    attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config), deadline)
     if "train" in figures:
         figures["train"]["mfu"] = figures["train"]["tokens_per_s"] * result.train_flops_per_token / result.matmul_flops_per_s
     free_memory(config.device)  # the optimizer's state
@@ -151,10 +159,10 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     progress(f"{variant}: prefill")
     with torch.no_grad():
         attempt(figures, "prefill", config.device, lambda: throughput_figures(
-            lambda: runnable(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
-    if variant == "compiled":
+            lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
+    if variant in COMPILED_VARIANTS:
         figures["graph_breaks"] = graph_break_count() - breaks_before
-        return figures  # generate is not compiled: its decoding is the reference variant's
+        return figures  # generate is not compiled: its decoding is the uncompiled variant's
     for batch in config.decode_batches:
         progress(f"{variant}: decoding at batch {batch}")
         prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
@@ -163,12 +171,20 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     return figures
 
 
-def train_figures(model, runnable, tokens: torch.Tensor, config: BenchConfig) -> dict:
+def compile_layers(model: torch.nn.Module) -> None:
+    """torch.compile every layer of `model.layers` in place (regional compilation). Dynamo keys its cache on the
+    forward's code and treats parameters as inputs, so the layers of one class share one compiled graph: the compile
+    costs one layer of each kind, whatever the depth. The embedding, the heads, the extras and the loss stay eager."""
+    for layer in model.layers:
+        layer.compile()
+
+
+def train_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
     """Training-step tokens/s of forward + backward + AdamW, and how long the first step took (compiling, tuning)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
 
     def step():
-        next_token_loss(runnable, tokens).backward()
+        next_token_loss(model, tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -198,19 +214,18 @@ def next_token_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: bool, weight_bytes: int, bandwidth: float) -> dict:
-    base = getattr(model, "_orig_mod", model)
-    kwargs = {"cuda_graph": graphs} if "cuda_graph" in inspect.signature(base.generate).parameters else {}
+    kwargs = {"cuda_graph": graphs} if "cuda_graph" in inspect.signature(model.generate).parameters else {}
 
     def generate(n: int):
         with torch.no_grad():
-            base.generate(prompt, max_new_tokens=n, temperature=0, **kwargs)
+            model.generate(prompt, max_new_tokens=n, temperature=0, **kwargs)
 
     generate(config.new_tokens)  # warm-up: compiles, captures graphs
     one = min(timed_once(lambda: generate(1), config.device) for _ in range(2))
     many = min(timed_once(lambda: generate(config.new_tokens), config.device) for _ in range(2))
     ms = (many - one) / (config.new_tokens - 1) * 1e3
-    meta = base.meta_tokens.size(0) if hasattr(base, "meta_tokens") else 0
-    cache = base.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
+    meta = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
+    cache = model.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
     floor_ms = (weight_bytes + tensor_bytes(cache)) / bandwidth * 1e3
     return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms,
             "cuda_graph": bool(kwargs.get("cuda_graph"))}

@@ -469,8 +469,10 @@ def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ..
               help="Batch sizes of the decode measurement (repeatable).")
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
-@click.option("--variant", "variants", multiple=True, type=click.Choice(["kernels", "reference", "compiled"]),
-              help="What to measure (repeatable; default all): the package as generated, its reference ops, those compiled.")
+@click.option("--variant", "variants", multiple=True,
+              type=click.Choice(["kernels", "reference", "compiled", "kernels_compiled"]),
+              help="What to measure (repeatable; default the first three): the package as generated, its reference ops, "
+                   "those compiled, the package compiled.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
               show_default=True,
               help="Directory for <name>.json and <name>.png.")
@@ -482,14 +484,14 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from archgen.benchmark import VARIANTS, BenchConfig, plot, run_bench
+    from archgen.benchmark import DEFAULT_VARIANTS, BenchConfig, plot, run_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is visible to torch; use --device cpu to check the command",
                                  param_hint="--device")
     config = BenchConfig(spec, preset, overrides, device, dtype, batch, seq_len, decode_batches, prompt_len, new_tokens,
-                         variants=variants or VARIANTS)
+                         variants=variants or DEFAULT_VARIANTS)
     columns = (SpinnerColumn(), TextColumn("bench {task.fields[spec]}: {task.description}"), TimeElapsedColumn())
     try:
         with Progress(*columns, console=stderr, transient=True, disable=Output.quiet or Output.json) as progress:

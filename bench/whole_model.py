@@ -4,7 +4,8 @@ measured in the same run.
 Models: bench/specs/bamba_1b.yaml, specs/hymba_plus.yaml, specs/nexus.yaml (base), specs/hns_ss_jepa_moe.yaml (`1b`).
 Variants, through `archgen.benchmark` (the code behind `archgen bench`): (a) `kernels`, the package as generated
 (Triton kernels on CUDA, CUDA-graph decoding); (b) `reference`, its pure-PyTorch ops eager; (c) `compiled`, (b) under
-torch.compile (training and prefill, with compile time and graph breaks); and for Bamba (d) transformers'
+torch.compile (training and prefill, with compile time and graph breaks; each layer compiled, see
+archgen.benchmark.compile_layers); on request `kernels_compiled`, (a) under torch.compile; and for Bamba (d) transformers'
 BambaForCausalLM at the same configuration (its torch path): prefill tokens/s and batch-1 decode ms/token.
 Figures: training-step tokens/s and MFU (cost-model training FLOPs over the bf16 matmul rate measured in the run) at
 8 × 2048 = 16k tokens (HNS 1b: 2 × 2048), prefill tokens/s, batch-1 and batch-32 decode ms/token against the HBM
@@ -19,6 +20,8 @@ budget's end: what did not run says `skipped`. JSON is rewritten after every ste
 
 Run on the GPU from the repository root:
     python bench/whole_model.py --out $OUT --budget-s 330
+and the compiles, which do not fit beside the rest, one model a run:
+    python bench/whole_model.py --out $OUT --only hymba_plus --variants compiled,kernels_compiled --budget-s 100
 Writes $OUT/whole_model.json, $OUT/bars.jsonl (rows in bench/results/bars.json's form: ratio > 1 means archgen is
 better) and $OUT/whole_model.png. `--dry-run` runs every step on the CPU at toy sizes (figures meaningless).
 """
@@ -39,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from archgen.benchmark import (  # noqa: E402
+    VARIANTS,
     BenchConfig,
     attempt,
     describe_error,
@@ -67,14 +71,17 @@ DRY_BAMBA = ("model.d_model=64", "model.vocab_size=256", "mixers.ssm.n_heads=2",
              "ffns.mlp.hidden=128")
 # Seconds each step takes on an H200 at SIZES (a guess from earlier runs, a compile included): a step starts only when
 # its estimate fits in what is left of the budget.
-ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 150, "transformers": 40, "hspmn_block": 25, "logit_parity": 15}
-HNS_ESTIMATE_S = {"kernels": 80, "reference": 90, "compiled": 300}
+ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 60, "kernels_compiled": 60, "transformers": 40, "hspmn_block": 25,
+              "logit_parity": 15}
+HNS_ESTIMATE_S = {"kernels": 80, "reference": 90, "compiled": 120, "kernels_compiled": 120}
 PLAN = [  # (model, step) in priority order: the bars' figures first, compiles last
     ("bamba_1b", "kernels"), ("bamba_1b", "transformers"), ("hymba_plus", "kernels"), ("hspmn_block", "hspmn_block"),
     ("bamba_1b", "logit_parity"), ("hymba_plus", "logit_parity"),
     ("hns_ss_jepa_moe_1b", "kernels"), ("nexus", "kernels"),
     ("bamba_1b", "reference"), ("hymba_plus", "reference"), ("nexus", "reference"), ("hns_ss_jepa_moe_1b", "reference"),
     ("bamba_1b", "compiled"), ("hymba_plus", "compiled"), ("nexus", "compiled"), ("hns_ss_jepa_moe_1b", "compiled"),
+    ("bamba_1b", "kernels_compiled"), ("hymba_plus", "kernels_compiled"), ("nexus", "kernels_compiled"),
+    ("hns_ss_jepa_moe_1b", "kernels_compiled"),
 ]
 BAMBA_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=8, attn_layer_indices=[3, 7, 11, 15], mamba_n_heads=64, mamba_d_head=64,
@@ -265,7 +272,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out")
     parser.add_argument("--only", default=None, help="comma-separated names: " + ", ".join([*MODELS, "hspmn_block"]))
-    parser.add_argument("--variants", default="kernels,reference,compiled,transformers")
+    parser.add_argument("--variants", default="kernels,reference,compiled,transformers",
+                        help="comma-separated: kernels (with the logit check), reference, compiled, kernels_compiled, "
+                             "transformers")
     parser.add_argument("--budget-s", type=float, default=330.0, help="no step or part starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
@@ -275,7 +284,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/whole_model.py " + " ".join(sys.argv[1:])
     chosen_variants = tuple(args.variants.split(","))
-    model_variants = tuple(v for v in chosen_variants if v in ("kernels", "reference", "compiled"))
+    model_variants = tuple(v for v in chosen_variants if v in VARIANTS)
+    steps = (*chosen_variants, "hspmn_block", *(["logit_parity"] if "kernels" in chosen_variants else []))
     results: dict = {"date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
                      "device": torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)",
                      "budget_s": args.budget_s, "models": {}, "steps": []}
@@ -302,7 +312,7 @@ def main() -> None:
             return prepared[name]
 
         for name, step in PLAN:
-            if (args.only and name not in args.only.split(",")) or step not in (*chosen_variants, "hspmn_block", "logit_parity"):
+            if (args.only and name not in args.only.split(",")) or step not in steps:
                 continue
             estimate = (HNS_ESTIMATE_S if name.startswith("hns") else ESTIMATE_S).get(step, ESTIMATE_S.get(step, 30))
             left = deadline - time.perf_counter()

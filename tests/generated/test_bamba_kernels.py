@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.backends.registry import lookup_backend
 
 from tests.conftest import assert_kernels_match_references, build_spied_package
 from tests.numerics import assert_close
@@ -51,3 +52,38 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
     assert package.calls["mamba2_step"] == 4 and package.calls["apply_rope_qk"] == 5, package.calls
     assert package.calls["silu_mul"] == 2 * 5, package.calls
     assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+
+
+def test_layers_with_kernels_compile_whole_and_equal_eager(tmp_path, monkeypatch):
+    """The package's kernels under torch.compile (archgen.benchmark's `kernels_compiled`, which compiles each layer):
+    every kernel is a custom op, so dynamo traces each layer in one graph (fullgraph) holding the kernels as nodes,
+    the two Mamba-2 layers share one graph, and the loss and every gradient equal eager's."""
+    package = build_spied_package(ROOT / "bench/specs/bamba_1b.yaml", tmp_path, monkeypatch, (),
+                                  overrides=(*BAMBA_TOY, "layout.mixers=ssm*2,attn"))
+    torch.manual_seed(0)
+    model = package.Model()
+    tokens = torch.randint(0, 64, (2, 19))
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected_loss, expected_grads = loss_and_grads()
+    graphs = []
+
+    def counting_aot_eager(graph, inputs):
+        graphs.append(graph)
+        return lookup_backend("aot_eager")(graph, inputs)
+
+    torch._dynamo.reset()
+    for layer in model.layers:
+        layer.compile(fullgraph=True, backend=counting_aot_eager)
+    loss, grads = loss_and_grads()
+    assert len(graphs) == 2, "one graph per layer class"
+    custom_ops = {str(node.target) for graph in graphs for node in graph.graph.nodes if str(node.target).startswith("archgen")}
+    assert {"archgen_v1.ssd_scan.default", "archgen_v1.silu_mul.default"} <= custom_ops, custom_ops
+    assert_close(loss, expected_loss, 1e-5, "loss")
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], 1e-4, f"gradient of {name}")
