@@ -120,6 +120,7 @@ class EmitPlan:
     spec_hash: str
     d_model: int
     vocab_size: int
+    aligned_vocab: int  # vocab_size rounded up to VOCAB_ALIGNMENT: the rows the training-time output product runs on
     shapes: dict[str, str]  # from shape inference: "embed", "backbone" (with meta tokens), "final" (after the norm), "logits"
     tie_embeddings: bool
     norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)", "FusedRMSNorm(...)"
@@ -151,6 +152,9 @@ class EmitPlan:
 
 
 DEFAULT_OUTPUT = "generated"  # archgen build's -o default
+# Output-layer rows are padded to a multiple of this in training (LMHead in the model template). cuBLAS's Hopper GEMMs
+# need 16-byte-aligned rows; 64 as nanoGPT's 50257 -> 50304 also keeps the tiles whole.
+VOCAB_ALIGNMENT = 64
 
 ROLE_ORDER = {"mixer": 0, "ffn": 1}  # component classes: mixers, then feed-forwards, each by name
 
@@ -258,7 +262,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         name=resolved.name, description=resolved.description.strip(), version=__version__, source=spec_path,
         preset=resolved.preset, command=f"archgen build {spec_path}{preset}{overrides}{output}", spec_hash=resolved.spec_hash,
         package_dir=f"{output_root}/{resolved.name}",
-        d_model=d, vocab_size=dims.vocab_size, shapes={key: shape_text(shape) for key, shape in shapes.items()},
+        d_model=d, vocab_size=dims.vocab_size, aligned_vocab=-(-dims.vocab_size // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT,
+        shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
         norm_zero_centered=norm_dims["zero_centered"],
