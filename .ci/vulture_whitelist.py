@@ -13,6 +13,7 @@ _.preludes
 _.norm_module
 _.step_hooks
 _.init_hooks
+_.aligned_vocab
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight
