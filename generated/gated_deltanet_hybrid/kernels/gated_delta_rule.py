@@ -80,34 +80,37 @@ MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Autotune spaces, kept small: every config of a kernel is compiled once per process on the first call of a key.
-# BLOCK_K tiles K in the loops over it (the WY and output kernels), BLOCK_V tiles V (every kernel); the state kernel
-# holds all K rows of its state block. Compiled ahead of time for sm_90 at K = V = 128, L = 64, bf16 (triton.compile
-# for GPUTarget("cuda", 90, 32), then cuobjdump -res-usage; no GPU needed): with bf16 intermediates none of these
-# spills; the byte counts below are with float32 ones, where 4 warps spilled 280-800 bytes a thread and 16 (128
-# registers) 500-670.
+# BLOCK_K tiles K in the loops over it (the WY, output and chunk-backward kernels), BLOCK_V tiles V (every kernel);
+# the state loops hold all K rows of their state block. Registers per thread and shared memory per program at
+# K = V = 128, L = 64, bf16, from triton 3.6 compiles for sm_90 with the run-time specializations (16-divisible ints and
+# pointers, unit last strides; triton.compile for GPUTarget("cuda", 90, 32) with tt.divisibility attrs, then
+# cuobjdump -res-usage; no GPU needed); none of these spills. The state loops run one program per (head, block of V),
+# sequentially over the chunks: how many fit on an SM at once (registers × threads within 64K, shared memory within
+# 228 KB) decides how many waves of that sequential loop B·HV·V/BV programs take, hence the 4-warp configs.
 WY_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 64 bytes spilled
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 64
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 184 registers, 48 KB
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 191, 48 KB
 ]
 STATE_CONFIGS = [
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 80
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 112, half the shared memory
-    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 56, twice the programs re-reading W
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1 program per SM
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W
 ]
 OUTPUT_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # none
-    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # none; q kᵀ once per chunk at V = 128
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 80, 48 KB
+    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 118, 64 KB; q kᵀ once per chunk at V = 128
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 151, 48 KB
 ]
-# The backward, compiled likewise (bf16 intermediates, unit last-dim strides): the state loop holds dS like the
-# forward's state and loads q, k and W whole per chunk; the chunk kernel holds four (L, L) and three (L, BLOCK_K)
-# float32 tiles. All spill some at 255 registers; 4 warps spilled 2-3x more.
+# The backward's state loop holds dS like the forward's state and loads q, k and W whole per chunk; its chunk kernel
+# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there).
 STATE_BACKWARD_CONFIGS = [
-    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 1},  # 176 bytes spilled
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 360
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2 programs per SM
+    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 224, 107 KB: 1
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 255, 44 KB: 1
 ]
 CHUNK_BACKWARD_CONFIGS = [
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 64
-    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 608
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB
+    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 223, 72 KB
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -253,7 +256,7 @@ def _state_kernel(
     t = tl.arange(0, CHUNK)
     head_rows = pid_bh.to(tl.int64) * padded_len
     state_offs = rows_k[:, None] * dv + cols_v[None, :]
-    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[:, None] * k_stride_k
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[None, :] * k_stride_k
     for chunk in range(nchunks):
         tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs,
                  _rounded(state, inter_ty), mask=kv_in)
@@ -266,10 +269,10 @@ def _state_kernel(
         cum = tl.load(cum_ptr + row)
         cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + t
-        k_T = tl.load(k_base + pos[None, :] * k_stride_t, mask=k_in[:, None] & (pos < seqlen)[None, :],
-                      other=0.0)  # (K, L)
-        k_T = k_T.to(tl.float32) * tl.exp(cum_last - cum)[None, :]
-        state = state * tl.exp(cum_last) + tl.dot(_operand(k_T, inter_ty), _operand(pseudo, inter_ty),
+        k = tl.load(k_base + pos[:, None] * k_stride_t, mask=(pos < seqlen)[:, None] & k_in[None, :], other=0.0)
+        # The decays scale the (L, BV) rows of u, not the (L, K) keys: no float32 copy of k.
+        decayed = pseudo * tl.exp(cum_last - cum)[:, None]
+        state = state * tl.exp(cum_last) + tl.dot(tl.trans(_operand(k, inter_ty)), _operand(decayed, inter_ty),
                                                   input_precision=DOT_PRECISION)
     tl.store(final_ptr + pid_bh.to(tl.int64) * dk * dv + state_offs, state, mask=kv_in)
 
