@@ -361,8 +361,17 @@ class Bench(Run):
             # backward of wider kernels adds a round trip of dL/d pre-activation).
             backward_ms = result["forward_backward_ms"] - result["forward_ms"]
             result["backward_GBps"] = 3 * x.numel() * x.element_size() / backward_ms / 1e6
+            # The launchers alone (no autograd, no op dispatch): the GPU's part of the calls above
+            with torch.no_grad():
+                result["forward_launcher_ms"] = self.time_ms(
+                    lambda: self.conv_kernels.causal_conv1d_forward(x, weight, bias, None, True))
+                result["backward_launcher_ms"] = self.time_ms(
+                    lambda: self.conv_kernels.causal_conv1d_backward(dy, None, x, weight, bias, None, True))
             copy = self.sections.get("env", {}).get("copy_GBps")
             if isinstance(copy, float):
+                result["forward_launcher_fraction_of_copy"] = moved / result["forward_launcher_ms"] / 1e6 / copy
+                result["backward_launcher_fraction_of_copy"] = (3 * x.numel() * x.element_size()
+                                                                / result["backward_launcher_ms"] / 1e6 / copy)
                 result["backward_fraction_of_copy"] = result["backward_GBps"] / copy
                 result["fraction_of_copy"] = result["forward_GBps"] / copy
                 self.bar(f"causal conv1d + SiLU forward ({batch}, {seqlen}, {dim}) width {width}, bf16",
