@@ -23,8 +23,9 @@ state entering chunk c and T⁻¹ = (I + A)⁻¹ for A[t, s] = β_t exp(c_t − 
 Three launches:
   1. `_chunk_wy_kernel`, per (chunk, batch × value head): the prefix sums c, A, T⁻¹ by block doubling (log2 L rounds
      of two (L, L) products, exact: the reference's `_unit_lower_inverse`), then W and U.
-  2. `_state_kernel`, per (batch × value head, block of V columns): a loop over the chunks that stores S_c, computes
-     and stores u, and advances the state, float32 in registers; the last state is the final state.
+  2. `_state_kernel`, per (block of V columns, batch × value head): a loop over the chunks that stores S_c, computes
+     and stores u, and advances the state, float32 in registers; the last state is the final state. A head's blocks
+     of V are neighbouring programs, so they run together and read its W and k through L2 once.
   3. `_output_kernel`, per (block of V columns, chunk, batch × value head): the outputs.
 Every product runs on the tensor cores with float32 accumulation. The intermediates W, U, u and the chunk states are
 stored in, and multiplied as, the inputs' dtype (T⁻¹ is computed in float32 at tf32, then rounded likewise), as
@@ -37,7 +38,7 @@ not be a multiple of L: positions past T load β = 0 and g = 0 (the identity ste
 The backward (`gated_delta_rule_backward`, the op's autograd) runs the WY and state kernels again, storing T⁻¹
 as well (recomputing them costs less than keeping a state per chunk from the forward, as fla does), then two
 launches:
-  4. `_state_backward_kernel`, per (batch × value head, block of V columns): the state passing backwards, from the
+  4. `_state_backward_kernel`, per (block of V columns, batch × value head): the state passing backwards, from the
      last chunk to the first, dS (the gradient of the state leaving the chunk, float32 in registers) and
      du = scale ((q kᵀ) ⊙ D)ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS; stores both per chunk; the last is the initial
      state's gradient.
@@ -238,13 +239,13 @@ def _state_kernel(
     HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # BLOCK_K: all K rows of the state, a power of two
 ):
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // nv_heads).to(tl.int64)
     h = pid_bh % nv_heads
     h_key = h // value_heads_per_key
     inter_ty = w_ptr.dtype.element_ty
     rows_k = tl.arange(0, BLOCK_K)
-    cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_in = rows_k < dk
     v_in = cols_v < dv
     kv_in = k_in[:, None] & v_in[None, :]
@@ -341,21 +342,21 @@ def _state_backward_kernel(
     HAS_DFINAL: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,  # BLOCK_K: all K rows of the state, a power of two
 ):
-    """The state passing backwards, per (batch × value head, block of V columns): from the last chunk to the first,
+    """The state passing backwards, per (block of V columns, batch × value head): from the last chunk to the first,
     with dS the gradient of the state leaving the chunk,
 
         du   = scale · ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t])ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS
         dS_c = exp(c_{L-1}) dS + scale · (exp(c) ⊙ q)ᵀ dO − Wᵀ du
 
     storing each dS and du; the last dS_c is the initial state's gradient."""
-    pid_bh = tl.program_id(0)
+    pid_bh = tl.program_id(1)
     b = (pid_bh // nv_heads).to(tl.int64)
     h = pid_bh % nv_heads
     h_key = h // value_heads_per_key
     dot_ty = q_ptr.dtype.element_ty
     inter_ty = w_ptr.dtype.element_ty
     rows_k = tl.arange(0, BLOCK_K)
-    cols_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     k_in = rows_k < dk
     v_in = cols_v < dv
     kv_in = k_in[:, None] & v_in[None, :]
@@ -670,7 +671,7 @@ def _chunk_states(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, init
     launch_wy(_config("wy", chunks.key, launch_wy, configs.get("wy")))
 
     def launch_state(cfg):
-        _state_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
+        _state_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), batch * nv_heads)](
             *strided(k, 4), chunks.W, U, chunks.cum, *strided(initial_state, 4), chunks.enter, chunks.pseudo,
             chunks.final_state, seqlen, *chunks.shared, nchunks, padded,
             HAS_INIT=initial_state is not None, DOT_PRECISION=chunks.precision, CHUNK=chunk,
@@ -772,7 +773,7 @@ def gated_delta_rule_backward(
             common = (scale, seqlen, *chunks.shared, chunks.nchunks, chunks.padded)
 
             def launch_state_backward(cfg):
-                _state_backward_kernel[(batch * nv_heads, triton.cdiv(dv, cfg["BLOCK_V"]))](
+                _state_backward_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), batch * nv_heads)](
                     *strided(q, 4), *strided(k, 4), *strided(do, 4), chunks.W, chunks.cum, *strided(dfinal_state, 4),
                     dleave, dpseudo, dinit, *common,
                     HAS_DFINAL=dfinal_state is not None, DOT_PRECISION=chunks.precision, CHUNK=chunk_size,
