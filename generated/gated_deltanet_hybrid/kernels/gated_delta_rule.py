@@ -96,6 +96,7 @@ STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1 program per SM
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 151, 28 KB: 3, nothing prefetched
 ]
 OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 80, 48 KB
@@ -106,6 +107,7 @@ OUTPUT_CONFIGS = [
 # holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there).
 STATE_BACKWARD_CONFIGS = [
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2 programs per SM
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 188, 38 KB: 2
     {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 224, 107 KB: 1
     {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 255, 44 KB: 1
 ]
