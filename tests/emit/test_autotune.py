@@ -77,7 +77,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     monkeypatch.chdir(tmp_path / "tuned")
     tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", ".")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
-    assert "tuned 6 kernel configs of tuned_mamba" in tuned.output
+    assert "tuned 9 kernel configs of tuned_mamba" in tuned.output
 
     plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
     tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
@@ -91,7 +91,10 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     keys = {(e["kernel"], e["key"]) for e in table["entries"]}
     assert keys == {("selective_scan.forward", "D32-N4-L16-float32"), ("selective_scan.backward", "D32-N4-L16-float32"),
                     *(("rms_norm." + kernel, f"N16-R1024-float32-{variant}") for kernel in ("forward", "backward")
-                      for variant in ("plain", "fused"))}
+                      for variant in ("plain", "fused")),
+                    # the conv over a sequence (forward, one-pass backward) and a decoding step from its state
+                    ("causal_conv1d.forward", "D32-K4-Tn-float32"), ("causal_conv1d.window_backward", "D32-K4-silu-float32"),
+                    ("causal_conv1d.forward", "D32-K4-T1-state-float32")}
     assert all(e["gpu"] == "cpu" for e in table["entries"])
 
     # A fresh process, as a deployment imports it: the table is pinned at import; the tuned shape runs silently and
