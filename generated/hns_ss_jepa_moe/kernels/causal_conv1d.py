@@ -718,6 +718,28 @@ def causal_conv1d_backward(
             dstate.to(conv_state.dtype) if dstate is not None else None)
 
 
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the kernels an op whose depthwise convolution
+    has these parameter shapes (conv1d.weight (channels, 1, K), conv1d.bias if any) runs at batch × seqlen, as the
+    generated blocks call them: over a whole sequence from no state, forward and backward, and one decoding step from
+    a state; with the SiLU unless the op's config has another activation (the conv kind's "none"), so that inside
+    triton_support.tuning_session() each tuner tunes its shape bucket."""
+    channels, _, width = params["conv1d.weight"]
+    silu = config.get("activation", "silu") == "silu"
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=generator, device=device)
+
+    x, dy = randn(batch, seqlen, channels).to(dtype), randn(batch, seqlen, channels).to(dtype)
+    weight = randn(channels, width)
+    bias = randn(channels) if "conv1d.bias" in params else None
+    _, state = causal_conv1d_forward(x, weight, bias, None, silu)
+    causal_conv1d_backward(dy, None, x, weight, bias, None, silu)
+    causal_conv1d_forward(x[:, -1:], weight, bias, state, silu)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops
 # ---------------------------------------------------------------------------------------------------------------
