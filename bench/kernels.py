@@ -295,7 +295,7 @@ class Bench:
                                  for kernel, tuner in (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
             "note": "floors count only the bytes of the inputs and outputs over the measured copy bandwidth; the "
                     "kernels also evaluate one exp2 per (token, channel, state) forward, and backward one (chunk-parallel "
-                    "kernel, TIME_PARALLEL 1) or 3.5 (SUB 4) to 5.5 (SUB 2) (lane-per-channel kernel, which recomputes "
+                    "kernel, KERNEL 1) or 3.5 (SUB 4) to 5.5 (SUB 2) (lane-per-channel kernel, which recomputes "
                     "the forward piecewise from the chunk checkpoints), which the special-function units bound too (16 "
                     "per clock per SM on H100)",
         }

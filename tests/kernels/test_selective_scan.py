@@ -117,8 +117,8 @@ def block_d(monkeypatch):
     lane kernel, how many steps' states it holds (on a GPU the autotuner chooses). The tuners hold the config they
     were made with: patch theirs."""
 
-    def set_block(width, *, time_parallel=1, prefetch=1, sub=4):
-        config = {"TIME_PARALLEL": time_parallel, "BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
+    def set_block(width, *, kernel=1, prefetch=1, sub=4):
+        config = {"KERNEL": kernel, "BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
         monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
         monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
@@ -140,11 +140,19 @@ def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, w
     check_against_reference(args, chunk, FLOAT32_TOL)
 
 
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
+def test_per_state_backward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The backward's third kernel in the autotune space (KERNEL 2): one state index at a time."""
+    block_d(width, kernel=2)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, FLOAT32_TOL)
+
+
 @pytest.mark.parametrize("sub", [4, 2])
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
 def test_lane_per_channel_backward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, sub, block_d):
-    """The backward's other kernel in the autotune space (TIME_PARALLEL 0), holding 4 or 2 steps' states at once."""
-    block_d(width, time_parallel=0, sub=sub)
+    """The backward's other kernel in the autotune space (KERNEL 0), holding 4 or 2 steps' states at once."""
+    block_d(width, kernel=0, sub=sub)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -337,12 +345,13 @@ def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     assert {c["PREFETCH"] for c in kept} == {0, 1}
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 32), (4096, 32)])
+@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 64), (4096, 64)])
 def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    lane_per_channel = [c for c in kept if not c["TIME_PARALLEL"]]
+    lane_per_channel = [c for c in kept if not c["KERNEL"]]
     assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in lane_per_channel)
+    assert {c["KERNEL"] for c in kept} == ({1} if widest < 32 else {0, 1, 2})
 
 
 def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
@@ -405,23 +414,23 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
                                                 gy, None)
     key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}},
-                                  "backward": {key: {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
+                                  "backward": {key: {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 4}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 7
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
+    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 7
 
 
-@pytest.mark.parametrize("time_parallel", [1, 0], ids=["time-parallel", "lane-per-channel"])
-def test_backward_untuned_without_runtime_tuning(monkeypatch, time_parallel):
+@pytest.mark.parametrize("kernel", [1, 0, 2], ids=["tiles", "lane-per-channel", "per-state"])
+def test_backward_untuned_without_runtime_tuning(monkeypatch, kernel):
     """As in a generated package (no tuning at run time): an untuned bucket runs the tuner's default config, under
     the interpreter its interpreter config, narrower here than every candidate; the backward's per-block partial sums
     must be sized for the block that runs (they were once sized for the narrowest candidate, and overflowed)."""
-    narrow = {"TIME_PARALLEL": time_parallel, "BLOCK_D": 8, "num_warps": 4, "SUB": 4}
+    narrow = {"KERNEL": kernel, "BLOCK_D": 8, "num_warps": 4, "SUB": 4}
     monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
     monkeypatch.setattr(triton_support, "UNTUNED", {})  # the warning comes once per process: make this its first
     monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, narrow))
