@@ -42,23 +42,28 @@ and, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed)
     dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
     dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
 
-Two kernels compute this; the autotuner picks one per shape (TIME_PARALLEL in the config). Both walk the chunks in
-reverse order from their checkpoints, and both reduce deterministically, without atomics: dA, dD and d delta_bias
+Three kernels compute this; the autotuner picks one per shape (KERNEL in the config). All walk the chunks in
+reverse order from their checkpoints, and all reduce deterministically, without atomics: dA, dD and d delta_bias
 summed over time per program and written per batch row ((B, D, N), (B, D)), dB and dC summed over a program's block
 of channels and written per block ((B, T, blocks, N)); torch sums those.
 
-- Chunk-parallel (TIME_PARALLEL 1), the forward's tiles and grid: per chunk, the states again from the checkpoint by
+- Chunk tiles (KERNEL 1), the forward's tiles and grid: per chunk, the states again from the checkpoint by
   the forward's scan, then every g_t of the chunk at once by a reverse `tl.associative_scan` of g_t = c_t + a_{t+1}
   g_{t+1} (c_t = dȳ_t C_t). A segment of that recurrence applies its own first decay not to its own g but to what
   flows in, so a segment is carried as (its first decay, the product of the others, its g): a shifted copy of the
   decays would cost a second tile of exp2s. What flows in from the later chunks adds the product of the decays
   since each step times a_{t+1} g_{t+1} at the chunk's end. One exp2 per step and state, as the forward.
-- Lane per channel (TIME_PARALLEL 0), the grid (batch, blocks of BLOCK_D = 32 · num_warps channels): a lane holds the
+- Lane per channel (KERNEL 0), the grid (batch, blocks of BLOCK_D = 32 · num_warps channels): a lane holds the
   N states of its channel in registers and runs the adjoint one step after the other. A lane cannot hold CHUNK · N
   states, so the chunk is cut into pieces of SUB steps, last piece first: for each, the forward runs again from the
   chunk's checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D) register tile,
   then the adjoint runs back over the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}.
-  (19.7 ms on the H200 at the anchor shape, where the chunk-parallel one replaces it if it is faster.)
+  (19.7 ms on the H200 at the anchor shape.)
+- Per state (KERNEL 2): (CHUNK, BLOCK_D) tiles with a lane per channel (or two) and the chunk's time steps in its
+  registers, one state index n after the other: per n the two scans of KERNEL 1 run within each lane, and the sums
+  over n (dΔ, du, and ȳ for dz) accumulate in registers; only dB_t and dC_t cross lanes. The adjoints flowing in
+  from the next chunk and dA's running sums wait in two-slot workspaces in memory (one slot read, the other
+  written, a barrier between chunks), since a register tile cannot be indexed by n.
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -90,10 +95,10 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
 # Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
 # values: the configs the H200 ran within 10% of the best, with and without PREFETCH (a one-deep software pipeline of
-# the loads, which costs registers). The backward has two kernels, TIME_PARALLEL chooses: 1, the chunk-parallel one,
-# whose tiles are the forward's, at the blocks that keep 16 values of a tile per thread (more spill registers on
-# sm_90); 0, one channel per lane stepping through time, at its best config on the H200 (32 channels, 1 warp, holding
-# SUB = 2 steps' states at once).
+# the loads, which costs registers). The backward has three kernels, KERNEL chooses (see the module docstring): 0,
+# lane per channel, at its best config on the H200 (32 channels, 1 warp, holding SUB = 2 steps' states at once); 1,
+# (time, channel, state) tiles, at the blocks that keep 16 values of a tile per thread (more spill registers on sm_90);
+# 2, (time, channel) tiles one state index at a time, a lane per channel or two.
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
@@ -102,19 +107,21 @@ FORWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
 ]
 BACKWARD_CONFIGS = [
-    {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
-    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 0},
-    {"TIME_PARALLEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 1},
-    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
-    {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
+    {"KERNEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
+    {"KERNEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 1},
+    {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
+    {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
+    {"KERNEL": 2, "BLOCK_D": 32, "num_warps": 1},
+    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2},
+    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 4},
 ]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}
-BACKWARD_DEFAULT = {"TIME_PARALLEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2}
+BACKWARD_DEFAULT = {"KERNEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
 generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without PREFETCH does
-not prefetch; a backward config without TIME_PARALLEL is the lane kernel's (older tuning tables), without SUB holds
+not prefetch; a backward config without KERNEL is the lane kernel's (older tuning tables), without SUB holds
 BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"TIME_PARALLEL": 1, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
+INTERPRETER_CONFIG = {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
 reads BLOCK_D, num_warps and PREFETCH)."""
 
@@ -700,6 +707,171 @@ def _selective_scan_bwd_chunked_kernel(
                  dbias_acc, mask=d_in)
 
 
+@triton.jit
+def _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
+                      u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                      delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                      z_ptr, z_stride_b, z_stride_t, z_stride_d,
+                      dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+                      HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
+    """(Δ, Δ u, dȳ) of the chunk at t0: the (CHUNK, BLOCK_D) tiles every state index's step reads. dȳ, the gradient
+    of y before the gate, needs silu(z), not y. Δ = 0 past the end (identity steps)."""
+    u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    dt = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    dy_ssm = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+    if HAS_DELTA_BIAS:
+        dt += bias[None, :]
+    if DELTA_SOFTPLUS:
+        dt = _softplus(dt)
+    dt = tl.where(((t0 + rows) < seqlen)[:, None] & d_in[None, :], dt, 0.0)
+    if HAS_Z:
+        z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+        dy_ssm *= z * tl.sigmoid(z)
+    return dt, dt * u, dy_ssm
+
+
+# The per-state backward: a (CHUNK, BLOCK_D) tile per state index. Unit strides along the channels would make Triton
+# vectorise the tiles' loads along d and put several time steps of a channel on different lanes; unspecialised, a
+# lane holds whole columns (all CHUNK steps of its channels), so the scans along time and the sums over time stay
+# within the lane, and only the sums over channels (dB, dC) cross lanes.
+@triton.jit(do_not_specialize=["u_stride_d", "delta_stride_d", "z_stride_d", "dy_stride_d", "du_stride_d",
+                               "ddelta_stride_d", "dz_stride_d"])
+def _selective_scan_bwd_per_state_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    du_ptr, du_stride_b, du_stride_t, du_stride_d,
+    ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
+    dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
+    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
+    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
+    dA_ws_ptr, dA_ws_stride_b, dA_ws_stride_slot, dA_ws_stride_d, dA_ws_stride_n,
+    adjoint_ws_ptr, adjoint_ws_stride_b, adjoint_ws_stride_slot, adjoint_ws_stride_d, adjoint_ws_stride_n,
+    dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
+    dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
+    seqlen, n_chunks, dim, dstate,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
+    BLOCK_D: tl.constexpr,  # channels per program
+):
+    """The backward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of decays,
+    states (the forward's scan from the checkpoint) and adjoints (the reverse scan), whose sums over n (dΔ, du, and ȳ
+    for dz) accumulate in registers as the loop goes.
+
+    The adjoints flowing in from the next chunk and dA's running sums live in two-slot workspaces (B, 2, D, N): a
+    chunk reads one slot and writes the other, and a barrier between chunks makes the writes visible. The adjoint
+    workspace starts as dL/d final_state and ends as dL/d initial_state, in slot n_chunks % 2; so does dA's sum."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < dim
+    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    batch = tl.cast(pid_b, tl.int64)
+
+    for step in range(n_chunks):
+        chunk = n_chunks - 1 - step
+        t0 = chunk * CHUNK
+        # Only what the loop over n needs lives through it (Δ, Δu, dȳ); u, z, dy and delta are loaded again after it,
+        # from the cache: registers, not bandwidth, limit this kernel.
+        td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
+        dt, dtu, dy_ssm = _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
+                                            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                                            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                                            z_ptr, z_stride_b, z_stride_t, z_stride_d,
+                                            dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+                                            HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+        read_slot = step % 2
+        write_slot = 1 - read_slot
+
+        y_acc = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n h C: ȳ before the skip, for dz
+        g_dot_B = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g B
+        g_decayed_dot_A = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g (a_t h_{t-1}) A
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n,
+                          mask=(t0 + rows) < seqlen, other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + batch * C_stride_b + (t0 + rows) * C_stride_t + n * C_stride_n,
+                          mask=(t0 + rows) < seqlen, other=0.0).to(tl.float32)
+            entering = tl.load(ckpt_ptr + batch * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
+                               + d_offs * ckpt_stride_d + n * ckpt_stride_n, mask=d_in, other=0.0)
+            adjoint_offs = batch * adjoint_ws_stride_b + d_offs * adjoint_ws_stride_d + n * adjoint_ws_stride_n
+            adjoint = tl.load(adjoint_ws_ptr + adjoint_offs + read_slot * adjoint_ws_stride_slot, mask=d_in, other=0.0)
+
+            decay = tl.exp2(dt * (A_n * _LOG2E)[None, :])  # (CHUNK, BLOCK_D)
+            inp = dtu * B_n[:, None]
+            decay_since_start, states = tl.associative_scan((decay, inp), 0, _affine_combine)
+            states += decay_since_start * entering[None, :]
+            y_acc += states * C_n[:, None]
+            _, rest, g = tl.associative_scan((decay, tl.full(decay.shape, 1.0, tl.float32), dy_ssm * C_n[:, None]),
+                                             0, _adjoint_combine, reverse=True)
+            g += rest * adjoint[None, :]
+            adjoint_out = tl.sum(tl.where(rows[:, None] == 0, decay * g, 0.0), axis=0)  # into the chunk's entering state
+            tl.store(adjoint_ws_ptr + adjoint_offs + write_slot * adjoint_ws_stride_slot, adjoint_out, mask=d_in)
+
+            # dB, dC: this block's share of the sums over channels.
+            dB_offs = (batch * dB_part_stride_b + (t0 + rows) * dB_part_stride_t + pid_d * dB_part_stride_blk
+                       + n * dB_part_stride_n)
+            tl.store(dB_part_ptr + dB_offs, tl.sum(g * dtu, axis=1), mask=(t0 + rows) < seqlen)
+            dC_offs = (batch * dC_part_stride_b + (t0 + rows) * dC_part_stride_t + pid_d * dC_part_stride_blk
+                       + n * dC_part_stride_n)
+            tl.store(dC_part_ptr + dC_offs, tl.sum(dy_ssm * states, axis=1), mask=(t0 + rows) < seqlen)
+
+            g_dot_B += g * B_n[:, None]
+            g_decayed = g * (states - inp)  # a_t h_{t-1} = h_t - x_t
+            g_decayed_dot_A += g_decayed * A_n[None, :]
+            dA_offs = batch * dA_ws_stride_b + d_offs * dA_ws_stride_d + n * dA_ws_stride_n
+            dA = tl.load(dA_ws_ptr + dA_offs + read_slot * dA_ws_stride_slot, mask=d_in, other=0.0)
+            tl.store(dA_ws_ptr + dA_offs + write_slot * dA_ws_stride_slot, dA + tl.sum(g_decayed * dt, axis=0),
+                     mask=d_in)
+
+        u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+        if HAS_Z:
+            z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            dy = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            gate = tl.sigmoid(z)
+            y = y_acc + skip[None, :] * u
+            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
+            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
+                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
+        ddt = g_decayed_dot_A + u * g_dot_B
+        du = dt * g_dot_B + dy_ssm * skip[None, :]
+        dD_acc += tl.sum(dy_ssm * u, axis=0)
+        if DELTA_SOFTPLUS:
+            dt_raw = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in,
+                           seqlen) + bias[None, :]
+            ddt = ddt * tl.sigmoid(dt_raw)
+        ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
+        dbias_acc += tl.sum(ddt, axis=0)
+        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
+                 du.to(du_ptr.dtype.element_ty), mask=td_in)
+        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
+                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
+        tl.debug_barrier()  # this chunk's workspace writes, visible to the next chunk's reads
+
+    if HAS_D:
+        tl.store(dD_part_ptr + batch * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
+    if HAS_DELTA_BIAS:
+        tl.store(dbias_part_ptr + batch * dbias_part_stride_b + d_offs * dbias_part_stride_d, dbias_acc, mask=d_in)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -719,7 +891,7 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"TIME_PARALLEL": config.get("TIME_PARALLEL", 0), "BLOCK_D": config["BLOCK_D"],
+    return {"KERNEL": config.get("KERNEL", 0), "BLOCK_D": config["BLOCK_D"],
             "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0),
             "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
@@ -878,9 +1050,12 @@ def selective_scan_backward(
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
         dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
         dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
+        kernel = cfg.get("KERNEL", 0)
+        if kernel == 2:
+            return (dB_part, dC_part, *launch_per_state(cfg, blocks, dB_part, dC_part))
         args = (*inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
                 *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate)
-        if cfg.get("TIME_PARALLEL", 0):
+        if kernel == 1:
             _selective_scan_bwd_chunked_kernel[(batch, blocks)](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)),
                                                                  BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
         else:
@@ -888,13 +1063,32 @@ def selective_scan_backward(
                 *args, **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])),
                 BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
             )
-        return dB_part, dC_part
+        return dB_part, dC_part, dA_part, dinit
+
+    def launch_per_state(cfg, blocks, dB_part, dC_part):
+        """The per-state kernel keeps the adjoint and dA's sums in two-slot workspaces; returns (dA_part, dinit)."""
+        adjoint_ws = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=device)
+        if dfinal_state is not None:
+            adjoint_ws[:, 0] = dfinal_state
+        dA_ws = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=device)
+        _selective_scan_bwd_per_state_kernel[(batch, blocks)](
+            *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3), *strided(D, 1),
+            *strided(z, 3), *strided(delta_bias, 1), *strided(checkpoints, 4), *strided(dy, 3),
+            *strided(du, 3), *strided(ddelta, 3), *strided(dz, 3), *strided(dB_part, 4), *strided(dC_part, 4),
+            *strided(dA_ws, 4), *strided(adjoint_ws, 4), *strided(dD_part, 2), *strided(dbias_part, 2),
+            seqlen, n_chunks, dim, dstate,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+            DELTA_SOFTPLUS=bool(delta_softplus), CHUNK=chunk_size, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+        last = n_chunks % 2  # the slot the last chunk wrote
+        dinit_of_kernel = adjoint_ws[:, last].to(initial_state.dtype) if initial_state is not None else None
+        return dA_ws[:, last], dinit_of_kernel
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
         config = BACKWARD_TUNER.known(key, _explicit(config)) or BACKWARD_TUNER.tune(key, launch,
                                                                                     candidates(BACKWARD_TUNER, dim))
-        dB_part, dC_part = launch(config)
+        dB_part, dC_part, dA_part, dinit = launch(config)
     dB = dB_part.sum(2).to(B.dtype)
     dC = dC_part.sum(2).to(C.dtype)
     dA = dA_part.sum(0).to(A.dtype)
