@@ -4,16 +4,18 @@
      below: forward and forward+backward of each, the peer timed first, every gradient compared with the peer's, and
      both figures in bars.json form (ratio = mamba_ssm's ms / archgen's, bar 1.0). The kernel is tuned before the
      peer is loaded, so that its tuning overlaps a background `--build-peer`.
-  2. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
+  2. backward_configs: every backward config of the autotune space, launched explicitly, against the reference (bf16,
+     T not a multiple of the chunk, an initial state): each candidate's gradients checked, not only the tuner's pick.
+  3. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
      realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
      in float32; max abs and max relative (to the reference's largest magnitude) errors, and a verdict per tensor.
-  3. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
+  4. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
      specs/*.yaml; N = d_state = 16) plus the anchor's, bf16; the winning configs and the autotuner's timings.
-  4. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
+  5. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
      Mamba block has it): forward (inference, and training with checkpoints) and forward+backward, each against its
      floor — the bytes it must move (u, Δ, z, B, C read and y written; the backward's inputs and gradients) over
      the device copy bandwidth measured here (a 2 GiB copy_); every autotune config's time.
-  5. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
+  6. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
      L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
 
 Every section records its own error and the run goes on; the JSON is rewritten after each section, so a run cut
@@ -191,6 +193,33 @@ class Bench:
             del ref, got, base, as_f32
         report["ok"] = all_ok
         report["configs"] = self.ss.tuned_configs()
+        return report
+
+    def backward_configs(self) -> dict:
+        """Every backward config of the autotune space against the reference, each launched explicitly: whichever the
+        tuner picks, each candidate's gradients are checked on this GPU. bf16 at a width that is a multiple of 16
+        reuses the anchor's compiled kernels; T is not a multiple of the chunk."""
+        torch = self.torch
+        ss = self.ss
+        batch, seqlen, dim, dstate = (1, 21, 8, 4) if self.dry_run else (2, 600, 512, 16)
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=7, initial_state=True)
+        g = torch.Generator(device=self.device).manual_seed(8)
+        dy = torch.randn(batch, seqlen, dim, generator=g, device=self.device).to(torch.bfloat16)
+        dfinal = torch.randn(batch, dim, dstate, generator=g, device=self.device)
+        ref = _forward_backward(ss.selective_scan_reference, {k: v.float() for k, v in args.items()}, dy.float(), dfinal)
+        positional = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        _, _, checkpoints = ss.selective_scan_forward(*positional, True, args["initial_state"], save_checkpoints=True)
+        names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+        report = {"shape": [batch, seqlen, dim, dstate], "dtype": "bfloat16", "tolerance_relative_to_max": 3e-2,
+                  "configs": {}}
+        for config in ss.BACKWARD_CONFIGS:
+            grads = ss.selective_scan_backward(dy, dfinal, *positional, True, args["initial_state"], checkpoints,
+                                               config=config)
+            errors = {f"d{name}": _errors(grad.float(), ref[f"d{name}"])["max_rel"]
+                      for name, grad in zip(names, grads, strict=True)}
+            report["configs"][",".join(f"{k}={v}" for k, v in config.items())] = {
+                "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values())}
+        report["ok"] = all(entry["ok"] for entry in report["configs"].values())
         return report
 
     def pin_unless_tuned(self, dim, dstate, dtype) -> None:
@@ -496,7 +525,7 @@ def _tuner_report(tuner, key: str) -> dict:
     return {"best": tuner.chosen.get(key), "timings_ms": tuner.timings.get(key, {})}
 
 
-SECTIONS = {"mamba_ssm": 10, "correctness": 30, "autotune": 60, "anchor": 20, "reference_path": 20}
+SECTIONS = {"mamba_ssm": 10, "backward_configs": 20, "correctness": 30, "autotune": 60, "anchor": 20, "reference_path": 20}
 """The sections after the copy bandwidth, in order, with the seconds each needs to be worth starting. The peer comes
 first: it is the bar, and a budget spent on tuning must not skip it (session 6's first call lost it that way)."""
 
