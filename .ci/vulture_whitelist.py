@@ -40,6 +40,7 @@ _.mask_generator
 _.expert_group
 _.predictor
 # bench/kernels.py runs its sections by name (SECTIONS -> getattr(bench, name)).
+_.backward_configs
 _.correctness
 _.autotune
 _.anchor
