@@ -32,7 +32,6 @@ import importlib.util
 import json
 import math
 import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -42,11 +41,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import ROOT, command_line, run_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from archgen.testing import build_generated, relative_error  # noqa: E402  (archgen from this checkout)
+from archgen.testing import build_generated, relative_error
 
 DECODE_TOL = 1e-3  # float32, relative to max |logit|
 BF16_DECODE_TOL = 3e-2  # bfloat16 (8 significant bits: one rounding is 2**-8 = 3.9e-3), relative to max |logit|
@@ -352,25 +349,15 @@ def check_compile(package, device, record) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ main
 def header(args, device) -> dict:
-    info = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {
+        **run_metadata(command_line(), dry_run=device.type != "cuda"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "python": platform.python_version(),
         "tolerances": {"float32_decode": DECODE_TOL, "bfloat16_decode": BF16_DECODE_TOL, "compile_vs_eager": COMPILE_TOL},
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception as error:  # noqa: BLE001
-        info["triton"] = f"not importable: {type(error).__name__}: {error}"
-    return info
 
 
 def main() -> None:

@@ -21,21 +21,15 @@ The Titans memory and the symbolic module are dropped (memory=null, symbolic=nul
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import torch
+from harness import ROOT, command_line, median_ms, run_metadata
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from archgen.testing import relative_error  # noqa: E402  (archgen from this checkout)
+from archgen.testing import relative_error
 
 OVERRIDES = ("heads={}", "memory=null", "symbolic=null")
 SIZES = {"device": "cuda", "preset": None, "forward": (4, 2048), "train": (2, 2048), "warmup": 1, "iters": 3}
@@ -50,19 +44,8 @@ def build(preset: str | None, out_root: Path, extra_overrides: tuple[str, ...] =
 
 
 def timed_ms(fn, sizes) -> float:
-    """Median wall time of fn in ms (synchronised), after warm-up calls (the first one also autotunes)."""
-    for _ in range(sizes["warmup"]):
-        fn()
-    times = []
-    for _ in range(sizes["iters"]):
-        if sizes["device"] == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        fn()
-        if sizes["device"] == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return sorted(times)[len(times) // 2]
+    """Median ms of fn after warm-up calls (the first one also autotunes)."""
+    return median_ms(fn, sizes["device"], sizes["iters"], sizes["warmup"])
 
 
 def compare_forward(package, model, sizes) -> dict:
@@ -131,10 +114,8 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else getattr(torch, args.dtype)
     torch.manual_seed(0)
     results = {
-        "command": "python bench/kernel_in_model.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_metadata(command_line(), dry_run=args.smoke),
         "device": torch.cuda.get_device_name() if sizes["device"] == "cuda" else "cpu",
-        "torch": torch.__version__, "python": platform.python_version(),
         "spec": "specs/nexus.yaml" + (f" --preset {sizes['preset']}" if sizes["preset"] else "")
                 + "".join(f" --set {o}" for o in OVERRIDES + sizes.get("overrides", ())),
         "dtype": str(dtype).removeprefix("torch."),
@@ -143,7 +124,6 @@ def main() -> None:
         package = build(sizes["preset"], Path(tmp), sizes.get("overrides", ()))
         if package.kernels.selective_scan is None:
             raise SystemExit("triton could not be imported: the generated package has no kernel to compare")
-        results["triton"] = sys.modules["triton"].__version__
         with torch.device(sizes["device"]):
             model = package.Model()
         model = model.to(dtype).eval()

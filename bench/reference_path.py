@@ -17,12 +17,9 @@ run that is stopped keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 import traceback
@@ -34,9 +31,7 @@ from pathlib import Path
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from harness import ROOT, command_line, median_ms, run_metadata  # noqa: E402
 
 
 def build(spec: Path, preset: str | None, out_root: Path):
@@ -61,25 +56,8 @@ def sync() -> None:
 
 def gpu_time_ms(fn, warmup: int | None = None, iters: int | None = None) -> float:
     """Median of `iters` timed calls after `warmup` untimed ones (CUDA events; wall clock on a CPU)."""
-    warmup = SIZES["warmup"] if warmup is None else warmup
-    iters = SIZES["iters"] if iters is None else iters
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        if SIZES["device"] == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - started) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return median_ms(fn, SIZES["device"], SIZES["iters"] if iters is None else iters,
+                     SIZES["warmup"] if warmup is None else warmup)
 
 
 def copy_bandwidth() -> float:
@@ -264,21 +242,12 @@ def main() -> None:
         SIZES.update(SMOKE)
     torch.manual_seed(0)
     results = {
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **run_metadata(command_line(), dry_run=args.smoke),
         "device": torch.cuda.get_device_name() if SIZES["device"] == "cuda" else "cpu (smoke run: figures mean nothing)",
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "python": platform.python_version(),
         "PYTORCH_CUDA_ALLOC_CONF": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "sizes": json.loads(json.dumps(SIZES)),
     }
-    try:
-        import triton
-
-        results["triton"] = triton.__version__
-    except Exception as error:  # noqa: BLE001
-        results["triton"] = f"not importable: {type(error).__name__}"
 
     def save() -> None:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -27,7 +27,6 @@ $OUT/train_gpu.json after every part (a timeout keeps what finished) and each ru
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -42,8 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
+from harness import ROOT, median_ms, run_metadata
 
 
 @dataclass(frozen=True)
@@ -167,22 +165,7 @@ def matmul_rate(device: str, size: int) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    times = []
-    for _ in range(5):
-        a @ b  # warm-up (cuBLAS heuristics, clocks)
-    for _ in range(20):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            a @ b
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            began = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - began)
-    seconds = statistics.median(times)
+    seconds = median_ms(lambda: a @ b, device, reps=20, warmup=5) / 1e3  # warm-up: cuBLAS heuristics, clocks
     return {"flops_per_s": 2 * size**3 / seconds, "dtype": str(dtype).removeprefix("torch."), "size": size}
 
 
@@ -204,13 +187,7 @@ def headroom(tolerance: float, delta: float) -> float | None:
 def environment(dry_run: bool) -> dict:
     import torch
 
-    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    info = {**run_metadata(shlex.join([sys.executable, *sys.argv]), dry_run), "host": platform.node()}
     if torch.cuda.is_available() and not dry_run:
         info["device"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     else:
@@ -234,9 +211,7 @@ def main() -> None:
     data = write_data(work)
     device = "cpu" if args.dry_run else "cuda"
     one_gpu = {} if args.dry_run else {"CUDA_VISIBLE_DEVICES": "0"}
-    result: dict = {"command": shlex.join([sys.executable, *sys.argv]),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    **environment(args.dry_run), "dry_run": args.dry_run, "budget_s": args.budget_s,
+    result: dict = {**environment(args.dry_run), "budget_s": args.budget_s,
                     "spec": setup.spec, "preset": setup.preset, "set": list(setup.overrides),
                     "batch": [setup.micro_batch, setup.seq_len], "loss_tolerance": setup.loss_tolerance, "figures": []}
     report = args.out / "train_gpu.json"
