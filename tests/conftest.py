@@ -78,6 +78,21 @@ def assert_kernels_match_references(package, model, tokens: torch.Tensor, *, res
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
 
 
+def decode_in_steps(model, tokens: torch.Tensor, prefill: int, *, max_len: int | None = None,
+                    length_as_tensor: bool = False, **kwargs) -> torch.Tensor:
+    """The logits (B, T, V) of `tokens` through a fresh cache of max_len positions (default T): one forward over the
+    first `prefill` tokens, then one token at a time, concatenated; `length_as_tensor` holds the cache's position as a
+    tensor after the prefill, as generate's CUDA graph passes it; kwargs go to every forward. Compare it with one
+    forward over all of `tokens`."""
+    with torch.no_grad():
+        cache = model.empty_cache(tokens.size(0), max_len or tokens.size(1))
+        steps = [model(tokens[:, :prefill], cache=cache, **kwargs).logits]
+        if length_as_tensor:
+            cache.length = torch.tensor(cache.length)
+        steps += [model(tokens[:, t : t + 1], cache=cache, **kwargs).logits for t in range(prefill, tokens.size(1))]
+    return torch.cat(steps, dim=1)
+
+
 @pytest.fixture
 def build(tmp_path):
     """build(spec_path, preset="tiny", overrides=()) -> the generated package, imported."""

@@ -8,7 +8,7 @@ import torch
 
 from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
-from tests.conftest import SPECS
+from tests.conftest import SPECS, decode_in_steps
 
 SPEC_IDS = [path.stem for path in SPECS]
 
@@ -68,12 +68,7 @@ def test_cached_decoding_equals_full_forward(spec_path, build, prefill, position
     tokens = torch.randint(0, 256, (2, 40))
     with torch.no_grad():
         full = model(tokens).logits
-        cache = model.empty_cache(2, 64)
-        steps = [model(tokens[:, :prefill], cache=cache).logits]
-        if position == "tensor":
-            cache.length = torch.tensor(cache.length)
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(prefill, tokens.size(1))]
-    incremental = torch.cat(steps, dim=1)
+    incremental = decode_in_steps(model, tokens, prefill, max_len=64, length_as_tensor=position == "tensor")
     error = ((incremental - full).abs().max() / full.abs().max()).item()
     assert error < 1e-4, f"relative error {error:.2e}"
 

@@ -16,7 +16,7 @@ import torch
 
 from archgen.emit import emit
 from archgen.pipeline import compile_spec
-from tests.conftest import ROOT, assert_kernels_match_references, build_package
+from tests.conftest import ROOT, assert_kernels_match_references, build_package, decode_in_steps
 from tests.numerics import assert_close
 
 SMALL_MAMBA = textwrap.dedent("""\
@@ -153,11 +153,9 @@ def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba, monkeypatc
         small_mamba.model.USE_KERNELS = False
         full = model(tokens).logits
         small_mamba.model.USE_KERNELS = True
-        cache = model.empty_cache(2, 12)
-        steps = [model(tokens[:, :9], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(9, 12)]
+    cached = decode_in_steps(model, tokens, prefill=9)
     assert len(steps_run) == 3 * 2  # three tokens, two layers
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(cached, full, 1e-5, "cached logits")
 
 
 def test_hspmn_kernel_and_reference_give_the_same_model(small_hspmn):
@@ -176,10 +174,7 @@ def test_hspmn_kernel_decoding_equals_the_full_forward(small_hspmn):
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         full = model(tokens).logits
-        cache = model.empty_cache(2, 10)
-        steps = [model(tokens[:, :7], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 10)]
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(decode_in_steps(model, tokens, prefill=7), full, 1e-5, "cached logits")
 
 
 SMALL_ROPE = textwrap.dedent("""\
@@ -225,11 +220,9 @@ def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         full = model(tokens).logits
-        cache = model.empty_cache(2, 10)
-        steps = [model(tokens[:, :6], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(6, 10)]
+    cached = decode_in_steps(model, tokens, prefill=6)
     assert small_rope.rope_calls, "the attention layers did not call kernels.apply_rope_qk"
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(cached, full, 1e-5, "cached logits")
 
 
 SMALL_WINDOWED = textwrap.dedent("""\
@@ -270,10 +263,7 @@ def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(sma
     tokens = torch.randint(0, 64, (2, 17))
     with torch.no_grad():
         full = model(tokens).logits
-        cache = model.empty_cache(2, 17)
-        steps = [model(tokens[:, :2], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(2, 17)]
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(decode_in_steps(model, tokens, prefill=2), full, 1e-5, "cached logits")
 
 
 SMALL_MOE = textwrap.dedent("""\

@@ -13,6 +13,7 @@ import torch
 
 from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
+from tests.conftest import decode_in_steps
 from tests.numerics import relative_error
 
 NEXUS = "specs/nexus.yaml"
@@ -40,11 +41,8 @@ def test_decoding_with_memory_writes_equals_one_prefill_with_writes(writing_mode
     with torch.no_grad():
         full = model(tokens, update_memory=True).logits
         without_writes = model(tokens).logits
-        cache = model.empty_cache(2, 64)
-        steps = [model(tokens[:, :prefill], cache=cache, update_memory=True).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache, update_memory=True).logits for t in range(prefill, 40)]
     assert relative_error(without_writes, full) > 1e-2, "the writes barely change the logits, so this test would not see them"
-    error = relative_error(torch.cat(steps, dim=1), full)
+    error = relative_error(decode_in_steps(model, tokens, prefill, max_len=64, update_memory=True), full)
     assert error < 1e-4, f"token-by-token decoding with writes differs from one prefill with writes: relative error {error:.2e}"
 
 
@@ -144,10 +142,7 @@ def test_nexus_trains_and_decodes_like_a_full_forward(build):
     model.eval()
     with torch.no_grad():
         full = model(tokens).logits
-        cache = model.empty_cache(2, 64)
-        steps = [model(tokens[:, :7], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(7, 33)]
-    assert relative_error(torch.cat(steps, dim=1), full) < 1e-4
+    assert relative_error(decode_in_steps(model, tokens, prefill=7, max_len=64), full) < 1e-4
 
     with torch.device("meta"):
         meta = package.Model()
