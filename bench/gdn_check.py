@@ -9,37 +9,39 @@ gated_deltanet_hybrid's layer (Qwen3-Next's sizes): B = 4, T = 4096, H = 16 quer
 heads, K = V = 128, chunk 64, bf16 q/k/v/β, float32 g and states, an initial state given and the final state
 returned, as prefill after a cached prefix runs it.
 
-Sections, most important first. Each records its own error and the run goes on; the JSON is rewritten after each; a
-section whose estimate exceeds the budget left is skipped and says so (--budget-s, default 140 s).
+Sections, in this order (--only picks some). Each records its own error and the run goes on; the JSON is rewritten
+after each; a section whose estimate exceeds the budget left is skipped and says so (--budget-s, default 140 s).
 
   environment  device, torch / triton / fla versions, and whether fla's backward can run here: fla 0.6.0 raises
                "Triton >= 3.4.0 and < 3.7.1 on Hopper GPUs produces incorrect results for gated chunk_bwd_dqkwg"
                on an H100/H200 with triton 3.6, before computing anything. Its own flags decide it
                (fla.utils.IS_NVIDIA_HOPPER, TRITON_ABOVE_3_7_1), so no time is spent compiling a backward that
                will refuse: the gradients are then compared only between archgen and float32, never with fla.
-  numerics     at the timing shape, then at odd lengths (T = 1000, not a multiple of the chunk, and T = 1): o and
-               the final state of every bf16 side (archgen's reference, archgen's kernel, fla) against a float32 run
-               of archgen's reference on the same bf16-rounded values (relative norm ‖x − x₃₂‖ / ‖x₃₂‖; bar 1e-2),
-               and each side against the others. Gradients (q, k, v, g, β, initial state of Σ o·do + Σ S·dS) of
-               archgen's reference and archgen's kernels in bf16 against float32, and fla's where its backward runs.
-  speed        forward (no grad) ms of each side, forward+backward ms of archgen's reference, archgen's kernels and
+  speed        forward (no grad) ms of each side (but the float32-intermediates form, timed in session 5: its
+               tuning would cost the run ~15 s), forward+backward ms of archgen's reference, archgen's kernels and
                fla where its backward runs; `figures` pairs each archgen figure with its peer from the same run
                (ratio = peer ms / archgen ms: above 1 means archgen is faster). The peer is fla's same measurement
                where it runs; the kernels' forward+backward is also held against the reference's, and, where fla's
                backward refuses, against fla's forward alone (a floor for fla's forward+backward, labelled so).
   profile      CUDA time per kernel of the kernels' forward, their forward+backward and fla's forward (torch.profiler,
                3 runs each; tables in gdn_profile_<run>.txt beside the JSON).
+  numerics     at the timing shape, then at odd lengths (T = 1000, not a multiple of the chunk, and T = 1): o and
+               the final state of every bf16 side (archgen's reference, archgen's kernel, fla) against a float32 run
+               of archgen's reference on the same bf16-rounded values (relative norm ‖x − x₃₂‖ / ‖x₃₂‖; bar 1e-2),
+               and each side against the others. Gradients (q, k, v, g, β, initial state of Σ o·do + Σ S·dS) of
+               archgen's reference and archgen's kernels in bf16 against float32, and fla's where its backward runs.
   decode       one token at B = 4: the reference's `gated_delta_step` and the kernel's against fla's
                `fused_recurrent_gated_delta_rule` at T = 1 (outputs and new state compared, then timed).
   kernel_float32  archgen's kernel on float32 inputs against the reference in float32 (full float32 products on both
                sides; bar 1e-5) at T = 1000, not a multiple of the chunk; its first call tunes the float32 configs.
 
-fla's first call of each kernel compiles and autotunes (tens of seconds on the H200): the first section that runs
-it pays for it, and its estimate says so.
+fla's first call of each kernel compiles and autotunes (tens of seconds on the H200), and so do archgen's kernels
+(every candidate config compiled and timed): the first section that runs them pays for it, and its estimate says so.
 
 On the GPU machine, from the repository root (fla_core and einops wheels in .whl/, installed with --no-deps
 --no-index when `fla` is not importable):
     python bench/gdn_check.py --out "$OUT" --budget-s 140
+    python bench/gdn_check.py --only speed,profile --out "$OUT" --budget-s 90
 On a CPU, to exercise the script (tiny shapes, the kernel in Triton's interpreter; without fla the peer is a
 stand-in, the op's own decode step run token by token, so the comparison code runs):
     python bench/gdn_check.py --dry-run --out /tmp/gdn_check
@@ -68,11 +70,13 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-ESTIMATE_S = {"numerics": 70, "speed": 20, "profile": 10, "numerics_odd_lengths": 10, "decode": 10,
+SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32")
+"""In the order they run: the timings first (GPU call 2 of session 6 spent its whole budget on numerics)."""
+ESTIMATE_S = {"speed": 60, "profile": 10, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
               "kernel_float32": 20}
+"""Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
-"""Seconds each section may take on the H200 (numerics compiles and autotunes fla's forward first)."""
 
 
 def load_reference():
@@ -230,12 +234,13 @@ class Check:
 
     # -- the sides -------------------------------------------------------------------------------------------------
 
-    def sides(self) -> dict:
+    def sides(self, float32_intermediates: bool = True) -> dict:
         """{name: fn(q, k, v, g, beta, initial_state) -> (o, final_state)} of every side this run has."""
         sides = {"archgen_reference": self._reference}
         if self.kernel is not None:
             sides["archgen_kernel"] = self._kernel
-            sides["archgen_kernel_float32_intermediates"] = self._kernel_float32_intermediates
+            if float32_intermediates:
+                sides["archgen_kernel_float32_intermediates"] = self._kernel_float32_intermediates
         sides[self.peer] = self._fla if self.fla is not None else self._stand_in
         return sides
 
@@ -365,7 +370,7 @@ class Check:
         do = torch.randn(*shape[:2], shape[3], shape[5], device=self.device).to(torch.bfloat16)
         report = {"dtype": "bfloat16 q/k/v/beta, float32 g and states"}
         forward = {}
-        for side, fn in self.sides().items():
+        for side, fn in self.sides(float32_intermediates=False).items():
             try:
                 with torch.no_grad():
                     forward[side] = report[f"{side}_forward_ms"] = self.time_ms(lambda fn=fn: fn(**args))
@@ -535,18 +540,23 @@ def main() -> None:
                         help="folder for gdn_check.json (default: $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the kernel interpreted, fla not needed")
     parser.add_argument("--budget-s", type=float, default=140.0, help="sections stop starting when it would be passed")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
     if args.out is None:
         parser.error("--out is required when $OUT is not set")
+    only = [name for name in args.only.split(",") if name] or list(SECTIONS)
+    if unknown := set(only) - set(SECTIONS):
+        parser.error(f"--only: no section {', '.join(sorted(unknown))}; the sections are {', '.join(SECTIONS)}")
     if args.dry_run:  # before triton is imported: the kernel runs in Triton's interpreter on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
     check = Check(args.out, args.dry_run, args.budget_s)
-    sections = {"numerics": check.numerics, "speed": check.speed, "profile": check.profile,
-                "numerics_odd_lengths": check.numerics_odd_lengths, "kernel_float32": check.kernel_float32,
-                "decode": check.decode}
-    for name, run in sections.items():
-        check.section(name, run)
+    runs = {"speed": check.speed, "profile": check.profile, "numerics": check.numerics,
+            "numerics_odd_lengths": check.numerics_odd_lengths, "decode": check.decode,
+            "kernel_float32": check.kernel_float32}
+    for name in SECTIONS:
+        if name in only:
+            check.section(name, runs[name])
     print(f"wrote {args.out / 'gdn_check.json'}")
 
 
