@@ -72,7 +72,7 @@ DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
 SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32")
 """In the order they run: the timings first (GPU call 2 of session 6 spent its whole budget on numerics)."""
-ESTIMATE_S = {"speed": 60, "profile": 10, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
+ESTIMATE_S = {"speed": 60, "profile": 5, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
               "kernel_float32": 20}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
