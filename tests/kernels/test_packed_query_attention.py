@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 pytest.importorskip("triton")
 
+import triton  # after the interpreter switch above
+import triton.language as tl
+
 from archgen_kernels import packed_query_attention as pqa
 from archgen_kernels import triton_support
 from templates.runtime import attention, routing
@@ -94,26 +97,54 @@ def test_replaces_the_runtime_op_also_against_a_cache():
                      TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("choice", [{"MASK_EDGES_ONLY": 0}, {"ATOMIC_DQ": 1}, {"ATOMIC_DQ": 1, "MASK_EDGES_ONLY": 0}],
-                         ids=["one-masked-loop", "atomic-dq", "atomic-dq-one-masked-loop"])
+@pytest.mark.parametrize("choice", [{"dkdv": {"MASK_EDGES_ONLY": 0}}, {"dkdv": {"ATOMIC_DQ": 1}},
+                                    {"dkdv": {"ATOMIC_DQ": 1, "MASK_EDGES_ONLY": 0}},
+                                    {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}}],
+                         ids=["one-masked-loop", "atomic-dq", "atomic-dq-one-masked-loop", "head-groups"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_the_backwards_other_tuning_choices_give_the_same_gradients(choice, window, dtype):
-    """The dkdv tuner's other choices (every row block masked in one loop; dq computed in the dkdv kernel with atomic
-    adds, after a delta kernel) against the reference: every gradient, grouped heads, odd sizes, padding rows."""
+def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
+    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop, dq computed in it with
+    atomic adds after a delta kernel; the forward and dq kernels: heads in groups of 3 of B * H = 4, the last group
+    short) against the reference: the output and every gradient, grouped heads, odd sizes, padding rows."""
     q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
+    configs = {name: pqa.INTERPRETER_CONFIG | choice.get(name, {}) for name in ("forward", "dq", "dkdv")}
     kernel_positions = pqa.kernel_positions(positions, valid)
     out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
-                                                         keep_float32_out=True)
+                                                         keep_float32_out=True, config=configs["forward"])
     cotangent = torch.randn(out.shape, device=DEVICE).to(dtype)
     dq, dk, dv = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale, window,
-                                                     configs={"dkdv": pqa.INTERPRETER_CONFIG | choice})
+                                                     configs=configs)
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     want = pqa.packed_query_attention_reference(*leaves, positions, valid, scale=scale, window=window)
     compare([out, dq, dk, dv], [want, *torch.autograd.grad(want, leaves, cotangent.float())], TOLERANCE[dtype])
     assert dq.dtype == dtype and (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
+
+
+@triton.jit
+def _record_launch_order(visits_ptr, HEAD_GROUP: tl.constexpr):
+    block, head = pqa._row_block_and_head(HEAD_GROUP)
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(visits_ptr + pid * 2, block)
+    tl.store(visits_ptr + pid * 2 + 1, head)
+
+
+@pytest.mark.parametrize("head_group", [1, 3, 16])
+def test_the_launch_order_visits_every_row_block_and_head_once(head_group):
+    """The forward's and dq's launch order (_row_block_and_head): program i (linear id) gets each (row block, head)
+    once, the heads in groups of head_group (7 heads: a short last group, or one group), the latest blocks first."""
+    n_blocks, n_heads = 5, 7
+    visits = torch.full((n_heads * n_blocks, 2), -1, dtype=torch.int32, device=DEVICE)
+    _record_launch_order[(n_blocks, n_heads)](visits, HEAD_GROUP=head_group)
+    pairs = [tuple(pair) for pair in visits.tolist()]
+    assert sorted(pairs) == [(b, h) for b in range(n_blocks) for h in range(n_heads)]
+    for start in range(0, n_heads, head_group):
+        heads = range(start, min(start + head_group, n_heads))
+        group = pairs[start * n_blocks: heads.stop * n_blocks]
+        assert {h for _, h in group} == set(heads)
+        assert [b for b, _ in group] == sorted((b for b, _ in group), reverse=True), "the latest row blocks first"
 
 
 def test_bfloat16_against_the_float32_reference():
