@@ -20,7 +20,8 @@ Scores are kept in base 2 (the scale is multiplied by log2 e once, so each expon
 
 How the forward works (flash attention with online softmax). The grid is (blocks of BLOCK_M packed rows, B * H),
 the blocks of the latest rows first (they see the most keys, so they start first and the tail of the launch is
-short); the programs running together are mostly of one head, so its K and V stay in L2. A program loads its rows' positions,
+short); the programs running together are mostly of one head, so its K and V stay in L2 (or of a group of heads,
+a tuning choice: see _row_block_and_head). A program loads its rows' positions,
 p_min .. p_max, and walks the keys in BLOCK_N steps over [lo, p_max], lo = 0 (or p_min - window + 1 with a window):
 the blocks every row sees entirely need no mask, the ones at the edges (the causal edge near p_min .. p_max, the
 window's far edge) are masked per element. Rows are sorted by position within a sequence (pack_selected's order), so
@@ -78,12 +79,14 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # starts with the H200's fastest at D 128 in bf16 (session 6, GPU call 1), then variants of it; configs that lost by
 # more than 1.5x in both buckets there were dropped.
 FORWARD_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 3), (128, 64, 8, 2))
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
+    for m, n, w, s, g in ((64, 64, 4, 3, 1), (64, 64, 4, 2, 1), (64, 32, 4, 3, 1), (128, 64, 8, 3, 1), (128, 64, 8, 2, 1),
+                          (64, 64, 4, 3, 16), (64, 64, 4, 2, 16))
 ]
 BACKWARD_DQ_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
-    for m, n, w, s in ((64, 32, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 4))
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
+    for m, n, w, s, g in ((64, 32, 4, 4, 1), (128, 64, 8, 3, 1), (64, 32, 4, 3, 1), (64, 64, 4, 3, 1), (128, 32, 8, 4, 1),
+                          (64, 32, 4, 4, 16))
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "ATOMIC_DQ": a}
@@ -192,6 +195,24 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
 
 
 @triton.jit
+def _row_block_and_head(HEAD_GROUP: tl.constexpr):
+    """(row block, b * H + h) of this program of a (row blocks, B * H) grid, in launch order (programs start in the
+    order of their linear id, x fastest). The latest row blocks, which read the most keys, start first. HEAD_GROUP 1:
+    one head's blocks after another's, so the programs running together mostly share a head's K and V in L2 (heads
+    varying fastest over all B * H made the H200's forward 11% slower: every resident program read other keys).
+    HEAD_GROUP g: the heads of each group of g vary fastest, so the heaviest blocks of a group start together and
+    the last group's heavy blocks are not left to run alone at the end (the launch's tail), while the K and V being
+    read stay those of about g heads."""
+    n_blocks = tl.num_programs(0)
+    n_heads = tl.num_programs(1)
+    pid = tl.program_id(1) * n_blocks + tl.program_id(0)
+    group_start = (pid // (HEAD_GROUP * n_blocks)) * HEAD_GROUP
+    heads = tl.minimum(n_heads - group_start, HEAD_GROUP)
+    within = pid - group_start * n_blocks
+    return n_blocks - 1 - within // heads, group_start + within % heads
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
@@ -206,12 +227,10 @@ def _forward_kernel(
     INDEXED_ROWS: tl.constexpr,  # packed row s is token rows_ptr[b, s] of full-length q, out, out32 and lse
     KEEP_FLOAT32_OUT: tl.constexpr,  # also write the output unrounded, for the backward's delta
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
+    HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # The grid is (row blocks, B * H): the programs running together are mostly of one head and share its K and V in
-    # L2 (heads varying fastest made the H200's forward 11% slower: every resident program read other keys).
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the latest rows, which read the most keys, start first
-    bh = tl.program_id(1)
+    block_m, bh = _row_block_and_head(HEAD_GROUP)
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -327,10 +346,10 @@ def _backward_dq_kernel(
     dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_m = tl.num_programs(0) - 1 - tl.program_id(0)  # grid (row blocks, B * H), as the forward's
-    bh = tl.program_id(1)
+    block_m, bh = _row_block_and_head(HEAD_GROUP)  # grid (row blocks, B * H), as the forward's
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -618,7 +637,7 @@ def packed_query_attention_forward(
 
     def launch(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
-        _forward_kernel[grid](*args, **constexprs, **_launch_params(cfg))
+        _forward_kernel[grid](*args, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), **_launch_params(cfg))
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
@@ -654,7 +673,7 @@ def packed_query_attention_backward(
     def launch_dq(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
         _backward_dq_kernel[grid](*common, *strided(out, 4), *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale,
-                                  window, **constexprs, **_launch_params(cfg))
+                                  window, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), **_launch_params(cfg))
 
     ranges = {}
 
