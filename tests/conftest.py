@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 # Every compile in the tests checks the IR after lowering and after each pass (archgen/passes/verify.py).
 os.environ.setdefault("ARCHGEN_VERIFY_IR", "1")
 
+from archgen.passes.cost import cost_report, parameter_table
 from archgen.resources import kernels_package
 from archgen.testing import build_generated
 from tests.numerics import assert_close
@@ -76,6 +77,16 @@ def assert_kernels_match_references(package, model, tokens: torch.Tensor, *, res
     assert results[True][1].keys() == results[False][1].keys(), "the same parameters get gradients"
     for name, grad in results[True][1].items():
         assert_close(grad, results[False][1][name], 1e-4, f"grad of {name}")
+
+
+def assert_parameters_match_the_cost_model(model, ir) -> None:
+    """The built model's parameters are the IR's parameter table, names and shapes (a tied lm_head aside), and their
+    count is the cost model's total."""
+    actual = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
+    if ir.spec.model.tie_embeddings:
+        actual.pop("lm_head.weight")
+    assert actual == parameter_table(ir)
+    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
 
 
 def decode_in_steps(model, tokens: torch.Tensor, prefill: int, *, max_len: int | None = None,

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
-from tests.conftest import SPECS, decode_in_steps
+from tests.conftest import SPECS, assert_parameters_match_the_cost_model, decode_in_steps
 
 SPEC_IDS = [path.stem for path in SPECS]
 
@@ -28,13 +27,7 @@ def test_generated_package_does_not_import_archgen(spec_path, build):
 
 def test_parameters_match_the_cost_model_exactly(spec_path, build):
     model = build(spec_path).Model()
-    ir = compile_spec(spec_path, "tiny").ir
-    expected = parameter_table(ir)
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    if ir.spec.model.tie_embeddings:
-        actual.pop("lm_head.weight")
-    assert actual == expected
-    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
+    assert_parameters_match_the_cost_model(model, compile_spec(spec_path, "tiny").ir)
 
 
 def test_loss_falls_when_memorising_one_batch(spec_path, build):

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from archgen.emit.plan import TEMPLATES
-from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_parameters_match_the_cost_model
 
 HNS = str(ROOT / "specs" / "hns_ss_jepa_moe.yaml")
 NEXUS = str(ROOT / "specs" / "nexus.yaml")
@@ -69,11 +68,7 @@ PARAMETER_CASES = {
 def test_parameters_are_the_ir_table_and_the_target_is_not_among_them(spec, overrides, build):
     model = build(spec, overrides=overrides).Model()
     ir = compile_spec(spec, "tiny", tuple(overrides)).ir
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    if ir.spec.model.tie_embeddings:
-        actual.pop("lm_head.weight")
-    assert actual == parameter_table(ir)
-    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
+    assert_parameters_match_the_cost_model(model, ir)
     assert set(target_of(model)) == backbone_names(model), "the Model makes the target's copies when it is built"
     assert not any(name.startswith("heads.jepa.target.") for name, _ in model.named_parameters())
 

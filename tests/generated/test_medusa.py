@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
 from archgen.testing import build_generated
+from tests.conftest import assert_parameters_match_the_cost_model
 
 WITH_MEDUSA = ("heads.medusa={kind: medusa, n_heads: 3}",)
 SPECS = {  # name: (spec, overrides, K)
@@ -179,8 +179,4 @@ def test_a_batch_of_several_sequences_is_refused(packages):
 def test_parameters_match_the_cost_model(build, n_heads, hidden_layers):
     overrides = [f"heads.medusa={{kind: medusa, n_heads: {n_heads}, hidden_layers: {hidden_layers}}}"]
     model = build("specs/hspmn.yaml", overrides=overrides).Model()
-    ir = compile_spec("specs/hspmn.yaml", "tiny", overrides).ir
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    actual.pop("lm_head.weight", None)  # tied to the embedding
-    assert actual == parameter_table(ir)
-    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
+    assert_parameters_match_the_cost_model(model, compile_spec("specs/hspmn.yaml", "tiny", overrides).ir)

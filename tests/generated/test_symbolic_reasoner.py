@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
+from tests.conftest import assert_parameters_match_the_cost_model
 
 NEXUS = "specs/nexus.yaml"
 NO_HEADS = ("heads={}",)
@@ -99,8 +99,5 @@ def test_parameters_match_the_cost_model_and_the_model_runs(build, overrides):
     overrides = NO_HEADS + overrides
     model = build(NEXUS, overrides=overrides).Model()
     ir = compile_spec(NEXUS, "tiny", overrides).ir
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    actual.pop("lm_head.weight")  # tied to embed.weight
-    assert actual == parameter_table(ir)
-    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
+    assert_parameters_match_the_cost_model(model, ir)
     assert torch.isfinite(model(torch.randint(0, 256, (1, 4))).logits).all()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from archgen.passes.cost import cost_report, parameter_table
 from archgen.pipeline import compile_spec
-from tests.conftest import decode_in_steps
+from tests.conftest import assert_parameters_match_the_cost_model, decode_in_steps
 from tests.numerics import relative_error
 
 NEXUS = "specs/nexus.yaml"
@@ -116,10 +115,7 @@ def test_parameters_match_the_cost_model(build, overrides):
     overrides = NO_HEADS + overrides
     model = build(NEXUS, overrides=overrides).Model()
     ir = compile_spec(NEXUS, "tiny", overrides).ir
-    actual = {name: tuple(p.shape) for name, p in model.named_parameters(remove_duplicate=False)}
-    actual.pop("lm_head.weight")  # tied to embed.weight
-    assert actual == parameter_table(ir)
-    assert sum(p.numel() for p in model.parameters()) == cost_report(ir).total_params
+    assert_parameters_match_the_cost_model(model, ir)
 
 
 def test_nexus_trains_and_decodes_like_a_full_forward(build):
