@@ -94,19 +94,38 @@ def test_gathering_forward_matches_reference(with_state):
      (1, 4, True, torch.float32)],  # a decoding step
     ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_window_forward_matches_reference(seqlen, width, with_state, dtype):
-    """The forward's sliding-window variant (widths up to 4, four rows a step, three inputs carried): across several
-    time blocks, T not a multiple of the step or shorter than the width or 1, channels not a multiple of the block,
-    x a strided slice as the Mamba blocks hand it over."""
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_window_forward_matches_reference(seqlen, width, with_state, dtype, prefetch):
+    """The forward's sliding-window variant (widths up to 4, four rows a step, three inputs carried; the next step's
+    rows loaded ahead or not): across several time blocks, T not a multiple of the step or shorter than the width or
+    1, channels not a multiple of the block, x a strided slice as the Mamba blocks hand it over."""
     g = torch.Generator().manual_seed(seqlen + width)
     packed = torch.randn(2, seqlen, 45, generator=g).to(dtype)
     x = packed[:, :, 3:24]  # 21 channels, rows 45 apart
     weight, bias = torch.randn(21, width, generator=g), torch.randn(21, generator=g)
     state = torch.randn(2, 21, width - 1, generator=g).to(dtype) if with_state else None
-    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "WINDOW": True}
+    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "WINDOW": True, "PREFETCH": prefetch}
     y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
     y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
     assert relative_norm_error(y, y_ref) <= TOL[dtype] and torch.equal(new_state, new_state_ref)
+
+
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize(("seqlen", "width"), [(21, 4), (6, 3), (1, 4)])
+def test_window_backward_matches_reference(seqlen, width, prefetch):
+    """The one-pass backward (widths up to 4) with its tile given, the next step's rows loaded ahead or not: several
+    time blocks and a ragged last one, a state, every gradient."""
+    g = torch.Generator().manual_seed(seqlen + width)
+    args = [torch.randn(2, seqlen, 19, generator=g), torch.randn(19, width, generator=g), torch.randn(19, generator=g),
+            torch.randn(2, 19, width - 1, generator=g)]
+    dy = torch.randn(2, seqlen, 19, generator=g)
+    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
+    grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
+    leaves = [a.double().requires_grad_() for a in args]
+    y_ref, _ = conv.causal_conv1d_reference(*leaves, activation="silu")
+    grads_ref = torch.autograd.grad(y_ref, leaves, dy.double())
+    for name, got, want in zip(("dx", "dweight", "dbias", "dconv_state"), grads, grads_ref, strict=True):
+        assert relative_norm_error(got, want) <= TOL[torch.float32], name
 
 
 def test_reference_matches_runtime_causal_conv1d():
