@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from tests.conftest import assert_kernels_match_references, build_spied_package
+from tests.conftest import assert_kernels_match_references, build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,13 +45,10 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         package.model.USE_KERNELS = False
         full = model(tokens).logits
         package.model.USE_KERNELS = True
-        cache = model.empty_cache(2, 20)
-        steps = [model(tokens[:, :16], cache=cache).logits]
-        cache.length = torch.tensor(cache.length)  # as generate's CUDA graph passes it
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(16, 20)]
+    cached = decode_in_steps(model, tokens, prefill=16, length_as_tensor=True)
     assert package.calls["mamba2_step"] == 4 and package.calls["apply_rope_qk"] == 5, package.calls
     assert package.calls["silu_mul"] == 2 * 5, package.calls
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(cached, full, 1e-5, "cached logits")
 
 
 def test_layers_with_kernels_compile_whole_and_equal_eager(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import assert_kernels_match_references, build_spied_package
+from tests.conftest import assert_kernels_match_references, build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 # 2 key heads read by 4 value heads of 16, chunks of 16 over 19 positions: a partial last chunk.
@@ -71,12 +71,10 @@ def test_cached_decoding_after_a_kernel_prefill_equals_the_full_forward(package)
         package.model.USE_KERNELS = False
         full = model(tokens).logits
         package.model.USE_KERNELS = True
-        cache = model.empty_cache(2, 20)
-        steps = [model(tokens[:, :17], cache=cache).logits]
-        steps += [model(tokens[:, t : t + 1], cache=cache).logits for t in range(17, 20)]
+    cached = decode_in_steps(model, tokens, prefill=17)
     assert package.calls["gated_delta_rule"] == 1 and package.calls["gated_delta_step"] == 3, package.calls
     assert package.calls["causal_conv1d"] == 4, package.calls
-    assert_close(torch.cat(steps, dim=1), full, 1e-5, "cached logits")
+    assert_close(cached, full, 1e-5, "cached logits")
 
 
 def test_every_kernel_op_lowers_to_its_reference_op_for_onnx(package):
