@@ -113,14 +113,14 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's config: BLOCK_D, the backward kernel, whether the tiled kernels prefetch and, for the
-    lane kernel, how many steps' states it holds (on a GPU the autotuner chooses). The tuners hold the config they
-    were made with: patch theirs."""
+    """Set the interpreter's config: BLOCK_D, the backward and forward kernels (KERNEL), whether the tiled kernels
+    prefetch and, for the lane kernel, how many steps' states it holds (on a GPU the autotuner chooses). The tuners
+    hold the config they were made with: patch theirs."""
 
-    def set_block(width, *, kernel=1, prefetch=1, sub=4):
-        config = {"KERNEL": kernel, "BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
-        monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
-        monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
+    def set_block(width, *, kernel=1, forward_kernel=1, prefetch=1, sub=4):
+        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
+        monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", {**config, "KERNEL": forward_kernel})
+        monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", {**config, "KERNEL": kernel})
 
     return set_block
 
@@ -144,6 +144,15 @@ def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, w
 def test_per_state_backward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
     """The backward's third kernel in the autotune space (KERNEL 2): one state index at a time."""
     block_d(width, kernel=2)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("backward", [2, 0], ids=["per-state-backward", "lane-backward"])
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
+def test_per_state_forward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, backward, block_d):
+    """The forward's per-state kernel (KERNEL 2): y, the final state, and the checkpoints a backward reads."""
+    block_d(width, kernel=backward, forward_kernel=2)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
@@ -337,12 +346,13 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 32), (4096, 32)])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 64), (4096, 64)])
 def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    assert {c["num_warps"] for c in kept} == {4, 8}
-    assert {c["PREFETCH"] for c in kept} == {0, 1}
+    tiles = [c for c in kept if c.get("KERNEL", 1) != 2]
+    assert {c["num_warps"] for c in tiles} == {4, 8}
+    assert {c["PREFETCH"] for c in tiles} == {0, 1}
 
 
 @pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 64), (4096, 64)])
@@ -373,7 +383,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    fastest = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}  # the first of two equally fast: ties keep the earlier
+    fastest = {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2}
     assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == fastest
     assert tuner.timings[key]["BLOCK_D=32,num_warps=8,PREFETCH=1"].startswith("RuntimeError: out of resources")
     assert tuner.chosen == {key: fastest}
@@ -413,16 +423,16 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
     key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
-    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}},
+    assert ss.tuned_configs() == {"forward": {key: {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2}},
                                   "backward": {key: {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 4}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 7
+    assert len(ss.FORWARD_TUNER.timings[key]) == 7 and len(ss.BACKWARD_TUNER.timings[key]) == 7
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 7
+    assert len(ss.FORWARD_TUNER.timings[key]) == 7 and len(ss.BACKWARD_TUNER.timings[key]) == 7
 
 
 @pytest.mark.parametrize("kernel", [1, 0, 2], ids=["tiles", "lane-per-channel", "per-state"])
