@@ -26,6 +26,11 @@ step at a time keeps many loads in flight, which a step-by-step loop (one depend
 backward's layout, one channel per lane stepping through time, ran 8.4 ms at its best config, most likely for want
 of parallelism to hide its per-step latencies: B·D = 32768 lanes in all, under 8 warps per SM (not profiled).)
 
+A second forward (KERNEL 2 in its config; the autotuner picks) works one state index n at a time on (CHUNK, BLOCK_D)
+tiles whose lanes hold whole columns (a channel's CHUNK steps in one lane's registers): the scan runs within each lane
+and y accumulates over n in registers, so no sum crosses lanes; the state each n carries to the next chunk waits in a
+small two-slot workspace in memory.
+
 Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
 N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
@@ -98,13 +103,16 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 # the loads, which costs registers). The backward has three kernels, KERNEL chooses (see the module docstring): 0,
 # lane per channel, at its best config on the H200 (32 channels, 1 warp, holding SUB = 2 steps' states at once); 1,
 # (time, channel, state) tiles, at the blocks that keep 16 values of a tile per thread (more spill registers on sm_90);
-# 2, (time, channel) tiles one state index at a time, a lane per channel or two.
+# 2, (time, channel) tiles one state index at a time, a lane per channel or two. The forward's KERNEL 2 is its
+# per-state kernel, at the same blocks; without KERNEL (or any other value) it runs the tiles.
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
     {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
     {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
+    {"KERNEL": 2, "BLOCK_D": 32, "num_warps": 1},
+    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2},
 ]
 BACKWARD_CONFIGS = [
     {"KERNEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
@@ -358,6 +366,85 @@ def _selective_scan_fwd_kernel(
 
     final_offs = _channel_state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, d_offs, n_offs)
     tl.store(final_ptr + final_offs, state, mask=dn_in)
+
+
+# The per-state forward: as the per-state backward, a lane holds whole columns of its channels' (CHUNK, BLOCK_D)
+# tiles, so the unit strides along the channels stay unspecialised.
+@triton.jit(do_not_specialize=["u_stride_d", "delta_stride_d", "z_stride_d", "y_stride_d"])
+def _selective_scan_fwd_per_state_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    carry_ptr, carry_stride_b, carry_stride_slot, carry_stride_d, carry_stride_n,
+    y_ptr, y_stride_b, y_stride_t, y_stride_d,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    seqlen, n_chunks, dim, dstate,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # channels per program
+):
+    """The forward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of states
+    by a scan within each lane, whose contraction with C accumulates y in registers: no sum crosses lanes.
+
+    The state each n carries from chunk to chunk waits in a two-slot workspace (B, 2, D, N), as the per-state
+    backward's adjoints do: slot 0 holds the initial state, slot n_chunks % 2 ends with the final one."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, CHUNK)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d_offs < dim
+    batch = tl.cast(pid_b, tl.int64)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    for chunk in range(n_chunks):
+        t0 = chunk * CHUNK
+        t_in = (t0 + rows) < seqlen
+        td_in = t_in[:, None] & d_in[None, :]
+        u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+        dt = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+        if HAS_DELTA_BIAS:
+            dt += bias[None, :]
+        if DELTA_SOFTPLUS:
+            dt = _softplus(dt)
+        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
+        dtu = dt * u
+        read_slot = chunk % 2
+        y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+        for n in range(dstate):
+            A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
+            B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n, mask=t_in,
+                          other=0.0).to(tl.float32)
+            C_n = tl.load(C_ptr + batch * C_stride_b + (t0 + rows) * C_stride_t + n * C_stride_n, mask=t_in,
+                          other=0.0).to(tl.float32)
+            carry_offs = batch * carry_stride_b + d_offs * carry_stride_d + n * carry_stride_n
+            entering = tl.load(carry_ptr + carry_offs + read_slot * carry_stride_slot, mask=d_in, other=0.0)
+            if SAVE_CHECKPOINTS:
+                tl.store(ckpt_ptr + batch * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
+                         + d_offs * ckpt_stride_d + n * ckpt_stride_n, entering, mask=d_in)
+            decay = tl.exp2(dt * (A_n * _LOG2E)[None, :])  # (CHUNK, BLOCK_D)
+            decay_since_start, states = tl.associative_scan((decay, dtu * B_n[:, None]), 0, _affine_combine)
+            states += decay_since_start * entering[None, :]
+            y += states * C_n[:, None]
+            leaving = tl.sum(tl.where(rows[:, None] == CHUNK - 1, states, 0.0), axis=0)  # padded steps keep it
+            tl.store(carry_ptr + carry_offs + (1 - read_slot) * carry_stride_slot, leaving, mask=d_in)
+        if HAS_D:
+            y += tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)[None, :] * u
+        if HAS_Z:
+            z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            y *= z * tl.sigmoid(z)
+        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
+                 y.to(y_ptr.dtype.element_ty), mask=td_in)
+        tl.debug_barrier()  # this chunk's carried states, visible to the next chunk's reads
 
 
 # The backward: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
@@ -980,8 +1067,27 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
+        if cfg.get("KERNEL", 0) == 2:
+            launch_per_state(cfg, grid)
+            return
         _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
                                          num_warps=cfg["num_warps"])
+
+    def launch_per_state(cfg, grid):
+        """The per-state kernel carries each state from chunk to chunk in a two-slot workspace; the final state is
+        the slot the last chunk wrote."""
+        carry = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=u.device)
+        if initial_state is not None:
+            carry[:, 0] = initial_state
+        _selective_scan_fwd_per_state_kernel[grid](
+            *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3), *strided(D, 1),
+            *strided(z, 3), *strided(delta_bias, 1), *strided(carry, 4), *strided(y, 3),
+            *strided(checkpoints if save_checkpoints else None, 4), seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+            DELTA_SOFTPLUS=bool(delta_softplus), SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size,
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+        )
+        final_state.copy_(carry[:, triton.cdiv(seqlen, chunk_size) % 2])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
