@@ -5,7 +5,8 @@
      both figures in bars.json form (ratio = mamba_ssm's ms / archgen's, bar 1.0). The kernel is tuned before the
      peer is loaded, so that its tuning overlaps a background `--build-peer`.
   2. backward_configs: every backward config of the autotune space, launched explicitly, against the reference (bf16,
-     T not a multiple of the chunk, an initial state): each candidate's gradients checked, not only the tuner's pick.
+     T not a multiple of the chunk, an initial state): each candidate's gradients checked, not only the tuner's pick;
+     then every forward config's y and final state.
   3. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
      realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
      in float32; max abs and max relative (to the reference's largest magnitude) errors, and a verdict per tensor.
@@ -197,8 +198,9 @@ class Bench:
 
     def backward_configs(self) -> dict:
         """Every backward config of the autotune space against the reference, each launched explicitly: whichever the
-        tuner picks, each candidate's gradients are checked on this GPU. bf16 at a width that is a multiple of 16
-        reuses the anchor's compiled kernels; T is not a multiple of the chunk."""
+        tuner picks, each candidate's gradients are checked on this GPU; then every forward config's y and final
+        state. bf16 at a width that is a multiple of 16 reuses the anchor's compiled kernels; T is not a multiple of
+        the chunk."""
         torch = self.torch
         ss = self.ss
         batch, seqlen, dim, dstate = (1, 21, 8, 4) if self.dry_run else (2, 600, 512, 16)
@@ -211,7 +213,7 @@ class Bench:
         _, _, checkpoints = ss.selective_scan_forward(*positional, True, args["initial_state"], save_checkpoints=True)
         names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
         report = {"shape": [batch, seqlen, dim, dstate], "dtype": "bfloat16", "tolerance_relative_to_max": 3e-2,
-                  "configs": {}}
+                  "configs": {}, "forward_configs": {}}
         for config in ss.BACKWARD_CONFIGS:
             grads = ss.selective_scan_backward(dy, dfinal, *positional, True, args["initial_state"], checkpoints,
                                                config=config)
@@ -219,7 +221,13 @@ class Bench:
                       for name, grad in zip(names, grads, strict=True)}
             report["configs"][",".join(f"{k}={v}" for k, v in config.items())] = {
                 "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values())}
-        report["ok"] = all(entry["ok"] for entry in report["configs"].values())
+        for config in ss.FORWARD_CONFIGS:
+            y, final_state, _ = ss.selective_scan_forward(*positional, True, args["initial_state"], config=config)
+            errors = {"y": _errors(y.float(), ref["y"])["max_rel"],
+                      "final_state": _errors(final_state, ref["final_state"])["max_rel"]}
+            report["forward_configs"][",".join(f"{k}={v}" for k, v in config.items())] = {
+                "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values())}
+        report["ok"] = all(entry["ok"] for group in ("configs", "forward_configs") for entry in report[group].values())
         return report
 
     def pin_unless_tuned(self, dim, dstate, dtype) -> None:
