@@ -109,6 +109,24 @@ def test_the_custom_ops_autograd_matches_the_eager_path():
             assert_close(got.detach(), want.detach(), 1e-6)
 
 
+def test_strided_inputs_give_contiguous_outputs_of_their_shape():
+    """Rows of a wider tensor (row stride > N) and a transposed one (strided last dim): the same values as contiguous
+    copies; y, s, ds come back contiguous in the input's shape."""
+    wide = randn(6, 40, seed=1)[:, 3:36]  # (6, 33), rows 40 apart
+    transposed = randn(33, 6, seed=2).t()  # (6, 33), last dim strided
+    w, dy, ds_out = randn(33, seed=3), randn(6, 33, seed=4), randn(6, 33, seed=5)
+    y, s, rstd = rn.rms_norm_forward(wide, transposed, w, 1e-6)
+    y_ref, s_ref = rn.add_rms_norm_reference(wide.contiguous(), transposed.contiguous(), w, 1e-6)
+    assert y.shape == s.shape == (6, 33) and y.is_contiguous() and s.is_contiguous()
+    assert_close(y, y_ref, 1e-5, "y")
+    assert_close(s, s_ref, 1e-6, "s")
+    ds, dw = rn.rms_norm_backward(dy.t().contiguous().t(), ds_out, s, w, rstd)
+    ds_ref, dw_ref = rn._backward_reference(dy, ds_out, s_ref, w, rstd)
+    assert ds.is_contiguous()
+    assert_close(ds, ds_ref, 1e-5, "ds")
+    assert_close(dw, dw_ref, 1e-5, "dw")
+
+
 def test_outputs_are_fully_written(monkeypatch):
     """Poisoned output buffers: every element must be overwritten by the kernels."""
     real_empty = torch.empty
