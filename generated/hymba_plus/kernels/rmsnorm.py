@@ -66,17 +66,18 @@ MAX_TILE = 16384
 FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
 # One program per SM left the H200 idle (0.33 ms against 0.24 at 32768 × 4096 bf16) and a third stage never helped
 # (GPU call 1 of session 6): those candidates only cost compiles.
-# PREFETCH (the next tile loaded before this one's reduction) is tried without pipelining stages: it does by hand
-# what they would.
-BACKWARD_CONFIGS = [{"PER_SM": per_sm, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": stages,
-                     "PREFETCH": prefetch}
+# PREFETCH (the next tile loaded before this one's reduction) won every pairing at 32768 × 4096 bf16 on the H200,
+# 0.234 ms against 0.254 (GPU call 2 of session 6); num_stages 2 never beat 1 (calls 1 and 2): tried no more.
+BACKWARD_CONFIGS = [{"PER_SM": per_sm, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": 1, "PREFETCH": prefetch}
                     for per_sm in (2, 4) for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16)
-                    for stages, prefetch in ((1, 0), (2, 0), (1, 1))]
+                    for prefetch in (0, 1)]
 MAX_BACKWARD_TILE = 8192
 """Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
 MAX_STAGED_BYTES = 160 * 1024
 """Most shared memory the backward's software pipelining may stage (an H100/H200 SM has 228 KB)."""
 INTERPRETER_CONFIG = {"BLOCK_R": 2, "PER_SM": 1, "num_warps": 4, "num_stages": 1, "PREFETCH": 1}
+DW_BLOCK_PARTIALS, DW_BLOCK_COLUMNS = 64, 32
+"""The dw reduction's tile: 32 columns a program (128 programs at width 4096), 64 partial rows a step."""
 INTERPRETER_MULTIPROCESSORS = 2
 """The SM count backward grids are sized for under the interpreter: small, so that programs take several rows."""
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -236,6 +237,20 @@ def _rms_norm_bwd_kernel(
     tl.store(dw_partial_ptr + program * N + cols, tl.sum(dw, axis=0), mask=col_inside)
 
 
+@triton.jit
+def _rms_norm_dw_kernel(partial_ptr, dw_ptr, programs, N, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dw = the backward programs' (programs, N) float32 partials summed over programs, in a fixed order
+    (deterministic), stored in dw's dtype: one launch where torch took a sum and a cast (two ops of host time)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_inside = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for first in range(0, programs, BLOCK_P):
+        rows = first + tl.arange(0, BLOCK_P)
+        acc += tl.load(partial_ptr + rows[:, None] * N + cols[None, :],
+                       mask=(rows < programs)[:, None] & col_inside[None, :], other=0.0)
+    tl.store(dw_ptr + cols, tl.sum(acc, axis=0).to(dw_ptr.dtype.element_ty), mask=col_inside)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers and their tuning
 # ---------------------------------------------------------------------------------------------------------------
@@ -287,12 +302,11 @@ def backward_candidates(N: int, itemsize: int = 4) -> list[dict]:
     16 elements per thread, num_stages tiles in flight (software pipelining of the row loop) as far as the staged
     tiles fit in shared memory (MAX_STAGED_BYTES)."""
     block = _block_n(N)
-    tile_rows = min(max(2048 // block, 1), 16)
-    stages = 2 if _staged_bytes(tile_rows * block, itemsize, 2) <= MAX_STAGED_BYTES else 1
-    # 8 elements per thread: at 32768 × 4096 bf16 on the H200 16 warps ran the fused backward in 0.313 ms, 8 warps in
-    # 0.350 (the plain one 0.241 either way; PER_SM 2, stages hardly mattered: GPU call 3)
-    warps = min(max(tile_rows * block // (32 * 8), 2), 16)
-    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": stages, "PREFETCH": 0}
+    # The H200's choice at 32768 × 4096 bf16, plain and fused (GPU call 2 of session 6): tiles of 8192 elements,
+    # 16 per thread, two programs per SM, the next tile prefetched
+    tile_rows = min(max(8192 // block, 1), 16)
+    warps = min(max(tile_rows * block // (32 * 16), 2), 16)
+    default = {"PER_SM": 2, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": 1, "PREFETCH": 1}
     fitting = [c for c in BACKWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_BACKWARD_TILE, block)
                and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 16
                and _staged_bytes(c["BLOCK_R"] * block, itemsize, c["num_stages"]) <= MAX_STAGED_BYTES]
@@ -328,10 +342,14 @@ FORWARD_TUNER = Autotuner("rms_norm.forward", FORWARD_CONFIGS, {"BLOCK_R": INTER
 BACKWARD_TUNER = Autotuner("rms_norm.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 
 
-def _rows(t: Tensor) -> Tensor:
-    """(R, N) view with unit stride along N (a copy only when the last dim is strided)."""
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """(t as rows of unit column stride, the stride between rows): t itself when contiguous (no view op on the host's
+    path: the launchers are on it, see _EagerRMSNorm), else an (R, N) view, a copy when the last dim is strided."""
+    if t.is_contiguous():
+        return t, t.shape[-1]
     t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+    t = t if t.stride(-1) == 1 else t.contiguous()
+    return t, t.stride(0)
 
 
 def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
@@ -339,20 +357,19 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     """(y, s, rstd): y like x; s = x + residual like x (x itself when residual is None); rstd (R,) float32.
 
     config: {"BLOCK_R": …, "num_warps": …} to bypass the tuner."""
-    shape = x.shape
-    x2 = _rows(x)
-    R, N = x2.shape
-    res2 = _rows(residual) if residual is not None else None
-    y = torch.empty((R, N), device=x.device, dtype=x.dtype)
-    s = torch.empty((R, N), device=x.device, dtype=x.dtype) if residual is not None else x2
+    N = x.shape[-1]
+    R = x.numel() // N
+    x2, stride_x = _rows(x)
+    res2, stride_res = _rows(residual) if residual is not None else (x2, 0)
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)  # contiguous: rows N apart
+    s = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else x
     rstd = torch.empty((R,), device=x.device, dtype=torch.float32)
     block = _block_n(N)
 
     def launch(cfg):
         _rms_norm_fwd_kernel[(_cdiv(R, cfg["BLOCK_R"]),)](
-            x2, res2 if res2 is not None else x2, weight, y, s, rstd,
-            R, N, x2.stride(0), res2.stride(0) if res2 is not None else 0, y.stride(0), s.stride(0), eps,
-            HAS_RESIDUAL=res2 is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            x2, res2, weight, y, s, rstd, R, N, stride_x, stride_res, N, N, eps,
+            HAS_RESIDUAL=residual is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             num_warps=cfg["num_warps"],
         )
 
@@ -360,7 +377,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     with on_device(x):
         if R:
             launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, forward_candidates(N)))
-    return y.view(shape), s.view(shape), rstd
+    return y, s, rstd
 
 
 def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor,
@@ -370,32 +387,33 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
     config: {"PER_SM": …, "BLOCK_R": …, "num_warps": …, "num_stages": …, "PREFETCH": 0 or 1} to bypass the tuner.
     A launch, as the tuner times it, includes summing the dw partials: more programs per SM mean more partial rows
     (on the H200 torch summed 528 × 4096 of them in 16.5 µs, 7% of the kernel's time)."""
-    shape = s.shape
-    s2, dy2 = _rows(s), _rows(dy)
-    ds_out2 = _rows(ds_out) if ds_out is not None else None
-    R, N = s2.shape
-    ds = torch.empty((R, N), device=s.device, dtype=s.dtype)
+    N = s.shape[-1]
+    R = s.numel() // N
+    s2, stride_s = _rows(s)
+    dy2, stride_dy = _rows(dy)
+    ds_out2, stride_ds_out = _rows(ds_out) if ds_out is not None else (dy2, 0)
+    ds = torch.empty(s.shape, device=s.device, dtype=s.dtype)  # contiguous: rows N apart
+    dw = torch.empty_like(weight)
     block = _block_n(N)
-    result = {}
 
     def launch(cfg):
         programs, rows_per_program = backward_grid(R, s.device, cfg)
         dw_partial = torch.empty((programs, N), device=s.device, dtype=torch.float32)
         _rms_norm_bwd_kernel[(programs,)](
-            dy2, ds_out2 if ds_out2 is not None else dy2, s2, weight, rstd, ds, dw_partial,
-            R, N, rows_per_program, dy2.stride(0), ds_out2.stride(0) if ds_out2 is not None else 0, s2.stride(0),
-            ds.stride(0), HAS_DS_OUT=ds_out2 is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            dy2, ds_out2, s2, weight, rstd, ds, dw_partial, R, N, rows_per_program, stride_dy, stride_ds_out, stride_s,
+            N, HAS_DS_OUT=ds_out is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-        result["dw"] = dw_partial.sum(dim=0).to(weight.dtype)
+        _rms_norm_dw_kernel[(_cdiv(N, DW_BLOCK_COLUMNS),)](
+            dw_partial, dw, programs, N, BLOCK_P=DW_BLOCK_PARTIALS, BLOCK_C=DW_BLOCK_COLUMNS, num_warps=4)
 
     key = shape_key(N, R, s.dtype, ds_out is not None)
     with on_device(s):
         if not R:
-            return ds.view(shape), torch.zeros_like(weight)
+            return ds, torch.zeros_like(weight)
         launch(BACKWARD_TUNER.known(key, config)
                or BACKWARD_TUNER.tune(key, launch, backward_candidates(N, s.element_size())))
-    return ds.view(shape), result["dw"]
+    return ds, dw
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
