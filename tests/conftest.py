@@ -105,6 +105,17 @@ def decode_in_steps(model, tokens: torch.Tensor, prefill: int, *, max_len: int |
 
 
 @pytest.fixture
+def one_thread():
+    """Run the test on one thread: a tiny model's ops are too small to gain from more, and on shared CPUs the threads
+    wait on each other (the forecaster's CO2 test took 36 s on one thread and 195 s on two, on a busy 2-core machine).
+    A module asks for it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def build(tmp_path):
     """build(spec_path, preset="tiny", overrides=()) -> the generated package, imported."""
 

@@ -15,18 +15,10 @@ import torch.nn.functional as F
 
 from templates.runtime import forecast
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on shared CPUs
+
 HYMBA = "specs/hymba_plus.yaml"
 N_BINS, OFFSET, LOW, HIGH = 64, 192, -15.0, 15.0
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: a tiny model's ops are too small to gain from more, and on shared CPUs the threads wait on
-    each other (the CO2 test took 36 s on one thread and 195 s on two, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

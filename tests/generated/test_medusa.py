@@ -19,6 +19,8 @@ from archgen.pipeline import compile_spec
 from archgen.testing import build_generated
 from tests.conftest import assert_parameters_match_the_cost_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on shared CPUs
+
 WITH_MEDUSA = ("heads.medusa={kind: medusa, n_heads: 3}",)
 SPECS = {  # name: (spec, overrides, K)
     "hns_ss_jepa_moe": ("specs/hns_ss_jepa_moe.yaml", (), 2),  # its tiny preset declares 2 heads
@@ -27,16 +29,6 @@ SPECS = {  # name: (spec, overrides, K)
     "nexus": ("specs/nexus.yaml", WITH_MEDUSA, 3),
 }
 VOCAB = 256  # every tiny preset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one thread: a tiny model's ops are too small to gain from more, and on shared CPUs the threads wait on
-    each other (the CO2 test took 36 s on one thread and 195 s on two, on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import torch
 from archgen.testing import build_generated
 from tests.numerics import assert_close, relative_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on shared CPUs
+
 SPECS = {  # name: (spec, overrides)
     "hspmn": ("specs/hspmn.yaml", ()),
     "hymba_plus": ("specs/hymba_plus.yaml", ()),
@@ -27,14 +29,6 @@ SPECS = {  # name: (spec, overrides)
 }
 LENGTHS = (3, 17, 9, 5)  # the batch's prompt lengths: the second row has no padding
 NEW_TOKENS = 16
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
