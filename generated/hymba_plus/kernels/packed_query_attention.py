@@ -74,25 +74,51 @@ from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_o
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages. The first config
-# that fits (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune): each list
-# starts with the H200's fastest at D 128 in bf16 (session 6, GPU call 1), then variants of it; configs that lost by
-# more than 1.5x in both buckets there were dropped.
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
+# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, ATOMIC_DQ). The first config that fits (see `candidates`) is what
+# a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at
+# D 128 in bf16 (session 6, GPU call 1). Beside each: registers per thread, shared memory, and so programs per SM, at
+# D 128 bf16 from triton 3.6 compiles for sm_90 with the run-time specializations (docs/design.md: counting a
+# kernel's registers without a GPU); none spills (8 bytes of stack at most). Every 8-warp dkdv config holds one
+# program per SM, so nothing hides its loads of K and V and its stores of dK and dV: the 4-warp ones with 64 keys
+# fit two.
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
-    for m, n, w, s, g in ((64, 64, 4, 3, 1), (64, 64, 4, 2, 1), (64, 32, 4, 3, 1), (128, 64, 8, 3, 1), (128, 64, 8, 2, 1),
-                          (64, 64, 4, 3, 16), (64, 64, 4, 2, 16))
+    for m, n, w, s, g in (
+        (64, 64, 4, 3, 1),  # 255 registers, 112 KB: 2 per SM
+        (64, 64, 4, 2, 1),  # 252, 80 KB: 2
+        (64, 32, 4, 3, 1),  # 168, 64 KB: 3
+        (128, 64, 8, 3, 1),  # 255, 128 KB: 1
+        (128, 64, 8, 2, 1),  # 242, 96 KB: 1
+        (64, 64, 4, 3, 16),
+        (64, 32, 4, 3, 16),
+    )
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
-    for m, n, w, s, g in ((64, 32, 4, 4, 1), (128, 64, 8, 3, 1), (64, 32, 4, 3, 1), (64, 64, 4, 3, 1), (128, 32, 8, 4, 1),
-                          (64, 32, 4, 4, 16))
+    for m, n, w, s, g in (
+        (64, 32, 4, 4, 1),  # 177, 96 KB: 2
+        (128, 64, 8, 3, 1),  # 246, 160 KB: 1
+        (64, 32, 4, 3, 1),  # 174, 80 KB: 2
+        (64, 64, 4, 3, 1),  # 215, 128 KB: 1
+        (128, 32, 8, 4, 1),  # 180, 128 KB: 1
+        (64, 32, 4, 4, 16),
+    )
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "ATOMIC_DQ": a}
-    for m, n, w, s, e, a in ((64, 128, 8, 2, 1, 0), (32, 128, 8, 2, 1, 0), (64, 128, 8, 3, 1, 0), (32, 128, 8, 3, 1, 0),
-                             (16, 128, 8, 3, 1, 0), (64, 128, 8, 2, 0, 0), (32, 128, 8, 2, 0, 0),
-                             (32, 128, 8, 2, 1, 1), (64, 128, 8, 2, 1, 1), (32, 128, 8, 2, 0, 1))
+    for m, n, w, s, e, a in (
+        (64, 128, 8, 2, 1, 0),  # 255, 128 KB: 1
+        (32, 128, 8, 2, 1, 0),  # 234, 96 KB: 1
+        (32, 128, 8, 3, 1, 0),  # 232, 112 KB: 1
+        (32, 128, 8, 2, 0, 0),  # 241, 96 KB: 1
+        (32, 64, 4, 3, 1, 0),  # 242, 80 KB: 2
+        (16, 64, 4, 3, 1, 0),  # 227, 56 KB: 2
+        (32, 64, 4, 3, 0, 0),  # 237, 80 KB: 2
+        (32, 128, 8, 2, 1, 1),  # 254, 136 KB: 1 (the 64-row and 4-warp atomic ones spill)
+        (16, 128, 8, 3, 1, 1),  # 212, 128 KB: 1
+        (32, 128, 8, 2, 0, 1),  # 236, 136 KB: 1
+    )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype. The dkdv tuner
 times the whole backward after dq's tuning (the dq kernel included), so that ATOMIC_DQ, one kernel computing dq too
