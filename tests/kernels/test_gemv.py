@@ -1,0 +1,110 @@
+"""kernels/gemv.py: linear and swiglu_linear on a few rows against the kernel file's references and ops/linear.py, at
+odd sizes (outputs and inputs that are not a multiple of the tile, one row and several, a strided x, with and without
+a bias), float32 and bfloat16, with their gradients. Runs in Triton's interpreter without CUDA; kernel-written buffers
+start as NaN."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+pytest.importorskip("triton")
+
+from archgen_kernels import gemv as kernel
+from templates.runtime import linear as runtime_linear
+from tests.numerics import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+# id: (dtype, rows of x (leading shape), N out, K in, bias, x strided)
+CASES = {"fp32-M1-N37-K70-bias": (torch.float32, (1, 1), 37, 70, True, False),
+         "fp32-M3-N5-K33": (torch.float32, (3,), 5, 33, False, True),
+         "bf16-M1-N64-K100": (torch.bfloat16, (1, 1), 64, 100, False, False),
+         "bf16-M4-N23-K96-bias-strided": (torch.bfloat16, (2, 2), 23, 96, True, True)}
+
+
+def _inputs(case, gated: bool):
+    dtype, lead, N, K, bias, strided = CASES[case]
+    g = torch.Generator().manual_seed(N * K)
+    x = torch.randn(*lead, 2 * K if strided else K, generator=g).to(dtype)
+    x = x[..., :K] if strided else x  # the first half of each row, as a fused projection's slice would give it
+    weights = [(torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype) for _ in range(2 if gated else 1)]
+    biases = [torch.randn(N, generator=g).to(dtype) if bias else None for _ in weights]
+    return x.requires_grad_(), [w.requires_grad_() for w in weights], [b.requires_grad_() if bias else None for b in biases]
+
+
+def _compare_with_gradients(y, expected, inputs, g_seed):
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(g_seed)).to(y.dtype)
+    present = [t for t in inputs if t is not None]
+    grads = torch.autograd.grad(y, present, dy)
+    want = torch.autograd.grad(expected, present, dy.double())
+    for i, (got, wanted) in enumerate(zip(grads, want, strict=True)):
+        assert got.dtype == present[i].dtype
+        assert_close(got, wanted.to(got.dtype), what=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_linear_matches_the_reference(case):
+    x, (w,), (b,) = _inputs(case, gated=False)
+    y = kernel.linear(x, w, b)
+    expected = runtime_linear.linear(x.double(), w.double(), b.double() if b is not None else None)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w.shape[0])
+    assert_close(y, expected.to(x.dtype), what="y")
+    assert_close(kernel.linear_reference(x, w, b), expected.to(x.dtype), what="reference")
+    _compare_with_gradients(y, expected, (x, w, b), 1)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_swiglu_linear_matches_the_reference(case):
+    x, (w_gate, w_up), (b_gate, b_up) = _inputs(case, gated=True)
+    y = kernel.swiglu_linear(x, w_gate, w_up, b_gate, b_up)
+    doubled = [t.double() if t is not None else None for t in (x, w_gate, w_up, b_gate, b_up)]
+    expected = runtime_linear.swiglu_linear(*doubled)
+    assert y.dtype == x.dtype and y.shape == (*x.shape[:-1], w_gate.shape[0])
+    assert_close(y, expected.to(x.dtype), what="y")
+    assert_close(kernel.swiglu_linear_reference(x, w_gate, w_up, b_gate, b_up), expected.to(x.dtype), what="reference")
+    _compare_with_gradients(y, expected, (x, w_gate, w_up, b_gate, b_up), 2)
+
+
+def test_every_config_computes_the_same():
+    """Each autotune candidate's tile sizes give the reference's result (the interpreter runs them all, at a size
+    that leaves a partial tile in both directions)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 300, generator=g), torch.randn(45, 300, generator=g)
+    expected = kernel.linear_reference(x, w)
+    for config in kernel.CONFIGS:
+        assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
+
+
+def test_linear_says_what_is_wrong():
+    with pytest.raises(ValueError, match=r"weight must be \(out, in\) with in = x.shape\[-1\] = 4"):
+        kernel.linear(torch.zeros(1, 4), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="one shape and both or neither a bias"):
+        kernel.swiglu_linear(torch.zeros(1, 4), torch.zeros(3, 4), torch.zeros(2, 4))
+
+
+def test_gemv_ops_have_fake_implementations():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    torch.library.opcheck(kernel.linear_op, (x, w, b), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(kernel.swiglu_linear_op, (x, w, w, None, None), test_utils=("test_schema", "test_faketensor"))
