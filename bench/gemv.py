@@ -1,0 +1,217 @@
+"""kernels/gemv.py against cuBLAS at the exact (out, in) shapes of Bamba-1B's and Hymba+'s decoding steps, in one run.
+
+Each shape is timed as a decoding step runs it: replayed from a CUDA graph, over enough distinct weight matrices of
+that shape (at least STREAM_BYTES) that no call finds its weight in L2, as no layer of a step does. Per shape:
+  cublas     F.linear (what nn.Linear runs today)
+  gemv       kernels/gemv.py's linear (the tuner's choice at that shape; every candidate's time is recorded)
+  floor      the weight's bytes over the copy bandwidth measured in the same run (bytes read + written per second:
+             a GEMV reads its weight once, so its floor is weight bytes / copy rate)
+and for the SwiGLU feed-forward's gate and up pair: cuBLAS's two products plus kernels/silu_mul.py (three launches, as
+the feed-forward runs today) against swiglu_linear (one launch). Each step total weighs every shape by how many
+times a decoding step multiplies by it; "few rows" repeats the largest shapes at 2 and 4 rows (FEW_ROWS, the most
+the generated layers send to the kernel), where the kernel reads a weight tile once for all rows.
+
+Writes gemv.json and gemv.bars.json ({"figure", "archgen", "unit", "reference", "reference_value", "ratio", "bar",
+"device", "date", "command"}; ratio > 1 means archgen is better: cuBLAS ms ÷ GEMV ms, and GEMV bandwidth ÷ copy
+bandwidth against the 0.85 of issue 12) under --out.
+
+    python bench/gemv.py --out "$OUT" --budget-s 90      # on the GPU (about 60 s, first-run tuning included)
+    python bench/gemv.py --dry-run --out /tmp/gemv        # CPU: Triton's interpreter, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:  # the interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+from archgen.benchmark import copy_bandwidth, timed  # noqa: E402
+from archgen.resources import kernels_package  # noqa: E402
+
+# {model: {projection: ((out, in), times per decoding step)}}: the specs' linear layers (bench/specs/bamba_1b.yaml:
+# 12 Mamba-2 and 4 attention layers, each with a SwiGLU MLP; specs/hymba_plus.yaml: 32 layers of parallel attention
+# and Mamba-1 heads with a SwiGLU MLP), gate_up being the MLP's gate and up pair.
+MODELS = {
+    "bamba_1b": {"mlp.gate_up": ((5632, 2048), 16), "mlp.down_proj": ((2048, 5632), 16),
+                 "mamba2.in_proj": ((8512, 2048), 12), "mamba2.out_proj": ((2048, 4096), 12),
+                 "attn.q_proj|o_proj": ((2048, 2048), 8), "attn.k_proj|v_proj": ((1024, 2048), 8),
+                 "lm_head": ((32000, 2048), 1)},
+    "hymba_plus": {"mlp.gate_up": ((5504, 1600), 32), "mlp.down_proj": ((1600, 5504), 32),
+                   "mamba.in_proj": ((6400, 1600), 32), "mamba.out_proj": ((1600, 3200), 32),
+                   "mamba.x_proj": ((132, 3200), 32), "mamba.dt_proj": ((3200, 100), 32),
+                   "attn.q_proj|o_proj": ((1600, 1600), 64), "attn.k_proj|v_proj": ((320, 1600), 64),
+                   "lm_head": ((32001, 1600), 1)},
+}
+DRY_MODELS = {"tiny": {"mlp.gate_up": ((48, 40), 2), "mlp.down_proj": ((40, 48), 2), "lm_head": ((100, 40), 1)}}
+FEW_ROW_SHAPES = {"bamba_1b": ("mlp.gate_up", "mlp.down_proj", "mamba2.in_proj"), "hymba_plus": ("mlp.gate_up",),
+                  "tiny": ("mlp.gate_up",)}
+STREAM_BYTES = 512 * 2**20  # distinct weights per shape: ten times the H200's 50 MiB L2
+BANDWIDTH_BAR = 0.85  # issue 12: the decode step's GEMVs at >= 85% of the copy bandwidth
+
+
+class Bench:
+    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+        self.out, self.dry_run, self.budget_s = out, dry_run, budget_s
+        self.device = "cpu" if dry_run else "cuda"
+        self.dtype = torch.float32 if dry_run else torch.bfloat16
+        self.started = time.perf_counter()
+        self.command = "python bench/gemv.py " + " ".join(sys.argv[1:])
+        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "torch": torch.__version__, "triton": triton.__version__, "dry_run": dry_run, "command": self.command,
+                "dtype": str(self.dtype), "stream_bytes": STREAM_BYTES}
+        if not dry_run:
+            meta["gpu"] = torch.cuda.get_device_name()
+        self.results = {"meta": meta, "models": {}}
+        self.bars: list[dict] = []
+        kernels_package()
+        from archgen_kernels import gemv, silu_mul
+
+        self.gemv, self.silu_mul = gemv, silu_mul
+        self.copy_Bps = copy_bandwidth(self.device)
+        meta["copy_TBps"] = round(self.copy_Bps / 1e12, 3)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gemv.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
+        (self.out / "gemv.bars.json").write_text(json.dumps(self.bars, indent=1) + "\n")
+
+    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
+            bar: float) -> None:
+        self.bars.append({"figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
+                          "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
+                          "device": self.results["meta"].get("gpu", "cpu (dry run)"),
+                          "date": self.results["meta"]["date"][:10], "command": self.command})
+
+    def per_call_us(self, fn, calls: int) -> float:
+        """Microseconds per call of fn(i) for i in range(calls) (each i a distinct weight): replayed from one CUDA
+        graph on the GPU (as a decoding step runs), the host clock on the CPU."""
+        def run():
+            for i in range(calls):
+                fn(i)
+
+        if self.dry_run:
+            return timed(run, "cpu", 2, warmup=1) * 1e6 / calls
+        from triton.testing import do_bench_cudagraph
+
+        run()  # tuning and compiling happen here, before the capture
+        torch.cuda.synchronize()
+        return float(do_bench_cudagraph(run, rep=50, return_mode="median")) * 1e3 / calls
+
+    def shape(self, N: int, K: int, rows: int, gated: bool) -> dict:
+        """One (out, in) shape at `rows` rows: cuBLAS (plus silu_mul when gated) against the kernel and the floor."""
+        element = torch.finfo(self.dtype).bits // 8
+        matrices = 2 if gated else 1
+        weight_bytes = N * K * element * matrices
+        copies = 2 if self.dry_run else max(2, -(-STREAM_BYTES // weight_bytes))
+        generator = torch.Generator(device=self.device).manual_seed(N + K)
+        weights = [(torch.randn((N, K), generator=generator, device=self.device) / K**0.5).to(self.dtype)
+                   for _ in range(copies * matrices)]
+        x = torch.randn((rows, K), generator=generator, device=self.device).to(self.dtype)
+        gemv, silu_mul = self.gemv, self.silu_mul
+        if gated:
+            def cublas(i):
+                return silu_mul.silu_mul(F.linear(x, weights[2 * i]), F.linear(x, weights[2 * i + 1]))
+
+            def kernel(i):
+                return gemv.swiglu_linear(x, weights[2 * i], weights[2 * i + 1])
+        else:
+            def cublas(i):
+                return F.linear(x, weights[i])
+
+            def kernel(i):
+                return gemv.linear(x, weights[i])
+        error = (kernel(0).double() - cublas(0).double()).abs().max().item()
+        scale = cublas(0).double().abs().max().item()
+        cublas_us = self.per_call_us(cublas, copies)
+        kernel_us = self.per_call_us(kernel, copies)
+        floor_us = weight_bytes / self.copy_Bps * 1e6
+        key = gemv.shape_key(N, K, rows, self.dtype, gated)
+        return {"rows": rows, "out": N, "in": K, "gated": gated, "weight_MiB": round(weight_bytes / 2**20, 2),
+                "distinct_weights": copies, "cublas_us": round(cublas_us, 2), "gemv_us": round(kernel_us, 2),
+                "floor_us": round(floor_us, 2), "speedup": round(cublas_us / kernel_us, 3),
+                "gemv_of_copy_bandwidth": round(floor_us / kernel_us, 3),
+                "cublas_of_copy_bandwidth": round(floor_us / cublas_us, 3),
+                "max_abs_difference": error, "max_abs_cublas": scale,
+                "config": gemv.FORWARD_TUNER.chosen.get(key) or gemv.FORWARD_TUNER.defaulted.get(key),
+                "candidates_ms": gemv.FORWARD_TUNER.timings.get(key)}
+
+    def model(self, name: str, shapes: dict) -> None:
+        record = self.results["models"].setdefault(name, {"shapes": {}, "few_rows": {}})
+        for projection, ((N, K), per_step) in shapes.items():
+            if not self.dry_run and self.elapsed() > self.budget_s:
+                record["skipped"] = f"budget: {self.elapsed():.0f}s spent, --budget-s {self.budget_s:.0f}"
+                break
+            try:
+                record["shapes"][projection] = {**self.shape(N, K, 1, projection.endswith("gate_up")),
+                                                "per_step": per_step}
+            except Exception as error:  # noqa: BLE001 - a failing shape is recorded, the others still run
+                record["shapes"][projection] = {"error": f"{type(error).__name__}: {error}",
+                                                "traceback": traceback.format_exc()[-2000:]}
+            self.save()
+        done = [s for s in record["shapes"].values() if "gemv_us" in s]
+        if len(done) == len(shapes):
+            step = {variant: sum(s[f"{variant}_us"] * s["per_step"] for s in done) for variant in ("cublas", "gemv", "floor")}
+            record["step_us"] = {variant: round(us, 1) for variant, us in step.items()}
+            self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV vs cuBLAS", step["gemv"] / 1e3,
+                     "ms", "cuBLAS (F.linear; SwiGLU gate+up as 2 products + silu_mul)", step["cublas"] / 1e3,
+                     step["cublas"] / step["gemv"], 1.0)
+            self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV fraction of copy bandwidth",
+                     step["gemv"] / 1e3, "ms", "weight bytes / copy bandwidth", step["floor"] / 1e3,
+                     step["floor"] / step["gemv"], BANDWIDTH_BAR)
+        for projection in FEW_ROW_SHAPES.get(name, ()):
+            (N, K), _ = shapes[projection]
+            for rows in (2, self.gemv.FEW_ROWS):
+                if not self.dry_run and self.elapsed() > self.budget_s:
+                    break
+                record["few_rows"][f"{projection}-M{rows}"] = self.shape(N, K, rows, projection.endswith("gate_up"))
+                self.save()
+
+    def summary(self) -> str:
+        lines = [f"copy bandwidth {self.results['meta']['copy_TBps']} TB/s"]
+        for name, record in self.results["models"].items():
+            lines.append(f"{name}: step {record.get('step_us')}")
+            for projection, s in {**record["shapes"], **record["few_rows"]}.items():
+                if "gemv_us" in s:
+                    lines.append(f"  {projection:24s} M{s['rows']} {s['out']}x{s['in']}: cuBLAS {s['cublas_us']:7.2f} us "
+                                 f"({s['cublas_of_copy_bandwidth']:.2f} of copy)  GEMV {s['gemv_us']:7.2f} us "
+                                 f"({s['gemv_of_copy_bandwidth']:.2f})  x{s['speedup']:.2f}  {s['config']}")
+                else:
+                    lines.append(f"  {projection}: {s.get('error')}")
+        return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
+    parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: timings meaningless")
+    parser.add_argument("--budget-s", type=float, default=90.0, help="stop starting shapes after this many seconds")
+    args = parser.parse_args()
+    bench = Bench(args.out, args.dry_run, args.budget_s)
+    for name, shapes in (DRY_MODELS if args.dry_run else MODELS).items():
+        bench.model(name, shapes)
+    bench.save()
+    print(bench.summary())
+    print(f"wrote {args.out / 'gemv.json'} and {args.out / 'gemv.bars.json'} in {bench.elapsed():.0f}s")
+
+
+if __name__ == "__main__":
+    main()
