@@ -41,9 +41,10 @@ FEW_ROWS = 4
 """The most rows the generated layers send here (a decoding step of up to 4 sequences); beyond, cuBLAS."""
 
 # The soundest config first: the untuned default (triton_support.Autotuner runs it when a package does not tune).
+# Each program's tile is BLOCK_N × BLOCK_K: 2K-8K elements, 16-64 bytes of weight in flight per thread per iteration;
+# small enough that even Hymba+'s 320-row matrices spread over every SM.
 CONFIGS = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
-           for n, k, w in ((8, 512, 4), (4, 512, 4), (16, 256, 4), (8, 1024, 8), (4, 1024, 4), (16, 512, 8),
-                           (2, 1024, 4), (32, 256, 8), (4, 256, 2), (8, 256, 4))]
+           for n, k, w in ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (4, 512, 2))]
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4}
 
 
@@ -132,23 +133,20 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
              device: torch.device | str) -> None:
-    """The build-time tuning hook (`archgen build --autotune`): run the kernel on every weight matrix of the op (the
-    2-D `*.weight` parameters, (out, in)) with `batch` rows, a decoding step's (seqlen is the prefill's, which stays
-    on cuBLAS), so that inside triton_support.tuning_session() the tuner tunes each shape bucket. A pair of gate and
-    up projections is tuned gated, as the feed-forward runs it."""
+    """The build-time tuning hook (`archgen build --autotune`): run the kernel on every weight matrix of the op (its
+    2-D `weight` parameters, (out, in)) with `batch` rows, a decoding step's (seqlen is the prefill's, which stays on
+    cuBLAS), so that inside triton_support.tuning_session() the tuner tunes each shape bucket; a gate_proj with an
+    up_proj of its shape is also tuned gated, as a SwiGLU feed-forward runs the pair."""
     if batch > FEW_ROWS:
         return
     generator = torch.Generator(device=device).manual_seed(0)
-    shapes = {name.removesuffix(".weight"): shape for name, shape in params.items()
-              if name.endswith(".weight") and len(shape) == 2}
-    for name, (N, K) in shapes.items():
+    matrices = {name: shape for name, shape in params.items() if name.rpartition(".")[2] == "weight" and len(shape) == 2}
+    for name, (N, K) in matrices.items():
         x = torch.randn((batch, K), generator=generator, device=device).to(dtype)
         weight = torch.randn((N, K), generator=generator, device=device).to(dtype)
-        gated = name.endswith("gate_proj") and shapes.get(name.replace("gate_proj", "up_proj")) == (N, K)
-        gemv_forward(x, weight, up_weight=weight if gated else None)
-        if not gated:
-            continue
-        gemv_forward(x, weight)  # the gate alone too: a package built without the gated form runs it
+        gemv_forward(x, weight)
+        if name.endswith("gate_proj.weight") and matrices.get(name.replace("gate_proj", "up_proj")) == (N, K):
+            gemv_forward(x, weight, up_weight=weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------

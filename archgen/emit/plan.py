@@ -33,6 +33,12 @@ class ComponentPlan:
     takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
+    @property
+    def linear(self) -> str:
+        """The class of its linear layers: DecodeLinear, which runs a decoding step's few rows on the GEMV kernel, where
+        the kernel pass chose it for this kind; else nn.Linear."""
+        return "DecodeLinear" if "linear" in self.kernels else "nn.Linear"
+
 
 @dataclass
 class ParallelPlan:
@@ -126,6 +132,8 @@ class EmitPlan:
     norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)", "FusedRMSNorm(...)"
     norm_kernel: KernelChoice | None  # the norms' kernel: FusedRMSNorm runs it, blocks fuse the residual add into it
     norm_zero_centered: bool  # the model's RMSNorms scale by 1 + weight: ZeroCenteredRMSNorm
+    gemv_kernel: KernelChoice | None  # the GEMV of a decoding step's linear layers, which DecodeLinear runs
+    lm_head_linear: str  # the lm_head's class: "DecodeLinear" where the kernel pass gave it the GEMV, else "nn.Linear"
     max_seq_len: int
     init_std: float
     n_layers: int
@@ -134,7 +142,7 @@ class EmitPlan:
     parallels: list[ParallelPlan]
     blocks: list[BlockPlan]
     layer_blocks: list[str]  # block class name of each layer, in order
-    runtime_files: list[str]
+    runtime_files: list[str]  # the import table's files and the kernels' references (kernels/__init__.py lowers to them)
     import_lines: list[str]  # `from .ops.<file> import <names>`, one per runtime file, from the ops' import tables
     preludes: list[str]  # components/<template>_prelude.py.j2 of the component templates used: written once each
     kernel_files: list[str]
@@ -267,11 +275,13 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
         norm_zero_centered=norm_dims["zero_centered"],
+        gemv_kernel=next((op.kernels["linear"] for op in ir.ops() if "linear" in op.kernels), None),
+        lm_head_linear="DecodeLinear" if "linear" in ir.op("lm_head").kernels else "nn.Linear",
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
-        runtime_files=sorted(imports), import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}"
-                                                     for file, names in sorted(imports.items())],
+        runtime_files=sorted({*imports, *(k.reference for k in kernel_functions(ir))}),  # a kernel's reference lowers it
+        import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}" for file, names in sorted(imports.items())],
         preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({kernel.file for op in ir.ops() for kernel in op.kernels.values()}),
         heads=heads, memory=extras.get("memory"), symbolic=extras.get("symbolic"),

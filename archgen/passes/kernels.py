@@ -54,6 +54,9 @@ def _conv_fits(config: Any) -> bool:
     return 1 <= config.d_conv <= 16  # the conv kernel unrolls at most 16 taps
 
 
+GEMV_KINDS = ("mlp", "attention", "mamba2", "mamba", "lm_head")
+"""The kinds whose templates build their linear layers as DecodeLinear (and the lm_head) when given the GEMV."""
+
 KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "selective_scan", "selective_scan", "ssm",
                "Mamba-1 sequence scan (prefill and training)"),
@@ -103,6 +106,13 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it (not a zero-centred "
                "norm: the kernel scales by its weight as given)", when=lambda config: not config.zero_centered),
+    KernelRule("mlp", "gemv", "swiglu_linear", "linear",
+               "SwiGLU feed-forward on a decoding step's few rows: the gate and up products and silu(gate) * up in one "
+               "GEMV launch (cuBLAS and the gate kernel: three)", when=fused_swiglu),
+    *(KernelRule(kind, "gemv", "linear", "linear",
+                 "Linear layers on a decoding step's few rows (up to kernels/gemv.py's FEW_ROWS): a GEMV streaming the "
+                 "weights, where cuBLAS reads them at ~60% of the copy bandwidth; prefill and training stay on cuBLAS")
+      for kind in GEMV_KINDS),
 ]
 
 

@@ -53,9 +53,10 @@ def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
 
 def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
     cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
-    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "rmsnorm", "silu_mul"}
-    assert len(cases) == 5 * 4, "the Mamba layers share one config, the norms another, the MLPs a third: each kernel " \
-                                "file tuned once per batch × length"
+    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "rmsnorm", "silu_mul", "gemv"}
+    assert len(cases) == 8 * 4, "the Mamba layers share one config, the norms another, the MLPs a third, and the GEMV " \
+                                "runs in the Mamba layers, the MLPs and the lm_head: each kernel file tuned once per " \
+                                "op config and batch × length"
     assert next(c for c in cases if c.file == "selective_scan").params["A_log"] == (32, 4)
 
 
@@ -77,7 +78,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     monkeypatch.chdir(tmp_path / "tuned")
     tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", ".")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
-    assert "tuned 9 kernel configs of tuned_mamba" in tuned.output
+    assert "tuned 15 kernel configs of tuned_mamba" in tuned.output
 
     plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
     tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
@@ -94,7 +95,11 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
                       for variant in ("plain", "fused")),
                     # the conv over a sequence (forward, one-pass backward) and a decoding step from its state
                     ("causal_conv1d.forward", "D32-K4-Tn-float32"), ("causal_conv1d.window_backward", "D32-K4-silu-float32"),
-                    ("causal_conv1d.forward", "D32-K4-T1-state-float32")}
+                    ("causal_conv1d.forward", "D32-K4-T1-state-float32"),
+                    # every weight matrix at the decoding batch: in_proj and lm_head, out_proj and down_proj, x_proj,
+                    # dt_proj, gate_proj and up_proj, and the gate and up pair
+                    *(("gemv.forward", f"N{n}-K{k}-M2-float32") for n, k in ((64, 16), (16, 32), (9, 32), (32, 1), (32, 16))),
+                    ("gemv.forward", "N32-K16-M2-float32-gated")}
     assert all(e["gpu"] == "cpu" for e in table["entries"])
 
     # A fresh process, as a deployment imports it: the table is pinned at import; the tuned shape runs silently and
@@ -168,7 +173,8 @@ def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monk
     path = tmp_path / "tuned_attention_moe.yaml"
     path.write_text(ATTENTION_MOE)
     cases = tuning_cases(compile_spec(path).ir, [3], [2])
-    assert {c.file for c in cases} == {"rope", "moe_router"}
+    assert {c.file for c in cases} == {"rope", "moe_router", "gemv"}  # the GEMV: the attention's and lm_head's linears
+    cases = [c for c in cases if c.file != "gemv"]
     with triton_support.tuning_session() as table:
         for case in cases:
             module = importlib.import_module(f"archgen_kernels.{case.file}")

@@ -82,12 +82,14 @@ def test_a_kernel_file_comes_with_the_kernel_files_it_imports(tmp_path):
     assert "silu_mul" not in files["kernels/__init__.py"]
 
 
-def test_a_model_without_a_kernel_kind_has_no_kernels(tmp_path):
+def test_a_model_without_a_kernel_kind_has_only_the_gemv_of_its_linear_layers(tmp_path):
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
     files = emit(compile_spec(spec, None), "attention_only.yaml").files
-    assert not any(path.startswith("kernels/") for path in files)
-    assert "kernels" not in files["model.py"].split("class ")[0], "model.py imports kernels it does not use"
+    assert {path for path in files if path.startswith("kernels/")} == {
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py"}
+    functions = {line.split(" import ")[1] for line in files["kernels/__init__.py"].splitlines() if "from .gemv import" in line}
+    assert functions == {"linear"}, "an MLP without SwiGLU has no gate to fuse: swiglu_linear is not shipped"
 
 
 def test_the_package_runs_without_triton(tmp_path):

@@ -29,7 +29,8 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 ROPE_KERNELS = {"apply_rope_qk": "rope"}
-SWIGLU_KERNELS = {"silu_mul": "silu_mul"}
+SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv"}
+GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
@@ -40,7 +41,8 @@ def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
 
 def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
-    kinds = {"mamba": MAMBA_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS, "mlp": SWIGLU_KERNELS}
+    kinds = {"mamba": MAMBA_KERNELS | GEMV_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS | GEMV_KERNELS,
+             "mlp": SWIGLU_KERNELS | GEMV_KERNELS, "lm_head": GEMV_KERNELS}
     expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
     assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
 
@@ -50,9 +52,9 @@ def test_attention_with_rope_gets_the_rope_kernel_and_without_rope_none(tmp_path
     spec.write_text(ATTENTION_ONLY.replace("rope: null", "rope: {theta: 10000}"))
     ir = compile_spec(spec, None).ir
     attention = {op.name for op in ir.ops() if op.kind == "attention"}
-    assert attention and chosen_kernels(ir) == dict.fromkeys(attention, ROPE_KERNELS)
+    assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | GEMV_KERNELS)
     spec.write_text(ATTENTION_ONLY)
-    assert chosen_kernels(compile_spec(spec, None).ir) == {}
+    assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, GEMV_KERNELS)
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():
@@ -75,7 +77,7 @@ def test_attention_with_a_window_gets_the_sliding_window_kernel_and_full_attenti
 def test_every_mamba2_op_gets_the_ssd_conv_and_step_kernels():
     ir = compile_spec(BAMBA).ir
     mamba2 = {op.name for op in ir.ops() if op.kind == "mamba2"}
-    assert mamba2 and chosen_kernels(ir, "mamba2") == dict.fromkeys(mamba2, MAMBA2_KERNELS)
+    assert mamba2 and chosen_kernels(ir, "mamba2") == dict.fromkeys(mamba2, MAMBA2_KERNELS | GEMV_KERNELS)
 
 
 def test_an_ssd_chunk_the_kernel_cannot_tile_keeps_the_reference_scan_and_only_that():
@@ -85,7 +87,7 @@ def test_an_ssd_chunk_the_kernel_cannot_tile_keeps_the_reference_scan_and_only_t
             op.config = type(op.config)(**{**vars(op.config), "chunk_size": 48})  # not a power of two
     select_kernels(ir)
     for functions in chosen_kernels(ir, "mamba2").values():
-        assert set(functions) == {"causal_conv1d", "mamba2_step"}
+        assert set(functions) == {"causal_conv1d", "mamba2_step", "linear"}
 
 
 def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_per_function_wins():
@@ -96,7 +98,7 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_
     select_kernels(ir, [windowed, full, *KERNEL_RULES])
     for op in ir.ops():
         if op.kind == "attention":
-            assert set(op.kernels) == {"attention", *ROPE_KERNELS}  # the test rules', and the real RoPE rule's
+            assert set(op.kernels) == {"attention", *ROPE_KERNELS, *GEMV_KERNELS}  # the test rules' and the real rules'
             assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
 
 
@@ -122,11 +124,14 @@ def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
     assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]
 
 
-def test_a_model_without_a_kernel_kind_has_no_kernels_package(tmp_path):
+def test_a_model_without_a_kernel_kind_ships_only_the_gemv_of_its_linear_layers(tmp_path):
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
     files = emit(compile_spec(spec, None), "attention_only.yaml").files
-    assert not any(path.startswith("kernels/") for path in files)
+    assert {path for path in files if path.startswith("kernels/")} == {
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py"}
+    assert "ops/linear.py" in files  # the reference an ONNX export lowers the GEMV to
+    assert "self.lm_head = DecodeLinear(" in files["model.py"] and "self.q_proj = DecodeLinear(" in files["model.py"]
 
 
 def test_every_gated_deltanet_op_gets_the_conv_and_step_kernels_and_its_forward_kernel_where_its_chunk_fits():
