@@ -68,6 +68,26 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+def runs_gemv(x: torch.Tensor) -> bool:
+    """Whether linear layers multiply x (..., in) with the GEMV kernel (kernels/gemv.py): a decoding step's few rows
+    on CUDA, whose weights cuBLAS reads at ~60% of the copy bandwidth; more rows (prefill, training) run cuBLAS. Never
+    while torch.export traces: its batch is dynamic, and choosing by the row count would pin it."""
+    return (
+        use_kernel(kernels.linear, x)
+        and not torch.compiler.is_exporting()
+        and x.numel() <= kernels.gemv_module.FEW_ROWS * x.size(-1)
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose products of a decoding step's few rows run the GEMV kernel."""
+
+    def forward(self, x):
+        if runs_gemv(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def add_losses(total: dict | None, losses: dict) -> None:
     """Sum auxiliary losses by name across layers."""
     if total is not None:
@@ -102,10 +122,10 @@ class Attn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q_proj = nn.Linear(2048, 2048, bias=False)
-        self.k_proj = nn.Linear(2048, 256, bias=False)
-        self.v_proj = nn.Linear(2048, 256, bias=False)
-        self.o_proj = nn.Linear(2048, 2048, bias=False)
+        self.q_proj = DecodeLinear(2048, 2048, bias=False)
+        self.k_proj = DecodeLinear(2048, 256, bias=False)
+        self.v_proj = DecodeLinear(2048, 256, bias=False)
+        self.o_proj = DecodeLinear(2048, 2048, bias=False)
         self.q_norm = RMSNorm(128, eps=1e-06)
         self.k_norm = RMSNorm(128, eps=1e-06)
         self.register_buffer("inv_freq", torch.empty(64), persistent=False)
@@ -237,15 +257,19 @@ class Mlp(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(2048, 5632, bias=False)
-        self.up_proj = nn.Linear(2048, 5632, bias=False)
-        self.down_proj = nn.Linear(5632, 2048, bias=False)
+        self.gate_proj = DecodeLinear(2048, 5632, bias=False)
+        self.up_proj = DecodeLinear(2048, 5632, bias=False)
+        self.down_proj = DecodeLinear(5632, 2048, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
+        if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
+            return self.down_proj(
+                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            )
         gate, up = self.gate_proj(x), self.up_proj(x)
         hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
         return self.down_proj(hidden)
@@ -367,7 +391,7 @@ class Model(nn.Module):
             ]
         )
         self.norm_f = FusedRMSNorm(2048, eps=1e-06)
-        self.lm_head = nn.Linear(2048, 151936, bias=False)
+        self.lm_head = DecodeLinear(2048, 151936, bias=False)
         self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):

@@ -69,6 +69,26 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+def runs_gemv(x: torch.Tensor) -> bool:
+    """Whether linear layers multiply x (..., in) with the GEMV kernel (kernels/gemv.py): a decoding step's few rows
+    on CUDA, whose weights cuBLAS reads at ~60% of the copy bandwidth; more rows (prefill, training) run cuBLAS. Never
+    while torch.export traces: its batch is dynamic, and choosing by the row count would pin it."""
+    return (
+        use_kernel(kernels.linear, x)
+        and not torch.compiler.is_exporting()
+        and x.numel() <= kernels.gemv_module.FEW_ROWS * x.size(-1)
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose products of a decoding step's few rows run the GEMV kernel."""
+
+    def forward(self, x):
+        if runs_gemv(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def add_losses(total: dict | None, losses: dict) -> None:
     """Sum auxiliary losses by name across layers."""
     if total is not None:
@@ -103,10 +123,10 @@ class Attn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q_proj = nn.Linear(4096, 4096, bias=False)
-        self.k_proj = nn.Linear(4096, 1024, bias=False)
-        self.v_proj = nn.Linear(4096, 1024, bias=False)
-        self.o_proj = nn.Linear(4096, 4096, bias=False)
+        self.q_proj = DecodeLinear(4096, 4096, bias=False)
+        self.k_proj = DecodeLinear(4096, 1024, bias=False)
+        self.v_proj = DecodeLinear(4096, 1024, bias=False)
+        self.o_proj = DecodeLinear(4096, 4096, bias=False)
         self.register_buffer("inv_freq", torch.empty(64), persistent=False)
         self.init_buffers()
 
@@ -165,13 +185,13 @@ class Ssm(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.in_proj = nn.Linear(4096, 16384, bias=False)
+        self.in_proj = DecodeLinear(4096, 16384, bias=False)
         self.conv1d = nn.Conv1d(8192, 8192, kernel_size=4, groups=8192, bias=True)
-        self.x_proj = nn.Linear(8192, 288, bias=False)
+        self.x_proj = DecodeLinear(8192, 288, bias=False)
         self.dt_proj = nn.Linear(256, 8192, bias=True)
         self.A_log = nn.Parameter(torch.empty(8192, 16))
         self.D = nn.Parameter(torch.empty(8192))
-        self.out_proj = nn.Linear(8192, 4096, bias=False)
+        self.out_proj = DecodeLinear(8192, 4096, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -198,7 +218,10 @@ class Ssm(nn.Module):
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([256, 16, 16], dim=-1)  # (B, T, 256), (B, T, 16) × 2
         if cache is not None and T == 1:
-            dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 8192), on rows: torch.export traces it for any batch size
+            dt = dt[:, 0]  # (B, 256), rows: torch.export traces the product for any batch size
+            dt = (
+                kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
+            )  # (B, 8192); its bias is added in the step
             step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
             if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
                 y, ssm_state = kernels.mamba_step(*step_args)
@@ -514,7 +537,7 @@ class Model(nn.Module):
             ]
         )
         self.norm_f = FusedRMSNorm(4096, eps=1e-05)
-        self.lm_head = nn.Linear(4096, 128000, bias=False)
+        self.lm_head = DecodeLinear(4096, 128000, bias=False)
         self.heads = nn.ModuleDict(
             {
                 "jepa": JepaHead(),

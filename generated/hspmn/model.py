@@ -68,6 +68,26 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+def runs_gemv(x: torch.Tensor) -> bool:
+    """Whether linear layers multiply x (..., in) with the GEMV kernel (kernels/gemv.py): a decoding step's few rows
+    on CUDA, whose weights cuBLAS reads at ~60% of the copy bandwidth; more rows (prefill, training) run cuBLAS. Never
+    while torch.export traces: its batch is dynamic, and choosing by the row count would pin it."""
+    return (
+        use_kernel(kernels.linear, x)
+        and not torch.compiler.is_exporting()
+        and x.numel() <= kernels.gemv_module.FEW_ROWS * x.size(-1)
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose products of a decoding step's few rows run the GEMV kernel."""
+
+    def forward(self, x):
+        if runs_gemv(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 @dataclass
 class ConvCache:
     conv_state: torch.Tensor  # (B, channels, width - 1): the last inputs of the causal convolution
@@ -190,15 +210,19 @@ class Swiglu(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(2048, 5632, bias=False)
-        self.up_proj = nn.Linear(2048, 5632, bias=False)
-        self.down_proj = nn.Linear(5632, 2048, bias=False)
+        self.gate_proj = DecodeLinear(2048, 5632, bias=False)
+        self.up_proj = DecodeLinear(2048, 5632, bias=False)
+        self.down_proj = DecodeLinear(5632, 2048, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
+        if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
+            return self.down_proj(
+                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            )
         gate, up = self.gate_proj(x), self.up_proj(x)
         hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
         return self.down_proj(hidden)
@@ -326,7 +350,7 @@ class Model(nn.Module):
             ]
         )
         self.norm_f = FusedRMSNorm(2048, eps=1e-06)
-        self.lm_head = nn.Linear(2048, 32000, bias=False)
+        self.lm_head = DecodeLinear(2048, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):

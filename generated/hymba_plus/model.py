@@ -70,12 +70,32 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
-class LMHead(nn.Linear):
+def runs_gemv(x: torch.Tensor) -> bool:
+    """Whether linear layers multiply x (..., in) with the GEMV kernel (kernels/gemv.py): a decoding step's few rows
+    on CUDA, whose weights cuBLAS reads at ~60% of the copy bandwidth; more rows (prefill, training) run cuBLAS. Never
+    while torch.export traces: its batch is dynamic, and choosing by the row count would pin it."""
+    return (
+        use_kernel(kernels.linear, x)
+        and not torch.compiler.is_exporting()
+        and x.numel() <= kernels.gemv_module.FEW_ROWS * x.size(-1)
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose products of a decoding step's few rows run the GEMV kernel."""
+
+    def forward(self, x):
+        if runs_gemv(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class LMHead(DecodeLinear):
     """nn.Linear whose product, with autograd on (training), runs on the weight padded with zero rows to 32064; the
     logits of those rows are cut off. A row of 32001 bf16 logits is not a multiple of 16 bytes, which cuBLAS's Hopper
     GEMMs need: the forward and both backward products fell back to sm75 kernels (on an H200, 40 ms of Hymba+'s
     8 × 2048 training step). Without autograd (prefill, decoding) the weight is read as it is, so that a decode step,
-    a GEMV with nothing to gain, does not copy it every token."""
+    a GEMV with nothing to gain, does not copy it every token (DecodeLinear's: the GEMV kernel)."""
 
     def forward(self, x):
         if not torch.is_grad_enabled():
@@ -127,10 +147,10 @@ class Attn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q_proj = nn.Linear(1600, 1600, bias=False)
-        self.k_proj = nn.Linear(1600, 320, bias=False)
-        self.v_proj = nn.Linear(1600, 320, bias=False)
-        self.o_proj = nn.Linear(1600, 1600, bias=False)
+        self.q_proj = DecodeLinear(1600, 1600, bias=False)
+        self.k_proj = DecodeLinear(1600, 320, bias=False)
+        self.v_proj = DecodeLinear(1600, 320, bias=False)
+        self.o_proj = DecodeLinear(1600, 1600, bias=False)
         self.register_buffer("inv_freq", torch.empty(32), persistent=False)
         self.init_buffers()
 
@@ -187,10 +207,10 @@ class GlobalAttn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q_proj = nn.Linear(1600, 1600, bias=False)
-        self.k_proj = nn.Linear(1600, 320, bias=False)
-        self.v_proj = nn.Linear(1600, 320, bias=False)
-        self.o_proj = nn.Linear(1600, 1600, bias=False)
+        self.q_proj = DecodeLinear(1600, 1600, bias=False)
+        self.k_proj = DecodeLinear(1600, 320, bias=False)
+        self.v_proj = DecodeLinear(1600, 320, bias=False)
+        self.o_proj = DecodeLinear(1600, 1600, bias=False)
         self.register_buffer("inv_freq", torch.empty(32), persistent=False)
         self.init_buffers()
 
@@ -242,13 +262,13 @@ class Ssm(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.in_proj = nn.Linear(1600, 6400, bias=False)
+        self.in_proj = DecodeLinear(1600, 6400, bias=False)
         self.conv1d = nn.Conv1d(3200, 3200, kernel_size=4, groups=3200, bias=True)
-        self.x_proj = nn.Linear(3200, 132, bias=False)
+        self.x_proj = DecodeLinear(3200, 132, bias=False)
         self.dt_proj = nn.Linear(100, 3200, bias=True)
         self.A_log = nn.Parameter(torch.empty(3200, 16))
         self.D = nn.Parameter(torch.empty(3200))
-        self.out_proj = nn.Linear(3200, 1600, bias=False)
+        self.out_proj = DecodeLinear(3200, 1600, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -275,7 +295,10 @@ class Ssm(nn.Module):
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, T, 100), (B, T, 16) × 2
         if cache is not None and T == 1:
-            dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 3200), on rows: torch.export traces it for any batch size
+            dt = dt[:, 0]  # (B, 100), rows: torch.export traces the product for any batch size
+            dt = (
+                kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
+            )  # (B, 3200); its bias is added in the step
             step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
             if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
                 y, ssm_state = kernels.mamba_step(*step_args)
@@ -313,15 +336,19 @@ class Mlp(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(1600, 5504, bias=False)
-        self.up_proj = nn.Linear(1600, 5504, bias=False)
-        self.down_proj = nn.Linear(5504, 1600, bias=False)
+        self.gate_proj = DecodeLinear(1600, 5504, bias=False)
+        self.up_proj = DecodeLinear(1600, 5504, bias=False)
+        self.down_proj = DecodeLinear(5504, 1600, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
+        if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
+            return self.down_proj(
+                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            )
         gate, up = self.gate_proj(x), self.up_proj(x)
         hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
         return self.down_proj(hidden)

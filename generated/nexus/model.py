@@ -70,6 +70,26 @@ class FusedRMSNorm(RMSNorm):
         return rms_norm(x, self.weight, self.eps, residual)
 
 
+def runs_gemv(x: torch.Tensor) -> bool:
+    """Whether linear layers multiply x (..., in) with the GEMV kernel (kernels/gemv.py): a decoding step's few rows
+    on CUDA, whose weights cuBLAS reads at ~60% of the copy bandwidth; more rows (prefill, training) run cuBLAS. Never
+    while torch.export traces: its batch is dynamic, and choosing by the row count would pin it."""
+    return (
+        use_kernel(kernels.linear, x)
+        and not torch.compiler.is_exporting()
+        and x.numel() <= kernels.gemv_module.FEW_ROWS * x.size(-1)
+    )
+
+
+class DecodeLinear(nn.Linear):
+    """nn.Linear (the same parameters and state dict) whose products of a decoding step's few rows run the GEMV kernel."""
+
+    def forward(self, x):
+        if runs_gemv(x):
+            return kernels.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
 def add_losses(total: dict | None, losses: dict) -> None:
     """Sum auxiliary losses by name across layers."""
     if total is not None:
@@ -104,10 +124,10 @@ class Attn(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.q_proj = nn.Linear(512, 512, bias=False)
-        self.k_proj = nn.Linear(512, 512, bias=False)
-        self.v_proj = nn.Linear(512, 512, bias=False)
-        self.o_proj = nn.Linear(512, 512, bias=False)
+        self.q_proj = DecodeLinear(512, 512, bias=False)
+        self.k_proj = DecodeLinear(512, 512, bias=False)
+        self.v_proj = DecodeLinear(512, 512, bias=False)
+        self.o_proj = DecodeLinear(512, 512, bias=False)
         self.register_buffer("inv_freq", torch.empty(32), persistent=False)
         self.init_buffers()
 
@@ -159,13 +179,13 @@ class Ssm(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.in_proj = nn.Linear(512, 2048, bias=False)
+        self.in_proj = DecodeLinear(512, 2048, bias=False)
         self.conv1d = nn.Conv1d(1024, 1024, kernel_size=4, groups=1024, bias=True)
-        self.x_proj = nn.Linear(1024, 64, bias=False)
+        self.x_proj = DecodeLinear(1024, 64, bias=False)
         self.dt_proj = nn.Linear(32, 1024, bias=True)
         self.A_log = nn.Parameter(torch.empty(1024, 16))
         self.D = nn.Parameter(torch.empty(1024))
-        self.out_proj = nn.Linear(1024, 512, bias=False)
+        self.out_proj = DecodeLinear(1024, 512, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
@@ -192,7 +212,10 @@ class Ssm(nn.Module):
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([32, 16, 16], dim=-1)  # (B, T, 32), (B, T, 16) × 2
         if cache is not None and T == 1:
-            dt = F.linear(dt[:, 0], self.dt_proj.weight)  # (B, 1024), on rows: torch.export traces it for any batch size
+            dt = dt[:, 0]  # (B, 32), rows: torch.export traces the product for any batch size
+            dt = (
+                kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
+            )  # (B, 1024); its bias is added in the step
             step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
             if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
                 y, ssm_state = kernels.mamba_step(*step_args)
@@ -230,15 +253,19 @@ class Mlp(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gate_proj = nn.Linear(512, 1408, bias=False)
-        self.up_proj = nn.Linear(512, 1408, bias=False)
-        self.down_proj = nn.Linear(1408, 512, bias=False)
+        self.gate_proj = DecodeLinear(512, 1408, bias=False)
+        self.up_proj = DecodeLinear(512, 1408, bias=False)
+        self.down_proj = DecodeLinear(1408, 512, bias=False)
 
     @torch.no_grad()
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x):
+        if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
+            return self.down_proj(
+                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            )
         gate, up = self.gate_proj(x), self.up_proj(x)
         hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
         return self.down_proj(hidden)
@@ -553,7 +580,7 @@ class Model(nn.Module):
         self.memory = TitansMemory()  # read after layer 47
         self.symbolic = SymbolicReasoner()  # applied after layer 47
         self.norm_f = FusedRMSNorm(512, eps=1e-05)
-        self.lm_head = nn.Linear(512, 32000, bias=False)
+        self.lm_head = DecodeLinear(512, 32000, bias=False)
         self.lm_head.weight = self.embed.weight
         self.heads = nn.ModuleDict(
             {

@@ -14,12 +14,15 @@ try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
     from . import gated_delta_rule as gated_delta_rule_module
+    from . import gemv as gemv_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import silu_mul as silu_mul_module
     from .causal_conv1d import causal_conv1d
     from .gated_delta_rule import gated_delta_rule
     from .gated_delta_rule import gated_delta_step
+    from .gemv import linear
+    from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .silu_mul import silu_mul
@@ -27,12 +30,15 @@ except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
     gated_delta_rule_module = None
+    gemv_module = None
     rmsnorm_module = None
     rope_module = None
     silu_mul_module = None
     causal_conv1d = None
     gated_delta_rule = None
     gated_delta_step = None
+    linear = None
+    swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
     silu_mul = None
@@ -55,6 +61,14 @@ def decompositions() -> dict:
         from ..ops.gated_delta import gated_delta_step as reference
 
         table.update(gated_delta_rule_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import swiglu_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

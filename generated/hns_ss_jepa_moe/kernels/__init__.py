@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import gemv as gemv_module
     from . import moe_router as moe_router_module
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
@@ -21,6 +22,7 @@ try:
     from . import state_update as state_update_module
     from . import swiglu as swiglu_module
     from .causal_conv1d import causal_conv1d
+    from .gemv import linear
     from .moe_router import moe_router
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
@@ -31,6 +33,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    gemv_module = None
     moe_router_module = None
     packed_query_attention_module = None
     rmsnorm_module = None
@@ -39,6 +42,7 @@ except ImportError:  # no triton
     state_update_module = None
     swiglu_module = None
     causal_conv1d = None
+    linear = None
     moe_router = None
     sliding_window_attention = None
     rms_norm = None
@@ -57,6 +61,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if moe_router_module is not None:
         from ..ops.moe import moe_router as reference
 

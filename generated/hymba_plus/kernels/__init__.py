@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import gemv as gemv_module
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
@@ -20,6 +21,8 @@ try:
     from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .gemv import linear
+    from .gemv import swiglu_linear
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -29,6 +32,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    gemv_module = None
     packed_query_attention_module = None
     rmsnorm_module = None
     rope_module = None
@@ -36,6 +40,8 @@ except ImportError:  # no triton
     silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
+    linear = None
+    swiglu_linear = None
     sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
@@ -53,6 +59,14 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import swiglu_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if packed_query_attention_module is not None:
         from ..ops.attention import sliding_window_attention as reference
 

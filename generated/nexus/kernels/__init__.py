@@ -13,12 +13,15 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import gemv as gemv_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
     from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .gemv import linear
+    from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
@@ -27,12 +30,15 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    gemv_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
     silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
+    linear = None
+    swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
@@ -49,6 +55,14 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
+    if gemv_module is not None:
+        from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if gemv_module is not None:
+        from ..ops.linear import swiglu_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=4096))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

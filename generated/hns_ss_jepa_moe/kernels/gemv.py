@@ -1,0 +1,254 @@
+"""Linear layers on a few rows (a decoding step's tokens) as a Triton GEMV, plain and SwiGLU-gated: the kernel, its
+autotune space, the custom ops and the reference.
+
+For rows x (M, K), weight w (N, K) (nn.Linear's layout) and an optional bias b (N,)::
+
+    linear:         y = x · wᵀ + b
+    swiglu_linear:  y = silu(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)      silu(g) = g · σ(g)
+
+accumulated in float32, stored once in x's dtype. swiglu_linear is a SwiGLU feed-forward's gate and up projections
+and its gate in one launch (three with cuBLAS and kernels/silu_mul.py), on the two weights as the checkpoint holds them.
+
+Why a kernel: a batch-1 decoding step multiplies one row by each weight matrix, so the step is the weights' bytes
+over the memory bandwidth. cuBLAS's kernels for M = 1 (nvjet 64x8 tiles with a split-K reduction kernel) read
+Bamba-1B's weights at about 60% of the H200's copy bandwidth (GPU call 1 of session 6: 8-11 µs per 2048 × 5632
+matrix), and a matrix of a megabyte still takes 4-5 µs. Here each program streams BLOCK_N whole weight rows,
+BLOCK_K columns at a time, multiplies them by the row of x (a few kilobytes, served from L2) and keeps the products in
+a (BLOCK_N, BLOCK_K) float32 tile that is summed once at the end, so the loop is loads and fused multiply-adds only.
+Programs are ordered with the rows of x fastest, so the programs of one weight tile run together and read it from HBM
+once (L2 serves the other rows). Nothing is reused across the K loop, so no shared memory and no tensor cores: for
+more than FEW_ROWS rows cuBLAS's tiled GEMM is the right tool, and the generated layers call this only for up to
+FEW_ROWS rows (prefill and training stay on cuBLAS).
+
+Tuning. The tuner `gemv.forward` (triton_support.Autotuner) chooses BLOCK_N, BLOCK_K and num_warps per shape bucket
+(`shape_key`: N, K, the row count, dtype, gated or not), the untuned default first. `autotune(config, params, ...)` is
+the hook `archgen build --autotune` calls: it runs the kernel on every weight matrix of an op at its decoding batch.
+
+Gradients (a training batch of one token) are computed with torch matmuls from the saved inputs: that path is
+correct, not fast. CPU tensors take the reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FEW_ROWS = 4
+"""The most rows the generated layers send here (a decoding step of up to 4 sequences); beyond, cuBLAS."""
+
+# The soundest config first: the untuned default (triton_support.Autotuner runs it when a package does not tune).
+# Each program's tile is BLOCK_N × BLOCK_K: 2K-8K elements, 16-64 bytes of weight in flight per thread per iteration;
+# small enough that even Hymba+'s 320-row matrices spread over every SM.
+CONFIGS = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
+           for n, k, w in ((8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8), (16, 512, 8), (4, 512, 2))]
+INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4}
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
+                 HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
+                 GATED: tl.constexpr,  # y = silu(x·wᵀ + b) · (x·w_upᵀ + b_up)
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0)  # the row of x: fastest, so the programs sharing a weight tile run together
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    outs_inside = outs < N
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
+    products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if GATED:
+        up_rows = w_up_ptr + outs.to(tl.int64)[:, None] * stride_upn
+        up_products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cols_inside = cols < K
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        tile_inside = outs_inside[:, None] & cols_inside[None, :]
+        products += tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * x
+        if GATED:
+            up_products += tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * x
+    y = tl.sum(products, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.sum(up_products, axis=1)
+        if HAS_BIAS:
+            up += tl.load(b_up_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+        y = y * tl.sigmoid(y) * up
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y.to(y_ptr.dtype.element_ty), mask=outs_inside)
+
+
+FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG, default=CONFIGS[0])
+
+
+def shape_key(N: int, K: int, M: int, dtype: torch.dtype, gated: bool) -> str:
+    """The tuning bucket: the exact weight shape (a model has a handful), the row count and dtype."""
+    return f"N{N}-K{K}-M{M}-{dtype_name(dtype)}{'-gated' if gated else ''}"
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(M, K) view with unit stride along K (a copy only when the last dim is strided)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} takes {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{name}: weight must be (out, in) with in = x.shape[-1] = {x.shape[-1]}, got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != x.dtype or (bias is not None and bias.shape != weight.shape[:1]):
+        raise ValueError(f"{name}: weight must have x's dtype ({x.dtype}, got {weight.dtype}) and bias "
+                         f"({weight.shape[0]},) (got {None if bias is None else tuple(bias.shape)})")
+
+
+def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weight: Tensor | None = None,
+                 up_bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+    """Run the kernel: x (..., K) -> (..., N) in x's dtype; gated (silu(x·wᵀ + b) · (x·w_upᵀ + b_up)) when up_weight
+    is given. Biases come both or neither when gated. config: {"BLOCK_N", "BLOCK_K", "num_warps"} bypasses the tuner."""
+    gated = up_weight is not None
+    x2 = _rows(x)
+    M, K = x2.shape
+    N = weight.shape[0]
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    w_up = (up_weight if up_weight.stride(-1) == 1 else up_weight.contiguous()) if gated else w
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+
+    def launch(cfg):
+        _gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
+            x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
+            x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), HAS_BIAS=bias is not None, GATED=gated,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+
+    key = shape_key(N, K, M, x.dtype, gated)
+    with on_device(x):
+        if M and N:
+            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch))
+    return y.view(*x.shape[:-1], N)
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook (`archgen build --autotune`): run the kernel on every weight matrix of the op (its
+    2-D `weight` parameters, (out, in)) with `batch` rows, a decoding step's (seqlen is the prefill's, which stays on
+    cuBLAS), so that inside triton_support.tuning_session() the tuner tunes each shape bucket; a gate_proj with an
+    up_proj of its shape is also tuned gated, as a SwiGLU feed-forward runs the pair."""
+    if batch > FEW_ROWS:
+        return
+    generator = torch.Generator(device=device).manual_seed(0)
+    matrices = {name: shape for name, shape in params.items() if name.rpartition(".")[2] == "weight" and len(shape) == 2}
+    for name, (N, K) in matrices.items():
+        x = torch.randn((batch, K), generator=generator, device=device).to(dtype)
+        weight = torch.randn((N, K), generator=generator, device=device).to(dtype)
+        gemv_forward(x, weight)
+        if name.endswith("gate_proj.weight") and matrices.get(name.replace("gate_proj", "up_proj")) == (N, K):
+            gemv_forward(x, weight, up_weight=weight)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _runs_kernel(x: Tensor) -> bool:
+    return x.is_cuda or triton_on_cpu()
+
+
+def _linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """archgen_v1::linear -> x · weightᵀ + bias, like x."""
+    if not _runs_kernel(x):
+        return linear_reference(x, weight, bias)
+    _check(x, weight, bias, "linear")
+    return gemv_forward(x, weight, bias)
+
+
+def _swiglu_linear_impl(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None,
+                        up_bias: Tensor | None) -> Tensor:
+    """archgen_v1::swiglu_linear -> silu(x · gate_weightᵀ + gate_bias) · (x · up_weightᵀ + up_bias), like x."""
+    if not _runs_kernel(x):
+        return swiglu_linear_reference(x, gate_weight, up_weight, gate_bias, up_bias)
+    _check(x, gate_weight, gate_bias, "swiglu_linear")
+    _check(x, up_weight, up_bias, "swiglu_linear")
+    if gate_weight.shape != up_weight.shape or (gate_bias is None) != (up_bias is None):
+        raise ValueError(f"swiglu_linear: the gate and up projections must have one shape and both or neither a bias, "
+                         f"got {tuple(gate_weight.shape)} and {tuple(up_weight.shape)}")
+    return gemv_forward(x, gate_weight, gate_bias, up_weight, up_bias)
+
+
+def _linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _swiglu_linear_fake(x, gate_weight, up_weight, gate_bias, up_bias):
+    return x.new_empty((*x.shape[:-1], gate_weight.shape[0]))
+
+
+def _save_inputs(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if t is not None))
+    ctx.has_bias = inputs[-1] is not None
+
+
+def _linear_grad(ctx, dy):
+    x, weight, *bias = ctx.saved_tensors
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    return dy @ weight, dy2.t() @ x2, dy2.sum(dim=0) if ctx.has_bias else None
+
+
+def _swiglu_linear_grad(ctx, dy):
+    x, gate_weight, up_weight, *biases = ctx.saved_tensors
+    gate_bias, up_bias = biases if ctx.has_bias else (None, None)
+    x32 = x.reshape(-1, x.shape[-1]).float()
+    g = F.linear(x32, gate_weight.float(), gate_bias.float() if gate_bias is not None else None)
+    u = F.linear(x32, up_weight.float(), up_bias.float() if up_bias is not None else None)
+    sig = torch.sigmoid(g)
+    dy32 = dy.reshape(-1, dy.shape[-1]).float()
+    dg = dy32 * u * sig * (1 + g * (1 - sig))
+    du = dy32 * g * sig
+    dx = (dg @ gate_weight.float() + du @ up_weight.float()).to(x.dtype).view(x.shape)
+    grads = (dx, (dg.t() @ x32).to(gate_weight.dtype), (du.t() @ x32).to(up_weight.dtype))
+    if not ctx.has_bias:
+        return (*grads, None, None)
+    return (*grads, dg.sum(dim=0).to(gate_bias.dtype), du.sum(dim=0).to(up_bias.dtype))
+
+
+linear_op = register_op("linear", _linear_impl, _linear_fake, backward=_linear_grad, setup_context=_save_inputs)
+swiglu_linear_op = register_op("swiglu_linear", _swiglu_linear_impl, _swiglu_linear_fake, backward=_swiglu_linear_grad,
+                               setup_context=_save_inputs)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), differentiable, as F.linear. As the generated package's
+    reference (ops/linear.py `linear`)."""
+    return linear_op(x, weight, bias)
+
+
+def swiglu_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None = None,
+                  up_bias: Tensor | None = None) -> Tensor:
+    """silu(x · gate_weightᵀ + gate_bias) · (x · up_weightᵀ + up_bias): x (..., K), weights (H, K) -> (..., H),
+    differentiable. As the generated package's reference (ops/linear.py `swiglu_linear`)."""
+    return swiglu_linear_op(x, gate_weight, up_weight, gate_bias, up_bias)
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """The same in float32 (float64 for float64 inputs), rounded once to x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return F.linear(x.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None).to(x.dtype)
+
+
+def swiglu_linear_reference(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None = None,
+                            up_bias: Tensor | None = None) -> Tensor:
+    """The same in float32 (float64 for float64 inputs), rounded once to x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gate = F.linear(x.to(acc), gate_weight.to(acc), gate_bias.to(acc) if gate_bias is not None else None)
+    up = F.linear(x.to(acc), up_weight.to(acc), up_bias.to(acc) if up_bias is not None else None)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """{archgen_v1::<op>: ops/linear.py's function of the same name}, for ONNX (the kernels file hands each kernel
+    function's reference in turn: `linear` or `swiglu_linear`)."""
+    return {op_overload(reference.__name__): reference}
