@@ -78,3 +78,6 @@ _.USE_FLEX_ATTENTION
 _.FORCE_GROUPED_MM
 # EmitPlan.norm_kernel is read by templates (model.py.j2's RMSNorm, block.py.j2's fused residual add).
 _.norm_kernel
+# EmitPlan.gemv_kernel and lm_head_linear are read by model.py.j2 (DecodeLinear, runs_gemv and the lm_head's class).
+_.gemv_kernel
+_.lm_head_linear
