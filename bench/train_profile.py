@@ -14,17 +14,16 @@ each model's package as generated (`kernels`), and on request with its layers un
 
 Run on the GPU from the repository root:
     python bench/train_profile.py --out $OUT --only hymba_plus,nexus --budget-s 100
-Writes $OUT/train_profile.json and $OUT/train_profile_<model>_<variant>.txt. `--dry-run`: the CPU, toy sizes, the
+Writes $OUT/train_profile.json (bench/harness.py's Run: a section per model and per model and variant) and
+$OUT/train_profile_<model>_<variant>.txt. `--dry-run`: the CPU, toy sizes, the
 profiler's CPU side only (checks the script; the figures mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import sys
 import tempfile
 import time
 import warnings
@@ -32,16 +31,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+from harness import Run  # before archgen: it puts this checkout on sys.path
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from archgen.benchmark import (  # noqa: E402
+from archgen.benchmark import (
     COMPILED_VARIANTS,
-    attempt,
     compile_layers,
-    describe_error,
     free_memory,
     next_token_loss,
     prepare_bench,
@@ -49,7 +44,7 @@ from archgen.benchmark import (  # noqa: E402
     timed,
     timed_once,
 )
-from bench.whole_model import MODELS, bench_config  # noqa: E402
+from bench.whole_model import MODELS, bench_config
 
 MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::matmul"})
 ESTIMATE_S = {"kernels": 25, "kernels_compiled": 80}  # per model on an H200; HNS 1b (10.8 B parameters) twice that
@@ -107,7 +102,8 @@ def syncs_by_line(step, device: str) -> dict[str, int]:
     return dict(lines.most_common())
 
 
-def profile_model(prepared, variant: str, device: str, steps: int, deadline: float, out: Path, name: str) -> dict:
+def profile_model(record: dict, prepared, variant: str, device: str, steps: int, budget_left, out: Path, name: str):
+    """One variant of one model into `record`: timings first, then (budget permitting) the profiled step."""
     config, result = prepared.config, prepared.result
     model_module = prepared.package.model
     if hasattr(model_module, "USE_KERNELS"):
@@ -120,18 +116,20 @@ def profile_model(prepared, variant: str, device: str, steps: int, deadline: flo
     tokens = torch.randint(0, model.lm_head.weight.size(0), (config.batch, config.seq_len + 1), device=device)
     step = training_step(model, tokens, device)
     tokens_per_step = config.batch * config.seq_len
-    figures: dict = {"first_step_s": timed_once(step, device)}  # autotuning, compiling
+    record["first_step_s"] = timed_once(step, device)  # autotuning, compiling
     wall = timed(step, device, steps, warmup=1)
     sync(device)
     started = time.perf_counter()
     step()
-    figures["host_enqueue_ms"] = (time.perf_counter() - started) * 1e3
+    record["host_enqueue_ms"] = (time.perf_counter() - started) * 1e3
     sync(device)
-    figures.update(wall_ms=wall * 1e3, tokens_per_s=tokens_per_step / wall,
-                   mfu=tokens_per_step * result.train_flops_per_token / wall / result.matmul_flops_per_s)
-    if time.perf_counter() > deadline:
-        figures["profile_skipped"] = "time budget spent"
-        return figures
+    record.update(wall_ms=wall * 1e3, tokens_per_s=tokens_per_step / wall,
+                  mfu=tokens_per_step * result.train_flops_per_token / wall / result.matmul_flops_per_s)
+    if device == "cuda":
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if budget_left() < 2 * wall + 5:  # the profiled step and the sync-debug step
+        record["profile_skipped"] = "time budget spent"
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as profiler:
         step()
@@ -143,7 +141,7 @@ def profile_model(prepared, variant: str, device: str, steps: int, deadline: flo
     for kernel in kernels:
         by_kernel[kernel.name[:90]] += kernel.device_time / 1e3
         calls[kernel.name[:90]] += 1
-    figures.update(
+    record.update(
         kernels=len(kernels), kernel_ms=sum(by_kernel.values()), gpu_busy_ms=busy_ms(kernels),
         busiest_kernels=[{"kernel": k, "calls": calls[k], "ms": ms} for k, ms in by_kernel.most_common(25)],
         matmuls=matmuls_by_shape(events)[:40], syncs=syncs_by_line(step, device))
@@ -152,7 +150,6 @@ def profile_model(prepared, variant: str, device: str, steps: int, deadline: flo
     (out / f"train_profile_{name}_{variant}.txt").write_text(table)
     del model, step
     free_memory(device)
-    return figures
 
 
 def main() -> None:
@@ -164,51 +161,35 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=100.0, help="no model or profile starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
-    started = time.perf_counter()
-    deadline = started + args.budget_s
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = "cpu" if args.dry_run else "cuda"
-    command = "python bench/train_profile.py " + " ".join(sys.argv[1:])
-    results: dict = {"date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
-                     "device": torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)",
-                     "budget_s": args.budget_s, "models": {}}
-
-    def save() -> None:
-        results["elapsed_s"] = time.perf_counter() - started
-        (out / "train_profile.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-
-    variants = tuple(args.variants.split(","))
-    unknown = set(variants) - {"kernels", "kernels_compiled"}
-    if unknown:
-        parser.error(f"unknown variants {sorted(unknown)}: choose from kernels, kernels_compiled")
+    names, variants = args.only.split(","), tuple(args.variants.split(","))
+    for chosen, known, what in ((names, MODELS, "model"), (variants, ("kernels", "kernels_compiled"), "variant")):
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            parser.error(f"unknown {what}s {unknown}: choose from {', '.join(known)}")
+    run = Run("train_profile", Path(args.out), dry_run=args.dry_run, budget_s=args.budget_s)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.only.split(","):
-            if name not in MODELS:
-                parser.error(f"unknown model {name!r}: choose from {', '.join(MODELS)}")
-            entry = results["models"].setdefault(name, {})
-            try:
-                prepared = prepare_bench(bench_config(name, args.dry_run, variants), Path(tmp) / name)
-            except Exception as error:  # noqa: BLE001 — one model failing must not lose the others
-                entry["error"] = describe_error(error)
+        for name in names:
+            prepared = {}
+
+            def prepare(record: dict, name=name, prepared=prepared) -> None:
+                prepared["bench"] = bench = prepare_bench(bench_config(name, args.dry_run, variants), Path(tmp) / name)
+                record.update(parameters=bench.result.parameters, batch=bench.config.batch, seq_len=bench.config.seq_len,
+                              matmul_flops_per_s=bench.result.matmul_flops_per_s,
+                              train_flops_per_token=bench.result.train_flops_per_token)
+
+            run.section(name, prepare, needs_s=5)
+            if "bench" not in prepared:
                 continue
-            entry.update(parameters=prepared.result.parameters, batch=prepared.config.batch, seq_len=prepared.config.seq_len,
-                         matmul_flops_per_s=prepared.result.matmul_flops_per_s,
-                         train_flops_per_token=prepared.result.train_flops_per_token)
             for variant in variants:
                 estimate = ESTIMATE_S[variant] * (2 if name.startswith("hns") else 1)
-                if not args.dry_run and deadline - time.perf_counter() < estimate:
-                    entry[variant + "_skipped"] = f"{deadline - time.perf_counter():.0f} s left, it takes about {estimate} s"
-                    continue
-                print(f"[{time.perf_counter() - started:5.0f}s] {name} {variant}", flush=True)
-                attempt(entry, variant, device, functools.partial(profile_model, prepared, variant, device, args.steps,
-                                                                  deadline, out, name))
-                free_memory(device)
-                save()
-    save()
-    summary = {name: {v: {k: e[v][k] for k in ("wall_ms", "gpu_busy_ms", "host_enqueue_ms", "kernels", "mfu") if k in e[v]}
-                      for v in variants if v in e} for name, e in results["models"].items()}
-    print(json.dumps(summary, indent=1))
+                run.section(f"{name} {variant}", functools.partial(
+                    profile_model, prepared=prepared["bench"], variant=variant, device=run.device, steps=args.steps,
+                    budget_left=lambda: run.budget_s - run.elapsed(), out=run.out, name=name), needs_s=estimate)
+                free_memory(run.device)
+    summary = {key: {k: record[k] for k in ("wall_ms", "gpu_busy_ms", "host_enqueue_ms", "kernels", "mfu") if k in record}
+               for key, record in run.sections.items()}
+    print(json.dumps(summary, indent=1), flush=True)
+    print(run.summary())
 
 
 if __name__ == "__main__":
