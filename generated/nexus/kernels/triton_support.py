@@ -110,8 +110,12 @@ def strided(t: Tensor | None, ndim: int) -> tuple:
 
 
 def on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it t's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it t's. Nothing to enter when it already is, the common case:
+    entering torch.cuda.device is host time on every launch, and small ops' launches set the pace (kernels/rmsnorm.py,
+    _EagerRMSNorm)."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def dtype_name(dtype: torch.dtype) -> str:
