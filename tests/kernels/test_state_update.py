@@ -46,6 +46,29 @@ def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype, with_optional):
     assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_in_place_writes_the_functional_steps_state_over_the_one_given(cache_dtype):
+    """mamba_step_ leaves in `state` what mamba_step returns (in the cache's dtype) and the same y; a state with
+    padded rows (a strided view) keeps its padding."""
+    batch, dim, dstate = 2, 83, 7
+    g = torch.Generator().manual_seed(3)
+    padded = torch.randn(batch, dim, dstate + 2, generator=g).to(cache_dtype)
+    state = padded[..., :dstate]
+    u, z, delta = (torch.randn(batch, dim, generator=g) for _ in range(3))
+    A_log = torch.log(torch.rand(dim, dstate, generator=g) * 8 + 0.5)
+    B, C = torch.randn(batch, dstate, generator=g), torch.randn(batch, dstate, generator=g)
+    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.3
+    padding = padded[..., dstate:].clone()
+    y_functional, new_state = su.mamba_step(state.clone(), u, delta, A_log, B, C, D, z, bias)
+    y = su.mamba_step_(state, u, delta, A_log, B, C, D, z, bias)
+    assert torch.equal(y, y_functional)
+    assert torch.equal(padded[..., dstate:], padding)
+    if cache_dtype == torch.float32:
+        assert torch.equal(state, new_state)
+    else:  # stored by the kernel in bfloat16 (the interpreter rounds unlike torch's .to, as design.md notes)
+        assert relative_norm_error(state, new_state) <= TOL[cache_dtype]
+
+
 def test_ops_have_fake_implementations():
     g = torch.Generator().manual_seed(0)
     step_args = (torch.randn(1, 8, generator=g), torch.randn(1, 14, generator=g), torch.randn(1, 2, generator=g),
@@ -56,6 +79,7 @@ def test_ops_have_fake_implementations():
                   torch.randn(6, 3, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g),
                   None, None, None)
     torch.library.opcheck(su.mamba_step_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(su.mamba_step_in_place_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize(("dtype", "nheads", "ngroups", "headdim", "dstate", "width", "bounds"), [
