@@ -300,8 +300,10 @@ class Ssm(nn.Module):
                 kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
             )  # (B, 3200); its bias is added in the step
             step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
-            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
-                y, ssm_state = kernels.mamba_step(*step_args)
+            if use_kernel(
+                kernels.mamba_step, x
+            ):  # A = -exp(A_log), the step and the gate in one launch, the state written in place
+                y, ssm_state = kernels.state_update_module.mamba_step_(*step_args), cache.ssm_state
             else:
                 y, ssm_state = mamba_step(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 3200)
@@ -321,7 +323,8 @@ class Ssm(nn.Module):
                 )
         if cache is not None:
             cache.conv_state.copy_(conv_state)
-            cache.ssm_state.copy_(ssm_state)
+            if ssm_state is not cache.ssm_state:  # the in-place step kernel wrote it already
+                cache.ssm_state.copy_(ssm_state)
         return self.out_proj(y)  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> MambaCache:

@@ -14,7 +14,9 @@ state update, the D skip and the z gate, in one launch where the unfused step to
 head's output, so it stays a launch of its own: kernels/rmsnorm.py). Decoding reads the whole state and writes it
 back once per token: the step's floor is the state's bytes at the copy rate (2 × 2 MiB for one Bamba-1B layer at
 batch 1). The new states are new tensors, as in the references (the states passed in are left untouched): the caller
-copies them into its cache, and the op stays functional (exportable, capturable in a CUDA graph).
+copies them into its cache, and the op stays functional (exportable, capturable in a CUDA graph). `mamba_step_` is
+Mamba-1's step writing the state where it lies instead (each program owns its channels' rows of the state, so nothing
+races), which spares the copy: what a generated model's decoding step calls.
 
 The ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
 in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
@@ -55,7 +57,7 @@ def _selective_step_kernel(
     C_ptr, C_stride_b, C_stride_n,
     D_ptr, z_ptr, z_stride_b, z_stride_d, bias_ptr,
     y_ptr, y_stride_b, y_stride_d,
-    new_state_ptr,  # (B, D, N) contiguous, float32
+    new_state_ptr, new_state_stride_b, new_state_stride_d, new_state_stride_n,  # the state itself when in place
     dim, dstate,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -85,7 +87,9 @@ def _selective_step_kernel(
     if HAS_Z:
         z = tl.load(z_ptr + b64 * z_stride_b + d * z_stride_d, mask=d_in, other=0.0).to(tl.float32)
         y *= z * tl.sigmoid(z)
-    tl.store(new_state_ptr + (b64 * dim + d[:, None]) * dstate + n[None, :], state, mask=dn_in)
+    # each program reads and writes only its own (BLOCK_D, N) rows of the state: writing in place cannot race
+    tl.store(new_state_ptr + b64 * new_state_stride_b + d[:, None] * new_state_stride_d + n[None, :] * new_state_stride_n,
+             state.to(new_state_ptr.dtype.element_ty), mask=dn_in)
     tl.store(y_ptr + b64 * y_stride_b + d * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=d_in)
 
 
@@ -285,20 +289,37 @@ def _mamba_step_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Tensor, B: 
     """archgen_v1::mamba_step -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
     if not (u.is_cuda or triton_on_cpu()):
         return mamba_step_reference(state, u, delta, A_log, B, C, D, z, delta_bias)
+    return _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias)
+
+
+def _mamba_step_in_place_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Tensor, B: Tensor, C: Tensor,
+                              D: Tensor | None, z: Tensor | None, delta_bias: Tensor | None) -> Tensor:
+    """archgen_v1::mamba_step_ -> y (B, D) in u.dtype; state (B, D, N) updated where it lies."""
+    if not (u.is_cuda or triton_on_cpu()):
+        y, new_state = mamba_step_reference(state, u, delta, A_log, B, C, D, z, delta_bias)
+        state.copy_(new_state)
+        return y
+    y, _ = _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state=state)
+    return y
+
+
+def _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state=None):
+    """(y, new state): the new state in out_state (the state itself, for the in-place op) or a new float32 tensor."""
     batch, dim = u.shape
     dstate = A_log.shape[1]
     if state.shape != (batch, dim, dstate):
         raise ValueError(f"mamba_step: state must be (B, D, N) = {(batch, dim, dstate)}, got "
                          f"{tuple(state.shape)}")
     y = torch.empty((batch, dim), dtype=u.dtype, device=u.device)
-    new_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
+    new_state = out_state if out_state is not None else torch.empty((batch, dim, dstate), dtype=torch.float32,
+                                                                    device=u.device)
     if y.numel() == 0 or dstate == 0:
         return y.zero_(), new_state.zero_()
     block_d = SELECTIVE_STEP_CONFIG["BLOCK_D"]
     with on_device(u):
         _selective_step_kernel[(batch, triton.cdiv(dim, block_d))](
             *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A_log, 2), *strided(B, 2),
-            *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), new_state, dim, dstate,
+            *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), *strided(new_state, 3), dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
             BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
         )
@@ -307,6 +328,10 @@ def _mamba_step_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Tensor, B: 
 
 def _mamba_step_fake(state, u, delta, A_log, B, C, D, z, delta_bias):
     return u.new_empty(u.shape), u.new_empty((*u.shape, A_log.shape[1]), dtype=torch.float32)
+
+
+def _mamba_step_in_place_fake(state, u, delta, A_log, B, C, D, z, delta_bias):
+    return u.new_empty(u.shape)
 
 
 def mamba_step_reference(
@@ -340,6 +365,8 @@ def mamba_step_reference(
 
 
 mamba_step_op = register_op("mamba_step", _mamba_step_impl, _mamba_step_fake)
+mamba_step_in_place_op = register_op("mamba_step_", _mamba_step_in_place_impl, _mamba_step_in_place_fake,
+                                     mutates_args=("state",))
 mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
 
 
@@ -358,6 +385,27 @@ def mamba_step(
     selective state step with A = -exp(A_log) (D, N) computed in the kernel and Δ = softplus(delta + delta_bias).
     Returns (y (B, D) gated by silu(z), new_state (B, D, N) float32)."""
     return mamba_step_op(state, u, delta, A_log, B, C, D, z, delta_bias)
+
+
+def mamba_step_(
+    state: Tensor,
+    u: Tensor,
+    delta: Tensor,
+    A_log: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> Tensor:
+    """`mamba_step` with the new state written over `state` (a decoding cache's) by the kernel itself: no copy of it
+    afterwards, one launch fewer per Mamba-1 layer and token. Returns y (B, D). While torch.export traces, the
+    functional op and a copy (the exported graph and its ONNX lowering keep the functional form)."""
+    if torch.compiler.is_exporting():
+        y, new_state = mamba_step_op(state, u, delta, A_log, B, C, D, z, delta_bias)
+        state.copy_(new_state)
+        return y
+    return mamba_step_in_place_op(state, u, delta, A_log, B, C, D, z, delta_bias)
 
 
 def mamba2_step(
