@@ -2,7 +2,8 @@
 
 Builds the spec into a temporary package, then measures, for each variant of the model:
   training step   tokens/s of forward + backward + fused AdamW at batch × seq_len, and MFU: the cost model's training
-                  FLOPs (3 × forward) over the bf16 matmul rate measured in the same run
+                  FLOPs (3 × forward, plus the backbone passes of heads such as JEPA's) over the bf16 matmul rate
+                  measured in the same run
   prefill         tokens/s of a no-grad forward at batch × seq_len
   decode          ms/token of `generate` after a prompt, at each decode batch (prefill excluded), against its floor:
                   the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
@@ -112,7 +113,7 @@ def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str]
                          torch_version=torch.__version__, date=datetime.date.today().isoformat(),
                          parameters=report.total_params, copy_bytes_per_s=copy_bandwidth(config.device),
                          matmul_flops_per_s=matmul_rate(config.device, dtype),
-                         train_flops_per_token=3 * report.forward_flops_per_token,
+                         train_flops_per_token=report.train_flops_per_token,
                          config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})
     target = Path(directory) / compiled.resolved.name
     write_package(emit(compiled, config.spec.as_posix()).files, target)

@@ -74,6 +74,8 @@ class Kind(Generic[SpecT, ConfigT]):
     after_optimizer_step: ClassVar[str | None] = None  # a head's Model method training calls after every optimizer step
     # a head's Model method that init_weights calls last, and __init__ on the meta device (where it makes no weights)
     after_init_weights: ClassVar[str | None] = None
+    # a head's extra passes of the backbone in a training step, (with gradient, without): training FLOPs count them
+    backbone_passes_in_training: ClassVar[tuple[int, int]] = (0, 0)
 
     # -------------------------------------------------------------------------------- spec -> resolved config
     def check(self, spec: SpecT, path: str, model: Any) -> list[Diagnostic]:

@@ -40,6 +40,7 @@ class JEPA(Kind[models.JEPAHeadSpec, JEPAConfig]):
     template = "heads/jepa"
     after_optimizer_step = "update_target"  # its _model template's method: the EMA target follows the backbone
     after_init_weights = "reset_target"  # and this one: the target starts as a copy of the initialised backbone
+    backbone_passes_in_training = (1, 1)  # the masked context pass (trained) and the target encoder's (no gradient)
     colour = "#6d597a"
 
     def resolve(self, spec, model) -> JEPAConfig:

@@ -34,6 +34,9 @@ class CostReport:
     embedding_params: int
     forward_flops_per_token: float
     forward_flops_per_sequence: int
+    # forward + backward (3 × forward) plus the backbone passes heads add in training (JEPA's context and target
+    # passes: 3 × and 1 × the backbone's forward); recomputation under gradient checkpointing is not counted
+    train_flops_per_token: float
     layers: list[LayerCost]
     weight_bytes: dict[str, int]
     cache_bytes_by_context: dict[int, int]  # per sequence, cache dtype
@@ -68,6 +71,8 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     dims = ir.dims
     rows: dict[int | None | str, dict] = {}
     total_flops = 0
+    backbone_flops = 0  # what Model.hidden_states computes: every op but the heads and the unembedding
+    extra_passes = [0, 0]  # backbone passes the heads add in a training step: with gradient, without
     peak_elements = 0
     for op in ir.ops():
         kind = kind_of(op.kind)
@@ -79,6 +84,9 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
         flops = kind.forward_flops(op.config, dims, seq_len)
         row["flops"] += flops
         total_flops += flops
+        if kind.role != "head" and op.name != "lm_head":
+            backbone_flops += flops
+        extra_passes = [passes + more for passes, more in zip(extra_passes, kind.backbone_passes_in_training, strict=True)]
         row["cache"] += kind.cache_bytes(op.config, dims, context, itemsize)
         if op.component and op.component not in row["labels"]:
             row["labels"].append(op.component)
@@ -100,6 +108,7 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
         seq_len=seq_len, context=context, cache_dtype=cache_dtype, total_params=total, active_params=active,
         embedding_params=count(table["embed.weight"]), forward_flops_per_token=total_flops / seq_len,
         forward_flops_per_sequence=total_flops, layers=layers,
+        train_flops_per_token=(3 * total_flops + (3 * extra_passes[0] + extra_passes[1]) * backbone_flops) / seq_len,
         weight_bytes={dtype: total * size for dtype, size in DTYPE_BYTES.items()},
         cache_bytes_by_context=by_context, peak_activation_bytes=(peak_elements + residual_stream) * itemsize,
         parameter_table=table,

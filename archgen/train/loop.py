@@ -274,7 +274,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     micro = recipe.batch.micro_batch
     eval_batches = _eval_batches(eval_seqs, recipe.eval.batches, micro, processes)
     unigram = _unigram_loss(data.train, eval_batches, plan.tokenizer.vocab_size)
-    flops_per_token = 3 * _forward_flops_per_token(plan)
+    flops_per_token = _train_flops_per_token(plan)
     peak = peak_flops(processes.device)
     log = MetricsLog(metrics_path, processes.main)
     params = sum(p.numel() for p in model.parameters())
@@ -371,10 +371,10 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
 
 
 # ------------------------------------------------------------------------------------------------------ pieces
-def _forward_flops_per_token(plan: TrainingPlan) -> float:
+def _train_flops_per_token(plan: TrainingPlan) -> float:
     from archgen.passes.cost import cost_report
 
-    return cost_report(plan.compiled.ir, seq_len=plan.recipe.data.seq_len).forward_flops_per_token
+    return cost_report(plan.compiled.ir, seq_len=plan.recipe.data.seq_len).train_flops_per_token
 
 
 def _eval_batches(eval_seqs, batches: int, micro: int, processes: Processes) -> list[torch.Tensor]:
