@@ -8,7 +8,8 @@ each model's package as generated (`kernels`), and on request with its layers un
     or on syncs;
   - kernel count and summed kernel time, the 25 busiest kernels;
   - every matmul op (mm, addmm, bmm, _grouped_mm, linear's) grouped by input shapes with the kernels it ran and their
-    time: shows which products run which cuBLAS kernels (an sm75 fallback names its shape);
+    time: shows which products run which cuBLAS kernels (an sm75 fallback names its shape); and every op by input
+    shapes with its own kernels' time (the copies, casts and elementwise ops between the kernels);
   - the host-device syncs: torch.cuda's sync debug mode's warnings during a step, by the source line that caused them;
   - the profiler's per-op table (text, sorted by CUDA time).
 
@@ -86,6 +87,15 @@ def matmuls_by_shape(events) -> list[dict]:
     return sorted(rows, key=lambda row: -row["device_ms"])
 
 
+def ops_by_shape(profiler) -> list[dict]:
+    """Every op by input shapes with the device time of the kernels it launched itself (copies, casts and elementwise
+    ops included, not only matmuls), the busiest first."""
+    rows = [{"op": row.key, "shapes": str(row.input_shapes), "calls": row.count,
+             "self_device_ms": row.self_device_time_total / 1e3}
+            for row in profiler.key_averages(group_by_input_shape=True) if row.self_device_time_total > 0]
+    return sorted(rows, key=lambda row: -row["self_device_ms"])
+
+
 def syncs_by_line(step, device: str) -> dict[str, int]:
     """The synchronizing CUDA calls one step makes, counted by the line of the package (or of torch) that made them."""
     if device != "cuda":
@@ -144,7 +154,7 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
     record.update(
         kernels=len(kernels), kernel_ms=sum(by_kernel.values()), gpu_busy_ms=busy_ms(kernels),
         busiest_kernels=[{"kernel": k, "calls": calls[k], "ms": ms} for k, ms in by_kernel.most_common(25)],
-        matmuls=matmuls_by_shape(events)[:40], syncs=syncs_by_line(step, device))
+        matmuls=matmuls_by_shape(events)[:40], ops_by_shape=ops_by_shape(profiler)[:40], syncs=syncs_by_line(step, device))
     table = profiler.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total",
                                           row_limit=60, max_name_column_width=90)
     (out / f"train_profile_{name}_{variant}.txt").write_text(table)
