@@ -73,6 +73,7 @@ class BenchResult:
     torch_version: str
     date: str
     parameters: int
+    active_parameters: int  # per token: a mixture of experts counts its top_k of n_experts
     copy_bytes_per_s: float
     matmul_flops_per_s: float
     train_flops_per_token: float
@@ -111,7 +112,8 @@ def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str]
     progress("measuring the device's copy bandwidth and matmul rate")
     result = BenchResult(spec=str(config.spec), preset=config.preset, device=device_name(config.device),
                          torch_version=torch.__version__, date=datetime.date.today().isoformat(),
-                         parameters=report.total_params, copy_bytes_per_s=copy_bandwidth(config.device),
+                         parameters=report.total_params, active_parameters=report.active_params,
+                         copy_bytes_per_s=copy_bandwidth(config.device),
                          matmul_flops_per_s=matmul_rate(config.device, dtype),
                          train_flops_per_token=report.train_flops_per_token,
                          config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})

@@ -241,7 +241,8 @@ def headlines(results: dict) -> dict:
     kernels = hns.get("variants", {}).get("kernels", {})
     if kernels:
         out["hns_ss_jepa_moe_1b"] = {
-            "parameters": hns["parameters"], "seed": "7B: >100k tokens/s, <20 ms/token",
+            "parameters": hns["parameters"], "active_parameters": hns["active_parameters"],
+            "seed": "7B: >100k tokens/s, <20 ms/token",
             "train_tokens_per_s": kernels.get("train", {}).get("tokens_per_s"),
             "prefill_tokens_per_s": kernels.get("prefill", {}).get("tokens_per_s"),
             "decode_batch_1_ms_per_token": kernels.get("decode_batch_1", {}).get("ms_per_token")}
