@@ -106,7 +106,7 @@ def _store_row(ptr, cols, value, N, EVEN_N: tl.constexpr):
 
 
 @triton.jit
-def _rms_norm_fwd_row(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, N, stride_x, stride_res, stride_y, stride_s, eps,
+def _rms_norm_fwd_row(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, N, stride_x, stride_res, eps,
                       HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward of one row per program (BLOCK_R = 1) addressed as Liger-Kernel's is: the row's base a scalar
     pointer, 1-D column offsets, no cache hints. At 32768 × 4096 bf16 on the H200 Liger's forward ran in 0.133 ms and
@@ -118,19 +118,18 @@ def _rms_norm_fwd_row(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, N, stride_x
     if HAS_RESIDUAL:
         r = _load_row(res_ptr + row * stride_res, cols, N, EVEN_N)
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the unfused add
-        _store_row(s_ptr + row * stride_s, cols, s, N, EVEN_N)
+        _store_row(s_ptr + row * N, cols, s, N, EVEN_N)
     else:
         s = x
     s = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / N + eps)
-    _store_row(y_ptr + row * stride_y, cols, (s * rstd * w).to(y_ptr.dtype.element_ty), N, EVEN_N)
+    _store_row(y_ptr + row * N, cols, (s * rstd * w).to(y_ptr.dtype.element_ty), N, EVEN_N)
     tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
-def _rms_norm_fwd_tile(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, R, N, stride_x, stride_res, stride_y, stride_s,
-                       eps, HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+def _rms_norm_fwd_tile(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, R, N, stride_x, stride_res, eps,
+                       HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     """The forward of BLOCK_R rows per program, a 2-D tile."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
@@ -146,28 +145,28 @@ def _rms_norm_fwd_tile(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, R, N, stri
         r = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=inside, other=0.0,
                     eviction_policy="evict_first")
         s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded like the unfused add
-        tl.store(s_ptr + rows[:, None] * stride_s + cols[None, :], s, mask=inside)
+        tl.store(s_ptr + rows[:, None] * N + cols[None, :], s, mask=inside)
     else:
         s = x
     s = s.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + eps)
     y = s * rstd[:, None] * w[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
     tl.store(rstd_ptr + rows, rstd, mask=row_inside)
 
 
 @triton.jit
 def _rms_norm_fwd_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr,
-    R, N, stride_x, stride_res, stride_y, stride_s, eps,
+    R, N, stride_x, stride_res, eps,
     HAS_RESIDUAL: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     if BLOCK_R == 1:
-        _rms_norm_fwd_row(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, N, stride_x, stride_res, stride_y, stride_s,
-                          eps, HAS_RESIDUAL, EVEN_N, BLOCK_N)
+        _rms_norm_fwd_row(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, N, stride_x, stride_res, eps, HAS_RESIDUAL,
+                          EVEN_N, BLOCK_N)
     else:
-        _rms_norm_fwd_tile(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, R, N, stride_x, stride_res, stride_y,
-                           stride_s, eps, HAS_RESIDUAL, EVEN_N, BLOCK_R, BLOCK_N)
+        _rms_norm_fwd_tile(x_ptr, res_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, R, N, stride_x, stride_res, eps,
+                           HAS_RESIDUAL, EVEN_N, BLOCK_R, BLOCK_N)
 
 
 @triton.jit
@@ -193,7 +192,7 @@ def _rms_norm_bwd_tile(s_ptr, dy_ptr, rstd_ptr, rows, cols, inside, R, stride_s,
 @triton.jit
 def _rms_norm_bwd_kernel(
     dy_ptr, ds_out_ptr, s_ptr, w_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
-    R, N, rows_per_program, stride_dy, stride_ds_out, stride_s, stride_ds,
+    R, N, rows_per_program, stride_dy, stride_ds_out, stride_s,
     HAS_DS_OUT: tl.constexpr, EVEN_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next tile before reducing this one (its loads in flight across the reduction)
 ):
@@ -232,7 +231,7 @@ def _rms_norm_bwd_kernel(
         if HAS_DS_OUT:
             ds += tl.load(ds_out_ptr + rows[:, None] * stride_ds_out + cols[None, :], mask=inside, other=0.0,
                           eviction_policy="evict_first").to(tl.float32)
-        tl.store(ds_ptr + rows[:, None] * stride_ds + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
+        tl.store(ds_ptr + rows[:, None] * N + cols[None, :], ds.to(ds_ptr.dtype.element_ty), mask=inside)
         dw += dy.to(tl.float32) * x_hat
     tl.store(dw_partial_ptr + program * N + cols, tl.sum(dw, axis=0), mask=col_inside)
 
@@ -354,7 +353,8 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
 
 def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float,
                      config: dict | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, s, rstd): y like x; s = x + residual like x (x itself when residual is None); rstd (R,) float32.
+    """(y, s, rstd): y like x, contiguous (the kernels write rows N apart); s = x + residual likewise (x itself when
+    residual is None); rstd (R,) float32.
 
     config: {"BLOCK_R": …, "num_warps": …} to bypass the tuner."""
     N = x.shape[-1]
@@ -368,7 +368,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
 
     def launch(cfg):
         _rms_norm_fwd_kernel[(_cdiv(R, cfg["BLOCK_R"]),)](
-            x2, res2, weight, y, s, rstd, R, N, stride_x, stride_res, N, N, eps,
+            x2, res2, weight, y, s, rstd, R, N, stride_x, stride_res, eps,
             HAS_RESIDUAL=residual is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             num_warps=cfg["num_warps"],
         )
@@ -401,7 +401,7 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
         dw_partial = torch.empty((programs, N), device=s.device, dtype=torch.float32)
         _rms_norm_bwd_kernel[(programs,)](
             dy2, ds_out2, s2, weight, rstd, ds, dw_partial, R, N, rows_per_program, stride_dy, stride_ds_out, stride_s,
-            N, HAS_DS_OUT=ds_out is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
+            HAS_DS_OUT=ds_out is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
         _rms_norm_dw_kernel[(_cdiv(N, DW_BLOCK_COLUMNS),)](
