@@ -20,10 +20,8 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             query), on the configs `numerics` tuned
 
 A section that would not finish inside --budget-s is skipped (recorded as such); run it alone with --only.
-tuner_ms_per_config in the JSON is the time under every candidate config, per shape bucket (G1-causal: `sparse`;
-G4-window: `window`), of the forward kernel, of the dq kernel alone (with delta), and of the whole backward under each
-dkdv config (backward_dkdv: the tuned dq kernel then dk/dv, or with ATOMIC_DQ delta and one kernel for all three): the
-breakdown, and the answer to whether atomic dq pays.
+tuner_ms_per_config in the JSON is the time of each kernel alone (forward, backward_dq with delta, backward_dkdv) under
+every candidate config, per shape bucket (G1-causal: `sparse`; G4-window: `window`): the per-kernel breakdown.
 
 Outputs under --out (default $OUT, else bench/results): sparse_attention.json (everything) and
 sparse_attention.bars.json (bar rows in bench/results/bars.json's format, to append there).

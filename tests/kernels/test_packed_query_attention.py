@@ -97,16 +97,15 @@ def test_replaces_the_runtime_op_also_against_a_cache():
                      TOLERANCE[torch.float32])
 
 
-@pytest.mark.parametrize("choice", [{"dkdv": {"MASK_EDGES_ONLY": 0}}, {"dkdv": {"ATOMIC_DQ": 1}},
-                                    {"dkdv": {"ATOMIC_DQ": 1, "MASK_EDGES_ONLY": 0}},
+@pytest.mark.parametrize("choice", [{"dkdv": {"MASK_EDGES_ONLY": 0}},
                                     {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}}],
-                         ids=["one-masked-loop", "atomic-dq", "atomic-dq-one-masked-loop", "head-groups"])
+                         ids=["one-masked-loop", "head-groups"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
-    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop, dq computed in it with
-    atomic adds after a delta kernel; the forward and dq kernels: heads in groups of 3 of B * H = 4, the last group
-    short) against the reference: the output and every gradient, grouped heads, odd sizes, padding rows."""
+    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop; the forward and dq
+    kernels: heads in groups of 3 of B * H = 4, the last group short) against the reference: the output and every
+    gradient, grouped heads, odd sizes, padding rows."""
     q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
@@ -208,14 +207,12 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
         assert torch.equal(ranges, pqa.query_block_ranges_reference(long_rows, 3000, window, 16, 64))
 
 
-@pytest.mark.parametrize("fraction, window, atomic_dq", [(0.3, None, 0), (0.3, 9, 0), (0.0, None, 0), (1.0, None, 0),
-                                                       (0.3, 9, 1)],
-                         ids=["causal", "window9", "none-selected", "all-selected", "window9-atomic-dq"])
-def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fraction, window, atomic_dq, monkeypatch):
+@pytest.mark.parametrize("fraction, window", [(0.3, None), (0.3, 9), (0.0, None), (1.0, None)],
+                         ids=["causal", "window9", "none-selected", "all-selected"])
+def test_sparse_query_attention_reads_and_writes_full_length_rows_in_place(fraction, window):
     """The full-length form against ops/routing.py's sparse_query_attention (pack, gather, attend, scatter) and its
     masked dense form: every gradient, grouped heads, odd sizes (B2-H4/2-T45-D24-Dv20), and rows not selected come
-    back as zeros in the output and in dq (also when the dkdv kernel adds dq atomically at the token rows)."""
-    monkeypatch.setattr(pqa.BACKWARD_DKDV_TUNER, "interpreter_config", pqa.INTERPRETER_CONFIG | {"ATOMIC_DQ": atomic_dq})
+    back as zeros in the output and in dq."""
     g = torch.Generator().manual_seed(4)
     B, H, Hkv, T, D, Dv = 2, 4, 2, 45, 24, 20
     selected = (torch.rand(B, T, generator=g) < fraction).to(DEVICE)
