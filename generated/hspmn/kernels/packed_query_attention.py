@@ -34,9 +34,8 @@ rows[b, s] of q, dO and every result (INDEXED_ROWS). rows lists the selected tok
 blocks of selected rows are dense; the grid covers all T rows, and the programs past a sequence's selected count see
 nothing and write zeros, so no count is read back to the host and no gather, scatter or zero fill runs around them.
 
-How the backward works (two kernels, no atomics, as in flash-attention 2's Triton form; or one, see ATOMIC_DQ). With
-P the probabilities recomputed
-from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
+How the backward works (two kernels, no atomics, as in flash-attention 2's Triton form). With P the probabilities
+recomputed from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP - delta):
   dq   grid (query blocks, B * H): delta of its rows (written for the dkdv kernel, which runs after it), then
        dQ = scale * dS K over the same key range as the forward;
   dkdv grid (key blocks, B * Hkv): for each of the G query heads that read the kv head and each query block whose
@@ -44,9 +43,8 @@ from the saved log-sum-exp, dP = dO V^T, delta = rowsum(dO * O) and dS = P * (dP
        program, so nothing is written twice. The query blocks come as ranges per key block (`query_block_ranges`,
        computed before the launch so the loops have no branch and their loads pipeline): the blocks every row of
        which sees the whole key block run without a mask, the rest (the causal edge, a window's far edge) masked.
-  or, a tuning choice (ATOMIC_DQ, as flash-attention 2's and 3's CUDA kernels): a small kernel writes delta, and the
-       dkdv kernel also adds each pair's scale * dS K into a float32 dq with atomic adds: 5 matmuls per pair of blocks
-       instead of 7 (dq's recomputation of QK^T and dP is gone), for the atomic traffic; the tuner times both.
+One kernel adding dq atomically (5 matmuls per pair of blocks instead of 7, as flash-attention's CUDA kernels do)
+measured slower on the H200 (docs/design.md), so dq keeps its own kernel.
 delta is the one quantity the backward cannot take from bf16 values: where a row's softmax is peaked, dP_j and delta
 nearly cancel, so O's rounding to bf16 would come back amplified (dq and dk 4x less precise); the forward keeps its
 float32 output when a backward will follow (archgen_v2: the op returns it as a third output).
@@ -74,55 +72,41 @@ from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_o
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
-# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, ATOMIC_DQ). The first config that fits (see `candidates`) is what
-# a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at
-# D 128 in bf16 (session 6, GPU call 1). Beside each: registers per thread, shared memory, and so programs per SM, at
-# D 128 bf16 from triton 3.6 compiles for sm_90 with the run-time specializations (docs/design.md: counting a
-# kernel's registers without a GPU); none spills (8 bytes of stack at most). Every 8-warp dkdv config holds one
-# program per SM, so nothing hides its loads of K and V and its stores of dK and dV: the 4-warp ones with 64 keys
-# fit two.
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choice
+# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY). The first config that fits (see `candidates`) is what a bucket
+# runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
+# bf16 for sparse queries (session 6, GPU call 2; in ms, each kernel alone), the others kept are within 5% of it there
+# or untried variants of it. Beside each: registers per thread, shared memory, and so programs per SM, from triton 3.6
+# compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU);
+# none spills (8 bytes of stack at most). Every 8-warp dkdv config holds one program per SM, so nothing hides its
+# loads of K and V and its stores of dK and dV: the 4-warp ones with 64 keys fit two.
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
-        (64, 64, 4, 3, 1),  # 255 registers, 112 KB: 2 per SM
-        (64, 64, 4, 2, 1),  # 252, 80 KB: 2
-        (64, 32, 4, 3, 1),  # 168, 64 KB: 3
-        (128, 64, 8, 3, 1),  # 255, 128 KB: 1
-        (128, 64, 8, 2, 1),  # 242, 96 KB: 1
+        (64, 64, 4, 3, 1),  # 0.322 ms; 255 registers, 112 KB: 2 per SM (64 keys at 3 per SM: 0.363; 128 rows: 0.408)
         (64, 64, 4, 3, 16),
-        (64, 32, 4, 3, 16),
+        (64, 64, 4, 3, 4),
     )
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
-        (64, 32, 4, 4, 1),  # 177, 96 KB: 2
-        (128, 64, 8, 3, 1),  # 246, 160 KB: 1
-        (64, 32, 4, 3, 1),  # 174, 80 KB: 2
-        (64, 64, 4, 3, 1),  # 215, 128 KB: 1
-        (128, 32, 8, 4, 1),  # 180, 128 KB: 1
+        (64, 32, 4, 4, 1),  # 0.406 ms; 177, 96 KB: 2
         (64, 32, 4, 4, 16),
+        (128, 64, 8, 3, 1),  # 0.423; 246, 160 KB: 1 (the window's grouped heads: within 2% of the first)
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "ATOMIC_DQ": a}
-    for m, n, w, s, e, a in (
-        (64, 128, 8, 2, 1, 0),  # 255, 128 KB: 1
-        (32, 128, 8, 2, 1, 0),  # 234, 96 KB: 1
-        (32, 128, 8, 3, 1, 0),  # 232, 112 KB: 1
-        (32, 128, 8, 2, 0, 0),  # 241, 96 KB: 1
-        (32, 64, 4, 3, 1, 0),  # 242, 80 KB: 2
-        (16, 64, 4, 3, 1, 0),  # 227, 56 KB: 2
-        (32, 64, 4, 3, 0, 0),  # 237, 80 KB: 2
-        (32, 128, 8, 2, 1, 1),  # 254, 136 KB: 1 (the 64-row and 4-warp atomic ones spill)
-        (16, 128, 8, 3, 1, 1),  # 212, 128 KB: 1
-        (32, 128, 8, 2, 0, 1),  # 236, 136 KB: 1
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
+    for m, n, w, s, e in (
+        (32, 128, 8, 2, 0),  # 0.856 ms (with dq's 0.406: 1.262); 241, 96 KB: 1
+        (64, 128, 8, 3, 1),  # 0.889; 255, 162 KB: 1 (call 1's window: 32 and 64 rows at 2 stages tied)
+        (32, 128, 8, 3, 0),  # 224, 112 KB: 1 (64 rows in one loop at 3 stages spills)
+        (32, 64, 4, 3, 0),  # 237, 80 KB: 2
+        (16, 64, 4, 3, 0),  # 216, 56 KB: 2
     )
 ]
-"""Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype. The dkdv tuner
-times the whole backward after dq's tuning (the dq kernel included), so that ATOMIC_DQ, one kernel computing dq too
-(5 matmuls per block pair instead of 7, for float32 atomic adds), competes on equal terms."""
+"""Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
 SHARED_MEMORY_BUDGET = 160 * 1024
 """Bytes of streamed tiles a config may stage (num_stages of them; the held tile lives in registers): candidates above
 it are left out for that head dim and dtype, so the untuned default always launches (an H100 / H200 has 227 KiB)."""
@@ -321,44 +305,6 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, st
 
 
 @triton.jit
-def _rows_delta(do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
-                out_ptr, stride_ob, stride_oh, stride_os, stride_od,
-                delta_ptr, stride_deb, stride_deh, stride_des, b, h, t_rows, sees, in_rows, offs_dv, Dv):
-    """delta = rowsum(dO * O) of rows t_rows of head h, stored for the dkdv kernel; returns (dO, delta). A row that
-    sees nothing (not `sees`) has delta 0, and its dO and O are never read."""
-    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + t_rows[:, None] * stride_dos
-                 + offs_dv[None, :] * stride_dod, mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
-                mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, delta, mask=in_rows)
-    return do, delta
-
-
-@triton.jit
-def _delta_kernel(
-    pos_ptr, stride_pb, stride_ps,
-    rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
-    do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
-    out_ptr, stride_ob, stride_oh, stride_os, stride_od,  # the forward's output (float32, or q's dtype)
-    delta_ptr, stride_deb, stride_deh, stride_des,
-    H, S, Dv,
-    INDEXED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """delta alone, before a dkdv kernel that computes dq too (ATOMIC_DQ); grid (row blocks, B * H)."""
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < S
-    p = _row_positions(pos_ptr, stride_pb, stride_ps, b, rows, S)
-    t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
-    _rows_delta(do_ptr, stride_dob, stride_doh, stride_dos, stride_dod, out_ptr, stride_ob, stride_oh, stride_os,
-                stride_od, delta_ptr, stride_deb, stride_deh, stride_des, b, h, t_rows, in_rows & (p >= 0), in_rows,
-                tl.arange(0, BLOCK_DV), Dv)
-
-
-@triton.jit
 def _backward_dq_kernel(
     q_ptr, stride_qb, stride_qh, stride_qs, stride_qd,
     k_ptr, stride_kb, stride_kh, stride_kt, stride_kd,
@@ -390,10 +336,13 @@ def _backward_dq_kernel(
     sees = in_rows & (p >= 0)  # a row that sees nothing has dq = 0: its q, dO and O are never read
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=sees[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(do_ptr + b * stride_dob + h * stride_doh + t_rows[:, None] * stride_dos
+                 + offs_dv[None, :] * stride_dod, mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + t_rows * stride_ls, mask=in_rows, other=0.0)
-    do, delta = _rows_delta(do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
-                            out_ptr, stride_ob, stride_oh, stride_os, stride_od,
-                            delta_ptr, stride_deb, stride_deh, stride_des, b, h, t_rows, sees, in_rows, offs_dv, Dv)
+    o = tl.load(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
+                mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dO * O); 0 for a row that sees nothing
+    tl.store(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, delta, mask=in_rows)
     k_base = k_ptr + b * stride_kb + kv_h * stride_kh
     v_base = v_ptr + b * stride_vb + kv_h * stride_vh
 
@@ -414,13 +363,11 @@ def _backward_dq_kernel(
 
 @triton.jit
 def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base, rows_ptr, stride_rb,
-                stride_rs, b, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
-                dq32_base, stride_dq32s, stride_dq32d, offs_m, offs_d, offs_dv, S, D, Dv, start, end, qk_scale,
-                sm_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                INDEXED_ROWS: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                stride_rs, b, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
+                offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
-    of one query head (MASKED: per element visibility; otherwise every row sees every key of the block); with
-    ATOMIC_DQ also dq += scale * dS K, added atomically into the float32 dq32 (other key blocks add to the same rows)."""
+    of one query head (MASKED: per element visibility; otherwise every row sees every key of the block)."""
     for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
         rows = m0 + offs_m
         in_rows = rows < S
@@ -441,12 +388,8 @@ def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_ba
             probsT = tl.where(visibleT, probsT, 0.0)
         dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
         dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
-        dsT = (probsT * (dpT - delta[None, :])).to(qT.dtype)
-        dk = _dot(dsT, tl.trans(qT), dk, DOT_PRECISION)
-        if ATOMIC_DQ:
-            dq = _dot(tl.trans(dsT), k, None, DOT_PRECISION) * sm_scale  # (BLOCK_M, BLOCK_D)
-            tl.atomic_add(dq32_base + t_rows[:, None] * stride_dq32s + offs_d[None, :] * stride_dq32d, dq,
-                          mask=in_rows[:, None] & (offs_d[None, :] < D), sem="relaxed")
+        dsT = probsT * (dpT - delta[None, :])
+        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
 
 
@@ -462,11 +405,9 @@ def _backward_dkdv_kernel(
     delta_ptr, stride_deb, stride_deh, stride_des,
     dk_ptr, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
-    dq32_ptr, stride_dq32b, stride_dq32h, stride_dq32s, stride_dq32d,  # float32, zeroed; used with ATOMIC_DQ only
     ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
     Hkv, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,  # also dq, atomically (one kernel for the whole backward; else the dq kernel's)
     # True: the row blocks that see the whole key block run in a loop without the mask, between two masked loops (the
     # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
     # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
@@ -505,27 +446,21 @@ def _backward_dkdv_kernel(
         do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
         delta_base = delta_ptr + b * stride_deb + h * stride_deh
-        dq32_base = dq32_ptr
-        if ATOMIC_DQ:  # else dq32_ptr is None
-            dq32_base = dq32_ptr + b * stride_dq32b + h * stride_dq32h
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
-                             dq32_base, stride_dq32s, stride_dq32d, offs_m, offs_d, offs_dv, S, D, Dv, first, full_first,
-                             qk_scale, sm_scale, window, BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, ATOMIC_DQ,
-                             DOT_PRECISION)
+                             offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
-                             dq32_base, stride_dq32s, stride_dq32d, offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last,
-                             qk_scale, sm_scale, window, BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, ATOMIC_DQ,
-                             DOT_PRECISION)
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
+                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
-                             dq32_base, stride_dq32s, stride_dq32d, offs_m, offs_d, offs_dv, S, D, Dv, full_last, last,
-                             qk_scale, sm_scale, window, BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, ATOMIC_DQ,
-                             DOT_PRECISION)
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -703,39 +638,20 @@ def packed_query_attention_backward(
 
     ranges = {}
 
-    def launch_rest(cfg):
-        """Everything after tuning dq: the dq kernel then dk/dv, or (ATOMIC_DQ) delta then one kernel for all three."""
-        atomic_dq = bool(cfg.get("ATOMIC_DQ", 0))
-        dq32 = None
-        if atomic_dq:  # float32 sums of every key block's share of dq, then rounded once
-            dq32 = dq.zero_() if dq.dtype == torch.float32 else torch.zeros(dq.shape, dtype=torch.float32,
-                                                                           device=dq.device)
-            _delta_kernel[(triton.cdiv(S, _DELTA_ROWS), B * H)](
-                *strided(positions, 2), *strided(rows, 2), *strided(dout, 4), *strided(out, 4), *strided(delta, 3),
-                H, S, Dv, INDEXED_ROWS=rows is not None, BLOCK_M=_DELTA_ROWS, BLOCK_DV=constexprs["BLOCK_DV"])
-        else:
-            launch_dq(dq_config)
+    def launch_dkdv(cfg):
         blocks = (cfg["BLOCK_M"], cfg["BLOCK_N"])
         if blocks not in ranges:
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
-        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), *strided(dq32, 4), ranges[blocks], Hkv,
-                                    S, Tk, D, Dv, group, qk_scale, scale, window, **constexprs, ATOMIC_DQ=atomic_dq,
-                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
-                                    **_launch_params(cfg))
-        if dq32 is not None and dq32 is not dq:
-            dq.copy_(dq32)
+        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
+                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg),
+                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)))  # configs pinned before: 1
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
-        dq_config = (BACKWARD_DQ_TUNER.known(key, configs.get("dq"))
-                     or BACKWARD_DQ_TUNER.tune(key, launch_dq, candidates(BACKWARD_DQ_TUNER, q.dtype, D, Dv)))
-        launch_rest(BACKWARD_DKDV_TUNER.known(key, configs.get("dkdv"))
-                    or BACKWARD_DKDV_TUNER.tune(key, launch_rest, candidates(BACKWARD_DKDV_TUNER, q.dtype, D, Dv)))
+        for tuner, launch, name in ((BACKWARD_DQ_TUNER, launch_dq, "dq"), (BACKWARD_DKDV_TUNER, launch_dkdv, "dkdv")):
+            launch(tuner.known(key, configs.get(name)) or tuner.tune(key, launch, candidates(tuner, q.dtype, D, Dv)))
     return dq, dk, dv
-
-
-_DELTA_ROWS = 64  # rows per program of _delta_kernel (memory-bound: no tuning)
 
 
 _RANGE_KEY_BLOCKS = 32  # key blocks per program of _query_block_ranges_kernel
@@ -817,9 +733,7 @@ def tuned_configs() -> dict:
 
 def tuning_times() -> dict:
     """What tuning measured so far, {"forward"|"backward_dq"|"backward_dkdv": {key: {config: ms or its error}}}: the
-    time under every candidate config of the forward kernel, of the dq kernel alone, and of the rest of the backward
-    (backward_dkdv: the tuned dq kernel then dk/dv, or, with ATOMIC_DQ, delta and the one kernel); the benches'
-    breakdown."""
+    time of each kernel alone under every candidate config (the benches' per-kernel breakdown)."""
     return {name: {key: dict(times) for key, times in tuner.timings.items()} for name, tuner in _TUNERS.items()}
 
 
