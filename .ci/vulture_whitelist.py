@@ -81,3 +81,5 @@ _.norm_kernel
 # EmitPlan.gemv_kernel and lm_head_linear are read by model.py.j2 (DecodeLinear, runs_gemv and the lm_head's class).
 _.gemv_kernel
 _.lm_head_linear
+# BenchResult fields that reach the JSON through dataclasses.asdict (bench/whole_model.py reads them there).
+_.active_parameters
