@@ -21,8 +21,9 @@ state entering chunk c and T⁻¹ = (I + A)⁻¹ for A[t, s] = β_t exp(c_t − 
     o = scale · (exp(c) ⊙ (q S_c) + ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t]) u)     outputs
 
 Three launches:
-  1. `_chunk_wy_kernel`, per (chunk, batch × value head): the prefix sums c, A, T⁻¹ by block doubling (log2 L rounds
-     of two (L, L) products, exact: the reference's `_unit_lower_inverse`), then W and U.
+  1. `_chunk_wy_kernel`, per (chunk, batch × value head): the prefix sums c, A, T⁻¹ by block doubling (log2 L − 1 rounds
+     of two (L, L) products after a first round without any, exact: the reference's `_unit_lower_inverse`), then W and
+     U.
   2. `_state_kernel`, per (block of V columns, batch × value head): a loop over the chunks that stores S_c, computes
      and stores u, and advances the state, float32 in registers; the last state is the final state. A head's blocks
      of V are neighbouring programs, so they run together and read its W and k through L2 once.
@@ -89,8 +90,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # sequentially over the chunks: how many fit on an SM at once (registers × threads within 64K, shared memory within
 # 228 KB) decides how many waves of that sequential loop B·HV·V/BV programs take, hence the 4-warp configs.
 WY_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 184 registers, 48 KB
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 191, 48 KB
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 185 registers, 48 KB
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185, 32 KB: 2 programs per SM
 ]
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1 program per SM
@@ -104,7 +105,7 @@ OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 151, 48 KB
 ]
 # The backward's state loop holds dS like the forward's state and loads q, k and W whole per chunk; its chunk kernel
-# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there).
+# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there, but fit two programs on an SM).
 STATE_BACKWARD_CONFIGS = [
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2 programs per SM
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 188, 38 KB: 2
@@ -114,6 +115,7 @@ STATE_BACKWARD_CONFIGS = [
 CHUNK_BACKWARD_CONFIGS = [
     {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB
     {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 223, 72 KB
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 40 KB: 2 per SM
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -199,9 +201,11 @@ def _chunk_wy_kernel(
     A = kk * tl.exp(tl.where(strictly_lower, cum[:, None] - cum[None, :], float("-inf"))) * beta[:, None]
 
     # T⁻¹ = (I + A)⁻¹ by block doubling: X holds the inverses of the diagonal blocks of size `block`; the inverse
-    # over blocks of twice the size is X − X E X, E the lower-left quarters of A in them.
-    inverse = (t[:, None] == t[None, :]).to(tl.float32)
-    for level in tl.static_range(LOG2_CHUNK):
+    # over blocks of twice the size is X − X E X, E the lower-left quarters of A in them. From X = I (blocks of 1)
+    # that is I − E: the first level needs no product, which shortens the chain of dependent ones by two.
+    pairs = (t[:, None] // 2 == t[None, :] // 2) & (t[:, None] != t[None, :])
+    inverse = (t[:, None] == t[None, :]).to(tl.float32) - tl.where(pairs, A, 0.0)
+    for level in tl.static_range(1, LOG2_CHUNK):
         block = 1 << level
         same_pair = (t[:, None] // (2 * block)) == (t[None, :] // (2 * block))
         other_half = (t[:, None] // block) != (t[None, :] // block)
