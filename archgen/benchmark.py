@@ -10,7 +10,9 @@ Builds the spec into a temporary package, then measures, for each variant of the
   peak memory     of each part
 Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding), `reference` (the
 pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile), and on request `kernels_compiled`
-(`kernels` under torch.compile: the kernels' custom ops stay single nodes, inductor fuses what lies between them). The
+(`kernels` under torch.compile: the kernels' custom ops stay single nodes, inductor fuses what lies between them) and
+`kernels_graphed` (the same compile in mode="reduce-overhead": each layer's compiled forward and backward replayed
+as CUDA graphs, so the host launches one graph per layer and pass instead of its kernels one by one). The
 compiled variants measure training and prefill, with the compile time and dynamo's graph-break count; their decoding
 is the uncompiled variant's (`generate(compile=True)` is bench/decode.py's), so it is not timed again. They compile
 each layer (`compile_layers`), not the whole model: layers of one class share one compiled graph, so the compile takes
@@ -44,9 +46,11 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-VARIANTS = ("kernels", "reference", "compiled", "kernels_compiled")
-DEFAULT_VARIANTS = VARIANTS[:3]  # kernels_compiled on request: another compile of every layer kind
-COMPILED_VARIANTS = {"compiled": "reference", "kernels_compiled": "kernels"}  # each compiles the ops of its peer
+VARIANTS = ("kernels", "reference", "compiled", "kernels_compiled", "kernels_graphed")
+DEFAULT_VARIANTS = VARIANTS[:3]  # kernels_compiled and kernels_graphed on request: more compiles of every layer kind
+# each compiles the ops of its peer: variant -> (ops, torch.compile mode)
+COMPILED_VARIANTS = {"compiled": ("reference", None), "kernels_compiled": ("kernels", None),
+                     "kernels_graphed": ("kernels", "reduce-overhead")}
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,7 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     config, result, dtype = prepared.config, prepared.result, prepared.dtype
     figures: dict = {}
     model_module = prepared.package.model
-    ops = COMPILED_VARIANTS.get(variant, variant)
+    ops, mode = COMPILED_VARIANTS.get(variant, (variant, None))
     if hasattr(model_module, "USE_KERNELS"):
         model_module.USE_KERNELS = ops == "kernels"
     with torch.device(config.device):
@@ -147,7 +151,7 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if variant in COMPILED_VARIANTS:
-        compile_layers(model)
+        compile_layers(model, mode)
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
     breaks_before = graph_break_count()
 
@@ -165,6 +169,8 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
             lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
     if variant in COMPILED_VARIANTS:
         figures["graph_breaks"] = graph_break_count() - breaks_before
+        if mode == "reduce-overhead":
+            figures["cuda_graph_skips"] = cuda_graph_skips()
         return figures  # generate is not compiled: its decoding is the uncompiled variant's
     for batch in config.decode_batches:
         progress(f"{variant}: decoding at batch {batch}")
@@ -174,12 +180,22 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
     return figures
 
 
-def compile_layers(model: torch.nn.Module) -> None:
+def compile_layers(model: torch.nn.Module, mode: str | None = None) -> None:
     """torch.compile every layer of `model.layers` in place (regional compilation). Dynamo keys its cache on the
     forward's code and treats parameters as inputs, so the layers of one class share one compiled graph: the compile
-    costs one layer of each kind, whatever the depth. The embedding, the heads, the extras and the loss stay eager."""
+    costs one layer of each kind, whatever the depth. The embedding, the heads, the extras and the loss stay eager.
+    mode="reduce-overhead" replays each layer's forward and backward as CUDA graphs (inductor's CUDA-graph trees,
+    one recording per call site in the step; `cuda_graph_skips` counts the graphs it ran without them)."""
     for layer in model.layers:
-        layer.compile()
+        layer.compile(mode=mode)
+
+
+def cuda_graph_skips() -> int:
+    """Compiled graphs inductor has run without CUDA graphs in this process (its counter; the reasons go to the
+    `torch._inductor` perf-hints log: TORCH_LOGS=perf_hints)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def train_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
@@ -187,6 +203,7 @@ def train_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees (kernels_graphed); else nothing
         next_token_loss(model, tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

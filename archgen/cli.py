@@ -470,9 +470,9 @@ def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ..
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=64, show_default=True)
 @click.option("--variant", "variants", multiple=True,
-              type=click.Choice(["kernels", "reference", "compiled", "kernels_compiled"]),
+              type=click.Choice(["kernels", "reference", "compiled", "kernels_compiled", "kernels_graphed"]),
               help="What to measure (repeatable; default the first three): the package as generated, its reference ops, "
-                   "those compiled, the package compiled.")
+                   "those compiled, the package compiled, and its layers replayed as CUDA graphs.")
 @click.option("-o", "--output", type=click.Path(path_type=Path, file_okay=False), default=Path("bench-results"),
               show_default=True,
               help="Directory for <name>.json and <name>.png.")

@@ -48,13 +48,15 @@ from archgen.benchmark import (
 from bench.whole_model import MODELS, bench_config
 
 MATMULS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm", "aten::matmul"})
-ESTIMATE_S = {"kernels": 25, "kernels_compiled": 80}  # per model on an H200; HNS 1b (10.8 B parameters) twice that
+# seconds per model on an H200 (HNS 1b, 10.8 B parameters: twice that)
+ESTIMATE_S = {"kernels": 25, "kernels_compiled": 80, "kernels_graphed": 90}
 
 
 def training_step(model, tokens: torch.Tensor, device: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees (kernels_graphed); else nothing
         next_token_loss(model, tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,11 +119,11 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
     config, result = prepared.config, prepared.result
     model_module = prepared.package.model
     if hasattr(model_module, "USE_KERNELS"):
-        model_module.USE_KERNELS = COMPILED_VARIANTS.get(variant, variant) == "kernels"
+        model_module.USE_KERNELS = COMPILED_VARIANTS.get(variant, (variant, None))[0] == "kernels"
     with torch.device(device):
         model = prepared.package.Model().to(prepared.dtype)
     if variant in COMPILED_VARIANTS:
-        compile_layers(model)
+        compile_layers(model, COMPILED_VARIANTS[variant][1])
     model.train()
     tokens = torch.randint(0, model.lm_head.weight.size(0), (config.batch, config.seq_len + 1), device=device)
     step = training_step(model, tokens, device)
@@ -166,13 +168,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out")
     parser.add_argument("--only", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
-    parser.add_argument("--variants", default="kernels", help="comma-separated: kernels, kernels_compiled")
+    parser.add_argument("--variants", default="kernels", help="comma-separated: kernels, kernels_compiled, kernels_graphed")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after the first and one warm-up)")
     parser.add_argument("--budget-s", type=float, default=100.0, help="no model or profile starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
     names, variants = args.only.split(","), tuple(args.variants.split(","))
-    for chosen, known, what in ((names, MODELS, "model"), (variants, ("kernels", "kernels_compiled"), "variant")):
+    for chosen, known, what in ((names, MODELS, "model"), (variants, tuple(ESTIMATE_S), "variant")):
         unknown = sorted(set(chosen) - set(known))
         if unknown:
             parser.error(f"unknown {what}s {unknown}: choose from {', '.join(known)}")
