@@ -37,24 +37,29 @@ def build_spied_package(spec_path: Path | str, out_root: Path, monkeypatch, kern
                         overrides: tuple[str, ...] = ()):
     """Build and import the package of `spec_path` (no preset) with the named kernel functions run in Triton's
     interpreter (CPU tensors through the kernels, not their CPU fallbacks) and spied on: package.calls counts each
-    one's calls. Skips the test when triton does not import."""
+    one's calls. A name is a function of the package's kernels module or of one of its kernel files
+    ("state_update_module.mamba2_step_", counted as "mamba2_step_"). Skips the test when triton does not import."""
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
     package = build_package(spec_path, out_root, preset=None, overrides=overrides)
-    if any(getattr(package.kernels, name) is None for name in kernel_functions):
+    spied = {}
+    for name in kernel_functions:
+        owner_name, _, function = name.rpartition(".")
+        owner = getattr(package.kernels, owner_name) if owner_name else package.kernels
+        spied[function] = (owner, getattr(owner, function) if owner is not None else None)
+    if any(kernel is None for _, kernel in spied.values()):
         pytest.skip("triton did not import")
     if not torch.cuda.is_available():  # the kernels take CPU tensors only in Triton's interpreter
         monkeypatch.setattr(package.model, "use_kernel",
                             lambda kernel, x: package.model.USE_KERNELS and kernel is not None)
     package.calls = Counter()
-    for name in kernel_functions:
-        kernel = getattr(package.kernels, name)
+    for function, (owner, kernel) in spied.items():
 
-        def counted(*args, kernel=kernel, name=name, **kwargs):
-            package.calls[name] += 1
+        def counted(*args, kernel=kernel, function=function, **kwargs):
+            package.calls[function] += 1
             return kernel(*args, **kwargs)
 
-        monkeypatch.setattr(package.kernels, name, counted)
+        monkeypatch.setattr(owner, function, counted)
     return package
 
 

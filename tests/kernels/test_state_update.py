@@ -75,6 +75,7 @@ def test_ops_have_fake_implementations():
                  torch.randn(1, 14, 3, generator=g), torch.randn(14, 4, generator=g), None,
                  torch.randn(1, 2, 4, 3, generator=g), torch.randn(2, generator=g), None, None, 0.0, math.inf, 1)
     torch.library.opcheck(su.mamba2_step_op, step_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(su.mamba2_step_in_place_op, step_args, test_utils=("test_schema", "test_faketensor"))
     mamba_args = (torch.randn(1, 6, 3, generator=g), torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g),
                   torch.randn(6, 3, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g),
                   None, None, None)
@@ -115,6 +116,8 @@ def test_mamba2_step_matches_the_runtime_step(dtype, nheads, ngroups, headdim, d
     assert torch.equal(new_conv, conv_ref) and torch.equal(conv_rt.to(dtype), conv_ref)
     assert relative_norm_error(y, y_rt) <= TOL[dtype] and relative_norm_error(new_state, state_rt) <= TOL[dtype]
     assert relative_norm_error(y_ref, y_rt) <= TOL[dtype] and relative_norm_error(state_ref, state_rt) <= TOL[dtype]
+    y_in_place, conv_in_place = su.mamba2_step_(*args)  # the SSM state written over ssm_state, the same results
+    assert torch.equal(y_in_place, y) and torch.equal(conv_in_place, new_conv) and torch.equal(ssm_state, new_state)
 
 
 def test_mamba2_step_says_which_argument_has_the_wrong_shape():
