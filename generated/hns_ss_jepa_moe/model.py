@@ -223,10 +223,9 @@ class Ssm(nn.Module):
                 kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
             )  # (B, 8192); its bias is added in the step
             step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
-            if use_kernel(
-                kernels.mamba_step, x
-            ):  # A = -exp(A_log), the step and the gate in one launch, the state written in place
-                y, ssm_state = kernels.state_update_module.mamba_step_(*step_args), cache.ssm_state
+            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
+                y = kernels.state_update_module.mamba_step_(*step_args)
+                ssm_state = cache.ssm_state  # written in place by the kernel
             else:
                 y, ssm_state = mamba_step(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 8192)
@@ -246,7 +245,7 @@ class Ssm(nn.Module):
                 )
         if cache is not None:
             cache.conv_state.copy_(conv_state)
-            if ssm_state is not cache.ssm_state:  # the in-place step kernel wrote it already
+            if ssm_state is not cache.ssm_state:
                 cache.ssm_state.copy_(ssm_state)
         return self.out_proj(y)  # (B, T, 4096)
 

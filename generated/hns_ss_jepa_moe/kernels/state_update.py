@@ -14,9 +14,9 @@ state update, the D skip and the z gate, in one launch where the unfused step to
 head's output, so it stays a launch of its own: kernels/rmsnorm.py). Decoding reads the whole state and writes it
 back once per token: the step's floor is the state's bytes at the copy rate (2 × 2 MiB for one Bamba-1B layer at
 batch 1). The new states are new tensors, as in the references (the states passed in are left untouched): the caller
-copies them into its cache, and the op stays functional (exportable, capturable in a CUDA graph). `mamba_step_` is
-Mamba-1's step writing the state where it lies instead (each program owns its channels' rows of the state, so nothing
-races), which spares the copy: what a generated model's decoding step calls.
+copies them into its cache, and the op stays functional (exportable, capturable in a CUDA graph). `mamba_step_` and
+`mamba2_step_` write the SSM state where it lies instead (each program owns its rows of the state, so nothing races),
+which spares its copy: what a generated model's decoding step calls. Mamba-2's conv state stays functional.
 
 The ops are inference-only (no autograd: decoding does not train). Under TRITON_INTERPRET=1 they run on CPU tensors
 in Triton's interpreter (the tests); on CPU otherwise they compute the reference.
@@ -128,7 +128,7 @@ def _mamba2_step_kernel(
     A_log_ptr, D_ptr, dt_bias_ptr, dt_min, dt_max,
     y_ptr,  # (B, H·P) contiguous, in xbc's dtype
     new_conv_state_ptr,  # (B, conv channels, K-1) contiguous, in the conv state's dtype
-    new_state_ptr,  # (B, H, P, N) contiguous, float32
+    new_state_ptr, new_state_stride_b, new_state_stride_h, new_state_stride_p, new_state_stride_n,  # or the state
     nheads, heads_per_group, ngroups, headdim, dstate,
     HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -178,7 +178,10 @@ def _mamba2_step_kernel(
         y += tl.load(D_ptr + h).to(tl.float32) * x
     z = tl.load(z_ptr + b64 * z_stride_b + (h * headdim + p) * z_stride_c, mask=p_in, other=0.0).to(tl.float32)
     y *= z * tl.sigmoid(z)
-    tl.store(new_state_ptr + ((b64 * nheads + h) * headdim + p[:, None]) * dstate + n[None, :], state, mask=pn_in)
+    # each program reads and writes only its own (BLOCK_P, N) rows of its head's state: writing in place cannot race
+    # (the conv state can not: every head of a group reads the B and C taps one program rewrites)
+    tl.store(new_state_ptr + b64 * new_state_stride_b + h * new_state_stride_h + p[:, None] * new_state_stride_p
+             + n[None, :] * new_state_stride_n, state.to(new_state_ptr.dtype.element_ty), mask=pn_in)
     tl.store(y_ptr + b64 * d_inner + h * headdim + p, y.to(y_ptr.dtype.element_ty), mask=p_in)
 
 
@@ -211,6 +214,28 @@ def _mamba2_step_impl(z: Tensor, xbc: Tensor, dt: Tensor, conv_state: Tensor, co
     if not (xbc.is_cuda or triton_on_cpu()):
         return mamba2_step_reference(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias,
                                      dt_min, dt_max, ngroups)
+    return _launch_mamba2_step(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min,
+                               dt_max, ngroups)
+
+
+def _mamba2_step_in_place_impl(z: Tensor, xbc: Tensor, dt: Tensor, conv_state: Tensor, conv_weight: Tensor,
+                               conv_bias: Tensor | None, ssm_state: Tensor, A_log: Tensor, D: Tensor | None,
+                               dt_bias: Tensor | None, dt_min: float, dt_max: float,
+                               ngroups: int) -> tuple[Tensor, Tensor]:
+    """archgen_v1::mamba2_step_ -> (y, new_conv_state) as mamba2_step's; ssm_state updated where it lies."""
+    args = (z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min, dt_max, ngroups)
+    if not (xbc.is_cuda or triton_on_cpu()):
+        y, new_conv_state, new_state = mamba2_step_reference(*args)
+        ssm_state.copy_(new_state)
+        return y, new_conv_state
+    y, new_conv_state, _ = _launch_mamba2_step(*args, out_state=ssm_state)
+    return y, new_conv_state
+
+
+def _launch_mamba2_step(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min, dt_max,
+                        ngroups, out_state=None):
+    """(y, new conv state, new SSM state): the SSM state in out_state (the state itself, in place) or a new float32
+    tensor."""
     batch, nheads, headdim, dstate = ssm_state.shape
     width = conv_weight.shape[1]
     d_inner = nheads * headdim
@@ -226,13 +251,14 @@ def _mamba2_step_impl(z: Tensor, xbc: Tensor, dt: Tensor, conv_state: Tensor, co
         raise ValueError(f"mamba2_step: the heads H = {nheads} must be a multiple of the groups G = {ngroups}")
     y = torch.empty((batch, d_inner), dtype=xbc.dtype, device=xbc.device)
     new_conv_state = torch.empty((batch, conv_channels, width - 1), dtype=conv_state.dtype, device=xbc.device)
-    new_state = torch.empty((batch, nheads, headdim, dstate), dtype=torch.float32, device=xbc.device)
+    new_state = out_state if out_state is not None else torch.empty((batch, nheads, headdim, dstate),
+                                                                    dtype=torch.float32, device=xbc.device)
     block_p = SSD_STEP_CONFIG["BLOCK_P"]
     with on_device(xbc):
         _mamba2_step_kernel[(batch, nheads, triton.cdiv(headdim, block_p))](
             *strided(z, 2), *strided(xbc, 2), *strided(dt, 2), *strided(conv_state, 3), *strided(conv_weight, 2),
-            conv_bias, *strided(ssm_state, 4), A_log, D, dt_bias, dt_min, dt_max, y, new_conv_state, new_state,
-            nheads, nheads // ngroups, ngroups, headdim, dstate,
+            conv_bias, *strided(ssm_state, 4), A_log, D, dt_bias, dt_min, dt_max, y, new_conv_state,
+            *strided(new_state, 4), nheads, nheads // ngroups, ngroups, headdim, dstate,
             HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
             WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
             num_warps=SSD_STEP_CONFIG["num_warps"],
@@ -244,6 +270,11 @@ def _mamba2_step_fake(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state,
                       ngroups):
     return (xbc.new_empty(z.shape), torch.empty_like(conv_state),
             ssm_state.new_empty(ssm_state.shape, dtype=torch.float32))
+
+
+def _mamba2_step_in_place_fake(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min,
+                               dt_max, ngroups):
+    return xbc.new_empty(z.shape), torch.empty_like(conv_state)
 
 
 def mamba2_step_reference(
@@ -368,6 +399,8 @@ mamba_step_op = register_op("mamba_step", _mamba_step_impl, _mamba_step_fake)
 mamba_step_in_place_op = register_op("mamba_step_", _mamba_step_in_place_impl, _mamba_step_in_place_fake,
                                      mutates_args=("state",))
 mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
+mamba2_step_in_place_op = register_op("mamba2_step_", _mamba2_step_in_place_impl, _mamba2_step_in_place_fake,
+                                      mutates_args=("ssm_state",))
 
 
 def mamba_step(
@@ -431,6 +464,32 @@ def mamba2_step(
     new_ssm_state float32); the states passed in are left untouched."""
     return mamba2_step_op(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min,
                           dt_max, ngroups)
+
+
+def mamba2_step_(
+    z: Tensor,
+    xbc: Tensor,
+    dt: Tensor,
+    conv_state: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    ssm_state: Tensor,
+    A_log: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_min: float = 0.0,
+    dt_max: float = math.inf,
+    ngroups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """`mamba2_step` with the new SSM state written over `ssm_state` (a decoding cache's) by the kernel itself: no copy
+    of it afterwards. Returns (y (B, H·P), new_conv_state): the conv state stays functional (see the kernel). While
+    torch.export traces, the functional op and a copy (exported graphs and their ONNX lowering keep that form)."""
+    args = (z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, dt_min, dt_max, ngroups)
+    if torch.compiler.is_exporting():
+        y, new_conv_state, new_state = mamba2_step_op(*args)
+        ssm_state.copy_(new_state)
+        return y, new_conv_state
+    return mamba2_step_in_place_op(*args)
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
