@@ -15,6 +15,7 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token.
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
+(the bars alone, about a minute: --variants graph --no-parity, transformers included)
 `--dry-run` runs every step on the CPU at toy sizes (no graphs; torch.compile with its "eager" backend, which checks
 the step has no graph break without inductor's minutes of CPU compiling) to check the script; its figures mean
 nothing. The JSON is rewritten after every section, so a run that is stopped keeps what it measured; a section that
@@ -149,7 +150,7 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         row["cache_bytes"] = state_bytes
         with torch.no_grad():
             for variant, options in VARIANTS.items():
-                if variant == "eager" and not args.eager:
+                if variant not in args.variants:
                     continue
 
                 def generate(p, n, options=options):
@@ -164,6 +165,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 save(args, results)
             if batch == 1:
                 attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16), args)
+                if args.no_parity:
+                    continue
                 attempt(row, "logit_parity_bf16", lambda prompt=prompt: logit_parity(model, prompt, 16, device, compile=True),
                         args)
                 if not args.dry_run:  # the same in float32: rounding differences shrink ~65000-fold, a bug does not
@@ -249,11 +252,18 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=150.0, help="start no section after this many seconds")
     parser.add_argument("--batches", default="1", help="comma-separated decode batch sizes (the bar is batch 1)")
     parser.add_argument("--eager", action="store_true", help="also time decoding without a CUDA graph (slow)")
+    parser.add_argument("--variants", default="graph,graph_compiled",
+                        help=f"comma-separated decoding variants of {', '.join(VARIANTS)} (--eager adds eager)")
+    parser.add_argument("--no-parity", action="store_true",
+                        help="skip the per-step logit parity (it compiles the step again, in bf16 and float32)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' Bamba (its own ~15 s)")
     args = parser.parse_args()
     args.deadline = time.monotonic() + args.budget_s
     args.device = "cpu" if args.dry_run else "cuda"
     args.batches = tuple(int(b) for b in args.batches.split(","))
+    args.variants = set(args.variants.split(",")) | ({"eager"} if args.eager else set())
+    if args.variants - set(VARIANTS):
+        parser.error(f"--variants: {', '.join(sorted(args.variants - set(VARIANTS)))} unknown; choose from {', '.join(VARIANTS)}")
     args.prompt_len, args.new_tokens = (128, 64) if not args.dry_run else (8, 4)
     if args.dry_run:  # inductor would compile each toy model for minutes on a CPU; the eager backend still traces it
         torch.compile = partial(torch.compile, backend="eager")

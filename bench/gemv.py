@@ -203,10 +203,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: timings meaningless")
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop starting shapes after this many seconds")
+    parser.add_argument("--only", default=None, help=f"comma-separated models of {', '.join(MODELS)}")
     args = parser.parse_args()
     bench = Bench(args.out, args.dry_run, args.budget_s)
     for name, shapes in (DRY_MODELS if args.dry_run else MODELS).items():
-        bench.model(name, shapes)
+        if args.dry_run or args.only is None or name in args.only.split(","):
+            bench.model(name, shapes)
     bench.save()
     print(bench.summary())
     print(f"wrote {args.out / 'gemv.json'} and {args.out / 'gemv.bars.json'} in {bench.elapsed():.0f}s")
