@@ -21,15 +21,15 @@ CHUNK time steps. Per chunk it loads (CHUNK, BLOCK_D) tiles of u, delta, z and (
 with a log-depth `tl.associative_scan` along time over (decay, input) pairs — composing two steps h ↦ a·h + x
 multiplies decays in [0, 1], so it is stable for any Δ·A — then adds the state carried in from the previous chunk
 times the decay since the chunk start. y contracts the states with C. Loading whole tiles rather than one time
-step at a time keeps many loads in flight, which a step-by-step loop (one dependent load per step) cannot.
-(Measured on an H200, bench/kernels.py, B 8, L 4096, D 4096, N 16, bf16: this forward 5.6 ms. A forward with the
-backward's layout, one channel per lane stepping through time, ran 8.4 ms at its best config, most likely for want
-of parallelism to hide its per-step latencies: B·D = 32768 lanes in all, under 8 warps per SM (not profiled).)
+step at a time keeps many loads in flight, which a step-by-step loop (one dependent load per step) cannot; PREFETCH
+goes further, loading the next chunk's tiles before this chunk's arithmetic. (H200, bench/kernels.py, B 8, L 4096,
+D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms without — the loop was bound by load latency —
+against 2.29 ms for mamba_ssm's CUDA selective_scan_fn in the same run.)
 
-A second forward (KERNEL 2 in its config; the autotuner picks) works one state index n at a time on (CHUNK, BLOCK_D)
-tiles whose lanes hold whole columns (a channel's CHUNK steps in one lane's registers): the scan runs within each lane
-and y accumulates over n in registers, so no sum crosses lanes; the state each n carries to the next chunk waits in a
-small two-slot workspace in memory.
+A second forward (PER_STATE in its config; the autotuner picks) works one state index n at a time on (CHUNK,
+BLOCK_D) tiles whose lanes hold whole columns (a channel's CHUNK steps in one lane's registers): the scan runs within
+each lane and y accumulates over n in registers, so no sum crosses lanes; the state each n carries to the next chunk
+waits in a small two-slot workspace in memory.
 
 Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
@@ -47,28 +47,28 @@ and, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed)
     dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
     dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
 
-Three kernels compute this; the autotuner picks one per shape (KERNEL in the config). All walk the chunks in
-reverse order from their checkpoints, and all reduce deterministically, without atomics: dA, dD and d delta_bias
+Two kernels compute this; the autotuner picks one per shape (PER_STATE in the config). Both walk the chunks in
+reverse order from their checkpoints, and both reduce deterministically, without atomics: dA, dD and d delta_bias
 summed over time per program and written per batch row ((B, D, N), (B, D)), dB and dC summed over a program's block
 of channels and written per block ((B, T, blocks, N)); torch sums those.
 
-- Chunk tiles (KERNEL 1), the forward's tiles and grid: per chunk, the states again from the checkpoint by
-  the forward's scan, then every g_t of the chunk at once by a reverse `tl.associative_scan` of g_t = c_t + a_{t+1}
-  g_{t+1} (c_t = dȳ_t C_t). A segment of that recurrence applies its own first decay not to its own g but to what
-  flows in, so a segment is carried as (its first decay, the product of the others, its g): a shifted copy of the
-  decays would cost a second tile of exp2s. What flows in from the later chunks adds the product of the decays
-  since each step times a_{t+1} g_{t+1} at the chunk's end. One exp2 per step and state, as the forward.
-- Lane per channel (KERNEL 0), the grid (batch, blocks of BLOCK_D = 32 · num_warps channels): a lane holds the
-  N states of its channel in registers and runs the adjoint one step after the other. A lane cannot hold CHUNK · N
-  states, so the chunk is cut into pieces of SUB steps, last piece first: for each, the forward runs again from the
-  chunk's checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D) register tile,
-  then the adjoint runs back over the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}.
-  (19.7 ms on the H200 at the anchor shape.)
-- Per state (KERNEL 2): (CHUNK, BLOCK_D) tiles with a lane per channel (or two) and the chunk's time steps in its
-  registers, one state index n after the other: per n the two scans of KERNEL 1 run within each lane, and the sums
-  over n (dΔ, du, and ȳ for dz) accumulate in registers; only dB_t and dC_t cross lanes. The adjoints flowing in
-  from the next chunk and dA's running sums wait in two-slot workspaces in memory (one slot read, the other
-  written, a barrier between chunks), since a register tile cannot be indexed by n.
+- Lane per channel, the grid (batch, blocks of BLOCK_D = 32 · num_warps channels): a lane holds the N states of its
+  channel in registers and runs the adjoint one step after the other. A lane cannot hold CHUNK · N states, so the
+  chunk is cut into pieces of SUB steps, last piece first: for each, the forward runs again from the chunk's
+  checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D) register tile, then the
+  adjoint runs back over the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}.
+  (19.9 ms on the H200 at the anchor shape, gpu6/call2; mamba_ssm's backward about 9 ms.)
+- Per state (PER_STATE 1): (CHUNK, BLOCK_D) tiles with a lane per channel (or two) and the chunk's time steps in its
+  registers, one state index n after the other. Per n, the states again from the checkpoint by the forward's scan,
+  then every g_t of the chunk at once by a reverse `tl.associative_scan` of g_t = c_t + a_{t+1} g_{t+1}
+  (c_t = dȳ_t C_t), both within each lane. A segment of that recurrence applies its own first decay not to its own
+  g but to what flows in, so a segment is carried as (its first decay, the product of the others, its g): a shifted
+  copy of the decays would cost a second exp2 per element. What flows in from the next chunk adds the product of
+  the decays since each step times a_{t+1} g_{t+1} at the chunk's end. The sums over n (dΔ, du, and ȳ for dz)
+  accumulate in registers; only dB_t and dC_t cross lanes. The adjoints flowing in from the next chunk and dA's
+  running sums wait in two-slot workspaces in memory (one slot read, the other written, a barrier between chunks),
+  since a register tile cannot be indexed by n. (The same two scans over (CHUNK, BLOCK_D, N) tiles, the forward's
+  layout, ran 32-47 ms on the H200, gpu6/call2: 16 lanes per channel, so every sum over n took 4 shuffle rounds.)
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -98,40 +98,35 @@ chunks halve the checkpoint bytes but make the backward recompute more steps (se
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-# Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
-# values: the configs the H200 ran within 10% of the best, with and without PREFETCH (a one-deep software pipeline of
-# the loads, which costs registers). The backward has three kernels, KERNEL chooses (see the module docstring): 0,
-# lane per channel, at its best config on the H200 (32 channels, 1 warp, holding SUB = 2 steps' states at once); 1,
-# (time, channel, state) tiles, at the blocks that keep 16 values of a tile per thread (more spill registers on sm_90);
-# 2, (time, channel) tiles one state index at a time, a lane per channel or two. The forward's KERNEL 2 is its
-# per-state kernel, at the same blocks; without KERNEL (or any other value) it runs the tiles.
+# Autotune spaces. BLOCK_D is the number of channels per program; PER_STATE chooses between each direction's two
+# kernels (see the module docstring). The forward's tiles hold CHUNK · BLOCK_D · N float32 values, and PREFETCH (a
+# one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without (5.8 ms at the anchor shape,
+# gpu6/call2), so only prefetching configs remain. The per-state kernels hold a lane per channel (or two), and STAGES
+# software-pipelines their loop over n (its loads staged through shared memory). The lane-per-channel backward keeps
+# its best config on the H200 (32 channels, 1 warp, holding SUB = 2 steps' states at once).
 FORWARD_CONFIGS = [
-    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
-    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
-    {"BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
     {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
-    {"KERNEL": 2, "BLOCK_D": 32, "num_warps": 1},
-    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2},
+    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 1},
+    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 3},
+    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3},
 ]
 BACKWARD_CONFIGS = [
-    {"KERNEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2},
-    {"KERNEL": 1, "BLOCK_D": 8, "num_warps": 4, "PREFETCH": 1},
-    {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 0},
-    {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 8, "PREFETCH": 1},
-    {"KERNEL": 2, "BLOCK_D": 32, "num_warps": 1},
-    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 2},
-    {"KERNEL": 2, "BLOCK_D": 64, "num_warps": 4},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2},
+    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 1},
+    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 3},
+    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3},
+    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 4, "STAGES": 1},
 ]
-FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 0}
-BACKWARD_DEFAULT = {"KERNEL": 0, "BLOCK_D": 32, "num_warps": 1, "SUB": 2}
+FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}
+BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py). A config pinned without PREFETCH does
-not prefetch; a backward config without KERNEL is the lane kernel's (older tuning tables), without SUB holds
-BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"KERNEL": 1, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
-"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
-reads BLOCK_D, num_warps and PREFETCH)."""
+generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu6/call2). A config pinned without
+PER_STATE runs the tiles forward / the lane-per-channel backward, without PREFETCH does not prefetch, without STAGES
+runs one stage, without SUB holds BACKWARD_DEFAULT's."""
+INTERPRETER_CONFIG = {"PER_STATE": 0, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4, "STAGES": 1}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (each kernel reads
+the keys it has)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -390,6 +385,7 @@ def _selective_scan_fwd_per_state_kernel(
     DELTA_SOFTPLUS: tl.constexpr,
     SAVE_CHECKPOINTS: tl.constexpr,
     CHUNK: tl.constexpr,
+    STAGES: tl.constexpr,  # software-pipeline stages of the loop over n (its loads through shared memory if > 1)
     BLOCK_D: tl.constexpr,  # channels per program
 ):
     """The forward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of states
@@ -420,7 +416,7 @@ def _selective_scan_fwd_per_state_kernel(
         dtu = dt * u
         read_slot = chunk % 2
         y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-        for n in range(dstate):
+        for n in tl.range(dstate, num_stages=STAGES):
             A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
             B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n, mask=t_in,
                           other=0.0).to(tl.float32)
@@ -618,183 +614,6 @@ def _adjoint_combine(first_late, rest_late, adjoint_late, first_early, rest_earl
 
 
 @triton.jit
-def _selective_scan_bwd_chunked_kernel(
-    u_ptr, u_stride_b, u_stride_t, u_stride_d,
-    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-    A_ptr, A_stride_d, A_stride_n,
-    B_ptr, B_stride_b, B_stride_t, B_stride_n,
-    C_ptr, C_stride_b, C_stride_t, C_stride_n,
-    D_ptr, D_stride_d,
-    z_ptr, z_stride_b, z_stride_t, z_stride_d,
-    delta_bias_ptr, delta_bias_stride_d,
-    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
-    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-    dfinal_ptr, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n,
-    du_ptr, du_stride_b, du_stride_t, du_stride_d,
-    ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
-    dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
-    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
-    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
-    dA_part_ptr, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n,
-    dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
-    dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
-    dinit_ptr, dinit_stride_b, dinit_stride_d, dinit_stride_n,
-    seqlen, n_chunks, dim, dstate,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_DELTA_BIAS: tl.constexpr,
-    HAS_INITIAL_STATE: tl.constexpr,  # write dL/d initial_state
-    DELTA_SOFTPLUS: tl.constexpr,
-    HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
-    PREFETCH: tl.constexpr,  # load the inputs of the chunk before this one ahead of this chunk's arithmetic
-    CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,  # channels per program
-):
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)
-    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    n_offs = tl.arange(0, BLOCK_N)
-    d_in = d_offs < dim
-    n_in = n_offs < dstate
-    dn_in = d_in[:, None] & n_in[None, :]
-
-    # As in the forward: padded channels and state indices have decay 1, input 0, and every store masks them out.
-    A = tl.load(A_ptr + d_offs[:, None] * A_stride_d + n_offs[None, :] * A_stride_n, mask=dn_in, other=0.0)
-    A = A.to(tl.float32)
-    A_log2 = A * _LOG2E
-    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    # a_{t+1} g_{t+1} for the last step of the chunk being processed: what flows back from everything after it.
-    if HAS_DFINAL:
-        dfinal_offs = _channel_state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, d_offs, n_offs)
-        adjoint = tl.load(dfinal_ptr + dfinal_offs, mask=dn_in, other=0.0).to(tl.float32)
-    else:
-        adjoint = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
-
-    # PREFETCH as in the forward: each iteration loads the inputs of the chunk before it (the next one processed).
-    last = (n_chunks - 1) * CHUNK
-    if PREFETCH:
-        u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
-            last, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
-            u_ptr, u_stride_b, u_stride_t, u_stride_d,
-            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-            B_ptr, B_stride_b, B_stride_t, B_stride_n,
-            C_ptr, C_stride_b, C_stride_t, C_stride_n,
-            z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
-        )
-        dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, last, rows, d_offs, d_in, seqlen)
-        entering_next = tl.load(ckpt_ptr + tl.cast(n_chunks - 1, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
-                                other=0.0)
-    for step in range(n_chunks):
-        chunk = n_chunks - 1 - step
-        t0 = chunk * CHUNK
-        if PREFETCH:
-            u, dt_raw, B, C, z, dy, entering = u_next, dt_next, B_next, C_next, z_next, dy_next, entering_next
-            before = tl.maximum(chunk - 1, 0)  # the first chunk loads itself again, unused
-            u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
-                before * CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
-                u_ptr, u_stride_b, u_stride_t, u_stride_d,
-                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-                B_ptr, B_stride_b, B_stride_t, B_stride_n,
-                C_ptr, C_stride_b, C_stride_t, C_stride_n,
-                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
-            )
-            dy_next = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, before * CHUNK, rows, d_offs, d_in,
-                            seqlen)
-            entering_next = tl.load(ckpt_ptr + tl.cast(before, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in,
-                                    other=0.0)
-        else:
-            u, dt_raw, B, C, z = _chunk_inputs(
-                t0, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
-                u_ptr, u_stride_b, u_stride_t, u_stride_d,
-                delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-                B_ptr, B_stride_b, B_stride_t, B_stride_n,
-                C_ptr, C_stride_b, C_stride_t, C_stride_n,
-                z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
-            )
-            dy = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-            entering = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=dn_in, other=0.0)
-        t_in = (t0 + rows) < seqlen
-        td_in = t_in[:, None] & d_in[None, :]
-        tn_in = t_in[:, None] & n_in[None, :]
-        if HAS_DELTA_BIAS:
-            dt_raw += bias[None, :]
-        dt = _softplus(dt_raw) if DELTA_SOFTPLUS else dt_raw
-        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-
-        # The chunk's states again, from its checkpoint, as the forward computed them.
-        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N)
-        dtu = dt * u
-        inp = dtu[:, :, None] * B[:, None, :]
-        states = _chunk_states(decay, inp, entering)
-
-        # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero past the end).
-        if HAS_Z:
-            y = tl.sum(states * C[:, None, :], axis=2) + skip[None, :] * u
-            gate = tl.sigmoid(z)
-            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
-                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
-            dy_ssm = dy * z * gate
-        else:
-            dy_ssm = dy
-
-        # The adjoint g_t = dL/dh_t of every step at once: a reverse scan, plus what flows in from later chunks
-        # through the decays since each step (rest).
-        _, rest, g = tl.associative_scan((decay, tl.full(decay.shape, 1.0, tl.float32), dy_ssm[:, :, None] * C[:, None, :]),
-                                         0, _adjoint_combine, reverse=True)
-        g += rest * adjoint[None, :, :]
-        adjoint = _row(decay * g, rows, 0)  # into the state entering the chunk
-
-        # dB, dC: this block's share of the sums over channels; the other sums run over n, within the tile.
-        dC_part = tl.sum(dy_ssm[:, :, None] * states, axis=1)  # (CHUNK, BLOCK_N)
-        dB_part = tl.sum(g * dtu[:, :, None], axis=1)
-        dC_offs = pid_d * dC_part_stride_blk + _tile_offsets(pid_b, t0, dC_part_stride_b, dC_part_stride_t,
-                                                             dC_part_stride_n, rows, n_offs)
-        tl.store(dC_part_ptr + dC_offs, dC_part, mask=tn_in)
-        dB_offs = pid_d * dB_part_stride_blk + _tile_offsets(pid_b, t0, dB_part_stride_b, dB_part_stride_t,
-                                                             dB_part_stride_n, rows, n_offs)
-        tl.store(dB_part_ptr + dB_offs, dB_part, mask=tn_in)
-
-        # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
-        g_dot_B = tl.sum(g * B[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
-        g_decayed = g * (states - inp)
-        ddt = tl.sum(g_decayed * A[None, :, :], axis=2) + u * g_dot_B
-        du = dt * g_dot_B + dy_ssm * skip[None, :]
-        dA_acc += tl.sum(g_decayed * dt[:, :, None], axis=0)
-        dD_acc += tl.sum(dy_ssm * u, axis=0)
-        if DELTA_SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_raw)
-        ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
-                 du.to(du_ptr.dtype.element_ty), mask=td_in)
-        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
-                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
-
-    if HAS_INITIAL_STATE:
-        dinit_offs = _channel_state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, d_offs, n_offs)
-        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=dn_in)
-    dA_offs = _channel_state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, d_offs, n_offs)
-    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=dn_in)
-    if HAS_D:
-        tl.store(dD_part_ptr + pid_b.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
-    if HAS_DELTA_BIAS:
-        tl.store(dbias_part_ptr + pid_b.to(tl.int64) * dbias_part_stride_b + d_offs * dbias_part_stride_d,
-                 dbias_acc, mask=d_in)
-
-
-@triton.jit
 def _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
                       u_ptr, u_stride_b, u_stride_t, u_stride_d,
                       delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
@@ -849,6 +668,7 @@ def _selective_scan_bwd_per_state_kernel(
     HAS_DELTA_BIAS: tl.constexpr,
     DELTA_SOFTPLUS: tl.constexpr,
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
+    STAGES: tl.constexpr,  # software-pipeline stages of the loop over n (its loads through shared memory if > 1)
     BLOCK_D: tl.constexpr,  # channels per program
 ):
     """The backward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of decays,
@@ -891,7 +711,7 @@ def _selective_scan_bwd_per_state_kernel(
         y_acc = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n h C: ȳ before the skip, for dz
         g_dot_B = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g B
         g_decayed_dot_A = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g (a_t h_{t-1}) A
-        for n in range(dstate):
+        for n in tl.range(dstate, num_stages=STAGES):
             A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
             B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n,
                           mask=(t0 + rows) < seqlen, other=0.0).to(tl.float32)
@@ -978,8 +798,8 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"KERNEL": config.get("KERNEL", 0), "BLOCK_D": config["BLOCK_D"],
-            "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0),
+    return {"PER_STATE": config.get("PER_STATE", 0), "BLOCK_D": config["BLOCK_D"],
+            "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0), "STAGES": config.get("STAGES", 1),
             "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
@@ -1067,7 +887,7 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        if cfg.get("KERNEL", 0) == 2:
+        if cfg.get("PER_STATE", 0):
             launch_per_state(cfg, grid)
             return
         _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
@@ -1085,7 +905,7 @@ def selective_scan_forward(
             *strided(checkpoints if save_checkpoints else None, 4), seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
             DELTA_SOFTPLUS=bool(delta_softplus), SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size,
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            STAGES=cfg.get("STAGES", 1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
         final_state.copy_(carry[:, triton.cdiv(seqlen, chunk_size) % 2])
 
@@ -1156,19 +976,14 @@ def selective_scan_backward(
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
         dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
         dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
-        kernel = cfg.get("KERNEL", 0)
-        if kernel == 2:
+        if cfg.get("PER_STATE", 0):
             return (dB_part, dC_part, *launch_per_state(cfg, blocks, dB_part, dC_part))
-        args = (*inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
-                *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate)
-        if kernel == 1:
-            _selective_scan_bwd_chunked_kernel[(batch, blocks)](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)),
-                                                                 BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
-        else:
-            _selective_scan_bwd_kernel[(batch, blocks)](
-                *args, **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])),
-                BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-            )
+        _selective_scan_bwd_kernel[(batch, blocks)](
+            *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
+            *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
+            **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
         return dB_part, dC_part, dA_part, dinit
 
     def launch_per_state(cfg, blocks, dB_part, dC_part):
@@ -1184,7 +999,8 @@ def selective_scan_backward(
             *strided(dA_ws, 4), *strided(adjoint_ws, 4), *strided(dD_part, 2), *strided(dbias_part, 2),
             seqlen, n_chunks, dim, dstate,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=bool(delta_softplus), CHUNK=chunk_size, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            DELTA_SOFTPLUS=bool(delta_softplus), CHUNK=chunk_size, STAGES=cfg.get("STAGES", 1), BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
         )
         last = n_chunks % 2  # the slot the last chunk wrote
         dinit_of_kernel = adjoint_ws[:, last].to(initial_state.dtype) if initial_state is not None else None
