@@ -89,7 +89,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    dtype_name,
+    interpreting,
+    on_device,
+    op_overload,
+    register_op,
+    softplus,
+    strided,
+    triton_on_cpu,
+)
 
 CHUNK_SIZE = 16
 """Time steps per chunk (a power of two): the forward unrolls a chunk and checkpoints the state entering it; larger
@@ -137,16 +147,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), never overflowing; log1p(w) = log(1 + w) · w / ((1 + w) - 1) keeps
-    w where 1 + w rounds to 1 (Goldberg's trick; triton.language has no log1p)."""
-    w = tl.exp(-tl.abs(x))
-    one_plus_w = 1.0 + w
-    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
-    return tl.maximum(x, 0.0) + log1p_w
-
-
-@triton.jit
 def _step_offsets(batch, t, stride_b, stride_t, stride_col, cols):
     """Element offsets of row t of one batch row of a (B, T, cols) tensor (int64 base: B·T·D passes 2**31)."""
     return tl.cast(batch, tl.int64) * stride_b + tl.cast(t, tl.int64) * stride_t + cols * stride_col
@@ -172,7 +172,7 @@ def _step_delta(delta_ptr, stride_b, stride_t, stride_d, pid_b, t, d_offs, td_in
                   mask=td_in, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
         raw += bias
-    dt = _softplus(raw) if DELTA_SOFTPLUS else raw
+    dt = softplus(raw) if DELTA_SOFTPLUS else raw
     return raw, tl.where(td_in, dt, 0.0)
 
 
@@ -344,7 +344,7 @@ def _selective_scan_fwd_kernel(
         if HAS_DELTA_BIAS:
             dt += bias[None, :]
         if DELTA_SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
 
         decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
@@ -411,7 +411,7 @@ def _selective_scan_fwd_per_state_kernel(
         if HAS_DELTA_BIAS:
             dt += bias[None, :]
         if DELTA_SOFTPLUS:
-            dt = _softplus(dt)
+            dt = softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
         dtu = dt * u
         read_slot = chunk % 2
@@ -628,7 +628,7 @@ def _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
     if HAS_DELTA_BIAS:
         dt += bias[None, :]
     if DELTA_SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     dt = tl.where(((t0 + rows) < seqlen)[:, None] & d_in[None, :], dt, 0.0)
     if HAS_Z:
         z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
