@@ -181,7 +181,10 @@ class Bench:
             for rows in (2, self.gemv.FEW_ROWS):
                 if not self.dry_run and self.elapsed() > self.budget_s:
                     break
-                record["few_rows"][f"{projection}-M{rows}"] = self.shape(N, K, rows, projection.endswith("gate_up"))
+                try:
+                    record["few_rows"][f"{projection}-M{rows}"] = self.shape(N, K, rows, projection.endswith("gate_up"))
+                except Exception as error:  # noqa: BLE001 - recorded, the others still run
+                    record["few_rows"][f"{projection}-M{rows}"] = {"error": f"{type(error).__name__}: {error}"}
                 self.save()
 
     def summary(self) -> str:
