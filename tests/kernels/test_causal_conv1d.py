@@ -173,6 +173,18 @@ def test_the_custom_ops_autograd_matches_the_eager_path():
         assert torch.equal(got.detach(), want.detach())
 
 
+@pytest.mark.parametrize("width", [4, 6], ids=["window", "two-pass"])
+def test_the_backward_op_returns_the_layouts_its_fake_promises(width):
+    """torch.compile and CUDA-graph captures plan with the fake's shapes and strides: the real gradients match them
+    (d weight is computed transposed)."""
+    g = torch.Generator().manual_seed(width)
+    x, weight, bias = torch.randn(2, 7, 5, generator=g), torch.randn(5, width, generator=g), torch.randn(5, generator=g)
+    state, dy = torch.randn(2, 5, width - 1, generator=g), torch.randn(2, 7, 5, generator=g)
+    real = conv.causal_conv1d_backward_op(dy, None, x, weight, bias, state, True)
+    fake = conv._backward_fake(dy, None, x, weight, bias, state, True)
+    assert [(t.shape, t.stride()) for t in real] == [(t.shape, t.stride()) for t in fake]
+
+
 def test_bad_activation_is_named():
     with pytest.raises(ValueError, match="activation"):
         conv.causal_conv1d(torch.randn(1, 2, 3), torch.randn(3, 4), activation="gelu")
