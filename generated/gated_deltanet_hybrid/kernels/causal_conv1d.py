@@ -744,7 +744,10 @@ def causal_conv1d_backward(
                 dx[:, src] += dnew_state[:, :, j].to(dx.dtype)
             elif dstate is not None:
                 dstate[:, :, src + width - 1] += dnew_state[:, :, j].float()
-    return (dx, dweight.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else None,
+    # dweight is the transpose of the (K, D) tap sums: made contiguous, the layout the op's fake promises (a CUDA-graph
+    # capture of a training step checks the two agree)
+    return (dx, dweight.to(weight.dtype).contiguous(),
+            dbias.to(bias.dtype) if bias is not None else None,
             dstate.to(conv_state.dtype) if dstate is not None else None)
 
 

@@ -448,8 +448,8 @@ def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tenso
     return y, rstd
 
 
-def _rms_norm_fake(x, weight, eps):
-    return torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+def _rms_norm_fake(x, weight, eps):  # the kernels' outputs are contiguous whatever x's layout
+    return x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
 
 
 def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -461,7 +461,7 @@ def _add_rms_norm_impl(x: Tensor, residual: Tensor, weight: Tensor, eps: float) 
 
 
 def _add_rms_norm_fake(x, residual, weight, eps):
-    return torch.empty_like(x), torch.empty_like(x), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((x.numel() // x.shape[-1],), dtype=torch.float32)
 
 
 def _backward_impl(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
@@ -472,7 +472,7 @@ def _backward_impl(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tensor,
 
 
 def _backward_fake(dy, ds_out, s, weight, rstd):
-    return torch.empty_like(s), torch.empty_like(weight)
+    return s.new_empty(s.shape), torch.empty_like(weight)
 
 
 def _rstd(s: Tensor, eps: float) -> Tensor:
