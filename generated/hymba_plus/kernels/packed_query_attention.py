@@ -75,35 +75,32 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choice
 # each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY). The first config that fits (see `candidates`) is what a bucket
 # runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
-# bf16 for sparse queries (session 6, GPU call 2; in ms, each kernel alone), the others kept are within 5% of it there
-# or untried variants of it. Beside each: registers per thread, shared memory, and so programs per SM, from triton 3.6
-# compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU);
-# none spills (8 bytes of stack at most). Every 8-warp dkdv config holds one program per SM, so nothing hides its
-# loads of K and V and its stores of dK and dV: the 4-warp ones with 64 keys fit two.
+# bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone, the losers' in that run beside it). Beside
+# each: registers per thread, shared memory, and so programs per SM, from triton 3.6 compiles for sm_90 with the
+# run-time specializations (docs/design.md: counting a kernel's registers without a GPU); none spills (8 bytes of
+# stack at most). An 8-warp dkdv config holds one program per SM, so nothing hides its loads of K and V and its
+# stores of dK and dV; the 4-warp ones with 64 keys fit two, and won by 12%.
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
-        (64, 64, 4, 3, 1),  # 0.322 ms; 255 registers, 112 KB: 2 per SM (64 keys at 3 per SM: 0.363; 128 rows: 0.408)
-        (64, 64, 4, 3, 16),
-        (64, 64, 4, 3, 4),
+        (64, 64, 4, 3, 16),  # 0.329 ms (heads in groups of 4: 0.355); 255 registers, 112 KB: 2 per SM
+        (64, 64, 4, 3, 1),  # 0.357 (call 2's fastest; 64 keys at 3 per SM and 128 rows lost there)
     )
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
-        (64, 32, 4, 4, 1),  # 0.406 ms; 177, 96 KB: 2
-        (64, 32, 4, 4, 16),
-        (128, 64, 8, 3, 1),  # 0.423; 246, 160 KB: 1 (the window's grouped heads: within 2% of the first)
+        (64, 32, 4, 4, 16),  # 0.410 ms; 177, 96 KB: 2
+        (128, 64, 8, 3, 1),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
     for m, n, w, s, e in (
-        (32, 128, 8, 2, 0),  # 0.856 ms (with dq's 0.406: 1.262); 241, 96 KB: 1
-        (64, 128, 8, 3, 1),  # 0.889; 255, 162 KB: 1 (call 1's window: 32 and 64 rows at 2 stages tied)
-        (32, 128, 8, 3, 0),  # 224, 112 KB: 1 (64 rows in one loop at 3 stages spills)
-        (32, 64, 4, 3, 0),  # 237, 80 KB: 2
-        (16, 64, 4, 3, 0),  # 216, 56 KB: 2
+        (32, 64, 4, 3, 0),  # 0.751 ms; 237, 80 KB: 2 (16 rows: 0.851)
+        (32, 64, 4, 3, 1),  # 242, 81 KB: 2 (a window's long unmasked middle may favour the three loops)
+        (32, 128, 8, 3, 0),  # 0.854; 224, 112 KB: 1 (2 stages: 0.861)
+        (64, 128, 8, 3, 1),  # 0.895; 255, 162 KB: 1 (call 1's window: 64 and 32 rows at 128 keys tied)
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
