@@ -148,7 +148,8 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
         step()
         sync(device)
     events = profiler.events()
-    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    # the GPU timeline's events but its user annotations (the optimizer's step range), which are not kernels
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     by_kernel = Counter()
     calls = Counter()
     for kernel in kernels:
