@@ -96,6 +96,18 @@ def test_every_config_computes_the_same():
         assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
 
 
+def test_a_shapes_own_config_spreads_small_matrices_over_every_sm():
+    """Hymba+'s x_proj (132 × 3200) and k_proj (320 × 1600) on 132 SMs: one row per program and one iteration per
+    row; Bamba-1B's in_proj (8512 × 2048): 8-row tiles of 1024 columns. Every own config is a tile of TILE weights."""
+    assert kernel.shape_config(132, 3200, 132) == {"BLOCK_N": 1, "BLOCK_K": 4096, "num_warps": 4}
+    assert kernel.shape_config(320, 1600, 132) == {"BLOCK_N": 1, "BLOCK_K": 2048, "num_warps": 4}
+    assert kernel.shape_config(8512, 2048, 132) == {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8}
+    assert kernel.shape_config(1024, 2048, 132) == {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4}
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(1, 300, generator=g), torch.randn(45, 300, generator=g)
+    assert_close(kernel.gemv_forward(x, w, config=kernel.shape_config(45, 300, 132)), kernel.linear_reference(x, w))
+
+
 def test_linear_says_what_is_wrong():
     with pytest.raises(ValueError, match=r"weight must be \(out, in\) with in = x.shape\[-1\] = 4"):
         kernel.linear(torch.zeros(1, 4), torch.zeros(3, 5))
