@@ -21,7 +21,8 @@ more than FEW_ROWS rows cuBLAS's tiled GEMM is the right tool, and the generated
 FEW_ROWS rows (prefill and training stay on cuBLAS).
 
 Tuning. The tuner `gemv.forward` (triton_support.Autotuner) chooses BLOCK_N, BLOCK_K and num_warps per shape bucket
-(`shape_key`: N, K, the row count, dtype, gated or not), the untuned default first. `autotune(config, params, ...)` is
+(`shape_key`: N, K, the row count, dtype, gated or not), from CONFIGS and the shape's own config (`shape_config`),
+which goes first: it is what a package that does not tune runs. `autotune(config, params, ...)` is
 the hook `archgen build --autotune` calls: it runs the kernel on every weight matrix of an op at its decoding batch.
 
 Gradients (a training batch of one token) are computed with torch matmuls from the saved inputs: that path is
@@ -40,7 +41,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FEW_ROWS = 4
 """The most rows the generated layers send here (a decoding step of up to 4 sequences); beyond, cuBLAS."""
 
-# The soundest config first: the untuned default (triton_support.Autotuner runs it when a package does not tune).
+# What the tuner times at each shape, after the shape's own config (shape_config: what an untuned package runs).
 # Each program's tile is BLOCK_N × BLOCK_K: 2K-8K elements, 16-64 bytes of weight in flight per thread per iteration.
 # With every program resident at once (a few hundred), the GPU has N × BLOCK_K weights in flight; an H200 needs about
 # 3-4 MB in flight to stream at its bandwidth (latency ~0.7 µs × 4.8 TB/s), so the default takes 1024 columns: 4 MB
@@ -83,7 +84,24 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
     tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y.to(y_ptr.dtype.element_ty), mask=outs_inside)
 
 
-FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG, default=CONFIGS[0])
+FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG)
+TILE = 8192  # weights per program and iteration in the shape's own config (BLOCK_N × BLOCK_K)
+
+
+def shape_config(N: int, K: int, multiprocessors: int) -> dict:
+    """The config an untuned package runs at (N, K), first among the candidates: rows per program so that at least
+    two programs per SM exist (GPU call 3: with 8-row tiles Hymba+'s 132- and 320-row matrices ran 17 and 40
+    programs, and its GEMVs averaged 7.5 µs), and columns so that the tile stays TILE weights and a row of K takes
+    as few dependent iterations as possible."""
+    rows = 8
+    while rows > 1 and triton.cdiv(N, rows) < 2 * multiprocessors:
+        rows //= 2
+    columns = min(triton.next_power_of_2(max(K, 1)), TILE // rows)
+    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": 8 if rows * columns >= TILE else 4}
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def shape_key(N: int, K: int, M: int, dtype: torch.dtype, gated: bool) -> str:
@@ -129,7 +147,9 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     key = shape_key(N, K, M, x.dtype, gated)
     with on_device(x):
         if M and N:
-            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch))
+            own = shape_config(N, K, _multiprocessors(x.device))
+            candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
+            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
     return y.view(*x.shape[:-1], N)
 
 
