@@ -332,10 +332,9 @@ class Bench:
             "tuner_timings_ms": {kernel: tuner.timings.get(ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16))
                                  for kernel, tuner in (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
             "note": "floors count only the bytes of the inputs and outputs over the measured copy bandwidth; the "
-                    "kernels also evaluate one exp2 per (token, channel, state) forward, and backward one (per-state "
-                    "kernel, PER_STATE 1) or 3.5 (SUB 4) to 5.5 (SUB 2) (lane-per-channel kernel, which recomputes "
-                    "the forward piecewise from the chunk checkpoints), which the special-function units bound too (16 "
-                    "per clock per SM on H100)",
+                    "kernels also evaluate one exp2 per (token, channel, state) forward and 3.5 (SUB 4) to 5.5 (SUB 2) "
+                    "backward, where the forward is recomputed piecewise from the chunk checkpoints, which the "
+                    "special-function units bound too (16 per clock per SM on H100)",
         }
 
     def reference_path(self) -> dict:

@@ -113,21 +113,19 @@ CASES = [
 
 @pytest.fixture
 def block_d(monkeypatch):
-    """Set the interpreter's config: BLOCK_D, which kernel runs each direction (PER_STATE), whether the tiles forward
-    prefetches, the lane backward's SUB and the per-state kernels' STAGES (on a GPU the autotuner chooses). The tuners
-    hold the config they were made with: patch theirs."""
+    """Set the interpreter's config: BLOCK_D, whether the forward prefetches, and how many steps' states the backward
+    holds (on a GPU the autotuner chooses). The tuners hold the config they were made with: patch theirs."""
 
-    def set_block(width, *, per_state_forward=0, per_state_backward=0, prefetch=1, sub=4, stages=1):
-        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub, "STAGES": stages}
-        monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", {**config, "PER_STATE": per_state_forward})
-        monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", {**config, "PER_STATE": per_state_backward})
+    def set_block(width, *, prefetch=1, sub=4):
+        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
+        monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
+        monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
     return set_block
 
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
 def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The tiles forward (prefetching) and the lane-per-channel backward holding 4 steps' states."""
     block_d(width)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
@@ -135,42 +133,15 @@ def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, fea
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[5], CASES[6]])
 def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The tiles forward loading each chunk's inputs in its own iteration (PREFETCH 0)."""
+    """The forward loading each chunk's inputs in its own iteration (PREFETCH 0, what older tuning tables pin)."""
     block_d(width, prefetch=0)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
 
-@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
-def test_per_state_backward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """The backward's per-state kernel (PER_STATE 1), after the tiles forward's checkpoints."""
-    block_d(width, per_state_backward=1)
-    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
-    check_against_reference(args, chunk, FLOAT32_TOL)
-
-
-@pytest.mark.parametrize("per_state_backward", [1, 0], ids=["per-state-backward", "lane-backward"])
-@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", CASES)
-def test_per_state_forward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, per_state_backward,
-                                             block_d):
-    """The forward's per-state kernel (PER_STATE 1): y, the final state, and the checkpoints either backward reads."""
-    block_d(width, per_state_forward=1, per_state_backward=per_state_backward)
-    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
-    check_against_reference(args, chunk, FLOAT32_TOL)
-
-
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
-def test_per_state_kernels_pipelined_match_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
-    """Both per-state kernels with their loop over n software-pipelined (STAGES 3)."""
-    block_d(width, per_state_forward=1, per_state_backward=1, stages=3)
-    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
-    check_against_reference(args, chunk, FLOAT32_TOL)
-
-
-@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
-def test_lane_per_channel_backward_holding_two_steps_matches_reference(batch, seqlen, dim, dstate, chunk, width,
-                                                                       features, block_d):
-    """The lane-per-channel backward holding 2 steps' states at once (SUB 2, its config on the H200)."""
+def test_backward_holding_two_steps_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
+    """The backward holding 2 steps' states at once (SUB 2, its config on the H200)."""
     block_d(width, sub=2)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
@@ -356,19 +327,18 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 64), (4096, 64)])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (100, 32), (4096, 32)])
 def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    assert {c.get("PER_STATE", 0) for c in kept} == ({0} if widest < 32 else {0, 1})
+    assert all(c["PREFETCH"] for c in kept)
 
 
 @pytest.mark.parametrize("dim,widest", [(3, 32), (24, 32), (100, 64), (4096, 64)])
 def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
-    lane_per_channel = [c for c in kept if not c.get("PER_STATE", 0)]
-    assert lane_per_channel and all(c["BLOCK_D"] == 32 * c["num_warps"] for c in lane_per_channel)
+    assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in kept)  # one channel per lane
 
 
 def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
@@ -381,18 +351,19 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
 
     def launch(config):
         launched.append(config)
-        if config["BLOCK_D"] == 32:
+        if config["BLOCK_D"] == 64:
             raise RuntimeError("out of resources: registers")
 
     launched = []
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # as on a GPU: every candidate is timed
-    tuner = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
+    too_wide = {"BLOCK_D": 64, "num_warps": 8, "PREFETCH": 1}
+    tuner = triton_support.Autotuner("test.forward", [*ss.FORWARD_CONFIGS, too_wide], ss.INTERPRETER_CONFIG)
     key = ss.shape_key(4096, 16, 16, torch.bfloat16)
     assert key == "D4096-N16-L16-bfloat16"
-    fastest = {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3}
+    fastest = {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}
     assert tuner.tune(key, launch, ss.candidates(tuner, 4096)) == fastest
-    assert tuner.timings[key]["BLOCK_D=32,num_warps=8,PREFETCH=1"].startswith("RuntimeError: out of resources")
+    assert tuner.timings[key]["BLOCK_D=64,num_warps=8,PREFETCH=1"].startswith("RuntimeError: out of resources")
     assert tuner.chosen == {key: fastest}
 
     pinned = triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, ss.INTERPRETER_CONFIG)
@@ -430,24 +401,23 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
     key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
-    assert ss.tuned_configs() == {"forward": {key: {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3}},
-                                  "backward": {key: {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 4, "STAGES": 1}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
+    assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}},
+                                  "backward": {key: {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}}}
+    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 5 and len(ss.BACKWARD_TUNER.timings[key]) == 5
+    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
 
 
-@pytest.mark.parametrize("per_state", [0, 1], ids=["lane-per-channel", "per-state"])
-def test_backward_untuned_without_runtime_tuning(monkeypatch, per_state):
+def test_backward_untuned_without_runtime_tuning(monkeypatch):
     """As in a generated package (no tuning at run time): an untuned bucket runs the tuner's default config, under
     the interpreter its interpreter config, narrower here than every candidate; the backward's per-block partial sums
     must be sized for the block that runs (they were once sized for the narrowest candidate, and overflowed)."""
-    narrow = {"PER_STATE": per_state, "BLOCK_D": 8, "num_warps": 4, "SUB": 4}
+    narrow = {"BLOCK_D": 8, "num_warps": 4, "SUB": 4}
     monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
     monkeypatch.setattr(triton_support, "UNTUNED", {})  # the warning comes once per process: make this its first
     monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, narrow))
