@@ -26,11 +26,6 @@ goes further, loading the next chunk's tiles before this chunk's arithmetic. (H2
 D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms without — the loop was bound by load latency —
 against 2.29 ms for mamba_ssm's CUDA selective_scan_fn in the same run.)
 
-A second forward (PER_STATE in its config; the autotuner picks) works one state index n at a time on (CHUNK,
-BLOCK_D) tiles whose lanes hold whole columns (a channel's CHUNK steps in one lane's registers): the scan runs within
-each lane and y accumulates over n in registers, so no sum crosses lanes; the state each n carries to the next chunk
-waits in a small two-slot workspace in memory.
-
 Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
 h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
 N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
@@ -47,28 +42,18 @@ and, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed)
     dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
     dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
 
-Two kernels compute this; the autotuner picks one per shape (PER_STATE in the config). Both walk the chunks in
-reverse order from their checkpoints, and both reduce deterministically, without atomics: dA, dD and d delta_bias
-summed over time per program and written per batch row ((B, D, N), (B, D)), dB and dC summed over a program's block
-of channels and written per block ((B, T, blocks, N)); torch sums those.
-
-- Lane per channel, the grid (batch, blocks of BLOCK_D = 32 · num_warps channels): a lane holds the N states of its
-  channel in registers and runs the adjoint one step after the other. A lane cannot hold CHUNK · N states, so the
-  chunk is cut into pieces of SUB steps, last piece first: for each, the forward runs again from the chunk's
-  checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D) register tile, then the
-  adjoint runs back over the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}.
-  (19.9 ms on the H200 at the anchor shape, gpu6/call2; mamba_ssm's backward about 9 ms.)
-- Per state (PER_STATE 1): (CHUNK, BLOCK_D) tiles with a lane per channel (or two) and the chunk's time steps in its
-  registers, one state index n after the other. Per n, the states again from the checkpoint by the forward's scan,
-  then every g_t of the chunk at once by a reverse `tl.associative_scan` of g_t = c_t + a_{t+1} g_{t+1}
-  (c_t = dȳ_t C_t), both within each lane. A segment of that recurrence applies its own first decay not to its own
-  g but to what flows in, so a segment is carried as (its first decay, the product of the others, its g): a shifted
-  copy of the decays would cost a second exp2 per element. What flows in from the next chunk adds the product of
-  the decays since each step times a_{t+1} g_{t+1} at the chunk's end. The sums over n (dΔ, du, and ȳ for dz)
-  accumulate in registers; only dB_t and dC_t cross lanes. The adjoints flowing in from the next chunk and dA's
-  running sums wait in two-slot workspaces in memory (one slot read, the other written, a barrier between chunks),
-  since a register tile cannot be indexed by n. (The same two scans over (CHUNK, BLOCK_D, N) tiles, the forward's
-  layout, ran 32-47 ms on the H200, gpu6/call2: 16 lanes per channel, so every sum over n took 4 shuffle rounds.)
+The grid is (batch, blocks of BLOCK_D = 32 · num_warps channels), one channel per lane: a lane holds the N states
+of its channel in registers and runs the adjoint one step after the other, the chunks in reverse order. A lane
+cannot hold CHUNK · N states, so the chunk is cut into pieces of SUB steps, last piece first: for each, the forward
+runs again from the chunk's checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D)
+register tile (its time axis within the lane: writing and reading a row are moves), then the adjoint runs back over
+the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}. The sums over n stay within a lane;
+the sums over channels (dB_t, dC_t) cross lanes, 5 shuffle rounds each. Reductions are deterministic, without
+atomics: dA, dD and d delta_bias summed per lane over time and written per batch row ((B, D, N), (B, D)), dB and dC
+per block of channels ((B, T, blocks, N)); torch sums those. (H200, anchor shape: 19.8 ms, gpu6/call3; mamba_ssm's
+backward about 9 ms. Two time-parallel backwards, scanning a chunk's adjoints at once with a reverse
+`tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK, BLOCK_D, N) tiles 32-47 ms, on
+(CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -108,35 +93,21 @@ chunks halve the checkpoint bytes but make the backward recompute more steps (se
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-# Autotune spaces. BLOCK_D is the number of channels per program; PER_STATE chooses between each direction's two
-# kernels (see the module docstring). The forward's tiles hold CHUNK · BLOCK_D · N float32 values, and PREFETCH (a
-# one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without (5.8 ms at the anchor shape,
-# gpu6/call2), so only prefetching configs remain. The per-state kernels hold a lane per channel (or two), and STAGES
-# software-pipelines their loop over n (its loads staged through shared memory). The lane-per-channel backward keeps
-# its best config on the H200 (32 channels, 1 warp, holding SUB = 2 steps' states at once).
-FORWARD_CONFIGS = [
-    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
-    {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
-    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 1},
-    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 3},
-    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3},
-]
-BACKWARD_CONFIGS = [
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2},
-    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 1},
-    {"PER_STATE": 1, "BLOCK_D": 32, "num_warps": 1, "STAGES": 3},
-    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 2, "STAGES": 3},
-    {"PER_STATE": 1, "BLOCK_D": 64, "num_warps": 4, "STAGES": 1},
-]
+# Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
+# values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
+# (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. The backward puts one
+# channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
+# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its two best on the H200.
+FORWARD_CONFIGS = [{"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}, {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}]
+BACKWARD_CONFIGS = [{"BLOCK_D": 32, "num_warps": 1, "SUB": 2}, {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}
 BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu6/call2). A config pinned without
-PER_STATE runs the tiles forward / the lane-per-channel backward, without PREFETCH does not prefetch, without STAGES
-runs one stage, without SUB holds BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"PER_STATE": 0, "BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4, "STAGES": 1}
-"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (each kernel reads
-the keys it has)."""
+generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu6/call2 and call3). A config pinned
+without PREFETCH does not prefetch (older tuning tables); one without SUB holds BACKWARD_DEFAULT's."""
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
+"""The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
+ignores SUB, the backward PREFETCH)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -363,86 +334,6 @@ def _selective_scan_fwd_kernel(
     tl.store(final_ptr + final_offs, state, mask=dn_in)
 
 
-# The per-state forward: as the per-state backward, a lane holds whole columns of its channels' (CHUNK, BLOCK_D)
-# tiles, so the unit strides along the channels stay unspecialised.
-@triton.jit(do_not_specialize=["u_stride_d", "delta_stride_d", "z_stride_d", "y_stride_d"])
-def _selective_scan_fwd_per_state_kernel(
-    u_ptr, u_stride_b, u_stride_t, u_stride_d,
-    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-    A_ptr, A_stride_d, A_stride_n,
-    B_ptr, B_stride_b, B_stride_t, B_stride_n,
-    C_ptr, C_stride_b, C_stride_t, C_stride_n,
-    D_ptr, D_stride_d,
-    z_ptr, z_stride_b, z_stride_t, z_stride_d,
-    delta_bias_ptr, delta_bias_stride_d,
-    carry_ptr, carry_stride_b, carry_stride_slot, carry_stride_d, carry_stride_n,
-    y_ptr, y_stride_b, y_stride_t, y_stride_d,
-    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
-    seqlen, n_chunks, dim, dstate,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_DELTA_BIAS: tl.constexpr,
-    DELTA_SOFTPLUS: tl.constexpr,
-    SAVE_CHECKPOINTS: tl.constexpr,
-    CHUNK: tl.constexpr,
-    STAGES: tl.constexpr,  # software-pipeline stages of the loop over n (its loads through shared memory if > 1)
-    BLOCK_D: tl.constexpr,  # channels per program
-):
-    """The forward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of states
-    by a scan within each lane, whose contraction with C accumulates y in registers: no sum crosses lanes.
-
-    The state each n carries from chunk to chunk waits in a two-slot workspace (B, 2, D, N), as the per-state
-    backward's adjoints do: slot 0 holds the initial state, slot n_chunks % 2 ends with the final one."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)
-    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = d_offs < dim
-    batch = tl.cast(pid_b, tl.int64)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    for chunk in range(n_chunks):
-        t0 = chunk * CHUNK
-        t_in = (t0 + rows) < seqlen
-        td_in = t_in[:, None] & d_in[None, :]
-        u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-        dt = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-        if HAS_DELTA_BIAS:
-            dt += bias[None, :]
-        if DELTA_SOFTPLUS:
-            dt = softplus(dt)
-        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
-        dtu = dt * u
-        read_slot = chunk % 2
-        y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
-        for n in tl.range(dstate, num_stages=STAGES):
-            A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n, mask=t_in,
-                          other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + batch * C_stride_b + (t0 + rows) * C_stride_t + n * C_stride_n, mask=t_in,
-                          other=0.0).to(tl.float32)
-            carry_offs = batch * carry_stride_b + d_offs * carry_stride_d + n * carry_stride_n
-            entering = tl.load(carry_ptr + carry_offs + read_slot * carry_stride_slot, mask=d_in, other=0.0)
-            if SAVE_CHECKPOINTS:
-                tl.store(ckpt_ptr + batch * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
-                         + d_offs * ckpt_stride_d + n * ckpt_stride_n, entering, mask=d_in)
-            decay = tl.exp2(dt * (A_n * _LOG2E)[None, :])  # (CHUNK, BLOCK_D)
-            decay_since_start, states = tl.associative_scan((decay, dtu * B_n[:, None]), 0, _affine_combine)
-            states += decay_since_start * entering[None, :]
-            y += states * C_n[:, None]
-            leaving = tl.sum(tl.where(rows[:, None] == CHUNK - 1, states, 0.0), axis=0)  # padded steps keep it
-            tl.store(carry_ptr + carry_offs + (1 - read_slot) * carry_stride_slot, leaving, mask=d_in)
-        if HAS_D:
-            y += tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)[None, :] * u
-        if HAS_Z:
-            z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-            y *= z * tl.sigmoid(z)
-        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
-                 y.to(y_ptr.dtype.element_ty), mask=td_in)
-        tl.debug_barrier()  # this chunk's carried states, visible to the next chunk's reads
-
-
 # The backward: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
 # those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
 # sum over n would need shuffles across lanes; unspecialised, each lane holds one channel with all N states in
@@ -602,183 +493,6 @@ def _selective_scan_bwd_kernel(
                  dbias_acc, mask=d_in)
 
 
-@triton.jit
-def _adjoint_combine(first_late, rest_late, adjoint_late, first_early, rest_early, adjoint_early):
-    """Two consecutive segments of the adjoint recurrence g_t = c_t + a_{t+1} g_{t+1} as one.
-
-    A segment [i..j] is (a_i, a_{i+1}···a_j, its g_i with nothing flowing in from after j); a reverse scan passes
-    the later segment first. The early segment's first decay is not applied to its own g: g_i needs a_{i+1}, not a_i,
-    which is why the segment keeps it apart (a shifted copy of the decays would cost a second tile of exp2s)."""
-    carry = rest_early * first_late
-    return first_early, carry * rest_late, adjoint_early + carry * adjoint_late
-
-
-@triton.jit
-def _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
-                      u_ptr, u_stride_b, u_stride_t, u_stride_d,
-                      delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-                      z_ptr, z_stride_b, z_stride_t, z_stride_d,
-                      dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-                      HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
-    """(Δ, Δ u, dȳ) of the chunk at t0: the (CHUNK, BLOCK_D) tiles every state index's step reads. dȳ, the gradient
-    of y before the gate, needs silu(z), not y. Δ = 0 past the end (identity steps)."""
-    u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-    dt = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-    dy_ssm = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-    if HAS_DELTA_BIAS:
-        dt += bias[None, :]
-    if DELTA_SOFTPLUS:
-        dt = softplus(dt)
-    dt = tl.where(((t0 + rows) < seqlen)[:, None] & d_in[None, :], dt, 0.0)
-    if HAS_Z:
-        z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-        dy_ssm *= z * tl.sigmoid(z)
-    return dt, dt * u, dy_ssm
-
-
-# The per-state backward: a (CHUNK, BLOCK_D) tile per state index. Unit strides along the channels would make Triton
-# vectorise the tiles' loads along d and put several time steps of a channel on different lanes; unspecialised, a
-# lane holds whole columns (all CHUNK steps of its channels), so the scans along time and the sums over time stay
-# within the lane, and only the sums over channels (dB, dC) cross lanes.
-@triton.jit(do_not_specialize=["u_stride_d", "delta_stride_d", "z_stride_d", "dy_stride_d", "du_stride_d",
-                               "ddelta_stride_d", "dz_stride_d"])
-def _selective_scan_bwd_per_state_kernel(
-    u_ptr, u_stride_b, u_stride_t, u_stride_d,
-    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-    A_ptr, A_stride_d, A_stride_n,
-    B_ptr, B_stride_b, B_stride_t, B_stride_n,
-    C_ptr, C_stride_b, C_stride_t, C_stride_n,
-    D_ptr, D_stride_d,
-    z_ptr, z_stride_b, z_stride_t, z_stride_d,
-    delta_bias_ptr, delta_bias_stride_d,
-    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
-    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-    du_ptr, du_stride_b, du_stride_t, du_stride_d,
-    ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
-    dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
-    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
-    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
-    dA_ws_ptr, dA_ws_stride_b, dA_ws_stride_slot, dA_ws_stride_d, dA_ws_stride_n,
-    adjoint_ws_ptr, adjoint_ws_stride_b, adjoint_ws_stride_slot, adjoint_ws_stride_d, adjoint_ws_stride_n,
-    dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
-    dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
-    seqlen, n_chunks, dim, dstate,
-    HAS_D: tl.constexpr,
-    HAS_Z: tl.constexpr,
-    HAS_DELTA_BIAS: tl.constexpr,
-    DELTA_SOFTPLUS: tl.constexpr,
-    CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
-    STAGES: tl.constexpr,  # software-pipeline stages of the loop over n (its loads through shared memory if > 1)
-    BLOCK_D: tl.constexpr,  # channels per program
-):
-    """The backward one state index n at a time: per chunk, for each n, that state's (CHUNK, BLOCK_D) tile of decays,
-    states (the forward's scan from the checkpoint) and adjoints (the reverse scan), whose sums over n (dΔ, du, and ȳ
-    for dz) accumulate in registers as the loop goes.
-
-    The adjoints flowing in from the next chunk and dA's running sums live in two-slot workspaces (B, 2, D, N): a
-    chunk reads one slot and writes the other, and a barrier between chunks makes the writes visible. The adjoint
-    workspace starts as dL/d final_state and ends as dL/d initial_state, in slot n_chunks % 2; so does dA's sum."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)
-    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_in = d_offs < dim
-    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_DELTA_BIAS:
-        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
-    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    batch = tl.cast(pid_b, tl.int64)
-
-    for step in range(n_chunks):
-        chunk = n_chunks - 1 - step
-        t0 = chunk * CHUNK
-        # Only what the loop over n needs lives through it (Δ, Δu, dȳ); u, z, dy and delta are loaded again after it,
-        # from the cache: registers, not bandwidth, limit this kernel.
-        td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
-        dt, dtu, dy_ssm = _per_state_inputs(t0, pid_b, rows, d_offs, d_in, seqlen, bias,
-                                            u_ptr, u_stride_b, u_stride_t, u_stride_d,
-                                            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-                                            z_ptr, z_stride_b, z_stride_t, z_stride_d,
-                                            dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-                                            HAS_Z, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-        read_slot = step % 2
-        write_slot = 1 - read_slot
-
-        y_acc = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n h C: ȳ before the skip, for dz
-        g_dot_B = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g B
-        g_decayed_dot_A = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)  # Σ_n g (a_t h_{t-1}) A
-        for n in tl.range(dstate, num_stages=STAGES):
-            A_n = tl.load(A_ptr + d_offs * A_stride_d + n * A_stride_n, mask=d_in, other=0.0).to(tl.float32)
-            B_n = tl.load(B_ptr + batch * B_stride_b + (t0 + rows) * B_stride_t + n * B_stride_n,
-                          mask=(t0 + rows) < seqlen, other=0.0).to(tl.float32)
-            C_n = tl.load(C_ptr + batch * C_stride_b + (t0 + rows) * C_stride_t + n * C_stride_n,
-                          mask=(t0 + rows) < seqlen, other=0.0).to(tl.float32)
-            entering = tl.load(ckpt_ptr + batch * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
-                               + d_offs * ckpt_stride_d + n * ckpt_stride_n, mask=d_in, other=0.0)
-            adjoint_offs = batch * adjoint_ws_stride_b + d_offs * adjoint_ws_stride_d + n * adjoint_ws_stride_n
-            adjoint = tl.load(adjoint_ws_ptr + adjoint_offs + read_slot * adjoint_ws_stride_slot, mask=d_in, other=0.0)
-
-            decay = tl.exp2(dt * (A_n * _LOG2E)[None, :])  # (CHUNK, BLOCK_D)
-            inp = dtu * B_n[:, None]
-            decay_since_start, states = tl.associative_scan((decay, inp), 0, _affine_combine)
-            states += decay_since_start * entering[None, :]
-            y_acc += states * C_n[:, None]
-            _, rest, g = tl.associative_scan((decay, tl.full(decay.shape, 1.0, tl.float32), dy_ssm * C_n[:, None]),
-                                             0, _adjoint_combine, reverse=True)
-            g += rest * adjoint[None, :]
-            adjoint_out = tl.sum(tl.where(rows[:, None] == 0, decay * g, 0.0), axis=0)  # into the chunk's entering state
-            tl.store(adjoint_ws_ptr + adjoint_offs + write_slot * adjoint_ws_stride_slot, adjoint_out, mask=d_in)
-
-            # dB, dC: this block's share of the sums over channels.
-            dB_offs = (batch * dB_part_stride_b + (t0 + rows) * dB_part_stride_t + pid_d * dB_part_stride_blk
-                       + n * dB_part_stride_n)
-            tl.store(dB_part_ptr + dB_offs, tl.sum(g * dtu, axis=1), mask=(t0 + rows) < seqlen)
-            dC_offs = (batch * dC_part_stride_b + (t0 + rows) * dC_part_stride_t + pid_d * dC_part_stride_blk
-                       + n * dC_part_stride_n)
-            tl.store(dC_part_ptr + dC_offs, tl.sum(dy_ssm * states, axis=1), mask=(t0 + rows) < seqlen)
-
-            g_dot_B += g * B_n[:, None]
-            g_decayed = g * (states - inp)  # a_t h_{t-1} = h_t - x_t
-            g_decayed_dot_A += g_decayed * A_n[None, :]
-            dA_offs = batch * dA_ws_stride_b + d_offs * dA_ws_stride_d + n * dA_ws_stride_n
-            dA = tl.load(dA_ws_ptr + dA_offs + read_slot * dA_ws_stride_slot, mask=d_in, other=0.0)
-            tl.store(dA_ws_ptr + dA_offs + write_slot * dA_ws_stride_slot, dA + tl.sum(g_decayed * dt, axis=0),
-                     mask=d_in)
-
-        u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-        if HAS_Z:
-            z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-            dy = _tile(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-            gate = tl.sigmoid(z)
-            y = y_acc + skip[None, :] * u
-            dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
-            tl.store(dz_ptr + _tile_offsets(pid_b, t0, dz_stride_b, dz_stride_t, dz_stride_d, rows, d_offs),
-                     dz.to(dz_ptr.dtype.element_ty), mask=td_in)
-        ddt = g_decayed_dot_A + u * g_dot_B
-        du = dt * g_dot_B + dy_ssm * skip[None, :]
-        dD_acc += tl.sum(dy_ssm * u, axis=0)
-        if DELTA_SOFTPLUS:
-            dt_raw = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in,
-                           seqlen) + bias[None, :]
-            ddt = ddt * tl.sigmoid(dt_raw)
-        ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
-        dbias_acc += tl.sum(ddt, axis=0)
-        tl.store(du_ptr + _tile_offsets(pid_b, t0, du_stride_b, du_stride_t, du_stride_d, rows, d_offs),
-                 du.to(du_ptr.dtype.element_ty), mask=td_in)
-        tl.store(ddelta_ptr + _tile_offsets(pid_b, t0, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d, rows, d_offs),
-                 ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
-        tl.debug_barrier()  # this chunk's workspace writes, visible to the next chunk's reads
-
-    if HAS_D:
-        tl.store(dD_part_ptr + batch * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
-    if HAS_DELTA_BIAS:
-        tl.store(dbias_part_ptr + batch * dbias_part_stride_b + d_offs * dbias_part_stride_d, dbias_acc, mask=d_in)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,9 +512,8 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"PER_STATE": config.get("PER_STATE", 0), "BLOCK_D": config["BLOCK_D"],
-            "num_warps": config.get("num_warps", 4), "PREFETCH": config.get("PREFETCH", 0), "STAGES": config.get("STAGES", 1),
-            "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
+            "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -887,27 +600,8 @@ def selective_scan_forward(
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        if cfg.get("PER_STATE", 0):
-            launch_per_state(cfg, grid)
-            return
         _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
                                          num_warps=cfg["num_warps"])
-
-    def launch_per_state(cfg, grid):
-        """The per-state kernel carries each state from chunk to chunk in a two-slot workspace; the final state is
-        the slot the last chunk wrote."""
-        carry = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=u.device)
-        if initial_state is not None:
-            carry[:, 0] = initial_state
-        _selective_scan_fwd_per_state_kernel[grid](
-            *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3), *strided(D, 1),
-            *strided(z, 3), *strided(delta_bias, 1), *strided(carry, 4), *strided(y, 3),
-            *strided(checkpoints if save_checkpoints else None, 4), seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=bool(delta_softplus), SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size,
-            STAGES=cfg.get("STAGES", 1), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-        )
-        final_state.copy_(carry[:, triton.cdiv(seqlen, chunk_size) % 2])
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
@@ -976,41 +670,19 @@ def selective_scan_backward(
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
         dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
         dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
-        if cfg.get("PER_STATE", 0):
-            return (dB_part, dC_part, *launch_per_state(cfg, blocks, dB_part, dC_part))
         _selective_scan_bwd_kernel[(batch, blocks)](
             *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
             *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"],
         )
-        return dB_part, dC_part, dA_part, dinit
-
-    def launch_per_state(cfg, blocks, dB_part, dC_part):
-        """The per-state kernel keeps the adjoint and dA's sums in two-slot workspaces; returns (dA_part, dinit)."""
-        adjoint_ws = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=device)
-        if dfinal_state is not None:
-            adjoint_ws[:, 0] = dfinal_state
-        dA_ws = torch.zeros((batch, 2, dim, dstate), dtype=torch.float32, device=device)
-        _selective_scan_bwd_per_state_kernel[(batch, blocks)](
-            *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3), *strided(D, 1),
-            *strided(z, 3), *strided(delta_bias, 1), *strided(checkpoints, 4), *strided(dy, 3),
-            *strided(du, 3), *strided(ddelta, 3), *strided(dz, 3), *strided(dB_part, 4), *strided(dC_part, 4),
-            *strided(dA_ws, 4), *strided(adjoint_ws, 4), *strided(dD_part, 2), *strided(dbias_part, 2),
-            seqlen, n_chunks, dim, dstate,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-            DELTA_SOFTPLUS=bool(delta_softplus), CHUNK=chunk_size, STAGES=cfg.get("STAGES", 1), BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-        last = n_chunks % 2  # the slot the last chunk wrote
-        dinit_of_kernel = adjoint_ws[:, last].to(initial_state.dtype) if initial_state is not None else None
-        return dA_ws[:, last], dinit_of_kernel
+        return dB_part, dC_part
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
         config = BACKWARD_TUNER.known(key, _explicit(config)) or BACKWARD_TUNER.tune(key, launch,
                                                                                     candidates(BACKWARD_TUNER, dim))
-        dB_part, dC_part, dA_part, dinit = launch(config)
+        dB_part, dC_part = launch(config)
     dB = dB_part.sum(2).to(B.dtype)
     dC = dC_part.sum(2).to(C.dtype)
     dA = dA_part.sum(0).to(A.dtype)
