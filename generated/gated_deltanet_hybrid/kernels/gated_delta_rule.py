@@ -32,11 +32,13 @@ Every product runs on the tensor cores with float32 accumulation. The intermedia
 stored in, and multiplied as, the inputs' dtype (T⁻¹ is computed in float32 at tf32, then rounded likewise), as
 flash-linear-attention does: on the H200 at B4 T4096 H16 HV32 K128 V128 in bf16 that gave the output 3.4e-3 and the
 final state 2.7e-3 relative error against float32 math, fla's own figures to two digits, in 1.70 ms against 2.90 ms
-with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.py, GPU call 3. The launcher's
+with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.py, GPU call 3 of session 5 (with
+8-warp configs; the 4-warp ones took the forward to 0.92 ms against fla's 0.85 in session 6). The launcher's
 `intermediates=torch.float32` keeps the more accurate form. Every exponent is masked to ≤ 0 before its exp. T need
 not be a multiple of L: positions past T load β = 0 and g = 0 (the identity step) and are never stored.
 
-The backward (`gated_delta_rule_backward`, the op's autograd) runs the WY and state kernels again, storing T⁻¹
+The backward (`gated_delta_rule_backward`, the op's autograd; 3.8 ms of the 4.68 ms forward + backward on the H200,
+against the reference's 129.6 ms) runs the WY and state kernels again, storing T⁻¹
 as well (recomputing them costs less than keeping a state per chunk from the forward, as fla does), then two
 launches:
   4. `_state_backward_kernel`, per (block of V columns, batch × value head): the state passing backwards, from the
@@ -83,39 +85,40 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Autotune spaces, kept small: every config of a kernel is compiled once per process on the first call of a key.
 # BLOCK_K tiles K in the loops over it (the WY, output and chunk-backward kernels), BLOCK_V tiles V (every kernel);
-# the state loops hold all K rows of their state block. Registers per thread and shared memory per program at
-# K = V = 128, L = 64, bf16, from triton 3.6 compiles for sm_90 with the run-time specializations (16-divisible ints and
-# pointers, unit last strides; triton.compile for GPUTarget("cuda", 90, 32) with tt.divisibility attrs, then
-# cuobjdump -res-usage; no GPU needed); none of these spills. The state loops run one program per (head, block of V),
-# sequentially over the chunks: how many fit on an SM at once (registers × threads within 64K, shared memory within
-# 228 KB) decides how many waves of that sequential loop B·HV·V/BV programs take, hence the 4-warp configs.
+# the state loops hold all K rows of their state block. Each config's registers per thread and shared memory per
+# program at K = V = 128, L = 64, bf16 come from triton 3.6 compiles for sm_90 with the run-time specializations
+# (docs/design.md says how, no GPU needed); the milliseconds are that kernel alone on the H200 at B4 T4096 H16 HV32
+# (bench/gdn_check.py, GPU call 3 of session 6, kernel_tuning). The first config of each list is that run's winner, the
+# one a package without a tuning table launches. How many programs fit on an SM at once (registers × threads within
+# 64K, shared memory within 228 KB) decided every kernel: the 4-warp configs won all but the output kernel's tuning,
+# the state loops most (one program per (head, block of V), sequential over the chunks: fewer waves of that loop).
 WY_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 185 registers, 48 KB
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185, 32 KB: 2 programs per SM
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.43 ms
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 185, 48 KB: 1; 0.86 ms
 ]
 STATE_CONFIGS = [
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1 program per SM
-    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W
-    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 151, 28 KB: 3, nothing prefetched
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.29 ms
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1; 0.50 ms
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W; 0.42 ms
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 151, 28 KB: 3, nothing prefetched; 0.43 ms
 ]
 OUTPUT_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 80, 48 KB
-    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 118, 64 KB; q kᵀ once per chunk at V = 128
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 151, 48 KB
+    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 118, 64 KB; q kᵀ once per chunk; 0.22 ms
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 80, 48 KB; 0.25 ms
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 151, 48 KB; 0.23 ms
 ]
 # The backward's state loop holds dS like the forward's state and loads q, k and W whole per chunk; its chunk kernel
-# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there, but fit two programs on an SM).
+# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there, and still win: two programs per SM).
 STATE_BACKWARD_CONFIGS = [
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2 programs per SM
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 188, 38 KB: 2
-    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 224, 107 KB: 1
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 255, 44 KB: 1
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2; 0.82 ms
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 188, 38 KB: 2; 0.98 ms
+    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 224, 107 KB: 1; 1.65 ms
+    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 255, 44 KB: 1; 1.05 ms
 ]
 CHUNK_BACKWARD_CONFIGS = [
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB
-    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 223, 72 KB
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 40 KB: 2 per SM
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 40 KB: 2; 1.82 ms
+    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 223, 72 KB: 1; 2.23 ms
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB: 1; 3.02 ms
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -705,7 +708,7 @@ def gated_delta_rule_forward(
 
     configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS).
     intermediates: the dtype W, U, u and the chunk states are stored in and multiplied as: q's dtype (None, the op's
-    choice, see the module docstring) or float32 (more accurate, 1.7x slower on the H200 in bf16)."""
+    choice, see the module docstring) or float32 (more accurate, 1.7x slower on the H200 in bf16 in session 5)."""
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
     batch, seqlen, _, dk = q.shape
     nv_heads, dv = v.shape[-2:]
