@@ -90,6 +90,22 @@ def test_add_rms_norm_matches_reference_with_gradients(shape, dtype):
         assert_close(a, e, TOL[dtype], name)
 
 
+def test_a_bfloat16_branch_onto_a_float32_residual_stream_sums_in_float32():
+    """bf16 autocast: a layer's bf16 output meets the float32 residual stream (found by `archgen train` of Bamba-1B on
+    the H200): s and y come out float32 like the reference's x + residual, and the gradients reach both dtypes."""
+    x, res = randn(3, 40, dtype=torch.bfloat16, seed=1), randn(3, 40, seed=2, scale=2.0)
+    w = randn(40, seed=3) * 0.5 + 1
+    dy, ds = randn(3, 40, seed=4), randn(3, 40, seed=5)
+    (y, s), (dx, dres, dw) = kernel_grads(lambda x, r, w: rn.add_rms_norm(x, r, w, 1e-5), [x, res, w], [dy, ds])
+    (y_ref, s_ref), grads_ref = reference_grads(lambda x, r, w: rn.add_rms_norm_reference(x, r, w, 1e-5), [x, res, w],
+                                                [dy, ds])
+    assert y.dtype == s.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dres.dtype == torch.float32
+    assert_close(s, s_ref, TOL[torch.float32], "s")
+    assert_close(y, y_ref, TOL[torch.float32], "y")
+    for name, a, e in zip(("dx", "dresidual", "dw"), (dx, dres, dw), grads_ref, strict=True):
+        assert_close(a, e, TOL[torch.bfloat16 if name == "dx" else torch.float32], name)
+
+
 def test_the_custom_ops_autograd_matches_the_eager_path():
     """torch.compile and torch.export run the custom ops and their registered autograd; eager mode runs the same
     implementations through autograd.Functions: the same outputs and gradients."""
@@ -187,7 +203,7 @@ def test_rejects_bad_inputs():
     with pytest.raises(ValueError, match="weight"):
         rn.rms_norm(x, randn(7), 1e-6)
     with pytest.raises(ValueError, match="residual"):
-        rn.add_rms_norm(x, randn(2, 8).double(), randn(8), 1e-6)
+        rn.add_rms_norm(x, randn(2, 9), randn(8), 1e-6)
     with pytest.raises(ValueError, match="takes"):
         rn.rms_norm(x.double(), randn(8).double(), 1e-6)
 
