@@ -588,7 +588,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """(rms_norm(s), s) with s = x + residual, differentiable in x, residual and weight; all like x."""
+    """(rms_norm(s), s) with s = x + residual, differentiable in x, residual and weight; both in the dtype of x + residual.
+
+    Under bf16 autocast a layer's bf16 output meets a float32 residual stream: as the reference's sum does, both go up
+    to the promoted dtype first (the kernel reads one dtype)."""
+    if x.dtype != residual.dtype:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
     _check(x, weight, residual)
     op = _EagerAddRMSNorm.apply if calls_implementation_directly(x) else add_rms_norm_op
     y, s, _ = op(x, residual, weight, eps)
