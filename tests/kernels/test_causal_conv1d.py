@@ -24,11 +24,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
 

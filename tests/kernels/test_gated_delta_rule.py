@@ -30,12 +30,6 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 @pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
-@pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     """Every floating torch.empty / empty_like starts as NaN while a test runs."""
     empty, empty_like = torch.empty, torch.empty_like

@@ -26,12 +26,6 @@ from tests.numerics import TOLERANCE, assert_close
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-
-
 def packed_inputs(B, H, Hkv, T, D, fraction, *, Dv=None, Tk=None, dtype=torch.float32, seed=0):
     """Random q (packed rows of the selected tokens, as the HSPMN block builds them), k, v over Tk >= T keys."""
     g = torch.Generator().manual_seed(seed)

@@ -22,11 +22,6 @@ from archgen_kernels import triton_support
 from templates.runtime import ssm
 from tests.numerics import TOLERANCE, assert_close
 
-
-@pytest.fixture(autouse=True)
-def triton_on_cpu(monkeypatch):
-    """CPU tensors run the kernels in Triton's interpreter, not the operator's CPU reference path."""
-    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
