@@ -30,21 +30,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import on_device, op_overload, register_op, strided, triton_on_cpu
+from .triton_support import on_device, op_overload, register_op, softplus, strided, triton_on_cpu
 
 SSD_STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}
 """Rows of the (P, N) head state per program. The step is launch- and memory-bound; more rows per program than 16
 leave too few programs at batch 1 (64 heads × P/16 = 256 programs fill the 132 SMs of an H100/H200 twice)."""
 SELECTIVE_STEP_CONFIG = {"BLOCK_D": 64, "num_warps": 4}
-
-
-@triton.jit
-def _softplus(x):
-    """log(1 + e^x) without overflow (see kernels/selective_scan.py)."""
-    w = tl.exp(-tl.abs(x))
-    one_plus_w = 1.0 + w
-    log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
-    return tl.maximum(x, 0.0) + log1p_w
 
 
 @triton.jit
@@ -72,7 +63,7 @@ def _selective_step_kernel(
     dt = tl.load(delta_ptr + b64 * delta_stride_b + d * delta_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    dt = _softplus(dt)
+    dt = softplus(dt)
     u = tl.load(u_ptr + b64 * u_stride_b + d * u_stride_d, mask=d_in, other=0.0).to(tl.float32)
     A = -tl.exp(tl.load(A_log_ptr + d[:, None] * A_log_stride_d + n[None, :] * A_log_stride_n, mask=dn_in,
                         other=0.0).to(tl.float32))
@@ -167,7 +158,7 @@ def _mamba2_step_kernel(
     dt = tl.load(dt_ptr + b64 * dt_stride_b + h * dt_stride_h).to(tl.float32)
     if HAS_DT_BIAS:
         dt += tl.load(dt_bias_ptr + h).to(tl.float32)
-    dt = tl.minimum(tl.maximum(_softplus(dt), dt_min), dt_max)
+    dt = tl.minimum(tl.maximum(softplus(dt), dt_min), dt_max)
     decay = tl.exp(-dt * tl.exp(tl.load(A_log_ptr + h).to(tl.float32)))  # exp(Δ·A), A = -exp(A_log)
     pn_in = p_in[:, None] & n_in[None, :]
     state = tl.load(state_ptr + b64 * state_stride_b + h * state_stride_h + p[:, None] * state_stride_p
