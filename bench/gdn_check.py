@@ -34,6 +34,18 @@ after each; a section whose estimate exceeds the budget left is skipped and says
                `fused_recurrent_gated_delta_rule` at T = 1 (outputs and new state compared, then timed).
   kernel_float32  archgen's kernel on float32 inputs against the reference in float32 (full float32 products on both
                sides; bar 1e-5) at T = 1000, not a multiple of the chunk; its first call tunes the float32 configs.
+  fla_guard_lifted  fla's forward+backward with its triton-version guard switched off for the call (not run unless
+               named in --only). The guard is fla.ops.common.chunk_o's test `IS_NVIDIA_HOPPER and TRITON_ABOVE_3_4_0
+               and not TRITON_ABOVE_3_7_1` in `chunk_bwd_dqkwg`: triton 3.4 to 3.7.0 miscompile that kernel's
+               `tl.dot(tl.trans(b_ds), b_q)` on sm_90 (b_ds, an accumulator tile cast to bf16, transposed: fla
+               issue #640, fixed in triton 3.7.1, fla PR #983), which gave wrong dg and dβ in fla's tests. Its only
+               documented way round is the TileLang backend (package tilelang and nvcc), which the GPU machine lacks;
+               FLA_DISABLE_BACKEND_DISPATCH=1 still reaches the guard. So the section times fla's forward+backward
+               with the flag lifted, beside archgen's kernels in the same run, and measures every gradient of both
+               against float32 at the timing shape: where fla's are within the bf16 bar, the miscompile does not touch
+               this shape and the time is a fair peer; where they are not, the time is that of the same launches
+               computing wrong values (a miscompiled layout conversion, not skipped work), labelled so. Also a
+               per-kernel CUDA-time table of fla's forward+backward beside archgen's.
 
 fla's first call of each kernel compiles and autotunes (tens of seconds on the H200), and so do archgen's kernels
 (every candidate config compiled and timed): the first section that runs them pays for it, and its estimate says so.
@@ -42,6 +54,8 @@ On the GPU machine, from the repository root (fla_core and einops wheels in .whl
 --no-index when `fla` is not importable):
     python bench/gdn_check.py --out "$OUT" --budget-s 140
     python bench/gdn_check.py --only speed,profile --out "$OUT" --budget-s 90
+    python bench/gdn_check.py --only fla_guard_lifted --untuned --out "$OUT" --budget-s 90
+(--untuned: archgen's kernels run their first config, session 6's winners, and time no candidates.)
 On a CPU, to exercise the script (tiny shapes, the kernel in Triton's interpreter; without fla the peer is a
 stand-in, the op's own decode step run token by token, so the comparison code runs):
     python bench/gdn_check.py --dry-run --out /tmp/gdn_check
@@ -50,6 +64,7 @@ stand-in, the op's own decode step run token by token, so the comparison code ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.util
@@ -70,10 +85,12 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32")
+SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32", "fla_guard_lifted")
 """In the order they run: the timings first (GPU call 2 of session 6 spent its whole budget on numerics)."""
+DEFAULT_SECTIONS = SECTIONS[:-1]
+"""What runs without --only: fla_guard_lifted runs fla past its own refusal, so only when asked by name."""
 ESTIMATE_S = {"speed": 60, "profile": 5, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
-              "kernel_float32": 20}
+              "kernel_float32": 20, "fla_guard_lifted": 50}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
@@ -140,8 +157,22 @@ def fla_backward_refusal() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def fla_version_guard_lifted():
+    """fla's chunked backward past its refusal on Hopper with triton 3.4 to 3.7.0, for the duration (see the module
+    docstring, fla_guard_lifted): the one flag its guard reads, in the one module that reads it."""
+    from fla.ops.common import chunk_o
+
+    saved = chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    try:
+        yield
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+
 class Check:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float):
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, tuned: bool = True):
         import torch
 
         self.torch = torch
@@ -152,6 +183,8 @@ class Check:
         self.started = time.perf_counter()
         self.reference = load_reference()
         self.kernel, kernel_note = load_kernel()
+        if self.kernel is not None and not tuned:
+            importlib.import_module("archgen_kernels.triton_support").RUNTIME_TUNING = False
         self.fla, fla_note = import_fla(dry_run)
         self.fla_backward_refused = fla_backward_refusal() if self.fla is not None else None
         self.peer = "fla" if self.fla is not None else "stand_in"
@@ -169,6 +202,7 @@ class Check:
                 "fla": fla_note,
                 "fla_backward": self.fla_backward_refused or "runs",
                 "archgen_kernel": kernel_note,
+                "archgen_kernel_configs": "tuned on first call" if tuned else "untuned: each kernel's first config",
                 "peer": "fla chunk_gated_delta_rule" if self.fla else "stand-in: the op's gated_delta_step token by token",
                 "budget_s": budget_s,
             },
@@ -506,6 +540,54 @@ class Check:
                         report["archgen_kernel_ms"], report["fla_ms"])
         return report
 
+    def fla_guard_lifted(self) -> dict:
+        """fla's forward+backward past its triton-version guard beside archgen's kernels: every gradient of both
+        against float32 at the timing shape (first: it decides how fla's time is labelled), the times, and the CUDA
+        time per kernel of each."""
+        if self.kernel is None:
+            return {"skipped": self.results["environment"]["archgen_kernel"]}
+        torch = self.torch
+        shape = self.timing_shape
+        peer = f"{self.peer}_guard_lifted" if self.fla is not None else self.peer
+        sides = {"archgen_kernel": self._kernel, peer: self._fla if self.fla is not None else self._stand_in}
+        if self.fla is None:
+            guard, lifted = "no fla here", "nothing (the stand-in has no guard)"
+        else:
+            guard = self.fla_backward_refused or "fla's backward runs here with its guard in place"
+            lifted = "fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True for the section"
+        report = {"guard": guard, "lifted": lifted,
+                  "bar_relative_norm": BF16_BAR}
+        args = self.inputs(*shape, seed=7)
+        gen = torch.Generator(device=self.device).manual_seed(99)
+        do = torch.randn(*shape[:2], shape[3], shape[5], generator=gen, device=self.device).to(torch.bfloat16)
+        dS = torch.randn(shape[0], shape[3], shape[4], shape[5], generator=gen, device=self.device)
+        with fla_version_guard_lifted() if self.fla is not None else contextlib.nullcontext():
+            expected = _gradients(self._reference, {n: t.float() for n, t in args.items()}, do.float(), dS)
+            report["gradients_vs_float32"] = {
+                side: {n: _relative_norm(g, expected[n]) for n, g in _gradients(fn, args, do, dS).items()}
+                for side, fn in sides.items()}
+            del expected
+            times, runs = {}, {}
+            for side, fn in sides.items():
+                leaves = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+
+                def forward_backward(fn=fn, leaves=leaves):
+                    fn(**leaves)[0].backward(do)
+
+                runs[side] = forward_backward
+                times[side] = report[f"{side}_forward_backward_ms"] = self.time_ms(
+                    forward_backward, grad_to_none=list(leaves.values()))
+            report["profile"] = {side: self._profile(f"{side}_forward_backward", run) for side, run in runs.items()}
+        wrong = {n: e for n, e in report["gradients_vs_float32"][peer].items() if not e <= BF16_BAR}
+        report["peer_gradients_within_bar"] = not wrong
+        verdict = ("its gradients within the bf16 bar here" if not wrong else
+                   "its gradients wrong here ({}): the time of the same launches".format(
+                       ", ".join(f"{n} {e:.2g}" for n, e in wrong.items())))
+        self.figure(f"Gated DeltaNet forward+backward, archgen kernels vs {peer.replace('_', ' ')} "
+                    "(B{}-T{}-H{}-HV{}-K{}-V{}, bf16)".format(*shape), times["archgen_kernel"], times[peer],
+                    f"{peer.replace('_', ' ')} forward+backward ({verdict})", bar=1.0)
+        return report
+
 
 def _as_float(result):
     o, state = result
@@ -540,20 +622,23 @@ def main() -> None:
                         help="folder for gdn_check.json (default: $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, the kernel interpreted, fla not needed")
     parser.add_argument("--budget-s", type=float, default=140.0, help="sections stop starting when it would be passed")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
+                        f"{','.join(DEFAULT_SECTIONS)})")
+    parser.add_argument("--untuned", action="store_true",
+                        help="archgen's kernels run their first config (session 6's winners) and time no candidates")
     args = parser.parse_args()
     if args.out is None:
         parser.error("--out is required when $OUT is not set")
-    only = [name for name in args.only.split(",") if name] or list(SECTIONS)
+    only = [name for name in args.only.split(",") if name] or list(DEFAULT_SECTIONS)
     if unknown := set(only) - set(SECTIONS):
         parser.error(f"--only: no section {', '.join(sorted(unknown))}; the sections are {', '.join(SECTIONS)}")
     if args.dry_run:  # before triton is imported: the kernel runs in Triton's interpreter on CPU tensors
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
-    check = Check(args.out, args.dry_run, args.budget_s)
+    check = Check(args.out, args.dry_run, args.budget_s, tuned=not args.untuned)
     runs = {"speed": check.speed, "profile": check.profile, "numerics": check.numerics,
             "numerics_odd_lengths": check.numerics_odd_lengths, "decode": check.decode,
-            "kernel_float32": check.kernel_float32}
+            "kernel_float32": check.kernel_float32, "fla_guard_lifted": check.fla_guard_lifted}
     for name in SECTIONS:
         if name in only:
             check.section(name, runs[name])
