@@ -25,10 +25,17 @@
            router_z_loss; forward and forward+backward; numerics (the same experts, weights, losses and logit
            gradient).
 
+  ncu      (with --ncu, after the others) Nsight Compute on the RMSNorm kernels at the rmsnorm shape (bench/ncu.py):
+           our forward at its default config and at 4 warps, Liger's forward, our backward (and its dw sum) and
+           Liger's, each launched once in a child process under ncu: DRAM bytes and throughput, occupancy,
+           registers, instructions and stall reasons per launch in the JSON, ncu's tables in ncu/rmsnorm.ncu.txt.
+           It tells apart kernels whose timings differ by a few percent (our forward against Liger's).
+
 Writes norm_rope_router.json and norm_rope_router.bars.json ({"figure", "archgen", "unit", "reference",
 "reference_value", "ratio", "bar", "device", "date", "command"}; ratio > 1 means archgen is better) under --out.
 
     python bench/norm_rope_router.py --out "$OUT" --budget-s 110     # on the GPU
+    python bench/norm_rope_router.py --only rmsnorm --ncu --out "$OUT"  # with Nsight Compute's view of the kernels
     python bench/norm_rope_router.py --dry-run --out /tmp/nrr         # CPU: Triton's interpreter, tiny shapes
 """
 
@@ -51,6 +58,7 @@ if DRY_RUN:  # the interpreter must be chosen before triton is imported
     os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
 sys.path.insert(0, str(ROOT))
 
+import ncu  # noqa: E402 - bench/ncu.py, beside this script
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -66,6 +74,8 @@ ROUTER_SHAPE, DRY_ROUTER_SHAPE = (32768, 16, 2), (40, 6, 2)  # tokens, experts, 
 SECTIONS = {"rmsnorm": 30, "rope": 20, "router": 10}
 """The sections in the order they run, with the seconds each needs at the least, so a late one is skipped rather
 than cut off."""
+NCU_NEEDS_S = 60
+"""What the ncu section needs: a child process (torch, the kernels compiled), ncu replaying each launch per section."""
 LLAMA3 = {"scaling": "llama3", "factor": 8.0, "original_max_position": 8192}
 
 
@@ -317,6 +327,14 @@ class Bench:
         errors["ok"] = all(v <= tolerance for case in errors.values() for v in case.values())
         return errors
 
+    def ncu(self, record: dict) -> None:
+        """Nsight Compute on the RMSNorm kernels (ncu_rmsnorm's launches); a dry run only runs the workload."""
+        if self.dry_run:
+            record["variants"] = ncu_rmsnorm(self.device)
+            return
+        record.update(ncu.profile(Path(__file__), "rmsnorm", "_rms_norm_", self.out / "ncu",
+                                  timeout_s=max(self.budget_s - self.elapsed(), NCU_NEEDS_S)))
+
     # -- RoPE ----------------------------------------------------------------------------------------------------
 
     def rope(self, record: dict) -> None:
@@ -495,6 +513,7 @@ class Bench:
                              f"({figures['inference_speedup']:.2f}x reference, {figures['inference_of_copy']:.2f} of "
                              f"copy); training {figures['training_kernel_ms']:.4f} ms "
                              f"({figures['training_speedup']:.2f}x reference)")
+        lines += ncu.summary_lines(sections.get("ncu", {}))
         router = sections.get("router", {})
         if "fwd_speedup" in router:
             lines.append(f"router: fwd {router['kernel_fwd_ms']:.4f} ms ({router['fwd_speedup']:.2f}x reference), "
@@ -507,6 +526,43 @@ class Bench:
             if isinstance(numerics, dict) and numerics.get("ok") is False:
                 lines.append(f"NUMERICS FAILED in {name}: {json.dumps(numerics)[:400]}")
         return "\n".join(lines)
+
+
+def ncu_rmsnorm(device: str) -> list[list]:
+    """The launches ncu profiles at the rmsnorm shape, each once after a warm-up: our forward at its default config
+    (the H200's choice) and at 4 warps, Liger's forward, our backward (its kernel and the dw sum) and Liger's backward
+    kernel. Returns [label, launches] in launch order (bench/ncu.py)."""
+    kernels_package()
+    from archgen_kernels import rmsnorm as rn
+
+    dry_run = device != "cuda"
+    R, N = DRY_NORM_SHAPE if dry_run else NORM_SHAPE
+    dt = torch.float32 if dry_run else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    x, dy = (torch.randn(R, N, device=device, generator=g).to(dt) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(N, device=device, generator=g)).to(dt)
+    forward, backward = rn.forward_candidates(N)[0], rn.backward_candidates(N, dt.itemsize)[0]
+    launches = {
+        f"archgen forward {forward}": (lambda: rn.rms_norm_forward(x, None, w, EPS, forward), 1),
+        "archgen forward at 4 warps": (lambda: rn.rms_norm_forward(x, None, w, EPS, {**forward, "num_warps": 4}), 1),
+    }
+    _, s, rstd = rn.rms_norm_forward(x, None, w, EPS, forward)
+    if not dry_run:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+
+        leaves = [x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
+        y = LigerRMSNormFunction.apply(*leaves, EPS, 0.0, "llama", False)
+        launches["Liger forward"] = (lambda: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False), 1)
+    launches[f"archgen backward {backward} (+ dw sum)"] = (
+        lambda: rn.rms_norm_backward(dy, None, s, w, rstd, backward), 2)
+    if not dry_run:
+        launches["Liger backward"] = (lambda: torch.autograd.grad([y], leaves, [dy], retain_graph=True), 1)
+    for fn, _ in launches.values():  # compiled and warm before the profiled region
+        fn()
+    with ncu.profiled(device):
+        for fn, _ in launches.values():
+            fn()
+    return [[label, count] for label, (_, count) in launches.items()]
 
 
 def _fwd_bwd(fn, args, cotangents):
@@ -547,7 +603,12 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: timings meaningless")
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting sections after this many seconds")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--ncu", action="store_true", help="then profile the RMSNorm kernels with Nsight Compute")
+    parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     args = parser.parse_args()
+    if args.ncu_child:
+        ncu.child_main({"rmsnorm": ncu_rmsnorm}, args.ncu_child, args.out)
+        return
     only = [name for name in args.only.split(",") if name]
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
@@ -556,6 +617,8 @@ def main() -> None:
     for name, needs_s in SECTIONS.items():
         if name in only:
             bench.section(name, getattr(bench, name), 0 if args.dry_run else needs_s)
+    if args.ncu:
+        bench.section("ncu", bench.ncu, 0 if args.dry_run else NCU_NEEDS_S)
     bench.save()
     print(bench.summary())
     print(f"wrote {args.out / 'norm_rope_router.json'} and {args.out / 'norm_rope_router.bars.json'} in "

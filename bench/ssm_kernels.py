@@ -24,6 +24,11 @@ each, so a run cut short keeps what it measured; sections stop starting once --b
                 `selective_state_update`, eager and replayed from a CUDA graph; the Mamba-1 step (mamba_step, 4096
                 channels, d_state 16) against `selective_state_update` too.
 
+With --ncu, after the sections: Nsight Compute on the conv kernels at the conv shape (bench/ncu.py): the window
+forward and backward at their default configs and the backward at 64 × 128 with PREFETCH (the H200's choice in
+session 6), each launched once in a child process under ncu; DRAM bytes and throughput, occupancy, registers,
+instructions and stall reasons per launch in the JSON's "conv_ncu", ncu's tables in ncu/conv.ncu.txt.
+
 The two numbers (METHOD.md), at the SSD shape in bf16: the forward must read x (268 MB), write y (268 MB) and store and
 reread the chunk states (2 × 134 MB), about 0.8 GB, 0.2 ms at 4.1 TB/s, and do about 0.1 TFLOP on the tensor cores
 (0.13 ms at 780 TFLOP/s): a floor near 0.25 ms against mamba_ssm's 1.30 ms. The backward moves about twice the bytes
@@ -39,6 +44,7 @@ configs that compiled without spills (or with few) that way.
 Run from the repository root on the GPU machine (mamba_ssm's sdist in .whl/, as the lead carries it):
     python bench/ssm_kernels.py --out "$OUT"
     python bench/ssm_kernels.py --out "$OUT" --only ssd_numerics,ssd_timing --budget-s 300
+    python bench/ssm_kernels.py --out "$OUT" --only conv --ncu
 Exercise every code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless, peers skipped unless
 their import is all that is tested):
     python bench/ssm_kernels.py --dry-run --out /tmp/ssm_bench
@@ -59,6 +65,7 @@ import time
 import types
 from pathlib import Path
 
+import ncu
 from harness import ROOT, Run, bench_ms, relative_norm
 
 SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
@@ -403,6 +410,12 @@ class Bench(Run):
         self.guarded(out, "update_step_batch1", update_step)
         return out
 
+    def conv_ncu(self) -> dict:
+        """Nsight Compute on the conv kernels (ncu_conv's launches); a dry run only runs the workload."""
+        if self.dry_run:
+            return {"variants": ncu_conv(self.device)}
+        return ncu.profile(Path(__file__), "conv", "_conv_", self.out / "ncu", timeout_s=max(self.budget_s - self.elapsed(), 60))
+
     # -- decoding -----------------------------------------------------------------------------------------------
 
     def decode(self) -> dict:
@@ -530,6 +543,39 @@ class Bench(Run):
         return info
 
 
+def ncu_conv(device: str) -> list[list]:
+    """The launches ncu profiles at the conv shape (bf16 x, float32 weight and bias, SiLU, no state), each once after a
+    warm-up: the window forward and backward at their default configs, and the backward at 64 × 128 with PREFETCH.
+    Returns [label, launches] in launch order (bench/ncu.py)."""
+    import torch
+
+    from archgen.resources import kernels_package
+
+    kernels_package()
+    conv = importlib.import_module("archgen_kernels.causal_conv1d")
+    s = (DRY if device != "cuda" else FULL)["conv"]
+    g = torch.Generator(device=device).manual_seed(0)
+    x, dy = (torch.randn(s["batch"], s["seqlen"], s["dim"], generator=g, device=device).to(torch.bfloat16)
+             for _ in range(2))
+    weight, bias = torch.randn(s["dim"], s["width"], generator=g, device=device), torch.randn(s["dim"], generator=g,
+                                                                                              device=device)
+    forward = conv.forward_candidates(s["width"])[0]
+    backward, chosen = conv.WINDOW_BACKWARD_CONFIGS[0], {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "PREFETCH": True}
+    launches = {
+        f"forward {forward}": lambda: conv.causal_conv1d_forward(x, weight, bias, None, True, config=forward),
+        f"backward {backward}": lambda: conv.causal_conv1d_backward(dy, None, x, weight, bias, None, True,
+                                                                    config=backward),
+        f"backward {chosen}": lambda: conv.causal_conv1d_backward(dy, None, x, weight, bias, None, True,
+                                                                  config=chosen),
+    }
+    for fn in launches.values():  # compiled and warm before the profiled region
+        fn()
+    with ncu.profiled(device):
+        for fn in launches.values():
+            fn()
+    return [[label, 1] for label in launches]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/ssm_kernels"),
@@ -538,10 +584,15 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=540.0, help="stop starting sections after this many seconds")
     parser.add_argument("--mamba-sdist", default=None, help="mamba_ssm sdist (default: .whl/mamba_ssm-*.tar.gz)")
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    parser.add_argument("--ncu", action="store_true", help="then profile the conv kernels with Nsight Compute")
+    parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
+    if args.ncu_child:
+        ncu.child_main({"conv": ncu_conv}, args.ncu_child, Path(args.out))
+        return 0
     only = [s for s in args.only.split(",") if s] or list(SECTIONS)
     unknown = sorted(set(only) - set(SECTIONS))
     if unknown:
@@ -554,6 +605,9 @@ def main(argv=None) -> int:
     for name in SECTIONS:
         if name in only:
             bench.section(name, getattr(bench, name), needs_s=0 if args.dry_run else needs[name])
+    if args.ncu:
+        bench.section("conv_ncu", bench.conv_ncu, needs_s=0 if args.dry_run else 60)
+        print("\n".join(ncu.summary_lines(bench.sections["conv_ncu"])))
     print("\nbars:")
     for row in bench.bars:
         print(f"  {row['figure']}: {row['archgen']:.4g} {row['unit']} vs {row['reference_value']:.4g} "
