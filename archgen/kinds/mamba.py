@@ -28,6 +28,17 @@ class MambaConfig:
 
 # Per channel and state element and token: exp(Δ·A) (1), Δ·B·x (2), a·h + b (2), C·h accumulated (2).
 SCAN_FLOPS_PER_STATE = 7
+# cuBLAS's Hopper GEMMs need rows of a multiple of 16 bytes, 8 values in bf16; x_proj's and dt_proj's rows are Δ's rank
+# (plus B and C), which the paper's "auto" (d_model / 16) seldom makes one.
+ROW_ALIGNMENT = 8
+
+
+def padded_dt_rank(config: MambaConfig) -> int:
+    """Δ's rank as the sequence path's products run it: rounded up to ROW_ALIGNMENT with zero weights, where that
+    aligns x_proj's rows too (2·d_state a multiple of it) and no norm reads Δ at its true width (Jamba's)."""
+    if config.inner_norms or 2 * config.d_state % ROW_ALIGNMENT:
+        return config.dt_rank
+    return -(-config.dt_rank // ROW_ALIGNMENT) * ROW_ALIGNMENT
 
 
 class Mamba(Kind[models.MambaSpec, MambaConfig]):
@@ -95,7 +106,8 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
 
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
-                "dt_rank": config.dt_rank, "xproj_out": config.dt_rank + 2 * config.d_state,
+                "dt_rank": config.dt_rank, "padded_dt_rank": padded_dt_rank(config),
+                "xproj_out": config.dt_rank + 2 * config.d_state,
                 "in_proj_out": 2 * config.d_inner(dims), "bias": config.bias, "conv_bias": config.conv_bias,
                 "dt_min": config.dt_min, "dt_max": config.dt_max, "max_seqlen": dims.max_seq_len,
                 "inner_norms": config.inner_norms, "norm_eps": dims.norm_eps}
