@@ -281,6 +281,16 @@ class Ssm(nn.Module):
         nn.init.uniform_(self.dt_proj.weight, -(100**-0.5), 100**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
+    def sequence_projections(self, x):
+        """x_proj and dt_proj over a sequence, with Δ's rank padded from 100 to 104 by zero weights: the products
+        then run on rows of 136 and 104 values, multiples of 16 bytes in bf16 as cuBLAS's Hopper GEMMs need (at
+        132 and 100 the training step's six products fell back to sm80 kernels). The zero rows add nothing to Δ and
+        their gradients are dropped. Returns Δ before its bias (B, T, 3200), and B and C (B, T, 16) each."""
+        weight = self.x_proj.weight  # rows: Δ's 100, then B's and C's 16 each
+        padded = torch.cat([weight[:100], weight.new_zeros(4, 3200), weight[100:]])  # (136, 3200)
+        dt, B_ssm, C_ssm = F.linear(x, padded).split([104, 16, 16], dim=-1)
+        return F.linear(dt, F.pad(self.dt_proj.weight, (0, 4))), B_ssm, C_ssm
+
     def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
         x, z = self.in_proj(x).split([3200, 3200], dim=-1)  # (B, T, 3200) each
@@ -293,8 +303,8 @@ class Ssm(nn.Module):
         else:
             x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
             x = F.silu(x)
-        dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, T, 100), (B, T, 16) × 2
         if cache is not None and T == 1:
+            dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, 1, 100), (B, 1, 16) × 2
             dt = dt[:, 0]  # (B, 100), rows: torch.export traces the product for any batch size
             dt = (
                 kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
@@ -308,7 +318,7 @@ class Ssm(nn.Module):
             y = y.unsqueeze(1)  # (B, 1, 3200)
         else:
             A = -torch.exp(self.A_log.float())  # (3200, 16)
-            dt = F.linear(dt, self.dt_proj.weight)  # (B, T, 3200); its bias is added inside the scan, before softplus
+            dt, B_ssm, C_ssm = self.sequence_projections(x)  # Δ (B, T, 3200): its bias is added inside the scan, before softplus
             if pads is not None:
                 dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged
             initial_state = cache.ssm_state if cache is not None else None
