@@ -514,15 +514,18 @@ def plot_into(result: BenchResult, decode_axis, throughput_axis) -> None:
     """plot's two panels on the given matplotlib axes (bench/whole_model.py puts several specs in one figure)."""
     batches = result.config["decode_batches"]
     width = 0.8 / (len(result.variants) + 1)
+    decoded = []
     for i, (variant, figures) in enumerate(result.variants.items()):
         values = [figures.get(f"decode_batch_{b}", {}).get("ms_per_token", float("nan")) for b in batches]
+        decoded += [value for value in values if math.isfinite(value)]
         decode_axis.bar([j + i * width for j in range(len(batches))], values, width, label=variant)
     floors = [next((f[f"decode_batch_{b}"]["floor_ms_per_token"] for f in result.variants.values() if f"decode_batch_{b}" in f),
                    float("nan")) for b in batches]
     decode_axis.bar([j + len(result.variants) * width for j in range(len(batches))], floors, width, label="memory floor",
                     color="grey")
     decode_axis.set_xticks([j + width * len(result.variants) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-    decode_axis.set_yscale("log")  # the floor and an eager step can be two orders of magnitude apart
+    if decoded:  # a log axis needs a value (the compiled variants do not decode)
+        decode_axis.set_yscale("log")  # the floor and an eager step can be two orders of magnitude apart
     decode_axis.set_ylabel("ms / token")
     decode_axis.set_title("decoding")
     decode_axis.legend()
