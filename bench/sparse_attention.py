@@ -18,6 +18,15 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             attention layer with a window runs without the kernel); numerics of the kernel and flex
   edges     bf16 numerics at a ragged shape (odd lengths, grouped heads, padding rows, a window, keys past every
             query), on the configs `numerics` tuned
+  ncu       (with --ncu, after the others) Nsight Compute on the backward kernels (bench/ncu.py), each launched once
+            in a child process under ncu: dq and dk/dv at the `sparse` shape on their first configs (the fastest
+            measured so far) and on configs that fit three programs per SM, then at the `window` shape. Per launch in
+            the JSON: time, occupancy, registers, issue activity and the stall reasons; ncu's tables in
+            ncu/backward.ncu.txt
+
+`sparse` and `window` also record a breakdown: the GPU kernels of a few back-to-back forward + backward calls
+(torch.profiler), each kernel's microseconds per call, their sum (busy_us) and the span from the first kernel's
+start to the last one's end (span_us): span - busy is the GPU idle between kernels.
 
 A section that would not finish inside --budget-s is skipped (recorded as such); run it alone with --only.
 tuner_ms_per_config in the JSON is the time of each kernel alone (forward, backward_dq with delta, backward_dkdv) under
@@ -44,12 +53,16 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
+import ncu  # bench/ncu.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("numerics", "sparse", "window", "edges")
+NCU_NEEDS_S = 60  # the ncu section: a child process (torch, nine kernel compiles), ncu replaying six launches
 FULL = {"sparse": {"B": 8, "H": 16, "T": 4096, "D": 128}, "fraction": 0.2,
         "window_shape": {"B": 4, "Hq": 32, "Hkv": 8, "T": 4096, "D": 128}, "window": 1024, "reps": 10}
 TINY = {"sparse": {"B": 2, "H": 2, "T": 64, "D": 16}, "fraction": 0.2,
@@ -190,6 +203,66 @@ class Bench:
 
         return {"fwd_ms": fwd, "fwd_bwd_ms": self.time_ms(fwd_bwd)}
 
+    def fwd_breakdown(self, fn, inputs) -> dict:
+        """kernel_breakdown of fn(*inputs) without autograd (the forward as fwd_ms times it)."""
+        def forward():
+            with self.torch.no_grad():
+                fn(*inputs)
+
+        return self.guarded(self.kernel_breakdown, forward)
+
+    def fwd_bwd_breakdown(self, fn, inputs) -> dict:
+        """kernel_breakdown of the forward + backward that fwd_bwd_ms times."""
+        torch = self.torch
+        cotangent = torch.randn_like(fn(*inputs)).detach()
+        return self.guarded(self.kernel_breakdown, lambda: torch.autograd.grad(fn(*inputs), inputs, cotangent))
+
+    @staticmethod
+    def guarded(measure, *args) -> dict:
+        """measure(*args), or its error: a breakdown is context, never fatal to its section."""
+        try:
+            return measure(*args)
+        except Exception as error:  # noqa: BLE001 - recorded
+            return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+    def kernel_breakdown(self, fn, iterations: int = 5) -> dict:
+        """What fn() runs on the GPU, from a torch.profiler trace of `iterations` back-to-back calls (after the timed
+        ones, so nothing tunes here): per kernel, its launches and microseconds per call of fn; busy_us, the kernels'
+        sum; span_us, first kernel start to last kernel end, per call. span - busy is the GPU left idle between
+        kernels (launch gaps, host-bound stretches), which neither the tuner's per-kernel times nor busy_us count.
+        On the CPU (dry run) the trace's operators, nested, so their sums overlap: the code path only."""
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        on_gpu = self.device == "cuda"
+        categories = ("kernel", "gpu_memcpy", "gpu_memset") if on_gpu else ("cpu_op",)
+        fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+            for _ in range(iterations):
+                fn()
+            if on_gpu:
+                torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as tmp:
+            trace_path = Path(tmp) / "trace.json"
+            prof.export_chrome_trace(str(trace_path))
+            events = [e for e in json.loads(trace_path.read_text())["traceEvents"]
+                      if e.get("cat") in categories and "dur" in e]
+        if not events:
+            return {"error": "the trace holds no device events"}
+        per_kernel: dict[str, dict] = {}
+        for e in events:
+            entry = per_kernel.setdefault(e["name"][:120], {"calls": 0, "us": 0.0})
+            entry["calls"] += 1
+            entry["us"] += e["dur"]
+        kernels = {name: {"calls": v["calls"] / iterations, "us": round(v["us"] / iterations, 1)}
+                   for name, v in sorted(per_kernel.items(), key=lambda item: -item[1]["us"])}
+        start = min(e["ts"] for e in events)
+        end = max(e["ts"] + e["dur"] for e in events)
+        return {"iterations": iterations, "span_us": round((end - start) / iterations, 1),
+                "busy_us": round(sum(e["dur"] for e in events) / iterations, 1), "kernels": kernels}
+
     def selection(self, B: int, T: int, fraction: float, seed: int = 20):
         """Bernoulli(fraction) per token, and its packing: (selected (B, T), index (B, S), positions (B, S), valid)."""
         torch = self.torch
@@ -253,8 +326,9 @@ class Bench:
             ok &= self._compare_bf16(record, "bf16", B, H, Hkv, T, Tk, D, D, fraction, window, seed=T)
         record["ok"] = ok
 
-    def _sdpa_peers(self, q, k, v, record) -> dict:
-        """Causal SDPA over all queries with each backend that runs; the names of the fastest, by figure."""
+    def _sdpa_peers(self, q, k, v, record) -> tuple[dict, dict]:
+        """Causal SDPA over all queries with each backend that runs: the names of the fastest, by figure, and the
+        functions by name."""
         import torch.nn.functional as F
 
         def dense(q, k, v):
@@ -276,7 +350,7 @@ class Bench:
             except Exception as error:  # noqa: BLE001 - a backend that cannot run is recorded
                 record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         timed = {n: record[n] for n in variants if "fwd_ms" in record[n]}
-        return {key: min(timed, key=lambda n: timed[n][key]) for key in ("fwd_ms", "fwd_bwd_ms")}
+        return {key: min(timed, key=lambda n: timed[n][key]) for key in ("fwd_ms", "fwd_bwd_ms")}, variants
 
     def sparse(self, record):
         torch, pqa, R = self.torch, self.pqa, self.routing
@@ -313,10 +387,15 @@ class Bench:
             record["routing_chunked_sdpa_packed"] = self.fwd_and_bwd_ms(chunked_sdpa, (q_packed, k, v))
         except Exception as error:  # noqa: BLE001 - context only
             record["routing_chunked_sdpa_packed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        best = self._sdpa_peers(q_full, k, v, record)
+        best, peers = self._sdpa_peers(q_full, k, v, record)
         record["peer"] = best
         useful = 4 * H * D * float(positions.masked_fill(~valid, -1).add(1).sum())  # QK^T and PV over visible keys
         record["kernel_backward_alone_ms"] = self.backward_alone_ms(q_packed, k, v, positions, valid, window=0)
+        record["breakdown"] = {
+            "kernel_packed_fwd_bwd": self.fwd_bwd_breakdown(kernel, (q_packed, k, v)),
+            "kernel_full_length_fwd": self.fwd_breakdown(kernel_full_length, (q_full, k, v)),
+            f"peer_{best['fwd_bwd_ms']}_fwd_bwd": self.fwd_bwd_breakdown(peers[best["fwd_bwd_ms"]], (q_full, k, v)),
+        }
         record["kernel_packed"]["fwd_TFLOPs"] = useful / (record["kernel_packed"]["fwd_ms"] * 1e-3) / 1e12
         record["kernel_packed"]["fwd_bwd_TFLOPs"] = 3.5 * useful / (record["kernel_packed"]["fwd_bwd_ms"] * 1e-3) / 1e12
         for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
@@ -368,6 +447,8 @@ class Bench:
                 record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             self.write()
         record["kernel_backward_alone_ms"] = self.backward_alone_ms(q, k, v, positions, valid, window=W)
+        record["breakdown"] = {f"{name}_fwd_bwd": self.fwd_bwd_breakdown(variants[name], (q, k, v))
+                               for name in ("kernel", "peer_flex") if "fwd_ms" in record.get(name, {})}
         window_key = pqa.shape_key(D, D, Hq // Hkv, True, dt)
         record["configs"] = {name: chosen.get(window_key) for name, chosen in pqa.tuned_configs().items()}
         with torch.no_grad():
@@ -383,6 +464,15 @@ class Bench:
                 self.bar(f"sliding window 1024 attention {label} (B4 32q/8kv L4096 D128 bf16) [packed-query kernel, "
                          "all positions]", record["kernel"][key], "torch.compile(flex_attention), sliding-window block "
                          "mask", peer[key], 1.0)
+
+    def ncu(self, record):
+        """Nsight Compute on the backward kernels (ncu_backward's launches, in a child process); a dry run only runs
+        the workload."""
+        if self.dry_run:
+            record["variants"] = ncu_backward(self.device)
+            return
+        record.update(ncu.profile(Path(__file__), "backward", "_backward_(dq|dkdv)_kernel", self.out / "ncu",
+                                  timeout_s=max(self.budget_s - self.elapsed(), NCU_NEEDS_S)))
 
     def backward_alone_ms(self, q, k, v, positions, valid, window: int) -> float:
         """The two backward kernels (and delta) alone, from a forward that kept its float32 output."""
@@ -416,10 +506,65 @@ class Bench:
             if record.get("ok") is False:
                 lines.append(f"NUMERICS FAILED in {name}: " + ", ".join(k for k, v in record.items()
                                                                        if isinstance(v, dict) and not v.get("ok")))
+        lines += ncu.summary_lines(self.results["sections"].get("ncu", {}))
         for name, record in self.results["sections"].items():
             if "error" in record:
                 lines.append(f"ERROR in {name}: {record['error'][:200]}")
         return "\n".join(lines)
+
+
+NCU_ALTERNATIVES = {
+    "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "HEAD_GROUP": 16},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "MASK_EDGES_ONLY": 0, "maxnreg": 168},
+}
+"""The backward configs ncu profiles beside each kernel's first: three programs per SM instead of two."""
+
+
+def ncu_backward(device: str) -> list[list]:
+    """The launches ncu profiles, each once after a warm-up (compiles; nothing is tuned): the backward (its dq kernel,
+    then its dk/dv kernel) at the `sparse` shape on each kernel's first config (the fastest measured so far), at the
+    same shape on NCU_ALTERNATIVES, and at the `window` shape on the first configs. Returns [label, launches] in
+    launch order (bench/ncu.py)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from kernels import packed_query_attention as pqa
+
+    s = TINY if device != "cuda" else FULL
+    g = torch.Generator(device=device).manual_seed(0)
+    c, w = s["sparse"], s["window_shape"]
+    selected = torch.rand(c["B"], c["T"], device=device, generator=g) < s["fraction"]
+    tokens = torch.arange(c["T"], device=device)
+    order = torch.argsort((~selected).long() * c["T"] + tokens, dim=1)  # selected tokens first, in order
+    counts = selected.sum(dim=1, keepdim=True)
+    S = int(counts.max())
+    sparse_positions = torch.where(tokens[:S] < counts, order[:, :S], -1).to(torch.int32)
+    window_positions = torch.arange(w["T"], device=device, dtype=torch.int32).expand(w["B"], w["T"])
+    first = {"dq": pqa.BACKWARD_DQ_CONFIGS[0], "dkdv": pqa.BACKWARD_DKDV_CONFIGS[0]}
+
+    def backward(H, Hkv, positions, T, window, configs):
+        D = c["D"]
+        q = torch.randn(positions.shape[0], H, positions.shape[1], D, device=device, generator=g).bfloat16()
+        k, v = (torch.randn(positions.shape[0], Hkv, T, D, device=device, generator=g).bfloat16() for _ in range(2))
+        scale = 1.0 / math.sqrt(D)
+        out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, positions, scale, window, keep_float32_out=True,
+                                                             config=pqa.FORWARD_CONFIGS[0])
+        dout = torch.randn_like(out)
+        return lambda: pqa.packed_query_attention_backward(dout, q, k, v, positions, out32, lse, scale, window,
+                                                           configs=configs)
+
+    launches = {
+        f"sparse, first configs {first}": backward(c["H"], c["H"], sparse_positions, c["T"], 0, first),
+        f"sparse, three per SM {NCU_ALTERNATIVES}": backward(c["H"], c["H"], sparse_positions, c["T"], 0,
+                                                             NCU_ALTERNATIVES),
+        "window, first configs": backward(w["Hq"], w["Hkv"], window_positions, w["T"], s["window"], first),
+    }
+    for run in launches.values():  # compiled and warm before the profiled region
+        run()
+    with ncu.profiled(device):
+        for run in launches.values():
+            run()
+    return [[label, 2] for label in launches]
 
 
 def main() -> None:
@@ -427,8 +572,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton's interpreter")
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--ncu", action="store_true", help="then profile the backward kernels with Nsight Compute")
+    parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting sections after this many seconds")
     args = parser.parse_args()
+    if args.ncu_child:
+        ncu.child_main({"backward": ncu_backward}, args.ncu_child, args.out)
+        return
     only = {s for s in args.only.split(",") if s}
     if only - set(SECTIONS):
         parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
@@ -436,11 +586,13 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
-    bench = Bench(args.out, args.dry_run, budget_s, only)
+    bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and args.ncu else only)
     needs = {"numerics": 45, "sparse": 15, "window": 45, "edges": 15}  # seconds, compiles included: a late section is skipped
     runs = {"numerics": bench.numerics, "sparse": bench.sparse, "edges": bench.edges, "window": bench.window}
     for name in SECTIONS:
         bench.section(name, runs[name], 0 if args.dry_run else needs[name])
+    if args.ncu:
+        bench.section("ncu", bench.ncu, 0 if args.dry_run else NCU_NEEDS_S)
     print(bench.summary())
     print(f"wrote {args.out / 'sparse_attention.json'} and {args.out / 'sparse_attention.bars.json'} "
           f"in {bench.elapsed():.0f}s")
