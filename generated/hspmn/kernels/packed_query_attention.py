@@ -72,35 +72,40 @@ from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_o
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choice
-# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY). The first config that fits (see `candidates`) is what a bucket
-# runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
-# bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone, the losers' in that run beside it). Beside
-# each: registers per thread, shared memory, and so programs per SM, from triton 3.6 compiles for sm_90 with the
-# run-time specializations (docs/design.md: counting a kernel's registers without a GPU); none spills (8 bytes of
-# stack at most). An 8-warp dkdv config holds one program per SM, so nothing hides its loads of K and V and its
-# stores of dK and dV; the 4-warp ones with 64 keys fit two, and won by 12%.
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, the choice each
+# kernel documents (HEAD_GROUP, MASK_EDGES_ONLY) and, in some, a register cap (maxnreg: ptxas fits the kernel into
+# that many registers per thread, so one more program fits on an SM). The first config that fits (see `candidates`)
+# is what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's
+# fastest at D 128 in bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone). Beside each:
+# registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6 compiles
+# for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU); stack
+# bytes where ptxas spilled. An 8-warp config holds one program per SM, so nothing hides its loads and stores; the
+# 4-warp dkdv one with 64 keys fits two, and won by 12%; the untimed ones ask whether three or four per SM win more.
+# Measured and dropped (session 6): 8-warp dkdv with 128 keys (0.854 and 0.895 ms, 1.52 and 1.63 with a window),
+# 8-warp dq with 128 rows (0.447), the forward without head groups (0.357).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
         (64, 64, 4, 3, 16),  # 0.329 ms (heads in groups of 4: 0.355); 255 registers, 112 KB: 2 per SM
-        (64, 64, 4, 3, 1),  # 0.357 (call 2's fastest; 64 keys at 3 per SM and 128 rows lost there)
+        (64, 32, 4, 3, 16),  # untimed; 168, 64 KB: 3
     )
 ]
 BACKWARD_DQ_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
-    for m, n, w, s, g in (
-        (64, 32, 4, 4, 16),  # 0.410 ms; 177, 96 KB: 2
-        (128, 64, 8, 3, 1),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g} | ({"maxnreg": r} if r else {})
+    for m, n, w, s, g, r in (
+        (64, 32, 4, 4, 16, 0),  # 0.410 ms; 177, 96 KB: 2
+        (64, 32, 4, 2, 16, 0),  # untimed; 147, 64 KB: 3
+        (32, 32, 4, 3, 16, 128),  # untimed; 128, 42 KB: 4
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
-    for m, n, w, s, e in (
-        (32, 64, 4, 3, 0),  # 0.751 ms; 237, 80 KB: 2 (16 rows: 0.851)
-        (32, 64, 4, 3, 1),  # 242, 81 KB: 2 (a window's long unmasked middle may favour the three loops)
-        (32, 128, 8, 3, 0),  # 0.854; 224, 112 KB: 1 (2 stages: 0.861)
-        (64, 128, 8, 3, 1),  # 0.895; 255, 162 KB: 1 (call 1's window: 64 and 32 rows at 128 keys tied)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e} | ({"maxnreg": r} if r else {})
+    for m, n, w, s, e, r in (
+        (32, 64, 4, 3, 0, 0),  # 0.751 ms; 237, 80 KB: 2 (16 rows: 0.851)
+        (32, 64, 4, 3, 1, 0),  # 1.287 with a window (one loop: 1.265); 242, 81 KB: 2
+        (16, 32, 4, 3, 0, 168),  # untimed; 168, 30 KB: 3
+        (32, 32, 4, 3, 0, 168),  # untimed; 168 (24 bytes of stack), 42 KB: 3
+        (64, 32, 4, 3, 0, 0),  # untimed; 254, 67 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
@@ -550,8 +555,11 @@ BACKWARD_DKDV_TUNER = Autotuner("packed_query_attention.backward_dkdv", BACKWARD
 
 
 def _launch_params(cfg: dict) -> dict:
-    return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"]}
+    params = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
+              "num_stages": cfg["num_stages"]}
+    if cfg.get("maxnreg") and not interpreting():  # a ptxas option: the interpreter has no registers to cap
+        params["maxnreg"] = cfg["maxnreg"]
+    return params
 
 
 def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -> dict:
