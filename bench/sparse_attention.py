@@ -18,11 +18,11 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
             attention layer with a window runs without the kernel); numerics of the kernel and flex
   edges     bf16 numerics at a ragged shape (odd lengths, grouped heads, padding rows, a window, keys past every
             query), on the configs `numerics` tuned
-  ncu       (with --ncu, after the others) Nsight Compute on the backward kernels (bench/ncu.py), each launched once
-            in a child process under ncu: dq and dk/dv at the `sparse` shape on their first configs (the fastest
-            measured so far) and on configs that fit three programs per SM, then at the `window` shape. Per launch in
-            the JSON: time, occupancy, registers, issue activity and the stall reasons; ncu's tables in
-            ncu/backward.ncu.txt
+  ncu       (with --ncu after the others, or alone with --only ncu) Nsight Compute on the backward kernels
+            (bench/ncu.py), each launched once in a child process under ncu: dq and dk/dv at the `sparse` shape on
+            their first configs (the fastest measured so far) and on configs that fit three programs per SM, then at
+            the `window` shape. Per launch in the JSON: time, occupancy, registers, issue activity and the stall
+            reasons; ncu's tables in ncu/backward.ncu.txt
 
 `sparse` and `window` also record a breakdown: the GPU kernels of a few back-to-back forward + backward calls
 (torch.profiler), each kernel's microseconds per call, their sum (busy_us) and the span from the first kernel's
@@ -571,7 +571,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "bench/results")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton's interpreter")
-    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)}")
+    parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)},ncu (ncu: as --ncu)")
     parser.add_argument("--ncu", action="store_true", help="then profile the backward kernels with Nsight Compute")
     parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting sections after this many seconds")
@@ -580,18 +580,19 @@ def main() -> None:
         ncu.child_main({"backward": ncu_backward}, args.ncu_child, args.out)
         return
     only = {s for s in args.only.split(",") if s}
-    if only - set(SECTIONS):
-        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
+    if only - {*SECTIONS, "ncu"}:
+        parser.error(f"unknown sections {sorted(only - {*SECTIONS, 'ncu'})}; choose from {','.join(SECTIONS)},ncu")
+    profile = args.ncu or "ncu" in only
     if args.dry_run:  # before triton is imported: the kernels run on CPU tensors in the interpreter
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
-    bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and args.ncu else only)
+    bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and profile else only)
     needs = {"numerics": 45, "sparse": 15, "window": 45, "edges": 15}  # seconds, compiles included: a late section is skipped
     runs = {"numerics": bench.numerics, "sparse": bench.sparse, "edges": bench.edges, "window": bench.window}
     for name in SECTIONS:
         bench.section(name, runs[name], 0 if args.dry_run else needs[name])
-    if args.ncu:
+    if profile:
         bench.section("ncu", bench.ncu, 0 if args.dry_run else NCU_NEEDS_S)
     print(bench.summary())
     print(f"wrote {args.out / 'sparse_attention.json'} and {args.out / 'sparse_attention.bars.json'} "
