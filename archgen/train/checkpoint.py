@@ -16,7 +16,7 @@
 Everything is written into a hidden sibling directory that is renamed into place last (a rename is atomic), so a
 run killed at any instant leaves either the previous checkpoints or the new one, never half of one; `latest` (a
 file naming the newest) is replaced atomically after the rename. Hidden leftovers of a killed save are deleted when
-the next save starts.
+the next save starts; a checkpoint beyond `keep` is renamed out of sight before it is deleted.
 """
 
 from __future__ import annotations
@@ -64,8 +64,7 @@ def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
     """Rename a complete staging directory into place, point `latest` at it, drop checkpoints beyond `keep`."""
     target = root / checkpoint_name(step)
     if target.exists():  # the same step saved again (a resumed run interrupted at once): the new one replaces it
-        retired = root / f".{target.name}.saving-retired-{os.getpid()}"
-        target.rename(retired)
+        retired = hide(target)
         staging.rename(target)
         shutil.rmtree(retired, ignore_errors=True)
     else:
@@ -74,8 +73,16 @@ def publish(staging: Path, root: Path, step: int, keep: int) -> Path:
     pointer.write_text(target.name + "\n")
     os.replace(pointer, root / "latest")
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(hide(old), ignore_errors=True)
     return target
+
+
+def hide(checkpoint: Path) -> Path:
+    """Rename a checkpoint out of sight before deleting it: a run killed while deleting leaves a hidden leftover
+    (removed by the next save), never a visible checkpoint with files missing."""
+    hidden = checkpoint.with_name(f".{checkpoint.name}.saving-retired-{os.getpid()}")
+    checkpoint.rename(hidden)
+    return hidden
 
 
 # ------------------------------------------------------------------------------------------------ state <-> files

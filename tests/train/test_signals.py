@@ -10,10 +10,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from archgen.train.checkpoint import latest_checkpoint, list_checkpoints
+from archgen.train.loop import train
 from tests.train.recipes import ROOT, recipe_dict, write_corpus, write_recipe
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "optimizer.safetensors", "optimizer.json", "trainer.json", "recipe.yaml",
@@ -70,3 +73,29 @@ def test_sigkill_never_leaves_a_half_written_checkpoint_and_sigterm_saves(tmp_pa
     assert f"resumed from {root}" in stderr.replace("\n", "")
     assert_every_checkpoint_complete(root)
     assert not [p for p in root.iterdir() if p.name.startswith(".step-")], "a clean stop leaves no staging directory"
+
+
+def test_a_run_killed_while_deleting_an_old_checkpoint_leaves_only_complete_ones(tmp_path, monkeypatch):
+    """Deleting the checkpoints beyond `keep` takes many unlinks; a kill among them (here: rmtree stops after one
+    file) must not leave a visible checkpoint with files missing. The random kill above found it: step-00000001 was
+    left without most of its files."""
+    from archgen.train import checkpoint as ckpt
+
+    corpus = write_corpus(tmp_path / "data")
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, steps=2, checkpoint={"interval": 1, "keep": 1},
+                                                           eval={"interval": 10_000, "batches": 1}))
+
+    def killed_after_one_file(path, ignore_errors=False):
+        next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+        raise SystemExit("killed while deleting")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_after_one_file)
+    with pytest.raises(SystemExit):
+        train(recipe, show_progress=False)
+    monkeypatch.undo()
+    root = tmp_path / "data" / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000002"]
+    assert_every_checkpoint_complete(root)
+    assert [p.name for p in root.iterdir() if p.name.startswith(".step-00000001")], "the leftover is hidden"
+    train(recipe, resume=True, show_progress=False)  # the next save removes the leftover
+    assert not [p for p in root.iterdir() if p.name.startswith(".step-")]
