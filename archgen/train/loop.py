@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from archgen.benchmark import compile_layers
 from archgen.errors import CompileError, Diagnostic, SourceLocation
 from archgen.train import checkpoint as ckpt
 from archgen.train.adapter import ModelAdapter
@@ -163,6 +164,8 @@ def train(recipe_path: Path, resume: bool | Path = False, stop_after: int | None
 def _train(recipe_path, resume, stop_after, processes: Processes, console, show_progress) -> TrainResult:
     from rich.console import Console
 
+    started = time.perf_counter()  # every record's elapsed_s: setup and compilation show as the time before step 1
+
     console = console or Console(stderr=True)
     say = console.print if processes.main else (lambda *a, **k: None)
     loaded = load_recipe(recipe_path)
@@ -205,6 +208,10 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
         model.to(torch.bfloat16)
     model.to(processes.device)
     model.gradient_checkpointing = recipe.gradient_checkpointing
+    if recipe.compile:
+        # each layer, before any wrapper: layers of one class share one graph, so compiling costs one layer per kind
+        # (a whole-model graph of Bamba-1B did not compile within 75 s on an H200)
+        compile_layers(model)
     adapter = ModelAdapter(model, plan.head_kinds, recipe.objectives)
     wrapped = model
     mesh = device_mesh(processes) if tensor_parallel or expert_parallel else None
@@ -246,7 +253,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     fused = recipe.optimizer.fused if recipe.optimizer.fused is not None else processes.device.type == "cuda"
     optimizer = torch.optim.AdamW(groups, lr=recipe.optimizer.lr, betas=recipe.optimizer.betas, eps=recipe.optimizer.eps,
                                   fused=fused or None, foreach=False if tensor_parallel or expert_parallel else None)
-    forward_module = torch.compile(wrapped) if recipe.compile else wrapped
+
     def autocast():
         if precision == "bf16-autocast" and not fsdp:
             return torch.autocast(processes.device.type, dtype=torch.bfloat16)
@@ -283,11 +290,15 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
         f"{'es' if processes.world_size > 1 else ''}) on {processes.device}, {precision}"
         + (", FSDP" if fsdp else "") + (f", tensor parallel {processes.tensor_parallel}" if tensor_parallel else "")
         + (", expert parallel" if expert_parallel else "")
-        + (", torch.compile" if recipe.compile else ""))
+        + (", torch.compile (each layer)" if recipe.compile else ""))
 
     def save(at_step: int) -> Path:
-        return _save(at_step, plan, data, package_dir, model, optimizer, master, processes, sharded, checkpoints,
-                     at_step * samples_per_step)
+        began = time.perf_counter()
+        saved = _save(at_step, plan, data, package_dir, model, optimizer, master, processes, sharded, checkpoints,
+                      at_step * samples_per_step)
+        log.write({"step": at_step, "checkpoint": saved.name, "save_s": time.perf_counter() - began,
+                   "elapsed_s": time.perf_counter() - started})
+        return saved
 
     eval_loss = None
     last_saved = None
@@ -308,7 +319,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                     model.set_requires_gradient_sync(last)
                 sync = wrapped.no_sync() if processes.distributed and not sharded and not last else contextlib.nullcontext()
                 with sync, autocast():
-                    losses = adapter.forward(forward_module, tokens)
+                    losses = adapter.forward(wrapped, tokens)
                 with sync:
                     (losses.total / plan.accumulation).backward()
                 for key, value in [("loss", losses.total), ("next_token_loss", losses.next_token), *losses.aux.items()]:
@@ -340,7 +351,7 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, **{k: processes.mean(v) for k, v in sums.items()}, "lr": lr,
                           "tokens": step * recipe.batch.tokens, "tokens_per_s": window_tokens / elapsed,
-                          "memory_gib": memory_gib(processes.device)}
+                          "memory_gib": memory_gib(processes.device), "elapsed_s": time.perf_counter() - started}
                 record["flops_per_s"] = record["tokens_per_s"] * flops_per_token
                 if peak:
                     record["mfu"] = record["flops_per_s"] / (peak * processes.world_size)
@@ -352,8 +363,9 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                 _show(progress, task, step, record, say, show_progress)
                 window_start, window_tokens = time.perf_counter(), 0
             if step % recipe.eval.interval == 0 or step == total:
-                eval_loss = _evaluate(wrapped, forward_module, adapter, eval_batches, processes, autocast)
-                log.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss)})
+                eval_loss = _evaluate(wrapped, adapter, eval_batches, processes, autocast)
+                log.write({"step": step, "eval_loss": eval_loss, "eval_perplexity": perplexity(eval_loss),
+                           "unigram_loss": unigram, "elapsed_s": time.perf_counter() - started})
                 say(f"step {step}: held-out loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f} "
                     f"(unigram baseline {perplexity(unigram):.2f})")
                 window_start = time.perf_counter()  # evaluation time is not training throughput
@@ -395,13 +407,16 @@ def _unigram_loss(train_tokens: np.ndarray, eval_batches: list[torch.Tensor], vo
 
 
 @torch.no_grad()
-def _evaluate(wrapped, forward_module, adapter, eval_batches, processes: Processes, autocast) -> float:
+def _evaluate(wrapped, adapter, eval_batches, processes: Processes, autocast) -> float:
+    """The mean next-token loss over the held-out batches, eagerly: compiled layers would compile again for eval
+    mode without gradients, which costs more than the few batches of an evaluation save."""
     wrapped.eval()
-    with torch.random.fork_rng(devices=[processes.device] if processes.device.type == "cuda" else []):
+    devices = [processes.device] if processes.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"):
         losses = []
         for tokens in eval_batches:
             with autocast():
-                losses.append(adapter.forward(forward_module, tokens.to(processes.device)).next_token.float().item())
+                losses.append(adapter.forward(wrapped, tokens.to(processes.device)).next_token.float().item())
     wrapped.train()
     return processes.mean(sum(losses) / len(losses))
 
