@@ -3,12 +3,15 @@ global batch, with a checkpoint written on 2 GPUs resumed on 1.
 
 Everything runs through the command line a user runs (`python -m archgen train`, `torchrun … -m archgen train`), on
 the documentation topics that ship with Python (pydoc_data), bytes as tokens (the spec's vocabulary is set to 256).
-Each figure is a ratio against a peer or a floor measured in the same run:
+Sections, each a ratio against a peer or a floor measured in the same run:
 
-  matmul         the bf16 dense matmul rate of GPU 0 (8192² × 8192 products), measured first: MFU's denominator
-  compiled       bench/specs/bamba_1b.yaml, torch.compile, bf16 autocast, AdamW fused, global batch 8 × 2048 (16k
-                 tokens) on GPU 0 for `--steps` steps: tokens/s and MFU = 3 × the cost model's forward FLOPs per token ×
-                 tokens/s ÷ the measured matmul rate, medians past the first 20% of steps (compilation, warm-up)
+  matmul         the bf16 dense matmul rate of GPU 0 (8192² × 8192 products): MFU's denominator
+  compiled       --model (bench/specs/bamba_1b.yaml or specs/hymba_plus.yaml), `compile: true` (each layer compiled),
+                 bf16 autocast, AdamW fused, global batch 8 × 2048 (16k tokens) on GPU 0 for --steps steps. From its
+                 metrics.jsonl: the setup before step 1 (build, data, weights), the compilation (step 1's time less a
+                 steady step's), tokens/s and MFU = the cost model's training FLOPs per token × tokens/s ÷ the
+                 measured matmul rate (medians past the first 20% of steps), the loss curve, the held-out loss
+                 against the unigram baseline, and the final checkpoint's save time
   one_gpu        the same model and batch eager on one GPU: the compiled run's peer, and the 2-GPU run's
   two_gpus       the same global batch as micro-batch 4 on each of 2 GPUs (torchrun, FSDP2, bf16 mixed precision):
                  every step's loss against one GPU's (bf16 tolerance), scaling efficiency = tokens/s₂ ÷ (2 · tokens/s₁);
@@ -16,12 +19,15 @@ Each figure is a ratio against a peer or a floor measured in the same run:
   resume_2_to_1  that checkpoint resumed on ONE GPU without torchrun: its losses after the resume against the
                  straight 2-GPU run's
 
-    python bench/train_gpu.py --out $OUT                 # a machine with 2 GPUs (nvidia-h200-x2), about 300 s
-    python bench/train_gpu.py --out $OUT --budget-s 200  # one GPU: the compiled and eager runs (2-GPU parts skipped)
+    python bench/train_gpu.py --out $OUT --budget-s 240 --steps 120 --skip scaling  # one GPU: the compiled run
+    python bench/train_gpu.py --out $OUT                 # a machine with 2 GPUs (nvidia-h200-x2), about 400 s
     python bench/train_gpu.py --dry-run --out /tmp/bench # a CPU: tiny HSPMN, gloo, a few steps (checks the plumbing)
 
-A run that reaches its share of --budget-s is stopped and reported with the steps it logged. Writes
-$OUT/train_gpu.json after every part (a timeout keeps what finished) and each run's directory under $OUT/train_gpu/.
+A run that reaches its share of --budget-s is killed and reported with the steps it logged; a run that fails or is
+killed keeps the tail of its output in its section. Writes $OUT/train_gpu.json ({"meta", "sections"}) after every
+section, $OUT/train_gpu.bars.json, and each run's log, metrics.jsonl and curves.png under $OUT/train_gpu/<run>/. The
+runs themselves (package, tokenized data, checkpoints: 14 GB for Bamba-1B) go to --work, by default a temporary
+directory removed at the end.
 """
 
 from __future__ import annotations
@@ -29,23 +35,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from harness import ROOT, median_ms, run_metadata
+from harness import ROOT, Run, median_ms
 
 
 @dataclass(frozen=True)
 class Setup:
+    name: str
     spec: str
     preset: str | None
     overrides: tuple[str, ...]
@@ -58,13 +64,27 @@ class Setup:
     matmul_size: int
     # Losses of 1 and 2 processes may differ by this much (relative): bf16 rounds each product to 8 bits of mantissa
     # (2⁻⁸ ≈ 0.4%), and the two runs reduce in a different order, which a few steps of training amplify.
-    loss_tolerance: float
+    loss_tolerance: float = 0.02
+
+    @property
+    def how(self) -> str:
+        """How the "compiled" run trains, for its figures' names (the dry run's is eager, in float32 on a CPU)."""
+        return "compiled layers, bf16 autocast" if self.compile else "eager, float32"
 
 
-GPU = Setup(str(ROOT / "bench/specs/bamba_1b.yaml"), None, ("model.vocab_size=256",), seq_len=2048, micro_batch=8,
-            compiled_steps=200, scaling_steps=20, compile=True, device_args=(), matmul_size=8192, loss_tolerance=0.02)
-DRY = Setup(str(ROOT / "specs/hspmn.yaml"), "tiny", (), seq_len=32, micro_batch=4, compiled_steps=4, scaling_steps=4,
-            compile=False, device_args=("--device", "cpu"), matmul_size=256, loss_tolerance=0.02)
+def gpu_setup(name: str, spec: str) -> Setup:
+    return Setup(name, str(ROOT / spec), None, ("model.vocab_size=256",), seq_len=2048, micro_batch=8,
+                 compiled_steps=200, scaling_steps=20, compile=True, device_args=(), matmul_size=8192)
+
+
+MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml"),
+          "hymba_plus": gpu_setup("hymba_plus", "specs/hymba_plus.yaml")}
+DRY = Setup("hspmn_tiny", str(ROOT / "specs/hspmn.yaml"), "tiny", (), seq_len=32, micro_batch=4, compiled_steps=4,
+            scaling_steps=4, compile=False, device_args=("--device", "cpu"), matmul_size=256)
+# MFU and 2-GPU scaling have no bar in issue 13; these are issue 12's training MFU bar and what FSDP2 over NVLink
+# should keep of two GPUs at a 1B model.
+MFU_BAR = 0.4
+SCALING_BAR = 0.9
 
 
 def write_data(work: Path) -> Path:
@@ -105,44 +125,75 @@ def train_command(recipe: Path, processes: int, setup: Setup, extra: tuple[str, 
     return [*launcher, "-m", "archgen", "train", str(recipe), "--no-progress", *setup.device_args, *extra]
 
 
-@dataclass
-class Ran:
-    seconds: float
-    timed_out: bool  # stopped at its time limit; its metrics hold the steps it logged
+class RunFailed(RuntimeError):
+    """A training command exited with an error or logged no step (its output's tail is in the section)."""
 
 
-def run(command: list[str], timeout: float, env: dict[str, str] | None = None) -> Ran:
-    """Run a training command; at `timeout` seconds stop it and every process it started (torchrun's workers)."""
+def launch(command: list[str], log: Path, timeout: float, record: dict, env: dict[str, str] | None = None) -> None:
+    """Run a training command with its output in `log`; at `timeout` seconds kill it and every process it started
+    (torchrun's workers). The record gets the wall time, the exit code (None: killed at the time limit) and, unless it
+    exited cleanly, the output's last lines."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    record["command"] = " ".join(command)
     started = time.perf_counter()
-    with subprocess.Popen(command, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+    with log.open("w") as sink, subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True) as process:
         try:
-            _, stderr = process.communicate(timeout=max(1.0, timeout))
+            code = process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            return Ran(time.perf_counter() - started, True)
-    if process.returncode != 0:
-        raise RuntimeError(f"{shlex.join(command)} exited {process.returncode}:\n{stderr[-4000:]}")
-    return Ran(time.perf_counter() - started, False)
+            process.wait()
+            code = None
+    record.update({"wall_s": round(time.perf_counter() - started, 1), "exit_code": code, "time_limit_s": round(timeout, 1)})
+    if code != 0:
+        record["output_tail"] = log.read_text(errors="replace")[-6000:]
+    if code not in (0, None):
+        raise RunFailed(f"exited {code}: the last lines of its output are in output_tail")
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def step_rows(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    return [r for r in rows if "loss" in r]
+    return [r for r in read_rows(run_dir) if "loss" in r]
 
 
-def throughput(rows: list[dict], matmul_flops: float) -> dict:
-    """Medians past the first 20% of steps (compilation and allocator warm-up)."""
-    if not rows:
-        raise RuntimeError("the run logged no step")
-    steady = rows[max(1, len(rows) // 5):] or rows
-    flops = statistics.median(r["flops_per_s"] for r in steady)
-    return {"steps_logged": len(rows), "steps_measured": len(steady),
-            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady), "model_flops_per_s": flops,
-            "mfu": flops / matmul_flops, "peak_memory_gib": max(r["memory_gib"] for r in rows),
-            "first_loss": rows[0]["next_token_loss"], "last_loss": rows[-1]["next_token_loss"]}
+def keep_artifacts(run_dir: Path, out: Path) -> None:
+    """The small files of a run (metrics, curves) beside its log in $OUT; the package and checkpoints stay in --work."""
+    for name in ("metrics.jsonl", "curves.png"):
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, out / name)
+
+
+def summarize(run_dir: Path, tokens_per_step: int, matmul_flops: float) -> dict:
+    """A run's figures from its metrics.jsonl (every step logged): steady-state medians past the first 20% of steps,
+    what came before step 1 and what step 1 cost beyond a steady step (compilation, first-call kernel tuning)."""
+    rows = read_rows(run_dir)
+    steps = [r for r in rows if "loss" in r]
+    if not steps:
+        raise RunFailed("the run logged no step: see output_tail (and the log beside the JSON)")
+    seconds = [tokens_per_step / r["tokens_per_s"] for r in steps]
+    steady = slice(max(1, len(steps) // 5), None) if len(steps) > 1 else slice(None)
+    step_s = statistics.median(seconds[steady])
+    flops = statistics.median(r["flops_per_s"] for r in steps[steady])
+    summary = {"steps_logged": len(steps), "steps_measured": len(seconds[steady]),
+               "setup_s": steps[0]["elapsed_s"] - seconds[0], "first_step_s": seconds[0],
+               "compile_s": seconds[0] - step_s, "first_steps_s": [round(s, 3) for s in seconds[:5]], "step_s": step_s,
+               "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[steady]), "model_flops_per_s": flops,
+               "mfu": flops / matmul_flops, "peak_memory_gib": max(r["memory_gib"] for r in steps),
+               "first_loss": steps[0]["next_token_loss"], "last_loss": steps[-1]["next_token_loss"],
+               "loss_curve": [[r["step"], round(r["next_token_loss"], 4)] for r in steps]}
+    if "mfu" in steps[0]:  # the loop's own MFU: over the GPU's datasheet peak rather than the measured matmul rate
+        summary["mfu_of_datasheet_peak"] = statistics.median(r["mfu"] for r in steps[steady])
+    evaluations = [r for r in rows if "eval_loss" in r]
+    if evaluations:
+        summary.update({k: evaluations[-1][k] for k in ("eval_loss", "eval_perplexity", "unigram_loss")})
+    saves = [r for r in rows if "checkpoint" in r]
+    if saves:
+        summary["checkpoint_save_s"] = saves[-1]["save_s"]
+    return summary
 
 
 def compare_losses(reference: list[dict], other: list[dict]) -> dict:
@@ -151,26 +202,111 @@ def compare_losses(reference: list[dict], other: list[dict]) -> dict:
     by_step = {r["step"]: r["next_token_loss"] for r in reference}
     pairs = [(by_step[r["step"]], r["next_token_loss"]) for r in other if r["step"] in by_step]
     if not pairs:
-        raise RuntimeError("the two runs have no step in common")
+        raise RunFailed("the two runs have no step in common")
     relative = [abs(b - a) / abs(a) for a, b in pairs]
     return {"steps_compared": len(pairs), "max_relative_delta": max(relative),
             "max_abs_delta": max(abs(b - a) for a, b in pairs), "mean_relative_delta": sum(relative) / len(relative),
             "reference_final": pairs[-1][0], "final": pairs[-1][1]}
 
 
-def matmul_rate(device: str, size: int) -> dict:
-    """Dense matmul FLOP/s on `device` (bfloat16 on a GPU, float32 on a CPU): the median of timed products."""
-    import torch
-
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    seconds = median_ms(lambda: a @ b, device, reps=20, warmup=5) / 1e3  # warm-up: cuBLAS heuristics, clocks
-    return {"flops_per_s": 2 * size**3 / seconds, "dtype": str(dtype).removeprefix("torch."), "size": size}
+def loss_bar(bench: Run, figure: str, delta: float, tolerance: float) -> None:
+    """A bar row for a loss difference: tolerance ÷ difference, above 1 within the tolerance. Runs that agree exactly
+    have no finite ratio: the section's max_relative_delta of 0 says it."""
+    if delta:
+        bench.bar(figure, delta, "fraction", "bf16 tolerance", tolerance, tolerance / delta, 1.0)
 
 
-def figure(name: str, value: float, unit: str, peer: str, peer_value: float, ratio: float | None) -> dict:
-    return {"figure": name, "value": value, "unit": unit, "peer": peer, "peer_value": peer_value, "ratio": ratio}
+class TrainBench(Run):
+    def __init__(self, args: argparse.Namespace, setup: Setup, work: Path):
+        super().__init__("train_gpu", args.out, dry_run=args.dry_run, budget_s=args.budget_s)
+        self.setup = setup
+        self.work = work
+        self.logs = self.out / "train_gpu"
+        self.data = write_data(work)
+        self.single = {} if args.dry_run else {"CUDA_VISIBLE_DEVICES": "0"}
+        self.tokens_per_step = setup.micro_batch * setup.seq_len
+        self.matmul_flops = 0.0
+        self.meta.update({"model": setup.name, "spec": setup.spec, "preset": setup.preset, "set": list(setup.overrides),
+                          "batch": [setup.micro_batch, setup.seq_len], "loss_tolerance": setup.loss_tolerance})
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def train(self, record: dict, name: str, steps: int, processes: int, micro: int, compile_: bool, timeout: float,
+              checkpoint_interval: int = 0, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
+              log: str | None = None) -> Path:
+        """Write the recipe `name` and run it; its log, metrics and curves go to $OUT/train_gpu/<log or name>/ whatever
+        happened."""
+        recipe = write_recipe(self.work, name, self.setup, self.data, steps, micro, compile_, checkpoint_interval)
+        run_dir = self.work / name
+        kept = self.logs / (log or name)
+        try:
+            launch(train_command(recipe, processes, self.setup, extra), kept / "output.log", timeout, record, env)
+        finally:
+            keep_artifacts(run_dir, kept)
+        return run_dir
+
+    def matmul(self, record: dict) -> None:
+        """Dense matmul FLOP/s (bfloat16 on a GPU, float32 on a CPU): the median of timed products."""
+        import torch
+
+        size = self.setup.matmul_size
+        dtype = torch.float32 if self.dry_run else torch.bfloat16
+        a = torch.randn(size, size, device=self.device, dtype=dtype)
+        b = torch.randn(size, size, device=self.device, dtype=dtype)
+        seconds = median_ms(lambda: a @ b, self.device, reps=20, warmup=5) / 1e3
+        self.matmul_flops = 2 * size**3 / seconds
+        record.update({"flops_per_s": self.matmul_flops, "dtype": str(dtype).removeprefix("torch."), "size": size})
+
+    def compiled(self, record: dict, steps: int, share: float) -> None:
+        record.update({"steps": steps, "torch_compile": self.setup.compile})
+        # dynamo says when it compiles a layer again or breaks a graph: either would show as slow steps
+        run_dir = self.train(record, "compiled", steps, 1, self.setup.micro_batch, self.setup.compile,
+                             self.left() * share, env={**self.single, "TORCH_LOGS": "recompiles,graph_breaks"})
+        record.update(summarize(run_dir, self.tokens_per_step, self.matmul_flops))
+        self.bar(f"{self.setup.name} archgen train MFU, {self.setup.micro_batch} x {self.setup.seq_len} tokens, "
+                 f"{self.setup.how}", record["model_flops_per_s"], "model FLOP/s",
+                 "bf16 dense matmul rate measured in the run (8192^3)", self.matmul_flops, record["mfu"], MFU_BAR)
+
+    def one_gpu(self, record: dict, share: float) -> None:
+        run_dir = self.train(record, "one_gpu", self.setup.scaling_steps, 1, self.setup.micro_batch, False,
+                             self.left() * share, env=self.single)
+        record.update(summarize(run_dir, self.tokens_per_step, self.matmul_flops))
+        compiled = self.sections.get("compiled", {})
+        if "tokens_per_s" in compiled:
+            self.bar(f"{self.setup.name} archgen train tokens/s, {self.setup.how} vs eager, 1 GPU",
+                     compiled["tokens_per_s"], "tokens/s", "the same recipe eager, this run", record["tokens_per_s"],
+                     compiled["tokens_per_s"] / record["tokens_per_s"], 1.0)
+
+    def two_gpus(self, record: dict, share: float) -> None:
+        steps = self.setup.scaling_steps
+        run_dir = self.train(record, "two_gpus", steps, 2, self.setup.micro_batch // 2, False, self.left() * share,
+                             checkpoint_interval=steps // 2)
+        record.update(summarize(run_dir, self.tokens_per_step, self.matmul_flops))
+        one = self.sections["one_gpu"]
+        efficiency = record["tokens_per_s"] / (2 * one["tokens_per_s"])
+        self.bar(f"{self.setup.name} archgen train tokens/s, 2 GPUs FSDP2 (scaling efficiency)", record["tokens_per_s"],
+                 "tokens/s", "2 x one GPU's tokens/s at the same global batch, this run", 2 * one["tokens_per_s"],
+                 efficiency, SCALING_BAR)
+        losses = record["loss_vs_one_gpu"] = compare_losses(step_rows(self.work / "one_gpu"), step_rows(run_dir))
+        loss_bar(self, f"{self.setup.name} next-token loss, 2 GPUs against 1: largest relative difference",
+                 losses["max_relative_delta"], self.setup.loss_tolerance)
+
+    def resume_2_to_1(self, record: dict) -> None:
+        half = self.setup.scaling_steps // 2
+        run_dir = self.work / "two_gpus"
+        straight = step_rows(run_dir)
+        checkpoint = run_dir / "checkpoints" / f"step-{half:08d}"
+        trainer = json.loads((checkpoint / "trainer.json").read_text())
+        record.update({"checkpoint": str(checkpoint), "saved_by": trainer["world_size"],
+                       "distributed_checkpoint": (checkpoint / "distributed").is_dir()})
+        self.train(record, "two_gpus", self.setup.scaling_steps, 1, self.setup.micro_batch // 2, False, self.left(),
+                   extra=("--resume-from", str(checkpoint)), env=self.single, log="resume_2_to_1")
+        after = [r for r in step_rows(run_dir) if r["step"] > half]
+        losses = compare_losses(straight, after)
+        record.update(losses)
+        loss_bar(self, f"{self.setup.name} next-token loss resumed on 1 GPU from 2 GPUs' checkpoint: largest relative "
+                 "difference", losses["max_relative_delta"], self.setup.loss_tolerance)
 
 
 def visible_gpus() -> int:
@@ -179,114 +315,43 @@ def visible_gpus() -> int:
     return torch.cuda.device_count()
 
 
-def headroom(tolerance: float, delta: float) -> float | None:
-    """tolerance ÷ difference: above 1 is within the tolerance; None when the runs agree exactly."""
-    return tolerance / delta if delta else None
-
-
-def environment(dry_run: bool) -> dict:
-    import torch
-
-    info = {**run_metadata(shlex.join([sys.executable, *sys.argv]), dry_run), "host": platform.node()}
-    if torch.cuda.is_available() and not dry_run:
-        info["device"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    else:
-        info["device"] = [f"cpu ({os.cpu_count()} cores)"]
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench-out")))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny HSPMN, gloo: checks the plumbing")
-    parser.add_argument("--budget-s", type=float, default=300.0,
-                        help="wall-clock seconds for everything; the compiled run may take half")
+    parser.add_argument("--budget-s", type=float, default=400.0, help="wall-clock seconds for everything")
+    parser.add_argument("--model", choices=sorted(MODELS), default="bamba_1b", help="the GPU runs' model")
     parser.add_argument("--steps", type=int, default=None, help="steps of the compiled run (default 200)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: compiled, scaling")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="where the runs write packages, data and checkpoints (default: a temporary directory, "
+                             "removed at the end)")
     args = parser.parse_args()
-    began = time.perf_counter()
-    setup = DRY if args.dry_run else GPU
-    work = args.out / "train_gpu"
-    work.mkdir(parents=True, exist_ok=True)
-    data = write_data(work)
-    device = "cpu" if args.dry_run else "cuda"
-    one_gpu = {} if args.dry_run else {"CUDA_VISIBLE_DEVICES": "0"}
-    result: dict = {**environment(args.dry_run), "budget_s": args.budget_s,
-                    "spec": setup.spec, "preset": setup.preset, "set": list(setup.overrides),
-                    "batch": [setup.micro_batch, setup.seq_len], "loss_tolerance": setup.loss_tolerance, "figures": []}
-    report = args.out / "train_gpu.json"
-
-    def save() -> None:
-        report.write_text(json.dumps(result, indent=2) + "\n")
-
-    def left() -> float:
-        return args.budget_s - (time.perf_counter() - began)
-
-    rate = matmul_rate(device, setup.matmul_size)
-    result["matmul"] = rate
-    flops = rate["flops_per_s"]
+    setup = DRY if args.dry_run else MODELS[args.model]
     skip = set(filter(None, args.skip.split(",")))
-    compiled = None
-    if "compiled" not in skip:
-        steps = args.steps or setup.compiled_steps
-        try:
-            path = write_recipe(work, "compiled", setup, data, steps, setup.micro_batch, setup.compile)
-            ran = run(train_command(path, 1, setup), left() / 2, one_gpu)
-            compiled = {"steps": steps, "torch_compile": setup.compile, "wall_s": ran.seconds, "timed_out": ran.timed_out,
-                        **throughput(step_rows(work / "compiled"), flops)}
-            result["figures"].append(figure("compiled training MFU, 1 GPU", compiled["mfu"], "fraction",
-                                            "bf16 matmul rate measured in this run (FLOP/s)", flops, compiled["mfu"]))
-        except Exception:  # noqa: BLE001 (each part is reported on its own)
-            compiled = {"error": traceback.format_exc()}
-        result["compiled"] = compiled
-        save()
-    if "scaling" not in skip:
-        steps, half = setup.scaling_steps, setup.scaling_steps // 2
-        try:
-            path = write_recipe(work, "one_gpu", setup, data, steps, setup.micro_batch, False)
-            two_gpu_parts = args.dry_run or visible_gpus() >= 2
-            ran = run(train_command(path, 1, setup), left() / 3 if two_gpu_parts else left(), one_gpu)
-            rows_one = step_rows(work / "one_gpu")
-            one = result["one_gpu"] = {"wall_s": ran.seconds, "timed_out": ran.timed_out, **throughput(rows_one, flops)}
-            if compiled and "tokens_per_s" in compiled:
-                result["figures"].append(figure("compiled training tokens/s, 1 GPU", compiled["tokens_per_s"], "tokens/s",
-                                                "the same model and batch eager, 1 GPU", one["tokens_per_s"],
-                                                compiled["tokens_per_s"] / one["tokens_per_s"]))
-            save()
-            if not two_gpu_parts:
-                result["two_gpus"] = {"skipped": f"{visible_gpus()} GPU visible: the 2-GPU parts need 2"}
+    work = args.work or Path(tempfile.mkdtemp(prefix="train_gpu-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        bench = TrainBench(args, setup, work)
+        bench.section("matmul", bench.matmul)
+        scaling = "scaling" not in skip
+        two_gpu_parts = scaling and (args.dry_run or visible_gpus() >= 2)
+        if "compiled" not in skip:
+            steps = args.steps or setup.compiled_steps
+            # alone it may use all the time left (less a margin to write the JSON); before the scaling runs, half
+            bench.section("compiled", lambda record: bench.compiled(record, steps, 0.5 if scaling else 0.97))
+        if scaling:
+            bench.section("one_gpu", lambda record: bench.one_gpu(record, 1 / 3 if two_gpu_parts else 0.97))
+            if two_gpu_parts:
+                bench.section("two_gpus", lambda record: bench.two_gpus(record, 1 / 2))
+                bench.section("resume_2_to_1", bench.resume_2_to_1)
             else:
-                path = write_recipe(work, "two_gpus", setup, data, steps, setup.micro_batch // 2, False, half)
-                ran = run(train_command(path, 2, setup), left() / 2)
-                rows_two = step_rows(work / "two_gpus")
-                two = result["two_gpus"] = {"wall_s": ran.seconds, "timed_out": ran.timed_out, **throughput(rows_two, flops)}
-                efficiency = two["tokens_per_s"] / (2 * one["tokens_per_s"])
-                result["figures"].append(figure("training tokens/s, 2 GPUs FSDP2", two["tokens_per_s"], "tokens/s",
-                                                "2 × one GPU's tokens/s at the same global batch", 2 * one["tokens_per_s"],
-                                                efficiency))
-                losses = result["loss_1_vs_2"] = compare_losses(rows_one, rows_two)
-                delta = losses["max_relative_delta"]
-                result["figures"].append(figure("next-token loss, 2 GPUs against 1: largest relative difference", delta,
-                                                "fraction", "bf16 tolerance", setup.loss_tolerance,
-                                                headroom(setup.loss_tolerance, delta)))
-                save()
-                checkpoint = work / "two_gpus" / "checkpoints" / f"step-{half:08d}"
-                trainer = json.loads((checkpoint / "trainer.json").read_text())
-                resumed = result["resume_2_to_1"] = {"checkpoint": str(checkpoint), "saved_by": trainer["world_size"],
-                                                     "distributed_checkpoint": (checkpoint / "distributed").is_dir()}
-                ran = run(train_command(path, 1, setup, ("--resume-from", str(checkpoint))), left(), one_gpu)
-                after = [r for r in step_rows(work / "two_gpus") if r["step"] > half]
-                resumed.update({"wall_s": ran.seconds, "timed_out": ran.timed_out, **compare_losses(rows_two, after)})
-                delta = resumed["max_relative_delta"]
-                result["figures"].append(figure("next-token loss resumed on 1 GPU from 2 GPUs' checkpoint: largest relative "
-                                                "difference", delta, "fraction", "bf16 tolerance", setup.loss_tolerance,
-                                                headroom(setup.loss_tolerance, delta)))
-        except Exception:  # noqa: BLE001
-            result["scaling_error"] = traceback.format_exc()
-        save()
-    result["wall_s"] = time.perf_counter() - began
-    save()
-    print(json.dumps(result, indent=2))
+                bench.sections["two_gpus"] = {"skipped": f"{visible_gpus()} GPU visible: the 2-GPU parts need 2"}
+                bench.write()
+        print(bench.summary())
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
