@@ -85,7 +85,7 @@ def test_a_run_killed_while_deleting_an_old_checkpoint_leaves_only_complete_ones
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, steps=2, checkpoint={"interval": 1, "keep": 1},
                                                            eval={"interval": 10_000, "batches": 1}))
 
-    def killed_after_one_file(path, ignore_errors=False):
+    def killed_after_one_file(path, **_options):
         next(p for p in Path(path).iterdir() if p.is_file()).unlink()
         raise SystemExit("killed while deleting")
 
