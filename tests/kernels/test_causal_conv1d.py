@@ -183,3 +183,20 @@ def test_the_backward_op_returns_the_layouts_its_fake_promises(width):
 def test_bad_activation_is_named():
     with pytest.raises(ValueError, match="activation"):
         conv.causal_conv1d(torch.randn(1, 2, 3), torch.randn(3, 4), activation="gelu")
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+def test_the_blocks_sums_add_up_to_the_parameters_gradients(with_bias):
+    """The backward's per-block sums (B, time blocks, K + 1, D) come to d weight (D, K) and d bias in the parameters'
+    dtypes: more blocks than one step of the sum takes (PARTS_BLOCK_P), channels not a multiple of its block."""
+    g = torch.Generator().manual_seed(5)
+    part = torch.randn(3, 50, 5, 37, generator=g)
+    weight, bias = torch.randn(37, 4, generator=g).to(torch.bfloat16), torch.randn(37, generator=g)
+    dweight, dbias = conv._summed_parts(part, weight, bias if with_bias else None)
+    sums = part.double().sum((0, 1))
+    assert dweight.dtype == torch.bfloat16 and dweight.is_contiguous()
+    assert relative_norm_error(dweight, sums[:4].t()) <= TOL[torch.bfloat16]
+    if with_bias:
+        assert dbias.dtype == torch.float32 and relative_norm_error(dbias, sums[4]) <= TOL[torch.float32]
+    else:
+        assert dbias is None
