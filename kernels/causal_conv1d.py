@@ -42,6 +42,7 @@ from .triton_support import (
     on_device,
     op_overload,
     register_op,
+    sigmoid,
     strided,
     triton_on_cpu,
 )
@@ -176,7 +177,7 @@ def _silu_bwd_kernel(
     td_in = (t < seqlen)[:, None] & d_in[None, :]
     dy = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + t[:, None] * dy_stride_t + d[None, :] * dy_stride_d,
                  mask=td_in, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(pre)
+    sig = sigmoid(pre)
     dpre = dy * sig * (1.0 + pre * (1.0 - sig))
     tl.store(dpre_ptr + (b.to(tl.int64) * seqlen + t[:, None]) * dim + d[None, :], dpre.to(dpre_ptr.dtype.element_ty),
              mask=td_in)
@@ -241,7 +242,7 @@ def _conv_fwd_kernel(
                        state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, b, t, d, d_in, seqlen,
                        HAS_STATE, WIDTH)
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * sigmoid(acc)
     tl.store(y_ptr + b.to(tl.int64) * y_stride_b + t[:, None] * y_stride_t + d[None, :] * y_stride_d,
              acc.to(y_ptr.dtype.element_ty), mask=t_out[:, None] & d_in[None, :])
     if tb == tl.num_programs(1) - 1:  # the last K-1 entries of x̃ become the new state
@@ -366,7 +367,7 @@ def _conv_fwd_window_kernel(
         y2 = _window_tap_sum(bias, w0, w1, w2, w3, x_1, a, b1, b2, WIDTH)
         y3 = _window_tap_sum(bias, w0, w1, w2, w3, a, b1, b2, b3, WIDTH)
         if SILU:
-            y0, y1, y2, y3 = y0 * tl.sigmoid(y0), y1 * tl.sigmoid(y1), y2 * tl.sigmoid(y2), y3 * tl.sigmoid(y3)
+            y0, y1, y2, y3 = y0 * sigmoid(y0), y1 * sigmoid(y1), y2 * sigmoid(y2), y3 * sigmoid(y3)
         dtype = y_ptr.dtype.element_ty
         tl.store(y_at, y0.to(dtype), mask=_in_row(d_in, t < seqlen))
         tl.store(y_at + y_stride_t, y1.to(dtype), mask=_in_row(d_in, t + 1 < seqlen))
@@ -392,7 +393,7 @@ def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w
     (the output is this program's)). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
     if SILU:
         pre = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH)
-        sig = tl.sigmoid(pre)
+        sig = sigmoid(pre)
         p_0 = dy * sig * (1.0 + pre * (1.0 - sig))
     else:
         p_0 = dy
