@@ -18,9 +18,9 @@ step also writes the new state. For widths up to 4 (WINDOW_WIDTH) a program walk
 four input rows loaded a step, the three before them carried in registers, every value a (BLOCK_D,) vector. Its
 backward is one pass of the same walk: it recomputes the pre-activation, forms dL/d pre-activation, and writes dx three
 steps behind (input s feeds outputs s..s+3), so it reads x and dy once and writes dx once; d weight and d bias are
-summed per time block in registers (deterministic; torch adds the blocks up). Wider kernels take tiles: K shifted loads
-per tile or a gathering variant in the forward, and two backward passes with the SiLU (dL/d pre-activation written,
-then summed over the taps). A decoding step is the same forward at T = 1 (`causal_conv1d_update`).
+summed per time block in registers, and the blocks' sums added up by a small kernel (deterministic). Wider kernels
+take tiles: K shifted loads per tile or a gathering variant in the forward, and two backward passes with the SiLU
+(dL/d pre-activation written, then summed over the taps). A decoding step is the same forward at T = 1 (`causal_conv1d_update`).
 
 Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step), the custom
 ops `archgen_v1::causal_conv1d` and `archgen_v1::causal_conv1d_backward` (fake implementations, autograd), the launchers
@@ -42,6 +42,7 @@ from .triton_support import (
     on_device,
     op_overload,
     register_op,
+    sigmoid,
     strided,
     triton_on_cpu,
 )
@@ -110,6 +111,9 @@ WINDOW_BACKWARD_CONFIGS = [
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
+PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
+"""The tile of the d weight / d bias sum over the backward's blocks: 128 blocks a step of 32 channels, a program per
+channel block and tap (640 programs at 4096 channels and width 4, 512 blocks: 4 steps each)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def _silu_bwd_kernel(
     td_in = (t < seqlen)[:, None] & d_in[None, :]
     dy = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + t[:, None] * dy_stride_t + d[None, :] * dy_stride_d,
                  mask=td_in, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(pre)
+    sig = sigmoid(pre)
     dpre = dy * sig * (1.0 + pre * (1.0 - sig))
     tl.store(dpre_ptr + (b.to(tl.int64) * seqlen + t[:, None]) * dim + d[None, :], dpre.to(dpre_ptr.dtype.element_ty),
              mask=td_in)
@@ -238,7 +242,7 @@ def _conv_fwd_kernel(
                        state_stride_k, weight_ptr, weight_stride_d, weight_stride_k, bias, b, t, d, d_in, seqlen,
                        HAS_STATE, WIDTH)
     if SILU:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * sigmoid(acc)
     tl.store(y_ptr + b.to(tl.int64) * y_stride_b + t[:, None] * y_stride_t + d[None, :] * y_stride_d,
              acc.to(y_ptr.dtype.element_ty), mask=t_out[:, None] & d_in[None, :])
     if tb == tl.num_programs(1) - 1:  # the last K-1 entries of x̃ become the new state
@@ -283,8 +287,12 @@ def _four_rows(at, stride_t, t, limit, d_in):
 
 @triton.jit
 def _window_tap_sum(acc, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH: tl.constexpr):
-    """acc + Σ_k w_k x_(t-3+k) over the taps a width-WIDTH kernel has (w3 · the current input x_0)."""
-    acc += w3 * x_0
+    """acc + Σ_k w_k x_(t-3+k) over the taps a width-WIDTH kernel has (w3 · the current input x_0); the sum alone
+    for acc None (a multiply where adding to zeros would take an instruction more)."""
+    if acc is None:
+        acc = w3 * x_0
+    else:
+        acc += w3 * x_0
     if WIDTH >= 2:
         acc += w2 * x_1
     if WIDTH >= 3:
@@ -359,7 +367,7 @@ def _conv_fwd_window_kernel(
         y2 = _window_tap_sum(bias, w0, w1, w2, w3, x_1, a, b1, b2, WIDTH)
         y3 = _window_tap_sum(bias, w0, w1, w2, w3, a, b1, b2, b3, WIDTH)
         if SILU:
-            y0, y1, y2, y3 = y0 * tl.sigmoid(y0), y1 * tl.sigmoid(y1), y2 * tl.sigmoid(y2), y3 * tl.sigmoid(y3)
+            y0, y1, y2, y3 = y0 * sigmoid(y0), y1 * sigmoid(y1), y2 * sigmoid(y2), y3 * sigmoid(y3)
         dtype = y_ptr.dtype.element_ty
         tl.store(y_at, y0.to(dtype), mask=_in_row(d_in, t < seqlen))
         tl.store(y_at + y_stride_t, y1.to(dtype), mask=_in_row(d_in, t + 1 < seqlen))
@@ -385,7 +393,7 @@ def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w
     (the output is this program's)). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
     if SILU:
         pre = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH)
-        sig = tl.sigmoid(pre)
+        sig = sigmoid(pre)
         p_0 = dy * sig * (1.0 + pre * (1.0 - sig))
     else:
         p_0 = dy
@@ -399,7 +407,7 @@ def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w
     if WIDTH >= 4:
         dw0 += mine * x_3
     # dx[t-3] = Σ_k w_k p[t-3 + K-1-k]: the taps against p in reverse time order
-    dx = _window_tap_sum(tl.zeros_like(p_0), w0, w1, w2, w3, p_0, p_1, p_2, p_3, WIDTH)
+    dx = _window_tap_sum(None, w0, w1, w2, w3, p_0, p_1, p_2, p_3, WIDTH)
     return p_0, dx, dw0, dw1, dw2, dw3, dbias
 
 
@@ -412,8 +420,7 @@ def _conv_bwd_window_kernel(
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
     dx_ptr, dx_stride_b, dx_stride_t, dx_stride_d,
     dstate_ptr,  # (B, D, K-1) float32: dL/d conv_state through y (the new state's gradient is added by the caller)
-    dweight_part_ptr,  # (B, time blocks, K, D) float32
-    dbias_part_ptr,  # (B, time blocks, D) float32
+    part_ptr,  # (B, time blocks, K + 1, D) float32: per block, the taps' d weight sums, then d bias's
     seqlen, dim,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
@@ -497,15 +504,15 @@ def _conv_bwd_window_kernel(
         x_at += 4 * x_stride_t
         dy_at += 4 * dy_stride_t
         dx_at += 4 * dx_stride_t
-    part = b * tl.num_programs(1) + tl.program_id(1)
-    tl.store(dbias_part_ptr + part * dim + d, dbias, mask=d_in)
-    tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 1) * dim + d, dw3, mask=d_in)
+    part = (b * tl.num_programs(1) + tl.program_id(1)) * (WIDTH + 1)
+    tl.store(part_ptr + (part + WIDTH) * dim + d, dbias, mask=d_in)
+    tl.store(part_ptr + (part + WIDTH - 1) * dim + d, dw3, mask=d_in)
     if WIDTH >= 2:
-        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 2) * dim + d, dw2, mask=d_in)
+        tl.store(part_ptr + (part + WIDTH - 2) * dim + d, dw2, mask=d_in)
     if WIDTH >= 3:
-        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 3) * dim + d, dw1, mask=d_in)
+        tl.store(part_ptr + (part + WIDTH - 3) * dim + d, dw1, mask=d_in)
     if WIDTH >= 4:
-        tl.store(dweight_part_ptr + (part * WIDTH + WIDTH - 4) * dim + d, dw0, mask=d_in)
+        tl.store(part_ptr + (part + WIDTH - 4) * dim + d, dw0, mask=d_in)
 
 
 @triton.jit
@@ -516,8 +523,7 @@ def _conv_bwd_kernel(
     dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d,  # dL/d pre-activation (dy, or _silu_bwd_kernel's)
     dx_ptr, dx_stride_b, dx_stride_t, dx_stride_d,
     dstate_ptr,  # (B, D, K-1) float32: dL/d conv_state through y (the new state's gradient is added by the caller)
-    dweight_part_ptr,  # (B, time blocks, K, D) float32
-    dbias_part_ptr,  # (B, time blocks, D) float32
+    part_ptr,  # (B, time blocks, K + 1, D) float32: per block, the taps' d weight sums, then d bias's
     seqlen, dim,
     HAS_STATE: tl.constexpr, WIDTH: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -527,15 +533,15 @@ def _conv_bwd_kernel(
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d < dim
     s = tb * BLOCK_T + tl.arange(0, BLOCK_T)  # input times whose gradient this program writes
-    part_base = b.to(tl.int64) * tl.num_programs(1) + tb
+    part = (b.to(tl.int64) * tl.num_programs(1) + tb) * (WIDTH + 1)
     # d pre-activation at this block's own output times: d weight and d bias sum it against the taps' inputs.
     dpre_own = _dpre_at(dpre_ptr, dpre_stride_b, dpre_stride_t, dpre_stride_d, b, s, d, d_in, seqlen)
-    tl.store(dbias_part_ptr + part_base * dim + d, tl.sum(dpre_own, axis=0), mask=d_in)
+    tl.store(part_ptr + (part + WIDTH) * dim + d, tl.sum(dpre_own, axis=0), mask=d_in)
     dx = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
         x_tap = _extended_input(x_ptr, x_stride_b, x_stride_t, x_stride_d, state_ptr, state_stride_b, state_stride_d,
                                 state_stride_k, b, s - (WIDTH - 1) + k, d, d_in, seqlen, HAS_STATE, WIDTH)
-        tl.store(dweight_part_ptr + (part_base * WIDTH + k) * dim + d, tl.sum(dpre_own * x_tap, axis=0), mask=d_in)
+        tl.store(part_ptr + (part + k) * dim + d, tl.sum(dpre_own * x_tap, axis=0), mask=d_in)
         # Input s feeds output s + K-1-k through tap k.
         if k == WIDTH - 1:
             dpre = dpre_own
@@ -558,6 +564,33 @@ def _conv_bwd_kernel(
                 dstate += w_state.to(tl.float32)[None, :] * dpre_state
             tl.store(dstate_ptr + (b.to(tl.int64) * dim + d[None, :]) * (WIDTH - 1) + j[:, None], dstate,
                      mask=(j < WIDTH - 1)[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _conv_parts_kernel(
+    part_ptr,  # (parts, K + 1, D) float32: the backward's per-block sums (the taps', then the bias's)
+    dweight_ptr,  # (D, K), contiguous, in the weight's dtype
+    dbias_ptr,  # (D,) in the bias's dtype
+    parts, dim,
+    HAS_BIAS: tl.constexpr,  # without a bias the grid stops at the taps (program_id(1) < K)
+    WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """d weight[:, k] (k < K) or d bias (k = K) for BLOCK_D channels: the per-block sums added in a fixed order
+    (deterministic), stored in the parameter's dtype: one launch where torch took two sums, a transpose, a copy and
+    two casts (a dozen µs of host time each on the H200's host)."""
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.program_id(1)
+    d_in = d < dim
+    acc = tl.zeros((BLOCK_P, BLOCK_D), dtype=tl.float32)
+    for first in range(0, parts, BLOCK_P):
+        rows = first + tl.arange(0, BLOCK_P)
+        acc += tl.load(part_ptr + (rows[:, None].to(tl.int64) * (WIDTH + 1) + k) * dim + d[None, :],
+                       mask=(rows < parts)[:, None] & d_in[None, :], other=0.0)
+    total = tl.sum(acc, axis=0)
+    if k < WIDTH:
+        tl.store(dweight_ptr + d * WIDTH + k, total.to(dweight_ptr.dtype.element_ty), mask=d_in)
+    elif HAS_BIAS:
+        tl.store(dbias_ptr + d, total.to(dbias_ptr.dtype.element_ty), mask=d_in)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -660,50 +693,63 @@ def _silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, c
     return dpre
 
 
-def _linear_backward(dpre: Tensor, x: Tensor, weight: Tensor, conv_state: Tensor | None, dx: Tensor,
-                     dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor]:
-    """Fill dx (and dstate's part through y) from dL/d pre-activation; return (dweight, dbias) in float32."""
+def _summed_parts(part: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """(dweight (D, K) contiguous in the weight's dtype, dbias (D,) in the bias's or None): the backward's per-block
+    sums `part` (B, time blocks, K + 1, D) float32 added up."""
+    dim, width = weight.shape
+    dweight = torch.empty((dim, width), dtype=weight.dtype, device=part.device)
+    dbias = torch.empty((dim,), dtype=bias.dtype, device=part.device) if bias is not None else None
+    _conv_parts_kernel[(triton.cdiv(dim, PARTS_BLOCK_D), width + (bias is not None))](
+        part, dweight, dbias, part.shape[0] * part.shape[1], dim,
+        HAS_BIAS=bias is not None, WIDTH=width, BLOCK_P=PARTS_BLOCK_P, BLOCK_D=PARTS_BLOCK_D, num_warps=4,
+    )
+    return dweight, dbias
+
+
+def _linear_backward(dpre: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None,
+                     dx: Tensor, dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor | None]:
+    """Fill dx (and dstate's part through y) from dL/d pre-activation; return (dweight, dbias) as _summed_parts."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    parts = {}
+    grads = {}
 
-    def launch(cfg):
+    def launch(cfg):  # what the tuner times: the per-block sums are more rows to add the shorter the blocks
         blocks = triton.cdiv(seqlen, cfg["BLOCK_T"])
-        parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=x.device)
-        parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=x.device)
+        part = torch.empty((batch, blocks, width + 1, dim), dtype=torch.float32, device=x.device)
         _conv_bwd_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
             *strided(x, 3), *strided(weight, 2), *strided(conv_state, 3), *strided(dpre, 3), *strided(dx, 3), dstate,
-            parts["dweight"], parts["dbias"], seqlen, dim,
+            part, seqlen, dim,
             HAS_STATE=conv_state is not None, WIDTH=width, BLOCK_K=max(1, triton.next_power_of_2(width - 1)),
             **_launch_options(cfg),
         )
+        grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
 
     launch(_config(BACKWARD_TUNER, _key(dim, width, conv_state, x.dtype), launch, config))
-    return parts["dweight"].sum((0, 1)).t(), parts["dbias"].sum((0, 1))
+    return grads["dweight"], grads["dbias"]
 
 
 def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None,
-                     silu: bool, dx: Tensor, dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor]:
-    """The one-pass backward (widths up to 4): fill dx (and dstate's part through y); return (dweight, dbias) in
-    float32."""
+                     silu: bool, dx: Tensor, dstate: Tensor | None, config: dict | None) -> tuple[Tensor, Tensor | None]:
+    """The one-pass backward (widths up to 4): fill dx (and dstate's part through y); return (dweight, dbias) as
+    _summed_parts."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
-    parts = {}
+    grads = {}
 
-    def launch(cfg):
+    def launch(cfg):  # what the tuner times: the per-block sums are more rows to add the shorter the blocks
         blocks = triton.cdiv(seqlen, cfg["BLOCK_T"])
-        parts["dweight"] = torch.empty((batch, blocks, width, dim), dtype=torch.float32, device=x.device)
-        parts["dbias"] = torch.empty((batch, blocks, dim), dtype=torch.float32, device=x.device)
+        part = torch.empty((batch, blocks, width + 1, dim), dtype=torch.float32, device=x.device)
         _conv_bwd_window_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
             *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
-            dstate, parts["dweight"], parts["dbias"], seqlen, dim,
+            dstate, part, seqlen, dim,
             HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width,
             PREFETCH=cfg.get("PREFETCH", False), **_launch_options(cfg),
         )
+        grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
 
     key = _key(dim, width, conv_state, x.dtype, "-silu" if silu else "")
     launch(_config(WINDOW_BACKWARD_TUNER, key, launch, config))
-    return parts["dweight"].sum((0, 1)).t(), parts["dbias"].sum((0, 1))
+    return grads["dweight"], grads["dbias"]
 
 
 def causal_conv1d_backward(
@@ -728,15 +774,15 @@ def causal_conv1d_backward(
     dstate = torch.zeros((batch, dim, width - 1), dtype=torch.float32, device=device) if conv_state is not None else None
     if batch == 0 or dim == 0 or seqlen == 0:
         dx.zero_()
-        dweight = torch.zeros((dim, width), dtype=torch.float32, device=device)
-        dbias = torch.zeros((dim,), dtype=torch.float32, device=device)
+        dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        dbias = torch.zeros_like(bias) if bias is not None else None
     else:
         with on_device(x):
             if width <= WINDOW_WIDTH:
                 dweight, dbias = _window_backward(dy, x, weight, bias, conv_state, silu, dx, dstate, config)
             else:
                 dpre = _silu_backward(dy, x, weight, bias, conv_state) if silu else dy
-                dweight, dbias = _linear_backward(dpre, x, weight, conv_state, dx, dstate, config)
+                dweight, dbias = _linear_backward(dpre, x, weight, bias, conv_state, dx, dstate, config)
     if dnew_state is not None:  # the new state is x̃[T + j]: from x where T-(K-1)+j ≥ 0, else from the old state
         for j in range(width - 1):
             src = seqlen - (width - 1) + j
@@ -744,11 +790,9 @@ def causal_conv1d_backward(
                 dx[:, src] += dnew_state[:, :, j].to(dx.dtype)
             elif dstate is not None:
                 dstate[:, :, src + width - 1] += dnew_state[:, :, j].float()
-    # dweight is the transpose of the (K, D) tap sums: made contiguous, the layout the op's fake promises (a CUDA-graph
-    # capture of a training step checks the two agree)
-    return (dx, dweight.to(weight.dtype).contiguous(),
-            dbias.to(bias.dtype) if bias is not None else None,
-            dstate.to(conv_state.dtype) if dstate is not None else None)
+    # dweight is contiguous, the layout the op's fake promises (a CUDA-graph capture of a training step checks the two
+    # agree)
+    return dx, dweight, dbias, dstate.to(conv_state.dtype) if dstate is not None else None
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,

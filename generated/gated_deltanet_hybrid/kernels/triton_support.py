@@ -1,5 +1,5 @@
 """What every Triton kernel file of archgen_kernels shares: the interpreter, autotuning with pinned winners, the
-registration of custom ops, and the jit helpers several kernels call (`softplus`). Op files import it relatively
+registration of custom ops, and the jit helpers several kernels call (`softplus`, `sigmoid`). Op files import it relatively
 (`from .triton_support import ...`), so the same files work as the package archgen_kernels and as the kernels/ folder
 copied into a generated package.
 
@@ -62,6 +62,11 @@ def _probe():
 def interpreting() -> bool:
     """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
     return isinstance(_probe, InterpretedFunction)
+
+
+HARDWARE_MATH: tl.constexpr = tl.constexpr(not interpreting())
+"""Whether jit helpers may use the GPU's approximate instructions through inline PTX (`sigmoid`): not in the
+interpreter, which runs no PTX."""
 
 
 def triton_on_cpu() -> bool:
@@ -135,6 +140,21 @@ def softplus(x):
     one_plus_w = 1.0 + w
     log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
     return tl.maximum(x, 0.0) + log1p_w
+
+
+@triton.jit
+def sigmoid(x):
+    """1 / (1 + e^-x) of float32 x with one approximate exp2 and one approximate reciprocal (ex2.approx, rcp.approx:
+    about 2 ulp): tl.sigmoid's exp and IEEE-rounded division take 14 instructions an element on sm_90, and a SiLU
+    backward that recomputes it is instruction-bound (the conv1d window backward). 1 for x → +inf, 0 for x → -inf.
+    Under the interpreter: tl.sigmoid."""
+    if HARDWARE_MATH:
+        return tl.inline_asm_elementwise(
+            "{ .reg .f32 e; mul.f32 e, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 e, e; add.f32 e, e, 0f3F800000; "
+            "rcp.approx.ftz.f32 $0, e; }",  # 0fBFB8AA3B = -log2(e), 0f3F800000 = 1
+            "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.sigmoid(x)
 
 
 # ---------------------------------------------------------------------------------------------------------------
