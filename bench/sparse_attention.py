@@ -515,7 +515,7 @@ class Bench:
 
 NCU_ALTERNATIVES = {
     "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "HEAD_GROUP": 16},
-    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 3, "MASK_EDGES_ONLY": 0, "maxnreg": 168},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MASK_EDGES_ONLY": 0, "maxnreg": 168},
 }
 """The backward configs ncu profiles beside each kernel's first: three programs per SM instead of two."""
 
