@@ -74,13 +74,14 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, the choice each
 # kernel documents (HEAD_GROUP, MASK_EDGES_ONLY) and, in some, a register cap (maxnreg: ptxas fits the kernel into
-# that many registers per thread, so one more program fits on an SM). The first config that fits (see `candidates`)
-# is what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's
-# fastest at D 128 in bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone). Beside each:
-# registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6 compiles
-# for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU); stack
-# bytes where ptxas spilled. An 8-warp config holds one program per SM, so nothing hides its loads and stores; the
-# 4-warp dkdv one with 64 keys fits two, and won by 12%; the untimed ones ask whether three or four per SM win more.
+# that many registers per thread, spilling if it must, so one more program fits on an SM). The first config that fits
+# (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune): each list starts
+# with the H200's fastest at D 128 in bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone). Beside
+# each: registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6
+# compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU);
+# the stack bytes where ptxas spilled; "mma.sync" where a dot's tile is below 64 rows, which Hopper's warpgroup MMA
+# (wgmma, every other config) needs. An 8-warp config holds one program per SM, so nothing hides its loads and
+# stores; the 4-warp dkdv one with 64 keys fits two, and won by 12%; the untimed ones ask whether three or four win.
 # Measured and dropped (session 6): 8-warp dkdv with 128 keys (0.854 and 0.895 ms, 1.52 and 1.63 with a window),
 # 8-warp dq with 128 rows (0.447), the forward without head groups (0.357).
 FORWARD_CONFIGS = [
@@ -95,7 +96,7 @@ BACKWARD_DQ_CONFIGS = [
     for m, n, w, s, g, r in (
         (64, 32, 4, 4, 16, 0),  # 0.410 ms; 177, 96 KB: 2
         (64, 32, 4, 2, 16, 0),  # untimed; 147, 64 KB: 3
-        (32, 32, 4, 3, 16, 128),  # untimed; 128, 42 KB: 4
+        (32, 32, 4, 3, 16, 128),  # untimed; 128, 42 KB: 4, mma.sync
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
@@ -103,9 +104,9 @@ BACKWARD_DKDV_CONFIGS = [
     for m, n, w, s, e, r in (
         (32, 64, 4, 3, 0, 0),  # 0.751 ms; 237, 80 KB: 2 (16 rows: 0.851)
         (32, 64, 4, 3, 1, 0),  # 1.287 with a window (one loop: 1.265); 242, 81 KB: 2
-        (16, 32, 4, 3, 0, 168),  # untimed; 168, 30 KB: 3
-        (32, 32, 4, 3, 0, 168),  # untimed; 168 (24 bytes of stack), 42 KB: 3
-        (64, 32, 4, 3, 0, 0),  # untimed; 254, 67 KB: 2
+        (16, 64, 4, 3, 0, 168),  # untimed; 168 (112 bytes of stack), 56 KB: 3
+        (32, 64, 4, 2, 0, 168),  # untimed; 168 (320 bytes of stack), 64 KB: 3
+        (16, 32, 4, 3, 0, 168),  # untimed; 168, 30 KB: 3, mma.sync
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
