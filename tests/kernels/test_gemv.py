@@ -81,13 +81,14 @@ def test_swiglu_linear_matches_the_reference(case):
     _compare_with_gradients(y, expected, (x, w_gate, w_up, b_gate, b_up), 2)
 
 
-def test_every_config_computes_the_same():
-    """Each autotune candidate's tile sizes give the reference's result (the interpreter runs them all, at a size
-    that leaves a partial tile in both directions)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_config_computes_the_same(dtype):
+    """Each autotune candidate's tile sizes, and the unfolded float32 tile (FOLD 1), give the reference's result (the
+    interpreter runs them all, at a size that leaves a partial tile in both directions)."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 300, generator=g), torch.randn(45, 300, generator=g)
+    x, w = torch.randn(2, 300, generator=g).to(dtype), torch.randn(45, 300, generator=g).to(dtype)
     expected = kernel.linear_reference(x, w)
-    for config in kernel.CONFIGS:
+    for config in [*kernel.CONFIGS, {**kernel.INTERPRETER_CONFIG, "FOLD": 1}]:
         assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
 
 
