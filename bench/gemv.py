@@ -3,13 +3,19 @@
 Each shape is timed as a decoding step runs it: replayed from a CUDA graph, over enough distinct weight matrices of
 that shape (at least STREAM_BYTES) that no call finds its weight in L2, as no layer of a step does. Per shape:
   cublas     F.linear (what nn.Linear runs today)
-  gemv       kernels/gemv.py's linear (the tuner's choice at that shape; every candidate's time is recorded)
+  gemv       kernels/gemv.py's linear at the shape's own config (gemv.shape_config: what a package without a tuning
+             table runs); `unfolded` the same tile with the session-6 float32 accumulator (FOLD 1), and every config
+             of the tuner's space, each timed the same way (`candidates_us`, `best`): the tuner's own timing
+             (triton's do_bench, one launch at a time) is dominated by launch overhead at these sizes, so it is not
+             what is recorded here
   floor      the weight's bytes over the copy bandwidth measured in the same run (bytes read + written per second:
              a GEMV reads its weight once, so its floor is weight bytes / copy rate)
 and for the SwiGLU feed-forward's gate and up pair: cuBLAS's two products plus kernels/silu_mul.py (three launches, as
 the feed-forward runs today) against swiglu_linear (one launch). Each step total weighs every shape by how many
 times a decoding step multiplies by it; "few rows" repeats the largest shapes at 2 and 4 rows (FEW_ROWS, the most
-the generated layers send to the kernel), where the kernel reads a weight tile once for all rows.
+the generated layers send to the kernel), where the kernel reads a weight tile once for all rows. `attn.qkv` is the
+attention's q, k and v projections as one (out, in) matrix, outside the step total: what one launch instead of three
+would take.
 
 Writes gemv.json and gemv.bars.json ({"figure", "archgen", "unit", "reference", "reference_value", "ratio", "bar",
 "device", "date", "command"}; ratio > 1 means archgen is better: cuBLAS ms ÷ GEMV ms, and GEMV bandwidth ÷ copy
@@ -51,12 +57,12 @@ MODELS = {
     "bamba_1b": {"mlp.gate_up": ((5632, 2048), 16), "mlp.down_proj": ((2048, 5632), 16),
                  "mamba2.in_proj": ((8512, 2048), 12), "mamba2.out_proj": ((2048, 4096), 12),
                  "attn.q_proj|o_proj": ((2048, 2048), 8), "attn.k_proj|v_proj": ((1024, 2048), 8),
-                 "lm_head": ((32000, 2048), 1)},
+                 "lm_head": ((32000, 2048), 1), "attn.qkv": ((4096, 2048), 0)},
     "hymba_plus": {"mlp.gate_up": ((5504, 1600), 32), "mlp.down_proj": ((1600, 5504), 32),
                    "mamba.in_proj": ((6400, 1600), 32), "mamba.out_proj": ((1600, 3200), 32),
                    "mamba.x_proj": ((132, 3200), 32), "mamba.dt_proj": ((3200, 100), 32),
                    "attn.q_proj|o_proj": ((1600, 1600), 64), "attn.k_proj|v_proj": ((320, 1600), 64),
-                   "lm_head": ((32001, 1600), 1)},
+                   "lm_head": ((32001, 1600), 1), "attn.qkv": ((2240, 1600), 0)},
 }
 DRY_MODELS = {"tiny": {"mlp.gate_up": ((48, 40), 2), "mlp.down_proj": ((40, 48), 2), "lm_head": ((100, 40), 1)}}
 FEW_ROW_SHAPES = {"bamba_1b": ("mlp.gate_up", "mlp.down_proj"), "tiny": ("mlp.gate_up",)}
@@ -79,10 +85,11 @@ class Bench:
         self.results = {"meta": meta, "models": {}}
         self.bars: list[dict] = []
         kernels_package()
-        from archgen_kernels import gemv, silu_mul
+        from archgen_kernels import gemv, silu_mul, triton_support
 
-        self.gemv, self.silu_mul = gemv, silu_mul
+        self.gemv, self.silu_mul, self.config_name = gemv, silu_mul, triton_support.config_name
         self.copy_Bps = copy_bandwidth(self.device)
+        self.multiprocessors = 1 if dry_run else torch.cuda.get_device_properties(self.device).multi_processor_count
         meta["copy_TBps"] = round(self.copy_Bps / 1e12, 3)
 
     def elapsed(self) -> float:
@@ -130,28 +137,35 @@ class Bench:
             def cublas(i):
                 return silu_mul.silu_mul(F.linear(x, weights[2 * i]), F.linear(x, weights[2 * i + 1]))
 
-            def kernel(i):
-                return gemv.swiglu_linear(x, weights[2 * i], weights[2 * i + 1])
+            def kernel(i, config):
+                return gemv.gemv_forward(x, weights[2 * i], up_weight=weights[2 * i + 1], config=config)
         else:
             def cublas(i):
                 return F.linear(x, weights[i])
 
-            def kernel(i):
-                return gemv.linear(x, weights[i])
-        error = (kernel(0).double() - cublas(0).double()).abs().max().item()
-        scale = cublas(0).double().abs().max().item()
+            def kernel(i, config):
+                return gemv.gemv_forward(x, weights[i], config=config)
+        own = gemv.shape_config(N, K, self.multiprocessors)
+        candidates = {"own": own, "unfolded": {**own, "FOLD": 1}}
+        if not self.dry_run:  # the interpreter takes seconds per candidate: the dry run checks the plumbing only
+            candidates.update((self.config_name(c), c) for c in gemv.CONFIGS if c != own)
+        reference = cublas(0).double()
+        error = max((kernel(0, c).double() - reference).abs().max().item() for c in candidates.values())
         cublas_us = self.per_call_us(cublas, copies)
-        kernel_us = self.per_call_us(kernel, copies)
+        times = {name: self.per_call_us(lambda i, c=c: kernel(i, c), copies) for name, c in candidates.items()}
+        best = min(times, key=times.get)
+        kernel_us = times["own"]
         floor_us = weight_bytes / self.copy_Bps * 1e6
-        key = gemv.shape_key(N, K, rows, self.dtype, gated)
         return {"rows": rows, "out": N, "in": K, "gated": gated, "weight_MiB": round(weight_bytes / 2**20, 2),
                 "distinct_weights": copies, "cublas_us": round(cublas_us, 2), "gemv_us": round(kernel_us, 2),
+                "unfolded_us": round(times["unfolded"], 2), "best_us": round(times[best], 2),
                 "floor_us": round(floor_us, 2), "speedup": round(cublas_us / kernel_us, 3),
                 "gemv_of_copy_bandwidth": round(floor_us / kernel_us, 3),
+                "best_of_copy_bandwidth": round(floor_us / times[best], 3),
                 "cublas_of_copy_bandwidth": round(floor_us / cublas_us, 3),
-                "max_abs_difference": error, "max_abs_cublas": scale,
-                "config": gemv.FORWARD_TUNER.chosen.get(key) or gemv.FORWARD_TUNER.defaulted.get(key),
-                "candidates_ms": gemv.FORWARD_TUNER.timings.get(key)}
+                "max_abs_difference": error, "max_abs_cublas": reference.abs().max().item(),
+                "config": own, "best": candidates[best],
+                "candidates_us": {name: round(us, 2) for name, us in times.items()}}
 
     def model(self, name: str, shapes: dict) -> None:
         record = self.results["models"].setdefault(name, {"shapes": {}, "few_rows": {}})
@@ -168,7 +182,8 @@ class Bench:
             self.save()
         done = [s for s in record["shapes"].values() if "gemv_us" in s]
         if len(done) == len(shapes):
-            step = {variant: sum(s[f"{variant}_us"] * s["per_step"] for s in done) for variant in ("cublas", "gemv", "floor")}
+            step = {variant: sum(s[f"{variant}_us"] * s["per_step"] for s in done)
+                    for variant in ("cublas", "gemv", "unfolded", "best", "floor")}
             record["step_us"] = {variant: round(us, 1) for variant, us in step.items()}
             self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV vs cuBLAS", step["gemv"] / 1e3,
                      "ms", "cuBLAS (F.linear; SwiGLU gate+up as 2 products + silu_mul)", step["cublas"] / 1e3,
@@ -176,6 +191,9 @@ class Bench:
             self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV fraction of copy bandwidth",
                      step["gemv"] / 1e3, "ms", "weight bytes / copy bandwidth", step["floor"] / 1e3,
                      step["floor"] / step["gemv"], BANDWIDTH_BAR)
+            self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV (best config of each shape) "
+                     "fraction of copy bandwidth", step["best"] / 1e3, "ms", "weight bytes / copy bandwidth",
+                     step["floor"] / 1e3, step["floor"] / step["best"], BANDWIDTH_BAR)
         for projection in FEW_ROW_SHAPES.get(name, ()):
             (N, K), _ = shapes[projection]
             for rows in (2, self.gemv.FEW_ROWS):
@@ -195,7 +213,9 @@ class Bench:
                 if "gemv_us" in s:
                     lines.append(f"  {projection:24s} M{s['rows']} {s['out']}x{s['in']}: cuBLAS {s['cublas_us']:7.2f} us "
                                  f"({s['cublas_of_copy_bandwidth']:.2f} of copy)  GEMV {s['gemv_us']:7.2f} us "
-                                 f"({s['gemv_of_copy_bandwidth']:.2f})  x{s['speedup']:.2f}  {s['config']}")
+                                 f"({s['gemv_of_copy_bandwidth']:.2f}, unfolded {s['unfolded_us']:.2f})  "
+                                 f"x{s['speedup']:.2f}  {self.config_name(s['config'])}  best {s['best_us']:.2f} us "
+                                 f"({s['best_of_copy_bandwidth']:.2f}) {self.config_name(s['best'])}")
                 else:
                     lines.append(f"  {projection}: {s.get('error')}")
         return "\n".join(lines)
