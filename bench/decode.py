@@ -127,6 +127,23 @@ def exactness(model, prompt, steps: int) -> dict:
     return {"steps": steps, "same_tokens": bool(torch.equal(with_graph, without))}
 
 
+def parity(model, prompt, row: dict, args, results: dict) -> None:
+    """Greedy tokens with and without the graph, then (unless --no-parity) the per-step logits of the decoders against
+    eager decoding in bf16 and float32; the compiled graph's only when graph_compiled is among the --variants."""
+    with_compiled = "graph_compiled" in args.variants
+    attempt(row, "exactness", lambda: exactness(model, prompt, 16), args)
+    if args.no_parity:
+        return
+    attempt(row, "logit_parity_bf16", lambda: logit_parity(model, prompt, 16, args.device, compile=with_compiled), args)
+    if not args.dry_run:  # the same in float32: rounding differences shrink ~65000-fold, a bug does not
+        model.float()
+        # the compiled graph too when a float32 compile (as long as the bf16 one) still fits the budget
+        compiled = with_compiled and time.monotonic() + row.get("graph_compiled_compile_s", 60.0) < args.deadline
+        attempt(row, "logit_parity_fp32", lambda: logit_parity(model, prompt, 16, args.device, compile=compiled), args)
+        model.to(torch.bfloat16)
+    save(args, results)
+
+
 def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, ...], args, results: dict, bandwidth: float,
                 out_root: Path) -> None:
     device = args.device
@@ -149,6 +166,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         row["floor_ms_per_token"] = (weight_bytes + state_bytes) / bandwidth * 1e3
         row["cache_bytes"] = state_bytes
         with torch.no_grad():
+            if batch == 1 and args.parity_first:
+                parity(model, prompt, row, args, results)
             for variant, options in VARIANTS.items():
                 if variant not in args.variants:
                     continue
@@ -163,20 +182,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                         lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device),
                         args)
                 save(args, results)
-            if batch == 1:
-                attempt(row, "exactness", lambda prompt=prompt: exactness(model, prompt, 16), args)
-                if args.no_parity:
-                    continue
-                attempt(row, "logit_parity_bf16", lambda prompt=prompt: logit_parity(model, prompt, 16, device, compile=True),
-                        args)
-                if not args.dry_run:  # the same in float32: rounding differences shrink ~65000-fold, a bug does not
-                    model.float()
-                    # the compiled graph too when a float32 compile (as long as the bf16 one) still fits the budget
-                    compiled = time.monotonic() + row.get("graph_compiled_compile_s", 60.0) < args.deadline
-                    attempt(row, "logit_parity_fp32",
-                            lambda prompt=prompt, compiled=compiled: logit_parity(model, prompt, 16, device, compile=compiled),
-                            args)
-                    model.to(torch.bfloat16)
+            if batch == 1 and not args.parity_first:
+                parity(model, prompt, row, args, results)
         for variant in VARIANTS:
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
@@ -256,6 +263,8 @@ def main() -> None:
                         help=f"comma-separated decoding variants of {', '.join(VARIANTS)} (--eager adds eager)")
     parser.add_argument("--no-parity", action="store_true",
                         help="skip the per-step logit parity (it compiles the step again, in bf16 and float32)")
+    parser.add_argument("--parity-first", action="store_true",
+                        help="check batch-1 exactness and logit parity before timing (so a short --budget-s answers it)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' Bamba (its own ~15 s)")
     args = parser.parse_args()
     args.deadline = time.monotonic() + args.budget_s
