@@ -13,8 +13,12 @@ Why a kernel: a batch-1 decoding step multiplies one row by each weight matrix, 
 over the memory bandwidth. cuBLAS's kernels for M = 1 (nvjet 64x8 tiles with a split-K reduction kernel) read
 Bamba-1B's weights at about 60% of the H200's copy bandwidth (GPU call 1 of session 6: 8-11 µs per 2048 × 5632
 matrix), and a matrix of a megabyte still takes 4-5 µs. Here each program streams BLOCK_N whole weight rows,
-BLOCK_K columns at a time, multiplies them by the row of x (a few kilobytes, served from L2) and keeps the products in
-a (BLOCK_N, BLOCK_K) float32 tile that is summed once at the end, so the loop is loads and fused multiply-adds only.
+BLOCK_K columns at a time, and multiplies them by the row of x (a few kilobytes, served from L2). Each thread loads its
+weights 16 bytes at a time and adds each such vector's FOLD products up in its own registers before accumulating, so the
+float32 accumulator is BLOCK_N × BLOCK_K / FOLD and nothing crosses threads until the end. Why FOLD: the registers
+bound how many programs an SM holds, and so how many bytes it has in flight (an H200 needs ~30 KB per SM); with a full
+(BLOCK_N, BLOCK_K) float32 tile, a 4 × 1024 tile over 4 warps took 56 registers a thread (9 programs per SM), folded
+32 (16), and a gated 4 × 2048 tile over 8 warps 128 (2 per SM) against 40 (6) (ptxas for sm_90a, Triton 3.9).
 Programs are ordered with the rows of x fastest, so the programs of one weight tile run together and read it from HBM
 once (L2 serves the other rows). Nothing is reused across the K loop, so no shared memory and no tensor cores: for
 more than FEW_ROWS rows cuBLAS's tiled GEMM is the right tool, and the generated layers call this only for up to
@@ -42,12 +46,12 @@ FEW_ROWS = 4
 """The most rows the generated layers send here (a decoding step of up to 4 sequences); beyond, cuBLAS."""
 
 # What the tuner times at each shape, after the shape's own config (shape_config: what an untuned package runs).
-# Each program's tile is BLOCK_N × BLOCK_K: 2K-8K elements, 16-64 bytes of weight in flight per thread per iteration.
-# With every program resident at once (a few hundred), the GPU has N × BLOCK_K weights in flight; an H200 needs about
-# 3-4 MB in flight to stream at its bandwidth (latency ~0.7 µs × 4.8 TB/s), so the default takes 1024 columns: 4 MB
-# for N = 2048 (Bamba-1B's narrowest large matrices), and 8 rows keep several hundred programs on 132 SMs.
+# Each program's tile is BLOCK_N × BLOCK_K: 1K-8K elements, 32-64 bytes of weight in flight per thread per iteration.
+# An H200 needs about 3-4 MB in flight to stream at its bandwidth (latency ~0.7 µs × 4.8 TB/s): N × BLOCK_K weights
+# when every program is resident at once, which the folded accumulator allows (32-48 registers a thread).
 CONFIGS = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
-           for n, k, w in ((8, 1024, 8), (8, 512, 4), (4, 1024, 4), (16, 256, 4), (16, 512, 8), (4, 512, 2))]
+           for n, k, w in ((1, 1024, 2), (1, 2048, 4), (2, 1024, 2), (2, 2048, 4), (4, 512, 2), (4, 1024, 4),
+                           (4, 2048, 8), (8, 1024, 8))]
 INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4}
 
 
@@ -55,24 +59,26 @@ INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4}
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
                  HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
                  GATED: tl.constexpr,  # y = silu(x·wᵀ + b) · (x·w_upᵀ + b_up)
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
     row = tl.program_id(0)  # the row of x: fastest, so the programs sharing a weight tile run together
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
-    products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
     if GATED:
         up_rows = w_up_ptr + outs.to(tl.int64)[:, None] * stride_upn
-        up_products = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        up_products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         tile_inside = outs_inside[:, None] & cols_inside[None, :]
-        products += tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * x
+        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
+        products += tl.sum(tl.reshape(w_tile * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
         if GATED:
-            up_products += tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32) * x
+            up_tile = tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
+            up_products += tl.sum(tl.reshape(up_tile * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
     y = tl.sum(products, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
@@ -129,7 +135,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
 def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weight: Tensor | None = None,
                  up_bias: Tensor | None = None, config: dict | None = None) -> Tensor:
     """Run the kernel: x (..., K) -> (..., N) in x's dtype; gated (silu(x·wᵀ + b) · (x·w_upᵀ + b_up)) when up_weight
-    is given. Biases come both or neither when gated. config: {"BLOCK_N", "BLOCK_K", "num_warps"} bypasses the tuner."""
+    is given. Biases come both or neither when gated. config: {"BLOCK_N", "BLOCK_K", "num_warps"} bypasses the tuner;
+    its optional "FOLD" overrides the products summed per thread before accumulating (1: a full float32 tile, the
+    kernel of session 6, which bench/gemv.py times against)."""
     gated = up_weight is not None
     x2 = _rows(x)
     M, K = x2.shape
@@ -137,12 +145,14 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     w_up = (up_weight if up_weight.stride(-1) == 1 else up_weight.contiguous()) if gated else w
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    fold = 16 // x.element_size()  # the elements of one 16-byte load
 
     def launch(cfg):
         _gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
             x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), HAS_BIAS=bias is not None, GATED=gated,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=cfg.get("FOLD", min(fold, cfg["BLOCK_K"])),
+            num_warps=cfg["num_warps"])
 
     key = shape_key(N, K, M, x.dtype, gated)
     with on_device(x):
