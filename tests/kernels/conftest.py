@@ -3,6 +3,9 @@
 module can have every buffer a kernel writes start as NaN:
 
     pytestmark = pytest.mark.usefixtures("poisoned_empty")
+
+Each test module puts its tensors on DEVICE, "cuda" where there is a GPU, else "cpu" (the interpreter): a tensor left
+on the CPU beside CUDA ones would make a GPU run test the reference (the ops' CPU path) or fail to launch.
 """
 
 import math
@@ -28,3 +31,15 @@ def poisoned_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.fixture(autouse=True)
+def untuned_on_the_gpu(monkeypatch):
+    """On a GPU every kernel runs its default config, as a generated package does before `archgen build --autotune`
+    (its kernels/__init__.py turns RUNTIME_TUNING off), instead of compiling and timing each candidate of each new
+    shape bucket (one test of test_causal_conv1d.py took 35 s that way in GPU call 1 of session 7). A test of other
+    configs passes them itself, and tuning sessions tune either way."""
+    if torch.cuda.is_available():
+        from archgen_kernels import triton_support
+
+        monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)

@@ -23,6 +23,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
+def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Standard normal samples drawn from g on the CPU (the same numbers on every machine), on the test device."""
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
     empty, empty_like = torch.empty, torch.empty_like
@@ -74,8 +79,8 @@ def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bi
 def test_gathering_forward_matches_reference(with_state):
     """The forward's gathering variant (overlapping time tiles, taps by tl.gather), across several tiles."""
     g = torch.Generator().manual_seed(5)
-    x, weight, bias = torch.randn(2, 29, 21, generator=g), torch.randn(21, 4, generator=g), torch.randn(21, generator=g)
-    state = torch.randn(2, 21, 3, generator=g) if with_state else None
+    x, weight, bias = randn(g, 2, 29, 21), randn(g, 21, 4), randn(g, 21)
+    state = randn(g, 2, 21, 3) if with_state else None
     config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4, "GATHER": True}
     y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
     y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
@@ -95,10 +100,10 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
     rows loaded ahead or not): across several time blocks, T not a multiple of the step or shorter than the width or
     1, channels not a multiple of the block, x a strided slice as the Mamba blocks hand it over."""
     g = torch.Generator().manual_seed(seqlen + width)
-    packed = torch.randn(2, seqlen, 45, generator=g).to(dtype)
+    packed = randn(g, 2, seqlen, 45).to(dtype)
     x = packed[:, :, 3:24]  # 21 channels, rows 45 apart
-    weight, bias = torch.randn(21, width, generator=g), torch.randn(21, generator=g)
-    state = torch.randn(2, 21, width - 1, generator=g).to(dtype) if with_state else None
+    weight, bias = randn(g, 21, width), randn(g, 21)
+    state = randn(g, 2, 21, width - 1).to(dtype) if with_state else None
     config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "WINDOW": True, "PREFETCH": prefetch}
     y, new_state = conv.causal_conv1d_forward(x, weight, bias, state, silu=True, config=config)
     y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
@@ -111,9 +116,8 @@ def test_window_backward_matches_reference(seqlen, width, prefetch):
     """The one-pass backward (widths up to 4) with its tile given, the next step's rows loaded ahead or not: several
     time blocks and a ragged last one, a state, every gradient."""
     g = torch.Generator().manual_seed(seqlen + width)
-    args = [torch.randn(2, seqlen, 19, generator=g), torch.randn(19, width, generator=g), torch.randn(19, generator=g),
-            torch.randn(2, 19, width - 1, generator=g)]
-    dy = torch.randn(2, seqlen, 19, generator=g)
+    args = [randn(g, 2, seqlen, 19), randn(g, 19, width), randn(g, 19), randn(g, 2, 19, width - 1)]
+    dy = randn(g, 2, seqlen, 19)
     config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
     grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
     leaves = [a.double().requires_grad_() for a in args]
@@ -125,7 +129,8 @@ def test_window_backward_matches_reference(seqlen, width, prefetch):
 
 def test_reference_matches_runtime_causal_conv1d():
     """The reference computes templates/runtime/ssm.py's causal_conv1d (ops/ssm.py), then the activation."""
-    x, weight, bias, state = torch.randn(2, 9, 6), torch.randn(6, 4), torch.randn(6), torch.randn(2, 6, 3)
+    g = torch.Generator().manual_seed(2)
+    x, weight, bias, state = randn(g, 2, 9, 6), randn(g, 6, 4), randn(g, 6), randn(g, 2, 6, 3)
     y, new_state = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
     y_rt, new_state_rt = ssm.causal_conv1d(x, weight, bias, state)
     assert torch.allclose(y, F.silu(y_rt), atol=1e-6) and torch.equal(new_state, new_state_rt)
@@ -133,7 +138,8 @@ def test_reference_matches_runtime_causal_conv1d():
 
 def test_update_threads_the_state_like_one_call():
     """Prefill then decoding steps with causal_conv1d_update give the outputs of one call over the whole sequence."""
-    x, weight, bias = torch.randn(2, 7, 18), torch.randn(18, 4), torch.randn(18)
+    g = torch.Generator().manual_seed(4)
+    x, weight, bias = randn(g, 2, 7, 18), randn(g, 18, 4), randn(g, 18)
     y_full, state_full = conv.causal_conv1d(x, weight, bias, None, "silu")
     y, state = conv.causal_conv1d(x[:, :5], weight, bias, None, "silu")
     steps = [y]
@@ -144,8 +150,8 @@ def test_update_threads_the_state_like_one_call():
 
 
 def test_opcheck():
-    args = (torch.randn(1, 5, 6, requires_grad=True), torch.randn(6, 4, requires_grad=True),
-            torch.randn(6, requires_grad=True), torch.randn(1, 6, 3, requires_grad=True), True)
+    g = torch.Generator().manual_seed(6)
+    args = (*(randn(g, *shape).requires_grad_() for shape in ((1, 5, 6), (6, 4), (6,), (1, 6, 3))), True)
     torch.library.opcheck(conv.causal_conv1d_op, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
                                       "test_aot_dispatch_dynamic"))
@@ -155,9 +161,8 @@ def test_the_custom_ops_autograd_matches_the_eager_path():
     """torch.compile and torch.export run the custom ops and their registered autograd; eager mode runs the same
     implementations through an autograd.Function: the same outputs and gradients, the state's included."""
     g = torch.Generator().manual_seed(3)
-    args = [torch.randn(2, 9, 6, generator=g), torch.randn(6, 4, generator=g), torch.randn(6, generator=g),
-            torch.randn(2, 6, 3, generator=g)]
-    dy, dstate = torch.randn(2, 9, 6, generator=g), torch.randn(2, 6, 3, generator=g)
+    args = [randn(g, 2, 9, 6), randn(g, 6, 4), randn(g, 6), randn(g, 2, 6, 3)]
+    dy, dstate = randn(g, 2, 9, 6), randn(g, 2, 6, 3)
     results = []
     for run in (lambda *a: conv.causal_conv1d_op(*a, True), lambda *a: conv.causal_conv1d(*a, activation="silu")):
         leaves = [a.clone().requires_grad_() for a in args]
@@ -173,8 +178,8 @@ def test_the_backward_op_returns_the_layouts_its_fake_promises(width):
     """torch.compile and CUDA-graph captures plan with the fake's shapes and strides: the real gradients match them
     (d weight is computed transposed)."""
     g = torch.Generator().manual_seed(width)
-    x, weight, bias = torch.randn(2, 7, 5, generator=g), torch.randn(5, width, generator=g), torch.randn(5, generator=g)
-    state, dy = torch.randn(2, 5, width - 1, generator=g), torch.randn(2, 7, 5, generator=g)
+    x, weight, bias = randn(g, 2, 7, 5), randn(g, 5, width), randn(g, 5)
+    state, dy = randn(g, 2, 5, width - 1), randn(g, 2, 7, 5)
     real = conv.causal_conv1d_backward_op(dy, None, x, weight, bias, state, True)
     fake = conv._backward_fake(dy, None, x, weight, bias, state, True)
     assert [(t.shape, t.stride()) for t in real] == [(t.shape, t.stride()) for t in fake]
@@ -182,7 +187,7 @@ def test_the_backward_op_returns_the_layouts_its_fake_promises(width):
 
 def test_bad_activation_is_named():
     with pytest.raises(ValueError, match="activation"):
-        conv.causal_conv1d(torch.randn(1, 2, 3), torch.randn(3, 4), activation="gelu")
+        conv.causal_conv1d(torch.randn(1, 2, 3, device=DEVICE), torch.randn(3, 4, device=DEVICE), activation="gelu")
 
 
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
@@ -190,8 +195,8 @@ def test_the_blocks_sums_add_up_to_the_parameters_gradients(with_bias):
     """The backward's per-block sums (B, time blocks, K + 1, D) come to d weight (D, K) and d bias in the parameters'
     dtypes: more blocks than one step of the sum takes (PARTS_BLOCK_P), channels not a multiple of its block."""
     g = torch.Generator().manual_seed(5)
-    part = torch.randn(3, 50, 5, 37, generator=g)
-    weight, bias = torch.randn(37, 4, generator=g).to(torch.bfloat16), torch.randn(37, generator=g)
+    part = randn(g, 3, 50, 5, 37)
+    weight, bias = randn(g, 37, 4).to(torch.bfloat16), randn(g, 37)
     dweight, dbias = conv._summed_parts(part, weight, bias if with_bias else None)
     sums = part.double().sum((0, 1))
     assert dweight.dtype == torch.bfloat16 and dweight.is_contiguous()

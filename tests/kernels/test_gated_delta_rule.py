@@ -198,8 +198,8 @@ def test_backward_reference_is_autograd_through_the_reference():
     """gated_delta_rule_backward_reference (the backward op's CPU path) against the kernels' backward."""
     args = make_inputs(1, 19, 1, 2, 16, 16, seed=14)
     gen = torch.Generator().manual_seed(1)
-    do = torch.randn(args["v"].shape, generator=gen)
-    dfinal = torch.randn(args["initial_state"].shape, generator=gen)
+    do = torch.randn(args["v"].shape, generator=gen).to(DEVICE)
+    dfinal = torch.randn(args["initial_state"].shape, generator=gen).to(DEVICE)
     positional = (args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
     kernel = gdr.gated_delta_rule_backward(do, dfinal, *positional)
     reference = gdr.gated_delta_rule_backward_reference(do, dfinal, *positional)
@@ -218,7 +218,7 @@ def test_backward_opcheck():
     """The backward op's schema and fake against the real one, and the forward op's autograd registration."""
     args = make_inputs(1, 5, 1, 2, 16, 16, seed=11)
     gen = torch.Generator().manual_seed(2)
-    do = torch.randn(args["v"].shape, generator=gen)
+    do = torch.randn(args["v"].shape, generator=gen).to(DEVICE)
     backward_args = (do, None, args["q"], args["k"], args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
     torch.library.opcheck(gdr.gated_delta_rule_backward_op, backward_args, test_utils=("test_schema", "test_faketensor"))
     inputs = [args[name].requires_grad_() for name in ("q", "k", "v", "g", "beta", "initial_state")]

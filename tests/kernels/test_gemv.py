@@ -41,15 +41,15 @@ CASES = {"fp32-M1-N37-K70-bias": (torch.float32, (1, 1), 37, 70, True, False),
 def _inputs(case, gated: bool):
     dtype, lead, N, K, bias, strided = CASES[case]
     g = torch.Generator().manual_seed(N * K)
-    x = torch.randn(*lead, 2 * K if strided else K, generator=g).to(dtype)
+    x = torch.randn(*lead, 2 * K if strided else K, generator=g).to(DEVICE, dtype)
     x = x[..., :K] if strided else x  # the first half of each row, as a fused projection's slice would give it
-    weights = [(torch.randn(N, K, generator=g) / math.sqrt(K)).to(dtype) for _ in range(2 if gated else 1)]
-    biases = [torch.randn(N, generator=g).to(dtype) if bias else None for _ in weights]
+    weights = [(torch.randn(N, K, generator=g) / math.sqrt(K)).to(DEVICE, dtype) for _ in range(2 if gated else 1)]
+    biases = [torch.randn(N, generator=g).to(DEVICE, dtype) if bias else None for _ in weights]
     return x.requires_grad_(), [w.requires_grad_() for w in weights], [b.requires_grad_() if bias else None for b in biases]
 
 
 def _compare_with_gradients(y, expected, inputs, g_seed):
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(g_seed)).to(y.dtype)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(g_seed)).to(y.device, y.dtype)
     present = [t for t in inputs if t is not None]
     grads = torch.autograd.grad(y, present, dy)
     want = torch.autograd.grad(expected, present, dy.double())
@@ -86,7 +86,7 @@ def test_every_config_computes_the_same(dtype):
     """Each autotune candidate's tile sizes, and the unfolded float32 tile (FOLD 1), give the reference's result (the
     interpreter runs them all, at a size that leaves a partial tile in both directions)."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(2, 300, generator=g).to(dtype), torch.randn(45, 300, generator=g).to(dtype)
+    x, w = torch.randn(2, 300, generator=g).to(DEVICE, dtype), torch.randn(45, 300, generator=g).to(DEVICE, dtype)
     expected = kernel.linear_reference(x, w)
     for config in [*kernel.CONFIGS, {**kernel.INTERPRETER_CONFIG, "FOLD": 1}]:
         assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
@@ -100,19 +100,19 @@ def test_a_shapes_own_config_spreads_small_matrices_over_every_sm():
     assert kernel.shape_config(8512, 2048, 132) == {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8}
     assert kernel.shape_config(1024, 2048, 132) == {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4}
     g = torch.Generator().manual_seed(1)
-    x, w = torch.randn(1, 300, generator=g), torch.randn(45, 300, generator=g)
+    x, w = torch.randn(1, 300, generator=g).to(DEVICE), torch.randn(45, 300, generator=g).to(DEVICE)
     assert_close(kernel.gemv_forward(x, w, config=kernel.shape_config(45, 300, 132)), kernel.linear_reference(x, w))
 
 
 def test_linear_says_what_is_wrong():
     with pytest.raises(ValueError, match=r"weight must be \(out, in\) with in = x.shape\[-1\] = 4"):
-        kernel.linear(torch.zeros(1, 4), torch.zeros(3, 5))
+        kernel.linear(torch.zeros(1, 4, device=DEVICE), torch.zeros(3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="one shape and both or neither a bias"):
-        kernel.swiglu_linear(torch.zeros(1, 4), torch.zeros(3, 4), torch.zeros(2, 4))
+        kernel.swiglu_linear(*(torch.zeros(n, 4, device=DEVICE) for n in (1, 3, 2)))
 
 
 def test_gemv_ops_have_fake_implementations():
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(2, 5, generator=g), torch.randn(3, 5, generator=g), torch.randn(3, generator=g)
+    x, w, b = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 5), (3, 5), (3,)))
     torch.library.opcheck(kernel.linear_op, (x, w, b), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(kernel.swiglu_linear_op, (x, w, w, None, None), test_utils=("test_schema", "test_faketensor"))

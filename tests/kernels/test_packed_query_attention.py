@@ -178,7 +178,7 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
     shuffled[1, 5] = -1
     for positions in (sorted_rows, shuffled):
         for window in (0, 13):
-            ranges = pqa.query_block_ranges(positions.to(torch.int32), Tk, window, block_m, block_n)
+            ranges = pqa.query_block_ranges(positions.to(DEVICE, torch.int32), Tk, window, block_m, block_n).cpu()
             assert torch.equal(ranges, pqa.query_block_ranges_reference(positions, Tk, window, block_m, block_n))
             keys = torch.arange(Tk)
             visible = (keys <= positions[..., None]) & (positions[..., None] >= 0)  # (B, S, Tk)
@@ -197,7 +197,7 @@ def test_query_block_ranges_bound_what_each_key_block_sees():
     long_rows = torch.sort(torch.randint(0, 3000, (2, 2600), generator=g), dim=1).values
     long_rows[0, 1000:1100] = -1
     for window in (0, 700):
-        ranges = pqa.query_block_ranges(long_rows.to(torch.int32), 3000, window, 16, 64)
+        ranges = pqa.query_block_ranges(long_rows.to(DEVICE, torch.int32), 3000, window, 16, 64).cpu()
         assert torch.equal(ranges, pqa.query_block_ranges_reference(long_rows, 3000, window, 16, 64))
 
 
@@ -278,6 +278,7 @@ def test_bad_inputs_say_what_to_change(bad, message):
     args = dict(q=torch.zeros(1, 2, 4, 16), k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16),
                 positions=torch.zeros(1, 4, dtype=torch.long), valid=torch.ones(1, 4, dtype=torch.bool), window=None)
     args.update(bad)
+    args = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for name, value in args.items()}
     with pytest.raises((ValueError, TypeError), match=message):
         pqa.packed_query_attention(args["q"], args["k"], args["v"], args["positions"], args["valid"],
                                    window=args["window"])

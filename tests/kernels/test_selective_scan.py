@@ -373,6 +373,7 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     import triton.testing
 
     monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # as on a GPU: tune, not INTERPRETER_CONFIG
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", True)  # as archgen_kernels runs (the tests' GPU runs do not)
     monkeypatch.setattr(ss, "triton_on_cpu", lambda: True)  # ...and still launch the kernels on these CPU tensors
     monkeypatch.setattr(ss, "_check_inputs", lambda *args: None)  # which would refuse CPU tensors outside it
     monkeypatch.setattr(ss, "FORWARD_TUNER", triton_support.Autotuner("test.forward", ss.FORWARD_CONFIGS, {}))

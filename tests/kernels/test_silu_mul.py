@@ -24,18 +24,18 @@ def test_silu_mul_and_its_gradients_match_the_reference(case):
     dtype, shape, strided = CASES[case]
     g = torch.Generator().manual_seed(shape[-1])
     if strided:  # gate and up as the two halves of one row, as a fused projection would give them
-        both = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 3).to(dtype)
+        both = (torch.randn(*shape[:-1], 2 * shape[-1], generator=g) * 3).to(DEVICE, dtype)
         gate, up = both[..., : shape[-1]], both[..., shape[-1] :]
         gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
     else:
-        gate = (torch.randn(*shape, generator=g) * 3).to(dtype).requires_grad_()
-        up = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+        gate = (torch.randn(*shape, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
+        up = torch.randn(*shape, generator=g).to(DEVICE, dtype).requires_grad_()
     y = kernel.silu_mul(gate, up)
     expected = runtime_mlp.silu_mul(gate.double(), up.double())
     assert y.dtype == dtype
     assert_close(y, expected.to(dtype), what="y")
     assert_close(kernel.silu_mul_reference(gate, up), expected.to(dtype), what="reference")
-    dy = torch.randn(*shape, generator=g).to(dtype)
+    dy = torch.randn(*shape, generator=g).to(DEVICE, dtype)
     grads = torch.autograd.grad(y, (gate, up), dy)
     want = torch.autograd.grad(expected, (gate, up), dy.double())
     for got, wanted, name in zip(grads, want, ("d gate", "d up"), strict=True):
@@ -45,12 +45,12 @@ def test_silu_mul_and_its_gradients_match_the_reference(case):
 
 def test_silu_mul_says_what_is_wrong():
     with pytest.raises(ValueError, match="gate and up must have one shape and dtype"):
-        kernel.silu_mul(torch.zeros(2, 3), torch.zeros(2, 4))
+        kernel.silu_mul(torch.zeros(2, 3, device=DEVICE), torch.zeros(2, 4, device=DEVICE))
 
 
 def test_silu_mul_ops_have_fake_implementations():
     g = torch.Generator().manual_seed(0)
-    gate, up = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    dy, gate, up = (torch.randn(2, 5, generator=g).to(DEVICE) for _ in range(3))
     torch.library.opcheck(kernel.silu_mul_op, (gate, up), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(kernel.silu_mul_backward_op, (torch.randn(2, 5, generator=g), gate, up),
+    torch.library.opcheck(kernel.silu_mul_backward_op, (dy, gate, up),
                           test_utils=("test_schema", "test_faketensor"))

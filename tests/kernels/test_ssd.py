@@ -176,7 +176,7 @@ def test_cpu_tensors_outside_the_interpreter_are_refused(monkeypatch):
 def test_input_errors_name_the_problem(change, message):
     args = make_inputs(1, 4, 3, 4, 1, 3, optional=False)
     if "groups" in change:
-        args["B"] = args["C"] = torch.randn(1, 4, 2, 3)
-    args.update({k: v for k, v in change.items() if k == "A"})
+        args["B"] = args["C"] = torch.randn(1, 4, 2, 3, device=DEVICE)
+    args.update({k: v.to(DEVICE) for k, v in change.items() if k == "A"})
     with pytest.raises((ValueError, TypeError), match=message):
         ssd.ssd_scan_forward(args["x"], args["dt"], args["A"], args["B"], args["C"], change.get("chunk", 16))

@@ -21,6 +21,16 @@ pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
+def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Standard normal samples drawn from g on the CPU (the same numbers on every machine), on the test device."""
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
+def rand(g: torch.Generator, *shape: int) -> torch.Tensor:
+    """Uniform [0, 1) samples drawn from g on the CPU, on the test device."""
+    return torch.rand(*shape, generator=g).to(DEVICE)
+
+
 @pytest.mark.parametrize(("dtype", "with_optional"), [(torch.float32, True), (torch.float32, False),
                                                       (torch.bfloat16, True)])
 def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype, with_optional):
@@ -29,12 +39,12 @@ def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype, with_optional):
     partial) and state size."""
     batch, dim, dstate = 2, 83, 7
     g = torch.Generator().manual_seed(dim)
-    state = torch.randn(batch, dim, dstate, generator=g)
-    u, z = torch.randn(batch, dim, generator=g).to(dtype), torch.randn(batch, dim, generator=g).to(dtype)
-    delta = (torch.randn(batch, dim, generator=g) * 0.5 - 1.0).to(dtype)
-    A_log = torch.log(torch.rand(dim, dstate, generator=g) * 8 + 0.5)
-    B, C = torch.randn(batch, dstate, generator=g).to(dtype), torch.randn(batch, dstate, generator=g).to(dtype)
-    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.3
+    state = randn(g, batch, dim, dstate)
+    u, z = randn(g, batch, dim).to(dtype), randn(g, batch, dim).to(dtype)
+    delta = (randn(g, batch, dim) * 0.5 - 1.0).to(dtype)
+    A_log = torch.log(rand(g, dim, dstate) * 8 + 0.5)
+    B, C = randn(g, batch, dstate).to(dtype), randn(g, batch, dstate).to(dtype)
+    D, bias = randn(g, dim), randn(g, dim) * 0.3
     if not with_optional:
         D = z = bias = None
     y, new_state = su.mamba_step(state, u, delta, A_log, B, C, D, z, bias)
@@ -52,12 +62,12 @@ def test_mamba_step_in_place_writes_the_functional_steps_state_over_the_one_give
     padded rows (a strided view) keeps its padding."""
     batch, dim, dstate = 2, 83, 7
     g = torch.Generator().manual_seed(3)
-    padded = torch.randn(batch, dim, dstate + 2, generator=g).to(cache_dtype)
+    padded = randn(g, batch, dim, dstate + 2).to(cache_dtype)
     state = padded[..., :dstate]
-    u, z, delta = (torch.randn(batch, dim, generator=g) for _ in range(3))
-    A_log = torch.log(torch.rand(dim, dstate, generator=g) * 8 + 0.5)
-    B, C = torch.randn(batch, dstate, generator=g), torch.randn(batch, dstate, generator=g)
-    D, bias = torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.3
+    u, z, delta = (randn(g, batch, dim) for _ in range(3))
+    A_log = torch.log(rand(g, dim, dstate) * 8 + 0.5)
+    B, C = randn(g, batch, dstate), randn(g, batch, dstate)
+    D, bias = randn(g, dim), randn(g, dim) * 0.3
     padding = padded[..., dstate:].clone()
     y_functional, new_state = su.mamba_step(state.clone(), u, delta, A_log, B, C, D, z, bias)
     y = su.mamba_step_(state, u, delta, A_log, B, C, D, z, bias)
@@ -71,13 +81,11 @@ def test_mamba_step_in_place_writes_the_functional_steps_state_over_the_one_give
 
 def test_ops_have_fake_implementations():
     g = torch.Generator().manual_seed(0)
-    step_args = (torch.randn(1, 8, generator=g), torch.randn(1, 14, generator=g), torch.randn(1, 2, generator=g),
-                 torch.randn(1, 14, 3, generator=g), torch.randn(14, 4, generator=g), None,
-                 torch.randn(1, 2, 4, 3, generator=g), torch.randn(2, generator=g), None, None, 0.0, math.inf, 1)
+    step_args = (randn(g, 1, 8), randn(g, 1, 14), randn(g, 1, 2), randn(g, 1, 14, 3), randn(g, 14, 4), None,
+                 randn(g, 1, 2, 4, 3), randn(g, 2), None, None, 0.0, math.inf, 1)
     torch.library.opcheck(su.mamba2_step_op, step_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(su.mamba2_step_in_place_op, step_args, test_utils=("test_schema", "test_faketensor"))
-    mamba_args = (torch.randn(1, 6, 3, generator=g), torch.randn(1, 6, generator=g), torch.randn(1, 6, generator=g),
-                  torch.randn(6, 3, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 3, generator=g),
+    mamba_args = (randn(g, 1, 6, 3), randn(g, 1, 6), randn(g, 1, 6), randn(g, 6, 3), randn(g, 1, 3), randn(g, 1, 3),
                   None, None, None)
     torch.library.opcheck(su.mamba_step_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(su.mamba_step_in_place_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
@@ -97,14 +105,14 @@ def test_mamba2_step_matches_the_runtime_step(dtype, nheads, ngroups, headdim, d
     d_inner = nheads * headdim
     channels = d_inner + 2 * ngroups * dstate
     g = torch.Generator().manual_seed(nheads * headdim)
-    projected = torch.randn(batch, 1, d_inner + channels + nheads, generator=g).to(dtype)
+    projected = randn(g, batch, 1, d_inner + channels + nheads).to(dtype)
     z, xbc, dt = projected.split([d_inner, channels, nheads], dim=-1)
     z, xbc, dt = z[:, 0], xbc[:, 0], dt[:, 0] * 0.5 - 1.0
-    conv_state = torch.randn(batch, channels, width - 1, generator=g).to(dtype)
-    conv_weight, conv_bias = torch.randn(channels, width, generator=g) * 0.5, torch.randn(channels, generator=g)
-    ssm_state = torch.randn(batch, nheads, headdim, dstate, generator=g)
-    A_log, D = torch.rand(nheads, generator=g) * 2 - 0.5, torch.randn(nheads, generator=g)
-    dt_bias = torch.randn(nheads, generator=g) * 0.3
+    conv_state = randn(g, batch, channels, width - 1).to(dtype)
+    conv_weight, conv_bias = randn(g, channels, width) * 0.5, randn(g, channels)
+    ssm_state = randn(g, batch, nheads, headdim, dstate)
+    A_log, D = rand(g, nheads) * 2 - 0.5, randn(g, nheads)
+    dt_bias = randn(g, nheads) * 0.3
     args = (z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_state, A_log, D, dt_bias, *bounds, ngroups)
     before = [t.clone() for t in (conv_state, ssm_state)]
     y, new_conv, new_state = su.mamba2_step(*args)
@@ -121,8 +129,9 @@ def test_mamba2_step_matches_the_runtime_step(dtype, nheads, ngroups, headdim, d
 
 
 def test_mamba2_step_says_which_argument_has_the_wrong_shape():
-    state = torch.zeros(1, 2, 4, 3)
+    state = torch.zeros(1, 2, 4, 3, device=DEVICE)
     channels = 2 * 4 + 2 * 3
+    shapes = ((1, 8), (1, channels), (1, 2), (1, channels, 2), (channels, 4))
     with pytest.raises(ValueError, match=r"conv_state must be \(1, 14, 3\)"):
-        su.mamba2_step(torch.zeros(1, 8), torch.zeros(1, channels), torch.zeros(1, 2), torch.zeros(1, channels, 2),
-                       torch.zeros(channels, 4), None, state, torch.zeros(2))
+        su.mamba2_step(*(torch.zeros(shape, device=DEVICE) for shape in shapes), None, state,
+                       torch.zeros(2, device=DEVICE))
