@@ -258,6 +258,9 @@ class Bench:
         except Exception as error:  # noqa: BLE001 - Liger missing (the CPU) is recorded, the rest still runs
             record["liger_import"] = f"{type(error).__name__}: {error}"[:300]
 
+        peer = "liger" if "liger" in variants else "F.rms_norm"
+        record["fwd_placement"] = self._placement(variants["archgen"], peer, variants[peer], x, w)
+
         leaves = {name: t.detach().clone().requires_grad_() for name, t in (("x", x), ("res", res), ("w", w))}
         for prefix, table, args, cots, fwd_tensors, total_tensors in (
                 ("", variants, (leaves["x"], leaves["w"]), [dy], 2, 5),
@@ -302,6 +305,21 @@ class Bench:
                     self.bar(f"{what} {label} {R}x{N} {dtype} vs Liger", ours[f"{key}_ms"], "ms",
                              f"Liger-Kernel {record.get('liger_version')}", liger[f"{key}_ms"],
                              liger[f"{key}_ms"] / ours[f"{key}_ms"], 1.0)
+
+    def _placement(self, ours, peer_name: str, peer, x, w, copies: int = 3) -> list[dict]:
+        """Our forward and the peer's (Liger's; F.rms_norm without Liger), alternating, on copies of x at other
+        addresses (a pad allocated before each copy moves it; each output lands where the allocator puts it): whether
+        the 1-3% between our forward and Liger's follows the kernels or where their tensors sit in DRAM."""
+        rounds, keep = [], []
+        for copy in range(copies):
+            keep.append(torch.empty(((copy + 1) * 3 << 20,), dtype=torch.uint8, device=self.device))  # 3, 6, 9 MB
+            moved = x.clone()
+            keep.append(moved)
+            with torch.no_grad():
+                rounds.append({"x_address_mod_64MB": moved.data_ptr() % (64 << 20),
+                               "archgen_ms": self.time_ms(lambda moved=moved: ours(moved, w)),
+                               "peer": peer_name, "peer_ms": self.time_ms(lambda moved=moved: peer(moved, w))})
+        return rounds
 
     def _rmsnorm_numerics(self, rn, x, res, w, dy, ds_out) -> dict:
         """Relative norm errors against float64 of y (s) and every gradient, at the bench shape."""
@@ -513,6 +531,9 @@ class Bench:
                              f"({figures['inference_speedup']:.2f}x reference, {figures['inference_of_copy']:.2f} of "
                              f"copy); training {figures['training_kernel_ms']:.4f} ms "
                              f"({figures['training_speedup']:.2f}x reference)")
+        for placement in norm.get("fwd_placement", []):
+            lines.append(f"rmsnorm fwd on x at {placement['x_address_mod_64MB'] >> 20} MB (mod 64): archgen "
+                         f"{placement['archgen_ms'] * 1e3:.1f} us, {placement['peer']} {placement['peer_ms'] * 1e3:.1f} us")
         lines += ncu.summary_lines(sections.get("ncu", {}))
         router = sections.get("router", {})
         if "fwd_speedup" in router:
