@@ -67,3 +67,19 @@ def test_readme_examples_run(tmp_path, spec):
     scripts = {"readme": runnable((ROOT / "README.md").read_text(), "README.md")} if spec == "hspmn" else {}
     scripts[f"generated_{spec}_readme"] = runnable(generated, f"generated/{spec}/README.md")
     run_scripts(scripts, tmp_path)
+
+
+def test_readme_recipe_is_the_shipped_pydoc_recipe():
+    """The recipe README.md shows under "Training" says what recipes/pydoc_topics.yaml says (the file may set more),
+    and the file is a valid recipe."""
+    import yaml
+
+    from archgen.train.recipe import load_recipe
+
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"`recipes/pydoc_topics\.yaml` is a complete one:\n\n```yaml\n(.*?)^```", readme, re.S | re.M)
+    assert shown, "README.md's Training section shows the recipe"
+    shipped = yaml.safe_load((ROOT / "recipes" / "pydoc_topics.yaml").read_text())
+    for key, value in yaml.safe_load(shown.group(1)).items():
+        assert shipped[key] == value, f"README.md shows {key}: {value}, recipes/pydoc_topics.yaml has {shipped[key]}"
+    assert load_recipe(ROOT / "recipes" / "pydoc_topics.yaml").recipe.steps == shipped["steps"]

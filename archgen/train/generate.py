@@ -79,4 +79,7 @@ def generate_text(checkpoint: Path, prompt: str, max_new_tokens: int = 200, temp
         if write is not None and text.startswith(shown):
             write(text[len(shown):])
         shown = text
-    return tokenizer.decode(produced)
+    text = tokenizer.decode(produced)
+    if write is not None and text != shown and text.startswith(shown):
+        write(text[len(shown):])  # a character left unfinished at the end, shown as U+FFFD as decode shows it
+    return text

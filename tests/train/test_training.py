@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from archgen.cli import main
+from archgen.train.generate import generate_text
 from archgen.train.loop import learning_rate, train
 from archgen.train.metrics import read_metrics
 from archgen.train.package import import_package
@@ -127,6 +128,10 @@ def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path):
     again = CliRunner().invoke(main, ["generate", str(checkpoint), "--prompt", "The quick", "--max-new-tokens", "12",
                                       "--temperature", "0"])
     assert again.output == out.output, "greedy decoding is deterministic"
+    pieces = []
+    continuation = generate_text(checkpoint, "The quick", max_new_tokens=12, temperature=0, write=pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == continuation, "the text streams out as it is decoded"
+    assert out.output == "The quick" + continuation + "\n"
 
 
 def test_compile_compiles_each_layer_once_per_class_and_trains_as_eager(tmp_path, monkeypatch):
