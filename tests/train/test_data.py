@@ -77,6 +77,26 @@ def test_tokenizer_train_and_a_recipe_that_uses_it(tmp_path):
     assert good.exit_code == 0, good.output
 
 
+def test_a_saved_datasets_directory_gives_the_train_split_documents(tmp_path):
+    """A DatasetDict saved with `datasets` (save_to_disk) reads as its train split's rows, the same tokens as JSONL;
+    one without a train split is an error naming the splits it has."""
+    datasets = pytest.importorskip("datasets")
+
+    texts = PARAGRAPHS[:3]
+    splits = {"train": datasets.Dataset.from_dict({"text": texts, "id": [0, 1, 2]}),
+              "test": datasets.Dataset.from_dict({"text": ["held elsewhere"], "id": [3]})}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "saved"))
+    assert data_module.check_source(tmp_path / "saved", "text") is None
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    tokenizer = BytesTokenizer()
+    from_disk = prepare_tokens([tmp_path / "saved"], [], tokenizer, "text", tmp_path / "cache")
+    from_jsonl = prepare_tokens([tmp_path / "d.jsonl"], [], tokenizer, "text", tmp_path / "cache")
+    assert np.array_equal(np.asarray(from_disk.train), np.asarray(from_jsonl.train))
+    datasets.DatasetDict({"test": splits["test"]}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(data_module.DataError, match="without a 'train' split \\(it has test\\)"):
+        list(data_module.iter_documents(tmp_path / "no_train"))
+
+
 def test_datasets_directory_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     saved = tmp_path / "saved"
     saved.mkdir()
