@@ -226,7 +226,7 @@ def test_candidates_fit_the_row_and_put_the_default_first(N):
     assert all(c["BLOCK_R"] * block <= max(rn.MAX_TILE, block) for c in forward)
     assert forward[0]["BLOCK_R"] * block >= min(4096, block), "the default tile holds ~4096 elements (or one row)"
     assert forward[0]["BLOCK_R"] == 1 if N >= 4096 else forward[0]["BLOCK_R"] > 1
-    assert all(c in rn.BACKWARD_CONFIGS and c.keys() == backward[0].keys() for c in backward[1:])
+    assert all(c in rn.BACKWARD_CONFIGS and c.keys() - {"maxnreg"} == backward[0].keys() for c in backward[1:])
     for itemsize in (2, 4):  # what the pipelined loop stages fits in shared memory, the default's too
         assert all(rn._staged_bytes(c["BLOCK_R"] * block, itemsize, c["num_stages"]) <= rn.MAX_STAGED_BYTES
                    for c in rn.backward_candidates(N, itemsize))
