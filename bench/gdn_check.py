@@ -238,6 +238,9 @@ class Check:
                                       "traceback": traceback.format_exc().splitlines()[-14:]}
             self.results[name]["section_s"] = round(time.perf_counter() - started, 2)
         self.results["elapsed_s"] = round(self.elapsed(), 1)
+        if self.kernel is not None:  # which config each kernel's tuner chose so far, and every candidate's time
+            self.results["kernel_tuning"] = {name: {"chosen": tuner.chosen, "timings_ms": tuner.timings}
+                                             for name, tuner in self.kernel.TUNERS.items()}
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
         self.write()
@@ -430,9 +433,6 @@ class Check:
                 report[f"{side}_forward_backward_peak_bytes"] = torch.cuda.max_memory_allocated()
         if "fla" not in backward:
             report["fla_forward_backward"] = self.fla_backward_refused or "not run (no fla)"
-        if self.kernel is not None:  # which config each kernel's tuner chose, and every candidate's time
-            report["kernel_tuning"] = {name: {"chosen": tuner.chosen, "timings_ms": tuner.timings}
-                                       for name, tuner in self.kernel.TUNERS.items()}
         label = "B{}-T{}-H{}-HV{}-K{}-V{}".format(*shape)
         for side in ("archgen_reference", "archgen_kernel", "archgen_kernel_float32_intermediates"):
             if side in forward:

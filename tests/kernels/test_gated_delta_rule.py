@@ -174,6 +174,16 @@ def test_gradients_match_reference_float32(batch, seqlen, nheads, nv_heads, dk, 
     check_gradients(make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, seed=seqlen), chunk, torch.float32)
 
 
+@pytest.mark.parametrize("tiled", [0, 1], ids=["T-inverse-by-doubling", "T-inverse-from-16-tiles"])
+@pytest.mark.parametrize("chunk", [32, 64], ids=lambda chunk: f"L{chunk}")
+def test_either_wy_kernel_gives_the_reference(tiled, chunk, monkeypatch):
+    """The WY tuner picks between _chunk_wy_kernel and _chunk_wy_tiled_kernel: both give the reference's outputs and
+    gradients (the tiled one also at L = 32, half its tiles identity steps)."""
+    monkeypatch.setattr(gdr.TUNERS["wy"], "interpreter_config", {**gdr.INTERPRETER_CONFIGS["wy"], "TILED": tiled})
+    check(make_inputs(1, 150, 2, 4, 24, 20, seed=chunk), chunk, torch.float32)
+    check_gradients(make_inputs(1, 100, 1, 2, 16, 16, seed=chunk + 1), chunk, torch.float32)
+
+
 def test_gradients_at_length_one_without_final_state_gradient():
     check_gradients(make_inputs(2, 1, 2, 2, 16, 16, seed=3), 16, torch.float32, with_final_state=False)
 
