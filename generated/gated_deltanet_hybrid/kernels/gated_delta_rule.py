@@ -23,7 +23,8 @@ state entering chunk c and T⁻¹ = (I + A)⁻¹ for A[t, s] = β_t exp(c_t − 
 Three launches:
   1. `_chunk_wy_kernel`, per (chunk, batch × value head): the prefix sums c, A, T⁻¹ by block doubling (log2 L − 1 rounds
      of two (L, L) products after a first round without any, exact: the reference's `_unit_lower_inverse`), then W and
-     U.
+     U. Or, the tuner's other choice, `_chunk_wy_tiled_kernel`: the same from (16, 16) tiles, each diagonal tile's
+     inverse by doubling and two merges of tiles, so that the chain of dependent products is of (16, 16) ones.
   2. `_state_kernel`, per (block of V columns, batch × value head): a loop over the chunks that stores S_c, computes
      and stores u, and advances the state, float32 in registers; the last state is the final state. A head's blocks
      of V are neighbouring programs, so they run together and read its W and k through L2 once.
@@ -92,9 +93,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # one a package without a tuning table launches. How many programs fit on an SM at once (registers × threads within
 # 64K, shared memory within 228 KB) decided every kernel: the 4-warp configs won all but the output kernel's tuning,
 # the state loops most (one program per (head, block of V), sequential over the chunks: fewer waves of that loop).
+# TILED picks the WY kernel: 0 the whole chunk's T⁻¹ by doubling (_chunk_wy_kernel: a chain of 10 dependent (64, 64)
+# products, the forward's largest kernel), 1 from (16, 16) tiles (_chunk_wy_tiled_kernel, session 7, not yet timed on
+# the GPU: its chains are of (16, 16) products; 255 registers at every block size and warp count, no spills at
+# 16-column blocks in the forward, 12-16 bytes where the backward stores T⁻¹; 1-2 warps, 4-8 programs per SM).
 WY_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.43 ms
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 185, 48 KB: 1; 0.86 ms
+    {"TILED": 0, "BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.43 ms
+    {"TILED": 0, "BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 8, "num_stages": 2},  # 185, 48 KB: 1; 0.86 ms
+    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 2, "num_stages": 2},  # 255, no spills, 2 KB: 4
+    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 1, "num_stages": 2},  # 255, no spills, 2 KB: 8
+    {"TILED": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 2, "num_stages": 2},  # 255, 16 bytes spilled, 5 KB: 4
 ]
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.29 ms
@@ -121,7 +129,7 @@ CHUNK_BACKWARD_CONFIGS = [
     {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB: 1; 3.02 ms
 ]
 INTERPRETER_CONFIGS = {
-    "wy": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "wy": {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -160,6 +168,25 @@ def _operand(value, dot_ty: tl.constexpr):
     else:
         operand = value.to(dot_ty)
     return operand
+
+
+@triton.jit
+def _unit_lower_inverse(A, N: tl.constexpr, LOG2_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(I + A)⁻¹ of a strictly lower triangular (N, N) float32 A, N = 2^LOG2_N, by block doubling: X holds the
+    inverses of the diagonal blocks of size `block`; the inverse over blocks of twice the size is X − X E X, E the
+    lower-left quarters of A in them. From X = I (blocks of 1) that is I − E: the first level needs no product, which
+    shortens the chain of dependent ones by two."""
+    t = tl.arange(0, N)
+    pairs = (t[:, None] // 2 == t[None, :] // 2) & (t[:, None] != t[None, :])
+    inverse = (t[:, None] == t[None, :]).to(tl.float32) - tl.where(pairs, A, 0.0)
+    for level in tl.static_range(1, LOG2_N):
+        block = 1 << level
+        same_pair = (t[:, None] // (2 * block)) == (t[None, :] // (2 * block))
+        other_half = (t[:, None] // block) != (t[None, :] // block)
+        lower_left = tl.where(same_pair & other_half, A, 0.0)
+        inverse -= tl.dot(tl.dot(inverse, lower_left, input_precision=DOT_PRECISION), inverse,
+                          input_precision=DOT_PRECISION)
+    return inverse
 
 
 @triton.jit
@@ -202,19 +229,7 @@ def _chunk_wy_kernel(
         kk = tl.dot(k_blk, tl.trans(k_blk), kk, input_precision=DOT_PRECISION)
     strictly_lower = t[:, None] > t[None, :]
     A = kk * tl.exp(tl.where(strictly_lower, cum[:, None] - cum[None, :], float("-inf"))) * beta[:, None]
-
-    # T⁻¹ = (I + A)⁻¹ by block doubling: X holds the inverses of the diagonal blocks of size `block`; the inverse
-    # over blocks of twice the size is X − X E X, E the lower-left quarters of A in them. From X = I (blocks of 1)
-    # that is I − E: the first level needs no product, which shortens the chain of dependent ones by two.
-    pairs = (t[:, None] // 2 == t[None, :] // 2) & (t[:, None] != t[None, :])
-    inverse = (t[:, None] == t[None, :]).to(tl.float32) - tl.where(pairs, A, 0.0)
-    for level in tl.static_range(1, LOG2_CHUNK):
-        block = 1 << level
-        same_pair = (t[:, None] // (2 * block)) == (t[None, :] // (2 * block))
-        other_half = (t[:, None] // block) != (t[None, :] // block)
-        lower_left = tl.where(same_pair & other_half, A, 0.0)
-        inverse -= tl.dot(tl.dot(inverse, lower_left, input_precision=DOT_PRECISION), inverse,
-                          input_precision=DOT_PRECISION)
+    inverse = _unit_lower_inverse(A, CHUNK, LOG2_CHUNK, DOT_PRECISION)
 
     # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v), a block of columns at a time.
     inter_ty = w_ptr.dtype.element_ty
@@ -234,6 +249,216 @@ def _chunk_wy_kernel(
         u = tl.dot(_operand(inverse, inter_ty), _operand(v_blk.to(tl.float32) * beta[:, None], inter_ty),
                    input_precision=DOT_PRECISION)
         tl.store(u_ptr + row[:, None] * dv + cols[None, :], _rounded(u, inter_ty), mask=(cols < dv)[None, :])
+
+
+_TILE = tl.constexpr(16)
+"""Rows per tile of the tiled WY kernel: the smallest tensor-core product, four to a chunk of 64."""
+
+
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _tile_gates(g_ptr, g_stride_t, beta_ptr, beta_stride_t, chunk, tile: tl.constexpr, seqlen, CHUNK: tl.constexpr):
+    """Row tile `tile` of a chunk (g_ptr, beta_ptr at the head's): its offsets in the chunk, positions, which rows
+    hold a position, g and β (rows past the chunk, L < 64, or past T load g = β = 0: the identity step)."""
+    t = tile * _TILE + tl.arange(0, _TILE)
+    pos = chunk * CHUNK + t
+    valid = (t < CHUNK) & (pos < seqlen)
+    g = tl.load(g_ptr + pos * g_stride_t, mask=valid, other=0.0).to(tl.float32)
+    beta = tl.load(beta_ptr + pos * beta_stride_t, mask=valid, other=0.0).to(tl.float32)
+    return t, pos, valid, g, beta
+
+
+@triton.jit
+def _store_tile(ptr, row_stride, rows_t, cols_t, tile, CHUNK: tl.constexpr):
+    """One (16, 16) tile of the (L, L) T⁻¹ of a chunk, at chunk offsets rows_t × cols_t (those past L dropped)."""
+    tl.store(ptr + rows_t[:, None] * row_stride + cols_t[None, :], tile,
+             mask=(rows_t < CHUNK)[:, None] & (cols_t < CHUNK)[None, :])
+
+
+@triton.jit
+def _store_rows(ptr, head_row, width, rows_t, cols, value, CHUNK: tl.constexpr):
+    """Rows rows_t (chunk offsets, those past L dropped) and columns cols (< width) of a (B, HV, c·L, width) buffer."""
+    tl.store(ptr + (head_row + rows_t)[:, None] * width + cols[None, :], _rounded(value, ptr.dtype.element_ty),
+             mask=(rows_t < CHUNK)[:, None] & (cols < width)[None, :])
+
+
+@triton.jit
+def _chunk_wy_tiled_kernel(
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    v_ptr, v_stride_b, v_stride_t, v_stride_h, v_stride_v,
+    g_ptr, g_stride_b, g_stride_t, g_stride_h,
+    beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
+    w_ptr, u_ptr, cum_ptr, inverse_ptr,  # as _chunk_wy_kernel's
+    seqlen, nv_heads, value_heads_per_key, dk, dv, padded_len,
+    STORE_INVERSE: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """_chunk_wy_kernel's results (L ≤ 64) with T⁻¹ built from (16, 16) tiles, four row tiles to a chunk: each diagonal
+    tile's inverse by doubling within 16 (four independent chains of 16-wide products), then two merges, inv of
+    [[P, 0], [Q, R]] = [[P⁻¹, 0], [−R⁻¹ Q P⁻¹, R⁻¹]]: tiles 0-1 and 2-3, then the halves. The dependent products are
+    (16, 16) ones, and W and U come from the ten non-zero tiles, each row tile of them a sum of (16, 16) × (16, B)
+    products. A chunk shorter than 64 runs its missing rows as identity steps and stores none of them."""
+    chunk = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    dot_ty = k_ptr.dtype.element_ty
+    inter_ty = w_ptr.dtype.element_ty
+    g_ptr += b * g_stride_b + h * g_stride_h
+    beta_ptr += b * beta_stride_b + h * beta_stride_h
+    t0, pos0, in0, g0, beta0 = _tile_gates(g_ptr, g_stride_t, beta_ptr, beta_stride_t, chunk, 0, seqlen, CHUNK)
+    t1, pos1, in1, g1, beta1 = _tile_gates(g_ptr, g_stride_t, beta_ptr, beta_stride_t, chunk, 1, seqlen, CHUNK)
+    t2, pos2, in2, g2, beta2 = _tile_gates(g_ptr, g_stride_t, beta_ptr, beta_stride_t, chunk, 2, seqlen, CHUNK)
+    t3, pos3, in3, g3, beta3 = _tile_gates(g_ptr, g_stride_t, beta_ptr, beta_stride_t, chunk, 3, seqlen, CHUNK)
+    # The in-chunk prefix sums c, each tile's carried over from the tiles before it.
+    cum0 = tl.cumsum(g0, axis=0)
+    cum1 = tl.cumsum(g1, axis=0) + tl.sum(g0, axis=0)
+    cum2 = tl.cumsum(g2, axis=0) + (tl.sum(g0, axis=0) + tl.sum(g1, axis=0))
+    cum3 = tl.cumsum(g3, axis=0) + (tl.sum(g0, axis=0) + tl.sum(g1, axis=0) + tl.sum(g2, axis=0))
+    head_row = pid_bh.to(tl.int64) * padded_len + chunk * CHUNK  # the chunk's first row of the (B, HV, c·L) buffers
+    tl.store(cum_ptr + head_row + t0, cum0, mask=t0 < CHUNK)
+    tl.store(cum_ptr + head_row + t1, cum1, mask=t1 < CHUNK)
+    tl.store(cum_ptr + head_row + t2, cum2, mask=t2 < CHUNK)
+    tl.store(cum_ptr + head_row + t3, cum3, mask=t3 < CHUNK)
+
+    # k_i k_jᵀ for the ten tiles on and below the diagonal.
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h
+    kk00 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk10 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk11 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk20 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk21 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk22 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk30 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk31 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk32 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    kk33 = tl.zeros((_TILE, _TILE), dtype=tl.float32)
+    for k0 in range(0, dk, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_in = (cols < dk)[None, :]
+        k_cols = k_base + cols[None, :] * k_stride_k
+        ka = _operand(tl.load(k_cols + pos0[:, None] * k_stride_t, mask=in0[:, None] & col_in, other=0.0), dot_ty)
+        kb = _operand(tl.load(k_cols + pos1[:, None] * k_stride_t, mask=in1[:, None] & col_in, other=0.0), dot_ty)
+        kc = _operand(tl.load(k_cols + pos2[:, None] * k_stride_t, mask=in2[:, None] & col_in, other=0.0), dot_ty)
+        kd = _operand(tl.load(k_cols + pos3[:, None] * k_stride_t, mask=in3[:, None] & col_in, other=0.0), dot_ty)
+        kk00 = tl.dot(ka, tl.trans(ka), kk00, input_precision=DOT_PRECISION)
+        kk10 = tl.dot(kb, tl.trans(ka), kk10, input_precision=DOT_PRECISION)
+        kk11 = tl.dot(kb, tl.trans(kb), kk11, input_precision=DOT_PRECISION)
+        kk20 = tl.dot(kc, tl.trans(ka), kk20, input_precision=DOT_PRECISION)
+        kk21 = tl.dot(kc, tl.trans(kb), kk21, input_precision=DOT_PRECISION)
+        kk22 = tl.dot(kc, tl.trans(kc), kk22, input_precision=DOT_PRECISION)
+        kk30 = tl.dot(kd, tl.trans(ka), kk30, input_precision=DOT_PRECISION)
+        kk31 = tl.dot(kd, tl.trans(kb), kk31, input_precision=DOT_PRECISION)
+        kk32 = tl.dot(kd, tl.trans(kc), kk32, input_precision=DOT_PRECISION)
+        kk33 = tl.dot(kd, tl.trans(kd), kk33, input_precision=DOT_PRECISION)
+
+    # A[t, s] = β_t exp(c_t − c_s) k_t·k_s for s < t: below the diagonal tiles every entry has s < t.
+    r = tl.arange(0, _TILE)
+    strictly_lower = r[:, None] > r[None, :]
+    A00 = kk00 * tl.exp(tl.where(strictly_lower, cum0[:, None] - cum0[None, :], float("-inf"))) * beta0[:, None]
+    A11 = kk11 * tl.exp(tl.where(strictly_lower, cum1[:, None] - cum1[None, :], float("-inf"))) * beta1[:, None]
+    A22 = kk22 * tl.exp(tl.where(strictly_lower, cum2[:, None] - cum2[None, :], float("-inf"))) * beta2[:, None]
+    A33 = kk33 * tl.exp(tl.where(strictly_lower, cum3[:, None] - cum3[None, :], float("-inf"))) * beta3[:, None]
+    A10 = kk10 * tl.exp(cum1[:, None] - cum0[None, :]) * beta1[:, None]
+    A20 = kk20 * tl.exp(cum2[:, None] - cum0[None, :]) * beta2[:, None]
+    A21 = kk21 * tl.exp(cum2[:, None] - cum1[None, :]) * beta2[:, None]
+    A30 = kk30 * tl.exp(cum3[:, None] - cum0[None, :]) * beta3[:, None]
+    A31 = kk31 * tl.exp(cum3[:, None] - cum1[None, :]) * beta3[:, None]
+    A32 = kk32 * tl.exp(cum3[:, None] - cum2[None, :]) * beta3[:, None]
+
+    # T⁻¹'s tiles X: the diagonal ones, then the merges of 0-1 and 2-3, then of the halves (see the docstring).
+    X00 = _unit_lower_inverse(A00, _TILE, 4, DOT_PRECISION)
+    X11 = _unit_lower_inverse(A11, _TILE, 4, DOT_PRECISION)
+    X22 = _unit_lower_inverse(A22, _TILE, 4, DOT_PRECISION)
+    X33 = _unit_lower_inverse(A33, _TILE, 4, DOT_PRECISION)
+    X10 = -_dot(_dot(X11, A10, DOT_PRECISION), X00, DOT_PRECISION)
+    X32 = -_dot(_dot(X33, A32, DOT_PRECISION), X22, DOT_PRECISION)
+    M20 = _dot(A21, X10, DOT_PRECISION) + _dot(A20, X00, DOT_PRECISION)  # Q P⁻¹ of the halves, by tiles
+    M21 = _dot(A21, X11, DOT_PRECISION)
+    M30 = _dot(A31, X10, DOT_PRECISION) + _dot(A30, X00, DOT_PRECISION)
+    M31 = _dot(A31, X11, DOT_PRECISION)
+    X20 = -_dot(X22, M20, DOT_PRECISION)
+    X21 = -_dot(X22, M21, DOT_PRECISION)
+    X30 = -(_dot(X32, M20, DOT_PRECISION) + _dot(X33, M30, DOT_PRECISION))
+    X31 = -(_dot(X32, M21, DOT_PRECISION) + _dot(X33, M31, DOT_PRECISION))
+
+    if STORE_INVERSE:
+        inverse = inverse_ptr + (head_row * CHUNK)
+        zero = tl.zeros((_TILE, _TILE), dtype=inter_ty)
+        _store_tile(inverse, CHUNK, t0, t0, _rounded(X00, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t0, t1, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t0, t2, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t0, t3, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t1, t0, _rounded(X10, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t1, t1, _rounded(X11, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t1, t2, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t1, t3, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t2, t0, _rounded(X20, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t1, _rounded(X21, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t2, _rounded(X22, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t3, zero, CHUNK)
+        _store_tile(inverse, CHUNK, t3, t0, _rounded(X30, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t1, _rounded(X31, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t2, _rounded(X32, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t3, _rounded(X33, inter_ty), CHUNK)
+
+    # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v): row tile i is Σ_{j ≤ i} X_ij (tile j of the right-hand side).
+    x00 = _operand(X00, inter_ty)
+    x10 = _operand(X10, inter_ty)
+    x11 = _operand(X11, inter_ty)
+    x20 = _operand(X20, inter_ty)
+    x21 = _operand(X21, inter_ty)
+    x22 = _operand(X22, inter_ty)
+    x30 = _operand(X30, inter_ty)
+    x31 = _operand(X31, inter_ty)
+    x32 = _operand(X32, inter_ty)
+    x33 = _operand(X33, inter_ty)
+    weight0 = (beta0 * tl.exp(cum0))[:, None]
+    weight1 = (beta1 * tl.exp(cum1))[:, None]
+    weight2 = (beta2 * tl.exp(cum2))[:, None]
+    weight3 = (beta3 * tl.exp(cum3))[:, None]
+    for k0 in range(0, dk, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        col_in = (cols < dk)[None, :]
+        k_cols = k_base + cols[None, :] * k_stride_k
+        ka = tl.load(k_cols + pos0[:, None] * k_stride_t, mask=in0[:, None] & col_in, other=0.0).to(tl.float32)
+        kb = tl.load(k_cols + pos1[:, None] * k_stride_t, mask=in1[:, None] & col_in, other=0.0).to(tl.float32)
+        kc = tl.load(k_cols + pos2[:, None] * k_stride_t, mask=in2[:, None] & col_in, other=0.0).to(tl.float32)
+        kd = tl.load(k_cols + pos3[:, None] * k_stride_t, mask=in3[:, None] & col_in, other=0.0).to(tl.float32)
+        ra = _operand(ka * weight0, inter_ty)
+        rb = _operand(kb * weight1, inter_ty)
+        rc = _operand(kc * weight2, inter_ty)
+        rd = _operand(kd * weight3, inter_ty)
+        _store_rows(w_ptr, head_row, dk, t0, cols, _dot(x00, ra, DOT_PRECISION), CHUNK)
+        _store_rows(w_ptr, head_row, dk, t1, cols, _dot(x11, rb, DOT_PRECISION) + _dot(x10, ra, DOT_PRECISION), CHUNK)
+        _store_rows(w_ptr, head_row, dk, t2, cols, _dot(x22, rc, DOT_PRECISION) + _dot(x21, rb, DOT_PRECISION)
+                    + _dot(x20, ra, DOT_PRECISION), CHUNK)
+        _store_rows(w_ptr, head_row, dk, t3, cols, _dot(x33, rd, DOT_PRECISION) + _dot(x32, rc, DOT_PRECISION)
+                    + _dot(x31, rb, DOT_PRECISION) + _dot(x30, ra, DOT_PRECISION), CHUNK)
+    v_base = v_ptr + b * v_stride_b + h * v_stride_h
+    for v0 in range(0, dv, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_in = (cols < dv)[None, :]
+        v_cols = v_base + cols[None, :] * v_stride_v
+        va = tl.load(v_cols + pos0[:, None] * v_stride_t, mask=in0[:, None] & col_in, other=0.0).to(tl.float32)
+        vb = tl.load(v_cols + pos1[:, None] * v_stride_t, mask=in1[:, None] & col_in, other=0.0).to(tl.float32)
+        vc = tl.load(v_cols + pos2[:, None] * v_stride_t, mask=in2[:, None] & col_in, other=0.0).to(tl.float32)
+        vd = tl.load(v_cols + pos3[:, None] * v_stride_t, mask=in3[:, None] & col_in, other=0.0).to(tl.float32)
+        ra = _operand(va * beta0[:, None], inter_ty)
+        rb = _operand(vb * beta1[:, None], inter_ty)
+        rc = _operand(vc * beta2[:, None], inter_ty)
+        rd = _operand(vd * beta3[:, None], inter_ty)
+        _store_rows(u_ptr, head_row, dv, t0, cols, _dot(x00, ra, DOT_PRECISION), CHUNK)
+        _store_rows(u_ptr, head_row, dv, t1, cols, _dot(x11, rb, DOT_PRECISION) + _dot(x10, ra, DOT_PRECISION), CHUNK)
+        _store_rows(u_ptr, head_row, dv, t2, cols, _dot(x22, rc, DOT_PRECISION) + _dot(x21, rb, DOT_PRECISION)
+                    + _dot(x20, ra, DOT_PRECISION), CHUNK)
+        _store_rows(u_ptr, head_row, dv, t3, cols, _dot(x33, rd, DOT_PRECISION) + _dot(x32, rc, DOT_PRECISION)
+                    + _dot(x31, rb, DOT_PRECISION) + _dot(x30, ra, DOT_PRECISION), CHUNK)
 
 
 @triton.jit
@@ -670,11 +895,13 @@ def _chunk_states(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, init
     U = torch.empty((batch, nv_heads, padded, dv), **inter)
 
     def launch_wy(cfg):
-        _chunk_wy_kernel[(nchunks, batch * nv_heads)](
+        kernel, inverse_by = ((_chunk_wy_tiled_kernel, {}) if cfg["TILED"] else
+                              (_chunk_wy_kernel, {"LOG2_CHUNK": chunk.bit_length() - 1}))
+        kernel[(nchunks, batch * nv_heads)](
             *strided(k, 4), *strided(v, 4), *strided(g, 3), *strided(beta, 3), chunks.W, U, chunks.cum,
             chunks.inverse, seqlen, *chunks.shared, padded,
-            STORE_INVERSE=store_inverse, DOT_PRECISION=chunks.precision, CHUNK=chunk,
-            LOG2_CHUNK=chunk.bit_length() - 1, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+            STORE_INVERSE=store_inverse, DOT_PRECISION=chunks.precision, CHUNK=chunk, **inverse_by,
+            BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
         )
 
     launch_wy(_config("wy", chunks.key, launch_wy, configs.get("wy")))
