@@ -180,7 +180,8 @@ def summarize(run_dir: Path, tokens_per_step: int, matmul_flops: float) -> dict:
     flops = statistics.median(r["flops_per_s"] for r in steps[steady])
     summary = {"steps_logged": len(steps), "steps_measured": len(seconds[steady]),
                "setup_s": steps[0]["elapsed_s"] - seconds[0], "first_step_s": seconds[0],
-               "compile_s": seconds[0] - step_s if len(steps) > 1 else None, "first_steps_s": [round(s, 3) for s in seconds[:5]], "step_s": step_s,
+               "compile_s": seconds[0] - step_s if len(steps) > 1 else None,
+               "first_steps_s": [round(s, 3) for s in seconds[:5]], "step_s": step_s,
                "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steps[steady]), "model_flops_per_s": flops,
                "mfu": flops / matmul_flops, "peak_memory_gib": max(r["memory_gib"] for r in steps),
                "first_loss": steps[0]["next_token_loss"], "last_loss": steps[-1]["next_token_loss"],
