@@ -10,15 +10,22 @@ with fewer layers (the overrides below), in bfloat16 on the GPU:
            relative norm error ||kernels - references|| / ||references|| of the logits and of every parameter's
            gradient (worst, median, and every one above the tolerance), the losses, and how often each kernel ran
            (a spy: a model that fell back to its references silently would show zero calls).
-  decode   with the kernels: prefill a prompt into a cache, then greedy decoding one token at a time; the step logits
-           against one full forward over prompt + generated tokens (relative norm error), and whether the greedy
-           tokens are the full forward's argmax at every step.
+  decode   with the kernels and with the references: prefill a prompt into a cache, then greedy decoding one token at
+           a time; the step logits against one full forward over prompt + generated tokens (relative norm error),
+           whether the greedy tokens are the full forward's argmax at every step, and (bf16) the step logits against
+           a float32 full forward of the references over the same tokens.
 
 Tolerance: 1e-2 relative norm in bfloat16 (issue 10), 1e-4 in float32 (the dry run). In bfloat16 a whole model's
 logits move by about 1e-2 under any change of rounding, the references' own included, so parity there also runs the
 references in float32 (the same weights, exactly) and passes when the kernels are as close to that float32 truth as
 the bf16 references are (each of logits and gradients within 1.25x + 1e-3 of the references' error, or within the
-tolerance); decode passes when the kernels' cached-vs-full error is within 1.25x + 1e-3 of the references' own.
+tolerance); decode likewise passes when the kernels' step logits are within 1.25x + 1e-3 of the references' distance
+to the float32 forward. Cached-vs-full in bf16 does not decide: a step runs other kernels than a forward over the
+sequence (the GEMV rounds its products once; its fused SwiGLU gate rounds once where cuBLAS and silu_mul round gate
+and up first), so it grows when the steps get more precise: Nexus measured 0.0149 with the kernels against 0.0026
+with the references on the H200, and on a CPU in bf16 with the GEMV's float32 reference in the steps cached-vs-full
+went from 0.0060 to 0.0146 while the steps' distance to float32 went from 0.0138 to 0.0122 (Bamba: 0.0037 -> 0.0105,
+and 0.0144 -> 0.0140).
 `pass` is per check and overall.
 MoE specs can route a token differently when bf16 rounding moves a router score across a tie, which shows as one
 expert's gradient off while the rest agree; the JSON lists every gradient over tolerance by name to tell that apart.
@@ -43,8 +50,11 @@ from pathlib import Path
 
 from harness import ROOT, Run
 
-KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "mamba_step", "ssd_scan", "mamba2_step", "apply_rope_qk",
-                    "packed_query_attention", "swiglu", "silu_mul", "rms_norm")  # every kernel function a package may import
+# every kernel function a package may import; "module.function" for one a model calls through its kernel file (the
+# decoding steps' in-place state updates)
+KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "state_update_module.mamba_step_", "ssd_scan",
+                    "state_update_module.mamba2_step_", "apply_rope_qk", "packed_query_attention", "swiglu", "silu_mul",
+                    "rms_norm", "linear", "swiglu_linear")
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
 BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",
@@ -85,15 +95,18 @@ def spy_on_kernels(package) -> Counter:
     """Wrap every kernel function the package imported so that each call is counted."""
     calls: Counter = Counter()
     for name in KERNEL_FUNCTIONS:
-        function = getattr(package.kernels, name, None) if hasattr(package, "kernels") else None
+        owner_name, _, function_name = name.rpartition(".")
+        owner = getattr(package, "kernels", None)
+        owner = getattr(owner, owner_name, None) if owner_name else owner
+        function = getattr(owner, function_name, None)
         if function is None:
             continue
 
-        def counted(*args, _function=function, _name=name, **kwargs):
+        def counted(*args, _function=function, _name=function_name, **kwargs):
             calls[_name] += 1
             return _function(*args, **kwargs)
 
-        setattr(package.kernels, name, counted)
+        setattr(owner, function_name, counted)
     return calls
 
 
@@ -171,19 +184,47 @@ def parity(package, model, sizes, calls: Counter) -> dict:
 
 
 def cached_decode(package, model, sizes, calls: Counter) -> dict:
-    """Cached decoding against one full forward, with the kernels and, for scale, with the references."""
-    report = {}
+    """Cached decoding against one full forward, with the kernels and with the references; in bf16 both also against
+    a float32 full forward of the references over the same tokens, which decides: a decoding step runs other kernels
+    than a forward over the sequence (the GEMV and its fused SwiGLU gate round once where cuBLAS and silu_mul round
+    gate and up first), so cached-vs-full measures how differently two bf16 computations round, not how far either is
+    from the float32 result."""
+    import torch
+
+    report, decoded = {}, {}
     for label, use in (("kernels", True), ("references", False)):
         package.model.USE_KERNELS = use
-        report[label] = _cached_decode(model, sizes, calls)
+        report[label], decoded[label] = _cached_decode(model, sizes, calls)
     package.model.USE_KERNELS = True
     report.update(report["kernels"])
-    tolerance = max(sizes["tolerance"], 1.25 * report["references"]["logits_relative_norm_error"] + 1e-3)
-    report["pass"] = report["logits_relative_norm_error"] <= tolerance
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32:
+        report["pass"] = report["logits_relative_norm_error"] <= sizes["tolerance"]
+        return report
+    model.float()  # bf16 values are exact in float32: the same weights, every op in float32
+    try:
+        errors = {label: relative_norm_error(stepped, _full_logits(package, model, tokens, sizes["prompt"]))
+                  for label, (tokens, stepped) in decoded.items()}
+    finally:
+        model.to(dtype)
+        package.model.USE_KERNELS = True
+    report["against_float32"] = errors
+    report["pass"] = errors["kernels"] <= max(sizes["tolerance"], 1.25 * errors["references"] + 1e-3)
     return report
 
 
-def _cached_decode(model, sizes, calls: Counter) -> dict:
+def _full_logits(package, model, sequence, prompt_length: int):
+    """The references' logits of one forward over prompt + generated tokens, at the positions that chose each new
+    token."""
+    import torch
+
+    package.model.USE_KERNELS = False
+    with torch.no_grad():
+        return model(sequence[:, :-1]).logits[:, prompt_length - 1:].float()
+
+
+def _cached_decode(model, sizes, calls: Counter) -> tuple[dict, tuple]:
+    """(report, (prompt + generated tokens (B, prompt + new), step logits (B, new, V)))."""
     import torch
 
     batch, prompt_length, new_tokens = sizes["batch"], sizes["prompt"], sizes["new_tokens"]
@@ -203,8 +244,9 @@ def _cached_decode(model, sizes, calls: Counter) -> dict:
         full = model(sequence[:, :-1]).logits[:, prompt_length - 1:].float()  # the logits that chose each new token
     stepped = torch.cat(step_logits, dim=1)
     agree = (full.argmax(-1) == torch.cat(generated, dim=1)).float().mean().item()
-    return {"batch": batch, "prompt": prompt_length, "new_tokens": new_tokens, "kernel_calls": decode_calls,
-            "logits_relative_norm_error": relative_norm_error(stepped, full), "greedy_tokens_agree": agree}
+    report = {"batch": batch, "prompt": prompt_length, "new_tokens": new_tokens, "kernel_calls": decode_calls,
+              "logits_relative_norm_error": relative_norm_error(stepped, full), "greedy_tokens_agree": agree}
+    return report, (sequence, stepped)
 
 
 def run_spec(spec: str, overrides: tuple[str, ...], preset: str | None, sizes: dict, out_root: Path) -> dict:
