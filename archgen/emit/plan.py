@@ -132,6 +132,7 @@ class EmitPlan:
     norm_module: str  # the model norm's constructor over d_model, e.g. "RMSNorm(512, eps=1e-05)", "FusedRMSNorm(...)"
     norm_kernel: KernelChoice | None  # the norms' kernel: FusedRMSNorm runs it, blocks fuse the residual add into it
     norm_zero_centered: bool  # the model's RMSNorms scale by 1 + weight: ZeroCenteredRMSNorm
+    norm_folds_scale: bool  # the model's norm takes forward(x, scale=...): norm(x) × scale with the scale in its weight
     gemv_kernel: KernelChoice | None  # the GEMV of a decoding step's linear layers, which DecodeLinear runs
     lm_head_linear: str  # the lm_head's class: "DecodeLinear" where the kernel pass gave it the GEMV, else "nn.Linear"
     max_seq_len: int
@@ -274,7 +275,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         shapes={key: shape_text(shape) for key, shape in shapes.items()},
         tie_embeddings=ir.op("lm_head").config.tied,
         norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
-        norm_zero_centered=norm_dims["zero_centered"],
+        norm_zero_centered=norm_dims["zero_centered"], norm_folds_scale=norm_dims["folds_scale"],
         gemv_kernel=next((op.kernels["linear"] for op in ir.ops() if "linear" in op.kernels), None),
         lm_head_linear="DecodeLinear" if "linear" in ir.op("lm_head").kernels else "nn.Linear",
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,

@@ -29,6 +29,14 @@ ACTIVATIONS = {
 }
 
 
+def scaled_branch(name: str, folds_scale: bool) -> str:
+    """One branch's scale × norm(output) in a parallel layer's normalized mean, with the scale folded into the norm's
+    weight where the norm takes it: then the scale makes no pass over the activations, forward or backward."""
+    if folds_scale:
+        return f"self.{name}_norm({name}_out, scale=self.{name}_scale)"
+    return f"self.{name}_scale * self.{name}_norm({name}_out)"
+
+
 def environment(plan: EmitPlan) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -39,7 +47,7 @@ def environment(plan: EmitPlan) -> jinja2.Environment:
     env.filters["pyrepr"] = repr
     env.filters["doc"] = docstring_text
     env.filters["branch_output"] = lambda name: f"{name}_out"
-    env.filters["format_branch"] = lambda name: f"self.{name}_scale * self.{name}_norm({name}_out)"
+    env.filters["format_branch"] = scaled_branch
     env.globals.update(
         plan=plan, activation_call=lambda name, arg: ACTIVATIONS[name].format(arg), human_count=human_count,
         human_bytes=human_bytes,

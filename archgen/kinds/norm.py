@@ -30,8 +30,10 @@ class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
         # the generated model defines RMSNorm, FusedRMSNorm where the norms run their kernel (kernels/rmsnorm.py), and
         # ZeroCenteredRMSNorm for a zero-centred norm (which the kernel selection leaves on the reference)
         plain = "ZeroCenteredRMSNorm" if config.zero_centered else "RMSNorm"
+        # folds_scale: the generated RMSNorms take a per-channel scale into their weight (a parallel layer's combine)
         return {"module": f"{plain}({dims.d_model}, eps={config.eps!r})",
-                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})", "zero_centered": config.zero_centered}
+                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})", "zero_centered": config.zero_centered,
+                "folds_scale": True}
 
     def imports(self, config: NormConfig) -> dict[str, tuple[str, ...]]:
         return {"norm": ("rms_norm",)}  # the generated RMSNorm's reference, beside its kernel (kernels/rmsnorm.py)
@@ -47,7 +49,8 @@ class LayerNorm(RMSNorm):
         return {}
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
-        return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})", "zero_centered": False}
+        return {"module": f"nn.LayerNorm({dims.d_model}, eps={config.eps!r}, bias={config.bias!r})", "zero_centered": False,
+                "folds_scale": False}
 
 
 KINDS = (RMSNorm(), LayerNorm())
