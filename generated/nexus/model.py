@@ -56,18 +56,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+    def forward(self, x, scale=None):
+        """norm(x); given a per-channel scale, norm(x) × scale with the scale folded into the weight: a parallel
+        layer's combine then costs no pass over x of its own."""
+        return F.rms_norm(x, (x.size(-1),), self.weight if scale is None else self.weight * scale, self.eps)
 
 
 class FusedRMSNorm(RMSNorm):
     """The blocks' and the final norm: a Triton kernel on CUDA, which given the residual stream also adds it first."""
 
-    def forward(self, x, residual=None):
-        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass."""
+    def forward(self, x, residual=None, scale=None):
+        """norm(x); given the residual stream, (norm(x + residual), x + residual) in one pass; given a per-channel
+        scale, × scale as part of the weight."""
+        weight = self.weight if scale is None else self.weight * scale
         if use_kernel(kernels.rms_norm, x):
-            return kernels.rms_norm(x, self.weight, self.eps, residual)
-        return rms_norm(x, self.weight, self.eps, residual)
+            return kernels.rms_norm(x, weight, self.eps, residual)
+        return rms_norm(x, weight, self.eps, residual)
 
 
 def runs_gemv(x: torch.Tensor) -> bool:
