@@ -81,5 +81,7 @@ _.norm_kernel
 # EmitPlan.gemv_kernel and lm_head_linear are read by model.py.j2 (DecodeLinear, runs_gemv and the lm_head's class).
 _.gemv_kernel
 _.lm_head_linear
+# EmitPlan.norm_folds_scale is read by parallel.py.j2 (a normalized mean's scales folded into the norms' weights).
+_.norm_folds_scale
 # BenchResult fields that reach the JSON through dataclasses.asdict (bench/whole_model.py reads them there).
 _.active_parameters
