@@ -177,10 +177,17 @@ def _silu_bwd_kernel(
     td_in = (t < seqlen)[:, None] & d_in[None, :]
     dy = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + t[:, None] * dy_stride_t + d[None, :] * dy_stride_d,
                  mask=td_in, other=0.0).to(tl.float32)
-    sig = sigmoid(pre)
-    dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+    dpre = _silu_grad(dy, pre)
     tl.store(dpre_ptr + (b.to(tl.int64) * seqlen + t[:, None]) * dim + d[None, :], dpre.to(dpre_ptr.dtype.element_ty),
              mask=td_in)
+
+
+@triton.jit
+def _silu_grad(dy, pre):
+    """dy · SiLU'(pre) with SiLU'(x) = σ(x)(1 + x(1 - σ(x))), written σ + σ(x - xσ): two fused multiply-adds and a
+    multiply an element after the sigmoid (the conv backward is instruction-bound)."""
+    sig = sigmoid(pre)
+    return dy * (sig + sig * (pre - pre * sig))
 
 
 @triton.jit
@@ -393,8 +400,7 @@ def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w
     (the output is this program's)). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
     if SILU:
         pre = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH)
-        sig = sigmoid(pre)
-        p_0 = dy * sig * (1.0 + pre * (1.0 - sig))
+        p_0 = _silu_grad(dy, pre)
     else:
         p_0 = dy
     mine = tl.where(own, p_0, 0.0)
