@@ -67,7 +67,6 @@ import argparse
 import contextlib
 import datetime
 import importlib
-import importlib.util
 import json
 import os
 import platform
@@ -97,11 +96,9 @@ FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is t
 
 
 def load_reference():
-    """templates/runtime/gated_delta.py by path, as generated packages carry it (imports only torch)."""
-    spec = importlib.util.spec_from_file_location("archgen_runtime_gated_delta", ROOT / "templates/runtime/gated_delta.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """templates/runtime/gated_delta.py (ops/gated_delta.py of a generated package), with the ssm.py it imports from."""
+    sys.path.insert(0, str(ROOT))
+    return importlib.import_module("templates.runtime.gated_delta")
 
 
 def load_kernel() -> tuple[object | None, str]:

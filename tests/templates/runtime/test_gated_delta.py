@@ -276,14 +276,17 @@ def test_cache_empty():
 
 
 def test_imports_only_torch_and_stdlib():
-    """The file is copied verbatim into generated packages, so it may import nothing else, not even a sibling."""
+    """The file is copied verbatim into generated packages, so it may import nothing else but ssm.py, which every
+    package with a gated_deltanet layer carries (the layer's convolution is ssm.py's causal_conv1d)."""
     tree = ast.parse(Path(gd.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            assert not node.level, f"relative import of {node.module!r} on line {node.lineno}"
+            if node.level:  # a sibling runtime file, copied beside this one
+                assert node.module == "ssm", f"relative import of {node.module!r} on line {node.lineno}"
+                continue
             imported.add(node.module.split(".")[0])
     assert imported <= {"torch", "math", "typing", "dataclasses"}, f"unexpected imports: {sorted(imported)}"
 
