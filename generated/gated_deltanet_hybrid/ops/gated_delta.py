@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ssm import _acc_dtype, _doubling_rounds, _pad_time, _unpad_time
+
 CHUNK_SIZE = 64
 """Default chunk length L of `gated_delta_rule` (flash-linear-attention uses 64 too). Any value
 gives the same result up to rounding: it trades the (L, L) intra-chunk matrices against the number
@@ -169,7 +171,7 @@ def gated_delta_rule(
         state = initial_state.to(acc)
     steps_M = torch.cat([(-eye).expand(batch, nv_heads, 1, dk, dk), M_minus_I], dim=2)  # (B, HV, 1+c, K, K)
     steps_B = torch.cat([state.unsqueeze(2), B_c], dim=2)  # (B, HV, 1+c, K, V)
-    s_after = _chained_affine_scan(steps_M, steps_B, rounds=_doubling_rounds(seqlen, chunk, max_seqlen))
+    s_after = _chained_affine_scan(steps_M, steps_B, rounds=_doubling_rounds(seqlen, chunk, max_seqlen, "gated_delta_rule"))
     # A gather, not a slice: a matmul reshapes its operand, which on a sliced view makes torch.export guard c != 1.
     s_enter = s_after.index_select(2, torch.arange(nchunks, device=q.device))  # (B, HV, c, K, V) entering each chunk
     state = s_after[:, :, -1]  # (B, HV, K, V) after the last
@@ -304,23 +306,6 @@ def _chained_affine_scan(M_minus_I: Tensor, B: Tensor, rounds: int) -> Tensor:
     return B
 
 
-def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None) -> int:
-    """Rounds of `_chained_affine_scan` for the 1 + ceil(T / L) steps of a sequence of T positions.
-
-    A concrete T needs ceil(log2(steps)). A symbolic T (torch.export with a dynamic sequence length)
-    takes the rounds of the bound max_seqlen, and T <= max_seqlen becomes a check of the graph.
-    """
-    if not isinstance(seqlen, int):
-        if max_seqlen is None:
-            raise ValueError(
-                "gated_delta_rule needs max_seqlen when the sequence length is symbolic (torch.export with a "
-                "dynamic sequence length): the number of doubling rounds across chunks is fixed by it"
-            )
-        torch._check(seqlen <= max_seqlen, lambda: f"sequence length {seqlen} exceeds max_seqlen={max_seqlen}")
-        seqlen = max_seqlen
-    steps = 1 + -(-seqlen // chunk)
-    return (steps - 1).bit_length()
-
 
 def _prefix_sum(a: Tensor) -> Tensor:
     """prefix[..., t] = Σ_{i≤t} a[..., i], in float64, as a matmul with the upper-triangular ones matrix.
@@ -353,28 +338,7 @@ def _per_value_head(x: Tensor, nv_heads: int) -> Tensor:
     return x.repeat_interleave(nv_heads // x.shape[2], dim=2)
 
 
-def _pad_time(t: Tensor, length: int) -> Tensor:
-    """t (B, T, ...) -> (B, length, ...) for length >= T: the first T positions are t, the rest 0.
 
-    A gather and a mask rather than F.pad, whose size arithmetic under torch.export with a symbolic
-    T leaves guards the shape solver cannot discharge (the same helper as ssm.py's, kept here so that
-    this file stands alone).
-    """
-    seqlen = t.shape[1]
-    index = torch.arange(length, device=t.device)  # (length,)
-    rows = t.index_select(1, index.clamp(max=seqlen - 1))  # (B, length, ...)
-    inside = (index < seqlen).view(1, length, *[1] * (t.dim() - 2))
-    return torch.where(inside, rows, 0.0)
-
-
-def _unpad_time(t: Tensor, seqlen: int) -> Tensor:
-    """The first `seqlen` positions of t (B, length, ...) along dim 1 (a gather, as `_pad_time`)."""
-    return t.index_select(1, torch.arange(seqlen, device=t.device))
-
-
-def _acc_dtype(*tensors: Tensor) -> torch.dtype:
-    """float32, or float64 when an input is float64 (decided in Python, not as a graph node)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_shapes(

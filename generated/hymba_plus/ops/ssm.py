@@ -173,7 +173,7 @@ def selective_scan(
     state = u.new_zeros(batch, dim, dstate, dtype=acc) if initial_state is None else initial_state.to(acc)
     steps_decay = F.pad(decay_in[:, :, -1], (0, 0, 0, 0, 1, 0), value=0.0)  # (B, 1+c, D, N), step 0 forgets
     steps_inp = torch.cat([state.unsqueeze(1), h_in[:, :, -1]], dim=1)  # (B, 1+c, D, N), step 0 sets the state
-    _, h_after = _affine_scan(steps_decay, steps_inp, dim=1, rounds=_doubling_rounds(seqlen, chunk, max_seqlen))
+    _, h_after = _affine_scan(steps_decay, steps_inp, dim=1, rounds=_doubling_rounds(seqlen, chunk, max_seqlen, "selective_scan"))
     h_enter, state = h_after[:, :-1], h_after[:, -1]  # (B, c, D, N) entering each chunk, (B, D, N) final
 
     # 3. Every state, then the output (padded positions are dropped last).
@@ -301,8 +301,9 @@ def _affine_scan(decay: Tensor, inp: Tensor, dim: int, rounds: int) -> tuple[Ten
     return decay, inp
 
 
-def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None) -> int:
-    """Rounds of `_affine_scan` across chunks for the 1 + ceil(T / L) steps of a sequence of T positions.
+def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None, op: str) -> int:
+    """Rounds of a doubling scan across chunks (`_affine_scan` here, gated_delta.py's `_chained_affine_scan`) for the
+    1 + ceil(T / L) steps of a sequence of T positions; `op` names the caller in the error.
 
     A concrete T needs ceil(log2(steps)). A symbolic T (torch.export with a dynamic sequence length)
     takes the rounds of the bound max_seqlen, and T <= max_seqlen becomes a check of the graph.
@@ -310,7 +311,7 @@ def _doubling_rounds(seqlen: int, chunk: int, max_seqlen: int | None) -> int:
     if not isinstance(seqlen, int):
         if max_seqlen is None:
             raise ValueError(
-                "selective_scan needs max_seqlen when the sequence length is symbolic (torch.export with a "
+                f"{op} needs max_seqlen when the sequence length is symbolic (torch.export with a "
                 "dynamic sequence length): the number of doubling rounds across chunks is fixed by it"
             )
         torch._check(seqlen <= max_seqlen, lambda: f"sequence length {seqlen} exceeds max_seqlen={max_seqlen}")
