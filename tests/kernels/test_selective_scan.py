@@ -103,6 +103,7 @@ CASES = [
     pytest.param(2, 7, 6, 5, 4, 4, ("initial_state",), id="B2-T7-D6-N5-L4-BD4-h0"),  # N padded to 8
     pytest.param(1, 1, 4, 4, 4, 4, OPTIONAL, id="B1-T1-D4-N4-L4-BD4-all"),  # one position
     pytest.param(1, 37, 5, 4, ss.CHUNK_SIZE, 4, OPTIONAL, id=f"B1-T37-D5-N4-L{ss.CHUNK_SIZE}-BD4-all"),  # default chunk
+    pytest.param(1, 37, 5, 4, 4, 4, OPTIONAL, id="B1-T37-D5-N4-L4-BD4-all"),  # several chunks in each forward tile
 ]
 
 
@@ -134,7 +135,7 @@ def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, w
     check_against_reference(args, chunk, FLOAT32_TOL)
 
 
-@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6]])
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[6], CASES[7]])
 def test_backward_holding_two_steps_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, block_d):
     """The backward holding 2 steps' states at once (SUB 2, its config on the H200)."""
     block_d(width, sub=2)
@@ -399,14 +400,16 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
     assert ss.tuned_configs() == {"forward": {key: {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}},
                                   "backward": {key: {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}}}
-    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+    assert len(ss.FORWARD_TUNER.timings[key]) == len(ss.FORWARD_CONFIGS)
+    assert len(ss.BACKWARD_TUNER.timings[key]) == len(ss.BACKWARD_CONFIGS)
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
         assert_close(grads[name], grads_ref[name], FLOAT32_TOL, f"d{name}")
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == 2 and len(ss.BACKWARD_TUNER.timings[key]) == 2
+    assert len(ss.FORWARD_TUNER.timings[key]) == len(ss.FORWARD_CONFIGS)
+    assert len(ss.BACKWARD_TUNER.timings[key]) == len(ss.BACKWARD_CONFIGS)
 
 
 def test_backward_untuned_without_runtime_tuning(monkeypatch):
