@@ -7,16 +7,18 @@
   2. backward_configs: every backward config of the autotune space, launched explicitly, against the reference (bf16,
      at the anchor's specialisations, so nothing compiles twice): each candidate's gradients checked, not only the
      tuner's pick; then every forward config's y and final state.
-  3. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
+  3. chunk_sizes: the checkpoint interval (chunk_size 16, 8, 4) at the anchor shape: forward (with checkpoints) and
+     forward+backward of each, tuned per chunk; fewer steps recomputed by the backward against more checkpoint bytes.
+  4. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
      realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
      in float32; max abs and max relative (to the reference's largest magnitude) errors, and a verdict per tensor.
-  4. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
+  5. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
      specs/*.yaml; N = d_state = 16) plus the anchor's, bf16; the winning configs and the autotuner's timings.
-  5. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
+  6. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
      Mamba block has it): forward (inference, and training with checkpoints) and forward+backward, each against its
      floor — the bytes it must move (u, Δ, z, B, C read and y written; the backward's inputs and gradients) over
      the device copy bandwidth measured here (a 2 GiB copy_); every autotune config's time.
-  6. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
+  7. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
      L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
 
 Every section records its own error and the run goes on; the JSON is rewritten after each section, so a run cut
@@ -337,6 +339,43 @@ class Bench:
                     "special-function units bound too (16 per clock per SM on H100)",
         }
 
+    def chunk_sizes(self) -> dict:
+        """The checkpoint interval (chunk_size) at the anchor shape: the backward recomputes each piece's states from
+        the chunk's checkpoint, so shorter chunks recompute fewer steps and move more checkpoint bytes (4·N/chunk per
+        element of u, written by the forward and read by the backward). Forward (training, with checkpoints) and
+        forward+backward for each, tuned per chunk (the tuners' keys hold it), with every config's time."""
+        torch = self.torch
+        ss = self.ss
+        batch, seqlen, dim, dstate = (1, 40, 8, 4) if self.dry_run else (8, 4096, 4096, 16)
+        args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=4)
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
+        grad_y = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
+        report = {"shape": [batch, seqlen, dim, dstate], "dtype": "bfloat16", "default_chunk_size": ss.CHUNK_SIZE,
+                  "chunks": {}}
+        for chunk in (16, 8, 4):
+
+            def forward_backward(chunk=chunk):
+                ss.selective_scan(**leaves, chunk_size=chunk)[0].backward(grad_y)
+
+            forward_backward()  # tunes both kernels for this chunk
+            key = ss.shape_key(dim, dstate, chunk, torch.bfloat16)
+            report["chunks"][chunk] = {
+                "forward_training_ms": self.time_ms(lambda chunk=chunk: ss.selective_scan(**leaves, chunk_size=chunk)),
+                "forward_backward_ms": self.time_ms(forward_backward, grad_to_none=list(leaves.values())),
+                "checkpoint_bytes": 4 * batch * -(-seqlen // chunk) * dim * dstate,
+                "tuner_timings_ms": {kernel: tuner.timings.get(key) for kernel, tuner in
+                                     (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
+                "configs": {kernel: tuner.chosen.get(key) for kernel, tuner in
+                            (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
+            }
+            self.results["chunk_sizes"] = dict(report, partial=f"chunk {chunk} done")
+            self.write()
+        fastest = min(report["chunks"], key=lambda c: report["chunks"][c]["forward_backward_ms"])
+        report["fastest_chunk_size"] = fastest
+        report["speedup_fastest_over_default"] = (report["chunks"][ss.CHUNK_SIZE]["forward_backward_ms"]
+                                                  / report["chunks"][fastest]["forward_backward_ms"])
+        return report
+
     def reference_path(self) -> dict:
         torch = self.torch
         ss, ssm = self.ss, self.ssm
@@ -533,7 +572,8 @@ def _tuner_report(tuner, key: str) -> dict:
     return {"best": tuner.chosen.get(key), "timings_ms": tuner.timings.get(key, {})}
 
 
-SECTIONS = {"mamba_ssm": 10, "backward_configs": 20, "correctness": 30, "autotune": 60, "anchor": 20, "reference_path": 20}
+SECTIONS = {"mamba_ssm": 10, "backward_configs": 20, "chunk_sizes": 30, "correctness": 30, "autotune": 60, "anchor": 20,
+            "reference_path": 20}
 """The sections after the copy bandwidth, in order, with the seconds each needs to be worth starting. The peer comes
 first: it is the bar, and a budget spent on tuning must not skip it (session 6's first call lost it that way)."""
 
