@@ -15,20 +15,23 @@ recurrence and every accumulation run in float32, y comes back in u's dtype and 
 Why a kernel: the reference materialises (B, T, D, N) tensors (decays, inputs, states) and keeps them for autograd;
 at batch 8, T = D = 4096, N = 16 that is 8 GiB per tensor in float32. Here the states never reach memory.
 
-How the forward works. The grid is (batch, blocks of BLOCK_D channels). A program walks its sequence in chunks of
-CHUNK time steps. Per chunk it loads (CHUNK, BLOCK_D) tiles of u, delta, z and (CHUNK, N) tiles of B, C, forms the
-(CHUNK, BLOCK_D, N) decays a_t = exp(Δ_t A) and inputs x_t = Δ_t u_t B_t, and turns them into the chunk's states
-with a log-depth `tl.associative_scan` along time over (decay, input) pairs — composing two steps h ↦ a·h + x
-multiplies decays in [0, 1], so it is stable for any Δ·A — then adds the state carried in from the previous chunk
-times the decay since the chunk start. y contracts the states with C. Loading whole tiles rather than one time
-step at a time keeps many loads in flight, which a step-by-step loop (one dependent load per step) cannot; PREFETCH
-goes further, loading the next chunk's tiles before this chunk's arithmetic. (H200, bench/kernels.py, B 8, L 4096,
-D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms without — the loop was bound by load latency —
-against 2.29 ms for mamba_ssm's CUDA selective_scan_fn in the same run.)
+How the forward works. The grid is (batch, blocks of BLOCK_D channels). A program walks its sequence in tiles of
+TILE time steps (FORWARD_TILE, or the chunk if longer). Per tile it loads (TILE, BLOCK_D) tiles of u, delta, z and
+(TILE, N) tiles of B, C, forms the (TILE, BLOCK_D, N) decays a_t = exp(Δ_t A) and inputs x_t = Δ_t u_t B_t, and
+turns them into the tile's states with a log-depth `tl.associative_scan` along time over (decay, input) pairs —
+composing two steps h ↦ a·h + x multiplies decays in [0, 1], so it is stable for any Δ·A — then adds the state
+carried in from the previous tile times the decay since the tile start. y contracts the states with C. Loading
+whole tiles rather than one time step at a time keeps many loads in flight, which a step-by-step loop (one
+dependent load per step) cannot; PREFETCH goes further, loading the next tile's inputs before this tile's
+arithmetic. (H200, bench/kernels.py, B 8, L 4096, D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms
+without — the loop was bound by load latency — against 2.29 ms for mamba_ssm's CUDA selective_scan_fn in the same
+run.)
 
-Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk,
-h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of u, so at
-N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). Inference skips it.
+Checkpoints, for the backward. When gradients are needed the forward also writes the state entering every chunk
+of CHUNK steps, h_{c·CHUNK - 1}, into a float32 buffer (B, ceil(T / CHUNK), D, N): 4·N/CHUNK bytes per element of
+u, so at N = CHUNK = 16 as many bytes as u in float32 (twice a bfloat16 u). A tile holds TILE / CHUNK chunks: the
+state entering the tile is the first checkpoint, the others are rows of the tile's states, written with one masked
+store. Inference skips it.
 
 How the backward works. With ȳ_t = h_t C_t + D u_t the output before the gate and dȳ_t = dy_t ⊙ silu(z_t) its
 gradient (dȳ_t = dy_t without z), the adjoint runs backwards in time:
@@ -87,19 +90,24 @@ from .triton_support import (
 )
 
 CHUNK_SIZE = 16
-"""Time steps per chunk (a power of two): the forward unrolls a chunk and checkpoints the state entering it; larger
-chunks halve the checkpoint bytes but make the backward recompute more steps (see the module docstring)."""
+"""Time steps per chunk (a power of two): the forward checkpoints the state entering every chunk, and the backward
+recomputes a chunk's states from its checkpoint; longer chunks take fewer checkpoint bytes but make the backward
+recompute more steps (see the module docstring)."""
+FORWARD_TILE = 16
+"""Time steps the forward scans at once (a power of two), or the chunk if that is longer: a tile holds whole chunks."""
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is the hardware instruction
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
-# Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold CHUNK · BLOCK_D · N float32
+# Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold TILE · BLOCK_D · N float32
 # values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
 # (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. The backward puts one
 # channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
-# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its two best on the H200.
+# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its two best on the H200 at
+# chunk 16, and SUB 4, which recomputes nothing at chunk 4.
 FORWARD_CONFIGS = [{"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}, {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}]
-BACKWARD_CONFIGS = [{"BLOCK_D": 32, "num_warps": 1, "SUB": 2}, {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}]
+BACKWARD_CONFIGS = [{"BLOCK_D": 32, "num_warps": 1, "SUB": 2}, {"BLOCK_D": 32, "num_warps": 1, "SUB": 4},
+                    {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}
 BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
@@ -241,21 +249,22 @@ def _selective_scan_fwd_kernel(
     y_ptr, y_stride_b, y_stride_t, y_stride_d,
     final_ptr, final_stride_b, final_stride_d, final_stride_n,
     ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
-    seqlen, n_chunks, dim, dstate,
+    seqlen, n_tiles, dim, dstate,
     HAS_D: tl.constexpr,  # add D ⊙ u
     HAS_Z: tl.constexpr,  # gate with silu(z)
     HAS_DELTA_BIAS: tl.constexpr,  # add delta_bias before the softplus
     HAS_INITIAL_STATE: tl.constexpr,  # start from init (else zeros)
     DELTA_SOFTPLUS: tl.constexpr,  # Δ = softplus(delta + bias), else delta + bias
     SAVE_CHECKPOINTS: tl.constexpr,  # write the state entering every chunk (for the backward)
-    PREFETCH: tl.constexpr,  # load the next chunk's inputs before this chunk's arithmetic
-    CHUNK: tl.constexpr,  # time steps per tile
+    PREFETCH: tl.constexpr,  # load the next tile's inputs before this tile's arithmetic
+    TILE: tl.constexpr,  # time steps per tile
+    CHUNK: tl.constexpr,  # time steps per checkpoint (divides TILE): the backward recomputes from these
     BLOCK_N: tl.constexpr,  # dstate rounded up to a power of two
     BLOCK_D: tl.constexpr,  # channels per program
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = tl.arange(0, CHUNK)
+    rows = tl.arange(0, TILE)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
@@ -287,15 +296,16 @@ def _selective_scan_fwd_kernel(
             C_ptr, C_stride_b, C_stride_t, C_stride_n,
             z_ptr, z_stride_b, z_stride_t, z_stride_d, HAS_Z
         )
-    for chunk in range(n_chunks):
-        t0 = chunk * CHUNK
-        if SAVE_CHECKPOINTS:
-            ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
-            tl.store(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
+    if SAVE_CHECKPOINTS:
+        ckpt_offs = _channel_state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, d_offs, n_offs)
+    for tile in range(n_tiles):
+        t0 = tile * TILE
+        if SAVE_CHECKPOINTS:  # the state entering the tile, which is the state entering its first chunk
+            tl.store(ckpt_ptr + tl.cast(t0 // CHUNK, tl.int64) * ckpt_stride_c + ckpt_offs, state, mask=dn_in)
         if PREFETCH:
             u, dt, B, C, z = u_next, dt_next, B_next, C_next, z_next
             u_next, dt_next, B_next, C_next, z_next = _chunk_inputs(
-                t0 + CHUNK, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
+                t0 + TILE, pid_b, rows, d_offs, n_offs, d_in, n_in, seqlen,
                 u_ptr, u_stride_b, u_stride_t, u_stride_d,
                 delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                 B_ptr, B_stride_b, B_stride_t, B_stride_n,
@@ -318,17 +328,26 @@ def _selective_scan_fwd_kernel(
             dt = softplus(dt)
         dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
 
-        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (CHUNK, BLOCK_D, BLOCK_N), in [0, 1]
+        decay = tl.exp2(dt[:, :, None] * A_log2[None, :, :])  # (TILE, BLOCK_D, BLOCK_N), in [0, 1]
         inp = (dt * u)[:, :, None] * B[:, None, :]
         states = _chunk_states(decay, inp, state)
-        y = tl.sum(states * C[:, None, :], axis=2)  # (CHUNK, BLOCK_D)
+        y = tl.sum(states * C[:, None, :], axis=2)  # (TILE, BLOCK_D)
         if HAS_D:
             y += skip[None, :] * u
         if HAS_Z:
             y *= z * tl.sigmoid(z)
         tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
                  y.to(y_ptr.dtype.element_ty), mask=td_in)
-        state = _row(states, rows, CHUNK - 1)  # padded steps keep the state, so the last row is h_{T-1} at the end
+        if SAVE_CHECKPOINTS:
+            if CHUNK < TILE:
+                # The states entering the tile's later chunks, those after rows CHUNK - 1, 2·CHUNK - 1, …: one
+                # masked store of the whole tile, which needs no row taken out of it.
+                entered = t0 + rows + 1
+                later = ((entered % CHUNK) == 0) & (rows < TILE - 1) & (entered < seqlen)
+                later_offs = (tl.cast(entered // CHUNK, tl.int64)[:, None, None] * ckpt_stride_c
+                              + ckpt_offs[None, :, :])
+                tl.store(ckpt_ptr + later_offs, states, mask=later[:, None, None] & dn_in[None, :, :])
+        state = _row(states, rows, TILE - 1)  # padded steps keep the state, so the last row is h_{T-1} at the end
 
     final_offs = _channel_state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, d_offs, n_offs)
     tl.store(final_ptr + final_offs, state, mask=dn_in)
@@ -411,11 +430,13 @@ def _selective_scan_bwd_kernel(
             state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
             state = state.to(tl.float32)
             # Unrolled SUB times (the trip count is a multiple of SUB), so that several steps' loads are in flight.
-            for t in tl.range(chunk * CHUNK, t_piece, loop_unroll_factor=SUB):
-                state = _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
-                                      u_ptr, u_stride_b, u_stride_t, u_stride_d,
-                                      delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
-                                      B_ptr, B_stride_b, B_stride_t, B_stride_n, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            # (A chunk of one piece has nothing to recompute, and Triton cannot unroll a loop that never runs.)
+            if SUB < CHUNK:
+                for t in tl.range(chunk * CHUNK, t_piece, loop_unroll_factor=SUB):
+                    state = _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
+                                          u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                                          delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                                          B_ptr, B_stride_b, B_stride_t, B_stride_n, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
             states = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=tl.float32)
             for i in tl.static_range(SUB):
                 state = _forward_step(state, t_piece + i, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
@@ -579,6 +600,7 @@ def selective_scan_forward(
     y = torch.empty((batch, seqlen, dim), dtype=u.dtype, device=u.device)
     final_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     n_chunks = triton.cdiv(seqlen, chunk_size) if save_checkpoints else 0
+    tile = max(chunk_size, FORWARD_TILE)
     checkpoints = torch.empty((batch, n_chunks, dim, dstate), dtype=torch.float32, device=u.device)
     if batch == 0 or dim == 0 or dstate == 0:
         return y, final_state, checkpoints
@@ -590,12 +612,12 @@ def selective_scan_forward(
         *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
         *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(initial_state, 3),
         *strided(y, 3), *strided(final_state, 3), *strided(checkpoints if save_checkpoints else None, 4),
-        seqlen, triton.cdiv(seqlen, chunk_size), dim, dstate,
+        seqlen, triton.cdiv(seqlen, tile), dim, dstate,
     )
     constexprs = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
-        SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
+        SAVE_CHECKPOINTS=save_checkpoints, TILE=tile, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
     )
 
     def launch(cfg):
