@@ -21,6 +21,10 @@
   7. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
      L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
 
+With --ncu, after the sections: Nsight Compute (bench/ncu.py) on one forward (with checkpoints) and one backward
+launch at the anchor shape for each chunk size of NCU_CHUNK_SIZES, tuned first in the child: time, DRAM bytes,
+occupancy, registers, instructions and the stall reasons per launch in the JSON, ncu's tables in ncu/scan.ncu.txt.
+
 Every section records its own error and the run goes on; the JSON is rewritten after each section, so a run cut
 short keeps what it measured. The sections stop starting once --budget-s seconds have passed (default 330: the run
 must end within 6 minutes on an H100).
@@ -30,6 +34,7 @@ The peer's build takes minutes; start it in the background first (it fills torch
 mamba_ssm section waits for it): python bench/kernels.py --build-peer --out /tmp/peer_build.json &
                                  python bench/kernels.py --only mamba_ssm,anchor --out $OUT
 archgen's kernel alone at the anchor shape:     python bench/kernels.py --only anchor --out $OUT
+Chunk sizes, then Nsight Compute's view:        python bench/kernels.py --only chunk_sizes --ncu --out $OUT
 Exercise the code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless):
                                                 python bench/kernels.py --dry-run --out /tmp/k.json
 """
@@ -47,8 +52,15 @@ import time
 import traceback
 from pathlib import Path
 
+import ncu  # bench/ncu.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yaml")
+NCU_CHUNK_SIZES = (16, 4)
+"""The chunk sizes whose forward and backward launches ncu profiles: the default and the shortest measured."""
+NCU_NEEDS_S = 90
+"""What the ncu section needs: a child process that compiles and tunes both kernels per chunk size, then ncu
+replaying each of the four launches once per section."""
 
 
 def load_module(name: str, relative_path: str):
@@ -376,6 +388,15 @@ class Bench:
                                                   / report["chunks"][fastest]["forward_backward_ms"])
         return report
 
+    def ncu(self) -> dict:
+        """Nsight Compute on the kernels' launches of `ncu_scan`; a dry run only runs that workload."""
+        if self.dry_run:
+            return {"variants": ncu_scan(self.device)}
+        record = ncu.profile(Path(__file__), "scan", "_selective_scan_", self.out.parent / "ncu",
+                             timeout_s=max(self.budget_s - self.elapsed(), NCU_NEEDS_S))
+        record["summary"] = ncu.summary_lines(record)
+        return record
+
     def reference_path(self) -> dict:
         torch = self.torch
         ss, ssm = self.ss, self.ssm
@@ -547,6 +568,42 @@ def build_peer(out: Path) -> None:
     print(json.dumps(result)[:400], flush=True)
 
 
+def ncu_scan(device: str) -> list[list]:
+    """The launches ncu profiles at the anchor shape (tiny in a dry run), for each chunk of NCU_CHUNK_SIZES: one
+    training step first (it compiles and tunes both kernels), then one forward with checkpoints and one backward,
+    each with the tuned config. [label, launches] in launch order (bench/ncu.py)."""
+    import torch
+
+    from archgen.resources import kernels_package
+
+    kernels_package()
+    from archgen_kernels import selective_scan as ss
+
+    batch, seqlen, dim, dstate = (1, 40, 8, 4) if device == "cpu" else (8, 4096, 4096, 16)
+    g = torch.Generator(device=device).manual_seed(4)
+
+    def randn(*shape, scale=1.0, mean=0.0, dtype=torch.bfloat16):
+        return (torch.randn(*shape, generator=g, device=device) * scale + mean).to(dtype)
+
+    u, z, dy = randn(batch, seqlen, dim), randn(batch, seqlen, dim), randn(batch, seqlen, dim)
+    delta = randn(batch, seqlen, dim, scale=0.5, mean=-1.0)
+    B, C = randn(batch, seqlen, dstate), randn(batch, seqlen, dstate)
+    A = -torch.exp(torch.rand(dim, dstate, generator=g, device=device) * 2.772588722239781)
+    D, delta_bias = randn(dim, dtype=torch.float32), randn(dim, scale=0.5, dtype=torch.float32)
+    inputs = (u, delta, A, B, C, D, z, delta_bias, True, None)
+    variants = []
+    for chunk in NCU_CHUNK_SIZES:
+        _, _, checkpoints = ss.selective_scan_forward(*inputs, save_checkpoints=True, chunk_size=chunk)
+        ss.selective_scan_backward(dy, None, *inputs, checkpoints, chunk_size=chunk)  # both tuned now
+        key = ss.shape_key(dim, dstate, chunk, u.dtype)
+        with ncu.profiled(device):
+            _, _, checkpoints = ss.selective_scan_forward(*inputs, save_checkpoints=True, chunk_size=chunk)
+            ss.selective_scan_backward(dy, None, *inputs, checkpoints, chunk_size=chunk)
+        variants += [[f"forward chunk {chunk} {ss.FORWARD_TUNER.chosen.get(key)}", 1],
+                     [f"backward chunk {chunk} {ss.BACKWARD_TUNER.chosen.get(key)}", 1]]
+    return variants
+
+
 def _forward_backward(fn, args, grad_y, grad_state) -> dict:
     """fn(**args) -> (y, final_state); the backward of Σ y·grad_y + Σ final·grad_state; every result in float32."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items()}
@@ -588,7 +645,13 @@ def main() -> None:
     parser.add_argument("--build-peer", action="store_true",
                         help="only build mamba_ssm's CUDA extension from .whl/ (minutes, CPU) into torch's extension "
                              "cache, where a later run's mamba_ssm section finds it: start it in the background early")
+    parser.add_argument("--ncu", action="store_true", help="then profile the kernels with Nsight Compute (bench/ncu.py)")
+    parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     args = parser.parse_args()
+    if args.ncu_child:
+        sys.path.insert(0, str(ROOT))
+        ncu.child_main({"scan": ncu_scan}, args.ncu_child, args.out)
+        return
     if args.out is None:
         raise SystemExit("pass --out (a .json file or a folder), or set $OUT")
     if args.out.suffix != ".json":
@@ -625,6 +688,8 @@ def main() -> None:
     for name, needs_s in SECTIONS.items():
         if name in only:
             bench.section(name, getattr(bench, name), needs_s=needs_s)
+    if args.ncu:
+        bench.section("ncu", bench.ncu, needs_s=0 if args.dry_run else NCU_NEEDS_S)
     bench.results["tuned_configs"] = bench.ss.tuned_configs()
     from archgen_kernels import triton_support
 
