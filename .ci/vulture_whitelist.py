@@ -41,6 +41,7 @@ _.expert_group
 _.predictor
 # bench/kernels.py runs its sections by name (SECTIONS -> getattr(bench, name)).
 _.backward_configs
+_.chunk_sizes
 _.correctness
 _.autotune
 _.anchor
