@@ -556,11 +556,8 @@ BACKWARD_DKDV_TUNER = Autotuner("packed_query_attention.backward_dkdv", BACKWARD
 
 
 def _launch_params(cfg: dict) -> dict:
-    params = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
-              "num_stages": cfg["num_stages"]}
-    if cfg.get("maxnreg") and not interpreting():  # a ptxas option: the interpreter has no registers to cap
-        params["maxnreg"] = cfg["maxnreg"]
-    return params
+    return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
+            "num_stages": cfg["num_stages"], "maxnreg": cfg.get("maxnreg")}  # the interpreter ignores the cap
 
 
 def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -> dict:
