@@ -1,6 +1,6 @@
-"""The output layer of a vocabulary that is not a multiple of 64 (Hymba+'s 32001): in training its product runs on
-the weight padded with zero rows (LMHead), which changes neither the logits nor any gradient; an aligned vocabulary
-has no such class."""
+"""The output layer of a vocabulary that is not a multiple of 64 (Hymba+'s 32001): over a sequence (training, prefill)
+its product runs on the weight padded with zero rows (LMHead), which changes neither the logits nor any gradient; an
+aligned vocabulary has no such class."""
 
 from pathlib import Path
 
@@ -27,8 +27,9 @@ def test_a_padded_output_product_gives_nn_linears_logits_and_gradients(build):
     expected_x_grad, expected_weight_grad = torch.autograd.grad(expected, (x, model.embed.weight), grad)
     assert_close(x_grad, expected_x_grad, 1e-6, "input gradient")
     assert_close(weight_grad, expected_weight_grad, 1e-6, "weight gradient")
-    with torch.no_grad():
+    with torch.no_grad():  # prefill: the padded product; a decoding step's one position: the weight as it is
         assert_close(model.lm_head(x), expected, 1e-6, "logits without autograd")
+        assert_close(model.lm_head(x[:, -1:]), expected[:, -1:], 1e-6, "one position's logits")
     tokens = torch.randint(0, 250, (2, 9))
     model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()  # the training forward through the padded product
     assert model.embed.weight.grad.shape == (250, 64)
