@@ -95,14 +95,15 @@ class DecodeLinear(nn.Linear):
 
 
 class LMHead(DecodeLinear):
-    """nn.Linear whose product, with autograd on (training), runs on the weight padded with zero rows to 32064; the
+    """nn.Linear whose product over a sequence (training, prefill) runs on the weight padded with zero rows to 32064; the
     logits of those rows are cut off. A row of 32001 bf16 logits is not a multiple of 16 bytes, which cuBLAS's Hopper
     GEMMs need: the forward and both backward products fell back to sm75 kernels (on an H200, 40 ms of Hymba+'s
-    8 × 2048 training step). Without autograd (prefill, decoding) the weight is read as it is, so that a decode step,
-    a GEMV with nothing to gain, does not copy it every token (DecodeLinear's: the GEMV kernel)."""
+    8 × 2048 training step). A decoding step (one position) reads the weight as it is: its GEMV has nothing to gain
+    and would copy the weight every token (DecodeLinear's: the GEMV kernel); so does torch.export, whose prefill graph takes
+    prompts of any length, which a test of the length would pin."""
 
     def forward(self, x):
-        if not torch.is_grad_enabled():
+        if torch.compiler.is_exporting() or x.size(-2) == 1:
             return super().forward(x)
         padded = F.pad(self.weight, (0, 0, 0, 63))  # (32064, 1600)
         return F.linear(x, padded)[..., :32001]
