@@ -152,6 +152,21 @@ def _operand(value, dot_ty: tl.constexpr):
 
 
 @triton.jit
+def _wide_operand(value, dot_ty: tl.constexpr):
+    """value as a float32 tl.dot operand where dot_ty would round it to a half type: the tensor cores then read it as
+    tf32 (10 mantissa bits to bfloat16's 7; DOT_PRECISION is "tf32" for half inputs), which the interpreter, whose
+    dots are float32, emulates by rounding the low 13 bits away. For float32 inputs, `_operand`."""
+    if dot_ty == tl.float32:
+        operand = value
+    elif _EMULATE_HALF_DOT:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        operand = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    else:
+        operand = value.to(tl.float32)
+    return operand
+
+
+@triton.jit
 def _dt_cumsum_kernel(
     dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
     A_ptr, bias_ptr,
@@ -456,7 +471,12 @@ def _dx_bwd_kernel(
     cb_T = tl.load(cb_base + s_loc[:, None] + s_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
     causal = s_loc[None, :] >= s_loc[:, None]
     decay = tl.exp(tl.where(causal, cum_s[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-    inner = tl.dot(_operand(cb_T * decay, dot_ty), _operand(dy_s, dot_ty), inner, input_precision=DOT_PRECISION)
+    # CB ⊙ decay and dy in tf32, not rounded to bf16: dΔ_s's direct part x_s·inner_s nearly cancels the log-decay
+    # part (pairs of the same CB ⊙ decay kept in float32 in _dcb_bwd_kernel), and bf16 operands here left d dt_bias
+    # 8e-3 from float64 where the float32 reference on the same bf16 inputs is at 6e-7 (Bamba-1B's dt_bias gradients
+    # were the kernels' only ones farther from a float32 model than the bf16 references, GPU call 1 of session 7).
+    inner = tl.dot(_wide_operand(cb_T * decay, dot_ty), _wide_operand(dy_s, dot_ty), inner,
+                   input_precision=DOT_PRECISION)
     cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
     decay_s = tl.exp(cum_r - cum_s)
     for tb in range(sb + 1, n_blocks):
@@ -467,7 +487,7 @@ def _dx_bwd_kernel(
                        mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
         cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)
         dy_w = dy_t.to(tl.float32) * tl.exp(cum_t - cum_r)[:, None]
-        inner = tl.dot(_operand(cb_T * decay_s[:, None], dot_ty), _operand(dy_w, dot_ty), inner,
+        inner = tl.dot(_wide_operand(cb_T * decay_s[:, None], dot_ty), _wide_operand(dy_w, dot_ty), inner,
                        input_precision=DOT_PRECISION)
 
     x_f = x_s.to(tl.float32)

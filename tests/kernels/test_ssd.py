@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
@@ -108,6 +109,34 @@ def test_length_one_without_optional_inputs():
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_matches_reference_half(dtype):
     check(make_inputs(2, 45, 3, 8, 1, 5, dtype=dtype, seed=5), 32, dtype)
+
+
+def test_bfloat16_dt_bias_gradient_where_its_parts_cancel():
+    """A Mamba-2 block's dt_bias gradient, Σ_t dΔ_t σ(dt_t + dt_bias), sums a dΔ whose direct part (x_s · inner_s)
+    nearly cancels its log-decay part: the dx kernel's CB ⊙ decay product with dy must not round to bf16 (it did, and
+    d dt_bias was 1.6e-2 from float64 here and Bamba-1B's the one gradient farther from a float32 model with the
+    kernels than with the bf16 references). Bamba's initialisation (Δ log-uniform in [1e-3, 0.1], A in [-16, -1]),
+    x, B, C and dy in bf16, softplus in float32 as the block applies it; one chunk of 64."""
+    g = torch.Generator().manual_seed(0)
+    batch, seqlen, nheads, headdim, dstate = 1, 64, 4, 32, 16
+    x = torch.randn(batch, seqlen, nheads, headdim, generator=g).to(DEVICE, torch.bfloat16)
+    B, C = (torch.randn(batch, seqlen, 1, dstate, generator=g).mul(0.3).to(DEVICE, torch.bfloat16) for _ in range(2))
+    step = torch.exp(torch.rand(nheads, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    dt_bias = (step + torch.log(-torch.expm1(-step))).to(DEVICE)  # softplus⁻¹
+    dt = (torch.randn(batch, seqlen, nheads, generator=g) * 0.5).to(DEVICE, torch.bfloat16).float()
+    A = -torch.rand(nheads, generator=g).mul(15).add(1).to(DEVICE)
+    dy = torch.randn(batch, seqlen, nheads, headdim, generator=g).to(DEVICE, torch.bfloat16)
+
+    def dt_bias_gradient(scan, dtype, inputs_dtype):
+        bias = dt_bias.to(dtype).requires_grad_()
+        x_, B_, C_ = (t.to(inputs_dtype) for t in (x, B, C))
+        y, _ = scan(x_, F.softplus(dt.to(dtype) + bias), A.to(dtype), B_, C_, 64, torch.ones(nheads, device=DEVICE))
+        (grad,) = torch.autograd.grad((y.to(dtype) * dy.to(dtype)).sum(), bias)
+        return grad
+
+    truth = dt_bias_gradient(runtime_ssd.ssd_scan, torch.float64, torch.float64)
+    kernel = dt_bias_gradient(ssd.ssd_scan, torch.float32, torch.bfloat16)
+    assert relative_norm_error(kernel, truth) <= 1e-3
 
 
 def test_reference_matches_runtime_ssd_scan():
