@@ -7,7 +7,7 @@
   2. backward_configs: every backward config of the autotune space, launched explicitly, against the reference (bf16,
      at the anchor's specialisations, so nothing compiles twice): each candidate's gradients checked, not only the
      tuner's pick; then every forward config's y and final state.
-  3. chunk_sizes: the checkpoint interval (chunk_size 16, 8, 4) at the anchor shape: forward (with checkpoints) and
+  3. chunk_sizes: the checkpoint interval (chunk_size 16 and 4) at the anchor shape: forward (with checkpoints) and
      forward+backward of each, tuned per chunk; fewer steps recomputed by the backward against more checkpoint bytes.
   4. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
      realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
@@ -22,7 +22,7 @@
      L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
 
 With --ncu, after the sections: Nsight Compute (bench/ncu.py) on one forward (with checkpoints) and one backward
-launch at the anchor shape for each chunk size of NCU_CHUNK_SIZES, tuned first in the child: time, DRAM bytes,
+launch at the anchor shape for each chunk size of CHUNK_SIZES, tuned first in the child: time, DRAM bytes,
 occupancy, registers, instructions and the stall reasons per launch in the JSON, ncu's tables in ncu/scan.ncu.txt.
 
 Every section records its own error and the run goes on; the JSON is rewritten after each section, so a run cut
@@ -56,8 +56,8 @@ import ncu  # bench/ncu.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yaml")
-NCU_CHUNK_SIZES = (16, 4)
-"""The chunk sizes whose forward and backward launches ncu profiles: the default and the shortest measured."""
+CHUNK_SIZES = (16, 4)
+"""The chunk sizes the chunk_sizes section times (each tunes both kernels: a compile per config) and ncu profiles."""
 NCU_NEEDS_S = 90
 """What the ncu section needs: a child process that compiles and tunes both kernels per chunk size, then ncu
 replaying each of the four launches once per section."""
@@ -364,7 +364,7 @@ class Bench:
         grad_y = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
         report = {"shape": [batch, seqlen, dim, dstate], "dtype": "bfloat16", "default_chunk_size": ss.CHUNK_SIZE,
                   "chunks": {}}
-        for chunk in (16, 8, 4):
+        for chunk in CHUNK_SIZES:
 
             def forward_backward(chunk=chunk):
                 ss.selective_scan(**leaves, chunk_size=chunk)[0].backward(grad_y)
@@ -569,7 +569,7 @@ def build_peer(out: Path) -> None:
 
 
 def ncu_scan(device: str) -> list[list]:
-    """The launches ncu profiles at the anchor shape (tiny in a dry run), for each chunk of NCU_CHUNK_SIZES: one
+    """The launches ncu profiles at the anchor shape (tiny in a dry run), for each chunk of CHUNK_SIZES: one
     training step first (it compiles and tunes both kernels), then one forward with checkpoints and one backward,
     each with the tuned config. [label, launches] in launch order (bench/ncu.py)."""
     import torch
@@ -592,7 +592,7 @@ def ncu_scan(device: str) -> list[list]:
     D, delta_bias = randn(dim, dtype=torch.float32), randn(dim, scale=0.5, dtype=torch.float32)
     inputs = (u, delta, A, B, C, D, z, delta_bias, True, None)
     variants = []
-    for chunk in NCU_CHUNK_SIZES:
+    for chunk in CHUNK_SIZES:
         _, _, checkpoints = ss.selective_scan_forward(*inputs, save_checkpoints=True, chunk_size=chunk)
         ss.selective_scan_backward(dy, None, *inputs, checkpoints, chunk_size=chunk)  # both tuned now
         key = ss.shape_key(dim, dstate, chunk, u.dtype)
