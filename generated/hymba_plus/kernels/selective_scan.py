@@ -53,7 +53,10 @@ register tile (its time axis within the lane: writing and reading a row are move
 the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}. The sums over n stay within a lane;
 the sums over channels (dB_t, dC_t) cross lanes, 5 shuffle rounds each. Reductions are deterministic, without
 atomics: dA, dD and d delta_bias summed per lane over time and written per batch row ((B, D, N), (B, D)), dB and dC
-per block of channels ((B, T, blocks, N)); torch sums those. (H200, anchor shape: 19.8 ms, gpu6/call3; mamba_ssm's
+per block of channels ((B, T, blocks, N)); torch sums those. Each step's loads wait behind the previous step's
+stores (they may alias), so with one warp per 32 channels little hides their latency: PREFETCH issues PTX prefetches
+of the next chunk's rows (u, delta, z, dy, B, C, its checkpoint) as a chunk starts, so that its loads find them in
+L1 or L2 rather than DRAM, at no register cost. (H200, anchor shape: 19.8 ms, gpu6/call3; mamba_ssm's
 backward about 9 ms. Two time-parallel backwards, scanning a chunk's adjoints at once with a reverse
 `tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK, BLOCK_D, N) tiles 32-47 ms, on
 (CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
@@ -78,6 +81,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
+    HARDWARE_MATH,
     Autotuner,
     dtype_name,
     interpreting,
@@ -103,13 +107,17 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 # values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
 # (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. The backward puts one
 # channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
-# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its two best on the H200 at
-# chunk 16, and SUB 4, which recomputes nothing at chunk 4.
+# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its best on the H200 at
+# chunk 16 (SUB 2), that one prefetching the next chunk into L1 or L2 (PREFETCH 1, 2), SUB 4 (which recomputes
+# nothing at chunk 4), and 64 channels on 2 warps.
 FORWARD_CONFIGS = [{"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}, {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}]
-BACKWARD_CONFIGS = [{"BLOCK_D": 32, "num_warps": 1, "SUB": 2}, {"BLOCK_D": 32, "num_warps": 1, "SUB": 4},
-                    {"BLOCK_D": 64, "num_warps": 2, "SUB": 2}]
+BACKWARD_CONFIGS = [
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0}, {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 1},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 2}, {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
+    {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 1},
+]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}
-BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2}
+BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
 generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu6/call2 and call3). A config pinned
 without PREFETCH does not prefetch (older tuning tables); one without SUB holds BACKWARD_DEFAULT's."""
@@ -233,6 +241,46 @@ def _chunk_states(decay, inp, entering_state):
 def _row(tile, rows, index):
     """tile[index] of a (CHUNK, ...) register tile, as a masked sum (registers cannot be indexed)."""
     return tl.sum(tl.where(rows[:, None, None] == index, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _prefetch(ptrs, LEVEL: tl.constexpr):
+    """Start moving the cache lines that hold ptrs into L2 (LEVEL 2) or L1 (LEVEL 1), PTX prefetch.global: a later
+    load of them waits for the cache rather than DRAM, and nothing waits for the prefetch. Nothing under the
+    interpreter, which runs no PTX."""
+    if HARDWARE_MATH:
+        if LEVEL == 1:
+            tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        else:
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_chunk(chunk, pid_b, d_offs, d_in, seqlen,
+                    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                    B_ptr, B_stride_b, B_stride_t,
+                    C_ptr, C_stride_b, C_stride_t,
+                    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+                    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+                    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d,
+                    HAS_Z: tl.constexpr, CHUNK: tl.constexpr, LEVEL: tl.constexpr):
+    """Prefetch what the backward reads of one chunk: its rows of u, delta, z, dy, B, C and its checkpoint. Addresses
+    past the sequence or the channels are clamped to the last valid ones (prefetching those is harmless)."""
+    rows = tl.minimum(chunk * CHUNK + tl.arange(0, CHUNK), seqlen - 1)
+    cols = tl.where(d_in, d_offs, 0)
+    _prefetch(u_ptr + _tile_offsets(pid_b, 0, u_stride_b, u_stride_t, u_stride_d, rows, cols), LEVEL)
+    _prefetch(delta_ptr + _tile_offsets(pid_b, 0, delta_stride_b, delta_stride_t, delta_stride_d, rows, cols), LEVEL)
+    _prefetch(dy_ptr + _tile_offsets(pid_b, 0, dy_stride_b, dy_stride_t, dy_stride_d, rows, cols), LEVEL)
+    if HAS_Z:
+        _prefetch(z_ptr + _tile_offsets(pid_b, 0, z_stride_b, z_stride_t, z_stride_d, rows, cols), LEVEL)
+    # A row of B or C (N values, at most 512 bytes at N = 256) begins a line: its first element's address stands for it.
+    _prefetch(B_ptr + tl.cast(pid_b, tl.int64) * B_stride_b + rows * B_stride_t, LEVEL)
+    _prefetch(C_ptr + tl.cast(pid_b, tl.int64) * C_stride_b + rows * C_stride_t, LEVEL)
+    _prefetch(ckpt_ptr + tl.cast(pid_b, tl.int64) * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
+              + cols * ckpt_stride_d, LEVEL)
 
 
 @triton.jit
@@ -388,6 +436,7 @@ def _selective_scan_bwd_kernel(
     HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
     SUB: tl.constexpr,  # steps whose states are held at once (divides CHUNK)
+    PREFETCH: tl.constexpr,  # prefetch the next chunk's inputs while this one runs: 0 no, 1 into L1, 2 into L2
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
 ):
@@ -421,6 +470,13 @@ def _selective_scan_bwd_kernel(
     ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
     for step in range(n_chunks):
         chunk = n_chunks - 1 - step
+        if PREFETCH:  # the chunk after this one in the loop (before it in time) starts moving into the cache
+            _prefetch_chunk(tl.maximum(chunk - 1, 0), pid_b, d_offs, d_in, seqlen,
+                            u_ptr, u_stride_b, u_stride_t, u_stride_d,
+                            delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+                            B_ptr, B_stride_b, B_stride_t, C_ptr, C_stride_b, C_stride_t,
+                            z_ptr, z_stride_b, z_stride_t, z_stride_d, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+                            ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, HAS_Z, CHUNK, PREFETCH)
         # The chunk's pieces of SUB steps, last first. For each, the forward runs again from the chunk's checkpoint
         # to the piece's end, holding the piece's SUB states (in registers: the time axis lies within each lane),
         # then the adjoint runs back over the piece. Recomputing the steps before the piece costs exp2s (on
@@ -695,8 +751,8 @@ def selective_scan_backward(
         _selective_scan_bwd_kernel[(batch, blocks)](
             *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
             *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
-            **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
+            **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
         return dB_part, dC_part
 
