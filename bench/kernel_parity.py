@@ -29,6 +29,12 @@ and 0.0144 -> 0.0140).
 `pass` is per check and overall.
 MoE specs can route a token differently when bf16 rounding moves a router score across a tie, which shows as one
 expert's gradient off while the rest agree; the JSON lists every gradient over tolerance by name to tell that apart.
+HSPMN's router makes a hard choice per token (the tokens that get queries: score + logistic noise > 0), and one token
+chosen differently moves every gradient of that layer's attention by a few percent (session 7, GPU call 1: layer 1's
+q/k/v/o_proj all 0.037 from float32 with the kernels, 0.009-0.016 with the references, layer 0's at the median), so
+parity pins the choices: the kernels' pass records them, the references' and the float32 pass make the same ones
+(with their own straight-through gradients), and `selection_flips` counts per layer the tokens each would have
+chosen otherwise.
 
     python bench/kernel_parity.py --out OUT_DIR --budget-s 90          # on the GPU; writes OUT_DIR/kernel_parity.json
     python bench/kernel_parity.py --out /tmp/parity --dry-run          # on a CPU: tiny dims, Triton's interpreter
@@ -126,6 +132,47 @@ def _forward_backward(package, model, tokens, use_kernels: bool, calls: Counter)
     return result
 
 
+class PinnedSelection:
+    """While active, a generated model's token selection (ops/routing.py's select_tokens, which HSPMN's sparse
+    attention calls once per layer and forward) is recorded in the first pass and pinned in the later ones: each makes
+    the recorded choices, with the gate's value the recorded 0/1 and its gradient the pass's own (straight-through),
+    and counts per call the tokens it would have chosen otherwise. A package without select_tokens is left as is."""
+
+    def __init__(self, package):
+        self.module = package.model
+        self.select_tokens = getattr(self.module, "select_tokens", None)
+        self.active = self.select_tokens is not None
+        self.recorded: list = []
+        self.pinning = False
+        self.differing: list[int] = []
+
+    def __enter__(self):
+        if self.active:
+            self.module.select_tokens = self._select
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            self.module.select_tokens = self.select_tokens
+
+    def make_recorded_choices(self) -> None:
+        self.pinning = True
+
+    def flips(self) -> list[int]:
+        """The tokens the pass since the last call would have chosen otherwise, per select_tokens call (layer)."""
+        flips, self.differing = self.differing, []
+        return flips
+
+    def _select(self, router_logits, **kwargs):
+        gate, selected = self.select_tokens(router_logits, **kwargs)
+        if not self.pinning:
+            self.recorded.append(selected)
+            return gate, selected
+        pinned = self.recorded[len(self.differing)]
+        self.differing.append(int((pinned != selected).sum()))
+        return gate + (pinned.to(gate.dtype) - selected.to(gate.dtype)), pinned
+
+
 def _errors(side: dict, truth: dict) -> dict:
     errors = {"logits": relative_norm_error(side["logits"], truth["logits"])}
     errors.update({name: relative_norm_error(grad, truth["grads"][name]) if name in truth["grads"] else float("inf")
@@ -136,13 +183,29 @@ def _errors(side: dict, truth: dict) -> dict:
 def parity(package, model, sizes, calls: Counter) -> dict:
     """Kernels against references in the model's dtype, and (in bf16) both against a float32 run of the references:
     whole-model bf16 logits differ by about 1e-2 from any rounding change, so the verdict is whether the kernels are
-    as close to float32 as the references are."""
+    as close to float32 as the references are. Every pass makes the kernels' pass's token selections
+    (PinnedSelection)."""
     import torch
 
     vocab = model.lm_head.weight.shape[0] if hasattr(model, "lm_head") else model.embed.weight.shape[0]
     tokens = torch.randint(0, vocab, (sizes["batch"], sizes["length"] + 1), device=sizes["device"])
-    kernels = _forward_backward(package, model, tokens, True, calls)
-    references = _forward_backward(package, model, tokens, False, calls)
+    with PinnedSelection(package) as pinned:
+        kernels = _forward_backward(package, model, tokens, True, calls)
+        pinned.make_recorded_choices()
+        references = _forward_backward(package, model, tokens, False, calls)
+        flips = {"references": pinned.flips()}
+        report = _compare(package, model, tokens, sizes, calls, kernels, references)
+        if "against_float32" in report:
+            flips["float32"] = pinned.flips()
+    if pinned.active:
+        report["selection_flips"] = flips
+    return report
+
+
+def _compare(package, model, tokens, sizes, calls: Counter, kernels: dict, references: dict) -> dict:
+    """parity's report from the kernels' and the references' passes, and in bf16 a float32 pass of the references."""
+    import torch
+
     tolerance = sizes["tolerance"]
     direct = _errors(kernels, references)
     logits_error = direct.pop("logits")
