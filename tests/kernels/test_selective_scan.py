@@ -424,4 +424,5 @@ def test_backward_untuned_without_runtime_tuning(monkeypatch):
     args = make_inputs(1, 5, 40, 4, seed=41)
     with pytest.warns(RuntimeWarning, match="no tuned config"):
         check_against_reference(args, 4, FLOAT32_TOL)
-    assert ss.BACKWARD_TUNER.defaulted == {ss.shape_key(40, 4, 4, torch.float32): narrow}
+    ran = narrow if triton_support.interpreting() else ss.candidates(ss.BACKWARD_TUNER, 40)[0]  # a GPU: the first
+    assert ss.BACKWARD_TUNER.defaulted == {ss.shape_key(40, 4, 4, torch.float32): ran}
