@@ -81,6 +81,30 @@ def test_swiglu_linear_matches_the_reference(case):
     _compare_with_gradients(y, expected, (x, w_gate, w_up, b_gate, b_up), 2)
 
 
+# id: (dtype, rows of x (leading shape), NQ, NKV, K, biases, x strided)
+QKV_CASES = {"fp32-M1-NQ37-NKV11-K70-bias": (torch.float32, (1, 1), 37, 11, 70, True, False),
+             "bf16-M3-NQ64-NKV16-K100-strided": (torch.bfloat16, (3,), 64, 16, 100, False, True),
+             "bf16-M4-NQ24-NKV8-K33-bias": (torch.bfloat16, (2, 2), 24, 8, 33, True, False)}
+
+
+@pytest.mark.parametrize("case", QKV_CASES)
+def test_qkv_linear_matches_the_reference(case):
+    """q, k and v products in one launch: each program's rows come from one of three weights of two heights."""
+    dtype, lead, NQ, NKV, K, bias, strided = QKV_CASES[case]
+    g = torch.Generator().manual_seed(NQ * K)
+    x = torch.randn(*lead, 2 * K if strided else K, generator=g).to(DEVICE, dtype)
+    x = (x[..., :K] if strided else x).requires_grad_()
+    weights = [(torch.randn(n, K, generator=g) / math.sqrt(K)).to(DEVICE, dtype).requires_grad_() for n in (NQ, NKV, NKV)]
+    biases = [torch.randn(n, generator=g).to(DEVICE, dtype).requires_grad_() if bias else None for n in (NQ, NKV, NKV)]
+    y = kernel.qkv_linear(x, *weights, *biases)
+    doubled = [t.double() if t is not None else None for t in (x, *weights, *biases)]
+    expected = runtime_linear.qkv_linear(*doubled)
+    assert y.dtype == x.dtype and y.shape == (*lead, NQ + 2 * NKV)
+    assert_close(y, expected.to(dtype), what="y")
+    assert_close(kernel.qkv_linear_reference(x, *weights, *biases), expected.to(dtype), what="reference")
+    _compare_with_gradients(y, expected, (x, *weights, *biases), 3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_every_config_computes_the_same(dtype):
     """Each autotune candidate's tile sizes, and the unfolded float32 tile (FOLD 1), give the reference's result (the
@@ -88,8 +112,11 @@ def test_every_config_computes_the_same(dtype):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(2, 300, generator=g).to(DEVICE, dtype), torch.randn(45, 300, generator=g).to(DEVICE, dtype)
     expected = kernel.linear_reference(x, w)
+    q, k, v = torch.randn(45, 300, generator=g).to(DEVICE, dtype), w[:13], w[13:26]
+    expected_qkv = kernel.qkv_linear_reference(x, q, k, v)
     for config in [*kernel.CONFIGS, {**kernel.INTERPRETER_CONFIG, "FOLD": 1}]:
         assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
+        assert_close(kernel.qkv_gemv_forward(x, q, k, v, config=config), expected_qkv, what=f"qkv {config}")
 
 
 def test_a_shapes_own_config_spreads_small_matrices_over_every_sm():
@@ -109,6 +136,8 @@ def test_linear_says_what_is_wrong():
         kernel.linear(torch.zeros(1, 4, device=DEVICE), torch.zeros(3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="one shape and both or neither a bias"):
         kernel.swiglu_linear(*(torch.zeros(n, 4, device=DEVICE) for n in (1, 3, 2)))
+    with pytest.raises(ValueError, match="k and v projections must have one shape"):
+        kernel.qkv_linear(*(torch.zeros(n, 4, device=DEVICE) for n in (1, 3, 2, 1)))
 
 
 def test_gemv_ops_have_fake_implementations():
@@ -116,3 +145,6 @@ def test_gemv_ops_have_fake_implementations():
     x, w, b = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 5), (3, 5), (3,)))
     torch.library.opcheck(kernel.linear_op, (x, w, b), test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(kernel.swiglu_linear_op, (x, w, w, None, None), test_utils=("test_schema", "test_faketensor"))
+    kv, kv_bias = torch.randn(2, 5, generator=g).to(DEVICE), torch.randn(2, generator=g).to(DEVICE)
+    torch.library.opcheck(kernel.qkv_linear_op, (x, w, kv, kv, b, kv_bias, kv_bias),
+                          test_utils=("test_schema", "test_faketensor"))
