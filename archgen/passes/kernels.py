@@ -109,6 +109,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mlp", "gemv", "swiglu_linear", "linear",
                "SwiGLU feed-forward on a decoding step's few rows: the gate and up products and silu(gate) * up in one "
                "GEMV launch (cuBLAS and the gate kernel: three)", when=fused_swiglu),
+    KernelRule("attention", "gemv", "qkv_linear", "linear",
+               "Attention's q, k and v projections on a decoding step's few rows in one GEMV launch (three), each "
+               "program reading its rows from one of the three weights as the checkpoint holds them"),
     *(KernelRule(kind, "gemv", "linear", "linear",
                  "Linear layers on a decoding step's few rows (up to kernels/gemv.py's FEW_ROWS): a GEMV streaming the "
                  "weights, where cuBLAS reads them at ~60% of the copy bandwidth; prefill and training stay on cuBLAS")

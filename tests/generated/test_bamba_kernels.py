@@ -20,7 +20,8 @@ BAMBA_TOY = ("model.d_model=36", "model.vocab_size=64", "mixers.ssm.n_heads=3", 
              "mixers.ssm.expand=2", "mixers.ssm.d_state=8", "mixers.ssm.chunk_size=16", "mixers.attn.n_heads=4",
              "mixers.attn.head_dim=12", "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=8",
              "ffns.mlp.hidden=48", "layout.mixers=ssm,attn", "model.max_seq_len=64")
-SPIED = ("state_update_module.mamba2_step_", "apply_rope_qk", "rms_norm", "silu_mul", "linear", "swiglu_linear")
+SPIED = ("state_update_module.mamba2_step_", "apply_rope_qk", "rms_norm", "silu_mul", "linear", "swiglu_linear",
+         "qkv_linear")
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_kernels_and_references_give_the_same_logits_and_gradients(package):
     assert_kernels_match_references(package, model, tokens)
     assert package.calls["apply_rope_qk"] == 1 and package.calls["mamba2_step_"] == 0, package.calls
     assert package.calls["silu_mul"] == 2, package.calls  # one per layer
-    assert package.calls["linear"] == package.calls["swiglu_linear"] == 0, package.calls  # 36 rows: cuBLAS
+    assert package.calls["linear"] == package.calls["swiglu_linear"] == package.calls["qkv_linear"] == 0, package.calls
+    # (36 rows: cuBLAS)
 
 
 def test_cached_decoding_with_kernels_equals_the_full_forward(package):
@@ -50,9 +52,9 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
     cached = decode_in_steps(model, tokens, prefill=16, length_as_tensor=True)
     assert package.calls["mamba2_step_"] == 4 and package.calls["apply_rope_qk"] == 5, package.calls
     # the prefill's 32 rows take cuBLAS and the gate kernel; each step's 2 rows the GEMV: the SwiGLU pair of each MLP
-    # in one, and in_proj, out_proj, q, k, v, o, the two down_proj and the lm_head
+    # in one, q, k and v in one, and in_proj, out_proj, o, the two down_proj and the lm_head
     assert package.calls["silu_mul"] == 2 and package.calls["swiglu_linear"] == 2 * 4, package.calls
-    assert package.calls["linear"] == 9 * 4, package.calls
+    assert package.calls["qkv_linear"] == 4 and package.calls["linear"] == 6 * 4, package.calls
     assert_close(cached, full, 1e-5, "cached logits")
 
 

@@ -31,6 +31,7 @@ RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 ROPE_KERNELS = {"apply_rope_qk": "rope"}
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
+QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
@@ -41,8 +42,9 @@ def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
 
 def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
-    kinds = {"mamba": MAMBA_KERNELS | GEMV_KERNELS, "rmsnorm": RMSNORM_KERNELS, "attention": ROPE_KERNELS | GEMV_KERNELS,
-             "mlp": SWIGLU_KERNELS | GEMV_KERNELS, "lm_head": GEMV_KERNELS}
+    kinds = {"mamba": MAMBA_KERNELS | GEMV_KERNELS, "rmsnorm": RMSNORM_KERNELS,
+             "attention": ROPE_KERNELS | QKV_KERNELS | GEMV_KERNELS, "mlp": SWIGLU_KERNELS | GEMV_KERNELS,
+             "lm_head": GEMV_KERNELS}
     expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
     assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
 
@@ -52,9 +54,9 @@ def test_attention_with_rope_gets_the_rope_kernel_and_without_rope_none(tmp_path
     spec.write_text(ATTENTION_ONLY.replace("rope: null", "rope: {theta: 10000}"))
     ir = compile_spec(spec, None).ir
     attention = {op.name for op in ir.ops() if op.kind == "attention"}
-    assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | GEMV_KERNELS)
+    assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | QKV_KERNELS | GEMV_KERNELS)
     spec.write_text(ATTENTION_ONLY)
-    assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, GEMV_KERNELS)
+    assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, QKV_KERNELS | GEMV_KERNELS)
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():
@@ -98,7 +100,8 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_
     select_kernels(ir, [windowed, full, *KERNEL_RULES])
     for op in ir.ops():
         if op.kind == "attention":
-            assert set(op.kernels) == {"attention", *ROPE_KERNELS, *GEMV_KERNELS}  # the test rules' and the real rules'
+            # the test rules' and the real rules'
+            assert set(op.kernels) == {"attention", *ROPE_KERNELS, *QKV_KERNELS, *GEMV_KERNELS}
             assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
 
 
