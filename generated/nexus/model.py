@@ -150,10 +150,23 @@ class Attn(nn.Module):
         # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
         # query sees a pad's key (hide_pads).
         token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
+        if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
+            qkv = kernels.qkv_linear(
+                x,
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.q_proj.bias,
+                self.k_proj.bias,
+                self.v_proj.bias,
+            )
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
-        q = self.q_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
-        k = self.k_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
-        v = self.v_proj(x).view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
         rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
         q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed

@@ -22,6 +22,7 @@ try:
     from .gated_delta_rule import gated_delta_rule
     from .gated_delta_rule import gated_delta_step
     from .gemv import linear
+    from .gemv import qkv_linear
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -38,6 +39,7 @@ except ImportError:  # no triton
     gated_delta_rule = None
     gated_delta_step = None
     linear = None
+    qkv_linear = None
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
@@ -63,6 +65,10 @@ def decompositions() -> dict:
         table.update(gated_delta_rule_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import qkv_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:

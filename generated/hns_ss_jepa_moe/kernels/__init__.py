@@ -23,6 +23,7 @@ try:
     from . import swiglu as swiglu_module
     from .causal_conv1d import causal_conv1d
     from .gemv import linear
+    from .gemv import qkv_linear
     from .moe_router import moe_router
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
@@ -43,6 +44,7 @@ except ImportError:  # no triton
     swiglu_module = None
     causal_conv1d = None
     linear = None
+    qkv_linear = None
     moe_router = None
     sliding_window_attention = None
     rms_norm = None
@@ -63,6 +65,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import qkv_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if moe_router_module is not None:

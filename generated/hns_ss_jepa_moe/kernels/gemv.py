@@ -5,9 +5,12 @@ For rows x (M, K), weight w (N, K) (nn.Linear's layout) and an optional bias b (
 
     linear:         y = x · wᵀ + b
     swiglu_linear:  y = silu(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)      silu(g) = g · σ(g)
+    qkv_linear:     y = [x · w_qᵀ + b_q, x · w_kᵀ + b_k, x · w_vᵀ + b_v]      (concatenated along the features)
 
 accumulated in float32, stored once in x's dtype. swiglu_linear is a SwiGLU feed-forward's gate and up projections
-and its gate in one launch (three with cuBLAS and kernels/silu_mul.py), on the two weights as the checkpoint holds them.
+and its gate in one launch (three with cuBLAS and kernels/silu_mul.py), on the two weights as the checkpoint holds them;
+qkv_linear is an attention's q, k and v projections in one launch (three), each program taking its rows from one of
+the three weights, so they need not be concatenated (the checkpoint, importers and tensor-parallel plans keep them).
 
 Why a kernel: a batch-1 decoding step multiplies one row by each weight matrix, so the step is the weights' bytes
 over the memory bandwidth. cuBLAS's kernels for M = 1 (nvjet 64x8 tiles with a split-K reduction kernel) read
@@ -56,6 +59,12 @@ INTERPRETER_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 32, "num_warps": 4}
 
 
 @triton.jit
+def _folded(tile, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+    """tile · x (BLOCK_N, BLOCK_K) with each run of FOLD columns (one thread's 16-byte load) summed: (BLOCK_N, BLOCK_K / FOLD)."""
+    return tl.sum(tl.reshape(tile * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
                  HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
                  GATED: tl.constexpr,  # y = silu(x·wᵀ + b) · (x·w_upᵀ + b_up)
@@ -75,10 +84,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         tile_inside = outs_inside[:, None] & cols_inside[None, :]
         w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-        products += tl.sum(tl.reshape(w_tile * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
+        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
         if GATED:
             up_tile = tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-            up_products += tl.sum(tl.reshape(up_tile * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
+            up_products += _folded(up_tile, x, BLOCK_N, BLOCK_K, FOLD)
     y = tl.sum(products, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
@@ -88,6 +97,41 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
             up += tl.load(b_up_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
         y = y * tl.sigmoid(y) * up
     tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y.to(y_ptr.dtype.element_ty), mask=outs_inside)
+
+
+@triton.jit
+def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, M, NQ, NKV, K, stride_xm, stride_ym,
+                     HAS_BIAS: tl.constexpr,  # add the biases to the products
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+    """y = [x·w_qᵀ, x·w_kᵀ, x·w_vᵀ] (+ biases): the programs along axis 1 take BLOCK_N rows of w_q (NQ rows), then of
+    w_k, then of w_v (NKV rows each), so each program reads one weight; the weights are contiguous, K columns."""
+    row = tl.program_id(0)
+    block = tl.program_id(1)
+    q_blocks = tl.cdiv(NQ, BLOCK_N)
+    kv_blocks = tl.cdiv(NKV, BLOCK_N)
+    in_k = block >= q_blocks
+    in_v = block >= q_blocks + kv_blocks
+    w_ptr = tl.where(in_v, v_ptr, tl.where(in_k, k_ptr, q_ptr))
+    b_ptr = tl.where(in_v, bv_ptr, tl.where(in_k, bk_ptr, bq_ptr))
+    n = tl.where(in_k, NKV, NQ)
+    first_block = tl.where(in_v, q_blocks + kv_blocks, tl.where(in_k, q_blocks, 0))
+    first_feature = tl.where(in_v, NQ + NKV, tl.where(in_k, NQ, 0))  # where this weight's products go in y
+    outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    outs_inside = outs < n
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = w_ptr + outs.to(tl.int64)[:, None] * K
+    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cols_inside = cols < K
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        w_tile = tl.load(w_rows + cols[None, :], mask=outs_inside[:, None] & cols_inside[None, :], other=0.0)
+        products += _folded(w_tile.to(tl.float32), x, BLOCK_N, BLOCK_K, FOLD)
+    y = tl.sum(products, axis=1)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+    y_row = y_ptr + row.to(tl.int64) * stride_ym + first_feature
+    tl.store(y_row + outs, y.to(y_ptr.dtype.element_ty), mask=outs_inside)
 
 
 FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG)
@@ -163,6 +207,34 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     return y.view(*x.shape[:-1], N)
 
 
+def qkv_gemv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None = None,
+                     k_bias: Tensor | None = None, v_bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+    """Run the q/k/v kernel: x (..., K) -> (..., NQ + 2·NKV) in x's dtype, the q, k and v products side by side; the
+    biases come all or none. config as gemv_forward's; tuned in the bucket of the three weights stacked."""
+    x2 = _rows(x)
+    M, K = x2.shape
+    NQ, NKV = q_weight.shape[0], k_weight.shape[0]
+    wq, wk, wv = (w.contiguous() for w in (q_weight, k_weight, v_weight))
+    y = torch.empty((M, NQ + 2 * NKV), device=x.device, dtype=x.dtype)
+    fold = 16 // x.element_size()
+    biases = (q_bias, k_bias, v_bias) if q_bias is not None else (wq, wq, wq)
+
+    def launch(cfg):
+        blocks = triton.cdiv(NQ, cfg["BLOCK_N"]) + 2 * triton.cdiv(NKV, cfg["BLOCK_N"])
+        _qkv_gemv_kernel[(M, blocks)](
+            x2, wq, wk, wv, *biases, y, M, NQ, NKV, K, x2.stride(0), y.stride(0), HAS_BIAS=q_bias is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=cfg.get("FOLD", min(fold, cfg["BLOCK_K"])),
+            num_warps=cfg["num_warps"])
+
+    key = shape_key(NQ + 2 * NKV, K, M, x.dtype, gated=False) + "-qkv"
+    with on_device(x):
+        if M:
+            own = shape_config(NQ + 2 * NKV, K, _multiprocessors(x.device))
+            candidates = [own, *(c for c in CONFIGS if c != own)]
+            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
+    return y.view(*x.shape[:-1], NQ + 2 * NKV)
+
+
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
              device: torch.device | str) -> None:
     """The build-time tuning hook (`archgen build --autotune`): run the kernel on every weight matrix of the op (its
@@ -179,6 +251,10 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
         gemv_forward(x, weight)
         if name.endswith("gate_proj.weight") and matrices.get(name.replace("gate_proj", "up_proj")) == (N, K):
             gemv_forward(x, weight, up_weight=weight)
+        kv = matrices.get(name.replace("q_proj", "k_proj")) if name.endswith("q_proj.weight") else None
+        if kv is not None and kv[1] == K and matrices.get(name.replace("q_proj", "v_proj")) == kv:
+            kv_weight = weight.new_zeros(kv)
+            qkv_gemv_forward(x, weight, kv_weight, kv_weight)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,12 +287,29 @@ def _swiglu_linear_impl(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_
     return gemv_forward(x, gate_weight, gate_bias, up_weight, up_bias)
 
 
+def _qkv_linear_impl(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
+                     k_bias: Tensor | None, v_bias: Tensor | None) -> Tensor:
+    """archgen_v1::qkv_linear -> [x · q_weightᵀ + q_bias, x · k_weightᵀ + k_bias, x · v_weightᵀ + v_bias], like x."""
+    if not _runs_kernel(x):
+        return qkv_linear_reference(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
+    for weight, bias in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias)):
+        _check(x, weight, bias, "qkv_linear")
+    if k_weight.shape != v_weight.shape or len({q_bias is None, k_bias is None, v_bias is None}) > 1:
+        raise ValueError(f"qkv_linear: the k and v projections must have one shape and q, k and v all or none a bias, "
+                         f"got {tuple(k_weight.shape)} and {tuple(v_weight.shape)}")
+    return qkv_gemv_forward(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
+
+
 def _linear_fake(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _swiglu_linear_fake(x, gate_weight, up_weight, gate_bias, up_bias):
     return x.new_empty((*x.shape[:-1], gate_weight.shape[0]))
+
+
+def _qkv_linear_fake(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias):
+    return x.new_empty((*x.shape[:-1], q_weight.shape[0] + k_weight.shape[0] + v_weight.shape[0]))
 
 
 def _save_inputs(ctx, inputs, output):
@@ -247,9 +340,22 @@ def _swiglu_linear_grad(ctx, dy):
     return (*grads, dg.sum(dim=0).to(gate_bias.dtype), du.sum(dim=0).to(up_bias.dtype))
 
 
+def _qkv_linear_grad(ctx, dy):
+    x, *weights_and_biases = ctx.saved_tensors
+    weights = weights_and_biases[:3]
+    x2 = x.reshape(-1, x.shape[-1])
+    dys = dy.reshape(-1, dy.shape[-1]).split([w.shape[0] for w in weights], dim=-1)
+    dx = sum(d @ w for d, w in zip(dys, weights, strict=True)).view(x.shape)
+    weight_grads = tuple(d.t() @ x2 for d in dys)
+    bias_grads = tuple(d.sum(dim=0) for d in dys) if ctx.has_bias else (None, None, None)
+    return (dx, *weight_grads, *bias_grads)
+
+
 linear_op = register_op("linear", _linear_impl, _linear_fake, backward=_linear_grad, setup_context=_save_inputs)
 swiglu_linear_op = register_op("swiglu_linear", _swiglu_linear_impl, _swiglu_linear_fake, backward=_swiglu_linear_grad,
                                setup_context=_save_inputs)
+qkv_linear_op = register_op("qkv_linear", _qkv_linear_impl, _qkv_linear_fake, backward=_qkv_linear_grad,
+                            setup_context=_save_inputs)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -263,6 +369,14 @@ def swiglu_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: 
     """silu(x · gate_weightᵀ + gate_bias) · (x · up_weightᵀ + up_bias): x (..., K), weights (H, K) -> (..., H),
     differentiable. As the generated package's reference (ops/linear.py `swiglu_linear`)."""
     return swiglu_linear_op(x, gate_weight, up_weight, gate_bias, up_bias)
+
+
+def qkv_linear(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None = None,
+               k_bias: Tensor | None = None, v_bias: Tensor | None = None) -> Tensor:
+    """[x · q_weightᵀ + q_bias, x · k_weightᵀ + k_bias, x · v_weightᵀ + v_bias] side by side: x (..., K), q_weight
+    (NQ, K), k_weight and v_weight (NKV, K) -> (..., NQ + 2·NKV), differentiable. As the generated package's reference
+    (ops/linear.py `qkv_linear`)."""
+    return qkv_linear_op(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -280,7 +394,14 @@ def swiglu_linear_reference(x: Tensor, gate_weight: Tensor, up_weight: Tensor, g
     return (F.silu(gate) * up).to(x.dtype)
 
 
+def qkv_linear_reference(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None = None,
+                         k_bias: Tensor | None = None, v_bias: Tensor | None = None) -> Tensor:
+    """The same in float32 (float64 for float64 inputs), rounded once to x's dtype."""
+    products = [linear_reference(x, w, b) for w, b in ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias))]
+    return torch.cat(products, dim=-1)
+
+
 def decomposition(reference, max_seqlen: int) -> dict:
     """{archgen_v1::<op>: ops/linear.py's function of the same name}, for ONNX (the kernels file hands each kernel
-    function's reference in turn: `linear` or `swiglu_linear`)."""
+    function's reference in turn: `linear`, `swiglu_linear` or `qkv_linear`)."""
     return {op_overload(reference.__name__): reference}

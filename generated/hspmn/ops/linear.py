@@ -6,6 +6,7 @@ as `ops/linear.py`, and imports only torch. It is what the Triton kernels of the
 tested against and lowered to for ONNX, and what runs wherever they do not (CPU, no triton, more rows).
 """
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -25,3 +26,19 @@ def swiglu_linear(
     its gate and up projections (H, K), x (..., K) -> (..., H).
     """
     return F.silu(F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
+
+
+def qkv_linear(
+    x: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    q_bias: Tensor | None = None,
+    k_bias: Tensor | None = None,
+    v_bias: Tensor | None = None,
+) -> Tensor:
+    """
+    An attention's q, k and v projections side by side: x (..., K), q_weight (NQ, K), k_weight and v_weight (NKV, K)
+    -> (..., NQ + 2·NKV).
+    """
+    return torch.cat([F.linear(x, q_weight, q_bias), F.linear(x, k_weight, k_bias), F.linear(x, v_weight, v_bias)], dim=-1)

@@ -22,6 +22,7 @@ try:
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .gemv import linear
+    from .gemv import qkv_linear
     from .gemv import swiglu_linear
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
@@ -41,6 +42,7 @@ except ImportError:  # no triton
     state_update_module = None
     causal_conv1d = None
     linear = None
+    qkv_linear = None
     swiglu_linear = None
     sliding_window_attention = None
     rms_norm = None
@@ -61,6 +63,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import qkv_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:

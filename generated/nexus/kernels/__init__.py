@@ -21,6 +21,7 @@ try:
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .gemv import linear
+    from .gemv import qkv_linear
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -38,6 +39,7 @@ except ImportError:  # no triton
     state_update_module = None
     causal_conv1d = None
     linear = None
+    qkv_linear = None
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
@@ -57,6 +59,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if gemv_module is not None:
+        from ..ops.linear import qkv_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:
