@@ -113,7 +113,7 @@ def block_d(monkeypatch):
     holds (on a GPU the autotuner chooses). The tuners hold the config they were made with: patch theirs."""
 
     def set_block(width, *, prefetch=1, sub=4):
-        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub}
+        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub, "READONLY": 1}
         monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
         monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
