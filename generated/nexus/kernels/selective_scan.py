@@ -108,13 +108,19 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
 # Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold TILE · BLOCK_D · N float32
 # values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
-# (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. The backward puts one
+# (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. At 16 channels on 4 warps
+# ptxas takes 168 registers a thread (sm_90, offline), 3 programs per SM: the anchor's 2048 programs run in 5.2
+# waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. The backward puts one
 # channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
 # states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its best on the H200 at
 # chunk 16 (SUB 2), that one loading through the read-only path (READONLY) and prefetching the next chunk into L1 or
 # L2 (PREFETCH 1, 2), SUB 4 (which recomputes nothing at chunk 4; with READONLY the compiler hoists all its loads
 # and spills, sm_90 SASS offline), and 64 channels on 2 warps.
-FORWARD_CONFIGS = [{"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}, {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}]
+FORWARD_CONFIGS = [
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
+    {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
+    {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
+]
 BACKWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "READONLY": 0},
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "READONLY": 1},
@@ -620,7 +626,7 @@ def _explicit(config: dict | None) -> dict | None:
         return None
     return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
             "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"]),
-            "READONLY": config.get("READONLY", 0)}
+            "READONLY": config.get("READONLY", 0)} | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -709,7 +715,7 @@ def selective_scan_forward(
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
         _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
-                                         num_warps=cfg["num_warps"])
+                                         num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
