@@ -354,8 +354,8 @@ class Bench:
     def chunk_sizes(self) -> dict:
         """The checkpoint interval (chunk_size) at the anchor shape: the backward recomputes each piece's states from
         the chunk's checkpoint, so shorter chunks recompute fewer steps and move more checkpoint bytes (4·N/chunk per
-        element of u, written by the forward and read by the backward). Forward (training, with checkpoints) and
-        forward+backward for each, tuned per chunk (the tuners' keys hold it), with every config's time."""
+        element of u, written by the forward and read by the backward). Forward (inference; training, with checkpoints)
+        and forward+backward for each, tuned per chunk (the tuners' keys hold it), with every config's time."""
         torch = self.torch
         ss = self.ss
         batch, seqlen, dim, dstate = (1, 40, 8, 4) if self.dry_run else (8, 4096, 4096, 16)
@@ -371,7 +371,10 @@ class Bench:
 
             forward_backward()  # tunes both kernels for this chunk
             key = ss.shape_key(dim, dstate, chunk, torch.bfloat16)
+            with torch.no_grad():
+                inference_ms = self.time_ms(lambda chunk=chunk: ss.selective_scan(**args, chunk_size=chunk))
             report["chunks"][chunk] = {
+                "forward_inference_ms": inference_ms,
                 "forward_training_ms": self.time_ms(lambda chunk=chunk: ss.selective_scan(**leaves, chunk_size=chunk)),
                 "forward_backward_ms": self.time_ms(forward_backward, grad_to_none=list(leaves.values())),
                 "checkpoint_bytes": 4 * batch * -(-seqlen // chunk) * dim * dstate,
