@@ -91,6 +91,7 @@ from .triton_support import (
     on_device,
     op_overload,
     register_op,
+    sigmoid,
     softplus,
     strided,
     triton_on_cpu,
@@ -416,7 +417,7 @@ def _selective_scan_fwd_kernel(
         if HAS_D:
             y += skip[None, :] * u
         if HAS_Z:
-            y *= z * tl.sigmoid(z)
+            y *= z * sigmoid(z)
         tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
                  y.to(y_ptr.dtype.element_ty), mask=td_in)
         if SAVE_CHECKPOINTS:
@@ -556,7 +557,7 @@ def _selective_scan_bwd_kernel(
                 if HAS_Z:
                     z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in, READONLY)
                     y = tl.sum(h * C[:, None], axis=0) + skip * u
-                    gate = tl.sigmoid(z)
+                    gate = sigmoid(z)
                     dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
                     tl.store(dz_ptr + _step_offsets(pid_b, t, dz_stride_b, dz_stride_t, dz_stride_d, d_offs),
                              dz.to(dz_ptr.dtype.element_ty), mask=td_in)
@@ -584,7 +585,7 @@ def _selective_scan_bwd_kernel(
                 du += dt * g_dot_B
                 dA_acc += g_decayed * dt[None, :]
                 if DELTA_SOFTPLUS:
-                    ddt = ddt * tl.sigmoid(dt_raw)
+                    ddt = ddt * sigmoid(dt_raw)
                 ddt = tl.where(td_in, ddt, 0.0)  # steps past the end have a state but no delta
                 dbias_acc += ddt
                 tl.store(du_ptr + _step_offsets(pid_b, t, du_stride_b, du_stride_t, du_stride_d, d_offs),
