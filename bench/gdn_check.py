@@ -591,7 +591,13 @@ class Check:
 
         def forward_ms():
             with torch.no_grad():
-                return {side: self.time_ms(lambda fn=fn: fn(**args)) for side, fn in sides.items()}
+                times = {side: self.time_ms(lambda fn=fn: fn(**args)) for side, fn in sides.items()}
+                truth = _as_float(self._reference(**{n: t.float() for n, t in args.items()}))
+                for side, fn in sides.items():  # o and the final state against float32: the tuned kernels ran right
+                    o, state = _as_float(fn(**args))
+                    times[f"{side}_vs_float32"] = {"o": _relative_norm(o, truth[0]),
+                                                   "final_state": _relative_norm(state, truth[1])}
+            return times
 
         def forward_backward_ms(side):
             run, leaves = runs[side]
