@@ -152,18 +152,19 @@ def _operand(value, dot_ty: tl.constexpr):
 
 
 @triton.jit
-def _wide_operand(value, dot_ty: tl.constexpr):
-    """value as a float32 tl.dot operand where dot_ty would round it to a half type: the tensor cores then read it as
-    tf32 (10 mantissa bits to bfloat16's 7; DOT_PRECISION is "tf32" for half inputs), which the interpreter, whose
-    dots are float32, emulates by rounding the low 13 bits away. For float32 inputs, `_operand`."""
+def _split_dot(a, b, acc, dot_ty: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a·b for a computed float32 `a` and a `b` held in dot_ty. For half inputs `a` is split into two half parts,
+    high = a rounded and low = what that rounding lost, and both are multiplied: a·b to about 16 significant bits of
+    `a` (bfloat16 alone keeps 8) for a second half product, which costs the tensor cores what one tf32 product of
+    float32 operands would (and keeps b in half registers)."""
     if dot_ty == tl.float32:
-        operand = value
-    elif _EMULATE_HALF_DOT:
-        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        operand = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
-        operand = value.to(tl.float32)
-    return operand
+        high = a.to(dot_ty)
+        low = (a - high.to(tl.float32)).to(dot_ty)
+        acc = tl.dot(_operand(high, dot_ty), _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_operand(low, dot_ty), _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit
@@ -466,17 +467,18 @@ def _dx_bwd_kernel(
 
     # Through the outputs of this chunk at t ≥ s: Σ_t (C_t·B_s) exp(cum_t - cum_s) dy_t. In this block, t ≥ s pair
     # by pair; in the later blocks the decay factors through r, the block's last position (s ≤ r < t, so both
-    # factors are ≤ 1): Σ_t (CB[t, s] exp(cum_r - cum_s)) (exp(cum_t - cum_r) dy_t), with no exp per pair.
+    # factors are ≤ 1): Σ_t CB[t, s] exp(cum_r - cum_s) exp(cum_t - cum_r) dy_t, with no exp per pair, and dy_t as
+    # loaded (the product's other operand is split, _split_dot).
     dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in, other=0.0)
     cb_T = tl.load(cb_base + s_loc[:, None] + s_loc[None, :] * CHUNK)  # (s, t) = CB[t, s]
     causal = s_loc[None, :] >= s_loc[:, None]
     decay = tl.exp(tl.where(causal, cum_s[None, :] - cum_s[:, None], float("-inf")))  # (s, t)
-    # CB ⊙ decay and dy in tf32, not rounded to bf16: dΔ_s's direct part x_s·inner_s nearly cancels the log-decay
-    # part (pairs of the same CB ⊙ decay kept in float32 in _dcb_bwd_kernel), and bf16 operands here left d dt_bias
-    # 8e-3 from float64 where the float32 reference on the same bf16 inputs is at 6e-7 (Bamba-1B's dt_bias gradients
-    # were the kernels' only ones farther from a float32 model than the bf16 references, GPU call 1 of session 7).
-    inner = tl.dot(_wide_operand(cb_T * decay, dot_ty), _wide_operand(dy_s, dot_ty), inner,
-                   input_precision=DOT_PRECISION)
+    # CB ⊙ decay split in two half parts, not rounded to one (_split_dot): dΔ_s's direct part x_s·inner_s nearly
+    # cancels its log-decay part (pairs of the same CB ⊙ decay kept in float32 in _dcb_bwd_kernel), and one bf16
+    # operand here left d dt_bias 8e-3 from float64 where the float32 reference on the same bf16 inputs is at 6e-7
+    # (Bamba-1B's dt_bias gradients were the kernels' only ones farther from a float32 model than the bf16
+    # references, GPU call 1 of session 7).
+    inner = _split_dot(cb_T * decay, dy_s, inner, dot_ty, DOT_PRECISION)
     cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
     decay_s = tl.exp(cum_r - cum_s)
     for tb in range(sb + 1, n_blocks):
@@ -486,9 +488,8 @@ def _dx_bwd_kernel(
         dy_t = tl.load(dy_base + pos_t[:, None] * dy_stride_t + p[None, :] * dy_stride_p,
                        mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
         cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)
-        dy_w = dy_t.to(tl.float32) * tl.exp(cum_t - cum_r)[:, None]
-        inner = tl.dot(_wide_operand(cb_T * decay_s[:, None], dot_ty), _wide_operand(dy_w, dot_ty), inner,
-                       input_precision=DOT_PRECISION)
+        decay_t = tl.exp(cum_t - cum_r)
+        inner = _split_dot(cb_T * decay_s[:, None] * decay_t[None, :], dy_t, inner, dot_ty, DOT_PRECISION)
 
     x_f = x_s.to(tl.float32)
     dx = dt_s[:, None] * inner

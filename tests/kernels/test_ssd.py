@@ -113,7 +113,7 @@ def test_matches_reference_half(dtype):
 
 def test_bfloat16_dt_bias_gradient_where_its_parts_cancel():
     """A Mamba-2 block's dt_bias gradient, Σ_t dΔ_t σ(dt_t + dt_bias), sums a dΔ whose direct part (x_s · inner_s)
-    nearly cancels its log-decay part: the dx kernel's CB ⊙ decay product with dy must not round to bf16 (it did, and
+    nearly cancels its log-decay part: the dx kernel's CB ⊙ decay must not round to one bf16 operand (it did, and
     d dt_bias was 1.6e-2 from float64 here and Bamba-1B's the one gradient farther from a float32 model with the
     kernels than with the bf16 references). Bamba's initialisation (Δ log-uniform in [1e-3, 0.1], A in [-16, -1]),
     x, B, C and dy in bf16, softplus in float32 as the block applies it; one chunk of 64."""
