@@ -151,7 +151,7 @@ class PinnedSelection:
             self.module.select_tokens = self._select
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *_exc_info):
         if self.active:
             self.module.select_tokens = self.select_tokens
 
