@@ -145,7 +145,7 @@ class Bench:
 
             def kernel(i, config):
                 return gemv.gemv_forward(x, weights[i], config=config)
-        own = gemv.shape_config(N, K, self.multiprocessors)
+        own = gemv.shape_config(N, K, rows, self.multiprocessors)
         candidates = {"own": own, "unfolded": {**own, "FOLD": 1}}
         if not self.dry_run:  # the interpreter takes seconds per candidate: the dry run checks the plumbing only
             candidates.update((self.config_name(c), c) for c in gemv.CONFIGS if c != own)
