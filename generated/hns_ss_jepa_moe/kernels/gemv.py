@@ -48,8 +48,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FEW_ROWS = 4
 """The most rows the generated layers send here (a decoding step of up to 4 sequences); beyond, cuBLAS."""
 
-# What the tuner times at each shape, after the shape's own config (shape_config: what an untuned package runs).
-# Each program's tile is BLOCK_N × BLOCK_K: 1K-8K elements, 32-64 bytes of weight in flight per thread per iteration.
+# What the tuner times at each shape, after the shape's own config (shape_config: what an untuned package runs; GPU
+# call 2 of session 7 timed all of them at Bamba-1B's shapes, bench/gemv.py). Each program's tile is BLOCK_N ×
+# BLOCK_K: 1K-8K elements, 32-64 bytes of weight in flight per thread per iteration.
 # An H200 needs about 3-4 MB in flight to stream at its bandwidth (latency ~0.7 µs × 4.8 TB/s): N × BLOCK_K weights
 # when every program is resident at once, which the folded accumulator allows (32-48 registers a thread).
 CONFIGS = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
@@ -135,19 +136,22 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
 
 
 FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG)
-TILE = 8192  # weights per program and iteration in the shape's own config (BLOCK_N × BLOCK_K)
-
-
-def shape_config(N: int, K: int, multiprocessors: int) -> dict:
-    """The config an untuned package runs at (N, K), first among the candidates: rows per program so that at least
-    two programs per SM exist (GPU call 3: with 8-row tiles Hymba+'s 132- and 320-row matrices ran 17 and 40
-    programs, and its GEMVs averaged 7.5 µs), and columns so that the tile stays TILE weights and a row of K takes
-    as few dependent iterations as possible."""
-    rows = 8
+def shape_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
+    """The config an untuned package runs at (N, K) with M rows of x, first among the candidates: two weight rows
+    per program, of 2048 columns over 4 warps for one row of x and of 1024 over 2 warps for more (GPU call 2 of
+    session 7, every config timed from a CUDA graph at Bamba-1B's shapes: these were the fastest or within 5% at
+    every shape, 0.87 of the copy rate for the SwiGLU pair against 0.64 with the 8 × 1024 tiles of 8 warps, which
+    resident programs bound: fewer, larger tiles leave a tail). Short rows (K below the columns) take more rows,
+    and a matrix too small for two programs per SM fewer (GPU call 3 of session 6: Hymba+'s 132- and 320-row
+    matrices on 17 and 40 programs averaged 7.5 µs), down to one row whose whole K is one iteration."""
+    most_columns = 2048 if M == 1 else 1024
+    columns = min(triton.next_power_of_2(max(K, 1)), most_columns)
+    rows = 2 * most_columns // columns
     while rows > 1 and triton.cdiv(N, rows) < 2 * multiprocessors:
         rows //= 2
-    columns = min(triton.next_power_of_2(max(K, 1)), TILE // rows)
-    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": 8 if rows * columns >= TILE else 4}
+    if triton.cdiv(N, rows) < 2 * multiprocessors:  # few programs: each takes its row in one pass
+        columns = min(triton.next_power_of_2(max(K, 1)), 4096)
+    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": min(max(rows * columns // 1024, 2), 8)}
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -201,7 +205,7 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     key = shape_key(N, K, M, x.dtype, gated)
     with on_device(x):
         if M and N:
-            own = shape_config(N, K, _multiprocessors(x.device))
+            own = shape_config(N, K, M, _multiprocessors(x.device))
             candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
             launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
     return y.view(*x.shape[:-1], N)
@@ -229,7 +233,7 @@ def qkv_gemv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Te
     key = shape_key(NQ + 2 * NKV, K, M, x.dtype, gated=False) + "-qkv"
     with on_device(x):
         if M:
-            own = shape_config(NQ + 2 * NKV, K, _multiprocessors(x.device))
+            own = shape_config(NQ + 2 * NKV, K, M, _multiprocessors(x.device))
             candidates = [own, *(c for c in CONFIGS if c != own)]
             launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
     return y.view(*x.shape[:-1], NQ + 2 * NKV)
