@@ -19,10 +19,9 @@ Sections (each in its own try/except; results and errors go to one JSON file, re
   edges     bf16 numerics at a ragged shape (odd lengths, grouped heads, padding rows, a window, keys past every
             query), on the configs `numerics` tuned
   ncu       (with --ncu after the others, or alone with --only ncu) Nsight Compute on the backward kernels
-            (bench/ncu.py), each launched once in a child process under ncu: dq and dk/dv at the `sparse` shape on
-            their first configs (the fastest measured so far) and on configs that fit three programs per SM, then at
-            the `window` shape. Per launch in the JSON: time, occupancy, registers, issue activity and the stall
-            reasons; ncu's tables in ncu/backward.ncu.txt
+            (bench/ncu.py), each launched once in a child process under ncu: dq and dk/dv on their first configs
+            (the fastest measured so far) at the `sparse` shape, then at the `window` one. Per launch in the JSON:
+            time, occupancy, registers, issue activity and the stall reasons; ncu's tables in ncu/backward.ncu.txt
 
 `sparse` and `window` also record a breakdown: the GPU kernels of a few back-to-back forward + backward calls
 (torch.profiler), each kernel's microseconds per call, their sum (busy_us) and the span from the first kernel's
@@ -62,7 +61,7 @@ import ncu  # bench/ncu.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("numerics", "sparse", "window", "edges")
-NCU_NEEDS_S = 60  # the ncu section: a child process (torch, nine kernel compiles), ncu replaying six launches
+NCU_NEEDS_S = 50  # the ncu section: a child process (torch, eight kernel compiles), ncu replaying four launches
 FULL = {"sparse": {"B": 8, "H": 16, "T": 4096, "D": 128}, "fraction": 0.2,
         "window_shape": {"B": 4, "Hq": 32, "Hkv": 8, "T": 4096, "D": 128}, "window": 1024, "reps": 10}
 TINY = {"sparse": {"B": 2, "H": 2, "T": 64, "D": 16}, "fraction": 0.2,
@@ -513,18 +512,10 @@ class Bench:
         return "\n".join(lines)
 
 
-NCU_ALTERNATIVES = {
-    "dq": {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2, "HEAD_GROUP": 16},
-    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MASK_EDGES_ONLY": 0, "maxnreg": 168},
-}
-"""The backward configs ncu profiles beside each kernel's first: three programs per SM instead of two."""
-
-
 def ncu_backward(device: str) -> list[list]:
     """The launches ncu profiles, each once after a warm-up (compiles; nothing is tuned): the backward (its dq kernel,
-    then its dk/dv kernel) at the `sparse` shape on each kernel's first config (the fastest measured so far), at the
-    same shape on NCU_ALTERNATIVES, and at the `window` shape on the first configs. Returns [label, launches] in
-    launch order (bench/ncu.py)."""
+    then its dk/dv kernel) on each kernel's first config (the fastest measured so far), at the `sparse` shape, then at
+    the `window` one. Returns [label, launches] in launch order (bench/ncu.py)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -555,9 +546,7 @@ def ncu_backward(device: str) -> list[list]:
 
     launches = {
         f"sparse, first configs {first}": backward(c["H"], c["H"], sparse_positions, c["T"], 0, first),
-        f"sparse, three per SM {NCU_ALTERNATIVES}": backward(c["H"], c["H"], sparse_positions, c["T"], 0,
-                                                             NCU_ALTERNATIVES),
-        "window, first configs": backward(w["Hq"], w["Hkv"], window_positions, w["T"], s["window"], first),
+        f"window, first configs {first}": backward(w["Hq"], w["Hkv"], window_positions, w["T"], s["window"], first),
     }
     for run in launches.values():  # compiled and warm before the profiled region
         run()

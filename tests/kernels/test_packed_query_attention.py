@@ -116,30 +116,6 @@ def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
     assert dq.dtype == dtype and (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
 
 
-CAPPED = [("dq", c) for c in pqa.BACKWARD_DQ_CONFIGS if "maxnreg" in c] + [
-    ("dkdv", c) for c in pqa.BACKWARD_DKDV_CONFIGS if "maxnreg" in c]
-
-
-@pytest.mark.parametrize(("kernel", "config"), CAPPED, ids=[f"{kernel}-{config}" for kernel, config in CAPPED])
-def test_register_capped_configs_give_the_same_gradients(kernel, config):
-    """The backward candidates compiled under a register cap (maxnreg: some spill on sm_90), at their own tiles,
-    against the reference: every gradient in bf16 with a window (both masked edges), grouped heads, odd sizes,
-    padding rows. The interpreter ignores the cap; a GPU compiles it."""
-    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=torch.bfloat16, seed=5)
-    q, k, v = (t.detach() for t in (q, k, v))
-    scale, window = 24**-0.5, 7
-    kernel_positions = pqa.kernel_positions(positions, valid)
-    out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
-                                                         keep_float32_out=True, config=pqa.INTERPRETER_CONFIG)
-    cotangent = torch.randn(out.shape, device=DEVICE).bfloat16()
-    configs = {"dq": pqa.INTERPRETER_CONFIG, "dkdv": pqa.INTERPRETER_CONFIG} | {kernel: config}
-    grads = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale, window,
-                                                configs=configs)
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
-    want = pqa.packed_query_attention_reference(*leaves, positions, valid, scale=scale, window=window)
-    compare([out, *grads], [want, *torch.autograd.grad(want, leaves, cotangent.float())], TOLERANCE[torch.bfloat16])
-
-
 @triton.jit
 def _record_launch_order(visits_ptr, HEAD_GROUP: tl.constexpr):
     block, head = pqa._row_block_and_head(HEAD_GROUP)
