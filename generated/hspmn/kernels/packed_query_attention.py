@@ -67,46 +67,50 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    calls_implementation_directly,
+    dtype_name,
+    interpreting,
+    on_device,
+    op_overload,
+    register_op,
+    strided,
+    triton_on_cpu,
+)
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, the choice each
-# kernel documents (HEAD_GROUP, MASK_EDGES_ONLY) and, in some, a register cap (maxnreg: ptxas fits the kernel into
-# that many registers per thread, spilling if it must, so one more program fits on an SM). The first config that fits
-# (see `candidates`) is what a bucket runs untuned (a generated package built without --autotune): each list starts
-# with the H200's fastest at D 128 in bf16 for sparse queries (session 6, GPU call 3; ms of each kernel alone). Beside
-# each: registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6
-# compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a GPU);
-# the stack bytes where ptxas spilled; "mma.sync" where a dot's tile is below 64 rows, which Hopper's warpgroup MMA
-# (wgmma, every other config) needs. An 8-warp config holds one program per SM, so nothing hides its loads and
-# stores; the 4-warp dkdv one with 64 keys fits two, and won by 12%; the untimed ones ask whether three or four win.
-# Measured and dropped (session 6): 8-warp dkdv with 128 keys (0.854 and 0.895 ms, 1.52 and 1.63 with a window),
-# 8-warp dq with 128 rows (0.447), the forward without head groups (0.357).
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choice
+# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY). The first config that fits (see `candidates`) is what a bucket
+# runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
+# bf16 for sparse queries (ms of each kernel alone, session 7's call 2). Beside each: registers per thread, shared
+# memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6 compiles for sm_90 with the run-time
+# specializations (docs/design.md: counting a kernel's registers without a GPU). An 8-warp dkdv config holds one
+# program per SM, so nothing hides its loads of K and V and its stores of dK and dV; the 4-warp ones with 64 keys fit
+# two, and won by 12%. Three or four per SM lost everywhere (session 7, call 2; docs/design.md): under a register cap
+# (maxnreg) the spills cost more than the third program gains, and tiles of 32 keys (dkdv) or 32 rows (dq) compile to
+# mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and ran 2-3x slower.
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
     for m, n, w, s, g in (
-        (64, 64, 4, 3, 16),  # 0.329 ms (heads in groups of 4: 0.355); 255 registers, 112 KB: 2 per SM
-        (64, 32, 4, 3, 16),  # untimed; 168, 64 KB: 3
+        (64, 64, 4, 3, 16),  # 0.327 ms (heads in groups of 4: 0.355; 32 keys, 3 per SM: 0.375); 255 registers, 112 KB: 2
+        (64, 64, 4, 3, 1),  # 0.357 (0.714 against 0.711 with a window)
     )
 ]
 BACKWARD_DQ_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g} | ({"maxnreg": r} if r else {})
-    for m, n, w, s, g, r in (
-        (64, 32, 4, 4, 16, 0),  # 0.410 ms; 177, 96 KB: 2
-        (64, 32, 4, 2, 16, 0),  # untimed; 147, 64 KB: 3
-        (32, 32, 4, 3, 16, 128),  # untimed; 128, 42 KB: 4, mma.sync
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
+    for m, n, w, s, g in (
+        (64, 32, 4, 4, 16),  # 0.407 ms (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
+        (128, 64, 8, 3, 1),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e} | ({"maxnreg": r} if r else {})
-    for m, n, w, s, e, r in (
-        (32, 64, 4, 3, 0, 0),  # 0.751 ms; 237, 80 KB: 2 (16 rows: 0.851)
-        (32, 64, 4, 3, 1, 0),  # 1.287 with a window (one loop: 1.265); 242, 81 KB: 2
-        (16, 64, 4, 3, 0, 168),  # untimed; 168 (112 bytes of stack), 56 KB: 3
-        (32, 64, 4, 2, 0, 168),  # untimed; 168 (320 bytes of stack), 64 KB: 3
-        (16, 32, 4, 3, 0, 168),  # untimed; 168, 30 KB: 3, mma.sync
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
+    for m, n, w, s, e in (
+        (32, 64, 4, 3, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
+        (32, 64, 4, 3, 1),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
@@ -557,7 +561,7 @@ BACKWARD_DKDV_TUNER = Autotuner("packed_query_attention.backward_dkdv", BACKWARD
 
 def _launch_params(cfg: dict) -> dict:
     return {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "num_warps": cfg["num_warps"],
-            "num_stages": cfg["num_stages"], "maxnreg": cfg.get("maxnreg")}  # the interpreter ignores the cap
+            "num_stages": cfg["num_stages"]}
 
 
 def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -> dict:
@@ -802,11 +806,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, q_positions, valid, out32 if keep_float32_out else out, lse)
     ctx.scale, ctx.window = scale, window
     ctx.mark_non_differentiable(lse, out32)
+    ctx.set_materialize_grads(False)  # else autograd zero-fills a gradient of out32's size for the backward to ignore
+    ctx.backward = packed_query_attention_backward_op
 
 
 def _backward(ctx, dout, _dlse, _dout32):
     q, k, v, q_positions, valid, out, lse = ctx.saved_tensors
-    dq, dk, dv = packed_query_attention_backward_op(dout, q, k, v, q_positions, valid, out, lse, ctx.scale, ctx.window)
+    dq, dk, dv = ctx.backward(dout, q, k, v, q_positions, valid, out, lse, ctx.scale, ctx.window)
     return dq, dk, dv, None, None, None, None, None
 
 
@@ -865,11 +871,13 @@ def _sparse_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, selected, out32 if keep_float32_out else out, lse)
     ctx.scale, ctx.window = scale, window
     ctx.mark_non_differentiable(lse, out32)
+    ctx.set_materialize_grads(False)
+    ctx.backward = sparse_query_attention_backward_op
 
 
 def _sparse_backward(ctx, dout, _dlse, _dout32):
     q, k, v, selected, out, lse = ctx.saved_tensors
-    dq, dk, dv = sparse_query_attention_backward_op(dout, q, k, v, selected, out, lse, ctx.scale, ctx.window)
+    dq, dk, dv = ctx.backward(dout, q, k, v, selected, out, lse, ctx.scale, ctx.window)
     return dq, dk, dv, None, None, None, None
 
 
@@ -922,11 +930,13 @@ def _window_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out32 if keep_float32_out else out, lse)
     ctx.window, ctx.scale = window, scale
     ctx.mark_non_differentiable(lse, out32)
+    ctx.set_materialize_grads(False)
+    ctx.backward = sliding_window_attention_backward_op
 
 
 def _window_backward(ctx, dout, _dlse, _dout32):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = sliding_window_attention_backward_op(dout, q, k, v, out, lse, ctx.window, ctx.scale)
+    dq, dk, dv = ctx.backward(dout, q, k, v, out, lse, ctx.window, ctx.scale)
     return dq, dk, dv, None, None, None
 
 
@@ -935,6 +945,51 @@ sliding_window_attention_backward_op = register_op("sliding_window_attention_bac
 sliding_window_attention_op = register_op("sliding_window_attention", _window_forward_impl, _window_forward_fake,
                                           backward=_window_backward, setup_context=_window_setup_context,
                                           namespace=OP_NAMESPACE)
+
+
+class _EagerPackedQueryAttention(torch.autograd.Function):
+    """archgen_v2::packed_query_attention's implementation and autograd without the custom op's dispatch, for eager
+    mode (triton_support.calls_implementation_directly; torch.compile and torch.export take the custom ops, one graph
+    node each). The dispatch is host time on every forward and backward: on the H200 the packed op's forward + backward
+    took 1.599 ms where its kernels summed 1.542 (GPU call 2 of session 7)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, q_positions, valid, scale, window, keep_float32_out):
+        inputs = (q, k, v, q_positions, valid, scale, window, keep_float32_out)
+        output = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.backward = _backward_impl
+        return output
+
+    backward = staticmethod(_backward)
+
+
+class _EagerSparseQueryAttention(torch.autograd.Function):
+    """archgen_v2::sparse_query_attention without the custom op's dispatch (see _EagerPackedQueryAttention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, selected, scale, window, keep_float32_out):
+        inputs = (q, k, v, selected, scale, window, keep_float32_out)
+        output = _sparse_forward_impl(*inputs)
+        _sparse_setup_context(ctx, inputs, output)
+        ctx.backward = _sparse_backward_impl
+        return output
+
+    backward = staticmethod(_sparse_backward)
+
+
+class _EagerSlidingWindowAttention(torch.autograd.Function):
+    """archgen_v2::sliding_window_attention without the custom op's dispatch (see _EagerPackedQueryAttention)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, scale, keep_float32_out):
+        inputs = (q, k, v, window, scale, keep_float32_out)
+        output = _window_forward_impl(*inputs)
+        _window_setup_context(ctx, inputs, output)
+        ctx.backward = _window_backward_impl
+        return output
+
+    backward = staticmethod(_window_backward)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -960,7 +1015,8 @@ def packed_query_attention(
     _check_inputs(q, k, v, q_positions, valid, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, _, _ = packed_query_attention_op(q, k, v, q_positions, valid, scale, int(window or 0), backward_follows)
+    op = _EagerPackedQueryAttention.apply if calls_implementation_directly(q) else packed_query_attention_op
+    out, _, _ = op(q, k, v, q_positions, valid, scale, int(window or 0), backward_follows)
     return out
 
 
@@ -985,7 +1041,8 @@ def sparse_query_attention(
     _check_tensors(q, k, v, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, _, _ = sparse_query_attention_op(q, k, v, selected, scale, int(window or 0), backward_follows)
+    op = _EagerSparseQueryAttention.apply if calls_implementation_directly(q) else sparse_query_attention_op
+    out, _, _ = op(q, k, v, selected, scale, int(window or 0), backward_follows)
     return out
 
 
@@ -1005,7 +1062,8 @@ def sliding_window_attention(q: Tensor, k: Tensor, v: Tensor, window: int, *, sc
         raise ValueError(f"the keys are the queries' own tokens: k and v need T = {q.shape[2]} rows, got {k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     backward_follows = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    out, _, _ = sliding_window_attention_op(q, k, v, int(window), scale, backward_follows)
+    op = _EagerSlidingWindowAttention.apply if calls_implementation_directly(q) else sliding_window_attention_op
+    out, _, _ = op(q, k, v, int(window), scale, backward_follows)
     return out
 
 
