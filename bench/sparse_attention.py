@@ -37,6 +37,8 @@ sparse_attention.bars.json (bar rows in bench/results/bars.json's format, to app
 Run from the repository root on the GPU machine (needs only torch and triton; ~100 s, mostly Triton compiles and
 autotuning):
     python bench/sparse_attention.py --out $OUT --budget-s 110
+The bars alone, each kernel on its first config (no tuning compiles), in about half the time:
+    python bench/sparse_attention.py --only sparse,window --bars-only --untuned --out $OUT
 On a CPU, tiny shapes in Triton's interpreter, timings meaningless (exercises every code path):
     python bench/sparse_attention.py --dry-run --out /tmp/sparse_attention
 """
@@ -86,7 +88,7 @@ def load_module(name: str, relative_path: str):
 
 
 class Bench:
-    def __init__(self, out: Path, dry_run: bool, budget_s: float, only: set[str]):
+    def __init__(self, out: Path, dry_run: bool, budget_s: float, only: set[str], bars_only: bool = False):
         import torch
 
         sys.path.insert(0, str(ROOT))
@@ -95,6 +97,7 @@ class Bench:
         self.torch, self.pqa = torch, pqa
         self.routing = load_module("sparse_bench_routing", "templates/runtime/routing.py")
         self.out, self.dry_run, self.budget_s, self.only = out, dry_run, budget_s, only
+        self.bars_only = bars_only  # the bars' figures and their peers only: no context variants, breakdowns
         self.device = "cpu" if dry_run else "cuda"
         self.s = TINY if dry_run else FULL
         self.started = time.perf_counter()
@@ -381,20 +384,23 @@ class Bench:
         record["kernel_packed"] = self.fwd_and_bwd_ms(kernel, (q_packed, k, v))
         record["kernel_packed"]["peak_GiB"] = self.peak_gib()
         record["kernel_full_length"] = self.fwd_and_bwd_ms(kernel_full_length, (q_full, k, v))
-        record["kernel_with_pack_gather_scatter"] = self.fwd_and_bwd_ms(kernel_end_to_end, (q_full, k, v))
-        try:
-            record["routing_chunked_sdpa_packed"] = self.fwd_and_bwd_ms(chunked_sdpa, (q_packed, k, v))
-        except Exception as error:  # noqa: BLE001 - context only
-            record["routing_chunked_sdpa_packed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+        if not self.bars_only:
+            record["kernel_with_pack_gather_scatter"] = self.fwd_and_bwd_ms(kernel_end_to_end, (q_full, k, v))
+            try:
+                record["routing_chunked_sdpa_packed"] = self.fwd_and_bwd_ms(chunked_sdpa, (q_packed, k, v))
+            except Exception as error:  # noqa: BLE001 - context only
+                record["routing_chunked_sdpa_packed"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         best, peers = self._sdpa_peers(q_full, k, v, record)
         record["peer"] = best
         useful = 4 * H * D * float(positions.masked_fill(~valid, -1).add(1).sum())  # QK^T and PV over visible keys
-        record["kernel_backward_alone_ms"] = self.backward_alone_ms(q_packed, k, v, positions, valid, window=0)
-        record["breakdown"] = {
-            "kernel_packed_fwd_bwd": self.fwd_bwd_breakdown(kernel, (q_packed, k, v)),
-            "kernel_full_length_fwd": self.fwd_breakdown(kernel_full_length, (q_full, k, v)),
-            f"peer_{best['fwd_bwd_ms']}_fwd_bwd": self.fwd_bwd_breakdown(peers[best["fwd_bwd_ms"]], (q_full, k, v)),
-        }
+        if not self.bars_only:
+            record["kernel_backward_alone_ms"] = self.backward_alone_ms(q_packed, k, v, positions, valid, window=0)
+            record["breakdown"] = {
+                "kernel_packed_fwd_bwd": self.fwd_bwd_breakdown(kernel, (q_packed, k, v)),
+                "kernel_full_length_fwd": self.fwd_breakdown(kernel_full_length, (q_full, k, v)),
+                f"peer_{best['fwd_bwd_ms']}_fwd_bwd": self.fwd_bwd_breakdown(peers[best["fwd_bwd_ms"]],
+                                                                             (q_full, k, v)),
+            }
         record["kernel_packed"]["fwd_TFLOPs"] = useful / (record["kernel_packed"]["fwd_ms"] * 1e-3) / 1e12
         record["kernel_packed"]["fwd_bwd_TFLOPs"] = 3.5 * useful / (record["kernel_packed"]["fwd_bwd_ms"] * 1e-3) / 1e12
         for key, label in (("fwd_ms", "fwd"), ("fwd_bwd_ms", "fwd+bwd")):
@@ -438,16 +444,18 @@ class Bench:
             mask = create_block_mask(sliding, B=None, H=None, Q_LEN=T, KV_LEN=T, device=self.device)
             compiled = torch.compile(flex_attention)
             variants["peer_flex"] = lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=True)
-        variants["archgen_banded_sdpa"] = banded_sdpa
+        if not self.bars_only:
+            variants["archgen_banded_sdpa"] = banded_sdpa
         for name, fn in variants.items():
             try:
                 record[name] = self.fwd_and_bwd_ms(fn, (q, k, v))
             except Exception as error:  # noqa: BLE001 - a failing peer is recorded
                 record[name] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
             self.write()
-        record["kernel_backward_alone_ms"] = self.backward_alone_ms(q, k, v, positions, valid, window=W)
-        record["breakdown"] = {f"{name}_fwd_bwd": self.fwd_bwd_breakdown(variants[name], (q, k, v))
-                               for name in ("kernel", "peer_flex") if "fwd_ms" in record.get(name, {})}
+        if not self.bars_only:
+            record["kernel_backward_alone_ms"] = self.backward_alone_ms(q, k, v, positions, valid, window=W)
+            record["breakdown"] = {f"{name}_fwd_bwd": self.fwd_bwd_breakdown(variants[name], (q, k, v))
+                                   for name in ("kernel", "peer_flex") if "fwd_ms" in record.get(name, {})}
         window_key = pqa.shape_key(D, D, Hq // Hkv, True, dt)
         record["configs"] = {name: chosen.get(window_key) for name, chosen in pqa.tuned_configs().items()}
         with torch.no_grad():
@@ -564,6 +572,11 @@ def main() -> None:
     parser.add_argument("--ncu", action="store_true", help="then profile the backward kernels with Nsight Compute")
     parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
     parser.add_argument("--budget-s", type=float, default=110.0, help="stop starting sections after this many seconds")
+    parser.add_argument("--bars-only", action="store_true",
+                        help="only the bars' figures and their peers (no context variants, breakdowns, backward alone)")
+    parser.add_argument("--untuned", action="store_true",
+                        help="each kernel on its first config (the fastest measured so far), nothing tuned: no compiles "
+                             "of the other candidates")
     args = parser.parse_args()
     if args.ncu_child:
         ncu.child_main({"backward": ncu_backward}, args.ncu_child, args.out)
@@ -576,7 +589,11 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
-    bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and profile else only)
+    bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and profile else only, args.bars_only)
+    if args.untuned:
+        from kernels import triton_support  # the repository's, on the path since Bench imported its kernels
+
+        triton_support.RUNTIME_TUNING = False  # an untuned bucket runs its tuner's first candidate
     needs = {"numerics": 45, "sparse": 15, "window": 45, "edges": 15}  # seconds, compiles included: a late section is skipped
     runs = {"numerics": bench.numerics, "sparse": bench.sparse, "edges": bench.edges, "window": bench.window}
     for name in SECTIONS:
