@@ -53,16 +53,18 @@ register tile (its time axis within the lane: writing and reading a row are move
 the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}. The sums over n stay within a lane;
 the sums over channels (dB_t, dC_t) cross lanes, 5 shuffle rounds each. Reductions are deterministic, without
 atomics: dA, dD and d delta_bias summed per lane over time and written per batch row ((B, D, N), (B, D)), dB and dC
-per block of channels ((B, T, blocks, N)); torch sums those. Each step's loads wait behind the previous step's
-stores (they may alias), and with one warp per 32 channels little hides their latency. Two config choices attack
-it: READONLY loads the inputs through the read-only path (PTX ld.global.nc), which frees them from the stores' order
-(and lets the compiler reuse a piece's loads between its recompute and its adjoint: sm_90 SASS offline, 98 -> 80
-MUFU and 160 -> 142 loads a piece at SUB 2); PREFETCH issues PTX prefetches of the next chunk's rows (u, delta, z,
-dy, B, C, its checkpoint) as a chunk starts, so that its loads find them in L1 or L2 rather than DRAM, at no
-register cost. (H200, anchor shape: 19.8 ms, gpu6/call3; mamba_ssm's
-backward about 9 ms. Two time-parallel backwards, scanning a chunk's adjoints at once with a reverse
-`tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK, BLOCK_D, N) tiles 32-47 ms, on
-(CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
+per block of channels ((B, T, blocks, N)); torch sums those. PREFETCH issues PTX prefetches of the next chunk's
+rows (u, delta, z, dy, B, C, its checkpoint) into L1 as a chunk starts, at no register cost. Nsight Compute (gpu7/
+call3) shows why the backward is slow: ptxas gives it 255 registers a thread, so 8 warps fit an SM (2 per scheduler,
+occupancy 12%), and the grid (one warp per 32 channels: 1024 warps at the anchor shape) fills exactly one wave of
+them; issue slots are 35% busy, DRAM 3%: each warp waits on its own dependent chain of loads, MUFU and shuffles.
+Chunks of 4 steps cut the recomputed steps from 4.5 to 1 a step (SUB 4: the piece is the chunk): the backward went
+from 19.8 to 13.6 ms, forward+backward from 22.4 to 17.3 ms (the forward writes 4 times the checkpoint bytes: 2.55
+to 3.48 ms). (H200, anchor shape, gpu7/call3; mamba_ssm's forward+backward 11.4 ms, its backward about 9 ms.
+Loading the inputs through the read-only path (PTX ld.global.nc, free of the stores' order) ran 16% (chunk 16)
+and 44% (chunk 4) slower: the compiler hoisted the loads and spilled. Two time-parallel backwards, scanning a chunk's
+adjoints at once with a reverse `tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK,
+BLOCK_D, N) tiles 32-47 ms, on (CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -97,10 +99,11 @@ from .triton_support import (
     triton_on_cpu,
 )
 
-CHUNK_SIZE = 16
+CHUNK_SIZE = 4
 """Time steps per chunk (a power of two): the forward checkpoints the state entering every chunk, and the backward
 recomputes a chunk's states from its checkpoint; longer chunks take fewer checkpoint bytes but make the backward
-recompute more steps (see the module docstring)."""
+recompute more steps (see the module docstring). 4 on the H200 at the anchor shape: forward+backward 17.3 ms against
+22.4 ms at 16 (gpu7/call3)."""
 FORWARD_TILE = 16
 """Time steps the forward scans at once (a power of two), or the chunk if that is longer: a tile holds whole chunks."""
 
@@ -111,34 +114,30 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 # values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
 # (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. At 16 channels on 4 warps
 # ptxas takes 168 registers a thread (sm_90, offline), 3 programs per SM: the anchor's 2048 programs run in 5.2
-# waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. The backward puts one
+# waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. On the H200 (gpu7/call3,
+# triton 3.6) the uncapped one took 128 registers already; capped, the training forward at chunk 4 ran 3.48 against
+# 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. The backward puts one
 # channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
-# states at once (SUB · N registers per lane; fewer recomputed exp2s the more it holds): its best on the H200 at
-# chunk 16 (SUB 2), that one loading through the read-only path (READONLY) and prefetching the next chunk into L1 or
-# L2 (PREFETCH 1, 2), SUB 4 (which recomputes nothing at chunk 4; with READONLY the compiler hoists all its loads
-# and spills, sm_90 SASS offline), and 64 channels on 2 warps.
+# states at once (SUB · N registers per lane; fewer recomputed steps the more it holds). Its space, from gpu7/call3:
+# at chunk 4, SUB 4 with PREFETCH (13.6 ms) and SUB 2 without (14.3 ms; the best at chunk 16, 19.8 ms); 64 channels
+# on 2 warps (session 6's second best at chunk 16).
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
-    {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1},
 ]
 BACKWARD_CONFIGS = [
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "READONLY": 0},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "READONLY": 1},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 1, "READONLY": 1},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 2, "READONLY": 1},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "READONLY": 0},
-    {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 1, "READONLY": 1},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0},
+    {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 0},
 ]
-FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}
-BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "READONLY": 0}
+FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128}
+BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu6/call2 and call3). A config pinned
+generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu7/call3, chunk 4). A config pinned
 without PREFETCH does not prefetch (older tuning tables); one without SUB holds BACKWARD_DEFAULT's."""
-INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4, "READONLY": 1}
+INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
-ignores SUB and READONLY; the backward's prefetches and read-only loads are PTX, which the interpreter runs as
-nothing and as tl.load)."""
+ignores SUB; the backward's prefetches are PTX, which the interpreter runs as nothing)."""
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -161,36 +160,17 @@ def _state_offsets(batch, stride_b, stride_d, stride_n, n_offs, d_offs):
 
 
 @triton.jit
-def _load_input(ptrs, mask, READONLY: tl.constexpr):
-    """tl.load(ptrs, mask, other=0) in float32; with READONLY through the read-only (non-coherent) path, PTX
-    ld.global.nc. The backward never writes its inputs, and saying so lets the compiler issue a step's loads before
-    the previous step's stores, which an ordinary load must wait for (they might alias); it also lets it reuse a
-    value loaded twice. tl.load under the interpreter."""
-    if READONLY and HARDWARE_MATH:
-        if ptrs.dtype.element_ty == tl.float32:
-            value = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.nc.b32 $0, [$1]; }",
-                "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.float32, is_pure=True, pack=1)
-        else:  # float16 or bfloat16
-            value = tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.nc.b16 $0, [$1]; }",
-                "=h,l,r", [ptrs, mask.to(tl.int32)], dtype=ptrs.dtype.element_ty, is_pure=True, pack=1)
-    else:
-        value = tl.load(ptrs, mask=mask, other=0.0)
-    return value.to(tl.float32)
-
-
-@triton.jit
-def _step_row(ptr, stride_b, stride_t, stride_col, pid_b, t, cols, mask, READONLY: tl.constexpr):
+def _step_row(ptr, stride_b, stride_t, stride_col, pid_b, t, cols, mask):
     """Row t of one batch row of a (B, T, cols) tensor, in float32 (0 where masked)."""
-    return _load_input(ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_col, cols), mask, READONLY)
+    return tl.load(ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_col, cols), mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _step_delta(delta_ptr, stride_b, stride_t, stride_d, pid_b, t, d_offs, td_in, bias,
-                HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, READONLY: tl.constexpr):
+                HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
     """(delta_t + bias, Δ_t) of one step for a row of channels; Δ = 0 past the end (an identity step)."""
-    raw = _load_input(delta_ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_d, d_offs), td_in, READONLY)
+    raw = tl.load(delta_ptr + _step_offsets(pid_b, t, stride_b, stride_t, stride_d, d_offs),
+                  mask=td_in, other=0.0).to(tl.float32)
     if HAS_DELTA_BIAS:
         raw += bias
     dt = softplus(raw) if DELTA_SOFTPLUS else raw
@@ -202,14 +182,14 @@ def _forward_step(state, t, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, b
                   u_ptr, u_stride_b, u_stride_t, u_stride_d,
                   delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                   B_ptr, B_stride_b, B_stride_t, B_stride_n,
-                  HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, READONLY: tl.constexpr):
+                  HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
     """h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t for the (BLOCK_N, BLOCK_D) state of a row of channels."""
     td_in = tl.where(t < seqlen, d_in, False)
     tn_in = tl.where(t < seqlen, n_in, False)
-    u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in, READONLY)
+    u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
     _, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs, td_in, bias,
-                        HAS_DELTA_BIAS, DELTA_SOFTPLUS, READONLY)
-    B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in, READONLY)
+                        HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+    B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
     return tl.exp2(dt[None, :] * A_log2) * state + (dt * u)[None, :] * B[:, None]
 
 
@@ -278,17 +258,12 @@ def _row(tile, rows, index):
 
 
 @triton.jit
-def _prefetch(ptrs, LEVEL: tl.constexpr):
-    """Start moving the cache lines that hold ptrs into L2 (LEVEL 2) or L1 (LEVEL 1), PTX prefetch.global: a later
-    load of them waits for the cache rather than DRAM, and nothing waits for the prefetch. Nothing under the
-    interpreter, which runs no PTX."""
+def _prefetch(ptrs):
+    """Start moving the cache lines that hold ptrs into L1 (PTX prefetch.global.L1): a later load of them waits for
+    the cache rather than DRAM, and nothing waits for the prefetch. Nothing under the interpreter, which runs no PTX."""
     if HARDWARE_MATH:
-        if LEVEL == 1:
-            tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                                      is_pure=False, pack=1)
+        tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -300,21 +275,21 @@ def _prefetch_chunk(chunk, pid_b, d_offs, d_in, seqlen,
                     z_ptr, z_stride_b, z_stride_t, z_stride_d,
                     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
                     ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d,
-                    HAS_Z: tl.constexpr, CHUNK: tl.constexpr, LEVEL: tl.constexpr):
+                    HAS_Z: tl.constexpr, CHUNK: tl.constexpr):
     """Prefetch what the backward reads of one chunk: its rows of u, delta, z, dy, B, C and its checkpoint. Addresses
     past the sequence or the channels are clamped to the last valid ones (prefetching those is harmless)."""
     rows = tl.minimum(chunk * CHUNK + tl.arange(0, CHUNK), seqlen - 1)
     cols = tl.where(d_in, d_offs, 0)
-    _prefetch(u_ptr + _tile_offsets(pid_b, 0, u_stride_b, u_stride_t, u_stride_d, rows, cols), LEVEL)
-    _prefetch(delta_ptr + _tile_offsets(pid_b, 0, delta_stride_b, delta_stride_t, delta_stride_d, rows, cols), LEVEL)
-    _prefetch(dy_ptr + _tile_offsets(pid_b, 0, dy_stride_b, dy_stride_t, dy_stride_d, rows, cols), LEVEL)
+    _prefetch(u_ptr + _tile_offsets(pid_b, 0, u_stride_b, u_stride_t, u_stride_d, rows, cols))
+    _prefetch(delta_ptr + _tile_offsets(pid_b, 0, delta_stride_b, delta_stride_t, delta_stride_d, rows, cols))
+    _prefetch(dy_ptr + _tile_offsets(pid_b, 0, dy_stride_b, dy_stride_t, dy_stride_d, rows, cols))
     if HAS_Z:
-        _prefetch(z_ptr + _tile_offsets(pid_b, 0, z_stride_b, z_stride_t, z_stride_d, rows, cols), LEVEL)
+        _prefetch(z_ptr + _tile_offsets(pid_b, 0, z_stride_b, z_stride_t, z_stride_d, rows, cols))
     # A row of B or C (N values, at most 512 bytes at N = 256) begins a line: its first element's address stands for it.
-    _prefetch(B_ptr + tl.cast(pid_b, tl.int64) * B_stride_b + rows * B_stride_t, LEVEL)
-    _prefetch(C_ptr + tl.cast(pid_b, tl.int64) * C_stride_b + rows * C_stride_t, LEVEL)
+    _prefetch(B_ptr + tl.cast(pid_b, tl.int64) * B_stride_b + rows * B_stride_t)
+    _prefetch(C_ptr + tl.cast(pid_b, tl.int64) * C_stride_b + rows * C_stride_t)
     _prefetch(ckpt_ptr + tl.cast(pid_b, tl.int64) * ckpt_stride_b + tl.cast(chunk, tl.int64) * ckpt_stride_c
-              + cols * ckpt_stride_d, LEVEL)
+              + cols * ckpt_stride_d)
 
 
 @triton.jit
@@ -470,8 +445,7 @@ def _selective_scan_bwd_kernel(
     HAS_DFINAL: tl.constexpr,  # the final state has a gradient (else it is zero)
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
     SUB: tl.constexpr,  # steps whose states are held at once (divides CHUNK)
-    PREFETCH: tl.constexpr,  # prefetch the next chunk's inputs while this one runs: 0 no, 1 into L1, 2 into L2
-    READONLY: tl.constexpr,  # load the inputs through the read-only path (ld.global.nc), free of the stores' order
+    PREFETCH: tl.constexpr,  # prefetch the next chunk's inputs into L1 while this one runs
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
 ):
@@ -511,14 +485,15 @@ def _selective_scan_bwd_kernel(
                             delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                             B_ptr, B_stride_b, B_stride_t, C_ptr, C_stride_b, C_stride_t,
                             z_ptr, z_stride_b, z_stride_t, z_stride_d, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
-                            ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, HAS_Z, CHUNK, PREFETCH)
+                            ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, HAS_Z, CHUNK)
         # The chunk's pieces of SUB steps, last first. For each, the forward runs again from the chunk's checkpoint
         # to the piece's end, holding the piece's SUB states (in registers: the time axis lies within each lane),
         # then the adjoint runs back over the piece. Recomputing the steps before the piece costs exp2s (on
         # average (CHUNK / SUB + 1) / 2 per step and state), which are cheaper than holding CHUNK states per lane.
         for piece_from_end in range(CHUNK // SUB):
             t_piece = chunk * CHUNK + (CHUNK // SUB - 1 - piece_from_end) * SUB
-            state = _load_input(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, nd_in, READONLY)
+            state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
+            state = state.to(tl.float32)
             # Unrolled SUB times (the trip count is a multiple of SUB), so that several steps' loads are in flight.
             # (A chunk of one piece has nothing to recompute, and Triton cannot unroll a loop that never runs.)
             if SUB < CHUNK:
@@ -527,14 +502,14 @@ def _selective_scan_bwd_kernel(
                                           u_ptr, u_stride_b, u_stride_t, u_stride_d,
                                           delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                                           B_ptr, B_stride_b, B_stride_t, B_stride_n,
-                                          HAS_DELTA_BIAS, DELTA_SOFTPLUS, READONLY)
+                                          HAS_DELTA_BIAS, DELTA_SOFTPLUS)
             states = tl.zeros((SUB, BLOCK_N, BLOCK_D), dtype=tl.float32)
             for i in tl.static_range(SUB):
                 state = _forward_step(state, t_piece + i, pid_b, d_offs, n_offs, d_in, n_in, seqlen, A_log2, bias,
                                       u_ptr, u_stride_b, u_stride_t, u_stride_d,
                                       delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                                       B_ptr, B_stride_b, B_stride_t, B_stride_n,
-                                      HAS_DELTA_BIAS, DELTA_SOFTPLUS, READONLY)
+                                      HAS_DELTA_BIAS, DELTA_SOFTPLUS)
                 states = tl.where(sub_rows == i, state[None, :, :], states)
 
             for i in tl.static_range(SUB - 1, -1, -1):
@@ -543,19 +518,19 @@ def _selective_scan_bwd_kernel(
                 tn_in = tl.where(t < seqlen, n_in, False)
                 # h_t, read out of the held states: a sum whose other terms are -0.0, which the compiler drops
                 h = tl.sum(tl.where(sub_rows == i, states, -0.0), axis=0)
-                u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in, READONLY)
+                u = _step_row(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t, d_offs, td_in)
                 dt_raw, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs,
-                                         td_in, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS, READONLY)
-                B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in, READONLY)
-                C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in, READONLY)
-                dy = _step_row(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t, d_offs, td_in, READONLY)
+                                         td_in, bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+                B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t, n_offs, tn_in)
+                C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
+                dy = _step_row(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t, d_offs, td_in)
                 decay = tl.exp2(dt[None, :] * A_log2)
                 dtu = dt * u
                 inp = dtu[None, :] * B[:, None]
 
                 # Through the gate and the skip: dy_ssm is the gradient of y before the gate (zero past the end).
                 if HAS_Z:
-                    z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in, READONLY)
+                    z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in)
                     y = tl.sum(h * C[:, None], axis=0) + skip * u
                     gate = sigmoid(z)
                     dz = dy * y * gate * (1.0 + z * (1.0 - gate))  # silu'(z) = σ(z) (1 + z (1 - σ(z)))
@@ -625,9 +600,9 @@ def candidates(tuner: Autotuner, dim: int) -> list[dict]:
 def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
-    return {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
-            "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"]),
-            "READONLY": config.get("READONLY", 0)} | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
+    explicit = {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
+                "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+    return explicit | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -789,7 +764,7 @@ def selective_scan_backward(
             *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
             *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
-            READONLY=cfg.get("READONLY", 0), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
         )
         return dB_part, dC_part
 
