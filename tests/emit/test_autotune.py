@@ -90,7 +90,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     table = json.loads(table_path.read_text())
     assert table["tuned_for"]["batches"] == [2] and table["tuned_for"]["seq_lens"] == [8]
     keys = {(e["kernel"], e["key"]) for e in table["entries"]}
-    assert keys == {("selective_scan.forward", "D32-N4-L16-float32"), ("selective_scan.backward", "D32-N4-L16-float32"),
+    assert keys == {("selective_scan.forward", "D32-N4-L4-float32"), ("selective_scan.backward", "D32-N4-L4-float32"),
                     *(("rms_norm." + kernel, f"N16-R1024-float32-{variant}") for kernel in ("forward", "backward")
                       for variant in ("plain", "fused")),
                     # the conv over a sequence (forward, one-pass backward) and a decoding step from its state
@@ -113,7 +113,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
         support = kernels.triton_support
         assert support.RUNTIME_TUNING is False
         forward = support.TUNERS["selective_scan.forward"]
-        assert set(forward.chosen) == {{"D32-N4-L16-float32"}}, forward.chosen
+        assert set(forward.chosen) == {{"D32-N4-L4-float32"}}, forward.chosen
 
         def run(dtype):
             g = torch.Generator().manual_seed(0)
@@ -130,8 +130,8 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
             run(torch.bfloat16)
         messages = [str(w.message) for w in caught if "no tuned config" in str(w.message)]
         assert len(messages) == 1, messages
-        assert "selective_scan.forward at D32-N4-L16-bfloat16" in messages[0] and "--autotune" in messages[0]
-        assert list(support.UNTUNED) == [("selective_scan.forward", "D32-N4-L16-bfloat16")]
+        assert "selective_scan.forward at D32-N4-L4-bfloat16" in messages[0] and "--autotune" in messages[0]
+        assert list(support.UNTUNED) == [("selective_scan.forward", "D32-N4-L4-bfloat16")]
         assert not forward.timings, "running never tunes"
         print("ok")
     """)
