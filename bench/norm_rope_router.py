@@ -26,10 +26,9 @@
            gradient).
 
   ncu      (with --ncu, after the others) Nsight Compute on the RMSNorm kernels at the rmsnorm shape (bench/ncu.py):
-           our forward at its default config, at 4 warps and capped at 32 registers, Liger's forward, our backward
-           (and its dw sum) at two configs and Liger's, each launched once in a child process under ncu: DRAM bytes
-           and throughput, occupancy, registers, instructions and stall reasons per launch in the JSON, ncu's tables
-           in ncu/rmsnorm.ncu.txt.
+           our forward at its default config and at 4 warps, Liger's forward, our backward (and its dw sum) and
+           Liger's, each launched once in a child process under ncu: DRAM bytes and throughput, occupancy,
+           registers, instructions and stall reasons per launch in the JSON, ncu's tables in ncu/rmsnorm.ncu.txt.
            It tells apart kernels whose timings differ by a few percent (our forward against Liger's).
 
 Writes norm_rope_router.json and norm_rope_router.bars.json ({"figure", "archgen", "unit", "reference",
@@ -561,9 +560,8 @@ class Bench:
 
 def ncu_rmsnorm(device: str) -> list[list]:
     """The launches ncu profiles at the rmsnorm shape, each once after a warm-up: our forward at its default config
-    (the H200's choice), at 4 warps and capped at 32 registers, Liger's forward, our backward (its kernel and the dw
-    sum) at its default config and one row at 16 warps capped at 64 registers, and Liger's backward kernel. Returns
-    [label, launches] in launch order (bench/ncu.py)."""
+    (the H200's choice) and at 4 warps, Liger's forward, our backward (its kernel and the dw sum) at its default
+    config, and Liger's backward kernel. Returns [label, launches] in launch order (bench/ncu.py)."""
     kernels_package()
     from archgen_kernels import rmsnorm as rn
 
@@ -577,8 +575,6 @@ def ncu_rmsnorm(device: str) -> list[list]:
     launches = {
         f"archgen forward {forward}": (lambda: rn.rms_norm_forward(x, None, w, EPS, forward), 1),
         "archgen forward at 4 warps": (lambda: rn.rms_norm_forward(x, None, w, EPS, {**forward, "num_warps": 4}), 1),
-        "archgen forward at 32 registers": (
-            lambda: rn.rms_norm_forward(x, None, w, EPS, {**forward, "maxnreg": rn.FULL_OCCUPANCY_REGISTERS}), 1),
     }
     _, s, rstd = rn.rms_norm_forward(x, None, w, EPS, forward)
     if not dry_run:
@@ -587,10 +583,8 @@ def ncu_rmsnorm(device: str) -> list[list]:
         leaves = [x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()]
         y = LigerRMSNormFunction.apply(*leaves, EPS, 0.0, "llama", False)
         launches["Liger forward"] = (lambda: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "llama", False), 1)
-    one_row = {"PER_SM": 2, "BLOCK_R": 1, "num_warps": 16, "num_stages": 1, "PREFETCH": 1, "maxnreg": 64}
-    for config in (backward, one_row):
-        launches[f"archgen backward {config} (+ dw sum)"] = (
-            lambda config=config: rn.rms_norm_backward(dy, None, s, w, rstd, config), 2)
+    launches[f"archgen backward {backward} (+ dw sum)"] = (
+        lambda: rn.rms_norm_backward(dy, None, s, w, rstd, backward), 2)
     if not dry_run:
         launches["Liger backward"] = (lambda: torch.autograd.grad([y], leaves, [dy], retain_graph=True), 1)
     for fn, _ in launches.values():  # compiled and warm before the profiled region
