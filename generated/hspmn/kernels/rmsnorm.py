@@ -64,11 +64,8 @@ MAX_TILE = 16384
 """Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
 
 FORWARD_CONFIGS = [{"BLOCK_R": rows, "num_warps": warps} for rows in (1, 2, 4, 8, 16, 32) for warps in (2, 4, 8, 16)]
-# A row of 4096 at 8 warps takes 38 registers a thread (sm_90, triton 3.6), as Liger-Kernel's forward does: six
-# programs per SM, 48 warps. Capped at 32 (no spills, the same 216 instructions) eight fit, 64 warps: a third more rows
-# in flight. The cap is for one-row tiles of at most 16 elements a thread.
-FULL_OCCUPANCY_REGISTERS = 32
-FORWARD_CONFIGS += [{"BLOCK_R": 1, "num_warps": 8, "maxnreg": FULL_OCCUPANCY_REGISTERS}]
+# A row of 4096 at 8 warps takes 38 registers a thread on sm_90, as Liger-Kernel's forward does (six programs per SM);
+# capped at 32 (eight programs, no spills) it ran 135.6 µs against 134.7 (GPU call 3 of session 7): not tried further.
 # One program per SM left the H200 idle (0.33 ms against 0.24 at 32768 × 4096 bf16) and a third stage never helped
 # (GPU call 1 of session 6): those candidates only cost compiles.
 # PREFETCH (the next tile loaded before this one's reduction) won every pairing at 32768 × 4096 bf16 on the H200,
@@ -76,12 +73,9 @@ FORWARD_CONFIGS += [{"BLOCK_R": 1, "num_warps": 8, "maxnreg": FULL_OCCUPANCY_REG
 BACKWARD_CONFIGS = [{"PER_SM": per_sm, "BLOCK_R": tile_rows, "num_warps": warps, "num_stages": 1, "PREFETCH": prefetch}
                     for per_sm in (2, 4) for tile_rows in (1, 2, 4, 8, 16) for warps in (4, 8, 16)
                     for prefetch in (0, 1)]
-# The H200's choice above (tiles of 2 rows at 16 warps, prefetched) takes 126 registers a thread (sm_90, triton 3.6):
-# one program per SM, 16 warps, whatever PER_SM says. One row at 16 warps, prefetched, fits 64 registers without
-# spills (71 uncapped): two programs per SM, the same bytes in flight and twice the warps to cover the reductions'
-# barriers.
-BACKWARD_CONFIGS += [{"PER_SM": per_sm, "BLOCK_R": 1, "num_warps": 16, "num_stages": 1, "PREFETCH": 1, "maxnreg": 64}
-                     for per_sm in (2, 4)]
+# The H200's choice (tiles of 2 rows at 16 warps, prefetched) takes 126 registers a thread on sm_90: one program per
+# SM whatever PER_SM says. One row at 16 warps capped at 64 registers (two programs per SM, no spills) ran 231.6 µs
+# against 226.5 (GPU call 3 of session 7): not tried further.
 MAX_BACKWARD_TILE = 8192
 """Most elements a backward tile holds: it keeps four float32 tiles live (s, dy, ds and the dw accumulator)."""
 MAX_STAGED_BYTES = 160 * 1024
@@ -304,7 +298,7 @@ def forward_candidates(N: int) -> list[dict]:
     default_rows = min(max(4096 // block, 1), 32)
     default = {"BLOCK_R": default_rows, "num_warps": _warps_for(default_rows * block)}
     fitting = [c for c in FORWARD_CONFIGS if c["BLOCK_R"] * block <= max(MAX_TILE, block)
-               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= (16 if "maxnreg" in c else 32)]
+               and 4 <= max(c["BLOCK_R"] * block, 128) // (c["num_warps"] * 32) <= 32]
     return [default, *(c for c in fitting if c != default)]
 
 
@@ -377,7 +371,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     """(y, s, rstd): y like x, contiguous (the kernels write rows N apart); s = x + residual likewise (x itself when
     residual is None); rstd (R,) float32.
 
-    config: {"BLOCK_R": …, "num_warps": …, optionally "maxnreg": …} to bypass the tuner."""
+    config: {"BLOCK_R": …, "num_warps": …} to bypass the tuner."""
     N = x.shape[-1]
     R = x.numel() // N
     x2, stride_x = _rows(x)
@@ -391,7 +385,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
         _rms_norm_fwd_kernel[(_cdiv(R, cfg["BLOCK_R"]),)](
             x2, res2, weight, y, s, rstd, R, N, stride_x, stride_res, eps,
             HAS_RESIDUAL=residual is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
-            num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
+            num_warps=cfg["num_warps"],
         )
 
     key = shape_key(N, R, x.dtype, residual is not None)
@@ -405,8 +399,7 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
                       config: dict | None = None) -> tuple[Tensor, Tensor]:
     """(ds like s, dw like weight): the gradient reaching the normalised input (plus ds_out) and the weight's.
 
-    config: {"PER_SM": …, "BLOCK_R": …, "num_warps": …, "num_stages": …, "PREFETCH": 0 or 1, optionally "maxnreg": …}
-    to bypass the tuner.
+    config: {"PER_SM": …, "BLOCK_R": …, "num_warps": …, "num_stages": …, "PREFETCH": 0 or 1} to bypass the tuner.
     A launch, as the tuner times it, includes summing the dw partials: more programs per SM mean more partial rows
     (on the H200 torch summed 528 × 4096 of them in 16.5 µs, 7% of the kernel's time)."""
     N = s.shape[-1]
@@ -425,7 +418,6 @@ def rms_norm_backward(dy: Tensor, ds_out: Tensor | None, s: Tensor, weight: Tens
             dy2, ds_out2, s2, weight, rstd, ds, dw_partial, R, N, rows_per_program, stride_dy, stride_ds_out, stride_s,
             HAS_DS_OUT=ds_out is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block,
             PREFETCH=bool(cfg.get("PREFETCH", 0)), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            maxnreg=cfg.get("maxnreg"),
         )
         partial_rows, columns = _dw_tile(programs)
         _rms_norm_dw_kernel[(_cdiv(N, columns),)](
