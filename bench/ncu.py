@@ -24,6 +24,7 @@ import io
 import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,8 @@ KEY_METRICS = {
     "smsp__issue_active.avg.pct_of_peak_sustained_active": "issue_active_pct",
     "smsp__average_warp_latency_per_inst_issued.ratio": "cycles_per_issue",
 }
+SAMPLED_STALL = "smsp__pcsamp_warps_issue_stalled_"
+"""The warp-state sampling's counters by stall reason, as a binary report holds them (read_report)."""
 STALL = re.compile(r"smsp__average_warps?_issue_stalled_(\w+?)_per_issue_active\.ratio")
 """The warp-state sampling's stall reasons: cycles per issued instruction a warp spends stalled for each reason."""
 
@@ -100,7 +103,8 @@ def profile(script: Path, workload: str, kernels: str, out: Path, timeout_s: flo
     try:
         run = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return {"error": f"ncu ran past {timeout_s:.0f} s", "command": " ".join(command)}
+        partial = read_report(report) if report.exists() else []
+        return {"error": f"ncu ran past {timeout_s:.0f} s", "command": " ".join(command), "launches": partial}
     log = (run.stdout + run.stderr)[-3000:]
     if run.returncode != 0 or not report.exists():
         return {"error": f"ncu exited with {run.returncode}", "log": log, "command": " ".join(command)}
@@ -119,6 +123,80 @@ def profile(script: Path, workload: str, kernels: str, out: Path, timeout_s: flo
     if len(labels) != len(launches):
         result["mismatch"] = f"the workload declared {len(labels)} launches, ncu profiled {len(launches)}"
     return result
+
+
+def read_report(path: Path) -> list[dict]:
+    """The launches of a binary .ncu-rep, KEY_METRICS and the sampled stall reasons (percent of samples) each, without
+    ncu: what is left of a run cut off before ncu printed its pages (`python bench/ncu.py REPORT` prints them). The
+    layout, as ncu 2025 writes it: after a 4-byte magic, length-prefixed (uint32) protobuf messages; a launch's
+    header carries the metric names (field 4, repeated strings), the launch itself its values (field 13: {1: name
+    index, 2: value message})."""
+    data = path.read_bytes()
+    messages, at = [], 4
+    while at + 4 <= len(data):
+        size = struct.unpack_from("<I", data, at)[0]
+        if size == 0 or at + 4 + size > len(data):
+            break
+        messages.append(data[at + 4:at + 4 + size])
+        at += 4 + size
+    launches, names = [], None
+    for message in messages:
+        fields = _fields(message) or []
+        for number, value in fields:  # the name table: a field 4 of strings only
+            entries = _fields(value) if number == 4 and isinstance(value, bytes) else None
+            if names is None and entries and all(n == 1 and isinstance(v, bytes) for n, v in entries):
+                names = [name.decode(errors="replace") for _, name in entries]
+        values = [value for number, value in fields if number == 13]
+        if not values or names is None:
+            continue
+        row = {}
+        for entry in values:
+            parts = dict(_fields(entry) or [])
+            if isinstance(parts.get(1), int) and parts[1] < len(names) and isinstance(parts.get(2), bytes):
+                row[names[parts[1]]] = next((v for _, v in _fields(parts[2]) or [] if not isinstance(v, bytes)), None)
+        launch = {short: row[metric] for metric, short in KEY_METRICS.items() if row.get(metric) is not None}
+        samples = {metric.removeprefix(SAMPLED_STALL): count for metric, count in row.items()
+                   if metric.startswith(SAMPLED_STALL) and not metric.endswith("_not_issued") and count}
+        total = sum(samples.values()) or 1
+        launch["stall_samples_pct"] = dict(sorted(((k, round(100 * v / total, 1)) for k, v in samples.items()),
+                                                  key=lambda kv: -kv[1]))
+        launches.append(launch)
+    return launches
+
+
+def _fields(message: bytes) -> list[tuple[int, int | float | bytes]] | None:
+    """A protobuf message's (field number, value) pairs; None when the bytes are not one."""
+    fields, at = [], 0
+    try:
+        while at < len(message):
+            key, at = _varint(message, at)
+            wire = key & 7
+            if wire == 0:
+                value, at = _varint(message, at)
+            elif wire == 1:
+                value, at = struct.unpack_from("<d", message, at)[0], at + 8
+            elif wire == 5:
+                value, at = struct.unpack_from("<f", message, at)[0], at + 4
+            elif wire == 2:
+                size, at = _varint(message, at)
+                value, at = message[at:at + size], at + size
+            else:
+                return None
+            fields.append((key >> 3, value))
+    except (IndexError, struct.error):
+        return None
+    return fields if at == len(message) else None
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
 
 
 def _raw_rows(text: str) -> list[dict]:
@@ -162,3 +240,8 @@ def summary_lines(record: dict) -> list[str]:
     if "mismatch" in record:
         lines.append(f"ncu: {record['mismatch']}")
     return lines
+
+
+if __name__ == "__main__":
+    for launch in read_report(Path(sys.argv[1])):
+        print(json.dumps(launch))
