@@ -95,14 +95,16 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # the state loops most (one program per (head, block of V), sequential over the chunks: fewer waves of that loop).
 # TILED picks the WY kernel: 0 the whole chunk's T⁻¹ by doubling (_chunk_wy_kernel: a chain of 10 dependent (64, 64)
 # products, the forward's largest kernel; at 8 warps, one program per SM, it took 0.86 ms: dropped), 1 from (16, 16)
-# tiles (_chunk_wy_tiled_kernel, session 7, not yet timed on the GPU: its chains are of (16, 16) products; 255
-# registers at every block size and warp count, no spills at 16-column blocks in the forward, 12-16 bytes where the
-# backward stores T⁻¹; 1-2 warps, 4-8 programs per SM).
+# tiles (_chunk_wy_tiled_kernel: its chains are of (16, 16) products; 255 registers at every block size and warp
+# count, no spills at 16-column blocks in the forward, 12-16 bytes where the backward stores T⁻¹). GPU call 4 of
+# session 7 (H200, B4 T4096 H16 HV32, bf16): the tiled kernel at 1 warp, 8 programs per SM, 0.252 ms against the
+# doubling kernel's 0.426, and the forward 0.750 ms (0.921 in session 6), o and final state 3.5e-3 / 2.7e-3 from
+# float32 as before.
 WY_CONFIGS = [
-    {"TILED": 0, "BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.43 ms
-    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 2, "num_stages": 2},  # 255, no spills, 2 KB: 4
-    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 1, "num_stages": 2},  # 255, no spills, 2 KB: 8
-    {"TILED": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 2, "num_stages": 2},  # 255, 16 bytes spilled, 5 KB: 4
+    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 1, "num_stages": 2},  # 255, no spills, 2 KB: 8; 0.252 ms
+    {"TILED": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 2, "num_stages": 2},  # 255, 16 bytes spilled, 5 KB: 4; 0.301
+    {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 2, "num_stages": 2},  # 255, no spills, 2 KB: 4; 0.376
+    {"TILED": 0, "BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.426
 ]
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.29 ms
