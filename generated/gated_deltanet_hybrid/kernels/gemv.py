@@ -136,6 +136,8 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
 
 
 FORWARD_TUNER = Autotuner("gemv.forward", CONFIGS, INTERPRETER_CONFIG)
+
+
 def shape_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
     """The config an untuned package runs at (N, K) with M rows of x, first among the candidates: two weight rows
     per program, of 2048 columns over 4 warps for one row of x and of 1024 over 2 warps for more (GPU call 2 of
@@ -156,6 +158,18 @@ def shape_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
 
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _fold(cfg: dict, x: Tensor) -> int:
+    """The products each thread sums before accumulating: one 16-byte load's elements, unless cfg names FOLD."""
+    return cfg.get("FOLD", min(16 // x.element_size(), cfg["BLOCK_K"]))
+
+
+def _launch_tuned(launch, key: str, N: int, K: int, M: int, x: Tensor, config: dict | None) -> None:
+    """launch(cfg) with config, the tuned config of key, or (tuning) the shape's own config first, then CONFIGS."""
+    own = shape_config(N, K, M, _multiprocessors(x.device))
+    candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
+    launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
 
 
 def shape_key(N: int, K: int, M: int, dtype: torch.dtype, gated: bool) -> str:
@@ -193,21 +207,16 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     w_up = (up_weight if up_weight.stride(-1) == 1 else up_weight.contiguous()) if gated else w
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    fold = 16 // x.element_size()  # the elements of one 16-byte load
 
     def launch(cfg):
         _gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
             x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), HAS_BIAS=bias is not None, GATED=gated,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=cfg.get("FOLD", min(fold, cfg["BLOCK_K"])),
-            num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), num_warps=cfg["num_warps"])
 
-    key = shape_key(N, K, M, x.dtype, gated)
     with on_device(x):
         if M and N:
-            own = shape_config(N, K, M, _multiprocessors(x.device))
-            candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
-            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
+            _launch_tuned(launch, shape_key(N, K, M, x.dtype, gated), N, K, M, x, config)
     return y.view(*x.shape[:-1], N)
 
 
@@ -220,22 +229,18 @@ def qkv_gemv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Te
     NQ, NKV = q_weight.shape[0], k_weight.shape[0]
     wq, wk, wv = (w.contiguous() for w in (q_weight, k_weight, v_weight))
     y = torch.empty((M, NQ + 2 * NKV), device=x.device, dtype=x.dtype)
-    fold = 16 // x.element_size()
     biases = (q_bias, k_bias, v_bias) if q_bias is not None else (wq, wq, wq)
 
     def launch(cfg):
         blocks = triton.cdiv(NQ, cfg["BLOCK_N"]) + 2 * triton.cdiv(NKV, cfg["BLOCK_N"])
         _qkv_gemv_kernel[(M, blocks)](
             x2, wq, wk, wv, *biases, y, M, NQ, NKV, K, x2.stride(0), y.stride(0), HAS_BIAS=q_bias is not None,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=cfg.get("FOLD", min(fold, cfg["BLOCK_K"])),
-            num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), num_warps=cfg["num_warps"])
 
-    key = shape_key(NQ + 2 * NKV, K, M, x.dtype, gated=False) + "-qkv"
+    N = NQ + 2 * NKV
     with on_device(x):
         if M:
-            own = shape_config(NQ + 2 * NKV, K, M, _multiprocessors(x.device))
-            candidates = [own, *(c for c in CONFIGS if c != own)]
-            launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
+            _launch_tuned(launch, shape_key(N, K, M, x.dtype, gated=False) + "-qkv", N, K, M, x, config)
     return y.view(*x.shape[:-1], NQ + 2 * NKV)
 
 
