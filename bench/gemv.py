@@ -28,24 +28,19 @@ bandwidth against the 0.85 of issue 12) under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DRY_RUN = "--dry-run" in sys.argv
-if DRY_RUN:  # the interpreter must be chosen before triton is imported
+from harness import ROOT, Run  # before archgen: it puts this checkout on sys.path
+
+if "--dry-run" in sys.argv:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
 from archgen.benchmark import copy_bandwidth, timed  # noqa: E402
 from archgen.resources import kernels_package  # noqa: E402
@@ -70,42 +65,19 @@ STREAM_BYTES = 256 * 2**20  # distinct weights per shape: five times the H200's 
 BANDWIDTH_BAR = 0.85  # issue 12: the decode step's GEMVs at >= 85% of the copy bandwidth
 
 
-class Bench:
+class Bench(Run):
+    """The run, one section per model (its shapes, few-row shapes and step totals), written after every shape."""
+
     def __init__(self, out: Path, dry_run: bool, budget_s: float):
-        self.out, self.dry_run, self.budget_s = out, dry_run, budget_s
-        self.device = "cpu" if dry_run else "cuda"
+        super().__init__("gemv", out, dry_run=dry_run, budget_s=budget_s)
         self.dtype = torch.float32 if dry_run else torch.bfloat16
-        self.started = time.perf_counter()
-        self.command = "python bench/gemv.py " + " ".join(sys.argv[1:])
-        meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "triton": triton.__version__, "dry_run": dry_run, "command": self.command,
-                "dtype": str(self.dtype), "stream_bytes": STREAM_BYTES}
-        if not dry_run:
-            meta["gpu"] = torch.cuda.get_device_name()
-        self.results = {"meta": meta, "models": {}}
-        self.bars: list[dict] = []
         kernels_package()
         from archgen_kernels import gemv, silu_mul, triton_support
 
         self.gemv, self.silu_mul, self.config_name = gemv, silu_mul, triton_support.config_name
         self.copy_Bps = copy_bandwidth(self.device)
         self.multiprocessors = 1 if dry_run else torch.cuda.get_device_properties(self.device).multi_processor_count
-        meta["copy_TBps"] = round(self.copy_Bps / 1e12, 3)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "gemv.json").write_text(json.dumps(self.results, indent=1, default=str) + "\n")
-        (self.out / "gemv.bars.json").write_text(json.dumps(self.bars, indent=1) + "\n")
-
-    def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
-            bar: float) -> None:
-        self.bars.append({"figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-                          "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
-                          "device": self.results["meta"].get("gpu", "cpu (dry run)"),
-                          "date": self.results["meta"]["date"][:10], "command": self.command})
+        self.meta.update(dtype=str(self.dtype), stream_bytes=STREAM_BYTES, copy_TBps=round(self.copy_Bps / 1e12, 3))
 
     def per_call_us(self, fn, calls: int) -> float:
         """Microseconds per call of fn(i) for i in range(calls) (each i a distinct weight): replayed from one CUDA
@@ -167,8 +139,10 @@ class Bench:
                 "config": own, "best": candidates[best],
                 "candidates_us": {name: round(us, 2) for name, us in times.items()}}
 
-    def model(self, name: str, shapes: dict) -> None:
-        record = self.results["models"].setdefault(name, {"shapes": {}, "few_rows": {}})
+    def model(self, record: dict, name: str, shapes: dict) -> None:
+        """The section of one model: each of its shapes (a failing one is recorded, the others still run), then the
+        decoding step's totals and their bar rows once every shape is timed."""
+        record.update(shapes={}, few_rows={})
         for projection, ((N, K), per_step) in shapes.items():
             if not self.dry_run and self.elapsed() > self.budget_s:
                 record["skipped"] = f"budget: {self.elapsed():.0f}s spent, --budget-s {self.budget_s:.0f}"
@@ -179,7 +153,7 @@ class Bench:
             except Exception as error:  # noqa: BLE001 - a failing shape is recorded, the others still run
                 record["shapes"][projection] = {"error": f"{type(error).__name__}: {error}",
                                                 "traceback": traceback.format_exc()[-2000:]}
-            self.save()
+            self.write()
         done = [s for s in record["shapes"].values() if "gemv_us" in s]
         if len(done) == len(shapes):
             step = {variant: sum(s[f"{variant}_us"] * s["per_step"] for s in done)
@@ -203,11 +177,14 @@ class Bench:
                     record["few_rows"][f"{projection}-M{rows}"] = self.shape(N, K, rows, projection.endswith("gate_up"))
                 except Exception as error:  # noqa: BLE001 - recorded, the others still run
                     record["few_rows"][f"{projection}-M{rows}"] = {"error": f"{type(error).__name__}: {error}"}
-                self.save()
+                self.write()
 
     def summary(self) -> str:
-        lines = [f"copy bandwidth {self.results['meta']['copy_TBps']} TB/s"]
-        for name, record in self.results["models"].items():
+        """Every shape's times and fractions of the copy bandwidth, then the bar rows and any failed section."""
+        lines = [f"copy bandwidth {self.meta['copy_TBps']} TB/s"]
+        for name, record in self.sections.items():
+            if "shapes" not in record:
+                continue
             lines.append(f"{name}: step {record.get('step_us')}")
             for projection, s in {**record["shapes"], **record["few_rows"]}.items():
                 if "gemv_us" in s:
@@ -218,7 +195,7 @@ class Bench:
                                  f"({s['best_of_copy_bandwidth']:.2f}) {self.config_name(s['best'])}")
                 else:
                     lines.append(f"  {projection}: {s.get('error')}")
-        return "\n".join(lines)
+        return "\n".join([*lines, super().summary()])
 
 
 def main() -> None:
@@ -231,8 +208,7 @@ def main() -> None:
     bench = Bench(args.out, args.dry_run, args.budget_s)
     for name, shapes in (DRY_MODELS if args.dry_run else MODELS).items():
         if args.dry_run or args.only is None or name in args.only.split(","):
-            bench.model(name, shapes)
-    bench.save()
+            bench.section(name, lambda record, name=name, shapes=shapes: bench.model(record, name, shapes))
     print(bench.summary())
     print(f"wrote {args.out / 'gemv.json'} and {args.out / 'gemv.bars.json'} in {bench.elapsed():.0f}s")
 
