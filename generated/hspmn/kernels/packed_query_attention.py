@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .triton_support import (
     Autotuner,
@@ -92,25 +93,35 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # two, and won by 12%. Three or four per SM lost everywhere (session 7, call 2; docs/design.md): under a register cap
 # (maxnreg) the spills cost more than the third program gains, and tiles of 32 keys (dkdv) or 32 rows (dq) compile to
 # mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and ran 2-3x slower.
+# TMA: the streamed tiles (k and v in the forward and dq kernels, q and dO in the dkdv kernel) come through Hopper's
+# tensor memory accelerator (tensor descriptors, `tma_ready`) instead of per-thread asynchronous copies: no per-thread
+# addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139, and a third program fits
+# on an SM without spills (Nsight Compute, session 8's call 1: the dkdv kernel's busiest pipe is the integer ALU).
 FORWARD_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
-    for m, n, w, s, g in (
-        (64, 64, 4, 3, 16),  # 0.327 ms (heads in groups of 4: 0.355; 32 keys, 3 per SM: 0.375); 255 registers, 112 KB: 2
-        (64, 64, 4, 3, 1),  # 0.357 (0.714 against 0.711 with a window)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
+    for m, n, w, s, g, t in (
+        (64, 64, 4, 3, 16, 0),  # 0.327 ms (heads in groups of 4: 0.355; 32 keys, 3 per SM: 0.375); 255 registers, 112 KB: 2
+        (64, 64, 4, 3, 16, 1),  # 161, 113 KB: 2
+        (64, 32, 4, 3, 16, 1),  # 166, 65 KB: 3
+        (64, 64, 4, 2, 16, 1),  # 161, 81 KB: 2
+        (64, 64, 4, 3, 1, 0),  # 0.357 (0.714 against 0.711 with a window)
     )
 ]
 BACKWARD_DQ_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g}
-    for m, n, w, s, g in (
-        (64, 32, 4, 4, 16),  # 0.407 ms (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
-        (128, 64, 8, 3, 1),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
+    for m, n, w, s, g, t in (
+        (64, 32, 4, 4, 16, 0),  # 0.407 ms (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
+        (64, 32, 4, 4, 16, 1),  # 139, 97 KB: 2
+        (64, 32, 4, 2, 16, 1),  # 139, 64 KB: 3
+        (128, 64, 8, 3, 1, 0),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e}
-    for m, n, w, s, e in (
-        (32, 64, 4, 3, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
-        (32, 64, 4, 3, 1),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t}
+    for m, n, w, s, e, t in (
+        (32, 64, 4, 3, 0, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
+        (32, 64, 4, 3, 0, 1),  # 231, 80 KB: 2
+        (32, 64, 4, 3, 1, 0),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
@@ -179,6 +190,19 @@ def _key_range(p, Tk, window, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _key_tiles(k_ptr, v_ptr, b, kv_h, stride_kb, stride_kh, stride_vb, stride_vh, TMA: tl.constexpr):
+    """Where the forward and dq kernels read the key blocks of kv head (b, kv_h) from. With TMA: k_ptr and v_ptr
+    themselves, tensor descriptors of the whole (B, Hkv, Tk, D) k and v whose blocks are one kv head's BLOCK_N keys
+    (the TMA unit copies a block to shared memory, keys past Tk and columns past D as zeros); else pointers at the
+    head's first key."""
+    if TMA:
+        k_base, v_base = k_ptr, v_ptr
+    else:
+        k_base, v_base = k_ptr + b * stride_kb + kv_h * stride_kh, v_ptr + b * stride_vb + kv_h * stride_vh
+    return k_base, v_base
+
+
+@triton.jit
 def _visible(p, keys, Tk, window, HAS_WINDOW: tl.constexpr):
     """(rows, keys) bool: key j is visible from a row at position p (p = -1 sees nothing)."""
     visible = (keys[None, :] <= p[:, None]) & (keys[None, :] < Tk)
@@ -188,14 +212,19 @@ def _visible(p, keys, Tk, window, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks start, start + BLOCK_N, .. < end (MASKED: per element visibility)."""
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Online softmax over the key blocks start, start + BLOCK_N, .. < end (MASKED: per element visibility). With
+    TMA, k_base and v_base are tensor descriptors of k and v (see _key_tiles), else pointers at kv head (b, kv_h)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
-        k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                    mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+        if TMA:
+            k = tl.trans(k_base.load([b, kv_h, n0, 0]).reshape(BLOCK_N, BLOCK_D))
+        else:
+            k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                        mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = _dot(q, k, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
@@ -204,8 +233,11 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, st
         probs = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
-        v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
-                    mask=(keys[:, None] < Tk) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
+        if TMA:
+            v = v_base.load([b, kv_h, n0, 0]).reshape(BLOCK_N, BLOCK_DV)
+        else:
+            v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
+                        mask=(keys[:, None] < Tk) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
         acc = _dot(probs.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -245,6 +277,7 @@ def _forward_kernel(
     KEEP_FLOAT32_OUT: tl.constexpr,  # also write the output unrounded, for the backward's delta
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
     HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
+    TMA: tl.constexpr,  # k_ptr and v_ptr are tensor descriptors (see _key_tiles)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     block_m, bh = _row_block_and_head(HEAD_GROUP)
@@ -261,22 +294,24 @@ def _forward_kernel(
     sees = (rows < S) & (p >= 0)  # the other rows' q is never read (most of sparse_query_attention's rows)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + t_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=sees[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
-    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    k_base, v_base = _key_tiles(k_ptr, v_ptr, b, kv_h, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + _NEG_BIG
     lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                   stride_vd,
                                    offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
-                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                   stride_vd,
                                    offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
-                                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                   stride_vd,
                                    offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
-                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
 
     sees_any = l_i > 0.0
     out = acc / tl.where(sees_any, l_i, 1.0)[:, None]  # a row that sees nothing: acc is 0, out is 0
@@ -291,16 +326,22 @@ def _forward_kernel(
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
               offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """dq += dS K over the key blocks start .. < end (without the final scale)."""
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """dq += dS K over the key blocks start .. < end (without the final scale); k_base and v_base as in
+    _forward_steps."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
-        kT = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        vT = tl.load(v_base + keys[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
-                     mask=(keys[None, :] < Tk) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
+        if TMA:
+            kT = tl.trans(k_base.load([b, kv_h, n0, 0]).reshape(BLOCK_N, BLOCK_D))
+            vT = tl.trans(v_base.load([b, kv_h, n0, 0]).reshape(BLOCK_N, BLOCK_DV))
+        else:
+            kT = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                         mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
+            vT = tl.load(v_base + keys[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
+                         mask=(keys[None, :] < Tk) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
         qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
         probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
@@ -326,6 +367,7 @@ def _backward_dq_kernel(
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
+    TMA: tl.constexpr,  # k_ptr and v_ptr are tensor descriptors (see _key_tiles)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     block_m, bh = _row_block_and_head(HEAD_GROUP)  # grid (row blocks, B * H), as the forward's
@@ -350,46 +392,53 @@ def _backward_dq_kernel(
                 mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dO * O); 0 for a row that sees nothing
     tl.store(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, delta, mask=in_rows)
-    k_base = k_ptr + b * stride_kb + kv_h * stride_kh
-    v_base = v_ptr + b * stride_vb + kv_h * stride_vh
+    k_base, v_base = _key_tiles(k_ptr, v_ptr, b, kv_h, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
-                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
-                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd,
+                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
                    offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
-                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION)
+                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + t_rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base, rows_ptr, stride_rb,
-                stride_rs, b, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
+def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base, rows_ptr, stride_rb,
+                stride_rs, b, h, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
                 offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
-    of one query head (MASKED: per element visibility; otherwise every row sees every key of the block)."""
+    of query head (b, h) (MASKED: per element visibility; otherwise every row sees every key of the block). With TMA,
+    q_base and do_base are tensor descriptors of the whole q and dO (blocks of BLOCK_M rows of one head, rows past S
+    as zeros), else pointers at the head's first row."""
     for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
         rows = m0 + offs_m
         in_rows = rows < S
         t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
-        qT = tl.load(q_base + t_rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
-                     mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
-        do = tl.load(do_base + t_rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
-                     mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
+        if TMA:
+            qT = tl.trans(q_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D))
+            do = do_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_DV)
+        else:
+            qT = tl.load(q_base + t_rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
+                         mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
+            do = tl.load(do_base + t_rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
+                         mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
         lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
         delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
         qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
-            visibleT = (keys[:, None] <= p[None, :]) & in_keys[:, None]
+            # keys past Tk need no mask: their rows of dK and dV are never stored, and no other row depends on them
+            visibleT = keys[:, None] <= p[None, :]
             if HAS_WINDOW:
                 visibleT = visibleT & (p[None, :] - keys[:, None] < window)
             probsT = tl.where(visibleT, probsT, 0.0)
@@ -419,6 +468,7 @@ def _backward_dkdv_kernel(
     # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
     # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
     MASK_EDGES_ONLY: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     key_block = tl.program_id(0)  # grid (key blocks, B * Hkv): resident programs share their head's Q and dO in L2
@@ -449,25 +499,29 @@ def _backward_dkdv_kernel(
     pos_base = pos_ptr + b * stride_pb
     for g in range(0, group):
         h = kv_h * group + g
-        q_base = q_ptr + b * stride_qb + h * stride_qh
-        do_base = do_ptr + b * stride_dob + h * stride_doh
+        if TMA:
+            q_base = q_ptr
+            do_base = do_ptr
+        else:
+            q_base = q_ptr + b * stride_qb + h * stride_qh
+            do_base = do_ptr + b * stride_dob + h * stride_doh
         lse_base = lse_ptr + b * stride_lb + h * stride_lh
         delta_base = delta_ptr + b * stride_deb + h * stride_deh
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
-                             rows_ptr, stride_rb, stride_rs, b,
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
-                             rows_ptr, stride_rb, stride_rs, b,
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
-                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, in_keys, q_base, do_base, lse_base, delta_base, pos_base,
-                             rows_ptr, stride_rb, stride_rs, b,
+                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+                             rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION)
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -570,6 +624,26 @@ def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -
                 BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])), BLOCK_DV=max(16, triton.next_power_of_2(v.shape[-1])))
 
 
+def tma_ready(*tensors: Tensor) -> bool:
+    """Whether Hopper's TMA unit can copy blocks of these (B, heads, rows, width) tensors (a config's "TMA" choice):
+    on a GPU that has one (compute capability 9 or more; any under the interpreter), in half precision (float32
+    tiles keep the pointer path), last dim contiguous, base and every other stride 16-byte aligned and nonzero."""
+    if not (interpreting() or all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in tensors)):
+        return False
+    return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+               and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+
+
+def _streamed(t: Tensor, block_rows: int, tma: bool) -> tuple:
+    """A kernel's arguments for a (B, heads, rows, width) tensor that it streams in blocks of block_rows rows: with
+    tma a tensor descriptor of the whole tensor (its blocks: one head's block_rows rows, the width padded to a power
+    of two; the strides stay as arguments, unused), else the pointer; then its four strides."""
+    if tma:
+        width = max(16, triton.next_power_of_2(t.shape[-1]))
+        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, width]), *t.stride()
+    return strided(t, 4)
+
+
 def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
     """The positions the kernels read: int32, -1 for a row that is not valid (it sees no key)."""
     return torch.where(valid, q_positions, -1).to(torch.int32)
@@ -598,14 +672,16 @@ def packed_query_attention_forward(
         return out, lse, out32
     if Tk == 0:  # nothing to see
         return out.zero_(), lse.zero_(), None if out32 is None else out32.zero_()
-    args = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(rows, 2),
-            *strided(out, 4), *strided(out32, 4), *strided(lse, 3), H, S, Tk, D, Dv, H // Hkv,
-            scale * math.log2(math.e), window)
+    rest = (*strided(positions, 2), *strided(rows, 2), *strided(out, 4), *strided(out32, 4), *strided(lse, 3), H, S,
+            Tk, D, Dv, H // Hkv, scale * math.log2(math.e), window)
     constexprs = _common_constexprs(q, v, window, rows) | {"KEEP_FLOAT32_OUT": keep_float32_out}
+    keys_by_tma = tma_ready(k, v)
 
     def launch(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
-        _forward_kernel[grid](*args, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), **_launch_params(cfg))
+        tma = keys_by_tma and bool(cfg.get("TMA", 0))
+        _forward_kernel[grid](*strided(q, 4), *_streamed(k, cfg["BLOCK_N"], tma), *_streamed(v, cfg["BLOCK_N"], tma),
+                              *rest, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma, **_launch_params(cfg))
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
@@ -633,15 +709,20 @@ def packed_query_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = q.new_empty((B, H, S), dtype=torch.float32)  # rowsum(dO * O), written by the dq kernel
     qk_scale = scale * math.log2(math.e)
-    common = (*strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(positions, 2), *strided(rows, 2),
-              *strided(dout, 4), *strided(lse, 3), *strided(delta, 3))
+    per_row = (*strided(positions, 2), *strided(rows, 2))
     constexprs = _common_constexprs(q, v, window, rows)
     group = H // Hkv
+    keys_by_tma = tma_ready(k, v)
+    rows_by_tma = rows is None and tma_ready(q, dout)  # indexed rows are gathered, which Hopper's TMA cannot
 
     def launch_dq(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
-        _backward_dq_kernel[grid](*common, *strided(out, 4), *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale,
-                                  window, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), **_launch_params(cfg))
+        tma = keys_by_tma and bool(cfg.get("TMA", 0))
+        _backward_dq_kernel[grid](*strided(q, 4), *_streamed(k, cfg["BLOCK_N"], tma),
+                                  *_streamed(v, cfg["BLOCK_N"], tma), *per_row, *strided(dout, 4), *strided(lse, 3),
+                                  *strided(delta, 3), *strided(out, 4), *strided(dq, 4), H, S, Tk, D, Dv, group,
+                                  qk_scale, scale, window, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma,
+                                  **_launch_params(cfg))
 
     ranges = {}
 
@@ -650,9 +731,13 @@ def packed_query_attention_backward(
         if blocks not in ranges:
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
-        _backward_dkdv_kernel[grid](*common, *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv,
-                                    group, qk_scale, scale, window, **constexprs, **_launch_params(cfg),
-                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)))  # configs pinned before: 1
+        tma = rows_by_tma and bool(cfg.get("TMA", 0))
+        _backward_dkdv_kernel[grid](*_streamed(q, cfg["BLOCK_M"], tma), *strided(k, 4), *strided(v, 4), *per_row,
+                                    *_streamed(dout, cfg["BLOCK_M"], tma), *strided(lse, 3), *strided(delta, 3),
+                                    *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv, group,
+                                    qk_scale, scale, window, **constexprs, **_launch_params(cfg),
+                                    MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
+                                    TMA=tma)
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
