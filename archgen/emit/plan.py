@@ -31,6 +31,7 @@ class ComponentPlan:
     produces_aux: bool = False
     has_cache: bool = False
     takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
+    takes_step: bool = False  # its forward takes step= (the forward's StepContext, shared by every layer)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -61,6 +62,10 @@ class ParallelPlan:
     @property
     def takes_pads(self) -> bool:
         return any(b.takes_pads for b in self.branches)
+
+    @property
+    def takes_step(self) -> bool:
+        return any(b.takes_step for b in self.branches)
 
 
 @dataclass
@@ -158,6 +163,7 @@ class EmitPlan:
     logit_divisor: float = 1.0
     step_hooks: list[str] = field(default_factory=list)  # Model methods to call after every optimizer step (JEPA's update_target)
     init_hooks: list[str] = field(default_factory=list)  # Model methods init_weights calls last (JEPA's reset_target)
+    takes_step: bool = False  # some component reads the forward's StepContext: the model makes one, every block passes it
 
 
 DEFAULT_OUTPUT = "generated"  # archgen build's -o default
@@ -290,6 +296,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         logit_divisor=resolved.model.logit_divisor,
         step_hooks=sorted({hook for h in heads if (hook := kind_of(h.kind).after_optimizer_step)}),
         init_hooks=sorted({hook for h in heads if (hook := kind_of(h.kind).after_init_weights)}),
+        takes_step=any(c.takes_step for c in components.values()),
     )
 
 
@@ -315,6 +322,8 @@ def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
     for kind, config in configs:
         for file, names in kind_of(kind).imports(config).items():
             table.setdefault(file, set()).update(names)
+        if kind_of(kind).takes_step:  # the model makes the forward's StepContext
+            table.setdefault("attention", set()).add("StepContext")
     return table
 
 
@@ -344,6 +353,7 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
     template_dims["kind"] = kind_name
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
+                         takes_step=kind.takes_step,
                          kernels=dict(kernels or {}))
 
 

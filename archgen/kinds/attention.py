@@ -61,7 +61,10 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     colour = "#e4572e"
     has_cache = True
     takes_pads = True
+    takes_step = True
     rope_function = "apply_rope_qk"  # the runtime op the template rotates q and k with (the kernel's reference)
+    # what the template uses from ops/attention.py besides RoPE: a cache, a shared mask (attend) or none (attention)
+    attention_functions = ("KVCache", "StepContext", "attend", "attention")
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems: list[Diagnostic] = []
@@ -174,7 +177,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
 
     def imports(self, config: AttentionConfig) -> dict[str, tuple[str, ...]]:
         rope = (self.rope_function, "rope_cos_sin", "rope_inv_freq") if config.rope else ()
-        return {"attention": ("KVCache", "attention", "hide_pads", *rope)}
+        return {"attention": (*self.attention_functions, *rope)}
 
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope

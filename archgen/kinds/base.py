@@ -12,7 +12,7 @@ of a spec entry or an op and calls the method it needs; no stage branches on kin
     passes/cost.py      forward_flops, cache_bytes, activation_elements, inactive_params
     passes/kernels.py   (a rule names the kind: see archgen.passes.kernels.KERNEL_RULES)
     emit/plan.py        template, template_dims(config, dims), imports(config) (runtime files and the names used from
-                        them), flags (has_cache, produces_aux, takes_pads), subcomponents(config)
+                        them), flags (has_cache, produces_aux, takes_pads, takes_step), subcomponents(config)
     report/diagram.py   colour
 
 FLOPs count a multiply-add as 2 and include the SSM recurrences; element-wise work (norms, activations, RoPE,
@@ -70,6 +70,9 @@ class Kind(Generic[SpecT, ConfigT]):
     has_cache: ClassVar[bool] = False  # keeps decoding state (its module has empty_cache)
     produces_aux: ClassVar[bool] = False  # forward returns (y, {name: weighted auxiliary loss})
     takes_pads: ClassVar[bool] = False  # forward takes `pads`, each row's left padding in a ragged batch (attention_mask)
+    # a mixer's forward takes `step`, the forward's StepContext (ops/attention.py): what its layers derive from the
+    # positions alone (RoPE angles, the attention mask), computed by the first layer and shared by the rest
+    takes_step: ClassVar[bool] = False
     builds_op: ClassVar[bool] = True  # False for a spec entry that is already part of the backbone (the `lm` head)
     after_optimizer_step: ClassVar[str | None] = None  # a head's Model method training calls after every optimizer step
     # a head's Model method that init_weights calls last, and __init__ on the meta device (where it makes no weights)

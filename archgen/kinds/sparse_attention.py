@@ -24,6 +24,7 @@ class SparseAttention(Attention):
     name = "sparse_attention"
     template = "attention"  # attention with a router in front: one template serves both
     rope_function = "apply_rope"  # q (selected tokens) and k rotate at different positions: one call each
+    attention_functions = ("KVCache", "StepContext", "attention", "hide_pads")  # its queries' own mask, per layer
     colour = "#f3a712"
     produces_aux = True
 
