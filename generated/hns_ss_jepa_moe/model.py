@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attention, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
@@ -144,11 +144,12 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
-        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
-        # query sees a pad's key (hide_pads).
-        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
+        # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
+        # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
+        # a pad's key.
+        step = step if step is not None else StepContext(positions, pads)
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -166,7 +167,7 @@ class Attn(nn.Module):
         q = q.view(B, T, -1, 128).transpose(1, 2)  # (B, 32, T, 128)
         k = k.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         v = v.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
-        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
+        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
         rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
         q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         # Training and forwards without a cache take the window's kernel once the window binds (shorter sequences:
@@ -174,15 +175,15 @@ class Attn(nn.Module):
         if cache is None and pads is None and T > 4096 and use_kernel(kernels.sliding_window_attention, q):
             y = kernels.sliding_window_attention(q, k, v, 4096)  # (B, 32, T, 128)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 4096)
-        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
-        if cache is not None:
-            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 128) each, the slots' positions (S,)
-        if pads is not None:
-            k_positions = hide_pads(k_positions, pads)  # (B, S)
-        # Without pads every query's own key was just written to the cache: it sees at least itself.
-        y = attention(
-            q, k, v, q_positions=token_positions, k_positions=k_positions, window=4096, queries_see_themselves=pads is None
-        )  # (B, 32, T, 128)
+        if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
+            y = attention(q, k, v, q_positions=positions, k_positions=positions, window=4096)  # (B, 32, T, 128)
+        else:
+            k_positions = positions
+            if cache is not None:
+                k, v, k_positions = cache.update(k, v, positions[0])  # (B, 8, S, 128) each, the slots' positions (S,)
+            # every layer of 'attn' sees the same slots: the first builds the mask, the others reuse it
+            mask = step.attention_mask("attn", k_positions, window=4096, dtype=q.dtype)
+            y = attend(q, k, v, mask)  # (B, 32, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 4096)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -337,7 +338,7 @@ class SsmMoeBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None, step=None):
         aux = {}  # this layer's auxiliary losses by name, returned with x
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
@@ -363,9 +364,9 @@ class AttnMoeBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(4096, eps=1e-05)
         self.ffn = Moe()
 
-    def forward(self, x, positions, cache=None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None, step=None):
         aux = {}  # this layer's auxiliary losses by name, returned with x
-        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 4096): the residual add fused into the norm
         y, losses = self.ffn(h, positions, pads=pads)
         add_losses(aux, losses)
@@ -669,14 +670,17 @@ class Model(nn.Module):
         positions = start + torch.arange(
             x.size(1), device=x.device
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        step = StepContext(
+            positions, pads
+        )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             # A layer returns its auxiliary losses rather than writing them into a dict passed in: FSDP2 hands a
             # sharded layer copies of the containers in its arguments, and the losses must leave it as outputs.
             if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
-                x, losses = checkpoint(layer, x, positions, layer_cache, pads, use_reentrant=False)
+                x, losses = checkpoint(layer, x, positions, layer_cache, pads, step, use_reentrant=False)
             else:
-                x, losses = layer(x, positions, layer_cache, pads)
+                x, losses = layer(x, positions, layer_cache, pads, step)
             add_losses(aux, losses)
         if cache is not None:
             cache.length = start + x.size(1)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, StepContext, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
@@ -149,11 +149,13 @@ class Context(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(128, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
-        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
-        # query sees a pad's key (hide_pads).
-        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
+        # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
+        # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
+        # a pad's key.
+        step = step if step is not None else StepContext(positions, pads)
+        token_positions = step.token_positions  # (T,) or (B, T)
         router_logits = self.router(x).squeeze(-1).float()  # (B, T)
         gate, selected = select_tokens(router_logits, training=self.training)  # (B, T), (B, T)
         if pads is not None:
@@ -164,7 +166,7 @@ class Context(nn.Module):
         q = self.q_proj(x_selected).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128)
         k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
         v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
-        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
+        cos, sin = step.rope_cos_sin("context", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
         q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
         k_positions = positions
         if cache is not None:
@@ -240,10 +242,12 @@ class ReflexContextParallel(nn.Module):
         self.reflex = Reflex()
         self.context = Context()
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None):
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
         aux = {}
         reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None, pads=pads)
-        context_out, context_aux = self.context(x, positions, cache["context"] if cache is not None else None, pads=pads)
+        context_out, context_aux = self.context(
+            x, positions, cache["context"] if cache is not None else None, pads=pads, step=step
+        )
         aux.update(context_aux)
         y = reflex_out + context_out
         return y, aux
@@ -272,9 +276,9 @@ class ReflexContextSwigluBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(2048, eps=1e-06)
         self.ffn = Swiglu()
 
-    def forward(self, x, positions, cache=None, pads=None):
+    def forward(self, x, positions, cache=None, pads=None, step=None):
         aux = {}  # this layer's auxiliary losses by name, returned with x
-        y, losses = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+        y, losses = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         add_losses(aux, losses)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 2048): the residual add fused into the norm
         x = x + self.ffn(h)  # (B, T, 2048)
@@ -453,14 +457,17 @@ class Model(nn.Module):
         positions = start + torch.arange(
             x.size(1), device=x.device
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        step = StepContext(
+            positions, pads
+        )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             # A layer returns its auxiliary losses rather than writing them into a dict passed in: FSDP2 hands a
             # sharded layer copies of the containers in its arguments, and the losses must leave it as outputs.
             if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
-                x, losses = checkpoint(layer, x, positions, layer_cache, pads, use_reentrant=False)
+                x, losses = checkpoint(layer, x, positions, layer_cache, pads, step, use_reentrant=False)
             else:
-                x, losses = layer(x, positions, layer_cache, pads)
+                x, losses = layer(x, positions, layer_cache, pads, step)
             add_losses(aux, losses)
         if cache is not None:
             cache.length = start + x.size(1)

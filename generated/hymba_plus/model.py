@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, apply_rope_qk, attention, hide_pads, rope_cos_sin, rope_inv_freq
+from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attention, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.forecast import detokenize, tokenize
 from .ops.mlp import silu_mul
@@ -169,11 +169,12 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
-        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
-        # query sees a pad's key (hide_pads).
-        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
+        # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
+        # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
+        # a pad's key.
+        step = step if step is not None else StepContext(positions, pads)
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -191,7 +192,7 @@ class Attn(nn.Module):
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
         k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
-        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
+        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
         rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
         q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         # Training and forwards without a cache take the window's kernel once the window binds (shorter sequences:
@@ -199,15 +200,15 @@ class Attn(nn.Module):
         if cache is None and pads is None and T > 1024 and use_kernel(kernels.sliding_window_attention, q):
             y = kernels.sliding_window_attention(q, k, v, 1024)  # (B, 25, T, 64)
             return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
-        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
-        if cache is not None:
-            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
-        if pads is not None:
-            k_positions = hide_pads(k_positions, pads)  # (B, S)
-        # Without pads every query's own key was just written to the cache: it sees at least itself.
-        y = attention(
-            q, k, v, q_positions=token_positions, k_positions=k_positions, window=1024, queries_see_themselves=pads is None
-        )  # (B, 25, T, 64)
+        if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
+            y = attention(q, k, v, q_positions=positions, k_positions=positions, window=1024)  # (B, 25, T, 64)
+        else:
+            k_positions = positions
+            if cache is not None:
+                k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
+            # every layer of 'attn' sees the same slots: the first builds the mask, the others reuse it
+            mask = step.attention_mask("attn", k_positions, window=1024, dtype=q.dtype)
+            y = attend(q, k, v, mask)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -242,11 +243,12 @@ class GlobalAttn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
-        # A ragged batch (pads: each row's left padding) counts each row's positions from its first token, and no
-        # query sees a pad's key (hide_pads).
-        token_positions = positions if pads is None else positions - pads[:, None]  # (T,) or (B, T)
+        # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
+        # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
+        # a pad's key.
+        step = step if step is not None else StepContext(positions, pads)
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -264,18 +266,18 @@ class GlobalAttn(nn.Module):
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
         k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
-        cos, sin = rope_cos_sin(self.inv_freq, token_positions, self.rope_scale)
+        cos, sin = step.rope_cos_sin("global_attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
         rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
         q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
-        k_positions = positions  # the same tensor: keys are these tokens, so attention takes its causal path
-        if cache is not None:
-            k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
-        if pads is not None:
-            k_positions = hide_pads(k_positions, pads)  # (B, S)
-        # Without pads every query's own key was just written to the cache: it sees at least itself.
-        y = attention(
-            q, k, v, q_positions=token_positions, k_positions=k_positions, queries_see_themselves=pads is None
-        )  # (B, 25, T, 64)
+        if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
+            y = attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 25, T, 64)
+        else:
+            k_positions = positions
+            if cache is not None:
+                k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
+            # every layer of 'global_attn' sees the same slots: the first builds the mask, the others reuse it
+            mask = step.attention_mask("global_attn", k_positions, dtype=q.dtype)
+            y = attend(q, k, v, mask)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
@@ -414,8 +416,10 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.global_attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None):
-        global_attn_out = self.global_attn(x, positions, cache["global_attn"] if cache is not None else None, pads=pads)
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
+        global_attn_out = self.global_attn(
+            x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
+        )
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         y = (
             self.global_attn_norm(global_attn_out, scale=self.global_attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)
@@ -446,8 +450,8 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None):
-        attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads)
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
+        attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
         return y
@@ -472,8 +476,8 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, pads=None):
-        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+    def forward(self, x, positions, cache=None, pads=None, step=None):
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
         x = x + self.ffn(h)  # (B, T+128, 1600)
         return x, {}
@@ -495,8 +499,8 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn_norm = FusedRMSNorm(1600, eps=1e-06)
         self.ffn = Mlp()
 
-    def forward(self, x, positions, cache=None, pads=None):
-        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
+    def forward(self, x, positions, cache=None, pads=None, step=None):
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
         x = x + self.ffn(h)  # (B, T+128, 1600)
         return x, {}
@@ -728,14 +732,17 @@ class Model(nn.Module):
         positions = start + torch.arange(
             x.size(1), device=x.device
         )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        step = StepContext(
+            positions, pads
+        )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest
         for i, layer in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             # A layer returns its auxiliary losses rather than writing them into a dict passed in: FSDP2 hands a
             # sharded layer copies of the containers in its arguments, and the losses must leave it as outputs.
             if (self.gradient_checkpointing or layer.gradient_checkpointing) and self.training:
-                x, losses = checkpoint(layer, x, positions, layer_cache, pads, use_reentrant=False)
+                x, losses = checkpoint(layer, x, positions, layer_cache, pads, step, use_reentrant=False)
             else:
-                x, losses = layer(x, positions, layer_cache, pads)
+                x, losses = layer(x, positions, layer_cache, pads, step)
             add_losses(aux, losses)
         if cache is not None:
             cache.length = start + x.size(1)

@@ -617,24 +617,104 @@ def masked_attention(
     `attention` with the (Tq, Tk) visibility mask built from positions: the exact form for any positions, and the
     one torch.export and ONNX get. Same arguments and result as `attention`.
     """
+    mask = AttentionMask.build(q_positions, k_positions, window, k_valid_len, queries_see_themselves, dtype=q.dtype)
+    return attend(q, k, v, mask, scale=scale)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: "AttentionMask", *, scale: float | None = None) -> Tensor:
+    """
+    Attention under a mask already built (masked_attention builds it from positions; a StepContext builds one per
+    forward and shares it). q (B, Hq, Tq, D); k (B, Hkv, Tk, D); v (B, Hkv, Tk, Dv) -> (B, Hq, Tq, Dv).
+    """
     B, Hq, Tq = q.shape[:3]
     Hkv, Tk = k.size(1), k.size(2)
-
-    visible = attention_mask(q_positions, k_positions, window, k_valid_len)  # (1 or B, 1, Tq, Tk)
-    if not queries_see_themselves:
-        # A row with no visible key would be a softmax over nothing (NaN). Let it see every key instead, then zero
-        # its output, so the result is finite and its gradients are zero.
-        sees_any = visible.any(dim=-1, keepdim=True)  # (1 or B, 1, Tq, 1)
-        visible = visible | ~sees_any
-
     # The mask gets an explicit batch dim: SDPA's broadcast check of a batch-1 mask would pin B under torch.export.
-    mask = visible.expand(B, 1, Tq, Tk)  # (B, 1, Tq, Tk)
+    bias = mask.bias.expand(B, 1, Tq, Tk)  # (B, 1, Tq, Tk)
     if Hkv != Hq and is_exporting():
         # expanded K/V: the form every exporter lowers (a decode step eager reads the cache in place instead)
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, D): query head h reads kv head h // G
         v = v.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Tk, Dv)
-    y = _sdpa(q, k, v, attn_mask=mask, scale=scale)  # (B, Hq, Tq, Dv)
-    if queries_see_themselves:
+    y = _sdpa(q, k, v, attn_mask=bias, scale=scale)  # (B, Hq, Tq, Dv)
+    if mask.sees_any is None:
         return y
     # zeros where a row sees no key (y is finite there); keeps SDPA's output layout, so (B, T, Hq·Dv) stays a view
-    return y * sees_any
+    return y * mask.sees_any
+
+
+@dataclass
+class AttentionMask:
+    """
+    A masked attention's visibility as SDPA adds it: 0 where a query sees a key, -inf where it does not, in the
+    queries' dtype (SDPA on CUDA turns a boolean mask into this with two launches of its own, every call).
+    sees_any marks the rows that see some key; a row that sees none is let see every key (a finite softmax) and
+    its output is zeroed. None when every query sees at least itself, which needs no guard.
+    """
+
+    bias: Tensor  # (1 or B, 1, Tq, Tk)
+    sees_any: Tensor | None = None  # (1 or B, 1, Tq, 1) bool
+
+    @classmethod
+    def build(
+        cls,
+        q_positions: Tensor,
+        k_positions: Tensor,
+        window: int | None = None,
+        k_valid_len: int | Tensor | None = None,
+        queries_see_themselves: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> "AttentionMask":
+        """The mask of attention_mask(q_positions, k_positions, window, k_valid_len); queries_see_themselves as in
+        `attention`."""
+        visible = attention_mask(q_positions, k_positions, window, k_valid_len)  # (1 or B, 1, Tq, Tk)
+        sees_any = None
+        if not queries_see_themselves:
+            sees_any = visible.any(dim=-1, keepdim=True)  # (1 or B, 1, Tq, 1)
+            visible = visible | ~sees_any
+        bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        return cls(bias, sees_any)
+
+
+# -----------------------------------------------------------------------------
+# What the attention layers of one forward share
+
+
+class StepContext:
+    """
+    One forward's positions (a decode step, a prompt, a training batch) and what attention layers derive from them
+    alone: RoPE's cos and sin, and the mask over the keys they attend to. Every layer of one attention component
+    (one class of a generated model) has the same frequencies, window and cache geometry, so the component's first
+    layer computes these and the others reuse them; a decode step would otherwise launch the same angles and mask
+    once per layer, a dozen kernels each. The model makes one per forward and hands it to every layer (the blocks'
+    `step` argument); a layer called alone makes its own.
+    """
+
+    def __init__(self, positions: Tensor, pads: Tensor | None = None):
+        self.positions = positions  # (T,) slots: start + arange(T)
+        self.pads = pads  # (B,) each row's left padding in a ragged batch, or None
+        # each row's positions counted from its first token: (T,), or (B, T) in a ragged batch
+        self.token_positions = positions if pads is None else positions - pads[:, None]
+        self._shared: dict[tuple[str, str], object] = {}
+
+    def rope_cos_sin(self, component: str, inv_freq: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """rope_cos_sin(inv_freq, token_positions, mscale), computed by the first layer of `component`."""
+        key = (component, "rope")
+        if key not in self._shared:
+            self._shared[key] = rope_cos_sin(inv_freq, self.token_positions, mscale)
+        return self._shared[key]
+
+    def attention_mask(
+        self, component: str, k_positions: Tensor, window: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> AttentionMask:
+        """
+        The mask of the queries at token_positions over keys at slot positions k_positions (S,) (a cache's, or the
+        tokens' own), which hold each query's own key (a cache is written before it is read): pad slots hidden,
+        causal, within `window`. Built by the first layer of `component`.
+        """
+        key = (component, "mask")
+        if key not in self._shared:
+            if self.pads is not None:
+                k_positions = hide_pads(k_positions, self.pads)  # (B, S)
+            self._shared[key] = AttentionMask.build(
+                self.token_positions, k_positions, window, queries_see_themselves=self.pads is None, dtype=dtype
+            )
+        return self._shared[key]
