@@ -116,18 +116,29 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 # ptxas takes 168 registers a thread (sm_90, offline), 3 programs per SM: the anchor's 2048 programs run in 5.2
 # waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. On the H200 (gpu7/call3,
 # triton 3.6) the uncapped one took 128 registers already; capped, the training forward at chunk 4 ran 3.48 against
-# 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. The backward puts one
-# channel on each lane (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps'
-# states at once (SUB · N registers per lane; fewer recomputed steps the more it holds). Its space, from gpu7/call3:
-# at chunk 4, SUB 4 with PREFETCH (13.6 ms) and SUB 2 without (14.3 ms; the best at chunk 16, 19.8 ms); 64 channels
-# on 2 warps (session 6's second best at chunk 16).
+# 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. The backward holds a
+# (N, BLOCK_D) state: at 32 channels a warp, one channel per lane with its N states in registers (the sums over n
+# within a lane); fewer channels per warp (8: four lanes a channel, N / 4 states each) or more warps per 32 channels
+# (4: each warp N / 4 of the states, the sums over n through shared memory) split the states, so fewer registers a
+# thread. It holds SUB steps' states at once (SUB · N registers per channel; fewer recomputed steps the more it
+# holds) and splits time into SEGMENTS run in parallel (more warps, after a pre-pass). At chunk 4, SUB 4 with
+# PREFETCH ran 13.6 ms (gpu7/call3) at 255 registers a thread, 8 warps an SM. Offline (sm_90, ptxas of triton 3.9),
+# registers and spilled bytes at chunk 4: 32 channels on 4 warps SUB 4 168 / 0, capped at 128 128 / 56; SUB 2 on 4
+# warps capped 128 / 0; 8 channels a warp SUB 4 168 / 0; 16 a warp capped at 168 168 / 136; 32 on 1 warp SUB 2
+# capped at 128 128 / 664. The space is the sweep for the H200 (bench/kernels.py backward_configs, chunk_sizes).
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
 ]
 BACKWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4},
+    {"BLOCK_D": 32, "num_warps": 4, "SUB": 4, "PREFETCH": 1},
+    {"BLOCK_D": 32, "num_warps": 4, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 128},
+    {"BLOCK_D": 32, "num_warps": 4, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 4, "maxnreg": 128},
+    {"BLOCK_D": 8, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
+    {"BLOCK_D": 16, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 168},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 8, "maxnreg": 128},
     {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 0},
 ]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128}
@@ -414,7 +425,8 @@ def _selective_scan_fwd_kernel(
 # those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
 # sum over n would need shuffles across lanes; unspecialised, each lane holds one channel with all N states in
 # registers.
-@triton.jit(do_not_specialize=["A_stride_n", "ckpt_stride_n", "dfinal_stride_n", "dA_part_stride_n", "dinit_stride_n"])
+@triton.jit(do_not_specialize=["A_stride_n", "ckpt_stride_n", "dfinal_stride_n", "dA_part_stride_n", "dinit_stride_n",
+                               "carry_stride_n"])
 def _selective_scan_bwd_kernel(
     u_ptr, u_stride_b, u_stride_t, u_stride_d,
     delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
@@ -436,7 +448,9 @@ def _selective_scan_bwd_kernel(
     dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
     dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
     dinit_ptr, dinit_stride_b, dinit_stride_d, dinit_stride_n,
-    seqlen, n_chunks, dim, dstate,
+    carry_ptr, carry_stride_b, carry_stride_s, carry_stride_d, carry_stride_n,
+    dsum_ptr, dsum_stride_b, dsum_stride_s, dsum_stride_d,
+    seqlen, n_chunks, segment_chunks, n_segments, dim, dstate,
     HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr,
     HAS_DELTA_BIAS: tl.constexpr,
@@ -451,6 +465,7 @@ def _selective_scan_bwd_kernel(
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    segment = tl.program_id(2)
     d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n_offs = tl.arange(0, BLOCK_N)
     sub_rows = tl.arange(0, SUB)[:, None, None]
@@ -472,15 +487,26 @@ def _selective_scan_bwd_kernel(
         adjoint = tl.load(dfinal_ptr + dfinal_offs, mask=nd_in, other=0.0).to(tl.float32)
     else:
         adjoint = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    # The adjoint entering this segment at its right end: the final state's, carried back through every later
+    # segment j (last first) as carry_j + exp(A ΣΔ_j) · adjoint, from the pre-pass (_selective_scan_bwd_carry_kernel).
+    for later in range(n_segments - 1 - segment):
+        j = n_segments - 1 - later
+        carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
+        carry = tl.load(carry_ptr + tl.cast(j - 1, tl.int64) * carry_stride_s + carry_offs, mask=nd_in, other=0.0)
+        dt_sum = tl.load(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b + tl.cast(j - 1, tl.int64) * dsum_stride_s
+                         + d_offs * dsum_stride_d, mask=d_in, other=0.0)
+        adjoint = carry + tl.exp2(dt_sum[None, :] * A_log2) * adjoint
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
     ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
-    for step in range(n_chunks):
-        chunk = n_chunks - 1 - step
+    first_chunk = segment * segment_chunks
+    end_chunk = tl.minimum(first_chunk + segment_chunks, n_chunks)
+    for step in range(end_chunk - first_chunk):
+        chunk = end_chunk - 1 - step
         if PREFETCH:  # the chunk after this one in the loop (before it in time) starts moving into the cache
-            _prefetch_chunk(tl.maximum(chunk - 1, 0), pid_b, d_offs, d_in, seqlen,
+            _prefetch_chunk(tl.maximum(chunk - 1, first_chunk), pid_b, d_offs, d_in, seqlen,
                             u_ptr, u_stride_b, u_stride_t, u_stride_d,
                             delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
                             B_ptr, B_stride_b, B_stride_t, C_ptr, C_stride_b, C_stride_t,
@@ -569,16 +595,78 @@ def _selective_scan_bwd_kernel(
                          ddt.to(ddelta_ptr.dtype.element_ty), mask=td_in)
                 adjoint = decay * g  # into the state of step t - 1
 
-    if HAS_INITIAL_STATE:
+    if HAS_INITIAL_STATE:  # what flows out of the first segment's first step
         dinit_offs = _state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, n_offs, d_offs)
-        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=nd_in)
-    dA_offs = _state_offsets(pid_b, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, n_offs, d_offs)
+        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=tl.where(segment == 0, nd_in, False))
+    part_row = pid_b * n_segments + segment  # the parameter gradients' partial sums: one row per batch row and segment
+    dA_offs = _state_offsets(part_row, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, n_offs, d_offs)
     tl.store(dA_part_ptr + dA_offs, dA_acc, mask=nd_in)
     if HAS_D:
-        tl.store(dD_part_ptr + pid_b.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
+        tl.store(dD_part_ptr + part_row.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
     if HAS_DELTA_BIAS:
-        tl.store(dbias_part_ptr + pid_b.to(tl.int64) * dbias_part_stride_b + d_offs * dbias_part_stride_d,
+        tl.store(dbias_part_ptr + part_row.to(tl.int64) * dbias_part_stride_b + d_offs * dbias_part_stride_d,
                  dbias_acc, mask=d_in)
+
+
+# Like the backward, n strides unspecialised: one channel per lane with its N values in registers.
+@triton.jit(do_not_specialize=["A_stride_n", "carry_stride_n"])
+def _selective_scan_bwd_carry_kernel(
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
+    carry_ptr, carry_stride_b, carry_stride_s, carry_stride_d, carry_stride_n,
+    dsum_ptr, dsum_stride_b, dsum_stride_s, dsum_stride_d,
+    seqlen, segment_chunks, dim, dstate,
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    CHUNK: tl.constexpr,  # segments are whole chunks: SEGMENT = segment_chunks · CHUNK steps
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # channels per program: one per lane
+):
+    """The backward's pre-pass, for every segment j ≥ 1 (program_id(2) = j - 1) of steps l..r: its adjoint from
+    dȳ alone, carry_j = Σ_{t=l..r} exp(A Σ_{τ=l..t} Δ_τ) dȳ_t C_t, and ΣΔ_j = Σ_{t=l..r} Δ_t, so that the adjoint
+    leaving the segment at its left end is carry_j + exp(A ΣΔ_j) · (the adjoint entering it at its right end).
+    Horner's rule from the right end, carry ← a_t (dȳ_t C_t + carry): an exp2 per step and state, no stores in the
+    loop (the loads run ahead freely)."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    slot = tl.program_id(2)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_in = d_offs < dim
+    n_in = n_offs < dstate
+    nd_in = n_in[:, None] & d_in[None, :]
+
+    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
+    A_log2 = A.to(tl.float32) * _LOG2E
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    carry = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dt_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    end = (slot + 2) * segment_chunks * CHUNK  # segment slot + 1 ends here (steps past seqlen are identity steps)
+    for chunk in range(segment_chunks):
+        for i in tl.static_range(CHUNK - 1, -1, -1):
+            t = end - (chunk + 1) * CHUNK + i
+            td_in = tl.where(t < seqlen, d_in, False)
+            tn_in = tl.where(t < seqlen, n_in, False)
+            _, dt = _step_delta(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t, d_offs, td_in,
+                                bias, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
+            dy_ssm = _step_row(dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d, pid_b, t, d_offs, td_in)
+            if HAS_Z:
+                z = _step_row(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t, d_offs, td_in)
+                dy_ssm = dy_ssm * z * sigmoid(z)
+            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
+            carry = tl.exp2(dt[None, :] * A_log2) * (dy_ssm[None, :] * C[:, None] + carry)
+            dt_sum += dt
+    carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
+    tl.store(carry_ptr + tl.cast(slot, tl.int64) * carry_stride_s + carry_offs, carry, mask=nd_in)
+    tl.store(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b + tl.cast(slot, tl.int64) * dsum_stride_s
+             + d_offs * dsum_stride_d, dt_sum, mask=d_in)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -601,7 +689,8 @@ def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
     explicit = {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
-                "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+                "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"]),
+                "SEGMENTS": config.get("SEGMENTS", 1)}
     return explicit | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
 
 
@@ -739,11 +828,6 @@ def selective_scan_backward(
     dz = torch.empty((batch, seqlen, dim), dtype=z.dtype, device=device) if z is not None else None
     dinit = torch.empty_like(initial_state, memory_format=torch.contiguous_format) if initial_state is not None else None
 
-    # Per-program partial sums, reduced below: dA/dD/d delta_bias over batch rows, dB/dC over channel blocks (those
-    # have one slice per block, so each launch sizes them for its own block width: tuning tries several).
-    dA_part = torch.empty((batch, dim, dstate), dtype=torch.float32, device=device)
-    dD_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if D is not None else None
-    dbias_part = torch.empty((batch, dim), dtype=torch.float32, device=device) if delta_bias is not None else None
     inputs = (
         *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
         *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(checkpoints, 4),
@@ -758,21 +842,42 @@ def selective_scan_backward(
 
     def launch(cfg):
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+        # Whole chunks per segment, and no empty segment: 3 chunks asked into 4 segments run as 3.
+        segment_chunks = triton.cdiv(n_chunks, min(cfg.get("SEGMENTS", 1), n_chunks))
+        segments = triton.cdiv(n_chunks, segment_chunks)
+        # Partial sums, reduced below: dA/dD/d delta_bias per batch row and segment, dB/dC per channel block (each
+        # launch sizes them for its own block width and segments: tuning tries several).
+        dA_part = torch.empty((batch * segments, dim, dstate), dtype=torch.float32, device=device)
+        dD_part = torch.empty((batch * segments, dim), dtype=torch.float32, device=device) if D is not None else None
+        dbias_part = (torch.empty((batch * segments, dim), dtype=torch.float32, device=device)
+                      if delta_bias is not None else None)
         dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
         dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
-        _selective_scan_bwd_kernel[(batch, blocks)](
+        # Each segment but the first needs the adjoint entering it from the later ones: the pre-pass's carries.
+        carry = dt_sum = None
+        if segments > 1:
+            carry = torch.empty((batch, segments - 1, dim, dstate), dtype=torch.float32, device=device)
+            dt_sum = torch.empty((batch, segments - 1, dim), dtype=torch.float32, device=device)
+            _selective_scan_bwd_carry_kernel[(batch, blocks, segments - 1)](
+                *strided(delta, 3), *strided(A, 2), *strided(C, 3), *strided(z, 3), *strided(delta_bias, 1),
+                *strided(dy, 3), *strided(carry, 4), *strided(dt_sum, 3), seqlen, segment_chunks, dim, dstate,
+                HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=bool(delta_softplus),
+                CHUNK=chunk_size, BLOCK_N=constexprs["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            )
+        _selective_scan_bwd_kernel[(batch, blocks, segments)](
             *inputs, *strided(dB_part, 4), *strided(dC_part, 4), *strided(dA_part, 3), *strided(dD_part, 2),
-            *strided(dbias_part, 2), *strided(dinit, 3), seqlen, n_chunks, dim, dstate,
+            *strided(dbias_part, 2), *strided(dinit, 3), *strided(carry, 4), *strided(dt_sum, 3),
+            seqlen, n_chunks, segment_chunks, segments, dim, dstate,
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
         )
-        return dB_part, dC_part
+        return dB_part, dC_part, dA_part, dD_part, dbias_part
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
         config = BACKWARD_TUNER.known(key, _explicit(config)) or BACKWARD_TUNER.tune(key, launch,
                                                                                     candidates(BACKWARD_TUNER, dim))
-        dB_part, dC_part = launch(config)
+        dB_part, dC_part, dA_part, dD_part, dbias_part = launch(config)
     dB = dB_part.sum(2).to(B.dtype)
     dC = dC_part.sum(2).to(C.dtype)
     dA = dA_part.sum(0).to(A.dtype)
