@@ -1,9 +1,9 @@
 """`archgen bench SPEC`: how fast a spec's generated model runs on this machine, against this machine's own floors.
 
 Builds the spec into a temporary package, then measures, for each variant of the model:
-  training step   tokens/s of forward + backward + fused AdamW at batch × seq_len, and MFU: the cost model's training
-                  FLOPs (3 × forward, plus the backbone passes of heads such as JEPA's) over the bf16 matmul rate
-                  measured in the same run
+  training step   tokens/s of forward + backward + fused AdamW at batch × seq_len, or the largest shape below it that
+                  fits in memory (train_figures), and MFU: the cost model's training FLOPs (3 × forward, plus the
+                  backbone passes of heads such as JEPA's) over the bf16 matmul rate measured in the same run
   prefill         tokens/s of a no-grad forward at batch × seq_len
   decode          ms/token of `generate` after a prompt, at each decode batch (prefill excluded), against its floor:
                   the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 VARIANTS = ("kernels", "reference", "compiled", "kernels_compiled", "kernels_graphed")
+PARTS = ("train", "prefill", "decode")
 DEFAULT_VARIANTS = VARIANTS[:3]  # kernels_compiled and kernels_graphed on request: more compiles of every layer kind
 # each compiles the ops of its peer: variant -> (ops, torch.compile mode)
 COMPILED_VARIANTS = {"compiled": ("reference", None), "kernels_compiled": ("kernels", None),
@@ -67,6 +68,7 @@ class BenchConfig:
     new_tokens: int = 64
     train_steps: int = 5  # timed, after two untimed
     variants: tuple[str, ...] = DEFAULT_VARIANTS
+    parts: tuple[str, ...] = PARTS  # what each variant measures (the compiled variants never decode)
 
 
 @dataclass
@@ -96,6 +98,14 @@ class PreparedBench:
     package: ModuleType
     result: BenchResult
     dtype: torch.dtype
+    ir: object  # the compiled spec's IR, for the cost model at another sequence length
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        if seq_len == self.config.seq_len:
+            return self.result.train_flops_per_token
+        from archgen.passes.cost import cost_report
+
+        return cost_report(self.ir, seq_len=seq_len).train_flops_per_token
 
 
 def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str], None] = lambda step: None
@@ -106,9 +116,10 @@ def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str]
     from archgen.pipeline import compile_spec
     from archgen.testing import import_generated
 
-    unknown = set(config.variants) - set(VARIANTS)
-    if unknown:
-        raise ValueError(f"unknown variants {sorted(unknown)}: choose from {', '.join(VARIANTS)}")
+    for chosen, known, what in ((config.variants, VARIANTS, "variants"), (config.parts, PARTS, "parts")):
+        unknown = set(chosen) - set(known)
+        if unknown:
+            raise ValueError(f"unknown {what} {sorted(unknown)}: choose from {', '.join(known)}")
     dtype = getattr(torch, config.dtype)
     progress("building the package")
     compiled = compile_spec(config.spec, config.preset, config.overrides)
@@ -123,7 +134,7 @@ def prepare_bench(config: BenchConfig, directory: Path, progress: Callable[[str]
                          config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()})
     target = Path(directory) / compiled.resolved.name
     write_package(emit(compiled, config.spec.as_posix()).files, target)
-    return PreparedBench(config, import_generated(target), result, dtype)
+    return PreparedBench(config, import_generated(target), result, dtype, compiled.ir)
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step: None) -> BenchResult:
@@ -138,46 +149,77 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step
 
 
 def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[str], None] = lambda step: None,
-                    deadline: float = math.inf) -> dict:
-    """The figures of one variant; a part that would start after `deadline` (time.perf_counter()) is skipped."""
-    config, result, dtype = prepared.config, prepared.result, prepared.dtype
+                    deadline: float = math.inf, train_shape: tuple[int, int] | None = None) -> dict:
+    """The figures of one variant; a part that would start after `deadline` (time.perf_counter()) is skipped.
+    Training starts at `train_shape` (batch, seq_len), by default the config's, and shrinks from there until it fits."""
+    config, result = prepared.config, prepared.result
     figures: dict = {}
-    model_module = prepared.package.model
-    ops, mode = COMPILED_VARIANTS.get(variant, (variant, None))
-    if hasattr(model_module, "USE_KERNELS"):
-        model_module.USE_KERNELS = ops == "kernels"
-    with torch.device(config.device):
-        model = prepared.package.Model().to(dtype)
+    model = variant_model(prepared, variant)
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    if variant in COMPILED_VARIANTS:
-        compile_layers(model, mode)
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
     breaks_before = graph_break_count()
 
-    progress(f"{variant}: training step")
-    model.train()
-    attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config), deadline)
-    if "train" in figures:
-        figures["train"]["mfu"] = figures["train"]["tokens_per_s"] * result.train_flops_per_token / result.matmul_flops_per_s
-    free_memory(config.device)  # the optimizer's state
+    if "train" in config.parts:
+        progress(f"{variant}: training step")
+        model.train()
+        batch, seq_len = train_shape or (config.batch, config.seq_len)
+        train_tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=config.device)
+        attempt(figures, "train", config.device, lambda: train_figures(model, train_tokens, config, deadline), deadline)
+        if "train" in figures:
+            add_mfu(figures["train"], prepared)
+        del train_tokens
+        free_memory(config.device)  # the optimizer's state
 
     model.eval()
-    progress(f"{variant}: prefill")
-    with torch.no_grad():
-        attempt(figures, "prefill", config.device, lambda: throughput_figures(
-            lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
+    if "prefill" in config.parts:
+        progress(f"{variant}: prefill")
+        with torch.no_grad():
+            attempt(figures, "prefill", config.device, lambda: throughput_figures(
+                lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
     if variant in COMPILED_VARIANTS:
         figures["graph_breaks"] = graph_break_count() - breaks_before
-        if mode == "reduce-overhead":
+        if COMPILED_VARIANTS[variant][1] == "reduce-overhead":
             figures["cuda_graph_skips"] = cuda_graph_skips()
         return figures  # generate is not compiled: its decoding is the uncompiled variant's
-    for batch in config.decode_batches:
+    for batch in config.decode_batches if "decode" in config.parts else ():
         progress(f"{variant}: decoding at batch {batch}")
         prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
         attempt(figures, f"decode_batch_{batch}", config.device, functools.partial(
             decode_figures, model, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s), deadline)
     return figures
+
+
+def measure_training(prepared: PreparedBench, variant: str, batch: int, seq_len: int) -> dict:
+    """The training figures of one variant at exactly batch × seq_len, with nothing shrunk: the same-shape peer of a
+    variant that had to train at a smaller shape (bench/whole_model.py's ratios of (a) to (b) and (c))."""
+    config = prepared.config
+    model = variant_model(prepared, variant).train()
+    tokens = torch.randint(0, model.lm_head.weight.size(0), (batch, seq_len + 1), device=config.device)
+    figures: dict = {}
+    attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config, shrink=False))
+    if "train" in figures:
+        add_mfu(figures["train"], prepared)
+    return figures.get("train", figures)
+
+
+def variant_model(prepared: PreparedBench, variant: str) -> torch.nn.Module:
+    """A fresh model of the package on the variant's ops (its layers compiled for the compiled variants)."""
+    model_module = prepared.package.model
+    ops, mode = COMPILED_VARIANTS.get(variant, (variant, None))
+    if hasattr(model_module, "USE_KERNELS"):
+        model_module.USE_KERNELS = ops == "kernels"
+    with torch.device(prepared.config.device):
+        model = prepared.package.Model().to(prepared.dtype)
+    if variant in COMPILED_VARIANTS:
+        compile_layers(model, mode)
+    return model
+
+
+def add_mfu(train: dict, prepared: PreparedBench) -> None:
+    """MFU of a training figure: the cost model's FLOPs at the shape it ran over the run's bf16 matmul rate."""
+    flops_per_token = prepared.train_flops_per_token(train["seq_len"])
+    train["mfu"] = train["tokens_per_s"] * flops_per_token / prepared.result.matmul_flops_per_s
 
 
 def compile_layers(model: torch.nn.Module, mode: str | None = None) -> None:
@@ -198,8 +240,38 @@ def cuda_graph_skips() -> int:
     return counters["inductor"]["cudagraph_skips"]
 
 
-def train_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
-    """Training-step tokens/s of forward + backward + AdamW, and how long the first step took (compiling, tuning)."""
+MIN_TRAIN_SEQ_LEN = 256  # train_figures shrinks a step that does not fit down to 1 × this, no further
+
+
+def train_figures(model, tokens: torch.Tensor, config: BenchConfig, deadline: float = math.inf, shrink: bool = True
+                  ) -> dict:
+    """Training-step tokens/s of forward + backward + AdamW, and how long the first step took (compiling, tuning), at
+    the shape of `tokens` (batch × seq_len + 1) or, with `shrink`, the largest that fits in the device's memory: each
+    time a step runs out of memory the batch halves, down to 1, then the sequence length, down to MIN_TRAIN_SEQ_LEN.
+    (The references' Mamba-1 scan keeps log2(64) full-size float32 tensors per layer for the backward: Hymba+'s needs
+    about 300 GiB per 2048-token sequence.) The figures name the shape that ran and those that ran out of memory."""
+    batch, seq_len = tokens.size(0), tokens.size(1) - 1
+    out_of_memory = []
+    while True:
+        try:
+            figures = train_step_figures(model, tokens[:batch, : seq_len + 1], config)
+            return {**figures, "batch": batch, "seq_len": seq_len, "out_of_memory_at": out_of_memory}
+        except torch.OutOfMemoryError:
+            if not shrink:
+                raise
+        # out of the except block: the error's frames, and the activations they hold, are gone
+        out_of_memory.append(f"{batch} x {seq_len}")
+        model.zero_grad(set_to_none=True)
+        free_memory(config.device)
+        if batch == 1 and seq_len // 2 < MIN_TRAIN_SEQ_LEN:
+            raise torch.OutOfMemoryError(f"a training step does not fit at any shape tried: {', '.join(out_of_memory)}")
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"the time budget ended before a training step fitted (out of memory at "
+                               f"{', '.join(out_of_memory)})")
+        batch, seq_len = (batch // 2, seq_len) if batch > 1 else (1, seq_len // 2)
+
+
+def train_step_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
 
     def step():
@@ -208,7 +280,7 @@ def train_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return throughput_figures(step, config.batch * config.seq_len, config)
+    return throughput_figures(step, tokens.size(0) * (tokens.size(1) - 1), config)
 
 
 def throughput_figures(fn: Callable[[], object], tokens: int, config: BenchConfig) -> dict:

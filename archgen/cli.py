@@ -513,7 +513,11 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *decode_columns, "peak GiB"):
         table.add_column(column, justify="right")
     def cell(figures: dict, part: str, key: str, form: str) -> str:
-        return format(figures[part][key], form) if part in figures else "failed"
+        if part not in figures:
+            return "failed"
+        shape = (figures[part].get("batch", batch), figures[part].get("seq_len", seq_len))
+        shrunk = f" at {shape[0]} × {shape[1]}" if shape != (batch, seq_len) else ""  # it did not fit at batch × seq_len
+        return format(figures[part][key], form) + shrunk
 
     for variant, figures in result.variants.items():
         decode = [f"{figures[f'decode_batch_{b}']['ms_per_token']:.2f} ({figures[f'decode_batch_{b}']['times_floor']:.1f}×)"

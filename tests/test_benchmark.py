@@ -3,10 +3,13 @@ names its error, the floors are positive, and the plot is a PNG. The figures the
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+import torch
 from click.testing import CliRunner
 
-from archgen.benchmark import BenchConfig, BenchResult, plot, run_bench
+from archgen.benchmark import BenchConfig, BenchResult, plot, run_bench, train_figures
 from archgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,3 +50,36 @@ def test_bench_command_writes_json_and_png(tmp_path):
     document = json.loads(result.stdout)
     assert document["ok"] and "reference" in document["variants"]
     assert (tmp_path / "hspmn-tiny.json").exists() and (tmp_path / "hspmn-tiny.png").exists()
+
+
+class FitsUpTo(torch.nn.Module):
+    """A model whose training step runs out of memory above `max_tokens` tokens, as a GPU's would."""
+
+    def __init__(self, max_tokens: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+        self.max_tokens = max_tokens
+
+    def forward(self, tokens, targets):
+        if tokens.numel() > self.max_tokens:
+            raise torch.OutOfMemoryError(f"{tokens.numel()} tokens")
+        return SimpleNamespace(loss=self.weight * tokens.float().mean())
+
+
+def test_a_training_step_that_does_not_fit_halves_the_batch_then_the_length():
+    tokens = torch.zeros(4, 1024 + 1, dtype=torch.long)
+    figures = train_figures(FitsUpTo(512), tokens, BenchConfig(Path("toy.yaml"), **TOY))
+    assert (figures["batch"], figures["seq_len"]) == (1, 512)
+    assert figures["out_of_memory_at"] == ["4 x 1024", "2 x 1024", "1 x 1024"]
+    assert figures["tokens_per_s"] > 0
+    fits = train_figures(FitsUpTo(4096), tokens, BenchConfig(Path("toy.yaml"), **TOY))
+    assert (fits["batch"], fits["seq_len"], fits["out_of_memory_at"]) == (4, 1024, [])
+
+
+def test_a_training_step_that_never_fits_says_which_shapes_were_tried():
+    tokens = torch.zeros(2, 512 + 1, dtype=torch.long)
+    config = BenchConfig(Path("toy.yaml"), **TOY)
+    with pytest.raises(torch.OutOfMemoryError, match="2 x 512, 1 x 512, 1 x 256"):
+        train_figures(FitsUpTo(100), tokens, config)
+    with pytest.raises(torch.OutOfMemoryError, match="1024 tokens"):  # a same-shape peer must not shrink
+        train_figures(FitsUpTo(512), tokens, config, shrink=False)
