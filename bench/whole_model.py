@@ -9,10 +9,15 @@ archgen.benchmark.compile_layers); on request `kernels_compiled`, (a) under torc
 BambaForCausalLM at the same configuration (its torch path): prefill tokens/s and batch-1 decode ms/token.
 Figures: training-step tokens/s and MFU (cost-model training FLOPs over the bf16 matmul rate measured in the run) at
 8 × 2048 = 16k tokens (HNS 1b: 2 × 2048), prefill tokens/s, batch-1 and batch-32 decode ms/token against the HBM
-floor, peak memory. Seed headlines: one HSPMN block at batch 64 × 4096, forward and forward + backward tokens/s
-(the seed: 1.41 M and ~980 k tokens/s on an RTX 5090), and HNS-SS-JEPA-MoE `1b` tokens/s and ms/token with its
-true parameter count. And for Bamba and Hymba+, bench/decode.py's logit check: per-step logits of the CUDA-graph
-decoder and of eager decoding with a tensor position, fed eager greedy's tokens, against eager decoding (bf16, float32).
+floor, peak memory. The references, (b) and (c), cannot train at 8 × 2048 where a model has Mamba-1 layers (their scan
+keeps ~250 GiB per 2048-token sequence of Hymba+ for the backward): they train from REFERENCE_TRAIN_SHAPES, and a step
+that runs out of memory shrinks until it fits (archgen.benchmark.train_figures); their ratio to (a) is taken against
+(a) trained at the same shape in the same run. Seed headlines: one HSPMN block at batch 64 × 4096, forward and
+forward + backward tokens/s (the seed: 1.41 M and ~980 k tokens/s on an RTX 5090), and HNS-SS-JEPA-MoE `1b` tokens/s
+and ms/token with its true parameter count. And for Bamba and Hymba+, bench/decode.py's logit check: per-step logits
+of the CUDA-graph decoder and of eager decoding with a tensor position, fed eager greedy's tokens, against eager
+decoding (bf16, float32). `--parts` keeps some of training, prefill and decoding (the compiles of one model in two
+runs: training, then prefill).
 
 The work runs in priority order (every (a) and the peer first, then the headlines, (b), and last the compiles); a step
 starts only when its estimated cost fits in what is left of --budget-s, and inside a step no part starts after the
@@ -20,8 +25,8 @@ budget's end: what did not run says `skipped`. JSON is rewritten after every ste
 
 Run on the GPU from the repository root:
     python bench/whole_model.py --out $OUT --budget-s 330
-and the compiles, which do not fit beside the rest, one model a run:
-    python bench/whole_model.py --out $OUT --only hymba_plus --variants compiled,kernels_compiled --budget-s 100
+and the compiles, which do not fit beside the rest, one model a run (Hymba+'s two layer classes: one part a run):
+    python bench/whole_model.py --out $OUT --only hymba_plus --variants reference,compiled --parts train --budget-s 100
 Writes $OUT/whole_model.json, $OUT/bars.jsonl (rows in bench/results/bars.json's form: ratio > 1 means archgen is
 better) and $OUT/whole_model.png. `--dry-run` runs every step on the CPU at toy sizes (figures meaningless).
 """
@@ -42,12 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from archgen.benchmark import (  # noqa: E402
+    PARTS,
     VARIANTS,
     BenchConfig,
     attempt,
     describe_error,
     free_memory,
     logit_parity,
+    measure_training,
     measure_variant,
     plot_into,
     prepare_bench,
@@ -62,6 +69,12 @@ MODELS = {  # name: (spec, preset, size changes from SIZES)
     "nexus": ("specs/nexus.yaml", None, {}),
     "hns_ss_jepa_moe_1b": ("specs/hns_ss_jepa_moe.yaml", "1b", {"batch": 2}),  # 10.8 B parameters: AdamW needs 86 GB
 }
+# Where the reference variants, (b) and (c), start training: their Mamba-1 scan keeps ~25 full-size float32 tensors per
+# layer for the backward (a meta-device count of the saved tensors: ~250 GiB per 2048-token sequence of Hymba+, ~190 of
+# Nexus; HNS 1b's 10.8 B parameters leave ~50 GiB beside AdamW's state), so they cannot train at 8 × 2048. Starting
+# where they fit saves the compiled variant a recompile per shape that runs out of memory.
+REFERENCE_TRAIN_SHAPES = {"hymba_plus": (1, 512), "nexus": (1, 512), "hns_ss_jepa_moe_1b": (1, 256)}
+DRY_REFERENCE_TRAIN_SHAPE = (1, 8)  # below DRY_SIZES', so that a dry run takes (a)'s same-shape training too
 SIZES = dict(device="cuda", dtype="bfloat16", batch=8, seq_len=2048, decode_batches=(1, 32), prompt_len=128,
              new_tokens=32, train_steps=4)
 DRY_SIZES = dict(device="cpu", dtype="float32", batch=1, seq_len=16, decode_batches=(1, 2), prompt_len=4, new_tokens=3,
@@ -96,13 +109,13 @@ HSPMN_SEED = {"forward_tokens_per_s": 1.41e6, "train_tokens_per_s": 0.98e6, "dev
 HNS_SEED = {"tokens_per_s": 1e5, "ms_per_token": 20.0, "model": "7B"}
 
 
-def bench_config(name: str, dry_run: bool, variants: tuple[str, ...]) -> BenchConfig:
+def bench_config(name: str, dry_run: bool, variants: tuple[str, ...], parts: tuple[str, ...] = PARTS) -> BenchConfig:
     spec, preset, changes = MODELS[name]
     if dry_run:
         preset, overrides, sizes = (None, DRY_BAMBA, DRY_SIZES) if name == "bamba_1b" else ("tiny", (), DRY_SIZES)
     else:
         overrides, sizes = (), {**SIZES, **changes}
-    return BenchConfig(ROOT / spec, preset, overrides, variants=variants, **sizes)
+    return BenchConfig(ROOT / spec, preset, overrides, variants=variants, parts=parts, **sizes)
 
 
 def transformers_bamba(config: BenchConfig, peer_config: dict, batch: int, deadline: float) -> dict:
@@ -189,6 +202,24 @@ def parity(prepared, dry_run: bool) -> dict:
     return figures
 
 
+def kernels_at_the_same_shape(bench, variant: str) -> None:
+    """A reference variant's training figure gets (a)'s at its shape when (a) did not train there in this run (the
+    references start smaller and may shrink to fit, see REFERENCE_TRAIN_SHAPES): the ratio's same-run peer."""
+    train = bench.result.variants[variant].get("train")
+    if train is None:
+        return
+    shape = (train["batch"], train["seq_len"])
+    kernels = bench.result.variants.get("kernels", {}).get("train", {})
+    if (kernels.get("batch"), kernels.get("seq_len")) == shape:
+        return
+    for figures in bench.result.variants.values():  # the other reference variant's peer, at the same shape
+        peer = figures.get("train", {}).get("kernels_at_this_shape", {})
+        if (peer.get("batch"), peer.get("seq_len")) == shape:
+            train["kernels_at_this_shape"] = peer
+            return
+    train["kernels_at_this_shape"] = measure_training(bench, "kernels", *shape)
+
+
 def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
     """The figures issue 12 sets bars for, in bench/results/bars.json's form (ratio > 1: archgen is better)."""
     rows = []
@@ -219,14 +250,20 @@ def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
         peer_rate = peer["prefill"]["tokens_per_s"]
         row(f"{name} prefill vs transformers", prefill["tokens_per_s"], "tokens/s", f"transformers {peer['version']} forward",
             peer_rate, prefill["tokens_per_s"] / peer_rate, 1.5)
-    # (a) at least as good as (b) and (c) on every figure both measured
+    # (a) at least as good as (b) and (c) on every figure both measured, training at the shape (b) or (c) fitted
     for other in ("reference", "compiled"):
         figures = variants.get(other, {})
-        for part in ("train", "prefill"):
-            if part in kernels and part in figures:
-                row(f"{name} {part} tokens/s, kernels vs {other}", kernels[part]["tokens_per_s"], "tokens/s",
-                    f"the same package, {other}", figures[part]["tokens_per_s"],
-                    kernels[part]["tokens_per_s"] / figures[part]["tokens_per_s"], 1.0)
+        if "train" in figures:
+            train = figures["train"]
+            peer = train.get("kernels_at_this_shape", kernels.get("train", {}))
+            if "tokens_per_s" in peer:
+                row(f"{name} train tokens/s at {train['batch']} x {train['seq_len']}, kernels vs {other}",
+                    peer["tokens_per_s"], "tokens/s", f"the same package, {other}", train["tokens_per_s"],
+                    peer["tokens_per_s"] / train["tokens_per_s"], 1.0)
+        if "prefill" in kernels and "prefill" in figures:
+            row(f"{name} prefill tokens/s, kernels vs {other}", kernels["prefill"]["tokens_per_s"], "tokens/s",
+                f"the same package, {other}", figures["prefill"]["tokens_per_s"],
+                kernels["prefill"]["tokens_per_s"] / figures["prefill"]["tokens_per_s"], 1.0)
         for batch in entry["config"]["decode_batches"]:
             part = f"decode_batch_{batch}"
             if part in kernels and part in figures:
@@ -287,6 +324,7 @@ def main() -> None:
     parser.add_argument("--variants", default="kernels,reference,compiled,transformers",
                         help="comma-separated: kernels (with the logit check), reference, compiled, kernels_compiled, "
                              "kernels_graphed, transformers")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts of each variant: " + ", ".join(PARTS))
     parser.add_argument("--budget-s", type=float, default=330.0, help="no step or part starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
@@ -295,9 +333,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python bench/whole_model.py " + " ".join(sys.argv[1:])
-    chosen_variants = tuple(args.variants.split(","))
+    chosen_variants, parts = tuple(args.variants.split(",")), tuple(args.parts.split(","))
     model_variants = tuple(v for v in chosen_variants if v in VARIANTS)
-    steps = (*chosen_variants, "hspmn_block", *(["logit_parity"] if "kernels" in chosen_variants else []))
+    steps = (*chosen_variants, "hspmn_block", *(["logit_parity"] if "kernels" in chosen_variants and "decode" in parts else []))
     results: dict = {"date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
                      "device": torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)",
                      "budget_s": args.budget_s, "models": {}, "steps": []}
@@ -317,7 +355,7 @@ def main() -> None:
         def prepare(name: str, entry: dict):
             """The model's package built and its floors measured, once per run."""
             if name not in prepared:
-                config = bench_config(name, args.dry_run, model_variants)
+                config = bench_config(name, args.dry_run, model_variants, parts)
                 prepared[name] = prepare_bench(config, Path(tmp) / name, lambda s, n=name: progress(s, n))
                 entry.update({k: v for k, v in prepared[name].result.to_json().items() if k != "variants"})
                 entry["variants"] = prepared[name].result.variants
@@ -344,13 +382,21 @@ def main() -> None:
                     progress("graph vs eager logits, fed the same tokens", name)
                     entry["logit_parity"] = parity(prepare(name, entry), args.dry_run)
                 elif step == "transformers":
-                    config = prepared[name].config if name in prepared else bench_config(name, args.dry_run, model_variants)
+                    config = (prepared[name].config if name in prepared
+                              else bench_config(name, args.dry_run, model_variants, parts))
                     peer_config = DRY_BAMBA_CONFIG if args.dry_run else BAMBA_CONFIG
                     progress("transformers BambaForCausalLM", name)
                     entry["transformers"] = transformers_bamba(config, peer_config, 1 if args.dry_run else 4, deadline)
                 else:
                     bench = prepare(name, entry)
-                    bench.result.variants[step] = measure_variant(bench, step, lambda s, n=name: progress(s, n), deadline)
+                    train_shape = None
+                    if step in ("reference", "compiled"):
+                        train_shape = DRY_REFERENCE_TRAIN_SHAPE if args.dry_run else REFERENCE_TRAIN_SHAPES.get(name)
+                    bench.result.variants[step] = measure_variant(bench, step, lambda s, n=name: progress(s, n), deadline,
+                                                                  train_shape)
+                    if step in ("reference", "compiled"):
+                        progress(f"{step}: kernels' training at the same shape", name)
+                        kernels_at_the_same_shape(bench, step)
             except Exception as error:  # noqa: BLE001 — one step failing must not lose the others
                 record["error"] = describe_error(error)
                 progress(record["error"], f"{name} {step}")
