@@ -563,7 +563,8 @@ class Bench(Run):
 
 def ncu_conv(device: str) -> list[list]:
     """The launches ncu profiles at the conv shape (bf16 x, float32 weight and bias, SiLU, no state), each once after a
-    warm-up: the window forward and backward at their default configs, and the backward at 64 × 128 with PREFETCH.
+    warm-up: the window forward and backward at their default configs (128 × 64 with PREFETCH), and the backward
+    without PREFETCH.
     Returns [label, launches] in launch order (bench/ncu.py)."""
     import torch
 
@@ -578,7 +579,7 @@ def ncu_conv(device: str) -> list[list]:
     weight, bias = torch.randn(s["dim"], s["width"], generator=g, device=device), torch.randn(s["dim"], generator=g,
                                                                                               device=device)
     forward = conv.forward_candidates(s["width"])[0]
-    backward, chosen = conv.WINDOW_BACKWARD_CONFIGS[0], {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "PREFETCH": True}
+    backward, chosen = conv.WINDOW_BACKWARD_CONFIGS[:2]
     launches = {
         f"forward {forward}": lambda: conv.causal_conv1d_forward(x, weight, bias, None, True, config=forward),
         f"backward {backward}": lambda: conv.causal_conv1d_backward(dy, None, x, weight, bias, None, True,

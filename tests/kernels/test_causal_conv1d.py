@@ -111,14 +111,16 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
-@pytest.mark.parametrize(("seqlen", "width"), [(21, 4), (6, 3), (1, 4)])
-def test_window_backward_matches_reference(seqlen, width, prefetch):
-    """The one-pass backward (widths up to 4) with its tile given, the next step's rows loaded ahead or not: several
-    time blocks and a ragged last one, a state, every gradient."""
+@pytest.mark.parametrize(("seqlen", "width", "dim"), [(45, 4, 19), (21, 4, 32), (29, 3, 32), (6, 3, 19), (1, 4, 19)],
+                         ids=lambda v: str(v))
+def test_window_backward_matches_reference(seqlen, width, dim, prefetch):
+    """The one-pass backward (widths up to 4) with its tile given, the next rows loaded ahead or not: several time
+    blocks of 16 steps, whose inner double steps run or not, a ragged last one, channels a multiple of the block or
+    not, a state, every gradient."""
     g = torch.Generator().manual_seed(seqlen + width)
-    args = [randn(g, 2, seqlen, 19), randn(g, 19, width), randn(g, 19), randn(g, 2, 19, width - 1)]
-    dy = randn(g, 2, seqlen, 19)
-    config = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
+    args = [randn(g, 2, seqlen, dim), randn(g, dim, width), randn(g, dim), randn(g, 2, dim, width - 1)]
+    dy = randn(g, 2, seqlen, dim)
+    config = {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
     grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
     leaves = [a.double().requires_grad_() for a in args]
     y_ref, _ = conv.causal_conv1d_reference(*leaves, activation="silu")
