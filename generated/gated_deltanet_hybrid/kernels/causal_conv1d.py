@@ -101,14 +101,15 @@ BACKWARD_CONFIGS = [
 # The one-pass backward for widths up to 4 keeps twice the forward's vectors live (inputs, dL/d pre-activation, the
 # tap sums): 4 channels a thread and fewer, 64-128 registers on sm_90 without spills.
 WINDOW_BACKWARD_CONFIGS = [
-    # at (8, 4096, 4096) bf16 on the H200: 64 × 64 at 1 warp 0.305 ms; 128 channels 0.33, 256-512 0.33-0.34 (GPU
-    # call 2 of session 6)
-    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
-    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "PREFETCH": True},
-    {"BLOCK_T": 32, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 64, "BLOCK_D": 32, "num_warps": 1},
+    # at (8, 4096, 4096) bf16 on the H200 before the walk took two steps an iteration: 128 × 64 with prefetch
+    # 0.250 ms, 64 × 128 0.257, 64 × 64 0.270-0.284, 32 × 64 0.321, 64 × 32 0.457 (GPU call 4 of session 7).
+    # Two steps an iteration (sm_90, triton 3.6): 128 × 64 66 registers, 86 with prefetch, 253-259 SASS instructions
+    # a step in the block (318 before); 4 channels a thread (64 × 128) take 168 registers, 254 with prefetch.
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
+    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1},
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
+    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
+    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
@@ -393,28 +394,95 @@ def _conv_fwd_window_kernel(
 
 
 @triton.jit
-def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, own, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias,
+def _window_backward_row(x_3, x_2, x_1, x_0, p_3, p_2, p_1, dy, bias, w0, w1, w2, w3,
                          SILU: tl.constexpr, WIDTH: tl.constexpr):
-    """One step of the sliding-window backward at output time t: with the inputs x_3..x_0 at t-3..t and dL/d
-    pre-activation p_3..p_1 at t-3..t-1, returns (p_0, dx at t-3, and the tap and bias sums with t added when `own`
-    (the output is this program's)). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
+    """One output time t of the sliding-window backward: with the inputs x_3..x_0 at t-3..t and dL/d pre-activation
+    p_3..p_1 at t-3..t-1, returns (p_0, dx at t-3). Input t-3 feeds outputs t-3..t, so its gradient is complete here."""
     if SILU:
         pre = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0, WIDTH)
         p_0 = _silu_grad(dy, pre)
     else:
         p_0 = dy
-    mine = tl.where(own, p_0, 0.0)
-    dbias += mine
-    dw3 += mine * x_0
-    if WIDTH >= 2:
-        dw2 += mine * x_1
-    if WIDTH >= 3:
-        dw1 += mine * x_2
-    if WIDTH >= 4:
-        dw0 += mine * x_3
     # dx[t-3] = Σ_k w_k p[t-3 + K-1-k]: the taps against p in reverse time order
-    dx = _window_tap_sum(None, w0, w1, w2, w3, p_0, p_1, p_2, p_3, WIDTH)
-    return p_0, dx, dw0, dw1, dw2, dw3, dbias
+    return p_0, _window_tap_sum(None, w0, w1, w2, w3, p_0, p_1, p_2, p_3, WIDTH)
+
+
+@triton.jit
+def _add_tap_sums(dw0, dw1, dw2, dw3, dbias, p_0, x_3, x_2, x_1, x_0, WIDTH: tl.constexpr):
+    """The d weight and d bias sums with output t added: dL/d pre-activation p_0 there, its inputs x_3..x_0."""
+    dbias += p_0
+    dw3 += p_0 * x_0
+    if WIDTH >= 2:
+        dw2 += p_0 * x_1
+    if WIDTH >= 3:
+        dw1 += p_0 * x_2
+    if WIDTH >= 4:
+        dw0 += p_0 * x_3
+    return dw0, dw1, dw2, dw3, dbias
+
+
+@triton.jit
+def _window_backward_step(x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias,
+                          w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias,
+                          OWNED: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr):
+    """Four output times t..t+3 of the walk. In: the inputs x_3..x_1 at t-3..t-1 and dL/d pre-activation p_3..p_1
+    there (float32), the inputs a0..a3 and dy g0..g3 at t..t+3 as stored. Out: the inputs and dL/d pre-activation at
+    t..t+3 in float32, dx at t-3..t, and the tap and bias sums with the outputs this program owns added: all four
+    (OWNED: no select), else those before end."""
+    a0, a1, a2, a3 = a0.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32), a3.to(tl.float32)
+    g0, g1, g2, g3 = g0.to(tl.float32), g1.to(tl.float32), g2.to(tl.float32), g3.to(tl.float32)
+    q0, dx0 = _window_backward_row(x_3, x_2, x_1, a0, p_3, p_2, p_1, g0, bias, w0, w1, w2, w3, SILU, WIDTH)
+    q1, dx1 = _window_backward_row(x_2, x_1, a0, a1, p_2, p_1, q0, g1, bias, w0, w1, w2, w3, SILU, WIDTH)
+    q2, dx2 = _window_backward_row(x_1, a0, a1, a2, p_1, q0, q1, g2, bias, w0, w1, w2, w3, SILU, WIDTH)
+    q3, dx3 = _window_backward_row(a0, a1, a2, a3, q0, q1, q2, g3, bias, w0, w1, w2, w3, SILU, WIDTH)
+    if OWNED:
+        mine0, mine1, mine2, mine3 = q0, q1, q2, q3
+    else:
+        mine0, mine1 = tl.where(t < end, q0, 0.0), tl.where(t + 1 < end, q1, 0.0)
+        mine2, mine3 = tl.where(t + 2 < end, q2, 0.0), tl.where(t + 3 < end, q3, 0.0)
+    dw0, dw1, dw2, dw3, dbias = _add_tap_sums(dw0, dw1, dw2, dw3, dbias, mine0, x_3, x_2, x_1, a0, WIDTH)
+    dw0, dw1, dw2, dw3, dbias = _add_tap_sums(dw0, dw1, dw2, dw3, dbias, mine1, x_2, x_1, a0, a1, WIDTH)
+    dw0, dw1, dw2, dw3, dbias = _add_tap_sums(dw0, dw1, dw2, dw3, dbias, mine2, x_1, a0, a1, a2, WIDTH)
+    dw0, dw1, dw2, dw3, dbias = _add_tap_sums(dw0, dw1, dw2, dw3, dbias, mine3, a0, a1, a2, a3, WIDTH)
+    return a0, a1, a2, a3, q0, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias
+
+
+@triton.jit
+def _owned_rows(block, stride_t, i, d_mask):
+    """Rows i..i+3 of a block (`block` points at its row 0's channels), as stored, all inside the sequence; channels masked
+    by d_mask (None when the block has no channel past the last: a masked load writes zeros first, an instruction a
+    load) are undefined, and no output reads them."""
+    at = block + i * stride_t
+    return (tl.load(at, mask=d_mask), tl.load(at + stride_t, mask=d_mask), tl.load(at + 2 * stride_t, mask=d_mask),
+            tl.load(at + 3 * stride_t, mask=d_mask))
+
+
+@triton.jit
+def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, t, start, end,
+                               limit, seqlen, d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3,
+                               dw0, dw1, dw2, dw3, dbias, OWNED: tl.constexpr, HAS_STATE: tl.constexpr,
+                               SILU: tl.constexpr, WIDTH: tl.constexpr):
+    """A step of the walk at the block's edges (its first, and those near its end and past it): rows masked, dx
+    stored only for this block's inputs (and the state's, in the first block). Returns the window and sums after it."""
+    a0, a1, a2, a3 = _four_rows(x_block + (t - start) * x_stride_t, x_stride_t, t, limit, d_in)
+    g0, g1, g2, g3 = _four_rows(dy_block + (t - start) * dy_stride_t, dy_stride_t, t, limit, d_in)
+    x_3, x_2, x_1, a3, p_3, p_2, p_1, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+        x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
+        dw0, dw1, dw2, dw3, dbias, OWNED, SILU, WIDTH)
+    # input s = t-3+i: this block's when start <= s < end; the state's (first block) when 1-K <= s < 0
+    dx_at = dx_block + (t - start) * dx_stride_t
+    dtype = dx_at.dtype.element_ty
+    tl.store(dx_at, dx0.to(dtype), mask=_in_row(d_in, (t - 3 >= start) & (t - 3 < end) & (t - 3 < seqlen)))
+    tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=_in_row(d_in, (t - 2 >= start) & (t - 2 < end) & (t - 2 < seqlen)))
+    tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype),
+             mask=_in_row(d_in, (t - 1 >= start) & (t - 1 < end) & (t - 1 < seqlen)))
+    tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=_in_row(d_in, (t >= start) & (t < end) & (t < seqlen)))
+    if HAS_STATE:
+        tl.store(dstate_row + (t - 3), dx0, mask=_in_row(d_in, (t - 3 < 0) & (t - 3 >= 1 - WIDTH)))
+        tl.store(dstate_row + (t - 2), dx1, mask=_in_row(d_in, (t - 2 < 0) & (t - 2 >= 1 - WIDTH)))
+        tl.store(dstate_row + (t - 1), dx2, mask=_in_row(d_in, (t - 1 < 0) & (t - 1 >= 1 - WIDTH)))
+    # the window moves on by four: inputs and dL/d pre-activation at t+1..t+3
+    return x_2, x_1, a3, p_2, p_1, q3, dw0, dw1, dw2, dw3, dbias
 
 
 @triton.jit
@@ -429,24 +497,37 @@ def _conv_bwd_window_kernel(
     part_ptr,  # (B, time blocks, K + 1, D) float32: per block, the taps' d weight sums, then d bias's
     seqlen, dim,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
-    PREFETCH: tl.constexpr,  # load the next step's rows before computing this step's (twice the loads in flight)
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 8
+    EVEN_D: tl.constexpr,  # BLOCK_D divides the channels
+    PREFETCH: tl.constexpr,  # load the next double step's rows before computing this one's (twice the loads in flight)
 ):
     """The whole backward for widths up to 4 in one pass over BLOCK_T steps of BLOCK_D channels: reads x and dy once,
     recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when the four
     outputs each input feeds are done; d weight and d bias are summed in registers for the block's own outputs.
     The walk runs four steps past the block so its last inputs' gradients complete (the next block's first outputs,
-    read again there)."""
+    read again there).
+
+    The walk takes four rows a step. Inside the block it takes two steps an iteration, the second's window named
+    after the first's, so that the registers carried from one iteration to the next alternate statically (one step
+    an iteration moved them: 48 MOVs a step in the SASS), and with nothing to mask or select (every row inside, every
+    output owned). The first step (dx of the rows before the block not stored) and the last ones (near the block's
+    or the sequence's end, and past it) take the masked step."""
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK_T
     end = start + BLOCK_T
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d < dim
+    if EVEN_D:
+        d_mask = None  # the inner steps' loads and stores: unmasked
+    else:
+        d_mask = d_in
     x_row = x_ptr + b * x_stride_b + d * x_stride_d
     if HAS_STATE:
         state_row = state_ptr + b * state_stride_b + d * state_stride_d
+        dstate_row = dstate_ptr + (b * dim + d) * (WIDTH - 1) + (WIDTH - 1)  # + s: input s < 0 of x̃
     else:
         state_row = state_ptr  # None: never read
+        dstate_row = dstate_ptr
     w_row = weight_ptr + d * weight_stride_d
     w0 = _window_tap(w_row, weight_stride_k, d_in, 3, WIDTH)
     w1 = _window_tap(w_row, weight_stride_k, d_in, 2, WIDTH)
@@ -464,52 +545,65 @@ def _conv_bwd_window_kernel(
     p_3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
     p_2, p_1 = p_3, p_3
     dw0, dw1, dw2, dw3, dbias = p_3, p_3, p_3, p_3, p_3
-    x_at = x_row + start.to(tl.int64) * x_stride_t
-    dy_at = dy_ptr + b * dy_stride_b + d * dy_stride_d + start.to(tl.int64) * dy_stride_t
-    dx_at = dx_ptr + b * dx_stride_b + d * dx_stride_d + (start - 3).to(tl.int64) * dx_stride_t  # dx trails by 3
-    if HAS_STATE:
-        dstate_row = dstate_ptr + (b * dim + d) * (WIDTH - 1) + (WIDTH - 1)  # + s: input s < 0 of x̃
-    stop = tl.minimum(end, seqlen) + 3  # through output min(end, T) + 2: dx of the block's last input
+    # the rows of step t: x_block + (t - start) · x_stride_t (an offset from t, not a pointer carried through the
+    # loops: that took two registers per channel and pointer, and a 64-bit add per step)
+    x_block = x_row + start.to(tl.int64) * x_stride_t
+    dy_block = dy_ptr + b * dy_stride_b + d * dy_stride_d + start.to(tl.int64) * dy_stride_t
+    dx_block = dx_ptr + b * dx_stride_b + d * dx_stride_d + (start - 3).to(tl.int64) * dx_stride_t  # dx trails by 3
+    owned_stop = tl.minimum(end, seqlen)
+    stop = owned_stop + 3  # through output owned_stop + 2: dx of the block's last input
     limit = tl.minimum(start + (stop - start + 3) // 4 * 4, seqlen)  # the rows the walk reads
-    if PREFETCH:
-        n0, n1, n2, n3 = _four_rows(x_at, x_stride_t, start, limit, d_in)
-        m0, m1, m2, m3 = _four_rows(dy_at, dy_stride_t, start, limit, d_in)
-    for t in range(start, stop, 4):
+    # the first step: every output is the block's (BLOCK_T >= 8), rows past the sequence read as 0
+    x_3, x_2, x_1, p_3, p_2, p_1, dw0, dw1, dw2, dw3, dbias = _window_backward_edge_step(
+        x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, start, start, end, limit, seqlen,
+        d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, True, HAS_STATE, SILU,
+        WIDTH)
+    # double steps while all eight outputs are the block's and inside the sequence
+    inner_stop = start + 4 + tl.maximum(owned_stop - (start + 4), 0) // 8 * 8
+    if PREFETCH:  # (masked: the loop may not run)
+        n0, n1, n2, n3 = _four_rows(x_block + 4 * x_stride_t, x_stride_t, start + 4, seqlen, d_in)
+        n4, n5, n6, n7 = _four_rows(x_block + 8 * x_stride_t, x_stride_t, start + 8, seqlen, d_in)
+        m0, m1, m2, m3 = _four_rows(dy_block + 4 * dy_stride_t, dy_stride_t, start + 4, seqlen, d_in)
+        m4, m5, m6, m7 = _four_rows(dy_block + 8 * dy_stride_t, dy_stride_t, start + 8, seqlen, d_in)
+    dtype = dx_ptr.dtype.element_ty
+    for t in range(start + 4, inner_stop, 8):
         if PREFETCH:
-            a, a1, a2, a3 = n0, n1, n2, n3
-            g, g1, g2, g3 = m0, m1, m2, m3
-            n0, n1, n2, n3 = _four_rows(x_at + 4 * x_stride_t, x_stride_t, t + 4, limit, d_in)
-            m0, m1, m2, m3 = _four_rows(dy_at + 4 * dy_stride_t, dy_stride_t, t + 4, limit, d_in)
+            a0, a1, a2, a3, a4, a5, a6, a7 = n0, n1, n2, n3, n4, n5, n6, n7
+            g0, g1, g2, g3, g4, g5, g6, g7 = m0, m1, m2, m3, m4, m5, m6, m7
+            # the next iteration's rows; after the last, eight rows that exist (the fast loop ran, so T >= 12),
+            # loaded again by the steps that use them
+            ahead = tl.minimum(t + 8, seqlen - 8) - start
+            n0, n1, n2, n3 = _owned_rows(x_block, x_stride_t, ahead, d_mask)
+            n4, n5, n6, n7 = _owned_rows(x_block, x_stride_t, ahead + 4, d_mask)
+            m0, m1, m2, m3 = _owned_rows(dy_block, dy_stride_t, ahead, d_mask)
+            m4, m5, m6, m7 = _owned_rows(dy_block, dy_stride_t, ahead + 4, d_mask)
         else:
-            a, a1, a2, a3 = _four_rows(x_at, x_stride_t, t, limit, d_in)
-            g, g1, g2, g3 = _four_rows(dy_at, dy_stride_t, t, limit, d_in)
-        a, a1, a2, a3 = a.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32), a3.to(tl.float32)
-        g, g1, g2, g3 = g.to(tl.float32), g1.to(tl.float32), g2.to(tl.float32), g3.to(tl.float32)
-        p_0, dx0, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
-            x_3, x_2, x_1, a, p_3, p_2, p_1, g, t < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
-        q_0, dx1, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
-            x_2, x_1, a, a1, p_2, p_1, p_0, g1, t + 1 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
-        r_0, dx2, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
-            x_1, a, a1, a2, p_1, p_0, q_0, g2, t + 2 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
-        u_0, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_row(
-            a, a1, a2, a3, p_0, q_0, r_0, g3, t + 3 < end, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, SILU, WIDTH)
-        # input s = t-3+i: this block's when start <= s < end; the state's (first block) when 1-K <= s < 0
-        dtype = dx_ptr.dtype.element_ty
-        tl.store(dx_at, dx0.to(dtype), mask=_in_row(d_in, (t - 3 >= start) & (t - 3 < end) & (t - 3 < seqlen)))
-        tl.store(dx_at + dx_stride_t, dx1.to(dtype),
-                 mask=_in_row(d_in, (t - 2 >= start) & (t - 2 < end) & (t - 2 < seqlen)))
-        tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype),
-                 mask=_in_row(d_in, (t - 1 >= start) & (t - 1 < end) & (t - 1 < seqlen)))
-        tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=_in_row(d_in, (t >= start) & (t < end) & (t < seqlen)))
-        if HAS_STATE:
-            tl.store(dstate_row + (t - 3), dx0, mask=_in_row(d_in, (t - 3 < 0) & (t - 3 >= 1 - WIDTH)))
-            tl.store(dstate_row + (t - 2), dx1, mask=_in_row(d_in, (t - 2 < 0) & (t - 2 >= 1 - WIDTH)))
-            tl.store(dstate_row + (t - 1), dx2, mask=_in_row(d_in, (t - 1 < 0) & (t - 1 >= 1 - WIDTH)))
-        x_3, x_2, x_1 = a1, a2, a3
-        p_3, p_2, p_1 = q_0, r_0, u_0
-        x_at += 4 * x_stride_t
-        dy_at += 4 * dy_stride_t
-        dx_at += 4 * dx_stride_t
+            a0, a1, a2, a3 = _owned_rows(x_block, x_stride_t, t - start, d_mask)
+            a4, a5, a6, a7 = _owned_rows(x_block, x_stride_t, t + 4 - start, d_mask)
+            g0, g1, g2, g3 = _owned_rows(dy_block, dy_stride_t, t - start, d_mask)
+            g4, g5, g6, g7 = _owned_rows(dy_block, dy_stride_t, t + 4 - start, d_mask)
+        dx_at = dx_block + (t - start) * dx_stride_t
+        a0, a1, a2, a3, q0, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+            x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
+            dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
+        tl.store(dx_at, dx0.to(dtype), mask=d_mask)
+        tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=d_mask)
+        tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype), mask=d_mask)
+        tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=d_mask)
+        a4, a5, a6, a7, _, q5, q6, q7, dx4, dx5, dx6, dx7, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+            a1, a2, a3, q1, q2, q3, a4, a5, a6, a7, g4, g5, g6, g7, t + 4, end, bias, w0, w1, w2, w3,
+            dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
+        tl.store(dx_at + 4 * dx_stride_t, dx4.to(dtype), mask=d_mask)
+        tl.store(dx_at + 5 * dx_stride_t, dx5.to(dtype), mask=d_mask)
+        tl.store(dx_at + 6 * dx_stride_t, dx6.to(dtype), mask=d_mask)
+        tl.store(dx_at + 7 * dx_stride_t, dx7.to(dtype), mask=d_mask)
+        x_3, x_2, x_1, p_3, p_2, p_1 = a5, a6, a7, q5, q6, q7
+    # the rest of the block and the step past it
+    for t in range(inner_stop, stop, 4):
+        x_3, x_2, x_1, p_3, p_2, p_1, dw0, dw1, dw2, dw3, dbias = _window_backward_edge_step(
+            x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, t, start, end, limit, seqlen,
+            d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, False, HAS_STATE,
+            SILU, WIDTH)
     part = (b * tl.num_programs(1) + tl.program_id(1)) * (WIDTH + 1)
     tl.store(part_ptr + (part + WIDTH) * dim + d, dbias, mask=d_in)
     tl.store(part_ptr + (part + WIDTH - 1) * dim + d, dw3, mask=d_in)
@@ -608,7 +702,7 @@ FORWARD_TUNER = Autotuner("causal_conv1d.forward", FORWARD_CONFIGS, INTERPRETER_
 BACKWARD_TUNER = Autotuner("causal_conv1d.backward", BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 SILU_BACKWARD_TUNER = Autotuner("causal_conv1d.silu_backward", SILU_BACKWARD_CONFIGS, INTERPRETER_CONFIG)
 WINDOW_BACKWARD_TUNER = Autotuner("causal_conv1d.window_backward", WINDOW_BACKWARD_CONFIGS,
-                                  {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": True})
+                                  {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": True})
 
 
 def _config(tuner: Autotuner, key: str, launch, explicit: dict | None, candidates: list[dict] | None = None) -> dict:
@@ -749,7 +843,7 @@ def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
             *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
             dstate, part, seqlen, dim,
             HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width,
-            PREFETCH=cfg.get("PREFETCH", False), **_launch_options(cfg),
+            PREFETCH=cfg.get("PREFETCH", False), EVEN_D=dim % cfg["BLOCK_D"] == 0, **_launch_options(cfg),
         )
         grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
 
@@ -772,7 +866,7 @@ def causal_conv1d_backward(
     """Run the backward kernels: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent.
     Widths up to 4 take one pass (the sliding window). Wider kernels take two with the SiLU: the first writes dL/d
     pre-activation (the pre-activation recomputed once per output), the second sums it over the taps. config: the
-    pass that sums the taps (BLOCK_T a multiple of 4 for the window), to bypass its autotuner."""
+    pass that sums the taps (BLOCK_T a multiple of 8 for the window), to bypass its autotuner."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     device = x.device
