@@ -18,15 +18,18 @@ exp(cum_t - cum_s) ≤ 1. With H_c the state entering chunk c:
     y_t = Σ_{s≤t} (C_t·B_s) exp(cum_t - cum_s) Δ_s x_s  +  exp(cum_t) H_c C_t  +  D x_t        (intra + from state)
     H_{c+1} = exp(cum_{L-1}) H_c  +  Σ_s exp(cum_{L-1} - cum_s) Δ_s x_s ⊗ B_s                  (state passing)
 
-Every product of x, B, C and the states runs as a matrix product on the tensor cores (tl.dot, operands in x's dtype,
-float32 accumulation; full float32 for float32 inputs), every decay and sum in float32. Forward, four launches:
+Every product of x, B, C and the states runs as a matrix product on the tensor cores (tl.dot, float32 accumulation;
+full float32 for float32 inputs), every decay and sum in float32. For half inputs an input (x, B, C, dy) is an operand
+as it came; a float32 operand (a chunk state, or an input weighted by decays) is split in two half parts, the rounded
+value and what rounding lost (`_split_dot`), wherever the gradients of the decays need it (below). Forward, four
+launches:
 
   1. `_dt_cumsum_kernel`: Δ (bias, softplus) and the in-chunk prefix sums cum, (B, H, c·L) float32 each.
   2. `_chunk_cb_kernel`: C_c B_c^T per group and chunk (B, c, G, L, L), zeros above the diagonal; it is shared by the
      R heads of a group (a group of 64 heads computes it once, not 64 times), and the backward reuses it.
   3. `_state_fwd_kernel`: per (batch, head, tile of the (P, N) state), a loop over the chunks that stores H_c and
      adds the chunk's x^T (B ⊙ decay·Δ) product: the inter-chunk recurrence and the chunk states in one pass, so the
-     chunk states never reach memory. H_c is stored in x's dtype (it is a matmul operand next).
+     chunk states never reach memory. H_c is stored in float32.
   4. `_output_fwd_kernel`: per (head, chunk, block of rows): exp(cum) C H_c^T, then the causal blocks of
      (CB ⊙ decay ⊙ Δ) x, plus D x.
 
@@ -54,6 +57,12 @@ sum along its rows, an off-diagonal tile's by prefix sums of its column sums (i 
 row sums (i in the t block) and its total (the blocks strictly between); likewise exclusive / reverse prefix sums
 for the state terms. Reductions are deterministic (no atomics): per-program partial sums that torch or the next
 kernel adds up.
+
+That sum still nearly cancels against dΔ's direct part x_s·inner_s (a dt_bias gradient is much smaller than either),
+so both must come from the same float32 values: the chunk states H_c and G_c are float32 sums of split products (the
+state kernels split x's weights B ⊙ decay·Δ and dy ⊙ exp(cum)), stored in float32 and split again where the output,
+dx, dB and dC kernels multiply them, and dx splits CB ⊙ decay. Rounding any one of them to bf16 left d dt_bias and dA
+at 3e-4 - 1e-3 from float64 where the float32 reference is at 1e-6 (3 chunks of 64, P 64, N 128).
 
 T need not be a multiple of the chunk: positions past T get Δ = 0 (decay 1, no input) and every load past T is
 masked. L (chunk_size) must be a power of two ≥ 16; the result does not depend on it beyond rounding.
@@ -95,11 +104,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # each is the one the H200 chose at Bamba's shape (B8 L4096 H64x64 N128 chunk 256 bf16; bench/ssm_kernels.py
 # ssd_timing): a package that does not tune at run time launches it. A 64-row tile is one warpgroup's wgmma: at
 # 8 warps every kernel with 64-row tiles ran 1.2-1.9x slower there, and 128-row tiles at 8 warps 1.2-1.5x slower.
+# With the split products the state kernels' first configs take 252 and 255 registers (state_bwd: 8 bytes of spill),
+# BLOCK_L 32 at 4 warps 178 and 222 without spills (triton 3.6); the H200 has not yet chosen between them.
 # BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
 # splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
 STATE_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
 ]
 CB_CONFIGS = [{"BLOCK_T": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2}]
 OUTPUT_CONFIGS = [
@@ -110,6 +122,7 @@ OUTPUT_CONFIGS = [
 STATE_BWD_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
 ]
 ROW_BWD_CONFIGS = OUTPUT_CONFIGS
 GROUP_BWD_CONFIGS = [
@@ -152,18 +165,29 @@ def _operand(value, dot_ty: tl.constexpr):
 
 
 @triton.jit
-def _split_dot(a, b, acc, dot_ty: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + a·b for a computed float32 `a` and a `b` held in dot_ty. For half inputs `a` is split into two half parts,
-    high = a rounded and low = what that rounding lost, and both are multiplied: a·b to about 16 significant bits of
-    `a` (bfloat16 alone keeps 8) for a second half product, which costs the tensor cores what one tf32 product of
-    float32 operands would (and keeps b in half registers)."""
+def _halves(value, dot_ty: tl.constexpr):
+    """A float32 value as two dot_ty operands: high = value rounded and low = what that rounding lost."""
+    high = value.to(dot_ty)
+    low = (value - high.to(tl.float32)).to(dot_ty)
+    return _operand(high, dot_ty), _operand(low, dot_ty)
+
+
+@triton.jit
+def _split_dot(a, b, acc, dot_ty: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + a·b where the float32 operand SPLIT ("a" or "b") is computed or stored and the other is held in dot_ty.
+    For half inputs the float32 operand is split in two half parts (`_halves`) and both are multiplied: a·b to about
+    16 significant bits of it (bfloat16 alone keeps 8) for a second half product, which costs the tensor cores what
+    one tf32 product of float32 operands would (and keeps the other operand in half registers)."""
     if dot_ty == tl.float32:
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_operand(a, dot_ty), _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
+    elif SPLIT == "a":
+        high, low = _halves(a, dot_ty)
+        acc = tl.dot(high, _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(low, _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
     else:
-        high = a.to(dot_ty)
-        low = (a - high.to(tl.float32)).to(dot_ty)
-        acc = tl.dot(_operand(high, dot_ty), _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
-        acc = tl.dot(_operand(low, dot_ty), _operand(b, dot_ty), acc, input_precision=DOT_PRECISION)
+        high, low = _halves(b, dot_ty)
+        acc = tl.dot(_operand(a, dot_ty), high, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(_operand(a, dot_ty), low, acc, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -236,7 +260,7 @@ def _state_fwd_kernel(
     B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
     dtp_ptr, cum_ptr,
     init_ptr, init_stride_b, init_stride_h, init_stride_p, init_stride_n,
-    enter_ptr,  # (B, c, H, P, N) in x's dtype (float32 for float32 x), contiguous: the state entering each chunk
+    enter_ptr,  # (B, c, H, P, N) float32, contiguous: the state entering each chunk
     final_ptr,  # (B, H, P, N) float32, contiguous
     seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
     HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
@@ -270,7 +294,7 @@ def _state_fwd_kernel(
         l0 = (i % steps) * BLOCK_L
         if l0 == 0:
             enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-            tl.store(enter_ptr + enter_base + state_offs, state.to(enter_ptr.dtype.element_ty), mask=pn_in)
+            tl.store(enter_ptr + enter_base + state_offs, state, mask=pn_in)
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
         t_in = pos < seqlen
@@ -279,8 +303,8 @@ def _state_fwd_kernel(
         B_l = tl.load(B_base + pos[:, None] * B_stride_t + n[None, :] * B_stride_n,
                       mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
         weight = tl.exp(cum_last - tl.load(cum_ptr + dt_base + pos)) * tl.load(dtp_ptr + dt_base + pos)
-        B_w = _operand(B_l.to(tl.float32) * weight[:, None], dot_ty)
-        chunk_state = tl.dot(_operand(x_T, dot_ty), B_w, chunk_state, input_precision=DOT_PRECISION)
+        chunk_state = _split_dot(x_T, B_l.to(tl.float32) * weight[:, None], chunk_state, dot_ty, DOT_PRECISION,
+                                 SPLIT="b")
         if l0 == CHUNK - BLOCK_L:
             state = state * tl.exp(cum_last) + chunk_state
             chunk_state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -321,7 +345,8 @@ def _output_fwd_kernel(
     enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
     enter_T = tl.load(enter_ptr + enter_base + n[:, None] + p[None, :] * dstate, mask=n_in[:, None] & p_in[None, :],
                       other=0.0)  # (N, P)
-    acc = tl.dot(_operand(C_t, dot_ty), _operand(enter_T, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
+    acc = _split_dot(C_t, enter_T, tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32), dot_ty, DOT_PRECISION, SPLIT="b")
+    acc = acc * tl.exp(cum_t)[:, None]
 
     # Within the chunk: the causal blocks of (CB ⊙ decay ⊙ Δ) x. The earlier blocks' decay factors through r, the
     # last position before this block (s ≤ r < t, so both factors are ≤ 1): (CB[t, s] exp(cum_t - cum_r)) ·
@@ -358,7 +383,7 @@ def _state_bwd_kernel(
     C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
     cum_ptr, enter_ptr,
     dfinal_ptr, dfinal_stride_b, dfinal_stride_h, dfinal_stride_p, dfinal_stride_n,
-    grad_after_ptr,  # (B, c, H, P, N) like enter: G_c = dL/d(state after chunk c)
+    grad_after_ptr,  # (B, c, H, P, N) float32 like enter: G_c = dL/d(state after chunk c)
     k_part_ptr,  # (B, H, c, tiles) float32: exp(cum_{L-1}) Σ H_c ⊙ G_c per tile of the state
     dinit_ptr,  # (B, H, P, N) float32
     seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
@@ -396,8 +421,8 @@ def _state_bwd_kernel(
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
         if l0 == 0:
             state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-            tl.store(grad_after_ptr + state_base + state_offs, grad.to(grad_after_ptr.dtype.element_ty), mask=pn_in)
-            enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0).to(tl.float32)
+            tl.store(grad_after_ptr + state_base + state_offs, grad, mask=pn_in)
+            enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0)
             tl.store(k_part_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * n_tiles + tile,
                      tl.exp(cum_last) * tl.sum(tl.sum(enter * grad, axis=1), axis=0))
         pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
@@ -406,8 +431,8 @@ def _state_bwd_kernel(
                        mask=p_in[:, None] & t_in[None, :], other=0.0)  # (P, L)
         C_l = tl.load(C_base + pos[:, None] * C_stride_t + n[None, :] * C_stride_n,
                       mask=t_in[:, None] & n_in[None, :], other=0.0)  # (L, N)
-        dy_w = _operand(dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :], dot_ty)
-        from_outputs = tl.dot(dy_w, _operand(C_l, dot_ty), from_outputs, input_precision=DOT_PRECISION)
+        dy_w = dy_T.to(tl.float32) * tl.exp(tl.load(cum_ptr + dt_base + pos))[None, :]
+        from_outputs = _split_dot(dy_w, C_l, from_outputs, dot_ty, DOT_PRECISION, SPLIT="a")
         if l0 == CHUNK - BLOCK_L:
             grad = grad * tl.exp(cum_last) + from_outputs
             from_outputs = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
@@ -459,7 +484,7 @@ def _dx_bwd_kernel(
     state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
     grad_T = tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
                      mask=n_in[:, None] & p_in[None, :], other=0.0)  # (N, P)
-    inner = tl.dot(_operand(B_s, dot_ty), _operand(grad_T, dot_ty), input_precision=DOT_PRECISION)
+    inner = _split_dot(B_s, grad_T, tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32), dot_ty, DOT_PRECISION, SPLIT="b")
     inner = inner * tl.exp(cum_last - cum_s)[:, None]  # (T, P)
     x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
                   + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
@@ -478,7 +503,7 @@ def _dx_bwd_kernel(
     # operand here left d dt_bias 8e-3 from float64 where the float32 reference on the same bf16 inputs is at 6e-7
     # (Bamba-1B's dt_bias gradients were the kernels' only ones farther from a float32 model than the bf16
     # references, GPU call 1 of session 7).
-    inner = _split_dot(cb_T * decay, dy_s, inner, dot_ty, DOT_PRECISION)
+    inner = _split_dot(cb_T * decay, dy_s, inner, dot_ty, DOT_PRECISION, SPLIT="a")
     cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
     decay_s = tl.exp(cum_r - cum_s)
     for tb in range(sb + 1, n_blocks):
@@ -489,7 +514,8 @@ def _dx_bwd_kernel(
                        mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
         cb_T = tl.load(cb_base + s_loc[:, None] + t_loc[None, :] * CHUNK)
         decay_t = tl.exp(cum_t - cum_r)
-        inner = _split_dot(cb_T * decay_s[:, None] * decay_t[None, :], dy_t, inner, dot_ty, DOT_PRECISION)
+        inner = _split_dot(cb_T * decay_s[:, None] * decay_t[None, :], dy_t, inner, dot_ty, DOT_PRECISION,
+                            SPLIT="a")
 
     x_f = x_s.to(tl.float32)
     dx = dt_s[:, None] * inner
@@ -653,7 +679,7 @@ def _db_bwd_kernel(
         grad = tl.load(grad_after_ptr + state_base + p[:, None] * dstate + n[None, :],
                        mask=p_in[:, None] & n_in[None, :], other=0.0)  # (P, N)
         x_w = x_s.to(tl.float32) * (tl.exp(cum_last - cum_s) * dt_s)[:, None]
-        dB_acc = tl.dot(_operand(x_w, dot_ty), _operand(grad, dot_ty), dB_acc, input_precision=DOT_PRECISION)
+        dB_acc = _split_dot(x_w, grad, dB_acc, dot_ty, DOT_PRECISION, SPLIT="b")
     C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
     for tb in range(sb + split, n_blocks, HEAD_SPLIT):
         t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -708,7 +734,8 @@ def _dc_bwd_kernel(
         state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
         enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
                         other=0.0)  # (P, N)
-        from_state = tl.dot(_operand(dy_t, dot_ty), _operand(enter, dot_ty), input_precision=DOT_PRECISION)
+        from_state = _split_dot(dy_t, enter, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), dot_ty, DOT_PRECISION,
+                                SPLIT="b")
         from_state = from_state * tl.exp(cum_t)[:, None]
         tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
         dC_acc += from_state
@@ -819,11 +846,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _state_dtype(x: Tensor) -> torch.dtype:
-    """Stored chunk states (a matmul operand next) are in x's dtype; float32 stays float32."""
-    return x.dtype
-
-
 def _fits_chunk(chunk: int, *names: str):
     return lambda c: all(c[name] <= chunk and chunk % c[name] == 0 for name in names)
 
@@ -845,7 +867,7 @@ def ssd_scan_forward(
     """Run the forward kernels: (y, final_state, dt_processed, cum, cb, enter_states).
 
     The last four are what the backward reuses: Δ and the in-chunk prefix sums (B, H, c·L) float32, C B^T per chunk
-    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) in x's dtype, the last two
+    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) float32, the last two
     flattened after the batch dimension.
     configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
     _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias)
@@ -865,7 +887,7 @@ def ssd_scan_forward(
     cum = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
     # Flat per batch row: a lone chunk-count dimension would make torch.export guard on it being 1.
     cb = torch.empty((batch, nchunks * ngroups * chunk * chunk), dtype=torch.float32, device=device)
-    enter = torch.empty((batch, nchunks * nheads * headdim * dstate), dtype=_state_dtype(x), device=device)
+    enter = torch.empty((batch, nchunks * nheads * headdim * dstate), dtype=torch.float32, device=device)
     if seqlen == 0 or batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:  # nothing to scan
         final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state, dtp, cum, cb, enter
@@ -1095,7 +1117,7 @@ def _forward_impl(
         y, final_state = ssd_scan_reference(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias=dt_bias,
                                             dt_softplus=dt_softplus)
         empty = x.new_empty((0,), dtype=torch.float32)
-        return y, final_state.float(), empty, empty.clone(), empty.clone(), x.new_empty((0,))
+        return y, final_state.float(), empty, empty.clone(), empty.clone(), empty.clone()
     return ssd_scan_forward(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_softplus)
 
 
@@ -1110,7 +1132,7 @@ def _forward_fake(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_soft
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
         x.new_empty((batch, nchunks * ngroups * chunk_size * chunk_size), **f32),
-        x.new_empty((batch, nchunks * nheads * headdim * dstate)),
+        x.new_empty((batch, nchunks * nheads * headdim * dstate), **f32),
     )
 
 
@@ -1267,7 +1289,7 @@ def decomposition(reference, max_seqlen: int) -> dict:
         step = F.softplus(step) if dt_softplus else step
         y, final_state = reference(x, step, A, B, C, chunk_size, D=D, initial_state=initial_state)
         empty = x.new_empty((0,), dtype=torch.float32)
-        return y, final_state.float(), empty, empty.clone(), empty.clone(), x.new_empty((0,))
+        return y, final_state.float(), empty, empty.clone(), empty.clone(), empty.clone()
 
     return {op_overload("ssd_scan"): ssd_scan_decomposed}
 
