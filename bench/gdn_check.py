@@ -668,8 +668,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated sections of {','.join(SECTIONS)} (default: "
                         f"{','.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--tune-only", default="",
-                        help="comma-separated kernels of archgen's (keys of TUNERS: wy, state, output, state_backward, "
-                             "chunk_backward) whose candidates are all timed; the others run their first config")
+                        help="comma-separated kernels of archgen's (keys of TUNERS: wy, state, output, intra_chunk_dpseudo, "
+                             "state_backward, chunk_backward) whose candidates are all timed; the others run their "
+                             "first config")
     parser.add_argument("--untuned", action="store_true",
                         help="archgen's kernels run their first config (session 6's winners) and time no candidates")
     args = parser.parse_args()

@@ -293,7 +293,8 @@ def test_build_time_tuning_hook_tunes_every_kernel():
     with triton_support.tuning_session() as table:
         gdr.autotune(config, {}, 1, 20, torch.bfloat16, DEVICE)
         tuned = {entry["kernel"] for entry in table()["entries"]}
-    assert tuned == {f"gated_delta_rule.{kernel}" for kernel in ("wy", "state", "output", "state_backward", "chunk_backward")}
+    assert tuned == {f"gated_delta_rule.{kernel}" for kernel in gdr.TUNERS}
+    assert set(gdr.TUNERS) == {"wy", "state", "output", "intra_chunk_dpseudo", "state_backward", "chunk_backward"}
 
 
 def test_float32_intermediates_are_the_more_accurate_form():
