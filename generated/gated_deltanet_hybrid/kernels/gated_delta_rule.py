@@ -38,15 +38,17 @@ with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.p
 `intermediates=torch.float32` keeps the more accurate form. Every exponent is masked to ≤ 0 before its exp. T need
 not be a multiple of L: positions past T load β = 0 and g = 0 (the identity step) and are never stored.
 
-The backward (`gated_delta_rule_backward`, the op's autograd; 3.8 ms of the 4.68 ms forward + backward on the H200,
-against the reference's 129.6 ms) runs the WY and state kernels again, storing T⁻¹
-as well (recomputing them costs less than keeping a state per chunk from the forward, as fla does), then two
+The backward (`gated_delta_rule_backward`, the op's autograd; forward + backward 4.33 ms on the H200 in GPU call 1 of
+session 8, fla's 3.74 beside it, the reference's 129.6 in session 6) runs the WY and state kernels again, storing T⁻¹
+as well (recomputing them costs less than keeping a state per chunk from the forward, as fla does), then three
 launches:
-  4. `_state_backward_kernel`, per (block of V columns, batch × value head): the state passing backwards, from the
+  4. `_intra_chunk_dpseudo_kernel`, per (block of V columns, chunk, batch × value head): the part of u's gradient
+     that needs no state, du_local = scale ((q kᵀ) ⊙ D)ᵀ dO, every chunk at once (fla's chunk_bwd_dv_local does the
+     same): the state loop below then takes no (L, K) × (K, L) product per chunk and block of V.
+  5. `_state_backward_kernel`, per (block of V columns, batch × value head): the state passing backwards, from the
      last chunk to the first, dS (the gradient of the state leaving the chunk, float32 in registers) and
-     du = scale ((q kᵀ) ⊙ D)ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS; stores both per chunk; the last is the initial
-     state's gradient.
-  5. `_chunk_backward_kernel`, per (chunk, batch × value head): every input's gradient in the chunk. The adjoint of
+     du = du_local + (exp(c_{L-1} − c) ⊙ k) dS; stores both per chunk; the last is the initial state's gradient.
+  6. `_chunk_backward_kernel`, per (chunk, batch × value head): every input's gradient in the chunk. The adjoint of
      T⁻¹ needs no (L, L) inverse of its own: with û = T⁻¹ᵀ du, the gradient of A is −û uᵀ below the diagonal
      (since T⁻¹ (β v − β exp(c) ⊙ k S_c) = u), and dv = β ⊙ û. The prefix sums' gradient dc collects each exp(c)'s
      share (q ⊙ dq, k ⊙ dk and β-weighted rows summed over K, as fla does), and dg is its reverse prefix sum.
@@ -119,21 +121,29 @@ OUTPUT_CONFIGS = [
 ]
 # The backward's state loop holds dS like the forward's state and loads q, k and W whole per chunk; its chunk kernel
 # holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there, and still win: two programs per SM).
+# Session 8 took the state-free part of du (a q kᵀ per chunk and block of V) out of the state loop into a kernel of
+# its own, the output kernel's shape without the states (its configs are that kernel's): the loop's registers fell
+# from 209 to 152 at its old winner, 0.81 ms in GPU call 1 of session 8, where fla's state loop took 0.46 ms and its
+# kernel for the same state-free part 0.12 ms. The milliseconds below are from before that change.
+INTRA_CHUNK_DPSEUDO_CONFIGS = [
+    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 74, 32 KB: 3; k qᵀ once per chunk
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 96, 32 KB: 5
+]
 STATE_BACKWARD_CONFIGS = [
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 209, 107 KB: 2; 0.82 ms
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 188, 38 KB: 2; 0.98 ms
-    {"BLOCK_V": 16, "num_warps": 8, "num_stages": 2},  # 224, 107 KB: 1; 1.65 ms
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 255, 44 KB: 1; 1.05 ms
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 152, 106 KB: 2; 0.82 ms
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 138, 36 KB: 3; 0.98 ms (at 2 per SM)
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 180, 40 KB: 2, half the programs re-reading q, k and W
 ]
 CHUNK_BACKWARD_CONFIGS = [
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 40 KB: 2; 1.82 ms
-    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 223, 72 KB: 1; 2.23 ms
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 8, "num_stages": 1},  # 210, 56 KB: 1; 3.02 ms
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 32 KB: 2; 1.82 ms
+    {"BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 219, no spills, 30 KB: 2
+    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 216, 64 KB: 1; 2.23 ms
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "intra_chunk_dpseudo": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "chunk_backward": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
 }
@@ -565,11 +575,59 @@ def _output_kernel(
 
 
 @triton.jit
+def _intra_chunk_dpseudo_kernel(
+    q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
+    k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
+    do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
+    cum_ptr,
+    dlocal_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: u's gradient from its own chunk's outputs
+    scale, seqlen, nv_heads, value_heads_per_key, dk, dv, padded_len,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The part of du that needs no state, per (block of V columns, chunk, batch × value head), all chunks at once:
+
+        du_local = scale · ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t])ᵀ dO
+
+    so that the sequential state loop backwards does not take a (L, K) × (K, L) product per chunk and per block of V.
+    (q kᵀ)ᵀ is taken as k qᵀ: no transposed accumulator."""
+    cols_v = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
+    chunk = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = (pid_bh // nv_heads).to(tl.int64)
+    h = pid_bh % nv_heads
+    h_key = h // value_heads_per_key
+    dot_ty = q_ptr.dtype.element_ty
+    inter_ty = dlocal_ptr.dtype.element_ty
+    t = tl.arange(0, CHUNK)
+    pos = chunk * CHUNK + t
+    t_in = pos < seqlen
+    v_in = cols_v < dv
+    row = pid_bh.to(tl.int64) * padded_len + pos
+    cum = tl.load(cum_ptr + row)
+    q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t
+    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t
+    kq = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    for k0 in range(0, dk, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        tk_in = t_in[:, None] & (cols_k < dk)[None, :]
+        q_blk = _operand(tl.load(q_base + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0), dot_ty)
+        k_blk = _operand(tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0), dot_ty)
+        kq = tl.dot(k_blk, tl.trans(q_blk), kq, input_precision=DOT_PRECISION)
+    # Row s, column t: the weight of u_s in o_t.
+    P_T = kq * tl.exp(tl.where(t[:, None] <= t[None, :], cum[None, :] - cum[:, None], float("-inf"))) * scale
+    do = tl.load(do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t + cols_v[None, :] * do_stride_v,
+                 mask=t_in[:, None] & v_in[None, :], other=0.0)
+    dlocal = tl.dot(_operand(P_T, inter_ty), _operand(do, inter_ty), input_precision=DOT_PRECISION)
+    tl.store(dlocal_ptr + row[:, None] * dv + cols_v[None, :], _rounded(dlocal, inter_ty), mask=v_in[None, :])
+
+
+@triton.jit
 def _state_backward_kernel(
     q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
     k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
     do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
     w_ptr, cum_ptr,
+    dlocal_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: _intra_chunk_dpseudo_kernel's du_local
     dfinal_ptr, dfinal_stride_b, dfinal_stride_h, dfinal_stride_k, dfinal_stride_v,
     dleave_ptr,  # (B, HV, c, K, V) in the intermediates' dtype, contiguous: the gradient of the state leaving each chunk
     dpseudo_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: du, the gradient of u
@@ -581,7 +639,7 @@ def _state_backward_kernel(
     """The state passing backwards, per (block of V columns, batch × value head): from the last chunk to the first,
     with dS the gradient of the state leaving the chunk,
 
-        du   = scale · ((q kᵀ) ⊙ exp(c_t − c_s) [s ≤ t])ᵀ dO + (exp(c_{L-1} − c) ⊙ k) dS
+        du   = du_local + (exp(c_{L-1} − c) ⊙ k) dS
         dS_c = exp(c_{L-1}) dS + scale · (exp(c) ⊙ q)ᵀ dO − Wᵀ du
 
     storing each dS and du; the last dS_c is the initial state's gradient."""
@@ -602,7 +660,6 @@ def _state_backward_kernel(
     else:
         dstate = tl.zeros((BLOCK_K, BLOCK_V), dtype=tl.float32)
     t = tl.arange(0, CHUNK)
-    causal = t[:, None] >= t[None, :]
     head_rows = pid_bh.to(tl.int64) * padded_len
     state_offs = rows_k[:, None] * dv + cols_v[None, :]
     q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + rows_k[None, :] * q_stride_k
@@ -622,13 +679,9 @@ def _state_backward_kernel(
         q = _operand(tl.load(q_base + pos[:, None] * q_stride_t, mask=tk_in, other=0.0), dot_ty)  # (L, K)
         k = _operand(tl.load(k_base + pos[:, None] * k_stride_t, mask=tk_in, other=0.0), dot_ty)  # (L, K)
         do = tl.load(do_base + pos[:, None] * do_stride_t, mask=t_in[:, None] & v_in[None, :], other=0.0)  # (L, BV)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        P = qk * tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf"))) * scale
+        dlocal = tl.load(dlocal_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)
         dpseudo = tl.dot(_operand(k, inter_ty), _operand(dstate, inter_ty), input_precision=DOT_PRECISION)
-        dpseudo = dpseudo * tl.exp(cum_last - cum)[:, None]
-        dpseudo = tl.dot(tl.trans(_operand(P, inter_ty)), _operand(do, inter_ty), dpseudo,
-                         input_precision=DOT_PRECISION)
-        dpseudo = _rounded(dpseudo, inter_ty)
+        dpseudo = _rounded(dpseudo * tl.exp(cum_last - cum)[:, None] + dlocal.to(tl.float32), inter_ty)
         tl.store(dpseudo_ptr + row[:, None] * dv + cols_v[None, :], dpseudo, mask=v_in[None, :])
         W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
         do_decayed = do.to(tl.float32) * (scale * tl.exp(cum))[:, None]
@@ -646,6 +699,7 @@ def _chunk_backward_kernel(
     beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
     do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
     cum_ptr, inverse_ptr, enter_ptr, pseudo_ptr, dleave_ptr, dpseudo_ptr,
+    du_hat_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: scratch for û, written and read back here
     dq_ptr, dk_ptr,  # (B, T, HV, K) float32, contiguous: per value head (the launcher sums a key head's group)
     dv_ptr,  # (B, T, HV, V) in v's dtype, contiguous
     dbeta_ptr, dg_ptr,  # (B, T, HV) float32, contiguous
@@ -657,11 +711,15 @@ def _chunk_backward_kernel(
 
         dv = β ⊙ û                 dA = −(û uᵀ) [s < t]            (the adjoint of T⁻¹ through W and U)
         dq = scale · (exp(c) ⊙ dO S_cᵀ + (dO uᵀ ⊙ D [s ≤ t]) k)
-        dk = scale · (dO uᵀ ⊙ D [s ≤ t])ᵀ q + exp(c_{L-1} − c) ⊙ (u dSᵀ) − β exp(c) ⊙ T⁻¹ᵀ du S_cᵀ
+        dk = scale · (dO uᵀ ⊙ D [s ≤ t])ᵀ q + exp(c_{L-1} − c) ⊙ (u dSᵀ) − β exp(c) ⊙ û S_cᵀ
              + (β ⊙ dA ⊙ D) k + (β ⊙ dA ⊙ D)ᵀ k
-        dβ = Σ_v û ⊙ v − exp(c) Σ_k k ⊙ T⁻¹ᵀ du S_cᵀ + Σ_k k ⊙ (dA ⊙ D) k
+        dβ = Σ_v û ⊙ v − exp(c) Σ_k k ⊙ û S_cᵀ + Σ_k k ⊙ (dA ⊙ D) k
 
-    and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum."""
+    and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum. A first loop over
+    V takes everything that sums over V into (L, L) tiles, and û; a loop over blocks of K then takes dq and dk, with
+    an inner loop over V for the three (L, BLOCK_K) products with the states. T⁻¹ is needed in the first loop only:
+    û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch buffer (L2-resident: the program reads back what it
+    wrote) and the (L, L) tiles the K loop multiplies by are rounded to operands once, before it."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // nv_heads).to(tl.int64)
@@ -677,12 +735,10 @@ def _chunk_backward_kernel(
     beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
                    other=0.0).to(tl.float32)
     inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
-    exponent = cum[:, None] - cum[None, :]
-    decay = tl.exp(tl.where(t[:, None] >= t[None, :], exponent, float("-inf")))
     do_base = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
     v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
 
-    # Over V: dO uᵀ, dA, dv and dβ's value term.
+    # Over V: û, dO uᵀ, dA, dv and dβ's value term.
     do_u = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
     neg_dA = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
     dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -695,6 +751,7 @@ def _chunk_backward_kernel(
         du = _operand(tl.load(dpseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
                       inter_ty)
         du_hat = tl.dot(tl.trans(inverse), du, input_precision=DOT_PRECISION)  # (L, BV)
+        tl.store(du_hat_ptr + row[:, None] * dv + cols[None, :], _rounded(du_hat, inter_ty), mask=v_in[None, :])
         do_u = tl.dot(do, tl.trans(u), do_u, input_precision=DOT_PRECISION)
         neg_dA = tl.dot(_operand(du_hat, inter_ty), tl.trans(u), neg_dA, input_precision=DOT_PRECISION)
         v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=tv_in, other=0.0).to(tl.float32)
@@ -703,11 +760,17 @@ def _chunk_backward_kernel(
                  _rounded(du_hat * beta[:, None], dv_ptr.dtype.element_ty), mask=tv_in)
     # The gradient of q kᵀ. Its diagonal is kept apart: its shares of dc (via q ⊙ dq and k ⊙ dk) cancel exactly, and
     # under strong decay they dwarf what remains.
+    decay = tl.exp(tl.where(t[:, None] >= t[None, :], cum[:, None] - cum[None, :], float("-inf")))
     diagonal = t[:, None] == t[None, :]
     dPD = tl.where(diagonal, 0.0, do_u * decay * scale)
     dPD_diagonal = tl.sum(tl.where(diagonal, do_u, 0.0), axis=1) * scale
     dAD = -tl.where(t[:, None] > t[None, :], neg_dA * decay, 0.0)  # dA ⊙ D, the gradient of β ⊙ (k kᵀ)
     dMD = dAD * beta[:, None]  # the gradient of k kᵀ through A
+
+    dPD_op = _operand(dPD, inter_ty)
+    dAD_op = _operand(dAD, inter_ty)
+    dMD_op = _operand(dMD, inter_ty)
+    tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
 
     # Over K, a block of columns at a time (an inner loop over V for the products with the states).
     dc = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -721,7 +784,7 @@ def _chunk_backward_kernel(
         cols_k = k0 + tl.arange(0, BLOCK_K)
         k_in = cols_k < dk
         do_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-        du_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        du_hat_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
         u_dS = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
         for v0 in range(0, dv, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
@@ -735,23 +798,22 @@ def _chunk_backward_kernel(
                                   other=0.0), inter_ty)
             u = _operand(tl.load(pseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
                          inter_ty)
-            du = _operand(tl.load(dpseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
-                          inter_ty)
+            du_hat = _operand(tl.load(du_hat_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
+                              inter_ty)
             enter_T = tl.trans(_operand(enter, inter_ty))
             do_S = tl.dot(do, enter_T, do_S, input_precision=DOT_PRECISION)
-            du_S = tl.dot(du, enter_T, du_S, input_precision=DOT_PRECISION)
+            du_hat_S = tl.dot(du_hat, enter_T, du_hat_S, input_precision=DOT_PRECISION)
             u_dS = tl.dot(u, tl.trans(_operand(dleave, inter_ty)), u_dS, input_precision=DOT_PRECISION)
         tk_in = t_in[:, None] & k_in[None, :]
         q_blk = tl.load(q_base + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0).to(tl.float32)
         k_blk = tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0).to(tl.float32)
         q_op = _operand(q_blk, inter_ty)
         k_op = _operand(k_blk, inter_ty)
-        dq_blk = do_S * (scale * tl.exp(cum))[:, None] + tl.dot(_operand(dPD, inter_ty), k_op,
-                                                            input_precision=DOT_PRECISION)
-        dk_attend = tl.dot(tl.trans(_operand(dPD, inter_ty)), q_op, input_precision=DOT_PRECISION)
-        dk_weighted = -tl.dot(tl.trans(inverse), _operand(du_S, inter_ty), input_precision=DOT_PRECISION)  # of β e^c k
-        dAD_k = tl.dot(_operand(dAD, inter_ty), k_op, input_precision=DOT_PRECISION)
-        dk_pairs = tl.dot(tl.trans(_operand(dMD, inter_ty)), k_op, input_precision=DOT_PRECISION)
+        dq_blk = tl.dot(dPD_op, k_op, do_S * (scale * tl.exp(cum))[:, None], input_precision=DOT_PRECISION)
+        dk_attend = tl.dot(tl.trans(dPD_op), q_op, input_precision=DOT_PRECISION)
+        dk_weighted = -du_hat_S  # the gradient of β exp(c) ⊙ k
+        dAD_k = tl.dot(dAD_op, k_op, input_precision=DOT_PRECISION)
+        dk_pairs = tl.dot(tl.trans(dMD_op), k_op, input_precision=DOT_PRECISION)
         weight = beta * tl.exp(cum)
         dk_blk = (dk_attend + dPD_diagonal[:, None] * q_blk + u_dS * decay_to_end[:, None] + dk_weighted * weight[:, None]
                   + dAD_k * beta[:, None] + dk_pairs)
@@ -822,6 +884,7 @@ def _step_kernel(
 TUNERS = {
     name: Autotuner(f"gated_delta_rule.{name}", configs, INTERPRETER_CONFIGS[name])
     for name, configs in (("wy", WY_CONFIGS), ("state", STATE_CONFIGS), ("output", OUTPUT_CONFIGS),
+                          ("intra_chunk_dpseudo", INTRA_CHUNK_DPSEUDO_CONFIGS),
                           ("state_backward", STATE_BACKWARD_CONFIGS), ("chunk_backward", CHUNK_BACKWARD_CONFIGS))
 }
 """The kernels' autotuners (triton_support.Autotuner, named gated_delta_rule.<kernel>: tuning tables pin their winners)."""
@@ -1007,13 +1070,26 @@ def gated_delta_rule_backward(
             chunks = _chunk_states(q, k, v, g, beta, initial_state, chunk_size, _intermediates_dtype(q, intermediates),
                                    configs, store_inverse=True)
             dleave = torch.empty_like(chunks.enter)
+            dlocal = torch.empty_like(chunks.pseudo)
             dpseudo = torch.empty_like(chunks.pseudo)
+            du_hat = torch.empty_like(chunks.pseudo)
             common = (scale, seqlen, *chunks.shared, chunks.nchunks, chunks.padded)
+
+            def launch_intra_chunk_dpseudo(cfg):
+                _intra_chunk_dpseudo_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), chunks.nchunks, batch * nv_heads)](
+                    *strided(q, 4), *strided(k, 4), *strided(do, 4), chunks.cum, dlocal,
+                    scale, seqlen, *chunks.shared, chunks.padded,
+                    DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
+                    **_launch_options(cfg),
+                )
+
+            launch_intra_chunk_dpseudo(_config("intra_chunk_dpseudo", chunks.key, launch_intra_chunk_dpseudo,
+                                               configs.get("intra_chunk_dpseudo")))
 
             def launch_state_backward(cfg):
                 _state_backward_kernel[(triton.cdiv(dv, cfg["BLOCK_V"]), batch * nv_heads)](
-                    *strided(q, 4), *strided(k, 4), *strided(do, 4), chunks.W, chunks.cum, *strided(dfinal_state, 4),
-                    dleave, dpseudo, dinit, *common,
+                    *strided(q, 4), *strided(k, 4), *strided(do, 4), chunks.W, chunks.cum, dlocal,
+                    *strided(dfinal_state, 4), dleave, dpseudo, dinit, *common,
                     HAS_DFINAL=dfinal_state is not None, DOT_PRECISION=chunks.precision, CHUNK=chunk_size,
                     BLOCK_K=max(16, triton.next_power_of_2(dk)), BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
                 )
@@ -1024,7 +1100,7 @@ def gated_delta_rule_backward(
             def launch_chunk_backward(cfg):
                 _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
                     *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
-                    chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo,
+                    chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat,
                     dq_heads, dk_heads, dv_, dbeta, dg, *common,
                     DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
                     **_launch_options(cfg),
@@ -1032,11 +1108,23 @@ def gated_delta_rule_backward(
 
             launch_chunk_backward(_config("chunk_backward", chunks.key, launch_chunk_backward,
                                           configs.get("chunk_backward")))
-    per_key_head = (batch, seqlen, nheads, nv_heads // nheads, dk)
-    dq = dq_heads.view(per_key_head).sum(3).to(q.dtype)
-    dk_ = dk_heads.view(per_key_head).sum(3).to(k.dtype)
-    return (dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype),
-            dinit if initial_state is not None else None)
+    dq = _sum_over_groups(dq_heads, nheads, q.dtype)
+    dk_ = _sum_over_groups(dk_heads, nheads, k.dtype)
+    return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), dinit if initial_state is not None else None
+
+
+def _sum_over_groups(per_value_head: Tensor, nheads: int, dtype: torch.dtype) -> Tensor:
+    """(B, T, HV, K) float32 -> (B, T, H, K) in dtype: each key head's sum over the value heads that read it, as
+    elementwise adds rounded once into dtype. `.sum` over the group's strided dimension, then a cast, took 0.18 ms per
+    gradient at the bench shape (GPU call 1 of session 8), more than reading the float32 once costs."""
+    batch, seqlen, nv_heads, dk = per_value_head.shape
+    group = per_value_head.view(batch, seqlen, nheads, nv_heads // nheads, dk).unbind(3)
+    if len(group) == 1:
+        return group[0].to(dtype)
+    partial = group[0]
+    for member in group[1:-1]:
+        partial = partial + member
+    return torch.add(partial, group[-1], out=per_value_head.new_empty((batch, seqlen, nheads, dk), dtype=dtype))
 
 
 STEP_CONFIG = {"BLOCK_V": 32, "num_warps": 4}
