@@ -47,6 +47,10 @@ after each; a section whose estimate exceeds the budget left is skipped and says
                computing wrong values (a miscompiled layout conversion, not skipped work), labelled so. Also both
                forwards (the guard does not touch them) and a per-kernel CUDA-time table of fla's forward+backward
                beside archgen's.
+  kernels_alone  fla_guard_lifted's archgen steps without fla (not run unless named): forward ms and errors,
+               forward+backward ms, gradients against float32, CUDA time per kernel. fla's first-call autotuning took
+               130 s of GPU call 1 of session 8; this measures a change to archgen's kernels in well under a minute,
+               to be held against the fla figure of an earlier run (labelled so where reported).
 
 fla's first call of each kernel compiles and autotunes (tens of seconds on the H200), and so do archgen's kernels
 (every candidate config compiled and timed): the first section that runs them pays for it, and its estimate says so.
@@ -56,6 +60,7 @@ On the GPU machine, from the repository root (fla_core and einops wheels in .whl
     python bench/gdn_check.py --out "$OUT" --budget-s 140
     python bench/gdn_check.py --only speed,profile --out "$OUT" --budget-s 90
     python bench/gdn_check.py --only fla_guard_lifted --tune-only wy --out "$OUT" --budget-s 100
+    python bench/gdn_check.py --only kernels_alone --tune-only state_backward,chunk_backward --out "$OUT"
 (--untuned: archgen's kernels run their first config, session 6's winners, and time no candidates; --tune-only: only
 the kernels named time their candidates.)
 On a CPU, to exercise the script (tiny shapes, the kernel in Triton's interpreter; without fla the peer is a
@@ -86,12 +91,14 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32", "fla_guard_lifted")
+SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32", "fla_guard_lifted",
+            "kernels_alone")
 """In the order they run: the timings first (GPU call 2 of session 6 spent its whole budget on numerics)."""
-DEFAULT_SECTIONS = SECTIONS[:-1]
-"""What runs without --only: fla_guard_lifted runs fla past its own refusal, so only when asked by name."""
+DEFAULT_SECTIONS = SECTIONS[:-2]
+"""What runs without --only: fla_guard_lifted runs fla past its own refusal, and kernels_alone repeats its archgen
+steps, so each only when asked by name."""
 ESTIMATE_S = {"speed": 60, "profile": 5, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
-              "kernel_float32": 20, "fla_guard_lifted": 30}
+              "kernel_float32": 20, "fla_guard_lifted": 30, "kernels_alone": 30}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
@@ -555,11 +562,7 @@ class Check:
         CUDA time per kernel of each forward+backward. fla's gradients decide how its time is labelled."""
         if self.kernel is None:
             return {"skipped": self.results["environment"]["archgen_kernel"]}
-        torch = self.torch
-        shape = self.timing_shape
-        label = "B{}-T{}-H{}-HV{}-K{}-V{}, bf16".format(*shape)
         peer = f"{self.peer}_guard_lifted" if self.fla is not None else self.peer
-        sides = {"archgen_kernel": self._kernel, peer: self._fla if self.fla is not None else self._stand_in}
         if self.fla is None:
             guard, lifted = "no fla here", "nothing (the stand-in has no guard)"
         else:
@@ -567,6 +570,28 @@ class Check:
             lifted = "fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True for the section"
         report = self.results["fla_guard_lifted"] = {"guard": guard, "lifted": lifted, "bar_relative_norm": BF16_BAR,
                                                      "steps_s": {}}
+        with fla_version_guard_lifted() if self.fla is not None else contextlib.nullcontext():
+            self._in_steps("fla_guard_lifted", report, peer, self._fla if self.fla is not None else self._stand_in)
+        return report
+
+    def kernels_alone(self) -> dict:
+        """fla_guard_lifted's steps for archgen's kernels alone (no fla, none of its first-call autotuning): the
+        forward and its errors, the forward+backward ms, every gradient against float32 and the CUDA time per kernel.
+        For a run that measures a change to the kernels and the tuners' timings within ~60 s; its figures have no
+        same-run peer."""
+        if self.kernel is None:
+            return {"skipped": self.results["environment"]["archgen_kernel"]}
+        report = self.results["kernels_alone"] = {"bar_relative_norm": BF16_BAR, "steps_s": {}}
+        self._in_steps("kernels_alone", report)
+        return report
+
+    def _in_steps(self, section: str, report: dict, peer: str | None = None, peer_fn=None) -> None:
+        """archgen's kernels (and the peer, where named) at the timing shape, one step at a time into report, the JSON
+        rewritten after each: archgen's forward first (a kill in the peer's first-call tuning keeps it)."""
+        torch = self.torch
+        shape = self.timing_shape
+        label = "B{}-T{}-H{}-HV{}-K{}-V{}, bf16".format(*shape)
+        sides = {"archgen_kernel": self._kernel, **({peer: peer_fn} if peer else {})}
         args = self.inputs(*shape, seed=7)
         gen = torch.Generator(device=self.device).manual_seed(99)
         do = torch.randn(*shape[:2], shape[3], shape[5], generator=gen, device=self.device).to(torch.bfloat16)
@@ -586,7 +611,7 @@ class Check:
             report[name] = fn()
             report["steps_s"][name] = round(time.perf_counter() - started, 2)
             self.write()
-            print(f"[{self.elapsed():6.1f} s] fla_guard_lifted {name}: {json.dumps(report[name], default=str)[:400]}",
+            print(f"[{self.elapsed():6.1f} s] {section} {name}: {json.dumps(report[name], default=str)[:400]}",
                   flush=True)
 
         truth = []
@@ -610,13 +635,14 @@ class Check:
                 expected.update(_gradients(self._reference, {n: t.float() for n, t in args.items()}, do.float(), dS))
             return {n: _relative_norm(g, expected[n]) for n, g in _gradients(sides[side], args, do, dS).items()}
 
-        with fla_version_guard_lifted() if self.fla is not None else contextlib.nullcontext():
-            step("archgen_kernel_forward", lambda: forward("archgen_kernel"))  # first: a kill in fla's tuning keeps it
+        step("archgen_kernel_forward", lambda: forward("archgen_kernel"))
+        if peer:
             step(f"{peer}_forward", lambda: forward(peer))
             self.figure(f"Gated DeltaNet forward, archgen kernels ({label})", report["archgen_kernel_forward"]["ms"],
                         report[f"{peer}_forward"]["ms"],
                         f"{peer.replace('_guard_lifted', '').replace('_', ' ')} forward", bar=1.0)
-            step("archgen_kernel_forward_backward_ms", lambda: forward_backward_ms("archgen_kernel"))
+        step("archgen_kernel_forward_backward_ms", lambda: forward_backward_ms("archgen_kernel"))
+        if peer:
             step(f"{peer}_gradients_vs_float32", lambda: gradients(peer))
             step(f"{peer}_forward_backward_ms", lambda: forward_backward_ms(peer))
             wrong = {n: e for n, e in report[f"{peer}_gradients_vs_float32"].items() if not e <= BF16_BAR}
@@ -627,10 +653,10 @@ class Check:
             self.figure(f"Gated DeltaNet forward+backward, archgen kernels vs {peer.replace('_', ' ')} ({label})",
                         report["archgen_kernel_forward_backward_ms"], report[f"{peer}_forward_backward_ms"],
                         f"{peer.replace('_', ' ')} forward+backward ({verdict})", bar=1.0)
-            step("archgen_kernel_gradients_vs_float32", lambda: gradients("archgen_kernel"))
-            step("profile", lambda: {side: self._profile(f"{side}_forward_backward", run) for side, (run, _) in
-                                     runs.items()})
-        return report
+        step("archgen_kernel_gradients_vs_float32", lambda: gradients("archgen_kernel"))
+        step("profile", lambda: {side: self._profile(f"{side}_forward_backward", run) for side, (run, _) in
+                                 runs.items()})
+
 
 def _as_float(result):
     o, state = result
@@ -686,7 +712,8 @@ def main() -> None:
     check = Check(args.out, args.dry_run, args.budget_s, tuned=not args.untuned, tune_only=tune_only)
     runs = {"speed": check.speed, "profile": check.profile, "numerics": check.numerics,
             "numerics_odd_lengths": check.numerics_odd_lengths, "decode": check.decode,
-            "kernel_float32": check.kernel_float32, "fla_guard_lifted": check.fla_guard_lifted}
+            "kernel_float32": check.kernel_float32, "fla_guard_lifted": check.fla_guard_lifted,
+            "kernels_alone": check.kernels_alone}
     for name in SECTIONS:
         if name in only:
             check.section(name, runs[name])
