@@ -137,6 +137,7 @@ BACKWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 4, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 128},
     {"BLOCK_D": 32, "num_warps": 4, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 4, "maxnreg": 128},
     {"BLOCK_D": 8, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
+    {"BLOCK_D": 8, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4},
     {"BLOCK_D": 16, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 168},
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 8, "maxnreg": 128},
     {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 0},
@@ -845,7 +846,7 @@ def selective_scan_backward(
         # Whole chunks per segment, and no empty segment: 3 chunks asked into 4 segments run as 3.
         segment_chunks = triton.cdiv(n_chunks, min(cfg.get("SEGMENTS", 1), n_chunks))
         segments = triton.cdiv(n_chunks, segment_chunks)
-        # Partial sums, reduced below: dA/dD/d delta_bias per batch row and segment, dB/dC per channel block (each
+        # Partial sums: dA/dD/d delta_bias per batch row and segment, dB/dC per channel block (each
         # launch sizes them for its own block width and segments: tuning tries several).
         dA_part = torch.empty((batch * segments, dim, dstate), dtype=torch.float32, device=device)
         dD_part = torch.empty((batch * segments, dim), dtype=torch.float32, device=device) if D is not None else None
@@ -871,18 +872,19 @@ def selective_scan_backward(
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
             BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
         )
-        return dB_part, dC_part, dA_part, dD_part, dbias_part
+        # Reduced here, inside what the tuner times: narrower blocks and more segments have more partial sums.
+        dB = dB_part.sum(2).to(B.dtype)
+        dC = dC_part.sum(2).to(C.dtype)
+        dA = dA_part.sum(0).to(A.dtype)
+        dD = dD_part.sum(0).to(D.dtype) if D is not None else None
+        dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        return dA, dB, dC, dD, dbias
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
         config = BACKWARD_TUNER.known(key, _explicit(config)) or BACKWARD_TUNER.tune(key, launch,
                                                                                     candidates(BACKWARD_TUNER, dim))
-        dB_part, dC_part, dA_part, dD_part, dbias_part = launch(config)
-    dB = dB_part.sum(2).to(B.dtype)
-    dC = dC_part.sum(2).to(C.dtype)
-    dA = dA_part.sum(0).to(A.dtype)
-    dD = dD_part.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbias_part.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+        dA, dB, dC, dD, dbias = launch(config)
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
 
 
