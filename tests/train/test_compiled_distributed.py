@@ -1,9 +1,11 @@
-"""`compile: true` under torch.distributed on CPU: 2 gloo processes with compiled layers, sharded by FSDP2 or split
-by tensor parallelism, train as one eager process does, with one graph per layer class in each process.
+"""`compile: true` under torch.distributed on CPU: 2 gloo processes with compiled layers, sharded by FSDP2, replicated
+by DDP or split by tensor parallelism, train as one eager process does, with one graph per layer class in each
+process.
 
-The layers are compiled before FSDP2 or the tensor-parallel plan wrap them, so a graph traces FSDP2's hooks (run
-eagerly, dynamo skips them) or DTensor weights. aot_eager stands in for inductor: it traces forward and backward as
-inductor does but generates no code (inductor on a CPU takes minutes); tests/generated/test_compile.py runs inductor.
+The layers are compiled before FSDP2, DDP or the tensor-parallel plan wrap them, so a graph runs under FSDP2's hooks
+(run eagerly, dynamo skips them) or DDP's gradient hooks, or traces DTensor weights. aot_eager stands in for
+inductor: it traces forward and backward as inductor does but generates no code (inductor on a CPU takes minutes);
+tests/generated/test_compile.py runs inductor.
 The processes are started with torch.multiprocessing, not torchrun, so each can swap in that backend first; the
 environment they get is torchrun's (RANK, WORLD_SIZE, MASTER_ADDR, ...), which is all `archgen train` reads.
 """
@@ -53,7 +55,8 @@ def losses(run_dir):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-@pytest.mark.parametrize("split", [{}, {"distributed__tensor_parallel": 2}], ids=["fsdp2", "tp2"])
+@pytest.mark.parametrize("split", [{}, {"distributed__fsdp": False}, {"distributed__tensor_parallel": 2}],
+                         ids=["fsdp2", "ddp", "tp2"])
 def test_compiled_layers_on_two_processes_train_as_one_eager_process(tmp_path, monkeypatch, split):
     corpus = write_corpus(tmp_path / "data")
     eager = write_recipe(tmp_path / "eager.yaml", recipe_dict(corpus, output=str(tmp_path / "eager"), **ATTENTION_ONLY))
@@ -66,7 +69,7 @@ def test_compiled_layers_on_two_processes_train_as_one_eager_process(tmp_path, m
     graphs = str(tmp_path / "graphs.{rank}.json")
     torch.multiprocessing.spawn(train_compiled, args=(PROCESSES, free_port(), str(compiled), graphs), nprocs=PROCESSES)
     trainer = json.loads((tmp_path / "compiled" / "checkpoints" / "step-00000003" / "trainer.json").read_text())
-    assert trainer["world_size"] == PROCESSES and trainer["sharded"]
+    assert trainer["world_size"] == PROCESSES and trainer["sharded"] == split.get("distributed__fsdp", True)
     assert trainer["tensor_parallel"] == split.get("distributed__tensor_parallel", 1)
     for rank in range(PROCESSES):
         with open(graphs.format(rank=rank)) as file:

@@ -137,27 +137,30 @@ def test_checkpoint_loads_with_from_pretrained_and_generates(tmp_path):
 def test_compile_compiles_each_layer_once_per_class_and_trains_as_eager(tmp_path, monkeypatch):
     """`compile: true` compiles every layer of Model.layers (not the whole model): Hymba+'s global- and
     windowed-attention layers are two classes, so two graphs for its four layers, none again for evaluation, which runs
-    eagerly; the losses are eager's. aot_eager stands in for inductor (the same graphs, no code generation: inductor
-    on a CPU takes minutes; tests/generated/test_compile.py runs inductor)."""
+    eagerly; the losses are eager's, with and without gradient checkpointing (which runs each compiled layer again in
+    the backward). aot_eager stands in for inductor (the same graphs, no code generation: inductor on a CPU takes
+    minutes; tests/generated/test_compile.py runs inductor)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     corpus = write_corpus(tmp_path / "data")
 
-    def run(compile_: bool):
-        recipe = recipe_dict(corpus, "hymba_plus", steps=3, compile=compile_, eval__interval=2,
-                             output=str(tmp_path / f"run-{compile_}"))
-        result = train(write_recipe(tmp_path / f"{compile_}.yaml", recipe), show_progress=False)
+    def run(compile_: bool, checkpointing: bool = False):
+        name = f"compile-{compile_}-checkpointing-{checkpointing}"
+        recipe = recipe_dict(corpus, "hymba_plus", steps=3, compile=compile_, gradient_checkpointing=checkpointing,
+                             eval__interval=2, output=str(tmp_path / name))
+        result = train(write_recipe(tmp_path / f"{name}.yaml", recipe), show_progress=False)
         return result, [r["loss"] for r in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in r]
 
     eager, eager_losses = run(False)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled, compiled_losses = run(True)
-    model = import_package(compiled.output_dir / "package" / "hymba_plus").Model()
-    assert counters["stats"]["unique_graphs"] == len({type(layer) for layer in model.layers}) == 2
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
-    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-5)
+    for checkpointing in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled, compiled_losses = run(True, checkpointing)
+        model = import_package(compiled.output_dir / "package" / "hymba_plus").Model()
+        assert counters["stats"]["unique_graphs"] == len({type(layer) for layer in model.layers}) == 2, checkpointing
+        assert compiled_losses == pytest.approx(eager_losses, rel=1e-5), checkpointing
+        assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-5), checkpointing
 
 
 def test_bf16_weights_with_float32_master_train(tmp_path):
