@@ -108,9 +108,12 @@ WY_CONFIGS = [
     {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 2, "num_stages": 2},  # 255, no spills, 2 KB: 4; 0.376
     {"TILED": 0, "BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 185 registers, 32 KB: 2 per SM; 0.426
 ]
+# The state loops run B·HV·V/BLOCK_V programs: at BLOCK_V 32 and two per SM, 512 programs are two waves on the H200's
+# 132 SMs, at 64 one (fla's forward state loop takes 64 columns, 0.21 ms against this one's 0.28 in GPU call 1 of
+# session 8).
 STATE_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.29 ms
-    {"BLOCK_V": 32, "num_warps": 8, "num_stages": 2},  # 159, 84 KB: 1; 0.50 ms
+    {"BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 254, no spills, 96 KB: 2, one wave
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W; 0.42 ms
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 151, 28 KB: 3, nothing prefetched; 0.43 ms
 ]
@@ -133,6 +136,7 @@ STATE_BACKWARD_CONFIGS = [
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 152, 106 KB: 2; 0.82 ms
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 138, 36 KB: 3; 0.98 ms (at 2 per SM)
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 180, 40 KB: 2, half the programs re-reading q, k and W
+    {"BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 228, 48 KB: 1, two waves of 8 warps (4 warps spill)
 ]
 CHUNK_BACKWARD_CONFIGS = [
     {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 32 KB: 2; 1.82 ms
