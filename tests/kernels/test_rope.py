@@ -108,6 +108,23 @@ def test_the_custom_ops_match_the_eager_path():
     assert torch.equal(q_op, results[0][0]) and torch.equal(k_op, results[0][1])
 
 
+@pytest.mark.parametrize("op", [rope.rope_op, rope._EagerRope.apply], ids=["custom_op", "eager"])
+def test_the_gradients_reach_the_projection_in_its_layout(op):
+    """The attention kernels hand back dq and dk contiguous as (B, H, T, D); the backward's rotation writes them laid
+    out as the projection's output, so the view-and-transpose that made q and k passes them on without a copy."""
+    B, HQ, HK, T, D = 2, 3, 1, 5, 8
+    projection = randn(B, T, (HQ + HK) * D, seed=1).requires_grad_()
+    q, k = projection.view(B, T, HQ + HK, D).transpose(1, 2).split([HQ, HK], dim=1)
+    cos, sin = angles(D, torch.arange(T))
+    layouts = []
+    for t in (q, k):
+        t.register_hook(lambda grad: layouts.append((grad.stride(), rope.projection_layout(grad).stride())))
+    q_rot, k_rot = op(q, k, cos, sin, False)
+    assert q_rot.stride() == rope.projection_layout(q_rot).stride(), "the forward keeps the projection's layout"
+    torch.autograd.backward([q_rot, k_rot], [randn(B, HQ, T, D, seed=2), randn(B, HK, T, D, seed=3)])
+    assert len(layouts) == 2 and all(got == want for got, want in layouts), layouts
+
+
 def test_the_inverse_undoes_the_rotation():
     q, k = randn(1, 2, 5, 8, seed=1), randn(1, 1, 5, 8, seed=2)
     cos, sin = angles(8, torch.arange(5), "none")
@@ -118,8 +135,8 @@ def test_the_inverse_undoes_the_rotation():
 
 
 def test_outputs_are_fully_written(monkeypatch):
-    real_empty_like = torch.empty_like
-    monkeypatch.setattr(rope.torch, "empty_like", lambda t, **kw: real_empty_like(t, **kw).fill_(float("nan")))
+    real_layout = rope.projection_layout
+    monkeypatch.setattr(rope, "projection_layout", lambda t: real_layout(t).fill_(float("nan")))
     q, k = projected(2, 3, 5, 12, torch.float32, seed=1), projected(2, 1, 5, 12, torch.float32, seed=2)
     cos, sin = angles(8, torch.arange(5))
     for t in rope.rope_forward(q, k, cos, sin, config=rope.INTERPRETER_CONFIG):
