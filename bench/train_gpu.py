@@ -24,8 +24,13 @@ Sections, each a ratio against a peer or a floor measured in the same run:
                  it saves a torch.distributed.checkpoint at half its steps
   resume_2_to_1  that checkpoint resumed on ONE GPU without torchrun: its losses after the resume against the
                  straight 2-GPU run's
+  resume_1_to_1  on one GPU, eager, 4 of the model's layers (what a resume restores does not depend on the depth, and
+                 a quarter of the weights saves and loads in a quarter of the time): a run that saves a checkpoint at
+                 half its steps, and that checkpoint resumed in a new process; the losses after the resume against
+                 the straight run's (the issue's "same loss curve on GPU within bf16 noise")
 
-    python bench/train_gpu.py --out $OUT --budget-s 170 --skip scaling  # one GPU: the compiled run, ~150 s
+    python bench/train_gpu.py --out $OUT --budget-s 170 --skip scaling,resume  # one GPU: the compiled run, ~150 s
+    python bench/train_gpu.py --out $OUT --budget-s 80 --skip compiled,scaling  # one GPU: resume_1_to_1, ~70 s
     python bench/train_gpu.py --out $OUT                 # a machine with 2 GPUs (nvidia-h200-x2), about 400 s
     python bench/train_gpu.py --dry-run --out /tmp/bench # a CPU: tiny HSPMN, gloo, a few steps (checks the plumbing)
 
@@ -49,7 +54,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -68,6 +73,7 @@ class Setup:
     scaling_steps: int
     compile: bool
     device_args: tuple[str, ...]  # passed to `archgen train`
+    four_layers: tuple[str, ...]  # --set overrides that keep 4 of the model's layers (resume_1_to_1)
     matmul_size: int
     corpus_bytes: int | None  # of the standard library's sources; None: all of them
     eval_batches: int  # micro-batches of held-out sequences per evaluation
@@ -81,17 +87,18 @@ class Setup:
         return "compiled layers, bf16 autocast" if self.compile else "eager, float32"
 
 
-def gpu_setup(name: str, spec: str) -> Setup:
+def gpu_setup(name: str, spec: str, four_layers: tuple[str, ...]) -> Setup:
     return Setup(name, str(ROOT / spec), None, ("model.vocab_size=256",), seq_len=2048, micro_batch=8,
-                 compiled_steps=300, scaling_steps=20, compile=True, device_args=(), matmul_size=8192, corpus_bytes=None,
-                 eval_batches=4)
+                 compiled_steps=300, scaling_steps=20, compile=True, device_args=(), four_layers=four_layers,
+                 matmul_size=8192, corpus_bytes=None, eval_batches=4)
 
 
-MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml"),
-          "hymba_plus": gpu_setup("hymba_plus", "specs/hymba_plus.yaml")}
+MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml", ("layout.mixers=(ssm*3, attn)",)),
+          "hymba_plus": gpu_setup("hymba_plus", "specs/hymba_plus.yaml",
+                                  ("layout.n_layers=4", "layout.mixers=global_attn|ssm, (attn|ssm)*2, global_attn|ssm"))}
 DRY = Setup("hspmn_tiny", str(ROOT / "specs/hspmn.yaml"), "tiny", (), seq_len=32, micro_batch=4, compiled_steps=4,
-            scaling_steps=4, compile=False, device_args=("--device", "cpu"), matmul_size=256, corpus_bytes=1_000_000,
-            eval_batches=1)
+            scaling_steps=4, compile=False, device_args=("--device", "cpu"), four_layers=("layout.n_layers=2",),
+            matmul_size=256, corpus_bytes=1_000_000, eval_batches=1)
 # MFU and 2-GPU scaling have no bar in issue 13; these are issue 12's training MFU bar and what FSDP2 over NVLink
 # should keep of two GPUs at a 1B model.
 MFU_BAR = 0.4
@@ -259,14 +266,15 @@ class TrainBench(Run):
 
     def train(self, record: dict, name: str, steps: int, processes: int, micro: int, compile_: bool, timeout: float,
               checkpoint_interval: int = 0, extra: tuple[str, ...] = (), env: dict[str, str] | None = None,
-              log: str | None = None) -> Path:
-        """Write the recipe `name` and run it; its log, metrics and curves go to $OUT/train_gpu/<log or name>/ whatever
-        happened."""
-        recipe = write_recipe(self.work, name, self.setup, self.data, steps, micro, compile_, checkpoint_interval)
+              log: str | None = None, setup: Setup | None = None) -> Path:
+        """Write the recipe `name` (of this run's model, or of `setup`) and run it; its log, metrics and curves go to
+        $OUT/train_gpu/<log or name>/ whatever happened."""
+        setup = setup or self.setup
+        recipe = write_recipe(self.work, name, setup, self.data, steps, micro, compile_, checkpoint_interval)
         run_dir = self.work / name
         kept = self.logs / (log or name)
         try:
-            launch(train_command(recipe, processes, self.setup, extra), kept / "output.log", timeout, record, env)
+            launch(train_command(recipe, processes, setup, extra), kept / "output.log", timeout, record, env)
         finally:
             keep_artifacts(run_dir, kept)
         return run_dir
@@ -333,6 +341,22 @@ class TrainBench(Run):
         loss_bar(self, f"{self.setup.name} next-token loss resumed on 1 GPU from 2 GPUs' checkpoint: largest relative "
                  "difference", losses["max_relative_delta"], self.setup.loss_tolerance)
 
+    def resume_1_to_1(self, record: dict) -> None:
+        setup = replace(self.setup, overrides=self.setup.overrides + self.setup.four_layers)
+        steps, half = setup.scaling_steps, setup.scaling_steps // 2
+        record.update({"set": list(setup.overrides), "steps": steps, "resumed_at": half})
+        run_dir = self.train(record.setdefault("straight", {}), "resume_1_to_1", steps, 1, setup.micro_batch, False,
+                             self.left() * 0.6, checkpoint_interval=half, env=self.single, setup=setup, log="straight")
+        straight = step_rows(run_dir)
+        checkpoint = run_dir / "checkpoints" / f"step-{half:08d}"
+        self.train(record.setdefault("resumed", {}), "resume_1_to_1", steps, 1, setup.micro_batch, False, self.left(),
+                   extra=("--resume-from", str(checkpoint)), env=self.single, setup=setup, log="resumed")
+        after = [r for r in step_rows(run_dir) if r["step"] > half]
+        losses = compare_losses(straight, after)
+        record.update(losses)
+        loss_bar(self, f"{self.setup.name} (4 layers) next-token loss resumed on 1 GPU from its own checkpoint: largest "
+                 "relative difference", losses["max_relative_delta"], self.setup.loss_tolerance)
+
 
 def visible_gpus() -> int:
     import torch
@@ -347,7 +371,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=400.0, help="wall-clock seconds for everything")
     parser.add_argument("--model", choices=sorted(MODELS), default="bamba_1b", help="the GPU runs' model")
     parser.add_argument("--steps", type=int, default=None, help="steps of the compiled run (default 300)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: compiled, scaling")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: compiled, scaling, resume")
     parser.add_argument("--work", type=Path, default=None,
                         help="where the runs write packages, data and checkpoints (default: a temporary directory, "
                              "removed at the end)")
@@ -359,20 +383,23 @@ def main() -> None:
     try:
         bench = TrainBench(args, setup, work)
         bench.section("matmul", bench.matmul)
-        scaling = "scaling" not in skip
+        scaling, resume = "scaling" not in skip, "resume" not in skip
         two_gpu_parts = scaling and (args.dry_run or visible_gpus() >= 2)
         if "compiled" not in skip:
             steps = args.steps or setup.compiled_steps
-            # alone it may use all the time left (less a margin to write the JSON); before the scaling runs, half
-            bench.section("compiled", lambda record: bench.compiled(record, steps, 0.5 if scaling else 0.97))
+            # alone it may use all the time left (less a margin to write the JSON); before other parts, half
+            bench.section("compiled", lambda record: bench.compiled(record, steps, 0.5 if scaling or resume else 0.97))
         if scaling:
-            bench.section("one_gpu", lambda record: bench.one_gpu(record, 1 / 3 if two_gpu_parts else 0.97))
+            share = 1 / 3 if two_gpu_parts else 1 / 2 if resume else 0.97
+            bench.section("one_gpu", lambda record: bench.one_gpu(record, share))
             if two_gpu_parts:
                 bench.section("two_gpus", lambda record: bench.two_gpus(record, 1 / 2))
                 bench.section("resume_2_to_1", bench.resume_2_to_1)
             else:
                 bench.sections["two_gpus"] = {"skipped": f"{visible_gpus()} GPU visible: the 2-GPU parts need 2"}
                 bench.write()
+        if resume:
+            bench.section("resume_1_to_1", bench.resume_1_to_1)
         print(bench.summary())
     finally:
         if args.work is None:
