@@ -96,7 +96,8 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # TMA: the streamed tiles (k and v in the forward and dq kernels, q and dO in the dkdv kernel) come through Hopper's
 # tensor memory accelerator (tensor descriptors, `tma_ready`) instead of per-thread asynchronous copies: no per-thread
 # addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139, and a third program fits
-# on an SM without spills (Nsight Compute, session 8's call 1: the dkdv kernel's busiest pipe is the integer ALU).
+# on an SM without spills; the dkdv kernel also takes its rows' lse, delta and positions as blocks, and its loop step
+# shrinks by a quarter, mostly integer work (Nsight Compute, session 8's call 1: its busiest pipe is the integer ALU).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
     for m, n, w, s, g, t in (
@@ -120,7 +121,7 @@ BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t}
     for m, n, w, s, e, t in (
         (32, 64, 4, 3, 0, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
-        (32, 64, 4, 3, 0, 1),  # 231, 80 KB: 2
+        (32, 64, 4, 3, 0, 1),  # 199, 80 KB: 2; its loop step 359 instructions against 476 (no per-thread masks)
         (32, 64, 4, 3, 1, 0),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
     )
 ]
@@ -417,26 +418,31 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_b
                 TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
     of query head (b, h) (MASKED: per element visibility; otherwise every row sees every key of the block). With TMA,
-    q_base and do_base are tensor descriptors of the whole q and dO (blocks of BLOCK_M rows of one head, rows past S
-    as zeros), else pointers at the head's first row."""
+    q_base, do_base, lse_base, delta_base and pos_base are tensor descriptors of the whole q, dO, lse, delta and
+    positions (blocks of BLOCK_M rows of one head, rows past S as zeros), else pointers at the head's first row."""
     for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
         rows = m0 + offs_m
         in_rows = rows < S
         t_rows = _token_rows(rows_ptr, stride_rb, stride_rs, b, rows, S, INDEXED_ROWS)
-        if TMA:
+        if TMA:  # rows past S come as zeros: q and dO of zero add nothing to dK and dV, whatever they see
             qT = tl.trans(q_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D))
             do = do_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_DV)
+            lse = lse_base.load([b, h, m0]).reshape(BLOCK_M)
+            delta = delta_base.load([b, h, m0]).reshape(BLOCK_M)
         else:
             qT = tl.load(q_base + t_rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
                          mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
             do = tl.load(do_base + t_rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
                          mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
-        lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
-        delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
+            lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
+            delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
         qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
+            if TMA:
+                p = pos_base.load([b, m0]).reshape(BLOCK_M)
+            else:
+                p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
             # keys past Tk need no mask: their rows of dK and dV are never stored, and no other row depends on them
             visibleT = keys[:, None] <= p[None, :]
             if HAS_WINDOW:
@@ -496,17 +502,16 @@ def _backward_dkdv_kernel(
     if not MASK_EDGES_ONLY:  # one loop, every block masked: the other two run no step
         full_first = last
         full_last = last
-    pos_base = pos_ptr + b * stride_pb
     for g in range(0, group):
         h = kv_h * group + g
         if TMA:
-            q_base = q_ptr
-            do_base = do_ptr
+            q_base, do_base, lse_base, delta_base, pos_base = q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr
         else:
             q_base = q_ptr + b * stride_qb + h * stride_qh
             do_base = do_ptr + b * stride_dob + h * stride_doh
-        lse_base = lse_ptr + b * stride_lb + h * stride_lh
-        delta_base = delta_ptr + b * stride_deb + h * stride_deh
+            lse_base = lse_ptr + b * stride_lb + h * stride_lh
+            delta_base = delta_ptr + b * stride_deb + h * stride_deh
+            pos_base = pos_ptr + b * stride_pb
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
@@ -627,21 +632,44 @@ def _common_constexprs(q: Tensor, v: Tensor, window: int, rows: Tensor | None) -
 def tma_ready(*tensors: Tensor) -> bool:
     """Whether Hopper's TMA unit can copy blocks of these (B, heads, rows, width) tensors (a config's "TMA" choice):
     on a GPU that has one (compute capability 9 or more; any under the interpreter), in half precision (float32
-    tiles keep the pointer path), last dim contiguous, base and every other stride 16-byte aligned and nonzero."""
+    tiles keep the pointer path), and describable (`_describable`)."""
     if not (interpreting() or all(t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9 for t in tensors)):
         return False
-    return all(t.dtype in (torch.float16, torch.bfloat16) and t.stride(-1) == 1 and t.data_ptr() % 16 == 0
-               and all(s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in tensors)
+    return all(t.dtype in (torch.float16, torch.bfloat16) and _describable(t) for t in tensors)
+
+
+def _describable(t: Tensor) -> bool:
+    """Whether a tensor descriptor can address t: last dim contiguous, base and every other stride 16-byte aligned
+    and nonzero."""
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty tensor whose rows (along the last dim) start 16 bytes apart, so that a tensor descriptor can address
+    it: a view into a buffer padded along its last dim when the rows' length needs it (per-row vectors of S rows)."""
+    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
+    width = triton.cdiv(shape[-1], per_16_bytes) * per_16_bytes
+    return torch.empty((*shape[:-1], width), dtype=dtype, device=device)[..., : shape[-1]]
+
+
+def _describable_copy(t: Tensor) -> Tensor:
+    """t if a tensor descriptor can address it, else a copy of it that one can (`_aligned_empty`)."""
+    return t if _describable(t) else _aligned_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
 def _streamed(t: Tensor, block_rows: int, tma: bool) -> tuple:
-    """A kernel's arguments for a (B, heads, rows, width) tensor that it streams in blocks of block_rows rows: with
-    tma a tensor descriptor of the whole tensor (its blocks: one head's block_rows rows, the width padded to a power
-    of two; the strides stay as arguments, unused), else the pointer; then its four strides."""
-    if tma:
-        width = max(16, triton.next_power_of_2(t.shape[-1]))
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, width]), *t.stride()
-    return strided(t, 4)
+    """A kernel's arguments for a tensor that it streams in blocks of block_rows rows (dim 2 of a (B, heads, rows,
+    width) tensor, the last dim of a per-row vector (B, heads, rows) or (B, rows)): with tma a tensor descriptor of
+    the whole tensor (its blocks: block_rows rows of one head, the width padded to a power of two; the strides stay
+    as arguments, unused), else the pointer; then its strides."""
+    if not tma:
+        return t, *t.stride()
+    if t.dim() == 4:
+        block = [1, 1, block_rows, max(16, triton.next_power_of_2(t.shape[-1]))]
+    else:
+        block = [1] * (t.dim() - 1) + [block_rows]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block), *t.stride()
 
 
 def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
@@ -707,7 +735,7 @@ def packed_query_attention_backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if S == 0 or Tk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = q.new_empty((B, H, S), dtype=torch.float32)  # rowsum(dO * O), written by the dq kernel
+    delta = _aligned_empty((B, H, S), torch.float32, q.device)  # rowsum(dO * O), written by the dq kernel
     qk_scale = scale * math.log2(math.e)
     per_row = (*strided(positions, 2), *strided(rows, 2))
     constexprs = _common_constexprs(q, v, window, rows)
@@ -732,8 +760,11 @@ def packed_query_attention_backward(
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
         tma = rows_by_tma and bool(cfg.get("TMA", 0))
-        _backward_dkdv_kernel[grid](*_streamed(q, cfg["BLOCK_M"], tma), *strided(k, 4), *strided(v, 4), *per_row,
-                                    *_streamed(dout, cfg["BLOCK_M"], tma), *strided(lse, 3), *strided(delta, 3),
+        row_positions, row_lse = map(_describable_copy, (positions, lse)) if tma else (positions, lse)  # as blocks too
+        _backward_dkdv_kernel[grid](*_streamed(q, cfg["BLOCK_M"], tma), *strided(k, 4), *strided(v, 4),
+                                    *_streamed(row_positions, cfg["BLOCK_M"], tma), *strided(rows, 2),
+                                    *_streamed(dout, cfg["BLOCK_M"], tma), *_streamed(row_lse, cfg["BLOCK_M"], tma),
+                                    *_streamed(delta, cfg["BLOCK_M"], tma),
                                     *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv, group,
                                     qk_scale, scale, window, **constexprs, **_launch_params(cfg),
                                     MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
