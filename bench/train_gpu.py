@@ -87,14 +87,17 @@ class Setup:
         return "compiled layers, bf16 autocast" if self.compile else "eager, float32"
 
 
-def gpu_setup(name: str, spec: str, four_layers: tuple[str, ...]) -> Setup:
-    return Setup(name, str(ROOT / spec), None, ("model.vocab_size=256",), seq_len=2048, micro_batch=8,
-                 compiled_steps=300, scaling_steps=20, compile=True, device_args=(), four_layers=four_layers,
-                 matmul_size=8192, corpus_bytes=None, eval_batches=4)
+def gpu_setup(name: str, spec: str, byte_vocabulary: tuple[str, ...], four_layers: tuple[str, ...]) -> Setup:
+    return Setup(name, str(ROOT / spec), None, byte_vocabulary, seq_len=2048, micro_batch=8, compiled_steps=300,
+                 scaling_steps=20, compile=True, device_args=(), four_layers=four_layers, matmul_size=8192,
+                 corpus_bytes=None, eval_batches=4)
 
 
-MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml", ("layout.mixers=(ssm*3, attn)",)),
+MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml", ("model.vocab_size=256",),
+                                ("layout.mixers=(ssm*3, attn)",)),
+          # Hymba+'s forecaster reads each of its bins back as a token id: no more bins than the vocabulary has
           "hymba_plus": gpu_setup("hymba_plus", "specs/hymba_plus.yaml",
+                                  ("model.vocab_size=256", "heads.forecaster.n_bins=256"),
                                   ("layout.n_layers=4", "layout.mixers=global_attn|ssm, (attn|ssm)*2, global_attn|ssm"))}
 DRY = Setup("hspmn_tiny", str(ROOT / "specs/hspmn.yaml"), "tiny", (), seq_len=32, micro_batch=4, compiled_steps=4,
             scaling_steps=4, compile=False, device_args=("--device", "cpu"), four_layers=("layout.n_layers=2",),
