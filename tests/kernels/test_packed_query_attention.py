@@ -92,14 +92,15 @@ def test_replaces_the_runtime_op_also_against_a_cache():
 
 
 @pytest.mark.parametrize("choice", [{"dkdv": {"MASK_EDGES_ONLY": 0}},
-                                    {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}}],
-                         ids=["one-masked-loop", "head-groups"])
+                                    {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}},
+                                    {"dkdv": {"DP_EARLY": 1}}],
+                         ids=["one-masked-loop", "head-groups", "dp-early"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
-    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop; the forward and dq
-    kernels: heads in groups of 3 of B * H = 4, the last group short) against the reference: the output and every
-    gradient, grouped heads, odd sizes, padding rows."""
+    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop, or dP^T's MMA issued
+    before the softmax; the forward and dq kernels: heads in groups of 3 of B * H = 4, the last group short) against
+    the reference: the output and every gradient, grouped heads, odd sizes, padding rows."""
     q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
