@@ -83,9 +83,9 @@ from .triton_support import (
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
-# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choice
-# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY). The first config that fits (see `candidates`) is what a bucket
-# runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
+# Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
+# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, TMA, DP_EARLY). The first config that fits (see `candidates`) is
+# what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
 # bf16 for sparse queries (ms of each kernel alone, session 7's call 2). Beside each: registers per thread, shared
 # memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6 compiles for sm_90 with the run-time
 # specializations (docs/design.md: counting a kernel's registers without a GPU). An 8-warp dkdv config holds one
@@ -118,11 +118,12 @@ BACKWARD_DQ_CONFIGS = [
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t}
-    for m, n, w, s, e, t in (
-        (32, 64, 4, 3, 0, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
-        (32, 64, 4, 3, 0, 1),  # 199, 80 KB: 2; its loop step 359 instructions against 476 (no per-thread masks)
-        (32, 64, 4, 3, 1, 0),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t, "DP_EARLY": d}
+    for m, n, w, s, e, t, d in (
+        (32, 64, 4, 3, 0, 0, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
+        (32, 64, 4, 3, 0, 1, 0),  # 199, 80 KB: 2; its loop step 359 instructions against 476 (no per-thread masks)
+        (32, 64, 4, 3, 0, 1, 1),  # 208, 80 KB: 2
+        (32, 64, 4, 3, 1, 0, 0),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
@@ -415,7 +416,7 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_b
                 stride_rs, b, h, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
                 offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                TMA: tl.constexpr, DP_EARLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
     of query head (b, h) (MASKED: per element visibility; otherwise every row sees every key of the block). With TMA,
     q_base, do_base, lse_base, delta_base and pos_base are tensor descriptors of the whole q, dO, lse, delta and
@@ -437,6 +438,8 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_b
             lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
             delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
         qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        if DP_EARLY:
+            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             if TMA:
@@ -449,7 +452,8 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_b
                 visibleT = visibleT & (p[None, :] - keys[:, None] < window)
             probsT = tl.where(visibleT, probsT, 0.0)
         dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
-        dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+        if not DP_EARLY:
+            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)
         dsT = probsT * (dpT - delta[None, :])
         dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
@@ -474,7 +478,11 @@ def _backward_dkdv_kernel(
     # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
     # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
     MASK_EDGES_ONLY: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr,  # q, dO, lse, delta and positions come as tensor descriptors (see _dkdv_steps)
+    # Each step waits for the MMA of each dot it uses right after issuing it. False: dP^T after dV's MMA is issued,
+    # waited for with it; True: dP^T right after Q K^T (waited for before the softmax), so that dV's MMA runs while dS
+    # is computed. A tuning choice.
+    DP_EARLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     key_block = tl.program_id(0)  # grid (key blocks, B * Hkv): resident programs share their head's Q and dO in L2
@@ -516,17 +524,20 @@ def _backward_dkdv_kernel(
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
+                             BLOCK_DV)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
-                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
+                             BLOCK_DV)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
+                             BLOCK_DV)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -768,7 +779,7 @@ def packed_query_attention_backward(
                                     *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv, group,
                                     qk_scale, scale, window, **constexprs, **_launch_params(cfg),
                                     MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
-                                    TMA=tma)
+                                    TMA=tma, DP_EARLY=bool(cfg.get("DP_EARLY", 0)))
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
