@@ -155,13 +155,19 @@ def read_report(path: Path) -> list[dict]:
             if isinstance(parts.get(1), int) and parts[1] < len(names) and isinstance(parts.get(2), bytes):
                 row[names[parts[1]]] = next((v for _, v in _fields(parts[2]) or [] if not isinstance(v, bytes)), None)
         launch = {short: row[metric] for metric, short in KEY_METRICS.items() if row.get(metric) is not None}
-        samples = {metric.removeprefix(SAMPLED_STALL): count for metric, count in row.items()
-                   if metric.startswith(SAMPLED_STALL) and not metric.endswith("_not_issued") and count}
-        total = sum(samples.values()) or 1
-        launch["stall_samples_pct"] = dict(sorted(((k, round(100 * v / total, 1)) for k, v in samples.items()),
-                                                  key=lambda kv: -kv[1]))
+        launch["stall_samples_pct"] = _stall_samples_pct(row)
         launches.append(launch)
     return launches
+
+
+def _stall_samples_pct(row: dict) -> dict:
+    """The warp-state sampling's share of samples by stall reason (percent, largest first) of a launch's
+    {metric: count}."""
+    samples = {metric.removeprefix(SAMPLED_STALL): count for metric, count in row.items()
+               if metric.startswith(SAMPLED_STALL) and not metric.endswith("_not_issued")
+               and isinstance(count, int | float) and count}
+    total = sum(samples.values()) or 1
+    return dict(sorted(((k, round(100 * v / total, 1)) for k, v in samples.items()), key=lambda kv: -kv[1]))
 
 
 def _fields(message: bytes) -> list[tuple[int, int | float | bytes]] | None:
@@ -218,6 +224,10 @@ def _key_metrics(row: dict) -> dict:
     stalls = {match.group(1): _number(value) for metric, value in row.items() if (match := STALL.fullmatch(metric))}
     launch["stalls_cycles_per_issue"] = dict(sorted(((k, v) for k, v in stalls.items() if isinstance(v, float) and v >= 0.05),
                                                     key=lambda kv: -kv[1]))
+    # the raw page holds the sampled counters instead of the per-issue ratios on some ncu versions (ncu 2025 on the
+    # H200 of session 8)
+    launch["stall_samples_pct"] = _stall_samples_pct({metric: _number(value) for metric, value in row.items()
+                                                      if metric.startswith(SAMPLED_STALL)})
     return launch
 
 
@@ -232,7 +242,8 @@ def summary_lines(record: dict) -> list[str]:
     """One line per profiled launch of a bench's ncu record: time, DRAM, occupancy, registers, the top stalls."""
     lines = []
     for launch in record.get("launches", []):
-        stalls = ", ".join(f"{k} {v:.1f}" for k, v in list(launch.get("stalls_cycles_per_issue", {}).items())[:3])
+        stalls = ", ".join(f"{k} {v:.1f}" for k, v in list(launch.get("stalls_cycles_per_issue", {}).items())[:3]) or \
+            ", ".join(f"{k} {v:.0f}% of samples" for k, v in list(launch.get("stall_samples_pct", {}).items())[:3])
         lines.append(f"ncu {launch.get('variant', '?')} [{launch['kernel'][:40]}]: {launch.get('duration_ns', 0) / 1e3:.1f}"
                      f" us, DRAM {launch.get('dram_pct_of_peak', 0):.0f}% of peak, occupancy "
                      f"{launch.get('achieved_occupancy_pct', 0):.0f}%, {launch.get('registers', 0):.0f} regs; "

@@ -49,3 +49,13 @@ def test_the_raw_page_gives_each_launch_its_metrics():
     (launch,) = [ncu._key_metrics(row) for row in ncu._raw_rows(page)]
     assert launch["kernel"] == "_rms_norm_fwd_kernel" and launch["duration_ns"] == 127200.0
     assert launch["registers"] == 38.0 and launch["stalls_cycles_per_issue"] == {"barrier": 1.25}
+
+
+def test_the_raw_page_gives_the_sampled_stall_reasons_where_it_has_no_ratios():
+    page = ('"ID","Kernel Name","smsp__pcsamp_warps_issue_stalled_wait","smsp__pcsamp_warps_issue_stalled_barrier",'
+            '"smsp__pcsamp_warps_issue_stalled_barrier_not_issued"\n"","","","",""\n'
+            '"0","_backward_dkdv_kernel","3,000","1,000","900"\n')
+    (launch,) = [ncu._key_metrics(row) for row in ncu._raw_rows(page)]
+    assert launch["stalls_cycles_per_issue"] == {}
+    assert launch["stall_samples_pct"] == {"wait": 75.0, "barrier": 25.0}
+    assert "wait 75% of samples, barrier 25% of samples" in ncu.summary_lines({"launches": [launch]})[0]
