@@ -114,6 +114,7 @@ BACKWARD_DQ_CONFIGS = [
         (64, 32, 4, 4, 16, 0),  # 0.407 ms (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
         (64, 32, 4, 4, 16, 1),  # 139, 97 KB: 2
         (64, 32, 4, 2, 16, 1),  # 139, 64 KB: 3
+        (64, 64, 4, 2, 16, 1),  # 176, 97 KB: 2 (half the steps, so half the barriers per key: its stalls' first reason)
         (128, 64, 8, 3, 1, 0),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
     )
 ]
