@@ -241,12 +241,15 @@ class Bench:
             report["configs"][",".join(f"{k}={v}" for k, v in config.items())] = {
                 "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values()),
                 "registers": _registers(_compiled(backward_kernels) - compiled_before)}
+        forward_kernels = (ss._selective_scan_fwd_kernel, ss._selective_scan_fwd_steps_kernel)
         for config in ss.FORWARD_CONFIGS:
+            compiled_before = _compiled(forward_kernels)
             y, final_state, _ = ss.selective_scan_forward(*positional, True, None, config=config)
             errors = {"y": _errors(y.float(), ref["y"])["max_rel"],
                       "final_state": _errors(final_state, ref["final_state"])["max_rel"]}
             report["forward_configs"][",".join(f"{k}={v}" for k, v in config.items())] = {
-                "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values())}
+                "max_rel": errors, "ok": all(err <= 3e-2 for err in errors.values()),
+                "registers": _registers(_compiled(forward_kernels) - compiled_before)}
         report["ok"] = all(entry["ok"] for group in ("configs", "forward_configs") for entry in report[group].values())
         return report
 

@@ -113,8 +113,9 @@ def block_d(monkeypatch):
     holds and into how many time segments it splits the sequence (on a GPU the autotuner chooses). The tuners hold the
     config they were made with: patch theirs."""
 
-    def set_block(width, *, prefetch=1, sub=4, segments=1):
-        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub, "SEGMENTS": segments}
+    def set_block(width, *, prefetch=1, sub=4, segments=1, steps=0, tile=ss.FORWARD_TILE):
+        config = {"BLOCK_D": width, "num_warps": 4, "PREFETCH": prefetch, "SUB": sub, "SEGMENTS": segments,
+                  "STEPS": steps, "TILE": tile}
         monkeypatch.setattr(ss.FORWARD_TUNER, "interpreter_config", config)
         monkeypatch.setattr(ss.BACKWARD_TUNER, "interpreter_config", config)
 
@@ -133,6 +134,17 @@ def test_without_prefetch_matches_reference(batch, seqlen, dim, dstate, chunk, w
     """The forward loading each chunk's inputs in its own iteration (PREFETCH 0, what older tuning tables pin)."""
     block_d(width, prefetch=0)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
+    check_against_reference(args, chunk, FLOAT32_TOL)
+
+
+@pytest.mark.parametrize("prefetch,tile", [(1, 4), (0, 16)], ids=["prefetch-tile4", "tile16"])
+@pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[4], CASES[7]])
+def test_stepping_forward_matches_reference(batch, seqlen, dim, dstate, chunk, width, features, prefetch, tile,
+                                            block_d):
+    """The forward one step after the other (STEPS), its checkpoints feeding the backward; tiles of one chunk or of
+    several (a tile is never shorter than the chunk)."""
+    block_d(width, prefetch=prefetch, steps=1, tile=tile)
+    args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim + 1)
     check_against_reference(args, chunk, FLOAT32_TOL)
 
 
@@ -345,7 +357,7 @@ def test_input_errors_name_the_argument():
         ss.selective_scan_forward(**args, chunk_size=12)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 16), (4096, 16)])
+@pytest.mark.parametrize("dim,widest", [(3, 16), (24, 32), (4096, 32)])
 def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.FORWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
