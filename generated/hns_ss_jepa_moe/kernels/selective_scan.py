@@ -129,6 +129,8 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
+    {"BLOCK_D": 32, "num_warps": 1, "PREFETCH": 1, "STEPS": 1, "TILE": 4},
+    {"BLOCK_D": 16, "num_warps": 1, "PREFETCH": 1, "STEPS": 1, "TILE": 8},
 ]
 BACKWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
@@ -422,6 +424,116 @@ def _selective_scan_fwd_kernel(
     tl.store(final_ptr + final_offs, state, mask=dn_in)
 
 
+# The stepping forward holds the backward's layout: the (N, BLOCK_D) state with its channels along the lanes, so the
+# sum over n for y stays within a lane (at 32 channels a warp; fewer split the states over lanes). Unspecialised channel
+# strides keep the (TILE, BLOCK_D) tiles of u, delta and z with their time axis within each lane: Triton would
+# otherwise vectorise those loads along the channels and spread time over the lanes.
+@triton.jit(do_not_specialize=["u_stride_d", "delta_stride_d", "z_stride_d", "y_stride_d", "A_stride_n", "init_stride_n",
+                               "final_stride_n", "ckpt_stride_n"])
+def _selective_scan_fwd_steps_kernel(
+    u_ptr, u_stride_b, u_stride_t, u_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d,
+    A_ptr, A_stride_d, A_stride_n,
+    B_ptr, B_stride_b, B_stride_t, B_stride_n,
+    C_ptr, C_stride_b, C_stride_t, C_stride_n,
+    D_ptr, D_stride_d,
+    z_ptr, z_stride_b, z_stride_t, z_stride_d,
+    delta_bias_ptr, delta_bias_stride_d,
+    init_ptr, init_stride_b, init_stride_d, init_stride_n,
+    y_ptr, y_stride_b, y_stride_t, y_stride_d,
+    final_ptr, final_stride_b, final_stride_d, final_stride_n,
+    ckpt_ptr, ckpt_stride_b, ckpt_stride_c, ckpt_stride_d, ckpt_stride_n,
+    seqlen, n_tiles, dim, dstate,
+    HAS_D: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_DELTA_BIAS: tl.constexpr,
+    HAS_INITIAL_STATE: tl.constexpr,
+    DELTA_SOFTPLUS: tl.constexpr,
+    SAVE_CHECKPOINTS: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load the next tile's u, delta and z before this tile's steps
+    TILE: tl.constexpr,  # time steps a tile: one unrolled block of steps, one store of y
+    CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The forward one step after the other, h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t and y_t = h_t C_t: per element an
+    exp2 and three multiply-adds, no shuffles (the tile scan's sum over n crosses 16 lanes: 4 shuffles an element).
+    Within a tile no store comes between the steps' loads, so the compiler can issue them all ahead; y is written
+    once a tile."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = tl.arange(0, TILE)
+    d_offs = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_offs = tl.arange(0, BLOCK_N)
+    d_in = d_offs < dim
+    n_in = n_offs < dstate
+    nd_in = n_in[:, None] & d_in[None, :]
+
+    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
+    A_log2 = A.to(tl.float32) * _LOG2E
+    skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_DELTA_BIAS:
+        bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if HAS_INITIAL_STATE:
+        init_offs = _state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, n_offs, d_offs)
+        state = tl.load(init_ptr + init_offs, mask=nd_in, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
+
+    if PREFETCH:
+        u_next = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+        raw_next = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+        if HAS_Z:
+            z_next = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+    for tile in range(n_tiles):
+        t0 = tile * TILE
+        if PREFETCH:
+            u, raw = u_next, raw_next
+            u_next = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0 + TILE, rows, d_offs, d_in, seqlen)
+            raw_next = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0 + TILE, rows, d_offs,
+                             d_in, seqlen)
+            if HAS_Z:
+                z = z_next
+                z_next = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0 + TILE, rows, d_offs, d_in, seqlen)
+        else:
+            u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            raw = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            if HAS_Z:
+                z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+        td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
+        dt = raw + bias[None, :]
+        if DELTA_SOFTPLUS:
+            dt = softplus(dt)
+        dt = tl.where(td_in, dt, 0.0)  # steps past the end are identity steps: decay 1, input 0
+        dtu = dt * u
+        y = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
+        for i in tl.static_range(TILE):
+            if SAVE_CHECKPOINTS and i % CHUNK == 0:  # the state entering chunk (t0 + i) / CHUNK
+                tl.store(ckpt_ptr + tl.cast((t0 + i) // CHUNK, tl.int64) * ckpt_stride_c + ckpt_offs, state,
+                         mask=tl.where(t0 + i < seqlen, nd_in, False))
+            tn_in = tl.where(t0 + i < seqlen, n_in, False)
+            B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0 + i, n_offs, tn_in)
+            C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0 + i, n_offs, tn_in)
+            # Row i of the tiles: a sum whose other terms are -0.0 within the lane, which the compiler drops.
+            dt_i = tl.sum(tl.where(rows[:, None] == i, dt, -0.0), axis=0)
+            dtu_i = tl.sum(tl.where(rows[:, None] == i, dtu, -0.0), axis=0)
+            state = tl.exp2(dt_i[None, :] * A_log2) * state + dtu_i[None, :] * B[:, None]
+            y = tl.where(rows[:, None] == i, tl.sum(state * C[:, None], axis=0)[None, :], y)
+        if HAS_D:
+            y += skip[None, :] * u
+        if HAS_Z:
+            y *= z * sigmoid(z)
+        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
+                 y.to(y_ptr.dtype.element_ty), mask=td_in)
+
+    final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
+    tl.store(final_ptr + final_offs, state, mask=nd_in)
+
+
 # The backward: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
 # those loads and stores along n and lay the whole (N, BLOCK_D) state out with several lanes per channel, so that every
 # sum over n would need shuffles across lanes; unspecialised, each lane holds one channel with all N states in
@@ -691,7 +803,8 @@ def _explicit(config: dict | None) -> dict | None:
         return None
     explicit = {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
                 "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"]),
-                "SEGMENTS": config.get("SEGMENTS", 1)}
+                "SEGMENTS": config.get("SEGMENTS", 1), "STEPS": config.get("STEPS", 0),
+                "TILE": config.get("TILE", FORWARD_TILE)}
     return explicit | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
 
 
@@ -758,7 +871,6 @@ def selective_scan_forward(
     y = torch.empty((batch, seqlen, dim), dtype=u.dtype, device=u.device)
     final_state = torch.empty((batch, dim, dstate), dtype=torch.float32, device=u.device)
     n_chunks = triton.cdiv(seqlen, chunk_size) if save_checkpoints else 0
-    tile = max(chunk_size, FORWARD_TILE)
     checkpoints = torch.empty((batch, n_chunks, dim, dstate), dtype=torch.float32, device=u.device)
     if batch == 0 or dim == 0 or dstate == 0:
         return y, final_state, checkpoints
@@ -770,18 +882,20 @@ def selective_scan_forward(
         *strided(u, 3), *strided(delta, 3), *strided(A, 2), *strided(B, 3), *strided(C, 3),
         *strided(D, 1), *strided(z, 3), *strided(delta_bias, 1), *strided(initial_state, 3),
         *strided(y, 3), *strided(final_state, 3), *strided(checkpoints if save_checkpoints else None, 4),
-        seqlen, triton.cdiv(seqlen, tile), dim, dstate,
     )
     constexprs = dict(
         HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
         HAS_INITIAL_STATE=initial_state is not None, DELTA_SOFTPLUS=bool(delta_softplus),
-        SAVE_CHECKPOINTS=save_checkpoints, TILE=tile, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
+        SAVE_CHECKPOINTS=save_checkpoints, CHUNK=chunk_size, BLOCK_N=triton.next_power_of_2(dstate),
     )
 
     def launch(cfg):
         grid = (batch, triton.cdiv(dim, cfg["BLOCK_D"]))
-        _selective_scan_fwd_kernel[grid](*args, **constexprs, PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"],
-                                         num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
+        kernel = _selective_scan_fwd_steps_kernel if cfg.get("STEPS") else _selective_scan_fwd_kernel
+        tile = max(chunk_size, cfg.get("TILE", FORWARD_TILE))
+        kernel[grid](*args, seqlen, triton.cdiv(seqlen, tile), dim, dstate, **constexprs, TILE=tile,
+                     PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+                     maxnreg=cfg.get("maxnreg"))
 
     key = shape_key(dim, dstate, chunk_size, u.dtype)
     with on_device(u):
