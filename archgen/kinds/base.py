@@ -108,6 +108,12 @@ class Kind(Generic[SpecT, ConfigT]):
         """Decode-time state for one sequence at `context` tokens."""
         return 0
 
+    def positions_added(self, config: ConfigT) -> int:
+        """Positions this op adds to the sequence every op after it processes (Hymba's meta tokens prepend theirs,
+        dropping them before the output layer takes them away): the cost model counts the ops in between at
+        seq_len plus these."""
+        return 0
+
     def activation_elements(self, config: ConfigT, dims: Dims, seq_len: int) -> int:
         """The largest intermediate the op holds at once, in elements (batch 1)."""
         return 0

@@ -26,6 +26,9 @@ class MetaTokens(Kind[models.MetaTokensSpec, MetaTokensConfig]):
     def output_shape(self, config: MetaTokensConfig, dims: Dims, inputs: list[Shape]) -> Shape:
         return ("B", f"T+{config.count}", dims.d_model)
 
+    def positions_added(self, config: MetaTokensConfig) -> int:
+        return config.count
+
 
 class DropMetaTokens(Kind[None, MetaTokensConfig]):
     """Before the final norm: the outputs at the meta tokens' positions are dropped (no logits there)."""
@@ -35,6 +38,9 @@ class DropMetaTokens(Kind[None, MetaTokensConfig]):
 
     def output_shape(self, config: MetaTokensConfig, dims: Dims, inputs: list[Shape]) -> Shape:
         return ("B", "T", dims.d_model)
+
+    def positions_added(self, config: MetaTokensConfig) -> int:
+        return -config.count
 
 
 KINDS = (MetaTokens(), DropMetaTokens())

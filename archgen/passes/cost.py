@@ -64,6 +64,16 @@ def parameter_table(ir: IR) -> dict[str, tuple[int, ...]]:
             for op in ir.ops() for name, shape in op.params.items()}
 
 
+def cache_bytes(ir: IR, context: int, itemsize: int) -> int:
+    """One sequence's decode-time state at `context` tokens, the meta tokens' positions included where there are."""
+    total, added = 0, 0
+    for op in ir.ops():
+        kind = kind_of(op.kind)
+        total += kind.cache_bytes(op.config, ir.dims, context + added, itemsize)
+        added += kind.positions_added(op.config)
+    return total
+
+
 def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_dtype: str = "bfloat16",
                 contexts: tuple[int, ...] = (2048, 32768, 131072)) -> CostReport:
     context = context or seq_len
@@ -74,6 +84,7 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     backbone_flops = 0  # what Model.hidden_states computes: every op but the heads and the unembedding
     extra_passes = [0, 0]  # backbone passes the heads add in a training step: with gradient, without
     peak_elements = 0
+    added = 0  # positions the ops so far prepended (meta tokens): the layers process seq_len + added
     for op in ir.ops():
         kind = kind_of(op.kind)
         key = op.layer if op.layer is not None and kind.role != "extra" else op.name  # extras get rows of their own
@@ -81,16 +92,17 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
         params = sum(count(s) for s in op.params.values())
         row["params"] += params
         row["active"] += params - kind.inactive_params(op.config, dims)
-        flops = kind.forward_flops(op.config, dims, seq_len)
+        flops = kind.forward_flops(op.config, dims, seq_len + added)
         row["flops"] += flops
         total_flops += flops
         if kind.role != "head" and op.name != "lm_head":
             backbone_flops += flops
         extra_passes = [passes + more for passes, more in zip(extra_passes, kind.backbone_passes_in_training, strict=True)]
-        row["cache"] += kind.cache_bytes(op.config, dims, context, itemsize)
+        row["cache"] += kind.cache_bytes(op.config, dims, context + added, itemsize)
         if op.component and op.component not in row["labels"]:
             row["labels"].append(op.component)
-        peak_elements = max(peak_elements, kind.activation_elements(op.config, dims, seq_len))
+        peak_elements = max(peak_elements, kind.activation_elements(op.config, dims, seq_len + added))
+        added += kind.positions_added(op.config)
     layers = []
     for key, row in rows.items():
         if not isinstance(key, int) and not any(row[k] for k in ("params", "flops", "cache")):
@@ -102,7 +114,7 @@ def cost_report(ir: IR, seq_len: int = 2048, context: int | None = None, cache_d
     table = parameter_table(ir)
     total = sum(count(s) for s in table.values())
     active = sum(layer.active_params for layer in layers)
-    by_context = {c: sum(kind_of(op.kind).cache_bytes(op.config, dims, c, itemsize) for op in ir.ops()) for c in contexts}
+    by_context = {c: cache_bytes(ir, c, itemsize) for c in contexts}
     residual_stream = 2 * seq_len * dims.d_model  # input and output of the op holding the peak
     return CostReport(
         seq_len=seq_len, context=context, cache_dtype=cache_dtype, total_params=total, active_params=active,
