@@ -30,8 +30,9 @@ session 6), each launched once in a child process under ncu; DRAM bytes and thro
 instructions and stall reasons per launch in the JSON's "conv_ncu", ncu's tables in ncu/conv.ncu.txt.
 
 The two numbers (METHOD.md), at the SSD shape in bf16: the forward must read x (268 MB), write y (268 MB) and store and
-reread the chunk states (2 × 134 MB), about 0.8 GB, 0.2 ms at 4.1 TB/s, and do about 0.1 TFLOP on the tensor cores
-(0.13 ms at 780 TFLOP/s): a floor near 0.25 ms against mamba_ssm's 1.30 ms. The backward moves about twice the bytes
+reread the chunk states (2 × 268 MB in float32, which the gradients of the decays need), about 1.1 GB, 0.26 ms at
+4.1 TB/s, and do about 0.1 TFLOP on the tensor cores (0.13 ms at 780 TFLOP/s): a floor near 0.3 ms against
+mamba_ssm's 1.30 ms. The backward moves about twice the bytes
 and three times the FLOPs: forward+backward near 0.8 ms against 5.5 ms. The conv1d forward at (8, 4096, 4096) moves
 537 MB (x read, y written): 0.13 ms at the copy rate. A Bamba-1B Mamba-2 layer's decode step at batch 1 reads about
 52 MB of weights (in_proj 35 MB, out_proj 17 MB) and 2 MB of state (twice): ~14 µs at the copy rate, so launches (a
@@ -268,10 +269,10 @@ class Bench(Run):
             for name, tuner in self.ssd.TUNERS.items() for key, timings in tuner.timings.items()
             if key in out["chosen"][name]
         }
-        # The floor: x, B, C read and y written once (bf16), the states stored and read back once (bf16).
+        # The floor: x, B, C read and y written once (bf16), the chunk states stored and read back once (float32).
         b, t, h, p, n = shape["batch"], shape["seqlen"], shape["nheads"], shape["headdim"], shape["dstate"]
-        out["forward_min_bytes"] = 2 * (2 * b * t * h * p + 2 * b * t * shape["ngroups"] * n
-                                        + 2 * b * (t // chunk) * h * p * n)
+        out["forward_min_bytes"] = 2 * (2 * b * t * h * p + 2 * b * t * shape["ngroups"] * n) + 2 * 4 * b * (
+            t // chunk) * h * p * n
         return out
 
     def ssd_peer(self) -> dict:
