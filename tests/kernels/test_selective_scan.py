@@ -364,10 +364,25 @@ def test_forward_autotune_space_is_pruned_to_the_width(dim, widest):
     assert all(c["PREFETCH"] for c in kept)
 
 
-@pytest.mark.parametrize("dim,widest", [(3, 8), (24, 32), (100, 64), (4096, 64)])
+@pytest.mark.parametrize("dim,widest", [(3, 32), (24, 32), (100, 64), (4096, 64)])
 def test_backward_autotune_space_is_pruned_to_the_width(dim, widest):
     kept = ss.candidates(ss.BACKWARD_TUNER, dim)
     assert max(c["BLOCK_D"] for c in kept) == widest
+    assert all(c["BLOCK_D"] == 32 * c["num_warps"] for c in kept)  # one channel per lane
+
+
+def test_backward_splits_time_only_where_the_grid_leaves_the_gpu_idle(monkeypatch):
+    """Without SEGMENTS in its config the backward splits time into as many segments as the GPU's resident warps
+    hold grids of its size: a batch-1 grid is split, the anchor's (B 8, 1024 warps) runs whole, and without a GPU
+    (the interpreter) nothing is split."""
+    properties = type("Properties", (), {"multi_processor_count": 132})()  # an H200
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: properties)
+    cuda = torch.device("cuda")
+    assert ss._segments_to_fill(cuda, 128) == 132 * ss.RESIDENT_WARPS_PER_SM // 128 == 8
+    assert ss._segments_to_fill(cuda, 100) == 10  # Hymba+'s 3200 channels at batch 1
+    assert ss._segments_to_fill(cuda, 1024) == 1
+    assert ss._segments_to_fill(cuda, 4096) == 1
+    assert ss._segments_to_fill(torch.device("cpu"), 128) == 1
 
 
 def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
