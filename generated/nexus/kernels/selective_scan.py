@@ -116,16 +116,17 @@ _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 # ptxas takes 168 registers a thread (sm_90, offline), 3 programs per SM: the anchor's 2048 programs run in 5.2
 # waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. On the H200 (gpu7/call3,
 # triton 3.6) the uncapped one took 128 registers already; capped, the training forward at chunk 4 ran 3.48 against
-# 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. The backward holds a
-# (N, BLOCK_D) state: at 32 channels a warp, one channel per lane with its N states in registers (the sums over n
-# within a lane); fewer channels per warp (8: four lanes a channel, N / 4 states each) or more warps per 32 channels
-# (4: each warp N / 4 of the states, the sums over n through shared memory) split the states, so fewer registers a
-# thread. It holds SUB steps' states at once (SUB · N registers per channel; fewer recomputed steps the more it
-# holds) and splits time into SEGMENTS run in parallel (more warps, after a pre-pass). At chunk 4, SUB 4 with
-# PREFETCH ran 13.6 ms (gpu7/call3) at 255 registers a thread, 8 warps an SM. Offline (sm_90, ptxas of triton 3.9),
-# registers and spilled bytes at chunk 4: 32 channels on 4 warps SUB 4 168 / 0, capped at 128 128 / 56; SUB 2 on 4
-# warps capped 128 / 0; 8 channels a warp SUB 4 168 / 0; 16 a warp capped at 168 168 / 136; 32 on 1 warp SUB 2
-# capped at 128 128 / 664. The space is the sweep for the H200 (bench/kernels.py backward_configs, chunk_sizes).
+# 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. STEPS: the stepping forward
+# (one channel per lane, see its kernel), 32 channels in tiles of 4 steps (139 registers, 196 with checkpoints, sm_90
+# offline) or 16 in tiles of 8 (142 / 180). The backward puts one channel on each lane (its N states in registers),
+# so its block is 32 channels per warp, and it holds SUB steps' states at once (SUB · N registers per lane; fewer
+# recomputed steps the more it holds): at chunk 4, SUB 4 with PREFETCH (13.6 ms at the anchor shape, gpu7/call3)
+# and SUB 2 without (14.3 ms; the best at chunk 16, 19.8 ms); 64 channels on 2 warps (session 6's second best at
+# chunk 16). Fewer registers a thread ran slower on the H200 (gpu8/call2, backward with the segments' pre-pass, 4
+# segments unless said): the states split over 4 warps (the sums over n through shared memory) 33.1 ms at 128
+# registers, 35.8 with SUB 2; over 4 lanes (8 channels a warp) 42.0; over 2 lanes capped at 168 registers 45.8; one
+# channel a lane capped at 128 registers, SUB 2, 8 segments (664 bytes spilled) 22.9; against 15.2 ms for the
+# winner's layout in 4 segments. Chunk 8 (half the checkpoint bytes) ran forward+backward 20.7 against 18.7 ms.
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
@@ -134,14 +135,7 @@ FORWARD_CONFIGS = [
 ]
 BACKWARD_CONFIGS = [
     {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4},
-    {"BLOCK_D": 32, "num_warps": 4, "SUB": 4, "PREFETCH": 1},
-    {"BLOCK_D": 32, "num_warps": 4, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 128},
-    {"BLOCK_D": 32, "num_warps": 4, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 4, "maxnreg": 128},
-    {"BLOCK_D": 8, "num_warps": 1, "SUB": 4, "PREFETCH": 1},
-    {"BLOCK_D": 8, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4},
-    {"BLOCK_D": 16, "num_warps": 1, "SUB": 4, "PREFETCH": 1, "SEGMENTS": 4, "maxnreg": 168},
-    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0, "SEGMENTS": 8, "maxnreg": 128},
+    {"BLOCK_D": 32, "num_warps": 1, "SUB": 2, "PREFETCH": 0},
     {"BLOCK_D": 64, "num_warps": 2, "SUB": 2, "PREFETCH": 0},
 ]
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128}
@@ -573,6 +567,7 @@ def _selective_scan_bwd_kernel(
     CHUNK: tl.constexpr,  # must be the forward's: the checkpoints are per chunk
     SUB: tl.constexpr,  # steps whose states are held at once (divides CHUNK)
     PREFETCH: tl.constexpr,  # prefetch the next chunk's inputs into L1 while this one runs
+    SEGMENTED: tl.constexpr,  # time is split into n_segments > 1 segments (program_id(2)), carry_ptr holds their carries
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
 ):
@@ -602,13 +597,15 @@ def _selective_scan_bwd_kernel(
         adjoint = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # The adjoint entering this segment at its right end: the final state's, carried back through every later
     # segment j (last first) as carry_j + exp(A ΣΔ_j) · adjoint, from the pre-pass (_selective_scan_bwd_carry_kernel).
-    for later in range(n_segments - 1 - segment):
-        j = n_segments - 1 - later
-        carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
-        carry = tl.load(carry_ptr + tl.cast(j - 1, tl.int64) * carry_stride_s + carry_offs, mask=nd_in, other=0.0)
-        dt_sum = tl.load(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b + tl.cast(j - 1, tl.int64) * dsum_stride_s
-                         + d_offs * dsum_stride_d, mask=d_in, other=0.0)
-        adjoint = carry + tl.exp2(dt_sum[None, :] * A_log2) * adjoint
+    # (A constexpr guard: Triton compiles a loop's body even when it never runs, and unsegmented launches pass None.)
+    if SEGMENTED:
+        for later in range(n_segments - 1 - segment):
+            j = n_segments - 1 - later
+            carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
+            carry = tl.load(carry_ptr + tl.cast(j - 1, tl.int64) * carry_stride_s + carry_offs, mask=nd_in, other=0.0)
+            dt_sum = tl.load(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b
+                             + tl.cast(j - 1, tl.int64) * dsum_stride_s + d_offs * dsum_stride_d, mask=d_in, other=0.0)
+            adjoint = carry + tl.exp2(dt_sum[None, :] * A_log2) * adjoint
     dA_acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -802,10 +799,8 @@ def _explicit(config: dict | None) -> dict | None:
     if config is None:
         return None
     explicit = {"BLOCK_D": config["BLOCK_D"], "num_warps": config.get("num_warps", 4),
-                "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"]),
-                "SEGMENTS": config.get("SEGMENTS", 1), "STEPS": config.get("STEPS", 0),
-                "TILE": config.get("TILE", FORWARD_TILE)}
-    return explicit | ({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {})
+                "PREFETCH": config.get("PREFETCH", 0), "SUB": config.get("SUB", BACKWARD_DEFAULT["SUB"])}
+    return explicit | {key: config[key] for key in ("maxnreg", "SEGMENTS", "STEPS", "TILE") if key in config}
 
 
 FORWARD_TUNER = Autotuner("selective_scan.forward", FORWARD_CONFIGS, INTERPRETER_CONFIG, FORWARD_DEFAULT)
@@ -957,8 +952,9 @@ def selective_scan_backward(
 
     def launch(cfg):
         blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+        segments = cfg.get("SEGMENTS") or _segments_to_fill(device, batch * blocks * cfg["num_warps"])
         # Whole chunks per segment, and no empty segment: 3 chunks asked into 4 segments run as 3.
-        segment_chunks = triton.cdiv(n_chunks, min(cfg.get("SEGMENTS", 1), n_chunks))
+        segment_chunks = triton.cdiv(n_chunks, min(segments, n_chunks))
         segments = triton.cdiv(n_chunks, segment_chunks)
         # Partial sums: dA/dD/d delta_bias per batch row and segment, dB/dC per channel block (each
         # launch sizes them for its own block width and segments: tuning tries several).
@@ -984,7 +980,7 @@ def selective_scan_backward(
             *strided(dbias_part, 2), *strided(dinit, 3), *strided(carry, 4), *strided(dt_sum, 3),
             seqlen, n_chunks, segment_chunks, segments, dim, dstate,
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
-            BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
+            SEGMENTED=segments > 1, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
         )
         # Reduced here, inside what the tuner times: narrower blocks and more segments have more partial sums.
         dB = dB_part.sum(2).to(B.dtype)
@@ -1000,6 +996,21 @@ def selective_scan_backward(
                                                                                     candidates(BACKWARD_TUNER, dim))
         dA, dB, dC, dD, dbias = launch(config)
     return du, ddelta, dA, dB, dC, dD, dz, dbias, dinit
+
+
+RESIDENT_WARPS_PER_SM = 8
+"""Warps of the backward kernel an SM holds at once: it takes 255 registers a thread (Nsight Compute, gpu7/call3)."""
+
+
+def _segments_to_fill(device: torch.device, warps: int) -> int:
+    """Time segments for a backward grid of this many warps (1 without a CUDA device): as many as fit in the warps
+    the GPU holds at once, so that a small batch (at B 1, D 4096 the grid is 128 warps against the H200's 1056 slots)
+    still fills it; a grid that fills it alone runs unsegmented, since segments cost a pre-pass (at the anchor shape,
+    B 8, four segments ran 15.2 ms against 13.6 unsegmented, gpu8/call2 and gpu7/call3)."""
+    if device.type != "cuda":
+        return 1
+    resident = torch.cuda.get_device_properties(device).multi_processor_count * RESIDENT_WARPS_PER_SM
+    return max(1, resident // warps)
 
 
 def _empty_backward(dfinal_state, u, delta, A, B, C, D, z, delta_bias, initial_state):
