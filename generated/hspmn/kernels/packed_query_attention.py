@@ -85,46 +85,47 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
 # each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, TMA, DP_EARLY). The first config that fits (see `candidates`) is
-# what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest at D 128 in
-# bf16 for sparse queries (ms of each kernel alone, session 7's call 2). Beside each: registers per thread, shared
-# memory, and so programs per SM (65536 registers, 227 KB), from triton 3.6 compiles for sm_90 with the run-time
-# specializations (docs/design.md: counting a kernel's registers without a GPU). An 8-warp dkdv config holds one
-# program per SM, so nothing hides its loads of K and V and its stores of dK and dV; the 4-warp ones with 64 keys fit
-# two, and won by 12%. Three or four per SM lost everywhere (session 7, call 2; docs/design.md): under a register cap
-# (maxnreg) the spills cost more than the third program gains, and tiles of 32 keys (dkdv) or 32 rows (dq) compile to
-# mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and ran 2-3x slower.
+# what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest
+# at D 128 in bf16 for sparse queries. Beside each: ms of the kernel alone (session 8's call 2: sparse queries, then
+# the window shape), registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton
+# 3.6 compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a
+# GPU). An 8-warp dkdv config holds one program per SM, so nothing hides its loads of K and V and its stores of dK and
+# dV; the 4-warp ones with 64 keys fit two, and won by 12%. Three or four per SM lost (session 7, call 2;
+# docs/design.md): under a register cap (maxnreg) the spills cost more than the third program gains, and tiles of 32
+# keys (dkdv) or 32 rows (dq) compile to mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and ran
+# 2-3x slower.
 # TMA: the streamed tiles (k and v in the forward and dq kernels, q and dO in the dkdv kernel) come through Hopper's
 # tensor memory accelerator (tensor descriptors, `tma_ready`) instead of per-thread asynchronous copies: no per-thread
-# addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139, and a third program fits
-# on an SM without spills; the dkdv kernel also takes its rows' lse, delta and positions as blocks, and its loop step
+# addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139 (a third program fits on
+# an SM without spills); the dkdv kernel also takes its rows' lse, delta and positions as blocks, and its loop step
 # shrinks by a quarter, mostly integer work (Nsight Compute, session 8's call 1: its busiest pipe is the integer ALU).
+# Call 2 dropped the forward's 32-key (0.348, 0.649 ms) and 2-stage (0.382, 0.658) TMA forms and its head-by-head
+# order (0.358, 0.713).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
     for m, n, w, s, g, t in (
-        (64, 64, 4, 3, 16, 0),  # 0.327 ms (heads in groups of 4: 0.355; 32 keys, 3 per SM: 0.375); 255 registers, 112 KB: 2
-        (64, 64, 4, 3, 16, 1),  # 161, 113 KB: 2
-        (64, 32, 4, 3, 16, 1),  # 166, 65 KB: 3
-        (64, 64, 4, 2, 16, 1),  # 161, 81 KB: 2
-        (64, 64, 4, 3, 1, 0),  # 0.357 (0.714 against 0.711 with a window)
+        (64, 64, 4, 3, 16, 1),  # 0.293, 0.622 ms; 161 registers, 113 KB: 2
+        (64, 64, 4, 3, 16, 0),  # 0.330, 0.713; 255, 112 KB: 2
     )
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
     for m, n, w, s, g, t in (
-        (64, 32, 4, 4, 16, 0),  # 0.407 ms (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
-        (64, 32, 4, 4, 16, 1),  # 139, 97 KB: 2
-        (64, 32, 4, 2, 16, 1),  # 139, 64 KB: 3
+        (64, 32, 4, 4, 16, 1),  # 0.381, 0.883 ms; 139, 97 KB: 2
+        (64, 32, 4, 2, 16, 1),  # 0.441, 0.776; 139, 64 KB: 3
         (64, 64, 4, 2, 16, 1),  # 176, 97 KB: 2 (half the steps, so half the barriers per key: its stalls' first reason)
-        (128, 64, 8, 3, 1, 0),  # 0.447; 246, 160 KB: 1 (within 2% of the fastest at call 1's window shape)
+        (64, 32, 4, 4, 16, 0),  # 0.411, 0.855 (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
+        (128, 64, 8, 3, 1, 0),  # 0.449, 0.890; 246, 160 KB: 1
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t, "DP_EARLY": d}
     for m, n, w, s, e, t, d in (
-        (32, 64, 4, 3, 0, 0, 0),  # 0.744 ms (16 rows: 0.851; capped to 168 registers, 3 per SM: 1.09-1.34); 237, 80 KB: 2
-        (32, 64, 4, 3, 0, 1, 0),  # 199, 80 KB: 2; its loop step 359 instructions against 476 (no per-thread masks)
+        (32, 64, 4, 3, 0, 1, 0),  # 0.704, 1.279 ms; 199, 80 KB: 2; a loop step of 359 instructions against 476
         (32, 64, 4, 3, 0, 1, 1),  # 208, 80 KB: 2
-        (32, 64, 4, 3, 1, 0, 0),  # 0.894 (1.287 with a window, where one loop took 1.265); 242, 81 KB: 2
+        (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 235, 80 KB: 2
+        (32, 64, 4, 3, 0, 0, 1),  # 245, 80 KB: 2
+        (32, 64, 4, 3, 1, 0, 0),  # 0.901, 1.285; 242, 81 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
