@@ -184,6 +184,16 @@ def test_either_wy_kernel_gives_the_reference(tiled, chunk, monkeypatch):
     check_gradients(make_inputs(1, 100, 1, 2, 16, 16, seed=chunk + 1), chunk, torch.float32)
 
 
+@pytest.mark.parametrize("split", [0, 1], ids=["chunk-gradients-in-one-launch", "chunk-gradients-in-two-parts"])
+def test_either_chunk_backward_gives_the_reference(split, monkeypatch):
+    """The chunk-backward tuner picks one launch (PART 0) or two (PARTs 1 and 2, the (L, L) tiles through memory):
+    both give every gradient, in float32 and in bfloat16."""
+    config = {**gdr.INTERPRETER_CONFIGS["chunk_backward"], "SPLIT": split}
+    monkeypatch.setattr(gdr.TUNERS["chunk_backward"], "interpreter_config", config)
+    check_gradients(make_inputs(1, 70, 2, 6, 20, 12, seed=21 + split), 32, torch.float32)
+    check_gradients(make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5 + split), 16, torch.bfloat16)
+
+
 def test_gradients_at_length_one_without_final_state_gradient():
     check_gradients(make_inputs(2, 1, 2, 2, 16, 16, seed=3), 16, torch.float32, with_final_state=False)
 
