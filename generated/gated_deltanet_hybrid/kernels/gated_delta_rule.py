@@ -52,7 +52,9 @@ launches:
      T⁻¹ needs no (L, L) inverse of its own: with û = T⁻¹ᵀ du, the gradient of A is −û uᵀ below the diagonal
      (since T⁻¹ (β v − β exp(c) ⊙ k S_c) = u), and dv = β ⊙ û. The prefix sums' gradient dc collects each exp(c)'s
      share (q ⊙ dq, k ⊙ dk and β-weighted rows summed over K, as fla does), and dg is its reverse prefix sum.
-dq and dk come per value head in float32 and are summed over each key head's group afterwards.
+     In one launch, or in two (the tuner chooses): what sums over V, then dq and dk over K.
+dq and dk come per value head in the intermediates' dtype (as fla keeps them) and are summed over each key head's
+group afterwards, in float32.
 
 Decoding has its own kernel, `gated_delta_step`: one position for one (batch, value head, block of V columns) per
 program, the state read once and written once (the reference's is a chain of small ops over the whole state).
@@ -138,10 +140,14 @@ STATE_BACKWARD_CONFIGS = [
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 180, 40 KB: 2, half the programs re-reading q, k and W
     {"BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 228, 48 KB: 1, two waves of 8 warps (4 warps spill)
 ]
+# SPLIT 1 runs the chunk kernel as two launches (PART 1: what sums over V; PART 2: dq and dk over K; the (L, L) tiles
+# between them through memory, 24 KB a chunk), so that neither holds the other's registers; the counts are part 1's
+# and part 2's.
 CHUNK_BACKWARD_CONFIGS = [
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 and 56 bytes spilled, 32 KB: 2; 1.82 ms
-    {"BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 219, no spills, 30 KB: 2
-    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 216, 64 KB: 1; 2.23 ms
+    {"SPLIT": 0, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 + 56 spilled, 32 KB: 2; 1.82 ms
+    {"SPLIT": 0, "BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 232, no spills, 30 KB: 2
+    {"SPLIT": 1, "BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 172 and 198, no spills: 2 and 2
+    {"SPLIT": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 172 and 255 + 112 spilled: 2 and 2
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -149,7 +155,7 @@ INTERPRETER_CONFIGS = {
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "intra_chunk_dpseudo": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
-    "chunk_backward": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "chunk_backward": {"SPLIT": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
 }
 """The configs under TRITON_INTERPRET=1: blocks of 16, so the tests' small heads still span several blocks."""
 
@@ -696,6 +702,119 @@ def _state_backward_kernel(
 
 
 @triton.jit
+def _pairs_backward(
+    v_rows, v_stride_v,  # (L, 1) pointers: the chunk's rows of v at this (batch, value head)
+    do_rows, do_stride_v,  # likewise of dO
+    dv_rows,  # likewise of dv (row stride nv_heads·V, contiguous columns)
+    pseudo_ptr, dpseudo_ptr, du_hat_ptr, row, inverse, t, t_in, cum, beta, scale, dv,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """The chunk's gradients that sum over V, a block of V at a time: û = T⁻¹ᵀ du (stored for the keys' loop), dv,
+    dβ's value term Σ_v û ⊙ v, and the (L, L) gradients of q kᵀ (dO uᵀ ⊙ D, its diagonal apart) and of β ⊙ k kᵀ
+    (dA ⊙ D). Returns (dPD, dPD_diagonal, dAD, dbeta_values)."""
+    inter_ty = pseudo_ptr.dtype.element_ty
+    do_u = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    neg_dA = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
+    for v0 in range(0, dv, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        v_in = cols < dv
+        tv_in = t_in[:, None] & v_in[None, :]
+        rows_v = row[:, None] * dv + cols[None, :]
+        do = _operand(tl.load(do_rows + cols[None, :] * do_stride_v, mask=tv_in, other=0.0), inter_ty)
+        u = _operand(tl.load(pseudo_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
+        du = _operand(tl.load(dpseudo_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
+        du_hat = tl.dot(tl.trans(inverse), du, input_precision=DOT_PRECISION)  # (L, BV)
+        tl.store(du_hat_ptr + rows_v, _rounded(du_hat, inter_ty), mask=v_in[None, :])
+        do_u = tl.dot(do, tl.trans(u), do_u, input_precision=DOT_PRECISION)
+        neg_dA = tl.dot(_operand(du_hat, inter_ty), tl.trans(u), neg_dA, input_precision=DOT_PRECISION)
+        v_blk = tl.load(v_rows + cols[None, :] * v_stride_v, mask=tv_in, other=0.0).to(tl.float32)
+        dbeta += tl.sum(du_hat * v_blk, axis=1)
+        tl.store(dv_rows + cols[None, :], _rounded(du_hat * beta[:, None], dv_rows.dtype.element_ty), mask=tv_in)
+    # The gradient of q kᵀ. Its diagonal is kept apart: its shares of dc (via q ⊙ dq and k ⊙ dk) cancel exactly, and
+    # under strong decay they dwarf what remains.
+    decay = tl.exp(tl.where(t[:, None] >= t[None, :], cum[:, None] - cum[None, :], float("-inf")))
+    diagonal = t[:, None] == t[None, :]
+    dPD = tl.where(diagonal, 0.0, do_u * decay * scale)
+    dPD_diagonal = tl.sum(tl.where(diagonal, do_u, 0.0), axis=1) * scale
+    dAD = -tl.where(t[:, None] > t[None, :], neg_dA * decay, 0.0)  # dA ⊙ D, the gradient of β ⊙ (k kᵀ)
+    return dPD, dPD_diagonal, dAD, dbeta
+
+
+@triton.jit
+def _keys_backward(
+    q_rows, q_stride_k,  # (L, 1) pointers: the chunk's rows of q at this (batch, key head)
+    k_rows, k_stride_k,  # likewise of k
+    do_rows, do_stride_v,  # the chunk's rows of dO at this (batch, value head)
+    dq_rows, dk_rows,  # likewise of the per-value-head dq and dk (contiguous columns)
+    pseudo_ptr, du_hat_ptr, row,
+    enter_ptr, dleave_ptr,  # at this chunk's (K, V) states
+    t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
+    DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """dq and dk of the chunk, a block of K at a time (an inner loop over V for the three products with the states:
+    dO S_cᵀ, û S_cᵀ, u dSᵀ), given _pairs_backward's (L, L) tiles as operands. Returns (dbeta_keys, dc): dβ's key
+    terms and the gradient of the prefix sums c."""
+    inter_ty = pseudo_ptr.dtype.element_ty
+    dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
+    dc = tl.zeros((CHUNK,), dtype=tl.float32)
+    state_dot = 0.0  # Σ S_c ⊙ dS: exp(c_{L-1}) S_c in the state passing
+    decayed_dot = 0.0  # Σ (exp(c_{L-1} − c) ⊙ k) ⊙ (u dSᵀ): the decayed keys of the state passing
+    decay_to_end = tl.exp(cum_last - cum)
+    weight = beta * tl.exp(cum)
+    for k0 in range(0, dk, BLOCK_K):
+        cols_k = k0 + tl.arange(0, BLOCK_K)
+        k_in = cols_k < dk
+        do_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        du_hat_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        u_dS = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
+        for v0 in range(0, dv, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            v_in = cols < dv
+            kv_offs = cols_k[:, None] * dv + cols[None, :]
+            kv_in = k_in[:, None] & v_in[None, :]
+            enter = tl.load(enter_ptr + kv_offs, mask=kv_in, other=0.0)  # (BK, BV)
+            dleave = tl.load(dleave_ptr + kv_offs, mask=kv_in, other=0.0)
+            state_dot += tl.sum(enter.to(tl.float32) * dleave.to(tl.float32))
+            rows_v = row[:, None] * dv + cols[None, :]
+            do = _operand(tl.load(do_rows + cols[None, :] * do_stride_v, mask=t_in[:, None] & v_in[None, :],
+                                  other=0.0), inter_ty)
+            u = _operand(tl.load(pseudo_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
+            du_hat = _operand(tl.load(du_hat_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
+            enter_T = tl.trans(_operand(enter, inter_ty))
+            do_S = tl.dot(do, enter_T, do_S, input_precision=DOT_PRECISION)
+            du_hat_S = tl.dot(du_hat, enter_T, du_hat_S, input_precision=DOT_PRECISION)
+            u_dS = tl.dot(u, tl.trans(_operand(dleave, inter_ty)), u_dS, input_precision=DOT_PRECISION)
+        # Each (L, BLOCK_K) term is summed into dq or dk, and its row sums into dβ and dc, as soon as it is made:
+        # few float32 tiles live at once (made all first, they spilled at 32-column blocks).
+        tk_in = t_in[:, None] & k_in[None, :]
+        q_blk = tl.load(q_rows + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0).to(tl.float32)
+        k_blk = tl.load(k_rows + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0).to(tl.float32)
+        k_op = _operand(k_blk, inter_ty)
+        dq_blk = tl.dot(dPD_op, k_op, do_S * (scale * tl.exp(cum))[:, None], input_precision=DOT_PRECISION)
+        dc += tl.sum(q_blk * dq_blk, axis=1)
+        tl.store(dq_rows + cols_k[None, :], _rounded(dq_blk + dPD_diagonal[:, None] * k_blk, dq_rows.dtype.element_ty),
+                 mask=tk_in)
+        decayed = tl.sum(k_blk * u_dS, axis=1) * decay_to_end
+        k_dk_weighted = -tl.sum(k_blk * du_hat_S, axis=1)  # û S_cᵀ is minus the gradient of β exp(c) ⊙ k
+        dk_blk = u_dS * decay_to_end[:, None] - du_hat_S * weight[:, None] + dPD_diagonal[:, None] * q_blk
+        dAD_k = tl.dot(dAD_op, k_op, input_precision=DOT_PRECISION)
+        k_dAD_k = tl.sum(k_blk * dAD_k, axis=1)
+        dk_blk += dAD_k * beta[:, None]
+        # (dO uᵀ ⊙ D)ᵀ q and (β ⊙ dA ⊙ D)ᵀ k = (dA ⊙ D)ᵀ (β ⊙ k), one accumulator: no third (L, L) tile.
+        dk_transposed = tl.dot(tl.trans(dPD_op), _operand(q_blk, inter_ty), input_precision=DOT_PRECISION)
+        dk_transposed = tl.dot(tl.trans(dAD_op), _operand(k_blk * beta[:, None], inter_ty), dk_transposed,
+                               input_precision=DOT_PRECISION)
+        dk_blk += dk_transposed
+        tl.store(dk_rows + cols_k[None, :], _rounded(dk_blk, dk_rows.dtype.element_ty), mask=tk_in)
+        dbeta += tl.exp(cum) * k_dk_weighted + k_dAD_k
+        dc += weight * k_dk_weighted - decayed + beta * k_dAD_k - tl.sum(k_blk * dk_transposed, axis=1)
+        decayed_dot += tl.sum(decayed)
+    dc += tl.where(t == CHUNK - 1, tl.exp(cum_last) * state_dot + decayed_dot, 0.0)
+    return dbeta, dc
+
+
+@triton.jit
 def _chunk_backward_kernel(
     q_ptr, q_stride_b, q_stride_t, q_stride_h, q_stride_k,
     k_ptr, k_stride_b, k_stride_t, k_stride_h, k_stride_k,
@@ -703,11 +822,14 @@ def _chunk_backward_kernel(
     beta_ptr, beta_stride_b, beta_stride_t, beta_stride_h,
     do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
     cum_ptr, inverse_ptr, enter_ptr, pseudo_ptr, dleave_ptr, dpseudo_ptr,
-    du_hat_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: scratch for û, written and read back here
-    dq_ptr, dk_ptr,  # (B, T, HV, K) float32, contiguous: per value head (the launcher sums a key head's group)
+    du_hat_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: scratch for û
+    pairs_ptr,  # (2, B, HV, c·L, L) in the intermediates' dtype, contiguous: dO uᵀ ⊙ D and dA ⊙ D (PART 1 -> 2)
+    rows_ptr,  # (2, B, HV, c·L) float32, contiguous: dPD's diagonal and dβ's value term (PART 1 -> 2)
+    dq_ptr, dk_ptr,  # (B, T, HV, K) in the intermediates' dtype, contiguous: per value head (summed by the launcher)
     dv_ptr,  # (B, T, HV, V) in v's dtype, contiguous
     dbeta_ptr, dg_ptr,  # (B, T, HV) float32, contiguous
     scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
+    PART: tl.constexpr,  # 0: the whole chunk; 1: _pairs_backward only, its results stored; 2: the rest, read back
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Every gradient of one chunk of one (batch, value head), given S_c, u, dS (of the state leaving it) and du.
@@ -719,11 +841,11 @@ def _chunk_backward_kernel(
              + (β ⊙ dA ⊙ D) k + (β ⊙ dA ⊙ D)ᵀ k
         dβ = Σ_v û ⊙ v − exp(c) Σ_k k ⊙ û S_cᵀ + Σ_k k ⊙ (dA ⊙ D) k
 
-    and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum. A first loop over
-    V takes everything that sums over V into (L, L) tiles, and û; a loop over blocks of K then takes dq and dk, with
-    an inner loop over V for the three (L, BLOCK_K) products with the states. T⁻¹ is needed in the first loop only:
-    û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch buffer (L2-resident: the program reads back what it
-    wrote) and the (L, L) tiles the K loop multiplies by are rounded to operands once, before it."""
+    and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum. `_pairs_backward`
+    takes what sums over V (a loop over V), `_keys_backward` dq and dk (a loop over K). T⁻¹ is needed in the first
+    only: û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch buffer (L2-resident). PART 0 runs both in one
+    program, holding the (L, L) tiles between them as operands; PARTs 1 and 2, two launches, pass them through
+    pairs_ptr and rows_ptr, so that neither program holds the other's registers (the tuner chooses)."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // nv_heads).to(tl.int64)
@@ -735,109 +857,47 @@ def _chunk_backward_kernel(
     t_in = pos < seqlen
     row = pid_bh.to(tl.int64) * padded_len + pos
     cum = tl.load(cum_ptr + row)
-    cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
     beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
                    other=0.0).to(tl.float32)
-    inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
-    do_base = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
-    v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
-
-    # Over V: û, dO uᵀ, dA, dv and dβ's value term.
-    do_u = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
-    neg_dA = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
-    dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
-    for v0 in range(0, dv, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        v_in = cols < dv
-        tv_in = t_in[:, None] & v_in[None, :]
-        do = _operand(tl.load(do_base + cols[None, :] * do_stride_v, mask=tv_in, other=0.0), inter_ty)
-        u = _operand(tl.load(pseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0), inter_ty)
-        du = _operand(tl.load(dpseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
-                      inter_ty)
-        du_hat = tl.dot(tl.trans(inverse), du, input_precision=DOT_PRECISION)  # (L, BV)
-        tl.store(du_hat_ptr + row[:, None] * dv + cols[None, :], _rounded(du_hat, inter_ty), mask=v_in[None, :])
-        do_u = tl.dot(do, tl.trans(u), do_u, input_precision=DOT_PRECISION)
-        neg_dA = tl.dot(_operand(du_hat, inter_ty), tl.trans(u), neg_dA, input_precision=DOT_PRECISION)
-        v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=tv_in, other=0.0).to(tl.float32)
-        dbeta += tl.sum(du_hat * v_blk, axis=1)
-        tl.store(dv_ptr + ((b * seqlen + pos[:, None]) * nv_heads + h) * dv + cols[None, :],
-                 _rounded(du_hat * beta[:, None], dv_ptr.dtype.element_ty), mask=tv_in)
-    # The gradient of q kᵀ. Its diagonal is kept apart: its shares of dc (via q ⊙ dq and k ⊙ dk) cancel exactly, and
-    # under strong decay they dwarf what remains.
-    decay = tl.exp(tl.where(t[:, None] >= t[None, :], cum[:, None] - cum[None, :], float("-inf")))
-    diagonal = t[:, None] == t[None, :]
-    dPD = tl.where(diagonal, 0.0, do_u * decay * scale)
-    dPD_diagonal = tl.sum(tl.where(diagonal, do_u, 0.0), axis=1) * scale
-    dAD = -tl.where(t[:, None] > t[None, :], neg_dA * decay, 0.0)  # dA ⊙ D, the gradient of β ⊙ (k kᵀ)
-    dMD = dAD * beta[:, None]  # the gradient of k kᵀ through A
-
-    dPD_op = _operand(dPD, inter_ty)
-    dAD_op = _operand(dAD, inter_ty)
-    dMD_op = _operand(dMD, inter_ty)
-    tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
-
-    # Over K, a block of columns at a time (an inner loop over V for the products with the states).
-    dc = tl.zeros((CHUNK,), dtype=tl.float32)
-    state_dot = 0.0  # Σ S_c ⊙ dS: exp(c_{L-1}) S_c in the state passing
-    decayed_dot = 0.0  # Σ (exp(c_{L-1} − c) ⊙ k) ⊙ (u dSᵀ): the decayed keys of the state passing
-    q_base = q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t
-    k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t
-    states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
-    decay_to_end = tl.exp(cum_last - cum)
-    for k0 in range(0, dk, BLOCK_K):
-        cols_k = k0 + tl.arange(0, BLOCK_K)
-        k_in = cols_k < dk
-        do_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-        du_hat_S = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-        u_dS = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-        for v0 in range(0, dv, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            v_in = cols < dv
-            kv_offs = states + cols_k[:, None] * dv + cols[None, :]
-            kv_in = k_in[:, None] & v_in[None, :]
-            enter = tl.load(enter_ptr + kv_offs, mask=kv_in, other=0.0)  # (BK, BV)
-            dleave = tl.load(dleave_ptr + kv_offs, mask=kv_in, other=0.0)
-            state_dot += tl.sum(enter.to(tl.float32) * dleave.to(tl.float32))
-            do = _operand(tl.load(do_base + cols[None, :] * do_stride_v, mask=t_in[:, None] & v_in[None, :],
-                                  other=0.0), inter_ty)
-            u = _operand(tl.load(pseudo_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
-                         inter_ty)
-            du_hat = _operand(tl.load(du_hat_ptr + row[:, None] * dv + cols[None, :], mask=v_in[None, :], other=0.0),
-                              inter_ty)
-            enter_T = tl.trans(_operand(enter, inter_ty))
-            do_S = tl.dot(do, enter_T, do_S, input_precision=DOT_PRECISION)
-            du_hat_S = tl.dot(du_hat, enter_T, du_hat_S, input_precision=DOT_PRECISION)
-            u_dS = tl.dot(u, tl.trans(_operand(dleave, inter_ty)), u_dS, input_precision=DOT_PRECISION)
-        tk_in = t_in[:, None] & k_in[None, :]
-        q_blk = tl.load(q_base + cols_k[None, :] * q_stride_k, mask=tk_in, other=0.0).to(tl.float32)
-        k_blk = tl.load(k_base + cols_k[None, :] * k_stride_k, mask=tk_in, other=0.0).to(tl.float32)
-        q_op = _operand(q_blk, inter_ty)
-        k_op = _operand(k_blk, inter_ty)
-        dq_blk = tl.dot(dPD_op, k_op, do_S * (scale * tl.exp(cum))[:, None], input_precision=DOT_PRECISION)
-        dk_attend = tl.dot(tl.trans(dPD_op), q_op, input_precision=DOT_PRECISION)
-        dk_weighted = -du_hat_S  # the gradient of β exp(c) ⊙ k
-        dAD_k = tl.dot(dAD_op, k_op, input_precision=DOT_PRECISION)
-        dk_pairs = tl.dot(tl.trans(dMD_op), k_op, input_precision=DOT_PRECISION)
-        weight = beta * tl.exp(cum)
-        dk_blk = (dk_attend + dPD_diagonal[:, None] * q_blk + u_dS * decay_to_end[:, None] + dk_weighted * weight[:, None]
-                  + dAD_k * beta[:, None] + dk_pairs)
-        k_dk_weighted = tl.sum(k_blk * dk_weighted, axis=1)
-        k_dAD_k = tl.sum(k_blk * dAD_k, axis=1)
-        decayed = tl.sum(k_blk * u_dS, axis=1) * decay_to_end
-        dbeta += tl.exp(cum) * k_dk_weighted + k_dAD_k
-        dc += (tl.sum(q_blk * dq_blk, axis=1) - tl.sum(k_blk * dk_attend, axis=1) + weight * k_dk_weighted - decayed
-               + beta * k_dAD_k - tl.sum(k_blk * dk_pairs, axis=1))
-        decayed_dot += tl.sum(decayed)
-        dq_blk += dPD_diagonal[:, None] * k_blk
-        out = ((b * seqlen + pos[:, None]) * nv_heads + h) * dk + cols_k[None, :]
-        tl.store(dq_ptr + out, dq_blk, mask=tk_in)
-        tl.store(dk_ptr + out, dk_blk, mask=tk_in)
-
-    dc += tl.where(t == CHUNK - 1, tl.exp(cum_last) * state_dot + decayed_dot, 0.0)
-    dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
-    out = (b * seqlen + pos) * nv_heads + h
-    tl.store(dg_ptr + out, dg, mask=t_in)
-    tl.store(dbeta_ptr + out, dbeta, mask=t_in)
+    do_rows = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
+    out_rows = (b * seqlen + pos) * nv_heads + h  # the chunk's rows of the (B, T, HV) gradients
+    pair_offs = row[:, None] * CHUNK + t[None, :]
+    plane = tl.num_programs(1).to(tl.int64) * padded_len  # rows per plane of pairs_ptr and rows_ptr
+    if PART != 2:
+        inverse = _operand(tl.load(inverse_ptr + pair_offs), inter_ty)  # (L, L)
+        v_rows = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
+        dPD, dPD_diagonal, dAD, dbeta_values = _pairs_backward(
+            v_rows, v_stride_v, do_rows, do_stride_v, dv_ptr + out_rows[:, None] * dv, pseudo_ptr, dpseudo_ptr,
+            du_hat_ptr, row, inverse, t, t_in, cum, beta, scale, dv, DOT_PRECISION, CHUNK, BLOCK_V,
+        )
+    if PART == 1:
+        tl.store(pairs_ptr + pair_offs, _rounded(dPD, inter_ty))
+        tl.store(pairs_ptr + plane * CHUNK + pair_offs, _rounded(dAD, inter_ty))
+        tl.store(rows_ptr + row, dPD_diagonal)
+        tl.store(rows_ptr + plane + row, dbeta_values)
+    else:
+        if PART == 2:
+            dPD_op = _operand(tl.load(pairs_ptr + pair_offs), inter_ty)
+            dAD_op = _operand(tl.load(pairs_ptr + plane * CHUNK + pair_offs), inter_ty)
+            dPD_diagonal = tl.load(rows_ptr + row)
+            dbeta_values = tl.load(rows_ptr + plane + row)
+        else:
+            dPD_op = _operand(dPD, inter_ty)
+            dAD_op = _operand(dAD, inter_ty)
+            tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
+        cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
+        states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
+        dbeta_keys, dc = _keys_backward(
+            q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t, q_stride_k,
+            k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t, k_stride_k,
+            do_rows, do_stride_v, dq_ptr + out_rows[:, None] * dk, dk_ptr + out_rows[:, None] * dk,
+            pseudo_ptr, du_hat_ptr, row, enter_ptr + states, dleave_ptr + states,
+            t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
+            DOT_PRECISION, CHUNK, BLOCK_K, BLOCK_V,
+        )
+        dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
+        tl.store(dg_ptr + out_rows, dg, mask=t_in)
+        tl.store(dbeta_ptr + out_rows, dbeta_values + dbeta_keys, mask=t_in)
 
 
 @triton.jit
@@ -1060,8 +1120,9 @@ def gated_delta_rule_backward(
                          f"{(batch, nv_heads, dk, dv)}, got {tuple(do.shape)} and "
                          f"{None if dfinal_state is None else tuple(dfinal_state.shape)}")
     f32 = {"dtype": torch.float32, "device": q.device}
-    dq_heads = torch.empty((batch, seqlen, nv_heads, dk), **f32)  # per value head; a key head's group is summed below
-    dk_heads = torch.empty((batch, seqlen, nv_heads, dk), **f32)
+    inter_dtype = _intermediates_dtype(q, intermediates)
+    dq_heads = torch.empty((batch, seqlen, nv_heads, dk), dtype=inter_dtype, device=q.device)  # per value head: a key
+    dk_heads = torch.empty((batch, seqlen, nv_heads, dk), dtype=inter_dtype, device=q.device)  # head's group is summed
     dv_ = torch.empty((batch, seqlen, nv_heads, dv), dtype=v.dtype, device=q.device)
     dg = torch.empty((batch, seqlen, nv_heads), **f32)
     dbeta = torch.empty((batch, seqlen, nv_heads), **f32)
@@ -1071,8 +1132,7 @@ def gated_delta_rule_backward(
     else:
         configs = configs or {}
         with on_device(q):
-            chunks = _chunk_states(q, k, v, g, beta, initial_state, chunk_size, _intermediates_dtype(q, intermediates),
-                                   configs, store_inverse=True)
+            chunks = _chunk_states(q, k, v, g, beta, initial_state, chunk_size, inter_dtype, configs, store_inverse=True)
             dleave = torch.empty_like(chunks.enter)
             dlocal = torch.empty_like(chunks.pseudo)
             dpseudo = torch.empty_like(chunks.pseudo)
@@ -1102,13 +1162,18 @@ def gated_delta_rule_backward(
                                           configs.get("state_backward")))
 
             def launch_chunk_backward(cfg):
-                _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
-                    *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
-                    chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat,
-                    dq_heads, dk_heads, dv_, dbeta, dg, *common,
-                    DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
-                    **_launch_options(cfg),
-                )
+                pairs = rows = None  # what the first of two parts hands the second (SPLIT)
+                if cfg["SPLIT"]:
+                    pairs = chunks.pseudo.new_empty((2, batch, nv_heads, chunks.padded, chunk_size))
+                    rows = chunks.cum.new_empty((2, batch, nv_heads, chunks.padded))
+                for part in (1, 2) if cfg["SPLIT"] else (0,):
+                    _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
+                        *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
+                        chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat, pairs, rows,
+                        dq_heads, dk_heads, dv_, dbeta, dg, *common,
+                        PART=part, DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"],
+                        BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
+                    )
 
             launch_chunk_backward(_config("chunk_backward", chunks.key, launch_chunk_backward,
                                           configs.get("chunk_backward")))
@@ -1118,14 +1183,15 @@ def gated_delta_rule_backward(
 
 
 def _sum_over_groups(per_value_head: Tensor, nheads: int, dtype: torch.dtype) -> Tensor:
-    """(B, T, HV, K) float32 -> (B, T, H, K) in dtype: each key head's sum over the value heads that read it, as
-    elementwise adds rounded once into dtype. `.sum` over the group's strided dimension, then a cast, took 0.18 ms per
-    gradient at the bench shape (GPU call 1 of session 8), more than reading the float32 once costs."""
+    """(B, T, HV, K) in the intermediates' dtype -> (B, T, H, K) in dtype: each key head's sum over the value heads
+    that read it, as elementwise adds in float32 rounded once into dtype. Per value head in bf16, as fla keeps them,
+    these are half the bytes of float32; `.sum` over the group's strided dimension of the float32 ones, then a cast,
+    took 0.18 ms per gradient at the bench shape (GPU call 1 of session 8)."""
     batch, seqlen, nv_heads, dk = per_value_head.shape
     group = per_value_head.view(batch, seqlen, nheads, nv_heads // nheads, dk).unbind(3)
     if len(group) == 1:
         return group[0].to(dtype)
-    partial = group[0]
+    partial = group[0].float()
     for member in group[1:-1]:
         partial = partial + member
     return torch.add(partial, group[-1], out=per_value_head.new_empty((batch, seqlen, nheads, dk), dtype=dtype))
