@@ -243,7 +243,7 @@ def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
                 f"transformers {peer['version']} generate", peer_ms, peer_ms / decode["ms_per_token"], 20.0)
     train = kernels.get("train")
     if train:
-        row(f"{name} training MFU, {entry['config']['batch']} x {entry['config']['seq_len']} tokens", train["mfu"],
+        row(f"{name} training MFU, {train['batch']} x {train['seq_len']} tokens", train["mfu"],
             "fraction of measured bf16 matmul rate", "bf16 matmul rate", entry["matmul_flops_per_s"], train["mfu"], 0.4)
     prefill = kernels.get("prefill")
     if prefill and "prefill" in peer:
