@@ -124,6 +124,7 @@ BACKWARD_DKDV_CONFIGS = [
         (32, 64, 4, 3, 0, 1, 0),  # 0.704, 1.279 ms; 199, 80 KB: 2; a loop step of 359 instructions against 476
         (32, 64, 4, 3, 0, 1, 1),  # 208, 80 KB: 2
         (32, 128, 8, 3, 0, 1, 0),  # 211, 112 KB: 1 (two warpgroups of 64 keys sharing each block of rows)
+        (64, 64, 4, 2, 0, 1, 0),  # 253, 96 KB: 2; a step of 501 instructions for 64 rows (32 rows: 359)
         (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 235, 80 KB: 2
         (32, 64, 4, 3, 0, 0, 1),  # 245, 80 KB: 2
         (32, 64, 4, 3, 1, 0, 0),  # 0.901, 1.285; 242, 81 KB: 2
