@@ -43,6 +43,8 @@ autotuning):
     python bench/sparse_attention.py --out $OUT --budget-s 110
 The bars alone, each kernel on its first config (no tuning compiles), in about half the time:
     python bench/sparse_attention.py --only sparse,window --bars-only --untuned --out $OUT
+or on the configs an earlier run tuned, per shape bucket (its JSON's tuned_configs; nothing tunes, the rest untuned):
+    python bench/sparse_attention.py --only sparse,window --bars-only --pin bench/results/RUN.json --out $OUT
 On a CPU, tiny shapes in Triton's interpreter, timings meaningless (exercises every code path):
     python bench/sparse_attention.py --dry-run --out /tmp/sparse_attention
 """
@@ -617,6 +619,8 @@ def main() -> None:
     parser.add_argument("--untuned", action="store_true",
                         help="each kernel on its first config (the fastest measured so far), nothing tuned: no compiles "
                              "of the other candidates")
+    parser.add_argument("--pin", type=Path, help="pin the configs an earlier run's sparse_attention.json tuned (its "
+                        "tuned_configs, per kernel and shape bucket); implies --untuned for the buckets it lacks")
     args = parser.parse_args()
     if args.ncu_child:
         ncu.child_main({"backward": ncu_backward}, args.ncu_child, args.out)
@@ -630,10 +634,14 @@ def main() -> None:
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
     bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and profile else only, args.bars_only)
-    if args.untuned:
+    if args.untuned or args.pin:
         from kernels import triton_support  # the repository's, on the path since Bench imported its kernels
 
         triton_support.RUNTIME_TUNING = False  # an untuned bucket runs its tuner's first candidate
+    if args.pin:
+        pinned = json.loads(args.pin.read_text())["tuned_configs"]
+        bench.pqa.pin_configs(pinned)
+        bench.results["pinned_from"] = {"file": str(args.pin), "configs": pinned}
     needs = {"numerics": 45, "sparse": 15, "window": 45, "edges": 15}  # seconds, compiles included: a late section is skipped
     runs = {"numerics": bench.numerics, "sparse": bench.sparse, "edges": bench.edges, "window": bench.window}
     for name in SECTIONS:
