@@ -17,6 +17,10 @@ after each; a section whose estimate exceeds the budget left is skipped and says
                on an H100/H200 with triton 3.6, before computing anything. Its own flags decide it
                (fla.utils.IS_NVIDIA_HOPPER, TRITON_ABOVE_3_7_1), so no time is spent compiling a backward that
                will refuse: the gradients are then compared only between archgen and float32, never with fla.
+  config_check every candidate config of the kernels --tune-only names run once, forward and backward, each
+               synchronized, in a loop of processes under CUDA_LAUNCH_BLOCKING=1 (not run unless named): a config that
+               faults is recorded in gdn_config_check.json beside the JSON, and every later run with that folder leaves
+               it out of the tuners' spaces (a fault inside a tuner lost GPU call 2 of session 8).
   speed        forward (no grad) ms of each side (but the float32-intermediates form, timed in session 5: its
                tuning would cost the run ~15 s), forward+backward ms of archgen's reference, archgen's kernels and
                fla where its backward runs; `figures` pairs each archgen figure with its peer from the same run
@@ -61,6 +65,8 @@ On the GPU machine, from the repository root (fla_core and einops wheels in .whl
     python bench/gdn_check.py --only speed,profile --out "$OUT" --budget-s 90
     python bench/gdn_check.py --only fla_guard_lifted --tune-only wy --out "$OUT" --budget-s 100
     python bench/gdn_check.py --only kernels_alone --tune-only state_backward,chunk_backward --out "$OUT"
+    for i in 1 2 3; do CUDA_LAUNCH_BLOCKING=1 python bench/gdn_check.py --only config_check --tune-only chunk_backward \
+        --out "$OUT" && break; done; python bench/gdn_check.py --only kernels_alone --tune-only chunk_backward --out "$OUT"
 (--untuned: archgen's kernels run their first config, session 6's winners, and time no candidates; --tune-only: only
 the kernels named time their candidates.)
 On a CPU, to exercise the script (tiny shapes, the kernel in Triton's interpreter; without fla the peer is a
@@ -91,13 +97,13 @@ ODD_SHAPES = {"B2-T1000-H16-HV32-K128-V128 (T not a multiple of 64)": (2, 1000, 
               "B2-T1-H16-HV32-K128-V128 (one token)": (2, 1, 16, 32, 128, 128)}
 DRY_TIMING_SHAPE = (1, 40, 2, 4, 16, 16)
 DRY_ODD_SHAPES = {"B2-T37-H1-HV2-K16-V16": (2, 37, 1, 2, 16, 16), "B1-T1-H1-HV1-K16-V16": (1, 1, 1, 1, 16, 16)}
-SECTIONS = ("speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32", "fla_guard_lifted",
-            "kernels_alone")
+SECTIONS = ("config_check", "speed", "profile", "numerics", "numerics_odd_lengths", "decode", "kernel_float32",
+            "fla_guard_lifted", "kernels_alone")
 """In the order they run: the timings first (GPU call 2 of session 6 spent its whole budget on numerics)."""
-DEFAULT_SECTIONS = SECTIONS[:-2]
-"""What runs without --only: fla_guard_lifted runs fla past its own refusal, and kernels_alone repeats its archgen
-steps, so each only when asked by name."""
-ESTIMATE_S = {"speed": 60, "profile": 5, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
+DEFAULT_SECTIONS = SECTIONS[1:-2]
+"""What runs without --only: config_check runs every candidate once (a loop of processes), fla_guard_lifted runs fla
+past its own refusal, and kernels_alone repeats its archgen steps, so each only when asked by name."""
+ESTIMATE_S = {"config_check": 30, "speed": 60, "profile": 5, "numerics": 70, "numerics_odd_lengths": 10, "decode": 10,
               "kernel_float32": 20, "fla_guard_lifted": 30, "kernels_alone": 30}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
@@ -192,12 +198,17 @@ class Check:
         self.kernel, kernel_note = load_kernel()
         if self.kernel is not None and not tuned:
             importlib.import_module("archgen_kernels.triton_support").RUNTIME_TUNING = False
-        if self.kernel is not None and tune_only is not None:
-            if unknown := set(tune_only) - set(self.kernel.TUNERS):
+        self.tune_only = tune_only
+        self.config_check_path = out / "gdn_config_check.json"
+        if self.kernel is not None:
+            if unknown := set(tune_only or ()) - set(self.kernel.TUNERS):
                 raise SystemExit(f"--tune-only: no kernel {', '.join(sorted(unknown))}; they are "
                                  f"{', '.join(self.kernel.TUNERS)}")
-            for name, tuner in self.kernel.TUNERS.items():  # the first config: session 6's winner
-                tuner.configs = tuner.configs if name in tune_only else tuner.configs[:1]
+            self.candidates = {name: list(tuner.configs) for name, tuner in self.kernel.TUNERS.items()}
+            faulted = set(self.config_check_state()["faulted"])
+            for name, tuner in self.kernel.TUNERS.items():  # the first config: the last measured winner
+                safe = [config for config in tuner.configs if _config_label(name, config) not in faulted]
+                tuner.configs = safe if tune_only is None or name in tune_only else safe[:1]
         self.fla, fla_note = import_fla(dry_run)
         self.fla_backward_refused = fla_backward_refusal() if self.fla is not None else None
         self.peer = "fla" if self.fla is not None else "stand_in"
@@ -554,6 +565,70 @@ class Check:
                         report["archgen_kernel_ms"], report["fla_ms"])
         return report
 
+    def config_check_state(self) -> dict:
+        """What config_check found so far ($OUT/gdn_config_check.json): a `pending` config is one whose run never
+        returned (the process died in it), so it counts as faulted."""
+        state = {"passed": [], "faulted": [], "errors": {}, "pending": None}
+        if self.config_check_path.is_file():
+            state.update(json.loads(self.config_check_path.read_text()))
+        if state["pending"]:
+            state["faulted"].append(state["pending"])
+            state["errors"][state["pending"]] = "the process died while it ran"
+            state["pending"] = None
+        return state
+
+    def config_check(self) -> dict:
+        """Every candidate config of the kernels --tune-only names (all without it), one at a time, run once through
+        the forward and the backward at the timing shape (the other kernels at their first config) and synchronized.
+        An illegal address kills the CUDA context and every launch after it (GPU call 2 of session 8 lost its run
+        to one, inside a tuner), so the state is written before each run: under CUDA_LAUNCH_BLOCKING=1 the failing
+        launch names its kernel (the launcher's `launch_<kernel>` in the traceback), the process exits, and the
+        next process of a loop (`for i in 1 2 3; do ... --only config_check && break; done`) goes on past it. Every
+        later run with the same $OUT leaves faulted configs out of the tuners' spaces."""
+        if self.kernel is None:
+            return {"skipped": self.results["environment"]["archgen_kernel"]}
+        torch = self.torch
+        state = self.config_check_state()
+        shape = self.timing_shape
+        args = self.inputs(*shape, seed=7)
+        do = torch.randn(*shape[:2], shape[3], shape[5], device=self.device).to(torch.bfloat16)
+        positional = (args["q"], args["k"], args["v"], args["g"], args["beta"], shape[4] ** -0.5, args["initial_state"],
+                      CHUNK)
+
+        def save():
+            self.config_check_path.write_text(json.dumps(state, indent=2) + "\n")
+
+        for name in self.tune_only or list(self.kernel.TUNERS):
+            for config in self.candidates[name]:
+                label = _config_label(name, config)
+                if label in state["passed"] or label in state["faulted"]:
+                    continue
+                configs = {other: tuner.configs[0] for other, tuner in self.kernel.TUNERS.items()} | {name: config}
+                state["pending"] = label
+                save()
+                print(f"[{self.elapsed():6.1f} s] config_check {label}", flush=True)
+                try:
+                    with torch.no_grad():
+                        self.kernel.gated_delta_rule_forward(*positional, configs=configs)
+                        self.kernel.gated_delta_rule_backward(do, None, *positional, configs=configs)
+                    if self.device == "cuda":
+                        torch.cuda.synchronize()
+                except Exception as error:  # noqa: BLE001 — recorded; a dead context ends the process below
+                    culprit = _launching_kernel(error) or name
+                    failed = _config_label(culprit, configs[culprit])
+                    state["faulted"].append(failed)
+                    state["errors"][failed] = f"{type(error).__name__}: {error}"[:400]
+                    state["pending"] = None
+                    save()
+                    if self.device == "cuda" and not _context_alive(torch):
+                        raise SystemExit(f"config_check: {failed} killed the CUDA context ({error}); run again to go "
+                                         "on past it") from error
+                    continue
+                state["passed"].append(label)
+                state["pending"] = None
+                save()
+        return state
+
     def fla_guard_lifted(self) -> dict:
         """fla's forward+backward past its triton-version guard beside archgen's kernels, in steps that each rewrite the
         JSON (GPU call 2 of session 7 timed out inside one step holding everything, and left nothing): both forwards
@@ -658,6 +733,26 @@ class Check:
                                  runs.items()})
 
 
+def _config_label(kernel: str, config: dict) -> str:
+    return f"{kernel}: {','.join(f'{name}={value}' for name, value in config.items())}"
+
+
+def _launching_kernel(error: BaseException) -> str | None:
+    """The kernel whose launcher (`launch_<kernel>` in kernels/gated_delta_rule.py) raised error, innermost first."""
+    launchers = [frame.f_code.co_name for frame, _ in traceback.walk_tb(error.__traceback__)
+                 if frame.f_code.co_name.startswith("launch_")]
+    return launchers[-1].removeprefix("launch_") if launchers else None
+
+
+def _context_alive(torch) -> bool:
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+    except Exception:  # noqa: BLE001 — any error here means the context is gone
+        return False
+    return True
+
+
 def _as_float(result):
     o, state = result
     return o.float(), state.float()
@@ -710,7 +805,7 @@ def main() -> None:
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
     tune_only = [name for name in args.tune_only.split(",") if name] or None
     check = Check(args.out, args.dry_run, args.budget_s, tuned=not args.untuned, tune_only=tune_only)
-    runs = {"speed": check.speed, "profile": check.profile, "numerics": check.numerics,
+    runs = {"config_check": check.config_check, "speed": check.speed, "profile": check.profile, "numerics": check.numerics,
             "numerics_odd_lengths": check.numerics_odd_lengths, "decode": check.decode,
             "kernel_float32": check.kernel_float32, "fla_guard_lifted": check.fla_guard_lifted,
             "kernels_alone": check.kernels_alone}
