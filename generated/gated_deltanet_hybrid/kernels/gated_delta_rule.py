@@ -112,10 +112,10 @@ WY_CONFIGS = [
 ]
 # The state loops run B·HV·V/BLOCK_V programs: at BLOCK_V 32 and two per SM, 512 programs are two waves on the H200's
 # 132 SMs, at 64 one (fla's forward state loop takes 64 columns, 0.21 ms against this one's 0.28 in GPU call 1 of
-# session 8).
+# session 8). GPU call 2 of session 8: 0.222 ms at 64 columns against 0.287 at 32, the forward 0.687 ms (0.747).
 STATE_CONFIGS = [
-    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.29 ms
-    {"BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 254, no spills, 96 KB: 2, one wave
+    {"BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 254, no spills, 96 KB: 2, one wave; 0.222 ms
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 2},  # 156, 80 KB: 2; 0.287 ms
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 94, 72 KB: 3, twice the programs re-reading W; 0.42 ms
     {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 151, 28 KB: 3, nothing prefetched; 0.43 ms
 ]
