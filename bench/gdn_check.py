@@ -107,6 +107,9 @@ ESTIMATE_S = {"config_check": 30, "speed": 60, "profile": 5, "numerics": 70, "nu
               "kernel_float32": 20, "fla_guard_lifted": 30, "kernels_alone": 30}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
+CHECK_RUNS = 10
+"""config_check's runs of each config: the illegal addresses triton 3.6 and 3.7 produce in kernels with several wgmma
+dots on sm_90 are probabilistic (triton issues #10486, #11366), more likely over repeated launches."""
 FLOAT32_BAR = 1e-5  # relative norm, issue 10's bar where the kernel's math is the reference's
 
 
@@ -205,10 +208,12 @@ class Check:
                 raise SystemExit(f"--tune-only: no kernel {', '.join(sorted(unknown))}; they are "
                                  f"{', '.join(self.kernel.TUNERS)}")
             self.candidates = {name: list(tuner.configs) for name, tuner in self.kernel.TUNERS.items()}
-            faulted = set(self.config_check_state()["faulted"])
+            faulted = set(self.settle_config_check()["faulted"])
             for name, tuner in self.kernel.TUNERS.items():  # the first config: the last measured winner
                 safe = [config for config in tuner.configs if _config_label(name, config) not in faulted]
                 tuner.configs = safe if tune_only is None or name in tune_only else safe[:1]
+                if self.device == "cuda":
+                    tuner.tune = self._recording_faults(name, tuner.tune)
         self.fla, fla_note = import_fla(dry_run)
         self.fla_backward_refused = fla_backward_refusal() if self.fla is not None else None
         self.peer = "fla" if self.fla is not None else "stand_in"
@@ -566,16 +571,60 @@ class Check:
         return report
 
     def config_check_state(self) -> dict:
-        """What config_check found so far ($OUT/gdn_config_check.json): a `pending` config is one whose run never
-        returned (the process died in it), so it counts as faulted."""
+        """What config_check and the tuners found so far ($OUT/gdn_config_check.json)."""
         state = {"passed": [], "faulted": [], "errors": {}, "pending": None}
         if self.config_check_path.is_file():
             state.update(json.loads(self.config_check_path.read_text()))
+        return state
+
+    def save_config_check(self, state: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.config_check_path.write_text(json.dumps(state, indent=2) + "\n")
+
+    def settle_config_check(self) -> dict:
+        """The state a new process starts from: a config left `pending` is one whose run never returned (an earlier
+        process died in it), so it counts as faulted."""
+        state = self.config_check_state()
         if state["pending"]:
             state["faulted"].append(state["pending"])
             state["errors"][state["pending"]] = "the process died while it ran"
             state["pending"] = None
+            self.save_config_check(state)
         return state
+
+    def _recording_faults(self, name: str, tune):
+        """tune, with the config each candidate's timing starts on saved as `pending` in gdn_config_check.json and the
+        CUDA context checked between candidates: a fault inside the tuner (which records a failing config and goes
+        on, but cannot go on past a dead context) then ends the process naming the config, and the next run with
+        this $OUT leaves it out. The file is written only when the candidate changes: do_bench's timing loop is
+        left alone."""
+        torch = self.torch
+
+        def tune_recording(key, launch, candidates=None):
+            running = []
+
+            def launch_recording(config):
+                label = _config_label(name, config)
+                if running and running[-1] == label:
+                    return launch(config)
+                if running and not _context_alive(torch):
+                    raise SystemExit(f"{running[-1]} killed the CUDA context inside the {name} tuner; run again to go "
+                                     "on past it")
+                running.append(label)
+                state = self.config_check_state()
+                state["pending"] = label
+                self.save_config_check(state)
+                return launch(config)
+
+            best = tune(key, launch_recording, candidates)
+            if running and not _context_alive(torch):
+                raise SystemExit(f"{running[-1]} killed the CUDA context inside the {name} tuner; run again")
+            state = self.config_check_state()
+            state["pending"] = None
+            self.save_config_check(state)
+            return best
+
+        return tune_recording
 
     def config_check(self) -> dict:
         """Every candidate config of the kernels --tune-only names (all without it), one at a time, run once through
@@ -596,7 +645,7 @@ class Check:
                       CHUNK)
 
         def save():
-            self.config_check_path.write_text(json.dumps(state, indent=2) + "\n")
+            self.save_config_check(state)
 
         for name in self.tune_only or list(self.kernel.TUNERS):
             for config in self.candidates[name]:
@@ -608,9 +657,10 @@ class Check:
                 save()
                 print(f"[{self.elapsed():6.1f} s] config_check {label}", flush=True)
                 try:
-                    with torch.no_grad():
-                        self.kernel.gated_delta_rule_forward(*positional, configs=configs)
-                        self.kernel.gated_delta_rule_backward(do, None, *positional, configs=configs)
+                    for _ in range(1 if self.dry_run else CHECK_RUNS):
+                        with torch.no_grad():
+                            self.kernel.gated_delta_rule_forward(*positional, configs=configs)
+                            self.kernel.gated_delta_rule_backward(do, None, *positional, configs=configs)
                     if self.device == "cuda":
                         torch.cuda.synchronize()
                 except Exception as error:  # noqa: BLE001 — recorded; a dead context ends the process below
