@@ -30,7 +30,7 @@ Sections, each a ratio against a peer or a floor measured in the same run:
                  the straight run's (the issue's "same loss curve on GPU within bf16 noise")
 
     python bench/train_gpu.py --out $OUT --budget-s 170 --skip scaling,resume  # one GPU: the compiled run, ~150 s
-    python bench/train_gpu.py --out $OUT --budget-s 80 --skip compiled,scaling  # one GPU: resume_1_to_1, ~70 s
+    python bench/train_gpu.py --out $OUT --budget-s 110 --skip compiled,scaling  # one GPU: resume_1_to_1, ~80 s
     python bench/train_gpu.py --out $OUT                 # a machine with 2 GPUs (nvidia-h200-x2), about 400 s
     python bench/train_gpu.py --dry-run --out /tmp/bench # a CPU: tiny HSPMN, gloo, a few steps (checks the plumbing)
 
@@ -73,7 +73,7 @@ class Setup:
     scaling_steps: int
     compile: bool
     device_args: tuple[str, ...]  # passed to `archgen train`
-    four_layers: tuple[str, ...]  # --set overrides that keep 4 of the model's layers (resume_1_to_1)
+    resume_layers: tuple[str, ...]  # --set overrides that cut the model to a few layers for resume_1_to_1 (4 on GPUs)
     matmul_size: int
     corpus_bytes: int | None  # of the standard library's sources; None: all of them
     eval_batches: int  # micro-batches of held-out sequences per evaluation
@@ -87,9 +87,9 @@ class Setup:
         return "compiled layers, bf16 autocast" if self.compile else "eager, float32"
 
 
-def gpu_setup(name: str, spec: str, byte_vocabulary: tuple[str, ...], four_layers: tuple[str, ...]) -> Setup:
+def gpu_setup(name: str, spec: str, byte_vocabulary: tuple[str, ...], resume_layers: tuple[str, ...]) -> Setup:
     return Setup(name, str(ROOT / spec), None, byte_vocabulary, seq_len=2048, micro_batch=8, compiled_steps=300,
-                 scaling_steps=20, compile=True, device_args=(), four_layers=four_layers, matmul_size=8192,
+                 scaling_steps=20, compile=True, device_args=(), resume_layers=resume_layers, matmul_size=8192,
                  corpus_bytes=None, eval_batches=4)
 
 
@@ -100,7 +100,7 @@ MODELS = {"bamba_1b": gpu_setup("bamba_1b", "bench/specs/bamba_1b.yaml", ("model
                                   ("model.vocab_size=256", "heads.forecaster.n_bins=256"),
                                   ("layout.n_layers=4", "layout.mixers=global_attn|ssm, (attn|ssm)*2, global_attn|ssm"))}
 DRY = Setup("hspmn_tiny", str(ROOT / "specs/hspmn.yaml"), "tiny", (), seq_len=32, micro_batch=4, compiled_steps=4,
-            scaling_steps=4, compile=False, device_args=("--device", "cpu"), four_layers=("layout.n_layers=2",),
+            scaling_steps=4, compile=False, device_args=("--device", "cpu"), resume_layers=("layout.n_layers=2",),
             matmul_size=256, corpus_bytes=1_000_000, eval_batches=1)
 # MFU and 2-GPU scaling have no bar in issue 13; these are issue 12's training MFU bar and what FSDP2 over NVLink
 # should keep of two GPUs at a 1B model.
@@ -345,20 +345,22 @@ class TrainBench(Run):
                  "difference", losses["max_relative_delta"], self.setup.loss_tolerance)
 
     def resume_1_to_1(self, record: dict) -> None:
-        setup = replace(self.setup, overrides=self.setup.overrides + self.setup.four_layers)
+        from archgen.pipeline import compile_spec
+
+        setup = replace(self.setup, overrides=self.setup.overrides + self.setup.resume_layers)
         steps, half = setup.scaling_steps, setup.scaling_steps // 2
-        record.update({"set": list(setup.overrides), "steps": steps, "resumed_at": half})
+        layers = len(compile_spec(setup.spec, setup.preset, setup.overrides).resolved.layers)
+        record.update({"set": list(setup.overrides), "layers": layers, "steps": steps, "resumed_at": half})
         run_dir = self.train(record.setdefault("straight", {}), "resume_1_to_1", steps, 1, setup.micro_batch, False,
                              self.left() * 0.6, checkpoint_interval=half, env=self.single, setup=setup, log="straight")
         straight = step_rows(run_dir)
         checkpoint = run_dir / "checkpoints" / f"step-{half:08d}"
         self.train(record.setdefault("resumed", {}), "resume_1_to_1", steps, 1, setup.micro_batch, False, self.left(),
                    extra=("--resume-from", str(checkpoint)), env=self.single, setup=setup, log="resumed")
-        after = [r for r in step_rows(run_dir) if r["step"] > half]
-        losses = compare_losses(straight, after)
+        losses = compare_losses(straight, [r for r in step_rows(run_dir) if r["step"] > half])
         record.update(losses)
-        loss_bar(self, f"{self.setup.name} (4 layers) next-token loss resumed on 1 GPU from its own checkpoint: largest "
-                 "relative difference", losses["max_relative_delta"], self.setup.loss_tolerance)
+        loss_bar(self, f"{self.setup.name} ({layers} layers) next-token loss resumed on 1 GPU from its own checkpoint: "
+                 "largest relative difference", losses["max_relative_delta"], self.setup.loss_tolerance)
 
 
 def visible_gpus() -> int:

@@ -24,7 +24,7 @@ def train_gpu():
 def test_every_model_the_bench_trains_passes_the_checks_before_compute(tmp_path, train_gpu, model, layers):
     setup = train_gpu.MODELS[model]
     if layers == "four":
-        setup = dataclasses.replace(setup, overrides=setup.overrides + setup.four_layers)
+        setup = dataclasses.replace(setup, overrides=setup.overrides + setup.resume_layers)
     data, _ = train_gpu.write_data(tmp_path, 200_000)
     recipe = train_gpu.write_recipe(tmp_path, "run", setup, data, steps=4, micro=setup.micro_batch, compile_=True)
     plan = plan_training(load_recipe(recipe))
