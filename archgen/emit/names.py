@@ -13,8 +13,9 @@ import re
 # Names the model template defines or imports itself; a generated class must never shadow them. The names imported
 # from the runtime ops are added per model, from the plan's import table (emit/plan.py).
 TEMPLATE_NAMES = frozenset({
-    "Model", "ModelOutput", "Cache", "RMSNorm", "FusedRMSNorm", "LayerNorm", "ConvCache", "F", "nn", "torch", "math", "json",
-    "dataclass", "field", "Path", "checkpoint", "Tensor", "CONFIG", "SPEC_HASH", "SPEC_NAME", "INIT_STD", "OUTPUT_STD",
+    "Model", "ModelOutput", "Cache", "RMSNorm", "FusedRMSNorm", "ZeroCenteredRMSNorm", "ZeroCenteredFusedRMSNorm",
+    "LayerNorm", "ConvCache", "F", "nn", "torch", "math", "json", "dataclass", "field", "Path", "checkpoint", "Tensor",
+    "CONFIG", "SPEC_HASH", "SPEC_NAME", "INIT_STD", "OUTPUT_STD",
     "USE_KERNELS", "use_kernel", "kernels", "add_losses", "fields", "SPEC",
 })
 

@@ -28,11 +28,12 @@ class RMSNorm(Kind[models.RMSNormSpec, NormConfig]):
 
     def template_dims(self, config: NormConfig, dims: Dims) -> dict:
         # the generated model defines RMSNorm, FusedRMSNorm where the norms run their kernel (kernels/rmsnorm.py), and
-        # ZeroCenteredRMSNorm for a zero-centred norm (which the kernel selection leaves on the reference)
+        # for a zero-centred norm ZeroCenteredRMSNorm and ZeroCenteredFusedRMSNorm (the kernel given 1 + weight)
         plain = "ZeroCenteredRMSNorm" if config.zero_centered else "RMSNorm"
+        fused = "ZeroCenteredFusedRMSNorm" if config.zero_centered else "FusedRMSNorm"
         # folds_scale: the generated RMSNorms take a per-channel scale into their weight (a parallel layer's combine)
         return {"module": f"{plain}({dims.d_model}, eps={config.eps!r})",
-                "kernel_module": f"FusedRMSNorm({dims.d_model}, eps={config.eps!r})", "zero_centered": config.zero_centered,
+                "kernel_module": f"{fused}({dims.d_model}, eps={config.eps!r})", "zero_centered": config.zero_centered,
                 "folds_scale": True}
 
     def imports(self, config: NormConfig) -> dict[str, tuple[str, ...]]:

@@ -104,8 +104,8 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mlp", "silu_mul", "silu_mul", "mlp",
                "SwiGLU feed-forward gate silu(gate) * up in one pass forward and backward", when=fused_swiglu),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
-               "RMSNorm, with the residual add before a block's feed-forward norm fused into it (not a zero-centred "
-               "norm: the kernel scales by its weight as given)", when=lambda config: not config.zero_centered),
+               "RMSNorm, with the residual add before a block's feed-forward norm fused into it (a zero-centred norm "
+               "gives it 1 + weight in float32)"),
     KernelRule("mlp", "gemv", "swiglu_linear", "linear",
                "SwiGLU feed-forward on a decoding step's few rows: the gate and up products and silu(gate) * up in one "
                "GEMV launch (cuBLAS and the gate kernel: three)", when=fused_swiglu),

@@ -13,6 +13,7 @@ import yaml
 from archgen.kinds import Dims, kind_of
 from archgen.pipeline import compile_spec
 from archgen.spec import models
+from tests.conftest import assert_kernels_match_references, build_spied_package
 from tests.numerics import assert_close
 
 ATTENTION, MOE = kind_of("attention"), kind_of("moe")
@@ -65,12 +66,26 @@ def test_settings_at_their_defaults_stay_out_of_the_lock(tmp_path):
     assert documents[True]["ffns"]["moe"]["shared_gate"] is True
 
 
-def test_a_zero_centred_norm_is_left_to_the_reference_op(tmp_path):
-    """The RMSNorm kernel scales by its weight as given, so the selection pass gives a zero-centred norm none."""
-    for gated in (False, True):
-        path = tmp_path / f"{gated}.yaml"
-        path.write_text(spec_text("kernels", gated))
-        assert bool(compile_spec(path).ir.op("norm_f").kernels) is not gated
+def test_a_zero_centred_norm_runs_the_rmsnorm_kernel_on_one_plus_its_weight(tmp_path, monkeypatch):
+    """The generated ZeroCenteredFusedRMSNorm hands the kernel 1 + weight in float32: the same logits and gradients as
+    its reference (ZeroCenteredRMSNorm's float32 computation), the block's residual add fused, with offsets far from
+    0 so that a weight taken as given would differ."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({
+        "schema_version": 1, "name": "zero_centred", "model": {"d_model": 16, "vocab_size": 32, "norm": {
+            "kind": "rmsnorm", "eps": 1e-6, "zero_centered": True}},
+        "mixers": {"attn": {"kind": "attention", "n_heads": 2, "head_dim": 8}},
+        "ffns": {"mlp": {"kind": "mlp", "activation": "gelu", "hidden": 32}},
+        "layout": {"n_layers": 2, "mixers": "attn", "ffns": "mlp"}}))  # fmt: skip
+    package = build_spied_package(spec, tmp_path / "out", monkeypatch, ("rms_norm",))
+    torch.manual_seed(0)
+    model = package.Model()
+    with torch.no_grad():
+        for name, value in model.named_parameters():
+            if name.endswith("norm.weight") or name == "norm_f.weight":
+                value.normal_(0.0, 0.5)
+    assert_kernels_match_references(package, model, torch.randint(0, 32, (2, 9)))
+    assert package.calls["rms_norm"] == 2 * 2 + 1, package.calls  # two norms a block (one fused with the add), norm_f
 
 
 def test_gated_layers_equal_plain_ones_whose_weights_stand_in_for_the_gates(build, tmp_path):
