@@ -111,22 +111,27 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
-@pytest.mark.parametrize(("seqlen", "width", "dim"), [(45, 4, 19), (21, 4, 32), (29, 3, 32), (6, 3, 19), (1, 4, 19)],
-                         ids=lambda v: str(v))
-def test_window_backward_matches_reference(seqlen, width, dim, prefetch):
+@pytest.mark.parametrize(
+    ("seqlen", "width", "dim", "dtype"),
+    [(45, 4, 19, torch.float32), (21, 4, 32, torch.float32), (29, 3, 32, torch.float32), (6, 3, 19, torch.float32),
+     (1, 4, 19, torch.float32), (37, 4, 32, torch.bfloat16)],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_window_backward_matches_reference(seqlen, width, dim, dtype, prefetch):
     """The one-pass backward (widths up to 4) with its tile given, the next rows loaded ahead or not: several time
     blocks of 16 steps, whose inner double steps run or not, a ragged last one, channels a multiple of the block or
-    not, a state, every gradient."""
+    not, a state, every gradient; bf16 x and dy (their bits widened by hand)."""
     g = torch.Generator().manual_seed(seqlen + width)
-    args = [randn(g, 2, seqlen, dim), randn(g, dim, width), randn(g, dim), randn(g, 2, dim, width - 1)]
-    dy = randn(g, 2, seqlen, dim)
+    args = [randn(g, 2, seqlen, dim).to(dtype), randn(g, dim, width), randn(g, dim),
+            randn(g, 2, dim, width - 1).to(dtype)]
+    dy = randn(g, 2, seqlen, dim).to(dtype)
     config = {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
     grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
     leaves = [a.double().requires_grad_() for a in args]
     y_ref, _ = conv.causal_conv1d_reference(*leaves, activation="silu")
     grads_ref = torch.autograd.grad(y_ref, leaves, dy.double())
     for name, got, want in zip(("dx", "dweight", "dbias", "dconv_state"), grads, grads_ref, strict=True):
-        assert relative_norm_error(got, want) <= TOL[torch.float32], name
+        assert relative_norm_error(got, want) <= TOL[dtype], name
 
 
 def test_reference_matches_runtime_causal_conv1d():
