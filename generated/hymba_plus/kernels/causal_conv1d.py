@@ -422,6 +422,15 @@ def _add_tap_sums(dw0, dw1, dw2, dw3, dbias, p_0, x_3, x_2, x_1, x_0, WIDTH: tl.
 
 
 @triton.jit
+def _as_float32(v):
+    """v in float32. bf16 as its bits in a float32's upper half: the conversion took the upper of two packed values
+    with a PRMT and then a shift, two instructions where a mask is one."""
+    if v.dtype == tl.bfloat16:
+        return (v.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _window_backward_step(x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias,
                           w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias,
                           OWNED: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr):
@@ -429,8 +438,8 @@ def _window_backward_step(x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, 
     there (float32), the inputs a0..a3 and dy g0..g3 at t..t+3 as stored. Out: the inputs and dL/d pre-activation at
     t..t+3 in float32, dx at t-3..t, and the tap and bias sums with the outputs this program owns added: all four
     (OWNED: no select), else those before end."""
-    a0, a1, a2, a3 = a0.to(tl.float32), a1.to(tl.float32), a2.to(tl.float32), a3.to(tl.float32)
-    g0, g1, g2, g3 = g0.to(tl.float32), g1.to(tl.float32), g2.to(tl.float32), g3.to(tl.float32)
+    a0, a1, a2, a3 = _as_float32(a0), _as_float32(a1), _as_float32(a2), _as_float32(a3)
+    g0, g1, g2, g3 = _as_float32(g0), _as_float32(g1), _as_float32(g2), _as_float32(g3)
     q0, dx0 = _window_backward_row(x_3, x_2, x_1, a0, p_3, p_2, p_1, g0, bias, w0, w1, w2, w3, SILU, WIDTH)
     q1, dx1 = _window_backward_row(x_2, x_1, a0, a1, p_2, p_1, q0, g1, bias, w0, w1, w2, w3, SILU, WIDTH)
     q2, dx2 = _window_backward_row(x_1, a0, a1, a2, p_1, q0, q1, g2, bias, w0, w1, w2, w3, SILU, WIDTH)
