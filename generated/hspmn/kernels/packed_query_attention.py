@@ -97,8 +97,10 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # TMA: the streamed tiles (k and v in the forward and dq kernels, q and dO in the dkdv kernel) come through Hopper's
 # tensor memory accelerator (tensor descriptors, `tma_ready`) instead of per-thread asynchronous copies: no per-thread
 # addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139 (a third program fits on
-# an SM without spills); the dkdv kernel also takes its rows' lse, delta and positions as blocks, and its loop step
-# shrinks by a quarter, mostly integer work (Nsight Compute, session 8's call 1: its busiest pipe is the integer ALU).
+# an SM without spills); the dkdv kernel also takes its rows' lse, delta and positions as one block (the dq kernel
+# writes them side by side), and its loop step shrinks by a third, mostly integer work (Nsight Compute, session 8's
+# call 1: its busiest pipe was the integer ALU). Each copy into a stage's buffer waits on a CTA barrier (the buffer's
+# last readers), so one copy of the three vectors instead of three (call 2's form) saves two barriers a step.
 # Call 2 dropped the forward's 32-key (0.348, 0.649 ms) and 2-stage (0.382, 0.658) TMA forms and its head-by-head
 # order (0.358, 0.713).
 FORWARD_CONFIGS = [
@@ -121,12 +123,12 @@ BACKWARD_DQ_CONFIGS = [
 BACKWARD_DKDV_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t, "DP_EARLY": d}
     for m, n, w, s, e, t, d in (
-        (32, 64, 4, 3, 0, 1, 0),  # 0.704, 1.279 ms; 199, 80 KB: 2; a loop step of 359 instructions against 476
-        (32, 64, 4, 3, 0, 1, 1),  # 208, 80 KB: 2
-        (32, 128, 8, 3, 0, 1, 0),  # 211, 112 KB: 1 (two warpgroups of 64 keys sharing each block of rows)
-        (64, 64, 4, 2, 0, 1, 0),  # 253, 96 KB: 2; a step of 501 instructions for 64 rows (32 rows: 359)
-        (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 235, 80 KB: 2
-        (32, 64, 4, 3, 0, 0, 1),  # 245, 80 KB: 2
+        (32, 64, 4, 3, 0, 1, 0),  # 0.704, 1.279 ms (5 copies a step); 210, 81 KB: 2; a step of 315 instructions (476)
+        (32, 64, 4, 3, 0, 1, 1),  # 220, 81 KB: 2
+        (32, 128, 8, 3, 0, 1, 0),  # 208, 113 KB: 1 (two warpgroups of 64 keys sharing each block of rows)
+        (64, 64, 4, 2, 0, 1, 0),  # 255, 97 KB: 2; fewer instructions a row than 32 rows a step
+        (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 243, 80 KB: 2
+        (32, 64, 4, 3, 0, 0, 1),  # 250, 80 KB: 2
         (32, 64, 4, 3, 1, 0, 0),  # 0.901, 1.285; 242, 81 KB: 2
     )
 ]
@@ -367,13 +369,14 @@ def _backward_dq_kernel(
     rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
     lse_ptr, stride_lb, stride_lh, stride_ls,
-    delta_ptr, stride_deb, stride_deh, stride_des,  # written here, read by the dkdv kernel after
+    stats_ptr, stride_sb, stride_sh, stride_ss,  # (B, H, S, 4) float32 written here for the dkdv kernel (ROW_STATS)
     out_ptr, stride_ob, stride_oh, stride_os, stride_od,  # the forward's output (float32, or q's dtype)
     dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
     TMA: tl.constexpr,  # k_ptr and v_ptr are tensor descriptors (see _key_tiles)
+    ROW_STATS: tl.constexpr,  # also the rows' lse and positions beside delta, for the dkdv kernel's TMA choice
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     block_m, bh = _row_block_and_head(HEAD_GROUP)  # grid (row blocks, B * H), as the forward's
@@ -397,7 +400,11 @@ def _backward_dq_kernel(
     o = tl.load(out_ptr + b * stride_ob + h * stride_oh + t_rows[:, None] * stride_os + offs_dv[None, :] * stride_od,
                 mask=sees[:, None] & (offs_dv[None, :] < Dv), other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # rowsum(dO * O); 0 for a row that sees nothing
-    tl.store(delta_ptr + b * stride_deb + h * stride_deh + t_rows * stride_des, delta, mask=in_rows)
+    stats = stats_ptr + b * stride_sb + h * stride_sh + t_rows * stride_ss  # each row's [lse, delta, position, -]
+    tl.store(stats + 1, delta, mask=in_rows)
+    if ROW_STATS:
+        tl.store(stats, lse, mask=in_rows)
+        tl.store(stats + 2, p.to(tl.float32), mask=in_rows)  # exact: positions are below 2^24
     k_base, v_base = _key_tiles(k_ptr, v_ptr, b, kv_h, stride_kb, stride_kh, stride_vb, stride_vh, TMA)
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -416,15 +423,17 @@ def _backward_dq_kernel(
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base, rows_ptr, stride_rb,
-                stride_rs, b, h, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps, offs_m,
+def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base, rows_ptr, stride_rb,
+                stride_rs, b, h, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps, offs_m,
                 offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                 TMA: tl.constexpr, DP_EARLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
     of query head (b, h) (MASKED: per element visibility; otherwise every row sees every key of the block). With TMA,
-    q_base, do_base, lse_base, delta_base and pos_base are tensor descriptors of the whole q, dO, lse, delta and
-    positions (blocks of BLOCK_M rows of one head, rows past S as zeros), else pointers at the head's first row."""
+    q_base, do_base and stats_base are tensor descriptors of the whole q, dO and rows' stats (blocks of BLOCK_M rows
+    of one head, rows past S as zeros; a row's stats: [lse, delta, position, -], one copy for the three: each copy
+    into a stage's buffer waits on a CTA barrier), else pointers at the head's first row (of the stats: at its
+    delta)."""
     for m0 in range(start, end, BLOCK_M):  # no branch inside: the loads pipeline
         rows = m0 + offs_m
         in_rows = rows < S
@@ -432,22 +441,23 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_b
         if TMA:  # rows past S come as zeros: q and dO of zero add nothing to dK and dV, whatever they see
             qT = tl.trans(q_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_D))
             do = do_base.load([b, h, m0, 0]).reshape(BLOCK_M, BLOCK_DV)
-            lse = lse_base.load([b, h, m0]).reshape(BLOCK_M)
-            delta = delta_base.load([b, h, m0]).reshape(BLOCK_M)
+            lse_and_position, delta_and_unused = tl.split(stats_base.load([b, h, m0, 0]).reshape(BLOCK_M, 2, 2))
+            lse, p = tl.split(lse_and_position)
+            delta, _ = tl.split(delta_and_unused)
         else:
             qT = tl.load(q_base + t_rows[None, :] * stride_qs + offs_d[:, None] * stride_qd,
                          mask=in_rows[None, :] & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_M)
             do = tl.load(do_base + t_rows[:, None] * stride_dos + offs_dv[None, :] * stride_dod,
                          mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
             lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
-            delta = tl.load(delta_base + t_rows * stride_des, mask=in_rows, other=0.0)
+            delta = tl.load(stats_base + t_rows * stride_ss + 1, mask=in_rows, other=0.0)
         qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if DP_EARLY:
             dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             if TMA:
-                p = pos_base.load([b, m0]).reshape(BLOCK_M)
+                p = p.to(tl.int32)
             else:
                 p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
             # keys past Tk need no mask: their rows of dK and dV are never stored, and no other row depends on them
@@ -472,7 +482,7 @@ def _backward_dkdv_kernel(
     rows_ptr, stride_rb, stride_rs,  # (B, S) int32, read with INDEXED_ROWS only
     do_ptr, stride_dob, stride_doh, stride_dos, stride_dod,
     lse_ptr, stride_lb, stride_lh, stride_ls,
-    delta_ptr, stride_deb, stride_deh, stride_des,
+    stats_ptr, stride_sb, stride_sh, stride_ss,  # (B, H, S, 4) float32 the dq kernel wrote: [lse, delta, position, -]
     dk_ptr, stride_dkb, stride_dkh, stride_dkt, stride_dkd,
     dv_ptr, stride_dvb, stride_dvh, stride_dvt, stride_dvd,
     ranges_ptr,  # (B, key blocks, 4) int32: row blocks [first, full_first, full_last, last), see query_block_ranges
@@ -482,7 +492,7 @@ def _backward_dkdv_kernel(
     # edges); False: one loop masking every block, one pipeline fill instead of three (a key block of sparse queries
     # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
     MASK_EDGES_ONLY: tl.constexpr,
-    TMA: tl.constexpr,  # q, dO, lse, delta and positions come as tensor descriptors (see _dkdv_steps)
+    TMA: tl.constexpr,  # q, dO and the rows' stats come as tensor descriptors (see _dkdv_steps)
     # Each step waits for the MMA of each dot it uses right after issuing it. False: dP^T after dV's MMA is issued,
     # waited for with it; True: dP^T right after Q K^T (waited for before the softmax), so that dV's MMA runs while dS
     # is computed. A tuning choice.
@@ -517,28 +527,28 @@ def _backward_dkdv_kernel(
     for g in range(0, group):
         h = kv_h * group + g
         if TMA:
-            q_base, do_base, lse_base, delta_base, pos_base = q_ptr, do_ptr, lse_ptr, delta_ptr, pos_ptr
+            q_base, do_base, lse_base, stats_base, pos_base = q_ptr, do_ptr, lse_ptr, stats_ptr, pos_ptr
         else:
             q_base = q_ptr + b * stride_qb + h * stride_qh
             do_base = do_ptr + b * stride_dob + h * stride_doh
             lse_base = lse_ptr + b * stride_lb + h * stride_lh
-            delta_base = delta_ptr + b * stride_deb + h * stride_deh
+            stats_base = stats_ptr + b * stride_sb + h * stride_sh
             pos_base = pos_ptr + b * stride_pb
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
-                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
                              BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
                              BLOCK_DV)
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
-                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
                              BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
                              BLOCK_DV)
-        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, delta_base, pos_base,
+        dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
-                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_des, stride_ps,
+                             stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
                              offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
                              BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
                              BLOCK_DV)
@@ -660,31 +670,13 @@ def _describable(t: Tensor) -> bool:
         s > 0 and s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
 
 
-def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An empty tensor whose rows (along the last dim) start 16 bytes apart, so that a tensor descriptor can address
-    it: a view into a buffer padded along its last dim when the rows' length needs it (per-row vectors of S rows)."""
-    per_16_bytes = 16 // torch.empty((), dtype=dtype).element_size()
-    width = triton.cdiv(shape[-1], per_16_bytes) * per_16_bytes
-    return torch.empty((*shape[:-1], width), dtype=dtype, device=device)[..., : shape[-1]]
-
-
-def _describable_copy(t: Tensor) -> Tensor:
-    """t if a tensor descriptor can address it, else a copy of it that one can (`_aligned_empty`)."""
-    return t if _describable(t) else _aligned_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
-
-
-def _streamed(t: Tensor, block_rows: int, tma: bool) -> tuple:
-    """A kernel's arguments for a tensor that it streams in blocks of block_rows rows (dim 2 of a (B, heads, rows,
-    width) tensor, the last dim of a per-row vector (B, heads, rows) or (B, rows)): with tma a tensor descriptor of
-    the whole tensor (its blocks: block_rows rows of one head, the width padded to a power of two; the strides stay
-    as arguments, unused), else the pointer; then its strides."""
+def _streamed(t: Tensor, tma: bool, block_rows: int, block_width: int) -> Tensor | TensorDescriptor:
+    """What a kernel takes for a (B, heads, rows, width) tensor that it streams in blocks of block_rows rows of one
+    head: with tma a tensor descriptor of the whole tensor (blocks of block_rows x block_width, the width padded to
+    the kernel's power of two; the strides still follow it as arguments, unused), else the tensor."""
     if not tma:
-        return t, *t.stride()
-    if t.dim() == 4:
-        block = [1, 1, block_rows, max(16, triton.next_power_of_2(t.shape[-1]))]
-    else:
-        block = [1] * (t.dim() - 1) + [block_rows]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block), *t.stride()
+        return t
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, block_width])
 
 
 def kernel_positions(q_positions: Tensor, valid: Tensor) -> Tensor:
@@ -723,8 +715,10 @@ def packed_query_attention_forward(
     def launch(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
         tma = keys_by_tma and bool(cfg.get("TMA", 0))
-        _forward_kernel[grid](*strided(q, 4), *_streamed(k, cfg["BLOCK_N"], tma), *_streamed(v, cfg["BLOCK_N"], tma),
-                              *rest, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma, **_launch_params(cfg))
+        keys = (_streamed(k, tma, cfg["BLOCK_N"], constexprs["BLOCK_D"]), *k.stride(),
+                _streamed(v, tma, cfg["BLOCK_N"], constexprs["BLOCK_DV"]), *v.stride())
+        _forward_kernel[grid](*strided(q, 4), *keys, *rest, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma,
+                              **_launch_params(cfg))
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
@@ -750,7 +744,8 @@ def packed_query_attention_backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if S == 0 or Tk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = _aligned_empty((B, H, S), torch.float32, q.device)  # rowsum(dO * O), written by the dq kernel
+    # written by the dq kernel: each row's delta = rowsum(dO * O), and its lse and position for the dkdv kernel's TMA
+    stats = q.new_empty((B, H, S, 4), dtype=torch.float32)
     qk_scale = scale * math.log2(math.e)
     per_row = (*strided(positions, 2), *strided(rows, 2))
     constexprs = _common_constexprs(q, v, window, rows)
@@ -761,10 +756,12 @@ def packed_query_attention_backward(
     def launch_dq(cfg):
         grid = (triton.cdiv(S, cfg["BLOCK_M"]), B * H)
         tma = keys_by_tma and bool(cfg.get("TMA", 0))
-        _backward_dq_kernel[grid](*strided(q, 4), *_streamed(k, cfg["BLOCK_N"], tma),
-                                  *_streamed(v, cfg["BLOCK_N"], tma), *per_row, *strided(dout, 4), *strided(lse, 3),
-                                  *strided(delta, 3), *strided(out, 4), *strided(dq, 4), H, S, Tk, D, Dv, group,
-                                  qk_scale, scale, window, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma,
+        keys = (_streamed(k, tma, cfg["BLOCK_N"], constexprs["BLOCK_D"]), *k.stride(),
+                _streamed(v, tma, cfg["BLOCK_N"], constexprs["BLOCK_DV"]), *v.stride())
+        _backward_dq_kernel[grid](*strided(q, 4), *keys, *per_row, *strided(dout, 4), *strided(lse, 3),
+                                  stats, *stats.stride()[:3], *strided(out, 4),
+                                  *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window, **constexprs,
+                                  HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma, ROW_STATS=rows_by_tma,
                                   **_launch_params(cfg))
 
     ranges = {}
@@ -775,11 +772,10 @@ def packed_query_attention_backward(
             ranges[blocks] = query_block_ranges(positions, Tk, window, *blocks)
         grid = (triton.cdiv(Tk, cfg["BLOCK_N"]), B * Hkv)
         tma = rows_by_tma and bool(cfg.get("TMA", 0))
-        row_positions, row_lse = map(_describable_copy, (positions, lse)) if tma else (positions, lse)  # as blocks too
-        _backward_dkdv_kernel[grid](*_streamed(q, cfg["BLOCK_M"], tma), *strided(k, 4), *strided(v, 4),
-                                    *_streamed(row_positions, cfg["BLOCK_M"], tma), *strided(rows, 2),
-                                    *_streamed(dout, cfg["BLOCK_M"], tma), *_streamed(row_lse, cfg["BLOCK_M"], tma),
-                                    *_streamed(delta, cfg["BLOCK_M"], tma),
+        _backward_dkdv_kernel[grid](_streamed(q, tma, cfg["BLOCK_M"], constexprs["BLOCK_D"]), *q.stride(),
+                                    *strided(k, 4), *strided(v, 4), *per_row,
+                                    _streamed(dout, tma, cfg["BLOCK_M"], constexprs["BLOCK_DV"]), *dout.stride(),
+                                    *strided(lse, 3), _streamed(stats, tma, cfg["BLOCK_M"], 4), *stats.stride()[:3],
                                     *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv, group,
                                     qk_scale, scale, window, **constexprs, **_launch_params(cfg),
                                     MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
