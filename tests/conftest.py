@@ -34,14 +34,14 @@ def build_package(spec_path: Path | str, out_root: Path, preset: str | None = "t
 
 
 def build_spied_package(spec_path: Path | str, out_root: Path, monkeypatch, kernel_functions: tuple[str, ...],
-                        overrides: tuple[str, ...] = ()):
-    """Build and import the package of `spec_path` (no preset) with the named kernel functions run in Triton's
+                        overrides: tuple[str, ...] = (), preset: str | None = None):
+    """Build and import the package of `spec_path` (with `preset`, default none) with the named kernel functions run in Triton's
     interpreter (CPU tensors through the kernels, not their CPU fallbacks) and spied on: package.calls counts each
     one's calls. A name is a function of the package's kernels module or of one of its kernel files
     ("state_update_module.mamba2_step_", counted as "mamba2_step_"). Skips the test when triton does not import."""
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
-    package = build_package(spec_path, out_root, preset=None, overrides=overrides)
+    package = build_package(spec_path, out_root, preset=preset, overrides=overrides)
     spied = {}
     for name in kernel_functions:
         owner_name, _, function = name.rpartition(".")

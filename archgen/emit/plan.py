@@ -46,6 +46,7 @@ class ParallelPlan:
     class_name: str
     branches: list[ComponentPlan]
     mode: str  # "normalized_mean" | "sum"
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)  # the combine's (normalized_mean in one launch)
 
     @property
     def n_branches(self) -> int:
@@ -239,7 +240,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                 if mixer_names not in parallels:
                     branches = [components[n] for n in mixer_names]
                     parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
-                                                          branches, layer.combine.config.mode)
+                                                          branches, layer.combine.config.mode, dict(layer.combine.kernels))
                 mixer = parallels[mixer_names]
             else:
                 mixer = components[mixer_names[0]] if mixer_names else None

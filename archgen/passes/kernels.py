@@ -54,6 +54,12 @@ def _conv_fits(config: Any) -> bool:
     return 1 <= config.d_conv <= 16  # the conv kernel unrolls at most 16 taps
 
 
+def _normalized_mean_fits(config: Any) -> bool:
+    """The combine kernel: two branches, each under a plain RMSNorm (a zero-centred one scales by 1 + weight)."""
+    return (config.mode == "normalized_mean" and len(config.branches) == 2 and config.norm_kind == "rmsnorm"
+            and not config.norm.zero_centered)
+
+
 GEMV_KINDS = ("mlp", "attention", "mamba2", "mamba", "lm_head")
 """The kinds whose templates build their linear layers as DecodeLinear (and the lm_head) when given the GEMV."""
 
@@ -103,6 +109,10 @@ KERNEL_RULES: list[KernelRule] = [
                "backward"),
     KernelRule("mlp", "silu_mul", "silu_mul", "mlp",
                "SwiGLU feed-forward gate silu(gate) * up in one pass forward and backward", when=fused_swiglu),
+    KernelRule("parallel_combine", "normalized_mean", "normalized_mean", "norm",
+               "A two-branch parallel layer's normalized mean (two RMSNorms, their scales, the mean) in one launch where "
+               "no gradient is needed (decoding: six launches a layer); training keeps the fused norms",
+               when=_normalized_mean_fits),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it (a zero-centred norm "
                "gives it 1 + weight in float32)"),

@@ -40,3 +40,29 @@ def test_the_combine_equals_the_normalized_mean_as_written(build, norm):
     got, want = torch.autograd.grad(y, leaves, grad), torch.autograd.grad(expected, leaves, grad)
     for name, value, reference in zip(names, got, want, strict=True):
         assert_close(value, reference, 1e-5, f"{name} gradient")
+
+
+def test_without_a_gradient_the_combine_is_one_kernel_that_equals_the_norms(build, monkeypatch):
+    """Decoding (no gradient): the two norms, scales and the mean in one launch of kernels/normalized_mean.py (here in
+    Triton's interpreter), equal to the training form's fused norms."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
+    package = build(ROOT / "specs/hymba_plus.yaml", "tiny")
+    if package.kernels.normalized_mean is None:
+        pytest.skip("triton did not import")
+    calls = []
+    combine = package.kernels.normalized_mean
+    monkeypatch.setattr(package.kernels, "normalized_mean", lambda *args: calls.append(1) or combine(*args))
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: kernel is package.kernels.normalized_mean)
+    torch.manual_seed(0)
+    mixer = parallel_mixer(package.Model())
+    with torch.no_grad():
+        for parameter in (mixer.attn_scale, mixer.ssm_scale, mixer.attn_norm.weight, mixer.ssm_norm.weight):
+            parameter.copy_(torch.randn_like(parameter))
+    x, positions = torch.randn(2, 9, 64), torch.arange(9)
+    expected = mixer(x, positions)  # with gradients enabled: the norms
+    assert not calls
+    with torch.no_grad():
+        y = mixer(x, positions)
+    assert len(calls) == 1
+    assert_close(y, expected, 1e-5, "output")

@@ -1,0 +1,35 @@
+"""Hymba+ (specs/hymba_plus.yaml, tiny: attention and Mamba heads side by side in every layer, meta tokens, a sliding
+window of 16) with its parallel combine's kernel (normalized_mean) and the RoPE kernel: cached decoding equals the full
+forward through the references, past the window (the windowed layers' ring-buffer cache), with each forward's RoPE
+angles and masks shared by the layers of an attention component (StepContext). The two kernels run in Triton's
+interpreter on CPU tensors (the others keep their references: the interpreter takes minutes for the whole model); a
+spy counts their calls, so a model that fell back to its references fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.conftest import build_spied_package, decode_in_steps
+from tests.numerics import assert_close
+
+ROOT = Path(__file__).resolve().parents[2]
+SPIED = ("normalized_mean", "apply_rope_qk")
+
+
+def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_path, monkeypatch):
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, SPIED, preset="tiny")
+    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    tokens = torch.randint(0, 256, (2, 14))  # 4 meta tokens + 14 > the window of 16
+    with torch.no_grad():
+        package.model.USE_KERNELS = False
+        full = model(tokens).logits
+        package.model.USE_KERNELS = True
+    cached = decode_in_steps(model, tokens, prefill=12, max_len=4 + 14, length_as_tensor=True)
+    # 4 layers, each combining its attention and Mamba branches in one kernel, in the prefill and in both steps
+    assert package.calls["normalized_mean"] == package.calls["apply_rope_qk"] == 4 * 3, package.calls
+    assert_close(cached, full, 1e-5, "cached logits")

@@ -1,0 +1,57 @@
+"""kernels/normalized_mean.py: a two-branch parallel layer's combine against the kernel file's reference and ops/norm.py's
+normalized_mean, at odd sizes (widths that are not a power of two, one row, rows with a stride, several rows a
+program), float32 and bfloat16. Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from archgen_kernels import normalized_mean as kernel
+from templates.runtime import norm as runtime_norm
+from tests.numerics import assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # kernel-written buffers start as NaN
+
+EPS = 1e-6
+CASES = {"fp32-2x7x45": (torch.float32, (2, 7, 45), False), "fp32-1x1x100-strided": (torch.float32, (1, 1, 100), True),
+         "bf16-3x5x70": (torch.bfloat16, (3, 5, 70), False), "bf16-1x1x1600": (torch.bfloat16, (1, 1, 1600), False),
+         "bf16-9x33-strided": (torch.bfloat16, (9, 33), True)}
+
+
+def inputs(dtype, shape, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    N = shape[-1]
+    if strided:  # the branches as two halves of one row
+        both = (torch.randn(*shape[:-1], 2 * N, generator=g) * 3).to(DEVICE, dtype)
+        a, b = both[..., :N], both[..., N:]
+    else:  # branches of different magnitudes, as attention's and the SSM's outputs are
+        a = (torch.randn(*shape, generator=g) * 3).to(DEVICE, dtype)
+        b = (torch.randn(*shape, generator=g) / 5).to(DEVICE, dtype)
+    vectors = [(1 + torch.randn(N, generator=g) / 2).to(DEVICE, dtype) for _ in range(4)]
+    return a, b, vectors
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_normalized_mean_matches_the_reference(case):
+    dtype, shape, strided = CASES[case]
+    a, b, vectors = inputs(dtype, shape, strided, seed=shape[-1])
+    y = kernel.normalized_mean(a, b, *vectors, EPS)
+    expected = runtime_norm.normalized_mean(a.double(), b.double(), *(v.double() for v in vectors), EPS)
+    assert y.dtype == dtype and y.shape == a.shape
+    assert_close(y, expected.to(dtype), what="y")
+    assert_close(kernel.normalized_mean_reference(a, b, *vectors, EPS), expected.to(dtype), what="reference")
+
+
+def test_normalized_mean_says_what_is_wrong():
+    a, b, vectors = inputs(torch.float32, (2, 8), False, seed=0)
+    with pytest.raises(ValueError, match="the branches must have one shape and dtype"):
+        kernel.normalized_mean(a, b[:, :4], *vectors, EPS)
+    with pytest.raises(ValueError, match=r"must be \(8,\) like the branches' rows"):
+        kernel.normalized_mean(a, b, vectors[0][:4], *vectors[1:], EPS)
+
+
+def test_normalized_mean_op_has_a_fake_implementation():
+    a, b, vectors = inputs(torch.float32, (2, 5), False, seed=1)
+    torch.library.opcheck(kernel.normalized_mean_op, (a, b, *vectors, EPS), test_utils=("test_schema", "test_faketensor"))
