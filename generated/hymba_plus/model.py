@@ -421,9 +421,21 @@ class GlobalAttnSsmParallel(nn.Module):
             x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
         )
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
-        y = (
-            self.global_attn_norm(global_attn_out, scale=self.global_attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)
-        ) / 2
+        if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
+            y = kernels.normalized_mean(
+                global_attn_out,
+                ssm_out,
+                self.global_attn_norm.weight,
+                self.global_attn_scale,
+                self.ssm_norm.weight,
+                self.ssm_scale,
+                self.global_attn_norm.eps,
+            )
+        else:  # with a gradient (training): the fused norms, whose backward is a kernel
+            y = (
+                self.global_attn_norm(global_attn_out, scale=self.global_attn_scale)
+                + self.ssm_norm(ssm_out, scale=self.ssm_scale)
+            ) / 2
         return y
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
@@ -453,7 +465,18 @@ class AttnSsmParallel(nn.Module):
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
         attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
-        y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
+        if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
+            y = kernels.normalized_mean(
+                attn_out,
+                ssm_out,
+                self.attn_norm.weight,
+                self.attn_scale,
+                self.ssm_norm.weight,
+                self.ssm_scale,
+                self.attn_norm.eps,
+            )
+        else:  # with a gradient (training): the fused norms, whose backward is a kernel
+            y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
         return y
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:

@@ -27,6 +27,8 @@ Notable features:
   data-dependent Python branches, so decode can be captured by CUDA graphs and traced by torch.export
 - a ring-buffer KV cache of `window` slots for sliding-window layers: memory bounded by the window
 - a query that can see no key returns zeros, never NaN
+- a StepContext per forward: RoPE's angles and the mask (an additive AttentionMask, which SDPA takes as it is) are
+  computed by the first layer of each attention component and reused by the others, not recomputed in every layer
 - left-padded (ragged) batches: hide_pads turns a cache's slot positions into each row's own positions with its
   pad slots hidden, so a padded row attends exactly as it would alone
 

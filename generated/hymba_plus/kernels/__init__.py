@@ -14,6 +14,7 @@ try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
     from . import gemv as gemv_module
+    from . import normalized_mean as normalized_mean_module
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
@@ -24,6 +25,7 @@ try:
     from .gemv import linear
     from .gemv import qkv_linear
     from .gemv import swiglu_linear
+    from .normalized_mean import normalized_mean
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -34,6 +36,7 @@ except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
     gemv_module = None
+    normalized_mean_module = None
     packed_query_attention_module = None
     rmsnorm_module = None
     rope_module = None
@@ -44,6 +47,7 @@ except ImportError:  # no triton
     linear = None
     qkv_linear = None
     swiglu_linear = None
+    normalized_mean = None
     sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
@@ -73,6 +77,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if normalized_mean_module is not None:
+        from ..ops.norm import normalized_mean as reference
+
+        table.update(normalized_mean_module.decomposition(reference, max_seqlen=8192))
     if packed_query_attention_module is not None:
         from ..ops.attention import sliding_window_attention as reference
 

@@ -1,10 +1,13 @@
-"""RMSNorm reference op: the model's norm, optionally with the residual add before it, as the fused kernel computes it.
+"""RMSNorm reference ops: the model's norm, optionally with the residual add before it, as the fused kernel computes it,
+and a two-branch parallel layer's combine.
 
     rms_norm(x, weight, eps)            y = x / sqrt(mean(x², -1) + eps) * weight
     rms_norm(x, weight, eps, residual)  (rms_norm(s), s) with s = x + residual, the new residual stream
+    normalized_mean(a, b, w_a, s_a, w_b, s_b, eps)
+                                        (rms_norm(a, w_a · s_a) + rms_norm(b, w_b · s_b)) / 2   (Hymba's combine)
 
-On CUDA the model runs kernels/rmsnorm.py's `rms_norm` instead (same signature and results, one kernel for the add
-and the norm); this is what CPUs, ONNX and comparisons run.
+On CUDA the model runs kernels/rmsnorm.py's `rms_norm` and kernels/normalized_mean.py's `normalized_mean` instead
+(same signatures and results, one kernel each); this is what CPUs, ONNX and comparisons run.
 """
 
 from __future__ import annotations
@@ -18,3 +21,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
         x = x + residual
         return F.rms_norm(x, (x.size(-1),), weight, eps), x
     return F.rms_norm(x, (x.size(-1),), weight, eps)
+
+
+def normalized_mean(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor, scale_b: Tensor,
+                    eps: float) -> Tensor:
+    return (rms_norm(a, weight_a * scale_a, eps) + rms_norm(b, weight_b * scale_b, eps)) / 2
