@@ -101,15 +101,16 @@ BACKWARD_CONFIGS = [
 # The one-pass backward for widths up to 4 keeps twice the forward's vectors live (inputs, dL/d pre-activation, the
 # tap sums): 4 channels a thread and fewer, 64-128 registers on sm_90 without spills.
 WINDOW_BACKWARD_CONFIGS = [
-    # at (8, 4096, 4096) bf16 on the H200 before the walk took two steps an iteration: 128 × 64 with prefetch
-    # 0.250 ms, 64 × 128 0.257, 64 × 64 0.270-0.284, 32 × 64 0.321, 64 × 32 0.457 (GPU call 4 of session 7).
-    # Two steps an iteration (sm_90, triton 3.6): 128 × 64 66 registers, 86 with prefetch, 253-259 SASS instructions
-    # a step in the block (318 before); 4 channels a thread (64 × 128) take 168 registers, 254 with prefetch.
+    # At (8, 4096, 4096) bf16 on the H200, with every step masked: 128 × 64 with prefetch 0.250 ms (64 registers),
+    # 64 × 128 0.257, 64 × 64 0.270-0.284, 32 × 64 0.321, 64 × 32 0.457 (GPU call 4 of session 7). Unmasked inner
+    # steps (sm_90, triton 3.6): 128 × 64 233 SASS instructions a step (318 before) at 64 registers, 260 at 72 with
+    # prefetch (253 capped at 64, no spills); 64 × 128 423-453 (536 before) at 128. Two steps an iteration (229 a
+    # step, but 80-104 registers) ran slower on the H200: 0.262-0.293 ms (GPU call 2 of session 8).
+    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
-    {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
-    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1},
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
+    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "PREFETCH": True},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
@@ -506,9 +507,9 @@ def _conv_bwd_window_kernel(
     part_ptr,  # (B, time blocks, K + 1, D) float32: per block, the taps' d weight sums, then d bias's
     seqlen, dim,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 8
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
     EVEN_D: tl.constexpr,  # BLOCK_D divides the channels
-    PREFETCH: tl.constexpr,  # load the next double step's rows before computing this one's (twice the loads in flight)
+    PREFETCH: tl.constexpr,  # load the next inner step's rows before computing this one's (twice the loads in flight)
 ):
     """The whole backward for widths up to 4 in one pass over BLOCK_T steps of BLOCK_D channels: reads x and dy once,
     recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when the four
@@ -516,11 +517,10 @@ def _conv_bwd_window_kernel(
     The walk runs four steps past the block so its last inputs' gradients complete (the next block's first outputs,
     read again there).
 
-    The walk takes four rows a step. Inside the block it takes two steps an iteration, the second's window named
-    after the first's, so that the registers carried from one iteration to the next alternate statically (one step
-    an iteration moved them: 48 MOVs a step in the SASS), and with nothing to mask or select (every row inside, every
-    output owned). The first step (dx of the rows before the block not stored) and the last ones (near the block's
-    or the sequence's end, and past it) take the masked step."""
+    The walk takes four rows a step. The steps inside the block have nothing to mask or select (every row inside the
+    sequence, every output the block's; channels unmasked when BLOCK_D divides them); the first step (dx of the rows
+    before the block not stored) and the last ones (near the block's or the sequence's end, and past it) take the
+    masked step."""
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK_T
     end = start + BLOCK_T
@@ -567,46 +567,31 @@ def _conv_bwd_window_kernel(
         x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, start, start, end, limit, seqlen,
         d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, True, HAS_STATE, SILU,
         WIDTH)
-    # double steps while all eight outputs are the block's and inside the sequence
-    inner_stop = start + 4 + tl.maximum(owned_stop - (start + 4), 0) // 8 * 8
+    # the inner steps: all four outputs the block's and inside the sequence
+    inner_stop = start + 4 + tl.maximum(owned_stop - (start + 4), 0) // 4 * 4
     if PREFETCH:  # (masked: the loop may not run)
         n0, n1, n2, n3 = _four_rows(x_block + 4 * x_stride_t, x_stride_t, start + 4, seqlen, d_in)
-        n4, n5, n6, n7 = _four_rows(x_block + 8 * x_stride_t, x_stride_t, start + 8, seqlen, d_in)
         m0, m1, m2, m3 = _four_rows(dy_block + 4 * dy_stride_t, dy_stride_t, start + 4, seqlen, d_in)
-        m4, m5, m6, m7 = _four_rows(dy_block + 8 * dy_stride_t, dy_stride_t, start + 8, seqlen, d_in)
     dtype = dx_ptr.dtype.element_ty
-    for t in range(start + 4, inner_stop, 8):
+    for t in range(start + 4, inner_stop, 4):
         if PREFETCH:
-            a0, a1, a2, a3, a4, a5, a6, a7 = n0, n1, n2, n3, n4, n5, n6, n7
-            g0, g1, g2, g3, g4, g5, g6, g7 = m0, m1, m2, m3, m4, m5, m6, m7
-            # the next iteration's rows; after the last, eight rows that exist (the fast loop ran, so T >= 12),
-            # loaded again by the steps that use them
-            ahead = tl.minimum(t + 8, seqlen - 8) - start
+            a0, a1, a2, a3, g0, g1, g2, g3 = n0, n1, n2, n3, m0, m1, m2, m3
+            # the next step's rows; after the last, rows that exist (the loop ran, so T >= start + 8), loaded again
+            # by the step that uses them
+            ahead = tl.minimum(t + 4, seqlen - 4) - start
             n0, n1, n2, n3 = _owned_rows(x_block, x_stride_t, ahead, d_mask)
-            n4, n5, n6, n7 = _owned_rows(x_block, x_stride_t, ahead + 4, d_mask)
             m0, m1, m2, m3 = _owned_rows(dy_block, dy_stride_t, ahead, d_mask)
-            m4, m5, m6, m7 = _owned_rows(dy_block, dy_stride_t, ahead + 4, d_mask)
         else:
             a0, a1, a2, a3 = _owned_rows(x_block, x_stride_t, t - start, d_mask)
-            a4, a5, a6, a7 = _owned_rows(x_block, x_stride_t, t + 4 - start, d_mask)
             g0, g1, g2, g3 = _owned_rows(dy_block, dy_stride_t, t - start, d_mask)
-            g4, g5, g6, g7 = _owned_rows(dy_block, dy_stride_t, t + 4 - start, d_mask)
-        dx_at = dx_block + (t - start) * dx_stride_t
-        a0, a1, a2, a3, q0, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+        _, x_3, x_2, x_1, _, p_3, p_2, p_1, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
             x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
             dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
+        dx_at = dx_block + (t - start) * dx_stride_t
         tl.store(dx_at, dx0.to(dtype), mask=d_mask)
         tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=d_mask)
         tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype), mask=d_mask)
         tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=d_mask)
-        a4, a5, a6, a7, _, q5, q6, q7, dx4, dx5, dx6, dx7, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
-            a1, a2, a3, q1, q2, q3, a4, a5, a6, a7, g4, g5, g6, g7, t + 4, end, bias, w0, w1, w2, w3,
-            dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
-        tl.store(dx_at + 4 * dx_stride_t, dx4.to(dtype), mask=d_mask)
-        tl.store(dx_at + 5 * dx_stride_t, dx5.to(dtype), mask=d_mask)
-        tl.store(dx_at + 6 * dx_stride_t, dx6.to(dtype), mask=d_mask)
-        tl.store(dx_at + 7 * dx_stride_t, dx7.to(dtype), mask=d_mask)
-        x_3, x_2, x_1, p_3, p_2, p_1 = a5, a6, a7, q5, q6, q7
     # the rest of the block and the step past it
     for t in range(inner_stop, stop, 4):
         x_3, x_2, x_1, p_3, p_2, p_1, dw0, dw1, dw2, dw3, dbias = _window_backward_edge_step(
@@ -852,7 +837,8 @@ def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
             *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
             dstate, part, seqlen, dim,
             HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width,
-            PREFETCH=cfg.get("PREFETCH", False), EVEN_D=dim % cfg["BLOCK_D"] == 0, **_launch_options(cfg),
+            PREFETCH=cfg.get("PREFETCH", False), EVEN_D=dim % cfg["BLOCK_D"] == 0, maxnreg=cfg.get("maxnreg"),
+            **_launch_options(cfg),
         )
         grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
 
@@ -875,7 +861,7 @@ def causal_conv1d_backward(
     """Run the backward kernels: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent.
     Widths up to 4 take one pass (the sliding window). Wider kernels take two with the SiLU: the first writes dL/d
     pre-activation (the pre-activation recomputed once per output), the second sums it over the taps. config: the
-    pass that sums the taps (BLOCK_T a multiple of 8 for the window), to bypass its autotuner."""
+    pass that sums the taps (BLOCK_T a multiple of 4 for the window), to bypass its autotuner."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     device = x.device
