@@ -7,18 +7,21 @@
   2. backward_configs: every backward config of the autotune space, launched explicitly, against the reference (bf16,
      at the anchor's specialisations, so nothing compiles twice): each candidate's gradients checked, not only the
      tuner's pick; then every forward config's y and final state.
-  3. chunk_sizes: the checkpoint interval (chunk_size 4 and 8) at the anchor shape: forward (with checkpoints) and
-     forward+backward of each, tuned per chunk; fewer steps recomputed by the backward against more checkpoint bytes.
-  4. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
+  3. chunk_sizes: the checkpoint interval (CHUNK_SIZES; 8 ran slower than 4 in gpu8/call2) at the anchor shape:
+     forward (with checkpoints) and forward+backward of each, tuned per chunk; fewer steps recomputed by the backward
+     against more checkpoint bytes; every forward config's inference and training times.
+  4. segments: the backward at batches 1 and 2, where one warp per 32 channels leaves the GPU idle, with its time
+     split into 1 to 16 segments run in parallel and with the automatic count: times and gradients in one run.
+  5. correctness: forward and every gradient against the sequential reference (selective_scan_reference) at
      realistic shapes, float32 and bfloat16 kernels on the same input values (the bf16-rounded ones), the reference
      in float32; max abs and max relative (to the reference's largest magnitude) errors, and a verdict per tensor.
-  5. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
+  6. autotune: the Mamba-1 widths of the seed specs (D = expand · d_model for their tiny and full presets, read from
      specs/*.yaml; N = d_state = 16) plus the anchor's, bf16; the winning configs and the autotuner's timings.
-  6. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
+  7. anchor: batch 8, 4096 channels, L = 4096, d_state 16, bf16 u/Δ/z/B/C, z gate, Δ bias + softplus (and D, as the
      Mamba block has it): forward (inference, and training with checkpoints) and forward+backward, each against its
      floor — the bytes it must move (u, Δ, z, B, C read and y written; the backward's inputs and gradients) over
      the device copy bandwidth measured here (a 2 GiB copy_); every autotune config's time.
-  7. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
+  8. reference path: templates/runtime/ssm.py's selective_scan (what generated packages run today) at batch 1,
      L = 2048, D = 4096, where it fits in memory, against the kernel at the same shape.
 
 With --ncu, after the sections: Nsight Compute (bench/ncu.py) on one forward (with checkpoints) and one backward
@@ -56,7 +59,7 @@ import ncu  # bench/ncu.py, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ("specs/hns_ss_jepa_moe.yaml", "specs/hymba_plus.yaml", "specs/nexus.yaml")
-CHUNK_SIZES = (4, 8)
+CHUNK_SIZES = (4,)
 """The chunk sizes the chunk_sizes section times (each tunes both kernels: a compile per config) and ncu profiles."""
 NCU_NEEDS_S = 45
 """What the ncu section needs: a child process that tunes both kernels per chunk size (compiled already by the earlier
@@ -390,6 +393,7 @@ class Bench:
                                      (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
                 "configs": {kernel: tuner.chosen.get(key) for kernel, tuner in
                             (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
+                "forward_config_ms": self.forward_config_ms(args, chunk),
             }
             self.results["chunk_sizes"] = dict(report, partial=f"chunk {chunk} done")
             self.write()
@@ -397,6 +401,59 @@ class Bench:
         report["fastest_chunk_size"] = fastest
         report["speedup_fastest_over_default"] = (report["chunks"][ss.CHUNK_SIZE]["forward_backward_ms"]
                                                   / report["chunks"][fastest]["forward_backward_ms"])
+        return report
+
+    def forward_config_ms(self, args: dict, chunk: int) -> dict:
+        """Every forward config's inference and training (checkpoint-writing) time: the tuner sees only the first
+        call's kind, and the bar is the inference forward's."""
+        ss = self.ss
+        positional = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+        times = {}
+        for config in ss.FORWARD_CONFIGS:
+            times[",".join(f"{k}={v}" for k, v in config.items())] = {
+                kind: self.time_ms(lambda config=config, save=save: ss.selective_scan_forward(
+                    *positional, True, None, save_checkpoints=save, chunk_size=chunk, config=config))
+                for kind, save in (("inference", False), ("training", True))}
+        return times
+
+    def segments(self) -> dict:
+        """The backward where the batch is too small for one warp per 32 channels to fill the GPU (batch 1: 128 warps
+        at D 4096, 100 at Hymba+'s 3200 against 1056 the H200 holds): time split into segments run in parallel, each
+        from the adjoint a pre-pass carries to its right end. Per shape, the tuned-for-the-anchor config with 1, 2, 4, 8
+        and 16 segments and with the automatic count (`_segments_to_fill`), one run, every gradient against the
+        unsegmented one's."""
+        torch = self.torch
+        ss = self.ss
+        shapes = [(1, 40, 8, 4)] if self.dry_run else [(1, 4096, 4096, 16), (1, 2048, 3200, 16), (2, 4096, 4096, 16)]
+        names = ("du", "ddelta", "dA", "dB", "dC", "dD", "dz", "ddelta_bias")
+        report = {"dtype": "bfloat16", "base_config": ss.BACKWARD_DEFAULT, "shapes": {}}
+        for batch, seqlen, dim, dstate in shapes:
+            args = self.inputs(batch, seqlen, dim, dstate, torch.bfloat16, seed=5)
+            positional = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+            dy = torch.randn(batch, seqlen, dim, device=self.device, dtype=torch.bfloat16)
+            _, _, checkpoints = ss.selective_scan_forward(*positional, True, None, save_checkpoints=True)
+
+            def backward(config, positional=positional, dy=dy, checkpoints=checkpoints):
+                return ss.selective_scan_backward(dy, None, *positional, True, None, checkpoints, config=config)
+
+            whole = backward(ss.BACKWARD_DEFAULT | {"SEGMENTS": 1})
+            warps = batch * -(-dim // ss.BACKWARD_DEFAULT["BLOCK_D"]) * ss.BACKWARD_DEFAULT["num_warps"]
+            entry = {"grid_warps": warps, "automatic_segments": ss._segments_to_fill(torch.device(self.device), warps),
+                     "backward_ms": {}, "max_rel_against_unsegmented": {}}
+            for segments in (1, 2, 4, 8, 16, "automatic"):
+                config = dict(ss.BACKWARD_DEFAULT) if segments == "automatic" else ss.BACKWARD_DEFAULT | {"SEGMENTS": segments}
+                grads = backward(config)
+                entry["max_rel_against_unsegmented"][segments] = {
+                    name: _errors(got.float(), want.float())["max_rel"]
+                    for name, got, want in zip(names, grads[:len(names)], whole[:len(names)], strict=True)}
+                entry["backward_ms"][segments] = self.time_ms(lambda config=config: backward(config))
+            fastest = min(entry["backward_ms"], key=entry["backward_ms"].get)
+            entry["fastest"] = fastest
+            entry["speedup_automatic_over_unsegmented"] = entry["backward_ms"][1] / entry["backward_ms"]["automatic"]
+            report["shapes"][f"B{batch}-L{seqlen}-D{dim}-N{dstate}"] = entry
+            self.results["segments"] = dict(report, partial=f"B{batch} L{seqlen} D{dim} done")
+            self.write()
+            del args, positional, dy, checkpoints, whole
         return report
 
     def ncu(self) -> dict:
@@ -651,8 +708,8 @@ def _tuner_report(tuner, key: str) -> dict:
     return {"best": tuner.chosen.get(key), "timings_ms": tuner.timings.get(key, {})}
 
 
-SECTIONS = {"mamba_ssm": 10, "backward_configs": 20, "chunk_sizes": 30, "correctness": 30, "autotune": 60, "anchor": 20,
-            "reference_path": 20}
+SECTIONS = {"mamba_ssm": 10, "backward_configs": 20, "chunk_sizes": 30, "segments": 20, "correctness": 30, "autotune": 60,
+            "anchor": 20, "reference_path": 20}
 """The sections after the copy bandwidth, in order, with the seconds each needs to be worth starting. The peer comes
 first: it is the bar, and a budget spent on tuning must not skip it (session 6's first call lost it that way)."""
 

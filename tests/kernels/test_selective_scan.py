@@ -104,6 +104,8 @@ CASES = [
     pytest.param(1, 1, 4, 4, 4, 4, OPTIONAL, id="B1-T1-D4-N4-L4-BD4-all"),  # one position
     pytest.param(1, 37, 5, 4, ss.CHUNK_SIZE, 4, OPTIONAL, id=f"B1-T37-D5-N4-L{ss.CHUNK_SIZE}-BD4-all"),  # default chunk
     pytest.param(1, 37, 5, 4, 16, 4, OPTIONAL, id="B1-T37-D5-N4-L16-BD4-all"),  # one chunk a forward tile
+    # a warp's 32 channels a block, as on the GPU (the sums over channels scattered over the lanes, each held twice)
+    pytest.param(1, 9, 40, 16, 4, 32, OPTIONAL, id="B1-T9-D40-N16-L4-BD32-all"),
 ]
 
 
