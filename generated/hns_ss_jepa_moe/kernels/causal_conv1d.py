@@ -476,7 +476,7 @@ def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_bl
     stored only for this block's inputs (and the state's, in the first block). Returns the window and sums after it."""
     a0, a1, a2, a3 = _four_rows(x_block + (t - start) * x_stride_t, x_stride_t, t, limit, d_in)
     g0, g1, g2, g3 = _four_rows(dy_block + (t - start) * dy_stride_t, dy_stride_t, t, limit, d_in)
-    x_3, x_2, x_1, a3, p_3, p_2, p_1, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+    a0, a1, a2, a3, q0, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
         x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
         dw0, dw1, dw2, dw3, dbias, OWNED, SILU, WIDTH)
     # input s = t-3+i: this block's when start <= s < end; the state's (first block) when 1-K <= s < 0
@@ -492,7 +492,7 @@ def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_bl
         tl.store(dstate_row + (t - 2), dx1, mask=_in_row(d_in, (t - 2 < 0) & (t - 2 >= 1 - WIDTH)))
         tl.store(dstate_row + (t - 1), dx2, mask=_in_row(d_in, (t - 1 < 0) & (t - 1 >= 1 - WIDTH)))
     # the window moves on by four: inputs and dL/d pre-activation at t+1..t+3
-    return x_2, x_1, a3, p_2, p_1, q3, dw0, dw1, dw2, dw3, dbias
+    return a1, a2, a3, q1, q2, q3, dw0, dw1, dw2, dw3, dbias
 
 
 @triton.jit
@@ -584,9 +584,10 @@ def _conv_bwd_window_kernel(
         else:
             a0, a1, a2, a3 = _owned_rows(x_block, x_stride_t, t - start, d_mask)
             g0, g1, g2, g3 = _owned_rows(dy_block, dy_stride_t, t - start, d_mask)
-        _, x_3, x_2, x_1, _, p_3, p_2, p_1, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
+        _, a1, a2, a3, _, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
             x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
             dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
+        x_3, x_2, x_1, p_3, p_2, p_1 = a1, a2, a3, q1, q2, q3  # the window moves on by four
         dx_at = dx_block + (t - start) * dx_stride_t
         tl.store(dx_at, dx0.to(dtype), mask=d_mask)
         tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=d_mask)
