@@ -203,11 +203,10 @@ class Attn(nn.Module):
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
             y = attention(q, k, v, q_positions=positions, k_positions=positions, window=1024)  # (B, 25, T, 64)
         else:
-            k_positions = positions
             if cache is not None:
-                k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
-            # every layer of 'attn' sees the same slots: the first builds the mask, the others reuse it
-            mask = step.attention_mask("attn", k_positions, window=1024, dtype=q.dtype)
+                k, v = cache.write(k, v, positions[0])  # (B, 5, S, 64) each: what to attend over
+            # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
+            mask = step.attention_mask("attn", cache, window=1024, dtype=q.dtype)
             y = attend(q, k, v, mask)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 
@@ -272,11 +271,10 @@ class GlobalAttn(nn.Module):
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
             y = attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 25, T, 64)
         else:
-            k_positions = positions
             if cache is not None:
-                k, v, k_positions = cache.update(k, v, positions[0])  # (B, 5, S, 64) each, the slots' positions (S,)
-            # every layer of 'global_attn' sees the same slots: the first builds the mask, the others reuse it
-            mask = step.attention_mask("global_attn", k_positions, dtype=q.dtype)
+                k, v = cache.write(k, v, positions[0])  # (B, 5, S, 64) each: what to attend over
+            # every layer of 'global_attn' sees the same slots: the first builds their mask, the others reuse it
+            mask = step.attention_mask("global_attn", cache, dtype=q.dtype)
             y = attend(q, k, v, mask)  # (B, 25, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
 

@@ -290,13 +290,18 @@ class KVCache:
         self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
         return self.k, self.v
 
+    def key_positions(self, start: int | Tensor, T: int) -> Tensor:
+        """(L,) the position of every slot write returns, once T tokens were written at start: arange(L)."""
+        return torch.arange(self.max_len, device=self.k.device)
+
     def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """
         Write the new tokens (see write) and return what to attend over: keys (B, Hkv, L, D), values and the
-        position of every slot (L,) = arange(L). The same call as RingKVCache.update.
+        position of every slot (L,) = arange(L). The same call as RingKVCache.update. (A model's attention layers
+        write, and take the positions from the forward's StepContext, which asks the first layer's cache once.)
         """
         k, v = self.write(k_new, v_new, start)
-        return k, v, torch.arange(self.max_len, device=k.device)
+        return k, v, self.key_positions(start, k_new.size(2))
 
 
 # A position no query reaches: a ring slot not yet written carries it, so causality hides the slot.
@@ -348,7 +353,22 @@ class RingKVCache:
     def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """
         Attend-and-write for T new tokens at positions start .. start+T-1: returns the keys (B, Hkv, S, D), values
-        and key positions (S,) the new queries must attend over, and leaves the newest W tokens in the ring.
+        and key positions (S,) the new queries must attend over (write, then key_positions), and leaves the newest
+        W tokens in the ring.
+        """
+        k, v = self.write(k_new, v_new, start)
+        return k, v, self.key_positions(start, k_new.size(2))
+
+    def key_positions(self, start: int | Tensor, T: int) -> Tensor:
+        """(S,) the position of every key write returns for T tokens written at start (NEVER_WRITTEN: none yet)."""
+        if T == 1:
+            return self.slot_positions(start + 1)
+        return torch.cat([self.slot_positions(start), new_token_positions(start, T, self.k.device)])
+
+    def write(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """
+        Write T new tokens at positions start .. start+T-1 and return the keys (B, Hkv, S, D) and values the new
+        queries must attend over, the newest W tokens left in the ring.
 
         T == 1 (a decode step): the new token overwrites position start - W, which its window no longer covers,
         so the ring itself is returned (S = W). T > 1: the new tokens would overwrite keys their own earlier
@@ -365,13 +385,11 @@ class RingKVCache:
             )
         if isinstance(start, int) and start < 0:
             raise ValueError(f"start must be a position (>= 0), got {start}")
-        new_positions = new_token_positions(start, T, self.k.device)  # (T,)
         if T == 1:
-            self._write(k_new, v_new, new_positions)
-            return self.k, self.v, self.slot_positions(start + 1)
+            self._write(k_new, v_new, new_token_positions(start, T, self.k.device))
+            return self.k, self.v
         k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
         v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
-        positions = torch.cat([self.slot_positions(start), new_positions])  # (W + T,)
         # The ring keeps the newest W positions: slot s now holds the newest p < start + T with p % W == s, a new
         # token when p >= start. Gathered with a (W,) index, so shapes stay static for any T (export, ONNX).
         newest = self.slot_positions(start + T)  # (W,) NEVER_WRITTEN where nothing was ever written
@@ -380,7 +398,7 @@ class RingKVCache:
         keep = from_new[:, None]  # (W, 1) broadcasts over (B, Hkv, W, D)
         self.k.copy_(torch.where(keep, k_new.to(self.k.dtype).index_select(2, index), self.k))
         self.v.copy_(torch.where(keep, v_new.to(self.v.dtype).index_select(2, index), self.v))
-        return k, v, positions
+        return k, v
 
     def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
         slots = torch.remainder(positions, self.window)  # (T,) distinct: T <= W
@@ -705,15 +723,19 @@ class StepContext:
         return self._shared[key]
 
     def attention_mask(
-        self, component: str, k_positions: Tensor, window: int | None = None, dtype: torch.dtype = torch.float32
+        self, component: str, cache=None, window: int | None = None, dtype: torch.dtype = torch.float32
     ) -> AttentionMask:
         """
-        The mask of the queries at token_positions over keys at slot positions k_positions (S,) (a cache's, or the
-        tokens' own), which hold each query's own key (a cache is written before it is read): pad slots hidden,
-        causal, within `window`. Built by the first layer of `component`.
+        The mask of the queries at token_positions over the keys a KVCache / RingKVCache `write` of these tokens
+        returned (their positions: cache.key_positions), or over the tokens themselves without a cache; the keys
+        hold each query's own (a cache is written before it is read). Pad slots hidden, causal, within `window`.
+        Built by the first layer of `component`, whose cache stands for every layer's: one component's caches have
+        one geometry.
         """
         key = (component, "mask")
         if key not in self._shared:
+            T = self.positions.size(-1)
+            k_positions = self.positions if cache is None else cache.key_positions(self.positions[0], T)  # (S,)
             if self.pads is not None:
                 k_positions = hide_pads(k_positions, self.pads)  # (B, S)
             self._shared[key] = AttentionMask.build(
