@@ -77,7 +77,7 @@ def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float
     return (many - one) / (new_tokens - 1) * 1e3
 
 
-def step_kernels(model, vocab: int, device: str, top: int = 12) -> dict:
+def step_kernels(model, vocab: int, device: str, top: int = 24) -> dict:
     """The CUDA kernels one eager batch-1 decode step launches (tensor position, as the graph records it), their
     summed time, and the `top` kernels by time."""
     from torch.profiler import ProfilerActivity, profile
