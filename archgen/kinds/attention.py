@@ -185,6 +185,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                 "norm_eps": dims.norm_eps, "inv_freq_size": rope.rotary_dim // 2 if rope else None,
                 "d_model": dims.d_model, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
                 "head_dim": config.head_dim, "q_out": config.n_heads * config.head_dim,
+                "q_rows": (2 if config.output_gate else 1) * config.n_heads * config.head_dim,  # q_proj's outputs
                 "kv_out": config.n_kv_heads * config.head_dim, "window": config.window,
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,

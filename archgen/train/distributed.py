@@ -136,6 +136,7 @@ def split_tensor_parallel(model: nn.Module, mesh) -> TensorParallelSplit:
     for path, plan in plans.items():
         module = model.get_submodule(path)
         parallelize_module(module, mesh, {projection: styles[style]() for projection, (style, _) in plan.items()})
+        module.tensor_parallel = True  # a module that stacks its projections' weights (attention) runs each one then
         partial += [f"{path}.{name}" for name, _ in module.named_parameters() if name.split(".")[0] not in plan]
     return TensorParallelSplit(len(plans), tuple(partial))
 
