@@ -149,6 +149,7 @@ class Attn(nn.Module):
     # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
     # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
     tp_plan = {"q_proj": ("colwise", 25), "k_proj": ("colwise", 5), "v_proj": ("colwise", 5), "o_proj": ("rowwise", 25)}
+    tensor_parallel = False  # split_tensor_parallel sets it on a split module
 
     def __init__(self):
         super().__init__()
@@ -186,7 +187,12 @@ class Attn(nn.Module):
                 self.v_proj.bias,
             )
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
-        else:
+        elif torch.is_grad_enabled() and not self.tensor_parallel:
+            # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
+            # v's alone are narrow ones, and one input gradient in the backward where three were summed.
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (2240, 1600)
+            q, k, v = F.linear(x, weight).split([1600, 320, 320], dim=-1)
+        else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
@@ -222,6 +228,7 @@ class GlobalAttn(nn.Module):
     # Tensor parallelism (`distributed.tensor_parallel` in a training recipe): projection -> (how it is split, into how
     # many units); q/k/v split by output heads, o_proj by input heads, so each rank attends with its own heads.
     tp_plan = {"q_proj": ("colwise", 25), "k_proj": ("colwise", 5), "v_proj": ("colwise", 5), "o_proj": ("rowwise", 25)}
+    tensor_parallel = False  # split_tensor_parallel sets it on a split module
 
     def __init__(self):
         super().__init__()
@@ -259,7 +266,12 @@ class GlobalAttn(nn.Module):
                 self.v_proj.bias,
             )
             q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
-        else:
+        elif torch.is_grad_enabled() and not self.tensor_parallel:
+            # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
+            # v's alone are narrow ones, and one input gradient in the backward where three were summed.
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (2240, 1600)
+            q, k, v = F.linear(x, weight).split([1600, 320, 320], dim=-1)
+        else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
