@@ -101,23 +101,22 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # writes them side by side), and its loop step shrinks by a third, mostly integer work (Nsight Compute, session 8's
 # call 1: its busiest pipe was the integer ALU). Each copy into a stage's buffer waits on a CTA barrier (the buffer's
 # last readers), so one copy of the three vectors instead of three (call 2's form) saves two barriers a step.
-# Call 2 dropped the forward's 32-key (0.348, 0.649 ms) and 2-stage (0.382, 0.658) TMA forms and its head-by-head
-# order (0.358, 0.713).
+# Call 2 dropped the forward's 32-key (0.348, 0.649 ms) and 2-stage (0.382, 0.658) TMA forms, its head-by-head order
+# (0.358, 0.713) and the same tiles without TMA (0.330, 0.713); dq without TMA (0.411, 0.855 and, 128 rows at 8 warps,
+# 0.449, 0.890); and dkdv's three loops (MASK_EDGES_ONLY, 0.901, 1.285: slower in every run since session 6). A config
+# pinned without one of these keys gets the choice's older form (no TMA, three loops).
 FORWARD_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
     for m, n, w, s, g, t in (
-        (64, 64, 4, 3, 16, 1),  # 0.293, 0.622 ms; 161 registers, 113 KB: 2
-        (64, 64, 4, 3, 16, 0),  # 0.330, 0.713; 255, 112 KB: 2
+        (64, 64, 4, 3, 16, 1),  # 0.293, 0.622 ms; 161 registers, 113 KB: 2 (without TMA: 255)
     )
 ]
 BACKWARD_DQ_CONFIGS = [
     {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
     for m, n, w, s, g, t in (
-        (64, 32, 4, 4, 16, 1),  # 0.381, 0.883 ms; 139, 97 KB: 2
+        (64, 32, 4, 4, 16, 1),  # 0.381, 0.883 ms; 139, 97 KB: 2 (without TMA: 177)
         (64, 32, 4, 2, 16, 1),  # 0.441, 0.776; 139, 64 KB: 3
         (64, 64, 4, 2, 16, 1),  # 176, 97 KB: 2 (half the steps, so half the barriers per key: its stalls' first reason)
-        (64, 32, 4, 4, 16, 0),  # 0.411, 0.855 (2 stages, 3 per SM: 0.444; 32 rows, 4 per SM: 1.24); 177, 96 KB: 2
-        (128, 64, 8, 3, 1, 0),  # 0.449, 0.890; 246, 160 KB: 1
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
@@ -128,8 +127,6 @@ BACKWARD_DKDV_CONFIGS = [
         (32, 128, 8, 3, 0, 1, 0),  # 208, 113 KB: 1 (two warpgroups of 64 keys sharing each block of rows)
         (64, 64, 4, 2, 0, 1, 0),  # 255, 97 KB: 2; fewer instructions a row than 32 rows a step
         (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 243, 80 KB: 2
-        (32, 64, 4, 3, 0, 0, 1),  # 250, 80 KB: 2
-        (32, 64, 4, 3, 1, 0, 0),  # 0.901, 1.285; 242, 81 KB: 2
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
