@@ -15,7 +15,8 @@ each model's package as generated (`kernels`), and on request with its layers un
 
 Run on the GPU from the repository root:
     python bench/train_profile.py --out $OUT --only hymba_plus,nexus --budget-s 100
-Writes $OUT/train_profile.json (bench/harness.py's Run: a section per model and per model and variant) and
+Writes $OUT/train_profile.json (bench/harness.py's Run: a section per model and per model and variant),
+$OUT/train_profile.bars.json (the MFU bar row of each model's `kernels` variant) and
 $OUT/train_profile_<model>_<variant>.txt. `--dry-run`: the CPU, toy sizes, the
 profiler's CPU side only (checks the script; the figures mean nothing).
 """
@@ -115,8 +116,10 @@ def syncs_by_line(step, device: str) -> dict[str, int]:
     return dict(lines.most_common())
 
 
-def profile_model(record: dict, prepared, variant: str, device: str, steps: int, budget_left, out: Path, name: str):
-    """One variant of one model into `record`: timings first, then (budget permitting) the profiled step."""
+def profile_model(record: dict, prepared, variant: str, device: str, steps: int, budget_left, out: Path, name: str,
+                  bar):
+    """One variant of one model into `record`: timings first, then (budget permitting) the profiled step. The package
+    as generated (`kernels`) gives issue 12's MFU bar row through `bar` (bench/harness.py's Run.bar)."""
     config, result = prepared.config, prepared.result
     model_module = prepared.package.model
     if hasattr(model_module, "USE_KERNELS"):
@@ -140,6 +143,9 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
                   mfu=tokens_per_step * result.train_flops_per_token / wall / result.matmul_flops_per_s)
     if device == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if variant == "kernels":
+        bar(f"{name} training MFU, {config.batch} x {config.seq_len} tokens", record["mfu"],
+            "fraction of measured bf16 matmul rate", "bf16 matmul rate", result.matmul_flops_per_s, record["mfu"], 0.4)
     if budget_left() < 2 * wall + 5:  # the profiled step and the sync-debug step
         record["profile_skipped"] = "time budget spent"
         return
@@ -201,7 +207,7 @@ def main() -> None:
                 estimate = ESTIMATE_S[variant] * (2 if name.startswith("hns") else 1)
                 run.section(f"{name} {variant}", functools.partial(
                     profile_model, prepared=prepared["bench"], variant=variant, device=run.device, steps=args.steps,
-                    budget_left=budget_left, out=run.out, name=name), needs_s=estimate)
+                    budget_left=budget_left, out=run.out, name=name, bar=run.bar), needs_s=estimate)
                 free_memory(run.device)
     summary = {key: {k: record[k] for k in ("wall_ms", "gpu_busy_ms", "host_enqueue_ms", "kernels", "mfu") if k in record}
                for key, record in run.sections.items()}
