@@ -118,22 +118,23 @@ _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x · log2 e): exp2 is
 _LN2 = tl.constexpr(0.6931471805599453)  # 1 / log2 e
 
 # Autotune spaces. BLOCK_D is the number of channels per program. The forward's tiles hold TILE · BLOCK_D · N float32
-# values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without
-# (2.5 against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. At 16 channels on 4 warps
+# values, and PREFETCH (a one-deep software pipeline of the loads) ran 2.3 times faster on the H200 than without (2.5
+# against 5.8 ms at the anchor shape, gpu6/call2), so only prefetching configs remain. At 16 channels on 4 warps
 # ptxas takes 168 registers a thread (sm_90, offline), 3 programs per SM: the anchor's 2048 programs run in 5.2
 # waves, the last a fifth full; capped at 128 registers (a few spills) 4 fit, 3.9 waves. On the H200 (gpu7/call3,
 # triton 3.6) the uncapped one took 128 registers already; capped, the training forward at chunk 4 ran 3.48 against
 # 3.60 ms; 32 channels on 8 warps ran 2.74 and 5.11 ms at chunk 16 and 4 and was dropped. STEPS: the stepping forward
-# (one channel per lane, see its kernel), 32 channels in tiles of 4 steps (139 registers, 196 with checkpoints, sm_90
-# offline) or 16 in tiles of 8 (142 / 180). The backward puts one channel on each lane (its N states in registers),
-# so its block is 32 channels per warp, and it holds SUB steps' states at once (SUB · N registers per lane; fewer
-# recomputed steps the more it holds): at chunk 4, SUB 4 with PREFETCH (13.6 ms at the anchor shape, gpu7/call3)
-# and SUB 2 without (14.3 ms; the best at chunk 16, 19.8 ms); 64 channels on 2 warps (session 6's second best at
-# chunk 16). Fewer registers a thread ran slower on the H200 (gpu8/call2, backward with the segments' pre-pass, 4
-# segments unless said): the states split over 4 warps (the sums over n through shared memory) 33.1 ms at 128
-# registers, 35.8 with SUB 2; over 4 lanes (8 channels a warp) 42.0; over 2 lanes capped at 168 registers 45.8; one
-# channel a lane capped at 128 registers, SUB 2, 8 segments (664 bytes spilled) 22.9; against 15.2 ms for the
-# winner's layout in 4 segments. Chunk 8 (half the checkpoint bytes) ran forward+backward 20.7 against 18.7 ms.
+# (one channel per lane, see its kernel), 32 channels in tiles of 4 steps (212 registers, 213 with checkpoints, sm_90
+# offline, triton 3.6) or 16 in tiles of 8 (156 / 168, 64 bytes spilled). The backward puts one channel on each lane
+# (its N states in registers), so its block is 32 channels per warp, and it holds SUB steps' states at once (SUB · N
+# registers per lane; fewer recomputed steps the more it holds): at chunk 4, SUB 4 with PREFETCH (13.6 ms at the
+# anchor shape, gpu7/call3) and SUB 2 without (14.3 ms; the best at chunk 16, 19.8 ms); 64 channels on 2 warps
+# (session 6's second best at chunk 16). Fewer registers a thread ran slower on the H200 (gpu8/call2, backward with
+# the segments' pre-pass, 4 segments unless said): the states split over 4 warps (the sums over n through shared
+# memory) 33.1 ms at 128 registers, 35.8 with SUB 2; over 4 lanes (8 channels a warp) 42.0; over 2 lanes capped at
+# 168 registers 45.8; one channel a lane capped at 128 registers, SUB 2, 8 segments (664 bytes spilled) 22.9; against
+# 15.2 ms for the winner's layout in 4 segments. Chunk 8 (half the checkpoint bytes) ran forward+backward 20.7
+# against 18.7 ms.
 FORWARD_CONFIGS = [
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1},
     {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128},
@@ -169,9 +170,43 @@ def _step_offsets(batch, t, stride_b, stride_t, stride_col, cols):
 
 
 @triton.jit
-def _state_offsets(batch, stride_b, stride_d, stride_n, n_offs, d_offs):
-    """Element offsets of a (BLOCK_N, BLOCK_D) block of a (B, D, N) state: the kernels hold states transposed."""
-    return tl.cast(batch, tl.int64) * stride_b + n_offs[:, None] * stride_n + d_offs[None, :] * stride_d
+def _channel_offsets(batch, stride_b, stride_d, d_offs):
+    """Element offsets of state index 0 of a row of channels of a (B, D, N) state (int64: B·D·N may pass 2**31)."""
+    return tl.cast(batch, tl.int64) * stride_b + d_offs * stride_d
+
+
+@triton.jit
+def _load_rows(ptr, row_stride, col_offsets, col_mask, n_rows, ROWS: tl.constexpr):
+    """A (ROWS, BLOCK_D) block in float32, row r at ptr + r · row_stride + col_offsets (0 from row n_rows on and
+    where col_mask is off), loaded one row at a time: the rows of a state block (its state indices) or of a time tile.
+    Each (BLOCK_D,) load keeps its channels along the lanes, and so does the arithmetic that uses the block. Loaded
+    whole, triton 3.6 (the GPU's) lays such blocks out with 16 or 4 lanes along the rows, and the kernels' sums over
+    rows then cross lanes and their rows go through shared memory (sm_90 PTX of a backward chunk: 5123 instructions,
+    82 shared stores and 38 barriers, 256 bytes spilled; one channel a lane: 4270, 32, 8 and none)."""
+    rows = tl.arange(0, ROWS)[:, None]
+    block = tl.zeros((ROWS, col_offsets.shape[0]), dtype=tl.float32)
+    for r in tl.static_range(ROWS):
+        row = tl.load(ptr + r * row_stride + col_offsets, mask=tl.where(r < n_rows, col_mask, False), other=0.0)
+        block = tl.where(rows == r, row.to(tl.float32)[None, :], block)
+    return block
+
+
+@triton.jit
+def _time_rows(ptr, stride_b, stride_t, stride_col, pid_b, t0, col_offsets, col_mask, seqlen, ROWS: tl.constexpr):
+    """Rows t0 .. t0 + ROWS - 1 of one batch row of a (B, T, cols) tensor as a (ROWS, BLOCK_D) block, one row at a
+    time (see `_load_rows`); 0 past the end of the sequence."""
+    base = ptr + tl.cast(pid_b, tl.int64) * stride_b + tl.cast(t0, tl.int64) * stride_t
+    return _load_rows(base, stride_t, col_offsets * stride_col, col_mask, seqlen - t0, ROWS)
+
+
+@triton.jit
+def _store_rows(ptr, row_stride, col_offsets, col_mask, n_rows, block):
+    """Store a (ROWS, BLOCK_D) block one row at a time, rows from n_rows on left out (see `_load_rows`)."""
+    rows = tl.arange(0, block.shape[0])[:, None]
+    for r in tl.static_range(block.shape[0]):
+        row = tl.sum(tl.where(rows == r, block, 0.0), axis=0)  # a row within each lane: a register move
+        tl.store(ptr + r * row_stride + col_offsets, row.to(ptr.dtype.element_ty),
+                 mask=tl.where(r < n_rows, col_mask, False))
 
 
 @triton.jit
@@ -468,10 +503,8 @@ def _selective_scan_fwd_steps_kernel(
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
     n_in = n_offs < dstate
-    nd_in = n_in[:, None] & d_in[None, :]
 
-    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
-    A_log2 = A.to(tl.float32) * _LOG2E
+    A_log2 = _load_rows(A_ptr, A_stride_n, d_offs * A_stride_d, d_in, dstate, BLOCK_N) * _LOG2E
     skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
@@ -479,32 +512,35 @@ def _selective_scan_fwd_steps_kernel(
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_INITIAL_STATE:
-        init_offs = _state_offsets(pid_b, init_stride_b, init_stride_d, init_stride_n, n_offs, d_offs)
-        state = tl.load(init_ptr + init_offs, mask=nd_in, other=0.0).to(tl.float32)
+        state = _load_rows(init_ptr, init_stride_n, _channel_offsets(pid_b, init_stride_b, init_stride_d, d_offs), d_in,
+                            dstate, BLOCK_N)
     else:
         state = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
+    ckpt_offs = _channel_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, d_offs)
 
     if PREFETCH:
-        u_next = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
-        raw_next = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+        u_next = _time_rows(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, 0, d_offs, d_in, seqlen, TILE)
+        raw_next = _time_rows(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, 0, d_offs, d_in, seqlen,
+                              TILE)
         if HAS_Z:
-            z_next = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, 0, rows, d_offs, d_in, seqlen)
+            z_next = _time_rows(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, 0, d_offs, d_in, seqlen, TILE)
     for tile in range(n_tiles):
         t0 = tile * TILE
         if PREFETCH:
             u, raw = u_next, raw_next
-            u_next = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0 + TILE, rows, d_offs, d_in, seqlen)
-            raw_next = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0 + TILE, rows, d_offs,
-                             d_in, seqlen)
+            u_next = _time_rows(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0 + TILE, d_offs, d_in, seqlen, TILE)
+            raw_next = _time_rows(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0 + TILE, d_offs,
+                                  d_in, seqlen, TILE)
             if HAS_Z:
                 z = z_next
-                z_next = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0 + TILE, rows, d_offs, d_in, seqlen)
+                z_next = _time_rows(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0 + TILE, d_offs, d_in, seqlen,
+                                    TILE)
         else:
-            u = _tile(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
-            raw = _tile(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+            u = _time_rows(u_ptr, u_stride_b, u_stride_t, u_stride_d, pid_b, t0, d_offs, d_in, seqlen, TILE)
+            raw = _time_rows(delta_ptr, delta_stride_b, delta_stride_t, delta_stride_d, pid_b, t0, d_offs, d_in, seqlen,
+                             TILE)
             if HAS_Z:
-                z = _tile(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, rows, d_offs, d_in, seqlen)
+                z = _time_rows(z_ptr, z_stride_b, z_stride_t, z_stride_d, pid_b, t0, d_offs, d_in, seqlen, TILE)
         td_in = ((t0 + rows) < seqlen)[:, None] & d_in[None, :]
         dt = raw + bias[None, :]
         if DELTA_SOFTPLUS:
@@ -514,8 +550,8 @@ def _selective_scan_fwd_steps_kernel(
         y = tl.zeros((TILE, BLOCK_D), dtype=tl.float32)
         for i in tl.static_range(TILE):
             if SAVE_CHECKPOINTS and i % CHUNK == 0:  # the state entering chunk (t0 + i) / CHUNK
-                tl.store(ckpt_ptr + tl.cast((t0 + i) // CHUNK, tl.int64) * ckpt_stride_c + ckpt_offs, state,
-                         mask=tl.where(t0 + i < seqlen, nd_in, False))
+                _store_rows(ckpt_ptr + tl.cast((t0 + i) // CHUNK, tl.int64) * ckpt_stride_c, ckpt_stride_n, ckpt_offs,
+                             tl.where(t0 + i < seqlen, d_in, False), dstate, state)
             tn_in = tl.where(t0 + i < seqlen, n_in, False)
             B = _step_row(B_ptr, B_stride_b, B_stride_t, B_stride_n, pid_b, t0 + i, n_offs, tn_in)
             C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t0 + i, n_offs, tn_in)
@@ -528,11 +564,11 @@ def _selective_scan_fwd_steps_kernel(
             y += skip[None, :] * u
         if HAS_Z:
             y *= z * sigmoid(z)
-        tl.store(y_ptr + _tile_offsets(pid_b, t0, y_stride_b, y_stride_t, y_stride_d, rows, d_offs),
-                 y.to(y_ptr.dtype.element_ty), mask=td_in)
+        _store_rows(y_ptr + tl.cast(pid_b, tl.int64) * y_stride_b + tl.cast(t0, tl.int64) * y_stride_t, y_stride_t,
+                    d_offs * y_stride_d, d_in, seqlen - t0, y)
 
-    final_offs = _state_offsets(pid_b, final_stride_b, final_stride_d, final_stride_n, n_offs, d_offs)
-    tl.store(final_ptr + final_offs, state, mask=nd_in)
+    _store_rows(final_ptr, final_stride_n, _channel_offsets(pid_b, final_stride_b, final_stride_d, d_offs), d_in, dstate,
+                 state)
 
 
 # The backward: stride 1 along the state (A and the (B, D, N) states are contiguous in n) would make Triton vectorise
@@ -586,10 +622,9 @@ def _selective_scan_bwd_kernel(
     sub_rows = tl.arange(0, SUB)[:, None, None]
     d_in = d_offs < dim
     n_in = n_offs < dstate
-    nd_in = n_in[:, None] & d_in[None, :]
 
-    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
-    A_log2 = A.to(tl.float32) * _LOG2E  # (BLOCK_N, BLOCK_D), like the forward's state; A itself is not kept
+    A = _load_rows(A_ptr, A_stride_n, d_offs * A_stride_d, d_in, dstate, BLOCK_N)
+    A_log2 = A * _LOG2E  # (BLOCK_N, BLOCK_D), like the forward's state; A itself is not kept
     skip = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         skip = tl.load(D_ptr + d_offs * D_stride_d, mask=d_in, other=0.0).to(tl.float32)
@@ -598,8 +633,8 @@ def _selective_scan_bwd_kernel(
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
     # a_{t+1} g_{t+1}: the adjoint flowing into the state of the step being processed from everything after it.
     if HAS_DFINAL:
-        dfinal_offs = _state_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, dfinal_stride_n, n_offs, d_offs)
-        adjoint = tl.load(dfinal_ptr + dfinal_offs, mask=nd_in, other=0.0).to(tl.float32)
+        adjoint = _load_rows(dfinal_ptr, dfinal_stride_n, _channel_offsets(pid_b, dfinal_stride_b, dfinal_stride_d, d_offs),
+                              d_in, dstate, BLOCK_N)
     else:
         adjoint = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     # The adjoint entering this segment at its right end: the final state's, carried back through every later
@@ -608,8 +643,8 @@ def _selective_scan_bwd_kernel(
     if SEGMENTED:
         for later in range(n_segments - 1 - segment):
             j = n_segments - 1 - later
-            carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
-            carry = tl.load(carry_ptr + tl.cast(j - 1, tl.int64) * carry_stride_s + carry_offs, mask=nd_in, other=0.0)
+            carry = _load_rows(carry_ptr + tl.cast(j - 1, tl.int64) * carry_stride_s, carry_stride_n,
+                                _channel_offsets(pid_b, carry_stride_b, carry_stride_d, d_offs), d_in, dstate, BLOCK_N)
             dt_sum = tl.load(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b
                              + tl.cast(j - 1, tl.int64) * dsum_stride_s + d_offs * dsum_stride_d, mask=d_in, other=0.0)
             adjoint = carry + tl.exp2(dt_sum[None, :] * A_log2) * adjoint
@@ -617,7 +652,7 @@ def _selective_scan_bwd_kernel(
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
 
-    ckpt_offs = _state_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, ckpt_stride_n, n_offs, d_offs)
+    ckpt_offs = _channel_offsets(pid_b, ckpt_stride_b, ckpt_stride_d, d_offs)
     first_chunk = segment * segment_chunks
     end_chunk = tl.minimum(first_chunk + segment_chunks, n_chunks)
     for step in range(end_chunk - first_chunk):
@@ -635,8 +670,8 @@ def _selective_scan_bwd_kernel(
         # average (CHUNK / SUB + 1) / 2 per step and state), which are cheaper than holding CHUNK states per lane.
         for piece_from_end in range(CHUNK // SUB):
             t_piece = chunk * CHUNK + (CHUNK // SUB - 1 - piece_from_end) * SUB
-            state = tl.load(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c + ckpt_offs, mask=nd_in, other=0.0)
-            state = state.to(tl.float32)
+            state = _load_rows(ckpt_ptr + tl.cast(chunk, tl.int64) * ckpt_stride_c, ckpt_stride_n, ckpt_offs, d_in,
+                                dstate, BLOCK_N)
             # Unrolled SUB times (the trip count is a multiple of SUB), so that several steps' loads are in flight.
             # (A chunk of one piece has nothing to recompute, and Triton cannot unroll a loop that never runs.)
             if SUB < CHUNK:
@@ -713,11 +748,11 @@ def _selective_scan_bwd_kernel(
                 adjoint = decay * g  # into the state of step t - 1
 
     if HAS_INITIAL_STATE:  # what flows out of the first segment's first step
-        dinit_offs = _state_offsets(pid_b, dinit_stride_b, dinit_stride_d, dinit_stride_n, n_offs, d_offs)
-        tl.store(dinit_ptr + dinit_offs, adjoint.to(dinit_ptr.dtype.element_ty), mask=tl.where(segment == 0, nd_in, False))
+        _store_rows(dinit_ptr, dinit_stride_n, _channel_offsets(pid_b, dinit_stride_b, dinit_stride_d, d_offs),
+                     tl.where(segment == 0, d_in, False), dstate, adjoint)
     part_row = pid_b * n_segments + segment  # the parameter gradients' partial sums: one row per batch row and segment
-    dA_offs = _state_offsets(part_row, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n, n_offs, d_offs)
-    tl.store(dA_part_ptr + dA_offs, dA_acc, mask=nd_in)
+    _store_rows(dA_part_ptr, dA_part_stride_n, _channel_offsets(part_row, dA_part_stride_b, dA_part_stride_d, d_offs),
+                 d_in, dstate, dA_acc)
     if HAS_D:
         tl.store(dD_part_ptr + part_row.to(tl.int64) * dD_part_stride_b + d_offs * dD_part_stride_d, dD_acc, mask=d_in)
     if HAS_DELTA_BIAS:
@@ -756,10 +791,8 @@ def _selective_scan_bwd_carry_kernel(
     n_offs = tl.arange(0, BLOCK_N)
     d_in = d_offs < dim
     n_in = n_offs < dstate
-    nd_in = n_in[:, None] & d_in[None, :]
 
-    A = tl.load(A_ptr + n_offs[:, None] * A_stride_n + d_offs[None, :] * A_stride_d, mask=nd_in, other=0.0)
-    A_log2 = A.to(tl.float32) * _LOG2E
+    A_log2 = _load_rows(A_ptr, A_stride_n, d_offs * A_stride_d, d_in, dstate, BLOCK_N) * _LOG2E
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_DELTA_BIAS:
         bias = tl.load(delta_bias_ptr + d_offs * delta_bias_stride_d, mask=d_in, other=0.0).to(tl.float32)
@@ -780,8 +813,8 @@ def _selective_scan_bwd_carry_kernel(
             C = _step_row(C_ptr, C_stride_b, C_stride_t, C_stride_n, pid_b, t, n_offs, tn_in)
             carry = tl.exp2(dt[None, :] * A_log2) * (dy_ssm[None, :] * C[:, None] + carry)
             dt_sum += dt
-    carry_offs = _state_offsets(pid_b, carry_stride_b, carry_stride_d, carry_stride_n, n_offs, d_offs)
-    tl.store(carry_ptr + tl.cast(slot, tl.int64) * carry_stride_s + carry_offs, carry, mask=nd_in)
+    _store_rows(carry_ptr + tl.cast(slot, tl.int64) * carry_stride_s, carry_stride_n,
+                 _channel_offsets(pid_b, carry_stride_b, carry_stride_d, d_offs), d_in, dstate, carry)
     tl.store(dsum_ptr + tl.cast(pid_b, tl.int64) * dsum_stride_b + tl.cast(slot, tl.int64) * dsum_stride_s
              + d_offs * dsum_stride_d, dt_sum, mask=d_in)
 
