@@ -564,8 +564,8 @@ class Bench(Run):
 
 def ncu_conv(device: str) -> list[list]:
     """The launches ncu profiles at the conv shape (bf16 x, float32 weight and bias, SiLU, no state), each once after a
-    warm-up: the window forward and backward at their default configs (the backward's: 128 × 64 with PREFETCH at 64
-    registers), and the backward without the register cap.
+    warm-up: the window forward and backward at their default configs (the backward's: 128 × 64 with PREFETCH), and
+    the backward without PREFETCH.
     Returns [label, launches] in launch order (bench/ncu.py)."""
     import torch
 
