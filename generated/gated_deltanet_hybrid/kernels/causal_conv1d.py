@@ -105,15 +105,17 @@ WINDOW_BACKWARD_CONFIGS = [
     # 64 × 128 0.257, 64 × 64 0.270-0.284, 32 × 64 0.321, 64 × 32 0.457 (GPU call 4 of session 7). Unmasked inner
     # steps (sm_90, triton 3.6): 128 × 64 233 SASS instructions a step (318 before) at 64 registers, 260 at 72 with
     # prefetch (253 capped at 64, no spills); 64 × 128 423-453 (536 before) at 128. Two steps an iteration (229 a
-    # step, but 80-104 registers) ran slower on the H200: 0.262-0.293 ms (GPU call 2 of session 8).
-    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
+    # step, but 80-104 registers) ran slower on the H200: 0.262-0.293 ms (GPU call 2 of session 8). Unmasked single
+    # steps (call 3): 128 × 64 0.250 ms, with prefetch 0.258 (0.255 capped at 64 registers, which costs float32 x its
+    # spills: 0.57 against 0.43), 256 × 64 capped 0.245, 64 × 128 0.262. Longer blocks write and re-read fewer
+    # d weight / d bias partials (21 MB of float32 each way at 128 steps here, 5% of the bytes the backward must
+    # move) and re-read fewer rows at their edges.
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1},
-    # Longer blocks write and re-read fewer d weight / d bias partials (21 MB of float32 each way at 128 steps here,
-    # 5% of the bytes the backward must move) and re-read fewer rows at their edges
     {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1},
     {"BLOCK_T": 512, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
-    {"BLOCK_T": 64, "BLOCK_D": 128, "num_warps": 1, "PREFETCH": True},
+    {"BLOCK_T": 512, "BLOCK_D": 64, "num_warps": 1},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
