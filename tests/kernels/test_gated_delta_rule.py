@@ -184,14 +184,15 @@ def test_either_wy_kernel_gives_the_reference(tiled, chunk, monkeypatch):
     check_gradients(make_inputs(1, 100, 1, 2, 16, 16, seed=chunk + 1), chunk, torch.float32)
 
 
-@pytest.mark.parametrize("split", [0, 1], ids=["chunk-gradients-in-one-launch", "chunk-gradients-in-two-parts"])
-def test_either_chunk_backward_gives_the_reference(split, monkeypatch):
-    """The chunk-backward tuner picks one launch (PART 0) or two (PARTs 1 and 2, the (L, L) tiles through memory):
-    both give every gradient, in float32 and in bfloat16."""
-    config = {**gdr.INTERPRETER_CONFIGS["chunk_backward"], "SPLIT": split}
-    monkeypatch.setattr(gdr.TUNERS["chunk_backward"], "interpreter_config", config)
-    check_gradients(make_inputs(1, 70, 2, 6, 20, 12, seed=21 + split), 32, torch.float32)
-    check_gradients(make_inputs(2, 45, 1, 2, 32, 16, dtype=torch.bfloat16, seed=5 + split), 16, torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_sum_adds_each_key_heads_value_heads_in_float32(dtype):
+    """dq and dk per value head (B, T, HV, K) summed over the HV / H value heads of each key head, rounded once."""
+    gen = torch.Generator().manual_seed(31)
+    dq_heads, dk_heads = (torch.randn(2, 5, 6, 20, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
+    dq, dk = gdr._sum_over_groups(dq_heads, dk_heads, 2, torch.bfloat16)
+    for got, heads in ((dq, dq_heads), (dk, dk_heads)):
+        expected = heads.float().view(2, 5, 2, 3, 20).sum(3).to(torch.bfloat16)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
 
 
 def test_gradients_at_length_one_without_final_state_gradient():
