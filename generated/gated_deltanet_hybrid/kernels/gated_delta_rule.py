@@ -52,9 +52,8 @@ launches:
      T⁻¹ needs no (L, L) inverse of its own: with û = T⁻¹ᵀ du, the gradient of A is −û uᵀ below the diagonal
      (since T⁻¹ (β v − β exp(c) ⊙ k S_c) = u), and dv = β ⊙ û. The prefix sums' gradient dc collects each exp(c)'s
      share (q ⊙ dq, k ⊙ dk and β-weighted rows summed over K, as fla does), and dg is its reverse prefix sum.
-     In one launch, or in two (the tuner chooses): what sums over V, then dq and dk over K.
-dq and dk come per value head in the intermediates' dtype (as fla keeps them) and are summed over each key head's
-group afterwards, in float32.
+dq and dk come per value head in the intermediates' dtype (as fla keeps them) and `_group_sum_kernel` sums each key
+head's group, in float32.
 
 Decoding has its own kernel, `gated_delta_step`: one position for one (batch, value head, block of V columns) per
 program, the state read once and written once (the reference's is a chain of small ops over the whole state).
@@ -125,29 +124,27 @@ OUTPUT_CONFIGS = [
     {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 151, 48 KB; 0.23 ms
 ]
 # The backward's state loop holds dS like the forward's state and loads q, k and W whole per chunk; its chunk kernel
-# holds four (L, L) and three (L, BLOCK_K) float32 tiles (4 warps spill there, and still win: two programs per SM).
+# holds (L, L) and (L, BLOCK_K) float32 tiles (255 registers at 4 warps, and still the winner: two programs per SM).
 # Session 8 took the state-free part of du (a q kᵀ per chunk and block of V) out of the state loop into a kernel of
 # its own, the output kernel's shape without the states (its configs are that kernel's): the loop's registers fell
-# from 209 to 152 at its old winner, 0.81 ms in GPU call 1 of session 8, where fla's state loop took 0.46 ms and its
-# kernel for the same state-free part 0.12 ms. The milliseconds below are from before that change.
+# from 209 to 152 at its old winner and its time from 0.81 ms (GPU call 1 of session 8; fla's 0.46, plus 0.12 for
+# fla's kernel of the state-free part) to 0.517 plus 0.138 (call 3). The milliseconds below are call 3's.
+# The chunk kernel also ran as two launches (what sums over V, then dq and dk over K, the (L, L) tiles through
+# memory): 1.83 ms against 1.68 in one at 32-column blocks, and at 16-row K blocks an illegal address (triton 3.6,
+# bench/gdn_check.py config_check): dropped.
 INTRA_CHUNK_DPSEUDO_CONFIGS = [
-    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 74, 32 KB: 3; k qᵀ once per chunk
-    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 96, 32 KB: 5
+    {"BLOCK_K": 64, "BLOCK_V": 128, "num_warps": 8, "num_stages": 2},  # 74, 32 KB: 3; k qᵀ once per chunk; 0.138
+    {"BLOCK_K": 64, "BLOCK_V": 64, "num_warps": 4, "num_stages": 2},  # 96, 32 KB: 5; 0.151
 ]
 STATE_BACKWARD_CONFIGS = [
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 152, 106 KB: 2; 0.82 ms
-    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 138, 36 KB: 3; 0.98 ms (at 2 per SM)
-    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 180, 40 KB: 2, half the programs re-reading q, k and W
-    {"BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 228, 48 KB: 1, two waves of 8 warps (4 warps spill)
+    {"BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 180, 40 KB: 2, half the programs re-reading q, k and W; 0.517
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 2},  # 152, 106 KB: 2; 0.542 ms
+    {"BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 228, 48 KB: 1, two waves of 8 warps (4 warps spill); 0.547
+    {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 138, 36 KB: 3; 0.808 ms
 ]
-# SPLIT 1 runs the chunk kernel as two launches (PART 1: what sums over V; PART 2: dq and dk over K; the (L, L) tiles
-# between them through memory, 24 KB a chunk), so that neither holds the other's registers; the counts are part 1's
-# and part 2's.
 CHUNK_BACKWARD_CONFIGS = [
-    {"SPLIT": 0, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255 + 56 spilled, 32 KB: 2; 1.82 ms
-    {"SPLIT": 0, "BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 232, no spills, 30 KB: 2
-    {"SPLIT": 1, "BLOCK_K": 16, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 172 and 198, no spills: 2 and 2
-    {"SPLIT": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 172 and 255 + 112 spilled: 2 and 2
+    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255, no spills, 32 KB: 2; 1.68 ms
+    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 214, 64 KB: 1; 2.23 ms (session 6)
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -155,7 +152,7 @@ INTERPRETER_CONFIGS = {
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "intra_chunk_dpseudo": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
-    "chunk_backward": {"SPLIT": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "chunk_backward": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
 }
 """The configs under TRITON_INTERPRET=1: blocks of 16, so the tests' small heads still span several blocks."""
 
@@ -823,13 +820,10 @@ def _chunk_backward_kernel(
     do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
     cum_ptr, inverse_ptr, enter_ptr, pseudo_ptr, dleave_ptr, dpseudo_ptr,
     du_hat_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: scratch for û
-    pairs_ptr,  # (2, B, HV, c·L, L) in the intermediates' dtype, contiguous: dO uᵀ ⊙ D and dA ⊙ D (PART 1 -> 2)
-    rows_ptr,  # (2, B, HV, c·L) float32, contiguous: dPD's diagonal and dβ's value term (PART 1 -> 2)
     dq_ptr, dk_ptr,  # (B, T, HV, K) in the intermediates' dtype, contiguous: per value head (summed by the launcher)
     dv_ptr,  # (B, T, HV, V) in v's dtype, contiguous
     dbeta_ptr, dg_ptr,  # (B, T, HV) float32, contiguous
     scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
-    PART: tl.constexpr,  # 0: the whole chunk; 1: _pairs_backward only, its results stored; 2: the rest, read back
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Every gradient of one chunk of one (batch, value head), given S_c, u, dS (of the state leaving it) and du.
@@ -842,10 +836,9 @@ def _chunk_backward_kernel(
         dβ = Σ_v û ⊙ v − exp(c) Σ_k k ⊙ û S_cᵀ + Σ_k k ⊙ (dA ⊙ D) k
 
     and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum. `_pairs_backward`
-    takes what sums over V (a loop over V), `_keys_backward` dq and dk (a loop over K). T⁻¹ is needed in the first
-    only: û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch buffer (L2-resident). PART 0 runs both in one
-    program, holding the (L, L) tiles between them as operands; PARTs 1 and 2, two launches, pass them through
-    pairs_ptr and rows_ptr, so that neither program holds the other's registers (the tuner chooses)."""
+    takes what sums over V (a loop over V), `_keys_backward` dq and dk (a loop over K), the (L, L) tiles between them
+    held as operands. T⁻¹ is needed in the first only: û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch
+    buffer (L2-resident: the program reads back what it wrote)."""
     chunk = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // nv_heads).to(tl.int64)
@@ -857,47 +850,54 @@ def _chunk_backward_kernel(
     t_in = pos < seqlen
     row = pid_bh.to(tl.int64) * padded_len + pos
     cum = tl.load(cum_ptr + row)
+    cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
     beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
                    other=0.0).to(tl.float32)
+    inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
     do_rows = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
     out_rows = (b * seqlen + pos) * nv_heads + h  # the chunk's rows of the (B, T, HV) gradients
-    pair_offs = row[:, None] * CHUNK + t[None, :]
-    plane = tl.num_programs(1).to(tl.int64) * padded_len  # rows per plane of pairs_ptr and rows_ptr
-    if PART != 2:
-        inverse = _operand(tl.load(inverse_ptr + pair_offs), inter_ty)  # (L, L)
-        v_rows = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
-        dPD, dPD_diagonal, dAD, dbeta_values = _pairs_backward(
-            v_rows, v_stride_v, do_rows, do_stride_v, dv_ptr + out_rows[:, None] * dv, pseudo_ptr, dpseudo_ptr,
-            du_hat_ptr, row, inverse, t, t_in, cum, beta, scale, dv, DOT_PRECISION, CHUNK, BLOCK_V,
-        )
-    if PART == 1:
-        tl.store(pairs_ptr + pair_offs, _rounded(dPD, inter_ty))
-        tl.store(pairs_ptr + plane * CHUNK + pair_offs, _rounded(dAD, inter_ty))
-        tl.store(rows_ptr + row, dPD_diagonal)
-        tl.store(rows_ptr + plane + row, dbeta_values)
-    else:
-        if PART == 2:
-            dPD_op = _operand(tl.load(pairs_ptr + pair_offs), inter_ty)
-            dAD_op = _operand(tl.load(pairs_ptr + plane * CHUNK + pair_offs), inter_ty)
-            dPD_diagonal = tl.load(rows_ptr + row)
-            dbeta_values = tl.load(rows_ptr + plane + row)
-        else:
-            dPD_op = _operand(dPD, inter_ty)
-            dAD_op = _operand(dAD, inter_ty)
-            tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
-        cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
-        states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
-        dbeta_keys, dc = _keys_backward(
-            q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t, q_stride_k,
-            k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t, k_stride_k,
-            do_rows, do_stride_v, dq_ptr + out_rows[:, None] * dk, dk_ptr + out_rows[:, None] * dk,
-            pseudo_ptr, du_hat_ptr, row, enter_ptr + states, dleave_ptr + states,
-            t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
-            DOT_PRECISION, CHUNK, BLOCK_K, BLOCK_V,
-        )
-        dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
-        tl.store(dg_ptr + out_rows, dg, mask=t_in)
-        tl.store(dbeta_ptr + out_rows, dbeta_values + dbeta_keys, mask=t_in)
+    dPD, dPD_diagonal, dAD, dbeta_values = _pairs_backward(
+        v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t, v_stride_v, do_rows, do_stride_v,
+        dv_ptr + out_rows[:, None] * dv, pseudo_ptr, dpseudo_ptr, du_hat_ptr, row, inverse, t, t_in, cum, beta, scale,
+        dv, DOT_PRECISION, CHUNK, BLOCK_V,
+    )
+    dPD_op = _operand(dPD, inter_ty)
+    dAD_op = _operand(dAD, inter_ty)
+    tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
+    states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
+    dbeta_keys, dc = _keys_backward(
+        q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t, q_stride_k,
+        k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t, k_stride_k,
+        do_rows, do_stride_v, dq_ptr + out_rows[:, None] * dk, dk_ptr + out_rows[:, None] * dk,
+        pseudo_ptr, du_hat_ptr, row, enter_ptr + states, dleave_ptr + states,
+        t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
+        DOT_PRECISION, CHUNK, BLOCK_K, BLOCK_V,
+    )
+    dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
+    tl.store(dg_ptr + out_rows, dg, mask=t_in)
+    tl.store(dbeta_ptr + out_rows, dbeta_values + dbeta_keys, mask=t_in)
+
+
+@triton.jit
+def _group_sum_kernel(
+    dq_heads_ptr, dk_heads_ptr,  # (B·T·H, R, K) in the intermediates' dtype, contiguous: per value head
+    dq_ptr, dk_ptr,  # (B·T·H, K) in q's dtype, contiguous
+    rows, value_heads_per_key, dk,
+    BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dq and dk of each key head: the sums, in float32, of its value heads' (rounded once into q's dtype)."""
+    rows_r = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_K)
+    mask = (rows_r < rows)[:, None] & (cols < dk)[None, :]
+    heads = rows_r.to(tl.int64)[:, None] * value_heads_per_key * dk + cols[None, :]
+    dq = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    dk_sum = tl.zeros((BLOCK_ROWS, BLOCK_K), dtype=tl.float32)
+    for r in range(value_heads_per_key):
+        dq += tl.load(dq_heads_ptr + heads + r * dk, mask=mask, other=0.0).to(tl.float32)
+        dk_sum += tl.load(dk_heads_ptr + heads + r * dk, mask=mask, other=0.0).to(tl.float32)
+    out = rows_r.to(tl.int64)[:, None] * dk + cols[None, :]
+    tl.store(dq_ptr + out, _rounded(dq, dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + out, _rounded(dk_sum, dk_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1162,39 +1162,43 @@ def gated_delta_rule_backward(
                                           configs.get("state_backward")))
 
             def launch_chunk_backward(cfg):
-                pairs = rows = None  # what the first of two parts hands the second (SPLIT)
-                if cfg["SPLIT"]:
-                    pairs = chunks.pseudo.new_empty((2, batch, nv_heads, chunks.padded, chunk_size))
-                    rows = chunks.cum.new_empty((2, batch, nv_heads, chunks.padded))
-                for part in (1, 2) if cfg["SPLIT"] else (0,):
-                    _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
-                        *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
-                        chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat, pairs, rows,
-                        dq_heads, dk_heads, dv_, dbeta, dg, *common,
-                        PART=part, DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"],
-                        BLOCK_V=cfg["BLOCK_V"], **_launch_options(cfg),
-                    )
+                _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
+                    *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
+                    chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat,
+                    dq_heads, dk_heads, dv_, dbeta, dg, *common,
+                    DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
+                    **_launch_options(cfg),
+                )
 
             launch_chunk_backward(_config("chunk_backward", chunks.key, launch_chunk_backward,
                                           configs.get("chunk_backward")))
-    dq = _sum_over_groups(dq_heads, nheads, q.dtype)
-    dk_ = _sum_over_groups(dk_heads, nheads, k.dtype)
+    dq, dk_ = _sum_over_groups(dq_heads, dk_heads, nheads, q.dtype)
     return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), dinit if initial_state is not None else None
 
 
-def _sum_over_groups(per_value_head: Tensor, nheads: int, dtype: torch.dtype) -> Tensor:
-    """(B, T, HV, K) in the intermediates' dtype -> (B, T, H, K) in dtype: each key head's sum over the value heads
-    that read it, as elementwise adds in float32 rounded once into dtype. Per value head in bf16, as fla keeps them,
-    these are half the bytes of float32; `.sum` over the group's strided dimension of the float32 ones, then a cast,
-    took 0.18 ms per gradient at the bench shape (GPU call 1 of session 8)."""
-    batch, seqlen, nv_heads, dk = per_value_head.shape
-    group = per_value_head.view(batch, seqlen, nheads, nv_heads // nheads, dk).unbind(3)
-    if len(group) == 1:
-        return group[0].to(dtype)
-    partial = group[0].float()
-    for member in group[1:-1]:
-        partial = partial + member
-    return torch.add(partial, group[-1], out=per_value_head.new_empty((batch, seqlen, nheads, dk), dtype=dtype))
+GROUP_SUM_ROWS = 16
+"""Rows (batch, position, key head) per program of `_group_sum_kernel`: (16, K) tiles, whole rows a load, 56 registers
+at K = 128 (sm_90, triton 3.6): eight programs per SM to keep loads in flight."""
+
+
+def _sum_over_groups(dq_heads: Tensor, dk_heads: Tensor, nheads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(B, T, HV, K) per value head, in the intermediates' dtype (as fla keeps them) -> dq and dk (B, T, H, K) in
+    dtype, each key head's sum over the value heads that read it, in float32, in one launch (torch's strided adds
+    and a copy took 0.53 ms for the two at the bench shape in GPU call 3 of session 8; `.sum` over the group of
+    float32 ones 0.39 in call 1)."""
+    batch, seqlen, nv_heads, dk = dq_heads.shape
+    if nv_heads == nheads and dq_heads.dtype == dtype:
+        return dq_heads, dk_heads
+    dq = dq_heads.new_empty((batch, seqlen, nheads, dk), dtype=dtype)
+    dk_ = dk_heads.new_empty((batch, seqlen, nheads, dk), dtype=dtype)
+    rows = batch * seqlen * nheads
+    if rows:
+        with on_device(dq):
+            _group_sum_kernel[(triton.cdiv(rows, GROUP_SUM_ROWS),)](
+                dq_heads, dk_heads, dq, dk_, rows, nv_heads // nheads, dk,
+                BLOCK_ROWS=GROUP_SUM_ROWS, BLOCK_K=max(16, triton.next_power_of_2(dk)), num_warps=4,
+            )
+    return dq, dk_
 
 
 STEP_CONFIG = {"BLOCK_V": 32, "num_warps": 4}
