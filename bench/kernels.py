@@ -263,7 +263,9 @@ class Bench:
         if dtype == torch.bfloat16 and dim % 16 == 0:
             return
         key = self.ss.shape_key(dim, dstate, self.ss.CHUNK_SIZE, dtype)
-        self.ss.pin_configs({"forward": {key: self.ss.FORWARD_DEFAULT}, "backward": {key: self.ss.BACKWARD_DEFAULT}})
+        training = self.ss.shape_key(dim, dstate, self.ss.CHUNK_SIZE, dtype, checkpoints=True)
+        self.ss.pin_configs({"forward": {key: self.ss.FORWARD_DEFAULT, training: self.ss.FORWARD_DEFAULT},
+                             "backward": {key: self.ss.BACKWARD_DEFAULT}})
 
     def seed_widths(self) -> dict:
         """{spec: {preset: (d_inner, d_state)}}: the A_log shape of the Mamba-1 mixers in each seed spec's IR."""
@@ -307,10 +309,13 @@ class Bench:
         if self.device == "cuda":
             torch.cuda.synchronize()
         key = ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16)
+        training = ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16, checkpoints=True)
         entry = {"tuning_s": round(time.perf_counter() - started, 2), "key": key,
-                 "forward": _tuner_report(ss.FORWARD_TUNER, key), "backward": _tuner_report(ss.BACKWARD_TUNER, key)}
+                 "forward_training": _tuner_report(ss.FORWARD_TUNER, training),
+                 "backward": _tuner_report(ss.BACKWARD_TUNER, key)}
         with torch.no_grad():
             entry[f"forward_ms_at_B{batch}_T{seqlen}"] = self.time_ms(lambda: ss.selective_scan(**args))
+        entry["forward"] = _tuner_report(ss.FORWARD_TUNER, key)
         return entry
 
     def anchor(self) -> dict:
@@ -354,8 +359,7 @@ class Bench:
             "ratio_forward_backward_over_floor": fwd_bwd_ms / fwd_bwd_floor_ms,
             "tokens_per_s_forward_inference": tokens / (infer_ms / 1e3),
             "configs": ss.tuned_configs(),
-            "tuner_timings_ms": {kernel: tuner.timings.get(ss.shape_key(dim, dstate, ss.CHUNK_SIZE, torch.bfloat16))
-                                 for kernel, tuner in (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
+            "tuner_timings_ms": _tuner_timings(ss, dim, dstate, ss.CHUNK_SIZE, torch.bfloat16),
             "note": "floors count only the bytes of the inputs and outputs over the measured copy bandwidth; the "
                     "kernels also evaluate one exp2 per (token, channel, state) forward and 3.5 (SUB 4) to 5.5 (SUB 2) "
                     "backward, where the forward is recomputed piecewise from the chunk checkpoints, which the "
@@ -381,7 +385,6 @@ class Bench:
                 ss.selective_scan(**leaves, chunk_size=chunk)[0].backward(grad_y)
 
             forward_backward()  # tunes both kernels for this chunk
-            key = ss.shape_key(dim, dstate, chunk, torch.bfloat16)
             with torch.no_grad():
                 inference_ms = self.time_ms(lambda chunk=chunk: ss.selective_scan(**args, chunk_size=chunk))
             report["chunks"][chunk] = {
@@ -389,10 +392,8 @@ class Bench:
                 "forward_training_ms": self.time_ms(lambda chunk=chunk: ss.selective_scan(**leaves, chunk_size=chunk)),
                 "forward_backward_ms": self.time_ms(forward_backward, grad_to_none=list(leaves.values())),
                 "checkpoint_bytes": 4 * batch * -(-seqlen // chunk) * dim * dstate,
-                "tuner_timings_ms": {kernel: tuner.timings.get(key) for kernel, tuner in
-                                     (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
-                "configs": {kernel: tuner.chosen.get(key) for kernel, tuner in
-                            (("forward", ss.FORWARD_TUNER), ("backward", ss.BACKWARD_TUNER))},
+                "tuner_timings_ms": _tuner_timings(ss, dim, dstate, chunk, torch.bfloat16),
+                "configs": ss.tuned_configs(),
                 "forward_config_ms": self.forward_config_ms(args, chunk),
             }
             self.results["chunk_sizes"] = dict(report, partial=f"chunk {chunk} done")
@@ -701,6 +702,15 @@ def _compiled(kernels) -> set:
 def _registers(compiled_kernels) -> dict:
     """{kernel name: [registers a thread, bytes spilled]} of compiled variants, as the GPU's ptxas made them."""
     return {c.name: [getattr(c, "n_regs", None), getattr(c, "n_spills", None)] for c in compiled_kernels}
+
+
+def _tuner_timings(ss, dim: int, dstate: int, chunk: int, dtype) -> dict:
+    """Every config's time in the tuners' buckets of this shape: the forward's (inference), the forward's with
+    checkpoints (training) and the backward's."""
+    key = ss.shape_key(dim, dstate, chunk, dtype)
+    return {"forward": ss.FORWARD_TUNER.timings.get(key),
+            "forward_training": ss.FORWARD_TUNER.timings.get(ss.shape_key(dim, dstate, chunk, dtype, checkpoints=True)),
+            "backward": ss.BACKWARD_TUNER.timings.get(key)}
 
 
 def _tuner_report(tuner, key: str) -> dict:

@@ -78,7 +78,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     monkeypatch.chdir(tmp_path / "tuned")
     tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", ".")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
-    assert "tuned 15 kernel configs of tuned_mamba" in tuned.output
+    assert "tuned 16 kernel configs of tuned_mamba" in tuned.output
 
     plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
     tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
@@ -90,7 +90,8 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     table = json.loads(table_path.read_text())
     assert table["tuned_for"]["batches"] == [2] and table["tuned_for"]["seq_lens"] == [8]
     keys = {(e["kernel"], e["key"]) for e in table["entries"]}
-    assert keys == {("selective_scan.forward", "D32-N4-L4-float32"), ("selective_scan.backward", "D32-N4-L4-float32"),
+    assert keys == {("selective_scan.forward", "D32-N4-L4-float32"), ("selective_scan.forward", "D32-N4-L4-float32-checkpoints"),
+                    ("selective_scan.backward", "D32-N4-L4-float32"),
                     *(("rms_norm." + kernel, f"N16-R1024-float32-{variant}") for kernel in ("forward", "backward")
                       for variant in ("plain", "fused")),
                     # the conv over a sequence (forward, one-pass backward) and a decoding step from its state
@@ -113,7 +114,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
         support = kernels.triton_support
         assert support.RUNTIME_TUNING is False
         forward = support.TUNERS["selective_scan.forward"]
-        assert set(forward.chosen) == {{"D32-N4-L4-float32"}}, forward.chosen
+        assert set(forward.chosen) == {{"D32-N4-L4-float32", "D32-N4-L4-float32-checkpoints"}}, forward.chosen
 
         def run(dtype):
             g = torch.Generator().manual_seed(0)

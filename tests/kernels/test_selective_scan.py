@@ -448,9 +448,12 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
     y_ref, _, grads_ref = run_and_differentiate(ss.selective_scan_reference, {k: v.double() for k, v in args.items()},
                                                 gy, None)
     key = ss.shape_key(40, 4, 4, torch.float32)  # every config of both: none is wider than 64 channels
-    assert ss.tuned_configs() == {"forward": {key: ss.FORWARD_CONFIGS[-1]}, "backward": {key: ss.BACKWARD_CONFIGS[-1]}}
+    training = ss.shape_key(40, 4, 4, torch.float32, checkpoints=True)  # the forward under autograd writes them
+    assert training == key + "-checkpoints"
+    assert ss.tuned_configs() == {"forward": {training: ss.FORWARD_CONFIGS[-1]},
+                                  "backward": {key: ss.BACKWARD_CONFIGS[-1]}}
     assert ss.BACKWARD_CONFIGS[-1]["BLOCK_D"] > ss.BACKWARD_CONFIGS[0]["BLOCK_D"]  # the partial sums' sizing is tested
-    assert len(ss.FORWARD_TUNER.timings[key]) == len(ss.FORWARD_CONFIGS)
+    assert len(ss.FORWARD_TUNER.timings[training]) == len(ss.FORWARD_CONFIGS)
     assert len(ss.BACKWARD_TUNER.timings[key]) == len(ss.BACKWARD_CONFIGS)
     assert_close(y, y_ref, FLOAT32_TOL, "y")
     for name in GRADIENTS:
@@ -458,7 +461,7 @@ def test_first_call_tunes_then_reuses_the_choice(monkeypatch):
 
     # A second call reuses the choice: no candidate is timed again.
     op(**args)
-    assert len(ss.FORWARD_TUNER.timings[key]) == len(ss.FORWARD_CONFIGS)
+    assert len(ss.FORWARD_TUNER.timings[training]) == len(ss.FORWARD_CONFIGS)
     assert len(ss.BACKWARD_TUNER.timings[key]) == len(ss.BACKWARD_CONFIGS)
 
 
