@@ -824,9 +824,10 @@ def _selective_scan_bwd_carry_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def shape_key(dim: int, dstate: int, chunk: int, dtype: torch.dtype) -> str:
-    """The autotuners' shape bucket: one config per width, state size, chunk and dtype of u."""
-    return f"D{dim}-N{dstate}-L{chunk}-{dtype_name(dtype)}"
+def shape_key(dim: int, dstate: int, chunk: int, dtype: torch.dtype, *, checkpoints: bool = False) -> str:
+    """The autotuners' shape bucket: one config per width, state size, chunk and dtype of u; the forward writing
+    checkpoints (training) has buckets of its own, since its stores change which config is fastest."""
+    return f"D{dim}-N{dstate}-L{chunk}-{dtype_name(dtype)}" + ("-checkpoints" if checkpoints else "")
 
 
 def candidates(tuner: Autotuner, dim: int) -> list[dict]:
@@ -876,6 +877,7 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     B, C = randn(batch, seqlen, dstate), randn(batch, seqlen, dstate)
     A = -torch.rand(dim, dstate, generator=generator, device=device)
     D, delta_bias = torch.ones(dim, device=device), torch.zeros(dim, device=device)
+    selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, True, None)  # inference (prefill)
     _, _, checkpoints = selective_scan_forward(u, delta, A, B, C, D, z, delta_bias, True, None, save_checkpoints=True)
     selective_scan_backward(dy, None, u, delta, A, B, C, D, z, delta_bias, True, None, checkpoints)
 
@@ -932,7 +934,7 @@ def selective_scan_forward(
                      PREFETCH=bool(cfg.get("PREFETCH", 0)), BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
                      maxnreg=cfg.get("maxnreg"))
 
-    key = shape_key(dim, dstate, chunk_size, u.dtype)
+    key = shape_key(dim, dstate, chunk_size, u.dtype, checkpoints=save_checkpoints)
     with on_device(u):
         launch(FORWARD_TUNER.known(key, _explicit(config)) or FORWARD_TUNER.tune(key, launch, candidates(FORWARD_TUNER, dim)))
     return y, final_state, checkpoints
