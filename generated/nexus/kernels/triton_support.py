@@ -68,6 +68,11 @@ HARDWARE_MATH: tl.constexpr = tl.constexpr(not interpreting())
 """Whether jit helpers may use the GPU's approximate instructions through inline PTX (`sigmoid`): not in the
 interpreter, which runs no PTX."""
 
+_TRUNCATING_BFLOAT16: tl.constexpr = tl.constexpr(interpreting())
+"""Whether value.to(tl.bfloat16) truncates float32 (toward zero) instead of rounding to nearest even as the GPU does:
+the interpreter's conversion does (measured on triton 3.9: half of random values one ulp off torch's, every one
+toward zero, which doubles a bf16 result's error and biases it). See `rounded`."""
+
 
 def triton_on_cpu() -> bool:
     """Whether CPU tensors run the Triton kernels (in the interpreter) rather than the op's reference.
@@ -140,6 +145,18 @@ def softplus(x):
     one_plus_w = 1.0 + w
     log1p_w = tl.where(one_plus_w == 1.0, w, tl.log(one_plus_w) * w / (one_plus_w - 1.0))
     return tl.maximum(x, 0.0) + log1p_w
+
+
+@triton.jit
+def rounded(value, ty: tl.constexpr):
+    """value.to(ty), rounded to nearest even as the GPU converts. Under the interpreter (_TRUNCATING_BFLOAT16) the
+    float32 bits are rounded first, so that its truncating conversion to bfloat16 is then exact: kernel tests see
+    the GPU's bf16 rounding, not twice its error all of one sign."""
+    if _TRUNCATING_BFLOAT16 and ty == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(ty)
 
 
 @triton.jit
