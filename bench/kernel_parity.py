@@ -59,8 +59,9 @@ from harness import ROOT, Run
 
 # every kernel function a package may import; "module.function" for one a model calls through its kernel file (the
 # decoding steps' in-place state updates)
-KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "state_update_module.mamba_step_", "ssd_scan",
-                    "state_update_module.mamba2_step_", "apply_rope_qk", "packed_query_attention", "sliding_window_attention",
+KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "state_update_module.mamba_step_",
+                    "state_update_module.mamba_step_low_rank_", "ssd_scan", "state_update_module.mamba2_step_",
+                    "apply_rope_qk", "packed_query_attention", "sliding_window_attention",
                     "swiglu", "silu_mul", "moe_router", "rms_norm", "linear", "swiglu_linear", "qkv_linear")
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)

@@ -102,7 +102,7 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
         return seq_len * (5 * config.d_inner(dims) + 2 * config.d_state)
 
     def imports(self, config: MambaConfig) -> dict[str, tuple[str, ...]]:
-        return {"ssm": ("MambaCache", "causal_conv1d", "mamba_step", "selective_scan")}
+        return {"ssm": ("MambaCache", "causal_conv1d", "mamba_step_low_rank", "selective_scan")}
 
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,

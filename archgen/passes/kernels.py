@@ -69,8 +69,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "causal_conv1d", "causal_conv1d", "ssm",
                "Mamba-1 depthwise causal conv + SiLU, fused (a sequence, or one decoding step at T = 1)",
                when=_conv_fits),
-    KernelRule("mamba", "state_update", "mamba_step", "ssm",
-               "Mamba-1 one-token state update (decoding), A = -exp(A_log) computed in the same launch"),
+    KernelRule("mamba", "state_update", "mamba_step_low_rank", "ssm",
+               "Mamba-1 one-token state update (decoding): Δ projected from its low rank (dt_proj), A = -exp(A_log), "
+               "the step and the z gate in one launch"),
     KernelRule("mamba2", "causal_conv1d", "causal_conv1d", "ssm",
                "Mamba-2 depthwise causal conv + SiLU over x, B and C, fused (a sequence, or one decoding step)",
                when=_conv_fits),

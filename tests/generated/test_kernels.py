@@ -143,15 +143,15 @@ def test_kernel_and_reference_give_the_same_model(small_mamba):
 
 
 def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba, monkeypatch):
-    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and mamba_step_,
-    which writes the SSM state in place) continue from: the same logits as one full pass of the reference ops."""
+    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and
+    mamba_step_low_rank_, which projects Δ and writes the SSM state in place) continue from: the same logits as one full pass of the reference ops."""
     torch.manual_seed(1)
     model = small_mamba.Model().eval()
     tokens = torch.randint(0, 64, (2, 12))
     steps_run = []
     module = small_mamba.kernels.state_update_module
-    step = module.mamba_step_
-    monkeypatch.setattr(module, "mamba_step_", lambda *args: steps_run.append(1) or step(*args))
+    step = module.mamba_step_low_rank_
+    monkeypatch.setattr(module, "mamba_step_low_rank_", lambda *args: steps_run.append(1) or step(*args))
     with torch.no_grad():
         small_mamba.model.USE_KERNELS = False
         full = model(tokens).logits

@@ -56,6 +56,34 @@ def test_mamba_step_computes_A_from_A_log_in_the_kernel(dtype, with_optional):
     assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_low_rank_projects_delta_in_the_kernel(dtype):
+    """mamba_step_low_rank = ops/ssm.py's mamba_step_low_rank (Δ = dt_proj's weight · its low rank, then the step),
+    in float64, at an odd width and a rank that is not a power of two; mamba_step_low_rank_ writes the same state over
+    the one given and returns the same y."""
+    batch, dim, dstate, rank = 2, 83, 7, 13
+    g = torch.Generator().manual_seed(rank)
+    state = randn(g, batch, dim, dstate)
+    u, z = randn(g, batch, dim).to(dtype), randn(g, batch, dim).to(dtype)
+    delta_low = (randn(g, batch, rank) * 0.3).to(dtype)
+    delta_proj_weight = (randn(g, dim, rank) * rank**-0.5).to(dtype)
+    A_log = torch.log(rand(g, dim, dstate) * 8 + 0.5)
+    B, C = randn(g, batch, dstate).to(dtype), randn(g, batch, dstate).to(dtype)
+    D, bias = randn(g, dim), randn(g, dim) * 0.3 - 1.0
+    args = (state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, bias)
+    y, new_state = su.mamba_step_low_rank(*args)
+    as64 = [t.double() for t in args]
+    y_rt, state_rt = runtime_ssm.mamba_step_low_rank(*as64)
+    y_ref, state_ref = su.mamba_step_low_rank_reference(*as64)
+    assert y.dtype == dtype and new_state.dtype == torch.float32
+    assert relative_norm_error(y, y_rt) <= TOL[dtype] and relative_norm_error(new_state, state_rt) <= TOL[dtype]
+    assert relative_norm_error(y_ref, y_rt) < 1e-12 and relative_norm_error(state_ref, state_rt) < 1e-12
+    y_in_place = su.mamba_step_low_rank_(state, *args[1:])
+    assert torch.equal(y_in_place, y) and torch.equal(state, new_state)
+    with pytest.raises(ValueError, match=r"delta_proj_weight must be \(D, R\)"):
+        su.mamba_step_low_rank(state, u, delta_low, delta_proj_weight[:, :5], *args[4:])
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 def test_mamba_step_in_place_writes_the_functional_steps_state_over_the_one_given(cache_dtype):
     """mamba_step_ leaves in `state` what mamba_step returns (in the cache's dtype) and the same y; a state with
@@ -88,6 +116,10 @@ def test_ops_have_fake_implementations():
     mamba_args = (randn(g, 1, 6, 3), randn(g, 1, 6), randn(g, 1, 6), randn(g, 6, 3), randn(g, 1, 3), randn(g, 1, 3),
                   None, None, None)
     torch.library.opcheck(su.mamba_step_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
+    low_rank_args = (randn(g, 1, 6, 3), randn(g, 1, 6), randn(g, 1, 2), randn(g, 6, 2), randn(g, 6, 3), randn(g, 1, 3),
+                     randn(g, 1, 3), None, None, None)
+    torch.library.opcheck(su.mamba_step_low_rank_op, low_rank_args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(su.mamba_step_low_rank_in_place_op, low_rank_args, test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(su.mamba_step_in_place_op, mamba_args, test_utils=("test_schema", "test_faketensor"))
 
 
