@@ -30,7 +30,7 @@ from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
 from .ops.moe import moe_forward, moe_router
 from .ops.norm import rms_norm
-from .ops.ssm import MambaCache, causal_conv1d, mamba_step, selective_scan
+from .ops.ssm import MambaCache, causal_conv1d, mamba_step_low_rank, selective_scan
 from . import kernels
 
 USE_KERNELS = True  # False runs the reference ops (ops/) on every device, e.g. to compare them with the kernels
@@ -241,16 +241,25 @@ class Ssm(nn.Module):
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([256, 16, 16], dim=-1)  # (B, T, 256), (B, T, 16) × 2
         if cache is not None and T == 1:
-            dt = dt[:, 0]  # (B, 256), rows: torch.export traces the product for any batch size
-            dt = (
-                kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
-            )  # (B, 8192); its bias is added in the step
-            step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
-            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
-                y = kernels.state_update_module.mamba_step_(*step_args)
+            # Δ's low rank (B, 256) on rows (torch.export traces them for any batch size); the step projects it with
+            # dt_proj's weight and adds its bias
+            step_args = (
+                cache.ssm_state,
+                x[:, 0],
+                dt[:, 0],
+                self.dt_proj.weight,
+                self.A_log,
+                B_ssm[:, 0],
+                C_ssm[:, 0],
+                self.D,
+                z[:, 0],
+                self.dt_proj.bias,
+            )
+            if use_kernel(kernels.mamba_step_low_rank, x):  # Δ's projection, A = -exp(A_log), the step and the gate in one launch
+                y = kernels.state_update_module.mamba_step_low_rank_(*step_args)
                 ssm_state = cache.ssm_state  # written in place by the kernel
             else:
-                y, ssm_state = mamba_step(*step_args)
+                y, ssm_state = mamba_step_low_rank(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 8192)
         else:
             A = -torch.exp(self.A_log.float())  # (8192, 16)

@@ -30,7 +30,7 @@ from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask, vicreg_
 from .ops.memory import MemoryState, memory_mlp, memory_read_write
 from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
-from .ops.ssm import MambaCache, causal_conv1d, mamba_step, selective_scan
+from .ops.ssm import MambaCache, causal_conv1d, mamba_step_low_rank, selective_scan
 from .ops.symbolic import forward_chain, rule_masks
 from . import kernels
 
@@ -235,16 +235,25 @@ class Ssm(nn.Module):
             x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([32, 16, 16], dim=-1)  # (B, T, 32), (B, T, 16) × 2
         if cache is not None and T == 1:
-            dt = dt[:, 0]  # (B, 32), rows: torch.export traces the product for any batch size
-            dt = (
-                kernels.linear(dt, self.dt_proj.weight) if runs_gemv(dt) else F.linear(dt, self.dt_proj.weight)
-            )  # (B, 1024); its bias is added in the step
-            step_args = (cache.ssm_state, x[:, 0], dt, self.A_log, B_ssm[:, 0], C_ssm[:, 0], self.D, z[:, 0], self.dt_proj.bias)
-            if use_kernel(kernels.mamba_step, x):  # A = -exp(A_log), the step and the gate in one launch
-                y = kernels.state_update_module.mamba_step_(*step_args)
+            # Δ's low rank (B, 32) on rows (torch.export traces them for any batch size); the step projects it with
+            # dt_proj's weight and adds its bias
+            step_args = (
+                cache.ssm_state,
+                x[:, 0],
+                dt[:, 0],
+                self.dt_proj.weight,
+                self.A_log,
+                B_ssm[:, 0],
+                C_ssm[:, 0],
+                self.D,
+                z[:, 0],
+                self.dt_proj.bias,
+            )
+            if use_kernel(kernels.mamba_step_low_rank, x):  # Δ's projection, A = -exp(A_log), the step and the gate in one launch
+                y = kernels.state_update_module.mamba_step_low_rank_(*step_args)
                 ssm_state = cache.ssm_state  # written in place by the kernel
             else:
-                y, ssm_state = mamba_step(*step_args)
+                y, ssm_state = mamba_step_low_rank(*step_args)
             y = y.unsqueeze(1)  # (B, 1, 1024)
         else:
             A = -torch.exp(self.A_log.float())  # (1024, 16)

@@ -29,7 +29,7 @@ try:
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
-    from .state_update import mamba_step
+    from .state_update import mamba_step_low_rank
     from .swiglu import swiglu
 except ImportError:  # no triton
     triton_support = None
@@ -50,7 +50,7 @@ except ImportError:  # no triton
     rms_norm = None
     apply_rope_qk = None
     selective_scan = None
-    mamba_step = None
+    mamba_step_low_rank = None
     swiglu = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -92,7 +92,7 @@ def decompositions() -> dict:
 
         table.update(selective_scan_module.decomposition(reference, max_seqlen=8192))
     if state_update_module is not None:
-        from ..ops.ssm import mamba_step as reference
+        from ..ops.ssm import mamba_step_low_rank as reference
 
         table.update(state_update_module.decomposition(reference, max_seqlen=8192))
     if swiglu_module is not None:

@@ -1,5 +1,6 @@
 """One-token state updates for decoding, as Triton kernels: a Mamba-2 block's `mamba2_step` and a Mamba-1 block's
-`mamba_step`, each the op a generated model's decoding step calls.
+`mamba_step` (and `mamba_step_low_rank`, which also projects Δ from its low rank: what a generated Mamba-1 layer's
+decoding step calls), each the op a generated model's decoding step calls.
 
 Each is the recurrence of its scan at a single position, with the same arguments and results as the reference step in
 templates/runtime/ssd.py and ssm.py (ops/ of a generated package)::
@@ -42,7 +43,8 @@ SELECTIVE_STEP_CONFIG = {"BLOCK_D": 64, "num_warps": 4}
 def _selective_step_kernel(
     state_ptr, state_stride_b, state_stride_d, state_stride_n,
     u_ptr, u_stride_b, u_stride_d,
-    delta_ptr, delta_stride_b, delta_stride_d,
+    delta_ptr, delta_stride_b, delta_stride_d,  # Δ before its bias (B, D), or its low rank (B, R) with PROJECT_DELTA
+    delta_weight_ptr, delta_weight_stride_d, delta_weight_stride_r, rank,  # dt_proj's weight (D, R)
     A_log_ptr, A_log_stride_d, A_log_stride_n,  # A = -exp(A_log), as a Mamba block keeps it
     B_ptr, B_stride_b, B_stride_n,
     C_ptr, C_stride_b, C_stride_n,
@@ -51,7 +53,8 @@ def _selective_step_kernel(
     new_state_ptr, new_state_stride_b, new_state_stride_d, new_state_stride_n,  # the state itself when in place
     dim, dstate,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROJECT_DELTA: tl.constexpr,  # Δ = dt_proj's weight · the low-rank Δ, for this program's channels
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -60,7 +63,15 @@ def _selective_step_kernel(
     n_in = n < dstate
     dn_in = d_in[:, None] & n_in[None, :]
     b64 = b.to(tl.int64)
-    dt = tl.load(delta_ptr + b64 * delta_stride_b + d * delta_stride_d, mask=d_in, other=0.0).to(tl.float32)
+    if PROJECT_DELTA:
+        r = tl.arange(0, BLOCK_R)
+        r_in = r < rank
+        low = tl.load(delta_ptr + b64 * delta_stride_b + r * delta_stride_d, mask=r_in, other=0.0).to(tl.float32)
+        weight = tl.load(delta_weight_ptr + d[:, None] * delta_weight_stride_d + r[None, :] * delta_weight_stride_r,
+                         mask=d_in[:, None] & r_in[None, :], other=0.0).to(tl.float32)
+        dt = tl.sum(weight * low[None, :], axis=1)
+    else:
+        dt = tl.load(delta_ptr + b64 * delta_stride_b + d * delta_stride_d, mask=d_in, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
     dt = softplus(dt)
@@ -325,8 +336,9 @@ def _mamba_step_in_place_impl(state: Tensor, u: Tensor, delta: Tensor, A_log: Te
     return y
 
 
-def _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state=None):
-    """(y, new state): the new state in out_state (the state itself, for the in-place op) or a new float32 tensor."""
+def _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state=None, delta_proj_weight=None):
+    """(y, new state): the new state in out_state (the state itself, for the in-place op) or a new float32 tensor.
+    With delta_proj_weight (D, R), delta is Δ's low rank (B, R), projected in the kernel."""
     batch, dim = u.shape
     dstate = A_log.shape[1]
     if state.shape != (batch, dim, dstate):
@@ -337,15 +349,58 @@ def _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state
                                                                     device=u.device)
     if y.numel() == 0 or dstate == 0:
         return y.zero_(), new_state.zero_()
+    rank = delta_proj_weight.size(1) if delta_proj_weight is not None else 1
     block_d = SELECTIVE_STEP_CONFIG["BLOCK_D"]
     with on_device(u):
         _selective_step_kernel[(batch, triton.cdiv(dim, block_d))](
-            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(A_log, 2), *strided(B, 2),
-            *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2), *strided(new_state, 3), dim, dstate,
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            BLOCK_D=block_d, BLOCK_N=triton.next_power_of_2(dstate), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
+            *strided(state, 3), *strided(u, 2), *strided(delta, 2), *strided(delta_proj_weight, 2), rank,
+            *strided(A_log, 2), *strided(B, 2), *strided(C, 2), D, *strided(z, 2), delta_bias, *strided(y, 2),
+            *strided(new_state, 3), dim, dstate, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, PROJECT_DELTA=delta_proj_weight is not None, BLOCK_D=block_d,
+            BLOCK_N=triton.next_power_of_2(dstate), BLOCK_R=triton.next_power_of_2(rank),
+            num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
         )
     return y, new_state
+
+
+def _check_low_rank(u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor) -> None:
+    (batch, dim), rank = u.shape, delta_proj_weight.size(-1)
+    if delta_proj_weight.shape != (dim, rank) or delta_low.shape != (batch, rank):
+        raise ValueError(f"mamba_step_low_rank: delta_proj_weight must be (D, R) and delta_low (B, R) with (B, D) = "
+                         f"{(batch, dim)}, got {tuple(delta_proj_weight.shape)} and {tuple(delta_low.shape)}")
+
+
+def _mamba_step_low_rank_impl(state: Tensor, u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor, A_log: Tensor,
+                              B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                              delta_bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    """archgen_v1::mamba_step_low_rank -> (y (B, D) in u.dtype, new_state (B, D, N) float32)."""
+    _check_low_rank(u, delta_low, delta_proj_weight)
+    if not (u.is_cuda or triton_on_cpu()):
+        return mamba_step_low_rank_reference(state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, delta_bias)
+    return _launch_mamba_step(state, u, delta_low, A_log, B, C, D, z, delta_bias, delta_proj_weight=delta_proj_weight)
+
+
+def _mamba_step_low_rank_in_place_impl(state: Tensor, u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor,
+                                       A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+                                       delta_bias: Tensor | None) -> Tensor:
+    """archgen_v1::mamba_step_low_rank_ -> y (B, D) in u.dtype; state (B, D, N) updated where it lies."""
+    _check_low_rank(u, delta_low, delta_proj_weight)
+    if not (u.is_cuda or triton_on_cpu()):
+        y, new_state = mamba_step_low_rank_reference(state, u, delta_low, delta_proj_weight, A_log, B, C, D, z,
+                                                     delta_bias)
+        state.copy_(new_state)
+        return y
+    y, _ = _launch_mamba_step(state, u, delta_low, A_log, B, C, D, z, delta_bias, out_state=state,
+                              delta_proj_weight=delta_proj_weight)
+    return y
+
+
+def _mamba_step_low_rank_fake(state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, delta_bias):
+    return _mamba_step_fake(state, u, delta_low, A_log, B, C, D, z, delta_bias)
+
+
+def _mamba_step_low_rank_in_place_fake(state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, delta_bias):
+    return u.new_empty(u.shape)
 
 
 def _mamba_step_fake(state, u, delta, A_log, B, C, D, z, delta_bias):
@@ -386,7 +441,20 @@ def mamba_step_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def mamba_step_low_rank_reference(state: Tensor, u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor,
+                                  A_log: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                                  delta_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """mamba_step_reference with Δ before its bias = delta_low (B, R) · delta_proj_weight (D, R)ᵀ, in float32 (float64
+    for float64 inputs): the kernel's product, unrounded."""
+    acc = torch.float64 if delta_low.dtype == torch.float64 else torch.float32
+    delta = delta_low.to(acc) @ delta_proj_weight.to(acc).T  # (B, D)
+    return mamba_step_reference(state, u, delta, A_log, B, C, D, z, delta_bias)
+
+
 mamba_step_op = register_op("mamba_step", _mamba_step_impl, _mamba_step_fake)
+mamba_step_low_rank_op = register_op("mamba_step_low_rank", _mamba_step_low_rank_impl, _mamba_step_low_rank_fake)
+mamba_step_low_rank_in_place_op = register_op("mamba_step_low_rank_", _mamba_step_low_rank_in_place_impl,
+                                              _mamba_step_low_rank_in_place_fake, mutates_args=("state",))
 mamba_step_in_place_op = register_op("mamba_step_", _mamba_step_in_place_impl, _mamba_step_in_place_fake,
                                      mutates_args=("state",))
 mamba2_step_op = register_op("mamba2_step", _mamba2_step_impl, _mamba2_step_fake)
@@ -430,6 +498,28 @@ def mamba_step_(
         state.copy_(new_state)
         return y
     return mamba_step_in_place_op(state, u, delta, A_log, B, C, D, z, delta_bias)
+
+
+def mamba_step_low_rank(state: Tensor, u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor, A_log: Tensor,
+                        B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                        delta_bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`mamba_step` with Δ's projection in the same launch: Δ before its bias = dt_proj's weight (D, R) times the
+    low-rank Δ (B, R) of x_proj, each program computing its channels' (a (BLOCK_D, R) tile of the weight), so a
+    Mamba-1 decoding step launches no GEMV for dt_proj. As ops/ssm.py's `mamba_step_low_rank`."""
+    return mamba_step_low_rank_op(state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, delta_bias)
+
+
+def mamba_step_low_rank_(state: Tensor, u: Tensor, delta_low: Tensor, delta_proj_weight: Tensor, A_log: Tensor,
+                         B: Tensor, C: Tensor, D: Tensor | None = None, z: Tensor | None = None,
+                         delta_bias: Tensor | None = None) -> Tensor:
+    """`mamba_step_low_rank` with the new state written over `state`, as `mamba_step_`: what a generated Mamba-1
+    layer's decoding step calls. Returns y (B, D)."""
+    args = (state, u, delta_low, delta_proj_weight, A_log, B, C, D, z, delta_bias)
+    if torch.compiler.is_exporting():
+        y, new_state = mamba_step_low_rank_op(*args)
+        state.copy_(new_state)
+        return y
+    return mamba_step_low_rank_in_place_op(*args)
 
 
 def mamba2_step(
@@ -484,11 +574,11 @@ def mamba2_step_(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{the custom op `reference` is the reference of: `reference`}, for ONNX. This file holds two ops, and a generated
-    package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's `mamba2_step` or
-    ops/ssm.py's `mamba_step`, each with its op's signature, so it is the decomposition as it stands. max_seqlen is
-    unused (one position)."""
-    ops = ("mamba2_step", "mamba_step")
+    """{the custom op `reference` is the reference of: `reference`}, for ONNX. This file holds three ops, and a generated
+    package calls this once per op it uses, with the ops/ function of the op's name: ops/ssd.py's `mamba2_step`,
+    ops/ssm.py's `mamba_step` or `mamba_step_low_rank`, each with its op's signature, so it is the decomposition as it
+    stands. max_seqlen is unused (one position)."""
+    ops = ("mamba2_step", "mamba_step", "mamba_step_low_rank")
     if reference.__name__ not in ops:
         raise ValueError(f"state_update has no op whose reference is {reference.__name__!r}; it lowers "
                          f"{', '.join(ops)}")

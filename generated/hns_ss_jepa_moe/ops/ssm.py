@@ -239,6 +239,23 @@ def mamba_step(
     return selective_state_step(state, u, delta, A, B, C, D, z, delta_bias, delta_softplus=True)
 
 
+def mamba_step_low_rank(
+    state: Tensor,
+    u: Tensor,
+    delta_low: Tensor,
+    delta_proj_weight: Tensor,
+    A_log: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """`mamba_step` with Δ before its bias projected from its low rank: delta_low (B, R) · delta_proj_weight (D, R)ᵀ
+    (dt_proj without its bias, which the step adds). The Triton kernel of the same name projects in the step's launch."""
+    return mamba_step(state, u, F.linear(delta_low, delta_proj_weight), A_log, B, C, D, z, delta_bias)
+
+
 @dataclass
 class MambaCache:
     """Decode-time state of one Mamba layer.

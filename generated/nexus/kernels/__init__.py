@@ -27,7 +27,7 @@ try:
     from .rope import apply_rope_qk
     from .selective_scan import selective_scan
     from .silu_mul import silu_mul
-    from .state_update import mamba_step
+    from .state_update import mamba_step_low_rank
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
@@ -45,7 +45,7 @@ except ImportError:  # no triton
     apply_rope_qk = None
     selective_scan = None
     silu_mul = None
-    mamba_step = None
+    mamba_step_low_rank = None
 else:
     triton_support.RUNTIME_TUNING = False
 
@@ -86,7 +86,7 @@ def decompositions() -> dict:
 
         table.update(silu_mul_module.decomposition(reference, max_seqlen=4096))
     if state_update_module is not None:
-        from ..ops.ssm import mamba_step as reference
+        from ..ops.ssm import mamba_step_low_rank as reference
 
         table.update(state_update_module.decomposition(reference, max_seqlen=4096))
     return table
