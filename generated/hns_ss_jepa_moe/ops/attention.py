@@ -705,7 +705,9 @@ class StepContext:
     (one class of a generated model) has the same frequencies, window and cache geometry, so the component's first
     layer computes these and the others reuse them; a decode step would otherwise launch the same angles and mask
     once per layer, a dozen kernels each. The model makes one per forward and hands it to every layer (the blocks'
-    `step` argument); a layer called alone makes its own.
+    `step` argument); a layer called alone makes its own. Under torch.compile each layer computes its own: with each
+    layer compiled on its own (`compile: true` in training), a memo that the first layer writes and the others read
+    would give every layer class two graphs, and inside a graph these are a few fused elementwise ops.
     """
 
     def __init__(self, positions: Tensor, pads: Tensor | None = None):
@@ -717,6 +719,8 @@ class StepContext:
 
     def rope_cos_sin(self, component: str, inv_freq: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
         """rope_cos_sin(inv_freq, token_positions, mscale), computed by the first layer of `component`."""
+        if torch.compiler.is_compiling():
+            return rope_cos_sin(inv_freq, self.token_positions, mscale)
         key = (component, "rope")
         if key not in self._shared:
             self._shared[key] = rope_cos_sin(inv_freq, self.token_positions, mscale)
@@ -732,13 +736,18 @@ class StepContext:
         Built by the first layer of `component`, whose cache stands for every layer's: one component's caches have
         one geometry.
         """
+        if torch.compiler.is_compiling():
+            return self._build_mask(cache, window, dtype)
         key = (component, "mask")
         if key not in self._shared:
-            T = self.positions.size(-1)
-            k_positions = self.positions if cache is None else cache.key_positions(self.positions[0], T)  # (S,)
-            if self.pads is not None:
-                k_positions = hide_pads(k_positions, self.pads)  # (B, S)
-            self._shared[key] = AttentionMask.build(
-                self.token_positions, k_positions, window, queries_see_themselves=self.pads is None, dtype=dtype
-            )
+            self._shared[key] = self._build_mask(cache, window, dtype)
         return self._shared[key]
+
+    def _build_mask(self, cache, window: int | None, dtype: torch.dtype) -> AttentionMask:
+        T = self.positions.size(-1)
+        k_positions = self.positions if cache is None else cache.key_positions(self.positions[0], T)  # (S,)
+        if self.pads is not None:
+            k_positions = hide_pads(k_positions, self.pads)  # (B, S)
+        return AttentionMask.build(
+            self.token_positions, k_positions, window, queries_see_themselves=self.pads is None, dtype=dtype
+        )
