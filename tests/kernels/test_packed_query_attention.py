@@ -277,6 +277,21 @@ def test_sliding_window_attention_replaces_the_runtime_op(T, window):
     compare(got, want, TOLERANCE[torch.float32])
 
 
+def test_the_gradients_reach_the_projections_in_their_layout():
+    """q, k and v as a layer makes them, views of one (B, T, heads x D) projection each, transposed: the backward
+    hands dq, dk and dv back laid out the same way, so the views pass them to the projection without a copy."""
+    g = torch.Generator().manual_seed(6)
+    B, H, Hkv, T, D = 2, 4, 2, 21, 16
+    projection = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(DEVICE).requires_grad_()
+    q, k, v = projection.view(B, T, H + 2 * Hkv, D).transpose(1, 2).split([H, Hkv, Hkv], dim=1)
+    layouts = []
+    for t in (q, k, v):
+        t.register_hook(lambda grad: layouts.append(grad.transpose(1, 2).is_contiguous()))
+    out = pqa.sliding_window_attention(q, k, v, 8)
+    out.backward(torch.randn(out.shape, generator=g).to(DEVICE))
+    assert layouts == [True, True, True]
+
+
 def test_selected_rows_put_the_selected_tokens_first_in_order():
     selected = torch.tensor([[False, True, False, True, True], [False, False, False, False, False]])
     rows, positions = pqa.selected_rows(selected)
