@@ -736,9 +736,7 @@ def packed_query_attention_backward(
     B, H, S, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     configs = configs or {}
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = _projection_layout(q), _projection_layout(k), _projection_layout(v)
     if S == 0 or Tk == 0 or B * H == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     # written by the dq kernel: each row's delta = rowsum(dO * O), and its lse and position for the dkdv kernel's TMA
@@ -918,10 +916,15 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, q_positions: T
 
 
 def _backward_fake(dout, q, k, v, q_positions, valid, out, lse, scale, window):
-    def like(t):
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return _projection_layout(q), _projection_layout(k), _projection_layout(v)
 
-    return like(q), like(k), like(v)
+
+def _projection_layout(t: Tensor) -> Tensor:
+    """An empty (B, heads, rows, width) tensor like t, laid out as a projection's output: (B, rows, heads, width) in
+    memory, transposed, as the forward's output is. The backward's dq, dk and dv lie so, and the view-and-transpose
+    that made q, k and v from their projections passes them on without a copy."""
+    B, H, S, D = t.shape
+    return t.new_empty((B, S, H, D)).transpose(1, 2)
 
 
 def _setup_context(ctx, inputs, output):
