@@ -47,31 +47,35 @@ and, with a_t h_{t-1} = h_t - x_t (no shift of the states by one step is needed)
     dA   = Σ_{b,t} g_t (a_t h_{t-1}) Δ_t                        dD = Σ_{b,t} dȳ_t u_t,  d delta_bias = Σ_{b,t} d delta_t
     dB_t = Σ_d g_t Δ_t u_t                                      dC_t = Σ_d dȳ_t h_t
 
-The grid is (batch, blocks of BLOCK_D = 32 · num_warps channels), one channel per lane: a lane holds the N states
-of its channel in registers and runs the adjoint one step after the other, the chunks in reverse order. A lane
-cannot hold CHUNK · N states, so the chunk is cut into pieces of SUB steps, last piece first: for each, the forward
-runs again from the chunk's checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D)
+The grid is (batch, blocks of BLOCK_D = 32 · num_warps channels), one channel per lane: a lane holds the N states of
+its channel in registers and runs the adjoint one step after the other, the chunks in reverse order. A lane cannot
+hold CHUNK · N states, so the chunk is cut into pieces of SUB steps, last piece first: for each, the forward runs
+again from the chunk's checkpoint up to the piece's end, holding the piece's SUB states in a (SUB, N, BLOCK_D)
 register tile (its time axis within the lane: writing and reading a row are moves), then the adjoint runs back over
 the piece: (CHUNK / SUB + 1) / 2 exp2 per step and state, plus one for a_{t+1}. The sums over n stay within a lane;
-the sums over channels (dB_t, dC_t) cross lanes, 5 shuffle rounds each. Reductions are deterministic, without
-atomics: dA, dD and d delta_bias summed per lane over time and written per batch row and segment ((B·S, D, N), (B·S,
-D)), dB and dC per block of channels ((B, T, blocks, N)); torch sums those. Time can be split into S segments run in
-parallel (program_id(2)), each started from the adjoint entering it at its right end: a pre-pass
-(`_selective_scan_bwd_carry_kernel`) computes every segment's adjoint from dȳ alone and the sum of its Δ, and each
-segment folds those of the segments after it onto the final state's gradient. That adds warps without adding
-registers: it pays where the batch leaves the GPU idle (`_segments_to_fill`), and costs its pre-pass where the grid
-fills the GPU already (gpu8/call2: 15.2 against 13.6 ms at the anchor shape). PREFETCH issues PTX prefetches of the
-next chunk's rows (u, delta, z, dy, B, C, its checkpoint) into L1 as a chunk starts, at no register cost. Nsight
-Compute (gpu7/call3) shows why the backward is slow: ptxas gives it 255 registers a thread, so 8 warps fit an SM (2 per scheduler,
-occupancy 12%), and the grid (one warp per 32 channels: 1024 warps at the anchor shape) fills exactly one wave of
-them; issue slots are 35% busy, DRAM 3%: each warp waits on its own dependent chain of loads, MUFU and shuffles.
-Chunks of 4 steps cut the recomputed steps from 4.5 to 1 a step (SUB 4: the piece is the chunk): the backward went
-from 19.8 to 13.6 ms, forward+backward from 22.4 to 17.3 ms (the forward writes 4 times the checkpoint bytes: 2.55
-to 3.48 ms). (H200, anchor shape, gpu7/call3; mamba_ssm's forward+backward 11.4 ms, its backward about 9 ms.
-Loading the inputs through the read-only path (PTX ld.global.nc, free of the stores' order) ran 16% (chunk 16)
-and 44% (chunk 4) slower: the compiler hoisted the loads and spilled. Two time-parallel backwards, scanning a chunk's
-adjoints at once with a reverse `tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK,
-BLOCK_D, N) tiles 32-47 ms, on (CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
+the sums over a warp's channels (dB_t, dC_t) cross lanes and scatter as they reduce (`_sum_across_lanes`): each of 5
+rounds halves what a lane holds, handing one half to its partner lane and adding the half it gets back, so the N
+sums cost N shuffles a lane where tl.sum's butterfly took 5 N and sent its replicated result through shared memory
+(sm_90 PTX of a chunk at chunk 4 / SUB 4, triton 3.6: 4270 -> 3462 instructions, 640 -> 128 shuffles, 8 -> 0
+barriers). Reductions are deterministic, without atomics: dA, dD and d delta_bias summed per lane over time and
+written per batch row and segment ((B·S, D, N), (B·S, D)), dB and dC per warp's channels ((B, T, D / 32, N)); torch
+sums those. Time can be split into S segments run in parallel (program_id(2)), each started from the adjoint
+entering it at its right end: a pre-pass (`_selective_scan_bwd_carry_kernel`) computes every segment's adjoint from
+dȳ alone and the sum of its Δ, and each segment folds those of the segments after it onto the final state's
+gradient. That adds warps without adding registers: it pays where the batch leaves the GPU idle
+(`_segments_to_fill`), and costs its pre-pass where the grid fills the GPU already (gpu8/call2: 15.2 against 13.6 ms
+at the anchor shape). PREFETCH issues PTX prefetches of the next chunk's rows (u, delta, z, dy, B, C, its
+checkpoint) into L1 as a chunk starts, at no register cost. Nsight Compute (gpu7/call3) shows why the backward is
+slow: ptxas gives it 255 registers a thread, so 8 warps fit an SM (2 per scheduler, occupancy 12%), and the grid
+(one warp per 32 channels: 1024 warps at the anchor shape) fills exactly one wave of them; issue slots are 35% busy,
+DRAM 3%: each warp waits on its own dependent chain of loads, MUFU and shuffles. Chunks of 4 steps cut the
+recomputed steps from 4.5 to 1 a step (SUB 4: the piece is the chunk): the backward went from 19.8 to 13.6 ms,
+forward+backward from 22.4 to 17.3 ms (the forward writes 4 times the checkpoint bytes: 2.55 to 3.48 ms). (H200,
+anchor shape, gpu7/call3; mamba_ssm's forward+backward 11.4 ms, its backward about 9 ms. Loading the inputs through
+the read-only path (PTX ld.global.nc, free of the stores' order) ran 16% (chunk 16) and 44% (chunk 4) slower: the
+compiler hoisted the loads and spilled. Two time-parallel backwards, scanning a chunk's adjoints at once with a
+reverse `tl.associative_scan`, ran slower and were removed: on the forward's (CHUNK, BLOCK_D, N) tiles 32-47 ms, on
+(CHUNK, BLOCK_D) tiles one state index at a time 24-31 ms; docs/design.md says why.)
 
 Contents: `selective_scan` (the entry point, CUDA tensors), the custom ops `archgen_v1::selective_scan` and
 `archgen_v1::selective_scan_backward` (one graph node each under torch.compile and torch.export, with fake
@@ -305,6 +309,68 @@ def _chunk_states(decay, inp, entering_state):
 def _row(tile, rows, index):
     """tile[index] of a (CHUNK, ...) register tile, as a masked sum (registers cannot be indexed)."""
     return tl.sum(tl.where(rows[:, None, None] == index, tile, 0.0), axis=0)
+
+
+@triton.jit
+def _exchange(x, MASK: tl.constexpr):
+    """x[:, d ^ MASK]: what the channel MASK apart holds; a warp shuffle where the channels lie along one warp's
+    lanes (across warps, as at 64 channels on 2 warps, triton goes through shared memory)."""
+    partner = tl.arange(0, x.shape[1]) ^ MASK
+    return tl.gather(x, tl.broadcast_to(partner[None, :], x.shape), axis=1)
+
+
+@triton.jit
+def _halve_across(x, lane, MASK: tl.constexpr):
+    """One round of a sum across lanes that scatters as it reduces: each lane keeps half its rows of x (K, BLOCK_D)
+    (the upper half where lane & MASK is set), hands the other half to lane ^ MASK and adds the half it gets back:
+    (K // 2, BLOCK_D). With one row left, a butterfly step."""
+    if x.shape[0] == 1:
+        out = x + _exchange(x, MASK)
+    else:
+        rows = tl.arange(0, x.shape[0])[:, None]
+        half = tl.arange(0, x.shape[0] // 2)[:, None]
+        upper = ((lane & MASK) != 0)[None, :]
+        kept = tl.zeros((x.shape[0] // 2, x.shape[1]), dtype=tl.float32)
+        sent = tl.zeros((x.shape[0] // 2, x.shape[1]), dtype=tl.float32)
+        for k in tl.static_range(x.shape[0] // 2):
+            # Rows of a tile held within each lane: the masked sums are register moves after compilation.
+            low = tl.sum(tl.where(rows == k, x, 0.0), axis=0)[None, :]
+            high = tl.sum(tl.where(rows == k + x.shape[0] // 2, x, 0.0), axis=0)[None, :]
+            kept = tl.where(half == k, tl.where(upper, high, low), kept)
+            sent = tl.where(half == k, tl.where(upper, low, high), sent)
+        out = kept + _exchange(sent, MASK)
+    return out
+
+
+@triton.jit
+def _sum_across_lanes(x, lane, LANES: tl.constexpr):
+    """x (BLOCK_N, BLOCK_D) summed over each group of LANES consecutive channels, scattered over the group's lanes:
+    (BLOCK_N // LANES or 1, BLOCK_D), the state index of each value given by `_scattered_index`. log2(LANES) rounds of
+    `_halve_across`: at N = 16 over 32 lanes 16 shuffles and 16 adds a lane, where tl.sum's butterfly over the lanes
+    takes 80 of each (5 a value)."""
+    if LANES > 16:
+        x = _halve_across(x, lane, 16)
+    if LANES > 8:
+        x = _halve_across(x, lane, 8)
+    if LANES > 4:
+        x = _halve_across(x, lane, 4)
+    if LANES > 2:
+        x = _halve_across(x, lane, 2)
+    if LANES > 1:
+        x = _halve_across(x, lane, 1)
+    return x
+
+
+@triton.jit
+def _scattered_index(lane, BLOCK_N: tl.constexpr, LANES: tl.constexpr):
+    """(state index, whether this lane writes it) of each value `_sum_across_lanes` leaves, (ROWS, BLOCK_D) with ROWS
+    = BLOCK_N // LANES or 1. Round by round the lane's bits pick the top bit of the index; when BLOCK_N < LANES the
+    last rounds leave each sum in LANES // BLOCK_N lanes, of which the first writes it."""
+    ROWS: tl.constexpr = BLOCK_N // LANES if BLOCK_N > LANES else 1
+    REPLICAS: tl.constexpr = LANES // BLOCK_N if LANES > BLOCK_N else 1
+    row = tl.arange(0, ROWS)[:, None]
+    index = (lane // REPLICAS)[None, :] * ROWS + row
+    return index, ((lane % REPLICAS) == 0)[None, :] & (row >= 0)
 
 
 @triton.jit
@@ -592,8 +658,8 @@ def _selective_scan_bwd_kernel(
     du_ptr, du_stride_b, du_stride_t, du_stride_d,
     ddelta_ptr, ddelta_stride_b, ddelta_stride_t, ddelta_stride_d,
     dz_ptr, dz_stride_b, dz_stride_t, dz_stride_d,
-    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_blk, dB_part_stride_n,
-    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_blk, dC_part_stride_n,
+    dB_part_ptr, dB_part_stride_b, dB_part_stride_t, dB_part_stride_grp, dB_part_stride_n,
+    dC_part_ptr, dC_part_stride_b, dC_part_stride_t, dC_part_stride_grp, dC_part_stride_n,
     dA_part_ptr, dA_part_stride_b, dA_part_stride_d, dA_part_stride_n,
     dD_part_ptr, dD_part_stride_b, dD_part_stride_d,
     dbias_part_ptr, dbias_part_stride_b, dbias_part_stride_d,
@@ -613,6 +679,7 @@ def _selective_scan_bwd_kernel(
     SEGMENTED: tl.constexpr,  # time is split into n_segments > 1 segments (program_id(2)), carry_ptr holds their carries
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,  # channels per program: one per lane (32 · num_warps)
+    LANES: tl.constexpr,  # channels per partial sum of dB and dC: a warp's (min(32, BLOCK_D))
 ):
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -622,6 +689,11 @@ def _selective_scan_bwd_kernel(
     sub_rows = tl.arange(0, SUB)[:, None, None]
     d_in = d_offs < dim
     n_in = n_offs < dstate
+    # Where each lane writes its share of the sums over channels for dB and dC (see _sum_across_lanes).
+    lane = tl.arange(0, BLOCK_D) % LANES
+    part_group = (d_offs // LANES)[None, :]
+    part_n, part_writer = _scattered_index(lane, BLOCK_N, LANES)
+    part_writer = part_writer & (part_n < dstate)
 
     A = _load_rows(A_ptr, A_stride_n, d_offs * A_stride_d, d_in, dstate, BLOCK_N)
     A_log2 = A * _LOG2E  # (BLOCK_N, BLOCK_D), like the forward's state; A itself is not kept
@@ -721,15 +793,14 @@ def _selective_scan_bwd_kernel(
                 dD_acc += dy_ssm * u
 
                 g = dy_ssm[None, :] * C[:, None] + adjoint  # dL/dh_t
-                # dB, dC: this block's share of the sum over channels (a sum across lanes).
-                dC_part = tl.sum(dy_ssm[None, :] * h, axis=1)  # (BLOCK_N,)
-                dB_part = tl.sum(g * dtu[None, :], axis=1)
-                part_offs = pid_d * dC_part_stride_blk + _step_offsets(pid_b, t, dC_part_stride_b, dC_part_stride_t,
-                                                                        dC_part_stride_n, n_offs)
-                tl.store(dC_part_ptr + part_offs, dC_part, mask=tn_in)
-                part_offs = pid_d * dB_part_stride_blk + _step_offsets(pid_b, t, dB_part_stride_b, dB_part_stride_t,
-                                                                        dB_part_stride_n, n_offs)
-                tl.store(dB_part_ptr + part_offs, dB_part, mask=tn_in)
+                # dB, dC: each group of LANES channels' share of the sum over channels (a sum across lanes).
+                part_mask = tl.where(t < seqlen, part_writer, False)
+                dC_part = _sum_across_lanes(dy_ssm[None, :] * h, lane, LANES)
+                part_offs = _step_offsets(pid_b, t, dC_part_stride_b, dC_part_stride_t, dC_part_stride_n, part_n)
+                tl.store(dC_part_ptr + part_offs + part_group * dC_part_stride_grp, dC_part, mask=part_mask)
+                dB_part = _sum_across_lanes(g * dtu[None, :], lane, LANES)
+                part_offs = _step_offsets(pid_b, t, dB_part_stride_b, dB_part_stride_t, dB_part_stride_n, part_n)
+                tl.store(dB_part_ptr + part_offs + part_group * dB_part_stride_grp, dB_part, mask=part_mask)
 
                 # Through the input Δ u B and the decay exp(Δ A); a_t h_{t-1} = h_t - x_t.
                 g_dot_B = tl.sum(g * B[:, None], axis=0)  # (BLOCK_D,)
@@ -1004,8 +1075,9 @@ def selective_scan_backward(
         dD_part = torch.empty((batch * segments, dim), dtype=torch.float32, device=device) if D is not None else None
         dbias_part = (torch.empty((batch * segments, dim), dtype=torch.float32, device=device)
                       if delta_bias is not None else None)
-        dB_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
-        dC_part = torch.empty((batch, seqlen, blocks, dstate), dtype=torch.float32, device=device)
+        lanes = min(32, cfg["BLOCK_D"])
+        dB_part = torch.empty((batch, seqlen, triton.cdiv(dim, lanes), dstate), dtype=torch.float32, device=device)
+        dC_part = torch.empty((batch, seqlen, triton.cdiv(dim, lanes), dstate), dtype=torch.float32, device=device)
         # Each segment but the first needs the adjoint entering it from the later ones: the pre-pass's carries.
         carry = dt_sum = None
         if segments > 1:
@@ -1022,7 +1094,8 @@ def selective_scan_backward(
             *strided(dbias_part, 2), *strided(dinit, 3), *strided(carry, 4), *strided(dt_sum, 3),
             seqlen, n_chunks, segment_chunks, segments, dim, dstate,
             **constexprs, SUB=min(chunk_size, cfg.get("SUB", BACKWARD_DEFAULT["SUB"])), PREFETCH=cfg.get("PREFETCH", 0),
-            SEGMENTED=segments > 1, BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"),
+            SEGMENTED=segments > 1, BLOCK_D=cfg["BLOCK_D"], LANES=lanes, num_warps=cfg["num_warps"],
+            maxnreg=cfg.get("maxnreg"),
         )
         # Reduced here, inside what the tuner times: narrower blocks and more segments have more partial sums.
         dB = dB_part.sum(2).to(B.dtype)
