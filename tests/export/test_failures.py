@@ -25,8 +25,8 @@ def hspmn(tmp_path):
 def test_data_dependent_control_flow_is_located(hspmn, tmp_path, monkeypatch):
     original = hspmn.model.Context.forward
 
-    def forward(self, x, positions, cache=None, pads=None):
-        y, aux = original(self, x, positions, cache, pads=pads)
+    def forward(self, x, positions, cache=None, pads=None, step=None):
+        y, aux = original(self, x, positions, cache, pads=pads, step=step)
         if y.sum() > 0:  # a Python branch on a tensor's value
             y = 2 * y
         return y, aux
