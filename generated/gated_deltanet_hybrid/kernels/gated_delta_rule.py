@@ -76,7 +76,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, interpreting, on_device, op_overload, register_op, strided, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    dtype_name,
+    interpreting,
+    on_device,
+    op_overload,
+    register_op,
+    rounded,
+    strided,
+    triton_on_cpu,
+)
 
 CHUNK_SIZE = 64
 """The default chunk length L (the reference's and flash-linear-attention's): the (L, L) products per chunk against
@@ -168,22 +178,10 @@ operands are rounded to their half dtype and multiplied in float32, which is wha
 
 
 @triton.jit
-def _rounded(value, ty: tl.constexpr):
-    """value.to(ty), rounded to nearest even. The interpreter's own float32 -> bfloat16 conversion is not (it
-    disagreed with torch's on half of random values, and tripled the kernels' bf16 error there): under it, the
-    rounding is done on the float32 bits first, so that the conversion is exact."""
-    if _EMULATE_HALF_DOT and ty == tl.bfloat16:
-        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
-    return value.to(ty)
-
-
-@triton.jit
 def _operand(value, dot_ty: tl.constexpr):
     """value as a tl.dot operand of type dot_ty (see _EMULATE_HALF_DOT)."""
     if _EMULATE_HALF_DOT:
-        operand = _rounded(value, dot_ty).to(tl.float32)
+        operand = rounded(value, dot_ty).to(tl.float32)
     else:
         operand = value.to(dot_ty)
     return operand
@@ -253,21 +251,21 @@ def _chunk_wy_kernel(
     # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v), a block of columns at a time.
     inter_ty = w_ptr.dtype.element_ty
     if STORE_INVERSE:
-        tl.store(inverse_ptr + row[:, None] * CHUNK + t[None, :], _rounded(inverse, inter_ty))
+        tl.store(inverse_ptr + row[:, None] * CHUNK + t[None, :], rounded(inverse, inter_ty))
     k_weight = (beta * tl.exp(cum))[:, None]
     for k0 in range(0, dk, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         k_blk = tl.load(k_base + cols[None, :] * k_stride_k, mask=t_in[:, None] & (cols < dk)[None, :], other=0.0)
         w = tl.dot(_operand(inverse, inter_ty), _operand(k_blk.to(tl.float32) * k_weight, inter_ty),
                    input_precision=DOT_PRECISION)
-        tl.store(w_ptr + row[:, None] * dk + cols[None, :], _rounded(w, inter_ty), mask=(cols < dk)[None, :])
+        tl.store(w_ptr + row[:, None] * dk + cols[None, :], rounded(w, inter_ty), mask=(cols < dk)[None, :])
     v_base = v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t
     for v0 in range(0, dv, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         v_blk = tl.load(v_base + cols[None, :] * v_stride_v, mask=t_in[:, None] & (cols < dv)[None, :], other=0.0)
         u = tl.dot(_operand(inverse, inter_ty), _operand(v_blk.to(tl.float32) * beta[:, None], inter_ty),
                    input_precision=DOT_PRECISION)
-        tl.store(u_ptr + row[:, None] * dv + cols[None, :], _rounded(u, inter_ty), mask=(cols < dv)[None, :])
+        tl.store(u_ptr + row[:, None] * dv + cols[None, :], rounded(u, inter_ty), mask=(cols < dv)[None, :])
 
 
 _TILE = tl.constexpr(16)
@@ -301,7 +299,7 @@ def _store_tile(ptr, row_stride, rows_t, cols_t, tile, CHUNK: tl.constexpr):
 @triton.jit
 def _store_rows(ptr, head_row, width, rows_t, cols, value, CHUNK: tl.constexpr):
     """Rows rows_t (chunk offsets, those past L dropped) and columns cols (< width) of a (B, HV, c·L, width) buffer."""
-    tl.store(ptr + (head_row + rows_t)[:, None] * width + cols[None, :], _rounded(value, ptr.dtype.element_ty),
+    tl.store(ptr + (head_row + rows_t)[:, None] * width + cols[None, :], rounded(value, ptr.dtype.element_ty),
              mask=(rows_t < CHUNK)[:, None] & (cols < width)[None, :])
 
 
@@ -409,22 +407,22 @@ def _chunk_wy_tiled_kernel(
     if STORE_INVERSE:
         inverse = inverse_ptr + (head_row * CHUNK)
         zero = tl.zeros((_TILE, _TILE), dtype=inter_ty)
-        _store_tile(inverse, CHUNK, t0, t0, _rounded(X00, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t0, t0, rounded(X00, inter_ty), CHUNK)
         _store_tile(inverse, CHUNK, t0, t1, zero, CHUNK)
         _store_tile(inverse, CHUNK, t0, t2, zero, CHUNK)
         _store_tile(inverse, CHUNK, t0, t3, zero, CHUNK)
-        _store_tile(inverse, CHUNK, t1, t0, _rounded(X10, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t1, t1, _rounded(X11, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t1, t0, rounded(X10, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t1, t1, rounded(X11, inter_ty), CHUNK)
         _store_tile(inverse, CHUNK, t1, t2, zero, CHUNK)
         _store_tile(inverse, CHUNK, t1, t3, zero, CHUNK)
-        _store_tile(inverse, CHUNK, t2, t0, _rounded(X20, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t2, t1, _rounded(X21, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t2, t2, _rounded(X22, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t0, rounded(X20, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t1, rounded(X21, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t2, t2, rounded(X22, inter_ty), CHUNK)
         _store_tile(inverse, CHUNK, t2, t3, zero, CHUNK)
-        _store_tile(inverse, CHUNK, t3, t0, _rounded(X30, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t3, t1, _rounded(X31, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t3, t2, _rounded(X32, inter_ty), CHUNK)
-        _store_tile(inverse, CHUNK, t3, t3, _rounded(X33, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t0, rounded(X30, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t1, rounded(X31, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t2, rounded(X32, inter_ty), CHUNK)
+        _store_tile(inverse, CHUNK, t3, t3, rounded(X33, inter_ty), CHUNK)
 
     # W = T⁻¹ (β exp(c) ⊙ k) and U = T⁻¹ (β ⊙ v): row tile i is Σ_{j ≤ i} X_ij (tile j of the right-hand side).
     x00 = _operand(X00, inter_ty)
@@ -513,13 +511,13 @@ def _state_kernel(
     k_base = k_ptr + b * k_stride_b + h_key * k_stride_h + rows_k[None, :] * k_stride_k
     for chunk in range(nchunks):
         tl.store(enter_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs,
-                 _rounded(state, inter_ty), mask=kv_in)
+                 rounded(state, inter_ty), mask=kv_in)
         row = head_rows + chunk * CHUNK + t
         W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
         U = tl.load(u_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)  # (L, BV)
         pseudo = U.to(tl.float32) - tl.dot(_operand(W, inter_ty), _operand(state, inter_ty),
                                            input_precision=DOT_PRECISION)
-        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], _rounded(pseudo, inter_ty), mask=v_in[None, :])
+        tl.store(pseudo_ptr + row[:, None] * dv + cols_v[None, :], rounded(pseudo, inter_ty), mask=v_in[None, :])
         cum = tl.load(cum_ptr + row)
         cum_last = tl.load(cum_ptr + head_rows + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + t
@@ -578,7 +576,7 @@ def _output_kernel(
     o = from_state * tl.exp(cum)[:, None]
     o = tl.dot(_operand(P, inter_ty), _operand(pseudo, inter_ty), o, input_precision=DOT_PRECISION) * scale
     tl.store(o_ptr + b * o_stride_b + pos[:, None] * o_stride_t + h * o_stride_h + cols_v[None, :] * o_stride_v,
-             _rounded(o, o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
+             rounded(o, o_ptr.dtype.element_ty), mask=t_in[:, None] & v_in[None, :])
 
 
 @triton.jit
@@ -625,7 +623,7 @@ def _intra_chunk_dpseudo_kernel(
     do = tl.load(do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t + cols_v[None, :] * do_stride_v,
                  mask=t_in[:, None] & v_in[None, :], other=0.0)
     dlocal = tl.dot(_operand(P_T, inter_ty), _operand(do, inter_ty), input_precision=DOT_PRECISION)
-    tl.store(dlocal_ptr + row[:, None] * dv + cols_v[None, :], _rounded(dlocal, inter_ty), mask=v_in[None, :])
+    tl.store(dlocal_ptr + row[:, None] * dv + cols_v[None, :], rounded(dlocal, inter_ty), mask=v_in[None, :])
 
 
 @triton.jit
@@ -675,7 +673,7 @@ def _state_backward_kernel(
     for step in range(nchunks):
         chunk = nchunks - 1 - step
         tl.store(dleave_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv + state_offs,
-                 _rounded(dstate, inter_ty), mask=kv_in)
+                 rounded(dstate, inter_ty), mask=kv_in)
         pos = chunk * CHUNK + t
         t_in = pos < seqlen
         row = head_rows + pos
@@ -688,7 +686,7 @@ def _state_backward_kernel(
         do = tl.load(do_base + pos[:, None] * do_stride_t, mask=t_in[:, None] & v_in[None, :], other=0.0)  # (L, BV)
         dlocal = tl.load(dlocal_ptr + row[:, None] * dv + cols_v[None, :], mask=v_in[None, :], other=0.0)
         dpseudo = tl.dot(_operand(k, inter_ty), _operand(dstate, inter_ty), input_precision=DOT_PRECISION)
-        dpseudo = _rounded(dpseudo * tl.exp(cum_last - cum)[:, None] + dlocal.to(tl.float32), inter_ty)
+        dpseudo = rounded(dpseudo * tl.exp(cum_last - cum)[:, None] + dlocal.to(tl.float32), inter_ty)
         tl.store(dpseudo_ptr + row[:, None] * dv + cols_v[None, :], dpseudo, mask=v_in[None, :])
         W = tl.load(w_ptr + row[:, None] * dk + rows_k[None, :], mask=k_in[None, :], other=0.0)  # (L, K)
         do_decayed = do.to(tl.float32) * (scale * tl.exp(cum))[:, None]
@@ -722,12 +720,12 @@ def _pairs_backward(
         u = _operand(tl.load(pseudo_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
         du = _operand(tl.load(dpseudo_ptr + rows_v, mask=v_in[None, :], other=0.0), inter_ty)
         du_hat = tl.dot(tl.trans(inverse), du, input_precision=DOT_PRECISION)  # (L, BV)
-        tl.store(du_hat_ptr + rows_v, _rounded(du_hat, inter_ty), mask=v_in[None, :])
+        tl.store(du_hat_ptr + rows_v, rounded(du_hat, inter_ty), mask=v_in[None, :])
         do_u = tl.dot(do, tl.trans(u), do_u, input_precision=DOT_PRECISION)
         neg_dA = tl.dot(_operand(du_hat, inter_ty), tl.trans(u), neg_dA, input_precision=DOT_PRECISION)
         v_blk = tl.load(v_rows + cols[None, :] * v_stride_v, mask=tv_in, other=0.0).to(tl.float32)
         dbeta += tl.sum(du_hat * v_blk, axis=1)
-        tl.store(dv_rows + cols[None, :], _rounded(du_hat * beta[:, None], dv_rows.dtype.element_ty), mask=tv_in)
+        tl.store(dv_rows + cols[None, :], rounded(du_hat * beta[:, None], dv_rows.dtype.element_ty), mask=tv_in)
     # The gradient of q kᵀ. Its diagonal is kept apart: its shares of dc (via q ⊙ dq and k ⊙ dk) cancel exactly, and
     # under strong decay they dwarf what remains.
     decay = tl.exp(tl.where(t[:, None] >= t[None, :], cum[:, None] - cum[None, :], float("-inf")))
@@ -790,7 +788,7 @@ def _keys_backward(
         k_op = _operand(k_blk, inter_ty)
         dq_blk = tl.dot(dPD_op, k_op, do_S * (scale * tl.exp(cum))[:, None], input_precision=DOT_PRECISION)
         dc += tl.sum(q_blk * dq_blk, axis=1)
-        tl.store(dq_rows + cols_k[None, :], _rounded(dq_blk + dPD_diagonal[:, None] * k_blk, dq_rows.dtype.element_ty),
+        tl.store(dq_rows + cols_k[None, :], rounded(dq_blk + dPD_diagonal[:, None] * k_blk, dq_rows.dtype.element_ty),
                  mask=tk_in)
         decayed = tl.sum(k_blk * u_dS, axis=1) * decay_to_end
         k_dk_weighted = -tl.sum(k_blk * du_hat_S, axis=1)  # û S_cᵀ is minus the gradient of β exp(c) ⊙ k
@@ -803,7 +801,7 @@ def _keys_backward(
         dk_transposed = tl.dot(tl.trans(dAD_op), _operand(k_blk * beta[:, None], inter_ty), dk_transposed,
                                input_precision=DOT_PRECISION)
         dk_blk += dk_transposed
-        tl.store(dk_rows + cols_k[None, :], _rounded(dk_blk, dk_rows.dtype.element_ty), mask=tk_in)
+        tl.store(dk_rows + cols_k[None, :], rounded(dk_blk, dk_rows.dtype.element_ty), mask=tk_in)
         dbeta += tl.exp(cum) * k_dk_weighted + k_dAD_k
         dc += weight * k_dk_weighted - decayed + beta * k_dAD_k - tl.sum(k_blk * dk_transposed, axis=1)
         decayed_dot += tl.sum(decayed)
@@ -896,8 +894,8 @@ def _group_sum_kernel(
         dq += tl.load(dq_heads_ptr + heads + r * dk, mask=mask, other=0.0).to(tl.float32)
         dk_sum += tl.load(dk_heads_ptr + heads + r * dk, mask=mask, other=0.0).to(tl.float32)
     out = rows_r.to(tl.int64)[:, None] * dk + cols[None, :]
-    tl.store(dq_ptr + out, _rounded(dq, dq_ptr.dtype.element_ty), mask=mask)
-    tl.store(dk_ptr + out, _rounded(dk_sum, dk_ptr.dtype.element_ty), mask=mask)
+    tl.store(dq_ptr + out, rounded(dq, dq_ptr.dtype.element_ty), mask=mask)
+    tl.store(dk_ptr + out, rounded(dk_sum, dk_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -935,7 +933,7 @@ def _step_kernel(
     pseudo = beta * (v - tl.sum(state * k[:, None], axis=0))  # (BV,)
     state += k[:, None] * pseudo[None, :]
     o = scale * tl.sum(state * q[:, None], axis=0)
-    tl.store(o_ptr + b * o_stride_b + h * o_stride_h + cols_v * o_stride_v, _rounded(o, o_ptr.dtype.element_ty),
+    tl.store(o_ptr + b * o_stride_b + h * o_stride_h + cols_v * o_stride_v, rounded(o, o_ptr.dtype.element_ty),
              mask=v_in)
     tl.store(new_state_ptr + pid_bh.to(tl.int64) * dk * dv + rows_k[:, None] * dv + cols_v[None, :], state, mask=kv_in)
 
