@@ -92,15 +92,17 @@ def test_replaces_the_runtime_op_also_against_a_cache():
 
 
 @pytest.mark.parametrize("choice", [{"dkdv": {"MASK_EDGES_ONLY": 0}},
-                                    {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}},
-                                    {"dkdv": {"DP_EARLY": 1}}],
-                         ids=["one-masked-loop", "head-groups", "dp-early"])
+                                    {"forward": {"HEAD_GROUP": 3}, "dq": {"HEAD_GROUP": 3}, "dkdv": {"HEAD_GROUP": 3}},
+                                    {"forward": {"EDGE_BRANCH": 1}, "dq": {"EDGE_BRANCH": 1},
+                                     "dkdv": {"MASK_EDGES_ONLY": 0, "EDGE_BRANCH": 1}}],
+                         ids=["one-masked-loop", "head-groups", "edge-branch"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
-    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop, or dP^T's MMA issued
-    before the softmax; the forward and dq kernels: heads in groups of 3 of B * H = 4, the last group short) against
-    the reference: the output and every gradient, grouped heads, odd sizes, padding rows."""
+    """The tuners' choices besides tiles (the dkdv kernel: every row block masked in one loop; every kernel: one
+    loop masking the edge blocks only, deciding per step, or heads in groups of 3, of B * H = 4 (a short last group)
+    or B * Hkv = 2 (one short group)) against the reference: the output and every gradient, grouped heads, odd sizes,
+    padding rows."""
     q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
@@ -117,8 +119,9 @@ def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
     assert dq.dtype == dtype and (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
 
 
+@pytest.mark.parametrize("loops", [{}, {"MASK_EDGES_ONLY": 0, "EDGE_BRANCH": 1}], ids=["three-loops", "edge-branch"])
 @pytest.mark.parametrize("window", [None, 7], ids=["causal", "window7"])
-def test_tensor_descriptors_read_the_same_tiles(window):
+def test_tensor_descriptors_read_the_same_tiles(window, loops):
     """The TMA choice (k and v streamed through tensor descriptors in the forward and dq kernels; q, dO and the rows'
     lse, delta and positions in the dkdv kernel) against the reference in bfloat16: head dims padded from 24 to the
     32 of the tiles (the descriptors' zero fill), 17 packed rows (the last block's rows past S zero-filled), padding
@@ -129,7 +132,8 @@ def test_tensor_descriptors_read_the_same_tiles(window):
     q, k, v = (t.detach() for t in (q, k, v))
     scale, window = 24**-0.5, window or 0
     assert pqa.tma_ready(q, k, v) and not pqa.tma_ready(v[..., :20].contiguous())
-    configs = {name: pqa.INTERPRETER_CONFIG | {"TMA": 1} for name in ("forward", "dq", "dkdv")}
+    # the dkdv kernel's positions come as float32 beside lse and delta, and its masks compare them as floats
+    configs = {name: pqa.INTERPRETER_CONFIG | {"TMA": 1} | loops for name in ("forward", "dq", "dkdv")}
     kernel_positions = pqa.kernel_positions(positions, valid)
     out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
                                                          keep_float32_out=True, config=configs["forward"])
@@ -144,27 +148,29 @@ def test_tensor_descriptors_read_the_same_tiles(window):
 
 
 @triton.jit
-def _record_launch_order(visits_ptr, HEAD_GROUP: tl.constexpr):
-    block, head = pqa._row_block_and_head(HEAD_GROUP)
+def _record_launch_order(visits_ptr, HEAD_GROUP: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+    block, head = pqa._block_and_head(HEAD_GROUP, LAST_BLOCK_FIRST)
     pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     tl.store(visits_ptr + pid * 2, block)
     tl.store(visits_ptr + pid * 2 + 1, head)
 
 
+@pytest.mark.parametrize("last_block_first", [True, False], ids=["latest-rows-first", "earliest-keys-first"])
 @pytest.mark.parametrize("head_group", [1, 3, 16])
-def test_the_launch_order_visits_every_row_block_and_head_once(head_group):
-    """The forward's and dq's launch order (_row_block_and_head): program i (linear id) gets each (row block, head)
-    once, the heads in groups of head_group (7 heads: a short last group, or one group), the latest blocks first."""
+def test_the_launch_order_visits_every_block_and_head_once(head_group, last_block_first):
+    """The kernels' launch order (_block_and_head): program i (linear id) gets each (block, head) once, the heads in
+    groups of head_group (7 heads: a short last group, or one group), the heaviest blocks first: the forward's and
+    dq's latest row blocks, the dkdv kernel's earliest key blocks."""
     n_blocks, n_heads = 5, 7
     visits = torch.full((n_heads * n_blocks, 2), -1, dtype=torch.int32, device=DEVICE)
-    _record_launch_order[(n_blocks, n_heads)](visits, HEAD_GROUP=head_group)
+    _record_launch_order[(n_blocks, n_heads)](visits, HEAD_GROUP=head_group, LAST_BLOCK_FIRST=last_block_first)
     pairs = [tuple(pair) for pair in visits.tolist()]
     assert sorted(pairs) == [(b, h) for b in range(n_blocks) for h in range(n_heads)]
     for start in range(0, n_heads, head_group):
         heads = range(start, min(start + head_group, n_heads))
         group = pairs[start * n_blocks: heads.stop * n_blocks]
         assert {h for _, h in group} == set(heads)
-        assert [b for b, _ in group] == sorted((b for b, _ in group), reverse=True), "the latest row blocks first"
+        assert [b for b, _ in group] == sorted((b for b, _ in group), reverse=last_block_first), "heaviest first"
 
 
 def test_bfloat16_against_the_float32_reference():

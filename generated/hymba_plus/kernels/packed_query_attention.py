@@ -21,7 +21,7 @@ Scores are kept in base 2 (the scale is multiplied by log2 e once, so each expon
 How the forward works (flash attention with online softmax). The grid is (blocks of BLOCK_M packed rows, B * H),
 the blocks of the latest rows first (they see the most keys, so they start first and the tail of the launch is
 short); the programs running together are mostly of one head, so its K and V stay in L2 (or of a group of heads,
-a tuning choice: see _row_block_and_head). A program loads its rows' positions,
+a tuning choice: see _block_and_head). A program loads its rows' positions,
 p_min .. p_max, and walks the keys in BLOCK_N steps over [lo, p_max], lo = 0 (or p_min - window + 1 with a window):
 the blocks every row sees entirely need no mask, the ones at the edges (the causal edge near p_min .. p_max, the
 window's far edge) are masked per element. Rows are sorted by position within a sequence (pack_selected's order), so
@@ -84,16 +84,16 @@ _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that
 _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
-# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, TMA, DP_EARLY). The first config that fits (see `candidates`) is
-# what a bucket runs untuned (a generated package built without --autotune): each list starts with the H200's fastest
-# at D 128 in bf16 for sparse queries. Beside each: ms of the kernel alone (session 8's call 2: sparse queries, then
-# the window shape), registers per thread, shared memory, and so programs per SM (65536 registers, 227 KB), from triton
-# 3.6 compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's registers without a
-# GPU). An 8-warp dkdv config holds one program per SM, so nothing hides its loads of K and V and its stores of dK and
-# dV; the 4-warp ones with 64 keys fit two, and won by 12%. Three or four per SM lost (session 7, call 2;
-# docs/design.md): under a register cap (maxnreg) the spills cost more than the third program gains, and tiles of 32
-# keys (dkdv) or 32 rows (dq) compile to mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and ran
-# 2-3x slower.
+# each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, EDGE_BRANCH, DP_EARLY, TMA). The first config that fits (see
+# `candidates`) is what a bucket runs untuned (a generated package built without --autotune): each list starts with the
+# H200's fastest at D 128 in bf16 for sparse queries. Beside each: ms of the kernel alone (session 9's call 3: sparse
+# queries, then the window shape), registers per thread, shared memory, and so programs per SM (65536 registers,
+# 227 KB), from triton 3.6 compiles for sm_90 with the run-time specializations (docs/design.md: counting a kernel's
+# registers without a GPU). An 8-warp dkdv config holds one program per SM, so nothing hides its loads of K and V and
+# its stores of dK and dV; the 4-warp ones with 64 keys fit two, and won by 12%. Three or four per SM lost (session 7,
+# call 2; docs/design.md): under a register cap (maxnreg) the spills cost more than the third program gains, and tiles
+# of 32 keys (dkdv) or 32 rows (dq) compile to mma.sync instead of Hopper's warpgroup MMA, which needs 64-row tiles, and
+# ran 2-3x slower.
 # TMA: the streamed tiles (k and v in the forward and dq kernels, q and dO in the dkdv kernel) come through Hopper's
 # tensor memory accelerator (tensor descriptors, `tma_ready`) instead of per-thread asynchronous copies: no per-thread
 # addresses or masks, so the forward drops from 255 registers to 161 and dq from 177 to 139 (a third program fits on
@@ -103,30 +103,35 @@ _EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 # last readers), so one copy of the three vectors instead of three (call 2's form) saves two barriers a step.
 # Call 2 dropped the forward's 32-key (0.348, 0.649 ms) and 2-stage (0.382, 0.658) TMA forms, its head-by-head order
 # (0.358, 0.713) and the same tiles without TMA (0.330, 0.713); dq without TMA (0.411, 0.855 and, 128 rows at 8 warps,
-# 0.449, 0.890); and dkdv's three loops (MASK_EDGES_ONLY, 0.901, 1.285: slower in every run since session 6). A config
-# pinned without one of these keys gets the choice's older form (no TMA, three loops).
+# 0.449, 0.890); and dkdv's three loops (MASK_EDGES_ONLY, 0.901, 1.285: slower in every run since session 6).
+# Session 9's call 3 dropped dq at 2 stages with 32 keys (0.442, 0.779), dkdv without TMA (0.771, 1.295) and dkdv with
+# 128 keys at 8 warps (0.867, 1.326). A config pinned without one of these keys gets the choice's older form (no TMA,
+# three loops, dP^T after dV, every step masked, heads one by one).
 FORWARD_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
-    for m, n, w, s, g, t in (
-        (64, 64, 4, 3, 16, 1),  # 0.293, 0.622 ms; 161 registers, 113 KB: 2 (without TMA: 255)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t, "EDGE_BRANCH": e}
+    for m, n, w, s, g, t, e in (
+        (64, 64, 4, 3, 16, 1, 0),  # 0.293, 0.622 ms; 161 registers, 113 KB: 2 (without TMA: 255)
+        (64, 64, 4, 3, 16, 1, 1),  # 161 (window: 164, against 200), 113 KB: 2; one loop, a step of 342 unmasked
     )
 ]
 BACKWARD_DQ_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t}
-    for m, n, w, s, g, t in (
-        (64, 32, 4, 4, 16, 1),  # 0.381, 0.883 ms; 139, 97 KB: 2 (without TMA: 177)
-        (64, 32, 4, 2, 16, 1),  # 0.441, 0.776; 139, 64 KB: 3
-        (64, 64, 4, 2, 16, 1),  # 176, 97 KB: 2 (half the steps, so half the barriers per key: its stalls' first reason)
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "HEAD_GROUP": g, "TMA": t, "EDGE_BRANCH": e}
+    for m, n, w, s, g, t, e in (
+        (64, 32, 4, 4, 16, 1, 0),  # 0.383, 0.884 ms; 139, 97 KB: 2 (without TMA: 177)
+        (64, 32, 4, 4, 16, 1, 1),  # 126, 97 KB: 2; one loop: 272 instructions a step, 215 unmasked
+        (64, 64, 4, 2, 16, 1, 0),  # 0.391, 0.772; 176 (window: 192), 97 KB: 2 (half the steps: half the barriers)
+        (64, 64, 4, 2, 16, 1, 1),  # 158 (window: 154), 97 KB: 2; one loop: 409 instructions a step, 294 unmasked
     )
 ]
 BACKWARD_DKDV_CONFIGS = [
-    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": e, "TMA": t, "DP_EARLY": d}
-    for m, n, w, s, e, t, d in (
-        (32, 64, 4, 3, 0, 1, 0),  # 0.704, 1.279 ms (5 copies a step); 210, 81 KB: 2; a step of 315 instructions (476)
-        (32, 64, 4, 3, 0, 1, 1),  # 220, 81 KB: 2
-        (32, 128, 8, 3, 0, 1, 0),  # 208, 113 KB: 1 (two warpgroups of 64 keys sharing each block of rows)
-        (64, 64, 4, 2, 0, 1, 0),  # 255, 97 KB: 2; fewer instructions a row than 32 rows a step
-        (32, 64, 4, 3, 0, 0, 0),  # 0.728, 1.234 (16 rows: 0.851; 168 registers, 3 per SM: 1.09-1.34); 243, 80 KB: 2
+    {"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s, "MASK_EDGES_ONLY": 0, "TMA": 1, "DP_EARLY": d,
+     "EDGE_BRANCH": e, "HEAD_GROUP": g}
+    for m, n, w, s, d, e, g in (
+        (32, 64, 4, 3, 1, 0, 1),  # 0.581, 1.024 ms; 218 registers, 81 KB: 2; a step of 306 instructions (476 in s8)
+        (32, 64, 4, 3, 1, 1, 1),  # 224, 81 KB: 2; 303 instructions, 271 where the branch skips the mask
+        (32, 64, 4, 3, 1, 1, 16),  # the same, heads in groups of 16 (the forward's and dq's order: 8% and 6% faster)
+        (64, 64, 4, 2, 0, 1, 16),  # 0.595, 1.038 (every step masked, heads one by one); 255, 97 KB: 2; 432
+        # instructions, 368 unmasked: a third fewer a row than 32 rows (with DP_EARLY it spills in the loop)
     )
 ]
 """Few candidates on purpose: each is a Triton compile of several seconds per shape bucket and dtype."""
@@ -218,11 +223,12 @@ def _visible(p, keys, Tk, window, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Online softmax over the key blocks start, start + BLOCK_N, .. < end (MASKED: per element visibility). With
-    TMA, k_base and v_base are tensor descriptors of k and v (see _key_tiles), else pointers at kv head (b, kv_h)."""
+                   offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, full_start, full_end, qk_scale, window,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EDGE_BRANCH: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Online softmax over the key blocks start, start + BLOCK_N, .. < end (MASKED: per element visibility; with
+    EDGE_BRANCH only outside [full_start, full_end), one uniform branch a step). With TMA, k_base and v_base are tensor
+    descriptors of k and v (see _key_tiles), else pointers at kv head (b, kv_h)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         if TMA:
@@ -232,7 +238,11 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stri
                         mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
         qk = _dot(q, k, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
+            if EDGE_BRANCH:
+                if (n0 < full_start) | (n0 >= full_end):
+                    qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
+            else:
+                qk = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), qk, float("-inf"))
         # the max is taken unscaled (the scale is positive), so the scaling and the shift are one FMA per score
         m_new = tl.maximum(m_i, tl.max(qk, axis=1) * qk_scale)  # log2 units
         probs = tl.math.exp2(qk * qk_scale - m_new[:, None])
@@ -249,21 +259,25 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stri
 
 
 @triton.jit
-def _row_block_and_head(HEAD_GROUP: tl.constexpr):
-    """(row block, b * H + h) of this program of a (row blocks, B * H) grid, in launch order (programs start in the
-    order of their linear id, x fastest). The latest row blocks, which read the most keys, start first. HEAD_GROUP 1:
-    one head's blocks after another's, so the programs running together mostly share a head's K and V in L2 (heads
-    varying fastest over all B * H made the H200's forward 11% slower: every resident program read other keys).
-    HEAD_GROUP g: the heads of each group of g vary fastest, so the heaviest blocks of a group start together and
-    the last group's heavy blocks are not left to run alone at the end (the launch's tail), while the K and V being
-    read stay those of about g heads."""
+def _block_and_head(HEAD_GROUP: tl.constexpr, LAST_BLOCK_FIRST: tl.constexpr):
+    """(block, b * H + h) of this program of a (blocks, B * H) grid, in launch order (programs start in the order of
+    their linear id, x fastest). The heaviest blocks start first: the forward's and dq's latest row blocks, which read
+    the most keys (LAST_BLOCK_FIRST), the dkdv kernel's earliest key blocks, which the most rows see. HEAD_GROUP 1:
+    one head's blocks after another's, so the programs running together mostly share a head's K and V (the dkdv
+    kernel: Q and dO) in L2 (heads varying fastest over all B * H made the H200's forward 11% slower: every resident
+    program read other keys). HEAD_GROUP g: the heads of each group of g vary fastest, so the heaviest blocks of a
+    group start together and the last group's heavy blocks are not left to run alone at the end (the launch's tail),
+    while the tensors being read stay those of about g heads."""
     n_blocks = tl.num_programs(0)
     n_heads = tl.num_programs(1)
     pid = tl.program_id(1) * n_blocks + tl.program_id(0)
     group_start = (pid // (HEAD_GROUP * n_blocks)) * HEAD_GROUP
     heads = tl.minimum(n_heads - group_start, HEAD_GROUP)
     within = pid - group_start * n_blocks
-    return n_blocks - 1 - within // heads, group_start + within % heads
+    block = within // heads
+    if LAST_BLOCK_FIRST:
+        block = n_blocks - 1 - block
+    return block, group_start + within % heads
 
 
 @triton.jit
@@ -280,12 +294,13 @@ def _forward_kernel(
     HAS_WINDOW: tl.constexpr,  # keys older than `window` positions are invisible too
     INDEXED_ROWS: tl.constexpr,  # packed row s is token rows_ptr[b, s] of full-length q, out, out32 and lse
     KEEP_FLOAT32_OUT: tl.constexpr,  # also write the output unrounded, for the backward's delta
+    EDGE_BRANCH: tl.constexpr,  # one loop masking the edge blocks only (a branch a step), or three loops; a tuning choice
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (exact), "tf32" otherwise (ignored for half inputs)
-    HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
+    HEAD_GROUP: tl.constexpr,  # launch order, see _block_and_head
     TMA: tl.constexpr,  # k_ptr and v_ptr are tensor descriptors (see _key_tiles)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_m, bh = _row_block_and_head(HEAD_GROUP)
+    block_m, bh = _block_and_head(HEAD_GROUP, True)
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -305,18 +320,22 @@ def _forward_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     m_i = tl.zeros((BLOCK_M,), dtype=tl.float32) + _NEG_BIG
     lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
-                                   stride_vd,
-                                   offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
-                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
-                                   stride_vd,
-                                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
-                                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
-    acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
-                                   stride_vd,
-                                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
-                                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    if EDGE_BRANCH:  # one loop (one pipeline fill), the edge blocks masked
+        acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                       stride_vd, offs_n, offs_d, offs_dv, Tk, D, Dv, lo, hi, full_lo, full_hi,
+                                       qk_scale, window, BLOCK_N, True, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D,
+                                       BLOCK_DV)
+    else:  # three loops: the masked edges around the blocks every row sees whole
+        acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                       stride_vd, offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, lo, lo, qk_scale,
+                                       window, BLOCK_N, True, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+        acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                       stride_vd, offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, lo, lo,
+                                       qk_scale, window, BLOCK_N, False, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D,
+                                       BLOCK_DV)
+        acc, l_i, m_i = _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt,
+                                       stride_vd, offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, lo, lo, qk_scale,
+                                       window, BLOCK_N, True, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
 
     sees_any = l_i > 0.0
     out = acc / tl.where(sees_any, l_i, 1.0)[:, None]  # a row that sees nothing: acc is 0, out is 0
@@ -332,11 +351,12 @@ def _forward_kernel(
 
 @triton.jit
 def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
-              offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, qk_scale, window,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+              offs_n, offs_d, offs_dv, Tk, D, Dv, start, end, full_start, full_end, qk_scale, window,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EDGE_BRANCH: tl.constexpr, HAS_WINDOW: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dq += dS K over the key blocks start .. < end (without the final scale); k_base and v_base as in
-    _forward_steps."""
+    _forward_steps. MASKED with EDGE_BRANCH: only the blocks outside [full_start, full_end) are masked (one uniform
+    branch a step)."""
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + offs_n
         if TMA:
@@ -350,7 +370,11 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stri
         qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
         probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
+            if EDGE_BRANCH:
+                if (n0 < full_start) | (n0 >= full_end):
+                    probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
+            else:
+                probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
         dp = _dot(do, vT, None, DOT_PRECISION)
         ds = probs * (dp - delta[:, None])
         dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
@@ -371,12 +395,13 @@ def _backward_dq_kernel(
     dq_ptr, stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     H, S, Tk, D, Dv, group, qk_scale, sm_scale, window,
     HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_GROUP: tl.constexpr,  # launch order, see _row_block_and_head
+    HEAD_GROUP: tl.constexpr,  # launch order, see _block_and_head
     TMA: tl.constexpr,  # k_ptr and v_ptr are tensor descriptors (see _key_tiles)
     ROW_STATS: tl.constexpr,  # also the rows' lse and positions beside delta, for the dkdv kernel's TMA choice
+    EDGE_BRANCH: tl.constexpr,  # one loop masking the edge blocks only (a branch a step), or three loops; a tuning choice
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    block_m, bh = _row_block_and_head(HEAD_GROUP)  # grid (row blocks, B * H), as the forward's
+    block_m, bh = _block_and_head(HEAD_GROUP, True)  # grid (row blocks, B * H), as the forward's
     b = bh // H
     h = bh % H
     kv_h = h // group
@@ -406,25 +431,43 @@ def _backward_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_range(p, Tk, window, BLOCK_N, HAS_WINDOW)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, qk_scale, window,
-                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, qk_scale, window,
-                   BLOCK_N, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
-    dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
-                   offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, qk_scale, window,
-                   BLOCK_N, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    if EDGE_BRANCH:  # one loop (one pipeline fill), the edge blocks masked
+        dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_n, offs_d, offs_dv, Tk, D, Dv, lo, hi, full_lo, full_hi, qk_scale, window,
+                       BLOCK_N, True, True, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+    else:  # three loops: the masked edges around the blocks every row sees whole
+        dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_n, offs_d, offs_dv, Tk, D, Dv, lo, full_lo, lo, lo, qk_scale, window,
+                       BLOCK_N, True, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+        dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_n, offs_d, offs_dv, Tk, D, Dv, full_lo, full_hi, lo, lo, qk_scale, window,
+                       BLOCK_N, False, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
+        dq = _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stride_kd, stride_vt, stride_vd,
+                       offs_n, offs_d, offs_dv, Tk, D, Dv, full_hi, hi, lo, lo, qk_scale, window,
+                       BLOCK_N, True, False, HAS_WINDOW, DOT_PRECISION, TMA, BLOCK_D, BLOCK_DV)
     tl.store(dq_ptr + b * stride_dqb + h * stride_dqh + t_rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_rows[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
+def _masked_T(probsT, p, keys, window, HAS_WINDOW: tl.constexpr):
+    """probsT (keys, rows) with the pairs that rows at positions p (int32, or float32 from the rows' stats: exact
+    below 2^24) do not see set to 0. Keys past Tk need no mask: their rows of dK and dV are never stored, and no other
+    row depends on them."""
+    keys = keys.to(p.dtype)  # (BLOCK_N,): the few keys a thread holds, converted before the broadcast
+    visibleT = keys[:, None] <= p[None, :]
+    if HAS_WINDOW:  # p - key < window, with the subtraction per row
+        visibleT = visibleT & (keys[:, None] > (p - window)[None, :])
+    return tl.where(visibleT, probsT, 0.0)
+
+
+@triton.jit
 def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base, rows_ptr, stride_rb,
                 stride_rs, b, h, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps, offs_m,
-                offs_d, offs_dv, S, D, Dv, start, end, qk_scale, window, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                TMA: tl.constexpr, DP_EARLY: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+                offs_d, offs_dv, S, D, Dv, start, end, full_start, full_end, qk_scale, window, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, EDGE_BRANCH: tl.constexpr, HAS_WINDOW: tl.constexpr, INDEXED_ROWS: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, DP_EARLY: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_DV: tl.constexpr):
     """dv += P^T dO and dk += dS^T Q (without the final scale) over the row blocks start, start + BLOCK_M, .. < end
     of query head (b, h) (MASKED: per element visibility; otherwise every row sees every key of the block). With TMA,
     q_base, do_base and stats_base are tensor descriptors of the whole q, dO and rows' stats (blocks of BLOCK_M rows
@@ -453,15 +496,13 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_b
             dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            if TMA:
-                p = p.to(tl.int32)
-            else:
+            if not TMA:
                 p = tl.load(pos_base + rows * stride_ps, mask=in_rows, other=-1)
-            # keys past Tk need no mask: their rows of dK and dV are never stored, and no other row depends on them
-            visibleT = keys[:, None] <= p[None, :]
-            if HAS_WINDOW:
-                visibleT = visibleT & (p[None, :] - keys[:, None] < window)
-            probsT = tl.where(visibleT, probsT, 0.0)
+            if EDGE_BRANCH:  # one uniform branch: the row blocks in [full_start, full_end) see the whole key block
+                if (m0 < full_start) | (m0 >= full_end):
+                    probsT = _masked_T(probsT, p, keys, window, HAS_WINDOW)
+            else:
+                probsT = _masked_T(probsT, p, keys, window, HAS_WINDOW)
         dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
         if not DP_EARLY:
             dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)
@@ -490,14 +531,18 @@ def _backward_dkdv_kernel(
     # is seen by a few row blocks only). A tuning choice, see BACKWARD_DKDV_CONFIGS.
     MASK_EDGES_ONLY: tl.constexpr,
     TMA: tl.constexpr,  # q, dO and the rows' stats come as tensor descriptors (see _dkdv_steps)
-    # Each step waits for the MMA of each dot it uses right after issuing it. False: dP^T after dV's MMA is issued,
-    # waited for with it; True: dP^T right after Q K^T (waited for before the softmax), so that dV's MMA runs while dS
-    # is computed. A tuning choice.
+    # With MASK_EDGES_ONLY False: one loop (one pipeline fill) that masks only the row blocks outside the run that sees
+    # the whole key block, deciding per step with one uniform branch (the loads stay outside it and pipeline), where
+    # False masks every step. A tuning choice.
+    EDGE_BRANCH: tl.constexpr,
+    # Each step waits for the MMA of each dot it uses right after issuing it. False: dP^T's MMA issued after dV's, one
+    # wait for both before dS; True: dP^T's first (in the SASS: after the softmax, waited for alone), then dV's MMA
+    # runs while dS is computed. A tuning choice (session 9's call 3: 2% faster at the sparse shape, 6% with a window).
     DP_EARLY: tl.constexpr,
+    HEAD_GROUP: tl.constexpr,  # launch order, see _block_and_head
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    key_block = tl.program_id(0)  # grid (key blocks, B * Hkv): resident programs share their head's Q and dO in L2
-    bh = tl.program_id(1)
+    key_block, bh = _block_and_head(HEAD_GROUP, False)  # grid (key blocks, B * Hkv), the earliest keys first
     b = bh // Hkv
     kv_h = bh % Hkv
     keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -518,7 +563,8 @@ def _backward_dkdv_kernel(
     full_first = tl.load(block_range + 1) * BLOCK_M
     full_last = tl.load(block_range + 2) * BLOCK_M
     last = tl.load(block_range + 3) * BLOCK_M
-    if not MASK_EDGES_ONLY:  # one loop, every block masked: the other two run no step
+    edge_start, edge_end = full_first, full_last  # the row blocks that see every key: EDGE_BRANCH skips their mask
+    if not MASK_EDGES_ONLY:  # one loop, every block masked (or, with EDGE_BRANCH, the edges): the others run no step
         full_first = last
         full_last = last
     for g in range(0, group):
@@ -534,21 +580,21 @@ def _backward_dkdv_kernel(
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
-                             offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
-                             BLOCK_DV)
+                             offs_m, offs_d, offs_dv, S, D, Dv, first, full_first, edge_start, edge_end, qk_scale,
+                             window, BLOCK_M, True, EDGE_BRANCH, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA,
+                             DP_EARLY, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
-                             offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, qk_scale, window,
-                             BLOCK_M, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
-                             BLOCK_DV)
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_first, full_last, edge_start, edge_end, qk_scale,
+                             window, BLOCK_M, False, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA,
+                             DP_EARLY, BLOCK_D, BLOCK_DV)
         dk, dv = _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_base,
                              rows_ptr, stride_rb, stride_rs, b, h,
                              stride_qs, stride_qd, stride_dos, stride_dod, stride_ls, stride_ss, stride_ps,
-                             offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, qk_scale, window,
-                             BLOCK_M, True, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA, DP_EARLY, BLOCK_D,
-                             BLOCK_DV)
+                             offs_m, offs_d, offs_dv, S, D, Dv, full_last, last, edge_start, edge_end, qk_scale,
+                             window, BLOCK_M, True, False, HAS_WINDOW, INDEXED_ROWS, DOT_PRECISION, TMA,
+                             DP_EARLY, BLOCK_D, BLOCK_DV)
 
     tl.store(dk_ptr + b * stride_dkb + kv_h * stride_dkh + keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd,
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_keys[:, None] & (offs_d[None, :] < D))
@@ -715,7 +761,7 @@ def packed_query_attention_forward(
         keys = (_streamed(k, tma, cfg["BLOCK_N"], constexprs["BLOCK_D"]), *k.stride(),
                 _streamed(v, tma, cfg["BLOCK_N"], constexprs["BLOCK_DV"]), *v.stride())
         _forward_kernel[grid](*strided(q, 4), *keys, *rest, **constexprs, HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma,
-                              **_launch_params(cfg))
+                              EDGE_BRANCH=bool(cfg.get("EDGE_BRANCH", 0)), **_launch_params(cfg))
 
     key = shape_key(D, Dv, H // Hkv, window > 0, q.dtype)
     with on_device(q):
@@ -757,6 +803,7 @@ def packed_query_attention_backward(
                                   stats, *stats.stride()[:3], *strided(out, 4),
                                   *strided(dq, 4), H, S, Tk, D, Dv, group, qk_scale, scale, window, **constexprs,
                                   HEAD_GROUP=cfg.get("HEAD_GROUP", 1), TMA=tma, ROW_STATS=rows_by_tma,
+                                  EDGE_BRANCH=bool(cfg.get("EDGE_BRANCH", 0)),
                                   **_launch_params(cfg))
 
     ranges = {}
@@ -774,7 +821,9 @@ def packed_query_attention_backward(
                                     *strided(dk, 4), *strided(dv, 4), ranges[blocks], Hkv, S, Tk, D, Dv, group,
                                     qk_scale, scale, window, **constexprs, **_launch_params(cfg),
                                     MASK_EDGES_ONLY=bool(cfg.get("MASK_EDGES_ONLY", 1)),  # configs pinned before: 1
-                                    TMA=tma, DP_EARLY=bool(cfg.get("DP_EARLY", 0)))
+                                    TMA=tma, DP_EARLY=bool(cfg.get("DP_EARLY", 0)),
+                                    EDGE_BRANCH=bool(cfg.get("EDGE_BRANCH", 0)),
+                                    HEAD_GROUP=cfg.get("HEAD_GROUP", 1))
 
     key = shape_key(D, Dv, group, window > 0, q.dtype)
     with on_device(q):
