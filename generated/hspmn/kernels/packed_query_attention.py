@@ -536,8 +536,9 @@ def _backward_dkdv_kernel(
     # False masks every step. A tuning choice.
     EDGE_BRANCH: tl.constexpr,
     # Each step waits for the MMA of each dot it uses right after issuing it. False: dP^T's MMA issued after dV's, one
-    # wait for both before dS; True: dP^T's first (in the SASS: after the softmax, waited for alone), then dV's MMA
-    # runs while dS is computed. A tuning choice (session 9's call 3: 2% faster at the sparse shape, 6% with a window).
+    # wait for both before dS; True: dP^T's first (in the SASS issued among or after the softmax's exponentials, and
+    # waited for alone), then dV's MMA runs while dS is computed. A tuning choice (session 9's call 3: 2% faster at the
+    # sparse shape, 6% with a window).
     DP_EARLY: tl.constexpr,
     HEAD_GROUP: tl.constexpr,  # launch order, see _block_and_head
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
