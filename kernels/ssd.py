@@ -53,9 +53,11 @@ One accumulator per kernel: fused further, the same work spilled registers on sm
 The log-decay gradient is summed the stable way: cum_t - cum_s = Σ_{s<i≤t} Δ_i A, so d(Δ_i A) collects, for every
 pair s < i ≤ t, Q[t, s] = dy_t·(the (t, s) term of y) = M[t, s] CB[t, s], never as a difference of large row and
 column sums that would cancel. Kernel 3 sums the pairs of each tile apart: a diagonal tile's as a running prefix
-sum along its rows, an off-diagonal tile's by prefix sums of its column sums (i in the s block), suffix sums of its
-row sums (i in the t block) and its total (the blocks strictly between); likewise exclusive / reverse prefix sums
-for the state terms. Reductions are deterministic (no atomics): per-program partial sums that torch or the next
+sum along its rows; an off-diagonal tile's column sums (for i in the s block) and row sums (i in the t block and
+the blocks strictly between) go to kernel 5, which takes exclusive prefix sums of the column sums within each block
+and, per s block, a reverse prefix sum of the row sums of its tiles over the rest of the chunk (a row suffix in the
+tile's own t block and, past it, whole tiles' totals); likewise exclusive / reverse prefix sums for the state
+terms. Reductions are deterministic (no atomics): per-program partial sums that torch or the next
 kernel adds up.
 
 That sum still nearly cancels against dΔ's direct part x_s·inner_s (a dt_bias gradient is much smaller than either),
@@ -109,10 +111,14 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # BLOCK_L 32 at 4 warps 178 and 222 without spills (triton 3.6); the H200 has not yet chosen between them.
 # BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
 # splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
+# BLOCK_N 32 halves the registers (state_fwd 134 at BLOCK_L 64, 96 at 32; state_bwd 184 and 137) and doubles the
+# programs (B·H·2 = 1024 at Bamba's shape, four waves of two an SM), for x (dy) read once more per program.
 STATE_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 8, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
 ]
 CB_CONFIGS = [{"BLOCK_T": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_T": 128, "num_warps": 8, "num_stages": 2}]
 OUTPUT_CONFIGS = [
@@ -124,16 +130,29 @@ STATE_BWD_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 8, "num_stages": 3},
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_L": 32, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
 ]
-ROW_BWD_CONFIGS = OUTPUT_CONFIGS
+# dx: 168 registers at BLOCK_T 64, 4 warps, 2 stages (x and dy reread at the end rather than held: 247 before), so
+# three programs share an SM where two did; 3 stages 212, 1 stage 168, BLOCK_T 32 186 (triton 3.6, no spills).
+DX_BWD_CONFIGS = [
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_T": 64, "num_warps": 4, "num_stages": 1},
+    {"BLOCK_T": 32, "num_warps": 4, "num_stages": 2},
+]
 GROUP_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 32, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
 ]
+# dcb (registers of the diagonal / the other tiles' launch, triton 3.6, no spills): BLOCK_T 64 at 4 warps 255 / 189
+# (either HEAD_SPLIT, 2 or 3 stages), at 8 warps 162 / 128; BLOCK_T 32 at 4 warps 120 / 96.
 DCB_BWD_CONFIGS = [
     {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "HEAD_SPLIT": 8, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_T": 64, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 3},
     {"BLOCK_T": 32, "HEAD_SPLIT": 4, "num_warps": 4, "num_stages": 2},
 ]
 INTERPRETER_CONFIGS = {
@@ -520,10 +539,14 @@ def _dx_bwd_kernel(
         inner = _split_dot(cb_T * decay_s[:, None] * decay_t[None, :], dy_t, inner, dot_ty, DOT_PRECISION,
                             SPLIT="a")
 
-    x_f = x_s.to(tl.float32)
+    # x_s and dy_s again, from L1 or L2, rather than held in registers through the products above (the most
+    # registers this kernel holds at once, which decides how many of its programs share an SM).
+    x_f = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
+                  + p[None, :] * x_stride_p, mask=sp_in, other=0.0).to(tl.float32)
     dx = dt_s[:, None] * inner
     if HAS_D:
-        dy_s = dy_s.to(tl.float32)
+        dy_s = tl.load(dy_base + pos_s[:, None] * dy_stride_t + p[None, :] * dy_stride_p, mask=sp_in,
+                       other=0.0).to(tl.float32)
         dx += tl.load(D_ptr + h).to(tl.float32) * dy_s
         tl.store(dD_part_ptr + (b.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * nheads + h,
                  tl.sum(tl.sum(x_f * dy_s, axis=1), axis=0))
@@ -533,15 +556,15 @@ def _dx_bwd_kernel(
 
 
 @triton.jit
-def _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h,
-               dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION: tl.constexpr):
-    """dy_t·x_s of one head, (t, s) float32."""
+def _x_dy_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t, dy_stride_h,
+               dy_stride_p, b, h, pos_s, pos_t, p, p_in, seqlen, DOT_PRECISION: tl.constexpr):
+    """x_s·dy_t of one head, (s, t) float32."""
     dot_ty = x_ptr.dtype.element_ty
-    dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
-                   + p[None, :] * dy_stride_p, mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
     x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
                   + p[None, :] * x_stride_p, mask=(pos_s < seqlen)[:, None] & p_in[None, :], other=0.0)
-    return tl.dot(_operand(dy_t, dot_ty), tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION)
+    dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
+                   + p[None, :] * dy_stride_p, mask=(pos_t < seqlen)[:, None] & p_in[None, :], other=0.0)
+    return tl.trans(tl.dot(_operand(dy_t, dot_ty), tl.trans(_operand(x_s, dot_ty)), input_precision=DOT_PRECISION))
 
 
 @triton.jit
@@ -551,30 +574,47 @@ def _dcb_bwd_kernel(
     dtp_ptr, cum_ptr, cb_ptr,
     dcb_part_ptr,  # (B, c, HEAD_SPLIT, G, L, L) float32
     cross_ptr,  # (B, H, blocks, c·L) float32: the log-decay gradient's pair terms, one slot per tile (see below)
-    between_ptr,  # (B, H, c, blocks, blocks) float32: the sum of Q over tile (t, s), for the blocks strictly between
     seqlen, nheads, heads_per_group, ngroups, headdim, nchunks, padded_len,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, HEAD_SPLIT: tl.constexpr, DIAGONAL: tl.constexpr,
 ):
     """One (t, s) tile of a chunk, summed over (a split of) the group's heads: dCB[t, s] = Σ_h M_h[t, s] with
     M[t, s] = (dy_t·x_s) Δ_s exp(cum_t - cum_s), the gradient of C_t·B_s, which dB and dC then multiply by C and B
     once per group instead of once per head. The same dy·x products give each head's Q = M ⊙ CB, whose pair sums
-    d(Δ_i A) += Σ_{s < i ≤ t} Q[t, s] split by tile: a diagonal tile's own pairs at i in its block; an off-diagonal
-    tile's pairs with i in the s block (column sums, exclusive prefix), with i in the t block (row sums, inclusive
-    suffix) and, for the blocks strictly between, its total. Positions of block k take the tile (k, j) in slot j < k,
-    the diagonal in slot k and the tile (j, k) in slot j > k: every slot is written once, no atomics."""
+    d(Δ_i A) += Σ_{s < i ≤ t} Q[t, s] split by tile: a diagonal tile's own pairs at i in its block, summed here; an
+    off-diagonal tile's column sums (its pairs with i in the s block) and row sums (i in the t block and the blocks
+    strictly between), which _dt_bwd_kernel turns into prefix sums once per head and chunk (a prefix sum along a
+    vector here costs layout conversions through shared memory, with barriers, per head and tile). Positions of
+    block k take the row sums of tile (k, j) in slot j < k, the diagonal's pairs in slot k and the column sums of
+    tile (j, k) in slot j > k: every slot is written once, no atomics.
+
+    The tiles are held transposed, (s, t): a vector along a tile's columns costs each thread 16 registers at 64-row
+    tiles, one along its rows 2, and the per-head vectors along s (the prefix sums, Δ) outnumber those along t
+    (255 registers and spills for sm_90 (t, s), 190 (s, t), triton 3.6). The next head's vectors are loaded while
+    this head's tile is computed, and CB is reloaded (from L1) for each head rather than held in registers.
+
+    Two launches: DIAGONAL, the n_blocks diagonal tiles of each chunk; else the others (those above the diagonal
+    store zeros). The diagonal tiles' prefix sum within the tile takes 255 registers, the other tiles 189 (sm_90,
+    triton 3.6, Bamba's shape): apart, those do not run at the diagonal's occupancy."""
     n_blocks: tl.constexpr = CHUNK // BLOCK_T
-    chunk = tl.program_id(0) // (n_blocks * n_blocks)
-    tile = tl.program_id(0) % (n_blocks * n_blocks)
-    tb = tile // n_blocks
-    sb = tile % n_blocks
+    if DIAGONAL:
+        chunk = tl.program_id(0) // n_blocks
+        tb = tl.program_id(0) % n_blocks
+        sb = tb
+    else:  # every tile, the diagonal's returning at once (indexing only the others took 255 registers, not 189)
+        chunk = tl.program_id(0) // (n_blocks * n_blocks)
+        tile = tl.program_id(0) % (n_blocks * n_blocks)
+        tb = tile // n_blocks
+        sb = tile % n_blocks
+        if sb == tb:
+            return
     g = tl.program_id(1) // HEAD_SPLIT
     split = tl.program_id(1) % HEAD_SPLIT
     b = tl.program_id(2)
     t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     s_loc = sb * BLOCK_T + tl.arange(0, BLOCK_T)
     dcb_base = ((b.to(tl.int64) * nchunks + chunk) * HEAD_SPLIT + split) * ngroups + g
-    dcb_ptrs = dcb_part_ptr + dcb_base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :]
+    dcb_ptrs = dcb_part_ptr + dcb_base * CHUNK * CHUNK + t_loc[None, :] * CHUNK + s_loc[:, None]  # (s, t)
     if sb > tb:  # above the diagonal the decay mask is zero: zeros, for dB and dC tiling the chunk otherwise
         tl.store(dcb_ptrs, tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32))
         return
@@ -582,51 +622,53 @@ def _dcb_bwd_kernel(
     pos_s = chunk * CHUNK + s_loc
     p = tl.arange(0, BLOCK_P)
     p_in = p < headdim
-    causal = s_loc[None, :] <= t_loc[:, None]
     group_base = (b.to(tl.int64) * nchunks + chunk) * ngroups + g
-    cb = tl.load(cb_ptr + group_base * CHUNK * CHUNK + t_loc[:, None] * CHUNK + s_loc[None, :])
+    cb_ptrs = cb_ptr + group_base * CHUNK * CHUNK + t_loc[None, :] * CHUNK + s_loc[:, None]  # (s, t) = CB[t, s]
     dcb = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
     per_split = tl.cdiv(heads_per_group, HEAD_SPLIT)
     first = split * per_split
     last = tl.minimum(first + per_split, heads_per_group)
+    dt_base = (b.to(tl.int64) * nheads + g * heads_per_group + tl.minimum(first, last - 1)) * padded_len
+    cum_s = tl.load(cum_ptr + dt_base + pos_s)
+    cum_t = tl.load(cum_ptr + dt_base + pos_t)
+    dt_s = tl.load(dtp_ptr + dt_base + pos_s)
     # The diagonal and off-diagonal tiles loop apart (a branch inside the loop over heads fails Triton 3.6's
     # software pipeliner at 64-row tiles).
-    if tb == sb:
+    if DIAGONAL:
+        causal = s_loc[:, None] <= t_loc[None, :]
         for j in range(first, last):
             h = g * heads_per_group + j
-            dt_base = (b.to(tl.int64) * nheads + h) * padded_len
-            cum_t = tl.load(cum_ptr + dt_base + pos_t)
-            cum_s = tl.load(cum_ptr + dt_base + pos_s)
-            dy_x = _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
-                              dy_stride_h, dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION)
-            decay = tl.exp(tl.where(causal, cum_t[:, None] - cum_s[None, :], float("-inf")))
-            m = dy_x * decay * tl.load(dtp_ptr + dt_base + pos_s)[None, :]
+            x_dy = _x_dy_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
+                              dy_stride_h, dy_stride_p, b, h, pos_s, pos_t, p, p_in, seqlen, DOT_PRECISION)
+            m = x_dy * tl.exp(tl.where(causal, cum_t[None, :] - cum_s[:, None], float("-inf"))) * dt_s[:, None]
+            next_base = (b.to(tl.int64) * nheads + g * heads_per_group + tl.minimum(j + 1, last - 1)) * padded_len
+            cum_s = tl.load(cum_ptr + next_base + pos_s)
+            cum_t = tl.load(cum_ptr + next_base + pos_t)
+            dt_s = tl.load(dtp_ptr + next_base + pos_s)
             dcb += m
-            q = m * cb
-            before = tl.cumsum(q, axis=1) - q  # Σ_{s < i} Q[t, s] at column i
+            q = m * tl.load(cb_ptrs)
+            before = tl.cumsum(q, axis=0) - q  # Σ_{s < i} Q[t, s] at row i
             cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
-            tl.store(cross_base + tb * padded_len + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=0))
+            tl.store(cross_base + tb * padded_len + pos_s, tl.sum(tl.where(causal, before, 0.0), axis=1))
     else:
+        r = chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1  # the s block's last position
+        cum_r = tl.load(cum_ptr + dt_base + r)
         for j in range(first, last):
             h = g * heads_per_group + j
-            dt_base = (b.to(tl.int64) * nheads + h) * padded_len
-            # The decay factors through r, the s block's last position (s ≤ r < t): both factors are ≤ 1.
-            cum_r = tl.load(cum_ptr + dt_base + chunk * CHUNK + sb * BLOCK_T + BLOCK_T - 1)
-            decay_t = tl.exp(tl.load(cum_ptr + dt_base + pos_t) - cum_r)
-            weight_s = tl.exp(cum_r - tl.load(cum_ptr + dt_base + pos_s)) * tl.load(dtp_ptr + dt_base + pos_s)
-            dy_x = _dy_x_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
-                              dy_stride_h, dy_stride_p, b, h, pos_t, pos_s, p, p_in, seqlen, DOT_PRECISION)
-            m = dy_x * decay_t[:, None] * weight_s[None, :]
+            x_dy = _x_dy_tile(x_ptr, x_stride_b, x_stride_t, x_stride_h, x_stride_p, dy_ptr, dy_stride_b, dy_stride_t,
+                              dy_stride_h, dy_stride_p, b, h, pos_s, pos_t, p, p_in, seqlen, DOT_PRECISION)
+            # The decay factors through r (s ≤ r < t): both factors are ≤ 1.
+            m = x_dy * (tl.exp(cum_r - cum_s) * dt_s)[:, None] * tl.exp(cum_t - cum_r)[None, :]
+            next_base = (b.to(tl.int64) * nheads + g * heads_per_group + tl.minimum(j + 1, last - 1)) * padded_len
+            cum_r = tl.load(cum_ptr + next_base + r)
+            cum_s = tl.load(cum_ptr + next_base + pos_s)
+            cum_t = tl.load(cum_ptr + next_base + pos_t)
+            dt_s = tl.load(dtp_ptr + next_base + pos_s)
             dcb += m
-            q = m * cb
-            col = tl.sum(q, axis=0)
-            row = tl.sum(q, axis=1)
-            total = tl.sum(row, axis=0)
+            q = m * tl.load(cb_ptrs)
             cross_base = cross_ptr + (b.to(tl.int64) * nheads + h) * n_blocks * padded_len
-            tl.store(cross_base + tb * padded_len + pos_s, tl.cumsum(col, axis=0) - col)
-            tl.store(cross_base + sb * padded_len + pos_t, total - tl.cumsum(row, axis=0) + row)
-            tl.store(between_ptr + (((b.to(tl.int64) * nheads + h) * nchunks + chunk) * n_blocks + tb) * n_blocks
-                     + sb, total)
+            tl.store(cross_base + tb * padded_len + pos_s, tl.sum(q, axis=1))
+            tl.store(cross_base + sb * padded_len + pos_t, tl.sum(q, axis=0))
     tl.store(dcb_ptrs, dcb)
 
 
@@ -758,7 +800,7 @@ def _dc_bwd_kernel(
 def _dt_bwd_kernel(
     dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
     A_ptr, bias_ptr,
-    dtp_ptr, ddt_direct_ptr, state_term_ptr, off_term_ptr, cross_ptr, between_ptr, k_ptr,
+    dtp_ptr, ddt_direct_ptr, state_term_ptr, off_term_ptr, cross_ptr, k_ptr,
     ddt_ptr, ddt_stride_b, ddt_stride_t, ddt_stride_h,
     dA_part_ptr, dbias_part_ptr,  # (B, H, c) float32 each
     seqlen, nheads, nchunks, padded_len,
@@ -771,15 +813,20 @@ def _dt_bwd_kernel(
     pos = chunk * CHUNK + tl.arange(0, CHUNK)
     t_in = pos < seqlen
     base = pid_bh.to(tl.int64) * padded_len
-    cross = tl.zeros((CHUNK,), dtype=tl.float32)
-    for blk in range(CROSS_BLOCKS):
-        cross += tl.load(cross_ptr + (pid_bh.to(tl.int64) * CROSS_BLOCKS + blk) * padded_len + pos)
+    # The pair terms of _dcb_bwd_kernel's slots (position i in block k, slot j): the diagonal's own (k = j); the row
+    # sums of tile (k', j) at every t ≥ i with k' > j, which is the row suffix of tile (k, j) and the totals of the
+    # tiles (k' > k, j) whose pairs span block k, as one reverse prefix sum (k > j); and the column sums of tile (j, k)
+    # at s < i within block k, as an exclusive prefix sum within each block of the slots' sum (k < j).
     block = tl.arange(0, CHUNK) // (CHUNK // CROSS_BLOCKS)
-    for tb in tl.static_range(2, CROSS_BLOCKS):  # tile (tb, sb) adds its total to the blocks strictly between
-        for sb in tl.static_range(tb - 1):
-            total = tl.load(between_ptr + ((pid_bh.to(tl.int64) * nchunks + chunk) * CROSS_BLOCKS + tb) * CROSS_BLOCKS
-                            + sb)
-            cross += tl.where((block > sb) & (block < tb), total, 0.0)
+    cross = tl.zeros((CHUNK,), dtype=tl.float32)
+    cols = tl.zeros((CHUNK,), dtype=tl.float32)
+    for j in tl.static_range(CROSS_BLOCKS):
+        slot = tl.load(cross_ptr + (pid_bh.to(tl.int64) * CROSS_BLOCKS + j) * padded_len + pos)
+        rows = tl.where(block > j, slot, 0.0)
+        cross += tl.where(block == j, slot, 0.0) + tl.where(block > j, tl.cumsum(rows, axis=0, reverse=True), 0.0)
+        cols += tl.where(block < j, slot, 0.0)
+    cols = tl.reshape(cols, (CROSS_BLOCKS, CHUNK // CROSS_BLOCKS))
+    cross += tl.reshape(tl.cumsum(cols, axis=1) - cols, (CHUNK,))
     off_term = tl.load(off_term_ptr + base + pos)
     state_term = tl.load(state_term_ptr + base + pos)
     # d(Δ_i A): the pairs s < i ≤ t, the from-state outputs at t ≥ i, the chunk state's inputs at s < i, and the
@@ -816,7 +863,7 @@ TUNERS = {
     name: Autotuner(f"ssd.{name}", configs, INTERPRETER_CONFIGS[interpreter])
     for name, configs, interpreter in (
         ("state_fwd", STATE_CONFIGS, "state"), ("cb", CB_CONFIGS, "cb"), ("output_fwd", OUTPUT_CONFIGS, "output"),
-        ("state_bwd", STATE_BWD_CONFIGS, "state"), ("dx_bwd", ROW_BWD_CONFIGS, "output"),
+        ("state_bwd", STATE_BWD_CONFIGS, "state"), ("dx_bwd", DX_BWD_CONFIGS, "output"),
         ("dcb_bwd", DCB_BWD_CONFIGS, "group_bwd"), ("db_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
         ("dc_bwd", GROUP_BWD_CONFIGS, "group_bwd"),
     )
@@ -1023,16 +1070,17 @@ def ssd_scan_backward(
             split = min(cfg["HEAD_SPLIT"], heads_per_group)
             dcb_part = torch.empty((batch, nchunks * split * ngroups * chunk * chunk), **f32)
             cross = torch.empty((batch, nheads, n_blocks, padded), **f32)
-            between = torch.empty((batch, nheads, nchunks, n_blocks, n_blocks), **f32)
-            _dcb_bwd_kernel[(nchunks * n_blocks * n_blocks, ngroups * split, batch)](
-                *strided(x, 4), *strided(dy, 4), dtp, cum, cb, dcb_part, cross, between,
-                seqlen, nheads, heads_per_group, ngroups, headdim, nchunks, padded,
-                DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_T=cfg["BLOCK_T"], HEAD_SPLIT=split,
-                **_launch_options(cfg),
-            )
-            return dcb_part, split, cross, between
+            for diagonal, tiles in ((True, n_blocks), (False, n_blocks * n_blocks)):
+                if diagonal or n_blocks > 1:
+                    _dcb_bwd_kernel[(nchunks * tiles, ngroups * split, batch)](
+                        *strided(x, 4), *strided(dy, 4), dtp, cum, cb, dcb_part, cross,
+                        seqlen, nheads, heads_per_group, ngroups, headdim, nchunks, padded,
+                        DOT_PRECISION=precision, CHUNK=chunk, BLOCK_P=block_p, BLOCK_T=cfg["BLOCK_T"],
+                        HEAD_SPLIT=split, DIAGONAL=diagonal, **_launch_options(cfg),
+                    )
+            return dcb_part, split, cross
 
-        dcb_part, dcb_splits, cross, between = launch_dcb(_config(
+        dcb_part, dcb_splits, cross = launch_dcb(_config(
             "dcb_bwd", _key("dcb_bwd", chunk, headdim, heads_per_group, dtype_name_), launch_dcb,
             configs.get("dcb_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
@@ -1067,7 +1115,7 @@ def ssd_scan_backward(
             configs.get("dc_bwd"), _fits_chunk(chunk, "BLOCK_T")))
 
         _dt_bwd_kernel[(batch * nheads, nchunks)](
-            *strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, between, k_sum,
+            *strided(dt, 3), A, dt_bias, dtp, ddt_direct, state_term, off_term, cross, k_sum,
             *strided(ddt, 3), dA_part, dbias_part, seqlen, nheads, nchunks, padded,
             HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), CHUNK=chunk, CROSS_BLOCKS=cross.shape[2],
         )
