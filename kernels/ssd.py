@@ -29,7 +29,7 @@ launches:
      R heads of a group (a group of 64 heads computes it once, not 64 times), and the backward reuses it.
   3. `_state_fwd_kernel`: per (batch, head, tile of the (P, N) state), a loop over the chunks that stores H_c and
      adds the chunk's x^T (B ⊙ decay·Δ) product: the inter-chunk recurrence and the chunk states in one pass, so the
-     chunk states never reach memory. H_c is stored in float32.
+     chunk states never reach memory. H_c is stored split (`_store_state`: as its two half parts for half inputs).
   4. `_output_fwd_kernel`: per (head, chunk, block of rows): exp(cum) C H_c^T, then the causal blocks of
      (CB ⊙ decay ⊙ Δ) x, plus D x.
 
@@ -62,9 +62,10 @@ kernel adds up.
 
 That sum still nearly cancels against dΔ's direct part x_s·inner_s (a dt_bias gradient is much smaller than either),
 so both must come from the same float32 values: the chunk states H_c and G_c are float32 sums of split products (the
-state kernels split x's weights B ⊙ decay·Δ and dy ⊙ exp(cum)), stored in float32 and split again where the dx, dB
-and dC kernels multiply them, and dx splits CB ⊙ decay. Rounding any one of them to bf16 left d dt_bias and dA
-at 5e-4 - 8e-4 from float64 where the float32 reference is at 1e-6 (3 chunks of 64, P 64, N 128).
+state kernels split x's weights B ⊙ decay·Δ and dy ⊙ exp(cum)), stored as their two half parts (split once, where
+they are built), which the dx, dB and dC kernels multiply part by part, and dx splits CB ⊙ decay. Rounding any one
+of them to bf16 left d dt_bias and dA at 5e-4 - 8e-4 from float64 where the float32 reference is at 1e-6 (3 chunks
+of 64, P 64, N 128).
 
 T need not be a multiple of the chunk: positions past T get Δ = 0 (decay 1, no input) and every load past T is
 masked. L (chunk_size) must be a power of two ≥ 16; the result does not depend on it beyond rounding.
@@ -213,6 +214,52 @@ def _split_dot(a, b, acc, dot_ty: tl.constexpr, DOT_PRECISION: tl.constexpr, SPL
 
 
 @triton.jit
+def _store_state(ptr, index, offs, value, mask, size):
+    """Store the float32 state `value` (one tile of state number `index`, `size` elements each) as the products that
+    read it take it: for half inputs (ptr of their half dtype) its two parts (`_halves`: the rounded value at
+    2·index·size, what rounding lost at (2·index + 1)·size), split once here rather than by every program that
+    multiplies it; for float32 inputs as is, at index·size."""
+    ty = ptr.dtype.element_ty
+    if ty == tl.float32:
+        tl.store(ptr + index * size + offs, value, mask=mask)
+    else:
+        high = rounded(value, ty)
+        tl.store(ptr + 2 * index * size + offs, high, mask=mask)
+        tl.store(ptr + (2 * index + 1) * size + offs, rounded(value - high.to(tl.float32), ty), mask=mask)
+
+
+@triton.jit
+def _load_state(ptr, index, offs, mask, size, HIGH_ONLY: tl.constexpr):
+    """A tile of a state stored by `_store_state`, in float32: the sum of its parts, or HIGH_ONLY its rounded part."""
+    ty = ptr.dtype.element_ty
+    if ty == tl.float32:
+        value = tl.load(ptr + index * size + offs, mask=mask, other=0.0)
+    else:
+        value = tl.load(ptr + 2 * index * size + offs, mask=mask, other=0.0).to(tl.float32)
+        if not HIGH_ONLY:
+            value += tl.load(ptr + (2 * index + 1) * size + offs, mask=mask, other=0.0).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _state_dot(a, ptr, index, offs, mask, size, acc, DOT_PRECISION: tl.constexpr):
+    """acc + a·S for a tile S of a state stored by `_store_state` (offs index it as the second operand): for half
+    inputs a times each part, as `_split_dot` would multiply the float32 state, with the parts loaded straight into
+    the product (no float32 tile and no rounding in registers)."""
+    ty = ptr.dtype.element_ty
+    if ty == tl.float32:
+        acc = tl.dot(_operand(a, ty), tl.load(ptr + index * size + offs, mask=mask, other=0.0), acc,
+                     input_precision=DOT_PRECISION)
+    else:
+        a = _operand(a, ty)
+        high = tl.load(ptr + 2 * index * size + offs, mask=mask, other=0.0)
+        acc = tl.dot(a, _operand(high, ty), acc, input_precision=DOT_PRECISION)
+        low = tl.load(ptr + (2 * index + 1) * size + offs, mask=mask, other=0.0)
+        acc = tl.dot(a, _operand(low, ty), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _dt_cumsum_kernel(
     dt_ptr, dt_stride_b, dt_stride_t, dt_stride_h,
     A_ptr, bias_ptr,
@@ -281,7 +328,7 @@ def _state_fwd_kernel(
     B_ptr, B_stride_b, B_stride_t, B_stride_g, B_stride_n,
     dtp_ptr, cum_ptr,
     init_ptr, init_stride_b, init_stride_h, init_stride_p, init_stride_n,
-    enter_ptr,  # (B, c, H, P, N) float32, contiguous: the state entering each chunk
+    enter_ptr,  # (B, c, H, [2,] P, N), contiguous: the state entering each chunk (`_store_state`)
     final_ptr,  # (B, H, P, N) float32, contiguous
     seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
     HAS_INIT: tl.constexpr, DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr,
@@ -314,8 +361,8 @@ def _state_fwd_kernel(
         chunk = i // steps
         l0 = (i % steps) * BLOCK_L
         if l0 == 0:
-            enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-            tl.store(enter_ptr + enter_base + state_offs, state, mask=pn_in)
+            _store_state(enter_ptr, (b.to(tl.int64) * nchunks + chunk) * nheads + h, state_offs, state, pn_in,
+                         headdim * dstate)
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
         pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
         t_in = pos < seqlen
@@ -363,10 +410,9 @@ def _output_fwd_kernel(
     # From the state entering the chunk: exp(cum_t) C_t H_c^T.
     C_t = tl.load(C_ptr + b.to(tl.int64) * C_stride_b + pos_t[:, None] * C_stride_t + g * C_stride_g
                   + n[None, :] * C_stride_n, mask=t_in[:, None] & n_in[None, :], other=0.0)
-    enter_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-    enter_T = tl.load(enter_ptr + enter_base + n[:, None] + p[None, :] * dstate, mask=n_in[:, None] & p_in[None, :],
-                      other=0.0)  # (N, P)
-    # One half product of the float32 state, not a split one (_split_dot): no gradient reads y, and y is at the
+    enter_T = _load_state(enter_ptr, (b.to(tl.int64) * nchunks + chunk) * nheads + h, n[:, None] + p[None, :] * dstate,
+                          n_in[:, None] & p_in[None, :], headdim * dstate, HIGH_ONLY=True)  # (N, P)
+    # One half product of the float32 state (its rounded part), not a split one: no gradient reads y, and y is at the
     # references' own error without the split (1.7e-3 from float64 at 3 chunks of 64, P 64, N 128, bf16).
     acc = tl.dot(_operand(C_t, dot_ty), _operand(enter_T, dot_ty), input_precision=DOT_PRECISION) * tl.exp(cum_t)[:, None]
 
@@ -405,7 +451,7 @@ def _state_bwd_kernel(
     C_ptr, C_stride_b, C_stride_t, C_stride_g, C_stride_n,
     cum_ptr, enter_ptr,
     dfinal_ptr, dfinal_stride_b, dfinal_stride_h, dfinal_stride_p, dfinal_stride_n,
-    grad_after_ptr,  # (B, c, H, P, N) float32 like enter: G_c = dL/d(state after chunk c)
+    grad_after_ptr,  # like enter: G_c = dL/d(state after chunk c)
     k_part_ptr,  # (B, H, c, tiles) float32: exp(cum_{L-1}) Σ H_c ⊙ G_c per tile of the state
     dinit_ptr,  # (B, H, P, N) float32
     seqlen, nheads, heads_per_group, headdim, dstate, nchunks, padded_len,
@@ -442,9 +488,9 @@ def _state_bwd_kernel(
         l0 = (i % steps) * BLOCK_L
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
         if l0 == 0:
-            state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-            tl.store(grad_after_ptr + state_base + state_offs, grad, mask=pn_in)
-            enter = tl.load(enter_ptr + state_base + state_offs, mask=pn_in, other=0.0)
+            state_index = (b.to(tl.int64) * nchunks + chunk) * nheads + h
+            _store_state(grad_after_ptr, state_index, state_offs, grad, pn_in, headdim * dstate)
+            enter = _load_state(enter_ptr, state_index, state_offs, pn_in, headdim * dstate, HIGH_ONLY=False)
             tl.store(k_part_ptr + (pid_bh.to(tl.int64) * nchunks + chunk) * n_tiles + tile,
                      tl.exp(cum_last) * tl.sum(tl.sum(enter * grad, axis=1), axis=0))
         pos = chunk * CHUNK + l0 + tl.arange(0, BLOCK_L)
@@ -503,10 +549,9 @@ def _dx_bwd_kernel(
     # Through the chunk's contribution to the state after it: exp(cum_{L-1} - cum_s) B_s G_c^T.
     B_s = tl.load(B_ptr + b.to(tl.int64) * B_stride_b + pos_s[:, None] * B_stride_t + g * B_stride_g
                   + n[None, :] * B_stride_n, mask=s_in[:, None] & n_in[None, :], other=0.0)
-    state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-    grad_T = tl.load(grad_after_ptr + state_base + n[:, None] + p[None, :] * dstate,
-                     mask=n_in[:, None] & p_in[None, :], other=0.0)  # (N, P)
-    inner = _split_dot(B_s, grad_T, tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32), dot_ty, DOT_PRECISION, SPLIT="b")
+    inner = _state_dot(B_s, grad_after_ptr, (b.to(tl.int64) * nchunks + chunk) * nheads + h,
+                       n[:, None] + p[None, :] * dstate, n_in[:, None] & p_in[None, :], headdim * dstate,
+                       tl.zeros((BLOCK_T, BLOCK_P), dtype=tl.float32), DOT_PRECISION)  # G_c^T: (N, P)
     inner = inner * tl.exp(cum_last - cum_s)[:, None]  # (T, P)
     x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
                   + p[None, :] * x_stride_p, mask=sp_in, other=0.0)
@@ -720,11 +765,10 @@ def _db_bwd_kernel(
         cum_last = tl.load(cum_ptr + dt_base + chunk * CHUNK + CHUNK - 1)
         x_s = tl.load(x_ptr + b.to(tl.int64) * x_stride_b + pos_s[:, None] * x_stride_t + h * x_stride_h
                       + p[None, :] * x_stride_p, mask=s_in[:, None] & p_in[None, :], other=0.0)
-        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        grad = tl.load(grad_after_ptr + state_base + p[:, None] * dstate + n[None, :],
-                       mask=p_in[:, None] & n_in[None, :], other=0.0)  # (P, N)
         x_w = x_s.to(tl.float32) * (tl.exp(cum_last - cum_s) * dt_s)[:, None]
-        dB_acc = _split_dot(x_w, grad, dB_acc, dot_ty, DOT_PRECISION, SPLIT="b")
+        dB_acc = _state_dot(x_w, grad_after_ptr, (b.to(tl.int64) * nchunks + chunk) * nheads + h,
+                            p[:, None] * dstate + n[None, :], p_in[:, None] & n_in[None, :], headdim * dstate, dB_acc,
+                            DOT_PRECISION)  # G_c: (P, N)
     C_base = C_ptr + b.to(tl.int64) * C_stride_b + g * C_stride_g
     for tb in range(sb + split, n_blocks, HEAD_SPLIT):
         t_loc = tb * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -776,11 +820,9 @@ def _dc_bwd_kernel(
         cum_t = tl.load(cum_ptr + dt_base + pos_t)
         dy_t = tl.load(dy_ptr + b.to(tl.int64) * dy_stride_b + pos_t[:, None] * dy_stride_t + h * dy_stride_h
                        + p[None, :] * dy_stride_p, mask=t_in[:, None] & p_in[None, :], other=0.0)
-        state_base = ((b.to(tl.int64) * nchunks + chunk) * nheads + h) * headdim * dstate
-        enter = tl.load(enter_ptr + state_base + p[:, None] * dstate + n[None, :], mask=p_in[:, None] & n_in[None, :],
-                        other=0.0)  # (P, N)
-        from_state = _split_dot(dy_t, enter, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), dot_ty, DOT_PRECISION,
-                                SPLIT="b")
+        from_state = _state_dot(dy_t, enter_ptr, (b.to(tl.int64) * nchunks + chunk) * nheads + h,
+                                p[:, None] * dstate + n[None, :], p_in[:, None] & n_in[None, :], headdim * dstate,
+                                tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), DOT_PRECISION)  # H_c: (P, N)
         from_state = from_state * tl.exp(cum_t)[:, None]
         tl.store(off_term_ptr + dt_base + pos_t, tl.sum(from_state * C_t, axis=1))
         dC_acc += from_state
@@ -896,6 +938,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _state_format(dtype: torch.dtype) -> tuple[int, torch.dtype]:
+    """(parts, dtype) of the stored chunk states (`_store_state`): float32 inputs' states as they are, half inputs'
+    as two parts in their dtype (the same bytes as float32)."""
+    return (1, torch.float32) if dtype == torch.float32 else (2, dtype)
+
+
 def _fits_chunk(chunk: int, *names: str):
     return lambda c: all(c[name] <= chunk and chunk % c[name] == 0 for name in names)
 
@@ -917,8 +965,8 @@ def ssd_scan_forward(
     """Run the forward kernels: (y, final_state, dt_processed, cum, cb, enter_states).
 
     The last four are what the backward reuses: Δ and the in-chunk prefix sums (B, H, c·L) float32, C B^T per chunk
-    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) float32, the last two
-    flattened after the batch dimension.
+    and group (B, c, G, L, L) float32, and the state entering each chunk (B, c, H, P, N) float32 for float32 inputs,
+    else (B, c, H, 2, P, N) in their dtype (`_store_state`), the last two flattened after the batch dimension.
     configs: {kernel name: config} to bypass the autotuner (the keys of TUNERS)."""
     _check_inputs(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias)
     configs = configs or {}
@@ -937,7 +985,8 @@ def ssd_scan_forward(
     cum = torch.empty((batch, nheads, padded), dtype=torch.float32, device=device)
     # Flat per batch row: a lone chunk-count dimension would make torch.export guard on it being 1.
     cb = torch.empty((batch, nchunks * ngroups * chunk * chunk), dtype=torch.float32, device=device)
-    enter = torch.empty((batch, nchunks * nheads * headdim * dstate), dtype=torch.float32, device=device)
+    parts, state_dtype = _state_format(x.dtype)
+    enter = torch.empty((batch, nchunks * nheads * parts * headdim * dstate), dtype=state_dtype, device=device)
     if seqlen == 0 or batch == 0 or nheads == 0 or headdim == 0 or dstate == 0:  # nothing to scan
         final_state.copy_(initial_state if initial_state is not None else torch.zeros_like(final_state))
         return y, final_state, dtp, cum, cb, enter
@@ -1177,13 +1226,14 @@ def _forward_fake(x, dt, A, B, C, chunk_size, D, initial_state, dt_bias, dt_soft
     ngroups, dstate = B.shape[-2:]
     nchunks = (seqlen + chunk_size - 1) // chunk_size
     f32 = {"dtype": torch.float32}
+    parts, state_dtype = _state_format(x.dtype)
     return (
         x.new_empty((batch, seqlen, nheads, headdim)),
         x.new_empty((batch, nheads, headdim, dstate), **f32),
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
         x.new_empty((batch, nheads, nchunks * chunk_size), **f32),
         x.new_empty((batch, nchunks * ngroups * chunk_size * chunk_size), **f32),
-        x.new_empty((batch, nchunks * nheads * headdim * dstate), **f32),
+        x.new_empty((batch, nchunks * nheads * parts * headdim * dstate), dtype=state_dtype),
     )
 
 
