@@ -108,11 +108,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # each is the one the H200 chose at Bamba's shape (B8 L4096 H64x64 N128 chunk 256 bf16; bench/ssm_kernels.py
 # ssd_timing): a package that does not tune at run time launches it. A 64-row tile is one warpgroup's wgmma: at
 # 8 warps every kernel with 64-row tiles ran 1.2-1.9x slower there, and 128-row tiles at 8 warps 1.2-1.5x slower.
-# With the split products the state kernels' first configs take 252 and 255 registers (state_bwd: 8 bytes of spill),
-# BLOCK_L 32 at 4 warps 178 and 222 without spills (triton 3.6); the H200 has not yet chosen between them.
+# With the states stored split (`_store_state`) the state kernels' first configs take 238 and 248 registers, BLOCK_L 32
+# at 4 warps 176 and 232, no spills (triton 3.6); the H200 chose BLOCK_L 64 forward, 32 backward (session 9, call 2).
 # BLOCK_T is the rows of the (L, L) intra-chunk tiles; BLOCK_P, BLOCK_N, BLOCK_L tile the (P, N) state loops; HEAD_SPLIT
 # splits a group's heads over that many programs (more parallelism when B·c·G is small; partial sums are added after).
-# BLOCK_N 32 halves the registers (state_fwd 134 at BLOCK_L 64, 96 at 32; state_bwd 184 and 137) and doubles the
+# BLOCK_N 32 halves the registers (state_fwd 102 at BLOCK_L 64, 96 at 32; state_bwd 138 and 104) and doubles the
 # programs (B·H·2 = 1024 at Bamba's shape, four waves of two an SM), for x (dy) read once more per program.
 STATE_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
@@ -135,7 +135,7 @@ STATE_BWD_CONFIGS = [
     {"BLOCK_P": 64, "BLOCK_N": 32, "BLOCK_L": 64, "num_warps": 4, "num_stages": 3},
 ]
 # dx: 168 registers at BLOCK_T 64, 4 warps, 2 stages (x and dy reread at the end rather than held: 247 before), so
-# three programs share an SM where two did; 3 stages 212, 1 stage 168, BLOCK_T 32 186 (triton 3.6, no spills).
+# three programs share an SM where two did; 3 stages 208, 1 stage 166, BLOCK_T 32 168 (triton 3.6, no spills).
 DX_BWD_CONFIGS = [
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 3},
