@@ -189,10 +189,32 @@ def test_group_sum_adds_each_key_heads_value_heads_in_float32(dtype):
     """dq and dk per value head (B, T, HV, K) summed over the HV / H value heads of each key head, rounded once."""
     gen = torch.Generator().manual_seed(31)
     dq_heads, dk_heads = (torch.randn(2, 5, 6, 20, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
-    dq, dk = gdr._sum_over_groups(dq_heads, dk_heads, 2, torch.bfloat16)
+    dq, dk = (torch.empty(2, 5, 2, 20, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    gdr._sum_over_groups(dq_heads, dk_heads, dq, dk)
     for got, heads in ((dq, dq_heads), (dk, dk_heads)):
         expected = heads.float().view(2, 5, 2, 3, 20).sum(3).to(torch.bfloat16)
-        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("grouped", [1, 0], ids=["summed-in-the-chunk-kernel", "summed-by-group-sum-kernel"])
+def test_grouped_key_heads_get_the_sum_of_their_value_heads_gradients(grouped, monkeypatch):
+    """dq and dk of a key head read by 3 value heads (GROUPED: the chunk kernel adds each value head's share in turn;
+    else _group_sum_kernel sums per-value-head copies) against the same run with the key head repeated, one copy per
+    value head, summed over the copies."""
+    monkeypatch.setattr(gdr.TUNERS["chunk_backward"], "interpreter_config",
+                        {**gdr.INTERPRETER_CONFIGS["chunk_backward"], "GROUPED": grouped})
+    args = make_inputs(1, 40, 2, 6, 16, 16, seed=21)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(args["v"].shape, generator=gen).to(DEVICE)
+    rest = (args["v"], args["g"], args["beta"], 0.25, args["initial_state"], 16)
+    dq, dk, *others = gdr.gated_delta_rule_backward(do, None, args["q"], args["k"], *rest)
+    repeated = [t.repeat_interleave(3, dim=2) for t in (args["q"], args["k"])]
+    dq_each, dk_each, *others_each = gdr.gated_delta_rule_backward(do, None, *repeated, *rest)
+    for got, each in ((dq, dq_each), (dk, dk_each)):
+        assert got.shape == args["q"].shape
+        assert relative_norm_error(got, each.view(1, 40, 2, 3, 16).sum(3)) < 1e-6
+    for got, want in zip(others, others_each, strict=True):  # dv, dg, dβ, dS_0: per value head, unchanged
+        assert relative_norm_error(got, want) < 1e-6
 
 
 def test_gradients_at_length_one_without_final_state_gradient():

@@ -48,12 +48,13 @@ launches:
   5. `_state_backward_kernel`, per (block of V columns, batch × value head): the state passing backwards, from the
      last chunk to the first, dS (the gradient of the state leaving the chunk, float32 in registers) and
      du = du_local + (exp(c_{L-1} − c) ⊙ k) dS; stores both per chunk; the last is the initial state's gradient.
-  6. `_chunk_backward_kernel`, per (chunk, batch × value head): every input's gradient in the chunk. The adjoint of
+  6. `_chunk_backward_kernel`, per (chunk, batch × key head): every input's gradient in the chunk, a value head at a
+     time, each one's dq and dk added to the last's in dq and dk (no per-value-head copies to sum). The adjoint of
      T⁻¹ needs no (L, L) inverse of its own: with û = T⁻¹ᵀ du, the gradient of A is −û uᵀ below the diagonal
      (since T⁻¹ (β v − β exp(c) ⊙ k S_c) = u), and dv = β ⊙ û. The prefix sums' gradient dc collects each exp(c)'s
      share (q ⊙ dq, k ⊙ dk and β-weighted rows summed over K, as fla does), and dg is its reverse prefix sum.
-dq and dk come per value head in the intermediates' dtype (as fla keeps them) and `_group_sum_kernel` sums each key
-head's group, in float32.
+dq and dk are each key head's sum over its value heads, a value head's share rounded to q's dtype when added (the
+per-value-head copies in memory and their summing launch took 0.10 ms at the bench shape, GPU call 2 of session 9).
 
 Decoding has its own kernel, `gated_delta_step`: one position for one (batch, value head, block of V columns) per
 program, the state read once and written once (the reference's is a chain of small ops over the whole state).
@@ -152,9 +153,14 @@ STATE_BACKWARD_CONFIGS = [
     {"BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 228, 48 KB: 1, two waves of 8 warps (4 warps spill); 0.547
     {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},  # 138, 36 KB: 3; 0.808 ms
 ]
+# GROUPED 1 (session 9): a program per key head's chunk sums dq and dk over its value heads itself, where GROUPED 0
+# stores them per value head for `_group_sum_kernel` (0.10 ms at the bench shape, GPU call 2 of session 9); the
+# tuner times the kernel and that launch together. Not timed on a GPU yet: GROUPED 1 costs the first config 24 bytes
+# of stack (255 registers), the 8-warp one 112 (255 registers against 214: not offered).
 CHUNK_BACKWARD_CONFIGS = [
-    {"BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255, no spills, 32 KB: 2; 1.68 ms
-    {"BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 214, 64 KB: 1; 2.23 ms (session 6)
+    {"GROUPED": 0, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255, no spills, 32 KB: 2; 1.68 ms
+    {"GROUPED": 1, "BLOCK_K": 32, "BLOCK_V": 32, "num_warps": 4, "num_stages": 1},  # 255, 24 bytes of stack: 2
+    {"GROUPED": 0, "BLOCK_K": 32, "BLOCK_V": 64, "num_warps": 8, "num_stages": 1},  # 214, 64 KB: 1; 2.23 ms (session 6)
 ]
 INTERPRETER_CONFIGS = {
     "wy": {"TILED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
@@ -162,7 +168,7 @@ INTERPRETER_CONFIGS = {
     "output": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "intra_chunk_dpseudo": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
     "state_backward": {"BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
-    "chunk_backward": {"BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
+    "chunk_backward": {"GROUPED": 1, "BLOCK_K": 16, "BLOCK_V": 16, "num_warps": 4, "num_stages": 1},
 }
 """The configs under TRITON_INTERPRET=1: blocks of 16, so the tests' small heads still span several blocks."""
 
@@ -741,15 +747,17 @@ def _keys_backward(
     q_rows, q_stride_k,  # (L, 1) pointers: the chunk's rows of q at this (batch, key head)
     k_rows, k_stride_k,  # likewise of k
     do_rows, do_stride_v,  # the chunk's rows of dO at this (batch, value head)
-    dq_rows, dk_rows,  # likewise of the per-value-head dq and dk (contiguous columns)
+    dq_rows, dk_rows,  # likewise of dq and dk (B, T, H, K) at this (batch, key head) (contiguous columns)
+    accumulate,  # GROUPED: whether dq and dk hold an earlier value head's share already (added to, not overwritten)
     pseudo_ptr, du_hat_ptr, row,
     enter_ptr, dleave_ptr,  # at this chunk's (K, V) states
     t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """dq and dk of the chunk, a block of K at a time (an inner loop over V for the three products with the states:
-    dO S_cᵀ, û S_cᵀ, u dSᵀ), given _pairs_backward's (L, L) tiles as operands. Returns (dbeta_keys, dc): dβ's key
-    terms and the gradient of the prefix sums c."""
+    dO S_cᵀ, û S_cᵀ, u dSᵀ), given _pairs_backward's (L, L) tiles as operands, added to the key head's dq and dk
+    where `accumulate`. Returns (dbeta_keys, dc): dβ's key terms and the gradient of the prefix sums c."""
     inter_ty = pseudo_ptr.dtype.element_ty
     dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
     dc = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -788,11 +796,17 @@ def _keys_backward(
         k_op = _operand(k_blk, inter_ty)
         dq_blk = tl.dot(dPD_op, k_op, do_S * (scale * tl.exp(cum))[:, None], input_precision=DOT_PRECISION)
         dc += tl.sum(q_blk * dq_blk, axis=1)
-        tl.store(dq_rows + cols_k[None, :], rounded(dq_blk + dPD_diagonal[:, None] * k_blk, dq_rows.dtype.element_ty),
-                 mask=tk_in)
+        dq_blk += dPD_diagonal[:, None] * k_blk
+        if GROUPED:
+            dq_blk += tl.load(dq_rows + cols_k[None, :], mask=tk_in & accumulate, other=0.0).to(tl.float32)
+        tl.store(dq_rows + cols_k[None, :], rounded(dq_blk, dq_rows.dtype.element_ty), mask=tk_in)
         decayed = tl.sum(k_blk * u_dS, axis=1) * decay_to_end
         k_dk_weighted = -tl.sum(k_blk * du_hat_S, axis=1)  # û S_cᵀ is minus the gradient of β exp(c) ⊙ k
         dk_blk = u_dS * decay_to_end[:, None] - du_hat_S * weight[:, None] + dPD_diagonal[:, None] * q_blk
+        # The earlier value heads' share is added here, where fewer tiles are live than at the store (sm_90, triton 3.6:
+        # 48 bytes of stack against 80).
+        if GROUPED:
+            dk_blk += tl.load(dk_rows + cols_k[None, :], mask=tk_in & accumulate, other=0.0).to(tl.float32)
         dAD_k = tl.dot(dAD_op, k_op, input_precision=DOT_PRECISION)
         k_dAD_k = tl.sum(k_blk * dAD_k, axis=1)
         dk_blk += dAD_k * beta[:, None]
@@ -818,11 +832,13 @@ def _chunk_backward_kernel(
     do_ptr, do_stride_b, do_stride_t, do_stride_h, do_stride_v,
     cum_ptr, inverse_ptr, enter_ptr, pseudo_ptr, dleave_ptr, dpseudo_ptr,
     du_hat_ptr,  # (B, HV, c·L, V) in the intermediates' dtype, contiguous: scratch for û
-    dq_ptr, dk_ptr,  # (B, T, HV, K) in the intermediates' dtype, contiguous: per value head (summed by the launcher)
+    dq_ptr, dk_ptr,  # GROUPED: (B, T, H, K) in q's dtype, each key head's sum over its value heads; else (B, T, HV, K)
+                     # in the intermediates' dtype, per value head (summed by _group_sum_kernel); contiguous
     dv_ptr,  # (B, T, HV, V) in v's dtype, contiguous
     dbeta_ptr, dg_ptr,  # (B, T, HV) float32, contiguous
     scale, seqlen, nv_heads, value_heads_per_key, dk, dv, nchunks, padded_len,
     DOT_PRECISION: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     """Every gradient of one chunk of one (batch, value head), given S_c, u, dS (of the state leaving it) and du.
     With D[t, s] = exp(c_t − c_s) and û = T⁻¹ᵀ du (the reference derives the rest):
@@ -836,44 +852,65 @@ def _chunk_backward_kernel(
     and dc, the gradient of the prefix sums, from every exp(c) above; dg is its reverse prefix sum. `_pairs_backward`
     takes what sums over V (a loop over V), `_keys_backward` dq and dk (a loop over K), the (L, L) tiles between them
     held as operands. T⁻¹ is needed in the first only: û S_cᵀ, not T⁻¹ᵀ (du S_cᵀ), so û goes through a scratch
-    buffer (L2-resident: the program reads back what it wrote)."""
+    buffer (L2-resident: the program reads back what it wrote).
+
+    GROUPED (the tuner's choice): a program takes one key head's chunk and its value heads one after the other,
+    adding each one's dq and dk to the last's (read back from dq and dk: the barrier before the keys' loop orders
+    them), so that no per-value-head copy of dq and dk goes through memory to be summed by another launch. Else a
+    program takes one value head's chunk, and `_group_sum_kernel` sums dq and dk over each key head's value heads."""
     chunk = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // nv_heads).to(tl.int64)
-    h = pid_bh % nv_heads
-    h_key = h // value_heads_per_key
     inter_ty = enter_ptr.dtype.element_ty
     t = tl.arange(0, CHUNK)
-    pos = chunk * CHUNK + t
-    t_in = pos < seqlen
-    row = pid_bh.to(tl.int64) * padded_len + pos
-    cum = tl.load(cum_ptr + row)
-    cum_last = tl.load(cum_ptr + pid_bh.to(tl.int64) * padded_len + chunk * CHUNK + CHUNK - 1)
-    beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
-                   other=0.0).to(tl.float32)
-    inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
-    do_rows = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
-    out_rows = (b * seqlen + pos) * nv_heads + h  # the chunk's rows of the (B, T, HV) gradients
-    dPD, dPD_diagonal, dAD, dbeta_values = _pairs_backward(
-        v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t, v_stride_v, do_rows, do_stride_v,
-        dv_ptr + out_rows[:, None] * dv, pseudo_ptr, dpseudo_ptr, du_hat_ptr, row, inverse, t, t_in, cum, beta, scale,
-        dv, DOT_PRECISION, CHUNK, BLOCK_V,
-    )
-    dPD_op = _operand(dPD, inter_ty)
-    dAD_op = _operand(dAD, inter_ty)
-    tl.debug_barrier()  # û is read back below by other threads of the program than wrote it
-    states = (pid_bh.to(tl.int64) * nchunks + chunk) * dk * dv
-    dbeta_keys, dc = _keys_backward(
-        q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t, q_stride_k,
-        k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t, k_stride_k,
-        do_rows, do_stride_v, dq_ptr + out_rows[:, None] * dk, dk_ptr + out_rows[:, None] * dk,
-        pseudo_ptr, du_hat_ptr, row, enter_ptr + states, dleave_ptr + states,
-        t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
-        DOT_PRECISION, CHUNK, BLOCK_K, BLOCK_V,
-    )
-    dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
-    tl.store(dg_ptr + out_rows, dg, mask=t_in)
-    tl.store(dbeta_ptr + out_rows, dbeta_values + dbeta_keys, mask=t_in)
+    if GROUPED:
+        heads_per_program = value_heads_per_key
+        grad_heads = nv_heads // value_heads_per_key  # dq and dk's heads: the key heads
+    else:
+        heads_per_program = 1
+        grad_heads = nv_heads
+    for r in range(heads_per_program):
+        # (batch × key head) · R + r is batch × value head; everything below is derived from it inside the loop, so
+        # that nothing is hoisted out of it to stay live across both value heads (triton 3.6 for sm_90: 48 bytes of
+        # stack at the first config, and 144 at 8 warps, when the batch, key head and positions came from outside).
+        pid_bh = tl.program_id(1).to(tl.int64) * heads_per_program + r
+        b = pid_bh // nv_heads
+        h = pid_bh % nv_heads
+        h_key = h // value_heads_per_key
+        pos = chunk * CHUNK + t
+        t_in = pos < seqlen
+        row = pid_bh * padded_len + pos
+        cum = tl.load(cum_ptr + row)
+        cum_last = tl.load(cum_ptr + pid_bh * padded_len + chunk * CHUNK + CHUNK - 1)
+        beta = tl.load(beta_ptr + b * beta_stride_b + pos * beta_stride_t + h * beta_stride_h, mask=t_in,
+                       other=0.0).to(tl.float32)
+        inverse = _operand(tl.load(inverse_ptr + row[:, None] * CHUNK + t[None, :]), inter_ty)  # (L, L)
+        do_rows = do_ptr + b * do_stride_b + h * do_stride_h + pos[:, None] * do_stride_t
+        out_rows = (b * seqlen + pos) * nv_heads + h  # the chunk's rows of the (B, T, HV) gradients
+        dPD, dPD_diagonal, dAD, dbeta_values = _pairs_backward(
+            v_ptr + b * v_stride_b + h * v_stride_h + pos[:, None] * v_stride_t, v_stride_v, do_rows, do_stride_v,
+            dv_ptr + out_rows[:, None] * dv, pseudo_ptr, dpseudo_ptr, du_hat_ptr, row, inverse, t, t_in, cum, beta,
+            scale, dv, DOT_PRECISION, CHUNK, BLOCK_V,
+        )
+        dPD_op = _operand(dPD, inter_ty)
+        dAD_op = _operand(dAD, inter_ty)
+        # û (and the last value head's dq and dk) are read back below by other threads of the program than wrote them.
+        tl.debug_barrier()
+        states = (pid_bh * nchunks + chunk) * dk * dv
+        if GROUPED:
+            grad_head = h_key
+        else:
+            grad_head = h
+        grad_rows = ((b * seqlen + pos) * grad_heads + grad_head)[:, None] * dk  # the chunk's rows of dq and dk
+        dbeta_keys, dc = _keys_backward(
+            q_ptr + b * q_stride_b + h_key * q_stride_h + pos[:, None] * q_stride_t, q_stride_k,
+            k_ptr + b * k_stride_b + h_key * k_stride_h + pos[:, None] * k_stride_t, k_stride_k,
+            do_rows, do_stride_v, dq_ptr + grad_rows, dk_ptr + grad_rows, r > 0,
+            pseudo_ptr, du_hat_ptr, row, enter_ptr + states, dleave_ptr + states,
+            t, t_in, cum, cum_last, beta, dPD_op, dPD_diagonal, dAD_op, scale, dk, dv,
+            DOT_PRECISION, CHUNK, BLOCK_K, BLOCK_V, GROUPED,
+        )
+        dg = tl.cumsum(dc, axis=0, reverse=True)  # g_i enters every c_t with t ≥ i
+        tl.store(dg_ptr + out_rows, dg, mask=t_in)
+        tl.store(dbeta_ptr + out_rows, dbeta_values + dbeta_keys, mask=t_in)
 
 
 @triton.jit
@@ -1119,8 +1156,8 @@ def gated_delta_rule_backward(
                          f"{None if dfinal_state is None else tuple(dfinal_state.shape)}")
     f32 = {"dtype": torch.float32, "device": q.device}
     inter_dtype = _intermediates_dtype(q, intermediates)
-    dq_heads = torch.empty((batch, seqlen, nv_heads, dk), dtype=inter_dtype, device=q.device)  # per value head: a key
-    dk_heads = torch.empty((batch, seqlen, nv_heads, dk), dtype=inter_dtype, device=q.device)  # head's group is summed
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)  # each key head's sum over its value heads
+    dk_ = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv_ = torch.empty((batch, seqlen, nv_heads, dv), dtype=v.dtype, device=q.device)
     dg = torch.empty((batch, seqlen, nv_heads), **f32)
     dbeta = torch.empty((batch, seqlen, nv_heads), **f32)
@@ -1160,17 +1197,24 @@ def gated_delta_rule_backward(
                                           configs.get("state_backward")))
 
             def launch_chunk_backward(cfg):
-                _chunk_backward_kernel[(chunks.nchunks, batch * nv_heads)](
+                # GROUPED: dq and dk summed over a key head's value heads in the kernel; else per value head, then
+                # summed by _group_sum_kernel (launched here, so that the tuner times both launches against one).
+                grouped = bool(cfg.get("GROUPED", 0))
+                per_head = not grouped and (nv_heads != nheads or inter_dtype != q.dtype)
+                dq_out, dk_out = ((torch.empty((batch, seqlen, nv_heads, dk), dtype=inter_dtype, device=q.device)
+                                   for _ in range(2)) if per_head else (dq, dk_))
+                _chunk_backward_kernel[(chunks.nchunks, batch * (nheads if grouped else nv_heads))](
                     *strided(q, 4), *strided(k, 4), *strided(v, 4), *strided(beta, 3), *strided(do, 4),
                     chunks.cum, chunks.inverse, chunks.enter, chunks.pseudo, dleave, dpseudo, du_hat,
-                    dq_heads, dk_heads, dv_, dbeta, dg, *common,
+                    dq_out, dk_out, dv_, dbeta, dg, *common,
                     DOT_PRECISION=chunks.precision, CHUNK=chunk_size, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=cfg["BLOCK_V"],
-                    **_launch_options(cfg),
+                    GROUPED=grouped, **_launch_options(cfg),
                 )
+                if per_head:
+                    _sum_over_groups(dq_out, dk_out, dq, dk_)
 
             launch_chunk_backward(_config("chunk_backward", chunks.key, launch_chunk_backward,
                                           configs.get("chunk_backward")))
-    dq, dk_ = _sum_over_groups(dq_heads, dk_heads, nheads, q.dtype)
     return dq, dk_, dv_, dg.to(g.dtype), dbeta.to(beta.dtype), dinit if initial_state is not None else None
 
 
@@ -1179,24 +1223,20 @@ GROUP_SUM_ROWS = 16
 at K = 128 (sm_90, triton 3.6): eight programs per SM to keep loads in flight."""
 
 
-def _sum_over_groups(dq_heads: Tensor, dk_heads: Tensor, nheads: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(B, T, HV, K) per value head, in the intermediates' dtype (as fla keeps them) -> dq and dk (B, T, H, K) in
-    dtype, each key head's sum over the value heads that read it, in float32, in one launch (torch's strided adds
-    and a copy took 0.53 ms for the two at the bench shape in GPU call 3 of session 8; `.sum` over the group of
-    float32 ones 0.39 in call 1)."""
-    batch, seqlen, nv_heads, dk = dq_heads.shape
-    if nv_heads == nheads and dq_heads.dtype == dtype:
-        return dq_heads, dk_heads
-    dq = dq_heads.new_empty((batch, seqlen, nheads, dk), dtype=dtype)
-    dk_ = dk_heads.new_empty((batch, seqlen, nheads, dk), dtype=dtype)
+def _sum_over_groups(dq_heads: Tensor, dk_heads: Tensor, dq: Tensor, dk: Tensor) -> None:
+    """dq_heads and dk_heads (B, T, HV, K) per value head, in the intermediates' dtype (as fla keeps them) -> dq and dk
+    (B, T, H, K, contiguous), each key head's sum over the value heads that read it, in float32, in one launch
+    (torch's strided adds and a copy took 0.53 ms for the two at the bench shape in GPU call 3 of session 8; `.sum`
+    over the group of float32 ones 0.39 in call 1; this kernel 0.10 in call 2 of session 9)."""
+    batch, seqlen, nv_heads, head_dim = dq_heads.shape
+    nheads = dq.shape[2]
     rows = batch * seqlen * nheads
     if rows:
         with on_device(dq):
             _group_sum_kernel[(triton.cdiv(rows, GROUP_SUM_ROWS),)](
-                dq_heads, dk_heads, dq, dk_, rows, nv_heads // nheads, dk,
-                BLOCK_ROWS=GROUP_SUM_ROWS, BLOCK_K=max(16, triton.next_power_of_2(dk)), num_warps=4,
+                dq_heads, dk_heads, dq, dk, rows, nv_heads // nheads, head_dim,
+                BLOCK_ROWS=GROUP_SUM_ROWS, BLOCK_K=max(16, triton.next_power_of_2(head_dim)), num_warps=4,
             )
-    return dq, dk_
 
 
 STEP_CONFIG = {"BLOCK_V": 32, "num_warps": 4}
