@@ -50,7 +50,11 @@ after each; a section whose estimate exceeds the budget left is skipped and says
                this shape and the time is a fair peer; where they are not, the time is that of the same launches
                computing wrong values (a miscompiled layout conversion, not skipped work), labelled so. Also both
                forwards (the guard does not touch them) and a per-kernel CUDA-time table of fla's forward+backward
-               beside archgen's.
+               beside archgen's, and the configs fla's autotuning chose. Before anything is timed,
+               --fla-precompile-workers processes (8) compile shards of fla's autotuning configs side by side into
+               Triton's on-disk cache (fla's first-call autotuning, ~130 s of GPU call 1 of session 8, is mostly
+               compiling its configs one after the other); fla then tunes in this process as before, timing every
+               config, each compile a cache hit.
   kernels_alone  fla_guard_lifted's archgen steps without fla (not run unless named): forward ms and errors,
                forward+backward ms, gradients against float32, CUDA time per kernel. fla's first-call autotuning took
                130 s of GPU call 1 of session 8; this measures a change to archgen's kernels in well under a minute,
@@ -65,6 +69,7 @@ On the GPU machine, from the repository root (fla_core and einops wheels in .whl
     python bench/gdn_check.py --only speed,profile --out "$OUT" --budget-s 90
     python bench/gdn_check.py --only fla_guard_lifted --tune-only wy --out "$OUT" --budget-s 100
     python bench/gdn_check.py --only kernels_alone --tune-only state_backward,chunk_backward --out "$OUT"
+    timeout 200 python bench/gdn_check.py --only fla_guard_lifted --tune-only chunk_backward --budget-s 190 --out "$OUT"
     for i in 1 2 3; do CUDA_LAUNCH_BLOCKING=1 python bench/gdn_check.py --only config_check --tune-only chunk_backward \
         --out "$OUT" && break; done; python bench/gdn_check.py --only kernels_alone --tune-only chunk_backward --out "$OUT"
 (--untuned: archgen's kernels run their first config, session 6's winners, and time no candidates; --tune-only: only
@@ -79,6 +84,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib
 import json
 import os
@@ -107,6 +113,11 @@ ESTIMATE_S = {"config_check": 30, "speed": 60, "profile": 5, "numerics": 70, "nu
               "kernel_float32": 20, "fla_guard_lifted": 30, "kernels_alone": 30}
 """Seconds each section may take on the H200 (the first one compiles and autotunes fla's and archgen's kernels)."""
 PROFILE_RUNS = 3
+FLA_PRECOMPILE_WORKERS = 8
+"""Processes that compile shards of fla's autotuning configs side by side before fla_guard_lifted times anything
+(--fla-precompile-workers; 0: none). 16 CPU cores on the lent H200; each worker holds one copy of fla's buffers at the
+timing shape (a few GB)."""
+FLA_PRECOMPILE_TIMEOUT_S = 120
 CHECK_RUNS = 10
 """config_check's runs of each config: the illegal addresses triton 3.6 and 3.7 produce in kernels with several wgmma
 dots on sm_90 are probabilistic (triton issues #10486, #11366), more likely over repeated launches."""
@@ -202,6 +213,7 @@ class Check:
         if self.kernel is not None and not tuned:
             importlib.import_module("archgen_kernels.triton_support").RUNTIME_TUNING = False
         self.tune_only = tune_only
+        self.fla_precompile_workers = FLA_PRECOMPILE_WORKERS
         self.config_check_path = out / "gdn_config_check.json"
         if self.kernel is not None:
             if unknown := set(tune_only or ()) - set(self.kernel.TUNERS):
@@ -695,9 +707,73 @@ class Check:
             lifted = "fla.ops.common.chunk_o.TRITON_ABOVE_3_7_1 = True for the section"
         report = self.results["fla_guard_lifted"] = {"guard": guard, "lifted": lifted, "bar_relative_norm": BF16_BAR,
                                                      "steps_s": {}}
+        if self.fla is not None and self.device == "cuda" and self.fla_precompile_workers > 0:
+            report["fla_precompile"] = self._precompile_fla(self.fla_precompile_workers)
+            self.write()
+            print(f"[{self.elapsed():6.1f} s] fla_guard_lifted fla_precompile: {json.dumps(report['fla_precompile'])[:400]}",
+                  flush=True)
         with fla_version_guard_lifted() if self.fla is not None else contextlib.nullcontext():
             self._in_steps("fla_guard_lifted", report, peer, self._fla if self.fla is not None else self._stand_in)
+        if self.fla is not None:
+            report["fla_tuned_configs"] = _fla_chosen_configs()
         return report
+
+    def _precompile_fla(self, workers: int) -> dict:
+        """fla's autotuning compiles every candidate config of every kernel it launches, one after the other (most of
+        the ~130 s its first forward+backward took on a fresh H200 in GPU call 1 of session 8). Here `workers`
+        processes each run fla's forward and backward once at the timing shape with a shard of every autotuner's
+        configs and no timing, which compiles the shards side by side into Triton's on-disk cache; fla's own
+        autotuning in this process then times every config as before, each compile a cache hit. Meanwhile this process
+        compiles archgen's kernels (one forward+backward); where one of them has candidates to time (--tune-only),
+        that runs first, on a quiet GPU. Nothing is timed while the workers run."""
+        started = time.perf_counter()
+        report: dict = {"workers": workers}
+        tunes = self.kernel is not None and importlib.import_module("archgen_kernels.triton_support").RUNTIME_TUNING \
+            and any(len(tuner.configs) > 1 for tuner in self.kernel.TUNERS.values())
+
+        def archgen_once(label):
+            try:
+                self._run_once(self._kernel)
+                report[label] = round(time.perf_counter() - started, 1)
+            except Exception as error:  # noqa: BLE001 — the steps below run (and report) it again
+                report["archgen_error"] = f"{type(error).__name__}: {error}"[:400]
+
+        if tunes:
+            archgen_once("archgen_compiled_and_tuned_first_s")
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(self.out)]
+        procs = [subprocess.Popen([*command, "--fla-precompile-shard", f"{i}/{workers}"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for i in range(workers)]
+        if self.kernel is not None and not tunes:
+            archgen_once("archgen_compiled_meanwhile_s")
+        results = []
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=max(1.0, FLA_PRECOMPILE_TIMEOUT_S - (time.perf_counter() - started)))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            results.append({"rc": proc.returncode, "tail": out[-300:]})
+        report["rc"] = [r["rc"] for r in results]
+        report["failed_tails"] = [r["tail"] for r in results if r["rc"] != 0][:2]
+        report["s"] = round(time.perf_counter() - started, 1)
+        return report
+
+    def _run_once(self, fn) -> None:
+        """One forward+backward of fn at the timing shape, as the steps run it (both with and without a final-state
+        gradient), so that its kernels are compiled (and, where tuned, tuned)."""
+        torch = self.torch
+        shape = self.timing_shape
+        args = self.inputs(*shape, seed=7)
+        gen = torch.Generator(device=self.device).manual_seed(99)
+        do = torch.randn(*shape[:2], shape[3], shape[5], generator=gen, device=self.device).to(torch.bfloat16)
+        dS = torch.randn(shape[0], shape[3], shape[4], shape[5], generator=gen, device=self.device)
+        with torch.no_grad():
+            fn(**args)
+        leaves = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
+        fn(**leaves)[0].backward(do)
+        _gradients(fn, args, do, dS)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
 
     def kernels_alone(self) -> dict:
         """fla_guard_lifted's steps for archgen's kernels alone (no fla, none of its first-call autotuning): the
@@ -779,8 +855,73 @@ class Check:
                         report["archgen_kernel_forward_backward_ms"], report[f"{peer}_forward_backward_ms"],
                         f"{peer.replace('_', ' ')} forward+backward ({verdict})", bar=1.0)
         step("archgen_kernel_gradients_vs_float32", lambda: gradients("archgen_kernel"))
-        step("profile", lambda: {side: self._profile(f"{side}_forward_backward", run) for side, (run, _) in
-                                 runs.items()})
+        def fresh(run, leaves):
+            """run with the leaves' gradients reset first, as do_bench's grad_to_none does: otherwise each profiled
+            run after the first adds its gradients to the last's, six elementwise kernels (0.19 ms a run at the bench
+            shape, GPU call 2 of session 9) that no timing includes."""
+            def run_fresh():
+                for leaf in leaves:
+                    leaf.grad = None
+                run()
+            return run_fresh
+
+        step("profile", lambda: {side: self._profile(f"{side}_forward_backward", fresh(run, leaves))
+                                 for side, (run, leaves) in runs.items()})
+
+
+def _fla_autotuners() -> list:
+    """Every triton Autotuner among fla's imported modules (under any @triton.heuristics wrapping it), once each."""
+    from triton.runtime.autotuner import Autotuner
+
+    found: dict[int, object] = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fla.") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            for _ in range(4):  # Heuristics(Autotuner(JITFunction)) at most
+                if isinstance(value, Autotuner):
+                    found[id(value)] = value
+                value = getattr(value, "fn", None)
+                if value is None:
+                    break
+    return list(found.values())
+
+
+def _fla_chosen_configs() -> dict:
+    """{kernel: {tuning key: chosen config}} of every fla autotuner that tuned in this process."""
+    chosen = {}
+    for tuner in _fla_autotuners():
+        if tuner.cache:
+            name = getattr(tuner, "base_fn", tuner.fn).__name__
+            chosen[name] = {str(key): str(config) for key, config in tuner.cache.items()}
+    return chosen
+
+
+def fla_precompile_worker(shard: int, count: int) -> None:
+    """One worker of Check._precompile_fla: fla's forward and backward at the timing shape, with each autotuner's
+    configs cut to shard `shard` of `count` (a kernel with fewer configs than workers compiles one of its configs) and
+    its benchmark replaced by one launch, so that this process only compiles its share into Triton's on-disk cache."""
+    from types import SimpleNamespace
+
+    import torch
+
+    fla_gdr, note = import_fla(dry_run=False)
+    if fla_gdr is None:
+        raise SystemExit(f"no fla: {note}")
+    for tuner in _fla_autotuners():
+        configs = list(tuner.configs)
+        mine = configs[shard::count] or configs[shard % len(configs):][:1]
+        tuner.configs = mine
+        tuner.__dict__["do_bench"] = lambda kernel_call, quantiles: (kernel_call(), [0.0] * len(quantiles))[1]
+    runner = SimpleNamespace(torch=torch, device="cuda", reference=load_reference(), timing_shape=TIMING_SHAPE)
+    runner.inputs = functools.partial(Check.inputs, runner)
+
+    def fla(q, k, v, g, beta, initial_state):
+        return fla_gdr.chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state,
+                                              output_final_state=True)
+
+    with fla_version_guard_lifted():
+        Check._run_once(runner, fla)
 
 
 def _config_label(kernel: str, config: dict) -> str:
@@ -844,7 +985,15 @@ def main() -> None:
                              "first config")
     parser.add_argument("--untuned", action="store_true",
                         help="archgen's kernels run their first config (session 6's winners) and time no candidates")
+    parser.add_argument("--fla-precompile-workers", type=int, default=FLA_PRECOMPILE_WORKERS,
+                        help="processes compiling shards of fla's autotuning configs before fla_guard_lifted times "
+                             "anything (0: fla compiles each config itself as it tunes)")
+    parser.add_argument("--fla-precompile-shard", default="", help=argparse.SUPPRESS)  # I/N: one such worker
     args = parser.parse_args()
+    if args.fla_precompile_shard:
+        shard, count = map(int, args.fla_precompile_shard.split("/"))
+        fla_precompile_worker(shard, count)
+        return
     if args.out is None:
         parser.error("--out is required when $OUT is not set")
     only = [name for name in args.only.split(",") if name] or list(DEFAULT_SECTIONS)
@@ -855,6 +1004,7 @@ def main() -> None:
         os.environ.setdefault("ARCHGEN_TRITON_ON_CPU", "1")
     tune_only = [name for name in args.tune_only.split(",") if name] or None
     check = Check(args.out, args.dry_run, args.budget_s, tuned=not args.untuned, tune_only=tune_only)
+    check.fla_precompile_workers = args.fla_precompile_workers
     runs = {"config_check": check.config_check, "speed": check.speed, "profile": check.profile, "numerics": check.numerics,
             "numerics_odd_lengths": check.numerics_odd_lengths, "decode": check.decode,
             "kernel_float32": check.kernel_float32, "fla_guard_lifted": check.fla_guard_lifted,
