@@ -406,6 +406,14 @@ class Bench(Run):
                 self.bar(f"causal conv1d + SiLU backward ({batch}, {seqlen}, {dim}) width {width}, bf16 (fwd+bwd - fwd"
                          f"{timing})", result["bar_backward_GBps"], "GB/s", "copy_ of 2 GiB (bytes read + written)",
                          copy, result["bar_backward_GBps"] / copy, 0.8)
+            # The window backward's d weight / d bias sum alone, at the parts the tuned config writes (the tuner's
+            # times include it): what a backward without a second launch could save
+            chosen = self.conv_kernels.WINDOW_BACKWARD_TUNER.chosen.get(
+                self.conv_kernels._key(dim, width, None, torch.bfloat16, "-silu"))
+            if chosen is not None:
+                rows = -(-seqlen // (chosen.get("SEGMENTS", 1) * chosen["BLOCK_T"]))
+                part = torch.zeros((batch, rows, width + 1, dim), dtype=torch.float32, device=x.device)
+                result["window_parts_ms"] = self.time_ms(lambda: self.conv_kernels._summed_parts(part, weight, bias))
             result["tuned"] = self.conv_kernels.tuned_configs()
             result["tuner_ms_per_config"] = {"forward": self.conv_kernels.FORWARD_TUNER.timings,
                                              "silu_backward": self.conv_kernels.SILU_BACKWARD_TUNER.timings,

@@ -110,22 +110,29 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
     assert relative_norm_error(y, y_ref) <= TOL[dtype] and torch.equal(new_state, new_state_ref)
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+@pytest.mark.parametrize(
+    "tile",
+    [{"BLOCK_T": 16}, {"BLOCK_T": 16, "PREFETCH": True},
+     {"BLOCK_T": 8, "SEGMENTS": 2, "num_warps": 2, "PREFETCH": True},
+     {"BLOCK_T": 8, "SEGMENTS": 4, "num_warps": 4, "KEEP_EDGES": True}],
+    ids=["", "prefetch", "2-segments-prefetch", "4-segments-keep-edges"],
+)
 @pytest.mark.parametrize(
     ("seqlen", "width", "dim", "dtype"),
     [(45, 4, 19, torch.float32), (21, 4, 32, torch.float32), (29, 3, 32, torch.float32), (6, 3, 19, torch.float32),
      (1, 4, 19, torch.float32), (37, 4, 32, torch.bfloat16)],
     ids=lambda v: str(v).replace("torch.", ""),
 )
-def test_window_backward_matches_reference(seqlen, width, dim, dtype, prefetch):
-    """The one-pass backward (widths up to 4) with its tile given, the next rows loaded ahead or not: several time
-    blocks of 16 steps, whose inner double steps run or not, a ragged last one, channels a multiple of the block or
-    not, a state, every gradient; bf16 x and dy (their bits widened by hand)."""
+def test_window_backward_matches_reference(seqlen, width, dim, dtype, tile):
+    """The one-pass backward (widths up to 4) with its tile given, the next rows loaded ahead or not, one segment a
+    program or several side by side: several time blocks, whose inner steps run or not, a ragged last one (and with
+    segments, programs whose last segments start past the sequence), channels a multiple of the block or not, a
+    state, every gradient; bf16 x and dy (their bits widened by hand)."""
     g = torch.Generator().manual_seed(seqlen + width)
     args = [randn(g, 2, seqlen, dim).to(dtype), randn(g, dim, width), randn(g, dim),
             randn(g, 2, dim, width - 1).to(dtype)]
     dy = randn(g, 2, seqlen, dim).to(dtype)
-    config = {"BLOCK_T": 16, "BLOCK_D": 16, "num_warps": 1, "PREFETCH": prefetch}
+    config = {"BLOCK_D": 16, "num_warps": 1, **tile}
     grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
     leaves = [a.double().requires_grad_() for a in args]
     y_ref, _ = conv.causal_conv1d_reference(*leaves, activation="silu")
