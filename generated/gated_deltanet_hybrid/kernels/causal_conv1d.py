@@ -109,13 +109,22 @@ WINDOW_BACKWARD_CONFIGS = [
     # steps (call 3): 128 × 64 0.250 ms, with prefetch 0.258 (0.255 capped at 64 registers, which costs float32 x its
     # spills: 0.57 against 0.43), 256 × 64 capped 0.245, 64 × 128 0.262. Longer blocks write and re-read fewer
     # d weight / d bias partials (21 MB of float32 each way at 128 steps here, 5% of the bytes the backward must
-    # move) and re-read fewer rows at their edges.
-    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},
-    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
+    # move) and re-read fewer rows at their edges. Session 9, call 2: 256 × 64 0.241 ms with the block sum, 512 ×
+    # 64 0.242 (one wave of programs), 128 × 64 0.250; with prefetch (capped) 0.245-0.258: dropped.
+    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True},  # the fastest with a state
     {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1},
-    {"BLOCK_T": 512, "BLOCK_D": 64, "num_warps": 1, "PREFETCH": True, "maxnreg": 64},
     {"BLOCK_T": 512, "BLOCK_D": 64, "num_warps": 1},
+    # A segment's first rows kept in L2 (evict_last) for its predecessor, which reads them again at its end; every
+    # other row evict_first. 7 rows of x and 4 of dy a segment, 1.4% of the bytes at 256 steps.
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "KEEP_EDGES": True},
+    # Two warps side by side along the channels: 256 contiguous bytes of a row a program, 64 registers either way.
+    {"BLOCK_T": 256, "BLOCK_D": 128, "num_warps": 2},
+    # Four segments a program, a warp each, their sums added in the program: a quarter of the partials (2.6 MB each
+    # way at 256 steps, against 10.5 MB). Capped at 64 registers (72 uncapped): no spills in bf16 without a state,
+    # 235 instructions a step (sm_90, triton 3.6); float32 or a state spill.
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64},
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64, "KEEP_EDGES": True},
+    {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64, "KEEP_EDGES": True},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
@@ -271,18 +280,20 @@ def _conv_fwd_kernel(
 
 @triton.jit
 def _in_row(d_in, row_inside):
-    """The channel mask d_in where the scalar row_inside holds, else all False. (Not `d_in & row_inside`: Triton's
-    interpreter makes that int32, which its loads reject.)"""
+    """The channel mask d_in where row_inside holds, else all False: a scalar and (BLOCK_D,) channels, or one time a
+    segment (SEGMENTS, 1) and (1, BLOCK_D) channels. (Not `d_in & row_inside`: Triton's interpreter makes that int32,
+    which its loads reject.)"""
     return tl.where(row_inside, d_in, False)
 
 
 @triton.jit
 def _extended_row(x_row_ptr, x_stride_t, state_ptr, state_stride_k, src, d_in, seqlen,
-                  HAS_STATE: tl.constexpr, WIDTH: tl.constexpr):
-    """x̃ at one input time src (of x; negative = from the conv state) for a block of channels, float32, 0 elsewhere.
-    x_row_ptr and state_ptr point at the block's channels of batch row b."""
+                  HAS_STATE: tl.constexpr, WIDTH: tl.constexpr, EVICT: tl.constexpr):
+    """x̃ at one input time src (of x; negative = from the conv state; a scalar, or one a segment) for a block of
+    channels, float32, 0 elsewhere. x_row_ptr and state_ptr point at the block's channels of batch row b. EVICT: the
+    L2 eviction policy of the loads ("" the default)."""
     value = tl.load(x_row_ptr + src.to(tl.int64) * x_stride_t, mask=_in_row(d_in, (src >= 0) & (src < seqlen)),
-                    other=0.0).to(tl.float32)
+                    other=0.0, eviction_policy=EVICT).to(tl.float32)
     if HAS_STATE:
         value += tl.load(state_ptr + (src + WIDTH - 1) * state_stride_k, mask=_in_row(d_in, (src < 0) & (src >= 1 - WIDTH)),
                          other=0.0).to(tl.float32)
@@ -290,12 +301,12 @@ def _extended_row(x_row_ptr, x_stride_t, state_ptr, state_stride_k, src, d_in, s
 
 
 @triton.jit
-def _four_rows(at, stride_t, t, limit, d_in):
+def _four_rows(at, stride_t, t, limit, d_in, EVICT: tl.constexpr):
     """Rows t..t+3 of a walk (`at` points at row t's channels), as stored; rows at or past `limit` read as 0."""
-    r0 = tl.load(at, mask=_in_row(d_in, t < limit), other=0.0)
-    r1 = tl.load(at + stride_t, mask=_in_row(d_in, t + 1 < limit), other=0.0)
-    r2 = tl.load(at + 2 * stride_t, mask=_in_row(d_in, t + 2 < limit), other=0.0)
-    r3 = tl.load(at + 3 * stride_t, mask=_in_row(d_in, t + 3 < limit), other=0.0)
+    r0 = tl.load(at, mask=_in_row(d_in, t < limit), other=0.0, eviction_policy=EVICT)
+    r1 = tl.load(at + stride_t, mask=_in_row(d_in, t + 1 < limit), other=0.0, eviction_policy=EVICT)
+    r2 = tl.load(at + 2 * stride_t, mask=_in_row(d_in, t + 2 < limit), other=0.0, eviction_policy=EVICT)
+    r3 = tl.load(at + 3 * stride_t, mask=_in_row(d_in, t + 3 < limit), other=0.0, eviction_policy=EVICT)
     return r0, r1, r2, r3
 
 
@@ -361,20 +372,20 @@ def _conv_fwd_window_kernel(
         bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
     else:
         bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH)
-    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH)
-    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH)
+    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH, "")
+    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH, "")
+    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH, "")
     x_at = x_row + start.to(tl.int64) * x_stride_t  # row t's channels, advanced four rows a step
     y_at = y_row + start.to(tl.int64) * y_stride_t
     limit = tl.minimum(start + BLOCK_T, seqlen)
     if PREFETCH:
-        n0, n1, n2, n3 = _four_rows(x_at, x_stride_t, start, limit, d_in)
+        n0, n1, n2, n3 = _four_rows(x_at, x_stride_t, start, limit, d_in, "")
     for t in range(start, limit, 4):  # a decoding step (T = 1) takes one
         if PREFETCH:
             a, b1, b2, b3 = n0, n1, n2, n3
-            n0, n1, n2, n3 = _four_rows(x_at + 4 * x_stride_t, x_stride_t, t + 4, limit, d_in)
+            n0, n1, n2, n3 = _four_rows(x_at + 4 * x_stride_t, x_stride_t, t + 4, limit, d_in, "")
         else:
-            a, b1, b2, b3 = _four_rows(x_at, x_stride_t, t, limit, d_in)
+            a, b1, b2, b3 = _four_rows(x_at, x_stride_t, t, limit, d_in, "")
         a, b1, b2, b3 = a.to(tl.float32), b1.to(tl.float32), b2.to(tl.float32), b3.to(tl.float32)
         y0 = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, a, WIDTH)
         y1 = _window_tap_sum(bias, w0, w1, w2, w3, x_2, x_1, a, b1, WIDTH)
@@ -463,29 +474,32 @@ def _window_backward_step(x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, 
 
 
 @triton.jit
-def _owned_rows(block, stride_t, i, d_mask):
+def _owned_rows(block, stride_t, i, d_mask, EVICT: tl.constexpr):
     """Rows i..i+3 of a block (`block` points at its row 0's channels), as stored, all inside the sequence; channels masked
     by d_mask (None when the block has no channel past the last: a masked load writes zeros first, an instruction a
     load) are undefined, and no output reads them."""
     at = block + i * stride_t
-    return (tl.load(at, mask=d_mask), tl.load(at + stride_t, mask=d_mask), tl.load(at + 2 * stride_t, mask=d_mask),
-            tl.load(at + 3 * stride_t, mask=d_mask))
+    return (tl.load(at, mask=d_mask, eviction_policy=EVICT), tl.load(at + stride_t, mask=d_mask, eviction_policy=EVICT),
+            tl.load(at + 2 * stride_t, mask=d_mask, eviction_policy=EVICT),
+            tl.load(at + 3 * stride_t, mask=d_mask, eviction_policy=EVICT))
 
 
 @triton.jit
-def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, t, start, end,
-                               limit, seqlen, d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3,
+def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, i, t,
+                               start, end, limit, seqlen, d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3,
                                dw0, dw1, dw2, dw3, dbias, OWNED: tl.constexpr, HAS_STATE: tl.constexpr,
-                               SILU: tl.constexpr, WIDTH: tl.constexpr):
-    """A step of the walk at the block's edges (its first, and those near its end and past it): rows masked, dx
-    stored only for this block's inputs (and the state's, in the first block). Returns the window and sums after it."""
-    a0, a1, a2, a3 = _four_rows(x_block + (t - start) * x_stride_t, x_stride_t, t, limit, d_in)
-    g0, g1, g2, g3 = _four_rows(dy_block + (t - start) * dy_stride_t, dy_stride_t, t, limit, d_in)
+                               SILU: tl.constexpr, WIDTH: tl.constexpr, EVICT: tl.constexpr):
+    """A step of the walk at the segments' edges (their first, and those near their end and past it): rows masked, dx
+    stored only for each segment's inputs (and the state's, in the sequence's first). i: the step's offset in its
+    segment, the same in each; t = start + i, the step's time in each segment ((SEGMENTS, 1), as start, end and
+    limit). Returns the window and sums after it."""
+    a0, a1, a2, a3 = _four_rows(x_block + i * x_stride_t, x_stride_t, t, limit, d_in, EVICT)
+    g0, g1, g2, g3 = _four_rows(dy_block + i * dy_stride_t, dy_stride_t, t, limit, d_in, EVICT)
     a0, a1, a2, a3, q0, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
         x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
         dw0, dw1, dw2, dw3, dbias, OWNED, SILU, WIDTH)
-    # input s = t-3+i: this block's when start <= s < end; the state's (first block) when 1-K <= s < 0
-    dx_at = dx_block + (t - start) * dx_stride_t
+    # input s = t-3+i: this segment's when start <= s < end; the state's (the first segment) when 1-K <= s < 0
+    dx_at = dx_block + i * dx_stride_t
     dtype = dx_at.dtype.element_ty
     tl.store(dx_at, dx0.to(dtype), mask=_in_row(d_in, (t - 3 >= start) & (t - 3 < end) & (t - 3 < seqlen)))
     tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=_in_row(d_in, (t - 2 >= start) & (t - 2 < end) & (t - 2 < seqlen)))
@@ -501,6 +515,16 @@ def _window_backward_edge_step(x_block, x_stride_t, dy_block, dy_stride_t, dx_bl
 
 
 @triton.jit
+def _over_segments(v, SEGMENTS: tl.constexpr):
+    """A program's sum of v over its segments: (BLOCK_D,) from (SEGMENTS, BLOCK_D), or v itself (one segment)."""
+    if SEGMENTS == 1:
+        total = v
+    else:
+        total = tl.sum(v, axis=0)
+    return total
+
+
+@triton.jit
 def _conv_bwd_window_kernel(
     x_ptr, x_stride_b, x_stride_t, x_stride_d,
     weight_ptr, weight_stride_d, weight_stride_k,
@@ -509,27 +533,41 @@ def _conv_bwd_window_kernel(
     dy_ptr, dy_stride_b, dy_stride_t, dy_stride_d,
     dx_ptr, dx_stride_b, dx_stride_t, dx_stride_d,
     dstate_ptr,  # (B, D, K-1) float32: dL/d conv_state through y (the new state's gradient is added by the caller)
-    part_ptr,  # (B, time blocks, K + 1, D) float32: per block, the taps' d weight sums, then d bias's
+    part_ptr,  # (B, programs along time, K + 1, D) float32: per program, the taps' d weight sums, then d bias's
     seqlen, dim,
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4, the steps of one segment
+    SEGMENTS: tl.constexpr,  # consecutive segments of BLOCK_T steps a program walks side by side (a power of 2)
     EVEN_D: tl.constexpr,  # BLOCK_D divides the channels
     PREFETCH: tl.constexpr,  # load the next inner step's rows before computing this one's (twice the loads in flight)
+    EDGE_EVICT: tl.constexpr,  # the L2 eviction policy of a segment's first rows (its predecessor reads them again)
+    STREAM_EVICT: tl.constexpr,  # that of the other rows (read once, or for the second time)
 ):
-    """The whole backward for widths up to 4 in one pass over BLOCK_T steps of BLOCK_D channels: reads x and dy once,
-    recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when the four
-    outputs each input feeds are done; d weight and d bias are summed in registers for the block's own outputs.
-    The walk runs four steps past the block so its last inputs' gradients complete (the next block's first outputs,
-    read again there).
+    """The whole backward for widths up to 4 in one pass over SEGMENTS × BLOCK_T steps of BLOCK_D channels: reads x and
+    dy once, recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when
+    the four outputs each input feeds are done; d weight and d bias are summed in registers for the program's own
+    outputs. Each segment's walk runs four steps past it so its last inputs' gradients complete (the next segment's
+    first outputs, read again there).
 
-    The walk takes four rows a step. The steps inside the block have nothing to mask or select (every row inside the
-    sequence, every output the block's; channels unmasked when BLOCK_D divides them); the first step (dx of the rows
-    before the block not stored) and the last ones (near the block's or the sequence's end, and past it) take the
-    masked step."""
+    A program walks its SEGMENTS segments in step: every value is a (SEGMENTS, BLOCK_D) tile, one row a segment
+    (with SEGMENTS warps, one a segment), and the segments' sums are added up before they are stored, so a program
+    writes one row of partial sums for SEGMENTS × BLOCK_T steps.
+
+    The walk takes four rows a step. The steps inside the segments have nothing to mask or select (every row inside
+    the sequence, every output the segment's; channels unmasked when BLOCK_D divides them); the first step (dx of the
+    rows before the segment not stored) and the last ones (near the segment's or the sequence's end, and past it)
+    take the masked step."""
     b = tl.program_id(0).to(tl.int64)
-    start = tl.program_id(1) * BLOCK_T
+    first = tl.program_id(1) * (SEGMENTS * BLOCK_T)  # the program's first step
+    last = first + (SEGMENTS - 1) * BLOCK_T  # its last segment's
+    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    if SEGMENTS == 1:  # scalar times and (BLOCK_D,) vectors: the times in uniform registers (a tile took 8 more)
+        start = first
+        d = channels
+    else:
+        start = first + tl.arange(0, SEGMENTS)[:, None] * BLOCK_T  # (SEGMENTS, 1): each segment's first step
+        d = channels[None, :]  # (1, BLOCK_D)
     end = start + BLOCK_T
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d < dim
     if EVEN_D:
         d_mask = None  # the inner steps' loads and stores: unmasked
@@ -550,69 +588,74 @@ def _conv_bwd_window_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
     else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH)
-    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH)
-    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH)
-    # dL/d pre-activation before the block: only inputs before it use it, whose gradients are not written here
-    # (except the state's, in the first block, where those outputs do not exist: 0 is right)
-    p_3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        bias = tl.zeros_like(w3)
+    x_3 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 3, d_in, seqlen, HAS_STATE, WIDTH,
+                        EDGE_EVICT)
+    x_2 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 2, d_in, seqlen, HAS_STATE, WIDTH,
+                        EDGE_EVICT)
+    x_1 = _extended_row(x_row, x_stride_t, state_row, state_stride_k, start - 1, d_in, seqlen, HAS_STATE, WIDTH,
+                        EDGE_EVICT)
+    # dL/d pre-activation before the segment: only inputs before it use it, whose gradients are not written here
+    # (except the state's, in the first segment, where those outputs do not exist: 0 is right)
+    p_3 = tl.zeros_like(x_3)
     p_2, p_1 = p_3, p_3
     dw0, dw1, dw2, dw3, dbias = p_3, p_3, p_3, p_3, p_3
-    # the rows of step t: x_block + (t - start) · x_stride_t (an offset from t, not a pointer carried through the
-    # loops: that took two registers per channel and pointer, and a 64-bit add per step)
+    # the rows of step i: x_block + i · x_stride_t (an offset, not a pointer carried through the loops: that took
+    # two registers per channel and pointer, and a 64-bit add per step)
     x_block = x_row + start.to(tl.int64) * x_stride_t
     dy_block = dy_ptr + b * dy_stride_b + d * dy_stride_d + start.to(tl.int64) * dy_stride_t
     dx_block = dx_ptr + b * dx_stride_b + d * dx_stride_d + (start - 3).to(tl.int64) * dx_stride_t  # dx trails by 3
     owned_stop = tl.minimum(end, seqlen)
-    stop = owned_stop + 3  # through output owned_stop + 2: dx of the block's last input
+    stop = owned_stop + 3  # through output owned_stop + 2: dx of the segment's last input
     limit = tl.minimum(start + (stop - start + 3) // 4 * 4, seqlen)  # the rows the walk reads
-    # the first step: every output is the block's (BLOCK_T >= 8), rows past the sequence read as 0
+    # the first step: every output is the segment's (BLOCK_T >= 8), rows past the sequence read as 0
     x_3, x_2, x_1, p_3, p_2, p_1, dw0, dw1, dw2, dw3, dbias = _window_backward_edge_step(
-        x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, start, start, end, limit, seqlen,
-        d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, True, HAS_STATE, SILU,
-        WIDTH)
-    # the inner steps: all four outputs the block's and inside the sequence
-    inner_stop = start + 4 + tl.maximum(owned_stop - (start + 4), 0) // 4 * 4
+        x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, 0, start, start, end, limit,
+        seqlen, d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, True, HAS_STATE,
+        SILU, WIDTH, EDGE_EVICT)
+    # the inner steps: all four outputs each segment's and inside the sequence (the last segment's bound the others).
+    # The loops count the first segment's time t0 (its step's offset i = t0 - first in every segment).
+    inner_stop = first + 4 + tl.maximum(tl.minimum(last + BLOCK_T, seqlen) - (last + 4), 0) // 4 * 4
     if PREFETCH:  # (masked: the loop may not run)
-        n0, n1, n2, n3 = _four_rows(x_block + 4 * x_stride_t, x_stride_t, start + 4, seqlen, d_in)
-        m0, m1, m2, m3 = _four_rows(dy_block + 4 * dy_stride_t, dy_stride_t, start + 4, seqlen, d_in)
+        n0, n1, n2, n3 = _four_rows(x_block + 4 * x_stride_t, x_stride_t, start + 4, seqlen, d_in, STREAM_EVICT)
+        m0, m1, m2, m3 = _four_rows(dy_block + 4 * dy_stride_t, dy_stride_t, start + 4, seqlen, d_in, STREAM_EVICT)
     dtype = dx_ptr.dtype.element_ty
-    for t in range(start + 4, inner_stop, 4):
+    for t0 in range(first + 4, inner_stop, 4):
         if PREFETCH:
             a0, a1, a2, a3, g0, g1, g2, g3 = n0, n1, n2, n3, m0, m1, m2, m3
-            # the next step's rows; after the last, rows that exist (the loop ran, so T >= start + 8), loaded again
+            # the next step's rows; after the last, rows that exist (the loop ran, so T >= last + 8), loaded again
             # by the step that uses them
-            ahead = tl.minimum(t + 4, seqlen - 4) - start
-            n0, n1, n2, n3 = _owned_rows(x_block, x_stride_t, ahead, d_mask)
-            m0, m1, m2, m3 = _owned_rows(dy_block, dy_stride_t, ahead, d_mask)
+            ahead = tl.minimum(t0 + 4, seqlen - 4 - (last - first)) - first
+            n0, n1, n2, n3 = _owned_rows(x_block, x_stride_t, ahead, d_mask, STREAM_EVICT)
+            m0, m1, m2, m3 = _owned_rows(dy_block, dy_stride_t, ahead, d_mask, STREAM_EVICT)
         else:
-            a0, a1, a2, a3 = _owned_rows(x_block, x_stride_t, t - start, d_mask)
-            g0, g1, g2, g3 = _owned_rows(dy_block, dy_stride_t, t - start, d_mask)
+            a0, a1, a2, a3 = _owned_rows(x_block, x_stride_t, t0 - first, d_mask, STREAM_EVICT)
+            g0, g1, g2, g3 = _owned_rows(dy_block, dy_stride_t, t0 - first, d_mask, STREAM_EVICT)
         _, a1, a2, a3, _, q1, q2, q3, dx0, dx1, dx2, dx3, dw0, dw1, dw2, dw3, dbias = _window_backward_step(
-            x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t, end, bias, w0, w1, w2, w3,
-            dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)
+            x_3, x_2, x_1, p_3, p_2, p_1, a0, a1, a2, a3, g0, g1, g2, g3, t0, end, bias, w0, w1, w2, w3,
+            dw0, dw1, dw2, dw3, dbias, True, SILU, WIDTH)  # (t0: unused by an owned step)
         x_3, x_2, x_1, p_3, p_2, p_1 = a1, a2, a3, q1, q2, q3  # the window moves on by four
-        dx_at = dx_block + (t - start) * dx_stride_t
-        tl.store(dx_at, dx0.to(dtype), mask=d_mask)
-        tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=d_mask)
-        tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype), mask=d_mask)
-        tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=d_mask)
-    # the rest of the block and the step past it
-    for t in range(inner_stop, stop, 4):
+        dx_at = dx_block + (t0 - first) * dx_stride_t
+        tl.store(dx_at, dx0.to(dtype), mask=d_mask, eviction_policy=STREAM_EVICT)
+        tl.store(dx_at + dx_stride_t, dx1.to(dtype), mask=d_mask, eviction_policy=STREAM_EVICT)
+        tl.store(dx_at + 2 * dx_stride_t, dx2.to(dtype), mask=d_mask, eviction_policy=STREAM_EVICT)
+        tl.store(dx_at + 3 * dx_stride_t, dx3.to(dtype), mask=d_mask, eviction_policy=STREAM_EVICT)
+    # the rest of the segments and the step past them (the first segment's is the longest)
+    for t0 in range(inner_stop, tl.minimum(first + BLOCK_T, seqlen) + 3, 4):
         x_3, x_2, x_1, p_3, p_2, p_1, dw0, dw1, dw2, dw3, dbias = _window_backward_edge_step(
-            x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, t, start, end, limit, seqlen,
-            d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3, dw0, dw1, dw2, dw3, dbias, False, HAS_STATE,
-            SILU, WIDTH)
-    part = (b * tl.num_programs(1) + tl.program_id(1)) * (WIDTH + 1)
-    tl.store(part_ptr + (part + WIDTH) * dim + d, dbias, mask=d_in)
-    tl.store(part_ptr + (part + WIDTH - 1) * dim + d, dw3, mask=d_in)
+            x_block, x_stride_t, dy_block, dy_stride_t, dx_block, dx_stride_t, dstate_row, t0 - first,
+            start + (t0 - first), start, end, limit, seqlen, d_in, x_3, x_2, x_1, p_3, p_2, p_1, bias, w0, w1, w2, w3,
+            dw0, dw1, dw2, dw3, dbias, False, HAS_STATE, SILU, WIDTH, STREAM_EVICT)
+    part_at = part_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * (WIDTH + 1) * dim + channels
+    channels_in = channels < dim
+    tl.store(part_at + WIDTH * dim, _over_segments(dbias, SEGMENTS), mask=channels_in)
+    tl.store(part_at + (WIDTH - 1) * dim, _over_segments(dw3, SEGMENTS), mask=channels_in)
     if WIDTH >= 2:
-        tl.store(part_ptr + (part + WIDTH - 2) * dim + d, dw2, mask=d_in)
+        tl.store(part_at + (WIDTH - 2) * dim, _over_segments(dw2, SEGMENTS), mask=channels_in)
     if WIDTH >= 3:
-        tl.store(part_ptr + (part + WIDTH - 3) * dim + d, dw1, mask=d_in)
+        tl.store(part_at + (WIDTH - 3) * dim, _over_segments(dw1, SEGMENTS), mask=channels_in)
     if WIDTH >= 4:
-        tl.store(part_ptr + (part + WIDTH - 4) * dim + d, dw0, mask=d_in)
+        tl.store(part_at + (WIDTH - 4) * dim, _over_segments(dw0, SEGMENTS), mask=channels_in)
 
 
 @triton.jit
@@ -836,14 +879,17 @@ def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
     width = weight.shape[1]
     grads = {}
 
-    def launch(cfg):  # what the tuner times: the per-block sums are more rows to add the shorter the blocks
-        blocks = triton.cdiv(seqlen, cfg["BLOCK_T"])
+    def launch(cfg):  # what the tuner times: the per-program sums are more rows to add the shorter the programs
+        segments = cfg.get("SEGMENTS", 1)
+        blocks = triton.cdiv(seqlen, segments * cfg["BLOCK_T"])
         part = torch.empty((batch, blocks, width + 1, dim), dtype=torch.float32, device=x.device)
+        keep_edges = cfg.get("KEEP_EDGES", False)
         _conv_bwd_window_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
             *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
             dstate, part, seqlen, dim,
-            HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width,
+            HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width, SEGMENTS=segments,
             PREFETCH=cfg.get("PREFETCH", False), EVEN_D=dim % cfg["BLOCK_D"] == 0, maxnreg=cfg.get("maxnreg"),
+            EDGE_EVICT="evict_last" if keep_edges else "", STREAM_EVICT="evict_first" if keep_edges else "",
             **_launch_options(cfg),
         )
         grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
@@ -867,7 +913,8 @@ def causal_conv1d_backward(
     """Run the backward kernels: (dx, dweight, dbias, dconv_state), each in its input's dtype, None when absent.
     Widths up to 4 take one pass (the sliding window). Wider kernels take two with the SiLU: the first writes dL/d
     pre-activation (the pre-activation recomputed once per output), the second sums it over the taps. config: the
-    pass that sums the taps (BLOCK_T a multiple of 4 for the window), to bypass its autotuner."""
+    pass that sums the taps (for the window: BLOCK_T a multiple of 4 and at least 8, SEGMENTS a power of 2), to
+    bypass its autotuner."""
     batch, seqlen, dim = x.shape
     width = weight.shape[1]
     device = x.device
