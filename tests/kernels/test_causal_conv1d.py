@@ -113,9 +113,9 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
 @pytest.mark.parametrize(
     "tile",
     [{"BLOCK_T": 16}, {"BLOCK_T": 16, "PREFETCH": True},
-     {"BLOCK_T": 8, "SEGMENTS": 2, "num_warps": 2, "PREFETCH": True},
+     {"BLOCK_T": 8, "SEGMENTS": 2, "num_warps": 2, "PREFETCH": True, "CHANNELS_FASTEST": True},
      {"BLOCK_T": 8, "SEGMENTS": 4, "num_warps": 4, "KEEP_EDGES": True}],
-    ids=["", "prefetch", "2-segments-prefetch", "4-segments-keep-edges"],
+    ids=["", "prefetch", "2-segments-prefetch-channels-fastest", "4-segments-keep-edges"],
 )
 @pytest.mark.parametrize(
     ("seqlen", "width", "dim", "dtype"),
@@ -126,12 +126,12 @@ def test_window_forward_matches_reference(seqlen, width, with_state, dtype, pref
 def test_window_backward_matches_reference(seqlen, width, dim, dtype, tile):
     """The one-pass backward (widths up to 4) with its tile given, the next rows loaded ahead or not, one segment a
     program or several side by side: several time blocks, whose inner steps run or not, a ragged last one (and with
-    segments, programs whose last segments start past the sequence), channels a multiple of the block or not, a
-    state, every gradient; bf16 x and dy (their bits widened by hand)."""
+    segments, programs whose last segments start past the sequence; the grid's axes in either order), channels a
+    multiple of the block or not, a state, every gradient; bf16 x and dy (their bits widened by hand)."""
     g = torch.Generator().manual_seed(seqlen + width)
-    args = [randn(g, 2, seqlen, dim).to(dtype), randn(g, dim, width), randn(g, dim),
-            randn(g, 2, dim, width - 1).to(dtype)]
-    dy = randn(g, 2, seqlen, dim).to(dtype)
+    args = [randn(g, 3, seqlen, dim).to(dtype), randn(g, dim, width), randn(g, dim),
+            randn(g, 3, dim, width - 1).to(dtype)]  # 3 rows, 2 channel blocks: the grid's axes told apart
+    dy = randn(g, 3, seqlen, dim).to(dtype)
     config = {"BLOCK_D": 16, "num_warps": 1, **tile}
     grads = conv.causal_conv1d_backward(dy, None, *args, silu=True, config=config)
     leaves = [a.double().requires_grad_() for a in args]
