@@ -125,6 +125,11 @@ WINDOW_BACKWARD_CONFIGS = [
     {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64},
     {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64, "KEEP_EDGES": True},
     {"BLOCK_T": 128, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64, "KEEP_EDGES": True},
+    # The grid's first axis the channel blocks (else the batch): the programs reading one row's channels are launched
+    # together, so its 8 KB (bf16, 4096 channels) are read at about the same time, not half of them in each wave.
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 1, "CHANNELS_FASTEST": True},
+    {"BLOCK_T": 256, "BLOCK_D": 64, "num_warps": 4, "SEGMENTS": 4, "maxnreg": 64, "KEEP_EDGES": True,
+     "CHANNELS_FASTEST": True},
 ]
 INTERPRETER_CONFIG = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 4}
 PARTS_BLOCK_P, PARTS_BLOCK_D = 128, 32
@@ -542,6 +547,7 @@ def _conv_bwd_window_kernel(
     PREFETCH: tl.constexpr,  # load the next inner step's rows before computing this one's (twice the loads in flight)
     EDGE_EVICT: tl.constexpr,  # the L2 eviction policy of a segment's first rows (its predecessor reads them again)
     STREAM_EVICT: tl.constexpr,  # that of the other rows (read once, or for the second time)
+    CHANNELS_FASTEST: tl.constexpr,  # grid (channel blocks, programs along time, batch): a row's blocks launched together
 ):
     """The whole backward for widths up to 4 in one pass over SEGMENTS × BLOCK_T steps of BLOCK_D channels: reads x and
     dy once, recomputes the pre-activation from a sliding window of inputs, and writes dx three steps behind, when
@@ -557,10 +563,14 @@ def _conv_bwd_window_kernel(
     the sequence, every output the segment's; channels unmasked when BLOCK_D divides them); the first step (dx of the
     rows before the segment not stored) and the last ones (near the segment's or the sequence's end, and past it)
     take the masked step."""
-    b = tl.program_id(0).to(tl.int64)
+    if CHANNELS_FASTEST:
+        b = tl.program_id(2).to(tl.int64)
+        channels = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    else:
+        b = tl.program_id(0).to(tl.int64)
+        channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     first = tl.program_id(1) * (SEGMENTS * BLOCK_T)  # the program's first step
     last = first + (SEGMENTS - 1) * BLOCK_T  # its last segment's
-    channels = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     if SEGMENTS == 1:  # scalar times and (BLOCK_D,) vectors: the times in uniform registers (a tile took 8 more)
         start = first
         d = channels
@@ -883,14 +893,16 @@ def _window_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None,
         segments = cfg.get("SEGMENTS", 1)
         blocks = triton.cdiv(seqlen, segments * cfg["BLOCK_T"])
         part = torch.empty((batch, blocks, width + 1, dim), dtype=torch.float32, device=x.device)
-        keep_edges = cfg.get("KEEP_EDGES", False)
-        _conv_bwd_window_kernel[(batch, blocks, triton.cdiv(dim, cfg["BLOCK_D"]))](
+        keep_edges, channels_fastest = cfg.get("KEEP_EDGES", False), cfg.get("CHANNELS_FASTEST", False)
+        channel_blocks = triton.cdiv(dim, cfg["BLOCK_D"])
+        grid = (channel_blocks, blocks, batch) if channels_fastest else (batch, blocks, channel_blocks)
+        _conv_bwd_window_kernel[grid](
             *strided(x, 3), *strided(weight, 2), bias, *strided(conv_state, 3), *strided(dy, 3), *strided(dx, 3),
             dstate, part, seqlen, dim,
             HAS_BIAS=bias is not None, HAS_STATE=conv_state is not None, SILU=silu, WIDTH=width, SEGMENTS=segments,
             PREFETCH=cfg.get("PREFETCH", False), EVEN_D=dim % cfg["BLOCK_D"] == 0, maxnreg=cfg.get("maxnreg"),
             EDGE_EVICT="evict_last" if keep_edges else "", STREAM_EVICT="evict_first" if keep_edges else "",
-            **_launch_options(cfg),
+            CHANNELS_FASTEST=channels_fastest, **_launch_options(cfg),
         )
         grads["dweight"], grads["dbias"] = _summed_parts(part, weight, bias)
 
