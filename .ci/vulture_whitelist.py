@@ -54,6 +54,7 @@ _.decode_step
 _.ssd_numerics
 _.ssd_timing
 _.ssd_peer
+_.conv_peer
 # Called by the generated kernels/__init__.py (templates/package/kernels_init.py.j2) for ONNX export.
 decomposition
 # pytest reads it.

@@ -18,6 +18,10 @@ each, so a run cut short keeps what it measured; sections stop starting once --b
                 Triton SSD modules imported), forward and forward+backward; its first calls autotune (~85 s).
   conv          causal conv1d + SiLU at (8, 4096, 4096), width 4, bf16: numerics (bf16 and float32, every gradient)
                 against the reference, forward GB/s against the copy floor, forward+backward, the one-step update.
+  conv_peer     the causal-conv1d package's CUDA kernels (Dao-AILab) at the conv shape, built from its sdist in .whl/
+                (causal_conv1d-*.tar.gz, sm_90 only, ~1.5-2.5 min with ninja; skipped when absent, or in a dry
+                run), channels-last as ours (x (B, T, D) handed over transposed): numerics against ours, forward and
+                backward (fwd+bwd - fwd) replayed from CUDA graphs, ours timed the same way: bars peer / ours >= 1.
   decode        one decoding step at batch 1, as a generated model runs it: one whole Bamba-1B Mamba-2 layer step
                 (in_proj, conv update, SSM step, gate, RMSNorm, out_proj; 64 heads × 64, d_state 128) with the
                 fused mamba2_step against the same layer with the PyTorch conv update and mamba_ssm's
@@ -69,7 +73,7 @@ from pathlib import Path
 import ncu
 from harness import ROOT, Run, bench_ms, relative_norm
 
-SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "decode")
+SECTIONS = ("env", "ssd_numerics", "ssd_timing", "ssd_peer", "conv", "conv_peer", "decode")
 
 # The issue's shapes, and the dry run's stand-ins (small, ragged, fast in the interpreter).
 FULL = {
@@ -99,6 +103,42 @@ def load_runtime(name: str):
         package.__path__ = [str(ROOT / "templates" / "runtime")]
         sys.modules["archgen_runtime"] = package
     return importlib.import_module(f"archgen_runtime.{name}")
+
+
+def causal_conv1d_sdist() -> Path | None:
+    """The causal-conv1d sdist the lead carries in .whl/ (`pip download --no-deps --no-binary :all: causal-conv1d`),
+    the newest by name, or None."""
+    found = sorted(glob.glob(str(ROOT / ".whl" / "causal_conv1d-*.tar.gz"))
+                   + glob.glob(str(ROOT / ".whl" / "causal-conv1d-*.tar.gz")))
+    return Path(found[-1]) if found else None
+
+
+def build_causal_conv1d(sdist: Path):
+    """causal-conv1d's CUDA extension built from its sdist for sm_90 alone (its setup.py builds five architectures),
+    and its Python interface imported without the package __init__: a bare `causal_conv1d` package whose __path__
+    is the unpacked folder, the extension registered as `causal_conv1d_cuda` (the name its modules import). The
+    peer's code is used as published; nothing of it is copied here. Returns (interface module, build seconds)."""
+    from torch.utils.cpp_extension import load
+
+    started = time.perf_counter()
+    target = Path(tempfile.mkdtemp(prefix="causal_conv1d_"))
+    with tarfile.open(sdist) as archive:
+        archive.extractall(target)  # our own carried sdist
+    source = next(path.parent for path in target.glob("*/csrc/causal_conv1d.cpp"))
+    csrc = source / "csrc"
+    flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+             "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+             "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+             "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "-gencode", "arch=compute_90,code=sm_90"]
+    sources = sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))  # 1.x: causal_conv1d.cpp, _fwd, _bwd, _update
+    extension = load("causal_conv1d_cuda", [str(path) for path in sources], extra_cflags=["-O3"],
+                     extra_cuda_cflags=flags, extra_include_paths=[str(csrc)], verbose=False)
+    sys.modules["causal_conv1d_cuda"] = extension
+    package = types.ModuleType("causal_conv1d")
+    package.__path__ = [str(source / "causal_conv1d")]
+    sys.modules["causal_conv1d"] = package
+    interface = importlib.import_module("causal_conv1d.causal_conv1d_interface")
+    return interface, round(time.perf_counter() - started, 1)
 
 
 def import_mamba_ssm_triton(sdist: str | None):
@@ -437,6 +477,53 @@ class Bench(Run):
         self.guarded(out, "update_step_batch1", update_step)
         return out
 
+    def conv_peer(self) -> dict:
+        """The causal-conv1d package's kernels against ours (see the module's docstring)."""
+        torch = self.torch
+        sdist = causal_conv1d_sdist()
+        if sdist is None:
+            return {"skipped": f"no causal_conv1d-*.tar.gz in {ROOT / '.whl'}"}
+        if self.dry_run:
+            return {"sdist": sdist.name, "skipped": "the dry run builds no CUDA extension"}
+        interface, build_s = build_causal_conv1d(sdist)
+        out = {"sdist": sdist.name, "build_s": build_s}
+        s = self.shapes["conv"]
+        batch, seqlen, dim, width = s["batch"], s["seqlen"], s["dim"], s["width"]
+        g = torch.Generator(device=self.device).manual_seed(21)
+        x = self.randn(g, batch, seqlen, dim, dtype=torch.bfloat16)
+        weight, bias = self.randn(g, dim, width, scale=0.5), self.randn(g, dim)
+        dy = torch.randn_like(x)
+
+        def peer(x, weight, bias):  # channels-last: (B, D, T) views of our (B, T, D) tensors, as its kernels take them
+            return interface.causal_conv1d_fn(x.transpose(1, 2), weight, bias, activation="silu").transpose(1, 2)
+
+        def ours(x, weight, bias):
+            return self.conv_kernels.causal_conv1d(x, weight, bias, None, "silu")[0]
+
+        results = {}
+        for name, fn in (("peer", peer), ("ours", ours)):
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+            y = fn(*leaves)
+            results[name] = [y.detach(), *torch.autograd.grad(y, leaves, dy)]
+        out["numerics_vs_ours"] = self.verdicts(
+            {name: relative_norm(a, b) for name, a, b in
+             zip(("y", "dx", "dweight", "dbias"), results["peer"], results["ours"], strict=True)},
+            TOLERANCE["bfloat16"])
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        for name, fn in (("peer", peer), ("ours", ours)):
+            with torch.no_grad():
+                out[f"{name}_forward_graphed_ms"] = self.graph_ms(lambda fn=fn: fn(x, weight, bias))
+            out[f"{name}_forward_backward_graphed_ms"] = self.graph_ms(
+                lambda fn=fn: torch.autograd.grad(fn(*leaves), leaves, dy))
+            out[f"{name}_backward_ms"] = out[f"{name}_forward_backward_graphed_ms"] - out[f"{name}_forward_graphed_ms"]
+        label = f"causal conv1d + SiLU ({batch}, {seqlen}, {dim}) width {width}, bf16, CUDA graph"
+        peer_name = f"causal-conv1d {sdist.name.removesuffix('.tar.gz').split('-', 1)[1]} (CUDA)"
+        for what, key in (("forward", "forward_graphed_ms"), ("backward (fwd+bwd - fwd)", "backward_ms")):
+            out[f"ratio_{key}"] = out[f"peer_{key}"] / out[f"ours_{key}"]
+            self.bar(f"{label}: {what}", out[f"ours_{key}"], "ms", peer_name, out[f"peer_{key}"],
+                     out[f"ratio_{key}"], 1.0)
+        return out
+
     def conv_ncu(self) -> dict:
         """Nsight Compute on the conv kernels (ncu_conv's launches); a dry run only runs the workload."""
         if self.dry_run:
@@ -627,7 +714,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     bench = Bench(Path(args.out), args.dry_run, args.budget_s, args.mamba_sdist)
     # Rough needs, so a section that cannot finish is not started: the peer autotunes for ~85 s on its first calls.
-    needs = {"env": 5, "ssd_numerics": 60, "ssd_timing": 60, "ssd_peer": 150, "conv": 40, "decode": 30}
+    needs = {"env": 5, "ssd_numerics": 60, "ssd_timing": 60, "ssd_peer": 150, "conv": 40, "conv_peer": 200,
+             "decode": 30}
     if "env" not in only:
         only = ["env", *only]  # the copy floor and the device name are needed by the bar rows
     for name in SECTIONS:
