@@ -659,8 +659,9 @@ class Bench(Run):
 
 def ncu_conv(device: str) -> list[list]:
     """The launches ncu profiles at the conv shape (bf16 x, float32 weight and bias, SiLU, no state), each once after a
-    warm-up: the window forward and backward at their default configs (the backward's: 128 × 64 with PREFETCH), and
-    the backward without PREFETCH.
+    warm-up: the window forward and backward at their default configs (the backward's: 128 × 64 with PREFETCH), the
+    backward at 256 × 64 (session 9's choice before segments) and at four segments of 256 with the edges kept in L2
+    (each backward followed by its d weight / d bias sum, which the kernel filter matches too).
     Returns [label, launches] in launch order (bench/ncu.py)."""
     import torch
 
@@ -675,20 +676,18 @@ def ncu_conv(device: str) -> list[list]:
     weight, bias = torch.randn(s["dim"], s["width"], generator=g, device=device), torch.randn(s["dim"], generator=g,
                                                                                               device=device)
     forward = conv.forward_candidates(s["width"])[0]
-    backward, chosen = conv.WINDOW_BACKWARD_CONFIGS[:2]
-    launches = {
-        f"forward {forward}": lambda: conv.causal_conv1d_forward(x, weight, bias, None, True, config=forward),
-        f"backward {backward}": lambda: conv.causal_conv1d_backward(dy, None, x, weight, bias, None, True,
-                                                                    config=backward),
-        f"backward {chosen}": lambda: conv.causal_conv1d_backward(dy, None, x, weight, bias, None, True,
-                                                                  config=chosen),
-    }
+    backwards = [*conv.WINDOW_BACKWARD_CONFIGS[:2],
+                 next(c for c in conv.WINDOW_BACKWARD_CONFIGS if c.get("SEGMENTS") and c.get("KEEP_EDGES"))]
+    launches = {f"forward {forward}": lambda: conv.causal_conv1d_forward(x, weight, bias, None, True, config=forward)}
+    for config in backwards:
+        launches[f"backward {config}"] = lambda config=config: conv.causal_conv1d_backward(
+            dy, None, x, weight, bias, None, True, config=config)
     for fn in launches.values():  # compiled and warm before the profiled region
         fn()
     with ncu.profiled(device):
         for fn in launches.values():
             fn()
-    return [[label, 1] for label in launches]
+    return [[label, 1 if label.startswith("forward") else 2] for label in launches]  # a backward: the walk, the sum
 
 
 def main(argv=None) -> int:
