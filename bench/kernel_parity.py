@@ -40,8 +40,11 @@ chosen otherwise.
     python bench/kernel_parity.py --out /tmp/parity --dry-run          # on a CPU: tiny dims, Triton's interpreter
     python bench/kernel_parity.py --out OUT_DIR --only bamba --seeds 1,2  # other weights and tokens
 
---budget-s bounds the wall time: a spec is started only while the budget lasts (the first call of each kernel
-autotunes, which dominates a spec's time); the ones left are listed as skipped.
+--budget-s bounds the wall time: a spec is started only while the budget lasts; the ones left are listed as skipped.
+A spec's time is mostly Triton compiling its kernels (the packages run untuned default configs: nothing is timed),
+one CPU core at a time, so --jobs 2 runs the specs in two processes at once and merges their sections:
+
+    python bench/kernel_parity.py --out OUT_DIR --jobs 2 --budget-s 200   # on the GPU: all five specs
 """
 
 from __future__ import annotations
@@ -64,22 +67,29 @@ KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "state_update_module.mamb
                     "apply_rope_qk", "packed_query_attention", "sliding_window_attention",
                     "swiglu", "silu_mul", "moe_router", "rms_norm", "linear", "swiglu_linear", "qkv_linear")
 
-# (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run)
+# (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run, the GPU parity check's sizes
+# where they differ from GPU's)
 BAMBA_TINY = ("model.d_model=32", "model.vocab_size=256", "model.max_seq_len=128",
               "mixers.ssm.n_heads=4", "mixers.ssm.head_dim=16", "mixers.ssm.d_state=16", "mixers.ssm.chunk_size=16",
               "mixers.attn.n_heads=2", "mixers.attn.n_kv_heads=1", "mixers.attn.head_dim=16",
               "mixers.attn.rope.rotary_dim=8", "ffns.mlp.hidden=64")
 SPECS = [
-    ("bench/specs/bamba_1b.yaml", ("layout.mixers=(ssm*3, attn)",), (None, BAMBA_TINY + ("layout.mixers=(ssm, attn)",))),
+    ("bench/specs/bamba_1b.yaml", ("layout.mixers=(ssm*3, attn)",), (None, BAMBA_TINY + ("layout.mixers=(ssm, attn)",)),
+     {}),
     ("specs/nexus.yaml", ("layout.n_layers=8",),
-     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn"))),
+     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn")), {}),
     ("specs/hymba_plus.yaml", ("layout.n_layers=2", "layout.mixers=global_attn|ssm, attn|ssm"),
-     ("tiny", ("model.d_model=32", "layout.n_layers=1", "layout.mixers=global_attn|ssm"))),
+     ("tiny", ("model.d_model=32", "layout.n_layers=1", "layout.mixers=global_attn|ssm")), {}),
     # HNS: 14.4 B at 16 experts, and still out of memory at 4 experts (4.7 B: the float32 truth run and the 128k-vocabulary
-    # Medusa logits): 2 experts and a 32k vocabulary keep every kernel's real widths at 2.3 B.
+    # Medusa logits): 2 experts and a 32k vocabulary keep every kernel's real widths at 2.3 B. Its parity check runs one
+    # sequence: at 2 x 600 the float32 pass alone held ~100 GB of activations (the reference Mamba-1 scan keeps ~24
+    # float32 (B, c, L, 8192, 16) tensors a layer for its backward, 671 MB each at B = 2, and JEPA runs the backbone
+    # twice with gradients: 6 scans) beside 55 GB of weights, the EMA target's buffers and three sets of gradients,
+    # and ran out of the H200's memory (gpu9/call1). At 1 x 600 the same layers, kernels and chunking run on half the
+    # activations.
     ("specs/hns_ss_jepa_moe.yaml", ("layout.n_layers=4", "ffns.moe.n_experts=2", "model.vocab_size=32000"),
-     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn"))),
-    ("specs/hspmn.yaml", ("layout.n_layers=2",), ("tiny", ("model.d_model=32", "layout.n_layers=1"))),
+     ("tiny", ("model.d_model=32", "layout.n_layers=2", "layout.mixers=ssm, attn")), {"batch": 1}),
+    ("specs/hspmn.yaml", ("layout.n_layers=2",), ("tiny", ("model.d_model=32", "layout.n_layers=1")), {}),
 ]
 GPU = {"device": "cuda", "dtype": "bfloat16", "batch": 2, "length": 600, "prompt": 64, "new_tokens": 16,
        "tolerance": 1e-2}  # 600 = 2 chunks of 256 and a partial one for Bamba's SSD
@@ -119,16 +129,27 @@ def spy_on_kernels(package) -> Counter:
 
 
 def _forward_backward(package, model, tokens, use_kernels: bool, calls: Counter) -> dict:
+    """One pass: the logits, the loss, the kernel calls, every parameter's gradient as the backward left it (in the
+    model's dtype: relative_norm_error widens it, and a float32 copy of each bf16 set would double what the later
+    passes run beside), and the pass's seconds and, on the GPU, its peak memory."""
     import torch
 
     package.model.USE_KERNELS = use_kernels
     calls.clear()
     model.zero_grad(set_to_none=True)
+    cuda = tokens.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     torch.manual_seed(1)  # the same random draws every pass (a JEPA head masks at random in training)
     out = model(tokens[:, :-1], targets=tokens[:, 1:])
     out.loss.backward()
+    # zero_grad(set_to_none) below drops the model's references: these are the only ones, no copy is needed
     result = {"logits": out.logits.detach().float(), "loss": out.loss.item(), "calls": dict(calls),
-              "grads": {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}}
+              "grads": {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None},
+              "pass": {"seconds": round(time.perf_counter() - started, 2)}}
+    if cuda:
+        result["pass"]["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     model.zero_grad(set_to_none=True)
     package.model.USE_KERNELS = True
     return result
@@ -216,6 +237,7 @@ def _compare(package, model, tokens, sizes, calls: Counter, kernels: dict, refer
     over = {name: error for name, error in sorted(direct.items(), key=lambda item: -item[1]) if error > tolerance}
     report = {
         "batch": sizes["batch"], "length": sizes["length"],
+        "passes": {"kernels": kernels["pass"], "references": references["pass"]},
         "kernel_calls_with_kernels": kernels["calls"], "kernel_calls_with_references": references["calls"],
         "loss_kernels": kernels["loss"], "loss_references": references["loss"],
         "logits_relative_norm_error": logits_error,
@@ -230,10 +252,11 @@ def _compare(package, model, tokens, sizes, calls: Counter, kernels: dict, refer
         return report
     dtype = next(model.parameters()).dtype
     model.float()  # bf16 values are exact in float32: the same weights, every op in float32
-    try:
-        truth = _forward_backward(package, model, tokens, False, calls)
-    finally:
-        model.to(dtype)
+    # An error leaves the model in float32: run_checks converts it back once the error is dropped (converting here,
+    # while the error's frames still hold the failed pass's activations, can itself run out of memory part-way)
+    truth = _forward_backward(package, model, tokens, False, calls)
+    model.to(dtype)
+    report["passes"]["float32"] = truth["pass"]
     kernel_errors, reference_errors = _errors(kernels, truth), _errors(references, truth)
     # no worse than the references: within 25% (+1e-3) of their own distance to float32, or within the tolerance
     worse = {name: {"kernels": error, "references": reference_errors[name]} for name, error in kernel_errors.items()
@@ -270,13 +293,11 @@ def cached_decode(package, model, sizes, calls: Counter) -> dict:
     if dtype == torch.float32:
         report["pass"] = report["logits_relative_norm_error"] <= sizes["tolerance"]
         return report
-    model.float()  # bf16 values are exact in float32: the same weights, every op in float32
-    try:
-        errors = {label: relative_norm_error(stepped, _full_logits(package, model, tokens, sizes["prompt"]))
-                  for label, (tokens, stepped) in decoded.items()}
-    finally:
-        model.to(dtype)
-        package.model.USE_KERNELS = True
+    model.float()  # bf16 values are exact in float32: the same weights, every op in float32 (an error: see _compare)
+    errors = {label: relative_norm_error(stepped, _full_logits(package, model, tokens, sizes["prompt"]))
+              for label, (tokens, stepped) in decoded.items()}
+    model.to(dtype)
+    package.model.USE_KERNELS = True
     report["against_float32"] = errors
     report["pass"] = errors["kernels"] <= max(sizes["tolerance"], 1.25 * errors["references"] + 1e-3)
     return report
@@ -318,8 +339,70 @@ def _cached_decode(model, sizes, calls: Counter) -> tuple[dict, tuple]:
     return report, (sequence, stepped)
 
 
+def run_checks(package, model, sizes: dict, calls: Counter, parity_sizes: dict | None = None) -> dict:
+    """{"parity": ..., "decode": ...} on one model: parity at sizes updated by parity_sizes, then decode at sizes;
+    a check that raises is recorded (its error and trace) and the other still runs. After each the model is put back
+    as it was (its tensors' dtypes, the kernels on), once the check's error is dropped: a check that failed in its
+    float32 pass leaves the model in float32, and on the GPU its error's traceback holds that pass's activations
+    until then. A model that cannot be put back is not decoded with (gpu9/call1: HNS's float32 pass ran out of
+    memory, so did converting back while its error was in flight, and decode then met a bf16 input and a float32
+    expert weight)."""
+    dtypes = _dtypes(model)
+    results: dict = {}
+    for name, check, check_sizes in (("parity", parity, {**sizes, **(parity_sizes or {})}),
+                                     ("decode", cached_decode, sizes)):
+        try:
+            model.train(name == "parity")
+            results[name] = check(package, model, check_sizes, calls)
+        except Exception as error:  # one check failing keeps the other's figures
+            results[name] = {"error": f"{type(error).__name__}: {error}"[:2000],
+                             "trace": traceback.format_exc()[-3000:], "pass": False}
+        package.model.USE_KERNELS = True
+        unrestored = _restore(model, dtypes)
+        if unrestored:
+            results[name]["model_not_restored"] = unrestored
+            for later in ("parity", "decode")[len(results):]:
+                results[later] = {"error": f"not run: after {name} the model could not be put back as it was: "
+                                           f"{unrestored}", "pass": False}
+            break
+    return results
+
+
+def _dtypes(model) -> dict:
+    """{name: dtype} of the model's parameters and floating buffers."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
+
+
+def _restore(model, dtypes: dict) -> str | None:
+    """Convert the model back to the dtypes `dtypes` recorded; None when every tensor has its dtype again, else what
+    went wrong."""
+    import gc
+
+    import torch
+
+    gc.collect()  # anything a failed check left in reference cycles
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if _dtypes(model) == dtypes:
+        return None
+    try:
+        for prefix, module in model.named_modules():
+            prefix = f"{prefix}." if prefix else ""
+            for name, p in module.named_parameters(recurse=False):
+                if dtypes.get(prefix + name, p.dtype) != p.dtype:
+                    p.data = p.data.to(dtypes[prefix + name])  # as Module.to converts a parameter
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point() and dtypes.get(prefix + name, b.dtype) != b.dtype:
+                    module._buffers[name] = b.to(dtypes[prefix + name])
+    except Exception as error:  # e.g. out of memory: reported by the caller, the model is not used again
+        return f"{type(error).__name__}: {error}"[:500]
+    wrong = {name: str(dtype) for name, dtype in _dtypes(model).items() if dtype != dtypes.get(name)}
+    return f"{len(wrong)} tensors in another dtype, e.g. {dict(list(wrong.items())[:3])}" if wrong else None
+
+
 def run_spec(spec: str, overrides: tuple[str, ...], preset: str | None, sizes: dict, out_root: Path,
-             seed: int = 0) -> dict:
+             seed: int = 0, parity_sizes: dict | None = None) -> dict:
     import torch
 
     from archgen.testing import build_generated
@@ -337,13 +420,7 @@ def run_spec(spec: str, overrides: tuple[str, ...], preset: str | None, sizes: d
         package.model.use_kernel = lambda kernel, x: package.model.USE_KERNELS and kernel is not None
     calls = spy_on_kernels(package)
     entry["parameters"] = sum(p.numel() for p in model.parameters())
-    for name, check in (("parity", parity), ("decode", cached_decode)):
-        try:
-            model.train(name == "parity")
-            entry[name] = check(package, model, sizes, calls)
-        except Exception as error:  # one check failing keeps the other's figures
-            entry[name] = {"error": f"{type(error).__name__}: {error}"[:2000], "trace": traceback.format_exc()[-3000:],
-                           "pass": False}
+    entry.update(run_checks(package, model, sizes, calls, parity_sizes))
     entry["pass"] = entry["parity"]["pass"] and entry["decode"]["pass"]
     entry["seconds"] = time.perf_counter() - started
     return entry
@@ -354,10 +431,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=os.environ.get("OUT"), help="directory for kernel_parity.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny dims on the CPU in Triton's interpreter")
     parser.add_argument("--budget-s", type=float, default=90.0, help="start no spec after this many seconds")
-    parser.add_argument("--only", help="run the specs whose path contains this text")
+    parser.add_argument("--only", help="run the specs whose path contains this text (comma-separated: any of these)")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated seeds of the weights and tokens, each spec once per seed (sections after "
                              "the first seed are named 'SPEC seed N')")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the specs in this many processes at once, a share each, and merge their sections into "
+                             "one kernel_parity.json (a spec's time is mostly Triton compiling its kernels, on one CPU "
+                             "core a process)")
     args = parser.parse_args()
     try:
         seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -365,6 +446,11 @@ def main() -> None:
         parser.error(f"--seeds takes comma-separated integers, e.g. 0,1,2; got {args.seeds!r}")
     if args.out is None:
         parser.error("--out DIR (or $OUT) is required")
+    only = args.only.split(",") if args.only else [""]
+    specs = [spec for spec, *_ in SPECS if any(text in spec for text in only)]
+    if args.jobs > 1:
+        run_jobs(args, specs)
+        return
     if args.dry_run:  # before triton is imported (by the generated package's kernels)
         os.environ.setdefault("TRITON_INTERPRET", "1")
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"
@@ -375,16 +461,16 @@ def main() -> None:
         raise SystemExit("no CUDA device: run with --dry-run on a CPU")
     run = Run("kernel_parity", args.out, dry_run=args.dry_run, budget_s=args.budget_s)
     run.meta.update(device=run.meta.get("gpu", "cpu (Triton interpreter)"), sizes=sizes, budget_s=args.budget_s)
-    runs = [(index, spec, seed) for index, (spec, *_) in enumerate(SPECS) if not args.only or args.only in spec
-            for seed in seeds]
+    runs = [(index, spec, seed) for index, (spec, *_) in enumerate(SPECS) if spec in specs for seed in seeds]
     with tempfile.TemporaryDirectory() as tmp:
         for index, spec, seed in runs:
-            _, gpu_overrides, (dry_preset, dry_overrides) = SPECS[index]
+            _, gpu_overrides, (dry_preset, dry_overrides), gpu_parity_sizes = SPECS[index]
             preset, overrides = (dry_preset, dry_overrides) if args.dry_run else (None, gpu_overrides)
+            parity_sizes = {} if args.dry_run else gpu_parity_sizes
 
-            def check(record, spec=spec, overrides=overrides, preset=preset, seed=seed,
+            def check(record, spec=spec, overrides=overrides, preset=preset, seed=seed, parity_sizes=parity_sizes,
                       root=Path(tmp) / f"{index}-{seed}"):
-                record.update(run_spec(spec, overrides, preset, sizes, root, seed))
+                record.update(run_spec(spec, overrides, preset, sizes, root, seed, parity_sizes))
 
             entry = run.section(spec if seed == seeds[0] else f"{spec} seed {seed}", check)
             entry.setdefault("pass", False)  # a spec whose build or run raised
@@ -398,6 +484,49 @@ def main() -> None:
             print(json.dumps(summary, indent=1, default=str), flush=True)
     print(f"wrote {args.out / 'kernel_parity.json'}: pass={run.results.get('pass')}, {len(run.sections)} specs in "
           f"{run.elapsed():.0f} s, skipped {[spec for spec, e in run.sections.items() if 'skipped' in e]}", flush=True)
+
+
+def run_jobs(args, specs: list[str]) -> None:
+    """--jobs N: the specs dealt round-robin (in SPECS order) to N processes of this script, each writing OUT/jobI/
+    (its kernel_parity.json and log.txt) under the same budget; their sections, in SPECS order, make
+    OUT/kernel_parity.json, and their logs are printed once all have ended."""
+    import subprocess
+    import sys
+
+    groups = [group for group in (specs[i::args.jobs] for i in range(args.jobs)) if group]
+    jobs = []
+    for i, group in enumerate(groups):
+        out = args.out / f"job{i}"
+        out.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, __file__, "--out", str(out), "--only", ",".join(group), "--seeds", args.seeds,
+                   "--budget-s", str(args.budget_s), *(["--dry-run"] if args.dry_run else [])]
+        log = (out / "log.txt").open("w")
+        jobs.append((group, out, log, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+    run = Run("kernel_parity", args.out, dry_run=args.dry_run, budget_s=args.budget_s)
+    run.meta.update(jobs=[])
+    sections = {}
+    for group, out, log, process in jobs:
+        returncode = process.wait()
+        log.close()
+        print((out / "log.txt").read_text(), end="", flush=True)
+        path = out / "kernel_parity.json"
+        job = json.loads(path.read_text()) if path.exists() else {"meta": {}, "sections": {}}
+        run.meta["jobs"].append({"specs": group, "returncode": returncode, "elapsed_s": job["meta"].get("elapsed_s"),
+                                 "log": str(out / "log.txt")})
+        run.meta.update({key: job["meta"][key] for key in ("device", "sizes") if key in job["meta"]})
+        sections.update(job["sections"])
+        for spec in group:  # a process that died before its spec's section
+            if not any(name == spec or name.startswith(f"{spec} seed ") for name in job["sections"]):
+                sections[spec] = {"error": f"its process ended (return code {returncode}) without a section for it: "
+                                           f"see {out / 'log.txt'}", "pass": False}
+    run.sections.update({name: sections[name] for spec in specs for name in sections
+                         if name == spec or name.startswith(f"{spec} seed ")})
+    run.results["pass"] = all(entry.get("pass", False) for entry in run.sections.values())
+    run.meta["elapsed_s"] = round(run.elapsed(), 1)
+    run.write()
+    print(f"wrote {args.out / 'kernel_parity.json'}: pass={run.results['pass']}, {len(run.sections)} specs in "
+          f"{run.elapsed():.0f} s by {len(jobs)} processes, skipped "
+          f"{[spec for spec, e in run.sections.items() if 'skipped' in e]}", flush=True)
 
 
 if __name__ == "__main__":
