@@ -175,8 +175,7 @@ def test_the_rope_router_and_decode_attention_hooks_tune_the_buckets_their_ops_r
     path = tmp_path / "tuned_attention_moe.yaml"
     path.write_text(ATTENTION_MOE)
     cases = tuning_cases(compile_spec(path).ir, [3], [2])
-    # the GEMV: the attention's and lm_head's linears
-    assert {c.file for c in cases} == {"rope", "moe_router", "decode_attention", "gemv"}
+    assert {c.file for c in cases} == {"rope", "moe_router", "decode_attention", "gemv"}  # the GEMV: the attention's and lm_head's linears
     cases = [c for c in cases if c.file != "gemv"]
     with triton_support.tuning_session() as table:
         for case in cases:
