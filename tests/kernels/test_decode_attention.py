@@ -108,15 +108,3 @@ def test_the_build_time_tuning_hook_tunes_the_window_bucket():
         da.autotune(config, {}, batch=1, seqlen=20, dtype=torch.float32, device=DEVICE)
         tuned = {(entry["kernel"], entry["key"]) for entry in table()["entries"]}
     assert tuned == {("decode_attention.forward", da.shape_key(12, 16, 2, torch.float32))}
-
-
-def test_a_cache_longer_than_max_slots_takes_the_write_and_sdpa(monkeypatch):
-    """Past MAX_SLOTS the op writes with index_copy and attends with SDPA: the same result and the same caches."""
-    monkeypatch.setattr(da, "MAX_SLOTS", 16)
-    g = torch.Generator().manual_seed(9)
-    q, k, v, cache, positions, mask = step_inputs(g, 1, 4, 2, 41, 16, torch.float32, 45, True, window=41)
-    k_cache, v_cache = cache.k.clone(), cache.v.clone()
-    y = da.decode_attention(q, k, v, k_cache, v_cache, positions, mask.bias, True)
-    y_ref = runtime.decode_attention(q, k, v, cache.k, cache.v, positions, mask.bias, True)
-    assert_close(y, y_ref, TOL[torch.float32])
-    assert torch.equal(k_cache, cache.k) and torch.equal(v_cache, cache.v)

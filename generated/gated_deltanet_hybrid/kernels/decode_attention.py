@@ -21,8 +21,8 @@ never waits for the write; the group's first query head writes them. The G query
 cache (from L2 after the first). Nothing is reused across slots, so no tensor cores.
 
 Long caches: one program per head walks the whole cache, which is right for the short caches of decoding at a window
-or a few thousand positions; beyond MAX_SLOTS the op writes with index_copy and attends with SDPA, which splits the
-keys over programs (what the layers ran before this kernel).
+or a few thousand positions; beyond MAX_SLOTS the launcher takes the reference (its SDPA splits the keys over
+programs).
 
 The op is inference-only (no autograd) and writes the cache in place (`mutates_args`). CPU tensors take the reference
 unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
@@ -189,21 +189,9 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
 def _decode_attention_impl(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
                            bias: Tensor, ring: bool, scale: float | None) -> Tensor:
     """archgen_v1::decode_attention_ -> y (B, Hq, 1, D); k_cache and v_cache written at the new token's slot."""
-    if not (q.is_cuda or triton_on_cpu()):
+    if not (q.is_cuda or triton_on_cpu()) or k_cache.size(2) > MAX_SLOTS:
         return decode_attention_reference(q, k, v, k_cache, v_cache, positions, bias, ring, scale)
-    if k_cache.size(2) > MAX_SLOTS:
-        return _write_and_sdpa(q, k, v, k_cache, v_cache, positions, bias, ring, scale)
     return decode_attention_forward(q, k, v, k_cache, v_cache, positions, bias, ring, scale)
-
-
-def _write_and_sdpa(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, bias: Tensor,
-                    ring: bool, scale: float | None) -> Tensor:
-    """A cache longer than MAX_SLOTS: the write, then SDPA (which splits the keys over programs), as the layers ran
-    before this kernel; the key/value heads read in place (enable_gqa), no float32 copy of the cache."""
-    _write(k, v, k_cache, v_cache, positions, ring)
-    mask = bias.expand(q.size(0), 1, 1, k_cache.size(2))
-    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale,
-                                          enable_gqa=q.size(1) != k_cache.size(1))
 
 
 def _decode_attention_fake(q, k, v, k_cache, v_cache, positions, bias, ring, scale):
@@ -223,19 +211,14 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     return decode_attention_op(q, k, v, k_cache, v_cache, positions, bias, ring, scale)
 
 
-def _write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor, ring: bool) -> None:
-    """k and v (B, Hkv, 1, D) into the caches at the slot of positions[0] (modulo S for a ring), in the cache's dtype."""
-    slots = positions.reshape(-1)[:1]
-    slots = torch.remainder(slots, k_cache.size(2)) if ring else slots
-    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-
-
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, positions: Tensor,
                                bias: Tensor, ring: bool = False, scale: float | None = None) -> Tensor:
     """The same with torch ops: the write, then softmax(q kᵀ scale + bias) v in float32 (float64 for float64
     inputs), y in q's dtype, G = Hq / Hkv query heads per key/value head."""
-    _write(k, v, k_cache, v_cache, positions, ring)
+    slots = positions.reshape(-1)[:1]
+    slots = torch.remainder(slots, k_cache.size(2)) if ring else slots
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.size(1) // k_cache.size(1)
     keys = k_cache.to(acc).repeat_interleave(group, dim=1)  # (B, Hq, S, D)
