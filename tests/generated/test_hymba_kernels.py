@@ -1,8 +1,7 @@
 """Hymba+ (specs/hymba_plus.yaml, tiny: attention and Mamba heads side by side in every layer, meta tokens, a sliding
-window of 16) with its parallel combine's kernel (normalized_mean), the RoPE kernel and the decoding step's attention
-kernel (decode_attention: the cache write and the attention in one launch): cached decoding equals the full forward
-through the references, past the window (the windowed layers' ring-buffer cache, the global layers' plain one), with
-each forward's RoPE angles and masks shared by the layers of an attention component (StepContext). The kernels run in Triton's
+window of 16) with its parallel combine's kernel (normalized_mean) and the RoPE kernel: cached decoding equals the full
+forward through the references, past the window (the windowed layers' ring-buffer cache), with each forward's RoPE
+angles and masks shared by the layers of an attention component (StepContext). The two kernels run in Triton's
 interpreter on CPU tensors (the others keep their references: the interpreter takes minutes for the whole model); a
 spy counts their calls, so a model that fell back to its references fails here."""
 
@@ -16,12 +15,12 @@ from tests.conftest import build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
-SPIED = ("normalized_mean", "apply_rope_qk", "decode_attention")
+SPIED = ("normalized_mean", "apply_rope_qk")
 
 
 def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_path, monkeypatch):
     package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, SPIED, preset="tiny")
-    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk, package.kernels.decode_attention}
+    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk}
     monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
     torch.manual_seed(0)
     model = package.Model().eval()
@@ -33,5 +32,4 @@ def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_pat
     cached = decode_in_steps(model, tokens, prefill=12, max_len=4 + 14, length_as_tensor=True)
     # 4 layers, each combining its attention and Mamba branches in one kernel, in the prefill and in both steps
     assert package.calls["normalized_mean"] == package.calls["apply_rope_qk"] == 4 * 3, package.calls
-    assert package.calls["decode_attention"] == 4 * 2, package.calls  # the two steps' attention, not the prefill's
     assert_close(cached, full, 1e-5, "cached logits")
