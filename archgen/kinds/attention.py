@@ -64,7 +64,7 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     takes_step = True
     rope_function = "apply_rope_qk"  # the runtime op the template rotates q and k with (the kernel's reference)
     # what the template uses from ops/attention.py besides RoPE: a cache, a shared mask (attend) or none (attention)
-    attention_functions = ("KVCache", "StepContext", "attend", "attention", "write_and_attend")
+    attention_functions = ("KVCache", "StepContext", "attend", "attention")
 
     def check(self, spec, path: str, model) -> list[Diagnostic]:
         problems: list[Diagnostic] = []

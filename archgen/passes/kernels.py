@@ -102,10 +102,6 @@ KERNEL_RULES: list[KernelRule] = [
                "SwiGLU experts: silu(gate) * up in one pass forward and backward on the experts' rows (the grouped "
                "form; the fixed-buffer form of export and decoding keeps the reference)",
                when=lambda config: config.expert.activation == "swiglu"),
-    KernelRule("attention", "decode_attention", "decode_attention", "attention",
-               "A decoding step's attention: the new key and value written into the cache and each query head's one "
-               "query attended over it in one launch (the cache write's two index_copy and SDPA: three)",
-               when=lambda config: config.head_dim <= 256),
     KernelRule("attention", "rope", "apply_rope_qk", "attention",
                "RoPE on q and k in one pass (every scaling, partial rotary), in place when no gradient is needed",
                when=lambda config: config.rope is not None),

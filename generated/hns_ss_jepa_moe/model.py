@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
-from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attention, rope_cos_sin, rope_inv_freq, write_and_attend
+from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attention, rope_cos_sin, rope_inv_freq
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
 from .ops.jepa import EMATarget, hidden_count, hidden_rows, random_mask
 from .ops.medusa import MedusaStats, accepted_length, snapshot_states
@@ -184,20 +184,11 @@ class Attn(nn.Module):
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
             y = attention(q, k, v, q_positions=positions, k_positions=positions, window=4096)  # (B, 32, T, 128)
         else:
+            if cache is not None:
+                k, v = cache.write(k, v, positions[0])  # (B, 8, S, 128) each: what to attend over
             # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
             mask = step.attention_mask("attn", cache, window=4096, dtype=q.dtype)
-            if cache is not None:  # k and v written into the cache, q attended over it (a decoding step: one launch)
-                y = write_and_attend(
-                    q,
-                    k,
-                    v,
-                    cache,
-                    positions,
-                    mask,
-                    kernel=kernels.decode_attention if use_kernel(kernels.decode_attention, q) else None,
-                )  # (B, 32, T, 128)
-            else:
-                y = attend(q, k, v, mask)  # (B, 32, T, 128)
+            y = attend(q, k, v, mask)  # (B, 32, T, 128)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 4096)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -661,53 +661,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: "AttentionMask", *, scale: flo
     return y * mask.sees_any
 
 
-
-def decode_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    positions: Tensor,
-    bias: Tensor,
-    ring: bool = False,
-    scale: float | None = None,
-) -> Tensor:
-    """
-    One decoding step's attention over a cache's buffers (kernels/decode_attention.py runs it in one launch): k and v
-    (B, Hkv, 1, D) written at the slot of positions[0] (modulo S for a RingKVCache's ring, `ring`), then q (B, Hq, 1,
-    D) attended over k_cache and v_cache (B, Hkv, S, D) under the additive mask bias (1 or B, 1, 1, S).
-    Returns (B, Hq, 1, D): KVCache.write / RingKVCache.write of one token, then `attend`.
-    """
-    slots = positions.reshape(-1)[:1]
-    slots = torch.remainder(slots, k_cache.size(2)) if ring else slots
-    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
-    return attend(q, k_cache, v_cache, AttentionMask(bias), scale=scale)
-
-
-def write_and_attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cache,
-    positions: Tensor,
-    mask: "AttentionMask",
-    *,
-    scale: float | None = None,
-    kernel=None,
-) -> Tensor:
-    """
-    Write the new tokens' k, v (B, Hkv, T, D) into `cache` (a KVCache or RingKVCache) at positions[0] and attend q
-    (B, Hq, T, D) over what the write returns under `mask` (the step's, built from cache.key_positions). With `kernel`
-    (kernels.decode_attention, on CUDA) a decoding step's one token takes one launch for the write and the attention.
-    """
-    if kernel is not None and q.size(2) == 1 and not is_exporting():
-        y = kernel(q, k, v, cache.k, cache.v, positions, mask.bias, isinstance(cache, RingKVCache), scale)
-        return y if mask.sees_any is None else y * mask.sees_any
-    k, v = cache.write(k, v, positions[0])
-    return attend(q, k, v, mask, scale=scale)
-
 @dataclass
 class AttentionMask:
     """
