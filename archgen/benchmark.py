@@ -148,59 +148,93 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda step
     return prepared.result
 
 
+def progress_steps(config: BenchConfig) -> int:
+    """How many times run_bench reports progress: the build, the floors, and per variant its model and each part it
+    measures (a decode part once per batch; the compiled variants do not decode): the length of `archgen bench`'s bar."""
+    steps = 2
+    for variant in config.variants:
+        parts = [part for part in config.parts if not (part == "decode" and variant in COMPILED_VARIANTS)]
+        steps += 1 + sum(len(config.decode_batches) if part == "decode" else 1 for part in parts)
+    return steps
+
+
 def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[str], None] = lambda step: None,
-                    deadline: float = math.inf, train_shape: tuple[int, int] | None = None) -> dict:
-    """The figures of one variant; a part that would start after `deadline` (time.perf_counter()) is skipped.
-    Training starts at `train_shape` (batch, seq_len), by default the config's, and shrinks from there until it fits."""
+                    deadline: float = math.inf, train_shape: tuple[int, int] | None = None,
+                    parts: tuple[str, ...] | None = None, figures: dict | None = None,
+                    part_seconds: dict[str, float] | None = None) -> dict:
+    """The figures of one variant. Training starts at `train_shape` (batch, seq_len), by default the config's, and
+    shrinks from there until it fits. `parts` (default the config's) run in order, each written into `figures` (the
+    caller's dict, so that a run stopped from outside keeps the parts already done) as it ends; a part is skipped when
+    it would start after `deadline` (time.perf_counter()), or would end after it by `part_seconds`' estimate of it
+    (a compile that cannot finish in time is not started)."""
     config, result = prepared.config, prepared.result
-    figures: dict = {}
+    parts = config.parts if parts is None else parts
+    figures = {} if figures is None else figures
+    estimates = part_seconds or {}
     model = variant_model(prepared, variant)
     vocab = model.lm_head.weight.size(0)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tokens = torch.randint(0, vocab, (config.batch, config.seq_len + 1), device=config.device)
     breaks_before = graph_break_count()
 
-    if "train" in config.parts:
+    if "train" in parts:
         progress(f"{variant}: training step")
         model.train()
         batch, seq_len = train_shape or (config.batch, config.seq_len)
         train_tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=config.device)
-        attempt(figures, "train", config.device, lambda: train_figures(model, train_tokens, config, deadline), deadline)
+        attempt(figures, "train", config.device, lambda: train_figures(model, train_tokens, config, deadline), deadline,
+                estimates.get("train", 0.0))
         if "train" in figures:
             add_mfu(figures["train"], prepared)
         del train_tokens
         free_memory(config.device)  # the optimizer's state
 
     model.eval()
-    if "prefill" in config.parts:
+    if "prefill" in parts:
         progress(f"{variant}: prefill")
         with torch.no_grad():
             attempt(figures, "prefill", config.device, lambda: throughput_figures(
-                lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline)
+                lambda: model(tokens[:, :-1]), config.batch * config.seq_len, config), deadline,
+                estimates.get("prefill", 0.0))
     if variant in COMPILED_VARIANTS:
         figures["graph_breaks"] = graph_break_count() - breaks_before
         if COMPILED_VARIANTS[variant][1] == "reduce-overhead":
             figures["cuda_graph_skips"] = cuda_graph_skips()
         return figures  # generate is not compiled: its decoding is the uncompiled variant's
-    for batch in config.decode_batches if "decode" in config.parts else ():
+    for batch in config.decode_batches if "decode" in parts else ():
         progress(f"{variant}: decoding at batch {batch}")
         prompt = tokens[:1, : config.prompt_len].expand(batch, -1).contiguous()
         attempt(figures, f"decode_batch_{batch}", config.device, functools.partial(
-            decode_figures, model, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s), deadline)
+            decode_figures, model, prompt, config, variant == "kernels", weight_bytes, result.copy_bytes_per_s), deadline,
+            estimates.get("decode", 0.0))
     return figures
 
 
-def measure_training(prepared: PreparedBench, variant: str, batch: int, seq_len: int) -> dict:
-    """The training figures of one variant at exactly batch × seq_len, with nothing shrunk: the same-shape peer of a
-    variant that had to train at a smaller shape (bench/whole_model.py's ratios of (a) to (b) and (c))."""
+def measure_peer(prepared: PreparedBench, variant: str, train_shape: tuple[int, int] | None = None,
+                 prefill: bool = False) -> dict:
+    """One fresh model of the variant, trained at exactly train_shape (batch, seq_len; nothing shrunk) and/or its
+    prefill at the config's shape: the same-run peer of a variant measured without one, such as a reference that had
+    to train at a smaller shape, or a compiled variant run on its own (bench/whole_model.py's ratios of (a) to (b)
+    and (c))."""
     config = prepared.config
-    model = variant_model(prepared, variant).train()
-    tokens = torch.randint(0, model.lm_head.weight.size(0), (batch, seq_len + 1), device=config.device)
+    model = variant_model(prepared, variant)
+    vocab = model.lm_head.weight.size(0)
     figures: dict = {}
-    attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config, shrink=False))
-    if "train" in figures:
-        add_mfu(figures["train"], prepared)
-    return figures.get("train", figures)
+    if train_shape is not None:
+        model.train()
+        tokens = torch.randint(0, vocab, (train_shape[0], train_shape[1] + 1), device=config.device)
+        attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config, shrink=False))
+        if "train" in figures:
+            add_mfu(figures["train"], prepared)
+        del tokens
+        free_memory(config.device)  # the optimizer's state
+    if prefill:
+        model.eval()
+        tokens = torch.randint(0, vocab, (config.batch, config.seq_len), device=config.device)
+        with torch.no_grad():
+            attempt(figures, "prefill", config.device, lambda: throughput_figures(
+                lambda: model(tokens), config.batch * config.seq_len, config))
+    return figures
 
 
 def variant_model(prepared: PreparedBench, variant: str) -> torch.nn.Module:
@@ -212,7 +246,7 @@ def variant_model(prepared: PreparedBench, variant: str) -> torch.nn.Module:
     with torch.device(prepared.config.device):
         model = prepared.package.Model().to(prepared.dtype)
     if variant in COMPILED_VARIANTS:
-        compile_layers(model, mode)
+        compile_layers(model, mode, dynamic=False)  # each shape measured gets its own static graph
     return model
 
 
@@ -222,14 +256,16 @@ def add_mfu(train: dict, prepared: PreparedBench) -> None:
     train["mfu"] = train["tokens_per_s"] * flops_per_token / prepared.result.matmul_flops_per_s
 
 
-def compile_layers(model: torch.nn.Module, mode: str | None = None) -> None:
+def compile_layers(model: torch.nn.Module, mode: str | None = None, dynamic: bool | None = None) -> None:
     """torch.compile every layer of `model.layers` in place (regional compilation). Dynamo keys its cache on the
     forward's code and treats parameters as inputs, so the layers of one class share one compiled graph: the compile
     costs one layer of each kind, whatever the depth. The embedding, the heads, the extras and the loss stay eager.
     mode="reduce-overhead" replays each layer's forward and backward as CUDA graphs (inductor's CUDA-graph trees,
-    one recording per call site in the step; `cuda_graph_skips` counts the graphs it ran without them)."""
+    one recording per call site in the step; `cuda_graph_skips` counts the graphs it ran without them).
+    dynamic=False keeps every graph static: a second shape (the benchmark's prefill after a training step at a smaller
+    shape) compiles a graph of its own instead of a dynamic-shape one (dynamo's default once a size changes)."""
     for layer in model.layers:
-        layer.compile(mode=mode)
+        layer.compile(mode=mode, dynamic=dynamic)
 
 
 def cuda_graph_skips() -> int:
@@ -526,11 +562,15 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     return 2 * n**3 / timed(lambda: a @ b, device, 10)
 
 
-def attempt(figures: dict, key: str, device: str, fn: Callable[[], dict], deadline: float = math.inf) -> None:
-    """figures[key] = fn() plus its peak memory; on failure figures[key + '_error'] says what and where; past the
-    deadline figures[key + '_skipped'] says so and fn does not run."""
-    if time.perf_counter() > deadline:
-        figures[key + "_skipped"] = "time budget spent"
+def attempt(figures: dict, key: str, device: str, fn: Callable[[], dict], deadline: float = math.inf,
+            needs_s: float = 0.0) -> None:
+    """figures[key] = fn() plus its peak memory; on failure figures[key + '_error'] says what and where; when fn would
+    start after the deadline, or is estimated to take `needs_s` and would end after it, figures[key + '_skipped']
+    says so and fn does not run."""
+    left = deadline - time.perf_counter()
+    if left < 0 or left < needs_s:
+        figures[key + "_skipped"] = ("time budget spent" if left < 0 else
+                                     f"time budget: {left:.0f} s left, the part takes about {needs_s:.0f} s")
         return
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -591,8 +631,8 @@ def plot_into(result: BenchResult, decode_axis, throughput_axis) -> None:
         values = [figures.get(f"decode_batch_{b}", {}).get("ms_per_token", float("nan")) for b in batches]
         decoded += [value for value in values if math.isfinite(value)]
         decode_axis.bar([j + i * width for j in range(len(batches))], values, width, label=variant)
-    floors = [next((f[f"decode_batch_{b}"]["floor_ms_per_token"] for f in result.variants.values() if f"decode_batch_{b}" in f),
-                   float("nan")) for b in batches]
+    floors = [next((f[f"decode_batch_{b}"]["floor_ms_per_token"] for f in result.variants.values()
+                    if "floor_ms_per_token" in f.get(f"decode_batch_{b}", {})), float("nan")) for b in batches]
     decode_axis.bar([j + len(result.variants) * width for j in range(len(batches))], floors, width, label="memory floor",
                     color="grey")
     decode_axis.set_xticks([j + width * len(result.variants) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
@@ -600,11 +640,21 @@ def plot_into(result: BenchResult, decode_axis, throughput_axis) -> None:
         decode_axis.set_yscale("log")  # the floor and an eager step can be two orders of magnitude apart
     decode_axis.set_ylabel("ms / token")
     decode_axis.set_title("decoding")
-    decode_axis.legend()
+    decode_axis.legend(fontsize=7)
     parts = ("train", "prefill")
     for i, (variant, figures) in enumerate(result.variants.items()):
         values = [figures.get(part, {}).get("tokens_per_s", float("nan")) for part in parts]
         throughput_axis.bar([j + i * width for j in range(len(parts))], values, width, label=variant)
+        train = figures.get("train", {})
+        shape = (train.get("batch", result.config["batch"]), train.get("seq_len", result.config["seq_len"]))
+        if "tokens_per_s" in train and shape != (result.config["batch"], result.config["seq_len"]):
+            # trained at a smaller shape (it did not fit at the configured one): say so on its bar
+            throughput_axis.annotate(f"{shape[0]}×{shape[1]}", (i * width, train["tokens_per_s"]), ha="center",
+                                     va="bottom", fontsize=7, rotation=90)
     throughput_axis.set_xticks([j + width * (len(result.variants) - 1) / 2 for j in range(len(parts))], list(parts))
+    throughput = [figures[part]["tokens_per_s"] for figures in result.variants.values() for part in parts
+                  if "tokens_per_s" in figures.get(part, {})]
+    if throughput and max(throughput) > 20 * min(throughput):  # a reference can be 30x below the kernels
+        throughput_axis.set_yscale("log")
     throughput_axis.set_ylabel("tokens / s")
     throughput_axis.set_title(f"batch {result.config['batch']} × {result.config['seq_len']}")

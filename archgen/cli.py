@@ -481,10 +481,10 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     """Measure SPEC's generated model on this machine: training tokens/s and MFU, prefill tokens/s, decode ms/token
     against the memory floor, peak memory; for the package as generated, its reference ops, and those compiled."""
     import torch
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from archgen.benchmark import DEFAULT_VARIANTS, BenchConfig, plot, run_bench
+    from archgen.benchmark import DEFAULT_VARIANTS, BenchConfig, plot, progress_steps, run_bench
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -492,11 +492,18 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
                                  param_hint="--device")
     config = BenchConfig(spec, preset, overrides, device, dtype, batch, seq_len, decode_batches, prompt_len, new_tokens,
                          variants=variants or DEFAULT_VARIANTS)
-    columns = (SpinnerColumn(), TextColumn("bench {task.fields[spec]}: {task.description}"), TimeElapsedColumn())
+    columns = (SpinnerColumn(), TextColumn("bench {task.fields[spec]}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.description}"))
     try:
         with Progress(*columns, console=stderr, transient=True, disable=Output.quiet or Output.json) as progress:
-            task = progress.add_task("starting", spec=spec.name)
-            result = run_bench(config, progress=lambda step: progress.update(task, description=step))
+            task = progress.add_task("starting", spec=spec.name, total=progress_steps(config))
+            started = iter(range(progress_steps(config) + 1))  # each report starts a step: the ones before it are done
+
+            def report(step: str) -> None:
+                progress.update(task, description=step, completed=next(started, progress_steps(config)))
+
+            result = run_bench(config, progress=report)
+            progress.update(task, completed=progress_steps(config))
     except CompileError as error:
         fail(error)
     output.mkdir(parents=True, exist_ok=True)

@@ -16,19 +16,25 @@ that runs out of memory shrinks until it fits (archgen.benchmark.train_figures);
 forward + backward tokens/s (the seed: 1.41 M and ~980 k tokens/s on an RTX 5090), and HNS-SS-JEPA-MoE `1b` tokens/s
 and ms/token with its true parameter count. And for Bamba and Hymba+, bench/decode.py's logit check: per-step logits
 of the CUDA-graph decoder and of eager decoding with a tensor position, fed eager greedy's tokens, against eager
-decoding (bf16, float32). `--parts` keeps some of training, prefill and decoding (the compiles of one model in two
-runs: training, then prefill).
+decoding (bf16, float32). `--parts` keeps some of training, prefill and decoding, for every variant or per variant.
 
 The work runs in priority order (every (a) and the peer first, then the headlines, (b), and last the compiles); a step
-starts only when its estimated cost fits in what is left of --budget-s, and inside a step no part starts after the
-budget's end: what did not run says `skipped`. JSON is rewritten after every step, so a stopped run keeps what it had.
+starts only when its estimated cost fits in what is left of --budget-s, inside a step no part starts after the
+budget's end, and a compiled variant's part only when its estimate (COMPILED_PART_S) still fits: what did not run says
+`skipped`. The compiled variants compile static graphs (a graph per shape). A reference variant measured without
+(a) at its shapes gets (a)'s figures at those shapes from the same run (`kernels_in_this_run`).
 
 Run on the GPU from the repository root:
     python bench/whole_model.py --out $OUT --budget-s 330
-and the compiles, which do not fit beside the rest, one model a run (Hymba+'s two layer classes: one part a run):
-    python bench/whole_model.py --out $OUT --only hymba_plus --variants reference,compiled --parts train --budget-s 100
-Writes $OUT/whole_model.json, $OUT/bars.jsonl (rows in bench/results/bars.json's form: ratio > 1 means archgen is
-better) and $OUT/whole_model.png. `--dry-run` runs every step on the CPU at toy sizes (figures meaningless).
+and the cells that do not fit beside the rest, one command each (--parts takes VARIANT.PART entries; --only's order
+ranks the models): (b) training and (c), the references compiled, for the Mamba-1 models (each compile ~30-60 s of
+the budget, and (a) measured at (b)'s and (c)'s shapes in the same run for their ratios):
+    python bench/whole_model.py --out $OUT --only hymba_plus,hns_ss_jepa_moe_1b --variants reference,compiled
+        --parts reference.train,compiled.train,compiled.prefill --budget-s 230        (one line)
+Writes $OUT/whole_model.json (after every part: a run stopped from outside keeps what it measured), $OUT/bars.jsonl
+(rows in bench/results/bars.json's form: ratio > 1 means archgen is better) and $OUT/whole_model.png. `--dry-run` runs
+every step on the CPU at toy sizes (figures meaningless). bench/whole_model_table.py merges the runs' JSON files into
+the README's table and plot.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from archgen.benchmark import (  # noqa: E402
+    COMPILED_VARIANTS,
     PARTS,
     VARIANTS,
     BenchConfig,
@@ -54,7 +61,7 @@ from archgen.benchmark import (  # noqa: E402
     describe_error,
     free_memory,
     logit_parity,
-    measure_training,
+    measure_peer,
     measure_variant,
     plot_into,
     prepare_bench,
@@ -88,6 +95,15 @@ ESTIMATE_S = {"kernels": 30, "reference": 40, "compiled": 60, "kernels_compiled"
               "hspmn_block": 25,
               "logit_parity": 15}
 HNS_ESTIMATE_S = {"kernels": 80, "reference": 90, "compiled": 120, "kernels_compiled": 120, "kernels_graphed": 140}
+# Seconds of each part of a compiled variant (the compile, then the timing) on an H200. Bamba-1B's are measured
+# (session 7: first calls of 37.6 s training and 30.7 s prefill, 82 s for the step); the others' are scaled from them
+# by the size of their layer classes' graphs (ATen nodes through dynamo and AOT autograd, counted on a CPU at the tiny
+# presets: training forward + backward / prefill forward, Bamba 795 / 327, Hymba+ 1538 / 639, Nexus 652 / 249, HNS
+# 1083 / 473), taking Bamba's two first calls as a fixed cost plus one per node (~26 s + 15 ms a node), and rounded up.
+# A part starts only when its estimate fits in what is left of the budget: a compile that a job's time limit cuts off
+# is time lost.
+COMPILED_PART_S = {"bamba_1b": {"train": 45, "prefill": 35}, "hymba_plus": {"train": 60, "prefill": 45},
+                   "nexus": {"train": 50, "prefill": 40}, "hns_ss_jepa_moe_1b": {"train": 55, "prefill": 45}}
 PLAN = [  # (model, step) in priority order: the bars' figures first, compiles last
     ("bamba_1b", "kernels"), ("bamba_1b", "transformers"), ("hymba_plus", "kernels"), ("hspmn_block", "hspmn_block"),
     ("bamba_1b", "logit_parity"), ("hymba_plus", "logit_parity"),
@@ -107,6 +123,22 @@ DRY_BAMBA_CONFIG = dict(BAMBA_CONFIG, vocab_size=256, hidden_size=64, intermedia
                         num_key_value_heads=2, mamba_n_heads=2, mamba_d_head=64, mamba_d_state=16, mamba_chunk_size=16)
 HSPMN_SEED = {"forward_tokens_per_s": 1.41e6, "train_tokens_per_s": 0.98e6, "device": "RTX 5090"}
 HNS_SEED = {"tokens_per_s": 1e5, "ms_per_token": 20.0, "model": "7B"}
+
+
+def variant_parts(parts: tuple[str, ...], variant: str) -> tuple[str, ...]:
+    """The parts `variant` measures, from --parts: its own VARIANT.PART entries when it has any, else the plain ones."""
+    own = tuple(item.split(".", 1)[1] for item in parts if item.startswith(variant + "."))
+    return own or tuple(item for item in parts if "." not in item)
+
+
+def plan_steps(only: list[str] | None, steps: tuple[str, ...]) -> list[tuple[str, str]]:
+    """PLAN's steps among `steps` for the models in `only` (all when None). With `only`, its order ranks the models
+    within each kind of step, the kinds keeping PLAN's order of their first step (the bars' figures first)."""
+    plan = [(name, step) for name, step in PLAN if (only is None or name in only) and step in steps]
+    if only is None:
+        return plan
+    kinds = list(dict.fromkeys(step for _, step in PLAN))
+    return sorted(plan, key=lambda item: (kinds.index(item[1]), only.index(item[0])))
 
 
 def bench_config(name: str, dry_run: bool, variants: tuple[str, ...], parts: tuple[str, ...] = PARTS) -> BenchConfig:
@@ -202,22 +234,32 @@ def parity(prepared, dry_run: bool) -> dict:
     return figures
 
 
-def kernels_at_the_same_shape(bench, variant: str) -> None:
-    """A reference variant's training figure gets (a)'s at its shape when (a) did not train there in this run (the
-    references start smaller and may shrink to fit, see REFERENCE_TRAIN_SHAPES): the ratio's same-run peer."""
-    train = bench.result.variants[variant].get("train")
-    if train is None:
+def kernels_in_this_run(bench, variant: str) -> None:
+    """A reference variant's figures get (a)'s from the same run where (a) did not measure them there: training at the
+    reference's shape when (a) did not train at it (the references start smaller and may shrink to fit, see
+    REFERENCE_TRAIN_SHAPES), and prefill when (a) was not measured in this run (a compiled variant run on its own).
+    One fresh (a) model measures both, once for (b) and (c): the ratios' same-run peer."""
+    variants = bench.result.variants
+    figures, kernels = variants[variant], variants.get("kernels", {})
+    train, prefill = figures.get("train"), figures.get("prefill")
+    shape = (train["batch"], train["seq_len"]) if train is not None else None
+    if shape == (kernels.get("train", {}).get("batch"), kernels.get("train", {}).get("seq_len")):
+        shape = None
+    need_prefill = prefill is not None and "prefill" not in kernels
+    for other in variants.values():  # the other reference variant's peer, from this run
+        peer = other.get("train", {}).get("kernels_at_this_shape", {})
+        if shape is not None and (peer.get("batch"), peer.get("seq_len")) == shape:
+            train["kernels_at_this_shape"], shape = peer, None
+        peer = other.get("prefill", {}).get("kernels_in_this_run")
+        if need_prefill and peer is not None:
+            prefill["kernels_in_this_run"], need_prefill = peer, False
+    if shape is None and not need_prefill:
         return
-    shape = (train["batch"], train["seq_len"])
-    kernels = bench.result.variants.get("kernels", {}).get("train", {})
-    if (kernels.get("batch"), kernels.get("seq_len")) == shape:
-        return
-    for figures in bench.result.variants.values():  # the other reference variant's peer, at the same shape
-        peer = figures.get("train", {}).get("kernels_at_this_shape", {})
-        if (peer.get("batch"), peer.get("seq_len")) == shape:
-            train["kernels_at_this_shape"] = peer
-            return
-    train["kernels_at_this_shape"] = measure_training(bench, "kernels", *shape)
+    peer = measure_peer(bench, "kernels", shape, need_prefill)
+    for part, figure, key in (("train", train, "kernels_at_this_shape"), ("prefill", prefill, "kernels_in_this_run")):
+        if part == "train" and shape is None or part == "prefill" and not need_prefill:
+            continue
+        figure[key] = peer.get(part) or {k: v for k, v in peer.items() if k.startswith(part)}  # or what failed
 
 
 def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
@@ -260,10 +302,11 @@ def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
                 row(f"{name} train tokens/s at {train['batch']} x {train['seq_len']}, kernels vs {other}",
                     peer["tokens_per_s"], "tokens/s", f"the same package, {other}", train["tokens_per_s"],
                     peer["tokens_per_s"] / train["tokens_per_s"], 1.0)
-        if "prefill" in kernels and "prefill" in figures:
-            row(f"{name} prefill tokens/s, kernels vs {other}", kernels["prefill"]["tokens_per_s"], "tokens/s",
+        kernels_prefill = kernels.get("prefill") or figures.get("prefill", {}).get("kernels_in_this_run", {})
+        if "tokens_per_s" in kernels_prefill and "prefill" in figures:
+            row(f"{name} prefill tokens/s, kernels vs {other}", kernels_prefill["tokens_per_s"], "tokens/s",
                 f"the same package, {other}", figures["prefill"]["tokens_per_s"],
-                kernels["prefill"]["tokens_per_s"] / figures["prefill"]["tokens_per_s"], 1.0)
+                kernels_prefill["tokens_per_s"] / figures["prefill"]["tokens_per_s"], 1.0)
         for batch in entry["config"]["decode_batches"]:
             part = f"decode_batch_{batch}"
             if part in kernels and part in figures:
@@ -324,7 +367,10 @@ def main() -> None:
     parser.add_argument("--variants", default="kernels,reference,compiled,transformers",
                         help="comma-separated: kernels (with the logit check), reference, compiled, kernels_compiled, "
                              "kernels_graphed, transformers")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts of each variant: " + ", ".join(PARTS))
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help="comma-separated parts of each variant (" + ", ".join(PARTS) + "), or VARIANT.PART for one "
+                             "variant, which then measures only those: `reference.train,compiled.train,compiled.prefill`")
+    parser.add_argument("--no-parity", action="store_true", help="leave out the graph-vs-eager logit check")
     parser.add_argument("--budget-s", type=float, default=330.0, help="no step or part starts after this many seconds")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
@@ -335,7 +381,10 @@ def main() -> None:
     command = "python bench/whole_model.py " + " ".join(sys.argv[1:])
     chosen_variants, parts = tuple(args.variants.split(",")), tuple(args.parts.split(","))
     model_variants = tuple(v for v in chosen_variants if v in VARIANTS)
-    steps = (*chosen_variants, "hspmn_block", *(["logit_parity"] if "kernels" in chosen_variants and "decode" in parts else []))
+    all_parts = tuple(dict.fromkeys(part for variant in model_variants for part in variant_parts(parts, variant)))
+    with_parity = "kernels" in chosen_variants and "decode" in variant_parts(parts, "kernels") and not args.no_parity
+    steps = (*chosen_variants, "hspmn_block", *(["logit_parity"] if with_parity else []))
+    plan = plan_steps(args.only.split(",") if args.only else None, steps)
     results: dict = {"date": datetime.date.today().isoformat(), "command": command, "torch": torch.__version__,
                      "device": torch.cuda.get_device_name() if not args.dry_run else "cpu (dry run)",
                      "budget_s": args.budget_s, "models": {}, "steps": []}
@@ -355,16 +404,20 @@ def main() -> None:
         def prepare(name: str, entry: dict):
             """The model's package built and its floors measured, once per run."""
             if name not in prepared:
-                config = bench_config(name, args.dry_run, model_variants, parts)
+                config = bench_config(name, args.dry_run, model_variants, all_parts)
                 prepared[name] = prepare_bench(config, Path(tmp) / name, lambda s, n=name: progress(s, n))
                 entry.update({k: v for k, v in prepared[name].result.to_json().items() if k != "variants"})
                 entry["variants"] = prepared[name].result.variants
             return prepared[name]
 
-        for name, step in PLAN:
-            if (args.only and name not in args.only.split(",")) or step not in steps:
-                continue
+        for name, step in plan:
+            step_parts = variant_parts(parts, step)
+            if step in VARIANTS and not step_parts:
+                continue  # --parts names none of this variant's
+            part_seconds = COMPILED_PART_S.get(name, COMPILED_PART_S["bamba_1b"]) if step in COMPILED_VARIANTS else {}
             estimate = (HNS_ESTIMATE_S if name.startswith("hns") else ESTIMATE_S).get(step, ESTIMATE_S.get(step, 30))
+            if part_seconds:  # the step starts when its first part fits; each later part checks its own estimate
+                estimate = next((part_seconds[part] for part in PARTS if part in step_parts and part in part_seconds), 0)
             left = deadline - time.perf_counter()
             record = {"model": name, "step": step, "started_s": round(time.perf_counter() - started, 1)}
             results["steps"].append(record)
@@ -383,7 +436,7 @@ def main() -> None:
                     entry["logit_parity"] = parity(prepare(name, entry), args.dry_run)
                 elif step == "transformers":
                     config = (prepared[name].config if name in prepared
-                              else bench_config(name, args.dry_run, model_variants, parts))
+                              else bench_config(name, args.dry_run, model_variants, all_parts))
                     peer_config = DRY_BAMBA_CONFIG if args.dry_run else BAMBA_CONFIG
                     progress("transformers BambaForCausalLM", name)
                     entry["transformers"] = transformers_bamba(config, peer_config, 1 if args.dry_run else 4, deadline)
@@ -392,11 +445,17 @@ def main() -> None:
                     train_shape = None
                     if step in ("reference", "compiled"):
                         train_shape = DRY_REFERENCE_TRAIN_SHAPE if args.dry_run else REFERENCE_TRAIN_SHAPES.get(name)
-                    bench.result.variants[step] = measure_variant(bench, step, lambda s, n=name: progress(s, n), deadline,
-                                                                  train_shape)
+
+                    def part_started(label: str, n: str = name) -> None:
+                        progress(label, n)
+                        save()  # the parts done so far survive a run stopped from outside
+
+                    figures = bench.result.variants.setdefault(step, {})
+                    measure_variant(bench, step, part_started, deadline, train_shape, step_parts, figures,
+                                    {} if args.dry_run else part_seconds)
                     if step in ("reference", "compiled"):
-                        progress(f"{step}: kernels' training at the same shape", name)
-                        kernels_at_the_same_shape(bench, step)
+                        progress(f"{step}: kernels in this run, at the same shapes", name)
+                        kernels_in_this_run(bench, step)
             except Exception as error:  # noqa: BLE001 — one step failing must not lose the others
                 record["error"] = describe_error(error)
                 progress(record["error"], f"{name} {step}")

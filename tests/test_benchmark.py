@@ -2,6 +2,7 @@
 names its error, the floors are positive, and the plot is a PNG. The figures themselves mean nothing here."""
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from archgen.benchmark import BenchConfig, BenchResult, plot, run_bench, train_figures
+from archgen.benchmark import (
+    BenchConfig,
+    BenchResult,
+    measure_variant,
+    plot,
+    prepare_bench,
+    progress_steps,
+    run_bench,
+    train_figures,
+)
 from archgen.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +28,10 @@ TOY = {"device": "cpu", "dtype": "float32", "batch": 1, "seq_len": 16, "decode_b
 
 
 def test_every_part_is_measured_against_floors_of_the_same_run(tmp_path):
-    result = run_bench(BenchConfig(ROOT / "specs/hspmn.yaml", "tiny", variants=("reference",), **TOY))
+    config = BenchConfig(ROOT / "specs/hspmn.yaml", "tiny", variants=("reference",), **TOY)
+    steps = []
+    result = run_bench(config, progress=steps.append)
+    assert len(steps) == progress_steps(config), steps  # `archgen bench`'s progress bar ends full, not before
     figures = result.variants["reference"]
     assert not [key for key in figures if key.endswith("_error")], figures
     assert figures["train"]["tokens_per_s"] > 0 and 0 < figures["train"]["mfu"]
@@ -30,6 +43,29 @@ def test_every_part_is_measured_against_floors_of_the_same_run(tmp_path):
     assert result.copy_bytes_per_s > 0 and result.matmul_flops_per_s > 0 and result.parameters > 0
     plot(result, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_progress_bar_counts_the_compiled_variants_without_decoding():
+    config = BenchConfig(Path("toy.yaml"), variants=("kernels", "compiled"), decode_batches=(1, 32))
+    assert progress_steps(config) == 2 + (1 + 2 + 2) + (1 + 2)  # build, floors; model, train, prefill, 2 decodes; ...
+
+
+def test_a_part_that_would_end_past_the_deadline_is_skipped_and_the_others_kept(tmp_path):
+    """whole_model.py's guard: a compile estimated to outlast the budget does not start; figures fill the caller's dict
+    as each part ends, so a run stopped from outside keeps them."""
+    prepared = prepare_bench(BenchConfig(ROOT / "specs/hspmn.yaml", "tiny", variants=("reference",), **TOY), tmp_path)
+    figures = {}
+    seen = []
+
+    def progress(step):
+        seen.append(dict(figures))
+
+    measure_variant(prepared, "reference", progress, deadline=time.perf_counter() + 600, parts=("train", "prefill"),
+                    figures=figures, part_seconds={"prefill": 3600.0})
+    assert figures["train"]["tokens_per_s"] > 0 and "prefill" not in figures
+    assert figures["prefill_skipped"].endswith("the part takes about 3600 s"), figures
+    assert "train" in seen[-1], "the training figure was in the caller's dict when the prefill was considered"
+    assert not [key for key in figures if key.startswith("decode")], "decoding was not asked for"
 
 
 def test_a_run_without_decoding_still_plots(tmp_path):
