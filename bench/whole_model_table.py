@@ -252,7 +252,7 @@ def main() -> None:
     merged = merge(args.files)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "whole_model_merged.json").write_text(json.dumps(merged, indent=2, default=str) + "\n")
-    text = table(merged)
+    text = f"Made by `python bench/whole_model_table.py {' '.join(map(str, args.files))} --out DIR`.\n\n" + table(merged)
     (args.out / "whole_model_table.md").write_text(text)
     plot_merged(merged, args.out / "whole_model.png")
     print(text)
