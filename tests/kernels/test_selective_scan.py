@@ -403,6 +403,7 @@ def test_autotuner_keeps_the_fastest_and_skips_failing_configs(monkeypatch):
     launched = []
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     monkeypatch.setattr(triton_support, "interpreting", lambda: False)  # as on a GPU: every candidate is timed
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", True)  # the tests' GPU runs turn it off (conftest)
     narrow, fastest = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1}, {"BLOCK_D": 32, "num_warps": 8, "PREFETCH": 1}
     too_wide = {"BLOCK_D": 64, "num_warps": 8, "PREFETCH": 1}
     tuner = triton_support.Autotuner("test.forward", [narrow, fastest, too_wide], ss.INTERPRETER_CONFIG)
