@@ -78,6 +78,8 @@ the tests' ground truth and the op's CPU path), and `decomposition` (the op writ
 ONNX). Needs triton and triton_support.py next to it.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -920,7 +922,7 @@ def _config(name: str, key: str, launch, explicit: dict | None, fits) -> dict:
     known = tuner.known(key, explicit)
     if known is not None:
         return known
-    return tuner.tune(key, launch, [c for c in tuner.configs if fits(c)] or tuner.configs[:1])
+    return tuner.tune(key, launch, [c for c in tuner.configs if fits(c)] or [fits.shrunk(tuner.configs[0])])
 
 
 def tuned_configs() -> dict:
@@ -945,7 +947,18 @@ def _state_format(dtype: torch.dtype) -> tuple[int, torch.dtype]:
 
 
 def _fits_chunk(chunk: int, *names: str):
-    return lambda c: all(c[name] <= chunk and chunk % c[name] == 0 for name in names)
+    """Whether a config's blocks tile the chunk whole; `.shrunk(config)` is the config with its blocks cut to tile it,
+    for a chunk smaller than every candidate's block (CB_CONFIGS' 64 rows against a 32-row chunk ran past the chunk
+    on the GPU and gave NaN, gpu9/call4)."""
+
+    def fits(config: dict) -> bool:
+        return all(config[name] <= chunk and chunk % config[name] == 0 for name in names)
+
+    def shrunk(config: dict) -> dict:
+        return {**config, **{name: math.gcd(config[name], chunk) for name in names}}
+
+    fits.shrunk = shrunk
+    return fits
 
 
 def ssd_scan_forward(

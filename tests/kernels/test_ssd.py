@@ -210,3 +210,20 @@ def test_input_errors_name_the_problem(change, message):
     args.update({k: v.to(DEVICE) for k, v in change.items() if k == "A"})
     with pytest.raises((ValueError, TypeError), match=message):
         ssd.ssd_scan_forward(args["x"], args["dt"], args["A"], args["B"], args["C"], change.get("chunk", 16))
+
+
+def test_a_chunk_smaller_than_every_candidate_block_runs_blocks_that_tile_it(monkeypatch):
+    """The GPU's untuned choice (each space's first config that tiles the chunk) at a 32-row chunk, where no cb
+    candidate does: the first one's 64 rows ran past the chunk and gave NaN on the H200 (gpu9/call4)."""
+    from archgen_kernels import triton_support
+
+    def gpu_default(tuner, key, candidates):  # Autotuner._untuned outside the interpreter
+        return tuner.default if tuner.default in candidates else candidates[0]
+
+    monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+    monkeypatch.setattr(triton_support.Autotuner, "_untuned", gpu_default)
+    for tuner in ssd.TUNERS.values():
+        monkeypatch.setattr(tuner, "chosen", {})
+        monkeypatch.setattr(tuner, "defaulted", {})
+    assert not any(ssd._fits_chunk(32, "BLOCK_T")(config) for config in ssd.CB_CONFIGS)
+    check(make_inputs(2, 37, 3, 8, 1, 5, seed=37), 32, torch.float32)
