@@ -144,9 +144,7 @@ def test_the_pydoc_example_runs_as_written_and_beats_the_unigram_baseline_as_the
                 for r in read_metrics(tmp_path / "runs" / "pydoc_topics" / "metrics.jsonl") if "eval_loss" in r]
     assert [row[0] for row in measured] == [row[0] for row in shown], "the README's table has a row per evaluation"
     for (step, *figures), (_, *expected) in zip(measured, shown, strict=True):
-        # the table rounds to 3 and 2 decimals; float32 sums in another order (BLAS, threads, the CPU's vector width)
-        # move the loss by a few thousandths after 80 steps (2.836 against 2.842 on one CI-class CPU), and the
-        # perplexity, its exponential, by that much relatively: 1% still fails any training that went elsewhere
-        assert figures == pytest.approx(expected, rel=1e-2), f"step {step}: measured {figures}, README {expected}"
+        # the table rounds to 3 and 2 decimals; float32 sums in another order (BLAS, threads) move the last one
+        assert figures == pytest.approx(expected, rel=5e-3), f"step {step}: measured {figures}, README {expected}"
     _, _, perplexity, unigram = measured[-1]
     assert perplexity < unigram
