@@ -33,7 +33,8 @@ Every product runs on the tensor cores with float32 accumulation. The intermedia
 stored in, and multiplied as, the inputs' dtype (T⁻¹ is computed in float32 at tf32, then rounded likewise), as
 flash-linear-attention does: on the H200 at B4 T4096 H16 HV32 K128 V128 in bf16 that gave the output 3.4e-3 and the
 final state 2.7e-3 relative error against float32 math, fla's own figures to two digits, in 1.70 ms against 2.90 ms
-with float32 intermediates (tf32 products; 2.0e-3 and 9.6e-4), bench/gdn_check.py, GPU call 3 of session 5 (with
+with float32 intermediates (then at tf32;
+2.0e-3 and 9.6e-4; they now multiply at full float32, unmeasured), bench/gdn_check.py, GPU call 3 of session 5 (with
 8-warp configs; the 4-warp ones took the forward to 0.92 ms against fla's 0.85 in session 6). The launcher's
 `intermediates=torch.float32` keeps the more accurate form. Every exponent is masked to ≤ 0 before its exp. T need
 not be a multiple of L: positions past T load β = 0 and g = 0 (the identity step) and are never stored.
@@ -1006,8 +1007,9 @@ def tuned_configs() -> dict:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """float32 inputs get full float32 products (tf32 would cost them ~1e-3 relative error); half inputs take
-    the tensor cores' native half × half -> float32."""
+    """float32 operands (float32 inputs, or the float32 intermediates asked for as the more accurate form) get full
+    float32 products (tf32 would cost them ~1e-3 relative error); half operands take the tensor cores' native half ×
+    half -> float32 whatever this says (checked for sm_90 under triton 3.6: a bf16 dot at "ieee" is still a wgmma)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -1047,7 +1049,7 @@ def _chunk_states(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, init
     f32 = {"dtype": torch.float32, "device": q.device}
     inter = {"dtype": intermediates, "device": q.device}
     chunks = _Chunks(
-        nchunks=nchunks, padded=padded, shared=(nv_heads, nv_heads // nheads, dk, dv), precision=_dot_precision(q.dtype),
+        nchunks=nchunks, padded=padded, shared=(nv_heads, nv_heads // nheads, dk, dv), precision=_dot_precision(intermediates),
         key="-".join(map(str, (chunk, dk, dv, dtype_name(q.dtype), dtype_name(intermediates)))),
         cum=torch.empty((batch, nv_heads, padded), **f32),
         W=torch.empty((batch, nv_heads, padded, dk), **inter),
