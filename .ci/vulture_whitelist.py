@@ -87,3 +87,14 @@ _.lm_head_linear
 _.norm_folds_scale
 # BenchResult fields that reach the JSON through dataclasses.asdict (bench/whole_model.py reads them there).
 _.active_parameters
+# bench/sm90_audit.py's stub Triton driver: Triton calls these (triton.runtime.driver.active).
+_.launcher_cls
+_.load_binary
+_.is_active
+_.map_python_to_cpp_type
+_.get_current_target
+_.get_current_device
+_.set_current_device
+_.get_current_stream
+_.get_active_torch_device
+_.get_benchmarker

@@ -1,0 +1,529 @@
+"""Compile every launch config of every kernel for the H200 (sm_90) on a machine without a GPU, and tabulate what
+ptxas made of each: registers, spilled bytes, shared memory, compile errors, and which config an untuned package runs.
+
+Why: Triton's CPU interpreter (the kernel tests) runs no compiler, so a config that does not compile for sm_90,
+needs more shared memory than an SM has, or spills registers shows up only on the GPU, which is lent a few minutes
+a session. A spilling or failing config costs little while it is one candidate among many (the tuner times it or
+skips it), but the config a package runs untuned (`Autotuner._untuned`: the tuner's `default` when among the
+call's candidates, else the first candidate) is what every generated package without a tuning table launches.
+
+How: the real launchers run on small-to-real-size CPU tensors while Triton's active driver is `AuditDriver`, a stub
+whose target is GPUTarget("cuda", 90, 32). Triton 3.6's JITFunction.run asks the active driver for the current
+device, stream and target (`create_binder`: `driver.active.get_current_target()`), compiles the specialization the
+arguments select for that target (TTIR → TTGIR → LLIR → PTX → cubin, ptxas included: the backend is the real
+nvidia one), then launches through `CompiledKernel.run`, whose first use calls `_init_handles`: that checks
+`metadata.shared` against `driver.active.utils.get_device_properties(device)["max_shared_mem"]` (raising
+OutOfResources as on the GPU), loads the cubin with `driver.active.utils.load_binary(name, cubin, shared, device)`
+and builds the launcher with `driver.active.launcher_cls(src, metadata)`. The stub answers those three calls:
+the H200's properties; a `load_binary` that loads nothing but reads the cubin's resource usage with the cuobjdump
+shipped in the triton wheel (REG and LOCAL: what the CUDA driver reports as CU_FUNC_ATTRIBUTE_NUM_REGS and
+LOCAL_SIZE_BYTES, which Triton's own driver.c turns into n_regs and n_spills = LOCAL / 4; local memory in a Triton
+kernel is register spills) and hands back a `Resources` record as the "function" handle; and a launcher that
+launches nothing and records (Resources, metadata, the source's constexprs) of every launch it is called for.
+
+What runs: for every spec (specs/*.yaml by default, and bench/specs/bamba_1b.yaml, whose Mamba-2 layers are the
+SSD's seed), `archgen.emit.tune.tuning_cases` lists the kernel files its IR runs with their parameter shapes, as
+`archgen build --autotune` does, and each file's `autotune` hook runs them at batch 1 and the sequence lengths
+given (so the shape-dependent constexprs are the launchers' own, for the seeds' real widths). Every Autotuner's
+`tune` is replaced by one that launches every candidate the launcher offers for that shape bucket, each in a
+recording context (a failure is recorded, not raised), and returns the untuned default. Kernel files without a
+hook (state_update, silu_mul) get the calls a generated block makes (`HOOKLESS`).
+A few launcher guards read the device (CUDA tensors only, the SM count, TMA on compute capability >= 9): the
+kernel modules' `triton_on_cpu` / `interpreting` names (not silu_mul's, whose config depends on it) answer True
+and the SM-count helpers see an H200 (132 SMs); nothing else of the kernels is changed.
+
+Run it on the CPU machine, under a Python with triton 3.6 (the GPU machine's) and torch (see docs/design.md,
+Kernels, "sm_90 audit"):
+
+    PYTHONPATH=$PWD /work/t36torch/bin/python bench/sm90_audit.py --out bench/results/sm90_audit.md
+
+Compiles are cached in Triton's cache (~/.triton/cache), so a second run takes seconds. --only FILE[,FILE] and
+--specs narrow it. Exit status 1 when an untuned default fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+H200 = {"max_shared_mem": 232448, "max_num_regs": 65536, "multiprocessor_count": 132, "warpSize": 32,
+        "sm_clock_rate": 1980000, "mem_clock_rate": 2619000, "mem_bus_width": 6144}
+"""The properties Triton's CUDA driver reports for an H200 (sharedMemPerBlockOptin, regsPerBlock, SM count)."""
+TARGET_ARCH = 90
+DEFAULT_SPECS = ("specs/*.yaml", "bench/specs/bamba_1b.yaml")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stub driver
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """What the CUDA driver would report for one loaded cubin (the "function" handle the stub hands Triton)."""
+
+    name: str
+    registers: int
+    local_bytes: int  # Triton's n_spills is local_bytes // 4
+    max_threads: int
+
+    @property
+    def spills(self) -> int:
+        return self.local_bytes // 4
+
+
+def _cuobjdump() -> str:
+    from triton.backends.nvidia import compiler
+
+    return str(Path(compiler.__file__).parent / "bin" / "cuobjdump")
+
+
+def resources(name: str, cubin: bytes) -> Resources:
+    """Registers and local memory of a cubin's kernel, read with `cuobjdump --dump-resource-usage`."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([_cuobjdump(), "--dump-resource-usage", file.name], check=True, capture_output=True,
+                              text=True).stdout
+    fields = {}
+    for line in text.splitlines():
+        if "REG:" in line:
+            fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+    registers = int(fields["REG"])
+    # the CUDA driver's MAX_THREADS_PER_BLOCK: registers are allocated per warp in units of 256
+    per_warp = -(-registers * 32 // 256) * 256
+    max_threads = min(1024, H200["max_num_regs"] // max(per_warp, 1) * 32)
+    return Resources(name, registers, int(fields.get("LOCAL", 0)), max_threads)
+
+
+class _Utils:
+    def get_device_properties(self, device):
+        return dict(H200)
+
+    def load_binary(self, name, cubin, shared, device):
+        found = resources(name, cubin)
+        return object(), found, found.registers, found.spills, found.max_threads
+
+
+class _Launcher:
+    """Stands for Triton's CudaLauncher: launching records the launch instead."""
+
+    def __init__(self, src, metadata):
+        self.src, self.metadata = src, metadata
+
+    def __call__(self, *launch):  # (grid x, y, z, stream, function, packed metadata, ..., kernel arguments)
+        RECORDER.launched(launch[4], self.metadata, self.src)
+
+
+def audit_driver():
+    """The stub: a Triton driver for an H200 that compiles for real and launches nothing (see the module doc)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class AuditDriver(DriverBase):
+        def __init__(self):
+            self.utils = _Utils()
+            self.launcher_cls = _Launcher
+
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def map_python_to_cpp_type(self, ty: str) -> str:
+            from triton.backends.nvidia.driver import ty_to_cpp
+
+            return ty_to_cpp(ty)
+
+        def get_current_target(self):
+            return GPUTarget("cuda", TARGET_ARCH, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            import torch
+
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("the sm_90 audit driver times nothing")
+
+    return AuditDriver()
+
+
+def install_driver():
+    from triton.runtime import driver
+
+    driver.set_active(audit_driver())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recording
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Row:
+    file: str
+    tuner: str  # "" for a launch outside any tuner (a fixed config)
+    key: str
+    config: str
+    default: bool
+    kernel: str = ""
+    registers: int | None = None
+    spills: int | None = None
+    shared: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+    error: str = ""
+    hash: str = ""
+    cases: set = dataclasses.field(default_factory=set)
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[Row] = []
+        self.context: dict | None = None  # the tuner config being compiled
+        self.case = ""
+        self.file = ""
+
+    def launched(self, function: Resources, metadata, src) -> None:
+        context = self.context or {"tuner": "", "key": "", "config": "", "default": True}
+        self.rows.append(Row(self.file, context["tuner"], context["key"], context["config"], context["default"],
+                             kernel=function.name, registers=function.registers, spills=function.spills,
+                             shared=metadata.shared, num_warps=metadata.num_warps, num_stages=metadata.num_stages,
+                             hash=metadata.hash, cases={self.case}))
+
+    def failed(self, error: BaseException) -> None:
+        context = self.context or {"tuner": "", "key": "", "config": "", "default": True}
+        self.rows.append(Row(self.file, context["tuner"], context["key"], context["config"], context["default"],
+                             error=_error_text(error), cases={self.case}))
+
+
+RECORDER = Recorder()
+
+
+def _error_text(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # ptxas and MLIR errors: the first line names the failure, a later "error" line says what
+    wanted = [line for line in lines if "error" in line.lower()][:2]
+    return " / ".join(dict.fromkeys([lines[0], *wanted]))[:300] if lines else type(error).__name__
+
+
+def audit_tune(self, key, launch, candidates=None):
+    """Stands for Autotuner.tune: launch (compile) every candidate in a recording context; return the untuned
+    default, as `_untuned` picks it outside the interpreter."""
+    from archgen_kernels.triton_support import config_name
+
+    candidates = self.configs if candidates is None else candidates
+    default = self.default if self.default in candidates else candidates[0]
+    OFFERED.setdefault(self.name, []).extend(config_name(c) for c in candidates)
+    for config in candidates:
+        RECORDER.context = {"tuner": self.name, "key": key, "config": config_name(config),
+                            "default": config == default}
+        try:
+            launch(config)
+        except Exception as error:  # recorded: the tuner would skip this config
+            RECORDER.failed(error)
+        finally:
+            RECORDER.context = None
+    return default
+
+
+OFFERED: dict[str, list[str]] = {}  # tuner → every config name offered as a candidate
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernels, as if on an H200
+# ---------------------------------------------------------------------------------------------------------------
+
+KEEPS_INTERPRETING = {"silu_mul"}  # reads interpreting() to choose its config: left alone
+KERNEL_FILES = ("causal_conv1d", "gated_delta_rule", "gemv", "moe_router", "normalized_mean", "packed_query_attention",
+                "rmsnorm", "rope", "selective_scan", "silu_mul", "ssd", "state_update", "swiglu")
+
+
+def load_kernels() -> dict:
+    """Import archgen_kernels' op files with their device guards answering as on an H200 (see the module doc)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from archgen.resources import kernels_package
+
+    kernels_package()
+    support = importlib.import_module("archgen_kernels.triton_support")
+    support.Autotuner.tune = audit_tune
+    props = SimpleNamespace(multi_processor_count=H200["multiprocessor_count"], major=9, minor=0, name="H200 (audit)")
+    torch.cuda.get_device_properties = lambda device=None: props
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)
+    cuda = torch.device("cuda", 0)
+    modules = {}
+    for name in KERNEL_FILES:
+        module = importlib.import_module(f"archgen_kernels.{name}")
+        if hasattr(module, "triton_on_cpu"):
+            module.triton_on_cpu = lambda: True
+        if hasattr(module, "interpreting") and name not in KEEPS_INTERPRETING:
+            module.interpreting = lambda: True
+        for helper in ("_multiprocessors", "_segments_to_fill"):  # they read the device's SM count
+            if hasattr(module, helper):
+                original = getattr(module, helper)
+                original = getattr(original, "__wrapped__", original)  # functools.cache
+                setattr(module, helper, lambda device, *rest, original=original: original(cuda, *rest))
+        modules[name] = module
+    return modules
+
+
+def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
+    """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
+    silu_mul, normalized_mean), with the parameter shapes of the case; False when the file has none."""
+    import torch
+
+    def randn(*shape, dt=dtype):
+        return torch.randn(shape).to(dt)
+
+    if file == "silu_mul":
+        hidden = params["gate_proj.weight"][0]
+        gate, up = randn(1, seqlen, hidden).requires_grad_(), randn(1, seqlen, hidden).requires_grad_()
+        modules["silu_mul"].silu_mul(gate, up).sum().backward()
+    elif file == "normalized_mean":
+        N = next(iter(params.values()))[0]
+        vectors = [torch.ones(N, dtype=dtype) for _ in range(4)]
+        modules["normalized_mean"].normalized_mean(randn(1, seqlen, N), randn(1, seqlen, N), *vectors, 1e-6)
+    elif file == "state_update" and "x_proj.weight" in params:  # Mamba-1's step, both forms of Δ
+        D, N = params["A_log"]
+        rank = params["dt_proj.weight"][1]
+        su = modules["state_update"]
+        state = torch.zeros(1, D, N)
+        A_log, skip, bias = torch.zeros(D, N), torch.ones(D), torch.zeros(D)
+        su.mamba_step_(state, randn(1, D), randn(1, D), A_log, randn(1, N), randn(1, N), skip, randn(1, D), bias)
+        su.mamba_step_low_rank_(state, randn(1, D), randn(1, rank), randn(D, rank), A_log, randn(1, N), randn(1, N),
+                                skip, randn(1, D), bias)
+    elif file == "state_update":  # Mamba-2's step, on slices of one in-projection row as the block passes them
+        H, P, N, G = config["n_heads"], config["head_dim"], config["d_state"], config["n_groups"]
+        channels, width = params["conv1d.weight"][0], params["conv1d.weight"][-1]
+        row = randn(1, params["in_proj.weight"][0])
+        z, xbc, dt = row[:, :H * P], row[:, H * P:H * P + channels], row[:, H * P + channels:]
+        modules["state_update"].mamba2_step_(z, xbc, dt, randn(1, channels, width - 1), randn(channels, width),
+                                             randn(channels), torch.zeros(1, H, P, N), torch.zeros(H), torch.ones(H),
+                                             torch.zeros(H), 0.0, float("inf"), G)
+    elif file == "gated_delta_rule":  # the decoding step (the hook runs the chunked kernels)
+        H, K, HV, V = config["n_heads"], config["head_dim"], config["n_v_heads"], config["head_v_dim"]
+        modules["gated_delta_rule"].gated_delta_step_forward(
+            torch.zeros(1, HV, K, V), randn(1, H, K), randn(1, H, K), randn(1, HV, V), -torch.rand(1, HV),
+            torch.rand(1, HV).to(dtype), K**-0.5)
+    else:
+        return False
+    return True
+
+
+def probe() -> list[dict]:
+    """Compile one small kernel through the stub (the tool's self-test, `--probe`): the recorded rows, as dicts."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _audit_probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets, mask=offsets < n)
+        tl.store(y_ptr + offsets, tl.exp(x) * x, mask=offsets < n)
+
+    install_driver()
+    x = torch.randn(1000)
+    RECORDER.file, RECORDER.case = "probe", "probe"
+    _audit_probe_kernel[(4,)](x, torch.empty_like(x), x.numel(), BLOCK=256, num_warps=4)
+    return [dataclasses.asdict(row) | {"cases": sorted(row.cases)} for row in RECORDER.rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and the table
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def run_cases(specs: list[Path], seq_lens: list[int] | None, only: set[str] | None, dtype_name: str) -> list[str]:
+    import torch
+
+    from archgen.emit.tune import tuning_cases
+    from archgen.pipeline import compile_spec
+
+    modules = load_kernels()
+    dtype = getattr(torch, dtype_name)
+    problems = []
+    for spec in specs:
+        compiled = compile_spec(spec, None, ())
+        max_seq_len = compiled.resolved.model.max_seq_len
+        lengths = seq_lens or sorted({256, max_seq_len})
+        for case in tuning_cases(compiled.ir, lengths, [1]):
+            if only and case.file not in only:
+                continue
+            RECORDER.case, RECORDER.file = f"{spec.stem}: {case.op} T={case.seqlen}", case.file
+            started = time.perf_counter()
+            try:
+                module = modules[case.file]
+                hook = getattr(module, "autotune", None)
+                if callable(hook):
+                    hook(case.config, case.params, case.batch, case.seqlen, dtype, "cpu")
+                if not extra_cases(modules, case.file, case.config, case.params, case.seqlen, dtype) and not hook:
+                    raise RuntimeError(f"kernels/{case.file}.py has no autotune hook and the audit no case for it")
+            except Exception as error:
+                RECORDER.failed(error)
+                problems.append(f"{RECORDER.case} ({case.file}): {traceback.format_exc(limit=-3)}")
+            print(f"{time.perf_counter() - started:6.1f}s {case.file:24s} {RECORDER.case}", flush=True)
+    return problems
+
+
+def merged_rows() -> list[Row]:
+    """One row per (file, tuner, key, config, compiled kernel), the cases that met it merged; a fixed-config launch
+    that a tuner's candidate also compiled (the same kernel hash) is left to the tuner's row."""
+    merged: dict[tuple, Row] = {}
+    for row in RECORDER.rows:
+        ident = (row.file, row.tuner, row.key, row.config, row.hash or row.error)
+        if ident in merged:
+            merged[ident].cases |= row.cases
+        else:
+            merged[ident] = dataclasses.replace(row, cases=set(row.cases))
+    tuned = {row.hash for row in merged.values() if row.tuner and row.hash}
+    rows = [row for row in merged.values() if row.tuner or not row.hash or row.hash not in tuned]
+    return sorted(rows, key=lambda r: (r.file, r.tuner, r.key, not r.default, r.config, r.kernel))
+
+
+def exceeds(row: Row) -> str:
+    """What about a compiled row would fail or slow a launch on the H200: '' when nothing."""
+    if row.error:
+        return "fails"
+    if row.shared is not None and row.shared > H200["max_shared_mem"]:
+        return "shared memory"
+    if row.spills:
+        return "spills"
+    return ""
+
+
+def table(rows: list[Row], never_offered: dict[str, list[str]], command: str, seconds: float) -> str:
+    import torch
+    import triton
+
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
+
+    head = ["file", "tuner", "shape bucket", "config", "untuned default", "kernel", "warps/stages", "registers",
+            "spills (4 B)", "shared (B)", "problem"]
+
+    def render(selected):
+        out = [line(head), line(["---"] * len(head))]
+        for r in selected:
+            out.append(line([r.file, r.tuner or "(fixed config)", r.key, r.config or "-", "yes" if r.default else "",
+                             r.kernel, f"{r.num_warps}/{r.num_stages}" if r.num_warps else "",
+                             "" if r.registers is None else r.registers, "" if r.spills is None else r.spills,
+                             "" if r.shared is None else r.shared, r.error or exceeds(r)]))
+        return out
+
+    bad_defaults = [r for r in rows if r.default and exceeds(r)]
+    bad_candidates = [r for r in rows if not r.default and exceeds(r)]
+    summary = {}
+    for r in rows:
+        s = summary.setdefault((r.file, r.tuner or "(fixed config)"), {"configs": set(), "kernels": 0, "fails": set(),
+                                                                        "spills": set(), "max_regs": 0})
+        s["configs"].add((r.key, r.config))
+        s["kernels"] += 0 if r.error else 1
+        if r.error:
+            s["fails"].add((r.key, r.config))
+        elif r.spills:
+            s["spills"].add((r.key, r.config))
+        s["max_regs"] = max(s["max_regs"], r.registers or 0)
+    out = [
+        "# Every kernel config compiled for the H200 (sm_90)",
+        "",
+        f"Triton {triton.__version__}, torch {torch.__version__}, target GPUTarget('cuda', {TARGET_ARCH}, 32), "
+        f"no GPU: bench/sm90_audit.py's stub driver (how: its docstring and docs/design.md, Kernels). {seconds:.0f} s.",
+        "",
+        "    " + command,
+        "",
+        "Shapes: each spec's kernels at batch 1 and the sequence lengths given, through the kernel files' `autotune` "
+        "hooks (what `archgen build --autotune` runs) and the audit's own calls for the fixed-config kernels. "
+        "A row is one compiled kernel of one candidate config of one shape bucket; `untuned default` marks the config "
+        "a package without a tuning table runs. registers and spills as the CUDA driver reports them "
+        "(Triton's n_regs, n_spills = local bytes / 4); shared as Triton allocates it (the H200 allows "
+        f"{H200['max_shared_mem']} B a block).",
+        "",
+        "## Untuned defaults that fail or spill",
+        "",
+        *(render(bad_defaults) if bad_defaults else ["None."]),
+        "",
+        "## Other candidates that fail or spill (the tuner skips or times them)",
+        "",
+        *(render(bad_candidates) if bad_candidates else ["None."]),
+        "",
+        "## Per tuner",
+        "",
+        line(["file", "tuner", "(bucket, config) pairs compiled", "kernels compiled", "fail", "spill", "most registers"]),
+        line(["---"] * 7),
+        *(line([f, t, len(s["configs"]), s["kernels"], len(s["fails"]), len(s["spills"]), s["max_regs"]])
+          for (f, t), s in sorted(summary.items())),
+        "",
+        "## Configs of a space never offered at these shapes (not compiled)",
+        "",
+        *([f"- {tuner}: {', '.join(configs)}" for tuner, configs in sorted(never_offered.items())] or ["None."]),
+        "",
+        "## Every compiled kernel",
+        "",
+        *render(rows),
+        "",
+    ]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="the markdown table (default: print it)")
+    parser.add_argument("--specs", nargs="*", type=Path)
+    parser.add_argument("--seq-lens", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                        help="comma-separated sequence lengths (default: 256 and each spec's max_seq_len)")
+    parser.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="kernel files, comma-separated")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--probe", action="store_true", help="compile one small kernel and print its row as JSON")
+    args = parser.parse_args()
+    if args.probe:
+        print(json.dumps(probe()))
+        return
+    started = time.perf_counter()
+    install_driver()
+    specs = args.specs or [p.relative_to(ROOT) for pattern in DEFAULT_SPECS for p in sorted(ROOT.glob(pattern))]
+    problems = run_cases(specs, args.seq_lens, args.only, args.dtype)
+    from archgen_kernels.triton_support import TUNERS, config_name
+
+    never = {name: [config_name(c) for c in tuner.configs if config_name(c) not in OFFERED.get(name, ())]
+             for name, tuner in TUNERS.items() if not args.only or name in OFFERED}
+    rows = merged_rows()
+    command = "PYTHONPATH=$PWD /work/t36torch/bin/python " + " ".join(["bench/sm90_audit.py", *sys.argv[1:]])
+    text = table(rows, {k: v for k, v in never.items() if v}, command, time.perf_counter() - started)
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    else:
+        print(text)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    bad = [r for r in rows if r.default and exceeds(r)]
+    print(f"{len(rows)} rows, {len(bad)} untuned defaults that fail or spill, {len(problems)} cases that failed",
+          file=sys.stderr)
+    sys.exit(1 if bad or problems else 0)
+
+
+if __name__ == "__main__":
+    main()
