@@ -16,10 +16,11 @@ nvidia one), then launches through `CompiledKernel.run`, whose first use calls `
 OutOfResources as on the GPU), loads the cubin with `driver.active.utils.load_binary(name, cubin, shared, device)`
 and builds the launcher with `driver.active.launcher_cls(src, metadata)`. The stub answers those three calls:
 the H200's properties; a `load_binary` that loads nothing but reads the cubin's resource usage with the cuobjdump
-shipped in the triton wheel (REG and LOCAL: what the CUDA driver reports as CU_FUNC_ATTRIBUTE_NUM_REGS and
-LOCAL_SIZE_BYTES, which Triton's own driver.c turns into n_regs and n_spills = LOCAL / 4; local memory in a Triton
-kernel is register spills) and hands back a `Resources` record as the "function" handle; and a launcher that
-launches nothing and records (Resources, metadata, the source's constexprs) of every launch it is called for.
+shipped in the triton wheel (REG, what the CUDA driver reports as CU_FUNC_ATTRIBUTE_NUM_REGS, Triton's n_regs; STACK
++ LOCAL, the per-thread local memory, LOCAL_SIZE_BYTES, which Triton's driver.c divides by 4 into n_spills; and,
+where there is any, the STL instructions of the SASS, since spilled registers are stored there with STL) and hands
+back a `Resources` record as the "function" handle; and a launcher that launches nothing and records the Resources
+and the compiled kernel's metadata (warps, stages, shared memory, hash) of every launch it is called for.
 
 What runs: for every spec (specs/*.yaml by default, and bench/specs/bamba_1b.yaml, whose Mamba-2 layers are the
 SSD's seed), `archgen.emit.tune.tuning_cases` lists the kernel files its IR runs with their parameter shapes, as
@@ -27,7 +28,8 @@ SSD's seed), `archgen.emit.tune.tuning_cases` lists the kernel files its IR runs
 given (so the shape-dependent constexprs are the launchers' own, for the seeds' real widths). Every Autotuner's
 `tune` is replaced by one that launches every candidate the launcher offers for that shape bucket, each in a
 recording context (a failure is recorded, not raised), and returns the untuned default. Kernel files without a
-hook (state_update, silu_mul) get the calls a generated block makes (`HOOKLESS`).
+hook (ssd, state_update, silu_mul, normalized_mean) and the GDN decoding step get the calls a generated block makes
+(`extra_cases`).
 A few launcher guards read the device (CUDA tensors only, the SM count, TMA on compute capability >= 9): the
 kernel modules' `triton_on_cpu` / `interpreting` names (not silu_mul's, whose config depends on it) answer True
 and the SM-count helpers see an H200 (132 SMs); nothing else of the kernels is changed.
@@ -38,7 +40,7 @@ Kernels, "sm_90 audit"):
     PYTHONPATH=$PWD /work/t36torch/bin/python bench/sm90_audit.py --out bench/results/sm90_audit.md
 
 Compiles are cached in Triton's cache (~/.triton/cache), so a second run takes seconds. --only FILE[,FILE] and
---specs narrow it. Exit status 1 when an untuned default fails to compile or spills.
+--specs narrow it. Exit status 1 when an untuned default fails to compile or spills (unless `ACCEPTED`).
 """
 
 from __future__ import annotations
@@ -75,36 +77,49 @@ class Resources:
 
     name: str
     registers: int
-    local_bytes: int  # Triton's n_spills is local_bytes // 4
+    local_bytes: int  # per thread: the stack frame and local arrays (Triton's n_spills is this / 4)
+    spill_stores: int  # STL instructions in the SASS: the local memory holds spilled registers
     max_threads: int
 
     @property
     def spills(self) -> int:
-        return self.local_bytes // 4
+        """Triton's n_spills when the local memory holds spills (STL in the code), else 0."""
+        return self.local_bytes // 4 if self.spill_stores else 0
+
+
+def _nvidia_bin(tool: str) -> str:
+    from triton.backends.nvidia import compiler
+
+    return str(Path(compiler.__file__).parent / "bin" / tool)
 
 
 def _cuobjdump() -> str:
-    from triton.backends.nvidia import compiler
-
-    return str(Path(compiler.__file__).parent / "bin" / "cuobjdump")
+    return _nvidia_bin("cuobjdump")
 
 
 def resources(name: str, cubin: bytes) -> Resources:
-    """Registers and local memory of a cubin's kernel, read with `cuobjdump --dump-resource-usage`."""
+    """Registers and local memory of a cubin's kernel, read with `cuobjdump --dump-resource-usage`: REG, and STACK +
+    LOCAL (the per-thread local memory, where ptxas puts spilled registers: its -v "bytes stack frame"); when there
+    is any, the SASS's STL instructions are counted (a stack frame without stores holds no spills)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         text = subprocess.run([_cuobjdump(), "--dump-resource-usage", file.name], check=True, capture_output=True,
                               text=True).stdout
-    fields = {}
-    for line in text.splitlines():
-        if "REG:" in line:
-            fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+        fields = {}
+        for line in text.splitlines():
+            if "REG:" in line:
+                fields = dict(part.split(":", 1) for part in line.split() if ":" in part)
+        local = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))
+        stores = 0
+        if local:
+            sass = subprocess.run([_cuobjdump(), "-sass", file.name], check=True, capture_output=True, text=True).stdout
+            stores = sum(1 for line in sass.splitlines() if " STL" in line)
     registers = int(fields["REG"])
     # the CUDA driver's MAX_THREADS_PER_BLOCK: registers are allocated per warp in units of 256
     per_warp = -(-registers * 32 // 256) * 256
     max_threads = min(1024, H200["max_num_regs"] // max(per_warp, 1) * 32)
-    return Resources(name, registers, int(fields.get("LOCAL", 0)), max_threads)
+    return Resources(name, registers, local, stores, max_threads)
 
 
 class _Utils:
@@ -113,7 +128,7 @@ class _Utils:
 
     def load_binary(self, name, cubin, shared, device):
         found = resources(name, cubin)
-        return object(), found, found.registers, found.spills, found.max_threads
+        return object(), found, found.registers, found.local_bytes // 4, found.max_threads
 
 
 class _Launcher:
@@ -189,11 +204,14 @@ class Row:
     kernel: str = ""
     registers: int | None = None
     spills: int | None = None
+    local_bytes: int | None = None
+    spill_stores: int | None = None
     shared: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
     error: str = ""
     hash: str = ""
+    constexprs: dict = dataclasses.field(default_factory=dict)  # the specialization's constexpr arguments
     cases: set = dataclasses.field(default_factory=set)
 
 
@@ -208,8 +226,9 @@ class Recorder:
         context = self.context or {"tuner": "", "key": "", "config": "", "default": True}
         self.rows.append(Row(self.file, context["tuner"], context["key"], context["config"], context["default"],
                              kernel=function.name, registers=function.registers, spills=function.spills,
+                             local_bytes=function.local_bytes, spill_stores=function.spill_stores,
                              shared=metadata.shared, num_warps=metadata.num_warps, num_stages=metadata.num_stages,
-                             hash=metadata.hash, cases={self.case}))
+                             hash=metadata.hash, constexprs=_constexprs(src), cases={self.case}))
 
     def failed(self, error: BaseException) -> None:
         context = self.context or {"tuner": "", "key": "", "config": "", "default": True}
@@ -218,6 +237,16 @@ class Recorder:
 
 
 RECORDER = Recorder()
+
+
+def _constexprs(src) -> dict:
+    """{argument name: value} of a compiled specialization's constexpr arguments (ASTSource.constants is keyed by
+    argument paths; a None argument is a constexpr too)."""
+    names = getattr(getattr(src, "fn", None), "arg_names", None)
+    if not names:
+        return {}
+    return {names[path[0]]: value for path, value in getattr(src, "constants", {}).items()
+            if len(path) == 1 and isinstance(value, bool | int | float | str)}
 
 
 def _error_text(error: BaseException) -> str:
@@ -323,6 +352,13 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         modules["state_update"].mamba2_step_(z, xbc, dt, randn(1, channels, width - 1), randn(channels, width),
                                              randn(channels), torch.zeros(1, H, P, N), torch.zeros(H), torch.ones(H),
                                              torch.zeros(H), 0.0, float("inf"), G)
+    elif file == "ssd":  # no hook: the training path the Mamba-2 block takes (Δ processed, D, no initial state)
+        H, P, N, G, chunk = config["n_heads"], config["head_dim"], config["d_state"], config["n_groups"], config["chunk_size"]
+        ssd = modules["ssd"]
+        x, dt = randn(1, seqlen, H, P), torch.rand(1, seqlen, H).to(dtype)
+        A, B, C, D = -torch.rand(H), randn(1, seqlen, G, N), randn(1, seqlen, G, N), torch.ones(H)
+        forward = ssd.ssd_scan_forward(x, dt, A, B, C, chunk, D)
+        ssd.ssd_scan_backward(randn(1, seqlen, H, P), None, x, dt, A, B, C, chunk, D, None, None, False, *forward[2:])
     elif file == "gated_delta_rule":  # the decoding step (the hook runs the chunked kernels)
         H, K, HV, V = config["n_heads"], config["head_dim"], config["n_v_heads"], config["head_v_dim"]
         modules["gated_delta_rule"].gated_delta_step_forward(
@@ -394,7 +430,8 @@ def merged_rows() -> list[Row]:
     that a tuner's candidate also compiled (the same kernel hash) is left to the tuner's row."""
     merged: dict[tuple, Row] = {}
     for row in RECORDER.rows:
-        ident = (row.file, row.tuner, row.key, row.config, row.hash or row.error)
+        ident = (row.file, row.tuner, row.key, row.config, row.kernel, row.registers, row.local_bytes, row.spill_stores,
+                 row.shared, row.num_warps, row.num_stages, repr(sorted(row.constexprs.items())), row.error)
         if ident in merged:
             merged[ident].cases |= row.cases
         else:
@@ -402,6 +439,21 @@ def merged_rows() -> list[Row]:
     tuned = {row.hash for row in merged.values() if row.tuner and row.hash}
     rows = [row for row in merged.values() if row.tuner or not row.hash or row.hash not in tuned]
     return sorted(rows, key=lambda r: (r.file, r.tuner, r.key, not r.default, r.config, r.kernel))
+
+
+ACCEPTED = {
+    ("gated_delta_rule.wy", "TILED=1,BLOCK_K=16,BLOCK_V=16,num_warps=1,num_stages=2", "_chunk_wy_tiled_kernel"):
+        "the backward's recomputation (STORE_TINV) stores 3-4 registers (16 B); measured the fastest WY config on the "
+        "H200 all the same (0.252 ms against the unspilled doubling kernel's 0.426, session 7 call 4; session 9's "
+        "backward profile), see kernels/gated_delta_rule.py WY_CONFIGS",
+}
+"""(tuner, config, kernel) whose small spill a GPU measurement accepted: listed in the table, not a problem."""
+
+
+def problem(row: Row) -> str:
+    """exceeds(row), unless it is an ACCEPTED spill."""
+    found = exceeds(row)
+    return "" if found == "spills" and (row.tuner, row.config, row.kernel) in ACCEPTED else found
 
 
 def exceeds(row: Row) -> str:
@@ -422,20 +474,33 @@ def table(rows: list[Row], never_offered: dict[str, list[str]], command: str, se
     def line(cells):
         return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
-    head = ["file", "tuner", "shape bucket", "config", "untuned default", "kernel", "warps/stages", "registers",
-            "spills (4 B)", "shared (B)", "problem"]
+    head = ["file", "tuner", "shape bucket", "config", "untuned default", "kernel", "variant", "warps/stages", "registers",
+            "local (B)", "spill stores", "shared (B)", "problem"]
+
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        groups.setdefault((r.file, r.tuner, r.key, r.config, r.kernel), []).append(r)
+
+    def variant(r: Row) -> str:
+        """The constexprs that tell r from the other specializations of its (tuner, key, config, kernel)."""
+        others = groups[(r.file, r.tuner, r.key, r.config, r.kernel)]
+        differ = sorted({name for o in others for name, value in o.constexprs.items()
+                         if any(x.constexprs.get(name) != value for x in others)})
+        return ",".join(f"{name}={r.constexprs.get(name)}" for name in differ)
 
     def render(selected):
         out = [line(head), line(["---"] * len(head))]
         for r in selected:
             out.append(line([r.file, r.tuner or "(fixed config)", r.key, r.config or "-", "yes" if r.default else "",
-                             r.kernel, f"{r.num_warps}/{r.num_stages}" if r.num_warps else "",
-                             "" if r.registers is None else r.registers, "" if r.spills is None else r.spills,
+                             r.kernel, variant(r), f"{r.num_warps}/{r.num_stages}" if r.num_warps else "",
+                             "" if r.registers is None else r.registers, "" if r.local_bytes is None else r.local_bytes,
+                             "" if r.spill_stores is None else r.spill_stores,
                              "" if r.shared is None else r.shared, r.error or exceeds(r)]))
         return out
 
-    bad_defaults = [r for r in rows if r.default and exceeds(r)]
-    bad_candidates = [r for r in rows if not r.default and exceeds(r)]
+    bad_defaults = [r for r in rows if r.default and problem(r)]
+    accepted = [r for r in rows if exceeds(r) and not problem(r)]
+    bad_candidates = [r for r in rows if not r.default and problem(r)]
     summary = {}
     for r in rows:
         s = summary.setdefault((r.file, r.tuner or "(fixed config)"), {"configs": set(), "kernels": 0, "fails": set(),
@@ -459,12 +524,19 @@ def table(rows: list[Row], never_offered: dict[str, list[str]], command: str, se
         "hooks (what `archgen build --autotune` runs) and the audit's own calls for the fixed-config kernels. "
         "A row is one compiled kernel of one candidate config of one shape bucket; `untuned default` marks the config "
         "a package without a tuning table runs. registers and spills as the CUDA driver reports them "
-        "(Triton's n_regs, n_spills = local bytes / 4); shared as Triton allocates it (the H200 allows "
+        "(Triton's n_regs; its n_spills is local / 4): local is cuobjdump's STACK + LOCAL, the per-thread local memory, "
+        "and spill stores the STL instructions in the SASS (local memory without stores holds no spills); "
+        "shared as Triton allocates it (the H200 allows "
         f"{H200['max_shared_mem']} B a block).",
         "",
         "## Untuned defaults that fail or spill",
         "",
         *(render(bad_defaults) if bad_defaults else ["None."]),
+        "",
+        "## Spills a GPU measurement accepted (`ACCEPTED`)",
+        "",
+        *([line(["tuner", "config", "kernel", "why"]), line(["---"] * 4)]
+          + [line([*k, why]) for k, why in ACCEPTED.items()] if accepted else ["None met."]),
         "",
         "## Other candidates that fail or spill (the tuner skips or times them)",
         "",
@@ -517,9 +589,9 @@ def main() -> None:
         args.out.write_text(text, encoding="utf-8")
     else:
         print(text)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    bad = [r for r in rows if r.default and exceeds(r)]
+    for failed in problems:
+        print(failed, file=sys.stderr)
+    bad = [r for r in rows if r.default and problem(r)]
     print(f"{len(rows)} rows, {len(bad)} untuned defaults that fail or spill, {len(problems)} cases that failed",
           file=sys.stderr)
     sys.exit(1 if bad or problems else 0)

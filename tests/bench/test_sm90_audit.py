@@ -29,7 +29,7 @@ def test_the_stub_driver_compiles_a_kernel_for_sm90_and_reads_its_registers():
     (row,) = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["kernel"] == "_audit_probe_kernel" and not row["error"]
     assert 8 <= row["registers"] <= 64  # a load, an exp, a multiply and a store per element: few registers
-    assert row["spills"] == 0 and row["shared"] == 0 and row["num_warps"] == 4
+    assert row["spills"] == 0 and row["local_bytes"] == 0 and row["shared"] == 0 and row["num_warps"] == 4
 
 
 def test_every_candidate_is_compiled_a_failure_recorded_and_the_default_returned(monkeypatch):
@@ -44,7 +44,7 @@ def test_every_candidate_is_compiled_a_failure_recorded_and_the_default_returned
         launched.append(config["BLOCK"])
         if config["BLOCK"] == 64:
             raise RuntimeError("PTXASError: ptxas error: Entry function uses too much shared data")
-        recorder.launched(audit.Resources("k", 40, 8 * (config["BLOCK"] == 32), 1024),
+        recorder.launched(audit.Resources("k", 40, 8 * (config["BLOCK"] == 32), 2 * (config["BLOCK"] == 32), 1024),
                           SimpleNamespace(shared=0, num_warps=4, num_stages=3, hash=f"h{config['BLOCK']}"), None)
 
     assert audit.audit_tune(tuner, "key", launch) == configs[1]
