@@ -359,6 +359,7 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         A, B, C, D = -torch.rand(H), randn(1, seqlen, G, N), randn(1, seqlen, G, N), torch.ones(H)
         forward = ssd.ssd_scan_forward(x, dt, A, B, C, chunk, D)
         ssd.ssd_scan_backward(randn(1, seqlen, H, P), None, x, dt, A, B, C, chunk, D, None, None, False, *forward[2:])
+        ssd.ssd_scan_forward(x, dt, A, B, C, chunk, D, initial_state=torch.zeros(1, H, P, N))  # a prefill after a cache
     elif file == "gated_delta_rule":  # the decoding step (the hook runs the chunked kernels)
         H, K, HV, V = config["n_heads"], config["head_dim"], config["n_v_heads"], config["head_v_dim"]
         modules["gated_delta_rule"].gated_delta_step_forward(
@@ -486,7 +487,8 @@ def table(rows: list[Row], never_offered: dict[str, list[str]], command: str, se
         others = groups[(r.file, r.tuner, r.key, r.config, r.kernel)]
         differ = sorted({name for o in others for name, value in o.constexprs.items()
                          if any(x.constexprs.get(name) != value for x in others)})
-        return ",".join(f"{name}={r.constexprs.get(name)}" for name in differ)
+        return ",".join(f"{name}={r.constexprs[name]}" if name in r.constexprs else f"{name} at run time"
+                        for name in differ)
 
     def render(selected):
         out = [line(head), line(["---"] * len(head))]
