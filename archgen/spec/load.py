@@ -216,6 +216,62 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+def _model_at(loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The spec model whose mapping pydantic's `loc` (discriminator tags included) ends at, read from the models'
+    annotations; None where the walk meets what it cannot follow (a union without a `kind` tag in the loc)."""
+    annotation: Any = models.Spec
+    for part in loc:
+        annotation = _unwrap(annotation)
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            tagged = [m for m in typing.get_args(annotation) if part in _kind_literals(m)]
+            if not tagged:
+                return None
+            annotation = tagged[0]
+        elif isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+            field = annotation.model_fields.get(str(part))
+            if field is None:
+                return None
+            annotation = field.annotation
+        elif origin is dict:
+            annotation = typing.get_args(annotation)[1]
+        elif origin in (list, tuple) and isinstance(part, int):
+            annotation = typing.get_args(annotation)[0]
+        else:
+            return None
+    annotation = _unwrap(annotation)
+    return annotation if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel) else None
+
+
+def _kind_literals(member: Any) -> tuple:
+    kind = getattr(member, "model_fields", {}).get("kind")
+    return typing.get_args(kind.annotation) if kind is not None else ()
+
+
+def _unknown_key_fix(key: str, holder: type[pydantic.BaseModel] | None) -> str:
+    """The fix for a key its mapping does not have: where the key is one of a nested mapping's (MoE's `hidden` under
+    `expert`), that mapping; else the closest key that this mapping accepts; else remove it."""
+    for name, field in (holder.model_fields.items() if holder is not None else ()):
+        nested = _unwrap(field.annotation)
+        if isinstance(nested, type) and issubclass(nested, pydantic.BaseModel) and key in nested.model_fields:
+            return f"'{key}' belongs under '{name}': {name}: {{{key}: ...}}"
+    allowed = sorted(holder.model_fields) if holder is not None else sorted(_FIELD_NAMES)
+    close = difflib.get_close_matches(key, [name for name in allowed if name != key], n=1)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"remove '{key}' (see `archgen schema` for the allowed keys)"
+
+
+def _missing_key_fix(key: str, model: type[pydantic.BaseModel] | None) -> str:
+    """Add the key; where its value is a mapping, with that mapping's required keys, or the keys it takes."""
+    if model is None:
+        return f"add '{key}: ...' here"
+    required = [name for name, field in model.model_fields.items() if field.is_required()]
+    if required:
+        return f"add '{key}: {{{', '.join(f'{name}: ...' for name in required)}}}' here"
+    return f"add '{key}: {{...}}' here (its keys: {', '.join(model.model_fields)})"
+
+
 def _all_field_names() -> set[str]:
     names: set[str] = set()
     for obj in vars(models).values():
@@ -240,11 +296,10 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
     elif kind == "extra_forbidden":
         key = path[-1] if path else "?"
         message = f"unknown key '{key}'"
-        close = difflib.get_close_matches(str(key), sorted(_FIELD_NAMES), n=1)
-        fix = f"did you mean '{close[0]}'?" if close else f"remove '{key}' (see `archgen schema` for the allowed keys)"
+        fix = _unknown_key_fix(str(key), _model_at(tuple(item["loc"])[:-1]))
     elif kind == "missing":
         message = f"required key '{path[-1]}' is missing"
-        fix = f"add '{path[-1]}: ...' here"
+        fix = _missing_key_fix(str(path[-1]), _model_at(tuple(item["loc"])))
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         expected = context.get("expected_tags") or ", ".join(f"'{tag}'" for tag in _kind_tags(path))
         if kind == "union_tag_not_found":
