@@ -81,6 +81,9 @@ def quiet_exporters():
         with warnings.catch_warnings():
             for category in (FutureWarning, DeprecationWarning, UserWarning):
                 warnings.filterwarnings("ignore", category=category, module=r"(torch|onnxscript|onnx_ir|onnx)(\.|$)")
+            # torch's pytree deprecation raised while unpickling specs, which the warning attributes to the stdlib's
+            # copyreg rather than to torch (torch 2.13)
+            warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
