@@ -4,6 +4,9 @@ module can have every buffer a kernel writes start as NaN:
 
     pytestmark = pytest.mark.usefixtures("poisoned_empty")
 
+and a test can launch the configs a GPU launches instead of the interpreter's one config per tuner (the `gpu_configs`
+fixture: tests/kernels/gpu_configs.py).
+
 Each test module puts its tensors on DEVICE, "cuda" where there is a GPU, else "cpu" (the interpreter): a tensor left
 on the CPU beside CUDA ones would make a GPU run test the reference (the ops' CPU path) or fail to launch.
 """
@@ -12,6 +15,8 @@ import math
 
 import pytest
 import torch
+
+from tests.kernels.gpu_configs import GpuConfigs
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +48,10 @@ def untuned_on_the_gpu(monkeypatch):
         from archgen_kernels import triton_support
 
         monkeypatch.setattr(triton_support, "RUNTIME_TUNING", False)
+
+
+@pytest.fixture
+def gpu_configs(monkeypatch):
+    """Launch the configs a GPU launches (GpuConfigs): a test parametrized with `choice` in gpu_choices(n) calls
+    gpu_configs.choose(choice) and runs its ops inside `with gpu_configs.named():`."""
+    return GpuConfigs(monkeypatch)

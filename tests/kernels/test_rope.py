@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import rope
 from templates.runtime import attention as runtime
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,6 +45,10 @@ def projected(B, H, T, D, dtype, seed):
 @pytest.mark.parametrize(("B", "HQ", "HK", "T", "D", "R"), [(2, 4, 2, 7, 16, 16), (1, 3, 1, 5, 24, 16),
                                                           (2, 2, 2, 9, 20, 12)], ids=lambda v: str(v))
 def test_matches_runtime_rope_with_gradients(scaling, dtype, B, HQ, HK, T, D, R):
+    check_with_gradients(scaling, dtype, B, HQ, HK, T, D, R)
+
+
+def check_with_gradients(scaling, dtype, B, HQ, HK, T, D, R):
     q, k = projected(B, HQ, T, D, dtype, seed=1), projected(B, HK, T, D, dtype, seed=2)
     cos, sin = angles(R, torch.arange(T) + 3, scaling)
     dq_out, dk_out = randn(B, HQ, T, D, dtype=dtype, seed=3), randn(B, HK, T, D, dtype=dtype, seed=4)
@@ -62,6 +67,25 @@ def test_matches_runtime_rope_with_gradients(scaling, dtype, B, HQ, HK, T, D, R)
         assert_close(got.detach(), want.detach().to(dtype), TOL[dtype], name)
     # the pass-through channels are copied exactly, and so is their gradient
     assert torch.equal(q_rot[..., R:], q[..., R:]) and torch.equal(leaves[1].grad[..., R:], dk_out[..., R:])
+
+
+@pytest.mark.parametrize("choice", gpu_choices(3))
+@pytest.mark.parametrize(("B", "HQ", "HK", "T", "D", "R"), [(2, 5, 1, 37, 24, 16), (1, 3, 3, 1, 20, 12)],
+                         ids=lambda v: str(v))
+def test_every_gpu_config(gpu_configs, monkeypatch, choice, B, HQ, HK, T, D, R):
+    """The rotation forward (in place too) and its gradient at each config a GPU can launch (gpu_configs.py): 37
+    tokens (no multiple of any BLOCK_T), one decoding token, odd head counts, partial rotary, outputs poisoned."""
+    gpu_configs.choose(choice)
+    real_layout = rope.projection_layout
+    monkeypatch.setattr(rope, "projection_layout", lambda t: real_layout(t).fill_(float("nan")))
+    with gpu_configs.named():
+        check_with_gradients("llama3", torch.bfloat16, B, HQ, HK, T, D, R)
+        q, k = projected(B, HQ, T, D, torch.float32, seed=5), projected(B, HK, T, D, torch.float32, seed=6)
+        cos, sin = angles(R, torch.arange(T) + 2, "yarn")
+        q_ref, k_ref = runtime.apply_rope(q, cos, sin), runtime.apply_rope(k, cos, sin)
+        rope.rope_forward(q, k, cos, sin, in_place=True)
+        assert_close(q, q_ref, TOL[torch.float32], "q in place")
+        assert_close(k, k_ref, TOL[torch.float32], "k in place")
 
 
 def test_in_place_without_gradients_rotates_the_projection_where_it_lies():
