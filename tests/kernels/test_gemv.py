@@ -15,6 +15,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import gemv as kernel
 from templates.runtime import linear as runtime_linear
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,6 +118,27 @@ def test_every_config_computes_the_same(dtype):
     for config in [*kernel.CONFIGS, {**kernel.INTERPRETER_CONFIG, "FOLD": 1}]:
         assert_close(kernel.gemv_forward(x, w, config=config), expected, what=str(config))
         assert_close(kernel.qkv_gemv_forward(x, q, k, v, config=config), expected_qkv, what=f"qkv {config}")
+
+
+@pytest.mark.parametrize("choice", gpu_choices(8))
+@pytest.mark.parametrize("case", ["bf16-M1", "fp32-M2-strided"])
+def test_every_gpu_config(gpu_configs, monkeypatch, choice, case):
+    """linear, swiglu_linear and qkv_linear through the tuner at each config an H200 can launch (gpu_configs.py):
+    the shape's own config as 132 SMs make it (one row per program, the whole K in one pass), then every candidate,
+    at 21 outputs (9 + 2 × 6 for q, k and v) and 300 inputs (no multiple of any tile), one row and two."""
+    monkeypatch.setattr(kernel, "_multiprocessors", lambda device: 132)
+    gpu_configs.choose(choice)
+    dtype, M, strided = (torch.bfloat16, 1, False) if case == "bf16-M1" else (torch.float32, 2, True)
+    g = torch.Generator().manual_seed(M)
+    x = torch.randn(M, 600 if strided else 300, generator=g).to(DEVICE, dtype)[:, :300]
+    w, up = (torch.randn(21, 300, generator=g).to(DEVICE, dtype) / 17 for _ in range(2))
+    b, b_up = (torch.randn(21, generator=g).to(DEVICE, dtype) for _ in range(2))
+    q, k, v = w[:9], up[:6], up[6:12]
+    with gpu_configs.named():
+        assert_close(kernel.linear(x, w, b), kernel.linear_reference(x, w, b), what="linear")
+        assert_close(kernel.swiglu_linear(x, w, up, b, b_up), kernel.swiglu_linear_reference(x, w, up, b, b_up),
+                     what="swiglu_linear")
+        assert_close(kernel.qkv_linear(x, q, k, v), kernel.qkv_linear_reference(x, q, k, v), what="qkv_linear")
 
 
 def test_a_shapes_own_config_spreads_small_matrices_over_every_sm():

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import moe_router as mr
 from templates.runtime import moe as runtime
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,6 +42,28 @@ def run(router, logits, top_k, normalize, valid, d_weight):
 @pytest.mark.parametrize(("N", "E", "top_k"), [(37, 8, 2), (5, 3, 1), (70, 13, 3), (16, 16, 16)],
                          ids=lambda v: str(v))
 def test_matches_the_runtime_router_and_losses_with_gradients(N, E, top_k, normalize, ragged):
+    check(N, E, top_k, normalize, ragged)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(2))
+@pytest.mark.parametrize(("N", "E", "top_k"), [(37, 13, 3), (5, 600, 2)], ids=lambda v: str(v))
+def test_every_gpu_config(gpu_configs, monkeypatch, choice, N, E, top_k):
+    """Forward (outputs poisoned) and backward at each config a GPU can launch (gpu_configs.py: 32, 64 or 128 rows
+    a program) on token counts below every block, ragged, and at 600 experts, too wide for any candidate (one
+    config of the rows that fit)."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-7)
+
+    monkeypatch.setattr(mr.torch, "empty", poisoned)
+    gpu_configs.choose(choice)
+    with gpu_configs.named():
+        check(N, E, top_k, True, True)
+
+
+def check(N, E, top_k, normalize, ragged):
     logits = randn(N, E, seed=N + E, scale=2.0)
     valid = (torch.arange(N, device=DEVICE) % 4 != 1) if ragged else None
     d_weight = randn(N, top_k, seed=1)

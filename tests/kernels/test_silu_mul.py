@@ -21,6 +21,18 @@ CASES = {"fp32-2x7x45": (torch.float32, (2, 7, 45), False), "fp32-1x1x100-stride
 
 @pytest.mark.parametrize("case", CASES)
 def test_silu_mul_and_its_gradients_match_the_reference(case):
+    check(case)
+
+
+@pytest.mark.parametrize("case", ["fp32-2x7x45", "bf16-9x33-strided"])
+def test_the_gpu_config(case, monkeypatch):
+    """The config a GPU launches (CONFIG, 4 × 1024 tiles: one fixed config, no tuner, so the gpu_configs mode has
+    nothing to choose; the interpreter's is INTERPRETER_CONFIG) at widths far below its block."""
+    monkeypatch.setattr(kernel, "_launch_config", lambda: kernel.CONFIG)
+    check(case)
+
+
+def check(case):
     dtype, shape, strided = CASES[case]
     g = torch.Generator().manual_seed(shape[-1])
     if strided:  # gate and up as the two halves of one row, as a fused projection would give them

@@ -11,6 +11,7 @@ pytest.importorskip("triton")
 from archgen_kernels import swiglu as sg
 from archgen_kernels import triton_support
 from templates.runtime import moe as runtime_moe
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -24,6 +25,21 @@ def eager_swiglu(h):
 
 @pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (37, 2 * 21)), (torch.bfloat16, (3, 5, 2 * 19))])
 def test_swiglu_forward_and_backward_match_float64(dtype, shape):
+    check(dtype, shape)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(2))
+@pytest.mark.parametrize(("dtype", "shape"), [(torch.float32, (37, 2 * 21)), (torch.bfloat16, (3, 5, 2 * 19))],
+                         ids=["fp32-37x42", "bf16-3x5x38"])
+def test_every_gpu_config(gpu_configs, choice, dtype, shape):
+    """Forward and backward at each config a GPU can launch (gpu_configs.py: tiles of 2 × 2048, 4 × 1024, 8 × 512)
+    on rows and widths far from any tile's multiple."""
+    gpu_configs.choose(choice)
+    with gpu_configs.named():
+        check(dtype, shape)
+
+
+def check(dtype, shape):
     g = torch.Generator().manual_seed(shape[-1])
     h = (torch.randn(shape, generator=g) * 3).to(DEVICE, dtype).requires_grad_()
     dy = torch.randn((*shape[:-1], shape[-1] // 2), generator=g).to(DEVICE, dtype)
