@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from archgen_kernels import rmsnorm as rn
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,6 +47,10 @@ def kernel_grads(fn, inputs, cotangents):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_rms_norm_matches_reference_with_gradients(shape, dtype):
+    check_rms_norm(shape, dtype)
+
+
+def check_rms_norm(shape, dtype):
     N = shape[-1]
     x = randn(*shape, dtype=dtype, seed=N, scale=3.0)
     w = randn(N, seed=N + 1) * 0.5 + 1  # float32 weight, as a model keeps it
@@ -61,6 +66,28 @@ def test_rms_norm_matches_reference_with_gradients(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_add_rms_norm_matches_reference_with_gradients(shape, dtype):
+    check_add_rms_norm(shape, dtype)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(11))
+@pytest.mark.parametrize(("shape", "dtype", "multiprocessors"), [((37, 33), torch.float32, 132),
+                                                                 ((2, 3, 100), torch.bfloat16, 2)],
+                         ids=["fp32-37x33-132SMs", "bf16-2x3x100-2SMs"])
+def test_every_gpu_config(gpu_configs, monkeypatch, choice, shape, dtype, multiprocessors):
+    """rms_norm and add_rms_norm, forward and backward, at each config a GPU can launch (gpu_configs.py: of the
+    60-config backward space, the 7 and 11 that run differently among these widths' candidates), at widths below
+    their block, on an H200's 132 SMs (one tile a program) and on 2 (programs looping over several tiles, the last
+    one short), outputs poisoned."""
+    monkeypatch.setattr(rn, "_multiprocessors", lambda device: multiprocessors)
+    real_empty = torch.empty
+    monkeypatch.setattr(rn.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    gpu_configs.choose(choice)
+    with gpu_configs.named():
+        check_rms_norm(shape, dtype)
+        check_add_rms_norm(shape, dtype)
+
+
+def check_add_rms_norm(shape, dtype):
     N = shape[-1]
     x, res = randn(*shape, dtype=dtype, seed=N), randn(*shape, dtype=dtype, seed=N + 1, scale=2.0)
     w = (randn(N, seed=N + 2) * 0.5 + 1).to(dtype)
