@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import causal_conv1d as conv
 from templates.runtime import ssm
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -52,6 +53,31 @@ def poisoned_empty(monkeypatch):
     ],
 )
 def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
+    check(batch, seqlen, dim, width, dtype, with_state, with_bias, activation)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(9))
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "dim", "width", "dtype", "with_state", "with_bias", "activation"),
+    [(2, 19, 37, 4, torch.bfloat16, True, True, "silu"), (2, 13, 17, 6, torch.float32, True, True, "silu"),
+     ],
+    ids=["window-bf16-2x19x37-K4", "tiles-fp32-2x13x17-K6"],
+)
+def test_every_gpu_config(gpu_configs, choice, batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
+    """Forward and backward at each config a GPU can launch (gpu_configs.py): the sliding window's (widths up to 4:
+    6 forward, 10 one-pass backward configs) and the tiles' (wider: 7 forward, 5 SiLU, 6 tap-sum configs), blocks of
+    up to 512 steps and 256 channels on 13-19 steps of 17-37 channels; then a decoding step's forward."""
+    gpu_configs.choose(choice)
+    with gpu_configs.named():
+        check(batch, seqlen, dim, width, dtype, with_state, with_bias, activation)
+        g = torch.Generator().manual_seed(width)
+        x, weight, state = randn(g, batch, 1, dim).to(dtype), randn(g, dim, width), randn(g, batch, dim, width - 1)
+        y, new_state = conv.causal_conv1d_forward(x, weight, None, state.to(dtype), silu=True)
+        y_ref, new_state_ref = conv.causal_conv1d_reference(x, weight, None, state.to(dtype), "silu")
+        assert relative_norm_error(y, y_ref) <= TOL[dtype] and torch.equal(new_state, new_state_ref)
+
+
+def check(batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
     g = torch.Generator().manual_seed(seqlen * 7 + width)
 
     def randn(*shape, dt=torch.float32):
