@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 from archgen_kernels import selective_scan as ss
 from archgen_kernels import triton_support
 from templates.runtime import ssm
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import TOLERANCE, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -129,6 +130,24 @@ def test_matches_reference_float32(batch, seqlen, dim, dstate, chunk, width, fea
     block_d(width)
     args = make_inputs(batch, seqlen, dim, dstate, features=features, seed=seqlen * 100 + dim)
     check_against_reference(args, chunk, FLOAT32_TOL)
+
+
+@pytest.mark.usefixtures("poisoned_empty")
+@pytest.mark.parametrize("choice", gpu_choices(2))
+@pytest.mark.parametrize(("batch", "seqlen", "dim", "dstate", "dtype", "h200_segments"),
+                         [(1, 13, 37, 5, torch.float32, True), (1, 6, 20, 16, torch.bfloat16, False)],
+                         ids=["fp32-B1-T13-D37-N5-H200-segments", "bf16-B1-T6-D20-N16"])
+def test_every_gpu_config(gpu_configs, monkeypatch, choice, batch, seqlen, dim, dstate, dtype, h200_segments):
+    """Forward (stepping or not, tiles of 4-16 steps) and backward (16-64 channels, 2 or 4 steps held) at each config
+    a GPU can launch (gpu_configs.py), every optional input, outputs poisoned: 37 channels (64-channel blocks are
+    candidates only above 32), 13 or 6 steps (partial chunks and tiles), N 5; the backward split into time segments
+    as an H200 splits a small grid (one a chunk), and unsplit as on the interpreter."""
+    if h200_segments:
+        monkeypatch.setattr(ss, "_segments_to_fill", lambda device, warps: max(1, 132 * ss.RESIDENT_WARPS_PER_SM // warps))
+    gpu_configs.choose(choice)
+    args = make_inputs(batch, seqlen, dim, dstate, dtype=dtype, seed=seqlen + dim)
+    with gpu_configs.named():
+        check_against_reference(args, ss.CHUNK_SIZE, FLOAT32_TOL if dtype == torch.float32 else TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("batch,seqlen,dim,dstate,chunk,width,features", [CASES[0], CASES[2], CASES[5], CASES[6]])
