@@ -49,6 +49,13 @@ def gpu_choices(count: int, covering: bool = False) -> list:
     return [pytest.param(choice, id=str(choice)) for choice in choices]
 
 
+def per_case(cases: dict[str, tuple], counts: dict[str, int], covering: bool = False) -> list:
+    """Parameters (*case, choice) for cases whose tuners have different numbers of candidates: each case with
+    gpu_choices(counts[id]), ids "<case id>-<choice>"."""
+    return [pytest.param(*case, choice.values[0], id=f"{name}-{choice.id}")
+            for name, case in cases.items() for choice in gpu_choices(counts[name], covering)]
+
+
 def kernel_fields(config: dict) -> tuple:
     """What of a config changes what the interpreter runs: every field but the launch options."""
     return tuple(sorted((k, v) for k, v in config.items() if k not in LAUNCH_OPTIONS))
