@@ -20,6 +20,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import gated_delta_rule as gdr
 from templates.runtime import gated_delta as runtime_gated_delta
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,6 +173,23 @@ def check_gradients(args, chunk, dtype, *, with_final_state=True):
 )
 def test_gradients_match_reference_float32(batch, seqlen, nheads, nv_heads, dk, dv, chunk):
     check_gradients(make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, seed=seqlen), chunk, torch.float32)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(2))
+@pytest.mark.parametrize(
+    ("batch", "seqlen", "nheads", "nv_heads", "dk", "dv", "chunk", "dtype"),
+    [pytest.param(1, 70, 1, 2, 20, 40, 64, torch.float32, id="fp32-B1-T70-H1-HV2-K20-V40-L64"),
+     pytest.param(1, 21, 1, 2, 16, 12, 16, torch.bfloat16, id="bf16-B1-T21-H1-HV2-K16-V12-L16")],
+)
+def test_every_gpu_config(gpu_configs, choice, batch, seqlen, nheads, nv_heads, dk, dv, chunk, dtype):
+    """Outputs, final state and every gradient at each config a GPU can launch (gpu_configs.py: either WY kernel,
+    blocks of 16-128 over head dims of 12-40, GROUPED or not), 2 value heads on one key head, ragged tails, chunks
+    of 64 and of 16 (below every block of 32-64)."""
+    gpu_configs.choose(choice)
+    args = make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, dtype=dtype, seed=seqlen)
+    with gpu_configs.named():
+        check(args, chunk, dtype)
+        check_gradients(args, chunk, dtype)
 
 
 @pytest.mark.parametrize("tiled", [0, 1], ids=["T-inverse-by-doubling", "T-inverse-from-16-tiles"])
