@@ -21,6 +21,7 @@ import triton.language as tl
 from archgen_kernels import packed_query_attention as pqa
 from archgen_kernels import triton_support
 from templates.runtime import attention, routing
+from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import TOLERANCE, assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,6 +118,30 @@ def test_the_other_tuning_choices_give_the_same_results(choice, window, dtype):
     want = pqa.packed_query_attention_reference(*leaves, positions, valid, scale=scale, window=window)
     compare([out, dq, dk, dv], [want, *torch.autograd.grad(want, leaves, cotangent.float())], TOLERANCE[dtype])
     assert dq.dtype == dtype and (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
+
+
+@pytest.mark.parametrize("choice", gpu_choices(3))
+@pytest.mark.parametrize(("dtype", "window"), [(torch.bfloat16, 7), (torch.float32, 0)],
+                         ids=["bf16-window7-tensor-descriptors", "fp32-causal"])
+def test_every_gpu_config(gpu_configs, choice, dtype, window):
+    """The output and every gradient at each config a GPU can launch (gpu_configs.py: blocks of 64 rows and 32-64
+    keys, EDGE_BRANCH, DP_EARLY, heads in groups of 16 over B · H = 4, half precision through tensor descriptors)
+    on 41 tokens, ~40% of them selected, grouped heads, head dims 24 and 20, padding rows."""
+    gpu_configs.choose(choice)
+    q, k, v, positions, valid = packed_inputs(2, 2, 1, 41, 24, 0.4, Dv=20, dtype=dtype, seed=4)
+    q, k, v = (t.detach() for t in (q, k, v))
+    scale = 24**-0.5
+    kernel_positions = pqa.kernel_positions(positions, valid)
+    with gpu_configs.named():
+        out, lse, out32 = pqa.packed_query_attention_forward(q, k, v, kernel_positions, scale, window,
+                                                             keep_float32_out=True)
+        cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+        dq, dk, dv = pqa.packed_query_attention_backward(cotangent, q, k, v, kernel_positions, out32, lse, scale,
+                                                         window)
+        leaves = [t.float().requires_grad_() for t in (q, k, v)]
+        want = pqa.packed_query_attention_reference(*leaves, positions, valid, scale=scale, window=window)
+        compare([out, dq, dk, dv], [want, *torch.autograd.grad(want, leaves, cotangent.float())], TOLERANCE[dtype])
+        assert (dq[~valid[:, None, :].expand(q.shape[:3])] == 0).all()
 
 
 @pytest.mark.parametrize("loops", [{}, {"MASK_EDGES_ONLY": 0, "EDGE_BRANCH": 1}], ids=["three-loops", "edge-branch"])
