@@ -238,11 +238,13 @@ class Autotuner:
             _SESSION.tuned.append((self.name, key, dict(best), ran[config_name(best)]))
         return best
 
+    def untuned_config(self, candidates: list[dict]) -> dict:
+        """What a GPU runs untuned among this call's candidates: the default when among them, else the first (the
+        kernel tests' `gpu_configs` mode runs it under the interpreter too)."""
+        return self.default if self.default in candidates else candidates[0]
+
     def _untuned(self, key: str, candidates: list[dict]) -> dict:
-        if interpreting():
-            config = self.interpreter_config
-        else:
-            config = self.default if self.default in candidates else candidates[0]
+        config = self.interpreter_config if interpreting() else self.untuned_config(candidates)
         self.defaulted[key] = dict(config)
         _warn_untuned(self.name, key, config)
         return config
