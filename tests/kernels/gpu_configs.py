@@ -72,13 +72,16 @@ def distinct(candidates: list[dict]) -> list[dict]:
 
 
 def covering_set(candidates: list[dict]) -> list[dict]:
-    """The first candidate, then each next one that brings a value of some field (launch options aside) that none
-    kept so far has: between them they take every value of every field."""
+    """The first candidate, then each next one that brings a value of some field (launch options aside; a field a
+    config lacks counts as the value None) that none kept so far has: between them they take every value of every
+    field, in fewer launches than all the candidates."""
+    fields = {k for config in candidates for k in config if k not in LAUNCH_OPTIONS}
     taken, kept = set(), []
     for config in distinct(candidates):
-        if not kept or not set(kernel_fields(config)) <= taken:
+        values = {(k, config.get(k)) for k in fields}
+        if not kept or not values <= taken:
             kept.append(config)
-            taken |= set(kernel_fields(config))
+            taken |= values
     return kept
 
 

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import causal_conv1d as conv
 from templates.runtime import ssm
-from tests.kernels.gpu_configs import gpu_choices
+from tests.kernels.gpu_configs import per_case
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,17 +56,18 @@ def test_matches_reference(batch, seqlen, dim, width, dtype, with_state, with_bi
     check(batch, seqlen, dim, width, dtype, with_state, with_bias, activation)
 
 
-@pytest.mark.parametrize("choice", gpu_choices(9))
 @pytest.mark.parametrize(
-    ("batch", "seqlen", "dim", "width", "dtype", "with_state", "with_bias", "activation"),
-    [(2, 19, 37, 4, torch.bfloat16, True, True, "silu"), (2, 13, 17, 6, torch.float32, True, True, "silu"),
-     ],
-    ids=["window-bf16-2x19x37-K4", "tiles-fp32-2x13x17-K6"],
+    ("batch", "seqlen", "dim", "width", "dtype", "with_state", "with_bias", "activation", "choice"),
+    per_case({"window-bf16-2x19x37-K4": (2, 19, 37, 4, torch.bfloat16, True, True, "silu"),
+              "tiles-fp32-2x13x17-K6": (2, 13, 17, 6, torch.float32, True, True, "silu")},
+             {"window-bf16-2x19x37-K4": 6, "tiles-fp32-2x13x17-K6": 4}, covering=True),
 )
 def test_every_gpu_config(gpu_configs, choice, batch, seqlen, dim, width, dtype, with_state, with_bias, activation):
-    """Forward and backward at each config a GPU can launch (gpu_configs.py): the sliding window's (widths up to 4:
-    6 forward, 10 one-pass backward configs) and the tiles' (wider: 7 forward, 5 SiLU, 6 tap-sum configs), blocks of
-    up to 512 steps and 256 channels on 13-19 steps of 17-37 channels; then a decoding step's forward."""
+    """Forward and backward at the configs a GPU can launch (gpu_configs.py): the untuned choice, then a covering
+    set of the others (every value of every field: BLOCK_T, BLOCK_D, GATHER, WINDOW, PREFETCH, SEGMENTS, KEEP_EDGES,
+    CHANNELS_FASTEST; every forward config at width 4, 7 of the one-pass backward's 10, and of the wider widths'
+    tiles 5 of 7 forward, 4 of 5 SiLU and 5 of 6 tap-sum configs), blocks of up to 512 steps and 256 channels on
+    13-19 steps of 17-37 channels; then a decoding step's forward."""
     gpu_configs.choose(choice)
     with gpu_configs.named():
         check(batch, seqlen, dim, width, dtype, with_state, with_bias, activation)
