@@ -1,6 +1,8 @@
 """kernels/normalized_mean.py: a two-branch parallel layer's combine against the kernel file's reference and ops/norm.py's
 normalized_mean, at odd sizes (widths that are not a power of two, one row, rows with a stride, several rows a
-program), float32 and bfloat16. Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
+program), float32 and bfloat16. Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN. The
+kernel has no tuner: it launches launch_config(N) in the interpreter as on a GPU, so these tests run the GPU's config
+(tests/kernels/gpu_configs.py has nothing to choose here)."""
 
 import pytest
 import torch

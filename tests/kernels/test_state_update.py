@@ -1,7 +1,9 @@
 """kernels/state_update.py: the one-token Mamba-2 and Mamba-1 steps against their references and the runtime's.
 
 Runs in Triton's interpreter without CUDA, at small odd shapes (P and N below the tile, heads not a power of two,
-several groups). Kernel-written buffers start as NaN (torch.empty is poisoned).
+several groups). Kernel-written buffers start as NaN (torch.empty is poisoned). The steps have no tuner: they launch
+SSD_STEP_CONFIG and SELECTIVE_STEP_CONFIG in the interpreter as on a GPU, so these tests run the GPU's configs
+(tests/kernels/gpu_configs.py has nothing to choose here).
 """
 
 import math

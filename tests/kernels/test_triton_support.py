@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 
 from archgen_kernels import selective_scan as ss
 from archgen_kernels import triton_support
+from tests.kernels.gpu_configs import GpuChoice, covering_set
 
 
 @pytest.fixture
@@ -112,3 +113,36 @@ def test_a_pinned_bucket_runs_its_config_without_tuning_or_warning(monkeypatch):
     triton_support.load_tuning_table({"format": 1, "entries": [entry("D64-float32", 32)]})
     assert tuner.known("D64-float32") == {"BLOCK_D": 32, "num_warps": 4}
     assert triton_support.UNTUNED == {}
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_the_untuned_config_is_the_default_among_the_candidates_else_the_first():
+    tuner = triton_support.Autotuner("op.forward", CONFIGS, INTERPRETER, default=CONFIGS[1])
+    assert tuner.untuned_config(CONFIGS) == CONFIGS[1]
+    assert tuner.untuned_config(CONFIGS[:1]) == CONFIGS[0], "the default filtered out for this shape: the first"
+
+
+@pytest.mark.usefixtures("fresh_tables")
+def test_the_gpu_configs_mode_launches_the_untuned_choice_then_each_other_candidate(gpu_configs):
+    """tests/kernels/gpu_configs.py: the call's candidates, not the space or the interpreter's config; candidates
+    that differ only in launch options count once; indices past the last clamp; explicit configs win; a tuner with
+    more candidates than the test runs fails it."""
+    space = [{"BLOCK": 16, "num_warps": 4}, {"BLOCK": 16, "num_warps": 8}, {"BLOCK": 32, "num_warps": 4},
+             {"BLOCK": 64, "num_warps": 4}, {"BLOCK": 128, "num_warps": 4}]
+    tuner = triton_support.Autotuner("op.forward", space, {"BLOCK": 2, "num_warps": 1}, default=space[3])
+    shape_filtered = space[:4]  # what a launcher would pass: the 128 block does not fit this shape
+
+    def launched(index, count=2, explicit=None):
+        gpu_configs.choose(GpuChoice(index, count))
+        return tuner.known("key", explicit) or tuner.tune("key", lambda config: None, shape_filtered)
+
+    assert launched(None) == space[3]
+    assert [launched(i) for i in range(3)] == [space[0], space[2], space[2]]
+    assert launched(0, explicit={"BLOCK": 8}) == {"BLOCK": 8}
+    with pytest.raises(AssertionError, match="op.forward has 2 other candidates at key, the test runs 1"):
+        launched(0, count=1)
+    assert gpu_configs.launched["op.forward"][:2] == [space[3], space[0]]
+    # a covering set: every value of every field (C missing from a config: None) in 4 of the 6
+    candidates = [{"A": 1, "B": 1}, {"A": 1, "B": 2}, {"A": 2, "B": 2}, {"A": 2, "B": 1, "C": 1},
+                  {"A": 2, "B": 2, "C": 1}, {"A": 1, "B": 1, "C": 1, "num_warps": 8}]
+    assert covering_set(candidates) == candidates[:4]
