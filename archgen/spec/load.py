@@ -10,6 +10,7 @@ import copy
 import difflib
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,11 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
-def _model_at(loc: tuple) -> type[pydantic.BaseModel] | None:
-    """The spec model whose mapping pydantic's `loc` (discriminator tags included) ends at, read from the models'
-    annotations; None where the walk meets what it cannot follow (a union without a `kind` tag in the loc)."""
-    annotation: Any = models.Spec
+def model_at(root: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
+    """The model whose mapping pydantic's `loc` (discriminator tags included) ends at, walking the annotations from
+    `root` (models.Spec, a recipe's Recipe); None where the walk meets what it cannot follow (a union without a
+    `kind` tag in the loc)."""
+    annotation: Any = root
     for part in loc:
         annotation = _unwrap(annotation)
         origin = typing.get_origin(annotation)
@@ -248,24 +250,45 @@ def _kind_literals(member: Any) -> tuple:
     return typing.get_args(kind.annotation) if kind is not None else ()
 
 
-def _unknown_key_fix(key: str, holder: type[pydantic.BaseModel] | None) -> str:
-    """The fix for a key its mapping does not have: where the key is one of a nested mapping's (MoE's `hidden` under
-    `expert`), that mapping; else the closest key that this mapping accepts; else remove it."""
-    for name, field in (holder.model_fields.items() if holder is not None else ()):
-        nested = _unwrap(field.annotation)
-        if isinstance(nested, type) and issubclass(nested, pydantic.BaseModel) and key in nested.model_fields:
-            return f"'{key}' belongs under '{name}': {name}: {{{key}: ...}}"
-    allowed = sorted(holder.model_fields) if holder is not None else sorted(_FIELD_NAMES)
+def unknown_key_fix(root: type[pydantic.BaseModel], loc: tuple, path: tuple, every_name: Iterable[str],
+                    schema_command: str = "archgen schema") -> str:
+    """The fix for the key that pydantic's `loc` (`path` in the document) ends at, which its mapping does not take.
+    Where another mapping near it takes the key, that one: a nested mapping (MoE's `hidden` under `expert`), the
+    enclosing one (attention's `n_kv_heads` written inside its `rope`) or a neighbour (a recipe's `seq_len` under
+    `data`, not `batch`). Else the closest key that this mapping takes (of `every_name`, every model's, where the
+    walk from `root` cannot name the mapping); else remove it."""
+    key, holder = str(loc[-1]), model_at(root, loc[:-1])
+    if nested := _fields_holding(holder, key):
+        return f"'{key}' belongs under '{nested[0]}': {nested[0]}: {{{key}: ...}}"
+    if len(path) >= 2:
+        enclosing = model_at(root, loc[:-2])
+        if enclosing is not None and key in enclosing.model_fields:
+            level = f"one level up, in {dotted(path[:-2])}" if len(path) >= 3 else "at the top level"
+            return f"'{key}' belongs {level}, beside '{path[-2]}'"
+        if neighbours := [name for name in _fields_holding(enclosing, key) if name != path[-2]]:
+            where = dotted((*path[:-2], neighbours[0]))
+            return f"'{key}' belongs under '{where}': {neighbours[0]}: {{{key}: ...}}"
+    allowed = sorted(holder.model_fields) if holder is not None else sorted(every_name)
     close = difflib.get_close_matches(key, [name for name in allowed if name != key], n=1)
     if close:
         return f"did you mean '{close[0]}'?"
-    return f"remove '{key}' (see `archgen schema` for the allowed keys)"
+    return f"remove '{key}' (see `{schema_command}` for the allowed keys)"
 
 
-def _missing_key_fix(key: str, model: type[pydantic.BaseModel] | None) -> str:
+def _fields_holding(model: type[pydantic.BaseModel] | None, key: str) -> list[str]:
+    """The fields of `model` whose value is a mapping that takes `key`."""
+    names = []
+    for name, field in (model.model_fields.items() if model is not None else ()):
+        nested = _unwrap(field.annotation)
+        if isinstance(nested, type) and issubclass(nested, pydantic.BaseModel) and key in nested.model_fields:
+            names.append(name)
+    return names
+
+
+def missing_key_fix(key: str, model: type[pydantic.BaseModel] | None, where_else: str = "") -> str:
     """Add the key; where its value is a mapping, with that mapping's required keys, or the keys it takes."""
     if model is None:
-        return f"add '{key}: ...' here"
+        return f"add '{key}: ...' here{where_else}"
     required = [name for name, field in model.model_fields.items() if field.is_required()]
     if required:
         return f"add '{key}: {{{', '.join(f'{name}: ...' for name in required)}}}' here"
@@ -296,10 +319,10 @@ def _diagnostic_from_pydantic(item: dict, data: Any, source_map: SourceMap) -> D
     elif kind == "extra_forbidden":
         key = path[-1] if path else "?"
         message = f"unknown key '{key}'"
-        fix = _unknown_key_fix(str(key), _model_at(tuple(item["loc"])[:-1]))
+        fix = unknown_key_fix(models.Spec, tuple(item["loc"]), path, _FIELD_NAMES)
     elif kind == "missing":
         message = f"required key '{path[-1]}' is missing"
-        fix = _missing_key_fix(str(path[-1]), _model_at(tuple(item["loc"])))
+        fix = missing_key_fix(str(path[-1]), model_at(models.Spec, tuple(item["loc"])))
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         expected = context.get("expected_tags") or ", ".join(f"'{tag}'" for tag in _kind_tags(path))
         if kind == "union_tag_not_found":

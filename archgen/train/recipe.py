@@ -8,7 +8,6 @@ Paths in a recipe are relative to the recipe file. `load_recipe` is the one publ
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from archgen.errors import CompileError, Diagnostic, SourceLocation, dotted
-from archgen.spec.load import _spec_path
+from archgen.spec.load import _spec_path, missing_key_fix, model_at, unknown_key_fix
 from archgen.spec.yaml_source import SourceMap, load_yaml
 
 PositiveInt = Annotated[int, Field(gt=0, le=2**40, strict=True)]
@@ -221,11 +220,10 @@ def _diagnostic(item: dict, data: dict, source_map: SourceMap) -> Diagnostic:
     if kind == "extra_forbidden":
         key = path[-1] if path else "?"
         message = f"unknown key '{key}'"
-        close = difflib.get_close_matches(str(key), _field_names(), n=1)
-        fix = f"did you mean '{close[0]}'?" if close else f"remove '{key}' (see `archgen schema --recipe` for the allowed keys)"
+        fix = unknown_key_fix(Recipe, tuple(item["loc"]), path, _field_names(), "archgen schema --recipe")
     elif kind == "missing":
         message = f"required key '{path[-1]}' is missing"
-        fix = f"add '{path[-1]}: ...' here (see recipes/ for examples)"
+        fix = missing_key_fix(str(path[-1]), model_at(Recipe, tuple(item["loc"])), " (see recipes/ for examples)")
     elif kind in ("union_tag_invalid", "union_tag_not_found"):
         message = "missing 'kind'" if kind == "union_tag_not_found" else f"unknown kind {item.get('ctx', {}).get('tag')!r}"
         fix = f"set kind to one of: {item.get('ctx', {}).get('expected_tags', '')}"

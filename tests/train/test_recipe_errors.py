@@ -76,6 +76,15 @@ def test_unknown_key_suggests_the_right_one(tmp_path, corpus):
     assert "did you mean 'weight_decay'?" in result.output
 
 
+def test_a_key_in_the_wrong_section_names_the_section_that_takes_it(tmp_path, corpus):
+    recipe = recipe_dict(corpus)
+    recipe["batch"]["seq_len"] = recipe["data"].pop("seq_len")
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = run_train(path)
+    assert_located_failure(result, path, "seq_len", "batch.seq_len", "unknown key 'seq_len'", tmp_path)
+    assert "'seq_len' belongs under 'data': data: {seq_len: ...}" in result.output
+
+
 def test_jsonl_without_the_text_field(tmp_path, corpus):
     path = write_recipe(tmp_path / "r.yaml", recipe_dict(corpus, data__field="body"))
     assert_located_failure(run_train(path), path, "corpus.jsonl", "data.train[0]", "has no string field 'body'", tmp_path)
