@@ -251,9 +251,19 @@ def variant_model(prepared: PreparedBench, variant: str) -> torch.nn.Module:
 
 
 def add_mfu(train: dict, prepared: PreparedBench) -> None:
-    """MFU of a training figure: the cost model's FLOPs at the shape it ran over the run's bf16 matmul rate."""
+    """MFU of a training figure: the cost model's FLOPs at the shape it ran over the run's matmul rate in the
+    benchmark's dtype. Where the model's own rate is above that one (a CPU without native bfloat16, whose bf16 matmul
+    rate depends on the shape: 1.3 GFLOP/s at 512² on an AMD EPYC, twice that tall and skinny), the square matmul was
+    no peak and the ratio no MFU: `mfu` is None and `mfu_note` says why."""
     flops_per_token = prepared.train_flops_per_token(train["seq_len"])
-    train["mfu"] = train["tokens_per_s"] * flops_per_token / prepared.result.matmul_flops_per_s
+    mfu = train["tokens_per_s"] * flops_per_token / prepared.result.matmul_flops_per_s
+    if mfu <= 1:
+        train["mfu"] = mfu
+    else:
+        train["mfu"] = None
+        train["mfu_note"] = (f"the model's matmuls ran at {mfu:.2f}x the measured square-matmul rate "
+                             f"({prepared.result.matmul_flops_per_s / 1e9:.2f} GFLOP/s), which is therefore not this "
+                             "device's peak for them")
 
 
 def compile_layers(model: torch.nn.Module, mode: str | None = None, dynamic: bool | None = None) -> None:
@@ -356,7 +366,7 @@ def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: boo
     cache = model.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
     floor_ms = (weight_bytes + tensor_bytes(cache)) / bandwidth * 1e3
     return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms,
-            "cuda_graph": bool(kwargs.get("cuda_graph"))}
+            "cuda_graph": bool(kwargs.get("cuda_graph")) and prompt.is_cuda}  # generate records graphs on CUDA only
 
 
 def logit_parity(model, prompt, steps: int, device: str, compile: bool = False) -> dict:

@@ -519,25 +519,35 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
     decode_columns = [f"decode b{b} ms/tok (× floor)" for b in decode_batches]
     for column in ("variant", "train tok/s", "MFU", "prefill tok/s", *decode_columns, "peak GiB"):
         table.add_column(column, justify="right")
+    def absent(figures: dict, part: str) -> str:
+        # compiled variants do not decode (theirs is the uncompiled variant's): not measured, not failed
+        return "failed" if f"{part}_error" in figures else "skipped" if f"{part}_skipped" in figures else "—"
+
     def cell(figures: dict, part: str, key: str, form: str) -> str:
         if part not in figures:
-            return "failed"
+            return absent(figures, part)
+        if figures[part].get(key) is None:
+            return "—"
         shape = (figures[part].get("batch", batch), figures[part].get("seq_len", seq_len))
         shrunk = f" at {shape[0]} × {shape[1]}" if shape != (batch, seq_len) else ""  # it did not fit at batch × seq_len
         return format(figures[part][key], form) + shrunk
 
     for variant, figures in result.variants.items():
         decode = [f"{figures[f'decode_batch_{b}']['ms_per_token']:.2f} ({figures[f'decode_batch_{b}']['times_floor']:.1f}×)"
-                  if f"decode_batch_{b}" in figures else "failed" for b in decode_batches]
-        peak = max((f.get("peak_memory_gib", 0.0) for f in figures.values() if isinstance(f, dict)), default=0.0)
+                  if f"decode_batch_{b}" in figures else absent(figures, f"decode_batch_{b}") for b in decode_batches]
+        peaks = [f["peak_memory_gib"] for f in figures.values() if isinstance(f, dict) and "peak_memory_gib" in f]
         table.add_row(variant, cell(figures, "train", "tokens_per_s", ",.0f"), cell(figures, "train", "mfu", ".1%"),
                       cell(figures, "prefill", "tokens_per_s", ",.0f"),
-                      *decode, f"{peak:.1f}")
+                      *decode, f"{max(peaks):.1f}" if peaks else "—")
     stdout.print(table)
     for variant, figures in result.variants.items():
         for key, message in figures.items():
             if key.endswith("_error"):
                 stderr.print(f"{variant} {key[:-6]} failed: {message}", style="yellow", markup=False)
+            elif key.endswith("_skipped"):
+                stderr.print(f"{variant} {key[:-8]} skipped: {message}", style="yellow", markup=False)
+        if "mfu_note" in figures.get("train", {}):
+            stderr.print(f"{variant} MFU not shown: {figures['train']['mfu_note']}", style="yellow", markup=False)
     say(f"wrote {output / (name + '.json')} and {output / (name + '.png')}")
 
 

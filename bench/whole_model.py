@@ -284,7 +284,7 @@ def bar_rows(name: str, entry: dict, command: str) -> list[dict]:
             row(f"{name} batch-1 decode vs transformers", decode["ms_per_token"], "ms/token",
                 f"transformers {peer['version']} generate", peer_ms, peer_ms / decode["ms_per_token"], 20.0)
     train = kernels.get("train")
-    if train:
+    if train and train.get("mfu") is not None:  # None: the measured matmul rate was no peak (archgen.benchmark.add_mfu)
         row(f"{name} training MFU, {train['batch']} x {train['seq_len']} tokens", train["mfu"],
             "fraction of measured bf16 matmul rate", "bf16 matmul rate", entry["matmul_flops_per_s"], train["mfu"], 0.4)
     prefill = kernels.get("prefill")

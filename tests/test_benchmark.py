@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from archgen.benchmark import (
     BenchConfig,
     BenchResult,
+    add_mfu,
     measure_variant,
     plot,
     prepare_bench,
@@ -86,6 +87,28 @@ def test_bench_command_writes_json_and_png(tmp_path):
     document = json.loads(result.stdout)
     assert document["ok"] and "reference" in document["variants"]
     assert (tmp_path / "hspmn-tiny.json").exists() and (tmp_path / "hspmn-tiny.png").exists()
+
+
+def test_an_mfu_above_one_is_not_shown_as_one_and_says_why():
+    """On a CPU without native bfloat16 the square bf16 matmul the run measures is slower than the model's own
+    matmuls (an MFU of 269% in `archgen bench --preset tiny`): that rate was no peak, so no MFU is reported."""
+    prepared = SimpleNamespace(train_flops_per_token=lambda seq_len: 1e6, result=SimpleNamespace(matmul_flops_per_s=1e9))
+    below, above = {"tokens_per_s": 500.0, "seq_len": 8}, {"tokens_per_s": 2700.0, "seq_len": 8}
+    add_mfu(below, prepared)
+    add_mfu(above, prepared)
+    assert below["mfu"] == 0.5 and "mfu_note" not in below
+    assert above["mfu"] is None and "2.70x the measured square-matmul rate (1.00 GFLOP/s)" in above["mfu_note"]
+
+
+def test_the_table_tells_a_part_not_measured_from_a_failed_one(tmp_path):
+    """The compiled variant does not decode (its decoding is the uncompiled one's): its decode cells read "—", not
+    "failed"; a CPU records no peak memory, "—" rather than 0.0."""
+    result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu",
+                                       "--dtype", "float32", "--batch", "1", "--seq-len", "8", "--decode-batch", "1",
+                                       "--prompt-len", "4", "--new-tokens", "2", "--variant", "compiled", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.stdout.splitlines() if "compiled" in line)
+    assert "failed" not in row and row.count("—") >= 2, result.stdout
 
 
 class FitsUpTo(torch.nn.Module):
