@@ -407,7 +407,7 @@ def import_group() -> None:
 
 
 @import_group.command("hf")
-@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("source", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True,
               help="Directory that receives spec.yaml (and weights/).")
 @click.option("--weights", is_flag=True,
@@ -419,6 +419,13 @@ def import_group() -> None:
 def import_hf_command(source: Path, output: Path, weights: bool, name: str | None, dtype: str | None) -> None:
     """Import a Hugging Face config.json (or a model directory) as OUTPUT/spec.yaml."""
     from archgen.importers import import_hf
+
+    if not source.exists():
+        hub_id = len(source.parts) == 2 and not str(source).startswith((".", "/"))
+        hint = (f": archgen reads a downloaded model and fetches nothing. Download it first, e.g. `hf download {source} "
+                f"--local-dir models/{source.name}` (huggingface_hub), then `archgen import hf models/{source.name}`"
+                if hub_id else "")
+        raise click.BadParameter(f"'{source}' does not exist{hint}", param_hint="SOURCE")
 
     try:
         result = import_hf(source, output, weights=weights, name=name, dtype=dtype)

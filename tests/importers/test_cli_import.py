@@ -44,3 +44,13 @@ def test_import_errors_exit_2_and_name_the_field(tmp_path):
     assert result.exit_code == 2
     assert "rope_scaling.rope_type" in result.output and "longrope" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_id_that_is_no_local_path_says_to_download_it_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["import", "hf", "meta-llama/Llama-3.2-1B", "-o", "out"])
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    assert "archgen reads a downloaded model and fetches nothing" in result.output
+    assert "`archgen import hf models/Llama-3.2-1B`" in result.output
+    result = CliRunner().invoke(main, ["import", "hf", "missing.json", "-o", "out"])
+    assert result.exit_code == 2 and "'missing.json' does not exist" in result.output and "download" not in result.output
