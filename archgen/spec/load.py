@@ -189,22 +189,9 @@ def _siblings(data: Any, path: tuple) -> list[str]:
 def _kind_tags(path: tuple) -> list[str]:
     """The `kind` values the spec language accepts at `path` (e.g. every mixer kind at mixers.<name>), read from the
     models' annotations: pydantic's error for a missing tag does not list them."""
-    annotation: Any = models.Spec
-    for part in path:
-        annotation = _unwrap(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-            field = annotation.model_fields.get(str(part))
-            annotation = field.annotation if field is not None else None
-        elif typing.get_origin(annotation) is dict:
-            annotation = typing.get_args(annotation)[1]
-        else:
-            return []
-    tags = []
-    for member in typing.get_args(_unwrap(annotation)) or (_unwrap(annotation),):
-        kind = getattr(member, "model_fields", {}).get("kind")
-        if kind is not None:
-            tags.extend(typing.get_args(kind.annotation))
-    return tags
+    annotation = _annotation_at(models.Spec, path)
+    members = typing.get_args(annotation) or (annotation,)
+    return [tag for member in members for tag in _kind_literals(member)]
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -219,8 +206,13 @@ def _unwrap(annotation: Any) -> Any:
 
 def model_at(root: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseModel] | None:
     """The model whose mapping pydantic's `loc` (discriminator tags included) ends at, walking the annotations from
-    `root` (models.Spec, a recipe's Recipe); None where the walk meets what it cannot follow (a union without a
-    `kind` tag in the loc)."""
+    `root` (models.Spec, a recipe's Recipe); None where it is no model or the walk cannot get there."""
+    return _as_model(_annotation_at(root, loc))
+
+
+def _annotation_at(root: type[pydantic.BaseModel], loc: tuple) -> Any:
+    """The annotation (Annotated and Optional stripped) of what `loc` ends at; None where the walk meets what it
+    cannot follow (a key no model has, a union without a `kind` tag in the loc)."""
     annotation: Any = root
     for part in loc:
         annotation = _unwrap(annotation)
@@ -230,7 +222,7 @@ def model_at(root: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseMo
             if not tagged:
                 return None
             annotation = tagged[0]
-        elif isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        elif _as_model(annotation) is not None:
             field = annotation.model_fields.get(str(part))
             if field is None:
                 return None
@@ -241,6 +233,10 @@ def model_at(root: type[pydantic.BaseModel], loc: tuple) -> type[pydantic.BaseMo
             annotation = typing.get_args(annotation)[0]
         else:
             return None
+    return _unwrap(annotation)
+
+
+def _as_model(annotation: Any) -> type[pydantic.BaseModel] | None:
     annotation = _unwrap(annotation)
     return annotation if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel) else None
 
@@ -277,12 +273,8 @@ def unknown_key_fix(root: type[pydantic.BaseModel], loc: tuple, path: tuple, eve
 
 def _fields_holding(model: type[pydantic.BaseModel] | None, key: str) -> list[str]:
     """The fields of `model` whose value is a mapping that takes `key`."""
-    names = []
-    for name, field in (model.model_fields.items() if model is not None else ()):
-        nested = _unwrap(field.annotation)
-        if isinstance(nested, type) and issubclass(nested, pydantic.BaseModel) and key in nested.model_fields:
-            names.append(name)
-    return names
+    fields = model.model_fields.items() if model is not None else ()
+    return [name for name, field in fields if key in getattr(_as_model(field.annotation), "model_fields", ())]
 
 
 def missing_key_fix(key: str, model: type[pydantic.BaseModel] | None, where_else: str = "") -> str:

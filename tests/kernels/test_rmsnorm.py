@@ -73,14 +73,13 @@ def test_add_rms_norm_matches_reference_with_gradients(shape, dtype):
 @pytest.mark.parametrize(("shape", "dtype", "multiprocessors"), [((37, 33), torch.float32, 132),
                                                                  ((2, 3, 100), torch.bfloat16, 2)],
                          ids=["fp32-37x33-132SMs", "bf16-2x3x100-2SMs"])
+@pytest.mark.usefixtures("poisoned_empty")
 def test_every_gpu_config(gpu_configs, monkeypatch, choice, shape, dtype, multiprocessors):
     """rms_norm and add_rms_norm, forward and backward, at each config a GPU can launch (gpu_configs.py: of the
     60-config backward space, the 7 and 11 that run differently among these widths' candidates), at widths below
     their block, on an H200's 132 SMs (one tile a program) and on 2 (programs looping over several tiles, the last
     one short), outputs poisoned."""
     monkeypatch.setattr(rn, "_multiprocessors", lambda device: multiprocessors)
-    real_empty = torch.empty
-    monkeypatch.setattr(rn.torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
     gpu_configs.choose(choice)
     with gpu_configs.named():
         check_rms_norm(shape, dtype)
