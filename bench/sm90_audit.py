@@ -263,7 +263,7 @@ def audit_tune(self, key, launch, candidates=None):
     from archgen_kernels.triton_support import config_name
 
     candidates = self.configs if candidates is None else candidates
-    default = self.default if self.default in candidates else candidates[0]
+    default = self.untuned_config(candidates)
     OFFERED.setdefault(self.name, []).extend(config_name(c) for c in candidates)
     for config in candidates:
         RECORDER.context = {"tuner": self.name, "key": key, "config": config_name(config),
@@ -285,8 +285,8 @@ OFFERED: dict[str, list[str]] = {}  # tuner → every config name offered as a c
 # ---------------------------------------------------------------------------------------------------------------
 
 KEEPS_INTERPRETING = {"silu_mul"}  # reads interpreting() to choose its config: left alone
-KERNEL_FILES = ("causal_conv1d", "gated_delta_rule", "gemv", "moe_router", "normalized_mean", "packed_query_attention",
-                "rmsnorm", "rope", "selective_scan", "silu_mul", "ssd", "state_update", "swiglu")
+KERNEL_FILES = tuple(sorted(path.stem for path in (ROOT / "kernels").glob("*.py")
+                            if path.stem not in ("__init__", "triton_support")))  # every op file, one added included
 
 
 def load_kernels() -> dict:

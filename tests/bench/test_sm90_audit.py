@@ -1,6 +1,7 @@
 """bench/sm90_audit.py: its stub driver compiles a kernel for sm_90 without a GPU and reports the cubin's registers;
 its tuner stand-in compiles every candidate, records a failing one and returns the untuned default."""
 
+import functools
 import importlib.util
 import json
 import os
@@ -10,6 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from archgen_kernels.triton_support import Autotuner
 
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("bench_sm90_audit", ROOT / "bench" / "sm90_audit.py")
@@ -38,6 +41,7 @@ def test_every_candidate_is_compiled_a_failure_recorded_and_the_default_returned
     monkeypatch.setattr(audit, "OFFERED", {})
     configs = [{"BLOCK": 16, "num_warps": 4}, {"BLOCK": 32, "num_warps": 4}, {"BLOCK": 64, "num_warps": 8}]
     tuner = SimpleNamespace(name="op.kernel", configs=configs, default=configs[1])
+    tuner.untuned_config = functools.partial(Autotuner.untuned_config, tuner)  # the choice a GPU makes untuned
     launched = []
 
     def launch(config):
