@@ -113,6 +113,19 @@ def causal_conv1d_sdist() -> Path | None:
     return Path(found[-1]) if found else None
 
 
+def unpack_causal_conv1d(sdist: Path) -> tuple[Path, list[Path]]:
+    """Unpack the sdist into a fresh folder: (the package's root, which holds csrc/ and causal_conv1d/, and the C++
+    and CUDA sources to build: in 1.x causal_conv1d.cpp, _fwd, _bwd, _update). Raises when there are none."""
+    target = Path(tempfile.mkdtemp(prefix="causal_conv1d_"))
+    with tarfile.open(sdist) as archive:
+        archive.extractall(target)  # our own carried sdist
+    roots = [path.parent.parent for path in target.glob("*/csrc/causal_conv1d.cpp")]
+    if not roots:
+        raise FileNotFoundError(f"{sdist.name} has no */csrc/causal_conv1d.cpp: not a causal-conv1d 1.x sdist")
+    csrc = roots[0] / "csrc"
+    return roots[0], sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))
+
+
 def build_causal_conv1d(sdist: Path):
     """causal-conv1d's CUDA extension built from its sdist for sm_90 alone (its setup.py builds five architectures),
     and its Python interface imported without the package __init__: a bare `causal_conv1d` package whose __path__
@@ -121,16 +134,12 @@ def build_causal_conv1d(sdist: Path):
     from torch.utils.cpp_extension import load
 
     started = time.perf_counter()
-    target = Path(tempfile.mkdtemp(prefix="causal_conv1d_"))
-    with tarfile.open(sdist) as archive:
-        archive.extractall(target)  # our own carried sdist
-    source = next(path.parent for path in target.glob("*/csrc/causal_conv1d.cpp"))
+    source, sources = unpack_causal_conv1d(sdist)
     csrc = source / "csrc"
     flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
              "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_BFLOAT162_OPERATORS__",
              "-U__CUDA_NO_BFLOAT162_CONVERSIONS__", "-gencode", "arch=compute_90,code=sm_90"]
-    sources = sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))  # 1.x: causal_conv1d.cpp, _fwd, _bwd, _update
     extension = load("causal_conv1d_cuda", [str(path) for path in sources], extra_cflags=["-O3"],
                      extra_cuda_cflags=flags, extra_include_paths=[str(csrc)], verbose=False)
     sys.modules["causal_conv1d_cuda"] = extension
