@@ -14,8 +14,7 @@ and for the SwiGLU feed-forward's gate and up pair: cuBLAS's two products plus k
 the feed-forward runs today) against swiglu_linear (one launch). Each step total weighs every shape by how many
 times a decoding step multiplies by it; "few rows" repeats the largest shapes at 2 and 4 rows (FEW_ROWS, the most
 the generated layers send to the kernel), where the kernel reads a weight tile once for all rows. `attn.qkv` is the
-attention's q, k and v projections as one (out, in) matrix, outside the step total: what one launch instead of three
-would take.
+attention's q, k and v projections as one (out, in) matrix, as the step runs them (one launch; see MODELS).
 
 Writes gemv.json and gemv.bars.json ({"figure", "archgen", "unit", "reference", "reference_value", "ratio", "bar",
 "device", "date", "command"}; ratio > 1 means archgen is better: cuBLAS ms ÷ GEMV ms, and GEMV bandwidth ÷ copy
@@ -47,17 +46,21 @@ from archgen.resources import kernels_package  # noqa: E402
 
 # {model: {projection: ((out, in), times per decoding step)}}: the specs' linear layers (bench/specs/bamba_1b.yaml:
 # 12 Mamba-2 and 4 attention layers, each with a SwiGLU MLP; specs/hymba_plus.yaml: 32 layers of parallel attention
-# and Mamba-1 heads with a SwiGLU MLP), gate_up being the MLP's gate and up pair.
+# and Mamba-1 heads with a SwiGLU MLP), gate_up being the MLP's gate and up pair. The counts are the step as the
+# generated layers run it since session 8: an attention's q, k and v as one launch (`attn.qkv`, timed here as one
+# matrix on the plain kernel; the step's qkv_linear streams the same bytes from three), so q_proj|o_proj counts only
+# o_proj and k_proj|v_proj nothing; Mamba-1's dt_proj inside the step kernel (kernels/state_update.py), so none.
+# The shapes counted 0 are still timed: what the separate launches would take.
 MODELS = {
     "bamba_1b": {"mlp.gate_up": ((5632, 2048), 16), "mlp.down_proj": ((2048, 5632), 16),
                  "mamba2.in_proj": ((8512, 2048), 12), "mamba2.out_proj": ((2048, 4096), 12),
-                 "attn.q_proj|o_proj": ((2048, 2048), 8), "attn.k_proj|v_proj": ((1024, 2048), 8),
-                 "lm_head": ((32000, 2048), 1), "attn.qkv": ((4096, 2048), 0)},
+                 "attn.q_proj|o_proj": ((2048, 2048), 4), "attn.k_proj|v_proj": ((1024, 2048), 0),
+                 "lm_head": ((32000, 2048), 1), "attn.qkv": ((4096, 2048), 4)},
     "hymba_plus": {"mlp.gate_up": ((5504, 1600), 32), "mlp.down_proj": ((1600, 5504), 32),
                    "mamba.in_proj": ((6400, 1600), 32), "mamba.out_proj": ((1600, 3200), 32),
-                   "mamba.x_proj": ((132, 3200), 32), "mamba.dt_proj": ((3200, 100), 32),
-                   "attn.q_proj|o_proj": ((1600, 1600), 64), "attn.k_proj|v_proj": ((320, 1600), 64),
-                   "lm_head": ((32001, 1600), 1), "attn.qkv": ((2240, 1600), 0)},
+                   "mamba.x_proj": ((132, 3200), 32), "mamba.dt_proj": ((3200, 100), 0),
+                   "attn.q_proj|o_proj": ((1600, 1600), 32), "attn.k_proj|v_proj": ((320, 1600), 0),
+                   "lm_head": ((32001, 1600), 1), "attn.qkv": ((2240, 1600), 32)},
 }
 DRY_MODELS = {"tiny": {"mlp.gate_up": ((48, 40), 2), "mlp.down_proj": ((40, 48), 2), "lm_head": ((100, 40), 1)}}
 FEW_ROW_SHAPES = {"bamba_1b": ("mlp.gate_up", "mlp.down_proj"), "tiny": ("mlp.gate_up",)}
