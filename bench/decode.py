@@ -12,7 +12,10 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - exactness: greedy tokens with the graph against the eager step, and per-step logits (bf16 and float32) of the
     graph, the compiled graph and eager decoding with a tensor position, fed the same tokens, against eager decoding
     (is a greedy difference near-tied random logits or a bug?);
-  - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token.
+  - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token;
+  - with --pdl-ab, programmatic dependent launch (kernels/triton_support.py, programmatic_launch) off and on in the
+    same run: the batch-1 graph step re-captured for each, timed twice each (off, on, off, on), their ratio, and the
+    graph's logits for the same fed tokens in both (bitwise equal: PDL changes no arithmetic).
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
 (the bars alone, about a minute: --variants graph --no-parity, transformers included)
@@ -102,6 +105,76 @@ def step_kernels(model, vocab: int, device: str, top: int = 24) -> dict:
             "top": [{"name": name, "count": len(times), "total_us": sum(times)} for name, times in busiest]}
 
 
+def set_programmatic_launch(on: bool | None) -> list[str]:
+    """Flip programmatic dependent launch in every copy of triton_support loaded (archgen_kernels' and each generated
+    package's kernels/): the names of those set."""
+    flipped = []
+    for name, module in list(sys.modules.items()):
+        if name.endswith("triton_support") and hasattr(module, "set_programmatic_launch"):
+            module.set_programmatic_launch(on)
+            flipped.append(name)
+    return flipped
+
+
+def graph_logits(model, prompt, tokens: list, device: str) -> list:
+    """The decode step's logits (float32) for the fed tokens after the prompt: from a freshly captured CUDA graph on
+    CUDA, the eager step on the CPU (--dry-run)."""
+    max_len = prompt.size(1) + len(tokens) + (model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0)
+    if device != "cuda":
+        cache = model.empty_cache(prompt.size(0), max_len)
+        model(prompt, cache=cache)
+        return [model(token, cache=cache).logits[:, -1].float() for token in tokens]
+    decoder = model.graph_decoder(prompt.size(0), max_len, prompt.device)
+    decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
+    return [decoder(token).float().clone() for token in tokens]
+
+
+def pdl_ab(model, prompt, args) -> dict:
+    """Programmatic dependent launch off and on, in this process: each time every triton_support copy is flipped and
+    the model's graph decoders dropped, so the graph is captured anew with (or without) the programmatic launches;
+    each mode timed twice (off, on, off, on: drift shows as a difference between a mode's two figures), the best
+    of each kept. A mode that fails (a capture refusing the launches) is recorded and the other still measured."""
+    vocab = model.lm_head.weight.size(0)
+    g = torch.Generator().manual_seed(12)
+    tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
+    out: dict = {"rounds": {"off": [], "on": []}}
+    logits: dict = {}
+
+    def generate(p, n):
+        return model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=True)
+
+    try:
+        for on in (False, True, False, True):
+            mode = "on" if on else "off"
+            if f"{mode}_error" in out:
+                continue
+            out["flipped"] = set_programmatic_launch(on)
+            model.__dict__.pop("_graph_decoders", None)  # a graph keeps the launches it recorded: capture anew
+            try:
+                if mode not in logits:
+                    logits[mode] = graph_logits(model, prompt, tokens, args.device)
+                    if on:  # whether the switch is on for this device at all (CUDA, sm_90+)
+                        support = sys.modules[out["flipped"][-1]] if out["flipped"] else None
+                        out["pdl_active"] = bool(support and support.programmatic_launch(prompt.device))
+                out["rounds"][mode].append(decode_ms_per_token(generate, prompt, args.new_tokens, args.device))
+            except Exception as error:  # noqa: BLE001 — e.g. the capture refusing programmatic launches
+                out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
+                print(f"pdl_ab {mode}: {out[f'{mode}_error']}", flush=True)
+    finally:
+        set_programmatic_launch(None)  # back to ARCHGEN_PDL's choice (on by default) for what follows
+        model.__dict__.pop("_graph_decoders", None)
+    for mode in ("off", "on"):
+        if out["rounds"][mode]:
+            out[f"{mode}_ms_per_token"] = min(out["rounds"][mode])
+    if "off_ms_per_token" in out and "on_ms_per_token" in out:
+        out["on_over_off"] = out["on_ms_per_token"] / out["off_ms_per_token"]
+    if "off" in logits and "on" in logits:
+        pairs = list(zip(logits["off"], logits["on"], strict=True))
+        out["logits_equal"] = all(torch.equal(a, b) for a, b in pairs)
+        out["logits_max_abs_difference"] = max((a - b).abs().max().item() for a, b in pairs)
+    return out
+
+
 def cache_bytes(model, batch: int, length: int, device: str) -> int:
     return tensor_bytes(model.empty_cache(batch, length, device=device).layers)
 
@@ -181,6 +254,9 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 attempt(row, f"{variant}_ms_per_token",
                         lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device),
                         args)
+                save(args, results)
+            if batch == 1 and args.pdl_ab:
+                attempt(row, "pdl_ab", lambda prompt=prompt: pdl_ab(model, prompt, args), args)
                 save(args, results)
             if batch == 1 and not args.parity_first:
                 parity(model, prompt, row, args, results)
@@ -266,6 +342,9 @@ def main() -> None:
     parser.add_argument("--parity-first", action="store_true",
                         help="check batch-1 exactness and logit parity before timing (so a short --budget-s answers it)")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers' Bamba (its own ~15 s)")
+    parser.add_argument("--pdl-ab", action="store_true",
+                        help="batch 1: the graph step with programmatic dependent launch off and on (re-captured), "
+                             "timed twice each, and their logits compared")
     args = parser.parse_args()
     args.deadline = time.monotonic() + args.budget_s
     args.device = "cpu" if args.dry_run else "cuda"

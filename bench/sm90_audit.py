@@ -289,8 +289,10 @@ KERNEL_FILES = tuple(sorted(path.stem for path in (ROOT / "kernels").glob("*.py"
                             if path.stem not in ("__init__", "triton_support")))  # every op file, one added included
 
 
-def load_kernels() -> dict:
-    """Import archgen_kernels' op files with their device guards answering as on an H200 (see the module doc)."""
+def load_kernels(pdl: bool = False) -> dict:
+    """Import archgen_kernels' op files with their device guards answering as on an H200 (see the module doc); with
+    pdl, their `programmatic_launch` answers True (the kernels compiled with their gdc calls, launched with
+    launch_pdl), as on an H200 with ARCHGEN_PDL unset; without, False (the CPU tensors' answer)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -310,6 +312,8 @@ def load_kernels() -> dict:
             module.triton_on_cpu = lambda: True
         if hasattr(module, "interpreting") and name not in KEEPS_INTERPRETING:
             module.interpreting = lambda: True
+        if hasattr(module, "programmatic_launch"):
+            module.programmatic_launch = lambda device, pdl=pdl: pdl
         for helper in ("_multiprocessors", "_segments_to_fill"):  # they read the device's SM count
             if hasattr(module, helper):
                 original = getattr(module, helper)
@@ -394,13 +398,14 @@ def probe() -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_cases(specs: list[Path], seq_lens: list[int] | None, only: set[str] | None, dtype_name: str) -> list[str]:
+def run_cases(specs: list[Path], seq_lens: list[int] | None, only: set[str] | None, dtype_name: str,
+              pdl: bool = False) -> list[str]:
     import torch
 
     from archgen.emit.tune import tuning_cases
     from archgen.pipeline import compile_spec
 
-    modules = load_kernels()
+    modules = load_kernels(pdl)
     dtype = getattr(torch, dtype_name)
     problems = []
     for spec in specs:
@@ -571,6 +576,9 @@ def main() -> None:
                         help="comma-separated sequence lengths (default: 256 and each spec's max_seq_len)")
     parser.add_argument("--only", type=lambda s: set(s.split(",")), default=None, help="kernel files, comma-separated")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--pdl", action="store_true",
+                        help="compile the kernels as an H200 launches them with programmatic dependent launch on "
+                             "(triton_support.programmatic_launch: their gdc calls in, launch_pdl set)")
     parser.add_argument("--probe", action="store_true", help="compile one small kernel and print its row as JSON")
     args = parser.parse_args()
     if args.probe:
@@ -579,7 +587,7 @@ def main() -> None:
     started = time.perf_counter()
     install_driver()
     specs = args.specs or [p.relative_to(ROOT) for pattern in DEFAULT_SPECS for p in sorted(ROOT.glob(pattern))]
-    problems = run_cases(specs, args.seq_lens, args.only, args.dtype)
+    problems = run_cases(specs, args.seq_lens, args.only, args.dtype, args.pdl)
     from archgen_kernels.triton_support import TUNERS, config_name
 
     never = {name: [config_name(c) for c in tuner.configs if config_name(c) not in OFFERED.get(name, ())]
