@@ -42,7 +42,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import Autotuner, dtype_name, on_device, op_overload, register_op, triton_on_cpu
+from .triton_support import (
+    Autotuner,
+    dtype_name,
+    gdc_launch_dependents,
+    gdc_wait,
+    on_device,
+    op_overload,
+    programmatic_launch,
+    register_op,
+    triton_on_cpu,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FEW_ROWS = 4
@@ -69,7 +79,8 @@ def _folded(tile, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.cons
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
                  HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
                  GATED: tl.constexpr,  # y = silu(x·wᵀ + b) · (x·w_upᵀ + b_up)
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
+                 PDL: tl.constexpr):  # launched programmatically: the first weight tile loads before gdc_wait
     row = tl.program_id(0)  # the row of x: fastest, so the programs sharing a weight tile run together
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
@@ -79,7 +90,21 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
     if GATED:
         up_rows = w_up_ptr + outs.to(tl.int64)[:, None] * stride_upn
         up_products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:  # the first iteration peeled: its weights (no earlier kernel writes them) load while that kernel runs
+        first = tl.arange(0, BLOCK_K)  # (names of their own: the loop's variables keep their types)
+        first_inside = outs_inside[:, None] & (first < K)[None, :]
+        first_w = tl.load(w_rows + first[None, :], mask=first_inside, other=0.0)
+        if GATED:
+            first_up = tl.load(up_rows + first[None, :], mask=first_inside, other=0.0)
+        gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
+        gdc_launch_dependents()  # after the wait: the next kernel starts no earlier than this one's inputs are ready
+        first_x = tl.load(x_row + first, mask=first < K, other=0.0).to(tl.float32)[None, :]
+        products += _folded(first_w.to(tl.float32), first_x, BLOCK_N, BLOCK_K, FOLD)
+        if GATED:
+            up_products += _folded(first_up.to(tl.float32), first_x, BLOCK_N, BLOCK_K, FOLD)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
@@ -103,7 +128,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
 @triton.jit
 def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, M, NQ, NKV, K, stride_xm, stride_ym,
                      HAS_BIAS: tl.constexpr,  # add the biases to the products
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
+                     PDL: tl.constexpr):  # as _gemv_kernel's
     """y = [x·w_qᵀ, x·w_kᵀ, x·w_vᵀ] (+ biases): the programs along axis 1 take BLOCK_N rows of w_q (NQ rows), then of
     w_k, then of w_v (NKV rows each), so each program reads one weight; the weights are contiguous, K columns."""
     row = tl.program_id(0)
@@ -122,7 +148,16 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     w_rows = w_ptr + outs.to(tl.int64)[:, None] * K
     products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start = 0
+    if PDL:  # as in _gemv_kernel: the first weight tile in flight before the wait
+        first = tl.arange(0, BLOCK_K)
+        first_w = tl.load(w_rows + first[None, :], mask=outs_inside[:, None] & (first < K)[None, :], other=0.0)
+        gdc_wait()
+        gdc_launch_dependents()
+        first_x = tl.load(x_row + first, mask=first < K, other=0.0).to(tl.float32)[None, :]
+        products += _folded(first_w.to(tl.float32), first_x, BLOCK_N, BLOCK_K, FOLD)
+        k_start = BLOCK_K
+    for k0 in range(k_start, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
@@ -207,12 +242,14 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     w_up = (up_weight if up_weight.stride(-1) == 1 else up_weight.contiguous()) if gated else w
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pdl = programmatic_launch(x.device)
 
     def launch(cfg):
         _gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
             x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), HAS_BIAS=bias is not None, GATED=gated,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"],
+            launch_pdl=pdl)
 
     with on_device(x):
         if M and N:
@@ -230,12 +267,14 @@ def qkv_gemv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Te
     wq, wk, wv = (w.contiguous() for w in (q_weight, k_weight, v_weight))
     y = torch.empty((M, NQ + 2 * NKV), device=x.device, dtype=x.dtype)
     biases = (q_bias, k_bias, v_bias) if q_bias is not None else (wq, wq, wq)
+    pdl = programmatic_launch(x.device)
 
     def launch(cfg):
         blocks = triton.cdiv(NQ, cfg["BLOCK_N"]) + 2 * triton.cdiv(NKV, cfg["BLOCK_N"])
         _qkv_gemv_kernel[(M, blocks)](
             x2, wq, wk, wv, *biases, y, M, NQ, NKV, K, x2.stride(0), y.stride(0), HAS_BIAS=q_bias is not None,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), num_warps=cfg["num_warps"])
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"],
+            launch_pdl=pdl)
 
     N = NQ + 2 * NKV
     with on_device(x):

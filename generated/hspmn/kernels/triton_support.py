@@ -18,6 +18,10 @@ archgen_kernels' default: the benches and tests), or run the tuner's default con
 `archgen build --autotune` runs each kernel's `autotune` hook in) every new key is timed, even under the interpreter
 (with its one config), and the session's `table()` is what was tuned there.
 
+Programmatic dependent launch. `programmatic_launch(device)` says whether launches on a device let the next kernel
+start before the one ahead has finished (Hopper's PDL; ARCHGEN_PDL=0 or `set_programmatic_launch(False)` turn it
+off); `gdc_wait` / `gdc_launch_dependents` are the kernels' side of it (docs/design.md, Kernels).
+
 Op registration. `register_op` defines `archgen_v1::<name>` with torch.library once per process: a second copy of
 an op file (a generated package's kernels/ next to archgen_kernels) reuses the ops the first registered, since
 registering a name twice corrupts the dispatcher. The namespace is versioned: a change of an op's signature or
@@ -126,6 +130,54 @@ def on_device(t: Tensor):
     if t.is_cuda and t.get_device() != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+def _environment_allows_pdl() -> bool:
+    return os.environ.get("ARCHGEN_PDL", "1") != "0"
+
+
+try:  # the grid dependency control of triton >= 3.4 (griddepcontrol.wait / .launch_dependents, sm_90+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # an older triton: no programmatic launches (programmatic_launch says False), and no-op helpers
+    _HAS_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+else:
+    _HAS_GDC = True
+
+_PDL_ALLOWED = _environment_allows_pdl()  # set_programmatic_launch's choice, else ARCHGEN_PDL's at import
+_SM90_DEVICES: dict[int, bool] = {}  # CUDA device index -> compute capability >= 9
+
+
+def set_programmatic_launch(on: bool | None) -> None:
+    """Allow (True) or forbid (False) programmatic dependent launches in this process from the next launch on, or
+    (None) go back to what ARCHGEN_PDL says (read again now). For a same-process A/B (bench/decode.py --pdl-ab): a
+    CUDA graph keeps the launches it recorded, so re-capture after flipping it."""
+    global _PDL_ALLOWED
+    _PDL_ALLOWED = _environment_allows_pdl() if on is None else bool(on)
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether kernels launched on `device` use programmatic dependent launch (PDL): a kernel so launched may start
+    while the kernel ahead of it in the stream still runs, once every program of that one has executed
+    gdc_launch_dependents (or exited), and must execute gdc_wait before it reads what an earlier kernel wrote or
+    writes anything. True on CUDA devices of compute capability 9 or more (Hopper), not under the interpreter (it
+    runs no PTX), with a triton that has the gdc helpers, unless ARCHGEN_PDL=0 or set_programmatic_launch(False).
+    Kernels take it as their PDL constexpr (which gates their gdc calls) and as the launch's `launch_pdl`.
+    Called on every launch: the capability is cached per device."""
+    if not (_PDL_ALLOWED and _HAS_GDC) or device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sm90 = _SM90_DEVICES.get(index)
+    if sm90 is None:
+        sm90 = _SM90_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return sm90
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -26,7 +26,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import on_device, op_overload, register_op, triton_on_cpu
+from .triton_support import (
+    gdc_launch_dependents,
+    gdc_wait,
+    on_device,
+    op_overload,
+    programmatic_launch,
+    register_op,
+    triton_on_cpu,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_BLOCK_N = 16384
@@ -39,19 +47,24 @@ MAX_TILE = 4096
 def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr, R, N, stride_a, stride_b, stride_y,
                             eps,
                             BLOCK_R: tl.constexpr,  # rows per program
-                            BLOCK_N: tl.constexpr):  # next_pow2(N): a whole row
+                            BLOCK_N: tl.constexpr,  # next_pow2(N): a whole row
+                            PDL: tl.constexpr):  # launched programmatically (triton_support.programmatic_launch)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
     col_inside = cols < N
     inside = (rows < R)[:, None] & col_inside[None, :]
     row64 = rows.to(tl.int64)[:, None]
-    a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    # each branch's weight × scale, halved: the mean's 1/2 folded into the per-channel factors
+    # each branch's weight × scale, halved: the mean's 1/2 folded into the per-channel factors. Parameters, which no
+    # kernel of a step writes: loaded before the wait, while the kernel ahead may still run
     ga = 0.5 * tl.load(wa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
         sa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     gb = 0.5 * tl.load(wb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
         sb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+    if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
+        gdc_wait()
+        gdc_launch_dependents()
+    a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (BLOCK_R,)
     rstd_b = 1.0 / tl.sqrt(tl.sum(b * b, axis=1) / N + eps)
     y = a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
@@ -74,10 +87,11 @@ def normalized_mean_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
         return y
     config = launch_config(N)
     grid = (triton.cdiv(R, config["BLOCK_R"]),)
+    pdl = programmatic_launch(a.device)
     with on_device(a):
         _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, y, R, N, a.stride(0), b.stride(0),
-                                      y.stride(0), eps, BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"],
-                                      num_warps=config["num_warps"])
+                                      y.stride(0), eps, BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"], PDL=pdl,
+                                      num_warps=config["num_warps"], launch_pdl=pdl)
     return y
 
 

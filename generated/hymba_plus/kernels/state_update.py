@@ -31,7 +31,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_support import on_device, op_overload, register_op, softplus, strided, triton_on_cpu
+from .triton_support import (
+    gdc_launch_dependents,
+    on_device,
+    op_overload,
+    programmatic_launch,
+    register_op,
+    softplus,
+    strided,
+    triton_on_cpu,
+)
 
 SSD_STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}
 """Rows of the (P, N) head state per program. The step is launch- and memory-bound; more rows per program than 16
@@ -60,7 +69,10 @@ def _selective_step_kernel(
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     PROJECT_DELTA: tl.constexpr,  # Δ = dt_proj's weight · the low-rank Δ, for this program's channels
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    PDL: tl.constexpr,  # let a programmatically launched next kernel (the out_proj GEMV) start: see _mamba2_step_kernel
 ):
+    if PDL:
+        gdc_launch_dependents()
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
@@ -139,7 +151,11 @@ def _mamba2_step_kernel(
     nheads, heads_per_group, ngroups, headdim, dstate,
     HAS_CONV_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,  # let a programmatically launched next kernel start early (triton_support.programmatic_launch)
 ):
+    if PDL:  # at once: the dependent (a GEMV) can read nothing of this kernel's before its gdc_wait, which waits for
+        # this kernel's end; meanwhile its programs take the SMs this grid leaves free and load their first weights
+        gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = h // heads_per_group
@@ -267,7 +283,7 @@ def _launch_mamba2_step(z, xbc, dt, conv_state, conv_weight, conv_bias, ssm_stat
             conv_bias, *strided(ssm_state, 4), A_log, D, dt_bias, dt_min, dt_max, y, new_conv_state,
             *strided(new_state, 4), nheads, nheads // ngroups, ngroups, headdim, dstate,
             HAS_CONV_BIAS=conv_bias is not None, HAS_D=D is not None, HAS_DT_BIAS=dt_bias is not None,
-            WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate),
+            WIDTH=width, BLOCK_P=block_p, BLOCK_N=triton.next_power_of_2(dstate), PDL=programmatic_launch(xbc.device),
             num_warps=SSD_STEP_CONFIG["num_warps"],
         )
     return y, new_conv_state, new_state
@@ -363,7 +379,7 @@ def _launch_mamba_step(state, u, delta, A_log, B, C, D, z, delta_bias, out_state
             *strided(new_state, 3), dim, dstate, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, PROJECT_DELTA=delta_proj_weight is not None, BLOCK_D=block_d,
             BLOCK_N=triton.next_power_of_2(dstate), BLOCK_R=triton.next_power_of_2(rank),
-            num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
+            PDL=programmatic_launch(u.device), num_warps=SELECTIVE_STEP_CONFIG["num_warps"],
         )
     return y, new_state
 

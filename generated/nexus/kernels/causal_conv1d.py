@@ -38,9 +38,11 @@ from .triton_support import (
     Autotuner,
     calls_implementation_directly,
     dtype_name,
+    gdc_launch_dependents,
     interpreting,
     on_device,
     op_overload,
+    programmatic_launch,
     register_op,
     sigmoid,
     strided,
@@ -355,9 +357,12 @@ def _conv_fwd_window_kernel(
     HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH <= 4
     BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_T: a multiple of 4
     PREFETCH: tl.constexpr,  # load the next step's rows before computing this step's (twice the loads in flight)
+    PDL: tl.constexpr,  # let a programmatically launched next kernel start early (triton_support.programmatic_launch)
 ):
     """The forward for widths up to 4 over BLOCK_T steps of BLOCK_D channels: four input rows loaded per step, the
     three before them carried in registers (a sliding window along time), every tensor a (BLOCK_D,) vector."""
+    if PDL:  # at once: the dependent (a decoding step's GEMV) waits for this kernel's end before it reads anything
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK_T
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -818,7 +823,7 @@ def causal_conv1d_forward(
         grid = (batch, max(1, triton.cdiv(seqlen, rows)), triton.cdiv(dim, cfg["BLOCK_D"]))
         if cfg.get("WINDOW"):
             _conv_fwd_window_kernel[grid](*args, **constexprs, PREFETCH=cfg.get("PREFETCH", False),
-                                          **_launch_options(cfg))
+                                          PDL=programmatic_launch(x.device), **_launch_options(cfg))
         else:
             _conv_fwd_kernel[grid](*args, **constexprs, GATHER=gather, **_launch_options(cfg))
 
