@@ -20,7 +20,8 @@ archgen_kernels' default: the benches and tests), or run the tuner's default con
 
 Programmatic dependent launch. `programmatic_launch(device)` says whether launches on a device let the next kernel
 start before the one ahead has finished (Hopper's PDL; ARCHGEN_PDL=0 or `set_programmatic_launch(False)` turn it
-off); `gdc_wait` / `gdc_launch_dependents` are the kernels' side of it (docs/design.md, Kernels).
+off); `gdc_wait` / `gdc_launch_dependents` are the kernels' side of it, and `prefetch_l2` lets a kernel ask for what
+it will read before it waits (docs/design.md, Kernels).
 
 Op registration. `register_op` defines `archgen_v1::<name>` with torch.library once per process: a second copy of
 an op file (a generated package's kernels/ next to archgen_kernels) reuses the ops the first registered, since
@@ -209,6 +210,16 @@ def rounded(value, ty: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         value = bits.to(tl.float32, bitcast=True)
     return value.to(ty)
+
+
+@triton.jit
+def prefetch_l2(pointers):
+    """Bring the lines holding `pointers` (addresses that must lie inside their tensor) into L2, holding no register
+    until they arrive: PTX prefetch.global.L2, one instruction per element (pass one pointer per 128-byte line).
+    Under the interpreter: nothing."""
+    if HARDWARE_MATH:
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
