@@ -135,6 +135,16 @@ def test_launches_pass_the_switch(monkeypatch, name, on):
         assert "launch_pdl" not in kwargs
 
 
+def test_rms_norm_launches_of_many_rows_stay_off(monkeypatch):
+    """Prefill and training rows: no programmatic launch whatever the switch says."""
+    recording = RecordingKernel()
+    monkeypatch.setattr(rmsnorm, "_rms_norm_fwd_kernel", recording)
+    monkeypatch.setattr(rmsnorm, "programmatic_launch", lambda device: True)
+    for rows in (rmsnorm.PDL_MAX_ROWS, rmsnorm.PDL_MAX_ROWS + 1):
+        rmsnorm.rms_norm_forward(torch.randn(rows, 8), None, torch.ones(8), 1e-6, config={"BLOCK_R": 1, "num_warps": 4})
+    assert [kwargs["launch_pdl"] for _grid, kwargs in recording.launches] == [True, False]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The PDL paths in the interpreter
 # ---------------------------------------------------------------------------------------------------------------

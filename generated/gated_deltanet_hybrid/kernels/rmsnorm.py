@@ -62,6 +62,10 @@ from .triton_support import (
 
 MAX_BLOCK_N = 65536
 """Widest row a program holds in registers (elements); wider rows raise (call the reference)."""
+PDL_MAX_ROWS = 64
+"""Forwards of at most this many rows (a decoding step's) launch programmatically where the device allows it
+(triton_support.programmatic_launch); larger ones (prefill, training) do not: there a launch is long beside its start,
+and the wait's ordering cost 7-8 more registers a thread in the 8-warp tiles (ptxas for sm_90, triton 3.6)."""
 
 MAX_TILE = 16384
 """Most elements a forward program holds (BLOCK_R × BLOCK_N): beyond it the float32 tile spills registers."""
@@ -396,7 +400,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
     s = torch.empty(x.shape, device=x.device, dtype=x.dtype) if residual is not None else x
     rstd = torch.empty((R,), device=x.device, dtype=torch.float32)
     block = _block_n(N)
-    pdl = programmatic_launch(x.device)
+    pdl = R <= PDL_MAX_ROWS and programmatic_launch(x.device)
 
     def launch(cfg):
         _rms_norm_fwd_kernel[(_cdiv(R, cfg["BLOCK_R"]),)](
