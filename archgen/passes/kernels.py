@@ -105,6 +105,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("attention", "rope", "apply_rope_qk", "attention",
                "RoPE on q and k in one pass (every scaling, partial rotary), in place when no gradient is needed",
                when=lambda config: config.rope is not None),
+    KernelRule("attention", "rope", "apply_rope_write_kv", "attention",
+               "A cached step's RoPE and KV-cache write in one launch: q rotated in place, the rotated k and v stored "
+               "into the cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
+               when=lambda config: config.rope is not None),
     KernelRule("moe", "moe_router", "moe_router", "moe",
                "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
                "backward"),

@@ -174,8 +174,16 @@ class Attn(nn.Module):
         k = k.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         v = v.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
-        rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
-        q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+        # A cached step whose write has slots (a plain cache, a ring at one token) rotates q in place and stores the
+        # rotated k and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay
+        # unrotated, the cache is what attention reads.
+        slots = cache.slots(positions[0], T) if cache is not None and use_kernel(kernels.apply_rope_write_kv, q) else None
+        if slots is not None:
+            q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
+            k, v = cache.k, cache.v  # (B, 8, S, 128) each: what to attend over
+        else:
+            rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+            q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         # Training and forwards without a cache take the window's kernel once the window binds (shorter sequences:
         # SDPA's causal flash path below); decoding goes through the cache below.
         if cache is None and pads is None and T > 4096 and use_kernel(kernels.sliding_window_attention, q):
@@ -184,7 +192,7 @@ class Attn(nn.Module):
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
             y = attention(q, k, v, q_positions=positions, k_positions=positions, window=4096)  # (B, 32, T, 128)
         else:
-            if cache is not None:
+            if cache is not None and slots is None:
                 k, v = cache.write(k, v, positions[0])  # (B, 8, S, 128) each: what to attend over
             # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
             mask = step.attention_mask("attn", cache, window=4096, dtype=q.dtype)

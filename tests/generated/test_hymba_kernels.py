@@ -15,12 +15,12 @@ from tests.conftest import build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
-SPIED = ("normalized_mean", "apply_rope_qk")
+SPIED = ("normalized_mean", "apply_rope_qk", "apply_rope_write_kv")
 
 
 def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_path, monkeypatch):
     package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, SPIED, preset="tiny")
-    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk}
+    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk, package.kernels.apply_rope_write_kv}
     monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
     torch.manual_seed(0)
     model = package.Model().eval()
@@ -31,5 +31,9 @@ def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_pat
         package.model.USE_KERNELS = True
     cached = decode_in_steps(model, tokens, prefill=12, max_len=4 + 14, length_as_tensor=True)
     # 4 layers, each combining its attention and Mamba branches in one kernel, in the prefill and in both steps
-    assert package.calls["normalized_mean"] == package.calls["apply_rope_qk"] == 4 * 3, package.calls
+    assert package.calls["normalized_mean"] == 4 * 3, package.calls
+    # RoPE and the cache write in one launch wherever the write has slots: the two global layers' plain caches in the
+    # prefill and every layer in both steps (the windowed layers' ring at T = 1, positions 16 and 17 wrapping to slots
+    # 0 and 1); the windowed layers' prefill (a ring at T > 1) rotates, then writes the ring in torch
+    assert package.calls["apply_rope_write_kv"] == 2 + 4 * 2 and package.calls["apply_rope_qk"] == 2, package.calls
     assert_close(cached, full, 1e-5, "cached logits")

@@ -224,3 +224,154 @@ def test_rejects_bad_inputs():
         rope.apply_rope_qk(q, k.double(), cos, sin)
     with pytest.raises(ValueError, match="must be"):
         rope.apply_rope_qk(q, randn(1, 1, 5, 8), cos, sin)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A cached step's rotation and cache write in one launch (apply_rope_write_kv)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def poisoned_caches(B, HK, L, D, dtype):
+    """Caches whose every slot is NaN: a slot the kernel writes must come out finite, one it must not stays NaN."""
+    return (torch.full((B, HK, L, D), float("nan"), device=DEVICE, dtype=dtype) for _ in "kv")
+
+
+def check_write_kv(B, HQ, HK, T, D, R, L, slots, dtype, cache_dtype, per_sequence=False, config=None):
+    """The op (eager entry point) against the reference (rotation, index_copy_) on fresh inputs and poisoned caches:
+    q rotated in place, k and v untouched, the caches' slots written, every other slot left as it was."""
+    q, k, v = (projected(B, H, T, D, dtype, seed=seed) for seed, H in ((11, HQ), (12, HK), (13, HK)))
+    positions = torch.tensor(slots).reshape(1, T) + torch.arange(B).reshape(B, 1) if per_sequence else slots
+    cos, sin = angles(R, positions, "yarn")
+    slots = torch.as_tensor(slots, device=DEVICE)
+    k_cache, v_cache = poisoned_caches(B, HK, L, D, cache_dtype)
+    k_ref_cache, v_ref_cache = k_cache.clone(), v_cache.clone()
+    q_ref = rope.apply_rope_write_kv_reference(q, k, v, cos, sin, k_ref_cache, v_ref_cache, slots)
+    k_before, v_before = k.clone(), v.clone()
+    q_storage = q.data_ptr()
+    with torch.no_grad():
+        if config is None:
+            q_out = rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        else:
+            rope.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, config=config)
+            q_out = q
+    assert q_out is q and q.data_ptr() == q_storage, "q rotates where it lies"
+    assert torch.equal(k, k_before) and torch.equal(v, v_before), "k and v themselves are left alone"
+    assert_close(q, q_ref, TOL[dtype], "q")
+    written = torch.zeros(L, dtype=torch.bool, device=DEVICE)
+    written[slots] = True
+    for name, got, want in (("k cache", k_cache, k_ref_cache), ("v cache", v_cache, v_ref_cache)):
+        assert got[:, :, written].isfinite().all(), f"{name}: a slot written is NaN"
+        assert got[:, :, ~written].isnan().all(), f"{name}: a slot not written was touched"
+        assert_close(got[:, :, written], want[:, :, written], TOL[cache_dtype], name)
+    # v is copied exactly (cast once), and so are k's pass-through channels
+    assert torch.equal(v_cache[:, :, slots], v.to(cache_dtype))
+    assert torch.equal(k_cache[:, :, slots, R:], k[..., R:].to(cache_dtype))
+
+
+@pytest.mark.parametrize(("dtype", "cache_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                    (torch.float16, torch.float32)], ids=str)
+@pytest.mark.parametrize(("B", "HQ", "HK", "T", "D", "R", "L", "slots"), [
+    (1, 5, 1, 1, 16, 16, 8, [5]),  # a decoding step: one token into a plain cache
+    (2, 3, 3, 1, 20, 12, 6, [0]),  # partial rotary, odd heads (MHA), the ring's slot 0 after it wrapped
+    (2, 4, 2, 6, 24, 16, 16, list(range(7, 13))),  # a chunk of a prompt at start 7
+    (1, 3, 1, 5, 16, 8, 5, [3, 4, 0, 1, 2]),  # slots wrapping round a ring of 5
+], ids=lambda v: str(v))
+def test_write_kv_matches_the_rotation_and_index_copy(dtype, cache_dtype, B, HQ, HK, T, D, R, L, slots):
+    check_write_kv(B, HQ, HK, T, D, R, L, slots, dtype, cache_dtype)
+
+
+def test_write_kv_takes_per_sequence_angles():
+    check_write_kv(2, 4, 2, 3, 16, 16, 9, [2, 3, 4], torch.float32, torch.float32, per_sequence=True)
+
+
+@pytest.mark.parametrize("choice", gpu_choices(3))
+@pytest.mark.parametrize(("T", "slots"), [(1, [6]), (37, list(range(37)))], ids=["decode", "T37"])
+def test_write_kv_every_gpu_config(gpu_configs, choice, T, slots):
+    """At each config a GPU can launch for the call (write_candidates: one for a decoding step)."""
+    gpu_configs.choose(choice)
+    with gpu_configs.named():
+        check_write_kv(2, 5, 1, T, 24, 16, 40, slots, torch.bfloat16, torch.bfloat16)
+
+
+def test_write_kv_candidates_fit_the_tokens():
+    assert [c["BLOCK_T"] for c in rope.write_candidates(1)] == [8]
+    assert {c["BLOCK_T"] for c in rope.write_candidates(12)} == {8, 16}
+    assert rope.write_candidates(1000) == rope.CONFIGS
+
+
+def test_write_kv_with_a_gradient_or_a_strided_head_takes_the_functional_path():
+    """q needing a gradient gets a new rotated q with its gradient (the caches written as the reference writes them);
+    the same result as without."""
+    B, HQ, HK, T, D, R, L = 1, 2, 1, 2, 8, 8, 4
+    q, k, v = randn(B, HQ, T, D, seed=1), randn(B, HK, T, D, seed=2), randn(B, HK, T, D, seed=3)
+    cos, sin = angles(R, torch.arange(T) + 1)
+    slots = torch.tensor([1, 2], device=DEVICE)
+    k_cache, v_cache = (torch.zeros(B, HK, L, D, device=DEVICE) for _ in "kv")
+    leaf = q.clone().requires_grad_()
+    q_rot = rope.apply_rope_write_kv(leaf, k, v, cos, sin, k_cache, v_cache, slots)
+    assert q_rot is not leaf and q_rot.requires_grad
+    q_rot.sum().backward()
+    k_ref, v_ref = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    q_ref = rope.apply_rope_write_kv_reference(q, k, v, cos, sin, k_ref, v_ref, slots)
+    assert_close(q_rot.detach(), q_ref, 1e-5, "q")
+    assert_close(k_cache, k_ref, 1e-5, "k cache")
+    assert torch.equal(v_cache, v_ref) and leaf.grad is not None
+
+
+def test_write_kv_custom_op_matches_the_eager_path_and_passes_opcheck():
+    """torch.compile, CUDA graphs' recording and torch.export see the mutating custom op (its schema says what it
+    writes; the fake allocates nothing); eager mode calls its implementation directly: the same writes."""
+    B, HQ, HK, T, D, R, L = 1, 3, 1, 2, 12, 8, 6
+    q, k, v = randn(B, HQ, T, D, seed=1), randn(B, HK, T, D, seed=2), randn(B, HK, T, D, seed=3)
+    cos, sin = angles(R, torch.arange(T) + 4)
+    slots = torch.tensor([4, 5], device=DEVICE)
+    results = []
+    for run in (rope.rope_write_kv_op, rope._rope_write_kv_impl):
+        q_out, k_cache, v_cache = q.clone(), torch.zeros(B, HK, L, D, device=DEVICE), torch.zeros(B, HK, L, D,
+                                                                                                  device=DEVICE)
+        run(q_out, k, v, cos, sin, k_cache, v_cache, slots)
+        results.append((q_out, k_cache, v_cache))
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want)
+    args = (q.clone(), k, v, cos, sin, torch.zeros(B, HK, L, D, device=DEVICE), torch.zeros(B, HK, L, D, device=DEVICE),
+            slots)
+    torch.library.opcheck(rope.rope_write_kv_op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_write_kv_exports_without_the_mutating_op():
+    """While torch.export traces, the entry point takes the functional rotation and index_copy_: the program holds
+    apply_rope_qk (which the decomposition lowers) and no mutating custom op, and computes the same."""
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k_cache", torch.zeros(1, 1, 6, 8))
+            self.register_buffer("v_cache", torch.zeros(1, 1, 6, 8))
+
+        def forward(self, q, k, v, cos, sin, slots):
+            q = rope.apply_rope_write_kv(q, k, v, cos, sin, self.k_cache, self.v_cache, slots)
+            return q, self.k_cache + 0, self.v_cache + 0
+
+    q, k, v = randn(1, 2, 1, 8, seed=1).cpu(), randn(1, 1, 1, 8, seed=2).cpu(), randn(1, 1, 1, 8, seed=3).cpu()
+    cos, sin = (t.cpu() for t in angles(8, torch.arange(1) + 3))
+    slots = torch.tensor([3])
+    program = torch.export.export(Step(), (q, k, v, cos, sin, slots))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "archgen_v1.apply_rope_qk.default" in targets
+    assert not any("write_kv" in target for target in targets), targets
+    lowered = program.run_decompositions(rope.decomposition(runtime_apply_rope_qk))
+    assert not any(str(n.target).startswith("archgen_v1.") for n in lowered.graph.nodes if n.op == "call_function")
+    k_cache, v_cache = torch.zeros(1, 1, 6, 8), torch.zeros(1, 1, 6, 8)
+    want = (rope.apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots), k_cache, v_cache)
+    for got, expected in zip(lowered.module()(q, k, v, cos, sin, slots), want, strict=True):
+        assert_close(got, expected, 1e-6)
+
+
+def test_write_kv_rejects_bad_caches():
+    q, k, v = randn(1, 2, 1, 8), randn(1, 1, 1, 8), randn(1, 1, 1, 8)
+    cos, sin = angles(8, torch.arange(1))
+    k_cache, v_cache = torch.zeros(1, 1, 4, 8, device=DEVICE), torch.zeros(1, 1, 4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="caches"):
+        rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache[..., :6], v_cache[..., :6], torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="slots"):
+        rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([0, 1], device=DEVICE))

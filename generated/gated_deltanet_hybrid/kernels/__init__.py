@@ -26,6 +26,7 @@ try:
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
+    from .rope import apply_rope_write_kv
     from .silu_mul import silu_mul
 except ImportError:  # no triton
     triton_support = None
@@ -43,6 +44,7 @@ except ImportError:  # no triton
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
+    apply_rope_write_kv = None
     silu_mul = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -81,6 +83,10 @@ def decompositions() -> dict:
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=8192))
     if rope_module is not None:
         from ..ops.attention import apply_rope_qk as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=8192))
+    if rope_module is not None:
+        from ..ops.attention import apply_rope_write_kv as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=8192))
     if silu_mul_module is not None:

@@ -193,6 +193,21 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
+def apply_rope_write_kv(
+    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor
+) -> Tensor:
+    """
+    A cached step's RoPE and cache write: q rotated (returned), and k rotated and v copied into rows `slots` (T,) of
+    k_cache and v_cache (B, Hk, L, D) (a cache's `slots`), cast to their dtype, in place. What the Triton kernel
+    kernels/rope.py computes in one launch, which rotates q in place (the attention template calls the kernel, or else
+    apply_rope_qk and the cache's write, which are these ops).
+    """
+    q, k = apply_rope_qk(q, k, cos, sin)
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    return q
+
+
 # -----------------------------------------------------------------------------
 # QK-norm
 
@@ -283,12 +298,20 @@ class KVCache:
                 f"cannot write (B, Hkv, T, D) = {tuple(k_new.shape)} into a cache of shape {tuple(self.k.shape)}: "
                 f"B, Hkv and D must match"
             )
-        if isinstance(start, int) and not 0 <= start <= self.max_len - T:
-            raise ValueError(f"cannot write {T} tokens at start={start} into a cache of max_len={self.max_len}")
-        slots = new_token_positions(start, T, self.k.device)  # (T,)
+        slots = self.slots(start, T)  # (T,)
         self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
         self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
         return self.k, self.v
+
+    def slots(self, start: int | Tensor, T: int) -> Tensor:
+        """
+        (T,) the slots a write of T tokens at start fills: start .. start+T-1 (a view of a tensor start when T == 1,
+        nothing launched). `write` copies into them; a kernel that writes the cache itself (kernels/rope.py's
+        apply_rope_write_kv) takes them, and then `write` is not called. A RingKVCache answers the same question.
+        """
+        if isinstance(start, int) and not 0 <= start <= self.max_len - T:
+            raise ValueError(f"cannot write {T} tokens at start={start} into a cache of max_len={self.max_len}")
+        return new_token_positions(start, T, self.k.device)
 
     def key_positions(self, start: int | Tensor, T: int) -> Tensor:
         """(L,) the position of every slot write returns, once T tokens were written at start: arange(L)."""
@@ -386,7 +409,9 @@ class RingKVCache:
         if isinstance(start, int) and start < 0:
             raise ValueError(f"start must be a position (>= 0), got {start}")
         if T == 1:
-            self._write(k_new, v_new, new_token_positions(start, T, self.k.device))
+            slots = self.slots(start, T)  # (1,)
+            self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
+            self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
             return self.k, self.v
         k = torch.cat([self.k, k_new.to(self.k.dtype)], dim=2)  # (B, Hkv, W + T, D)
         v = torch.cat([self.v, v_new.to(self.v.dtype)], dim=2)
@@ -400,10 +425,17 @@ class RingKVCache:
         self.v.copy_(torch.where(keep, v_new.to(self.v.dtype).index_select(2, index), self.v))
         return k, v
 
-    def _write(self, k_new: Tensor, v_new: Tensor, positions: Tensor) -> None:
-        slots = torch.remainder(positions, self.window)  # (T,) distinct: T <= W
-        self.k.index_copy_(2, slots, k_new.to(self.k.dtype))
-        self.v.index_copy_(2, slots, v_new.to(self.v.dtype))
+    def slots(self, start: int | Tensor, T: int) -> Tensor | None:
+        """
+        (T,) the ring slots a write of T tokens at start fills in place, as KVCache.slots: position p goes to slot
+        p % W. Only a decoding step (T == 1) is such a write; None for T > 1, whose write returns the ring before it
+        followed by the new tokens (see write), which no slots describe.
+        """
+        if T != 1:
+            return None
+        if isinstance(start, int) and start < 0:
+            raise ValueError(f"start must be a position (>= 0), got {start}")
+        return torch.remainder(new_token_positions(start, T, self.k.device), self.window)  # (1,)
 
 
 def hide_pads(k_positions: Tensor, pads: Tensor) -> Tensor:

@@ -28,6 +28,7 @@ try:
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
+    from .rope import apply_rope_write_kv
     from .selective_scan import selective_scan
     from .state_update import mamba_step_low_rank
     from .swiglu import swiglu
@@ -49,6 +50,7 @@ except ImportError:  # no triton
     sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
+    apply_rope_write_kv = None
     selective_scan = None
     mamba_step_low_rank = None
     swiglu = None
@@ -85,6 +87,10 @@ def decompositions() -> dict:
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=8192))
     if rope_module is not None:
         from ..ops.attention import apply_rope_qk as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=8192))
+    if rope_module is not None:
+        from ..ops.attention import apply_rope_write_kv as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=8192))
     if selective_scan_module is not None:

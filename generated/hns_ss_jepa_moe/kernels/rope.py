@@ -63,23 +63,44 @@ INTERPRETER_CONFIG = {"BLOCK_T": 4, "num_warps": 1}
 
 
 @triton.jit
-def _rotate_head(src_ptr, dst_ptr, tokens, stride_src_t, stride_dst_t, token_inside, cos, sin, HALF, PASS,
+def _rotate_head(src_ptr, dst_ptr, src_rows, dst_rows, token_inside, cos, sin, HALF, PASS,
                  COPY_PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
-    """One head's BLOCK_T rows: the R = 2·HALF rotated channels, and the PASS channels after them when src is not
-    dst (COPY_PASS)."""
+    """One head's BLOCK_T rows (src_rows, dst_rows: each row's offset): the R = 2·HALF rotated channels, and the PASS
+    channels after them when src is not dst (COPY_PASS). Rounded to src's dtype, then stored in dst's (a cache's
+    dtype may differ: the reference rotates, then casts)."""
     pairs = tl.arange(0, BLOCK_HALF)
     inside = token_inside[:, None] & (pairs < HALF)[None, :]
-    src = src_ptr + tokens[:, None] * stride_src_t + pairs[None, :]
-    dst = dst_ptr + tokens[:, None] * stride_dst_t + pairs[None, :]
+    src = src_ptr + src_rows[:, None] + pairs[None, :]
+    dst = dst_ptr + dst_rows[:, None] + pairs[None, :]
     a = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
-    tl.store(dst, (a * cos - b * sin).to(dst_ptr.dtype.element_ty), mask=inside)
-    tl.store(dst + HALF, (b * cos + a * sin).to(dst_ptr.dtype.element_ty), mask=inside)
+    tl.store(dst, (a * cos - b * sin).to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
+    tl.store(dst + HALF, (b * cos + a * sin).to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
     if COPY_PASS:
         rest = 2 * HALF + tl.arange(0, BLOCK_PASS)
         inside = token_inside[:, None] & (rest < 2 * HALF + PASS)[None, :]
-        values = tl.load(src_ptr + tokens[:, None] * stride_src_t + rest[None, :], mask=inside)
-        tl.store(dst_ptr + tokens[:, None] * stride_dst_t + rest[None, :], values, mask=inside)
+        values = tl.load(src_ptr + src_rows[:, None] + rest[None, :], mask=inside)
+        tl.store(dst_ptr + dst_rows[:, None] + rest[None, :], values.to(dst_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _copy_head(src_ptr, dst_ptr, src_rows, dst_rows, token_inside, D, BLOCK_D: tl.constexpr):
+    """One head's BLOCK_T rows of D channels copied, cast to dst's dtype (v into its cache)."""
+    channels = tl.arange(0, BLOCK_D)
+    inside = token_inside[:, None] & (channels < D)[None, :]
+    values = tl.load(src_ptr + src_rows[:, None] + channels[None, :], mask=inside)
+    tl.store(dst_ptr + dst_rows[:, None] + channels[None, :], values.to(dst_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _angles(cos_ptr, sin_ptr, batch, tokens, token_inside, stride_cb, stride_ct, HALF, BLOCK_HALF: tl.constexpr):
+    """The (BLOCK_T, BLOCK_HALF) cos and sin of a block of tokens (float32; 0 outside)."""
+    pairs = tl.arange(0, BLOCK_HALF)
+    angle_at = batch * stride_cb + tokens[:, None] * stride_ct + pairs[None, :]
+    angle_inside = token_inside[:, None] & (pairs < HALF)[None, :]
+    cos = tl.load(cos_ptr + angle_at, mask=angle_inside, other=0.0)
+    sin = tl.load(sin_ptr + angle_at, mask=angle_inside, other=0.0)
+    return cos, sin
 
 
 @triton.jit
@@ -97,11 +118,7 @@ def _rope_kernel(
     batch = tl.program_id(1).to(tl.int64)
     token_inside = tokens < T
     tokens = tokens.to(tl.int64)
-    pairs = tl.arange(0, BLOCK_HALF)
-    angle_at = batch * stride_cb + tokens[:, None] * stride_ct + pairs[None, :]
-    angle_inside = token_inside[:, None] & (pairs < HALF)[None, :]
-    cos = tl.load(cos_ptr + angle_at, mask=angle_inside, other=0.0)
-    sin = tl.load(sin_ptr + angle_at, mask=angle_inside, other=0.0)
+    cos, sin = _angles(cos_ptr, sin_ptr, batch, tokens, token_inside, stride_cb, stride_ct, HALF, BLOCK_HALF)
     if INVERSE:
         sin = -sin
     # heads split, split + splits, ...: the pointers advance (64-bit, where head × stride could overflow 32 bits)
@@ -110,17 +127,56 @@ def _rope_kernel(
     q_src = q_ptr + batch * stride_qb + split * stride_qh
     q_dst = q_out_ptr + batch * stride_qob + split * stride_qoh
     for _ in range(tl.program_id(2), HQ, tl.num_programs(2)):
-        _rotate_head(q_src, q_dst, tokens, stride_qt, stride_qot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
-                     BLOCK_HALF, BLOCK_PASS)
+        _rotate_head(q_src, q_dst, tokens * stride_qt, tokens * stride_qot, token_inside, cos, sin, HALF, PASS,
+                     COPY_PASS, BLOCK_HALF, BLOCK_PASS)
         q_src += splits * stride_qh
         q_dst += splits * stride_qoh
     k_src = k_ptr + batch * stride_kb + split * stride_kh
     k_dst = k_out_ptr + batch * stride_kob + split * stride_koh
     for _ in range(tl.program_id(2), HK, tl.num_programs(2)):
-        _rotate_head(k_src, k_dst, tokens, stride_kt, stride_kot, token_inside, cos, sin, HALF, PASS, COPY_PASS,
-                     BLOCK_HALF, BLOCK_PASS)
+        _rotate_head(k_src, k_dst, tokens * stride_kt, tokens * stride_kot, token_inside, cos, sin, HALF, PASS,
+                     COPY_PASS, BLOCK_HALF, BLOCK_PASS)
         k_src += splits * stride_kh
         k_dst += splits * stride_koh
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, cos_ptr, sin_ptr,
+    T, HQ, HK, HALF, PASS, D,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct,
+    stride_cb, stride_ct,
+    HAS_PASS: tl.constexpr,  # channels past R: copied into the cache with k's rotated ones
+    BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """q rotated in place; k rotated and v copied into the caches' rows slots[t] (k and v themselves unchanged).
+    The grid and the head split are _rope_kernel's."""
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    batch = tl.program_id(1).to(tl.int64)
+    token_inside = tokens < T
+    tokens = tokens.to(tl.int64)
+    slots = tl.load(slots_ptr + tokens, mask=token_inside, other=0).to(tl.int64)
+    cos, sin = _angles(cos_ptr, sin_ptr, batch, tokens, token_inside, stride_cb, stride_ct, HALF, BLOCK_HALF)
+    split = tl.program_id(2).to(tl.int64)
+    splits = tl.num_programs(2).to(tl.int64)
+    q_at = q_ptr + batch * stride_qb + split * stride_qh
+    for _ in range(tl.program_id(2), HQ, tl.num_programs(2)):
+        _rotate_head(q_at, q_at, tokens * stride_qt, tokens * stride_qt, token_inside, cos, sin, HALF, PASS, False,
+                     BLOCK_HALF, BLOCK_PASS)
+        q_at += splits * stride_qh
+    k_src = k_ptr + batch * stride_kb + split * stride_kh
+    v_src = v_ptr + batch * stride_vb + split * stride_vh
+    k_dst = k_cache_ptr + batch * stride_kcb + split * stride_kch
+    v_dst = v_cache_ptr + batch * stride_vcb + split * stride_vch
+    for _ in range(tl.program_id(2), HK, tl.num_programs(2)):
+        _rotate_head(k_src, k_dst, tokens * stride_kt, slots * stride_kct, token_inside, cos, sin, HALF, PASS,
+                     HAS_PASS, BLOCK_HALF, BLOCK_PASS)
+        _copy_head(v_src, v_dst, tokens * stride_vt, slots * stride_vct, token_inside, D, BLOCK_D)
+        k_src += splits * stride_kh
+        v_src += splits * stride_vh
+        k_dst += splits * stride_kch
+        v_dst += splits * stride_vch
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,11 +237,59 @@ def rope_forward(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, inverse: boo
     return q_out, k_out
 
 
+WRITE_TUNER = Autotuner("rope.write_kv", CONFIGS, INTERPRETER_CONFIG, default=DEFAULT_CONFIG)
+
+
+def write_candidates(T: int) -> list[dict]:
+    """The configs worth launching for T new tokens: blocks of at most T tokens (rounded up to a power of two, at
+    least the smallest block), so a decoding step (T = 1) runs the smallest block, not 16 rows of which 15 idle."""
+    most = max(triton.next_power_of_2(T), min(config["BLOCK_T"] for config in CONFIGS))
+    return [config for config in CONFIGS if config["BLOCK_T"] <= most]
+
+
+def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                  slots: Tensor, *, config: dict | None = None) -> None:
+    """Run the cache-writing kernel: q rotated in place, k rotated and v copied into rows `slots` of the caches (cast
+    to their dtype). config {"BLOCK_T", "num_warps"} bypasses the tuner."""
+    _check(q, k, cos, sin)
+    _check_cache(q, k, v, k_cache, v_cache, slots)
+    if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache)):
+        raise ValueError("rope_write_kv needs q, k, v and the caches with a unit last stride")
+    B, HQ, T, D = q.shape
+    HK = k.shape[1]
+    half = cos.shape[-1]
+    cos, sin = (a.to(torch.float32).contiguous() for a in (cos, sin))
+    stride_cb = cos.stride(0) if cos.dim() == 3 else 0
+    pass_through = D - 2 * half
+
+    def launch(cfg):
+        token_blocks = triton.cdiv(T, cfg["BLOCK_T"])
+        splits = min(max(HQ, HK), triton.cdiv(PROGRAMS_TO_FILL, token_blocks * B))  # as rope_forward's
+        _rope_write_kv_kernel[(token_blocks, B, splits)](
+            q, k, v, k_cache, v_cache, slots, cos, sin, T, HQ, HK, half, pass_through, D,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_cb, cos.stride(-2),
+            HAS_PASS=pass_through > 0, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=triton.next_power_of_2(half),
+            BLOCK_PASS=triton.next_power_of_2(max(pass_through, 1)), BLOCK_D=triton.next_power_of_2(D),
+            num_warps=cfg["num_warps"],
+        )
+
+    if B and T:
+        candidates = write_candidates(T)
+        # the bucket: rope's, the cache's dtype, and the candidates (a decoding step's T = 1 is a bucket of its own)
+        key = f"{shape_key(D, 2 * half, q.dtype)}-{dtype_name(k_cache.dtype)}-T{max(c['BLOCK_T'] for c in candidates)}"
+        with on_device(q):
+            known = WRITE_TUNER.known(key, config)
+            launch(known if known is not None else WRITE_TUNER.tune(key, launch, candidates))
+
+
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
              device: torch.device | str) -> None:
     """The build-time tuning hook (`archgen build --autotune`): rotate the q and k of an attention op of this resolved
-    config (heads, head_dim, rope.rotary_dim) at batch × seqlen tokens, in place and not, so that inside
-    triton_support.tuning_session() the tuner tunes that bucket."""
+    config (heads, head_dim, rope.rotary_dim) at batch × seqlen tokens, in place and not, and write them into a
+    cache at seqlen tokens and at one (decoding), so that inside triton_support.tuning_session() the tuners tune those
+    buckets."""
     del params
     D, half = config["head_dim"], config["rope"]["rotary_dim"] // 2
     generator = torch.Generator(device=device).manual_seed(0)
@@ -195,6 +299,13 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D) views, as a projection's output is rotated
     rope_forward(q, k, angles.cos(), angles.sin())
     rope_forward(q, k, angles.cos(), angles.sin(), in_place=True)
+    # a cached forward of seqlen tokens and a decoding step, each writing k and v into a cache of seqlen slots
+    v = torch.randn_like(k)
+    k_cache, v_cache = (torch.zeros((batch, config["n_kv_heads"], seqlen, D), device=device, dtype=dtype) for _ in "kv")
+    slots = torch.arange(seqlen, device=device)
+    rope_write_kv(q, k, v, angles.cos(), angles.sin(), k_cache, v_cache, slots)
+    rope_write_kv(q[:, :, :1], k[:, :, :1], v[:, :, :1], angles[:1].cos(), angles[:1].sin(), k_cache, v_cache,
+                  slots[-1:])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,6 +360,23 @@ rope_op = register_op("apply_rope_qk", _rope_impl, _rope_fake, backward=_backwar
 rope_in_place_op = register_op("apply_rope_qk_", _rope_in_place_impl, _rope_in_place_fake, mutates_args=("q", "k"))
 
 
+def _rope_write_kv_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                        slots: Tensor) -> None:
+    """archgen_v1::apply_rope_write_kv_: q rotated where it lies, the rotated k and v written into the caches' slots."""
+    if not _use_kernel(q):
+        q.copy_(apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots))
+        return
+    rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+
+
+def _rope_write_kv_fake(q, k, v, cos, sin, k_cache, v_cache, slots):
+    return None
+
+
+rope_write_kv_op = register_op("apply_rope_write_kv_", _rope_write_kv_impl, _rope_write_kv_fake,
+                               mutates_args=("q", "k_cache", "v_cache"))
+
+
 class _EagerRope(torch.autograd.Function):
     """archgen_v1::apply_rope_qk's implementation and autograd without the custom ops' dispatch, for eager mode, as
     kernels/rmsnorm.py does (there the dispatch cost the host 0.21 ms per forward+backward on the H200).
@@ -296,6 +424,53 @@ def apply_rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return q, k
 
 
+def _check_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> None:
+    B, HK, T, D = k.shape
+    if v.shape != k.shape or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[:2] != (B, HK) \
+            or k_cache.shape[3] != D:
+        raise ValueError(f"k and v must be (B, Hk, T, D) and the caches (B, Hk, L, D), got k {tuple(k.shape)}, v "
+                         f"{tuple(v.shape)}, caches {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if v.dtype != q.dtype or k_cache.dtype not in SUPPORTED_DTYPES or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v must have q's dtype and the caches one dtype among {SUPPORTED_DTYPES}, got {v.dtype}, "
+                         f"{k_cache.dtype} and {v_cache.dtype}")
+    if slots.shape != (T,) or slots.dtype not in (torch.int32, torch.int64) or slots.device != k_cache.device:
+        raise ValueError(f"slots must be ({T},) integers on the caches' device, got {tuple(slots.shape)} "
+                         f"{slots.dtype} on {slots.device}")
+
+
+def apply_rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                        slots: Tensor) -> Tensor:
+    """q rotated by the angles (returned), and k rotated and v written into rows `slots` (T,) of k_cache and v_cache
+    (B, Hk, L, D), cast to the caches' dtype: a cached step's RoPE and cache write in one launch, the
+    ops/attention.py `apply_rope_write_kv` it replaces. k and v themselves are left alone: attention reads the
+    cache, and storing a rotated k back would cost a write per element for nothing. q is rotated in place (and
+    returned) when nothing needs a gradient; a gradient, torch.export or a strided last dim take the functional
+    rotation and index_copy_ (the reference's ops: exported graphs hold no mutating custom op, and apply_rope_qk's
+    decomposition lowers them). slots: distinct, a device tensor (no host sync: CUDA graphs)."""
+    _check(q, k, cos, sin)
+    _check_cache(q, k, v, k_cache, v_cache, slots)
+    eager = calls_implementation_directly(q)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    unit = all(t.stride(-1) == 1 for t in (q, k, v, k_cache, v_cache))
+    if needs_grad or torch.compiler.is_exporting() or not unit:
+        q, k = apply_rope_qk(q, k, cos, sin)
+        k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+        return q
+    (_rope_write_kv_impl if eager else rope_write_kv_op)(q, k, v, cos, sin, k_cache, v_cache, slots)
+    return q
+
+
+def apply_rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,
+                                  v_cache: Tensor, slots: Tensor) -> Tensor:
+    """The definition (ops/attention.py's apply_rope_write_kv): the rotation, then index_copy_ of k and v into the
+    caches (in place); returns q rotated (a new tensor)."""
+    q, k = apply_rope_qk_reference(q, k, cos, sin)
+    k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+    return q
+
+
 def apply_rope_qk_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """The definition (ops/attention.py's apply_rope on each): float32 (float64 stays float64), one cast back."""
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -312,10 +487,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def decomposition(reference=None, max_seqlen: int | None = None) -> dict:
     """{archgen_v1::apply_rope_qk: the op written with `reference`}: how exporters that cannot run Triton (ONNX)
-    lower it (the in-place op is never traced: the entry point takes the functional one while exporting).
-    reference: a generated package's ops/attention.py `apply_rope_qk` (default: this file's); max_seqlen is not
+    lower it. reference: a generated package's ops/attention.py `apply_rope_qk` (default: this file's), or its
+    `apply_rope_write_kv`, for which the table is empty: that op is never traced, nor is `apply_rope_qk_` (while
+    exporting, the entry points take the functional apply_rope_qk, and index_copy_ for the cache). max_seqlen is not
     needed (tokens are independent) and accepted for the common signature of kernels' decompositions."""
     reference = apply_rope_qk_reference if reference is None else reference
+    if reference.__name__ in ("apply_rope_write_kv", "apply_rope_write_kv_reference"):
+        return {}
 
     def apply_rope_qk_decomposed(q, k, cos, sin, inverse):
         return reference(q, k, cos, -sin if inverse else sin)

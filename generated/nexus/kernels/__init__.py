@@ -25,6 +25,7 @@ try:
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
+    from .rope import apply_rope_write_kv
     from .selective_scan import selective_scan
     from .silu_mul import silu_mul
     from .state_update import mamba_step_low_rank
@@ -43,6 +44,7 @@ except ImportError:  # no triton
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
+    apply_rope_write_kv = None
     selective_scan = None
     silu_mul = None
     mamba_step_low_rank = None
@@ -75,6 +77,10 @@ def decompositions() -> dict:
         table.update(rmsnorm_module.decomposition(reference, max_seqlen=4096))
     if rope_module is not None:
         from ..ops.attention import apply_rope_qk as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=4096))
+    if rope_module is not None:
+        from ..ops.attention import apply_rope_write_kv as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=4096))
     if selective_scan_module is not None:
