@@ -26,10 +26,19 @@ whatever the input's. The forward's input already lies so; the backward's (the a
 that made q then passes its gradient to the projection without a copy (a strided copy of dq and dk per attention
 layer otherwise: ~100 µs of a Hymba+ layer's training step at 8 × 2048).
 
+A cached step (decoding, or a prompt into a cache) also writes k and v into the KV cache: `apply_rope_write_kv`
+rotates q in place and stores the rotated k and v (cast to the cache's dtype) straight into the cache rows `slots`
+(the cache's `slots(start, T)`: the plain cache's start .. start+T-1, a ring's p % W), one launch where the rotation
+and two index_copy_ were three. k and v themselves are left as they are (attention reads the cache; a rotated k
+stored back would be a write per element for nothing). Same grid and head split as the rotation; its own tuner
+(`rope.write_kv`), whose candidates are the blocks of at most T tokens (a decoding step: the smallest).
+
 Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
 ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
-`rope_forward` with its autotune space, `apply_rope_qk_reference`, and `decomposition` for ONNX. CPU tensors take the
-reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
+`rope_forward` with its autotune space, `apply_rope_qk_reference`; `apply_rope_write_kv` (entry point), its custom op
+`archgen_v1::apply_rope_write_kv_` (mutates q and the caches), launcher `rope_write_kv` and
+`apply_rope_write_kv_reference`; and `decomposition` for ONNX. CPU tensors take the reference unless
+TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
 
 import torch

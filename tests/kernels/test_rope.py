@@ -375,3 +375,26 @@ def test_write_kv_rejects_bad_caches():
         rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache[..., :6], v_cache[..., :6], torch.tensor([0], device=DEVICE))
     with pytest.raises(ValueError, match="slots"):
         rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, torch.tensor([0, 1], device=DEVICE))
+
+
+def test_write_kv_compiles_in_one_graph():
+    """Under torch.compile the mutating custom op is one node of one graph (fullgraph: no break), and the functionalized
+    graph writes q and the caches as eager does."""
+    B, HQ, HK, T, D, R, L = 1, 3, 1, 1, 16, 8, 4
+    q, k, v = randn(B, HQ, T, D, seed=1), randn(B, HK, T, D, seed=2), randn(B, HK, T, D, seed=3)
+    cos, sin = angles(R, torch.arange(T) + 2)
+    slots = torch.tensor([2], device=DEVICE)
+
+    def step(q, k, v, cos, sin, k_cache, v_cache, slots):
+        return rope.apply_rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots) * 2
+
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        q_in, k_cache, v_cache = q.clone(), torch.zeros(B, HK, L, D, device=DEVICE), torch.zeros(B, HK, L, D,
+                                                                                                 device=DEVICE)
+        with torch.no_grad():
+            out = run(q_in, k, v, cos, sin, k_cache, v_cache, slots)
+        results.append((out, q_in, k_cache, v_cache))
+    for got, want in zip(*results, strict=True):
+        assert_close(got, want, 1e-6)
+    assert results[0][2][:, :, 2].abs().sum() > 0, "the cache slot was written"

@@ -26,10 +26,19 @@ whatever the input's. The forward's input already lies so; the backward's (the a
 that made q then passes its gradient to the projection without a copy (a strided copy of dq and dk per attention
 layer otherwise: ~100 µs of a Hymba+ layer's training step at 8 × 2048).
 
+A cached step (decoding, or a prompt into a cache) also writes k and v into the KV cache: `apply_rope_write_kv`
+rotates q in place and stores the rotated k and v (cast to the cache's dtype) straight into the cache rows `slots`
+(the cache's `slots(start, T)`: the plain cache's start .. start+T-1, a ring's p % W), one launch where the rotation
+and two index_copy_ were three. k and v themselves are left as they are (attention reads the cache; a rotated k
+stored back would be a write per element for nothing). Same grid and head split as the rotation; its own tuner
+(`rope.write_kv`), whose candidates are the blocks of at most T tokens (a decoding step: the smallest).
+
 Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
 ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
-`rope_forward` with its autotune space, `apply_rope_qk_reference`, and `decomposition` for ONNX. CPU tensors take the
-reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
+`rope_forward` with its autotune space, `apply_rope_qk_reference`; `apply_rope_write_kv` (entry point), its custom op
+`archgen_v1::apply_rope_write_kv_` (mutates q and the caches), launcher `rope_write_kv` and
+`apply_rope_write_kv_reference`; and `decomposition` for ONNX. CPU tensors take the reference unless
+TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
 
 import torch
@@ -158,25 +167,21 @@ def _rope_write_kv_kernel(
     tokens = tokens.to(tl.int64)
     slots = tl.load(slots_ptr + tokens, mask=token_inside, other=0).to(tl.int64)
     cos, sin = _angles(cos_ptr, sin_ptr, batch, tokens, token_inside, stride_cb, stride_ct, HALF, BLOCK_HALF)
-    split = tl.program_id(2).to(tl.int64)
-    splits = tl.num_programs(2).to(tl.int64)
-    q_at = q_ptr + batch * stride_qb + split * stride_qh
-    for _ in range(tl.program_id(2), HQ, tl.num_programs(2)):
-        _rotate_head(q_at, q_at, tokens * stride_qt, tokens * stride_qt, token_inside, cos, sin, HALF, PASS, False,
+    # heads split, split + splits, ...: each head's rows from its index (64-bit), where advancing four pointers made
+    # ptxas spill one of them in the loop (sm_90, bench/sm90_audit.py)
+    q_at = q_ptr + batch * stride_qb
+    for head in range(tl.program_id(2), HQ, tl.num_programs(2)):
+        q_head = q_at + tl.cast(head, tl.int64) * stride_qh
+        _rotate_head(q_head, q_head, tokens * stride_qt, tokens * stride_qt, token_inside, cos, sin, HALF, PASS, False,
                      BLOCK_HALF, BLOCK_PASS)
-        q_at += splits * stride_qh
-    k_src = k_ptr + batch * stride_kb + split * stride_kh
-    v_src = v_ptr + batch * stride_vb + split * stride_vh
-    k_dst = k_cache_ptr + batch * stride_kcb + split * stride_kch
-    v_dst = v_cache_ptr + batch * stride_vcb + split * stride_vch
-    for _ in range(tl.program_id(2), HK, tl.num_programs(2)):
-        _rotate_head(k_src, k_dst, tokens * stride_kt, slots * stride_kct, token_inside, cos, sin, HALF, PASS,
-                     HAS_PASS, BLOCK_HALF, BLOCK_PASS)
-        _copy_head(v_src, v_dst, tokens * stride_vt, slots * stride_vct, token_inside, D, BLOCK_D)
-        k_src += splits * stride_kh
-        v_src += splits * stride_vh
-        k_dst += splits * stride_kch
-        v_dst += splits * stride_vch
+    k_rows, v_rows = tokens * stride_kt, tokens * stride_vt
+    k_slots, v_slots = slots * stride_kct, slots * stride_vct
+    for head in range(tl.program_id(2), HK, tl.num_programs(2)):
+        h = tl.cast(head, tl.int64)
+        _rotate_head(k_ptr + batch * stride_kb + h * stride_kh, k_cache_ptr + batch * stride_kcb + h * stride_kch,
+                     k_rows, k_slots, token_inside, cos, sin, HALF, PASS, HAS_PASS, BLOCK_HALF, BLOCK_PASS)
+        _copy_head(v_ptr + batch * stride_vb + h * stride_vh, v_cache_ptr + batch * stride_vcb + h * stride_vch,
+                   v_rows, v_slots, token_inside, D, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------------------------
