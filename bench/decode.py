@@ -260,6 +260,8 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 save(args, results)
             if batch == 1 and not args.parity_first:
                 parity(model, prompt, row, args, results)
+            if batch == 1 and args.without:
+                attempt(row, "without", lambda prompt=prompt: without_kernels(package, model, prompt, vocab, args), args)
         for variant in VARIANTS:
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
@@ -270,6 +272,30 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
 
     if name == "bamba_1b" and not args.dry_run and not args.no_transformers:
         attempt(entry, "transformers", lambda: transformers_decode(args, bandwidth), args)
+
+
+def without_kernels(package, model, prompt, vocab: int, args) -> dict:
+    """The A/B of --without: the same model with those kernel functions of its package switched off (the reference
+    path its template takes when `use_kernel` says no), its graph step timed and, on CUDA, its step's kernels
+    profiled; then switched back on. The graph decoders are dropped before and after, so neither side replays a graph
+    the other recorded."""
+    names = args.without.split(",")
+    saved = {name: getattr(package.kernels, name) for name in names}
+    result = {"kernels_off": names}
+    try:
+        for name in names:
+            setattr(package.kernels, name, None)
+        model.__dict__.pop("_graph_decoders", None)
+        result["graph_ms_per_token"] = decode_ms_per_token(
+            lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=True), prompt, args.new_tokens,
+            args.device)
+        if args.device == "cuda":
+            result["step_kernels"] = step_kernels(model, vocab, args.device)
+    finally:
+        for name, kernel in saved.items():
+            setattr(package.kernels, name, kernel)
+        model.__dict__.pop("_graph_decoders", None)
+    return result
 
 
 def transformers_decode(args, bandwidth: float) -> dict:
@@ -345,6 +371,9 @@ def main() -> None:
     parser.add_argument("--pdl-ab", action="store_true",
                         help="batch 1: the graph step with programmatic dependent launch off and on (re-captured), "
                              "timed twice each, and their logits compared")
+    parser.add_argument("--without", default=None,
+                        help="comma-separated kernel functions of the package (e.g. apply_rope_write_kv): batch 1 is "
+                             "also timed in a graph, and profiled, with them off (an A/B in one run)")
     args = parser.parse_args()
     args.deadline = time.monotonic() + args.budget_s
     args.device = "cpu" if args.dry_run else "cuda"
