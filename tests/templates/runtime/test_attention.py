@@ -606,6 +606,37 @@ def test_ring_slot_positions():
     assert cache.slot_positions(torch.tensor(9)).tolist() == [8, 5, 6, 7]
 
 
+def test_caches_say_where_a_write_goes():
+    """`slots` is where `write` copies to (and the RoPE kernel stores): the plain cache's start .. start+T-1, a view of
+    a tensor start at one token; the ring's p % W at one token, and None for a ring's T > 1 (no slot write)."""
+    cache = ops.KVCache.empty(1, 1, max_len=6, head_dim=2)
+    assert cache.slots(2, 3).tolist() == [2, 3, 4]
+    start = torch.tensor(5)
+    assert cache.slots(start, 1).tolist() == [5] and cache.slots(start, 1).data_ptr() == start.data_ptr()
+    with pytest.raises(ValueError, match="cannot write 2 tokens at start=5"):
+        cache.slots(5, 2)
+    ring = ops.RingKVCache.empty(1, 1, 4, 2)
+    assert ring.slots(2, 1).tolist() == [2] and ring.slots(torch.tensor(9), 1).tolist() == [1]
+    assert ring.slots(9, 3) is None
+    k_new, v_new = randn(1, 1, 1, 2), randn(1, 1, 1, 2, seed=1)
+    ring.write(k_new, v_new, 9)
+    assert torch.equal(ring.k[:, :, 1], k_new[:, :, 0]) and not ring.k[:, :, [0, 2, 3]].any()
+
+
+def test_apply_rope_write_kv_is_the_rotation_and_the_cache_write():
+    q, k, v = randn(2, 4, 3, 8), randn(2, 2, 3, 8, seed=1), randn(2, 2, 3, 8, seed=2)
+    inv_freq, _ = ops.rope_inv_freq(4, theta=10000.0)
+    cos, sin = ops.rope_cos_sin(inv_freq, torch.arange(3) + 2)
+    cache = ops.KVCache.empty(2, 2, max_len=6, head_dim=8, dtype=torch.float64)
+    k_before = k.clone()
+    q_rot = ops.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, cache.slots(2, 3))
+    q_ref, k_ref = ops.apply_rope_qk(q, k, cos, sin)
+    expected = ops.KVCache.empty(2, 2, max_len=6, head_dim=8, dtype=torch.float64)
+    expected.write(k_ref, v, 2)
+    assert torch.equal(q_rot, q_ref) and torch.equal(k, k_before)
+    assert torch.equal(cache.k, expected.k) and torch.equal(cache.v, expected.v)
+
+
 def test_full_cache_update_returns_slot_positions():
     cache = ops.KVCache.empty(1, 2, max_len=6, head_dim=4)
     k_all, v_all, k_pos = cache.update(randn(1, 2, 2, 4), randn(1, 2, 2, 4, seed=1), 3)
