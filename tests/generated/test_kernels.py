@@ -203,6 +203,10 @@ def small_rope(tmp_path, monkeypatch):
     real = package.kernels.apply_rope_qk
     monkeypatch.setattr(package.kernels, "apply_rope_qk", lambda *args: calls.append(args[0].shape) or real(*args))
     package.rope_calls = calls
+    writes, real_write = [], package.kernels.apply_rope_write_kv
+    monkeypatch.setattr(package.kernels, "apply_rope_write_kv",
+                        lambda *args: writes.append(args[0].shape) or real_write(*args))
+    package.rope_write_calls = writes
     return package
 
 
@@ -217,14 +221,18 @@ def test_rope_kernel_and_reference_give_the_same_model(small_rope):
 
 
 def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
-    """Without gradients the kernel rotates q and k in place: prefill and cached steps give the full pass's logits."""
+    """Without gradients the kernel rotates q and k in place (the full pass), and a cached forward rotates q in place
+    and writes the rotated k and v into the cache in the same launch (apply_rope_write_kv: the prefill and each
+    step, partial rotary): the cached logits are the full pass's."""
     torch.manual_seed(1)
     model = small_rope.Model().eval()
     tokens = torch.randint(0, 64, (2, 10))
     with torch.no_grad():
         full = model(tokens).logits
+    assert len(small_rope.rope_calls) == 2 and not small_rope.rope_write_calls  # no cache: the rotation alone
     cached = decode_in_steps(model, tokens, prefill=6)
-    assert small_rope.rope_calls, "the attention layers did not call kernels.apply_rope_qk"
+    assert len(small_rope.rope_calls) == 2, "a cached forward rotated without writing the cache in the same launch"
+    assert len(small_rope.rope_write_calls) == 2 * (1 + 4), small_rope.rope_write_calls  # 2 layers: prefill, 4 steps
     assert_close(cached, full, 1e-5, "cached logits")
 
 
