@@ -15,7 +15,10 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - transformers' BambaForCausalLM at the same configuration (its torch path), ms/token;
   - with --pdl-ab, programmatic dependent launch (kernels/triton_support.py, programmatic_launch) off and on in the
     same run: the batch-1 graph step re-captured for each, timed twice each (off, on, off, on), their ratio, and the
-    graph's logits for the same fed tokens in both (bitwise equal: PDL changes no arithmetic).
+    graph's logits for the same fed tokens in both (bitwise equal: PDL changes no arithmetic);
+  - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
+    batch 1's graph ms/token and step profile with those kernels off, and whether the prefill logits and greedy
+    tokens are the same with them off.
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
 (the bars alone, about a minute: --variants graph --no-parity, transformers included)
@@ -278,14 +281,27 @@ def without_kernels(package, model, prompt, vocab: int, args) -> dict:
     """The A/B of --without: the same model with those kernel functions of its package switched off (the reference
     path its template takes when `use_kernel` says no), its graph step timed and, on CUDA, its step's kernels
     profiled; then switched back on. The graph decoders are dropped before and after, so neither side replays a graph
-    the other recorded."""
+    the other recorded. Also whether the two sides compute the same: the logits of the prompt run into a cache (a
+    cached forward of T tokens) and 16 greedy tokens in the graph (`max_abs_prefill_logit_diff`, `same_greedy_tokens`;
+    a kernel that computes what its reference does in the same dtype gives 0 and True)."""
     names = args.without.split(",")
     saved = {name: getattr(package.kernels, name) for name in names}
     result = {"kernels_off": names}
+
+    def prefill_logits_and_tokens():
+        cache = model.empty_cache(prompt.size(0), 512, device=args.device)
+        logits = model(prompt, cache=cache).logits.float()
+        return logits, model.generate(prompt, max_new_tokens=16, temperature=0, cuda_graph=True)
+
+    model.__dict__.pop("_graph_decoders", None)
+    logits_on, tokens_on = prefill_logits_and_tokens()
     try:
         for name in names:
             setattr(package.kernels, name, None)
         model.__dict__.pop("_graph_decoders", None)
+        logits_off, tokens_off = prefill_logits_and_tokens()
+        result["max_abs_prefill_logit_diff"] = (logits_on - logits_off).abs().max().item()
+        result["same_greedy_tokens"] = bool(torch.equal(tokens_on, tokens_off))
         result["graph_ms_per_token"] = decode_ms_per_token(
             lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=True), prompt, args.new_tokens,
             args.device)
