@@ -264,6 +264,7 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
     HK = k.shape[1]
     half = cos.shape[-1]
     cos, sin = (a.to(torch.float32).contiguous() for a in (cos, sin))
+    slots = slots.contiguous()  # the kernel reads slots[t] at t (a cache's slots are: no copy)
     stride_cb = cos.stride(0) if cos.dim() == 3 else 0
     pass_through = D - 2 * half
 

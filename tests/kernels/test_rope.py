@@ -284,6 +284,20 @@ def test_write_kv_takes_per_sequence_angles():
     check_write_kv(2, 4, 2, 3, 16, 16, 9, [2, 3, 4], torch.float32, torch.float32, per_sequence=True)
 
 
+def test_write_kv_reads_strided_slots():
+    q, k, v = randn(1, 2, 3, 8, seed=1), randn(1, 1, 3, 8, seed=2), randn(1, 1, 3, 8, seed=3)
+    cos, sin = angles(8, torch.arange(3))
+    slots = torch.tensor([5, 0, 3, 0, 1, 0], device=DEVICE)[::2]  # [5, 3, 1], stride 2
+    k_cache, v_cache = poisoned_caches(1, 1, 6, 8, torch.float32)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    q_ref = rope.apply_rope_write_kv_reference(q, k, v, cos, sin, k_ref, v_ref, slots)
+    rope.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert_close(q, q_ref, 1e-5, "q")
+    for got, want in ((k_cache, k_ref), (v_cache, v_ref)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert_close(got.nan_to_num(), want.nan_to_num(), 1e-5, "cache")
+
+
 @pytest.mark.parametrize("choice", gpu_choices(3))
 @pytest.mark.parametrize(("T", "slots"), [(1, [6]), (37, list(range(37)))], ids=["decode", "T37"])
 def test_write_kv_every_gpu_config(gpu_configs, choice, T, slots):
