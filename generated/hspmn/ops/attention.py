@@ -758,6 +758,19 @@ class StepContext:
             self._shared[key] = rope_cos_sin(inv_freq, self.token_positions, mscale)
         return self._shared[key]
 
+    def cache_slots(self, component: str, cache) -> Tensor | None:
+        """
+        cache.slots(start, T) for these tokens: where a KVCache / RingKVCache write of them goes (None where that
+        write is no slot write: a ring at T > 1), asked of the first layer's cache of `component` (one geometry for
+        all its layers). A ring's slot is a remainder: one launch a step for the component, not one a layer.
+        """
+        if torch.compiler.is_compiling():
+            return cache.slots(self.positions[0], self.positions.size(-1))
+        key = (component, "slots")
+        if key not in self._shared:
+            self._shared[key] = cache.slots(self.positions[0], self.positions.size(-1))
+        return self._shared[key]
+
     def attention_mask(
         self, component: str, cache=None, window: int | None = None, dtype: torch.dtype = torch.float32
     ) -> AttentionMask:

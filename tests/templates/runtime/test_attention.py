@@ -623,6 +623,18 @@ def test_caches_say_where_a_write_goes():
     assert torch.equal(ring.k[:, :, 1], k_new[:, :, 0]) and not ring.k[:, :, [0, 2, 3]].any()
 
 
+def test_step_context_asks_the_first_layers_cache_for_the_slots():
+    """The slots of one component's writes are computed once a forward (a ring's remainder: one launch a step, not one
+    a layer), per component, and are what each cache's slots say."""
+    step = ops.StepContext(torch.tensor([9]))
+    rings = [ops.RingKVCache.empty(1, 1, 4, 2) for _ in range(2)]
+    first = step.cache_slots("local", rings[0])
+    assert first.tolist() == [1] and step.cache_slots("local", rings[1]) is first
+    plain = step.cache_slots("global", ops.KVCache.empty(1, 1, max_len=12, head_dim=2))
+    assert plain.tolist() == [9] and plain is not first
+    assert ops.StepContext(torch.arange(3) + 5).cache_slots("local", rings[0]) is None  # a ring at T > 1
+
+
 def test_apply_rope_write_kv_is_the_rotation_and_the_cache_write():
     q, k, v = randn(2, 4, 3, 8), randn(2, 2, 3, 8, seed=1), randn(2, 2, 3, 8, seed=2)
     inv_freq, _ = ops.rope_inv_freq(4, theta=10000.0)
