@@ -16,12 +16,12 @@ from tests.conftest import build_package
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def step_ops(tmp_path, spec: str) -> dict:
+def step_ops(tmp_path, spec: str, context: int = 256) -> dict:
     pytest.importorskip("triton")
     package = build_package(ROOT / spec, tmp_path, preset=None)
     with torch.device("meta"):
         model = package.Model().to(torch.bfloat16).eval()
-    return decode_step_ops(model)
+    return decode_step_ops(model, context=context)
 
 
 def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_171(tmp_path):
@@ -64,3 +64,14 @@ def test_hymba_plus_decodes_in_at_most_540_ops(tmp_path):
     assert ops["by_op"]["archgen_v1.normalized_mean.default"] == 32
     assert ops["by_module"]["AttnSsmParallel"] == ops["instances"]["AttnSsmParallel"], ops["by_module"]
     assert ops["total"] <= 540, ops["by_module"]
+
+
+def test_hymba_plus_ring_caches_decode_in_at_most_549_ops(tmp_path):
+    """Past its window (2048 positions: the 29 windowed layers' caches are rings of 1024) a step writes each ring
+    through the RoPE kernel too, at the slot the StepContext computed once for the component (one remainder, and one
+    for the mask's slot positions), never one a layer."""
+    ops = step_ops(tmp_path, "specs/hymba_plus.yaml", context=2048)
+    assert ops["by_op"]["archgen_v1.apply_rope_write_kv_.default"] == 32
+    assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
+    assert ops["by_op"]["aten.remainder.Scalar"] == 2, ops["by_op"]
+    assert ops["total"] <= 549, ops["by_module"]
