@@ -178,7 +178,8 @@ class Attn(nn.Module):
         # A cached step whose write has slots (a plain cache, a ring at one token) rotates q in place and stores the
         # rotated k and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay
         # unrotated, the cache is what attention reads.
-        slots = step.cache_slots("attn", cache) if cache is not None and use_kernel(kernels.apply_rope_write_kv, q) else None
+        fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
+        slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
         if slots is not None:
             q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
             k, v = cache.k, cache.v  # (B, 8, S, 64) each: what to attend over
