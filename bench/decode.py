@@ -164,7 +164,7 @@ def pdl_ab(model, prompt, args) -> dict:
                 out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
                 print(f"pdl_ab {mode}: {out[f'{mode}_error']}", flush=True)
     finally:
-        set_programmatic_launch(None)  # back to ARCHGEN_PDL's choice (on by default) for what follows
+        set_programmatic_launch(None)  # back to ARCHGEN_PDL's choice (off unless it is 1) for what follows
         model.__dict__.pop("_graph_decoders", None)
     for mode in ("off", "on"):
         if out["rounds"][mode]:

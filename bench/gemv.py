@@ -15,9 +15,10 @@ the feed-forward runs today) against swiglu_linear (one launch). Each step total
 times a decoding step multiplies by it; "few rows" repeats the largest shapes at 2 and 4 rows (FEW_ROWS, the most
 the generated layers send to the kernel), where the kernel reads a weight tile once for all rows. `attn.qkv` is the
 attention's q, k and v projections as one (out, in) matrix, as the step runs them (one launch; see MODELS).
-The kernel runs with programmatic dependent launch where triton_support.programmatic_launch says so (an H200, unless
-ARCHGEN_PDL=0), so each call of a replay may start while the one before finishes; with --pdl-ab the shape's own
-config is also timed with it off (`gemv_pdl_off_us`, and the step total `gemv_pdl_off`), in the same run.
+The kernel runs with programmatic dependent launch where triton_support.programmatic_launch says so (off unless
+ARCHGEN_PDL=1: it measured slower); with --pdl-ab the shape's own config is also timed with it on (each call of a
+replay may then start while the one before finishes: `gemv_pdl_on_us`, and the step total `gemv_pdl_on`), in the
+same run.
 
 Writes gemv.json and gemv.bars.json ({"figure", "archgen", "unit", "reference", "reference_value", "ratio", "bar",
 "device", "date", "command"}; ratio > 1 means archgen is better: cuBLAS ms ÷ GEMV ms, and GEMV bandwidth ÷ copy
@@ -135,14 +136,14 @@ class Bench(Run):
         cublas_us = self.per_call_us(cublas, copies)
         times = {name: self.per_call_us(lambda i, c=c: kernel(i, c), copies) for name, c in candidates.items()}
         best = min(times, key=times.get)
-        pdl_off = {}
-        if self.pdl_ab:  # the own config again with programmatic launches off (a graph captured anew)
-            self.triton_support.set_programmatic_launch(False)
+        pdl_on = {}
+        if self.pdl_ab:  # the own config again with programmatic launches on (a graph captured anew)
+            self.triton_support.set_programmatic_launch(True)
             try:
-                off_us = self.per_call_us(lambda i: kernel(i, own), copies)
+                on_us = self.per_call_us(lambda i: kernel(i, own), copies)
             finally:
                 self.triton_support.set_programmatic_launch(None)
-            pdl_off = {"gemv_pdl_off_us": round(off_us, 2), "pdl_on_over_off": round(times["own"] / off_us, 3)}
+            pdl_on = {"gemv_pdl_on_us": round(on_us, 2), "pdl_on_over_off": round(on_us / times["own"], 3)}
         kernel_us = times["own"]
         floor_us = weight_bytes / self.copy_Bps * 1e6
         return {"rows": rows, "out": N, "in": K, "gated": gated, "weight_MiB": round(weight_bytes / 2**20, 2),
@@ -154,7 +155,7 @@ class Bench(Run):
                 "cublas_of_copy_bandwidth": round(floor_us / cublas_us, 3),
                 "max_abs_difference": error, "max_abs_cublas": reference.abs().max().item(),
                 "config": own, "best": candidates[best],
-                "candidates_us": {name: round(us, 2) for name, us in times.items()}, **pdl_off}
+                "candidates_us": {name: round(us, 2) for name, us in times.items()}, **pdl_on}
 
     def model(self, record: dict, name: str, shapes: dict) -> None:
         """The section of one model: each of its shapes (a failing one is recorded, the others still run), then the
@@ -173,7 +174,7 @@ class Bench(Run):
             self.write()
         done = [s for s in record["shapes"].values() if "gemv_us" in s]
         if len(done) == len(shapes):
-            variants = ("cublas", "gemv", "unfolded", "best", "floor") + (("gemv_pdl_off",) if self.pdl_ab else ())
+            variants = ("cublas", "gemv", "unfolded", "best", "floor") + (("gemv_pdl_on",) if self.pdl_ab else ())
             step = {variant: sum(s[f"{variant}_us"] * s["per_step"] for s in done) for variant in variants}
             record["step_us"] = {variant: round(us, 1) for variant, us in step.items()}
             self.bar(f"{name} decode step's linear layers, batch 1 ({self.dtype}): GEMV vs cuBLAS", step["gemv"] / 1e3,
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=60.0, help="stop starting shapes after this many seconds")
     parser.add_argument("--only", default=None, help=f"comma-separated models of {', '.join(MODELS)}")
     parser.add_argument("--pdl-ab", action="store_true",
-                        help="also time each shape's own config with programmatic dependent launch off")
+                        help="also time each shape's own config with programmatic dependent launch on")
     args = parser.parse_args()
     bench = Bench(args.out, args.dry_run, args.budget_s, args.pdl_ab)
     for name, shapes in (DRY_MODELS if args.dry_run else MODELS).items():

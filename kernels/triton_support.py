@@ -19,9 +19,9 @@ archgen_kernels' default: the benches and tests), or run the tuner's default con
 (with its one config), and the session's `table()` is what was tuned there.
 
 Programmatic dependent launch. `programmatic_launch(device)` says whether launches on a device let the next kernel
-start before the one ahead has finished (Hopper's PDL; ARCHGEN_PDL=0 or `set_programmatic_launch(False)` turn it
-off); `gdc_wait` / `gdc_launch_dependents` are the kernels' side of it, and `prefetch_l2` lets a kernel ask for what
-it will read before it waits (docs/design.md, Kernels).
+start before the one ahead has finished (Hopper's PDL; off unless ARCHGEN_PDL=1 or `set_programmatic_launch(True)`:
+it measured slower); `gdc_wait` / `gdc_launch_dependents` are the kernels' side of it, and `prefetch_l2` lets a
+kernel ask for what it will read before it waits (docs/design.md, Kernels).
 
 Op registration. `register_op` defines `archgen_v1::<name>` with torch.library once per process: a second copy of
 an op file (a generated package's kernels/ next to archgen_kernels) reuses the ops the first registered, since
@@ -134,7 +134,9 @@ def on_device(t: Tensor):
 
 
 def _environment_allows_pdl() -> bool:
-    return os.environ.get("ARCHGEN_PDL", "1") != "0"
+    # Off unless ARCHGEN_PDL=1: on the H200 it made batch-1 decoding slower (gpu11: Bamba-1B 0.961 against 0.888
+    # ms/token, Hymba+ 2.330 against 2.286; docs/design.md, "Programmatic dependent launch")
+    return os.environ.get("ARCHGEN_PDL", "0") == "1"
 
 
 try:  # the grid dependency control of triton >= 3.4 (griddepcontrol.wait / .launch_dependents, sm_90+)
@@ -169,7 +171,8 @@ def programmatic_launch(device: torch.device) -> bool:
     while the kernel ahead of it in the stream still runs, once every program of that one has executed
     gdc_launch_dependents (or exited), and must execute gdc_wait before it reads what an earlier kernel wrote or
     writes anything. True on CUDA devices of compute capability 9 or more (Hopper), not under the interpreter (it
-    runs no PTX), with a triton that has the gdc helpers, unless ARCHGEN_PDL=0 or set_programmatic_launch(False).
+    runs no PTX), with a triton that has the gdc helpers, when ARCHGEN_PDL=1 or set_programmatic_launch(True) (off by
+    default: it measured slower on the H200).
     Kernels take it as their PDL constexpr (which gates their gdc calls) and as the launch's `launch_pdl`.
     Called on every launch: the capability is cached per device."""
     if not (_PDL_ALLOWED and _HAS_GDC) or device.type != "cuda" or interpreting():

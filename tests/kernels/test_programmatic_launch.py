@@ -44,19 +44,19 @@ def outside_the_interpreter(monkeypatch):
 def test_the_switch_takes_hopper_and_honours_the_environment_and_the_setter(monkeypatch):
     hopper, ampere = torch.device("cuda", 0), torch.device("cuda", 1)
     monkeypatch.delenv("ARCHGEN_PDL", raising=False)
-    triton_support.set_programmatic_launch(None)  # the environment's: on by default
+    triton_support.set_programmatic_launch(None)  # the environment's: off by default (it measured slower)
+    assert not triton_support.programmatic_launch(hopper)
+    monkeypatch.setenv("ARCHGEN_PDL", "1")
+    triton_support.set_programmatic_launch(None)
     assert triton_support.programmatic_launch(hopper) and not triton_support.programmatic_launch(ampere)
     assert not triton_support.programmatic_launch(torch.device("cpu"))
+    triton_support.set_programmatic_launch(False)  # the setter overrides the environment, for a same-process A/B
+    assert not triton_support.programmatic_launch(hopper)
     monkeypatch.setenv("ARCHGEN_PDL", "0")
-    triton_support.set_programmatic_launch(None)
-    assert not triton_support.programmatic_launch(hopper)
-    triton_support.set_programmatic_launch(True)  # the setter overrides the environment, for a same-process A/B
+    triton_support.set_programmatic_launch(True)
     assert triton_support.programmatic_launch(hopper) and not triton_support.programmatic_launch(ampere)
-    triton_support.set_programmatic_launch(False)
-    monkeypatch.setenv("ARCHGEN_PDL", "1")
-    assert not triton_support.programmatic_launch(hopper)
     triton_support.set_programmatic_launch(None)
-    assert triton_support.programmatic_launch(hopper)
+    assert not triton_support.programmatic_launch(hopper)
 
 
 # ---------------------------------------------------------------------------------------------------------------
