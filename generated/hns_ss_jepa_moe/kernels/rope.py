@@ -27,16 +27,20 @@ that made q then passes its gradient to the projection without a copy (a strided
 layer otherwise: ~100 µs of a Hymba+ layer's training step at 8 × 2048).
 
 A cached step (decoding, or a prompt into a cache) also writes k and v into the KV cache: `apply_rope_write_kv`
-rotates q in place and stores the rotated k and v (cast to the cache's dtype) straight into the cache rows `slots`
-(the cache's `slots(start, T)`: the plain cache's start .. start+T-1, a ring's p % W), one launch where the rotation
-and two index_copy_ were three. k and v themselves are left as they are (attention reads the cache; a rotated k
-stored back would be a write per element for nothing). Same grid and head split as the rotation; its own tuner
-(`rope.write_kv`), whose candidates are the blocks of at most T tokens (a decoding step: the smallest).
+returns q rotated (a new tensor in the projection's layout) and stores the rotated k and v (cast to the cache's
+dtype) straight into the cache rows `slots` (the cache's `slots(start, T)`: the plain cache's start .. start+T-1, a
+ring's p % W), one launch where the rotation and two index_copy_ were three. k and v themselves are left as they
+are (attention reads the cache; a rotated k stored back would be a write per element for nothing). q is not rotated
+in place: torch.compile on torch 2.11 (the GPU machine's) kept the returned value of an op mutating q but did not
+write the mutation back into its input (gpu11's test_write_kv_compiles_in_one_graph; torch 2.13 does), and a q of a
+few kilobytes a layer costs nothing to allocate, in a CUDA graph's pool too. Same grid and head split as the
+rotation; its own tuner (`rope.write_kv`), whose candidates are the blocks of at most T tokens (a decoding step:
+the smallest).
 
 Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothing needs a gradient), the custom
 ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
 `rope_forward` with its autotune space, `apply_rope_qk_reference`; `apply_rope_write_kv` (entry point), its custom op
-`archgen_v1::apply_rope_write_kv_` (mutates q and the caches), launcher `rope_write_kv` and
+`archgen_v1::apply_rope_write_kv_` (returns q rotated, mutates the caches), launcher `rope_write_kv` and
 `apply_rope_write_kv_reference`; and `decomposition` for ONNX. CPU tensors take the reference unless
 TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
@@ -151,15 +155,16 @@ def _rope_kernel(
 
 @triton.jit
 def _rope_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, cos_ptr, sin_ptr,
+    q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, cos_ptr, sin_ptr,
     T, HQ, HK, HALF, PASS, D,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_qob, stride_qoh, stride_qot,
     stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct,
     stride_cb, stride_ct,
-    HAS_PASS: tl.constexpr,  # channels past R: copied into the cache with k's rotated ones
+    HAS_PASS: tl.constexpr,  # channels past R: copied into q_out and the cache with the rotated ones
     BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """q rotated in place; k rotated and v copied into the caches' rows slots[t] (k and v themselves unchanged).
+    """q rotated into q_out; k rotated and v copied into the caches' rows slots[t] (q, k and v unchanged).
     The grid and the head split are _rope_kernel's."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     batch = tl.program_id(1).to(tl.int64)
@@ -169,11 +174,11 @@ def _rope_write_kv_kernel(
     cos, sin = _angles(cos_ptr, sin_ptr, batch, tokens, token_inside, stride_cb, stride_ct, HALF, BLOCK_HALF)
     # heads split, split + splits, ...: each head's rows from its index (64-bit), where advancing four pointers made
     # ptxas spill one of them in the loop (sm_90, bench/sm90_audit.py)
-    q_at = q_ptr + batch * stride_qb
+    q_at, q_out_at = q_ptr + batch * stride_qb, q_out_ptr + batch * stride_qob
     for head in range(tl.program_id(2), HQ, tl.num_programs(2)):
-        q_head = q_at + tl.cast(head, tl.int64) * stride_qh
-        _rotate_head(q_head, q_head, tokens * stride_qt, tokens * stride_qt, token_inside, cos, sin, HALF, PASS, False,
-                     BLOCK_HALF, BLOCK_PASS)
+        h = tl.cast(head, tl.int64)
+        _rotate_head(q_at + h * stride_qh, q_out_at + h * stride_qoh, tokens * stride_qt, tokens * stride_qot,
+                     token_inside, cos, sin, HALF, PASS, HAS_PASS, BLOCK_HALF, BLOCK_PASS)
     k_rows, v_rows = tokens * stride_kt, tokens * stride_vt
     k_slots, v_slots = slots * stride_kct, slots * stride_vct
     for head in range(tl.program_id(2), HK, tl.num_programs(2)):
@@ -253,9 +258,9 @@ def write_candidates(T: int) -> list[dict]:
 
 
 def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                  slots: Tensor, *, config: dict | None = None) -> None:
-    """Run the cache-writing kernel: q rotated in place, k rotated and v copied into rows `slots` of the caches (cast
-    to their dtype). config {"BLOCK_T", "num_warps"} bypasses the tuner."""
+                  slots: Tensor, *, config: dict | None = None) -> Tensor:
+    """Run the cache-writing kernel: k rotated and v copied into rows `slots` of the caches (cast to their dtype);
+    returns q rotated, a new tensor in the projection's layout. config {"BLOCK_T", "num_warps"} bypasses the tuner."""
     _check(q, k, cos, sin)
     _check_cache(q, k, v, k_cache, v_cache, slots)
     if any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache)):
@@ -265,6 +270,7 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
     half = cos.shape[-1]
     cos, sin = (a.to(torch.float32).contiguous() for a in (cos, sin))
     slots = slots.contiguous()  # the kernel reads slots[t] at t (a cache's slots are: no copy)
+    q_out = projection_layout(q)
     stride_cb = cos.stride(0) if cos.dim() == 3 else 0
     pass_through = D - 2 * half
 
@@ -272,9 +278,10 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
         token_blocks = triton.cdiv(T, cfg["BLOCK_T"])
         splits = min(max(HQ, HK), triton.cdiv(PROGRAMS_TO_FILL, token_blocks * B))  # as rope_forward's
         _rope_write_kv_kernel[(token_blocks, B, splits)](
-            q, k, v, k_cache, v_cache, slots, cos, sin, T, HQ, HK, half, pass_through, D,
+            q, k, v, q_out, k_cache, v_cache, slots, cos, sin, T, HQ, HK, half, pass_through, D,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), q_out.stride(0), q_out.stride(1), q_out.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_cb, cos.stride(-2),
             HAS_PASS=pass_through > 0, BLOCK_T=cfg["BLOCK_T"], BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_PASS=triton.next_power_of_2(max(pass_through, 1)), BLOCK_D=triton.next_power_of_2(D),
@@ -288,6 +295,7 @@ def rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_c
         with on_device(q):
             known = WRITE_TUNER.known(key, config)
             launch(known if known is not None else WRITE_TUNER.tune(key, launch, candidates))
+    return q_out
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
@@ -367,20 +375,20 @@ rope_in_place_op = register_op("apply_rope_qk_", _rope_in_place_impl, _rope_in_p
 
 
 def _rope_write_kv_impl(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-                        slots: Tensor) -> None:
-    """archgen_v1::apply_rope_write_kv_: q rotated where it lies, the rotated k and v written into the caches' slots."""
+                        slots: Tensor) -> Tensor:
+    """archgen_v1::apply_rope_write_kv_: the rotated k and v written into the caches' slots; returns q rotated (in the
+    projection's layout, as the fake says)."""
     if not _use_kernel(q):
-        q.copy_(apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots))
-        return
-    rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        return projection_layout(q).copy_(apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots))
+    return rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
 def _rope_write_kv_fake(q, k, v, cos, sin, k_cache, v_cache, slots):
-    return None
+    return projection_layout(q)
 
 
 rope_write_kv_op = register_op("apply_rope_write_kv_", _rope_write_kv_impl, _rope_write_kv_fake,
-                               mutates_args=("q", "k_cache", "v_cache"))
+                               mutates_args=("k_cache", "v_cache"))
 
 
 class _EagerRope(torch.autograd.Function):
@@ -446,13 +454,13 @@ def _check_cache(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tens
 
 def apply_rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
                         slots: Tensor) -> Tensor:
-    """q rotated by the angles (returned), and k rotated and v written into rows `slots` (T,) of k_cache and v_cache
-    (B, Hk, L, D), cast to the caches' dtype: a cached step's RoPE and cache write in one launch, the
-    ops/attention.py `apply_rope_write_kv` it replaces. k and v themselves are left alone: attention reads the
-    cache, and storing a rotated k back would cost a write per element for nothing. q is rotated in place (and
-    returned) when nothing needs a gradient; a gradient, torch.export or a strided last dim take the functional
-    rotation and index_copy_ (the reference's ops: exported graphs hold no mutating custom op, and apply_rope_qk's
-    decomposition lowers them). slots: distinct, a device tensor (no host sync: CUDA graphs)."""
+    """q rotated by the angles (a new tensor), and k rotated and v written into rows `slots` (T,) of k_cache and
+    v_cache (B, Hk, L, D), cast to the caches' dtype: a cached step's RoPE and cache write in one launch, the
+    ops/attention.py `apply_rope_write_kv` it replaces. q, k and v themselves are left alone: attention reads the
+    cache, and storing a rotated k back would cost a write per element for nothing. A gradient, torch.export or a
+    strided last dim take the functional rotation and index_copy_ (the reference's ops: exported graphs hold no
+    mutating custom op, and apply_rope_qk's decomposition lowers them). slots: distinct, a device tensor (no host
+    sync: CUDA graphs)."""
     _check(q, k, cos, sin)
     _check_cache(q, k, v, k_cache, v_cache, slots)
     eager = calls_implementation_directly(q)
@@ -463,8 +471,7 @@ def apply_rope_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tenso
         k_cache.index_copy_(2, slots, k.to(k_cache.dtype))
         v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
         return q
-    (_rope_write_kv_impl if eager else rope_write_kv_op)(q, k, v, cos, sin, k_cache, v_cache, slots)
-    return q
+    return (_rope_write_kv_impl if eager else rope_write_kv_op)(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
 def apply_rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor,

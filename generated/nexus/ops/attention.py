@@ -199,7 +199,7 @@ def apply_rope_write_kv(
     """
     A cached step's RoPE and cache write: q rotated (returned), and k rotated and v copied into rows `slots` (T,) of
     k_cache and v_cache (B, Hk, L, D) (a cache's `slots`), cast to their dtype, in place. What the Triton kernel
-    kernels/rope.py computes in one launch, which rotates q in place (the attention template calls the kernel, or else
+    kernels/rope.py computes in one launch (the attention template calls the kernel, or else
     apply_rope_qk and the cache's write, which are these ops).
     """
     q, k = apply_rope_qk(q, k, cos, sin)
