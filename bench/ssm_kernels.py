@@ -50,6 +50,7 @@ Run from the repository root on the GPU machine (mamba_ssm's sdist in .whl/, as 
     python bench/ssm_kernels.py --out "$OUT"
     python bench/ssm_kernels.py --out "$OUT" --only ssd_numerics,ssd_timing --budget-s 300
     python bench/ssm_kernels.py --out "$OUT" --only conv --ncu
+    python bench/ssm_kernels.py --build-conv-peer /tmp/conv_peer.json &   # at a call's start: the build takes > 4 min
 Exercise every code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless, peers skipped unless
 their import is all that is tested):
     python bench/ssm_kernels.py --dry-run --out /tmp/ssm_bench
@@ -60,6 +61,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
+import json
 import math
 import os
 import platform
@@ -67,6 +69,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 import types
 from pathlib import Path
 
@@ -113,17 +116,24 @@ def causal_conv1d_sdist() -> Path | None:
     return Path(found[-1]) if found else None
 
 
-def unpack_causal_conv1d(sdist: Path) -> tuple[Path, list[Path]]:
-    """Unpack the sdist into a fresh folder: (the package's root, which holds csrc/ and causal_conv1d/, and the C++
-    and CUDA sources to build: in 1.x causal_conv1d.cpp, _fwd, _bwd, _update). Raises when there are none."""
-    target = Path(tempfile.mkdtemp(prefix="causal_conv1d_"))
-    with tarfile.open(sdist) as archive:
-        archive.extractall(target)  # our own carried sdist
+def unpack_causal_conv1d(sdist: Path, target: Path | None = None) -> tuple[Path, list[Path]]:
+    """Unpack the sdist into `target` (a fresh folder by default; an existing one is used as it is, so a build made
+    from it earlier, e.g. by --build-conv-peer in the background, is found again by torch's loader and ninja):
+    (the package's root, which holds csrc/ and causal_conv1d/, and the C++ and CUDA sources to build: in 1.x
+    causal_conv1d.cpp, _fwd, _bwd, _update). Raises when there are none."""
+    target = target or Path(tempfile.mkdtemp(prefix="causal_conv1d_"))
+    if not any(target.glob("*/csrc/causal_conv1d.cpp")):
+        with tarfile.open(sdist) as archive:
+            archive.extractall(target)  # our own carried sdist
     roots = [path.parent.parent for path in target.glob("*/csrc/causal_conv1d.cpp")]
     if not roots:
         raise FileNotFoundError(f"{sdist.name} has no */csrc/causal_conv1d.cpp: not a causal-conv1d 1.x sdist")
     csrc = roots[0] / "csrc"
     return roots[0], sorted(csrc.glob("*.cpp")) + sorted(csrc.glob("*.cu"))
+
+
+CONV_PEER_SOURCES = Path("/tmp/causal_conv1d_sdist")
+"""Where the conv peer is unpacked and built: one place, so that --build-conv-peer's build serves the section."""
 
 
 def build_causal_conv1d(sdist: Path):
@@ -134,7 +144,7 @@ def build_causal_conv1d(sdist: Path):
     from torch.utils.cpp_extension import load
 
     started = time.perf_counter()
-    source, sources = unpack_causal_conv1d(sdist)
+    source, sources = unpack_causal_conv1d(sdist, CONV_PEER_SOURCES)
     csrc = source / "csrc"
     flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "--expt-extended-lambda",
              "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_OPERATORS__",
@@ -148,6 +158,23 @@ def build_causal_conv1d(sdist: Path):
     sys.modules["causal_conv1d"] = package
     interface = importlib.import_module("causal_conv1d.causal_conv1d_interface")
     return interface, round(time.perf_counter() - started, 1)
+
+
+def build_conv_peer(out: Path) -> int:
+    """--build-conv-peer: build the causal-conv1d extension where the conv_peer section looks for it, and write what
+    happened (sdist, build seconds, or the error) to `out`. Returns the exit status."""
+    sdist = causal_conv1d_sdist()
+    try:
+        if sdist is None:
+            raise FileNotFoundError(f"no causal_conv1d-*.tar.gz in {ROOT / '.whl'}")
+        _, build_s = build_causal_conv1d(sdist)
+        result = {"sdist": sdist.name, "build_s": build_s}
+    except Exception as error:  # noqa: BLE001 - the JSON says why, for the run that reads it
+        result = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-2000:]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result)[:400], flush=True)
+    return 0 if "error" not in result else 1
 
 
 def import_mamba_ssm_triton(sdist: str | None):
@@ -709,7 +736,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
     parser.add_argument("--ncu", action="store_true", help="then profile the conv kernels with Nsight Compute")
     parser.add_argument("--ncu-child", help=argparse.SUPPRESS)  # the workload a child under ncu runs (bench/ncu.py)
+    parser.add_argument("--build-conv-peer", type=Path, metavar="JSON",
+                        help="only build the causal-conv1d peer (for a background job at a call's start: the conv_peer "
+                             "section then finds the build) and write its seconds or its error to JSON")
     args = parser.parse_args(argv)
+    if args.build_conv_peer:
+        return build_conv_peer(args.build_conv_peer)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is first imported
         os.environ["ARCHGEN_TRITON_ON_CPU"] = "1"

@@ -44,3 +44,22 @@ def test_an_sdist_without_the_sources_says_so(ssm_kernels, tmp_path):
     sdist = _sdist(tmp_path / "causal_conv1d-9.0.tar.gz", ["causal_conv1d-9.0/setup.py"])
     with pytest.raises(FileNotFoundError, match="not a causal-conv1d 1.x sdist"):
         ssm_kernels.unpack_causal_conv1d(sdist)
+
+
+def test_an_unpacked_peer_is_reused_as_it_is(ssm_kernels, tmp_path):
+    """--build-conv-peer builds from a fixed folder in the background; the section unpacks into it again and must not
+    overwrite the sources (newer files would make ninja rebuild what the background job built)."""
+    sdist = _sdist(tmp_path / "causal_conv1d-1.7.0.tar.gz", ["causal_conv1d-1.7.0/csrc/causal_conv1d.cpp"])
+    target = tmp_path / "unpacked"
+    root, _ = ssm_kernels.unpack_causal_conv1d(sdist, target)
+    source = root / "csrc" / "causal_conv1d.cpp"
+    source.write_text("// built from\n")
+    assert ssm_kernels.unpack_causal_conv1d(sdist, target)[0] == root
+    assert source.read_text() == "// built from\n"
+
+
+def test_build_conv_peer_writes_why_it_failed(ssm_kernels, tmp_path, monkeypatch):
+    monkeypatch.setattr(ssm_kernels, "causal_conv1d_sdist", lambda: None)
+    out = tmp_path / "peer.json"
+    assert ssm_kernels.main(["--build-conv-peer", str(out)]) == 1
+    assert "no causal_conv1d" in out.read_text()
