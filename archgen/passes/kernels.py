@@ -109,6 +109,11 @@ KERNEL_RULES: list[KernelRule] = [
                "A cached step's RoPE and KV-cache write in one launch: q rotated in place, the rotated k and v stored "
                "into the cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
                when=lambda config: config.rope is not None),
+    KernelRule("attention", "decode_attention", "decode_attention", "attention",
+               "A cached step's few queries (decoding) over the KV cache, split over the cache (flash-decoding): every "
+               "query head of a KV head's group in one tile, the mask computed from the positions, a second launch "
+               "combining the splits (cuDNN's SDPA and the additive mask before; prefill, training and export keep "
+               "SDPA)", when=lambda config: config.head_dim <= 256),
     KernelRule("moe", "moe_router", "moe_router", "moe",
                "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
                "backward"),

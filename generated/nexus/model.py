@@ -191,9 +191,21 @@ class Attn(nn.Module):
         else:
             if cache is not None and slots is None:
                 k, v = cache.write(k, v, positions[0])  # (B, 8, S, 64) each: what to attend over
-            # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
-            mask = step.attention_mask("attn", cache, dtype=q.dtype)
-            y = attend(q, k, v, mask)  # (B, 8, T, 64)
+            if (
+                cache is not None
+                and use_kernel(kernels.decode_attention, q)
+                and not torch.compiler.is_exporting()
+                and T <= kernels.decode_attention_module.FEW_QUERIES
+            ):
+                # A decoding step's few queries: the split-KV kernel, which fills the GPU with slices of the cache and
+                # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
+                # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
+                k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
+                y = kernels.decode_attention(q, k, v, step.token_positions, k_positions)  # (B, 8, T, 64)
+            else:
+                # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
+                mask = step.attention_mask("attn", cache, dtype=q.dtype)
+                y = attend(q, k, v, mask)  # (B, 8, T, 64)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 512)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:

@@ -13,12 +13,14 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import decode_attention as decode_attention_module
     from . import gated_delta_rule as gated_delta_rule_module
     from . import gemv as gemv_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import silu_mul as silu_mul_module
     from .causal_conv1d import causal_conv1d
+    from .decode_attention import decode_attention
     from .gated_delta_rule import gated_delta_rule
     from .gated_delta_rule import gated_delta_step
     from .gemv import linear
@@ -31,12 +33,14 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    decode_attention_module = None
     gated_delta_rule_module = None
     gemv_module = None
     rmsnorm_module = None
     rope_module = None
     silu_mul_module = None
     causal_conv1d = None
+    decode_attention = None
     gated_delta_rule = None
     gated_delta_step = None
     linear = None
@@ -57,6 +61,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
     if gated_delta_rule_module is not None:
         from ..ops.gated_delta import gated_delta_rule as reference
 

@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import moe_router as moe_router_module
     from . import packed_query_attention as packed_query_attention_module
@@ -22,6 +23,7 @@ try:
     from . import state_update as state_update_module
     from . import swiglu as swiglu_module
     from .causal_conv1d import causal_conv1d
+    from .decode_attention import decode_attention
     from .gemv import linear
     from .gemv import qkv_linear
     from .moe_router import moe_router
@@ -35,6 +37,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    decode_attention_module = None
     gemv_module = None
     moe_router_module = None
     packed_query_attention_module = None
@@ -44,6 +47,7 @@ except ImportError:  # no triton
     state_update_module = None
     swiglu_module = None
     causal_conv1d = None
+    decode_attention = None
     linear = None
     qkv_linear = None
     moe_router = None
@@ -65,6 +69,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
 

@@ -693,6 +693,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: "AttentionMask", *, scale: flo
     return y * mask.sees_any
 
 
+def decode_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """
+    A cached step's queries q (B, Hq, T, D) over the keys and values a cache's write returned (B, Hkv, S, D), the
+    visibility of attention_mask from q_positions (T,) or (B, T) and k_positions (S,) or (B, S) (StepContext's
+    token_positions and key_positions), a query that sees no key giving zeros: the masked SDPA a decoding step runs,
+    as one call. kernels/decode_attention.py's op of this name computes the same with the mask built inside the kernel.
+    """
+    return masked_attention(q, k, v, q_positions=q_positions, k_positions=k_positions, window=window, scale=scale)
+
+
 @dataclass
 class AttentionMask:
     """
@@ -788,11 +806,28 @@ class StepContext:
             self._shared[key] = self._build_mask(cache, window, dtype)
         return self._shared[key]
 
-    def _build_mask(self, cache, window: int | None, dtype: torch.dtype) -> AttentionMask:
+    def key_positions(self, component: str, cache) -> Tensor:
+        """
+        The positions of the keys a KVCache / RingKVCache `write` of these tokens returned (cache.key_positions, (S,)),
+        pad slots hidden in a ragged batch ((B, S), hide_pads): what a kernel that builds the mask itself takes
+        (kernels/decode_attention.py). Computed by the first layer of `component`, as attention_mask is.
+        """
+        if torch.compiler.is_compiling():
+            return self._key_positions(cache)
+        key = (component, "key_positions")
+        if key not in self._shared:
+            self._shared[key] = self._key_positions(cache)
+        return self._shared[key]
+
+    def _key_positions(self, cache) -> Tensor:
         T = self.positions.size(-1)
         k_positions = self.positions if cache is None else cache.key_positions(self.positions[0], T)  # (S,)
         if self.pads is not None:
             k_positions = hide_pads(k_positions, self.pads)  # (B, S)
+        return k_positions
+
+    def _build_mask(self, cache, window: int | None, dtype: torch.dtype) -> AttentionMask:
         return AttentionMask.build(
-            self.token_positions, k_positions, window, queries_see_themselves=self.pads is None, dtype=dtype
+            self.token_positions, self._key_positions(cache), window, queries_see_themselves=self.pads is None,
+            dtype=dtype,
         )

@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import normalized_mean as normalized_mean_module
     from . import packed_query_attention as packed_query_attention_module
@@ -22,6 +23,7 @@ try:
     from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .decode_attention import decode_attention
     from .gemv import linear
     from .gemv import qkv_linear
     from .gemv import swiglu_linear
@@ -36,6 +38,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    decode_attention_module = None
     gemv_module = None
     normalized_mean_module = None
     packed_query_attention_module = None
@@ -45,6 +48,7 @@ except ImportError:  # no triton
     silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
+    decode_attention = None
     linear = None
     qkv_linear = None
     swiglu_linear = None
@@ -67,6 +71,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
 

@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
@@ -20,6 +21,7 @@ try:
     from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .decode_attention import decode_attention
     from .gemv import linear
     from .gemv import qkv_linear
     from .gemv import swiglu_linear
@@ -32,6 +34,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    decode_attention_module = None
     gemv_module = None
     rmsnorm_module = None
     rope_module = None
@@ -39,6 +42,7 @@ except ImportError:  # no triton
     silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
+    decode_attention = None
     linear = None
     qkv_linear = None
     swiglu_linear = None
@@ -59,6 +63,10 @@ def decompositions() -> dict:
         from ..ops.ssm import causal_conv1d as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:
         from ..ops.linear import linear as reference
 
