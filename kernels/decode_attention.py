@@ -350,7 +350,8 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_positions: Ten
                                window: int | None = None, scale: float | None = None) -> Tensor:
     """The definition, in float32 (float64 stays float64): each KV head's values repeated over its query heads, the
     visibility of ops/attention.py's attention_mask, a softmax over the visible keys, zeros for a query that sees
-    none; cast back to q's dtype."""
+    none; cast back to q's dtype. A slot no query sees is not read (its value zeroed: a cache's never-written slot may
+    hold anything), as in the kernel."""
     B, HQ, T, D = q.shape
     G = HQ // k.size(1)
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -364,6 +365,7 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_positions: Ten
         visible = visible & (qp - kp < window)
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of -inf only: NaN -> 0
+    v = v.masked_fill(~visible.any(dim=-2).unsqueeze(-1), 0.0)  # (B, Hq, S, D): slots no query sees zeroed
     return (weights @ v).to(q.dtype)
 
 
