@@ -1,9 +1,10 @@
 """Hymba+ (specs/hymba_plus.yaml, tiny: attention and Mamba heads side by side in every layer, meta tokens, a sliding
-window of 16) with its parallel combine's kernel (normalized_mean) and the RoPE kernel: cached decoding equals the full
-forward through the references, past the window (the windowed layers' ring-buffer cache), with each forward's RoPE
-angles and masks shared by the layers of an attention component (StepContext). The two kernels run in Triton's
-interpreter on CPU tensors (the others keep their references: the interpreter takes minutes for the whole model); a
-spy counts their calls, so a model that fell back to its references fails here."""
+window of 16) with its parallel combine's kernel (normalized_mean), the RoPE kernel and the split-KV decode attention:
+cached decoding equals the full forward through the references, past the window (the windowed layers' ring-buffer
+cache), with each forward's RoPE angles, masks and key positions shared by the layers of an attention component
+(StepContext). The kernels run in Triton's interpreter on CPU tensors (the others keep their references: the
+interpreter takes minutes for the whole model); a spy counts their calls, so a model that fell back to its references
+fails here."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from tests.conftest import build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
-SPIED = ("normalized_mean", "apply_rope_qk", "apply_rope_write_kv")
+SPIED = ("normalized_mean", "apply_rope_qk", "apply_rope_write_kv", "decode_attention")
 
 
 def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_path, monkeypatch):
     package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, SPIED, preset="tiny")
-    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk, package.kernels.apply_rope_write_kv}
+    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk, package.kernels.apply_rope_write_kv,
+              package.kernels.decode_attention}
     monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
     torch.manual_seed(0)
     model = package.Model().eval()
@@ -36,4 +38,7 @@ def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_pat
     # prefill and every layer in both steps (the windowed layers' ring at T = 1, positions 16 and 17 wrapping to slots
     # 0 and 1); the windowed layers' prefill (a ring at T > 1) rotates, then writes the ring in torch
     assert package.calls["apply_rope_write_kv"] == 2 + 4 * 2 and package.calls["apply_rope_qk"] == 2, package.calls
+    # the split-KV attention in both steps of every layer (rings and plain caches); the prefill's 16 queries a row
+    # (more than FEW_QUERIES) keep the masked SDPA
+    assert package.calls["decode_attention"] == 4 * 2, package.calls
     assert_close(cached, full, 1e-5, "cached logits")

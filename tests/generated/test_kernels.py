@@ -277,6 +277,31 @@ def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(sma
     assert_close(decode_in_steps(model, tokens, prefill=2), full, 1e-5, "cached logits")
 
 
+def test_split_kv_decode_attention_decodes_a_ragged_batch_as_the_reference(small_windowed, monkeypatch):
+    """A left-padded batch decoded past the window through the ring caches: every step's attention on the split-KV
+    kernel (kernels/decode_attention.py, its mask from the slots' positions with the pads hidden) gives the logits of
+    the masked SDPA path (kernels off), the pad rows' empty queries included."""
+    calls = []
+    kernel = small_windowed.kernels.decode_attention
+    monkeypatch.setattr(small_windowed.kernels, "decode_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    torch.manual_seed(4)
+    model = small_windowed.Model().eval()
+    tokens = torch.randint(1, 64, (3, 12))
+    attention_mask = torch.ones_like(tokens)
+    attention_mask[0, :4] = 0  # row 0: 4 pads, row 1: 1 pad, row 2: none
+    attention_mask[1, :1] = 0
+    with torch.no_grad():
+        small_windowed.model.USE_KERNELS = False
+        try:
+            reference = decode_in_steps(model, tokens, prefill=3, attention_mask=attention_mask)
+        finally:
+            small_windowed.model.USE_KERNELS = True
+        assert not calls
+        kernels = decode_in_steps(model, tokens, prefill=3, attention_mask=attention_mask)
+    assert len(calls) == 2 * (12 - 3) + 2, calls  # every step of both layers, and the prefill's 3 queries
+    assert_close(kernels, reference, 1e-5, "ragged cached logits")
+
+
 SMALL_MOE = textwrap.dedent("""\
     schema_version: 1
     name: small_moe
