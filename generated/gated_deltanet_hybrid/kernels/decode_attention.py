@@ -53,10 +53,11 @@ into a cache) take the masked SDPA."""
 MAX_ROWS = 64
 """The most query rows (G × T) one program's tile holds; more take the reference."""
 # BLOCK_S slots a step; WAVES programs per SM aimed at (the splits); warps. Small tiles: a program's work is a few
-# (16 × D) × (D × BLOCK_S) products, and the step's whole cache is a megabyte or two.
+# (16 × D) × (D × BLOCK_S) products, and the step's whole cache is a megabyte or two. 128 slots take 8 warps: at 4,
+# head dim 128 spilled (sm_90, triton 3.6, bench/sm90_audit.py).
 CONFIGS = [{"BLOCK_S": slots, "WAVES": waves, "num_warps": warps}
            for slots, waves, warps in ((32, 2, 2), (16, 2, 2), (32, 1, 2), (32, 4, 4), (64, 1, 4), (64, 2, 4),
-                                       (128, 1, 4), (128, 1, 8))]
+                                       (128, 1, 8))]
 DEFAULT_CONFIG = CONFIGS[0]
 INTERPRETER_CONFIG = {"BLOCK_S": 16, "WAVES": 2, "num_warps": 1}
 INTERPRETER_SMS = 132
@@ -204,6 +205,12 @@ def split_slots(B: int, HKV: int, S: int, block_s: int, waves: int, sms: int) ->
     return triton.cdiv(S, per_split), per_split
 
 
+def combine_warps(elements: int) -> int:
+    """Warps of the combine for its (splits, D) tile: about 32 float32 partials a thread (one warp held 128 splits ×
+    64 channels in 255 registers and spilled, sm_90 under triton 3.6, bench/sm90_audit.py)."""
+    return max(1, min(8, elements // 1024))
+
+
 def output_layout(q: Tensor) -> Tensor:
     """An empty (B, Hq, T, D) tensor laid out as SDPA's output is, (B, T, Hq, D) in memory: the model's
     y.transpose(1, 2).reshape(B, T, -1) is then a view."""
@@ -247,9 +254,10 @@ def decode_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
             BLOCK_M=block_m, BLOCK_S=cfg["BLOCK_S"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
         )
         if splits > 1:
+            block_splits, block_d_combine = triton.next_power_of_2(splits), triton.next_power_of_2(D)
             _combine_kernel[(B * HQ * T,)](
                 acc, maxes, sums, out, T, HQ, D, splits, out.stride(0), out.stride(1), out.stride(2),
-                BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+                BLOCK_SPLITS=block_splits, BLOCK_D=block_d_combine, num_warps=combine_warps(block_splits * block_d_combine),
             )
 
     if B and HQ and T:
@@ -350,7 +358,8 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_positions: Ten
                                window: int | None = None, scale: float | None = None) -> Tensor:
     """The definition, in float32 (float64 stays float64): each KV head's values repeated over its query heads, the
     visibility of ops/attention.py's attention_mask, a softmax over the visible keys, zeros for a query that sees
-    none; cast back to q's dtype."""
+    none; cast back to q's dtype. A slot no query sees is not read (its value zeroed: a cache's never-written slot may
+    hold anything), as in the kernel."""
     B, HQ, T, D = q.shape
     G = HQ // k.size(1)
     dtype = torch.promote_types(q.dtype, torch.float32)
@@ -364,6 +373,7 @@ def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_positions: Ten
         visible = visible & (qp - kp < window)
     scores = scores.masked_fill(~visible, float("-inf"))
     weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of -inf only: NaN -> 0
+    v = v.masked_fill(~visible.any(dim=-2).unsqueeze(-1), 0.0)  # (B, Hq, S, D): slots no query sees zeroed
     return (weights @ v).to(q.dtype)
 
 
