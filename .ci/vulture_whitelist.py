@@ -57,6 +57,8 @@ _.ssd_peer
 _.conv_peer
 # Called by the generated kernels/__init__.py (templates/package/kernels_init.py.j2) for ONNX export.
 decomposition
+# Read by the attention template's decoding branch (kernels.decode_attention_module.FEW_QUERIES).
+FEW_QUERIES
 # pytest reads it.
 pytestmark
 # Dataclass fields written out whole (asdict -> JSON).

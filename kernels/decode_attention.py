@@ -43,6 +43,7 @@ from .triton_support import (
     interpreting,
     on_device,
     register_op,
+    rounded,
     triton_on_cpu,
 )
 
@@ -134,13 +135,13 @@ def _split_kernel(
         seen = tl.max(visible.to(tl.int32), 0) > 0  # (BLOCK_S,) slots some row of the tile sees
         v = tl.load(v_at + rows_at * stride_vs + channels[None, :],
                     mask=(slot_inside & seen)[:, None] & channel_inside[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+        acc = acc * alpha[:, None] + _dot(rounded(p, v.dtype), v, DOT_PRECISION)
         m = m_new
 
     if ONE_SPLIT:
         out = acc / tl.where(sums > 0, sums, 1.0)[:, None]  # no visible key: acc = 0, the output 0
         tl.store(out_ptr + batch * stride_ob + heads[:, None] * stride_oh + tokens[:, None] * stride_ot
-                 + channels[None, :], out.to(out_ptr.dtype.element_ty),
+                 + channels[None, :], rounded(out, out_ptr.dtype.element_ty),
                  mask=row_inside[:, None] & channel_inside[None, :])
     else:
         # partials of (batch, head, token) at split: [((batch · HQ + head) · T + token) · splits + split]
@@ -174,7 +175,7 @@ def _combine_kernel(
     head = (row // T) % HQ
     batch = row // (T * HQ)
     tl.store(out_ptr + batch * stride_ob + head * stride_oh + token * stride_ot + channels,
-             out.to(out_ptr.dtype.element_ty), mask=channel_inside)
+             rounded(out, out_ptr.dtype.element_ty), mask=channel_inside)
 
 
 # ---------------------------------------------------------------------------------------------------------------

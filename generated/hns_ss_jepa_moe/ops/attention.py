@@ -20,6 +20,10 @@ Notable features:
                                                                            that name where the kernel pass chose it)
     anything else (decode against a cache, per-sequence positions)      -> SDPA with an explicit (Tq, Tk) mask; a
                                                                            decode step's mask is one row per query
+                                                                           (a decode step's few queries: the split-KV
+                                                                           kernel kernels/decode_attention.py where
+                                                                           the kernel pass chose it, decode_attention
+                                                                           here its reference)
   while torch.export traces, always the explicit-mask form (masked_attention), which every exporter lowers
 - grouped-query attention: n_kv_heads divides n_heads (MQA and MHA are the two ends), through SDPA's enable_gqa
   (no copy of K/V) where torch has it
