@@ -64,9 +64,9 @@ from harness import ROOT, Run
 # decoding steps' in-place state updates)
 KERNEL_FUNCTIONS = ("causal_conv1d", "selective_scan", "state_update_module.mamba_step_",
                     "state_update_module.mamba_step_low_rank_", "ssd_scan", "state_update_module.mamba2_step_",
-                    "apply_rope_qk", "apply_rope_write_kv", "packed_query_attention", "sliding_window_attention",
-                    "swiglu", "silu_mul", "moe_router", "rms_norm", "normalized_mean", "linear", "swiglu_linear",
-                    "qkv_linear")
+                    "apply_rope_qk", "apply_rope_write_kv", "decode_attention", "packed_query_attention",
+                    "sliding_window_attention", "swiglu", "silu_mul", "moe_router", "rms_norm", "normalized_mean",
+                    "linear", "swiglu_linear", "qkv_linear")
 
 # (spec, overrides at real widths on the GPU, preset and overrides for the CPU dry run, the GPU parity check's sizes
 # where they differ from GPU's)

@@ -21,7 +21,7 @@ BAMBA_TOY = ("model.d_model=36", "model.vocab_size=64", "mixers.ssm.n_heads=3", 
              "mixers.attn.head_dim=12", "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=8",
              "ffns.mlp.hidden=48", "layout.mixers=ssm,attn", "model.max_seq_len=64")
 SPIED = ("state_update_module.mamba2_step_", "apply_rope_qk", "apply_rope_write_kv", "rms_norm", "silu_mul", "linear",
-         "swiglu_linear", "qkv_linear")
+         "swiglu_linear", "qkv_linear", "decode_attention")
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def test_kernels_and_references_give_the_same_logits_and_gradients(package):
     assert package.calls["apply_rope_write_kv"] == 0, package.calls  # no cache
     assert package.calls["silu_mul"] == 2, package.calls  # one per layer
     assert package.calls["linear"] == package.calls["swiglu_linear"] == package.calls["qkv_linear"] == 0, package.calls
+    assert package.calls["decode_attention"] == 0, package.calls  # no cache
     # (36 rows: cuBLAS)
 
 
@@ -53,6 +54,8 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
     cached = decode_in_steps(model, tokens, prefill=16, length_as_tensor=True)
     assert package.calls["mamba2_step_"] == 4 and package.calls["apply_rope_write_kv"] == 5, package.calls
     assert package.calls["apply_rope_qk"] == 0, package.calls  # a cached forward rotates and writes in one launch
+    # each step's one query a head over the cache: the split-KV kernel (the prefill's 16 queries: SDPA)
+    assert package.calls["decode_attention"] == 4, package.calls
     # the prefill's 32 rows take cuBLAS and the gate kernel; each step's 2 rows the GEMV: the SwiGLU pair of each MLP
     # in one, q, k and v in one, and in_proj, out_proj, o, the two down_proj and the lm_head
     assert package.calls["silu_mul"] == 2 and package.calls["swiglu_linear"] == 2 * 4, package.calls
