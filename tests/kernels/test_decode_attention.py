@@ -64,6 +64,8 @@ def check(q, k, v, cache, step, window, dtype, scale=None):
     mask = step.attention_mask("attn", cache, window=window, dtype=q.dtype)
     sdpa = runtime.attend(q, k0, v0, mask, scale=scale)
     assert_close(y, sdpa, TOL[dtype], "against the masked SDPA")
+    one_call = runtime.decode_attention(q, k0, v0, step.token_positions, k_positions, window, scale)
+    assert_close(one_call, sdpa, 0.0, "ops/attention.py's decode_attention is the masked SDPA")
     return y
 
 
