@@ -28,10 +28,11 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
                  "mamba_step_low_rank": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
-ROPE_KERNELS = {"apply_rope_qk": "rope"}
+ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope"}  # the rotation; a cached step's with its write
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
+DECODE_KERNELS = {"decode_attention": "decode_attention"}  # every attention op: a decoding step's split-KV attention
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
@@ -43,7 +44,7 @@ def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:
 def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_kernel_and_nothing_else_one():
     ir = compile_spec(NEXUS, "tiny").ir
     kinds = {"mamba": MAMBA_KERNELS | GEMV_KERNELS, "rmsnorm": RMSNORM_KERNELS,
-             "attention": ROPE_KERNELS | QKV_KERNELS | GEMV_KERNELS, "mlp": SWIGLU_KERNELS | GEMV_KERNELS,
+             "attention": ROPE_KERNELS | DECODE_KERNELS | QKV_KERNELS | GEMV_KERNELS, "mlp": SWIGLU_KERNELS | GEMV_KERNELS,
              "lm_head": GEMV_KERNELS}
     expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
     assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
@@ -54,9 +55,10 @@ def test_attention_with_rope_gets_the_rope_kernel_and_without_rope_none(tmp_path
     spec.write_text(ATTENTION_ONLY.replace("rope: null", "rope: {theta: 10000}"))
     ir = compile_spec(spec, None).ir
     attention = {op.name for op in ir.ops() if op.kind == "attention"}
-    assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | QKV_KERNELS | GEMV_KERNELS)
+    without_rope = DECODE_KERNELS | QKV_KERNELS | GEMV_KERNELS
+    assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | without_rope)
     spec.write_text(ATTENTION_ONLY)
-    assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, QKV_KERNELS | GEMV_KERNELS)
+    assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, without_rope)
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():
@@ -101,7 +103,7 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_
     for op in ir.ops():
         if op.kind == "attention":
             # the test rules' and the real rules'
-            assert set(op.kernels) == {"attention", *ROPE_KERNELS, *QKV_KERNELS, *GEMV_KERNELS}
+            assert set(op.kernels) == {"attention", *ROPE_KERNELS, *DECODE_KERNELS, *QKV_KERNELS, *GEMV_KERNELS}
             assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
 
 
@@ -127,12 +129,12 @@ def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
     assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]
 
 
-def test_a_model_without_a_kernel_kind_ships_only_the_gemv_of_its_linear_layers(tmp_path):
+def test_a_model_without_a_kernel_kind_ships_only_the_gemv_and_the_decode_attention(tmp_path):
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
     files = emit(compile_spec(spec, None), "attention_only.yaml").files
     assert {path for path in files if path.startswith("kernels/")} == {
-        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py"}
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py", "kernels/decode_attention.py"}
     assert "ops/linear.py" in files  # the reference an ONNX export lowers the GEMV to
     assert "self.lm_head = DecodeLinear(" in files["model.py"] and "self.q_proj = DecodeLinear(" in files["model.py"]
 
