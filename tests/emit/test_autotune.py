@@ -160,8 +160,9 @@ ATTENTION_MOE = textwrap.dedent("""\
 
 
 def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monkeypatch):
-    """kernels/rope.py's and kernels/moe_router.py's `autotune` read the op's resolved config and parameter shapes
-    (heads, head_dim and rotary_dim; experts and top_k) and tune exactly the buckets the model's calls will look up."""
+    """kernels/rope.py's, kernels/decode_attention.py's and kernels/moe_router.py's `autotune` read the op's resolved
+    config and parameter shapes (heads, head_dim and rotary_dim; experts and top_k) and tune exactly the buckets the
+    model's calls will look up."""
     pytest.importorskip("triton")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
     from archgen.resources import kernels_package
@@ -174,12 +175,16 @@ def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monk
     path = tmp_path / "tuned_attention_moe.yaml"
     path.write_text(ATTENTION_MOE)
     cases = tuning_cases(compile_spec(path).ir, [3], [2])
-    assert {c.file for c in cases} == {"rope", "moe_router", "gemv"}  # the GEMV: the attention's and lm_head's linears
+    # the GEMV: the attention's and lm_head's linears; the decode attention: a cached step's attention
+    assert {c.file for c in cases} == {"rope", "moe_router", "gemv", "decode_attention"}
     cases = [c for c in cases if c.file != "gemv"]
     with triton_support.tuning_session() as table:
         for case in cases:
             module = importlib.import_module(f"archgen_kernels.{case.file}")
             module.autotune(case.config, case.params, case.batch, case.seqlen, torch.float32, "cpu")
         keys = {(e["kernel"], e["key"]) for e in table()["entries"]}
-    assert keys == {("rope.forward", "D4-R2-float32"), ("moe_router.forward", "E8-k2-float32"),
+    # rope.write_kv: a cached forward of 3 tokens and a decoding step share the 8-token block's bucket; the decode
+    # attention: 2 query heads a KV head, one query each, over a cache of the 3 slots (rounded up to 4)
+    assert keys == {("rope.forward", "D4-R2-float32"), ("rope.write_kv", "D4-R2-float32-float32-T8"),
+                    ("decode_attention.forward", "M2-S4-D4-float32"), ("moe_router.forward", "E8-k2-float32"),
                     ("moe_router.backward", "E8-k2-float32")}
