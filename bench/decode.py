@@ -108,6 +108,17 @@ def step_kernels(model, vocab: int, device: str, top: int = 24) -> dict:
             "top": [{"name": name, "count": len(times), "total_us": sum(times)} for name, times in busiest]}
 
 
+def greedy_in_graph(model):
+    """generate(prompt, n): n greedy tokens through the model's CUDA-graph decoder, as decode_ms_per_token takes it."""
+    return lambda prompt, n: model.generate(prompt, max_new_tokens=n, temperature=0, cuda_graph=True)
+
+
+def drop_graphs(model) -> None:
+    """Forget the model's captured decode graphs: a graph keeps the launches it recorded, so a side of an A/B whose
+    kernels or launches differ must capture anew."""
+    model.__dict__.pop("_graph_decoders", None)
+
+
 def set_programmatic_launch(on: bool | None) -> list[str]:
     """Flip programmatic dependent launch in every copy of triton_support loaded (archgen_kernels' and each generated
     package's kernels/): the names of those set."""
@@ -142,17 +153,14 @@ def pdl_ab(model, prompt, args) -> dict:
     tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
     out: dict = {"rounds": {"off": [], "on": []}}
     logits: dict = {}
-
-    def generate(p, n):
-        return model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=True)
-
+    generate = greedy_in_graph(model)
     try:
         for on in (False, True, False, True):
             mode = "on" if on else "off"
             if f"{mode}_error" in out:
                 continue
             out["flipped"] = set_programmatic_launch(on)
-            model.__dict__.pop("_graph_decoders", None)  # a graph keeps the launches it recorded: capture anew
+            drop_graphs(model)
             try:
                 if mode not in logits:
                     logits[mode] = graph_logits(model, prompt, tokens, args.device)
@@ -165,7 +173,7 @@ def pdl_ab(model, prompt, args) -> dict:
                 print(f"pdl_ab {mode}: {out[f'{mode}_error']}", flush=True)
     finally:
         set_programmatic_launch(None)  # back to ARCHGEN_PDL's choice (off unless it is 1) for what follows
-        model.__dict__.pop("_graph_decoders", None)
+        drop_graphs(model)
     for mode in ("off", "on"):
         if out["rounds"][mode]:
             out[f"{mode}_ms_per_token"] = min(out["rounds"][mode])
@@ -291,26 +299,24 @@ def without_kernels(package, model, prompt, vocab: int, args) -> dict:
     def prefill_logits_and_tokens():
         cache = model.empty_cache(prompt.size(0), 512, device=args.device)
         logits = model(prompt, cache=cache).logits.float()
-        return logits, model.generate(prompt, max_new_tokens=16, temperature=0, cuda_graph=True)
+        return logits, greedy_in_graph(model)(prompt, 16)
 
-    model.__dict__.pop("_graph_decoders", None)
+    drop_graphs(model)
     logits_on, tokens_on = prefill_logits_and_tokens()
     try:
         for name in names:
             setattr(package.kernels, name, None)
-        model.__dict__.pop("_graph_decoders", None)
+        drop_graphs(model)
         logits_off, tokens_off = prefill_logits_and_tokens()
         result["max_abs_prefill_logit_diff"] = (logits_on - logits_off).abs().max().item()
         result["same_greedy_tokens"] = bool(torch.equal(tokens_on, tokens_off))
-        result["graph_ms_per_token"] = decode_ms_per_token(
-            lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, cuda_graph=True), prompt, args.new_tokens,
-            args.device)
+        result["graph_ms_per_token"] = decode_ms_per_token(greedy_in_graph(model), prompt, args.new_tokens, args.device)
         if args.device == "cuda":
             result["step_kernels"] = step_kernels(model, vocab, args.device)
     finally:
         for name, kernel in saved.items():
             setattr(package.kernels, name, kernel)
-        model.__dict__.pop("_graph_decoders", None)
+        drop_graphs(model)
     return result
 
 

@@ -106,8 +106,8 @@ KERNEL_RULES: list[KernelRule] = [
                "RoPE on q and k in one pass (every scaling, partial rotary), in place when no gradient is needed",
                when=lambda config: config.rope is not None),
     KernelRule("attention", "rope", "apply_rope_write_kv", "attention",
-               "A cached step's RoPE and KV-cache write in one launch: q rotated in place, the rotated k and v stored "
-               "into the cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
+               "A cached step's RoPE and KV-cache write in one launch: q rotated, the rotated k and v stored into the "
+               "cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
                when=lambda config: config.rope is not None),
     KernelRule("attention", "decode_attention", "decode_attention", "attention",
                "A cached step's few queries (decoding) over the KV cache, split over the cache (flash-decoding): every "

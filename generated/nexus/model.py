@@ -175,9 +175,9 @@ class Attn(nn.Module):
         k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
         cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
-        # A cached step whose write has slots (a plain cache, a ring at one token) rotates q in place and stores the
-        # rotated k and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay
-        # unrotated, the cache is what attention reads.
+        # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
+        # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
+        # the cache is what attention reads.
         fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
         if slots is not None:

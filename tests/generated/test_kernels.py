@@ -222,7 +222,7 @@ def test_rope_kernel_and_reference_give_the_same_model(small_rope):
 
 
 def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
-    """Without gradients the kernel rotates q and k in place (the full pass), and a cached forward rotates q in place
+    """Without gradients the kernel rotates q and k in place (the full pass), and a cached forward rotates q
     and writes the rotated k and v into the cache in the same launch (apply_rope_write_kv: the prefill and each
     step, partial rotary): the cached logits are the full pass's."""
     torch.manual_seed(1)

@@ -203,6 +203,21 @@ def softplus(x):
     return tl.maximum(x, 0.0) + log1p_w
 
 
+_WIDENED_HALF_DOT: tl.constexpr = tl.constexpr(interpreting())
+"""Whether `dot` widens its operands to float32 first: the interpreter multiplies bfloat16 operands as the integers
+it stores them as."""
+
+
+@triton.jit
+def dot(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """a @ b (+ acc, or None) in float32 at DOT_PRECISION. Under the interpreter (_WIDENED_HALF_DOT) the already
+    rounded operands are widened to float32 first: the same products the tensor cores form."""
+    if _WIDENED_HALF_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 @triton.jit
 def rounded(value, ty: tl.constexpr):
     """value.to(ty), rounded to nearest even as the GPU converts. Under the interpreter (_TRUNCATING_BFLOAT16) the

@@ -71,6 +71,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from .triton_support import (
     Autotuner,
     calls_implementation_directly,
+    dot,
     dtype_name,
     interpreting,
     on_device,
@@ -81,7 +82,6 @@ from .triton_support import (
 )
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # the running max starts finite, so a row that sees nothing never computes inf - inf
-_EMULATE_HALF_DOT = tl.constexpr(interpreting())  # see _dot
 
 # Autotune spaces: rows (BLOCK_M) and keys (BLOCK_N) per step, warps and software-pipelining stages, and the choices
 # each kernel documents (HEAD_GROUP, MASK_EDGES_ONLY, EDGE_BRANCH, DP_EARLY, TMA). The first config that fits (see
@@ -150,16 +150,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """a @ b (+ acc) in float32. The interpreter multiplies bfloat16 operands as the integers it stores them as, so
-    there the (already rounded) operands are widened to float32 first: the same products the tensor cores form."""
-    if _EMULATE_HALF_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -236,7 +226,7 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stri
         else:
             k = tl.load(k_base + keys[None, :] * stride_kt + offs_d[:, None] * stride_kd,
                         mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
-        qk = _dot(q, k, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+        qk = dot(q, k, None, DOT_PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             if EDGE_BRANCH:
                 if (n0 < full_start) | (n0 >= full_end):
@@ -253,7 +243,7 @@ def _forward_steps(acc, l_i, m_i, q, p, k_base, v_base, b, kv_h, stride_kt, stri
         else:
             v = tl.load(v_base + keys[:, None] * stride_vt + offs_dv[None, :] * stride_vd,
                         mask=(keys[:, None] < Tk) & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_N, BLOCK_DV)
-        acc = _dot(probs.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        acc = dot(probs.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -367,7 +357,7 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stri
                          mask=(keys[None, :] < Tk) & (offs_d[:, None] < D), other=0.0)  # (BLOCK_D, BLOCK_N)
             vT = tl.load(v_base + keys[None, :] * stride_vt + offs_dv[:, None] * stride_vd,
                          mask=(keys[None, :] < Tk) & (offs_dv[:, None] < Dv), other=0.0)  # (BLOCK_DV, BLOCK_N)
-        qk = _dot(q, kT, None, DOT_PRECISION) * qk_scale
+        qk = dot(q, kT, None, DOT_PRECISION) * qk_scale
         probs = tl.math.exp2(qk - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             if EDGE_BRANCH:
@@ -375,9 +365,9 @@ def _dq_steps(dq, q, do, lse, delta, p, k_base, v_base, b, kv_h, stride_kt, stri
                     probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
             else:
                 probs = tl.where(_visible(p, keys, Tk, window, HAS_WINDOW), probs, 0.0)
-        dp = _dot(do, vT, None, DOT_PRECISION)
+        dp = dot(do, vT, None, DOT_PRECISION)
         ds = probs * (dp - delta[:, None])
-        dq = _dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
+        dq = dot(ds.to(kT.dtype), tl.trans(kT), dq, DOT_PRECISION)
     return dq
 
 
@@ -491,9 +481,9 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_b
                          mask=in_rows[:, None] & (offs_dv[None, :] < Dv), other=0.0)  # (BLOCK_M, BLOCK_DV)
             lse = tl.load(lse_base + t_rows * stride_ls, mask=in_rows, other=0.0)
             delta = tl.load(stats_base + t_rows * stride_ss + 1, mask=in_rows, other=0.0)
-        qkT = _dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        qkT = dot(k, qT, None, DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         if DP_EARLY:
-            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dpT = dot(v, tl.trans(do), None, DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
         probsT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
             if not TMA:
@@ -503,11 +493,11 @@ def _dkdv_steps(dk, dv, k, v, keys, q_base, do_base, lse_base, stats_base, pos_b
                     probsT = _masked_T(probsT, p, keys, window, HAS_WINDOW)
             else:
                 probsT = _masked_T(probsT, p, keys, window, HAS_WINDOW)
-        dv = _dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
+        dv = dot(probsT.to(do.dtype), do, dv, DOT_PRECISION)
         if not DP_EARLY:
-            dpT = _dot(v, tl.trans(do), None, DOT_PRECISION)
+            dpT = dot(v, tl.trans(do), None, DOT_PRECISION)
         dsT = probsT * (dpT - delta[None, :])
-        dk = _dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
+        dk = dot(dsT.to(qT.dtype), tl.trans(qT), dk, DOT_PRECISION)
     return dk, dv
 
 

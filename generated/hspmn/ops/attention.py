@@ -771,14 +771,19 @@ class StepContext:
         self.token_positions = positions if pads is None else positions - pads[:, None]
         self._shared: dict[tuple[str, str], object] = {}
 
+    def _per_component(self, component: str, what: str, compute):
+        """compute(), called by the first layer of `component` that asks for `what` and kept for the others (each
+        layer calls it under torch.compile: see the class)."""
+        if torch.compiler.is_compiling():
+            return compute()
+        key = (component, what)
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
+
     def rope_cos_sin(self, component: str, inv_freq: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
         """rope_cos_sin(inv_freq, token_positions, mscale), computed by the first layer of `component`."""
-        if torch.compiler.is_compiling():
-            return rope_cos_sin(inv_freq, self.token_positions, mscale)
-        key = (component, "rope")
-        if key not in self._shared:
-            self._shared[key] = rope_cos_sin(inv_freq, self.token_positions, mscale)
-        return self._shared[key]
+        return self._per_component(component, "rope", lambda: rope_cos_sin(inv_freq, self.token_positions, mscale))
 
     def cache_slots(self, component: str, cache) -> Tensor | None:
         """
@@ -786,12 +791,7 @@ class StepContext:
         write is no slot write: a ring at T > 1), asked of the first layer's cache of `component` (one geometry for
         all its layers). A ring's slot is a remainder: one launch a step for the component, not one a layer.
         """
-        if torch.compiler.is_compiling():
-            return cache.slots(self.positions[0], self.positions.size(-1))
-        key = (component, "slots")
-        if key not in self._shared:
-            self._shared[key] = cache.slots(self.positions[0], self.positions.size(-1))
-        return self._shared[key]
+        return self._per_component(component, "slots", lambda: cache.slots(self.positions[0], self.positions.size(-1)))
 
     def attention_mask(
         self, component: str, cache=None, window: int | None = None, dtype: torch.dtype = torch.float32
@@ -803,12 +803,7 @@ class StepContext:
         Built by the first layer of `component`, whose cache stands for every layer's: one component's caches have
         one geometry.
         """
-        if torch.compiler.is_compiling():
-            return self._build_mask(cache, window, dtype)
-        key = (component, "mask")
-        if key not in self._shared:
-            self._shared[key] = self._build_mask(cache, window, dtype)
-        return self._shared[key]
+        return self._per_component(component, "mask", lambda: self._build_mask(component, cache, window, dtype))
 
     def key_positions(self, component: str, cache) -> Tensor:
         """
@@ -816,12 +811,7 @@ class StepContext:
         pad slots hidden in a ragged batch ((B, S), hide_pads): what a kernel that builds the mask itself takes
         (kernels/decode_attention.py). Computed by the first layer of `component`, as attention_mask is.
         """
-        if torch.compiler.is_compiling():
-            return self._key_positions(cache)
-        key = (component, "key_positions")
-        if key not in self._shared:
-            self._shared[key] = self._key_positions(cache)
-        return self._shared[key]
+        return self._per_component(component, "key_positions", lambda: self._key_positions(cache))
 
     def _key_positions(self, cache) -> Tensor:
         T = self.positions.size(-1)
@@ -830,8 +820,8 @@ class StepContext:
             k_positions = hide_pads(k_positions, self.pads)  # (B, S)
         return k_positions
 
-    def _build_mask(self, cache, window: int | None, dtype: torch.dtype) -> AttentionMask:
+    def _build_mask(self, component: str, cache, window: int | None, dtype: torch.dtype) -> AttentionMask:
+        k_positions = self.key_positions(component, cache)  # (S,) or (B, S)
         return AttentionMask.build(
-            self.token_positions, self._key_positions(cache), window, queries_see_themselves=self.pads is None,
-            dtype=dtype,
+            self.token_positions, k_positions, window, queries_see_themselves=self.pads is None, dtype=dtype
         )

@@ -39,8 +39,8 @@ from torch import Tensor
 from .triton_support import (
     Autotuner,
     calls_implementation_directly,
+    dot,
     dtype_name,
-    interpreting,
     on_device,
     register_op,
     rounded,
@@ -63,23 +63,11 @@ DEFAULT_CONFIG = CONFIGS[0]
 INTERPRETER_CONFIG = {"BLOCK_S": 16, "WAVES": 2, "num_warps": 1}
 INTERPRETER_SMS = 132
 """The SM count the splits are chosen for under the interpreter (an H100/H200's)."""
-_WIDEN_HALF_DOT = tl.constexpr(interpreting())
-"""The interpreter multiplies bfloat16 dot operands as the integers it stores them as: there they are widened to
-float32 first (the products the tensor cores form from the same rounded operands)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b in float32 (see _WIDEN_HALF_DOT)."""
-    if _WIDEN_HALF_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -125,7 +113,7 @@ def _split_kernel(
         rows_at = slots.to(tl.int64)[:, None]
         k = tl.load(k_at + rows_at * stride_ks + channels[None, :],
                     mask=slot_inside[:, None] & channel_inside[None, :], other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_S), log2 units
+        scores = dot(q, tl.trans(k), None, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_S), log2 units
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that saw nothing yet: p = 0, acc stays 0
@@ -135,7 +123,7 @@ def _split_kernel(
         seen = tl.max(visible.to(tl.int32), 0) > 0  # (BLOCK_S,) slots some row of the tile sees
         v = tl.load(v_at + rows_at * stride_vs + channels[None, :],
                     mask=(slot_inside & seen)[:, None] & channel_inside[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(rounded(p, v.dtype), v, DOT_PRECISION)
+        acc = acc * alpha[:, None] + dot(rounded(p, v.dtype), v, None, DOT_PRECISION)
         m = m_new
 
     if ONE_SPLIT:
