@@ -15,6 +15,9 @@ each model's package as generated (`kernels`), and on request with its layers un
 
 Run on the GPU from the repository root:
     python bench/train_profile.py --out $OUT --only hymba_plus,nexus --budget-s 100
+and at another shape (no bar row then: the MFU bar is set at 16k tokens a step), e.g. the one the references train
+at in bench/whole_model.py, where (a) must be at least as fast as (b) and (c):
+    python bench/train_profile.py --out $OUT --only hymba_plus --shape 1x512 --budget-s 100
 Writes $OUT/train_profile.json (bench/harness.py's Run: a section per model and per model and variant),
 $OUT/train_profile.bars.json (the MFU bar row of each model's `kernels` variant) and
 $OUT/train_profile_<model>_<variant>.txt. `--dry-run`: the CPU, toy sizes, the
@@ -24,6 +27,7 @@ profiler's CPU side only (checks the script; the figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -143,7 +147,7 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
                   mfu=tokens_per_step * result.train_flops_per_token / wall / result.matmul_flops_per_s)
     if device == "cuda":
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    if variant == "kernels":
+    if variant == "kernels" and tokens_per_step >= 16384:
         bar(f"{name} training MFU, {config.batch} x {config.seq_len} tokens", record["mfu"],
             "fraction of measured bf16 matmul rate", "bf16 matmul rate", result.matmul_flops_per_s, record["mfu"], 0.4)
     if budget_left() < 2 * wall + 5:  # the profiled step and the sync-debug step
@@ -172,6 +176,17 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
     free_memory(device)
 
 
+def batch_by_length(text: str) -> tuple[int, int]:
+    """--shape's "BxL" (e.g. 1x512) as (batch, length)."""
+    try:
+        batch, length = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not BATCHxLENGTH, e.g. 1x512") from None
+    if batch < 1 or length < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch and length must be positive")
+    return batch, length
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out")
@@ -179,6 +194,8 @@ def main() -> None:
     parser.add_argument("--variants", default="kernels", help="comma-separated: kernels, kernels_compiled, kernels_graphed")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after the first and one warm-up)")
     parser.add_argument("--budget-s", type=float, default=100.0, help="no model or profile starts after this many seconds")
+    parser.add_argument("--shape", type=batch_by_length, default=None, metavar="BxL",
+                        help="train at batch x length instead of the whole-model sizes, e.g. 1x512")
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks the script only")
     args = parser.parse_args()
     names, variants = args.only.split(","), tuple(args.variants.split(","))
@@ -195,7 +212,10 @@ def main() -> None:
             prepared = {}
 
             def prepare(record: dict, name=name, prepared=prepared) -> None:
-                prepared["bench"] = bench = prepare_bench(bench_config(name, args.dry_run, variants), Path(tmp) / name)
+                config = bench_config(name, args.dry_run, variants)
+                if args.shape:
+                    config = dataclasses.replace(config, batch=args.shape[0], seq_len=args.shape[1])
+                prepared["bench"] = bench = prepare_bench(config, Path(tmp) / name)
                 record.update(parameters=bench.result.parameters, batch=bench.config.batch, seq_len=bench.config.seq_len,
                               matmul_flops_per_s=bench.result.matmul_flops_per_s,
                               train_flops_per_token=bench.result.train_flops_per_token)

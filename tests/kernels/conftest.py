@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._device import _device_constructors
 
 from tests.kernels.gpu_configs import GpuConfigs
 
@@ -28,7 +29,15 @@ def triton_on_cpu(monkeypatch):
 @pytest.fixture
 def poisoned_empty(monkeypatch):
     """Every floating torch.empty / empty_like starts as NaN while the test runs, so an element a kernel forgets to
-    write shows up."""
+    write shows up.
+
+    torch caches, once per process, which functions build tensors (the set `with torch.device(...)` redirects, and
+    torch.compile's list of overridable functions). Built for the first time while torch.empty is patched (a test
+    here compiling a kernel), they hold the patch instead of torch.empty, and every later `with
+    torch.device("meta")` in the process made CPU buffers (tests/generated/test_decode_ops.py failed after
+    test_decode_attention.py's compile test). So they are built before the patch."""
+    _device_constructors()
+    torch.overrides.get_overridable_functions()
     empty, empty_like = torch.empty, torch.empty_like
 
     def poison(t):

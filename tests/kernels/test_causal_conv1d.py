@@ -4,7 +4,6 @@ Runs in Triton's interpreter without CUDA, at small ragged shapes (T not a multi
 not a multiple of the channel block, widths 2 to 4). Kernel-written buffers start as NaN (torch.empty is poisoned).
 """
 
-import math
 import os
 
 import pytest
@@ -21,6 +20,7 @@ from tests.kernels.gpu_configs import per_case
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # tests/kernels/conftest.py
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
 
 
@@ -28,16 +28,6 @@ def randn(g: torch.Generator, *shape: int) -> torch.Tensor:
     """Standard normal samples drawn from g on the CPU (the same numbers on every machine), on the test device."""
     return torch.randn(*shape, generator=g).to(DEVICE)
 
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 

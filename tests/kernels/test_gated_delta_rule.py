@@ -7,7 +7,6 @@ NaN (torch.empty is poisoned), so an element a kernel forgets shows up. The refe
 values the kernel got.
 """
 
-import math
 import os
 
 import pytest
@@ -24,22 +23,12 @@ from tests.kernels.gpu_configs import gpu_choices
 from tests.numerics import relative_norm_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.usefixtures("poisoned_empty")  # tests/kernels/conftest.py
 
 # Relative error ‖kernel − reference‖ / ‖reference‖ per input dtype (issue 10's bars: float32 1e-5, bf16 1e-2).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    """Every floating torch.empty / empty_like starts as NaN while a test runs."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
 def make_inputs(batch, seqlen, nheads, nv_heads, dk, dv, *, dtype=torch.float32, seed=0, initial_state=True,
