@@ -32,5 +32,8 @@ class ParallelCombine(Kind[None, ParallelCombineConfig]):
             table[f"{branch}_scale"] = (dims.d_model,)
         return table
 
+    def imports(self, config: ParallelCombineConfig) -> dict[str, tuple[str, ...]]:
+        return {"decoding": ("branch_stream",)}  # the branches side by side while a CUDA graph records a step
+
 
 KIND = ParallelCombine()

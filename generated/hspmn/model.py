@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, StepContext, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
-from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
+from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, branch_stream, new_token_count, penalize_repeats, sample
 from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
@@ -244,11 +244,13 @@ class ReflexContextParallel(nn.Module):
 
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
         aux = {}
-        reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None, pads=pads)
+        with branch_stream(x, 0) as join_reflex:  # while a CUDA graph records: on a side stream, beside context
+            reflex_out = self.reflex(x, positions, cache["reflex"] if cache is not None else None, pads=pads)
         context_out, context_aux = self.context(
             x, positions, cache["context"] if cache is not None else None, pads=pads, step=step
         )
         aux.update(context_aux)
+        join_reflex()  # the combine reads every branch
         y = reflex_out + context_out
         return y, aux
 

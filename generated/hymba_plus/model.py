@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attention, rope_cos_sin, rope_inv_freq
-from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, new_token_count, penalize_repeats, sample
+from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, branch_stream, new_token_count, penalize_repeats, sample
 from .ops.forecast import detokenize, tokenize
 from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
@@ -478,10 +478,12 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.ssm_scale)
 
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
-        global_attn_out = self.global_attn(
-            x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
-        )
+        with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
+            global_attn_out = self.global_attn(
+                x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
+            )
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
+        join_global_attn()  # the combine reads every branch
         if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
             y = kernels.normalized_mean(
                 global_attn_out,
@@ -524,8 +526,10 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.ssm_scale)
 
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
-        attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
+        with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
+            attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
+        join_attn()  # the combine reads every branch
         if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
             y = kernels.normalized_mean(
                 attn_out,

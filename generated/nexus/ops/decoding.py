@@ -20,6 +20,11 @@ What a captured step reads and writes must live at fixed addresses:
 Sampling stays outside the graph (it runs on one (B, V) row of logits, a handful of kernels), so every sampling
 option of `generate` works unchanged.
 
+Inside the graph the branches of a parallel block (attention ∥ Mamba, both reading the same input) run side by side:
+`branch_stream` records each branch but the last on a side stream of its own, forked from the recording stream and
+joined back before the combine, so one branch's small kernels fill the other's ramp-ups, tails and gaps
+(CONCURRENT_BRANCHES = False records them one after another).
+
 The rest of this file is what `generate` does between two steps, with Hugging Face's names and meanings:
     new_token_count     max_new_tokens / max_length → how many tokens to add
     penalize_repeats    repetition_penalty (CTRL's rule) on the tokens a row already holds
@@ -28,6 +33,7 @@ The rest of this file is what `generate` does between two steps, with Hugging Fa
     as_streamer         a streamer (put/end, as transformers' TextStreamer) or a plain callback
 """
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -147,6 +153,70 @@ class CUDAGraphDecoder:
         self.token.copy_(token)
         self.graph.replay()
         return self.logits
+
+
+# A parallel block's branches on streams of their own while a CUDA graph records (branch_stream). False records them
+# one after another on one stream; a graph keeps what it recorded, so flip it before a capture (bench/decode.py
+# --serial-branches flips it for an A/B in one process).
+CONCURRENT_BRANCHES = True
+
+_SIDE_STREAMS: dict[tuple[str, int], object] = {}  # (device, branch) -> the stream that branch is recorded on
+
+
+def forks_branches(x: Tensor) -> bool:
+    """
+    Whether a parallel block runs its branches on streams of their own now: only while a CUDA graph records a step
+    without autograd (graph decoding). Not under torch.compile or torch.export (their graphs hold no streams: the
+    compiled step recorded in a graph stays on one stream), not in eager decoding or training (the kernels there are
+    launched one by one from Python, which a second stream does not hide), and not when CONCURRENT_BRANCHES is off.
+    """
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # first: tracing reads no flag or stream
+        return False
+    return CONCURRENT_BRANCHES and x.is_cuda and not torch.is_grad_enabled() and torch.cuda.is_current_stream_capturing()
+
+
+def branch_stream(x: Tensor, branch: int):
+    """
+    The stream branch number `branch` of a parallel block runs on, as a context whose value joins it back:
+
+        with branch_stream(x, 0) as join_attn:
+            attn_out = self.attn(x, ...)  # recorded on a side stream
+        ssm_out = self.ssm(x, ...)  # on the recording stream, beside it
+        join_attn()  # the combine reads both
+
+    Where forks_branches(x) holds, the side stream first waits for everything the current stream has queued (x and
+    whatever else the branch reads were made there), the branch is recorded on it, and join() makes the current
+    stream wait for the branch before anything after it. Both are event waits that a CUDA graph records as edges:
+    a replay runs the same kernels on the same inputs as the serial order, in an order those edges allow. Anywhere
+    else a no-op: the branch runs where it is, join() does nothing. Why the allocator is safe with it: docs/design.md,
+    "Fast decoding (CUDA graphs)".
+    """
+    if not forks_branches(x):
+        return contextlib.nullcontext(_no_join)
+    streams = torch.get_device_module(x.device)  # torch.cuda (torch.cpu's no-op streams in the tests)
+    origin = streams.current_stream(x.device)
+    return _forked(streams, origin, _side_stream(streams, x.device, branch, origin))
+
+
+def _no_join() -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _forked(streams, origin, side):
+    side.wait_stream(origin)  # the branch starts after its inputs
+    with streams.stream(side):
+        yield lambda: origin.wait_stream(side)
+
+
+def _side_stream(streams, device: torch.device, branch: int, origin):
+    """The side stream of branch `branch` on `device`, made once. CUDA hands out streams from a pool of 32 in turn,
+    so a new one may be the very stream the graph records on (a fork onto it would run serially): then another."""
+    key = (str(device), branch)
+    side = _SIDE_STREAMS.get(key)
+    while side is None or side == origin:
+        side = _SIDE_STREAMS[key] = streams.Stream(device) if device.type == "cuda" else streams.Stream()
+    return side
 
 
 DEFAULT_MAX_LENGTH = 20  # transformers' default total length when neither max_new_tokens nor max_length is given

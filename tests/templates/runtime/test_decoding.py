@@ -125,3 +125,54 @@ def test_sample_is_greedy_at_temperature_zero_and_keeps_top_k():
     assert torch.equal(decoding.sample(logits, 0, None, None), torch.tensor([[1], [0]]))
     drawn = torch.cat([decoding.sample(logits, 1.0, 2, None, torch.Generator().manual_seed(i)) for i in range(30)], dim=1)
     assert set(drawn[0].tolist()) <= {1, 2} and set(drawn[1].tolist()) <= {0, 2}
+
+
+class _Tensor:  # what forks_branches reads of a tensor: a CUDA one without a GPU
+    is_cuda = True
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("capturing", [False, True])
+@pytest.mark.parametrize("flag", [False, True])
+def test_branches_fork_only_while_a_graph_records_without_autograd_and_the_flag_is_on(monkeypatch, flag, capturing,
+                                                                                      grad, compiling):
+    monkeypatch.setattr(decoding, "CONCURRENT_BRANCHES", flag)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    with torch.set_grad_enabled(grad):
+        assert decoding.forks_branches(_Tensor()) == (flag and capturing and not grad and not compiling)
+    assert not decoding.forks_branches(torch.zeros(1)), "a CPU tensor: no graph is recorded"
+
+
+def test_branch_stream_is_a_no_op_unless_it_forks(monkeypatch):
+    monkeypatch.setattr(decoding, "forks_branches", lambda x: False)
+    origin = torch.cpu.current_stream()
+    with decoding.branch_stream(torch.zeros(1), 0) as join:
+        assert torch.cpu.current_stream() is origin
+    assert join() is None and torch.cpu.current_stream() is origin
+
+
+def test_branch_stream_forks_onto_a_side_stream_of_its_own_and_joins_back(monkeypatch):
+    """The side stream waits for the current one before the branch, the branch runs on it, and join makes the
+    current stream wait for the side one; a side stream that is the current stream (CUDA's pool of 32 streams handed
+    out in turn) is replaced, since forking onto it would run the branches one after another."""
+    waits = []
+    monkeypatch.setattr(torch.cpu.Stream, "wait_stream", lambda self, other: waits.append((self, other)))
+    monkeypatch.setattr(decoding, "forks_branches", lambda x: True)
+    origin = torch.cpu.current_stream()
+    monkeypatch.setitem(decoding._SIDE_STREAMS, ("cpu", 0), origin)
+    monkeypatch.delitem(decoding._SIDE_STREAMS, ("cpu", 1), raising=False)
+    x = torch.zeros(1)
+    with decoding.branch_stream(x, 0) as join_first:
+        first = torch.cpu.current_stream()
+    with decoding.branch_stream(x, 1) as join_second:
+        second = torch.cpu.current_stream()
+    assert first is not origin and second is not origin and first is not second
+    assert waits == [(first, origin), (second, origin)]
+    assert torch.cpu.current_stream() is origin
+    join_first()
+    join_second()
+    assert waits[2:] == [(origin, first), (origin, second)]
+    with decoding.branch_stream(x, 0):
+        assert torch.cpu.current_stream() is first, "one side stream per branch and device, made once"
