@@ -16,6 +16,11 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - with --pdl-ab, programmatic dependent launch (kernels/triton_support.py, programmatic_launch) off and on in the
     same run: the batch-1 graph step re-captured for each, timed twice each (off, on, off, on), their ratio, and the
     graph's logits for the same fed tokens in both (bitwise equal: PDL changes no arithmetic);
+  - with --serial-branches, the parallel blocks' branches (Hymba+'s attention ∥ Mamba) recorded side by side on two
+    streams (the package's default, ops/decoding.py's branch_stream) and one after another on one, in the same run:
+    the batch-1 graph step re-captured for each, timed twice each (serial, concurrent, serial, concurrent), their
+    ratio, the forks each capture recorded, and the graph's logits and greedy tokens in both (bitwise equal: the same
+    kernels on the same inputs);
   - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
     batch 1's graph ms/token and step profile with those kernels off, and whether the prefill logits and greedy
     tokens are the same with them off.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -186,6 +192,58 @@ def pdl_ab(model, prompt, args) -> dict:
     return out
 
 
+def branches_ab(package, model, prompt, args) -> dict:
+    """The parallel blocks' branches one after another on one stream (serial) and side by side on two (concurrent:
+    the package's default), in this process: the package's ops/decoding.py CONCURRENT_BRANCHES flipped and the graph
+    decoders dropped, so each mode captures its own graph; each mode timed twice (serial, concurrent, serial,
+    concurrent: drift shows as a difference between a mode's two figures), the best of each kept. Also per mode the
+    forks one capture recorded (each parallel layer's, or 0), the graph's logits for the same fed tokens and 16 greedy
+    tokens: equal in both modes, the same kernels on the same inputs."""
+    decoding = importlib.import_module(f"{package.__name__}.ops.decoding")
+    vocab = model.lm_head.weight.size(0)
+    g = torch.Generator().manual_seed(12)
+    tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
+    out: dict = {"rounds": {"serial": [], "concurrent": []}, "forks_per_capture": {}}
+    logits: dict = {}
+    greedy: dict = {}
+    generate = greedy_in_graph(model)
+    default, forked = decoding.CONCURRENT_BRANCHES, decoding._forked
+    forks = []
+    decoding._forked = lambda *streams: forks.append(1) or forked(*streams)
+    try:
+        for concurrent in (False, True, False, True):
+            mode = "concurrent" if concurrent else "serial"
+            if f"{mode}_error" in out:
+                continue
+            decoding.CONCURRENT_BRANCHES = concurrent
+            drop_graphs(model)
+            try:
+                if mode not in logits:
+                    forks.clear()
+                    logits[mode] = graph_logits(model, prompt, tokens, args.device)
+                    out["forks_per_capture"][mode] = len(forks)
+                    drop_graphs(model)
+                    greedy[mode] = generate(prompt, 16)
+                out["rounds"][mode].append(decode_ms_per_token(generate, prompt, args.new_tokens, args.device))
+            except Exception as error:  # noqa: BLE001 — e.g. a capture refusing the second stream
+                out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
+                print(f"branches_ab {mode}: {out[f'{mode}_error']}", flush=True)
+    finally:
+        decoding.CONCURRENT_BRANCHES, decoding._forked = default, forked
+        drop_graphs(model)
+    for mode in ("serial", "concurrent"):
+        if out["rounds"][mode]:
+            out[f"{mode}_ms_per_token"] = min(out["rounds"][mode])
+    if "serial_ms_per_token" in out and "concurrent_ms_per_token" in out:
+        out["concurrent_over_serial"] = out["concurrent_ms_per_token"] / out["serial_ms_per_token"]
+    if "serial" in logits and "concurrent" in logits:
+        pairs = list(zip(logits["serial"], logits["concurrent"], strict=True))
+        out["logits_equal"] = all(torch.equal(a, b) for a, b in pairs)
+        out["logits_max_abs_difference"] = max((a - b).abs().max().item() for a, b in pairs)
+        out["same_greedy_tokens"] = bool(torch.equal(greedy["serial"], greedy["concurrent"]))
+    return out
+
+
 def cache_bytes(model, batch: int, length: int, device: str) -> int:
     return tensor_bytes(model.empty_cache(batch, length, device=device).layers)
 
@@ -268,6 +326,9 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 save(args, results)
             if batch == 1 and args.pdl_ab:
                 attempt(row, "pdl_ab", lambda prompt=prompt: pdl_ab(model, prompt, args), args)
+                save(args, results)
+            if batch == 1 and args.serial_branches:
+                attempt(row, "branches_ab", lambda prompt=prompt: branches_ab(package, model, prompt, args), args)
                 save(args, results)
             if batch == 1 and not args.parity_first:
                 parity(model, prompt, row, args, results)
@@ -393,6 +454,10 @@ def main() -> None:
     parser.add_argument("--pdl-ab", action="store_true",
                         help="batch 1: the graph step with programmatic dependent launch off and on (re-captured), "
                              "timed twice each, and their logits compared")
+    parser.add_argument("--serial-branches", action="store_true",
+                        help="batch 1: the graph step with the parallel blocks' branches one after another on one "
+                             "stream and side by side on two (the default), re-captured, timed twice each, their "
+                             "logits and greedy tokens compared")
     parser.add_argument("--without", default=None,
                         help="comma-separated kernel functions of the package (e.g. apply_rope_write_kv): batch 1 is "
                              "also timed in a graph, and profiled, with them off (an A/B in one run)")
