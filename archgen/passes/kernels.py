@@ -54,6 +54,12 @@ def _conv_fits(config: Any) -> bool:
     return 1 <= config.d_conv <= 16  # the conv kernel unrolls at most 16 taps
 
 
+def _conv_steps_in_place(config: Any) -> bool:
+    """The in-place conv step's kernel: widths 2 to 4 (kernels/causal_conv1d.py's WINDOW_WIDTH, its sliding window;
+    others would run the functional kernel and a copy, nothing gained)."""
+    return 2 <= config.d_conv <= 4
+
+
 def _normalized_mean_fits(config: Any) -> bool:
     """The combine kernel: two branches, each under a plain RMSNorm (a zero-centred one scales by 1 + weight)."""
     return (config.mode == "normalized_mean" and len(config.branches) == 2 and config.norm_kind == "rmsnorm"
@@ -69,6 +75,9 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "causal_conv1d", "causal_conv1d", "ssm",
                "Mamba-1 depthwise causal conv + SiLU, fused (a sequence, or one decoding step at T = 1)",
                when=_conv_fits),
+    KernelRule("mamba", "causal_conv1d", "causal_conv1d_update_", "ssm",
+               "Mamba-1 decoding step's conv + SiLU with the conv state updated in place in the cache (the step's "
+               "copy of the new state into the cache before: a launch per layer and token)", when=_conv_steps_in_place),
     KernelRule("mamba", "state_update", "mamba_step_low_rank", "ssm",
                "Mamba-1 one-token state update (decoding): Δ projected from its low rank (dt_proj), A = -exp(A_log), "
                "the step and the z gate in one launch"),

@@ -249,7 +249,10 @@ class Ssm(nn.Module):
             keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
             x = torch.where(keep, x, 0.0)
         conv_state = cache.conv_state if cache is not None else None  # (B, 1024, 3), the inputs before x
-        if use_kernel(kernels.causal_conv1d, x):  # conv and SiLU in one pass
+        if cache is not None and T == 1 and use_kernel(kernels.causal_conv1d_update_, x):
+            # a decoding step: conv and SiLU in one launch that also shifts the cache's conv state where it lies
+            x = kernels.causal_conv1d_update_(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
+        elif use_kernel(kernels.causal_conv1d, x):  # conv and SiLU in one pass
             x, conv_state = kernels.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
         else:
             x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
@@ -291,7 +294,8 @@ class Ssm(nn.Module):
                     x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=4096
                 )
         if cache is not None:
-            cache.conv_state.copy_(conv_state)
+            if conv_state is not cache.conv_state:  # a new tensor, unless the step's conv shifted it in place
+                cache.conv_state.copy_(conv_state)
             if ssm_state is not cache.ssm_state:
                 cache.ssm_state.copy_(ssm_state)
         return self.out_proj(y)  # (B, T, 512)

@@ -14,6 +14,7 @@ The selective SSM (Gu & Dao, 2023), for every channel d and state index n::
 
 Contents:
     causal_conv1d         depthwise causal conv over time that streams through a (K-1)-input state
+    causal_conv1d_update_ one decoding step of it, the state updated in place
     selective_scan        a whole sequence at once (training, prefill): chunked, no loop over time
     selective_state_step  one position (decoding)
     MambaCache            the decode-time state of one layer
@@ -89,6 +90,21 @@ def causal_conv1d(
 
     new_conv_state = x_ext[:, x_ext.shape[1] - (width - 1) :].transpose(1, 2).contiguous()  # (B, D, K-1)
     return y.to(x.dtype), new_conv_state
+
+
+def causal_conv1d_update_(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv_state: Tensor,
+    silu: bool = False,
+) -> Tensor:
+    """One decoding step (x (B, 1, D)) of `causal_conv1d` (then SiLU if `silu`) with the new state written over
+    `conv_state`: returns y (B, 1, D). The reference of the kernels' in-place step (archgen_v1::causal_conv1d_update_),
+    the functional call and a copy."""
+    y, new_conv_state = causal_conv1d(x, weight, bias, conv_state)
+    conv_state.copy_(new_conv_state)
+    return F.silu(y) if silu else y
 
 
 def selective_scan(

@@ -78,7 +78,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
     monkeypatch.chdir(tmp_path / "tuned")
     tuned = build(spec, "--autotune", "--tune-dtype", "float32", "--tune-batch", "2", "-o", ".")
     assert plain.exit_code == 0 and tuned.exit_code == 0, plain.output + tuned.output
-    assert "tuned 16 kernel configs of tuned_mamba" in tuned.output
+    assert "tuned 17 kernel configs of tuned_mamba" in tuned.output
 
     plain_files = {p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*") if p.is_file()}
     tuned_files = {p.relative_to(tmp_path / "tuned") for p in (tmp_path / "tuned").rglob("*") if p.is_file()}
@@ -97,6 +97,7 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
                     # the conv over a sequence (forward, one-pass backward) and a decoding step from its state
                     ("causal_conv1d.forward", "D32-K4-Tn-float32"), ("causal_conv1d.window_backward", "D32-K4-silu-float32"),
                     ("causal_conv1d.forward", "D32-K4-T1-state-float32"),
+                    ("causal_conv1d.step_in_place", "D32-K4-step-in-place-state-float32"),  # the step in place
                     # every weight matrix at the decoding batch: in_proj and lm_head, out_proj and down_proj, x_proj,
                     # dt_proj, gate_proj and up_proj, and the gate and up pair
                     *(("gemv.forward", f"N{n}-K{k}-M2-float32") for n, k in ((64, 16), (16, 32), (9, 32), (32, 1), (32, 16))),

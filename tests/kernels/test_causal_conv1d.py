@@ -236,3 +236,78 @@ def test_the_blocks_sums_add_up_to_the_parameters_gradients(with_bias):
         assert dbias.dtype == torch.float32 and relative_norm_error(dbias, sums[4]) <= TOL[torch.float32]
     else:
         assert dbias is None
+
+
+@pytest.mark.parametrize(
+    ("width", "dtype", "state_dtype", "with_bias"),
+    [
+        (4, torch.float32, torch.float32, True),
+        (4, torch.bfloat16, torch.float32, True),  # a float32 cache of bf16 inputs: its entries rounded to bf16
+        (3, torch.bfloat16, torch.bfloat16, False),
+        (2, torch.float16, torch.float32, True),
+        (6, torch.float32, torch.float32, True),  # wider than the window kernel: the functional kernel and a copy
+        (1, torch.float32, torch.float32, True),  # no state entries at all
+    ],
+)
+def test_the_in_place_step_computes_the_functional_step_and_shifts_the_state_where_it_lies(width, dtype, state_dtype,
+                                                                                           with_bias):
+    """causal_conv1d_update_ gives the functional step's y bit for bit and leaves in the state what copying the
+    functional step's new state into it leaves (the cache's bits), on a strided x (a slice of a projection) with
+    channels not a multiple of the block; the state tensor is the same object, written by the kernel."""
+    g = torch.Generator().manual_seed(11)
+    batch, dim = 2, 37
+    x = randn(g, batch, 1, 2 * dim).to(dtype)[..., :dim]  # (B, 1, D) with a row stride of 2D, as in_proj's x
+    weight, bias = randn(g, dim, width), randn(g, dim) if with_bias else None
+    state = randn(g, batch, dim, width - 1).to(state_dtype)
+    # the functional step as the GPU runs it at widths up to 4: the sliding-window kernel, whose tap order the in-place
+    # step keeps (the interpreter's default config is a tile, which sums the taps in another order)
+    window = {"BLOCK_T": 8, "BLOCK_D": 16, "num_warps": 1, "WINDOW": True} if 2 <= width <= 4 else None
+    y_functional, new_state = conv.causal_conv1d_forward(x, weight, bias, state, True, config=window)
+    expected_state = state.clone().copy_(new_state)
+    in_place = state.clone()
+    address = in_place.data_ptr()
+    y = conv.causal_conv1d_update_(x, weight, bias, in_place, "silu")
+    assert in_place.data_ptr() == address and y.shape == (batch, 1, dim) and y.dtype == dtype
+    assert torch.equal(y, y_functional), "y: the functional step's, bit for bit"
+    assert torch.equal(in_place, expected_state), "the state: the functional step's new state copied in"
+    reference_y, _ = conv.causal_conv1d_reference(x, weight, bias, state, "silu")
+    assert relative_norm_error(y, reference_y) < TOL[dtype]
+
+
+def test_in_place_steps_thread_the_state_like_one_call():
+    """Prefill, then decoding steps that each shift the cache's state in place: the outputs of one call."""
+    g = torch.Generator().manual_seed(12)
+    x, weight, bias = randn(g, 2, 9, 18), randn(g, 18, 4), randn(g, 18)
+    y_full, state_full = conv.causal_conv1d(x, weight, bias, None, "silu")
+    y, state = conv.causal_conv1d(x[:, :6], weight, bias, None, "silu")
+    steps = [y]
+    for t in range(6, 9):
+        steps.append(conv.causal_conv1d_update_(x[:, t : t + 1], weight, bias, state, "silu"))
+    assert torch.allclose(torch.cat(steps, 1), y_full, atol=1e-6) and torch.equal(state, state_full)
+
+
+def test_in_place_op_declares_its_mutation_and_compiles_in_one_graph():
+    """The op's schema says it writes conv_state (torch.compile must not reorder or drop the write, and 2.11's did
+    not write back an input that an op both mutated and returned: this one returns y only); compiled, the state the
+    function was given is shifted, as eagerly."""
+    g = torch.Generator().manual_seed(13)
+    x, weight, bias, state = randn(g, 1, 1, 6), randn(g, 6, 4), randn(g, 6), randn(g, 1, 6, 3)
+    torch.library.opcheck(conv.causal_conv1d_update_in_place_op, (x, weight, bias, state.clone(), True),
+                          test_utils=("test_schema", "test_faketensor"))
+    assert torch.ops.archgen_v1.causal_conv1d_update_.default._schema.arguments[3].alias_info.is_write
+
+    def step(x, state):
+        return conv.causal_conv1d_update_(x, weight, bias, state, "silu") * 2
+
+    eager_state, compiled_state = state.clone(), state.clone()
+    eager = step(x, eager_state)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, compiled_state)
+    assert torch.equal(compiled, eager) and torch.equal(compiled_state, eager_state)
+    assert not torch.equal(eager_state, state)
+
+
+def test_the_in_place_step_takes_one_step_with_a_state():
+    g = torch.Generator().manual_seed(14)
+    x, weight, state = randn(g, 1, 2, 6), randn(g, 6, 4), randn(g, 1, 6, 3)
+    with pytest.raises(ValueError, match="one step"):
+        conv.causal_conv1d_step_in_place(x, weight, None, state, True)

@@ -24,7 +24,7 @@ layout: {mixers: attn*2, ffns: mlp}
 """
 BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
 
-MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d",
+MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d", "causal_conv1d_update_": "causal_conv1d",
                  "mamba_step_low_rank": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}

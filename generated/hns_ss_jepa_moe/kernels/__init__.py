@@ -23,6 +23,7 @@ try:
     from . import state_update as state_update_module
     from . import swiglu as swiglu_module
     from .causal_conv1d import causal_conv1d
+    from .causal_conv1d import causal_conv1d_update_
     from .decode_attention import decode_attention
     from .gemv import linear
     from .gemv import qkv_linear
@@ -47,6 +48,7 @@ except ImportError:  # no triton
     state_update_module = None
     swiglu_module = None
     causal_conv1d = None
+    causal_conv1d_update_ = None
     decode_attention = None
     linear = None
     qkv_linear = None
@@ -67,6 +69,10 @@ def decompositions() -> dict:
     table = {}
     if causal_conv1d_module is not None:
         from ..ops.ssm import causal_conv1d as reference
+
+        table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
+    if causal_conv1d_module is not None:
+        from ..ops.ssm import causal_conv1d_update_ as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if decode_attention_module is not None:

@@ -22,10 +22,15 @@ summed per time block in registers, and the blocks' sums added up by a small ker
 take tiles: K shifted loads per tile or a gathering variant in the forward, and two backward passes with the SiLU
 (dL/d pre-activation written, then summed over the taps). A decoding step is the same forward at T = 1 (`causal_conv1d_update`).
 
-Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step), the custom
-ops `archgen_v1::causal_conv1d` and `archgen_v1::causal_conv1d_backward` (fake implementations, autograd), the launchers
-`causal_conv1d_forward` / `causal_conv1d_backward` with their autotune spaces, `causal_conv1d_reference` (the same
-signature over ops/ssm.py's loop) and `decomposition` (for ONNX). Needs triton and triton_support.py next to it.
+A decoding step that writes its new state where the old one lies (`causal_conv1d_update_`, a generated Mamba-1 layer's
+step: no copy into the cache afterwards) has a kernel of its own, `_conv_step_in_place_kernel`, for widths 2 to 4.
+
+Contents: `causal_conv1d` (the entry point, differentiable), `causal_conv1d_update` (one decoding step),
+`causal_conv1d_update_` (one step, the state updated in place), the custom ops `archgen_v1::causal_conv1d`,
+`archgen_v1::causal_conv1d_backward` (fake implementations, autograd) and `archgen_v1::causal_conv1d_update_`
+(mutates conv_state), the launchers `causal_conv1d_forward` / `causal_conv1d_backward` / `causal_conv1d_step_in_place`
+with their autotune spaces, `causal_conv1d_reference` (the same signature over ops/ssm.py's loop) and `decomposition`
+(for ONNX). Needs triton and triton_support.py next to it.
 """
 
 import torch
@@ -418,6 +423,63 @@ def _conv_fwd_window_kernel(
         tl.store(new_state_ptr + b * new_state_stride_b + d[None, :] * new_state_stride_d
                  + j[:, None] * new_state_stride_k, tail.to(new_state_ptr.dtype.element_ty),
                  mask=(j < WIDTH - 1)[:, None] & d_in[None, :])
+
+
+@triton.jit
+def _conv_step_in_place_kernel(
+    x_ptr, x_stride_b, x_stride_d,
+    weight_ptr, weight_stride_d, weight_stride_k,
+    bias_ptr,
+    state_ptr, state_stride_b, state_stride_d, state_stride_k,  # read, then written over
+    y_ptr, y_stride_b, y_stride_d,
+    dim,
+    HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr,  # 2 <= WIDTH <= 4
+    BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,  # as the window kernel's
+):
+    """One decoding step (T = 1) with the conv state updated where it lies, grid (batch, channel blocks): y =
+    act(bias + Σ_k w_k x̃[k - (K-1)]) from the state and this input, as the window kernel's first step, then the
+    state's entries become x̃[-(K-2)..0] (its last K-2 entries, then x). Nothing races: the conv is depthwise, so a
+    program reads and writes only its own channels' state, and inside the program a barrier separates every thread's
+    loads of the old state from the stores over it (a channel's entries may be held by several threads). The kept
+    entries are rounded through x's dtype, as the functional op's new state (x's dtype) copied into the cache rounds
+    them: the cache holds the same bits either way."""
+    if PDL:  # as the window kernel: the dependent (a GEMV) waits for this kernel's end before it reads anything
+        gdc_launch_dependents()
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_in = d < dim
+    state_row = state_ptr + b * state_stride_b + d * state_stride_d
+    w_row = weight_ptr + d * weight_stride_d
+    w0 = _window_tap(w_row, weight_stride_k, d_in, 3, WIDTH)
+    w1 = _window_tap(w_row, weight_stride_k, d_in, 2, WIDTH)
+    w2 = _window_tap(w_row, weight_stride_k, d_in, 1, WIDTH)
+    w3 = _window_tap(w_row, weight_stride_k, d_in, 0, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    # the inputs 3, 2 and 1 steps back (the state's entries K-4, K-3, K-2; 0 past its width), and this one
+    x_3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if WIDTH >= 4:
+        x_3 = tl.load(state_row + (WIDTH - 4) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+    if WIDTH >= 3:
+        x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+    x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+    x_0 = tl.load(x_ptr + b * x_stride_b + d * x_stride_d, mask=d_in, other=0.0)
+    y = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0.to(tl.float32), WIDTH)
+    if SILU:
+        y = y * sigmoid(y)
+    tl.store(y_ptr + b * y_stride_b + d * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=d_in)
+    tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
+    dtype = state_ptr.dtype.element_ty
+    x_dtype = x_ptr.dtype.element_ty
+    if WIDTH >= 4:
+        tl.store(state_row + (WIDTH - 4) * state_stride_k, x_2.to(x_dtype).to(dtype), mask=d_in)
+    if WIDTH >= 3:
+        tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(x_dtype).to(dtype), mask=d_in)
+    tl.store(state_row + (WIDTH - 2) * state_stride_k, x_0.to(dtype), mask=d_in)
 
 
 @triton.jit
@@ -834,6 +896,50 @@ def causal_conv1d_forward(
     return y, new_state
 
 
+STEP_IN_PLACE_CONFIGS = [{"BLOCK_D": 128, "num_warps": 1}, {"BLOCK_D": 64, "num_warps": 1},
+                         {"BLOCK_D": 256, "num_warps": 2}, {"BLOCK_D": 512, "num_warps": 4}]
+"""The in-place step's candidates: the window forward's channel blocks (128 at 1 warp its fastest at length) and
+wider ones (a step has B × D / BLOCK_D programs, 25-50 for Hymba+'s 3200 channels at batch 1)."""
+STEP_IN_PLACE_TUNER = Autotuner("causal_conv1d.step_in_place", STEP_IN_PLACE_CONFIGS, {"BLOCK_D": 16, "num_warps": 1})
+
+
+def causal_conv1d_step_in_place(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor, silu: bool,
+                                *, config: dict | None = None) -> Tensor:
+    """One decoding step x (B, 1, D) -> y (B, 1, D) in x's dtype, conv_state (B, D, K-1) updated where it lies by the
+    kernel (`_conv_step_in_place_kernel`, widths 2 to 4). Other widths (1: no state; above 4: no window kernel) run
+    the functional forward and copy its new state over conv_state. config {"BLOCK_D", "num_warps"} bypasses the tuner,
+    which times its candidates on a copy of the state (each trial shifts the state it is given)."""
+    _check_inputs(x, weight, bias, conv_state)
+    batch, seqlen, dim = x.shape
+    width = weight.shape[1]
+    if seqlen != 1 or conv_state is None:
+        raise ValueError(f"causal_conv1d_step_in_place takes one step (T = 1) and a state, got T = {seqlen} and "
+                         f"conv_state {None if conv_state is None else tuple(conv_state.shape)}")
+    if not 2 <= width <= WINDOW_WIDTH:
+        y, new_state = causal_conv1d_forward(x, weight, bias, conv_state, silu)
+        conv_state.copy_(new_state)
+        return y
+    y = torch.empty((batch, 1, dim), dtype=x.dtype, device=x.device)
+    if batch == 0 or dim == 0:
+        return y
+
+    def launch(cfg, state=conv_state):
+        _conv_step_in_place_kernel[(batch, triton.cdiv(dim, cfg["BLOCK_D"]))](
+            x, x.stride(0), x.stride(2), *strided(weight, 2), bias, *strided(state, 3), y, y.stride(0), y.stride(2),
+            dim, HAS_BIAS=bias is not None, SILU=bool(silu), WIDTH=width, BLOCK_D=cfg["BLOCK_D"],
+            PDL=programmatic_launch(x.device), num_warps=cfg["num_warps"],
+        )
+
+    key = _key(dim, width, conv_state, x.dtype, "-step-in-place")
+    with on_device(x):
+        known = STEP_IN_PLACE_TUNER.known(key, config)
+        if known is None:
+            scratch = conv_state.clone()
+            known = STEP_IN_PLACE_TUNER.tune(key, lambda cfg: launch(cfg, scratch))
+        launch(known)
+    return y
+
+
 def _silu_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor | None) -> Tensor:
     """dL/d pre-activation = dy · SiLU'(pre), (B, T, D) in dy's dtype."""
     batch, seqlen, dim = x.shape
@@ -980,6 +1086,7 @@ def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqle
     _, state = causal_conv1d_forward(x, weight, bias, None, silu)
     causal_conv1d_backward(dy, None, x, weight, bias, None, silu)
     causal_conv1d_forward(x[:, -1:], weight, bias, state, silu)
+    causal_conv1d_step_in_place(x[:, -1:], weight, bias, state, silu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1030,6 +1137,22 @@ def _backward(ctx, dy, dnew_state):
     return (dx, dweight, dbias if bias is not None else None, dstate if conv_state is not None else None, None)
 
 
+def _step_in_place_impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor, silu: bool) -> Tensor:
+    """archgen_v1::causal_conv1d_update_ -> y (B, 1, D); conv_state updated where it lies. CPU tensors take the
+    reference (outside the kernel tests)."""
+    if not (x.is_cuda or triton_on_cpu()):
+        y, new_state = causal_conv1d_reference(x, weight, bias, conv_state, "silu" if silu else None)
+        conv_state.copy_(new_state)
+        return y
+    return causal_conv1d_step_in_place(x, weight, bias, conv_state, silu)
+
+
+def _step_in_place_fake(x, weight, bias, conv_state, silu):
+    return x.new_empty(x.shape)
+
+
+causal_conv1d_update_in_place_op = register_op("causal_conv1d_update_", _step_in_place_impl, _step_in_place_fake,
+                                               mutates_args=("conv_state",))
 causal_conv1d_backward_op = register_op("causal_conv1d_backward", _backward_impl, _backward_fake)
 causal_conv1d_op = register_op("causal_conv1d", _forward_impl, _forward_fake, backward=_backward,
                                setup_context=_setup_context)
@@ -1088,6 +1211,30 @@ def causal_conv1d_update(
     return y.squeeze(1), new_state
 
 
+def causal_conv1d_update_(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv_state: Tensor,
+    activation: str | None = None,
+) -> Tensor:
+    """One decoding step x (B, 1, D) -> y (B, 1, D) with the new state written over `conv_state` (a decoding cache's)
+    by the kernel itself: what a generated Mamba-1 layer's step calls, where the functional op's new state was copied
+    into the cache afterwards (a launch per layer and token). The op mutates only conv_state and returns only y, so
+    torch.compile never meets an output aliasing an input. While torch.export traces, the functional op and a copy
+    (exported graphs and their ONNX lowering keep the functional form, as `mamba_step_`)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    silu = activation == "silu"
+    if torch.compiler.is_exporting():
+        y, new_state = causal_conv1d_op(x, weight, bias, conv_state, silu)
+        conv_state.copy_(new_state)
+        return y
+    if calls_implementation_directly(x):
+        return _step_in_place_impl(x, weight, bias, conv_state, silu)
+    return causal_conv1d_update_in_place_op(x, weight, bias, conv_state, silu)
+
+
 def causal_conv1d_reference(
     x: Tensor,
     weight: Tensor,
@@ -1111,7 +1258,11 @@ def causal_conv1d_reference(
 
 
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v1::causal_conv1d: the op written with `reference`} (ops/ssm.py's causal_conv1d), for ONNX."""
+    """{archgen_v1::causal_conv1d: the op written with `reference`} (ops/ssm.py's causal_conv1d), for ONNX. The
+    in-place step (`causal_conv1d_update_`, whose reference ops/ssm.py's function of that name is) never reaches an
+    exported graph (the entry point takes the functional op while exporting): nothing to lower."""
+    if reference.__name__ == "causal_conv1d_update_":
+        return {}
 
     def causal_conv1d_decomposed(x, weight, bias, conv_state, silu):
         y, new_state = reference(x, weight, bias, conv_state)

@@ -21,6 +21,7 @@ try:
     from . import silu_mul as silu_mul_module
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
+    from .causal_conv1d import causal_conv1d_update_
     from .decode_attention import decode_attention
     from .gemv import linear
     from .gemv import qkv_linear
@@ -42,6 +43,7 @@ except ImportError:  # no triton
     silu_mul_module = None
     state_update_module = None
     causal_conv1d = None
+    causal_conv1d_update_ = None
     decode_attention = None
     linear = None
     qkv_linear = None
@@ -61,6 +63,10 @@ def decompositions() -> dict:
     table = {}
     if causal_conv1d_module is not None:
         from ..ops.ssm import causal_conv1d as reference
+
+        table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
+    if causal_conv1d_module is not None:
+        from ..ops.ssm import causal_conv1d_update_ as reference
 
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=4096))
     if decode_attention_module is not None:
