@@ -123,6 +123,10 @@ KERNEL_RULES: list[KernelRule] = [
                "query head of a KV head's group in one tile, the mask computed from the positions, a second launch "
                "combining the splits (cuDNN's SDPA and the additive mask before; prefill, training and export keep "
                "SDPA)", when=lambda config: config.head_dim <= 256),
+    KernelRule("attention", "decode_attention", "decode_attention_one_launch", "attention",
+               "The decoding step's split-KV attention in one launch: the last split of each (batch row, KV head) to "
+               "finish combines the splits (an int32 counter each), where a second launch did",
+               when=lambda config: config.head_dim <= 256),
     KernelRule("moe", "moe_router", "moe_router", "moe",
                "MoE router: softmax, top-k and the load-balancing and z-loss statistics in one pass, forward and "
                "backward"),

@@ -202,7 +202,10 @@ class Attn(nn.Module):
                 # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
                 # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
                 k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
-                y = kernels.decode_attention(q, k, v, step.token_positions, k_positions)  # (B, 16, T, 128)
+                # the splits' partial results combined by the last split to finish (one launch), else by a second launch
+                one_launch = use_kernel(kernels.decode_attention_one_launch, q)
+                attend_cache = kernels.decode_attention_one_launch if one_launch else kernels.decode_attention
+                y = attend_cache(q, k, v, step.token_positions, k_positions)  # (B, 16, T, 128)
             else:
                 # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
                 mask = step.attention_mask("attn", cache, dtype=q.dtype)

@@ -29,8 +29,9 @@ def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_167(tmp_path):
     z gate), the copy of its new conv state into the cache, its out_proj (the projections are DecodeLinear modules: the
     GEMV); its gated norm is one FusedRMSNorm op. A SwiGLU MLP's: the gate and up products with the gate (one GEMV),
     down_proj. An attention layer's q, k and v products: one GEMV (qkv_linear); its RoPE and cache write: one
-    apply_rope_write_kv_ (the rotation and two index_copy_ before); its attention over the cache: one decode_attention
-    (the split-KV kernel, its mask from the positions: 171 ops with SDPA and the mask's ops)."""
+    apply_rope_write_kv_ (the rotation and two index_copy_ before); its attention over the cache: one
+    decode_attention_one_launch (the split-KV kernel, its mask from the positions, its splits combined in the same
+    launch: 171 ops with SDPA and the mask's ops)."""
     ops = step_ops(tmp_path, "bench/specs/bamba_1b.yaml")
     assert ops["by_op"]["archgen_v1.mamba2_step_.default"] == ops["instances"]["Ssm"] == 12
     assert ops["by_module"]["Ssm"] == 2 * 12, ops["by_module"]
@@ -41,7 +42,7 @@ def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_167(tmp_path):
     assert ops["by_op"]["aten.cos.default"] == 1  # RoPE's angles: once a step (StepContext), not once a layer
     assert ops["by_op"]["archgen_v1.apply_rope_write_kv_.default"] == 4
     assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
-    assert ops["by_op"]["archgen_v1.decode_attention.default"] == 4
+    assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 4
     assert "aten.scaled_dot_product_attention" not in ops["by_op"], ops["by_op"]
     assert ops["total"] <= 167, ops["by_module"]
 
@@ -53,7 +54,8 @@ def test_hymba_plus_decodes_in_at_most_497_ops(tmp_path):
     k and v products in one GEMV. RoPE's angles and the mask are computed by the first layer of each attention
     component (attn, global_attn) and shared by the rest: an attention layer's step is its qkv GEMV, the RoPE kernel
     writing the rotated k and v into the cache (apply_rope_write_kv_: 604 ops with the two index_copy_ a layer),
-    decode_attention (the split-KV kernel, whose mask comes from the slots' positions: 540 ops with SDPA and the mask)
+    decode_attention_one_launch (the split-KV kernel, whose mask comes from the slots' positions: 540 ops with SDPA and
+    the mask)
     and o_proj (the slots' positions too are asked of the first layer's cache only). Each parallel layer combines its
     branches (two norms, two scales, the mean) in one normalized_mean."""
     ops = step_ops(tmp_path, "specs/hymba_plus.yaml")
@@ -67,7 +69,7 @@ def test_hymba_plus_decodes_in_at_most_497_ops(tmp_path):
     assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_module"]["Attn"] <= 3 * ops["instances"]["Attn"] + 12, ops["by_module"]
     assert ops["by_op"]["archgen_v1.normalized_mean.default"] == 32
-    assert ops["by_op"]["archgen_v1.decode_attention.default"] == 32
+    assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 32
     assert "aten.scaled_dot_product_attention" not in ops["by_op"], ops["by_op"]
     assert ops["by_module"]["AttnSsmParallel"] == ops["instances"]["AttnSsmParallel"], ops["by_module"]
     assert ops["total"] <= 497, ops["by_module"]
@@ -81,5 +83,5 @@ def test_hymba_plus_ring_caches_decode_in_at_most_506_ops(tmp_path):
     assert ops["by_op"]["archgen_v1.apply_rope_write_kv_.default"] == 32
     assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_op"]["aten.remainder.Scalar"] == 2, ops["by_op"]
-    assert ops["by_op"]["archgen_v1.decode_attention.default"] == 32
+    assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 32
     assert ops["total"] <= 506, ops["by_module"]

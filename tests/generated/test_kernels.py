@@ -283,8 +283,9 @@ def test_split_kv_decode_attention_decodes_a_ragged_batch_as_the_reference(small
     kernel (kernels/decode_attention.py, its mask from the slots' positions with the pads hidden) gives the logits of
     the masked SDPA path (kernels off), the pad rows' empty queries included."""
     calls = []
-    kernel = small_windowed.kernels.decode_attention
-    monkeypatch.setattr(small_windowed.kernels, "decode_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    kernel = small_windowed.kernels.decode_attention_one_launch  # the splits combined in their launch: what runs
+    monkeypatch.setattr(small_windowed.kernels, "decode_attention_one_launch",
+                        lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
     torch.manual_seed(4)
     model = small_windowed.Model().eval()
     tokens = torch.randint(1, 64, (3, 12))

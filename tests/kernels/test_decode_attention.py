@@ -165,3 +165,63 @@ def test_compiles_in_one_graph():
         compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, step.token_positions,
                                                                               k_positions)
     assert_close(compiled, eager, 1e-6, "compiled")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["gqa5-plain", "gqa4-window-binds", "gqa4-window-loose", "pads", "mha-odd-dim-T3",
+                                  "pad-query-sees-nothing"])
+def test_one_launch_gives_the_two_launch_output_bit_for_bit_and_leaves_the_counters_zero(case, dtype):
+    """The last split to finish combines the splits with the combine launch's code in its order: the same bits, on
+    every case with several splits; the counters are zero again after it (a graph's replay starts from zero), and a
+    second call (the same counters) gives the same bits (deterministic, whichever program finishes last)."""
+    B, HQ, HKV, D, length, start, T, window, ring, pads = CASES[case]
+    q, k, v, cache, step = cached_step(B, HQ, HKV, D, dtype, length=length, start=start, T=T, window=window, ring=ring,
+                                       pads=pads)
+    k_positions = step.key_positions("attn", cache)
+    config = da.INTERPRETER_CONFIG
+    assert da.split_slots(B, HKV, k.size(2), config["BLOCK_S"], config["WAVES"], da.INTERPRETER_SMS)[0] > 1
+    with torch.no_grad():
+        two = da.decode_attention(q, k, v, step.token_positions, k_positions, window)
+        one = da.decode_attention_one_launch(q, k, v, step.token_positions, k_positions, window)
+        again = da.decode_attention_one_launch(q, k, v, step.token_positions, k_positions, window)
+    assert torch.equal(one, two) and torch.equal(again, one)
+    assert one.transpose(1, 2).is_contiguous(), "SDPA's output layout"
+    assert not da.combine_counters(q.device, B * HKV).any(), "the last split zeroes its counter"
+    reference = da.decode_attention_reference(q.double(), k.double(), v.double(), step.token_positions, k_positions,
+                                              window)
+    assert_close(one, reference.to(dtype), TOL[dtype], "against the reference")
+
+
+def test_one_launch_runs_no_combine_kernel(monkeypatch):
+    """The one-launch path never launches the combine kernel; the two-launch path does (with several splits)."""
+    q, k, v, cache, step = cached_step(1, 10, 2, 64, torch.float32, length=70, start=60, T=1)
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(da, "_combine_kernel", Spy())
+    with torch.no_grad():
+        da.decode_attention_one_launch(q, k, v, step.token_positions, step.key_positions("attn", cache))
+        assert not launches
+        da.decode_attention(q, k, v, step.token_positions, step.key_positions("attn", cache))
+    assert len(launches) == 1
+
+
+def test_one_launch_op_checks_and_compiles_in_one_graph():
+    q, k, v, cache, step = cached_step(2, 4, 2, 32, torch.float32, length=24, start=10, T=1, pads=[0, 2])
+    k, v = k.nan_to_num(0.0), v.nan_to_num(0.0)
+    k_positions = step.key_positions("attn", cache)
+    args = (q, k, v, step.token_positions, k_positions, 8, 0.2)
+    torch.library.opcheck(da.decode_attention_one_launch_op, args, test_utils=("test_schema", "test_faketensor"))
+
+    def attend(q, k, v, q_positions, k_positions):
+        return da.decode_attention_one_launch(q, k, v, q_positions, k_positions, 8)
+
+    with torch.no_grad():
+        eager = attend(q, k, v, step.token_positions, k_positions)
+        compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(q, k, v, step.token_positions,
+                                                                              k_positions)
+    assert torch.equal(compiled, eager)

@@ -32,7 +32,8 @@ ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope"}  # the r
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
-DECODE_KERNELS = {"decode_attention": "decode_attention"}  # every attention op: a decoding step's split-KV attention
+DECODE_KERNELS = {"decode_attention": "decode_attention",  # every attention op: a decoding step's split-KV attention
+                  "decode_attention_one_launch": "decode_attention"}  # and its splits combined in the same launch
 
 
 def chosen_kernels(ir, kind: str | None = None) -> dict[str, dict[str, str]]:

@@ -21,6 +21,7 @@ try:
     from . import silu_mul as silu_mul_module
     from .causal_conv1d import causal_conv1d
     from .decode_attention import decode_attention
+    from .decode_attention import decode_attention_one_launch
     from .gated_delta_rule import gated_delta_rule
     from .gated_delta_rule import gated_delta_step
     from .gemv import linear
@@ -41,6 +42,7 @@ except ImportError:  # no triton
     silu_mul_module = None
     causal_conv1d = None
     decode_attention = None
+    decode_attention_one_launch = None
     gated_delta_rule = None
     gated_delta_step = None
     linear = None
@@ -63,6 +65,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if decode_attention_module is not None:
         from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention_one_launch as reference
 
         table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
     if gated_delta_rule_module is not None:

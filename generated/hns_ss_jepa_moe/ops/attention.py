@@ -715,6 +715,22 @@ def decode_attention(
     return masked_attention(q, k, v, q_positions=q_positions, k_positions=k_positions, window=window, scale=scale)
 
 
+def decode_attention_one_launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_positions: Tensor,
+    k_positions: Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """
+    `decode_attention`: the reference of kernels/decode_attention.py's op of this name, which computes the same in
+    one launch (the splits of the cache combined by the last of them to finish, not by a second launch).
+    """
+    return decode_attention(q, k, v, q_positions, k_positions, window=window, scale=scale)
+
+
 @dataclass
 class AttentionMask:
     """

@@ -25,6 +25,7 @@ try:
     from .causal_conv1d import causal_conv1d
     from .causal_conv1d import causal_conv1d_update_
     from .decode_attention import decode_attention
+    from .decode_attention import decode_attention_one_launch
     from .gemv import linear
     from .gemv import qkv_linear
     from .gemv import swiglu_linear
@@ -51,6 +52,7 @@ except ImportError:  # no triton
     causal_conv1d = None
     causal_conv1d_update_ = None
     decode_attention = None
+    decode_attention_one_launch = None
     linear = None
     qkv_linear = None
     swiglu_linear = None
@@ -79,6 +81,10 @@ def decompositions() -> dict:
         table.update(causal_conv1d_module.decomposition(reference, max_seqlen=8192))
     if decode_attention_module is not None:
         from ..ops.attention import decode_attention as reference
+
+        table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
+    if decode_attention_module is not None:
+        from ..ops.attention import decode_attention_one_launch as reference
 
         table.update(decode_attention_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:

@@ -19,11 +19,16 @@ tokens: 5 rows for Hymba+, 4 for Bamba; padded to a 16-row dot tile) against its
 step: a (rows, D) × (D, BLOCK_S) product, the mask computed from the positions (no mask tensor), an online softmax
 (running max m, sum l, unnormalised output acc in float32). With one split it writes the output itself; otherwise it
 writes (acc, m, l) and a second launch, one program per (batch, query head, token), combines the splits in a fixed
-order (deterministic). The number of splits fills the GPU: about WAVES programs per SM over B × Hkv, at most one per
+order (deterministic). `decode_attention_one_launch` saves that launch: each split, its partials written, increments
+an int32 counter of its (batch row, KV head) (acq_rel, GPU scope); the program that sees the count of the others
+(the last to finish, whichever split it is) combines the group's rows in the same split order with the same code
+(`_combine_row`: the output is the two-launch path's, bit for bit, run to run) and zeroes the counter for the next
+launch or CUDA-graph replay. The number of splits fills the GPU: about WAVES programs per SM over B × Hkv, at most one per
 BLOCK_S slots. A value row no query of the tile sees is not loaded (a never-written slot holding NaN stays out of the
 product, as a masked score stays out of the softmax).
 
-Contents: `decode_attention` (the entry point), the custom op `archgen_v1::decode_attention`, the launcher
+Contents: `decode_attention` and `decode_attention_one_launch` (the entry points), the custom ops
+`archgen_v1::decode_attention` and `archgen_v1::decode_attention_one_launch`, `combine_counters`, the launcher
 `decode_attention_forward` with its autotune space, `decode_attention_reference`, and `decomposition` (empty: the
 entry point is not traced by torch.export, which keeps the masked SDPA). CPU tensors take the reference unless
 TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests). Unmeasured on a GPU so far.
@@ -71,15 +76,44 @@ INTERPRETER_SMS = 132
 
 
 @triton.jit
+def _combine_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, T, HQ, D, SPLITS, stride_ob, stride_oh, stride_ot,
+                 BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, CACHE: tl.constexpr):
+    """One (batch, query head, token) row = (batch · HQ + head) · T + token: its splits' (acc, m, l) combined in split
+    order (one tile, the same sums whichever program runs it: deterministic), the output normalised and stored.
+    CACHE: the partials' loads' cache modifier ("" or ".cg": from L2, not the SM's L1)."""
+    splits = tl.arange(0, BLOCK_SPLITS)
+    split_inside = splits < SPLITS
+    channels = tl.arange(0, BLOCK_D)
+    channel_inside = channels < D
+    at = row * SPLITS + splits
+    m = tl.load(max_ptr + at, mask=split_inside, other=float("-inf"), cache_modifier=CACHE)
+    sums = tl.load(sum_ptr + at, mask=split_inside, other=0.0, cache_modifier=CACHE)
+    most = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(most == float("-inf"), 0.0, most))  # 0 for a split that saw nothing
+    total = tl.sum(sums * weight, 0)
+    acc = tl.load(acc_ptr + at[:, None] * D + channels[None, :], mask=split_inside[:, None] & channel_inside[None, :],
+                  other=0.0, cache_modifier=CACHE)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    token = row % T
+    head = (row // T) % HQ
+    batch = row // (T * HQ)
+    tl.store(out_ptr + batch * stride_ob + head * stride_oh + token * stride_ot + channels,
+             rounded(out, out_ptr.dtype.element_ty), mask=channel_inside)
+
+
+@triton.jit
 def _split_kernel(
     q_ptr, k_ptr, v_ptr, q_pos_ptr, k_pos_ptr, out_ptr, acc_ptr, max_ptr, sum_ptr,
+    counter_ptr,  # (B · Hkv,) int32, zero between launches: the splits of each (batch row, KV head) done (COMBINE)
     T, S, G, HQ, D, WINDOW, SLOTS_PER_SPLIT, scale_log2,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
     stride_qpb, stride_kpb, stride_ob, stride_oh, stride_ot,
     HAS_WINDOW: tl.constexpr,  # WINDOW binds
     ONE_SPLIT: tl.constexpr,  # the only split: normalise and write the output
+    COMBINE: tl.constexpr,  # several splits: the last to finish combines them (else _combine_kernel does, a launch)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 (no tf32 rounding), else the dtype's own
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_D_COMBINE: tl.constexpr,  # the combine's tile (COMBINE)
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -137,6 +171,22 @@ def _split_kernel(
         tl.store(acc_ptr + at[:, None] * D + channels[None, :], acc, mask=row_inside[:, None] & channel_inside[None, :])
         tl.store(max_ptr + at, m, mask=row_inside)
         tl.store(sum_ptr + at, sums, mask=row_inside)
+        if COMBINE:
+            # The last split of this (batch row, KV head) to finish combines all of them. Ordering: the barrier puts
+            # every thread's partial stores before the counter's increment (bar.sync orders the CTA's threads); the
+            # increment is a release at GPU scope, so they are visible to whichever program's acquire reads a later
+            # count (the increments on one counter form a release sequence); that program's threads read the partials
+            # after its acquire (triton broadcasts an atomic's result through shared memory behind a barrier), from L2
+            # (.cg: the SM's L1 is not coherent with other SMs' stores).
+            tl.debug_barrier()
+            counter = counter_ptr + batch * tl.num_programs(1) + kv_head
+            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(0) - 1:
+                tl.store(counter, 0)  # zero again for the next launch (a CUDA graph's replay reuses the counter)
+                first_row = (batch * HQ + kv_head * G) * T  # the tile's rows are consecutive partial rows
+                for r in range(0, G * T):
+                    _combine_row(acc_ptr, max_ptr, sum_ptr, out_ptr, first_row + r, T, HQ, D, tl.num_programs(0),
+                                 stride_ob, stride_oh, stride_ot, BLOCK_SPLITS, BLOCK_D_COMBINE, ".cg")
 
 
 @triton.jit
@@ -146,24 +196,8 @@ def _combine_kernel(
 ):
     """One (batch, query head, token): its splits' (acc, m, l) combined in split order, the output normalised."""
     row = tl.program_id(0).to(tl.int64)  # (batch · HQ + head) · T + token
-    splits = tl.arange(0, BLOCK_SPLITS)
-    split_inside = splits < SPLITS
-    channels = tl.arange(0, BLOCK_D)
-    channel_inside = channels < D
-    at = row * SPLITS + splits
-    m = tl.load(max_ptr + at, mask=split_inside, other=float("-inf"))
-    sums = tl.load(sum_ptr + at, mask=split_inside, other=0.0)
-    most = tl.max(m, 0)
-    weight = tl.exp2(m - tl.where(most == float("-inf"), 0.0, most))  # 0 for a split that saw nothing
-    total = tl.sum(sums * weight, 0)
-    acc = tl.load(acc_ptr + at[:, None] * D + channels[None, :], mask=split_inside[:, None] & channel_inside[None, :],
-                  other=0.0)
-    out = tl.sum(acc * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    token = row % T
-    head = (row // T) % HQ
-    batch = row // (T * HQ)
-    tl.store(out_ptr + batch * stride_ob + head * stride_oh + token * stride_ot + channels,
-             rounded(out, out_ptr.dtype.element_ty), mask=channel_inside)
+    _combine_row(acc_ptr, max_ptr, sum_ptr, out_ptr, row, T, HQ, D, SPLITS, stride_ob, stride_oh, stride_ot,
+                 BLOCK_SPLITS, BLOCK_D, "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,10 +241,25 @@ def output_layout(q: Tensor) -> Tensor:
     return q.new_empty((B, T, H, D)).transpose(1, 2)
 
 
+_COUNTERS: dict[tuple[str, int], Tensor] = {}
+"""The one-launch combine's counters by (device, B · Hkv): zeroed once, zero again after every launch (the last split
+resets its own), kept for the process: a CUDA graph that captured a launch replays it on the same counters. Launches
+on one device must not run concurrently on two streams (a decoding step's do not)."""
+
+
+def combine_counters(device: torch.device, count: int) -> Tensor:
+    """The (count,) int32 counters of the one-launch combine on device (see _COUNTERS)."""
+    key = (str(device), count)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(count, dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
 def decode_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor, window: int,
-                             scale: float, *, config: dict | None = None) -> Tensor:
+                             scale: float, *, one_launch: bool = False, config: dict | None = None) -> Tensor:
     """Run the kernels (window 0: none). q (B, Hq, T, D), k and v (B, Hkv, S, D), each with a unit last stride;
-    positions integer tensors on q's device. config {"BLOCK_S", "WAVES", "num_warps"} bypasses the tuner."""
+    positions integer tensors on q's device. one_launch: the splits' last program combines them (no combine launch).
+    config {"BLOCK_S", "WAVES", "num_warps"} bypasses the tuner."""
     _check(q, k, v, q_positions, k_positions)
     B, HQ, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
@@ -234,16 +283,19 @@ def decode_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
             maxes, sums = (torch.empty(B * HQ * T * splits, device=q.device, dtype=torch.float32) for _ in "ms")
         else:
             acc = maxes = sums = out  # not written
+        combine = one_launch and splits > 1
+        counters = combine_counters(q.device, B * HKV) if combine else out  # (not read without COMBINE)
+        block_splits, block_d_combine = triton.next_power_of_2(splits), triton.next_power_of_2(D)
         _split_kernel[(splits, HKV, B)](
-            q, k, v, q_positions, k_positions, out, acc, maxes, sums,
+            q, k, v, q_positions, k_positions, out, acc, maxes, sums, counters,
             T, S, G, HQ, D, window, per_split, scale * math.log2(math.e),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), stride_qpb, stride_kpb, out.stride(0), out.stride(1), out.stride(2),
-            HAS_WINDOW=window > 0, ONE_SPLIT=splits == 1, DOT_PRECISION=precision,
-            BLOCK_M=block_m, BLOCK_S=cfg["BLOCK_S"], BLOCK_D=block_d, num_warps=cfg["num_warps"],
+            HAS_WINDOW=window > 0, ONE_SPLIT=splits == 1, COMBINE=combine, DOT_PRECISION=precision,
+            BLOCK_M=block_m, BLOCK_S=cfg["BLOCK_S"], BLOCK_D=block_d, BLOCK_SPLITS=block_splits,
+            BLOCK_D_COMBINE=block_d_combine, num_warps=cfg["num_warps"],
         )
-        if splits > 1:
-            block_splits, block_d_combine = triton.next_power_of_2(splits), triton.next_power_of_2(D)
+        if splits > 1 and not combine:
             _combine_kernel[(B * HQ * T,)](
                 acc, maxes, sums, out, T, HQ, D, splits, out.stride(0), out.stride(1), out.stride(2),
                 BLOCK_SPLITS=block_splits, BLOCK_D=block_d_combine, num_warps=combine_warps(block_splits * block_d_combine),
@@ -293,11 +345,20 @@ def _impl(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Ten
     return decode_attention_forward(q, k, v, q_positions, k_positions, window, scale)
 
 
+def _one_launch_impl(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor, window: int,
+                     scale: float) -> Tensor:
+    """archgen_v1::decode_attention_one_launch -> as archgen_v1::decode_attention, the splits combined in their launch."""
+    if not _use_kernel(q):
+        return _impl(q, k, v, q_positions, k_positions, window, scale)
+    return decode_attention_forward(q, k, v, q_positions, k_positions, window, scale, one_launch=True)
+
+
 def _fake(q, k, v, q_positions, k_positions, window, scale):
     return output_layout(q)
 
 
 decode_attention_op = register_op("decode_attention", _impl, _fake)
+decode_attention_one_launch_op = register_op("decode_attention_one_launch", _one_launch_impl, _fake)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,7 +390,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_pos
     (B, Hkv, S, D), the mask from the positions (see the module docstring); ops/attention.py's `decode_attention`
     (the masked SDPA) it replaces. Returns (B, Hq, T, D) in SDPA's output layout. A gradient, more rows than a tile
     (G × T > MAX_ROWS) or a strided last dim take the reference; torch.export is not meant to reach it (the model
-    keeps the masked SDPA while exporting)."""
+    keeps the masked SDPA while exporting). Several splits are combined by a second launch."""
+    return _attend(q, k, v, q_positions, k_positions, window, scale, one_launch=False)
+
+
+def decode_attention_one_launch(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
+                                window: int | None = None, scale: float | None = None) -> Tensor:
+    """`decode_attention` in one launch: the last split of each (batch row, KV head) to finish combines the splits'
+    partial results (in split order, as the combine launch does: the same output bit for bit) where a second launch
+    did; an int32 counter per (batch row, KV head) finds it (`combine_counters`). What a generated attention's decoding
+    step calls unless this kernel function is switched off (then `decode_attention`, two launches)."""
+    return _attend(q, k, v, q_positions, k_positions, window, scale, one_launch=True)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor, window: int | None,
+            scale: float | None, *, one_launch: bool) -> Tensor:
     _check(q, k, v, q_positions, k_positions)
     scale = 1 / math.sqrt(q.size(-1)) if scale is None else float(scale)
     window = 0 if window is None else int(window)
@@ -339,8 +414,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_pos
     rows = q.size(1) // k.size(1) * q.size(2)
     if needs_grad or rows > MAX_ROWS or any(t.stride(-1) != 1 for t in (q, k, v)):
         return decode_attention_reference(q, k, v, q_positions, k_positions, window or None, scale)
-    eager = calls_implementation_directly(q)
-    return (_impl if eager else decode_attention_op)(q, k, v, q_positions, k_positions, window, scale)
+    if calls_implementation_directly(q):
+        return (_one_launch_impl if one_launch else _impl)(q, k, v, q_positions, k_positions, window, scale)
+    op = decode_attention_one_launch_op if one_launch else decode_attention_op
+    return op(q, k, v, q_positions, k_positions, window, scale)
 
 
 def decode_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_positions: Tensor, k_positions: Tensor,
