@@ -32,6 +32,7 @@ class ComponentPlan:
     has_cache: bool = False
     takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
     takes_step: bool = False  # its forward takes step= (the forward's StepContext, shared by every layer)
+    takes_residual: bool = False  # a feed-forward whose forward adds the block's stream itself (residual=)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -354,7 +355,7 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
     template_dims["kind"] = kind_name
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
-                         takes_step=kind.takes_step,
+                         takes_step=kind.takes_step, takes_residual=kind.takes_residual(config, kernels or {}),
                          kernels=dict(kernels or {}))
 
 

@@ -123,6 +123,12 @@ class Kind(Generic[SpecT, ConfigT]):
         return 0
 
     # ---------------------------------------------------------------------------------------------- emission
+    def takes_residual(self, config: ConfigT, kernels: dict) -> bool:
+        """A feed-forward's forward takes `residual=` (the block's stream) and returns residual + its output, adding it
+        itself (in its last product's epilogue, on a decoding step), so the block emits `x = self.ffn(h, residual=x)`
+        rather than `x = x + self.ffn(h)`. `kernels`: the op's chosen kernels {function: choice}."""
+        return False
+
     def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}

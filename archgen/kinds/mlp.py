@@ -98,6 +98,11 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
     def imports(self, config: MLPConfig) -> dict[str, tuple[str, ...]]:
         return {"mlp": ("silu_mul",)} if fused_swiglu(config) else {}
 
+    def takes_residual(self, config: MLPConfig, kernels: dict) -> bool:
+        """A SwiGLU feed-forward given the residual GEMV (and the gated one its decoding step runs first) adds the
+        block's stream in its down projection's epilogue; an output multiplier would scale the product first."""
+        return {"residual_linear", "swiglu_linear"} <= set(kernels) and config.output_multiplier == 1
+
     def template_dims(self, config: MLPConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated, "activation": config.activation,
                 "bias": config.bias, "gate_multiplier": config.gate_multiplier, "output_multiplier": config.output_multiplier,

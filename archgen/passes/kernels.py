@@ -142,6 +142,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mlp", "gemv", "swiglu_linear", "linear",
                "SwiGLU feed-forward on a decoding step's few rows: the gate and up products and silu(gate) * up in one "
                "GEMV launch (cuBLAS and the gate kernel: three)", when=fused_swiglu),
+    KernelRule("mlp", "gemv", "residual_linear", "linear",
+               "A SwiGLU feed-forward's down projection on a decoding step's few rows with the block's residual add in "
+               "the GEMV's epilogue (the add a launch of its own before), rounded as the eager add",
+               when=lambda config: fused_swiglu(config) and config.output_multiplier == 1),
     KernelRule("attention", "gemv", "qkv_linear", "linear",
                "Attention's q, k and v projections on a decoding step's few rows in one GEMV launch (three), each "
                "program reading its rows from one of the three weights as the checkpoint holds them"),

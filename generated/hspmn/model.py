@@ -224,14 +224,17 @@ class Swiglu(nn.Module):
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):  # residual: the block's stream, added to the output (its residual add)
         if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
-            return self.down_proj(
-                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
-            )
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
-        return self.down_proj(hidden)
+            hidden = kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            if residual is not None and use_kernel(kernels.residual_linear, x):  # the add in the down projection's epilogue
+                return kernels.residual_linear(hidden, self.down_proj.weight, self.down_proj.bias, residual)
+            y = self.down_proj(hidden)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
+            y = self.down_proj(hidden)
+        return y if residual is None else residual + y
 
 
 class ReflexContextParallel(nn.Module):
@@ -283,7 +286,7 @@ class ReflexContextSwigluBlock(nn.Module):
         y, losses = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         add_losses(aux, losses)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 2048): the residual add fused into the norm
-        x = x + self.ffn(h)  # (B, T, 2048)
+        x = self.ffn(h, residual=x)  # x + ffn(h) (B, T, 2048): the add in the feed-forward's down projection
         return x, aux
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):

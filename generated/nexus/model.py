@@ -323,14 +323,17 @@ class Mlp(nn.Module):
     def init_weights(self):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x):
+    def forward(self, x, residual=None):  # residual: the block's stream, added to the output (its residual add)
         if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
-            return self.down_proj(
-                kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
-            )
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
-        return self.down_proj(hidden)
+            hidden = kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
+            if residual is not None and use_kernel(kernels.residual_linear, x):  # the add in the down projection's epilogue
+                return kernels.residual_linear(hidden, self.down_proj.weight, self.down_proj.bias, residual)
+            y = self.down_proj(hidden)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+            hidden = kernels.silu_mul(gate, up) if use_kernel(kernels.silu_mul, gate) else silu_mul(gate, up)  # one pass
+            y = self.down_proj(hidden)
+        return y if residual is None else residual + y
 
 
 class SsmMlpBlock(nn.Module):
@@ -349,7 +352,7 @@ class SsmMlpBlock(nn.Module):
     def forward(self, x, positions, cache=None, pads=None, step=None):
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
-        x = x + self.ffn(h)  # (B, T, 512)
+        x = self.ffn(h, residual=x)  # x + ffn(h) (B, T, 512): the add in the feed-forward's down projection
         return x, {}
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):
@@ -372,7 +375,7 @@ class AttnMlpBlock(nn.Module):
     def forward(self, x, positions, cache=None, pads=None, step=None):
         y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
-        x = x + self.ffn(h)  # (B, T, 512)
+        x = self.ffn(h, residual=x)  # x + ffn(h) (B, T, 512): the add in the feed-forward's down projection
         return x, {}
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None):

@@ -144,21 +144,25 @@ def test_kernel_and_reference_give_the_same_model(small_mamba):
 
 
 def test_a_kernel_prefill_continues_into_kernel_decoding(small_mamba, monkeypatch):
-    """The conv and scan kernels' final states are the cache the kernel decode steps (conv at T = 1 and
-    mamba_step_low_rank_, which projects Δ and writes the SSM state in place) continue from: the same logits as one full pass of the reference ops."""
+    """The conv and scan kernels' final states are the cache the kernel decode steps (the conv at T = 1 shifting the
+    cache's conv state in place, causal_conv1d_update_, and mamba_step_low_rank_, which projects Δ and writes the SSM
+    state in place) continue from: the same logits as one full pass of the reference ops."""
     torch.manual_seed(1)
     model = small_mamba.Model().eval()
     tokens = torch.randint(0, 64, (2, 12))
-    steps_run = []
+    steps_run, convs_run = [], []
     module = small_mamba.kernels.state_update_module
     step = module.mamba_step_low_rank_
     monkeypatch.setattr(module, "mamba_step_low_rank_", lambda *args: steps_run.append(1) or step(*args))
+    conv = small_mamba.kernels.causal_conv1d_update_
+    monkeypatch.setattr(small_mamba.kernels, "causal_conv1d_update_",
+                        lambda *args, **kwargs: convs_run.append(1) or conv(*args, **kwargs))
     with torch.no_grad():
         small_mamba.model.USE_KERNELS = False
         full = model(tokens).logits
         small_mamba.model.USE_KERNELS = True
     cached = decode_in_steps(model, tokens, prefill=9)
-    assert len(steps_run) == 3 * 2  # three tokens, two layers
+    assert len(steps_run) == len(convs_run) == 3 * 2  # three tokens, two layers
     assert_close(cached, full, 1e-5, "cached logits")
 
 

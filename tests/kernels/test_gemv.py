@@ -162,3 +162,32 @@ def test_gemv_ops_have_fake_implementations():
     kv, kv_bias = torch.randn(2, 5, generator=g).to(DEVICE), torch.randn(2, generator=g).to(DEVICE)
     torch.library.opcheck(kernel.qkv_linear_op, (x, w, kv, kv, b, kv_bias, kv_bias),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_residual_linear_adds_the_residual_as_the_eager_add_bit_for_bit(case):
+    """residual_linear's epilogue rounds the product to x's dtype, adds the residual in float32 and rounds once: the
+    bits of eager `residual + linear(x)` on the kernel's own product (decoding with it gives the tokens of the
+    separate add), and the float64 reference within tolerance, gradients included (the residual's is dy)."""
+    x, (w,), (b,) = _inputs(case, gated=False)
+    dtype, _, N, _, _, _ = CASES[case]
+    g = torch.Generator().manual_seed(N)
+    residual = (torch.randn(*x.shape[:-1], N, generator=g) * 4).to(DEVICE, dtype).requires_grad_()
+    y = kernel.residual_linear(x, w, b, residual)
+    assert y.dtype == dtype and y.shape == residual.shape
+    with torch.no_grad():
+        assert torch.equal(y, residual + kernel.linear(x, w, b)), "the separate add's bits"
+        assert torch.equal(kernel.residual_linear_reference(x, w, b, residual),
+                           residual + kernel.linear_reference(x, w, b))
+    expected = runtime_linear.residual_linear(x.double(), w.double(), b.double() if b is not None else None,
+                                              residual.double())
+    assert_close(y, expected.to(dtype), what="y")
+    _compare_with_gradients(y, expected, (x, w, b, residual), 3)
+
+
+def test_residual_linear_says_what_is_wrong_and_has_a_fake():
+    g = torch.Generator().manual_seed(1)
+    x, w, b, r = (torch.randn(*shape, generator=g).to(DEVICE) for shape in ((2, 5), (3, 5), (3,), (2, 3)))
+    with pytest.raises(ValueError, match="residual must be"):
+        kernel.residual_linear(x, w, b, r[:, :2])
+    torch.library.opcheck(kernel.residual_linear_op, (x, w, b, r), test_utils=("test_schema", "test_faketensor"))

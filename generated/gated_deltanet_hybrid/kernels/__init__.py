@@ -26,6 +26,7 @@ try:
     from .gated_delta_rule import gated_delta_step
     from .gemv import linear
     from .gemv import qkv_linear
+    from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -47,6 +48,7 @@ except ImportError:  # no triton
     gated_delta_step = None
     linear = None
     qkv_linear = None
+    residual_linear = None
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
@@ -85,6 +87,10 @@ def decompositions() -> dict:
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import qkv_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import residual_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:

@@ -17,6 +17,7 @@ try:
     from . import rmsnorm as rmsnorm_module
     from . import silu_mul as silu_mul_module
     from .gemv import linear
+    from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .packed_query_attention import packed_query_attention
     from .rmsnorm import rms_norm
@@ -28,6 +29,7 @@ except ImportError:  # no triton
     rmsnorm_module = None
     silu_mul_module = None
     linear = None
+    residual_linear = None
     swiglu_linear = None
     packed_query_attention = None
     rms_norm = None
@@ -41,6 +43,10 @@ def decompositions() -> dict:
     table = {}
     if gemv_module is not None:
         from ..ops.linear import linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if gemv_module is not None:
+        from ..ops.linear import residual_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:

@@ -18,6 +18,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return F.linear(x, weight, bias)
 
 
+def residual_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """
+    residual + (x · weightᵀ + bias): a block's residual add after its feed-forward's last product, x (..., K),
+    weight (N, K), residual (..., N) -> (..., N).
+    """
+    return residual + F.linear(x, weight, bias)
+
+
 def swiglu_linear(
     x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None = None, up_bias: Tensor | None = None
 ) -> Tensor:

@@ -28,6 +28,7 @@ try:
     from .decode_attention import decode_attention_one_launch
     from .gemv import linear
     from .gemv import qkv_linear
+    from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .normalized_mean import normalized_mean
     from .packed_query_attention import sliding_window_attention
@@ -55,6 +56,7 @@ except ImportError:  # no triton
     decode_attention_one_launch = None
     linear = None
     qkv_linear = None
+    residual_linear = None
     swiglu_linear = None
     normalized_mean = None
     sliding_window_attention = None
@@ -93,6 +95,10 @@ def decompositions() -> dict:
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:
         from ..ops.linear import qkv_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if gemv_module is not None:
+        from ..ops.linear import residual_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if gemv_module is not None:

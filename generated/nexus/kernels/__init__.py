@@ -26,6 +26,7 @@ try:
     from .decode_attention import decode_attention_one_launch
     from .gemv import linear
     from .gemv import qkv_linear
+    from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -49,6 +50,7 @@ except ImportError:  # no triton
     decode_attention_one_launch = None
     linear = None
     qkv_linear = None
+    residual_linear = None
     swiglu_linear = None
     rms_norm = None
     apply_rope_qk = None
@@ -85,6 +87,10 @@ def decompositions() -> dict:
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:
         from ..ops.linear import qkv_linear as reference
+
+        table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if gemv_module is not None:
+        from ..ops.linear import residual_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
     if gemv_module is not None:

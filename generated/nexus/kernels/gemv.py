@@ -4,6 +4,7 @@ autotune space, the custom ops and the reference.
 For rows x (M, K), weight w (N, K) (nn.Linear's layout) and an optional bias b (N,)::
 
     linear:         y = x · wᵀ + b
+    residual_linear y = r + (x · wᵀ + b)                                      (the product rounded first, as eager r + y)
     swiglu_linear:  y = silu(x · w_gateᵀ + b_gate) · (x · w_upᵀ + b_up)      silu(g) = g · σ(g)
     qkv_linear:     y = [x · w_qᵀ + b_q, x · w_kᵀ + b_k, x · w_vᵀ + b_v]      (concatenated along the features)
 
@@ -52,6 +53,7 @@ from .triton_support import (
     prefetch_l2,
     programmatic_launch,
     register_op,
+    rounded,
     triton_on_cpu,
 )
 
@@ -90,10 +92,12 @@ def _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
+                 r_ptr, stride_rm,  # the residual (M, N) added in the epilogue (HAS_RESIDUAL)
                  HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
                  GATED: tl.constexpr,  # y = silu(x·wᵀ + b) · (x·w_upᵀ + b_up)
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
-                 PDL: tl.constexpr):  # launched programmatically: the first weight tile prefetched before gdc_wait
+                 PDL: tl.constexpr,  # launched programmatically: the first weight tile prefetched before gdc_wait
+                 HAS_RESIDUAL: tl.constexpr = False):  # y = r + (the product rounded to y's dtype), rounded once more
     row = tl.program_id(0)  # the row of x: fastest, so the programs sharing a weight tile run together
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
@@ -127,7 +131,11 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
         if HAS_BIAS:
             up += tl.load(b_up_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
         y = y * tl.sigmoid(y) * up
-    tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y.to(y_ptr.dtype.element_ty), mask=outs_inside)
+    y = rounded(y, y_ptr.dtype.element_ty)
+    if HAS_RESIDUAL:  # as eager `r + y`: y rounded to its dtype first, the sum in float32, rounded once
+        r = tl.load(r_ptr + row.to(tl.int64) * stride_rm + outs, mask=outs_inside, other=0.0)
+        y = rounded(r.to(tl.float32) + y.to(tl.float32), y_ptr.dtype.element_ty)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y, mask=outs_inside)
 
 
 @triton.jit
@@ -230,9 +238,11 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, name: str) -> None:
 
 
 def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weight: Tensor | None = None,
-                 up_bias: Tensor | None = None, config: dict | None = None) -> Tensor:
+                 up_bias: Tensor | None = None, config: dict | None = None, residual: Tensor | None = None) -> Tensor:
     """Run the kernel: x (..., K) -> (..., N) in x's dtype; gated (silu(x·wᵀ + b) · (x·w_upᵀ + b_up)) when up_weight
-    is given. Biases come both or neither when gated. config: {"BLOCK_N", "BLOCK_K", "num_warps"} bypasses the tuner;
+    is given; plus residual (..., N) in x's dtype when given, added in the epilogue as eager `residual + y` adds (y
+    rounded to x's dtype, the sum in float32, rounded once: the same bits). Biases come both or neither when gated.
+    config: {"BLOCK_N", "BLOCK_K", "num_warps"} bypasses the tuner;
     its optional "FOLD" overrides the products summed per thread before accumulating (1: a full float32 tile, the
     kernel of session 6, which bench/gemv.py times against)."""
     gated = up_weight is not None
@@ -242,14 +252,15 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     w_up = (up_weight if up_weight.stride(-1) == 1 else up_weight.contiguous()) if gated else w
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    r = _rows(residual) if residual is not None else y
     pdl = programmatic_launch(x.device)
 
     def launch(cfg):
         _gemv_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
-            x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), HAS_BIAS=bias is not None, GATED=gated,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"],
-            launch_pdl=pdl)
+            x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), r, r.stride(0), HAS_BIAS=bias is not None,
+            GATED=gated, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl,
+            HAS_RESIDUAL=residual is not None, num_warps=cfg["num_warps"], launch_pdl=pdl)
 
     with on_device(x):
         if M and N:
@@ -348,7 +359,23 @@ def _qkv_linear_impl(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Te
     return qkv_gemv_forward(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
 
 
+def _residual_linear_impl(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """archgen_v1::residual_linear -> residual + (x · weightᵀ + bias), like x: the product rounded to x's dtype, then
+    the sum (as eager `residual + linear(x)`)."""
+    if not _runs_kernel(x):
+        return residual_linear_reference(x, weight, bias, residual)
+    _check(x, weight, bias, "residual_linear")
+    if residual.shape != (*x.shape[:-1], weight.shape[0]) or residual.dtype != x.dtype:
+        raise ValueError(f"residual_linear: residual must be {(*x.shape[:-1], weight.shape[0])} in {x.dtype}, got "
+                         f"{tuple(residual.shape)} in {residual.dtype}")
+    return gemv_forward(x, weight, bias, residual=residual)
+
+
 def _linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _residual_linear_fake(x, weight, bias, residual):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -369,6 +396,15 @@ def _linear_grad(ctx, dy):
     x, weight, *bias = ctx.saved_tensors
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     return dy @ weight, dy2.t() @ x2, dy2.sum(dim=0) if ctx.has_bias else None
+
+
+def _save_residual_linear_inputs(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _save_inputs(ctx, (x, weight, bias), output)
+
+
+def _residual_linear_grad(ctx, dy):
+    return (*_linear_grad(ctx, dy), dy)
 
 
 def _swiglu_linear_grad(ctx, dy):
@@ -400,6 +436,8 @@ def _qkv_linear_grad(ctx, dy):
 
 
 linear_op = register_op("linear", _linear_impl, _linear_fake, backward=_linear_grad, setup_context=_save_inputs)
+residual_linear_op = register_op("residual_linear", _residual_linear_impl, _residual_linear_fake,
+                                backward=_residual_linear_grad, setup_context=_save_residual_linear_inputs)
 swiglu_linear_op = register_op("swiglu_linear", _swiglu_linear_impl, _swiglu_linear_fake, backward=_swiglu_linear_grad,
                                setup_context=_save_inputs)
 qkv_linear_op = register_op("qkv_linear", _qkv_linear_impl, _qkv_linear_fake, backward=_qkv_linear_grad,
@@ -410,6 +448,13 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) · weight (N, K)ᵀ + bias (N,) -> (..., N), differentiable, as F.linear. As the generated package's
     reference (ops/linear.py `linear`)."""
     return linear_op(x, weight, bias)
+
+
+def residual_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """residual + (x (..., K) · weight (N, K)ᵀ + bias (N,)) -> (..., N), differentiable: a block's residual add in
+    the epilogue of its feed-forward's last product (one launch where the add took another), the same bits as eager
+    `residual + linear(x, weight, bias)`. As the generated package's reference (ops/linear.py `residual_linear`)."""
+    return residual_linear_op(x, weight, bias, residual)
 
 
 def swiglu_linear(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None = None,
@@ -433,6 +478,13 @@ def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     return F.linear(x.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None).to(x.dtype)
 
 
+def residual_linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """linear_reference rounded to x's dtype, then residual added in float32 (float64) and rounded once: eager
+    `residual + y`'s arithmetic."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (residual.to(acc) + linear_reference(x, weight, bias).to(acc)).to(x.dtype)
+
+
 def swiglu_linear_reference(x: Tensor, gate_weight: Tensor, up_weight: Tensor, gate_bias: Tensor | None = None,
                             up_bias: Tensor | None = None) -> Tensor:
     """The same in float32 (float64 for float64 inputs), rounded once to x's dtype."""
@@ -451,5 +503,5 @@ def qkv_linear_reference(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight
 
 def decomposition(reference, max_seqlen: int) -> dict:
     """{archgen_v1::<op>: ops/linear.py's function of the same name}, for ONNX (the kernels file hands each kernel
-    function's reference in turn: `linear`, `swiglu_linear` or `qkv_linear`)."""
+    function's reference in turn: `linear`, `residual_linear`, `swiglu_linear` or `qkv_linear`)."""
     return {op_overload(reference.__name__): reference}
