@@ -52,6 +52,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import bar_ratio  # noqa: E402 - bench/ is on sys.path when a script runs
+
 from archgen.benchmark import copy_bandwidth, decode_step_ops, logit_parity, tensor_bytes, timed_once  # noqa: E402
 
 SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
@@ -406,7 +408,7 @@ def bar_rows(results: dict) -> list[dict]:
 
     def row(figure, archgen, reference, reference_value, bar):
         rows.append({"figure": figure, "archgen": round(archgen, 4), "unit": "ms/token", "reference": reference,
-                     "reference_value": round(reference_value, 4), "ratio": round(reference_value / archgen, 3),
+                     "reference_value": round(reference_value, 4), "ratio": bar_ratio(reference_value / archgen, bar),
                      "bar": bar, "device": results["device"], "date": results["date"], "command": results["command"]})
 
     for name, entry in results["models"].items():

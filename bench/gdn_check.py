@@ -95,6 +95,8 @@ import time
 import traceback
 from pathlib import Path
 
+from harness import bar_ratio  # noqa: E402 - bench/ is on sys.path when a script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 BF16_BAR = 1e-2  # relative norm, as issue 10 asks of bf16 kernels against their references
 CHUNK = 64  # every side
@@ -297,7 +299,7 @@ class Check:
         self.results["figures"].append({
             "figure": name, "archgen": round(archgen_ms, 4), "unit": "ms", "reference": peer or fla,
             "reference_value": round(peer_ms, 4) if peer_ms is not None else None,
-            "ratio": round(peer_ms / archgen_ms, 3) if peer_ms is not None else None, "bar": bar,
+            "ratio": bar_ratio(peer_ms / archgen_ms, bar) if peer_ms is not None else None, "bar": bar,
             "device": self.device_name, "date": datetime.date.today().isoformat(), "command": self.command,
         })
 

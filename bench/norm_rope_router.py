@@ -61,6 +61,7 @@ sys.path.insert(0, str(ROOT))
 import ncu  # noqa: E402 - bench/ncu.py, beside this script
 import torch  # noqa: E402
 import triton  # noqa: E402
+from harness import bar_ratio  # noqa: E402 - bench/ is on sys.path when a script runs
 
 from archgen.benchmark import copy_bandwidth, timed  # noqa: E402
 from archgen.resources import kernels_package  # noqa: E402
@@ -128,7 +129,7 @@ class Bench:
     def bar(self, figure: str, archgen: float, unit: str, reference: str, reference_value: float, ratio: float,
             bar: float) -> None:
         self.bars.append({"figure": figure, "archgen": round(archgen, 4), "unit": unit, "reference": reference,
-                          "reference_value": round(reference_value, 4), "ratio": round(ratio, 3), "bar": bar,
+                          "reference_value": round(reference_value, 4), "ratio": bar_ratio(ratio, bar), "bar": bar,
                           "device": self.results["meta"].get("gpu", "cpu (dry run)"),
                           "date": self.results["meta"]["date"][:10], "command": self.command})
 

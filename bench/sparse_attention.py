@@ -66,6 +66,7 @@ import traceback
 from pathlib import Path
 
 import ncu  # bench/ncu.py, beside this script
+from harness import bar_ratio  # noqa: E402 - bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ("numerics", "sparse", "window", "edges")
@@ -160,7 +161,7 @@ class Bench:
         """A time figure: ratio = reference / archgen (above 1: archgen faster)."""
         self.bars.append({
             "figure": figure, "archgen": round(archgen, 4), "unit": "ms", "reference": reference,
-            "reference_value": round(reference_value, 4), "ratio": round(reference_value / archgen, 3), "bar": bar,
+            "reference_value": round(reference_value, 4), "ratio": bar_ratio(reference_value / archgen, bar), "bar": bar,
             "device": self.results["meta"].get("gpu", "cpu (dry run)"), "date": self.results["meta"]["date"][:10],
             "command": self.command,
         })
