@@ -241,15 +241,17 @@ def output_layout(q: Tensor) -> Tensor:
     return q.new_empty((B, T, H, D)).transpose(1, 2)
 
 
-_COUNTERS: dict[tuple[str, int], Tensor] = {}
-"""The one-launch combine's counters by (device, B · Hkv): zeroed once, zero again after every launch (the last split
-resets its own), kept for the process: a CUDA graph that captured a launch replays it on the same counters. Launches
-on one device must not run concurrently on two streams (a decoding step's do not)."""
+_COUNTERS: dict[tuple[str, int, int], Tensor] = {}
+"""The one-launch combine's counters by (device, stream, B · Hkv): zeroed once, zero again after every launch (the last
+split resets its own), kept for the process: a CUDA graph that captured a launch replays it on the same counters.
+Launches on one stream run one after another; two streams get counters of their own, so a parallel block's branches
+recorded on two streams (ops/decoding.py's branch_stream) may both attend at once."""
 
 
 def combine_counters(device: torch.device, count: int) -> Tensor:
-    """The (count,) int32 counters of the one-launch combine on device (see _COUNTERS)."""
-    key = (str(device), count)
+    """The (count,) int32 counters of the one-launch combine on device's current stream (see _COUNTERS)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream, count)
     if key not in _COUNTERS:
         _COUNTERS[key] = torch.zeros(count, dtype=torch.int32, device=device)
     return _COUNTERS[key]
