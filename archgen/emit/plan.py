@@ -33,6 +33,7 @@ class ComponentPlan:
     takes_pads: bool = False  # its forward takes pads= (a ragged batch's left padding)
     takes_step: bool = False  # its forward takes step= (the forward's StepContext, shared by every layer)
     takes_residual: bool = False  # a feed-forward whose forward adds the block's stream itself (residual=)
+    takes_residual_norm: bool = False  # a mixer that adds the block's stream and runs its ffn_norm (residual=, norm=)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -48,6 +49,7 @@ class ParallelPlan:
     branches: list[ComponentPlan]
     mode: str  # "normalized_mean" | "sum"
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # the combine's (normalized_mean in one launch)
+    takes_residual_norm: bool = False  # its forward adds the block's stream and runs its ffn_norm (residual=, norm=)
 
     @property
     def n_branches(self) -> int:
@@ -240,8 +242,12 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
             if layer.combine is not None:
                 if mixer_names not in parallels:
                     branches = [components[n] for n in mixer_names]
+                    combine = layer.combine
+                    # an auxiliary loss would ride on the returned (h, x): the fused residual and norm are for plain outputs
+                    fuses_norm = (kind_of(combine.kind).takes_residual_norm(combine.config, combine.kernels)
+                                  and not any(b.produces_aux for b in branches))
                     parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
-                                                          branches, layer.combine.config.mode, dict(layer.combine.kernels))
+                                                          branches, combine.config.mode, dict(combine.kernels), fuses_norm)
                 mixer = parallels[mixer_names]
             else:
                 mixer = components[mixer_names[0]] if mixer_names else None
@@ -356,6 +362,7 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
     return ComponentPlan(name, namespace.create(camel(name)), kind_name, config, template_dims, kind.template,
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
                          takes_step=kind.takes_step, takes_residual=kind.takes_residual(config, kernels or {}),
+                         takes_residual_norm=kind.takes_residual_norm(config, kernels or {}),
                          kernels=dict(kernels or {}))
 
 

@@ -129,6 +129,14 @@ class Kind(Generic[SpecT, ConfigT]):
         rather than `x = x + self.ffn(h)`. `kernels`: the op's chosen kernels {function: choice}."""
         return False
 
+    def takes_residual_norm(self, config: ConfigT, kernels: dict) -> bool:
+        """A mixer's forward takes `residual=` (the block's stream) and `norm=` (the block's feed-forward norm, a
+        FusedRMSNorm) and returns (norm(residual + y), residual + y), what `self.ffn_norm(y, x)` returns, computing
+        them with its own output in one launch on a decoding step; the block then emits
+        `h, x = self.mixer(self.mixer_norm(x), ..., residual=x, norm=self.ffn_norm)`. `kernels`: the op's chosen
+        kernels {function: choice}."""
+        return False
+
     def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}

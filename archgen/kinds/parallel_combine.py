@@ -32,6 +32,10 @@ class ParallelCombine(Kind[None, ParallelCombineConfig]):
             table[f"{branch}_scale"] = (dims.d_model,)
         return table
 
+    def takes_residual_norm(self, config: ParallelCombineConfig, kernels: dict) -> bool:
+        """Given the combine kernel that goes on with the block's residual add and its feed-forward's norm."""
+        return "normalized_mean_add_norm" in kernels
+
     def imports(self, config: ParallelCombineConfig) -> dict[str, tuple[str, ...]]:
         return {"decoding": ("branch_stream",)}  # the branches side by side while a CUDA graph records a step
 

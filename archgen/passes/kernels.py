@@ -136,6 +136,10 @@ KERNEL_RULES: list[KernelRule] = [
                "A two-branch parallel layer's normalized mean (two RMSNorms, their scales, the mean) in one launch where "
                "no gradient is needed (decoding: six launches a layer); training keeps the fused norms",
                when=_normalized_mean_fits),
+    KernelRule("parallel_combine", "normalized_mean", "normalized_mean_add_norm", "norm",
+               "The decoding step's combine going on with the block's residual add and its feed-forward's RMSNorm in "
+               "the same launch (the fused add + norm a launch of its own after it), rounded as the two launches",
+               when=_normalized_mean_fits),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it (a zero-centred norm "
                "gives it 1 + weight in float32)"),

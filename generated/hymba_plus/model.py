@@ -490,13 +490,28 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.global_attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
             global_attn_out = self.global_attn(
                 x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
             )
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_global_attn()  # the combine reads every branch
+        if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
+            # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
+            return kernels.normalized_mean_add_norm(
+                global_attn_out,
+                ssm_out,
+                self.global_attn_norm.weight,
+                self.global_attn_scale,
+                self.ssm_norm.weight,
+                self.ssm_scale,
+                self.global_attn_norm.eps,
+                residual,
+                norm.weight,
+                norm.eps,
+            )
         if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
             y = kernels.normalized_mean(
                 global_attn_out,
@@ -512,7 +527,7 @@ class GlobalAttnSsmParallel(nn.Module):
                 self.global_attn_norm(global_attn_out, scale=self.global_attn_scale)
                 + self.ssm_norm(ssm_out, scale=self.ssm_scale)
             ) / 2
-        return y
+        return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         return {
@@ -538,11 +553,26 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None):
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
             attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_attn()  # the combine reads every branch
+        if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
+            # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
+            return kernels.normalized_mean_add_norm(
+                attn_out,
+                ssm_out,
+                self.attn_norm.weight,
+                self.attn_scale,
+                self.ssm_norm.weight,
+                self.ssm_scale,
+                self.attn_norm.eps,
+                residual,
+                norm.weight,
+                norm.eps,
+            )
         if use_kernel(kernels.normalized_mean, x) and not torch.is_grad_enabled():  # the two norms, scales and mean: one launch
             y = kernels.normalized_mean(
                 attn_out,
@@ -555,7 +585,7 @@ class AttnSsmParallel(nn.Module):
             )
         else:  # with a gradient (training): the fused norms, whose backward is a kernel
             y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
-        return y
+        return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         return {
@@ -578,8 +608,8 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
-        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 
@@ -601,8 +631,8 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
-        h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T+128, 1600): the residual add fused into the norm
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 

@@ -1,5 +1,6 @@
 """Hymba+ (specs/hymba_plus.yaml, tiny: attention and Mamba heads side by side in every layer, meta tokens, a sliding
-window of 16) with its parallel combine's kernel (normalized_mean), the RoPE kernel and the split-KV decode attention:
+window of 16) with its parallel combine's kernels (normalized_mean, and normalized_mean_add_norm, which goes on with the
+block's residual add and its feed-forward's norm), the RoPE kernel and the split-KV decode attention:
 cached decoding equals the full forward through the references, past the window (the windowed layers' ring-buffer
 cache), with each forward's RoPE angles, masks and key positions shared by the layers of an attention component
 (StepContext). The kernels run in Triton's interpreter on CPU tensors (the others keep their references: the
@@ -16,13 +17,13 @@ from tests.conftest import build_spied_package, decode_in_steps
 from tests.numerics import assert_close
 
 ROOT = Path(__file__).resolve().parents[2]
-SPIED = ("normalized_mean", "apply_rope_qk", "apply_rope_write_kv", "decode_attention")
+SPIED = ("normalized_mean", "normalized_mean_add_norm", "apply_rope_qk", "apply_rope_write_kv", "decode_attention")
 
 
 def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_path, monkeypatch):
     package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, SPIED, preset="tiny")
-    forced = {package.kernels.normalized_mean, package.kernels.apply_rope_qk, package.kernels.apply_rope_write_kv,
-              package.kernels.decode_attention}
+    forced = {package.kernels.normalized_mean, package.kernels.normalized_mean_add_norm, package.kernels.apply_rope_qk,
+              package.kernels.apply_rope_write_kv, package.kernels.decode_attention}
     monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
     torch.manual_seed(0)
     model = package.Model().eval()
@@ -32,8 +33,9 @@ def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_pat
         full = model(tokens).logits
         package.model.USE_KERNELS = True
     cached = decode_in_steps(model, tokens, prefill=12, max_len=4 + 14, length_as_tensor=True)
-    # 4 layers, each combining its attention and Mamba branches in one kernel, in the prefill and in both steps
-    assert package.calls["normalized_mean"] == 4 * 3, package.calls
+    # 4 layers, each combining its attention and Mamba branches, adding the residual stream and norming it for the
+    # feed-forward in one kernel, in the prefill and in both steps; the combine's own kernel is not left to run
+    assert package.calls["normalized_mean_add_norm"] == 4 * 3 and not package.calls["normalized_mean"], package.calls
     # RoPE and the cache write in one launch wherever the write has slots: the two global layers' plain caches in the
     # prefill and every layer in both steps (the windowed layers' ring at T = 1, positions 16 and 17 wrapping to slots
     # 0 and 1); the windowed layers' prefill (a ring at T > 1) rotates, then writes the ring in torch
@@ -42,3 +44,27 @@ def test_cached_decoding_with_the_combine_kernel_equals_the_full_forward(tmp_pat
     # (more than FEW_QUERIES) keep the masked SDPA
     assert package.calls["decode_attention"] == 4 * 2, package.calls
     assert_close(cached, full, 1e-5, "cached logits")
+
+
+def test_the_fused_combine_add_and_norm_gives_the_bits_of_the_combine_and_the_fused_norm(tmp_path, monkeypatch):
+    """bench/decode.py --without normalized_mean_add_norm switches the kernel off (None) in the same process: the block
+    then runs normalized_mean and the FusedRMSNorm's add + norm (rms_norm with the residual), two launches. Both sides
+    give the same logits bit for bit, in bfloat16 (the kernels round y, the sum and h as the two launches do)."""
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch,
+                                  ("normalized_mean", "normalized_mean_add_norm", "rms_norm"), preset="tiny")
+    forced = {package.kernels.normalized_mean, package.kernels.normalized_mean_add_norm, package.kernels.rms_norm}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: kernel is not None and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().to(torch.bfloat16).eval()
+    with torch.no_grad():  # the norms' weights and scales away from 1, so that the norm's weight is not a no-op
+        for name, parameter in model.named_parameters():
+            if name.endswith(("_scale", "norm.weight")):
+                parameter.copy_(1 + torch.randn_like(parameter) / 2)
+    tokens = torch.randint(0, 256, (2, 8))
+    fused = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["normalized_mean_add_norm"] == 4 * 3 and not package.calls["normalized_mean"], package.calls
+    package.calls.clear()
+    monkeypatch.setattr(package.kernels, "normalized_mean_add_norm", None)
+    two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["normalized_mean"] == 4 * 3, package.calls
+    assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()

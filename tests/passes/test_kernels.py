@@ -23,6 +23,7 @@ ffns:
 layout: {mixers: attn*2, ffns: mlp}
 """
 BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
+HYMBA = ROOT / "specs" / "hymba_plus.yaml"  # attention ∥ Mamba-1, combined by the normalized mean
 
 MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d", "causal_conv1d_update_": "causal_conv1d",
                  "mamba_step_low_rank": "state_update"}
@@ -32,6 +33,8 @@ ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope"}  # the r
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv", "residual_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
+COMBINE_KERNELS = {"normalized_mean": "normalized_mean",  # the combine; and going on with the residual add and the norm
+                   "normalized_mean_add_norm": "normalized_mean"}
 DECODE_KERNELS = {"decode_attention": "decode_attention",  # every attention op: a decoding step's split-KV attention
                   "decode_attention_one_launch": "decode_attention"}  # and its splits combined in the same launch
 
@@ -106,6 +109,23 @@ def test_a_rule_with_a_condition_applies_only_where_it_holds_and_the_first_rule_
             # the test rules' and the real rules'
             assert set(op.kernels) == {"attention", *ROPE_KERNELS, *DECODE_KERNELS, *QKV_KERNELS, *GEMV_KERNELS}
             assert op.kernels["attention"].file == ("windowed_attention" if op.config.window else "full_attention")
+
+
+def test_a_parallel_combine_gets_its_kernels_and_the_block_hands_it_the_stream_and_the_norm_only_then():
+    """The normalized mean of two RMSNorm'd branches gets the combine kernel and its form with the block's residual add
+    and ffn_norm; the block then calls the mixer with residual= and norm= (Kind.takes_residual_norm). A LayerNorm model
+    gets neither kernel, and its block keeps the mixer's output and the ffn_norm's add as two lines."""
+    compiled = compile_spec(HYMBA, "tiny")
+    combines = {op.name for op in compiled.ir.ops() if op.kind == "parallel_combine"}
+    assert combines and chosen_kernels(compiled.ir, "parallel_combine") == dict.fromkeys(combines, COMBINE_KERNELS)
+    model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
+    assert "use_kernel(kernels.normalized_mean_add_norm, x)" in model
+    assert "residual=x, norm=self.ffn_norm)" in model and "self.ffn_norm(y, x)" not in model
+
+    compiled = compile_spec(HYMBA, "tiny", ("model.norm.kind=layernorm",))
+    assert not chosen_kernels(compiled.ir, "parallel_combine")
+    model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
+    assert "norm=self.ffn_norm" not in model and "residual=None, norm=None" not in model
 
 
 def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():

@@ -31,6 +31,7 @@ try:
     from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .normalized_mean import normalized_mean
+    from .normalized_mean import normalized_mean_add_norm
     from .packed_query_attention import sliding_window_attention
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
@@ -59,6 +60,7 @@ except ImportError:  # no triton
     residual_linear = None
     swiglu_linear = None
     normalized_mean = None
+    normalized_mean_add_norm = None
     sliding_window_attention = None
     rms_norm = None
     apply_rope_qk = None
@@ -107,6 +109,10 @@ def decompositions() -> dict:
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
     if normalized_mean_module is not None:
         from ..ops.norm import normalized_mean as reference
+
+        table.update(normalized_mean_module.decomposition(reference, max_seqlen=8192))
+    if normalized_mean_module is not None:
+        from ..ops.norm import normalized_mean_add_norm as reference
 
         table.update(normalized_mean_module.decomposition(reference, max_seqlen=8192))
     if packed_query_attention_module is not None:

@@ -44,10 +44,11 @@ MAX_TILE = 4096
 
 
 @triton.jit
-def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr, R, N, stride_a, stride_b, stride_y,
-                            eps,
+def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr, r_ptr, wn_ptr, h_ptr, R, N, stride_a,
+                            stride_b, stride_y, stride_r, eps, norm_eps,
                             BLOCK_R: tl.constexpr,  # rows per program
                             BLOCK_N: tl.constexpr,  # next_pow2(N): a whole row
+                            ADD_NORM: tl.constexpr,  # then s = r + y (y_ptr receives s) and h = rms_norm(s) · wn
                             PDL: tl.constexpr):  # launched programmatically (triton_support.programmatic_launch)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_N)
@@ -60,6 +61,8 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
         sa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     gb = 0.5 * tl.load(wb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
         sb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+    if ADD_NORM:
+        wn = tl.load(wn_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
         gdc_wait()
         gdc_launch_dependents()
@@ -68,7 +71,18 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
     rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (BLOCK_R,)
     rstd_b = 1.0 / tl.sqrt(tl.sum(b * b, axis=1) / N + eps)
     y = a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
-    tl.store(y_ptr + row64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
+    if ADD_NORM:
+        # kernels/rmsnorm.py's residual path, bit for bit: y rounded to the branches' dtype (as the combine's own
+        # launch stores it), the add in float32 rounded to the stream's dtype, the norm of that rounded sum
+        r = tl.load(r_ptr + row64 * stride_r + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        s = (y.to(a_ptr.dtype.element_ty).to(tl.float32) + r).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row64 * stride_y + cols[None, :], s, mask=inside)
+        s = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + norm_eps)
+        h = s * rstd[:, None] * wn[None, :]
+        tl.store(h_ptr + row64 * stride_y + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.store(y_ptr + row64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_config(N: int) -> dict:
@@ -89,10 +103,33 @@ def normalized_mean_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
     grid = (triton.cdiv(R, config["BLOCK_R"]),)
     pdl = programmatic_launch(a.device)
     with on_device(a):
-        _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, y, R, N, a.stride(0), b.stride(0),
-                                      y.stride(0), eps, BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"], PDL=pdl,
+        _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, y, y, weight_a, y, R, N, a.stride(0),
+                                      b.stride(0), y.stride(0), 0, eps, 0.0, BLOCK_R=config["BLOCK_R"],
+                                      BLOCK_N=config["BLOCK_N"], ADD_NORM=False, PDL=pdl,
                                       num_warps=config["num_warps"], launch_pdl=pdl)
     return y
+
+
+def normalized_mean_add_norm_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor,
+                                     scale_b: Tensor, eps: float, residual: Tensor, weight: Tensor,
+                                     norm_eps: float) -> tuple[Tensor, Tensor]:
+    """The launcher of the combine with the residual add and the next norm: a, b, residual (R, N) with a contiguous
+    last dim (any row stride) -> (h, s) (R, N) in the residual's dtype."""
+    R, N = a.shape
+    dtype = torch.promote_types(a.dtype, residual.dtype)  # the add's, as kernels/rmsnorm.py's add_rms_norm promotes
+    s = torch.empty((R, N), dtype=dtype, device=a.device)
+    h = torch.empty((R, N), dtype=dtype, device=a.device)
+    if R == 0:
+        return h, s
+    config = launch_config(N)
+    grid = (triton.cdiv(R, config["BLOCK_R"]),)
+    pdl = programmatic_launch(a.device)
+    with on_device(a):
+        _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, s, residual, weight, h, R, N,
+                                      a.stride(0), b.stride(0), s.stride(0), residual.stride(0), eps, norm_eps,
+                                      BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"], ADD_NORM=True, PDL=pdl,
+                                      num_warps=config["num_warps"], launch_pdl=pdl)
+    return h, s
 
 
 def _as_rows(t: Tensor) -> Tensor:
@@ -138,6 +175,41 @@ def normalized_mean(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, wei
     return normalized_mean_op(a, b, weight_a, scale_a, weight_b, scale_b, eps)
 
 
+def _add_norm_impl(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor, scale_b: Tensor,
+                   eps: float, residual: Tensor, weight: Tensor, norm_eps: float) -> tuple[Tensor, Tensor]:
+    """archgen_v1::normalized_mean_add_norm -> (h, s) like residual + y."""
+    vectors = (weight_a, scale_a, weight_b, scale_b)
+    _check(a, b, vectors)
+    N = a.size(-1)
+    if residual.shape != a.shape or residual.dtype not in SUPPORTED_DTYPES or weight.shape != (N,):
+        raise ValueError(f"normalized_mean_add_norm: the residual stream must be {tuple(a.shape)} like the branches "
+                         f"and the norm's weight ({N},), got {tuple(residual.shape)} {residual.dtype} and "
+                         f"{tuple(weight.shape)}")
+    if not (a.is_cuda or triton_on_cpu()) or triton.next_power_of_2(N) > MAX_BLOCK_N:
+        return normalized_mean_add_norm_reference(a, b, *vectors, eps, residual, weight, norm_eps)
+    h, s = normalized_mean_add_norm_forward(_as_rows(a), _as_rows(b), *(v.contiguous() for v in vectors), eps,
+                                            _as_rows(residual), weight.contiguous(), norm_eps)
+    return h.view(a.shape), s.view(a.shape)
+
+
+def _add_norm_fake(a, b, weight_a, scale_a, weight_b, scale_b, eps, residual, weight, norm_eps):
+    dtype = torch.promote_types(a.dtype, residual.dtype)
+    return a.new_empty(a.shape, dtype=dtype), a.new_empty(a.shape, dtype=dtype)
+
+
+normalized_mean_add_norm_op = register_op("normalized_mean_add_norm", _add_norm_impl, _add_norm_fake)
+
+
+def normalized_mean_add_norm(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor,
+                             scale_b: Tensor, eps: float, residual: Tensor, weight: Tensor,
+                             norm_eps: float) -> tuple[Tensor, Tensor]:
+    """A parallel layer's combine y = normalized_mean(a, b, ...), the block's residual add s = residual + y and its
+    feed-forward's norm h = rms_norm(s) · weight in one pass, without a gradient: (h, s), each rounded as the two
+    launches round them (y to a's dtype, then s, then h). As the generated package's reference (ops/norm.py
+    `normalized_mean_add_norm`)."""
+    return normalized_mean_add_norm_op(a, b, weight_a, scale_a, weight_b, scale_b, eps, residual, weight, norm_eps)
+
+
 def normalized_mean_reference(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor,
                               scale_b: Tensor, eps: float) -> Tensor:
     """The same in float32 (float64 for float64 inputs), rounded once to a's dtype."""
@@ -150,6 +222,19 @@ def normalized_mean_reference(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: T
     return ((normed(a, weight_a, scale_a) + normed(b, weight_b, scale_b)) / 2).to(a.dtype)
 
 
+def normalized_mean_add_norm_reference(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor,
+                                       scale_b: Tensor, eps: float, residual: Tensor, weight: Tensor,
+                                       norm_eps: float) -> tuple[Tensor, Tensor]:
+    """normalized_mean_reference, then kernels/rmsnorm.py's add_rms_norm_reference: (h, s)."""
+    y = normalized_mean_reference(a, b, weight_a, scale_a, weight_b, scale_b, eps)
+    dtype = torch.promote_types(y.dtype, residual.dtype)
+    s = y.to(dtype) + residual.to(dtype)
+    acc = torch.promote_types(dtype, torch.float32)
+    s32 = s.to(acc)
+    return (s32 * torch.rsqrt(s32.square().mean(-1, keepdim=True) + norm_eps) * weight.to(acc)).to(dtype), s
+
+
 def decomposition(reference, max_seqlen: int) -> dict:
-    """{archgen_v1::normalized_mean: ops/norm.py's normalized_mean}, for ONNX."""
-    return {op_overload("normalized_mean"): reference}
+    """{archgen_v1::<op>: ops/norm.py's function of the same name}, for ONNX (the kernels file hands each kernel
+    function's reference in turn: `normalized_mean` or `normalized_mean_add_norm`)."""
+    return {op_overload(reference.__name__): reference}
