@@ -11,6 +11,7 @@ each model's package as generated (`kernels`), and on request with its layers un
     time: shows which products run which cuBLAS kernels (an sm75 fallback names its shape); and every op by input
     shapes with its own kernels' time (the copies, casts and elementwise ops between the kernels);
   - the host-device syncs: torch.cuda's sync debug mode's warnings during a step, by the source line that caused them;
+  - where the host's time goes in one step (cProfile: the functions by their own time), for a step the host paces;
   - the profiler's per-op table (text, sorted by CUDA time).
 
 Run on the GPU from the repository root:
@@ -27,10 +28,12 @@ profiler's CPU side only (checks the script; the figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import functools
 import json
 import math
+import pstats
 import tempfile
 import time
 import warnings
@@ -104,6 +107,22 @@ def ops_by_shape(profiler) -> list[dict]:
     return sorted(rows, key=lambda row: -row["self_device_ms"])
 
 
+def host_functions(step, device: str, top: int = 30) -> list[dict]:
+    """Where the host's time in one step goes (cProfile, the step then synchronised): the `top` functions by their own
+    time, each with its calls and its own and cumulative ms. A step whose host enqueue time is near its wall time
+    (Hymba+ at 1 × 512: 202 of 248 ms) is paced by these, not by its kernels."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    sync(device)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = [{"function": f"{Path(file).name}:{line}({name})", "calls": calls, "own_ms": own * 1e3,
+             "cumulative_ms": cumulative * 1e3}
+            for (file, line, name), (_, calls, own, cumulative, _) in stats.items()]
+    return sorted(rows, key=lambda row: -row["own_ms"])[:top]
+
+
 def syncs_by_line(step, device: str) -> dict[str, int]:
     """The synchronizing CUDA calls one step makes, counted by the line of the package (or of torch) that made them."""
     if device != "cuda":
@@ -150,7 +169,7 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
     if variant == "kernels" and tokens_per_step >= 16384:
         bar(f"{name} training MFU, {config.batch} x {config.seq_len} tokens", record["mfu"],
             "fraction of measured bf16 matmul rate", "bf16 matmul rate", result.matmul_flops_per_s, record["mfu"], 0.4)
-    if budget_left() < 2 * wall + 5:  # the profiled step and the sync-debug step
+    if budget_left() < 3 * wall + 5:  # the profiled step, the sync-debug step and the host-profiled step
         record["profile_skipped"] = "time budget spent"
         return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -168,7 +187,8 @@ def profile_model(record: dict, prepared, variant: str, device: str, steps: int,
     record.update(
         kernels=len(kernels), kernel_ms=sum(by_kernel.values()), gpu_busy_ms=busy_ms(kernels),
         busiest_kernels=[{"kernel": k, "calls": calls[k], "ms": ms} for k, ms in by_kernel.most_common(25)],
-        matmuls=matmuls_by_shape(events)[:40], ops_by_shape=ops_by_shape(profiler)[:40], syncs=syncs_by_line(step, device))
+        matmuls=matmuls_by_shape(events)[:40], ops_by_shape=ops_by_shape(profiler)[:40], syncs=syncs_by_line(step, device),
+        host_functions=host_functions(step, device))
     table = profiler.key_averages().table(sort_by="cuda_time_total" if device == "cuda" else "cpu_time_total",
                                           row_limit=60, max_name_column_width=90)
     (out / f"train_profile_{name}_{variant}.txt").write_text(table)
