@@ -21,6 +21,8 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
     the batch-1 graph step re-captured for each, timed twice each (serial, concurrent, serial, concurrent), their
     ratio, the forks each capture recorded, and the graph's logits and greedy tokens in both (bitwise equal: the same
     kernels on the same inputs);
+  - the GPU's clocks, throttle reasons and power from nvidia-smi before and after each batch-1 row (`gpu_state_before`,
+    `gpu_state_after`): two runs of the same step that differ can be told apart by them;
   - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
     batch 1's graph ms/token and step profile with those kernels off, and whether the prefill logits and greedy
     tokens are the same with them off.
@@ -52,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import bar_ratio  # noqa: E402 - bench/ is on sys.path when a script runs
+from harness import bar_ratio, gpu_state  # noqa: E402 - bench/ is on sys.path when a script runs
 
 from archgen.benchmark import copy_bandwidth, decode_step_ops, logit_parity, tensor_bytes, timed_once  # noqa: E402
 
@@ -309,6 +311,7 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
         state_bytes = cache_bytes(model, batch, length, device)
         row["floor_ms_per_token"] = (weight_bytes + state_bytes) / bandwidth * 1e3
         row["cache_bytes"] = state_bytes
+        row["gpu_state_before"] = gpu_state()  # clocks, throttling, power: what a spread between runs may come from
         with torch.no_grad():
             if batch == 1 and args.parity_first:
                 parity(model, prompt, row, args, results)
@@ -336,6 +339,7 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 parity(model, prompt, row, args, results)
             if batch == 1 and args.without:
                 attempt(row, "without", lambda prompt=prompt: without_kernels(package, model, prompt, vocab, args), args)
+        row["gpu_state_after"] = gpu_state()
         for variant in VARIANTS:
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
