@@ -78,6 +78,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("mamba", "causal_conv1d", "causal_conv1d_update_", "ssm",
                "Mamba-1 decoding step's conv + SiLU with the conv state updated in place in the cache (the step's "
                "copy of the new state into the cache before: a launch per layer and token)", when=_conv_steps_in_place),
+    KernelRule("mamba", "in_proj_conv", "in_proj_conv_step_", "ssm",
+               "Mamba-1 decoding step's in_proj GEMV with the conv + SiLU in its epilogue, the cache's conv state "
+               "shifted in place (the GEMV and causal_conv1d_update_ before: a launch fewer per layer and token on the "
+               "step's chain), the same bits", when=_conv_steps_in_place),
     KernelRule("mamba", "state_update", "mamba_step_low_rank", "ssm",
                "Mamba-1 one-token state update (decoding): Δ projected from its low rank (dt_proj), A = -exp(A_log), "
                "the step and the z gate in one launch"),

@@ -253,19 +253,35 @@ class Ssm(nn.Module):
 
     def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
-        x, z = self.in_proj(x).split([8192, 8192], dim=-1)  # (B, T, 8192) each
-        if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
-            keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
-            x = torch.where(keep, x, 0.0)
         conv_state = cache.conv_state if cache is not None else None  # (B, 8192, 3), the inputs before x
-        if cache is not None and T == 1 and use_kernel(kernels.causal_conv1d_update_, x):
-            # a decoding step: conv and SiLU in one launch that also shifts the cache's conv state where it lies
-            x = kernels.causal_conv1d_update_(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
-        elif use_kernel(kernels.causal_conv1d, x):  # conv and SiLU in one pass
-            x, conv_state = kernels.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
+        if cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x):
+            # a decoding step: in_proj's GEMV with the conv and SiLU of its x half in the epilogue, which also shifts the
+            # cache's conv state where it lies (one launch on the step's chain of dependent launches, where two ran; a
+            # ragged batch's pads, masked between the two, keep them)
+            x, z = kernels.in_proj_conv_step_(
+                x,
+                self.in_proj.weight,
+                self.in_proj.bias,
+                self.conv1d.weight[:, 0],
+                self.conv1d.bias,
+                conv_state,
+                activation="silu",
+            ).split([8192, 8192], dim=-1)
         else:
-            x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
-            x = F.silu(x)
+            x, z = self.in_proj(x).split([8192, 8192], dim=-1)  # (B, T, 8192) each
+            if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
+                keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
+                x = torch.where(keep, x, 0.0)
+            if cache is not None and T == 1 and use_kernel(kernels.causal_conv1d_update_, x):
+                # a decoding step: conv and SiLU in one launch that also shifts the cache's conv state where it lies
+                x = kernels.causal_conv1d_update_(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu")
+            elif use_kernel(kernels.causal_conv1d, x):  # conv and SiLU in one pass
+                x, conv_state = kernels.causal_conv1d(
+                    x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state, activation="silu"
+                )
+            else:
+                x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
+                x = F.silu(x)
         dt, B_ssm, C_ssm = self.x_proj(x).split([256, 16, 16], dim=-1)  # (B, T, 256), (B, T, 16) × 2
         if cache is not None and T == 1:
             # Δ's low rank (B, 256) on rows (torch.export traces them for any batch size); the step projects it with

@@ -107,6 +107,24 @@ def causal_conv1d_update_(
     return F.silu(y) if silu else y
 
 
+def in_proj_conv_step_(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    conv_weight: Tensor,
+    conv_bias: Tensor | None,
+    conv_state: Tensor,
+    silu: bool = False,
+) -> Tensor:
+    """One decoding step (x (B, 1, K)) of a Mamba-1 layer's in_proj (weight (N, K)) and conv: the first D =
+    conv_weight.shape[0] outputs through `causal_conv1d_update_` (the state shifted in place), the rest (z) as they
+    are; returns (B, 1, N). The reference of the kernel that does both in one launch (archgen_v1::in_proj_conv_step_)."""
+    products = F.linear(x, weight, bias)
+    d_inner = conv_weight.shape[0]
+    x_conv = causal_conv1d_update_(products[..., :d_inner], conv_weight, conv_bias, conv_state, silu)
+    return torch.cat([x_conv, products[..., d_inner:]], dim=-1)
+
+
 def selective_scan(
     u: Tensor,
     delta: Tensor,

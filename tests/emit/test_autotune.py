@@ -53,8 +53,9 @@ def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
 
 def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
     cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
-    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "rmsnorm", "silu_mul", "gemv"}
-    assert len(cases) == 8 * 4, "the Mamba layers share one config, the norms another, the MLPs a third, and the GEMV " \
+    assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "in_proj_conv", "rmsnorm",
+                                       "silu_mul", "gemv"}
+    assert len(cases) == 9 * 4, "the Mamba layers share one config, the norms another, the MLPs a third, and the GEMV " \
                                 "runs in the Mamba layers, the MLPs and the lm_head: each kernel file tuned once per " \
                                 "op config and batch × length"
     assert next(c for c in cases if c.file == "selective_scan").params["A_log"] == (32, 4)
@@ -98,8 +99,9 @@ def test_autotune_writes_the_table_the_package_loads_and_running_never_tunes(spe
                     ("causal_conv1d.forward", "D32-K4-Tn-float32"), ("causal_conv1d.window_backward", "D32-K4-silu-float32"),
                     ("causal_conv1d.forward", "D32-K4-T1-state-float32"),
                     ("causal_conv1d.step_in_place", "D32-K4-step-in-place-state-float32"),  # the step in place
-                    # every weight matrix at the decoding batch: in_proj and lm_head, out_proj and down_proj, x_proj,
-                    # dt_proj, gate_proj and up_proj, and the gate and up pair
+                    # every weight matrix at the decoding batch: in_proj (also the bucket of in_proj_conv_step_, which
+                    # runs the GEMV's config) and lm_head, out_proj and down_proj, x_proj, dt_proj, gate_proj and
+                    # up_proj, and the gate and up pair
                     *(("gemv.forward", f"N{n}-K{k}-M2-float32") for n, k in ((64, 16), (16, 32), (9, 32), (32, 1), (32, 16))),
                     ("gemv.forward", "N32-K16-M2-float32-gated")}
     assert all(e["gpu"] == "cpu" for e in table["entries"])

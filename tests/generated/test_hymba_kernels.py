@@ -68,3 +68,35 @@ def test_the_fused_combine_add_and_norm_gives_the_bits_of_the_combine_and_the_fu
     two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
     assert package.calls["normalized_mean"] == 4 * 3, package.calls
     assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()
+
+
+def test_the_in_proj_conv_step_decodes_as_the_full_forward_and_as_its_two_launches(tmp_path, monkeypatch):
+    """Each Mamba head's decoding step runs in_proj and the conv step in one launch (in_proj_conv_step_: the GEMV with
+    the conv, SiLU and the conv state's shift in its epilogue): cached decoding equals the full forward (references),
+    and in bfloat16 gives the bits of the two launches it replaces (the GEMV's `linear`, then causal_conv1d_update_),
+    which bench/decode.py --without in_proj_conv_step_ restores in the same process (the kernel function None)."""
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch,
+                                  ("in_proj_conv_step_", "causal_conv1d_update_", "linear"), preset="tiny")
+    forced = {package.kernels.in_proj_conv_step_, package.kernels.causal_conv1d_update_, package.kernels.linear}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        package.model.USE_KERNELS = False
+        full = model(tokens).logits
+        package.model.USE_KERNELS = True
+    cached = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    # 4 layers' Mamba heads in both steps; the prefill (T = 6) keeps in_proj and the sequence conv
+    assert package.calls["in_proj_conv_step_"] == 4 * 2 and not package.calls["causal_conv1d_update_"], package.calls
+    assert_close(cached, full, 1e-5, "cached logits")
+
+    model = model.to(torch.bfloat16)
+    package.calls.clear()
+    fused = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["in_proj_conv_step_"] == 4 * 2, package.calls
+    package.calls.clear()
+    monkeypatch.setattr(package.kernels, "in_proj_conv_step_", None)
+    two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["causal_conv1d_update_"] == 4 * 2 and not package.calls["in_proj_conv_step_"], package.calls
+    assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()

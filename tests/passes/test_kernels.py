@@ -26,6 +26,7 @@ BAMBA = ROOT / "bench" / "specs" / "bamba_1b.yaml"  # Mamba-2 and attention
 HYMBA = ROOT / "specs" / "hymba_plus.yaml"  # attention ∥ Mamba-1, combined by the normalized mean
 
 MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d", "causal_conv1d_update_": "causal_conv1d",
+                 "in_proj_conv_step_": "in_proj_conv",  # a decoding step's in_proj GEMV with the conv step in its epilogue
                  "mamba_step_low_rank": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}

@@ -15,6 +15,7 @@ try:
     from . import causal_conv1d as causal_conv1d_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
+    from . import in_proj_conv as in_proj_conv_module
     from . import normalized_mean as normalized_mean_module
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
@@ -30,6 +31,7 @@ try:
     from .gemv import qkv_linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .in_proj_conv import in_proj_conv_step_
     from .normalized_mean import normalized_mean
     from .normalized_mean import normalized_mean_add_norm
     from .packed_query_attention import sliding_window_attention
@@ -44,6 +46,7 @@ except ImportError:  # no triton
     causal_conv1d_module = None
     decode_attention_module = None
     gemv_module = None
+    in_proj_conv_module = None
     normalized_mean_module = None
     packed_query_attention_module = None
     rmsnorm_module = None
@@ -59,6 +62,7 @@ except ImportError:  # no triton
     qkv_linear = None
     residual_linear = None
     swiglu_linear = None
+    in_proj_conv_step_ = None
     normalized_mean = None
     normalized_mean_add_norm = None
     sliding_window_attention = None
@@ -107,6 +111,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if in_proj_conv_module is not None:
+        from ..ops.ssm import in_proj_conv_step_ as reference
+
+        table.update(in_proj_conv_module.decomposition(reference, max_seqlen=8192))
     if normalized_mean_module is not None:
         from ..ops.norm import normalized_mean as reference
 

@@ -15,6 +15,7 @@ try:
     from . import causal_conv1d as causal_conv1d_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
+    from . import in_proj_conv as in_proj_conv_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
@@ -28,6 +29,7 @@ try:
     from .gemv import qkv_linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .in_proj_conv import in_proj_conv_step_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -39,6 +41,7 @@ except ImportError:  # no triton
     causal_conv1d_module = None
     decode_attention_module = None
     gemv_module = None
+    in_proj_conv_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
@@ -52,6 +55,7 @@ except ImportError:  # no triton
     qkv_linear = None
     residual_linear = None
     swiglu_linear = None
+    in_proj_conv_step_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
@@ -97,6 +101,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if in_proj_conv_module is not None:
+        from ..ops.ssm import in_proj_conv_step_ as reference
+
+        table.update(in_proj_conv_module.decomposition(reference, max_seqlen=4096))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

@@ -1,0 +1,257 @@
+"""A Mamba-1 decoding step's in_proj GEMV with the causal conv step (+ SiLU) in its epilogue, the conv state shifted
+in place: the kernel, its launcher, the custom op and the reference.
+
+For rows x (B, 1, K) (one token each), in_proj's weight w (N, K) and bias b (N,), the conv's weight (D, W) and bias
+(D,) and the cache's conv state s (B, D, W-1) (the last W-1 inputs of each channel, oldest first), D <= N::
+
+    p = round(x · wᵀ + b)                       in x's dtype, as kernels/gemv.py's `linear` stores it
+    y[n] = round(act(conv_b[n] + Σ_k conv_w[n, k] · [s[n, :], p[n]][k]))     for n < D  (the SSM input half)
+    y[n] = p[n]                                                                for n >= D (z)
+    s[n, :] <- [s[n, 1:], p[n]]                                                  for n < D, in place
+
+so y is what `linear` followed by kernels/causal_conv1d.py's `causal_conv1d_update_` on p[..., :D] gives, bit for bit:
+the product is the GEMV's loop (its config, so its summation order), the conv the in-place step kernel's arithmetic
+(the taps summed in its order in float32, its SiLU, its rounding of y and of the kept state entries through x's dtype).
+
+Why: a Mamba-1 decoding step is a chain of dependent launches (in_proj, conv step, x_proj, the state update,
+out_proj), and the conv step is per channel: output n of in_proj's x half needs only that product, its channel's W-1
+state entries, W taps and a bias. So the program that finishes the product applies the conv and shifts the state, and
+the step is one launch shorter (Hymba+: 32 a token, on the Mamba branch, the longer of each parallel layer's two).
+Nothing races: a program reads and writes only its own channels' state entries, and a barrier separates the loads of
+the old entries from the stores over them (threads may hold the same channel).
+
+Launch config: the GEMV's for in_proj's shape (kernels/gemv.py's tuner, bucket `gemv.shape_key`), so the fused and the
+two-launch steps sum the products alike and `archgen build --autotune` tunes one bucket for both. Widths 2 to 4
+(causal_conv1d.WINDOW_WIDTH); more rows than gemv.FEW_ROWS, and torch.export, take `linear` and
+`causal_conv1d_update_` (two launches), whose results are the same.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .causal_conv1d import WINDOW_WIDTH, _window_tap, _window_tap_sum, causal_conv1d_reference, causal_conv1d_update_
+from .gemv import (
+    CONFIGS,
+    FEW_ROWS,
+    FORWARD_TUNER,
+    SUPPORTED_DTYPES,
+    _fold,
+    _folded,
+    _multiprocessors,
+    _prefetch_first_tile,
+    gemv_forward,
+    linear_reference,
+    shape_config,
+    shape_key,
+)
+from .gemv import autotune as gemv_autotune
+from .triton_support import (
+    calls_implementation_directly,
+    gdc_launch_dependents,
+    gdc_wait,
+    on_device,
+    programmatic_launch,
+    register_op,
+    rounded,
+    sigmoid,
+    triton_on_cpu,
+)
+
+ACTIVATIONS = (None, "silu")
+
+
+@triton.jit
+def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_wn, stride_ym,
+                         conv_w_ptr, conv_w_stride_d, conv_w_stride_k, conv_b_ptr,
+                         state_ptr, state_stride_b, state_stride_d, state_stride_k,  # read, then written over
+                         HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
+                         WIDTH: tl.constexpr,  # 2 <= WIDTH <= 4
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
+                         PDL: tl.constexpr):  # as gemv._gemv_kernel's
+    """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product, then for outputs below D the conv
+    step of causal_conv1d._conv_step_in_place_kernel on it; the state's entries are loaded after gdc_wait (the kernel
+    ahead may be the previous step's last)."""
+    row = tl.program_id(0)
+    outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    outs_inside = outs < N
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
+    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
+    if PDL:  # as in gemv._gemv_kernel
+        _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
+        gdc_wait()
+        gdc_launch_dependents()
+    for k0 in range(0, K, BLOCK_K):  # gemv._gemv_kernel's loop, so the same sums
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cols_inside = cols < K
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        tile_inside = outs_inside[:, None] & cols_inside[None, :]
+        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
+        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
+    p = tl.sum(products, axis=1)
+    if HAS_BIAS:
+        p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+    dtype = y_ptr.dtype.element_ty
+    p = rounded(p, dtype)  # in_proj's output as the GEMV stores it
+    y = p
+    if tl.program_id(1) * BLOCK_N < D:  # a block holding conv channels (the last of them may hold z's first outputs)
+        d_in = outs < D
+        state_row = state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d
+        w_row = conv_w_ptr + outs * conv_w_stride_d
+        w0 = _window_tap(w_row, conv_w_stride_k, d_in, 3, WIDTH)
+        w1 = _window_tap(w_row, conv_w_stride_k, d_in, 2, WIDTH)
+        w2 = _window_tap(w_row, conv_w_stride_k, d_in, 1, WIDTH)
+        w3 = _window_tap(w_row, conv_w_stride_k, d_in, 0, WIDTH)
+        if HAS_CONV_BIAS:
+            conv_bias = tl.load(conv_b_ptr + outs, mask=d_in, other=0.0).to(tl.float32)
+        else:
+            conv_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # the inputs 3, 2 and 1 steps back (the state's entries W-4, W-3, W-2; 0 past its width), and p
+        x_3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if WIDTH >= 4:
+            x_3 = tl.load(state_row + (WIDTH - 4) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+        if WIDTH >= 3:
+            x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+        x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
+        conv = _window_tap_sum(conv_bias, w0, w1, w2, w3, x_3, x_2, x_1, p.to(tl.float32), WIDTH)
+        if SILU:
+            conv = conv * sigmoid(conv)
+        y = tl.where(d_in, conv.to(dtype), p)  # rounded as the conv step kernel stores its y
+        tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
+        state_dtype = state_ptr.dtype.element_ty
+        if WIDTH >= 4:
+            tl.store(state_row + (WIDTH - 4) * state_stride_k, x_2.to(dtype).to(state_dtype), mask=d_in)
+        if WIDTH >= 3:
+            tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(dtype).to(state_dtype), mask=d_in)
+        tl.store(state_row + (WIDTH - 2) * state_stride_k, p.to(state_dtype), mask=d_in)
+    tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y, mask=outs_inside)
+
+
+def _gemv_config(x2: Tensor, weight: Tensor, bias: Tensor | None, config: dict | None) -> dict:
+    """The config of the GEMV's bucket for this product (explicit, pinned, tuned or default), tuning that bucket with
+    the plain GEMV when it is new and the tuner times (this kernel shifts the state: it is not run to be timed)."""
+    (M, K), N = x2.shape, weight.shape[0]
+    key = shape_key(N, K, M, x2.dtype, gated=False)
+    known = FORWARD_TUNER.known(key, config)
+    if known is None:
+        own = shape_config(N, K, M, _multiprocessors(x2.device))
+        candidates = [own, *(c for c in CONFIGS if c != own)]
+        known = FORWARD_TUNER.tune(key, lambda cfg: gemv_forward(x2, weight, bias, config=cfg), candidates)
+    return known
+
+
+def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
+                              conv_bias: Tensor | None, conv_state: Tensor, silu: bool,
+                              *, config: dict | None = None) -> Tensor:
+    """Run the kernel: x (B, 1, K) -> y (B, 1, N) in x's dtype, conv_state (B, D, W-1) shifted where it lies.
+    config {"BLOCK_N", "BLOCK_K", "num_warps"} as gemv_forward's; without it, the GEMV bucket's."""
+    _check(x, weight, bias, conv_weight, conv_bias, conv_state)
+    batch, _, K = x.shape
+    N, (D, width) = weight.shape[0], conv_weight.shape
+    x2 = x.reshape(batch, K) if x.stride(-1) == 1 else x.reshape(batch, K).contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    y = torch.empty((batch, 1, N), device=x.device, dtype=x.dtype)
+    if batch == 0 or N == 0:
+        return y
+    pdl = programmatic_launch(x.device)
+    with on_device(x):
+        cfg = _gemv_config(x2, w, bias, config)
+        _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
+            x2, w, bias if bias is not None else w, y, N, K, D, x2.stride(0), w.stride(0), y.stride(0),
+            conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
+            conv_state, *conv_state.stride(), HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None,
+            SILU=bool(silu), WIDTH=width, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
+            PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
+    return y
+
+
+def _check(x, weight, bias, conv_weight, conv_bias, conv_state) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"in_proj_conv_step_ takes {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
+    if x.dim() != 3 or x.shape[1] != 1:
+        raise ValueError(f"in_proj_conv_step_ takes one decoding step x (B, 1, K), got {tuple(x.shape)}")
+    batch, _, K = x.shape
+    if weight.dim() != 2 or weight.shape[1] != K or weight.dtype != x.dtype:
+        raise ValueError(f"in_proj_conv_step_: weight must be (N, {K}) in {x.dtype}, got {tuple(weight.shape)} in "
+                         f"{weight.dtype}")
+    if conv_weight.dim() != 2 or not 2 <= conv_weight.shape[1] <= WINDOW_WIDTH:
+        raise ValueError(f"in_proj_conv_step_: conv_weight must be (D, W) with W from 2 to {WINDOW_WIDTH}, got "
+                         f"{tuple(conv_weight.shape)}")
+    N, (D, width) = weight.shape[0], conv_weight.shape
+    expected = {"bias": (bias, (N,)), "conv_bias": (conv_bias, (D,)), "conv_state": (conv_state, (batch, D, width - 1))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"in_proj_conv_step_: {name} must be {shape}, got {tuple(t.shape)}")
+    if D > N:
+        raise ValueError(f"in_proj_conv_step_: the conv's {D} channels are more than in_proj's {N} outputs")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom op, entry point and reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
+          conv_state: Tensor, silu: bool) -> Tensor:
+    """archgen_v1::in_proj_conv_step_ -> y (B, 1, N); conv_state shifted where it lies. CPU tensors take the
+    reference (outside the kernel tests)."""
+    if not (x.is_cuda or triton_on_cpu()):
+        return in_proj_conv_step_reference(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+    return in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+
+
+def _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+in_proj_conv_step_op = register_op("in_proj_conv_step_", _impl, _fake, mutates_args=("conv_state",))
+
+
+def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
+                       conv_state: Tensor, activation: str | None = None) -> Tensor:
+    """One decoding step of a Mamba-1 layer's in_proj and conv: x (B, 1, K) -> (B, 1, N), the first D = conv_weight's
+    channels convolved (then SiLU with activation="silu") with the cache's conv_state, which is shifted where it
+    lies; the rest in_proj's products as they are (z). One launch where `linear` and `causal_conv1d_update_` took two,
+    the same bits. More rows than gemv.FEW_ROWS (cuBLAS's) and torch.export (the functional conv and a copy, which
+    ONNX lowers) take those two. The op mutates only conv_state and returns a new tensor."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if torch.compiler.is_exporting() or x.shape[0] > FEW_ROWS:
+        products = F.linear(x, weight, bias)
+        D = conv_weight.shape[0]
+        conv = causal_conv1d_update_(products[..., :D], conv_weight, conv_bias, conv_state, activation)
+        return torch.cat([conv, products[..., D:]], dim=-1)
+    silu = activation == "silu"
+    if calls_implementation_directly(x):
+        return _impl(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+    return in_proj_conv_step_op(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+
+
+def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
+                                conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False) -> Tensor:
+    """gemv.linear_reference, then causal_conv1d_reference on its first D outputs with the state copied back: the
+    tests' truth (float32 sums, rounded to x's dtype)."""
+    products = linear_reference(x, weight, bias)
+    D = conv_weight.shape[0]
+    conv, new_state = causal_conv1d_reference(products[..., :D], conv_weight, conv_bias, conv_state,
+                                              "silu" if silu else None)
+    conv_state.copy_(new_state)
+    return torch.cat([conv, products[..., D:]], dim=-1)
+
+
+def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,
+             device: torch.device | str) -> None:
+    """The build-time tuning hook: the kernel runs the GEMV's config for in_proj's shape, so tune that bucket
+    (kernels/gemv.py's hook does so too; a bucket tuned already is not timed again)."""
+    gemv_autotune(config, {name: shape for name, shape in params.items() if name.endswith("in_proj.weight")}, batch,
+                  seqlen, dtype, device)
+
+
+def decomposition(reference, max_seqlen: int) -> dict:
+    """Nothing to lower for ONNX: while torch.export traces, the entry point takes `linear` and the functional conv
+    (kernels/gemv.py's and kernels/causal_conv1d.py's decompositions), so the op never reaches an exported graph."""
+    return {}
