@@ -64,7 +64,7 @@ ACTIVATIONS = (None, "silu")
 
 
 @triton.jit
-def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_wn, stride_ym,
+def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, stride_wn, stride_ym, stride_zm,
                          conv_w_ptr, conv_w_stride_d, conv_w_stride_k, conv_b_ptr,
                          state_ptr, state_stride_b, state_stride_d, state_stride_k,  # read, then written over
                          HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
@@ -72,8 +72,8 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
                          PDL: tl.constexpr):  # as gemv._gemv_kernel's
     """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product, then for outputs below D the conv
-    step of causal_conv1d._conv_step_in_place_kernel on it; the state's entries are loaded after gdc_wait (the kernel
-    ahead may be the previous step's last)."""
+    step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The state's
+    entries are loaded after gdc_wait (the kernel ahead may be the previous step's last)."""
     row = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
@@ -96,7 +96,6 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_
         p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
     p = rounded(p, dtype)  # in_proj's output as the GEMV stores it
-    y = p
     if tl.program_id(1) * BLOCK_N < D:  # a block holding conv channels (the last of them may hold z's first outputs)
         d_in = outs < D
         state_row = state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d
@@ -120,7 +119,7 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_
         conv = _window_tap_sum(conv_bias, w0, w1, w2, w3, x_3, x_2, x_1, p.to(tl.float32), WIDTH)
         if SILU:
             conv = conv * sigmoid(conv)
-        y = tl.where(d_in, conv.to(dtype), p)  # rounded as the conv step kernel stores its y
+        tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, conv.to(dtype), mask=d_in)  # rounded as the conv step's
         tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
         state_dtype = state_ptr.dtype.element_ty
         if WIDTH >= 4:
@@ -128,7 +127,7 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, D, stride_xm, stride_
         if WIDTH >= 3:
             tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(dtype).to(state_dtype), mask=d_in)
         tl.store(state_row + (WIDTH - 2) * state_stride_k, p.to(state_dtype), mask=d_in)
-    tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, y, mask=outs_inside)
+    tl.store(z_ptr + row.to(tl.int64) * stride_zm + (outs - D), p, mask=outs_inside & (outs >= D))
 
 
 def _gemv_config(x2: Tensor, weight: Tensor, bias: Tensor | None, config: dict | None) -> dict:
@@ -146,27 +145,29 @@ def _gemv_config(x2: Tensor, weight: Tensor, bias: Tensor | None, config: dict |
 
 def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
                               conv_bias: Tensor | None, conv_state: Tensor, silu: bool,
-                              *, config: dict | None = None) -> Tensor:
-    """Run the kernel: x (B, 1, K) -> y (B, 1, N) in x's dtype, conv_state (B, D, W-1) shifted where it lies.
+                              *, config: dict | None = None) -> tuple[Tensor, Tensor]:
+    """Run the kernel: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)) in x's dtype, conv_state (B, D, W-1) shifted
+    where it lies.
     config {"BLOCK_N", "BLOCK_K", "num_warps"} as gemv_forward's; without it, the GEMV bucket's."""
     _check(x, weight, bias, conv_weight, conv_bias, conv_state)
     batch, _, K = x.shape
     N, (D, width) = weight.shape[0], conv_weight.shape
     x2 = x.reshape(batch, K) if x.stride(-1) == 1 else x.reshape(batch, K).contiguous()
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
-    y = torch.empty((batch, 1, N), device=x.device, dtype=x.dtype)
+    y = torch.empty((batch, 1, D), device=x.device, dtype=x.dtype)
+    z = torch.empty((batch, 1, N - D), device=x.device, dtype=x.dtype)
     if batch == 0 or N == 0:
-        return y
+        return y, z
     pdl = programmatic_launch(x.device)
     with on_device(x):
         cfg = _gemv_config(x2, w, bias, config)
         _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
-            x2, w, bias if bias is not None else w, y, N, K, D, x2.stride(0), w.stride(0), y.stride(0),
+            x2, w, bias if bias is not None else w, y, z, N, K, D, x2.stride(0), w.stride(0), y.stride(0), z.stride(0),
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
             conv_state, *conv_state.stride(), HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None,
             SILU=bool(silu), WIDTH=width, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
             PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
-    return y
+    return y, z
 
 
 def _check(x, weight, bias, conv_weight, conv_bias, conv_state) -> None:
@@ -196,8 +197,8 @@ def _check(x, weight, bias, conv_weight, conv_bias, conv_state) -> None:
 
 
 def _impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
-          conv_state: Tensor, silu: bool) -> Tensor:
-    """archgen_v1::in_proj_conv_step_ -> y (B, 1, N); conv_state shifted where it lies. CPU tensors take the
+          conv_state: Tensor, silu: bool) -> tuple[Tensor, Tensor]:
+    """archgen_v1::in_proj_conv_step_ -> (y (B, 1, D), z (B, 1, N - D)); conv_state shifted where it lies. CPU tensors take the
     reference (outside the kernel tests)."""
     if not (x.is_cuda or triton_on_cpu()):
         return in_proj_conv_step_reference(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
@@ -205,26 +206,28 @@ def _impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, c
 
 
 def _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    D = conv_weight.shape[0]
+    return x.new_empty((*x.shape[:-1], D)), x.new_empty((*x.shape[:-1], weight.shape[0] - D))
 
 
 in_proj_conv_step_op = register_op("in_proj_conv_step_", _impl, _fake, mutates_args=("conv_state",))
 
 
 def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
-                       conv_state: Tensor, activation: str | None = None) -> Tensor:
-    """One decoding step of a Mamba-1 layer's in_proj and conv: x (B, 1, K) -> (B, 1, N), the first D = conv_weight's
-    channels convolved (then SiLU with activation="silu") with the cache's conv_state, which is shifted where it
-    lies; the rest in_proj's products as they are (z). One launch where `linear` and `causal_conv1d_update_` took two,
-    the same bits. More rows than gemv.FEW_ROWS (cuBLAS's) and torch.export (the functional conv and a copy, which
-    ONNX lowers) take those two. The op mutates only conv_state and returns a new tensor."""
+                       conv_state: Tensor, activation: str | None = None) -> tuple[Tensor, Tensor]:
+    """One decoding step of a Mamba-1 layer's in_proj and conv: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)): in_proj's
+    first D = conv_weight.shape[0] outputs convolved (then SiLU with activation="silu") with the cache's conv_state,
+    which is shifted where it lies, and the rest as they are (z); both contiguous (x_proj and the state update read
+    y as they read the conv step's). One launch where `linear` and `causal_conv1d_update_` took two, the same bits.
+    More rows than gemv.FEW_ROWS (cuBLAS's) and torch.export (the functional conv and a copy, which ONNX lowers) take
+    those two. The op mutates only conv_state and returns new tensors."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if torch.compiler.is_exporting() or x.shape[0] > FEW_ROWS:
         products = F.linear(x, weight, bias)
         D = conv_weight.shape[0]
-        conv = causal_conv1d_update_(products[..., :D], conv_weight, conv_bias, conv_state, activation)
-        return torch.cat([conv, products[..., D:]], dim=-1)
+        x, z = products.split([D, products.shape[-1] - D], dim=-1)
+        return causal_conv1d_update_(x, conv_weight, conv_bias, conv_state, activation), z
     silu = activation == "silu"
     if calls_implementation_directly(x):
         return _impl(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
@@ -232,7 +235,7 @@ def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weig
 
 
 def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
-                                conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False) -> Tensor:
+                                conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False) -> tuple[Tensor, Tensor]:
     """gemv.linear_reference, then causal_conv1d_reference on its first D outputs with the state copied back: the
     tests' truth (float32 sums, rounded to x's dtype)."""
     products = linear_reference(x, weight, bias)
@@ -240,7 +243,7 @@ def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, 
     conv, new_state = causal_conv1d_reference(products[..., :D], conv_weight, conv_bias, conv_state,
                                               "silu" if silu else None)
     conv_state.copy_(new_state)
-    return torch.cat([conv, products[..., D:]], dim=-1)
+    return conv, products[..., D:]
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,

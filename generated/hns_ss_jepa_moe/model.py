@@ -266,7 +266,7 @@ class Ssm(nn.Module):
                 self.conv1d.bias,
                 conv_state,
                 activation="silu",
-            ).split([8192, 8192], dim=-1)
+            )
         else:
             x, z = self.in_proj(x).split([8192, 8192], dim=-1)  # (B, T, 8192) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)

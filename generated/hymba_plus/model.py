@@ -397,7 +397,7 @@ class Ssm(nn.Module):
                 self.conv1d.bias,
                 conv_state,
                 activation="silu",
-            ).split([3200, 3200], dim=-1)
+            )
         else:
             x, z = self.in_proj(x).split([3200, 3200], dim=-1)  # (B, T, 3200) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)

@@ -260,7 +260,7 @@ class Ssm(nn.Module):
                 self.conv1d.bias,
                 conv_state,
                 activation="silu",
-            ).split([1024, 1024], dim=-1)
+            )
         else:
             x, z = self.in_proj(x).split([1024, 1024], dim=-1)  # (B, T, 1024) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)

@@ -115,14 +115,13 @@ def in_proj_conv_step_(
     conv_bias: Tensor | None,
     conv_state: Tensor,
     silu: bool = False,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """One decoding step (x (B, 1, K)) of a Mamba-1 layer's in_proj (weight (N, K)) and conv: the first D =
     conv_weight.shape[0] outputs through `causal_conv1d_update_` (the state shifted in place), the rest (z) as they
-    are; returns (B, 1, N). The reference of the kernel that does both in one launch (archgen_v1::in_proj_conv_step_)."""
-    products = F.linear(x, weight, bias)
-    d_inner = conv_weight.shape[0]
-    x_conv = causal_conv1d_update_(products[..., :d_inner], conv_weight, conv_bias, conv_state, silu)
-    return torch.cat([x_conv, products[..., d_inner:]], dim=-1)
+    are; returns (x (B, 1, D), z (B, 1, N - D)). The reference of the kernel that does both in one launch
+    (archgen_v1::in_proj_conv_step_)."""
+    x, z = F.linear(x, weight, bias).split([conv_weight.shape[0], weight.shape[0] - conv_weight.shape[0]], dim=-1)
+    return causal_conv1d_update_(x, conv_weight, conv_bias, conv_state, silu), z
 
 
 def selective_scan(
