@@ -325,7 +325,8 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean), with the parameter shapes of the case; False when the file has none."""
+    silu_mul, normalized_mean; and decode_attention's one-launch form, which its hook does not take), with the
+    parameter shapes of the case; False when the file has none."""
     import torch
 
     def randn(*shape, dt=dtype):
@@ -339,6 +340,16 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         N = next(iter(params.values()))[0]
         vectors = [torch.ones(N, dtype=dtype) for _ in range(4)]
         modules["normalized_mean"].normalized_mean(randn(1, seqlen, N), randn(1, seqlen, N), *vectors, 1e-6)
+        # decoding's form: the combine, the block's residual add and its feed-forward norm (ADD_NORM)
+        modules["normalized_mean"].normalized_mean_add_norm(randn(1, 1, N), randn(1, 1, N), *vectors, 1e-6,
+                                                            randn(1, 1, N), vectors[0], 1e-6)
+    elif file == "decode_attention":  # the one-launch form (COMBINE) beside the hook's two-launch one
+        HQ, HKV, D = config["n_heads"], config["n_kv_heads"], config["head_dim"]
+        window = config.get("window") or 0
+        S = min(seqlen, window) if window else seqlen
+        positions = torch.arange(S)
+        modules["decode_attention"].decode_attention_forward(randn(1, HQ, 1, D), randn(1, HKV, S, D), randn(1, HKV, S, D),
+                                                             positions[-1:], positions, window, D**-0.5, one_launch=True)
     elif file == "state_update" and "x_proj.weight" in params:  # Mamba-1's step, both forms of Δ
         D, N = params["A_log"]
         rank = params["dt_proj.weight"][1]

@@ -65,6 +65,11 @@ CONFIGS = [{"BLOCK_S": slots, "WAVES": waves, "num_warps": warps}
            for slots, waves, warps in ((32, 2, 2), (16, 2, 2), (32, 1, 2), (32, 4, 4), (64, 1, 4), (64, 2, 4),
                                        (128, 1, 8))]
 DEFAULT_CONFIG = CONFIGS[0]
+COMBINE_VALUES_PER_THREAD = 64
+"""The most float32 partials (splits × channels) per thread for which a split kernel also combines (one launch):
+Hymba+'s 1,024-slot ring (32 splits × 64 channels on 2 warps) holds 32, Bamba-1B at 4,096 slots 64; the Gated
+DeltaNet hybrid's attention at 8,192 slots (128 splits × 128 channels) 256, which spills, so it combines in a second
+launch."""
 INTERPRETER_CONFIG = {"BLOCK_S": 16, "WAVES": 2, "num_warps": 1}
 INTERPRETER_SMS = 132
 """The SM count the splits are chosen for under the interpreter (an H100/H200's)."""
@@ -285,9 +290,13 @@ def decode_attention_forward(q: Tensor, k: Tensor, v: Tensor, q_positions: Tenso
             maxes, sums = (torch.empty(B * HQ * T * splits, device=q.device, dtype=torch.float32) for _ in "ms")
         else:
             acc = maxes = sums = out  # not written
-        combine = one_launch and splits > 1
-        counters = combine_counters(q.device, B * HKV) if combine else out  # (not read without COMBINE)
         block_splits, block_d_combine = triton.next_power_of_2(splits), triton.next_power_of_2(D)
+        # the last split combines only where its tile of partials fits in registers beside the split's own: past
+        # COMBINE_VALUES_PER_THREAD the sm_90 build spills (bench/sm90_audit.py: 128 splits × 128 channels on 2 warps,
+        # 255 registers and 136 bytes of spills), and the combine launch is the cheaper way
+        combine = one_launch and splits > 1 and (
+            block_splits * block_d_combine <= COMBINE_VALUES_PER_THREAD * 32 * cfg["num_warps"])
+        counters = combine_counters(q.device, B * HKV) if combine else out  # (not read without COMBINE)
         _split_kernel[(splits, HKV, B)](
             q, k, v, q_positions, k_positions, out, acc, maxes, sums, counters,
             T, S, G, HQ, D, window, per_split, scale * math.log2(math.e),
