@@ -426,6 +426,43 @@ def _conv_fwd_window_kernel(
 
 
 @triton.jit
+def _conv_step_shift(x_0, state_row, state_stride_k, w_row, w_stride_k, bias_ptr, channels, inside,
+                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr, KEPT_DTYPE: tl.constexpr):
+    """One decoding step of a block of channels, its state shifted where it lies (2 <= WIDTH <= 4): x_0 is this step's
+    input (any dtype, its values already x's), state_row the channels' state pointers (entries W-4 .. W-2 the inputs
+    3, 2 and 1 steps back). Returns act(bias + Σ_k w_k x̃_k) in float32 (the caller rounds and stores it); the kept
+    entries are stored back rounded through KEPT_DTYPE (x's dtype: what a functional step's new state holds), then x_0.
+    A barrier separates every thread's loads of the old state from the stores over it (threads may share a channel).
+    The in-place step kernel and kernels/in_proj_conv.py's GEMV epilogue both run this, so they give the same bits."""
+    w0 = _window_tap(w_row, w_stride_k, inside, 3, WIDTH)
+    w1 = _window_tap(w_row, w_stride_k, inside, 2, WIDTH)
+    w2 = _window_tap(w_row, w_stride_k, inside, 1, WIDTH)
+    w3 = _window_tap(w_row, w_stride_k, inside, 0, WIDTH)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + channels, mask=inside, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros(inside.shape, dtype=tl.float32)
+    x_3 = tl.zeros(inside.shape, dtype=tl.float32)
+    x_2 = tl.zeros(inside.shape, dtype=tl.float32)
+    if WIDTH >= 4:
+        x_3 = tl.load(state_row + (WIDTH - 4) * state_stride_k, mask=inside, other=0.0).to(tl.float32)
+    if WIDTH >= 3:
+        x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=inside, other=0.0).to(tl.float32)
+    x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=inside, other=0.0).to(tl.float32)
+    y = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0.to(tl.float32), WIDTH)
+    if SILU:
+        y = y * sigmoid(y)
+    tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
+    state_dtype = state_row.dtype.element_ty
+    if WIDTH >= 4:
+        tl.store(state_row + (WIDTH - 4) * state_stride_k, x_2.to(KEPT_DTYPE).to(state_dtype), mask=inside)
+    if WIDTH >= 3:
+        tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(KEPT_DTYPE).to(state_dtype), mask=inside)
+    tl.store(state_row + (WIDTH - 2) * state_stride_k, x_0.to(state_dtype), mask=inside)
+    return y
+
+
+@triton.jit
 def _conv_step_in_place_kernel(
     x_ptr, x_stride_b, x_stride_d,
     weight_ptr, weight_stride_d, weight_stride_k,
@@ -439,47 +476,20 @@ def _conv_step_in_place_kernel(
 ):
     """One decoding step (T = 1) with the conv state updated where it lies, grid (batch, channel blocks): y =
     act(bias + Σ_k w_k x̃[k - (K-1)]) from the state and this input, as the window kernel's first step, then the
-    state's entries become x̃[-(K-2)..0] (its last K-2 entries, then x). Nothing races: the conv is depthwise, so a
-    program reads and writes only its own channels' state, and inside the program a barrier separates every thread's
-    loads of the old state from the stores over it (a channel's entries may be held by several threads). The kept
-    entries are rounded through x's dtype, as the functional op's new state (x's dtype) copied into the cache rounds
-    them: the cache holds the same bits either way."""
+    state's entries become x̃[-(K-2)..0] (its last K-2 entries, then x): `_conv_step_shift`. Nothing races: the conv
+    is depthwise, so a program reads and writes only its own channels' state. The kept entries are rounded through
+    x's dtype, as the functional op's new state (x's dtype) copied into the cache rounds them: the cache holds the
+    same bits either way."""
     if PDL:  # as the window kernel: the dependent (a GEMV) waits for this kernel's end before it reads anything
         gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_in = d < dim
-    state_row = state_ptr + b * state_stride_b + d * state_stride_d
-    w_row = weight_ptr + d * weight_stride_d
-    w0 = _window_tap(w_row, weight_stride_k, d_in, 3, WIDTH)
-    w1 = _window_tap(w_row, weight_stride_k, d_in, 2, WIDTH)
-    w2 = _window_tap(w_row, weight_stride_k, d_in, 1, WIDTH)
-    w3 = _window_tap(w_row, weight_stride_k, d_in, 0, WIDTH)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_in, other=0.0).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    # the inputs 3, 2 and 1 steps back (the state's entries K-4, K-3, K-2; 0 past its width), and this one
-    x_3 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x_2 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if WIDTH >= 4:
-        x_3 = tl.load(state_row + (WIDTH - 4) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
-    if WIDTH >= 3:
-        x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
-    x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
     x_0 = tl.load(x_ptr + b * x_stride_b + d * x_stride_d, mask=d_in, other=0.0)
-    y = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0.to(tl.float32), WIDTH)
-    if SILU:
-        y = y * sigmoid(y)
+    y = _conv_step_shift(x_0, state_ptr + b * state_stride_b + d * state_stride_d, state_stride_k,
+                         weight_ptr + d * weight_stride_d, weight_stride_k, bias_ptr, d, d_in,
+                         HAS_BIAS, SILU, WIDTH, x_ptr.dtype.element_ty)
     tl.store(y_ptr + b * y_stride_b + d * y_stride_d, y.to(y_ptr.dtype.element_ty), mask=d_in)
-    tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
-    dtype = state_ptr.dtype.element_ty
-    x_dtype = x_ptr.dtype.element_ty
-    if WIDTH >= 4:
-        tl.store(state_row + (WIDTH - 4) * state_stride_k, x_2.to(x_dtype).to(dtype), mask=d_in)
-    if WIDTH >= 3:
-        tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(x_dtype).to(dtype), mask=d_in)
-    tl.store(state_row + (WIDTH - 2) * state_stride_k, x_0.to(dtype), mask=d_in)
 
 
 @triton.jit

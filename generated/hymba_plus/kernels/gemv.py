@@ -208,11 +208,20 @@ def _fold(cfg: dict, x: Tensor) -> int:
     return cfg.get("FOLD", min(16 // x.element_size(), cfg["BLOCK_K"]))
 
 
-def _launch_tuned(launch, key: str, N: int, K: int, M: int, x: Tensor, config: dict | None) -> None:
-    """launch(cfg) with config, the tuned config of key, or (tuning) the shape's own config first, then CONFIGS."""
+def tuned_config(key: str, N: int, K: int, M: int, x: Tensor, config: dict | None, time_launch) -> dict:
+    """config, the tuned config of key, or (tuning with time_launch(cfg)) the shape's own config first, then CONFIGS.
+    kernels/in_proj_conv.py runs the bucket's config too, timing the plain GEMV for it."""
+    known = FORWARD_TUNER.known(key, config)
+    if known is not None:
+        return known
     own = shape_config(N, K, M, _multiprocessors(x.device))
     candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
-    launch(FORWARD_TUNER.known(key, config) or FORWARD_TUNER.tune(key, launch, candidates))
+    return FORWARD_TUNER.tune(key, time_launch, candidates)
+
+
+def _launch_tuned(launch, key: str, N: int, K: int, M: int, x: Tensor, config: dict | None) -> None:
+    """launch(cfg) with the config tuned_config chooses."""
+    launch(tuned_config(key, N, K, M, x, config, launch))
 
 
 def shape_key(N: int, K: int, M: int, dtype: torch.dtype, gated: bool) -> str:

@@ -10,8 +10,8 @@ For rows x (B, 1, K) (one token each), in_proj's weight w (N, K) and bias b (N,)
     s[n, :] <- [s[n, 1:], p[n]]                                                  for n < D, in place
 
 so y is what `linear` followed by kernels/causal_conv1d.py's `causal_conv1d_update_` on p[..., :D] gives, bit for bit:
-the product is the GEMV's loop (its config, so its summation order), the conv the in-place step kernel's arithmetic
-(the taps summed in its order in float32, its SiLU, its rounding of y and of the kept state entries through x's dtype).
+the product is the GEMV's loop (its config, so its summation order), the conv the in-place step kernel's own code
+(causal_conv1d._conv_step_shift: the taps summed in float32 in its order, its SiLU, its rounding of the kept entries).
 
 Why: a Mamba-1 decoding step is a chain of dependent launches (in_proj, conv step, x_proj, the state update,
 out_proj), and the conv step is per channel: output n of in_proj's x half needs only that product, its channel's W-1
@@ -32,20 +32,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .causal_conv1d import WINDOW_WIDTH, _window_tap, _window_tap_sum, causal_conv1d_reference, causal_conv1d_update_
+from .causal_conv1d import WINDOW_WIDTH, _conv_step_shift, causal_conv1d_reference, causal_conv1d_update_
 from .gemv import (
-    CONFIGS,
     FEW_ROWS,
-    FORWARD_TUNER,
     SUPPORTED_DTYPES,
     _fold,
     _folded,
-    _multiprocessors,
     _prefetch_first_tile,
     gemv_forward,
     linear_reference,
-    shape_config,
     shape_key,
+    tuned_config,
 )
 from .gemv import autotune as gemv_autotune
 from .triton_support import (
@@ -56,7 +53,6 @@ from .triton_support import (
     programmatic_launch,
     register_op,
     rounded,
-    sigmoid,
     triton_on_cpu,
 )
 
@@ -98,49 +94,11 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, 
     p = rounded(p, dtype)  # in_proj's output as the GEMV stores it
     if tl.program_id(1) * BLOCK_N < D:  # a block holding conv channels (the last of them may hold z's first outputs)
         d_in = outs < D
-        state_row = state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d
-        w_row = conv_w_ptr + outs * conv_w_stride_d
-        w0 = _window_tap(w_row, conv_w_stride_k, d_in, 3, WIDTH)
-        w1 = _window_tap(w_row, conv_w_stride_k, d_in, 2, WIDTH)
-        w2 = _window_tap(w_row, conv_w_stride_k, d_in, 1, WIDTH)
-        w3 = _window_tap(w_row, conv_w_stride_k, d_in, 0, WIDTH)
-        if HAS_CONV_BIAS:
-            conv_bias = tl.load(conv_b_ptr + outs, mask=d_in, other=0.0).to(tl.float32)
-        else:
-            conv_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        # the inputs 3, 2 and 1 steps back (the state's entries W-4, W-3, W-2; 0 past its width), and p
-        x_3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        x_2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        if WIDTH >= 4:
-            x_3 = tl.load(state_row + (WIDTH - 4) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
-        if WIDTH >= 3:
-            x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
-        x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=d_in, other=0.0).to(tl.float32)
-        conv = _window_tap_sum(conv_bias, w0, w1, w2, w3, x_3, x_2, x_1, p.to(tl.float32), WIDTH)
-        if SILU:
-            conv = conv * sigmoid(conv)
+        conv = _conv_step_shift(p, state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d,
+                                state_stride_k, conv_w_ptr + outs * conv_w_stride_d, conv_w_stride_k, conv_b_ptr, outs,
+                                d_in, HAS_CONV_BIAS, SILU, WIDTH, dtype)
         tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, conv.to(dtype), mask=d_in)  # rounded as the conv step's
-        tl.debug_barrier()  # every thread's loads of the old state are done before any entry is written over
-        state_dtype = state_ptr.dtype.element_ty
-        if WIDTH >= 4:
-            tl.store(state_row + (WIDTH - 4) * state_stride_k, x_2.to(dtype).to(state_dtype), mask=d_in)
-        if WIDTH >= 3:
-            tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(dtype).to(state_dtype), mask=d_in)
-        tl.store(state_row + (WIDTH - 2) * state_stride_k, p.to(state_dtype), mask=d_in)
     tl.store(z_ptr + row.to(tl.int64) * stride_zm + (outs - D), p, mask=outs_inside & (outs >= D))
-
-
-def _gemv_config(x2: Tensor, weight: Tensor, bias: Tensor | None, config: dict | None) -> dict:
-    """The config of the GEMV's bucket for this product (explicit, pinned, tuned or default), tuning that bucket with
-    the plain GEMV when it is new and the tuner times (this kernel shifts the state: it is not run to be timed)."""
-    (M, K), N = x2.shape, weight.shape[0]
-    key = shape_key(N, K, M, x2.dtype, gated=False)
-    known = FORWARD_TUNER.known(key, config)
-    if known is None:
-        own = shape_config(N, K, M, _multiprocessors(x2.device))
-        candidates = [own, *(c for c in CONFIGS if c != own)]
-        known = FORWARD_TUNER.tune(key, lambda cfg: gemv_forward(x2, weight, bias, config=cfg), candidates)
-    return known
 
 
 def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
@@ -160,7 +118,9 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
         return y, z
     pdl = programmatic_launch(x.device)
     with on_device(x):
-        cfg = _gemv_config(x2, w, bias, config)
+        # the GEMV bucket's config (so its sums), tuned by timing the plain GEMV: this kernel shifts the state
+        cfg = tuned_config(shape_key(N, K, batch, x.dtype, gated=False), N, K, batch, x2, config,
+                           lambda cfg: gemv_forward(x2, w, bias, config=cfg))
         _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, y, z, N, K, D, x2.stride(0), w.stride(0), y.stride(0), z.stride(0),
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
