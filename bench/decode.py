@@ -153,99 +153,96 @@ def graph_logits(model, prompt, tokens: list, device: str) -> list:
     return [decoder(token).float().clone() for token in tokens]
 
 
-def pdl_ab(model, prompt, args) -> dict:
-    """Programmatic dependent launch off and on, in this process: each time every triton_support copy is flipped and
-    the model's graph decoders dropped, so the graph is captured anew with (or without) the programmatic launches;
-    each mode timed twice (off, on, off, on: drift shows as a difference between a mode's two figures), the best
-    of each kept. A mode that fails (a capture refusing the launches) is recorded and the other still measured."""
+def alternating_ab(model, prompt, args, name: str, baseline: str, candidate: str, switch, restore,
+                   after_first_capture=None) -> dict:
+    """Two modes of the same model in this process: before each round switch(mode) and the graph decoders dropped, so
+    each mode captures its own graph; each mode timed twice in turn (baseline, candidate, baseline, candidate: drift
+    shows as a difference between a mode's two figures), the best of each kept, and `<candidate>_over_<baseline>`.
+    Per mode, from its first capture: the graph's logits for the same 8 fed tokens (after_first_capture(mode, out)
+    then records what that capture did) and 16 greedy tokens, compared across the modes (`logits_equal`,
+    `same_greedy_tokens`: the same arithmetic gives equal bits). A mode that fails (a capture refusing what the mode
+    records) is recorded and the other still measured; restore() runs at the end."""
     vocab = model.lm_head.weight.size(0)
     g = torch.Generator().manual_seed(12)
     tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
-    out: dict = {"rounds": {"off": [], "on": []}}
+    out: dict = {"rounds": {baseline: [], candidate: []}}
     logits: dict = {}
+    greedy: dict = {}
     generate = greedy_in_graph(model)
     try:
-        for on in (False, True, False, True):
-            mode = "on" if on else "off"
+        for mode in (baseline, candidate, baseline, candidate):
             if f"{mode}_error" in out:
                 continue
-            out["flipped"] = set_programmatic_launch(on)
+            switch(mode)
             drop_graphs(model)
             try:
                 if mode not in logits:
                     logits[mode] = graph_logits(model, prompt, tokens, args.device)
-                    if on:  # whether the switch is on for this device at all (CUDA, sm_90+)
-                        support = sys.modules[out["flipped"][-1]] if out["flipped"] else None
-                        out["pdl_active"] = bool(support and support.programmatic_launch(prompt.device))
+                    if after_first_capture is not None:
+                        after_first_capture(mode, out)
+                    drop_graphs(model)
+                    greedy[mode] = generate(prompt, 16)
                 out["rounds"][mode].append(decode_ms_per_token(generate, prompt, args.new_tokens, args.device))
-            except Exception as error:  # noqa: BLE001 — e.g. the capture refusing programmatic launches
+            except Exception as error:  # noqa: BLE001 — e.g. a capture refusing the mode's launches or streams
                 out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
-                print(f"pdl_ab {mode}: {out[f'{mode}_error']}", flush=True)
+                print(f"{name} {mode}: {out[f'{mode}_error']}", flush=True)
     finally:
-        set_programmatic_launch(None)  # back to ARCHGEN_PDL's choice (off unless it is 1) for what follows
+        restore()
         drop_graphs(model)
-    for mode in ("off", "on"):
+    for mode in (baseline, candidate):
         if out["rounds"][mode]:
             out[f"{mode}_ms_per_token"] = min(out["rounds"][mode])
-    if "off_ms_per_token" in out and "on_ms_per_token" in out:
-        out["on_over_off"] = out["on_ms_per_token"] / out["off_ms_per_token"]
-    if "off" in logits and "on" in logits:
-        pairs = list(zip(logits["off"], logits["on"], strict=True))
+    if f"{baseline}_ms_per_token" in out and f"{candidate}_ms_per_token" in out:
+        out[f"{candidate}_over_{baseline}"] = out[f"{candidate}_ms_per_token"] / out[f"{baseline}_ms_per_token"]
+    if baseline in logits and candidate in logits:
+        pairs = list(zip(logits[baseline], logits[candidate], strict=True))
         out["logits_equal"] = all(torch.equal(a, b) for a, b in pairs)
         out["logits_max_abs_difference"] = max((a - b).abs().max().item() for a, b in pairs)
+        out["same_greedy_tokens"] = bool(torch.equal(greedy[baseline], greedy[candidate]))
     return out
+
+
+def pdl_ab(model, prompt, args) -> dict:
+    """Programmatic dependent launch off and on (alternating_ab): every triton_support copy flipped, so the graph is
+    captured with (or without) the programmatic launches; `pdl_active` says whether the switch is on for this device
+    at all (CUDA, sm_90+). Afterwards back to ARCHGEN_PDL's choice (off unless it is 1)."""
+    flipped: list[str] = []
+
+    def switch(mode):
+        flipped[:] = set_programmatic_launch(mode == "on")
+
+    def after_first_capture(mode, out):
+        out["flipped"] = list(flipped)
+        if mode == "on":
+            support = sys.modules[flipped[-1]] if flipped else None
+            out["pdl_active"] = bool(support and support.programmatic_launch(prompt.device))
+
+    return alternating_ab(model, prompt, args, "pdl_ab", "off", "on", switch, lambda: set_programmatic_launch(None),
+                          after_first_capture)
 
 
 def branches_ab(package, model, prompt, args) -> dict:
     """The parallel blocks' branches one after another on one stream (serial) and side by side on two (concurrent:
-    the package's default), in this process: the package's ops/decoding.py CONCURRENT_BRANCHES flipped and the graph
-    decoders dropped, so each mode captures its own graph; each mode timed twice (serial, concurrent, serial,
-    concurrent: drift shows as a difference between a mode's two figures), the best of each kept. Also per mode the
-    forks one capture recorded (each parallel layer's, or 0), the graph's logits for the same fed tokens and 16 greedy
-    tokens: equal in both modes, the same kernels on the same inputs."""
+    the package's default), by the package's ops/decoding.py CONCURRENT_BRANCHES (alternating_ab); per mode the forks
+    its first capture recorded (each parallel layer's, or 0). Bit-equal logits and tokens: the same kernels on the
+    same inputs."""
     decoding = importlib.import_module(f"{package.__name__}.ops.decoding")
-    vocab = model.lm_head.weight.size(0)
-    g = torch.Generator().manual_seed(12)
-    tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
-    out: dict = {"rounds": {"serial": [], "concurrent": []}, "forks_per_capture": {}}
-    logits: dict = {}
-    greedy: dict = {}
-    generate = greedy_in_graph(model)
     default, forked = decoding.CONCURRENT_BRANCHES, decoding._forked
     forks = []
     decoding._forked = lambda *streams: forks.append(1) or forked(*streams)
-    try:
-        for concurrent in (False, True, False, True):
-            mode = "concurrent" if concurrent else "serial"
-            if f"{mode}_error" in out:
-                continue
-            decoding.CONCURRENT_BRANCHES = concurrent
-            drop_graphs(model)
-            try:
-                if mode not in logits:
-                    forks.clear()
-                    logits[mode] = graph_logits(model, prompt, tokens, args.device)
-                    out["forks_per_capture"][mode] = len(forks)
-                    drop_graphs(model)
-                    greedy[mode] = generate(prompt, 16)
-                out["rounds"][mode].append(decode_ms_per_token(generate, prompt, args.new_tokens, args.device))
-            except Exception as error:  # noqa: BLE001 — e.g. a capture refusing the second stream
-                out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
-                print(f"branches_ab {mode}: {out[f'{mode}_error']}", flush=True)
-    finally:
+
+    def switch(mode):
+        decoding.CONCURRENT_BRANCHES = mode == "concurrent"
+        forks.clear()
+
+    def after_first_capture(mode, out):
+        out.setdefault("forks_per_capture", {})[mode] = len(forks)
+
+    def restore():
         decoding.CONCURRENT_BRANCHES, decoding._forked = default, forked
-        drop_graphs(model)
-    for mode in ("serial", "concurrent"):
-        if out["rounds"][mode]:
-            out[f"{mode}_ms_per_token"] = min(out["rounds"][mode])
-    if "serial_ms_per_token" in out and "concurrent_ms_per_token" in out:
-        out["concurrent_over_serial"] = out["concurrent_ms_per_token"] / out["serial_ms_per_token"]
-    if "serial" in logits and "concurrent" in logits:
-        pairs = list(zip(logits["serial"], logits["concurrent"], strict=True))
-        out["logits_equal"] = all(torch.equal(a, b) for a, b in pairs)
-        out["logits_max_abs_difference"] = max((a - b).abs().max().item() for a, b in pairs)
-        out["same_greedy_tokens"] = bool(torch.equal(greedy["serial"], greedy["concurrent"]))
-    return out
+
+    return alternating_ab(model, prompt, args, "branches_ab", "serial", "concurrent", switch, restore,
+                          after_first_capture)
 
 
 def cache_bytes(model, batch: int, length: int, device: str) -> int:
