@@ -21,6 +21,9 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
     the batch-1 graph step re-captured for each, timed twice each (serial, concurrent, serial, concurrent), their
     ratio, the forks each capture recorded, and the graph's logits and greedy tokens in both (bitwise equal: the same
     kernels on the same inputs);
+  - on CUDA, where a replay's time goes (`graph_timeline`): per profiled replay of batch 1's graph its span, the
+    kernels' summed time, the GPU's busy time (their union: the parallel branches' overlap shows as busy < sum) and
+    the idle gaps between launches;
   - the GPU's clocks, throttle reasons and power from nvidia-smi before and after each batch-1 row (`gpu_state_before`,
     `gpu_state_after`): two runs of the same step that differ can be told apart by them;
   - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
@@ -41,6 +44,7 @@ import argparse
 import datetime
 import importlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -116,6 +120,56 @@ def step_kernels(model, vocab: int, device: str, top: int = 24) -> dict:
     busiest = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
     return {"kernels": len(kernels), "kernel_time_ms": sum(e.device_time_total for e in kernels) / 1e3,
             "top": [{"name": name, "count": len(times), "total_us": sum(times)} for name, times in busiest]}
+
+
+def graph_timeline(model, prompt, new_tokens: int, replays: int = 5) -> dict:
+    """Where a replayed decode step's wall time goes: the graph `generate` replays for this prompt and length, replayed
+    `replays` times under torch.profiler with a synchronisation and a pause between replays, and per replay the span
+    (first kernel's start to the last one's end), the kernels' summed time, the GPU's busy time (the union of their
+    intervals: below the sum where the parallel branches overlap) and the idle gaps (span - busy). Two processes whose
+    ms/token differ tell here whether their kernels ran slower, overlapped less or waited longer between launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = model.graph_decoder(prompt.size(0), 128 + prompt.size(1) + new_tokens, prompt.device)
+    decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
+    token = prompt[:, -1:]
+    for _ in range(3):
+        decoder(token)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            decoder(token)
+            torch.cuda.synchronize()
+            time.sleep(0.002)  # a gap no replay has inside it: where one replay's kernels end
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    return replay_timeline(kernels)
+
+
+def replay_timeline(kernels: list[tuple[float, float, str]], gap_us: float = 1000.0) -> dict:
+    """graph_timeline's arithmetic: kernels (start µs, end µs, name) sorted by start, split into replays wherever the
+    GPU idled more than gap_us; per replay its span, kernel sum, busy time (the union of the intervals) and idle."""
+    groups: list[list] = []
+    reach = -math.inf
+    for kernel in kernels:
+        if kernel[0] - reach > gap_us:
+            groups.append([])
+        groups[-1].append(kernel)
+        reach = max(reach, kernel[1])
+    rows = []
+    for group in groups:
+        busy, reach = 0.0, -math.inf
+        for start, end, _ in group:
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        span = reach - group[0][0]
+        rows.append({"kernels": len(group), "span_us": span, "kernel_sum_us": sum(end - start for start, end, _ in group),
+                     "busy_us": busy, "idle_us": span - busy})
+    by_name: dict[str, float] = {}
+    for start, end, name in groups[-1] if groups else []:
+        by_name[name] = by_name.get(name, 0.0) + end - start
+    top = sorted(by_name.items(), key=lambda item: -item[1])[:12]
+    return {"replays": rows, "last_replay_top": [{"name": name, "us": us} for name, us in top]}
 
 
 def greedy_in_graph(model):
@@ -325,6 +379,9 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 attempt(row, f"{variant}_ms_per_token",
                         lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device),
                         args)
+                save(args, results)
+            if batch == 1 and device == "cuda" and "graph" in args.variants:
+                attempt(row, "graph_timeline", lambda prompt=prompt: graph_timeline(model, prompt, args.new_tokens), args)
                 save(args, results)
             if batch == 1 and args.pdl_ab:
                 attempt(row, "pdl_ab", lambda prompt=prompt: pdl_ab(model, prompt, args), args)

@@ -1,0 +1,27 @@
+"""bench/decode.py's replay timeline: how a profiled replay's kernels become span, busy and idle time."""
+
+import pytest
+
+from bench.harness import ROOT, load_module
+
+
+@pytest.fixture(scope="module")
+def decode():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(ROOT / "bench"))  # the script imports its sibling `harness` as a script does
+        yield load_module("bench_decode", "bench/decode.py")
+
+
+def test_overlapping_kernels_count_once_in_busy_time_and_replays_split_at_long_gaps(decode):
+    kernels = [(0.0, 10.0, "gemv"), (5.0, 12.0, "attention"), (20.0, 25.0, "norm"),  # one replay: 0-25
+               (5000.0, 5004.0, "gemv")]  # the next, after a pause
+    timeline = decode.replay_timeline(kernels)
+    first, second = timeline["replays"]
+    assert first == {"kernels": 3, "span_us": 25.0, "kernel_sum_us": 22.0, "busy_us": 17.0, "idle_us": 8.0}
+    assert second["kernels"] == 1 and second["span_us"] == 4.0
+    assert timeline["last_replay_top"] == [{"name": "gemv", "us": 4.0}]
+
+
+def test_a_kernel_inside_a_longer_one_adds_no_busy_time(decode):
+    timeline = decode.replay_timeline([(0.0, 10.0, "long"), (2.0, 4.0, "short")])
+    assert timeline["replays"][0]["busy_us"] == 10.0
