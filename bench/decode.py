@@ -136,6 +136,7 @@ def graph_timeline(model, prompt, new_tokens: int, replays: int = 5) -> dict:
     for _ in range(3):
         decoder(token)
     torch.cuda.synchronize()
+    unprofiled = replay_walls(decoder, token)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             decoder(token)
@@ -143,7 +144,28 @@ def graph_timeline(model, prompt, new_tokens: int, replays: int = 5) -> dict:
             time.sleep(0.002)  # a gap no replay has inside it: where one replay's kernels end
     kernels = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
-    return replay_timeline(kernels)
+    return {**replay_timeline(kernels), **unprofiled}
+
+
+def replay_walls(decoder, token, replays: int = 20) -> dict:
+    """Unprofiled: the host's time in one replay call (it returns once the graph is submitted), a replay's wall from an
+    idle GPU (synchronised before and after), and the per-replay wall of `replays` back to back (the host ahead of
+    the GPU, as in `generate`), in µs. A submission slower than the GPU would make the back-to-back figure host-bound."""
+    host, isolated = [], []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        decoder(token)
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        isolated.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(replays):
+        decoder(token)
+    torch.cuda.synchronize()
+    back_to_back = (time.perf_counter() - start) / replays
+    return {"host_replay_call_us": min(host) * 1e6, "isolated_replay_us": min(isolated) * 1e6,
+            "back_to_back_replay_us": back_to_back * 1e6}
 
 
 def replay_timeline(kernels: list[tuple[float, float, str]], gap_us: float = 1000.0) -> dict:
