@@ -182,7 +182,8 @@ def measure_variant(prepared: PreparedBench, variant: str, progress: Callable[[s
         model.train()
         batch, seq_len = train_shape or (config.batch, config.seq_len)
         train_tokens = torch.randint(0, vocab, (batch, seq_len + 1), device=config.device)
-        attempt(figures, "train", config.device, lambda: train_figures(model, train_tokens, config, deadline), deadline,
+        attempt(figures, "train", config.device, lambda: train_figures(
+            model, train_tokens, config, deadline, graph_step=graph_train_step(prepared, variant)), deadline,
                 estimates.get("train", 0.0))
         if "train" in figures:
             add_mfu(figures["train"], prepared)
@@ -223,7 +224,8 @@ def measure_peer(prepared: PreparedBench, variant: str, train_shape: tuple[int, 
     if train_shape is not None:
         model.train()
         tokens = torch.randint(0, vocab, (train_shape[0], train_shape[1] + 1), device=config.device)
-        attempt(figures, "train", config.device, lambda: train_figures(model, tokens, config, shrink=False))
+        attempt(figures, "train", config.device, lambda: train_figures(
+            model, tokens, config, shrink=False, graph_step=graph_train_step(prepared, variant)))
         if "train" in figures:
             add_mfu(figures["train"], prepared)
         del tokens
@@ -289,18 +291,27 @@ def cuda_graph_skips() -> int:
 MIN_TRAIN_SEQ_LEN = 256  # train_figures shrinks a step that does not fit down to 1 × this, no further
 
 
-def train_figures(model, tokens: torch.Tensor, config: BenchConfig, deadline: float = math.inf, shrink: bool = True
-                  ) -> dict:
+def graph_train_step(prepared: PreparedBench, variant: str) -> type | None:
+    """The package's CUDAGraphTrainStep where a variant trains with it: `kernels` on CUDA (the package as a user runs
+    it fast, as its decoding replays CUDA graphs). The references and the compiled variants train eagerly."""
+    if variant != "kernels" or prepared.config.device != "cuda":
+        return None
+    return getattr(prepared.package, "CUDAGraphTrainStep", None)
+
+
+def train_figures(model, tokens: torch.Tensor, config: BenchConfig, deadline: float = math.inf, shrink: bool = True,
+                  graph_step: type | None = None) -> dict:
     """Training-step tokens/s of forward + backward + AdamW, and how long the first step took (compiling, tuning), at
     the shape of `tokens` (batch × seq_len + 1) or, with `shrink`, the largest that fits in the device's memory: each
     time a step runs out of memory the batch halves, down to 1, then the sequence length, down to MIN_TRAIN_SEQ_LEN.
     (The references' Mamba-1 scan keeps log2(64) full-size float32 tensors per layer for the backward: Hymba+'s needs
-    about 300 GiB per 2048-token sequence.) The figures name the shape that ran and those that ran out of memory."""
+    about 300 GiB per 2048-token sequence.) The figures name the shape that ran and those that ran out of memory.
+    With `graph_step` (a package's CUDAGraphTrainStep) the timed steps are replays of one recorded step."""
     batch, seq_len = tokens.size(0), tokens.size(1) - 1
     out_of_memory = []
     while True:
         try:
-            figures = train_step_figures(model, tokens[:batch, : seq_len + 1], config)
+            figures = train_step_figures(model, tokens[:batch, : seq_len + 1], config, graph_step)
             return {**figures, "batch": batch, "seq_len": seq_len, "out_of_memory_at": out_of_memory}
         except torch.OutOfMemoryError:
             if not shrink:
@@ -317,8 +328,9 @@ def train_figures(model, tokens: torch.Tensor, config: BenchConfig, deadline: fl
         batch, seq_len = (batch // 2, seq_len) if batch > 1 else (1, seq_len // 2)
 
 
-def train_step_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict:
+def train_step_figures(model, tokens: torch.Tensor, config: BenchConfig, graph_step: type | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=config.device == "cuda")
+    token_count = tokens.size(0) * (tokens.size(1) - 1)
 
     def step():
         torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees (kernels_graphed); else nothing
@@ -326,7 +338,21 @@ def train_step_figures(model, tokens: torch.Tensor, config: BenchConfig) -> dict
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return throughput_figures(step, tokens.size(0) * (tokens.size(1) - 1), config)
+    if graph_step is None:
+        return throughput_figures(step, token_count, config)
+    graphed = graph_step(model, optimizer, lambda batch: next_token_loss(model, batch))
+    first_call_s = timed_once(lambda: graphed(tokens), config.device)  # the first warm-up step: compiles, tunes
+    try:
+        record_s = timed_once(lambda: [graphed(tokens) for _ in range(graphed.warmup_steps)], config.device)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as error:  # a step that synchronises with the host cannot be recorded: timed eagerly
+        optimizer.zero_grad(set_to_none=True)
+        return {**throughput_figures(step, token_count, config), "first_call_s": first_call_s,
+                "cuda_graph_step": False, "cuda_graph_step_error": describe_error(error)}
+    seconds = timed(lambda: graphed(tokens), config.device, config.train_steps, warmup=1)
+    return {"tokens_per_s": token_count / seconds, "first_call_s": first_call_s, "warmup_and_record_s": record_s,
+            "cuda_graph_step": True}
 
 
 def throughput_figures(fn: Callable[[], object], tokens: int, config: BenchConfig) -> dict:

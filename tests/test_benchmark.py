@@ -142,3 +142,44 @@ def test_a_training_step_that_never_fits_says_which_shapes_were_tried():
         train_figures(FitsUpTo(100), tokens, config)
     with pytest.raises(torch.OutOfMemoryError, match="1024 tokens"):  # a same-shape peer must not shrink
         train_figures(FitsUpTo(512), tokens, config, shrink=False)
+
+
+class RecordsOnThirdCall:
+    """A stand-in for a package's CUDAGraphTrainStep: eager warm-up calls, then a recording that fails or succeeds."""
+
+    warmup_steps = 2
+
+    def __init__(self, model, optimizer, loss_fn, fail: bool):
+        self.model, self.optimizer, self.loss_fn, self.fail, self.calls = model, optimizer, loss_fn, fail, 0
+
+    def __call__(self, tokens):
+        self.calls += 1
+        if self.calls > self.warmup_steps and self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        loss = self.loss_fn(tokens)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_kernels_variant_trains_through_the_graph_step_and_says_when_it_could_not_record(fail):
+    tokens = torch.zeros(2, 16 + 1, dtype=torch.long)
+
+    def step_class(model, optimizer, loss_fn):
+        return RecordsOnThirdCall(model, optimizer, loss_fn, fail)
+
+    figures = train_figures(FitsUpTo(4096), tokens, BenchConfig(Path("toy.yaml"), **TOY), graph_step=step_class)
+    assert figures["tokens_per_s"] > 0 and figures["cuda_graph_step"] is not fail
+    assert ("operation not permitted" in figures.get("cuda_graph_step_error", "")) is fail
+
+
+def test_only_the_kernels_variant_on_cuda_takes_the_packages_graph_step():
+    from archgen.benchmark import graph_train_step
+
+    package = SimpleNamespace(CUDAGraphTrainStep=RecordsOnThirdCall)
+    on = {device: SimpleNamespace(config=SimpleNamespace(device=device), package=package) for device in ("cuda", "cpu")}
+    assert graph_train_step(on["cuda"], "kernels") is RecordsOnThirdCall
+    assert graph_train_step(on["cuda"], "reference") is None and graph_train_step(on["cuda"], "kernels_compiled") is None
+    assert graph_train_step(on["cpu"], "kernels") is None

@@ -295,7 +295,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
-        runtime_files=sorted({*imports, *(k.reference for k in kernel_functions(ir))}),  # a kernel's reference lowers it
+        # a kernel's reference lowers it
+        runtime_files=sorted({*imports, *PACKAGE_RUNTIME, *(k.reference for k in kernel_functions(ir))}),
         import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}" for file, names in sorted(imports.items())],
         preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({kernel.file for op in ir.ops() for kernel in op.kernels.values()}),
@@ -322,6 +323,10 @@ def _preludes(components) -> list[str]:
 # What Model itself uses from the runtime ops, whatever its kinds: generate's CUDA-graph decoding and token choice.
 MODEL_IMPORTS = {"decoding": ("CUDAGraphDecoder", "EndOfSequence", "as_streamer", "new_token_count", "penalize_repeats",
                               "sample")}
+
+
+# Runtime files every package holds whatever its kinds: training (its __init__ exports CUDAGraphTrainStep).
+PACKAGE_RUNTIME = ("training",)
 
 
 def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:

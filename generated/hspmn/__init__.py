@@ -6,9 +6,12 @@ Do not edit: regenerate with `archgen build specs/hspmn.yaml`.
     model = Model()
     out = model(input_ids, labels=input_ids)   # shifted inside; out.loss, out.lm_loss, out.aux_losses, out.logits
     tokens = model.generate(input_ids, max_new_tokens=32)  # greedy unless do_sample=True
+    step = CUDAGraphTrainStep(model, optimizer)  # on CUDA: each training step replayed from one CUDA graph
+    loss = step(input_ids, labels)
 """
 
 from .config import CONFIG, SPEC_HASH
 from .model import Cache, Model, ModelOutput
+from .ops.training import CUDAGraphTrainStep
 
-__all__ = ["CONFIG", "SPEC_HASH", "Cache", "Model", "ModelOutput"]
+__all__ = ["CONFIG", "SPEC_HASH", "CUDAGraphTrainStep", "Cache", "Model", "ModelOutput"]
