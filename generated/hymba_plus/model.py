@@ -963,6 +963,16 @@ class Model(nn.Module):
             def step(token):
                 return decode_step(token, cache)
 
+        if (
+            isinstance(step, CUDAGraphDecoder)
+            and temperature == 0
+            and repetition_penalty == 1.0
+            and streamer is None
+            and end_of_sequence.never_ends
+        ):
+            # plain greedy decoding: the graph feeds each step its own argmax, so its replays run back to back
+            first = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            return torch.cat([input_ids, first, decoder.greedy(first, max_new_tokens - 1)], dim=1)
         tokens = torch.cat([input_ids, input_ids.new_empty(B, max_new_tokens)], dim=1)  # (B, T + max_new_tokens)
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -1013,6 +1023,7 @@ class Model(nn.Module):
                 lambda: self.empty_cache(batch, max_len, device, dtype, padded),
                 batch,
                 device,
+                max_len,
             )
         return decoders[key]
 

@@ -3,6 +3,8 @@ model's own cached decoding, for every spec, also when a second prompt reuses th
 is checked on a GPU by bench/decode.py)."""
 
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ class EagerDecoder(decoding.CUDAGraphDecoder):
     """The recorded step without the recording: what each replay of the graph computes."""
 
     def capture(self):
-        pass
+        self.graph = SimpleNamespace(replay=self._step)  # a replay computes what the recorded step computes
 
     def __call__(self, token):
         self.token.copy_(token)
@@ -49,6 +51,29 @@ def test_recorded_step_decodes_like_the_model(spec_path, build):
         for step, (a, e) in enumerate(zip(actual, expected, strict=True)):
             err = ((a - e).abs().max() / e.abs().max()).item()
             assert err < 1e-5, f"step {step}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("spec", ["hymba_plus", "hspmn"])
+def test_greedy_replays_feed_each_step_its_own_argmax_and_give_the_models_greedy_tokens(spec, build):
+    package = build(Path(__file__).resolve().parents[3] / f"specs/{spec}.yaml")
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    prompt, steps, max_len = torch.randint(0, 256, (2, 9)), 5, 64
+    with torch.no_grad():
+        cache = model.empty_cache(2, max_len)
+        logits = model(prompt, cache=cache).logits[:, -1]
+        expected = []
+        for _ in range(steps + 1):
+            expected.append(logits.argmax(dim=-1, keepdim=True))
+            logits = model(expected[-1], cache=cache).logits[:, -1]
+
+        decoder = EagerDecoder(lambda token, cache: model(token, cache=cache).logits[:, -1],
+                               lambda: model.empty_cache(2, max_len), 2, prompt.device, max_len)
+        first = decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1]).argmax(dim=-1, keepdim=True)
+        picks = decoder.greedy(first, steps)
+    assert torch.equal(first, expected[0]) and torch.equal(picks, torch.cat(expected[1:], dim=1))
+    with pytest.raises(ValueError, match="pass the cache's 64: make the decoder with a larger max_len"):
+        decoder.greedy(first, max_len)
 
 
 def test_state_a_layer_rebinds_is_copied_back_where_the_step_reads_it():
