@@ -8,7 +8,8 @@ Builds the spec into a temporary package, then measures, for each variant of the
   decode          ms/token of `generate` after a prompt, at each decode batch (prefill excluded), against its floor:
                   the bytes a decode step must read (weights + caches) over the copy bandwidth measured in the run
   peak memory     of each part
-Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding), `reference` (the
+Variants: `kernels` (the package as generated: Triton kernels on CUDA, CUDA-graph decoding and training through the
+package's CUDAGraphTrainStep, one recorded step replayed), `reference` (the
 pure-PyTorch ops, eager decoding), `compiled` (`reference` under torch.compile), and on request `kernels_compiled`
 (`kernels` under torch.compile: the kernels' custom ops stay single nodes, inductor fuses what lies between them) and
 `kernels_graphed` (the same compile in mode="reduce-overhead": each layer's compiled forward and backward replayed
