@@ -475,7 +475,8 @@ def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ..
 @click.option("--decode-batch", "decode_batches", multiple=True, type=int, default=(1, 32), show_default=True,
               help="Batch sizes of the decode measurement (repeatable).")
 @click.option("--prompt-len", default=128, show_default=True)
-@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=3),
+              help="tokens generated per decode timing (the runs of 2 and of this many tokens are subtracted)")
 @click.option("--variant", "variants", multiple=True,
               type=click.Choice(["kernels", "reference", "compiled", "kernels_compiled", "kernels_graphed"]),
               help="What to measure (repeatable; default the first three): the package as generated, its reference ops, "

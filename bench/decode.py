@@ -60,7 +60,14 @@ sys.path.insert(0, str(ROOT))
 
 from harness import bar_ratio, gpu_state  # noqa: E402 - bench/ is on sys.path when a script runs
 
-from archgen.benchmark import copy_bandwidth, decode_step_ops, logit_parity, tensor_bytes, timed_once  # noqa: E402
+from archgen.benchmark import (  # noqa: E402
+    copy_bandwidth,
+    decode_step_ops,
+    logit_parity,
+    ms_per_decode_step,
+    tensor_bytes,
+    timed_once,
+)
 
 SPECS = {"bamba_1b": ("bench/specs/bamba_1b.yaml", None, ()), "hymba_plus": ("specs/hymba_plus.yaml", None, ())}
 # --dry-run: the same specs at toy widths (Bamba has no tiny preset).
@@ -86,15 +93,11 @@ def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: P
 
 
 def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float:
-    """(time to generate new_tokens − time to generate 1) / (new_tokens − 1): decoding steps only, prefill excluded."""
-    def run(n):
-        return timed_once(lambda: generate(prompt, n), device)
-
-    run(4)
-    run(new_tokens)  # the first call of a batch size and length captures its graph
-    one = min(run(1) for _ in range(3))
-    many = min(run(new_tokens) for _ in range(3))
-    return (many - one) / (new_tokens - 1) * 1e3
+    """ms per decoding step of generate(prompt, n), prefill excluded (archgen.benchmark.ms_per_decode_step: the runs
+    of new_tokens and of 2 tokens, both through the same path)."""
+    generate(prompt, 4)
+    generate(prompt, new_tokens)  # the first call of a batch size and length captures its graph
+    return ms_per_decode_step(lambda n: generate(prompt, n), new_tokens, device)
 
 
 def step_kernels(model, vocab: int, device: str, top: int = 24) -> dict:

@@ -81,7 +81,7 @@ def test_a_run_without_decoding_still_plots(tmp_path):
 def test_bench_command_writes_json_and_png(tmp_path):
     result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu",
                                        "--dtype", "float32", "--batch", "1", "--seq-len", "8", "--decode-batch", "1",
-                                       "--prompt-len", "4", "--new-tokens", "2",
+                                       "--prompt-len", "4", "--new-tokens", "3",
                                        "--variant", "reference", "-o", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
@@ -105,7 +105,7 @@ def test_the_table_tells_a_part_not_measured_from_a_failed_one(tmp_path):
     "failed"; a CPU records no peak memory, "—" rather than 0.0."""
     result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu",
                                        "--dtype", "float32", "--batch", "1", "--seq-len", "8", "--decode-batch", "1",
-                                       "--prompt-len", "4", "--new-tokens", "2", "--variant", "compiled", "-o", str(tmp_path)])
+                                       "--prompt-len", "4", "--new-tokens", "3", "--variant", "compiled", "-o", str(tmp_path)])
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if "compiled" in line)
     assert "failed" not in row and row.count("—") >= 2, result.stdout
