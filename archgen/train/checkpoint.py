@@ -96,7 +96,9 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
             else:
                 scalars[f"state.{index}.{name}"] = value
     save_file(tensors, str(directory / "optimizer.safetensors"))
-    (directory / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}, indent=1))
+    # a CUDA-graph run's learning rate is a tensor on the device (graphed.py): saved as the number it holds
+    groups = [{k: v.item() if torch.is_tensor(v) else v for k, v in group.items()} for group in state["param_groups"]]
+    (directory / "optimizer.json").write_text(json.dumps({"param_groups": groups, "scalars": scalars}, indent=1))
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
@@ -107,6 +109,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    for group in optimizer.param_groups:  # a CUDA-graph run saved capturable groups; this run decides for itself
+        if "capturable" in group:
+            group["capturable"] = optimizer.defaults.get("capturable", False)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -123,6 +123,8 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
         problems.append(loaded.problem(("distributed", "fsdp"), "tensor parallelism across several data-parallel groups "
                                        "needs FSDP (replicated DDP over split modules is not supported)",
                                        "set distributed.fsdp: true, or run exactly tensor_parallel processes"))
+    if recipe.cuda_graph:
+        problems += _cuda_graph_problems(loaded, world_size, head_kinds)
     data_parallel = world_size // tensor_parallel  # processes of one tensor group read the same micro-batch
     per_step = recipe.data.seq_len * recipe.batch.micro_batch * data_parallel
     if recipe.batch.tokens % per_step:
@@ -135,6 +137,25 @@ def plan_training(loaded: LoadedRecipe, world_size: int = 1, device_memory: int 
         raise CompileError(problems)
     return TrainingPlan(loaded, compiled, spec_path, tokenizer, train_files, validation, world_size,
                         recipe.batch.tokens // per_step, head_kinds, meta_tokens)
+
+
+def _cuda_graph_problems(loaded: LoadedRecipe, world_size: int, head_kinds: dict[str, str]) -> list[Diagnostic]:
+    """What a recorded step (train/graphed.py) cannot do."""
+    recipe, problems = loaded.recipe, []
+    if world_size > 1:
+        problems.append(loaded.problem(("cuda_graph",), f"a CUDA-graph step records one process's step, but this run has "
+                                       f"{world_size} processes (torchrun): the gradients' collectives are not recorded",
+                                       "set cuda_graph: false, or train on one process without torchrun"))
+    if recipe.compile:
+        problems.append(loaded.problem(("cuda_graph",), "cuda_graph together with compile: true is not supported "
+                                       "(recording compiled layers' guards and recompilations in one step graph)",
+                                       "choose one: set compile: false, or cuda_graph: false"))
+    if recipe.objectives.jepa.momentum is not None and "jepa" in head_kinds.values():
+        problems.append(loaded.problem(("objectives", "jepa", "momentum"), "a JEPA momentum schedule changes every step, "
+                                       "but a CUDA-graph step replays the momentum it recorded",
+                                       "remove objectives.jepa.momentum (the spec's constant ema_momentum), or set "
+                                       "cuda_graph: false"))
+    return problems
 
 
 def memory_floor(compiled: Compiled, recipe, world_size: int) -> int:

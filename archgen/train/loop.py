@@ -45,6 +45,7 @@ from archgen.train.distributed import (
     sum_partial_gradients,
     tensor_parallel_problems,
 )
+from archgen.train.graphed import GraphedStep, StepOutputs
 from archgen.train.metrics import (
     MetricsLog,
     format_count,
@@ -256,7 +257,9 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
 
     def autocast():
         if precision == "bf16-autocast" and not fsdp:
-            return torch.autocast(processes.device.type, dtype=torch.bfloat16)
+            # a recorded step must cast the weights in every replay, not once into autocast's cache
+            cache = not (recipe.cuda_graph and processes.device.type == "cuda")
+            return torch.autocast(processes.device.type, dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
 
     checkpoints = output / "checkpoints"
@@ -300,6 +303,47 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                    "elapsed_s": time.perf_counter() - started})
         return saved
 
+    def train_step(batch: list[torch.Tensor], at_step: int) -> StepOutputs:
+        """One optimizer step on this process's micro-batches (on the device): every forward and backward, the
+        gradient clipping, the optimizer step, the master weights' copies and the adapter's after-step hook. Nothing
+        in it waits for the device: the losses and the gradient norm stay tensors until a record is written, so
+        it can also be recorded as a CUDA graph (graphed.py)."""
+        sums: dict[str, list[torch.Tensor]] = {}
+        for m, tokens in enumerate(batch):
+            last = m == len(batch) - 1
+            if fsdp:
+                model.set_requires_gradient_sync(last)
+            sync = wrapped.no_sync() if processes.distributed and not sharded and not last else contextlib.nullcontext()
+            with sync, autocast():
+                losses = adapter.forward(wrapped, tokens)
+            with sync:
+                (losses.total / plan.accumulation).backward()
+            for key, value in [("loss", losses.total), ("next_token_loss", losses.next_token), *losses.aux.items()]:
+                sums.setdefault(key, []).append(value.detach())
+        if partial_gradients:
+            sum_partial_gradients(partial_gradients, mesh["tensor"].get_group())
+        if expert_parameters:
+            average_expert_gradients(expert_parameters, processes.world_size)
+        if master:
+            master.grads_up()
+        grad_norm = None
+        if recipe.clip_grad_norm:
+            if tensor_parallel or expert_parallel:
+                grad_norm = clip_grad_norm([p for _, p in named], recipe.clip_grad_norm)
+            else:
+                norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], recipe.clip_grad_norm)
+                grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if master:
+            master.weights_down()
+        momentum = adapter.after_optimizer_step(at_step + 1, total)
+        return StepOutputs(sums, grad_norm, momentum)
+
+    graphed = GraphedStep(train_step, optimizer, processes.device) if recipe.cuda_graph else None
+    if graphed is not None and graphed.cuda:
+        say(f"CUDA graph: {graphed.warmup_steps} eager warm-up steps, then every step replays one recorded step")
+
     eval_loss = None
     last_saved = None
     window_start, window_tokens = time.perf_counter(), 0
@@ -307,41 +351,15 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
     with Interrupt() as interrupt, progress:
         while step < total and (stop_after is None or step < stop_after):
             lr = learning_rate(recipe.schedule, recipe.optimizer.lr, step, total)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
             wrapped.train()
-            sums: dict[str, float] = {}
-            for m in range(plan.accumulation):
-                start = step * samples_per_step + (m * processes.data_size + processes.data_rank) * micro
-                tokens = train_seqs.get(order.indices(start, micro)).to(processes.device, non_blocking=True)
-                last = m == plan.accumulation - 1
-                if fsdp:
-                    model.set_requires_gradient_sync(last)
-                sync = wrapped.no_sync() if processes.distributed and not sharded and not last else contextlib.nullcontext()
-                with sync, autocast():
-                    losses = adapter.forward(wrapped, tokens)
-                with sync:
-                    (losses.total / plan.accumulation).backward()
-                for key, value in [("loss", losses.total), ("next_token_loss", losses.next_token), *losses.aux.items()]:
-                    sums[key] = sums.get(key, 0.0) + value.detach().float().item() / plan.accumulation
-            if partial_gradients:
-                sum_partial_gradients(partial_gradients, mesh["tensor"].get_group())
-            if expert_parameters:
-                average_expert_gradients(expert_parameters, processes.world_size)
-            if master:
-                master.grads_up()
-            grad_norm = None
-            if recipe.clip_grad_norm:
-                if tensor_parallel or expert_parallel:
-                    grad_norm = clip_grad_norm([p for _, p in named], recipe.clip_grad_norm)
-                else:
-                    norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], recipe.clip_grad_norm)
-                    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if master:
-                master.weights_down()
-            momentum = adapter.after_optimizer_step(step + 1, total)
+            batch = [train_seqs.get(order.indices(step * samples_per_step + (m * processes.data_size + processes.data_rank)
+                                                  * micro, micro)) for m in range(plan.accumulation)]
+            if graphed is not None:
+                outputs = graphed(batch, lr, step)
+            else:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                outputs = train_step([tokens.to(processes.device, non_blocking=True) for tokens in batch], step)
             step += 1
             window_tokens += recipe.batch.tokens
 
@@ -349,16 +367,17 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
                 if processes.device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start
-                record = {"step": step, **{k: processes.mean(v) for k, v in sums.items()}, "lr": lr,
+                means = _step_means(outputs.sums, plan.accumulation)  # the one wait for the device per record
+                record = {"step": step, **{k: processes.mean(v) for k, v in means.items()}, "lr": lr,
                           "tokens": step * recipe.batch.tokens, "tokens_per_s": window_tokens / elapsed,
                           "memory_gib": memory_gib(processes.device), "elapsed_s": time.perf_counter() - started}
                 record["flops_per_s"] = record["tokens_per_s"] * flops_per_token
                 if peak:
                     record["mfu"] = record["flops_per_s"] / (peak * processes.world_size)
-                if grad_norm is not None:
-                    record["grad_norm"] = grad_norm
-                if momentum is not None:
-                    record["ema_momentum"] = momentum
+                if outputs.grad_norm is not None:
+                    record["grad_norm"] = float(outputs.grad_norm)
+                if outputs.momentum is not None:
+                    record["ema_momentum"] = outputs.momentum
                 log.write(record)
                 _show(progress, task, step, record, say, show_progress)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -383,6 +402,20 @@ def _train(recipe_path, resume, stop_after, processes: Processes, console, show_
 
 
 # ------------------------------------------------------------------------------------------------------ pieces
+def _step_means(sums: dict[str, list[torch.Tensor]], accumulation: int) -> dict[str, float]:
+    """Each logged loss's mean over a step's micro-batches, as floats: one transfer for all of them, then the same
+    sums in the same order as float arithmetic on each micro-batch's value (so the logged numbers are the ones a
+    per-micro-batch .item() gave)."""
+    values = iter(torch.stack([v.float() for vs in sums.values() for v in vs]).tolist())
+    means = {}
+    for key, vs in sums.items():
+        total = 0.0
+        for _ in vs:
+            total = total + next(values) / accumulation
+        means[key] = total
+    return means
+
+
 def _train_flops_per_token(plan: TrainingPlan) -> float:
     from archgen.passes.cost import cost_report
 

@@ -153,6 +153,10 @@ class Recipe(RecipeModel):
     clip_grad_norm: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = 1.0
     gradient_checkpointing: bool = False
     compile: bool = False
+    # on CUDA, one process: record the optimizer step (every micro-batch's forward and backward, clipping, the
+    # optimizer) once as a CUDA graph after a few eager steps and replay it (the host launches one graph instead of
+    # thousands of kernels); not with compile or torchrun; elsewhere it changes nothing
+    cuda_graph: bool = False
     objectives: Objectives = Objectives()
     eval: EvalSpec = EvalSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
