@@ -173,19 +173,20 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype | None, reshard_aft
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> float:
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ for parameters that are DTensors on different meshes (tensor-parallel splits,
-    FSDP shards) or plain tensors: each gradient's norm is a full (reduced) one, then all are scaled together."""
+    FSDP shards) or plain tensors: each gradient's norm is a full (reduced) one, then all are scaled together. The
+    norm and the scale stay on the device (no host sync); each DTensor's local piece is scaled in place."""
     grads = [p.grad for p in parameters if p.grad is not None]
     squares = []
     for grad in grads:
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).square())
     total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0).item()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for grad in grads:
-        grad.mul_(scale)
-    return total.item()
+        (grad.to_local() if hasattr(grad, "to_local") else grad).mul_(scale)
+    return total
 
 
 def save_sharded(model: nn.Module, optimizer, directory: Path) -> None:
