@@ -20,6 +20,8 @@ def test_overlapping_kernels_count_once_in_busy_time_and_replays_split_at_long_g
     assert first == {"kernels": 3, "span_us": 25.0, "kernel_sum_us": 22.0, "busy_us": 17.0, "idle_us": 8.0}
     assert second["kernels"] == 1 and second["span_us"] == 4.0
     assert timeline["last_replay_top"] == [{"name": "gemv", "us": 4.0}]
+    # the fastest replay of more than one kernel, each kernel from that replay's start
+    assert timeline["fastest_replay_kernels"] == [[0.0, 10.0, "gemv"], [5.0, 7.0, "attention"], [20.0, 5.0, "norm"]]
 
 
 def test_a_kernel_inside_a_longer_one_adds_no_busy_time(decode):
