@@ -112,7 +112,8 @@ def test_the_op_declares_its_mutation_and_compiles_in_one_graph():
     eager_state, compiled_state = state.clone(), state.clone()
     eager = step(x, eager_state)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, compiled_state)
-    assert torch.equal(compiled, eager) and torch.equal(compiled_state, eager_state)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0, msg=lambda m: f"y * z: {m}")
+    torch.testing.assert_close(compiled_state, eager_state, rtol=0, atol=0, msg=lambda m: f"conv state: {m}")
     assert not torch.equal(eager_state, state)
 
 
