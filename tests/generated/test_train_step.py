@@ -92,3 +92,20 @@ def test_warm_up_is_at_least_one_step(build):
     model = package.Model()
     with pytest.raises(ValueError, match="at least one eager step"):
         package.CUDAGraphTrainStep(model, torch.optim.AdamW(model.parameters()), warmup_steps=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="recording needs CUDA")
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+                                            lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9)], ids=["adam", "sgd"])
+def test_unfused_optimizers_record_too(build, make_optimizer):
+    """Adam's step counters start on the device (capturable set before the warm-up), SGD has no counters at all."""
+    package = build(ROOT / "specs/hymba_plus.yaml")
+    torch.manual_seed(0)
+    model = package.Model().cuda().train()
+    twin = copy.deepcopy(model)
+    batches = [torch.randint(0, 256, (2, 16), device="cuda") for _ in range(4)]
+    step = package.CUDAGraphTrainStep(model, make_optimizer(model.parameters()), warmup_steps=1)
+    losses = [step(input_ids).clone() for input_ids in batches]
+    assert step.graph is not None
+    torch.testing.assert_close(torch.stack(losses), torch.stack(eager_steps(twin, make_optimizer(twin.parameters()), batches)),
+                               rtol=1e-5, atol=1e-5)

@@ -60,6 +60,8 @@ class CUDAGraphTrainStep:
         if not batch[0].is_cuda:
             self.optimizer.zero_grad(set_to_none=True)
             return self._step(*batch).detach()
+        if self.calls == 1:
+            self._make_capturable()
         if self.graph is None and self.calls <= self.warmup_steps:
             return self._eager_on_side_stream(batch)
         if self.graph is None:
@@ -92,10 +94,18 @@ class CUDAGraphTrainStep:
         torch.cuda.current_stream(batch[0].device).wait_stream(side)
         return loss
 
-    def _record(self, batch) -> None:
+    def _make_capturable(self) -> None:
+        """Adam(W)'s `capturable` on before the warm-up, so its step counters are made on the device, which a recorded
+        step must update; counters an earlier step left on the host (state loaded from a checkpoint) moved there."""
         for group in self.optimizer.param_groups:
-            if "capturable" in group:  # Adam(W)'s step counters on the device, which a recorded step must update
+            if "capturable" in group:
                 group["capturable"] = True
+        for param, state in self.optimizer.state.items():
+            step = state.get("step")
+            if isinstance(step, Tensor) and step.device != param.device:
+                state["step"] = step.to(device=param.device, dtype=torch.float32)
+
+    def _record(self, batch) -> None:
         self.inputs = [tensor.clone() for tensor in batch]
         # Recorded as None, the gradients are created inside the graph (its memory) and each replay writes them anew
         # instead of adding to the last step's.
