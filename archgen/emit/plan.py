@@ -296,7 +296,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,
         # a kernel's reference lowers it
-        runtime_files=sorted({*imports, *PACKAGE_RUNTIME, *(k.reference for k in kernel_functions(ir))}),
+        runtime_files=sorted({*imports, *PACKAGE_RUNTIME, *(k.reference for k in kernel_functions(ir) if k.reference)}),
         import_lines=[f"from .ops.{file} import {', '.join(sorted(names))}" for file, names in sorted(imports.items())],
         preludes=_preludes(components.values()), report=report, layout_text=_layout_text(layers),
         kernel_files=sorted({kernel.file for op in ir.ops() for kernel in op.kernels.values()}),

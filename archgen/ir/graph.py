@@ -24,7 +24,9 @@ class KernelChoice:
 
     file: str  # kernels/<file>.py, copied to generated/<name>/kernels/
     function: str  # the name the generated code calls (kernels.<function>)
-    reference: str  # templates/runtime/<reference>.py holds the reference function of the same name
+    # templates/runtime/<reference>.py holds the reference function of the same name; None for a fused form of kernels
+    # whose references are there (its template's fallback is those kernels' path, its op never reaches an export)
+    reference: str | None
     rule: str  # why this op got it (the rule's description), for reports and tests
 
 

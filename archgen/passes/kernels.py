@@ -28,7 +28,8 @@ class KernelRule:
     kind: str  # the op kind it applies to
     file: str  # kernels/<file>.py
     function: str  # the custom op the generated code calls as kernels.<function>
-    reference: str  # the runtime file (ops/<reference>.py) whose function of the same name it replaces
+    reference: str | None  # the runtime file (ops/<reference>.py) whose function of the same name it replaces; None
+    # for a fused form of kernels that have references (the template falls back to their path; never exported)
     description: str  # when and why, in words (reports and docs)
     when: Callable[[Any], bool] = lambda config: True  # a condition on the op's resolved config
 
@@ -64,6 +65,12 @@ def _normalized_mean_fits(config: Any) -> bool:
     """The combine kernel: two branches, each under a plain RMSNorm (a zero-centred one scales by 1 + weight)."""
     return (config.mode == "normalized_mean" and len(config.branches) == 2 and config.norm_kind == "rmsnorm"
             and not config.norm.zero_centered)
+
+
+def _qkv_rope_fits(config: Any) -> bool:
+    """The qkv GEMV with the rotation in its epilogue (kernels/qkv_rope.py): RoPE applied to the products themselves
+    (no qk-norm between), and q_proj's rows whole query heads (no output gate interleaved)."""
+    return config.rope is not None and not config.qk_norm and not config.output_gate
 
 
 GEMV_KINDS = ("mlp", "attention", "mamba2", "mamba", "lm_head")
@@ -122,6 +129,11 @@ KERNEL_RULES: list[KernelRule] = [
                "A cached step's RoPE and KV-cache write in one launch: q rotated, the rotated k and v stored into the "
                "cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
                when=lambda config: config.rope is not None),
+    KernelRule("attention", "qkv_rope", "qkv_rope_write_kv_", None,
+               "A cached decoding step's q, k and v GEMV with RoPE and the KV-cache write in its epilogue (qkv_linear "
+               "and apply_rope_write_kv before: a launch fewer per layer and token on the attention branch), the same "
+               "bits; not with qk-norm (it comes between the products and the rotation) nor an output gate (q_proj's "
+               "rows interleave each head's query and gate)", when=_qkv_rope_fits),
     KernelRule("attention", "decode_attention", "decode_attention", "attention",
                "A cached step's few queries (decoding) over the KV cache, split over the cache (flash-decoding): every "
                "query head of a KV head's group in one tile, the mask computed from the positions, a second launch "

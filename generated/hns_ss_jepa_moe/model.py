@@ -151,8 +151,14 @@ class Attn(nn.Module):
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
         # a pad's key.
         step = step if step is not None else StepContext(positions, pads)
-        if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
-            qkv = kernels.qkv_linear(
+        fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
+        slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
+        if slots is not None:
+            # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
+            # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
+            # cache: the same bits); the cache is what attention reads.
+            cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
+            q = kernels.qkv_rope_write_kv_(
                 x,
                 self.q_proj.weight,
                 self.k_proj.weight,
@@ -160,31 +166,48 @@ class Attn(nn.Module):
                 self.q_proj.bias,
                 self.k_proj.bias,
                 self.v_proj.bias,
-            )
-            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
-        elif torch.is_grad_enabled() and not self.tensor_parallel:
-            # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
-            # v's alone are narrow ones, and one input gradient in the backward where three were summed.
-            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (6144, 4096)
-            q, k, v = F.linear(x, weight).split([4096, 1024, 1024], dim=-1)
-        else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
-        q = q.view(B, T, -1, 128).transpose(1, 2)  # (B, 32, T, 128)
-        k = k.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
-        v = v.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
-        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
-        # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
-        # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
-        # the cache is what attention reads.
-        fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
-        slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
-        if slots is not None:
-            q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
+                cos,
+                sin,
+                cache.k,
+                cache.v,
+                slots,
+            )  # (B, 32, T, 128)
             k, v = cache.k, cache.v  # (B, 8, S, 128) each: what to attend over
         else:
-            rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
-            q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+            if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
+                qkv = kernels.qkv_linear(
+                    x,
+                    self.q_proj.weight,
+                    self.k_proj.weight,
+                    self.v_proj.weight,
+                    self.q_proj.bias,
+                    self.k_proj.bias,
+                    self.v_proj.bias,
+                )
+                q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+            elif torch.is_grad_enabled() and not self.tensor_parallel:
+                # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
+                # v's alone are narrow ones, and one input gradient in the backward where three were summed.
+                weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (6144, 4096)
+                q, k, v = F.linear(x, weight).split([4096, 1024, 1024], dim=-1)
+            else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+            q = q.view(B, T, -1, 128).transpose(1, 2)  # (B, 32, T, 128)
+            k = k.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
+            v = v.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
+            cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
+            # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
+            # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
+            # the cache is what attention reads.
+            fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
+            slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
+            if slots is not None:
+                q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
+                k, v = cache.k, cache.v  # (B, 8, S, 128) each: what to attend over
+            else:
+                rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+                q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
         # Training and forwards without a cache take the window's kernel once the window binds (shorter sequences:
         # SDPA's causal flash path below); decoding goes through the cache below.
         if cache is None and pads is None and T > 4096 and use_kernel(kernels.sliding_window_attention, q):

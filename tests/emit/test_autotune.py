@@ -178,9 +178,11 @@ def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monk
     path = tmp_path / "tuned_attention_moe.yaml"
     path.write_text(ATTENTION_MOE)
     cases = tuning_cases(compile_spec(path).ir, [3], [2])
-    # the GEMV: the attention's and lm_head's linears; the decode attention: a cached step's attention
-    assert {c.file for c in cases} == {"rope", "moe_router", "gemv", "decode_attention"}
-    cases = [c for c in cases if c.file != "gemv"]
+    # the GEMV: the attention's and lm_head's linears; the decode attention: a cached step's attention; qkv_rope: the
+    # qkv GEMV with the rotation in its epilogue, which runs the GEMV's qkv bucket (below)
+    assert {c.file for c in cases} == {"rope", "moe_router", "gemv", "decode_attention", "qkv_rope"}
+    gemv_cases = {c.file: c for c in cases if c.file in ("gemv", "qkv_rope") and "q_proj.weight" in c.params}
+    cases = [c for c in cases if c.file not in ("gemv", "qkv_rope")]
     with triton_support.tuning_session() as table:
         for case in cases:
             module = importlib.import_module(f"archgen_kernels.{case.file}")
@@ -191,3 +193,11 @@ def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monk
     assert keys == {("rope.forward", "D4-R2-float32"), ("rope.write_kv", "D4-R2-float32-float32-T8"),
                     ("decode_attention.forward", "M2-S4-D4-float32"), ("moe_router.forward", "E8-k2-float32"),
                     ("moe_router.backward", "E8-k2-float32")}
+    # qkv_rope's hook tunes the qkv bucket (q, k and v stacked: 16 + 2 × 8 rows of 16, 2 rows of x), which gemv's does too
+    tuned = {}
+    for file, case in gemv_cases.items():
+        with triton_support.tuning_session() as table:
+            importlib.import_module(f"archgen_kernels.{file}").autotune(case.config, case.params, case.batch,
+                                                                        case.seqlen, torch.float32, "cpu")
+            tuned[file] = {(e["kernel"], e["key"]) for e in table()["entries"]}
+    assert ("gemv.forward", "N32-K16-M2-float32-qkv") in tuned["qkv_rope"] and tuned["qkv_rope"] <= tuned["gemv"]

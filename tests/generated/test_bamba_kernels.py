@@ -21,7 +21,8 @@ BAMBA_TOY = ("model.d_model=36", "model.vocab_size=64", "mixers.ssm.n_heads=3", 
              "mixers.attn.head_dim=12", "mixers.attn.n_kv_heads=2", "mixers.attn.rope.rotary_dim=8",
              "ffns.mlp.hidden=48", "layout.mixers=ssm,attn", "model.max_seq_len=64")
 SPIED = ("state_update_module.mamba2_step_", "apply_rope_qk", "apply_rope_write_kv", "rms_norm", "silu_mul", "linear",
-         "swiglu_linear", "qkv_linear", "decode_attention", "decode_attention_one_launch", "residual_linear")
+         "swiglu_linear", "qkv_linear", "decode_attention", "decode_attention_one_launch", "residual_linear",
+         "qkv_rope_write_kv_")
 
 
 @pytest.fixture
@@ -52,17 +53,19 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         full = model(tokens).logits
         package.model.USE_KERNELS = True
     cached = decode_in_steps(model, tokens, prefill=16, length_as_tensor=True)
-    assert package.calls["mamba2_step_"] == 4 and package.calls["apply_rope_write_kv"] == 5, package.calls
-    assert package.calls["apply_rope_qk"] == 0, package.calls  # a cached forward rotates and writes in one launch
+    # a cached forward rotates and writes in one launch: the prefill's in the RoPE kernel, each step's in the qkv GEMV's
+    # epilogue (qkv_rope_write_kv_)
+    assert package.calls["mamba2_step_"] == 4 and package.calls["apply_rope_write_kv"] == 1, package.calls
+    assert package.calls["qkv_rope_write_kv_"] == 4 and package.calls["apply_rope_qk"] == 0, package.calls
     # each step's one query a head over the cache: the split-KV kernel, its splits combined in its launch (the
     # prefill's 16 queries: SDPA)
     assert package.calls["decode_attention_one_launch"] == 4 and package.calls["decode_attention"] == 0, package.calls
     # the prefill's 32 rows take cuBLAS and the gate kernel; each step's 2 rows the GEMV: the SwiGLU pair of each MLP
-    # in one, q, k and v in one, the two down_proj with the blocks' residual adds, and in_proj, out_proj, o and the
-    # lm_head
+    # in one, q, k and v with RoPE and the cache write in one, the two down_proj with the blocks' residual adds, and
+    # in_proj, out_proj, o and the lm_head
     assert package.calls["silu_mul"] == 2 and package.calls["swiglu_linear"] == 2 * 4, package.calls
     assert package.calls["residual_linear"] == 2 * 4, package.calls
-    assert package.calls["qkv_linear"] == 4 and package.calls["linear"] == 4 * 4, package.calls
+    assert package.calls["qkv_linear"] == 0 and package.calls["linear"] == 4 * 4, package.calls
     assert_close(cached, full, 1e-5, "cached logits")
 
 

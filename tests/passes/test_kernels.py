@@ -30,7 +30,8 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
                  "mamba_step_low_rank": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
-ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope"}  # the rotation; a cached step's with its write
+ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope",  # the rotation; a cached step's with its write
+                "qkv_rope_write_kv_": "qkv_rope"}  # and a decoding step's in the qkv GEMV's epilogue
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv", "residual_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
@@ -64,6 +65,16 @@ def test_attention_with_rope_gets_the_rope_kernel_and_without_rope_none(tmp_path
     assert attention and chosen_kernels(ir, "attention") == dict.fromkeys(attention, ROPE_KERNELS | without_rope)
     spec.write_text(ATTENTION_ONLY)
     assert chosen_kernels(compile_spec(spec, None).ir, "attention") == dict.fromkeys(attention, without_rope)
+
+
+def test_the_qkv_gemv_rotates_in_its_epilogue_only_where_the_products_are_what_rope_rotates(tmp_path):
+    """qkv_rope_write_kv_ needs RoPE on q_proj's, k_proj's and v_proj's products as they come: not with qk-norm (between
+    them) nor an output gate (q_proj's rows interleave each head's query and gate); those keep the two launches."""
+    spec = tmp_path / "attention_only.yaml"
+    for change in ("qk_norm: true", "output_gate: true"):
+        spec.write_text(ATTENTION_ONLY.replace("rope: null", f"rope: {{theta: 10000}}, {change}"))
+        for functions in chosen_kernels(compile_spec(spec, None).ir, "attention").values():
+            assert "qkv_rope_write_kv_" not in functions and "apply_rope_write_kv" in functions, change
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():

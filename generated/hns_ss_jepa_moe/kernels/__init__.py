@@ -18,6 +18,7 @@ try:
     from . import in_proj_conv as in_proj_conv_module
     from . import moe_router as moe_router_module
     from . import packed_query_attention as packed_query_attention_module
+    from . import qkv_rope as qkv_rope_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
@@ -32,6 +33,7 @@ try:
     from .in_proj_conv import in_proj_conv_step_
     from .moe_router import moe_router
     from .packed_query_attention import sliding_window_attention
+    from .qkv_rope import qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -46,6 +48,7 @@ except ImportError:  # no triton
     in_proj_conv_module = None
     moe_router_module = None
     packed_query_attention_module = None
+    qkv_rope_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
@@ -60,6 +63,7 @@ except ImportError:  # no triton
     in_proj_conv_step_ = None
     moe_router = None
     sliding_window_attention = None
+    qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None

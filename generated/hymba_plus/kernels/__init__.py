@@ -18,6 +18,7 @@ try:
     from . import in_proj_conv as in_proj_conv_module
     from . import normalized_mean as normalized_mean_module
     from . import packed_query_attention as packed_query_attention_module
+    from . import qkv_rope as qkv_rope_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
@@ -35,6 +36,7 @@ try:
     from .normalized_mean import normalized_mean
     from .normalized_mean import normalized_mean_add_norm
     from .packed_query_attention import sliding_window_attention
+    from .qkv_rope import qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -49,6 +51,7 @@ except ImportError:  # no triton
     in_proj_conv_module = None
     normalized_mean_module = None
     packed_query_attention_module = None
+    qkv_rope_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
@@ -66,6 +69,7 @@ except ImportError:  # no triton
     normalized_mean = None
     normalized_mean_add_norm = None
     sliding_window_attention = None
+    qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None

@@ -16,6 +16,7 @@ try:
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import in_proj_conv as in_proj_conv_module
+    from . import qkv_rope as qkv_rope_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import selective_scan as selective_scan_module
@@ -30,6 +31,7 @@ try:
     from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .in_proj_conv import in_proj_conv_step_
+    from .qkv_rope import qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -42,6 +44,7 @@ except ImportError:  # no triton
     decode_attention_module = None
     gemv_module = None
     in_proj_conv_module = None
+    qkv_rope_module = None
     rmsnorm_module = None
     rope_module = None
     selective_scan_module = None
@@ -56,6 +59,7 @@ except ImportError:  # no triton
     residual_linear = None
     swiglu_linear = None
     in_proj_conv_step_ = None
+    qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
