@@ -325,7 +325,8 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean; and decode_attention's one-launch form, which its hook does not take), with the
+    silu_mul, normalized_mean; decode_attention's one-launch form, which its hook does not take; qkv_rope's kernel,
+    whose hook tunes qkv_linear's), with the
     parameter shapes of the case; False when the file has none."""
     import torch
 
@@ -367,6 +368,29 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         modules["state_update"].mamba2_step_(z, xbc, dt, randn(1, channels, width - 1), randn(channels, width),
                                              randn(channels), torch.zeros(1, H, P, N), torch.zeros(H), torch.ones(H),
                                              torch.zeros(H), 0.0, float("inf"), G)
+    elif file == "qkv_rope":  # its hook tunes the qkv bucket with qkv_linear's kernel: this one at each of its configs
+        from archgen_kernels.triton_support import config_name
+
+        gemv, qkv_rope = modules["gemv"], modules["qkv_rope"]
+        HQ, HK, D, R = config["n_heads"], config["n_kv_heads"], config["head_dim"], config["rope"]["rotary_dim"]
+        K = next(shape for name, shape in params.items() if name.endswith("q_proj.weight"))[1]
+        N = (HQ + 2 * HK) * D
+        weights = randn(HQ * D, K), randn(HK * D, K), randn(HK * D, K)
+        angles = torch.rand(1, R // 2)
+        caches = [torch.zeros(1, HK, seqlen, D, dtype=dtype) for _ in "kv"]
+        own = gemv.shape_config(N, K, 1, H200["multiprocessor_count"])
+        candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
+        default = gemv.FORWARD_TUNER.untuned_config(candidates)
+        for candidate in candidates:
+            RECORDER.context = {"tuner": "gemv.forward", "key": gemv.shape_key(N, K, 1, dtype, False) + "-qkv",
+                                "config": config_name(candidate), "default": candidate == default}
+            try:
+                qkv_rope.qkv_rope_write_kv_forward(randn(1, 1, K), *weights, None, None, None, angles.cos(), angles.sin(),
+                                                   *caches, torch.tensor([seqlen - 1]), config=candidate)
+            except Exception as error:
+                RECORDER.failed(error)
+            finally:
+                RECORDER.context = None
     elif file == "ssd":  # no hook: the training path the Mamba-2 block takes (Δ processed, D, no initial state)
         H, P, N, G, chunk = config["n_heads"], config["head_dim"], config["d_state"], config["n_groups"], config["chunk_size"]
         ssd = modules["ssd"]
