@@ -217,6 +217,10 @@ def small_rope(tmp_path, monkeypatch):
     monkeypatch.setattr(package.kernels, "apply_rope_write_kv",
                         lambda *args: writes.append(args[0].shape) or real_write(*args))
     package.rope_write_calls = writes
+    fused, real_fused = [], package.kernels.qkv_rope_write_kv_
+    monkeypatch.setattr(package.kernels, "qkv_rope_write_kv_",
+                        lambda *args: fused.append(args[0].shape) or real_fused(*args))
+    package.qkv_rope_calls = fused
     return package
 
 
@@ -232,8 +236,9 @@ def test_rope_kernel_and_reference_give_the_same_model(small_rope):
 
 def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
     """Without gradients the kernel rotates q and k in place (the full pass), and a cached forward rotates q
-    and writes the rotated k and v into the cache in the same launch (apply_rope_write_kv: the prefill and each
-    step, partial rotary): the cached logits are the full pass's."""
+    and writes the rotated k and v into the cache in the same launch (apply_rope_write_kv: the prefill; each decoding
+    step's few rows also take their q, k and v products in it, qkv_rope_write_kv_; partial rotary): the cached logits
+    are the full pass's."""
     torch.manual_seed(1)
     model = small_rope.Model().eval()
     tokens = torch.randint(0, 64, (2, 10))
@@ -242,7 +247,8 @@ def test_rope_kernel_in_place_decoding_equals_the_full_forward(small_rope):
     assert len(small_rope.rope_calls) == 2 and not small_rope.rope_write_calls  # no cache: the rotation alone
     cached = decode_in_steps(model, tokens, prefill=6)
     assert len(small_rope.rope_calls) == 2, "a cached forward rotated without writing the cache in the same launch"
-    assert len(small_rope.rope_write_calls) == 2 * (1 + 4), small_rope.rope_write_calls  # 2 layers: prefill, 4 steps
+    assert len(small_rope.rope_write_calls) == 2, small_rope.rope_write_calls  # 2 layers' prefill
+    assert len(small_rope.qkv_rope_calls) == 2 * 4, small_rope.qkv_rope_calls  # 2 layers, 4 steps
     assert_close(cached, full, 1e-5, "cached logits")
 
 
