@@ -34,6 +34,9 @@ from torch import Tensor
 
 
 class CUDAGraphTrainStep:
+    """step(*batch) -> the loss (0-dim, valid until the next call): one training step, eager for the first
+    `warmup_steps` calls, then replayed from the CUDA graph the next call records (see the module's docstring)."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  loss_fn: Callable[..., Tensor] | None = None, *, max_grad_norm: float | None = None,
                  after_step: Callable[[], None] | None = None, warmup_steps: int = 3):
