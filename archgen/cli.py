@@ -538,7 +538,9 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
             return "—"
         shape = (figures[part].get("batch", batch), figures[part].get("seq_len", seq_len))
         shrunk = f" at {shape[0]} × {shape[1]}" if shape != (batch, seq_len) else ""  # it did not fit at batch × seq_len
-        return format(figures[part][key], form) + shrunk
+        # training's tokens/s from replays of one recorded step (the package's CUDAGraphTrainStep)
+        graphed = " (graph)" if key == "tokens_per_s" and figures[part].get("cuda_graph_step") else ""
+        return format(figures[part][key], form) + shrunk + graphed
 
     for variant, figures in result.variants.items():
         decode = [f"{figures[f'decode_batch_{b}']['ms_per_token']:.2f} ({figures[f'decode_batch_{b}']['times_floor']:.1f}×)"
@@ -554,6 +556,9 @@ def bench(spec: Path, preset: str | None, overrides: tuple[str, ...], device: st
                 stderr.print(f"{variant} {key[:-6]} failed: {message}", style="yellow", markup=False)
             elif key.endswith("_skipped"):
                 stderr.print(f"{variant} {key[:-8]} skipped: {message}", style="yellow", markup=False)
+        if "cuda_graph_step_error" in figures.get("train", {}):
+            stderr.print(f"{variant} train timed eagerly, its step not recorded as a CUDA graph: "
+                         f"{figures['train']['cuda_graph_step_error']}", style="yellow", markup=False)
         if "mfu_note" in figures.get("train", {}):
             stderr.print(f"{variant} MFU not shown: {figures['train']['mfu_note']}", style="yellow", markup=False)
     say(f"wrote {output / (name + '.json')} and {output / (name + '.png')}")

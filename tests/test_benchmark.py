@@ -183,3 +183,25 @@ def test_only_the_kernels_variant_on_cuda_takes_the_packages_graph_step():
     assert graph_train_step(on["cuda"], "kernels") is RecordsOnThirdCall
     assert graph_train_step(on["cuda"], "reference") is None and graph_train_step(on["cuda"], "kernels_compiled") is None
     assert graph_train_step(on["cpu"], "kernels") is None
+
+
+def test_the_table_marks_a_recorded_training_step_and_says_why_one_was_not(tmp_path, monkeypatch):
+    import archgen.benchmark as benchmark
+
+    real = benchmark.run_bench
+
+    def with_graph_figures(config, progress):
+        result = real(config, progress)
+        result.variants["kernels"]["train"]["cuda_graph_step"] = True
+        result.variants["reference"]["train"].update(cuda_graph_step=False, cuda_graph_step_error="RuntimeError: sync")
+        return result
+
+    monkeypatch.setattr(benchmark, "run_bench", with_graph_figures)
+    result = CliRunner().invoke(main, ["bench", str(ROOT / "specs/hspmn.yaml"), "--preset", "tiny", "--device", "cpu",
+                                       "--dtype", "float32", "--batch", "1", "--seq-len", "8", "--decode-batch", "1",
+                                       "--prompt-len", "4", "--new-tokens", "3", "--variant", "kernels", "--variant",
+                                       "reference", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    kernels_row = next(line for line in result.stdout.splitlines() if "kernels" in line)
+    assert kernels_row.count("(graph)") == 1, result.stdout  # the tokens/s cell, not the MFU's
+    assert "reference train timed eagerly, its step not recorded as a CUDA graph: RuntimeError: sync" in result.stderr
