@@ -91,6 +91,29 @@ def _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  FOLD: tl.constexpr, PDL: tl.constexpr):
+    """Σ_k x[k] · w[outs, k] in float32 (BLOCK_N,): each thread's FOLD products first (_folded), then the BLOCK_K
+    tiles along K, then across a tile. Every plain GEMV here sums through this (gemv, qkv, in_proj_conv), so a kernel
+    with an epilogue gives gemv_forward's bits. With PDL: the first tile prefetched, then the wait for the kernel ahead
+    (before x is read) and the trigger for the one after."""
+    w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
+    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
+    if PDL:  # the first tile's weights (no kernel of a step writes them) on their way to L2 while the kernel ahead runs
+        _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
+        gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
+        gdc_launch_dependents()  # after the wait: the next kernel starts no earlier than this one's inputs are ready
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        cols_inside = cols < K
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        tile_inside = outs_inside[:, None] & cols_inside[None, :]
+        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
+        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
+    return tl.sum(products, axis=1)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_upn, stride_ym,
                  r_ptr, stride_rm,  # the residual (M, N) added in the epilogue (HAS_RESIDUAL)
                  HAS_BIAS: tl.constexpr,  # add b (and b_up) to the products
@@ -102,28 +125,28 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
-    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    if GATED:
+    if GATED:  # _row_products' sums for both weights, their tiles loaded side by side
+        w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
         up_rows = w_up_ptr + outs.to(tl.int64)[:, None] * stride_upn
+        products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
         up_products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    if PDL:  # the first tile's weights (no kernel of a step writes them) on their way to L2 while the kernel ahead runs
-        _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
-        if GATED:
+        if PDL:  # as _row_products
+            _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
             _prefetch_first_tile(w_up_ptr, outs, N, K, stride_upn, BLOCK_K)
-        gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
-        gdc_launch_dependents()  # after the wait: the next kernel starts no earlier than this one's inputs are ready
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cols_inside = cols < K
-        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-        tile_inside = outs_inside[:, None] & cols_inside[None, :]
-        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
-        if GATED:
+            gdc_wait()
+            gdc_launch_dependents()
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            cols_inside = cols < K
+            x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+            tile_inside = outs_inside[:, None] & cols_inside[None, :]
+            w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
+            products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
             up_tile = tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
             up_products += _folded(up_tile, x, BLOCK_N, BLOCK_K, FOLD)
-    y = tl.sum(products, axis=1)
+        y = tl.sum(products, axis=1)
+    else:
+        y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     if GATED:
@@ -159,19 +182,7 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
     outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < n
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    w_rows = w_ptr + outs.to(tl.int64)[:, None] * K
-    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    if PDL:  # as in _gemv_kernel
-        _prefetch_first_tile(w_ptr, outs, n, K, K, BLOCK_K)
-        gdc_wait()
-        gdc_launch_dependents()
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cols_inside = cols < K
-        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-        w_tile = tl.load(w_rows + cols[None, :], mask=outs_inside[:, None] & cols_inside[None, :], other=0.0)
-        products += _folded(w_tile.to(tl.float32), x, BLOCK_N, BLOCK_K, FOLD)
-    y = tl.sum(products, axis=1)
+    y = _row_products(x_row, w_ptr, outs, outs_inside, n, K, K, BLOCK_N, BLOCK_K, FOLD, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     y_row = y_ptr + row.to(tl.int64) * stride_ym + first_feature

@@ -104,7 +104,7 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
             _prefetch_first_tile(w_ptr, b_outs, n, K, K, BLOCK_K)
         gdc_wait()
         gdc_launch_dependents()
-    for k0 in range(0, K, BLOCK_K):  # gemv._qkv_gemv_kernel's loop on each of the two tiles, so its sums
+    for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (loaded side by side), so its sums
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]

@@ -37,8 +37,7 @@ from .gemv import (
     FEW_ROWS,
     SUPPORTED_DTYPES,
     _fold,
-    _folded,
-    _prefetch_first_tile,
+    _row_products,
     gemv_forward,
     linear_reference,
     shape_key,
@@ -47,8 +46,6 @@ from .gemv import (
 from .gemv import autotune as gemv_autotune
 from .triton_support import (
     calls_implementation_directly,
-    gdc_launch_dependents,
-    gdc_wait,
     on_device,
     programmatic_launch,
     register_op,
@@ -74,20 +71,7 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, 
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
-    products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
-    if PDL:  # as in gemv._gemv_kernel
-        _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
-        gdc_wait()
-        gdc_launch_dependents()
-    for k0 in range(0, K, BLOCK_K):  # gemv._gemv_kernel's loop, so the same sums
-        cols = k0 + tl.arange(0, BLOCK_K)
-        cols_inside = cols < K
-        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-        tile_inside = outs_inside[:, None] & cols_inside[None, :]
-        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
-    p = tl.sum(products, axis=1)
+    p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)  # gemv's sums
     if HAS_BIAS:
         p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
