@@ -27,8 +27,8 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
   - the GPU's clocks, throttle reasons and power from nvidia-smi before and after each batch-1 row (`gpu_state_before`,
     `gpu_state_after`): two runs of the same step that differ can be told apart by them;
   - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
-    batch 1's graph ms/token and step profile with those kernels off, and whether the prefill logits and greedy
-    tokens are the same with them off.
+    batch 1's graph re-captured with those kernels off and on, timed twice each (off, on, off, on), the off side's
+    step profile, and whether the prefill logits, the graph's logits and greedy tokens are the same both ways.
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
 (the bars alone, about a minute: --variants graph --no-parity, transformers included)
@@ -437,11 +437,12 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
 
 def without_kernels(package, model, prompt, vocab: int, args) -> dict:
     """The A/B of --without: the same model with those kernel functions of its package switched off (the reference
-    path its template takes when `use_kernel` says no), its graph step timed and, on CUDA, its step's kernels
-    profiled; then switched back on. The graph decoders are dropped before and after, so neither side replays a graph
-    the other recorded. Also whether the two sides compute the same: the logits of the prompt run into a cache (a
-    cached forward of T tokens) and 16 greedy tokens in the graph (`max_abs_prefill_logit_diff`, `same_greedy_tokens`;
-    a kernel that computes what its reference does in the same dtype gives 0 and True)."""
+    path its template takes when `use_kernel` says no) and on, alternating_ab's off, on, off, on in this process
+    (`on_over_off` below 1: the kernels help). Session 14 showed why a single "off" timing after the main figure is not
+    an A/B: Hymba+ read 1.61 ms/token for the main figure and 1.28 with the kernel off, later in the same process,
+    for a step whose kernels sum the same. Also whether the two sides compute the same (alternating_ab's logits and
+    greedy tokens, and the logits of the prompt run into a cache, `max_abs_prefill_logit_diff`: 0 and True for a
+    kernel that computes what its reference does in the same dtype) and, on CUDA, the off side's step profile."""
     asked = args.without.split(",")
     names = [name for name in asked if getattr(package.kernels, name, None) is not None]
     result = {"kernels_off": names}
@@ -451,27 +452,24 @@ def without_kernels(package, model, prompt, vocab: int, args) -> dict:
         return result  # nothing to switch off: no second graph to time
     saved = {name: getattr(package.kernels, name) for name in names}
 
-    def prefill_logits_and_tokens():
-        cache = model.empty_cache(prompt.size(0), 512, device=args.device)
-        logits = model(prompt, cache=cache).logits.float()
-        return logits, greedy_in_graph(model)(prompt, 16)
-
-    drop_graphs(model)
-    logits_on, tokens_on = prefill_logits_and_tokens()
-    try:
+    def switch(mode):
         for name in names:
-            setattr(package.kernels, name, None)
-        drop_graphs(model)
-        logits_off, tokens_off = prefill_logits_and_tokens()
-        result["max_abs_prefill_logit_diff"] = (logits_on - logits_off).abs().max().item()
-        result["same_greedy_tokens"] = bool(torch.equal(tokens_on, tokens_off))
-        result["graph_ms_per_token"] = decode_ms_per_token(greedy_in_graph(model), prompt, args.new_tokens, args.device)
-        if args.device == "cuda":
-            result["step_kernels"] = step_kernels(model, vocab, args.device)
-    finally:
-        for name, kernel in saved.items():
-            setattr(package.kernels, name, kernel)
-        drop_graphs(model)
+            setattr(package.kernels, name, saved[name] if mode == "on" else None)
+
+    def prefill_logits():
+        cache = model.empty_cache(prompt.size(0), 512, device=args.device)
+        return model(prompt, cache=cache).logits.float()
+
+    def after_first_capture(mode, out):
+        prefill[mode] = prefill_logits()
+        if mode == "off" and args.device == "cuda":
+            out["off_step_kernels"] = step_kernels(model, vocab, args.device)
+
+    prefill: dict = {}
+    result.update(alternating_ab(model, prompt, args, "without", "off", "on", switch, lambda: switch("on"),
+                                 after_first_capture))
+    if len(prefill) == 2:
+        result["max_abs_prefill_logit_diff"] = (prefill["on"] - prefill["off"]).abs().max().item()
     return result
 
 
