@@ -285,6 +285,36 @@ def alternating_ab(model, prompt, args, name: str, baseline: str, candidate: str
     return out
 
 
+def recaptures(model, prompt, args) -> dict:
+    """Is the main figure's graph (the process's first capture) slower than a later capture of the same step, and is
+    that the graph or the moment? The first decoder is kept aside; the step is captured anew args.recapture times
+    (each timed as the main figure is, and its replays back to back); then the first decoder is put back and timed
+    again. A first decoder still slow at the end is a property of that graph (its memory, its instantiation); one as
+    fast as the later captures was the moment (the process or the GPU warming up)."""
+    first = model.__dict__.get("_graph_decoders")
+    generate = greedy_in_graph(model)
+    out: dict = {"captures": []}
+    try:
+        for _ in range(args.recapture):
+            model.__dict__["_graph_decoders"] = {}
+            ms = decode_ms_per_token(generate, prompt, args.new_tokens, args.device)
+            out["captures"].append({"ms_per_token": ms, **timed_replays(model, prompt, args)})
+    finally:
+        model.__dict__["_graph_decoders"] = first if first is not None else {}
+    out["first_again"] = {"ms_per_token": decode_ms_per_token(generate, prompt, args.new_tokens, args.device),
+                          **timed_replays(model, prompt, args)}
+    return out
+
+
+def timed_replays(model, prompt, args) -> dict:
+    """replay_walls of the decoder `generate` uses for this prompt and --new-tokens (on CUDA)."""
+    if args.device != "cuda":
+        return {}
+    meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
+    decoder = model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + args.new_tokens, prompt.device)
+    return replay_walls(decoder, prompt[:, -1:])
+
+
 def pdl_ab(model, prompt, args) -> dict:
     """Programmatic dependent launch off and on (alternating_ab): every triton_support copy flipped, so the graph is
     captured with (or without) the programmatic launches; `pdl_active` says whether the switch is on for this device
@@ -411,6 +441,9 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 save(args, results)
             if batch == 1 and device == "cuda" and "graph" in args.variants:
                 attempt(row, "graph_timeline", lambda prompt=prompt: graph_timeline(model, prompt, args.new_tokens), args)
+                save(args, results)
+            if batch == 1 and args.recapture and "graph" in args.variants:
+                attempt(row, "recaptures", lambda prompt=prompt: recaptures(model, prompt, args), args)
                 save(args, results)
             if batch == 1 and args.pdl_ab:
                 attempt(row, "pdl_ab", lambda prompt=prompt: pdl_ab(model, prompt, args), args)
@@ -550,6 +583,9 @@ def main() -> None:
                         help="batch 1: the graph step with the parallel blocks' branches one after another on one "
                              "stream and side by side on two (the default), re-captured, timed twice each, their "
                              "logits and greedy tokens compared")
+    parser.add_argument("--recapture", type=int, default=0,
+                        help="batch 1: after the main figure, capture the graph step anew this many times (each "
+                             "timed), then time the first graph again: is a first capture slower, and why")
     parser.add_argument("--without", default=None,
                         help="comma-separated kernel functions of the package (e.g. apply_rope_write_kv): batch 1 is "
                              "also timed in a graph, and profiled, with them off (an A/B in one run)")
