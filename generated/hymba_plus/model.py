@@ -870,7 +870,9 @@ class Model(nn.Module):
         """Call after every optimizer step (or once: optimizer.register_step_post_hook(lambda *_: model.after_optimizer_step())).
         This model has nothing to update between steps; the call keeps one training loop right for every model."""
 
-    def forward(self, input_ids, cache: Cache | None = None, *, attention_mask=None, labels=None, targets=None) -> ModelOutput:
+    def forward(
+        self, input_ids, cache: Cache | None = None, *, attention_mask=None, labels=None, targets=None, run_heads: bool = True
+    ) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
 
         labels (B, T), Hugging Face's convention: the sequence itself, shifted here, so position t is scored against
@@ -882,7 +884,14 @@ class Model(nn.Module):
         lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
         reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
         for the tokens that follow.
+
+        run_heads=False leaves the heads out (ModelOutput.heads empty): a decoding step needs only the logits, and
+        the heads' products would be computed and dropped at every token. Not with targets: the heads' losses need them.
         """
+        if not run_heads and (labels is not None or targets is not None):
+            raise ValueError(
+                "run_heads=False computes no head outputs, and a loss needs them: pass labels or targets with run_heads=True"
+            )
         if labels is not None:
             if targets is not None:
                 raise ValueError("give labels (the sequence, shifted by the model) or targets (already shifted), not both")
@@ -891,7 +900,8 @@ class Model(nn.Module):
         heads: dict[str, torch.Tensor] = {}
         x = self.hidden_states(input_ids, cache=cache, aux=aux, heads=heads, attention_mask=attention_mask)  # (B, T, 1600)
         logits = self.lm_head(x)  # (B, T, 32001)
-        heads["forecaster"] = self.heads["forecaster"](x, self.lm_head)  # (B, T, 1024)
+        if run_heads:
+            heads["forecaster"] = self.heads["forecaster"](x, self.lm_head)  # (B, T, 1024)
         if targets is None:
             return ModelOutput(logits=logits, aux_losses=aux, heads=heads)
         lm_loss = F.cross_entropy(logits.float().view(-1, 32001), targets.reshape(-1), ignore_index=-100)
@@ -997,11 +1007,13 @@ class Model(nn.Module):
         max_len = 128 + T + max_new_tokens
         if cuda_graph and input_ids.is_cuda and max_new_tokens > 1:
             decoder = self.graph_decoder(B, max_len, input_ids.device, padded=attention_mask is not None, compile=compile)
-            logits = decoder.prefill(lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1])
+            logits = decoder.prefill(
+                lambda cache: self(input_ids, cache=cache, attention_mask=attention_mask, run_heads=False).logits[:, -1]
+            )
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache, attention_mask=attention_mask).logits[:, -1]  # (B, 32001)
+            logits = self(input_ids, cache=cache, attention_mask=attention_mask, run_heads=False).logits[:, -1]  # (B, 32001)
             if compile:  # a tensor position: the compiled step does not specialise on it (no recompile per token)
                 cache.length = torch.tensor(cache.length, device=input_ids.device)
             decode_step = self.decode_step(compile)
@@ -1043,7 +1055,7 @@ class Model(nn.Module):
         a step at the next position (a tensor, as `generate` passes it) reuses the compiled graph."""
 
         def step(token, cache):
-            return self(token, cache=cache).logits[:, -1]
+            return self(token, cache=cache, run_heads=False).logits[:, -1]
 
         if not compile:
             return step

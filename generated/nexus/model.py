@@ -756,6 +756,7 @@ class Model(nn.Module):
         labels=None,
         targets=None,
         update_memory: bool = False,
+        run_heads: bool = True,
     ) -> ModelOutput:
         """input_ids (B, T) → ModelOutput. With `cache`, the tokens continue the cached sequence.
 
@@ -768,7 +769,14 @@ class Model(nn.Module):
         lengths). Each row then computes what it computes alone (its positions start at its first token, and no layer
         reads or keeps a pad); the logits at pads are meaningless. Pass it with the prompt: a cache keeps the pads
         for the tokens that follow.
+
+        run_heads=False leaves the heads out (ModelOutput.heads empty): a decoding step needs only the logits, and
+        the heads' products would be computed and dropped at every token. Not with targets: the heads' losses need them.
         """
+        if not run_heads and (labels is not None or targets is not None):
+            raise ValueError(
+                "run_heads=False computes no head outputs, and a loss needs them: pass labels or targets with run_heads=True"
+            )
         if labels is not None:
             if targets is not None:
                 raise ValueError("give labels (the sequence, shifted by the model) or targets (already shifted), not both")
@@ -779,7 +787,8 @@ class Model(nn.Module):
             input_ids, cache=cache, aux=aux, heads=heads, update_memory=update_memory, attention_mask=attention_mask
         )  # (B, T, 512)
         logits = self.lm_head(x)  # (B, T, 32000)
-        heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 512)
+        if run_heads:
+            heads["jepa"] = self.heads["jepa"](x, self.lm_head)  # (B, T, 512)
         if targets is None:
             return ModelOutput(logits=logits, aux_losses=aux, heads=heads)
         lm_loss = F.cross_entropy(logits.float().view(-1, 32000), targets.reshape(-1), ignore_index=-100)
@@ -900,16 +909,16 @@ class Model(nn.Module):
                 B, max_len, input_ids.device, update_memory, padded=attention_mask is not None, compile=compile
             )
             logits = decoder.prefill(
-                lambda cache: self(input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask).logits[
-                    :, -1
-                ]
+                lambda cache: self(
+                    input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask, run_heads=False
+                ).logits[:, -1]
             )
             step = decoder
         else:
             cache = self.empty_cache(B, max_len)
-            logits = self(input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask).logits[
-                :, -1
-            ]  # (B, 32000)
+            logits = self(
+                input_ids, cache=cache, update_memory=update_memory, attention_mask=attention_mask, run_heads=False
+            ).logits[:, -1]  # (B, 32000)
             if compile:  # a tensor position: the compiled step does not specialise on it (no recompile per token)
                 cache.length = torch.tensor(cache.length, device=input_ids.device)
             decode_step = self.decode_step(compile, update_memory)
@@ -951,7 +960,7 @@ class Model(nn.Module):
         a step at the next position (a tensor, as `generate` passes it) reuses the compiled graph."""
 
         def step(token, cache):
-            return self(token, cache=cache, update_memory=update_memory).logits[:, -1]
+            return self(token, cache=cache, update_memory=update_memory, run_heads=False).logits[:, -1]
 
         if not compile:
             return step

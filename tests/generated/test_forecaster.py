@@ -119,3 +119,21 @@ def test_trained_forecaster_beats_seasonal_naive_on_co2(build):
     print(f"CO2 12-month MAE over {len(origins)} origins: model {model_mae:.3f} ppm, "
           f"seasonal naive {naive_mae:.3f} ppm ({elapsed:.0f} s)")
     assert model_mae < naive_mae, f"model MAE {model_mae:.3f} ppm is not below seasonal-naive MAE {naive_mae:.3f} ppm"
+
+
+def test_decoding_leaves_the_heads_out_and_a_loss_without_them_is_refused(model, monkeypatch):
+    model.eval()
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)
+        bare = model(tokens, run_heads=False)
+    assert torch.equal(bare.logits, full.logits) and bare.heads == {} and "forecaster" in full.heads
+    with pytest.raises(ValueError, match="run_heads=True"):
+        model(tokens[:, :-1], targets=tokens[:, 1:], run_heads=False)
+
+    calls = []
+    head = model.heads["forecaster"]
+    monkeypatch.setattr(head, "forward", lambda *args, **kwargs: calls.append(1) or type(head).forward(head, *args, **kwargs))
+    generated = model.generate(tokens, max_new_tokens=3, cuda_graph=False)
+    assert calls == [], "a decoding step (or generate's prefill) ran the forecaster head, whose output it drops"
+    assert torch.equal(generated[:, :9], tokens) and generated.shape == (1, 12)
