@@ -79,6 +79,16 @@ def _folded(tile, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.cons
 
 
 @triton.jit
+def _tile_products(x, w_rows, rows_inside, cols, cols_inside, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   FOLD: tl.constexpr):
+    """One step of _row_products' loop on one weight: the (BLOCK_N, BLOCK_K) tile at columns `cols` of rows w_rows
+    (0 outside), times x (1, BLOCK_K) in float32, folded (_folded). A kernel summing two weights' rows side by side
+    (the gated GEMV, kernels/qkv_rope.py) calls it on each, so each sum is _row_products' code, not a copy of it."""
+    tile = tl.load(w_rows + cols[None, :], mask=rows_inside[:, None] & cols_inside[None, :], other=0.0)
+    return _folded(tile.to(tl.float32), x, BLOCK_N, BLOCK_K, FOLD)
+
+
+@triton.jit
 def _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K: tl.constexpr):
     """Ask L2 for the 128-byte lines of rows `outs` (clamped to the N rows), columns [0, BLOCK_K) (clamped to the K),
     one prefetch a line: no registers wait for them (holding the tile itself across gdc_wait took 6-8 more registers a
@@ -107,9 +117,7 @@ def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-        tile_inside = outs_inside[:, None] & cols_inside[None, :]
-        w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-        products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
+        products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
     return tl.sum(products, axis=1)
 
 
@@ -139,11 +147,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
             cols = k0 + tl.arange(0, BLOCK_K)
             cols_inside = cols < K
             x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-            tile_inside = outs_inside[:, None] & cols_inside[None, :]
-            w_tile = tl.load(w_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-            products += _folded(w_tile, x, BLOCK_N, BLOCK_K, FOLD)
-            up_tile = tl.load(up_rows + cols[None, :], mask=tile_inside, other=0.0).to(tl.float32)
-            up_products += _folded(up_tile, x, BLOCK_N, BLOCK_K, FOLD)
+            products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
+            up_products += _tile_products(x, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         y = tl.sum(products, axis=1)
     else:
         y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)

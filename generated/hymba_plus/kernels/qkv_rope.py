@@ -42,15 +42,15 @@ from .gemv import (
     FEW_ROWS,
     SUPPORTED_DTYPES,
     _fold,
-    _folded,
     _prefetch_first_tile,
+    _tile_products,
     qkv_gemv_forward,
     qkv_linear_reference,
     shape_key,
     tuned_config,
 )
 from .gemv import autotune as gemv_autotune
-from .rope import apply_rope_write_kv, apply_rope_write_kv_reference, projection_layout
+from .rope import _rotate_pair, apply_rope_write_kv, apply_rope_write_kv_reference, projection_layout
 from .triton_support import (
     calls_implementation_directly,
     gdc_launch_dependents,
@@ -104,14 +104,12 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
             _prefetch_first_tile(w_ptr, b_outs, n, K, K, BLOCK_K)
         gdc_wait()
         gdc_launch_dependents()
-    for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (loaded side by side), so its sums
+    for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (its step, _tile_products)
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
-        a_tile = tl.load(a_rows + cols[None, :], mask=a_inside[:, None] & cols_inside[None, :], other=0.0)
-        a_products += _folded(a_tile.to(tl.float32), x, BLOCK_N, BLOCK_K, FOLD)
-        b_tile = tl.load(b_rows + cols[None, :], mask=b_inside[:, None] & cols_inside[None, :], other=0.0)
-        b_products += _folded(b_tile.to(tl.float32), x, BLOCK_N, BLOCK_K, FOLD)
+        a_products += _tile_products(x, a_rows, a_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
+        b_products += _tile_products(x, b_rows, b_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
     a = tl.sum(a_products, axis=1)
     b = tl.sum(b_products, axis=1)
     if HAS_BIAS:
@@ -126,10 +124,10 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
     angle_at = batch.to(tl.int64) * stride_cb + token.to(tl.int64) * stride_ct + firsts
     cos = tl.load(cos_ptr + angle_at, mask=b_inside, other=0.0)
     sin = tl.load(sin_ptr + angle_at, mask=b_inside, other=0.0)
-    # rope._rotate_head's arithmetic: float32 from the rounded values, rounded to x's dtype
-    a32, b32 = a.to(tl.float32), b.to(tl.float32)
-    a = tl.where(rotated, (a32 * cos - b32 * sin).to(dtype), a)
-    b = (b32 * cos + a32 * sin).to(dtype)
+    # rope._rotate_head's arithmetic (its helper): float32 from the rounded values, rounded to x's dtype
+    a_rotated, b_rotated = _rotate_pair(a.to(tl.float32), b.to(tl.float32), cos, sin)
+    a = tl.where(rotated, a_rotated.to(dtype), a)
+    b = b_rotated.to(dtype)
     if in_q:
         q_row = q_out_ptr + row.to(tl.int64) * (HQ * D)
         tl.store(q_row + a_outs, a, mask=a_inside)

@@ -76,6 +76,17 @@ INTERPRETER_CONFIG = {"BLOCK_T": 4, "num_warps": 1}
 
 
 @triton.jit
+def _rotate_pair(a, b, cos, sin):
+    """(a·cos - b·sin, b·cos + a·sin) in float32 as fma(-b, sin, a·cos), fma(a, sin, b·cos): the cos products rounded,
+    the sin products fused. Every kernel whose rotation must give these bits calls this. Why explicit: written
+    `a * cos - b * sin`, which product LLVM contracts into an fma (Triton compiles with fp fusion on) is its choice in
+    each kernel, not the source's: on sm_90 `_rotate_head` fused a·sin into b·cos + a·sin and kernels/qkv_rope.py's
+    epilogue b·cos, 1 ulp apart in float32 (their PTX, session 14). Here nothing is left to contract (an fma's addend
+    is not, nor -b, Triton's 0 - b), and no -sin lives across rope's head loop (8-25 more registers a thread)."""
+    return tl.fma(-b, sin, a * cos), tl.fma(a, sin, b * cos)
+
+
+@triton.jit
 def _rotate_head(src_ptr, dst_ptr, src_rows, dst_rows, token_inside, cos, sin, HALF, PASS,
                  COPY_PASS: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr):
     """One head's BLOCK_T rows (src_rows, dst_rows: each row's offset): the R = 2·HALF rotated channels, and the PASS
@@ -87,8 +98,9 @@ def _rotate_head(src_ptr, dst_ptr, src_rows, dst_rows, token_inside, cos, sin, H
     dst = dst_ptr + dst_rows[:, None] + pairs[None, :]
     a = tl.load(src, mask=inside, other=0.0).to(tl.float32)
     b = tl.load(src + HALF, mask=inside, other=0.0).to(tl.float32)
-    tl.store(dst, (a * cos - b * sin).to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
-    tl.store(dst + HALF, (b * cos + a * sin).to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
+    a, b = _rotate_pair(a, b, cos, sin)
+    tl.store(dst, a.to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
+    tl.store(dst + HALF, b.to(src_ptr.dtype.element_ty).to(dst_ptr.dtype.element_ty), mask=inside)
     if COPY_PASS:
         rest = 2 * HALF + tl.arange(0, BLOCK_PASS)
         inside = token_inside[:, None] & (rest < 2 * HALF + PASS)[None, :]
