@@ -12,9 +12,10 @@ and the caches (B, HK, L, D)::
 rope: kernels/rope.py's rotate-half pairing, channel i < R/2 with i + R/2, (a, b) -> (a·cos - b·sin, b·cos + a·sin)
 in float32 from the rounded products, rounded to x's dtype; channels R .. D-1 pass through. So the result is what
 kernels/gemv.py's `qkv_linear` followed by kernels/rope.py's `apply_rope_write_kv` gives, bit for bit: each product
-is summed as `_qkv_gemv_kernel` sums it (its loop, the qkv bucket's config: the same tile shape, BLOCK_K and FOLD, so
-the same order), stored through the same conversion, and rotated with `_rotate_head`'s arithmetic on the same cos
-and sin.
+is summed as `_qkv_gemv_kernel` sums it (its loop's step, gemv._tile_products, with the qkv bucket's config: the same
+tile shape, BLOCK_K and FOLD, so the same order), stored through the same conversion, and rotated by `_rotate_head`'s
+helper, rope._rotate_pair (explicit fmas: nothing left for the compiler to contract differently in each kernel), on
+the same cos and sin.
 
 Why: an attention layer's decoding step ran the qkv GEMV, then the RoPE kernel writing the cache (a launch and two
 gaps on the attention branch, the critical one of a Hymba+ layer: 4.7 µs GEMV, 1.9 µs gap, 3.0 µs rope, 2.4 µs gap on
