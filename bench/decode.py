@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import inspect
 import json
 import math
 import os
@@ -82,7 +83,8 @@ DRY_SPECS = {
 
 # generate's decoding variants: the eager step recorded in a CUDA graph (the default), the torch.compile'd step recorded
 # in one, and (with --eager) the eager step launched op by op.
-VARIANTS = {"graph": {"cuda_graph": True}, "graph_compiled": {"cuda_graph": True, "compile": True},
+GRAPH = {"cuda_graph": True}
+VARIANTS = {"graph": GRAPH, "graph_compiled": {"cuda_graph": True, "compile": True},
             "eager": {"cuda_graph": False}}
 
 
@@ -90,6 +92,38 @@ def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: P
     from archgen.testing import build_generated
 
     return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)[0]
+
+
+def greedy_loop_ms_per_token(model, prompt, new_tokens: int, compile: bool = False, rounds: int = 5) -> float:
+    """ms per token of `generate`'s greedy loop on CUDA, timed alone: the graph decoder generate uses for this prompt
+    and length (generate records it first), prefilled, then `decoder.greedy(first, new_tokens - 1)`, the replays back
+    to back that generate runs after its prefill, between two synchronisations; best of `rounds`. Why not the
+    difference of two generate runs (decode_ms_per_token): each run's prefill (an eager forward of the prompt and a
+    cache copy) jitters by milliseconds, and the difference carries that jitter into every token. In session 14 it
+    read Bamba-1B 0.745 to 1.004 ms/token in one process for graphs whose replays took 0.850-0.858 ms back to back."""
+    model.generate(prompt, max_new_tokens=new_tokens, temperature=0, cuda_graph=True, compile=compile)
+    meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
+    decoder = model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + new_tokens, prompt.device,
+                                  compile=compile)  # the one generate just used
+    heads_off = {"run_heads": False} if "run_heads" in inspect.signature(model.forward).parameters else {}
+    best = math.inf
+    for _ in range(rounds):
+        logits = decoder.prefill(lambda cache: model(prompt, cache=cache, **heads_off).logits[:, -1])
+        first = logits.argmax(dim=-1, keepdim=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        decoder.greedy(first, new_tokens - 1)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best / (new_tokens - 1) * 1e3
+
+
+def step_ms_per_token(model, prompt, new_tokens: int, device: str, options: dict) -> float:
+    """The decode figure of a variant: the greedy loop alone for a graph on CUDA, else the two-run difference."""
+    if device == "cuda" and options.get("cuda_graph"):
+        return greedy_loop_ms_per_token(model, prompt, new_tokens, compile=options.get("compile", False))
+    return decode_ms_per_token(lambda p, n: model.generate(p, max_new_tokens=n, temperature=0, **options), prompt,
+                               new_tokens, device)
 
 
 def decode_ms_per_token(generate, prompt, new_tokens: int, device: str) -> float:
@@ -265,7 +299,7 @@ def alternating_ab(model, prompt, args, name: str, baseline: str, candidate: str
                         after_first_capture(mode, out)
                     drop_graphs(model)
                     greedy[mode] = generate(prompt, 16)
-                out["rounds"][mode].append(decode_ms_per_token(generate, prompt, args.new_tokens, args.device))
+                out["rounds"][mode].append(step_ms_per_token(model, prompt, args.new_tokens, args.device, GRAPH))
             except Exception as error:  # noqa: BLE001 — e.g. a capture refusing the mode's launches or streams
                 out[f"{mode}_error"] = f"{type(error).__name__}: {str(error)[:1500]}"
                 print(f"{name} {mode}: {out[f'{mode}_error']}", flush=True)
@@ -290,18 +324,19 @@ def recaptures(model, prompt, args) -> dict:
     that the graph or the moment? The first decoder is kept aside; the step is captured anew args.recapture times
     (each timed as the main figure is, and its replays back to back); then the first decoder is put back and timed
     again. A first decoder still slow at the end is a property of that graph (its memory, its instantiation); one as
-    fast as the later captures was the moment (the process or the GPU warming up)."""
+    fast as the later captures was the moment (the process or the GPU warming up). Session 14's answer: neither; the
+    graphs' replays took the same time back to back (Hymba+ 1,663-1,679 µs, Bamba-1B 850-858), and what differed was
+    the old figure's jitter (the difference of two generate runs), which step_ms_per_token no longer uses."""
     first = model.__dict__.get("_graph_decoders")
-    generate = greedy_in_graph(model)
     out: dict = {"captures": []}
     try:
         for _ in range(args.recapture):
             model.__dict__["_graph_decoders"] = {}
-            ms = decode_ms_per_token(generate, prompt, args.new_tokens, args.device)
+            ms = step_ms_per_token(model, prompt, args.new_tokens, args.device, GRAPH)
             out["captures"].append({"ms_per_token": ms, **timed_replays(model, prompt, args)})
     finally:
         model.__dict__["_graph_decoders"] = first if first is not None else {}
-    out["first_again"] = {"ms_per_token": decode_ms_per_token(generate, prompt, args.new_tokens, args.device),
+    out["first_again"] = {"ms_per_token": step_ms_per_token(model, prompt, args.new_tokens, args.device, GRAPH),
                           **timed_replays(model, prompt, args)}
     return out
 
@@ -435,9 +470,11 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 if options.get("compile"):  # the first call compiles: timed on its own
                     attempt(row, f"{variant}_compile_s", lambda generate=generate, prompt=prompt: timed_once(
                         lambda: generate(prompt, 4), device), args)
-                attempt(row, f"{variant}_ms_per_token",
-                        lambda generate=generate, prompt=prompt: decode_ms_per_token(generate, prompt, args.new_tokens, device),
-                        args)
+                attempt(row, f"{variant}_ms_per_token", lambda options=options, prompt=prompt: step_ms_per_token(
+                    model, prompt, args.new_tokens, device, options), args)
+                if device == "cuda" and options.get("cuda_graph"):  # the former figure, for comparison with older runs
+                    attempt(row, f"{variant}_generate_difference_ms_per_token", lambda generate=generate, prompt=prompt:
+                            decode_ms_per_token(generate, prompt, args.new_tokens, device), args)
                 save(args, results)
             if batch == 1 and device == "cuda" and "graph" in args.variants:
                 attempt(row, "graph_timeline", lambda prompt=prompt: graph_timeline(model, prompt, args.new_tokens), args)
