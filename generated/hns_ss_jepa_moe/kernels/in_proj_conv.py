@@ -24,6 +24,10 @@ Launch config: the GEMV's for in_proj's shape (kernels/gemv.py's tuner, bucket `
 two-launch steps sum the products alike and `archgen build --autotune` tunes one bucket for both. Widths 2 to 4
 (causal_conv1d.WINDOW_WIDTH); more rows than gemv.FEW_ROWS, and torch.export, take `linear` and
 `causal_conv1d_update_` (two launches), whose results are the same.
+
+With the block's RMSNorm (`rms_norm_in_proj_conv_step_`, session 14): x is first rms_norm(x, norm_weight, eps),
+computed in gemv._row_products' prologue (NORM: each program takes its row's rstd after the PDL wait, then normalises
+each chunk of x as kernels/rmsnorm.py's forward stores it); the two launches' result within rounding, not bit for bit.
 """
 
 import torch

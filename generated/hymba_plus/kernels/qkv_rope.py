@@ -31,6 +31,12 @@ into q's output. Nothing is read back: no program depends on another's stores.
 Launch config: the GEMV's for the three weights stacked (`gemv.tuned_config`, the bucket qkv_linear tunes, timing
 qkv_linear), so `archgen build --autotune` tunes one bucket for both paths. More rows than FEW_ROWS, a gradient and
 torch.export take the two launches (qkv's products, then `apply_rope_write_kv`), whose results are the same.
+
+With the block's RMSNorm (`rms_norm_qkv_rope_write_kv_`, session 14): x is first rms_norm(x, norm_weight, eps), computed
+in the prologue: each program, after the PDL wait, takes its row's rstd (gemv._rstd, one more pass over the row from
+L2), then its K loop takes each chunk of x as kernels/rmsnorm.py's forward stores it (gemv._load_x). The norm kernel's
+launch and its gap leave the decoding step's path; the result is the two launches' within rounding (the squares are
+summed in another order), not bit for bit.
 """
 
 import torch
