@@ -325,8 +325,8 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean; decode_attention's one-launch form, which its hook does not take; qkv_rope's and
-    in_proj_conv's kernels, whose hooks tune the plain GEMVs', each also with the RMSNorm prologue), with the
+    silu_mul, normalized_mean; decode_attention's one-launch form, which its hook does not take; qkv_rope's kernel,
+    whose hook tunes qkv_linear's), with the
     parameter shapes of the case; False when the file has none."""
     import torch
 
@@ -381,37 +381,12 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         own = gemv.shape_config(N, K, 1, H200["multiprocessor_count"])
         candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
         default = gemv.FORWARD_TUNER.untuned_config(candidates)
-        # and with the block's RMSNorm in its prologue (rms_norm_qkv_rope_write_kv_: NORM), its key marked "+norm"
-        for candidate, norm in ((c, n) for n in (None, torch.ones(K, dtype=dtype)) for c in candidates):
-            RECORDER.context = {"tuner": "gemv.forward",
-                                "key": gemv.shape_key(N, K, 1, dtype, False) + "-qkv" + ("+norm" if norm is not None else ""),
+        for candidate in candidates:
+            RECORDER.context = {"tuner": "gemv.forward", "key": gemv.shape_key(N, K, 1, dtype, False) + "-qkv",
                                 "config": config_name(candidate), "default": candidate == default}
             try:
                 qkv_rope.qkv_rope_write_kv_forward(randn(1, 1, K), *weights, None, None, None, angles.cos(), angles.sin(),
-                                                   *caches, torch.tensor([seqlen - 1]), norm_weight=norm, eps=1e-6,
-                                                   config=candidate)
-            except Exception as error:
-                RECORDER.failed(error)
-            finally:
-                RECORDER.context = None
-    elif file == "in_proj_conv":  # its hook tunes in_proj's bucket with the plain GEMV: its own kernel, with and without NORM
-        from archgen_kernels.triton_support import config_name
-
-        gemv, in_proj_conv = modules["gemv"], modules["in_proj_conv"]
-        N, K = params["in_proj.weight"]
-        D, width = params["conv1d.weight"][0], params["conv1d.weight"][-1]
-        own = gemv.shape_config(N, K, 1, H200["multiprocessor_count"])
-        candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
-        default = gemv.FORWARD_TUNER.untuned_config(candidates)
-        weight, conv_weight = randn(N, K), randn(D, width)
-        for candidate, norm in ((c, n) for n in (None, torch.ones(K, dtype=dtype)) for c in candidates):
-            RECORDER.context = {"tuner": "gemv.forward",
-                                "key": gemv.shape_key(N, K, 1, dtype, False) + ("+norm" if norm is not None else ""),
-                                "config": config_name(candidate), "default": candidate == default}
-            try:
-                in_proj_conv.in_proj_conv_step_forward(randn(1, 1, K), weight, None, conv_weight, randn(D),
-                                                       torch.zeros(1, D, width - 1, dtype=dtype), True,
-                                                       norm_weight=norm, eps=1e-6, config=candidate)
+                                                   *caches, torch.tensor([seqlen - 1]), config=candidate)
             except Exception as error:
                 RECORDER.failed(error)
             finally:

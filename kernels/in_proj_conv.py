@@ -24,10 +24,6 @@ Launch config: the GEMV's for in_proj's shape (kernels/gemv.py's tuner, bucket `
 two-launch steps sum the products alike and `archgen build --autotune` tunes one bucket for both. Widths 2 to 4
 (causal_conv1d.WINDOW_WIDTH); more rows than gemv.FEW_ROWS, and torch.export, take `linear` and
 `causal_conv1d_update_` (two launches), whose results are the same.
-
-With the block's RMSNorm (`rms_norm_in_proj_conv_step_`, session 14): x is first rms_norm(x, norm_weight, eps),
-computed in gemv._row_products' prologue (NORM: each program takes its row's rstd after the PDL wait, then normalises
-each chunk of x as kernels/rmsnorm.py's forward stores it); the two launches' result within rounding, not bit for bit.
 """
 
 import torch
@@ -48,7 +44,6 @@ from .gemv import (
     tuned_config,
 )
 from .gemv import autotune as gemv_autotune
-from .rmsnorm import rms_norm, rms_norm_reference
 from .triton_support import (
     calls_implementation_directly,
     on_device,
@@ -65,21 +60,18 @@ ACTIVATIONS = (None, "silu")
 def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, stride_wn, stride_ym, stride_zm,
                          conv_w_ptr, conv_w_stride_d, conv_w_stride_k, conv_b_ptr,
                          state_ptr, state_stride_b, state_stride_d, state_stride_k,  # read, then written over
-                         norm_w_ptr, eps,  # the RMSNorm x goes through first (NORM)
                          HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
                          WIDTH: tl.constexpr,  # 2 <= WIDTH <= 4
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
-                         PDL: tl.constexpr,  # as gemv._gemv_kernel's
-                         NORM: tl.constexpr):  # x RMSNorm'd first, in every program (gemv._row_products)
-    """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product (with NORM: of RMSNorm's output), then
-    for outputs below D the conv step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others
-    in z (B, N - D). The state's entries are loaded after gdc_wait (the kernel ahead may be the previous step's last)."""
+                         PDL: tl.constexpr):  # as gemv._gemv_kernel's
+    """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product, then for outputs below D the conv
+    step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The state's
+    entries are loaded after gdc_wait (the kernel ahead may be the previous step's last)."""
     row = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, norm_w_ptr, eps, BLOCK_N, BLOCK_K, FOLD, PDL,
-                      NORM)  # gemv's sums
+    p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)  # gemv's sums
     if HAS_BIAS:
         p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
@@ -94,12 +86,12 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, 
 
 
 def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
-                              conv_bias: Tensor | None, conv_state: Tensor, silu: bool, *, norm_weight: Tensor | None = None,
-                              eps: float = 0.0, config: dict | None = None) -> tuple[Tensor, Tensor]:
+                              conv_bias: Tensor | None, conv_state: Tensor, silu: bool,
+                              *, config: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the kernel: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)) in x's dtype, conv_state (B, D, W-1) shifted
-    where it lies. Given norm_weight (K,): of rms_norm(x, norm_weight, eps) instead of x (the norm in the prologue).
+    where it lies.
     config {"BLOCK_N", "BLOCK_K", "num_warps"} as gemv_forward's; without it, the GEMV bucket's."""
-    _check(x, weight, bias, conv_weight, conv_bias, conv_state, norm_weight)
+    _check(x, weight, bias, conv_weight, conv_bias, conv_state)
     batch, _, K = x.shape
     N, (D, width) = weight.shape[0], conv_weight.shape
     x2 = x.reshape(batch, K) if x.stride(-1) == 1 else x.reshape(batch, K).contiguous()
@@ -116,14 +108,13 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
         _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, y, z, N, K, D, x2.stride(0), w.stride(0), y.stride(0), z.stride(0),
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
-            conv_state, *conv_state.stride(), norm_weight if norm_weight is not None else w, eps,
-            HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, SILU=bool(silu), WIDTH=width,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, NORM=norm_weight is not None,
-            num_warps=cfg["num_warps"], launch_pdl=pdl)
+            conv_state, *conv_state.stride(), HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None,
+            SILU=bool(silu), WIDTH=width, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
+            PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y, z
 
 
-def _check(x, weight, bias, conv_weight, conv_bias, conv_state, norm_weight=None) -> None:
+def _check(x, weight, bias, conv_weight, conv_bias, conv_state) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"in_proj_conv_step_ takes {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
     if x.dim() != 3 or x.shape[1] != 1:
@@ -142,9 +133,6 @@ def _check(x, weight, bias, conv_weight, conv_bias, conv_state, norm_weight=None
             raise ValueError(f"in_proj_conv_step_: {name} must be {shape}, got {tuple(t.shape)}")
     if D > N:
         raise ValueError(f"in_proj_conv_step_: the conv's {D} channels are more than in_proj's {N} outputs")
-    if norm_weight is not None and (tuple(norm_weight.shape) != (K,) or norm_weight.dtype not in SUPPORTED_DTYPES):
-        raise ValueError(f"rms_norm_in_proj_conv_step_: norm_weight must be ({K},) in one of {SUPPORTED_DTYPES}, got "
-                         f"{tuple(norm_weight.shape)} in {norm_weight.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,24 +157,6 @@ def _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu):
 in_proj_conv_step_op = register_op("in_proj_conv_step_", _impl, _fake, mutates_args=("conv_state",))
 
 
-def _norm_impl(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
-               conv_bias: Tensor | None, conv_state: Tensor, silu: bool) -> tuple[Tensor, Tensor]:
-    """archgen_v1::rms_norm_in_proj_conv_step_ -> in_proj_conv_step_'s (y, z) of rms_norm(x, norm_weight, eps)."""
-    if not (x.is_cuda or triton_on_cpu()):
-        return rms_norm_in_proj_conv_step_reference(x, norm_weight, eps, weight, bias, conv_weight, conv_bias,
-                                                    conv_state, silu)
-    return in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, conv_state, silu, norm_weight=norm_weight,
-                                     eps=eps)
-
-
-def _norm_fake(x, norm_weight, eps, weight, bias, conv_weight, conv_bias, conv_state, silu):
-    return _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
-
-
-rms_norm_in_proj_conv_step_op = register_op("rms_norm_in_proj_conv_step_", _norm_impl, _norm_fake,
-                                            mutates_args=("conv_state",))
-
-
 def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
                        conv_state: Tensor, activation: str | None = None) -> tuple[Tensor, Tensor]:
     """One decoding step of a Mamba-1 layer's in_proj and conv: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)): in_proj's
@@ -208,24 +178,6 @@ def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weig
     return in_proj_conv_step_op(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
 
 
-def rms_norm_in_proj_conv_step_(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor, bias: Tensor | None,
-                                conv_weight: Tensor, conv_bias: Tensor | None, conv_state: Tensor,
-                                activation: str | None = None) -> tuple[Tensor, Tensor]:
-    """in_proj_conv_step_ of rms_norm(x, norm_weight, eps) (a block's norm before its Mamba layer), the norm computed
-    in the GEMV's prologue: every program first takes the rstd of x's row (one more pass over it, from L2), then its
-    K loop multiplies each chunk of x by rstd · norm_weight, rounded to x's dtype as kernels/rmsnorm.py's forward
-    stores its output. One launch where rms_norm and in_proj_conv_step_ took two; the same result within rounding (the
-    sum of squares is summed in another order). Where in_proj_conv_step_ would take its two ops (more rows, export),
-    the norm's op and in_proj_conv_step_."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    if torch.compiler.is_exporting() or x.shape[0] > FEW_ROWS:
-        return in_proj_conv_step_(rms_norm(x, norm_weight, eps), weight, bias, conv_weight, conv_bias, conv_state,
-                                  activation)
-    args = (x, norm_weight, eps, weight, bias, conv_weight, conv_bias, conv_state, activation == "silu")
-    return _norm_impl(*args) if calls_implementation_directly(x) else rms_norm_in_proj_conv_step_op(*args)
-
-
 def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
                                 conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False) -> tuple[Tensor, Tensor]:
     """gemv.linear_reference, then causal_conv1d_reference on its first D outputs with the state copied back: the
@@ -236,15 +188,6 @@ def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, 
                                               "silu" if silu else None)
     conv_state.copy_(new_state)
     return conv, products[..., D:]
-
-
-def rms_norm_in_proj_conv_step_reference(x: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
-                                         bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
-                                         conv_state: Tensor, silu: bool = False) -> tuple[Tensor, Tensor]:
-    """rmsnorm.rms_norm_reference (float32, one rounding to x's dtype: the norm kernel's), then
-    in_proj_conv_step_reference."""
-    return in_proj_conv_step_reference(rms_norm_reference(x, norm_weight, eps), weight, bias, conv_weight, conv_bias,
-                                       conv_state, silu)
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,

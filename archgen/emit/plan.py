@@ -35,13 +35,6 @@ class ComponentPlan:
     takes_residual: bool = False  # a feed-forward whose forward adds the block's stream itself (residual=)
     takes_residual_norm: bool = False  # a mixer that adds the block's stream and runs its ffn_norm (residual=, norm=)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
-    # a mixer given x un-normed and the block's norm (input_norm=), which a decoding step's first GEMV computes in its
-    # prologue with this kernel function (Kind.input_norm_kernel); None: the block norms x
-    input_norm_kernel: str | None = None
-
-    @property
-    def takes_input_norm(self) -> bool:
-        return self.input_norm_kernel is not None
 
     @property
     def linear(self) -> str:
@@ -61,11 +54,6 @@ class ParallelPlan:
     @property
     def n_branches(self) -> int:
         return len(self.branches)
-
-    @property
-    def takes_input_norm(self) -> bool:
-        """Every branch computes the block's norm of x itself (in a decoding step: in its first GEMV's prologue)."""
-        return all(b.takes_input_norm for b in self.branches)
 
     @property
     def produces_aux(self) -> bool:
@@ -227,10 +215,6 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
     dims = ir.dims
     d = dims.d_model
     layers = _layers(ir)
-    norm_op = ir.op("norm_f")
-    norm_dims = kind_of(norm_op.kind).template_dims(norm_op.config, dims)  # "kernel_module": its constructor with a kernel
-    # the blocks' norms are plain FusedRMSNorms (weight, eps), which a GEMV's prologue can compute (Kind.input_norm_kernel)
-    plain_fused_norm = "rms_norm" in norm_op.kernels and not norm_dims["zero_centered"]
 
     component_ops: dict[str, Op] = {}
     for layer in layers:
@@ -243,7 +227,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                  for suffix, sub_kind, sub_config in kind.subcomponents(op.config)}
         for part in parts.values():
             components[part.name] = part
-        components[name] = _component(name, op.kind, op.config, dims, namespace, op.kernels, plain_fused_norm)
+        components[name] = _component(name, op.kind, op.config, dims, namespace, op.kernels)
         for suffix, part in parts.items():
             components[name].dims[f"{suffix}_class"] = part.class_name
 
@@ -292,6 +276,8 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
     preset = f" --preset {resolved.preset}" if resolved.preset else ""
     overrides = "".join(f" --set {o}" for o in resolved.overrides)
     output = "" if output_root == DEFAULT_OUTPUT else f" -o {output_root}"
+    norm_op = ir.op("norm_f")
+    norm_dims = kind_of(norm_op.kind).template_dims(norm_op.config, dims)  # "kernel_module": its constructor with a kernel
     meta = [op for op in ir.ops() if op.kind == "meta_tokens"]
     shapes = {"embed": ir.op("embed").out_shape, "backbone": (meta[0] if meta else ir.op("embed")).out_shape,
               "final": norm_op.out_shape, "logits": ir.op("lm_head").out_shape}
@@ -374,7 +360,7 @@ def _reject_unemitted(ir: IR) -> None:
 
 
 def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Namespace,
-               kernels: dict[str, KernelChoice] | None, plain_fused_norm: bool = False) -> ComponentPlan:
+               kernels: dict[str, KernelChoice] | None) -> ComponentPlan:
     kind = kind_of(kind_name)
     template_dims = kind.template_dims(config, dims)
     template_dims["kind"] = kind_name
@@ -382,8 +368,7 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
                          takes_step=kind.takes_step, takes_residual=kind.takes_residual(config, kernels or {}),
                          takes_residual_norm=kind.takes_residual_norm(config, kernels or {}),
-                         kernels=dict(kernels or {}),
-                         input_norm_kernel=kind.input_norm_kernel(config, kernels or {}) if plain_fused_norm else None)
+                         kernels=dict(kernels or {}))
 
 
 def _layout_text(layers: list[_Layer]) -> str:

@@ -179,10 +179,6 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         rope = (self.rope_function, "rope_cos_sin", "rope_inv_freq") if config.rope else ()
         return {"attention": (*self.attention_functions, *rope)}
 
-    def input_norm_kernel(self, config: AttentionConfig, kernels: dict) -> str | None:
-        """A decoding step's qkv GEMV with RoPE and the cache write (qkv_rope_write_kv_) normalises x in its prologue."""
-        return "rms_norm_qkv_rope_write_kv_" if "rms_norm_qkv_rope_write_kv_" in kernels else None
-
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope
         return {"router": False, "qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias, "out_bias": config.out_bias,

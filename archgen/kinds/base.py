@@ -137,14 +137,6 @@ class Kind(Generic[SpecT, ConfigT]):
         kernels {function: choice}."""
         return False
 
-    def input_norm_kernel(self, config: ConfigT, kernels: dict) -> str | None:
-        """The kernel function with which a mixer's first GEMV computes the block's RMSNorm of its input in its
-        prologue (a decoding step's norm launch off the layer's serial path), or None. Given one (and a model whose
-        norms are plain FusedRMSNorms), the mixer's forward takes x un-normed and `input_norm=` (the block's
-        mixer_norm) and applies the norm itself wherever that kernel does not run; the block then emits
-        `self.mixer(x, ..., input_norm=self.mixer_norm)`. `kernels`: the op's chosen kernels {function: choice}."""
-        return None
-
     def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}

@@ -104,10 +104,6 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
     def imports(self, config: MambaConfig) -> dict[str, tuple[str, ...]]:
         return {"ssm": ("MambaCache", "causal_conv1d", "mamba_step_low_rank", "selective_scan")}
 
-    def input_norm_kernel(self, config: MambaConfig, kernels: dict) -> str | None:
-        """A decoding step's in_proj GEMV with the conv step (in_proj_conv_step_) normalises x in its prologue."""
-        return "rms_norm_in_proj_conv_step_" if "rms_norm_in_proj_conv_step_" in kernels else None
-
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
                 "dt_rank": config.dt_rank, "padded_dt_rank": padded_dt_rank(config),

@@ -89,11 +89,6 @@ KERNEL_RULES: list[KernelRule] = [
                "Mamba-1 decoding step's in_proj GEMV with the conv + SiLU in its epilogue, the cache's conv state "
                "shifted in place (the GEMV and causal_conv1d_update_ before: a launch fewer per layer and token on the "
                "step's chain), the same bits", when=_conv_steps_in_place),
-    KernelRule("mamba", "in_proj_conv", "rms_norm_in_proj_conv_step_", None,
-               "in_proj_conv_step_ with the block's RMSNorm of x in the GEMV's prologue (each program takes its row's "
-               "rstd from L2, then multiplies each chunk of x by rstd * weight, rounded as the norm kernel stores it): "
-               "the norm's launch and its gap off a decoding step's serial path, the two launches' result within "
-               "rounding", when=_conv_steps_in_place),
     KernelRule("mamba", "state_update", "mamba_step_low_rank", "ssm",
                "Mamba-1 one-token state update (decoding): Δ projected from its low rank (dt_proj), A = -exp(A_log), "
                "the step and the z gate in one launch"),
@@ -139,12 +134,6 @@ KERNEL_RULES: list[KernelRule] = [
                "and apply_rope_write_kv before: a launch fewer per layer and token on the attention branch), the same "
                "bits; not with qk-norm (it comes between the products and the rotation) nor an output gate (q_proj's "
                "rows interleave each head's query and gate)", when=_qkv_rope_fits),
-    KernelRule("attention", "qkv_rope", "rms_norm_qkv_rope_write_kv_", None,
-               "qkv_rope_write_kv_ with the block's RMSNorm of x in the GEMV's prologue (each program takes its row's "
-               "rstd from L2, then multiplies each chunk of x by rstd * weight, rounded as the norm kernel stores it): "
-               "the norm's launch and its gap off a decoding step's serial path, the two launches' result within "
-               "rounding; not with an input multiplier (it scales the norm's output)",
-               when=lambda config: _qkv_rope_fits(config) and config.input_multiplier == 1),
     KernelRule("attention", "decode_attention", "decode_attention", "attention",
                "A cached step's few queries (decoding) over the KV cache, split over the cache (flash-decoding): every "
                "query head of a KV head's group in one tile, the mask computed from the positions, a second launch "

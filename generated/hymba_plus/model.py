@@ -170,8 +170,7 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, input_norm=None):
-        """input_norm: the block's norm, which x has not been through yet (the fused qkv GEMV below computes it)."""
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
@@ -179,45 +178,25 @@ class Attn(nn.Module):
         step = step if step is not None else StepContext(positions, pads)
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
-        if input_norm is not None and (slots is None or not use_kernel(kernels.rms_norm_qkv_rope_write_kv_, x)):
-            x, input_norm = input_norm(x), None  # the block's norm, where the fused GEMV below does not compute it
         if slots is not None:
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits); the cache is what attention reads.
             cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
-            if input_norm is not None:  # and the block's norm of x in the GEMV's prologue: one launch fewer before it
-                q = kernels.rms_norm_qkv_rope_write_kv_(
-                    x,
-                    input_norm.weight,
-                    input_norm.eps,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )
-            else:
-                q = kernels.qkv_rope_write_kv_(
-                    x,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )  # (B, 25, T, 64)
+            q = kernels.qkv_rope_write_kv_(
+                x,
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.q_proj.bias,
+                self.k_proj.bias,
+                self.v_proj.bias,
+                cos,
+                sin,
+                cache.k,
+                cache.v,
+                slots,
+            )  # (B, 25, T, 64)
             k, v = cache.k, cache.v  # (B, 5, S, 64) each: what to attend over
         else:
             if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
@@ -317,8 +296,7 @@ class GlobalAttn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, input_norm=None):
-        """input_norm: the block's norm, which x has not been through yet (the fused qkv GEMV below computes it)."""
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
@@ -326,45 +304,25 @@ class GlobalAttn(nn.Module):
         step = step if step is not None else StepContext(positions, pads)
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("global_attn", cache) if fused else None  # (T,), shared by the layers
-        if input_norm is not None and (slots is None or not use_kernel(kernels.rms_norm_qkv_rope_write_kv_, x)):
-            x, input_norm = input_norm(x), None  # the block's norm, where the fused GEMV below does not compute it
         if slots is not None:
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits); the cache is what attention reads.
             cos, sin = step.rope_cos_sin("global_attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
-            if input_norm is not None:  # and the block's norm of x in the GEMV's prologue: one launch fewer before it
-                q = kernels.rms_norm_qkv_rope_write_kv_(
-                    x,
-                    input_norm.weight,
-                    input_norm.eps,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )
-            else:
-                q = kernels.qkv_rope_write_kv_(
-                    x,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )  # (B, 25, T, 64)
+            q = kernels.qkv_rope_write_kv_(
+                x,
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.q_proj.bias,
+                self.k_proj.bias,
+                self.v_proj.bias,
+                cos,
+                sin,
+                cache.k,
+                cache.v,
+                slots,
+            )  # (B, 25, T, 64)
             k, v = cache.k, cache.v  # (B, 5, S, 64) each: what to attend over
         else:
             if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
@@ -470,39 +428,22 @@ class Ssm(nn.Module):
         dt, B_ssm, C_ssm = F.linear(x, padded).split([104, 16, 16], dim=-1)
         return F.linear(dt, F.pad(self.dt_proj.weight, (0, 4))), B_ssm, C_ssm
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None, input_norm=None):
-        """input_norm: the block's norm, which x has not been through yet (the fused in_proj GEMV below computes it)."""
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
         conv_state = cache.conv_state if cache is not None else None  # (B, 3200, 3), the inputs before x
-        fused = cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x)
-        if input_norm is not None and not (fused and use_kernel(kernels.rms_norm_in_proj_conv_step_, x)):
-            x, input_norm = input_norm(x), None  # the block's norm, where the fused GEMV below does not compute it
-        if fused:
+        if cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x):
             # a decoding step: in_proj's GEMV with the conv and SiLU of its x half in the epilogue, which also shifts the
             # cache's conv state where it lies (one launch on the step's chain of dependent launches, where two ran; a
             # ragged batch's pads, masked between the two, keep them)
-            if input_norm is not None:  # and the block's norm of x in the GEMV's prologue: one launch fewer before it
-                x, z = kernels.rms_norm_in_proj_conv_step_(
-                    x,
-                    input_norm.weight,
-                    input_norm.eps,
-                    self.in_proj.weight,
-                    self.in_proj.bias,
-                    self.conv1d.weight[:, 0],
-                    self.conv1d.bias,
-                    conv_state,
-                    activation="silu",
-                )
-            else:
-                x, z = kernels.in_proj_conv_step_(
-                    x,
-                    self.in_proj.weight,
-                    self.in_proj.bias,
-                    self.conv1d.weight[:, 0],
-                    self.conv1d.bias,
-                    conv_state,
-                    activation="silu",
-                )
+            x, z = kernels.in_proj_conv_step_(
+                x,
+                self.in_proj.weight,
+                self.in_proj.bias,
+                self.conv1d.weight[:, 0],
+                self.conv1d.bias,
+                conv_state,
+                activation="silu",
+            )
         else:
             x, z = self.in_proj(x).split([3200, 3200], dim=-1)  # (B, T, 3200) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
@@ -611,23 +552,13 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.global_attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, input_norm=None, residual=None, norm=None):
-        """Given the block's norm, the branches' input is input_norm(x); given the block's residual stream and its
-        feed-forward's norm: (norm(residual + y), residual + y)."""
-        # the block's norm once for every branch, except in a decoding step: there each branch's first GEMV computes it
-        # in its prologue (the norm's launch off the layer's serial path)
-        if input_norm is not None and not (
-            cache is not None
-            and runs_gemv(x)
-            and use_kernel(kernels.rms_norm_qkv_rope_write_kv_, x)
-            and use_kernel(kernels.rms_norm_in_proj_conv_step_, x)
-        ):
-            x, input_norm = input_norm(x), None
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
             global_attn_out = self.global_attn(
-                x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step, input_norm=input_norm
+                x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
             )
-        ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads, input_norm=input_norm)
+        ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_global_attn()  # the combine reads every branch
         if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
             # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
@@ -684,23 +615,11 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, input_norm=None, residual=None, norm=None):
-        """Given the block's norm, the branches' input is input_norm(x); given the block's residual stream and its
-        feed-forward's norm: (norm(residual + y), residual + y)."""
-        # the block's norm once for every branch, except in a decoding step: there each branch's first GEMV computes it
-        # in its prologue (the norm's launch off the layer's serial path)
-        if input_norm is not None and not (
-            cache is not None
-            and runs_gemv(x)
-            and use_kernel(kernels.rms_norm_qkv_rope_write_kv_, x)
-            and use_kernel(kernels.rms_norm_in_proj_conv_step_, x)
-        ):
-            x, input_norm = input_norm(x), None
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
-            attn_out = self.attn(
-                x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step, input_norm=input_norm
-            )
-        ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads, input_norm=input_norm)
+            attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
+        ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_attn()  # the combine reads every branch
         if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
             # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
@@ -751,10 +670,8 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # the mixer norms x itself with mixer_norm: a decoding step's first GEMVs in their prologue (the norm's launch
-        # off the layer's serial path)
         # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
-        h, x = self.mixer(x, positions, cache, pads=pads, step=step, input_norm=self.mixer_norm, residual=x, norm=self.ffn_norm)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 
@@ -776,10 +693,8 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # the mixer norms x itself with mixer_norm: a decoding step's first GEMVs in their prologue (the norm's launch
-        # off the layer's serial path)
         # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
-        h, x = self.mixer(x, positions, cache, pads=pads, step=step, input_norm=self.mixer_norm, residual=x, norm=self.ffn_norm)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 

@@ -146,8 +146,7 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, input_norm=None):
-        """input_norm: the block's norm, which x has not been through yet (the fused qkv GEMV below computes it)."""
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
@@ -155,45 +154,25 @@ class Attn(nn.Module):
         step = step if step is not None else StepContext(positions, pads)
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
-        if input_norm is not None and (slots is None or not use_kernel(kernels.rms_norm_qkv_rope_write_kv_, x)):
-            x, input_norm = input_norm(x), None  # the block's norm, where the fused GEMV below does not compute it
         if slots is not None:
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits); the cache is what attention reads.
             cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
-            if input_norm is not None:  # and the block's norm of x in the GEMV's prologue: one launch fewer before it
-                q = kernels.rms_norm_qkv_rope_write_kv_(
-                    x,
-                    input_norm.weight,
-                    input_norm.eps,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )
-            else:
-                q = kernels.qkv_rope_write_kv_(
-                    x,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                    cos,
-                    sin,
-                    cache.k,
-                    cache.v,
-                    slots,
-                )  # (B, 8, T, 64)
+            q = kernels.qkv_rope_write_kv_(
+                x,
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.q_proj.bias,
+                self.k_proj.bias,
+                self.v_proj.bias,
+                cos,
+                sin,
+                cache.k,
+                cache.v,
+                slots,
+            )  # (B, 8, T, 64)
             k, v = cache.k, cache.v  # (B, 8, S, 64) each: what to attend over
         else:
             if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
@@ -289,39 +268,22 @@ class Ssm(nn.Module):
         nn.init.uniform_(self.dt_proj.weight, -(32**-0.5), 32**-0.5)
         nn.init.normal_(self.out_proj.weight, 0.0, OUTPUT_STD)
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None, input_norm=None):
-        """input_norm: the block's norm, which x has not been through yet (the fused in_proj GEMV below computes it)."""
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
         B, T, C = x.size()
         conv_state = cache.conv_state if cache is not None else None  # (B, 1024, 3), the inputs before x
-        fused = cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x)
-        if input_norm is not None and not (fused and use_kernel(kernels.rms_norm_in_proj_conv_step_, x)):
-            x, input_norm = input_norm(x), None  # the block's norm, where the fused GEMV below does not compute it
-        if fused:
+        if cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x):
             # a decoding step: in_proj's GEMV with the conv and SiLU of its x half in the epilogue, which also shifts the
             # cache's conv state where it lies (one launch on the step's chain of dependent launches, where two ran; a
             # ragged batch's pads, masked between the two, keep them)
-            if input_norm is not None:  # and the block's norm of x in the GEMV's prologue: one launch fewer before it
-                x, z = kernels.rms_norm_in_proj_conv_step_(
-                    x,
-                    input_norm.weight,
-                    input_norm.eps,
-                    self.in_proj.weight,
-                    self.in_proj.bias,
-                    self.conv1d.weight[:, 0],
-                    self.conv1d.bias,
-                    conv_state,
-                    activation="silu",
-                )
-            else:
-                x, z = kernels.in_proj_conv_step_(
-                    x,
-                    self.in_proj.weight,
-                    self.in_proj.bias,
-                    self.conv1d.weight[:, 0],
-                    self.conv1d.bias,
-                    conv_state,
-                    activation="silu",
-                )
+            x, z = kernels.in_proj_conv_step_(
+                x,
+                self.in_proj.weight,
+                self.in_proj.bias,
+                self.conv1d.weight[:, 0],
+                self.conv1d.bias,
+                conv_state,
+                activation="silu",
+            )
         else:
             x, z = self.in_proj(x).split([1024, 1024], dim=-1)  # (B, T, 1024) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
@@ -427,9 +389,7 @@ class SsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # the mixer norms x itself with mixer_norm: a decoding step's first GEMVs in their prologue (the norm's launch
-        # off the layer's serial path)
-        y = self.mixer(x, positions, cache, pads=pads, input_norm=self.mixer_norm)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T, 512): the add in the feed-forward's down projection
         return x, {}
@@ -452,9 +412,7 @@ class AttnMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # the mixer norms x itself with mixer_norm: a decoding step's first GEMVs in their prologue (the norm's launch
-        # off the layer's serial path)
-        y = self.mixer(x, positions, cache, pads=pads, step=step, input_norm=self.mixer_norm)
+        y = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step)
         h, x = self.ffn_norm(y, x)  # h = norm(x + y), x = x + y (B, T, 512): the residual add fused into the norm
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T, 512): the add in the feed-forward's down projection
         return x, {}

@@ -22,7 +22,7 @@ BAMBA_TOY = ("model.d_model=36", "model.vocab_size=64", "mixers.ssm.n_heads=3", 
              "ffns.mlp.hidden=48", "layout.mixers=ssm,attn", "model.max_seq_len=64")
 SPIED = ("state_update_module.mamba2_step_", "apply_rope_qk", "apply_rope_write_kv", "rms_norm", "silu_mul", "linear",
          "swiglu_linear", "qkv_linear", "decode_attention", "decode_attention_one_launch", "residual_linear",
-         "qkv_rope_write_kv_", "rms_norm_qkv_rope_write_kv_")
+         "qkv_rope_write_kv_")
 
 
 @pytest.fixture
@@ -54,10 +54,9 @@ def test_cached_decoding_with_kernels_equals_the_full_forward(package):
         package.model.USE_KERNELS = True
     cached = decode_in_steps(model, tokens, prefill=16, length_as_tensor=True)
     # a cached forward rotates and writes in one launch: the prefill's in the RoPE kernel, each step's in the qkv GEMV's
-    # epilogue, the block's norm in its prologue (rms_norm_qkv_rope_write_kv_)
+    # epilogue (qkv_rope_write_kv_)
     assert package.calls["mamba2_step_"] == 4 and package.calls["apply_rope_write_kv"] == 1, package.calls
-    assert package.calls["rms_norm_qkv_rope_write_kv_"] == 4 and package.calls["apply_rope_qk"] == 0, package.calls
-    assert package.calls["qkv_rope_write_kv_"] == 0, package.calls
+    assert package.calls["qkv_rope_write_kv_"] == 4 and package.calls["apply_rope_qk"] == 0, package.calls
     # each step's one query a head over the cache: the split-KV kernel, its splits combined in its launch (the
     # prefill's 16 queries: SDPA)
     assert package.calls["decode_attention_one_launch"] == 4 and package.calls["decode_attention"] == 0, package.calls

@@ -24,7 +24,7 @@ def step_ops(tmp_path, spec: str, context: int = 256) -> dict:
     return decode_step_ops(model, context=context)
 
 
-def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_143(tmp_path):
+def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_147(tmp_path):
     """A Mamba-2 mixer's step: its in_proj, the fused mamba2_step_ (conv, SiLU, Δ, state update written in place, D,
     z gate), the copy of its new conv state into the cache, its out_proj (the projections are DecodeLinear modules: the
     GEMV); its gated norm is one FusedRMSNorm op. A SwiGLU MLP's: the gate and up products with the gate (one GEMV),
@@ -32,8 +32,7 @@ def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_143(tmp_path):
     qkv_rope_write_kv_, the GEMV with the rotation and the write in its epilogue (151 ops with the GEMV, qkv_linear, and
     the RoPE kernel, apply_rope_write_kv_; before that, the rotation and two index_copy_); its attention over the cache: one
     decode_attention_one_launch (the split-KV kernel, its mask from the positions, its splits combined in the same
-    launch: 171 ops with SDPA and the mask's ops). The block hands its attention x and its mixer_norm: the norm is
-    computed in the qkv GEMV's prologue (rms_norm_qkv_rope_write_kv_: 147 ops with the norm's launch before it)."""
+    launch: 171 ops with SDPA and the mask's ops)."""
     ops = step_ops(tmp_path, "bench/specs/bamba_1b.yaml")
     assert ops["by_op"]["archgen_v1.mamba2_step_.default"] == ops["instances"]["Ssm"] == 12
     assert ops["by_module"]["Ssm"] == 2 * 12, ops["by_module"]
@@ -41,11 +40,7 @@ def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_143(tmp_path):
     # down_proj with the block's residual add in its epilogue (residual_linear): the Mlp's own op, no add after it
     assert ops["by_op"]["archgen_v1.residual_linear.default"] == 16
     assert ops["by_module"]["Mlp"] == 2 * 16, ops["by_module"]
-    assert ops["by_op"]["archgen_v1.rms_norm_qkv_rope_write_kv_.default"] == ops["instances"]["Attn"] == 4
-    assert "archgen_v1.qkv_rope_write_kv_.default" not in ops["by_op"], ops["by_op"]
-    # each block's ffn_norm (with the residual add), Mamba-2's gated norm, the Mamba layers' mixer_norm and the final norm
-    assert ops["by_op"]["archgen_v1.rms_norm.default"] + ops["by_op"].get("archgen_v1.add_rms_norm.default", 0) \
-        == 16 + 12 + 12 + 1, ops["by_op"]
+    assert ops["by_op"]["archgen_v1.qkv_rope_write_kv_.default"] == ops["instances"]["Attn"] == 4
     assert "aten.mm.default" not in ops["by_op"], ops["by_op"]  # every product of the step is a GEMV
     assert ops["by_op"]["aten.cos.default"] == 1  # RoPE's angles: once a step (StepContext), not once a layer
     assert "archgen_v1.qkv_linear.default" not in ops["by_op"], ops["by_op"]
@@ -53,10 +48,10 @@ def test_a_mamba2_layer_decodes_in_four_ops_and_bamba_in_at_most_143(tmp_path):
     assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 4
     assert "aten.scaled_dot_product_attention" not in ops["by_op"], ops["by_op"]
-    assert ops["total"] <= 143, ops["by_module"]
+    assert ops["total"] <= 147, ops["by_module"]
 
 
-def test_hymba_plus_decodes_in_at_most_337_ops(tmp_path):
+def test_hymba_plus_decodes_in_at_most_369_ops(tmp_path):
     """A Mamba-1 head's step: in_proj's GEMV with the conv at T = 1 in its epilogue, shifting the cache's conv state in
     place (in_proj_conv_step_: 433 ops with the GEMV and causal_conv1d_update_, 529 before that with the functional
     conv and the copy of its new state into the cache) and mamba_step_low_rank_, which projects Δ from its low rank
@@ -70,18 +65,14 @@ def test_hymba_plus_decodes_in_at_most_337_ops(tmp_path):
     and o_proj (the slots' positions too are asked of the first layer's cache only). Each parallel layer combines its
     branches (two norms, two scales, the mean), adds the result to the residual stream and norms that for the MLP in
     one normalized_mean_add_norm (465 ops with normalized_mean and the ffn_norm's add + norm: two launches), and each
-    MLP adds the residual stream in its down projection's GEMV (residual_linear: 497 ops with the add). The block hands
-    its parallel layer x and its mixer_norm, and both branches' first GEMVs compute the norm in their prologue
-    (rms_norm_qkv_rope_write_kv_, rms_norm_in_proj_conv_step_: 369 ops with the norm's launch before the fork)."""
+    MLP adds the residual stream in its down projection's GEMV (residual_linear: 497 ops with the add)."""
     ops = step_ops(tmp_path, "specs/hymba_plus.yaml")
     assert "aten.mm.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_op"]["archgen_v1.mamba_step_low_rank_.default"] == ops["instances"]["Ssm"] == 32
-    assert ops["by_op"]["archgen_v1.rms_norm_in_proj_conv_step_.default"] == 32
-    assert "archgen_v1.in_proj_conv_step_.default" not in ops["by_op"], ops["by_op"]
+    assert ops["by_op"]["archgen_v1.in_proj_conv_step_.default"] == 32
     assert "archgen_v1.causal_conv1d_update_.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_module"]["Ssm"] == 2 * 32, ops["by_module"]
-    assert ops["by_op"]["archgen_v1.rms_norm_qkv_rope_write_kv_.default"] == ops["instances"]["Attn"] + ops["instances"]["GlobalAttn"] == 32
-    assert "archgen_v1.qkv_rope_write_kv_.default" not in ops["by_op"], ops["by_op"]
+    assert ops["by_op"]["archgen_v1.qkv_rope_write_kv_.default"] == ops["instances"]["Attn"] + ops["instances"]["GlobalAttn"] == 32
     assert ops["by_op"]["aten.cos.default"] == 2
     assert "archgen_v1.qkv_linear.default" not in ops["by_op"], ops["by_op"]
     assert "archgen_v1.apply_rope_write_kv_.default" not in ops["by_op"], ops["by_op"]
@@ -89,21 +80,21 @@ def test_hymba_plus_decodes_in_at_most_337_ops(tmp_path):
     assert ops["by_module"]["Attn"] <= 3 * ops["instances"]["Attn"] + 12, ops["by_module"]
     assert ops["by_op"]["archgen_v1.normalized_mean_add_norm.default"] == 32
     assert "archgen_v1.normalized_mean.default" not in ops["by_op"], ops["by_op"]
-    assert ops["by_op"]["archgen_v1.rms_norm.default"] == 1  # the final norm only: the mixer_norms are in the GEMVs
+    assert ops["by_op"]["archgen_v1.rms_norm.default"] == 33  # each block's mixer_norm and the final norm only
     assert ops["by_op"]["archgen_v1.residual_linear.default"] == 32
     assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 32
     assert "aten.scaled_dot_product_attention" not in ops["by_op"], ops["by_op"]
     assert ops["by_module"]["AttnSsmParallel"] == ops["instances"]["AttnSsmParallel"], ops["by_module"]
-    assert ops["total"] <= 337, ops["by_module"]
+    assert ops["total"] <= 369, ops["by_module"]
 
 
-def test_hymba_plus_ring_caches_decode_in_at_most_346_ops(tmp_path):
+def test_hymba_plus_ring_caches_decode_in_at_most_378_ops(tmp_path):
     """Past its window (2048 positions: the 29 windowed layers' caches are rings of 1024) a step writes each ring
     through the qkv GEMV's epilogue too, at the slot the StepContext computed once for the component (one remainder, and one
     for the slots' positions decode_attention masks with), never one a layer."""
     ops = step_ops(tmp_path, "specs/hymba_plus.yaml", context=2048)
-    assert ops["by_op"]["archgen_v1.rms_norm_qkv_rope_write_kv_.default"] == 32
+    assert ops["by_op"]["archgen_v1.qkv_rope_write_kv_.default"] == 32
     assert "aten.index_copy_.default" not in ops["by_op"], ops["by_op"]
     assert ops["by_op"]["aten.remainder.Scalar"] == 2, ops["by_op"]
     assert ops["by_op"]["archgen_v1.decode_attention_one_launch.default"] == 32
-    assert ops["total"] <= 346, ops["by_module"]
+    assert ops["total"] <= 378, ops["by_module"]

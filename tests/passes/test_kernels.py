@@ -27,13 +27,11 @@ HYMBA = ROOT / "specs" / "hymba_plus.yaml"  # attention ∥ Mamba-1, combined by
 
 MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_conv1d", "causal_conv1d_update_": "causal_conv1d",
                  "in_proj_conv_step_": "in_proj_conv",  # a decoding step's in_proj GEMV with the conv step in its epilogue
-                 "rms_norm_in_proj_conv_step_": "in_proj_conv",  # and the block's norm in its prologue
                  "mamba_step_low_rank": "state_update"}
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope",  # the rotation; a cached step's with its write
-                "qkv_rope_write_kv_": "qkv_rope",  # and a decoding step's in the qkv GEMV's epilogue
-                "rms_norm_qkv_rope_write_kv_": "qkv_rope"}  # that GEMV with the block's norm in its prologue
+                "qkv_rope_write_kv_": "qkv_rope"}  # and a decoding step's in the qkv GEMV's epilogue
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv", "residual_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
@@ -77,28 +75,6 @@ def test_the_qkv_gemv_rotates_in_its_epilogue_only_where_the_products_are_what_r
         spec.write_text(ATTENTION_ONLY.replace("rope: null", f"rope: {{theta: 10000}}, {change}"))
         for functions in chosen_kernels(compile_spec(spec, None).ir, "attention").values():
             assert "qkv_rope_write_kv_" not in functions and "apply_rope_write_kv" in functions, change
-            assert "rms_norm_qkv_rope_write_kv_" not in functions, change
-
-
-def test_the_block_hands_its_mixer_x_and_its_norm_where_every_first_gemv_norms_it_and_only_then(tmp_path):
-    """rms_norm_qkv_rope_write_kv_ and rms_norm_in_proj_conv_step_ compute the block's RMSNorm in their GEMV's prologue
-    (Kind.input_norm_kernel): a block whose mixer (every branch of a parallel one) has one emits
-    `self.mixer(x, ..., input_norm=self.mixer_norm)`, and the mixer norms x itself where the kernel does not run. Not
-    with an input multiplier (it scales the norm's output), nor a LayerNorm or zero-centred model (not FusedRMSNorm's
-    weight and eps)."""
-    for spec, preset in ((HYMBA, "tiny"), (NEXUS, "tiny")):
-        model = emit(compile_spec(spec, preset), str(spec)).files["model.py"]
-        assert "self.mixer_norm(x)" not in model and "input_norm=self.mixer_norm" in model, spec
-        called = " ".join(model.split())  # the emitted call spans lines
-        assert "kernels.rms_norm_qkv_rope_write_kv_( x, input_norm.weight, input_norm.eps," in called
-        assert "kernels.rms_norm_in_proj_conv_step_( x, input_norm.weight, input_norm.eps," in called
-    for override in ("model.norm.kind=layernorm", "model.norm.zero_centered=true"):
-        model = emit(compile_spec(HYMBA, "tiny", (override,)), "specs/hymba_plus.yaml").files["model.py"]
-        assert "self.mixer_norm(x)" in model and "input_norm" not in model, override
-    spec = tmp_path / "attention_only.yaml"
-    spec.write_text(ATTENTION_ONLY.replace("rope: null", "rope: {theta: 10000}, input_multiplier: 2.0"))
-    for functions in chosen_kernels(compile_spec(spec, None).ir, "attention").values():
-        assert "qkv_rope_write_kv_" in functions and "rms_norm_qkv_rope_write_kv_" not in functions
 
 
 def test_every_sparse_attention_op_gets_the_packed_query_kernel():

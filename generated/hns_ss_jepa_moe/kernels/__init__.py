@@ -31,11 +31,9 @@ try:
     from .gemv import linear
     from .gemv import qkv_linear
     from .in_proj_conv import in_proj_conv_step_
-    from .in_proj_conv import rms_norm_in_proj_conv_step_
     from .moe_router import moe_router
     from .packed_query_attention import sliding_window_attention
     from .qkv_rope import qkv_rope_write_kv_
-    from .qkv_rope import rms_norm_qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -63,11 +61,9 @@ except ImportError:  # no triton
     linear = None
     qkv_linear = None
     in_proj_conv_step_ = None
-    rms_norm_in_proj_conv_step_ = None
     moe_router = None
     sliding_window_attention = None
     qkv_rope_write_kv_ = None
-    rms_norm_qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None

@@ -101,50 +101,22 @@ def _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x²) + eps) of the row x_row[:K], in float32 as kernels/rmsnorm.py's forward computes it: the
-    prologue of a GEMV whose input is RMSNorm's output (NORM). The squares are summed BLOCK_K at a time here, the
-    whole row at once there: the same rstd within float32 rounding, not bit for bit."""
-    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        squares += x * x
-    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
-
-
-@triton.jit
-def _load_x(x_row, cols, cols_inside, norm_w_ptr, rstd, NORM: tl.constexpr):
-    """x[cols] in float32 as a (1, BLOCK_K) row; with NORM, RMSNorm's output there: x · rstd · w in float32, rounded
-    to x's dtype, which is what kernels/rmsnorm.py's forward stores and a GEMV after it would read."""
-    x = tl.load(x_row + cols, mask=cols_inside, other=0.0)
-    if NORM:
-        w = tl.load(norm_w_ptr + cols, mask=cols_inside, other=0.0).to(tl.float32)
-        x = rounded(x.to(tl.float32) * rstd * w, x_row.dtype.element_ty)
-    return x.to(tl.float32)[None, :]
-
-
-@triton.jit
-def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, norm_w_ptr, eps, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, FOLD: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr):
+def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  FOLD: tl.constexpr, PDL: tl.constexpr):
     """Σ_k x[k] · w[outs, k] in float32 (BLOCK_N,): each thread's FOLD products first (_folded), then the BLOCK_K
     tiles along K, then across a tile. Every plain GEMV here sums through this (gemv, qkv, in_proj_conv), so a kernel
     with an epilogue gives gemv_forward's bits. With PDL: the first tile prefetched, then the wait for the kernel ahead
-    (before x is read) and the trigger for the one after. With NORM: x is first RMSNorm'd with weight norm_w (K,) and
-    eps (one more pass over the row for its rstd, from L2; _load_x), so a block's norm need not be a launch of its own."""
+    (before x is read) and the trigger for the one after."""
     w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
     products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
     if PDL:  # the first tile's weights (no kernel of a step writes them) on their way to L2 while the kernel ahead runs
         _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
         gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
         gdc_launch_dependents()  # after the wait: the next kernel starts no earlier than this one's inputs are ready
-    rstd = 1.0
-    if NORM:  # after the wait: it reads x
-        rstd = _rstd(x_row, K, eps, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
-        x = _load_x(x_row, cols, cols_inside, norm_w_ptr, rstd, NORM)
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
     return tl.sum(products, axis=1)
 
@@ -179,8 +151,7 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
             up_products += _tile_products(x, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         y = tl.sum(products, axis=1)
     else:
-        y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, w_ptr, 0.0, BLOCK_N, BLOCK_K, FOLD, PDL,
-                          False)
+        y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     if GATED:
@@ -216,7 +187,7 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
     outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < n
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    y = _row_products(x_row, w_ptr, outs, outs_inside, n, K, K, w_ptr, 0.0, BLOCK_N, BLOCK_K, FOLD, PDL, False)
+    y = _row_products(x_row, w_ptr, outs, outs_inside, n, K, K, BLOCK_N, BLOCK_K, FOLD, PDL)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     y_row = y_ptr + row.to(tl.int64) * stride_ym + first_feature

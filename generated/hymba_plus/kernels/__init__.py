@@ -33,12 +33,10 @@ try:
     from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .in_proj_conv import in_proj_conv_step_
-    from .in_proj_conv import rms_norm_in_proj_conv_step_
     from .normalized_mean import normalized_mean
     from .normalized_mean import normalized_mean_add_norm
     from .packed_query_attention import sliding_window_attention
     from .qkv_rope import qkv_rope_write_kv_
-    from .qkv_rope import rms_norm_qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -68,12 +66,10 @@ except ImportError:  # no triton
     residual_linear = None
     swiglu_linear = None
     in_proj_conv_step_ = None
-    rms_norm_in_proj_conv_step_ = None
     normalized_mean = None
     normalized_mean_add_norm = None
     sliding_window_attention = None
     qkv_rope_write_kv_ = None
-    rms_norm_qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None

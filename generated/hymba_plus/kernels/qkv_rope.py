@@ -31,12 +31,6 @@ into q's output. Nothing is read back: no program depends on another's stores.
 Launch config: the GEMV's for the three weights stacked (`gemv.tuned_config`, the bucket qkv_linear tunes, timing
 qkv_linear), so `archgen build --autotune` tunes one bucket for both paths. More rows than FEW_ROWS, a gradient and
 torch.export take the two launches (qkv's products, then `apply_rope_write_kv`), whose results are the same.
-
-With the block's RMSNorm (`rms_norm_qkv_rope_write_kv_`, session 14): x is first rms_norm(x, norm_weight, eps), computed
-in the prologue: each program, after the PDL wait, takes its row's rstd (gemv._rstd, one more pass over the row from
-L2), then its K loop takes each chunk of x as kernels/rmsnorm.py's forward stores it (gemv._load_x). The norm kernel's
-launch and its gap leave the decoding step's path; the result is the two launches' within rounding (the squares are
-summed in another order), not bit for bit.
 """
 
 import torch
@@ -49,9 +43,7 @@ from .gemv import (
     FEW_ROWS,
     SUPPORTED_DTYPES,
     _fold,
-    _load_x,
     _prefetch_first_tile,
-    _rstd,
     _tile_products,
     qkv_gemv_forward,
     qkv_linear_reference,
@@ -59,7 +51,6 @@ from .gemv import (
     tuned_config,
 )
 from .gemv import autotune as gemv_autotune
-from .rmsnorm import rms_norm, rms_norm_reference
 from .rope import _rotate_pair, apply_rope_write_kv, apply_rope_write_kv_reference, projection_layout
 from .triton_support import (
     calls_implementation_directly,
@@ -76,11 +67,9 @@ from .triton_support import (
 def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                      slots_ptr, cos_ptr, sin_ptr, T, HQ, HK, K, D, HALF, PASS, stride_xm,
                      stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct, stride_cb, stride_ct,
-                     norm_w_ptr, eps,  # the RMSNorm x goes through first (NORM)
                      HAS_BIAS: tl.constexpr,  # add the biases to the products
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
-                     PDL: tl.constexpr,  # as gemv._qkv_gemv_kernel's
-                     NORM: tl.constexpr):  # x RMSNorm'd first, in every program (as gemv._row_products)
+                     PDL: tl.constexpr):  # as gemv._qkv_gemv_kernel's
     """Grid (rows of x: B·T, blocks): per head of q, then of k, cdiv(HALF, BLOCK_N) blocks of rotation pairs and
     cdiv(PASS, BLOCK_N) of pass-through rows; then cdiv(HK·D, BLOCK_N) blocks of v's rows. q_out (B, T, HQ, D)
     contiguous; the caches' rows slots[t]; cos and sin float32, their row at (b, t)."""
@@ -116,13 +105,10 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
             _prefetch_first_tile(w_ptr, b_outs, n, K, K, BLOCK_K)
         gdc_wait()
         gdc_launch_dependents()
-    rstd = 1.0
-    if NORM:  # after the wait: it reads x
-        rstd = _rstd(x_row, K, eps, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (its step, _tile_products)
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
-        x = _load_x(x_row, cols, cols_inside, norm_w_ptr, rstd, NORM)
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         a_products += _tile_products(x, a_rows, a_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         b_products += _tile_products(x, b_rows, b_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
     a = tl.sum(a_products, axis=1)
@@ -162,13 +148,11 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
 
 def qkv_rope_write_kv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
                               k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                              v_cache: Tensor, slots: Tensor, *, norm_weight: Tensor | None = None, eps: float = 0.0,
-                              config: dict | None = None) -> Tensor:
+                              v_cache: Tensor, slots: Tensor, *, config: dict | None = None) -> Tensor:
     """Run the kernel: x (B, T, K) -> q rotated (B, HQ, T, D) in the projection's layout (rope.projection_layout);
-    the rotated k and v written into rows `slots` of the caches. Given norm_weight (K,): the projections of
-    rms_norm(x, norm_weight, eps) instead of x (the norm in the prologue). config {"BLOCK_N", "BLOCK_K", "num_warps"}
-    as gemv_forward's; without it, the qkv bucket's (qkv_linear's)."""
-    _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots, norm_weight)
+    the rotated k and v written into rows `slots` of the caches. config {"BLOCK_N", "BLOCK_K", "num_warps"} as
+    gemv_forward's; without it, the qkv bucket's (qkv_linear's)."""
+    _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
     B, T, K = x.shape
     _, HK, _, D = k_cache.shape
     NQ, NKV = q_weight.shape[0], k_weight.shape[0]
@@ -193,14 +177,12 @@ def qkv_rope_write_kv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_w
         _qkv_rope_kernel[(M, blocks)](
             x2, wq, wk, wv, *biases, q_out, k_cache, v_cache, slots, cos, sin, T, HQ, HK, K, D, half, D - 2 * half,
             x2.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0) if cos.dim() == 3 else 0,
-            cos.stride(-2), norm_weight if norm_weight is not None else wq, eps, HAS_BIAS=q_bias is not None,
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, NORM=norm_weight is not None,
-            num_warps=cfg["num_warps"], launch_pdl=pdl)
+            cos.stride(-2), HAS_BIAS=q_bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
     return q_out.transpose(1, 2)
 
 
-def _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots,
-           norm_weight=None) -> None:
+def _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots) -> None:
     name = "qkv_rope_write_kv_"
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} takes {', '.join(map(str, SUPPORTED_DTYPES))}, got {x.dtype}")
@@ -235,9 +217,6 @@ def _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_
     if slots.shape != (T,) or slots.dtype not in (torch.int32, torch.int64) or slots.device != k_cache.device:
         raise ValueError(f"{name}: slots must be ({T},) integers on the caches' device, got {tuple(slots.shape)} "
                          f"{slots.dtype} on {slots.device}")
-    if norm_weight is not None and (tuple(norm_weight.shape) != (K,) or norm_weight.dtype not in SUPPORTED_DTYPES):
-        raise ValueError(f"rms_norm_{name}: norm_weight must be ({K},) in one of {SUPPORTED_DTYPES}, got "
-                         f"{tuple(norm_weight.shape)} in {norm_weight.dtype}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,26 +245,6 @@ def _fake(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_c
 qkv_rope_write_kv_op = register_op("qkv_rope_write_kv_", _impl, _fake, mutates_args=("k_cache", "v_cache"))
 
 
-def _norm_impl(x: Tensor, norm_weight: Tensor, eps: float, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor,
-               q_bias: Tensor | None, k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor,
-               k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
-    """archgen_v1::rms_norm_qkv_rope_write_kv_ -> qkv_rope_write_kv_'s q of rms_norm(x, norm_weight, eps); the caches
-    written."""
-    args = (q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
-    if not (x.is_cuda or triton_on_cpu()):
-        q = rms_norm_qkv_rope_write_kv_reference(x, norm_weight, eps, *args)
-        return projection_layout(q).copy_(q)
-    return qkv_rope_write_kv_forward(x, *args, norm_weight=norm_weight, eps=eps)
-
-
-def _norm_fake(x, norm_weight, eps, *args):
-    return _fake(x, *args)
-
-
-rms_norm_qkv_rope_write_kv_op = register_op("rms_norm_qkv_rope_write_kv_", _norm_impl, _norm_fake,
-                                            mutates_args=("k_cache", "v_cache"))
-
-
 def _heads(t: Tensor, B: int, T: int, D: int) -> Tensor:
     return t.view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D), as the attention template views a projection
 
@@ -311,25 +270,6 @@ def qkv_rope_write_kv_(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: 
     return _impl(*args) if calls_implementation_directly(x) else qkv_rope_write_kv_op(*args)
 
 
-def rms_norm_qkv_rope_write_kv_(x: Tensor, norm_weight: Tensor, eps: float, q_weight: Tensor, k_weight: Tensor,
-                                v_weight: Tensor, q_bias: Tensor | None, k_bias: Tensor | None, v_bias: Tensor | None,
-                                cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
-    """qkv_rope_write_kv_ of rms_norm(x, norm_weight, eps) (a block's norm before its attention), the norm computed in
-    the GEMV's prologue: every program first takes the rstd of its row of x (one more pass over it, from L2), then
-    its K loop multiplies each chunk of x by rstd · norm_weight, rounded to x's dtype as kernels/rmsnorm.py's forward
-    stores its output. One launch where rms_norm and qkv_rope_write_kv_ took two; the same result within rounding
-    (the sum of squares is summed in another order). Where qkv_rope_write_kv_ takes its two ops (more rows than
-    gemv.FEW_ROWS, a gradient, torch.export), the norm's op and qkv_rope_write_kv_."""
-    args = (q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
-    B, T, _ = x.shape
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, norm_weight, *args[:6]))
-    if torch.compiler.is_exporting() or needs_grad or B * T > FEW_ROWS:
-        return qkv_rope_write_kv_(rms_norm(x, norm_weight, eps), *args)
-    if calls_implementation_directly(x):
-        return _norm_impl(x, norm_weight, eps, *args)
-    return rms_norm_qkv_rope_write_kv_op(x, norm_weight, eps, *args)
-
-
 def qkv_rope_write_kv_reference(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
                                 k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor,
                                 v_cache: Tensor, slots: Tensor) -> Tensor:
@@ -340,16 +280,6 @@ def qkv_rope_write_kv_reference(x: Tensor, q_weight: Tensor, k_weight: Tensor, v
     qkv = qkv_linear_reference(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
     q, k, v = (_heads(t, B, T, D) for t in qkv.split([q_weight.shape[0], k_weight.shape[0], v_weight.shape[0]], -1))
     return apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
-
-
-def rms_norm_qkv_rope_write_kv_reference(x: Tensor, norm_weight: Tensor, eps: float, q_weight: Tensor,
-                                         k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
-                                         k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor,
-                                         k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
-    """rmsnorm.rms_norm_reference (float32, one rounding to x's dtype: the norm kernel's), then
-    qkv_rope_write_kv_reference."""
-    return qkv_rope_write_kv_reference(rms_norm_reference(x, norm_weight, eps), q_weight, k_weight, v_weight, q_bias,
-                                       k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
 
 
 def autotune(config: dict, params: dict[str, tuple[int, ...]], batch: int, seqlen: int, dtype: torch.dtype,

@@ -31,9 +31,7 @@ try:
     from .gemv import residual_linear
     from .gemv import swiglu_linear
     from .in_proj_conv import in_proj_conv_step_
-    from .in_proj_conv import rms_norm_in_proj_conv_step_
     from .qkv_rope import qkv_rope_write_kv_
-    from .qkv_rope import rms_norm_qkv_rope_write_kv_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -61,9 +59,7 @@ except ImportError:  # no triton
     residual_linear = None
     swiglu_linear = None
     in_proj_conv_step_ = None
-    rms_norm_in_proj_conv_step_ = None
     qkv_rope_write_kv_ = None
-    rms_norm_qkv_rope_write_kv_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
