@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
-import inspect
 import json
 import math
 import os
@@ -64,6 +63,7 @@ from harness import bar_ratio, gpu_state  # noqa: E402 - bench/ is on sys.path w
 from archgen.benchmark import (  # noqa: E402
     copy_bandwidth,
     decode_step_ops,
+    greedy_loop_ms_per_token,
     logit_parity,
     ms_per_decode_step,
     tensor_bytes,
@@ -92,30 +92,6 @@ def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: P
     from archgen.testing import build_generated
 
     return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)[0]
-
-
-def greedy_loop_ms_per_token(model, prompt, new_tokens: int, compile: bool = False, rounds: int = 5) -> float:
-    """ms per token of `generate`'s greedy loop on CUDA, timed alone: the graph decoder generate uses for this prompt
-    and length (generate records it first), prefilled, then `decoder.greedy(first, new_tokens - 1)`, the replays back
-    to back that generate runs after its prefill, between two synchronisations; best of `rounds`. Why not the
-    difference of two generate runs (decode_ms_per_token): each run's prefill (an eager forward of the prompt and a
-    cache copy) jitters by milliseconds, and the difference carries that jitter into every token. In session 14 it
-    read Bamba-1B 0.745 to 1.004 ms/token in one process for graphs whose replays took 0.850-0.858 ms back to back."""
-    model.generate(prompt, max_new_tokens=new_tokens, temperature=0, cuda_graph=True, compile=compile)
-    meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
-    decoder = model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + new_tokens, prompt.device,
-                                  compile=compile)  # the one generate just used
-    heads_off = {"run_heads": False} if "run_heads" in inspect.signature(model.forward).parameters else {}
-    best = math.inf
-    for _ in range(rounds):
-        logits = decoder.prefill(lambda cache: model(prompt, cache=cache, **heads_off).logits[:, -1])
-        first = logits.argmax(dim=-1, keepdim=True)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        decoder.greedy(first, new_tokens - 1)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best / (new_tokens - 1) * 1e3
 
 
 def step_ms_per_token(model, prompt, new_tokens: int, device: str, options: dict) -> float:

@@ -14,6 +14,7 @@ from archgen.benchmark import (
     BenchConfig,
     BenchResult,
     add_mfu,
+    greedy_loop_ms_per_token,
     measure_variant,
     plot,
     prepare_bench,
@@ -205,3 +206,42 @@ def test_the_table_marks_a_recorded_training_step_and_says_why_one_was_not(tmp_p
     kernels_row = next(line for line in result.stdout.splitlines() if "kernels" in line)
     assert kernels_row.count("(graph)") == 1, result.stdout  # the tokens/s cell, not the MFU's
     assert "reference train timed eagerly, its step not recorded as a CUDA graph: RuntimeError: sync" in result.stderr
+
+
+def test_the_greedy_loop_figure_times_the_replays_alone_not_the_prefill(monkeypatch):
+    """On CUDA a graph's decode figure is decoder.greedy(first, n - 1) timed alone, per token: a slow prefill (here 50
+    ms, as a prompt's eager forward can jitter) adds nothing; the decoder is the one generate used (same length key)."""
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    asked = []
+
+    class Decoder:
+        def prefill(self, run_prompt):
+            time.sleep(0.05)
+            return run_prompt(None)
+
+        def greedy(self, first, steps):
+            assert first.shape == (1, 1)
+            time.sleep(0.002 * steps)
+
+    class Model:
+        meta_tokens = torch.zeros(3, 8)
+
+        def generate(self, prompt, **kwargs):
+            asked.append(("generate", kwargs["max_new_tokens"], kwargs["cuda_graph"]))
+
+        def graph_decoder(self, batch, max_len, device, compile=False):
+            asked.append(("decoder", batch, max_len, compile))
+            return Decoder()
+
+        def forward(self, input_ids, cache=None, run_heads=True):
+            assert not run_heads  # a decoding prefill computes no heads
+            return SimpleNamespace(logits=torch.zeros(1, 4, 10))
+
+        __call__ = forward
+
+    ms = greedy_loop_ms_per_token(Model(), torch.zeros(1, 4, dtype=torch.long), new_tokens=11, rounds=2)
+    assert 2.0 <= ms < 3.5  # 2 ms a step; the 50 ms prefill outside
+    assert asked == [("generate", 11, True), ("decoder", 1, 3 + 4 + 11, False)]
+    with pytest.raises(ValueError, match="at least 3"):
+        greedy_loop_ms_per_token(Model(), torch.zeros(1, 4, dtype=torch.long), new_tokens=2)
+
