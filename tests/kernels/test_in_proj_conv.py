@@ -112,13 +112,14 @@ def test_the_op_declares_its_mutation_and_compiles_in_one_graph():
     eager_state, compiled_state = state.clone(), state.clone()
     eager = step(x, eager_state)
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, compiled_state)
-    # y * z to a few float32 ulps, the state bit for bit: under torch.compile the op's inputs are functionalized copies,
-    # and Triton specializes a kernel on its arguments (a stride of 1, 16-byte alignment), so the compiled call may run
+    # To a few float32 ulps, not bit for bit: under torch.compile the op's inputs are functionalized copies, and
+    # Triton specializes a kernel on its arguments (a stride of 1, 16-byte alignment), so the compiled call may run
     # another binary of the same kernel, whose fused multiply-adds LLVM contracts its own way (kernels/rope.py's
-    # _rotate_pair: the same source 1 ulp apart in two kernels on sm_90). On the H200 they differed by 1-2 ulps in 10 of
-    # 12 elements (session 13; that cause is the likely one, not confirmed); the shift of the state is a copy, exact.
+    # _rotate_pair: the same source 1 ulp apart in two kernels on sm_90). On the H200 the products differed by 1-2
+    # ulps (2.4e-7) in 9-10 of 12 elements, in y * z and in the state's new column alike (session 14, call 5: the
+    # likely cause, not confirmed). The mutation itself is checked: the state moved, as eager's did.
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6, msg=lambda m: f"y * z: {m}")
-    torch.testing.assert_close(compiled_state, eager_state, rtol=0, atol=0, msg=lambda m: f"conv state: {m}")
+    torch.testing.assert_close(compiled_state, eager_state, rtol=1e-6, atol=1e-6, msg=lambda m: f"conv state: {m}")
     assert not torch.equal(eager_state, state)
 
 
