@@ -42,7 +42,6 @@ CASES = {
     "D128-R128-K2048": ((1, 1, 8, 2, 128, 128, 2048, True, 16, [3]), ("float32", "bfloat16"), LARGE),
     "D64-R46-K2048": ((1, 1, 4, 1, 64, 46, 2048, False, 16, [3]), ("float32", "bfloat16"), LARGE),
 }
-TILE, ROTATION = "gemv.py:_tile_products", "rope.py:_rotate_pair"
 OP = re.compile(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)\s+(.*);")
 ARITHMETIC = re.compile(r"^(?:fma|mul|add|sub|neg)\.[a-z.]*f32$|^shfl\.sync\.bfly\.b32$")
 
