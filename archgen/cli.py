@@ -476,7 +476,8 @@ def export_spec_command(spec: Path, preset: str | None, overrides: tuple[str, ..
               help="Batch sizes of the decode measurement (repeatable).")
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=3),
-              help="tokens generated per decode timing (the runs of 2 and of this many tokens are subtracted)")
+              help="tokens generated per decode timing (on CUDA graphs: generate's greedy loop after its prefill, "
+                   "timed alone; eager: the runs of 2 and of this many tokens are subtracted)")
 @click.option("--variant", "variants", multiple=True,
               type=click.Choice(["kernels", "reference", "compiled", "kernels_compiled", "kernels_graphed"]),
               help="What to measure (repeatable; default the first three): the package as generated, its reference ops, "
