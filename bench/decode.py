@@ -484,9 +484,10 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
 def without_kernels(package, model, prompt, vocab: int, args) -> dict:
     """The A/B of --without: the same model with those kernel functions of its package switched off (the reference
     path its template takes when `use_kernel` says no) and on, alternating_ab's off, on, off, on in this process
-    (`on_over_off` below 1: the kernels help). Session 14 showed why a single "off" timing after the main figure is not
-    an A/B: Hymba+ read 1.61 ms/token for the main figure and 1.28 with the kernel off, later in the same process,
-    for a step whose kernels sum the same. Also whether the two sides compute the same (alternating_ab's logits and
+    (`on_over_off` below 1: the kernels help; a drift in the process shows as a side's two rounds differing). Until
+    session 14 one "off" timing followed the main figure, with the old two-run figure: Hymba+ read 1.61 ms/token for
+    the main figure and an impossible 1.28 with the kernel off, for steps whose kernels sum the same (that figure's
+    prefill jitter, step_ms_per_token's docstring). Also whether the two sides compute the same (alternating_ab's logits and
     greedy tokens, and the logits of the prompt run into a cache, `max_abs_prefill_logit_diff`: 0 and True for a
     kernel that computes what its reference does in the same dtype) and, on CUDA, the off side's step profile."""
     asked = args.without.split(",")
