@@ -487,9 +487,10 @@ def without_kernels(package, model, prompt, vocab: int, args) -> dict:
     (`on_over_off` below 1: the kernels help; a drift in the process shows as a side's two rounds differing). Until
     session 14 one "off" timing followed the main figure, with the old two-run figure: Hymba+ read 1.61 ms/token for
     the main figure and an impossible 1.28 with the kernel off, for steps whose kernels sum the same (that figure's
-    prefill jitter, step_ms_per_token's docstring). Also whether the two sides compute the same (alternating_ab's logits and
-    greedy tokens, and the logits of the prompt run into a cache, `max_abs_prefill_logit_diff`: 0 and True for a
-    kernel that computes what its reference does in the same dtype) and, on CUDA, the off side's step profile."""
+    prefill jitter: archgen.benchmark.greedy_loop_ms_per_token). Also whether the two sides compute the same
+    (alternating_ab's logits and greedy tokens, and the logits of the prompt run into a cache,
+    `max_abs_prefill_logit_diff`: 0 and True for a kernel that computes what its reference does in the same dtype)
+    and, on CUDA, the off side's step profile."""
     asked = args.without.split(",")
     names = [name for name in asked if getattr(package.kernels, name, None) is not None]
     result = {"kernels_off": names}
