@@ -152,6 +152,14 @@ class Attn(nn.Module):
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
         # a pad's key.
         step = step if step is not None else StepContext(positions, pads)
+        q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 16, T, 128); k, v (B, 2, S, 128): what to attend over
+        y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 16, T, 128)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 2048)
+
+    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
+        """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
+        these tokens written into it."""
+        B, T, C = x.size()
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -183,34 +191,35 @@ class Attn(nn.Module):
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
         if slots is not None:
             q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
-            k, v = cache.k, cache.v  # (B, 2, S, 128) each: what to attend over
-        else:
-            rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
-            q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+            return q, cache.k, cache.v  # k and v: (B, 2, S, 128) each
+        rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+        q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+        if cache is not None:
+            k, v = cache.write(k, v, positions[0])  # (B, 2, S, 128) each
+        return q, k, v
+
+    def attend_keys(self, q, k, v, positions, cache: KVCache | None, pads, step: StepContext):
+        """softmax(q·kᵀ)·v, causal: each query sees the keys at or before its position."""
+        T = q.size(2)
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
-            y = attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 16, T, 128)
-        else:
-            if cache is not None and slots is None:
-                k, v = cache.write(k, v, positions[0])  # (B, 2, S, 128) each: what to attend over
-            if (
-                cache is not None
-                and use_kernel(kernels.decode_attention, q)
-                and not torch.compiler.is_exporting()
-                and T <= kernels.decode_attention_module.FEW_QUERIES
-            ):
-                # A decoding step's few queries: the split-KV kernel, which fills the GPU with slices of the cache and
-                # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
-                # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
-                k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
-                # the splits' partial results combined by the last split to finish (one launch), else by a second launch
-                one_launch = use_kernel(kernels.decode_attention_one_launch, q)
-                attend_cache = kernels.decode_attention_one_launch if one_launch else kernels.decode_attention
-                y = attend_cache(q, k, v, step.token_positions, k_positions)  # (B, 16, T, 128)
-            else:
-                # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
-                mask = step.attention_mask("attn", cache, dtype=q.dtype)
-                y = attend(q, k, v, mask)  # (B, 16, T, 128)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 2048)
+            return attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 16, T, 128)
+        if (
+            cache is not None
+            and use_kernel(kernels.decode_attention, q)
+            and not torch.compiler.is_exporting()
+            and T <= kernels.decode_attention_module.FEW_QUERIES
+        ):
+            # A decoding step's few queries: the split-KV kernel, which fills the GPU with slices of the cache and
+            # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
+            # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
+            k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
+            # the splits' partial results combined by the last split to finish (one launch), else by a second launch
+            one_launch = use_kernel(kernels.decode_attention_one_launch, q)
+            attend_cache = kernels.decode_attention_one_launch if one_launch else kernels.decode_attention
+            return attend_cache(q, k, v, step.token_positions, k_positions)  # (B, 16, T, 128)
+        # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
+        mask = step.attention_mask("attn", cache, dtype=q.dtype)
+        return attend(q, k, v, mask)  # (B, 16, T, 128)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.empty(batch, 2, max_len, 128, device=device, dtype=dtype)

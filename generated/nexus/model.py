@@ -152,12 +152,20 @@ class Attn(nn.Module):
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
         # a pad's key.
         step = step if step is not None else StepContext(positions, pads)
+        q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 8, T, 64); k, v (B, 8, S, 64): what to attend over
+        y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 8, T, 64)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 512)
+
+    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
+        """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
+        these tokens written into it."""
+        B, T, C = x.size()
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
         if slots is not None:
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
-            # cache: the same bits); the cache is what attention reads.
+            # cache: the same bits).
             cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
             q = kernels.qkv_rope_write_kv_(
                 x,
@@ -173,66 +181,66 @@ class Attn(nn.Module):
                 cache.v,
                 slots,
             )  # (B, 8, T, 64)
-            k, v = cache.k, cache.v  # (B, 8, S, 64) each: what to attend over
-        else:
-            if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
-                qkv = kernels.qkv_linear(
-                    x,
-                    self.q_proj.weight,
-                    self.k_proj.weight,
-                    self.v_proj.weight,
-                    self.q_proj.bias,
-                    self.k_proj.bias,
-                    self.v_proj.bias,
-                )
-                q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
-            elif torch.is_grad_enabled() and not self.tensor_parallel:
-                # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
-                # v's alone are narrow ones, and one input gradient in the backward where three were summed.
-                weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (1536, 512)
-                q, k, v = F.linear(x, weight).split([512, 512, 512], dim=-1)
-            else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
-                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-            # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
-            q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
-            k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
-            v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
-            cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
-            # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
-            # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
-            # the cache is what attention reads.
-            fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
-            slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
-            if slots is not None:
-                q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
-                k, v = cache.k, cache.v  # (B, 8, S, 64) each: what to attend over
-            else:
-                rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
-                q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+            return q, cache.k, cache.v
+        if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
+            qkv = kernels.qkv_linear(
+                x,
+                self.q_proj.weight,
+                self.k_proj.weight,
+                self.v_proj.weight,
+                self.q_proj.bias,
+                self.k_proj.bias,
+                self.v_proj.bias,
+            )
+            q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1)
+        elif torch.is_grad_enabled() and not self.tensor_parallel:
+            # A backward follows: q, k and v as one product on the three weights stacked, one wide GEMM where k's and
+            # v's alone are narrow ones, and one input gradient in the backward where three were summed.
+            weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])  # (1536, 512)
+            q, k, v = F.linear(x, weight).split([512, 512, 512], dim=-1)
+        else:  # inference, or split over tensor-parallel ranks (each projection's module splits and reduces)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # -1: the heads this rank holds (all of them, or a 1/N share under N-way tensor parallelism, see tp_plan)
+        q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 8, T, 64)
+        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
+        # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
+        # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
+        # the cache is what attention reads.
+        fused = cache is not None and use_kernel(kernels.apply_rope_write_kv, q)
+        slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
+        if slots is not None:
+            q = kernels.apply_rope_write_kv(q, k, v, cos, sin, cache.k, cache.v, slots)
+            return q, cache.k, cache.v  # k and v: (B, 8, S, 64) each
+        rotate = kernels.apply_rope_qk if use_kernel(kernels.apply_rope_qk, q) else apply_rope_qk
+        q, k = rotate(q, k, cos, sin)  # one pass over q and k, in place when no gradient is needed
+        if cache is not None:
+            k, v = cache.write(k, v, positions[0])  # (B, 8, S, 64) each
+        return q, k, v
+
+    def attend_keys(self, q, k, v, positions, cache: KVCache | None, pads, step: StepContext):
+        """softmax(q·kᵀ)·v, causal: each query sees the keys at or before its position."""
+        T = q.size(2)
         if cache is None and pads is None:  # the keys are these tokens: attention's causal path, no mask
-            y = attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 8, T, 64)
-        else:
-            if cache is not None and slots is None:
-                k, v = cache.write(k, v, positions[0])  # (B, 8, S, 64) each: what to attend over
-            if (
-                cache is not None
-                and use_kernel(kernels.decode_attention, q)
-                and not torch.compiler.is_exporting()
-                and T <= kernels.decode_attention_module.FEW_QUERIES
-            ):
-                # A decoding step's few queries: the split-KV kernel, which fills the GPU with slices of the cache and
-                # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
-                # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
-                k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
-                # the splits' partial results combined by the last split to finish (one launch), else by a second launch
-                one_launch = use_kernel(kernels.decode_attention_one_launch, q)
-                attend_cache = kernels.decode_attention_one_launch if one_launch else kernels.decode_attention
-                y = attend_cache(q, k, v, step.token_positions, k_positions)  # (B, 8, T, 64)
-            else:
-                # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
-                mask = step.attention_mask("attn", cache, dtype=q.dtype)
-                y = attend(q, k, v, mask)  # (B, 8, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 512)
+            return attention(q, k, v, q_positions=positions, k_positions=positions)  # (B, 8, T, 64)
+        if (
+            cache is not None
+            and use_kernel(kernels.decode_attention, q)
+            and not torch.compiler.is_exporting()
+            and T <= kernels.decode_attention_module.FEW_QUERIES
+        ):
+            # A decoding step's few queries: the split-KV kernel, which fills the GPU with slices of the cache and
+            # builds the mask from the positions itself (cuDNN's SDPA ran one query per head on a few SMs, after
+            # the mask's launches). torch.export keeps the masked SDPA below, which every exporter lowers.
+            k_positions = step.key_positions("attn", cache)  # (S,) or (B, S): shared by the layers
+            # the splits' partial results combined by the last split to finish (one launch), else by a second launch
+            one_launch = use_kernel(kernels.decode_attention_one_launch, q)
+            attend_cache = kernels.decode_attention_one_launch if one_launch else kernels.decode_attention
+            return attend_cache(q, k, v, step.token_positions, k_positions)  # (B, 8, T, 64)
+        # every layer of 'attn' sees the same slots: the first builds their mask, the others reuse it
+        mask = step.attention_mask("attn", cache, dtype=q.dtype)
+        return attend(q, k, v, mask)  # (B, 8, T, 64)
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         return KVCache.empty(batch, 8, max_len, 64, device=device, dtype=dtype)

@@ -282,6 +282,19 @@ def test_windowed_attention_kernel_and_reference_give_the_same_model(small_windo
     assert len(calls) == 2, "both layers ran the kernel"
 
 
+def test_an_output_gated_window_gates_the_kernels_output_too(tmp_path, monkeypatch):
+    """With an output gate, the sliding-window kernel's output is gated as the banded SDPA's is (until session 14 the
+    kernel's path returned o_proj(y) before the gate): logits, loss and gradients the same both ways."""
+    spec = SMALL_WINDOWED.replace("rope: {theta: 10000}}", "rope: {theta: 10000}, output_gate: true}")
+    package = small_package(tmp_path, monkeypatch, "small_windowed_gated", spec, "sliding_window_attention")
+    torch.manual_seed(0)
+    calls = []
+    kernel = package.kernels.sliding_window_attention
+    monkeypatch.setattr(package.kernels, "sliding_window_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    assert_kernels_match_references(package, package.Model(), torch.randint(0, 64, (2, 20)))
+    assert len(calls) == 2, "both layers ran the kernel"
+
+
 def test_windowed_kernel_forward_equals_ring_buffer_decoding_past_the_window(small_windowed):
     """The full forward (the kernel) against a prefill and one token at a time through the ring-buffer cache of 5
     slots, for 3x the window: the same logits."""
