@@ -444,7 +444,17 @@ class Ssm(nn.Module):
         return F.linear(dt, F.pad(self.dt_proj.weight, (0, 4))), B_ssm, C_ssm
 
     def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
-        B, T, C = x.size()
+        x, z = self.in_proj_conv(x, positions, cache, pads)  # (B, T, 3200) each: the convolved inputs and the gate
+        if cache is not None and x.size(1) == 1:
+            y = self.step(x, z, cache)  # (B, 1, 3200)
+        else:
+            y = self.scan(x, z, positions, cache, pads)  # (B, T, 3200)
+        return self.out_proj(y)  # (B, T, 1600)
+
+    def in_proj_conv(self, x, positions, cache: MambaCache | None, pads):
+        """in_proj's two halves: x convolved over the tokens before it (the cache's conv state, advanced here) and
+        SiLU'd, and the gate z."""
+        T = x.size(1)
         conv_state = cache.conv_state if cache is not None else None  # (B, 3200, 3), the inputs before x
         if cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x):
             # a decoding step: in_proj's GEMV with the conv and SiLU of its x half in the epilogue, which also shifts the
@@ -474,48 +484,53 @@ class Ssm(nn.Module):
             else:
                 x, conv_state = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, conv_state)
                 x = F.silu(x)
-        if cache is not None and T == 1:
-            dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, 1, 100), (B, 1, 16) × 2
-            # Δ's low rank (B, 100) on rows (torch.export traces them for any batch size); the step projects it with
-            # dt_proj's weight and adds its bias
-            step_args = (
-                cache.ssm_state,
-                x[:, 0],
-                dt[:, 0],
-                self.dt_proj.weight,
-                self.A_log,
-                B_ssm[:, 0],
-                C_ssm[:, 0],
-                self.D,
-                z[:, 0],
-                self.dt_proj.bias,
+        if cache is not None and conv_state is not cache.conv_state:  # a new tensor, unless the step's conv shifted it in place
+            cache.conv_state.copy_(conv_state)
+        return x, z
+
+    def step(self, x, z, cache: MambaCache):
+        """One decoding step of the selective state space: the cache's state advanced in place, the gated output."""
+        dt, B_ssm, C_ssm = self.x_proj(x).split([100, 16, 16], dim=-1)  # (B, 1, 100), (B, 1, 16) × 2
+        # Δ's low rank (B, 100) on rows (torch.export traces them for any batch size); the step projects it with
+        # dt_proj's weight and adds its bias
+        step_args = (
+            cache.ssm_state,
+            x[:, 0],
+            dt[:, 0],
+            self.dt_proj.weight,
+            self.A_log,
+            B_ssm[:, 0],
+            C_ssm[:, 0],
+            self.D,
+            z[:, 0],
+            self.dt_proj.bias,
+        )
+        if use_kernel(kernels.mamba_step_low_rank, x):  # Δ's projection, A = -exp(A_log), the step and the gate in one launch
+            return kernels.state_update_module.mamba_step_low_rank_(*step_args).unsqueeze(1)  # the state written in place
+        y, ssm_state = mamba_step_low_rank(*step_args)
+        if ssm_state is not cache.ssm_state:
+            cache.ssm_state.copy_(ssm_state)
+        return y.unsqueeze(1)
+
+    def scan(self, x, z, positions, cache: MambaCache | None, pads):
+        """The selective scan over the tokens, from the cache's state (written back) or from zeros."""
+        A = -torch.exp(self.A_log.float())  # (3200, 16)
+        dt, B_ssm, C_ssm = self.sequence_projections(x)  # Δ (B, T, 3200): its bias is added inside the scan, before softplus
+        if pads is not None:  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged
+            keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
+            dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)
+        initial_state = cache.ssm_state if cache is not None else None
+        if use_kernel(kernels.selective_scan, x):
+            y, ssm_state = kernels.selective_scan(
+                x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state
             )
-            if use_kernel(kernels.mamba_step_low_rank, x):  # Δ's projection, A = -exp(A_log), the step and the gate in one launch
-                y = kernels.state_update_module.mamba_step_low_rank_(*step_args)
-                ssm_state = cache.ssm_state  # written in place by the kernel
-            else:
-                y, ssm_state = mamba_step_low_rank(*step_args)
-            y = y.unsqueeze(1)  # (B, 1, 3200)
         else:
-            A = -torch.exp(self.A_log.float())  # (3200, 16)
-            dt, B_ssm, C_ssm = self.sequence_projections(x)  # Δ (B, T, 3200): its bias is added inside the scan, before softplus
-            if pads is not None:
-                dt = torch.where(keep, dt, torch.finfo(dt.dtype).min)  # Δ = softplus(−∞) = 0 at a pad: the state passes unchanged
-            initial_state = cache.ssm_state if cache is not None else None
-            if use_kernel(kernels.selective_scan, x):
-                y, ssm_state = kernels.selective_scan(
-                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state
-                )
-            else:
-                y, ssm_state = selective_scan(
-                    x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192
-                )
-        if cache is not None:
-            if conv_state is not cache.conv_state:  # a new tensor, unless the step's conv shifted it in place
-                cache.conv_state.copy_(conv_state)
-            if ssm_state is not cache.ssm_state:
-                cache.ssm_state.copy_(ssm_state)
-        return self.out_proj(y)  # (B, T, 1600)
+            y, ssm_state = selective_scan(
+                x, dt, A, B_ssm, C_ssm, self.D, z, delta_bias=self.dt_proj.bias, initial_state=initial_state, max_seqlen=8192
+            )
+        if cache is not None and ssm_state is not cache.ssm_state:
+            cache.ssm_state.copy_(ssm_state)
+        return y
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> MambaCache:
         return MambaCache.empty(batch, 3200, 4, 16, device=device, dtype=dtype or torch.float32)
