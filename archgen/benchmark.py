@@ -385,16 +385,23 @@ def decode_figures(model, prompt: torch.Tensor, config: BenchConfig, graphs: boo
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=n, temperature=0, **kwargs)
 
-    generate(config.new_tokens)  # warm-up: compiles, captures graphs
     if kwargs.get("cuda_graph") and prompt.is_cuda and hasattr(model, "graph_decoder"):
-        ms = greedy_loop_ms_per_token(model, prompt, config.new_tokens)
+        ms = greedy_loop_ms_per_token(model, prompt, config.new_tokens)  # its own generate records the graph first
     else:
+        generate(config.new_tokens)  # warm-up: compiles
         ms = ms_per_decode_step(generate, config.new_tokens, config.device, rounds=2)
     meta = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
     cache = model.empty_cache(prompt.size(0), config.prompt_len + config.new_tokens + meta)
     floor_ms = (weight_bytes + tensor_bytes(cache)) / bandwidth * 1e3
     return {"ms_per_token": ms, "floor_ms_per_token": floor_ms, "times_floor": ms / floor_ms,
             "cuda_graph": bool(kwargs.get("cuda_graph")) and prompt.is_cuda}  # generate records graphs on CUDA only
+
+
+def generates_decoder(model, prompt: torch.Tensor, new_tokens: int, compile: bool = False):
+    """The CUDA-graph decoder `generate(prompt, max_new_tokens=new_tokens)` decodes with (the same cache-length key:
+    the meta tokens, the prompt and the new tokens), made if generate has not made it yet."""
+    meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
+    return model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + new_tokens, prompt.device, compile=compile)
 
 
 def greedy_loop_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, compile: bool = False,
@@ -409,9 +416,7 @@ def greedy_loop_ms_per_token(model, prompt: torch.Tensor, new_tokens: int, compi
         raise ValueError(f"new_tokens={new_tokens}: at least 3, so that the loop takes more than one step")
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=new_tokens, temperature=0, cuda_graph=True, compile=compile)
-        meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
-        decoder = model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + new_tokens, prompt.device,
-                                      compile=compile)  # the one generate just used
+        decoder = generates_decoder(model, prompt, new_tokens, compile)
         heads_off = {"run_heads": False} if "run_heads" in inspect.signature(model.forward).parameters else {}
         best = math.inf
         for _ in range(rounds):

@@ -63,6 +63,7 @@ from harness import bar_ratio, gpu_state  # noqa: E402 - bench/ is on sys.path w
 from archgen.benchmark import (  # noqa: E402
     copy_bandwidth,
     decode_step_ops,
+    generates_decoder,
     greedy_loop_ms_per_token,
     logit_parity,
     ms_per_decode_step,
@@ -143,7 +144,7 @@ def graph_timeline(model, prompt, new_tokens: int, replays: int = 5) -> dict:
     ms/token differ tell here whether their kernels ran slower, overlapped less or waited longer between launches."""
     from torch.profiler import ProfilerActivity, profile
 
-    decoder = model.graph_decoder(prompt.size(0), 128 + prompt.size(1) + new_tokens, prompt.device)
+    decoder = generates_decoder(model, prompt, new_tokens)  # the graph the decode figure times
     decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
     token = prompt[:, -1:]
     for _ in range(3):
@@ -321,9 +322,7 @@ def timed_replays(model, prompt, args) -> dict:
     """replay_walls of the decoder `generate` uses for this prompt and --new-tokens (on CUDA)."""
     if args.device != "cuda":
         return {}
-    meta_tokens = model.meta_tokens.size(0) if hasattr(model, "meta_tokens") else 0
-    decoder = model.graph_decoder(prompt.size(0), meta_tokens + prompt.size(1) + args.new_tokens, prompt.device)
-    return replay_walls(decoder, prompt[:, -1:])
+    return replay_walls(generates_decoder(model, prompt, args.new_tokens), prompt[:, -1:])
 
 
 def pdl_ab(model, prompt, args) -> dict:
