@@ -64,9 +64,14 @@ def _probe():
     pass
 
 
+_INTERPRETING = isinstance(_probe, InterpretedFunction)
+
+
 def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported)."""
-    return isinstance(_probe, InterpretedFunction)
+    """True when kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 when this module was imported). A constant:
+    torch 2.11's dynamo cannot trace isinstance on a compiled-mode JIT function (TritonKernelVariable), so compiling
+    a model's layers on CPU tensors on a GPU machine failed in the kernels' `triton_on_cpu` check (H200, session 15)."""
+    return _INTERPRETING
 
 
 HARDWARE_MATH: tl.constexpr = tl.constexpr(not interpreting())

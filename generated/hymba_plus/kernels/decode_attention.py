@@ -24,8 +24,9 @@ an int32 counter of its (batch row, KV head) (acq_rel, GPU scope); the program t
 (the last to finish, whichever split it is) combines the group's rows in the same split order with the same code
 (`_combine_row`: the output is the two-launch path's, bit for bit, run to run) and zeroes the counter for the next
 launch or CUDA-graph replay. The number of splits fills the GPU: about WAVES programs per SM over B × Hkv, at most one per
-BLOCK_S slots. A value row no query of the tile sees is not loaded (a never-written slot holding NaN stays out of the
-product, as a masked score stays out of the softmax).
+BLOCK_S slots. The values are loaded with the keys (one memory round trip, not two: masking them by what the tile
+sees waited for the positions), and a value row no query of the tile sees is zeroed before the product (a
+never-written slot holding NaN stays out of it, as a masked score stays out of the softmax).
 
 Contents: `decode_attention` and `decode_attention_one_launch` (the entry points), the custom ops
 `archgen_v1::decode_attention` and `archgen_v1::decode_attention_one_launch`, `combine_counters`, the launcher
@@ -152,6 +153,9 @@ def _split_kernel(
         rows_at = slots.to(tl.int64)[:, None]
         k = tl.load(k_at + rows_at * stride_ks + channels[None, :],
                     mask=slot_inside[:, None] & channel_inside[None, :], other=0.0)
+        # v with k, in one memory round trip (masked by what the tile sees it waited for the positions first)
+        v = tl.load(v_at + rows_at * stride_vs + channels[None, :],
+                    mask=slot_inside[:, None] & channel_inside[None, :], other=0.0)
         scores = dot(q, tl.trans(k), None, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_S), log2 units
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, 1))
@@ -160,8 +164,7 @@ def _split_kernel(
         alpha = tl.exp2(m - m_safe)
         sums = sums * alpha + tl.sum(p, 1)
         seen = tl.max(visible.to(tl.int32), 0) > 0  # (BLOCK_S,) slots some row of the tile sees
-        v = tl.load(v_at + rows_at * stride_vs + channels[None, :],
-                    mask=(slot_inside & seen)[:, None] & channel_inside[None, :], other=0.0)
+        v = tl.where(seen[:, None], v, 0.0)  # a slot no row sees (never written: it may hold NaN) adds nothing
         acc = acc * alpha[:, None] + dot(rounded(p, v.dtype), v, None, DOT_PRECISION)
         m = m_new
 
