@@ -426,12 +426,14 @@ def _conv_fwd_window_kernel(
 
 
 @triton.jit
-def _conv_step_operands(state_row, state_stride_k, w_row, w_stride_k, bias_ptr, channels, inside,
-                        HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr):
-    """What a decoding step of a block of channels reads besides its input (2 <= WIDTH <= 4), in float32: the bias,
-    the taps w0..w3 (oldest first) and the state's entries x_3, x_2, x_1 (the inputs 3, 2 and 1 steps back; zeros
-    beyond the width). Loaded apart from `_conv_step_apply` so that a kernel can issue them before it computes the
-    input (kernels/in_proj_conv.py: while its GEMV streams the weights)."""
+def _conv_step_shift(x_0, state_row, state_stride_k, w_row, w_stride_k, bias_ptr, channels, inside,
+                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr, KEPT_DTYPE: tl.constexpr):
+    """One decoding step of a block of channels, its state shifted where it lies (2 <= WIDTH <= 4): x_0 is this step's
+    input (any dtype, its values already x's), state_row the channels' state pointers (entries W-4 .. W-2 the inputs
+    3, 2 and 1 steps back). Returns act(bias + Σ_k w_k x̃_k) in float32 (the caller rounds and stores it); the kept
+    entries are stored back rounded through KEPT_DTYPE (x's dtype: what a functional step's new state holds), then x_0.
+    A barrier separates every thread's loads of the old state from the stores over it (threads may share a channel).
+    The in-place step kernel and kernels/in_proj_conv.py's GEMV epilogue both run this, so they give the same bits."""
     w0 = _window_tap(w_row, w_stride_k, inside, 3, WIDTH)
     w1 = _window_tap(w_row, w_stride_k, inside, 2, WIDTH)
     w2 = _window_tap(w_row, w_stride_k, inside, 1, WIDTH)
@@ -447,17 +449,6 @@ def _conv_step_operands(state_row, state_stride_k, w_row, w_stride_k, bias_ptr, 
     if WIDTH >= 3:
         x_2 = tl.load(state_row + (WIDTH - 3) * state_stride_k, mask=inside, other=0.0).to(tl.float32)
     x_1 = tl.load(state_row + (WIDTH - 2) * state_stride_k, mask=inside, other=0.0).to(tl.float32)
-    return bias, w0, w1, w2, w3, x_3, x_2, x_1
-
-
-@triton.jit
-def _conv_step_apply(x_0, operands, state_row, state_stride_k, inside, SILU: tl.constexpr, WIDTH: tl.constexpr,
-                     KEPT_DTYPE: tl.constexpr):
-    """The step on `_conv_step_operands`' values: act(bias + Σ_k w_k x̃_k) in float32 (the caller rounds and stores
-    it); the kept entries are stored back rounded through KEPT_DTYPE (x's dtype: what a functional step's new state
-    holds), then x_0 (this step's input, any dtype, its values already x's). A barrier separates every thread's loads
-    of the old state from the stores over it (threads may share a channel)."""
-    bias, w0, w1, w2, w3, x_3, x_2, x_1 = operands
     y = _window_tap_sum(bias, w0, w1, w2, w3, x_3, x_2, x_1, x_0.to(tl.float32), WIDTH)
     if SILU:
         y = y * sigmoid(y)
@@ -469,17 +460,6 @@ def _conv_step_apply(x_0, operands, state_row, state_stride_k, inside, SILU: tl.
         tl.store(state_row + (WIDTH - 3) * state_stride_k, x_1.to(KEPT_DTYPE).to(state_dtype), mask=inside)
     tl.store(state_row + (WIDTH - 2) * state_stride_k, x_0.to(state_dtype), mask=inside)
     return y
-
-
-@triton.jit
-def _conv_step_shift(x_0, state_row, state_stride_k, w_row, w_stride_k, bias_ptr, channels, inside,
-                     HAS_BIAS: tl.constexpr, SILU: tl.constexpr, WIDTH: tl.constexpr, KEPT_DTYPE: tl.constexpr):
-    """One decoding step of a block of channels, its state shifted where it lies: `_conv_step_operands`, then
-    `_conv_step_apply`. The in-place step kernel runs this and kernels/in_proj_conv.py's GEMV epilogue the two
-    halves, so they give the same bits."""
-    operands = _conv_step_operands(state_row, state_stride_k, w_row, w_stride_k, bias_ptr, channels, inside,
-                                   HAS_BIAS, WIDTH)
-    return _conv_step_apply(x_0, operands, state_row, state_stride_k, inside, SILU, WIDTH, KEPT_DTYPE)
 
 
 @triton.jit

@@ -32,13 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .causal_conv1d import (
-    WINDOW_WIDTH,
-    _conv_step_apply,
-    _conv_step_operands,
-    causal_conv1d_reference,
-    causal_conv1d_update_,
-)
+from .causal_conv1d import WINDOW_WIDTH, _conv_step_shift, causal_conv1d_reference, causal_conv1d_update_
 from .gemv import (
     FEW_ROWS,
     SUPPORTED_DTYPES,
@@ -71,30 +65,22 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, 
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
                          PDL: tl.constexpr):  # as gemv._gemv_kernel's
     """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product, then for outputs below D the conv
-    step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The conv's
-    taps and state entries are loaded before the products' loop, so their latency hides behind the weights' (the
-    epilogue loaded them after it: one more memory round trip a program); with PDL after gdc_wait (the kernel ahead
-    may be the previous step's last)."""
+    step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The state's
+    entries are loaded after gdc_wait (the kernel ahead may be the previous step's last)."""
     row = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    d_in = outs < D  # conv channels (a block may hold the last of them and z's first outputs)
-    state_row = state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d
-    conv_w_row = conv_w_ptr + outs * conv_w_stride_d
-    if not PDL:  # the conv's taps and state in flight while the products stream (with PDL: after gdc_wait, below)
-        conv_operands = _conv_step_operands(state_row, state_stride_k, conv_w_row, conv_w_stride_k, conv_b_ptr, outs,
-                                            d_in, HAS_CONV_BIAS, WIDTH)
     p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)  # gemv's sums
-    if PDL:
-        conv_operands = _conv_step_operands(state_row, state_stride_k, conv_w_row, conv_w_stride_k, conv_b_ptr, outs,
-                                            d_in, HAS_CONV_BIAS, WIDTH)
     if HAS_BIAS:
         p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
     p = rounded(p, dtype)  # in_proj's output as the GEMV stores it
-    if tl.program_id(1) * BLOCK_N < D:  # a block holding conv channels
-        conv = _conv_step_apply(p, conv_operands, state_row, state_stride_k, d_in, SILU, WIDTH, dtype)
+    if tl.program_id(1) * BLOCK_N < D:  # a block holding conv channels (the last of them may hold z's first outputs)
+        d_in = outs < D
+        conv = _conv_step_shift(p, state_ptr + row.to(tl.int64) * state_stride_b + outs * state_stride_d,
+                                state_stride_k, conv_w_ptr + outs * conv_w_stride_d, conv_w_stride_k, conv_b_ptr, outs,
+                                d_in, HAS_CONV_BIAS, SILU, WIDTH, dtype)
         tl.store(y_ptr + row.to(tl.int64) * stride_ym + outs, conv.to(dtype), mask=d_in)  # rounded as the conv step's
     tl.store(z_ptr + row.to(tl.int64) * stride_zm + (outs - D), p, mask=outs_inside & (outs >= D))
 
