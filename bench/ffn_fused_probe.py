@@ -28,20 +28,12 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from harness import command_line, run_metadata  # noqa: E402
-
+from archgen.benchmark import copy_bandwidth  # noqa: E402
 from kernels import gemv  # noqa: E402
 
 STREAM_BYTES = 256 * 2**20
-
-
-@triton.jit
-def _fold(tile, x, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr):
-    return tl.sum(tl.reshape(tile.to(tl.float32) * x, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
 
 
 @triton.jit
@@ -83,8 +75,8 @@ def _ffn_kernel(x_ptr, gate_ptr, up_ptr, down_ptr, r_ptr, hidden_ptr, y_ptr, syn
             mask = (following < H)[:, None] & (cols < D)[None, :]
             next_g = tl.load(gate_ptr + at, mask=mask, other=0.0)
             next_u = tl.load(up_ptr + at, mask=mask, other=0.0)
-            gate = tl.sum(_fold(g, x, BLOCK_H, BLOCK_D, FOLD), axis=1)
-            up = tl.sum(_fold(u, x, BLOCK_H, BLOCK_D, FOLD), axis=1)
+            gate = tl.sum(gemv._folded(g.to(tl.float32), x, BLOCK_H, BLOCK_D, FOLD), axis=1)
+            up = tl.sum(gemv._folded(u.to(tl.float32), x, BLOCK_H, BLOCK_D, FOLD), axis=1)
             hidden = gate * tl.sigmoid(gate) * up
             tl.store(hidden_ptr + rows, hidden.to(hidden_ptr.dtype.element_ty), mask=rows < H)
             g = next_g
@@ -110,7 +102,7 @@ def _ffn_kernel(x_ptr, gate_ptr, up_ptr, down_ptr, r_ptr, hidden_ptr, y_ptr, syn
                              mask=(next_outs < rows_left)[:, None] & (next_cols < H)[None, :], other=0.0)
             cols_now = ((t - 1) % tiles) * BLOCK_K + k
             h = tl.load(hidden_ptr + cols_now, mask=cols_now < H, other=0.0, cache_modifier=".cg")
-            acc += _fold(w, h.to(tl.float32)[None, :], BLOCK_N, BLOCK_K, FOLD)
+            acc += gemv._folded(w.to(tl.float32), h.to(tl.float32)[None, :], BLOCK_N, BLOCK_K, FOLD)
             if t % tiles == 0:
                 done = (pid + ((t - 1) // tiles) * programs) * BLOCK_N + r_
                 y = tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty)
@@ -141,20 +133,6 @@ def ffn(x, gate, up, down, residual, cfg, interpret=False):
     return y
 
 
-def per_call_us(fn, calls, dry):
-    def run():
-        for i in range(calls):
-            fn(i)
-
-    run()
-    if dry:
-        return 0.0
-    torch.cuda.synchronize()
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(run, rep=30, return_mode="median")) * 1e3 / calls
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -174,19 +152,8 @@ def main():
     result = {"meta": run_metadata(command_line(), dry),
               "D": D, "H": H, "layer_MB": layer_bytes / 1e6, "copies": copies, "variants": {}, "errors": {}}
     if not dry:
-        a = torch.empty(2**30, dtype=torch.bfloat16, device=device)
-        b = torch.empty_like(a)
-        b.copy_(a)
-        torch.cuda.synchronize()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(10):
-            b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        result["copy_TBps"] = 2 * a.numel() * 2 / (s.elapsed_time(e) / 10 / 1e3) / 1e12
+        result["copy_TBps"] = copy_bandwidth(device) / 1e12
         result["floor_us"] = layer_bytes / (result["copy_TBps"] * 1e12) * 1e6
-        del a, b
 
     def separate(i):
         gw, uw, dw = layers[i]
@@ -195,7 +162,7 @@ def main():
 
     gw, uw, dw = layers[0]
     expected = gemv.residual_linear_reference(gemv.swiglu_linear_reference(x[None], gw, uw), dw, None, r[None])[0]
-    result["variants"]["separate"] = per_call_us(separate, copies, dry)
+    result["variants"]["separate"] = graph_us_per_call(separate, copies, dry, rep_ms=30)
     result["errors"]["separate"] = (separate(0).double() - expected.double()).abs().max().item()
     sms = 2 if dry else torch.cuda.get_device_properties(0).multi_processor_count
     configs = [{"BLOCK_H": 2, "BLOCK_N": 2, "BLOCK_K": 32, "num_warps": 2, "programs": 3}] if dry else [
@@ -209,7 +176,8 @@ def main():
         try:
             got = ffn(x, gw, uw, dw, r, cfg, interpret=dry)
             result["errors"][name] = (got.double() - expected.double()).abs().max().item()
-            result["variants"][name] = per_call_us(lambda i, c=cfg: ffn(x, *layers[i], r, c, interpret=dry), copies, dry)
+            result["variants"][name] = graph_us_per_call(lambda i, c=cfg: ffn(x, *layers[i], r, c, interpret=dry), copies, dry,
+                                                             rep_ms=30)
         except Exception as error:  # noqa: BLE001 - a config that fails is a result
             result["variants"][name] = f"{type(error).__name__}: {str(error)[:300]}"
         print(name, result["variants"][name], result["errors"].get(name), flush=True)

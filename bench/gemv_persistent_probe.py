@@ -35,12 +35,9 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from harness import command_line, run_metadata  # noqa: E402
-
+from archgen.benchmark import copy_bandwidth  # noqa: E402
 from kernels import gemv  # noqa: E402
 
 HYMBA_PLUS = {"mlp.gate_up": (5504, 1600, True), "mlp.down_proj": (1600, 5504, False),
@@ -77,9 +74,9 @@ def _stream_gemv_kernel(x_ptr, w_ptr, u_ptr, y_ptr, N, K, K_TILES, GATED: tl.con
         next_up = tl.load(u_ptr + next_offsets, mask=next_mask, other=0.0) if GATED else next_tile
         next_x = tl.load(x_ptr + next_cols, mask=next_cols < K, other=0.0)
         x32 = x.to(tl.float32)[None, :]
-        acc += tl.sum(tl.reshape(tile.to(tl.float32) * x32, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
+        acc += gemv._folded(tile.to(tl.float32), x32, BLOCK_N, BLOCK_K, FOLD)
         if GATED:
-            up_acc += tl.sum(tl.reshape(up_tile.to(tl.float32) * x32, (BLOCK_N, BLOCK_K // FOLD, FOLD)), axis=2)
+            up_acc += gemv._folded(up_tile.to(tl.float32), x32, BLOCK_N, BLOCK_K, FOLD)
         if t % K_TILES == 0:
             y = tl.sum(acc, axis=1)
             if GATED:
@@ -120,35 +117,6 @@ def read_all(w, out, programs, block):
     _read_kernel[(programs,)](w, out, w.numel(), BLOCK=block, num_warps=8)
 
 
-def per_call_us(fn, calls, dry):
-    def run():
-        for i in range(calls):
-            fn(i)
-
-    run()
-    if dry:
-        return 0.0
-    torch.cuda.synchronize()
-    from triton.testing import do_bench_cudagraph
-
-    return float(do_bench_cudagraph(run, rep=20, return_mode="median")) * 1e3 / calls
-
-
-def copy_Bps(device):
-    a = torch.empty(2**30, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 2 / (start.elapsed_time(end) / 10 / 1e3)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -158,7 +126,7 @@ def main():
     device = "cpu" if dry else "cuda"
     dtype = torch.float32 if dry else torch.bfloat16
     sms = 4 if dry else torch.cuda.get_device_properties(0).multi_processor_count
-    copy = 1.0 if dry else copy_Bps(device)
+    copy = 1.0 if dry else copy_bandwidth(device)
     result = {"meta": run_metadata(command_line(), dry), "copy_TBps": copy / 1e12, "sms": sms, "shapes": {}}
     shapes = DRY if dry else HYMBA_PLUS
     blocks = [(2, 32, 2)] if dry else [(1, 1024, 2), (1, 2048, 4), (2, 512, 2), (2, 1024, 2), (2, 1024, 4),
@@ -188,11 +156,11 @@ def measure_shape(N, K, gated, dry, device, dtype, sms, copy, blocks, program_co
     w0, u0 = pair(0)
     expected = gemv.swiglu_linear_reference(x[None], w0, u0)[0] if gated else gemv.linear_reference(x[None], w0)[0]
     row = {"N": N, "K": K, "gated": gated, "MB": nbytes / 1e6, "floor_us": nbytes / copy * 1e6, "variants": {}}
-    row["variants"]["gemv"] = per_call_us(lambda i: gemv.gemv_forward(x[None], pair(i)[0], up_weight=pair(i)[1]),
+    row["variants"]["gemv"] = graph_us_per_call(lambda i: gemv.gemv_forward(x[None], pair(i)[0], up_weight=pair(i)[1]),
                                           copies, dry)
     sums = torch.empty(sms * 16, device=device, dtype=torch.float32)
     for programs in ([sms * 4] if dry else [sms * 4, sms * 8, sms * 16]):
-        row["variants"][f"read programs={programs}"] = per_call_us(
+        row["variants"][f"read programs={programs}"] = graph_us_per_call(
             lambda i, p=programs: [read_all(w, sums, p, 2048) for w in pair(i) if w is not None], copies, dry)
     errors = {}
     for (bn, bk, warps), programs in itertools.product(blocks, program_counts):
@@ -203,7 +171,7 @@ def measure_shape(N, K, gated, dry, device, dtype, sms, copy, blocks, program_co
         try:
             got = stream_gemv(x, w0, u0, cfg)
             errors[label] = (got.double() - expected.double()).abs().max().item()
-            row["variants"][label] = per_call_us(lambda i, c=cfg: stream_gemv(x, *pair(i), c), copies, dry)
+            row["variants"][label] = graph_us_per_call(lambda i, c=cfg: stream_gemv(x, *pair(i), c), copies, dry)
         except Exception as error:  # noqa: BLE001 - a config that fails is a result
             row["variants"][label] = f"{type(error).__name__}: {str(error)[:200]}"
     row["max_abs_error"] = max(errors.values()) if errors else None

@@ -182,6 +182,24 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def graph_us_per_call(fn: Callable[[int], object], calls: int, dry_run: bool, rep_ms: int = 20) -> float:
+    """Microseconds per call of fn(i), i in range(calls) (each i its own weights, so L2 holds none of them), replayed
+    from one CUDA graph as a decoding step runs; the calls run once first (compiling and tuning happen there, outside
+    the capture). In a dry run they only run once (the plumbing): 0.0."""
+    def run():
+        for i in range(calls):
+            fn(i)
+
+    run()
+    if dry_run:
+        return 0.0
+    import torch
+    from triton.testing import do_bench_cudagraph
+
+    torch.cuda.synchronize()
+    return float(do_bench_cudagraph(run, rep=rep_ms, return_mode="median")) * 1e3 / calls
+
+
 def median_ms(fn: Callable[[], object], device: str, reps: int, warmup: int = 2) -> float:
     """Median milliseconds of fn() over reps calls after warmup calls: CUDA events around each call on the GPU, the
     host clock on the CPU (where no warm-up runs: a dry run only exercises the code)."""

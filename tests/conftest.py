@@ -38,9 +38,12 @@ def build_spied_package(spec_path: Path | str, out_root: Path, monkeypatch, kern
     """Build and import the package of `spec_path` (with `preset`, default none) with the named kernel functions run in Triton's
     interpreter (CPU tensors through the kernels, not their CPU fallbacks) and spied on: package.calls counts each
     one's calls. A name is a function of the package's kernels module or of one of its kernel files
-    ("state_update_module.mamba2_step_", counted as "mamba2_step_"). Skips the test when triton does not import."""
+    ("state_update_module.mamba2_step_", counted as "mamba2_step_"). Skips the test when triton does not import, or
+    where its kernels do not run in the interpreter (a GPU machine)."""
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":  # a GPU machine: the CUDA tests (test_kernels.py, bench/) cover it
+    from archgen_kernels.triton_support import interpreting
+
+    if not interpreting():  # a GPU machine: the CUDA tests (test_kernels.py, bench/) cover it
         pytest.skip("runs the kernels in Triton's interpreter on CPU tensors, which this machine (a GPU) does not use")
     monkeypatch.setenv("ARCHGEN_TRITON_ON_CPU", "1")
     package = build_package(spec_path, out_root, preset=preset, overrides=overrides)

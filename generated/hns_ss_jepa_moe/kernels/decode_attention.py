@@ -153,7 +153,7 @@ def _split_kernel(
         rows_at = slots.to(tl.int64)[:, None]
         k = tl.load(k_at + rows_at * stride_ks + channels[None, :],
                     mask=slot_inside[:, None] & channel_inside[None, :], other=0.0)
-        # v with k, in one memory round trip (masked by what the tile sees it waited for the positions first)
+        # v beside k, one memory round trip: a mask of what the tile sees would wait for the positions' load
         v = tl.load(v_at + rows_at * stride_vs + channels[None, :],
                     mask=slot_inside[:, None] & channel_inside[None, :], other=0.0)
         scores = dot(q, tl.trans(k), None, DOT_PRECISION) * scale_log2  # (BLOCK_M, BLOCK_S), log2 units
