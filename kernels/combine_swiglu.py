@@ -14,10 +14,13 @@ stream's): the same bits as normalized_mean_add_norm then swiglu_linear at the s
 
 Why: a batch-1 decoding step is a chain of small kernels, and each costs its bytes over the bandwidth plus ~2.5 µs
 however it loops (bench/gemv_persistent_probe.py, session 15). The combine's launch moves 13 KB; its fixed cost is
-most of Hymba+'s 3.3 µs a layer. Here every program of the GEMV recomputes h for itself from a, b and r: the K-wide
-row is one register tile (BLOCK_K = next_pow2(K) ≤ MAX_K), three vectors of a few kilobytes that L1 and L2 serve to
-the ~20 programs an SM runs, while the weights stream from HBM as in the GEMV. The program of the first weight
-block also stores s, which the down projection's epilogue adds (kernels/gemv.py's residual_linear).
+most of Hymba+'s 3.3 µs a layer. Here each program computes h for
+itself from a, b and r, the K-wide row as one register tile (BLOCK_K = next_pow2(K) ≤ MAX_K), then loops over
+weight blocks of BLOCK_N rows, grid-strided over PROGRAMS_PER_SM programs an SM, while the weights stream from HBM
+as in the GEMV. The prologue reads eight K-wide vectors (the branches, the stream, four norm weights and scales, the
+feed-forward norm's weight: 26 KB at Hymba+'s 1600 in bf16): a program per 2-row block, as the GEMV launches, read
+72 MB of them from L2 against 35 MB of weights and took 27 µs where the two launches take 15 (H200, session 17).
+The first program also stores s, which the down projection's epilogue adds (kernels/gemv.py's residual_linear).
 
 Forward only, for a decoding step's few rows (up to gemv.FEW_ROWS): the generated feed-forward calls it when its
 block's parallel mixer hands over the branches uncombined (ops/norm.py ParallelBranches). CPU tensors, and rows wider
@@ -45,7 +48,8 @@ from .triton_support import (
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_K = 4096
 """The widest row whose branches, stream and h one program holds in registers; wider rows take the two launches."""
-CONFIGS = [{"BLOCK_N": n, "num_warps": w} for n, w in ((1, 4), (2, 4), (2, 8), (4, 8))]
+CONFIGS = [{"BLOCK_N": n, "num_warps": w, "PROGRAMS_PER_SM": p}
+           for n, w in ((1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)) for p in (2, 3, 4, 6)]
 """What bench/combine_probe.py sweeps against the two launches; launch_config's choice is the default."""
 
 
@@ -53,25 +57,22 @@ CONFIGS = [{"BLOCK_N": n, "num_warps": w} for n, w in ((1, 4), (2, 4), (2, 8), (
 def _combine_swiglu_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, r_ptr, wn_ptr, s_ptr, wg_ptr, wu_ptr, bg_ptr,
                            bu_ptr, y_ptr, N, K, stride_a, stride_b, stride_r, stride_s, stride_y, eps, norm_eps,
                            HAS_BIAS: tl.constexpr,  # add the gate's and up's biases to the products
-                           BLOCK_N: tl.constexpr,  # weight rows per program
+                           BLOCK_N: tl.constexpr,  # weight rows per step of a program's loop
                            BLOCK_K: tl.constexpr,  # next_pow2(K): the whole row, one tile
                            FOLD: tl.constexpr,  # gemv's: products each thread sums before accumulating
-                           PDL: tl.constexpr):  # launched programmatically: the first weight tiles prefetched
+                           PDL: tl.constexpr):  # launched programmatically
     row = tl.program_id(0)  # the row of x: fastest, as in gemv._gemv_kernel
-    block = tl.program_id(1)
-    outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    outs_inside = outs < N
+    first = tl.program_id(1)
     cols = tl.arange(0, BLOCK_K)
     cols_inside = cols < K
+    # the first weight tiles on their way to L2 while the program computes h (no kernel of a step writes weights)
+    _prefetch_first_tile(wg_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), N, K, K, BLOCK_K)
+    _prefetch_first_tile(wu_ptr, first * BLOCK_N + tl.arange(0, BLOCK_N), N, K, K, BLOCK_K)
     # the per-channel factors: parameters, which no kernel of a step writes (loaded before any wait)
     ga = _branch_factor(wa_ptr, sa_ptr, cols, cols_inside)
     gb = _branch_factor(wb_ptr, sb_ptr, cols, cols_inside)
     wn = tl.load(wn_ptr + cols, mask=cols_inside, other=0.0).to(tl.float32)
-    gate_rows = wg_ptr + outs.to(tl.int64)[:, None] * K
-    up_rows = wu_ptr + outs.to(tl.int64)[:, None] * K
     if PDL:
-        _prefetch_first_tile(wg_ptr, outs, N, K, K, BLOCK_K)
-        _prefetch_first_tile(wu_ptr, outs, N, K, K, BLOCK_K)
         gdc_wait()
         gdc_launch_dependents()
     row64 = row.to(tl.int64)
@@ -80,26 +81,34 @@ def _combine_swiglu_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, r_ptr, 
     r = tl.load(r_ptr + row64 * stride_r + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
     stream_dtype = s_ptr.dtype.element_ty
     s, h = _combine_add_norm(a, b, ga, gb, r, wn, K, eps, norm_eps, a_ptr.dtype.element_ty, stream_dtype)
-    if block == 0:
+    if first == 0:
         tl.store(s_ptr + row64 * stride_s + cols[None, :], s, mask=cols_inside[None, :])
     h = h.to(stream_dtype).to(tl.float32)  # as the combine's launch stores h and the GEMV loads it
-    gate = tl.sum(_tile_products(h, gate_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD), axis=1)
-    up = tl.sum(_tile_products(h, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD), axis=1)
-    if HAS_BIAS:
-        gate += tl.load(bg_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
-        up += tl.load(bu_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
-    y = rounded(gate * tl.sigmoid(gate) * up, y_ptr.dtype.element_ty)
-    tl.store(y_ptr + row64 * stride_y + outs, y, mask=outs_inside)
+    # h once a program (its K-wide prologue reads ~8 vectors: once per BLOCK_N rows, it read more than the weights),
+    # then the program's weight blocks, grid-strided
+    for block in range(first, tl.cdiv(N, BLOCK_N), tl.num_programs(1)):
+        outs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        outs_inside = outs < N
+        gate_rows = wg_ptr + outs.to(tl.int64)[:, None] * K
+        up_rows = wu_ptr + outs.to(tl.int64)[:, None] * K
+        gate = tl.sum(_tile_products(h, gate_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD), axis=1)
+        up = tl.sum(_tile_products(h, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD), axis=1)
+        if HAS_BIAS:
+            gate += tl.load(bg_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+            up += tl.load(bu_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
+        y = rounded(gate * tl.sigmoid(gate) * up, y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row64 * stride_y + outs, y, mask=outs_inside)
 
 
 def launch_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
-    """The whole row as one tile; the weight rows a program takes and its warps as kernels/gemv.py's shape_config
+    """The whole row as one tile; the weight rows a step takes and its warps as kernels/gemv.py's shape_config
     chooses for the plain gated GEMV at this row length (2 rows of 2048 columns over 4 warps at Hymba+'s 1600), so
-    that the two launches it replaces and this one stream the weights alike."""
+    that the two launches it replaces and this one stream the weights alike; PROGRAMS_PER_SM programs (per row of x)
+    loop over the blocks."""
     block_k = triton.next_power_of_2(max(K, 1))
     gemv = shape_config(N, K, M, multiprocessors)
     rows = max(1, gemv["BLOCK_N"] * gemv["BLOCK_K"] // block_k)
-    return {"BLOCK_N": rows, "num_warps": min(max(rows * block_k // 1024, 2), 8)}
+    return {"BLOCK_N": rows, "num_warps": min(max(rows * block_k // 1024, 2), 8), "PROGRAMS_PER_SM": 4}
 
 
 def combined_swiglu_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Tensor, weight_b: Tensor, scale_b: Tensor,
@@ -107,7 +116,7 @@ def combined_swiglu_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
                             up_weight: Tensor, gate_bias: Tensor | None, up_bias: Tensor | None,
                             config: dict | None = None) -> tuple[Tensor, Tensor]:
     """The launcher: a, b, residual (M, K) with a contiguous last dim, the weights contiguous -> (y (M, N), s (M, K)) in
-    the stream's dtype. config {"BLOCK_N", "num_warps"} overrides launch_config (bench/combine_probe.py)."""
+    the stream's dtype. config {"BLOCK_N", "num_warps", "PROGRAMS_PER_SM"} overrides launch_config (bench/combine_probe.py)."""
     M, K = a.shape
     N = gate_weight.shape[0]
     dtype = torch.promote_types(a.dtype, residual.dtype)
@@ -115,11 +124,13 @@ def combined_swiglu_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
     y = torch.empty((M, N), dtype=dtype, device=a.device)
     if M == 0:
         return y, s
-    cfg = config or launch_config(N, K, M, _multiprocessors(a.device))
+    multiprocessors = _multiprocessors(a.device)
+    cfg = config or launch_config(N, K, M, multiprocessors)
     biases = (gate_bias, up_bias) if gate_bias is not None else (gate_weight, gate_weight)
     pdl = programmatic_launch(a.device)
     with on_device(a):
-        _combine_swiglu_kernel[(M, triton.cdiv(N, cfg["BLOCK_N"]))](
+        programs = min(triton.cdiv(N, cfg["BLOCK_N"]), max(1, cfg["PROGRAMS_PER_SM"] * multiprocessors // M))
+        _combine_swiglu_kernel[(M, programs)](
             a, b, weight_a, scale_a, weight_b, scale_b, residual, norm_weight, s, gate_weight, up_weight, *biases, y, N,
             K, a.stride(0), b.stride(0), residual.stride(0), s.stride(0), y.stride(0), eps, norm_eps,
             HAS_BIAS=gate_bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=triton.next_power_of_2(K),

@@ -100,3 +100,42 @@ def test_the_in_proj_conv_step_decodes_as_the_full_forward_and_as_its_two_launch
     two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
     assert package.calls["causal_conv1d_update_"] == 4 * 2 and not package.calls["in_proj_conv_step_"], package.calls
     assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()
+
+
+def test_the_combine_in_the_feed_forwards_gemv_decodes_the_full_forward_and_the_bits_of_its_two_launches(
+        tmp_path, monkeypatch):
+    """On a decoding step each block's parallel mixer hands its branches uncombined (ParallelBranches) to the
+    feed-forward, whose gate and up GEMV runs the combine, the residual add and the norm in its prologue
+    (combined_swiglu_linear): cached decoding equals the full forward (references), and in bfloat16 gives the bits of
+    the two launches it replaces (normalized_mean_add_norm, then swiglu_linear), which bench/decode.py --without
+    combined_swiglu_linear restores in the same process (the kernel function None)."""
+    spied = ("combined_swiglu_linear", "normalized_mean_add_norm", "swiglu_linear", "residual_linear", "linear")
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, spied, preset="tiny")
+    forced = {getattr(package.kernels, name) for name in spied}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    with torch.no_grad():  # the norms' weights and scales away from 1, so that each one's place in the math shows
+        for name, parameter in model.named_parameters():
+            if name.endswith(("_scale", "norm.weight")):
+                parameter.copy_(1 + torch.randn_like(parameter) / 2)
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        package.model.USE_KERNELS = False
+        full = model(tokens).logits
+        package.model.USE_KERNELS = True
+    cached = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    # 4 layers in both steps (2 rows each); the prefill's 20 rows (more than FEW_ROWS) combine in their own launch
+    assert package.calls["combined_swiglu_linear"] == 4 * 2 and package.calls["residual_linear"] == 4 * 2, package.calls
+    assert package.calls["normalized_mean_add_norm"] == 4 and not package.calls["swiglu_linear"], package.calls
+    assert_close(cached, full, 1e-5, "cached logits")
+
+    model = model.to(torch.bfloat16)
+    package.calls.clear()
+    fused = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["combined_swiglu_linear"] == 4 * 2, package.calls
+    package.calls.clear()
+    monkeypatch.setattr(package.kernels, "combined_swiglu_linear", None)
+    two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["normalized_mean_add_norm"] == 4 * 3 and package.calls["swiglu_linear"] == 4 * 2, package.calls
+    assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()

@@ -1,7 +1,8 @@
 """kernels/combine_swiglu.py: the parallel combine in the SwiGLU GEMV's prologue against the two launches it replaces
 (normalized_mean_add_norm, then swiglu_linear) and against float64, at odd sizes (widths that are not a power of two,
-weight rows that are not a multiple of the tile, several rows, a strided branch), with every launch config the kernel
-has, float32 and bfloat16. Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
+weight rows that are not a multiple of the tile, several rows, a strided branch), with each tile config the kernel
+has (its programs striding over the weight blocks), float32 and bfloat16. Runs in Triton's interpreter without CUDA;
+kernel-written buffers start as NaN."""
 
 import pytest
 import torch
@@ -55,8 +56,12 @@ def float64_result(branches, residual, ffn):
     return F.silu(F.linear(h, gate, gate_bias)) * F.linear(h, up, up_bias), s
 
 
-@pytest.mark.parametrize("config", [None, *kernel.CONFIGS], ids=lambda c: "default" if c is None else
-                         f"n{c['BLOCK_N']}w{c['num_warps']}")
+# each tile shape, with 3 programs (an SM, and the interpreter's one SM) striding over blocks not a multiple of 3
+TILE_CONFIGS = [c for c in kernel.CONFIGS if c["PROGRAMS_PER_SM"] == 3]
+
+
+@pytest.mark.parametrize("config", [None, *TILE_CONFIGS], ids=lambda c: "default" if c is None else
+                         f"n{c['BLOCK_N']}w{c['num_warps']}p{c['PROGRAMS_PER_SM']}")
 @pytest.mark.parametrize("case", CASES)
 def test_one_launch_matches_the_two_launches_and_float64(case, config, monkeypatch):
     dtype, lead, K, N, bias, strided = CASES[case]
