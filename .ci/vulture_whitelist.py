@@ -14,7 +14,6 @@ _.norm_module
 _.step_hooks
 _.init_hooks
 _.aligned_vocab
-_.defers_combine  # ParallelPlan's and BlockPlan's: parallel.py.j2 and block.py.j2
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight

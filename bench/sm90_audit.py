@@ -325,9 +325,9 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean, combine_swiglu; decode_attention's one-launch form, which its hook does not take;
-    qkv_rope's kernel, whose hook tunes qkv_linear's), with the parameter shapes of the case; False when the file has
-    none."""
+    silu_mul, normalized_mean; decode_attention's one-launch form, which its hook does not take; qkv_rope's kernel,
+    whose hook tunes qkv_linear's), with the
+    parameter shapes of the case; False when the file has none."""
     import torch
 
     def randn(*shape, dt=dtype):
@@ -387,24 +387,6 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
             try:
                 qkv_rope.qkv_rope_write_kv_forward(randn(1, 1, K), *weights, None, None, None, angles.cos(), angles.sin(),
                                                    *caches, torch.tensor([seqlen - 1]), config=candidate)
-            except Exception as error:
-                RECORDER.failed(error)
-            finally:
-                RECORDER.context = None
-    elif file == "combine_swiglu":  # a decoding step's combine in the SwiGLU GEMV: its default, then the probe's CONFIGS
-        from archgen_kernels.triton_support import config_name
-
-        combine = modules["combine_swiglu"]
-        hidden, K = params["gate_proj.weight"]
-        own = combine.launch_config(hidden, K, 1, H200["multiprocessor_count"])
-        vectors = [torch.ones(K, dtype=dtype) for _ in range(5)]
-        for candidate in [own, *(c for c in combine.CONFIGS if c != own)]:
-            RECORDER.context = {"tuner": "combine_swiglu (fixed)", "key": f"N{hidden}-K{K}-M1",
-                                "config": config_name(candidate), "default": candidate == own}
-            try:
-                combine.combined_swiglu_forward(randn(1, K), randn(1, K), *vectors[:4], 1e-6, vectors[4], 1e-6,
-                                                randn(1, K), randn(hidden, K), randn(hidden, K), None, None,
-                                                config=candidate)
             except Exception as error:
                 RECORDER.failed(error)
             finally:

@@ -57,8 +57,10 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
     row64 = rows.to(tl.int64)[:, None]
     # each branch's weight × scale, halved: the mean's 1/2 folded into the per-channel factors. Parameters, which no
     # kernel of a step writes: loaded before the wait, while the kernel ahead may still run
-    ga = _branch_factor(wa_ptr, sa_ptr, cols, col_inside)
-    gb = _branch_factor(wb_ptr, sb_ptr, cols, col_inside)
+    ga = 0.5 * tl.load(wa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
+        sa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
+    gb = 0.5 * tl.load(wb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
+        sb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     if ADD_NORM:
         wn = tl.load(wn_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
     if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
@@ -66,43 +68,21 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
         gdc_launch_dependents()
     a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    if ADD_NORM:
-        r = tl.load(r_ptr + row64 * stride_r + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-        s, h = _combine_add_norm(a, b, ga, gb, r, wn, N, eps, norm_eps, a_ptr.dtype.element_ty, y_ptr.dtype.element_ty)
-        tl.store(y_ptr + row64 * stride_y + cols[None, :], s, mask=inside)
-        tl.store(h_ptr + row64 * stride_y + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
-    else:
-        y = _combine(a, b, ga, gb, N, eps)
-        tl.store(y_ptr + row64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def _branch_factor(w_ptr, scale_ptr, cols, col_inside):
-    """A branch's norm weight × its scale, halved (the mean's 1/2): float32 (BLOCK_N,), 0 outside the row."""
-    w = tl.load(w_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
-    return 0.5 * w * tl.load(scale_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _combine(a, b, ga, gb, N, eps):
-    """The combine of a tile of rows (BLOCK_R, BLOCK_N), float32 with zeros outside the row: a · rstd_a · ga +
-    b · rstd_b · gb, where ga and gb (BLOCK_N,) are each branch's weight × scale halved."""
     rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (BLOCK_R,)
     rstd_b = 1.0 / tl.sqrt(tl.sum(b * b, axis=1) / N + eps)
-    return a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
-
-
-@triton.jit
-def _combine_add_norm(a, b, ga, gb, r, wn, N, eps, norm_eps, BRANCH_DTYPE: tl.constexpr, STREAM_DTYPE: tl.constexpr):
-    """_combine, then the block's residual add and its norm, as kernels/rmsnorm.py's residual path rounds them: y
-    rounded to the branches' dtype (as the combine's own launch stores it), the add in float32 rounded to the stream's
-    dtype, the norm of that rounded sum. -> (s in STREAM_DTYPE, h = rms_norm(s) · wn in float32, not yet rounded).
-    kernels/combine_swiglu.py's prologue computes the same, so both launches give these bits."""
-    y = _combine(a, b, ga, gb, N, eps)
-    s = (y.to(BRANCH_DTYPE).to(tl.float32) + r).to(STREAM_DTYPE)
-    s32 = s.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(s32 * s32, axis=1) / N + norm_eps)
-    return s, s32 * rstd[:, None] * wn[None, :]
+    y = a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
+    if ADD_NORM:
+        # kernels/rmsnorm.py's residual path, bit for bit: y rounded to the branches' dtype (as the combine's own
+        # launch stores it), the add in float32 rounded to the stream's dtype, the norm of that rounded sum
+        r = tl.load(r_ptr + row64 * stride_r + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+        s = (y.to(a_ptr.dtype.element_ty).to(tl.float32) + r).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + row64 * stride_y + cols[None, :], s, mask=inside)
+        s = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=1) / N + norm_eps)
+        h = s * rstd[:, None] * wn[None, :]
+        tl.store(h_ptr + row64 * stride_y + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
+    else:
+        tl.store(y_ptr + row64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def launch_config(N: int) -> dict:

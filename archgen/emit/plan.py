@@ -34,7 +34,6 @@ class ComponentPlan:
     takes_step: bool = False  # its forward takes step= (the forward's StepContext, shared by every layer)
     takes_residual: bool = False  # a feed-forward whose forward adds the block's stream itself (residual=)
     takes_residual_norm: bool = False  # a mixer that adds the block's stream and runs its ffn_norm (residual=, norm=)
-    takes_branches: bool = False  # a feed-forward that runs a parallel mixer's combine itself (given ParallelBranches)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -51,7 +50,6 @@ class ParallelPlan:
     mode: str  # "normalized_mean" | "sum"
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # the combine's (normalized_mean in one launch)
     takes_residual_norm: bool = False  # its forward adds the block's stream and runs its ffn_norm (residual=, norm=)
-    defers_combine: bool = False  # some block's feed-forward runs its combine: forward takes defer_combine=
 
     @property
     def n_branches(self) -> int:
@@ -81,7 +79,6 @@ class BlockPlan:
     ffn: ComponentPlan | None
     shape: str | None  # the residual stream's shape from shape inference, e.g. "(B, T+4, 64)"; None: an empty layer
     layers: list[int] = field(default_factory=list)
-    defers_combine: bool = False  # its parallel mixer hands its branches uncombined to its feed-forward (decoding)
 
     @property
     def has_cache(self) -> bool:
@@ -210,8 +207,8 @@ def _layers(ir: IR) -> list[_Layer]:
 def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEFAULT_OUTPUT) -> EmitPlan:
     resolved = ir.spec  # provenance only: name, description, hash, preset, overrides
     _reject_unemitted(ir)
-    configs = [(op.kind, op.config, op.kernels) for op in ir.ops()]
-    configs += [(sub_kind, sub_config, {}) for op in ir.ops()
+    configs = [(op.kind, op.config) for op in ir.ops()]
+    configs += [(sub_kind, sub_config) for op in ir.ops()
                 for _, sub_kind, sub_config in kind_of(op.kind).subcomponents(op.config)]
     imports = _import_table(configs)
     namespace = Namespace(TEMPLATE_NAMES | {name for names in imports.values() for name in names})
@@ -258,13 +255,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
             parts = [camel(n) for n in mixer_names] + ([camel(ffn_name)] if ffn_name else [])
             last = layer.ffn or layer.combine or (layer.mixers[0] if layer.mixers else None)
             shape = shape_text(last.out_shape) if last is not None else None
-            # the combine deferred where the block emits both the mixer's and the feed-forward's residual forms
-            defers = (isinstance(mixer, ParallelPlan) and mixer.takes_residual_norm and ffn is not None
-                      and ffn.takes_branches and resolved.model.residual_multiplier == 1)
-            if defers:
-                mixer.defers_combine = True
-            blocks[key] = BlockPlan(namespace.create("".join(parts or ["Identity"]) + "Block"), mixer, ffn, shape,
-                                    defers_combine=defers)
+            blocks[key] = BlockPlan(namespace.create("".join(parts or ["Identity"]) + "Block"), mixer, ffn, shape)
         blocks[key].layers.append(layer.index)
         layer_blocks.append(blocks[key].class_name)
 
@@ -338,14 +329,12 @@ MODEL_IMPORTS = {"decoding": ("CUDAGraphDecoder", "EndOfSequence", "as_streamer"
 PACKAGE_RUNTIME = ("training",)
 
 
-def _import_table(configs: list[tuple[str, Any, dict]]) -> dict[str, set[str]]:
-    """{runtime file: every name some op's template uses from it}: the one table the import lines are written from.
-    configs: (kind, resolved config, chosen kernels) of every op."""
+def _import_table(configs: list[tuple[str, Any]]) -> dict[str, set[str]]:
+    """{runtime file: every name some op's template uses from it}: the one table the import lines are written from."""
     table: dict[str, set[str]] = {file: set(names) for file, names in MODEL_IMPORTS.items()}
-    for kind, config, kernels in configs:
-        for table_of_kind in (kind_of(kind).imports(config), kind_of(kind).kernel_imports(config, kernels)):
-            for file, names in table_of_kind.items():
-                table.setdefault(file, set()).update(names)
+    for kind, config in configs:
+        for file, names in kind_of(kind).imports(config).items():
+            table.setdefault(file, set()).update(names)
         if kind_of(kind).takes_step:  # the model makes the forward's StepContext
             table.setdefault("attention", set()).add("StepContext")
     return table
@@ -379,7 +368,6 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
                          takes_step=kind.takes_step, takes_residual=kind.takes_residual(config, kernels or {}),
                          takes_residual_norm=kind.takes_residual_norm(config, kernels or {}),
-                         takes_branches=kind.takes_branches(config, kernels or {}),
                          kernels=dict(kernels or {}))
 
 

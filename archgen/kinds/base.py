@@ -137,13 +137,6 @@ class Kind(Generic[SpecT, ConfigT]):
         kernels {function: choice}."""
         return False
 
-    def takes_branches(self, config: ConfigT, kernels: dict) -> bool:
-        """A feed-forward's forward also takes, in place of its input, a parallel mixer's branches uncombined (a
-        ParallelBranches, ops/norm.py) with `residual=` the stream before the mixer, and runs the combine, the residual
-        add and its norm in its first kernel's prologue; the block then asks the mixer to defer its combine
-        (`defer_combine=True`). `kernels`: the op's chosen kernels {function: choice}."""
-        return False
-
     def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}
@@ -151,10 +144,6 @@ class Kind(Generic[SpecT, ConfigT]):
     def imports(self, config: ConfigT) -> dict[str, tuple[str, ...]]:
         """{runtime file: the names its template uses from it}: templates/runtime/<file>.py is copied to the
         package's ops/<file>.py, and the model's import lines are written from these tables (emit/plan.py)."""
-        return {}
-
-    def kernel_imports(self, config: ConfigT, kernels: dict) -> dict[str, tuple[str, ...]]:
-        """Like imports, for the names its template uses only with some of its chosen kernels."""
         return {}
 
     def runtime_files(self, config: ConfigT) -> tuple[str, ...]:

@@ -103,13 +103,6 @@ class MLP(Kind[models.MLPSpec, MLPConfig]):
         block's stream in its down projection's epilogue; an output multiplier would scale the product first."""
         return {"residual_linear", "swiglu_linear"} <= set(kernels) and config.output_multiplier == 1
 
-    def takes_branches(self, config: MLPConfig, kernels: dict) -> bool:
-        """Given the combined kernel (its gate and up GEMV with a parallel layer's combine in the prologue)."""
-        return "combined_swiglu_linear" in kernels and self.takes_residual(config, kernels)
-
-    def kernel_imports(self, config: MLPConfig, kernels: dict) -> dict[str, tuple[str, ...]]:
-        return {"norm": ("ParallelBranches",)} if self.takes_branches(config, kernels) else {}
-
     def template_dims(self, config: MLPConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "hidden": config.hidden, "gated": config.gated, "activation": config.activation,
                 "bias": config.bias, "gate_multiplier": config.gate_multiplier, "output_multiplier": config.output_multiplier,

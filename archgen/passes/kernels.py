@@ -9,10 +9,6 @@ match wins (a rule with a narrower condition goes before the general one). The r
 calls `kernels.<function>` only where `"<function>" in c.kernels`; the reference op stays the fallback everywhere else
 (CPU tensors, no triton, float64) and is what an ONNX export lowers each kernel to.
 
-A rule with `chain` fuses across ops: it is applied after every op has its own kernels, to an op whose input,
-followed back through the chain's kinds in the same layer, reaches ops that chose the kernels it replaces (a parallel
-layer's combine run in the prologue of its feed-forward's first GEMV: mlp <- ffn_norm <- residual add <- combine).
-
 To add a kernel: write kernels/<file>.py (kernel, launcher, custom op, reference and `decomposition` side by side),
 add a rule here, and call it from the kind's template under `{% if "<function>" in c.kernels %}`.
 """
@@ -23,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from archgen.ir.graph import IR, KernelChoice, Op
+from archgen.ir.graph import IR, KernelChoice
 from archgen.kinds.mlp import fused_swiglu
 
 
@@ -36,8 +32,6 @@ class KernelRule:
     # for a fused form of kernels that have references (the template falls back to their path; never exported)
     description: str  # when and why, in words (reports and docs)
     when: Callable[[Any], bool] = lambda config: True  # a condition on the op's resolved config
-    # a fused rule: (kind, kernel functions it chose) of the op itself, then of each op its input comes from in turn
-    chain: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 def _power_of_two(n: int) -> bool:
@@ -175,13 +169,6 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("attention", "gemv", "qkv_linear", "linear",
                "Attention's q, k and v projections on a decoding step's few rows in one GEMV launch (three), each "
                "program reading its rows from one of the three weights as the checkpoint holds them"),
-    KernelRule("mlp", "combine_swiglu", "combined_swiglu_linear", None,
-               "A decoding step's parallel combine, the block's residual add and its feed-forward norm in the prologue "
-               "of the SwiGLU's gate and up GEMV: each program recomputes the K-wide row from the branches and the "
-               "stream (normalized_mean_add_norm a launch of its own before), the same bits",
-               when=lambda config: fused_swiglu(config) and config.output_multiplier == 1,
-               chain=(("mlp", ("swiglu_linear", "residual_linear")), ("rmsnorm", ("rms_norm",)), ("add", ()),
-                      ("parallel_combine", ("normalized_mean_add_norm",)))),
     *(KernelRule(kind, "gemv", "linear", "linear",
                  "Linear layers on a decoding step's few rows (up to kernels/gemv.py's FEW_ROWS): a GEMV streaming the "
                  "weights, where cuBLAS reads them at ~60% of the copy bandwidth; prefill and training stay on cuBLAS")
@@ -192,21 +179,7 @@ KERNEL_RULES: list[KernelRule] = [
 def select_kernels(ir: IR, rules: list[KernelRule] = KERNEL_RULES) -> IR:
     for op in ir.ops():
         op.kernels = {}
-    for fused in (False, True):  # each op's own kernels first: a fused rule looks at its neighbours' choices
-        for op in ir.ops():
-            for rule in rules:
-                if (bool(rule.chain) == fused and rule.kind == op.kind and rule.function not in op.kernels
-                        and rule.when(op.config) and _chain_matches(ir, op, rule.chain)):
-                    op.kernels[rule.function] = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
+        for rule in rules:
+            if rule.kind == op.kind and rule.function not in op.kernels and rule.when(op.config):
+                op.kernels[rule.function] = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
     return ir
-
-
-def _chain_matches(ir: IR, op: Op, chain: tuple[tuple[str, tuple[str, ...]], ...]) -> bool:
-    """Whether op, then the input of each in turn of the chain's kinds (in op's layer), chose the chain's kernels."""
-    current: Op | None = op
-    for depth, (kind, functions) in enumerate(chain):
-        if depth:
-            current = next((i for i in ir.inputs(current.name) if i.kind == kind and i.layer == op.layer), None)
-        if current is None or current.kind != kind or not set(functions) <= set(current.kernels):
-            return False
-    return True

@@ -30,7 +30,7 @@ from .ops.attention import KVCache, StepContext, apply_rope_qk, attend, attentio
 from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, branch_stream, new_token_count, penalize_repeats, sample
 from .ops.forecast import detokenize, tokenize
 from .ops.mlp import silu_mul
-from .ops.norm import ParallelBranches, rms_norm
+from .ops.norm import rms_norm
 from .ops.ssm import MambaCache, causal_conv1d, mamba_step_low_rank, selective_scan
 from . import kernels
 
@@ -553,11 +553,6 @@ class Mlp(nn.Module):
         nn.init.normal_(self.down_proj.weight, 0.0, OUTPUT_STD)
 
     def forward(self, x, residual=None):  # residual: the block's stream, added to the output (its residual add)
-        if isinstance(x, ParallelBranches):  # a decoding step's parallel mixer left its combine and our norm to us
-            hidden, residual = kernels.combined_swiglu_linear(
-                *x, residual, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias
-            )
-            return kernels.residual_linear(hidden, self.down_proj.weight, self.down_proj.bias, residual)
         if runs_gemv(x):  # a decoding step: the gate and up products and the gate in one launch
             hidden = kernels.swiglu_linear(x, self.gate_proj.weight, self.up_proj.weight, self.gate_proj.bias, self.up_proj.bias)
             if residual is not None and use_kernel(kernels.residual_linear, x):  # the add in the down projection's epilogue
@@ -587,30 +582,14 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.global_attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(
-        self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None, defer_combine=False
-    ):
-        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y); asked to
-        defer the combine on a decoding step, (the branches uncombined, residual) for the feed-forward's first kernel."""
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
             global_attn_out = self.global_attn(
                 x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
             )
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_global_attn()  # the combine reads every branch
-        if defer_combine and runs_gemv(x) and use_kernel(kernels.combined_swiglu_linear, x) and not torch.is_grad_enabled():
-            # decoding: the combine, the residual add and the norm run in the prologue of the feed-forward's GEMV
-            return ParallelBranches(
-                global_attn_out,
-                ssm_out,
-                self.global_attn_norm.weight,
-                self.global_attn_scale,
-                self.ssm_norm.weight,
-                self.ssm_scale,
-                self.global_attn_norm.eps,
-                norm.weight,
-                norm.eps,
-            ), residual
         if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
             # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
             return kernels.normalized_mean_add_norm(
@@ -666,28 +645,12 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(
-        self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None, defer_combine=False
-    ):
-        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y); asked to
-        defer the combine on a decoding step, (the branches uncombined, residual) for the feed-forward's first kernel."""
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
         with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
             attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
         join_attn()  # the combine reads every branch
-        if defer_combine and runs_gemv(x) and use_kernel(kernels.combined_swiglu_linear, x) and not torch.is_grad_enabled():
-            # decoding: the combine, the residual add and the norm run in the prologue of the feed-forward's GEMV
-            return ParallelBranches(
-                attn_out,
-                ssm_out,
-                self.attn_norm.weight,
-                self.attn_scale,
-                self.ssm_norm.weight,
-                self.ssm_scale,
-                self.attn_norm.eps,
-                norm.weight,
-                norm.eps,
-            ), residual
         if residual is not None and use_kernel(kernels.normalized_mean_add_norm, x) and not torch.is_grad_enabled():
             # decoding: the combine, the block's residual add and its ffn_norm in one launch, rounded as the two are
             return kernels.normalized_mean_add_norm(
@@ -737,11 +700,8 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer; on a decoding step, h the
-        # branches uncombined and x unchanged: the combine, the add and the norm run in the feed-forward's first GEMV
-        h, x = self.mixer(
-            self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm, defer_combine=True
-        )
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 
@@ -763,11 +723,8 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer; on a decoding step, h the
-        # branches uncombined and x unchanged: the combine, the add and the norm run in the feed-forward's first GEMV
-        h, x = self.mixer(
-            self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm, defer_combine=True
-        )
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
+        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 

@@ -8,8 +8,6 @@ and a two-branch parallel layer's combine.
     normalized_mean_add_norm(a, b, w_a, s_a, w_b, s_b, eps, residual, weight, norm_eps)
                                         rms_norm(normalized_mean(...), weight, norm_eps, residual): the combine, the
                                         block's residual add and its feed-forward's norm, (h, s)
-    ParallelBranches                    a parallel mixer's branches and the combine's weights, handed uncombined to
-                                        a feed-forward whose first kernel runs the combine (decoding, on CUDA)
 
 On CUDA the model runs kernels/rmsnorm.py's `rms_norm` and kernels/normalized_mean.py's `normalized_mean` and
 `normalized_mean_add_norm` instead (same signatures and results, one kernel each); this is what CPUs, ONNX and
@@ -17,8 +15,6 @@ comparisons run.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,19 +36,3 @@ def normalized_mean_add_norm(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Te
                              scale_b: Tensor, eps: float, residual: Tensor, weight: Tensor,
                              norm_eps: float) -> tuple[Tensor, Tensor]:
     return rms_norm(normalized_mean(a, b, weight_a, scale_a, weight_b, scale_b, eps), weight, norm_eps, residual)
-
-
-class ParallelBranches(NamedTuple):
-    """A two-branch parallel layer's outputs before their combine, with what normalized_mean_add_norm takes besides
-    the residual stream: a decoding step's parallel mixer returns them (with the stream) where its block's
-    feed-forward runs the combine in the prologue of its first GEMV (kernels/combine_swiglu.py), one launch fewer."""
-
-    a: Tensor
-    b: Tensor
-    weight_a: Tensor
-    scale_a: Tensor
-    weight_b: Tensor
-    scale_b: Tensor
-    eps: float
-    norm_weight: Tensor  # the feed-forward norm's
-    norm_eps: float

@@ -13,7 +13,6 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
-    from . import combine_swiglu as combine_swiglu_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import in_proj_conv as in_proj_conv_module
@@ -27,7 +26,6 @@ try:
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .causal_conv1d import causal_conv1d_update_
-    from .combine_swiglu import combined_swiglu_linear
     from .decode_attention import decode_attention
     from .decode_attention import decode_attention_one_launch
     from .gemv import linear
@@ -48,7 +46,6 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
-    combine_swiglu_module = None
     decode_attention_module = None
     gemv_module = None
     in_proj_conv_module = None
@@ -62,7 +59,6 @@ except ImportError:  # no triton
     state_update_module = None
     causal_conv1d = None
     causal_conv1d_update_ = None
-    combined_swiglu_linear = None
     decode_attention = None
     decode_attention_one_launch = None
     linear = None
