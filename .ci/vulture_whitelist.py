@@ -14,6 +14,7 @@ _.norm_module
 _.step_hooks
 _.init_hooks
 _.aligned_vocab
+_.greedy_pick_kernel  # model.py.j2: pick_greedy and the decoder's pick
 # Spec fields (pydantic) that only the templates read, through `c.cfg.<field>`; and pydantic's own settings.
 model_config
 entropy_weight

@@ -16,7 +16,7 @@ TEMPLATE_NAMES = frozenset({
     "Model", "ModelOutput", "Cache", "RMSNorm", "FusedRMSNorm", "ZeroCenteredRMSNorm", "ZeroCenteredFusedRMSNorm",
     "LayerNorm", "ConvCache", "F", "nn", "torch", "math", "json", "dataclass", "field", "Path", "checkpoint", "Tensor",
     "CONFIG", "SPEC_HASH", "SPEC_NAME", "INIT_STD", "OUTPUT_STD",
-    "USE_KERNELS", "use_kernel", "kernels", "add_losses", "fields", "SPEC",
+    "USE_KERNELS", "use_kernel", "kernels", "add_losses", "fields", "SPEC", "pick_greedy",
 })
 
 

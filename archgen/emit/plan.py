@@ -144,6 +144,7 @@ class EmitPlan:
     norm_folds_scale: bool  # the model's norm takes forward(x, scale=...): norm(x) × scale with the scale in its weight
     gemv_kernel: KernelChoice | None  # the GEMV of a decoding step's linear layers, which DecodeLinear runs
     lm_head_linear: str  # the lm_head's class: "DecodeLinear" where the kernel pass gave it the GEMV, else "nn.Linear"
+    greedy_pick_kernel: KernelChoice | None  # a captured decoding step's greedy pick in one kernel (pick_greedy)
     max_seq_len: int
     init_std: float
     n_layers: int
@@ -211,6 +212,9 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
     configs += [(sub_kind, sub_config) for op in ir.ops()
                 for _, sub_kind, sub_config in kind_of(op.kind).subcomponents(op.config)]
     imports = _import_table(configs)
+    greedy_pick = ir.op("lm_head").kernels.get("greedy_pick_")
+    if greedy_pick is not None:  # pick_greedy's fallback (model.py.j2)
+        imports["decoding"].add(greedy_pick.function)
     namespace = Namespace(TEMPLATE_NAMES | {name for names in imports.values() for name in names})
     dims = ir.dims
     d = dims.d_model
@@ -291,7 +295,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
         norm_module=norm_dims["kernel_module" if norm_op.kernels else "module"], norm_kernel=norm_op.kernels.get("rms_norm"),
         norm_zero_centered=norm_dims["zero_centered"], norm_folds_scale=norm_dims["folds_scale"],
         gemv_kernel=next((op.kernels["linear"] for op in ir.ops() if "linear" in op.kernels), None),
-        lm_head_linear="DecodeLinear" if "linear" in ir.op("lm_head").kernels else "nn.Linear",
+        lm_head_linear="DecodeLinear" if "linear" in ir.op("lm_head").kernels else "nn.Linear", greedy_pick_kernel=greedy_pick,
         max_seq_len=dims.max_seq_len, init_std=dims.init_std, n_layers=dims.n_layers,
         meta_tokens=meta[0].config.count if meta else 0, components=list(components.values()),
         parallels=list(parallels.values()), blocks=list(blocks.values()), layer_blocks=layer_blocks,

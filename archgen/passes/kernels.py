@@ -169,6 +169,10 @@ KERNEL_RULES: list[KernelRule] = [
     KernelRule("attention", "gemv", "qkv_linear", "linear",
                "Attention's q, k and v projections on a decoding step's few rows in one GEMV launch (three), each "
                "program reading its rows from one of the three weights as the checkpoint holds them"),
+    KernelRule("lm_head", "greedy_pick", "greedy_pick_", "decoding",
+               "A captured decoding step's greedy pick: each row's argmax written as the next token and into the row "
+               "of picks at the step's position, one launch (torch's one-block argmax, a copy, a clamp and an "
+               "index_copy before: ~15 us a token of Hymba+'s step on an H200)"),
     *(KernelRule(kind, "gemv", "linear", "linear",
                  "Linear layers on a decoding step's few rows (up to kernels/gemv.py's FEW_ROWS): a GEMV streaming the "
                  "weights, where cuBLAS reads them at ~60% of the copy bandwidth; prefill and training stay on cuBLAS")

@@ -25,7 +25,16 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import CONFIG, SPEC_HASH, SPEC_NAME
 from .ops.attention import KVCache, StepContext, apply_rope, attention, hide_pads, rope_cos_sin, rope_inv_freq
-from .ops.decoding import CUDAGraphDecoder, EndOfSequence, as_streamer, branch_stream, new_token_count, penalize_repeats, sample
+from .ops.decoding import (
+    CUDAGraphDecoder,
+    EndOfSequence,
+    as_streamer,
+    branch_stream,
+    greedy_pick_,
+    new_token_count,
+    penalize_repeats,
+    sample,
+)
 from .ops.mlp import silu_mul
 from .ops.norm import rms_norm
 from .ops.routing import gather_tokens, pack_selected, packed_query_attention, scatter_tokens, select_tokens, selection_losses
@@ -90,6 +99,14 @@ class DecodeLinear(nn.Linear):
         if runs_gemv(x):
             return kernels.linear(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def pick_greedy(logits: torch.Tensor, token: torch.Tensor, picks: torch.Tensor, position: torch.Tensor) -> None:
+    """A captured decoding step's greedy choice (ops/decoding.py greedy_pick_): argmax, next token and the row of picks
+    in one kernel on CUDA, where torch takes four launches and a one-block argmax."""
+    if use_kernel(kernels.greedy_pick_, logits):
+        return kernels.greedy_pick_(logits, token, picks, position)
+    return greedy_pick_(logits, token, picks, position)
 
 
 @dataclass
@@ -607,6 +624,7 @@ class Model(nn.Module):
                 batch,
                 device,
                 max_len,
+                pick=pick_greedy,
             )
         return decoders[key]
 

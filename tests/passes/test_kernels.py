@@ -37,6 +37,7 @@ GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a 
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
 COMBINE_KERNELS = {"normalized_mean": "normalized_mean",  # the combine; and going on with the residual add and the norm
                    "normalized_mean_add_norm": "normalized_mean"}
+GREEDY_KERNELS = {"greedy_pick_": "greedy_pick"}  # the lm_head's: a captured decoding step's argmax and picks
 DECODE_KERNELS = {"decode_attention": "decode_attention",  # every attention op: a decoding step's split-KV attention
                   "decode_attention_one_launch": "decode_attention"}  # and its splits combined in the same launch
 
@@ -51,7 +52,7 @@ def test_every_mamba_op_gets_its_scan_conv_and_step_kernels_every_rmsnorm_its_ke
     ir = compile_spec(NEXUS, "tiny").ir
     kinds = {"mamba": MAMBA_KERNELS | GEMV_KERNELS, "rmsnorm": RMSNORM_KERNELS,
              "attention": ROPE_KERNELS | DECODE_KERNELS | QKV_KERNELS | GEMV_KERNELS, "mlp": SWIGLU_KERNELS | GEMV_KERNELS,
-             "lm_head": GEMV_KERNELS}
+             "lm_head": GREEDY_KERNELS | GEMV_KERNELS}
     expected = {op.name: kinds[op.kind] for op in ir.ops() if op.kind in kinds}
     assert set(kinds) <= {ir.op(name).kind for name in expected} and chosen_kernels(ir) == expected
 
@@ -162,12 +163,14 @@ def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():
     assert "kernels." not in files["model.py"] and "use_kernel" not in files["model.py"]
 
 
-def test_a_model_without_a_kernel_kind_ships_only_the_gemv_and_the_decode_attention(tmp_path):
+def test_a_model_without_a_kernel_kind_ships_only_the_gemv_the_decode_attention_and_the_greedy_pick(tmp_path):
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
     files = emit(compile_spec(spec, None), "attention_only.yaml").files
     assert {path for path in files if path.startswith("kernels/")} == {
-        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py", "kernels/decode_attention.py"}
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py", "kernels/decode_attention.py",
+        "kernels/greedy_pick.py"}
+    assert "pick=pick_greedy," in files["model.py"]  # the CUDA-graph decoder's pick: the kernel, or ops/decoding.py's
     assert "ops/linear.py" in files  # the reference an ONNX export lowers the GEMV to
     assert "self.lm_head = DecodeLinear(" in files["model.py"] and "self.q_proj = DecodeLinear(" in files["model.py"]
 

@@ -16,6 +16,7 @@ try:
     from . import decode_attention as decode_attention_module
     from . import gated_delta_rule as gated_delta_rule_module
     from . import gemv as gemv_module
+    from . import greedy_pick as greedy_pick_module
     from . import rmsnorm as rmsnorm_module
     from . import rope as rope_module
     from . import silu_mul as silu_mul_module
@@ -28,6 +29,7 @@ try:
     from .gemv import qkv_linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .greedy_pick import greedy_pick_
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
@@ -38,6 +40,7 @@ except ImportError:  # no triton
     decode_attention_module = None
     gated_delta_rule_module = None
     gemv_module = None
+    greedy_pick_module = None
     rmsnorm_module = None
     rope_module = None
     silu_mul_module = None
@@ -50,6 +53,7 @@ except ImportError:  # no triton
     qkv_linear = None
     residual_linear = None
     swiglu_linear = None
+    greedy_pick_ = None
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
@@ -97,6 +101,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if greedy_pick_module is not None:
+        from ..ops.decoding import greedy_pick_ as reference
+
+        table.update(greedy_pick_module.decomposition(reference, max_seqlen=8192))
     if rmsnorm_module is not None:
         from ..ops.norm import rms_norm as reference
 

@@ -75,6 +75,14 @@ def copy_structure(state):
     return state
 
 
+def greedy_pick_(logits: Tensor, token: Tensor, picks: Tensor, position: Tensor) -> None:
+    """Each row's argmax of logits (B, V) into token (B, 1), the next step's input, and into picks (B, L) at column
+    min(position, L - 1): a captured step's greedy choice (kernels/greedy_pick.py: the same in one launch)."""
+    pick = logits.argmax(dim=-1, keepdim=True)
+    token.copy_(pick)
+    picks.index_copy_(1, position.clamp(max=picks.size(1) - 1).view(1), pick)
+
+
 class CUDAGraphDecoder:
     """
     Decoding for a fixed batch size, cache length and device, with the one-token step replayed from a CUDA graph.
@@ -91,8 +99,10 @@ class CUDAGraphDecoder:
     """
 
     def __init__(self, step: Callable[[Tensor, object], Tensor], empty_cache: Callable[[], object], batch: int,
-                 device: torch.device, max_len: int | None = None):
+                 device: torch.device, max_len: int | None = None, pick: Callable[..., None] | None = None):
+        """pick(logits, token, picks, position): greedy_pick_'s signature (the package's kernel where it has one)."""
         self.step_fn = step
+        self.pick = pick or greedy_pick_
         self.empty_cache = empty_cache
         self.cache = None  # the cache the graph reads and writes, from the first prefill on
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -132,9 +142,7 @@ class CUDAGraphDecoder:
         self.position.add_(1)
         cache.length = self.position
         if self.picks is not None:
-            pick = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            self.token.copy_(pick)
-            self.picks.index_copy_(1, self.position.clamp(max=self.picks.size(1) - 1).view(1), pick)
+            self.pick(logits, self.token, self.picks, self.position)
         return logits
 
     def capture(self) -> None:

@@ -15,6 +15,7 @@ try:
     from . import causal_conv1d as causal_conv1d_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
+    from . import greedy_pick as greedy_pick_module
     from . import in_proj_conv as in_proj_conv_module
     from . import moe_router as moe_router_module
     from . import packed_query_attention as packed_query_attention_module
@@ -30,6 +31,7 @@ try:
     from .decode_attention import decode_attention_one_launch
     from .gemv import linear
     from .gemv import qkv_linear
+    from .greedy_pick import greedy_pick_
     from .in_proj_conv import in_proj_conv_step_
     from .moe_router import moe_router
     from .packed_query_attention import sliding_window_attention
@@ -45,6 +47,7 @@ except ImportError:  # no triton
     causal_conv1d_module = None
     decode_attention_module = None
     gemv_module = None
+    greedy_pick_module = None
     in_proj_conv_module = None
     moe_router_module = None
     packed_query_attention_module = None
@@ -60,6 +63,7 @@ except ImportError:  # no triton
     decode_attention_one_launch = None
     linear = None
     qkv_linear = None
+    greedy_pick_ = None
     in_proj_conv_step_ = None
     moe_router = None
     sliding_window_attention = None
@@ -101,6 +105,10 @@ def decompositions() -> dict:
         from ..ops.linear import qkv_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if greedy_pick_module is not None:
+        from ..ops.decoding import greedy_pick_ as reference
+
+        table.update(greedy_pick_module.decomposition(reference, max_seqlen=8192))
     if in_proj_conv_module is not None:
         from ..ops.ssm import in_proj_conv_step_ as reference
 

@@ -13,24 +13,28 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import gemv as gemv_module
+    from . import greedy_pick as greedy_pick_module
     from . import packed_query_attention as packed_query_attention_module
     from . import rmsnorm as rmsnorm_module
     from . import silu_mul as silu_mul_module
     from .gemv import linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .greedy_pick import greedy_pick_
     from .packed_query_attention import packed_query_attention
     from .rmsnorm import rms_norm
     from .silu_mul import silu_mul
 except ImportError:  # no triton
     triton_support = None
     gemv_module = None
+    greedy_pick_module = None
     packed_query_attention_module = None
     rmsnorm_module = None
     silu_mul_module = None
     linear = None
     residual_linear = None
     swiglu_linear = None
+    greedy_pick_ = None
     packed_query_attention = None
     rms_norm = None
     silu_mul = None
@@ -53,6 +57,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if greedy_pick_module is not None:
+        from ..ops.decoding import greedy_pick_ as reference
+
+        table.update(greedy_pick_module.decomposition(reference, max_seqlen=4096))
     if packed_query_attention_module is not None:
         from ..ops.routing import packed_query_attention as reference
 

@@ -15,6 +15,7 @@ try:
     from . import causal_conv1d as causal_conv1d_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
+    from . import greedy_pick as greedy_pick_module
     from . import in_proj_conv as in_proj_conv_module
     from . import normalized_mean as normalized_mean_module
     from . import packed_query_attention as packed_query_attention_module
@@ -32,6 +33,7 @@ try:
     from .gemv import qkv_linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .greedy_pick import greedy_pick_
     from .in_proj_conv import in_proj_conv_step_
     from .normalized_mean import normalized_mean
     from .normalized_mean import normalized_mean_add_norm
@@ -48,6 +50,7 @@ except ImportError:  # no triton
     causal_conv1d_module = None
     decode_attention_module = None
     gemv_module = None
+    greedy_pick_module = None
     in_proj_conv_module = None
     normalized_mean_module = None
     packed_query_attention_module = None
@@ -65,6 +68,7 @@ except ImportError:  # no triton
     qkv_linear = None
     residual_linear = None
     swiglu_linear = None
+    greedy_pick_ = None
     in_proj_conv_step_ = None
     normalized_mean = None
     normalized_mean_add_norm = None
@@ -115,6 +119,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=8192))
+    if greedy_pick_module is not None:
+        from ..ops.decoding import greedy_pick_ as reference
+
+        table.update(greedy_pick_module.decomposition(reference, max_seqlen=8192))
     if in_proj_conv_module is not None:
         from ..ops.ssm import in_proj_conv_step_ as reference
 

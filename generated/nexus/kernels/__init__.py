@@ -15,6 +15,7 @@ try:
     from . import causal_conv1d as causal_conv1d_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
+    from . import greedy_pick as greedy_pick_module
     from . import in_proj_conv as in_proj_conv_module
     from . import qkv_rope as qkv_rope_module
     from . import rmsnorm as rmsnorm_module
@@ -30,6 +31,7 @@ try:
     from .gemv import qkv_linear
     from .gemv import residual_linear
     from .gemv import swiglu_linear
+    from .greedy_pick import greedy_pick_
     from .in_proj_conv import in_proj_conv_step_
     from .qkv_rope import qkv_rope_write_kv_
     from .rmsnorm import rms_norm
@@ -43,6 +45,7 @@ except ImportError:  # no triton
     causal_conv1d_module = None
     decode_attention_module = None
     gemv_module = None
+    greedy_pick_module = None
     in_proj_conv_module = None
     qkv_rope_module = None
     rmsnorm_module = None
@@ -58,6 +61,7 @@ except ImportError:  # no triton
     qkv_linear = None
     residual_linear = None
     swiglu_linear = None
+    greedy_pick_ = None
     in_proj_conv_step_ = None
     qkv_rope_write_kv_ = None
     rms_norm = None
@@ -105,6 +109,10 @@ def decompositions() -> dict:
         from ..ops.linear import swiglu_linear as reference
 
         table.update(gemv_module.decomposition(reference, max_seqlen=4096))
+    if greedy_pick_module is not None:
+        from ..ops.decoding import greedy_pick_ as reference
+
+        table.update(greedy_pick_module.decomposition(reference, max_seqlen=4096))
     if in_proj_conv_module is not None:
         from ..ops.ssm import in_proj_conv_step_ as reference
 
