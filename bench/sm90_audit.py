@@ -325,9 +325,9 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean; decode_attention's one-launch form, which its hook does not take; qkv_rope's kernel,
-    whose hook tunes qkv_linear's), with the
-    parameter shapes of the case; False when the file has none."""
+    silu_mul, normalized_mean, greedy_pick; decode_attention's one-launch form, which its hook does not take;
+    qkv_rope's kernel, whose hook tunes qkv_linear's), with the parameter shapes of the case; False when the file has
+    none."""
     import torch
 
     def randn(*shape, dt=dtype):
@@ -391,6 +391,11 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
                 RECORDER.failed(error)
             finally:
                 RECORDER.context = None
+    elif file == "greedy_pick":  # the captured decoding step's pick over the lm_head's rows of logits
+        vocab = next(iter(params.values()), (32001,))[0]  # a tied head has no weight of its own; V is not compiled in
+        picks = torch.zeros(1, seqlen, dtype=torch.long)
+        modules["greedy_pick"].greedy_pick_forward(randn(1, vocab), torch.zeros(1, 1, dtype=torch.long), picks,
+                                                   torch.tensor(seqlen - 1))
     elif file == "ssd":  # no hook: the training path the Mamba-2 block takes (Δ processed, D, no initial state)
         H, P, N, G, chunk = config["n_heads"], config["head_dim"], config["d_state"], config["n_groups"], config["chunk_size"]
         ssd = modules["ssd"]
