@@ -54,10 +54,10 @@ def test_sequence_length_buckets_come_from_max_seq_len_and_the_command_line():
 def test_cases_are_one_per_distinct_kernel_config_and_shape(spec):
     cases = tuning_cases(compile_spec(spec).ir, [8, 16], [1, 2])
     assert {c.file for c in cases} == {"selective_scan", "causal_conv1d", "state_update", "in_proj_conv", "rmsnorm",
-                                       "silu_mul", "gemv"}
-    assert len(cases) == 9 * 4, "the Mamba layers share one config, the norms another, the MLPs a third, and the GEMV " \
-                                "runs in the Mamba layers, the MLPs and the lm_head: each kernel file tuned once per " \
-                                "op config and batch × length"
+                                       "silu_mul", "gemv", "greedy_pick"}
+    assert len(cases) == 10 * 4, "the Mamba layers share one config, the norms another, the MLPs a third, and the GEMV " \
+                                 "runs in the Mamba layers, the MLPs and the lm_head (with the greedy pick): each " \
+                                 "kernel file tuned once per op config and batch × length"
     assert next(c for c in cases if c.file == "selective_scan").params["A_log"] == (32, 4)
 
 
@@ -179,10 +179,11 @@ def test_the_rope_and_router_hooks_tune_the_buckets_their_ops_run(tmp_path, monk
     path.write_text(ATTENTION_MOE)
     cases = tuning_cases(compile_spec(path).ir, [3], [2])
     # the GEMV: the attention's and lm_head's linears; the decode attention: a cached step's attention; qkv_rope: the
-    # qkv GEMV with the rotation in its epilogue, which runs the GEMV's qkv bucket (below)
-    assert {c.file for c in cases} == {"rope", "moe_router", "gemv", "decode_attention", "qkv_rope"}
+    # qkv GEMV with the rotation in its epilogue, which runs the GEMV's qkv bucket (below); the greedy pick (the
+    # lm_head's, a fixed config: no hook)
+    assert {c.file for c in cases} == {"rope", "moe_router", "gemv", "decode_attention", "qkv_rope", "greedy_pick"}
     gemv_cases = {c.file: c for c in cases if c.file in ("gemv", "qkv_rope") and "q_proj.weight" in c.params}
-    cases = [c for c in cases if c.file not in ("gemv", "qkv_rope")]
+    cases = [c for c in cases if c.file not in ("gemv", "qkv_rope", "greedy_pick")]
     with triton_support.tuning_session() as table:
         for case in cases:
             module = importlib.import_module(f"archgen_kernels.{case.file}")
