@@ -82,13 +82,15 @@ def test_a_kernel_file_comes_with_the_kernel_files_it_imports(tmp_path):
     assert "silu_mul" not in files["kernels/__init__.py"]
 
 
-def test_a_model_without_a_kernel_kind_has_only_the_gemv_and_the_decode_attention(tmp_path):
-    """An attention-only model: the GEMV of its linear layers and the split-KV attention of its decoding steps."""
+def test_a_model_without_a_kernel_kind_has_only_the_gemv_the_decode_attention_and_the_greedy_pick(tmp_path):
+    """An attention-only model: the GEMV of its linear layers, the split-KV attention of its decoding steps and the
+    greedy pick of its captured steps."""
     spec = tmp_path / "attention_only.yaml"
     spec.write_text(ATTENTION_ONLY)
     files = emit(compile_spec(spec, None), "attention_only.yaml").files
     assert {path for path in files if path.startswith("kernels/")} == {
-        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py", "kernels/decode_attention.py"}
+        "kernels/__init__.py", "kernels/triton_support.py", "kernels/gemv.py", "kernels/decode_attention.py",
+        "kernels/greedy_pick.py"}
     functions = {line.split(" import ")[1] for line in files["kernels/__init__.py"].splitlines() if "from .gemv import" in line}
     assert functions == {"linear", "qkv_linear"}, "an MLP without SwiGLU has no gate to fuse: swiglu_linear is not shipped"
 
