@@ -86,6 +86,10 @@ _.norm_kernel
 # EmitPlan.gemv_kernel and lm_head_linear are read by model.py.j2 (DecodeLinear, runs_gemv and the lm_head's class).
 _.gemv_kernel
 _.lm_head_linear
+# ComponentPlan.defers_projection (attention.py.j2, mamba.py.j2) and ParallelPlan.combines_projections (parallel.py.j2):
+# a parallel layer's combine run in its branches' output projections (kernels/combine_projections.py).
+_.defers_projection
+_.combines_projections
 # EmitPlan.norm_folds_scale is read by parallel.py.j2 (a normalized mean's scales folded into the norms' weights).
 _.norm_folds_scale
 # BenchResult fields that reach the JSON through dataclasses.asdict (bench/whole_model.py reads them there).

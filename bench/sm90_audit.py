@@ -325,7 +325,7 @@ def load_kernels(pdl: bool = False) -> dict:
 
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
-    silu_mul, normalized_mean, greedy_pick; decode_attention's one-launch form, which its hook does not take;
+    silu_mul, normalized_mean, greedy_pick, combine_projections; decode_attention's one-launch form, which its hook does not take;
     qkv_rope's kernel, whose hook tunes qkv_linear's), with the parameter shapes of the case; False when the file has
     none."""
     import torch
@@ -344,6 +344,13 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         # decoding's form: the combine, the block's residual add and its feed-forward norm (ADD_NORM)
         modules["normalized_mean"].normalized_mean_add_norm(randn(1, 1, N), randn(1, 1, N), *vectors, 1e-6,
                                                             randn(1, 1, N), vectors[0], 1e-6)
+    elif file == "combine_projections":  # a parallel layer's pair: attention's o_proj (K = N), Mamba's out_proj (2N)
+        N = next(iter(params.values()))[0]
+        vectors = [torch.ones(N, dtype=dtype) for _ in range(5)]
+        a, b, h, s = (torch.empty(1, N, dtype=dtype) for _ in range(4))
+        for branch, K in enumerate((N, 2 * N)):
+            modules["combine_projections"].combining_linear_(randn(1, K), randn(N, K), branch, a, b, *vectors[:4], 1e-6,
+                                                             randn(1, N), vectors[4], 1e-6, h, s)
     elif file == "decode_attention":  # the one-launch form (COMBINE) beside the hook's two-launch one
         HQ, HKV, D = config["n_heads"], config["n_kv_heads"], config["head_dim"]
         window = config.get("window") or 0

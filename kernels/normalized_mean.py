@@ -44,31 +44,18 @@ MAX_TILE = 4096
 
 
 @triton.jit
-def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr, r_ptr, wn_ptr, h_ptr, R, N, stride_a,
-                            stride_b, stride_y, stride_r, eps, norm_eps,
-                            BLOCK_R: tl.constexpr,  # rows per program
-                            BLOCK_N: tl.constexpr,  # next_pow2(N): a whole row
-                            ADD_NORM: tl.constexpr,  # then s = r + y (y_ptr receives s) and h = rms_norm(s) · wn
-                            PDL: tl.constexpr):  # launched programmatically (triton_support.programmatic_launch)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_N)
-    col_inside = cols < N
-    inside = (rows < R)[:, None] & col_inside[None, :]
+def _combine_tile(a_ptr, b_ptr, ga, gb, wn, y_ptr, r_ptr, h_ptr, rows, cols, R, N, stride_a, stride_b, stride_y, stride_r,
+                  eps, norm_eps,
+                  ADD_NORM: tl.constexpr,  # then s = r + y (y_ptr receives s) and h = rms_norm(s) · wn
+                  CACHE: tl.constexpr):  # the branches' loads' cache modifier ("" or ".cg": from L2, not the SM's L1)
+    """The combine of rows `rows` (those below R), whole (cols: next_pow2(N) columns): ga, gb the branches' weight × scale halved
+    (cols,), wn the next norm's weight (ADD_NORM). One piece of code for every kernel that combines, so each gives
+    this kernel's sums (kernels/combine_projections.py runs it in a GEMV's last program)."""
+    inside = (rows < R)[:, None] & (cols < N)[None, :]
     row64 = rows.to(tl.int64)[:, None]
-    # each branch's weight × scale, halved: the mean's 1/2 folded into the per-channel factors. Parameters, which no
-    # kernel of a step writes: loaded before the wait, while the kernel ahead may still run
-    ga = 0.5 * tl.load(wa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
-        sa_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
-    gb = 0.5 * tl.load(wb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32) * tl.load(
-        sb_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
-    if ADD_NORM:
-        wn = tl.load(wn_ptr + cols, mask=col_inside, other=0.0).to(tl.float32)
-    if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
-        gdc_wait()
-        gdc_launch_dependents()
-    a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0).to(tl.float32)
-    rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (BLOCK_R,)
+    a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (rows,)
     rstd_b = 1.0 / tl.sqrt(tl.sum(b * b, axis=1) / N + eps)
     y = a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
     if ADD_NORM:
@@ -83,6 +70,37 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
         tl.store(h_ptr + row64 * stride_y + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=inside)
     else:
         tl.store(y_ptr + row64 * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _combine_factors(wa_ptr, sa_ptr, wb_ptr, sb_ptr, wn_ptr, cols, N, ADD_NORM: tl.constexpr):
+    """Each branch's weight × scale, halved (the mean's 1/2 folded into the per-channel factors), and the next norm's
+    weight (ADD_NORM; else ga again, unused): float32 (cols,)."""
+    inside = cols < N
+    ga = 0.5 * tl.load(wa_ptr + cols, mask=inside, other=0.0).to(tl.float32) * tl.load(
+        sa_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    gb = 0.5 * tl.load(wb_ptr + cols, mask=inside, other=0.0).to(tl.float32) * tl.load(
+        sb_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    wn = tl.load(wn_ptr + cols, mask=inside, other=0.0).to(tl.float32) if ADD_NORM else ga
+    return ga, gb, wn
+
+
+@triton.jit
+def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr, r_ptr, wn_ptr, h_ptr, R, N, stride_a,
+                            stride_b, stride_y, stride_r, eps, norm_eps,
+                            BLOCK_R: tl.constexpr,  # rows per program
+                            BLOCK_N: tl.constexpr,  # next_pow2(N): a whole row
+                            ADD_NORM: tl.constexpr,  # then s = r + y (y_ptr receives s) and h = rms_norm(s) · wn
+                            PDL: tl.constexpr):  # launched programmatically (triton_support.programmatic_launch)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_N)
+    # parameters, which no kernel of a step writes: loaded before the wait, while the kernel ahead may still run
+    ga, gb, wn = _combine_factors(wa_ptr, sa_ptr, wb_ptr, sb_ptr, wn_ptr, cols, N, ADD_NORM)
+    if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
+        gdc_wait()
+        gdc_launch_dependents()
+    _combine_tile(a_ptr, b_ptr, ga, gb, wn, y_ptr, r_ptr, h_ptr, rows, cols, R, N, stride_a, stride_b, stride_y,
+                  stride_r, eps, norm_eps, ADD_NORM, "")
 
 
 def launch_config(N: int) -> dict:

@@ -34,6 +34,8 @@ class ComponentPlan:
     takes_step: bool = False  # its forward takes step= (the forward's StepContext, shared by every layer)
     takes_residual: bool = False  # a feed-forward whose forward adds the block's stream itself (residual=)
     takes_residual_norm: bool = False  # a mixer that adds the block's stream and runs its ffn_norm (residual=, norm=)
+    output_projection: str | None = None  # its last linear layer, where nothing follows it (Kind.output_projection)
+    defers_projection: bool = False  # its forward takes project= (a parallel layer's combine runs that projection)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -50,6 +52,7 @@ class ParallelPlan:
     mode: str  # "normalized_mean" | "sum"
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # the combine's (normalized_mean in one launch)
     takes_residual_norm: bool = False  # its forward adds the block's stream and runs its ffn_norm (residual=, norm=)
+    combines_projections: bool = False  # a decoding step runs the branches' output projections with the combine
 
     @property
     def n_branches(self) -> int:
@@ -250,8 +253,13 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                     # an auxiliary loss would ride on the returned (h, x): the fused residual and norm are for plain outputs
                     fuses_norm = (kind_of(combine.kind).takes_residual_norm(combine.config, combine.kernels)
                                   and not any(b.produces_aux for b in branches))
+                    # the projections' epilogue writes (h, x): only where the mixer returns them
+                    projects = fuses_norm and "combining_linear_" in combine.kernels
+                    for branch in branches if projects else ():
+                        branch.defers_projection = True
                     parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
-                                                          branches, combine.config.mode, dict(combine.kernels), fuses_norm)
+                                                          branches, combine.config.mode, dict(combine.kernels), fuses_norm,
+                                                          projects)
                 mixer = parallels[mixer_names]
             else:
                 mixer = components[mixer_names[0]] if mixer_names else None
@@ -372,7 +380,7 @@ def _component(name: str, kind_name: str, config: Any, dims: Dims, namespace: Na
                          produces_aux=kind.produces_aux, has_cache=kind.has_cache, takes_pads=kind.takes_pads,
                          takes_step=kind.takes_step, takes_residual=kind.takes_residual(config, kernels or {}),
                          takes_residual_norm=kind.takes_residual_norm(config, kernels or {}),
-                         kernels=dict(kernels or {}))
+                         output_projection=kind.output_projection(config), kernels=dict(kernels or {}))
 
 
 def _layout_text(layers: list[_Layer]) -> str:

@@ -179,6 +179,9 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
         rope = (self.rope_function, "rope_cos_sin", "rope_inv_freq") if config.rope else ()
         return {"attention": (*self.attention_functions, *rope)}
 
+    def output_projection(self, config: AttentionConfig) -> str | None:
+        return "o_proj" if not config.out_bias and config.output_multiplier == 1 else None
+
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope
         return {"router": False, "qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias, "out_bias": config.out_bias,

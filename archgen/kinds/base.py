@@ -129,6 +129,12 @@ class Kind(Generic[SpecT, ConfigT]):
         rather than `x = x + self.ffn(h)`. `kernels`: the op's chosen kernels {function: choice}."""
         return False
 
+    def output_projection(self, config: ConfigT) -> str | None:
+        """The attribute of the mixer's last linear layer where its output is that layer's product and nothing more
+        (no bias, no multiplier after it), which a parallel layer's combine may then run itself (forward(...,
+        project=False) returns its input instead: kernels/combine_projections.py); None where something follows it."""
+        return None
+
     def takes_residual_norm(self, config: ConfigT, kernels: dict) -> bool:
         """A mixer's forward takes `residual=` (the block's stream) and `norm=` (the block's feed-forward norm, a
         FusedRMSNorm) and returns (norm(residual + y), residual + y), what `self.ffn_norm(y, x)` returns, computing

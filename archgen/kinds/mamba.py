@@ -104,6 +104,9 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
     def imports(self, config: MambaConfig) -> dict[str, tuple[str, ...]]:
         return {"ssm": ("MambaCache", "causal_conv1d", "mamba_step_low_rank", "selective_scan")}
 
+    def output_projection(self, config: MambaConfig) -> str | None:
+        return "out_proj" if not config.bias else None
+
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
                 "dt_rank": config.dt_rank, "padded_dt_rank": padded_dt_rank(config),

@@ -38,6 +38,9 @@ class SparseAttention(Attention):
                    "selection_losses")
         return super().imports(config) | {"routing": routing}
 
+    def output_projection(self, config: SparseAttentionConfig) -> str | None:
+        return None  # the router's gate scales o_proj's product
+
     def template_dims(self, config: SparseAttentionConfig, dims: Dims) -> dict:
         return super().template_dims(config, dims) | {
             "router": True, "fraction": config.fraction, "fraction_percent": round(config.fraction * 100, 1),

@@ -9,6 +9,9 @@ match wins (a rule with a narrower condition goes before the general one). The r
 calls `kernels.<function>` only where `"<function>" in c.kernels`; the reference op stays the fallback everywhere else
 (CPU tensors, no triton, float64) and is what an ONNX export lowers each kernel to.
 
+A rule with `when_inputs` also looks at the ops feeding the op (their kinds, configs and own kernels, chosen first):
+a parallel layer's combine run by its branches' output projections needs both to end in a plain projection.
+
 To add a kernel: write kernels/<file>.py (kernel, launcher, custom op, reference and `decomposition` side by side),
 add a rule here, and call it from the kind's template under `{% if "<function>" in c.kernels %}`.
 """
@@ -19,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from archgen.ir.graph import IR, KernelChoice
+from archgen.ir.graph import IR, KernelChoice, Op
+from archgen.kinds import kind_of
 from archgen.kinds.mlp import fused_swiglu
 
 
@@ -32,6 +36,7 @@ class KernelRule:
     # for a fused form of kernels that have references (the template falls back to their path; never exported)
     description: str  # when and why, in words (reports and docs)
     when: Callable[[Any], bool] = lambda config: True  # a condition on the op's resolved config
+    when_inputs: Callable[[list[Op]], bool] | None = None  # a condition on the ops feeding it, after their own choices
 
 
 def _power_of_two(n: int) -> bool:
@@ -65,6 +70,13 @@ def _normalized_mean_fits(config: Any) -> bool:
     """The combine kernel: two branches, each under a plain RMSNorm (a zero-centred one scales by 1 + weight)."""
     return (config.mode == "normalized_mean" and len(config.branches) == 2 and config.norm_kind == "rmsnorm"
             and not config.norm.zero_centered)
+
+
+def _branches_end_in_projections(branches: list[Op]) -> bool:
+    """Two branches, each ending in a plain output projection (no bias, nothing after it: `Kind.output_projection`)
+    that a decoding step runs as a GEMV."""
+    return len(branches) == 2 and all(kind_of(b.kind).output_projection(b.config) and "linear" in b.kernels
+                                      for b in branches)
 
 
 def _qkv_rope_fits(config: Any) -> bool:
@@ -156,6 +168,11 @@ KERNEL_RULES: list[KernelRule] = [
                "The decoding step's combine going on with the block's residual add and its feed-forward's RMSNorm in "
                "the same launch (the fused add + norm a launch of its own after it), rounded as the two launches",
                when=_normalized_mean_fits),
+    KernelRule("parallel_combine", "combine_projections", "combining_linear_", None,
+               "The decoding step's two branch output projections with the combine, the block's residual add and its "
+               "feed-forward norm in the epilogue of whichever finishes last (normalized_mean_add_norm a launch of its "
+               "own after them, on the layer's serial chain: H200, Hymba+'s shapes, 3.2 us a layer less)",
+               when=_normalized_mean_fits, when_inputs=_branches_end_in_projections),
     KernelRule("rmsnorm", "rmsnorm", "rms_norm", "norm",
                "RMSNorm, with the residual add before a block's feed-forward norm fused into it (a zero-centred norm "
                "gives it 1 + weight in float32)"),
@@ -183,7 +200,10 @@ KERNEL_RULES: list[KernelRule] = [
 def select_kernels(ir: IR, rules: list[KernelRule] = KERNEL_RULES) -> IR:
     for op in ir.ops():
         op.kernels = {}
-        for rule in rules:
-            if rule.kind == op.kind and rule.function not in op.kernels and rule.when(op.config):
-                op.kernels[rule.function] = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
+    for on_inputs in (False, True):  # every op's own rules first: a rule on inputs reads their choices
+        for op in ir.ops():
+            for rule in rules:
+                if ((rule.when_inputs is not None) == on_inputs and rule.kind == op.kind and rule.function not in op.kernels
+                        and rule.when(op.config) and (not on_inputs or rule.when_inputs(ir.inputs(op.name)))):
+                    op.kernels[rule.function] = KernelChoice(rule.file, rule.function, rule.reference, rule.description)
     return ir

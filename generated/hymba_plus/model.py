@@ -187,7 +187,8 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, project=True):
+        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself."""
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
@@ -195,7 +196,8 @@ class Attn(nn.Module):
         step = step if step is not None else StepContext(positions, pads)
         q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
         y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 25, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, 1600)
+        return self.o_proj(y) if project else y  # (B, T, 1600)
 
     def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
         """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
@@ -320,7 +322,8 @@ class GlobalAttn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None):
+    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, project=True):
+        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself."""
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
@@ -328,7 +331,8 @@ class GlobalAttn(nn.Module):
         step = step if step is not None else StepContext(positions, pads)
         q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
         y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 25, T, 64)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, 1600)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, 1600)
+        return self.o_proj(y) if project else y  # (B, T, 1600)
 
     def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
         """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
@@ -460,13 +464,14 @@ class Ssm(nn.Module):
         dt, B_ssm, C_ssm = F.linear(x, padded).split([104, 16, 16], dim=-1)
         return F.linear(dt, F.pad(self.dt_proj.weight, (0, 4))), B_ssm, C_ssm
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None):
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None, project=True):
+        """project=False: out_proj's input (B, T, 3200), which a parallel layer's decoding step projects itself."""
         x, z = self.in_proj_conv(x, positions, cache, pads)  # (B, T, 3200) each: the convolved inputs and the gate
         if cache is not None and x.size(1) == 1:
             y = self.step(x, z, cache)  # (B, 1, 3200)
         else:
             y = self.scan(x, z, positions, cache, pads)  # (B, T, 3200)
-        return self.out_proj(y)  # (B, T, 1600)
+        return self.out_proj(y) if project else y  # (B, T, 1600)
 
     def in_proj_conv(self, x, positions, cache: MambaCache | None, pads):
         """in_proj's two halves: x convolved over the tokens before it (the cache's conv state, advanced here) and
@@ -601,6 +606,8 @@ class GlobalAttnSsmParallel(nn.Module):
 
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
         """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
+        if residual is not None and runs_gemv(x) and use_kernel(kernels.combining_linear_, x) and not torch.is_grad_enabled():
+            return self.decoding_step(x, positions, cache, pads, step, residual, norm)
         with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
             global_attn_out = self.global_attn(
                 x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
@@ -638,6 +645,26 @@ class GlobalAttnSsmParallel(nn.Module):
             ) / 2
         return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
 
+    def decoding_step(self, x, positions, cache, pads, step, residual, norm):
+        """forward's (norm(residual + y), residual + y) for a decoding step's few rows: each branch stops before its output
+        projection, and the two projections run the combine, the residual add and the norm in the epilogue of whichever
+        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain)."""
+        combine = kernels.combine_projections_module.ParallelCombine(
+            x, residual, self.global_attn_norm, self.global_attn_scale, self.ssm_norm, self.ssm_scale, norm
+        )
+        with combine:  # (an exception between the two projections resets the device's count of the pair)
+            with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
+                global_attn_in = self.global_attn(
+                    x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step, project=False
+                )  # o_proj's input
+                combine.project(0, global_attn_in, self.global_attn.o_proj)
+            ssm_in = self.ssm(
+                x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
+            )  # out_proj's input
+            combine.project(1, ssm_in, self.ssm.out_proj)
+            join_global_attn()  # the combine's outputs may come from either stream
+        return combine.h, combine.s
+
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         return {
             "global_attn": self.global_attn.empty_cache(batch, max_len, device, dtype),
@@ -664,6 +691,8 @@ class AttnSsmParallel(nn.Module):
 
     def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
         """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
+        if residual is not None and runs_gemv(x) and use_kernel(kernels.combining_linear_, x) and not torch.is_grad_enabled():
+            return self.decoding_step(x, positions, cache, pads, step, residual, norm)
         with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
             attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
@@ -695,6 +724,26 @@ class AttnSsmParallel(nn.Module):
         else:  # with a gradient (training): the fused norms, whose backward is a kernel
             y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
         return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
+
+    def decoding_step(self, x, positions, cache, pads, step, residual, norm):
+        """forward's (norm(residual + y), residual + y) for a decoding step's few rows: each branch stops before its output
+        projection, and the two projections run the combine, the residual add and the norm in the epilogue of whichever
+        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain)."""
+        combine = kernels.combine_projections_module.ParallelCombine(
+            x, residual, self.attn_norm, self.attn_scale, self.ssm_norm, self.ssm_scale, norm
+        )
+        with combine:  # (an exception between the two projections resets the device's count of the pair)
+            with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
+                attn_in = self.attn(
+                    x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step, project=False
+                )  # o_proj's input
+                combine.project(0, attn_in, self.attn.o_proj)
+            ssm_in = self.ssm(
+                x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
+            )  # out_proj's input
+            combine.project(1, ssm_in, self.ssm.out_proj)
+            join_attn()  # the combine's outputs may come from either stream
+        return combine.h, combine.s
 
     def empty_cache(self, batch: int, max_len: int, device=None, dtype=None) -> dict:
         return {

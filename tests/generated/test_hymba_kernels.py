@@ -100,3 +100,39 @@ def test_the_in_proj_conv_step_decodes_as_the_full_forward_and_as_its_two_launch
     two_launches = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
     assert package.calls["causal_conv1d_update_"] == 4 * 2 and not package.calls["in_proj_conv_step_"], package.calls
     assert torch.equal(fused, two_launches), (fused.float() - two_launches.float()).abs().max()
+
+
+def test_the_projections_combining_in_their_epilogue_decode_as_the_full_forward(tmp_path, monkeypatch):
+    """On a decoding step each parallel layer's branches stop before their output projections, which run the combine,
+    the block's residual add and its feed-forward norm in the epilogue of the second of the two
+    (kernels/combine_projections.py): cached decoding equals the full forward (references), and in bfloat16 the two
+    GEMVs and normalized_mean_add_norm it replaces, which bench/decode.py --without combining_linear_ restores in the
+    same process (the kernel function None), within rounding (the projections' tiles differ from the GEMV's)."""
+    spied = ("combine_projections_module.combining_linear_", "normalized_mean_add_norm", "linear")
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, spied, preset="tiny")
+    forced = {package.kernels.combining_linear_, package.kernels.normalized_mean_add_norm, package.kernels.linear}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    with torch.no_grad():  # the norms' weights and scales away from 1, so that each is read where it belongs
+        for name, parameter in model.named_parameters():
+            if name.endswith(("_scale", "norm.weight")):
+                parameter.copy_(1 + torch.randn_like(parameter) / 2)
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        package.model.USE_KERNELS = False
+        full = model(tokens).logits
+        package.model.USE_KERNELS = True
+    cached = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    # both branches of 4 layers in both steps; the prefill's 20 rows (more than the GEMV's few) keep the one launch
+    assert package.calls["combining_linear_"] == 4 * 2 * 2, package.calls
+    assert package.calls["normalized_mean_add_norm"] == 4, package.calls
+    assert_close(cached, full, 1e-5, "cached logits")
+
+    model = model.to(torch.bfloat16)
+    combined = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    package.calls.clear()
+    monkeypatch.setattr(package.kernels, "combining_linear_", None)
+    separate = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["normalized_mean_add_norm"] == 4 * 3 and not package.calls["combining_linear_"], package.calls
+    assert_close(combined, separate, what="bf16 logits, combined against separate")

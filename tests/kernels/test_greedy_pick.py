@@ -20,7 +20,7 @@ def buffers(batch: int, length: int, position: int):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("vocab", [37, kernel.BLOCK_V, 2 * kernel.BLOCK_V + 1001])
+@pytest.mark.parametrize("vocab", [37, kernel.BLOCK_V, 2 * kernel.BLOCK_V + 1001, 40 * kernel.BLOCK_V - 3])
 @pytest.mark.parametrize("position", [3, 50])  # inside the picks row, and past it (clamped to the last column)
 def test_the_pick_is_torchs_argmax_in_the_token_and_the_picks_row(dtype, vocab, position, monkeypatch):
     launches = []
@@ -36,14 +36,19 @@ def test_the_pick_is_torchs_argmax_in_the_token_and_the_picks_row(dtype, vocab, 
     kernel.greedy_pick_(logits, *got)
     assert launches and torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), (got, expected)
     assert got[0][1, 0] == vocab // 3 and got[0][2, 0] == 0
+    splits, _ = kernel.split_columns(vocab)
+    if splits > 1:  # the rows' counters are zero again for the next launch
+        assert not kernel._scratch(logits.device, 3, splits)[2].any()
 
 
-def test_a_nan_is_picked_as_torch_picks_it():
-    logits = torch.randn(2, 300, device=DEVICE)
-    logits[0, 123] = float("nan")
+@pytest.mark.parametrize("vocab", [300, 3 * kernel.BLOCK_V])  # one program a row, and three
+def test_a_nan_is_picked_as_torch_picks_it(vocab):
+    logits = torch.randn(2, vocab, device=DEVICE)
+    logits[0, vocab - 123] = float("nan")  # in the last split
     token, picks, position = buffers(2, 4, 1)
     kernel.greedy_pick_(logits, token, picks, position)
-    assert token[0, 0] == 123 == logits.argmax(dim=-1)[0]
+    assert token[0, 0] == vocab - 123 == logits.argmax(dim=-1)[0]
+    assert token[1, 0] == logits.argmax(dim=-1)[1]
 
 
 def test_buffers_of_the_wrong_shape_or_dtype_are_refused_with_what_to_pass():

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from archgen.emit import emit
 from archgen.passes.kernels import KERNEL_RULES, KernelRule, select_kernels
 from archgen.pipeline import compile_spec
@@ -36,7 +38,8 @@ SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv", "residual_lin
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows
 QKV_KERNELS = {"qkv_linear": "gemv"}  # attention's q, k and v projections in one launch
 COMBINE_KERNELS = {"normalized_mean": "normalized_mean",  # the combine; and going on with the residual add and the norm
-                   "normalized_mean_add_norm": "normalized_mean"}
+                   "normalized_mean_add_norm": "normalized_mean",
+                   "combining_linear_": "combine_projections"}  # run by the branches' output projections
 GREEDY_KERNELS = {"greedy_pick_": "greedy_pick"}  # the lm_head's: a captured decoding step's argmax and picks
 DECODE_KERNELS = {"decode_attention": "decode_attention",  # every attention op: a decoding step's split-KV attention
                   "decode_attention_one_launch": "decode_attention"}  # and its splits combined in the same launch
@@ -139,6 +142,31 @@ def test_a_parallel_combine_gets_its_kernels_and_the_block_hands_it_the_stream_a
     assert not chosen_kernels(compiled.ir, "parallel_combine")
     model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
     assert "norm=self.ffn_norm" not in model and "residual=None, norm=None" not in model
+
+
+@pytest.mark.parametrize("override", ["mixers.attn.out_bias=true", "mixers.ssm.bias=true"])
+def test_the_branches_project_the_combine_only_when_both_end_in_a_plain_projection(override):
+    """Hymba+'s branches (attention's o_proj, Mamba's out_proj, neither with a bias) run the combine in their
+    projections' epilogue: the mixer emits decoding_step and the branches take project=; a bias on either projection
+    (the kernel adds none) keeps the combine's own launch, and the branch classes as they were."""
+    compiled = compile_spec(HYMBA, "tiny")
+    model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
+    assert "def decoding_step(self, x, positions, cache, pads, step, residual, norm):" in model
+    assert "combine.project(0, attn_in, self.attn.o_proj)" in model
+    assert "combine.project(1, ssm_in, self.ssm.out_proj)" in model
+    assert model.count("return self.o_proj(y) if project else y") == 2  # attn and global_attn
+    assert "return self.out_proj(y) if project else y" in model
+
+    compiled = compile_spec(HYMBA, "tiny", (override,))
+    layer = next(op for op in compiled.ir.ops() if op.kind == "parallel_combine" and op.config.branches[0] == "attn")
+    assert "combining_linear_" not in layer.kernels and "normalized_mean_add_norm" in layer.kernels
+    model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
+    classes = {chunk.split("(")[0]: chunk for chunk in model.split("\nclass ")[1:]}
+    assert "def decoding_step" not in classes["AttnSsmParallel"] and "project=True" not in classes["Attn"]
+    # the global_attn layers, whose o_proj has no bias, keep it with the ssm's bias-free out_proj
+    attn_only = override.startswith("mixers.attn")
+    assert ("def decoding_step" in classes["GlobalAttnSsmParallel"]) == attn_only
+    assert ("project=True" in classes["Ssm"]) == attn_only
 
 
 def test_the_emitted_package_ships_and_calls_only_the_chosen_kernels():

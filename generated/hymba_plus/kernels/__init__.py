@@ -13,6 +13,7 @@ its default config, with one warning per process (triton_support.UNTUNED lists t
 try:
     from . import triton_support
     from . import causal_conv1d as causal_conv1d_module
+    from . import combine_projections as combine_projections_module
     from . import decode_attention as decode_attention_module
     from . import gemv as gemv_module
     from . import greedy_pick as greedy_pick_module
@@ -27,6 +28,7 @@ try:
     from . import state_update as state_update_module
     from .causal_conv1d import causal_conv1d
     from .causal_conv1d import causal_conv1d_update_
+    from .combine_projections import combining_linear_
     from .decode_attention import decode_attention
     from .decode_attention import decode_attention_one_launch
     from .gemv import linear
@@ -48,6 +50,7 @@ try:
 except ImportError:  # no triton
     triton_support = None
     causal_conv1d_module = None
+    combine_projections_module = None
     decode_attention_module = None
     gemv_module = None
     greedy_pick_module = None
@@ -62,6 +65,7 @@ except ImportError:  # no triton
     state_update_module = None
     causal_conv1d = None
     causal_conv1d_update_ = None
+    combining_linear_ = None
     decode_attention = None
     decode_attention_one_launch = None
     linear = None

@@ -10,8 +10,10 @@ For logits (B, V), token (B, 1), picks (B, L) and the position p (a 0-dim int64 
 Why: templates/runtime/decoding.py's CUDAGraphDecoder ends every captured step with this, and as torch ops it is four
 launches: argmax, a copy, a clamp and an index_copy. torch's argmax reduces one row of 32,001 logits in a single
 block: 11.9 µs a token of Hymba+'s step on an H200 (session 13's timeline), the copies ~3 µs more with their gaps.
-Here one program per row streams its logits (which the LM head's GEMV has just left in L2) in BLOCK_V tiles, keeps a
-running maximum and its column per lane, and reduces the lanes once at the end.
+Here a row's logits (which the LM head's GEMV has just left in L2) are split over up to MAX_SPLITS programs of a
+BLOCK_V tile or more each; a program keeps a running maximum and its column per lane, reduces its lanes, and the last
+of the row's programs to finish picks among theirs (an int32 counter per row, as kernels/decode_attention.py's
+one-launch combine), so no program walks the row alone.
 
 NaN: a NaN logit counts as +inf (torch.argmax picks a NaN); a row holding both +inf and NaN may pick the +inf where
 torch picks the NaN. Such logits have no greedy token worth the difference.
@@ -29,27 +31,81 @@ from .triton_support import on_device, register_op, triton_on_cpu
 BLOCK_V = 4096
 """Logits a program loads at a time: 8 KB of bf16, 16 a thread over 8 warps."""
 NUM_WARPS = 8
+MAX_SPLITS = 32
+"""The most programs a row's columns are split over (a tile or more each): one program walking Hymba+'s 32,001 logits
+in 8 dependent tiles took 10.1 µs on the H200 (session 17), while the row is only 64 KB."""
 
 
 @triton.jit
-def _greedy_pick_kernel(logits_ptr, token_ptr, picks_ptr, position_ptr, V, L, stride_logits, stride_token,
-                        stride_picks, BLOCK_V: tl.constexpr):
+def _greedy_pick_kernel(logits_ptr, token_ptr, picks_ptr, position_ptr, top_ptr, column_ptr, counter_ptr, V, L,
+                        COLUMNS_PER_SPLIT, stride_logits, stride_token, stride_picks,
+                        BLOCK_V: tl.constexpr, BLOCK_SPLITS: tl.constexpr,  # next_pow2(splits)
+                        ONE_SPLIT: tl.constexpr):  # the row is one program's: it writes the pick itself
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
     lanes = tl.arange(0, BLOCK_V)
+    first = split * COLUMNS_PER_SPLIT
+    last = tl.minimum(first + COLUMNS_PER_SPLIT, V)
     best = tl.full((BLOCK_V,), float("-inf"), tl.float32)
     best_column = tl.full((BLOCK_V,), V, tl.int32)  # V: no column yet, so the first tile is taken whatever it holds
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(first, last, BLOCK_V):
         columns = v0 + lanes
-        x = tl.load(logits_ptr + row * stride_logits + columns, mask=columns < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + row * stride_logits + columns, mask=columns < last, other=float("-inf")).to(tl.float32)
         x = tl.where(x != x, float("inf"), x)  # NaN ranks highest, as in torch.argmax
-        better = (x > best) | (best_column >= V)  # strictly greater: of equal values the earlier column stays
+        better = ((x > best) | (best_column >= V)) & (columns < last)  # strictly greater: of equal values the earlier stays
         best = tl.where(better, x, best)
         best_column = tl.where(better, columns, best_column)
     top = tl.max(best, axis=0)
-    pick = tl.min(tl.where(best == top, best_column, 2147483647), axis=0).to(tl.int64)  # the first of the maxima
+    pick = tl.min(tl.where(best == top, best_column, 2147483647), axis=0)  # the first of the maxima
+    if ONE_SPLIT:
+        _write_pick(token_ptr, picks_ptr, position_ptr, row, pick, L, stride_token, stride_picks)
+    else:
+        # The last split of the row to finish picks among the splits' (top, column) in split order. Ordering as in
+        # kernels/decode_attention.py's one-launch combine: the barrier puts the stores before the release increment,
+        # the acquiring program reads the partials from L2 (.cg).
+        tl.store(top_ptr + row * splits + split, top)
+        tl.store(column_ptr + row * splits + split, pick)
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if done == splits - 1:
+            tl.store(counter_ptr + row, 0)  # zero again for the next launch (a CUDA graph's replay reuses it)
+            at = tl.arange(0, BLOCK_SPLITS)
+            tops = tl.load(top_ptr + row * splits + at, mask=at < splits, other=float("-inf"), cache_modifier=".cg")
+            picks = tl.load(column_ptr + row * splits + at, mask=at < splits, other=2147483647, cache_modifier=".cg")
+            top = tl.max(tops, axis=0)
+            pick = tl.min(tl.where(tops == top, picks, 2147483647), axis=0)  # the first split's: the first column
+            _write_pick(token_ptr, picks_ptr, position_ptr, row, pick, L, stride_token, stride_picks)
+
+
+@triton.jit
+def _write_pick(token_ptr, picks_ptr, position_ptr, row, pick, L, stride_token, stride_picks):
+    """The row's pick as its next token and into its picks at the step's position (the last column past it)."""
+    pick = pick.to(tl.int64)
     tl.store(token_ptr + row * stride_token, pick)
     slot = tl.minimum(tl.load(position_ptr), L - 1)
     tl.store(picks_ptr + row * stride_picks + slot, pick)
+
+
+def split_columns(V: int) -> tuple[int, int]:
+    """(splits, columns a split): a whole number of BLOCK_V tiles each, at most MAX_SPLITS, none empty."""
+    tiles = triton.cdiv(V, BLOCK_V)
+    per_split = triton.cdiv(tiles, min(tiles, MAX_SPLITS)) * BLOCK_V
+    return triton.cdiv(V, per_split), per_split
+
+
+_SCRATCH: dict[tuple[str, int, int], tuple[Tensor, Tensor, Tensor]] = {}
+"""The splits' partials (top, column) and each row's counter by (device, batch, splits): made once (a decoder's warm-up
+steps make them before its graph records), the counters zero between launches."""
+
+
+def _scratch(device: torch.device, batch: int, splits: int) -> tuple[Tensor, Tensor, Tensor]:
+    key = (str(device), batch, splits)
+    if key not in _SCRATCH:
+        _SCRATCH[key] = (torch.empty(batch * splits, dtype=torch.float32, device=device),
+                         torch.empty(batch * splits, dtype=torch.int32, device=device),
+                         torch.zeros(batch, dtype=torch.int32, device=device))
+    return _SCRATCH[key]
 
 
 def greedy_pick_forward(logits: Tensor, token: Tensor, picks: Tensor, position: Tensor) -> None:
@@ -57,9 +113,13 @@ def greedy_pick_forward(logits: Tensor, token: Tensor, picks: Tensor, position: 
     B, V = logits.shape
     if B == 0:
         return
+    splits, per_split = split_columns(V)
+    tops, columns, counters = _scratch(logits.device, B, splits) if splits > 1 else (token, token, token)
     with on_device(logits):
-        _greedy_pick_kernel[(B,)](logits, token, picks, position, V, picks.size(1), logits.stride(0), token.stride(0),
-                                  picks.stride(0), BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        _greedy_pick_kernel[(B, splits)](logits, token, picks, position, tops, columns, counters, V, picks.size(1),
+                                         per_split, logits.stride(0), token.stride(0), picks.stride(0), BLOCK_V=BLOCK_V,
+                                         BLOCK_SPLITS=triton.next_power_of_2(splits), ONE_SPLIT=splits == 1,
+                                         num_warps=NUM_WARPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
