@@ -28,7 +28,11 @@ For bench/specs/bamba_1b.yaml and specs/hymba_plus.yaml (bf16, random weights), 
     `gpu_state_after`): two runs of the same step that differ can be told apart by them;
   - with --without KERNEL[,KERNEL] (kernel functions of the package, e.g. apply_rope_write_kv), an A/B in the same run:
     batch 1's graph re-captured with those kernels off and on, timed twice each (off, on, off, on), the off side's
-    step profile, and whether the prefill logits, the graph's logits and greedy tokens are the same both ways.
+    step profile, and whether the prefill logits, the graph's logits and greedy tokens are the same both ways;
+  - with --autotune, each package's decoding kernels tuned as `archgen build SPEC --autotune` tunes them
+    (archgen/emit/tune.py's hooks on this GPU), at batch 1 and the lengths a decoding step runs (one row; the cache the
+    graph decoder allocates), the winners pinned before the first figure (`tuning`); every run records the shape
+    buckets that ran their kernel's untuned default (`untuned`).
 
 Run on a GPU from the repository root:  python bench/decode.py --out $OUT --budget-s 150
 (the bars alone, about a minute: --variants graph --no-parity, transformers included)
@@ -90,9 +94,30 @@ VARIANTS = {"graph": GRAPH, "graph_compiled": {"cuda_graph": True, "compile": Tr
 
 
 def build(spec: str, preset: str | None, overrides: tuple[str, ...], out_root: Path):
+    """(package, compiled spec)."""
     from archgen.testing import build_generated
 
-    return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)[0]
+    return build_generated(ROOT / spec, out_root, preset, overrides, source=spec)
+
+
+DECODING_KERNEL_FILES = ("gemv", "decode_attention", "rmsnorm", "qkv_rope", "in_proj_conv", "state_update",
+                         "causal_conv1d")
+"""The kernel files with tuners that a decoding step runs (the scans' and the training kernels' tuning is minutes of
+compiles that change nothing here)."""
+
+
+def autotune(package, compiled, lengths: list[int], batches: tuple[int, ...]) -> dict:
+    """Tune the package's decoding kernels here as `archgen build --autotune` does (each kernel file's hook at these
+    batches and lengths, bf16) and pin the winners in the package's tuners; what was tuned, and how long it took."""
+    from archgen.emit.tune import tune_kernels, tuning_cases, tuning_device
+
+    started = time.perf_counter()
+    cases = [case for case in tuning_cases(compiled.ir, lengths, batches) if case.file in DECODING_KERNEL_FILES]
+    table, warnings = tune_kernels(cases, "bfloat16", tuning_device())  # (tuning_device imports archgen's kernels)
+    applied = package.kernels.triton_support.load_tuning_table(table)
+    return {"lengths": lengths, "batches": list(batches), "entries": len(table["entries"]), "applied": applied,
+            "seconds": round(time.perf_counter() - started, 1), "without_hook": [w.message for w in warnings],
+            "table": table["entries"]}
 
 
 def step_ms_per_token(model, prompt, new_tokens: int, device: str, options: dict) -> float:
@@ -414,7 +439,11 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
                 out_root: Path) -> None:
     device = args.device
     entry = results["models"][name] = {"spec": spec, "preset": preset, "overrides": list(overrides)}
-    package = build(spec, preset, overrides, out_root)
+    package, compiled = build(spec, preset, overrides, out_root)
+    if args.autotune and device == "cuda":
+        meta = sum(op.config.count for op in compiled.ir.ops() if op.kind == "meta_tokens")
+        cache_len = max(64, 1 << (args.prompt_len + args.new_tokens + meta - 1).bit_length())  # graph_decoder's rounding
+        attempt(entry, "tuning", lambda: autotune(package, compiled, [1, cache_len], args.batches), args)
     with torch.device(device):
         model = package.Model().to(torch.bfloat16).eval()
     vocab = model.lm_head.weight.size(0)
@@ -472,6 +501,9 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
             if f"{variant}_ms_per_token" in row:
                 row[f"{variant}_over_floor"] = row[f"{variant}_ms_per_token"] / row["floor_ms_per_token"]
         save(args, results)
+    support = getattr(package.kernels, "triton_support", None)  # None: triton did not import
+    entry["untuned"] = sorted(f"{tuner} {key}" for tuner, key in (support.UNTUNED if support else {}))
+    save(args, results)
     model = None  # free it before the next spec
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -600,6 +632,9 @@ def main() -> None:
     parser.add_argument("--recapture", type=int, default=0,
                         help="batch 1: after the main figure, capture the graph step anew this many times (each "
                              "timed), then time the first graph again: is a first capture slower, and why")
+    parser.add_argument("--autotune", action="store_true",
+                        help="tune each package's kernels at the decoding step's shapes first, as `archgen build "
+                             "--autotune` would on this GPU (else every kernel runs its untuned default)")
     parser.add_argument("--without", default=None,
                         help="comma-separated kernel functions of the package (e.g. apply_rope_write_kv): batch 1 is "
                              "also timed in a graph, and profiled, with them off (an A/B in one run)")

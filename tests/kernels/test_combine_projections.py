@@ -1,7 +1,8 @@
 """kernels/combine_projections.py: a parallel layer's two output projections with the combine in the epilogue of the
-one that completes the pair, against what decoding launched before it (two GEMVs, then normalized_mean_add_norm),
-bit for bit, and against the reference; either branch first, one row and several, float32 and bfloat16. Runs in
-Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
+one that completes the pair, against what decoding launched before it (two GEMVs, then normalized_mean_add_norm):
+the projections bit for bit at the same tiles, the combine bit for bit in the interpreter and within rounding on a
+GPU (other warps reduce the row); and against the reference; either branch first, one row and several, float32 and
+bfloat16. Runs in Triton's interpreter without CUDA; kernel-written buffers start as NaN."""
 
 import pytest
 import torch
@@ -50,11 +51,16 @@ def test_the_pair_gives_the_three_launches_bits(case, order):
     dtype, rows, N, K_a, K_b = CASES[case]
     x_a, x_b, w_a, w_b, vectors, residual, norm_weight = layer(dtype, rows, N, K_a, K_b, seed=N + len(order))
     a, b, h, s, arrivals = call_pair(x_a, x_b, w_a, w_b, vectors, residual, norm_weight, order)
-    a_two, b_two = gemv.gemv_forward(x_a, w_a), gemv.gemv_forward(x_b, w_b)
+    # the GEMV's sums at the projections' own tiles and warps: the same bits
+    a_two, b_two = (gemv.gemv_forward(x, w, config=kernel.launch_config(N, w.shape[1])) for x, w in ((x_a, w_a), (x_b, w_b)))
+    assert torch.equal(a, a_two) and torch.equal(b, b_two), ((a - a_two).abs().max(), (b - b_two).abs().max())
     h_two, s_two = normalized_mean.normalized_mean_add_norm(a_two, b_two, *vectors, EPS, residual, norm_weight,
                                                             NORM_EPS)
-    for name, got, want in (("a", a, a_two), ("b", b, b_two), ("s", s, s_two), ("h", h, h_two)):
-        assert torch.equal(got, want), f"{name}: {(got.float() - want.float()).abs().max()}"
+    if DEVICE == "cpu":  # the interpreter reduces alike at any warp count
+        assert torch.equal(s, s_two) and torch.equal(h, h_two), ((s - s_two).abs().max(), (h - h_two).abs().max())
+    else:  # the combine's row sums over other warps than normalized_mean's launch: an rstd may differ in its last bit
+        assert_close(s, s_two, what="s")
+        assert_close(h, h_two, what="h")
     assert arrivals.item() == 0  # zero again for the next pair (a CUDA graph's replay reuses it)
 
 
