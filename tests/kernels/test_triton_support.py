@@ -146,3 +146,16 @@ def test_the_gpu_configs_mode_launches_the_untuned_choice_then_each_other_candid
     candidates = [{"A": 1, "B": 1}, {"A": 1, "B": 2}, {"A": 2, "B": 2}, {"A": 2, "B": 1, "C": 1},
                   {"A": 2, "B": 2, "C": 1}, {"A": 1, "B": 1, "C": 1, "num_warps": 8}]
     assert covering_set(candidates) == candidates[:4]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: a GPU's timing (the interpreter times one run)")
+def test_a_short_launch_is_timed_from_graphs_without_the_hosts_time():
+    """A decoding-sized launch (a few µs on the GPU, more on the host) timed as the tuner times it: from CUDA graphs,
+    so its time is the GPU's (below the eager timing, which waits on the host), and with its inputs out of L2 (a
+    16 MB copy then takes at least its bytes over a generous 10 TB/s)."""
+    source = torch.randn(4 * 2**20, device="cuda")
+    target = torch.empty_like(source)
+    timed = triton_support._graph_time_ms(lambda: target.copy_(source))
+    assert 2 * source.numel() * 4 / 10e12 * 1e3 < timed < 0.2, timed
+    small = torch.zeros(16, device="cuda")
+    assert triton_support._graph_time_ms(lambda: small.add_(1)) < 0.02
