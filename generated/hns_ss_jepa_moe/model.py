@@ -95,10 +95,9 @@ class DecodeLinear(nn.Linear):
 
 def pick_greedy(logits: torch.Tensor, token: torch.Tensor, picks: torch.Tensor, position: torch.Tensor) -> None:
     """A captured decoding step's greedy choice (ops/decoding.py greedy_pick_): argmax, next token and the row of picks
-    in one kernel on CUDA, where torch takes four launches and a one-block argmax."""
-    if use_kernel(kernels.greedy_pick_, logits):
-        return kernels.greedy_pick_(logits, token, picks, position)
-    return greedy_pick_(logits, token, picks, position)
+    in one kernel on CUDA (kernels/greedy_pick.py), where torch takes four launches and a one-block argmax."""
+    pick = kernels.greedy_pick_ if use_kernel(kernels.greedy_pick_, logits) else greedy_pick_
+    pick(logits, token, picks, position)
 
 
 def add_losses(total: dict | None, losses: dict) -> None:
