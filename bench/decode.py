@@ -115,9 +115,12 @@ def autotune(package, compiled, lengths: list[int], batches: tuple[int, ...]) ->
     cases = [case for case in tuning_cases(compiled.ir, lengths, batches) if case.file in DECODING_KERNEL_FILES]
     table, warnings = tune_kernels(cases, "bfloat16", tuning_device())  # (tuning_device imports archgen's kernels)
     applied = package.kernels.triton_support.load_tuning_table(table)
+    tuners = importlib.import_module("archgen_kernels.triton_support").TUNERS
+    candidates = {f"{entry['kernel']} {entry['key']}": tuners[entry["kernel"]].timings.get(entry["key"])
+                  for entry in table["entries"] if entry["kernel"] in tuners}  # every candidate's ms, or its error
     return {"lengths": lengths, "batches": list(batches), "entries": len(table["entries"]), "applied": applied,
             "seconds": round(time.perf_counter() - started, 1), "without_hook": [w.message for w in warnings],
-            "table": table["entries"]}
+            "table": table["entries"], "candidates": candidates}
 
 
 def step_ms_per_token(model, prompt, new_tokens: int, device: str, options: dict) -> float:
