@@ -113,11 +113,21 @@ def autotune(package, compiled, lengths: list[int], batches: tuple[int, ...]) ->
 
     started = time.perf_counter()
     cases = [case for case in tuning_cases(compiled.ir, lengths, batches) if case.file in DECODING_KERNEL_FILES]
-    table, warnings = tune_kernels(cases, "bfloat16", tuning_device())  # (tuning_device imports archgen's kernels)
+    device = tuning_device()  # (it imports archgen's kernels)
+    support = importlib.import_module("archgen_kernels.triton_support")
+    candidates, tune = {}, support.Autotuner.tune
+
+    def recording(tuner, key, launch, configs=None):  # every candidate's ms (or its error), which the table drops
+        best = tune(tuner, key, launch, configs)
+        candidates[f"{tuner.name} {key}"] = dict(tuner.timings.get(key, {}))
+        return best
+
+    support.Autotuner.tune = recording
+    try:
+        table, warnings = tune_kernels(cases, "bfloat16", device)
+    finally:
+        support.Autotuner.tune = tune
     applied = package.kernels.triton_support.load_tuning_table(table)
-    tuners = importlib.import_module("archgen_kernels.triton_support").TUNERS
-    candidates = {f"{entry['kernel']} {entry['key']}": tuners[entry["kernel"]].timings.get(entry["key"])
-                  for entry in table["entries"] if entry["kernel"] in tuners}  # every candidate's ms, or its error
     return {"lengths": lengths, "batches": list(batches), "entries": len(table["entries"]), "applied": applied,
             "seconds": round(time.perf_counter() - started, 1), "without_hook": [w.message for w in warnings],
             "table": table["entries"], "candidates": candidates}
