@@ -454,9 +454,11 @@ def bench_model(name: str, spec: str, preset: str | None, overrides: tuple[str, 
     entry = results["models"][name] = {"spec": spec, "preset": preset, "overrides": list(overrides)}
     package, compiled = build(spec, preset, overrides, out_root)
     if args.autotune and device == "cuda":
+        # the step's row, and its cache: the attention's tuning bucket is the cache's length rounded up to a power of
+        # two, as the graph decoder rounds the cache it allocates
         meta = sum(op.config.count for op in compiled.ir.ops() if op.kind == "meta_tokens")
-        cache_len = max(64, 1 << (args.prompt_len + args.new_tokens + meta - 1).bit_length())  # graph_decoder's rounding
-        attempt(entry, "tuning", lambda: autotune(package, compiled, [1, cache_len], args.batches), args)
+        length = args.prompt_len + args.new_tokens + meta
+        attempt(entry, "tuning", lambda: autotune(package, compiled, [1, length], args.batches), args)
     with torch.device(device):
         model = package.Model().to(torch.bfloat16).eval()
     vocab = model.lm_head.weight.size(0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -357,7 +358,7 @@ GRAPH_TIMED_MS = 0.2
 """Launches shorter than this on the GPU are timed from CUDA graphs (_graph_time_ms): a decoding step's kernels take
 3-40 µs, less than the host takes to launch them, so eager timing measured the host. Session 18, H200: every decoding
 GEMV of Hymba+ timed eagerly at 5-42 µs, the winners picked by host noise, and the step tuned so ran 1.839 ms a token
-against 1.647 with the untuned defaults (bench/results/decode_autotune_s18.h200.json)."""
+against 1.647 with the untuned defaults (bench/results/decode_autotune_eager_timing_s18.h200.json)."""
 L2_FLUSH_BYTES = 128 * 2**20
 """Written before each timed launch, more than any GPU's L2 (H100/H200: 50-60 MB): the launch reads its weights from
 memory, as a decoding step does, not from the L2 the previous launch filled."""
@@ -384,8 +385,6 @@ def _time_ms(run: Callable[[], None]) -> float:
 def _graph_time_ms(run: Callable[[], None], launches: int = 8, replays: int = 7) -> float:
     """Milliseconds of one run() from CUDA graphs: a graph of `launches` × (an L2 flush, run()) against one of the
     flushes alone, each replayed `replays` times, the medians' difference over `launches`."""
-    import statistics
-
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
 
     def recorded(body: Callable[[], None]) -> torch.cuda.CUDAGraph:
