@@ -64,3 +64,48 @@ def test_decoding_with_the_branches_forked_equals_the_serial_order_bit_for_bit(b
     assert all(stream is origin for stream in ran_on["last"]), "the last branch runs on the current stream"
     for got, want in zip(concurrent, serial, strict=True):
         assert torch.equal(got, want)
+
+
+
+def test_the_generated_hymba_plus_decoding_step_records_each_branch_on_a_side_stream_of_its_own():
+    """A decoding step whose projections combine (decoding_step) forks both branches, attention onto side stream 0 and
+    Mamba onto side stream 1, and joins both before it returns (with Mamba on the recording stream the step ran 1%
+    slower on the H200: docs/design.md, "Both branches on side streams")."""
+    source = (ROOT / "generated/hymba_plus/model.py").read_text()
+    for attention in ("attn", "global_attn"):
+        step = re.search(rf"class {''.join(p.title() for p in attention.split('_'))}SsmParallel\(nn\.Module\):.*?"
+                         r"def decoding_step\(.*?\n(.*?)\n        return combine\.h, combine\.s", source, re.S).group(1)
+        order = [step.index(text) for text in (f"with branch_stream(x, 0) as join_{attention}:",
+                                               f"{attention}_in = self.{attention}(",
+                                               "with branch_stream(x, 1) as join_ssm:", "ssm_in = self.ssm(",
+                                               f"join_{attention}()", "join_ssm()")]
+        assert order == sorted(order), step
+
+
+def test_a_decoding_step_with_both_branches_forked_decodes_bit_for_bit_as_the_serial_order(tmp_path, monkeypatch):
+    """With the forks taken (forced on the CPU) and the combining projections run (Triton's interpreter), each
+    decoding step records the attention branch on side stream 0 and the Mamba branch on side stream 1, neither on the
+    current stream, and the logits are the serial order's, bit for bit."""
+    from tests.conftest import build_spied_package, decode_in_steps
+
+    spied = ("combine_projections_module.combining_linear_", "linear")
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, spied, preset="tiny")
+    forced = {package.kernels.combining_linear_, package.kernels.linear}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: kernel in forced)
+    decoding = importlib.import_module(f"{package.__name__}.ops.decoding")
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    tokens = torch.randint(0, 256, (1, 7))
+    serial = decode_in_steps(model, tokens, prefill=5, max_len=4 + 7)
+    ran_on = {"attn": [], "ssm": []}
+    for mixer in (m for m in model.modules() if type(m).__name__.endswith("Parallel")):
+        attention = mixer.attn if hasattr(mixer, "attn") else mixer.global_attn
+        attention.register_forward_pre_hook(lambda *_: ran_on["attn"].append(torch.cpu.current_stream()))
+        mixer.ssm.register_forward_pre_hook(lambda *_: ran_on["ssm"].append(torch.cpu.current_stream()))
+    monkeypatch.setattr(decoding, "forks_branches", lambda x: True)
+    concurrent = decode_in_steps(model, tokens, prefill=5, max_len=4 + 7)
+    steps = 4 * 2  # 4 parallel layers, 2 decoding steps (the prefill's rows take forward, not decoding_step)
+    first, second = decoding._SIDE_STREAMS[("cpu", 0)], decoding._SIDE_STREAMS[("cpu", 1)]
+    assert first is not second and torch.cpu.current_stream() not in (first, second)
+    assert ran_on["attn"][-steps:] == [first] * steps and ran_on["ssm"][-steps:] == [second] * steps
+    assert torch.equal(concurrent, serial)
