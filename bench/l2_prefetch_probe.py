@@ -40,7 +40,7 @@ import decode as decode_bench
 import torch
 import triton
 import triton.language as tl
-from harness import command_line, run_metadata
+from harness import command_line, graph_us_per_call, run_metadata
 
 from archgen.benchmark import copy_bandwidth
 from kernels import gemv
@@ -88,37 +88,30 @@ def prefetch(t: torch.Tensor, how: str = "bulk", chunk: int = 16384, fraction: f
         _prefetch_lines_kernel[(triton.cdiv(lines, 1024),)](flat, lines, LINES=1024, num_warps=4)
 
 
-def graph_us(run, rep_ms: int = 40) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    run()
-    torch.cuda.synchronize()
-    return float(do_bench_cudagraph(run, rep=rep_ms, return_mode="median")) * 1e3
+SPIN_CYCLES_PER_US = 1980.0
+"""torch.cuda._sleep's cycles per µs: the H200's boost clock (1.98 GHz); the spins are approximate by design."""
 
 
 def micro(args) -> dict:
     weights = [torch.randn(1600, 3200, device="cuda", dtype=torch.bfloat16) for _ in range(12)]
     x = torch.randn(1, 3200, device="cuda", dtype=torch.bfloat16)
     side = torch.cuda.Stream()
-    cycles_per_us = torch.cuda.get_device_properties(0).clock_rate / 1e3 if hasattr(
-        torch.cuda.get_device_properties(0), "clock_rate") else 1980.0
-    out: dict = {"cycles_per_us": cycles_per_us, "weight_mb": weights[0].numel() * 2 / 1e6, "rows": []}
+    out: dict = {"cycles_per_us": SPIN_CYCLES_PER_US, "weight_mb": weights[0].numel() * 2 / 1e6, "rows": []}
 
     def chain(spin_us: float, how: str | None, chunk: int, with_gemv: bool = True):
-        def run():
-            for w in weights:
-                main = torch.cuda.current_stream()
-                if how:
-                    side.wait_stream(main)
-                    with torch.cuda.stream(side):
-                        prefetch(w, how, chunk)
-                if spin_us:
-                    torch.cuda._sleep(int(spin_us * cycles_per_us))
-                if how:
-                    main.wait_stream(side)
-                if with_gemv:
-                    gemv.linear(x, w)
-        return graph_us(run) / len(weights)
+        def one(i):
+            main = torch.cuda.current_stream()
+            if how:
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    prefetch(weights[i], how, chunk)
+            if spin_us:
+                torch.cuda._sleep(int(spin_us * SPIN_CYCLES_PER_US))
+            if how:
+                main.wait_stream(side)
+            if with_gemv:
+                gemv.linear(x, weights[i])
+        return graph_us_per_call(one, len(weights), dry_run=False, rep_ms=40)
 
     for spin in (0.0, 2.0, 4.0, 8.0):
         spin_only = chain(spin, None, 0, with_gemv=False) if spin else 0.0

@@ -652,7 +652,7 @@ class GlobalAttnSsmParallel(nn.Module):
             x, residual, self.global_attn_norm, self.global_attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
         # While a CUDA graph records, each branch on a side stream of its own: with ssm on the recording stream
-        # the step ran 1% slower (docs/design.md, "Both branches on side streams").
+        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams").
         with combine:  # (an exception between the two projections resets the device's count of the pair)
             with branch_stream(x, 0) as join_global_attn:
                 global_attn_in = self.global_attn(
@@ -736,7 +736,7 @@ class AttnSsmParallel(nn.Module):
             x, residual, self.attn_norm, self.attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
         # While a CUDA graph records, each branch on a side stream of its own: with ssm on the recording stream
-        # the step ran 1% slower (docs/design.md, "Both branches on side streams").
+        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams").
         with combine:  # (an exception between the two projections resets the device's count of the pair)
             with branch_stream(x, 0) as join_attn:
                 attn_in = self.attn(
