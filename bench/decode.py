@@ -246,8 +246,11 @@ def replay_timeline(kernels: list[tuple[float, float, str]], gap_us: float = 100
     fastest = min((g for g in groups if len(g) > 1), key=lambda g: max(end for _, end, _ in g) - g[0][0], default=[])
     # the fastest replay kernel by kernel (start from its first kernel, duration, name): its critical path, read offline
     kernels_of_fastest = [[round(start - fastest[0][0], 2), round(end - start, 2), name[:40]] for start, end, name in fastest]
+    # every replay's first kernels: whether the start of the fastest one (the first profiled) is its own or every one's
+    heads = [[[round(start - group[0][0], 2), round(end - start, 2), name[:40]] for start, end, name in group[:6]]
+             for group in groups]
     return {"replays": rows, "last_replay_top": [{"name": name, "us": us} for name, us in top],
-            "fastest_replay_kernels": kernels_of_fastest}
+            "fastest_replay_kernels": kernels_of_fastest, "replay_heads": heads}
 
 
 def greedy_in_graph(model):

@@ -193,11 +193,22 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
                     "rope": rope is not None, "rotary_dim": rope.rotary_dim if rope else None,
                     "rope_theta": rope.theta if rope else None, "rope_scaling": rope.scaling if rope else None,
                     "rope_factor": rope.factor if rope else None, "rope_original": rope.original_max_position if rope else None,
-                    "rope_settings": dict(rope.settings) if rope else {}, "softmax_scale": config.softmax_scale,
+                    "rope_settings": dict(rope.settings) if rope else {}, "rope_key": rope_key(rope),
+                    "softmax_scale": config.softmax_scale,
                 "input_multiplier": config.input_multiplier, "output_multiplier": config.output_multiplier,
                 "multipliers": multipliers_text(config.input_multiplier, config.output_multiplier),
                 "output_gate": config.output_gate,
                 "qk_norm_class": "ZeroCenteredRMSNorm" if dims.norm_zero_centered else "RMSNorm"}
+
+
+def rope_key(rope) -> str | None:
+    """What a forward's StepContext keeps a RoPE's angles under: its definition, so that attention components with the
+    same RoPE (Hymba+'s windowed and global layers) share one computation a step."""
+    if rope is None:
+        return None
+    scaled = "" if rope.scaling == "none" else (f", {rope.scaling} x{rope.factor} from {rope.original_max_position}"
+                                                + "".join(f", {k} {v}" for k, v in sorted(dict(rope.settings).items())))
+    return f"rope {rope.rotary_dim}, theta {rope.theta}{scaled}"
 
 
 KIND = Attention()

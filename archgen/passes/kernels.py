@@ -141,6 +141,10 @@ KERNEL_RULES: list[KernelRule] = [
                "A cached step's RoPE and KV-cache write in one launch: q rotated, the rotated k and v stored into the "
                "cache's slots (the rotation and two index_copy_ launches before); a ring cache at T = 1",
                when=lambda config: config.rope is not None),
+    KernelRule("attention", "rope", "rope_cos_sin", "attention",
+               "A decoding step's RoPE angles (cos and sin of positions times the frequencies) in one launch where the "
+               "reference's cast, product, cos and sin are four, on the first layer of each attention component",
+               when=lambda config: config.rope is not None),
     KernelRule("attention", "qkv_rope", "qkv_rope_write_kv_", None,
                "A cached decoding step's q, k and v GEMV with RoPE and the KV-cache write in its epilogue (qkv_linear "
                "and apply_rope_write_kv before: a launch fewer per layer and token on the attention branch), the same "

@@ -172,7 +172,9 @@ class Attn(nn.Module):
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits).
-            cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
+            # (T, 64) or (B, T, 64), once per forward for every layer with this RoPE, in one launch
+            # (the reference's four each waited for SMs behind the other branch's GEMV)
+            cos, sin = step.rope_cos_sin("rope 128, theta 10000.0", self.inv_freq, self.rope_scale, kernels.rope_cos_sin)
             q = kernels.qkv_rope_write_kv_(
                 x,
                 self.q_proj.weight,
@@ -210,7 +212,8 @@ class Attn(nn.Module):
         q = q.view(B, T, -1, 128).transpose(1, 2)  # (B, 32, T, 128)
         k = k.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
         v = v.view(B, T, -1, 128).transpose(1, 2)  # (B, 8, T, 128)
-        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
+        # (T, 64) or (B, T, 64), once per forward for every layer with this RoPE
+        cos, sin = step.rope_cos_sin("rope 128, theta 10000.0", self.inv_freq, self.rope_scale)
         # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
         # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
         # the cache is what attention reads.
@@ -788,9 +791,9 @@ class Model(nn.Module):
             pads = left_pads(attention_mask)
             if cache is not None:
                 cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
-        positions = start + torch.arange(
-            x.size(1), device=x.device
-        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        # (T,) slots from start: an int, or a decoding step's 0-dim tensor, which one token's positions view (no launch)
+        one_token = torch.is_tensor(start) and x.size(1) == 1
+        positions = start.reshape(1) if one_token else start + torch.arange(x.size(1), device=x.device)
         step = StepContext(
             positions, pads
         )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest

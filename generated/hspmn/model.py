@@ -182,7 +182,8 @@ class Context(nn.Module):
         q = self.q_proj(x_selected).view(B, -1, 16, 128).transpose(1, 2)  # (B, 16, S, 128)
         k = self.k_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
         v = self.v_proj(x).view(B, T, -1, 128).transpose(1, 2)  # (B, 16, T, 128)
-        cos, sin = step.rope_cos_sin("context", self.inv_freq, self.rope_scale)  # (T, 64) or (B, T, 64), once per forward
+        # (T, 64) or (B, T, 64), once per forward for every layer with this RoPE
+        cos, sin = step.rope_cos_sin("rope 128, theta 10000.0", self.inv_freq, self.rope_scale)
         q, k = apply_rope(q, *rope_cos_sin(self.inv_freq, q_positions, self.rope_scale)), apply_rope(k, cos, sin)
         k_positions = positions
         if cache is not None:
@@ -475,9 +476,9 @@ class Model(nn.Module):
             pads = left_pads(attention_mask)
             if cache is not None:
                 cache.pads = pads if cache.pads is None else cache.pads.copy_(pads)
-        positions = start + torch.arange(
-            x.size(1), device=x.device
-        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        # (T,) slots from start: an int, or a decoding step's 0-dim tensor, which one token's positions view (no launch)
+        one_token = torch.is_tensor(start) and x.size(1) == 1
+        positions = start.reshape(1) if one_token else start + torch.arange(x.size(1), device=x.device)
         step = StepContext(
             positions, pads
         )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest

@@ -208,7 +208,9 @@ class Attn(nn.Module):
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits).
-            cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
+            # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE, in one launch
+            # (the reference's four each waited for SMs behind the other branch's GEMV)
+            cos, sin = step.rope_cos_sin("rope 64, theta 10000.0", self.inv_freq, self.rope_scale, kernels.rope_cos_sin)
             q = kernels.qkv_rope_write_kv_(
                 x,
                 self.q_proj.weight,
@@ -246,7 +248,8 @@ class Attn(nn.Module):
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
         k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
-        cos, sin = step.rope_cos_sin("attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
+        # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE
+        cos, sin = step.rope_cos_sin("rope 64, theta 10000.0", self.inv_freq, self.rope_scale)
         # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
         # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
         # the cache is what attention reads.
@@ -343,7 +346,9 @@ class GlobalAttn(nn.Module):
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits).
-            cos, sin = step.rope_cos_sin("global_attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
+            # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE, in one launch
+            # (the reference's four each waited for SMs behind the other branch's GEMV)
+            cos, sin = step.rope_cos_sin("rope 64, theta 10000.0", self.inv_freq, self.rope_scale, kernels.rope_cos_sin)
             q = kernels.qkv_rope_write_kv_(
                 x,
                 self.q_proj.weight,
@@ -381,7 +386,8 @@ class GlobalAttn(nn.Module):
         q = q.view(B, T, -1, 64).transpose(1, 2)  # (B, 25, T, 64)
         k = k.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
         v = v.view(B, T, -1, 64).transpose(1, 2)  # (B, 5, T, 64)
-        cos, sin = step.rope_cos_sin("global_attn", self.inv_freq, self.rope_scale)  # (T, 32) or (B, T, 32), once per forward
+        # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE
+        cos, sin = step.rope_cos_sin("rope 64, theta 10000.0", self.inv_freq, self.rope_scale)
         # A cached step whose write has slots (a plain cache, a ring at one token) rotates q and stores the rotated k
         # and v into the cache in one launch (the rotation and two cache writes otherwise); k and v stay unrotated,
         # the cache is what attention reads.
@@ -1035,9 +1041,9 @@ class Model(nn.Module):
             x = torch.cat([self.meta_tokens.expand(x.size(0), -1, -1).to(x.dtype), x], dim=1)  # (B, T+128, 1600)
             if pads is not None:
                 x = after_pads(x, pads, 128)  # (B, T+128, 1600)
-        positions = start + torch.arange(
-            x.size(1), device=x.device
-        )  # (T,) slots; start is an int, or a 0-dim tensor in an exported decode step
+        # (T,) slots from start: an int, or a decoding step's 0-dim tensor, which one token's positions view (no launch)
+        one_token = torch.is_tensor(start) and x.size(1) == 1
+        positions = start.reshape(1) if one_token else start + torch.arange(x.size(1), device=x.device)
         step = StepContext(
             positions, pads
         )  # RoPE angles and attention masks: built by each component's first layer, reused by the rest

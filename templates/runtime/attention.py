@@ -235,6 +235,15 @@ def qk_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
 # KV cache
 
 
+_SLOT_POSITIONS: dict[tuple[str, int], Tensor] = {}
+"""KVCache.key_positions' arange(L) by (device, L): a few kilobytes each, kept for the process."""
+
+
+def tracing() -> bool:
+    """Whether torch.compile or torch.export is tracing: a tensor made now belongs to the trace, not to the caller."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def new_token_positions(start: int | Tensor, T: int, device: torch.device) -> Tensor:
     """(T,) the positions start .. start+T-1 of new tokens. One token at a tensor start (a decode step) is a view of
     it: nothing to launch."""
@@ -269,7 +278,10 @@ class KVCache:
     ) -> "KVCache":
         # zeros, not torch.empty: masked keys get probability 0, but 0 * NaN garbage in v would still be NaN
         shape = (batch, n_kv_heads, max_len, head_dim)
-        return cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+        cache = cls(k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype))
+        if not tracing():
+            cache.key_positions(0, 1)  # made now, before a CUDA graph records the steps that read it
+        return cache
 
     @classmethod
     def ring_buffer(
@@ -318,8 +330,21 @@ class KVCache:
         return new_token_positions(start, T, self.k.device)
 
     def key_positions(self, start: int | Tensor, T: int) -> Tensor:
-        """(L,) the position of every slot write returns, once T tokens were written at start: arange(L)."""
-        return torch.arange(self.max_len, device=self.k.device)
+        """(L,) the position of every slot write returns, once T tokens were written at start: arange(L), made once per
+        length and device (a decoding step launched it on the attention branch's stream, where it waited for SMs
+        behind the other branch's GEMVs; a graph decoder's caches are copies of their dataclasses each step, so the
+        cache object cannot keep it). Made anew while tracing (a kept tensor would outlive the trace) and while a CUDA
+        graph records (the launch runs only at replay: a kept tensor would hold nothing until then)."""
+        if tracing():
+            return torch.arange(self.max_len, device=self.k.device)
+        key = (str(self.k.device), self.max_len)
+        kept = _SLOT_POSITIONS.get(key)
+        if kept is not None:
+            return kept
+        positions = torch.arange(self.max_len, device=self.k.device)
+        if not (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _SLOT_POSITIONS[key] = positions
+        return positions
 
     def update(self, k_new: Tensor, v_new: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """
@@ -797,9 +822,13 @@ class StepContext:
             self._shared[key] = compute()
         return self._shared[key]
 
-    def rope_cos_sin(self, component: str, inv_freq: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
-        """rope_cos_sin(inv_freq, token_positions, mscale), computed by the first layer of `component`."""
-        return self._per_component(component, "rope", lambda: rope_cos_sin(inv_freq, self.token_positions, mscale))
+    def rope_cos_sin(self, key: str, inv_freq: Tensor, mscale: float = 1.0, angles=None) -> tuple[Tensor, Tensor]:
+        """rope_cos_sin(inv_freq, token_positions, mscale), computed by the first layer that asks for `key`: a RoPE's
+        definition (kinds/attention.py's rope_key), so that every layer with the same frequencies shares them, or a
+        component's name. `angles`: a function of the same signature that computes them instead (a decoding step:
+        the kernel, one launch)."""
+        compute = angles or rope_cos_sin
+        return self._per_component(key, "rope", lambda: compute(inv_freq, self.token_positions, mscale))
 
     def cache_slots(self, component: str, cache) -> Tensor | None:
         """

@@ -411,3 +411,57 @@ def test_write_kv_compiles_in_one_graph():
         assert_close(got, want, 1e-6)
     assert torch.equal(results[1][1], q), "the input q is left alone"
     assert results[0][2][:, :, 2].abs().sum() > 0, "the cache slot was written"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The angles: rope_cos_sin
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", ["none", "yarn"])
+@pytest.mark.parametrize("freq_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (37,), (2, 5)], ids=str)
+def test_angles_match_the_runtime_rope_cos_sin(scaling, freq_dtype, shape):
+    """Fresh random positions (up to 8k, as a long decode reaches) and frequencies in the model's dtype (a bf16
+    model's buffer): the kernel's cos and sin are the runtime's, to a float32 ulp or two (relative to the largest: the
+    interpreter's numpy cos may round differently from torch's), with mscale applied (YaRN's is not 1)."""
+    inv_freq, mscale = runtime.rope_inv_freq(16, theta=10000.0, scaling=scaling, **SCALINGS[scaling])
+    inv_freq = inv_freq.to(device=DEVICE, dtype=freq_dtype)
+    positions = torch.randint(0, 8192, shape, generator=torch.Generator().manual_seed(len(shape))).to(DEVICE)
+    cos, sin = rope.rope_cos_sin(inv_freq, positions, mscale)
+    cos_ref, sin_ref = runtime.rope_cos_sin(inv_freq, positions, mscale)
+    assert cos.shape == sin.shape == (*shape, 8) and cos.dtype == sin.dtype == torch.float32
+    if DEVICE == "cuda":  # libdevice's cosf and sinf, as torch's kernels: equal bits (H200, triton 3.6, session 20)
+        assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+    assert_close(cos, cos_ref, 1e-6)
+    assert_close(sin, sin_ref, 1e-6)
+
+
+def test_angles_of_float_positions_and_float64_take_the_reference():
+    """Interpolated (float) positions in float32 run the kernel; float64 positions or frequencies compute as written."""
+    inv_freq, _ = runtime.rope_inv_freq(8, theta=500.0, scaling="none")
+    positions = torch.rand(6, generator=torch.Generator().manual_seed(3)) * 100
+    cos, sin = rope.rope_cos_sin(inv_freq.to(DEVICE), positions.to(DEVICE))
+    assert_close(cos, runtime.rope_cos_sin(inv_freq, positions)[0].to(DEVICE), 1e-6)
+    cos64, _ = rope.rope_cos_sin(inv_freq.double().to(DEVICE), positions.double().to(DEVICE))
+    assert cos64.dtype == torch.float32 and torch.equal(cos64, rope.rope_cos_sin_reference(
+        inv_freq.double().to(DEVICE), positions.double().to(DEVICE))[0])
+
+
+def test_angles_custom_op_matches_the_eager_path_and_exports_as_the_reference():
+    """torch.compile and CUDA graphs' recording see the custom op (opcheck: schema and fake); eager mode calls the
+    implementation; while torch.export traces, the entry point is the reference's ops (no custom op to lower)."""
+    inv_freq, _ = runtime.rope_inv_freq(8, theta=10000.0, scaling="none")
+    inv_freq, positions = inv_freq.to(DEVICE), torch.tensor([3, 900, 17], device=DEVICE)
+    through_op = rope.angles_op(inv_freq, positions, 1.0)
+    direct = rope._angles_impl(inv_freq, positions, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(through_op, direct, strict=True))
+    torch.library.opcheck(rope.angles_op, (inv_freq, positions, 0.5), test_utils=("test_schema", "test_faketensor"))
+
+    class Angles(torch.nn.Module):
+        def forward(self, positions):
+            return rope.rope_cos_sin(inv_freq, positions)
+
+    program = torch.export.export(Angles(), (positions,))
+    assert not any("rope_cos_sin" in str(node.target) for node in program.graph.nodes)
+    assert_close(program.module()(positions)[1], direct[1], 1e-6)

@@ -33,6 +33,7 @@ MAMBA_KERNELS = {"selective_scan": "selective_scan", "causal_conv1d": "causal_co
 MAMBA2_KERNELS = {"ssd_scan": "ssd", "causal_conv1d": "causal_conv1d", "mamba2_step": "state_update"}
 RMSNORM_KERNELS = {"rms_norm": "rmsnorm"}
 ROPE_KERNELS = {"apply_rope_qk": "rope", "apply_rope_write_kv": "rope",  # the rotation; a cached step's with its write
+                "rope_cos_sin": "rope",  # a decoding step's angles in one launch
                 "qkv_rope_write_kv_": "qkv_rope"}  # and a decoding step's in the qkv GEMV's epilogue
 SWIGLU_KERNELS = {"silu_mul": "silu_mul", "swiglu_linear": "gemv", "residual_linear": "gemv"}
 GEMV_KERNELS = {"linear": "gemv"}  # every linear layer of the GEMV kinds, on a decoding step's few rows

@@ -33,6 +33,7 @@ try:
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
+    from .rope import rope_cos_sin
     from .silu_mul import silu_mul
 except ImportError:  # no triton
     triton_support = None
@@ -57,6 +58,7 @@ except ImportError:  # no triton
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
+    rope_cos_sin = None
     silu_mul = None
 else:
     triton_support.RUNTIME_TUNING = False
@@ -115,6 +117,10 @@ def decompositions() -> dict:
         table.update(rope_module.decomposition(reference, max_seqlen=8192))
     if rope_module is not None:
         from ..ops.attention import apply_rope_write_kv as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=8192))
+    if rope_module is not None:
+        from ..ops.attention import rope_cos_sin as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=8192))
     if silu_mul_module is not None:

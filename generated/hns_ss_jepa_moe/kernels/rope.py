@@ -41,8 +41,9 @@ Contents: `apply_rope_qk` (the entry point: differentiable, in place when nothin
 ops `archgen_v1::apply_rope_qk` (functional, autograd) and `archgen_v1::apply_rope_qk_` (in place), the launcher
 `rope_forward` with its autotune space, `apply_rope_qk_reference`; `apply_rope_write_kv` (entry point), its custom op
 `archgen_v1::apply_rope_write_kv_` (returns q rotated, mutates the caches), launcher `rope_write_kv` and
-`apply_rope_write_kv_reference`; and `decomposition` for ONNX. CPU tensors take the reference unless
-TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
+`apply_rope_write_kv_reference`; `rope_cos_sin` (entry point: the angles' cos and sin in one launch), its custom op
+`archgen_v1::rope_cos_sin`, launcher `rope_angles` and `rope_cos_sin_reference`; and `decomposition` for ONNX.
+CPU tensors take the reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
 
 import torch
@@ -207,6 +208,27 @@ def _rope_write_kv_kernel(
 
 
 TUNER = Autotuner("rope.forward", CONFIGS, INTERPRETER_CONFIG, default=DEFAULT_CONFIG)
+
+
+@triton.jit
+def _angles_kernel(positions_ptr, inv_freq_ptr, cos_ptr, sin_ptr, ROWS, HALF, mscale,
+                   BLOCK_ROWS: tl.constexpr, BLOCK_HALF: tl.constexpr, SCALED: tl.constexpr):
+    """cos and sin of positions · inv_freq for BLOCK_ROWS positions, as rope_cos_sin_reference computes them: the
+    position cast to float32 (exact below 2**24), one float32 product, cos and sin (float32 tl.cos and tl.sin lower to
+    libdevice's __nv_cosf and __nv_sinf on NVIDIA, CUDA's cosf and sinf, which torch's kernels call: ptx for sm_90,
+    triton 3.9), then times mscale."""
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    pairs = tl.arange(0, BLOCK_HALF)
+    positions = tl.load(positions_ptr + rows, mask=rows < ROWS, other=0).to(tl.float32)
+    inv_freq = tl.load(inv_freq_ptr + pairs, mask=pairs < HALF, other=0.0).to(tl.float32)
+    angles = positions[:, None] * inv_freq[None, :]
+    cos, sin = tl.cos(angles), tl.sin(angles)
+    if SCALED:
+        cos, sin = cos * mscale, sin * mscale
+    at = rows[:, None] * HALF + pairs[None, :]
+    inside = (rows < ROWS)[:, None] & (pairs < HALF)[None, :]
+    tl.store(cos_ptr + at, cos, mask=inside)
+    tl.store(sin_ptr + at, sin, mask=inside)
 
 
 def shape_key(D: int, R: int, dtype: torch.dtype) -> str:
@@ -403,6 +425,41 @@ rope_write_kv_op = register_op("apply_rope_write_kv_", _rope_write_kv_impl, _rop
                                mutates_args=("k_cache", "v_cache"))
 
 
+ANGLE_ROWS = 16
+"""Positions a program of the angles' kernel takes. No tuner: a decoding step has one position a sequence (one
+program, ~1 µs, its launch the whole cost), and a prompt's few thousand positions are a few dozen programs."""
+
+
+def rope_angles(inv_freq: Tensor, positions: Tensor, mscale: float) -> tuple[Tensor, Tensor]:
+    """The launcher: cos and sin (*positions.shape, R/2) in float32 on positions' device."""
+    positions = positions.contiguous()
+    inv_freq = inv_freq.to(positions.device).contiguous()
+    cos = torch.empty(*positions.shape, inv_freq.numel(), device=positions.device, dtype=torch.float32)
+    sin = torch.empty_like(cos)
+    rows = positions.numel()
+    if rows and inv_freq.numel():
+        with on_device(positions):
+            _angles_kernel[(triton.cdiv(rows, ANGLE_ROWS),)](
+                positions, inv_freq, cos, sin, rows, inv_freq.numel(), float(mscale), BLOCK_ROWS=ANGLE_ROWS,
+                BLOCK_HALF=triton.next_power_of_2(inv_freq.numel()), SCALED=mscale != 1.0, num_warps=1)
+    return cos, sin
+
+
+def _angles_impl(inv_freq: Tensor, positions: Tensor, mscale: float) -> tuple[Tensor, Tensor]:
+    """archgen_v1::rope_cos_sin -> (cos, sin)."""
+    if not _use_kernel(positions):
+        return rope_cos_sin_reference(inv_freq, positions, mscale)
+    return rope_angles(inv_freq, positions, mscale)
+
+
+def _angles_fake(inv_freq, positions, mscale):
+    shape = (*positions.shape, inv_freq.numel())
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(shape, dtype=torch.float32)
+
+
+angles_op = register_op("rope_cos_sin", _angles_impl, _angles_fake)
+
+
 class _EagerRope(torch.autograd.Function):
     """archgen_v1::apply_rope_qk's implementation and autograd without the custom ops' dispatch, for eager mode, as
     kernels/rmsnorm.py does (there the dispatch cost the host 0.21 ms per forward+backward on the H200).
@@ -496,6 +553,30 @@ def apply_rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, 
     return q
 
 
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles positions · inv_freq, times mscale, in float32 (*positions.shape, R/2): the
+    ops/attention.py `rope_cos_sin` it replaces, in one launch where the reference's cast of the frequencies (a bf16
+    model's buffer), product, cos and sin are four. A decoding step's first layer of each attention component computes
+    them (StepContext), on its branch's stream, where each of those four small launches waited for SMs behind the
+    other branch's GEMV (~15-20 µs a step on Hymba+'s first two layers, H200, session 20). No gradient (positions
+    and frequencies have none); torch.export traces the reference."""
+    as_written = positions.is_floating_point() and positions.dtype != torch.float32 or inv_freq.dtype == torch.float64
+    if as_written or torch.compiler.is_exporting():
+        return rope_cos_sin_reference(inv_freq, positions, mscale)
+    return (_angles_impl if calls_implementation_directly(positions) else angles_op)(inv_freq, positions, mscale)
+
+
+def rope_cos_sin_reference(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """The definition (ops/attention.py's rope_cos_sin): integer positions meet the float32 frequencies in the
+    product (cast exactly below 2**24)."""
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    positions = positions.to(torch.float32) if positions.is_floating_point() else positions
+    angles = positions.unsqueeze(-1) * inv_freq
+    if mscale == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * mscale, angles.sin() * mscale
+
+
 def apply_rope_qk_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """The definition (ops/attention.py's apply_rope on each): float32 (float64 stays float64), one cast back."""
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -513,11 +594,13 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def decomposition(reference=None, max_seqlen: int | None = None) -> dict:
     """{archgen_v1::apply_rope_qk: the op written with `reference`}: how exporters that cannot run Triton (ONNX)
     lower it. reference: a generated package's ops/attention.py `apply_rope_qk` (default: this file's), or its
-    `apply_rope_write_kv`, for which the table is empty: that op is never traced, nor is `apply_rope_qk_` (while
-    exporting, the entry points take the functional apply_rope_qk, and index_copy_ for the cache). max_seqlen is not
-    needed (tokens are independent) and accepted for the common signature of kernels' decompositions."""
+    `apply_rope_write_kv` or `rope_cos_sin`, for which the table is empty: those ops are never traced, nor is
+    `apply_rope_qk_` (while exporting, the entry points take the functional apply_rope_qk, index_copy_ for the cache
+    and the reference's angles). max_seqlen is not needed (tokens are independent) and accepted for the common
+    signature of kernels' decompositions."""
     reference = apply_rope_qk_reference if reference is None else reference
-    if reference.__name__ in ("apply_rope_write_kv", "apply_rope_write_kv_reference"):
+    if reference.__name__ in ("apply_rope_write_kv", "apply_rope_write_kv_reference", "rope_cos_sin",
+                              "rope_cos_sin_reference"):
         return {}
 
     def apply_rope_qk_decomposed(q, k, cos, sin, inverse):

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
+    TRIGGER_AFTER_WAIT,
     gdc_launch_dependents,
     gdc_wait,
     on_device,
@@ -55,13 +56,15 @@ def _combine_tile(a_ptr, b_ptr, ga, gb, wn, y_ptr, r_ptr, h_ptr, rows, cols, R, 
     row64 = rows.to(tl.int64)[:, None]
     a = tl.load(a_ptr + row64 * stride_a + cols[None, :], mask=inside, other=0.0, cache_modifier=CACHE).to(tl.float32)
     b = tl.load(b_ptr + row64 * stride_b + cols[None, :], mask=inside, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    # the residual loaded with the branches, ahead of their sums: a load after a block reduction waits for it (its
+    # barrier), and a combine in a projection's tail (combine_projections.py) is on the layer's critical path
+    r = tl.load(r_ptr + row64 * stride_r + cols[None, :], mask=inside & ADD_NORM, other=0.0).to(tl.float32)
     rstd_a = 1.0 / tl.sqrt(tl.sum(a * a, axis=1) / N + eps)  # (rows,)
     rstd_b = 1.0 / tl.sqrt(tl.sum(b * b, axis=1) / N + eps)
     y = a * rstd_a[:, None] * ga[None, :] + b * rstd_b[:, None] * gb[None, :]
     if ADD_NORM:
         # kernels/rmsnorm.py's residual path, bit for bit: y rounded to the branches' dtype (as the combine's own
         # launch stores it), the add in float32 rounded to the stream's dtype, the norm of that rounded sum
-        r = tl.load(r_ptr + row64 * stride_r + cols[None, :], mask=inside, other=0.0).to(tl.float32)
         s = (y.to(a_ptr.dtype.element_ty).to(tl.float32) + r).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + row64 * stride_y + cols[None, :], s, mask=inside)
         s = s.to(tl.float32)
@@ -98,6 +101,7 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
     ga, gb, wn = _combine_factors(wa_ptr, sa_ptr, wb_ptr, sb_ptr, wn_ptr, cols, N, ADD_NORM)
     if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
         gdc_wait()
+    if PDL == TRIGGER_AFTER_WAIT:
         gdc_launch_dependents()
     _combine_tile(a_ptr, b_ptr, ga, gb, wn, y_ptr, r_ptr, h_ptr, rows, cols, R, N, stride_a, stride_b, stride_y,
                   stride_r, eps, norm_eps, ADD_NORM, "")
@@ -124,7 +128,7 @@ def normalized_mean_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
         _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, y, y, weight_a, y, R, N, a.stride(0),
                                       b.stride(0), y.stride(0), 0, eps, 0.0, BLOCK_R=config["BLOCK_R"],
                                       BLOCK_N=config["BLOCK_N"], ADD_NORM=False, PDL=pdl,
-                                      num_warps=config["num_warps"], launch_pdl=pdl)
+                                      num_warps=config["num_warps"], launch_pdl=bool(pdl))
     return y
 
 
@@ -146,7 +150,7 @@ def normalized_mean_add_norm_forward(a: Tensor, b: Tensor, weight_a: Tensor, sca
         _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, s, residual, weight, h, R, N,
                                       a.stride(0), b.stride(0), s.stride(0), residual.stride(0), eps, norm_eps,
                                       BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"], ADD_NORM=True, PDL=pdl,
-                                      num_warps=config["num_warps"], launch_pdl=pdl)
+                                      num_warps=config["num_warps"], launch_pdl=bool(pdl))
     return h, s
 
 

@@ -37,6 +37,7 @@ try:
     from .rmsnorm import rms_norm
     from .rope import apply_rope_qk
     from .rope import apply_rope_write_kv
+    from .rope import rope_cos_sin
     from .selective_scan import selective_scan
     from .silu_mul import silu_mul
     from .state_update import mamba_step_low_rank
@@ -67,6 +68,7 @@ except ImportError:  # no triton
     rms_norm = None
     apply_rope_qk = None
     apply_rope_write_kv = None
+    rope_cos_sin = None
     selective_scan = None
     silu_mul = None
     mamba_step_low_rank = None
@@ -127,6 +129,10 @@ def decompositions() -> dict:
         table.update(rope_module.decomposition(reference, max_seqlen=4096))
     if rope_module is not None:
         from ..ops.attention import apply_rope_write_kv as reference
+
+        table.update(rope_module.decomposition(reference, max_seqlen=4096))
+    if rope_module is not None:
+        from ..ops.attention import rope_cos_sin as reference
 
         table.update(rope_module.decomposition(reference, max_seqlen=4096))
     if selective_scan_module is not None:

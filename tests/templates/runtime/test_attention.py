@@ -5,6 +5,7 @@ Every reference here is written independently of the module under test: plain lo
 rule, complex numbers for RoPE, the scaling formulas spelled out per frequency.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -653,6 +654,45 @@ def test_full_cache_update_returns_slot_positions():
     cache = ops.KVCache.empty(1, 2, max_len=6, head_dim=4)
     k_all, v_all, k_pos = cache.update(randn(1, 2, 2, 4), randn(1, 2, 2, 4, seed=1), 3)
     assert k_all is cache.k and v_all is cache.v and k_pos.tolist() == list(range(6))
+
+
+def test_plain_cache_key_positions_are_made_once_per_length_but_not_while_tracing():
+    """arange(L) is made once per length and device (a decoding step launched it every step), kept across the
+    copies of the cache a graph decoder makes, and L long after the buffers were replaced by longer ones;
+    torch.export's trace makes its own (a kept tensor would outlive the trace)."""
+    cache = ops.KVCache.empty(1, 1, max_len=6, head_dim=2)
+    first = cache.key_positions(torch.tensor(3), 1)
+    assert first.tolist() == list(range(6)) and cache.key_positions(4, 1) is first
+    assert dataclasses.replace(cache).key_positions(5, 1) is first
+    cache.k, cache.v = torch.zeros(1, 1, 9, 2), torch.zeros(1, 1, 9, 2)
+    assert cache.key_positions(4, 1).tolist() == list(range(9))
+
+    class Positions(torch.nn.Module):
+        def forward(self, k):
+            return ops.KVCache(k, k).key_positions(0, 1) + 1
+
+    fresh = ops.KVCache.empty(1, 1, max_len=4, head_dim=2)
+    program = torch.export.export(Positions(), (fresh.k,))  # (an arange of length 4 is kept already: fresh's)
+    assert program.module()(fresh.k).tolist() == [1, 2, 3, 4]
+    assert any(node.target == torch.ops.aten.arange.start_step or "arange" in str(node.target)
+               for node in program.graph.nodes)
+
+
+def test_step_context_computes_the_angles_with_the_function_given():
+    """A decoding step hands StepContext the angles' kernel: the first layer of a component computes them with it,
+    the others reuse them; without one, the reference."""
+    calls = []
+
+    def angles(inv_freq, positions, mscale):
+        calls.append(positions)
+        return ops.rope_cos_sin(inv_freq, positions, mscale)
+
+    inv_freq, _ = ops.rope_inv_freq(4, theta=10000.0)
+    step = ops.StepContext(torch.tensor([7]))
+    cos, sin = step.rope_cos_sin("attn", inv_freq, 1.0, angles)
+    assert step.rope_cos_sin("attn", inv_freq, 1.0, angles)[0] is cos and len(calls) == 1
+    assert torch.equal(cos, ops.rope_cos_sin(inv_freq, torch.tensor([7]))[0])
+    assert torch.equal(step.rope_cos_sin("other", inv_freq)[1], sin) and len(calls) == 1
 
 
 def test_ring_decode_step_exports():

@@ -1,0 +1,137 @@
+"""Probe: which of a decoding step's kernels gain from programmatic dependent launch (PDL), and where should a
+kernel let the next one launch?
+
+PDL lets a kernel's programs start while the kernel ahead of it in the stream still runs: each prefetches its first
+weight tile into L2, then waits (gdc_wait) for that kernel's results. Every kernel file that supports it asks
+triton_support.programmatic_launch at each launch, and one switch turns it on for all of them; measured that way it
+was 1.6% faster on Hymba+ and 7% slower on Bamba-1B in session 18, and 3.0% slower on Hymba+ in session 20 (after
+both branches moved to side streams), where PDL for the RMSNorm kernel alone was 0.4% faster and every other file
+alone slower. The likely cost: a kernel triggered its successor right after its own wait, so the successor's programs
+took SM slots early and sat in gdc_wait, slots a kernel on the other branch's stream was waiting for. So each kernel
+now triggers either right after its wait (TRIGGER_AFTER_WAIT) or, in the GEMVs, after its loop has read its weights
+(TRIGGER_AFTER_LOADS; the other kernels then trigger as they exit). This probe turns PDL on for some kernel files (each
+file imported programmatic_launch by name, so its module attribute is what its launches call) with one trigger,
+captures the step anew and times it, in alternating rounds in one process, on Hymba+ and on Bamba-1B (MODES):
+
+- `off`; `all` and `all_late`: every file, either trigger;
+- `rmsnorm`: the RMSNorm kernel alone (after wait);
+- `gemvs_late` and `gemvs_late_rmsnorm`: the GEMV files (gemv, combine_projections, in_proj_conv, qkv_rope) after
+  their loads, alone or with the RMSNorm kernel (after its wait).
+
+It writes JSON with each mode's ms a token (the greedy loop from the graph, bench/decode.py's figure), and whether
+each mode's logits equal the off mode's (PDL changes no arithmetic).
+
+    python bench/pdl_subsets_probe.py --out DIR            (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import decode as decode_bench
+import torch
+from harness import command_line, run_metadata
+
+from archgen.benchmark import copy_bandwidth
+
+FILES = ("gemv", "combine_projections", "rmsnorm", "in_proj_conv", "qkv_rope", "state_update", "causal_conv1d",
+         "normalized_mean")
+GEMVS = ("gemv", "combine_projections", "in_proj_conv", "qkv_rope")
+WAIT, LOADS = 1, 2  # triton_support.TRIGGER_AFTER_WAIT, TRIGGER_AFTER_LOADS
+MODES = {"off": {}, "all": dict.fromkeys(FILES, WAIT), "all_late": dict.fromkeys(FILES, LOADS),
+         "rmsnorm": {"rmsnorm": WAIT}, "gemvs_late": dict.fromkeys(GEMVS, LOADS),
+         "gemvs_late_rmsnorm": {**dict.fromkeys(GEMVS, LOADS), "rmsnorm": WAIT}}
+"""mode -> {kernel file: its trigger}; the files not named launch without PDL."""
+SPECS = {"hymba_plus": "specs/hymba_plus.yaml", "bamba_1b": "bench/specs/bamba_1b.yaml"}
+
+
+def modules_of(package) -> dict:
+    """The generated package's kernel modules by file name (kernels.<file>_module)."""
+    return {name: getattr(package.kernels, f"{name}_module") for name in FILES
+            if getattr(package.kernels, f"{name}_module", None) is not None}
+
+
+def switch_to(modules: dict, originals: dict, mode: str) -> None:
+    """PDL allowed in the process, then each module's programmatic_launch answering the mode's trigger for that file
+    where the device allows PDL, and 0 for the files the mode does not name."""
+    triggers = MODES[mode]
+    decode_bench.set_programmatic_launch(bool(triggers))
+    for name, module in modules.items():
+        trigger = triggers.get(name, 0)
+        module.programmatic_launch = lambda device, allowed=originals[name], trigger=trigger: (
+            trigger if allowed(device) else 0)
+
+
+def model_rounds(spec: str, modes: list[str], rounds: int, deadline: float) -> dict:
+    """One model's modes, captured anew and timed in alternating rounds."""
+    out = {"rounds": {mode: [] for mode in modes}, "errors": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        package, _ = decode_bench.build(spec, None, (), Path(tmp))
+        with torch.device("cuda"):
+            model = package.Model().to(torch.bfloat16).eval()
+        vocab = model.lm_head.weight.size(0)
+        prompt = torch.randint(0, vocab, (1, 128), device="cuda")
+        g = torch.Generator().manual_seed(12)
+        tokens = [torch.randint(0, vocab, (1, 1), generator=g).to("cuda") for _ in range(8)]
+        modules = modules_of(package)
+        originals = {name: module.programmatic_launch for name, module in modules.items()}
+        out["files"] = sorted(modules)
+        logits = {}
+        try:
+            with torch.no_grad():
+                for round_ in range(rounds):
+                    for mode in modes:
+                        if mode in out["errors"] or time.monotonic() > deadline:
+                            continue
+                        switch_to(modules, originals, mode)
+                        decode_bench.drop_graphs(model)
+                        try:
+                            if mode not in logits:
+                                logits[mode] = decode_bench.graph_logits(model, prompt, tokens, "cuda")
+                                decode_bench.drop_graphs(model)
+                            ms = decode_bench.step_ms_per_token(model, prompt, 64, "cuda", decode_bench.GRAPH)
+                            out["rounds"][mode].append(ms)
+                            print(spec, mode, round_, ms, flush=True)
+                        except Exception as error:  # noqa: BLE001
+                            out["errors"][mode] = f"{type(error).__name__}: {str(error)[:1500]}"
+                            print(spec, mode, out["errors"][mode], flush=True)
+        finally:
+            switch_to(modules, originals, "off")
+            decode_bench.set_programmatic_launch(None)
+        del model
+        torch.cuda.empty_cache()
+    for mode, rounds_ in out["rounds"].items():
+        if rounds_:
+            out[f"{mode}_ms_per_token"] = min(rounds_)
+    if "off" in logits:
+        out["logits_equal_to_off"] = {m: all(torch.equal(a, b) for a, b in zip(logits["off"], v, strict=True))
+                                      for m, v in logits.items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--models", default=",".join(SPECS))
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=200.0)
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+    results = {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in args.models.split(","):
+        results[name] = model_rounds(SPECS[name], args.modes.split(","), args.rounds, deadline)
+        (out / "pdl_subsets_probe.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({name: {k: v for k, v in results[name].items() if k.endswith("_ms_per_token")}
+                      for name in args.models.split(",")}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
