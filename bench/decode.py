@@ -288,6 +288,49 @@ def graph_logits(model, prompt, tokens: list, device: str) -> list:
     return [decoder(token).float().clone() for token in tokens]
 
 
+def rounds_of_modes(model, prompt, modes: list[str], switch, rounds: int = 2, deadline: float = math.inf,
+                    timeline: tuple[str, ...] = ()) -> dict:
+    """Several modes of the same model in this process (the probes' A/B/C...): per round, each mode in turn switched
+    on (switch(mode)), its graph captured anew and the greedy loop timed (bench/decode.py's figure); per mode its
+    rounds and best, its logits for 8 fed tokens compared with the first mode's (`logits_equal_to_<first>`), and for
+    the modes in `timeline` a graph_timeline. A mode that fails is recorded and skipped; switch(modes[0]) at the end."""
+    vocab = model.lm_head.weight.size(0)
+    g = torch.Generator().manual_seed(12)
+    tokens = [torch.randint(0, vocab, (prompt.size(0), 1), generator=g).to(prompt.device) for _ in range(8)]
+    out: dict = {"rounds": {mode: [] for mode in modes}, "errors": {}}
+    logits: dict = {}
+    try:
+        for round_ in range(rounds):
+            for mode in modes:
+                if mode in out["errors"] or time.monotonic() > deadline:
+                    continue
+                switch(mode)
+                drop_graphs(model)
+                try:
+                    if mode not in logits:
+                        logits[mode] = graph_logits(model, prompt, tokens, "cuda")
+                        drop_graphs(model)
+                        if mode in timeline:
+                            out[f"timeline_{mode}"] = graph_timeline(model, prompt, 64)
+                            drop_graphs(model)
+                    out["rounds"][mode].append(step_ms_per_token(model, prompt, 64, "cuda", GRAPH))
+                    print(mode, round_, out["rounds"][mode][-1], flush=True)
+                except Exception as error:  # noqa: BLE001 — a mode a capture refuses is a finding
+                    out["errors"][mode] = f"{type(error).__name__}: {str(error)[:1500]}"
+                    print(mode, out["errors"][mode], flush=True)
+    finally:
+        switch(modes[0])
+        drop_graphs(model)
+    for mode, times in out["rounds"].items():
+        if times:
+            out[f"{mode}_ms_per_token"] = min(times)
+    if modes[0] in logits:
+        out[f"logits_equal_to_{modes[0]}"] = {
+            mode: all(torch.equal(a, b) for a, b in zip(logits[modes[0]], other, strict=True))
+            for mode, other in logits.items()}
+    return out
+
+
 def alternating_ab(model, prompt, args, name: str, baseline: str, candidate: str, switch, restore,
                    after_first_capture=None) -> dict:
     """Two modes of the same model in this process: before each round switch(mode) and the graph decoders dropped, so

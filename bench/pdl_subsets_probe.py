@@ -68,49 +68,23 @@ def switch_to(modules: dict, originals: dict, mode: str) -> None:
 
 
 def model_rounds(spec: str, modes: list[str], rounds: int, deadline: float) -> dict:
-    """One model's modes, captured anew and timed in alternating rounds."""
-    out = {"rounds": {mode: [] for mode in modes}, "errors": {}}
+    """One model's modes (decode.rounds_of_modes)."""
     with tempfile.TemporaryDirectory() as tmp:
         package, _ = decode_bench.build(spec, None, (), Path(tmp))
         with torch.device("cuda"):
             model = package.Model().to(torch.bfloat16).eval()
-        vocab = model.lm_head.weight.size(0)
-        prompt = torch.randint(0, vocab, (1, 128), device="cuda")
-        g = torch.Generator().manual_seed(12)
-        tokens = [torch.randint(0, vocab, (1, 1), generator=g).to("cuda") for _ in range(8)]
+        prompt = torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
         modules = modules_of(package)
         originals = {name: module.programmatic_launch for name, module in modules.items()}
-        out["files"] = sorted(modules)
-        logits = {}
         try:
             with torch.no_grad():
-                for round_ in range(rounds):
-                    for mode in modes:
-                        if mode in out["errors"] or time.monotonic() > deadline:
-                            continue
-                        switch_to(modules, originals, mode)
-                        decode_bench.drop_graphs(model)
-                        try:
-                            if mode not in logits:
-                                logits[mode] = decode_bench.graph_logits(model, prompt, tokens, "cuda")
-                                decode_bench.drop_graphs(model)
-                            ms = decode_bench.step_ms_per_token(model, prompt, 64, "cuda", decode_bench.GRAPH)
-                            out["rounds"][mode].append(ms)
-                            print(spec, mode, round_, ms, flush=True)
-                        except Exception as error:  # noqa: BLE001
-                            out["errors"][mode] = f"{type(error).__name__}: {str(error)[:1500]}"
-                            print(spec, mode, out["errors"][mode], flush=True)
+                out = decode_bench.rounds_of_modes(model, prompt, modes,
+                                                   lambda mode: switch_to(modules, originals, mode), rounds, deadline)
         finally:
-            switch_to(modules, originals, "off")
             decode_bench.set_programmatic_launch(None)
+        out["files"] = sorted(modules)
         del model
         torch.cuda.empty_cache()
-    for mode, rounds_ in out["rounds"].items():
-        if rounds_:
-            out[f"{mode}_ms_per_token"] = min(rounds_)
-    if "off" in logits:
-        out["logits_equal_to_off"] = {m: all(torch.equal(a, b) for a, b in zip(logits["off"], v, strict=True))
-                                      for m, v in logits.items()}
     return out
 
 

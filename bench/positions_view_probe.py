@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 
@@ -44,44 +43,24 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    results = {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda"),
-               "rounds": {"view": [], "arange": []}}
+    results = {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         package, _ = decode_bench.build("specs/hymba_plus.yaml", None, (), Path(tmp))
         with torch.device("cuda"):
             model = package.Model().to(torch.bfloat16).eval()
-        vocab = model.lm_head.weight.size(0)
-        prompt = torch.randint(0, vocab, (1, 128), device="cuda")
-        g = torch.Generator().manual_seed(12)
-        tokens = [torch.randint(0, vocab, (1, 1), generator=g).to("cuda") for _ in range(8)]
-        module = package.model
-        proxy = _TorchWithoutTensorStarts("torch")
-        logits = {}
-        started = time.monotonic()
-        try:
-            with torch.no_grad():
-                for round_ in range(args.rounds):
-                    for mode in ("view", "arange"):
-                        module.torch = proxy if mode == "arange" else torch
-                        decode_bench.drop_graphs(model)
-                        if mode not in logits:
-                            logits[mode] = decode_bench.graph_logits(model, prompt, tokens, "cuda")
-                            decode_bench.drop_graphs(model)
-                            results[f"timeline_{mode}"] = decode_bench.graph_timeline(model, prompt, 64)
-                            decode_bench.drop_graphs(model)
-                        ms = decode_bench.step_ms_per_token(model, prompt, 64, "cuda", decode_bench.GRAPH)
-                        results["rounds"][mode].append(ms)
-                        print(mode, round_, ms, round(time.monotonic() - started), flush=True)
-        finally:
-            module.torch = torch
-    for mode, rounds in results["rounds"].items():
-        if rounds:
-            results[f"{mode}_ms_per_token"] = min(rounds)
-    results["logits_equal"] = all(torch.equal(a, b) for a, b in zip(logits["view"], logits["arange"], strict=True))
+        prompt = torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
+        module, proxy = package.model, _TorchWithoutTensorStarts("torch")
+
+        def switch(mode):
+            module.torch = proxy if mode == "arange" else torch
+
+        with torch.no_grad():
+            results.update(decode_bench.rounds_of_modes(model, prompt, ["view", "arange"], switch, args.rounds,
+                                                        timeline=("view", "arange")))
     (out / "positions_view_probe.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k == "logits_equal"}))
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k.startswith("logits")}))
 
 
 if __name__ == "__main__":
