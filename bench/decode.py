@@ -45,6 +45,7 @@ would start after --budget-s records that it was skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import json
@@ -62,7 +63,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from harness import bar_ratio, gpu_state  # noqa: E402 - bench/ is on sys.path when a script runs
+from harness import bar_ratio, command_line, gpu_state, run_metadata  # noqa: E402 - bench/ is on sys.path when a script runs
 
 from archgen.benchmark import (  # noqa: E402
     copy_bandwidth,
@@ -286,6 +287,22 @@ def graph_logits(model, prompt, tokens: list, device: str) -> list:
     decoder = model.graph_decoder(prompt.size(0), max_len, prompt.device)
     decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
     return [decoder(token).float().clone() for token in tokens]
+
+
+@contextlib.contextmanager
+def probe_model(spec: str):
+    """A probe's subject: the spec built into a temporary folder, its Model with random bf16 weights on CUDA and a
+    128-token prompt, as (package, model, prompt); the folder goes when the context ends."""
+    with tempfile.TemporaryDirectory() as tmp:
+        package, _ = build(spec, None, (), Path(tmp))
+        with torch.device("cuda"):
+            model = package.Model().to(torch.bfloat16).eval()
+        yield package, model, torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
+
+
+def probe_header() -> dict:
+    """What every probe's JSON starts with: the run's metadata and the copy bandwidth measured in it."""
+    return {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}
 
 
 def rounds_of_modes(model, prompt, modes: list[str], switch, rounds: int = 2, deadline: float = math.inf,

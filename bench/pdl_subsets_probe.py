@@ -29,15 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import decode as decode_bench
 import torch
-from harness import command_line, run_metadata
-
-from archgen.benchmark import copy_bandwidth
 
 FILES = ("gemv", "combine_projections", "rmsnorm", "in_proj_conv", "qkv_rope", "state_update", "causal_conv1d",
          "normalized_mean")
@@ -69,11 +65,7 @@ def switch_to(modules: dict, originals: dict, mode: str) -> None:
 
 def model_rounds(spec: str, modes: list[str], rounds: int, deadline: float) -> dict:
     """One model's modes (decode.rounds_of_modes)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        package, _ = decode_bench.build(spec, None, (), Path(tmp))
-        with torch.device("cuda"):
-            model = package.Model().to(torch.bfloat16).eval()
-        prompt = torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
+    with decode_bench.probe_model(spec) as (package, model, prompt):
         modules = modules_of(package)
         originals = {name: module.programmatic_launch for name, module in modules.items()}
         try:
@@ -97,7 +89,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=200.0)
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
-    results = {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}
+    results = decode_bench.probe_header()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):

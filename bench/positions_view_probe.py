@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import types
 from pathlib import Path
 
 import decode as decode_bench
 import torch
-from harness import command_line, run_metadata
-
-from archgen.benchmark import copy_bandwidth
 
 
 class _TorchWithoutTensorStarts(types.ModuleType):
@@ -43,14 +39,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    results = {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}
+    results = decode_bench.probe_header()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        package, _ = decode_bench.build("specs/hymba_plus.yaml", None, (), Path(tmp))
-        with torch.device("cuda"):
-            model = package.Model().to(torch.bfloat16).eval()
-        prompt = torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
+    with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
         module, proxy = package.model, _TorchWithoutTensorStarts("torch")
 
         def switch(mode):
