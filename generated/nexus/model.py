@@ -173,8 +173,7 @@ class Attn(nn.Module):
             # A decoding step whose write has slots (a plain cache, a ring at one token): the q, k and v products, the
             # rotation of q and k and the cache write in one launch (the qkv GEMV, then the rope kernel writing the
             # cache: the same bits).
-            # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE, in one launch
-            # (the reference's four each waited for SMs behind the other branch's GEMV)
+            # (T, 32) or (B, T, 32), once per forward for every layer with this RoPE (one launch; the reference's: four)
             cos, sin = step.rope_cos_sin("rope 64, theta 10000.0", self.inv_freq, self.rope_scale, kernels.rope_cos_sin)
             q = kernels.qkv_rope_write_kv_(
                 x,
