@@ -69,8 +69,10 @@ DEFAULT_CONFIG = {"BLOCK_S": 64, "WAVES": 2, "num_warps": 4}
 """What a package runs untuned. Alone, the tuner's timing (kernel by kernel) favours 32-slot tiles; inside Hymba+'s
 decoding step, where the split kernel runs beside the Mamba branch, every config as the default in one process
 (bench/attention_config_probe.py, H200, session 20): 64 slots over 4 warps 1.5733 / 1.5749 ms a token against
-1.5867 / 1.5861 for 32 over 2 (0.8% faster; 128 over 8: 1.5737), logits equal: fewer, longer programs, fewer
-dependent round trips where memory is busy. No config spills at the seeds' shapes (bench/sm90_audit.py)."""
+1.5867 / 1.5861 for 32 over 2 (0.8% faster; 128 over 8: 1.5737): fewer, longer programs, fewer dependent round
+trips where memory is busy. Another tile splits the cache differently, so the sums run in another order: the logits
+differ from the old default's within rounding (graph and eager decoding still agree bit for bit). No config spills
+at the seeds' shapes (bench/sm90_audit.py)."""
 COMBINE_VALUES_PER_THREAD = 64
 """The most float32 partials (splits × channels) per thread for which a split kernel also combines (one launch):
 Hymba+'s 1,024-slot ring (32 splits × 64 channels on 2 warps) holds 32, Bamba-1B at 4,096 slots 64; the Gated
