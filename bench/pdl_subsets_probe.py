@@ -1,25 +1,20 @@
-"""Probe: which of a decoding step's kernels gain from programmatic dependent launch (PDL), and where should a
-kernel let the next one launch?
+"""Probe: which of a decoding step's kernels gain from programmatic dependent launch (PDL)?
 
 PDL lets a kernel's programs start while the kernel ahead of it in the stream still runs: each prefetches its first
 weight tile into L2, then waits (gdc_wait) for that kernel's results. Every kernel file that supports it asks
 triton_support.programmatic_launch at each launch, and one switch turns it on for all of them; measured that way it
 was 1.6% faster on Hymba+ and 7% slower on Bamba-1B in session 18, and 3.0% slower on Hymba+ in session 20 (after
-both branches moved to side streams), where PDL for the RMSNorm kernel alone was 0.4% faster and every other file
-alone slower. The likely cost: a kernel triggered its successor right after its own wait, so the successor's programs
-took SM slots early and sat in gdc_wait, slots a kernel on the other branch's stream was waiting for. So each kernel
-now triggers either right after its wait (TRIGGER_AFTER_WAIT) or, in the GEMVs, after its loop has read its weights
-(TRIGGER_AFTER_LOADS; the other kernels then trigger as they exit). This probe turns PDL on for some kernel files (each
-file imported programmatic_launch by name, so its module attribute is what its launches call) with one trigger,
-captures the step anew and times it, in alternating rounds in one process, on Hymba+ and on Bamba-1B (MODES):
+both branches moved to side streams). This probe turns it on for some kernel files only (each file imported
+programmatic_launch by name, so its module attribute is what its launches call), captures the step anew and times it,
+in alternating rounds in one process (decode.rounds_of_modes), on Hymba+ and on Bamba-1B (MODES):
 
-- `off`; `all` and `all_late`: every file, either trigger;
-- `rmsnorm`: the RMSNorm kernel alone (after wait);
-- `gemvs_late` and `gemvs_late_rmsnorm`: the GEMV files (gemv, combine_projections, in_proj_conv, qkv_rope) after
-  their loads, alone or with the RMSNorm kernel (after its wait).
+- `off`, `all`: the switch off, and on for every file;
+- `<file>`: PDL on for that kernel file's launches only;
+- `gemvs`: the GEMV files together (gemv, combine_projections, in_proj_conv, qkv_rope).
 
 It writes JSON with each mode's ms a token (the greedy loop from the graph, bench/decode.py's figure), and whether
-each mode's logits equal the off mode's (PDL changes no arithmetic).
+each mode's logits equal the off mode's (PDL changes no arithmetic). Session 20 also measured a trigger placed after
+the GEMV loops (commit 8b0ddb3, bench/results/pdl_subsets_probe_s20_triggers.h200.json): slower, and removed.
 
     python bench/pdl_subsets_probe.py --out DIR            (GPU)
 """
@@ -38,11 +33,8 @@ import torch
 FILES = ("gemv", "combine_projections", "rmsnorm", "in_proj_conv", "qkv_rope", "state_update", "causal_conv1d",
          "normalized_mean")
 GEMVS = ("gemv", "combine_projections", "in_proj_conv", "qkv_rope")
-WAIT, LOADS = 1, 2  # triton_support.TRIGGER_AFTER_WAIT, TRIGGER_AFTER_LOADS
-MODES = {"off": {}, "all": dict.fromkeys(FILES, WAIT), "all_late": dict.fromkeys(FILES, LOADS),
-         "rmsnorm": {"rmsnorm": WAIT}, "gemvs_late": dict.fromkeys(GEMVS, LOADS),
-         "gemvs_late_rmsnorm": {**dict.fromkeys(GEMVS, LOADS), "rmsnorm": WAIT}}
-"""mode -> {kernel file: its trigger}; the files not named launch without PDL."""
+MODES = {"off": (), "all": FILES, **{name: (name,) for name in FILES}, "gemvs": GEMVS}
+"""mode -> the kernel files that launch programmatically; the others launch without PDL."""
 SPECS = {"hymba_plus": "specs/hymba_plus.yaml", "bamba_1b": "bench/specs/bamba_1b.yaml"}
 
 
@@ -53,14 +45,11 @@ def modules_of(package) -> dict:
 
 
 def switch_to(modules: dict, originals: dict, mode: str) -> None:
-    """PDL allowed in the process, then each module's programmatic_launch answering the mode's trigger for that file
-    where the device allows PDL, and 0 for the files the mode does not name."""
-    triggers = MODES[mode]
-    decode_bench.set_programmatic_launch(bool(triggers))
+    """PDL allowed in the process, then each module's programmatic_launch forced off unless the mode names it."""
+    on = MODES[mode]
+    decode_bench.set_programmatic_launch(bool(on))
     for name, module in modules.items():
-        trigger = triggers.get(name, 0)
-        module.programmatic_launch = lambda device, allowed=originals[name], trigger=trigger: (
-            trigger if allowed(device) else 0)
+        module.programmatic_launch = originals[name] if name in on else (lambda device: False)
 
 
 def model_rounds(spec: str, modes: list[str], rounds: int, deadline: float) -> dict:

@@ -27,7 +27,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
-    TRIGGER_AFTER_WAIT,
     gdc_launch_dependents,
     gdc_wait,
     on_device,
@@ -101,7 +100,6 @@ def _normalized_mean_kernel(a_ptr, b_ptr, wa_ptr, sa_ptr, wb_ptr, sb_ptr, y_ptr,
     ga, gb, wn = _combine_factors(wa_ptr, sa_ptr, wb_ptr, sb_ptr, wn_ptr, cols, N, ADD_NORM)
     if PDL:  # every program waits before it reads the branches and stores; then the next kernel (a GEMV) may launch
         gdc_wait()
-    if PDL == TRIGGER_AFTER_WAIT:
         gdc_launch_dependents()
     _combine_tile(a_ptr, b_ptr, ga, gb, wn, y_ptr, r_ptr, h_ptr, rows, cols, R, N, stride_a, stride_b, stride_y,
                   stride_r, eps, norm_eps, ADD_NORM, "")
@@ -128,7 +126,7 @@ def normalized_mean_forward(a: Tensor, b: Tensor, weight_a: Tensor, scale_a: Ten
         _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, y, y, weight_a, y, R, N, a.stride(0),
                                       b.stride(0), y.stride(0), 0, eps, 0.0, BLOCK_R=config["BLOCK_R"],
                                       BLOCK_N=config["BLOCK_N"], ADD_NORM=False, PDL=pdl,
-                                      num_warps=config["num_warps"], launch_pdl=bool(pdl))
+                                      num_warps=config["num_warps"], launch_pdl=pdl)
     return y
 
 
@@ -150,7 +148,7 @@ def normalized_mean_add_norm_forward(a: Tensor, b: Tensor, weight_a: Tensor, sca
         _normalized_mean_kernel[grid](a, b, weight_a, scale_a, weight_b, scale_b, s, residual, weight, h, R, N,
                                       a.stride(0), b.stride(0), s.stride(0), residual.stride(0), eps, norm_eps,
                                       BLOCK_R=config["BLOCK_R"], BLOCK_N=config["BLOCK_N"], ADD_NORM=True, PDL=pdl,
-                                      num_warps=config["num_warps"], launch_pdl=bool(pdl))
+                                      num_warps=config["num_warps"], launch_pdl=pdl)
     return h, s
 
 

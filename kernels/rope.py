@@ -556,8 +556,8 @@ def apply_rope_write_kv_reference(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, mscale: float = 1.0) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles positions · inv_freq, times mscale, in float32 (*positions.shape, R/2): the
     ops/attention.py `rope_cos_sin` it replaces, in one launch where the reference's cast of the frequencies (a bf16
-    model's buffer), product, cos and sin are four. A decoding step's first layer of each attention component computes
-    them (StepContext), on its branch's stream, where each of those four small launches waited for SMs behind the
+    model's buffer), product, cos and sin are four. A decoding step's first layer with each RoPE computes them
+    (StepContext), on its branch's stream, where each of those four small launches waited for SMs behind the
     other branch's GEMV (~15-20 µs a step on Hymba+'s first two layers, H200, session 20). No gradient (positions
     and frequencies have none); torch.export traces the reference."""
     as_written = positions.is_floating_point() and positions.dtype != torch.float32 or inv_freq.dtype == torch.float64

@@ -160,49 +160,34 @@ except ImportError:  # an older triton: no programmatic launches (programmatic_l
 else:
     _HAS_GDC = True
 
-TRIGGER_AFTER_WAIT = tl.constexpr(1)
-TRIGGER_AFTER_LOADS = tl.constexpr(2)
-"""programmatic_launch's answers when it launches programmatically, the kernels' PDL constexpr: where a program lets
-the kernel after it launch (gdc_launch_dependents; the next kernel launches once every program has, or exited).
-AFTER_WAIT: right after its own gdc_wait. AFTER_LOADS: in a GEMV (gemv._row_products' loop and the loops written
-like it), once its loop has loaded and summed its weights, so the next kernel's programs take slots only as this
-one's finish, not slots a kernel on another stream (a parallel layer's other branch) was waiting for; kernels without
-such a loop trigger after their wait in both."""
 _PDL_ALLOWED = _environment_allows_pdl()  # set_programmatic_launch's choice, else ARCHGEN_PDL's at import
-_PDL_TRIGGER = TRIGGER_AFTER_WAIT.value
 _SM90_DEVICES: dict[int, bool] = {}  # CUDA device index -> compute capability >= 9
 
 
-def set_programmatic_launch(on: bool | None, trigger: int | None = None) -> None:
+def set_programmatic_launch(on: bool | None) -> None:
     """Allow (True) or forbid (False) programmatic dependent launches in this process from the next launch on, or
-    (None) go back to what ARCHGEN_PDL says (read again now); `trigger`: TRIGGER_AFTER_WAIT (the default) or
-    TRIGGER_AFTER_LOADS. For a same-process A/B (bench/decode.py --pdl-ab): a CUDA graph keeps the launches it
-    recorded, so re-capture after flipping it."""
-    global _PDL_ALLOWED, _PDL_TRIGGER
+    (None) go back to what ARCHGEN_PDL says (read again now). For a same-process A/B (bench/decode.py --pdl-ab): a
+    CUDA graph keeps the launches it recorded, so re-capture after flipping it."""
+    global _PDL_ALLOWED
     _PDL_ALLOWED = _environment_allows_pdl() if on is None else bool(on)
-    trigger = TRIGGER_AFTER_WAIT.value if trigger is None else int(trigger)
-    if trigger not in (TRIGGER_AFTER_WAIT.value, TRIGGER_AFTER_LOADS.value):
-        raise ValueError(f"trigger must be TRIGGER_AFTER_WAIT (1) or TRIGGER_AFTER_LOADS (2), got {trigger}")
-    _PDL_TRIGGER = trigger
 
 
-def programmatic_launch(device: torch.device) -> int:
+def programmatic_launch(device: torch.device) -> bool:
     """Whether kernels launched on `device` use programmatic dependent launch (PDL): a kernel so launched may start
     while the kernel ahead of it in the stream still runs, once every program of that one has executed
     gdc_launch_dependents (or exited), and must execute gdc_wait before it reads what an earlier kernel wrote or
     writes anything. True on CUDA devices of compute capability 9 or more (Hopper), not under the interpreter (it
     runs no PTX), with a triton that has the gdc helpers, when ARCHGEN_PDL=1 or set_programmatic_launch(True) (off by
     default: it measured slower on the H200).
-    The answer is 0 (no) or where the kernel's programs trigger the next launch (TRIGGER_AFTER_WAIT or
-    TRIGGER_AFTER_LOADS, set_programmatic_launch's). Kernels take it as their PDL constexpr (which gates their gdc
-    calls) and, as a bool, as the launch's `launch_pdl`. Called on every launch: the capability is cached per device."""
+    Kernels take it as their PDL constexpr (which gates their gdc calls) and as the launch's `launch_pdl`.
+    Called on every launch: the capability is cached per device."""
     if not (_PDL_ALLOWED and _HAS_GDC) or device.type != "cuda" or interpreting():
-        return 0
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     sm90 = _SM90_DEVICES.get(index)
     if sm90 is None:
         sm90 = _SM90_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _PDL_TRIGGER if sm90 else 0
+    return sm90
 
 
 def dtype_name(dtype: torch.dtype) -> str:

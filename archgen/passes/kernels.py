@@ -143,7 +143,7 @@ KERNEL_RULES: list[KernelRule] = [
                when=lambda config: config.rope is not None),
     KernelRule("attention", "rope", "rope_cos_sin", "attention",
                "A decoding step's RoPE angles (cos and sin of positions times the frequencies) in one launch where the "
-               "reference's cast, product, cos and sin are four, on the first layer of each attention component",
+               "reference's cast, product, cos and sin are four, by the first layer with each RoPE (StepContext shares them)",
                when=lambda config: config.rope is not None),
     KernelRule("attention", "qkv_rope", "qkv_rope_write_kv_", None,
                "A cached decoding step's q, k and v GEMV with RoPE and the KV-cache write in its epilogue (qkv_linear "

@@ -160,16 +160,3 @@ def test_a_short_launch_is_timed_from_graphs_without_the_hosts_time():
     small = torch.zeros(16, device="cuda")
     assert triton_support._graph_time_ms(lambda: small.add_(1)) < 0.02
 
-
-def test_programmatic_launch_says_where_kernels_trigger_and_is_off_without_a_hopper_gpu():
-    """programmatic_launch answers 0 (no PDL) on CPU tensors and under the interpreter whatever the switch says, and the
-    switch takes only the two trigger placements the kernels know (kernels compare their PDL constexpr with them)."""
-    support = triton_support
-    try:
-        support.set_programmatic_launch(True, support.TRIGGER_AFTER_LOADS.value)
-        assert support.programmatic_launch(torch.device("cpu")) == 0
-        with pytest.raises(ValueError, match="TRIGGER_AFTER_WAIT"):
-            support.set_programmatic_launch(True, 3)
-    finally:
-        support.set_programmatic_launch(None)
-    assert (support.TRIGGER_AFTER_WAIT.value, support.TRIGGER_AFTER_LOADS.value) == (1, 2)

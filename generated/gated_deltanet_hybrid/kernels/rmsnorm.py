@@ -48,7 +48,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
-    TRIGGER_AFTER_WAIT,
     Autotuner,
     calls_implementation_directly,
     dtype_name,
@@ -127,7 +126,6 @@ def _await_inputs(PDL: tl.constexpr):
     store), then let the next kernel launch: its programs start as this one's finish, its weights in flight."""
     if PDL:
         gdc_wait()
-    if PDL == TRIGGER_AFTER_WAIT:  # (TRIGGER_AFTER_LOADS: the next kernel launches as this one exits)
         gdc_launch_dependents()
 
 
@@ -408,7 +406,7 @@ def rms_norm_forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: fl
         _rms_norm_fwd_kernel[(_cdiv(R, cfg["BLOCK_R"]),)](
             x2, res2, weight, y, s, rstd, R, N, stride_x, stride_res, eps,
             HAS_RESIDUAL=residual is not None, EVEN_N=N == block, BLOCK_R=cfg["BLOCK_R"], BLOCK_N=block, PDL=pdl,
-            num_warps=cfg["num_warps"], launch_pdl=bool(pdl),
+            num_warps=cfg["num_warps"], launch_pdl=pdl,
         )
 
     key = shape_key(N, R, x.dtype, residual is not None)

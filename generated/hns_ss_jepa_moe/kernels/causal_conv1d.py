@@ -40,7 +40,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
-    TRIGGER_AFTER_WAIT,
     Autotuner,
     calls_implementation_directly,
     dtype_name,
@@ -367,8 +366,7 @@ def _conv_fwd_window_kernel(
 ):
     """The forward for widths up to 4 over BLOCK_T steps of BLOCK_D channels: four input rows loaded per step, the
     three before them carried in registers (a sliding window along time), every tensor a (BLOCK_D,) vector."""
-    # at once: the dependent (a decoding step's GEMV) waits for this kernel's end before it reads anything
-    if PDL == TRIGGER_AFTER_WAIT:
+    if PDL:  # at once: the dependent (a decoding step's GEMV) waits for this kernel's end before it reads anything
         gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     start = tl.program_id(1) * BLOCK_T
@@ -482,8 +480,7 @@ def _conv_step_in_place_kernel(
     is depthwise, so a program reads and writes only its own channels' state. The kept entries are rounded through
     x's dtype, as the functional op's new state (x's dtype) copied into the cache rounds them: the cache holds the
     same bits either way."""
-    # as the window kernel: the dependent (a GEMV) waits for this kernel's end before it reads anything
-    if PDL == TRIGGER_AFTER_WAIT:
+    if PDL:  # as the window kernel: the dependent (a GEMV) waits for this kernel's end before it reads anything
         gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)

@@ -32,7 +32,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
-    TRIGGER_AFTER_WAIT,
     gdc_launch_dependents,
     on_device,
     op_overload,
@@ -72,7 +71,7 @@ def _selective_step_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PDL: tl.constexpr,  # let a programmatically launched next kernel (the out_proj GEMV) start: see _mamba2_step_kernel
 ):
-    if PDL == TRIGGER_AFTER_WAIT:
+    if PDL:
         gdc_launch_dependents()
     b = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -154,9 +153,8 @@ def _mamba2_step_kernel(
     WIDTH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,  # let a programmatically launched next kernel start early (triton_support.programmatic_launch)
 ):
-    # at once: the dependent (a GEMV) can read nothing of this kernel's before its gdc_wait, which waits for this
-    # kernel's end; meanwhile its programs take the SMs this grid leaves free and load their first weights
-    if PDL == TRIGGER_AFTER_WAIT:
+    if PDL:  # at once: the dependent (a GEMV) can read nothing of this kernel's before its gdc_wait, which waits for
+        # this kernel's end; meanwhile its programs take the SMs this grid leaves free and load their first weights
         gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)

@@ -44,8 +44,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_support import (
-    TRIGGER_AFTER_LOADS,
-    TRIGGER_AFTER_WAIT,
     Autotuner,
     dtype_name,
     gdc_launch_dependents,
@@ -114,15 +112,12 @@ def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.
     if PDL:  # the first tile's weights (no kernel of a step writes them) on their way to L2 while the kernel ahead runs
         _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
         gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
-        if PDL == TRIGGER_AFTER_WAIT:  # the next kernel starts no earlier than this one's inputs are ready
-            gdc_launch_dependents()
+        gdc_launch_dependents()  # after the wait: the next kernel starts no earlier than this one's inputs are ready
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
-    if PDL == TRIGGER_AFTER_LOADS:  # the weights read: this program's slot frees soon
-        gdc_launch_dependents()
     return tl.sum(products, axis=1)
 
 
@@ -147,16 +142,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
             _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
             _prefetch_first_tile(w_up_ptr, outs, N, K, stride_upn, BLOCK_K)
             gdc_wait()
-            if PDL == TRIGGER_AFTER_WAIT:
-                gdc_launch_dependents()
+            gdc_launch_dependents()
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             cols_inside = cols < K
             x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
             products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
             up_products += _tile_products(x, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
-        if PDL == TRIGGER_AFTER_LOADS:
-            gdc_launch_dependents()
         y = tl.sum(products, axis=1)
     else:
         y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)
@@ -293,7 +285,7 @@ def gemv_forward(x: Tensor, weight: Tensor, bias: Tensor | None = None, up_weigh
             x2, w, bias if bias is not None else w, w_up, up_bias if up_bias is not None else w, y, M, N, K,
             x2.stride(0), w.stride(0), w_up.stride(0), y.stride(0), r, r.stride(0), HAS_BIAS=bias is not None,
             GATED=gated, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl,
-            HAS_RESIDUAL=residual is not None, num_warps=cfg["num_warps"], launch_pdl=bool(pdl))
+            HAS_RESIDUAL=residual is not None, num_warps=cfg["num_warps"], launch_pdl=pdl)
 
     with on_device(x):
         if M and N:
@@ -318,7 +310,7 @@ def qkv_gemv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Te
         _qkv_gemv_kernel[(M, blocks)](
             x2, wq, wk, wv, *biases, y, M, NQ, NKV, K, x2.stride(0), y.stride(0), HAS_BIAS=q_bias is not None,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"],
-            launch_pdl=bool(pdl))
+            launch_pdl=pdl)
 
     N = NQ + 2 * NKV
     with on_device(x):

@@ -104,7 +104,7 @@ def combining_linear_forward(x: Tensor, weight: Tensor, out: Tensor, a: Tensor, 
                 x, weight, out, M, N, K, x.stride(0), weight.stride(0), a, b, a.stride(0), weight_a, scale_a,
                 weight_b, scale_b, eps, residual, residual.stride(0), norm_weight, norm_eps, h, s, h.stride(0),
                 arrivals, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
-                BLOCK_C=triton.next_power_of_2(N), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=bool(pdl))
+                BLOCK_C=triton.next_power_of_2(N), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
 
 
 _ARRIVALS: dict[str, Tensor] = {}

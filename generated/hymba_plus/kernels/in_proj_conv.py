@@ -110,7 +110,7 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
             conv_state, *conv_state.stride(), HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None,
             SILU=bool(silu), WIDTH=width, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
-            PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=bool(pdl))
+            PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y, z
 
 

@@ -53,8 +53,6 @@ from .gemv import (
 from .gemv import autotune as gemv_autotune
 from .rope import _rotate_pair, apply_rope_write_kv, apply_rope_write_kv_reference, projection_layout
 from .triton_support import (
-    TRIGGER_AFTER_LOADS,
-    TRIGGER_AFTER_WAIT,
     calls_implementation_directly,
     gdc_launch_dependents,
     gdc_wait,
@@ -106,16 +104,13 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
         if rotated:
             _prefetch_first_tile(w_ptr, b_outs, n, K, K, BLOCK_K)
         gdc_wait()
-        if PDL == TRIGGER_AFTER_WAIT:
-            gdc_launch_dependents()
+        gdc_launch_dependents()
     for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (its step, _tile_products)
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
         x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
         a_products += _tile_products(x, a_rows, a_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         b_products += _tile_products(x, b_rows, b_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
-    if PDL == TRIGGER_AFTER_LOADS:
-        gdc_launch_dependents()
     a = tl.sum(a_products, axis=1)
     b = tl.sum(b_products, axis=1)
     if HAS_BIAS:
@@ -183,7 +178,7 @@ def qkv_rope_write_kv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_w
             x2, wq, wk, wv, *biases, q_out, k_cache, v_cache, slots, cos, sin, T, HQ, HK, K, D, half, D - 2 * half,
             x2.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0) if cos.dim() == 3 else 0,
             cos.stride(-2), HAS_BIAS=q_bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=bool(pdl))
+            FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
     return q_out.transpose(1, 2)
 
 
