@@ -5,12 +5,20 @@ carries them as package data: setup.py maps templates/ to the package archgen.te
 top-level package archgen_kernels (not `kernels`: that name belongs to another PyPI project). A source checkout or
 an editable install reads the folders themselves, so an edit to a template shows in the next build; anywhere else
 the installed copies are read.
+
+kernels/ has no __init__.py on purpose. Wherever the checkout's root is on sys.path (`python -m pytest`, `python -c`,
+a script run from the root), a folder `kernels` with an __init__.py is a regular package that hides the PyPI project
+`kernels` (Hugging Face's, which transformers >= 5.25 requires and imports): transformers then fails on its first
+import. Without one the folder is at most a namespace portion, which a regular package anywhere on sys.path
+outranks. archgen_kernels is a namespace package too: registered by `kernels_package()` in a checkout, found as
+a folder of site-packages in a wheel install.
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from collections.abc import Iterable
@@ -67,11 +75,10 @@ def kernels_package() -> ModuleType:
     """The package archgen_kernels, importable afterwards by name (`from archgen_kernels import selective_scan`).
 
     In a checkout that is this checkout's kernels/ folder, registered under its package name (an editable install
-    may point the name at another checkout, and a source tree on sys.path has no folder of that name)."""
+    may point the name at another checkout, and a source tree on sys.path has no folder of that name). The package
+    has no code of its own, so registering it runs nothing; its op files import triton when they are imported."""
     if "archgen_kernels" not in sys.modules and _IN_CHECKOUT:
-        spec = importlib.util.spec_from_file_location("archgen_kernels", KERNELS / "__init__.py",
-                                                      submodule_search_locations=[str(KERNELS)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["archgen_kernels"] = module
-        spec.loader.exec_module(module)
+        spec = importlib.machinery.ModuleSpec("archgen_kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(KERNELS)]
+        sys.modules["archgen_kernels"] = importlib.util.module_from_spec(spec)
     return importlib.import_module("archgen_kernels")

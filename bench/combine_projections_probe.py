@@ -28,7 +28,10 @@ import torch  # noqa: E402
 from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
 from archgen.benchmark import copy_bandwidth  # noqa: E402
-from kernels import combine_projections, gemv, normalized_mean  # noqa: E402
+from archgen.resources import kernels_package  # noqa: E402
+
+kernels_package()  # this checkout's kernels/ folder, as archgen_kernels
+from archgen_kernels import combine_projections, gemv, normalized_mean  # noqa: E402
 
 STREAM_BYTES = 256 * 2**20
 CONFIGS = [{"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}

@@ -31,7 +31,10 @@ import triton.language as tl  # noqa: E402
 from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
 from archgen.benchmark import copy_bandwidth  # noqa: E402
-from kernels import gemv  # noqa: E402
+from archgen.resources import kernels_package  # noqa: E402
+
+kernels_package()  # this checkout's kernels/ folder, as archgen_kernels
+from archgen_kernels import gemv  # noqa: E402
 
 STREAM_BYTES = 256 * 2**20
 

@@ -38,7 +38,10 @@ import triton.language as tl  # noqa: E402
 from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
 from archgen.benchmark import copy_bandwidth  # noqa: E402
-from kernels import gemv  # noqa: E402
+from archgen.resources import kernels_package  # noqa: E402
+
+kernels_package()  # this checkout's kernels/ folder, as archgen_kernels
+from archgen_kernels import gemv  # noqa: E402
 
 HYMBA_PLUS = {"mlp.gate_up": (5504, 1600, True), "mlp.down_proj": (1600, 5504, False),
               "mamba.in_proj": (6400, 1600, False), "mamba.out_proj": (1600, 3200, False),

@@ -33,7 +33,10 @@ import torch  # noqa: E402
 from harness import command_line, graph_us_per_call, run_metadata  # noqa: E402
 
 from archgen.benchmark import copy_bandwidth  # noqa: E402
-from kernels import gemv  # noqa: E402
+from archgen.resources import kernels_package  # noqa: E402
+
+kernels_package()  # this checkout's kernels/ folder, as archgen_kernels
+from archgen_kernels import gemv  # noqa: E402
 
 HYMBA_PLUS = {"qkv_rows": 2240, "in_proj_rows": 6400, "d_model": 1600, "sets": 8}
 DRY = {"qkv_rows": 12, "in_proj_rows": 20, "d_model": 32, "sets": 2}

@@ -43,7 +43,10 @@ import triton.language as tl
 from harness import command_line, graph_us_per_call, run_metadata
 
 from archgen.benchmark import copy_bandwidth
-from kernels import gemv
+from archgen.resources import kernels_package  # noqa: E402
+
+kernels_package()  # this checkout's kernels/ folder, as archgen_kernels
+from archgen_kernels import gemv  # noqa: E402
 
 BULK_ASM = tl.constexpr("""{
 .reg .pred p;

@@ -99,7 +99,10 @@ class Bench:
         import torch
 
         sys.path.insert(0, str(ROOT))
-        from kernels import packed_query_attention as pqa  # the repository's kernels/ folder, as a package
+        from archgen.resources import kernels_package
+
+        kernels_package()  # the repository's kernels/ folder, as the package archgen_kernels
+        from archgen_kernels import packed_query_attention as pqa
 
         self.torch, self.pqa = torch, pqa
         self.routing = load_module("sparse_bench_routing", "templates/runtime/routing.py")
@@ -570,7 +573,10 @@ def ncu_backward(device: str) -> list[list]:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from kernels import packed_query_attention as pqa
+    from archgen.resources import kernels_package
+
+    kernels_package()
+    from archgen_kernels import packed_query_attention as pqa
 
     s = TINY if device != "cuda" else FULL
     g = torch.Generator(device=device).manual_seed(0)
@@ -636,7 +642,7 @@ def main() -> None:
     budget_s = math.inf if args.dry_run else args.budget_s  # the interpreter's minutes are no GPU budget
     bench = Bench(args.out, args.dry_run, budget_s, only | {"ncu"} if only and profile else only, args.bars_only)
     if args.untuned or args.pin:
-        from kernels import triton_support  # the repository's, on the path since Bench imported its kernels
+        from archgen_kernels import triton_support  # the repository's, registered when Bench imported its kernels
 
         triton_support.RUNTIME_TUNING = False  # an untuned bucket runs its tuner's first candidate
     if args.pin:

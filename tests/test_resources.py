@@ -25,3 +25,16 @@ def test_a_missing_kernel_module_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(resources, "KERNELS", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"kernels/gone\.py does not exist"):
         resources.kernel_modules(["op"])
+
+
+def test_the_checkout_does_not_hide_the_pypi_kernels_package():
+    """From the checkout's root (as `python -m pytest` and `python -c` run), the name `kernels` must not resolve to
+    kernels/: transformers imports Hugging Face's `kernels` and fails on ours (CI, transformers 5.25)."""
+    import subprocess
+    import sys
+
+    probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=resources.KERNELS.parent, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert not origin.startswith(str(resources.KERNELS)), origin
+    assert resources.kernels_package().__path__[0] == str(resources.KERNELS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -55,7 +56,7 @@ TINY = {
         mamba_d_state=8,
         mamba_chunk_size=8,
     ),
-    # Megatron's pattern; Δ floored at a time_step_min high enough to bind for some heads and tokens
+    # Megatron's pattern; Δ floored by a time_step_limit high enough to bind for some heads and tokens
     "nemotron_h": {
         "hidden_size": 64,
         "vocab_size": VOCAB,
@@ -69,7 +70,7 @@ TINY = {
         "mamba_head_dim": 16,
         "n_groups": 2,
         "chunk_size": 8,
-        "time_step_min": 0.3,
+        "time_step_limit": (0.3, math.inf),
     },
     # Granite's scalars far from 1 so each shows; a shared MLP wider than the experts
     "granitemoehybrid": dict(

@@ -5,8 +5,9 @@ encoding (*), a squared-ReLU MLP (-), in the order of `layers_block_type` (or an
 Layer i is `norm -> mixer -> residual`, where the mixer is whichever of the four its type names. In archgen a layer
 is a mixer and a feed-forward, so an M or * layer is a layer without a feed-forward and a - layer one without a
 mixer: the spec states this with the Megatron layout form, the same string under `layout.mixers` and `layout.ffns`.
-The Mamba-2 step Δ is floored at `time_step_min` (transformers' and mamba_ssm's `dt_limit`): the mamba2 kind's
-`dt_floor`.
+The Mamba-2 step Δ is clamped to `time_step_limit` (mamba_ssm's and transformers' `dt_limit`): the mamba2 kind's
+`dt_floor` and `dt_ceiling`. `time_step_min` only sets the initial Δ bias. (transformers before 5.25 floored Δ at
+`time_step_min` instead; Megatron, mamba_ssm and transformers >= 5.25 do not, and archgen follows them.)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 from archgen.importers.common import NO_DROPOUT, block_weight_plans, model_dims
 from archgen.importers.config import HFConfig
 from archgen.importers.model_types import Imported, ModelType
+from archgen.importers.model_types.mamba import dt_limit
 from archgen.importers.weights import TensorPlan
 
 SYMBOLS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
@@ -69,7 +71,7 @@ LEGACY = {
     "n_groups": "mamba_n_groups",
     "conv_kernel": "mamba_d_conv",
     "expand": "mamba_expand",
-    "time_step_min": "mamba_dt_min",
+    "time_step_limit": "mamba_dt_limit",
     "use_conv_bias": "mamba_conv_bias",
     "chunk_size": "mamba_chunk_size",
 }
@@ -82,6 +84,15 @@ def take(cfg: HFConfig, key: str, default: Any) -> Any:
         return cfg.take(legacy)
     cfg.accept(legacy)
     return cfg.take(key, default)
+
+
+def time_step_limit(cfg: HFConfig) -> dict[str, float]:
+    """The mamba2 kind's Δ bounds from `time_step_limit`, or an older config's `mamba_dt_limit`."""
+    if cfg.has(LEGACY["time_step_limit"]):
+        cfg.accept("time_step_limit")
+        return dt_limit(cfg, LEGACY["time_step_limit"])
+    cfg.accept(LEGACY["time_step_limit"])
+    return dt_limit(cfg)
 
 
 def to_spec(cfg: HFConfig) -> Imported:
@@ -104,10 +115,10 @@ def to_spec(cfg: HFConfig) -> Imported:
     cfg.expect("num_nextn_predict_layers", (0,), 0, "the spec has no multi-token-prediction layers")
     cfg.expect("mamba_ssm_cache_dtype", ("float32",), "float32", "the mamba2 kind keeps its state in float32")
     cfg.accept("use_mamba_kernels")  # deprecated in transformers, no effect
-    # NemotronHMamba2Mixer bounds Δ below by time_step_min and never reads time_step_limit; its projections' biases
-    # follow use_bias, not mamba_proj_bias.
-    cfg.accept("time_step_limit", "mamba_proj_bias", "mamba_dt_limit")
-    cfg.accept("mamba_dt_max", "mamba_dt_init_floor")  # initialisation only, like time_step_max and time_step_floor
+    # The mixer's projections' biases follow use_bias, not mamba_proj_bias.
+    cfg.accept("mamba_proj_bias")
+    # Initialisation only, like time_step_min, time_step_max and time_step_floor.
+    cfg.accept("mamba_dt_min", "mamba_dt_max", "mamba_dt_init_floor")
     mixers: dict[str, dict[str, Any]] = {}
     if "M" in pattern:
         cfg.expect("mamba_hidden_act", ("silu",), "silu", "archgen's Mamba-2 gates with SiLU")
@@ -134,7 +145,7 @@ def to_spec(cfg: HFConfig) -> Imported:
             **({"bias": True} if use_bias else {}),
             # transformers normalises the gated output in n_groups groups of intermediate_size / n_groups channels
             **({"grouped_norm": True} if n_groups > 1 else {}),
-            "dt_floor": float(take(cfg, "time_step_min", 0.001)),
+            **time_step_limit(cfg),
         }
     if "*" in pattern:
         # NemotronHAttention (Jamba's) has no positional encoding: any RoPE field is one transformers does not read.
