@@ -200,6 +200,48 @@ def graph_timeline(model, prompt, new_tokens: int, replays: int = 5) -> dict:
     return {**replay_timeline(kernels), **unprofiled}
 
 
+def steady_timeline(model, prompt, new_tokens: int, steps: int = 12) -> dict:
+    """The decode figure's own regime under the profiler: `steps` greedy replays back to back (CUDAGraphDecoder.greedy,
+    the host submitting ahead of the GPU), cut into steps by `steady_steps`. graph_timeline replays from an idle GPU,
+    so each of its replays also pays the graph's launch (the ~10 µs before session 20's first RMSNorm, say)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder = generates_decoder(model, prompt, new_tokens)
+    decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
+    token = prompt[:, -1:]
+    decoder.greedy(token, 3)  # compiled, resident, warm
+    decoder.prefill(lambda cache: model(prompt, cache=cache).logits[:, -1])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decoder.greedy(token, steps)
+        torch.cuda.synchronize()
+    return steady_steps(sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in prof.events()
+                               if e.device_type == torch.autograd.DeviceType.CUDA))
+
+
+def steady_steps(kernels: list[tuple[float, float, str]]) -> dict:
+    """steady_timeline's arithmetic: kernels (start µs, end µs, name) sorted by start, cut into steps at each step's last
+    kernel, the greedy pick, so that a step runs from the previous step's pick to its own, as the timed loop sees it.
+    Per step but the first and the last (not steady) its span, busy time (the union of its kernels' intervals) and idle
+    time, and the kernels of the median step (start from the previous pick's end, duration, name)."""
+    picks = [end for _, end, name in kernels if "greedy_pick" in name]
+    if len(picks) < 4:
+        return {"error": f"{len(picks)} greedy picks among {len(kernels)} kernels: no steady steps to cut"}
+    rows = []
+    for before, after in zip(picks[1:-2], picks[2:-1], strict=True):
+        inside = [kernel for kernel in kernels if before < kernel[0] <= after]
+        busy, reach = 0.0, before
+        for start, end, _ in inside:
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        rows.append({"span_us": after - before, "busy_us": busy, "idle_us": after - before - busy, "from": before,
+                     "kernels": inside})
+    median = sorted(rows, key=lambda row: row["span_us"])[len(rows) // 2]
+    return {"steps": [{key: round(row[key], 2) for key in ("span_us", "busy_us", "idle_us")} for row in rows],
+            "median_step_kernels": [[round(start - median["from"], 2), round(end - start, 2), name[:40]]
+                                    for start, end, name in median["kernels"]]}
+
+
 def replay_walls(decoder, token, replays: int = 20) -> dict:
     """Unprofiled: the host's time in one replay call (it returns once the graph is submitted), a replay's wall from an
     idle GPU (synchronised before and after), and the per-replay wall of `replays` back to back (the host ahead of

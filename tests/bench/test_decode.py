@@ -27,3 +27,16 @@ def test_overlapping_kernels_count_once_in_busy_time_and_replays_split_at_long_g
 def test_a_kernel_inside_a_longer_one_adds_no_busy_time(decode):
     timeline = decode.replay_timeline([(0.0, 10.0, "long"), (2.0, 4.0, "short")])
     assert timeline["replays"][0]["busy_us"] == 10.0
+
+
+def test_steady_steps_run_from_one_greedy_pick_to_the_next(decode):
+    pick = "_greedy_pick_kernel"
+    kernels = []
+    for step in range(5):  # each step: a GEMV, then 2 µs idle, then the pick; 10 µs apart
+        t = 10.0 * step
+        kernels += [(t, t + 5.0, "gemv"), (t + 7.0, t + 8.0, pick)]
+    timeline = decode.steady_steps(kernels)
+    # the steps between picks 1-2 and 2-3 (the first and last are not steady): 10 µs each, 6 busy, 4 idle
+    assert timeline["steps"] == [{"span_us": 10.0, "busy_us": 6.0, "idle_us": 4.0}] * 2
+    assert timeline["median_step_kernels"] == [[2.0, 5.0, "gemv"], [9.0, 1.0, pick]]
+    assert "error" in decode.steady_steps(kernels[:6])

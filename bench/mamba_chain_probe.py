@@ -1,0 +1,132 @@
+"""Probe: does a Hymba+ decoding step get shorter when its Mamba branch, the longer of a layer's two, starts first?
+
+Session 20's timeline (bench/results/decode_s20_shipped.h200.json, `fastest_replay_kernels`) put a layer's Mamba
+branch (in_proj_conv 9.0, x_proj 3.5, the selective step 4.8, out_proj with the combine 8.2 µs) ~4 µs behind its
+attention branch (qkv_rope 7.7, the split-KV attention 9.5, o_proj 5.3), and in every layer in_proj_conv started
+~0.7 µs after qkv_rope: the generated decoding_step records the attention branch first, and a replay dispatches the
+two branches' first kernels in that order. So the layer waits on the branch that starts last. Modes, in one process:
+
+- `attention_first`: the package as generated.
+- `ssm_first`: each parallel layer's decoding_step with its two `branch_stream` blocks swapped (the same kernels on
+  the same inputs; only the order the graph records the branches in changes), from a copy of the generated model.py.
+- `ssm_first+x_proj_<cfg>`: also x_proj's GEMV (132 × 3200, one row a program over 4,096 columns, 132 programs) at
+  another config, pinned in the package's tuner; `ssm_first+in_proj_<cfg>` in_proj_conv's (6400 × 1600, two rows
+  over 2,048 columns, 3,200 programs). In the model, not alone: in_proj_conv shares the GPU with qkv_rope.
+- `ssm_first+step_<cfg>`: also the selective step (16 channels a program over 4 warps, 200 programs) at another.
+- `ssm_first+out_proj_<cfg>`: also out_proj's combining GEMV (1600 × 3200 with the combine in its tail: 4 rows over
+  2,048 columns, 8 warps, 400 programs; kernels/combine_projections.py `launch_config`) at another.
+
+Each mode is captured anew and timed in alternating rounds (bench/decode.py's greedy loop from the graph), its logits
+compared with the first mode's, and the two orders' steady timelines recorded (`steady_timeline`: back-to-back
+replays, as the figure times them, where graph_timeline replays from an idle GPU).
+
+    cd bench && python mamba_chain_probe.py --out DIR --budget-s 240            (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import decode as decode_bench
+import torch
+
+GEMV_CONFIGS = {  # (N, K) of the GEMV bucket, then configs other than the one the package runs untuned
+    "x_proj": ((132, 3200), {"1x4096w8": (1, 4096, 8), "1x2048w4": (1, 2048, 4), "1x1024w2": (1, 1024, 2)}),
+    "in_proj": ((6400, 1600), {"4x1024w4": (4, 1024, 4), "2x1024w2": (2, 1024, 2), "1x2048w2": (1, 2048, 2)}),
+}
+STEP_CONFIGS = {"8w2": {"BLOCK_D": 8, "num_warps": 2}, "16w2": {"BLOCK_D": 16, "num_warps": 2}}
+OUT_PROJ_CONFIGS = {"2x4096w8": (2, 4096, 8), "8x1024w8": (8, 1024, 8)}  # out_proj's (K 3,200) combining GEMV
+BRANCH = re.compile(r"^( +)with branch_stream\(x, \d\) as join_\w+:\n(?:\1 .*\n)+", re.M)
+
+
+def branches_swapped(source: str) -> str:
+    """model.py with each decoding_step's two branch_stream blocks in the other order (forward's stay as they are)."""
+    pieces, done = [], 0
+    for step in re.finditer(r"^    def decoding_step\(.*?(?=^    def |^class |\Z)", source, re.M | re.S):
+        body = step.group(0)
+        first, second = list(BRANCH.finditer(body))[:2]
+        if first.end() != second.start():
+            raise ValueError("a decoding_step's two branch blocks are not adjacent: the probe cannot swap them")
+        swapped = body[:first.start()] + second.group(0) + first.group(0) + body[second.end():]
+        pieces += [source[done:step.start()], swapped]
+        done = step.end()
+    if not pieces:
+        raise ValueError("no decoding_step with two branch blocks: is the spec's layout parallel?")
+    return "".join(pieces) + source[done:]
+
+
+def probe_modes(package) -> tuple[list[str], object, dict]:
+    """(the modes, switch(mode), what the JSON records of them) for a built Hymba+ package: see the module's docstring."""
+    generated = Path(package.model.__file__)
+    (generated.parent / "model_ssm_first.py").write_text(branches_swapped(generated.read_text()))
+    reordered = importlib.import_module(f"{package.__name__}.model_ssm_first")
+    parallel = [name for name, cls in vars(package.model).items() if isinstance(cls, type) and "decoding_step" in vars(cls)]
+    as_built = {name: vars(package.model)[name].decoding_step for name in parallel}
+    gemv, state_update = package.kernels.gemv_module, package.kernels.state_update_module
+    keys = {name: gemv.shape_key(*shape, 1, torch.bfloat16, False) for name, (shape, _) in GEMV_CONFIGS.items()}
+    step_config = dict(state_update.SELECTIVE_STEP_CONFIG)
+    combining = package.kernels.combine_projections_module
+    combining_config = combining.launch_config
+
+    def out_proj_config(block_n: int, block_k: int, warps: int):
+        return lambda N, K: ({"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps} if K == 3200
+                             else combining_config(N, K))
+
+    def switch(mode):
+        order, _, variant = mode.partition("+")
+        for name in parallel:
+            chosen = vars(reordered)[name].decoding_step if order == "ssm_first" else as_built[name]
+            getattr(package.model, name).decoding_step = chosen
+        for key in keys.values():
+            gemv.FORWARD_TUNER.chosen.pop(key, None)
+            gemv.FORWARD_TUNER.defaulted.pop(key, None)
+        state_update.SELECTIVE_STEP_CONFIG.update(step_config)
+        combining.launch_config = combining_config
+        target, _, config = variant.rpartition("_")
+        if target == "out_proj":
+            combining.launch_config = out_proj_config(*OUT_PROJ_CONFIGS[config])
+        elif target in GEMV_CONFIGS:
+            block_n, block_k, warps = GEMV_CONFIGS[target][1][config]
+            gemv.FORWARD_TUNER.pin({keys[target]: {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}})
+        elif target == "step":
+            state_update.SELECTIVE_STEP_CONFIG.update(STEP_CONFIGS[config])
+
+    modes = ["attention_first", "ssm_first",
+             *(f"ssm_first+{target}_{config}" for target, (_, configs) in GEMV_CONFIGS.items() for config in configs),
+             *(f"ssm_first+step_{config}" for config in STEP_CONFIGS),
+             *(f"ssm_first+out_proj_{config}" for config in OUT_PROJ_CONFIGS)]
+    return modes, switch, {"parallel_classes": parallel, "gemv_keys": keys}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=240.0, help="no mode-round starts after this (timelines follow)")
+    args = parser.parse_args()
+    deadline = time.monotonic() + args.budget_s
+    results = decode_bench.probe_header()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
+        modes, switch, recorded = probe_modes(package)
+        results.update(recorded)
+        with torch.no_grad():
+            results.update(decode_bench.rounds_of_modes(model, prompt, modes, switch, args.rounds, deadline))
+            for mode in ("attention_first", "ssm_first"):
+                switch(mode)
+                decode_bench.drop_graphs(model)
+                results[f"steady_timeline_{mode}"] = decode_bench.steady_timeline(model, prompt, 64)
+            switch(modes[0])
+    (out / "mamba_chain_probe.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k.startswith("logits")}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
