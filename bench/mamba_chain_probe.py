@@ -3,12 +3,12 @@
 Session 20's timeline (bench/results/decode_s20_shipped.h200.json, `fastest_replay_kernels`) put a layer's Mamba
 branch (in_proj_conv 9.0, x_proj 3.5, the selective step 4.8, out_proj with the combine 8.2 µs) ~4 µs behind its
 attention branch (qkv_rope 7.7, the split-KV attention 9.5, o_proj 5.3), and in every layer in_proj_conv started
-~0.7 µs after qkv_rope: the generated decoding_step records the attention branch first, and a replay dispatches the
+~0.7 µs after qkv_rope: the generated decoding_step recorded the attention branch first, and a replay dispatches the
 two branches' first kernels in that order. So the layer waits on the branch that starts last. Modes, in one process:
 
-- `attention_first`: the package as generated.
-- `ssm_first`: each parallel layer's decoding_step with its two `branch_stream` blocks swapped (the same kernels on
-  the same inputs; only the order the graph records the branches in changes), from a copy of the generated model.py.
+- `<branch>_first` for both orders: the package as generated, and each parallel layer's decoding_step with its two
+  `branch_stream` blocks swapped (the same kernels on the same inputs; only the order the graph records the branches
+  in changes), from a copy of the generated model.py. The as-built order is the first mode.
 - `ssm_first+x_proj_<cfg>`: also x_proj's GEMV (132 × 3200, one row a program over 4,096 columns, 132 programs) at
   another config, pinned in the package's tuner; `ssm_first+in_proj_<cfg>` in_proj_conv's (6400 × 1600, two rows
   over 2,048 columns, 3,200 programs). In the model, not alone: in_proj_conv shares the GPU with qkv_rope.
@@ -42,13 +42,23 @@ GEMV_CONFIGS = {  # (N, K) of the GEMV bucket, then configs other than the one t
 }
 STEP_CONFIGS = {"8w2": {"BLOCK_D": 8, "num_warps": 2}, "16w2": {"BLOCK_D": 16, "num_warps": 2}}
 OUT_PROJ_CONFIGS = {"2x4096w8": (2, 4096, 8), "8x1024w8": (8, 1024, 8)}  # out_proj's (K 3,200) combining GEMV
-BRANCH = re.compile(r"^( +)with branch_stream\(x, \d\) as join_\w+:\n(?:\1 .*\n)+", re.M)
+BRANCH = re.compile(r"^( +)with branch_stream\(x, \d\) as join_(\w+):\n(?:\1 .*\n)+", re.M)
+DECODING_STEP = re.compile(r"^    def decoding_step\(.*?(?=^    def |^class |\Z)", re.M | re.S)
+
+
+def recorded_first(source: str) -> str:
+    """The name of the branch the first decoding_step of a generated model.py records first ("attn", "ssm", ...)."""
+    step = DECODING_STEP.search(source)
+    if step is None:
+        raise ValueError("no decoding_step with two branch blocks: is the spec's layout parallel?")
+    name = BRANCH.search(step.group(0)).group(2)
+    return "ssm" if name == "ssm" else "attn"
 
 
 def branches_swapped(source: str) -> str:
     """model.py with each decoding_step's two branch_stream blocks in the other order (forward's stay as they are)."""
     pieces, done = [], 0
-    for step in re.finditer(r"^    def decoding_step\(.*?(?=^    def |^class |\Z)", source, re.M | re.S):
+    for step in DECODING_STEP.finditer(source):
         body = step.group(0)
         first, second = list(BRANCH.finditer(body))[:2]
         if first.end() != second.start():
@@ -64,8 +74,11 @@ def branches_swapped(source: str) -> str:
 def probe_modes(package) -> tuple[list[str], object, dict]:
     """(the modes, switch(mode), what the JSON records of them) for a built Hymba+ package: see the module's docstring."""
     generated = Path(package.model.__file__)
-    (generated.parent / "model_ssm_first.py").write_text(branches_swapped(generated.read_text()))
-    reordered = importlib.import_module(f"{package.__name__}.model_ssm_first")
+    source = generated.read_text()
+    built = recorded_first(source)
+    swapped_order = "attn_first" if built == "ssm" else "ssm_first"
+    (generated.parent / "model_swapped.py").write_text(branches_swapped(source))
+    reordered = importlib.import_module(f"{package.__name__}.model_swapped")
     parallel = [name for name, cls in vars(package.model).items() if isinstance(cls, type) and "decoding_step" in vars(cls)]
     as_built = {name: vars(package.model)[name].decoding_step for name in parallel}
     gemv, state_update = package.kernels.gemv_module, package.kernels.state_update_module
@@ -81,7 +94,7 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
     def switch(mode):
         order, _, variant = mode.partition("+")
         for name in parallel:
-            chosen = vars(reordered)[name].decoding_step if order == "ssm_first" else as_built[name]
+            chosen = vars(reordered)[name].decoding_step if order == swapped_order else as_built[name]
             getattr(package.model, name).decoding_step = chosen
         for key in keys.values():
             gemv.FORWARD_TUNER.chosen.pop(key, None)
@@ -97,7 +110,7 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
         elif target == "step":
             state_update.SELECTIVE_STEP_CONFIG.update(STEP_CONFIGS[config])
 
-    modes = ["attention_first", "ssm_first",
+    modes = [f"{built}_first", swapped_order,
              *(f"ssm_first+{target}_{config}" for target, (_, configs) in GEMV_CONFIGS.items() for config in configs),
              *(f"ssm_first+step_{config}" for config in STEP_CONFIGS),
              *(f"ssm_first+out_proj_{config}" for config in OUT_PROJ_CONFIGS)]
@@ -119,7 +132,7 @@ def main() -> None:
         results.update(recorded)
         with torch.no_grad():
             results.update(decode_bench.rounds_of_modes(model, prompt, modes, switch, args.rounds, deadline))
-            for mode in ("attention_first", "ssm_first"):
+            for mode in modes[:2]:
                 switch(mode)
                 decode_bench.drop_graphs(model)
                 results[f"steady_timeline_{mode}"] = decode_bench.steady_timeline(model, prompt, 64)

@@ -1,5 +1,5 @@
-"""bench/mamba_chain_probe.py's rewrite of a generated model.py: each parallel decoding_step records its second branch
-first, and nothing else changes."""
+"""bench/mamba_chain_probe.py: its rewrite of a generated model.py (each parallel decoding_step records its two branches
+in the other order, and nothing else changes) and its modes (each switches the order and at most one config)."""
 
 import re
 
@@ -15,15 +15,17 @@ def probe():
         yield load_module("bench_mamba_chain_probe", "bench/mamba_chain_probe.py")
 
 
-def test_each_decoding_step_records_the_ssm_branch_first_and_nothing_else_moves(probe):
+def test_each_decoding_step_records_its_branches_in_the_other_order_and_nothing_else_moves(probe):
     source = (ROOT / "generated/hymba_plus/model.py").read_text()
     swapped = probe.branches_swapped(source)
-    compile(swapped, "model_ssm_first.py", "exec")
+    compile(swapped, "model_swapped.py", "exec")
     step = re.compile(r"^    def decoding_step\(.*?(?=^    def |^class |\Z)", re.M | re.S)
     branches = re.compile(r"with branch_stream\(x, (\d)\)")
-    # the global and the windowed layers' decoding_steps: the ssm branch (1) first, then the attention (0)
-    assert [branches.findall(body) for body in step.findall(swapped)] == [["1", "0"], ["1", "0"]]
-    assert [branches.findall(body) for body in step.findall(source)] == [["0", "1"], ["0", "1"]]
+    # the global and the windowed layers' decoding_steps, each with its two branches in the other order
+    as_built = [branches.findall(body) for body in step.findall(source)]
+    assert len(as_built) == 2 and all(sorted(order) == ["0", "1"] for order in as_built)
+    assert [branches.findall(body) for body in step.findall(swapped)] == [order[::-1] for order in as_built]
+    assert {probe.recorded_first(source), probe.recorded_first(swapped)} == {"attn", "ssm"}
     assert sorted(swapped.splitlines()) == sorted(source.splitlines())
     assert step.sub("", swapped) == step.sub("", source)  # forward and the rest as generated
 
@@ -38,13 +40,14 @@ def test_each_mode_swaps_the_order_and_pins_only_its_own_config(probe, tmp_path)
 
     package = build_generated(ROOT / "specs/hymba_plus.yaml", tmp_path, "tiny", ())[0]
     modes, switch, recorded = probe.probe_modes(package)
+    assert sorted(modes[:2]) == ["attn_first", "ssm_first"]  # as generated, then swapped
     gemv, state_update = package.kernels.gemv_module, package.kernels.state_update_module
     step, as_built = package.model.AttnSsmParallel.decoding_step, dict(state_update.SELECTIVE_STEP_CONFIG)
     launch_config = package.kernels.combine_projections_module.launch_config
     for mode in modes:
         switch(mode)
         swapped = package.model.AttnSsmParallel.decoding_step is not step
-        assert swapped == mode.startswith("ssm_first"), mode
+        assert swapped == (mode.partition("+")[0] == modes[1]), mode
         pinned = {key for key in recorded["gemv_keys"].values() if key in gemv.FORWARD_TUNER.chosen}
         assert len(pinned) == ("+x_proj_" in mode or "+in_proj_" in mode), mode
         assert (state_update.SELECTIVE_STEP_CONFIG != as_built) == ("+step_" in mode), mode
