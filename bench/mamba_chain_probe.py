@@ -15,12 +15,16 @@ two branches' first kernels in that order. So the layer waits on the branch that
 - `ssm_first+step_<cfg>`: also the selective step (16 channels a program over 4 warps, 200 programs) at another.
 - `ssm_first+out_proj_<cfg>`: also out_proj's combining GEMV (1600 × 3200 with the combine in its tail: 4 rows over
   2,048 columns, 8 warps, 400 programs; kernels/combine_projections.py `launch_config`) at another.
+- with `--tail`, only the two orders and `ssm_first+x_proj_tail`: each Mamba layer's decoding step with x_proj in
+  in_proj_conv's tail (bench/xproj_tail_probe.py's kernel, which spins: run it in a job of its own). Its logits differ
+  from the others within rounding (x_proj's sums in another order).
 
 Each mode is captured anew and timed in alternating rounds (bench/decode.py's greedy loop from the graph), its logits
 compared with the first mode's, and the two orders' steady timelines recorded (`steady_timeline`: back-to-back
 replays, as the figure times them, where graph_timeline replays from an idle GPU).
 
     cd bench && python mamba_chain_probe.py --out DIR --budget-s 240            (GPU)
+    cd bench && python mamba_chain_probe.py --out DIR --budget-s 80 --tail      (GPU)
 """
 
 from __future__ import annotations
@@ -71,8 +75,33 @@ def branches_swapped(source: str) -> str:
     return "".join(pieces) + source[done:]
 
 
-def probe_modes(package) -> tuple[list[str], object, dict]:
-    """(the modes, switch(mode), what the JSON records of them) for a built Hymba+ package: see the module's docstring."""
+def tail_forward(package):
+    """Ssm.forward for Hymba+'s decoding steps (batch 1) with x_proj in in_proj_conv's tail (bench/xproj_tail_probe.py's
+    kernel), then the package's selective step on its rows; any other call runs the generated forward."""
+    from xproj_tail_probe import tail_launch
+
+    generated_forward = package.model.Ssm.forward
+    step = package.kernels.state_update_module.mamba_step_low_rank_
+    config = package.kernels.gemv_module.shape_config(6400, 1600, 1, 132)  # in_proj_conv's, untuned
+    counters = {}  # per device, made on the first step (a warm-up, before any capture); the layers run in turn
+
+    def forward(self, x, positions=None, cache=None, pads=None, project=True):
+        if cache is None or x.shape[:2] != (1, 1) or pads is not None or not x.is_cuda:
+            return generated_forward(self, x, positions, cache, pads, project)
+        counter = counters.setdefault(x.device, torch.zeros(2, dtype=torch.int32, device=x.device))
+        u, z, projected = tail_launch(x.view(1, -1), self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias,
+                                      cache.conv_state, self.x_proj.weight, counter, config)
+        dt, B_ssm, C_ssm = projected.split([100, 16, 16], dim=-1)
+        y = step(cache.ssm_state, u, dt, self.dt_proj.weight, self.A_log, B_ssm, C_ssm, self.D, z,
+                 self.dt_proj.bias).unsqueeze(1)
+        return self.out_proj(y) if project else y
+
+    return forward
+
+
+def probe_modes(package, tail: bool = False) -> tuple[list[str], object, dict]:
+    """(the modes, switch(mode), what the JSON records of them) for a built Hymba+ package: see the module's docstring.
+    tail: the two orders and `ssm_first+x_proj_tail` only (a kernel that spins: its own process, its own timeout)."""
     generated = Path(package.model.__file__)
     source = generated.read_text()
     built = recorded_first(source)
@@ -86,6 +115,8 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
     step_config = dict(state_update.SELECTIVE_STEP_CONFIG)
     combining = package.kernels.combine_projections_module
     combining_config = combining.launch_config
+    generated_forward = package.model.Ssm.forward
+    with_tail = tail_forward(package) if tail else None
 
     def out_proj_config(block_n: int, block_k: int, warps: int):
         return lambda N, K: ({"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps} if K == 3200
@@ -101,8 +132,11 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
             gemv.FORWARD_TUNER.defaulted.pop(key, None)
         state_update.SELECTIVE_STEP_CONFIG.update(step_config)
         combining.launch_config = combining_config
+        package.model.Ssm.forward = generated_forward
         target, _, config = variant.rpartition("_")
-        if target == "out_proj":
+        if variant == "x_proj_tail":
+            package.model.Ssm.forward = with_tail
+        elif target == "out_proj":
             combining.launch_config = out_proj_config(*OUT_PROJ_CONFIGS[config])
         elif target in GEMV_CONFIGS:
             block_n, block_k, warps = GEMV_CONFIGS[target][1][config]
@@ -110,10 +144,13 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
         elif target == "step":
             state_update.SELECTIVE_STEP_CONFIG.update(STEP_CONFIGS[config])
 
-    modes = [f"{built}_first", swapped_order,
-             *(f"ssm_first+{target}_{config}" for target, (_, configs) in GEMV_CONFIGS.items() for config in configs),
-             *(f"ssm_first+step_{config}" for config in STEP_CONFIGS),
-             *(f"ssm_first+out_proj_{config}" for config in OUT_PROJ_CONFIGS)]
+    modes = [f"{built}_first", swapped_order]
+    if tail:
+        modes.append("ssm_first+x_proj_tail")
+    else:
+        modes += [*(f"ssm_first+{target}_{config}" for target, (_, configs) in GEMV_CONFIGS.items() for config in configs),
+                  *(f"ssm_first+step_{config}" for config in STEP_CONFIGS),
+                  *(f"ssm_first+out_proj_{config}" for config in OUT_PROJ_CONFIGS)]
     return modes, switch, {"parallel_classes": parallel, "gemv_keys": keys}
 
 
@@ -122,22 +159,23 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=240.0, help="no mode-round starts after this (timelines follow)")
+    parser.add_argument("--tail", action="store_true", help="the orders and x_proj in in_proj_conv's tail only")
     args = parser.parse_args()
     deadline = time.monotonic() + args.budget_s
     results = decode_bench.probe_header()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
-        modes, switch, recorded = probe_modes(package)
+        modes, switch, recorded = probe_modes(package, args.tail)
         results.update(recorded)
         with torch.no_grad():
             results.update(decode_bench.rounds_of_modes(model, prompt, modes, switch, args.rounds, deadline))
-            for mode in modes[:2]:
+            for mode in modes[1:] if args.tail else modes[:2]:
                 switch(mode)
                 decode_bench.drop_graphs(model)
                 results[f"steady_timeline_{mode}"] = decode_bench.steady_timeline(model, prompt, 64)
             switch(modes[0])
-    (out / "mamba_chain_probe.json").write_text(json.dumps(results, indent=2))
+    (out / f"mamba_chain_probe{'_tail' if args.tail else ''}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k.startswith("logits")}))
 
 

@@ -57,3 +57,26 @@ def test_each_mode_swaps_the_order_and_pins_only_its_own_config(probe, tmp_path)
     switch(modes[0])
     assert package.model.AttnSsmParallel.decoding_step is step and state_update.SELECTIVE_STEP_CONFIG == as_built
     assert package.kernels.combine_projections_module.launch_config is launch_config
+
+
+def test_the_tail_mode_swaps_ssm_forward_and_falls_back_to_it_off_the_gpu(probe, tmp_path):
+    import torch
+
+    from archgen.testing import build_generated
+
+    package = build_generated(ROOT / "specs/hymba_plus.yaml", tmp_path, "tiny", ())[0]
+    generated = package.model.Ssm.forward
+    modes, switch, _ = probe.probe_modes(package, tail=True)
+    assert modes == ["attn_first", "ssm_first", "ssm_first+x_proj_tail"]
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    prompt = torch.randint(0, 256, (1, 5))
+    tokens = {}
+    for mode in modes:
+        switch(mode)
+        assert (package.model.Ssm.forward is not generated) == mode.endswith("x_proj_tail"), mode
+        with torch.no_grad():  # on the CPU the tail's forward hands every call to the generated one
+            tokens[mode] = model.generate(prompt, max_new_tokens=3, temperature=0)
+    switch(modes[0])
+    assert package.model.Ssm.forward is generated
+    assert all(torch.equal(t, tokens["attn_first"]) for t in tokens.values())
