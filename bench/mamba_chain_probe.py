@@ -88,7 +88,9 @@ def tail_forward(package):
     def forward(self, x, positions=None, cache=None, pads=None, project=True):
         if cache is None or x.shape[:2] != (1, 1) or pads is not None or not x.is_cuda:
             return generated_forward(self, x, positions, cache, pads, project)
-        counter = counters.setdefault(x.device, torch.zeros(2, dtype=torch.int32, device=x.device))
+        if x.device not in counters:  # not setdefault: its zeros would be a launch in every step
+            counters[x.device] = torch.zeros(2, dtype=torch.int32, device=x.device)
+        counter = counters[x.device]
         u, z, projected = tail_launch(x.view(1, -1), self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias,
                                       cache.conv_state, self.x_proj.weight, counter, config)
         dt, B_ssm, C_ssm = projected.split([100, 16, 16], dim=-1)
