@@ -67,7 +67,7 @@ def test_the_tail_mode_swaps_ssm_forward_and_falls_back_to_it_off_the_gpu(probe,
     package = build_generated(ROOT / "specs/hymba_plus.yaml", tmp_path, "tiny", ())[0]
     generated = package.model.Ssm.forward
     modes, switch, _ = probe.probe_modes(package, tail=True)
-    assert modes == ["attn_first", "ssm_first", "ssm_first+x_proj_tail"]
+    assert sorted(modes[:2]) == ["attn_first", "ssm_first"] and modes[2:] == ["ssm_first+x_proj_tail"]
     torch.manual_seed(0)
     model = package.Model().eval()
     prompt = torch.randint(0, 256, (1, 5))
@@ -79,4 +79,4 @@ def test_the_tail_mode_swaps_ssm_forward_and_falls_back_to_it_off_the_gpu(probe,
             tokens[mode] = model.generate(prompt, max_new_tokens=3, temperature=0)
     switch(modes[0])
     assert package.model.Ssm.forward is generated
-    assert all(torch.equal(t, tokens["attn_first"]) for t in tokens.values())
+    assert all(torch.equal(t, tokens[modes[0]]) for t in tokens.values())
