@@ -15,26 +15,17 @@ JSON with each config's ms a token and whether its logits equal the shipped defa
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 import decode as decode_bench
 import torch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=150.0)
+    parser = decode_bench.probe_parser(__doc__, 150.0)
     args = parser.parse_args()
-    deadline = time.monotonic() + args.budget_s
-    results = decode_bench.probe_header()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    deadline, results = decode_bench.probe_start(args)
     with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
         attention = package.kernels.decode_attention_module
         configs = {"default": attention.DEFAULT_CONFIG,
@@ -49,7 +40,7 @@ def main() -> None:
 
         with torch.no_grad():
             results.update(decode_bench.rounds_of_modes(model, prompt, list(configs), switch, args.rounds, deadline))
-    (out / "attention_config_probe.json").write_text(json.dumps(results, indent=2))
+    (args.out / "attention_config_probe.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token")}, indent=2))
 
 

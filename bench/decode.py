@@ -342,6 +342,22 @@ def probe_model(spec: str):
         yield package, model, torch.randint(0, model.lm_head.weight.size(0), (1, 128), device="cuda")
 
 
+def probe_parser(doc: str, budget_s: float) -> argparse.ArgumentParser:
+    """The arguments every rounds_of_modes probe takes: --out, --rounds and --budget-s (no mode-round starts after it);
+    a probe adds its own."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--budget-s", type=float, default=budget_s, help="no mode-round starts after this many seconds")
+    return parser
+
+
+def probe_start(args) -> tuple[float, dict]:
+    """(the deadline args.budget_s from now, the JSON's header) of a probe_parser probe, its --out folder made."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    return time.monotonic() + args.budget_s, probe_header()
+
+
 def probe_header() -> dict:
     """What every probe's JSON starts with: the run's metadata and the copy bandwidth measured in it."""
     return {**run_metadata(command_line(), False), "copy_bandwidth_bytes_per_s": copy_bandwidth("cuda")}

@@ -29,12 +29,10 @@ replays, as the figure times them, where graph_timeline replays from an idle GPU
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import re
 import sys
-import time
 from pathlib import Path
 
 import decode as decode_bench
@@ -157,16 +155,10 @@ def probe_modes(package, tail: bool = False) -> tuple[list[str], object, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=240.0, help="no mode-round starts after this (timelines follow)")
+    parser = decode_bench.probe_parser(__doc__, 240.0)
     parser.add_argument("--tail", action="store_true", help="the orders and x_proj in in_proj_conv's tail only")
     args = parser.parse_args()
-    deadline = time.monotonic() + args.budget_s
-    results = decode_bench.probe_header()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    deadline, results = decode_bench.probe_start(args)
     with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
         modes, switch, recorded = probe_modes(package, args.tail)
         results.update(recorded)
@@ -177,7 +169,7 @@ def main() -> None:
                 decode_bench.drop_graphs(model)
                 results[f"steady_timeline_{mode}"] = decode_bench.steady_timeline(model, prompt, 64)
             switch(modes[0])
-    (out / f"mamba_chain_probe{'_tail' if args.tail else ''}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"mamba_chain_probe{'_tail' if args.tail else ''}.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k.startswith("logits")}))
 
 

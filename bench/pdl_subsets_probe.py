@@ -21,11 +21,8 @@ the GEMV loops (commit 8b0ddb3, bench/results/pdl_subsets_probe_s20_triggers.h20
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 import decode as decode_bench
 import torch
@@ -70,20 +67,14 @@ def model_rounds(spec: str, modes: list[str], rounds: int, deadline: float) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
+    parser = decode_bench.probe_parser(__doc__, 200.0)
     parser.add_argument("--models", default=",".join(SPECS))
     parser.add_argument("--modes", default=",".join(MODES))
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--budget-s", type=float, default=200.0)
     args = parser.parse_args()
-    deadline = time.monotonic() + args.budget_s
-    results = decode_bench.probe_header()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    deadline, results = decode_bench.probe_start(args)
     for name in args.models.split(","):
         results[name] = model_rounds(SPECS[name], args.modes.split(","), args.rounds, deadline)
-        (out / "pdl_subsets_probe.json").write_text(json.dumps(results, indent=2))
+        (args.out / "pdl_subsets_probe.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({name: {k: v for k, v in results[name].items() if k.endswith("_ms_per_token")}
                       for name in args.models.split(",")}, indent=2))
 

@@ -13,11 +13,10 @@ alternating rounds (bench/decode.py's greedy loop from the graph), with a timeli
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
 import types
-from pathlib import Path
 
 import decode as decode_bench
 import torch
@@ -35,13 +34,8 @@ class _TorchWithoutTensorStarts(types.ModuleType):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    results = decode_bench.probe_header()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    args = decode_bench.probe_parser(__doc__, math.inf).parse_args()
+    deadline, results = decode_bench.probe_start(args)
     with decode_bench.probe_model("specs/hymba_plus.yaml") as (package, model, prompt):
         module, proxy = package.model, _TorchWithoutTensorStarts("torch")
 
@@ -49,9 +43,9 @@ def main() -> None:
             module.torch = proxy if mode == "arange" else torch
 
         with torch.no_grad():
-            results.update(decode_bench.rounds_of_modes(model, prompt, ["view", "arange"], switch, args.rounds,
+            results.update(decode_bench.rounds_of_modes(model, prompt, ["view", "arange"], switch, args.rounds, deadline,
                                                         timeline=("view", "arange")))
-    (out / "positions_view_probe.json").write_text(json.dumps(results, indent=2))
+    (args.out / "positions_view_probe.json").write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k.endswith("_ms_per_token") or k.startswith("logits")}))
 
 

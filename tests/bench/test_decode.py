@@ -40,3 +40,10 @@ def test_steady_steps_run_from_one_greedy_pick_to_the_next(decode):
     assert timeline["steps"] == [{"span_us": 10.0, "busy_us": 6.0, "idle_us": 4.0}] * 2
     assert timeline["median_step_kernels"] == [[2.0, 5.0, "gemv"], [9.0, 1.0, pick]]
     assert "error" in decode.steady_steps(kernels[:6])
+
+
+def test_a_probe_takes_its_folder_rounds_and_budget(decode, tmp_path):
+    args = decode.probe_parser("doc", 90.0).parse_args(["--out", str(tmp_path / "probe")])
+    assert (args.out, args.rounds, args.budget_s) == (tmp_path / "probe", 2, 90.0)
+    args = decode.probe_parser("doc", 90.0).parse_args(["--out", "o", "--rounds", "3", "--budget-s", "10"])
+    assert (args.rounds, args.budget_s) == (3, 10.0)
