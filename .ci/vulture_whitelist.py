@@ -40,7 +40,7 @@ _.use_kernel
 _.mask_generator
 _.expert_group
 _.predictor
-# bench/kernels.py runs its sections by name (SECTIONS -> getattr(bench, name)).
+# bench/selective_scan_kernel.py runs its sections by name (SECTIONS -> getattr(bench, name)).
 _.backward_configs
 _.chunk_sizes
 _.correctness

@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
-if sys.path[:1] != [str(ROOT)]:  # first, also where PYTHONPATH holds it: bench/kernels.py must not hide kernels/
+if sys.path[:1] != [str(ROOT)]:  # first, also where PYTHONPATH holds it
     sys.path.insert(0, str(ROOT))  # archgen, tests/ and templates/ of this checkout, not of an installed copy
 
 

@@ -1,5 +1,7 @@
 """archgen/resources.py: which kernels/ modules a generated package must carry for the kernel files it runs."""
 
+import os
+
 import pytest
 
 from archgen import resources
@@ -27,14 +29,17 @@ def test_a_missing_kernel_module_is_named(tmp_path, monkeypatch):
         resources.kernel_modules(["op"])
 
 
-def test_the_checkout_does_not_hide_the_pypi_kernels_package():
-    """From the checkout's root (as `python -m pytest` and `python -c` run), the name `kernels` must not resolve to
-    kernels/: transformers imports Hugging Face's `kernels` and fails on ours (CI, transformers 5.25)."""
+@pytest.mark.parametrize("folder", [".", "bench"])
+def test_the_checkout_does_not_hide_the_pypi_kernels_package(folder):
+    """From the checkout's root (as `python -m pytest` and `python -c` run) and from bench/ (as the GPU runs start its
+    scripts), the name `kernels` must not resolve to a file of the checkout: transformers imports Hugging Face's
+    `kernels` and fails on ours (CI, transformers 5.25: kernels/ with an __init__.py, then bench/kernels.py)."""
     import subprocess
     import sys
 
+    checkout = resources.KERNELS.parent
     probe = "import importlib.util as u; s = u.find_spec('kernels'); print(s and s.origin)"
-    origin = subprocess.run([sys.executable, "-c", probe], cwd=resources.KERNELS.parent, capture_output=True,
-                            text=True, check=True).stdout.strip()
-    assert not origin.startswith(str(resources.KERNELS)), origin
+    origin = subprocess.run([sys.executable, "-c", probe], cwd=checkout / folder, capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": str(checkout)}).stdout.strip()
+    assert not origin.startswith(str(checkout)), origin
     assert resources.kernels_package().__path__[0] == str(resources.KERNELS)

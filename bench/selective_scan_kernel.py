@@ -32,14 +32,14 @@ Every section records its own error and the run goes on; the JSON is rewritten a
 short keeps what it measured. The sections stop starting once --budget-s seconds have passed (default 330: the run
 must end within 6 minutes on an H100).
 
-Run from the repository root on a GPU machine:   python bench/kernels.py --out bench/results/kernels.json
+Run from the repository root on a GPU machine:   python bench/selective_scan_kernel.py --out bench/results/kernels.json
 The peer's build takes minutes; start it in the background first (it fills torch's extension cache, where the
-mamba_ssm section waits for it): python bench/kernels.py --build-peer --out /tmp/peer_build.json &
-                                 python bench/kernels.py --only mamba_ssm,anchor --out $OUT
-archgen's kernel alone at the anchor shape:     python bench/kernels.py --only anchor --out $OUT
-Chunk sizes, then Nsight Compute's view:        python bench/kernels.py --only chunk_sizes --ncu --out $OUT
+mamba_ssm section waits for it): python bench/selective_scan_kernel.py --build-peer --out /tmp/peer_build.json &
+                                 python bench/selective_scan_kernel.py --only mamba_ssm,anchor --out $OUT
+archgen's kernel alone at the anchor shape:     python bench/selective_scan_kernel.py --only anchor --out $OUT
+Chunk sizes, then Nsight Compute's view:        python bench/selective_scan_kernel.py --only chunk_sizes --ncu --out $OUT
 Exercise the code path on a CPU (Triton's interpreter, tiny shapes, timings meaningless):
-                                                python bench/kernels.py --dry-run --out /tmp/k.json
+                                                python bench/selective_scan_kernel.py --dry-run --out /tmp/k.json
 """
 
 from __future__ import annotations
