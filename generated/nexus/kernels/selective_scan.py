@@ -23,7 +23,7 @@ composing two steps h ↦ a·h + x multiplies decays in [0, 1], so it is stable 
 carried in from the previous tile times the decay since the tile start. y contracts the states with C. Loading
 whole tiles rather than one time step at a time keeps many loads in flight, which a step-by-step loop (one
 dependent load per step) cannot; PREFETCH goes further, loading the next tile's inputs before this tile's
-arithmetic. (H200, bench/kernels.py, B 8, L 4096, D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms
+arithmetic. (H200, bench/selective_scan_kernel.py, B 8, L 4096, D 4096, N 16, bf16, gpu6/call2: 2.46 ms with PREFETCH, 5.8 ms
 without — the loop was bound by load latency — against 2.29 ms for mamba_ssm's CUDA selective_scan_fn in the same
 run.) Configs with STEPS run `_selective_scan_fwd_steps_kernel` instead, in the backward's layout: one channel per
 lane with its N states in registers, one step after the other within tiles of TILE steps, y's sum over n within the
@@ -153,7 +153,7 @@ BACKWARD_CONFIGS = [
 FORWARD_DEFAULT = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "maxnreg": 128}
 BACKWARD_DEFAULT = {"BLOCK_D": 32, "num_warps": 1, "SUB": 4, "PREFETCH": 1}
 """FORWARD_DEFAULT, BACKWARD_DEFAULT: what an untuned shape runs when the package does not tune at run time (a
-generated package): the H200's choices at the anchor shape (bench/kernels.py, gpu7/call3, chunk 4). A config pinned
+generated package): the H200's choices at the anchor shape (bench/selective_scan_kernel.py, gpu7/call3, chunk 4). A config pinned
 without PREFETCH does not prefetch (older tuning tables); one without SUB holds BACKWARD_DEFAULT's."""
 INTERPRETER_CONFIG = {"BLOCK_D": 16, "num_warps": 4, "PREFETCH": 1, "SUB": 4}
 """The config used under TRITON_INTERPRET=1 when none is given: the interpreter has nothing to tune (the forward
