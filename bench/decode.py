@@ -230,10 +230,7 @@ def steady_steps(kernels: list[tuple[float, float, str]]) -> dict:
     rows = []
     for before, after in zip(picks[1:-2], picks[2:-1], strict=True):
         inside = [kernel for kernel in kernels if before < kernel[0] <= after]
-        busy, reach = 0.0, before
-        for start, end, _ in inside:
-            busy += max(0.0, end - max(start, reach))
-            reach = max(reach, end)
+        busy = busy_us(inside)
         rows.append({"span_us": after - before, "busy_us": busy, "idle_us": after - before - busy, "from": before,
                      "kernels": inside})
     median = sorted(rows, key=lambda row: row["span_us"])[len(rows) // 2]
@@ -263,6 +260,16 @@ def replay_walls(decoder, token, replays: int = 20) -> dict:
             "back_to_back_replay_us": back_to_back * 1e6}
 
 
+def busy_us(kernels: list[tuple[float, float, str]]) -> float:
+    """The time at least one of kernels (start µs, end µs, name; sorted by start) runs: the union of their intervals,
+    where parallel branches overlap."""
+    busy, reach = 0.0, -math.inf
+    for start, end, _ in kernels:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return busy
+
+
 def replay_timeline(kernels: list[tuple[float, float, str]], gap_us: float = 1000.0) -> dict:
     """graph_timeline's arithmetic: kernels (start µs, end µs, name) sorted by start, split into replays wherever the
     GPU idled more than gap_us; per replay its span, kernel sum, busy time (the union of the intervals) and idle."""
@@ -275,11 +282,8 @@ def replay_timeline(kernels: list[tuple[float, float, str]], gap_us: float = 100
         reach = max(reach, kernel[1])
     rows = []
     for group in groups:
-        busy, reach = 0.0, -math.inf
-        for start, end, _ in group:
-            busy += max(0.0, end - max(start, reach))
-            reach = max(reach, end)
-        span = reach - group[0][0]
+        busy = busy_us(group)
+        span = max(end for _, end, _ in group) - group[0][0]
         rows.append({"kernels": len(group), "span_us": span, "kernel_sum_us": sum(end - start for start, end, _ in group),
                      "busy_us": busy, "idle_us": span - busy})
     by_name: dict[str, float] = {}

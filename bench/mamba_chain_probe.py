@@ -80,7 +80,7 @@ def tail_forward(package):
 
     generated_forward = package.model.Ssm.forward
     step = package.kernels.state_update_module.mamba_step_low_rank_
-    config = package.kernels.gemv_module.shape_config(6400, 1600, 1, 132)  # in_proj_conv's, untuned
+    gemv = package.kernels.gemv_module
     counters = {}  # per device, made on the first step (a warm-up, before any capture); the layers run in turn
 
     def forward(self, x, positions=None, cache=None, pads=None, project=True):
@@ -89,9 +89,11 @@ def tail_forward(package):
         if x.device not in counters:  # not setdefault: its zeros would be a launch in every step
             counters[x.device] = torch.zeros(2, dtype=torch.int32, device=x.device)
         counter = counters[x.device]
+        config = gemv.shape_config(*self.in_proj.weight.shape, 1, gemv._multiprocessors(x.device))  # in_proj_conv's, untuned
         u, z, projected = tail_launch(x.view(1, -1), self.in_proj.weight, self.conv1d.weight[:, 0], self.conv1d.bias,
                                       cache.conv_state, self.x_proj.weight, counter, config)
-        dt, B_ssm, C_ssm = projected.split([100, 16, 16], dim=-1)
+        state = self.A_log.shape[1]
+        dt, B_ssm, C_ssm = projected.split([self.dt_proj.weight.shape[1], state, state], dim=-1)
         y = step(cache.ssm_state, u, dt, self.dt_proj.weight, self.A_log, B_ssm, C_ssm, self.D, z,
                  self.dt_proj.bias).unsqueeze(1)
         return self.out_proj(y) if project else y

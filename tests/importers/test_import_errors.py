@@ -112,6 +112,19 @@ def test_a_clamped_mamba2_step_imports_as_bounds_on_delta(tmp_path):
     assert [d.path for d in error.value.diagnostics] == ["time_step_limit"]
 
 
+@pytest.mark.parametrize(("bounds", "expected"), [
+    ({"time_step_min": 0.3}, {}),  # initialisation only (transformers < 5.25 floored Δ there)
+    ({"time_step_limit": [0.3, 2.0]}, {"dt_floor": 0.3, "dt_ceiling": 2.0}),
+    ({"mamba_dt_limit": [0.3, 1e9], "time_step_limit": [0.0, 1.0]}, {"dt_floor": 0.3, "dt_ceiling": 1e9}),  # legacy first
+])
+def test_nemotron_h_bounds_delta_by_its_time_step_limit(tmp_path, bounds, expected):
+    fields = {"model_type": "nemotron_h", "hidden_size": 64, "vocab_size": 128, "layer_norm_epsilon": 1e-5,
+              "hybrid_override_pattern": "M*-M", "num_attention_heads": 4, "mamba_num_heads": 8, "mamba_head_dim": 16,
+              "ssm_state_size": 8, "n_groups": 1, "intermediate_size": 128, **bounds}
+    ssm = yaml.safe_load(import_config(tmp_path, fields).spec_path.read_text())["mixers"]["ssm"]
+    assert {key: ssm[key] for key in ("dt_floor", "dt_ceiling") if key in ssm} == expected
+
+
 def test_nemotron_h_expert_layers_say_what_the_moe_kind_lacks(tmp_path):
     fields = {"model_type": "nemotron_h", "hidden_size": 64, "vocab_size": 128, "layer_norm_epsilon": 1e-5,
               "hybrid_override_pattern": "M*EM", "num_attention_heads": 4, "mamba_num_heads": 8, "mamba_head_dim": 16,

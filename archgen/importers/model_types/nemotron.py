@@ -77,22 +77,17 @@ LEGACY = {
 }
 
 
-def take(cfg: HFConfig, key: str, default: Any) -> Any:
+def spelled(cfg: HFConfig, key: str) -> str:
+    """The name the config gives `key`: its legacy spelling where present (NemotronHConfig reads that first), else
+    `key`; the other name is accepted unread."""
     legacy = LEGACY[key]
-    if cfg.has(legacy):
-        cfg.accept(key)
-        return cfg.take(legacy)
-    cfg.accept(legacy)
-    return cfg.take(key, default)
+    chosen, other = (legacy, key) if cfg.has(legacy) else (key, legacy)
+    cfg.accept(other)
+    return chosen
 
 
-def time_step_limit(cfg: HFConfig) -> dict[str, float]:
-    """The mamba2 kind's Δ bounds from `time_step_limit`, or an older config's `mamba_dt_limit`."""
-    if cfg.has(LEGACY["time_step_limit"]):
-        cfg.accept("time_step_limit")
-        return dt_limit(cfg, LEGACY["time_step_limit"])
-    cfg.accept(LEGACY["time_step_limit"])
-    return dt_limit(cfg)
+def take(cfg: HFConfig, key: str, default: Any) -> Any:
+    return cfg.take(spelled(cfg, key), default)
 
 
 def to_spec(cfg: HFConfig) -> Imported:
@@ -145,7 +140,7 @@ def to_spec(cfg: HFConfig) -> Imported:
             **({"bias": True} if use_bias else {}),
             # transformers normalises the gated output in n_groups groups of intermediate_size / n_groups channels
             **({"grouped_norm": True} if n_groups > 1 else {}),
-            **time_step_limit(cfg),
+            **dt_limit(cfg, spelled(cfg, "time_step_limit")),  # older configs: mamba_dt_limit
         }
     if "*" in pattern:
         # NemotronHAttention (Jamba's) has no positional encoding: any RoPE field is one transformers does not read.
