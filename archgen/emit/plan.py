@@ -16,7 +16,7 @@ from archgen.emit.names import TEMPLATE_NAMES, Namespace, camel
 from archgen.errors import CompileError, Diagnostic
 from archgen.ir.graph import IR, KernelChoice, Op
 from archgen.kinds import Dims, kind_of
-from archgen.passes.cost import CostReport
+from archgen.passes.cost import CostReport, count
 from archgen.resources import TEMPLATES
 
 
@@ -53,10 +53,16 @@ class ParallelPlan:
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # the combine's (normalized_mean in one launch)
     takes_residual_norm: bool = False  # its forward adds the block's stream and runs its ffn_norm (residual=, norm=)
     combines_projections: bool = False  # a decoding step runs the branches' output projections with the combine
+    recording_order: list[int] = field(default_factory=list)  # branch indices, the decoding step's order: heaviest first
 
     @property
     def n_branches(self) -> int:
         return len(self.branches)
+
+    @property
+    def recorded_branches(self) -> list[tuple[int, ComponentPlan]]:
+        """(index, branch) in the order a decoding step records them (see `heaviest_first`)."""
+        return [(i, self.branches[i]) for i in self.recording_order or range(len(self.branches))]
 
     @property
     def produces_aux(self) -> bool:
@@ -73,6 +79,15 @@ class ParallelPlan:
     @property
     def takes_step(self) -> bool:
         return any(b.takes_step for b in self.branches)
+
+
+def heaviest_first(branches: list[Op]) -> list[int]:
+    """The order a decoding step records a parallel layer's branches in: most weights first, ties in layout order.
+    A replay dispatches the branches' first kernels in the order they were recorded, and the layer waits for its
+    longest branch: Hymba+'s Mamba branch (16.2 M weights, four kernels) ran ~4 µs behind its attention (6.1 M, three)
+    and started ~0.7 µs after it when recorded second (docs/design.md, session 21)."""
+    weights = [sum(count(shape) for shape in op.params.values()) for op in branches]
+    return sorted(range(len(branches)), key=lambda i: -weights[i])
 
 
 @dataclass
@@ -259,7 +274,7 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                         branch.defers_projection = True
                     parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
                                                           branches, combine.config.mode, dict(combine.kernels), fuses_norm,
-                                                          projects)
+                                                          projects, heaviest_first(layer.mixers))
                 mixer = parallels[mixer_names]
             else:
                 mixer = components[mixer_names[0]] if mixer_names else None

@@ -656,18 +656,19 @@ class GlobalAttnSsmParallel(nn.Module):
             x, residual, self.global_attn_norm, self.global_attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
         # While a CUDA graph records, each branch on a side stream of its own: with ssm on the recording stream
-        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams").
+        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams"). ssm first: it has more
+        # weights, and a replay starts the branches in the order they were recorded.
         with combine:  # (an exception between the two projections resets the device's count of the pair)
-            with branch_stream(x, 0) as join_global_attn:
-                global_attn_in = self.global_attn(
-                    x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step, project=False
-                )  # o_proj's input
-                combine.project(0, global_attn_in, self.global_attn.o_proj)
             with branch_stream(x, 1) as join_ssm:
                 ssm_in = self.ssm(
                     x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
                 )  # out_proj's input
                 combine.project(1, ssm_in, self.ssm.out_proj)
+            with branch_stream(x, 0) as join_global_attn:
+                global_attn_in = self.global_attn(
+                    x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step, project=False
+                )  # o_proj's input
+                combine.project(0, global_attn_in, self.global_attn.o_proj)
             join_global_attn()  # the combine's outputs may come from either stream
             join_ssm()
         return combine.h, combine.s
@@ -740,18 +741,19 @@ class AttnSsmParallel(nn.Module):
             x, residual, self.attn_norm, self.attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
         # While a CUDA graph records, each branch on a side stream of its own: with ssm on the recording stream
-        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams").
+        # the step ran 0.7-1.1% slower (docs/design.md, "Both branches on side streams"). ssm first: it has more
+        # weights, and a replay starts the branches in the order they were recorded.
         with combine:  # (an exception between the two projections resets the device's count of the pair)
-            with branch_stream(x, 0) as join_attn:
-                attn_in = self.attn(
-                    x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step, project=False
-                )  # o_proj's input
-                combine.project(0, attn_in, self.attn.o_proj)
             with branch_stream(x, 1) as join_ssm:
                 ssm_in = self.ssm(
                     x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
                 )  # out_proj's input
                 combine.project(1, ssm_in, self.ssm.out_proj)
+            with branch_stream(x, 0) as join_attn:
+                attn_in = self.attn(
+                    x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step, project=False
+                )  # o_proj's input
+                combine.project(0, attn_in, self.attn.o_proj)
             join_attn()  # the combine's outputs may come from either stream
             join_ssm()
         return combine.h, combine.s

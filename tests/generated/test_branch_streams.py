@@ -69,14 +69,16 @@ def test_decoding_with_the_branches_forked_equals_the_serial_order_bit_for_bit(b
 def test_the_generated_hymba_plus_decoding_step_records_each_branch_on_a_side_stream_of_its_own():
     """A decoding step whose projections combine (decoding_step) forks both branches, attention onto side stream 0 and
     Mamba onto side stream 1, and joins both before it returns (with Mamba on the recording stream the step ran 0.7-1.1%
-    slower on the H200: docs/design.md, "Both branches on side streams")."""
+    slower on the H200: docs/design.md, "Both branches on side streams"). It records Mamba first, the branch with
+    more weights (emit/plan.py heaviest_first): a replay starts the branches in their recording order."""
     source = (ROOT / "generated/hymba_plus/model.py").read_text()
     for attention in ("attn", "global_attn"):
         step = re.search(rf"class {''.join(p.title() for p in attention.split('_'))}SsmParallel\(nn\.Module\):.*?"
                          r"def decoding_step\(.*?\n(.*?)\n        return combine\.h, combine\.s", source, re.S).group(1)
-        order = [step.index(text) for text in (f"with branch_stream(x, 0) as join_{attention}:",
+        order = [step.index(text) for text in ("with branch_stream(x, 1) as join_ssm:", "ssm_in = self.ssm(",
+                                               "combine.project(1, ssm_in, self.ssm.out_proj)",
+                                               f"with branch_stream(x, 0) as join_{attention}:",
                                                f"{attention}_in = self.{attention}(",
-                                               "with branch_stream(x, 1) as join_ssm:", "ssm_in = self.ssm(",
                                                f"join_{attention}()", "join_ssm()")]
         assert order == sorted(order), step
 
