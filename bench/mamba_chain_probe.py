@@ -9,10 +9,12 @@ two branches' first kernels in that order. So the layer waits on the branch that
 - `<branch>_first` for both orders: the package as generated, and each parallel layer's decoding_step with its two
   `branch_stream` blocks swapped (the same kernels on the same inputs; only the order the graph records the branches
   in changes), from a copy of the generated model.py. The as-built order is the first mode.
-- `ssm_first+x_proj_<cfg>`: also x_proj's GEMV (132 × 3200, one row a program over 4,096 columns, 132 programs) at
+- `ssm_first+x_proj_<cfg>`: also x_proj's GEMV (132 × 3200, one row a program over 2,048 columns and 4 warps since
+  session 22's run of this probe, 4,096 before; 132 programs) at
   another config, pinned in the package's tuner; `ssm_first+in_proj_<cfg>` in_proj_conv's (6400 × 1600, two rows
   over 2,048 columns, 3,200 programs). In the model, not alone: in_proj_conv shares the GPU with qkv_rope.
-- `ssm_first+step_<cfg>`: also the selective step (16 channels a program over 4 warps, 200 programs) at another.
+- `ssm_first+step_<cfg>`: also the selective step (8 channels a program over 2 warps since session 22's run of this
+  probe, 16 over 4 before) at another.
 - `ssm_first+out_proj_<cfg>`: also out_proj's combining GEMV (1600 × 3200 with the combine in its tail: 4 rows over
   2,048 columns, 8 warps, 400 programs; kernels/combine_projections.py `launch_config`) at another.
 - with `--tail`, only the two orders and `ssm_first+x_proj_tail`: each Mamba layer's decoding step with x_proj in
@@ -39,10 +41,10 @@ import decode as decode_bench
 import torch
 
 GEMV_CONFIGS = {  # (N, K) of the GEMV bucket, then configs other than the one the package runs untuned
-    "x_proj": ((132, 3200), {"1x4096w8": (1, 4096, 8), "1x2048w4": (1, 2048, 4), "1x1024w2": (1, 1024, 2)}),
+    "x_proj": ((132, 3200), {"1x4096w4": (1, 4096, 4), "1x4096w8": (1, 4096, 8), "1x1024w2": (1, 1024, 2)}),
     "in_proj": ((6400, 1600), {"4x1024w4": (4, 1024, 4), "2x1024w2": (2, 1024, 2), "1x2048w2": (1, 2048, 2)}),
 }
-STEP_CONFIGS = {"8w2": {"BLOCK_D": 8, "num_warps": 2}, "16w2": {"BLOCK_D": 16, "num_warps": 2}}
+STEP_CONFIGS = {"16w4": {"BLOCK_D": 16, "num_warps": 4}, "16w2": {"BLOCK_D": 16, "num_warps": 2}}
 OUT_PROJ_CONFIGS = {"2x4096w8": (2, 4096, 8), "8x1024w8": (8, 1024, 8)}  # out_proj's (K 3,200) combining GEMV
 BRANCH = re.compile(r"^( +)with branch_stream\(x, \d\) as join_(\w+):\n(?:\1 .*\n)+", re.M)
 DECODING_STEP = re.compile(r"^    def decoding_step\(.*?(?=^    def |^class |\Z)", re.M | re.S)
@@ -83,9 +85,10 @@ def tail_forward(package):
     gemv = package.kernels.gemv_module
     counters = {}  # per device, made on the first step (a warm-up, before any capture); the layers run in turn
 
-    def forward(self, x, positions=None, cache=None, pads=None, project=True):
+    def forward(self, x, positions=None, cache=None, pads=None, project=True, input_norm=None):
         if cache is None or x.shape[:2] != (1, 1) or pads is not None or not x.is_cuda:
-            return generated_forward(self, x, positions, cache, pads, project)
+            return generated_forward(self, x, positions, cache, pads, project, input_norm)
+        x = x if input_norm is None else input_norm(x)  # the tail kernel has no folded norm
         if x.device not in counters:  # not setdefault: its zeros would be a launch in every step
             counters[x.device] = torch.zeros(2, dtype=torch.int32, device=x.device)
         counter = counters[x.device]

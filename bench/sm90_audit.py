@@ -326,8 +326,8 @@ def load_kernels(pdl: bool = False) -> dict:
 def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: int, dtype) -> bool:
     """The calls a generated block makes to kernels no `autotune` hook runs (fixed configs: the decoding steps,
     silu_mul, normalized_mean, greedy_pick, combine_projections; decode_attention's one-launch form, which its hook does not take;
-    qkv_rope's kernel, whose hook tunes qkv_linear's), with the parameter shapes of the case; False when the file has
-    none."""
+    qkv_rope's and in_proj_conv's kernels, with and without the folded RMSNorm, whose hooks tune the plain GEMVs'
+    buckets), with the parameter shapes of the case; False when the file has none."""
     import torch
 
     def randn(*shape, dt=dtype):
@@ -389,15 +389,40 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
         default = gemv.FORWARD_TUNER.untuned_config(candidates)
         for candidate in candidates:
-            RECORDER.context = {"tuner": "gemv.forward", "key": gemv.shape_key(N, K, 1, dtype, False) + "-qkv",
-                                "config": config_name(candidate), "default": candidate == default}
-            try:
-                qkv_rope.qkv_rope_write_kv_forward(randn(1, 1, K), *weights, None, None, None, angles.cos(), angles.sin(),
-                                                   *caches, torch.tensor([seqlen - 1]), config=candidate)
-            except Exception as error:
-                RECORDER.failed(error)
-            finally:
-                RECORDER.context = None
+            for norm in (None, torch.ones(K, dtype=dtype)):  # and with the block's RMSNorm folded in (NORM)
+                RECORDER.context = {"tuner": "gemv.forward", "config": config_name(candidate),
+                                    "key": gemv.shape_key(N, K, 1, dtype, False) + ("-qkv" if norm is None else "-qkv-norm"),
+                                    "default": candidate == default}
+                try:
+                    qkv_rope.qkv_rope_write_kv_forward(randn(1, 1, K), *weights, None, None, None, angles.cos(),
+                                                       angles.sin(), *caches, torch.tensor([seqlen - 1]), norm, 1e-6,
+                                                       config=candidate)
+                except Exception as error:
+                    RECORDER.failed(error)
+                finally:
+                    RECORDER.context = None
+    elif file == "in_proj_conv":  # its hook tunes in_proj's bucket with the plain GEMV: this kernel at each config
+        from archgen_kernels.triton_support import config_name
+
+        gemv, in_proj_conv = modules["gemv"], modules["in_proj_conv"]
+        N, K = next(shape for name, shape in params.items() if name.endswith("in_proj.weight"))
+        D, _, width = next(shape for name, shape in params.items() if name.endswith("conv1d.weight"))
+        own = gemv.shape_config(N, K, 1, H200["multiprocessor_count"])
+        candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
+        default = gemv.FORWARD_TUNER.untuned_config(candidates)
+        for candidate in candidates:
+            for norm in (None, torch.ones(K, dtype=dtype)):  # and with the block's RMSNorm folded in (NORM)
+                RECORDER.context = {"tuner": "gemv.forward", "config": config_name(candidate),
+                                    "key": gemv.shape_key(N, K, 1, dtype, False) + ("-conv" if norm is None else "-conv-norm"),
+                                    "default": candidate == default}
+                try:
+                    in_proj_conv.in_proj_conv_step_forward(randn(1, 1, K), randn(N, K), None, randn(D, width), randn(D),
+                                                           torch.zeros(1, D, width - 1), True, norm, 1e-6,
+                                                           config=candidate)
+                except Exception as error:
+                    RECORDER.failed(error)
+                finally:
+                    RECORDER.context = None
     elif file == "greedy_pick":  # the captured decoding step's pick over the lm_head's rows of logits
         vocab = next(iter(params.values()), (32001,))[0]  # a tied head has no weight of its own; V is not compiled in
         picks = torch.zeros(1, seqlen, dtype=torch.long)

@@ -71,7 +71,8 @@ def _in_proj_conv_x_proj_kernel(x_ptr, w_ptr, y_ptr, z_ptr, N, K, D, stride_wn,
     launches."""
     outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
-    p = _row_products(x_ptr, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, False)
+    p = _row_products(x_ptr, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, False, w_ptr, 0.0,
+                      False)
     dtype = y_ptr.dtype.element_ty
     p = rounded(p, dtype)
     if tl.program_id(0) * BLOCK_N < D:

@@ -61,7 +61,7 @@ def _combining_gemv_kernel(
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     y = _row_products(x_ptr + row.to(tl.int64) * stride_xm, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K,
-                      FOLD, PDL)
+                      FOLD, PDL, w_ptr, 0.0, False)
     tl.store(out_ptr + row.to(tl.int64) * stride_ab + outs, rounded(y, out_ptr.dtype.element_ty), mask=outs_inside)
     tl.debug_barrier()  # every thread's stores before the increment (see the module's docstring)
     stored = tl.sum(outs_inside.to(tl.int32), 0)

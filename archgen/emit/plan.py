@@ -36,6 +36,7 @@ class ComponentPlan:
     takes_residual_norm: bool = False  # a mixer that adds the block's stream and runs its ffn_norm (residual=, norm=)
     output_projection: str | None = None  # its last linear layer, where nothing follows it (Kind.output_projection)
     defers_projection: bool = False  # its forward takes project= (a parallel layer's combine runs that projection)
+    takes_input_norm: bool = False  # its forward takes input_norm= (a parallel layer's decoding step: Kind.folds_input_norm)
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # {function: the Triton kernel the pass chose}
 
     @property
@@ -54,6 +55,7 @@ class ParallelPlan:
     takes_residual_norm: bool = False  # its forward adds the block's stream and runs its ffn_norm (residual=, norm=)
     combines_projections: bool = False  # a decoding step runs the branches' output projections with the combine
     recording_order: list[int] = field(default_factory=list)  # branch indices, the decoding step's order: heaviest first
+    folds_input_norm: bool = False  # the block hands it x un-normed and its norm; a decoding step's branches fold it
 
     @property
     def n_branches(self) -> int:
@@ -272,9 +274,14 @@ def make_plan(ir: IR, report: CostReport, spec_path: str, output_root: str = DEF
                     projects = fuses_norm and "combining_linear_" in combine.kernels
                     for branch in branches if projects else ():
                         branch.defers_projection = True
+                    # the block's norm inside each branch's first GEMV: only where every branch folds it
+                    folds_norm = projects and all(kind_of(op.kind).folds_input_norm(op.config, op.kernels)
+                                                  for op in layer.mixers)
+                    for branch in branches if folds_norm else ():
+                        branch.takes_input_norm = True
                     parallels[mixer_names] = ParallelPlan(namespace.create("".join(camel(n) for n in mixer_names) + "Parallel"),
                                                           branches, combine.config.mode, dict(combine.kernels), fuses_norm,
-                                                          projects, heaviest_first(layer.mixers))
+                                                          projects, heaviest_first(layer.mixers), folds_norm)
                 mixer = parallels[mixer_names]
             else:
                 mixer = components[mixer_names[0]] if mixer_names else None

@@ -182,6 +182,10 @@ class Attention(Kind[models.AttentionSpec, AttentionConfig]):
     def output_projection(self, config: AttentionConfig) -> str | None:
         return "o_proj" if not config.out_bias and config.output_multiplier == 1 else None
 
+    def folds_input_norm(self, config: AttentionConfig, kernels: dict) -> bool:
+        """The fused q, k and v step (kernels/qkv_rope.py) takes the norm; an input multiplier would come between."""
+        return "qkv_rope_write_kv_" in kernels and config.input_multiplier == 1
+
     def template_dims(self, config: AttentionConfig, dims: Dims) -> dict:
         rope = config.rope
         return {"router": False, "qk_norm": config.qk_norm, "qkv_bias": config.qkv_bias, "out_bias": config.out_bias,

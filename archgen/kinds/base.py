@@ -143,6 +143,14 @@ class Kind(Generic[SpecT, ConfigT]):
         kernels {function: choice}."""
         return False
 
+    def folds_input_norm(self, config: ConfigT, kernels: dict) -> bool:
+        """A mixer whose decoding step applies the block's RMSNorm inside its first GEMV (kernels/gemv.py, "RMSNorm
+        folded in"): its forward takes `input_norm=` (the block's norm, not yet applied to x) and norms x itself on
+        every path that does not fold it. A parallel layer whose branches all fold it is handed x un-normed, and its
+        decoding step hands the norm on: the norm's launch leaves the layer's chain. `kernels`: the op's chosen
+        kernels {function: choice}."""
+        return False
+
     def template_dims(self, config: ConfigT, dims: Dims) -> dict[str, Any]:
         """Every literal the kind's template prints."""
         return {"d_model": dims.d_model}

@@ -107,6 +107,10 @@ class Mamba(Kind[models.MambaSpec, MambaConfig]):
     def output_projection(self, config: MambaConfig) -> str | None:
         return "out_proj" if not config.bias else None
 
+    def folds_input_norm(self, config: MambaConfig, kernels: dict) -> bool:
+        """The fused in_proj and conv step (kernels/in_proj_conv.py) takes the norm."""
+        return "in_proj_conv_step_" in kernels
+
     def template_dims(self, config: MambaConfig, dims: Dims) -> dict:
         return {"d_model": dims.d_model, "d_inner": config.d_inner(dims), "d_state": config.d_state, "d_conv": config.d_conv,
                 "dt_rank": config.dt_rank, "padded_dt_rank": padded_dt_rank(config),

@@ -186,21 +186,34 @@ class Attn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, project=True):
-        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself."""
+    def forward(
+        self,
+        x,
+        positions,
+        cache: KVCache | None = None,
+        pads=None,
+        step: StepContext | None = None,
+        project=True,
+        input_norm=None,
+    ):
+        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself.
+        input_norm: the block's norm, not yet applied to x (project_qkv applies it)."""
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
         # a pad's key.
         step = step if step is not None else StepContext(positions, pads)
-        q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
+        # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
+        q, k, v = self.project_qkv(x, positions, cache, step, input_norm)
         y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 25, T, 64)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, 1600)
         return self.o_proj(y) if project else y  # (B, T, 1600)
 
-    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
+    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext, input_norm=None):
         """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
-        these tokens written into it."""
+        these tokens written into it.
+        Of input_norm(x) when given: the fused step applies the norm inside its products (kernels/gemv.py, "RMSNorm
+        folded in"), any other path first."""
         B, T, C = x.size()
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("attn", cache) if fused else None  # (T,), shared by the layers
@@ -223,8 +236,10 @@ class Attn(nn.Module):
                 cache.k,
                 cache.v,
                 slots,
+                norm=input_norm,
             )  # (B, 25, T, 64)
             return q, cache.k, cache.v
+        x = x if input_norm is None else input_norm(x)
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -323,21 +338,34 @@ class GlobalAttn(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(64, theta=10000.0, scaling="none", factor=1.0, original_max_position=None)
         self.inv_freq.copy_(inv_freq)
 
-    def forward(self, x, positions, cache: KVCache | None = None, pads=None, step: StepContext | None = None, project=True):
-        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself."""
+    def forward(
+        self,
+        x,
+        positions,
+        cache: KVCache | None = None,
+        pads=None,
+        step: StepContext | None = None,
+        project=True,
+        input_norm=None,
+    ):
+        """project=False: o_proj's input (B, T, 1600), which a parallel layer's decoding step projects itself.
+        input_norm: the block's norm, not yet applied to x (project_qkv applies it)."""
         B, T, C = x.size()
         # RoPE's angles and the mask, from the positions alone: the model's step shares them across layers. A ragged
         # batch (pads: each row's left padding) counts each row's positions from its first token, and no query sees
         # a pad's key.
         step = step if step is not None else StepContext(positions, pads)
-        q, k, v = self.project_qkv(x, positions, cache, step)  # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
+        # q (B, 25, T, 64); k, v (B, 5, S, 64): what to attend over
+        q, k, v = self.project_qkv(x, positions, cache, step, input_norm)
         y = self.attend_keys(q, k, v, positions, cache, pads, step)  # (B, 25, T, 64)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, 1600)
         return self.o_proj(y) if project else y  # (B, T, 1600)
 
-    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext):
+    def project_qkv(self, x, positions, cache: KVCache | None, step: StepContext, input_norm=None):
         """The queries, rotated, and the keys and values to attend over: these tokens' own, or with a cache the cache's,
-        these tokens written into it."""
+        these tokens written into it.
+        Of input_norm(x) when given: the fused step applies the norm inside its products (kernels/gemv.py, "RMSNorm
+        folded in"), any other path first."""
         B, T, C = x.size()
         fused = cache is not None and runs_gemv(x) and use_kernel(kernels.qkv_rope_write_kv_, x)
         slots = step.cache_slots("global_attn", cache) if fused else None  # (T,), shared by the layers
@@ -360,8 +388,10 @@ class GlobalAttn(nn.Module):
                 cache.k,
                 cache.v,
                 slots,
+                norm=input_norm,
             )  # (B, 25, T, 64)
             return q, cache.k, cache.v
+        x = x if input_norm is None else input_norm(x)
         if runs_gemv(x):  # a decoding step: the q, k and v products in one launch
             qkv = kernels.qkv_linear(
                 x,
@@ -467,18 +497,20 @@ class Ssm(nn.Module):
         dt, B_ssm, C_ssm = F.linear(x, padded).split([104, 16, 16], dim=-1)
         return F.linear(dt, F.pad(self.dt_proj.weight, (0, 4))), B_ssm, C_ssm
 
-    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None, project=True):
-        """project=False: out_proj's input (B, T, 3200), which a parallel layer's decoding step projects itself."""
-        x, z = self.in_proj_conv(x, positions, cache, pads)  # (B, T, 3200) each: the convolved inputs and the gate
+    def forward(self, x, positions=None, cache: MambaCache | None = None, pads=None, project=True, input_norm=None):
+        """project=False: out_proj's input (B, T, 3200), which a parallel layer's decoding step projects itself.
+        input_norm: the block's norm, not yet applied to x (in_proj_conv applies it)."""
+        x, z = self.in_proj_conv(x, positions, cache, pads, input_norm)  # (B, T, 3200) each: the convolved inputs and the gate
         if cache is not None and x.size(1) == 1:
             y = self.step(x, z, cache)  # (B, 1, 3200)
         else:
             y = self.scan(x, z, positions, cache, pads)  # (B, T, 3200)
         return self.out_proj(y) if project else y  # (B, T, 1600)
 
-    def in_proj_conv(self, x, positions, cache: MambaCache | None, pads):
+    def in_proj_conv(self, x, positions, cache: MambaCache | None, pads, input_norm=None):
         """in_proj's two halves: x convolved over the tokens before it (the cache's conv state, advanced here) and
-        SiLU'd, and the gate z."""
+        SiLU'd, and the gate z; of input_norm(x) when given (the fused step applies the norm inside its
+        products: kernels/gemv.py, "RMSNorm folded in"; any other path first)."""
         T = x.size(1)
         conv_state = cache.conv_state if cache is not None else None  # (B, 3200, 3), the inputs before x
         if cache is not None and T == 1 and pads is None and use_kernel(kernels.in_proj_conv_step_, x):
@@ -493,8 +525,10 @@ class Ssm(nn.Module):
                 self.conv1d.bias,
                 conv_state,
                 activation="silu",
+                norm=input_norm,
             )
         else:
+            x = x if input_norm is None else input_norm(x)
             x, z = self.in_proj(x).split([3200, 3200], dim=-1)  # (B, T, 3200) each
             if pads is not None:  # a ragged batch's left pads: zeros into the convolution (the history before a sequence starts)
                 keep = (positions >= pads[:, None]).unsqueeze(-1)  # (B, T, 1)
@@ -607,10 +641,12 @@ class GlobalAttnSsmParallel(nn.Module):
         nn.init.ones_(self.global_attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
-        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None, input_norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y). input_norm:
+        the block's norm, not yet applied to x (a decoding step's branches apply it inside their first products)."""
         if residual is not None and runs_gemv(x) and use_kernel(kernels.combining_linear_, x) and not torch.is_grad_enabled():
-            return self.decoding_step(x, positions, cache, pads, step, residual, norm)
+            return self.decoding_step(x, positions, cache, pads, step, residual, norm, input_norm)
+        x = x if input_norm is None else input_norm(x)
         with branch_stream(x, 0) as join_global_attn:  # while a CUDA graph records: on a side stream, beside ssm
             global_attn_out = self.global_attn(
                 x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step
@@ -648,10 +684,11 @@ class GlobalAttnSsmParallel(nn.Module):
             ) / 2
         return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
 
-    def decoding_step(self, x, positions, cache, pads, step, residual, norm):
+    def decoding_step(self, x, positions, cache, pads, step, residual, norm, input_norm):
         """forward's (norm(residual + y), residual + y) for a decoding step's few rows: each branch stops before its output
         projection, and the two projections run the combine, the residual add and the norm in the epilogue of whichever
-        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain)."""
+        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain). Each branch applies
+        input_norm (when given) inside its first products: the norm's launch leaves the chain too."""
         combine = kernels.combine_projections_module.ParallelCombine(
             x, residual, self.global_attn_norm, self.global_attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
@@ -661,12 +698,18 @@ class GlobalAttnSsmParallel(nn.Module):
         with combine:  # (an exception between the two projections resets the device's count of the pair)
             with branch_stream(x, 1) as join_ssm:
                 ssm_in = self.ssm(
-                    x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
+                    x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False, input_norm=input_norm
                 )  # out_proj's input
                 combine.project(1, ssm_in, self.ssm.out_proj)
             with branch_stream(x, 0) as join_global_attn:
                 global_attn_in = self.global_attn(
-                    x, positions, cache["global_attn"] if cache is not None else None, pads=pads, step=step, project=False
+                    x,
+                    positions,
+                    cache["global_attn"] if cache is not None else None,
+                    pads=pads,
+                    step=step,
+                    project=False,
+                    input_norm=input_norm,
                 )  # o_proj's input
                 combine.project(0, global_attn_in, self.global_attn.o_proj)
             join_global_attn()  # the combine's outputs may come from either stream
@@ -697,10 +740,12 @@ class AttnSsmParallel(nn.Module):
         nn.init.ones_(self.attn_scale)
         nn.init.ones_(self.ssm_scale)
 
-    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None):
-        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y)."""
+    def forward(self, x, positions, cache: dict | None = None, pads=None, step=None, residual=None, norm=None, input_norm=None):
+        """Given the block's residual stream and its feed-forward's norm: (norm(residual + y), residual + y). input_norm:
+        the block's norm, not yet applied to x (a decoding step's branches apply it inside their first products)."""
         if residual is not None and runs_gemv(x) and use_kernel(kernels.combining_linear_, x) and not torch.is_grad_enabled():
-            return self.decoding_step(x, positions, cache, pads, step, residual, norm)
+            return self.decoding_step(x, positions, cache, pads, step, residual, norm, input_norm)
+        x = x if input_norm is None else input_norm(x)
         with branch_stream(x, 0) as join_attn:  # while a CUDA graph records: on a side stream, beside ssm
             attn_out = self.attn(x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step)
         ssm_out = self.ssm(x, positions, cache["ssm"] if cache is not None else None, pads=pads)
@@ -733,10 +778,11 @@ class AttnSsmParallel(nn.Module):
             y = (self.attn_norm(attn_out, scale=self.attn_scale) + self.ssm_norm(ssm_out, scale=self.ssm_scale)) / 2
         return y if residual is None else norm(y, residual)  # (norm(residual + y), residual + y): the fused add + norm
 
-    def decoding_step(self, x, positions, cache, pads, step, residual, norm):
+    def decoding_step(self, x, positions, cache, pads, step, residual, norm, input_norm):
         """forward's (norm(residual + y), residual + y) for a decoding step's few rows: each branch stops before its output
         projection, and the two projections run the combine, the residual add and the norm in the epilogue of whichever
-        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain)."""
+        finishes last (kernels/combine_projections.py: one launch fewer on the layer's chain). Each branch applies
+        input_norm (when given) inside its first products: the norm's launch leaves the chain too."""
         combine = kernels.combine_projections_module.ParallelCombine(
             x, residual, self.attn_norm, self.attn_scale, self.ssm_norm, self.ssm_scale, norm
         )
@@ -746,12 +792,18 @@ class AttnSsmParallel(nn.Module):
         with combine:  # (an exception between the two projections resets the device's count of the pair)
             with branch_stream(x, 1) as join_ssm:
                 ssm_in = self.ssm(
-                    x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False
+                    x, positions, cache["ssm"] if cache is not None else None, pads=pads, project=False, input_norm=input_norm
                 )  # out_proj's input
                 combine.project(1, ssm_in, self.ssm.out_proj)
             with branch_stream(x, 0) as join_attn:
                 attn_in = self.attn(
-                    x, positions, cache["attn"] if cache is not None else None, pads=pads, step=step, project=False
+                    x,
+                    positions,
+                    cache["attn"] if cache is not None else None,
+                    pads=pads,
+                    step=step,
+                    project=False,
+                    input_norm=input_norm,
                 )  # o_proj's input
                 combine.project(0, attn_in, self.attn.o_proj)
             join_attn()  # the combine's outputs may come from either stream
@@ -779,8 +831,9 @@ class GlobalAttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
-        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one
+        # launch), which also applies mixer_norm (decoding: inside its branches' first products)
+        h, x = self.mixer(x, positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm, input_norm=self.mixer_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 
@@ -802,8 +855,9 @@ class AttnSsmMlpBlock(nn.Module):
         self.ffn = Mlp()
 
     def forward(self, x, positions, cache=None, pads=None, step=None):
-        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one launch)
-        h, x = self.mixer(self.mixer_norm(x), positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm)
+        # h = norm(x + y), x = x + y (B, T+128, 1600): the add and the norm in the mixer (decoding: with its combine, one
+        # launch), which also applies mixer_norm (decoding: inside its branches' first products)
+        h, x = self.mixer(x, positions, cache, pads=pads, step=step, residual=x, norm=self.ffn_norm, input_norm=self.mixer_norm)
         x = self.ffn(h, residual=x)  # x + ffn(h) (B, T+128, 1600): the add in the feed-forward's down projection
         return x, {}
 

@@ -136,3 +136,50 @@ def test_the_projections_combining_in_their_epilogue_decode_as_the_full_forward(
     separate = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
     assert package.calls["normalized_mean_add_norm"] == 4 * 3 and not package.calls["combining_linear_"], package.calls
     assert_close(combined, separate, what="bf16 logits, combined against separate")
+
+
+def test_a_decoding_step_folds_the_mixer_norm_into_its_branches_first_products(tmp_path, monkeypatch):
+    """Where both branches' first GEMVs take the block's RMSNorm (Kind.folds_input_norm: in_proj_conv_step_ and
+    qkv_rope_write_kv_, with the combining projections), the block hands the parallel mixer x un-normed and the
+    decoding step hands mixer_norm to both: no norm launch for the mixer on a step, only the final norm's. Cached
+    decoding equals the full forward (references); in bfloat16 the same step with x normed first (the norm kernel,
+    rounded to bf16 before the products) is within rounding, not bit-equal (kernels/gemv.py, "RMSNorm folded in")."""
+    spied = ("in_proj_conv_step_", "qkv_rope_write_kv_", "rms_norm", "combine_projections_module.combining_linear_")
+    package = build_spied_package(ROOT / "specs/hymba_plus.yaml", tmp_path, monkeypatch, spied, preset="tiny")
+    kernels = package.kernels
+    forced = {kernels.in_proj_conv_step_, kernels.qkv_rope_write_kv_, kernels.rms_norm, kernels.combining_linear_,
+              kernels.normalized_mean_add_norm, kernels.linear}
+    monkeypatch.setattr(package.model, "use_kernel", lambda kernel, x: package.model.USE_KERNELS and kernel in forced)
+    torch.manual_seed(0)
+    model = package.Model().eval()
+    with torch.no_grad():  # the norms' weights away from 1, so that a norm read in the wrong place shows
+        for name, parameter in model.named_parameters():
+            if name.endswith(("_scale", "norm.weight")):
+                parameter.copy_(1 + torch.randn_like(parameter) / 2)
+    tokens = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        package.model.USE_KERNELS = False
+        full = model(tokens).logits
+        package.model.USE_KERNELS = True
+    cached = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    # both steps of 4 layers: each branch's first GEMV; rms_norm: the prefill's 4 mixer norms (its 10 rows take the
+    # forward, which norms x first) and the final norm, then only the final norm in each step
+    assert package.calls["in_proj_conv_step_"] == package.calls["qkv_rope_write_kv_"] == 4 * 2, package.calls
+    assert package.calls["combining_linear_"] == 4 * 2 * 2, package.calls
+    assert package.calls["rms_norm"] == 4 + 1 + 2, package.calls
+    assert_close(cached, full, 1e-5, "cached logits")
+
+    model = model.to(torch.bfloat16)
+    folded = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    parallel = type(model.layers[1].mixer)
+    decoding_step = parallel.decoding_step
+
+    def normed_first(self, x, positions, cache, pads, step, residual, norm, input_norm):
+        return decoding_step(self, input_norm(x), positions, cache, pads, step, residual, norm, None)
+
+    for cls in {type(layer.mixer) for layer in model.layers}:
+        monkeypatch.setattr(cls, "decoding_step", normed_first if cls is parallel else cls.decoding_step)
+    package.calls.clear()
+    unfolded = decode_in_steps(model, tokens, prefill=6, max_len=4 + 8)
+    assert package.calls["rms_norm"] == 4 + 1 + 2 * (1 + 2), package.calls  # layers 1 and 2's mixer norms as launches
+    assert_close(folded, unfolded, 2e-2, "folded against normed first (bf16)")

@@ -33,6 +33,14 @@ Tuning. The tuner `gemv.forward` (triton_support.Autotuner) chooses BLOCK_N, BLO
 which goes first: it is what a package that does not tune runs. `autotune(config, params, ...)` is
 the hook `archgen build --autotune` calls: it runs the kernel on every weight matrix of an op at its decoding batch.
 
+RMSNorm folded in (in_proj_conv's and qkv_rope's decoding steps, where a parallel layer's branches start from the
+block's norm): Σ_k w[n, k] · (x[k] · rstd · g[k]) = rstd · Σ_k w[n, k] · (x[k] · g[k]), so `_row_products` with NORM
+multiplies each chunk of x by the norm's weight g as it loads it, sums x² beside the products and scales the row sums
+by rstd at the end: no pass over x before the products (session 14's prologue took one, a dependent L2 round trip
+and a reduction in every program, and measured 3.8% slower on Hymba+) and no norm launch on the layer's chain. The
+normed x is not rounded to x's dtype before the products, as the norm kernel stores it: the result is within
+rounding of norm-then-GEMV, not its bits (`rms_norm_fold_reference` is the tests' truth).
+
 Gradients (a training batch of one token) are computed with torch matmuls from the saved inputs: that path is
 correct, not fast. CPU tensors take the reference unless TRITON_INTERPRET=1 and ARCHGEN_TRITON_ON_CPU=1 (the tests).
 """
@@ -101,14 +109,40 @@ def _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _x_chunk(x_row, cols, cols_inside, norm_ptr, squares, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
+             NORM: tl.constexpr):
+    """One BLOCK_K chunk of x in float32 (1, BLOCK_K), and with NORM the running sums of its squares, folded as the
+    products are (1, BLOCK_K / FOLD), and the chunk times RMSNorm's weight (norm_ptr): the caller scales its sums by
+    _rstd(squares) at the end, so x's RMSNorm costs no pass of its own (Σ_k w·x·g·rstd = rstd · Σ_k w·(x·g); the
+    module's docstring, "RMSNorm folded in"). With NORM the chunk loads as a (1, BLOCK_K) tile, in the weight tile's
+    layout: loaded as a vector, the compiler kept it in a second layout for the squares, through shared memory (16-22
+    more registers a thread, ptxas for sm_90)."""
+    if NORM:
+        x = tl.load(x_row + cols[None, :], mask=cols_inside[None, :], other=0.0).to(tl.float32)
+        squares += _folded(x, x, 1, BLOCK_K, FOLD)
+        x = x * tl.load(norm_ptr + cols[None, :], mask=cols_inside[None, :], other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+    return x, squares
+
+
+@triton.jit
+def _rstd(squares, K, eps):
+    """RMSNorm's 1 / sqrt(mean(x²) + eps) (1,) from _x_chunk's running squares, as kernels/rmsnorm.py has it."""
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=1) / K + eps)
+
+
+@triton.jit
 def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  FOLD: tl.constexpr, PDL: tl.constexpr):
+                  FOLD: tl.constexpr, PDL: tl.constexpr, norm_ptr, eps, NORM: tl.constexpr):
     """Σ_k x[k] · w[outs, k] in float32 (BLOCK_N,): each thread's FOLD products first (_folded), then the BLOCK_K
     tiles along K, then across a tile. Every plain GEMV here sums through this (gemv, qkv, in_proj_conv), so a kernel
     with an epilogue gives gemv_forward's bits. With PDL: the first tile prefetched, then the wait for the kernel ahead
-    (before x is read) and the trigger for the one after."""
+    (before x is read) and the trigger for the one after. With NORM: of RMSNorm(x) with weight norm_ptr and eps,
+    folded into the loop (_x_chunk), not x's RMSNorm rounded to its dtype first: within rounding of norm-then-GEMV."""
     w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_wn
     products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
+    squares = tl.zeros((1, BLOCK_K // FOLD), dtype=tl.float32)
     if PDL:  # the first tile's weights (no kernel of a step writes them) on their way to L2 while the kernel ahead runs
         _prefetch_first_tile(w_ptr, outs, N, K, stride_wn, BLOCK_K)
         gdc_wait()  # every program, before reading x and before any store (see programmatic_launch)
@@ -116,9 +150,12 @@ def _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N: tl.
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
-        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        x, squares = _x_chunk(x_row, cols, cols_inside, norm_ptr, squares, BLOCK_K, FOLD, NORM)
         products += _tile_products(x, w_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
-    return tl.sum(products, axis=1)
+    sums = tl.sum(products, axis=1)
+    if NORM:
+        sums = sums * _rstd(squares, K, eps)
+    return sums
 
 
 @triton.jit
@@ -151,7 +188,8 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, w_up_ptr, b_up_ptr, y_ptr, M, N, K, stride
             up_products += _tile_products(x, up_rows, outs_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         y = tl.sum(products, axis=1)
     else:
-        y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)
+        y = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL, w_ptr, 0.0,
+                          False)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     if GATED:
@@ -187,7 +225,7 @@ def _qkv_gemv_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, y_ptr, 
     outs = (block - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < n
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    y = _row_products(x_row, w_ptr, outs, outs_inside, n, K, K, BLOCK_N, BLOCK_K, FOLD, PDL)
+    y = _row_products(x_row, w_ptr, outs, outs_inside, n, K, K, BLOCK_N, BLOCK_K, FOLD, PDL, w_ptr, 0.0, False)
     if HAS_BIAS:
         y += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     y_row = y_ptr + row.to(tl.int64) * stride_ym + first_feature
@@ -204,15 +242,18 @@ def shape_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
     every shape, 0.87 of the copy rate for the SwiGLU pair against 0.64 with the 8 × 1024 tiles of 8 warps, which
     resident programs bound: fewer, larger tiles leave a tail). Short rows (K below the columns) take more rows,
     and a matrix too small for two programs per SM fewer (GPU call 3 of session 6: Hymba+'s 132- and 320-row
-    matrices on 17 and 40 programs averaged 7.5 µs), down to one row whose whole K is one iteration."""
+    matrices on 17 and 40 programs averaged 7.5 µs), down to one row. A row longer than an iteration then takes 4
+    warps: Hymba+'s x_proj (132 rows of 3200) took its row in one 4096-column pass over 4 warps until session 22,
+    when 1 × 2048 over 4 warps made the whole decoding step 6 µs shorter (bench/mamba_chain_probe.py; 1 × 4096 over
+    8 warps and 1 × 1024 over 2 were slower)."""
     most_columns = 2048 if M == 1 else 1024
     columns = min(triton.next_power_of_2(max(K, 1)), most_columns)
     rows = 2 * most_columns // columns
     while rows > 1 and triton.cdiv(N, rows) < 2 * multiprocessors:
         rows //= 2
-    if triton.cdiv(N, rows) < 2 * multiprocessors:  # few programs: each takes its row in one pass
-        columns = min(triton.next_power_of_2(max(K, 1)), 4096)
-    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": min(max(rows * columns // 1024, 2), 8)}
+    long_rows = triton.cdiv(N, rows) < 2 * multiprocessors and K > columns  # few programs, each looping over K
+    warps = 4 if long_rows else min(max(rows * columns // 1024, 2), 8)
+    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps}
 
 
 def _multiprocessors(device: torch.device) -> int:
@@ -495,6 +536,21 @@ def qkv_linear(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, 
     (NQ, K), k_weight and v_weight (NKV, K) -> (..., NQ + 2·NKV), differentiable. As the generated package's reference
     (ops/linear.py `qkv_linear`)."""
     return qkv_linear_op(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
+
+
+def check_norm_weight(norm_weight: Tensor | None, x: Tensor, name: str) -> None:
+    """A folded RMSNorm's weight: one value per feature of x, on its device."""
+    if norm_weight is not None and (norm_weight.shape != x.shape[-1:] or norm_weight.device != x.device):
+        raise ValueError(f"{name}: the norm's weight must be ({x.shape[-1]},) on {x.device}, got "
+                         f"{tuple(norm_weight.shape)} on {norm_weight.device}")
+
+
+def rms_norm_fold_reference(x: Tensor, norm_weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm(x) as the folded kernels apply it: in float32 (float64 for float64 inputs) and not rounded to x's
+    dtype; a linear reference on it, rounded to x's dtype, is the folded product's truth."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    return xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * norm_weight.to(acc)
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

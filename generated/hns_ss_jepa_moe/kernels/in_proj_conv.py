@@ -38,8 +38,10 @@ from .gemv import (
     SUPPORTED_DTYPES,
     _fold,
     _row_products,
+    check_norm_weight,
     gemv_forward,
     linear_reference,
+    rms_norm_fold_reference,
     shape_key,
     tuned_config,
 )
@@ -60,18 +62,22 @@ ACTIVATIONS = (None, "silu")
 def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, stride_wn, stride_ym, stride_zm,
                          conv_w_ptr, conv_w_stride_d, conv_w_stride_k, conv_b_ptr,
                          state_ptr, state_stride_b, state_stride_d, state_stride_k,  # read, then written over
+                         norm_ptr, eps,  # x's RMSNorm (weight, eps) folded into the products (NORM)
                          HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, SILU: tl.constexpr,
                          WIDTH: tl.constexpr,  # 2 <= WIDTH <= 4
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
-                         PDL: tl.constexpr):  # as gemv._gemv_kernel's
-    """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product, then for outputs below D the conv
-    step of causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The state's
+                         PDL: tl.constexpr,  # as gemv._gemv_kernel's
+                         NORM: tl.constexpr):
+    """Grid (rows of x, blocks of BLOCK_N outputs): gemv._gemv_kernel's product (with NORM: of RMSNorm(x), folded
+    into its loop as gemv._row_products folds it), then for outputs below D the conv step of
+    causal_conv1d._conv_step_in_place_kernel on it, stored in y (B, D); the others in z (B, N - D). The state's
     entries are loaded after gdc_wait (the kernel ahead may be the previous step's last)."""
     row = tl.program_id(0)
     outs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     outs_inside = outs < N
     x_row = x_ptr + row.to(tl.int64) * stride_xm
-    p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL)  # gemv's sums
+    p = _row_products(x_row, w_ptr, outs, outs_inside, N, K, stride_wn, BLOCK_N, BLOCK_K, FOLD, PDL, norm_ptr, eps,
+                      NORM)  # gemv's sums
     if HAS_BIAS:
         p += tl.load(b_ptr + outs, mask=outs_inside, other=0.0).to(tl.float32)
     dtype = y_ptr.dtype.element_ty
@@ -87,11 +93,13 @@ def _in_proj_conv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, z_ptr, N, K, D, stride_xm, 
 
 def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
                               conv_bias: Tensor | None, conv_state: Tensor, silu: bool,
+                              norm_weight: Tensor | None = None, norm_eps: float = 0.0,
                               *, config: dict | None = None) -> tuple[Tensor, Tensor]:
     """Run the kernel: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)) in x's dtype, conv_state (B, D, W-1) shifted
-    where it lies.
+    where it lies; given norm_weight (K,), of RMSNorm(x) with it and norm_eps (see gemv.rms_norm_fold).
     config {"BLOCK_N", "BLOCK_K", "num_warps"} as gemv_forward's; without it, the GEMV bucket's."""
     _check(x, weight, bias, conv_weight, conv_bias, conv_state)
+    check_norm_weight(norm_weight, x, "in_proj_conv_step_")
     batch, _, K = x.shape
     N, (D, width) = weight.shape[0], conv_weight.shape
     x2 = x.reshape(batch, K) if x.stride(-1) == 1 else x.reshape(batch, K).contiguous()
@@ -108,9 +116,10 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
         _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, y, z, N, K, D, x2.stride(0), w.stride(0), y.stride(0), z.stride(0),
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
-            conv_state, *conv_state.stride(), HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None,
-            SILU=bool(silu), WIDTH=width, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x),
-            PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
+            conv_state, *conv_state.stride(), norm_weight if norm_weight is not None else w, norm_eps,
+            HAS_BIAS=bias is not None, HAS_CONV_BIAS=conv_bias is not None, SILU=bool(silu), WIDTH=width,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, NORM=norm_weight is not None,
+            num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y, z
 
 
@@ -144,9 +153,18 @@ def _impl(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, c
           conv_state: Tensor, silu: bool) -> tuple[Tensor, Tensor]:
     """archgen_v1::in_proj_conv_step_ -> (y (B, 1, D), z (B, 1, N - D)); conv_state shifted where it lies. CPU tensors take the
     reference (outside the kernel tests)."""
+    return _norm_impl(x, None, 0.0, weight, bias, conv_weight, conv_bias, conv_state, silu)
+
+
+def _norm_impl(x: Tensor, norm_weight: Tensor | None, norm_eps: float, weight: Tensor, bias: Tensor | None,
+               conv_weight: Tensor, conv_bias: Tensor | None, conv_state: Tensor,
+               silu: bool) -> tuple[Tensor, Tensor]:
+    """archgen_v1::rms_norm_in_proj_conv_step_: the same on RMSNorm(x) (norm_weight, norm_eps), folded into the
+    products (gemv.rms_norm_fold)."""
     if not (x.is_cuda or triton_on_cpu()):
-        return in_proj_conv_step_reference(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
-    return in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+        return in_proj_conv_step_reference(x, weight, bias, conv_weight, conv_bias, conv_state, silu, norm_weight,
+                                           norm_eps)
+    return in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, conv_state, silu, norm_weight, norm_eps)
 
 
 def _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu):
@@ -154,35 +172,51 @@ def _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu):
     return x.new_empty((*x.shape[:-1], D)), x.new_empty((*x.shape[:-1], weight.shape[0] - D))
 
 
+def _norm_fake(x, norm_weight, norm_eps, weight, bias, conv_weight, conv_bias, conv_state, silu):
+    return _fake(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+
+
 in_proj_conv_step_op = register_op("in_proj_conv_step_", _impl, _fake, mutates_args=("conv_state",))
+rms_norm_in_proj_conv_step_op = register_op("rms_norm_in_proj_conv_step_", _norm_impl, _norm_fake,
+                                            mutates_args=("conv_state",))
 
 
 def in_proj_conv_step_(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor, conv_bias: Tensor | None,
-                       conv_state: Tensor, activation: str | None = None) -> tuple[Tensor, Tensor]:
+                       conv_state: Tensor, activation: str | None = None, norm=None) -> tuple[Tensor, Tensor]:
     """One decoding step of a Mamba-1 layer's in_proj and conv: x (B, 1, K) -> (y (B, 1, D), z (B, 1, N - D)): in_proj's
     first D = conv_weight.shape[0] outputs convolved (then SiLU with activation="silu") with the cache's conv_state,
     which is shifted where it lies, and the rest as they are (z); both contiguous (x_proj and the state update read
     y as they read the conv step's). One launch where `linear` and `causal_conv1d_update_` took two, the same bits.
+    norm: an RMSNorm module (its `weight` and `eps`) not yet applied to x, which the kernel applies inside its
+    products' loop (gemv.rms_norm_fold: within rounding of norm(x) first, one launch fewer).
     More rows than gemv.FEW_ROWS (cuBLAS's) and torch.export (the functional conv and a copy, which ONNX lowers) take
-    those two. The op mutates only conv_state and returns new tensors."""
+    those two, after norm(x). The op mutates only conv_state and returns new tensors."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if torch.compiler.is_exporting() or x.shape[0] > FEW_ROWS:
-        products = F.linear(x, weight, bias)
+        products = F.linear(x if norm is None else norm(x), weight, bias)
         D = conv_weight.shape[0]
         x, z = products.split([D, products.shape[-1] - D], dim=-1)
         return causal_conv1d_update_(x, conv_weight, conv_bias, conv_state, activation), z
     silu = activation == "silu"
+    args = (weight, bias, conv_weight, conv_bias, conv_state, silu)
+    if norm is not None:
+        if calls_implementation_directly(x):
+            return _norm_impl(x, norm.weight, norm.eps, *args)
+        return rms_norm_in_proj_conv_step_op(x, norm.weight, norm.eps, *args)
     if calls_implementation_directly(x):
-        return _impl(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
-    return in_proj_conv_step_op(x, weight, bias, conv_weight, conv_bias, conv_state, silu)
+        return _impl(x, *args)
+    return in_proj_conv_step_op(x, *args)
 
 
 def in_proj_conv_step_reference(x: Tensor, weight: Tensor, bias: Tensor | None, conv_weight: Tensor,
-                                conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False) -> tuple[Tensor, Tensor]:
-    """gemv.linear_reference, then causal_conv1d_reference on its first D outputs with the state copied back: the
-    tests' truth (float32 sums, rounded to x's dtype)."""
-    products = linear_reference(x, weight, bias)
+                                conv_bias: Tensor | None, conv_state: Tensor, silu: bool = False,
+                                norm_weight: Tensor | None = None, norm_eps: float = 0.0) -> tuple[Tensor, Tensor]:
+    """gemv.linear_reference (on gemv.rms_norm_fold_reference's RMSNorm(x) given norm_weight, rounded to x's dtype),
+    then causal_conv1d_reference on its first D outputs with the state copied back: the tests' truth (float32 sums,
+    rounded to x's dtype)."""
+    inputs = x if norm_weight is None else rms_norm_fold_reference(x, norm_weight, norm_eps)
+    products = linear_reference(inputs, weight, bias).to(x.dtype)
     D = conv_weight.shape[0]
     conv, new_state = causal_conv1d_reference(products[..., :D], conv_weight, conv_bias, conv_state,
                                               "silu" if silu else None)

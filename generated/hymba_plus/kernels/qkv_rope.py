@@ -44,9 +44,13 @@ from .gemv import (
     SUPPORTED_DTYPES,
     _fold,
     _prefetch_first_tile,
+    _rstd,
     _tile_products,
+    _x_chunk,
+    check_norm_weight,
     qkv_gemv_forward,
     qkv_linear_reference,
+    rms_norm_fold_reference,
     shape_key,
     tuned_config,
 )
@@ -67,9 +71,11 @@ from .triton_support import (
 def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
                      slots_ptr, cos_ptr, sin_ptr, T, HQ, HK, K, D, HALF, PASS, stride_xm,
                      stride_kcb, stride_kch, stride_kct, stride_vcb, stride_vch, stride_vct, stride_cb, stride_ct,
+                     norm_ptr, eps,  # x's RMSNorm (weight, eps) folded into the products (NORM)
                      HAS_BIAS: tl.constexpr,  # add the biases to the products
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FOLD: tl.constexpr,
-                     PDL: tl.constexpr):  # as gemv._qkv_gemv_kernel's
+                     PDL: tl.constexpr,  # as gemv._qkv_gemv_kernel's
+                     NORM: tl.constexpr):  # the products of RMSNorm(x), folded as gemv._row_products folds it
     """Grid (rows of x: B·T, blocks): per head of q, then of k, cdiv(HALF, BLOCK_N) blocks of rotation pairs and
     cdiv(PASS, BLOCK_N) of pass-through rows; then cdiv(HK·D, BLOCK_N) blocks of v's rows. q_out (B, T, HQ, D)
     contiguous; the caches' rows slots[t]; cos and sin float32, their row at (b, t)."""
@@ -99,6 +105,7 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
     b_rows = w_ptr + b_outs.to(tl.int64)[:, None] * K
     a_products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
     b_products = tl.zeros((BLOCK_N, BLOCK_K // FOLD), dtype=tl.float32)
+    squares = tl.zeros((1, BLOCK_K // FOLD), dtype=tl.float32)
     if PDL:  # as in gemv._qkv_gemv_kernel (b's rows clamped into the weight where the block has none)
         _prefetch_first_tile(w_ptr, a_outs, n, K, K, BLOCK_K)
         if rotated:
@@ -108,11 +115,14 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
     for k0 in range(0, K, BLOCK_K):  # gemv._row_products' loop on each of the two tiles (its step, _tile_products)
         cols = k0 + tl.arange(0, BLOCK_K)
         cols_inside = cols < K
-        x = tl.load(x_row + cols, mask=cols_inside, other=0.0).to(tl.float32)[None, :]
+        x, squares = _x_chunk(x_row, cols, cols_inside, norm_ptr, squares, BLOCK_K, FOLD, NORM)
         a_products += _tile_products(x, a_rows, a_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
         b_products += _tile_products(x, b_rows, b_inside, cols, cols_inside, BLOCK_N, BLOCK_K, FOLD)
     a = tl.sum(a_products, axis=1)
     b = tl.sum(b_products, axis=1)
+    if NORM:
+        rstd = _rstd(squares, K, eps)
+        a, b = a * rstd, b * rstd
     if HAS_BIAS:
         a += tl.load(b_ptr + a_outs, mask=a_inside, other=0.0).to(tl.float32)
         b += tl.load(b_ptr + b_outs, mask=b_inside, other=0.0).to(tl.float32)
@@ -148,11 +158,14 @@ def _qkv_rope_kernel(x_ptr, q_ptr, k_ptr, v_ptr, bq_ptr, bk_ptr, bv_ptr, q_out_p
 
 def qkv_rope_write_kv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
                               k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                              v_cache: Tensor, slots: Tensor, *, config: dict | None = None) -> Tensor:
+                              v_cache: Tensor, slots: Tensor, norm_weight: Tensor | None = None,
+                              norm_eps: float = 0.0, *, config: dict | None = None) -> Tensor:
     """Run the kernel: x (B, T, K) -> q rotated (B, HQ, T, D) in the projection's layout (rope.projection_layout);
-    the rotated k and v written into rows `slots` of the caches. config {"BLOCK_N", "BLOCK_K", "num_warps"} as
+    the rotated k and v written into rows `slots` of the caches; given norm_weight (K,), the products are of
+    RMSNorm(x) with it and norm_eps (gemv.rms_norm_fold). config {"BLOCK_N", "BLOCK_K", "num_warps"} as
     gemv_forward's; without it, the qkv bucket's (qkv_linear's)."""
     _check(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
+    check_norm_weight(norm_weight, x, "qkv_rope_write_kv_")
     B, T, K = x.shape
     _, HK, _, D = k_cache.shape
     NQ, NKV = q_weight.shape[0], k_weight.shape[0]
@@ -177,8 +190,9 @@ def qkv_rope_write_kv_forward(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_w
         _qkv_rope_kernel[(M, blocks)](
             x2, wq, wk, wv, *biases, q_out, k_cache, v_cache, slots, cos, sin, T, HQ, HK, K, D, half, D - 2 * half,
             x2.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3], cos.stride(0) if cos.dim() == 3 else 0,
-            cos.stride(-2), HAS_BIAS=q_bias is not None, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-            FOLD=_fold(cfg, x), PDL=pdl, num_warps=cfg["num_warps"], launch_pdl=pdl)
+            cos.stride(-2), norm_weight if norm_weight is not None else wq, norm_eps, HAS_BIAS=q_bias is not None,
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, NORM=norm_weight is not None,
+            num_warps=cfg["num_warps"], launch_pdl=pdl)
     return q_out.transpose(1, 2)
 
 
@@ -228,12 +242,20 @@ def _impl(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bia
           v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
     """archgen_v1::qkv_rope_write_kv_ -> q rotated (B, HQ, T, D) in the projection's layout; the caches written in
     their rows `slots`. CPU tensors take the reference (outside the kernel tests)."""
+    return _norm_impl(x, None, 0.0, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache,
+                      slots)
+
+
+def _norm_impl(x: Tensor, norm_weight: Tensor | None, norm_eps: float, q_weight: Tensor, k_weight: Tensor,
+               v_weight: Tensor, q_bias: Tensor | None, k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor,
+               sin: Tensor, k_cache: Tensor, v_cache: Tensor, slots: Tensor) -> Tensor:
+    """archgen_v1::rms_norm_qkv_rope_write_kv_: the same on RMSNorm(x) (norm_weight, norm_eps), folded into the
+    products (gemv.rms_norm_fold)."""
+    args = (x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
     if not (x.is_cuda or triton_on_cpu()):
-        q = qkv_rope_write_kv_reference(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache,
-                                        v_cache, slots)
+        q = qkv_rope_write_kv_reference(*args, norm_weight, norm_eps)
         return projection_layout(q).copy_(q)  # the kernel's layout, which the fake promises
-    return qkv_rope_write_kv_forward(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache,
-                                     v_cache, slots)
+    return qkv_rope_write_kv_forward(*args, norm_weight, norm_eps)
 
 
 def _fake(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots):
@@ -242,7 +264,13 @@ def _fake(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_c
     return x.new_empty((B, T, q_weight.shape[0] // D, D)).transpose(1, 2)
 
 
+def _norm_fake(x, norm_weight, norm_eps, *args):
+    return _fake(x, *args)
+
+
 qkv_rope_write_kv_op = register_op("qkv_rope_write_kv_", _impl, _fake, mutates_args=("k_cache", "v_cache"))
+rms_norm_qkv_rope_write_kv_op = register_op("rms_norm_qkv_rope_write_kv_", _norm_impl, _norm_fake,
+                                            mutates_args=("k_cache", "v_cache"))
 
 
 def _heads(t: Tensor, B: int, T: int, D: int) -> Tensor:
@@ -251,33 +279,43 @@ def _heads(t: Tensor, B: int, T: int, D: int) -> Tensor:
 
 def qkv_rope_write_kv_(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
                        k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                       v_cache: Tensor, slots: Tensor) -> Tensor:
+                       v_cache: Tensor, slots: Tensor, norm=None) -> Tensor:
     """An attention's cached step on x (B, T, K): the q, k and v projections, q rotated by the angles (returned,
     (B, HQ, T, D) laid out as a projection's output), k rotated and v written into rows `slots` (T,) of k_cache and
     v_cache (B, HK, L, D), cast to the caches' dtype. One launch where `qkv_linear` and `apply_rope_write_kv` took
-    two, the same bits. More rows than gemv.FEW_ROWS (cuBLAS's), a gradient and torch.export take the three
-    products and apply_rope_write_kv (whose own fallbacks lower to the reference ops); the op mutates only the
-    caches and returns a new tensor. slots: distinct, a device tensor (no host sync: CUDA graphs)."""
+    two, the same bits. norm: an RMSNorm module (its `weight` and `eps`) not yet applied to x, which the kernel
+    applies inside its products' loop (gemv.rms_norm_fold: within rounding of norm(x) first, one launch fewer).
+    More rows than gemv.FEW_ROWS (cuBLAS's), a gradient and torch.export take the three products of norm(x) and
+    apply_rope_write_kv (whose own fallbacks lower to the reference ops); the op mutates only the caches and returns
+    a new tensor. slots: distinct, a device tensor (no host sync: CUDA graphs)."""
     B, T, _ = x.shape
     D = k_cache.shape[-1]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
                                                  (x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias))
     if torch.compiler.is_exporting() or needs_grad or B * T > FEW_ROWS:
+        inputs = x if norm is None else norm(x)
         projections = ((q_weight, q_bias), (k_weight, k_bias), (v_weight, v_bias))
-        q, k, v = (_heads(F.linear(x, w, b), B, T, D) for w, b in projections)
+        q, k, v = (_heads(F.linear(inputs, w, b), B, T, D) for w, b in projections)
         return apply_rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
-    args = (x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
-    return _impl(*args) if calls_implementation_directly(x) else qkv_rope_write_kv_op(*args)
+    args = (q_weight, k_weight, v_weight, q_bias, k_bias, v_bias, cos, sin, k_cache, v_cache, slots)
+    if norm is not None:
+        if calls_implementation_directly(x):
+            return _norm_impl(x, norm.weight, norm.eps, *args)
+        return rms_norm_qkv_rope_write_kv_op(x, norm.weight, norm.eps, *args)
+    return _impl(x, *args) if calls_implementation_directly(x) else qkv_rope_write_kv_op(x, *args)
 
 
 def qkv_rope_write_kv_reference(x: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, q_bias: Tensor | None,
                                 k_bias: Tensor | None, v_bias: Tensor | None, cos: Tensor, sin: Tensor, k_cache: Tensor,
-                                v_cache: Tensor, slots: Tensor) -> Tensor:
-    """gemv.qkv_linear_reference, then rope.apply_rope_write_kv_reference on its q, k and v heads: the tests' truth
-    (float32 sums rounded to x's dtype, the rotation in float32); the caches written, q rotated returned."""
+                                v_cache: Tensor, slots: Tensor, norm_weight: Tensor | None = None,
+                                norm_eps: float = 0.0) -> Tensor:
+    """gemv.qkv_linear_reference (on gemv.rms_norm_fold_reference's RMSNorm(x) given norm_weight, rounded to x's
+    dtype), then rope.apply_rope_write_kv_reference on its q, k and v heads: the tests' truth (float32 sums rounded
+    to x's dtype, the rotation in float32); the caches written, q rotated returned."""
     B, T, _ = x.shape
     D = k_cache.shape[-1]
-    qkv = qkv_linear_reference(x, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias)
+    inputs = x if norm_weight is None else rms_norm_fold_reference(x, norm_weight, norm_eps)
+    qkv = qkv_linear_reference(inputs, q_weight, k_weight, v_weight, q_bias, k_bias, v_bias).to(x.dtype)
     q, k, v = (_heads(t, B, T, D) for t in qkv.split([q_weight.shape[0], k_weight.shape[0], v_weight.shape[0]], -1))
     return apply_rope_write_kv_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
 

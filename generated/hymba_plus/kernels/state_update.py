@@ -45,12 +45,14 @@ from .triton_support import (
 SSD_STEP_CONFIG = {"BLOCK_P": 16, "num_warps": 4}
 """Rows of the (P, N) head state per program. The step is launch- and memory-bound; more rows per program than 16
 leave too few programs at batch 1 (64 heads × P/16 = 256 programs fill the 132 SMs of an H100/H200 twice)."""
-SELECTIVE_STEP_CONFIG = {"BLOCK_D": 16, "num_warps": 4}
+SELECTIVE_STEP_CONFIG = {"BLOCK_D": 8, "num_warps": 2}
 """Channels per program of the Mamba-1 step. With dt_proj inside (`mamba_step_low_rank`) each program also holds a
 (BLOCK_D, R) tile of its weight, whose rows (R = 100 at Hymba+'s d_model 1600: 200 bytes, not a multiple of 16) load
 2 bytes at a time: at 64 channels that tile took 255 registers and a 48-byte spill stack a thread (ptxas for sm_90,
 triton 3.6) and the step 12 µs on the H200 (GPU call 2 of session 9: 32 launches 390 µs a token, 2.6 µs before the
-fusion), on 50 programs; at 16, 48 registers, no spill, 200 programs (3200 channels) for the 132 SMs."""
+fusion), on 50 programs; at 16, 48 registers, no spill, 200 programs (3200 channels) for the 132 SMs. 8 channels over
+2 warps (400 programs) made Hymba+'s whole decoding step 11 µs shorter than 16 over 4 (session 22,
+bench/mamba_chain_probe.py: ~0.35 µs a layer, where the step shares the GPU with the attention branch)."""
 
 
 @triton.jit
