@@ -8,7 +8,11 @@ step. Modes, in one process:
 
 - `folded`: the package as generated;
 - `normed_first`: each parallel layer's decoding_step wrapped to norm x first (the rms_norm kernel, rounded to x's
-  dtype) and to hand its branches no norm: the step as it was before the fold, the same kernels otherwise.
+  dtype) and to hand its branches no norm: the step as it was before the fold, the same kernels otherwise;
+- `folded+in_proj_<cfg>`: folded, with in_proj's GEMV bucket (6400 × 1600, which in_proj_conv runs) pinned to another
+  tile. Each of in_proj_conv's 3,200 programs (2 rows of 2,048 columns) reads x and, folded, the norm's weight from
+  L2: 6.4 KB for 6.4 KB of weights, where 4 rows a program read half that per weight byte. Session 22's first run:
+  in_proj_conv 11.0 µs folded against ~8.0 normed first, and the step no shorter.
 
 Each mode captured anew and timed in alternating rounds (bench/decode.py's greedy loop from the graph); the logits
 differ within rounding (the folded norm is not rounded to bf16 before the products). The folded step's steady
@@ -24,6 +28,9 @@ import sys
 
 import decode as decode_bench
 import torch
+
+IN_PROJ = (6400, 1600)  # Hymba+'s in_proj (N, K)
+IN_PROJ_CONFIGS = {"4x1024w4": (4, 1024, 4), "4x2048w8": (4, 2048, 8), "8x1024w8": (8, 1024, 8)}
 
 
 def probe_modes(package) -> tuple[list[str], object, dict]:
@@ -41,11 +48,21 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
                                  residual, norm, None)
         return step
 
-    def switch(mode):
-        for cls, decoding_step in as_built.items():
-            cls.decoding_step = decoding_step if mode == "folded" else normed_first(decoding_step)
+    gemv = package.kernels.gemv_module
+    key = gemv.shape_key(*IN_PROJ, 1, torch.bfloat16, False)
 
-    return ["folded", "normed_first"], switch, {"folding_classes": [cls.__name__ for cls in folding]}
+    def switch(mode):
+        base, _, variant = mode.partition("+")
+        for cls, decoding_step in as_built.items():
+            cls.decoding_step = decoding_step if base == "folded" else normed_first(decoding_step)
+        gemv.FORWARD_TUNER.chosen.pop(key, None)
+        gemv.FORWARD_TUNER.defaulted.pop(key, None)
+        if variant:
+            block_n, block_k, warps = IN_PROJ_CONFIGS[variant.removeprefix("in_proj_")]
+            gemv.FORWARD_TUNER.pin({key: {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps}})
+
+    modes = ["folded", "normed_first", *(f"folded+in_proj_{config}" for config in IN_PROJ_CONFIGS)]
+    return modes, switch, {"folding_classes": [cls.__name__ for cls in folding], "in_proj_key": key}
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ def test_normed_first_norms_x_and_hands_the_branches_no_norm_and_folded_restores
     for name in ("AttnSsmParallel", "GlobalAttnSsmParallel"):
         def recorder(self, x, positions, cache, pads, step, residual, norm, input_norm, name=name):
             seen.append((name, x, input_norm))
-        setattr(getattr(package.model, name), "decoding_step", recorder)
+        getattr(package.model, name).decoding_step = recorder
     recorders = {cls: cls.decoding_step for cls in (package.model.AttnSsmParallel, package.model.GlobalAttnSsmParallel)}
     modes, switch, recorded = probe.probe_modes(package)
-    assert modes == ["folded", "normed_first"]
+    assert modes[:2] == ["folded", "normed_first"] and all(m.startswith("folded+in_proj_") for m in modes[2:])
     assert sorted(recorded["folding_classes"]) == ["AttnSsmParallel", "GlobalAttnSsmParallel"]
     norm = torch.nn.RMSNorm(8, eps=1e-6)
     x = torch.randn(1, 1, 8)
@@ -34,8 +34,14 @@ def test_normed_first_norms_x_and_hands_the_branches_no_norm_and_folded_restores
         cls.decoding_step(None, x, None, None, None, None, None, None, norm)
     assert [(name, input_norm) for name, _, input_norm in seen] == [(cls.__name__, None) for cls in recorders]
     assert all(torch.equal(normed, norm(x)) for _, normed, _ in seen)
+    gemv = package.kernels.gemv_module
+    for mode in modes[2:]:
+        switch(mode)
+        assert all(cls.decoding_step is step for cls, step in recorders.items())
+        assert recorded["in_proj_key"] in gemv.FORWARD_TUNER.chosen
     switch("folded")
     assert all(cls.decoding_step is step for cls, step in recorders.items())
+    assert recorded["in_proj_key"] not in gemv.FORWARD_TUNER.chosen
 
 
 def test_a_package_without_folding_layers_is_refused(probe, tmp_path):

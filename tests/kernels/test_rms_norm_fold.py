@@ -95,11 +95,11 @@ def test_the_entry_points_take_a_norm_module_and_its_fallbacks_norm_first():
     expected = in_proj_conv_kernel.in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, kernel_state,
                                                              True, norm.weight, EPS)
     got = in_proj_conv_kernel.in_proj_conv_step_(x, weight, bias, conv_weight, conv_bias, entry_state, "silu", norm=norm)
-    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and torch.equal(entry_state, kernel_state)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)) and torch.equal(entry_state, kernel_state)
     op_state = state.clone()
     through_op = in_proj_conv_kernel.rms_norm_in_proj_conv_step_op(x, norm.weight, EPS, weight, bias, conv_weight,
                                                                    conv_bias, op_state, True)
-    assert all(torch.equal(a, b) for a, b in zip(through_op, expected)) and torch.equal(op_state, kernel_state)
+    assert all(torch.equal(a, b) for a, b in zip(through_op, expected, strict=True)) and torch.equal(op_state, kernel_state)
 
     rows = gemv.FEW_ROWS + 1
     many = x.expand(rows, -1, -1).contiguous()
@@ -115,10 +115,10 @@ def test_the_entry_points_take_a_norm_module_and_its_fallbacks_norm_first():
     expected_q = qkv_rope_kernel.qkv_rope_write_kv_forward(qx, *args[1:9], *caches, args[11], qnorm.weight, EPS)
     entry_caches = args[9].clone(), args[10].clone()
     q = qkv_rope_kernel.qkv_rope_write_kv_(qx, *args[1:9], *entry_caches, args[11], norm=qnorm)
-    assert torch.equal(q, expected_q) and all(torch.equal(a, b) for a, b in zip(entry_caches, caches))
+    assert torch.equal(q, expected_q) and all(torch.equal(a, b) for a, b in zip(entry_caches, caches, strict=True))
     op_caches = args[9].clone(), args[10].clone()
     q_op = qkv_rope_kernel.rms_norm_qkv_rope_write_kv_op(qx, qnorm.weight, EPS, *args[1:9], *op_caches, args[11])
-    assert torch.equal(q_op, expected_q) and all(torch.equal(a, b) for a, b in zip(op_caches, caches))
+    assert torch.equal(q_op, expected_q) and all(torch.equal(a, b) for a, b in zip(op_caches, caches, strict=True))
     with torch.enable_grad():  # a gradient takes the three products of norm(x)
         grad_caches = args[9].clone(), args[10].clone()
         q_grad = qkv_rope_kernel.qkv_rope_write_kv_(qx.clone().requires_grad_(), *args[1:9], *grad_caches, args[11],
