@@ -409,12 +409,14 @@ def extra_cases(modules: dict, file: str, config: dict, params: dict, seqlen: in
         D, _, width = next(shape for name, shape in params.items() if name.endswith("conv1d.weight"))
         own = gemv.shape_config(N, K, 1, H200["multiprocessor_count"])
         candidates = [own, *(c for c in gemv.CONFIGS if c != own)]
-        default = gemv.FORWARD_TUNER.untuned_config(candidates)
-        for candidate in candidates:
+        folded = in_proj_conv.folded_config(N, K, 1, H200["multiprocessor_count"])  # the folded form's own bucket
+        for candidate in candidates + ([folded] if folded not in candidates else []):
             for norm in (None, torch.ones(K, dtype=dtype)):  # and with the block's RMSNorm folded in (NORM)
+                if norm is None and candidate not in candidates:
+                    continue
                 RECORDER.context = {"tuner": "gemv.forward", "config": config_name(candidate),
                                     "key": gemv.shape_key(N, K, 1, dtype, False) + ("-conv" if norm is None else "-conv-norm"),
-                                    "default": candidate == default}
+                                    "default": candidate == (own if norm is None else folded)}
                 try:
                     in_proj_conv.in_proj_conv_step_forward(randn(1, 1, K), randn(N, K), None, randn(D, width), randn(D),
                                                            torch.zeros(1, D, width - 1), True, norm, 1e-6,

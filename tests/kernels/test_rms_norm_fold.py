@@ -134,3 +134,26 @@ def test_a_norm_weight_of_another_width_is_named():
     args = test_qkv_rope._inputs("fp32-B2-T2-H2/1-D16-R10-ring")
     with pytest.raises(ValueError, match=r"qkv_rope_write_kv_: the norm's weight must be \(24,\)"):
         qkv_rope_kernel.qkv_rope_write_kv_forward(*args, torch.ones(12, device=DEVICE), EPS)
+
+
+def test_the_folded_in_proj_conv_has_a_bucket_and_a_default_of_its_own(monkeypatch):
+    """Folded, in_proj_conv reads the norm's weight beside x in every program: its untuned tile is the GEMV's as
+    twice the rows over half the columns (Hymba+'s in_proj: 4 × 1024 over 4 warps where the GEMV runs 2 × 2048), in
+    a tuning bucket of its own, so a tuned plain GEMV's choice does not set it."""
+    assert gemv.shape_config(6400, 1600, 1, 132) == {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 4}
+    assert in_proj_conv_kernel.folded_config(6400, 1600, 1, 132) == {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4}
+    assert in_proj_conv_kernel.folded_config(64, 20, 1, 132) == gemv.shape_config(64, 20, 1, 132)  # short rows
+    asked = []
+
+    def tuned_config(key, N, K, M, x, config, time_launch, own=None):
+        asked.append((key, own))
+        return gemv.tuned_config(key, N, K, M, x, config, time_launch, own)
+
+    monkeypatch.setattr(in_proj_conv_kernel, "tuned_config", tuned_config)
+    x, weight, bias, conv_weight, conv_bias, state = test_in_proj_conv._inputs("bf16-B1-D19-K45-W4-fp32-state")
+    for norm_weight in (None, _norm_weight(x)):
+        in_proj_conv_kernel.in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias, state.clone(), True,
+                                                      norm_weight, EPS)
+    key = gemv.shape_key(weight.shape[0], x.shape[-1], 1, x.dtype, gated=False)
+    sms = gemv._multiprocessors(x.device)
+    assert asked == [(key, None), (key + "-norm", in_proj_conv_kernel.folded_config(*weight.shape, 1, sms))]

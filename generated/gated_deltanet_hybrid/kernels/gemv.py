@@ -265,13 +265,15 @@ def _fold(cfg: dict, x: Tensor) -> int:
     return cfg.get("FOLD", min(16 // x.element_size(), cfg["BLOCK_K"]))
 
 
-def tuned_config(key: str, N: int, K: int, M: int, x: Tensor, config: dict | None, time_launch) -> dict:
-    """config, the tuned config of key, or (tuning with time_launch(cfg)) the shape's own config first, then CONFIGS.
-    kernels/in_proj_conv.py runs the bucket's config too, timing the plain GEMV for it."""
+def tuned_config(key: str, N: int, K: int, M: int, x: Tensor, config: dict | None, time_launch,
+                 own: dict | None = None) -> dict:
+    """config, the tuned config of key, or (tuning with time_launch(cfg)) the shape's own config (`own` where the
+    caller's kernel has another: in_proj_conv's folded form) first, then CONFIGS. kernels/in_proj_conv.py runs the
+    bucket's config too, timing the plain GEMV for it."""
     known = FORWARD_TUNER.known(key, config)
     if known is not None:
         return known
-    own = shape_config(N, K, M, _multiprocessors(x.device))
+    own = own if own is not None else shape_config(N, K, M, _multiprocessors(x.device))
     candidates = [own, *(c for c in CONFIGS if c != own)]  # untuned: the shape's own config
     return FORWARD_TUNER.tune(key, time_launch, candidates)
 

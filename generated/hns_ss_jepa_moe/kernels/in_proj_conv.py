@@ -37,11 +37,13 @@ from .gemv import (
     FEW_ROWS,
     SUPPORTED_DTYPES,
     _fold,
+    _multiprocessors,
     _row_products,
     check_norm_weight,
     gemv_forward,
     linear_reference,
     rms_norm_fold_reference,
+    shape_config,
     shape_key,
     tuned_config,
 )
@@ -110,9 +112,15 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
         return y, z
     pdl = programmatic_launch(x.device)
     with on_device(x):
-        # the GEMV bucket's config (so its sums), tuned by timing the plain GEMV: this kernel shifts the state
-        cfg = tuned_config(shape_key(N, K, batch, x.dtype, gated=False), N, K, batch, x2, config,
-                           lambda cfg: gemv_forward(x2, w, bias, config=cfg))
+        key = shape_key(N, K, batch, x.dtype, gated=False)
+        if norm_weight is None:  # the GEMV bucket's config (so its sums), tuned by timing the plain GEMV
+            cfg = tuned_config(key, N, K, batch, x2, config, lambda cfg: gemv_forward(x2, w, bias, config=cfg))
+        else:  # a bucket of its own, tuned by timing this kernel (on a copy of the state it shifts)
+            cfg = tuned_config(key + "-norm", N, K, batch, x2, config,
+                               lambda cfg: in_proj_conv_step_forward(x, weight, bias, conv_weight, conv_bias,
+                                                                     conv_state.clone(), silu, norm_weight, norm_eps,
+                                                                     config=cfg),
+                               own=folded_config(N, K, batch, _multiprocessors(x.device)))
         _in_proj_conv_kernel[(batch, triton.cdiv(N, cfg["BLOCK_N"]))](
             x2, w, bias if bias is not None else w, y, z, N, K, D, x2.stride(0), w.stride(0), y.stride(0), z.stride(0),
             conv_weight, conv_weight.stride(0), conv_weight.stride(1), conv_bias if conv_bias is not None else w,
@@ -121,6 +129,18 @@ def in_proj_conv_step_forward(x: Tensor, weight: Tensor, bias: Tensor | None, co
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], FOLD=_fold(cfg, x), PDL=pdl, NORM=norm_weight is not None,
             num_warps=cfg["num_warps"], launch_pdl=pdl)
     return y, z
+
+
+def folded_config(N: int, K: int, M: int, multiprocessors: int) -> dict:
+    """The folded form's untuned config: the plain GEMV's tile (gemv.shape_config) as twice the rows over half the
+    columns. Each program reads x and, folded, the norm's weight from L2 once per tile: at 2 rows of 2,048 that was
+    as many bytes from L2 as weights from HBM, and the kernel took 11.0 µs in Hymba+'s step against ~8.0 unfolded;
+    at 4 × 1,024 over 4 warps the whole step was 3.4% shorter than unfolded, where 4 × 2,048 over 8 warps and
+    8 × 1,024 over 8 gained 0.5% and 1.3% (session 22, bench/norm_fold_probe.py)."""
+    own = shape_config(N, K, M, multiprocessors)
+    if own["BLOCK_K"] < 64:  # a short row: its tile is all rows already
+        return own
+    return {**own, "BLOCK_N": 2 * own["BLOCK_N"], "BLOCK_K": own["BLOCK_K"] // 2}
 
 
 def _check(x, weight, bias, conv_weight, conv_bias, conv_state) -> None:
