@@ -9,10 +9,10 @@ step. Modes, in one process:
 - `folded`: the package as generated;
 - `normed_first`: each parallel layer's decoding_step wrapped to norm x first (the rms_norm kernel, rounded to x's
   dtype) and to hand its branches no norm: the step as it was before the fold, the same kernels otherwise;
-- `folded+in_proj_<cfg>`: folded, with in_proj's GEMV bucket (6400 × 1600, which in_proj_conv runs) pinned to another
-  tile. Each of in_proj_conv's 3,200 programs (2 rows of 2,048 columns) reads x and, folded, the norm's weight from
-  L2: 6.4 KB for 6.4 KB of weights, where 4 rows a program read half that per weight byte. Session 22's first run:
-  in_proj_conv 11.0 µs folded against ~8.0 normed first, and the step no shorter.
+- `folded+in_proj_<cfg>`: folded, with the folded in_proj_conv's bucket (6400 × 1600, `-norm`) pinned to another
+  tile. At the GEMV's 2 rows of 2,048 columns each of its 3,200 programs read x and the norm's weight from L2, 6.4 KB
+  for 6.4 KB of weights: in_proj_conv took 11.0 µs folded against ~8.0 normed first, and the step was no shorter
+  (session 22's first run, when the folded kernel ran the GEMV's bucket). Its own default since: 4 × 1,024.
 
 Each mode captured anew and timed in alternating rounds (bench/decode.py's greedy loop from the graph); the logits
 differ within rounding (the folded norm is not rounded to bf16 before the products). The folded step's steady
@@ -30,7 +30,7 @@ import decode as decode_bench
 import torch
 
 IN_PROJ = (6400, 1600)  # Hymba+'s in_proj (N, K)
-IN_PROJ_CONFIGS = {"4x1024w4": (4, 1024, 4), "4x2048w8": (4, 2048, 8), "8x1024w8": (8, 1024, 8)}
+IN_PROJ_CONFIGS = {"2x2048w4": (2, 2048, 4), "4x2048w8": (4, 2048, 8), "8x1024w8": (8, 1024, 8)}
 
 
 def probe_modes(package) -> tuple[list[str], object, dict]:
@@ -49,7 +49,7 @@ def probe_modes(package) -> tuple[list[str], object, dict]:
         return step
 
     gemv = package.kernels.gemv_module
-    key = gemv.shape_key(*IN_PROJ, 1, torch.bfloat16, False)
+    key = gemv.shape_key(*IN_PROJ, 1, torch.bfloat16, False) + "-norm"  # in_proj_conv's folded bucket
 
     def switch(mode):
         base, _, variant = mode.partition("+")
