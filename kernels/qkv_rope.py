@@ -28,6 +28,9 @@ head's pass-through rows BLOCK_N at a time (the second accumulator masked off), 
 as `_qkv_gemv_kernel` does. A k or v program stores its rows into the caches at the slot of its token, a q program
 into q's output. Nothing is read back: no program depends on another's stores.
 
+Folded RMSNorm (`norm=`, op rms_norm_qkv_rope_write_kv_): the products of RMSNorm(x), the norm applied inside the
+loop (kernels/gemv.py, "RMSNorm folded in"); within rounding of norm-then-kernel, on the qkv bucket's config.
+
 Launch config: the GEMV's for the three weights stacked (`gemv.tuned_config`, the bucket qkv_linear tunes, timing
 qkv_linear), so `archgen build --autotune` tunes one bucket for both paths. More rows than FEW_ROWS, a gradient and
 torch.export take the two launches (qkv's products, then `apply_rope_write_kv`), whose results are the same.

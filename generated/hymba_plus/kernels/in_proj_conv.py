@@ -20,6 +20,10 @@ the step is one launch shorter (Hymba+: 32 a token, on the Mamba branch, the lon
 Nothing races: a program reads and writes only its own channels' state entries, and a barrier separates the loads of
 the old entries from the stores over them (threads may hold the same channel).
 
+Folded RMSNorm (`norm=`, op rms_norm_in_proj_conv_step_): the products of RMSNorm(x), the norm applied inside the
+GEMV's loop (kernels/gemv.py, "RMSNorm folded in"), so a parallel layer's decoding step launches no norm before its
+branches; within rounding of norm-then-kernel. It runs a tuning bucket of its own (`folded_config`).
+
 Launch config: the GEMV's for in_proj's shape (kernels/gemv.py's tuner, bucket `gemv.shape_key`), so the fused and the
 two-launch steps sum the products alike and `archgen build --autotune` tunes one bucket for both. Widths 2 to 4
 (causal_conv1d.WINDOW_WIDTH); more rows than gemv.FEW_ROWS, and torch.export, take `linear` and
