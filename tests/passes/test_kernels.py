@@ -137,7 +137,13 @@ def test_a_parallel_combine_gets_its_kernels_and_the_block_hands_it_the_stream_a
     assert combines and chosen_kernels(compiled.ir, "parallel_combine") == dict.fromkeys(combines, COMBINE_KERNELS)
     model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
     assert "use_kernel(kernels.normalized_mean_add_norm, x)" in model
-    assert "residual=x, norm=self.ffn_norm)" in model and "self.ffn_norm(y, x)" not in model
+    # its branches' first GEMVs both fold the mixer norm (Kind.folds_input_norm): the block hands over x and the norm
+    assert "residual=x, norm=self.ffn_norm, input_norm=self.mixer_norm)" in model and "self.ffn_norm(y, x)" not in model
+    assert "self.mixer(self.mixer_norm(x)" not in model
+    # an input multiplier on attn comes between the norm and its products: attn's layers norm x first, global_attn's fold
+    model = emit(compile_spec(HYMBA, "tiny", ("mixers.attn.input_multiplier=2",)), "specs/hymba_plus.yaml").files["model.py"]
+    assert "h, x = self.mixer(self.mixer_norm(x), positions" in model and "residual=x, norm=self.ffn_norm)" in model
+    assert "input_norm=self.mixer_norm)" in model
 
     compiled = compile_spec(HYMBA, "tiny", ("model.norm.kind=layernorm",))
     assert not chosen_kernels(compiled.ir, "parallel_combine")
@@ -152,7 +158,7 @@ def test_the_branches_project_the_combine_only_when_both_end_in_a_plain_projecti
     (the kernel adds none) keeps the combine's own launch, and the branch classes as they were."""
     compiled = compile_spec(HYMBA, "tiny")
     model = emit(compiled, "specs/hymba_plus.yaml").files["model.py"]
-    assert "def decoding_step(self, x, positions, cache, pads, step, residual, norm):" in model
+    assert "def decoding_step(self, x, positions, cache, pads, step, residual, norm, input_norm):" in model
     assert "combine.project(0, attn_in, self.attn.o_proj)" in model
     assert "combine.project(1, ssm_in, self.ssm.out_proj)" in model
     assert model.count("return self.o_proj(y) if project else y") == 2  # attn and global_attn
