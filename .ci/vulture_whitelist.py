@@ -105,3 +105,7 @@ _.set_current_device
 _.get_current_stream
 _.get_active_torch_device
 _.get_benchmarker
+# ComponentPlan.takes_input_norm (attention.py.j2, mamba.py.j2) and ParallelPlan.recorded_branches (parallel.py.j2):
+# read by the templates only
+_.takes_input_norm
+_.recorded_branches
